@@ -1,0 +1,949 @@
+//! libfabric backend: RDM endpoints on `tcp;ofi_rxm`, `shm` or `verbs;ofi_rxm`.
+//!
+//! One endpoint, one completion queue and one address vector per [`OfiEndpoint`]. Operation
+//! contexts are ids into a table of pending operations; completions resolve them. Progress is
+//! driven by waiters (lowest latency) and by a background thread, so a target whose owner
+//! is busy computing still serves one-sided operations.
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use libfabric_sys as sys;
+
+use crate::completion::{Completion, InFlight, OpState, Progress};
+use crate::config::{FabricConfig, Provider};
+use crate::endpoint::{Endpoint, EndpointAddress, Inbox, Message, PeerId};
+use crate::error::{FabricError, Result};
+use crate::memory::{MemoryRegion, Region, RemoteRegion};
+
+/// Receive buffers kept posted for two-sided messages.
+const RECV_BUFFERS: usize = 32;
+/// Context ids with this bit set are receive buffers, not operations.
+const RECV_CONTEXT: u64 = 1 << 63;
+/// Sender token prepended to every message so the receiver can name the sender.
+const MSG_HEADER: usize = 8;
+
+fn provider_string(p: Provider) -> Option<&'static str> {
+    match p {
+        Provider::Tcp => Some("tcp;ofi_rxm"),
+        Provider::Shm => Some("shm"),
+        Provider::VerbsOfi => Some("verbs;ofi_rxm"),
+        _ => None,
+    }
+}
+
+fn fi_error_string(code: i64) -> String {
+    // SAFETY: fi_strerror returns a pointer to a static string for any code.
+    unsafe { CStr::from_ptr(sys::fi_strerror((-code) as i32)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Raw libfabric objects. Closed in reverse order of opening on drop.
+struct Objects {
+    info: *mut sys::fi_info,
+    fabric: *mut sys::fid_fabric,
+    domain: *mut sys::fid_domain,
+    cq: *mut sys::fid_cq,
+    av: *mut sys::fid_av,
+    ep: *mut sys::fid_ep,
+}
+
+impl Drop for Objects {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is either null or an object we opened and still own.
+        unsafe {
+            if !self.ep.is_null() {
+                sys::krun_fi_close_ep(self.ep);
+            }
+            if !self.av.is_null() {
+                sys::krun_fi_close_av(self.av);
+            }
+            if !self.cq.is_null() {
+                sys::krun_fi_close_cq(self.cq);
+            }
+            if !self.domain.is_null() {
+                sys::krun_fi_close_domain(self.domain);
+            }
+            if !self.fabric.is_null() {
+                sys::krun_fi_close_fabric(self.fabric);
+            }
+            if !self.info.is_null() {
+                sys::fi_freeinfo(self.info);
+            }
+        }
+    }
+}
+
+/// A pending operation and where its fetched value lands.
+struct Pending {
+    state: Arc<OpState>,
+    /// Slot index in the atomic scratch region, for fetching atomics.
+    atomic_slot: Option<usize>,
+    /// Whether completion frees a send slot.
+    send_slot: Option<usize>,
+}
+
+/// A registration: closes the libfabric MR on drop.
+struct OfiRegistration {
+    mr: *mut sys::fid_mr,
+    desc: *mut c_void,
+    // Keeps the domain open while this registration lives.
+    _objects: Arc<ObjectsHandle>,
+}
+
+// SAFETY: libfabric MR handles may be used and closed from any thread (FI_THREAD_SAFE).
+unsafe impl Send for OfiRegistration {}
+unsafe impl Sync for OfiRegistration {}
+
+impl Drop for OfiRegistration {
+    fn drop(&mut self) {
+        // SAFETY: mr was opened by fi_mr_reg and is closed once, here.
+        unsafe { sys::krun_fi_close_mr(self.mr) };
+    }
+}
+
+struct ObjectsHandle(Objects);
+// SAFETY: the domain is opened with FI_THREAD_SAFE; libfabric serializes internally.
+unsafe impl Send for ObjectsHandle {}
+unsafe impl Sync for ObjectsHandle {}
+
+struct Inner {
+    provider: Provider,
+    provider_name: String,
+    objects: Arc<ObjectsHandle>,
+    /// The provider chooses keys; otherwise we request unique ones.
+    prov_key: bool,
+    next_key: AtomicU64,
+    token: u64,
+    peers: RwLock<Vec<(u64, sys::fi_addr_t)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    in_flight: InFlight,
+    cq_lock: Mutex<()>,
+    waiters: AtomicUsize,
+    inbox: Inbox,
+    timeout: Duration,
+    max_message: usize,
+    /// 24 bytes per slot: operand, compare, result.
+    atomic_scratch: MemoryRegion,
+    atomic_free: Mutex<Vec<usize>>,
+    send_pool: MemoryRegion,
+    send_free: Mutex<Vec<usize>>,
+    recv_pool: MemoryRegion,
+    shutdown: AtomicBool,
+}
+
+pub struct OfiEndpoint {
+    inner: Arc<Inner>,
+    progress_thread: Option<JoinHandle<()>>,
+}
+
+fn check(provider: &str, call: &'static str, rc: i64) -> Result<()> {
+    if rc < 0 {
+        return Err(FabricError::Call {
+            provider: provider.to_string(),
+            call,
+            code: rc,
+            message: fi_error_string(rc),
+        });
+    }
+    Ok(())
+}
+
+impl OfiEndpoint {
+    pub fn open(provider: Provider, config: &FabricConfig) -> Result<OfiEndpoint> {
+        let prov = provider_string(provider).ok_or_else(|| FabricError::ProviderUnavailable {
+            provider: provider.to_string(),
+            reason: "not a libfabric provider".into(),
+        })?;
+        let mut objects = Objects {
+            info: ptr::null_mut(),
+            fabric: ptr::null_mut(),
+            domain: ptr::null_mut(),
+            cq: ptr::null_mut(),
+            av: ptr::null_mut(),
+            ep: ptr::null_mut(),
+        };
+        // SAFETY: standard libfabric set-up sequence; every out-pointer is checked before use
+        // and owned by `objects`, whose Drop closes what was opened.
+        unsafe {
+            let hints = sys::krun_fi_allocinfo();
+            if hints.is_null() {
+                return Err(FabricError::ProviderUnavailable {
+                    provider: prov.into(),
+                    reason: "fi_allocinfo returned null".into(),
+                });
+            }
+            (*hints).caps = (sys::FI_RMA
+                | sys::FI_ATOMIC
+                | sys::FI_TAGGED
+                | sys::FI_READ
+                | sys::FI_WRITE
+                | sys::FI_REMOTE_READ
+                | sys::FI_REMOTE_WRITE
+                | sys::FI_SEND
+                | sys::FI_RECV) as u64;
+            (*(*hints).ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
+            (*(*hints).domain_attr).threading = sys::fi_threading_FI_THREAD_SAFE;
+            (*(*hints).domain_attr).mr_mode = (sys::FI_MR_LOCAL
+                | sys::FI_MR_VIRT_ADDR
+                | sys::FI_MR_ALLOCATED
+                | sys::FI_MR_PROV_KEY) as i32;
+            (*(*hints).domain_attr).av_type = sys::fi_av_type_FI_AV_TABLE;
+            let name = CString::new(prov).expect("no NUL in provider names");
+            // fi_freeinfo frees prov_name with free(): give it a malloc'd copy.
+            (*(*hints).fabric_attr).prov_name = libc::strdup(name.as_ptr());
+            let node = CString::new(config.bind_address.as_str()).map_err(|_| FabricError::BadConfig {
+                key: "bind_address".into(),
+                value: config.bind_address.clone(),
+                reason: "contains NUL".into(),
+            })?;
+            let (node_ptr, flags) = if provider == Provider::Shm {
+                (ptr::null(), 0)
+            } else {
+                (node.as_ptr(), sys::FI_SOURCE)
+            };
+            let rc = sys::fi_getinfo(
+                sys::KRUN_FI_VERSION,
+                node_ptr,
+                ptr::null(),
+                flags,
+                hints,
+                &mut objects.info,
+            );
+            sys::fi_freeinfo(hints);
+            if rc != 0 || objects.info.is_null() {
+                return Err(FabricError::ProviderUnavailable {
+                    provider: prov.into(),
+                    reason: format!("fi_getinfo: {}", fi_error_string(rc as i64)),
+                });
+            }
+            let info = objects.info;
+            check(prov, "fi_fabric", sys::fi_fabric((*info).fabric_attr, &mut objects.fabric, ptr::null_mut()) as i64)?;
+            check(prov, "fi_domain", sys::krun_fi_domain(objects.fabric, info, &mut objects.domain, ptr::null_mut()) as i64)?;
+            let mut cq_attr = sys::fi_cq_attr {
+                size: (config.max_in_flight + RECV_BUFFERS + 64).next_power_of_two(),
+                format: sys::fi_cq_format_FI_CQ_FORMAT_TAGGED,
+                wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
+                ..Default::default()
+            };
+            check(prov, "fi_cq_open", sys::krun_fi_cq_open(objects.domain, &mut cq_attr, &mut objects.cq, ptr::null_mut()) as i64)?;
+            let mut av_attr = sys::fi_av_attr {
+                type_: sys::fi_av_type_FI_AV_TABLE,
+                ..Default::default()
+            };
+            check(prov, "fi_av_open", sys::krun_fi_av_open(objects.domain, &mut av_attr, &mut objects.av, ptr::null_mut()) as i64)?;
+            check(prov, "fi_endpoint", sys::krun_fi_endpoint(objects.domain, info, &mut objects.ep, ptr::null_mut()) as i64)?;
+            check(
+                prov,
+                "fi_ep_bind(cq)",
+                sys::krun_fi_ep_bind(objects.ep, &mut (*objects.cq).fid, (sys::FI_TRANSMIT | sys::FI_RECV) as u64) as i64,
+            )?;
+            check(prov, "fi_ep_bind(av)", sys::krun_fi_ep_bind(objects.ep, &mut (*objects.av).fid, 0) as i64)?;
+            check(prov, "fi_enable", sys::krun_fi_enable(objects.ep) as i64)?;
+        }
+        // SAFETY: info is valid until objects is dropped.
+        let mr_mode = unsafe { (*(*objects.info).domain_attr).mr_mode } as u32;
+        let objects = Arc::new(ObjectsHandle(objects));
+        let token = crate::random_token();
+        let slots = config.max_in_flight;
+        let send_slots = 64usize;
+        let slot_bytes = config.max_message + MSG_HEADER;
+        let atomic_scratch = register_with(&objects, prov, mr_mode, 1, Region::new(slots * 24)?)?;
+        let send_pool = register_with(&objects, prov, mr_mode, 2, Region::new(send_slots * slot_bytes)?)?;
+        let recv_pool = register_with(&objects, prov, mr_mode, 3, Region::new(RECV_BUFFERS * slot_bytes)?)?;
+        let inner = Arc::new(Inner {
+            provider,
+            provider_name: prov.to_string(),
+            objects,
+            prov_key: mr_mode & sys::FI_MR_PROV_KEY != 0,
+            next_key: AtomicU64::new(16),
+            token,
+            peers: RwLock::new(Vec::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            in_flight: InFlight::new(config.max_in_flight),
+            cq_lock: Mutex::new(()),
+            waiters: AtomicUsize::new(0),
+            inbox: Inbox::default(),
+            timeout: config.op_timeout,
+            max_message: config.max_message,
+            atomic_scratch,
+            atomic_free: Mutex::new((0..slots).rev().collect()),
+            send_pool,
+            send_free: Mutex::new((0..send_slots).rev().collect()),
+            recv_pool,
+            shutdown: AtomicBool::new(false),
+        });
+        for i in 0..RECV_BUFFERS {
+            inner.post_recv(i)?;
+        }
+        let thread_inner = inner.clone();
+        let progress_thread = std::thread::Builder::new()
+            .name(format!("krun-fabric-{}", provider.name()))
+            .spawn(move || thread_inner.progress_loop())
+            .map_err(|e| FabricError::io("spawning the fabric progress thread", e))?;
+        Ok(OfiEndpoint {
+            inner,
+            progress_thread: Some(progress_thread),
+        })
+    }
+
+    /// Operations currently in flight (for tests and diagnostics).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.current()
+    }
+}
+
+impl Drop for OfiEndpoint {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        if let Some(t) = self.progress_thread.take() {
+            let _ = t.join();
+        }
+        // Fail whatever is still pending so no waiter hangs.
+        let pending: Vec<Pending> = self.inner.pending.lock().expect("pending").drain().map(|(_, p)| p).collect();
+        for p in pending {
+            p.state.finish(Err(FabricError::Closed));
+        }
+    }
+}
+
+fn register_with(
+    objects: &Arc<ObjectsHandle>,
+    prov: &str,
+    mr_mode: u32,
+    requested_key: u64,
+    region: Region,
+) -> Result<MemoryRegion> {
+    let access = (sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE | sys::FI_SEND | sys::FI_RECV) as u64;
+    let mut mr: *mut sys::fid_mr = ptr::null_mut();
+    let len = region.len();
+    // SAFETY: the region is valid for len bytes and outlives the registration (MemoryRegion
+    // drops the registration first).
+    let rc = unsafe {
+        sys::krun_fi_mr_reg(
+            objects.0.domain,
+            region.as_ptr() as *const c_void,
+            len,
+            access,
+            0,
+            requested_key,
+            0,
+            &mut mr,
+            ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        return Err(FabricError::Registration {
+            len,
+            reason: format!("fi_mr_reg on {prov}: {}", fi_error_string(rc as i64)),
+        });
+    }
+    // SAFETY: mr is a valid registration.
+    let (key, desc) = unsafe { (sys::krun_fi_mr_key(mr), sys::krun_fi_mr_desc(mr)) };
+    let addr = if mr_mode & sys::FI_MR_VIRT_ADDR != 0 {
+        region.as_ptr() as u64
+    } else {
+        0
+    };
+    let registration = OfiRegistration {
+        mr,
+        desc,
+        _objects: objects.clone(),
+    };
+    Ok(MemoryRegion::new(
+        region,
+        Box::new(registration),
+        RemoteRegion {
+            addr,
+            key,
+            len: len as u64,
+        },
+    ))
+}
+
+fn desc_of(mr: &MemoryRegion) -> *mut c_void {
+    mr.registration::<OfiRegistration>().map_or(ptr::null_mut(), |r| r.desc)
+}
+
+impl Inner {
+    fn ep(&self) -> *mut sys::fid_ep {
+        self.objects.0.ep
+    }
+
+    fn slot_bytes(&self) -> usize {
+        self.max_message + MSG_HEADER
+    }
+
+    fn post_recv(&self, index: usize) -> Result<()> {
+        let len = self.slot_bytes();
+        let buf = self.recv_pool.check_local(index * len, len)?;
+        loop {
+            // SAFETY: the buffer lies in the registered receive pool, reserved for slot `index`
+            // until its completion is processed.
+            let rc = unsafe {
+                sys::krun_fi_trecv(
+                    self.ep(),
+                    buf as *mut c_void,
+                    len,
+                    desc_of(&self.recv_pool),
+                    sys::FI_ADDR_UNSPEC,
+                    0,
+                    !0u64,
+                    (RECV_CONTEXT | index as u64) as *mut c_void,
+                )
+            };
+            if rc == -(sys::FI_EAGAIN as isize) {
+                self.progress();
+                continue;
+            }
+            return check(&self.provider_name, "fi_trecv", rc as i64);
+        }
+    }
+
+    fn peer_addr(&self, peer: PeerId) -> Result<sys::fi_addr_t> {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .get(peer.0 as usize)
+            .map(|p| p.1)
+            .ok_or(FabricError::UnknownPeer(peer))
+    }
+
+    /// Registers a new pending operation and returns its context id.
+    fn track(&self, state: &Arc<OpState>, atomic_slot: Option<usize>, send_slot: Option<usize>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.lock().expect("pending").insert(
+            id,
+            Pending {
+                state: state.clone(),
+                atomic_slot,
+                send_slot,
+            },
+        );
+        id
+    }
+
+    fn untrack(&self, id: u64) -> Option<Pending> {
+        self.pending.lock().expect("pending").remove(&id)
+    }
+
+    /// Retries a post while the provider's queue is full, driving progress, up to the timeout.
+    fn post(&self, op: &'static str, peer: PeerId, id: u64, mut f: impl FnMut() -> isize) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let rc = f();
+            if rc == 0 {
+                return Ok(());
+            }
+            if rc == -(sys::FI_EAGAIN as isize) && start.elapsed() < self.timeout {
+                self.progress();
+                std::thread::yield_now();
+                continue;
+            }
+            if let Some(p) = self.untrack(id) {
+                self.release(&p);
+            }
+            if rc == -(sys::FI_EAGAIN as isize) {
+                return Err(FabricError::Timeout {
+                    op,
+                    peer,
+                    timeout: self.timeout,
+                });
+            }
+            return Err(FabricError::Remote {
+                op,
+                peer,
+                message: format!("posting failed: {}", fi_error_string(rc as i64)),
+            });
+        }
+    }
+
+    fn release(&self, p: &Pending) {
+        if let Some(s) = p.atomic_slot {
+            self.atomic_free.lock().expect("atomic slots").push(s);
+        }
+        if let Some(s) = p.send_slot {
+            self.send_free.lock().expect("send slots").push(s);
+        }
+        self.in_flight.release();
+    }
+
+    fn complete(&self, id: u64, result: Result<u64>) {
+        if let Some(p) = self.untrack(id) {
+            let result = match (result, p.atomic_slot) {
+                (Ok(_), Some(slot)) => self
+                    .atomic_scratch
+                    .atomic_u64(slot * 24 + 16)
+                    .map(|w| w.load(Ordering::Acquire)),
+                (r, _) => r,
+            };
+            self.release(&p);
+            p.state.finish(result);
+        }
+    }
+
+    fn on_message(&self, index: usize, len: usize, tag: u64) {
+        let slot = self.slot_bytes();
+        if len >= MSG_HEADER {
+            let mut data = vec![0u8; len];
+            if self.recv_pool.read_bytes(index * slot, &mut data).is_ok() {
+                let token = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+                let peer = self
+                    .peers
+                    .read()
+                    .expect("peers lock")
+                    .iter()
+                    .position(|p| p.0 == token)
+                    .map(|i| PeerId(i as u32));
+                data.drain(..MSG_HEADER);
+                self.inbox.push(Message { tag, peer, data });
+            }
+        } else {
+            eprintln!("krun fabric: dropping a {len}-byte message without a sender header (tag {tag:#x})");
+        }
+        if let Err(e) = self.post_recv(index) {
+            eprintln!("krun fabric: could not repost receive buffer {index}: {e}");
+        }
+    }
+
+    fn progress_loop(&self) {
+        let mut idle_since = Instant::now();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            if self.waiters.load(Ordering::Relaxed) > 0 {
+                // A waiter drives progress itself; stay out of its way.
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            if self.progress() > 0 || self.in_flight.current() > 0 {
+                idle_since = Instant::now();
+                std::thread::yield_now();
+                continue;
+            }
+            let idle = idle_since.elapsed();
+            if idle < Duration::from_millis(5) {
+                std::thread::yield_now();
+            } else {
+                // Target-side work (serving remote reads and writes) produces no completions
+                // here, so keep polling, just less eagerly when long idle.
+                std::thread::sleep(Duration::from_micros(if idle < Duration::from_millis(100) { 20 } else { 200 }));
+            }
+        }
+    }
+}
+
+impl Progress for Inner {
+    fn progress(&self) -> usize {
+        let Ok(_guard) = self.cq_lock.try_lock() else {
+            return 0;
+        };
+        let mut handled = 0;
+        let mut entries: [sys::fi_cq_tagged_entry; 16] = Default::default();
+        loop {
+            // SAFETY: entries has room for 16 tagged entries, the format the CQ was opened with.
+            let n = unsafe { sys::krun_fi_cq_read(self.objects.0.cq, entries.as_mut_ptr().cast(), entries.len()) };
+            if n > 0 {
+                for e in &entries[..n as usize] {
+                    let id = e.op_context as u64;
+                    if id & RECV_CONTEXT != 0 {
+                        self.on_message((id & !RECV_CONTEXT) as usize, e.len, e.tag);
+                    } else {
+                        self.complete(id, Ok(0));
+                    }
+                }
+                handled += n as usize;
+                continue;
+            }
+            if n == -(sys::FI_EAVAIL as isize) {
+                let mut err = sys::fi_cq_err_entry::default();
+                // SAFETY: err is a valid error entry buffer.
+                let rc = unsafe { sys::krun_fi_cq_readerr(self.objects.0.cq, &mut err, 0) };
+                if rc > 0 {
+                    handled += 1;
+                    self.on_error(&err);
+                    continue;
+                }
+            }
+            return handled;
+        }
+    }
+
+    fn waiters(&self) -> &AtomicUsize {
+        &self.waiters
+    }
+}
+
+impl Inner {
+    fn on_error(&self, err: &sys::fi_cq_err_entry) {
+        let id = err.op_context as u64;
+        if id & RECV_CONTEXT != 0 {
+            let index = (id & !RECV_CONTEXT) as usize;
+            if err.err != sys::FI_ECANCELED as i32 {
+                eprintln!("krun fabric: receive error {}; reposting buffer {index}", fi_error_string(err.err as i64));
+                let _ = self.post_recv(index);
+            }
+            return;
+        }
+        let mut buf = [0 as libc::c_char; 256];
+        // SAFETY: buf is writable for its length; the provider writes a C string into it or
+        // returns a static one.
+        let detail = unsafe {
+            let s = sys::krun_fi_cq_strerror(self.objects.0.cq, err.prov_errno, err.err_data, buf.as_mut_ptr(), buf.len());
+            if s.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(s).to_string_lossy().into_owned()
+            }
+        };
+        let Some(p) = self.pending.lock().expect("pending").get(&id).map(|p| (p.state.op, p.state.peer)) else {
+            return;
+        };
+        let (op, peer) = p;
+        let code = err.err as u32;
+        let e = if code == sys::FI_EACCES || code == sys::FI_EKEYREJECTED || code == sys::FI_EINVAL {
+            FabricError::RemoteAccess { op, peer, key: 0 }
+        } else {
+            FabricError::Remote {
+                op,
+                peer,
+                message: format!("{} ({detail})", fi_error_string(err.err as i64)),
+            }
+        };
+        self.complete(id, Err(e));
+    }
+}
+
+impl Endpoint for OfiEndpoint {
+    fn provider(&self) -> Provider {
+        self.inner.provider
+    }
+
+    fn address(&self) -> EndpointAddress {
+        let mut raw = vec![0u8; 256];
+        let mut len = raw.len();
+        // SAFETY: raw has room for len bytes; the ep is enabled.
+        let rc = unsafe { sys::krun_fi_getname(self.inner.ep(), raw.as_mut_ptr().cast(), &mut len) };
+        if rc != 0 {
+            raw.resize(len.max(256), 0);
+            // SAFETY: as above, with the size the provider asked for.
+            unsafe { sys::krun_fi_getname(self.inner.ep(), raw.as_mut_ptr().cast(), &mut len) };
+        }
+        raw.truncate(len);
+        EndpointAddress {
+            provider: self.inner.provider,
+            token: self.inner.token,
+            raw,
+        }
+    }
+
+    fn connect(&self, peer: &EndpointAddress) -> Result<PeerId> {
+        if peer.provider != self.inner.provider {
+            return Err(FabricError::ProviderMismatch {
+                expected: self.inner.provider.to_string(),
+                found: peer.provider.to_string(),
+            });
+        }
+        let mut peers = self.inner.peers.write().expect("peers lock");
+        if let Some(i) = peers.iter().position(|p| p.0 == peer.token) {
+            return Ok(PeerId(i as u32));
+        }
+        let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
+        // SAFETY: raw holds a provider address of the same provider (checked above).
+        let n = unsafe {
+            sys::krun_fi_av_insert(
+                self.inner.objects.0.av,
+                peer.raw.as_ptr().cast(),
+                1,
+                &mut fi_addr,
+                0,
+                ptr::null_mut(),
+            )
+        };
+        if n != 1 {
+            return Err(FabricError::BadAddress(format!(
+                "{} rejected the peer address ({} bytes): {}",
+                self.inner.provider_name,
+                peer.raw.len(),
+                if n < 0 { fi_error_string(n as i64) } else { "not inserted".into() }
+            )));
+        }
+        peers.push((peer.token, fi_addr));
+        Ok(PeerId(peers.len() as u32 - 1))
+    }
+
+    fn register(&self, region: Region) -> Result<MemoryRegion> {
+        // SAFETY: info is valid for the endpoint's lifetime.
+        let mr_mode = unsafe { (*(*self.inner.objects.0.info).domain_attr).mr_mode } as u32;
+        let key = if self.inner.prov_key {
+            0
+        } else {
+            self.inner.next_key.fetch_add(1, Ordering::Relaxed)
+        };
+        register_with(&self.inner.objects, &self.inner.provider_name, mr_mode, key, region)
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    unsafe fn post_write(
+        &self,
+        peer: PeerId,
+        local: &MemoryRegion,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+    ) -> Result<Completion> {
+        self.rma(RmaKind::Write, peer, local, local_offset, len, remote, remote_offset)
+    }
+
+    unsafe fn post_read(
+        &self,
+        peer: PeerId,
+        local: &MemoryRegion,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+    ) -> Result<Completion> {
+        self.rma(RmaKind::Read, peer, local, local_offset, len, remote, remote_offset)
+    }
+
+    fn post_fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<Completion> {
+        self.atomic("fetch-add", peer, remote, remote_offset, add, None)
+    }
+
+    fn post_compare_swap(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        compare: u64,
+        swap: u64,
+    ) -> Result<Completion> {
+        self.atomic("compare-swap", peer, remote, remote_offset, swap, Some(compare))
+    }
+
+    fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()> {
+        let inner = &self.inner;
+        if data.len() > inner.max_message {
+            return Err(FabricError::MessageTooLarge {
+                len: data.len(),
+                max: inner.max_message,
+            });
+        }
+        let addr = inner.peer_addr(peer)?;
+        inner.in_flight.acquire(inner.as_ref(), "send", peer, inner.timeout)?;
+        let slot = loop {
+            if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
+                break s;
+            }
+            inner.progress();
+            std::thread::yield_now();
+        };
+        let slot_bytes = inner.slot_bytes();
+        let base = slot * slot_bytes;
+        inner.send_pool.write_bytes(base, &inner.token.to_le_bytes())?;
+        inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
+        let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
+        let state = OpState::new("send", peer);
+        let id = inner.track(&state, None, Some(slot));
+        inner.post("send", peer, id, || {
+            // SAFETY: the send slot is reserved until this operation completes.
+            unsafe {
+                sys::krun_fi_tsend(
+                    inner.ep(),
+                    buf as *const c_void,
+                    MSG_HEADER + data.len(),
+                    desc_of(&inner.send_pool),
+                    addr,
+                    tag,
+                    id as *mut c_void,
+                )
+            }
+        })?;
+        Completion::new(state, inner.clone(), inner.timeout).wait().map(drop)
+    }
+
+    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
+        let inner = &self.inner;
+        inner.waiters.fetch_add(1, Ordering::SeqCst);
+        let r = inner.inbox.take(tag, timeout, || inner.progress());
+        inner.waiters.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RmaKind {
+    Write,
+    Read,
+}
+
+impl OfiEndpoint {
+    #[allow(clippy::too_many_arguments)]
+    fn rma(
+        &self,
+        kind: RmaKind,
+        peer: PeerId,
+        local: &MemoryRegion,
+        local_offset: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+    ) -> Result<Completion> {
+        let inner = &self.inner;
+        let op = match kind {
+            RmaKind::Write => "write",
+            RmaKind::Read => "read",
+        };
+        let buf = local.check_local(local_offset, len)?;
+        let target = remote.target(remote_offset, len as u64)?;
+        let addr = inner.peer_addr(peer)?;
+        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        let state = OpState::new(op, peer);
+        state.keep(local.clone());
+        let id = inner.track(&state, None, None);
+        let iov = libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: len,
+        };
+        let mut desc = desc_of(local);
+        let rma_iov = sys::fi_rma_iov {
+            addr: target,
+            len,
+            key: remote.key,
+        };
+        let msg = sys::fi_msg_rma {
+            msg_iov: &iov as *const libc::iovec as *const _,
+            desc: &mut desc,
+            iov_count: 1,
+            addr,
+            rma_iov: &rma_iov,
+            rma_iov_count: 1,
+            context: id as *mut c_void,
+            data: 0,
+        };
+        inner.post(op, peer, id, || {
+            // SAFETY: the local range was bounds-checked and its region is kept alive by the
+            // operation state; the caller upholds the access contract of post_write/post_read.
+            unsafe {
+                match kind {
+                    // Completion only once the data is visible at the target.
+                    RmaKind::Write => sys::krun_fi_writemsg(
+                        inner.ep(),
+                        &msg,
+                        (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
+                    ),
+                    RmaKind::Read => sys::krun_fi_readmsg(inner.ep(), &msg, sys::FI_COMPLETION as u64),
+                }
+            }
+        })?;
+        Ok(Completion::new(state, inner.clone(), inner.timeout))
+    }
+
+    fn atomic(
+        &self,
+        op: &'static str,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        operand: u64,
+        compare: Option<u64>,
+    ) -> Result<Completion> {
+        let inner = &self.inner;
+        if remote_offset % 8 != 0 {
+            return Err(FabricError::Misaligned(remote_offset));
+        }
+        let target = remote.target(remote_offset, 8)?;
+        let addr = inner.peer_addr(peer)?;
+        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        let slot = inner
+            .atomic_free
+            .lock()
+            .expect("atomic slots")
+            .pop()
+            .expect("one atomic slot per in-flight operation");
+        let scratch = &inner.atomic_scratch;
+        let base = slot * 24;
+        scratch.atomic_u64(base)?.store(operand, Ordering::Relaxed);
+        scratch.atomic_u64(base + 8)?.store(compare.unwrap_or(0), Ordering::Relaxed);
+        scratch.atomic_u64(base + 16)?.store(0, Ordering::Release);
+        let ptr_at = |off: usize| scratch.check_local(base + off, 8).map(|p| p as *mut c_void);
+        let (operand_ptr, compare_ptr, result_ptr) = (ptr_at(0)?, ptr_at(8)?, ptr_at(16)?);
+        let state = OpState::new(op, peer);
+        let id = inner.track(&state, Some(slot), None);
+        let mut desc = desc_of(scratch);
+        let mut compare_desc = desc;
+        let mut result_desc = desc;
+        let operand_ioc = sys::fi_ioc {
+            addr: operand_ptr,
+            count: 1,
+        };
+        let mut compare_ioc = sys::fi_ioc {
+            addr: compare_ptr,
+            count: 1,
+        };
+        let mut result_ioc = sys::fi_ioc {
+            addr: result_ptr,
+            count: 1,
+        };
+        let rma_ioc = sys::fi_rma_ioc {
+            addr: target,
+            count: 1,
+            key: remote.key,
+        };
+        let msg = sys::fi_msg_atomic {
+            msg_iov: &operand_ioc,
+            desc: &mut desc,
+            iov_count: 1,
+            addr,
+            rma_iov: &rma_ioc,
+            rma_iov_count: 1,
+            datatype: sys::fi_datatype_FI_UINT64,
+            op: if compare.is_some() {
+                sys::fi_op_FI_CSWAP
+            } else {
+                sys::fi_op_FI_SUM
+            },
+            context: id as *mut c_void,
+            data: 0,
+        };
+        inner.post(op, peer, id, || {
+            // SAFETY: operand, compare and result live in this operation's scratch slot,
+            // reserved until its completion is processed.
+            unsafe {
+                if compare.is_some() {
+                    sys::krun_fi_compare_atomicmsg(
+                        inner.ep(),
+                        &msg,
+                        &mut compare_ioc,
+                        &mut compare_desc,
+                        1,
+                        &mut result_ioc,
+                        &mut result_desc,
+                        1,
+                        (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
+                    )
+                } else {
+                    sys::krun_fi_fetch_atomicmsg(
+                        inner.ep(),
+                        &msg,
+                        &mut result_ioc,
+                        &mut result_desc,
+                        1,
+                        (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
+                    )
+                }
+            }
+        })?;
+        Ok(Completion::new(state, inner.clone(), inner.timeout))
+    }
+}

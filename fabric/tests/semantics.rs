@@ -1,0 +1,130 @@
+//! The same semantic checks run against every backend that works on this machine, with two
+//! endpoints in one process. Multi-process tests live in `multiprocess.rs`.
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fabric::{open, Endpoint, FabricConfig, FabricError, Provider, Region, RemoteRegion};
+
+fn pair(provider: Provider) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let mut config = FabricConfig::with_provider(provider);
+    config.op_timeout = Duration::from_secs(5);
+    let a = open(&config).unwrap_or_else(|e| panic!("open {provider}: {e}"));
+    let b = open(&config).unwrap_or_else(|e| panic!("open {provider}: {e}"));
+    (a, b)
+}
+
+fn write_read_atomics_messages(provider: Provider) {
+    let (a, b) = pair(provider);
+    let peer = a.connect(&b.address()).unwrap();
+    let b_peer = b.connect(&a.address()).unwrap();
+    assert_eq!(a.connect(&b.address()).unwrap(), peer, "connecting twice gives the same peer");
+
+    let target = b.register(Region::new(1 << 20).unwrap()).unwrap();
+    let local = a.register(Region::new(1 << 20).unwrap()).unwrap();
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    local.write_bytes(0, &pattern).unwrap();
+    // SAFETY: nobody else touches these ranges during the call.
+    unsafe { a.write(peer, &local, 0, pattern.len(), &target.remote(), 4096).unwrap() };
+    let mut seen = vec![0u8; pattern.len()];
+    target.read_bytes(4096, &mut seen).unwrap();
+    assert_eq!(seen, pattern, "{provider}: written data visible at the target on completion");
+
+    target.write_bytes(200_000, b"from the target").unwrap();
+    // SAFETY: as above.
+    unsafe { a.read(peer, &local, 100, 15, &target.remote(), 200_000).unwrap() };
+    let mut got = [0u8; 15];
+    local.read_bytes(100, &mut got).unwrap();
+    assert_eq!(&got, b"from the target");
+
+    let r = target.remote();
+    assert_eq!(a.fetch_add(peer, &r, 8, 5).unwrap(), 0);
+    assert_eq!(a.fetch_add(peer, &r, 8, 7).unwrap(), 5);
+    assert_eq!(target.atomic_u64(8).unwrap().load(Ordering::SeqCst), 12);
+    assert_eq!(a.compare_swap(peer, &r, 8, 99, 1).unwrap(), 12, "failed CAS returns the value");
+    assert_eq!(a.compare_swap(peer, &r, 8, 12, 1).unwrap(), 12);
+    assert_eq!(target.atomic_u64(8).unwrap().load(Ordering::SeqCst), 1);
+
+    a.send(peer, 42, b"hello b").unwrap();
+    a.send(peer, 7, b"other tag").unwrap();
+    let m = b.recv(7, Duration::from_secs(5)).unwrap();
+    assert_eq!((m.tag, m.data.as_slice(), m.peer), (7, &b"other tag"[..], Some(b_peer)));
+    let m = b.recv(42, Duration::from_secs(5)).unwrap();
+    assert_eq!(m.data, b"hello b");
+    assert!(matches!(b.recv(42, Duration::from_millis(50)), Err(FabricError::RecvTimeout { tag: 42, .. })));
+    let too_big = vec![0u8; FabricConfig::default().max_message + 1];
+    assert!(matches!(a.send(peer, 1, &too_big), Err(FabricError::MessageTooLarge { .. })));
+}
+
+fn bad_accesses(provider: Provider) {
+    let (a, b) = pair(provider);
+    let peer = a.connect(&b.address()).unwrap();
+    let target = b.register(Region::new(4096).unwrap()).unwrap();
+    let local = a.register(Region::new(4096).unwrap()).unwrap();
+    let r = target.remote();
+    // SAFETY: the operations are rejected or touch only our own buffers.
+    unsafe {
+        let e = a.write(peer, &local, 0, 64, &r, 4090).unwrap_err();
+        assert!(matches!(e, FabricError::OutOfBounds { what: "remote", .. }), "{e}");
+        let e = a.read(peer, &local, 4095, 2, &r, 0).unwrap_err();
+        assert!(matches!(e, FabricError::OutOfBounds { what: "local", .. }), "{e}");
+        let forged = RemoteRegion { key: r.key ^ 0x5a5a_0000_1234, ..r };
+        let e = a.write(peer, &local, 0, 64, &forged, 0).unwrap_err();
+        assert!(
+            matches!(e, FabricError::RemoteAccess { .. } | FabricError::Remote { .. } | FabricError::Timeout { .. }),
+            "{provider}: a bad key must fail, got {e}"
+        );
+    }
+    assert!(matches!(a.fetch_add(peer, &r, 4, 1), Err(FabricError::Misaligned(4))));
+    let e = a.fetch_add(fabric::PeerId(9), &r, 0, 1).unwrap_err();
+    assert!(matches!(e, FabricError::UnknownPeer(_)), "{e}");
+}
+
+fn many_in_flight(provider: Provider) {
+    let mut config = FabricConfig::with_provider(provider);
+    config.max_in_flight = 8;
+    let a = open(&config).unwrap();
+    let b = open(&config).unwrap();
+    let peer = a.connect(&b.address()).unwrap();
+    let target = b.register(Region::new(1 << 20).unwrap()).unwrap();
+    let local = a.register(Region::new(1 << 20).unwrap()).unwrap();
+    for i in 0..256usize {
+        local.write_bytes(i * 4096, &[(i % 251) as u8; 4096]).unwrap();
+    }
+    // 256 posts through a queue of 8: posting blocks instead of failing.
+    let completions: Vec<_> = (0..256usize)
+        // SAFETY: distinct ranges, untouched until all complete.
+        .map(|i| unsafe { a.post_write(peer, &local, i * 4096, 4096, &target.remote(), (i * 4096) as u64).unwrap() })
+        .collect();
+    fabric::wait_all(completions).unwrap();
+    for i in [0usize, 17, 255] {
+        let mut page = vec![0u8; 4096];
+        target.read_bytes(i * 4096, &mut page).unwrap();
+        assert!(page.iter().all(|&x| x == (i % 251) as u8), "{provider}: page {i}");
+    }
+}
+
+macro_rules! per_provider {
+    ($($name:ident: $p:expr;)*) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn write_read_atomics_and_messages() { write_read_atomics_messages($p) }
+            #[test]
+            fn bad_accesses_give_clear_errors() { bad_accesses($p) }
+            #[test]
+            fn many_operations_in_flight_with_back_pressure() { many_in_flight($p) }
+        }
+    )*};
+}
+
+per_provider! {
+    loopback: Provider::Loopback;
+    tcp: Provider::Tcp;
+    shm: Provider::Shm;
+}
+
+#[test]
+fn unknown_provider_is_reported_by_name() {
+    let e = "quantum".parse::<fabric::ProviderChoice>().unwrap_err();
+    assert!(e.to_string().contains("quantum"));
+}
