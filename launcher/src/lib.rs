@@ -1,1 +1,11 @@
+//! The launcher: `krun` starts one `krund` per node and runs a job across them; `krund` is
+//! the node runtime (fabric endpoint now; DSM, checkpoint store and policies later).
+//!
+//! Local mode (`krun --local K`) starts K node daemons on this machine, wires them together
+//! through the bootstrap service and streams their output back. Host and Slurm modes come
+//! with the launcher issue.
+pub mod error;
+pub mod exchange;
+pub mod local;
 
+pub use error::LauncherError;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what krun needs on a Debian bookworm machine (as root), skipping what is present.
+set -euo pipefail
+PKGS="build-essential pkg-config clang libclang-dev libfabric-dev libfabric-bin libibverbs-dev librdmacm-dev ibverbs-providers rdma-core iperf3 iproute2 procps"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing packages:$missing (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "install-deps: apt-get install$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  done
+fi
