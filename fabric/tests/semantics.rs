@@ -128,3 +128,50 @@ fn unknown_provider_is_reported_by_name() {
     let e = "quantum".parse::<fabric::ProviderChoice>().unwrap_err();
     assert!(e.to_string().contains("quantum"));
 }
+
+#[test]
+fn a_registration_beyond_the_address_space_is_refused_with_its_size() {
+    let e = Region::new(1 << 62).unwrap_err();
+    assert!(matches!(e, FabricError::Registration { len, .. } if len == 1 << 62), "{e}");
+}
+
+#[test]
+fn many_gib_regions_register_on_libfabric() {
+    // 16 GiB reserved, registered, and written at both ends; only touched pages are backed.
+    let ep = open(&FabricConfig::with_provider(Provider::Tcp)).unwrap();
+    let mr = ep.register(Region::new(16 << 30).unwrap()).unwrap();
+    assert_eq!(mr.remote().len, 16 << 30);
+    let peer_ep = open(&FabricConfig::with_provider(Provider::Tcp)).unwrap();
+    let peer = peer_ep.connect(&ep.address()).unwrap();
+    let local = peer_ep.register(Region::new(4096).unwrap()).unwrap();
+    local.write_bytes(0, b"far end").unwrap();
+    // SAFETY: private buffers, nothing else touches them.
+    unsafe { peer_ep.write(peer, &local, 0, 7, &mr.remote(), (16 << 30) - 7).unwrap() };
+    let mut got = [0u8; 7];
+    mr.read_bytes((16 << 30) - 7, &mut got).unwrap();
+    assert_eq!(&got, b"far end");
+}
+
+#[test]
+fn providers_without_hardware_report_unavailable_by_name() {
+    for (p, name) in [(Provider::VerbsOfi, "verbs;ofi_rxm"), (Provider::Verbs, "verbs")] {
+        match open(&FabricConfig::with_provider(p)) {
+            Err(e @ FabricError::ProviderUnavailable { .. }) => assert!(e.to_string().contains(name), "{e}"),
+            Err(e) => panic!("{p}: expected ProviderUnavailable, got {e}"),
+            Ok(_) => eprintln!("{p}: an RDMA device exists here; unavailability not testable"),
+        }
+    }
+}
+
+#[test]
+fn a_closed_peer_gives_an_error_not_a_hang() {
+    let mut config = FabricConfig::with_provider(Provider::Loopback);
+    config.op_timeout = Duration::from_millis(500);
+    let a = open(&config).unwrap();
+    let b = open(&config).unwrap();
+    let peer = a.connect(&b.address()).unwrap();
+    let r = b.register(Region::new(4096).unwrap()).unwrap().remote();
+    drop(b);
+    let e = a.fetch_add(peer, &r, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("peer #0"), "{e}");
+}
