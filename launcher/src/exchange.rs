@@ -28,8 +28,9 @@ fn fill_block(node: usize) -> Vec<u8> {
 
 /// FNV-1a: a checksum printed so runs can be compared by eye.
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn gbs(bytes: usize, d: Duration) -> f64 {
@@ -69,7 +70,11 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
         let peer = ep.connect(&EndpointAddress::from_bytes(addr)?)?;
         peers.push((peer, RemoteRegion::from_bytes(region)?));
     }
-    say(format!("endpoint on {} up, {} peers connected", ep.provider(), n - 1));
+    say(format!(
+        "endpoint on {} up, {} peers connected",
+        ep.provider(),
+        n - 1
+    ));
 
     // 1. One-sided writes of my block into slot `me` of every other node.
     let start = Instant::now();
@@ -78,7 +83,16 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
         if rank != me {
             // SAFETY: `source` is not modified while the writes are in flight, and each node
             // owns its own slot in every target.
-            posted.push(unsafe { ep.post_write(*peer, &source, 0, BLOCK, remote, (HEADER + me * BLOCK) as u64)? });
+            posted.push(unsafe {
+                ep.post_write(
+                    *peer,
+                    &source,
+                    0,
+                    BLOCK,
+                    remote,
+                    (HEADER + me * BLOCK) as u64,
+                )?
+            });
         }
     }
     fabric::wait_all(posted)?;
@@ -95,10 +109,18 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
     let (root, root_region) = peers[0];
     let before = ep.fetch_add(root, &root_region, COUNTER, 1)?;
     let previous = ep.compare_swap(root, &root_region, LEADER, 0, me as u64 + 1)?;
-    let leader = if previous == 0 { me as u64 + 1 } else { previous };
+    let leader = if previous == 0 {
+        me as u64 + 1
+    } else {
+        previous
+    };
     say(format!(
         "fetch-add on node 0's counter returned {before}; leader election by compare-swap: {}",
-        if previous == 0 { "won".to_string() } else { format!("node {} won", previous - 1) }
+        if previous == 0 {
+            "won".to_string()
+        } else {
+            format!("node {} won", previous - 1)
+        }
     ));
     boot.barrier()?;
 
@@ -108,14 +130,21 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
     for rank in (0..n).filter(|&r| r != me) {
         memory.read_bytes(HEADER + rank * BLOCK, &mut slot)?;
         if slot != fill_block(rank) {
-            let first = slot.iter().enumerate().position(|(o, &b)| b != pattern(rank, o)).unwrap_or(0);
+            let first = slot
+                .iter()
+                .enumerate()
+                .position(|(o, &b)| b != pattern(rank, o))
+                .unwrap_or(0);
             return Err(LauncherError::Node {
                 node: me,
                 message: format!("block from node {rank} is wrong at byte {first}"),
             });
         }
         verified += 1;
-        say(format!("block from node {rank} verified (fnv1a {:016x})", fnv1a(&slot)));
+        say(format!(
+            "block from node {rank} verified (fnv1a {:016x})",
+            fnv1a(&slot)
+        ));
     }
 
     // 4. Read my block back from my right neighbour with an RMA read.
@@ -142,7 +171,9 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
     }
     boot.barrier()?;
     let counter = if me == 0 {
-        let c = memory.atomic_u64(COUNTER as usize)?.load(std::sync::atomic::Ordering::SeqCst);
+        let c = memory
+            .atomic_u64(COUNTER as usize)?
+            .load(std::sync::atomic::Ordering::SeqCst);
         say(format!("job counter after the barrier: {c} (expected {n})"));
         if c != n as u64 {
             return Err(LauncherError::Fabric(FabricError::Remote {

@@ -6,6 +6,7 @@
 //! with the launcher issue.
 pub mod error;
 pub mod exchange;
+pub mod hostlist;
 pub mod local;
 
 pub use error::LauncherError;

@@ -92,8 +92,18 @@ pub fn run(job: &LocalJob) -> Result<i32> {
             program: job.krund.display().to_string(),
             source: e,
         })?;
-        forwarders.push(forward(child.stdout.take().expect("piped"), node, false, tx.clone()));
-        forwarders.push(forward(child.stderr.take().expect("piped"), node, true, tx.clone()));
+        forwarders.push(forward(
+            child.stdout.take().expect("piped"),
+            node,
+            false,
+            tx.clone(),
+        ));
+        forwarders.push(forward(
+            child.stderr.take().expect("piped"),
+            node,
+            true,
+            tx.clone(),
+        ));
         nodes.0.push(Some(child));
     }
     drop(tx);
@@ -110,7 +120,10 @@ pub fn run(job: &LocalJob) -> Result<i32> {
             })? {
                 let code = exit_code(status);
                 if code != 0 {
-                    eprintln!("krun: node {node} (pid {}) exited with code {code}", child.id());
+                    eprintln!(
+                        "krun: node {node} (pid {}) exited with code {code}",
+                        child.id()
+                    );
                     failed = true;
                 }
                 worst = worst.max(code);

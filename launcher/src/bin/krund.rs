@@ -17,23 +17,33 @@ struct Args {
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
     let (mut bootstrap, mut node_id, mut nnodes) = (None, None, None);
     while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")));
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
+        };
         match a.as_str() {
             "--bootstrap" => {
                 let v = value("--bootstrap")?;
-                bootstrap = Some(v.parse().map_err(|_| LauncherError::Usage(format!("--bootstrap {v:?} is not HOST:PORT")))?);
+                bootstrap = Some(v.parse().map_err(|_| {
+                    LauncherError::Usage(format!("--bootstrap {v:?} is not HOST:PORT"))
+                })?);
             }
             "--node-id" => {
                 let v = value("--node-id")?;
-                node_id = Some(v.parse().map_err(|_| LauncherError::Usage(format!("--node-id {v:?} is not a number")))?);
+                node_id = Some(v.parse().map_err(|_| {
+                    LauncherError::Usage(format!("--node-id {v:?} is not a number"))
+                })?);
             }
             "--nnodes" => {
                 let v = value("--nnodes")?;
-                nnodes = Some(v.parse().map_err(|_| LauncherError::Usage(format!("--nnodes {v:?} is not a number")))?);
+                nnodes = Some(v.parse().map_err(|_| {
+                    LauncherError::Usage(format!("--nnodes {v:?} is not a number"))
+                })?);
             }
             "-h" | "--help" => {
                 return Err(LauncherError::Usage(
-                    "krund --bootstrap HOST:PORT --node-id I --nnodes N (normally started by krun)".into(),
+                    "krund --bootstrap HOST:PORT --node-id I --nnodes N (normally started by krun)"
+                        .into(),
                 ))
             }
             other => return Err(LauncherError::Usage(format!("unknown argument {other:?}"))),
@@ -58,7 +68,12 @@ fn run() -> Result<(), LauncherError> {
     let args = parse(std::env::args().skip(1))?;
     let config = FabricConfig::default().with_env()?;
     let ep = fabric::open(&config)?;
-    let mut boot = BootstrapClient::connect(args.bootstrap, args.node_id, args.nnodes, Duration::from_secs(60))?;
+    let mut boot = BootstrapClient::connect(
+        args.bootstrap,
+        args.node_id,
+        args.nnodes,
+        Duration::from_secs(60),
+    )?;
     let report = exchange::run(ep.as_ref(), &mut boot)?;
     println!(
         "node {}/{}: done: {} blocks verified, leader is node {}",
@@ -75,7 +90,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("krund: error: {e}");
-            ExitCode::from(if matches!(e, LauncherError::Usage(_)) { 2 } else { 1 })
+            ExitCode::from(if matches!(e, LauncherError::Usage(_)) {
+                2
+            } else {
+                1
+            })
         }
     }
 }
