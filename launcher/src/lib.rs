@@ -8,5 +8,6 @@ pub mod error;
 pub mod exchange;
 pub mod hostlist;
 pub mod local;
+pub mod ranks;
 
 pub use error::LauncherError;

@@ -1,13 +1,25 @@
-//! Local mode: K node daemons on this machine, wired through a bootstrap service on loopback.
-use std::io::{BufRead, BufReader, Read};
+//! Local mode: K node daemons on this machine, wired through bootstrap services on loopback.
+//! Without a program the nodes run the built-in RMA exchange workload; with one, they start
+//! its ranks.
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fabric::bootstrap::BootstrapServer;
 
 use crate::error::{LauncherError, Result};
+use crate::ranks::{exit_code, take_signal, Placement};
+
+/// A user program to run as `ranks` processes.
+#[derive(Debug, Clone)]
+pub struct ProgramJob {
+    pub ranks: usize,
+    pub per_node: Option<usize>,
+    pub tag_output: bool,
+    pub argv: Vec<String>,
+}
 
 /// How to run a local job.
 #[derive(Debug, Clone)]
@@ -19,6 +31,8 @@ pub struct LocalJob {
     pub env: Vec<(String, String)>,
     /// The whole job is killed after this long.
     pub timeout: Duration,
+    /// `None`: the built-in exchange workload.
+    pub program: Option<ProgramJob>,
 }
 
 impl LocalJob {
@@ -30,7 +44,8 @@ impl LocalJob {
             nodes,
             krund: default_krund()?,
             env: Vec::new(),
-            timeout: Duration::from_secs(300),
+            timeout: Duration::from_secs(24 * 3600),
+            program: None,
         })
     }
 }
@@ -50,6 +65,15 @@ pub fn default_krund() -> Result<PathBuf> {
 /// Kills and reaps the node processes it holds unless they were already reaped.
 struct Nodes(Vec<Option<Child>>);
 
+impl Nodes {
+    fn signal_all(&self, sig: i32) {
+        for c in self.0.iter().flatten() {
+            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still in the vec).
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+}
+
 impl Drop for Nodes {
     fn drop(&mut self) {
         for c in self.0.iter_mut().flatten() {
@@ -59,18 +83,18 @@ impl Drop for Nodes {
     }
 }
 
-/// Exit code as srun reports it: the status code, or 128 + signal.
-pub fn exit_code(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
-/// Runs the job; streams each node's output prefixed with `[node i]`; returns the highest
-/// node exit code.
+/// Runs the job and returns the highest node exit code (srun's rule: status, or 128+signal).
 pub fn run(job: &LocalJob) -> Result<i32> {
     let server = BootstrapServer::start("127.0.0.1:0", job.nodes, Duration::from_secs(60))?;
+    let placement = match &job.program {
+        Some(p) => Some(Placement::block(p.ranks, job.nodes, p.per_node)?),
+        None => None,
+    };
+    // Ranks find each other through their own all-gather service.
+    let rank_server = match &job.program {
+        Some(p) => Some(BootstrapServer::start("127.0.0.1:0", p.ranks, job.timeout)?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<()>();
     let mut nodes = Nodes(Vec::with_capacity(job.nodes));
     let mut forwarders = Vec::new();
@@ -85,6 +109,23 @@ pub fn run(job: &LocalJob) -> Result<i32> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let (Some(p), Some(place), Some(rs)) = (&job.program, &placement, &rank_server) {
+            cmd.arg("--first-rank")
+                .arg(place.first[node].to_string())
+                .arg("--local-size")
+                .arg(place.count[node].to_string())
+                .arg("--size")
+                .arg(p.ranks.to_string());
+            if p.tag_output {
+                cmd.arg("--tag-output");
+            }
+            cmd.arg("--")
+                .args(&p.argv)
+                .env("KRUN_BOOTSTRAP", rs.addr().to_string());
+            if place.node_of(0) == Some(node) {
+                cmd.stdin(Stdio::inherit());
+            }
+        }
         for (k, v) in &job.env {
             cmd.env(k, v);
         }
@@ -92,15 +133,16 @@ pub fn run(job: &LocalJob) -> Result<i32> {
             program: job.krund.display().to_string(),
             source: e,
         })?;
+        let prefix = job.program.is_none().then(|| format!("[node {node}] "));
         forwarders.push(forward(
             child.stdout.take().expect("piped"),
-            node,
+            prefix.clone(),
             false,
             tx.clone(),
         ));
         forwarders.push(forward(
             child.stderr.take().expect("piped"),
-            node,
+            prefix,
             true,
             tx.clone(),
         ));
@@ -110,33 +152,41 @@ pub fn run(job: &LocalJob) -> Result<i32> {
     let deadline = Instant::now() + job.timeout;
     let mut worst = 0;
     let mut remaining = job.nodes;
+    let mut interrupts = 0;
     while remaining > 0 {
+        if let Some(sig) = take_signal() {
+            interrupts += usize::from(sig == libc::SIGINT);
+            if interrupts >= 2 {
+                eprintln!("krun: second interrupt: killing the job");
+                nodes.signal_all(libc::SIGKILL);
+            } else {
+                nodes.signal_all(sig);
+            }
+        }
         let mut failed = false;
         for (node, slot) in nodes.0.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
-            if let Some(status) = child.try_wait().map_err(|e| LauncherError::Io {
+            let status = child.try_wait().map_err(|e| LauncherError::Io {
                 context: format!("waiting for node {node}"),
                 source: e,
-            })? {
-                let code = exit_code(status);
-                if code != 0 {
-                    eprintln!(
-                        "krun: node {node} (pid {}) exited with code {code}",
-                        child.id()
-                    );
-                    failed = true;
-                }
-                worst = worst.max(code);
-                *slot = None;
-                remaining -= 1;
+            })?;
+            let Some(status) = status else { continue };
+            let code = exit_code(status);
+            if code != 0 && job.program.is_none() {
+                eprintln!(
+                    "krun: node {node} (pid {}) exited with code {code}",
+                    child.id()
+                );
+                failed = true;
             }
+            worst = worst.max(code);
+            *slot = None;
+            remaining -= 1;
         }
         if failed && remaining > 0 {
             // The others would wait for the failed node until their own timeouts: end them now.
             eprintln!("krun: stopping the {remaining} remaining node(s)");
-            for c in nodes.0.iter_mut().flatten() {
-                let _ = c.kill();
-            }
+            nodes.signal_all(libc::SIGKILL);
         }
         if remaining > 0 {
             if Instant::now() >= deadline {
@@ -154,21 +204,16 @@ pub fn run(job: &LocalJob) -> Result<i32> {
     Ok(worst)
 }
 
+/// Copies a node's output to ours line by line (whole lines, so nodes never interleave
+/// inside a line), with an optional prefix.
 fn forward(
     stream: impl Read + Send + 'static,
-    node: usize,
+    prefix: Option<String>,
     is_err: bool,
     wake: mpsc::Sender<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if is_err {
-                eprintln!("[node {node}] {line}");
-            } else {
-                println!("[node {node}] {line}");
-            }
-        }
+        crate::ranks::copy_lines(stream, prefix.as_deref(), is_err);
         let _ = wake.send(());
     })
 }

@@ -84,3 +84,125 @@ fn hostlist_subcommands() {
     assert_eq!(code, 2);
     assert!(err.contains("position 1"), "{err}");
 }
+
+#[test]
+fn twelve_ranks_on_four_nodes_exchange_over_the_fabric() {
+    let selftest = env!("CARGO_BIN_EXE_krun-selftest");
+    let (code, out, err) = krun(
+        &["-n", "12", "--local", "4", selftest],
+        &[("KRUN_FABRIC_PROVIDER", "shm")],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    for rank in 0..12 {
+        let left = (rank + 11) % 12;
+        assert!(
+            out.contains(&format!(
+                "rank {rank}/12: ok: verified 64 KiB from rank {left} over shm"
+            )),
+            "rank {rank} missing:\n{out}"
+        );
+    }
+    assert!(out.contains("counter 12"), "{out}");
+}
+
+#[test]
+fn ranks_get_their_environment_and_the_exit_code_is_the_highest() {
+    let script = "echo $KRUN_RANK $KRUN_SIZE $KRUN_LOCAL_RANK $KRUN_LOCAL_SIZE $KRUN_NODE_ID $KRUN_NNODES; exit $((KRUN_RANK * 2))";
+    let (code, out, err) = krun(
+        &[
+            "-n",
+            "5",
+            "--local",
+            "2",
+            "--tag-output",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[],
+    );
+    assert_eq!(code, 8, "highest rank exit code: {err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "[0] 0 5 0 3 0 2",
+            "[1] 1 5 1 3 0 2",
+            "[2] 2 5 2 3 0 2",
+            "[3] 3 5 0 2 1 2",
+            "[4] 4 5 1 2 1 2"
+        ]
+    );
+    assert!(
+        err.contains("krun: rank 4 on node 1 exited with code 8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rank_killed_by_a_signal_gives_128_plus_signal_and_is_named() {
+    let (code, _, err) = krun(
+        &[
+            "-n",
+            "3",
+            "--local",
+            "3",
+            "sh",
+            "-c",
+            "if [ $KRUN_RANK = 1 ]; then kill -9 $$; fi; exit 0",
+        ],
+        &[],
+    );
+    assert_eq!(code, 128 + 9);
+    assert!(
+        err.contains("rank 1 on node 1 was killed by signal 9 (SIGKILL)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn large_output_is_forwarded_without_loss_and_stdin_reaches_rank_zero() {
+    // 4 ranks x 200,000 numbered lines each.
+    let script = "if [ $KRUN_RANK = 0 ]; then read line; echo \"stdin: $line\"; fi; seq 1 200000 | sed \"s/^/r$KRUN_RANK-/\"";
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_krun"));
+    cmd.args(["-n", "4", "--local", "2", "sh", "-c", script])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello rank zero\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("stdin: hello rank zero"));
+    for rank in 0..4 {
+        let prefix = format!("r{rank}-");
+        let mut n = 0u64;
+        for l in text.lines().filter(|l| l.starts_with(&prefix)) {
+            n += 1;
+            assert_eq!(
+                l[prefix.len()..].parse::<u64>().unwrap(),
+                n,
+                "rank {rank} lines out of order"
+            );
+        }
+        assert_eq!(n, 200_000, "rank {rank} lost lines");
+    }
+}
+
+#[test]
+fn a_missing_program_is_reported() {
+    let (code, _, err) = krun(&["-n", "2", "--local", "2", "/nonexistent/program"], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot start rank 0: /nonexistent/program"),
+        "{err}"
+    );
+}

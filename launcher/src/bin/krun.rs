@@ -2,14 +2,18 @@
 //! exchange workload on K local nodes.
 use std::process::ExitCode;
 
-use launcher::local::{self, LocalJob};
+use launcher::local::{self, LocalJob, ProgramJob};
 use launcher::LauncherError;
 
-const USAGE: &str = "usage: krun [--local NODES] [--provider tcp|shm|verbs|auto]
+const USAGE: &str = "usage: krun [-n RANKS] [--local NODES] [--ppn K] [--tag-output] [--provider P] [PROGRAM ARGS...]
        krun hostlist expand EXPR
        krun hostlist compress NAMES...
 
-Starts NODES krund daemons on this machine (default 3) and runs the built-in workload:
+Starts NODES krund daemons on this machine (default 3). With a PROGRAM, runs RANKS copies
+of it (default: one per node) placed in blocks of --ppn per node, each with KRUN_RANK,
+KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_BOOTSTRAP
+(an all-gather service for the ranks); exit code: the highest rank's, or 128+signal.
+Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
 block back with an RMA read, and verifies every byte.
@@ -18,9 +22,19 @@ Environment: KRUN_FABRIC_PROVIDER and the other KRUN_FABRIC_* settings reach eve
 fn parse() -> Result<LocalJob, LauncherError> {
     let mut nodes = 3;
     let mut provider = None;
+    let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
+    let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
+    let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
+        let v = v.ok_or_else(|| LauncherError::Usage(format!("{flag} needs a number")))?;
+        v.parse()
+            .map_err(|_| LauncherError::Usage(format!("{flag} {v:?} is not a number")))
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
+            "-n" | "--ntasks" => ranks = Some(count("-n", args.next())?),
+            "--ppn" => per_node = Some(count("--ppn", args.next())?),
+            "--tag-output" => tag_output = true,
             "--local" => {
                 let v = args
                     .next()
@@ -37,14 +51,28 @@ fn parse() -> Result<LocalJob, LauncherError> {
                 provider = Some(v);
             }
             "-h" | "--help" => return Err(LauncherError::Usage(USAGE.into())),
-            other => {
+            other if other.starts_with('-') => {
                 return Err(LauncherError::Usage(format!(
                     "unknown argument {other:?}\n{USAGE}"
                 )))
             }
+            _ => {
+                program.push(a);
+                program.extend(args.by_ref());
+            }
         }
     }
     let mut job = LocalJob::new(nodes)?;
+    if !program.is_empty() {
+        job.program = Some(ProgramJob {
+            ranks: ranks.unwrap_or(nodes),
+            per_node,
+            tag_output,
+            argv: program,
+        });
+    } else if ranks.is_some() {
+        return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
+    }
     if let Some(p) = provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));
     }
@@ -89,18 +117,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!(
-        "krun: starting {} local nodes ({})",
-        job.nodes,
-        job.krund.display()
-    );
+    let builtin = job.program.is_none();
+    if builtin {
+        println!(
+            "krun: starting {} local nodes ({})",
+            job.nodes,
+            job.krund.display()
+        );
+    }
+    launcher::ranks::catch_forwarded_signals();
     match local::run(&job) {
         Ok(0) => {
-            println!("krun: job finished on {} nodes", job.nodes);
+            if builtin {
+                println!("krun: job finished on {} nodes", job.nodes);
+            }
             ExitCode::SUCCESS
         }
         Ok(code) => {
-            eprintln!("krun: job failed with exit code {code}");
+            if builtin {
+                eprintln!("krun: job failed with exit code {code}");
+            }
             ExitCode::from(code.clamp(1, 255) as u8)
         }
         Err(e) => {

@@ -12,10 +12,22 @@ struct Args {
     bootstrap: SocketAddr,
     node_id: usize,
     nnodes: usize,
+    first_rank: usize,
+    local_size: usize,
+    size: usize,
+    tag_output: bool,
+    program: Vec<String>,
+}
+
+fn number(name: &str, v: &str) -> Result<usize, LauncherError> {
+    v.parse()
+        .map_err(|_| LauncherError::Usage(format!("{name} {v:?} is not a number")))
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
     let (mut bootstrap, mut node_id, mut nnodes) = (None, None, None);
+    let (mut first_rank, mut local_size, mut size, mut tag_output) = (0, 0, 0, false);
+    let mut program = Vec::new();
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -40,6 +52,14 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
                     LauncherError::Usage(format!("--nnodes {v:?} is not a number"))
                 })?);
             }
+            "--first-rank" => first_rank = number("--first-rank", &value("--first-rank")?)?,
+            "--local-size" => local_size = number("--local-size", &value("--local-size")?)?,
+            "--size" => size = number("--size", &value("--size")?)?,
+            "--tag-output" => tag_output = true,
+            "--" => {
+                program = args.by_ref().collect();
+                break;
+            }
             "-h" | "--help" => {
                 return Err(LauncherError::Usage(
                     "krund --bootstrap HOST:PORT --node-id I --nnodes N (normally started by krun)"
@@ -54,6 +74,11 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
         bootstrap: bootstrap.ok_or_else(|| missing("--bootstrap"))?,
         node_id: node_id.ok_or_else(|| missing("--node-id"))?,
         nnodes: nnodes.ok_or_else(|| missing("--nnodes"))?,
+        first_rank,
+        local_size,
+        size,
+        tag_output,
+        program,
     };
     if args.node_id >= args.nnodes {
         return Err(LauncherError::Usage(format!(
@@ -64,7 +89,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
     Ok(args)
 }
 
-fn run() -> Result<(), LauncherError> {
+fn run() -> Result<i32, LauncherError> {
     let args = parse(std::env::args().skip(1))?;
     let config = FabricConfig::default().with_env()?;
     let ep = fabric::open(&config)?;
@@ -74,6 +99,21 @@ fn run() -> Result<(), LauncherError> {
         args.nnodes,
         Duration::from_secs(60),
     )?;
+    if !args.program.is_empty() {
+        launcher::ranks::catch_forwarded_signals();
+        let share = launcher::ranks::NodeShare {
+            node_id: args.node_id,
+            nnodes: args.nnodes,
+            first_rank: args.first_rank,
+            local_size: args.local_size,
+            size: args.size,
+            tag_output: args.tag_output,
+            program: args.program,
+        };
+        let code = launcher::ranks::run_share(&share)?;
+        boot.barrier()?;
+        return Ok(code);
+    }
     let report = exchange::run(ep.as_ref(), &mut boot)?;
     println!(
         "node {}/{}: done: {} blocks verified, leader is node {}",
@@ -82,12 +122,12 @@ fn run() -> Result<(), LauncherError> {
         report.verified_blocks,
         report.leader - 1
     );
-    Ok(())
+    Ok(0)
 }
 
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("krund: error: {e}");
             ExitCode::from(if matches!(e, LauncherError::Usage(_)) {

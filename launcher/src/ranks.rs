@@ -1,0 +1,282 @@
+//! Running a job's ranks on one node: placement across nodes, the rank environment, output
+//! forwarding, signal forwarding and exit-status reporting.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use crate::error::{LauncherError, Result};
+
+/// Which ranks run on which node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// `first[node]..first[node] + count[node]` are the node's ranks.
+    pub first: Vec<usize>,
+    pub count: Vec<usize>,
+}
+
+impl Placement {
+    /// Block distribution as Slurm's default: ranks fill nodes in order, `per_node` each
+    /// (`ceil(ranks / nodes)` when not given).
+    pub fn block(ranks: usize, nodes: usize, per_node: Option<usize>) -> Result<Placement> {
+        if ranks == 0 || nodes == 0 {
+            return Err(LauncherError::Usage(
+                "a job needs at least one rank and one node".into(),
+            ));
+        }
+        let per = per_node.unwrap_or(ranks.div_ceil(nodes));
+        if per == 0 || per.saturating_mul(nodes) < ranks {
+            return Err(LauncherError::Usage(format!(
+                "{ranks} ranks do not fit on {nodes} nodes with {per} per node"
+            )));
+        }
+        let mut first = Vec::with_capacity(nodes);
+        let mut count = Vec::with_capacity(nodes);
+        for node in 0..nodes {
+            let start = (node * per).min(ranks);
+            first.push(start);
+            count.push((start + per).min(ranks) - start);
+        }
+        Ok(Placement { first, count })
+    }
+
+    /// Node hosting `rank`.
+    pub fn node_of(&self, rank: usize) -> Option<usize> {
+        (0..self.first.len())
+            .find(|&n| rank >= self.first[n] && rank < self.first[n] + self.count[n])
+    }
+}
+
+/// What one node runs.
+#[derive(Debug, Clone)]
+pub struct NodeShare {
+    pub node_id: usize,
+    pub nnodes: usize,
+    pub first_rank: usize,
+    pub local_size: usize,
+    pub size: usize,
+    pub tag_output: bool,
+    pub program: Vec<String>,
+}
+
+/// Name of a signal for messages.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        _ => return format!("signal {sig}"),
+    };
+    format!("signal {sig} ({name})")
+}
+
+/// Signal received by this process and not yet forwarded (0 = none).
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn remember_signal(sig: libc::c_int) {
+    PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Installs handlers that record SIGINT/SIGTERM for forwarding instead of dying.
+pub fn catch_forwarded_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, remember_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Takes the signal received since the last call, if any.
+pub fn take_signal() -> Option<i32> {
+    match PENDING_SIGNAL.swap(0, Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// Copies `stream` to our stdout or stderr in whole lines (a last line without a newline
+/// gets one), each written with a single call so concurrent writers never split a line.
+pub fn copy_lines(stream: impl Read, prefix: Option<&str>, to_err: bool) {
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        line.extend_from_slice(prefix.unwrap_or("").as_bytes());
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                let _ = if to_err {
+                    std::io::stderr().lock().write_all(&line)
+                } else {
+                    std::io::stdout().lock().write_all(&line)
+                };
+            }
+        }
+    }
+}
+
+fn forward_output(
+    stream: impl Read + Send + 'static,
+    rank: usize,
+    tag: bool,
+    to_err: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let prefix = tag.then(|| format!("[{rank}] "));
+        copy_lines(stream, prefix.as_deref(), to_err);
+    })
+}
+
+/// Exit code as srun reports it: the status code, or 128 + signal.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Starts the node's ranks, forwards their output and signals, and returns the highest
+/// exit code. Rank 0 (when it is here) inherits stdin; the others read /dev/null.
+pub fn run_share(share: &NodeShare) -> Result<i32> {
+    let (program, args) = share
+        .program
+        .split_first()
+        .ok_or_else(|| LauncherError::Usage("no program to run".into()))?;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut forwarders = Vec::new();
+    let kill_all = |children: &mut Vec<(usize, Child)>| {
+        for (_, c) in children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    };
+    for local in 0..share.local_size {
+        let rank = share.first_rank + local;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("KRUN_RANK", rank.to_string())
+            .env("KRUN_SIZE", share.size.to_string())
+            .env("KRUN_LOCAL_RANK", local.to_string())
+            .env("KRUN_LOCAL_SIZE", share.local_size.to_string())
+            .env("KRUN_NODE_ID", share.node_id.to_string())
+            .env("KRUN_NNODES", share.nnodes.to_string())
+            .stdin(if rank == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
+        // lingering as orphans.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(LauncherError::Node {
+                    node: share.node_id,
+                    message: format!("cannot start rank {rank}: {program}: {e}"),
+                });
+            }
+        };
+        forwarders.push(forward_output(
+            child.stdout.take().expect("piped"),
+            rank,
+            share.tag_output,
+            false,
+        ));
+        forwarders.push(forward_output(
+            child.stderr.take().expect("piped"),
+            rank,
+            share.tag_output,
+            true,
+        ));
+        children.push((rank, child));
+    }
+    let mut worst = 0;
+    while !children.is_empty() {
+        if let Some(sig) = take_signal() {
+            for (_, c) in children.iter() {
+                // SAFETY: plain kill(2) of our own child by PID.
+                unsafe { libc::kill(c.id() as i32, sig) };
+            }
+        }
+        let mut ended = Vec::new();
+        for (i, (rank, c)) in children.iter_mut().enumerate() {
+            let status = c.try_wait().map_err(|e| LauncherError::Io {
+                context: format!("waiting for rank {rank}"),
+                source: e,
+            })?;
+            let Some(status) = status else { continue };
+            let code = exit_code(status);
+            if let Some(sig) = status.signal() {
+                eprintln!(
+                    "krun: rank {rank} on node {} was killed by {}",
+                    share.node_id,
+                    signal_name(sig)
+                );
+            } else if code != 0 {
+                eprintln!(
+                    "krun: rank {rank} on node {} exited with code {code}",
+                    share.node_id
+                );
+            }
+            worst = worst.max(code);
+            ended.push(i);
+        }
+        for i in ended.into_iter().rev() {
+            children.remove(i);
+        }
+        if !children.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for f in forwarders {
+        let _ = f.join();
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_placement_like_slurm() {
+        let p = Placement::block(12, 4, None).unwrap();
+        assert_eq!(p.first, [0, 3, 6, 9]);
+        assert_eq!(p.count, [3, 3, 3, 3]);
+        let p = Placement::block(5, 3, None).unwrap();
+        assert_eq!(p.count, [2, 2, 1]);
+        let p = Placement::block(2, 3, None).unwrap();
+        assert_eq!(p.count, [1, 1, 0]);
+        assert_eq!(p.node_of(1), Some(1));
+        assert!(Placement::block(9, 2, Some(4)).is_err());
+        assert_eq!(Placement::block(4, 2, Some(4)).unwrap().count, [4, 0]);
+        assert!(Placement::block(0, 2, None).is_err());
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name(9), "signal 9 (SIGKILL)");
+        assert_eq!(signal_name(64), "signal 64");
+    }
+}
