@@ -79,7 +79,7 @@ impl EndpointAddress {
 
     pub fn from_hex(s: &str) -> Result<EndpointAddress> {
         let s = s.trim();
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return Err(FabricError::BadAddress("odd number of hex digits".into()));
         }
         let bytes = (0..s.len())

@@ -136,7 +136,7 @@ impl LoopbackEndpoint {
     }
 
     fn atomic(&self, peer: PeerId, op: &'static str, remote: &RemoteRegion, offset: u64) -> Result<&AtomicU64> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(FabricError::Misaligned(offset));
         }
         let (_target, ptr) = self.remote_ptr(peer, op, remote, offset, 8)?;

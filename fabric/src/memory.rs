@@ -105,7 +105,7 @@ impl Region {
     /// The 64-bit word at `offset` as an atomic (remote atomics target such words).
     pub fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64> {
         self.check(offset, 8)?;
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(FabricError::Misaligned(offset as u64));
         }
         // SAFETY: in bounds, 8-byte aligned (the mapping is page aligned), lives as long as &self.

@@ -144,11 +144,14 @@ fn split_suffix(name: &str) -> Option<(&str, u64, usize)> {
     Some((prefix, num.parse().ok()?, digits))
 }
 
+/// `(lo, hi, width)`: the numbers lo..=hi printed with `width` digits.
+type NumberRange = (u64, u64, usize);
+
 /// Compresses host names into a hostlist expression. Consecutive names with the same prefix
 /// share one bracket group; runs of consecutive numbers of equal width become ranges.
 pub fn compress<S: AsRef<str>>(names: &[S]) -> String {
-    // Groups of (prefix, ranges as (lo, hi, width)) in input order.
-    let mut groups: Vec<(String, Option<Vec<(u64, u64, usize)>>)> = Vec::new();
+    // Groups of (prefix, numeric ranges) in input order; names without a number have None.
+    let mut groups: Vec<(String, Option<Vec<NumberRange>>)> = Vec::new();
     for name in names.iter().map(AsRef::as_ref) {
         match split_suffix(name) {
             Some((prefix, n, width)) => {
