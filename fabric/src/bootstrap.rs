@@ -1,17 +1,21 @@
 //! Bootstrap channel: a small TCP all-gather service that lets the processes of a job swap
 //! endpoint addresses (and other blobs) before the fabric is up, and meet at barriers.
 //!
-//! Wire format, every frame: `u32 length (LE) | payload`. A client's first frame is
-//! `"KRB1" | rank u32 | size u32`. Then each round the client sends one blob and receives
-//! `count u32 | (len u32 | bytes)*` with every rank's blob in rank order.
+//! Wire format, every frame: `u32 length (LE) | payload`. Joining is a challenge-response:
+//! the server sends `"KRB2" | nonce[16]`, the client answers `"KRB2" | rank u32 | size u32 |
+//! HMAC-SHA256(secret, nonce | rank | size)`, the server replies `0` (welcome) or `1 | reason`.
+//! Then each round the client sends one blob and receives `count u32 | (len u32 | bytes)*`
+//! with every rank's blob in rank order.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{FabricError, Result};
+use crate::secret::{ClusterSecret, MAC_LEN};
 
-const MAGIC: &[u8; 4] = b"KRB1";
+const MAGIC: &[u8; 4] = b"KRB2";
+const NONCE_LEN: usize = 16;
 /// Largest blob one rank may contribute to a round.
 pub const MAX_BLOB: usize = 1 << 20;
 
@@ -45,12 +49,24 @@ pub struct BootstrapServer {
 impl BootstrapServer {
     /// Listens on `addr` (port 0 picks one) for `size` ranks; each must connect within
     /// `timeout`, and each round must complete within `timeout`.
+    /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]); without
+    /// one, any client may join.
     pub fn start(addr: impl ToSocketAddrs, size: usize, timeout: Duration) -> Result<BootstrapServer> {
+        Self::start_with(addr, size, timeout, ClusterSecret::from_env()?)
+    }
+
+    /// As [`BootstrapServer::start`] with an explicit secret.
+    pub fn start_with(
+        addr: impl ToSocketAddrs,
+        size: usize,
+        timeout: Duration,
+        secret: Option<ClusterSecret>,
+    ) -> Result<BootstrapServer> {
         let listener = TcpListener::bind(addr).map_err(|e| FabricError::io("bootstrap bind", e))?;
         let addr = listener.local_addr().map_err(|e| FabricError::io("bootstrap bind", e))?;
         let thread = std::thread::Builder::new()
             .name("krun-bootstrap".into())
-            .spawn(move || serve(listener, size, timeout))
+            .spawn(move || serve(listener, size, timeout, secret))
             .map_err(|e| FabricError::io("spawning bootstrap thread", e))?;
         Ok(BootstrapServer {
             addr,
@@ -72,7 +88,42 @@ impl BootstrapServer {
     }
 }
 
-fn serve(listener: TcpListener, size: usize, timeout: Duration) -> Result<()> {
+/// Runs the join handshake with one client; returns its rank or the reason it was refused.
+fn admit(s: &mut TcpStream, size: usize, taken: &[bool], secret: Option<&ClusterSecret>) -> Result<usize, String> {
+    let nonce: Vec<u8> = (0..2).flat_map(|_| crate::random_token().to_le_bytes()).collect();
+    let mut challenge = MAGIC.to_vec();
+    challenge.extend_from_slice(&nonce);
+    write_frame(s, &challenge).map_err(|e| format!("sending the challenge: {e}"))?;
+    let hello = read_frame(s, 64).map_err(|e| format!("no answer to the challenge: {e}"))?;
+    if hello.len() != 12 + MAC_LEN || &hello[..4] != MAGIC {
+        return Err("malformed join message".into());
+    }
+    let rank = u32::from_le_bytes(hello[4..8].try_into().expect("4")) as usize;
+    let claimed = u32::from_le_bytes(hello[8..12].try_into().expect("4")) as usize;
+    let refuse = |s: &mut TcpStream, reason: String| {
+        let mut msg = vec![1u8];
+        msg.extend_from_slice(reason.as_bytes());
+        let _ = write_frame(s, &msg);
+        Err(reason)
+    };
+    if let Some(secret) = secret {
+        let mut signed = nonce.clone();
+        signed.extend_from_slice(&hello[4..12]);
+        if !secret.verify(&signed, &hello[12..]) {
+            return refuse(s, format!("rank {rank}: wrong cluster secret"));
+        }
+    }
+    if claimed != size || rank >= size {
+        return refuse(s, format!("rank {rank} of {claimed}: the job has {size} ranks"));
+    }
+    if taken[rank] {
+        return refuse(s, format!("rank {rank} joined twice"));
+    }
+    write_frame(s, &[0]).map_err(|e| format!("welcoming rank {rank}: {e}"))?;
+    Ok(rank)
+}
+
+fn serve(listener: TcpListener, size: usize, timeout: Duration, secret: Option<ClusterSecret>) -> Result<()> {
     listener.set_nonblocking(true).map_err(|e| FabricError::io("bootstrap listen", e))?;
     let deadline = Instant::now() + timeout;
     let mut clients: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
@@ -83,23 +134,14 @@ fn serve(listener: TcpListener, size: usize, timeout: Duration) -> Result<()> {
                 s.set_nonblocking(false).map_err(|e| FabricError::io("bootstrap accept", e))?;
                 s.set_read_timeout(Some(timeout)).ok();
                 s.set_nodelay(true).ok();
-                let hello = match read_frame(&mut s, 64) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        eprintln!("krun bootstrap: dropping connection from {peer}: {e}");
+                let taken: Vec<bool> = clients.iter().map(Option::is_some).collect();
+                let rank = match admit(&mut s, size, &taken, secret.as_ref()) {
+                    Ok(rank) => rank,
+                    Err(reason) => {
+                        eprintln!("krun bootstrap: refusing {peer}: {reason}");
                         continue;
                     }
                 };
-                if hello.len() != 12 || &hello[..4] != MAGIC {
-                    eprintln!("krun bootstrap: dropping connection from {peer}: bad hello");
-                    continue;
-                }
-                let rank = u32::from_le_bytes(hello[4..8].try_into().expect("4")) as usize;
-                let claimed = u32::from_le_bytes(hello[8..12].try_into().expect("4")) as usize;
-                if claimed != size || rank >= size || clients[rank].is_some() {
-                    eprintln!("krun bootstrap: refusing {peer}: rank {rank} of {claimed} (job has {size} ranks)");
-                    continue;
-                }
                 clients[rank] = Some(s);
                 joined += 1;
             }
@@ -150,7 +192,19 @@ pub struct BootstrapClient {
 
 impl BootstrapClient {
     /// Connects as `rank` of `size`, retrying until `timeout` (the server may start later).
+    /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]).
     pub fn connect(addr: SocketAddr, rank: usize, size: usize, timeout: Duration) -> Result<BootstrapClient> {
+        Self::connect_with(addr, rank, size, timeout, ClusterSecret::from_env()?.as_ref())
+    }
+
+    /// As [`BootstrapClient::connect`] with an explicit secret.
+    pub fn connect_with(
+        addr: SocketAddr,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+        secret: Option<&ClusterSecret>,
+    ) -> Result<BootstrapClient> {
         let deadline = Instant::now() + timeout;
         let mut stream = loop {
             match TcpStream::connect_timeout(&addr, timeout) {
@@ -164,11 +218,26 @@ impl BootstrapClient {
         };
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(timeout)).ok();
+        let challenge = read_frame(&mut stream, 64)?;
+        if challenge.len() != 4 + NONCE_LEN || &challenge[..4] != MAGIC {
+            return Err(err(format!("{addr} is not a krun bootstrap service (bad challenge)")));
+        }
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(size as u32).to_le_bytes());
+        let mut signed = challenge[4..].to_vec();
+        signed.extend_from_slice(&hello[4..12]);
+        hello.extend_from_slice(&secret.map_or([0; MAC_LEN], |s| s.sign(&signed)));
         write_frame(&mut stream, &hello).map_err(|e| FabricError::io("bootstrap hello", e))?;
-        Ok(BootstrapClient { stream, rank, size })
+        let verdict = read_frame(&mut stream, 4096)?;
+        match verdict.split_first() {
+            Some((0, _)) => Ok(BootstrapClient { stream, rank, size }),
+            Some((_, reason)) => Err(err(format!(
+                "{addr} refused to let us join: {}",
+                String::from_utf8_lossy(reason)
+            ))),
+            None => Err(err(format!("{addr} sent an empty verdict"))),
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -243,6 +312,39 @@ mod tests {
         let _c = BootstrapClient::connect(server.addr(), 0, 2, Duration::from_secs(5)).unwrap();
         let e = server.join().unwrap_err();
         assert!(e.to_string().contains("[1]"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused_and_told_why() {
+        let good = ClusterSecret::new(b"the right secret!".to_vec()).unwrap();
+        let bad = ClusterSecret::new(b"the wrong secret!".to_vec()).unwrap();
+        let server = BootstrapServer::start_with("127.0.0.1:0", 1, Duration::from_secs(2), Some(good.clone())).unwrap();
+        let e = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&bad))
+            .err()
+            .expect("wrong secret refused");
+        assert!(e.to_string().contains("wrong cluster secret"), "{e}");
+        let e = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), None)
+            .err()
+            .expect("no secret refused");
+        assert!(e.to_string().contains("wrong cluster secret"), "{e}");
+        let mut c = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&good)).unwrap();
+        assert_eq!(c.allgather(b"x").unwrap(), vec![b"x".to_vec()]);
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_rank_outside_the_job_is_refused() {
+        let server = BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(2), None).unwrap();
+        let e = BootstrapClient::connect_with(server.addr(), 5, 2, Duration::from_secs(5), None)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("rank 5"), "{e}");
+        let _a = BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(5), None).unwrap();
+        let e = BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(5), None)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod endpoint;
 pub mod error;
 pub mod loopback;
 pub mod memory;
+pub mod secret;
 pub mod ofi;
 pub mod verbs;
 

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fabric::bootstrap::BootstrapServer;
+use fabric::secret::ClusterSecret;
 
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
@@ -85,14 +86,28 @@ impl Drop for Nodes {
 
 /// Runs the job and returns the highest node exit code (srun's rule: status, or 128+signal).
 pub fn run(job: &LocalJob) -> Result<i32> {
-    let server = BootstrapServer::start("127.0.0.1:0", job.nodes, Duration::from_secs(60))?;
+    // Nodes and ranks prove they belong to the job with the cluster secret: the configured
+    // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
+    let configured = ClusterSecret::from_env()?;
+    let secret = configured.clone().unwrap_or_else(ClusterSecret::random);
+    let server = BootstrapServer::start_with(
+        "127.0.0.1:0",
+        job.nodes,
+        Duration::from_secs(60),
+        Some(secret.clone()),
+    )?;
     let placement = match &job.program {
         Some(p) => Some(Placement::block(p.ranks, job.nodes, p.per_node)?),
         None => None,
     };
     // Ranks find each other through their own all-gather service.
     let rank_server = match &job.program {
-        Some(p) => Some(BootstrapServer::start("127.0.0.1:0", p.ranks, job.timeout)?),
+        Some(p) => Some(BootstrapServer::start_with(
+            "127.0.0.1:0",
+            p.ranks,
+            job.timeout,
+            Some(secret.clone()),
+        )?),
         None => None,
     };
     let (tx, rx) = mpsc::channel::<()>();
@@ -126,6 +141,9 @@ pub fn run(job: &LocalJob) -> Result<i32> {
                 cmd.stdin(Stdio::inherit());
             }
         }
+        if configured.is_none() {
+            cmd.env("KRUN_SECRET", secret.to_hex());
+        }
         for (k, v) in &job.env {
             cmd.env(k, v);
         }
@@ -153,6 +171,8 @@ pub fn run(job: &LocalJob) -> Result<i32> {
     let mut worst = 0;
     let mut remaining = job.nodes;
     let mut interrupts = 0;
+    // Nodes we killed because another failed: their 137 is not the job's story.
+    let mut stopped_by_us = false;
     while remaining > 0 {
         if let Some(sig) = take_signal() {
             interrupts += usize::from(sig == libc::SIGINT);
@@ -179,7 +199,9 @@ pub fn run(job: &LocalJob) -> Result<i32> {
                 );
                 failed = true;
             }
-            worst = worst.max(code);
+            if !stopped_by_us {
+                worst = worst.max(code);
+            }
             *slot = None;
             remaining -= 1;
         }
@@ -187,6 +209,7 @@ pub fn run(job: &LocalJob) -> Result<i32> {
             // The others would wait for the failed node until their own timeouts: end them now.
             eprintln!("krun: stopping the {remaining} remaining node(s)");
             nodes.signal_all(libc::SIGKILL);
+            stopped_by_us = true;
         }
         if remaining > 0 {
             if Instant::now() >= deadline {

@@ -206,3 +206,58 @@ fn a_missing_program_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn a_node_with_the_wrong_secret_is_refused() {
+    use fabric::bootstrap::BootstrapServer;
+    use fabric::secret::ClusterSecret;
+    let job_secret = ClusterSecret::new(b"secret of the job".to_vec()).unwrap();
+    let server = BootstrapServer::start_with(
+        "127.0.0.1:0",
+        1,
+        std::time::Duration::from_secs(3),
+        Some(job_secret),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_krund"))
+        .args([
+            "--bootstrap",
+            &server.addr().to_string(),
+            "--node-id",
+            "0",
+            "--nnodes",
+            "1",
+        ])
+        .env(
+            "KRUN_SECRET",
+            ClusterSecret::new(b"not the job's one".to_vec())
+                .unwrap()
+                .to_hex(),
+        )
+        .env("KRUN_FABRIC_PROVIDER", "loopback")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong cluster secret"), "{err}");
+    // The service did not count the refused node in.
+    assert!(server.join().is_err());
+}
+
+#[test]
+fn a_world_readable_secret_file_is_refused_by_name() {
+    let path = std::env::temp_dir().join(format!("krun-open-secret-{}", std::process::id()));
+    std::fs::write(&path, "a secret that is long enough").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = krun(
+        &["--local", "2"],
+        &[("KRUN_SECRET_FILE", path.to_str().unwrap())],
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("chmod 600") && err.contains("krun-open-secret"),
+        "{err}"
+    );
+}
