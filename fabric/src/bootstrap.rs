@@ -244,6 +244,12 @@ impl BootstrapClient {
         self.rank
     }
 
+    /// Our end of the connection: the address this host reaches the service from, which is
+    /// the one to bind the fabric to.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.stream.local_addr().map_err(|e| FabricError::io("bootstrap local address", e))
+    }
+
     pub fn size(&self) -> usize {
         self.size
     }

@@ -7,7 +7,8 @@
 pub mod error;
 pub mod exchange;
 pub mod hostlist;
-pub mod local;
+pub mod job;
 pub mod ranks;
+pub mod slurm;
 
 pub use error::LauncherError;

@@ -41,6 +41,44 @@ impl Placement {
         Ok(Placement { first, count })
     }
 
+    /// Slurm's layout: `counts[node]` ranks on each node, in node order.
+    pub fn from_counts(counts: &[usize]) -> Placement {
+        let mut first = Vec::with_capacity(counts.len());
+        let mut next = 0;
+        for &c in counts {
+            first.push(next);
+            next += c;
+        }
+        Placement {
+            first,
+            count: counts.to_vec(),
+        }
+    }
+
+    /// Parses the `--counts 3,3,2` argument krun gives krund.
+    pub fn parse_counts(arg: &str) -> Result<Placement> {
+        let counts = arg
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| {
+                LauncherError::Usage(format!("--counts {arg:?} is not a list of numbers"))
+            })?;
+        Ok(Placement::from_counts(&counts))
+    }
+
+    pub fn counts_arg(&self) -> String {
+        self.count
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn total(&self) -> usize {
+        self.count.iter().sum()
+    }
+
     /// Node hosting `rank`.
     pub fn node_of(&self, rank: usize) -> Option<usize> {
         (0..self.first.len())
@@ -58,6 +96,8 @@ pub struct NodeShare {
     pub size: usize,
     pub tag_output: bool,
     pub program: Vec<String>,
+    /// Environment added for every rank (e.g. the address to bind the fabric to).
+    pub env: Vec<(String, String)>,
 }
 
 /// Name of a signal for messages.
@@ -83,17 +123,29 @@ pub fn signal_name(sig: i32) -> String {
 
 /// Signal received by this process and not yet forwarded (0 = none).
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Checkpoint requests (SIGUSR1, e.g. Slurm's pre-timeout `--signal`) not yet handled.
+static CHECKPOINT_REQUESTS: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn remember_signal(sig: libc::c_int) {
-    PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+    if sig == libc::SIGUSR1 {
+        CHECKPOINT_REQUESTS.fetch_add(1, Ordering::SeqCst);
+    } else {
+        PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+    }
 }
 
-/// Installs handlers that record SIGINT/SIGTERM for forwarding instead of dying.
+/// Installs handlers that record SIGINT/SIGTERM for forwarding instead of dying, and
+/// SIGUSR1 as a "checkpoint now" event.
 pub fn catch_forwarded_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: the handler only touches atomics, which is async-signal-safe.
         unsafe { libc::signal(sig, remember_signal as *const () as libc::sighandler_t) };
     }
+}
+
+/// Takes the checkpoint requests received since the last call.
+pub fn take_checkpoint_requests() -> i32 {
+    CHECKPOINT_REQUESTS.swap(0, Ordering::SeqCst)
 }
 
 /// Takes the signal received since the last call, if any.
@@ -172,6 +224,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             .env("KRUN_LOCAL_SIZE", share.local_size.to_string())
             .env("KRUN_NODE_ID", share.node_id.to_string())
             .env("KRUN_NNODES", share.nnodes.to_string())
+            .envs(share.env.iter().map(|(k, v)| (k, v)))
             .stdin(if rank == 0 {
                 Stdio::inherit()
             } else {
@@ -213,6 +266,15 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
     }
     let mut worst = 0;
     while !children.is_empty() {
+        let requests = take_checkpoint_requests();
+        if requests > 0 {
+            // The checkpoint service is not there yet: record the event where users see it.
+            eprintln!(
+                "krund: node {}: checkpoint requested (SIGUSR1 from the scheduler); {} rank(s) running",
+                share.node_id,
+                children.len()
+            );
+        }
         if let Some(sig) = take_signal() {
             for (_, c) in children.iter() {
                 // SAFETY: plain kill(2) of our own child by PID.
@@ -272,6 +334,11 @@ mod tests {
         assert!(Placement::block(9, 2, Some(4)).is_err());
         assert_eq!(Placement::block(4, 2, Some(4)).unwrap().count, [4, 0]);
         assert!(Placement::block(0, 2, None).is_err());
+        let p = Placement::from_counts(&[2, 2, 2, 1]);
+        assert_eq!(p.first, [0, 2, 4, 6]);
+        assert_eq!(p.total(), 7);
+        assert_eq!(Placement::parse_counts(&p.counts_arg()).unwrap(), p);
+        assert!(Placement::parse_counts("1,x").is_err());
     }
 
     #[test]

@@ -261,3 +261,75 @@ fn a_world_readable_secret_file_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// PIDs of the direct children of `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Field 4 (after the parenthesised command) is the parent pid.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn wait_for(mut what: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !what() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "condition not reached in 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_reaches_every_rank_and_sigusr1_is_a_checkpoint_event() {
+    let script = "trap 'echo rank $KRUN_RANK got TERM; exit 3' TERM; echo ready; i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(["-n", "4", "--local", "2", "sh", "-c", script])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let krun_pid = child.id();
+    // Both nodes up with their ranks started.
+    wait_for(|| {
+        let nodes = children_of(krun_pid);
+        nodes.len() == 2 && nodes.iter().all(|&n| children_of(n).len() == 2)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let node = children_of(krun_pid)[0];
+    // SAFETY: signals to processes this test started.
+    unsafe {
+        libc::kill(node as i32, libc::SIGUSR1);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe {
+        libc::kill(krun_pid as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    for rank in 0..4 {
+        assert!(
+            stdout.contains(&format!("rank {rank} got TERM")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stderr.contains("checkpoint requested (SIGUSR1 from the scheduler)"),
+        "{stderr}"
+    );
+}

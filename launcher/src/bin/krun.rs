@@ -2,7 +2,8 @@
 //! exchange workload on K local nodes.
 use std::process::ExitCode;
 
-use launcher::local::{self, LocalJob, ProgramJob};
+use launcher::job::{self, Job, NodeSource, ProgramJob};
+use launcher::slurm::Allocation;
 use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES] [--ppn K] [--tag-output] [--provider P] [PROGRAM ARGS...]
@@ -19,8 +20,8 @@ counts itself in with a remote fetch-add, elects a leader with compare-swap, rea
 block back with an RMA read, and verifies every byte.
 Environment: KRUN_FABRIC_PROVIDER and the other KRUN_FABRIC_* settings reach every node.";
 
-fn parse() -> Result<LocalJob, LauncherError> {
-    let mut nodes = 3;
+fn parse() -> Result<Job, LauncherError> {
+    let mut nodes = None;
     let mut provider = None;
     let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
     let mut program = Vec::new();
@@ -39,9 +40,9 @@ fn parse() -> Result<LocalJob, LauncherError> {
                 let v = args
                     .next()
                     .ok_or_else(|| LauncherError::Usage("--local needs a node count".into()))?;
-                nodes = v.parse().map_err(|_| {
+                nodes = Some(v.parse().map_err(|_| {
                     LauncherError::Usage(format!("--local {v:?} is not a node count"))
-                })?;
+                })?);
             }
             "--provider" => {
                 let v = args
@@ -62,10 +63,18 @@ fn parse() -> Result<LocalJob, LauncherError> {
             }
         }
     }
-    let mut job = LocalJob::new(nodes)?;
+    // An explicit --local wins; inside a Slurm allocation the allocation's nodes are used.
+    let mut job = match (nodes, Allocation::from_env()?) {
+        (Some(k), _) => Job::local(k)?,
+        (None, Some(allocation)) => Job {
+            nodes: NodeSource::Slurm(allocation),
+            ..Job::local(1)?
+        },
+        (None, None) => Job::local(3)?,
+    };
     if !program.is_empty() {
         job.program = Some(ProgramJob {
-            ranks: ranks.unwrap_or(nodes),
+            ranks,
             per_node,
             tag_output,
             argv: program,
@@ -119,17 +128,21 @@ fn main() -> ExitCode {
     };
     let builtin = job.program.is_none();
     if builtin {
+        let mode = match &job.nodes {
+            NodeSource::Local(_) => "local".to_string(),
+            NodeSource::Slurm(a) => format!("Slurm job {}", a.job_id),
+        };
         println!(
-            "krun: starting {} local nodes ({})",
-            job.nodes,
+            "krun: starting {} {mode} nodes ({})",
+            job.node_count(),
             job.krund.display()
         );
     }
     launcher::ranks::catch_forwarded_signals();
-    match local::run(&job) {
+    match job::run(&job) {
         Ok(0) => {
             if builtin {
-                println!("krun: job finished on {} nodes", job.nodes);
+                println!("krun: job finished on {} nodes", job.node_count());
             }
             ExitCode::SUCCESS
         }

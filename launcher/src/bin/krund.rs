@@ -1,20 +1,23 @@
 //! krund: the node runtime. Joins the job's bootstrap service, opens this node's fabric
-//! endpoint and runs the node's share of the job.
+//! endpoint, and runs the node's share of the job: its ranks of a program, or the built-in
+//! RMA exchange workload.
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use fabric::bootstrap::BootstrapClient;
 use fabric::FabricConfig;
+use launcher::ranks::{NodeShare, Placement};
 use launcher::{exchange, LauncherError};
+
+const USAGE: &str = "krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [-- PROGRAM ARGS...]
+(normally started by krun; under srun the node id comes from SLURM_NODEID)";
 
 struct Args {
     bootstrap: SocketAddr,
     node_id: usize,
     nnodes: usize,
-    first_rank: usize,
-    local_size: usize,
-    size: usize,
+    placement: Option<Placement>,
     tag_output: bool,
     program: Vec<String>,
 }
@@ -25,8 +28,8 @@ fn number(name: &str, v: &str) -> Result<usize, LauncherError> {
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
-    let (mut bootstrap, mut node_id, mut nnodes) = (None, None, None);
-    let (mut first_rank, mut local_size, mut size, mut tag_output) = (0, 0, 0, false);
+    let (mut bootstrap, mut node_id, mut nnodes, mut placement) = (None, None, None, None);
+    let mut tag_output = false;
     let mut program = Vec::new();
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
@@ -40,78 +43,91 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
                     LauncherError::Usage(format!("--bootstrap {v:?} is not HOST:PORT"))
                 })?);
             }
-            "--node-id" => {
-                let v = value("--node-id")?;
-                node_id = Some(v.parse().map_err(|_| {
-                    LauncherError::Usage(format!("--node-id {v:?} is not a number"))
-                })?);
-            }
-            "--nnodes" => {
-                let v = value("--nnodes")?;
-                nnodes = Some(v.parse().map_err(|_| {
-                    LauncherError::Usage(format!("--nnodes {v:?} is not a number"))
-                })?);
-            }
-            "--first-rank" => first_rank = number("--first-rank", &value("--first-rank")?)?,
-            "--local-size" => local_size = number("--local-size", &value("--local-size")?)?,
-            "--size" => size = number("--size", &value("--size")?)?,
+            "--node-id" => node_id = Some(number("--node-id", &value("--node-id")?)?),
+            "--nnodes" => nnodes = Some(number("--nnodes", &value("--nnodes")?)?),
+            "--counts" => placement = Some(Placement::parse_counts(&value("--counts")?)?),
             "--tag-output" => tag_output = true,
             "--" => {
                 program = args.by_ref().collect();
                 break;
             }
-            "-h" | "--help" => {
-                return Err(LauncherError::Usage(
-                    "krund --bootstrap HOST:PORT --node-id I --nnodes N (normally started by krun)"
-                        .into(),
-                ))
+            "-h" | "--help" => return Err(LauncherError::Usage(USAGE.into())),
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "unknown argument {other:?}\n{USAGE}"
+                )))
             }
-            other => return Err(LauncherError::Usage(format!("unknown argument {other:?}"))),
         }
     }
-    let missing = |n: &str| LauncherError::Usage(format!("{n} is required"));
+    let missing = |n: &str| LauncherError::Usage(format!("{n} is required\n{USAGE}"));
+    if node_id.is_none() {
+        if let Ok(v) = std::env::var("SLURM_NODEID") {
+            node_id = Some(number("SLURM_NODEID", &v)?);
+        }
+    }
     let args = Args {
         bootstrap: bootstrap.ok_or_else(|| missing("--bootstrap"))?,
-        node_id: node_id.ok_or_else(|| missing("--node-id"))?,
+        node_id: node_id.ok_or_else(|| missing("--node-id (or SLURM_NODEID)"))?,
         nnodes: nnodes.ok_or_else(|| missing("--nnodes"))?,
-        first_rank,
-        local_size,
-        size,
+        placement,
         tag_output,
         program,
     };
     if args.node_id >= args.nnodes {
         return Err(LauncherError::Usage(format!(
-            "--node-id {} is not below --nnodes {}",
+            "node id {} is not below --nnodes {}",
             args.node_id, args.nnodes
         )));
+    }
+    if let Some(p) = &args.placement {
+        if p.count.len() != args.nnodes {
+            return Err(LauncherError::Usage(format!(
+                "--counts names {} nodes, --nnodes is {}",
+                p.count.len(),
+                args.nnodes
+            )));
+        }
+    }
+    if args.program.is_empty() != args.placement.is_none() {
+        return Err(LauncherError::Usage(
+            "--counts and a PROGRAM go together".into(),
+        ));
     }
     Ok(args)
 }
 
 fn run() -> Result<i32, LauncherError> {
     let args = parse(std::env::args().skip(1))?;
-    let config = FabricConfig::default().with_env()?;
-    let ep = fabric::open(&config)?;
     let mut boot = BootstrapClient::connect(
         args.bootstrap,
         args.node_id,
         args.nnodes,
         Duration::from_secs(60),
     )?;
-    if !args.program.is_empty() {
+    let mut config = FabricConfig::default().with_env()?;
+    let mut rank_env = Vec::new();
+    if std::env::var_os("KRUN_FABRIC_BIND").is_none() {
+        // Bind the fabric where this host reaches the job: its address on that network.
+        let ip = boot.local_addr()?.ip().to_string();
+        config.bind_address = ip.clone();
+        rank_env.push(("KRUN_FABRIC_BIND".to_string(), ip));
+    }
+    let ep = fabric::open(&config)?;
+    if let Some(placement) = &args.placement {
         launcher::ranks::catch_forwarded_signals();
-        let share = launcher::ranks::NodeShare {
+        let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
-            first_rank: args.first_rank,
-            local_size: args.local_size,
-            size: args.size,
+            first_rank: placement.first[args.node_id],
+            local_size: placement.count[args.node_id],
+            size: placement.total(),
             tag_output: args.tag_output,
             program: args.program,
+            env: rank_env,
         };
         let code = launcher::ranks::run_share(&share)?;
         boot.barrier()?;
+        drop(ep);
         return Ok(code);
     }
     let report = exchange::run(ep.as_ref(), &mut boot)?;

@@ -1,0 +1,372 @@
+//! Running a job: start one krund per node (locally, or with `srun` inside a Slurm
+//! allocation), wire them and their ranks through bootstrap services, stream their output,
+//! forward signals, and report srun-style exit codes.
+//!
+//! Without a program the nodes run the built-in RMA exchange workload; with one, they start
+//! its ranks.
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fabric::bootstrap::BootstrapServer;
+use fabric::secret::ClusterSecret;
+
+use crate::error::{LauncherError, Result};
+use crate::ranks::{exit_code, take_signal, Placement};
+use crate::slurm::Allocation;
+
+/// A user program to run as `ranks` processes.
+#[derive(Debug, Clone)]
+pub struct ProgramJob {
+    /// `None`: one rank per Slurm task, or one per node locally.
+    pub ranks: Option<usize>,
+    pub per_node: Option<usize>,
+    pub tag_output: bool,
+    pub argv: Vec<String>,
+}
+
+/// Where the nodes come from.
+#[derive(Debug, Clone)]
+pub enum NodeSource {
+    /// K krund processes on this machine.
+    Local(usize),
+    /// One krund per node of a Slurm allocation, started with `srun`.
+    Slurm(Allocation),
+}
+
+/// How to run a job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub nodes: NodeSource,
+    /// Path of the krund binary.
+    pub krund: PathBuf,
+    /// Extra environment for every node (e.g. KRUN_FABRIC_PROVIDER).
+    pub env: Vec<(String, String)>,
+    /// The whole job is killed after this long.
+    pub timeout: Duration,
+    /// `None`: the built-in exchange workload.
+    pub program: Option<ProgramJob>,
+}
+
+impl Job {
+    pub fn local(nodes: usize) -> Result<Job> {
+        if nodes == 0 {
+            return Err(LauncherError::Usage("--local needs at least 1 node".into()));
+        }
+        Ok(Job {
+            nodes: NodeSource::Local(nodes),
+            krund: default_krund()?,
+            env: Vec::new(),
+            timeout: Duration::from_secs(24 * 3600),
+            program: None,
+        })
+    }
+
+    pub fn node_count(&self) -> usize {
+        match &self.nodes {
+            NodeSource::Local(k) => *k,
+            NodeSource::Slurm(a) => a.nodes.len(),
+        }
+    }
+
+    /// Ranks per node: Slurm's layout unless `-n`/`--ppn` ask for a block layout.
+    fn placement(&self, p: &ProgramJob) -> Result<Placement> {
+        let k = self.node_count();
+        match (&self.nodes, p.ranks, p.per_node) {
+            (NodeSource::Slurm(a), None, None) => Ok(Placement::from_counts(&a.tasks_per_node)),
+            (_, ranks, per_node) => Placement::block(ranks.unwrap_or(k), k, per_node),
+        }
+    }
+}
+
+/// `KRUN_KRUND`, else `krund` next to the running executable.
+pub fn default_krund() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("KRUN_KRUND") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| LauncherError::Io {
+        context: "locating the krun executable".into(),
+        source: e,
+    })?;
+    Ok(exe.with_file_name("krund"))
+}
+
+/// The address nodes on other hosts reach this one at: `KRUN_BOOTSTRAP_HOST`, else the
+/// first non-loopback IPv4 address of this host.
+fn advertised_ip() -> Result<IpAddr> {
+    if let Ok(h) = std::env::var("KRUN_BOOTSTRAP_HOST") {
+        return h.parse().map_err(|_| {
+            LauncherError::Usage(format!("KRUN_BOOTSTRAP_HOST={h:?} is not an IP address"))
+        });
+    }
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(LauncherError::Io {
+            context: "listing network interfaces".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list getifaddrs returned; ifa_addr may be null.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: the family says this is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !ip.is_loopback() && found.is_none() {
+                found = Some(IpAddr::V4(ip));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: addrs came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(addrs) };
+    found.ok_or_else(|| {
+        LauncherError::Usage(
+            "no non-loopback IPv4 address to offer other nodes; set KRUN_BOOTSTRAP_HOST".into(),
+        )
+    })
+}
+
+/// Kills and reaps the processes it holds unless they were already reaped.
+struct Children(Vec<Option<Child>>);
+
+impl Children {
+    fn signal_all(&self, sig: i32) {
+        for c in self.0.iter().flatten() {
+            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the job and returns its exit code: the highest rank (or node) exit code, with
+/// 128 + signal for a process killed by a signal.
+pub fn run(job: &Job) -> Result<i32> {
+    let k = job.node_count();
+    // Nodes and ranks prove they belong to the job with the cluster secret: the configured
+    // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
+    let configured = ClusterSecret::from_env()?;
+    let secret = configured.clone().unwrap_or_else(ClusterSecret::random);
+    let (bind, advertised): (IpAddr, IpAddr) = match job.nodes {
+        NodeSource::Local(_) => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+        NodeSource::Slurm(_) => (Ipv4Addr::UNSPECIFIED.into(), advertised_ip()?),
+    };
+    let server =
+        BootstrapServer::start_with((bind, 0), k, Duration::from_secs(120), Some(secret.clone()))?;
+    let node_service = SocketAddr::new(advertised, server.addr().port());
+    let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
+    // Ranks find each other through their own all-gather service.
+    let rank_server = match &placement {
+        Some(place) => Some(BootstrapServer::start_with(
+            (bind, 0),
+            place.total(),
+            job.timeout,
+            Some(secret.clone()),
+        )?),
+        None => None,
+    };
+
+    // The krund command line shared by all nodes; local mode adds --node-id per node,
+    // under Slurm krund takes it from SLURM_NODEID.
+    let node_command = |stdin_for_rank0: bool| {
+        let mut cmd = Command::new(&job.krund);
+        cmd.arg("--bootstrap")
+            .arg(node_service.to_string())
+            .arg("--nnodes")
+            .arg(k.to_string())
+            .stdin(if stdin_for_rank0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if configured.is_none() {
+            cmd.env("KRUN_SECRET", secret.to_hex());
+        }
+        for (key, v) in &job.env {
+            cmd.env(key, v);
+        }
+        cmd
+    };
+    let program_args = |cmd: &mut Command| {
+        if let (Some(p), Some(place), Some(rs)) = (&job.program, &placement, &rank_server) {
+            cmd.arg("--counts").arg(place.counts_arg());
+            if p.tag_output {
+                cmd.arg("--tag-output");
+            }
+            cmd.env(
+                "KRUN_BOOTSTRAP",
+                SocketAddr::new(advertised, rs.addr().port()).to_string(),
+            );
+            cmd.arg("--").args(&p.argv);
+        }
+    };
+    let mut commands = Vec::new();
+    match &job.nodes {
+        NodeSource::Local(_) => {
+            for node in 0..k {
+                let rank0_here = placement
+                    .as_ref()
+                    .is_some_and(|p| p.node_of(0) == Some(node));
+                let mut cmd = node_command(rank0_here);
+                cmd.arg("--node-id").arg(node.to_string());
+                program_args(&mut cmd);
+                commands.push((Some(node), cmd));
+            }
+        }
+        NodeSource::Slurm(a) => {
+            let mut srun =
+                Command::new(std::env::var("KRUN_SRUN").unwrap_or_else(|_| "srun".into()));
+            srun.arg(format!("--nodes={k}"))
+                .arg(format!("--ntasks={k}"))
+                .arg("--ntasks-per-node=1")
+                .arg(format!(
+                    "--nodelist={}",
+                    crate::hostlist::compress(&a.nodes)
+                ))
+                .arg("--kill-on-bad-exit=1")
+                .arg("--overlap")
+                .arg(&job.krund);
+            // srun passes its environment (and so the secret and settings) to every krund.
+            let template = node_command(placement.is_some());
+            for (key, v) in template.get_envs() {
+                if let Some(v) = v {
+                    srun.env(key, v);
+                }
+            }
+            srun.args(template.get_args())
+                .stdin(if placement.is_some() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            program_args(&mut srun);
+            commands.push((None, srun));
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<()>();
+    let mut children = Children(Vec::with_capacity(commands.len()));
+    let mut forwarders = Vec::new();
+    for (node, mut cmd) in commands {
+        let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source: e,
+        })?;
+        // The built-in workload's lines are prefixed with the node; ranks' output is the user's.
+        let prefix = match (job.program.is_none(), node) {
+            (true, Some(n)) => Some(format!("[node {n}] ")),
+            _ => None,
+        };
+        forwarders.push(forward(
+            child.stdout.take().expect("piped"),
+            prefix.clone(),
+            false,
+            tx.clone(),
+        ));
+        forwarders.push(forward(
+            child.stderr.take().expect("piped"),
+            prefix,
+            true,
+            tx.clone(),
+        ));
+        children.0.push(Some(child));
+    }
+    drop(tx);
+    let worst = wait_all(&mut children, job, &rx)?;
+    for f in forwarders {
+        let _ = f.join();
+    }
+    if worst == 0 {
+        server.join()?;
+    }
+    Ok(worst)
+}
+
+fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Result<i32> {
+    let deadline = Instant::now() + job.timeout;
+    let mut worst = 0;
+    let mut remaining = children.0.len();
+    let mut interrupts = 0;
+    // Nodes we killed because another failed: their 137 is not the job's story.
+    let mut stopped_by_us = false;
+    while remaining > 0 {
+        if let Some(sig) = take_signal() {
+            interrupts += usize::from(sig == libc::SIGINT);
+            if interrupts >= 2 {
+                eprintln!("krun: second interrupt: killing the job");
+                children.signal_all(libc::SIGKILL);
+            } else {
+                children.signal_all(sig);
+            }
+        }
+        let mut failed = false;
+        for (i, slot) in children.0.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            let status = child.try_wait().map_err(|e| LauncherError::Io {
+                context: format!("waiting for node process {i}"),
+                source: e,
+            })?;
+            let Some(status) = status else { continue };
+            let code = exit_code(status);
+            if code != 0 && job.program.is_none() {
+                eprintln!(
+                    "krun: node {i} (pid {}) exited with code {code}",
+                    child.id()
+                );
+                failed = true;
+            }
+            if !stopped_by_us {
+                worst = worst.max(code);
+            }
+            *slot = None;
+            remaining -= 1;
+        }
+        if failed && remaining > 0 {
+            // The others would wait for the failed node until their own timeouts: end them now.
+            eprintln!("krun: stopping the {remaining} remaining node(s)");
+            children.signal_all(libc::SIGKILL);
+            stopped_by_us = true;
+        }
+        if remaining > 0 {
+            if Instant::now() >= deadline {
+                return Err(LauncherError::JobTimeout(job.timeout));
+            }
+            let _ = wake.recv_timeout(Duration::from_millis(20));
+        }
+    }
+    Ok(worst)
+}
+
+/// Copies a node's output to ours line by line (whole lines, so nodes never interleave
+/// inside a line), with an optional prefix.
+fn forward(
+    stream: impl Read + Send + 'static,
+    prefix: Option<String>,
+    is_err: bool,
+    wake: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        crate::ranks::copy_lines(stream, prefix.as_deref(), is_err);
+        let _ = wake.send(());
+    })
+}
