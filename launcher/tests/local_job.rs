@@ -295,7 +295,7 @@ fn wait_for(mut what: impl FnMut() -> bool) {
 #[test]
 fn sigterm_reaches_every_rank_and_sigusr1_is_a_checkpoint_event() {
     let script = "trap 'echo rank $KRUN_RANK got TERM; exit 3' TERM; echo ready; i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+    let child = Command::new(env!("CARGO_BIN_EXE_krun"))
         .args(["-n", "4", "--local", "2", "sh", "-c", script])
         .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
         .stdout(std::process::Stdio::piped())
