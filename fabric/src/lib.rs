@@ -21,8 +21,8 @@ pub mod endpoint;
 pub mod error;
 pub mod loopback;
 pub mod memory;
-pub mod secret;
 pub mod ofi;
+pub mod secret;
 pub mod verbs;
 
 pub use completion::{wait_all, Completion};
@@ -37,7 +37,10 @@ pub fn open(config: &FabricConfig) -> Result<Box<dyn Endpoint>> {
     let provider = match config.provider {
         ProviderChoice::Exactly(p) => p,
         ProviderChoice::Auto => {
-            if verbs::device_names().map(|d| !d.is_empty()).unwrap_or(false) {
+            if verbs::device_names()
+                .map(|d| !d.is_empty())
+                .unwrap_or(false)
+            {
                 Provider::Verbs
             } else {
                 Provider::Tcp
@@ -46,7 +49,9 @@ pub fn open(config: &FabricConfig) -> Result<Box<dyn Endpoint>> {
     };
     Ok(match provider {
         Provider::Loopback => Box::new(loopback::LoopbackEndpoint::open(config)?),
-        Provider::Tcp | Provider::Shm | Provider::VerbsOfi => Box::new(ofi::OfiEndpoint::open(provider, config)?),
+        Provider::Tcp | Provider::Shm | Provider::VerbsOfi => {
+            Box::new(ofi::OfiEndpoint::open(provider, config)?)
+        }
         Provider::Verbs => Box::new(verbs::VerbsEndpoint::open(config)?),
     })
 }
@@ -66,4 +71,9 @@ pub(crate) fn random_token() -> u64 {
             .unwrap_or(0);
         t ^ ((std::process::id() as u64) << 32)
     }
+}
+
+/// A random 64-bit value from the kernel (nonces, tokens).
+pub fn random_u64() -> u64 {
+    random_token()
 }

@@ -36,13 +36,16 @@ impl ClusterSecret {
 
     /// A fresh random secret (for a local job that has none configured).
     pub fn random() -> ClusterSecret {
-        let bytes: Vec<u8> = (0..4).flat_map(|_| crate::random_token().to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..4)
+            .flat_map(|_| crate::random_token().to_le_bytes())
+            .collect();
         ClusterSecret(bytes)
     }
 
     /// Reads a secret file, which must not be readable by group or others (mode 0600).
     pub fn from_file(path: &Path) -> Result<ClusterSecret> {
-        let meta = std::fs::metadata(path).map_err(|e| FabricError::io(format!("reading secret file {}", path.display()), e))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| FabricError::io(format!("reading secret file {}", path.display()), e))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(FabricError::BadConfig {
@@ -51,7 +54,8 @@ impl ClusterSecret {
                 reason: format!("mode {mode:04o} lets others read the secret; chmod 600 it"),
             });
         }
-        let bytes = std::fs::read(path).map_err(|e| FabricError::io(format!("reading secret file {}", path.display()), e))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| FabricError::io(format!("reading secret file {}", path.display()), e))?;
         let trimmed = bytes.trim_ascii().to_vec();
         ClusterSecret::new(trimmed).map_err(|_| FabricError::BadConfig {
             key: "KRUN_SECRET_FILE".into(),
@@ -63,12 +67,12 @@ impl ClusterSecret {
     /// `KRUN_SECRET_FILE` (a 0600 file), else `KRUN_SECRET` (hex, set by krun for the
     /// processes it starts), else none.
     pub fn from_env() -> Result<Option<ClusterSecret>> {
-        if let Ok(path) = std::env::var("KRUN_SECRET_FILE") {
+        if let Some(path) = std::env::var("KRUN_SECRET_FILE").ok().filter(|p| !p.is_empty()) {
             return ClusterSecret::from_file(Path::new(&path)).map(Some);
         }
-        match std::env::var("KRUN_SECRET") {
-            Ok(hex) => ClusterSecret::from_hex(&hex).map(Some),
-            Err(_) => Ok(None),
+        match std::env::var("KRUN_SECRET").ok().filter(|h| !h.is_empty()) {
+            Some(hex) => ClusterSecret::from_hex(&hex).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -147,8 +151,13 @@ mod tests {
         assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let s = ClusterSecret::from_file(&path).unwrap();
-        assert_eq!(s, ClusterSecret::new(b"a secret of enough length".to_vec()).unwrap());
-        let e = ClusterSecret::from_file(&dir.join("missing")).unwrap_err().to_string();
+        assert_eq!(
+            s,
+            ClusterSecret::new(b"a secret of enough length".to_vec()).unwrap()
+        );
+        let e = ClusterSecret::from_file(&dir.join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

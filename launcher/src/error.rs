@@ -10,6 +10,8 @@ pub enum LauncherError {
         #[source]
         source: std::io::Error,
     },
+    #[error("host {host}: {message}")]
+    Host { host: String, message: String },
     #[error("node {node}: {message}")]
     Node { node: usize, message: String },
     #[error("job did not finish within {0:?}; nodes were killed")]

@@ -4,16 +4,17 @@
 //!
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
-use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
+use crate::daemon::{self, DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
 use crate::slurm::Allocation;
@@ -35,6 +36,17 @@ pub enum NodeSource {
     Local(usize),
     /// One krund per node of a Slurm allocation, started with `srun`.
     Slurm(Allocation),
+    /// Listed hosts (`--hosts` / `--hostfile`), reached through their krund daemons or ssh.
+    Hosts { hosts: Vec<String>, launch: Launch },
+}
+
+/// How node processes are started on listed hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// Ask the `krund --listen` daemon running on each host.
+    Daemon,
+    /// `ssh HOST krund ...` (needs KRUN_SECRET_FILE, present on every host).
+    Ssh,
 }
 
 /// How to run a job.
@@ -69,6 +81,7 @@ impl Job {
         match &self.nodes {
             NodeSource::Local(k) => *k,
             NodeSource::Slurm(a) => a.nodes.len(),
+            NodeSource::Hosts { hosts, .. } => hosts.len(),
         }
     }
 
@@ -134,14 +147,64 @@ fn advertised_ip() -> Result<IpAddr> {
     })
 }
 
-/// Kills and reaps the processes it holds unless they were already reaped.
-struct Children(Vec<Option<Child>>);
+/// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
+enum NodeProc {
+    Child(Child),
+    Remote {
+        host: String,
+        control: Mutex<TcpStream>,
+        /// The exit code, and whether the connection was lost instead.
+        exit: Arc<Mutex<Option<(i32, bool)>>>,
+    },
+}
+
+impl NodeProc {
+    fn try_wait(&mut self) -> std::io::Result<Option<i32>> {
+        match self {
+            NodeProc::Child(c) => Ok(c.try_wait()?.map(exit_code)),
+            NodeProc::Remote { exit, .. } => {
+                Ok(exit.lock().expect("exit lock").map(|(code, _)| code))
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        match self {
+            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
+            NodeProc::Child(c) => unsafe {
+                libc::kill(c.id() as i32, sig);
+            },
+            NodeProc::Remote { control, .. } => {
+                let _ = daemon::write_frame(
+                    &mut *control.lock().expect("control lock"),
+                    b'K',
+                    &sig.to_le_bytes(),
+                );
+            }
+        }
+    }
+
+    /// True when a remote node's host or daemon died under it.
+    fn is_lost(&self) -> bool {
+        matches!(self, NodeProc::Remote { exit, .. } if matches!(*exit.lock().expect("exit lock"), Some((_, true))))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            NodeProc::Child(c) => format!("pid {}", c.id()),
+            NodeProc::Remote { host, .. } => format!("on host {host}"),
+        }
+    }
+}
+
+/// Kills and reaps the node processes it holds unless they were already reaped; a remote
+/// node process dies with its connection.
+struct Children(Vec<Option<NodeProc>>);
 
 impl Children {
     fn signal_all(&self, sig: i32) {
         for c in self.0.iter().flatten() {
-            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
-            unsafe { libc::kill(c.id() as i32, sig) };
+            c.signal(sig);
         }
     }
 }
@@ -149,8 +212,18 @@ impl Children {
 impl Drop for Children {
     fn drop(&mut self) {
         for c in self.0.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
+            match c {
+                NodeProc::Child(c) => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                NodeProc::Remote { control, .. } => {
+                    let _ = control
+                        .lock()
+                        .expect("control lock")
+                        .shutdown(std::net::Shutdown::Both);
+                }
+            }
         }
     }
 }
@@ -163,10 +236,40 @@ pub fn run(job: &Job) -> Result<i32> {
     // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
     let configured = ClusterSecret::from_env()?;
     let secret = configured.clone().unwrap_or_else(ClusterSecret::random);
-    let (bind, advertised): (IpAddr, IpAddr) = match job.nodes {
-        NodeSource::Local(_) => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
-        NodeSource::Slurm(_) => (Ipv4Addr::UNSPECIFIED.into(), advertised_ip()?),
+    // Daemons first: a host that does not answer fails the job before anything starts, and
+    // the connection tells which of our addresses the hosts reach us at.
+    let mut daemons = Vec::new();
+    if let NodeSource::Hosts {
+        hosts,
+        launch: Launch::Daemon,
+    } = &job.nodes
+    {
+        for host in hosts {
+            daemons.push(DaemonClient::connect(
+                host,
+                Duration::from_secs(10),
+                configured.as_ref(),
+            )?);
+        }
+    }
+    let (bind, advertised): (IpAddr, IpAddr) = match (&job.nodes, daemons.first()) {
+        (NodeSource::Local(_), _) => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+        (_, Some(d)) if std::env::var_os("KRUN_BOOTSTRAP_HOST").is_none() => {
+            (Ipv4Addr::UNSPECIFIED.into(), d.local_ip()?)
+        }
+        _ => (Ipv4Addr::UNSPECIFIED.into(), advertised_ip()?),
     };
+    if let NodeSource::Hosts {
+        launch: Launch::Ssh,
+        ..
+    } = &job.nodes
+    {
+        if configured.is_none() {
+            return Err(LauncherError::Usage(
+                "--launch ssh needs KRUN_SECRET_FILE: the cluster secret file, present on every host".into(),
+            ));
+        }
+    }
     let server =
         BootstrapServer::start_with((bind, 0), k, Duration::from_secs(120), Some(secret.clone()))?;
     let node_service = SocketAddr::new(advertised, server.addr().port());
@@ -219,7 +322,68 @@ pub fn run(job: &Job) -> Result<i32> {
         }
     };
     let mut commands = Vec::new();
+    let mut remote = Vec::new();
     match &job.nodes {
+        NodeSource::Hosts {
+            launch: Launch::Daemon,
+            ..
+        } => {
+            for (node, d) in daemons.into_iter().enumerate() {
+                let mut cmd = node_command(false);
+                cmd.arg("--node-id").arg(node.to_string());
+                program_args(&mut cmd);
+                let request = RunRequest {
+                    args: cmd
+                        .get_args()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .collect(),
+                    env: cmd
+                        .get_envs()
+                        .filter_map(|(k, v)| {
+                            Some((
+                                k.to_string_lossy().into_owned(),
+                                v?.to_string_lossy().into_owned(),
+                            ))
+                        })
+                        .collect(),
+                };
+                remote.push((node, d, request));
+            }
+        }
+        NodeSource::Hosts {
+            hosts,
+            launch: Launch::Ssh,
+        } => {
+            for (node, host) in hosts.iter().enumerate() {
+                let mut template = node_command(false);
+                template.arg("--node-id").arg(node.to_string());
+                program_args(&mut template);
+                let mut ssh =
+                    Command::new(std::env::var("KRUN_SSH").unwrap_or_else(|_| "ssh".into()));
+                ssh.args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=10",
+                    host.as_str(),
+                    "env",
+                ]);
+                for (k, v) in template.get_envs() {
+                    if let Some(v) = v {
+                        ssh.arg(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
+                    }
+                }
+                if let Ok(f) = std::env::var("KRUN_SECRET_FILE") {
+                    ssh.arg(format!("KRUN_SECRET_FILE={f}"));
+                }
+                ssh.arg(template.get_program())
+                    .args(template.get_args())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                commands.push((Some(node), ssh));
+            }
+        }
         NodeSource::Local(_) => {
             for node in 0..k {
                 let rank0_here = placement
@@ -289,7 +453,42 @@ pub fn run(job: &Job) -> Result<i32> {
             true,
             tx.clone(),
         ));
-        children.0.push(Some(child));
+        children.0.push(Some(NodeProc::Child(child)));
+    }
+    for (node, mut d, request) in remote {
+        daemon::write_frame(&mut d.stream, b'R', &request.encode()).map_err(|e| {
+            LauncherError::Node {
+                node,
+                message: format!("host {}: sending the job: {e}", d.host),
+            }
+        })?;
+        let prefix = job.program.is_none().then(|| format!("[node {node}] "));
+        let exit = Arc::new(Mutex::new(None));
+        let what = match &placement {
+            Some(p) if p.count[node] > 0 => format!(
+                "node {node} (ranks {}..{})",
+                p.first[node],
+                p.first[node] + p.count[node] - 1
+            ),
+            _ => format!("node {node}"),
+        };
+        let reader = d.stream.try_clone().map_err(|e| LauncherError::Io {
+            context: "cloning a daemon connection".into(),
+            source: e,
+        })?;
+        forwarders.push(forward_remote(
+            reader,
+            d.host.clone(),
+            what,
+            prefix,
+            exit.clone(),
+            tx.clone(),
+        ));
+        children.0.push(Some(NodeProc::Remote {
+            host: d.host,
+            control: Mutex::new(d.stream),
+            exit,
+        }));
     }
     drop(tx);
     let worst = wait_all(&mut children, job, &rx)?;
@@ -322,16 +521,16 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
         let mut failed = false;
         for (i, slot) in children.0.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
-            let status = child.try_wait().map_err(|e| LauncherError::Io {
+            let code = child.try_wait().map_err(|e| LauncherError::Io {
                 context: format!("waiting for node process {i}"),
                 source: e,
             })?;
-            let Some(status) = status else { continue };
-            let code = exit_code(status);
-            if code != 0 && job.program.is_none() {
+            let Some(code) = code else { continue };
+            // A lost node fails the job: its ranks are gone and the others would wait for them.
+            if code != 0 && (job.program.is_none() || child.is_lost()) {
                 eprintln!(
-                    "krun: node {i} (pid {}) exited with code {code}",
-                    child.id()
+                    "krun: node {i} ({}) exited with code {code}",
+                    child.describe()
                 );
                 failed = true;
             }
@@ -355,6 +554,45 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
         }
     }
     Ok(worst)
+}
+
+/// Reads a daemon's frames for one node: output lines, then the exit code. A connection
+/// that ends without an exit code means the host or its daemon died.
+fn forward_remote(
+    mut stream: TcpStream,
+    host: String,
+    what: String,
+    prefix: Option<String>,
+    exit: Arc<Mutex<Option<(i32, bool)>>>,
+    wake: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let prefix = prefix.unwrap_or_default();
+        let (code, lost) = loop {
+            match daemon::read_frame(&mut stream) {
+                Ok((b'O', line)) => {
+                    let _ = std::io::stdout()
+                        .lock()
+                        .write_all(&[prefix.as_bytes(), &line].concat());
+                }
+                Ok((b'E', line)) => {
+                    let _ = std::io::stderr()
+                        .lock()
+                        .write_all(&[prefix.as_bytes(), &line].concat());
+                }
+                Ok((b'X', c)) if c.len() == 4 => {
+                    break (i32::from_le_bytes(c.try_into().expect("4 bytes")), false)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("krun: lost {what} on host {host}: {e}");
+                    break (255, true);
+                }
+            }
+        };
+        *exit.lock().expect("exit lock") = Some((code, lost));
+        let _ = wake.send(());
+    })
 }
 
 /// Copies a node's output to ours line by line (whole lines, so nodes never interleave

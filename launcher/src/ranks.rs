@@ -156,9 +156,10 @@ pub fn take_signal() -> Option<i32> {
     }
 }
 
-/// Copies `stream` to our stdout or stderr in whole lines (a last line without a newline
-/// gets one), each written with a single call so concurrent writers never split a line.
-pub fn copy_lines(stream: impl Read, prefix: Option<&str>, to_err: bool) {
+/// Calls `sink` with each whole line of `stream` (prefixed; a last line without a newline
+/// gets one), so that each line can be written with a single call and concurrent writers
+/// never split a line.
+pub fn for_each_line(stream: impl Read, prefix: Option<&str>, mut sink: impl FnMut(&[u8]) -> bool) {
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut line = Vec::new();
     loop {
@@ -170,14 +171,24 @@ pub fn copy_lines(stream: impl Read, prefix: Option<&str>, to_err: bool) {
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
-                let _ = if to_err {
-                    std::io::stderr().lock().write_all(&line)
-                } else {
-                    std::io::stdout().lock().write_all(&line)
-                };
+                if !sink(&line) {
+                    break;
+                }
             }
         }
     }
+}
+
+/// Copies `stream` to our stdout or stderr in whole lines.
+pub fn copy_lines(stream: impl Read, prefix: Option<&str>, to_err: bool) {
+    for_each_line(stream, prefix, |line| {
+        let _ = if to_err {
+            std::io::stderr().lock().write_all(line)
+        } else {
+            std::io::stdout().lock().write_all(line)
+        };
+        true
+    });
 }
 
 fn forward_output(

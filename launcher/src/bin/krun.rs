@@ -1,16 +1,24 @@
-//! krun: run a job across node daemons. For now: local mode, running the built-in RMA
-//! exchange workload on K local nodes.
+//! krun: run a job across node daemons: locally, on listed hosts, or inside a Slurm
+//! allocation.
 use std::process::ExitCode;
 
-use launcher::job::{self, Job, NodeSource, ProgramJob};
+use std::time::Duration;
+
+use launcher::daemon::DaemonClient;
+use launcher::job::{self, Job, Launch, NodeSource, ProgramJob};
 use launcher::slurm::Allocation;
 use launcher::LauncherError;
 
-const USAGE: &str = "usage: krun [-n RANKS] [--local NODES] [--ppn K] [--tag-output] [--provider P] [PROGRAM ARGS...]
+const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
+            [--ppn K] [--tag-output] [--provider P] [PROGRAM ARGS...]
+       krun status --hosts LIST | --hostfile FILE
        krun hostlist expand EXPR
        krun hostlist compress NAMES...
 
-Starts NODES krund daemons on this machine (default 3). With a PROGRAM, runs RANKS copies
+Nodes: --local NODES starts NODES krund on this machine (the default, with 3); --hosts
+(a Slurm hostlist, HOST[:PORT]) or --hostfile (one host per line) use the `krund --listen`
+daemons on those hosts (port 7171), or start krund over ssh with --launch ssh; inside a
+Slurm allocation (SLURM_JOB_ID set) one krund per allocated node is started with srun. With a PROGRAM, runs RANKS copies
 of it (default: one per node) placed in blocks of --ppn per node, each with KRUN_RANK,
 KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_BOOTSTRAP
 (an all-gather service for the ranks); exit code: the highest rank's, or 128+signal.
@@ -22,6 +30,8 @@ Environment: KRUN_FABRIC_PROVIDER and the other KRUN_FABRIC_* settings reach eve
 
 fn parse() -> Result<Job, LauncherError> {
     let mut nodes = None;
+    let mut hosts: Option<Vec<String>> = None;
+    let mut launch = Launch::Daemon;
     let mut provider = None;
     let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
     let mut program = Vec::new();
@@ -44,6 +54,27 @@ fn parse() -> Result<Job, LauncherError> {
                     LauncherError::Usage(format!("--local {v:?} is not a node count"))
                 })?);
             }
+            "--hosts" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| LauncherError::Usage("--hosts needs a host list".into()))?;
+                hosts = Some(launcher::hostlist::expand(&v)?);
+            }
+            "--hostfile" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| LauncherError::Usage("--hostfile needs a file".into()))?;
+                hosts = Some(read_hostfile(&v)?);
+            }
+            "--launch" => match args.next().as_deref() {
+                Some("daemon") => launch = Launch::Daemon,
+                Some("ssh") => launch = Launch::Ssh,
+                other => {
+                    return Err(LauncherError::Usage(format!(
+                        "--launch {other:?}: expected daemon or ssh"
+                    )))
+                }
+            },
             "--provider" => {
                 let v = args
                     .next()
@@ -64,13 +95,25 @@ fn parse() -> Result<Job, LauncherError> {
         }
     }
     // An explicit --local wins; inside a Slurm allocation the allocation's nodes are used.
-    let mut job = match (nodes, Allocation::from_env()?) {
-        (Some(k), _) => Job::local(k)?,
-        (None, Some(allocation)) => Job {
+    let mut job = match (nodes, hosts, Allocation::from_env()?) {
+        (Some(_), Some(_), _) => {
+            return Err(LauncherError::Usage(
+                "--local and --hosts/--hostfile exclude each other".into(),
+            ))
+        }
+        (Some(k), None, _) => Job::local(k)?,
+        (None, Some(hosts), _) if hosts.is_empty() => {
+            return Err(LauncherError::Usage("the host list is empty".into()))
+        }
+        (None, Some(hosts), _) => Job {
+            nodes: NodeSource::Hosts { hosts, launch },
+            ..Job::local(1)?
+        },
+        (None, None, Some(allocation)) => Job {
             nodes: NodeSource::Slurm(allocation),
             ..Job::local(1)?
         },
-        (None, None) => Job::local(3)?,
+        (None, None, None) => Job::local(3)?,
     };
     if !program.is_empty() {
         job.program = Some(ProgramJob {
@@ -86,6 +129,53 @@ fn parse() -> Result<Job, LauncherError> {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));
     }
     Ok(job)
+}
+
+/// Hosts from a file: one per line (hostlist expressions allowed), `#` comments, and
+/// anything after the first whitespace (e.g. `slots=4`) ignored.
+fn read_hostfile(path: &str) -> Result<Vec<String>, LauncherError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LauncherError::Io {
+        context: format!("reading hostfile {path}"),
+        source: e,
+    })?;
+    let mut hosts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = line.split_whitespace().next() {
+            hosts.extend(
+                launcher::hostlist::expand(name)
+                    .map_err(|e| LauncherError::Usage(format!("{path} line {}: {e}", n + 1)))?,
+            );
+        }
+    }
+    Ok(hosts)
+}
+
+/// `krun status`: asks every host's daemon what it runs.
+fn status(args: &[String]) -> Result<String, LauncherError> {
+    let hosts = match args {
+        [flag, list] if flag == "--hosts" => launcher::hostlist::expand(list)?,
+        [flag, file] if flag == "--hostfile" => read_hostfile(file)?,
+        _ => {
+            return Err(LauncherError::Usage(
+                "krun status --hosts LIST | --hostfile FILE".into(),
+            ))
+        }
+    };
+    let secret = fabric::secret::ClusterSecret::from_env()?;
+    let mut out = format!(
+        "{} node(s); epoch: static membership (the adaptation layer is not built yet)\n",
+        hosts.len()
+    );
+    for (node, host) in hosts.iter().enumerate() {
+        match DaemonClient::connect(host, Duration::from_secs(5), secret.as_ref())
+            .and_then(DaemonClient::status)
+        {
+            Ok(text) => out += &format!("node {node} {host}: {text}"),
+            Err(e) => out += &format!("node {node} {host}: down ({e})\n"),
+        }
+    }
+    Ok(out.trim_end().to_string())
 }
 
 /// `krun hostlist expand|compress ...`: Slurm's hostlist grammar.
@@ -107,8 +197,14 @@ fn hostlist(args: &[String]) -> Result<String, LauncherError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("hostlist") {
-        return match hostlist(&args[1..]) {
+    let subcommand: Option<fn(&[String]) -> Result<String, LauncherError>> =
+        match args.first().map(String::as_str) {
+            Some("hostlist") => Some(hostlist),
+            Some("status") => Some(status),
+            _ => None,
+        };
+    if let Some(run) = subcommand {
+        return match run(&args[1..]) {
             Ok(out) => {
                 println!("{out}");
                 ExitCode::SUCCESS
@@ -131,6 +227,7 @@ fn main() -> ExitCode {
         let mode = match &job.nodes {
             NodeSource::Local(_) => "local".to_string(),
             NodeSource::Slurm(a) => format!("Slurm job {}", a.job_id),
+            NodeSource::Hosts { .. } => "host".to_string(),
         };
         println!(
             "krun: starting {} {mode} nodes ({})",

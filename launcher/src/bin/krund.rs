@@ -10,7 +10,8 @@ use fabric::FabricConfig;
 use launcher::ranks::{NodeShare, Placement};
 use launcher::{exchange, LauncherError};
 
-const USAGE: &str = "krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [-- PROGRAM ARGS...]
+const USAGE: &str = "krund --listen [ADDR][:PORT]   (daemon: runs node processes for krun --hosts; port 7171)
+krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [-- PROGRAM ARGS...]
 (normally started by krun; under srun the node id comes from SLURM_NODEID)";
 
 struct Args {
@@ -97,7 +98,21 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
 }
 
 fn run() -> Result<i32, LauncherError> {
-    let args = parse(std::env::args().skip(1))?;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--listen") {
+        let spec = argv.get(1).map(String::as_str).unwrap_or("0.0.0.0");
+        let addr = if spec.contains(':') {
+            spec.to_string()
+        } else {
+            format!("{spec}:{}", launcher::daemon::DEFAULT_PORT)
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| LauncherError::Usage(format!("--listen {spec:?} is not ADDR[:PORT]")))?;
+        launcher::daemon::serve(addr, fabric::secret::ClusterSecret::from_env()?)?;
+        return Ok(0);
+    }
+    let args = parse(argv.into_iter())?;
     let mut boot = BootstrapClient::connect(
         args.bootstrap,
         args.node_id,
