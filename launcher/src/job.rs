@@ -219,7 +219,7 @@ impl Drop for Children {
                 }
                 NodeProc::Remote { control, .. } => {
                     let _ = control
-                        .lock()
+                        .get_mut()
                         .expect("control lock")
                         .shutdown(std::net::Shutdown::Both);
                 }

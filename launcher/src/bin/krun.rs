@@ -178,6 +178,9 @@ fn status(args: &[String]) -> Result<String, LauncherError> {
     Ok(out.trim_end().to_string())
 }
 
+/// A subcommand: arguments in, text to print out.
+type Subcommand = fn(&[String]) -> Result<String, LauncherError>;
+
 /// `krun hostlist expand|compress ...`: Slurm's hostlist grammar.
 fn hostlist(args: &[String]) -> Result<String, LauncherError> {
     match args {
@@ -197,7 +200,7 @@ fn hostlist(args: &[String]) -> Result<String, LauncherError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let subcommand: Option<fn(&[String]) -> Result<String, LauncherError>> =
+    let subcommand: Option<Subcommand> =
         match args.first().map(String::as_str) {
             Some("hostlist") => Some(hostlist),
             Some("status") => Some(status),
