@@ -26,6 +26,8 @@ pub struct ProgramJob {
     pub ranks: Option<usize>,
     pub per_node: Option<usize>,
     pub tag_output: bool,
+    pub bind_to: crate::binding::BindTo,
+    pub report_bindings: bool,
     pub argv: Vec<String>,
 }
 
@@ -313,6 +315,10 @@ pub fn run(job: &Job) -> Result<i32> {
             cmd.arg("--counts").arg(place.counts_arg());
             if p.tag_output {
                 cmd.arg("--tag-output");
+            }
+            cmd.arg("--bind-to").arg(p.bind_to.name());
+            if p.report_bindings {
+                cmd.arg("--report-bindings");
             }
             cmd.env(
                 "KRUN_BOOTSTRAP",

@@ -4,6 +4,7 @@
 //! Local mode (`krun --local K`) starts K node daemons on this machine, wires them together
 //! through the bootstrap service and streams their output back. Host and Slurm modes come
 //! with the launcher issue.
+pub mod binding;
 pub mod daemon;
 pub mod error;
 pub mod exchange;

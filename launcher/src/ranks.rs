@@ -6,6 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+use crate::binding::{self, BindTo, CpuMask};
 use crate::error::{LauncherError, Result};
 
 /// Which ranks run on which node.
@@ -98,6 +99,8 @@ pub struct NodeShare {
     pub program: Vec<String>,
     /// Environment added for every rank (e.g. the address to bind the fabric to).
     pub env: Vec<(String, String)>,
+    pub bind_to: BindTo,
+    pub report_bindings: bool,
 }
 
 /// Name of a signal for messages.
@@ -225,8 +228,23 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             let _ = c.wait();
         }
     };
+    let domains = binding::domains(share.bind_to)?;
     for local in 0..share.local_size {
         let rank = share.first_rank + local;
+        let mask = binding::cpus_for(&domains, local).map(|cpus| {
+            if share.report_bindings {
+                eprintln!(
+                    "krun: rank {rank} on node {} bound to {} {} (cpus {cpus:?})",
+                    share.node_id,
+                    share.bind_to.name(),
+                    local % domains.len()
+                );
+            }
+            CpuMask::new(cpus)
+        });
+        if mask.is_none() && share.report_bindings {
+            eprintln!("krun: rank {rank} on node {} not bound", share.node_id);
+        }
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env("KRUN_RANK", rank.to_string())
@@ -246,9 +264,12 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
         // lingering as orphans.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                match mask {
+                    Some(m) => m.apply(),
+                    None => Ok(()),
+                }
             });
         }
         let mut child = match cmd.spawn() {

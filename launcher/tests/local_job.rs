@@ -62,9 +62,12 @@ fn bad_arguments_are_named() {
 #[test]
 fn a_node_that_cannot_open_its_fabric_fails_the_job_with_its_reason() {
     let (code, _, err) = krun(&["--local", "2"], &[("KRUN_FABRIC_PROVIDER", "verbs")]);
-    assert_ne!(code, 0);
+    assert_eq!(
+        code, 1,
+        "the failing node's code, not that of the nodes stopped after it: {err}"
+    );
     assert!(
-        err.contains("[node 0] krund: error:") && err.contains("verbs"),
+        err.contains("] krund: error:") && err.contains("verbs"),
         "{err}"
     );
 }
@@ -332,4 +335,53 @@ fn sigterm_reaches_every_rank_and_sigusr1_is_a_checkpoint_event() {
         stderr.contains("checkpoint requested (SIGUSR1 from the scheduler)"),
         "{stderr}"
     );
+}
+
+#[test]
+fn ranks_are_pinned_to_cores_and_bindings_are_reported() {
+    let (code, out, err) = krun(
+        &[
+            "-n",
+            "2",
+            "--local",
+            "1",
+            "--report-bindings",
+            "--tag-output",
+            "sh",
+            "-c",
+            "grep Cpus_allowed_list /proc/self/status",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    for rank in 0..2 {
+        let reported = err
+            .lines()
+            .find(|l| l.starts_with(&format!("krun: rank {rank} on node 0 bound to core ")))
+            .unwrap_or_else(|| panic!("no binding report for rank {rank}: {err}"));
+        // "(cpus [N])" in the report is what the rank sees as its allowed CPUs.
+        let cpus = reported
+            .split("(cpus [")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("])")
+            .replace(", ", ",");
+        let seen = out
+            .lines()
+            .find(|l| l.starts_with(&format!("[{rank}] ")))
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string();
+        if !cpus.contains(',') {
+            assert_eq!(seen, cpus, "rank {rank}: {out}");
+        }
+    }
+    let (code, _, err) = krun(
+        &["-n", "1", "--local", "1", "--bind-to", "socket", "true"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("socket"), "{err}");
 }

@@ -10,7 +10,8 @@ use launcher::slurm::Allocation;
 use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
-            [--ppn K] [--tag-output] [--provider P] [PROGRAM ARGS...]
+            [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
+            [--provider P] [PROGRAM ARGS...]
        krun status --hosts LIST | --hostfile FILE
        krun hostlist expand EXPR
        krun hostlist compress NAMES...
@@ -21,7 +22,8 @@ daemons on those hosts (port 7171), or start krund over ssh with --launch ssh; i
 Slurm allocation (SLURM_JOB_ID set) one krund per allocated node is started with srun. With a PROGRAM, runs RANKS copies
 of it (default: one per node) placed in blocks of --ppn per node, each with KRUN_RANK,
 KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_BOOTSTRAP
-(an all-gather service for the ranks); exit code: the highest rank's, or 128+signal.
+(an all-gather service for the ranks), pinned to one core each by default (round robin
+over the node's cores, read with hwloc); exit code: the highest rank's, or 128+signal.
 Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
@@ -34,6 +36,7 @@ fn parse() -> Result<Job, LauncherError> {
     let mut launch = Launch::Daemon;
     let mut provider = None;
     let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
+    let (mut bind_to, mut report_bindings) = (launcher::binding::BindTo::Core, false);
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -46,6 +49,13 @@ fn parse() -> Result<Job, LauncherError> {
             "-n" | "--ntasks" => ranks = Some(count("-n", args.next())?),
             "--ppn" => per_node = Some(count("--ppn", args.next())?),
             "--tag-output" => tag_output = true,
+            "--bind-to" => {
+                let v = args.next().ok_or_else(|| {
+                    LauncherError::Usage("--bind-to needs core, numa or none".into())
+                })?;
+                bind_to = v.parse()?;
+            }
+            "--report-bindings" => report_bindings = true,
             "--local" => {
                 let v = args
                     .next()
@@ -120,6 +130,8 @@ fn parse() -> Result<Job, LauncherError> {
             ranks,
             per_node,
             tag_output,
+            bind_to,
+            report_bindings,
             argv: program,
         });
     } else if ranks.is_some() {
@@ -200,12 +212,11 @@ fn hostlist(args: &[String]) -> Result<String, LauncherError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let subcommand: Option<Subcommand> =
-        match args.first().map(String::as_str) {
-            Some("hostlist") => Some(hostlist),
-            Some("status") => Some(status),
-            _ => None,
-        };
+    let subcommand: Option<Subcommand> = match args.first().map(String::as_str) {
+        Some("hostlist") => Some(hostlist),
+        Some("status") => Some(status),
+        _ => None,
+    };
     if let Some(run) = subcommand {
         return match run(&args[1..]) {
             Ok(out) => {

@@ -11,7 +11,7 @@ use launcher::ranks::{NodeShare, Placement};
 use launcher::{exchange, LauncherError};
 
 const USAGE: &str = "krund --listen [ADDR][:PORT]   (daemon: runs node processes for krun --hosts; port 7171)
-krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [-- PROGRAM ARGS...]
+krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
 (normally started by krun; under srun the node id comes from SLURM_NODEID)";
 
 struct Args {
@@ -20,6 +20,8 @@ struct Args {
     nnodes: usize,
     placement: Option<Placement>,
     tag_output: bool,
+    bind_to: launcher::binding::BindTo,
+    report_bindings: bool,
     program: Vec<String>,
 }
 
@@ -31,6 +33,8 @@ fn number(name: &str, v: &str) -> Result<usize, LauncherError> {
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
     let (mut bootstrap, mut node_id, mut nnodes, mut placement) = (None, None, None, None);
     let mut tag_output = false;
+    let mut bind_to = launcher::binding::BindTo::Core;
+    let mut report_bindings = false;
     let mut program = Vec::new();
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
@@ -48,6 +52,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
             "--nnodes" => nnodes = Some(number("--nnodes", &value("--nnodes")?)?),
             "--counts" => placement = Some(Placement::parse_counts(&value("--counts")?)?),
             "--tag-output" => tag_output = true,
+            "--bind-to" => bind_to = value("--bind-to")?.parse()?,
+            "--report-bindings" => report_bindings = true,
             "--" => {
                 program = args.by_ref().collect();
                 break;
@@ -72,6 +78,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
         nnodes: nnodes.ok_or_else(|| missing("--nnodes"))?,
         placement,
         tag_output,
+        bind_to,
+        report_bindings,
         program,
     };
     if args.node_id >= args.nnodes {
@@ -139,6 +147,8 @@ fn run() -> Result<i32, LauncherError> {
             tag_output: args.tag_output,
             program: args.program,
             env: rank_env,
+            bind_to: args.bind_to,
+            report_bindings: args.report_bindings,
         };
         let code = launcher::ranks::run_share(&share)?;
         boot.barrier()?;
