@@ -30,13 +30,17 @@ fn write_frame(s: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
 
 fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>> {
     let mut len = [0u8; 4];
-    s.read_exact(&mut len).map_err(|e| FabricError::io("bootstrap read", e))?;
+    s.read_exact(&mut len)
+        .map_err(|e| FabricError::io("bootstrap read", e))?;
     let len = u32::from_le_bytes(len) as usize;
     if len > max {
-        return Err(err(format!("frame of {len} bytes exceeds the limit of {max}")));
+        return Err(err(format!(
+            "frame of {len} bytes exceeds the limit of {max}"
+        )));
     }
     let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).map_err(|e| FabricError::io("bootstrap read", e))?;
+    s.read_exact(&mut buf)
+        .map_err(|e| FabricError::io("bootstrap read", e))?;
     Ok(buf)
 }
 
@@ -51,7 +55,11 @@ impl BootstrapServer {
     /// `timeout`, and each round must complete within `timeout`.
     /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]); without
     /// one, any client may join.
-    pub fn start(addr: impl ToSocketAddrs, size: usize, timeout: Duration) -> Result<BootstrapServer> {
+    pub fn start(
+        addr: impl ToSocketAddrs,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<BootstrapServer> {
         Self::start_with(addr, size, timeout, ClusterSecret::from_env()?)
     }
 
@@ -63,7 +71,9 @@ impl BootstrapServer {
         secret: Option<ClusterSecret>,
     ) -> Result<BootstrapServer> {
         let listener = TcpListener::bind(addr).map_err(|e| FabricError::io("bootstrap bind", e))?;
-        let addr = listener.local_addr().map_err(|e| FabricError::io("bootstrap bind", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| FabricError::io("bootstrap bind", e))?;
         let thread = std::thread::Builder::new()
             .name("krun-bootstrap".into())
             .spawn(move || serve(listener, size, timeout, secret))
@@ -89,8 +99,15 @@ impl BootstrapServer {
 }
 
 /// Runs the join handshake with one client; returns its rank or the reason it was refused.
-fn admit(s: &mut TcpStream, size: usize, taken: &[bool], secret: Option<&ClusterSecret>) -> Result<usize, String> {
-    let nonce: Vec<u8> = (0..2).flat_map(|_| crate::random_token().to_le_bytes()).collect();
+fn admit(
+    s: &mut TcpStream,
+    size: usize,
+    taken: &[bool],
+    secret: Option<&ClusterSecret>,
+) -> Result<usize, String> {
+    let nonce: Vec<u8> = (0..2)
+        .flat_map(|_| crate::random_token().to_le_bytes())
+        .collect();
     let mut challenge = MAGIC.to_vec();
     challenge.extend_from_slice(&nonce);
     write_frame(s, &challenge).map_err(|e| format!("sending the challenge: {e}"))?;
@@ -114,7 +131,10 @@ fn admit(s: &mut TcpStream, size: usize, taken: &[bool], secret: Option<&Cluster
         }
     }
     if claimed != size || rank >= size {
-        return refuse(s, format!("rank {rank} of {claimed}: the job has {size} ranks"));
+        return refuse(
+            s,
+            format!("rank {rank} of {claimed}: the job has {size} ranks"),
+        );
     }
     if taken[rank] {
         return refuse(s, format!("rank {rank} joined twice"));
@@ -123,15 +143,23 @@ fn admit(s: &mut TcpStream, size: usize, taken: &[bool], secret: Option<&Cluster
     Ok(rank)
 }
 
-fn serve(listener: TcpListener, size: usize, timeout: Duration, secret: Option<ClusterSecret>) -> Result<()> {
-    listener.set_nonblocking(true).map_err(|e| FabricError::io("bootstrap listen", e))?;
+fn serve(
+    listener: TcpListener,
+    size: usize,
+    timeout: Duration,
+    secret: Option<ClusterSecret>,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| FabricError::io("bootstrap listen", e))?;
     let deadline = Instant::now() + timeout;
     let mut clients: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
     let mut joined = 0;
     while joined < size {
         match listener.accept() {
             Ok((mut s, peer)) => {
-                s.set_nonblocking(false).map_err(|e| FabricError::io("bootstrap accept", e))?;
+                s.set_nonblocking(false)
+                    .map_err(|e| FabricError::io("bootstrap accept", e))?;
                 s.set_read_timeout(Some(timeout)).ok();
                 s.set_nodelay(true).ok();
                 let taken: Vec<bool> = clients.iter().map(Option::is_some).collect();
@@ -148,20 +176,27 @@ fn serve(listener: TcpListener, size: usize, timeout: Duration, secret: Option<C
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     let missing: Vec<usize> = (0..size).filter(|&r| clients[r].is_none()).collect();
-                    return Err(err(format!("ranks {missing:?} did not connect within {timeout:?}")));
+                    return Err(err(format!(
+                        "ranks {missing:?} did not connect within {timeout:?}"
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) => return Err(FabricError::io("bootstrap accept", e)),
         }
     }
-    let mut clients: Vec<TcpStream> = clients.into_iter().map(|c| c.expect("all joined")).collect();
+    let mut clients: Vec<TcpStream> = clients
+        .into_iter()
+        .map(|c| c.expect("all joined"))
+        .collect();
     loop {
         let mut blobs = Vec::with_capacity(size);
         for (rank, c) in clients.iter_mut().enumerate() {
             match read_frame(c, MAX_BLOB) {
                 Ok(b) => blobs.push(b),
-                Err(FabricError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(FabricError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
                     // Orderly end: the first client gone ends the service.
                     if rank == 0 {
                         return Ok(());
@@ -193,8 +228,19 @@ pub struct BootstrapClient {
 impl BootstrapClient {
     /// Connects as `rank` of `size`, retrying until `timeout` (the server may start later).
     /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]).
-    pub fn connect(addr: SocketAddr, rank: usize, size: usize, timeout: Duration) -> Result<BootstrapClient> {
-        Self::connect_with(addr, rank, size, timeout, ClusterSecret::from_env()?.as_ref())
+    pub fn connect(
+        addr: SocketAddr,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<BootstrapClient> {
+        Self::connect_with(
+            addr,
+            rank,
+            size,
+            timeout,
+            ClusterSecret::from_env()?.as_ref(),
+        )
     }
 
     /// As [`BootstrapClient::connect`] with an explicit secret.
@@ -213,14 +259,21 @@ impl BootstrapClient {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(FabricError::io(format!("connecting to bootstrap {addr}"), e)),
+                Err(e) => {
+                    return Err(FabricError::io(
+                        format!("connecting to bootstrap {addr}"),
+                        e,
+                    ))
+                }
             }
         };
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(timeout)).ok();
         let challenge = read_frame(&mut stream, 64)?;
         if challenge.len() != 4 + NONCE_LEN || &challenge[..4] != MAGIC {
-            return Err(err(format!("{addr} is not a krun bootstrap service (bad challenge)")));
+            return Err(err(format!(
+                "{addr} is not a krun bootstrap service (bad challenge)"
+            )));
         }
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
@@ -247,7 +300,9 @@ impl BootstrapClient {
     /// Our end of the connection: the address this host reaches the service from, which is
     /// the one to bind the fabric to.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.stream.local_addr().map_err(|e| FabricError::io("bootstrap local address", e))
+        self.stream
+            .local_addr()
+            .map_err(|e| FabricError::io("bootstrap local address", e))
     }
 
     pub fn size(&self) -> usize {
@@ -257,7 +312,10 @@ impl BootstrapClient {
     /// Contributes `blob` and returns every rank's blob, in rank order.
     pub fn allgather(&mut self, blob: &[u8]) -> Result<Vec<Vec<u8>>> {
         if blob.len() > MAX_BLOB {
-            return Err(err(format!("blob of {} bytes exceeds {MAX_BLOB}", blob.len())));
+            return Err(err(format!(
+                "blob of {} bytes exceeds {MAX_BLOB}",
+                blob.len()
+            )));
         }
         write_frame(&mut self.stream, blob).map_err(|e| FabricError::io("bootstrap send", e))?;
         let reply = read_frame(&mut self.stream, MAX_BLOB * self.size + 4 * self.size + 4)?;
@@ -274,12 +332,20 @@ fn parse_gather(reply: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
     let bad = || err("malformed all-gather reply");
     let count = u32::from_le_bytes(reply.get(..4).ok_or_else(bad)?.try_into().expect("4")) as usize;
     if count != size {
-        return Err(err(format!("all-gather reply has {count} blobs, expected {size}")));
+        return Err(err(format!(
+            "all-gather reply has {count} blobs, expected {size}"
+        )));
     }
     let mut pos = 4;
     let mut out = Vec::with_capacity(size);
     for _ in 0..count {
-        let len = u32::from_le_bytes(reply.get(pos..pos + 4).ok_or_else(bad)?.try_into().expect("4")) as usize;
+        let len = u32::from_le_bytes(
+            reply
+                .get(pos..pos + 4)
+                .ok_or_else(bad)?
+                .try_into()
+                .expect("4"),
+        ) as usize;
         pos += 4;
         out.push(reply.get(pos..pos + len).ok_or_else(bad)?.to_vec());
         pos += len;
@@ -298,7 +364,8 @@ mod tests {
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let mut c = BootstrapClient::connect(addr, rank, 3, Duration::from_secs(10)).unwrap();
+                    let mut c =
+                        BootstrapClient::connect(addr, rank, 3, Duration::from_secs(10)).unwrap();
                     let all = c.allgather(format!("rank{rank}").as_bytes()).unwrap();
                     c.barrier().unwrap();
                     all
@@ -307,7 +374,10 @@ mod tests {
             .collect();
         for h in handles {
             let all = h.join().unwrap();
-            assert_eq!(all, vec![b"rank0".to_vec(), b"rank1".to_vec(), b"rank2".to_vec()]);
+            assert_eq!(
+                all,
+                vec![b"rank0".to_vec(), b"rank1".to_vec(), b"rank2".to_vec()]
+            );
         }
         server.join().unwrap();
     }
@@ -324,16 +394,25 @@ mod tests {
     fn a_wrong_secret_is_refused_and_told_why() {
         let good = ClusterSecret::new(b"the right secret!".to_vec()).unwrap();
         let bad = ClusterSecret::new(b"the wrong secret!".to_vec()).unwrap();
-        let server = BootstrapServer::start_with("127.0.0.1:0", 1, Duration::from_secs(2), Some(good.clone())).unwrap();
-        let e = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&bad))
-            .err()
-            .expect("wrong secret refused");
+        let server = BootstrapServer::start_with(
+            "127.0.0.1:0",
+            1,
+            Duration::from_secs(2),
+            Some(good.clone()),
+        )
+        .unwrap();
+        let e =
+            BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&bad))
+                .err()
+                .expect("wrong secret refused");
         assert!(e.to_string().contains("wrong cluster secret"), "{e}");
         let e = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), None)
             .err()
             .expect("no secret refused");
         assert!(e.to_string().contains("wrong cluster secret"), "{e}");
-        let mut c = BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&good)).unwrap();
+        let mut c =
+            BootstrapClient::connect_with(server.addr(), 0, 1, Duration::from_secs(5), Some(&good))
+                .unwrap();
         assert_eq!(c.allgather(b"x").unwrap(), vec![b"x".to_vec()]);
         drop(c);
         server.join().unwrap();
@@ -341,12 +420,14 @@ mod tests {
 
     #[test]
     fn a_rank_outside_the_job_is_refused() {
-        let server = BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(2), None).unwrap();
+        let server =
+            BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(2), None).unwrap();
         let e = BootstrapClient::connect_with(server.addr(), 5, 2, Duration::from_secs(5), None)
             .err()
             .expect("refused");
         assert!(e.to_string().contains("rank 5"), "{e}");
-        let _a = BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(5), None).unwrap();
+        let _a = BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(5), None)
+            .unwrap();
         let e = BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(5), None)
             .err()
             .expect("refused");

@@ -50,7 +50,10 @@ impl OpState {
 
     /// Keeps `thing` alive until the operation is resolved.
     pub(crate) fn keep(&self, thing: impl Any + Send) {
-        self.keep_alive.lock().expect("keep_alive lock").push(Box::new(thing));
+        self.keep_alive
+            .lock()
+            .expect("keep_alive lock")
+            .push(Box::new(thing));
     }
 
     pub(crate) fn is_pending(&self) -> bool {

@@ -169,7 +169,10 @@ mod tests {
                 ProviderChoice::Exactly(p)
             );
         }
-        assert_eq!("AUTO".parse::<ProviderChoice>().unwrap(), ProviderChoice::Auto);
+        assert_eq!(
+            "AUTO".parse::<ProviderChoice>().unwrap(),
+            ProviderChoice::Auto
+        );
     }
 
     #[test]
@@ -192,7 +195,10 @@ mod tests {
         let err = c
             .apply_vars(|k| (k == "KRUN_FABRIC_MAX_IN_FLIGHT").then(|| "many".to_string()))
             .unwrap_err();
-        assert!(err.to_string().contains("KRUN_FABRIC_MAX_IN_FLIGHT"), "{err}");
+        assert!(
+            err.to_string().contains("KRUN_FABRIC_MAX_IN_FLIGHT"),
+            "{err}"
+        );
         let err = c
             .apply_vars(|k| (k == "KRUN_FABRIC_MAX_IN_FLIGHT").then(|| "0".to_string()))
             .unwrap_err();

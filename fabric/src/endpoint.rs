@@ -44,7 +44,8 @@ impl EndpointAddress {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<EndpointAddress> {
-        let bad = |what: &str| FabricError::BadAddress(format!("{what} ({} bytes given)", bytes.len()));
+        let bad =
+            |what: &str| FabricError::BadAddress(format!("{what} ({} bytes given)", bytes.len()));
         if bytes.len() < 5 || &bytes[..4] != ADDRESS_MAGIC {
             return Err(bad("missing KRA1 magic"));
         }
@@ -53,7 +54,8 @@ impl EndpointAddress {
         if rest.len() < name_len + 12 {
             return Err(bad("truncated header"));
         }
-        let name = std::str::from_utf8(&rest[..name_len]).map_err(|_| bad("provider name is not UTF-8"))?;
+        let name = std::str::from_utf8(&rest[..name_len])
+            .map_err(|_| bad("provider name is not UTF-8"))?;
         let provider = Provider::all()
             .into_iter()
             .find(|p| p.name() == name)
@@ -93,7 +95,13 @@ impl EndpointAddress {
 
 impl fmt::Debug for EndpointAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EndpointAddress({}, token {:016x}, {} raw bytes)", self.provider, self.token, self.raw.len())
+        write!(
+            f,
+            "EndpointAddress({}, token {:016x}, {} raw bytes)",
+            self.provider,
+            self.token,
+            self.raw.len()
+        )
     }
 }
 
@@ -159,7 +167,13 @@ pub trait Endpoint: Send + Sync {
     ) -> Result<Completion>;
 
     /// Posts an atomic 64-bit fetch-and-add; the completion yields the previous value.
-    fn post_fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<Completion>;
+    fn post_fetch_add(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        add: u64,
+    ) -> Result<Completion>;
 
     /// Posts an atomic 64-bit compare-and-swap; the completion yields the previous value
     /// (the swap happened iff it equals `compare`).
@@ -191,7 +205,9 @@ pub trait Endpoint: Send + Sync {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<()> {
-        self.post_write(peer, local, local_offset, len, remote, remote_offset)?.wait().map(drop)
+        self.post_write(peer, local, local_offset, len, remote, remote_offset)?
+            .wait()
+            .map(drop)
     }
 
     /// Blocking read; see [`Endpoint::post_read`] for the contract.
@@ -207,12 +223,21 @@ pub trait Endpoint: Send + Sync {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<()> {
-        self.post_read(peer, local, local_offset, len, remote, remote_offset)?.wait().map(drop)
+        self.post_read(peer, local, local_offset, len, remote, remote_offset)?
+            .wait()
+            .map(drop)
     }
 
     /// Blocking fetch-and-add; returns the previous value.
-    fn fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<u64> {
-        self.post_fetch_add(peer, remote, remote_offset, add)?.wait()
+    fn fetch_add(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        add: u64,
+    ) -> Result<u64> {
+        self.post_fetch_add(peer, remote, remote_offset, add)?
+            .wait()
     }
 
     /// Blocking compare-and-swap; returns the previous value.
@@ -224,7 +249,8 @@ pub trait Endpoint: Send + Sync {
         compare: u64,
         swap: u64,
     ) -> Result<u64> {
-        self.post_compare_swap(peer, remote, remote_offset, compare, swap)?.wait()
+        self.post_compare_swap(peer, remote, remote_offset, compare, swap)?
+            .wait()
     }
 }
 
@@ -242,7 +268,12 @@ impl Inbox {
     }
 
     /// Takes the oldest message with `tag`; `drive` runs the backend's progress between checks.
-    pub(crate) fn take(&self, tag: u64, timeout: Duration, drive: impl Fn() -> usize) -> Result<Message> {
+    pub(crate) fn take(
+        &self,
+        tag: u64,
+        timeout: Duration,
+        drive: impl Fn() -> usize,
+    ) -> Result<Message> {
         let start = Instant::now();
         loop {
             {
@@ -283,7 +314,10 @@ mod tests {
 
     #[test]
     fn malformed_addresses_are_rejected_with_a_reason() {
-        assert!(EndpointAddress::from_bytes(b"nope").unwrap_err().to_string().contains("magic"));
+        assert!(EndpointAddress::from_bytes(b"nope")
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         let mut good = EndpointAddress {
             provider: Provider::Shm,
             token: 1,
@@ -291,13 +325,18 @@ mod tests {
         }
         .to_bytes();
         good.truncate(good.len() - 1);
-        assert!(EndpointAddress::from_bytes(&good).unwrap_err().to_string().contains("length"));
+        assert!(EndpointAddress::from_bytes(&good)
+            .unwrap_err()
+            .to_string()
+            .contains("length"));
         assert!(EndpointAddress::from_hex("abc").is_err());
         assert!(EndpointAddress::from_hex("zz").is_err());
         let mut unknown = b"KRA1".to_vec();
         unknown.push(3);
         unknown.extend_from_slice(b"xyz");
         unknown.extend_from_slice(&[0; 12]);
-        assert!(matches!(EndpointAddress::from_bytes(&unknown), Err(FabricError::UnknownProvider(p)) if p == "xyz"));
+        assert!(
+            matches!(EndpointAddress::from_bytes(&unknown), Err(FabricError::UnknownProvider(p)) if p == "xyz")
+        );
     }
 }

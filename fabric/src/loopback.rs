@@ -71,7 +71,10 @@ impl LoopbackEndpoint {
             inbox: Inbox::default(),
             next_key: AtomicU64::new(1),
         });
-        registry().lock().expect("registry lock").insert(token, Arc::downgrade(&shared));
+        registry()
+            .lock()
+            .expect("registry lock")
+            .insert(token, Arc::downgrade(&shared));
         Ok(LoopbackEndpoint {
             shared,
             timeout: config.op_timeout,
@@ -135,7 +138,13 @@ impl LoopbackEndpoint {
         Completion::new(state, self.driver.clone(), self.timeout)
     }
 
-    fn atomic(&self, peer: PeerId, op: &'static str, remote: &RemoteRegion, offset: u64) -> Result<&AtomicU64> {
+    fn atomic(
+        &self,
+        peer: PeerId,
+        op: &'static str,
+        remote: &RemoteRegion,
+        offset: u64,
+    ) -> Result<&AtomicU64> {
         if !offset.is_multiple_of(8) {
             return Err(FabricError::Misaligned(offset));
         }
@@ -148,7 +157,10 @@ impl LoopbackEndpoint {
 
 impl Drop for LoopbackEndpoint {
     fn drop(&mut self) {
-        registry().lock().expect("registry lock").remove(&self.shared.token);
+        registry()
+            .lock()
+            .expect("registry lock")
+            .remove(&self.shared.token);
     }
 }
 
@@ -184,7 +196,11 @@ impl Endpoint for LoopbackEndpoint {
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
         let base = region.as_ptr() as usize;
         let len = region.len();
-        self.shared.keys.write().expect("keys lock").insert(key, (base, len));
+        self.shared
+            .keys
+            .write()
+            .expect("keys lock")
+            .insert(key, (base, len));
         let registration = LoopbackRegistration {
             shared: Arc::downgrade(&self.shared),
             key,
@@ -234,8 +250,16 @@ impl Endpoint for LoopbackEndpoint {
         Ok(self.done("read", peer, 0))
     }
 
-    fn post_fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<Completion> {
-        let old = self.atomic(peer, "fetch-add", remote, remote_offset)?.fetch_add(add, Ordering::SeqCst);
+    fn post_fetch_add(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        add: u64,
+    ) -> Result<Completion> {
+        let old = self
+            .atomic(peer, "fetch-add", remote, remote_offset)?
+            .fetch_add(add, Ordering::SeqCst);
         Ok(self.done("fetch-add", peer, old))
     }
 

@@ -82,7 +82,9 @@ impl Region {
     pub fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check(offset, data.len())?;
         // SAFETY: bounds checked; the region is valid for its whole length.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
         Ok(())
     }
 
@@ -90,7 +92,9 @@ impl Region {
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;
         // SAFETY: bounds checked; the region is valid for its whole length.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
 
@@ -280,14 +284,28 @@ mod tests {
         r.read_bytes(10, &mut out).unwrap();
         assert_eq!(&out, b"hello");
         let err = r.write_bytes(4094, b"abc").unwrap_err();
-        assert!(matches!(err, FabricError::OutOfBounds { offset: 4094, len: 3, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                FabricError::OutOfBounds {
+                    offset: 4094,
+                    len: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(matches!(r.atomic_u64(12), Err(FabricError::Misaligned(12))));
         assert!(Region::new(0).is_err());
     }
 
     #[test]
     fn remote_descriptor_round_trips_and_checks_bounds() {
-        let d = RemoteRegion { addr: 0x1000, key: 77, len: 100 };
+        let d = RemoteRegion {
+            addr: 0x1000,
+            key: 77,
+            len: 100,
+        };
         assert_eq!(RemoteRegion::from_bytes(&d.to_bytes()).unwrap(), d);
         assert!(RemoteRegion::from_bytes(&[1, 2, 3]).is_err());
         assert_eq!(d.target(90, 10).unwrap(), 0x1000 + 90);
@@ -300,6 +318,11 @@ mod tests {
         // 64 GiB of address space: only reserved (MAP_NORESERVE), never backed.
         let r = Region::new(64 << 30).unwrap();
         r.write_bytes((64 << 30) - 8, &[7; 8]).unwrap();
-        assert_eq!(r.atomic_u64((64 << 30) - 8).unwrap().load(Ordering::Relaxed), u64::from_le_bytes([7; 8]));
+        assert_eq!(
+            r.atomic_u64((64 << 30) - 8)
+                .unwrap()
+                .load(Ordering::Relaxed),
+            u64::from_le_bytes([7; 8])
+        );
     }
 }

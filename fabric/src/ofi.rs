@@ -26,6 +26,12 @@ const RECV_BUFFERS: usize = 32;
 const RECV_CONTEXT: u64 = 1 << 63;
 /// Sender token prepended to every message so the receiver can name the sender.
 const MSG_HEADER: usize = 8;
+/// The progress thread keeps polling this long after the last sign of activity.
+const PROGRESS_SPIN: Duration = Duration::from_micros(200);
+/// Longest sleep in poll(2) on the CQ wait fd (bounds a missed wake-up).
+const PROGRESS_POLL_MS: libc::c_int = 2;
+/// Idle polling period of the progress thread when the CQ has no wait fd (shm).
+const SHM_IDLE_POLL: Duration = Duration::from_micros(10);
 
 fn provider_string(p: Provider) -> Option<&'static str> {
     match p {
@@ -34,6 +40,22 @@ fn provider_string(p: Provider) -> Option<&'static str> {
         Provider::VerbsOfi => Some("verbs;ofi_rxm"),
         _ => None,
     }
+}
+
+/// The wait fd of a CQ opened with `FI_WAIT_FD` (`fi_control(FI_GETWAIT)`).
+///
+/// # Safety
+/// `cq` must be an open CQ.
+unsafe fn cq_wait_fd(cq: *mut sys::fid_cq) -> Option<libc::c_int> {
+    let ops = (*cq).fid.ops;
+    let control = if ops.is_null() { None } else { (*ops).control }?;
+    let mut fd: libc::c_int = -1;
+    let rc = control(
+        &mut (*cq).fid,
+        sys::FI_GETWAIT as i32,
+        (&mut fd as *mut libc::c_int).cast(),
+    );
+    (rc == 0 && fd >= 0).then_some(fd)
 }
 
 fn fi_error_string(code: i64) -> String {
@@ -136,6 +158,8 @@ struct Inner {
     send_free: Mutex<Vec<usize>>,
     recv_pool: MemoryRegion,
     shutdown: AtomicBool,
+    /// The CQ's wait fd (an epoll fd over the provider's sockets), when it has one.
+    wait_fd: Option<libc::c_int>,
 }
 
 pub struct OfiEndpoint {
@@ -169,6 +193,7 @@ impl OfiEndpoint {
             av: ptr::null_mut(),
             ep: ptr::null_mut(),
         };
+        let mut wait_fd = None;
         // SAFETY: standard libfabric set-up sequence; every out-pointer is checked before use
         // and owned by `objects`, whose Drop closes what was opened.
         unsafe {
@@ -198,11 +223,12 @@ impl OfiEndpoint {
             let name = CString::new(prov).expect("no NUL in provider names");
             // fi_freeinfo frees prov_name with free(): give it a malloc'd copy.
             (*(*hints).fabric_attr).prov_name = libc::strdup(name.as_ptr());
-            let node = CString::new(config.bind_address.as_str()).map_err(|_| FabricError::BadConfig {
-                key: "bind_address".into(),
-                value: config.bind_address.clone(),
-                reason: "contains NUL".into(),
-            })?;
+            let node =
+                CString::new(config.bind_address.as_str()).map_err(|_| FabricError::BadConfig {
+                    key: "bind_address".into(),
+                    value: config.bind_address.clone(),
+                    reason: "contains NUL".into(),
+                })?;
             let (node_ptr, flags) = if provider == Provider::Shm {
                 (ptr::null(), 0)
             } else {
@@ -224,27 +250,95 @@ impl OfiEndpoint {
                 });
             }
             let info = objects.info;
-            check(prov, "fi_fabric", sys::fi_fabric((*info).fabric_attr, &mut objects.fabric, ptr::null_mut()) as i64)?;
-            check(prov, "fi_domain", sys::krun_fi_domain(objects.fabric, info, &mut objects.domain, ptr::null_mut()) as i64)?;
-            let mut cq_attr = sys::fi_cq_attr {
-                size: (config.max_in_flight + RECV_BUFFERS + 64).next_power_of_two(),
-                format: sys::fi_cq_format_FI_CQ_FORMAT_TAGGED,
-                wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
-                ..Default::default()
-            };
-            check(prov, "fi_cq_open", sys::krun_fi_cq_open(objects.domain, &mut cq_attr, &mut objects.cq, ptr::null_mut()) as i64)?;
+            check(
+                prov,
+                "fi_fabric",
+                sys::fi_fabric((*info).fabric_attr, &mut objects.fabric, ptr::null_mut()) as i64,
+            )?;
+            check(
+                prov,
+                "fi_domain",
+                sys::krun_fi_domain(objects.fabric, info, &mut objects.domain, ptr::null_mut())
+                    as i64,
+            )?;
+            let cq_size = (config.max_in_flight + RECV_BUFFERS + 64).next_power_of_two();
+            // A CQ with a wait fd lets the idle progress thread sleep in poll(2) until data
+            // arrives on a connection, instead of polling on a timer (shm has no fd to wait on).
+            if provider != Provider::Shm {
+                let mut cq_attr = sys::fi_cq_attr {
+                    size: cq_size,
+                    format: sys::fi_cq_format_FI_CQ_FORMAT_TAGGED,
+                    wait_obj: sys::fi_wait_obj_FI_WAIT_FD,
+                    ..Default::default()
+                };
+                if sys::krun_fi_cq_open(
+                    objects.domain,
+                    &mut cq_attr,
+                    &mut objects.cq,
+                    ptr::null_mut(),
+                ) == 0
+                {
+                    wait_fd = cq_wait_fd(objects.cq);
+                    if wait_fd.is_none() {
+                        sys::krun_fi_close_cq(objects.cq);
+                        objects.cq = ptr::null_mut();
+                    }
+                } else {
+                    objects.cq = ptr::null_mut();
+                }
+            }
+            if objects.cq.is_null() {
+                let mut cq_attr = sys::fi_cq_attr {
+                    size: cq_size,
+                    format: sys::fi_cq_format_FI_CQ_FORMAT_TAGGED,
+                    wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
+                    ..Default::default()
+                };
+                check(
+                    prov,
+                    "fi_cq_open",
+                    sys::krun_fi_cq_open(
+                        objects.domain,
+                        &mut cq_attr,
+                        &mut objects.cq,
+                        ptr::null_mut(),
+                    ) as i64,
+                )?;
+            }
             let mut av_attr = sys::fi_av_attr {
                 type_: sys::fi_av_type_FI_AV_TABLE,
                 ..Default::default()
             };
-            check(prov, "fi_av_open", sys::krun_fi_av_open(objects.domain, &mut av_attr, &mut objects.av, ptr::null_mut()) as i64)?;
-            check(prov, "fi_endpoint", sys::krun_fi_endpoint(objects.domain, info, &mut objects.ep, ptr::null_mut()) as i64)?;
+            check(
+                prov,
+                "fi_av_open",
+                sys::krun_fi_av_open(
+                    objects.domain,
+                    &mut av_attr,
+                    &mut objects.av,
+                    ptr::null_mut(),
+                ) as i64,
+            )?;
+            check(
+                prov,
+                "fi_endpoint",
+                sys::krun_fi_endpoint(objects.domain, info, &mut objects.ep, ptr::null_mut())
+                    as i64,
+            )?;
             check(
                 prov,
                 "fi_ep_bind(cq)",
-                sys::krun_fi_ep_bind(objects.ep, &mut (*objects.cq).fid, (sys::FI_TRANSMIT | sys::FI_RECV) as u64) as i64,
+                sys::krun_fi_ep_bind(
+                    objects.ep,
+                    &mut (*objects.cq).fid,
+                    (sys::FI_TRANSMIT | sys::FI_RECV) as u64,
+                ) as i64,
             )?;
-            check(prov, "fi_ep_bind(av)", sys::krun_fi_ep_bind(objects.ep, &mut (*objects.av).fid, 0) as i64)?;
+            check(
+                prov,
+                "fi_ep_bind(av)",
+                sys::krun_fi_ep_bind(objects.ep, &mut (*objects.av).fid, 0) as i64,
+            )?;
             check(prov, "fi_enable", sys::krun_fi_enable(objects.ep) as i64)?;
         }
         // SAFETY: info is valid until objects is dropped.
@@ -255,8 +349,20 @@ impl OfiEndpoint {
         let send_slots = 64usize;
         let slot_bytes = config.max_message + MSG_HEADER;
         let atomic_scratch = register_with(&objects, prov, mr_mode, 1, Region::new(slots * 24)?)?;
-        let send_pool = register_with(&objects, prov, mr_mode, 2, Region::new(send_slots * slot_bytes)?)?;
-        let recv_pool = register_with(&objects, prov, mr_mode, 3, Region::new(RECV_BUFFERS * slot_bytes)?)?;
+        let send_pool = register_with(
+            &objects,
+            prov,
+            mr_mode,
+            2,
+            Region::new(send_slots * slot_bytes)?,
+        )?;
+        let recv_pool = register_with(
+            &objects,
+            prov,
+            mr_mode,
+            3,
+            Region::new(RECV_BUFFERS * slot_bytes)?,
+        )?;
         let inner = Arc::new(Inner {
             provider,
             provider_name: prov.to_string(),
@@ -279,6 +385,7 @@ impl OfiEndpoint {
             send_free: Mutex::new((0..send_slots).rev().collect()),
             recv_pool,
             shutdown: AtomicBool::new(false),
+            wait_fd,
         });
         for i in 0..RECV_BUFFERS {
             inner.post_recv(i)?;
@@ -307,7 +414,14 @@ impl Drop for OfiEndpoint {
             let _ = t.join();
         }
         // Fail whatever is still pending so no waiter hangs.
-        let pending: Vec<Pending> = self.inner.pending.lock().expect("pending").drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = self
+            .inner
+            .pending
+            .lock()
+            .expect("pending")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in pending {
             p.state.finish(Err(FabricError::Closed));
         }
@@ -321,7 +435,12 @@ fn register_with(
     requested_key: u64,
     region: Region,
 ) -> Result<MemoryRegion> {
-    let access = (sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE | sys::FI_SEND | sys::FI_RECV) as u64;
+    let access = (sys::FI_READ
+        | sys::FI_WRITE
+        | sys::FI_REMOTE_READ
+        | sys::FI_REMOTE_WRITE
+        | sys::FI_SEND
+        | sys::FI_RECV) as u64;
     let mut mr: *mut sys::fid_mr = ptr::null_mut();
     let len = region.len();
     // SAFETY: the region is valid for len bytes and outlives the registration (MemoryRegion
@@ -369,7 +488,8 @@ fn register_with(
 }
 
 fn desc_of(mr: &MemoryRegion) -> *mut c_void {
-    mr.registration::<OfiRegistration>().map_or(ptr::null_mut(), |r| r.desc)
+    mr.registration::<OfiRegistration>()
+        .map_or(ptr::null_mut(), |r| r.desc)
 }
 
 impl Inner {
@@ -417,7 +537,12 @@ impl Inner {
     }
 
     /// Registers a new pending operation and returns its context id.
-    fn track(&self, state: &Arc<OpState>, atomic_slot: Option<usize>, send_slot: Option<usize>) -> u64 {
+    fn track(
+        &self,
+        state: &Arc<OpState>,
+        atomic_slot: Option<usize>,
+        send_slot: Option<usize>,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.lock().expect("pending").insert(
             id,
@@ -435,7 +560,13 @@ impl Inner {
     }
 
     /// Retries a post while the provider's queue is full, driving progress, up to the timeout.
-    fn post(&self, op: &'static str, peer: PeerId, id: u64, mut f: impl FnMut() -> isize) -> Result<()> {
+    fn post(
+        &self,
+        op: &'static str,
+        peer: PeerId,
+        id: u64,
+        mut f: impl FnMut() -> isize,
+    ) -> Result<()> {
         let start = Instant::now();
         loop {
             let rc = f();
@@ -506,33 +637,84 @@ impl Inner {
                 self.inbox.push(Message { tag, peer, data });
             }
         } else {
-            eprintln!("krun fabric: dropping a {len}-byte message without a sender header (tag {tag:#x})");
+            eprintln!(
+                "krun fabric: dropping a {len}-byte message without a sender header (tag {tag:#x})"
+            );
         }
         if let Err(e) = self.post_recv(index) {
             eprintln!("krun fabric: could not repost receive buffer {index}: {e}");
         }
     }
 
+    /// `fi_trywait` on the CQ: true when nothing is pending and the wait fd is armed.
+    fn try_wait(&self) -> bool {
+        let Ok(_guard) = self.cq_lock.try_lock() else {
+            return false;
+        };
+        let fabric = self.objects.0.fabric;
+        // SAFETY: fabric and cq are open for the endpoint's lifetime; trywait takes an array
+        // of one fid.
+        unsafe {
+            let ops = (*fabric).ops;
+            let Some(trywait) = (if ops.is_null() { None } else { (*ops).trywait }) else {
+                return false;
+            };
+            let mut fid: *mut sys::fid = &mut (*self.objects.0.cq).fid;
+            trywait(fabric, &mut fid, 1) == 0
+        }
+    }
+
     fn progress_loop(&self) {
-        let mut idle_since = Instant::now();
+        // Sleeps in this thread are short; ask the kernel not to stretch them by its default
+        // 50 us timer slack.
+        // SAFETY: PR_SET_TIMERSLACK takes a value and touches no memory; it affects this thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
+        let mut active_at = Instant::now();
         while !self.shutdown.load(Ordering::Relaxed) {
             if self.waiters.load(Ordering::Relaxed) > 0 {
-                // A waiter drives progress itself; stay out of its way.
-                std::thread::sleep(Duration::from_micros(100));
+                // A waiter drives progress itself; stay out of its way (it parks after a few
+                // ms and then relies on this thread, so keep the nap short).
+                std::thread::sleep(Duration::from_micros(50));
+                active_at = Instant::now();
                 continue;
             }
             if self.progress() > 0 || self.in_flight.current() > 0 {
-                idle_since = Instant::now();
+                active_at = Instant::now();
                 std::thread::yield_now();
                 continue;
             }
-            let idle = idle_since.elapsed();
-            if idle < Duration::from_millis(5) {
+            let idle = active_at.elapsed();
+            if idle < PROGRESS_SPIN {
+                // Requests tend to come in bursts (a peer's ping-pong, a pipeline): stay hot.
                 std::thread::yield_now();
-            } else {
-                // Target-side work (serving remote reads and writes) produces no completions
-                // here, so keep polling, just less eagerly when long idle.
-                std::thread::sleep(Duration::from_micros(if idle < Duration::from_millis(100) { 20 } else { 200 }));
+                continue;
+            }
+            match self.wait_fd {
+                Some(fd) => {
+                    // The provider may hold data it already took off the sockets: sleeping is
+                    // only safe once fi_trywait agrees.
+                    if !self.try_wait() {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    // Sleep until a connection has data; serving remote reads and writes
+                    // produces no local completion, so data arriving counts as activity.
+                    let mut pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: pfd is a valid pollfd array of length 1.
+                    let n = unsafe { libc::poll(&mut pfd, 1, PROGRESS_POLL_MS) };
+                    if n > 0 {
+                        active_at = Instant::now();
+                    }
+                }
+                None => {
+                    // shm: target-side work (remote writes with delivery completion, atomics)
+                    // is invisible here, so poll on a short timer.
+                    std::thread::sleep(SHM_IDLE_POLL);
+                }
             }
         }
     }
@@ -547,7 +729,13 @@ impl Progress for Inner {
         let mut entries: [sys::fi_cq_tagged_entry; 16] = Default::default();
         loop {
             // SAFETY: entries has room for 16 tagged entries, the format the CQ was opened with.
-            let n = unsafe { sys::krun_fi_cq_read(self.objects.0.cq, entries.as_mut_ptr().cast(), entries.len()) };
+            let n = unsafe {
+                sys::krun_fi_cq_read(
+                    self.objects.0.cq,
+                    entries.as_mut_ptr().cast(),
+                    entries.len(),
+                )
+            };
             if n > 0 {
                 for e in &entries[..n as usize] {
                     let id = e.op_context as u64;
@@ -585,7 +773,10 @@ impl Inner {
         if id & RECV_CONTEXT != 0 {
             let index = (id & !RECV_CONTEXT) as usize;
             if err.err != sys::FI_ECANCELED as i32 {
-                eprintln!("krun fabric: receive error {}; reposting buffer {index}", fi_error_string(err.err as i64));
+                eprintln!(
+                    "krun fabric: receive error {}; reposting buffer {index}",
+                    fi_error_string(err.err as i64)
+                );
                 let _ = self.post_recv(index);
             }
             return;
@@ -594,19 +785,32 @@ impl Inner {
         // SAFETY: buf is writable for its length; the provider writes a C string into it or
         // returns a static one.
         let detail = unsafe {
-            let s = sys::krun_fi_cq_strerror(self.objects.0.cq, err.prov_errno, err.err_data, buf.as_mut_ptr(), buf.len());
+            let s = sys::krun_fi_cq_strerror(
+                self.objects.0.cq,
+                err.prov_errno,
+                err.err_data,
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
             if s.is_null() {
                 String::new()
             } else {
                 CStr::from_ptr(s).to_string_lossy().into_owned()
             }
         };
-        let Some(p) = self.pending.lock().expect("pending").get(&id).map(|p| (p.state.op, p.state.peer)) else {
+        let Some(p) = self
+            .pending
+            .lock()
+            .expect("pending")
+            .get(&id)
+            .map(|p| (p.state.op, p.state.peer))
+        else {
             return;
         };
         let (op, peer) = p;
         let code = err.err as u32;
-        let e = if code == sys::FI_EACCES || code == sys::FI_EKEYREJECTED || code == sys::FI_EINVAL {
+        let e = if code == sys::FI_EACCES || code == sys::FI_EKEYREJECTED || code == sys::FI_EINVAL
+        {
             FabricError::RemoteAccess { op, peer, key: 0 }
         } else {
             FabricError::Remote {
@@ -628,7 +832,8 @@ impl Endpoint for OfiEndpoint {
         let mut raw = vec![0u8; 256];
         let mut len = raw.len();
         // SAFETY: raw has room for len bytes; the ep is enabled.
-        let rc = unsafe { sys::krun_fi_getname(self.inner.ep(), raw.as_mut_ptr().cast(), &mut len) };
+        let rc =
+            unsafe { sys::krun_fi_getname(self.inner.ep(), raw.as_mut_ptr().cast(), &mut len) };
         if rc != 0 {
             raw.resize(len.max(256), 0);
             // SAFETY: as above, with the size the provider asked for.
@@ -670,7 +875,11 @@ impl Endpoint for OfiEndpoint {
                 "{} rejected the peer address ({} bytes): {}",
                 self.inner.provider_name,
                 peer.raw.len(),
-                if n < 0 { fi_error_string(n as i64) } else { "not inserted".into() }
+                if n < 0 {
+                    fi_error_string(n as i64)
+                } else {
+                    "not inserted".into()
+                }
             )));
         }
         peers.push((peer.token, fi_addr));
@@ -685,7 +894,13 @@ impl Endpoint for OfiEndpoint {
         } else {
             self.inner.next_key.fetch_add(1, Ordering::Relaxed)
         };
-        register_with(&self.inner.objects, &self.inner.provider_name, mr_mode, key, region)
+        register_with(
+            &self.inner.objects,
+            &self.inner.provider_name,
+            mr_mode,
+            key,
+            region,
+        )
     }
 
     fn op_timeout(&self) -> Duration {
@@ -701,7 +916,15 @@ impl Endpoint for OfiEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
-        self.rma(RmaKind::Write, peer, local, local_offset, len, remote, remote_offset)
+        self.rma(
+            RmaKind::Write,
+            peer,
+            local,
+            local_offset,
+            len,
+            remote,
+            remote_offset,
+        )
     }
 
     unsafe fn post_read(
@@ -713,10 +936,24 @@ impl Endpoint for OfiEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
-        self.rma(RmaKind::Read, peer, local, local_offset, len, remote, remote_offset)
+        self.rma(
+            RmaKind::Read,
+            peer,
+            local,
+            local_offset,
+            len,
+            remote,
+            remote_offset,
+        )
     }
 
-    fn post_fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<Completion> {
+    fn post_fetch_add(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        add: u64,
+    ) -> Result<Completion> {
         self.atomic("fetch-add", peer, remote, remote_offset, add, None)
     }
 
@@ -728,7 +965,14 @@ impl Endpoint for OfiEndpoint {
         compare: u64,
         swap: u64,
     ) -> Result<Completion> {
-        self.atomic("compare-swap", peer, remote, remote_offset, swap, Some(compare))
+        self.atomic(
+            "compare-swap",
+            peer,
+            remote,
+            remote_offset,
+            swap,
+            Some(compare),
+        )
     }
 
     fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()> {
@@ -740,7 +984,9 @@ impl Endpoint for OfiEndpoint {
             });
         }
         let addr = inner.peer_addr(peer)?;
-        inner.in_flight.acquire(inner.as_ref(), "send", peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), "send", peer, inner.timeout)?;
         let slot = loop {
             if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
                 break s;
@@ -750,7 +996,9 @@ impl Endpoint for OfiEndpoint {
         };
         let slot_bytes = inner.slot_bytes();
         let base = slot * slot_bytes;
-        inner.send_pool.write_bytes(base, &inner.token.to_le_bytes())?;
+        inner
+            .send_pool
+            .write_bytes(base, &inner.token.to_le_bytes())?;
         inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
         let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
         let state = OpState::new("send", peer);
@@ -769,7 +1017,9 @@ impl Endpoint for OfiEndpoint {
                 )
             }
         })?;
-        Completion::new(state, inner.clone(), inner.timeout).wait().map(drop)
+        Completion::new(state, inner.clone(), inner.timeout)
+            .wait()
+            .map(drop)
     }
 
     fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
@@ -807,7 +1057,9 @@ impl OfiEndpoint {
         let buf = local.check_local(local_offset, len)?;
         let target = remote.target(remote_offset, len as u64)?;
         let addr = inner.peer_addr(peer)?;
-        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let state = OpState::new(op, peer);
         state.keep(local.clone());
         let id = inner.track(&state, None, None);
@@ -836,13 +1088,17 @@ impl OfiEndpoint {
             // operation state; the caller upholds the access contract of post_write/post_read.
             unsafe {
                 match kind {
-                    // Completion only once the data is visible at the target.
+                    // Completion only once the data is visible at the target. (Not dropped on
+                    // shm either: its "fast RMA" path, taken without this flag, writes through
+                    // process_vm_writev without checking the target's key.)
                     RmaKind::Write => sys::krun_fi_writemsg(
                         inner.ep(),
                         &msg,
                         (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
                     ),
-                    RmaKind::Read => sys::krun_fi_readmsg(inner.ep(), &msg, sys::FI_COMPLETION as u64),
+                    RmaKind::Read => {
+                        sys::krun_fi_readmsg(inner.ep(), &msg, sys::FI_COMPLETION as u64)
+                    }
                 }
             }
         })?;
@@ -859,12 +1115,14 @@ impl OfiEndpoint {
         compare: Option<u64>,
     ) -> Result<Completion> {
         let inner = &self.inner;
-        if remote_offset % 8 != 0 {
+        if remote_offset & 7 != 0 {
             return Err(FabricError::Misaligned(remote_offset));
         }
         let target = remote.target(remote_offset, 8)?;
         let addr = inner.peer_addr(peer)?;
-        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let slot = inner
             .atomic_free
             .lock()
@@ -874,7 +1132,9 @@ impl OfiEndpoint {
         let scratch = &inner.atomic_scratch;
         let base = slot * 24;
         scratch.atomic_u64(base)?.store(operand, Ordering::Relaxed);
-        scratch.atomic_u64(base + 8)?.store(compare.unwrap_or(0), Ordering::Relaxed);
+        scratch
+            .atomic_u64(base + 8)?
+            .store(compare.unwrap_or(0), Ordering::Relaxed);
         scratch.atomic_u64(base + 16)?.store(0, Ordering::Release);
         let ptr_at = |off: usize| scratch.check_local(base + off, 8).map(|p| p as *mut c_void);
         let (operand_ptr, compare_ptr, result_ptr) = (ptr_at(0)?, ptr_at(8)?, ptr_at(16)?);
@@ -887,7 +1147,7 @@ impl OfiEndpoint {
             addr: operand_ptr,
             count: 1,
         };
-        let mut compare_ioc = sys::fi_ioc {
+        let compare_ioc = sys::fi_ioc {
             addr: compare_ptr,
             count: 1,
         };
@@ -924,7 +1184,7 @@ impl OfiEndpoint {
                     sys::krun_fi_compare_atomicmsg(
                         inner.ep(),
                         &msg,
-                        &mut compare_ioc,
+                        &compare_ioc,
                         &mut compare_desc,
                         1,
                         &mut result_ioc,

@@ -67,7 +67,10 @@ impl ClusterSecret {
     /// `KRUN_SECRET_FILE` (a 0600 file), else `KRUN_SECRET` (hex, set by krun for the
     /// processes it starts), else none.
     pub fn from_env() -> Result<Option<ClusterSecret>> {
-        if let Some(path) = std::env::var("KRUN_SECRET_FILE").ok().filter(|p| !p.is_empty()) {
+        if let Some(path) = std::env::var("KRUN_SECRET_FILE")
+            .ok()
+            .filter(|p| !p.is_empty())
+        {
             return ClusterSecret::from_file(Path::new(&path)).map(Some);
         }
         match std::env::var("KRUN_SECRET").ok().filter(|h| !h.is_empty()) {

@@ -17,21 +17,34 @@ fn write_read_atomics_messages(provider: Provider) {
     let (a, b) = pair(provider);
     let peer = a.connect(&b.address()).unwrap();
     let b_peer = b.connect(&a.address()).unwrap();
-    assert_eq!(a.connect(&b.address()).unwrap(), peer, "connecting twice gives the same peer");
+    assert_eq!(
+        a.connect(&b.address()).unwrap(),
+        peer,
+        "connecting twice gives the same peer"
+    );
 
     let target = b.register(Region::new(1 << 20).unwrap()).unwrap();
     let local = a.register(Region::new(1 << 20).unwrap()).unwrap();
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
     local.write_bytes(0, &pattern).unwrap();
     // SAFETY: nobody else touches these ranges during the call.
-    unsafe { a.write(peer, &local, 0, pattern.len(), &target.remote(), 4096).unwrap() };
+    unsafe {
+        a.write(peer, &local, 0, pattern.len(), &target.remote(), 4096)
+            .unwrap()
+    };
     let mut seen = vec![0u8; pattern.len()];
     target.read_bytes(4096, &mut seen).unwrap();
-    assert_eq!(seen, pattern, "{provider}: written data visible at the target on completion");
+    assert_eq!(
+        seen, pattern,
+        "{provider}: written data visible at the target on completion"
+    );
 
     target.write_bytes(200_000, b"from the target").unwrap();
     // SAFETY: as above.
-    unsafe { a.read(peer, &local, 100, 15, &target.remote(), 200_000).unwrap() };
+    unsafe {
+        a.read(peer, &local, 100, 15, &target.remote(), 200_000)
+            .unwrap()
+    };
     let mut got = [0u8; 15];
     local.read_bytes(100, &mut got).unwrap();
     assert_eq!(&got, b"from the target");
@@ -40,19 +53,32 @@ fn write_read_atomics_messages(provider: Provider) {
     assert_eq!(a.fetch_add(peer, &r, 8, 5).unwrap(), 0);
     assert_eq!(a.fetch_add(peer, &r, 8, 7).unwrap(), 5);
     assert_eq!(target.atomic_u64(8).unwrap().load(Ordering::SeqCst), 12);
-    assert_eq!(a.compare_swap(peer, &r, 8, 99, 1).unwrap(), 12, "failed CAS returns the value");
+    assert_eq!(
+        a.compare_swap(peer, &r, 8, 99, 1).unwrap(),
+        12,
+        "failed CAS returns the value"
+    );
     assert_eq!(a.compare_swap(peer, &r, 8, 12, 1).unwrap(), 12);
     assert_eq!(target.atomic_u64(8).unwrap().load(Ordering::SeqCst), 1);
 
     a.send(peer, 42, b"hello b").unwrap();
     a.send(peer, 7, b"other tag").unwrap();
     let m = b.recv(7, Duration::from_secs(5)).unwrap();
-    assert_eq!((m.tag, m.data.as_slice(), m.peer), (7, &b"other tag"[..], Some(b_peer)));
+    assert_eq!(
+        (m.tag, m.data.as_slice(), m.peer),
+        (7, &b"other tag"[..], Some(b_peer))
+    );
     let m = b.recv(42, Duration::from_secs(5)).unwrap();
     assert_eq!(m.data, b"hello b");
-    assert!(matches!(b.recv(42, Duration::from_millis(50)), Err(FabricError::RecvTimeout { tag: 42, .. })));
+    assert!(matches!(
+        b.recv(42, Duration::from_millis(50)),
+        Err(FabricError::RecvTimeout { tag: 42, .. })
+    ));
     let too_big = vec![0u8; FabricConfig::default().max_message + 1];
-    assert!(matches!(a.send(peer, 1, &too_big), Err(FabricError::MessageTooLarge { .. })));
+    assert!(matches!(
+        a.send(peer, 1, &too_big),
+        Err(FabricError::MessageTooLarge { .. })
+    ));
 }
 
 fn bad_accesses(provider: Provider) {
@@ -64,17 +90,34 @@ fn bad_accesses(provider: Provider) {
     // SAFETY: the operations are rejected or touch only our own buffers.
     unsafe {
         let e = a.write(peer, &local, 0, 64, &r, 4090).unwrap_err();
-        assert!(matches!(e, FabricError::OutOfBounds { what: "remote", .. }), "{e}");
+        assert!(
+            matches!(e, FabricError::OutOfBounds { what: "remote", .. }),
+            "{e}"
+        );
         let e = a.read(peer, &local, 4095, 2, &r, 0).unwrap_err();
-        assert!(matches!(e, FabricError::OutOfBounds { what: "local", .. }), "{e}");
-        let forged = RemoteRegion { key: r.key ^ 0x5a5a_0000_1234, ..r };
+        assert!(
+            matches!(e, FabricError::OutOfBounds { what: "local", .. }),
+            "{e}"
+        );
+        let forged = RemoteRegion {
+            key: r.key ^ 0x5a5a_0000_1234,
+            ..r
+        };
         let e = a.write(peer, &local, 0, 64, &forged, 0).unwrap_err();
         assert!(
-            matches!(e, FabricError::RemoteAccess { .. } | FabricError::Remote { .. } | FabricError::Timeout { .. }),
+            matches!(
+                e,
+                FabricError::RemoteAccess { .. }
+                    | FabricError::Remote { .. }
+                    | FabricError::Timeout { .. }
+            ),
             "{provider}: a bad key must fail, got {e}"
         );
     }
-    assert!(matches!(a.fetch_add(peer, &r, 4, 1), Err(FabricError::Misaligned(4))));
+    assert!(matches!(
+        a.fetch_add(peer, &r, 4, 1),
+        Err(FabricError::Misaligned(4))
+    ));
     let e = a.fetch_add(fabric::PeerId(9), &r, 0, 1).unwrap_err();
     assert!(matches!(e, FabricError::UnknownPeer(_)), "{e}");
 }
@@ -88,18 +131,33 @@ fn many_in_flight(provider: Provider) {
     let target = b.register(Region::new(1 << 20).unwrap()).unwrap();
     let local = a.register(Region::new(1 << 20).unwrap()).unwrap();
     for i in 0..256usize {
-        local.write_bytes(i * 4096, &[(i % 251) as u8; 4096]).unwrap();
+        local
+            .write_bytes(i * 4096, &[(i % 251) as u8; 4096])
+            .unwrap();
     }
     // 256 posts through a queue of 8: posting blocks instead of failing.
     let completions: Vec<_> = (0..256usize)
         // SAFETY: distinct ranges, untouched until all complete.
-        .map(|i| unsafe { a.post_write(peer, &local, i * 4096, 4096, &target.remote(), (i * 4096) as u64).unwrap() })
+        .map(|i| unsafe {
+            a.post_write(
+                peer,
+                &local,
+                i * 4096,
+                4096,
+                &target.remote(),
+                (i * 4096) as u64,
+            )
+            .unwrap()
+        })
         .collect();
     fabric::wait_all(completions).unwrap();
     for i in [0usize, 17, 255] {
         let mut page = vec![0u8; 4096];
         target.read_bytes(i * 4096, &mut page).unwrap();
-        assert!(page.iter().all(|&x| x == (i % 251) as u8), "{provider}: page {i}");
+        assert!(
+            page.iter().all(|&x| x == (i % 251) as u8),
+            "{provider}: page {i}"
+        );
     }
 }
 
@@ -132,7 +190,10 @@ fn unknown_provider_is_reported_by_name() {
 #[test]
 fn a_registration_beyond_the_address_space_is_refused_with_its_size() {
     let e = Region::new(1 << 62).unwrap_err();
-    assert!(matches!(e, FabricError::Registration { len, .. } if len == 1 << 62), "{e}");
+    assert!(
+        matches!(e, FabricError::Registration { len, .. } if len == 1 << 62),
+        "{e}"
+    );
 }
 
 #[test]
@@ -146,7 +207,11 @@ fn many_gib_regions_register_on_libfabric() {
     let local = peer_ep.register(Region::new(4096).unwrap()).unwrap();
     local.write_bytes(0, b"far end").unwrap();
     // SAFETY: private buffers, nothing else touches them.
-    unsafe { peer_ep.write(peer, &local, 0, 7, &mr.remote(), (16 << 30) - 7).unwrap() };
+    unsafe {
+        peer_ep
+            .write(peer, &local, 0, 7, &mr.remote(), (16 << 30) - 7)
+            .unwrap()
+    };
     let mut got = [0u8; 7];
     mr.read_bytes((16 << 30) - 7, &mut got).unwrap();
     assert_eq!(&got, b"far end");
@@ -154,9 +219,14 @@ fn many_gib_regions_register_on_libfabric() {
 
 #[test]
 fn providers_without_hardware_report_unavailable_by_name() {
-    for (p, name) in [(Provider::VerbsOfi, "verbs;ofi_rxm"), (Provider::Verbs, "verbs")] {
+    for (p, name) in [
+        (Provider::VerbsOfi, "verbs;ofi_rxm"),
+        (Provider::Verbs, "verbs"),
+    ] {
         match open(&FabricConfig::with_provider(p)) {
-            Err(e @ FabricError::ProviderUnavailable { .. }) => assert!(e.to_string().contains(name), "{e}"),
+            Err(e @ FabricError::ProviderUnavailable { .. }) => {
+                assert!(e.to_string().contains(name), "{e}")
+            }
             Err(e) => panic!("{p}: expected ProviderUnavailable, got {e}"),
             Ok(_) => eprintln!("{p}: an RDMA device exists here; unavailability not testable"),
         }

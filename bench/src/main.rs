@@ -1,0 +1,36 @@
+//! `bench <subcommand> [options]`: see [`USAGE`].
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: bench <subcommand> [options]
+
+subcommands:
+  fabric   one-sided RMA latency and bandwidth per provider (tcp, shm, verbs), against
+           loopback iperf3 and memcpy; writes bench/results/fabric.json
+           options: --providers tcp,shm,verbs  --lat-ops N  --bw-secs S  --iperf-secs S
+                    --quick  --out PATH";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(sub) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match sub.as_str() {
+        "fabric" => bench::fabric::run(rest),
+        // Hidden: the target process `bench fabric` re-executes itself as.
+        "fabric-target" => bench::fabric::target(rest),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => Err(format!("unknown subcommand {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench {sub}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

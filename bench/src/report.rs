@@ -1,0 +1,236 @@
+//! Shared by every subcommand: argument parsing, table printing, JSON results, statistics.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Hand-parsed `--key value` / `--flag` arguments of one subcommand.
+#[derive(Debug, Default)]
+pub struct Args {
+    pairs: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    /// Parses `--key value`, `--key=value` and bare `--flag` (a flag is followed by another
+    /// `--option` or nothing). Positional arguments are rejected.
+    pub fn parse(raw: &[String]) -> Result<Args, String> {
+        let mut pairs = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            let a = &raw[i];
+            let Some(key) = a.strip_prefix("--") else {
+                return Err(format!(
+                    "unexpected argument {a:?} (options are --key value)"
+                ));
+            };
+            if let Some((k, v)) = key.split_once('=') {
+                pairs.push((k.to_string(), Some(v.to_string())));
+            } else if raw.get(i + 1).is_some_and(|n| !n.starts_with("--")) {
+                pairs.push((key.to_string(), Some(raw[i + 1].clone())));
+                i += 1;
+            } else {
+                pairs.push((key.to_string(), None));
+            }
+            i += 1;
+        }
+        Ok(Args { pairs })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    pub fn flag(&self, key: &str) -> bool {
+        self.pairs.iter().any(|(k, _)| k == key)
+    }
+
+    /// Rejects options outside `known`, naming the first one.
+    pub fn only(&self, known: &[&str]) -> Result<(), String> {
+        match self
+            .pairs
+            .iter()
+            .find(|(k, _)| !known.contains(&k.as_str()))
+        {
+            Some((k, _)) => Err(format!(
+                "unknown option --{k} (known: {})",
+                known.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn required(&self, key: &str) -> Result<&str, String> {
+        self.get(key).ok_or_else(|| format!("missing --{key}"))
+    }
+
+    pub fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{key} {v:?}: not a number")),
+        }
+    }
+}
+
+/// A plain-text table with right-aligned columns (the first is left-aligned).
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let cols = self.headers.len();
+        let mut width: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate().take(cols) {
+                width[i] = width[i].max(c.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut s = String::new();
+            for (i, w) in width.iter().enumerate() {
+                let c = cells.get(i).map_or("", |c| c.as_str());
+                if i == 0 {
+                    s.push_str(&format!("{c:<w$}"));
+                } else {
+                    s.push_str(&format!("  {c:>w$}"));
+                }
+            }
+            s.trim_end().to_string()
+        };
+        let mut out = line(&self.headers);
+        out.push('\n');
+        out.push_str(&"-".repeat(width.iter().sum::<usize>() + 2 * (cols.saturating_sub(1))));
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `bench/results/<name>.json` in the source tree (where `cargo run -p bench` expects it).
+pub fn results_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("results")
+        .join(format!("{name}.json"))
+}
+
+/// Writes `value` pretty-printed to `path`, creating the directory.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| format!("encoding JSON: {e}"))?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// A float for JSON, rounded to 4 significant digits; NaN/inf become null.
+pub fn json_num(x: Option<f64>) -> serde_json::Value {
+    match x {
+        Some(v) if v.is_finite() => {
+            let rounded = if v == 0.0 {
+                0.0
+            } else {
+                let digits = 3 - v.abs().log10().floor() as i32;
+                let scale = 10f64.powi(digits);
+                (v * scale).round() / scale
+            };
+            serde_json::Number::from_f64(rounded)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number)
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// A number for a table cell: `-` when absent.
+pub fn cell(x: Option<f64>, decimals: usize) -> String {
+    x.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+/// The `q`-quantile (0..=1) of sorted samples, nearest rank.
+pub fn quantile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// Bytes per second in GB/s (1e9 bytes/s).
+pub fn gbs(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64().max(1e-12) / 1e9
+}
+
+/// A human size: 8 B, 4 KiB, 1 MiB.
+pub fn size_name(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes & ((1 << 20) - 1) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes & ((1 << 10) - 1) == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_parse_pairs_flags_and_reject_positionals() {
+        let raw: Vec<String> = ["--a", "1", "--quick", "--b=x", "--c", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let a = Args::parse(&raw).unwrap();
+        assert_eq!(a.get("a"), Some("1"));
+        assert!(a.flag("quick"));
+        assert_eq!(a.get("b"), Some("x"));
+        assert_eq!(a.number("c", 0u32).unwrap(), 2);
+        assert!(a.only(&["a", "b"]).is_err());
+        assert!(Args::parse(&["pos".to_string()]).is_err());
+    }
+
+    #[test]
+    fn quantiles_and_rounding() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(quantile(&v, 0.5), Some(Duration::from_micros(50)));
+        assert_eq!(quantile(&v, 0.99), Some(Duration::from_micros(99)));
+        assert_eq!(quantile(&[], 0.5), None);
+        assert_eq!(json_num(Some(1.23456)), serde_json::json!(1.235));
+        assert_eq!(json_num(Some(1234.5678)), serde_json::json!(1235.0));
+        assert_eq!(json_num(Some(f64::NAN)), serde_json::Value::Null);
+        assert_eq!(size_name(16 << 20), "16 MiB");
+        assert_eq!(size_name(8), "8 B");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut t = Table::new(&["name", "v"]);
+        t.row(vec!["tcp".into(), "1.5".into()]);
+        t.row(vec!["shm-long".into(), "12.25".into()]);
+        let s = t.render();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[2], "tcp         1.5", "{s}");
+        assert_eq!(lines[2].len(), lines[3].len(), "{s}");
+    }
+}
