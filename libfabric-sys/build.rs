@@ -25,7 +25,9 @@ fn main() {
         .generate_comments(false)
         .generate()
         .unwrap_or_else(|e| {
-            panic!("bindgen failed on libfabric headers ({e}); install libfabric-dev and libclang-dev")
+            panic!(
+                "bindgen failed on libfabric headers ({e}); install libfabric-dev and libclang-dev"
+            )
         });
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     bindings

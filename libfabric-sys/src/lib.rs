@@ -2,7 +2,12 @@
 //! need >= 1.20). Generated at build time by bindgen from the installed headers; libfabric's
 //! `static inline` calls are reached through the `krun_fi_*` C shims in `shim.c`.
 //! Everything here is unsafe FFI; the safe layer lives in the `fabric` crate.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 #![allow(clippy::all)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
