@@ -19,6 +19,9 @@ pub(crate) trait Progress: Send + Sync {
     fn progress(&self) -> usize;
     /// Counts threads that are waiting and driving progress themselves.
     fn waiters(&self) -> &AtomicUsize;
+    /// The waiter gave up on `op` (timeout): free what can be freed now. The backend keeps
+    /// buffers the provider may still write until the provider reports the operation.
+    fn abandon(&self, _op: &OpState) {}
 }
 
 /// The state of one operation, shared between the poster and the progress engine.
@@ -28,6 +31,10 @@ pub(crate) struct OpState {
     error: Mutex<Option<FabricError>>,
     pub(crate) op: &'static str,
     pub(crate) peer: PeerId,
+    /// When the operation was posted: its timeout runs from here.
+    posted: Instant,
+    /// The backend's context id, for abandoning.
+    pub(crate) id: AtomicU64,
     parked: Mutex<bool>,
     wake: Condvar,
     /// Buffers and registrations the provider uses until the operation completes.
@@ -42,6 +49,8 @@ impl OpState {
             error: Mutex::new(None),
             op,
             peer,
+            posted: Instant::now(),
+            id: AtomicU64::new(0),
             parked: Mutex::new(false),
             wake: Condvar::new(),
             keep_alive: Mutex::new(Vec::new()),
@@ -119,21 +128,27 @@ impl Completion {
         !self.state.is_pending()
     }
 
-    /// Waits for the operation, at most the endpoint's operation timeout. Returns the fetched
-    /// value for atomics and 0 for other operations.
+    /// Waits for the operation until the endpoint's operation timeout has passed since it
+    /// was posted. Returns the fetched value for atomics and 0 for other operations.
     pub fn wait(self) -> Result<u64> {
-        let timeout = self.timeout;
-        self.wait_timeout(timeout)
+        let (start, timeout) = (self.state.posted, self.timeout);
+        self.wait_from(start, timeout)
     }
 
     /// Waits at most `timeout`; a timed-out operation reports [`FabricError::Timeout`]
     /// naming the operation and the peer.
     pub fn wait_timeout(self, timeout: Duration) -> Result<u64> {
-        let start = Instant::now();
+        self.wait_from(Instant::now(), timeout)
+    }
+
+    fn wait_from(self, start: Instant, timeout: Duration) -> Result<u64> {
         let waiters = self.driver.waiters();
         waiters.fetch_add(1, Ordering::SeqCst);
         let result = self.wait_inner(start, timeout);
         waiters.fetch_sub(1, Ordering::SeqCst);
+        if matches!(result, Err(FabricError::Timeout { .. })) {
+            self.driver.abandon(&self.state);
+        }
         result
     }
 

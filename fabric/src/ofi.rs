@@ -108,6 +108,10 @@ struct Pending {
     atomic_slot: Option<usize>,
     /// Whether completion frees a send slot.
     send_slot: Option<usize>,
+    /// The remote key, named in access errors.
+    key: u64,
+    /// The waiter timed out and already returned the in-flight slot.
+    abandoned: bool,
 }
 
 /// A registration: closes the libfabric MR on drop.
@@ -143,6 +147,9 @@ struct Inner {
     next_key: AtomicU64,
     token: u64,
     peers: RwLock<Vec<(u64, sys::fi_addr_t)>>,
+    /// Peers an operation timed out on. Later operations to them fail at once: a provider
+    /// call towards a dead shm peer can block forever on the lock the peer died holding.
+    unreachable: Mutex<std::collections::HashSet<PeerId>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     in_flight: InFlight,
@@ -371,6 +378,7 @@ impl OfiEndpoint {
             next_key: AtomicU64::new(16),
             token,
             peers: RwLock::new(Vec::new()),
+            unreachable: Mutex::new(Default::default()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             in_flight: InFlight::new(config.max_in_flight),
@@ -527,7 +535,19 @@ impl Inner {
         }
     }
 
-    fn peer_addr(&self, peer: PeerId) -> Result<sys::fi_addr_t> {
+    fn peer_addr(&self, peer: PeerId, op: &'static str) -> Result<sys::fi_addr_t> {
+        if self
+            .unreachable
+            .lock()
+            .expect("unreachable lock")
+            .contains(&peer)
+        {
+            return Err(FabricError::Remote {
+                op,
+                peer,
+                message: "peer is unreachable: an earlier operation to it timed out".into(),
+            });
+        }
         self.peers
             .read()
             .expect("peers lock")
@@ -542,14 +562,18 @@ impl Inner {
         state: &Arc<OpState>,
         atomic_slot: Option<usize>,
         send_slot: Option<usize>,
+        key: u64,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        state.id.store(id, Ordering::Relaxed);
         self.pending.lock().expect("pending").insert(
             id,
             Pending {
                 state: state.clone(),
                 atomic_slot,
                 send_slot,
+                key,
+                abandoned: false,
             },
         );
         id
@@ -603,7 +627,9 @@ impl Inner {
         if let Some(s) = p.send_slot {
             self.send_free.lock().expect("send slots").push(s);
         }
-        self.in_flight.release();
+        if !p.abandoned {
+            self.in_flight.release();
+        }
     }
 
     fn complete(&self, id: u64, result: Result<u64>) {
@@ -765,6 +791,23 @@ impl Progress for Inner {
     fn waiters(&self) -> &AtomicUsize {
         &self.waiters
     }
+
+    fn abandon(&self, op: &OpState) {
+        let id = op.id.load(Ordering::Relaxed);
+        let mut pending = self.pending.lock().expect("pending");
+        if let Some(p) = pending.get_mut(&id) {
+            if !p.abandoned {
+                // The slot goes back now so a dead peer cannot starve the others; scratch
+                // and send buffers stay reserved until the provider reports the operation.
+                p.abandoned = true;
+                self.in_flight.release();
+                self.unreachable
+                    .lock()
+                    .expect("unreachable lock")
+                    .insert(op.peer);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -803,15 +846,15 @@ impl Inner {
             .lock()
             .expect("pending")
             .get(&id)
-            .map(|p| (p.state.op, p.state.peer))
+            .map(|p| (p.state.op, p.state.peer, p.key))
         else {
             return;
         };
-        let (op, peer) = p;
+        let (op, peer, key) = p;
         let code = err.err as u32;
         let e = if code == sys::FI_EACCES || code == sys::FI_EKEYREJECTED || code == sys::FI_EINVAL
         {
-            FabricError::RemoteAccess { op, peer, key: 0 }
+            FabricError::RemoteAccess { op, peer, key }
         } else {
             FabricError::Remote {
                 op,
@@ -983,13 +1026,22 @@ impl Endpoint for OfiEndpoint {
                 max: inner.max_message,
             });
         }
-        let addr = inner.peer_addr(peer)?;
+        let addr = inner.peer_addr(peer, "send")?;
         inner
             .in_flight
             .acquire(inner.as_ref(), "send", peer, inner.timeout)?;
+        let waiting_since = Instant::now();
         let slot = loop {
             if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
                 break s;
+            }
+            if waiting_since.elapsed() >= inner.timeout {
+                inner.in_flight.release();
+                return Err(FabricError::Timeout {
+                    op: "send",
+                    peer,
+                    timeout: inner.timeout,
+                });
             }
             inner.progress();
             std::thread::yield_now();
@@ -1002,7 +1054,7 @@ impl Endpoint for OfiEndpoint {
         inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
         let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
         let state = OpState::new("send", peer);
-        let id = inner.track(&state, None, Some(slot));
+        let id = inner.track(&state, None, Some(slot), 0);
         inner.post("send", peer, id, || {
             // SAFETY: the send slot is reserved until this operation completes.
             unsafe {
@@ -1056,13 +1108,18 @@ impl OfiEndpoint {
         };
         let buf = local.check_local(local_offset, len)?;
         let target = remote.target(remote_offset, len as u64)?;
-        let addr = inner.peer_addr(peer)?;
+        let addr = inner.peer_addr(peer, op)?;
         inner
             .in_flight
             .acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let state = OpState::new(op, peer);
         state.keep(local.clone());
-        let id = inner.track(&state, None, None);
+        let id = inner.track(&state, None, None, remote.key);
+        let read_flags = if inner.provider == Provider::Shm {
+            (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64
+        } else {
+            sys::FI_COMPLETION as u64
+        };
         let iov = libc::iovec {
             iov_base: buf.cast(),
             iov_len: len,
@@ -1096,9 +1153,9 @@ impl OfiEndpoint {
                         &msg,
                         (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64,
                     ),
-                    RmaKind::Read => {
-                        sys::krun_fi_readmsg(inner.ep(), &msg, sys::FI_COMPLETION as u64)
-                    }
+                    // shm's fast read path copies out of the target without checking the
+                    // key; delivery-complete forces the path that checks it.
+                    RmaKind::Read => sys::krun_fi_readmsg(inner.ep(), &msg, read_flags),
                 }
             }
         })?;
@@ -1119,7 +1176,7 @@ impl OfiEndpoint {
             return Err(FabricError::Misaligned(remote_offset));
         }
         let target = remote.target(remote_offset, 8)?;
-        let addr = inner.peer_addr(peer)?;
+        let addr = inner.peer_addr(peer, op)?;
         inner
             .in_flight
             .acquire(inner.as_ref(), op, peer, inner.timeout)?;
@@ -1139,7 +1196,7 @@ impl OfiEndpoint {
         let ptr_at = |off: usize| scratch.check_local(base + off, 8).map(|p| p as *mut c_void);
         let (operand_ptr, compare_ptr, result_ptr) = (ptr_at(0)?, ptr_at(8)?, ptr_at(16)?);
         let state = OpState::new(op, peer);
-        let id = inner.track(&state, Some(slot), None);
+        let id = inner.track(&state, Some(slot), None, remote.key);
         let mut desc = desc_of(scratch);
         let mut compare_desc = desc;
         let mut result_desc = desc;
