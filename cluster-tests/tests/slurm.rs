@@ -1,12 +1,27 @@
-//! The Slurm lane from Rust. Ignored by default (it brings up slurmctld + 3 slurmd, ~6 s, and
-//! may apt-get install slurm on a fresh machine); run with
-//! `cargo test -p cluster-tests --test slurm -- --ignored`. Needs root.
+//! The Slurm lane from Rust: a real slurmctld + 3 slurmd in network namespaces (~6 s to
+//! start; apt-get installs slurm on a fresh machine). Needs root. One test function, because
+//! there is one Slurm cluster per machine.
 
 use cluster_tests::SlurmCluster;
 
+/// A binary of the workspace, next to this test's directory (target/<profile>/).
+fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "\n\n*** {} is missing: cargo build --workspace first ***\n",
+        bin.display()
+    );
+    bin
+}
+
 #[test]
-#[ignore = "starts a real Slurm cluster; run with --ignored"]
-fn srun_runs_a_host_built_binary_on_three_nodes() {
+fn srun_and_krun_run_on_three_slurm_nodes() {
     cluster_tests::require_root().unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n"));
     let c = SlurmCluster::up(3).expect("cluster.sh up");
     // A binary built on the host runs unchanged inside the cluster (shared filesystem); each
@@ -38,5 +53,70 @@ fn srun_runs_a_host_built_binary_on_three_nodes() {
             "{text}"
         );
     }
+
+    // sbatch -N 3 of a script that runs krun: one krund per node through srun, ranks by
+    // Slurm's layout (2 per node), with the right variables, and the job's output.
+    let krun = workspace_bin("krun");
+    let selftest = workspace_bin("krun-selftest");
+    let dir = std::path::Path::new("/var/tmp/krun-slurm/jobs");
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join(format!("krun-{}.sbatch", std::process::id()));
+    let output = dir.join(format!("krun-{}.out", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\n\
+             export KRUN_FABRIC_PROVIDER=tcp\n\
+             {krun} --tag-output sh -c 'echo vars $KRUN_RANK $KRUN_SIZE $KRUN_LOCAL_RANK $KRUN_LOCAL_SIZE $KRUN_NODE_ID $KRUN_NNODES $(hostname)'\n\
+             echo krun-exit-1 $?\n\
+             {krun} {selftest}\n\
+             echo krun-exit-2 $?\n",
+            krun = krun.display(),
+            selftest = selftest.display()
+        ),
+    )
+    .unwrap();
+    let out = c
+        .exec([
+            "sbatch",
+            "-N",
+            "3",
+            "--ntasks-per-node=2",
+            "--wait",
+            "-o",
+            output.to_str().unwrap(),
+            script.to_str().unwrap(),
+        ])
+        .expect("sbatch");
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&output);
+    assert!(
+        out.status.success(),
+        "sbatch failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("krun-exit-1 0") && text.contains("krun-exit-2 0"),
+        "{text}"
+    );
+    let mut vars: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_once("] vars ").map(|(_, v)| v.to_string()))
+        .collect();
+    vars.sort();
+    assert_eq!(
+        vars,
+        [
+            "0 6 0 2 0 3 node1",
+            "1 6 1 2 0 3 node1",
+            "2 6 0 2 1 3 node2",
+            "3 6 1 2 1 3 node2",
+            "4 6 0 2 2 3 node3",
+            "5 6 1 2 2 3 node3"
+        ],
+        "{text}"
+    );
+    assert_eq!(text.matches(": ok: verified 64 KiB").count(), 6, "{text}");
     c.down().expect("cluster.sh down");
 }
