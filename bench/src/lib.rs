@@ -2,4 +2,5 @@
 //! module here, printing a table and writing `bench/results/<subcommand>.json`. Shared table
 //! printing, JSON writing and argument parsing live in [`report`].
 pub mod fabric;
+pub mod launch;
 pub mod report;

@@ -7,7 +7,10 @@ subcommands:
   fabric   one-sided RMA latency and bandwidth per provider (tcp, shm, verbs), against
            loopback iperf3 and memcpy; writes bench/results/fabric.json
            options: --providers tcp,shm,verbs  --lat-ops N  --bw-secs S  --iperf-secs S
-                    --quick  --out PATH";
+                    --quick  --out PATH
+  launch   krun starting 1, 16, 64 ranks of /bin/true over 4 local nodes, against
+           Open MPI's mpirun in the same run; writes bench/results/launch.json
+           options: --runs N  --ranks 1,16,64  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +21,7 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match sub.as_str() {
         "fabric" => bench::fabric::run(rest),
+        "launch" => bench::launch::run(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {

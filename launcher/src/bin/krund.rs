@@ -135,8 +135,10 @@ fn run() -> Result<i32, LauncherError> {
         config.bind_address = ip.clone();
         rank_env.push(("KRUN_FABRIC_BIND".to_string(), ip));
     }
-    let ep = fabric::open(&config)?;
     if let Some(placement) = &args.placement {
+        // The node's endpoint comes up beside the ranks, not before them: opening libfabric
+        // costs ~0.3 s here (it reads /proc/kallsyms), and no node service needs it at launch.
+        let endpoint = std::thread::spawn(move || fabric::open(&config));
         launcher::ranks::catch_forwarded_signals();
         let share = NodeShare {
             node_id: args.node_id,
@@ -152,9 +154,14 @@ fn run() -> Result<i32, LauncherError> {
         };
         let code = launcher::ranks::run_share(&share)?;
         boot.barrier()?;
-        drop(ep);
+        match endpoint.join() {
+            Ok(Ok(ep)) => drop(ep),
+            Ok(Err(e)) => eprintln!("krund: node {}: fabric endpoint: {e}", args.node_id),
+            Err(_) => eprintln!("krund: node {}: the fabric thread panicked", args.node_id),
+        }
         return Ok(code);
     }
+    let ep = fabric::open(&config)?;
     let report = exchange::run(ep.as_ref(), &mut boot)?;
     println!(
         "node {}/{}: done: {} blocks verified, leader is node {}",
