@@ -8,12 +8,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric::{Endpoint, FabricConfig, FabricError, PeerId, Provider, ProviderChoice, Region, RemoteRegion};
+use fabric::{
+    Endpoint, FabricConfig, FabricError, PeerId, Provider, ProviderChoice, Region, RemoteRegion,
+};
 
 type Check = Result<String, String>;
 
 fn endpoint(index: usize) -> Result<Box<dyn Endpoint>, String> {
-    let mut config = FabricConfig::default().with_env().map_err(|e| e.to_string())?;
+    let mut config = FabricConfig::default()
+        .with_env()
+        .map_err(|e| e.to_string())?;
     if config.provider == ProviderChoice::Auto {
         config.provider = ProviderChoice::Exactly(Provider::Verbs);
     }
@@ -34,13 +38,24 @@ fn pattern(offset: usize) -> u8 {
 fn bulk(a: &dyn Endpoint, peer: PeerId, target: &fabric::MemoryRegion) -> Check {
     const LEN: usize = 64 << 20;
     const CHUNK: usize = 1 << 20;
-    let local = a.register(Region::new(LEN).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let local = a
+        .register(Region::new(LEN).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     let data: Vec<u8> = (0..LEN).map(pattern).collect();
     local.write_bytes(0, &data).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let posted: Vec<_> = (0..LEN / CHUNK)
         // SAFETY: distinct chunks, untouched until the completions resolve.
-        .map(|i| unsafe { a.post_write(peer, &local, i * CHUNK, CHUNK, &target.remote(), (i * CHUNK) as u64) })
+        .map(|i| unsafe {
+            a.post_write(
+                peer,
+                &local,
+                i * CHUNK,
+                CHUNK,
+                &target.remote(),
+                (i * CHUNK) as u64,
+            )
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     fabric::wait_all(posted).map_err(|e| e.to_string())?;
@@ -57,20 +72,35 @@ fn bulk(a: &dyn Endpoint, peer: PeerId, target: &fabric::MemoryRegion) -> Check 
     if seen != data {
         return Err("read back differs".into());
     }
-    Ok(format!("64 MiB written in {:.0} ms and read back, byte for byte", wrote.as_secs_f64() * 1e3))
+    Ok(format!(
+        "64 MiB written in {:.0} ms and read back, byte for byte",
+        wrote.as_secs_f64() * 1e3
+    ))
 }
 
-fn fetch_add(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &fabric::MemoryRegion) -> Check {
+fn fetch_add(
+    a: Arc<dyn Endpoint>,
+    peer: PeerId,
+    remote: RemoteRegion,
+    target: &fabric::MemoryRegion,
+) -> Check {
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let a = a.clone();
-            std::thread::spawn(move || (0..1000).try_for_each(|_| a.fetch_add(peer, &remote, 0, 1).map(drop)))
+            std::thread::spawn(move || {
+                (0..1000).try_for_each(|_| a.fetch_add(peer, &remote, 0, 1).map(drop))
+            })
         })
         .collect();
     for t in threads {
-        t.join().map_err(|_| "a thread panicked".to_string())?.map_err(|e| e.to_string())?;
+        t.join()
+            .map_err(|_| "a thread panicked".to_string())?
+            .map_err(|e| e.to_string())?;
     }
-    let v = target.atomic_u64(0).map_err(|e| e.to_string())?.load(Ordering::SeqCst);
+    let v = target
+        .atomic_u64(0)
+        .map_err(|e| e.to_string())?
+        .load(Ordering::SeqCst);
     if v == 4000 {
         Ok("4 x 1000 fetch-adds: counter 4000".into())
     } else {
@@ -78,7 +108,12 @@ fn fetch_add(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &
     }
 }
 
-fn cas_lock(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &fabric::MemoryRegion) -> Check {
+fn cas_lock(
+    a: Arc<dyn Endpoint>,
+    peer: PeerId,
+    remote: RemoteRegion,
+    target: &fabric::MemoryRegion,
+) -> Check {
     // Word 8 is the lock; words 16 and 24 a record that must stay equal.
     let threads: Vec<_> = (0..3u64)
         .map(|t| {
@@ -89,7 +124,9 @@ fn cas_lock(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &f
                     while a.compare_swap(peer, &remote, 8, 0, t + 1)? != 0 {}
                     // SAFETY: the lock gives this thread the record; scratch is private.
                     unsafe { a.read(peer, &scratch, 0, 16, &remote, 16)? };
-                    let x = u64::from_le_bytes(scratch.atomic_u64(0)?.load(Ordering::SeqCst).to_le_bytes());
+                    let x = u64::from_le_bytes(
+                        scratch.atomic_u64(0)?.load(Ordering::SeqCst).to_le_bytes(),
+                    );
                     scratch.atomic_u64(0)?.store(x + 1, Ordering::SeqCst);
                     scratch.atomic_u64(8)?.store(x + 1, Ordering::SeqCst);
                     unsafe { a.write(peer, &scratch, 0, 16, &remote, 16)? };
@@ -102,10 +139,18 @@ fn cas_lock(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &f
         })
         .collect();
     for t in threads {
-        t.join().map_err(|_| "a thread panicked".to_string())?.map_err(|e| e.to_string())?;
+        t.join()
+            .map_err(|_| "a thread panicked".to_string())?
+            .map_err(|e| e.to_string())?;
     }
-    let a16 = target.atomic_u64(16).map_err(|e| e.to_string())?.load(Ordering::SeqCst);
-    let a24 = target.atomic_u64(24).map_err(|e| e.to_string())?.load(Ordering::SeqCst);
+    let a16 = target
+        .atomic_u64(16)
+        .map_err(|e| e.to_string())?
+        .load(Ordering::SeqCst);
+    let a24 = target
+        .atomic_u64(24)
+        .map_err(|e| e.to_string())?
+        .load(Ordering::SeqCst);
     if a16 == 300 && a24 == 300 {
         Ok("3 x 100 locked increments: record 300/300".into())
     } else {
@@ -114,7 +159,9 @@ fn cas_lock(a: Arc<dyn Endpoint>, peer: PeerId, remote: RemoteRegion, target: &f
 }
 
 fn errors(a: &dyn Endpoint, peer: PeerId, remote: RemoteRegion) -> Check {
-    let local = a.register(Region::new(4096).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let local = a
+        .register(Region::new(4096).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     // SAFETY: rejected or private buffers only.
     let oob = unsafe { a.write(peer, &local, 0, 64, &remote, remote.len - 8) };
     if !matches!(oob, Err(FabricError::OutOfBounds { .. })) {
@@ -127,21 +174,31 @@ fn errors(a: &dyn Endpoint, peer: PeerId, remote: RemoteRegion) -> Check {
     let start = Instant::now();
     let bad = a.fetch_add(peer, &forged, 0, 1);
     match bad {
-        Err(FabricError::RemoteAccess { .. } | FabricError::Remote { .. } | FabricError::Timeout { .. }) => {
-            Ok(format!("out of bounds refused locally; bad key refused in {:?}: {}", start.elapsed(), bad.unwrap_err()))
-        }
+        Err(
+            FabricError::RemoteAccess { .. }
+            | FabricError::Remote { .. }
+            | FabricError::Timeout { .. },
+        ) => Ok(format!(
+            "out of bounds refused locally; bad key refused in {:?}: {}",
+            start.elapsed(),
+            bad.unwrap_err()
+        )),
         other => Err(format!("a forged key gave {other:?}")),
     }
 }
 
 fn messages(a: &dyn Endpoint, b: &dyn Endpoint, ab: PeerId, ba: PeerId) -> Check {
     a.send(ab, 7, b"ping").map_err(|e| e.to_string())?;
-    let m = b.recv(7, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let m = b
+        .recv(7, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
     if m.data != b"ping" || m.peer != Some(ba) {
         return Err(format!("b got {m:?}"));
     }
     b.send(ba, 8, b"pong").map_err(|e| e.to_string())?;
-    let m = a.recv(8, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let m = a
+        .recv(8, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
     if m.data != b"pong" || m.peer != Some(ab) {
         return Err(format!("a got {m:?}"));
     }
@@ -152,8 +209,12 @@ fn main() {
     let setup = || -> Result<_, String> {
         let a: Arc<dyn Endpoint> = Arc::from(endpoint(0)?);
         let b: Arc<dyn Endpoint> = Arc::from(endpoint(1)?);
-        let ab = a.connect(&b.address()).map_err(|e| format!("connect a->b: {e}"))?;
-        let ba = b.connect(&a.address()).map_err(|e| format!("connect b->a: {e}"))?;
+        let ab = a
+            .connect(&b.address())
+            .map_err(|e| format!("connect a->b: {e}"))?;
+        let ba = b
+            .connect(&a.address())
+            .map_err(|e| format!("connect b->a: {e}"))?;
         Ok((a, b, ab, ba))
     };
     let (a, b, ab, ba) = match setup() {
@@ -164,12 +225,22 @@ fn main() {
         }
     };
     println!("provider {}", a.provider());
-    let target = b.register(Region::new(64 << 20).expect("region")).expect("register");
-    let counters = b.register(Region::new(4096).expect("region")).expect("register");
+    let target = b
+        .register(Region::new(64 << 20).expect("region"))
+        .expect("register");
+    let counters = b
+        .register(Region::new(4096).expect("region"))
+        .expect("register");
     let checks: Vec<(&str, Check)> = vec![
         ("write_read_64mib", bulk(a.as_ref(), ab, &target)),
-        ("fetch_add_4x1000", fetch_add(a.clone(), ab, counters.remote(), &counters)),
-        ("cas_lock", cas_lock(a.clone(), ab, counters.remote(), &counters)),
+        (
+            "fetch_add_4x1000",
+            fetch_add(a.clone(), ab, counters.remote(), &counters),
+        ),
+        (
+            "cas_lock",
+            cas_lock(a.clone(), ab, counters.remote(), &counters),
+        ),
         ("messages", messages(a.as_ref(), b.as_ref(), ab, ba)),
         // Last: on verbs a remote access error breaks the queue pair to that peer.
         ("errors", errors(a.as_ref(), ab, counters.remote())),
@@ -184,6 +255,9 @@ fn main() {
             }
         }
     }
-    println!("verbs selftest: {} passed, {failed} failed", checks.len() - failed);
+    println!(
+        "verbs selftest: {} passed, {failed} failed",
+        checks.len() - failed
+    );
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }

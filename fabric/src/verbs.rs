@@ -42,7 +42,11 @@ fn unavailable(reason: impl Into<String>) -> FabricError {
 
 fn call(call: &'static str, rc: i32) -> Result<()> {
     if rc != 0 {
-        let errno = if rc > 0 { rc } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+        let errno = if rc > 0 {
+            rc
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        };
         return Err(FabricError::Call {
             provider: "verbs".into(),
             call,
@@ -63,7 +67,11 @@ pub fn device_names() -> Result<Vec<String>> {
             return Ok(Vec::new());
         }
         let names = (0..n as usize)
-            .map(|i| CStr::from_ptr(ib::ibv_get_device_name(*list.add(i))).to_string_lossy().into_owned())
+            .map(|i| {
+                CStr::from_ptr(ib::ibv_get_device_name(*list.add(i)))
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         ib::ibv_free_device_list(list);
         Ok(names)
@@ -116,11 +124,14 @@ fn choose_gid_index(dev: &str, configured: Option<u32>) -> u8 {
     let base = format!("/sys/class/infiniband/{dev}/ports/{PORT}");
     let mut ipv4 = None;
     for i in 0..16u8 {
-        let Ok(gid) = std::fs::read_to_string(format!("{base}/gids/{i}")) else { continue };
+        let Ok(gid) = std::fs::read_to_string(format!("{base}/gids/{i}")) else {
+            continue;
+        };
         if !gid.starts_with("0000:0000:0000:0000:0000:ffff:") {
             continue;
         }
-        let kind = std::fs::read_to_string(format!("{base}/gid_attrs/types/{i}")).unwrap_or_default();
+        let kind =
+            std::fs::read_to_string(format!("{base}/gid_attrs/types/{i}")).unwrap_or_default();
         if kind.contains("v2") {
             return i;
         }
@@ -140,12 +151,20 @@ impl Device {
                 if !list.is_null() {
                     ib::ibv_free_device_list(list);
                 }
-                return Err(unavailable("no RDMA device on this host (ibv_get_device_list found none)"));
+                return Err(unavailable(
+                    "no RDMA device on this host (ibv_get_device_list found none)",
+                ));
             }
             let mut chosen = None;
             for i in 0..n as usize {
-                let name = CStr::from_ptr(ib::ibv_get_device_name(*list.add(i))).to_string_lossy().into_owned();
-                if config.verbs_device.as_deref().is_none_or(|want| want == name) {
+                let name = CStr::from_ptr(ib::ibv_get_device_name(*list.add(i)))
+                    .to_string_lossy()
+                    .into_owned();
+                if config
+                    .verbs_device
+                    .as_deref()
+                    .is_none_or(|want| want == name)
+                {
                     chosen = Some((*list.add(i), name));
                     break;
                 }
@@ -177,11 +196,17 @@ impl Device {
             call("ibv_query_device", ib::ibv_query_device(ctx, &mut attr))?;
             dev.max_rd_atomic = attr.max_qp_rd_atom.clamp(1, 16) as u8;
             let mut port: ib::ibv_port_attr = std::mem::zeroed();
-            call("ibv_query_port", ib::___ibv_query_port(ctx, PORT, &mut port))?;
+            call(
+                "ibv_query_port",
+                ib::___ibv_query_port(ctx, PORT, &mut port),
+            )?;
             dev.lid = port.lid;
             dev.gid_index = choose_gid_index(&name, config.verbs_gid_index);
             let mut gid: ib::ibv_gid = std::mem::zeroed();
-            call("ibv_query_gid", ib::ibv_query_gid(ctx, PORT, dev.gid_index as i32, &mut gid))?;
+            call(
+                "ibv_query_gid",
+                ib::ibv_query_gid(ctx, PORT, dev.gid_index as i32, &mut gid),
+            )?;
             dev.gid = gid.raw;
             dev.pd = ib::ibv_alloc_pd(ctx);
             if dev.pd.is_null() {
@@ -233,7 +258,11 @@ fn register_on(device: &Arc<Device>, region: Region) -> Result<MemoryRegion> {
     if mr.is_null() {
         return Err(FabricError::Registration {
             len,
-            reason: format!("ibv_reg_mr on {}: {}", device.name, std::io::Error::last_os_error()),
+            reason: format!(
+                "ibv_reg_mr on {}: {}",
+                device.name,
+                std::io::Error::last_os_error()
+            ),
         });
     }
     // SAFETY: mr is valid.
@@ -327,7 +356,10 @@ fn encode_raw(side: SocketAddr) -> Vec<u8> {
 
 fn decode_raw(raw: &[u8]) -> Result<SocketAddr> {
     if raw.len() != 6 {
-        return Err(FabricError::BadAddress(format!("verbs address has {} bytes, expected 6", raw.len())));
+        return Err(FabricError::BadAddress(format!(
+            "verbs address has {} bytes, expected 6",
+            raw.len()
+        )));
     }
     let ip = Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]);
     Ok(SocketAddr::from((ip, u16::from_le_bytes([raw[4], raw[5]]))))
@@ -380,12 +412,15 @@ pub struct VerbsEndpoint {
 impl VerbsEndpoint {
     pub fn open(config: &FabricConfig) -> Result<VerbsEndpoint> {
         let device = Arc::new(Device::open(config)?);
-        let listener = TcpListener::bind((config.bind_address.as_str(), 0))
-            .map_err(|e| FabricError::io(format!("verbs side channel on {}", config.bind_address), e))?;
+        let listener = TcpListener::bind((config.bind_address.as_str(), 0)).map_err(|e| {
+            FabricError::io(format!("verbs side channel on {}", config.bind_address), e)
+        })?;
         listener
             .set_nonblocking(true)
             .map_err(|e| FabricError::io("verbs side channel", e))?;
-        let side = listener.local_addr().map_err(|e| FabricError::io("verbs side channel", e))?;
+        let side = listener
+            .local_addr()
+            .map_err(|e| FabricError::io("verbs side channel", e))?;
         let slot_bytes = config.max_message + MSG_HEADER;
         let send_slots = 64;
         let inner = Arc::new(Inner {
@@ -437,7 +472,14 @@ impl Drop for VerbsEndpoint {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let pending: Vec<Pending> = self.inner.pending.lock().expect("pending").drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = self
+            .inner
+            .pending
+            .lock()
+            .expect("pending")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in pending {
             p.state.finish(Err(FabricError::Closed));
         }
@@ -465,7 +507,10 @@ impl Inner {
             wr.sg_list = &mut sge;
             wr.num_sge = 1;
             let mut bad = ptr::null_mut();
-            call("ibv_post_srq_recv", ib::ibv_post_srq_recv(self.device.srq, &mut wr, &mut bad))
+            call(
+                "ibv_post_srq_recv",
+                ib::ibv_post_srq_recv(self.device.srq, &mut wr, &mut bad),
+            )
         }
     }
 
@@ -505,7 +550,10 @@ impl Inner {
                 | ib::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
                 | ib::ibv_qp_attr_mask::IBV_QP_PORT
                 | ib::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
-            call("ibv_modify_qp(INIT)", ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32))?;
+            call(
+                "ibv_modify_qp(INIT)",
+                ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32),
+            )?;
             Ok(qp)
         }
     }
@@ -534,7 +582,10 @@ impl Inner {
                 | ib::ibv_qp_attr_mask::IBV_QP_RQ_PSN
                 | ib::ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
                 | ib::ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
-            call("ibv_modify_qp(RTR)", ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32))?;
+            call(
+                "ibv_modify_qp(RTR)",
+                ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32),
+            )?;
             let mut attr: ib::ibv_qp_attr = std::mem::zeroed();
             attr.qp_state = ib::ibv_qp_state::IBV_QPS_RTS;
             attr.timeout = 14;
@@ -548,7 +599,10 @@ impl Inner {
                 | ib::ibv_qp_attr_mask::IBV_QP_RNR_RETRY
                 | ib::ibv_qp_attr_mask::IBV_QP_SQ_PSN
                 | ib::ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
-            call("ibv_modify_qp(RTS)", ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32))
+            call(
+                "ibv_modify_qp(RTS)",
+                ib::ibv_modify_qp(qp.qp, &mut attr, mask.0 as i32),
+            )
         }
     }
 
@@ -582,7 +636,9 @@ impl Inner {
                         eprintln!("krun fabric (verbs): refusing connection from {peer}: {e}");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 Err(e) => {
                     eprintln!("krun fabric (verbs): side channel failed: {e}");
                     return;
@@ -592,22 +648,30 @@ impl Inner {
     }
 
     fn accept_one(&self, mut s: TcpStream) -> Result<()> {
-        s.set_nonblocking(false).map_err(|e| FabricError::io("side channel", e))?;
+        s.set_nonblocking(false)
+            .map_err(|e| FabricError::io("side channel", e))?;
         s.set_read_timeout(Some(self.timeout)).ok();
         let mut buf = [0u8; SIDE_LEN];
-        s.read_exact(&mut buf).map_err(|e| FabricError::io("side channel read", e))?;
+        s.read_exact(&mut buf)
+            .map_err(|e| FabricError::io("side channel read", e))?;
         let remote = QpInfo::decode(&buf)?;
         let qp = self.create_qp()?;
         let psn = (crate::random_token() & 0xff_ffff) as u32;
         self.connect_qp(&qp, psn, &remote)?;
         let reply = self.local_info(&qp, psn).encode();
-        s.write_all(&reply).map_err(|e| FabricError::io("side channel write", e))?;
+        s.write_all(&reply)
+            .map_err(|e| FabricError::io("side channel write", e))?;
         self.add_peer(remote.token, qp);
         Ok(())
     }
 
     fn peer_qp(&self, peer: PeerId, op: &'static str) -> Result<Arc<QueuePair>> {
-        if self.unreachable.lock().expect("unreachable").contains(&peer) {
+        if self
+            .unreachable
+            .lock()
+            .expect("unreachable")
+            .contains(&peer)
+        {
             return Err(FabricError::Remote {
                 op,
                 peer,
@@ -622,7 +686,13 @@ impl Inner {
             .ok_or(FabricError::UnknownPeer(peer))
     }
 
-    fn track(&self, state: &Arc<OpState>, atomic_slot: Option<usize>, send_slot: Option<usize>, key: u64) -> u64 {
+    fn track(
+        &self,
+        state: &Arc<OpState>,
+        atomic_slot: Option<usize>,
+        send_slot: Option<usize>,
+        key: u64,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         state.id.store(id, Ordering::Relaxed);
         self.pending.lock().expect("pending").insert(
@@ -651,9 +721,14 @@ impl Inner {
     }
 
     fn complete(&self, id: u64, result: Result<u64>) {
-        let Some(p) = self.pending.lock().expect("pending").remove(&id) else { return };
+        let Some(p) = self.pending.lock().expect("pending").remove(&id) else {
+            return;
+        };
         let result = match (result, p.atomic_slot) {
-            (Ok(_), Some(slot)) => self.atomic_scratch.atomic_u64(slot * 8).map(|w| w.load(Ordering::Acquire)),
+            (Ok(_), Some(slot)) => self
+                .atomic_scratch
+                .atomic_u64(slot * 8)
+                .map(|w| w.load(Ordering::Acquire)),
             (r, _) => r,
         };
         self.release(&p);
@@ -661,7 +736,14 @@ impl Inner {
     }
 
     /// Posts one work request on `qp`, tracked under `id`.
-    fn post(&self, qp: &QueuePair, id: u64, op: &'static str, peer: PeerId, wr: &mut ib::ibv_send_wr) -> Result<()> {
+    fn post(
+        &self,
+        qp: &QueuePair,
+        id: u64,
+        op: &'static str,
+        peer: PeerId,
+        wr: &mut ib::ibv_send_wr,
+    ) -> Result<()> {
         wr.wr_id = id;
         wr.send_flags = ib::ibv_send_flags::IBV_SEND_SIGNALED.0;
         let mut bad = ptr::null_mut();
@@ -675,7 +757,10 @@ impl Inner {
             return Err(FabricError::Remote {
                 op,
                 peer,
-                message: format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc)),
+                message: format!(
+                    "ibv_post_send failed: {}",
+                    std::io::Error::from_raw_os_error(rc)
+                ),
             });
         }
         Ok(())
@@ -720,14 +805,20 @@ impl Inner {
                 continue;
             }
             let idle = idle_since.elapsed();
-            std::thread::sleep(Duration::from_micros(if idle < Duration::from_millis(10) { 10 } else { 200 }));
+            std::thread::sleep(Duration::from_micros(if idle < Duration::from_millis(10) {
+                10
+            } else {
+                200
+            }));
         }
     }
 }
 
 impl Progress for Inner {
     fn progress(&self) -> usize {
-        let Ok(_guard) = self.cq_lock.try_lock() else { return 0 };
+        let Ok(_guard) = self.cq_lock.try_lock() else {
+            return 0;
+        };
         let mut handled = 0;
         // SAFETY: zeroed work completions are valid plain data for ibv_poll_cq to fill.
         let mut wcs: [ib::ibv_wc; 16] = unsafe { std::mem::zeroed() };
@@ -758,7 +849,9 @@ impl Progress for Inner {
                     .expect("pending")
                     .get(&wc.wr_id)
                     .map(|p| (p.state.op, p.state.peer, p.key));
-                let Some((op, peer, key)) = info else { continue };
+                let Some((op, peer, key)) = info else {
+                    continue;
+                };
                 // Any error moves an RC queue pair to the error state: fail later operations
                 // to this peer at once instead of as flushed work requests.
                 self.unreachable.lock().expect("unreachable").insert(peer);
@@ -766,7 +859,8 @@ impl Progress for Inner {
                     FabricError::RemoteAccess { op, peer, key }
                 } else {
                     // SAFETY: ibv_wc_status_str returns a static string.
-                    let what = unsafe { CStr::from_ptr(ib::ibv_wc_status_str(wc.status)) }.to_string_lossy();
+                    let what = unsafe { CStr::from_ptr(ib::ibv_wc_status_str(wc.status)) }
+                        .to_string_lossy();
                     FabricError::Remote {
                         op,
                         peer,
@@ -788,7 +882,10 @@ impl Progress for Inner {
             if !p.abandoned {
                 p.abandoned = true;
                 self.in_flight.release();
-                self.unreachable.lock().expect("unreachable").insert(op.peer);
+                self.unreachable
+                    .lock()
+                    .expect("unreachable")
+                    .insert(op.peer);
             }
         }
     }
@@ -819,7 +916,9 @@ impl VerbsEndpoint {
             });
         }
         let qp = inner.peer_qp(peer, op)?;
-        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let state = OpState::new(op, peer);
         state.keep(local.clone());
         let id = inner.track(&state, None, None, remote.key);
@@ -856,7 +955,9 @@ impl VerbsEndpoint {
         }
         let target = remote.target(remote_offset, 8)?;
         let qp = inner.peer_qp(peer, op)?;
-        inner.in_flight.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let slot = inner
             .atomic_free
             .lock()
@@ -913,7 +1014,13 @@ impl Endpoint for VerbsEndpoint {
         }
         let inner = &self.inner;
         let _one_at_a_time = inner.connect_lock.lock().expect("connect lock");
-        if let Some(i) = inner.peers.read().expect("peers lock").iter().position(|p| p.token == peer.token) {
+        if let Some(i) = inner
+            .peers
+            .read()
+            .expect("peers lock")
+            .iter()
+            .position(|p| p.token == peer.token)
+        {
             return Ok(PeerId(i as u32));
         }
         let side = decode_raw(&peer.raw)?;
@@ -955,7 +1062,16 @@ impl Endpoint for VerbsEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
-        self.rma("write", ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE, peer, local, local_offset, len, remote, remote_offset)
+        self.rma(
+            "write",
+            ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+            peer,
+            local,
+            local_offset,
+            len,
+            remote,
+            remote_offset,
+        )
     }
 
     unsafe fn post_read(
@@ -967,10 +1083,25 @@ impl Endpoint for VerbsEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
-        self.rma("read", ib::ibv_wr_opcode::IBV_WR_RDMA_READ, peer, local, local_offset, len, remote, remote_offset)
+        self.rma(
+            "read",
+            ib::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            peer,
+            local,
+            local_offset,
+            len,
+            remote,
+            remote_offset,
+        )
     }
 
-    fn post_fetch_add(&self, peer: PeerId, remote: &RemoteRegion, remote_offset: u64, add: u64) -> Result<Completion> {
+    fn post_fetch_add(
+        &self,
+        peer: PeerId,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        add: u64,
+    ) -> Result<Completion> {
         self.atomic("fetch-add", peer, remote, remote_offset, add, None)
     }
 
@@ -982,7 +1113,14 @@ impl Endpoint for VerbsEndpoint {
         compare: u64,
         swap: u64,
     ) -> Result<Completion> {
-        self.atomic("compare-swap", peer, remote, remote_offset, compare, Some(swap))
+        self.atomic(
+            "compare-swap",
+            peer,
+            remote,
+            remote_offset,
+            compare,
+            Some(swap),
+        )
     }
 
     fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()> {
@@ -994,7 +1132,9 @@ impl Endpoint for VerbsEndpoint {
             });
         }
         let qp = inner.peer_qp(peer, "send")?;
-        inner.in_flight.acquire(inner.as_ref(), "send", peer, inner.timeout)?;
+        inner
+            .in_flight
+            .acquire(inner.as_ref(), "send", peer, inner.timeout)?;
         let waiting_since = Instant::now();
         let slot = loop {
             if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
@@ -1012,7 +1152,9 @@ impl Endpoint for VerbsEndpoint {
             std::thread::yield_now();
         };
         let base = slot * inner.slot_bytes();
-        inner.send_pool.write_bytes(base, &inner.token.to_le_bytes())?;
+        inner
+            .send_pool
+            .write_bytes(base, &inner.token.to_le_bytes())?;
         inner.send_pool.write_bytes(base + 8, &tag.to_le_bytes())?;
         inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
         let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
@@ -1029,7 +1171,9 @@ impl Endpoint for VerbsEndpoint {
         wr.num_sge = 1;
         wr.opcode = ib::ibv_wr_opcode::IBV_WR_SEND;
         inner.post(&qp, id, "send", peer, &mut wr)?;
-        Completion::new(state, inner.clone(), inner.timeout).wait().map(drop)
+        Completion::new(state, inner.clone(), inner.timeout)
+            .wait()
+            .map(drop)
     }
 
     fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
@@ -1052,9 +1196,14 @@ mod tests {
             let e = VerbsEndpoint::open(&FabricConfig::with_provider(Provider::Verbs))
                 .err()
                 .expect("no device, no endpoint");
-            assert!(matches!(e, FabricError::ProviderUnavailable { ref provider, .. } if provider == "verbs"), "{e}");
+            assert!(
+                matches!(e, FabricError::ProviderUnavailable { ref provider, .. } if provider == "verbs"),
+                "{e}"
+            );
         } else {
-            eprintln!("RDMA devices present ({names:?}): the unavailability path is not testable here");
+            eprintln!(
+                "RDMA devices present ({names:?}): the unavailability path is not testable here"
+            );
         }
     }
 
