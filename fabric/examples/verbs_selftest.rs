@@ -205,7 +205,92 @@ fn messages(a: &dyn Endpoint, b: &dyn Endpoint, ab: PeerId, ba: PeerId) -> Check
     Ok("tagged messages both ways, senders named".into())
 }
 
+/// Child mode: serve a 64 MiB region on endpoint 1 until killed; prints address and region.
+fn serve_target() {
+    let b = endpoint(1).unwrap_or_else(|e| {
+        println!("error {e}");
+        std::process::exit(1)
+    });
+    let region = b
+        .register(Region::new(64 << 20).expect("region"))
+        .expect("register");
+    println!(
+        "{} {}",
+        b.address().to_hex(),
+        hex(&region.remote().to_bytes())
+    );
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+/// A peer process killed with SIGKILL while writes stream into it: the writer gets an error
+/// naming the peer within a bounded time.
+fn killed_peer(a: &dyn Endpoint) -> Check {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .arg("serve-target")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let mut parts = line.split_whitespace();
+    let (Some(addr), Some(region)) = (parts.next(), parts.next()) else {
+        let _ = child.kill();
+        return Err(format!("target said {line:?}"));
+    };
+    let addr = fabric::EndpointAddress::from_hex(addr).map_err(|e| e.to_string())?;
+    let remote = RemoteRegion::from_bytes(&unhex(region)).map_err(|e| e.to_string())?;
+    let peer = a.connect(&addr).map_err(|e| e.to_string())?;
+    let local = a
+        .register(Region::new(1 << 20).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let mut killed_at = None;
+    let mut outcome = None;
+    for i in 0..10_000u64 {
+        if i == 20 {
+            let _ = child.kill();
+            let _ = child.wait();
+            killed_at = Some(Instant::now());
+        }
+        // SAFETY: `local` is private; the target region is only ours to write.
+        let r = unsafe { a.write(peer, &local, 0, 1 << 20, &remote, (i % 64) << 20) };
+        if let Err(e) = r {
+            outcome = Some(e);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    match (outcome, killed_at) {
+        (Some(e), Some(t))
+            if e.to_string().contains(&peer.to_string())
+                && t.elapsed() < Duration::from_secs(30) =>
+        {
+            Ok(format!("error {:?} after the kill: {e}", t.elapsed()))
+        }
+        (Some(e), _) => Err(format!("unexpected error: {e}")),
+        (None, _) => Err("writes kept succeeding after the peer was killed".into()),
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("serve-target") {
+        serve_target();
+        return;
+    }
     let setup = || -> Result<_, String> {
         let a: Arc<dyn Endpoint> = Arc::from(endpoint(0)?);
         let b: Arc<dyn Endpoint> = Arc::from(endpoint(1)?);
@@ -244,6 +329,7 @@ fn main() {
         ("messages", messages(a.as_ref(), b.as_ref(), ab, ba)),
         // Last: on verbs a remote access error breaks the queue pair to that peer.
         ("errors", errors(a.as_ref(), ab, counters.remote())),
+        ("killed_peer", killed_peer(a.as_ref())),
     ];
     let mut failed = 0;
     for (name, result) in &checks {
