@@ -22,6 +22,7 @@ pub mod error;
 pub mod loopback;
 pub mod memory;
 pub mod ofi;
+mod ops;
 pub mod secret;
 pub mod verbs;
 

@@ -4,7 +4,6 @@
 //! contexts are ids into a table of pending operations; completions resolve them. Progress is
 //! driven by waiters (lowest latency) and by a background thread, so a target whose owner
 //! is busy computing still serves one-sided operations.
-use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use libfabric_sys as sys;
 
-use crate::completion::{Completion, InFlight, OpState, Progress};
+use crate::completion::{Completion, OpState, Progress};
 use crate::config::{FabricConfig, Provider};
 use crate::endpoint::{Endpoint, EndpointAddress, Inbox, Message, PeerId};
 use crate::error::{FabricError, Result};
 use crate::memory::{MemoryRegion, Region, RemoteRegion};
+use crate::ops::{FailedOp, OpTable};
 
 /// Receive buffers kept posted for two-sided messages.
 const RECV_BUFFERS: usize = 32;
@@ -101,19 +101,6 @@ impl Drop for Objects {
     }
 }
 
-/// A pending operation and where its fetched value lands.
-struct Pending {
-    state: Arc<OpState>,
-    /// Slot index in the atomic scratch region, for fetching atomics.
-    atomic_slot: Option<usize>,
-    /// Whether completion frees a send slot.
-    send_slot: Option<usize>,
-    /// The remote key, named in access errors.
-    key: u64,
-    /// The waiter timed out and already returned the in-flight slot.
-    abandoned: bool,
-}
-
 /// A registration: closes the libfabric MR on drop.
 struct OfiRegistration {
     mr: *mut sys::fid_mr,
@@ -146,13 +133,12 @@ struct Inner {
     prov_key: bool,
     next_key: AtomicU64,
     token: u64,
-    peers: RwLock<Vec<(u64, sys::fi_addr_t)>>,
+    /// Connected peers: token, libfabric address, and for shm the peer's process id.
+    peers: RwLock<Vec<(u64, sys::fi_addr_t, Option<u32>)>>,
     /// Peers an operation timed out on. Later operations to them fail at once: a provider
     /// call towards a dead shm peer can block forever on the lock the peer died holding.
-    unreachable: Mutex<std::collections::HashSet<PeerId>>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next_id: AtomicU64,
-    in_flight: InFlight,
+    ops: OpTable,
+
     cq_lock: Mutex<()>,
     waiters: AtomicUsize,
     inbox: Inbox,
@@ -160,9 +146,9 @@ struct Inner {
     max_message: usize,
     /// 24 bytes per slot: operand, compare, result.
     atomic_scratch: MemoryRegion,
-    atomic_free: Mutex<Vec<usize>>,
+
     send_pool: MemoryRegion,
-    send_free: Mutex<Vec<usize>>,
+
     recv_pool: MemoryRegion,
     shutdown: AtomicBool,
     /// The CQ's wait fd (an epoll fd over the provider's sockets), when it has one.
@@ -378,19 +364,18 @@ impl OfiEndpoint {
             next_key: AtomicU64::new(16),
             token,
             peers: RwLock::new(Vec::new()),
-            unreachable: Mutex::new(Default::default()),
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            in_flight: InFlight::new(config.max_in_flight),
+
+            ops: OpTable::new(config.max_in_flight, send_slots),
+
             cq_lock: Mutex::new(()),
             waiters: AtomicUsize::new(0),
             inbox: Inbox::default(),
             timeout: config.op_timeout,
             max_message: config.max_message,
             atomic_scratch,
-            atomic_free: Mutex::new((0..slots).rev().collect()),
+
             send_pool,
-            send_free: Mutex::new((0..send_slots).rev().collect()),
+
             recv_pool,
             shutdown: AtomicBool::new(false),
             wait_fd,
@@ -411,7 +396,7 @@ impl OfiEndpoint {
 
     /// Operations currently in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.current()
+        self.inner.ops.in_flight.current()
     }
 }
 
@@ -422,17 +407,7 @@ impl Drop for OfiEndpoint {
             let _ = t.join();
         }
         // Fail whatever is still pending so no waiter hangs.
-        let pending: Vec<Pending> = self
-            .inner
-            .pending
-            .lock()
-            .expect("pending")
-            .drain()
-            .map(|(_, p)| p)
-            .collect();
-        for p in pending {
-            p.state.finish(Err(FabricError::Closed));
-        }
+        self.inner.ops.fail_all();
     }
 }
 
@@ -495,6 +470,25 @@ fn register_with(
     ))
 }
 
+/// The process id in a shm address (`fi_shm://PID:...`).
+fn shm_pid(raw: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(raw).ok()?.trim_end_matches('\0');
+    let rest = text.strip_prefix("fi_shm://")?;
+    rest.split(':').next()?.parse().ok()
+}
+
+/// True while `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 fn desc_of(mr: &MemoryRegion) -> *mut c_void {
     mr.registration::<OfiRegistration>()
         .map_or(ptr::null_mut(), |r| r.desc)
@@ -536,51 +530,27 @@ impl Inner {
     }
 
     fn peer_addr(&self, peer: PeerId, op: &'static str) -> Result<sys::fi_addr_t> {
-        if self
-            .unreachable
-            .lock()
-            .expect("unreachable lock")
-            .contains(&peer)
-        {
-            return Err(FabricError::Remote {
-                op,
-                peer,
-                message: "peer is unreachable: an earlier operation to it timed out".into(),
-            });
-        }
-        self.peers
+        self.ops.check_reachable(peer, op)?;
+        let (addr, pid) = self
+            .peers
             .read()
             .expect("peers lock")
             .get(peer.0 as usize)
-            .map(|p| p.1)
-            .ok_or(FabricError::UnknownPeer(peer))
-    }
-
-    /// Registers a new pending operation and returns its context id.
-    fn track(
-        &self,
-        state: &Arc<OpState>,
-        atomic_slot: Option<usize>,
-        send_slot: Option<usize>,
-        key: u64,
-    ) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        state.id.store(id, Ordering::Relaxed);
-        self.pending.lock().expect("pending").insert(
-            id,
-            Pending {
-                state: state.clone(),
-                atomic_slot,
-                send_slot,
-                key,
-                abandoned: false,
-            },
-        );
-        id
-    }
-
-    fn untrack(&self, id: u64) -> Option<Pending> {
-        self.pending.lock().expect("pending").remove(&id)
+            .map(|p| (p.1, p.2))
+            .ok_or(FabricError::UnknownPeer(peer))?;
+        // A shm peer that died holding its region's lock makes the provider spin forever on
+        // the next post: check that the process is still there before entering libfabric.
+        if let Some(pid) = pid {
+            if !process_alive(pid) {
+                self.ops.mark_unreachable(peer);
+                return Err(FabricError::Remote {
+                    op,
+                    peer,
+                    message: format!("the peer's process {pid} has exited"),
+                });
+            }
+        }
+        Ok(addr)
     }
 
     /// Retries a post while the provider's queue is full, driving progress, up to the timeout.
@@ -602,9 +572,7 @@ impl Inner {
                 std::thread::yield_now();
                 continue;
             }
-            if let Some(p) = self.untrack(id) {
-                self.release(&p);
-            }
+            self.ops.cancel(id);
             if rc == -(sys::FI_EAGAIN as isize) {
                 return Err(FabricError::Timeout {
                     op,
@@ -620,30 +588,12 @@ impl Inner {
         }
     }
 
-    fn release(&self, p: &Pending) {
-        if let Some(s) = p.atomic_slot {
-            self.atomic_free.lock().expect("atomic slots").push(s);
-        }
-        if let Some(s) = p.send_slot {
-            self.send_free.lock().expect("send slots").push(s);
-        }
-        if !p.abandoned {
-            self.in_flight.release();
-        }
-    }
-
     fn complete(&self, id: u64, result: Result<u64>) {
-        if let Some(p) = self.untrack(id) {
-            let result = match (result, p.atomic_slot) {
-                (Ok(_), Some(slot)) => self
-                    .atomic_scratch
-                    .atomic_u64(slot * 24 + 16)
-                    .map(|w| w.load(Ordering::Acquire)),
-                (r, _) => r,
-            };
-            self.release(&p);
-            p.state.finish(result);
-        }
+        self.ops.complete(id, result, |slot| {
+            self.atomic_scratch
+                .atomic_u64(slot * 24 + 16)
+                .map(|w| w.load(Ordering::Acquire))
+        });
     }
 
     fn on_message(&self, index: usize, len: usize, tag: u64) {
@@ -704,7 +654,7 @@ impl Inner {
                 active_at = Instant::now();
                 continue;
             }
-            if self.progress() > 0 || self.in_flight.current() > 0 {
+            if self.progress() > 0 || self.ops.in_flight.current() > 0 {
                 active_at = Instant::now();
                 std::thread::yield_now();
                 continue;
@@ -793,20 +743,7 @@ impl Progress for Inner {
     }
 
     fn abandon(&self, op: &OpState) {
-        let id = op.id.load(Ordering::Relaxed);
-        let mut pending = self.pending.lock().expect("pending");
-        if let Some(p) = pending.get_mut(&id) {
-            if !p.abandoned {
-                // The slot goes back now so a dead peer cannot starve the others; scratch
-                // and send buffers stay reserved until the provider reports the operation.
-                p.abandoned = true;
-                self.in_flight.release();
-                self.unreachable
-                    .lock()
-                    .expect("unreachable lock")
-                    .insert(op.peer);
-            }
-        }
+        self.ops.abandon(op);
     }
 }
 
@@ -841,16 +778,9 @@ impl Inner {
                 CStr::from_ptr(s).to_string_lossy().into_owned()
             }
         };
-        let Some(p) = self
-            .pending
-            .lock()
-            .expect("pending")
-            .get(&id)
-            .map(|p| (p.state.op, p.state.peer, p.key))
-        else {
+        let Some(FailedOp { op, peer, key }) = self.ops.failed_op(id) else {
             return;
         };
-        let (op, peer, key) = p;
         let code = err.err as u32;
         let e = if code == sys::FI_EACCES || code == sys::FI_EKEYREJECTED || code == sys::FI_EINVAL
         {
@@ -925,7 +855,10 @@ impl Endpoint for OfiEndpoint {
                 }
             )));
         }
-        peers.push((peer.token, fi_addr));
+        let pid = (self.inner.provider == Provider::Shm)
+            .then(|| shm_pid(&peer.raw))
+            .flatten();
+        peers.push((peer.token, fi_addr, pid));
         Ok(PeerId(peers.len() as u32 - 1))
     }
 
@@ -1028,24 +961,9 @@ impl Endpoint for OfiEndpoint {
         }
         let addr = inner.peer_addr(peer, "send")?;
         inner
-            .in_flight
+            .ops
             .acquire(inner.as_ref(), "send", peer, inner.timeout)?;
-        let waiting_since = Instant::now();
-        let slot = loop {
-            if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
-                break s;
-            }
-            if waiting_since.elapsed() >= inner.timeout {
-                inner.in_flight.release();
-                return Err(FabricError::Timeout {
-                    op: "send",
-                    peer,
-                    timeout: inner.timeout,
-                });
-            }
-            inner.progress();
-            std::thread::yield_now();
-        };
+        let slot = inner.ops.send_slot(inner.as_ref(), peer, inner.timeout)?;
         let slot_bytes = inner.slot_bytes();
         let base = slot * slot_bytes;
         inner
@@ -1054,7 +972,7 @@ impl Endpoint for OfiEndpoint {
         inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
         let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
         let state = OpState::new("send", peer);
-        let id = inner.track(&state, None, Some(slot), 0);
+        let id = inner.ops.track(&state, None, Some(slot), 0);
         inner.post("send", peer, id, || {
             // SAFETY: the send slot is reserved until this operation completes.
             unsafe {
@@ -1109,12 +1027,10 @@ impl OfiEndpoint {
         let buf = local.check_local(local_offset, len)?;
         let target = remote.target(remote_offset, len as u64)?;
         let addr = inner.peer_addr(peer, op)?;
-        inner
-            .in_flight
-            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner.ops.acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let state = OpState::new(op, peer);
         state.keep(local.clone());
-        let id = inner.track(&state, None, None, remote.key);
+        let id = inner.ops.track(&state, None, None, remote.key);
         let read_flags = if inner.provider == Provider::Shm {
             (sys::FI_COMPLETION | sys::FI_DELIVERY_COMPLETE) as u64
         } else {
@@ -1177,15 +1093,8 @@ impl OfiEndpoint {
         }
         let target = remote.target(remote_offset, 8)?;
         let addr = inner.peer_addr(peer, op)?;
-        inner
-            .in_flight
-            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
-        let slot = inner
-            .atomic_free
-            .lock()
-            .expect("atomic slots")
-            .pop()
-            .expect("one atomic slot per in-flight operation");
+        inner.ops.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        let slot = inner.ops.atomic_slot();
         let scratch = &inner.atomic_scratch;
         let base = slot * 24;
         scratch.atomic_u64(base)?.store(operand, Ordering::Relaxed);
@@ -1196,7 +1105,7 @@ impl OfiEndpoint {
         let ptr_at = |off: usize| scratch.check_local(base + off, 8).map(|p| p as *mut c_void);
         let (operand_ptr, compare_ptr, result_ptr) = (ptr_at(0)?, ptr_at(8)?, ptr_at(16)?);
         let state = OpState::new(op, peer);
-        let id = inner.track(&state, Some(slot), None, remote.key);
+        let id = inner.ops.track(&state, Some(slot), None, remote.key);
         let mut desc = desc_of(scratch);
         let mut compare_desc = desc;
         let mut result_desc = desc;

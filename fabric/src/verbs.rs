@@ -7,23 +7,23 @@
 //! the tag; one-sided operations are RDMA READ/WRITE and the two 64-bit atomics. An RC
 //! WRITE completes at the initiator only once the target acknowledged it, so the data is
 //! placed at the target when the completion arrives.
-use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdma_sys as ib;
 
-use crate::completion::{Completion, InFlight, OpState, Progress};
+use crate::completion::{Completion, OpState, Progress};
 use crate::config::{FabricConfig, Provider};
 use crate::endpoint::{Endpoint, EndpointAddress, Inbox, Message, PeerId};
 use crate::error::{FabricError, Result};
 use crate::memory::{MemoryRegion, Region, RemoteRegion};
+use crate::ops::{FailedOp, OpTable};
 
 const RECV_BUFFERS: usize = 64;
 const RECV_CONTEXT: u64 = 1 << 63;
@@ -365,14 +365,6 @@ fn decode_raw(raw: &[u8]) -> Result<SocketAddr> {
     Ok(SocketAddr::from((ip, u16::from_le_bytes([raw[4], raw[5]]))))
 }
 
-struct Pending {
-    state: Arc<OpState>,
-    atomic_slot: Option<usize>,
-    send_slot: Option<usize>,
-    key: u64,
-    abandoned: bool,
-}
-
 struct Peer {
     token: u64,
     qp: Arc<QueuePair>,
@@ -386,9 +378,8 @@ struct Inner {
     /// QPs created by the listener for peers we already had: kept so they keep serving.
     extra_qps: Mutex<Vec<Arc<QueuePair>>>,
     connect_lock: Mutex<()>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next_id: AtomicU64,
-    in_flight: InFlight,
+    ops: OpTable,
+
     cq_lock: Mutex<()>,
     waiters: AtomicUsize,
     inbox: Inbox,
@@ -396,11 +387,11 @@ struct Inner {
     max_message: usize,
     max_in_flight: usize,
     atomic_scratch: MemoryRegion,
-    atomic_free: Mutex<Vec<usize>>,
+
     send_pool: MemoryRegion,
-    send_free: Mutex<Vec<usize>>,
+
     recv_pool: MemoryRegion,
-    unreachable: Mutex<HashSet<PeerId>>,
+
     shutdown: AtomicBool,
 }
 
@@ -433,18 +424,15 @@ impl VerbsEndpoint {
             peers: RwLock::new(Vec::new()),
             extra_qps: Mutex::new(Vec::new()),
             connect_lock: Mutex::new(()),
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            in_flight: InFlight::new(config.max_in_flight),
+            ops: OpTable::new(config.max_in_flight, send_slots),
+
             cq_lock: Mutex::new(()),
             waiters: AtomicUsize::new(0),
             inbox: Inbox::default(),
             timeout: config.op_timeout,
             max_message: config.max_message,
             max_in_flight: config.max_in_flight,
-            atomic_free: Mutex::new((0..config.max_in_flight).rev().collect()),
-            send_free: Mutex::new((0..send_slots).rev().collect()),
-            unreachable: Mutex::new(HashSet::new()),
+
             shutdown: AtomicBool::new(false),
         });
         for i in 0..RECV_BUFFERS {
@@ -472,17 +460,7 @@ impl Drop for VerbsEndpoint {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let pending: Vec<Pending> = self
-            .inner
-            .pending
-            .lock()
-            .expect("pending")
-            .drain()
-            .map(|(_, p)| p)
-            .collect();
-        for p in pending {
-            p.state.finish(Err(FabricError::Closed));
-        }
+        self.inner.ops.fail_all();
     }
 }
 
@@ -666,18 +644,7 @@ impl Inner {
     }
 
     fn peer_qp(&self, peer: PeerId, op: &'static str) -> Result<Arc<QueuePair>> {
-        if self
-            .unreachable
-            .lock()
-            .expect("unreachable")
-            .contains(&peer)
-        {
-            return Err(FabricError::Remote {
-                op,
-                peer,
-                message: "peer is unreachable: an earlier operation to it failed or timed out, which breaks its queue pair".into(),
-            });
-        }
+        self.ops.check_reachable(peer, op)?;
         self.peers
             .read()
             .expect("peers lock")
@@ -686,53 +653,12 @@ impl Inner {
             .ok_or(FabricError::UnknownPeer(peer))
     }
 
-    fn track(
-        &self,
-        state: &Arc<OpState>,
-        atomic_slot: Option<usize>,
-        send_slot: Option<usize>,
-        key: u64,
-    ) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        state.id.store(id, Ordering::Relaxed);
-        self.pending.lock().expect("pending").insert(
-            id,
-            Pending {
-                state: state.clone(),
-                atomic_slot,
-                send_slot,
-                key,
-                abandoned: false,
-            },
-        );
-        id
-    }
-
-    fn release(&self, p: &Pending) {
-        if let Some(s) = p.atomic_slot {
-            self.atomic_free.lock().expect("atomic slots").push(s);
-        }
-        if let Some(s) = p.send_slot {
-            self.send_free.lock().expect("send slots").push(s);
-        }
-        if !p.abandoned {
-            self.in_flight.release();
-        }
-    }
-
     fn complete(&self, id: u64, result: Result<u64>) {
-        let Some(p) = self.pending.lock().expect("pending").remove(&id) else {
-            return;
-        };
-        let result = match (result, p.atomic_slot) {
-            (Ok(_), Some(slot)) => self
-                .atomic_scratch
+        self.ops.complete(id, result, |slot| {
+            self.atomic_scratch
                 .atomic_u64(slot * 8)
-                .map(|w| w.load(Ordering::Acquire)),
-            (r, _) => r,
-        };
-        self.release(&p);
-        p.state.finish(result);
+                .map(|w| w.load(Ordering::Acquire))
+        });
     }
 
     /// Posts one work request on `qp`, tracked under `id`.
@@ -751,9 +677,7 @@ impl Inner {
         // registered and kept alive by the operation state until completion.
         let rc = unsafe { ib::ibv_post_send(qp.qp, wr, &mut bad) };
         if rc != 0 {
-            if let Some(p) = self.pending.lock().expect("pending").remove(&id) {
-                self.release(&p);
-            }
+            self.ops.cancel(id);
             return Err(FabricError::Remote {
                 op,
                 peer,
@@ -843,18 +767,12 @@ impl Progress for Inner {
                     self.complete(wc.wr_id, Ok(0));
                     continue;
                 }
-                let info = self
-                    .pending
-                    .lock()
-                    .expect("pending")
-                    .get(&wc.wr_id)
-                    .map(|p| (p.state.op, p.state.peer, p.key));
-                let Some((op, peer, key)) = info else {
+                let Some(FailedOp { op, peer, key }) = self.ops.failed_op(wc.wr_id) else {
                     continue;
                 };
                 // Any error moves an RC queue pair to the error state: fail later operations
                 // to this peer at once instead of as flushed work requests.
-                self.unreachable.lock().expect("unreachable").insert(peer);
+                self.ops.mark_unreachable(peer);
                 let e = if wc.status == ib::ibv_wc_status::IBV_WC_REM_ACCESS_ERR {
                     FabricError::RemoteAccess { op, peer, key }
                 } else {
@@ -877,17 +795,7 @@ impl Progress for Inner {
     }
 
     fn abandon(&self, op: &OpState) {
-        let id = op.id.load(Ordering::Relaxed);
-        if let Some(p) = self.pending.lock().expect("pending").get_mut(&id) {
-            if !p.abandoned {
-                p.abandoned = true;
-                self.in_flight.release();
-                self.unreachable
-                    .lock()
-                    .expect("unreachable")
-                    .insert(op.peer);
-            }
-        }
+        self.ops.abandon(op);
     }
 }
 
@@ -916,12 +824,10 @@ impl VerbsEndpoint {
             });
         }
         let qp = inner.peer_qp(peer, op)?;
-        inner
-            .in_flight
-            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        inner.ops.acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let state = OpState::new(op, peer);
         state.keep(local.clone());
-        let id = inner.track(&state, None, None, remote.key);
+        let id = inner.ops.track(&state, None, None, remote.key);
         let mut sge = ib::ibv_sge {
             addr: buf as u64,
             length: len as u32,
@@ -955,18 +861,11 @@ impl VerbsEndpoint {
         }
         let target = remote.target(remote_offset, 8)?;
         let qp = inner.peer_qp(peer, op)?;
-        inner
-            .in_flight
-            .acquire(inner.as_ref(), op, peer, inner.timeout)?;
-        let slot = inner
-            .atomic_free
-            .lock()
-            .expect("atomic slots")
-            .pop()
-            .expect("one atomic slot per in-flight operation");
+        inner.ops.acquire(inner.as_ref(), op, peer, inner.timeout)?;
+        let slot = inner.ops.atomic_slot();
         let result = inner.atomic_scratch.check_local(slot * 8, 8)?;
         let state = OpState::new(op, peer);
-        let id = inner.track(&state, Some(slot), None, remote.key);
+        let id = inner.ops.track(&state, Some(slot), None, remote.key);
         let mut sge = ib::ibv_sge {
             addr: result as u64,
             length: 8,
@@ -1133,24 +1032,9 @@ impl Endpoint for VerbsEndpoint {
         }
         let qp = inner.peer_qp(peer, "send")?;
         inner
-            .in_flight
+            .ops
             .acquire(inner.as_ref(), "send", peer, inner.timeout)?;
-        let waiting_since = Instant::now();
-        let slot = loop {
-            if let Some(s) = inner.send_free.lock().expect("send slots").pop() {
-                break s;
-            }
-            if waiting_since.elapsed() >= inner.timeout {
-                inner.in_flight.release();
-                return Err(FabricError::Timeout {
-                    op: "send",
-                    peer,
-                    timeout: inner.timeout,
-                });
-            }
-            inner.progress();
-            std::thread::yield_now();
-        };
+        let slot = inner.ops.send_slot(inner.as_ref(), peer, inner.timeout)?;
         let base = slot * inner.slot_bytes();
         inner
             .send_pool
@@ -1159,7 +1043,7 @@ impl Endpoint for VerbsEndpoint {
         inner.send_pool.write_bytes(base + MSG_HEADER, data)?;
         let buf = inner.send_pool.check_local(base, MSG_HEADER + data.len())?;
         let state = OpState::new("send", peer);
-        let id = inner.track(&state, None, Some(slot), 0);
+        let id = inner.ops.track(&state, None, Some(slot), 0);
         let mut sge = ib::ibv_sge {
             addr: buf as u64,
             length: (MSG_HEADER + data.len()) as u32,
