@@ -232,3 +232,97 @@ fn a_host_with_another_secret_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn ssh_launch_starts_krund_on_each_host() {
+    let hosts = Hosts::start(2, "ssh", None);
+    let dir = std::env::temp_dir().join(format!("krun-ssh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let keygen = |name: &str| {
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(name))
+            .status()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(status.success());
+    };
+    keygen("host_key");
+    keygen("user_key");
+    std::fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys")).unwrap();
+    let mut sshds = Vec::new();
+    for node in hosts.cluster.nodes() {
+        let mut d = node
+            .spawn(
+                Command::new("/usr/sbin/sshd")
+                    .args(["-D", "-e", "-f", "/dev/null"])
+                    .arg("-o")
+                    .arg(format!("ListenAddress={}", node.ip()))
+                    .arg("-o")
+                    .arg(format!("HostKey={}", dir.join("host_key").display()))
+                    .arg("-o")
+                    .arg(format!(
+                        "AuthorizedKeysFile={}",
+                        dir.join("authorized_keys").display()
+                    ))
+                    .args(["-o", "PermitRootLogin=prohibit-password", "-o", "UsePAM=no"])
+                    .args(["-o", "StrictModes=no", "-o", "PidFile=none"])
+                    .stderr(Stdio::piped()),
+            )
+            .expect("starting sshd (openssh-server)");
+        let mut line = String::new();
+        BufReader::new(d.stderr().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("Server listening"),
+            "sshd on {}: {line}",
+            node.ip()
+        );
+        sshds.push(d);
+    }
+    let wrapper = dir.join("ssh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ssh -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \"$@\"\n",
+            dir.join("user_key").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let selftest = workspace_bin("krun-selftest");
+    let p = hosts
+        .cluster
+        .node(0)
+        .unwrap()
+        .spawn(
+            Command::new(workspace_bin("krun"))
+                .args([
+                    "--hosts",
+                    &hosts.host_list(),
+                    "--launch",
+                    "ssh",
+                    "-n",
+                    "4",
+                    "--tag-output",
+                ])
+                .arg(&selftest)
+                .env("KRUN_SSH", &wrapper)
+                .env("KRUN_SECRET_FILE", &hosts.secret)
+                .env("KRUN_FABRIC_PROVIDER", "tcp")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .unwrap();
+    let (code, out, err) = finish(p, Duration::from_secs(120));
+    drop(sshds);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(
+        out.matches(": ok: verified 64 KiB").count(),
+        4,
+        "{out}\n{err}"
+    );
+}

@@ -149,6 +149,11 @@ fn advertised_ip() -> Result<IpAddr> {
     })
 }
 
+/// `word` as one POSIX shell word.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
 /// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
 enum NodeProc {
     Child(Child),
@@ -366,27 +371,34 @@ pub fn run(job: &Job) -> Result<i32> {
                 program_args(&mut template);
                 let mut ssh =
                     Command::new(std::env::var("KRUN_SSH").unwrap_or_else(|_| "ssh".into()));
+                // ssh hands the remote shell one string: quote every word of it.
+                let mut words = vec!["env".to_string()];
+                for (k, v) in template.get_envs() {
+                    if let Some(v) = v {
+                        words.push(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
+                    }
+                }
+                if let Ok(f) = std::env::var("KRUN_SECRET_FILE") {
+                    words.push(format!("KRUN_SECRET_FILE={f}"));
+                }
+                words.push(template.get_program().to_string_lossy().into_owned());
+                words.extend(
+                    template
+                        .get_args()
+                        .map(|a| a.to_string_lossy().into_owned()),
+                );
+                let remote: Vec<String> = words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>();
                 ssh.args([
                     "-o",
                     "BatchMode=yes",
                     "-o",
                     "ConnectTimeout=10",
                     host.as_str(),
-                    "env",
-                ]);
-                for (k, v) in template.get_envs() {
-                    if let Some(v) = v {
-                        ssh.arg(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
-                    }
-                }
-                if let Ok(f) = std::env::var("KRUN_SECRET_FILE") {
-                    ssh.arg(format!("KRUN_SECRET_FILE={f}"));
-                }
-                ssh.arg(template.get_program())
-                    .args(template.get_args())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
+                ])
+                .arg(remote.join(" "))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
                 commands.push((Some(node), ssh));
             }
         }
@@ -613,4 +625,20 @@ fn forward(
         crate::ranks::copy_lines(stream, prefix.as_deref(), is_err);
         let _ = wake.send(());
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_a_shell() {
+        for word in ["plain", "with space", "it's", "$HOME `x` \\ \"q\"", ""] {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf %s {}", shell_quote(word))])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), word);
+        }
+    }
 }
