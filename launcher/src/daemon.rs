@@ -6,7 +6,8 @@
 //! `"KRD1" | nonce[16]`; the client answers with HMAC-SHA256(secret, nonce | "krund-control");
 //! the daemon replies `0` or `1 | reason`. Requests: `R` (run: argument and environment
 //! lists) and `S` (status). While a node process runs the daemon sends `O`/`E` (one output
-//! line each) and finally `X | i32 exit code`; the client may send `K | i32 signal`.
+//! line each) and finally `X | i32 exit code`; the client may send `K | i32 signal` and
+//! `I | bytes` (stdin for the node process; empty at end of input).
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -225,7 +226,7 @@ impl Daemon {
         let mut cmd = Command::new(&self.krund);
         cmd.args(&req.args)
             .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; the node process (and through it its ranks) dies
@@ -265,8 +266,19 @@ impl Daemon {
         ];
         // Signals from the client; a vanished client ends the node process.
         let mut control = s;
+        // krun's stdin for rank 0 arrives as `I` frames, its end as an empty `I` frame.
+        let mut stdin = child.stdin.take();
         std::thread::spawn(move || loop {
             match read_frame(&mut control) {
+                Ok((b'I', data)) => {
+                    if data.is_empty() {
+                        stdin = None;
+                    } else if let Some(w) = stdin.as_mut() {
+                        if w.write_all(&data).is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
                 Ok((b'K', sig)) if sig.len() == 4 => {
                     let sig = i32::from_le_bytes(sig.try_into().expect("4 bytes"));
                     // SAFETY: kill(2) of our own child by PID.

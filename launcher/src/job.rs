@@ -159,7 +159,7 @@ enum NodeProc {
     Child(Child),
     Remote {
         host: String,
-        control: Mutex<TcpStream>,
+        control: Arc<Mutex<TcpStream>>,
         /// The exit code, and whether the connection was lost instead.
         exit: Arc<Mutex<Option<(i32, bool)>>>,
     },
@@ -226,7 +226,7 @@ impl Drop for Children {
                 }
                 NodeProc::Remote { control, .. } => {
                     let _ = control
-                        .get_mut()
+                        .lock()
                         .expect("control lock")
                         .shutdown(std::net::Shutdown::Both);
                 }
@@ -502,9 +502,16 @@ pub fn run(job: &Job) -> Result<i32> {
             exit.clone(),
             tx.clone(),
         ));
+        let control = Arc::new(Mutex::new(d.stream));
+        if placement
+            .as_ref()
+            .is_some_and(|p| p.node_of(0) == Some(node))
+        {
+            forward_stdin(control.clone());
+        }
         children.0.push(Some(NodeProc::Remote {
             host: d.host,
-            control: Mutex::new(d.stream),
+            control: control.clone(),
             exit,
         }));
     }
@@ -572,6 +579,23 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
         }
     }
     Ok(worst)
+}
+
+/// Sends our stdin to a daemon (for its node's rank 0) as `I` frames; an empty one at EOF.
+/// Detached: a job that ends first simply leaves it blocked on our stdin.
+fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut input = std::io::stdin().lock();
+        loop {
+            let n = input.read(&mut buf).unwrap_or(0);
+            let sent =
+                daemon::write_frame(&mut *control.lock().expect("control lock"), b'I', &buf[..n]);
+            if n == 0 || sent.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 /// Reads a daemon's frames for one node: output lines, then the exit code. A connection

@@ -201,3 +201,41 @@ fn a_killed_host_is_reported_with_its_ranks_and_the_job_ends() {
         "the job took {ended_after:?} to end"
     );
 }
+
+#[test]
+fn stdin_reaches_rank_zero_on_its_host() {
+    let d = daemons(2, "stdin");
+    let mut child = Command::new(KRUN)
+        .args([
+            "--hosts",
+            &d.hosts(),
+            "-n",
+            "2",
+            "--tag-output",
+            "sh",
+            "-c",
+            "if [ $KRUN_RANK = 0 ]; then wc -l; else echo idle; fi",
+        ])
+        .env("KRUN_SECRET_FILE", &d.secret_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        for i in 0..50_000 {
+            writeln!(input, "line {i}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("[0] 50000"), "{text}");
+    assert!(text.contains("[1] idle"), "{text}");
+}
