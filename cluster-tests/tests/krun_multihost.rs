@@ -326,3 +326,35 @@ fn ssh_launch_starts_krund_on_each_host() {
         "{out}\n{err}"
     );
 }
+
+#[test]
+fn a_host_whose_link_is_cut_is_named_and_the_job_ends() {
+    let hosts = Hosts::start(3, "cut", None);
+    let p = hosts.krun(&[
+        "--hosts",
+        &hosts.host_list(),
+        "-n",
+        "3",
+        "sh",
+        "-c",
+        "sleep 60",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    let cut = Instant::now();
+    hosts.cluster.cut_link(2).unwrap();
+    let (code, _, err) = finish(p, Duration::from_secs(60));
+    hosts.cluster.restore_link(2).unwrap();
+    assert!(
+        cut.elapsed() < Duration::from_secs(30),
+        "the job took {:?} to end",
+        cut.elapsed()
+    );
+    assert_ne!(code, Some(0));
+    let ip = hosts.cluster.node(2).unwrap().ip();
+    assert!(
+        err.contains(&format!(
+            "lost node 2 (ranks 2..2) on host {ip}: no heartbeat"
+        )),
+        "{err}"
+    );
+}

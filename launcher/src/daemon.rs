@@ -7,7 +7,8 @@
 //! the daemon replies `0` or `1 | reason`. Requests: `R` (run: argument and environment
 //! lists) and `S` (status). While a node process runs the daemon sends `O`/`E` (one output
 //! line each) and finally `X | i32 exit code`; the client may send `K | i32 signal` and
-//! `I | bytes` (stdin for the node process; empty at end of input).
+//! `I | bytes` (stdin for the node process; empty at end of input). The daemon sends `H`
+//! every [`HEARTBEAT`] while the node process runs.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ use crate::ranks::{exit_code, for_each_line};
 const MAGIC: &[u8; 4] = b"KRD1";
 const CONTEXT: &[u8] = b"krund-control";
 const MAX_FRAME: usize = 16 << 20;
+/// How often a daemon tells krun it is alive while a node process runs.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Silence after which krun declares a host lost.
+pub const HOST_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// The port krund listens on when none is given.
 pub const DEFAULT_PORT: u16 = 7171;
 
@@ -292,7 +297,22 @@ impl Daemon {
                 }
             }
         });
+        // Heartbeats let krun tell a silent host (cut link, frozen machine) from a quiet job.
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let beat = {
+            let (out, running) = (out.clone(), running.clone());
+            std::thread::spawn(move || {
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    if write_frame(&mut *out.lock().expect("socket lock"), b'H', &[]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+        };
         let status = child.wait().map_err(io("waiting for the node process"))?;
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = beat.join();
         for p in pumps {
             let _ = p.join();
         }

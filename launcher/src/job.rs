@@ -610,6 +610,8 @@ fn forward_remote(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let prefix = prefix.unwrap_or_default();
+        // Daemons send heartbeats: silence this long means the host or its link is gone.
+        let _ = stream.set_read_timeout(Some(daemon::HOST_SILENCE_LIMIT));
         let (code, lost) = loop {
             match daemon::read_frame(&mut stream) {
                 Ok((b'O', line)) => {
@@ -627,7 +629,13 @@ fn forward_remote(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    eprintln!("krun: lost {what} on host {host}: {e}");
+                    let why = match e.kind() {
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                            format!("no heartbeat for {:?}", daemon::HOST_SILENCE_LIMIT)
+                        }
+                        _ => e.to_string(),
+                    };
+                    eprintln!("krun: lost {what} on host {host}: {why}");
                     break (255, true);
                 }
             }
