@@ -311,6 +311,7 @@ impl Daemon {
             })
         };
         let status = child.wait().map_err(io("waiting for the node process"))?;
+        crate::ranks::remove_shm_segments(pid);
         running.store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = beat.join();
         for p in pumps {

@@ -168,7 +168,13 @@ enum NodeProc {
 impl NodeProc {
     fn try_wait(&mut self) -> std::io::Result<Option<i32>> {
         match self {
-            NodeProc::Child(c) => Ok(c.try_wait()?.map(exit_code)),
+            NodeProc::Child(c) => {
+                let status = c.try_wait()?;
+                if status.is_some() {
+                    crate::ranks::remove_shm_segments(c.id());
+                }
+                Ok(status.map(exit_code))
+            }
             NodeProc::Remote { exit, .. } => {
                 Ok(exit.lock().expect("exit lock").map(|(code, _)| code))
             }

@@ -206,6 +206,20 @@ fn forward_output(
     })
 }
 
+/// Removes the shared-memory segments libfabric's shm provider made for process `pid`
+/// (`/dev/shm/PID:...`): a process killed before closing its endpoint leaves them behind.
+pub fn remove_shm_segments(pid: u32) {
+    let prefix = format!("{pid}:");
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Exit code as srun reports it: the status code, or 128 + signal.
 pub fn exit_code(status: ExitStatus) -> i32 {
     status
@@ -320,6 +334,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 source: e,
             })?;
             let Some(status) = status else { continue };
+            remove_shm_segments(c.id());
             let code = exit_code(status);
             if let Some(sig) = status.signal() {
                 eprintln!(

@@ -385,3 +385,50 @@ fn ranks_are_pinned_to_cores_and_bindings_are_reported() {
     assert_eq!(code, 2);
     assert!(err.contains("socket"), "{err}");
 }
+
+#[test]
+fn a_killed_node_leaves_no_shared_memory_behind() {
+    let shm_of = |pid: u32| -> Vec<String> {
+        std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{pid}:")))
+            .collect()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args([
+            "-n",
+            "2",
+            "--local",
+            "2",
+            "--provider",
+            "shm",
+            "sleep",
+            "30",
+        ])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let krun_pid = child.id();
+    // Both node daemons have opened their shm endpoints.
+    let mut nodes = Vec::new();
+    wait_for(|| {
+        nodes = children_of(krun_pid);
+        nodes.len() == 2 && nodes.iter().all(|&n| !shm_of(n).is_empty())
+    });
+    // SAFETY: a process this test started (through krun).
+    unsafe { libc::kill(nodes[0] as i32, libc::SIGKILL) };
+    wait_for(|| shm_of(nodes[0]).is_empty());
+    // SAFETY: as above.
+    unsafe { libc::kill(krun_pid as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        shm_of(nodes[1]).is_empty(),
+        "the stopped node left {:?}",
+        shm_of(nodes[1])
+    );
+}
