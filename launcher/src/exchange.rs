@@ -76,26 +76,33 @@ pub fn run(ep: &dyn Endpoint, boot: &mut BootstrapClient) -> Result<ExchangeRepo
         n - 1
     ));
 
-    // 1. One-sided writes of my block into slot `me` of every other node.
+    // 1. One-sided writes of my block into slot `me` of every other node, in rounds: in
+    // round k node i writes to node i+k. First contact between two endpoints then goes one
+    // way at a time (libfabric 1.17's rxm can fail a connection both sides open at once);
+    // the round where i+k and i-k meet (k = n/2, n even) is split in two.
     let start = Instant::now();
-    let mut posted = Vec::new();
-    for (rank, (peer, remote)) in peers.iter().enumerate() {
-        if rank != me {
-            // SAFETY: `source` is not modified while the writes are in flight, and each node
-            // owns its own slot in every target.
-            posted.push(unsafe {
-                ep.post_write(
-                    *peer,
-                    &source,
-                    0,
-                    BLOCK,
-                    remote,
-                    (HEADER + me * BLOCK) as u64,
-                )?
-            });
+    for k in 1..n {
+        let halves: &[bool] = if 2 * k == n { &[true, false] } else { &[true] };
+        for &first_half in halves {
+            let mine = 2 * k != n || (me < n / 2) == first_half;
+            if mine {
+                let (peer, remote) = peers[(me + k) % n];
+                // SAFETY: `source` is not modified while the write is in flight, and each
+                // node owns its own slot in every target.
+                unsafe {
+                    ep.write(
+                        peer,
+                        &source,
+                        0,
+                        BLOCK,
+                        &remote,
+                        (HEADER + me * BLOCK) as u64,
+                    )?
+                };
+            }
+            boot.barrier()?;
         }
     }
-    fabric::wait_all(posted)?;
     let took = start.elapsed();
     say(format!(
         "wrote {} MiB into each of {} nodes with RMA writes in {:.1} ms ({:.2} GB/s)",

@@ -51,9 +51,17 @@ fn run() -> Result<String, LauncherError> {
     let source = ep.register(Region::new(64 * 1024)?)?;
     source.write_bytes(0, &message(rank))?;
     let (right, right_region) = peers[(rank + 1) % size];
-    // SAFETY: `source` is not modified during the write; each rank writes only its right
-    // neighbour's inbox, which nobody else writes.
-    unsafe { ep.write(right, &source, 0, 64 * 1024, &right_region, 4096)? };
+    // First contact between two endpoints goes one way at a time: libfabric 1.17's rxm can
+    // fail a connection both sides open at once. Even ranks write first, then odd ones, then
+    // everybody counts in at rank 0 (whose connections to them exist by then or are one-way).
+    for turn in 0..2 {
+        if rank % 2 == turn {
+            // SAFETY: `source` is not modified during the write; each rank writes only its
+            // right neighbour's inbox, which nobody else writes.
+            unsafe { ep.write(right, &source, 0, 64 * 1024, &right_region, 4096)? };
+        }
+        boot.barrier()?;
+    }
     let (root, root_region) = peers[0];
     ep.fetch_add(root, &root_region, 0, 1)?;
     boot.barrier()?;
