@@ -1,15 +1,19 @@
 //! InfiniBand verbs backend: RC queue pairs through `rdma-sys`, one per connected peer.
 //!
-//! Queue pairs are wired through a small TCP side channel of each endpoint: the connecting
-//! side creates a QP and sends `"KRV1" | token u64 | qpn u32 | psn u32 | lid u16 | gid[16]`;
-//! the listener creates the matching QP, brings it to RTS and answers with its own values.
+//! Queue pairs are wired through a small TCP side channel of each endpoint. An endpoint's
+//! address carries the side channel's IP and port plus the port's LID and GID
+//! (`RawAddress`). The connecting side creates a QP and sends a `QpInfo` (magic `KRV2`,
+//! both endpoint tokens, QPN, PSN, LID, GID, active MTU, crc32c); the listener checks it is
+//! the endpoint meant, creates the matching QP, brings it to RTS, registers the connecting
+//! endpoint as a peer (so its messages name it) and answers with its own values.
+//!
 //! Messages travel as SENDs into a shared receive queue, each carrying the sender's token and
-//! the tag; one-sided operations are RDMA READ/WRITE and the two 64-bit atomics. An RC
-//! WRITE completes at the initiator only once the target acknowledged it, so the data is
-//! placed at the target when the completion arrives.
+//! the tag in a 16-byte header; one-sided operations are RDMA READ/WRITE and the two 64-bit
+//! atomics. An RC WRITE completes at the initiator only once the target acknowledged it, so
+//! the data is placed at the target when the completion arrives.
 use std::ffi::CStr;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,9 +33,31 @@ const RECV_BUFFERS: usize = 64;
 const RECV_CONTEXT: u64 = 1 << 63;
 /// Sender token and tag in front of every message.
 const MSG_HEADER: usize = 16;
-const SIDE_MAGIC: &[u8; 4] = b"KRV1";
-const SIDE_LEN: usize = 4 + 8 + 4 + 4 + 2 + 16;
+/// Side-channel connection message: magic, version 2 (v1 had no target token, MTU or CRC).
+const SIDE_MAGIC: &[u8; 4] = b"KRV2";
+const SIDE_LEN: usize = 4 + 8 + 8 + 4 + 4 + 2 + 16 + 1 + 1 + 4;
+/// First bytes of a verbs raw address: format tag and version.
+const RAW_MAGIC: u8 = b'V';
+const RAW_VERSION: u8 = 1;
 const PORT: u8 = 1;
+/// Wait at most this long for a side-channel peer that connected but says nothing.
+const SIDE_READ_LIMIT: Duration = Duration::from_secs(5);
+
+/// CRC-32C (Castagnoli), bitwise: side-channel messages are a few dozen bytes.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
 
 fn unavailable(reason: impl Into<String>) -> FabricError {
     FabricError::ProviderUnavailable {
@@ -88,6 +114,8 @@ struct Device {
     gid: [u8; 16],
     gid_index: u8,
     max_rd_atomic: u8,
+    /// The port's active MTU as an `ibv_mtu` value (1 = 256 ... 5 = 4096).
+    active_mtu: u8,
     name: String,
 }
 
@@ -117,9 +145,16 @@ impl Drop for Device {
 }
 
 /// Picks the GID: the configured index, else a RoCE v2 IPv4-mapped one, else 0.
-fn choose_gid_index(dev: &str, configured: Option<u32>) -> u8 {
+fn choose_gid_index(dev: &str, configured: Option<u32>, table_len: i32) -> Result<u8> {
     if let Some(i) = configured {
-        return i as u8;
+        return u8::try_from(i)
+            .ok()
+            .filter(|&i| (i as i32) < table_len.max(1))
+            .ok_or_else(|| FabricError::BadConfig {
+                key: "KRUN_FABRIC_VERBS_GID_INDEX".into(),
+                value: i.to_string(),
+                reason: format!("{dev} port {PORT} has a GID table of {table_len} entries"),
+            });
     }
     let base = format!("/sys/class/infiniband/{dev}/ports/{PORT}");
     let mut ipv4 = None;
@@ -133,11 +168,11 @@ fn choose_gid_index(dev: &str, configured: Option<u32>) -> u8 {
         let kind =
             std::fs::read_to_string(format!("{base}/gid_attrs/types/{i}")).unwrap_or_default();
         if kind.contains("v2") {
-            return i;
+            return Ok(i);
         }
         ipv4.get_or_insert(i);
     }
-    ipv4.unwrap_or(0)
+    Ok(ipv4.unwrap_or(0))
 }
 
 impl Device {
@@ -190,6 +225,7 @@ impl Device {
                 gid: [0; 16],
                 gid_index: 0,
                 max_rd_atomic: 1,
+                active_mtu: ib::ibv_mtu::IBV_MTU_1024 as u8,
                 name: name.clone(),
             };
             let mut attr: ib::ibv_device_attr = std::mem::zeroed();
@@ -200,14 +236,29 @@ impl Device {
                 "ibv_query_port",
                 ib::___ibv_query_port(ctx, PORT, &mut port),
             )?;
+            if port.state != ib::ibv_port_state::IBV_PORT_ACTIVE {
+                return Err(unavailable(format!(
+                    "port {PORT} of {name} is not active (state {})",
+                    port.state
+                )));
+            }
             dev.lid = port.lid;
-            dev.gid_index = choose_gid_index(&name, config.verbs_gid_index);
+            dev.active_mtu = (port.active_mtu as u8).clamp(1, 5);
+            dev.gid_index = choose_gid_index(&name, config.verbs_gid_index, port.gid_tbl_len)?;
             let mut gid: ib::ibv_gid = std::mem::zeroed();
             call(
                 "ibv_query_gid",
                 ib::ibv_query_gid(ctx, PORT, dev.gid_index as i32, &mut gid),
             )?;
             dev.gid = gid.raw;
+            // An InfiniBand port's GIDs are never zero; a RoCE one is until its netdev has
+            // the address.
+            if dev.gid == [0; 16] {
+                return Err(unavailable(format!(
+                    "GID index {} of {name} is empty (no IP address on its netdev yet?)",
+                    dev.gid_index
+                )));
+            }
             dev.pd = ib::ibv_alloc_pd(ctx);
             if dev.pd.is_null() {
                 return Err(unavailable(format!("ibv_alloc_pd on {name} failed")));
@@ -283,8 +334,18 @@ fn register_on(device: &Arc<Device>, region: Region) -> Result<MemoryRegion> {
     ))
 }
 
-fn lkey_of(mr: &MemoryRegion) -> u32 {
-    mr.registration::<VerbsRegistration>().map_or(0, |r| r.lkey)
+/// The local key of `mr`, which must be registered with this endpoint's protection domain.
+fn lkey_of(device: &Arc<Device>, mr: &MemoryRegion) -> Result<u32> {
+    match mr.registration::<VerbsRegistration>() {
+        Some(r) if Arc::ptr_eq(&r._device, device) => Ok(r.lkey),
+        _ => Err(FabricError::Registration {
+            len: mr.len(),
+            reason: format!(
+                "the local region is not registered with this verbs endpoint (device {})",
+                device.name
+            ),
+        }),
+    }
 }
 
 /// A connected RC queue pair.
@@ -304,14 +365,20 @@ impl Drop for QueuePair {
     }
 }
 
-/// What the other side needs to connect a QP to ours.
+/// What the other side needs to connect a QP to ours; sent both ways over the side channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct QpInfo {
+    /// The sender's endpoint token.
     token: u64,
+    /// The endpoint the sender means to reach (a stale address reaching a new endpoint on a
+    /// reused port is refused).
+    to_token: u64,
     qpn: u32,
     psn: u32,
     lid: u16,
     gid: [u8; 16],
+    /// The sender port's active MTU (`ibv_mtu`, 1..=5); the path uses the smaller one.
+    mtu: u8,
 }
 
 impl QpInfo {
@@ -319,50 +386,138 @@ impl QpInfo {
         let mut out = [0u8; SIDE_LEN];
         out[..4].copy_from_slice(SIDE_MAGIC);
         out[4..12].copy_from_slice(&self.token.to_le_bytes());
-        out[12..16].copy_from_slice(&self.qpn.to_le_bytes());
-        out[16..20].copy_from_slice(&self.psn.to_le_bytes());
-        out[20..22].copy_from_slice(&self.lid.to_le_bytes());
-        out[22..38].copy_from_slice(&self.gid);
+        out[12..20].copy_from_slice(&self.to_token.to_le_bytes());
+        out[20..24].copy_from_slice(&self.qpn.to_le_bytes());
+        out[24..28].copy_from_slice(&self.psn.to_le_bytes());
+        out[28..30].copy_from_slice(&self.lid.to_le_bytes());
+        out[30..46].copy_from_slice(&self.gid);
+        out[46] = self.mtu;
+        // out[47] is reserved (zero).
+        let crc = crc32c(&out[..SIDE_LEN - 4]);
+        out[SIDE_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
     fn decode(b: &[u8]) -> Result<QpInfo> {
-        if b.len() != SIDE_LEN || &b[..4] != SIDE_MAGIC {
-            return Err(FabricError::BadAddress(format!(
-                "verbs side channel: malformed connection message ({} bytes)",
-                b.len()
+        let bad = |what: String| {
+            FabricError::BadAddress(format!("verbs side channel: {what} ({} bytes)", b.len()))
+        };
+        if b.len() != SIDE_LEN {
+            return Err(bad(format!("message must be {SIDE_LEN} bytes")));
+        }
+        if &b[..3] == b"KRV" && &b[..4] != SIDE_MAGIC {
+            return Err(bad(format!(
+                "unsupported protocol version {:?} (this endpoint speaks {:?})",
+                b[3] as char, SIDE_MAGIC[3] as char
             )));
         }
-        Ok(QpInfo {
-            token: u64::from_le_bytes(b[4..12].try_into().expect("8")),
-            qpn: u32::from_le_bytes(b[12..16].try_into().expect("4")),
-            psn: u32::from_le_bytes(b[16..20].try_into().expect("4")),
-            lid: u16::from_le_bytes(b[20..22].try_into().expect("2")),
-            gid: b[22..38].try_into().expect("16"),
+        if &b[..4] != SIDE_MAGIC {
+            return Err(bad("missing KRV2 magic".into()));
+        }
+        let crc = u32::from_le_bytes(b[SIDE_LEN - 4..].try_into().expect("4 bytes"));
+        if crc != crc32c(&b[..SIDE_LEN - 4]) {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let info = QpInfo {
+            token: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
+            to_token: u64::from_le_bytes(b[12..20].try_into().expect("8 bytes")),
+            qpn: u32_at(20),
+            psn: u32_at(24),
+            lid: u16::from_le_bytes([b[28], b[29]]),
+            gid: b[30..46].try_into().expect("16 bytes"),
+            mtu: b[46],
+        };
+        if info.qpn > 0xff_ffff || info.psn > 0xff_ffff {
+            return Err(bad(format!(
+                "QPN {:#x} or PSN {:#x} exceeds 24 bits",
+                info.qpn, info.psn
+            )));
+        }
+        if !(1..=5).contains(&info.mtu) || b[47] != 0 {
+            return Err(bad(format!("invalid MTU code {}", info.mtu)));
+        }
+        Ok(info)
+    }
+}
+
+/// A verbs endpoint's raw address: where its side channel listens, and its port's LID and
+/// GID. Layout: `'V' | version 1 | family 4|6 | ip (4 or 16) | port u16 | lid u16 | gid[16]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawAddress {
+    side: SocketAddr,
+    lid: u16,
+    gid: [u8; 16],
+}
+
+impl RawAddress {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RAW_MAGIC, RAW_VERSION];
+        match self.side.ip() {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&self.side.port().to_le_bytes());
+        out.extend_from_slice(&self.lid.to_le_bytes());
+        out.extend_from_slice(&self.gid);
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Result<RawAddress> {
+        let bad = |what: &str| {
+            FabricError::BadAddress(format!("verbs address: {what} ({} bytes)", raw.len()))
+        };
+        if raw.len() < 3 || raw[0] != RAW_MAGIC {
+            return Err(bad("not a verbs address"));
+        }
+        if raw[1] != RAW_VERSION {
+            return Err(bad(&format!("unsupported version {}", raw[1])));
+        }
+        let ip_len = match raw[2] {
+            4 => 4,
+            6 => 16,
+            f => return Err(bad(&format!("unknown address family {f}"))),
+        };
+        if raw.len() != 3 + ip_len + 2 + 2 + 16 {
+            return Err(bad("wrong length"));
+        }
+        let ip: IpAddr = if ip_len == 4 {
+            Ipv4Addr::from(<[u8; 4]>::try_from(&raw[3..7]).expect("4 bytes")).into()
+        } else {
+            Ipv6Addr::from(<[u8; 16]>::try_from(&raw[3..19]).expect("16 bytes")).into()
+        };
+        let rest = &raw[3 + ip_len..];
+        let port = u16::from_le_bytes([rest[0], rest[1]]);
+        if port == 0 || ip.is_unspecified() {
+            return Err(bad("side channel address is unspecified"));
+        }
+        Ok(RawAddress {
+            side: SocketAddr::new(ip, port),
+            lid: u16::from_le_bytes([rest[2], rest[3]]),
+            gid: rest[4..20].try_into().expect("16 bytes"),
         })
     }
 }
 
-/// Raw address: the side channel's IPv4 address and port.
-fn encode_raw(side: SocketAddr) -> Vec<u8> {
-    let mut out = Vec::with_capacity(6);
-    match side {
-        SocketAddr::V4(a) => out.extend_from_slice(&a.ip().octets()),
-        SocketAddr::V6(_) => out.extend_from_slice(&[127, 0, 0, 1]),
+/// The IP peers should dial: the bound one, or for a wildcard bind the GID's IPv4 address
+/// (RoCE) or loopback.
+fn advertised_ip(bound: IpAddr, gid: &[u8; 16]) -> IpAddr {
+    if !bound.is_unspecified() {
+        return bound;
     }
-    out.extend_from_slice(&side.port().to_le_bytes());
-    out
-}
-
-fn decode_raw(raw: &[u8]) -> Result<SocketAddr> {
-    if raw.len() != 6 {
-        return Err(FabricError::BadAddress(format!(
-            "verbs address has {} bytes, expected 6",
-            raw.len()
-        )));
+    if gid[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        return Ipv4Addr::new(gid[12], gid[13], gid[14], gid[15]).into();
     }
-    let ip = Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]);
-    Ok(SocketAddr::from((ip, u16::from_le_bytes([raw[4], raw[5]]))))
+    match bound {
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    }
 }
 
 struct Peer {
@@ -373,9 +528,12 @@ struct Peer {
 struct Inner {
     device: Arc<Device>,
     token: u64,
+    /// Where peers reach our side channel (see [`advertised_ip`]).
     side: SocketAddr,
+    /// Peers in the order this endpoint learned them (connect or accept): index = PeerId.
     peers: RwLock<Vec<Peer>>,
-    /// QPs created by the listener for peers we already had: kept so they keep serving.
+    /// QPs replaced by a newer connection of the same peer: kept until the endpoint closes,
+    /// as operations may still be in flight on them.
     extra_qps: Mutex<Vec<Arc<QueuePair>>>,
     connect_lock: Mutex<()>,
     ops: OpTable,
@@ -409,13 +567,15 @@ impl VerbsEndpoint {
         listener
             .set_nonblocking(true)
             .map_err(|e| FabricError::io("verbs side channel", e))?;
-        let side = listener
+        let bound = listener
             .local_addr()
             .map_err(|e| FabricError::io("verbs side channel", e))?;
+        let side = SocketAddr::new(advertised_ip(bound.ip(), &device.gid), bound.port());
         let slot_bytes = config.max_message + MSG_HEADER;
         let send_slots = 64;
+        let max_in_flight = config.max_in_flight.max(1);
         let inner = Arc::new(Inner {
-            atomic_scratch: register_on(&device, Region::new(config.max_in_flight * 8)?)?,
+            atomic_scratch: register_on(&device, Region::new(max_in_flight * 8)?)?,
             send_pool: register_on(&device, Region::new(send_slots * slot_bytes)?)?,
             recv_pool: register_on(&device, Region::new(RECV_BUFFERS * slot_bytes)?)?,
             device,
@@ -424,14 +584,14 @@ impl VerbsEndpoint {
             peers: RwLock::new(Vec::new()),
             extra_qps: Mutex::new(Vec::new()),
             connect_lock: Mutex::new(()),
-            ops: OpTable::new(config.max_in_flight, send_slots),
+            ops: OpTable::new(max_in_flight, send_slots),
 
             cq_lock: Mutex::new(()),
             waiters: AtomicUsize::new(0),
             inbox: Inbox::default(),
             timeout: config.op_timeout,
             max_message: config.max_message,
-            max_in_flight: config.max_in_flight,
+            max_in_flight,
 
             shutdown: AtomicBool::new(false),
         });
@@ -475,7 +635,7 @@ impl Inner {
         let mut sge = ib::ibv_sge {
             addr: addr as u64,
             length: len as u32,
-            lkey: lkey_of(&self.recv_pool),
+            lkey: lkey_of(&self.device, &self.recv_pool)?,
         };
         // SAFETY: the buffer lies in the registered receive pool and is reserved for this
         // receive until its completion is processed.
@@ -542,7 +702,8 @@ impl Inner {
         unsafe {
             let mut attr: ib::ibv_qp_attr = std::mem::zeroed();
             attr.qp_state = ib::ibv_qp_state::IBV_QPS_RTR;
-            attr.path_mtu = ib::ibv_mtu::IBV_MTU_1024;
+            // Both ports must carry the path MTU: the smaller active MTU.
+            attr.path_mtu = self.device.active_mtu.min(remote.mtu) as ib::ibv_mtu::Type;
             attr.dest_qp_num = remote.qpn;
             attr.rq_psn = remote.psn;
             attr.max_dest_rd_atomic = self.device.max_rd_atomic;
@@ -552,7 +713,7 @@ impl Inner {
             attr.ah_attr.port_num = PORT;
             attr.ah_attr.grh.dgid.raw = remote.gid;
             attr.ah_attr.grh.sgid_index = self.device.gid_index;
-            attr.ah_attr.grh.hop_limit = 1;
+            attr.ah_attr.grh.hop_limit = 64;
             let mask = ib::ibv_qp_attr_mask::IBV_QP_STATE
                 | ib::ibv_qp_attr_mask::IBV_QP_AV
                 | ib::ibv_qp_attr_mask::IBV_QP_PATH_MTU
@@ -566,8 +727,12 @@ impl Inner {
             )?;
             let mut attr: ib::ibv_qp_attr = std::mem::zeroed();
             attr.qp_state = ib::ibv_qp_state::IBV_QPS_RTS;
-            attr.timeout = 14;
-            attr.retry_cnt = 7;
+            // Local ACK timeout 4.096 us * 2^16 = 268 ms, 6 retries: a dead peer fails an
+            // operation with a retry error in about 2 s, within the default op_timeout. A
+            // shorter timeout makes emulated soft-RoCE retransmit while the peer is merely
+            // slow. Not 7 retries: rxe treats retry_cnt 7 as "retry forever".
+            attr.timeout = 16;
+            attr.retry_cnt = 6;
             attr.rnr_retry = 7;
             attr.sq_psn = local_psn;
             attr.max_rd_atomic = self.device.max_rd_atomic;
@@ -584,62 +749,105 @@ impl Inner {
         }
     }
 
-    fn local_info(&self, qp: &QueuePair, psn: u32) -> QpInfo {
+    fn local_info(&self, qp: &QueuePair, psn: u32, to_token: u64) -> QpInfo {
         QpInfo {
             token: self.token,
+            to_token,
             // SAFETY: qp is a valid QP.
             qpn: unsafe { (*qp.qp).qp_num },
             psn,
             lid: self.device.lid,
             gid: self.device.gid,
+            mtu: self.device.active_mtu,
         }
     }
 
-    /// Records a peer (first QP wins); returns its id.
-    fn add_peer(&self, token: u64, qp: Arc<QueuePair>) -> PeerId {
+    /// Records a peer and its QP; returns its id (ids follow the order peers are learned).
+    /// A peer already known keeps its id: with `replace` (the peer connected to us again,
+    /// so it now uses the new QP) the new QP takes over, else the known one stays. The other
+    /// QP is kept alive, as both are connected and may carry operations.
+    fn add_peer(&self, token: u64, qp: Arc<QueuePair>, replace: bool) -> PeerId {
         let mut peers = self.peers.write().expect("peers lock");
         if let Some(i) = peers.iter().position(|p| p.token == token) {
-            self.extra_qps.lock().expect("extra qps").push(qp);
+            let spare = if replace {
+                std::mem::replace(&mut peers[i].qp, qp)
+            } else {
+                qp
+            };
+            self.extra_qps.lock().expect("extra qps").push(spare);
             return PeerId(i as u32);
         }
         peers.push(Peer { token, qp });
         PeerId(peers.len() as u32 - 1)
     }
 
-    fn accept_loop(&self, listener: TcpListener) {
+    fn known_peer(&self, token: u64) -> Option<PeerId> {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .iter()
+            .position(|p| p.token == token)
+            .map(|i| PeerId(i as u32))
+    }
+
+    /// Serves the side channel until shutdown; each connection in its own short-lived thread
+    /// so a silent client cannot hold up the others.
+    fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
         while !self.shutdown.load(Ordering::Relaxed) {
             match listener.accept() {
-                Ok((stream, peer)) => {
-                    if let Err(e) = self.accept_one(stream) {
-                        eprintln!("krun fabric (verbs): refusing connection from {peer}: {e}");
+                Ok((stream, from)) => {
+                    let me = self.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("krun-verbs-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = me.accept_one(stream) {
+                                eprintln!(
+                                    "krun fabric (verbs): refusing connection from {from}: {e}"
+                                );
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        eprintln!("krun fabric (verbs): cannot serve {from}: {e}");
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("krun fabric (verbs): side channel failed: {e}");
-                    return;
+                    // EMFILE and friends: transient, do not kill the listener.
+                    eprintln!("krun fabric (verbs): side channel accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         }
     }
 
+    /// The passive half of a connection: read the peer's QP info, create and connect our QP,
+    /// register the peer, answer with our QP info.
     fn accept_one(&self, mut s: TcpStream) -> Result<()> {
-        s.set_nonblocking(false)
-            .map_err(|e| FabricError::io("side channel", e))?;
-        s.set_read_timeout(Some(self.timeout)).ok();
+        let io = |what: &str, e| FabricError::io(format!("verbs side channel {what}"), e);
+        s.set_nonblocking(false).map_err(|e| io("setup", e))?;
+        let limit = Some(self.timeout.min(SIDE_READ_LIMIT));
+        s.set_read_timeout(limit).map_err(|e| io("setup", e))?;
+        s.set_write_timeout(limit).map_err(|e| io("setup", e))?;
         let mut buf = [0u8; SIDE_LEN];
-        s.read_exact(&mut buf)
-            .map_err(|e| FabricError::io("side channel read", e))?;
+        s.read_exact(&mut buf).map_err(|e| io("read", e))?;
         let remote = QpInfo::decode(&buf)?;
+        if remote.to_token != self.token {
+            return Err(FabricError::BadAddress(format!(
+                "verbs side channel: connection meant for endpoint {:016x}, this is {:016x}",
+                remote.to_token, self.token
+            )));
+        }
         let qp = self.create_qp()?;
         let psn = (crate::random_token() & 0xff_ffff) as u32;
         self.connect_qp(&qp, psn, &remote)?;
-        let reply = self.local_info(&qp, psn).encode();
-        s.write_all(&reply)
-            .map_err(|e| FabricError::io("side channel write", e))?;
-        self.add_peer(remote.token, qp);
+        // Register before answering: the peer may send as soon as it has the answer, and
+        // its messages must name it.
+        self.add_peer(remote.token, qp.clone(), true);
+        s.write_all(&self.local_info(&qp, psn, remote.token).encode())
+            .map_err(|e| io("write", e))?;
         Ok(())
     }
 
@@ -697,13 +905,7 @@ impl Inner {
             if self.recv_pool.read_bytes(index * slot, &mut data).is_ok() {
                 let token = u64::from_le_bytes(data[..8].try_into().expect("8"));
                 let tag = u64::from_le_bytes(data[8..16].try_into().expect("8"));
-                let peer = self
-                    .peers
-                    .read()
-                    .expect("peers lock")
-                    .iter()
-                    .position(|p| p.token == token)
-                    .map(|i| PeerId(i as u32));
+                let peer = self.known_peer(token);
                 data.drain(..MSG_HEADER);
                 self.inbox.push(Message { tag, peer, data });
             }
@@ -801,7 +1003,13 @@ impl Progress for Inner {
 
 impl VerbsEndpoint {
     #[allow(clippy::too_many_arguments)]
-    fn rma(
+    /// Posts an RDMA WRITE or READ between `local` and `remote`.
+    ///
+    /// # Safety
+    /// The HCA reads (WRITE) or writes (READ) the local range asynchronously: until the
+    /// completion resolves, nobody else may write it (WRITE) or access it (READ). The
+    /// registration is kept alive by the operation state.
+    unsafe fn rma(
         &self,
         op: &'static str,
         opcode: ib::ibv_wr_opcode::Type,
@@ -814,6 +1022,7 @@ impl VerbsEndpoint {
     ) -> Result<Completion> {
         let inner = &self.inner;
         let buf = local.check_local(local_offset, len)?;
+        let lkey = lkey_of(&inner.device, local)?;
         let target = remote.target(remote_offset, len as u64)?;
         if len > u32::MAX as usize {
             return Err(FabricError::OutOfBounds {
@@ -831,7 +1040,7 @@ impl VerbsEndpoint {
         let mut sge = ib::ibv_sge {
             addr: buf as u64,
             length: len as u32,
-            lkey: lkey_of(local),
+            lkey,
         };
         // SAFETY: zeroed is a valid empty work request; fields set below.
         let mut wr: ib::ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -860,6 +1069,7 @@ impl VerbsEndpoint {
             return Err(FabricError::Misaligned(remote_offset));
         }
         let target = remote.target(remote_offset, 8)?;
+        let lkey = lkey_of(&inner.device, &inner.atomic_scratch)?;
         let qp = inner.peer_qp(peer, op)?;
         inner.ops.acquire(inner.as_ref(), op, peer, inner.timeout)?;
         let slot = inner.ops.atomic_slot();
@@ -869,7 +1079,7 @@ impl VerbsEndpoint {
         let mut sge = ib::ibv_sge {
             addr: result as u64,
             length: 8,
-            lkey: lkey_of(&inner.atomic_scratch),
+            lkey,
         };
         // SAFETY: zeroed is a valid empty work request; fields set below.
         let mut wr: ib::ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -900,7 +1110,12 @@ impl Endpoint for VerbsEndpoint {
         EndpointAddress {
             provider: Provider::Verbs,
             token: self.inner.token,
-            raw: encode_raw(self.inner.side),
+            raw: RawAddress {
+                side: self.inner.side,
+                lid: self.inner.device.lid,
+                gid: self.inner.device.gid,
+            }
+            .encode(),
         }
     }
 
@@ -913,35 +1128,42 @@ impl Endpoint for VerbsEndpoint {
         }
         let inner = &self.inner;
         let _one_at_a_time = inner.connect_lock.lock().expect("connect lock");
-        if let Some(i) = inner
-            .peers
-            .read()
-            .expect("peers lock")
-            .iter()
-            .position(|p| p.token == peer.token)
-        {
-            return Ok(PeerId(i as u32));
+        // Known already: we connected before, or the peer connected to us.
+        if let Some(id) = inner.known_peer(peer.token) {
+            return Ok(id);
         }
-        let side = decode_raw(&peer.raw)?;
+        let raw = RawAddress::decode(&peer.raw)?;
+        let side = raw.side;
+        let io = |e| FabricError::io(format!("verbs side channel to {side}"), e);
+        let deadline = Instant::now() + inner.timeout;
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
         let qp = inner.create_qp()?;
         let psn = (crate::random_token() & 0xff_ffff) as u32;
-        let mut s = TcpStream::connect_timeout(&side, inner.timeout)
-            .map_err(|e| FabricError::io(format!("verbs side channel to {side}"), e))?;
-        s.set_read_timeout(Some(inner.timeout)).ok();
-        s.write_all(&inner.local_info(&qp, psn).encode())
-            .map_err(|e| FabricError::io(format!("verbs side channel to {side}"), e))?;
+        let mut s = TcpStream::connect_timeout(&side, inner.timeout).map_err(io)?;
+        s.set_write_timeout(Some(left())).map_err(io)?;
+        s.write_all(&inner.local_info(&qp, psn, peer.token).encode())
+            .map_err(io)?;
+        s.set_read_timeout(Some(left())).map_err(io)?;
         let mut buf = [0u8; SIDE_LEN];
-        s.read_exact(&mut buf)
-            .map_err(|e| FabricError::io(format!("verbs side channel to {side}"), e))?;
+        s.read_exact(&mut buf).map_err(io)?;
         let remote = QpInfo::decode(&buf)?;
-        if remote.token != peer.token {
+        if remote.token != peer.token || remote.to_token != inner.token {
             return Err(FabricError::BadAddress(format!(
                 "the endpoint at {side} is {:016x}, not the {:016x} the address names",
                 remote.token, peer.token
             )));
         }
+        if remote.gid != raw.gid || remote.lid != raw.lid {
+            return Err(FabricError::BadAddress(format!(
+                "the endpoint at {side} answers with another port (LID/GID) than its address names"
+            )));
+        }
         inner.connect_qp(&qp, psn, &remote)?;
-        Ok(inner.add_peer(remote.token, qp))
+        Ok(inner.add_peer(remote.token, qp, false))
     }
 
     fn register(&self, region: Region) -> Result<MemoryRegion> {
@@ -952,6 +1174,8 @@ impl Endpoint for VerbsEndpoint {
         self.inner.timeout
     }
 
+    /// # Safety
+    /// As for [`Endpoint::post_write`]: the local range stays untouched until completion.
     unsafe fn post_write(
         &self,
         peer: PeerId,
@@ -961,6 +1185,7 @@ impl Endpoint for VerbsEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
+        // SAFETY: our caller upholds post_write's contract, which is rma's.
         self.rma(
             "write",
             ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
@@ -973,6 +1198,8 @@ impl Endpoint for VerbsEndpoint {
         )
     }
 
+    /// # Safety
+    /// As for [`Endpoint::post_read`]: the local range stays untouched until completion.
     unsafe fn post_read(
         &self,
         peer: PeerId,
@@ -982,6 +1209,7 @@ impl Endpoint for VerbsEndpoint {
         remote: &RemoteRegion,
         remote_offset: u64,
     ) -> Result<Completion> {
+        // SAFETY: our caller upholds post_read's contract, which is rma's.
         self.rma(
             "read",
             ib::ibv_wr_opcode::IBV_WR_RDMA_READ,
@@ -1030,6 +1258,7 @@ impl Endpoint for VerbsEndpoint {
                 max: inner.max_message,
             });
         }
+        let lkey = lkey_of(&inner.device, &inner.send_pool)?;
         let qp = inner.peer_qp(peer, "send")?;
         inner
             .ops
@@ -1047,7 +1276,7 @@ impl Endpoint for VerbsEndpoint {
         let mut sge = ib::ibv_sge {
             addr: buf as u64,
             length: (MSG_HEADER + data.len()) as u32,
-            lkey: lkey_of(&inner.send_pool),
+            lkey,
         };
         // SAFETY: zeroed is a valid empty work request; fields set below.
         let mut wr: ib::ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -1075,38 +1304,155 @@ mod tests {
 
     #[test]
     fn no_devices_here_is_not_an_error() {
-        let names = device_names().unwrap();
-        if names.is_empty() {
-            let e = VerbsEndpoint::open(&FabricConfig::with_provider(Provider::Verbs))
-                .err()
-                .expect("no device, no endpoint");
-            assert!(
-                matches!(e, FabricError::ProviderUnavailable { ref provider, .. } if provider == "verbs"),
-                "{e}"
-            );
-        } else {
-            eprintln!(
-                "RDMA devices present ({names:?}): the unavailability path is not testable here"
-            );
+        let names = device_names().expect("device_names never fails for lack of devices");
+        if !names.is_empty() {
+            eprintln!("RDMA devices present ({names:?}): the unavailability path is not testable");
+            return;
+        }
+        let e = VerbsEndpoint::open(&FabricConfig::with_provider(Provider::Verbs))
+            .err()
+            .expect("no device, no endpoint");
+        match &e {
+            FabricError::ProviderUnavailable { provider, reason } => {
+                assert_eq!(provider, "verbs");
+                assert!(reason.contains("no RDMA device"), "{reason}");
+            }
+            other => panic!("expected ProviderUnavailable, got {other}"),
+        }
+        assert!(e.to_string().contains("verbs"), "{e}");
+        // A named device that does not exist is refused the same way.
+        let mut config = FabricConfig::with_provider(Provider::Verbs);
+        config.verbs_device = Some("rxe-none".into());
+        assert!(matches!(
+            VerbsEndpoint::open(&config),
+            Err(FabricError::ProviderUnavailable { .. })
+        ));
+        // `auto` falls back to tcp here rather than failing on verbs.
+        assert!(crate::open(&FabricConfig::default())
+            .map(|ep| ep.provider() != Provider::Verbs)
+            .unwrap_or(true));
+    }
+
+    #[test]
+    fn addresses_round_trip() {
+        for side in ["10.77.0.1:4567", "[fd00::7]:80", "127.0.0.1:1"] {
+            let raw = RawAddress {
+                side: side.parse().unwrap(),
+                lid: 0x1234,
+                gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1],
+            };
+            assert_eq!(RawAddress::decode(&raw.encode()).unwrap(), raw);
+            // Through the generic endpoint address and its hex form too.
+            let addr = EndpointAddress {
+                provider: Provider::Verbs,
+                token: 42,
+                raw: raw.encode(),
+            };
+            let back = EndpointAddress::from_hex(&addr.to_hex()).unwrap();
+            assert_eq!(RawAddress::decode(&back.raw).unwrap(), raw);
         }
     }
 
     #[test]
-    fn side_channel_messages_round_trip_and_garbage_is_refused() {
-        let info = QpInfo {
+    fn malformed_addresses_are_rejected() {
+        let good = RawAddress {
+            side: "10.0.0.1:99".parse().unwrap(),
+            lid: 0,
+            gid: [1; 16],
+        }
+        .encode();
+        assert!(RawAddress::decode(&[]).is_err());
+        assert!(RawAddress::decode(&good[..good.len() - 1]).is_err());
+        let mut long = good.clone();
+        long.push(0);
+        assert!(RawAddress::decode(&long).is_err());
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(RawAddress::decode(&bad).is_err());
+        let mut bad = good.clone();
+        bad[1] = 9;
+        assert!(RawAddress::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("version"));
+        let mut bad = good.clone();
+        bad[2] = 5;
+        assert!(RawAddress::decode(&bad).is_err());
+        let unspecified = RawAddress {
+            side: "0.0.0.0:99".parse().unwrap(),
+            lid: 0,
+            gid: [1; 16],
+        }
+        .encode();
+        assert!(RawAddress::decode(&unspecified).is_err());
+    }
+
+    #[test]
+    fn wildcard_binds_advertise_a_reachable_ip() {
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 2];
+        let any: IpAddr = Ipv4Addr::UNSPECIFIED.into();
+        assert_eq!(
+            advertised_ip(any, &mapped),
+            "10.77.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            advertised_ip(any, &[0xfe; 16]),
+            IpAddr::from(Ipv4Addr::LOCALHOST)
+        );
+        let bound: IpAddr = "10.1.1.1".parse().unwrap();
+        assert_eq!(advertised_ip(bound, &mapped), bound);
+    }
+
+    fn info() -> QpInfo {
+        QpInfo {
             token: 0x1234,
+            to_token: 0x5678,
             qpn: 77,
             psn: 0xabcdef,
             lid: 3,
             gid: [9; 16],
-        };
-        assert_eq!(QpInfo::decode(&info.encode()).unwrap(), info);
-        assert!(QpInfo::decode(&[0; 10]).is_err());
-        let mut bad = info.encode();
+            mtu: 3,
+        }
+    }
+
+    #[test]
+    fn side_channel_messages_round_trip() {
+        assert_eq!(QpInfo::decode(&info().encode()).unwrap(), info());
+    }
+
+    #[test]
+    fn malformed_side_channel_messages_are_rejected() {
+        let good = info().encode();
+        let reason = |b: &[u8]| QpInfo::decode(b).unwrap_err().to_string();
+        assert!(reason(&[0; 10]).contains("must be"));
+        assert!(reason(&good[..SIDE_LEN - 1]).contains("must be"));
+        let mut bad = good;
         bad[0] = b'X';
-        assert!(QpInfo::decode(&bad).is_err());
-        let side: SocketAddr = "10.1.2.3:4567".parse().unwrap();
-        assert_eq!(decode_raw(&encode_raw(side)).unwrap(), side);
-        assert!(decode_raw(&[1, 2, 3]).is_err());
+        assert!(reason(&bad).contains("magic"));
+        // The v1 format (no CRC, no MTU) is named as an unsupported version.
+        let mut v1 = good;
+        v1[3] = b'1';
+        assert!(reason(&v1).contains("version"));
+        // Any flipped bit is caught by the checksum.
+        for i in 4..SIDE_LEN {
+            let mut bad = good;
+            bad[i] ^= 0x10;
+            assert!(reason(&bad).contains("checksum"), "byte {i}");
+        }
+        // Well-formed but out-of-range fields.
+        let mut i = info();
+        i.qpn = 1 << 24;
+        assert!(reason(&i.encode()).contains("24 bits"));
+        let mut i = info();
+        i.mtu = 0;
+        assert!(reason(&i.encode()).contains("MTU"));
+        let mut i = info();
+        i.mtu = 6;
+        assert!(reason(&i.encode()).contains("MTU"));
+    }
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }
 }
