@@ -1,3 +1,6 @@
-//! Multilevel checkpoint store (planned): L1 local memory, L2 buddy memory written with
-//! one-sided RDMA through `fabric`, L3 parity across a cell, L4 io_uring disk images;
-//! versioned and checksummed. Nothing is implemented yet.
+//! Multilevel checkpoint store: L1 local memory, L2 a buddy node's memory written with one-sided
+//! RDMA through `fabric`, L3 parity across a group of nodes, L4 disk images written with
+//! io_uring; every copy is versioned and checksummed.
+pub mod error;
+
+pub use error::{Result, StoreError};

@@ -1,0 +1,1 @@
+//! CRIU backend (being written).

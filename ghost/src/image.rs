@@ -1,0 +1,688 @@
+//! The ghost image format: what a capture produces, whichever checkpointer made it.
+//!
+//! ```text
+//! image   := header section*
+//! header  := magic "KRGHOST\0" (8) | version u16 | flags u16 | section_count u32
+//!            | image_id u64 | parent_id u64 | header_crc u32          (36 bytes, little endian)
+//! section := kind u16 | flags u16 | name_len u16 | reserved u16 | raw_len u64 | stored_len u64
+//!            | payload_crc u32 | header_crc u32 | name (name_len bytes) | payload (stored_len)
+//!            (header_crc covers the 28 bytes before it and the name)
+//! ```
+//! `header_crc` covers the bytes before it; `payload_crc` covers the stored payload (after
+//! compression). A section flagged `ZSTD` holds a zstd frame of `raw_len` bytes. A `Region`
+//! payload is the memory itself; an incremental image (`parent_id != 0`) holds `RegionDelta`
+//! sections instead: a chunk bitmap followed by the changed chunks only, the rest being the
+//! parent image's.
+use crate::error::{GhostError, Result};
+
+pub const MAGIC: [u8; 8] = *b"KRGHOST\0";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 36;
+const SECTION_HEADER_LEN: usize = 32;
+/// Granularity of incremental images: a chunk is copied whole when any byte of it changed.
+pub const DELTA_CHUNK: usize = 64 * 1024;
+
+/// Section flag: the payload is a zstd frame.
+pub const FLAG_ZSTD: u16 = 1;
+
+/// What a section holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum SectionKind {
+    /// `key=value` lines: backend, program, pid, step, creation time.
+    Meta = 1,
+    /// A registered memory region (native backend), whole.
+    Region = 2,
+    /// A registered memory region as a delta against the parent image.
+    RegionDelta = 3,
+    /// One file of a CRIU image directory, named by its file name.
+    CriuFile = 4,
+}
+
+impl SectionKind {
+    fn from_u16(v: u16) -> Option<SectionKind> {
+        Some(match v {
+            1 => SectionKind::Meta,
+            2 => SectionKind::Region,
+            3 => SectionKind::RegionDelta,
+            4 => SectionKind::CriuFile,
+            _ => return None,
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SectionKind::Meta => "meta",
+            SectionKind::Region => "region",
+            SectionKind::RegionDelta => "region-delta",
+            SectionKind::CriuFile => "criu-file",
+        }
+    }
+}
+
+fn corrupt(what: impl Into<String>, offset: usize) -> GhostError {
+    GhostError::ImageCorrupt {
+        what: what.into(),
+        offset: offset as u64,
+    }
+}
+
+/// Builds an image in one buffer. Large sections are reserved and filled in place so a
+/// capture copies memory once, straight into the image.
+pub struct ImageBuilder {
+    buf: Vec<u8>,
+    sections: Vec<PendingSection>,
+    image_id: u64,
+    parent_id: u64,
+}
+
+struct PendingSection {
+    header_at: usize,
+    payload_at: usize,
+    payload_len: usize,
+}
+
+impl ImageBuilder {
+    /// Starts an image. `parent_id` is the id of the image an incremental one builds on (0 for
+    /// a full image). `buf` is reused (cleared) so callers can pool image buffers.
+    pub fn new(image_id: u64, parent_id: u64, mut buf: Vec<u8>) -> ImageBuilder {
+        buf.clear();
+        buf.resize(HEADER_LEN, 0);
+        ImageBuilder {
+            buf,
+            sections: Vec::new(),
+            image_id,
+            parent_id,
+        }
+    }
+
+    /// Adds a section, compressing it with zstd (level 1) when `compress` is set.
+    pub fn add(
+        &mut self,
+        kind: SectionKind,
+        name: &str,
+        data: &[u8],
+        compress: bool,
+    ) -> Result<()> {
+        if compress {
+            let packed = zstd::bulk::compress(data, 1).map_err(|e| GhostError::Io {
+                path: name.into(),
+                what: "zstd compression".into(),
+                source: e,
+            })?;
+            let slot = self.push_header(kind, name, FLAG_ZSTD, data.len(), packed.len())?;
+            self.buf[slot..slot + packed.len()].copy_from_slice(&packed);
+        } else {
+            let slot = self.push_header(kind, name, 0, data.len(), data.len())?;
+            self.buf[slot..slot + data.len()].copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    /// Reserves an uncompressed section of `len` bytes and returns it for the caller to fill.
+    pub fn reserve(&mut self, kind: SectionKind, name: &str, len: usize) -> Result<&mut [u8]> {
+        let slot = self.push_header(kind, name, 0, len, len)?;
+        Ok(&mut self.buf[slot..slot + len])
+    }
+
+    /// Reserves a region section as a delta against the parent image and returns the payload
+    /// offset of its first changed chunk; changed chunk `k` (in order) goes at
+    /// `offset + k * DELTA_CHUNK`. Pair with [`ImageBuilder::base_ptr`] to fill it.
+    pub fn reserve_delta(&mut self, name: &str, raw_len: usize, changed: &[bool]) -> Result<usize> {
+        let chunks = raw_len.div_ceil(DELTA_CHUNK);
+        if changed.len() != chunks {
+            return Err(GhostError::Invalid(format!(
+                "region {name}: {} change flags for {chunks} chunks",
+                changed.len()
+            )));
+        }
+        let bitmap_len = chunks.div_ceil(8);
+        let payload: usize = bitmap_len
+            + (0..chunks)
+                .filter(|&c| changed[c])
+                .map(|c| chunk_len(raw_len, c))
+                .sum::<usize>();
+        let slot = self.push_header(SectionKind::RegionDelta, name, 0, raw_len, payload)?;
+        let bitmap = &mut self.buf[slot..slot + bitmap_len];
+        bitmap.fill(0);
+        for c in (0..chunks).filter(|&c| changed[c]) {
+            bitmap[c / 8] |= 1 << (c % 8);
+        }
+        Ok(slot + bitmap_len)
+    }
+
+    /// Reserves an uncompressed section of `len` bytes and returns its payload offset.
+    pub fn reserve_offset(&mut self, kind: SectionKind, name: &str, len: usize) -> Result<usize> {
+        self.push_header(kind, name, 0, len, len)
+    }
+
+    /// The start of the image buffer; valid until the next call that adds a section. Lets
+    /// several threads fill disjoint reserved ranges in place.
+    pub fn base_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr()
+    }
+
+    /// Adds a region as a delta against the parent image: only chunks whose `changed` flag is
+    /// set are copied.
+    pub fn add_delta(&mut self, name: &str, data: &[u8], changed: &[bool]) -> Result<()> {
+        let chunks = data.len().div_ceil(DELTA_CHUNK);
+        if changed.len() != chunks {
+            return Err(GhostError::Invalid(format!(
+                "region {name}: {} change flags for {chunks} chunks",
+                changed.len()
+            )));
+        }
+        let bitmap_len = chunks.div_ceil(8);
+        let payload: usize = bitmap_len
+            + (0..chunks)
+                .filter(|&c| changed[c])
+                .map(|c| chunk_len(data.len(), c))
+                .sum::<usize>();
+        let slot = self.push_header(SectionKind::RegionDelta, name, 0, data.len(), payload)?;
+        let out = &mut self.buf[slot..slot + payload];
+        out[..bitmap_len].fill(0);
+        let mut at = bitmap_len;
+        for c in 0..chunks {
+            if changed[c] {
+                out[c / 8] |= 1 << (c % 8);
+                let start = c * DELTA_CHUNK;
+                let len = chunk_len(data.len(), c);
+                out[at..at + len].copy_from_slice(&data[start..start + len]);
+                at += len;
+            }
+        }
+        Ok(())
+    }
+
+    fn push_header(
+        &mut self,
+        kind: SectionKind,
+        name: &str,
+        flags: u16,
+        raw_len: usize,
+        stored_len: usize,
+    ) -> Result<usize> {
+        let name_len = u16::try_from(name.len())
+            .map_err(|_| GhostError::Invalid(format!("section name of {} bytes", name.len())))?;
+        let header_at = self.buf.len();
+        let mut h = Vec::with_capacity(SECTION_HEADER_LEN);
+        h.extend_from_slice(&(kind as u16).to_le_bytes());
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&name_len.to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes());
+        h.extend_from_slice(&(raw_len as u64).to_le_bytes());
+        h.extend_from_slice(&(stored_len as u64).to_le_bytes());
+        h.extend_from_slice(&[0u8; 8]); // crcs, filled by finish()
+        self.buf.extend_from_slice(&h);
+        self.buf.extend_from_slice(name.as_bytes());
+        let payload_at = self.buf.len();
+        self.buf.resize(payload_at + stored_len, 0);
+        self.sections.push(PendingSection {
+            header_at,
+            payload_at,
+            payload_len: stored_len,
+        });
+        Ok(payload_at)
+    }
+
+    /// Computes every checksum and returns the encoded image.
+    pub fn finish(mut self) -> Vec<u8> {
+        for s in &self.sections {
+            let crc = crc32c::crc32c(&self.buf[s.payload_at..s.payload_at + s.payload_len]);
+            self.buf[s.header_at + 24..s.header_at + 28].copy_from_slice(&crc.to_le_bytes());
+            let hcrc = crc32c::crc32c_append(
+                crc32c::crc32c(&self.buf[s.header_at..s.header_at + 28]),
+                &self.buf[s.header_at + SECTION_HEADER_LEN..s.payload_at],
+            );
+            self.buf[s.header_at + 28..s.header_at + 32].copy_from_slice(&hcrc.to_le_bytes());
+        }
+        let mut h = Vec::with_capacity(HEADER_LEN);
+        h.extend_from_slice(&MAGIC);
+        h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let flags: u16 = if self.parent_id != 0 { 1 } else { 0 };
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&(self.sections.len() as u32).to_le_bytes());
+        h.extend_from_slice(&self.image_id.to_le_bytes());
+        h.extend_from_slice(&self.parent_id.to_le_bytes());
+        let crc = crc32c::crc32c(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        self.buf[..HEADER_LEN].copy_from_slice(&h);
+        self.buf
+    }
+}
+
+fn chunk_len(total: usize, chunk: usize) -> usize {
+    DELTA_CHUNK.min(total - chunk * DELTA_CHUNK)
+}
+
+/// One verified section of a parsed image.
+#[derive(Clone, Debug)]
+pub struct Section<'a> {
+    pub index: usize,
+    pub kind: SectionKind,
+    pub name: &'a str,
+    pub compressed: bool,
+    pub raw_len: u64,
+    /// Offset of the payload in the image file.
+    pub offset: u64,
+    stored: &'a [u8],
+}
+
+impl<'a> Section<'a> {
+    /// The payload as stored (compressed if `compressed`).
+    pub fn stored(&self) -> &'a [u8] {
+        self.stored
+    }
+
+    /// The raw payload, decompressing if needed.
+    pub fn data(&self) -> Result<std::borrow::Cow<'a, [u8]>> {
+        if !self.compressed {
+            return Ok(std::borrow::Cow::Borrowed(self.stored));
+        }
+        let raw = zstd::bulk::decompress(self.stored, self.raw_len as usize).map_err(|e| {
+            corrupt(
+                format!(
+                    "section {} '{}' does not decompress: {e}",
+                    self.index, self.name
+                ),
+                self.offset as usize,
+            )
+        })?;
+        if raw.len() as u64 != self.raw_len {
+            return Err(corrupt(
+                format!(
+                    "section {} '{}' decompresses to {} bytes, header says {}",
+                    self.index,
+                    self.name,
+                    raw.len(),
+                    self.raw_len
+                ),
+                self.offset as usize,
+            ));
+        }
+        Ok(std::borrow::Cow::Owned(raw))
+    }
+}
+
+/// A parsed image whose header and every section checksum have been verified.
+#[derive(Clone, Debug)]
+pub struct Image<'a> {
+    pub version: u16,
+    pub image_id: u64,
+    pub parent_id: u64,
+    pub sections: Vec<Section<'a>>,
+    pub total_len: u64,
+}
+
+fn read_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl<'a> Image<'a> {
+    /// Parses and verifies an image: magic, version, header checksum, then each section's
+    /// header and payload checksums. Errors say which check failed and at which offset.
+    pub fn parse(bytes: &'a [u8]) -> Result<Image<'a>> {
+        let total = bytes.len();
+        if total < 8 || bytes[..8] != MAGIC {
+            let found = &bytes[..total.min(8)];
+            return Err(GhostError::ImageBadMagic {
+                found: String::from_utf8_lossy(found).escape_default().to_string(),
+            });
+        }
+        if total < HEADER_LEN {
+            return Err(GhostError::ImageTruncated {
+                what: "image header".into(),
+                offset: 0,
+                needed: HEADER_LEN as u64,
+                available: total as u64,
+            });
+        }
+        let version = read_u16(bytes, 8);
+        let header_crc = read_u32(bytes, 32);
+        let computed = crc32c::crc32c(&bytes[..32]);
+        if header_crc != computed {
+            return Err(GhostError::ImageChecksum {
+                what: "image header".into(),
+                offset: 0,
+                stored: header_crc,
+                computed,
+            });
+        }
+        if version != FORMAT_VERSION {
+            return Err(GhostError::ImageVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let count = read_u32(bytes, 12) as usize;
+        let image_id = read_u64(bytes, 16);
+        let parent_id = read_u64(bytes, 24);
+        let mut sections = Vec::with_capacity(count.min(4096));
+        let mut at = HEADER_LEN;
+        for index in 0..count {
+            if total - at < SECTION_HEADER_LEN {
+                return Err(GhostError::ImageTruncated {
+                    what: format!("header of section {index}"),
+                    offset: at as u64,
+                    needed: SECTION_HEADER_LEN as u64,
+                    available: (total - at) as u64,
+                });
+            }
+            let h = &bytes[at..at + SECTION_HEADER_LEN];
+            let name_len = read_u16(h, 4) as usize;
+            let name_at = at + SECTION_HEADER_LEN;
+            let payload_at = name_at + name_len;
+            if payload_at > total {
+                return Err(GhostError::ImageTruncated {
+                    what: format!("name of section {index}"),
+                    offset: name_at as u64,
+                    needed: name_len as u64,
+                    available: (total - name_at) as u64,
+                });
+            }
+            let stored_hcrc = read_u32(h, 28);
+            let hcrc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), &bytes[name_at..payload_at]);
+            if stored_hcrc != hcrc {
+                return Err(GhostError::ImageChecksum {
+                    what: format!("header of section {index}"),
+                    offset: at as u64,
+                    stored: stored_hcrc,
+                    computed: hcrc,
+                });
+            }
+            let kind_raw = read_u16(h, 0);
+            let kind = SectionKind::from_u16(kind_raw).ok_or_else(|| {
+                corrupt(format!("section {index} has unknown kind {kind_raw}"), at)
+            })?;
+            let flags = read_u16(h, 2);
+            let raw_len = read_u64(h, 8);
+            let stored_len = read_u64(h, 16);
+            let payload_crc = read_u32(h, 24);
+            let end = (payload_at as u64).checked_add(stored_len);
+            match end {
+                Some(end) if end <= total as u64 => {}
+                _ => {
+                    return Err(GhostError::ImageTruncated {
+                        what: format!("payload of section {index}"),
+                        offset: payload_at.min(total) as u64,
+                        needed: stored_len + name_len as u64,
+                        available: total.saturating_sub(name_at) as u64,
+                    })
+                }
+            }
+            let name = std::str::from_utf8(&bytes[name_at..payload_at])
+                .map_err(|_| corrupt(format!("section {index} name is not UTF-8"), name_at))?;
+            let stored = &bytes[payload_at..payload_at + stored_len as usize];
+            let crc = crc32c::crc32c(stored);
+            if crc != payload_crc {
+                return Err(GhostError::ImageChecksum {
+                    what: format!("payload of section {index} ({} '{name}')", kind.label()),
+                    offset: payload_at as u64,
+                    stored: payload_crc,
+                    computed: crc,
+                });
+            }
+            let compressed = flags & FLAG_ZSTD != 0;
+            if !compressed && kind != SectionKind::RegionDelta && raw_len != stored_len {
+                return Err(corrupt(
+                    format!("section {index} '{name}' is uncompressed but raw {raw_len} != stored {stored_len}"),
+                    at,
+                ));
+            }
+            sections.push(Section {
+                index,
+                kind,
+                name,
+                compressed,
+                raw_len,
+                offset: payload_at as u64,
+                stored,
+            });
+            at = payload_at + stored_len as usize;
+        }
+        if at != total {
+            return Err(corrupt(
+                format!("{} trailing bytes after the last section", total - at),
+                at,
+            ));
+        }
+        Ok(Image {
+            version,
+            image_id,
+            parent_id,
+            sections,
+            total_len: total as u64,
+        })
+    }
+
+    /// The `key=value` pairs of the meta section(s).
+    pub fn meta(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for s in self.sections.iter().filter(|s| s.kind == SectionKind::Meta) {
+            if let Ok(data) = s.data() {
+                for line in String::from_utf8_lossy(&data).lines() {
+                    if let Some((k, v)) = line.split_once('=') {
+                        out.push((k.to_string(), v.to_string()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// One meta value.
+    pub fn meta_value(&self, key: &str) -> Option<String> {
+        self.meta()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_incremental(&self) -> bool {
+        self.parent_id != 0
+    }
+
+    /// The section named `name` of kind Region or RegionDelta.
+    pub fn region(&self, name: &str) -> Option<&Section<'a>> {
+        self.sections.iter().find(|s| {
+            s.name == name && matches!(s.kind, SectionKind::Region | SectionKind::RegionDelta)
+        })
+    }
+}
+
+/// Writes a region's content as of `images` (newest first: an incremental image followed by
+/// its ancestors down to a full one) into `out`.
+pub fn materialize_region(images: &[Image<'_>], name: &str, out: &mut [u8]) -> Result<()> {
+    let mut filled = vec![false; out.len().div_ceil(DELTA_CHUNK)];
+    let mut remaining = filled.len();
+    for (depth, image) in images.iter().enumerate() {
+        if depth > 0 && images[depth - 1].parent_id != image.image_id {
+            return Err(GhostError::Invalid(format!(
+                "image {:#x} is not the parent {:#x} of the image before it",
+                image.image_id,
+                images[depth - 1].parent_id
+            )));
+        }
+        let Some(section) = image.region(name) else {
+            return Err(GhostError::Invalid(format!(
+                "image {:#x} has no region '{name}'",
+                image.image_id
+            )));
+        };
+        if section.raw_len as usize != out.len() {
+            return Err(GhostError::Invalid(format!(
+                "region '{name}' is {} bytes in image {:#x}, {} expected",
+                section.raw_len,
+                image.image_id,
+                out.len()
+            )));
+        }
+        let data = section.data()?;
+        match section.kind {
+            SectionKind::Region => {
+                for c in 0..filled.len() {
+                    if !filled[c] {
+                        let start = c * DELTA_CHUNK;
+                        let len = chunk_len(out.len(), c);
+                        out[start..start + len].copy_from_slice(&data[start..start + len]);
+                    }
+                }
+                return Ok(());
+            }
+            SectionKind::RegionDelta => {
+                let bitmap_len = filled.len().div_ceil(8);
+                if data.len() < bitmap_len {
+                    return Err(corrupt(
+                        format!("delta of region '{name}' shorter than its bitmap"),
+                        section.offset as usize,
+                    ));
+                }
+                let mut at = bitmap_len;
+                for c in 0..filled.len() {
+                    if data[c / 8] & (1 << (c % 8)) != 0 {
+                        let len = chunk_len(out.len(), c);
+                        if at + len > data.len() {
+                            return Err(corrupt(
+                                format!("delta of region '{name}' ends inside chunk {c}"),
+                                section.offset as usize + at,
+                            ));
+                        }
+                        if !filled[c] {
+                            let start = c * DELTA_CHUNK;
+                            out[start..start + len].copy_from_slice(&data[at..at + len]);
+                            filled[c] = true;
+                            remaining -= 1;
+                        }
+                        at += len;
+                    }
+                }
+                if remaining == 0 {
+                    return Ok(());
+                }
+            }
+            _ => unreachable!("region() returns region sections only"),
+        }
+    }
+    Err(GhostError::Invalid(format!(
+        "region '{name}': the chain of {} image(s) ends without a full image",
+        images.len()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut b = ImageBuilder::new(7, 0, Vec::new());
+        b.add(
+            SectionKind::Meta,
+            "meta",
+            b"backend=native\nstep=3\n",
+            false,
+        )
+        .unwrap();
+        let region: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        b.reserve(SectionKind::Region, "data", region.len())
+            .unwrap()
+            .copy_from_slice(&region);
+        b.add(SectionKind::CriuFile, "pages-1.img", &region[..5000], true)
+            .unwrap();
+        b.finish()
+    }
+
+    #[test]
+    fn round_trip_with_compression() {
+        let bytes = sample();
+        let img = Image::parse(&bytes).unwrap();
+        assert_eq!(img.image_id, 7);
+        assert_eq!(img.sections.len(), 3);
+        assert_eq!(img.meta_value("step").as_deref(), Some("3"));
+        let pages = img.sections[2].data().unwrap();
+        assert!(img.sections[2].compressed);
+        assert_eq!(pages.len(), 5000);
+        assert_eq!(pages[251], 0);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let bytes = sample();
+        // Flip one bit at a spread of offsets covering headers, names and payloads.
+        for at in (0..bytes.len()).step_by(997).chain([0, 9, 20, 40, 70]) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(Image::parse(&bad).is_err(), "flip at {at} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn errors_say_which_check_failed() {
+        let bytes = sample();
+        let mut bad = bytes.clone();
+        bad[HEADER_LEN + SECTION_HEADER_LEN + 4 + 10] ^= 1; // inside the meta payload
+        let e = Image::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("payload of section 0"), "{e}");
+
+        let e = Image::parse(&bytes[..bytes.len() - 10]).unwrap_err();
+        assert!(matches!(e, GhostError::ImageTruncated { .. }), "{e}");
+
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        let crc = crc32c::crc32c(&v2[..32]);
+        v2[32..36].copy_from_slice(&crc.to_le_bytes());
+        let e = Image::parse(&v2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GhostError::ImageVersion {
+                    found: 2,
+                    supported: 1
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Image::parse(b"ELF\x7fxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").unwrap_err();
+        assert!(matches!(e, GhostError::ImageBadMagic { .. }), "{e}");
+    }
+
+    #[test]
+    fn incremental_chain_rebuilds_the_region() {
+        let len = DELTA_CHUNK * 5 + 123;
+        let v1: Vec<u8> = (0..len).map(|i| (i % 13) as u8).collect();
+        let mut b = ImageBuilder::new(1, 0, Vec::new());
+        b.reserve(SectionKind::Region, "r", len)
+            .unwrap()
+            .copy_from_slice(&v1);
+        let full = b.finish();
+
+        let mut v2 = v1.clone();
+        v2[DELTA_CHUNK * 2 + 5] = 99;
+        v2[len - 1] = 77;
+        let changed: Vec<bool> = (0..6).map(|c| c == 2 || c == 5).collect();
+        let mut b = ImageBuilder::new(2, 1, Vec::new());
+        b.add_delta("r", &v2, &changed).unwrap();
+        let delta = b.finish();
+        assert!(
+            delta.len() < full.len() / 2,
+            "delta {} vs full {}",
+            delta.len(),
+            full.len()
+        );
+
+        let chain = [Image::parse(&delta).unwrap(), Image::parse(&full).unwrap()];
+        let mut out = vec![0u8; len];
+        materialize_region(&chain, "r", &mut out).unwrap();
+        assert_eq!(out, v2);
+
+        // A chain that lacks its full image is refused.
+        let e = materialize_region(&chain[..1], "r", &mut out).unwrap_err();
+        assert!(e.to_string().contains("without a full image"), "{e}");
+    }
+}

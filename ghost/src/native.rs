@@ -1,0 +1,822 @@
+//! The native checkpointer, for programs that link krun's runtime library and register the
+//! memory that holds their state.
+//!
+//! Capture is copy-on-write through userfaultfd write-protection, at 64 KiB chunk granularity:
+//! - between captures every clean chunk is write-protected; the first write to it faults,
+//!   the chunk is marked dirty and unprotected (one fault per chunk per checkpoint interval);
+//! - `checkpoint()` freezes: it protects the dirty chunks and marks every chunk to copy as
+//!   pending, then returns; the program runs on while a background thread copies pending
+//!   chunks straight into the image buffer;
+//! - a write to a pending chunk faults; the fault thread copies that chunk first, then lets
+//!   the write proceed. The image is therefore exactly the memory at the freeze.
+//!
+//! Chunks unchanged since the previous capture are left out of incremental images (they
+//! reference the parent image); every `full_every`-th image is full.
+//!
+//! Images are files `<dir>/<owner>/<version>.kgi` (L1, by default in /dev/shm); the
+//! checkpoint store flushes them to slower levels. A process started with
+//! `KRUN_GHOST_RESTORE=<version>|latest` gets its regions filled from that image when it
+//! registers them: that is "restore as a new process". `rollback()` rewrites the regions in
+//! place from an image.
+use crate::error::{GhostError, Result};
+use crate::image::{self, Image, ImageBuilder, SectionKind, DELTA_CHUNK};
+use crate::uffd::WriteProtectFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+const CLEAN: u8 = 0;
+const DIRTY: u8 = 1;
+const PENDING: u8 = 2;
+const COPYING: u8 = 3;
+
+/// Where images go and how they are made.
+#[derive(Clone, Debug)]
+pub struct NativeConfig {
+    /// Names this program's checkpoints (e.g. `job7/rank3`).
+    pub owner: String,
+    /// L1 directory; images are `<dir>/<owner>/<version>.kgi`.
+    pub dir: PathBuf,
+    /// Every n-th image is full, the others incremental.
+    pub full_every: u32,
+    /// Version to restore registered regions from when they are registered.
+    pub restore: Option<RestoreFrom>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreFrom {
+    Latest,
+    Version(u64),
+}
+
+impl NativeConfig {
+    /// From `KRUN_GHOST_OWNER` (default: the program name and pid... see below),
+    /// `KRUN_GHOST_DIR` (default /dev/shm/krun-ghost), `KRUN_GHOST_FULL_EVERY` (default 4) and
+    /// `KRUN_GHOST_RESTORE` (`latest` or a version number).
+    pub fn from_env(default_owner: &str) -> Result<NativeConfig> {
+        let owner = std::env::var("KRUN_GHOST_OWNER").unwrap_or_else(|_| default_owner.to_string());
+        let dir = std::env::var_os("KRUN_GHOST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/dev/shm/krun-ghost"));
+        let full_every = match std::env::var("KRUN_GHOST_FULL_EVERY") {
+            Ok(v) => v.parse::<u32>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                GhostError::Invalid(format!(
+                    "KRUN_GHOST_FULL_EVERY={v}: expected an integer >= 1"
+                ))
+            })?,
+            Err(_) => 4,
+        };
+        let restore = match std::env::var("KRUN_GHOST_RESTORE") {
+            Ok(v) if v == "latest" => Some(RestoreFrom::Latest),
+            Ok(v) if v.is_empty() => None,
+            Ok(v) => Some(RestoreFrom::Version(v.parse().map_err(|_| {
+                GhostError::Invalid(format!(
+                    "KRUN_GHOST_RESTORE={v}: expected 'latest' or a version number"
+                ))
+            })?)),
+            Err(_) => None,
+        };
+        Ok(NativeConfig {
+            owner,
+            dir,
+            full_every,
+            restore,
+        })
+    }
+}
+
+/// Checks an owner name: path components of letters, digits, `-_.`, no `..`.
+fn check_owner(owner: &str) -> Result<()> {
+    let ok = !owner.is_empty()
+        && owner.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(GhostError::Invalid(format!(
+            "checkpoint owner {owner:?}: use path components of letters, digits, '-', '_', '.'"
+        )))
+    }
+}
+
+/// The path of one image.
+pub fn image_path(dir: &Path, owner: &str, version: u64) -> PathBuf {
+    dir.join(owner).join(format!("{version:010}.kgi"))
+}
+
+/// The versions held in `<dir>/<owner>`, ascending.
+pub fn list_versions(dir: &Path, owner: &str) -> Result<Vec<u64>> {
+    let d = dir.join(owner);
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(GhostError::Io {
+                path: d,
+                what: "listing images".into(),
+                source: e,
+            })
+        }
+    };
+    let mut out: Vec<u64> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".kgi")?.parse().ok()
+        })
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| GhostError::Io {
+        path: path.to_path_buf(),
+        what: "reading image".into(),
+        source: e,
+    })
+}
+
+/// Loads `version` and its ancestors down to a full image, newest first.
+pub fn load_chain(dir: &Path, owner: &str, version: u64) -> Result<Vec<Vec<u8>>> {
+    let mut chain = Vec::new();
+    let mut next = version;
+    loop {
+        let bytes = read_file(&image_path(dir, owner, next))?;
+        let parent = Image::parse(&bytes)?.parent_id;
+        chain.push(bytes);
+        if parent == 0 {
+            return Ok(chain);
+        }
+        if chain.len() > 10_000 || parent >= next {
+            return Err(GhostError::Invalid(format!(
+                "image {owner} v{next} names parent v{parent}: not an older image"
+            )));
+        }
+        next = parent;
+    }
+}
+
+/// Writes `bytes` as `path` atomically: a temporary file, fsync, rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| GhostError::Io {
+        path: dir.to_path_buf(),
+        what: "creating the image directory".into(),
+        source: e,
+    })?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("image")
+    ));
+    let io = |what: &str, e: std::io::Error| GhostError::Io {
+        path: tmp.clone(),
+        what: what.to_string(),
+        source: e,
+    };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+        f.write_all(bytes).map_err(|e| io("writing image", e))?;
+        f.sync_all().map_err(|e| io("syncing image", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+struct TrackedRegion {
+    name: String,
+    addr: usize,
+    len: usize,
+    states: Vec<AtomicU8>,
+    /// Where each chunk goes in the image being filled (valid while PENDING or COPYING).
+    dest: Mutex<Vec<usize>>,
+}
+
+impl TrackedRegion {
+    fn chunk_range(&self, c: usize) -> (usize, usize) {
+        let start = self.addr + c * DELTA_CHUNK;
+        (start, DELTA_CHUNK.min(self.addr + self.len - start))
+    }
+}
+
+/// The image under construction: its buffer is filled in place by the copy thread and by
+/// the fault thread, at disjoint offsets.
+struct Filling {
+    base: usize,
+}
+
+struct Inflight {
+    version: u64,
+    done: bool,
+    result: Option<std::result::Result<CaptureReport, String>>,
+}
+
+/// What one capture did.
+#[derive(Clone, Debug)]
+pub struct CaptureReport {
+    pub version: u64,
+    pub parent: u64,
+    pub path: PathBuf,
+    pub image_bytes: u64,
+    pub memory_bytes: u64,
+    /// Chunks copied by the write-fault thread before the program could write them.
+    pub cow_chunks: u64,
+    /// How long the program was stopped (the freeze).
+    pub freeze: Duration,
+    /// From the freeze to the image file being complete.
+    pub total: Duration,
+}
+
+/// What `safepoint` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SafepointAction {
+    Nothing,
+    /// A checkpoint was requested (SIGUSR1) and started; the version is given.
+    CheckpointStarted(u64),
+    /// A rollback was requested (SIGUSR2) and the regions now hold that version.
+    RolledBack(u64),
+}
+
+/// The per-process native checkpointer.
+pub struct NativeRuntime {
+    config: NativeConfig,
+    uffd: WriteProtectFd,
+    regions: RwLock<Vec<Arc<TrackedRegion>>>,
+    /// Held by a freeze and by the fault thread's state changes, so that no write slips
+    /// between protecting a chunk and marking it pending.
+    freeze: Mutex<()>,
+    filling: Mutex<Option<Filling>>,
+    inflight: Mutex<Option<Inflight>>,
+    inflight_done: Condvar,
+    next_version: Mutex<(u64, u64, u32)>, // (next version, last version, images since full)
+    pool: Mutex<Vec<u8>>,
+    cow_chunks: std::sync::atomic::AtomicU64,
+    restored_from: Mutex<Option<(u64, Vec<Vec<u8>>)>>,
+}
+
+static RUNTIME: OnceLock<Arc<NativeRuntime>> = OnceLock::new();
+static CHECKPOINT_REQUESTED: AtomicBool = AtomicBool::new(false);
+static ROLLBACK_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_request_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
+    } else if sig == libc::SIGUSR2 {
+        ROLLBACK_REQUESTED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Makes SIGUSR1 (checkpoint) and SIGUSR2 (rollback to the latest image) requests that the
+/// next `safepoint` acts on, unless the program already handles those signals.
+fn install_request_handlers() {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: sigaction with a zeroed struct reads the current disposition only; the
+        // handler installed is async-signal-safe (one atomic store).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                || old.sa_sigaction != libc::SIG_DFL
+            {
+                continue;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_request_signal as *const () as usize;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+impl NativeRuntime {
+    /// Initializes the process's runtime once; later calls return the same runtime.
+    pub fn init(config: NativeConfig) -> Result<Arc<NativeRuntime>> {
+        if let Some(rt) = RUNTIME.get() {
+            return Ok(rt.clone());
+        }
+        check_owner(&config.owner)?;
+        let uffd = WriteProtectFd::open()?;
+        let existing = list_versions(&config.dir, &config.owner)?;
+        let last = existing.last().copied().unwrap_or(0);
+        let restored = match config.restore {
+            None => None,
+            Some(from) => {
+                let version = match from {
+                    RestoreFrom::Version(v) => v,
+                    RestoreFrom::Latest => last,
+                };
+                if version == 0 {
+                    return Err(GhostError::Invalid(format!(
+                        "KRUN_GHOST_RESTORE: no image of {} in {}",
+                        config.owner,
+                        config.dir.display()
+                    )));
+                }
+                let chain = load_chain(&config.dir, &config.owner, version)?;
+                Some((version, chain))
+            }
+        };
+        let rt = Arc::new(NativeRuntime {
+            config,
+            uffd,
+            regions: RwLock::new(Vec::new()),
+            freeze: Mutex::new(()),
+            filling: Mutex::new(None),
+            inflight: Mutex::new(None),
+            inflight_done: Condvar::new(),
+            next_version: Mutex::new((last + 1, last, 0)),
+            pool: Mutex::new(Vec::new()),
+            cow_chunks: Default::default(),
+            restored_from: Mutex::new(restored),
+        });
+        let rt = RUNTIME.get_or_init(|| rt).clone();
+        let fault_rt = rt.clone();
+        std::thread::Builder::new()
+            .name("krun-ghost-wp".into())
+            .spawn(move || fault_rt.serve_faults())
+            .map_err(|e| GhostError::Io {
+                path: PathBuf::from("thread"),
+                what: "spawning the write-fault thread".into(),
+                source: e,
+            })?;
+        install_request_handlers();
+        Ok(rt)
+    }
+
+    /// The runtime, if `init` was called.
+    pub fn get() -> Option<Arc<NativeRuntime>> {
+        RUNTIME.get().cloned()
+    }
+
+    pub fn config(&self) -> &NativeConfig {
+        &self.config
+    }
+
+    /// The version the regions were restored from at start, if any.
+    pub fn restored_version(&self) -> Option<u64> {
+        self.restored_from
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|(v, _)| *v)
+    }
+
+    /// Registers `len` bytes at `addr` under `name`. When the process was started to restore,
+    /// the region is first filled from the image and `Ok(true)` is returned.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must be private anonymous memory (mmap'd or from `alloc_region`),
+    /// page-aligned, writable, and stay mapped for the life of the process.
+    pub unsafe fn register(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
+        let page = 4096;
+        if addr.is_null() || (addr as usize) % page != 0 || len == 0 || len % page != 0 {
+            return Err(GhostError::Invalid(format!(
+                "region '{name}' at {addr:p}, {len} bytes: address and length must be non-zero multiples of 4096"
+            )));
+        }
+        if name.is_empty() || name.len() > 200 {
+            return Err(GhostError::Invalid(format!(
+                "region name {name:?}: 1 to 200 bytes"
+            )));
+        }
+        if self
+            .regions
+            .read()
+            .expect("lock")
+            .iter()
+            .any(|r| r.name == name)
+        {
+            return Err(GhostError::Invalid(format!(
+                "region '{name}' is already registered"
+            )));
+        }
+        let mut restored = false;
+        if let Some((_, chain)) = self.restored_from.lock().expect("lock").as_ref() {
+            let images = chain
+                .iter()
+                .map(|b| Image::parse(b))
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: the caller guarantees the range is writable memory we may fill.
+            let out = unsafe { std::slice::from_raw_parts_mut(addr, len) };
+            image::materialize_region(&images, name, out)?;
+            restored = true;
+        }
+        self.uffd.register(addr as u64, len as u64)?;
+        self.uffd.set_protection(addr as u64, len as u64, true)?;
+        let chunks = len.div_ceil(DELTA_CHUNK);
+        let region = TrackedRegion {
+            name: name.to_string(),
+            addr: addr as usize,
+            len,
+            states: (0..chunks).map(|_| AtomicU8::new(CLEAN)).collect(),
+            dest: Mutex::new(vec![0; chunks]),
+        };
+        self.regions.write().expect("lock").push(Arc::new(region));
+        // A region added after the last capture is not in its image: the next one is full.
+        self.next_version.lock().expect("lock").2 = u32::MAX;
+        Ok(restored)
+    }
+
+    fn serve_faults(self: Arc<Self>) {
+        loop {
+            let fault = match self.uffd.next_fault() {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("krun-ghost: write-fault thread stops: {e}");
+                    return;
+                }
+            };
+            let addr = fault.address as usize;
+            let region = self
+                .regions
+                .read()
+                .expect("lock")
+                .iter()
+                .find(|r| addr >= r.addr && addr < r.addr + r.len)
+                .cloned();
+            let Some(region) = region else { continue };
+            let c = (addr - region.addr) / DELTA_CHUNK;
+            let guard = self.freeze.lock().expect("lock");
+            loop {
+                match region.states[c].load(Ordering::Acquire) {
+                    PENDING => {
+                        if region.states[c]
+                            .compare_exchange(PENDING, COPYING, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        {
+                            self.copy_chunk(&region, c);
+                            self.cow_chunks.fetch_add(1, Ordering::Relaxed);
+                            region.states[c].store(DIRTY, Ordering::Release);
+                            break;
+                        }
+                    }
+                    COPYING => std::thread::yield_now(),
+                    _ => {
+                        region.states[c].store(DIRTY, Ordering::Release);
+                        break;
+                    }
+                }
+            }
+            drop(guard);
+            let (start, len) = region.chunk_range(c);
+            if let Err(e) = self.uffd.set_protection(start as u64, len as u64, false) {
+                eprintln!(
+                    "krun-ghost: cannot unprotect chunk {c} of region '{}': {e}",
+                    region.name
+                );
+            }
+        }
+    }
+
+    /// Copies chunk `c` of `region` to its place in the image being filled.
+    fn copy_chunk(&self, region: &TrackedRegion, c: usize) {
+        let base = self.filling.lock().expect("lock").as_ref().map(|f| f.base);
+        let Some(base) = base else { return };
+        let dest = region.dest.lock().expect("lock")[c];
+        let (start, len) = region.chunk_range(c);
+        // SAFETY: the chunk lies inside a registered region (mapped for the process's life);
+        // `dest` is this chunk's reserved, disjoint range of the image buffer, which stays
+        // allocated until every PENDING/COPYING chunk is copied.
+        unsafe { std::ptr::copy_nonoverlapping(start as *const u8, (base + dest) as *mut u8, len) };
+    }
+
+    /// Waits for the capture in flight, if any, and returns its report.
+    pub fn wait(&self) -> Result<Option<CaptureReport>> {
+        let mut slot = self.inflight.lock().expect("lock");
+        while slot.as_ref().is_some_and(|i| !i.done) {
+            slot = self.inflight_done.wait(slot).expect("lock");
+        }
+        match slot.take() {
+            None => Ok(None),
+            Some(i) => match i.result {
+                Some(Ok(r)) => Ok(Some(r)),
+                Some(Err(e)) => Err(GhostError::Invalid(format!(
+                    "capture of v{} failed: {e}",
+                    i.version
+                ))),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Freezes the registered memory and captures it in the background; returns the version
+    /// being written. The program is stopped only for the freeze. A capture still in flight
+    /// is waited for first.
+    pub fn checkpoint(self: &Arc<Self>) -> Result<u64> {
+        self.wait()?;
+        let freeze_start = Instant::now();
+        let regions = self.regions.read().expect("lock").clone();
+        if regions.is_empty() {
+            return Err(GhostError::Invalid(
+                "checkpoint with no registered region".into(),
+            ));
+        }
+        let (version, parent) = {
+            let mut v = self.next_version.lock().expect("lock");
+            let version = v.0;
+            let full = v.1 == 0 || v.2 == u32::MAX || v.2 + 1 >= self.config.full_every;
+            let parent = if full { 0 } else { v.1 };
+            v.0 += 1;
+            v.1 = version;
+            v.2 = if full { 0 } else { v.2 + 1 };
+            (version, parent)
+        };
+        let mut builder = ImageBuilder::new(
+            version,
+            parent,
+            std::mem::take(&mut *self.pool.lock().expect("lock")),
+        );
+        let meta = format!(
+            "backend=native\nowner={}\nversion={version}\nparent={parent}\npid={}\nprogram={}\nregions={}\ncreated_unix={}\n",
+            self.config.owner,
+            std::process::id(),
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+            regions.iter().map(|r| format!("{}:{}", r.name, r.len)).collect::<Vec<_>>().join(","),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        );
+        builder.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
+
+        let guard = self.freeze.lock().expect("lock");
+        // Decide each region's chunks and lay out the sections.
+        let mut plans = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let dirty: Vec<bool> = r
+                .states
+                .iter()
+                .map(|s| s.load(Ordering::Acquire) == DIRTY)
+                .collect();
+            let take: Vec<bool> = if parent == 0 {
+                vec![true; dirty.len()]
+            } else {
+                dirty.clone()
+            };
+            let first = if parent == 0 {
+                builder.reserve_offset(SectionKind::Region, &r.name, r.len)?
+            } else {
+                builder.reserve_delta(&r.name, r.len, &take)?
+            };
+            plans.push((dirty, take, first));
+        }
+        let base = builder.base_ptr() as usize;
+        *self.filling.lock().expect("lock") = Some(Filling { base });
+        let mut memory_bytes = 0u64;
+        for (r, (dirty, take, first)) in regions.iter().zip(&plans) {
+            // Protect runs of dirty chunks (clean ones are still protected).
+            let mut c = 0;
+            while c < dirty.len() {
+                if dirty[c] {
+                    let run_start = c;
+                    while c < dirty.len() && dirty[c] {
+                        c += 1;
+                    }
+                    let (start, _) = r.chunk_range(run_start);
+                    let end = (r.addr + c * DELTA_CHUNK).min(r.addr + r.len);
+                    self.uffd
+                        .set_protection(start as u64, (end - start) as u64, true)?;
+                } else {
+                    c += 1;
+                }
+            }
+            let mut dest = r.dest.lock().expect("lock");
+            let mut k = 0;
+            for c in 0..take.len() {
+                if take[c] {
+                    dest[c] = if parent == 0 {
+                        first + c * DELTA_CHUNK
+                    } else {
+                        first + k * DELTA_CHUNK
+                    };
+                    k += 1;
+                    memory_bytes += r.chunk_range(c).1 as u64;
+                    r.states[c].store(PENDING, Ordering::Release);
+                } else {
+                    r.states[c].store(CLEAN, Ordering::Release);
+                }
+            }
+        }
+        drop(guard);
+        let freeze = freeze_start.elapsed();
+
+        *self.inflight.lock().expect("lock") = Some(Inflight {
+            version,
+            done: false,
+            result: None,
+        });
+        let rt = self.clone();
+        std::thread::Builder::new()
+            .name("krun-ghost-copy".into())
+            .spawn(move || {
+                let result = rt
+                    .complete_capture(
+                        regions,
+                        builder,
+                        version,
+                        parent,
+                        memory_bytes,
+                        freeze,
+                        freeze_start,
+                    )
+                    .map_err(|e| e.to_string());
+                let mut slot = rt.inflight.lock().expect("lock");
+                if let Some(i) = slot.as_mut() {
+                    i.done = true;
+                    i.result = Some(result);
+                }
+                rt.inflight_done.notify_all();
+            })
+            .map_err(|e| GhostError::Io {
+                path: PathBuf::from("thread"),
+                what: "spawning the copy thread".into(),
+                source: e,
+            })?;
+        Ok(version)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete_capture(
+        &self,
+        regions: Vec<Arc<TrackedRegion>>,
+        builder: ImageBuilder,
+        version: u64,
+        parent: u64,
+        memory_bytes: u64,
+        freeze: Duration,
+        freeze_start: Instant,
+    ) -> Result<CaptureReport> {
+        let cow_before = self.cow_chunks.load(Ordering::Relaxed);
+        for r in &regions {
+            for c in 0..r.states.len() {
+                if r.states[c]
+                    .compare_exchange(PENDING, COPYING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.copy_chunk(r, c);
+                    r.states[c].store(CLEAN, Ordering::Release);
+                }
+            }
+        }
+        // The fault thread may still be copying a chunk it claimed.
+        for r in &regions {
+            for s in &r.states {
+                while matches!(s.load(Ordering::Acquire), PENDING | COPYING) {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        *self.filling.lock().expect("lock") = None;
+        let bytes = builder.finish();
+        let path = image_path(&self.config.dir, &self.config.owner, version);
+        let written = write_atomically(&path, &bytes);
+        let image_bytes = bytes.len() as u64;
+        *self.pool.lock().expect("lock") = bytes;
+        written?;
+        self.prune()?;
+        Ok(CaptureReport {
+            version,
+            parent,
+            path,
+            image_bytes,
+            memory_bytes,
+            cow_chunks: self.cow_chunks.load(Ordering::Relaxed) - cow_before,
+            freeze,
+            total: freeze_start.elapsed(),
+        })
+    }
+
+    /// Keeps the images from the second-newest full image on, so that the newest complete
+    /// chain and the one before it stay restorable.
+    fn prune(&self) -> Result<()> {
+        let versions = list_versions(&self.config.dir, &self.config.owner)?;
+        let mut fulls = Vec::new();
+        for &v in &versions {
+            let path = image_path(&self.config.dir, &self.config.owner, v);
+            let Ok(bytes) = read_header(&path) else {
+                continue;
+            };
+            if bytes.1 == 0 {
+                fulls.push(v);
+            }
+        }
+        if fulls.len() > 2 {
+            let keep_from = fulls[fulls.len() - 2];
+            for v in versions.into_iter().filter(|&v| v < keep_from) {
+                let _ = std::fs::remove_file(image_path(&self.config.dir, &self.config.owner, v));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites every registered region in place from `version` (the newest when `None`) and
+    /// returns the version used. The caller must be at a point where no other thread of the
+    /// program touches the regions.
+    pub fn rollback(&self, version: Option<u64>) -> Result<u64> {
+        self.wait()?;
+        let version = match version {
+            Some(v) => v,
+            None => *list_versions(&self.config.dir, &self.config.owner)?
+                .last()
+                .ok_or_else(|| {
+                    GhostError::Invalid(format!("rollback: no image of {}", self.config.owner))
+                })?,
+        };
+        let chain = load_chain(&self.config.dir, &self.config.owner, version)?;
+        let images = chain
+            .iter()
+            .map(|b| Image::parse(b))
+            .collect::<Result<Vec<_>>>()?;
+        let regions = self.regions.read().expect("lock").clone();
+        for r in &regions {
+            if images[0].region(&r.name).is_none() {
+                return Err(GhostError::Invalid(format!(
+                    "rollback to v{version}: the image has no region '{}'",
+                    r.name
+                )));
+            }
+        }
+        let mut scratch = Vec::new();
+        for r in &regions {
+            // Materialize into scratch first so a corrupt chain leaves memory untouched.
+            scratch.resize(r.len, 0);
+            image::materialize_region(&images, &r.name, &mut scratch)?;
+            // SAFETY: the region is registered memory, mapped and writable for the process's
+            // life; writes to protected chunks fault and are released by the fault thread.
+            unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), r.addr as *mut u8, r.len) };
+        }
+        Ok(version)
+    }
+
+    /// Acts on a pending SIGUSR1 (checkpoint) or SIGUSR2 (rollback to the newest image).
+    pub fn safepoint(self: &Arc<Self>) -> Result<SafepointAction> {
+        if ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst) {
+            return Ok(SafepointAction::RolledBack(self.rollback(None)?));
+        }
+        if CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst) {
+            return Ok(SafepointAction::CheckpointStarted(self.checkpoint()?));
+        }
+        Ok(SafepointAction::Nothing)
+    }
+}
+
+/// Reads just an image's header: (image id, parent id).
+pub fn read_header(path: &Path) -> Result<(u64, u64)> {
+    use std::io::Read;
+    let mut head = [0u8; image::HEADER_LEN];
+    let mut f = std::fs::File::open(path).map_err(|e| GhostError::Io {
+        path: path.to_path_buf(),
+        what: "opening image".into(),
+        source: e,
+    })?;
+    f.read_exact(&mut head).map_err(|e| GhostError::Io {
+        path: path.to_path_buf(),
+        what: "reading image header".into(),
+        source: e,
+    })?;
+    let crc = crc32c::crc32c(&head[..32]);
+    if head[..8] != image::MAGIC || u32::from_le_bytes(head[32..36].try_into().expect("4")) != crc {
+        return Err(GhostError::ImageCorrupt {
+            what: format!("{}: bad image header", path.display()),
+            offset: 0,
+        });
+    }
+    Ok((
+        u64::from_le_bytes(head[16..24].try_into().expect("8")),
+        u64::from_le_bytes(head[24..32].try_into().expect("8")),
+    ))
+}
+
+/// Allocates `len` bytes (rounded up to pages) of private anonymous memory suitable for
+/// `register`. It is never freed: registered memory lives as long as the process.
+pub fn alloc_region(len: usize) -> Result<*mut u8> {
+    let len = len.div_ceil(4096) * 4096;
+    // SAFETY: an anonymous private mapping; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(GhostError::Io {
+            path: PathBuf::from("mmap"),
+            what: format!("allocating {len} bytes"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(p.cast())
+}

@@ -1,0 +1,296 @@
+//! The native checkpointer end to end: a C program links libghost, registers its memory, and
+//! is captured (copy-on-write), restored as a new process and rolled back in place. Its
+//! per-step checksums must equal those of an uninterrupted reference run.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn target_dir() -> PathBuf {
+    // tests run from <target>/<profile>/deps/
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn build_workload(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native/workload.c");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    let lib = target_dir();
+    assert!(
+        lib.join("libghost.so").exists(),
+        "libghost.so not found in {}",
+        lib.display()
+    );
+    let bin = dir.join("workload");
+    let status = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .arg(format!("-I{}", include.display()))
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lghost")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .expect("cc");
+    assert!(status.success(), "compiling workload.c failed");
+    bin
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("krun-ghost-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child on drop (by its PID) so that a failing test leaves nothing behind.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(
+    bin: &Path,
+    images: &Path,
+    out: &Path,
+    mib: u32,
+    steps: u32,
+    every: u32,
+    sleep_ms: u32,
+    restore: Option<&str>,
+) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.arg(out)
+        .arg(mib.to_string())
+        .arg(steps.to_string())
+        .arg(every.to_string())
+        .arg(sleep_ms.to_string())
+        .env("KRUN_GHOST_DIR", images)
+        .env("KRUN_GHOST_OWNER", "test/rank0")
+        .env_remove("KRUN_GHOST_RESTORE");
+    if let Some(r) = restore {
+        cmd.env("KRUN_GHOST_RESTORE", r);
+    }
+    cmd.spawn().expect("start workload")
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "workload did not finish within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lines(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// step -> checksum, asserting no step appears twice.
+fn checksums(lines: &[String]) -> BTreeMap<u64, String> {
+    let mut m = BTreeMap::new();
+    for l in lines {
+        if let Some(rest) = l.strip_prefix("step ") {
+            let (s, c) = rest.split_once(" checksum ").unwrap();
+            let s: u64 = s.parse().unwrap();
+            assert!(
+                m.insert(s, c.to_string()).is_none(),
+                "step {s} printed twice"
+            );
+        }
+    }
+    m
+}
+
+fn reference(bin: &Path, dir: &Path, mib: u32, steps: u32) -> BTreeMap<u64, String> {
+    let out = dir.join("reference.out");
+    let images = dir.join("ref-images");
+    let mut c = run(bin, &images, &out, mib, steps, 0, 0, None);
+    assert!(wait_exit(&mut c, Duration::from_secs(120)).success());
+    let m = checksums(&lines(&out));
+    assert_eq!(m.len(), steps as usize);
+    m
+}
+
+fn wait_for_line(out: &Path, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = lines(out).into_iter().find(|l| pred(l)) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no matching line in {} within {limit:?}",
+            out.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks a restored/rolled-back continuation: it starts right after `from_step` and every
+/// checksum equals the reference.
+fn assert_continues(
+    reference: &BTreeMap<u64, String>,
+    after: &[String],
+    from_step: u64,
+    last: u64,
+) {
+    let got = checksums(after);
+    let expected: Vec<u64> = (from_step + 1..=last).collect();
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "steps after {from_step}"
+    );
+    for (s, c) in &got {
+        assert_eq!(
+            &reference[s], c,
+            "checksum of step {s} differs from the reference run"
+        );
+    }
+}
+
+#[test]
+fn killed_process_is_restored_as_a_new_process_from_incremental_images() {
+    let dir = TempDir::new("native-restore");
+    let bin = build_workload(&dir.0);
+    let (mib, steps) = (64, 40);
+    let reference = reference(&bin, &dir.0, mib, steps);
+    let images = dir.0.join("images");
+    let out = dir.0.join("run.out");
+    let mut first = Guard(run(&bin, &images, &out, mib, steps, 2, 30, None));
+    // Wait for several images (a full one and deltas), then SIGKILL mid-run.
+    wait_for_line(&out, Duration::from_secs(60), |l| l == "saved version 5");
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(first);
+
+    let versions: Vec<String> = std::fs::read_dir(images.join("test/rank0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(versions.iter().any(|v| v.ends_with(".kgi")), "{versions:?}");
+
+    let out2 = dir.0.join("restored.out");
+    let mut second = Guard(run(&bin, &images, &out2, mib, steps, 2, 0, Some("latest")));
+    assert!(wait_exit(&mut second.0, Duration::from_secs(120)).success());
+    let after = lines(&out2);
+    let resumed = after[0].clone();
+    let parts: Vec<&str> = resumed.split(' ').collect();
+    assert_eq!(parts[0], "resumed", "{resumed}");
+    let version: u64 = parts[2].parse().unwrap();
+    let step: u64 = parts[4].parse().unwrap();
+    assert!(version >= 5, "restored from v{version}");
+    assert_eq!(
+        step,
+        version * 2,
+        "version {version} was taken at step {}",
+        version * 2
+    );
+    assert_continues(&reference, &after, step, steps as u64);
+    // The restored image was incremental (every 4th is full) at least once in this run.
+    let delta_restored = (version - 1) % 4 != 0;
+    let first_lines = lines(&out);
+    assert!(first_lines.iter().any(|l| l.starts_with("step 10 ")));
+    eprintln!("restored from v{version} (incremental: {delta_restored}) at step {step}");
+}
+
+#[test]
+fn sigusr2_rolls_the_live_process_back_in_place() {
+    let dir = TempDir::new("native-rollback");
+    let bin = build_workload(&dir.0);
+    let (mib, steps) = (32, 30);
+    let reference = reference(&bin, &dir.0, mib, steps);
+    let images = dir.0.join("images");
+    let out = dir.0.join("run.out");
+    let mut child = Guard(run(&bin, &images, &out, mib, steps, 4, 40, None));
+    // v3 is taken at step 12; signal a couple of steps later so the rollback goes back.
+    wait_for_line(&out, Duration::from_secs(60), |l| l.starts_with("step 14 "));
+    // SAFETY: signalling our own child by PID.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGUSR2) }, 0);
+    assert!(wait_exit(&mut child.0, Duration::from_secs(120)).success());
+    let all = lines(&out);
+    let at = all
+        .iter()
+        .position(|l| l.starts_with("rolled back to step "))
+        .expect("no rollback line");
+    let back_to: u64 = all[at].rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        back_to % 4,
+        0,
+        "rolled back to step {back_to}, not a checkpoint step"
+    );
+    // Steps before the rollback line went beyond back_to; after it the run resumes at
+    // back_to + 1 with the reference checksums.
+    let before = checksums(&all[..at]);
+    assert!(*before.keys().last().unwrap() > back_to);
+    assert_continues(&reference, &all[at + 1..], back_to, steps as u64);
+    assert_eq!(all.last().map(String::as_str), Some("done"));
+}
+
+#[test]
+fn a_gibibyte_is_captured_while_the_program_keeps_writing() {
+    let dir = TempDir::new("native-1g");
+    let bin = build_workload(&dir.0);
+    let (mib, steps) = (1024, 6);
+    let reference = reference(&bin, &dir.0, mib, steps);
+    let images = dir.0.join("images");
+    let out = dir.0.join("run.out");
+    let mut child = Guard(run(&bin, &images, &out, mib, 3, 3, 0, None));
+    assert!(wait_exit(&mut child.0, Duration::from_secs(120)).success());
+    let out2 = dir.0.join("restored.out");
+    let mut restored = Guard(run(&bin, &images, &out2, mib, steps, 0, 0, Some("latest")));
+    assert!(wait_exit(&mut restored.0, Duration::from_secs(120)).success());
+    let after = lines(&out2);
+    assert_eq!(after[0], "resumed version 1 step 3");
+    assert_continues(&reference, &after, 3, steps as u64);
+}
+
+#[test]
+fn restore_from_a_corrupt_image_fails_with_the_reason() {
+    let dir = TempDir::new("native-corrupt");
+    let bin = build_workload(&dir.0);
+    let images = dir.0.join("images");
+    let out = dir.0.join("run.out");
+    let mut child = Guard(run(&bin, &images, &out, 4, 2, 2, 0, None));
+    assert!(wait_exit(&mut child.0, Duration::from_secs(60)).success());
+    let image = images.join("test/rank0/0000000001.kgi");
+    let mut bytes = std::fs::read(&image).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x04;
+    std::fs::write(&image, &bytes).unwrap();
+    let err = Command::new(&bin)
+        .args([dir.0.join("r.out").to_str().unwrap(), "4", "4", "0"])
+        .env("KRUN_GHOST_DIR", &images)
+        .env("KRUN_GHOST_OWNER", "test/rank0")
+        .env("KRUN_GHOST_RESTORE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(err.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        text.contains("checksum mismatch") && text.contains("region 'data'"),
+        "{text}"
+    );
+}
