@@ -70,7 +70,7 @@ fn corrupt(what: impl Into<String>, offset: usize) -> GhostError {
 /// Builds an image in one buffer. Large sections are reserved and filled in place so a
 /// capture copies memory once, straight into the image.
 pub struct ImageBuilder {
-    buf: Vec<u8>,
+    buf: Storage,
     sections: Vec<PendingSection>,
     image_id: u64,
     parent_id: u64,
@@ -89,11 +89,59 @@ impl ImageBuilder {
         buf.clear();
         buf.resize(HEADER_LEN, 0);
         ImageBuilder {
-            buf,
+            buf: Storage::Owned(buf),
             sections: Vec::new(),
             image_id,
             parent_id,
         }
+    }
+
+    /// Builds the image in place in `capacity` bytes at `base` (e.g. a mapped L1 file), so
+    /// that memory is copied once, straight to its final place. Seal it with [`Self::seal`].
+    ///
+    /// # Safety
+    /// `base..base+capacity` must be writable, not accessed by anything else, and stay valid
+    /// for the life of the builder.
+    pub unsafe fn in_place(
+        image_id: u64,
+        parent_id: u64,
+        base: *mut u8,
+        capacity: usize,
+    ) -> Result<ImageBuilder> {
+        if capacity < HEADER_LEN {
+            return Err(GhostError::Invalid(format!(
+                "{capacity} bytes cannot hold an image header"
+            )));
+        }
+        Ok(ImageBuilder {
+            buf: Storage::Mapped {
+                ptr: base,
+                cap: capacity,
+                len: HEADER_LEN,
+            },
+            sections: Vec::new(),
+            image_id,
+            parent_id,
+        })
+    }
+
+    /// The encoded length of an image with sections of these (name length, stored length).
+    pub fn planned_len(sections: &[(usize, usize)]) -> usize {
+        HEADER_LEN
+            + sections
+                .iter()
+                .map(|(name, stored)| SECTION_HEADER_LEN + name + stored)
+                .sum::<usize>()
+    }
+
+    /// The stored length of a delta section for a region of `raw_len` bytes.
+    pub fn delta_len(raw_len: usize, changed: &[bool]) -> usize {
+        let chunks = raw_len.div_ceil(DELTA_CHUNK);
+        chunks.div_ceil(8)
+            + (0..chunks.min(changed.len()))
+                .filter(|&c| changed[c])
+                .map(|c| chunk_len(raw_len, c))
+                .sum::<usize>()
     }
 
     /// Adds a section, compressing it with zstd (level 1) when `compress` is set.
@@ -213,10 +261,10 @@ impl ImageBuilder {
         h.extend_from_slice(&(raw_len as u64).to_le_bytes());
         h.extend_from_slice(&(stored_len as u64).to_le_bytes());
         h.extend_from_slice(&[0u8; 8]); // crcs, filled by finish()
-        self.buf.extend_from_slice(&h);
-        self.buf.extend_from_slice(name.as_bytes());
-        let payload_at = self.buf.len();
-        self.buf.resize(payload_at + stored_len, 0);
+        let at = self.buf.extend(h.len() + name.len())?;
+        self.buf[at..at + h.len()].copy_from_slice(&h);
+        self.buf[at + h.len()..at + h.len() + name.len()].copy_from_slice(name.as_bytes());
+        let payload_at = self.buf.extend(stored_len)?;
         self.sections.push(PendingSection {
             header_at,
             payload_at,
@@ -225,8 +273,18 @@ impl ImageBuilder {
         Ok(payload_at)
     }
 
-    /// Computes every checksum and returns the encoded image.
+    /// Computes every checksum and returns the encoded image (empty when built in place:
+    /// use [`Self::seal`] there).
     pub fn finish(mut self) -> Vec<u8> {
+        self.seal();
+        match std::mem::replace(&mut self.buf, Storage::Owned(Vec::new())) {
+            Storage::Owned(v) => v,
+            Storage::Mapped { .. } => Vec::new(),
+        }
+    }
+
+    /// Computes every checksum and returns the image's length.
+    pub fn seal(&mut self) -> usize {
         for s in &self.sections {
             let crc = crc32c::crc32c(&self.buf[s.payload_at..s.payload_at + s.payload_len]);
             self.buf[s.header_at + 24..s.header_at + 28].copy_from_slice(&crc.to_le_bytes());
@@ -247,7 +305,67 @@ impl ImageBuilder {
         let crc = crc32c::crc32c(&h);
         h.extend_from_slice(&crc.to_le_bytes());
         self.buf[..HEADER_LEN].copy_from_slice(&h);
-        self.buf
+        self.buf.len()
+    }
+}
+
+/// An image buffer: owned, or borrowed memory (a mapped file) filled in place.
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped {
+        ptr: *mut u8,
+        cap: usize,
+        len: usize,
+    },
+}
+
+// SAFETY: the mapped memory is exclusively the builder's (contract of `in_place`).
+unsafe impl Send for Storage {}
+
+impl Storage {
+    /// Grows by `n` bytes and returns the old length.
+    fn extend(&mut self, n: usize) -> Result<usize> {
+        match self {
+            Storage::Owned(v) => {
+                let at = v.len();
+                v.resize(at + n, 0);
+                Ok(at)
+            }
+            Storage::Mapped { cap, len, .. } => {
+                let at = *len;
+                if at + n > *cap {
+                    return Err(GhostError::Invalid(format!(
+                        "image outgrows its buffer: {} of {cap} bytes",
+                        at + n
+                    )));
+                }
+                *len += n;
+                Ok(at)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Owned(v) => v,
+            // SAFETY: `ptr..ptr+len` is within the memory `in_place` was given.
+            Storage::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl std::ops::DerefMut for Storage {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Storage::Owned(v) => v,
+            // SAFETY: as for Deref; the builder holds the memory exclusively.
+            Storage::Mapped { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts_mut(*ptr, *len)
+            },
+        }
     }
 }
 
@@ -526,8 +644,8 @@ pub fn materialize_region(images: &[Image<'_>], name: &str, out: &mut [u8]) -> R
         let data = section.data()?;
         match section.kind {
             SectionKind::Region => {
-                for c in 0..filled.len() {
-                    if !filled[c] {
+                for (c, done) in filled.iter().enumerate() {
+                    if !done {
                         let start = c * DELTA_CHUNK;
                         let len = chunk_len(out.len(), c);
                         out[start..start + len].copy_from_slice(&data[start..start + len]);

@@ -2,10 +2,12 @@
 //! one back, or migrate it, behind one checkpointer API over several checkpointers (CRIU for
 //! transparent capture, a native one for runtime-registered memory).
 pub mod capi;
+pub mod checkpointer;
 pub mod criu;
 pub mod error;
 pub mod image;
 pub mod native;
 mod uffd;
 
+pub use checkpointer::{Backend, CaptureOptions, Captured, Checkpointer, RestoreOptions, Restored};
 pub use error::{GhostError, Result};

@@ -261,9 +261,29 @@ pub struct NativeRuntime {
     inflight: Mutex<Option<Inflight>>,
     inflight_done: Condvar,
     next_version: Mutex<(u64, u64, u32)>, // (next version, last version, images since full)
-    pool: Mutex<Vec<u8>>,
     cow_chunks: std::sync::atomic::AtomicU64,
     restored_from: Mutex<Option<(u64, Vec<Vec<u8>>)>>,
+}
+
+/// File naming the version a SIGUSR2 rollback should use.
+pub const ROLLBACK_REQUEST: &str = "rollback-request";
+/// File the runtime writes after a requested rollback: "VERSION PID".
+pub const ROLLED_BACK: &str = "rolled-back";
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes of a lower-case hex string.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 static RUNTIME: OnceLock<Arc<NativeRuntime>> = OnceLock::new();
@@ -337,7 +357,6 @@ impl NativeRuntime {
             inflight: Mutex::new(None),
             inflight_done: Condvar::new(),
             next_version: Mutex::new((last + 1, last, 0)),
-            pool: Mutex::new(Vec::new()),
             cow_chunks: Default::default(),
             restored_from: Mutex::new(restored),
         });
@@ -381,7 +400,7 @@ impl NativeRuntime {
     /// page-aligned, writable, and stay mapped for the life of the process.
     pub unsafe fn register(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
         let page = 4096;
-        if addr.is_null() || (addr as usize) % page != 0 || len == 0 || len % page != 0 {
+        if addr.is_null() || !(addr as usize).is_multiple_of(page) || len == 0 || !len.is_multiple_of(page) {
             return Err(GhostError::Invalid(format!(
                 "region '{name}' at {addr:p}, {len} bytes: address and length must be non-zero multiples of 4096"
             )));
@@ -533,24 +552,20 @@ impl NativeRuntime {
             v.2 = if full { 0 } else { v.2 + 1 };
             (version, parent)
         };
-        let mut builder = ImageBuilder::new(
-            version,
-            parent,
-            std::mem::take(&mut *self.pool.lock().expect("lock")),
-        );
         let meta = format!(
-            "backend=native\nowner={}\nversion={version}\nparent={parent}\npid={}\nprogram={}\nregions={}\ncreated_unix={}\n",
+            "backend=native\nowner={}\nversion={version}\nparent={parent}\npid={}\nprogram={}\ncmdline={}\ncwd={}\nregions={}\ncreated_unix={}\n",
             self.config.owner,
             std::process::id(),
             std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+            hex(&std::fs::read("/proc/self/cmdline").unwrap_or_default()),
+            std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default(),
             regions.iter().map(|r| format!("{}:{}", r.name, r.len)).collect::<Vec<_>>().join(","),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         );
-        builder.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
-
         let guard = self.freeze.lock().expect("lock");
-        // Decide each region's chunks and lay out the sections.
-        let mut plans = Vec::with_capacity(regions.len());
+        // Decide each region's chunks, size the image and lay out its sections in L1.
+        let mut choices = Vec::with_capacity(regions.len());
+        let mut sizes = vec![(4, meta.len())];
         for r in &regions {
             let dirty: Vec<bool> = r
                 .states
@@ -562,6 +577,28 @@ impl NativeRuntime {
             } else {
                 dirty.clone()
             };
+            let stored = if parent == 0 {
+                r.len
+            } else {
+                ImageBuilder::delta_len(r.len, &take)
+            };
+            sizes.push((r.name.len(), stored));
+            choices.push((dirty, take));
+        }
+        let total = ImageBuilder::planned_len(&sizes);
+        let l1 = match L1File::create(&self.config.dir, &self.config.owner, version, total) {
+            Ok(f) => f,
+            Err(e) => {
+                self.next_version.lock().expect("lock").2 = u32::MAX;
+                return Err(e);
+            }
+        };
+        // SAFETY: the mapping is `total` bytes, writable, ours alone, and lives in `l1`,
+        // which travels with the builder to the copy thread.
+        let mut builder = unsafe { ImageBuilder::in_place(version, parent, l1.map, total)? };
+        builder.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
+        let mut plans = Vec::with_capacity(regions.len());
+        for (r, (dirty, take)) in regions.iter().zip(choices) {
             let first = if parent == 0 {
                 builder.reserve_offset(SectionKind::Region, &r.name, r.len)?
             } else {
@@ -622,6 +659,7 @@ impl NativeRuntime {
                     .complete_capture(
                         regions,
                         builder,
+                        l1,
                         version,
                         parent,
                         memory_bytes,
@@ -648,7 +686,8 @@ impl NativeRuntime {
     fn complete_capture(
         &self,
         regions: Vec<Arc<TrackedRegion>>,
-        builder: ImageBuilder,
+        mut builder: ImageBuilder,
+        l1: L1File,
         version: u64,
         parent: u64,
         memory_bytes: u64,
@@ -676,12 +715,16 @@ impl NativeRuntime {
             }
         }
         *self.filling.lock().expect("lock") = None;
-        let bytes = builder.finish();
-        let path = image_path(&self.config.dir, &self.config.owner, version);
-        let written = write_atomically(&path, &bytes);
-        let image_bytes = bytes.len() as u64;
-        *self.pool.lock().expect("lock") = bytes;
-        written?;
+        let image_bytes = builder.seal() as u64;
+        drop(builder);
+        let path = match l1.commit() {
+            Ok(p) => p,
+            Err(e) => {
+                // No file for this version: the next image must not build on it.
+                self.next_version.lock().expect("lock").2 = u32::MAX;
+                return Err(e);
+            }
+        };
         self.prune()?;
         Ok(CaptureReport {
             version,
@@ -711,8 +754,18 @@ impl NativeRuntime {
         }
         if fulls.len() > 2 {
             let keep_from = fulls[fulls.len() - 2];
+            let owner_dir = self.config.dir.join(&self.config.owner);
+            let mut spares = spare_files(&owner_dir).len();
             for v in versions.into_iter().filter(|&v| v < keep_from) {
-                let _ = std::fs::remove_file(image_path(&self.config.dir, &self.config.owner, v));
+                let path = image_path(&self.config.dir, &self.config.owner, v);
+                // Keep two old files as spares: their memory is reused by the next images.
+                if spares < 2
+                    && std::fs::rename(&path, owner_dir.join(format!(".spare-{v}"))).is_ok()
+                {
+                    spares += 1;
+                } else {
+                    let _ = std::fs::remove_file(path);
+                }
             }
         }
         Ok(())
@@ -757,15 +810,166 @@ impl NativeRuntime {
         Ok(version)
     }
 
+    /// The rollback target named by `krun ghost rollback` in `<dir>/<owner>/rollback-request`
+    /// (removed once read), else the newest image.
+    fn requested_rollback_version(&self) -> Option<u64> {
+        let path = self
+            .config
+            .dir
+            .join(&self.config.owner)
+            .join(ROLLBACK_REQUEST);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        text.trim().parse().ok().filter(|&v| v > 0)
+    }
+
     /// Acts on a pending SIGUSR1 (checkpoint) or SIGUSR2 (rollback to the newest image).
     pub fn safepoint(self: &Arc<Self>) -> Result<SafepointAction> {
         if ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst) {
-            return Ok(SafepointAction::RolledBack(self.rollback(None)?));
+            let version = self.rollback(self.requested_rollback_version())?;
+            let marker = self.config.dir.join(&self.config.owner).join(ROLLED_BACK);
+            let _ = std::fs::write(marker, format!("{version} {}\n", std::process::id()));
+            return Ok(SafepointAction::RolledBack(version));
         }
         if CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst) {
             return Ok(SafepointAction::CheckpointStarted(self.checkpoint()?));
         }
         Ok(SafepointAction::Nothing)
+    }
+}
+
+/// Spare image files (old images kept for their memory), oldest first.
+fn spare_files(owner_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(owner_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(".spare-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// An L1 image file being written through a shared mapping: the capture copies memory
+/// straight into it. A spare file is reused when there is one, because its pages are
+/// already allocated (first-touch memory costs ~5x reused memory on these machines).
+struct L1File {
+    file: std::fs::File,
+    map: *mut u8,
+    len: usize,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+// SAFETY: the mapping is owned by this value alone.
+unsafe impl Send for L1File {}
+
+impl L1File {
+    fn create(dir: &Path, owner: &str, version: u64, len: usize) -> Result<L1File> {
+        let path = image_path(dir, owner, version);
+        let owner_dir = path
+            .parent()
+            .expect("image paths have a directory")
+            .to_path_buf();
+        let io = |p: &Path, what: &str, e: std::io::Error| GhostError::Io {
+            path: p.to_path_buf(),
+            what: what.to_string(),
+            source: e,
+        };
+        std::fs::create_dir_all(&owner_dir)
+            .map_err(|e| io(&owner_dir, "creating the image directory", e))?;
+        let tmp = owner_dir.join(format!(".tmp-{}-{version}", std::process::id()));
+        if let Some(spare) = spare_files(&owner_dir).into_iter().next() {
+            let _ = std::fs::rename(spare, &tmp);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)
+            .map_err(|e| io(&tmp, "creating the image file", e))?;
+        let fail = |what: &str, e: std::io::Error| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&tmp, what, e)
+        };
+        file.set_len(len as u64)
+            .map_err(|e| fail("sizing the image file", e))?;
+        // Reserve the blocks now so a full tmpfs fails here, not with SIGBUS mid-copy.
+        // SAFETY: fallocate on a descriptor we own.
+        if unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, len as i64) }
+            != 0
+        {
+            return Err(fail(
+                "reserving space for the image (device full?)",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        // SAFETY: a shared mapping of `len` bytes of a file we just sized; checked below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(fail(
+                "mapping the image file",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(L1File {
+            file,
+            map: map.cast(),
+            len,
+            tmp,
+            path,
+        })
+    }
+
+    /// Unmaps, syncs and renames the file into place.
+    fn commit(mut self) -> Result<PathBuf> {
+        self.unmap();
+        let result = self
+            .file
+            .sync_all()
+            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
+        match result {
+            Ok(()) => Ok(std::mem::take(&mut self.path)),
+            Err(e) => Err(GhostError::Io {
+                path: self.tmp.clone(),
+                what: "syncing and renaming the image into place".into(),
+                source: e,
+            }),
+        }
+    }
+
+    fn unmap(&mut self) {
+        if !self.map.is_null() {
+            // SAFETY: the mapping made in `create`, unmapped once.
+            unsafe { libc::munmap(self.map.cast(), self.len) };
+            self.map = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for L1File {
+    fn drop(&mut self) {
+        self.unmap();
+        if !self.path.as_os_str().is_empty() {
+            // Not committed: remove the partial file.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -60,6 +60,7 @@ impl Drop for Guard {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     bin: &Path,
     images: &Path,
@@ -210,7 +211,7 @@ fn killed_process_is_restored_as_a_new_process_from_incremental_images() {
     );
     assert_continues(&reference, &after, step, steps as u64);
     // The restored image was incremental (every 4th is full) at least once in this run.
-    let delta_restored = (version - 1) % 4 != 0;
+    let delta_restored = !(version - 1).is_multiple_of(4);
     let first_lines = lines(&out);
     assert!(first_lines.iter().any(|l| l.starts_with("step 10 ")));
     eprintln!("restored from v{version} (incremental: {delta_restored}) at step {step}");

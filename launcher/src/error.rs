@@ -18,6 +18,8 @@ pub enum LauncherError {
     JobTimeout(std::time::Duration),
     #[error(transparent)]
     Fabric(#[from] fabric::FabricError),
+    #[error(transparent)]
+    Ghost(#[from] ghost::GhostError),
     #[error("I/O error during {context}: {source}")]
     Io {
         context: String,

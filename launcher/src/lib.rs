@@ -8,6 +8,7 @@ pub mod binding;
 pub mod daemon;
 pub mod error;
 pub mod exchange;
+pub mod ghost_cli;
 pub mod hostlist;
 pub mod job;
 pub mod ranks;

@@ -13,7 +13,8 @@ const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --ho
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
             [--provider P] [PROGRAM ARGS...]
        krun status --hosts LIST | --hostfile FILE
-       krun hostlist expand EXPR
+       krun ghost inspect|capture|restore|rollback|migrate ...
+      krun hostlist expand EXPR
        krun hostlist compress NAMES...
 
 Nodes: --local NODES starts NODES krund on this machine (the default, with 3); --hosts
@@ -215,6 +216,7 @@ fn main() -> ExitCode {
     let subcommand: Option<Subcommand> = match args.first().map(String::as_str) {
         Some("hostlist") => Some(hostlist),
         Some("status") => Some(status),
+        Some("ghost") => Some(launcher::ghost_cli::run),
         _ => None,
     };
     if let Some(run) = subcommand {
