@@ -4,7 +4,7 @@ use std::path::PathBuf;
 /// Everything a ghost operation can fail with; each variant names what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GhostError {
-    #[error("{path}: {what}")]
+    #[error("{path}: {what}: {source}")]
     Io {
         path: PathBuf,
         what: String,
