@@ -295,3 +295,43 @@ fn restore_from_a_corrupt_image_fails_with_the_reason() {
         "{text}"
     );
 }
+
+#[test]
+fn a_fortran_program_resumes_through_the_c_abi() {
+    let dir = TempDir::new("native-fortran");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = target_dir();
+    let bin = dir.0.join("counter");
+    // gfortran writes the module file into the current directory.
+    let status = Command::new("gfortran")
+        .current_dir(&dir.0)
+        .arg("-O1")
+        .arg(root.join("include/krun_ghost.f90"))
+        .arg(root.join("tests/native/counter.f90"))
+        .arg("-o")
+        .arg(&bin)
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lghost")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .expect("gfortran is required (scripts/install-deps.sh installs it)");
+    assert!(status.success(), "compiling counter.f90 failed");
+    let images = dir.0.join("images");
+    let run = |steps: &str, restore: Option<&str>| {
+        let mut cmd = Command::new(&bin);
+        cmd.args([steps, "5"]).env("KRUN_GHOST_DIR", &images).env_remove("KRUN_GHOST_OWNER");
+        match restore {
+            Some(r) => cmd.env("KRUN_GHOST_RESTORE", r),
+            None => cmd.env_remove("KRUN_GHOST_RESTORE"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run("8", None);
+    let restored = run("8", Some("latest"));
+    let lines: Vec<&str> = restored.lines().map(str::trim).collect();
+    assert_eq!(lines[0], "resumed version 1 step 5");
+    let expected: Vec<&str> = first.lines().map(str::trim).skip(5).collect();
+    assert_eq!(&lines[1..], &expected[..], "steps 6..8 after the restore");
+}
