@@ -335,3 +335,76 @@ fn a_fortran_program_resumes_through_the_c_abi() {
     let expected: Vec<&str> = first.lines().map(str::trim).skip(5).collect();
     assert_eq!(&lines[1..], &expected[..], "steps 6..8 after the restore");
 }
+
+/// The uniform API from outside the process: capture a live native process into one image,
+/// restore it as a new process under another owner, and roll the original back in place.
+#[test]
+fn uniform_api_captures_restores_and_rolls_back_a_live_native_process() {
+    use ghost::checkpointer::{self, CaptureOptions, RestoreOptions};
+    let dir = TempDir::new("native-uniform");
+    let bin = build_workload(&dir.0);
+    let (mib, steps) = (16, 300);
+    let reference = reference(&bin, &dir.0, mib, steps);
+    let images = dir.0.join("images");
+    let out = dir.0.join("run.out");
+    let mut child = Guard(run(&bin, &images, &out, mib, steps, 0, 20, None));
+    let pid = child.0.id() as i32;
+    wait_for_line(&out, Duration::from_secs(30), |l| l.starts_with("step 3 "));
+
+    let cp = checkpointer::for_process(pid).unwrap();
+    assert_eq!(cp.backend(), ghost::Backend::Native);
+    let image = dir.0.join("captured.kgi");
+    let captured = cp.capture(pid, &image, &CaptureOptions::default()).unwrap();
+    assert!(captured.image_bytes > (mib as u64) << 20);
+    let report = checkpointer::inspect(&image).unwrap();
+    assert!(report.contains("checksums OK") && report.contains("backend       native"), "{report}");
+    let parsed_bytes = std::fs::read(&image).unwrap();
+    let parsed = ghost::image::Image::parse(&parsed_bytes).unwrap();
+    let captured_step: u64 = {
+        let state = parsed.region("state").unwrap().data().unwrap();
+        u64::from_le_bytes(state[..8].try_into().unwrap())
+    };
+    assert!(captured_step >= 3);
+
+    // Restore as a new process (another owner, so it does not share the original's images);
+    // it appends to the same output file, after a "resumed" line.
+    let restore_dir = dir.0.join("restore");
+    let restored = checkpointer::for_image(&image)
+        .unwrap()
+        .restore(
+            &image,
+            &RestoreOptions {
+                workdir: Some(restore_dir.clone()),
+                owner: Some("test/copy".into()),
+                output: Some(dir.0.join("restored.stderr")),
+            },
+        )
+        .unwrap();
+    assert_ne!(restored.pid, pid);
+    let resumed = format!("resumed version 1 step {captured_step}");
+    wait_for_line(&out, Duration::from_secs(30), |l| l == resumed);
+    // SAFETY: ending the restored process we started, by PID.
+    unsafe { libc::kill(restored.pid, libc::SIGKILL) };
+
+    // Roll the original back to the captured image; its next steps follow the image.
+    let later = wait_for_line(&out, Duration::from_secs(30), |l| l.starts_with("step 20 "));
+    assert!(!later.is_empty());
+    cp.rollback(pid, &image, &RestoreOptions::default()).unwrap();
+    assert!(wait_exit(&mut child.0, Duration::from_secs(60)).success());
+    let all = lines(&out);
+    let at = all.iter().position(|l| l.starts_with("rolled back to step ")).unwrap();
+    assert_eq!(all[at], format!("rolled back to step {captured_step}"));
+    let after: Vec<String> = all[at + 1..].iter().filter(|l| !l.starts_with("resumed")).cloned().collect();
+    // Lines of the restored copy may interleave before it was killed; keep the original's
+    // continuation: the first run of consecutive steps from captured_step + 1.
+    let mut expect = captured_step + 1;
+    for l in after.iter().filter(|l| l.starts_with("step ")) {
+        let (s, c) = l["step ".len()..].split_once(" checksum ").unwrap();
+        let s: u64 = s.parse().unwrap();
+        if s == expect {
+            assert_eq!(reference[&s], c, "step {s} after the rollback");
+            expect += 1;
+        }
+    }
+    assert_eq!(expect, steps as u64 + 1, "the rolled-back run reached the last step");
+}
