@@ -25,3 +25,5 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
   done
 fi
+# CRIU 4.x for the ghost crate's transparent checkpointer (built once into /opt/criu).
+"$(dirname "$0")/build-criu.sh"

@@ -149,9 +149,7 @@ pub fn migrate(
 }
 
 fn criu_checkpointer() -> Result<Box<dyn Checkpointer>> {
-    Err(GhostError::Invalid(
-        "the CRIU checkpointer is not wired in yet".into(),
-    ))
+    Ok(Box::new(crate::criu::CriuCheckpointer::locate()?))
 }
 
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {

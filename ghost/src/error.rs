@@ -44,6 +44,18 @@ pub enum GhostError {
         source: std::io::Error,
     },
     // --- CRIU backend (ghost/src/criu.rs) ---
+    #[error("CRIU 4.x is needed and was not found: {reason} (run scripts/build-criu.sh or set KRUN_CRIU)")]
+    CriuMissing { reason: String },
+    #[error("criu {op} failed: {reason}; log: {log}")]
+    CriuFailed {
+        op: &'static str,
+        reason: String,
+        log: String,
+    },
+    #[error("cannot restore: pid {pid} is in use by another process (capture programs started with `krun ghost run` to restore copies in their own PID namespace)")]
+    PidInUse { pid: i32 },
+    #[error("cannot restore: {path} (fd {fd} of pid {pid} at capture) is missing; it moved or was deleted")]
+    FileMissing { path: PathBuf, fd: i32, pid: i32 },
 }
 
 pub type Result<T> = std::result::Result<T, GhostError>;

@@ -270,6 +270,22 @@ pub const ROLLBACK_REQUEST: &str = "rollback-request";
 /// File the runtime writes after a requested rollback: "VERSION PID".
 pub const ROLLED_BACK: &str = "rolled-back";
 
+/// A random 32-bit value from the kernel (scratch names, image ids).
+pub fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), 4, 0) };
+    if n == 4 {
+        u32::from_le_bytes(buf)
+    } else {
+        std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+    }
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -400,7 +416,11 @@ impl NativeRuntime {
     /// page-aligned, writable, and stay mapped for the life of the process.
     pub unsafe fn register(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
         let page = 4096;
-        if addr.is_null() || !(addr as usize).is_multiple_of(page) || len == 0 || !len.is_multiple_of(page) {
+        if addr.is_null()
+            || !(addr as usize).is_multiple_of(page)
+            || len == 0
+            || !len.is_multiple_of(page)
+        {
             return Err(GhostError::Invalid(format!(
                 "region '{name}' at {addr:p}, {len} bytes: address and length must be non-zero multiples of 4096"
             )));

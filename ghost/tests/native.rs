@@ -319,13 +319,19 @@ fn a_fortran_program_resumes_through_the_c_abi() {
     let images = dir.0.join("images");
     let run = |steps: &str, restore: Option<&str>| {
         let mut cmd = Command::new(&bin);
-        cmd.args([steps, "5"]).env("KRUN_GHOST_DIR", &images).env_remove("KRUN_GHOST_OWNER");
+        cmd.args([steps, "5"])
+            .env("KRUN_GHOST_DIR", &images)
+            .env_remove("KRUN_GHOST_OWNER");
         match restore {
             Some(r) => cmd.env("KRUN_GHOST_RESTORE", r),
             None => cmd.env_remove("KRUN_GHOST_RESTORE"),
         };
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let first = run("8", None);
@@ -357,7 +363,10 @@ fn uniform_api_captures_restores_and_rolls_back_a_live_native_process() {
     let captured = cp.capture(pid, &image, &CaptureOptions::default()).unwrap();
     assert!(captured.image_bytes > (mib as u64) << 20);
     let report = checkpointer::inspect(&image).unwrap();
-    assert!(report.contains("checksums OK") && report.contains("backend       native"), "{report}");
+    assert!(
+        report.contains("checksums OK") && report.contains("backend       native"),
+        "{report}"
+    );
     let parsed_bytes = std::fs::read(&image).unwrap();
     let parsed = ghost::image::Image::parse(&parsed_bytes).unwrap();
     let captured_step: u64 = {
@@ -389,12 +398,20 @@ fn uniform_api_captures_restores_and_rolls_back_a_live_native_process() {
     // Roll the original back to the captured image; its next steps follow the image.
     let later = wait_for_line(&out, Duration::from_secs(30), |l| l.starts_with("step 20 "));
     assert!(!later.is_empty());
-    cp.rollback(pid, &image, &RestoreOptions::default()).unwrap();
+    cp.rollback(pid, &image, &RestoreOptions::default())
+        .unwrap();
     assert!(wait_exit(&mut child.0, Duration::from_secs(60)).success());
     let all = lines(&out);
-    let at = all.iter().position(|l| l.starts_with("rolled back to step ")).unwrap();
+    let at = all
+        .iter()
+        .position(|l| l.starts_with("rolled back to step "))
+        .unwrap();
     assert_eq!(all[at], format!("rolled back to step {captured_step}"));
-    let after: Vec<String> = all[at + 1..].iter().filter(|l| !l.starts_with("resumed")).cloned().collect();
+    let after: Vec<String> = all[at + 1..]
+        .iter()
+        .filter(|l| !l.starts_with("resumed"))
+        .cloned()
+        .collect();
     // Lines of the restored copy may interleave before it was killed; keep the original's
     // continuation: the first run of consecutive steps from captured_step + 1.
     let mut expect = captured_step + 1;
@@ -406,5 +423,9 @@ fn uniform_api_captures_restores_and_rolls_back_a_live_native_process() {
             expect += 1;
         }
     }
-    assert_eq!(expect, steps as u64 + 1, "the rolled-back run reached the last step");
+    assert_eq!(
+        expect,
+        steps as u64 + 1,
+        "the rolled-back run reached the last step"
+    );
 }

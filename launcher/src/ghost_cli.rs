@@ -5,6 +5,8 @@ use ghost::checkpointer::{self, CaptureOptions, RestoreOptions};
 use std::path::PathBuf;
 
 pub const USAGE: &str = "\
+krun ghost run [--output FILE] PROGRAM ARGS... start a program CRIU can capture and restore
+                                              beside itself (PID 1 of its own PID namespace)
 krun ghost inspect IMAGE                      verify an image and print what it holds
 krun ghost capture PID -o IMAGE [--kill] [--zstd]
                                               capture a process (kept running unless --kill)
@@ -30,6 +32,20 @@ pub fn run(args: &[String]) -> Result<String> {
     let (verb, rest) = args
         .split_first()
         .ok_or_else(|| usage("krun ghost needs a subcommand"))?;
+    if verb == "run" {
+        let (output, program) = match rest {
+            [flag, file, program @ ..] if flag == "--output" => (PathBuf::from(file), program),
+            program => (PathBuf::from("/dev/null"), program),
+        };
+        let (prog, prog_args) = program
+            .split_first()
+            .ok_or_else(|| usage("krun ghost run needs a program"))?;
+        let c = ghost::criu::spawn_capturable(prog.as_ref(), prog_args, &output)?;
+        let pid = c.pid;
+        // The supervisor (unshare) lives on after krun exits.
+        std::mem::forget(c.supervisor);
+        return Ok(format!("started {prog} as pid {pid}"));
+    }
     let mut positional = Vec::new();
     let mut out: Option<PathBuf> = None;
     let mut output: Option<PathBuf> = None;
