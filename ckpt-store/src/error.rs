@@ -14,7 +14,7 @@ pub enum StoreError {
         stored: u32,
         computed: u32,
     },
-    #[error("{path}: {what}")]
+    #[error("{path}: {what}: {source}")]
     Io {
         path: PathBuf,
         what: String,
@@ -23,6 +23,26 @@ pub enum StoreError {
     },
     #[error("{path}: no space left on the device while writing {what}; the previous checkpoint is intact")]
     NoSpace { path: PathBuf, what: String },
+    #[error("{path}: corrupt at offset {offset}: {what}")]
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+    },
+    #[error("{path}: truncated: {actual} bytes, {expected} expected")]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: format version {found} is not supported (this build reads {supported})")]
+    Version {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("node {node}: {what}")]
+    Peer { node: usize, what: String },
     #[error("fabric: {0}")]
     Fabric(#[from] fabric::FabricError),
     #[error("invalid argument: {0}")]

@@ -1,6 +1,7 @@
 //! Multilevel checkpoint store: L1 local memory, L2 a buddy node's memory written with one-sided
 //! RDMA through `fabric`, L3 parity across a group of nodes, L4 disk images written with
 //! io_uring; every copy is versioned and checksummed.
+pub mod disk;
 pub mod error;
 
 pub use error::{Result, StoreError};
