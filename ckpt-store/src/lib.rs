@@ -3,5 +3,8 @@
 //! io_uring; every copy is versioned and checksummed.
 pub mod disk;
 pub mod error;
+pub mod store;
+pub mod wire;
 
 pub use error::{Result, StoreError};
+pub use store::{GetReport, Level, NodeInfo, Store, StoreConfig};

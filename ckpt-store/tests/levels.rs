@@ -1,0 +1,167 @@
+//! The memory levels in one process over the loopback provider: safety progression,
+//! retention, fallbacks past corrupt copies, and a lost node's image from its buddy or parity.
+use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use fabric::secret::ClusterSecret;
+use fabric::{open, FabricConfig, Provider};
+use std::path::PathBuf;
+use std::time::Duration;
+
+struct Cluster {
+    stores: Vec<Option<Store>>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stores.clear();
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn cluster(tag: &str, n: usize, k: usize, groups: &[u32]) -> Cluster {
+    let secret = ClusterSecret::random();
+    let eps: Vec<_> = (0..n)
+        .map(|_| open(&FabricConfig::with_provider(Provider::Loopback)).unwrap())
+        .collect();
+    let nodes: Vec<NodeInfo> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, e)| NodeInfo {
+            address: e.address(),
+            group: groups[i],
+        })
+        .collect();
+    let dirs: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            PathBuf::from(format!(
+                "/var/tmp/krun-levels-{tag}-{}-{i}",
+                std::process::id()
+            ))
+        })
+        .collect();
+    let stores = eps
+        .into_iter()
+        .enumerate()
+        .map(|(i, ep)| {
+            Some(
+                Store::start(
+                    ep,
+                    StoreConfig {
+                        node: i,
+                        nodes: nodes.clone(),
+                        arena_bytes: 64 << 20,
+                        disk: Some(dirs[i].clone()),
+                        keep: 2,
+                        parity_set: k,
+                        secret: secret.clone(),
+                        request_timeout: Duration::from_secs(3),
+                    },
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    Cluster { stores, dirs }
+}
+
+fn image(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+const T: Duration = Duration::from_secs(20);
+
+fn s(c: &Cluster, i: usize) -> &Store {
+    c.stores[i].as_ref().unwrap()
+}
+
+#[test]
+fn versions_become_safe_level_by_level_and_old_ones_are_dropped() {
+    let c = cluster("safe", 3, 3, &[0, 1, 2]);
+    for v in 1..=4u64 {
+        for i in 0..3 {
+            s(&c, i)
+                .put(&format!("job/r{i}"), v, &image(300_000 + i * 1000, v as u8))
+                .unwrap();
+        }
+        for i in 0..3 {
+            for level in Level::ALL {
+                s(&c, i)
+                    .wait_safe(&format!("job/r{i}"), v, level, T)
+                    .unwrap();
+            }
+        }
+    }
+    // keep = 2: v1 and v2 are gone from L1 and L4, v3 and v4 remain.
+    assert!(!s(&c, 0).is_safe("job/r0", 1, Level::L1));
+    assert!(!s(&c, 0).is_safe("job/r0", 2, Level::L4));
+    assert!(s(&c, 0).is_safe("job/r0", 3, Level::L4));
+    let (data, report) = s(&c, 0).get("job/r0", 4).unwrap();
+    assert_eq!(data, image(300_000, 4));
+    assert_eq!(report.level, Level::L1);
+    assert!(s(&c, 0).get("job/r0", 1).is_err());
+}
+
+#[test]
+fn corrupt_copies_are_reported_and_the_next_level_is_used() {
+    let c = cluster("fallback", 3, 3, &[0, 1, 2]);
+    for i in 0..3 {
+        s(&c, i)
+            .put(&format!("r{i}"), 7, &image(200_000, i as u8))
+            .unwrap();
+    }
+    for i in 0..3 {
+        s(&c, i)
+            .wait_safe(&format!("r{i}"), 7, Level::L3, T)
+            .unwrap();
+    }
+    // L1 flipped: L2 from the buddy.
+    assert!(s(&c, 0).corrupt_l1_for_test("r0", 7, 1234));
+    let (data, report) = s(&c, 0).get("r0", 7).unwrap();
+    assert_eq!(data, image(200_000, 0));
+    assert_eq!(report.level, Level::L2);
+    assert_eq!(report.node, s(&c, 0).buddy());
+    assert!(report.rejected[0].contains("L1"), "{:?}", report.rejected);
+    // L2 flipped as well: rebuilt from parity (L3).
+    let buddy = s(&c, 0).buddy();
+    assert!(s(&c, buddy).corrupt_held_for_test("r0", 7, 99));
+    let (data, report) = s(&c, 0).get("r0", 7).unwrap();
+    assert_eq!(data, image(200_000, 0));
+    assert_eq!(report.level, Level::L3, "{report:?}");
+    assert!(
+        report.rejected.iter().any(|r| r.contains("checksum")),
+        "{:?}",
+        report.rejected
+    );
+}
+
+#[test]
+fn a_lost_node_image_comes_back_from_its_buddy_or_from_parity() {
+    let mut c = cluster("lost", 4, 3, &[0, 1, 2, 3]);
+    // Nodes 0..2 form the parity set; node 3 holds its parity.
+    for i in 0..4 {
+        s(&c, i)
+            .put(&format!("n{i}"), 1, &image(150_000 + 7 * i, 10 + i as u8))
+            .unwrap();
+    }
+    for i in 0..3 {
+        s(&c, i)
+            .wait_safe(&format!("n{i}"), 1, Level::L3, T)
+            .unwrap();
+    }
+    let buddy = s(&c, 0).buddy();
+    assert_eq!(buddy, 1);
+    // Node 0 dies: its image is read from its buddy's memory by another node.
+    c.stores[0] = None;
+    let (data, report) = s(&c, 2).get("n0", 1).unwrap();
+    assert_eq!(data, image(150_000, 10));
+    assert_eq!((report.level, report.node), (Level::L2, 1));
+    // The buddy's copy is damaged too: node 3 rebuilds it from parity and the others.
+    assert!(s(&c, 1).corrupt_held_for_test("n0", 1, 5));
+    let (data, report) = s(&c, 3).get("n0", 1).unwrap();
+    assert_eq!(data, image(150_000, 10));
+    assert_eq!(report.level, Level::L3, "{report:?}");
+}
