@@ -1,0 +1,225 @@
+//! `krun-store`: one node of a checkpoint store, driven line by line on stdin.
+//!
+//! ```text
+//! krun-store --bootstrap IP:PORT --rank R --size N [--provider tcp|shm|verbs|loopback]
+//!            [--group G] [--arena-mib M] [--disk DIR] [--parity K] [--keep N]
+//!            [--timeout-secs S]
+//! ```
+//! The nodes swap fabric addresses and failure groups through the bootstrap service
+//! (authenticated with the cluster secret from `KRUN_SECRET` or `KRUN_SECRET_FILE`, which the
+//! control messages are signed with too). Commands, one per line; each answers one line
+//! starting with `ok` or `error`:
+//!
+//! ```text
+//! put OWNER VERSION FILE          store FILE's bytes (returns once L1 holds them)
+//! wait OWNER VERSION LEVEL [SECS] wait until the version is safe at L1..L4
+//! get OWNER VERSION OUTFILE       fetch the fastest valid copy: "ok get LEVEL NODE BYTES"
+//! quit
+//! ```
+use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use fabric::bootstrap::BootstrapClient;
+use fabric::secret::ClusterSecret;
+use fabric::{open, EndpointAddress, FabricConfig, Provider, ProviderChoice};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+struct Args {
+    bootstrap: std::net::SocketAddr,
+    rank: usize,
+    size: usize,
+    provider: Provider,
+    group: Option<u32>,
+    arena_mib: usize,
+    disk: Option<PathBuf>,
+    parity: usize,
+    keep: usize,
+    timeout: Duration,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = std::env::args().skip(1);
+    let mut bootstrap = None;
+    let (mut rank, mut size) = (None, None);
+    let mut out = Args {
+        bootstrap: "127.0.0.1:1".parse().expect("address"),
+        rank: 0,
+        size: 0,
+        provider: Provider::Tcp,
+        group: None,
+        arena_mib: 256,
+        disk: None,
+        parity: 0,
+        keep: 2,
+        timeout: Duration::from_secs(10),
+    };
+    while let Some(flag) = a.next() {
+        let mut val = || a.next().ok_or_else(|| format!("{flag} needs a value"));
+        let num = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: '{v}' is not a number"))
+        };
+        match flag.as_str() {
+            "--bootstrap" => {
+                bootstrap = Some(val()?.parse().map_err(|e| format!("--bootstrap: {e}"))?)
+            }
+            "--rank" => rank = Some(num(val()?)?),
+            "--size" => size = Some(num(val()?)?),
+            "--provider" => {
+                let v = val()?;
+                out.provider = Provider::all()
+                    .into_iter()
+                    .find(|p| p.name() == v)
+                    .ok_or_else(|| format!("--provider: unknown provider '{v}'"))?
+            }
+            "--group" => out.group = Some(num(val()?)? as u32),
+            "--arena-mib" => out.arena_mib = num(val()?)?,
+            "--disk" => out.disk = Some(PathBuf::from(val()?)),
+            "--parity" => out.parity = num(val()?)?,
+            "--keep" => out.keep = num(val()?)?,
+            "--timeout-secs" => out.timeout = Duration::from_secs(num(val()?)? as u64),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    out.bootstrap = bootstrap.ok_or("--bootstrap is required")?;
+    out.rank = rank.ok_or("--rank is required")?;
+    out.size = size.ok_or("--size is required")?;
+    if out.rank >= out.size {
+        return Err(format!(
+            "--rank {} is not below --size {}",
+            out.rank, out.size
+        ));
+    }
+    Ok(out)
+}
+
+fn start(args: &Args) -> Result<Store, String> {
+    let secret = ClusterSecret::from_env()
+        .map_err(|e| e.to_string())?
+        .ok_or(
+        "set KRUN_SECRET or KRUN_SECRET_FILE: store messages are signed with the cluster secret",
+    )?;
+    let cfg = FabricConfig {
+        provider: ProviderChoice::Exactly(args.provider),
+        ..FabricConfig::default()
+    }
+    .with_env()
+    .map_err(|e| e.to_string())?;
+    let ep = open(&cfg).map_err(|e| format!("opening the fabric: {e}"))?;
+    let mut boot = BootstrapClient::connect_with(
+        args.bootstrap,
+        args.rank,
+        args.size,
+        args.timeout,
+        Some(&secret),
+    )
+    .map_err(|e| format!("bootstrap: {e}"))?;
+    let group = args.group.unwrap_or(args.rank as u32);
+    let mut blob = group.to_le_bytes().to_vec();
+    blob.extend_from_slice(&ep.address().to_bytes());
+    let all = boot
+        .allgather(&blob)
+        .map_err(|e| format!("bootstrap: {e}"))?;
+    let mut nodes = Vec::with_capacity(all.len());
+    for (i, b) in all.iter().enumerate() {
+        if b.len() < 4 {
+            return Err(format!("node {i} sent a malformed bootstrap blob"));
+        }
+        nodes.push(NodeInfo {
+            group: u32::from_le_bytes(b[..4].try_into().expect("4")),
+            address: EndpointAddress::from_bytes(&b[4..]).map_err(|e| format!("node {i}: {e}"))?,
+        });
+    }
+    let store = Store::start(
+        ep,
+        StoreConfig {
+            node: args.rank,
+            nodes,
+            arena_bytes: args.arena_mib << 20,
+            disk: args.disk.clone(),
+            keep: args.keep,
+            parity_set: args.parity,
+            secret,
+            request_timeout: args.timeout,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // Every store is serving before anyone puts.
+    boot.barrier()
+        .map_err(|e| format!("bootstrap barrier: {e}"))?;
+    Ok(store)
+}
+
+fn command(store: &Store, line: &str) -> Result<String, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let version = |w: &str| {
+        w.parse::<u64>()
+            .map_err(|_| format!("'{w}' is not a version"))
+    };
+    match words.as_slice() {
+        ["put", owner, v, file] => {
+            let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+            store
+                .put(owner, version(v)?, &data)
+                .map_err(|e| e.to_string())?;
+            Ok(format!("ok put {} bytes", data.len()))
+        }
+        ["wait", owner, v, level, rest @ ..] => {
+            let secs = rest.first().map_or(Ok(60), |s| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("'{s}' is not seconds"))
+            })?;
+            let level = Level::parse(level).map_err(|e| e.to_string())?;
+            store
+                .wait_safe(owner, version(v)?, level, Duration::from_secs(secs))
+                .map_err(|e| e.to_string())?;
+            Ok(format!("ok safe {level}"))
+        }
+        ["get", owner, v, out] => {
+            let (data, report) = store.get(owner, version(v)?).map_err(|e| e.to_string())?;
+            std::fs::write(out, &data).map_err(|e| format!("{out}: {e}"))?;
+            Ok(format!(
+                "ok get {} {} {}",
+                report.level,
+                report.node,
+                data.len()
+            ))
+        }
+        _ => Err(format!("unknown command {line:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("krun-store: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match start(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("krun-store: node {}: {e}", args.rank);
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready node {} buddy {}", store.node(), store.buddy());
+    let _ = out.flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "quit" {
+            break;
+        }
+        let answer = command(&store, line).unwrap_or_else(|e| format!("error {e}"));
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
+    }
+    ExitCode::SUCCESS
+}
