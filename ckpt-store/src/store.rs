@@ -383,6 +383,29 @@ impl Store {
             rejected.push(format!("L1 on node {me}: checksum mismatch"));
             eprintln!("krun-store: {owner} v{version}: L1 copy on node {me} fails its checksum; trying L2");
         }
+        // L2 held here for another node (this node is its buddy).
+        if let Some(data) = inner.held_copy(owner, version) {
+            let stored = inner
+                .held
+                .lock()
+                .expect("lock")
+                .get(&(owner.to_string(), version))
+                .map(|h| h.crc);
+            if stored == Some(crc32c::crc32c(&data)) {
+                return Ok((
+                    data,
+                    GetReport {
+                        level: Level::L2,
+                        node: me,
+                        rejected,
+                    },
+                ));
+            }
+            rejected.push(format!("L2 held on node {me}: checksum mismatch"));
+            eprintln!(
+                "krun-store: {owner} v{version}: L2 copy held on node {me} fails its checksum"
+            );
+        }
         // L1 or L2 on other nodes (an L1 elsewhere is the owner's home node).
         let mut found_l2 = None;
         for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me) {
