@@ -1,6 +1,7 @@
 //! krun benchmarks. The `bench` binary runs `bench <subcommand>`; each subcommand is one
 //! module here, printing a table and writing `bench/results/<subcommand>.json`. Shared table
 //! printing, JSON writing and argument parsing live in [`report`].
+pub mod ckpt;
 pub mod fabric;
 pub mod launch;
 pub mod report;

@@ -10,7 +10,12 @@ subcommands:
                     --quick  --out PATH
   launch   krun starting 1, 16, 64 ranks of /bin/true over 4 local nodes, against
            Open MPI's mpirun in the same run; writes bench/results/launch.json
-           options: --runs N  --ranks 1,16,64  --out PATH";
+           options: --runs N  --ranks 1,16,64  --out PATH
+  ckpt     checkpoint/restore of 1 and 4 GiB: criu dump/restore to disk against our CRIU and
+           native captures to L1+L2 (buddy memory over RMA) and L4 (io_uring), restores
+           from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
+           writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh)
+           options: --sizes 1,4  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,6 +27,7 @@ fn main() -> ExitCode {
     let result = match sub.as_str() {
         "fabric" => bench::fabric::run(rest),
         "launch" => bench::launch::run(rest),
+        "ckpt" => bench::ckpt::run(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {

@@ -7,4 +7,4 @@ pub mod store;
 pub mod wire;
 
 pub use error::{Result, StoreError};
-pub use store::{GetReport, Level, NodeInfo, Store, StoreConfig};
+pub use store::{GetReport, ImageBytes, Level, NodeInfo, Store, StoreConfig};

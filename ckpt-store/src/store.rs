@@ -99,6 +99,43 @@ pub struct GetReport {
     pub rejected: Vec<String>,
 }
 
+/// An image read from the store, without copying it out of store memory where possible.
+pub enum ImageBytes {
+    Owned(Vec<u8>),
+    /// This node's L1 copy.
+    Shared(Arc<MemoryRegion>, usize),
+    /// A pooled receive buffer (an RMA read), returned to the pool on drop.
+    Pooled(Option<MemoryRegion>, usize, Arc<Mutex<Vec<MemoryRegion>>>),
+}
+
+impl std::ops::Deref for ImageBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ImageBytes::Owned(v) => v,
+            // SAFETY: L1 copies and completed receive buffers are not written while shared.
+            ImageBytes::Shared(mr, len) => unsafe { &mr.region().as_slice()[..*len] },
+            // SAFETY: as above.
+            ImageBytes::Pooled(mr, len, _) => unsafe {
+                &mr.as_ref().expect("present until drop").region().as_slice()[..*len]
+            },
+        }
+    }
+}
+
+impl Drop for ImageBytes {
+    fn drop(&mut self) {
+        if let ImageBytes::Pooled(mr, _, pool) = self {
+            if let Some(mr) = mr.take() {
+                let mut pool = pool.lock().expect("lock");
+                if pool.len() < 4 {
+                    pool.push(mr);
+                }
+            }
+        }
+    }
+}
+
 struct L1Copy {
     mr: Arc<MemoryRegion>,
     len: usize,
@@ -175,7 +212,7 @@ struct Inner {
     reserved: Mutex<HashMap<(Key, u8), (u64, u64)>>,
     parity: Mutex<BTreeMap<(u32, u64), ParitySet>>,
     l1: Mutex<HashMap<Key, L1Copy>>,
-    pool: Mutex<Vec<MemoryRegion>>,
+    pool: Arc<Mutex<Vec<MemoryRegion>>>,
     safe: Mutex<HashMap<Key, [bool; 4]>>,
     safe_changed: Condvar,
     errors: Mutex<HashMap<Key, String>>,
@@ -364,6 +401,13 @@ impl Store {
 
     /// Reads the fastest valid copy of a version, from any level of any node.
     pub fn get(&self, owner: &str, version: u64) -> Result<(Vec<u8>, GetReport)> {
+        let (bytes, report) = self.get_bytes(owner, version)?;
+        Ok((bytes.to_vec(), report))
+    }
+
+    /// As [`Store::get`], leaving the image in store memory when it can (no copy of L1, no
+    /// fresh buffer for a remote read).
+    pub fn get_bytes(&self, owner: &str, version: u64) -> Result<(ImageBytes, GetReport)> {
         check_owner(owner)?;
         let inner = &self.inner;
         let mut rejected = Vec::new();
@@ -393,7 +437,7 @@ impl Store {
                 .map(|h| h.crc);
             if stored == Some(crc32c::crc32c(&data)) {
                 return Ok((
-                    data,
+                    ImageBytes::Owned(data),
                     GetReport {
                         level: Level::L2,
                         node: me,
@@ -437,7 +481,7 @@ impl Store {
             match inner.rebuild(owner, version) {
                 Ok(Some((data, node))) => {
                     return Ok((
-                        data,
+                        ImageBytes::Owned(data),
                         GetReport {
                             level: Level::L3,
                             node,
@@ -457,7 +501,7 @@ impl Store {
             match disk.read(owner, version) {
                 Ok(data) => {
                     return Ok((
-                        data,
+                        ImageBytes::Owned(data),
                         GetReport {
                             level: Level::L4,
                             node: me,
@@ -482,6 +526,29 @@ impl Store {
                 "no valid copy of {owner} v{version}: {}",
                 rejected.join("; ")
             )))
+        }
+    }
+
+    /// Frees this node's L1 copy of a version (its other levels are kept); `get` then reads
+    /// it from a slower level.
+    pub fn forget_local(&self, owner: &str, version: u64) {
+        if let Some(c) = self
+            .inner
+            .l1
+            .lock()
+            .expect("lock")
+            .remove(&(owner.to_string(), version))
+        {
+            self.inner.recycle(c);
+        }
+        if let Some(s) = self
+            .inner
+            .safe
+            .lock()
+            .expect("lock")
+            .get_mut(&(owner.to_string(), version))
+        {
+            s[Level::L1 as usize] = false;
         }
     }
 
@@ -602,12 +669,10 @@ impl Inner {
         }
     }
 
-    fn local_l1(&self, owner: &str, version: u64) -> Option<(Vec<u8>, u32)> {
+    fn local_l1(&self, owner: &str, version: u64) -> Option<(ImageBytes, u32)> {
         let l1 = self.l1.lock().expect("lock");
         let c = l1.get(&(owner.to_string(), version))?;
-        // SAFETY: L1 copies are written once before insertion; reads only.
-        let data = unsafe { c.mr.region().as_slice()[..c.len].to_vec() };
-        Some((data, c.crc))
+        Some((ImageBytes::Shared(c.mr.clone(), c.len), c.crc))
     }
 
     /// Versions of `owner` safe at `level`, ascending.
@@ -745,7 +810,7 @@ impl Inner {
         remote: &RemoteRegion,
         offset: u64,
         len: usize,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<ImageBytes> {
         let peer = self.peers[node].expect("remote node");
         let mr = self.take_region(len)?;
         let mut inflight = std::collections::VecDeque::new();
@@ -769,17 +834,13 @@ impl Inner {
                     })?;
                 }
             }
-            // SAFETY: all reads completed.
-            Ok(unsafe { mr.region().as_slice()[..len].to_vec() })
+            Ok(())
         })();
         for c in inflight {
             let _ = c.wait();
         }
-        let mut pool = self.pool.lock().expect("lock");
-        if pool.len() < 4 {
-            pool.push(mr);
-        }
-        result
+        let bytes = ImageBytes::Pooled(Some(mr), len, self.pool.clone());
+        result.map(|()| bytes)
     }
 
     /// Sends one copy to `node`: reserve, RMA write, commit (verified there).
@@ -934,7 +995,7 @@ impl Inner {
         node: usize,
         owner: &str,
         version: u64,
-    ) -> Result<Option<(Vec<u8>, Level)>> {
+    ) -> Result<Option<(ImageBytes, Level)>> {
         let body = Writer::default().str(owner).u64(version).0;
         let reply = self.request(node, Kind::Lookup, &body)?;
         if reply.kind == Kind::NotFound {
@@ -1018,6 +1079,7 @@ impl Inner {
                 }
             } else {
                 self.rma_read(holder, &info.remote, info.offset, info.len as usize)?
+                    .to_vec()
             };
             if crc32c::crc32c(&acc) != info.crc {
                 return Err(StoreError::Invalid(format!(
@@ -1053,7 +1115,7 @@ impl Inner {
     /// A member's image from its home node or its buddy (or this node).
     fn fetch_any(&self, owner: &str, version: u64, home: usize) -> Result<Vec<u8>> {
         if let Some((d, _)) = self.local_l1(owner, version) {
-            return Ok(d);
+            return Ok(d.to_vec());
         }
         let mut last = None;
         for node in [home, self.buddy_of(home)] {
@@ -1064,7 +1126,7 @@ impl Inner {
                 continue;
             }
             match self.fetch_remote(node, owner, version) {
-                Ok(Some((d, _))) => return Ok(d),
+                Ok(Some((d, _))) => return Ok(d.to_vec()),
                 Ok(None) => {}
                 Err(e) => last = Some(e),
             }

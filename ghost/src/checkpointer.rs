@@ -152,12 +152,8 @@ fn criu_checkpointer() -> Result<Box<dyn Checkpointer>> {
     Ok(Box::new(crate::criu::CriuCheckpointer::locate()?))
 }
 
-pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| GhostError::Io {
-        path: path.to_path_buf(),
-        what: "reading image".into(),
-        source: e,
-    })
+pub(crate) fn read(path: &Path) -> Result<native::MappedFile> {
+    native::MappedFile::open(path)
 }
 
 /// `(KRUN_GHOST_DIR, KRUN_GHOST_OWNER)` of a process that runs the native runtime (it has
@@ -189,10 +185,10 @@ pub fn native_settings(pid: i32) -> Result<Option<(PathBuf, String)>> {
 }
 
 /// Rewrites an image chain (newest first) as one full image with the newest meta.
-pub fn consolidate(chain: &[Vec<u8>]) -> Result<Vec<u8>> {
+pub fn consolidate<B: AsRef<[u8]>>(chain: &[B]) -> Result<Vec<u8>> {
     let images = chain
         .iter()
-        .map(|b| Image::parse(b))
+        .map(|b| Image::parse(b.as_ref()))
         .collect::<Result<Vec<_>>>()?;
     let newest = images
         .first()
@@ -521,11 +517,11 @@ pub fn inspect(path: &Path) -> Result<String> {
     }
     if image.is_incremental() {
         let dir = path.parent().unwrap_or(Path::new("."));
-        let mut chain = vec![bytes.clone()];
+        let mut chain = vec![read(path)?];
         let mut parent = image.parent_id;
         while parent != 0 {
             let p = dir.join(format!("{parent:010}.kgi"));
-            let Ok(b) = std::fs::read(&p) else {
+            let Ok(b) = read(&p) else {
                 let _ = writeln!(
                     out,
                     "  parent {} not found beside it: chain not verified",

@@ -136,20 +136,94 @@ pub fn list_versions(dir: &Path, owner: &str) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| GhostError::Io {
-        path: path.to_path_buf(),
-        what: "reading image".into(),
-        source: e,
-    })
+/// A read-only private mapping of an image file: reading an image this way costs no fresh
+/// memory (its page-cache or tmpfs pages are used as they are). Images are replaced by
+/// rename, never rewritten in place while they have their final name.
+pub struct MappedFile {
+    ptr: *const u8,
+    len: usize,
 }
 
-/// Loads `version` and its ancestors down to a full image, newest first.
-pub fn load_chain(dir: &Path, owner: &str, version: u64) -> Result<Vec<Vec<u8>>> {
+// SAFETY: a read-only mapping owned by this value.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above; shared reads only.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<MappedFile> {
+        let file = std::fs::File::open(path).map_err(|e| GhostError::Io {
+            path: path.to_path_buf(),
+            what: "opening image".into(),
+            source: e,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|e| GhostError::Io {
+                path: path.to_path_buf(),
+                what: "reading image size".into(),
+                source: e,
+            })?
+            .len() as usize;
+        if len == 0 {
+            return Ok(MappedFile {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        // SAFETY: a private read-only mapping of a file we opened; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(GhostError::Io {
+                path: path.to_path_buf(),
+                what: "mapping image".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(MappedFile {
+            ptr: p as *const u8,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: our mapping, unmapped once.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+/// Loads `version` and its ancestors down to a full image, newest first (mapped).
+pub fn load_chain(dir: &Path, owner: &str, version: u64) -> Result<Vec<MappedFile>> {
     let mut chain = Vec::new();
     let mut next = version;
     loop {
-        let bytes = read_file(&image_path(dir, owner, next))?;
+        let bytes = MappedFile::open(&image_path(dir, owner, next))?;
         let parent = Image::parse(&bytes)?.parent_id;
         chain.push(bytes);
         if parent == 0 {
@@ -262,7 +336,7 @@ pub struct NativeRuntime {
     inflight_done: Condvar,
     next_version: Mutex<(u64, u64, u32)>, // (next version, last version, images since full)
     cow_chunks: std::sync::atomic::AtomicU64,
-    restored_from: Mutex<Option<(u64, Vec<Vec<u8>>)>>,
+    restored_from: Mutex<Option<(u64, Vec<MappedFile>)>>,
 }
 
 /// File naming the version a SIGUSR2 rollback should use.

@@ -1,0 +1,665 @@
+//! `bench ckpt`: checkpoint and restore of 1 GiB and 4 GiB processes, against plain
+//! `criu dump`/`criu restore` to disk, `dd oflag=direct`, memcpy and the fabric's RMA write
+//! bandwidth, all measured in the same run.
+//!
+//! Rows (seconds for the whole operation, GB/s = image bytes / seconds):
+//! - `criu-dump-disk`, `criu-restore-disk`: the CRIU command line, images in a disk
+//!   directory; dump includes `sync`, restore starts after dropping the page cache.
+//! - `criu-l1l2`, `criu-l4`: our CRIU backend (RPC), then the store's L2 (buddy memory in a
+//!   second process over libfabric tcp) or L4 (io_uring O_DIRECT).
+//! - `native-l1l2`: native capture (copy-on-write into the L1 file) plus the L2 copy;
+//!   `native-l2`: the L2 part alone; `native-l4`: native capture plus L4.
+//! - `restore-l2`, `restore-l4`: fetch the image from L2 (RMA read from the buddy) or L4, and
+//!   start the program from it until it reports it resumed.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt_store::disk::DiskLevel;
+use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use fabric::bootstrap::{BootstrapClient, BootstrapServer};
+use fabric::secret::ClusterSecret;
+use fabric::{open, EndpointAddress, FabricConfig, Provider, Region};
+use ghost::checkpointer::{CaptureOptions, Checkpointer};
+use serde_json::json;
+
+use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
+
+const WORK: &str = "/var/tmp/krun-bench-ckpt";
+const SHM: &str = "/dev/shm/krun-bench-ckpt";
+const ROUNDS: usize = 3;
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn sh(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn target_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating bench: {e}"))?;
+    Ok(exe.parent().ok_or("bench has no directory")?.to_path_buf())
+}
+
+fn compile(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = target_dir()?;
+    if !lib.join("libghost.so").exists() {
+        return Err(format!(
+            "{} missing: cargo build --release -p ghost",
+            lib.join("libghost.so").display()
+        ));
+    }
+    let holder = dir.join("holder");
+    sh(
+        Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&holder)
+            .arg(root.join("c/holder.c")),
+        "compiling holder.c",
+    )?;
+    let native = dir.join("native_holder");
+    sh(
+        Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&native)
+            .arg(root.join("c/native_holder.c"))
+            .arg(format!("-I{}", root.join("../ghost/include").display()))
+            .arg(format!("-L{}", lib.display()))
+            .arg("-lghost")
+            .arg(format!("-Wl,-rpath,{}", lib.display())),
+        "compiling native_holder.c",
+    )?;
+    Ok((holder, native))
+}
+
+/// Starts a program and waits for its first stdout line.
+fn start_and_wait(
+    cmd: &mut Command,
+    expect: &str,
+) -> Result<(Guard, BufReader<std::process::ChildStdout>), String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let guard = Guard(child);
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    if !line.starts_with(expect) {
+        return Err(format!("{cmd:?} said {line:?}, expected {expect}"));
+    }
+    Ok((guard, out))
+}
+
+/// Node 0 of a two-node store in this process; node 1 is a `krun-store` child process.
+struct Stores {
+    local: Store,
+    _remote: Guard,
+}
+
+fn start_stores(arena: usize) -> Result<Stores, String> {
+    let secret = ClusterSecret::random();
+    let server = BootstrapServer::start_with(
+        "127.0.0.1:0",
+        2,
+        Duration::from_secs(30),
+        Some(secret.clone()),
+    )
+    .map_err(|e| e.to_string())?;
+    let bin = target_dir()?.join("krun-store");
+    let remote = Command::new(&bin)
+        .args([
+            "--bootstrap",
+            &server.addr().to_string(),
+            "--rank",
+            "1",
+            "--size",
+            "2",
+        ])
+        .args([
+            "--provider",
+            "tcp",
+            "--arena-mib",
+            &(arena >> 20).to_string(),
+        ])
+        .env("KRUN_SECRET", secret.to_hex())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let remote = Guard(remote);
+    let ep = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
+    let mut boot =
+        BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(30), Some(&secret))
+            .map_err(|e| e.to_string())?;
+    let mut blob = 0u32.to_le_bytes().to_vec();
+    blob.extend_from_slice(&ep.address().to_bytes());
+    let all = boot.allgather(&blob).map_err(|e| e.to_string())?;
+    let nodes = all
+        .iter()
+        .map(|b| {
+            Ok(NodeInfo {
+                group: u32::from_le_bytes(b[..4].try_into().map_err(|_| "short blob")?),
+                address: EndpointAddress::from_bytes(&b[4..]).map_err(|e| e.to_string())?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let local = Store::start(
+        ep,
+        StoreConfig {
+            node: 0,
+            nodes,
+            arena_bytes: 1 << 20,
+            disk: None,
+            keep: 1,
+            parity_set: 0,
+            secret,
+            request_timeout: Duration::from_secs(60),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    boot.barrier().map_err(|e| e.to_string())?;
+    Ok(Stores {
+        local,
+        _remote: remote,
+    })
+}
+
+struct Row {
+    what: &'static str,
+    gib: u64,
+    seconds: f64,
+    bytes: u64,
+}
+
+fn row(rows: &mut Vec<Row>, what: &'static str, gib: u64, seconds: f64, bytes: u64) {
+    println!(
+        "  {what:<18} {gib} GiB  {seconds:>7.3} s  {:>6.2} GB/s",
+        bytes as f64 / seconds / 1e9
+    );
+    rows.push(Row {
+        what,
+        gib,
+        seconds,
+        bytes,
+    });
+}
+
+/// Reads a native image file (written by the program into its L1 directory).
+fn newest_image(dir: &Path, owner: &str) -> Result<(u64, PathBuf), String> {
+    let v = *ghost::native::list_versions(dir, owner)
+        .map_err(|e| e.to_string())?
+        .last()
+        .ok_or("no image")?;
+    Ok((v, ghost::native::image_path(dir, owner, v)))
+}
+
+fn native_capture(pid: u32, dir: &Path, owner: &str) -> Result<(f64, PathBuf), String> {
+    let before = ghost::native::list_versions(dir, owner)
+        .map_err(|e| e.to_string())?
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let start = Instant::now();
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    loop {
+        let (v, path) = newest_image(dir, owner).unwrap_or((0, PathBuf::new()));
+        if v > before {
+            return Ok((start.elapsed().as_secs_f64(), path));
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err("native capture did not finish within 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn map_file(path: &Path) -> Result<ghost::native::MappedFile, String> {
+    ghost::native::MappedFile::open(path).map_err(|e| e.to_string())
+}
+
+/// Writes `data` over `path` in place (no truncation), so a file kept from an earlier round
+/// reuses its pages.
+fn overwrite(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(data.len() as u64).map_err(|e| e.to_string())?;
+    f.write_all_at(data, 0)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> Result<(), String> {
+    let mib = (gib << 10).to_string();
+    let disk_dir = PathBuf::from(WORK).join("disk");
+    let _ = std::fs::remove_dir_all(&disk_dir);
+    let disk = DiskLevel::open(&disk_dir).map_err(|e| e.to_string())?;
+
+    // --- CRIU reference: the command line to disk (the tool a user would pick otherwise).
+    let criu = ghost::criu::Criu::locate().map_err(|e| e.to_string())?;
+    for round in 1..=ROUNDS {
+        let (p, _out) = start_and_wait(
+            Command::new("unshare")
+                .args(["--pid", "--fork", "--", "setsid"])
+                .arg(holder)
+                .arg(&mib),
+            "ready",
+        )?;
+        let pid = find_child(p.0.id())?;
+        let img = PathBuf::from(WORK).join(format!("criu-{gib}"));
+        let _ = std::fs::remove_dir_all(&img);
+        std::fs::create_dir_all(&img).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        sh(
+            Command::new(&criu.binary)
+                .args(["dump", "-t", &pid.to_string(), "-D"])
+                .arg(&img)
+                .args(["-o", "dump.log"]),
+            "criu dump",
+        )?;
+        sh(&mut Command::new("sync"), "sync")?;
+        let dump = start.elapsed().as_secs_f64();
+        let bytes = dir_bytes(&img);
+        drop(p);
+        drop_caches();
+        let pidfile = PathBuf::from(WORK).join("criu.pid");
+        let start = Instant::now();
+        sh(
+            Command::new(&criu.binary)
+                .args(["restore", "-d", "-D"])
+                .arg(&img)
+                .args(["-o", "restore.log", "--pidfile"])
+                .arg(&pidfile),
+            "criu restore",
+        )?;
+        let restore = start.elapsed().as_secs_f64();
+        if round == ROUNDS {
+            row(rows, "criu-dump-disk", gib, dump, bytes);
+            row(rows, "criu-restore-disk", gib, restore, bytes);
+        }
+        if let Some(rpid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: the restored copy of our holder.
+            unsafe { libc::kill(rpid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&img);
+    }
+
+    // --- Our CRIU backend to L1+L2 and to L4.
+    {
+        let (p, _out) = start_and_wait(
+            Command::new("unshare")
+                .args(["--pid", "--fork", "--", "setsid"])
+                .arg(holder)
+                .arg(&mib),
+            "ready",
+        )?;
+        let pid = find_child(p.0.id())?;
+        let cp = ghost::criu::CriuCheckpointer::locate().map_err(|e| e.to_string())?;
+        let stores = start_stores(((gib << 30) + (256 << 20)) as usize)?;
+        let image = PathBuf::from(SHM).join("criu.kgi");
+        for round in 1..=ROUNDS {
+            let start = Instant::now();
+            cp.capture(pid as i32, &image, &CaptureOptions::default())
+                .map_err(|e| e.to_string())?;
+            let data = map_file(&image)?;
+            stores
+                .local
+                .put("bench/criu", round as u64, &data)
+                .map_err(|e| e.to_string())?;
+            stores
+                .local
+                .wait_safe(
+                    "bench/criu",
+                    round as u64,
+                    Level::L2,
+                    Duration::from_secs(300),
+                )
+                .map_err(|e| e.to_string())?;
+            if round == ROUNDS {
+                row(
+                    rows,
+                    "criu-l1l2",
+                    gib,
+                    start.elapsed().as_secs_f64(),
+                    data.len() as u64,
+                );
+            }
+        }
+        drop(stores);
+        for round in 1..=ROUNDS {
+            let start = Instant::now();
+            cp.capture(pid as i32, &image, &CaptureOptions::default())
+                .map_err(|e| e.to_string())?;
+            let data = map_file(&image)?;
+            disk.write("bench/criu", round as u64, &data)
+                .map_err(|e| e.to_string())?;
+            if round == ROUNDS {
+                row(
+                    rows,
+                    "criu-l4",
+                    gib,
+                    start.elapsed().as_secs_f64(),
+                    data.len() as u64,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&image);
+        drop(p);
+    }
+
+    // --- Native backend.
+    let l1 = PathBuf::from(SHM).join("l1");
+    let _ = std::fs::remove_dir_all(&l1);
+    let owner = "bench/native";
+    let (p, _out) = start_and_wait(
+        Command::new(native)
+            .arg(&mib)
+            .env("KRUN_GHOST_DIR", &l1)
+            .env("KRUN_GHOST_OWNER", owner)
+            .env("KRUN_GHOST_FULL_EVERY", "1")
+            .env_remove("KRUN_GHOST_RESTORE"),
+        "ready",
+    )?;
+    let stores = start_stores(((gib << 30) + (256 << 20)) as usize)?;
+    // Every measurement runs ROUNDS times and the last round is reported: buffers, arena
+    // space and image files are reused from the second round on, as in a long job (fresh
+    // memory costs ~5x reused memory on these machines; see DESIGN.md).
+    let mut version = 0;
+    for round in 1..=ROUNDS {
+        // Capture to L1 (into the mapped image file, copy-on-write), then L2.
+        let (capture, path) = native_capture(p.0.id(), &l1, owner)?;
+        let data = map_file(&path)?;
+        let bytes = data.len() as u64;
+        version += 1;
+        let start = Instant::now();
+        stores
+            .local
+            .put(owner, version, &data)
+            .map_err(|e| e.to_string())?;
+        stores
+            .local
+            .wait_safe(owner, version, Level::L2, Duration::from_secs(300))
+            .map_err(|e| e.to_string())?;
+        let l2 = start.elapsed().as_secs_f64();
+        drop(data);
+        if round == ROUNDS {
+            row(rows, "native-l1l2", gib, capture + l2, bytes);
+            row(rows, "native-l2", gib, l2, bytes);
+            row(rows, "native-l1", gib, capture, bytes);
+        }
+    }
+    for round in 1..=ROUNDS {
+        let (capture4, path4) = native_capture(p.0.id(), &l1, owner)?;
+        let data = map_file(&path4)?;
+        let start = Instant::now();
+        disk.write(owner, version, &data)
+            .map_err(|e| e.to_string())?;
+        if round == ROUNDS {
+            row(
+                rows,
+                "native-l4",
+                gib,
+                capture4 + start.elapsed().as_secs_f64(),
+                data.len() as u64,
+            );
+        }
+    }
+    drop(p);
+
+    // Restores: from the buddy's memory (RMA read) and from disk, until the program resumed.
+    let restore_dir = PathBuf::from(SHM).join("restore");
+    let _ = std::fs::remove_dir_all(&restore_dir);
+    for (what, from_l2) in [("restore-l2", true), ("restore-l4", false)] {
+        for round in 1..=ROUNDS {
+            if !from_l2 {
+                drop_caches();
+            }
+            let start = Instant::now();
+            let (v, bytes) = if from_l2 {
+                // Without the local L1 copy, the image comes from node 1's memory.
+                stores.local.forget_local(owner, version);
+                let (d, report) = stores
+                    .local
+                    .get_bytes(owner, version)
+                    .map_err(|e| e.to_string())?;
+                if report.level != Level::L2 {
+                    return Err(format!("expected an L2 copy, got {}", report.level));
+                }
+                let v = ghost::image::Image::parse(&d)
+                    .map_err(|e| e.to_string())?
+                    .image_id;
+                overwrite(&ghost::native::image_path(&restore_dir, owner, v), &d)?;
+                (v, d.len() as u64)
+            } else {
+                let d = disk.read(owner, version).map_err(|e| e.to_string())?;
+                let v = ghost::image::Image::parse(&d)
+                    .map_err(|e| e.to_string())?
+                    .image_id;
+                overwrite(&ghost::native::image_path(&restore_dir, owner, v), &d)?;
+                (v, d.len() as u64)
+            };
+            let (r, _out) = start_and_wait(
+                Command::new(native)
+                    .arg(&mib)
+                    .env("KRUN_GHOST_DIR", &restore_dir)
+                    .env("KRUN_GHOST_OWNER", owner)
+                    .env("KRUN_GHOST_RESTORE", v.to_string()),
+                "resumed",
+            )?;
+            if round == ROUNDS {
+                row(rows, what, gib, start.elapsed().as_secs_f64(), bytes);
+            }
+            drop(r);
+            if from_l2 {
+                // Put the L1 copy back so the next round can drop it again.
+                let d = map_file(&ghost::native::image_path(&restore_dir, owner, v))?;
+                stores
+                    .local
+                    .put(owner, version, &d)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&restore_dir);
+    let _ = std::fs::remove_dir_all(&l1);
+    let _ = std::fs::remove_dir_all(&disk_dir);
+    Ok(())
+}
+
+fn find_child(pid: u32) -> Result<u32, String> {
+    let start = Instant::now();
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(c) = children
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+        {
+            let exe = std::fs::read_link(format!("/proc/{c}/exe")).unwrap_or_default();
+            if !exe.to_string_lossy().ends_with("setsid") {
+                return Ok(c);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("no child of {pid}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn dd_direct_gbs(gib: u64) -> Result<f64, String> {
+    let file = PathBuf::from(WORK).join("dd.bin");
+    let start = Instant::now();
+    sh(
+        Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", file.display()))
+            .args(["bs=16M", &format!("count={}", gib * 64), "oflag=direct"]),
+        "dd",
+    )?;
+    let t = start.elapsed();
+    let _ = std::fs::remove_file(&file);
+    Ok(gbs(gib << 30, t))
+}
+
+fn memcpy_gbs(gib: u64) -> f64 {
+    let n = (gib << 30) as usize;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    dst.copy_from_slice(&src); // touch
+    let start = Instant::now();
+    dst.copy_from_slice(std::hint::black_box(&src));
+    std::hint::black_box(&dst);
+    gbs(n as u64, start.elapsed())
+}
+
+/// One-sided RMA writes of `gib` GiB over tcp between two endpoints, 8 MiB per write.
+fn rma_write_gbs(gib: u64) -> Result<f64, String> {
+    let a = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
+    let b = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
+    let n = (gib << 30) as usize;
+    let src = a
+        .register(Region::new(n).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let dst = b
+        .register(Region::new(n).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    src.region().fill(0, n, 7).map_err(|e| e.to_string())?;
+    dst.region().fill(0, n, 0).map_err(|e| e.to_string())?;
+    let peer = a.connect(&b.address()).map_err(|e| e.to_string())?;
+    let remote = dst.remote();
+    let chunk = 8 << 20;
+    let start = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    let mut at = 0;
+    while at < n || !inflight.is_empty() {
+        while at < n && inflight.len() < 8 {
+            // SAFETY: nothing else touches either buffer while the writes are in flight.
+            let c = unsafe { a.post_write(peer, &src, at, chunk.min(n - at), &remote, at as u64) }
+                .map_err(|e| e.to_string())?;
+            inflight.push_back(c);
+            at += chunk;
+        }
+        if let Some(c) = inflight.pop_front() {
+            c.wait().map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(gbs(n as u64, start.elapsed()))
+}
+
+pub fn run(raw: &[String]) -> Result<(), String> {
+    let args = Args::parse(raw)?;
+    args.only(&["sizes", "out"])?;
+    let sizes: Vec<u64> = args
+        .get("sizes")
+        .unwrap_or("1,4")
+        .split(',')
+        .map(|s| {
+            s.parse()
+                .map_err(|_| format!("--sizes: '{s}' is not a number of GiB"))
+        })
+        .collect::<Result<_, _>>()?;
+    std::fs::create_dir_all(WORK).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(SHM).map_err(|e| e.to_string())?;
+    let (holder, native) = compile(Path::new(WORK))?;
+    println!("references (1 GiB):");
+    let dd = dd_direct_gbs(1)?;
+    let memcpy = memcpy_gbs(1);
+    let rma = rma_write_gbs(1)?;
+    println!(
+        "  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s, RMA write (tcp) {rma:.2} GB/s"
+    );
+    let mut rows = Vec::new();
+    for &gib in &sizes {
+        println!("{gib} GiB:");
+        measure_size(gib, &holder, &native, &mut rows)?;
+    }
+    let _ = std::fs::remove_dir_all(SHM);
+    let mut table = Table::new(&["what", "GiB", "seconds", "GB/s"]);
+    for r in &rows {
+        table.row(vec![
+            r.what.to_string(),
+            r.gib.to_string(),
+            format!("{:.3}", r.seconds),
+            format!("{:.2}", r.bytes as f64 / r.seconds / 1e9),
+        ]);
+    }
+    println!("\n{}", table.render());
+    let find = |what: &str, gib: u64| rows.iter().find(|r| r.what == what && r.gib == gib);
+    for &gib in &sizes {
+        let ratio = |a: &str, b: &str| Some(find(b, gib)?.seconds / find(a, gib)?.seconds);
+        let bw = |a: &str| find(a, gib).map(|r| r.bytes as f64 / r.seconds / 1e9);
+        println!(
+            "{gib} GiB targets: L4 write {:.2}x dd (>= 0.9) | L2 {:.2}x RMA (>= 0.8) | native L1+L2 {:.2}x faster than criu dump (>= 3) | restore L2 {:.2}x faster than criu restore (>= 3)",
+            bw("native-l4").unwrap_or(0.0) / dd,
+            bw("native-l2").unwrap_or(0.0) / rma,
+            ratio("native-l1l2", "criu-dump-disk").unwrap_or(0.0),
+            ratio("restore-l2", "criu-restore-disk").unwrap_or(0.0),
+        );
+    }
+    let json_rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({"what": r.what, "size_gib": r.gib, "seconds": json_num(Some(r.seconds)),
+                   "gbs": json_num(Some(r.bytes as f64 / r.seconds / 1e9))})
+        })
+        .collect();
+    let value = json!({
+        "rows": json_rows,
+        "reference": {"dd_direct_gbs": json_num(Some(dd)), "memcpy_gbs": json_num(Some(memcpy)),
+                      "rma_write_gbs": json_num(Some(rma))}
+    });
+    let out = args
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| results_path("ckpt"));
+    write_json(&out, &value)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
