@@ -108,7 +108,8 @@ pub struct DiskLevel {
     dir: PathBuf,
 }
 
-fn check_owner(owner: &str) -> Result<()> {
+/// Checks a checkpoint owner name: path components of letters, digits, `-_.`, no `..`.
+pub(crate) fn check_owner(owner: &str) -> Result<()> {
     let ok = !owner.is_empty()
         && owner.len() <= 255
         && owner.split('/').all(|p| {

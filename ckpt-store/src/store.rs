@@ -16,7 +16,7 @@
 //!
 //! `put` returns once L1 holds the copy; a background thread flushes to L2, L3 and L4.
 //! `get` reads the fastest valid copy; copies failing their checksum are reported and skipped.
-use crate::disk::DiskLevel;
+use crate::disk::{check_owner, DiskLevel};
 use crate::error::{Result, StoreError};
 use crate::wire::{self, Envelope, Kind, Reader, Writer};
 use fabric::secret::ClusterSecret;
@@ -588,22 +588,6 @@ impl Drop for Store {
     }
 }
 
-fn check_owner(owner: &str) -> Result<()> {
-    let ok = !owner.is_empty()
-        && owner.len() <= 255
-        && owner.split('/').all(|p| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!("checkpoint owner {owner:?}")))
-    }
-}
 
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {

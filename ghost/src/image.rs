@@ -213,31 +213,12 @@ impl ImageBuilder {
     /// Adds a region as a delta against the parent image: only chunks whose `changed` flag is
     /// set are copied.
     pub fn add_delta(&mut self, name: &str, data: &[u8], changed: &[bool]) -> Result<()> {
-        let chunks = data.len().div_ceil(DELTA_CHUNK);
-        if changed.len() != chunks {
-            return Err(GhostError::Invalid(format!(
-                "region {name}: {} change flags for {chunks} chunks",
-                changed.len()
-            )));
-        }
-        let bitmap_len = chunks.div_ceil(8);
-        let payload: usize = bitmap_len
-            + (0..chunks)
-                .filter(|&c| changed[c])
-                .map(|c| chunk_len(data.len(), c))
-                .sum::<usize>();
-        let slot = self.push_header(SectionKind::RegionDelta, name, 0, data.len(), payload)?;
-        let out = &mut self.buf[slot..slot + payload];
-        out[..bitmap_len].fill(0);
-        let mut at = bitmap_len;
-        for c in 0..chunks {
-            if changed[c] {
-                out[c / 8] |= 1 << (c % 8);
-                let start = c * DELTA_CHUNK;
-                let len = chunk_len(data.len(), c);
-                out[at..at + len].copy_from_slice(&data[start..start + len]);
-                at += len;
-            }
+        let mut at = self.reserve_delta(name, data.len(), changed)?;
+        for (c, _) in changed.iter().enumerate().filter(|(_, &ch)| ch) {
+            let start = c * DELTA_CHUNK;
+            let len = chunk_len(data.len(), c);
+            self.buf[at..at + len].copy_from_slice(&data[start..start + len]);
+            at += len;
         }
         Ok(())
     }
