@@ -516,16 +516,18 @@ impl Checkpointer for CriuCheckpointer {
         let dir = scratch_dir("dump")?;
         let _cleanup = RemoveOnDrop(dir.clone());
         self.criu.dump(pid, &dir, opts.leave_running)?;
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut files: Vec<(String, PathBuf, usize)> = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, "listing CRIU images", e))? {
             let entry = entry.map_err(|e| io_err(&dir, "listing CRIU images", e))?;
             let name = entry.file_name().to_string_lossy().to_string();
             if name.ends_with(".log") {
                 continue;
             }
-            let data = std::fs::read(entry.path())
-                .map_err(|e| io_err(entry.path(), "reading a CRIU image", e))?;
-            files.push((name, data));
+            let len = entry
+                .metadata()
+                .map_err(|e| io_err(entry.path(), "reading a CRIU image size", e))?
+                .len() as usize;
+            files.push((name, entry.path(), len));
         }
         files.sort();
         let meta = format!(
@@ -538,18 +540,51 @@ impl Checkpointer for CriuCheckpointer {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         );
-        let mut b = ImageBuilder::new(crate::native::random_u32() as u64 + 1, 0, Vec::new());
-        b.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
-        for (name, data) in &files {
-            let compress = opts.compress && name.starts_with("pages-");
-            b.add(SectionKind::CriuFile, name, data, compress)?;
-        }
-        let bytes = b.finish();
-        crate::native::write_atomically(out, &bytes)?;
+        let image_id = crate::native::random_u32() as u64 + 1;
+        let read_into = |path: &Path, slot: &mut [u8]| {
+            use std::io::Read;
+            std::fs::File::open(path)
+                .and_then(|mut f| f.read_exact(slot))
+                .map_err(|e| io_err(path, "reading a CRIU image", e))
+        };
+        let image_bytes = if opts.compress {
+            let mut b = ImageBuilder::new(image_id, 0, Vec::new());
+            b.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
+            for (name, path, _) in &files {
+                let data =
+                    std::fs::read(path).map_err(|e| io_err(path, "reading a CRIU image", e))?;
+                b.add(
+                    SectionKind::CriuFile,
+                    name,
+                    &data,
+                    name.starts_with("pages-"),
+                )?;
+            }
+            let bytes = b.finish();
+            crate::native::write_atomically(out, &bytes)?;
+            bytes.len() as u64
+        } else {
+            // Files go straight from CRIU's directory into the mapped image file.
+            let mut sizes = vec![(4, meta.len())];
+            sizes.extend(files.iter().map(|(name, _, len)| (name.len(), *len)));
+            let total = ImageBuilder::planned_len(&sizes);
+            let file = crate::native::L1File::create_at(out, total, None)?;
+            // SAFETY: the mapping is `total` writable bytes owned by `file`, which outlives
+            // the builder (dropped before commit).
+            let mut b = unsafe { ImageBuilder::in_place(image_id, 0, file.base(), total)? };
+            b.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
+            for (name, path, len) in &files {
+                read_into(path, b.reserve(SectionKind::CriuFile, name, *len)?)?;
+            }
+            let n = b.seal();
+            drop(b);
+            file.commit()?;
+            n as u64
+        };
         Ok(Captured {
             backend: Backend::Criu,
             image: out.to_path_buf(),
-            image_bytes: bytes.len() as u64,
+            image_bytes,
             seconds: start.elapsed().as_secs_f64(),
         })
     }

@@ -832,8 +832,9 @@ impl NativeRuntime {
         })
     }
 
-    /// Keeps the images from the second-newest full image on, so that the newest complete
-    /// chain and the one before it stay restorable.
+    /// Keeps the images from the newest full image on (the newest complete chain; older
+    /// versions live on in the checkpoint store's levels). Replaced files become spares whose
+    /// memory the next images reuse.
     fn prune(&self) -> Result<()> {
         let versions = list_versions(&self.config.dir, &self.config.owner)?;
         let mut fulls = Vec::new();
@@ -846,8 +847,8 @@ impl NativeRuntime {
                 fulls.push(v);
             }
         }
-        if fulls.len() > 2 {
-            let keep_from = fulls[fulls.len() - 2];
+        if fulls.len() > 1 {
+            let keep_from = fulls[fulls.len() - 1];
             let owner_dir = self.config.dir.join(&self.config.owner);
             let mut spares = spare_files(&owner_dir).len();
             for v in versions.into_iter().filter(|&v| v < keep_from) {
@@ -953,7 +954,7 @@ fn spare_files(owner_dir: &Path) -> Vec<PathBuf> {
 /// An L1 image file being written through a shared mapping: the capture copies memory
 /// straight into it. A spare file is reused when there is one, because its pages are
 /// already allocated (first-touch memory costs ~5x reused memory on these machines).
-struct L1File {
+pub(crate) struct L1File {
     file: std::fs::File,
     map: *mut u8,
     len: usize,
@@ -971,6 +972,15 @@ impl L1File {
             .parent()
             .expect("image paths have a directory")
             .to_path_buf();
+        let spare = spare_files(&owner_dir).into_iter().next();
+        L1File::create_at(&path, len, spare)
+    }
+
+    /// An image file written in place at `path` (through a temporary name), reusing the file
+    /// `spare` when given.
+    pub(crate) fn create_at(path: &Path, len: usize, spare: Option<PathBuf>) -> Result<L1File> {
+        let path = path.to_path_buf();
+        let owner_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let io = |p: &Path, what: &str, e: std::io::Error| GhostError::Io {
             path: p.to_path_buf(),
             what: what.to_string(),
@@ -978,8 +988,12 @@ impl L1File {
         };
         std::fs::create_dir_all(&owner_dir)
             .map_err(|e| io(&owner_dir, "creating the image directory", e))?;
-        let tmp = owner_dir.join(format!(".tmp-{}-{version}", std::process::id()));
-        if let Some(spare) = spare_files(&owner_dir).into_iter().next() {
+        let tmp = owner_dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("image")
+        ));
+        if let Some(spare) = spare {
             let _ = std::fs::rename(spare, &tmp);
         }
         let file = std::fs::OpenOptions::new()
@@ -1031,8 +1045,13 @@ impl L1File {
         })
     }
 
+    /// The start of the mapping (valid until commit or drop).
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.map
+    }
+
     /// Unmaps, syncs and renames the file into place.
-    fn commit(mut self) -> Result<PathBuf> {
+    pub(crate) fn commit(mut self) -> Result<PathBuf> {
         self.unmap();
         let result = self
             .file
