@@ -132,7 +132,10 @@ fn start_holder(holder: &Path, mib: &str) -> Result<Guard, String> {
         .map_err(|e| format!("unshare {}: {e}", holder.display()))?;
     let guard = Guard(child);
     let start = Instant::now();
-    while !std::fs::read_to_string(&out).unwrap_or_default().starts_with("ready") {
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .starts_with("ready")
+    {
         if start.elapsed() > Duration::from_secs(120) {
             return Err("the CRIU subject did not start".into());
         }

@@ -588,7 +588,6 @@ impl Drop for Store {
     }
 }
 
-
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {
         let n = self.cfg.nodes.len();
