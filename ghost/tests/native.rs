@@ -18,7 +18,7 @@ fn build_workload(dir: &Path) -> PathBuf {
     let lib = target_dir();
     assert!(
         lib.join("libghost.so").exists(),
-        "libghost.so not found in {}",
+        "libghost.so not found in {} (run `cargo build -p ghost` first; scripts/test-all.sh does)",
         lib.display()
     );
     let bin = dir.join("workload");
