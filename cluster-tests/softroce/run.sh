@@ -102,7 +102,7 @@ closure=$(for m in $MODULES; do modprobe -d "$KROOT" -S "$KVER" --show-depends "
 say "kernel $KVER ready ($(basename "$KIMG"))"
 
 # --------------------------------------------------------------------- program under test
-PROG=$ROOT/target/release/examples/verbs_selftest
+PROG=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/verbs_selftest
 if [ "${KRUN_SOFTROCE_NO_BUILD:-0}" != 1 ]; then
   say "cargo build --release -p fabric --example verbs_selftest"
   (cd "$ROOT" && cargo build --release -q -p fabric --example verbs_selftest) || fail "build failed"
