@@ -529,6 +529,16 @@ impl Store {
         }
     }
 
+    /// The length of this node's L1 copy of a version, if it holds one.
+    pub fn stored_len(&self, owner: &str, version: u64) -> Option<usize> {
+        self.inner
+            .l1
+            .lock()
+            .expect("lock")
+            .get(&(owner.to_string(), version))
+            .map(|c| c.len)
+    }
+
     /// Frees this node's L1 copy of a version (its other levels are kept); `get` then reads
     /// it from a slower level.
     pub fn forget_local(&self, owner: &str, version: u64) {

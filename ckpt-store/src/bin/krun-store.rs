@@ -171,13 +171,34 @@ fn command(store: &Store, line: &str) -> Result<String, String> {
                     .map_err(|_| format!("'{s}' is not seconds"))
             })?;
             let level = Level::parse(level).map_err(|e| e.to_string())?;
-            store
-                .wait_safe(owner, version(v)?, level, Duration::from_secs(secs))
-                .map_err(|e| e.to_string())?;
+            let v = version(v)?;
+            // Progress on stderr: each level as it becomes safe, with bytes and rate.
+            let start = std::time::Instant::now();
+            let bytes = store.stored_len(owner, v).unwrap_or(0);
+            for l in Level::ALL.into_iter().filter(|l| *l <= level) {
+                let left = Duration::from_secs(secs).saturating_sub(start.elapsed());
+                store
+                    .wait_safe(owner, v, l, left)
+                    .map_err(|e| e.to_string())?;
+                let t = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "krun-store: {owner} v{v}: safe at {l} after {t:.3} s ({bytes} bytes, {:.2} GB/s)",
+                    bytes as f64 / t.max(1e-9) / 1e9
+                );
+            }
             Ok(format!("ok safe {level}"))
         }
         ["get", owner, v, out] => {
+            let start = std::time::Instant::now();
             let (data, report) = store.get(owner, version(v)?).map_err(|e| e.to_string())?;
+            let t = start.elapsed().as_secs_f64();
+            eprintln!(
+                "krun-store: {owner}: read from {} on node {} ({} bytes in {t:.3} s, {:.2} GB/s)",
+                report.level,
+                report.node,
+                data.len(),
+                data.len() as f64 / t.max(1e-9) / 1e9
+            );
             std::fs::write(out, &data).map_err(|e| format!("{out}: {e}"))?;
             Ok(format!(
                 "ok get {} {} {}",
