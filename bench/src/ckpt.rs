@@ -404,6 +404,9 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             }
         }
         let _ = std::fs::remove_file(&image);
+        // The subject is PID 1 of its own namespace: ending `unshare` does not end it.
+        // SAFETY: the holder this function started, by PID.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         drop(p);
     }
 
