@@ -232,6 +232,8 @@ fn a_process_of_a_killed_node_restarts_on_its_buddy_from_the_memory_copy() {
             Command::new(&krun)
                 .args(["ghost", "restore"])
                 .arg(&fetched)
+                .arg("--workdir")
+                .arg(dir.0.join("node1-restored"))
                 .stdout(Stdio::piped()),
         )
         .unwrap();

@@ -187,6 +187,12 @@ impl OfiEndpoint {
             ep: ptr::null_mut(),
         };
         let mut wait_fd = None;
+        if provider == Provider::Shm {
+            // A process that held this PID before and was killed left its segments behind;
+            // shm then refuses to create ours (EBUSY). None of ours exist before the first open.
+            static STALE_SEGMENTS_SWEPT: std::sync::Once = std::sync::Once::new();
+            STALE_SEGMENTS_SWEPT.call_once(|| remove_shm_segments(std::process::id()));
+        }
         // SAFETY: standard libfabric set-up sequence; every out-pointer is checked before use
         // and owned by `objects`, whose Drop closes what was opened.
         unsafe {
@@ -468,6 +474,20 @@ fn register_with(
             len: len as u64,
         },
     ))
+}
+
+/// Removes the shared-memory segments the shm provider made for process `pid`
+/// (`/dev/shm/PID:...`): a process killed before closing its endpoint leaves them behind.
+pub fn remove_shm_segments(pid: u32) {
+    let prefix = format!("{pid}:");
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The process id in a shm address (`fi_shm://PID:...`).

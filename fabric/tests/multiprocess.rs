@@ -20,7 +20,8 @@ const NODE: &str = env!("CARGO_BIN_EXE_fabric-node");
 /// Generous upper bound for a whole scenario ("does not hang"), never a performance check.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(240);
 
-/// A running `fabric-node` process. Dropping it kills (SIGKILL, by PID) and reaps it.
+/// A running `fabric-node` process. Dropping it kills (SIGKILL, by PID) and reaps it, and
+/// removes the shm segments it left.
 struct Node {
     name: String,
     child: Child,
@@ -34,6 +35,8 @@ impl Drop for Node {
         // Child::kill signals only a child that has not been reaped yet, so no stray PID.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed shm node cannot unlink its segments itself.
+        fabric::ofi::remove_shm_segments(self.child.id());
     }
 }
 

@@ -6,6 +6,7 @@ use ghost::checkpointer::{CaptureOptions, Checkpointer, RestoreOptions};
 use ghost::criu::{spawn_capturable, CriuCheckpointer};
 use ghost::GhostError;
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -259,7 +260,16 @@ fn a_moved_file_and_a_pid_in_use_are_reported() {
 
     // A process in the host PID namespace: its copy would need its PID.
     let host_out = dir.0.join("host.out");
-    let mut child = Command::new(&bin)
+    let mut host_command = Command::new(&bin);
+    // Its own session: CRIU dumps only trees whose session leader is inside them.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        host_command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = host_command
         .arg(&host_out)
         .args(["8", "100000", "1", "20"])
         .stdin(std::process::Stdio::null())

@@ -10,8 +10,9 @@ krun ghost run [--output FILE] PROGRAM ARGS... start a program CRIU can capture 
 krun ghost inspect IMAGE                      verify an image and print what it holds
 krun ghost capture PID -o IMAGE [--kill] [--zstd]
                                               capture a process (kept running unless --kill)
-krun ghost restore IMAGE [--output FILE] [--owner NAME]
+krun ghost restore IMAGE [--output FILE] [--owner NAME] [--workdir DIR]
                                               start a new process from an image; prints its pid
+                                              (native: DIR holds its images from then on)
 krun ghost rollback PID IMAGE                 bring a live process back to an image
 krun ghost migrate PID -o IMAGE --netns NAME  capture and end PID, restore it in network
                                               namespace NAME (a node of a namespace cluster)";
@@ -50,6 +51,7 @@ pub fn run(args: &[String]) -> Result<String> {
     let mut out: Option<PathBuf> = None;
     let mut output: Option<PathBuf> = None;
     let mut owner: Option<String> = None;
+    let mut workdir: Option<PathBuf> = None;
     let mut netns: Option<String> = None;
     let mut kill = false;
     let mut zstd = false;
@@ -64,6 +66,7 @@ pub fn run(args: &[String]) -> Result<String> {
             "-o" | "--image" => out = Some(PathBuf::from(value(a)?)),
             "--output" => output = Some(PathBuf::from(value(a)?)),
             "--owner" => owner = Some(value(a)?),
+            "--workdir" => workdir = Some(PathBuf::from(value(a)?)),
             "--netns" => netns = Some(value(a)?),
             "--kill" => kill = true,
             "--zstd" => zstd = true,
@@ -99,7 +102,7 @@ pub fn run(args: &[String]) -> Result<String> {
             let opts = RestoreOptions {
                 output,
                 owner,
-                ..RestoreOptions::default()
+                workdir,
             };
             let r = checkpointer::for_image(image.as_ref())
                 .and_then(|cp| cp.restore(image.as_ref(), &opts))

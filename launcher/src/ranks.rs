@@ -206,19 +206,7 @@ fn forward_output(
     })
 }
 
-/// Removes the shared-memory segments libfabric's shm provider made for process `pid`
-/// (`/dev/shm/PID:...`): a process killed before closing its endpoint leaves them behind.
-pub fn remove_shm_segments(pid: u32) {
-    let prefix = format!("{pid}:");
-    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
+pub use fabric::ofi::remove_shm_segments;
 
 /// Exit code as srun reports it: the status code, or 128 + signal.
 pub fn exit_code(status: ExitStatus) -> i32 {
