@@ -12,13 +12,20 @@
 //!   acknowledgements, failure repair, delayed and forwarded requests.
 //! - [`wire`]: versioned, HMAC-authenticated messages.
 //!
+//! [`kv`] is a toy key-value service used by the tests and the benchmark.
+//!
 //! Everything protocol-related is a deterministic state machine (events in, actions out); the
-//! simulation in `tests/simulation.rs` and the daemon in [`daemon`] drive the same code.
+//! simulation in `tests/simulation.rs` and the daemon drive the same code.
 pub mod agreement;
+pub mod daemon;
 pub mod error;
+pub mod kv;
 pub mod locator;
 pub mod membership;
+pub mod protocol;
+pub mod service;
 pub mod view;
+pub mod wire;
 
 pub use error::{AdaptError, Result};
 pub use view::{Change, EntryId, Epoch, NodeId};

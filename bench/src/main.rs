@@ -15,7 +15,11 @@ subcommands:
            native captures to L1+L2 (buddy memory over RMA) and L4 (io_uring), restores
            from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
            writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh)
-           options: --sizes 1,4  --out PATH";
+           options: --sizes 1,4  --out PATH
+  reconfig 8 local adaptation daemons holding 1,000,000 entries: a node addition split into
+           the paper's phases (start, physical, setting, logical, end) and the repair after
+           a SIGKILL, against one request's round trip; writes bench/results/reconfig.json
+           options: --entries N  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +32,9 @@ fn main() -> ExitCode {
         "fabric" => bench::fabric::run(rest),
         "launch" => bench::launch::run(rest),
         "ckpt" => bench::ckpt::run(rest),
+        "reconfig" => bench::reconfig::run(rest),
+        // Hidden: the daemons `bench reconfig` starts.
+        "adapt-node" => bench::reconfig::node(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {

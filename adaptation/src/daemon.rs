@@ -1,0 +1,464 @@
+//! The I/O driver of a node: TCP links between nodes (one connection per direction, so
+//! each link is FIFO), authenticated frames, a clock, and a line protocol on stdin/stdout for
+//! clients and operators. All decisions are taken by [`crate::protocol::Node`].
+//!
+//! Commands (stdin, one per line) and what they print (stdout):
+//! - `req CLIENT SEQ KEY put VALUE | get | add DELTA` → `ans CLIENT SEQ ok|err VERSION VALUE`
+//!   (the toy key-value service; a client retrying through another node keeps CLIENT SEQ)
+//! - `leave NODE` → `ok leave NODE` or `err ...` (a planned eviction)
+//! - `fill COUNT BYTES` → `ok fill N`: loads the keys `0..COUNT` this node manages
+//! - `status` → `status id=.. epoch=.. known=.. stable=.. members=.. keys=..`
+//!
+//! Events: `ready`, `phase EPOCH NAME t=MS`, `stable EPOCH t=MS members=A,B,..`,
+//! `stopped REASON`. Times are milliseconds since the Unix epoch (comparable across the
+//! processes of one machine).
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fabric::secret::ClusterSecret;
+
+use crate::error::{AdaptError, Result};
+use crate::kv::{parse_answer, KvOp, KvService};
+use crate::protocol::{Node, NodeConfig, Output};
+use crate::service::RequestId;
+use crate::view::{Change, NodeId};
+use crate::wire::{self, Msg};
+
+/// How a daemon is started (`krun-adapt --help`).
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub id: NodeId,
+    pub listen: String,
+    /// Addresses of the initial members (for a joiner: of the nodes it contacts).
+    pub peers: BTreeMap<NodeId, String>,
+    pub supervisors: Vec<NodeId>,
+    pub join: bool,
+    pub tick: Duration,
+    pub seed: u64,
+}
+
+pub const USAGE: &str = "\
+krun-adapt --id N --listen HOST:PORT --peer ID=HOST:PORT ... --supervisors A,B,C
+           [--join] [--tick-ms 10] [--seed S]
+  Runs one node of the adaptation layer with the toy key-value service. The initial members
+  are the --peer nodes plus this one (unless --join: then this node announces itself to
+  them). The cluster secret comes from KRUN_SECRET_FILE (a 0600 file) or KRUN_SECRET (hex).";
+
+impl DaemonConfig {
+    pub fn from_args(args: &[String]) -> Result<DaemonConfig> {
+        let usage = |why: String| AdaptError::Config {
+            what: "arguments".into(),
+            reason: format!("{why}\n{USAGE}"),
+        };
+        let mut id = None;
+        let mut listen = None;
+        let mut peers = BTreeMap::new();
+        let mut supervisors = Vec::new();
+        let mut join = false;
+        let mut tick_ms = 10u64;
+        let mut seed = None;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| usage(format!("{a} needs a value")))
+            };
+            let number = |v: String, what: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| usage(format!("{what} '{v}' is not a number")))
+            };
+            match a.as_str() {
+                "--id" => id = Some(number(value()?, "--id")? as NodeId),
+                "--listen" => listen = Some(value()?),
+                "--peer" => {
+                    let v = value()?;
+                    let (n, addr) = v
+                        .split_once('=')
+                        .ok_or_else(|| usage(format!("--peer '{v}' is not ID=HOST:PORT")))?;
+                    peers.insert(number(n.to_string(), "peer id")? as NodeId, addr.to_string());
+                }
+                "--supervisors" => {
+                    for s in value()?.split(',') {
+                        supervisors.push(number(s.to_string(), "supervisor")? as NodeId);
+                    }
+                }
+                "--join" => join = true,
+                "--tick-ms" => tick_ms = number(value()?, "--tick-ms")?.max(1),
+                "--seed" => seed = Some(number(value()?, "--seed")?),
+                "-h" | "--help" => return Err(usage("usage:".into())),
+                other => return Err(usage(format!("unknown argument {other}"))),
+            }
+        }
+        let id = id.ok_or_else(|| usage("--id is required".into()))?;
+        let listen = listen.ok_or_else(|| usage("--listen is required".into()))?;
+        if peers.contains_key(&id) {
+            return Err(usage(format!("--peer lists this node's own id {id}")));
+        }
+        Ok(DaemonConfig {
+            id,
+            listen,
+            peers,
+            supervisors,
+            join,
+            tick: Duration::from_millis(tick_ms),
+            seed: seed.unwrap_or(u64::from(id)),
+        })
+    }
+}
+
+enum Event {
+    Frame(NodeId, Msg),
+    Command(String),
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Outgoing links: a writer thread per peer, connecting on first use.
+struct Links {
+    me: NodeId,
+    secret: ClusterSecret,
+    addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
+    writers: BTreeMap<NodeId, Sender<Vec<u8>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Links {
+    fn send(&mut self, to: NodeId, msg: &Msg) {
+        let frame = wire::seal(&self.secret, self.me, msg);
+        let tx = self.writers.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let addrs = self.addrs.clone();
+            self.threads
+                .push(std::thread::spawn(move || write_link(to, addrs, rx)));
+            tx
+        });
+        let _ = tx.send(frame);
+    }
+
+    /// Closes every link after what was queued is written (bounded wait).
+    fn close(mut self) {
+        self.writers.clear();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for t in self.threads.drain(..) {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Writes frames to one peer in order; reconnects once per failed frame, then gives up on
+/// that frame (the protocol retries what matters).
+fn write_link(to: NodeId, addrs: Arc<Mutex<BTreeMap<NodeId, String>>>, rx: Receiver<Vec<u8>>) {
+    let mut stream: Option<TcpStream> = None;
+    let mut warned = false;
+    while let Ok(frame) = rx.recv() {
+        for attempt in 0..2 {
+            if stream.is_none() {
+                let addr = addrs.lock().map(|a| a.get(&to).cloned()).ok().flatten();
+                let Some(addr) = addr else {
+                    break;
+                };
+                let connected = addr
+                    .parse()
+                    .ok()
+                    .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok());
+                match connected {
+                    Some(s) => {
+                        let _ = s.set_nodelay(true);
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                        stream = Some(s);
+                        warned = false;
+                    }
+                    None => {
+                        if !warned {
+                            eprintln!("link to node {to} ({addr}): cannot connect; dropping messages until it answers");
+                            warned = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            if let Some(s) = stream.as_mut() {
+                if s.write_all(&frame).is_ok() {
+                    break;
+                }
+                stream = None;
+                if attempt == 1 {
+                    eprintln!("link to node {to}: write failed twice; frame dropped");
+                }
+            }
+        }
+    }
+}
+
+/// Reads frames from one connection; a frame that does not authenticate or decode ends the
+/// connection with a log line naming the sender.
+fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>) {
+    let peer = s
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown peer".into());
+    loop {
+        let mut head = vec![0u8; wire::header_len()];
+        if s.read_exact(&mut head).is_err() {
+            return;
+        }
+        let total = match wire::frame_len(&head, &peer) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("dropped connection: {e}");
+                return;
+            }
+        };
+        head.resize(total, 0);
+        if s.read_exact(&mut head[wire::header_len()..]).is_err() {
+            eprintln!("dropped connection from {peer}: frame cut short");
+            return;
+        }
+        match wire::open(&secret, &head, &peer) {
+            Ok((from, msg)) => {
+                if tx.send(Event::Frame(from, msg)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                eprintln!("dropped connection: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Runs a node until it leaves the configuration; returns the reason.
+pub fn run(cfg: DaemonConfig, secret: ClusterSecret) -> Result<String> {
+    let listener = TcpListener::bind(&cfg.listen).map_err(|e| AdaptError::Io {
+        what: format!("listening on {}", cfg.listen),
+        source: e,
+    })?;
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| cfg.listen.clone());
+    let mut genesis: Vec<NodeId> = cfg.peers.keys().copied().collect();
+    if !cfg.join {
+        genesis.push(cfg.id);
+    }
+    genesis.sort_unstable();
+    let supervisors = if cfg.supervisors.is_empty() {
+        genesis.iter().copied().take(3).collect()
+    } else {
+        cfg.supervisors.clone()
+    };
+    let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
+    ncfg.seed = cfg.seed;
+    ncfg.joining = cfg.join.then(|| listen.clone());
+    let mut node = Node::new(ncfg, vec![Box::new(KvService::new())])?;
+
+    let mut addrs = cfg.peers.clone();
+    addrs.insert(cfg.id, listen.clone());
+    let addrs = Arc::new(Mutex::new(addrs));
+    let mut links = Links {
+        me: cfg.id,
+        secret: secret.clone(),
+        addrs: addrs.clone(),
+        writers: BTreeMap::new(),
+        threads: Vec::new(),
+    };
+    let (tx, rx) = mpsc::channel::<Event>();
+    {
+        let tx = tx.clone();
+        let secret = secret.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let (tx, secret) = (tx.clone(), secret.clone());
+                std::thread::spawn(move || read_link(s, secret, tx));
+            }
+        });
+    }
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines().map_while(|l| l.ok()) {
+                if tx.send(Event::Command(line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready id={} listen={listen}", cfg.id);
+    let _ = out.flush();
+    let mut known_joins = 0usize;
+    let mut next_tick = Instant::now() + cfg.tick;
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Event::Frame(from, msg)) => node.receive(from, msg),
+            Ok(Event::Command(line)) => {
+                let reply = command(&mut node, &line);
+                let _ = writeln!(out, "{reply}");
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(AdaptError::Io {
+                    what: "event loop".into(),
+                    source: std::io::Error::other("all event sources closed"),
+                })
+            }
+        }
+        if Instant::now() >= next_tick {
+            node.tick();
+            next_tick += cfg.tick;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + cfg.tick;
+            }
+        }
+        // Addresses of joined nodes come from the agreed log.
+        if node.log().len() > known_joins {
+            if let Ok(mut a) = addrs.lock() {
+                for c in &node.log()[known_joins..] {
+                    if let Change::Join { node, addr } = c {
+                        a.insert(*node, addr.clone());
+                    }
+                }
+            }
+            known_joins = node.log().len();
+        }
+        let mut stopped = None;
+        for o in node.take_outputs() {
+            match o {
+                Output::Send { to, msg } => links.send(to, &msg),
+                Output::Response { id, payload } => {
+                    let _ = writeln!(out, "{}", answer_line(id, &payload));
+                }
+                Output::Stable { epoch } => {
+                    let members: Vec<String> =
+                        node.members().iter().map(|m| m.to_string()).collect();
+                    let _ = writeln!(
+                        out,
+                        "stable {epoch} t={:.3} members={}",
+                        now_ms(),
+                        members.join(",")
+                    );
+                }
+                Output::Phase { epoch, phase } => {
+                    let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
+                }
+                Output::Stopped { reason } => stopped = Some(reason),
+                Output::Log(line) => eprintln!("node {}: {line}", cfg.id),
+            }
+        }
+        let _ = out.flush();
+        if let Some(reason) = stopped {
+            links.close();
+            let _ = writeln!(out, "stopped {reason}");
+            let _ = out.flush();
+            return Ok(reason);
+        }
+    }
+}
+
+fn answer_line(id: RequestId, payload: &[u8]) -> String {
+    match parse_answer(payload) {
+        Some(a) => {
+            let value = if a.value.len() == 8 && a.value.iter().any(|b| !b.is_ascii_graphic()) {
+                a.number().to_string()
+            } else {
+                String::from_utf8_lossy(&a.value).into_owned()
+            };
+            format!(
+                "ans {} {} {} {} {value}",
+                id.client,
+                id.seq,
+                if a.ok { "ok" } else { "err" },
+                a.version
+            )
+        }
+        None => format!("ans {} {} err 0 undecodable answer", id.client, id.seq),
+    }
+}
+
+/// Executes one operator or client command; returns the line to print (answers to requests
+/// come later as `ans` lines).
+fn command(node: &mut Node, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["req", client, seq, key, op @ ..] => {
+            let (Ok(client), Ok(seq), Ok(key)) =
+                (client.parse::<u32>(), seq.parse::<u64>(), key.parse::<u64>())
+            else {
+                return format!("err bad request line: {line}");
+            };
+            let op = match op {
+                ["put", value] => KvOp::Put(value.as_bytes().to_vec()),
+                ["get"] => KvOp::Get,
+                ["add", d] => match d.parse::<i64>() {
+                    Ok(d) => KvOp::Add(d),
+                    Err(_) => return format!("err '{d}' is not a number"),
+                },
+                _ => return format!("err unknown operation in: {line}"),
+            };
+            let id = RequestId {
+                origin: 0,
+                client,
+                seq,
+            };
+            match node.submit(id, 0, key, op.encode()) {
+                Ok(()) => format!("sent {client} {seq}"),
+                Err(e) => format!("err {e}"),
+            }
+        }
+        ["leave", n] => match n.parse::<NodeId>() {
+            Ok(n) => match node.request_leave(n) {
+                Ok(()) => format!("ok leave {n}"),
+                Err(e) => format!("err {e}"),
+            },
+            Err(_) => format!("err '{n}' is not a node id"),
+        },
+        ["fill", count, bytes] => {
+            let (Ok(count), Ok(bytes)) = (count.parse::<u64>(), bytes.parse::<usize>()) else {
+                return format!("err bad fill line: {line}");
+            };
+            let me = node.id();
+            let mine: Vec<u64> = (0..count)
+                .filter(|&k| node.manager_of(0, k) == Some(me))
+                .collect();
+            let value = vec![b'x'; bytes];
+            let state = crate::kv::state_with_value(&value);
+            let Some(svc) = node.service_mut(0) else {
+                return "err no key-value service".into();
+            };
+            for &k in &mine {
+                svc.receive(k, state.clone());
+            }
+            format!("ok fill {}", mine.len())
+        }
+        ["status"] => {
+            let members: Vec<String> = node.members().iter().map(|m| m.to_string()).collect();
+            let keys = node.service(0).map(|s| s.managed().len()).unwrap_or(0);
+            format!(
+                "status id={} epoch={} known={} stable={} members={} keys={keys}",
+                node.id(),
+                node.epoch(),
+                node.known_epoch(),
+                node.is_stable(),
+                members.join(",")
+            )
+        }
+        [] => String::new(),
+        _ => format!("err unknown command: {line}"),
+    }
+}

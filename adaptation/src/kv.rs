@@ -1,0 +1,254 @@
+//! A toy key-value service registered through the plug-in interface: each key is a
+//! directory entry. Its responses carry the entry's whole state, and the nodes that see a
+//! response (the client's node and a witness) keep that copy, so a key survives the failure
+//! of its manager: the failure scan sends the copies to the key's new manager, which keeps
+//! the newest.
+use std::collections::BTreeMap;
+
+use crate::service::{ClientTable, RequestId, Seen, Service};
+use crate::view::{EntryId, Epoch};
+use crate::wire::{Reader, Writer};
+
+/// A request to the key-value service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvOp {
+    Put(Vec<u8>),
+    Get,
+    /// Adds to the value read as a little-endian i64 (missing = 0).
+    Add(i64),
+}
+
+impl KvOp {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            KvOp::Put(v) => w.u8(1).bytes(v),
+            KvOp::Get => w.u8(2),
+            KvOp::Add(d) => w.u8(3).u64(*d as u64),
+        };
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<KvOp> {
+        let mut r = Reader::new(bytes);
+        let op = match r.u8().ok()? {
+            1 => KvOp::Put(r.bytes().ok()?),
+            2 => KvOp::Get,
+            3 => KvOp::Add(r.u64().ok()? as i64),
+            _ => return None,
+        };
+        r.rest().is_empty().then_some(op)
+    }
+}
+
+/// A key's state: a version bumped by every write, the value and the client table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct KeyState {
+    version: u64,
+    value: Vec<u8>,
+    clients: ClientTable,
+}
+
+impl KeyState {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.version).bytes(&self.value);
+        self.clients.encode(&mut w.0);
+        w.0
+    }
+
+    fn decode(bytes: &[u8]) -> Option<KeyState> {
+        let mut r = Reader::new(bytes);
+        let version = r.u64().ok()?;
+        let value = r.bytes().ok()?;
+        let (clients, rest) = ClientTable::decode(r.rest())?;
+        rest.is_empty().then_some(KeyState {
+            version,
+            value,
+            clients,
+        })
+    }
+}
+
+/// The answer to a request: ok or an error text, the key's version and value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvAnswer {
+    pub ok: bool,
+    pub version: u64,
+    pub value: Vec<u8>,
+}
+
+impl KvAnswer {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(self.ok as u8).u64(self.version).bytes(&self.value);
+        w.0
+    }
+
+    /// The value as an i64 (for `Add`).
+    pub fn number(&self) -> i64 {
+        number(&self.value)
+    }
+}
+
+fn number(value: &[u8]) -> i64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(i64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// Splits a response into the answer and the key's state it carries.
+fn split_response(payload: &[u8]) -> Option<(KvAnswer, KeyState)> {
+    let mut r = Reader::new(payload);
+    let answer = r.bytes().ok()?;
+    let state = r.bytes().ok()?;
+    let mut a = Reader::new(&answer);
+    let ok = a.u8().ok()? == 1;
+    let version = a.u64().ok()?;
+    let value = a.bytes().ok()?;
+    Some((
+        KvAnswer { ok, version, value },
+        KeyState::decode(&state)?,
+    ))
+}
+
+/// Parses a response of the key-value service.
+pub fn parse_answer(payload: &[u8]) -> Option<KvAnswer> {
+    split_response(payload).map(|(a, _)| a)
+}
+
+/// The key-value service of one node.
+#[derive(Default)]
+pub struct KvService {
+    /// Keys this node manages.
+    keys: BTreeMap<EntryId, KeyState>,
+    /// Copies seen in responses (for rebuilding keys whose manager failed).
+    copies: BTreeMap<EntryId, KeyState>,
+    /// How many requests this node executed (not answered from a client table).
+    pub executed: u64,
+}
+
+impl KvService {
+    pub fn new() -> KvService {
+        KvService::default()
+    }
+
+    /// The value of a key this node manages.
+    pub fn value(&self, key: EntryId) -> Option<&[u8]> {
+        self.keys.get(&key).map(|s| s.value.as_slice())
+    }
+
+    fn merge(into: &mut BTreeMap<EntryId, KeyState>, key: EntryId, state: KeyState) {
+        match into.get(&key) {
+            Some(old) if old.version >= state.version => {}
+            _ => {
+                into.insert(key, state);
+            }
+        }
+    }
+}
+
+impl Service for KvService {
+    fn name(&self) -> &str {
+        "kv"
+    }
+
+    fn witnesses(&self) -> usize {
+        1
+    }
+
+    fn handle(&mut self, entry: EntryId, id: RequestId, request: &[u8]) -> Vec<u8> {
+        let state = self.keys.entry(entry).or_default();
+        let answer = match state.clients.check(id) {
+            Seen::Answered(answer) => answer,
+            Seen::Stale => KvAnswer {
+                ok: false,
+                version: state.version,
+                value: b"stale request".to_vec(),
+            }
+            .encode(),
+            Seen::New => {
+                self.executed += 1;
+                let answer = match KvOp::decode(request) {
+                    None => KvAnswer {
+                        ok: false,
+                        version: state.version,
+                        value: b"malformed request".to_vec(),
+                    },
+                    Some(KvOp::Get) => KvAnswer {
+                        ok: true,
+                        version: state.version,
+                        value: state.value.clone(),
+                    },
+                    Some(KvOp::Put(v)) => {
+                        state.version += 1;
+                        state.value = v;
+                        KvAnswer {
+                            ok: true,
+                            version: state.version,
+                            value: state.value.clone(),
+                        }
+                    }
+                    Some(KvOp::Add(d)) => {
+                        state.version += 1;
+                        state.value = number(&state.value).wrapping_add(d).to_le_bytes().to_vec();
+                        KvAnswer {
+                            ok: true,
+                            version: state.version,
+                            value: state.value.clone(),
+                        }
+                    }
+                }
+                .encode();
+                state.clients.record(id, &answer);
+                answer
+            }
+        };
+        let mut w = Writer::default();
+        w.bytes(&answer).bytes(&state.encode());
+        w.0
+    }
+
+    fn observe_response(&mut self, entry: EntryId, response: &[u8]) {
+        if let Some((_, state)) = split_response(response) {
+            Self::merge(&mut self.copies, entry, state);
+        }
+    }
+
+    fn managed(&self) -> Vec<EntryId> {
+        self.keys.keys().copied().collect()
+    }
+
+    fn before_migration(&mut self, _epoch: Epoch, _leaving: &[EntryId]) {}
+
+    fn send_out(&mut self, entry: EntryId) -> Option<Vec<u8>> {
+        self.keys.remove(&entry).map(|s| s.encode())
+    }
+
+    fn receive(&mut self, entry: EntryId, state: Vec<u8>) {
+        if let Some(s) = KeyState::decode(&state) {
+            Self::merge(&mut self.keys, entry, s);
+        }
+    }
+
+    fn scan(&mut self, orphan: &dyn Fn(EntryId) -> bool) -> Vec<(EntryId, Vec<u8>)> {
+        self.copies
+            .iter()
+            .filter(|(k, _)| orphan(**k))
+            .map(|(k, s)| (*k, s.encode()))
+            .collect()
+    }
+}
+
+/// The state of a key holding `value` at version 1 (bulk loading through
+/// [`Service::receive`]).
+pub fn state_with_value(value: &[u8]) -> Vec<u8> {
+    KeyState {
+        version: 1,
+        value: value.to_vec(),
+        clients: ClientTable::default(),
+    }
+    .encode()
+}

@@ -1,0 +1,1026 @@
+//! The node state machine of the adaptation layer (sans-IO: events in, actions out).
+//!
+//! Every node keeps the agreed log of configuration changes; the view of epoch `e` is the
+//! genesis view with the first `e` changes applied, and every node derives the same locator
+//! from it. Changes are processed one at a time, in log order:
+//!
+//! 1. **before migration**: the services learn which entries leave this node; the node stops
+//!    serving requests (they are delayed) and sends `Prepared` to every participant.
+//! 2. **send out**: once all participants are prepared, each entry whose manager changes is
+//!    sent to its new manager; after a failure, each service also scans its local state for
+//!    orphan entries (managed by the failed node) and sends what it knows to their new
+//!    managers. Then `Sent` (with the counts per service) goes to every participant.
+//! 3. **receive**: entries arrive (links are FIFO, so all of a sender's entries precede its
+//!    `Sent`) and are merged by the services.
+//! 4. **after migration**: with every participant's `Sent` in and the counts checked, the
+//!    node installs the new view, returns to the stable state, and delivers the delayed
+//!    requests to their new managers.
+//!
+//! A participant that fails during a change is not waited for once its failure is in the
+//! log; what it held or was about to receive is rebuilt by the next change's scan.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::agreement::{Agreement, AgreementConfig, AgreementOutput};
+use crate::error::{AdaptError, Result};
+use crate::locator::{CellTreeLocator, LocatorConfig, Scope};
+use crate::membership::{Membership, MembershipConfig, MembershipEvent, MembershipOutput};
+use crate::service::{RequestId, Service, ServiceId};
+use crate::view::{Change, EntryId, Epoch, NodeId};
+use crate::wire::{Msg, Request};
+
+/// How a node is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub me: NodeId,
+    /// The members of epoch 0, known to every node of the job (also to later joiners).
+    pub genesis: Vec<NodeId>,
+    /// The Raft group that agrees on changes: a few members of `genesis`.
+    pub supervisors: Vec<NodeId>,
+    /// `Some(address)` for a node that is not in `genesis` and announces itself.
+    pub joining: Option<String>,
+    pub locator: LocatorConfig,
+    pub membership: MembershipConfig,
+    pub agreement: AgreementConfig,
+    /// Seeds every random choice (failure detector probes, Raft timeouts).
+    pub seed: u64,
+    /// Ticks before a request without answer, or a proposal not yet agreed, is sent again.
+    pub retry_ticks: u64,
+    /// Ticks between two "which views do I know" reports to a supervisor.
+    pub status_ticks: u64,
+}
+
+impl NodeConfig {
+    pub fn new(me: NodeId, genesis: Vec<NodeId>, supervisors: Vec<NodeId>) -> NodeConfig {
+        NodeConfig {
+            me,
+            genesis,
+            supervisors,
+            joining: None,
+            locator: LocatorConfig::default(),
+            membership: MembershipConfig::default(),
+            agreement: AgreementConfig::default(),
+            seed: u64::from(me),
+            retry_ticks: 100,
+            status_ticks: 50,
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send { to: NodeId, msg: Msg },
+    /// The answer to a request submitted at this node (each request is answered once).
+    Response { id: RequestId, payload: Vec<u8> },
+    /// This node finished the change to `epoch` and is stable.
+    Stable { epoch: Epoch },
+    /// A step of the change to `epoch` ended here: "agreed" (the change is in the log),
+    /// "prepared" (step 1 acknowledged by all), "sent" (steps 2-3 done here), "received"
+    /// (every participant's entries are in).
+    Phase { epoch: Epoch, phase: &'static str },
+    /// This node is out of the configuration (it left, or the view says it failed): stop.
+    Stopped { reason: String },
+    /// Something worth a log line.
+    Log(String),
+}
+
+/// A request submitted here, waiting for its answer.
+struct Pending {
+    request: Request,
+    sent_at: u64,
+}
+
+/// Acknowledgements and entries received for one epoch (they may arrive before this node
+/// starts that change).
+#[derive(Default)]
+struct EpochAcks {
+    prepared: BTreeSet<NodeId>,
+    sent: BTreeMap<NodeId, Vec<u32>>,
+    received: BTreeMap<NodeId, Vec<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Step 1 done here; waiting for every participant's `Prepared`.
+    Prepared,
+    /// Steps 2 and 3 done here; waiting for every participant's `Sent` and entries.
+    Sent,
+}
+
+/// The change this node is processing.
+struct Migration {
+    epoch: Epoch,
+    change: Change,
+    participants: BTreeSet<NodeId>,
+    members: BTreeSet<NodeId>,
+    locator: CellTreeLocator,
+    step: Step,
+}
+
+/// A response waiting for its witnesses.
+struct Witnessed {
+    request: Request,
+    payload: Vec<u8>,
+    waiting: BTreeSet<NodeId>,
+}
+
+/// One node of the adaptation layer.
+pub struct Node {
+    cfg: NodeConfig,
+    services: Vec<Box<dyn Service>>,
+    scopes: Vec<Scope>,
+    now: u64,
+    /// The agreed changes: epoch `i + 1` applies `log[i]`.
+    log: Vec<Change>,
+    early_log: BTreeMap<Epoch, Change>,
+    /// Members after the whole known log, every node ever admitted, and every node the log
+    /// says failed (a participant in that set is not waited for).
+    log_members: BTreeSet<NodeId>,
+    log_ever: BTreeSet<NodeId>,
+    log_failed: BTreeSet<NodeId>,
+    /// The last change processed here, its view, and the locators of it and the two before
+    /// (a failed node may have held entries under either of the previous two).
+    epoch: Epoch,
+    members: BTreeSet<NodeId>,
+    locators: VecDeque<CellTreeLocator>,
+    migration: Option<Migration>,
+    acks: BTreeMap<Epoch, EpochAcks>,
+    stopped: bool,
+    delayed: Vec<Request>,
+    pending: BTreeMap<RequestId, Pending>,
+    witnessed: BTreeMap<RequestId, Witnessed>,
+    membership: Membership,
+    agreement: Option<Agreement>,
+    /// Changes this node wants agreed, with the tick of the last attempt.
+    proposals: BTreeMap<Change, u64>,
+    next_supervisor: usize,
+    out: Vec<Output>,
+}
+
+impl Node {
+    /// A node running `services` (every node registers the same ones, in the same order).
+    pub fn new(cfg: NodeConfig, services: Vec<Box<dyn Service>>) -> Result<Node> {
+        if cfg.genesis.is_empty() {
+            return Err(AdaptError::Config {
+                what: "genesis".into(),
+                reason: "no initial member".into(),
+            });
+        }
+        if cfg.supervisors.is_empty() || cfg.supervisors.iter().any(|s| !cfg.genesis.contains(s))
+        {
+            return Err(AdaptError::Config {
+                what: "supervisors".into(),
+                reason: format!(
+                    "{:?} must be a non-empty subset of the initial members {:?}",
+                    cfg.supervisors, cfg.genesis
+                ),
+            });
+        }
+        let in_genesis = cfg.genesis.contains(&cfg.me);
+        if in_genesis == cfg.joining.is_some() {
+            return Err(AdaptError::Config {
+                what: "joining".into(),
+                reason: format!(
+                    "node {} {} the initial members but {} an address to announce",
+                    cfg.me,
+                    if in_genesis { "is one of" } else { "is not one of" },
+                    if in_genesis { "has" } else { "has no" }
+                ),
+            });
+        }
+        let genesis: BTreeSet<NodeId> = cfg.genesis.iter().copied().collect();
+        let sorted: Vec<NodeId> = genesis.iter().copied().collect();
+        let locator = CellTreeLocator::new(cfg.locator.clone(), &sorted);
+        let scopes = services
+            .iter()
+            .map(|s| match s.size_hint() {
+                Some(n) => locator.scope_for(n),
+                None => locator.root_scope(),
+            })
+            .collect();
+        let agreement = if cfg.supervisors.contains(&cfg.me) {
+            Some(Agreement::new(
+                cfg.me,
+                &cfg.supervisors,
+                cfg.seed,
+                cfg.agreement.clone(),
+            )?)
+        } else {
+            None
+        };
+        let mut membership = Membership::new(cfg.me, cfg.seed, cfg.membership.clone());
+        let mut out = Vec::new();
+        if in_genesis {
+            for &n in genesis.iter().filter(|&&n| n != cfg.me) {
+                push_membership(&mut out, membership.add_member(n, 0));
+            }
+        }
+        let mut proposals = BTreeMap::new();
+        if let Some(addr) = &cfg.joining {
+            proposals.insert(
+                Change::Join {
+                    node: cfg.me,
+                    addr: addr.clone(),
+                },
+                0,
+            );
+        }
+        let members = if in_genesis {
+            genesis.clone()
+        } else {
+            BTreeSet::new()
+        };
+        Ok(Node {
+            cfg,
+            services,
+            scopes,
+            now: 0,
+            log: Vec::new(),
+            early_log: BTreeMap::new(),
+            log_members: genesis.clone(),
+            log_ever: genesis,
+            log_failed: BTreeSet::new(),
+            epoch: 0,
+            members,
+            locators: VecDeque::from([locator]),
+            migration: None,
+            acks: BTreeMap::new(),
+            stopped: false,
+            delayed: Vec::new(),
+            pending: BTreeMap::new(),
+            witnessed: BTreeMap::new(),
+            membership,
+            agreement,
+            proposals,
+            next_supervisor: 0,
+            out,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.me
+    }
+    /// The last epoch whose change finished here.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    /// The number of agreed changes this node knows of.
+    pub fn known_epoch(&self) -> Epoch {
+        self.log.len() as Epoch
+    }
+    /// Stable: no change in progress and every known change processed.
+    pub fn is_stable(&self) -> bool {
+        self.migration.is_none() && self.epoch == self.known_epoch()
+    }
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+    /// The view of [`Node::epoch`].
+    pub fn members(&self) -> &BTreeSet<NodeId> {
+        &self.members
+    }
+    pub fn is_member(&self) -> bool {
+        self.members.contains(&self.cfg.me)
+    }
+    pub fn locator(&self) -> &CellTreeLocator {
+        &self.locators[0]
+    }
+    pub fn scope(&self, service: ServiceId) -> Option<&Scope> {
+        self.scopes.get(service as usize)
+    }
+    pub fn service(&self, service: ServiceId) -> Option<&dyn Service> {
+        self.services.get(service as usize).map(|s| s.as_ref())
+    }
+    pub fn service_mut(&mut self, service: ServiceId) -> Option<&mut (dyn Service + 'static)> {
+        self.services.get_mut(service as usize).map(|s| s.as_mut())
+    }
+    pub fn log(&self) -> &[Change] {
+        &self.log
+    }
+    /// Requests submitted here that have no answer yet.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+    /// The manager of `entry` of `service` in this node's current view.
+    pub fn manager_of(&self, service: ServiceId, entry: EntryId) -> Option<NodeId> {
+        let scope = self.scopes.get(service as usize)?;
+        Some(self.locators[0].manager_in(scope, entry))
+    }
+    /// The actions produced since the last call.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Submits a client request at this node; its answer comes back as
+    /// [`Output::Response`]. A client retrying through another node keeps the `id`.
+    pub fn submit(
+        &mut self,
+        id: RequestId,
+        service: ServiceId,
+        entry: EntryId,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        if service as usize >= self.services.len() {
+            return Err(AdaptError::UnknownService(format!("#{service}")));
+        }
+        let request = Request {
+            id,
+            reply_to: self.cfg.me,
+            service,
+            entry,
+            payload,
+        };
+        self.pending.insert(
+            id,
+            Pending {
+                request: request.clone(),
+                sent_at: self.now,
+            },
+        );
+        self.route(request);
+        Ok(())
+    }
+
+    /// Asks for `node` to be evicted (a planned departure: it hands its entries over first).
+    pub fn request_leave(&mut self, node: NodeId) -> Result<()> {
+        if self.cfg.supervisors.contains(&node) {
+            return Err(AdaptError::ChangeRefused(format!(
+                "node {node} is a supervisor (a member of the Raft group) and cannot leave"
+            )));
+        }
+        if !self.log_members.contains(&node) {
+            return Err(AdaptError::UnknownNode(node));
+        }
+        if self.log_members.len() == 1 {
+            return Err(AdaptError::ChangeRefused(format!(
+                "node {node} is the last member"
+            )));
+        }
+        self.want(Change::Leave { node });
+        Ok(())
+    }
+
+    /// One tick of the logical clock.
+    pub fn tick(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.now += 1;
+        let m = self.membership.tick(self.now);
+        self.on_membership(m);
+        if let Some(a) = self.agreement.as_mut() {
+            let o = a.tick();
+            self.on_agreement(o);
+        }
+        self.retry_proposals();
+        if self.now % self.cfg.status_ticks == 0 {
+            if let Some(s) = self.pick_supervisor() {
+                self.send(
+                    s,
+                    Msg::Status {
+                        epoch: self.known_epoch(),
+                    },
+                );
+            }
+        }
+        if self.migration.is_none() {
+            let due: Vec<Request> = self
+                .pending
+                .values_mut()
+                .filter(|p| self.now.saturating_sub(p.sent_at) >= self.cfg.retry_ticks)
+                .map(|p| {
+                    p.sent_at = self.now;
+                    p.request.clone()
+                })
+                .collect();
+            for r in due {
+                self.route(r);
+            }
+        }
+    }
+
+    /// A message from `from` (already authenticated by the driver).
+    pub fn receive(&mut self, from: NodeId, msg: Msg) {
+        if self.stopped {
+            return;
+        }
+        match msg {
+            Msg::Swim(bytes) => match self.membership.handle(from, &bytes, self.now) {
+                Ok(o) => self.on_membership(o),
+                Err(e) => self.note(format!("dropped failure-detector message from {from}: {e}")),
+            },
+            Msg::Raft(bytes) => {
+                let Some(a) = self.agreement.as_mut() else {
+                    self.note(format!("raft message from {from}, but not a supervisor"));
+                    return;
+                };
+                match a.handle(from, &bytes) {
+                    Ok(o) => self.on_agreement(o),
+                    Err(e) => self.note(format!("dropped raft message from {from}: {e}")),
+                }
+            }
+            Msg::Propose(change) => {
+                if let Some(a) = self.agreement.as_mut() {
+                    if !is_done(&change, &self.log_members, &self.log_ever) {
+                        let o = a.propose(&change);
+                        self.on_agreement(o);
+                    }
+                }
+            }
+            Msg::ViewChange { epoch, change } => self.learn(epoch, change),
+            Msg::Status { epoch } => {
+                if self.agreement.is_some() {
+                    let first = epoch as usize;
+                    let changes: Vec<(Epoch, Change)> = self
+                        .log
+                        .iter()
+                        .enumerate()
+                        .skip(first)
+                        .take(64)
+                        .map(|(i, c)| (i as Epoch + 1, c.clone()))
+                        .collect();
+                    for (epoch, change) in changes {
+                        self.send(from, Msg::ViewChange { epoch, change });
+                    }
+                }
+            }
+            Msg::Prepared { epoch } => {
+                self.acks.entry(epoch).or_default().prepared.insert(from);
+                self.advance();
+            }
+            Msg::EntryData {
+                epoch,
+                service,
+                entry,
+                state,
+            } => {
+                let n = self.services.len();
+                let Some(svc) = self.services.get_mut(service as usize) else {
+                    self.note(format!("entry {entry} from {from} for unknown service #{service}"));
+                    return;
+                };
+                svc.receive(entry, state);
+                let counts = self
+                    .acks
+                    .entry(epoch)
+                    .or_default()
+                    .received
+                    .entry(from)
+                    .or_insert_with(|| vec![0; n]);
+                counts[service as usize] += 1;
+            }
+            Msg::Sent { epoch, counts } => {
+                self.acks.entry(epoch).or_default().sent.insert(from, counts);
+                self.advance();
+            }
+            Msg::Request(r) => self.route(r),
+            Msg::Response {
+                id,
+                service,
+                entry,
+                payload,
+            } => self.deliver(id, service, entry, payload),
+            Msg::Observe {
+                id,
+                service,
+                entry,
+                payload,
+            } => {
+                if let Some(svc) = self.services.get_mut(service as usize) {
+                    svc.observe_response(entry, &payload);
+                }
+                self.send(from, Msg::Observed { id });
+            }
+            Msg::Observed { id } => {
+                let done = match self.witnessed.get_mut(&id) {
+                    Some(w) => {
+                        w.waiting.remove(&from);
+                        w.waiting.is_empty()
+                    }
+                    None => false,
+                };
+                if done {
+                    if let Some(w) = self.witnessed.remove(&id) {
+                        self.respond(w.request, w.payload);
+                    }
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, line: String) {
+        self.out.push(Output::Log(line));
+    }
+
+    fn send(&mut self, to: NodeId, msg: Msg) {
+        self.out.push(Output::Send { to, msg });
+    }
+
+    fn on_membership(&mut self, o: MembershipOutput) {
+        for (to, bytes) in o.messages {
+            self.send(to, Msg::Swim(bytes));
+        }
+        for e in o.events {
+            if let MembershipEvent::Down(node) = e {
+                if self.log_members.contains(&node) {
+                    self.note(format!("node {node} is down: proposing its failure"));
+                    self.want(Change::Fail { node });
+                }
+            }
+        }
+    }
+
+    fn on_agreement(&mut self, o: AgreementOutput) {
+        for (to, bytes) in o.messages {
+            self.send(to, Msg::Raft(bytes));
+        }
+        for (_, change) in o.committed {
+            // Only changes that still make sense at their place in the log become epochs;
+            // every supervisor judges the same log the same way.
+            if is_done(&change, &self.log_members, &self.log_ever) || !self.allowed(&change) {
+                continue;
+            }
+            let epoch = self.known_epoch() + 1;
+            self.learn(epoch, change.clone());
+            let mut to: BTreeSet<NodeId> = self.log_members.clone();
+            to.insert(change.node());
+            to.remove(&self.cfg.me);
+            for n in to {
+                self.send(
+                    n,
+                    Msg::ViewChange {
+                        epoch,
+                        change: change.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether the log may take `change` now (it is not already done).
+    fn allowed(&self, change: &Change) -> bool {
+        match change {
+            Change::Join { .. } => true,
+            Change::Leave { node } => {
+                self.log_members.len() > 1 && !self.cfg.supervisors.contains(node)
+            }
+            Change::Fail { .. } => self.log_members.len() > 1,
+        }
+    }
+
+    fn want(&mut self, change: Change) {
+        if !self.proposals.contains_key(&change) {
+            self.proposals.insert(change.clone(), self.now);
+            self.propose_now(change);
+        }
+    }
+
+    fn propose_now(&mut self, change: Change) {
+        if let Some(a) = self.agreement.as_mut() {
+            let o = a.propose(&change);
+            self.on_agreement(o);
+        } else if let Some(s) = self.pick_supervisor() {
+            self.send(s, Msg::Propose(change));
+        }
+    }
+
+    fn retry_proposals(&mut self) {
+        let (log_members, log_ever) = (&self.log_members, &self.log_ever);
+        self.proposals
+            .retain(|c, _| !is_done(c, log_members, log_ever));
+        let due: Vec<Change> = self
+            .proposals
+            .iter_mut()
+            .filter(|(_, at)| self.now.saturating_sub(**at) >= self.cfg.retry_ticks / 2)
+            .map(|(c, at)| {
+                *at = self.now;
+                c.clone()
+            })
+            .collect();
+        for c in due {
+            self.propose_now(c);
+        }
+    }
+
+    /// A supervisor that is not known to have failed, rotating.
+    fn pick_supervisor(&mut self) -> Option<NodeId> {
+        let alive: Vec<NodeId> = self
+            .cfg
+            .supervisors
+            .iter()
+            .copied()
+            .filter(|s| !self.log_failed.contains(s) && *s != self.cfg.me)
+            .collect();
+        if alive.is_empty() {
+            return None;
+        }
+        self.next_supervisor = self.next_supervisor.wrapping_add(1);
+        Some(alive[self.next_supervisor % alive.len()])
+    }
+
+    /// Records the agreed change of `epoch` and processes what can be processed.
+    fn learn(&mut self, epoch: Epoch, change: Change) {
+        let known = self.known_epoch();
+        if epoch <= known {
+            return;
+        }
+        self.early_log.insert(epoch, change);
+        while let Some(change) = self.early_log.remove(&(self.known_epoch() + 1)) {
+            match &change {
+                Change::Join { node, .. } => {
+                    self.log_members.insert(*node);
+                    self.log_ever.insert(*node);
+                }
+                Change::Leave { node } => {
+                    self.log_members.remove(node);
+                }
+                Change::Fail { node } => {
+                    self.log_members.remove(node);
+                    self.log_failed.insert(*node);
+                }
+            }
+            self.log.push(change);
+            self.out.push(Output::Phase {
+                epoch: self.log.len() as Epoch,
+                phase: "agreed",
+            });
+        }
+        self.advance();
+    }
+
+    /// Starts and finishes changes for as long as their acknowledgements are in.
+    fn advance(&mut self) {
+        loop {
+            if self.stopped {
+                return;
+            }
+            if self.migration.is_some() {
+                if !self.try_finish() {
+                    return;
+                }
+                continue;
+            }
+            if self.epoch >= self.known_epoch() {
+                return;
+            }
+            self.start(self.epoch + 1);
+        }
+    }
+
+    fn start(&mut self, epoch: Epoch) {
+        let change = self.log[(epoch - 1) as usize].clone();
+        let me = self.cfg.me;
+        let mut members = self.members.clone();
+        let mut locator = self.locators[0].clone();
+        let mut participants = self.members.clone();
+        match &change {
+            Change::Join { node, .. } => {
+                members.insert(*node);
+                participants.insert(*node);
+                locator.add_node(*node);
+            }
+            Change::Leave { node } => {
+                members.remove(node);
+                locator.remove_node(*node);
+            }
+            Change::Fail { node } => {
+                members.remove(node);
+                participants.remove(node);
+                locator.remove_node(*node);
+            }
+        }
+        // Failure detection follows the view.
+        let now = self.now;
+        match &change {
+            Change::Join { node, .. } if *node == me => {
+                for &n in members.iter().filter(|&&n| n != me) {
+                    let o = self.membership.add_member(n, now);
+                    self.on_membership(o);
+                }
+            }
+            Change::Join { node, .. } if participants.contains(&me) => {
+                let o = self.membership.add_member(*node, now);
+                self.on_membership(o);
+            }
+            Change::Leave { node } | Change::Fail { node } if *node != me => {
+                let o = self.membership.remove_member(*node, now);
+                self.on_membership(o);
+            }
+            _ => {}
+        }
+        if let Change::Fail { node } = &change {
+            if *node == me {
+                self.stop(format!(
+                    "the agreed view of epoch {epoch} says this node failed"
+                ));
+                return;
+            }
+        }
+        if !participants.contains(&me) {
+            // A change from before this node joined: replayed to get the same locator.
+            self.install(epoch, members, locator);
+            return;
+        }
+        // Step 1: before migration.
+        for (s, svc) in self.services.iter_mut().enumerate() {
+            let scope = &self.scopes[s];
+            let leaving: Vec<EntryId> = svc
+                .managed()
+                .into_iter()
+                .filter(|&e| locator.manager_in(scope, e) != me)
+                .collect();
+            svc.before_migration(epoch, &leaving);
+        }
+        for &p in participants.iter().filter(|&&p| p != me) {
+            self.send(p, Msg::Prepared { epoch });
+        }
+        self.migration = Some(Migration {
+            epoch,
+            change,
+            participants,
+            members,
+            locator,
+            step: Step::Prepared,
+        });
+    }
+
+    /// The participants this node still waits for in `m`: not itself, not failed.
+    fn awaited(&self, m: &Migration) -> Vec<NodeId> {
+        m.participants
+            .iter()
+            .copied()
+            .filter(|p| *p != self.cfg.me && !self.log_failed.contains(p))
+            .collect()
+    }
+
+    /// Moves the current change on; true when it finished.
+    fn try_finish(&mut self) -> bool {
+        let Some(m) = self.migration.as_ref() else {
+            return true;
+        };
+        let epoch = m.epoch;
+        let awaited = self.awaited(m);
+        let acks = self.acks.entry(epoch).or_default();
+        if m.step == Step::Prepared {
+            if !awaited.iter().all(|p| acks.prepared.contains(p)) {
+                return false;
+            }
+            self.out.push(Output::Phase {
+                epoch,
+                phase: "prepared",
+            });
+            self.send_out();
+            self.out.push(Output::Phase {
+                epoch,
+                phase: "sent",
+            });
+        }
+        let Some(m) = self.migration.as_ref() else {
+            return true;
+        };
+        let acks = self.acks.entry(epoch).or_default();
+        if !awaited.iter().all(|p| acks.sent.contains_key(p)) {
+            return false;
+        }
+        let n = self.services.len();
+        let mut problems = Vec::new();
+        for p in &awaited {
+            let want = acks.sent.get(p).cloned().unwrap_or_default();
+            let got = acks.received.get(p).cloned().unwrap_or_else(|| vec![0; n]);
+            if want != got {
+                problems.push(format!(
+                    "epoch {epoch}: node {p} sent {want:?} entries per service, {got:?} arrived"
+                ));
+            }
+        }
+        let _ = m;
+        for p in problems {
+            self.note(p);
+        }
+        self.out.push(Output::Phase {
+            epoch,
+            phase: "received",
+        });
+        // Step 4: after migration.
+        let Some(m) = self.migration.take() else {
+            return true;
+        };
+        for svc in self.services.iter_mut() {
+            svc.after_migration(epoch);
+        }
+        let leaving = matches!(m.change, Change::Leave { node } if node == self.cfg.me);
+        self.install(epoch, m.members, m.locator);
+        self.acks.retain(|&e, _| e > epoch);
+        self.out.push(Output::Stable { epoch });
+        // Responses held for witnesses go out now: a witness may have been the failed node.
+        let held: Vec<Witnessed> = std::mem::take(&mut self.witnessed).into_values().collect();
+        for w in held {
+            self.respond(w.request, w.payload);
+        }
+        for r in std::mem::take(&mut self.delayed) {
+            self.route(r);
+        }
+        if leaving {
+            self.stop(format!("left the configuration at epoch {epoch}"));
+        } else {
+            // Requests submitted here go again to their (possibly new) managers.
+            let again: Vec<Request> = self
+                .pending
+                .values_mut()
+                .map(|p| {
+                    p.sent_at = self.now;
+                    p.request.clone()
+                })
+                .collect();
+            for r in again {
+                self.route(r);
+            }
+        }
+        true
+    }
+
+    /// Steps 2 and 3: entries and orphans out to their new managers, then `Sent` to all.
+    fn send_out(&mut self) {
+        let Some(m) = self.migration.as_mut() else {
+            return;
+        };
+        m.step = Step::Sent;
+        let me = self.cfg.me;
+        let epoch = m.epoch;
+        let n = self.services.len();
+        let failed = match m.change {
+            Change::Fail { node } => Some(node),
+            _ => None,
+        };
+        let mut counts: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        let mut sends = Vec::new();
+        for (s, svc) in self.services.iter_mut().enumerate() {
+            let scope = &self.scopes[s];
+            for entry in svc.managed() {
+                let to = m.locator.manager_in(scope, entry);
+                // An entry for a node that is failing stays here until the next change.
+                if to == me || self.log_failed.contains(&to) {
+                    continue;
+                }
+                if let Some(state) = svc.send_out(entry) {
+                    counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                    sends.push((to, s as ServiceId, entry, state));
+                }
+            }
+            if let Some(failed) = failed {
+                // Failure repair: the failed node managed these under one of the last two
+                // views (it may not have sent them on during the previous change).
+                let previous: Vec<&CellTreeLocator> = self.locators.iter().take(2).collect();
+                let orphan = |e: EntryId| previous.iter().any(|l| l.manager_in(scope, e) == failed);
+                for (entry, state) in svc.scan(&orphan) {
+                    let to = m.locator.manager_in(scope, entry);
+                    if to == me || self.log_failed.contains(&to) {
+                        svc.receive(entry, state);
+                    } else {
+                        counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                        sends.push((to, s as ServiceId, entry, state));
+                    }
+                }
+            }
+        }
+        let participants: Vec<NodeId> = m
+            .participants
+            .iter()
+            .copied()
+            .filter(|&p| p != me)
+            .collect();
+        for (to, service, entry, state) in sends {
+            self.send(
+                to,
+                Msg::EntryData {
+                    epoch,
+                    service,
+                    entry,
+                    state,
+                },
+            );
+        }
+        for p in participants {
+            let c = counts.remove(&p).unwrap_or_else(|| vec![0; n]);
+            self.send(p, Msg::Sent { epoch, counts: c });
+        }
+    }
+
+    fn install(&mut self, epoch: Epoch, members: BTreeSet<NodeId>, locator: CellTreeLocator) {
+        self.epoch = epoch;
+        self.members = members;
+        self.locators.push_front(locator);
+        self.locators.truncate(3);
+    }
+
+    fn stop(&mut self, reason: String) {
+        self.stopped = true;
+        self.migration = None;
+        self.out.push(Output::Stopped { reason });
+    }
+
+    /// Executes a request here if this node manages its entry, else forwards it to the
+    /// manager of this node's view (also from a node that is not a member yet, or leaving);
+    /// delays it during a change.
+    fn route(&mut self, r: Request) {
+        if self.stopped {
+            return;
+        }
+        if self.migration.is_some() {
+            self.delayed.push(r);
+            return;
+        }
+        let Some(manager) = self.manager_of(r.service, r.entry) else {
+            self.note(format!(
+                "request {:?} for unknown service #{}",
+                r.id, r.service
+            ));
+            return;
+        };
+        if manager != self.cfg.me {
+            self.send(manager, Msg::Request(r));
+            return;
+        }
+        let Some(svc) = self.services.get_mut(r.service as usize) else {
+            return;
+        };
+        let payload = svc.handle(r.entry, r.id, &r.payload);
+        let want = svc.witnesses();
+        let witnesses = self.witnesses_of(want);
+        if witnesses.is_empty() {
+            self.respond(r, payload);
+            return;
+        }
+        for &w in &witnesses {
+            self.send(
+                w,
+                Msg::Observe {
+                    id: r.id,
+                    service: r.service,
+                    entry: r.entry,
+                    payload: payload.clone(),
+                },
+            );
+        }
+        self.witnessed.insert(
+            r.id,
+            Witnessed {
+                request: r,
+                payload,
+                waiting: witnesses.into_iter().collect(),
+            },
+        );
+    }
+
+    /// The `k` members following this node in the view (its witnesses).
+    fn witnesses_of(&self, k: usize) -> Vec<NodeId> {
+        let me = self.cfg.me;
+        let after = self.members.range(me + 1..).copied();
+        let before = self.members.range(..me).copied();
+        after.chain(before).take(k).collect()
+    }
+
+    fn respond(&mut self, r: Request, payload: Vec<u8>) {
+        if r.reply_to == self.cfg.me {
+            self.deliver(r.id, r.service, r.entry, payload);
+        } else {
+            self.send(
+                r.reply_to,
+                Msg::Response {
+                    id: r.id,
+                    service: r.service,
+                    entry: r.entry,
+                    payload,
+                },
+            );
+        }
+    }
+
+    /// An answer for a request submitted here: given to the client once.
+    fn deliver(&mut self, id: RequestId, service: ServiceId, entry: EntryId, payload: Vec<u8>) {
+        if self.pending.remove(&id).is_none() {
+            return;
+        }
+        if let Some(svc) = self.services.get_mut(service as usize) {
+            svc.observe_response(entry, &payload);
+        }
+        self.out.push(Output::Response { id, payload });
+    }
+}
+
+fn push_membership(out: &mut Vec<Output>, o: MembershipOutput) {
+    for (to, bytes) in o.messages {
+        out.push(Output::Send {
+            to,
+            msg: Msg::Swim(bytes),
+        });
+    }
+}
+
+/// Whether `change` is already reflected by the log (a retried or duplicate proposal).
+fn is_done(change: &Change, members: &BTreeSet<NodeId>, ever: &BTreeSet<NodeId>) -> bool {
+    match change {
+        Change::Join { node, .. } => ever.contains(node),
+        Change::Leave { node } | Change::Fail { node } => !members.contains(node),
+    }
+}

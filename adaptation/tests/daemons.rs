@@ -1,0 +1,406 @@
+//! Real processes: 8 `krun-adapt` daemons on loopback with the toy key-value service.
+//! While clients keep issuing requests, 2 nodes join, 1 is evicted and 1 is SIGKILLed;
+//! afterwards every key reads back its last written value. A node with the wrong secret
+//! never gets in, and garbage on a daemon's port is logged and survived.
+//!
+//! Every daemon is killed by PID and reaped when its guard drops, also when a test fails.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "6b72756e2d616461707461746f6e2d746573742d736563726574";
+const WAIT: Duration = Duration::from_secs(90);
+
+#[derive(Default)]
+struct Seen {
+    ready: bool,
+    stable: u64,
+    members: Vec<u32>,
+    stopped: bool,
+    answers: BTreeMap<(u32, u64), String>,
+}
+
+struct Daemon {
+    id: u32,
+    child: Child,
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+    seen: Arc<Mutex<Seen>>,
+    stderr: Arc<Mutex<String>>,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn send(&self, line: &str) -> bool {
+        let mut g = self.stdin.lock().unwrap();
+        match g.as_mut() {
+            Some(s) => writeln!(s, "{line}").and_then(|_| s.flush()).is_ok(),
+            None => false,
+        }
+    }
+    fn alive(&self) -> bool {
+        !self.seen.lock().unwrap().stopped && self.stdin.lock().unwrap().is_some()
+    }
+}
+
+fn free_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_krun-adapt"));
+    cmd.args(["--id", &id.to_string(), "--listen", addr, "--supervisors", "0,1,2"]);
+    for (p, a) in peers {
+        cmd.args(["--peer", &format!("{p}={a}")]);
+    }
+    if join {
+        cmd.arg("--join");
+    }
+    cmd.env("KRUN_SECRET", secret)
+        .env_remove("KRUN_SECRET_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn krun-adapt");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let mut s = seen.lock().unwrap();
+                match w.as_slice() {
+                    ["ready", ..] => s.ready = true,
+                    ["stable", e, _, m] => {
+                        s.stable = e.parse().unwrap();
+                        s.members = m
+                            .trim_start_matches("members=")
+                            .split(',')
+                            .filter_map(|x| x.parse().ok())
+                            .collect();
+                    }
+                    ["stopped", ..] => s.stopped = true,
+                    ["ans", c, q, ..] => {
+                        s.answers
+                            .insert((c.parse().unwrap(), q.parse().unwrap()), line.clone());
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    {
+        let stderr = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let stdin = child.stdin.take();
+    Daemon {
+        id,
+        child,
+        stdin: Arc::new(Mutex::new(stdin)),
+        seen,
+        stderr,
+        addr: addr.to_string(),
+    }
+}
+
+struct Cluster {
+    daemons: BTreeMap<u32, Daemon>,
+}
+
+impl Cluster {
+    fn describe(&self) -> String {
+        self.daemons
+            .values()
+            .map(|d| {
+                let s = d.seen.lock().unwrap();
+                let err = d.stderr.lock().unwrap();
+                let tail: String = err
+                    .lines()
+                    .rev()
+                    .take(6)
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                format!(
+                    "node {}: stable {} members {:?} stopped {} stderr: {tail}",
+                    d.id, s.stable, s.members, s.stopped
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn wait(&self, what: &str, ok: impl Fn(&Cluster) -> bool) {
+        let start = Instant::now();
+        while !ok(self) {
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("{what}: {:.2} s", start.elapsed().as_secs_f64());
+    }
+
+    /// Every live daemon is stable at `epoch` with exactly `members`.
+    fn settled(&self, epoch: u64, members: &[u32]) -> bool {
+        self.daemons.values().filter(|d| d.alive()).all(|d| {
+            let s = d.seen.lock().unwrap();
+            s.stable == epoch && s.members == members
+        })
+    }
+}
+
+struct Clients {
+    sums: BTreeMap<u64, i64>,
+    /// (client, seq, key, delta, through, sent at)
+    pending: BTreeMap<u32, (u64, u64, i64, u32, Instant)>,
+    seq: BTreeMap<u32, u64>,
+    answered: u64,
+}
+
+/// One round of the clients: collect answers (each checked against exactly-once
+/// execution), retry through another node when a client's node is gone, issue new adds.
+fn client_round(cluster: &Cluster, c: &mut Clients, round: u64, issue: bool) {
+    let live: Vec<u32> = cluster
+        .daemons
+        .values()
+        .filter(|d| d.alive())
+        .map(|d| d.id)
+        .collect();
+    for client in 0..4u32 {
+        if let Some((seq, key, delta, through, at)) = c.pending.get(&client).cloned() {
+            let answer = cluster
+                .daemons
+                .values()
+                .find_map(|d| d.seen.lock().unwrap().answers.remove(&(client, seq)));
+            if let Some(line) = answer {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let want = c.sums.get(&key).copied().unwrap_or(0) + delta;
+                assert_eq!(w[3], "ok", "{line}");
+                assert_eq!(
+                    w[5].parse::<i64>().unwrap(),
+                    want,
+                    "client {client} key {key}: {line} (exactly-once gives {want})"
+                );
+                c.sums.insert(key, want);
+                c.pending.remove(&client);
+                c.answered += 1;
+            } else if !live.contains(&through) || at.elapsed() > Duration::from_secs(20) {
+                let via = live[(round as usize + client as usize) % live.len()];
+                cluster.daemons[&via].send(&format!("req {client} {seq} {key} add {delta}"));
+                c.pending.insert(client, (seq, key, delta, via, Instant::now()));
+            }
+            continue;
+        }
+        if !issue {
+            continue;
+        }
+        let seq = c.seq.entry(client).or_insert(0);
+        *seq += 1;
+        let key = u64::from(client) * 100 + (round % 8);
+        let delta = (round % 7) as i64 + 1;
+        let via = live[(round as usize * 3 + client as usize) % live.len()];
+        if cluster.daemons[&via].send(&format!("req {client} {} {key} add {delta}", *seq)) {
+            c.pending
+                .insert(client, (*seq, key, delta, via, Instant::now()));
+        } else {
+            *seq -= 1;
+        }
+    }
+}
+
+#[test]
+fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
+    let addrs: Vec<(u32, String)> = (0..8).map(|i| (i, free_port())).collect();
+    let mut cluster = Cluster {
+        daemons: BTreeMap::new(),
+    };
+    for (id, addr) in &addrs {
+        let peers: Vec<(u32, String)> = addrs.iter().filter(|(p, _)| p != id).cloned().collect();
+        cluster
+            .daemons
+            .insert(*id, spawn(*id, addr, &peers, false, SECRET));
+    }
+    cluster.wait("8 daemons ready", |c| {
+        c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
+    });
+    let mut clients = Clients {
+        sums: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        seq: BTreeMap::new(),
+        answered: 0,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut round = 0u64;
+    let mut run_clients = |cluster: &Cluster, clients: &mut Clients, for_how_long: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < for_how_long {
+            round += 1;
+            client_round(cluster, clients, round, true);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    run_clients(&cluster, &mut clients, Duration::from_secs(1));
+
+    // Two nodes join.
+    for id in [8u32, 9] {
+        let addr = free_port();
+        cluster
+            .daemons
+            .insert(id, spawn(id, &addr, &addrs, true, SECRET));
+    }
+    let all: Vec<u32> = (0..10).collect();
+    let start = Instant::now();
+    while !cluster.settled(2, &all) {
+        assert!(start.elapsed() < WAIT, "joins did not settle\n{}", cluster.describe());
+        run_clients(&cluster, &mut clients, Duration::from_millis(100));
+    }
+    println!("2 joins settled in {:.2} s", start.elapsed().as_secs_f64());
+
+    // A planned eviction.
+    assert!(cluster.daemons[&0].send("leave 5"));
+    let without5: Vec<u32> = all.iter().copied().filter(|&n| n != 5).collect();
+    let start = Instant::now();
+    while !(cluster.settled(3, &without5) && cluster.daemons[&5].seen.lock().unwrap().stopped) {
+        assert!(start.elapsed() < WAIT, "eviction did not settle\n{}", cluster.describe());
+        run_clients(&cluster, &mut clients, Duration::from_millis(100));
+    }
+    println!("eviction settled in {:.2} s", start.elapsed().as_secs_f64());
+    let status = cluster.daemons[&5].child.id();
+    let _ = status;
+
+    // A crash.
+    {
+        let d = cluster.daemons.get_mut(&6).unwrap();
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+        *d.stdin.lock().unwrap() = None;
+    }
+    let survivors: Vec<u32> = without5.iter().copied().filter(|&n| n != 6).collect();
+    let start = Instant::now();
+    while !cluster.settled(4, &survivors) {
+        assert!(start.elapsed() < WAIT, "failure repair did not settle\n{}", cluster.describe());
+        run_clients(&cluster, &mut clients, Duration::from_millis(100));
+    }
+    println!("SIGKILL repaired in {:.2} s", start.elapsed().as_secs_f64());
+    run_clients(&cluster, &mut clients, Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+
+    // Every request gets its answer.
+    let start = Instant::now();
+    while !clients.pending.is_empty() {
+        assert!(
+            start.elapsed() < WAIT,
+            "requests without answer: {:?}\n{}",
+            clients.pending,
+            cluster.describe()
+        );
+        round += 1;
+        client_round(&cluster, &mut clients, round, false);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(clients.answered > 50, "only {} answers", clients.answered);
+
+    // Every key holds its last written value.
+    let reader = 99u32;
+    for (i, (key, sum)) in clients.sums.clone().into_iter().enumerate() {
+        let via = survivors[i % survivors.len()];
+        let seq = i as u64 + 1;
+        assert!(cluster.daemons[&via].send(&format!("req {reader} {seq} {key} get")));
+        let start = Instant::now();
+        let line = loop {
+            let a = cluster
+                .daemons
+                .values()
+                .find_map(|d| d.seen.lock().unwrap().answers.remove(&(reader, seq)));
+            if let Some(a) = a {
+                break a;
+            }
+            assert!(start.elapsed() < WAIT, "no answer to the read of key {key}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[5].parse::<i64>().ok(), Some(sum), "key {key}: {line}");
+    }
+    println!(
+        "{} answers checked, {} keys read back",
+        clients.answered,
+        clients.sums.len()
+    );
+}
+
+#[test]
+fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
+    let addrs: Vec<(u32, String)> = (0..3).map(|i| (i, free_port())).collect();
+    let mut cluster = Cluster {
+        daemons: BTreeMap::new(),
+    };
+    for (id, addr) in &addrs {
+        let peers: Vec<(u32, String)> = addrs.iter().filter(|(p, _)| p != id).cloned().collect();
+        cluster
+            .daemons
+            .insert(*id, spawn(*id, addr, &peers, false, SECRET));
+    }
+    cluster.wait("3 daemons ready", |c| {
+        c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
+    });
+    // Garbage and a frame with a bad magic on node 0's port.
+    {
+        let mut s = std::net::TcpStream::connect(&cluster.daemons[&0].addr).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxx").unwrap();
+    }
+    let wrong = "00112233445566778899aabbccddeeff00112233";
+    let intruder = spawn(20, &free_port(), &addrs, true, wrong);
+    cluster.wait("the intruder's frames refused by name", |c| {
+        c.daemons
+            .values()
+            .any(|d| d.stderr.lock().unwrap().contains("claims node 20"))
+    });
+    cluster.wait("the bad magic logged", |c| {
+        c.daemons[&0].stderr.lock().unwrap().contains("bad magic")
+    });
+    // The cluster still works and never admitted the intruder.
+    assert!(cluster.daemons[&0].send("req 1 1 42 add 5"));
+    cluster.wait("an answer after the garbage", |c| {
+        c.daemons[&0]
+            .seen
+            .lock()
+            .unwrap()
+            .answers
+            .get(&(1, 1))
+            .is_some_and(|l| l.contains(" ok ") && l.ends_with(" 5"))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for d in cluster.daemons.values() {
+        assert_eq!(d.seen.lock().unwrap().stable, 0, "a change happened:\n{}", cluster.describe());
+        assert!(d.alive());
+    }
+    drop(intruder);
+}
