@@ -225,11 +225,9 @@ impl Node {
                 0,
             );
         }
-        let members = if in_genesis {
-            genesis.clone()
-        } else {
-            BTreeSet::new()
-        };
+        // A joiner starts from the same view as everybody (without itself) and replays the
+        // log to reach the current one.
+        let members = genesis.clone();
         Ok(Node {
             cfg,
             services,
@@ -854,12 +852,25 @@ impl Node {
         };
         let mut counts: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         let mut sends = Vec::new();
+        // An entry for a node that is failing stays here until the next change places it;
+        // a node that is leaving hands such entries to a member that stays.
+        let leaving = matches!(m.change, Change::Leave { node } if node == me);
+        let keeper = if leaving {
+            m.members
+                .iter()
+                .copied()
+                .find(|n| *n != me && !self.log_failed.contains(n))
+        } else {
+            Some(me)
+        };
         for (s, svc) in self.services.iter_mut().enumerate() {
             let scope = &self.scopes[s];
             for entry in svc.managed() {
-                let to = m.locator.manager_in(scope, entry);
-                // An entry for a node that is failing stays here until the next change.
-                if to == me || self.log_failed.contains(&to) {
+                let mut to = m.locator.manager_in(scope, entry);
+                if self.log_failed.contains(&to) {
+                    to = keeper.unwrap_or(me);
+                }
+                if to == me {
                     continue;
                 }
                 if let Some(state) = svc.send_out(entry) {
