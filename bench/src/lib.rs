@@ -4,4 +4,5 @@
 pub mod ckpt;
 pub mod fabric;
 pub mod launch;
+pub mod locator;
 pub mod report;

@@ -15,7 +15,11 @@ subcommands:
            native captures to L1+L2 (buddy memory over RMA) and L4 (io_uring), restores
            from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
            writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh)
-           options: --sizes 1,4  --out PATH";
+           options: --sizes 1,4  --out PATH
+  locator  directory-entry placement on 8, 64, 1024 nodes: the cell-tree locator against
+           entry % n and rendezvous hashing, on one join and one leave (entries moved, nodes
+           touched, balance, lookup ns); writes bench/results/locator.json
+           options: --entries N  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
         "fabric" => bench::fabric::run(rest),
         "launch" => bench::launch::run(rest),
         "ckpt" => bench::ckpt::run(rest),
+        "locator" => bench::locator::run(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {
