@@ -10,9 +10,11 @@
 //! each bucket's manager. The leaves of a binary tree ("cells", at most `max_cell` members)
 //! partition the bucket space into contiguous ranges, and a cell's buckets belong to its
 //! members only. A join or leave moves buckets inside one cell: the newcomer takes from the
-//! most loaded members, a leaver's buckets go to the least loaded ones. Splitting a cell (or
-//! merging it into its sibling) changes the tree, not who manages what, except for the
-//! swaps described at [`CellTreeLocator::add_node`].
+//! most loaded members, a leaver's buckets go to the least loaded ones. Splitting a cell
+//! changes the tree, not who manages what, except for the swaps described at
+//! [`CellTreeLocator::add_node`]. Balance across cells comes from joins going to the most
+//! loaded cell and, when leaves pile up in one cell, from evening out the smallest sub-tree
+//! around it ([`CellTreeLocator::remove_node`]): the one case where a change spans cells.
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
@@ -196,7 +198,7 @@ impl CellTreeLocator {
     /// The smallest sub-tree able to hold `entries` entries at [`ENTRIES_PER_NODE`] per
     /// member (fewest members, then lowest first bucket); the root when none is smaller.
     /// Sub-tree ranges survive splits (a split only refines a leaf) and joins, so a scope
-    /// stays valid until a cell of it is merged away.
+    /// stays valid until a leave merges or evens out cells across its boundary.
     pub fn scope_for(&self, entries: u64) -> Scope {
         let need = entries.div_ceil(ENTRIES_PER_NODE).max(1) as usize;
         let mut counts = vec![0usize; self.tree.len()];
@@ -222,16 +224,18 @@ impl CellTreeLocator {
 
     /// Adds a node to the cell whose members hold the most buckets each (ties: lowest cell).
     ///
-    /// The newcomer takes buckets one at a time from the currently most loaded member of
-    /// that cell until it holds round(buckets / (N+1)), stopping early rather than leave a
-    /// donor below the newcomer. A cell that then exceeds `max_cell` is split in two: members
-    /// are grouped by where their buckets lie and the cut is placed so each half's range has
-    /// exactly its members' bucket count. A cell built by [`Self::new`] or a clean split has
-    /// contiguous runs and splits without moving anything; when earlier joins scattered a
-    /// member's buckets across the cut, pairs of buckets are swapped between the halves
-    /// (counts unchanged, still inside the one cell) and counted in `buckets_moved`. A full
-    /// cell splits before the newcomer joins one half (the more loaded per member).
-    /// Adding a present node changes nothing.
+    /// A cell already at `max_cell` members is first split in two and the newcomer joins the
+    /// half whose members hold more buckets each. The split groups members by the mean
+    /// position of their buckets and cuts the range so each half's range has exactly its
+    /// members' bucket count: cells from [`Self::new`] or from a clean split have contiguous
+    /// runs and split without moving anything; when earlier joins scattered a member's
+    /// buckets across the cut, pairs of buckets are swapped between the halves (counts
+    /// unchanged, inside the one cell) and counted in `buckets_moved`.
+    ///
+    /// The newcomer then takes buckets one at a time from the currently most loaded member of
+    /// its cell until it holds round(buckets / (N+1)), stopping early rather than leave a
+    /// donor below it (so in a small cell it may start below the mean). Adding a present node
+    /// changes nothing.
     pub fn add_node(&mut self, node: NodeId) -> ChangeSummary {
         let leaves = self.leaves();
         if let Some(cell) = leaves.iter().position(|&l| self.members(l).contains(&node)) {
@@ -242,7 +246,8 @@ impl CellTreeLocator {
         }
         let n = self.node_count();
         let total = self.table.len();
-        let target = (total + (n + 1) / 2) / (n + 1);
+        // round(total / (n + 1))
+        let target = (2 * total + n + 1) / (2 * (n + 1));
         // Most buckets per member: compare len_a/k_a against len_b/k_b without division.
         let mut cell = 0;
         for (i, &l) in leaves.iter().enumerate() {
@@ -364,12 +369,13 @@ impl CellTreeLocator {
     /// cell of its sibling sub-tree (a tree change; that cell's members take the buckets);
     /// and when the leave would leave a member more than [`OVERLOAD_SLACK_PCT`] percent above
     /// the mean, the smallest enclosing sub-tree whose members are on average within
-    /// [`REBALANCE_TARGET_PCT`] percent of it (or the root) is evened out: its cells are merged, buckets move from its most to its least
-    /// loaded members, and it is split back into cells of at most `max_cell` members. With
-    /// cells of 16 this happens after several leaves hit one cell before joins refill it;
-    /// all its moves stay inside that sub-tree's range. Removing the last node or an absent
-    /// one changes nothing (see [`Self::try_remove_node`] for an error instead); this never
-    /// panics.
+    /// [`REBALANCE_TARGET_PCT`] percent of it (or the root) is evened out: its cells are
+    /// merged, buckets move from its most to its least loaded members, and it is split back
+    /// into cells of at most `max_cell` members (the summary then names its first cell and
+    /// every node of it that gave or took buckets). With cells of 16 this happens when
+    /// several leaves hit one cell before joins refill it; all moves stay inside that
+    /// sub-tree's range. Removing the last node or an absent one changes nothing (see
+    /// [`Self::try_remove_node`] for an error instead); this never panics.
     pub fn remove_node(&mut self, node: NodeId) -> ChangeSummary {
         let Some(mut leaf) = self
             .leaves()
@@ -923,18 +929,19 @@ mod tests {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
         let mut next_id = 1000;
         let mut worst: f64 = 0.0;
-        let (mut wider, mut widest, mut wider_moved) = (0, 0, 0);
+        let (mut leaves, mut wider, mut widest, mut wider_moved) = (0, 0, 0, 0);
         for step in 0..200 {
             let before = loc.clone();
             let nodes = loc.nodes();
             let s;
             let mut allowed;
-            if xorshift(&mut rng) % 2 == 0 || nodes.len() < 8 {
+            if xorshift(&mut rng).is_multiple_of(2) || nodes.len() < 8 {
                 s = loc.add_node(next_id);
                 allowed = cell_members(&before, &loc, s.cell);
                 allowed.push(next_id);
                 next_id += 1;
             } else {
+                leaves += 1;
                 let gone = nodes[(xorshift(&mut rng) % nodes.len() as u64) as usize];
                 s = loc.remove_node(gone);
                 // The leaver's cell; or, when a sub-tree was evened out, the adjacent cells
@@ -984,7 +991,7 @@ mod tests {
             assert!(ratio <= 1.1, "step {step}: max/mean {ratio}");
         }
         eprintln!(
-            "worst max/mean {worst:.4}; {wider} leaves evened out a sub-tree (up to {widest} \
+            "worst max/mean {worst:.4}; {wider} of {leaves} leaves evened out a sub-tree (up to {widest} \
              cells, {wider_moved} buckets)"
         );
     }
@@ -996,7 +1003,7 @@ mod tests {
                 CellTreeLocator::new(LocatorConfig::default(), &(0..40).collect::<Vec<_>>());
             let mut rng = seed;
             for i in 0..60 {
-                if xorshift(&mut rng) % 3 == 0 {
+                if xorshift(&mut rng).is_multiple_of(3) {
                     let nodes = loc.nodes();
                     loc.remove_node(nodes[(xorshift(&mut rng) % nodes.len() as u64) as usize]);
                 } else {

@@ -4,5 +4,6 @@
 pub mod ckpt;
 pub mod fabric;
 pub mod launch;
+pub mod locator;
 pub mod reconfig;
 pub mod report;

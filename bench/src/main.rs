@@ -16,6 +16,10 @@ subcommands:
            from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
            writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh)
            options: --sizes 1,4  --out PATH
+  locator  directory-entry placement on 8, 64, 1024 nodes: the cell-tree locator against
+           entry % n and rendezvous hashing, on one join and one leave (entries moved, nodes
+           touched, balance, lookup ns); writes bench/results/locator.json
+           options: --out PATH
   reconfig 8 local adaptation daemons holding 1,000,000 entries: a node addition split into
            the paper's phases (start, physical, setting, logical, end) and the repair after
            a SIGKILL, against one request's round trip; writes bench/results/reconfig.json
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         "reconfig" => bench::reconfig::run(rest),
         // Hidden: the daemons `bench reconfig` starts.
         "adapt-node" => bench::reconfig::node(rest),
+        "locator" => bench::locator::run(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {
