@@ -104,6 +104,18 @@ fn split_response(payload: &[u8]) -> Option<(KvAnswer, KeyState)> {
     let mut r = Reader::new(payload);
     let answer = r.bytes().ok()?;
     let state = r.bytes().ok()?;
+    if answer.is_empty() {
+        // A witness copy: the state without an answer.
+        let state = KeyState::decode(&state)?;
+        return Some((
+            KvAnswer {
+                ok: false,
+                version: state.version,
+                value: Vec::new(),
+            },
+            state,
+        ));
+    }
     let mut a = Reader::new(&answer);
     let ok = a.u8().ok()? == 1;
     let version = a.u64().ok()?;
@@ -215,6 +227,13 @@ impl Service for KvService {
         if let Some((_, state)) = split_response(response) {
             Self::merge(&mut self.copies, entry, state);
         }
+    }
+
+    fn witness_copy(&self, entry: EntryId) -> Option<Vec<u8>> {
+        let state = self.keys.get(&entry)?;
+        let mut w = Writer::default();
+        w.bytes(&[]).bytes(&state.encode());
+        Some(w.0)
     }
 
     fn managed(&self) -> Vec<EntryId> {

@@ -41,8 +41,11 @@ pub struct NodeConfig {
     pub locator: LocatorConfig,
     pub membership: MembershipConfig,
     pub agreement: AgreementConfig,
-    /// Seeds every random choice (failure detector probes, Raft timeouts).
+    /// Seeds this node's random choices (failure detector probes).
     pub seed: u64,
+    /// Seeds the supervisors' election timeouts; the same on every node, so that the
+    /// supervisors derive distinct timeouts from it (equal ones could split every vote).
+    pub group_seed: u64,
     /// Ticks before a request without answer, or a proposal not yet agreed, is sent again.
     pub retry_ticks: u64,
     /// Ticks between two "which views do I know" reports to a supervisor.
@@ -60,6 +63,7 @@ impl NodeConfig {
             membership: MembershipConfig::default(),
             agreement: AgreementConfig::default(),
             seed: u64::from(me),
+            group_seed: 0,
             retry_ticks: 100,
             status_ticks: 50,
         }
@@ -145,6 +149,8 @@ pub struct Node {
     locators: VecDeque<CellTreeLocator>,
     migration: Option<Migration>,
     acks: BTreeMap<Epoch, EpochAcks>,
+    /// Entries that arrived during the current change (they need witness copies).
+    arrived: BTreeSet<(ServiceId, EntryId)>,
     stopped: bool,
     delayed: Vec<Request>,
     pending: BTreeMap<RequestId, Pending>,
@@ -202,7 +208,7 @@ impl Node {
             Some(Agreement::new(
                 cfg.me,
                 &cfg.supervisors,
-                cfg.seed,
+                cfg.group_seed,
                 cfg.agreement.clone(),
             )?)
         } else {
@@ -243,6 +249,7 @@ impl Node {
             locators: VecDeque::from([locator]),
             migration: None,
             acks: BTreeMap::new(),
+            arrived: BTreeSet::new(),
             stopped: false,
             delayed: Vec::new(),
             pending: BTreeMap::new(),
@@ -294,6 +301,10 @@ impl Node {
     }
     pub fn log(&self) -> &[Change] {
         &self.log
+    }
+    /// The Raft leader this node knows of (supervisors only).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.agreement.as_ref().and_then(|a| a.leader())
     }
     /// Requests submitted here that have no answer yet.
     pub fn pending_requests(&self) -> usize {
@@ -458,6 +469,7 @@ impl Node {
                     return;
                 };
                 svc.receive(entry, state);
+                self.arrived.insert((service, entry));
                 let counts = self
                     .acks
                     .entry(epoch)
@@ -807,7 +819,11 @@ impl Node {
             svc.after_migration(epoch);
         }
         let leaving = matches!(m.change, Change::Leave { node } if node == self.cfg.me);
+        let old_members = std::mem::replace(&mut self.members, m.members.clone());
         self.install(epoch, m.members, m.locator);
+        if !leaving {
+            self.refresh_witnesses(&old_members);
+        }
         self.acks.retain(|&e, _| e > epoch);
         self.out.push(Output::Stable { epoch });
         // Responses held for witnesses go out now: a witness may have been the failed node.
@@ -816,7 +832,14 @@ impl Node {
             self.respond(w.request, w.payload);
         }
         for r in std::mem::take(&mut self.delayed) {
-            self.route(r);
+            if leaving {
+                // Not a member any more: hand the request to its manager in the new view.
+                if let Some(m) = self.manager_of(r.service, r.entry) {
+                    self.send(m, Msg::Request(r));
+                }
+            } else {
+                self.route(r);
+            }
         }
         if leaving {
             self.stop(format!("left the configuration at epoch {epoch}"));
@@ -835,6 +858,54 @@ impl Node {
             }
         }
         true
+    }
+
+    /// Sends witness copies of the entries managed here that arrived in the change just
+    /// finished, or whose witnesses changed with the view.
+    fn refresh_witnesses(&mut self, old_members: &BTreeSet<NodeId>) {
+        let arrived = std::mem::take(&mut self.arrived);
+        let me = self.cfg.me;
+        let mut sends = Vec::new();
+        for (s, svc) in self.services.iter().enumerate() {
+            let k = svc.witnesses();
+            if k == 0 {
+                continue;
+            }
+            let now = witnesses_in(&self.members, me, k);
+            let before = witnesses_in(old_members, me, k);
+            for entry in svc.managed() {
+                let moved = arrived.contains(&(s as ServiceId, entry));
+                let targets: Vec<NodeId> = if moved {
+                    now.clone()
+                } else {
+                    now.iter().copied().filter(|w| !before.contains(w)).collect()
+                };
+                if targets.is_empty() {
+                    continue;
+                }
+                if let Some(copy) = svc.witness_copy(entry) {
+                    for &w in &targets {
+                        sends.push((w, s as ServiceId, entry, copy.clone()));
+                    }
+                }
+            }
+        }
+        let id = RequestId {
+            origin: me,
+            client: u32::MAX,
+            seq: 0,
+        };
+        for (to, service, entry, payload) in sends {
+            self.send(
+                to,
+                Msg::Observe {
+                    id,
+                    service,
+                    entry,
+                    payload,
+                },
+            );
+        }
     }
 
     /// Steps 2 and 3: entries and orphans out to their new managers, then `Sent` to all.
@@ -887,6 +958,7 @@ impl Node {
                     let to = m.locator.manager_in(scope, entry);
                     if to == me || self.log_failed.contains(&to) {
                         svc.receive(entry, state);
+                        self.arrived.insert((s as ServiceId, entry));
                     } else {
                         counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
                         sends.push((to, s as ServiceId, entry, state));
@@ -931,13 +1003,15 @@ impl Node {
     }
 
     /// Executes a request here if this node manages its entry, else forwards it to the
-    /// manager of this node's view (also from a node that is not a member yet, or leaving);
-    /// delays it during a change.
+    /// manager of this node's view (also from a node that is not a member yet); delays it
+    /// until every agreed change is processed here.
     fn route(&mut self, r: Request) {
         if self.stopped {
             return;
         }
-        if self.migration.is_some() {
+        // During a change, and while a further agreed change is still to be processed (a
+        // participant may have failed without sending its entries), nothing is served here.
+        if self.migration.is_some() || self.epoch < self.known_epoch() {
             self.delayed.push(r);
             return;
         }
@@ -985,10 +1059,7 @@ impl Node {
 
     /// The `k` members following this node in the view (its witnesses).
     fn witnesses_of(&self, k: usize) -> Vec<NodeId> {
-        let me = self.cfg.me;
-        let after = self.members.range(me + 1..).copied();
-        let before = self.members.range(..me).copied();
-        after.chain(before).take(k).collect()
+        witnesses_in(&self.members, self.cfg.me, k)
     }
 
     fn respond(&mut self, r: Request, payload: Vec<u8>) {
@@ -1017,6 +1088,13 @@ impl Node {
         }
         self.out.push(Output::Response { id, payload });
     }
+}
+
+/// The `k` members following `me` in `members`, wrapping around.
+fn witnesses_in(members: &BTreeSet<NodeId>, me: NodeId, k: usize) -> Vec<NodeId> {
+    let after = members.range(me + 1..).copied();
+    let before = members.range(..me).copied();
+    after.chain(before).take(k).collect()
 }
 
 fn push_membership(out: &mut Vec<Output>, o: MembershipOutput) {

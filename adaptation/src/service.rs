@@ -58,6 +58,13 @@ pub trait Service: Send {
     fn after_migration(&mut self, epoch: Epoch) {
         let _ = epoch;
     }
+    /// What a witness of `entry` keeps, in the form [`Service::observe_response`] takes:
+    /// after a change the manager sends it to the entry's witnesses when the entry arrived
+    /// or its witnesses changed, so the entry again survives the failure of its manager.
+    fn witness_copy(&self, entry: EntryId) -> Option<Vec<u8>> {
+        let _ = entry;
+        None
+    }
     /// Failure repair: what this node knows locally of orphan entries (`orphan(entry)` is
     /// true for entries whose manager failed), as states to merge at their new manager.
     fn scan(&mut self, orphan: &dyn Fn(EntryId) -> bool) -> Vec<(EntryId, Vec<u8>)>;

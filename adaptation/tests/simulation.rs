@@ -46,11 +46,14 @@ struct Sim {
     max_delay: u64,
     answers: u64,
     trace: Vec<String>,
+    /// Since when every live node has been stable with every crash repaired.
+    settled_since: Option<u64>,
 }
 
 fn config(me: NodeId, genesis: &[NodeId], seed: u64) -> NodeConfig {
     let mut c = NodeConfig::new(me, genesis.to_vec(), SUPERVISORS.to_vec());
     c.seed = seed ^ (u64::from(me) << 32);
+    c.group_seed = seed;
     c.locator.buckets = 1 << 10;
     c.locator.max_cell = 4;
     c.retry_ticks = 60;
@@ -93,6 +96,7 @@ impl Sim {
             max_delay,
             answers: 0,
             trace: Vec::new(),
+            settled_since: None,
         }
     }
 
@@ -189,8 +193,14 @@ impl Sim {
         c.sums.insert(key, expected);
         c.pending = None;
         self.answers += 1;
-        self.trace
-            .push(format!("client {} got {op:?} on key {key} = {expected}", id.client));
+        let node = &self.nodes[&n];
+        let manager = node.manager_of(0, key);
+        self.trace.push(format!(
+            "client {} got {op:?} on key {key} = {expected} (at node {n}, epoch {}, manager {manager:?}, view {:?})",
+            id.client,
+            node.epoch(),
+            node.members()
+        ));
     }
 
     fn submit(&mut self, ci: usize, op: Option<KvOp>, key: Option<u64>) {
@@ -278,6 +288,11 @@ impl Sim {
             self.drain(to);
         }
         self.links.retain(|_, q| !q.is_empty());
+        if self.stable_nodes().is_some() && self.repaired() {
+            self.settled_since.get_or_insert(self.now);
+        } else {
+            self.settled_since = None;
+        }
     }
 
     fn stable_nodes(&self) -> Option<Vec<NodeId>> {
@@ -367,9 +382,16 @@ impl Sim {
                 let _ = self.nodes.get_mut(&via).unwrap().request_leave(victim);
                 self.drain(via);
             }
-        } else if r < 10 && budget.crashes > 0 && self.stable_nodes().is_some() && self.repaired() {
+        } else if r < 10
+            && budget.crashes > 0
+            && budget.crash_at.is_none()
+            && self
+                .settled_since
+                .is_some_and(|t| self.now >= t + 2 * self.max_delay + 2)
+        {
             // One failure at a time: the next crash only once the previous one is repaired
-            // (each key has one copy besides its manager).
+            // and the witness copies sent after it have arrived (each key has one copy
+            // besides its manager).
             let candidates: Vec<NodeId> = alive
                 .iter()
                 .copied()
@@ -459,10 +481,11 @@ fn run(seed: u64) -> (u64, usize) {
                 .map(|n| {
                     let x = &sim.nodes[n];
                     format!(
-                        "node {n}: epoch {} known {} stable {} members {:?}",
+                        "node {n}: epoch {} known {} stable {} leader {:?} members {:?}",
                         x.epoch(),
                         x.known_epoch(),
                         x.is_stable(),
+                        x.leader(),
                         x.members()
                     )
                 })

@@ -19,7 +19,7 @@ subcommands:
   locator  directory-entry placement on 8, 64, 1024 nodes: the cell-tree locator against
            entry % n and rendezvous hashing, on one join and one leave (entries moved, nodes
            touched, balance, lookup ns); writes bench/results/locator.json
-           options: --out PATH
+           options: --entries N  --out PATH
   reconfig 8 local adaptation daemons holding 1,000,000 entries: a node addition split into
            the paper's phases (start, physical, setting, logical, end) and the repair after
            a SIGKILL, against one request's round trip; writes bench/results/reconfig.json
