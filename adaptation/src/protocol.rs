@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub retry_ticks: u64,
     /// Ticks between two "which views do I know" reports to a supervisor.
     pub status_ticks: u64,
+    /// Ticks a supervisor waits for a suspected node to answer a direct ping before it
+    /// proposes the node's failure (a node that answers is not evicted).
+    pub confirm_ticks: u64,
 }
 
 impl NodeConfig {
@@ -66,6 +69,7 @@ impl NodeConfig {
             group_seed: 0,
             retry_ticks: 100,
             status_ticks: 50,
+            confirm_ticks: 30,
         }
     }
 }
@@ -160,6 +164,11 @@ pub struct Node {
     /// Changes this node wants agreed, with the tick of the last attempt.
     proposals: BTreeMap<Change, u64>,
     next_supervisor: usize,
+    /// Supervisors: suspected nodes pinged directly, with the nonce and the deadline, and
+    /// when each node last answered a ping.
+    confirming: BTreeMap<NodeId, (u64, u64)>,
+    answered_at: BTreeMap<NodeId, u64>,
+    next_nonce: u64,
     out: Vec<Output>,
 }
 
@@ -258,6 +267,9 @@ impl Node {
             agreement,
             proposals,
             next_supervisor: 0,
+            confirming: BTreeMap::new(),
+            answered_at: BTreeMap::new(),
+            next_nonce: 1,
             out,
         })
     }
@@ -382,6 +394,7 @@ impl Node {
             self.on_agreement(o);
         }
         self.retry_proposals();
+        self.confirm_failures();
         if self.now % self.cfg.status_ticks == 0 {
             if let Some(s) = self.pick_supervisor() {
                 self.send(
@@ -429,11 +442,19 @@ impl Node {
                 }
             }
             Msg::Propose(change) => {
-                if let Some(a) = self.agreement.as_mut() {
-                    if !is_done(&change, &self.log_members, &self.log_ever) {
-                        let o = a.propose(&change);
-                        self.on_agreement(o);
-                    }
+                if self.agreement.is_some() && !is_done(&change, &self.log_members, &self.log_ever)
+                {
+                    self.supervise(change);
+                }
+            }
+            Msg::Ping { nonce } => self.send(from, Msg::Pong { nonce }),
+            Msg::Pong { nonce } => {
+                if self.confirming.get(&from).is_some_and(|(n, _)| *n == nonce) {
+                    self.confirming.remove(&from);
+                    self.answered_at.insert(from, self.now);
+                    self.note(format!(
+                        "node {from} is suspected but answers: its failure is not proposed"
+                    ));
                 }
             }
             Msg::ViewChange { epoch, change } => self.learn(epoch, change),
@@ -586,11 +607,60 @@ impl Node {
     }
 
     fn propose_now(&mut self, change: Change) {
+        if self.agreement.is_some() {
+            self.supervise(change);
+        } else if let Some(s) = self.pick_supervisor() {
+            self.send(s, Msg::Propose(change));
+        }
+    }
+
+    /// A supervisor puts a change to Raft; a failure only once the node failed to answer a
+    /// direct ping (a false suspicion must not evict a node that can still answer).
+    fn supervise(&mut self, change: Change) {
+        if let Change::Fail { node } = change {
+            if node == self.cfg.me {
+                return;
+            }
+            let recently = self
+                .answered_at
+                .get(&node)
+                .is_some_and(|&t| self.now.saturating_sub(t) < self.cfg.retry_ticks);
+            if recently || self.confirming.contains_key(&node) {
+                return;
+            }
+            let nonce = self.next_nonce;
+            self.next_nonce += 1;
+            self.confirming
+                .insert(node, (nonce, self.now + self.cfg.confirm_ticks));
+            self.send(node, Msg::Ping { nonce });
+            return;
+        }
         if let Some(a) = self.agreement.as_mut() {
             let o = a.propose(&change);
             self.on_agreement(o);
-        } else if let Some(s) = self.pick_supervisor() {
-            self.send(s, Msg::Propose(change));
+        }
+    }
+
+    /// Suspected nodes that did not answer in time: their failure goes to Raft.
+    fn confirm_failures(&mut self) {
+        let now = self.now;
+        let silent: Vec<NodeId> = self
+            .confirming
+            .iter()
+            .filter(|(_, (_, deadline))| now >= *deadline)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in silent {
+            self.confirming.remove(&node);
+            let change = Change::Fail { node };
+            if is_done(&change, &self.log_members, &self.log_ever) {
+                continue;
+            }
+            self.note(format!("node {node} did not answer a direct ping: proposing its failure"));
+            if let Some(a) = self.agreement.as_mut() {
+                let o = a.propose(&change);
+                self.on_agreement(o);
+            }
         }
     }
 

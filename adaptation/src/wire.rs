@@ -67,6 +67,9 @@ pub enum Msg {
         payload: Vec<u8>,
     },
     Observed { id: RequestId },
+    /// A supervisor checking a suspected node directly before its failure is proposed.
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
 }
 
 /// Appends little-endian fields.
@@ -174,6 +177,8 @@ impl Msg {
             Msg::Response { .. } => "response",
             Msg::Observe { .. } => "observe",
             Msg::Observed { .. } => "observed",
+            Msg::Ping { .. } => "ping",
+            Msg::Pong { .. } => "pong",
         }
     }
 
@@ -219,6 +224,8 @@ impl Msg {
                 payload,
             } => w.u8(11).id(id).u16(*service).u64(*entry).bytes(payload),
             Msg::Observed { id } => w.u8(12).id(id),
+            Msg::Ping { nonce } => w.u8(13).u64(*nonce),
+            Msg::Pong { nonce } => w.u8(14).u64(*nonce),
         };
         w.0
     }
@@ -271,6 +278,8 @@ impl Msg {
                 payload: r.bytes()?,
             },
             12 => Msg::Observed { id: r.id()? },
+            13 => Msg::Ping { nonce: r.u64()? },
+            14 => Msg::Pong { nonce: r.u64()? },
             k => return Err(format!("unknown message kind {k}")),
         };
         r.end()?;
@@ -399,6 +408,8 @@ mod tests {
                 payload: b"ok".to_vec(),
             },
             Msg::Observed { id },
+            Msg::Ping { nonce: 9 },
+            Msg::Pong { nonce: u64::MAX },
         ]
     }
 
