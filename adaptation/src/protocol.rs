@@ -442,7 +442,7 @@ impl Node {
                 }
             }
             Msg::Propose(change) => {
-                if self.agreement.is_some() && !is_done(&change, &self.log_members, &self.log_ever)
+                if self.agreement.is_some() && !is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
                 {
                     self.supervise(change);
                 }
@@ -553,7 +553,7 @@ impl Node {
         }
         for e in o.events {
             if let MembershipEvent::Down(node) = e {
-                if self.log_members.contains(&node) {
+                if self.log_ever.contains(&node) && !self.log_failed.contains(&node) {
                     self.note(format!("node {node} is down: proposing its failure"));
                     self.want(Change::Fail { node });
                 }
@@ -568,7 +568,7 @@ impl Node {
         for (_, change) in o.committed {
             // Only changes that still make sense at their place in the log become epochs;
             // every supervisor judges the same log the same way.
-            if is_done(&change, &self.log_members, &self.log_ever) || !self.allowed(&change) {
+            if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed) || !self.allowed(&change) {
                 continue;
             }
             let epoch = self.known_epoch() + 1;
@@ -653,7 +653,7 @@ impl Node {
         for node in silent {
             self.confirming.remove(&node);
             let change = Change::Fail { node };
-            if is_done(&change, &self.log_members, &self.log_ever) {
+            if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed) {
                 continue;
             }
             self.note(format!("node {node} did not answer a direct ping: proposing its failure"));
@@ -665,9 +665,9 @@ impl Node {
     }
 
     fn retry_proposals(&mut self) {
-        let (log_members, log_ever) = (&self.log_members, &self.log_ever);
+        let (members, ever, failed) = (&self.log_members, &self.log_ever, &self.log_failed);
         self.proposals
-            .retain(|c, _| !is_done(c, log_members, log_ever));
+            .retain(|c, _| !is_done(c, members, ever, failed));
         let due: Vec<Change> = self
             .proposals
             .iter_mut()
@@ -782,7 +782,9 @@ impl Node {
                 let o = self.membership.add_member(*node, now);
                 self.on_membership(o);
             }
-            Change::Leave { node } | Change::Fail { node } if *node != me => {
+            // A leaving node stays watched until its change is over: if it crashes meanwhile,
+            // its failure must be detected.
+            Change::Fail { node } if *node != me => {
                 let o = self.membership.remove_member(*node, now);
                 self.on_membership(o);
             }
@@ -889,6 +891,12 @@ impl Node {
             svc.after_migration(epoch);
         }
         let leaving = matches!(m.change, Change::Leave { node } if node == self.cfg.me);
+        if let Change::Leave { node } = m.change {
+            if node != self.cfg.me {
+                let o = self.membership.remove_member(node, self.now);
+                self.on_membership(o);
+            }
+        }
         let old_members = std::mem::replace(&mut self.members, m.members.clone());
         self.install(epoch, m.members, m.locator);
         if !leaving {
@@ -1177,9 +1185,17 @@ fn push_membership(out: &mut Vec<Output>, o: MembershipOutput) {
 }
 
 /// Whether `change` is already reflected by the log (a retried or duplicate proposal).
-fn is_done(change: &Change, members: &BTreeSet<NodeId>, ever: &BTreeSet<NodeId>) -> bool {
+/// A node that crashes while it leaves still gets its failure agreed (else the change it
+/// was leaving in would wait for it forever).
+fn is_done(
+    change: &Change,
+    members: &BTreeSet<NodeId>,
+    ever: &BTreeSet<NodeId>,
+    failed: &BTreeSet<NodeId>,
+) -> bool {
     match change {
         Change::Join { node, .. } => ever.contains(node),
-        Change::Leave { node } | Change::Fail { node } => !members.contains(node),
+        Change::Leave { node } => !members.contains(node),
+        Change::Fail { node } => failed.contains(node) || !ever.contains(node),
     }
 }

@@ -535,7 +535,7 @@ fn random_schedules_keep_every_invariant() {
     let schedules: u64 = std::env::var("KRUN_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(1000);
     let mut total_answers = 0;
     let mut total_changes = 0;
     for seed in 0..schedules {
