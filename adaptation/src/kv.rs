@@ -236,6 +236,17 @@ impl Service for KvService {
         Some(w.0)
     }
 
+    fn handover_copies(&mut self) -> Vec<(EntryId, Vec<u8>)> {
+        std::mem::take(&mut self.copies)
+            .into_iter()
+            .map(|(k, state)| {
+                let mut w = Writer::default();
+                w.bytes(&[]).bytes(&state.encode());
+                (k, w.0)
+            })
+            .collect()
+    }
+
     fn managed(&self) -> Vec<EntryId> {
         self.keys.keys().copied().collect()
     }

@@ -28,6 +28,10 @@ use crate::service::{RequestId, Service, ServiceId};
 use crate::view::{Change, EntryId, Epoch, NodeId};
 use crate::wire::{Msg, Request};
 
+/// Locators kept for failure repair: changes agreed while a failed node was still
+/// undetected, each waiting for it, may pile up behind its failure.
+pub const LOCATOR_HISTORY: usize = 16;
+
 /// How a node is set up.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -146,8 +150,9 @@ pub struct Node {
     log_members: BTreeSet<NodeId>,
     log_ever: BTreeSet<NodeId>,
     log_failed: BTreeSet<NodeId>,
-    /// The last change processed here, its view, and the locators of it and the two before
-    /// (a failed node may have held entries under either of the previous two).
+    /// The last change processed here, its view, and the locators of the last
+    /// [`LOCATOR_HISTORY`] epochs (a failed node may have stopped processing changes several
+    /// epochs before its failure was agreed, still holding entries of an older view).
     epoch: Epoch,
     members: BTreeSet<NodeId>,
     locators: VecDeque<CellTreeLocator>,
@@ -621,6 +626,17 @@ impl Node {
             if node == self.cfg.me {
                 return;
             }
+            // A node that left is gone, not failed, once its leave is complete here (this
+            // supervisor then has everything it sent). Only a node that stops during its
+            // leave needs its failure agreed.
+            let left_at = self
+                .log
+                .iter()
+                .position(|c| *c == Change::Leave { node })
+                .map(|i| i as Epoch + 1);
+            if left_at.is_some_and(|e| self.epoch >= e) {
+                return;
+            }
             let recently = self
                 .answered_at
                 .get(&node)
@@ -1028,9 +1044,10 @@ impl Node {
                 }
             }
             if let Some(failed) = failed {
-                // Failure repair: the failed node managed these under one of the last two
-                // views (it may not have sent them on during the previous change).
-                let previous: Vec<&CellTreeLocator> = self.locators.iter().take(2).collect();
+                // Failure repair: the failed node managed these under one of the recent views
+                // (it may have stopped before sending them on). Copies of entries it had
+                // already handed over are merged away by version at their managers.
+                let previous: Vec<&CellTreeLocator> = self.locators.iter().collect();
                 let orphan = |e: EntryId| previous.iter().any(|l| l.manager_in(scope, e) == failed);
                 for (entry, state) in svc.scan(&orphan) {
                     let to = m.locator.manager_in(scope, entry);
@@ -1041,6 +1058,15 @@ impl Node {
                         counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
                         sends.push((to, s as ServiceId, entry, state));
                     }
+                }
+            }
+        }
+        // A leaving node's copies (for failure repair) go to the member that stays.
+        let mut copies = Vec::new();
+        if let (true, Some(keeper)) = (leaving, keeper) {
+            for (s, svc) in self.services.iter_mut().enumerate() {
+                for (entry, payload) in svc.handover_copies() {
+                    copies.push((keeper, s as ServiceId, entry, payload));
                 }
             }
         }
@@ -1061,6 +1087,22 @@ impl Node {
                 },
             );
         }
+        let id = RequestId {
+            origin: me,
+            client: u32::MAX,
+            seq: epoch,
+        };
+        for (to, service, entry, payload) in copies {
+            self.send(
+                to,
+                Msg::Observe {
+                    id,
+                    service,
+                    entry,
+                    payload,
+                },
+            );
+        }
         for p in participants {
             let c = counts.remove(&p).unwrap_or_else(|| vec![0; n]);
             self.send(p, Msg::Sent { epoch, counts: c });
@@ -1071,7 +1113,7 @@ impl Node {
         self.epoch = epoch;
         self.members = members;
         self.locators.push_front(locator);
-        self.locators.truncate(3);
+        self.locators.truncate(LOCATOR_HISTORY);
     }
 
     fn stop(&mut self, reason: String) {

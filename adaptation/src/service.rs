@@ -65,6 +65,12 @@ pub trait Service: Send {
         let _ = entry;
         None
     }
+    /// A leaving node's copies of entries it does not manage (what [`Service::scan`] would
+    /// use), in the form [`Service::observe_response`] takes: handed to a node that stays,
+    /// so that a failure while this node leaves does not take the last copy with it.
+    fn handover_copies(&mut self) -> Vec<(EntryId, Vec<u8>)> {
+        Vec::new()
+    }
     /// Failure repair: what this node knows locally of orphan entries (`orphan(entry)` is
     /// true for entries whose manager failed), as states to merge at their new manager.
     fn scan(&mut self, orphan: &dyn Fn(EntryId) -> bool) -> Vec<(EntryId, Vec<u8>)>;

@@ -6,7 +6,8 @@
 //! exactly-once execution gives; at the end no request is lost, every key holds its last
 //! written value, and no live node was ever declared failed.
 //!
-//! `KRUN_SIM_SEED=N` replays one schedule; `KRUN_SIM_SCHEDULES=N` sets how many run.
+//! `KRUN_SIM_SEED=N` replays one schedule; `KRUN_SIM_SCHEDULES=N` sets how many run (from
+//! `KRUN_SIM_FIRST_SEED`, default 0); `KRUN_SIM_TRACE=N` sets how many events a failure prints.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use adaptation::kv::{parse_answer, KvOp, KvService};
@@ -538,7 +539,11 @@ fn random_schedules_keep_every_invariant() {
         .unwrap_or(1000);
     let mut total_answers = 0;
     let mut total_changes = 0;
-    for seed in 0..schedules {
+    let first: u64 = std::env::var("KRUN_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in first..first + schedules {
         let (a, e) = run(seed);
         total_answers += a;
         total_changes += e;
