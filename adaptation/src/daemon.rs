@@ -80,7 +80,10 @@ impl DaemonConfig {
                     let (n, addr) = v
                         .split_once('=')
                         .ok_or_else(|| usage(format!("--peer '{v}' is not ID=HOST:PORT")))?;
-                    peers.insert(number(n.to_string(), "peer id")? as NodeId, addr.to_string());
+                    peers.insert(
+                        number(n.to_string(), "peer id")? as NodeId,
+                        addr.to_string(),
+                    );
                 }
                 "--supervisors" => {
                     for s in value()?.split(',') {
@@ -397,9 +400,11 @@ fn command(node: &mut Node, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["req", client, seq, key, op @ ..] => {
-            let (Ok(client), Ok(seq), Ok(key)) =
-                (client.parse::<u32>(), seq.parse::<u64>(), key.parse::<u64>())
-            else {
+            let (Ok(client), Ok(seq), Ok(key)) = (
+                client.parse::<u32>(),
+                seq.parse::<u64>(),
+                key.parse::<u64>(),
+            ) else {
                 return format!("err bad request line: {line}");
             };
             let op = match op {

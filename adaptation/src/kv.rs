@@ -120,10 +120,7 @@ fn split_response(payload: &[u8]) -> Option<(KvAnswer, KeyState)> {
     let ok = a.u8().ok()? == 1;
     let version = a.u64().ok()?;
     let value = a.bytes().ok()?;
-    Some((
-        KvAnswer { ok, version, value },
-        KeyState::decode(&state)?,
-    ))
+    Some((KvAnswer { ok, version, value }, KeyState::decode(&state)?))
 }
 
 /// Parses a response of the key-value service.

@@ -81,17 +81,30 @@ impl NodeConfig {
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    Send { to: NodeId, msg: Msg },
+    Send {
+        to: NodeId,
+        msg: Msg,
+    },
     /// The answer to a request submitted at this node (each request is answered once).
-    Response { id: RequestId, payload: Vec<u8> },
+    Response {
+        id: RequestId,
+        payload: Vec<u8>,
+    },
     /// This node finished the change to `epoch` and is stable.
-    Stable { epoch: Epoch },
+    Stable {
+        epoch: Epoch,
+    },
     /// A step of the change to `epoch` ended here: "agreed" (the change is in the log),
     /// "prepared" (step 1 acknowledged by all), "sent" (steps 2-3 done here), "received"
     /// (every participant's entries are in).
-    Phase { epoch: Epoch, phase: &'static str },
+    Phase {
+        epoch: Epoch,
+        phase: &'static str,
+    },
     /// This node is out of the configuration (it left, or the view says it failed): stop.
-    Stopped { reason: String },
+    Stopped {
+        reason: String,
+    },
     /// Something worth a log line.
     Log(String),
 }
@@ -186,8 +199,7 @@ impl Node {
                 reason: "no initial member".into(),
             });
         }
-        if cfg.supervisors.is_empty() || cfg.supervisors.iter().any(|s| !cfg.genesis.contains(s))
-        {
+        if cfg.supervisors.is_empty() || cfg.supervisors.iter().any(|s| !cfg.genesis.contains(s)) {
             return Err(AdaptError::Config {
                 what: "supervisors".into(),
                 reason: format!(
@@ -203,7 +215,11 @@ impl Node {
                 reason: format!(
                     "node {} {} the initial members but {} an address to announce",
                     cfg.me,
-                    if in_genesis { "is one of" } else { "is not one of" },
+                    if in_genesis {
+                        "is one of"
+                    } else {
+                        "is not one of"
+                    },
                     if in_genesis { "has" } else { "has no" }
                 ),
             });
@@ -400,7 +416,7 @@ impl Node {
         }
         self.retry_proposals();
         self.confirm_failures();
-        if self.now % self.cfg.status_ticks == 0 {
+        if self.now.is_multiple_of(self.cfg.status_ticks.max(1)) {
             if let Some(s) = self.pick_supervisor() {
                 self.send(
                     s,
@@ -447,7 +463,8 @@ impl Node {
                 }
             }
             Msg::Propose(change) => {
-                if self.agreement.is_some() && !is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
+                if self.agreement.is_some()
+                    && !is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
                 {
                     self.supervise(change);
                 }
@@ -491,7 +508,9 @@ impl Node {
             } => {
                 let n = self.services.len();
                 let Some(svc) = self.services.get_mut(service as usize) else {
-                    self.note(format!("entry {entry} from {from} for unknown service #{service}"));
+                    self.note(format!(
+                        "entry {entry} from {from} for unknown service #{service}"
+                    ));
                     return;
                 };
                 svc.receive(entry, state);
@@ -506,7 +525,11 @@ impl Node {
                 counts[service as usize] += 1;
             }
             Msg::Sent { epoch, counts } => {
-                self.acks.entry(epoch).or_default().sent.insert(from, counts);
+                self.acks
+                    .entry(epoch)
+                    .or_default()
+                    .sent
+                    .insert(from, counts);
                 self.advance();
             }
             Msg::Request(r) => self.route(r),
@@ -573,7 +596,9 @@ impl Node {
         for (_, change) in o.committed {
             // Only changes that still make sense at their place in the log become epochs;
             // every supervisor judges the same log the same way.
-            if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed) || !self.allowed(&change) {
+            if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
+                || !self.allowed(&change)
+            {
                 continue;
             }
             let epoch = self.known_epoch() + 1;
@@ -672,7 +697,9 @@ impl Node {
             if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed) {
                 continue;
             }
-            self.note(format!("node {node} did not answer a direct ping: proposing its failure"));
+            self.note(format!(
+                "node {node} did not answer a direct ping: proposing its failure"
+            ));
             if let Some(a) = self.agreement.as_mut() {
                 let o = a.propose(&change);
                 self.on_agreement(o);
@@ -687,7 +714,10 @@ impl Node {
         let due: Vec<Change> = self
             .proposals
             .iter_mut()
-            .filter(|(_, at)| self.now.saturating_sub(**at) >= self.cfg.retry_ticks / 2)
+            // `at == 0`: a join announced at creation, not sent yet.
+            .filter(|(_, at)| {
+                **at == 0 || self.now.saturating_sub(**at) >= self.cfg.retry_ticks / 2
+            })
             .map(|(c, at)| {
                 *at = self.now;
                 c.clone()
@@ -972,7 +1002,10 @@ impl Node {
                 let targets: Vec<NodeId> = if moved {
                     now.clone()
                 } else {
-                    now.iter().copied().filter(|w| !before.contains(w)).collect()
+                    now.iter()
+                        .copied()
+                        .filter(|w| !before.contains(w))
+                        .collect()
                 };
                 if targets.is_empty() {
                     continue;

@@ -37,11 +37,18 @@ pub enum Msg {
     /// Asks a supervisor to get a change agreed.
     Propose(Change),
     /// A committed change: the view of `epoch` is the previous one with `change` applied.
-    ViewChange { epoch: Epoch, change: Change },
+    ViewChange {
+        epoch: Epoch,
+        change: Change,
+    },
     /// "I know the views up to `epoch`": a supervisor answers with the ones after it.
-    Status { epoch: Epoch },
+    Status {
+        epoch: Epoch,
+    },
     /// Migration step 1 done (before-migration callbacks ran) for `epoch`.
-    Prepared { epoch: Epoch },
+    Prepared {
+        epoch: Epoch,
+    },
     /// Migration step 2: the state of one entry for its new manager.
     EntryData {
         epoch: Epoch,
@@ -51,7 +58,10 @@ pub enum Msg {
     },
     /// Migration step 2 done: how many `EntryData` this node sent to the receiver, per
     /// service (the receiver checks it got exactly that many).
-    Sent { epoch: Epoch, counts: Vec<u32> },
+    Sent {
+        epoch: Epoch,
+        counts: Vec<u32>,
+    },
     Request(Request),
     Response {
         id: RequestId,
@@ -66,10 +76,16 @@ pub enum Msg {
         entry: EntryId,
         payload: Vec<u8>,
     },
-    Observed { id: RequestId },
+    Observed {
+        id: RequestId,
+    },
     /// A supervisor checking a suspected node directly before its failure is proposed.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
 }
 
 /// Appends little-endian fields.
@@ -127,13 +143,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u16(&mut self) -> std::result::Result<u16, String> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().unwrap_or_default(),
+        ))
     }
     pub fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     pub fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     pub fn bytes(&mut self) -> std::result::Result<Vec<u8>, String> {
         let n = self.u32()? as usize;
@@ -255,7 +277,9 @@ impl Msg {
                 if n > 1 << 16 {
                     return Err(format!("{n} service counts"));
                 }
-                let counts = (0..n).map(|_| r.u32()).collect::<std::result::Result<_, _>>()?;
+                let counts = (0..n)
+                    .map(|_| r.u32())
+                    .collect::<std::result::Result<_, _>>()?;
                 Msg::Sent { epoch, counts }
             }
             9 => Msg::Request(Request {
@@ -425,7 +449,9 @@ mod tests {
             longer.push(0);
             assert!(Msg::decode(&longer).is_err());
         }
-        assert!(Msg::decode(&[200]).unwrap_err().contains("unknown message kind"));
+        assert!(Msg::decode(&[200])
+            .unwrap_err()
+            .contains("unknown message kind"));
     }
 
     #[test]

@@ -60,7 +60,14 @@ fn free_port() -> String {
 
 fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_krun-adapt"));
-    cmd.args(["--id", &id.to_string(), "--listen", addr, "--supervisors", "0,1,2"]);
+    cmd.args([
+        "--id",
+        &id.to_string(),
+        "--listen",
+        addr,
+        "--supervisors",
+        "0,1,2",
+    ]);
     for (p, a) in peers {
         cmd.args(["--peer", &format!("{p}={a}")]);
     }
@@ -140,12 +147,7 @@ impl Cluster {
             .map(|d| {
                 let s = d.seen.lock().unwrap();
                 let err = d.stderr.lock().unwrap();
-                let tail: String = err
-                    .lines()
-                    .rev()
-                    .take(6)
-                    .collect::<Vec<_>>()
-                    .join(" | ");
+                let tail: String = err.lines().rev().take(6).collect::<Vec<_>>().join(" | ");
                 format!(
                     "node {}: stable {} members {:?} stopped {} stderr: {tail}",
                     d.id, s.stable, s.members, s.stopped
@@ -215,7 +217,8 @@ fn client_round(cluster: &Cluster, c: &mut Clients, round: u64, issue: bool) {
             } else if !live.contains(&through) || at.elapsed() > Duration::from_secs(20) {
                 let via = live[(round as usize + client as usize) % live.len()];
                 cluster.daemons[&via].send(&format!("req {client} {seq} {key} add {delta}"));
-                c.pending.insert(client, (seq, key, delta, via, Instant::now()));
+                c.pending
+                    .insert(client, (seq, key, delta, via, Instant::now()));
             }
             continue;
         }
@@ -279,7 +282,11 @@ fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
     let all: Vec<u32> = (0..10).collect();
     let start = Instant::now();
     while !cluster.settled(2, &all) {
-        assert!(start.elapsed() < WAIT, "joins did not settle\n{}", cluster.describe());
+        assert!(
+            start.elapsed() < WAIT,
+            "joins did not settle\n{}",
+            cluster.describe()
+        );
         run_clients(&cluster, &mut clients, Duration::from_millis(100));
     }
     println!("2 joins settled in {:.2} s", start.elapsed().as_secs_f64());
@@ -289,7 +296,11 @@ fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
     let without5: Vec<u32> = all.iter().copied().filter(|&n| n != 5).collect();
     let start = Instant::now();
     while !(cluster.settled(3, &without5) && cluster.daemons[&5].seen.lock().unwrap().stopped) {
-        assert!(start.elapsed() < WAIT, "eviction did not settle\n{}", cluster.describe());
+        assert!(
+            start.elapsed() < WAIT,
+            "eviction did not settle\n{}",
+            cluster.describe()
+        );
         run_clients(&cluster, &mut clients, Duration::from_millis(100));
     }
     println!("eviction settled in {:.2} s", start.elapsed().as_secs_f64());
@@ -306,7 +317,11 @@ fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
     let survivors: Vec<u32> = without5.iter().copied().filter(|&n| n != 6).collect();
     let start = Instant::now();
     while !cluster.settled(4, &survivors) {
-        assert!(start.elapsed() < WAIT, "failure repair did not settle\n{}", cluster.describe());
+        assert!(
+            start.elapsed() < WAIT,
+            "failure repair did not settle\n{}",
+            cluster.describe()
+        );
         run_clients(&cluster, &mut clients, Duration::from_millis(100));
     }
     println!("SIGKILL repaired in {:.2} s", start.elapsed().as_secs_f64());
@@ -374,7 +389,8 @@ fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
     // Garbage and a frame with a bad magic on node 0's port.
     {
         let mut s = std::net::TcpStream::connect(&cluster.daemons[&0].addr).unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxx").unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxx")
+            .unwrap();
     }
     let wrong = "00112233445566778899aabbccddeeff00112233";
     let intruder = spawn(20, &free_port(), &addrs, true, wrong);
@@ -399,7 +415,12 @@ fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
     });
     std::thread::sleep(Duration::from_secs(1));
     for d in cluster.daemons.values() {
-        assert_eq!(d.seen.lock().unwrap().stable, 0, "a change happened:\n{}", cluster.describe());
+        assert_eq!(
+            d.seen.lock().unwrap().stable,
+            0,
+            "a change happened:\n{}",
+            cluster.describe()
+        );
         assert!(d.alive());
     }
     drop(intruder);

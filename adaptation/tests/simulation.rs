@@ -102,7 +102,17 @@ impl Sim {
     }
 
     fn fail(&self, what: String) -> ! {
-        let tail: Vec<&String> = self.trace.iter().rev().take(std::env::var("KRUN_SIM_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(40)).collect();
+        let tail: Vec<&String> = self
+            .trace
+            .iter()
+            .rev()
+            .take(
+                std::env::var("KRUN_SIM_TRACE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(40),
+            )
+            .collect();
         panic!(
             "seed {} tick {}: {what}\nreplay with KRUN_SIM_SEED={}\nlast events (newest first):\n{}",
             self.seed,
@@ -167,7 +177,10 @@ impl Sim {
             self.fail(format!("answer for unknown client {id:?}"));
         };
         let Some((seq, key, op, _)) = c.pending.clone() else {
-            let what = format!("node {n}: answer for {id:?} but client {} has nothing pending", c.id);
+            let what = format!(
+                "node {n}: answer for {id:?} but client {} has nothing pending",
+                c.id
+            );
             self.fail(what);
         };
         if seq != id.seq {
@@ -209,9 +222,8 @@ impl Sim {
         let c = &mut self.clients[ci];
         if c.pending.is_none() {
             c.seq += 1;
-            let key = key.unwrap_or_else(|| {
-                u64::from(c.id) * 1000 + self.rng.gen_range(0..KEYS_PER_CLIENT)
-            });
+            let key = key
+                .unwrap_or_else(|| u64::from(c.id) * 1000 + self.rng.gen_range(0..KEYS_PER_CLIENT));
             let op = op.unwrap_or_else(|| {
                 if self.rng.gen_ratio(1, 3) {
                     KvOp::Get
@@ -281,7 +293,12 @@ impl Sim {
                 break;
             }
             let (from, to) = due[self.rng.gen_range(0..due.len())];
-            let (_, msg) = self.links.get_mut(&(from, to)).unwrap().pop_front().unwrap();
+            let (_, msg) = self
+                .links
+                .get_mut(&(from, to))
+                .unwrap()
+                .pop_front()
+                .unwrap();
             if self.dead.contains(&to) {
                 continue;
             }
@@ -328,13 +345,19 @@ impl Sim {
                 ));
             }
             if node.locator() != first.locator() {
-                self.fail(format!("stable nodes {} and {n} have different locators", alive[0]));
+                self.fail(format!(
+                    "stable nodes {} and {n} have different locators",
+                    alive[0]
+                ));
             }
             // The view holds every live node, and only live nodes besides crashed ones not
             // detected yet.
             let live: BTreeSet<NodeId> = alive.iter().copied().collect();
             if !node.members().is_superset(&live)
-                || !node.members().difference(&live).all(|m| self.crashed.contains(m))
+                || !node
+                    .members()
+                    .difference(&live)
+                    .all(|m| self.crashed.contains(m))
             {
                 self.fail(format!(
                     "stable view {:?} does not match the live nodes {live:?}",
@@ -379,7 +402,8 @@ impl Sim {
                 budget.leaves -= 1;
                 let victim = candidates[self.rng.gen_range(0..candidates.len())];
                 let via = alive[self.rng.gen_range(0..alive.len())];
-                self.trace.push(format!("LEAVE node {victim} asked via {via}"));
+                self.trace
+                    .push(format!("LEAVE node {victim} asked via {via}"));
                 let _ = self.nodes.get_mut(&via).unwrap().request_leave(victim);
                 self.drain(via);
             }
@@ -397,7 +421,8 @@ impl Sim {
                 .iter()
                 .copied()
                 .filter(|n| {
-                    !SUPERVISORS.contains(n) || !self.crashed.iter().any(|c| SUPERVISORS.contains(c))
+                    !SUPERVISORS.contains(n)
+                        || !self.crashed.iter().any(|c| SUPERVISORS.contains(c))
                 })
                 .collect();
             if candidates.len() > 3 {
@@ -419,9 +444,11 @@ impl Sim {
 
     /// Every crashed node has been removed from the view of every live node.
     fn repaired(&self) -> bool {
-        self.alive()
-            .iter()
-            .all(|n| self.crashed.iter().all(|c| !self.nodes[n].members().contains(c)))
+        self.alive().iter().all(|n| {
+            self.crashed
+                .iter()
+                .all(|c| !self.nodes[n].members().contains(c))
+        })
     }
 }
 
@@ -446,10 +473,9 @@ fn run(seed: u64) -> (u64, usize) {
     for _ in 0..active {
         sim.random_event(&mut budget);
         for ci in 0..sim.clients.len() {
-            if sim.clients[ci].pending.is_none() && sim.rng.gen_ratio(1, 8) {
-                sim.submit(ci, None, None);
-            } else if sim.clients[ci].pending.is_some() && sim.dead.contains(&sim.clients[ci].node)
-            {
+            let idle = sim.clients[ci].pending.is_none();
+            let stranded = !idle && sim.dead.contains(&sim.clients[ci].node);
+            if (idle && sim.rng.gen_ratio(1, 8)) || stranded {
                 sim.submit(ci, None, None);
             }
         }
@@ -551,7 +577,10 @@ fn random_schedules_keep_every_invariant() {
     println!(
         "{schedules} schedules: {total_answers} answers, {total_changes} configuration changes"
     );
-    assert!(total_changes > schedules as usize / 2, "the schedules made too few changes");
+    assert!(
+        total_changes > schedules as usize / 2,
+        "the schedules made too few changes"
+    );
 }
 
 #[test]
@@ -582,7 +611,11 @@ fn a_service_sees_its_callbacks_in_order() {
             _ => None,
         })
         .collect();
-    assert_eq!(answers, vec![3, 3], "the repeated request is answered, not re-executed");
+    assert_eq!(
+        answers,
+        vec![3, 3],
+        "the repeated request is answered, not re-executed"
+    );
     assert_eq!(node.service(0).unwrap().managed(), vec![5]);
     let _: &dyn Service = node.service(0).unwrap();
 }

@@ -189,15 +189,22 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         procs.insert(*id, spawn(*id, addr, &peers, false)?);
     }
     for (id, p) in &procs {
-        p.expect("ready", limit).map_err(|e| format!("node {id}: {e}"))?;
+        p.expect("ready", limit)
+            .map_err(|e| format!("node {id}: {e}"))?;
     }
     let mut loaded = 0u64;
     for p in procs.values_mut() {
         p.say(&format!("fill {entries} 16"))?;
     }
     for (id, p) in &procs {
-        let l = p.expect("ok fill", limit).map_err(|e| format!("node {id}: {e}"))?;
-        loaded += l.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let l = p
+            .expect("ok fill", limit)
+            .map_err(|e| format!("node {id}: {e}"))?;
+        loaded += l
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
     }
     if loaded != entries {
         return Err(format!("{loaded} entries loaded, expected {entries}"));
@@ -222,7 +229,10 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         let p = procs.get_mut(&NODES).ok_or("no joiner")?;
         p.say("status")?;
         let l = p.expect("status", limit)?;
-        l.rsplit("keys=").next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+        l.rsplit("keys=")
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
     };
 
     // A SIGKILL: from the kill to every survivor stable.
@@ -257,7 +267,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 format!("{ms:.1}"),
                 format!("{:.1}", ms / reference_ms),
             ]);
-            rows.push(serde_json::json!({"event": event, "phase": phase, "ms": json_num(Some(ms))}));
+            rows.push(
+                serde_json::json!({"event": event, "phase": phase, "ms": json_num(Some(ms))}),
+            );
         }
         let end = list.last().map(|r| r.2).unwrap_or(total_from);
         let total = end - total_from;
@@ -267,7 +279,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             format!("{total:.1}"),
             format!("{:.1}", total / reference_ms),
         ]);
-        rows.push(serde_json::json!({"event": event, "phase": "total", "ms": json_num(Some(total))}));
+        rows.push(
+            serde_json::json!({"event": event, "phase": "total", "ms": json_num(Some(total))}),
+        );
     }
     println!(
         "{NODES} daemons, {entries} entries; reference: request round trip {reference_ms:.3} ms (median of 50)"
