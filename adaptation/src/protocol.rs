@@ -503,18 +503,21 @@ impl Node {
             Msg::EntryData {
                 epoch,
                 service,
-                entry,
-                state,
+                entries,
             } => {
                 let n = self.services.len();
                 let Some(svc) = self.services.get_mut(service as usize) else {
                     self.note(format!(
-                        "entry {entry} from {from} for unknown service #{service}"
+                        "{} entries from {from} for unknown service #{service}",
+                        entries.len()
                     ));
                     return;
                 };
-                svc.receive(entry, state);
-                self.arrived.insert((service, entry));
+                let count = entries.len() as u32;
+                for (entry, state) in entries {
+                    svc.receive(entry, state);
+                    self.arrived.insert((service, entry));
+                }
                 let counts = self
                     .acks
                     .entry(epoch)
@@ -522,7 +525,14 @@ impl Node {
                     .received
                     .entry(from)
                     .or_insert_with(|| vec![0; n]);
-                counts[service as usize] += 1;
+                counts[service as usize] += count;
+            }
+            Msg::Copies { service, entries } => {
+                if let Some(svc) = self.services.get_mut(service as usize) {
+                    for (entry, payload) in entries {
+                        svc.observe_response(entry, &payload);
+                    }
+                }
             }
             Msg::Sent { epoch, counts } => {
                 self.acks
@@ -1017,21 +1027,8 @@ impl Node {
                 }
             }
         }
-        let id = RequestId {
-            origin: me,
-            client: u32::MAX,
-            seq: 0,
-        };
-        for (to, service, entry, payload) in sends {
-            self.send(
-                to,
-                Msg::Observe {
-                    id,
-                    service,
-                    entry,
-                    payload,
-                },
-            );
+        for (to, service, entries) in batches(sends) {
+            self.send(to, Msg::Copies { service, entries });
         }
     }
 
@@ -1109,32 +1106,18 @@ impl Node {
             .copied()
             .filter(|&p| p != me)
             .collect();
-        for (to, service, entry, state) in sends {
+        for (to, service, entries) in batches(sends) {
             self.send(
                 to,
                 Msg::EntryData {
                     epoch,
                     service,
-                    entry,
-                    state,
+                    entries,
                 },
             );
         }
-        let id = RequestId {
-            origin: me,
-            client: u32::MAX,
-            seq: epoch,
-        };
-        for (to, service, entry, payload) in copies {
-            self.send(
-                to,
-                Msg::Observe {
-                    id,
-                    service,
-                    entry,
-                    payload,
-                },
-            );
+        for (to, service, entries) in batches(copies) {
+            self.send(to, Msg::Copies { service, entries });
         }
         for p in participants {
             let c = counts.remove(&p).unwrap_or_else(|| vec![0; n]);
@@ -1241,6 +1224,33 @@ impl Node {
         }
         self.out.push(Output::Response { id, payload });
     }
+}
+
+/// Largest batch of entries in one message, in bytes of state.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Groups `(to, service, entry, state)` into messages per destination and service, in the
+/// order given, each holding at most [`BATCH_BYTES`] of state (and at least one entry).
+fn batches(
+    items: Vec<(NodeId, ServiceId, EntryId, Vec<u8>)>,
+) -> Vec<(NodeId, ServiceId, Vec<(EntryId, Vec<u8>)>)> {
+    let mut open: BTreeMap<(NodeId, ServiceId), (Vec<(EntryId, Vec<u8>)>, usize)> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (to, service, entry, state) in items {
+        let (batch, bytes) = open.entry((to, service)).or_default();
+        if !batch.is_empty() && *bytes + state.len() > BATCH_BYTES {
+            out.push((to, service, std::mem::take(batch)));
+            *bytes = 0;
+        }
+        *bytes += state.len() + 12;
+        batch.push((entry, state));
+    }
+    for ((to, service), (batch, _)) in open {
+        if !batch.is_empty() {
+            out.push((to, service, batch));
+        }
+    }
+    out
 }
 
 /// The `k` members following `me` in `members`, wrapping around.

@@ -49,12 +49,18 @@ pub enum Msg {
     Prepared {
         epoch: Epoch,
     },
-    /// Migration step 2: the state of one entry for its new manager.
+    /// Migration step 2: states of entries of one service for their new manager (batched:
+    /// a change moves many entries to few nodes).
     EntryData {
         epoch: Epoch,
         service: ServiceId,
-        entry: EntryId,
-        state: Vec<u8>,
+        entries: Vec<(EntryId, Vec<u8>)>,
+    },
+    /// Copies for a node to keep for failure repair (what `observe_response` takes): sent
+    /// to witnesses after a change and by a leaving node to a member that stays.
+    Copies {
+        service: ServiceId,
+        entries: Vec<(EntryId, Vec<u8>)>,
     },
     /// Migration step 2 done: how many `EntryData` this node sent to the receiver, per
     /// service (the receiver checks it got exactly that many).
@@ -114,6 +120,13 @@ impl Writer {
         self.0.extend_from_slice(v);
         self
     }
+    fn entries(&mut self, entries: &[(EntryId, Vec<u8>)]) -> &mut Self {
+        self.u32(entries.len() as u32);
+        for (e, state) in entries {
+            self.u64(*e).bytes(state);
+        }
+        self
+    }
     fn id(&mut self, id: &RequestId) -> &mut Self {
         self.u32(id.origin).u32(id.client).u64(id.seq)
     }
@@ -161,6 +174,14 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
     }
+    fn entries(&mut self) -> std::result::Result<Vec<(EntryId, Vec<u8>)>, String> {
+        let n = self.u32()? as usize;
+        // Each entry takes at least 12 bytes: refuse counts the message cannot hold.
+        if n > self.bytes.len().saturating_sub(self.pos) / 12 {
+            return Err(format!("{n} entries do not fit in the message"));
+        }
+        (0..n).map(|_| Ok((self.u64()?, self.bytes()?))).collect()
+    }
     fn id(&mut self) -> std::result::Result<RequestId, String> {
         Ok(RequestId {
             origin: self.u32()?,
@@ -194,6 +215,7 @@ impl Msg {
             Msg::Status { .. } => "status",
             Msg::Prepared { .. } => "prepared",
             Msg::EntryData { .. } => "entry-data",
+            Msg::Copies { .. } => "copies",
             Msg::Sent { .. } => "sent",
             Msg::Request(_) => "request",
             Msg::Response { .. } => "response",
@@ -216,9 +238,9 @@ impl Msg {
             Msg::EntryData {
                 epoch,
                 service,
-                entry,
-                state,
-            } => w.u8(7).u64(*epoch).u16(*service).u64(*entry).bytes(state),
+                entries,
+            } => w.u8(7).u64(*epoch).u16(*service).entries(entries),
+            Msg::Copies { service, entries } => w.u8(15).u16(*service).entries(entries),
             Msg::Sent { epoch, counts } => {
                 w.u8(8).u64(*epoch).u32(counts.len() as u32);
                 for c in counts {
@@ -268,8 +290,11 @@ impl Msg {
             7 => Msg::EntryData {
                 epoch: r.u64()?,
                 service: r.u16()?,
-                entry: r.u64()?,
-                state: r.bytes()?,
+                entries: r.entries()?,
+            },
+            15 => Msg::Copies {
+                service: r.u16()?,
+                entries: r.entries()?,
             },
             8 => {
                 let epoch = r.u64()?;
@@ -405,8 +430,11 @@ mod tests {
             Msg::EntryData {
                 epoch: 2,
                 service: 1,
-                entry: u64::MAX,
-                state: vec![7; 100],
+                entries: vec![(u64::MAX, vec![7; 100]), (3, vec![])],
+            },
+            Msg::Copies {
+                service: 0,
+                entries: vec![(9, vec![1, 2])],
             },
             Msg::Sent {
                 epoch: 2,

@@ -41,6 +41,9 @@ struct Sim {
     /// Nodes that crashed (their in-flight messages are dropped) or stopped.
     dead: BTreeSet<NodeId>,
     crashed: BTreeSet<NodeId>,
+    /// Nodes that left the configuration and stopped (a failure agreed for one of them
+    /// after it stopped evicts nobody alive).
+    left: BTreeSet<NodeId>,
     links: BTreeMap<(NodeId, NodeId), VecDeque<(u64, Msg)>>,
     clients: Vec<Client>,
     next_node: NodeId,
@@ -91,6 +94,7 @@ impl Sim {
             nodes,
             dead: BTreeSet::new(),
             crashed: BTreeSet::new(),
+            left: BTreeSet::new(),
             links: BTreeMap::new(),
             clients,
             next_node: INITIAL,
@@ -160,6 +164,9 @@ impl Sim {
                 }
                 Output::Stopped { reason } => {
                     self.trace.push(format!("node {n} stopped: {reason}"));
+                    if reason.starts_with("left") {
+                        self.left.insert(n);
+                    }
                     self.dead.insert(n);
                 }
                 Output::Log(line) => {
@@ -542,7 +549,7 @@ fn run(seed: u64) -> (u64, usize) {
     let any = sim.alive()[0];
     for c in sim.nodes[&any].log() {
         if let Change::Fail { node } = c {
-            if !sim.crashed.contains(node) {
+            if !sim.crashed.contains(node) && !sim.left.contains(node) {
                 sim.fail(format!("live node {node} was evicted as failed"));
             }
         }
