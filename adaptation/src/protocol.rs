@@ -1226,6 +1226,9 @@ impl Node {
     }
 }
 
+/// Entries with their states, as one message carries them.
+type EntryBatch = Vec<(EntryId, Vec<u8>)>;
+
 /// Largest batch of entries in one message, in bytes of state.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -1233,8 +1236,8 @@ const BATCH_BYTES: usize = 1 << 20;
 /// order given, each holding at most [`BATCH_BYTES`] of state (and at least one entry).
 fn batches(
     items: Vec<(NodeId, ServiceId, EntryId, Vec<u8>)>,
-) -> Vec<(NodeId, ServiceId, Vec<(EntryId, Vec<u8>)>)> {
-    let mut open: BTreeMap<(NodeId, ServiceId), (Vec<(EntryId, Vec<u8>)>, usize)> = BTreeMap::new();
+) -> Vec<(NodeId, ServiceId, EntryBatch)> {
+    let mut open: BTreeMap<(NodeId, ServiceId), (EntryBatch, usize)> = BTreeMap::new();
     let mut out = Vec::new();
     for (to, service, entry, state) in items {
         let (batch, bytes) = open.entry((to, service)).or_default();
