@@ -7,7 +7,7 @@
 //!   (the toy key-value service; a client retrying through another node keeps CLIENT SEQ)
 //! - `leave NODE` → `ok leave NODE` or `err ...` (a planned eviction)
 //! - `fill COUNT BYTES` → `ok fill N`: loads the keys `0..COUNT` this node manages
-//! - `status` → `status id=.. epoch=.. known=.. stable=.. members=.. keys=..`
+//! - `status` → `status id=.. epoch=.. known=.. stable=.. members=.. cells=A+B|C+D keys=..`
 //!
 //! Events: `ready`, `phase EPOCH NAME t=MS`, `stable EPOCH t=MS members=A,B,..`,
 //! `stopped REASON`. Times are milliseconds since the Unix epoch (comparable across the
@@ -454,13 +454,23 @@ fn command(node: &mut Node, line: &str) -> String {
         ["status"] => {
             let members: Vec<String> = node.members().iter().map(|m| m.to_string()).collect();
             let keys = node.service(0).map(|s| s.managed().len()).unwrap_or(0);
+            let cells: Vec<String> = node
+                .locator()
+                .cells()
+                .iter()
+                .map(|c| {
+                    let m: Vec<String> = c.members.iter().map(|m| m.to_string()).collect();
+                    m.join("+")
+                })
+                .collect();
             format!(
-                "status id={} epoch={} known={} stable={} members={} keys={keys}",
+                "status id={} epoch={} known={} stable={} members={} cells={} keys={keys}",
                 node.id(),
                 node.epoch(),
                 node.known_epoch(),
                 node.is_stable(),
-                members.join(",")
+                members.join(","),
+                cells.join("|")
             )
         }
         [] => String::new(),

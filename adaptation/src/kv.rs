@@ -137,11 +137,20 @@ pub struct KvService {
     copies: BTreeMap<EntryId, KeyState>,
     /// How many requests this node executed (not answered from a client table).
     pub executed: u64,
+    size_hint: Option<u64>,
 }
 
 impl KvService {
     pub fn new() -> KvService {
         KvService::default()
+    }
+
+    /// A store expecting about `entries` keys: the locator places it on a sub-tree of cells.
+    pub fn with_size_hint(entries: u64) -> KvService {
+        KvService {
+            size_hint: Some(entries),
+            ..KvService::default()
+        }
     }
 
     /// The value of a key this node manages.
@@ -162,6 +171,10 @@ impl KvService {
 impl Service for KvService {
     fn name(&self) -> &str {
         "kv"
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        self.size_hint
     }
 
     fn witnesses(&self) -> usize {

@@ -54,6 +54,19 @@ struct Sim {
     settled_since: Option<u64>,
 }
 
+/// Two key-value services: one over the whole tree, one small enough for a sub-tree.
+fn services() -> Vec<Box<dyn Service>> {
+    vec![
+        Box::new(KvService::new()),
+        Box::new(KvService::with_size_hint(1)),
+    ]
+}
+
+/// The service a client key belongs to.
+fn service_of(key: u64) -> u16 {
+    (key % 2) as u16
+}
+
 fn config(me: NodeId, genesis: &[NodeId], seed: u64) -> NodeConfig {
     let mut c = NodeConfig::new(me, genesis.to_vec(), SUPERVISORS.to_vec());
     c.seed = seed ^ (u64::from(me) << 32);
@@ -72,8 +85,7 @@ impl Sim {
         let nodes = genesis
             .iter()
             .map(|&n| {
-                let node = Node::new(config(n, &genesis, seed), vec![Box::new(KvService::new())])
-                    .expect("node");
+                let node = Node::new(config(n, &genesis, seed), services()).expect("node");
                 (n, node)
             })
             .collect();
@@ -215,7 +227,7 @@ impl Sim {
         c.pending = None;
         self.answers += 1;
         let node = &self.nodes[&n];
-        let manager = node.manager_of(0, key);
+        let manager = node.manager_of(service_of(key), key);
         self.trace.push(format!(
             "client {} got {op:?} on key {key} = {expected} (at node {n}, epoch {}, manager {manager:?}, view {:?})",
             id.client,
@@ -258,7 +270,7 @@ impl Sim {
         self.nodes
             .get_mut(&node)
             .unwrap()
-            .submit(id, 0, key, op.encode())
+            .submit(id, service_of(key), key, op.encode())
             .unwrap();
         self.drain(node);
     }
@@ -276,7 +288,7 @@ impl Sim {
         let genesis: Vec<NodeId> = (0..INITIAL).collect();
         let mut cfg = config(n, &genesis, self.seed);
         cfg.joining = Some(format!("sim:{n}"));
-        let node = Node::new(cfg, vec![Box::new(KvService::new())]).expect("joiner");
+        let node = Node::new(cfg, services()).expect("joiner");
         self.trace.push(format!("JOIN node {n}"));
         self.nodes.insert(n, node);
         self.drain(n);
@@ -340,7 +352,7 @@ impl Sim {
             return;
         };
         let first = &self.nodes[&alive[0]];
-        let mut holder: BTreeMap<u64, NodeId> = BTreeMap::new();
+        let mut holder: BTreeMap<(u16, u64), NodeId> = BTreeMap::new();
         for n in &alive {
             let node = &self.nodes[n];
             if node.members() != first.members() || node.log() != first.log() {
@@ -371,13 +383,19 @@ impl Sim {
                     node.members()
                 ));
             }
-            for key in node.service(0).unwrap().managed() {
-                if let Some(other) = holder.insert(key, *n) {
-                    self.fail(format!("key {key} managed by both {other} and {n}"));
-                }
-                let m = node.manager_of(0, key).unwrap();
-                if m != *n {
-                    self.fail(format!("key {key} held by {n} but the locator says {m}"));
+            for s in 0..2u16 {
+                for key in node.service(s).unwrap().managed() {
+                    if let Some(other) = holder.insert((s, key), *n) {
+                        self.fail(format!(
+                            "service {s} key {key} managed by both {other} and {n}"
+                        ));
+                    }
+                    let m = node.manager_of(s, key).unwrap();
+                    if m != *n {
+                        self.fail(format!(
+                            "service {s} key {key} held by {n} but the locator says {m}"
+                        ));
+                    }
                 }
             }
         }
@@ -385,7 +403,7 @@ impl Sim {
         if self.repaired() {
             for c in &self.clients {
                 for key in c.sums.keys() {
-                    if !holder.contains_key(key) {
+                    if !holder.contains_key(&(service_of(*key), *key)) {
                         self.fail(format!("key {key} of client {} has no manager", c.id));
                     }
                 }
@@ -587,6 +605,26 @@ fn random_schedules_keep_every_invariant() {
     assert!(
         total_changes > schedules as usize / 2,
         "the schedules made too few changes"
+    );
+}
+
+#[test]
+fn a_small_service_is_placed_on_a_sub_tree() {
+    let genesis: Vec<NodeId> = (0..INITIAL).collect();
+    let node = Node::new(config(0, &genesis, 1), services()).unwrap();
+    let whole = node.scope(0).unwrap().clone();
+    let small = node.scope(1).unwrap().clone();
+    assert!(small.buckets < whole.buckets, "{small:?} vs {whole:?}");
+    let managers = |s: u16| -> BTreeSet<NodeId> {
+        (0..10_000u64)
+            .map(|k| node.manager_of(s, k).unwrap())
+            .collect()
+    };
+    assert_eq!(managers(0).len(), INITIAL as usize);
+    let few = managers(1);
+    assert!(
+        !few.is_empty() && few.len() < INITIAL as usize,
+        "the small service spreads over {few:?}"
     );
 }
 
