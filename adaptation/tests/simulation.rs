@@ -52,6 +52,10 @@ struct Sim {
     trace: Vec<String>,
     /// Since when every live node has been stable with every crash repaired.
     settled_since: Option<u64>,
+    /// A crash armed to happen when the victim reaches a step of a change: (step, victim,
+    /// armed at).
+    crash_on: Option<(&'static str, NodeId, u64)>,
+    step_crashes: u64,
 }
 
 /// Two key-value services: one over the whole tree, one small enough for a sub-tree.
@@ -114,6 +118,8 @@ impl Sim {
             answers: 0,
             trace: Vec::new(),
             settled_since: None,
+            crash_on: None,
+            step_crashes: 0,
         }
     }
 
@@ -152,7 +158,12 @@ impl Sim {
             Some(node) => node.take_outputs(),
             None => return,
         };
+        let mut crash_now = false;
         for o in outs {
+            if crash_now {
+                // The node died at that step: nothing after it leaves the node.
+                break;
+            }
             match o {
                 Output::Send { to, msg } => {
                     if self.dead.contains(&to) && self.crashed.contains(&to) {
@@ -172,7 +183,11 @@ impl Sim {
                 Output::Response { id, payload } => self.answer(n, id, payload),
                 Output::Stable { epoch } => self.trace.push(format!("node {n} stable at {epoch}")),
                 Output::Phase { epoch, phase } => {
-                    self.trace.push(format!("node {n} epoch {epoch}: {phase}"))
+                    self.trace.push(format!("node {n} epoch {epoch}: {phase}"));
+                    if self.crash_on.is_some_and(|(p, v, _)| p == phase && v == n) {
+                        self.crash_on = None;
+                        crash_now = true;
+                    }
                 }
                 Output::Stopped { reason } => {
                     self.trace.push(format!("node {n} stopped: {reason}"));
@@ -188,6 +203,11 @@ impl Sim {
                     self.trace.push(format!("node {n}: {line}"));
                 }
             }
+        }
+        if crash_now && !self.dead.contains(&n) {
+            self.trace.push("(crash at a step of a change)".to_string());
+            self.step_crashes += 1;
+            self.crash(n);
         }
     }
 
@@ -435,6 +455,7 @@ impl Sim {
         } else if r < 10
             && budget.crashes > 0
             && budget.crash_at.is_none()
+            && self.crash_on.is_none()
             && self
                 .settled_since
                 .is_some_and(|t| self.now >= t + 2 * self.max_delay + 2)
@@ -452,8 +473,25 @@ impl Sim {
                 .collect();
             if candidates.len() > 3 {
                 budget.crashes -= 1;
-                budget.crash_at = Some(self.now + self.rng.gen_range(0..40));
-                budget.crash_victim = Some(candidates[self.rng.gen_range(0..candidates.len())]);
+                let victim = candidates[self.rng.gen_range(0..candidates.len())];
+                if self.rng.gen_ratio(1, 2) {
+                    budget.crash_at = Some(self.now + self.rng.gen_range(0..40));
+                    budget.crash_victim = Some(victim);
+                } else {
+                    // At a given step of the next change the victim takes part in.
+                    let steps = ["agreed", "prepared", "sent", "received"];
+                    let step = steps[self.rng.gen_range(0..steps.len())];
+                    self.crash_on = Some((step, victim, self.now));
+                }
+            }
+        }
+        // A step that never comes (no further change) turns into a plain crash.
+        if let Some((_, v, armed)) = self.crash_on {
+            if self.now > armed + 600 {
+                self.crash_on = None;
+                if !self.dead.contains(&v) {
+                    self.crash(v);
+                }
             }
         }
         if let (Some(at), Some(v)) = (budget.crash_at, budget.crash_victim) {
@@ -485,7 +523,17 @@ struct Budget {
     crash_victim: Option<NodeId>,
 }
 
-fn run(seed: u64) -> (u64, usize) {
+/// What one schedule did: answers checked, changes agreed, crashes (of which at a step of
+/// a change).
+#[derive(Debug, PartialEq, Eq, Default)]
+struct Outcome {
+    answers: u64,
+    changes: usize,
+    crashes: usize,
+    step_crashes: u64,
+}
+
+fn run(seed: u64) -> Outcome {
     let mut sim = Sim::new(seed);
     let mut budget = Budget {
         joins: sim.rng.gen_range(0..=2),
@@ -572,36 +620,46 @@ fn run(seed: u64) -> (u64, usize) {
             }
         }
     }
-    let epochs = sim.nodes[&any].log().len();
-    (sim.answers, epochs)
+    Outcome {
+        answers: sim.answers,
+        changes: sim.nodes[&any].log().len(),
+        crashes: sim.crashed.len(),
+        step_crashes: sim.step_crashes,
+    }
 }
 
 #[test]
 fn random_schedules_keep_every_invariant() {
     if let Ok(seed) = std::env::var("KRUN_SIM_SEED") {
         let seed: u64 = seed.parse().expect("KRUN_SIM_SEED is a number");
-        let (answers, epochs) = run(seed);
-        println!("seed {seed}: {answers} answers, {epochs} changes");
+        let o = run(seed);
+        println!("seed {seed}: {o:?}");
         return;
     }
     let schedules: u64 = std::env::var("KRUN_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
-    let mut total_answers = 0;
-    let mut total_changes = 0;
     let first: u64 = std::env::var("KRUN_SIM_FIRST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    let mut total = Outcome::default();
     for seed in first..first + schedules {
-        let (a, e) = run(seed);
-        total_answers += a;
-        total_changes += e;
+        let o = run(seed);
+        total.answers += o.answers;
+        total.changes += o.changes;
+        total.crashes += o.crashes;
+        total.step_crashes += o.step_crashes;
     }
-    println!(
-        "{schedules} schedules: {total_answers} answers, {total_changes} configuration changes"
-    );
+    println!("{schedules} schedules: {total:?}");
+    let total_changes = total.changes;
+    if schedules >= 200 {
+        assert!(
+            total.crashes > 0 && total.step_crashes > 0,
+            "the schedules crashed no node at a step of a change: {total:?}"
+        );
+    }
     assert!(
         total_changes > schedules as usize / 2,
         "the schedules made too few changes"
