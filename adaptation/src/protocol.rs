@@ -1068,9 +1068,18 @@ impl Node {
                 if to == me {
                     continue;
                 }
+                // The previous manager keeps a copy: if the new one fails before its witness
+                // has one, the failure scan still finds the entry (here, or at the member a
+                // leaving node hands its copies to).
+                let copy = (svc.witnesses() > 0)
+                    .then(|| svc.witness_copy(entry))
+                    .flatten();
                 if let Some(state) = svc.send_out(entry) {
                     counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
                     sends.push((to, s as ServiceId, entry, state));
+                    if let Some(copy) = copy {
+                        svc.observe_response(entry, &copy);
+                    }
                 }
             }
             if let Some(failed) = failed {
