@@ -679,6 +679,29 @@ impl Placement for CellTreeLocator {
     }
 }
 
+/// The members sorted and deduplicated (the comparison schemes keep them so).
+fn sorted_members(nodes: &[NodeId], scheme: &str) -> Vec<NodeId> {
+    let mut nodes = nodes.to_vec();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert!(!nodes.is_empty(), "{scheme}: needs at least one node");
+    nodes
+}
+
+/// Inserts `node` into sorted `nodes` (no duplicates).
+fn add_sorted(nodes: &mut Vec<NodeId>, node: NodeId) {
+    if let Err(at) = nodes.binary_search(&node) {
+        nodes.insert(at, node);
+    }
+}
+
+/// Removes `node`, keeping at least one member.
+fn remove_keeping_one(nodes: &mut Vec<NodeId>, node: NodeId) {
+    if nodes.len() > 1 {
+        nodes.retain(|&n| n != node);
+    }
+}
+
 /// Kerrighed's static scheme: `nodes[entry % n]` over the sorted members. Nearly every entry
 /// moves when n changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -690,11 +713,9 @@ impl Modulo {
     /// # Panics
     /// If `nodes` is empty.
     pub fn new(nodes: &[NodeId]) -> Self {
-        let mut nodes = nodes.to_vec();
-        nodes.sort_unstable();
-        nodes.dedup();
-        assert!(!nodes.is_empty(), "modulo: needs at least one node");
-        Modulo { nodes }
+        Modulo {
+            nodes: sorted_members(nodes, "modulo"),
+        }
     }
 }
 
@@ -707,14 +728,10 @@ impl Placement for Modulo {
         self.nodes[(entry % self.nodes.len() as u64) as usize]
     }
     fn add_node(&mut self, node: NodeId) {
-        if let Err(at) = self.nodes.binary_search(&node) {
-            self.nodes.insert(at, node);
-        }
+        add_sorted(&mut self.nodes, node);
     }
     fn remove_node(&mut self, node: NodeId) {
-        if self.nodes.len() > 1 {
-            self.nodes.retain(|&n| n != node);
-        }
+        remove_keeping_one(&mut self.nodes, node);
     }
 }
 
@@ -729,11 +746,9 @@ impl Rendezvous {
     /// # Panics
     /// If `nodes` is empty.
     pub fn new(nodes: &[NodeId]) -> Self {
-        let mut nodes = nodes.to_vec();
-        nodes.sort_unstable();
-        nodes.dedup();
-        assert!(!nodes.is_empty(), "rendezvous: needs at least one node");
-        Rendezvous { nodes }
+        Rendezvous {
+            nodes: sorted_members(nodes, "rendezvous"),
+        }
     }
 }
 
@@ -761,14 +776,10 @@ impl Placement for Rendezvous {
         best.1
     }
     fn add_node(&mut self, node: NodeId) {
-        if let Err(at) = self.nodes.binary_search(&node) {
-            self.nodes.insert(at, node);
-        }
+        add_sorted(&mut self.nodes, node);
     }
     fn remove_node(&mut self, node: NodeId) {
-        if self.nodes.len() > 1 {
-            self.nodes.retain(|&n| n != node);
-        }
+        remove_keeping_one(&mut self.nodes, node);
     }
 }
 

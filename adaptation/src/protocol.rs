@@ -187,6 +187,8 @@ pub struct Node {
     confirming: BTreeMap<NodeId, (u64, u64)>,
     answered_at: BTreeMap<NodeId, u64>,
     next_nonce: u64,
+    /// Supervisors: the last epoch each node reported as processed.
+    done_by: BTreeMap<NodeId, Epoch>,
     out: Vec<Output>,
 }
 
@@ -291,6 +293,7 @@ impl Node {
             confirming: BTreeMap::new(),
             answered_at: BTreeMap::new(),
             next_nonce: 1,
+            done_by: BTreeMap::new(),
             out,
         })
     }
@@ -417,13 +420,19 @@ impl Node {
         self.retry_proposals();
         self.confirm_failures();
         if self.now.is_multiple_of(self.cfg.status_ticks.max(1)) {
-            if let Some(s) = self.pick_supervisor() {
-                self.send(
-                    s,
-                    Msg::Status {
-                        epoch: self.known_epoch(),
-                    },
-                );
+            let status = Msg::Status {
+                epoch: self.known_epoch(),
+                done: self.epoch,
+            };
+            let supervisors: Vec<NodeId> = self
+                .cfg
+                .supervisors
+                .iter()
+                .copied()
+                .filter(|s| *s != self.cfg.me && !self.log_failed.contains(s))
+                .collect();
+            for s in supervisors {
+                self.send(s, status.clone());
             }
         }
         if self.migration.is_none() {
@@ -480,8 +489,9 @@ impl Node {
                 }
             }
             Msg::ViewChange { epoch, change } => self.learn(epoch, change),
-            Msg::Status { epoch } => {
+            Msg::Status { epoch, done } => {
                 if self.agreement.is_some() {
+                    self.done_by.insert(from, done);
                     let first = epoch as usize;
                     let changes: Vec<(Epoch, Change)> = self
                         .log
@@ -661,16 +671,27 @@ impl Node {
             if node == self.cfg.me {
                 return;
             }
-            // A node that left is gone, not failed, once its leave is complete here (this
-            // supervisor then has everything it sent). Only a node that stops during its
-            // leave needs its failure agreed.
+            // A node that left is gone, not failed, once every member reports its leave
+            // complete. Until then it may have stopped before every member had its last
+            // messages, and its failure must be agreed for them to move on.
             let left_at = self
                 .log
                 .iter()
                 .position(|c| *c == Change::Leave { node })
                 .map(|i| i as Epoch + 1);
-            if left_at.is_some_and(|e| self.epoch >= e) {
-                return;
+            if let Some(e) = left_at {
+                let me = self.cfg.me;
+                let all_done = self.log_members.iter().all(|m| {
+                    let done = if *m == me {
+                        self.epoch
+                    } else {
+                        self.done_by.get(m).copied().unwrap_or(0)
+                    };
+                    done >= e
+                });
+                if all_done {
+                    return;
+                }
             }
             let recently = self
                 .answered_at

@@ -44,6 +44,7 @@ pub enum Msg {
     /// "I know the views up to `epoch`": a supervisor answers with the ones after it.
     Status {
         epoch: Epoch,
+        done: Epoch,
     },
     /// Migration step 1 done (before-migration callbacks ran) for `epoch`.
     Prepared {
@@ -233,7 +234,7 @@ impl Msg {
             Msg::Raft(b) => w.u8(2).bytes(b),
             Msg::Propose(c) => w.u8(3).bytes(&c.encode()),
             Msg::ViewChange { epoch, change } => w.u8(4).u64(*epoch).bytes(&change.encode()),
-            Msg::Status { epoch } => w.u8(5).u64(*epoch),
+            Msg::Status { epoch, done } => w.u8(5).u64(*epoch).u64(*done),
             Msg::Prepared { epoch } => w.u8(6).u64(*epoch),
             Msg::EntryData {
                 epoch,
@@ -285,7 +286,10 @@ impl Msg {
                 epoch: r.u64()?,
                 change: r.change()?,
             },
-            5 => Msg::Status { epoch: r.u64()? },
+            5 => Msg::Status {
+                epoch: r.u64()?,
+                done: r.u64()?,
+            },
             6 => Msg::Prepared { epoch: r.u64()? },
             7 => Msg::EntryData {
                 epoch: r.u64()?,
@@ -425,7 +429,7 @@ mod tests {
                     addr: "127.0.0.1:1".into(),
                 },
             },
-            Msg::Status { epoch: 2 },
+            Msg::Status { epoch: 2, done: 1 },
             Msg::Prepared { epoch: 2 },
             Msg::EntryData {
                 epoch: 2,

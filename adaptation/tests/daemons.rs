@@ -141,6 +141,25 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// `n` daemons, each knowing the others; returns once all are ready.
+    fn start(n: u32) -> (Cluster, Vec<(u32, String)>) {
+        let addrs: Vec<(u32, String)> = (0..n).map(|i| (i, free_port())).collect();
+        let mut cluster = Cluster {
+            daemons: BTreeMap::new(),
+        };
+        for (id, addr) in &addrs {
+            let peers: Vec<(u32, String)> =
+                addrs.iter().filter(|(p, _)| p != id).cloned().collect();
+            cluster
+                .daemons
+                .insert(*id, spawn(*id, addr, &peers, false, SECRET));
+        }
+        cluster.wait(&format!("{n} daemons ready"), |c| {
+            c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
+        });
+        (cluster, addrs)
+    }
+
     fn describe(&self) -> String {
         self.daemons
             .values()
@@ -241,19 +260,7 @@ fn client_round(cluster: &Cluster, c: &mut Clients, round: u64, issue: bool) {
 
 #[test]
 fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
-    let addrs: Vec<(u32, String)> = (0..8).map(|i| (i, free_port())).collect();
-    let mut cluster = Cluster {
-        daemons: BTreeMap::new(),
-    };
-    for (id, addr) in &addrs {
-        let peers: Vec<(u32, String)> = addrs.iter().filter(|(p, _)| p != id).cloned().collect();
-        cluster
-            .daemons
-            .insert(*id, spawn(*id, addr, &peers, false, SECRET));
-    }
-    cluster.wait("8 daemons ready", |c| {
-        c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
-    });
+    let (mut cluster, addrs) = Cluster::start(8);
     let mut clients = Clients {
         sums: BTreeMap::new(),
         pending: BTreeMap::new(),
@@ -373,19 +380,7 @@ fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
 
 #[test]
 fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
-    let addrs: Vec<(u32, String)> = (0..3).map(|i| (i, free_port())).collect();
-    let mut cluster = Cluster {
-        daemons: BTreeMap::new(),
-    };
-    for (id, addr) in &addrs {
-        let peers: Vec<(u32, String)> = addrs.iter().filter(|(p, _)| p != id).cloned().collect();
-        cluster
-            .daemons
-            .insert(*id, spawn(*id, addr, &peers, false, SECRET));
-    }
-    cluster.wait("3 daemons ready", |c| {
-        c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
-    });
+    let (cluster, addrs) = Cluster::start(3);
     // Garbage and a frame with a bad magic on node 0's port.
     {
         let mut s = std::net::TcpStream::connect(&cluster.daemons[&0].addr).unwrap();
