@@ -1121,12 +1121,20 @@ impl Node {
                 }
             }
         }
-        // A leaving node's copies (for failure repair) go to the member that stays.
+        // A leaving node's copies (for failure repair, including those of the entries it
+        // just handed over) go to each entry's witness in the new view: a node other than
+        // the entry's new manager, so one more failure does not take both.
         let mut copies = Vec::new();
         if let (true, Some(keeper)) = (leaving, keeper) {
             for (s, svc) in self.services.iter_mut().enumerate() {
+                let scope = &self.scopes[s];
                 for (entry, payload) in svc.handover_copies() {
-                    copies.push((keeper, s as ServiceId, entry, payload));
+                    let manager = m.locator.manager_in(scope, entry);
+                    let to = witnesses_in(&m.members, manager, m.members.len())
+                        .into_iter()
+                        .find(|w| *w != me && !self.log_failed.contains(w))
+                        .unwrap_or(keeper);
+                    copies.push((to, s as ServiceId, entry, payload));
                 }
             }
         }

@@ -639,7 +639,7 @@ fn random_schedules_keep_every_invariant() {
     let schedules: u64 = std::env::var("KRUN_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(2000);
     let first: u64 = std::env::var("KRUN_SIM_FIRST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
