@@ -1122,19 +1122,27 @@ impl Node {
             }
         }
         // A leaving node's copies (for failure repair, including those of the entries it
-        // just handed over) go to each entry's witness in the new view: a node other than
-        // the entry's new manager, so one more failure does not take both.
+        // just handed over) go to the entry's next two witnesses in the new view, never its
+        // new manager: the leave removes one copy, so one failure during it must not take
+        // the others.
         let mut copies = Vec::new();
         if let (true, Some(keeper)) = (leaving, keeper) {
             for (s, svc) in self.services.iter_mut().enumerate() {
                 let scope = &self.scopes[s];
                 for (entry, payload) in svc.handover_copies() {
                     let manager = m.locator.manager_in(scope, entry);
-                    let to = witnesses_in(&m.members, manager, m.members.len())
-                        .into_iter()
-                        .find(|w| *w != me && !self.log_failed.contains(w))
-                        .unwrap_or(keeper);
-                    copies.push((to, s as ServiceId, entry, payload));
+                    let mut targets: Vec<NodeId> =
+                        witnesses_in(&m.members, manager, m.members.len())
+                            .into_iter()
+                            .filter(|w| *w != me && !self.log_failed.contains(w))
+                            .take(2)
+                            .collect();
+                    if targets.is_empty() {
+                        targets.push(keeper);
+                    }
+                    for to in targets {
+                        copies.push((to, s as ServiceId, entry, payload.clone()));
+                    }
                 }
             }
         }
