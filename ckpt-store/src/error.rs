@@ -41,8 +41,52 @@ pub enum StoreError {
         found: u16,
         supported: u16,
     },
+    #[error("{path}: bad magic {found:02x?} at offset 0: not a krun checkpoint image")]
+    BadMagic { path: PathBuf, found: [u8; 8] },
+    #[error("{path}: header checksum mismatch over header bytes 0..{len} (stored {stored:#010x}, computed {computed:#010x})")]
+    HeaderChecksum {
+        path: PathBuf,
+        len: u64,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("{path}: payload checksum mismatch in the 4 KiB block at payload offset {offset} (file offset {file_offset}): stored {stored:#010x}, computed {computed:#010x}")]
+    PayloadChecksum {
+        path: PathBuf,
+        offset: u64,
+        file_offset: u64,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("io_uring is unavailable ({what}: {source}); L4 disk images need it (Linux >= 5.6, not blocked by seccomp or sysctl kernel.io_uring_disabled)")]
+    IoUring {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("node {node}: {what}")]
     Peer { node: usize, what: String },
+    #[error("{level} copy of {owner} v{version} on node {node}: {what}")]
+    Copy {
+        level: String,
+        owner: String,
+        version: u64,
+        node: usize,
+        what: String,
+    },
+    #[error("{owner} v{version} is not safe at {level}: {what}")]
+    NotSafe {
+        level: String,
+        owner: String,
+        version: u64,
+        what: String,
+    },
+    #[error("no valid copy of {owner} v{version}: {}", .tried.join("; "))]
+    Unavailable {
+        owner: String,
+        version: u64,
+        tried: Vec<String>,
+    },
     #[error("fabric: {0}")]
     Fabric(#[from] fabric::FabricError),
     #[error("invalid argument: {0}")]
