@@ -44,6 +44,8 @@ pub struct DaemonConfig {
 pub const USAGE: &str = "\
 krun-adapt --id N --listen HOST:PORT --peer ID=HOST:PORT ... --supervisors A,B,C
            [--join] [--tick-ms 10] [--seed S]
+krun-adapt --under-krun [--supervisors A,B,C]   (as a krun job: `krun --local 4 krun-adapt
+           --under-krun`; rank r is node r, rank 0 reads the commands)
   Runs one node of the adaptation layer with the toy key-value service. The initial members
   are the --peer nodes plus this one (unless --join: then this node announces itself to
   them). The cluster secret comes from KRUN_SECRET_FILE (a 0600 file) or KRUN_SECRET (hex).";
@@ -249,6 +251,94 @@ pub fn run(cfg: DaemonConfig, secret: ClusterSecret) -> Result<String> {
         what: format!("listening on {}", cfg.listen),
         source: e,
     })?;
+    run_on(cfg, listener, secret)
+}
+
+/// A node of a krun job (`krun ... krun-adapt --under-krun`): rank r of n is node r, the
+/// ranks swap their listening addresses through krun's bootstrap service (`KRUN_BOOTSTRAP`,
+/// `KRUN_RANK`, `KRUN_SIZE`), and the cluster secret is the job's (`KRUN_SECRET`). Listens on
+/// `KRUN_FABRIC_BIND` (default 127.0.0.1), any port. `supervisors` empty: the first three.
+pub fn under_krun(supervisors: Vec<NodeId>) -> Result<String> {
+    let var = |name: &str| {
+        std::env::var(name).map_err(|_| AdaptError::Config {
+            what: name.to_string(),
+            reason: "not set: run krun-adapt --under-krun as a krun job".into(),
+        })
+    };
+    let number = |name: &str| -> Result<usize> {
+        var(name)?.parse().map_err(|_| AdaptError::Config {
+            what: name.to_string(),
+            reason: "not a number".into(),
+        })
+    };
+    let rank = number("KRUN_RANK")?;
+    let size = number("KRUN_SIZE")?;
+    let boot = var("KRUN_BOOTSTRAP")?;
+    let boot = boot.parse().map_err(|_| AdaptError::Config {
+        what: "KRUN_BOOTSTRAP".into(),
+        reason: format!("{boot:?} is not HOST:PORT"),
+    })?;
+    let secret = ClusterSecret::from_env()
+        .map_err(|e| AdaptError::Config {
+            what: "cluster secret".into(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| AdaptError::Config {
+            what: "KRUN_SECRET".into(),
+            reason: "not set: run krun-adapt --under-krun as a krun job".into(),
+        })?;
+    let host = std::env::var("KRUN_FABRIC_BIND")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let listener = TcpListener::bind((host.as_str(), 0)).map_err(|e| AdaptError::Io {
+        what: format!("listening on {host}"),
+        source: e,
+    })?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| AdaptError::Io {
+            what: "reading the listening address".into(),
+            source: e,
+        })?
+        .to_string();
+    let mut client = fabric::bootstrap::BootstrapClient::connect_with(
+        boot,
+        rank,
+        size,
+        Duration::from_secs(60),
+        Some(&secret),
+    )
+    .map_err(|e| AdaptError::Config {
+        what: "KRUN_BOOTSTRAP".into(),
+        reason: e.to_string(),
+    })?;
+    let cards = client
+        .allgather(listen.as_bytes())
+        .map_err(|e| AdaptError::Config {
+            what: "bootstrap all-gather".into(),
+            reason: e.to_string(),
+        })?;
+    let peers = cards
+        .iter()
+        .enumerate()
+        .filter(|(r, _)| *r != rank)
+        .map(|(r, c)| (r as NodeId, String::from_utf8_lossy(c).into_owned()))
+        .collect();
+    let cfg = DaemonConfig {
+        id: rank as NodeId,
+        listen,
+        peers,
+        supervisors,
+        join: false,
+        tick: Duration::from_millis(10),
+        seed: rank as u64,
+    };
+    run_on(cfg, listener, secret)
+}
+
+/// Runs a node on an already bound listener.
+pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -> Result<String> {
     let listen = listener
         .local_addr()
         .map(|a| a.to_string())

@@ -37,3 +37,20 @@ pub use netns::{
 };
 pub use process::{kill_process, NodeProcess};
 pub use slurm::SlurmCluster;
+
+/// A binary of this workspace next to the running test (`target/<profile>/NAME`); the test
+/// suite builds them first (`cargo build --workspace`).
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "\n\n*** {} is missing: cargo build --workspace first ***\n",
+        bin.display()
+    );
+    bin
+}
