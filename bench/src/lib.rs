@@ -3,6 +3,7 @@
 //! printing, JSON writing and argument parsing live in [`report`].
 pub mod ckpt;
 pub mod fabric;
+pub mod l4;
 pub mod launch;
 pub mod locator;
 pub mod reconfig;

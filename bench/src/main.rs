@@ -16,6 +16,9 @@ subcommands:
            from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
            writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh)
            options: --sizes 1,4  --out PATH
+  l4       the L4 disk level alone writing 1 GiB (page-aligned: zero-copy; one byte off:
+           through bounce buffers) against dd oflag=direct, round by round;
+           writes bench/results/l4.json  options: --rounds N  --dir DIR  --out PATH
   locator  directory-entry placement on 8, 64, 1024 nodes: the cell-tree locator against
            entry % n and rendezvous hashing, on one join and one leave (entries moved, nodes
            touched, balance, lookup ns); writes bench/results/locator.json
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         // Hidden: the daemons `bench reconfig` starts.
         "adapt-node" => bench::reconfig::node(rest),
         "locator" => bench::locator::run(rest),
+        "l4" => bench::l4::run(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {

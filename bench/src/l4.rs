@@ -1,0 +1,142 @@
+//! `bench l4`: the L4 disk level alone (`ckpt_store::disk::DiskLevel::write`: io_uring,
+//! O_DIRECT, preallocated file, fsync, atomic rename) writing 1 GiB from page-aligned memory
+//! (zero-copy) and from memory one byte off (through the aligned bounce buffers), against
+//! `dd oflag=direct` of the same size in the same directory, interleaved round by round.
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use ckpt_store::disk::DiskLevel;
+
+use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
+
+/// A page-aligned anonymous mapping (what the store's L1 regions and mapped image files are).
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> Result<Mapping, String> {
+        // SAFETY: a fresh private anonymous mapping; checked for failure below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap of {len} bytes failed"));
+        }
+        let mut m = Mapping { ptr: p.cast(), len };
+        for (i, b) in m.bytes_mut().iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31);
+        }
+        Ok(m)
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, alive as long as `self`, borrowed uniquely.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn dd_gbs(dir: &std::path::Path, bytes: u64) -> Result<f64, String> {
+    let file = dir.join("dd.bin");
+    let start = Instant::now();
+    let ok = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=16M", &format!("count={}", bytes >> 24), "oflag=direct"])
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("running dd: {e}"))?
+        .success();
+    let t = start.elapsed();
+    let _ = std::fs::remove_file(&file);
+    if !ok {
+        return Err("dd failed".into());
+    }
+    Ok(gbs(bytes, t))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(raw: &[String]) -> Result<(), String> {
+    let args = Args::parse(raw)?;
+    args.only(&["rounds", "dir", "out"])?;
+    let rounds: u64 = args.number("rounds", 3)?;
+    let dir = PathBuf::from(args.get("dir").unwrap_or("/var/tmp/krun-bench-l4"));
+    let out = args
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| results_path("l4"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let disk = DiskLevel::open(&dir).map_err(|e| e.to_string())?;
+    let bytes: u64 = 1 << 30;
+    let mut memory = Mapping::new(bytes as usize + 4096)?;
+    let all = memory.bytes_mut();
+    let mut table = Table::new(&["round", "L4 aligned GB/s", "L4 copied GB/s", "dd GB/s"]);
+    let mut rows = Vec::new();
+    let (mut ratio_aligned, mut ratio_copied) = (Vec::new(), Vec::new());
+    for round in 1..=rounds.max(1) {
+        let dd = dd_gbs(&dir, bytes)?;
+        let start = Instant::now();
+        let r = disk
+            .write("bench", round, &all[..bytes as usize])
+            .map_err(|e| e.to_string())?;
+        let aligned = gbs(bytes, start.elapsed());
+        if r.copied != 0 {
+            return Err(format!("{} bytes went through bounce buffers", r.copied));
+        }
+        let start = Instant::now();
+        disk.write("bench", round + 1000, &all[1..bytes as usize + 1])
+            .map_err(|e| e.to_string())?;
+        let copied = gbs(bytes, start.elapsed());
+        let _ = disk.remove("bench", round);
+        let _ = disk.remove("bench", round + 1000);
+        ratio_aligned.push(aligned / dd);
+        ratio_copied.push(copied / dd);
+        table.row(vec![
+            round.to_string(),
+            format!("{aligned:.2}"),
+            format!("{copied:.2}"),
+            format!("{dd:.2}"),
+        ]);
+        rows.push(serde_json::json!({
+            "round": round,
+            "l4_aligned_gbs": json_num(Some(aligned)),
+            "l4_copied_gbs": json_num(Some(copied)),
+            "dd_gbs": json_num(Some(dd)),
+        }));
+    }
+    let (a, c) = (median(ratio_aligned), median(ratio_copied));
+    println!("1 GiB per write into {}", dir.display());
+    print!("{}", table.render());
+    println!("median L4 / dd: aligned {a:.2}x, copied {c:.2}x (target >= 0.9x)");
+    write_json(
+        &out,
+        &serde_json::json!({
+            "bytes": bytes,
+            "rounds": rows,
+            "median_ratio_aligned": json_num(Some(a)),
+            "median_ratio_copied": json_num(Some(c)),
+        }),
+    )?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
