@@ -11,24 +11,10 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use cluster_tests::workspace_bin;
 use cluster_tests::{NetnsCluster, NodeProcess};
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
-
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace first",
-        bin.display()
-    );
-    bin
-}
 
 struct Store {
     proc: NodeProcess,

@@ -7,23 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cluster_tests::workspace_bin;
 use cluster_tests::{NetnsCluster, NodeProcess};
-
-/// A binary of the workspace, next to this test's directory (target/<profile>/).
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "\n\n*** {} is missing: build the workspace first (cargo build --workspace) ***\n",
-        bin.display()
-    );
-    bin
-}
 
 fn secret_file(tag: &str, secret: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

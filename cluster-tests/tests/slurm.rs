@@ -2,23 +2,8 @@
 //! start; apt-get installs slurm on a fresh machine). Needs root. One test function, because
 //! there is one Slurm cluster per machine.
 
+use cluster_tests::workspace_bin;
 use cluster_tests::SlurmCluster;
-
-/// A binary of the workspace, next to this test's directory (target/<profile>/).
-fn workspace_bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "\n\n*** {} is missing: cargo build --workspace first ***\n",
-        bin.display()
-    );
-    bin
-}
 
 #[test]
 fn srun_and_krun_run_on_three_slurm_nodes() {
