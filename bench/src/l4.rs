@@ -7,50 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use ckpt_store::disk::DiskLevel;
+use fabric::Region;
 
 use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
-
-/// A page-aligned anonymous mapping (what the store's L1 regions and mapped image files are).
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Result<Mapping, String> {
-        // SAFETY: a fresh private anonymous mapping; checked for failure below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap of {len} bytes failed"));
-        }
-        let mut m = Mapping { ptr: p.cast(), len };
-        for (i, b) in m.bytes_mut().iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(31);
-        }
-        Ok(m)
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, alive as long as `self`, borrowed uniquely.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 fn dd_gbs(dir: &std::path::Path, bytes: u64) -> Result<f64, String> {
     let file = dir.join("dd.bin");
@@ -88,8 +47,14 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let disk = DiskLevel::open(&dir).map_err(|e| e.to_string())?;
     let bytes: u64 = 1 << 30;
-    let mut memory = Mapping::new(bytes as usize + 4096)?;
-    let all = memory.bytes_mut();
+    // Page-aligned memory, as the store's L1 regions are.
+    let memory = Region::new(bytes as usize + 4096).map_err(|e| e.to_string())?;
+    // SAFETY: the region is this function's alone; nothing else touches it while the slice
+    // lives.
+    let all = unsafe { memory.as_mut_slice() };
+    for (i, b) in all.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31);
+    }
     let mut table = Table::new(&["round", "L4 aligned GB/s", "L4 copied GB/s", "dd GB/s"]);
     let mut rows = Vec::new();
     let (mut ratio_aligned, mut ratio_copied) = (Vec::new(), Vec::new());

@@ -335,6 +335,14 @@ impl<'a> Pipeline<'a> {
         self.pool.chunk
     }
 
+    /// Records that `slot` has an I/O of `len` bytes at `offset` in flight.
+    fn mark_in_flight(&mut self, slot: usize, offset: u64, len: usize) {
+        let s = &mut self.slots[slot];
+        s.state = SlotState::InFlight;
+        s.offset = offset;
+        s.len = len;
+    }
+
     /// Submits a write of the first `len` bytes of a free slot's buffer at `offset`.
     fn write(&mut self, slot: usize, len: usize, offset: u64) -> std::io::Result<()> {
         let s = &mut self.slots[slot];
@@ -347,10 +355,7 @@ impl<'a> Pipeline<'a> {
         // below and neither touched nor freed until the completion is reaped (see the type's
         // contract); the descriptor is borrowed for the pipeline's lifetime.
         unsafe { self.push(&entry)? };
-        let s = &mut self.slots[slot];
-        s.state = SlotState::InFlight;
-        s.offset = offset;
-        s.len = len;
+        self.mark_in_flight(slot, offset, len);
         Ok(())
     }
 
@@ -379,10 +384,7 @@ impl<'a> Pipeline<'a> {
         // SAFETY: our caller keeps `ptr` valid until the completion is reaped; the
         // descriptor is borrowed for the pipeline's lifetime.
         unsafe { self.push(&entry)? };
-        let s = &mut self.slots[slot];
-        s.state = SlotState::InFlight;
-        s.offset = offset;
-        s.len = len;
+        self.mark_in_flight(slot, offset, len);
         Ok(())
     }
 
@@ -397,10 +399,7 @@ impl<'a> Pipeline<'a> {
         // SAFETY: as for `write`: the kernel writes into `len` bytes owned by the slot, which
         // nobody reads or frees until the completion is reaped.
         unsafe { self.push(&entry)? };
-        let s = &mut self.slots[slot];
-        s.state = SlotState::InFlight;
-        s.offset = offset;
-        s.len = len;
+        self.mark_in_flight(slot, offset, len);
         Ok(())
     }
 
