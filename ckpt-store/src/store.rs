@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
 pub const STORE_TAG: u64 = 0x4b53_0000_0000_0001;
-const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
+pub const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
 const RMA_CHUNK: usize = 8 << 20;
 const RMA_WINDOW: usize = 8;
 const ALIGN: usize = 4096;

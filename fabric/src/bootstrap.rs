@@ -479,6 +479,104 @@ mod tests {
     }
 
     #[test]
+    fn bad_frames_are_refused_and_the_ranks_still_join() {
+        use std::io::{Read, Write};
+        let secret = ClusterSecret::new(b"the bootstrap secret".to_vec()).unwrap();
+        let server = BootstrapServer::start_with(
+            "127.0.0.1:0",
+            2,
+            Duration::from_secs(30),
+            Some(secret.clone()),
+        )
+        .unwrap();
+        let addr = server.addr();
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        };
+        let session = || {
+            let mut s = connect();
+            let session = Session::client(&mut s, &secret, P).unwrap();
+            (s, session)
+        };
+        let closed_without_answer = |mut s: TcpStream, what: &str| {
+            let mut rest = Vec::new();
+            let r = s.read_to_end(&mut rest);
+            assert!(
+                r.is_ok() && rest.is_empty(),
+                "{what}: answered {} bytes ({r:?})",
+                rest.len()
+            );
+        };
+        // Idle connections stay open meanwhile.
+        let idle: Vec<TcpStream> = (0..8).map(|_| connect()).collect();
+        // Garbage instead of the handshake proof.
+        let mut s = connect();
+        let mut hello = [0u8; 39];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&[0x55; 71]).unwrap();
+        closed_without_answer(s, "garbage");
+        // A huge length.
+        let (mut s, mut sess) = session();
+        let mut f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        f[24..28].copy_from_slice(&(64u32 << 20).to_le_bytes());
+        s.write_all(&f[..28]).unwrap();
+        closed_without_answer(s, "huge length");
+        // A bad tag.
+        let (mut s, mut sess) = session();
+        let mut f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        s.write_all(&f).unwrap();
+        closed_without_answer(s, "bad tag");
+        // A frame replayed from another connection, and one out of order.
+        let (mut s, mut sess) = session();
+        let recorded = sess.tx.seal(&Request::Join { rank: 9, size: 2 }).unwrap();
+        s.write_all(&recorded).unwrap();
+        assert!(matches!(
+            sess.rx.recv::<Reply>(&mut s).unwrap(),
+            Reply::Refused(_)
+        ));
+        let (mut s, _sess) = session();
+        s.write_all(&recorded).unwrap();
+        closed_without_answer(s, "replayed frame");
+        let (mut s, mut sess) = session();
+        let _skipped = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        let f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        s.write_all(&f).unwrap();
+        closed_without_answer(s, "frame out of order");
+        // A truncated frame.
+        let (mut s, mut sess) = session();
+        let f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        s.write_all(&f[..f.len() / 2]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        closed_without_answer(s, "truncated frame");
+        // The ranks join and gather.
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let secret = secret.clone();
+                std::thread::spawn(move || {
+                    let mut c = BootstrapClient::connect_with(
+                        addr,
+                        rank,
+                        2,
+                        Duration::from_secs(30),
+                        Some(&secret),
+                    )
+                    .unwrap();
+                    c.allgather(&[rank as u8]).unwrap()
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap(), vec![vec![0u8], vec![1u8]]);
+        }
+        drop(idle);
+        server.join().unwrap();
+    }
+
+    #[test]
     fn an_idle_connection_does_not_block_the_ranks() {
         let server =
             BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(30), None).unwrap();
