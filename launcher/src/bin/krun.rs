@@ -242,6 +242,21 @@ fn show_config(
     Ok(config.render())
 }
 
+/// Prints a command's output. A reader that went away (`krun ghost inspect IMG | head`) ends
+/// the command quietly instead of a panic on the closed pipe.
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|_| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("krun: writing the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Files and variables first: every later step (and every process krun starts) sees the
@@ -255,10 +270,7 @@ fn main() -> ExitCode {
     };
     if args.first().map(String::as_str) == Some("config") {
         return match show_config(&mut config, &args[1..]) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
+            Ok(text) => emit(text.trim_end()),
             Err(e) => {
                 eprintln!("krun: {e}");
                 ExitCode::from(2)
@@ -273,10 +285,7 @@ fn main() -> ExitCode {
     };
     if let Some(run) = subcommand {
         return match run(&args[1..]) {
-            Ok(out) => {
-                println!("{out}");
-                ExitCode::SUCCESS
-            }
+            Ok(out) => emit(&out),
             Err(e) => {
                 eprintln!("krun: {e}");
                 ExitCode::from(2)
