@@ -146,6 +146,7 @@ fn listen(rest: &[String]) -> Result<i32, LauncherError> {
 }
 
 fn run() -> Result<i32, LauncherError> {
+    launcher::config::load()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--listen") {
         return listen(&argv[1..]);
