@@ -45,10 +45,21 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LauncherErro
 }
 
 /// A request to start a node process: krund's arguments and extra environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRequest {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+}
+
+/// Shows the environment's names only: its values include the job's secret.
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RunRequest")
+            .field("args", &self.args)
+            .field("env", &names)
+            .finish()
+    }
 }
 
 /// What krun says to a daemon.
@@ -62,6 +73,17 @@ pub enum ToDaemon {
     Stdin(Vec<u8>),
     /// Send this signal to the node process.
     Signal(i32),
+}
+
+impl ToDaemon {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ToDaemon::Run(_) => "run",
+            ToDaemon::Status => "status",
+            ToDaemon::Stdin(_) => "stdin",
+            ToDaemon::Signal(_) => "signal",
+        }
+    }
 }
 
 /// What a daemon says to krun.
@@ -230,7 +252,8 @@ impl Daemon {
                     &FromDaemon::Refused("expected a run or status request".into()),
                 );
                 Err(LauncherError::Usage(format!(
-                    "unexpected first request {other:?}"
+                    "unexpected first request {}",
+                    other.name()
                 )))
             }
         }
@@ -347,7 +370,10 @@ impl Daemon {
                     // SAFETY: kill(2) of our own child by PID.
                     unsafe { libc::kill(pid as i32, sig) };
                 }
-                Ok(other) => eprintln!("krund: client {peer}: ignoring {other:?} during a run"),
+                Ok(other) => eprintln!(
+                    "krund: client {peer}: ignoring a {} request during a run",
+                    other.name()
+                ),
                 Err(e) => {
                     if !matches!(e, FabricError::WireClosed { .. }) {
                         eprintln!("krund: client {peer}: {e}; ending its node process");
@@ -549,6 +575,15 @@ mod tests {
         assert!(fabric::wire::decode::<ToDaemon>(P, &longer).is_err());
         assert!(fabric::wire::decode::<ToDaemon>(P, &[200, 1]).is_err());
         assert!(fabric::wire::decode::<ToDaemon>(P, &[0, 255, 255, 255, 255, 15]).is_err());
+        let secret_env = RunRequest {
+            args: vec![],
+            env: vec![("KRUN_SECRET".into(), "00112233".into())],
+        };
+        let shown = format!("{secret_env:?}");
+        assert!(
+            shown.contains("KRUN_SECRET") && !shown.contains("00112233"),
+            "{shown}"
+        );
     }
 
     #[test]
