@@ -170,8 +170,10 @@ struct Arena {
 }
 
 impl Arena {
+    /// A free range of `len` bytes (rounded up to [`ALIGN`]); `None` when none is free (or
+    /// `len` is beyond any arena).
     fn alloc(&mut self, len: u64) -> Option<u64> {
-        let len = (len.max(1)).div_ceil(ALIGN as u64) * ALIGN as u64;
+        let len = len.max(1).checked_next_multiple_of(ALIGN as u64)?;
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (off, l) = self.free[i];
         if l == len {

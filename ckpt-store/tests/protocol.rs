@@ -117,6 +117,26 @@ fn bad_messages_are_dropped_and_the_store_keeps_serving() {
         "an impostor was served"
     );
 
+    // A reservation of 2^64 - 1 bytes is refused by name (it used to overflow).
+    let huge = Envelope {
+        request: 8,
+        from_node: 2,
+        body: Body::Reserve {
+            owner: "rank2".into(),
+            version: 1,
+            len: u64::MAX,
+            kind: 0,
+            set: 0,
+            member: 0,
+        },
+    };
+    me.send(node0, STORE_TAG, &sealer.seal(&huge).unwrap())
+        .unwrap();
+    match answered(8, &mut reply_opener).map(|e| e.body) {
+        Some(Body::Error(why)) => assert!(why.contains("arena full"), "{why}"),
+        other => panic!("a huge reservation answered {other:?}"),
+    }
+
     // Node 0 still serves this node's next request, and copies to and reads from node 1.
     me.send(node0, STORE_TAG, &sealer.seal(&lookup(7)).unwrap())
         .unwrap();
