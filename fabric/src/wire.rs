@@ -34,6 +34,10 @@
 //! before it allocates anything for the payload; the handshake is fixed-size, so a peer that
 //! has not proven the secret cannot make a reader hold more than 64 bytes. Decoding never
 //! panics: truncation, trailing bytes and unknown variants are errors naming the protocol.
+//! Listeners handshake each connection on its own thread with [`Session::server_within`]
+//! (the whole handshake within one deadline, [`HANDSHAKE_TIMEOUT`], so a peer trickling one
+//! byte at a time is cut off) and at most [`MAX_HANDSHAKES`] at once ([`HandshakeSlots`]).
+//! A connection closed between frames reads as [`FabricError::WireClosed`].
 //!
 //! ```
 //! use fabric::secret::ClusterSecret;

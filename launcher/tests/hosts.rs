@@ -274,12 +274,24 @@ fn krund_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 #[test]
 fn krund_listen_without_a_secret_refuses_to_start_and_insecure_needs_loopback() {
     let port = free_port().to_string();
-    let (code, err) = krund_exit(&["--listen", &format!("127.0.0.1:{port}")], &[]);
-    assert!(code.is_some_and(|c| c != 0), "krund started: {err}");
-    assert!(
-        err.contains("KRUN_SECRET_FILE") && err.contains("KRUN_SECRET"),
-        "{err}"
-    );
+    // The secret is checked before anything binds: the default port is safe to name here.
+    for args in [
+        vec!["--listen", "127.0.0.1"],
+        vec!["--listen"],
+        vec!["--listen", &format!("127.0.0.1:{port}")],
+    ] {
+        let (code, err) = krund_exit(&args, &[]);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{args:?}: krund started: {err}"
+        );
+        assert!(
+            err.contains("refuses to start without a cluster secret")
+                && err.contains("KRUN_SECRET_FILE")
+                && err.contains("KRUN_SECRET"),
+            "{args:?}: {err}"
+        );
+    }
     let (code, err) = krund_exit(&["--listen", &format!("0.0.0.0:{port}"), "--insecure"], &[]);
     assert!(code.is_some_and(|c| c != 0), "krund started: {err}");
     assert!(err.contains("loopback"), "{err}");
