@@ -402,10 +402,16 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
         let secret = secret.clone();
         std::thread::spawn(move || {
             let slots = HandshakeSlots::default();
-            for s in listener.incoming().flatten() {
-                let Some(slot) = slots.try_take() else {
-                    eprintln!("refusing a connection: too many in their handshake");
-                    continue;
+            loop {
+                // A free handshake slot first: more connections wait in the backlog.
+                let slot = slots.take();
+                let s = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        eprintln!("accepting a connection: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
                 };
                 let (tx, secret) = (tx.clone(), secret.clone());
                 std::thread::spawn(move || read_link(s, secret, tx, slot));

@@ -146,15 +146,15 @@ fn admit_all(
     let mut joined = 0;
     while joined < size {
         let mut idle = true;
-        match listener.accept() {
-            Ok((s, peer)) => {
+        // Accept only with a free handshake slot: more connections wait in the backlog.
+        let accepted = match slots.try_take() {
+            Some(slot) => listener.accept().map(|a| Some((a, slot))),
+            None => Ok(None),
+        };
+        match accepted {
+            Ok(None) => {}
+            Ok(Some(((s, peer), slot))) => {
                 idle = false;
-                let Some(slot) = slots.try_take() else {
-                    eprintln!(
-                        "krun bootstrap: refusing {peer}: too many connections in their handshake"
-                    );
-                    continue;
-                };
                 if s.set_nonblocking(false).is_err() {
                     continue;
                 }
@@ -571,6 +571,36 @@ mod tests {
             .collect();
         for r in ranks {
             assert_eq!(r.join().unwrap(), vec![vec![0u8], vec![1u8]]);
+        }
+        drop(idle);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn more_idle_connections_than_handshake_slots_delay_the_ranks_but_do_not_fail_them() {
+        let server =
+            BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(60), None).unwrap();
+        let addr = server.addr();
+        // Every slot taken by a silent client, and more waiting in the backlog.
+        let idle: Vec<TcpStream> = (0..crate::wire::MAX_HANDSHAKES + 6)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut c = BootstrapClient::connect_with(
+                        addr,
+                        rank,
+                        2,
+                        Duration::from_secs(60),
+                        None,
+                    )?;
+                    c.allgather(&[rank as u8])
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap().unwrap(), vec![vec![0u8], vec![1u8]]);
         }
         drop(idle);
         server.join().unwrap();

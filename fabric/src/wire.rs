@@ -387,7 +387,8 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], p: Protocol, what: &str) -> Res
 /// How long a listener gives a connecting peer to complete the handshake (and its first
 /// request): a peer that sends one byte at a time cannot hold a connection longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many connections a listener handshakes at once; more are closed at once.
+/// How many connections a listener handshakes at once; more wait in the kernel's backlog
+/// until one of those ends (completes, fails or times out).
 pub const MAX_HANDSHAKES: usize = 64;
 
 /// A TCP stream whose reads and writes all end by one deadline (each read waits at most
@@ -459,6 +460,17 @@ impl HandshakeSlots {
         HandshakeSlots {
             busy: Arc::new(AtomicUsize::new(0)),
             max,
+        }
+    }
+
+    /// Waits for a free slot. A listener takes one before it accepts, so connections beyond
+    /// the bound wait in the kernel's backlog, costing the daemon nothing.
+    pub fn take(&self) -> HandshakeSlot {
+        loop {
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

@@ -161,9 +161,10 @@ struct Daemon {
     running: Mutex<Vec<Running>>,
 }
 
-/// Runs the daemon until the listener fails. Each client is handshaken and served on its
-/// own thread; at most [`fabric::wire::MAX_HANDSHAKES`] unauthenticated connections at once,
-/// each given [`HANDSHAKE_TIMEOUT`] for its handshake and first request.
+/// Runs the daemon; returns only when it cannot start. Each client is handshaken and served
+/// on its own thread; at most [`fabric::wire::MAX_HANDSHAKES`] unauthenticated connections
+/// at once (more wait in the backlog), each given [`HANDSHAKE_TIMEOUT`] for its handshake
+/// and first request.
 pub fn serve(listen: SocketAddr, access: Access) -> Result<()> {
     if matches!(access, Access::Insecure) && !listen.ip().is_loopback() {
         return Err(LauncherError::Usage(format!(
@@ -193,14 +194,17 @@ pub fn serve(listen: SocketAddr, access: Access) -> Result<()> {
         running: Mutex::new(Vec::new()),
     });
     let slots = HandshakeSlots::default();
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let Ok(peer) = stream.peer_addr() else {
-            continue;
-        };
-        let Some(slot) = slots.try_take() else {
-            eprintln!("krund: refusing {peer}: too many connections in their handshake");
-            continue;
+    loop {
+        // A free handshake slot first: more connections wait in the kernel's backlog.
+        let slot = slots.take();
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors or the like: say so, and do not spin.
+                eprintln!("krund: accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
         };
         let d = daemon.clone();
         let spawned = std::thread::Builder::new()
@@ -214,7 +218,6 @@ pub fn serve(listen: SocketAddr, access: Access) -> Result<()> {
             eprintln!("krund: refusing {peer}: cannot start a thread: {e}");
         }
     }
-    Ok(())
 }
 
 /// The sending half of a control connection, shared by the threads that write to it.
