@@ -16,6 +16,7 @@
 //!
 //! `put` returns once L1 holds the copy; a background thread flushes to L2, L3 and L4.
 //! `get` reads the fastest valid copy; copies failing their checksum are reported and skipped.
+use crate::buddy::Placement;
 use crate::disk::{check_owner, DiskLevel};
 use crate::error::{Result, StoreError};
 use crate::wire::{self, Envelope, Kind, Reader, Writer};
@@ -27,6 +28,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+mod mapped;
+mod usage;
+
+pub use mapped::PutReport;
+pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
 pub const STORE_TAG: u64 = 0x4b53_0000_0000_0001;
@@ -140,6 +147,8 @@ struct L1Copy {
     mr: Arc<MemoryRegion>,
     len: usize,
     crc: u32,
+    /// A mapped image file (never returned to the pool of copy buffers).
+    mapped: bool,
 }
 
 struct Held {
@@ -219,6 +228,9 @@ struct Inner {
     next_request: AtomicU64,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
+    placement: Placement,
+    /// Bytes `put` copied into store memory (mapped puts copy none).
+    copied: AtomicU64,
 }
 
 /// One node's checkpoint store (see the module docs).
@@ -228,6 +240,7 @@ pub struct Store {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+#[cfg(test)]
 fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
     let sets = nodes.div_ceil(k);
     let next = ((set as usize + 1) % sets) * k;
@@ -236,12 +249,32 @@ fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
 }
 
 impl Store {
-    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`.
+    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`,
+    /// with the default placement ([`Placement::ring`]).
     pub fn start(ep: Box<dyn Endpoint>, cfg: StoreConfig) -> Result<Store> {
+        let groups: Vec<u32> = cfg.nodes.iter().map(|n| n.group).collect();
+        let placement = Placement::ring(&groups, cfg.parity_set);
+        Store::start_placed(ep, cfg, placement)
+    }
+
+    /// As [`Store::start`], with buddies and parity sets from `placement` (for instance
+    /// [`Placement::from_cells`] over the locator's cells).
+    pub fn start_placed(
+        ep: Box<dyn Endpoint>,
+        cfg: StoreConfig,
+        placement: Placement,
+    ) -> Result<Store> {
         if cfg.node >= cfg.nodes.len() {
             return Err(StoreError::Invalid(format!(
                 "node {} of {}",
                 cfg.node,
+                cfg.nodes.len()
+            )));
+        }
+        if placement.nodes() != cfg.nodes.len() {
+            return Err(StoreError::Invalid(format!(
+                "the placement covers {} nodes, the store has {}",
+                placement.nodes(),
                 cfg.nodes.len()
             )));
         }
@@ -278,6 +311,8 @@ impl Store {
             next_request: AtomicU64::new(1),
             disk,
             stop: AtomicBool::new(false),
+            placement,
+            copied: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Key>();
         let service = inner.clone();
@@ -323,10 +358,12 @@ impl Store {
                 mr: Arc::new(mr),
                 len: data.len(),
                 crc,
+                mapped: false,
             },
         ) {
             inner.recycle(old);
         }
+        inner.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         inner.errors.lock().expect("lock").remove(&key);
         inner.mark_safe(&key, Level::L1);
         inner.retain(owner, Level::L1);
@@ -600,22 +637,15 @@ impl Drop for Store {
 
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {
-        let n = self.cfg.nodes.len();
-        let group = self.cfg.nodes[node].group;
-        (1..n)
-            .map(|d| (node + d) % n)
-            .find(|&m| self.cfg.nodes[m].group != group)
-            .unwrap_or((node + 1) % n)
+        self.placement.buddy(node).unwrap_or(node)
     }
 
     fn set_of(&self, node: usize) -> u32 {
-        (node / self.cfg.parity_set.max(1)) as u32
+        self.placement.set_of(node).0
     }
 
     fn set_size(&self, set: u32) -> usize {
-        let k = self.cfg.parity_set;
-        let start = set as usize * k;
-        k.min(self.cfg.nodes.len().saturating_sub(start))
+        self.placement.set_size(set)
     }
 
     fn mark_safe(&self, key: &Key, level: Level) {
@@ -653,6 +683,9 @@ impl Inner {
     }
 
     fn recycle(&self, copy: L1Copy) {
+        if copy.mapped {
+            return; // unmapped when the last reference goes
+        }
         // Only when no RMA read is using it (the map held the last reference).
         if let Ok(mr) = Arc::try_unwrap(copy.mr) {
             let mut pool = self.pool.lock().expect("lock");
@@ -914,8 +947,8 @@ impl Inner {
         }
         if self.cfg.parity_set > 1 && n > 1 {
             let set = self.set_of(self.cfg.node);
-            let member = (self.cfg.node % self.cfg.parity_set) as u32;
-            let holder = parity_holder(set, key.1, n, self.cfg.parity_set);
+            let member = self.placement.set_of(self.cfg.node).1;
+            let holder = self.placement.parity_holder(set, key.1);
             let sent = if holder == self.cfg.node {
                 self.contribute_locally(key, set, member)
             } else {
@@ -1052,10 +1085,8 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        let n = self.cfg.nodes.len();
-        let k = self.cfg.parity_set;
-        for set in 0..n.div_ceil(k) as u32 {
-            let holder = parity_holder(set, version, n, k);
+        for set in 0..self.placement.sets().len() as u32 {
+            let holder = self.placement.parity_holder(set, version);
             let info = match self.parity_lookup(holder, set, version) {
                 Ok(Some(i)) => i,
                 Ok(None) | Err(_) => continue,
