@@ -1,0 +1,274 @@
+//! The checkpoint agent over libfabric tcp: three node stores in this process, each owned by
+//! an agent. A native ghost image (captured by the ghost native backend from this process's
+//! registered memory) goes into node 0's store without a copy, is reported safe at L1 and
+//! L2, and after node 0's store is gone another node fetches it from node 0's buddy with
+//! its checksum intact. Bad images and a full buddy arena give errors naming rank and
+//! version.
+use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use fabric::secret::ClusterSecret;
+use fabric::{open, FabricConfig, Provider};
+use ghost::image::{Image, ImageBuilder, SectionKind};
+use launcher::runtime::agent::{Agent, AgentConfig, AgentEvent};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = PathBuf::from(format!("/var/tmp/krun-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One agent (and store) per node over tcp; `arenas[i]` is node i's lent arena.
+fn agents(arenas: &[usize]) -> Vec<Option<(Agent, Receiver<AgentEvent>)>> {
+    let secret = ClusterSecret::random();
+    let config = FabricConfig {
+        op_timeout: Duration::from_secs(3),
+        ..FabricConfig::with_provider(Provider::Tcp)
+    };
+    let eps: Vec<_> = arenas.iter().map(|_| open(&config).unwrap()).collect();
+    let nodes: Vec<NodeInfo> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, e)| NodeInfo {
+            address: e.address(),
+            group: i as u32,
+        })
+        .collect();
+    eps.into_iter()
+        .enumerate()
+        .map(|(i, ep)| {
+            let store = Store::start(
+                ep,
+                StoreConfig {
+                    node: i,
+                    nodes: nodes.clone(),
+                    arena_bytes: arenas[i],
+                    disk: None,
+                    keep: 2,
+                    parity_set: 0,
+                    secret: secret.clone(),
+                    request_timeout: Duration::from_secs(3),
+                },
+            )
+            .unwrap();
+            Some(Agent::new(store, AgentConfig::default()).unwrap())
+        })
+        .collect()
+}
+
+fn next_event(rx: &Receiver<AgentEvent>) -> AgentEvent {
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("an agent event within 60 s")
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 7 ^ seed) as u8)
+        .collect()
+}
+
+/// A full ghost image of `version` written with the ghost crate's image builder.
+fn built_image(dir: &Path, version: u64, len: usize) -> PathBuf {
+    let mut b = ImageBuilder::new(version, 0, Vec::new());
+    b.add(SectionKind::Meta, "meta", b"backend=native\n", false)
+        .unwrap();
+    b.add(SectionKind::Region, "state", &pattern(len, version), false)
+        .unwrap();
+    let path = ghost::native::image_path(dir, "rank-3", version);
+    ghost::native::write_atomically(&path, &b.finish()).unwrap();
+    path
+}
+
+#[test]
+fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
+    let dir = TempDir::new("native");
+    // A native rank: this process registers 2 MiB of state and captures it.
+    let rt = ghost::native::NativeRuntime::init(ghost::native::NativeConfig {
+        owner: "rank-0".into(),
+        dir: dir.0.clone(),
+        full_every: 4,
+        restore: None,
+    })
+    .expect("the ghost native runtime (userfaultfd write-protect, Linux >= 6.4, root)");
+    let len = 2 << 20;
+    let state = ghost::native::alloc_region(len).unwrap();
+    let expected = pattern(len, 42);
+    // SAFETY: `state` is a fresh private mapping of `len` bytes that lives for the process.
+    unsafe {
+        std::ptr::copy_nonoverlapping(expected.as_ptr(), state, len);
+        rt.register("state", state, len).unwrap();
+    }
+    let version = rt.checkpoint().unwrap();
+    let capture = rt.wait().unwrap().expect("a capture report");
+    assert_eq!(capture.version, version);
+    let file_bytes = std::fs::read(&capture.path).unwrap();
+    assert_eq!(file_bytes.len() as u64, capture.image_bytes);
+
+    let mut nodes = agents(&[16 << 20; 3]);
+    let (agent0, events0) = nodes[0].as_ref().unwrap();
+    let put = agent0
+        .on_checkpointed(0, version, &capture.path, capture.image_bytes)
+        .unwrap();
+    assert_eq!(put.copied, 0, "the mapped image is not copied");
+    assert_eq!(agent0.store().copied_bytes(), 0);
+    assert_eq!(put.crc, crc32c::crc32c(&file_bytes));
+    for level in [Level::L1, Level::L2] {
+        assert_eq!(
+            next_event(events0),
+            AgentEvent::Safe {
+                rank: 0,
+                version,
+                level,
+                bytes: capture.image_bytes
+            }
+        );
+    }
+    let safe = agent0.newest_safe(0);
+    assert_eq!(
+        (safe.at(Level::L1), safe.at(Level::L2)),
+        (Some(version), Some(version))
+    );
+    assert_eq!(agent0.usage().l1, capture.image_bytes);
+    let buddy = agent0.store().buddy();
+    assert_ne!(buddy, 0);
+    assert_eq!(
+        nodes[buddy].as_ref().unwrap().0.usage().l2_held,
+        capture.image_bytes
+    );
+
+    // Node 0 goes away with its store; the third node asks for rank 0's image.
+    nodes[0] = None;
+    let third = 3 - buddy;
+    let fetched = nodes[third].as_ref().unwrap().0.fetch(0, version).unwrap();
+    assert_eq!(
+        (fetched.report.level, fetched.report.node),
+        (Level::L2, buddy)
+    );
+    assert_eq!(crc32c::crc32c(&fetched.image), put.crc);
+    assert!(
+        fetched.image[..] == file_bytes[..],
+        "the buddy's copy differs"
+    );
+    // It restores the rank's memory as it was at the checkpoint.
+    let image = Image::parse(&fetched.image).unwrap();
+    let mut restored = vec![0u8; len];
+    ghost::image::materialize_region(&[image], "state", &mut restored).unwrap();
+    assert!(restored == expected, "restored state differs");
+}
+
+#[test]
+fn bad_images_and_a_full_arena_name_the_rank_and_version() {
+    let dir = TempDir::new("bad");
+    // Node 1 (node 0's buddy) lends only 1 MiB.
+    let nodes = agents(&[16 << 20, 1 << 20]);
+    let (agent, events) = nodes[0].as_ref().unwrap();
+    let good = built_image(&dir.0, 2, 100_000);
+    let size = std::fs::metadata(&good).unwrap().len();
+
+    // Missing file.
+    let e = agent
+        .on_checkpointed(3, 2, &dir.0.join("missing.kgi"), size)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rank 3 checkpoint v2") && e.contains("missing.kgi"),
+        "{e}"
+    );
+    // Size differs from what the rank reported.
+    let e = agent
+        .on_checkpointed(3, 2, &good, size + 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rank 3 checkpoint v2") && e.contains("reported"),
+        "{e}"
+    );
+    // Another version's image.
+    let e = agent
+        .on_checkpointed(3, 5, &good, size)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rank 3 checkpoint v5") && e.contains("is version 2"),
+        "{e}"
+    );
+    // A flipped payload byte.
+    let mut bytes = std::fs::read(&good).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x10;
+    let corrupt = dir.0.join("corrupt.kgi");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let e = agent
+        .on_checkpointed(3, 2, &corrupt, size)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rank 3 checkpoint v2") && e.contains("corrupt"),
+        "{e}"
+    );
+    assert!(events.try_recv().is_err(), "no event for a refused image");
+    assert_eq!(agent.newest_safe(3).at(Level::L1), None);
+
+    // The good image is accepted and reaches L2.
+    agent.on_checkpointed(3, 2, &good, size).unwrap();
+    assert!(matches!(
+        next_event(events),
+        AgentEvent::Safe {
+            level: Level::L1,
+            ..
+        }
+    ));
+    assert!(matches!(
+        next_event(events),
+        AgentEvent::Safe {
+            level: Level::L2,
+            ..
+        }
+    ));
+
+    // An image larger than the buddy's arena: safe at L1, then a failure naming the arena.
+    let big = built_image(&dir.0, 3, 2 << 20);
+    let size = std::fs::metadata(&big).unwrap().len();
+    agent.on_checkpointed(3, 3, &big, size).unwrap();
+    assert!(matches!(
+        next_event(events),
+        AgentEvent::Safe {
+            rank: 3,
+            version: 3,
+            level: Level::L1,
+            ..
+        }
+    ));
+    let failed = next_event(events);
+    let AgentEvent::Failed {
+        rank: 3,
+        version: 3,
+        level: Level::L2,
+        error,
+    } = &failed
+    else {
+        panic!("expected a failure at L2, got {failed:?}");
+    };
+    assert!(error.contains("arena full"), "{error}");
+    let text = failed.to_string();
+    assert!(
+        text.starts_with("version 3 of rank 3 not safe at L2"),
+        "{text}"
+    );
+    // Version 3 is still served from L1.
+    let fetched = agent.fetch(3, 3).unwrap();
+    assert_eq!(fetched.report.level, Level::L1);
+    // A version nobody holds: the error names rank and version.
+    let e = agent.fetch(3, 9).err().expect("not found").to_string();
+    assert!(e.contains("rank 3 checkpoint v9"), "{e}");
+}
