@@ -26,6 +26,12 @@ pub enum LauncherError {
         version: u64,
         what: String,
     },
+    #[error("configuration {place}: {key}: {reason}")]
+    Config {
+        place: String,
+        key: String,
+        reason: String,
+    },
     #[error("I/O error during {context}: {source}")]
     Io {
         context: String,
