@@ -100,6 +100,10 @@ impl Region {
                 ),
             });
         }
+        // Map the file's pages now, read-only, in one call instead of one fault per page
+        // (MAP_POPULATE would break copy-on-write on this writable private mapping, copying
+        // every page). Best effort: kernels before 5.14 lack it and fault pages in later.
+        libc::madvise(ptr, len, libc::MADV_POPULATE_READ);
         Ok(Region {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
