@@ -94,7 +94,7 @@ fn stores_use_buddies_and_parity_sets_from_the_cells() {
     // Node 0's copy at its buddy (in the other cell) is what another node reads once node 0
     // has forgotten its own; the buddy holds exactly that copy.
     let buddy = c.s(0).buddy();
-    assert_eq!(c.s(buddy).usage().l2_held, (100_000) as u64);
+    assert_eq!(c.s(buddy).usage().l2_held, 100_000);
     c.s(0).forget_local("r0", 1);
     let other = (0..6).find(|&n| n != 0 && n != buddy).unwrap();
     let (data, report) = c.s(other).get("r0", 1).unwrap();
