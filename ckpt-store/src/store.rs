@@ -30,6 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 mod mapped;
+mod membership;
 mod usage;
 
 pub use mapped::PutReport;
@@ -229,6 +230,8 @@ struct Inner {
     disk: Option<DiskLevel>,
     stop: AtomicBool,
     placement: Placement,
+    /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
+    down: Mutex<Vec<bool>>,
     /// Bytes `put` copied into store memory (mapped puts copy none).
     copied: AtomicU64,
 }
@@ -311,6 +314,7 @@ impl Store {
             next_request: AtomicU64::new(1),
             disk,
             stop: AtomicBool::new(false),
+            down: Mutex::new(vec![false; placement.nodes()]),
             placement,
             copied: AtomicU64::new(0),
         });
@@ -489,7 +493,7 @@ impl Store {
         }
         // L1 or L2 on other nodes (an L1 elsewhere is the owner's home node).
         let mut found_l2 = None;
-        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me) {
+        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me && !inner.is_down(n)) {
             match inner.fetch_remote(node, owner, version) {
                 Ok(Some((data, level))) => {
                     found_l2 = Some((data, level, node));
@@ -871,6 +875,9 @@ impl Inner {
 
     /// Sends one copy to `node`: reserve, RMA write, commit (verified there).
     fn send_copy(&self, node: usize, key: &Key, kind: u8, set: u32, member: u32) -> Result<bool> {
+        if self.is_down(node) {
+            return Err(self.down_error(node));
+        }
         let (mr, len, crc) = {
             let l1 = self.l1.lock().expect("lock");
             let c = l1.get(key).ok_or_else(|| StoreError::NotFound {
@@ -1087,6 +1094,9 @@ impl Inner {
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
         for set in 0..self.placement.sets().len() as u32 {
             let holder = self.placement.parity_holder(set, version);
+            if self.is_down(holder) {
+                continue;
+            }
             let info = match self.parity_lookup(holder, set, version) {
                 Ok(Some(i)) => i,
                 Ok(None) | Err(_) => continue,
@@ -1147,6 +1157,10 @@ impl Inner {
                 if let Some(h) = self.held_copy(owner, version) {
                     return Ok(h);
                 }
+                continue;
+            }
+            if self.is_down(node) {
+                last = Some(self.down_error(node));
                 continue;
             }
             match self.fetch_remote(node, owner, version) {

@@ -226,3 +226,38 @@ fn usage_and_newest_safe_follow_puts_flushes_and_retention() {
     c.s(0).forget_local("o0", 3);
     assert_eq!(c.s(0).newest_safe("o0").at(Level::L1), Some(2));
 }
+
+#[test]
+fn gone_nodes_are_skipped_and_copies_for_them_fail_at_once() {
+    let mut c = cluster("down", &[0, 1, 2], 0, None);
+    c.s(0).put("a", 1, &image(50_000, 1)).unwrap();
+    c.s(0).wait_safe("a", 1, Level::L2, T).unwrap();
+    let buddy = c.s(0).buddy();
+    let other = 3 - buddy;
+    c.stores[0] = None;
+    // Without being told, the reader asks node 0 first and records its failure.
+    let (data, r) = c.s(other).get("a", 1).unwrap();
+    assert!(data == image(50_000, 1));
+    assert!(r.rejected.iter().any(|t| t.contains("node 0")), "{r:?}");
+    // Told by the membership, it goes straight to the buddy.
+    c.s(other).set_down(0, true).unwrap();
+    assert_eq!(c.s(other).down_nodes(), vec![0]);
+    let (data, r) = c.s(other).get("a", 1).unwrap();
+    assert!(data == image(50_000, 1));
+    assert_eq!((r.level, r.node), (Level::L2, buddy));
+    assert!(r.rejected.is_empty(), "{r:?}");
+    // A copy bound for a gone buddy fails at once, naming it.
+    let b = c.s(other).buddy();
+    c.s(other).set_down(b, true).unwrap();
+    c.s(other).put("b", 1, &image(10_000, 2)).unwrap();
+    let e = c
+        .s(other)
+        .wait_safe("b", 1, Level::L2, T)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("node {b}")) && e.contains("gone"),
+        "{e}"
+    );
+    assert!(c.s(other).set_down(7, true).is_err());
+}

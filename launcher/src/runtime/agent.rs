@@ -22,6 +22,7 @@
 //!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`].
 //! - [`Agent::fetch`]`(rank, version) -> Result<Fetched>`.
 //! - [`Agent::usage`], [`Agent::newest_safe`]`(rank)`: for `krun status`.
+//! - [`Agent::node_down`]`(node, down)`: the agreed view lost (or got back) a store node.
 //! - [`Agent::owner`]`(rank)`: the store owner name of a rank's images, `rank-<r>`.
 //!
 //! The image file stays where the rank wrote it: the store maps it and keeps the mapping
@@ -252,6 +253,17 @@ impl Agent {
             )));
         }
         Ok(Fetched { image, report })
+    }
+
+    /// The membership reports `node` gone (`down`) or back: fetches skip it and read its
+    /// ranks' images from their buddies, parity or disk without waiting for it to time out.
+    pub fn node_down(&self, node: usize, down: bool) -> Result<()> {
+        self.store
+            .set_down(node, down)
+            .map_err(|e| LauncherError::Node {
+                node,
+                message: e.to_string(),
+            })
     }
 
     /// Bytes the node's store holds per level.
