@@ -146,6 +146,25 @@ fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
         capture.image_bytes
     );
 
+    // The rank changes 100 bytes and checkpoints again: an incremental image (one chunk).
+    let mut expected2 = expected.clone();
+    expected2[300_000..300_100].fill(0xAB);
+    // SAFETY: inside the registered region; the write-protect fault is served by ghost.
+    unsafe { std::ptr::write_bytes(state.add(300_000), 0xAB, 100) };
+    let v2 = rt.checkpoint().unwrap();
+    let capture2 = rt.wait().unwrap().expect("a capture report");
+    assert_eq!(capture2.parent, version, "an incremental image");
+    assert!(capture2.image_bytes < capture.image_bytes / 4);
+    agent0
+        .on_checkpointed(0, v2, &capture2.path, capture2.image_bytes)
+        .unwrap();
+    for level in [Level::L1, Level::L2] {
+        assert!(matches!(
+            next_event(events0),
+            AgentEvent::Safe { version, level: l, .. } if version == v2 && l == level
+        ));
+    }
+
     // Node 0 goes away with its store; the third node asks for rank 0's image.
     // The membership reports it gone, so the store does not wait for it.
     nodes[0] = None;
@@ -172,6 +191,62 @@ fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
     let mut restored = vec![0u8; len];
     ghost::image::materialize_region(&[image], "state", &mut restored).unwrap();
     assert!(restored == expected, "restored state differs");
+    // A restart from v2 needs v1 too: both come from the buddy and, written as files, give
+    // the native checkpointer's restore the memory as it was at v2.
+    let restart = TempDir::new("restart");
+    let files = agent.write_chain(0, v2, &restart.0, "job/rank0").unwrap();
+    assert_eq!(files.len(), 2);
+    let chain = ghost::native::load_chain(&restart.0, "job/rank0", v2).unwrap();
+    let images: Vec<Image> = chain.iter().map(|b| Image::parse(b).unwrap()).collect();
+    let mut restored = vec![0u8; len];
+    ghost::image::materialize_region(&images, "state", &mut restored).unwrap();
+    assert!(restored == expected2, "restored v2 state differs");
+}
+
+#[test]
+fn a_full_image_releases_the_older_mapped_versions() {
+    let dir = TempDir::new("full");
+    let nodes = agents(&[16 << 20, 16 << 20]);
+    let (agent, events) = nodes[0].as_ref().unwrap();
+    for v in 1..=2 {
+        let path = built_image(&dir.0, v, 50_000);
+        let size = std::fs::metadata(&path).unwrap().len();
+        agent.on_checkpointed(3, v, &path, size).unwrap();
+        assert!(matches!(
+            next_event(events),
+            AgentEvent::Safe {
+                level: Level::L1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            next_event(events),
+            AgentEvent::Safe {
+                level: Level::L2,
+                ..
+            }
+        ));
+    }
+    // v2 is full: the native checkpointer may now rewrite v1's file, so L1 holds v2 only.
+    assert_eq!(agent.store().l1_versions("rank-3"), vec![2]);
+    let fetched = agent.fetch(3, 1).unwrap();
+    assert_eq!((fetched.report.level, fetched.report.node), (Level::L2, 1));
+    // An incremental image whose parent nobody holds: the chain error names the ancestor.
+    let mut b = ImageBuilder::new(5, 4, Vec::new());
+    b.add(SectionKind::Meta, "meta", b"backend=native\n", false)
+        .unwrap();
+    let path = dir.0.join("v5.kgi");
+    let bytes = b.finish();
+    std::fs::write(&path, &bytes).unwrap();
+    agent
+        .on_checkpointed(3, 5, &path, bytes.len() as u64)
+        .unwrap();
+    let e = agent.fetch_chain(3, 5).err().expect("missing").to_string();
+    assert!(
+        e.contains("rank 3 checkpoint v5") && e.contains("ancestor v4 is missing"),
+        "{e}"
+    );
+    assert_eq!(agent.store().l1_versions("rank-3"), vec![2, 5]);
 }
 
 #[test]

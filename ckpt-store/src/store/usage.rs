@@ -92,6 +92,21 @@ impl Store {
         }
     }
 
+    /// The versions of `owner` this node holds at L1, ascending.
+    pub fn l1_versions(&self, owner: &str) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .inner
+            .l1
+            .lock()
+            .expect("lock")
+            .keys()
+            .filter(|k| k.0 == owner)
+            .map(|k| k.1)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The newest version of `owner` safe at each level. L4 also counts images found in the
     /// L4 directory (written before a restart of this node).
     pub fn newest_safe(&self, owner: &str) -> NewestSafe {

@@ -20,15 +20,20 @@
 //!   returns once L1 holds the image (the rank may go on); the L1 event is sent before it
 //!   returns, the slower levels up to [`AgentConfig::level`] are reported in order from a
 //!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`].
-//! - [`Agent::fetch`]`(rank, version) -> Result<Fetched>`.
+//! - [`Agent::fetch`]`(rank, version) -> Result<Fetched>`; [`Agent::fetch_chain`] (an
+//!   incremental image and its ancestors) and [`Agent::write_chain`] (as files a rank
+//!   started with `KRUN_GHOST_RESTORE` resumes from).
 //! - [`Agent::usage`], [`Agent::newest_safe`]`(rank)`: for `krun status`.
 //! - [`Agent::node_down`]`(node, down)`: the agreed view lost (or got back) a store node.
 //! - [`Agent::owner`]`(rank)`: the store owner name of a rank's images, `rank-<r>`.
 //!
 //! The image file stays where the rank wrote it: the store maps it and keeps the mapping
 //! while the version is at L1 (unlinking or renaming the file is fine; rewriting it in place
-//! is detected by the crc check and the next level is used). Errors name the rank and the
-//! version.
+//! is detected by the crc check and the next level is used; truncating it would fault the
+//! reader). The native checkpointer recycles the files of versions older than its newest
+//! full image (as spares it rewrites in place), so when a full image arrives the agent drops
+//! the older versions of that rank from L1 (they stay at L2-L4). Errors name the rank and
+//! the version.
 use crate::error::{LauncherError, Result};
 use ckpt_store::{GetReport, ImageBytes, Level, NewestSafe, PutReport, Store, Usage};
 use std::path::Path;
@@ -202,11 +207,25 @@ impl Agent {
             version,
             what,
         };
-        verify_image(image, version, bytes).map_err(fail)?;
+        let parent = verify_image(image, version, bytes).map_err(fail)?;
+        let owner = Agent::owner(rank);
         let report = self
             .store
-            .put_file(&Agent::owner(rank), version, image)
+            .put_file(&owner, version, image)
             .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
+        if parent == 0 {
+            // A full image: the native checkpointer now recycles the files of older versions
+            // (rewriting them in place for their memory), so the store stops mapping them.
+            // They stay at the slower levels.
+            for old in self
+                .store
+                .l1_versions(&owner)
+                .into_iter()
+                .filter(|&v| v < version)
+            {
+                self.store.forget_local(&owner, old);
+            }
+        }
         (self.sink)(AgentEvent::Safe {
             rank,
             version,
@@ -266,6 +285,68 @@ impl Agent {
             })
     }
 
+    /// `version` of `rank` and its ancestors down to a full image, newest first: what a
+    /// restart of an incremental native image needs. Each is fetched as by [`Agent::fetch`].
+    pub fn fetch_chain(&self, rank: u32, version: u64) -> Result<Vec<Fetched>> {
+        let mut chain: Vec<Fetched> = Vec::new();
+        let mut next = version;
+        loop {
+            let fetched = self.fetch(rank, next).map_err(|e| match chain.last() {
+                None => e,
+                Some(_) => LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("its ancestor v{next} is missing: {e}"),
+                },
+            })?;
+            let parent = ghost::image::Image::parse(&fetched.image)
+                .map(|i| i.parent_id)
+                .unwrap_or(0);
+            chain.push(fetched);
+            if parent == 0 {
+                return Ok(chain);
+            }
+            if parent >= next || chain.len() > 100_000 {
+                return Err(LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("image v{next} names parent v{parent}: not an older image"),
+                });
+            }
+            next = parent;
+        }
+    }
+
+    /// Writes the chain of `version` of `rank` ([`Agent::fetch_chain`]) as image files under
+    /// `dir` for the ghost checkpoint owner `ghost_owner`, so a rank started with
+    /// `KRUN_GHOST_DIR=dir KRUN_GHOST_OWNER=ghost_owner KRUN_GHOST_RESTORE=version` resumes
+    /// from it. Returns the files written, newest first.
+    pub fn write_chain(
+        &self,
+        rank: u32,
+        version: u64,
+        dir: &Path,
+        ghost_owner: &str,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let chain = self.fetch_chain(rank, version)?;
+        let mut written = Vec::with_capacity(chain.len());
+        for f in &chain {
+            let v = ghost::image::Image::parse(&f.image)
+                .map(|i| i.image_id)
+                .unwrap_or(version);
+            let path = ghost::native::image_path(dir, ghost_owner, v);
+            ghost::native::write_atomically(&path, &f.image).map_err(|e| {
+                LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("writing v{v} for the restart: {e}"),
+                }
+            })?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
     /// Bytes the node's store holds per level.
     pub fn usage(&self) -> Usage {
         self.store.usage()
@@ -315,8 +396,9 @@ fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, job: &Job) {
 }
 
 /// Checks that `path` holds a complete, uncorrupted ghost image of `version` of `bytes`
-/// bytes; the error says what is wrong with which file.
-fn verify_image(path: &Path, version: u64, bytes: u64) -> std::result::Result<(), String> {
+/// bytes and returns its parent version (0 for a full image); the error says what is wrong
+/// with which file.
+fn verify_image(path: &Path, version: u64, bytes: u64) -> std::result::Result<u64, String> {
     let size = std::fs::metadata(path)
         .map_err(|e| format!("image {}: {e}", path.display()))?
         .len();
@@ -337,5 +419,5 @@ fn verify_image(path: &Path, version: u64, bytes: u64) -> std::result::Result<()
             image.image_id
         ));
     }
-    Ok(())
+    Ok(image.parent_id)
 }
