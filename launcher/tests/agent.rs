@@ -355,3 +355,30 @@ fn bad_images_and_a_full_arena_name_the_rank_and_version() {
     let e = agent.fetch(3, 9).err().expect("not found").to_string();
     assert!(e.contains("rank 3 checkpoint v9"), "{e}");
 }
+
+#[test]
+fn an_agent_waiting_for_a_level_the_store_lacks_is_refused() {
+    let secret = ClusterSecret::random();
+    let ep = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
+    let address = ep.address();
+    let store = Store::start(
+        ep,
+        StoreConfig {
+            node: 0,
+            nodes: vec![NodeInfo { address, group: 0 }],
+            arena_bytes: 1 << 20,
+            disk: None,
+            keep: 1,
+            parity_set: 0,
+            secret,
+            request_timeout: Duration::from_secs(1),
+        },
+    )
+    .unwrap();
+    assert_eq!(store.levels(), vec![Level::L1]);
+    let e = Agent::new(store, AgentConfig::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("waits for L2") && e.contains("[L1]"), "{e}");
+}

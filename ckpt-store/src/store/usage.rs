@@ -92,6 +92,33 @@ impl Store {
         }
     }
 
+    /// The levels this store writes: L1 always, L2 with more than one node, L3 with a parity
+    /// set of at least two nodes, L4 with a disk directory.
+    pub fn levels(&self) -> Vec<Level> {
+        let cfg = &self.inner.cfg;
+        let n = cfg.nodes.len();
+        Level::ALL
+            .into_iter()
+            .filter(|l| match l {
+                Level::L1 => true,
+                Level::L2 => n > 1,
+                Level::L3 => n > 1 && cfg.parity_set > 1,
+                Level::L4 => cfg.disk.is_some(),
+            })
+            .collect()
+    }
+
+    /// Why the flush of a version to a slower level failed, if it did (then
+    /// [`Store::wait_safe`] fails at once for the levels it did not reach).
+    pub fn flush_error(&self, owner: &str, version: u64) -> Option<String> {
+        self.inner
+            .errors
+            .lock()
+            .expect("lock")
+            .get(&(owner.to_string(), version))
+            .cloned()
+    }
+
     /// The versions of `owner` this node holds at L1, ascending.
     pub fn l1_versions(&self, owner: &str) -> Vec<u64> {
         let mut v: Vec<u64> = self

@@ -37,6 +37,7 @@
 use crate::error::{LauncherError, Result};
 use ckpt_store::{GetReport, ImageBytes, Level, NewestSafe, PutReport, Store, Usage};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,6 +129,8 @@ pub struct Agent {
     sink: Sink,
     jobs: Option<mpsc::Sender<Job>>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// Set on drop: waits still queued end at once with a `Failed` event.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Agent {
@@ -149,18 +152,27 @@ impl Agent {
         config: AgentConfig,
         on_event: impl Fn(AgentEvent) + Send + Sync + 'static,
     ) -> Result<Agent> {
+        if !store.levels().contains(&config.level) {
+            return Err(LauncherError::Usage(format!(
+                "the checkpoint agent waits for {}, but this store writes only {:?}",
+                config.level,
+                store.levels()
+            )));
+        }
         let store = Arc::new(store);
         let sink: Sink = Arc::new(on_event);
+        let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<Job>();
         let worker = {
             let store = store.clone();
             let sink = sink.clone();
             let config = config.clone();
+            let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("krun-ckpt-agent".into())
                 .spawn(move || {
                     for job in rx {
-                        wait_levels(&store, &config, &sink, &job);
+                        wait_levels(&store, &config, &sink, &stopping, &job);
                     }
                 })
                 .map_err(|e| LauncherError::Io {
@@ -174,6 +186,7 @@ impl Agent {
             sink,
             jobs: Some(tx),
             worker: Some(worker),
+            stopping,
         })
     }
 
@@ -360,7 +373,8 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Pending waits finish (each bounded by the timeout) before the store goes.
+        // Waits still pending end within a slice and report "agent stopped".
+        self.stopping.store(true, Ordering::SeqCst);
         self.jobs.take();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
@@ -368,26 +382,45 @@ impl Drop for Agent {
     }
 }
 
-/// Waits for each level above L1 up to the configured one, reporting each.
-fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, job: &Job) {
+/// Waits for each level above L1 up to the configured one that the store writes, reporting
+/// each; gives up when the agent is dropped.
+fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &AtomicBool, job: &Job) {
     let owner = Agent::owner(job.rank);
-    for level in Level::ALL
+    let levels = store.levels();
+    for level in levels
         .into_iter()
         .filter(|&l| l > Level::L1 && l <= config.level)
     {
-        match store.wait_safe(&owner, job.version, level, config.timeout) {
+        let start = std::time::Instant::now();
+        let result = loop {
+            if stopping.load(Ordering::SeqCst) {
+                break Err("the checkpoint agent stopped".to_string());
+            }
+            let left = config.timeout.saturating_sub(start.elapsed());
+            match store.wait_safe(
+                &owner,
+                job.version,
+                level,
+                left.min(Duration::from_millis(500)),
+            ) {
+                Ok(()) => break Ok(()),
+                Err(_) if !left.is_zero() && store.flush_error(&owner, job.version).is_none() => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match result {
             Ok(()) => sink(AgentEvent::Safe {
                 rank: job.rank,
                 version: job.version,
                 level,
                 bytes: job.bytes,
             }),
-            Err(e) => {
+            Err(error) => {
                 sink(AgentEvent::Failed {
                     rank: job.rank,
                     version: job.version,
                     level,
-                    error: e.to_string(),
+                    error,
                 });
                 return;
             }
