@@ -139,7 +139,8 @@ fn a_mapped_file_is_stored_and_flushed_without_a_copy() {
     let data = image(3 << 20, 5);
     let file = c.dir.join("rank0.kgi");
     std::fs::write(&file, &data).unwrap();
-    let report = c.s(0).put_file("rank-0", 1, &file).unwrap();
+    // SAFETY: the test never truncates or rewrites the file.
+    let report = unsafe { c.s(0).put_file("rank-0", 1, &file) }.unwrap();
     assert_eq!(report.bytes, data.len() as u64);
     assert_eq!(report.copied, 0);
     assert_eq!(report.crc, crc32c::crc32c(&data));
@@ -166,12 +167,14 @@ fn a_mapped_file_is_stored_and_flushed_without_a_copy() {
 fn bad_files_are_named() {
     let c = cluster("badfile", &[0, 1], 0, None);
     let missing = c.dir.join("nope.kgi");
-    let e = c.s(0).put_file("rank-1", 3, &missing).unwrap_err();
+    // SAFETY: no file to change.
+    let e = unsafe { c.s(0).put_file("rank-1", 3, &missing) }.unwrap_err();
     assert!(matches!(e, StoreError::Io { .. }), "{e}");
     assert!(e.to_string().contains("nope.kgi"), "{e}");
     let empty = c.dir.join("empty.kgi");
     std::fs::write(&empty, b"").unwrap();
-    let e = c.s(0).put_file("rank-1", 3, &empty).unwrap_err();
+    // SAFETY: the test never changes the file.
+    let e = unsafe { c.s(0).put_file("rank-1", 3, &empty) }.unwrap_err();
     assert!(matches!(e, StoreError::Truncated { actual: 0, .. }), "{e}");
     assert!(c.s(0).newest_safe("rank-1").at(Level::L1).is_none());
 }
@@ -260,4 +263,27 @@ fn gone_nodes_are_skipped_and_copies_for_them_fail_at_once() {
         "{e}"
     );
     assert!(c.s(other).set_down(7, true).is_err());
+}
+
+#[test]
+fn registered_memory_is_stored_without_a_copy() {
+    let c = cluster("registered", &[0, 1], 0, None);
+    let data = image(70_000, 3);
+    let mr = c
+        .s(0)
+        .register(fabric::Region::new(1 << 20).unwrap())
+        .unwrap();
+    mr.region().write_bytes(0, &data).unwrap();
+    // SAFETY: nothing writes the region after this point.
+    let r = unsafe { c.s(0).put_registered("rank-5", 1, mr.clone(), data.len()) }.unwrap();
+    assert_eq!((r.bytes, r.copied), (data.len() as u64, 0));
+    // SAFETY: as above.
+    let too_long = unsafe { c.s(0).put_registered("rank-5", 2, mr, 2 << 20) };
+    assert!(too_long.is_err());
+    c.s(0).wait_safe("rank-5", 1, Level::L2, T).unwrap();
+    assert_eq!(c.s(0).copied_bytes(), 0);
+    c.s(0).forget_local("rank-5", 1);
+    let (got, report) = c.s(0).get("rank-5", 1).unwrap();
+    assert!(got == data);
+    assert_eq!((report.level, report.node), (Level::L2, 1));
 }

@@ -30,7 +30,14 @@ impl Store {
     /// Stores the file at `path` as `owner`'s `version` at L1 without copying it: the file
     /// is mapped and registered with the store's endpoint (see the module docs), then its
     /// flush to L2-L4 is queued as for [`Store::put`].
-    pub fn put_file(&self, owner: &str, version: u64, path: &Path) -> Result<PutReport> {
+    ///
+    /// # Safety
+    /// Until the version leaves this node's L1 (retention, [`Store::forget_local`] or the
+    /// store's drop) and its flushes are done, no one may truncate the file (reading a page
+    /// past its end raises SIGBUS) or rewrite it in place (the store's readers would see
+    /// bytes change under them; the crc checks then reject the copy). Unlinking or renaming
+    /// the file is fine.
+    pub unsafe fn put_file(&self, owner: &str, version: u64, path: &Path) -> Result<PutReport> {
         check_owner(owner)?;
         let io = |what: &str, e: std::io::Error| StoreError::Io {
             path: path.to_path_buf(),
@@ -51,9 +58,8 @@ impl Store {
         }
         let len = usize::try_from(len)
             .map_err(|_| StoreError::Invalid(format!("{}: {len} bytes", path.display())))?;
-        // SAFETY: the store only reads the mapping (RMA sources, checksums, disk writes);
-        // writers of image files replace them by rename and do not truncate a committed file
-        // (the module docs state the contract; crc checks catch an in-place rewrite).
+        // SAFETY: the caller keeps the file whole while the store holds the mapping (this
+        // function's contract); the store only reads it.
         let region = unsafe { Region::map_file(&file, len) }?;
         let mr = self.inner.ep.register(region)?;
         self.insert_l1(owner, version, mr, len)
@@ -61,9 +67,12 @@ impl Store {
 
     /// Stores an image that already lives in memory registered with this store's endpoint
     /// (see [`Store::register`]) as `owner`'s `version` at L1, without copying it. The store
-    /// keeps `mr` until the version leaves L1; the caller must not write its first `len`
-    /// bytes from now on.
-    pub fn put_registered(
+    /// keeps `mr` until the version leaves L1.
+    ///
+    /// # Safety
+    /// No one (this process through other clones of `mr`, or a remote peer holding its key)
+    /// may write the first `len` bytes of `mr` from now on.
+    pub unsafe fn put_registered(
         &self,
         owner: &str,
         version: u64,

@@ -222,9 +222,11 @@ impl Agent {
         };
         let parent = verify_image(image, version, bytes).map_err(fail)?;
         let owner = Agent::owner(rank);
-        let report = self
-            .store
-            .put_file(&owner, version, image)
+        // SAFETY: the native checkpointer writes an image under a temporary name and renames
+        // it into place; it rewrites a committed file only after recycling it as a spare,
+        // which it does to versions older than its newest full image, and those leave L1
+        // below as soon as that full image arrives here.
+        let report = unsafe { self.store.put_file(&owner, version, image) }
             .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
         if parent == 0 {
             // A full image: the native checkpointer now recycles the files of older versions
