@@ -16,12 +16,17 @@
 //!
 //! In both, the parity of set `s` for version `v` is kept by a node of the next set (member
 //! `v mod size`, rotating with the version), or inside the set when there is only one.
+//!
+//! Each node also has a ranked list of fallback buddies (the same preferences): when the
+//! membership reports its buddy gone, [`Placement::buddy_among`] names the next one up, the
+//! same on every node that has the same view.
 use crate::error::{Result, StoreError};
 
 /// Buddies and parity sets of every node of a store (indices into `StoreConfig::nodes`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
-    buddy: Vec<Option<usize>>,
+    /// Each node's buddy candidates, best first (the buddy is the first one not down).
+    candidates: Vec<Vec<usize>>,
     sets: Vec<Vec<usize>>,
     /// node -> (set, member index in the set)
     member: Vec<(u32, u32)>,
@@ -32,15 +37,12 @@ impl Placement {
     /// `k` consecutive nodes (`k < 2`: one set per node, no parity).
     pub fn ring(groups: &[u32], k: usize) -> Placement {
         let n = groups.len();
-        let buddy = (0..n)
+        let candidates = (0..n)
             .map(|node| {
-                if n < 2 {
-                    return None;
-                }
-                (1..n)
-                    .map(|d| (node + d) % n)
-                    .find(|&m| groups[m] != groups[node])
-                    .or(Some((node + 1) % n))
+                let mut c: Vec<usize> = (1..n).map(|d| (node + d) % n).collect();
+                // Other groups first, each part in ring order (a stable sort).
+                c.sort_by_key(|&m| groups[m] == groups[node]);
+                c
             })
             .collect();
         let k = k.max(1);
@@ -49,7 +51,7 @@ impl Placement {
             .chunks(k)
             .map(|c| c.to_vec())
             .collect();
-        Placement::with(buddy, sets, n)
+        Placement::with(candidates, sets, n)
     }
 
     /// A placement from the locator's cells (each a list of node indices; together they
@@ -96,22 +98,30 @@ impl Placement {
             p
         };
         let mut load = vec![0usize; n];
-        let mut buddy = vec![None; n];
+        let mut candidates = vec![Vec::new(); n];
         for &node in &order {
+            let tier = |m: usize| {
+                2 * (groups[m] == groups[node]) as u8 + (cell_of[m] == cell_of[node]) as u8
+            };
+            let distance = |m: usize| (pos[m] + n - pos[node]) % n;
             let best = order
                 .iter()
                 .copied()
                 .filter(|&m| m != node)
-                .min_by_key(|&m| {
-                    let tier =
-                        2 * (groups[m] == groups[node]) as u8 + (cell_of[m] == cell_of[node]) as u8;
-                    let distance = (pos[m] + n - pos[node]) % n;
-                    (tier, load[m], distance)
-                });
+                .min_by_key(|&m| (tier(m), load[m], distance(m)));
+            // The balanced choice first, then the others by preference (fallbacks when
+            // nodes are down).
+            let mut c: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&m| m != node && Some(m) != best)
+                .collect();
+            c.sort_by_key(|&m| (tier(m), distance(m)));
             if let Some(b) = best {
                 load[b] += 1;
-                buddy[node] = Some(b);
+                c.insert(0, b);
             }
+            candidates[node] = c;
         }
         // Deal nodes round-robin across cells; inside a cell, interleave failure groups.
         let mut queues: Vec<std::collections::VecDeque<usize>> = cells
@@ -132,10 +142,10 @@ impl Placement {
             let last = sets.pop().expect("non-empty");
             sets.last_mut().expect("non-empty").extend(last);
         }
-        Ok(Placement::with(buddy, sets, n))
+        Ok(Placement::with(candidates, sets, n))
     }
 
-    fn with(buddy: Vec<Option<usize>>, sets: Vec<Vec<usize>>, n: usize) -> Placement {
+    fn with(candidates: Vec<Vec<usize>>, sets: Vec<Vec<usize>>, n: usize) -> Placement {
         let mut member = vec![(0, 0); n];
         for (s, set) in sets.iter().enumerate() {
             for (i, &m) in set.iter().enumerate() {
@@ -143,7 +153,7 @@ impl Placement {
             }
         }
         Placement {
-            buddy,
+            candidates,
             sets,
             member,
         }
@@ -151,12 +161,22 @@ impl Placement {
 
     /// Number of nodes placed.
     pub fn nodes(&self) -> usize {
-        self.buddy.len()
+        self.candidates.len()
     }
 
     /// The node holding `node`'s L2 copies (None for a store of one node).
     pub fn buddy(&self, node: usize) -> Option<usize> {
-        self.buddy.get(node).copied().flatten()
+        self.candidates.get(node)?.first().copied()
+    }
+
+    /// `node`'s buddy when the nodes with `down[m]` set are gone: its best candidate still
+    /// up, chosen by the same preferences (None when no other node is up).
+    pub fn buddy_among(&self, node: usize, down: &[bool]) -> Option<usize> {
+        self.candidates
+            .get(node)?
+            .iter()
+            .copied()
+            .find(|&m| !down.get(m).copied().unwrap_or(false))
     }
 
     /// The parity sets, each a list of nodes (member index = position).
@@ -329,6 +349,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_down_buddy_is_replaced_by_the_next_best_candidate() {
+        let cells = vec![vec![0, 1, 2], vec![3, 4, 5]];
+        let groups = [0, 1, 0, 1, 0, 1];
+        let p = Placement::from_cells(&cells, &groups, 3).unwrap();
+        let mut down = vec![false; 6];
+        for node in 0..6 {
+            assert_eq!(p.buddy_among(node, &down), p.buddy(node));
+        }
+        let first = p.buddy(0).unwrap();
+        down[first] = true;
+        let second = p.buddy_among(0, &down).unwrap();
+        assert!(second != first && second != 0);
+        // Still another group and cell while one is up.
+        assert_ne!(groups[second], groups[0]);
+        assert!(second >= 3, "{second}");
+        for d in down.iter_mut().skip(1) {
+            *d = true;
+        }
+        assert_eq!(p.buddy_among(0, &down), None);
+        // The ring falls back along the ring, other groups first.
+        let r = Placement::ring(&[0, 0, 1, 1], 0);
+        assert_eq!(r.buddy(0), Some(2));
+        assert_eq!(r.buddy_among(0, &[false, false, true, false]), Some(3));
+        assert_eq!(r.buddy_among(0, &[false, false, true, true]), Some(1));
     }
 
     #[test]

@@ -232,6 +232,8 @@ struct Inner {
     placement: Placement,
     /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
     down: Mutex<Vec<bool>>,
+    /// Versions whose L2 copy went with a gone buddy: sent again to the new buddy.
+    reflush: Mutex<Vec<Key>>,
     /// Bytes `put` copied into store memory (mapped puts copy none).
     copied: AtomicU64,
 }
@@ -315,6 +317,7 @@ impl Store {
             disk,
             stop: AtomicBool::new(false),
             down: Mutex::new(vec![false; placement.nodes()]),
+            reflush: Mutex::new(Vec::new()),
             placement,
             copied: AtomicU64::new(0),
         });
@@ -641,7 +644,8 @@ impl Drop for Store {
 
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {
-        self.placement.buddy(node).unwrap_or(node)
+        let down = self.down.lock().expect("lock");
+        self.placement.buddy_among(node, &down).unwrap_or(node)
     }
 
     fn set_of(&self, node: usize) -> u32 {
@@ -878,6 +882,11 @@ impl Inner {
         if self.is_down(node) {
             return Err(self.down_error(node));
         }
+        if node == self.cfg.node {
+            return Err(StoreError::Invalid(
+                "no other node is up to hold the copy".into(),
+            ));
+        }
         let (mr, len, crc) = {
             let l1 = self.l1.lock().expect("lock");
             let c = l1.get(key).ok_or_else(|| StoreError::NotFound {
@@ -927,6 +936,7 @@ impl Inner {
             if let Some(key) = job {
                 self.flush(&key, &mut pending_l3);
             }
+            self.reprotect();
             // Parity sets complete when the other members have contributed.
             pending_l3.retain(|(key, set, holder, since)| {
                 match self.parity_lookup(*holder, *set, key.1) {
