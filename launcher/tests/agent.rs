@@ -382,3 +382,44 @@ fn an_agent_waiting_for_a_level_the_store_lacks_is_refused() {
         .to_string();
     assert!(e.contains("waits for L2") && e.contains("[L1]"), "{e}");
 }
+
+#[test]
+fn a_gone_buddy_is_replaced_and_the_agent_reports_l2_again() {
+    let dir = TempDir::new("rebuddy");
+    let mut nodes = agents(&[16 << 20; 3]);
+    let path = built_image(&dir.0, 1, 60_000);
+    let size = std::fs::metadata(&path).unwrap().len();
+    {
+        let (agent, events) = nodes[0].as_ref().unwrap();
+        agent.on_checkpointed(3, 1, &path, size).unwrap();
+        assert!(matches!(
+            next_event(events),
+            AgentEvent::Safe {
+                level: Level::L1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            next_event(events),
+            AgentEvent::Safe {
+                level: Level::L2,
+                ..
+            }
+        ));
+        assert_eq!(agent.store().buddy(), 1);
+    }
+    nodes[1] = None;
+    let (agent, events) = nodes[0].as_ref().unwrap();
+    agent.node_down(1, true).unwrap();
+    assert_eq!(agent.store().buddy(), 2);
+    assert_eq!(
+        next_event(events),
+        AgentEvent::Safe {
+            rank: 3,
+            version: 1,
+            level: Level::L2,
+            bytes: size
+        }
+    );
+    assert_eq!(nodes[2].as_ref().unwrap().0.usage().l2_held, size);
+}

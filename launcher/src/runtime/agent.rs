@@ -131,6 +131,8 @@ pub struct Agent {
     worker: Option<std::thread::JoinHandle<()>>,
     /// Set on drop: waits still queued end at once with a `Failed` event.
     stopping: Arc<AtomicBool>,
+    /// Ranks whose images this agent stored.
+    ranks: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl Agent {
@@ -187,6 +189,7 @@ impl Agent {
             jobs: Some(tx),
             worker: Some(worker),
             stopping,
+            ranks: Default::default(),
         })
     }
 
@@ -228,6 +231,7 @@ impl Agent {
         // below as soon as that full image arrives here.
         let report = unsafe { self.store.put_file(&owner, version, image) }
             .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
+        self.ranks.lock().expect("lock").insert(rank);
         if parent == 0 {
             // A full image: the native checkpointer now recycles the files of older versions
             // (rewriting them in place for their memory), so the store stops mapping them.
@@ -291,13 +295,34 @@ impl Agent {
 
     /// The membership reports `node` gone (`down`) or back: fetches skip it and read its
     /// ranks' images from their buddies, parity or disk without waiting for it to time out.
+    /// When it was this node's buddy, the store sends the versions it holds at L1 to the
+    /// next buddy, and the agent reports them safe at L2 again as they land.
     pub fn node_down(&self, node: usize, down: bool) -> Result<()> {
+        let before = self.store.buddy();
         self.store
             .set_down(node, down)
             .map_err(|e| LauncherError::Node {
                 node,
                 message: e.to_string(),
-            })
+            })?;
+        let rebuddied = down && node == before && self.store.buddy() != before;
+        if rebuddied && self.config.level > Level::L1 {
+            let ranks: Vec<u32> = self.ranks.lock().expect("lock").iter().copied().collect();
+            for rank in ranks {
+                let owner = Agent::owner(rank);
+                for version in self.store.l1_versions(&owner) {
+                    let bytes = self.store.stored_len(&owner, version).unwrap_or(0) as u64;
+                    if let Some(jobs) = &self.jobs {
+                        let _ = jobs.send(Job {
+                            rank,
+                            version,
+                            bytes,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `version` of `rank` and its ancestors down to a full image, newest first: what a
