@@ -1,11 +1,14 @@
 //! The multilevel store of one node.
 //!
-//! - **L1**: a copy in this node's memory (registered regions, pooled and reused).
+//! - **L1**: a copy in this node's memory (registered regions, pooled and reused), or the
+//!   image file itself, mapped ([`Store::put_file`], no copy).
 //! - **L2**: a copy in a buddy node's memory: the buddy reserves space in the arena it lends,
 //!   this node writes the image there with one-sided RMA writes, and the buddy verifies the
-//!   crc32c of what landed before it acknowledges (only then is L2 safe). The buddy is the
-//!   next node in another failure group (the next node when all share one group).
-//! - **L3**: XOR parity over a parity set of K consecutive nodes (nodes `s*K .. s*K+K-1`).
+//!   crc32c of what landed before it acknowledges (only then is L2 safe). Buddies and parity
+//!   sets come from a [`Placement`]: by default the buddy is the next node in another failure
+//!   group and sets are K consecutive nodes; [`Placement::from_cells`] derives both from the
+//!   locator's cells. A buddy the membership reports gone is replaced ([`Store::set_down`]).
+//! - **L3**: XOR parity over a parity set of K nodes.
 //!   Each member sends its image for version v to the set's parity holder for v, a node of
 //!   the next set (rotating with v; inside the set when there is only one set); once all
 //!   members' images are in, the holder computes the parity, keeps it with each member's
@@ -1533,6 +1536,24 @@ mod tests {
         a.release(z, 4096);
         assert_eq!(a.free, vec![(0, 16 * 4096)]);
         assert_eq!(a.alloc(17 * 4096), None);
+    }
+
+    #[test]
+    fn the_default_placement_keeps_the_old_parity_holders() {
+        for n in 1..=12usize {
+            for k in 2..=5usize {
+                let p = Placement::ring(&vec![0; n], k);
+                for set in 0..n.div_ceil(k) as u32 {
+                    for v in 0..7 {
+                        assert_eq!(
+                            p.parity_holder(set, v),
+                            parity_holder(set, v, n, k),
+                            "n {n} k {k} set {set} v {v}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
