@@ -68,7 +68,7 @@ fn start(n: usize, groups: &[u32], parity: usize, cells: &str) -> (Vec<Node>, Di
                     "--parity",
                     &parity.to_string(),
                     "--timeout-secs",
-                    "2",
+                    "10",
                 ])
                 .args(["--cells", cells])
                 .arg("--disk")
