@@ -14,8 +14,9 @@
 //! ```
 //!
 //! API (stable; the runtime builds on it):
-//! - [`Agent::new`]`(store, config) -> (Agent, Receiver<AgentEvent>)`, or
-//!   [`Agent::with_callback`]`(store, config, Fn(AgentEvent))`.
+//! - [`Agent::new`]`(store, config) -> Result<(Agent, Receiver<AgentEvent>)>`, or
+//!   [`Agent::with_callback`]`(store, config, Fn(AgentEvent)) -> Result<Agent>` (refused when
+//!   the store does not write [`AgentConfig::level`]).
 //! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`:
 //!   returns once L1 holds the image (the rank may go on); the L1 event is sent before it
 //!   returns, the slower levels up to [`AgentConfig::level`] are reported in order from a
