@@ -25,5 +25,8 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
   done
 fi
+# libfabric 2.1 with only krun's providers (built once into /opt/libfabric-2.1; libfabric-sys
+# builds against it and loads it on first use).
+"$(dirname "$0")/build-libfabric.sh"
 # CRIU 4.x for the ghost crate's transparent checkpointer (built once into /opt/criu).
 "$(dirname "$0")/build-criu.sh"

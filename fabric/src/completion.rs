@@ -65,6 +65,13 @@ impl OpState {
             .push(Box::new(thing));
     }
 
+    /// Leaks what the operation keeps alive: the provider may still touch it after the
+    /// endpoint gave up on the operation.
+    pub(crate) fn leak_buffers(&self) {
+        let kept = std::mem::take(&mut *self.keep_alive.lock().expect("keep_alive lock"));
+        std::mem::forget(kept);
+    }
+
     pub(crate) fn is_pending(&self) -> bool {
         self.state.load(Ordering::Acquire) == PENDING
     }

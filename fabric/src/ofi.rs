@@ -26,12 +26,15 @@ const RECV_BUFFERS: usize = 32;
 const RECV_CONTEXT: u64 = 1 << 63;
 /// Sender token prepended to every message so the receiver can name the sender.
 const MSG_HEADER: usize = 8;
-/// The progress thread keeps polling this long after the last sign of activity.
-const PROGRESS_SPIN: Duration = Duration::from_micros(200);
 /// Longest sleep in poll(2) on the CQ wait fd (bounds a missed wake-up).
 const PROGRESS_POLL_MS: libc::c_int = 2;
 /// Idle polling period of the progress thread when the CQ has no wait fd (shm).
 const SHM_IDLE_POLL: Duration = Duration::from_micros(10);
+/// After any sign of use the progress thread polls without sleeping this long, so a target
+/// serving a stream of one-sided operations answers at the provider's speed.
+const HOT_WINDOW: Duration = Duration::from_millis(20);
+/// With libfabric 2.x, a shm peer's liveness is re-checked at most this often per post.
+const LIVENESS_PERIOD: Duration = Duration::from_millis(1);
 
 fn provider_string(p: Provider) -> Option<&'static str> {
     match p {
@@ -59,20 +62,24 @@ unsafe fn cq_wait_fd(cq: *mut sys::fid_cq) -> Option<libc::c_int> {
 }
 
 fn fi_error_string(code: i64) -> String {
-    // SAFETY: fi_strerror returns a pointer to a static string for any code.
-    unsafe { CStr::from_ptr(sys::fi_strerror((-code) as i32)) }
-        .to_string_lossy()
-        .into_owned()
+    match sys::Lib::loaded() {
+        Some(lib) => lib.strerror((-code) as i32),
+        None => format!("libfabric error {}", -code),
+    }
 }
 
 /// Raw libfabric objects. Closed in reverse order of opening on drop.
 struct Objects {
+    lib: &'static sys::Lib,
     info: *mut sys::fi_info,
     fabric: *mut sys::fid_fabric,
     domain: *mut sys::fid_domain,
     cq: *mut sys::fid_cq,
     av: *mut sys::fid_av,
     ep: *mut sys::fid_ep,
+    /// Counts remote reads and writes served by this endpoint (shm, when it offers
+    /// FI_RMA_EVENT): the progress thread's only sign that a peer is using it.
+    cntr: *mut sys::fid_cntr,
 }
 
 impl Drop for Objects {
@@ -81,6 +88,9 @@ impl Drop for Objects {
         unsafe {
             if !self.ep.is_null() {
                 sys::krun_fi_close_ep(self.ep);
+            }
+            if !self.cntr.is_null() {
+                sys::krun_fi_close_cntr(self.cntr);
             }
             if !self.av.is_null() {
                 sys::krun_fi_close_av(self.av);
@@ -95,7 +105,7 @@ impl Drop for Objects {
                 sys::krun_fi_close_fabric(self.fabric);
             }
             if !self.info.is_null() {
-                sys::fi_freeinfo(self.info);
+                (self.lib.fi_freeinfo)(self.info);
             }
         }
     }
@@ -133,8 +143,17 @@ struct Inner {
     prov_key: bool,
     next_key: AtomicU64,
     token: u64,
-    /// Connected peers: token, libfabric address, and for shm the peer's process id.
-    peers: RwLock<Vec<(u64, sys::fi_addr_t, Option<u32>)>>,
+    /// Connected peers: token, libfabric address, and for shm the peer's process.
+    peers: RwLock<Vec<(u64, sys::fi_addr_t, Option<PeerProcess>)>>,
+    /// libfabric before 2.0: a post towards a shm peer that died holding its lock spins
+    /// forever, so liveness is checked before every post (2.x returns EAGAIN instead).
+    check_every_post: bool,
+    /// Origin of the microsecond clocks below.
+    epoch: Instant,
+    /// Until when (us since `epoch`) the progress thread keeps polling without sleeping:
+    /// pushed forward by every sign of use (posts, completions, served remote accesses,
+    /// a caller waiting in `recv`).
+    hot_until_us: AtomicU64,
     /// Peers an operation timed out on. Later operations to them fail at once: a provider
     /// call towards a dead shm peer can block forever on the lock the peer died holding.
     ops: OpTable,
@@ -178,13 +197,20 @@ impl OfiEndpoint {
             provider: provider.to_string(),
             reason: "not a libfabric provider".into(),
         })?;
+        // libfabric is loaded here, the first time an endpoint is opened, not at start-up.
+        let lib = sys::Lib::load().map_err(|reason| FabricError::ProviderUnavailable {
+            provider: prov.into(),
+            reason,
+        })?;
         let mut objects = Objects {
+            lib,
             info: ptr::null_mut(),
             fabric: ptr::null_mut(),
             domain: ptr::null_mut(),
             cq: ptr::null_mut(),
             av: ptr::null_mut(),
             ep: ptr::null_mut(),
+            cntr: ptr::null_mut(),
         };
         let mut wait_fd = None;
         if provider == Provider::Shm {
@@ -196,7 +222,7 @@ impl OfiEndpoint {
         // SAFETY: standard libfabric set-up sequence; every out-pointer is checked before use
         // and owned by `objects`, whose Drop closes what was opened.
         unsafe {
-            let hints = sys::krun_fi_allocinfo();
+            let hints = lib.allocinfo();
             if hints.is_null() {
                 return Err(FabricError::ProviderUnavailable {
                     provider: prov.into(),
@@ -233,15 +259,33 @@ impl OfiEndpoint {
             } else {
                 (node.as_ptr(), sys::FI_SOURCE)
             };
-            let rc = sys::fi_getinfo(
-                sys::KRUN_FI_VERSION,
-                node_ptr,
-                ptr::null(),
-                flags,
-                hints,
-                &mut objects.info,
-            );
-            sys::fi_freeinfo(hints);
+            let base_caps = (*hints).caps;
+            let mut rc = -1;
+            // shm: ask for remote-access counters first (see `Objects::cntr`).
+            if provider == Provider::Shm {
+                (*hints).caps = base_caps | sys::FI_RMA_EVENT as u64;
+                rc = (lib.fi_getinfo)(
+                    sys::KRUN_FI_VERSION,
+                    node_ptr,
+                    ptr::null(),
+                    flags,
+                    hints,
+                    &mut objects.info,
+                );
+            }
+            if rc != 0 || objects.info.is_null() {
+                (*hints).caps = base_caps;
+                objects.info = ptr::null_mut();
+                rc = (lib.fi_getinfo)(
+                    sys::KRUN_FI_VERSION,
+                    node_ptr,
+                    ptr::null(),
+                    flags,
+                    hints,
+                    &mut objects.info,
+                );
+            }
+            (lib.fi_freeinfo)(hints);
             if rc != 0 || objects.info.is_null() {
                 return Err(FabricError::ProviderUnavailable {
                     provider: prov.into(),
@@ -252,7 +296,7 @@ impl OfiEndpoint {
             check(
                 prov,
                 "fi_fabric",
-                sys::fi_fabric((*info).fabric_attr, &mut objects.fabric, ptr::null_mut()) as i64,
+                (lib.fi_fabric)((*info).fabric_attr, &mut objects.fabric, ptr::null_mut()) as i64,
             )?;
             check(
                 prov,
@@ -338,6 +382,30 @@ impl OfiEndpoint {
                 "fi_ep_bind(av)",
                 sys::krun_fi_ep_bind(objects.ep, &mut (*objects.av).fid, 0) as i64,
             )?;
+            if (*objects.info).caps & sys::FI_RMA_EVENT as u64 != 0 {
+                let mut cntr_attr = sys::fi_cntr_attr {
+                    events: sys::fi_cntr_events_FI_CNTR_EVENTS_COMP,
+                    wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
+                    ..Default::default()
+                };
+                if sys::krun_fi_cntr_open(
+                    objects.domain,
+                    &mut cntr_attr,
+                    &mut objects.cntr,
+                    ptr::null_mut(),
+                ) != 0
+                {
+                    objects.cntr = ptr::null_mut();
+                } else if sys::krun_fi_ep_bind(
+                    objects.ep,
+                    &mut (*objects.cntr).fid,
+                    (sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE) as u64,
+                ) != 0
+                {
+                    sys::krun_fi_close_cntr(objects.cntr);
+                    objects.cntr = ptr::null_mut();
+                }
+            }
             check(prov, "fi_enable", sys::krun_fi_enable(objects.ep) as i64)?;
         }
         // SAFETY: info is valid until objects is dropped.
@@ -370,6 +438,9 @@ impl OfiEndpoint {
             next_key: AtomicU64::new(16),
             token,
             peers: RwLock::new(Vec::new()),
+            check_every_post: lib.version().0 < 2,
+            epoch: Instant::now(),
+            hot_until_us: AtomicU64::new(0),
 
             ops: OpTable::new(config.max_in_flight, send_slots),
 
@@ -412,8 +483,13 @@ impl Drop for OfiEndpoint {
         if let Some(t) = self.progress_thread.take() {
             let _ = t.join();
         }
-        // Fail whatever is still pending so no waiter hangs.
-        self.inner.ops.fail_all();
+        // Fail whatever is still pending so no waiter hangs. An operation the provider never
+        // reported (a wrong key on shm with delivery-complete never completes) still sits in
+        // its queues: closing the endpoint under it crashes libfabric 2.1's shm, so the
+        // provider's objects are left open (leaked) in that case.
+        if self.inner.ops.fail_all() {
+            std::mem::forget(self.inner.objects.clone());
+        }
     }
 }
 
@@ -497,6 +573,63 @@ fn shm_pid(raw: &[u8]) -> Option<u32> {
     rest.split(':').next()?.parse().ok()
 }
 
+/// A shm peer's process, watched through a pidfd (readable once the process has exited).
+/// Checking it is one poll(2), not a read of /proc.
+struct PeerProcess {
+    pid: u32,
+    pidfd: Option<std::os::fd::OwnedFd>,
+    /// When it was last seen alive (us since the endpoint's epoch).
+    checked_us: AtomicU64,
+    dead: AtomicBool,
+}
+
+impl PeerProcess {
+    fn watch(pid: u32) -> PeerProcess {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: fd is a fresh descriptor we own.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        PeerProcess {
+            pid,
+            pidfd,
+            checked_us: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the process still runs; checked at most once per `every_us` unless `always`.
+    fn alive(&self, now_us: u64, every_us: u64) -> bool {
+        if self.dead.load(Ordering::Relaxed) {
+            return false;
+        }
+        if every_us > 0 && now_us.saturating_sub(self.checked_us.load(Ordering::Relaxed)) < every_us
+        {
+            return true;
+        }
+        let alive = match &self.pidfd {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: pfd is a valid pollfd array of length 1; zero timeout.
+                let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+                !(n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0)
+            }
+            None => process_alive(self.pid),
+        };
+        if alive {
+            self.checked_us.store(now_us, Ordering::Relaxed);
+        } else {
+            self.dead.store(true, Ordering::Relaxed);
+        }
+        alive
+    }
+}
+
 /// True while `pid` exists and is not a zombie.
 fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -549,28 +682,52 @@ impl Inner {
         }
     }
 
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Keeps the progress thread polling for `HOT_WINDOW` from now.
+    fn heat(&self) {
+        let until = self.now_us() + HOT_WINDOW.as_micros() as u64;
+        if self.hot_until_us.load(Ordering::Relaxed) < until {
+            self.hot_until_us.store(until, Ordering::Relaxed);
+        }
+    }
+
     fn peer_addr(&self, peer: PeerId, op: &'static str) -> Result<sys::fi_addr_t> {
         self.ops.check_reachable(peer, op)?;
-        let (addr, pid) = self
-            .peers
-            .read()
-            .expect("peers lock")
+        self.heat();
+        let peers = self.peers.read().expect("peers lock");
+        let (_, addr, process) = peers
             .get(peer.0 as usize)
-            .map(|p| (p.1, p.2))
             .ok_or(FabricError::UnknownPeer(peer))?;
-        // A shm peer that died holding its region's lock makes the provider spin forever on
-        // the next post: check that the process is still there before entering libfabric.
-        if let Some(pid) = pid {
-            if !process_alive(pid) {
+        // With libfabric 1.x, a shm peer that died holding its region's lock makes the
+        // provider spin forever on the next post: check before every post (a poll on the
+        // peer's pidfd). 2.x never hangs there: check at most every LIVENESS_PERIOD, and on
+        // every retry of a post the provider refused (see `post`).
+        if let Some(p) = process {
+            let every = if self.check_every_post {
+                0
+            } else {
+                LIVENESS_PERIOD.as_micros() as u64
+            };
+            if !p.alive(self.now_us(), every) {
                 self.ops.mark_unreachable(peer);
                 return Err(FabricError::Remote {
                     op,
                     peer,
-                    message: format!("the peer's process {pid} has exited"),
+                    message: format!("the peer's process {} has exited", p.pid),
                 });
             }
         }
-        Ok(addr)
+        Ok(*addr)
+    }
+
+    /// Fails `peer` at once when its process is known to have exited (shm).
+    fn peer_gone(&self, peer: PeerId) -> Option<u32> {
+        let peers = self.peers.read().expect("peers lock");
+        let p = peers.get(peer.0 as usize)?.2.as_ref()?;
+        (!p.alive(self.now_us(), 0)).then_some(p.pid)
     }
 
     /// Retries a post while the provider's queue is full, driving progress, up to the timeout.
@@ -588,6 +745,16 @@ impl Inner {
                 return Ok(());
             }
             if rc == -(sys::FI_EAGAIN as isize) && start.elapsed() < self.timeout {
+                // libfabric 2.x's shm refuses posts towards a dead peer with EAGAIN forever.
+                if let Some(pid) = self.peer_gone(peer) {
+                    self.ops.cancel(id);
+                    self.ops.mark_unreachable(peer);
+                    return Err(FabricError::Remote {
+                        op,
+                        peer,
+                        message: format!("the peer's process {pid} has exited"),
+                    });
+                }
                 self.progress();
                 std::thread::yield_now();
                 continue;
@@ -660,28 +827,42 @@ impl Inner {
         }
     }
 
+    /// Remote reads and writes served so far (0 without a counter).
+    fn remote_events(&self) -> u64 {
+        let cntr = self.objects.0.cntr;
+        if cntr.is_null() {
+            return 0;
+        }
+        // SAFETY: the counter is open for the endpoint's lifetime; reading it also drives
+        // the provider's progress.
+        unsafe { sys::krun_fi_cntr_read(cntr) }
+    }
+
     fn progress_loop(&self) {
         // Sleeps in this thread are short; ask the kernel not to stretch them by its default
         // 50 us timer slack.
         // SAFETY: PR_SET_TIMERSLACK takes a value and touches no memory; it affects this thread.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
-        let mut active_at = Instant::now();
+        let mut remote_seen = 0u64;
         while !self.shutdown.load(Ordering::Relaxed) {
             if self.waiters.load(Ordering::Relaxed) > 0 {
                 // A waiter drives progress itself; stay out of its way (it parks after a few
                 // ms and then relies on this thread, so keep the nap short).
                 std::thread::sleep(Duration::from_micros(50));
-                active_at = Instant::now();
+                self.heat();
                 continue;
             }
-            if self.progress() > 0 || self.ops.in_flight.current() > 0 {
-                active_at = Instant::now();
+            let handled = self.progress();
+            let remote = self.remote_events();
+            if handled > 0 || remote != remote_seen || self.ops.in_flight.current() > 0 {
+                remote_seen = remote;
+                self.heat();
                 std::thread::yield_now();
                 continue;
             }
-            let idle = active_at.elapsed();
-            if idle < PROGRESS_SPIN {
-                // Requests tend to come in bursts (a peer's ping-pong, a pipeline): stay hot.
+            if self.now_us() < self.hot_until_us.load(Ordering::Relaxed) {
+                // Requests come in bursts (a peer's ping-pong, a pipeline, a caller waiting
+                // in recv): keep serving at the provider's speed, yielding the core to others.
                 std::thread::yield_now();
                 continue;
             }
@@ -703,12 +884,12 @@ impl Inner {
                     // SAFETY: pfd is a valid pollfd array of length 1.
                     let n = unsafe { libc::poll(&mut pfd, 1, PROGRESS_POLL_MS) };
                     if n > 0 {
-                        active_at = Instant::now();
+                        self.heat();
                     }
                 }
                 None => {
-                    // shm: target-side work (remote writes with delivery completion, atomics)
-                    // is invisible here, so poll on a short timer.
+                    // shm: nothing to sleep on. Served remote accesses show in the counter
+                    // (checked above), so idle polling on a short timer is enough.
                     std::thread::sleep(SHM_IDLE_POLL);
                 }
             }
@@ -875,10 +1056,11 @@ impl Endpoint for OfiEndpoint {
                 }
             )));
         }
-        let pid = (self.inner.provider == Provider::Shm)
+        let process = (self.inner.provider == Provider::Shm)
             .then(|| shm_pid(&peer.raw))
-            .flatten();
-        peers.push((peer.token, fi_addr, pid));
+            .flatten()
+            .map(PeerProcess::watch);
+        peers.push((peer.token, fi_addr, process));
         Ok(PeerId(peers.len() as u32 - 1))
     }
 
@@ -1014,10 +1196,10 @@ impl Endpoint for OfiEndpoint {
 
     fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
         let inner = &self.inner;
-        inner.waiters.fetch_add(1, Ordering::SeqCst);
-        let r = inner.inbox.take(tag, timeout, || inner.progress());
-        inner.waiters.fetch_sub(1, Ordering::SeqCst);
-        r
+        // The caller drives progress, and the progress thread polls without sleeping for a
+        // while (then only while there is activity), filling the inbox and waking the caller.
+        inner.heat();
+        inner.inbox.take(tag, timeout, || inner.progress())
     }
 }
 

@@ -210,8 +210,10 @@ impl OpTable {
         }
     }
 
-    /// Fails every pending operation (the endpoint is closing) so no waiter hangs.
-    pub(crate) fn fail_all(&self) {
+    /// Fails every pending operation (the endpoint is closing) so no waiter hangs. Returns
+    /// whether any was still pending: the provider never reported it, so it may still use
+    /// the operation's buffers (their memory is leaked rather than freed under it).
+    pub(crate) fn fail_all(&self) -> bool {
         let pending: Vec<Pending> = self
             .pending
             .lock()
@@ -219,8 +221,11 @@ impl OpTable {
             .drain()
             .map(|(_, p)| p)
             .collect();
+        let any = !pending.is_empty();
         for p in pending {
+            p.state.leak_buffers();
             p.state.finish(Err(FabricError::Closed));
         }
+        any
     }
 }

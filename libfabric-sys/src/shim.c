@@ -1,7 +1,8 @@
-/* Out-of-line wrappers for libfabric's static inline calls (see shim.h). */
+/* Out-of-line wrappers for libfabric's static inline calls (see shim.h). They only call
+ * through the function tables of objects libfabric handed out, so this file references no
+ * libfabric symbol: the library itself is loaded with dlopen (src/lib.rs). */
 #include "shim.h"
 
-struct fi_info *krun_fi_allocinfo(void) { return fi_allocinfo(); }
 int krun_fi_domain(struct fid_fabric *fabric, struct fi_info *info, struct fid_domain **domain, void *context)
 { return fi_domain(fabric, info, domain, context); }
 int krun_fi_endpoint(struct fid_domain *domain, struct fi_info *info, struct fid_ep **ep, void *context)
@@ -45,3 +46,7 @@ ssize_t krun_fi_cq_readerr(struct fid_cq *cq, struct fi_cq_err_entry *buf, uint6
 const char *krun_fi_cq_strerror(struct fid_cq *cq, int prov_errno, const void *err_data, char *buf, size_t len)
 { return fi_cq_strerror(cq, prov_errno, err_data, buf, len); }
 int krun_fi_cancel(struct fid_ep *ep, void *context) { return (int)fi_cancel(&ep->fid, context); }
+int krun_fi_cntr_open(struct fid_domain *domain, struct fi_cntr_attr *attr, struct fid_cntr **cntr, void *context)
+{ return fi_cntr_open(domain, attr, cntr, context); }
+uint64_t krun_fi_cntr_read(struct fid_cntr *cntr) { return fi_cntr_read(cntr); }
+int krun_fi_close_cntr(struct fid_cntr *cntr) { return fi_close(&cntr->fid); }

@@ -8,8 +8,8 @@
 #include <rdma/fi_rma.h>
 #include <rdma/fi_atomic.h>
 #include <rdma/fi_tagged.h>
+#include <rdma/fi_eq.h>
 
-struct fi_info *krun_fi_allocinfo(void);
 int krun_fi_domain(struct fid_fabric *fabric, struct fi_info *info, struct fid_domain **domain, void *context);
 int krun_fi_endpoint(struct fid_domain *domain, struct fi_info *info, struct fid_ep **ep, void *context);
 int krun_fi_cq_open(struct fid_domain *domain, struct fi_cq_attr *attr, struct fid_cq **cq, void *context);
@@ -42,4 +42,7 @@ ssize_t krun_fi_cq_read(struct fid_cq *cq, void *buf, size_t count);
 ssize_t krun_fi_cq_readerr(struct fid_cq *cq, struct fi_cq_err_entry *buf, uint64_t flags);
 const char *krun_fi_cq_strerror(struct fid_cq *cq, int prov_errno, const void *err_data, char *buf, size_t len);
 int krun_fi_cancel(struct fid_ep *ep, void *context);
+int krun_fi_cntr_open(struct fid_domain *domain, struct fi_cntr_attr *attr, struct fid_cntr **cntr, void *context);
+uint64_t krun_fi_cntr_read(struct fid_cntr *cntr);
+int krun_fi_close_cntr(struct fid_cntr *cntr);
 #endif
