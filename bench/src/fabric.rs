@@ -1,11 +1,15 @@
 //! `bench fabric`: one-sided RMA latency and bandwidth per provider, with the target endpoint
 //! in a separate process (this binary re-executed as the hidden `fabric-target` subcommand),
-//! against loopback iperf3 and memcpy measured in the same run.
+//! against references measured in the same run: loopback iperf3, memcpy, and libfabric itself
+//! through a plain C client (`bench/csrc/fi_reference.c`, compiled by this command against
+//! the libfabric krun loads; fabtests are not packaged in Debian).
 //!
 //! Writes `bench/results/fabric.json`:
-//! `{"runs":[{"backend","provider","op","size","lat_p50_us","lat_p99_us","bw_gbs"}...],
-//!   "reference":{"iperf3_gbs","memcpy_gbs"}}`. Latency rows have size 8 and a null
-//! `bw_gbs`; bandwidth rows have null latencies.
+//! `{"environment":{..},"rounds":N,"runs":[{"backend","provider","op","size","lat_p50_us",
+//!   "lat_p99_us","bw_gbs","spread":{"median","min","max","runs"}}...],
+//!   "reference":{"iperf3_gbs","memcpy_gbs","fabtests":[{"provider","op","size","lat_p50_us",
+//!   "bw_gbs"}...]}}`. Each value is the median of `rounds` rounds. Latency rows have sizes
+//! 8 B and 4 KiB and a null `bw_gbs`; bandwidth rows have null latencies.
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -28,11 +32,15 @@ pub const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
 const BUFFER: usize = 64 << 20;
 /// Size of the latency operations.
 const LAT_SIZE: usize = 8;
+/// Sizes of the latency rows.
+const LAT_SIZES: [usize; 2] = [LAT_SIZE, 4 << 10];
+/// The reference client's source, compiled at run time against krun's libfabric.
+const REFERENCE_C: &str = include_str!("../csrc/fi_reference.c");
 /// Setup (spawn, bootstrap, connect) must finish within this.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "usage: bench fabric [--providers tcp,shm,verbs] [--lat-ops N] [--bw-secs S] \
-[--iperf-secs S] [--quick] [--out PATH]";
+[--iperf-secs S] [--rounds N] [--quick] [--out PATH]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -102,6 +110,7 @@ struct Settings {
     lat_ops: usize,
     bw_time: Duration,
     iperf_secs: u32,
+    rounds: usize,
     out: PathBuf,
 }
 
@@ -116,6 +125,7 @@ impl Settings {
             "lat-ops",
             "bw-secs",
             "iperf-secs",
+            "rounds",
             "quick",
             "out",
         ])
@@ -146,6 +156,7 @@ impl Settings {
                 .max(1),
             bw_time: Duration::from_secs_f64(bw_secs),
             iperf_secs: args.number("iperf-secs", if quick { 1 } else { 3 })?.max(1),
+            rounds: args.number::<usize>("rounds", 3)?.clamp(1, 20),
             out: args
                 .get("out")
                 .map_or_else(|| report::results_path("fabric"), PathBuf::from),
@@ -185,30 +196,65 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     ));
     println!("reference: memcpy 1 MiB, one thread, buffers reused: {memcpy:.2} GB/s");
 
-    let mut rows: Vec<Row> = Vec::new();
+    let reference_bin = build_reference();
+    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    let mut fab_rounds: Vec<Vec<FabRow>> = Vec::new();
     let mut failures = Vec::new();
-    for t in TARGETS.iter().filter(|t| settings.wants(t)) {
-        let ep = match open(&FabricConfig::with_provider(t.provider)) {
-            Ok(ep) => ep,
-            Err(e) => {
-                println!("{}: skipped: {e}", t.label);
-                continue;
-            }
-        };
-        println!("{}: measuring ({} backend)...", t.label, t.backend);
-        match measure_provider(t, ep.as_ref(), &settings, &mut rows) {
-            Ok(()) => {}
-            Err(e) => {
+    for round in 0..settings.rounds {
+        println!("round {}/{}", round + 1, settings.rounds);
+        let mut rows = Vec::new();
+        for t in TARGETS.iter().filter(|t| settings.wants(t)) {
+            let ep = match open(&FabricConfig::with_provider(t.provider)) {
+                Ok(ep) => ep,
+                Err(e) => {
+                    println!("{}: skipped: {e}", t.label);
+                    continue;
+                }
+            };
+            println!("{}: measuring ({} backend)...", t.label, t.backend);
+            if let Err(e) = measure_provider(t, ep.as_ref(), &settings, &mut rows) {
                 println!("{}: FAILED: {e}", t.label);
                 failures.push(format!("{}: {e}", t.label));
             }
         }
+        rounds.push(rows);
+        let mut fab = Vec::new();
+        match &reference_bin {
+            Ok(bin) => {
+                for (label, prov) in [("shm", "shm"), ("tcp", "tcp;ofi_rxm")] {
+                    if !settings.providers.iter().any(|p| p == label) {
+                        continue;
+                    }
+                    match run_reference(bin, prov, &settings) {
+                        Ok(mut r) => {
+                            for f in &r {
+                                println!(
+                                    "  reference {:<3} {:<5} {:>7}  p50 {:>7} us  {:>7} GB/s",
+                                    f.provider,
+                                    f.op,
+                                    size_name(f.size),
+                                    cell(f.lat_p50_us, 2),
+                                    cell(f.bw_gbs, 2)
+                                );
+                            }
+                            fab.append(&mut r);
+                        }
+                        Err(e) => println!("reference {label}: failed: {e}"),
+                    }
+                }
+            }
+            Err(e) if round == 0 => println!("reference: libfabric client not built: {e}"),
+            Err(_) => {}
+        }
+        fab_rounds.push(fab);
     }
+    let rows = merge_rounds(&rounds);
+    let fabtests = merge_fab_rounds(&fab_rounds);
 
     let mut table = Table::new(&[
         "backend", "provider", "op", "size", "p50 us", "p99 us", "GB/s",
     ]);
-    for r in &rows {
+    for (r, _) in &rows {
         table.row(vec![
             r.backend.to_string(),
             r.provider.to_string(),
@@ -220,17 +266,31 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         ]);
     }
     println!();
+    println!("median of {} rounds:", settings.rounds);
     print!("{}", table.render());
     println!(
         "reference: iperf3 {} GB/s, memcpy {} GB/s",
         cell(iperf, 2),
         cell(Some(memcpy), 2)
     );
+    for f in &fabtests {
+        println!(
+            "reference libfabric client: {:<3} {:<5} {:>7}  p50 {:>7} us  {:>7} GB/s",
+            f.provider,
+            f.op,
+            size_name(f.size),
+            cell(f.lat_p50_us, 2),
+            cell(f.bw_gbs, 2)
+        );
+    }
     println!();
-    print_targets(&rows, iperf, memcpy);
+    let plain: Vec<Row> = rows.iter().map(|(r, _)| r.clone()).collect();
+    print_targets(&plain, &fabtests, iperf, memcpy);
 
     let json = json!({
-        "runs": rows.iter().map(|r| json!({
+        "environment": report::environment(),
+        "rounds": settings.rounds,
+        "runs": rows.iter().map(|(r, values)| json!({
             "backend": r.backend,
             "provider": r.provider,
             "op": r.op.name(),
@@ -238,10 +298,20 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             "lat_p50_us": json_num(r.lat_p50_us),
             "lat_p99_us": json_num(r.lat_p99_us),
             "bw_gbs": json_num(r.bw_gbs),
+            "spread": report::spread(values),
         })).collect::<Vec<_>>(),
         "reference": {
             "iperf3_gbs": json_num(iperf),
             "memcpy_gbs": json_num(Some(memcpy)),
+            "fabtests_source": "bench/csrc/fi_reference.c (plain C libfabric client, same hints and flags as krun)",
+            "fabtests": fabtests.iter().map(|f| json!({
+                "provider": f.provider,
+                "op": f.op,
+                "size": f.size,
+                "lat_p50_us": json_num(f.lat_p50_us),
+                "bw_gbs": json_num(f.bw_gbs),
+                "spread": report::spread(&f.values),
+            })).collect::<Vec<_>>(),
         },
     });
     report::write_json(&settings.out, &json)?;
@@ -253,48 +323,214 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     }
 }
 
+/// One row of the libfabric reference client.
+#[derive(Debug, Clone)]
+struct FabRow {
+    provider: String,
+    op: String,
+    size: usize,
+    lat_p50_us: Option<f64>,
+    bw_gbs: Option<f64>,
+    /// The per-round values behind the median (latency or bandwidth).
+    values: Vec<f64>,
+}
+
+/// Median per row over rounds (rows keyed by backend, provider, op and size), with the
+/// per-round values of its headline number (latency p50, else bandwidth).
+fn merge_rounds(rounds: &[Vec<Row>]) -> Vec<(Row, Vec<f64>)> {
+    type Cols = Vec<[Option<f64>; 3]>;
+    let mut out: Vec<(Row, Cols)> = Vec::new();
+    for r in rounds.iter().flatten() {
+        let key = |x: &Row| (x.backend, x.provider, x.op, x.size);
+        let vals = [r.lat_p50_us, r.lat_p99_us, r.bw_gbs];
+        match out.iter_mut().find(|(x, _)| key(x) == key(r)) {
+            Some((_, v)) => v.push(vals),
+            None => out.push((r.clone(), vec![vals])),
+        }
+    }
+    out.into_iter()
+        .map(|(mut row, all)| {
+            let col = |i: usize| -> Vec<f64> { all.iter().filter_map(|v| v[i]).collect() };
+            row.lat_p50_us = report::median(&col(0));
+            row.lat_p99_us = report::median(&col(1));
+            row.bw_gbs = report::median(&col(2));
+            let values = if row.lat_p50_us.is_some() {
+                col(0)
+            } else {
+                col(2)
+            };
+            (row, values)
+        })
+        .collect()
+}
+
+fn merge_fab_rounds(rounds: &[Vec<FabRow>]) -> Vec<FabRow> {
+    let mut out: Vec<FabRow> = Vec::new();
+    for f in rounds.iter().flatten() {
+        let v = f.lat_p50_us.or(f.bw_gbs).unwrap_or(f64::NAN);
+        match out
+            .iter_mut()
+            .find(|x| x.provider == f.provider && x.op == f.op && x.size == f.size)
+        {
+            Some(x) => x.values.push(v),
+            None => out.push(FabRow {
+                values: vec![v],
+                ..f.clone()
+            }),
+        }
+    }
+    for f in &mut out {
+        let m = report::median(&f.values);
+        if f.lat_p50_us.is_some() {
+            f.lat_p50_us = m;
+        } else {
+            f.bw_gbs = m;
+        }
+    }
+    out
+}
+
+/// Compiles `fi_reference.c` against the libfabric krun loads (the headers beside it, or the
+/// system's) into a private temporary directory.
+fn build_reference() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("krun-bench-fi-reference-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let src = dir.join("fi_reference.c");
+    let bin = dir.join("fi_reference");
+    std::fs::write(&src, REFERENCE_C).map_err(|e| format!("writing {}: {e}", src.display()))?;
+    let mut cc = Command::new("cc");
+    cc.arg("-O2").arg("-o").arg(&bin).arg(&src);
+    let lib = std::path::Path::new(libfabric_sys::LIBRARY);
+    if let Some(prefix) = lib
+        .is_absolute()
+        .then(|| lib.parent().and_then(|d| d.parent()))
+        .flatten()
+    {
+        cc.arg(format!("-I{}", prefix.join("include").display()))
+            .arg(format!("-L{}", prefix.join("lib").display()))
+            .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()));
+    }
+    cc.arg("-lfabric");
+    let out = cc.output();
+    let _ = std::fs::remove_file(&src);
+    let out = out.map_err(|e| format!("running cc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Runs the reference client for one provider and parses its JSON lines.
+fn run_reference(
+    bin: &std::path::Path,
+    prov: &str,
+    settings: &Settings,
+) -> Result<Vec<FabRow>, String> {
+    let secs = settings.bw_time.as_secs_f64().to_string();
+    let ops = settings.lat_ops.max(10).to_string();
+    let (status, out) = run_bounded(
+        Command::new(bin).args([prov, ops.as_str(), secs.as_str()]),
+        Duration::from_secs(120),
+    )?;
+    if !status.success() {
+        return Err(format!("{} {prov} exited with {status}", bin.display()));
+    }
+    parse_reference(&out)
+}
+
+fn parse_reference(out: &str) -> Result<Vec<FabRow>, String> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).map_err(|e| format!("bad reference line {l:?}: {e}"))?;
+            let text = |k: &str| {
+                v[k].as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("reference line {l:?} has no {k}"))
+            };
+            Ok(FabRow {
+                provider: text("provider")?,
+                op: text("op")?,
+                size: v["size"]
+                    .as_u64()
+                    .ok_or_else(|| format!("reference line {l:?} has no size"))?
+                    as usize,
+                lat_p50_us: v["lat_p50_us"].as_f64(),
+                bw_gbs: v["bw_gbs"].as_f64(),
+                values: Vec::new(),
+            })
+        })
+        .collect()
+}
+
 fn find<'a>(rows: &'a [Row], provider: &str, op: Op, size: usize) -> Option<&'a Row> {
     rows.iter().find(|r| {
         r.backend == "libfabric" && r.provider == provider && r.op == op && r.size == size
     })
 }
 
+fn find_ref<'a>(fab: &'a [FabRow], provider: &str, op: Op, size: usize) -> Option<&'a FabRow> {
+    fab.iter()
+        .find(|f| f.provider == provider && f.op == op.name() && f.size == size)
+}
+
 /// Prints each target with the measured ratio. Numbers never fail the benchmark.
-fn print_targets(rows: &[Row], iperf: Option<f64>, memcpy: f64) {
-    println!("targets:");
-    let verdict = |ok: bool| if ok { "meets target" } else { "BELOW TARGET" };
+fn print_targets(rows: &[Row], fab: &[FabRow], iperf: Option<f64>, memcpy: f64) {
+    println!("targets (krun against the libfabric reference client, same run):");
+    let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
+    for provider in ["shm", "tcp"] {
+        for (op, size) in [(Op::Read, 8), (Op::Write, 8), (Op::Read, 4096)] {
+            let k = find(rows, provider, op, size).and_then(|r| r.lat_p50_us);
+            let f = find_ref(fab, provider, op, size).and_then(|r| r.lat_p50_us);
+            match (k, f) {
+                (Some(k), Some(f)) if f > 0.0 => println!(
+                    "  {provider} {:<5} {:>5} p50: {k:.2} / {f:.2} us = {:.2}x (target <= 1.5x): {}",
+                    op.name(),
+                    size_name(size),
+                    k / f,
+                    verdict(k / f <= 1.5)
+                ),
+                _ => println!(
+                    "  {provider} {} {} p50: not measured",
+                    op.name(),
+                    size_name(size)
+                ),
+            }
+        }
+        let k = find(rows, provider, Op::Write, 1 << 20).and_then(|r| r.bw_gbs);
+        let f = find_ref(fab, provider, Op::Write, 1 << 20).and_then(|r| r.bw_gbs);
+        match (k, f) {
+            (Some(k), Some(f)) if f > 0.0 => println!(
+                "  {provider} write 1 MiB: {k:.2} / {f:.2} GB/s = {:.2}x (target >= 0.8x): {}",
+                k / f,
+                verdict(k / f >= 0.8)
+            ),
+            _ => println!("  {provider} write 1 MiB: not measured"),
+        }
+    }
     match (
         find(rows, "tcp", Op::Write, 1 << 20).and_then(|r| r.bw_gbs),
         iperf,
     ) {
-        (Some(bw), Some(ip)) if ip > 0.0 => {
-            let ratio = bw / ip;
-            println!(
-                "  tcp RMA write 1 MiB / iperf3:  {bw:.2} / {ip:.2} GB/s = {ratio:.2}x (target >= 0.90x): {}",
-                verdict(ratio >= 0.9)
-            );
-        }
-        _ => println!("  tcp RMA write 1 MiB / iperf3:  not measured"),
+        (Some(bw), Some(ip)) if ip > 0.0 => println!(
+            "  tcp write 1 MiB / iperf3: {bw:.2} / {ip:.2} GB/s = {:.2}x (target >= 0.9x): {}",
+            bw / ip,
+            verdict(bw / ip >= 0.9)
+        ),
+        _ => println!("  tcp write 1 MiB / iperf3: not measured"),
     }
-    match find(rows, "shm", Op::Write, 1 << 20).and_then(|r| r.bw_gbs) {
-        Some(bw) if memcpy > 0.0 => {
-            let ratio = bw / memcpy;
-            println!(
-                "  shm RMA write 1 MiB / memcpy:  {bw:.2} / {memcpy:.2} GB/s = {ratio:.2}x (target >= 0.50x): {}",
-                verdict(ratio >= 0.5)
-            );
-        }
-        _ => println!("  shm RMA write 1 MiB / memcpy:  not measured"),
-    }
-    for (provider, limit) in [("shm", 2.0), ("tcp", 10.0)] {
-        match find(rows, provider, Op::Read, LAT_SIZE).and_then(|r| r.lat_p50_us) {
-            Some(p50) => println!(
-                "  {provider} 8 B RMA read p50:       {p50:.2} us = {:.2}x the limit (target <= {limit} us): {}",
-                p50 / limit,
-                verdict(p50 <= limit)
-            ),
-            None => println!("  {provider} 8 B RMA read p50:       not measured"),
-        }
+    if let Some(bw) = find(rows, "shm", Op::Write, 1 << 20).and_then(|r| r.bw_gbs) {
+        println!(
+            "  shm write 1 MiB / memcpy: {bw:.2} / {memcpy:.2} GB/s = {:.2}x",
+            bw / memcpy
+        );
     }
 }
 
@@ -404,9 +640,11 @@ fn measure_provider(
         );
         rows.push(r);
     };
-    for op in [Op::Write, Op::Read] {
-        let (p50, p99) = ctx.latency(op, settings.lat_ops)?;
-        push(op, LAT_SIZE, Some((p50, p99)), None);
+    for size in LAT_SIZES {
+        for op in [Op::Write, Op::Read] {
+            let (p50, p99) = ctx.latency(op, size, settings.lat_ops)?;
+            push(op, size, Some((p50, p99)), None);
+        }
     }
     for op in [Op::Write, Op::Read] {
         for &size in &SIZES {
@@ -482,24 +720,22 @@ impl Ctx<'_> {
     }
 
     /// One operation in flight at a time: (p50, p99) in microseconds.
-    fn latency(&self, op: Op, ops: usize) -> Result<(f64, f64), String> {
+    fn latency(&self, op: Op, size: usize, ops: usize) -> Result<(f64, f64), String> {
         let limit = Duration::from_secs(20);
         let warm = Instant::now();
         for i in 0..1000 {
             if i > 10 && warm.elapsed() > Duration::from_millis(500) {
                 break;
             }
-            self.post(op, 0, LAT_SIZE)?
-                .wait()
-                .map_err(|e| e.to_string())?;
+            self.post(op, 0, size)?.wait().map_err(|e| e.to_string())?;
         }
         let mut samples = Vec::with_capacity(ops);
         let start = Instant::now();
         for _ in 0..ops {
             let t0 = Instant::now();
-            self.post(op, 0, LAT_SIZE)?
+            self.post(op, 0, size)?
                 .wait()
-                .map_err(|e| format!("{} of {LAT_SIZE} bytes: {e}", op.name()))?;
+                .map_err(|e| format!("{} of {size} bytes: {e}", op.name()))?;
             samples.push(t0.elapsed());
             if start.elapsed() > limit {
                 break;
@@ -738,6 +974,36 @@ pub fn iperf3(secs: u32) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_lines_parse_and_bad_ones_are_named() {
+        let rows = parse_reference(
+            "{\"provider\":\"shm\",\"op\":\"read\",\"size\":8,\"lat_p50_us\":1.1,\"bw_gbs\":null}\n",
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].op.as_str(), rows[0].size), ("read", 8));
+        assert_eq!(rows[0].lat_p50_us, Some(1.1));
+        let e = parse_reference("{\"op\":\"read\"}").unwrap_err();
+        assert!(e.contains("provider"), "{e}");
+    }
+
+    #[test]
+    fn rounds_merge_to_their_median() {
+        let row = |p50: f64| Row {
+            backend: "libfabric",
+            provider: "shm",
+            op: Op::Read,
+            size: 8,
+            lat_p50_us: Some(p50),
+            lat_p99_us: Some(p50 * 2.0),
+            bw_gbs: None,
+        };
+        let merged = merge_rounds(&[vec![row(3.0)], vec![row(1.0)], vec![row(2.0)]]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].0.lat_p50_us, Some(2.0));
+        assert_eq!(merged[0].1.len(), 3);
+    }
 
     #[test]
     fn target_blob_round_trips() {

@@ -132,6 +132,49 @@ pub fn results_path(name: &str) -> PathBuf {
         .join(format!("{name}.json"))
 }
 
+/// Where and when a result was measured: commit, date (UTC), kernel and CPU count.
+pub fn environment() -> serde_json::Value {
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty());
+    serde_json::json!({
+        "commit": run("git", &["rev-parse", "HEAD"]).map(|c| if dirty { format!("{c}-dirty") } else { c }),
+        "date": run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+    })
+}
+
+/// Median, min and max of repeated measurements, for a results JSON.
+pub fn spread(values: &[f64]) -> serde_json::Value {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return serde_json::json!({"median": null, "min": null, "max": null, "runs": 0});
+    }
+    serde_json::json!({
+        "median": json_num(Some(v[v.len() / 2])),
+        "min": json_num(v.first().copied()),
+        "max": json_num(v.last().copied()),
+        "runs": v.len(),
+    })
+}
+
+/// The median of the finite values, if any.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
 /// Writes `value` pretty-printed to `path`, creating the directory.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
     if let Some(dir) = path.parent() {
@@ -194,6 +237,16 @@ pub fn size_name(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_takes_median_min_max_of_finite_values() {
+        let s = spread(&[3.0, f64::NAN, 1.0, 2.0]);
+        assert_eq!(s["median"], 2.0);
+        assert_eq!(s["min"], 1.0);
+        assert_eq!(s["max"], 3.0);
+        assert_eq!(s["runs"], 3);
+        assert_eq!(median(&[]), None);
+    }
 
     #[test]
     fn args_parse_pairs_flags_and_reject_positionals() {
