@@ -384,6 +384,7 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
             DriverEvent::Phase { epoch, phase } => {
                 let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
             }
+            DriverEvent::Log(line) => eprintln!("node {}: {line}", driver.id()),
             DriverEvent::Stopped { reason } => {
                 let _ = writeln!(out, "stopped {reason}");
                 let _ = out.flush();
@@ -446,6 +447,8 @@ pub enum DriverEvent {
     Phase { epoch: Epoch, phase: &'static str },
     /// This node is out of the configuration; the driver has ended.
     Stopped { reason: String },
+    /// Something worth a log line.
+    Log(String),
 }
 
 type Call = Box<dyn FnOnce(&mut Node) + Send>;
@@ -675,10 +678,7 @@ fn drive(
                     stopped = Some(reason);
                     continue;
                 }
-                Output::Log(line) => {
-                    eprintln!("node {}: {line}", cfg.id);
-                    continue;
-                }
+                Output::Log(line) => DriverEvent::Log(line),
             };
             // Nobody listening any more is not the node's problem.
             let _ = events.send(event);

@@ -17,6 +17,7 @@ use fabric::secret::ClusterSecret;
 use crate::daemon::{self, DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
+use crate::runtime::hub::{Hub, NodeToStart};
 use crate::slurm::Allocation;
 
 /// A user program to run as `ranks` processes.
@@ -287,6 +288,8 @@ pub fn run(job: &Job) -> Result<i32> {
         BootstrapServer::start_with((bind, 0), k, Duration::from_secs(120), Some(secret.clone()))?;
     let node_service = SocketAddr::new(advertised, server.addr().port());
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
+    let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
+    let hub_addr = hub.addr();
     // Ranks find each other through their own all-gather service.
     let rank_server = match &placement {
         Some(place) => Some(BootstrapServer::start_with(
@@ -306,6 +309,8 @@ pub fn run(job: &Job) -> Result<i32> {
             .arg(node_service.to_string())
             .arg("--nnodes")
             .arg(k.to_string())
+            .arg("--runtime")
+            .arg(hub_addr.to_string())
             .stdin(if stdin_for_rank0 {
                 Stdio::inherit()
             } else {
@@ -521,8 +526,15 @@ pub fn run(job: &Job) -> Result<i32> {
             exit,
         }));
     }
+    let added = AddedNodes {
+        starts: hub.take_starts(),
+        secret: secret.clone(),
+        configured: configured.is_some(),
+        hub_addr,
+        wake: tx.clone(),
+    };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx)?;
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders)?;
     for f in forwarders {
         let _ = f.join();
     }
@@ -532,10 +544,21 @@ pub fn run(job: &Job) -> Result<i32> {
     Ok(worst)
 }
 
-fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Result<i32> {
+fn wait_all(
+    children: &mut Children,
+    job: &Job,
+    wake: &mpsc::Receiver<()>,
+    hub: &Hub,
+    added: AddedNodes,
+    forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Result<i32> {
     let deadline = Instant::now() + job.timeout;
     let mut worst = 0;
     let mut remaining = children.0.len();
+    // The nodes the job started; nodes added later run no ranks and end when these have.
+    let originals = children.0.len();
+    let mut originals_left = originals;
+    let mut stop_sent = false;
     let mut interrupts = 0;
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
@@ -565,11 +588,29 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
                 );
                 failed = true;
             }
-            if !stopped_by_us {
+            if !stopped_by_us && i < originals {
                 worst = worst.max(code);
+            }
+            if i < originals {
+                originals_left -= 1;
             }
             *slot = None;
             remaining -= 1;
+        }
+        if let Some(starts) = &added.starts {
+            for n in starts.try_iter() {
+                match added.start(job, n.clone(), forwarders) {
+                    Ok(p) => {
+                        children.0.push(Some(p));
+                        remaining += 1;
+                    }
+                    Err(e) => eprintln!("krun: cannot add node {}: {e}", n.node),
+                }
+            }
+        }
+        if originals_left == 0 && !stop_sent {
+            hub.stop_all();
+            stop_sent = true;
         }
         if failed && remaining > 0 {
             // The others would wait for the failed node until their own timeouts: end them now.
@@ -585,6 +626,127 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
         }
     }
     Ok(worst)
+}
+
+/// Starts the job's runtime hub: nodes register there, `krun status` and `krun node` find
+/// the job through its directory.
+fn start_hub(
+    job: &Job,
+    placement: Option<&Placement>,
+    bind: IpAddr,
+    advertised: IpAddr,
+    secret: &ClusterSecret,
+) -> Result<Hub> {
+    let mode = match &job.nodes {
+        NodeSource::Local(_) => "local",
+        NodeSource::Slurm(_) => "slurm",
+        NodeSource::Hosts { .. } => "hosts",
+    };
+    let with_ranks = placement
+        .map(|p| {
+            (0..p.count.len())
+                .filter(|&n| p.count[n] > 0)
+                .map(|n| n as u32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let ranks = placement.map_or(0, |p| p.total()) as u64;
+    Hub::start(bind, advertised, secret.clone(), mode, ranks, with_ranks)
+}
+
+/// How `krun node add` nodes are started while the job runs.
+struct AddedNodes {
+    starts: Option<mpsc::Receiver<NodeToStart>>,
+    secret: ClusterSecret,
+    /// The secret came from KRUN_SECRET_FILE (nodes read it themselves).
+    configured: bool,
+    hub_addr: SocketAddr,
+    wake: mpsc::Sender<()>,
+}
+
+impl AddedNodes {
+    /// Starts a joining krund: a child here, or through `n.host`'s `krund --listen` daemon.
+    fn start(
+        &self,
+        job: &Job,
+        n: NodeToStart,
+        forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+    ) -> Result<NodeProc> {
+        let mut cmd = Command::new(&job.krund);
+        cmd.args(&n.args)
+            .arg("--runtime")
+            .arg(self.hub_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !self.configured {
+            cmd.env("KRUN_SECRET", self.secret.to_hex());
+        }
+        for (key, v) in &job.env {
+            cmd.env(key, v);
+        }
+        let prefix = job.program.is_none().then(|| format!("[node {}] ", n.node));
+        let Some(host) = n.host else {
+            let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn {
+                program: job.krund.display().to_string(),
+                source: e,
+            })?;
+            forwarders.push(forward(
+                child.stdout.take().expect("piped"),
+                prefix.clone(),
+                false,
+                self.wake.clone(),
+            ));
+            forwarders.push(forward(
+                child.stderr.take().expect("piped"),
+                prefix,
+                true,
+                self.wake.clone(),
+            ));
+            return Ok(NodeProc::Child(child));
+        };
+        let configured = ClusterSecret::from_env()?;
+        let mut d = DaemonClient::connect(&host, Duration::from_secs(10), configured.as_ref())?;
+        let request = RunRequest {
+            args: cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            env: cmd
+                .get_envs()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.to_string_lossy().into_owned(),
+                        v?.to_string_lossy().into_owned(),
+                    ))
+                })
+                .collect(),
+        };
+        daemon::write_frame(&mut d.stream, b'R', &request.encode()).map_err(|e| {
+            LauncherError::Node {
+                node: n.node as usize,
+                message: format!("host {host}: sending the node: {e}"),
+            }
+        })?;
+        let exit = Arc::new(Mutex::new(None));
+        let reader = d.stream.try_clone().map_err(|e| LauncherError::Io {
+            context: "cloning a daemon connection".into(),
+            source: e,
+        })?;
+        forwarders.push(forward_remote(
+            reader,
+            host.clone(),
+            format!("node {}", n.node),
+            prefix,
+            exit.clone(),
+            self.wake.clone(),
+        ));
+        Ok(NodeProc::Remote {
+            host,
+            control: Arc::new(Mutex::new(d.stream)),
+            exit,
+        })
+    }
 }
 
 /// Sends our stdin to a daemon (for its node's rank 0) as `I` frames; an empty one at EOF.

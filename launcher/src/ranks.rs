@@ -101,6 +101,15 @@ pub struct NodeShare {
     pub env: Vec<(String, String)>,
     pub bind_to: BindTo,
     pub report_bindings: bool,
+    /// Where rank starts and exits are reported (the node runtime's process table).
+    pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
+}
+
+/// A rank started or ended on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankEvent {
+    Started { rank: usize, pid: u32 },
+    Exited { rank: usize, code: i32 },
 }
 
 /// Name of a signal for messages.
@@ -296,6 +305,12 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             share.tag_output,
             true,
         ));
+        if let Some(tx) = &share.events {
+            let _ = tx.send(RankEvent::Started {
+                rank,
+                pid: child.id(),
+            });
+        }
         children.push((rank, child));
     }
     let mut worst = 0;
@@ -335,6 +350,9 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     "krun: rank {rank} on node {} exited with code {code}",
                     share.node_id
                 );
+            }
+            if let Some(tx) = &share.events {
+                let _ = tx.send(RankEvent::Exited { rank: *rank, code });
             }
             worst = worst.max(code);
             ended.push(i);
