@@ -256,7 +256,10 @@ fn run() -> Result<i32, LauncherError> {
         };
         let code = launcher::ranks::run_share(&share)?;
         runtime.finish();
-        boot.barrier()?;
+        // After an agreed failure the dead node never reaches the barrier.
+        if !runtime.saw_failure() {
+            boot.barrier()?;
+        }
         match endpoint.join() {
             Ok(Ok(ep)) => drop(ep),
             Ok(Err(e)) => eprintln!("krund: node {}: fabric endpoint: {e}", args.node_id),

@@ -130,6 +130,14 @@ impl Runtime {
         self.shared.finish();
     }
 
+    /// True when the membership agreed that some node failed (a job-wide barrier of the
+    /// initial nodes cannot complete any more).
+    pub fn saw_failure(&self) -> bool {
+        self.shared
+            .latest_view()
+            .is_some_and(|v| v.changes.iter().any(|c| matches!(c, adaptation::Change::Fail { .. })))
+    }
+
     /// Waits until krun stops the node or the membership drops it; returns why.
     pub fn wait_stop(&self) -> String {
         self.shared.wait_stop()
@@ -232,6 +240,16 @@ impl Bound {
         }
         if let Some(addr) = cfg.launcher {
             connect_launcher(addr, &cfg.secret, &addresses, shared.clone())?;
+            // The view the node starts in (a joiner: the view it knows before it is in).
+            if let Ok(view) = table.handle.view() {
+                if !join {
+                    shared.tell_launcher(&NodeToLauncher::View {
+                        epoch: view.epoch,
+                        members: view.members,
+                        failures: Vec::new(),
+                    });
+                }
+            }
         }
         let (events, rx) = mpsc::channel::<RankEvent>();
         {
