@@ -133,9 +133,11 @@ impl Runtime {
     /// True when the membership agreed that some node failed (a job-wide barrier of the
     /// initial nodes cannot complete any more).
     pub fn saw_failure(&self) -> bool {
-        self.shared
-            .latest_view()
-            .is_some_and(|v| v.changes.iter().any(|c| matches!(c, adaptation::Change::Fail { .. })))
+        self.shared.latest_view().is_some_and(|v| {
+            v.changes
+                .iter()
+                .any(|c| matches!(c, adaptation::Change::Fail { .. }))
+        })
     }
 
     /// Waits until krun stops the node or the membership drops it; returns why.
