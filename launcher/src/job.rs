@@ -321,6 +321,7 @@ pub fn run(job: &Job) -> Result<i32> {
         if configured.is_none() {
             cmd.env("KRUN_SECRET", secret.to_hex());
         }
+        cmd.env("KRUN_JOB_ID", std::process::id().to_string());
         for (key, v) in &job.env {
             cmd.env(key, v);
         }
@@ -682,6 +683,7 @@ impl AddedNodes {
         if !self.configured {
             cmd.env("KRUN_SECRET", self.secret.to_hex());
         }
+        cmd.env("KRUN_JOB_ID", std::process::id().to_string());
         for (key, v) in &job.env {
             cmd.env(key, v);
         }

@@ -272,9 +272,16 @@ fn bad_requests_get_clear_errors() {
     let (code, _, err) = job.krun(&["node", "drain", "7"]);
     assert_eq!(code, 2);
     assert!(err.contains("node 7 is not a node of this job"), "{err}");
+    // A plain program (no libghost) would need CRIU to move: refused before anything moves.
     let (code, _, err) = job.krun(&["node", "drain", "1"]);
     assert_eq!(code, 2);
-    assert!(err.contains("node 1 runs ranks"), "{err}");
+    assert!(
+        err.contains("rank 1 (pid ") && err.contains("does not run ghost's native checkpointer"),
+        "{err}"
+    );
+    let v = job.status_when("rank 1 still running on node 1", |v| all_running(v, 2));
+    assert_eq!(rows(&v)[1]["node"], 1);
+    assert_eq!(numbers(&v["status"]["members"]), [0, 1]);
     let (code, out, err) = job.finish();
     assert_eq!(code, 0, "{out}\n{err}");
 

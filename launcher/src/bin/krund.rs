@@ -242,6 +242,8 @@ fn run() -> Result<i32, LauncherError> {
             "KRUN_NODE_SOCKET".to_string(),
             runtime.rank_socket().to_string_lossy().into_owned(),
         ));
+        let (commands_tx, commands) = std::sync::mpsc::channel();
+        runtime.set_rank_commands(commands_tx);
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -254,11 +256,22 @@ fn run() -> Result<i32, LauncherError> {
             bind_to: args.bind_to,
             report_bindings: args.report_bindings,
             events: Some(runtime.rank_events()),
+            commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let code = launcher::ranks::run_share(&share)?;
         runtime.finish();
-        // After an agreed failure the dead node never reaches the barrier.
-        if !runtime.saw_failure() {
+        if runtime.was_drained() {
+            // The node's ranks moved away; it leaves once the membership agreed on it.
+            if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
+                eprintln!(
+                    "krund: node {}: drained, but no leave was agreed in 60 s",
+                    args.node_id
+                );
+            }
+            return Ok(code);
+        }
+        // After a node left or failed, the initial nodes cannot all meet at the barrier.
+        if !runtime.membership_shrank() {
             boot.barrier()?;
         }
         match endpoint.join() {

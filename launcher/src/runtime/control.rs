@@ -32,6 +32,11 @@ pub enum ControlRequest {
     Status,
     /// Ask the membership for a planned departure of `node`.
     Leave { node: NodeId },
+    /// Capture `rank` (running here) for a move and end it; `dry_run`: only check that it
+    /// can be moved.
+    MigrateOut { rank: u64, dry_run: bool },
+    /// Start `rank` here from its newest checkpoint (moved from another node).
+    Adopt { rank: u64 },
 }
 
 /// A krund node's answer.

@@ -343,11 +343,9 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
             .collect();
         (st.members.clone(), via)
     };
+    let mut moved = Vec::new();
     if inner.nodes_with_ranks.contains(&node) {
-        return Err(format!(
-            "node {node} runs ranks: moving ranks with ghost migrate is not built yet, so a node \
-             with ranks cannot be drained (members {members:?})"
-        ));
+        moved = move_ranks(inner, node, &members, &via)?;
     }
     let mut last = String::from("no member answered");
     for a in via {
@@ -362,7 +360,7 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
                 wait_view(inner, Duration::from_secs(60), |st| {
                     !st.members.contains(&node)
                 })?;
-                return Ok(Vec::new());
+                return Ok(moved);
             }
             Ok(ControlReply::Refused(why)) => return Err(why),
             Ok(other) => last = format!("node {}: unexpected answer {other:?}", a.node),
@@ -370,4 +368,83 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         }
     }
     Err(last)
+}
+
+/// Moves every rank running on `node` to the other nodes that run ranks (round robin): the
+/// node captures each and ends it, another starts it from its checkpoint.
+fn move_ranks(
+    inner: &Arc<Inner>,
+    node: NodeId,
+    members: &[NodeId],
+    via: &[NodeAddresses],
+) -> std::result::Result<Vec<u64>, String> {
+    let ask = |a: &NodeAddresses, req: ControlRequest| -> std::result::Result<String, String> {
+        match control::call::<_, ControlReply>(
+            &ControlTarget::Tcp(a.control_tcp.clone()),
+            &inner.secret,
+            &req,
+            Duration::from_secs(60),
+        ) {
+            Ok(ControlReply::Done(s)) => Ok(s),
+            Ok(ControlReply::Refused(why)) => Err(format!("node {}: {why}", a.node)),
+            Ok(other) => Err(format!("node {}: unexpected answer {other:?}", a.node)),
+            Err(e) => Err(format!("node {}: {e}", a.node)),
+        }
+    };
+    let source = {
+        let st = inner.state.lock().expect("hub lock");
+        st.links
+            .get(&node)
+            .map(|l| l.addresses.clone())
+            .ok_or_else(|| format!("node {node} is not linked"))?
+    };
+    let targets: Vec<&NodeAddresses> = via
+        .iter()
+        .filter(|a| inner.nodes_with_ranks.contains(&a.node) && members.contains(&a.node))
+        .collect();
+    if targets.is_empty() {
+        return Err(format!(
+            "node {node} runs ranks and no other node runs ranks to take them"
+        ));
+    }
+    // The table says which ranks run on the node.
+    let status = match control::call::<_, ControlReply>(
+        &ControlTarget::Tcp(targets[0].control_tcp.clone()),
+        &inner.secret,
+        &ControlRequest::Status,
+        Duration::from_secs(30),
+    ) {
+        Ok(ControlReply::Status(s)) => s,
+        Ok(other) => return Err(format!("asking for the process table: {other:?}")),
+        Err(e) => return Err(format!("asking for the process table: {e}")),
+    };
+    let ranks: Vec<u64> = status
+        .ranks
+        .iter()
+        .filter(|r| r.node == node && r.state == super::table::RankState::Running)
+        .map(|r| r.rank)
+        .collect();
+    // Every rank must be movable before the first one moves.
+    for &rank in &ranks {
+        ask(
+            &source,
+            ControlRequest::MigrateOut {
+                rank,
+                dry_run: true,
+            },
+        )?;
+    }
+    let mut moved = Vec::new();
+    for (i, &rank) in ranks.iter().enumerate() {
+        ask(
+            &source,
+            ControlRequest::MigrateOut {
+                rank,
+                dry_run: false,
+            },
+        )?;
+        ask(targets[i % targets.len()], ControlRequest::Adopt { rank })?;
+        moved.push(rank);
+    }
+    Ok(moved)
 }

@@ -123,6 +123,13 @@ impl JobDir {
 impl Drop for JobDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+        // The native checkpoints of the job's ranks on this host (see ranks::ghost_owner).
+        if std::env::var_os("KRUN_GHOST_OWNER").is_none() {
+            let ghost = std::env::var_os("KRUN_GHOST_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/dev/shm/krun-ghost"));
+            let _ = std::fs::remove_dir_all(ghost.join(format!("krun-job{}", self.info.id)));
+        }
     }
 }
 

@@ -30,6 +30,10 @@ pub struct Shared {
     finished: AtomicBool,
     stop: (Mutex<Option<String>>, Condvar),
     seq: AtomicU64,
+    /// The node's rank runner, for ranks moved in or out.
+    pub rank_commands: Mutex<Option<Sender<crate::ranks::RankCommand>>>,
+    /// Ranks were moved away from this node: it is being drained.
+    pub drained: AtomicBool,
 }
 
 impl Shared {
@@ -43,6 +47,8 @@ impl Shared {
             finished: AtomicBool::new(false),
             stop: (Mutex::new(None), Condvar::new()),
             seq: AtomicU64::new(1),
+            rank_commands: Mutex::new(None),
+            drained: AtomicBool::new(false),
         })
     }
 
@@ -85,6 +91,16 @@ impl Shared {
             g = c.wait(g).expect("stop lock");
         }
         g.clone().unwrap_or_default()
+    }
+
+    /// As [`Shared::wait_stop`], giving up after `timeout`.
+    pub fn wait_stop_timeout(&self, timeout: Duration) -> Option<String> {
+        let (m, c) = &self.stop;
+        let g = m.lock().expect("stop lock");
+        let (g, _) = c
+            .wait_timeout_while(g, timeout, |g| g.is_none())
+            .expect("stop lock");
+        g.clone()
     }
 
     pub fn latest_view(&self) -> Option<ViewSnapshot> {

@@ -35,6 +35,7 @@ pub mod control;
 pub mod hub;
 pub mod jobdir;
 pub mod membership;
+pub mod migrate;
 pub mod status;
 pub mod table;
 
@@ -130,14 +131,33 @@ impl Runtime {
         self.shared.finish();
     }
 
-    /// True when the membership agreed that some node failed (a job-wide barrier of the
-    /// initial nodes cannot complete any more).
-    pub fn saw_failure(&self) -> bool {
-        self.shared.latest_view().is_some_and(|v| {
-            v.changes
-                .iter()
-                .any(|c| matches!(c, adaptation::Change::Fail { .. }))
-        })
+    /// True when a node left or failed, or this one was drained: a job-wide barrier of the
+    /// initial nodes cannot complete any more.
+    pub fn membership_shrank(&self) -> bool {
+        self.was_drained()
+            || self.shared.latest_view().is_some_and(|v| {
+                v.changes.iter().any(|c| {
+                    matches!(
+                        c,
+                        adaptation::Change::Fail { .. } | adaptation::Change::Leave { .. }
+                    )
+                })
+            })
+    }
+
+    /// This node's ranks were moved away (`krun node drain`).
+    pub fn was_drained(&self) -> bool {
+        self.shared.drained.load(Ordering::SeqCst)
+    }
+
+    /// Connects the node's rank runner: ranks can now be moved in and out.
+    pub fn set_rank_commands(&self, tx: Sender<crate::ranks::RankCommand>) {
+        *self.shared.rank_commands.lock().expect("commands lock") = Some(tx);
+    }
+
+    /// Waits (at most `timeout`) until krun stops the node or the membership drops it.
+    pub fn wait_stop_timeout(&self, timeout: Duration) -> Option<String> {
+        self.shared.wait_stop_timeout(timeout)
     }
 
     /// Waits until krun stops the node or the membership drops it; returns why.
@@ -348,6 +368,16 @@ fn control_request(
         ControlRequest::Leave { node } => match table.handle.request_leave(node) {
             Ok(()) => ControlReply::Done(format!("node {node} asked to leave")),
             Err(e) => ControlReply::Refused(e.to_string()),
+        },
+        ControlRequest::MigrateOut { rank, dry_run } => {
+            match migrate::out(table, me.node, rank, dry_run) {
+                Ok(done) => ControlReply::Done(done),
+                Err(e) => ControlReply::Refused(e),
+            }
+        }
+        ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
+            Ok(done) => ControlReply::Done(done),
+            Err(e) => ControlReply::Refused(e),
         },
     }
 }
