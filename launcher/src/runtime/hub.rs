@@ -343,9 +343,30 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
             .collect();
         (st.members.clone(), via)
     };
+    // The table (which ranks run where) and the supervisors, from a member that stays.
+    let status = via
+        .iter()
+        .find_map(|a| {
+            match control::call::<_, ControlReply>(
+                &ControlTarget::Tcp(a.control_tcp.clone()),
+                &inner.secret,
+                &ControlRequest::Status,
+                Duration::from_secs(30),
+            ) {
+                Ok(ControlReply::Status(s)) => Some(s),
+                _ => None,
+            }
+        })
+        .ok_or_else(|| "no member that stays answered".to_string())?;
+    if status.supervisors.contains(&node) {
+        return Err(format!(
+            "node {node} is a supervisor (nodes {:?} agree on every change) and cannot leave",
+            status.supervisors
+        ));
+    }
     let mut moved = Vec::new();
     if inner.nodes_with_ranks.contains(&node) {
-        moved = move_ranks(inner, node, &members, &via)?;
+        moved = move_ranks(inner, node, &members, &via, &status)?;
     }
     let mut last = String::from("no member answered");
     for a in via {
@@ -377,6 +398,7 @@ fn move_ranks(
     node: NodeId,
     members: &[NodeId],
     via: &[NodeAddresses],
+    status: &super::status::NodeStatus,
 ) -> std::result::Result<Vec<u64>, String> {
     let ask = |a: &NodeAddresses, req: ControlRequest| -> std::result::Result<String, String> {
         match control::call::<_, ControlReply>(
@@ -407,17 +429,6 @@ fn move_ranks(
             "node {node} runs ranks and no other node runs ranks to take them"
         ));
     }
-    // The table says which ranks run on the node.
-    let status = match control::call::<_, ControlReply>(
-        &ControlTarget::Tcp(targets[0].control_tcp.clone()),
-        &inner.secret,
-        &ControlRequest::Status,
-        Duration::from_secs(30),
-    ) {
-        Ok(ControlReply::Status(s)) => s,
-        Ok(other) => return Err(format!("asking for the process table: {other:?}")),
-        Err(e) => return Err(format!("asking for the process table: {e}")),
-    };
     let ranks: Vec<u64> = status
         .ranks
         .iter()
