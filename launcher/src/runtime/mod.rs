@@ -193,7 +193,11 @@ impl Bound {
         } = self;
         let me = cfg.node;
         let pid = std::process::id();
-        let dir = jobdir::base_dir().join(format!("node-{pid}"));
+        remove_stale_node_dirs();
+        // One directory per runtime (a process may host several, as tests do).
+        static RUNTIMES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNTIMES.fetch_add(1, Ordering::SeqCst);
+        let dir = jobdir::base_dir().join(format!("node-{pid}-{n}"));
         jobdir::private_dir(&dir)?;
         let rank_socket = dir.join("ranks.sock");
         let control_socket = dir.join("control.sock");
@@ -301,6 +305,29 @@ impl Bound {
             addresses,
             events,
         })
+    }
+}
+
+/// Removes the directories of node runtimes whose process is gone (a SIGKILLed krund
+/// cannot clean up after itself).
+fn remove_stale_node_dirs() {
+    let Ok(entries) = std::fs::read_dir(jobdir::base_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("node-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
