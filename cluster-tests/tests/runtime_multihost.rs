@@ -35,7 +35,12 @@ impl Hosts {
             panic!("\n\n*** {e} ***\n\n");
         }
         let cluster = NetnsCluster::create(n, None).expect("namespace cluster");
-        let tag = format!("{}-{}", std::process::id(), line!());
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
         let secret = std::env::temp_dir().join(format!("krun-rt-secret-{tag}"));
         std::fs::write(&secret, "the secret of the runtime multi-host test").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -229,4 +234,67 @@ fn a_killed_krund_is_one_agreed_failure_seen_by_status_on_the_survivors() {
             "rank {r}:\n{out}\n{err}"
         );
     }
+}
+
+#[test]
+fn a_node_added_on_another_host_joins_through_its_daemon_and_leaves_again() {
+    let hosts = Hosts::start(3);
+    let ip = |i: usize| hosts.cluster.node(i).unwrap().ip().to_string();
+    let script = format!(
+        "n=0; while [ ! -e {} ] && [ $n -lt 1800 ]; do sleep 0.05; n=$((n+1)); done; echo rank $KRUN_RANK done",
+        hosts.stop.display()
+    );
+    let krun = hosts
+        .cluster
+        .node(0)
+        .unwrap()
+        .spawn(&mut hosts.command(&[
+            "--hosts",
+            &format!("{},{}", ip(0), ip(1)),
+            "-n",
+            "2",
+            "--bind-to",
+            "none",
+            "sh",
+            "-c",
+            &script,
+        ]))
+        .expect("starting krun");
+    let job = krun.pid().to_string();
+    hosts.status_when(krun.pid(), "2 running ranks", |v| {
+        rows(v).len() == 2 && rows(v).iter().all(|r| r["state"] == "running")
+    });
+    let in_host0 = |args: &[&str]| {
+        let p = hosts
+            .cluster
+            .node(0)
+            .unwrap()
+            .spawn(&mut hosts.command(args))
+            .unwrap();
+        finish(p, Duration::from_secs(120))
+    };
+    let (code, out, err) = in_host0(&["node", "add", &ip(2), "--job", &job]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("node 2 joined the job at epoch 1"), "{out}");
+    let v = hosts.status_when(krun.pid(), "3 members", |v| members(v) == [0, 1, 2]);
+    // The new node runs on host 2 and registered its addresses there.
+    let added = &v["nodes"].as_array().unwrap()[2];
+    let tcp = added["control_tcp"].as_str().unwrap();
+    assert!(tcp.starts_with(&format!("{}:", ip(2))), "{tcp}");
+    assert!(added["adaptation"].as_str().unwrap().starts_with(&ip(2)));
+    assert_eq!(v["status"]["epoch"], 1);
+    let (code, out, err) = in_host0(&["node", "drain", "2", "--job", &job]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let v = hosts.status_when(krun.pid(), "2 members", |v| members(v) == [0, 1]);
+    assert_eq!(v["status"]["epoch"], 2);
+    assert!(rows(&v).iter().all(|r| r["state"] == "running"), "{v}");
+
+    std::fs::write(&hosts.stop, b"").unwrap();
+    let (code, out, err) = finish(krun, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("rank 0 done") && out.contains("rank 1 done"),
+        "{out}"
+    );
+    assert!(!err.contains("failed at epoch"), "{err}");
 }

@@ -320,9 +320,18 @@ fn runtime_config(
 /// A node joining a running job: a member of the membership (its services take their share
 /// of the entries) without ranks of its own, until krun stops it.
 fn join(args: JoinArgs) -> Result<i32, LauncherError> {
-    let bind = args
-        .bind
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    // Without --bind: the address this host reaches krun from (no packet is sent).
+    let bind = match (args.bind, args.runtime) {
+        (Some(ip), _) => ip,
+        (None, Some(krun)) => std::net::UdpSocket::bind(("0.0.0.0", 0))
+            .and_then(|u| u.connect(krun).and_then(|()| u.local_addr()))
+            .map(|a| a.ip())
+            .map_err(|e| LauncherError::Io {
+                context: format!("finding this host's address towards krun at {krun}"),
+                source: e,
+            })?,
+        (None, None) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    };
     let runtime = Runtime::bind(runtime_config(
         args.node_id,
         bind,
