@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
+use crate::added_nodes::{start_hub, AddedNodes};
 use crate::daemon::{self, DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
-use crate::runtime::hub::{Hub, NodeToStart};
+use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
 
 /// A user program to run as `ranks` processes.
@@ -156,7 +157,7 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
-enum NodeProc {
+pub(crate) enum NodeProc {
     Child(Child),
     Remote {
         host: String,
@@ -629,128 +630,6 @@ fn wait_all(
     Ok(worst)
 }
 
-/// Starts the job's runtime hub: nodes register there, `krun status` and `krun node` find
-/// the job through its directory.
-fn start_hub(
-    job: &Job,
-    placement: Option<&Placement>,
-    bind: IpAddr,
-    advertised: IpAddr,
-    secret: &ClusterSecret,
-) -> Result<Hub> {
-    let mode = match &job.nodes {
-        NodeSource::Local(_) => "local",
-        NodeSource::Slurm(_) => "slurm",
-        NodeSource::Hosts { .. } => "hosts",
-    };
-    let with_ranks = placement
-        .map(|p| {
-            (0..p.count.len())
-                .filter(|&n| p.count[n] > 0)
-                .map(|n| n as u32)
-                .collect()
-        })
-        .unwrap_or_default();
-    let ranks = placement.map_or(0, |p| p.total()) as u64;
-    Hub::start(bind, advertised, secret.clone(), mode, ranks, with_ranks)
-}
-
-/// How `krun node add` nodes are started while the job runs.
-struct AddedNodes {
-    starts: Option<mpsc::Receiver<NodeToStart>>,
-    secret: ClusterSecret,
-    /// The secret came from KRUN_SECRET_FILE (nodes read it themselves).
-    configured: bool,
-    hub_addr: SocketAddr,
-    wake: mpsc::Sender<()>,
-}
-
-impl AddedNodes {
-    /// Starts a joining krund: a child here, or through `n.host`'s `krund --listen` daemon.
-    fn start(
-        &self,
-        job: &Job,
-        n: NodeToStart,
-        forwarders: &mut Vec<std::thread::JoinHandle<()>>,
-    ) -> Result<NodeProc> {
-        let mut cmd = Command::new(&job.krund);
-        cmd.args(&n.args)
-            .arg("--runtime")
-            .arg(self.hub_addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if !self.configured {
-            cmd.env("KRUN_SECRET", self.secret.to_hex());
-        }
-        cmd.env("KRUN_JOB_ID", std::process::id().to_string());
-        for (key, v) in &job.env {
-            cmd.env(key, v);
-        }
-        let prefix = job.program.is_none().then(|| format!("[node {}] ", n.node));
-        let Some(host) = n.host else {
-            let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn {
-                program: job.krund.display().to_string(),
-                source: e,
-            })?;
-            forwarders.push(forward(
-                child.stdout.take().expect("piped"),
-                prefix.clone(),
-                false,
-                self.wake.clone(),
-            ));
-            forwarders.push(forward(
-                child.stderr.take().expect("piped"),
-                prefix,
-                true,
-                self.wake.clone(),
-            ));
-            return Ok(NodeProc::Child(child));
-        };
-        let configured = ClusterSecret::from_env()?;
-        let mut d = DaemonClient::connect(&host, Duration::from_secs(10), configured.as_ref())?;
-        let request = RunRequest {
-            args: cmd
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            env: cmd
-                .get_envs()
-                .filter_map(|(k, v)| {
-                    Some((
-                        k.to_string_lossy().into_owned(),
-                        v?.to_string_lossy().into_owned(),
-                    ))
-                })
-                .collect(),
-        };
-        daemon::write_frame(&mut d.stream, b'R', &request.encode()).map_err(|e| {
-            LauncherError::Node {
-                node: n.node as usize,
-                message: format!("host {host}: sending the node: {e}"),
-            }
-        })?;
-        let exit = Arc::new(Mutex::new(None));
-        let reader = d.stream.try_clone().map_err(|e| LauncherError::Io {
-            context: "cloning a daemon connection".into(),
-            source: e,
-        })?;
-        forwarders.push(forward_remote(
-            reader,
-            host.clone(),
-            format!("node {}", n.node),
-            prefix,
-            exit.clone(),
-            self.wake.clone(),
-        ));
-        Ok(NodeProc::Remote {
-            host,
-            control: Arc::new(Mutex::new(d.stream)),
-            exit,
-        })
-    }
-}
-
 /// Sends our stdin to a daemon (for its node's rank 0) as `I` frames; an empty one at EOF.
 /// Detached: a job that ends first simply leaves it blocked on our stdin.
 fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
@@ -770,7 +649,7 @@ fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
 
 /// Reads a daemon's frames for one node: output lines, then the exit code. A connection
 /// that ends without an exit code means the host or its daemon died.
-fn forward_remote(
+pub(crate) fn forward_remote(
     mut stream: TcpStream,
     host: String,
     what: String,
@@ -817,7 +696,7 @@ fn forward_remote(
 
 /// Copies a node's output to ours line by line (whole lines, so nodes never interleave
 /// inside a line), with an optional prefix.
-fn forward(
+pub(crate) fn forward(
     stream: impl Read + Send + 'static,
     prefix: Option<String>,
     is_err: bool,

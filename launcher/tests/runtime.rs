@@ -177,7 +177,7 @@ fn status_json_shows_the_epoch_members_and_every_rank_of_a_running_job() {
         assert!(out.contains(&format!("rank {r} done")), "{out}");
     }
     // Exits reach the table too, but the job directory is gone with the job.
-    let (code, _, err) = krun(&["status", "--job", &v["job"].as_str().unwrap().to_string()]);
+    let (code, _, err) = krun(&["status", "--job", v["job"].as_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("no running job"), "{err}");
 }

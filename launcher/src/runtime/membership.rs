@@ -180,10 +180,7 @@ pub fn adapt_err(e: adaptation::AdaptError) -> LauncherError {
 pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
     let shared = table.shared.clone();
     let mut handled_failures: BTreeSet<u64> = BTreeSet::new();
-    loop {
-        let Ok(event) = driver.events().recv() else {
-            break;
-        };
+    while let Ok(event) = driver.events().recv() {
         match event {
             DriverEvent::Response { id, payload } => {
                 if let Some(tx) = shared.waiters.lock().expect("waiters lock").remove(&id) {
