@@ -267,21 +267,26 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(code, 2);
     assert!(err.contains("\"x\" is not a node id"), "{err}");
 
-    let job = Job::start(2, 2);
-    job.status_when("2 running ranks", |v| all_running(v, 2));
+    let job = Job::start(4, 4);
+    job.status_when("4 running ranks", |v| all_running(v, 4));
     let (code, _, err) = job.krun(&["node", "drain", "7"]);
     assert_eq!(code, 2);
     assert!(err.contains("node 7 is not a node of this job"), "{err}");
-    // A plain program (no libghost) would need CRIU to move: refused before anything moves.
+    // The supervisors (the first three nodes) agree on changes and cannot leave.
     let (code, _, err) = job.krun(&["node", "drain", "1"]);
     assert_eq!(code, 2);
+    assert!(err.contains("node 1 is a supervisor"), "{err}");
+    // A plain program (no libghost) would need CRIU to move: refused before anything moves.
+    let (code, _, err) = job.krun(&["node", "drain", "3"]);
+    assert_eq!(code, 2);
     assert!(
-        err.contains("rank 1 (pid ") && err.contains("does not run ghost's native checkpointer"),
+        err.contains("rank 3 (pid ") && err.contains("does not run ghost's native checkpointer"),
         "{err}"
     );
-    let v = job.status_when("rank 1 still running on node 1", |v| all_running(v, 2));
-    assert_eq!(rows(&v)[1]["node"], 1);
-    assert_eq!(numbers(&v["status"]["members"]), [0, 1]);
+    let v = job.status_when("rank 3 still running on node 3", |v| all_running(v, 4));
+    assert_eq!(rows(&v)[3]["node"], 3);
+    assert_eq!(numbers(&v["status"]["members"]), [0, 1, 2, 3]);
+    assert_eq!(v["status"]["epoch"], 0);
     let (code, out, err) = job.finish();
     assert_eq!(code, 0, "{out}\n{err}");
 
