@@ -153,6 +153,14 @@ impl Hub {
     }
 }
 
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Ok(dir) = self.inner.dir.lock() {
+            dir.remove();
+        }
+    }
+}
+
 /// One node's registration link: its views, until it ends.
 fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
     let peer = s

@@ -73,7 +73,10 @@ impl JobDir {
     /// Creates the directory of this `krun`'s job and writes its secret.
     pub fn create(mode: &str, secret: &ClusterSecret) -> Result<JobDir> {
         let id = std::process::id().to_string();
-        let path = base_dir().join(format!("job-{id}"));
+        let base = base_dir();
+        private_dir(&base)?;
+        remove_stale_jobs(&base);
+        let path = base.join(format!("job-{id}"));
         private_dir(&path)?;
         let secret_path = path.join("secret");
         let _ = std::fs::remove_file(&secret_path);
@@ -120,15 +123,40 @@ impl JobDir {
     }
 }
 
-impl Drop for JobDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-        // The native checkpoints of the job's ranks on this host (see ranks::ghost_owner).
-        if std::env::var_os("KRUN_GHOST_OWNER").is_none() {
-            let ghost = std::env::var_os("KRUN_GHOST_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/dev/shm/krun-ghost"));
-            let _ = std::fs::remove_dir_all(ghost.join(format!("krun-job{}", self.info.id)));
+impl JobDir {
+    /// Removes the directory and the job's native checkpoints on this host (the job is
+    /// over). The hub calls it when the job ends; a killed krun leaves it to the next one.
+    pub fn remove(&self) {
+        remove_job(&self.path, &self.info.id);
+    }
+}
+
+fn remove_job(path: &Path, id: &str) {
+    let _ = std::fs::remove_dir_all(path);
+    // The native checkpoints of the job's ranks on this host (see ranks::ghost_owner).
+    if std::env::var_os("KRUN_GHOST_OWNER").is_none() {
+        let ghost = std::env::var_os("KRUN_GHOST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/dev/shm/krun-ghost"));
+        let _ = std::fs::remove_dir_all(ghost.join(format!("krun-job{id}")));
+    }
+}
+
+/// Removes the directories of jobs whose krun is gone.
+fn remove_stale_jobs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("job-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !alive(pid) {
+            remove_job(&e.path(), &pid.to_string());
         }
     }
 }
@@ -148,6 +176,8 @@ fn alive(pid: u32) -> bool {
 /// The running job `id`, or the only running job when `id` is `None`.
 pub fn find(id: Option<&str>) -> Result<FoundJob> {
     let base = base_dir();
+    // Only a directory of ours is trusted to name jobs, addresses and secrets.
+    private_dir(&base)?;
     let mut running = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&base) {
         for e in entries.flatten() {

@@ -141,6 +141,12 @@ impl JobStatus {
 pub fn query(job: Option<&str>, timeout: std::time::Duration) -> crate::error::Result<JobStatus> {
     use super::control::{call, ControlReply, ControlRequest, ControlTarget};
     let found = super::jobdir::find(job)?;
+    if found.info.nodes.is_empty() {
+        return Err(crate::LauncherError::Usage(format!(
+            "job {}: no node has registered yet (it is starting)",
+            found.info.id
+        )));
+    }
     let mut unreachable = Vec::new();
     for n in &found.info.nodes {
         let mut targets = Vec::new();
