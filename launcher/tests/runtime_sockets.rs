@@ -204,3 +204,74 @@ fn a_client_without_the_secret_is_refused_and_the_node_keeps_serving() {
     let reply = ask(&mut tcp, &secret, ControlRequest::Status);
     assert!(matches!(reply, ControlReply::Status(s) if s.ranks.len() == 1 && s.ranks[0].rank == 1));
 }
+
+#[test]
+fn ranks_that_use_the_fabric_are_refused_a_move_with_the_reason() {
+    let secret = ClusterSecret::random();
+    let rt = start(&secret, false);
+    let (runner, _commands) = std::sync::mpsc::channel();
+    rt.set_rank_commands(runner);
+    // Rank 0 is a process with libfabric loaded (a krund host daemon on a free port).
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_krund"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("KRUN_SECRET", secret.to_hex())
+        .env_remove("KRUN_SECRET_FILE")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let maps = format!("/proc/{}/maps", daemon.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("libfabric")) {
+        assert!(Instant::now() < deadline, "krund never mapped libfabric");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rt.rank_events()
+        .send(RankEvent::Started {
+            rank: 0,
+            pid: daemon.id(),
+        })
+        .unwrap();
+    // Rank 1 is a plain process that says hello through the rank socket, as the rank
+    // library does.
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    rt.rank_events()
+        .send(RankEvent::Started {
+            rank: 1,
+            pid: sleeper.id(),
+        })
+        .unwrap();
+    registered(&rt, 0);
+    registered(&rt, 1);
+    let hello = rank_says(
+        &rt,
+        &secret,
+        &[RankToNode::Hello {
+            rank: 1,
+            pid: sleeper.id(),
+        }],
+    );
+    assert_eq!(hello[0], NodeToRank::Ack);
+    let a = rt.addresses().clone();
+    for (rank, why) in [(0, "has libfabric loaded"), (1, "uses the rank library")] {
+        let mut tcp = TcpStream::connect(&a.control_tcp).unwrap();
+        let reply = ask(
+            &mut tcp,
+            &secret,
+            ControlRequest::MigrateOut {
+                rank,
+                dry_run: true,
+            },
+        );
+        let ControlReply::Refused(e) = reply else {
+            panic!("rank {rank}: {reply:?}")
+        };
+        assert!(e.contains(why) && e.contains("cannot be re-wired"), "{e}");
+    }
+    for p in [&mut sleeper, &mut daemon] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}

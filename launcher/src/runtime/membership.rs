@@ -34,6 +34,8 @@ pub struct Shared {
     pub rank_commands: Mutex<Option<Sender<crate::ranks::RankCommand>>>,
     /// Ranks were moved away from this node: it is being drained.
     pub drained: AtomicBool,
+    /// Ranks that said hello on the rank socket: they use the rank library (the fabric).
+    pub linked_ranks: Mutex<BTreeSet<u64>>,
 }
 
 impl Shared {
@@ -49,6 +51,7 @@ impl Shared {
             seq: AtomicU64::new(1),
             rank_commands: Mutex::new(None),
             drained: AtomicBool::new(false),
+            linked_ranks: Mutex::new(BTreeSet::new()),
         })
     }
 

@@ -39,6 +39,22 @@ fn ask(
         .map_err(|_| "the rank runner did not answer".to_string())?
 }
 
+/// Why `rank` counts as a fabric user, if it does: it said hello through the rank library,
+/// or libfabric is mapped in its process.
+fn uses_fabric(table: &TableClient, rank: u64, pid: i32) -> Option<&'static str> {
+    if table
+        .shared
+        .linked_ranks
+        .lock()
+        .expect("linked lock")
+        .contains(&rank)
+    {
+        return Some("uses the rank library");
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.contains("libfabric").then_some("has libfabric loaded")
+}
+
 /// Captures `rank` (running on this node) and ends it; `dry_run` only checks it could.
 pub fn out(table: &TableClient, me: NodeId, rank: u64, dry_run: bool) -> Result<String, String> {
     let tx = runner(table)?;
@@ -54,6 +70,12 @@ pub fn out(table: &TableClient, me: NodeId, rank: u64, dry_run: bool) -> Result<
         ));
     }
     let pid = row.pid as i32;
+    if let Some(why) = uses_fabric(table, rank, pid) {
+        return Err(format!(
+            "rank {rank} (pid {pid}) {why}: its fabric connections cannot be re-wired after a \
+             move yet"
+        ));
+    }
     match ghost::checkpointer::native_settings(pid) {
         Ok(Some(_)) => {}
         Ok(None) => {

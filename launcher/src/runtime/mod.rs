@@ -456,7 +456,16 @@ fn rank_message(
     msg: RankToNode,
 ) -> NodeToRank {
     match msg {
-        RankToNode::Hello { .. } | RankToNode::Exiting { .. } => NodeToRank::Ack,
+        RankToNode::Hello { rank, .. } => {
+            table
+                .shared
+                .linked_ranks
+                .lock()
+                .expect("linked lock")
+                .insert(u64::from(rank));
+            NodeToRank::Ack
+        }
+        RankToNode::Exiting { .. } => NodeToRank::Ack,
         RankToNode::Checkpointed {
             rank,
             version,
