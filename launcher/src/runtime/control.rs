@@ -249,7 +249,7 @@ pub fn serve<Req, Rep>(
             let mut session = match Session::server(&mut s, &secret, protocol) {
                 Ok(x) => x,
                 Err(e) => {
-                    eprintln!("krund: {who}: refused {peer}: {e}");
+                    eprintln!("{who}: refused {peer}: {e}");
                     return;
                 }
             };
@@ -262,7 +262,7 @@ pub fn serve<Req, Rep>(
                         return
                     }
                     Err(e) => {
-                        eprintln!("krund: {who}: closing {peer}: {e}");
+                        eprintln!("{who}: closing {peer}: {e}");
                         return;
                     }
                 };

@@ -117,7 +117,7 @@ impl Hub {
                 None,
                 secret,
                 Protocol::Runtime,
-                "krun socket",
+                "krun: job socket",
                 move |req: LauncherRequest| launcher_request(&inner, req),
             );
         }

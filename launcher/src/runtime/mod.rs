@@ -249,7 +249,7 @@ impl Bound {
                 Some(control_tcp),
                 cfg.secret.clone(),
                 Protocol::Runtime,
-                "control socket",
+                "krund: control socket",
                 move |req: ControlRequest| control_request(&table, &info, agent.as_deref(), req),
             );
         }
@@ -260,7 +260,7 @@ impl Bound {
                 None,
                 cfg.secret.clone(),
                 Protocol::Rank,
-                "rank socket",
+                "krund: rank socket",
                 move |msg: RankToNode| rank_message(&table, agent.as_deref(), msg),
             );
         }
