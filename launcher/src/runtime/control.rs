@@ -200,6 +200,15 @@ impl Write for Stream {
     }
 }
 
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
 impl ControlTarget {
     fn connect(&self, timeout: Duration) -> Result<Stream> {
         let io = |e: std::io::Error| LauncherError::Io {
@@ -246,6 +255,8 @@ pub fn serve<Req, Rep>(
               peer: String,
               secret: ClusterSecret,
               handler: std::sync::Arc<dyn Fn(Req) -> Rep + Send + Sync>| {
+            // A client gets 10 s to prove the secret; an authenticated session may idle.
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let mut session = match Session::server(&mut s, &secret, protocol) {
                 Ok(x) => x,
                 Err(e) => {
@@ -253,6 +264,7 @@ pub fn serve<Req, Rep>(
                     return;
                 }
             };
+            let _ = s.set_read_timeout(None);
             loop {
                 let req: Req = match session.rx.recv(&mut s) {
                     Ok(r) => r,
