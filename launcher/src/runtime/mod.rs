@@ -31,6 +31,7 @@ use fabric::wire::{Protocol, Session};
 use crate::error::{LauncherError, Result};
 use crate::ranks::RankEvent;
 
+pub mod agent;
 pub mod control;
 pub mod hub;
 pub mod jobdir;
