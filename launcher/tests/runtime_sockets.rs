@@ -36,7 +36,6 @@ impl CheckpointAgent for Agent {
         (
             vec![LevelUse {
                 level: 1,
-                images: 1,
                 bytes: 4096,
             }],
             vec![SafeCheckpoint {

@@ -8,13 +8,16 @@
 //!   another) and the rank socket (`KRUN_NODE_SOCKET`).
 //! - [`status`]: what `krun status` shows; [`jobdir`]: where a running job is found.
 //!
-//! # The checkpoint agent (agreed interface with the store)
-//! The store's checkpoint agent lives in `launcher/src/runtime/agent.rs` and implements
-//! [`CheckpointAgent`]; krund hands it to [`Bound::start`] through
+//! # The checkpoint agent
+//! The store's agent ([`agent::Agent`], `runtime/agent.rs`) plugs in as the runtime's
+//! [`CheckpointAgent`] through [`store_link::StoreAgent`], handed to [`Bound::start`] in
 //! [`RuntimeConfig::agent`]. When a rank reports `Checkpointed{rank, version, image, bytes}`
-//! on its node socket, the runtime calls [`CheckpointAgent::checkpointed`] and records the
-//! returned levels in the process table; `krun status` fills its store slots from
-//! [`CheckpointAgent::store_use`].
+//! on its node socket, the runtime calls [`CheckpointAgent::checkpointed`] (the image goes
+//! into the node's store; L1 when it returns) and records the version in the process table;
+//! the agent's later reports (L2 and slower) reach the table through
+//! [`Runtime::follow_agent`]; `krun status` fills its store slots from
+//! [`CheckpointAgent::store_use`]. krund does not start a store node yet, so its runtime runs
+//! without an agent: a reported checkpoint is recorded as known but safe nowhere.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -38,6 +41,7 @@ pub mod jobdir;
 pub mod membership;
 pub mod migrate;
 pub mod status;
+pub mod store_link;
 pub mod table;
 
 use control::{
@@ -154,6 +158,43 @@ impl Runtime {
     /// Connects the node's rank runner: ranks can now be moved in and out.
     pub fn set_rank_commands(&self, tx: Sender<crate::ranks::RankCommand>) {
         *self.shared.rank_commands.lock().expect("commands lock") = Some(tx);
+    }
+
+    /// Applies the store agent's reports to the process table (a version safe at a slower
+    /// level; a failed level is logged), until the agent ends.
+    pub fn follow_agent(&self, events: mpsc::Receiver<agent::AgentEvent>) {
+        let table = self.table.clone();
+        let me = self.node;
+        std::thread::spawn(move || {
+            for e in events {
+                match e {
+                    agent::AgentEvent::Safe {
+                        rank,
+                        version,
+                        level,
+                        ..
+                    } => {
+                        let op = TableOp::Checkpointed {
+                            version,
+                            levels: vec![store_link::level_number(level)],
+                        };
+                        if let Err(e) = table.request(u64::from(rank), &op, Duration::from_secs(30))
+                        {
+                            eprintln!("krund: node {me}: process table: {e}");
+                        }
+                    }
+                    agent::AgentEvent::Failed {
+                        rank,
+                        version,
+                        level,
+                        error,
+                    } => eprintln!(
+                        "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
+                        store_link::level_number(level)
+                    ),
+                }
+            }
+        });
     }
 
     /// Waits (at most `timeout`) until krun stops the node or the membership drops it.

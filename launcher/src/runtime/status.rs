@@ -15,11 +15,10 @@ pub struct ChangeInfo {
     pub node: NodeId,
 }
 
-/// Store use at one level (filled by the checkpoint store).
+/// Store use at one level on the node that answered (filled by the checkpoint store).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LevelUse {
     pub level: u8,
-    pub images: u64,
     pub bytes: u64,
 }
 
@@ -124,10 +123,7 @@ impl JobStatus {
             out += &format!("no row for rank(s) {:?}\n", s.unanswered);
         }
         for l in &s.store {
-            out += &format!(
-                "store L{}: {} image(s), {} bytes\n",
-                l.level, l.images, l.bytes
-            );
+            out += &format!("store L{}: {} bytes\n", l.level, l.bytes);
         }
         for c in &s.newest_safe {
             out += &format!("newest safe at L{}: v{}\n", c.level, c.version);
