@@ -1,6 +1,6 @@
 //! The checkpoint store's agent ([`super::agent::Agent`]) plugged into the runtime as its
 //! [`CheckpointAgent`]: a rank's `Checkpointed` puts the image into the node's store (L1
-//! when the call returns), the agent's later [`AgentEvent`]s (L2 and slower) reach the
+//! when the call returns), the agent's later [`super::agent::AgentEvent`]s (L2 and slower) reach the
 //! process table through [`super::Runtime::follow_agent`], and `krun status` gets the
 //! store's use per level and the newest version safe per level.
 use std::path::Path;
