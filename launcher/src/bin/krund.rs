@@ -258,28 +258,31 @@ fn run() -> Result<i32, LauncherError> {
             events: Some(runtime.rank_events()),
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
-        let code = launcher::ranks::run_share(&share)?;
-        runtime.finish();
-        if runtime.was_drained() {
-            // The node's ranks moved away; it leaves once the membership agreed on it.
-            if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
-                eprintln!(
-                    "krund: node {}: drained, but no leave was agreed in 60 s",
-                    args.node_id
-                );
+        let node_id = args.node_id;
+        let result = (|| {
+            let code = launcher::ranks::run_share(&share)?;
+            runtime.finish();
+            if runtime.was_drained() {
+                // The node's ranks moved away; it leaves once the membership agreed on it.
+                if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
+                    eprintln!("krund: node {node_id}: drained, but no leave was agreed in 60 s");
+                }
+                return Ok(code);
             }
-            return Ok(code);
-        }
-        // After a node left or failed, the initial nodes cannot all meet at the barrier.
-        if !runtime.membership_shrank() {
-            boot.barrier()?;
-        }
+            // After a node left or failed, the initial nodes cannot all meet at the barrier.
+            if !runtime.membership_shrank() {
+                boot.barrier()?;
+            }
+            Ok(code)
+        })();
+        // On every path: the process must not exit (and run libfabric's destructors) while
+        // the endpoint thread is still inside libfabric.
         match endpoint.join() {
             Ok(Ok(ep)) => drop(ep),
-            Ok(Err(e)) => eprintln!("krund: node {}: fabric endpoint: {e}", args.node_id),
-            Err(_) => eprintln!("krund: node {}: the fabric thread panicked", args.node_id),
+            Ok(Err(e)) => eprintln!("krund: node {node_id}: fabric endpoint: {e}"),
+            Err(_) => eprintln!("krund: node {node_id}: the fabric thread panicked"),
         }
-        return Ok(code);
+        return result;
     }
     let ep = fabric::open(&config)?;
     let report = exchange::run(ep.as_ref(), &mut boot)?;
