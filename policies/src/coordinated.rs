@@ -1,0 +1,1314 @@
+//! The coordinated checkpoint policy.
+//!
+//! **Checkpoint.** Every interval (fixed, or Daly's from the measured freeze and an MTBF), or
+//! on request: record `CheckpointStarted(N)`, synchronize every rank at a safe point, capture
+//! every rank as version N to the levels of this checkpoint (cadence: for example L1 and L2
+//! every time, L4 every 10th), release the ranks once all are captured, and commit N (record
+//! `Committed`) once every rank's image is safe at the commit level (L2 by default) or a more
+//! durable one. A capture or barrier failure, a rank's exit or a node failure before the
+//! commit aborts N everywhere (record `Aborted`), and the previous commit stays the recovery
+//! line.
+//!
+//! **Recovery.** When a failure takes ranks with it: pick the newest kept commit from which
+//! every rank has a valid copy (fastest first, as the store reports them), restart each lost
+//! rank as a new process (a recorded decision with a new incarnation) on a spare (all ranks of
+//! one failed node on one spare) or, with no spare left, on the least-loaded survivor (if the
+//! policy allows it), and roll every surviving rank back in place. Once every rank is back,
+//! release them all. A failure during a recovery re-plans it: work already done towards the
+//! same version on live nodes is kept, the rest is decided again (new incarnations fence the
+//! old decisions). With no commit yet, every rank restarts from the program's start. When no
+//! kept commit can be restored, or no node can host a lost rank, the job ends with an error
+//! naming what was lost.
+//!
+//! **Leader change.** A new leader builds the policy with [`Coordinated::resume`] from the
+//! [`Snapshot`]; its first act is a recovery to the recovery line (what the previous leader
+//! had in flight is unknown, so every rank goes back to the last commit).
+use crate::interval;
+use crate::policy::{Phase, Policy};
+use crate::primitives::{
+    AgreedView, Costs, Decision, DecisionId, DecisionKind, Epoch, Event, ImageCopy, Layout, Level,
+    Millis, NodeId, OpId, Rank, RankSlot, Reads, RequestSource, Snapshot, Version,
+};
+use crate::report::{Notice, NoticeKind, RestartGroup, Summary};
+use crate::{Action, PolicyError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// How often to checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum IntervalChoice {
+    /// Compute time between checkpoints.
+    Fixed { ms: Millis },
+    /// Daly's interval from the measured freeze and the job's MTBF; `initial_ms` until a
+    /// checkpoint has been measured.
+    Daly { mtbf_s: f64, initial_ms: Millis },
+    /// Only on request.
+    Never,
+}
+
+/// A level and how often a checkpoint goes there (every `every`-th checkpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelCadence {
+    pub level: Level,
+    pub every: u32,
+}
+
+/// Where lost ranks go when no spare is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoSpare {
+    /// On the least-loaded surviving node, up to `max_ranks_per_node` ranks per node
+    /// (`None`: no limit): the job continues on fewer nodes.
+    Survivors { max_ranks_per_node: Option<u32> },
+    /// End the job.
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub interval: IntervalChoice,
+    pub levels: Vec<LevelCadence>,
+    /// A checkpoint commits when every image is safe at this level (or a more durable one).
+    pub commit_level: Level,
+    /// Commits kept as possible recovery lines (the store may drop older versions).
+    pub keep_commits: usize,
+    pub no_spare: NoSpare,
+    /// Attempts to restart one rank within one recovery before the job ends.
+    pub max_restart_attempts: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            interval: IntervalChoice::Fixed { ms: 600_000 },
+            levels: vec![
+                LevelCadence {
+                    level: Level::L1,
+                    every: 1,
+                },
+                LevelCadence {
+                    level: Level::L2,
+                    every: 1,
+                },
+                LevelCadence {
+                    level: Level::L4,
+                    every: 10,
+                },
+            ],
+            commit_level: Level::L2,
+            keep_commits: 2,
+            no_spare: NoSpare::Survivors {
+                max_ranks_per_node: None,
+            },
+            max_restart_attempts: 3,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let bad = |s: String| Err(PolicyError::Config(s));
+        match self.interval {
+            IntervalChoice::Fixed { ms: 0 } => return bad("interval must be > 0 ms".into()),
+            IntervalChoice::Daly { mtbf_s, initial_ms } => {
+                if !(mtbf_s.is_finite() && mtbf_s > 0.0) {
+                    return bad(format!("daly: mtbf must be > 0 s, not {mtbf_s}"));
+                }
+                if initial_ms == 0 {
+                    return bad("daly: initial interval must be > 0 ms".into());
+                }
+            }
+            _ => {}
+        }
+        if let Some(c) = self.levels.iter().find(|c| c.every == 0) {
+            return bad(format!("level {}: every must be >= 1", c.level));
+        }
+        if !self
+            .levels
+            .iter()
+            .any(|c| c.every == 1 && c.level.covers(self.commit_level))
+        {
+            return bad(format!(
+                "commit level {} is not written at every checkpoint (levels: {})",
+                self.commit_level,
+                self.levels_text()
+            ));
+        }
+        if self.keep_commits == 0 {
+            return bad("keep_commits must be >= 1".into());
+        }
+        if self.max_restart_attempts == 0 {
+            return bad("max_restart_attempts must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    fn levels_text(&self) -> String {
+        self.levels
+            .iter()
+            .map(|c| {
+                if c.every == 1 {
+                    c.level.to_string()
+                } else {
+                    format!("{} every {}", c.level, c.every)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Commit {
+    version: Version,
+    /// When the ranks were released after the capture: work after it is lost on a rollback.
+    captured_at: Millis,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    Syncing,
+    Capturing,
+    /// Released; waiting for the images to be safe.
+    Flushing,
+}
+
+#[derive(Debug)]
+struct Ckpt {
+    version: Version,
+    op: OpId,
+    started_at: Millis,
+    released_at: Option<Millis>,
+    levels: Vec<Level>,
+    stage: Stage,
+    captured: BTreeSet<Rank>,
+    bytes: u64,
+    /// Levels safe per rank, and lost per rank.
+    safe: BTreeMap<Rank, BTreeSet<Level>>,
+    lost: BTreeMap<Rank, BTreeSet<Level>>,
+    level_timed: [bool; 4],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum RankState {
+    Rollback {
+        op: OpId,
+        version: Version,
+        source: Option<NodeId>,
+    },
+    Restart {
+        id: DecisionId,
+        node: NodeId,
+        version: Option<Version>,
+        source: Option<NodeId>,
+    },
+    /// Back at `version` and held.
+    Done { version: Option<Version> },
+    /// Its restart or rollback failed: it runs nowhere and must be restarted.
+    NeedsRestart,
+}
+
+#[derive(Debug)]
+struct Recovery {
+    epoch: Epoch,
+    failed: Vec<NodeId>,
+    version: Option<Version>,
+    started_at: Millis,
+    ranks: BTreeMap<Rank, RankState>,
+    restarted: BTreeSet<Rank>,
+    rolled_back: BTreeSet<Rank>,
+    attempts: BTreeMap<Rank, u32>,
+}
+
+#[derive(Debug)]
+enum State {
+    Running,
+    Checkpoint(Ckpt),
+    Recovery(Recovery),
+    Completed,
+    Ended,
+}
+
+/// The coordinated checkpoint policy (see the module doc).
+#[derive(Debug)]
+pub struct Coordinated {
+    cfg: Config,
+    leader: NodeId,
+    view: AgreedView,
+    slots: Vec<RankSlot>,
+    spares: BTreeSet<NodeId>,
+    exited: BTreeSet<Rank>,
+    commits: VecDeque<Commit>,
+    next_version: Version,
+    started: u64,
+    next_op: u64,
+    next_decision: u64,
+    state: State,
+    next_checkpoint_at: Option<Millis>,
+    pending_request: Option<RequestSource>,
+    costs: Costs,
+    summary: Summary,
+    /// Work before this instant is not lost by a rollback (the newest recovery or capture).
+    progress_mark: Millis,
+    /// Set by `resume`: the first event starts a recovery.
+    takeover: bool,
+}
+
+impl Coordinated {
+    /// A policy for a job that starts now with `layout`, run by `leader`.
+    pub fn new(
+        cfg: Config,
+        leader: NodeId,
+        layout: &Layout,
+        view: AgreedView,
+        now: Millis,
+    ) -> Result<Coordinated, PolicyError> {
+        cfg.validate()?;
+        if layout.ranks.is_empty() {
+            return Err(PolicyError::Config("the job has no rank".into()));
+        }
+        if let Some((r, n)) = layout
+            .ranks
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !view.contains(**n))
+        {
+            return Err(PolicyError::Config(format!(
+                "rank {r} is placed on node {n}, which is not in the view"
+            )));
+        }
+        let slots = layout
+            .ranks
+            .iter()
+            .map(|&node| RankSlot {
+                node,
+                incarnation: 0,
+            })
+            .collect();
+        let mut p = Coordinated {
+            cfg,
+            leader,
+            view,
+            slots,
+            spares: layout.spares.iter().copied().collect(),
+            exited: BTreeSet::new(),
+            commits: VecDeque::new(),
+            next_version: 1,
+            started: 0,
+            next_op: 0,
+            next_decision: 0,
+            state: State::Running,
+            next_checkpoint_at: None,
+            pending_request: None,
+            costs: Costs::default(),
+            summary: Summary::default(),
+            progress_mark: now,
+            takeover: false,
+        };
+        p.next_checkpoint_at = p.interval_ms().map(|t| now + t);
+        Ok(p)
+    }
+
+    /// A policy for a new leader, from what the previous one left recorded.
+    pub fn resume(
+        cfg: Config,
+        leader: NodeId,
+        snapshot: &Snapshot,
+        now: Millis,
+    ) -> Result<Coordinated, PolicyError> {
+        let layout = Layout {
+            ranks: snapshot.ranks.iter().map(|s| s.node).collect(),
+            spares: snapshot.spares.clone(),
+        };
+        // Ranks may sit on failed nodes: build against a view holding them, then set the view.
+        let mut all = snapshot.view.nodes.clone();
+        all.extend(layout.ranks.iter().copied());
+        let mut p = Coordinated::new(
+            cfg,
+            leader,
+            &layout,
+            AgreedView::new(snapshot.view.epoch, all),
+            now,
+        )?;
+        p.view = snapshot.view.clone();
+        p.slots = snapshot.ranks.clone();
+        for d in &snapshot.decisions {
+            if d.id.leader == leader {
+                p.next_decision = p.next_decision.max(d.id.seq + 1);
+            }
+            match &d.kind {
+                DecisionKind::CheckpointStarted { version }
+                | DecisionKind::Aborted { version, .. } => {
+                    p.next_version = p.next_version.max(version + 1);
+                }
+                DecisionKind::Committed { version, .. } => {
+                    p.next_version = p.next_version.max(version + 1);
+                    p.push_commit(Commit {
+                        version: *version,
+                        captured_at: now,
+                    });
+                    p.started += 1;
+                }
+                DecisionKind::Restart {
+                    rank,
+                    incarnation,
+                    node,
+                    ..
+                } => {
+                    if let Some(slot) = p.slots.get_mut(*rank as usize) {
+                        if *incarnation > slot.incarnation {
+                            *slot = RankSlot {
+                                node: *node,
+                                incarnation: *incarnation,
+                            };
+                        }
+                    }
+                }
+                DecisionKind::JobEnded { .. } => p.state = State::Ended,
+            }
+        }
+        p.takeover = !matches!(p.state, State::Ended);
+        Ok(p)
+    }
+
+    /// The ranks' current placement (the process table's view of it).
+    pub fn slots(&self) -> &[RankSlot] {
+        &self.slots
+    }
+
+    fn push_commit(&mut self, c: Commit) {
+        self.commits.push_back(c);
+        while self.commits.len() > self.cfg.keep_commits {
+            self.commits.pop_front();
+        }
+    }
+
+    fn interval_ms(&self) -> Option<Millis> {
+        match self.cfg.interval {
+            IntervalChoice::Fixed { ms } => Some(ms),
+            IntervalChoice::Never => None,
+            IntervalChoice::Daly { mtbf_s, initial_ms } => Some(
+                self.costs
+                    .freeze_seconds
+                    .filter(|d| *d > 0.0)
+                    .and_then(|d| interval::daly(d, mtbf_s).ok())
+                    .map(|t| ((t * 1000.0).round() as Millis).max(1))
+                    .unwrap_or(initial_ms),
+            ),
+        }
+    }
+
+    fn all_ranks(&self) -> Vec<Rank> {
+        (0..self.slots.len() as Rank).collect()
+    }
+
+    fn op(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId {
+            leader: self.leader,
+            seq: self.next_op,
+        }
+    }
+
+    fn decision(&mut self, kind: DecisionKind) -> Decision {
+        self.next_decision += 1;
+        Decision {
+            id: DecisionId {
+                epoch: self.view.epoch,
+                leader: self.leader,
+                seq: self.next_decision,
+            },
+            kind,
+        }
+    }
+
+    fn notice(now: Millis, kind: NoticeKind) -> Action {
+        Action::Notify(Notice { at: now, kind })
+    }
+
+    fn end(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
+        self.state = State::Ended;
+        let d = self.decision(DecisionKind::JobEnded {
+            error: Some(error.to_string()),
+        });
+        vec![
+            Action::Record(d),
+            Self::notice(
+                now,
+                NoticeKind::JobEnded {
+                    error: error.clone(),
+                },
+            ),
+            Action::EndJob { error: Some(error) },
+        ]
+    }
+
+    // ---- checkpoints -------------------------------------------------------------------
+
+    fn start_checkpoint(&mut self, now: Millis) -> Vec<Action> {
+        self.pending_request = None;
+        self.next_checkpoint_at = None;
+        let version = self.next_version;
+        self.next_version += 1;
+        self.started += 1;
+        let k = self.started;
+        let levels: Vec<Level> = Level::ALL
+            .into_iter()
+            .filter(|l| {
+                self.cfg
+                    .levels
+                    .iter()
+                    .any(|c| c.level == *l && k % u64::from(c.every) == 0)
+            })
+            .collect();
+        let op = self.op();
+        let started = self.decision(DecisionKind::CheckpointStarted { version });
+        self.state = State::Checkpoint(Ckpt {
+            version,
+            op,
+            started_at: now,
+            released_at: None,
+            levels,
+            stage: Stage::Syncing,
+            captured: BTreeSet::new(),
+            bytes: 0,
+            safe: BTreeMap::new(),
+            lost: BTreeMap::new(),
+            level_timed: [false; 4],
+        });
+        vec![
+            Action::Record(started),
+            Action::Synchronize {
+                op,
+                ranks: self.all_ranks(),
+            },
+        ]
+    }
+
+    /// Abandons the checkpoint in flight; releases the ranks if they are held.
+    fn abort(&mut self, now: Millis, reason: String, release: bool) -> Vec<Action> {
+        let State::Checkpoint(c) = std::mem::replace(&mut self.state, State::Running) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if c.released_at.is_none() {
+            self.summary.checkpoint_seconds += (now - c.started_at) as f64 / 1000.0;
+            if release {
+                out.push(Action::Release {
+                    ranks: self.all_ranks(),
+                });
+            }
+        }
+        self.summary.aborted += 1;
+        let d = self.decision(DecisionKind::Aborted {
+            version: c.version,
+            reason: reason.clone(),
+        });
+        out.push(Action::Record(d));
+        out.push(Self::notice(
+            now,
+            NoticeKind::CheckpointAborted {
+                version: c.version,
+                reason,
+                recovery_line: self.recovery_line(),
+            },
+        ));
+        self.next_checkpoint_at = self.interval_ms().map(|t| now + t);
+        out
+    }
+
+    fn on_captured(&mut self, now: Millis) -> Vec<Action> {
+        let n = self.slots.len();
+        let all = self.all_ranks();
+        let State::Checkpoint(c) = &mut self.state else {
+            return Vec::new();
+        };
+        if c.stage != Stage::Capturing || c.captured.len() < n {
+            return Vec::new();
+        }
+        c.stage = Stage::Flushing;
+        c.released_at = Some(now);
+        let freeze = (now - c.started_at) as f64 / 1000.0;
+        self.costs.observe_freeze(freeze);
+        self.summary.checkpoint_seconds += freeze;
+        let mut out = vec![Action::Release { ranks: all }];
+        out.extend(self.try_commit(now));
+        out
+    }
+
+    /// Commits the checkpoint in flight if every image is safe at the commit level; aborts
+    /// it if some rank can no longer get there.
+    fn try_commit(&mut self, now: Millis) -> Vec<Action> {
+        let n = self.slots.len();
+        let want = self.cfg.commit_level;
+        let State::Checkpoint(c) = &mut self.state else {
+            return Vec::new();
+        };
+        for l in Level::ALL {
+            let i = l as usize;
+            if !c.level_timed[i] && c.safe.len() == n && c.safe.values().all(|s| s.contains(&l)) {
+                c.level_timed[i] = true;
+                self.costs
+                    .observe_level(l, (now - c.started_at) as f64 / 1000.0);
+            }
+        }
+        let safe_at =
+            |s: Option<&BTreeSet<Level>>| s.is_some_and(|s| s.iter().any(|l| l.covers(want)));
+        let hopeless = (0..n as Rank).find(|r| {
+            !safe_at(c.safe.get(r))
+                && c.levels
+                    .iter()
+                    .filter(|l| l.covers(want))
+                    .all(|l| c.lost.get(r).is_some_and(|x| x.contains(l)))
+        });
+        if let Some(r) = hopeless {
+            let reason = format!("rank {r}'s image cannot be made safe at {want}");
+            return self.abort(now, reason, true);
+        }
+        if c.stage != Stage::Flushing || !(0..n as Rank).all(|r| safe_at(c.safe.get(&r))) {
+            return Vec::new();
+        }
+        let (version, bytes, started_at, released_at) = (
+            c.version,
+            c.bytes,
+            c.started_at,
+            c.released_at.unwrap_or(now),
+        );
+        let freeze = (released_at - started_at) as f64 / 1000.0;
+        self.state = State::Running;
+        self.push_commit(Commit {
+            version,
+            captured_at: released_at,
+        });
+        self.progress_mark = self.progress_mark.max(released_at);
+        self.summary.checkpoints += 1;
+        self.summary.checkpoint_bytes += bytes;
+        let d = self.decision(DecisionKind::Committed {
+            version,
+            level: want,
+        });
+        self.next_checkpoint_at = if self.pending_request.is_some() {
+            Some(now)
+        } else {
+            self.interval_ms().map(|t| released_at + t)
+        };
+        vec![
+            Action::Record(d),
+            Self::notice(
+                now,
+                NoticeKind::CheckpointCommitted {
+                    version,
+                    level: want,
+                    ranks: n as u32,
+                    bytes,
+                    freeze_seconds: freeze,
+                    seconds: (now - started_at) as f64 / 1000.0,
+                },
+            ),
+        ]
+    }
+
+    // ---- failures and recovery ----------------------------------------------------------
+
+    fn alive(&self, node: NodeId) -> bool {
+        self.view.contains(node)
+    }
+
+    fn on_failure(
+        &mut self,
+        now: Millis,
+        epoch: Epoch,
+        failed: Vec<NodeId>,
+        view: AgreedView,
+        reads: &dyn Reads,
+    ) -> Vec<Action> {
+        if view.epoch >= self.view.epoch {
+            self.view = view;
+        }
+        let failed: Vec<NodeId> = failed.into_iter().filter(|n| !self.alive(*n)).collect();
+        for n in &failed {
+            self.spares.remove(n);
+        }
+        self.summary.failures += failed.len() as u32;
+        let mut out = Vec::new();
+        if self.takeover {
+            self.takeover = false;
+            out.push(Self::notice(
+                now,
+                NoticeKind::Takeover {
+                    leader: self.leader,
+                    epoch,
+                },
+            ));
+            out.extend(self.recover(now, epoch, failed, reads));
+            return out;
+        }
+        if matches!(self.state, State::Completed | State::Ended) {
+            return out;
+        }
+        if self.view.nodes.is_empty() {
+            return self.end(now, PolicyError::AllNodesLost { failed });
+        }
+        let lost_ranks = self.slots.iter().any(|s| !self.alive(s.node));
+        let recovering = matches!(self.state, State::Recovery(_));
+        if lost_ranks || recovering {
+            out.extend(self.recover(now, epoch, failed, reads));
+            return out;
+        }
+        if failed.is_empty() {
+            return out;
+        }
+        out.push(Self::notice(
+            now,
+            NoticeKind::NodesLost {
+                epoch,
+                failed: failed.clone(),
+            },
+        ));
+        if matches!(self.state, State::Checkpoint(_)) {
+            let reason = format!("node(s) {failed:?} failed while it was taken");
+            out.extend(self.abort(now, reason, true));
+            self.pending_request = Some(RequestSource::Interval);
+            self.next_checkpoint_at = Some(now);
+        } else if let Some(line) = self.recovery_line() {
+            // The recovery line may have lost copies with the node: if some image is down to
+            // one copy, take a new checkpoint now.
+            if (0..self.slots.len() as Rank).any(|r| reads.copies(r, line).len() < 2) {
+                self.next_checkpoint_at = Some(now);
+            }
+        }
+        out
+    }
+
+    /// Plans (or re-plans) the recovery after the failure agreed at `epoch`.
+    fn recover(
+        &mut self,
+        now: Millis,
+        epoch: Epoch,
+        failed: Vec<NodeId>,
+        reads: &dyn Reads,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if matches!(self.state, State::Checkpoint(_)) {
+            let reason = if failed.is_empty() {
+                "the policy's leader changed".to_string()
+            } else {
+                format!(
+                    "node(s) {} failed while it was taken",
+                    failed
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            out.extend(self.abort(now, reason, false));
+        }
+        let prev = match std::mem::replace(&mut self.state, State::Running) {
+            State::Recovery(r) => Some(r),
+            _ => None,
+        };
+        let n = self.slots.len() as Rank;
+        let mut all_failed = prev.as_ref().map(|r| r.failed.clone()).unwrap_or_default();
+        for f in &failed {
+            if !all_failed.contains(f) {
+                all_failed.push(*f);
+            }
+        }
+        // The recovery line: the newest kept commit every rank has a copy of.
+        let version = if self.commits.is_empty() {
+            None
+        } else {
+            let found = self
+                .commits
+                .iter()
+                .rev()
+                .map(|c| c.version)
+                .find(|&v| (0..n).all(|r| !reads.copies(r, v).is_empty()));
+            match found {
+                Some(v) => Some(v),
+                None => {
+                    let newest = self.commits.back().map(|c| c.version).unwrap_or(0);
+                    let rank = (0..n)
+                        .find(|&r| reads.copies(r, newest).is_empty())
+                        .unwrap_or(0);
+                    out.extend(self.end(
+                        now,
+                        PolicyError::ImagesLost {
+                            rank,
+                            versions: self.commits.iter().map(|c| c.version).collect(),
+                            failed: all_failed,
+                            levels: self.cfg.levels_text(),
+                        },
+                    ));
+                    return out;
+                }
+            }
+        };
+        let mut rec = Recovery {
+            epoch,
+            failed: all_failed,
+            version,
+            started_at: prev.as_ref().map(|r| r.started_at).unwrap_or(now),
+            ranks: BTreeMap::new(),
+            restarted: prev
+                .as_ref()
+                .map(|r| r.restarted.clone())
+                .unwrap_or_default(),
+            rolled_back: prev
+                .as_ref()
+                .map(|r| r.rolled_back.clone())
+                .unwrap_or_default(),
+            attempts: prev
+                .as_ref()
+                .map(|r| r.attempts.clone())
+                .unwrap_or_default(),
+        };
+        let carried = prev.map(|r| r.ranks).unwrap_or_default();
+        let source_alive = |s: Option<NodeId>| s.map_or(true, |n| self.view.contains(n));
+        // Decide per rank: keep, roll back, or restart (placed below).
+        let mut to_place: BTreeMap<NodeId, Vec<Rank>> = BTreeMap::new();
+        let mut in_place: Vec<Rank> = Vec::new();
+        let mut rollbacks: Vec<(Rank, Version, ImageCopy)> = Vec::new();
+        for r in 0..n {
+            let slot = self.slots[r as usize];
+            if !self.alive(slot.node) {
+                to_place.entry(slot.node).or_default().push(r);
+                continue;
+            }
+            let keep = match carried.get(&r) {
+                Some(RankState::Done { version: v }) => *v == version,
+                Some(RankState::Rollback {
+                    version: v, source, ..
+                }) => Some(*v) == version && source_alive(*source),
+                Some(RankState::Restart {
+                    version: v, source, ..
+                }) => *v == version && source_alive(*source),
+                Some(RankState::NeedsRestart) | None => false,
+            };
+            if keep && !self.exited.contains(&r) {
+                rec.ranks.insert(r, carried[&r]);
+                continue;
+            }
+            let never_ran = matches!(
+                carried.get(&r),
+                Some(RankState::Restart { .. } | RankState::NeedsRestart)
+            );
+            match version {
+                Some(v) if !self.exited.contains(&r) && !never_ran => {
+                    // Survivors' rollback source: their fastest copy (L1 at home).
+                    let copy = reads.copies(r, v)[0];
+                    rollbacks.push((r, v, copy));
+                }
+                _ => in_place.push(r),
+            }
+        }
+        self.exited.clear();
+        // Place the lost ranks: one spare per failed node, else the least-loaded survivor.
+        let mut load: BTreeMap<NodeId, u32> =
+            self.view.nodes.iter().map(|&node| (node, 0)).collect();
+        for s in &self.slots {
+            if let Some(l) = load.get_mut(&s.node) {
+                *l += 1;
+            }
+        }
+        let mut placements: Vec<(Rank, NodeId, bool)> = Vec::new();
+        for (_, ranks) in to_place {
+            let spare = self
+                .spares
+                .iter()
+                .copied()
+                .find(|s| load.get(s) == Some(&0));
+            if let Some(s) = spare {
+                load.insert(s, ranks.len() as u32);
+                placements.extend(ranks.iter().map(|&r| (r, s, true)));
+                continue;
+            }
+            for r in ranks {
+                let cap = match self.cfg.no_spare {
+                    NoSpare::Fail => {
+                        let reason = "no spare node is left and the policy does not allow running on fewer nodes".to_string();
+                        out.extend(self.end(
+                            now,
+                            PolicyError::NoNode {
+                                ranks: vec![r],
+                                reason,
+                            },
+                        ));
+                        return out;
+                    }
+                    NoSpare::Survivors { max_ranks_per_node } => max_ranks_per_node,
+                };
+                let best = load
+                    .iter()
+                    .filter(|(_, l)| cap.map_or(true, |c| **l < c))
+                    .min_by_key(|(node, l)| (**l, **node))
+                    .map(|(node, _)| *node);
+                let Some(node) = best else {
+                    let reason = format!(
+                        "no spare node is left and every surviving node holds {} ranks (the maximum)",
+                        cap.unwrap_or(0)
+                    );
+                    out.extend(self.end(
+                        now,
+                        PolicyError::NoNode {
+                            ranks: vec![r],
+                            reason,
+                        },
+                    ));
+                    return out;
+                };
+                *load.entry(node).or_default() += 1;
+                placements.push((r, node, false));
+            }
+        }
+        for r in in_place {
+            placements.push((r, self.slots[r as usize].node, false));
+        }
+        placements.sort_by_key(|p| p.0);
+        // Restart decisions, recorded then executed.
+        let mut groups: Vec<RestartGroup> = Vec::new();
+        for (r, node, spare) in placements {
+            let source = version.map(|v| reads.copies(r, v)[0]);
+            let inc = self.slots[r as usize].incarnation + 1;
+            self.slots[r as usize] = RankSlot {
+                node,
+                incarnation: inc,
+            };
+            let d = self.decision(DecisionKind::Restart {
+                rank: r,
+                incarnation: inc,
+                node,
+                version,
+                source,
+                failure_epoch: epoch,
+            });
+            rec.ranks.insert(
+                r,
+                RankState::Restart {
+                    id: d.id,
+                    node,
+                    version,
+                    source: source.and_then(|s| s.node),
+                },
+            );
+            rec.restarted.insert(r);
+            self.summary.restarts += 1;
+            out.push(Action::Restart(d));
+            match groups.iter_mut().find(|g| {
+                g.node == node
+                    && g.source.map(|s| (s.level, s.node)) == source.map(|s| (s.level, s.node))
+            }) {
+                Some(g) => {
+                    g.ranks.push(r);
+                    if let (Some(gs), Some(s)) = (g.source.as_mut(), source) {
+                        gs.bytes += s.bytes;
+                    }
+                }
+                None => groups.push(RestartGroup {
+                    ranks: vec![r],
+                    node,
+                    spare,
+                    source,
+                }),
+            }
+        }
+        let mut rolled = Vec::new();
+        for (r, v, copy) in rollbacks {
+            let op = self.op();
+            rec.ranks.insert(
+                r,
+                RankState::Rollback {
+                    op,
+                    version: v,
+                    source: copy.node,
+                },
+            );
+            rec.rolled_back.insert(r);
+            self.summary.rollbacks += 1;
+            rolled.push(r);
+            out.push(Action::Rollback {
+                op,
+                rank: r,
+                version: v,
+                source: copy,
+            });
+        }
+        if !groups.is_empty() || !rolled.is_empty() {
+            out.push(Self::notice(
+                now,
+                NoticeKind::RecoveryPlanned {
+                    epoch,
+                    failed: if failed.is_empty() {
+                        rec.failed.clone()
+                    } else {
+                        failed
+                    },
+                    version,
+                    restarts: groups,
+                    rollbacks: rolled,
+                },
+            ));
+        }
+        self.state = State::Recovery(rec);
+        out.extend(self.try_finish_recovery(now));
+        out
+    }
+
+    fn try_finish_recovery(&mut self, now: Millis) -> Vec<Action> {
+        let State::Recovery(rec) = &self.state else {
+            return Vec::new();
+        };
+        if !rec
+            .ranks
+            .values()
+            .all(|s| matches!(s, RankState::Done { .. }))
+        {
+            return Vec::new();
+        }
+        let captured_at = rec
+            .version
+            .and_then(|v| self.commits.iter().find(|c| c.version == v))
+            .map(|c| c.captured_at)
+            .unwrap_or(0);
+        let lost = now.saturating_sub(captured_at.max(self.progress_mark));
+        let notice = NoticeKind::Recovered {
+            epoch: rec.epoch,
+            restarted: rec.restarted.iter().copied().collect(),
+            rolled_back: rec.rolled_back.iter().copied().collect(),
+            seconds: (now - rec.started_at) as f64 / 1000.0,
+        };
+        self.summary.lost_seconds += lost as f64 / 1000.0;
+        self.summary.recoveries += 1;
+        self.progress_mark = now;
+        self.state = State::Running;
+        self.next_checkpoint_at = if self.pending_request.is_some() {
+            Some(now)
+        } else {
+            self.interval_ms().map(|t| now + t)
+        };
+        vec![
+            Action::Release {
+                ranks: self.all_ranks(),
+            },
+            Self::notice(now, notice),
+        ]
+    }
+
+    fn on_restart_result(
+        &mut self,
+        now: Millis,
+        decision: DecisionId,
+        rank: Rank,
+        result: Result<f64, String>,
+        reads: &dyn Reads,
+    ) -> Vec<Action> {
+        let State::Recovery(rec) = &mut self.state else {
+            return Vec::new();
+        };
+        let Some(RankState::Restart {
+            id, node, version, ..
+        }) = rec.ranks.get(&rank).copied()
+        else {
+            return Vec::new();
+        };
+        if id != decision {
+            return Vec::new();
+        }
+        match result {
+            Ok(seconds) => {
+                self.costs.observe_restart(seconds);
+                rec.ranks.insert(rank, RankState::Done { version });
+                self.try_finish_recovery(now)
+            }
+            Err(reason) => {
+                let attempts = rec.attempts.entry(rank).or_default();
+                *attempts += 1;
+                let attempts = *attempts;
+                rec.ranks.insert(rank, RankState::NeedsRestart);
+                let epoch = rec.epoch;
+                let mut out = vec![Self::notice(
+                    now,
+                    NoticeKind::RestartFailed {
+                        rank,
+                        node,
+                        reason: reason.clone(),
+                    },
+                )];
+                if attempts >= self.cfg.max_restart_attempts {
+                    out.extend(self.end(
+                        now,
+                        PolicyError::RestartFailed {
+                            rank,
+                            attempts,
+                            reason,
+                        },
+                    ));
+                    return out;
+                }
+                out.extend(self.recover(now, epoch, Vec::new(), reads));
+                out
+            }
+        }
+    }
+
+    fn on_rollback_result(
+        &mut self,
+        now: Millis,
+        op: OpId,
+        rank: Rank,
+        result: Result<Version, String>,
+        reads: &dyn Reads,
+    ) -> Vec<Action> {
+        let State::Recovery(rec) = &mut self.state else {
+            return Vec::new();
+        };
+        let Some(RankState::Rollback { op: want, .. }) = rec.ranks.get(&rank).copied() else {
+            return Vec::new();
+        };
+        if want != op {
+            return Vec::new();
+        }
+        match result {
+            Ok(version) => {
+                rec.ranks.insert(
+                    rank,
+                    RankState::Done {
+                        version: Some(version),
+                    },
+                );
+                self.try_finish_recovery(now)
+            }
+            Err(reason) => {
+                // Restart it in place instead.
+                let epoch = rec.epoch;
+                let node = self.slots[rank as usize].node;
+                rec.ranks.insert(rank, RankState::NeedsRestart);
+                let mut out = vec![Self::notice(
+                    now,
+                    NoticeKind::RestartFailed {
+                        rank,
+                        node,
+                        reason: format!("rollback failed ({reason}); restarting it in place"),
+                    },
+                )];
+                out.extend(self.recover(now, epoch, Vec::new(), reads));
+                out
+            }
+        }
+    }
+
+    fn on_exit(&mut self, now: Millis, rank: Rank, code: i32) -> Vec<Action> {
+        if (rank as usize) >= self.slots.len()
+            || matches!(self.state, State::Completed | State::Ended)
+        {
+            return Vec::new();
+        }
+        if code != 0 {
+            return self.end(now, PolicyError::RankFailed { rank, code });
+        }
+        self.exited.insert(rank);
+        self.next_checkpoint_at = None;
+        let mut out = Vec::new();
+        if let State::Checkpoint(c) = &self.state {
+            if !c.captured.contains(&rank) || c.stage == Stage::Flushing {
+                let reason = format!("rank {rank} exited");
+                out.extend(self.abort(now, reason, true));
+                self.next_checkpoint_at = None;
+            }
+        }
+        if self.exited.len() == self.slots.len() && matches!(self.state, State::Running) {
+            self.state = State::Completed;
+            let d = self.decision(DecisionKind::JobEnded { error: None });
+            out.push(Action::Record(d));
+            out.push(Self::notice(now, NoticeKind::JobCompleted));
+            out.push(Action::EndJob { error: None });
+        }
+        out
+    }
+
+    fn maybe_start(&mut self, now: Millis) -> Vec<Action> {
+        if !matches!(self.state, State::Running) || !self.exited.is_empty() {
+            return Vec::new();
+        }
+        let due = self.next_checkpoint_at.is_some_and(|t| t <= now);
+        if due || self.pending_request.is_some() {
+            self.start_checkpoint(now)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+impl Policy for Coordinated {
+    fn name(&self) -> &'static str {
+        "coordinated"
+    }
+
+    fn on_event(&mut self, now: Millis, event: Event, reads: &dyn Reads) -> Vec<Action> {
+        if matches!(self.state, State::Completed | State::Ended) {
+            return Vec::new();
+        }
+        if self.takeover && !matches!(event, Event::FailureAgreed { .. }) {
+            // The previous leader's operations are unknown: back to the recovery line.
+            self.takeover = false;
+            let epoch = self.view.epoch;
+            let mut out = vec![Self::notice(
+                now,
+                NoticeKind::Takeover {
+                    leader: self.leader,
+                    epoch,
+                },
+            )];
+            out.extend(self.recover(now, epoch, Vec::new(), reads));
+            return out;
+        }
+        let mut out = match event {
+            Event::Tick => Vec::new(),
+            Event::CheckpointRequest { source } => {
+                if !matches!(self.state, State::Checkpoint(_)) {
+                    self.pending_request = Some(source);
+                }
+                Vec::new()
+            }
+            Event::FailureAgreed {
+                epoch,
+                failed,
+                view,
+            } => self.on_failure(now, epoch, failed, view, reads),
+            Event::NodeJoined { epoch, node, view } => {
+                if view.epoch >= self.view.epoch {
+                    self.view = view;
+                }
+                if self.view.contains(node) && !self.slots.iter().any(|s| s.node == node) {
+                    self.spares.insert(node);
+                }
+                vec![Self::notice(now, NoticeKind::NodeJoined { epoch, node })]
+            }
+            Event::Synchronized { op } => match &mut self.state {
+                State::Checkpoint(c) if c.op == op && c.stage == Stage::Syncing => {
+                    c.stage = Stage::Capturing;
+                    let (version, levels) = (c.version, c.levels.clone());
+                    (0..self.slots.len() as Rank)
+                        .map(|rank| Action::Capture {
+                            op,
+                            rank,
+                            version,
+                            levels: levels.clone(),
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            },
+            Event::SyncFailed { op, reason } => match &self.state {
+                State::Checkpoint(c) if c.op == op => {
+                    self.abort(now, format!("the barrier failed: {reason}"), true)
+                }
+                _ => Vec::new(),
+            },
+            Event::CaptureDone {
+                op,
+                rank,
+                version,
+                bytes,
+                ..
+            } => match &mut self.state {
+                State::Checkpoint(c)
+                    if c.op == op && c.version == version && c.stage == Stage::Capturing =>
+                {
+                    if c.captured.insert(rank) {
+                        c.bytes += bytes;
+                    }
+                    self.on_captured(now)
+                }
+                _ => Vec::new(),
+            },
+            Event::CaptureFailed {
+                op,
+                rank,
+                version,
+                reason,
+            } => match &self.state {
+                State::Checkpoint(c) if c.op == op && c.version == version => self.abort(
+                    now,
+                    format!("capture of rank {rank} failed: {reason}"),
+                    true,
+                ),
+                _ => Vec::new(),
+            },
+            Event::LevelSafe {
+                rank,
+                version,
+                level,
+            } => match &mut self.state {
+                State::Checkpoint(c) if c.version == version => {
+                    c.safe.entry(rank).or_default().insert(level);
+                    self.try_commit(now)
+                }
+                _ => Vec::new(),
+            },
+            Event::LevelLost {
+                rank,
+                version,
+                level,
+            } => match &mut self.state {
+                State::Checkpoint(c) if c.version == version => {
+                    c.lost.entry(rank).or_default().insert(level);
+                    if let Some(s) = c.safe.get_mut(&rank) {
+                        s.remove(&level);
+                    }
+                    self.try_commit(now)
+                }
+                _ => Vec::new(),
+            },
+            Event::RestartDone {
+                decision,
+                rank,
+                seconds,
+                ..
+            } => self.on_restart_result(now, decision, rank, Ok(seconds), reads),
+            Event::RestartFailed {
+                decision,
+                rank,
+                reason,
+            } => self.on_restart_result(now, decision, rank, Err(reason), reads),
+            Event::RollbackDone {
+                op, rank, version, ..
+            } => self.on_rollback_result(now, op, rank, Ok(version), reads),
+            Event::RollbackFailed { op, rank, reason } => {
+                self.on_rollback_result(now, op, rank, Err(reason), reads)
+            }
+            Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
+        };
+        out.extend(self.maybe_start(now));
+        out
+    }
+
+    fn next_deadline(&self) -> Option<Millis> {
+        match self.state {
+            State::Running if self.exited.is_empty() => self.next_checkpoint_at,
+            _ => None,
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::Running => Phase::Running,
+            State::Checkpoint(_) => Phase::Checkpointing,
+            State::Recovery(_) => Phase::Recovering,
+            State::Completed => Phase::Completed,
+            State::Ended => Phase::Ended,
+        }
+    }
+
+    fn recovery_line(&self) -> Option<Version> {
+        self.commits.back().map(|c| c.version)
+    }
+
+    fn costs(&self) -> &Costs {
+        &self.costs
+    }
+
+    fn summary(&self) -> Summary {
+        self.summary.clone()
+    }
+}
