@@ -217,6 +217,8 @@ struct Recovery {
     restarted: BTreeSet<Rank>,
     rolled_back: BTreeSet<Rank>,
     attempts: BTreeMap<Rank, u32>,
+    /// Nodes a fetch failed from during this recovery (not used as sources again).
+    suspects: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -251,6 +253,9 @@ pub struct Coordinated {
     progress_mark: Millis,
     /// Set by `resume`: the first event starts a recovery.
     takeover: bool,
+    /// Set by `resume`: ranks decided for a restart that never registered (they may run
+    /// nowhere), restarted again by the first recovery.
+    unconfirmed: BTreeSet<Rank>,
 }
 
 impl Coordinated {
@@ -303,6 +308,7 @@ impl Coordinated {
             summary: Summary::default(),
             progress_mark: now,
             takeover: false,
+            unconfirmed: BTreeSet::new(),
         };
         p.next_checkpoint_at = p.interval_ms().map(|t| now + t);
         Ok(p)
@@ -360,6 +366,7 @@ impl Coordinated {
                                 node: *node,
                                 incarnation: *incarnation,
                             };
+                            p.unconfirmed.insert(*rank);
                         }
                     }
                 }
@@ -714,6 +721,17 @@ impl Coordinated {
                 all_failed.push(*f);
             }
         }
+        let suspects: BTreeSet<NodeId> = prev
+            .as_ref()
+            .map(|r| r.suspects.clone())
+            .unwrap_or_default();
+        let copies = |r: Rank, v: Version| -> Vec<ImageCopy> {
+            reads
+                .copies(r, v)
+                .into_iter()
+                .filter(|c| c.node.map_or(true, |n| !suspects.contains(&n)))
+                .collect()
+        };
         // The recovery line: the newest kept commit every rank has a copy of.
         let version = if self.commits.is_empty() {
             None
@@ -723,13 +741,13 @@ impl Coordinated {
                 .iter()
                 .rev()
                 .map(|c| c.version)
-                .find(|&v| (0..n).all(|r| !reads.copies(r, v).is_empty()));
+                .find(|&v| (0..n).all(|r| !copies(r, v).is_empty()));
             match found {
                 Some(v) => Some(v),
                 None => {
                     let newest = self.commits.back().map(|c| c.version).unwrap_or(0);
                     let rank = (0..n)
-                        .find(|&r| reads.copies(r, newest).is_empty())
+                        .find(|&r| copies(r, newest).is_empty())
                         .unwrap_or(0);
                     out.extend(self.end(
                         now,
@@ -758,12 +776,17 @@ impl Coordinated {
                 .as_ref()
                 .map(|r| r.rolled_back.clone())
                 .unwrap_or_default(),
-            attempts: prev
-                .as_ref()
-                .map(|r| r.attempts.clone())
-                .unwrap_or_default(),
+            // A new failure explains the failed attempts: count afresh.
+            attempts: match &prev {
+                Some(r) if failed.is_empty() => r.attempts.clone(),
+                _ => BTreeMap::new(),
+            },
+            suspects: suspects.clone(),
         };
-        let carried = prev.map(|r| r.ranks).unwrap_or_default();
+        let mut carried = prev.map(|r| r.ranks).unwrap_or_default();
+        for r in std::mem::take(&mut self.unconfirmed) {
+            carried.insert(r, RankState::NeedsRestart);
+        }
         let source_alive = |s: Option<NodeId>| s.map_or(true, |n| self.view.contains(n));
         // Decide per rank: keep, roll back, or restart (placed below).
         let mut to_place: BTreeMap<NodeId, Vec<Rank>> = BTreeMap::new();
@@ -796,7 +819,7 @@ impl Coordinated {
             match version {
                 Some(v) if !self.exited.contains(&r) && !never_ran => {
                     // Survivors' rollback source: their fastest copy (L1 at home).
-                    let copy = reads.copies(r, v)[0];
+                    let copy = copies(r, v)[0];
                     rollbacks.push((r, v, copy));
                 }
                 _ => in_place.push(r),
@@ -868,7 +891,7 @@ impl Coordinated {
         // Restart decisions, recorded then executed.
         let mut groups: Vec<RestartGroup> = Vec::new();
         for (r, node, spare) in placements {
-            let source = version.map(|v| reads.copies(r, v)[0]);
+            let source = version.map(|v| copies(r, v)[0]);
             let inc = self.slots[r as usize].incarnation + 1;
             self.slots[r as usize] = RankSlot {
                 node,
@@ -1024,6 +1047,12 @@ impl Coordinated {
                 let attempts = rec.attempts.entry(rank).or_default();
                 *attempts += 1;
                 let attempts = *attempts;
+                if let Some(RankState::Restart {
+                    source: Some(src), ..
+                }) = rec.ranks.get(&rank)
+                {
+                    rec.suspects.insert(*src);
+                }
                 rec.ranks.insert(rank, RankState::NeedsRestart);
                 let epoch = rec.epoch;
                 let mut out = vec![Self::notice(
@@ -1062,7 +1091,10 @@ impl Coordinated {
         let State::Recovery(rec) = &mut self.state else {
             return Vec::new();
         };
-        let Some(RankState::Rollback { op: want, .. }) = rec.ranks.get(&rank).copied() else {
+        let Some(RankState::Rollback {
+            op: want, source, ..
+        }) = rec.ranks.get(&rank).copied()
+        else {
             return Vec::new();
         };
         if want != op {
@@ -1082,6 +1114,7 @@ impl Coordinated {
                 // Restart it in place instead.
                 let epoch = rec.epoch;
                 let node = self.slots[rank as usize].node;
+                rec.suspects.extend(source);
                 rec.ranks.insert(rank, RankState::NeedsRestart);
                 let mut out = vec![Self::notice(
                     now,
