@@ -576,7 +576,13 @@ impl Sim {
             .find(|b| !self.agreed_dead.contains(b))
     }
 
-    fn fire(&mut self, step: Step, rank: Option<Rank>, target: Option<NodeId>, source: Option<NodeId>) {
+    fn fire(
+        &mut self,
+        step: Step,
+        rank: Option<Rank>,
+        target: Option<NodeId>,
+        source: Option<NodeId>,
+    ) {
         let mut fired = Vec::new();
         self.armed.retain_mut(|a| {
             let matches = match (a.step, step) {
@@ -660,8 +666,8 @@ impl Sim {
                 self.effect(rank, Effect::Capture(op, version, levels), d);
             }
             Action::Release { ranks } => {
-                let recovering = self.policy.phase() == Phase::Running
-                    && self.policy.summary().recoveries > 0;
+                let recovering =
+                    self.policy.phase() == Phase::Running && self.policy.summary().recoveries > 0;
                 if recovering {
                     self.fire(Step::RecoveryRelease, None, None, None);
                 } else {
@@ -804,9 +810,12 @@ impl Sim {
                 }
                 self.fire(Step::CkptCapture(0), Some(rank), None, None);
                 let set_start = p.node / PARITY_SET * PARITY_SET;
-                let parity_set: Vec<NodeId> = (set_start..(set_start + PARITY_SET).min(self.nodes)).collect();
-                let holder = (self.nodes >= 2 * PARITY_SET)
-                    .then(|| ((set_start / PARITY_SET + 1) * PARITY_SET) % (self.nodes / PARITY_SET * PARITY_SET));
+                let parity_set: Vec<NodeId> =
+                    (set_start..(set_start + PARITY_SET).min(self.nodes)).collect();
+                let holder = (self.nodes >= 2 * PARITY_SET).then(|| {
+                    ((set_start / PARITY_SET + 1) * PARITY_SET)
+                        % (self.nodes / PARITY_SET * PARITY_SET)
+                });
                 let bytes = 1 << 20;
                 self.store.insert(
                     (rank, version),
@@ -939,7 +948,12 @@ impl Sim {
                     );
                     return;
                 };
-                self.fire(Step::RestartUp, Some(rank), Some(node), source.and_then(|s| s.node));
+                self.fire(
+                    Step::RestartUp,
+                    Some(rank),
+                    Some(node),
+                    source.and_then(|s| s.node),
+                );
                 let c = self.created.entry((rank, failure_epoch)).or_default();
                 *c += 1;
                 if *c > 1 {
@@ -1074,7 +1088,11 @@ impl Sim {
                     let d = self.rng.gen_range(1..5);
                     self.push(
                         self.now + d,
-                        Ev::Deliver(Event::RankExited { rank: r, node, code: 0 }),
+                        Ev::Deliver(Event::RankExited {
+                            rank: r,
+                            node,
+                            code: 0,
+                        }),
                     );
                 }
             }
@@ -1125,7 +1143,9 @@ impl Sim {
                         self.fail(&format!("rank {r} has no process at the end"));
                     };
                     if p.incarnation != self.table[r].incarnation {
-                        self.fail(&format!("rank {r}'s process is not the registered incarnation"));
+                        self.fail(&format!(
+                            "rank {r}'s process is not the registered incarnation"
+                        ));
                     }
                     if p.state.step != STEPS || p.state.x != want[r] {
                         self.fail(&format!(
@@ -1143,7 +1163,7 @@ impl Sim {
                             let lost = (0..self.nranks as Rank).any(|r| {
                                 self.store
                                     .get(&(r, *v))
-                                    .map_or(true, |i| copies_of(i, &|n| self.alive(n)).is_empty())
+                                    .is_none_or(|i| copies_of(i, &|n| self.alive(n)).is_empty())
                             });
                             if !lost {
                                 self.fail(&format!(
@@ -1224,7 +1244,10 @@ fn coordinated_policy_survives_seeded_failure_schedules() {
             assert!(*n > 0, "no crash at step {}", STEP_NAMES[i]);
         }
         for kind in ["buddy-pair", "rank0-leader", "spare-exhaustion", "in-a-row"] {
-            assert!(total.crashes.get(kind).copied().unwrap_or(0) > 0, "no {kind} crash");
+            assert!(
+                total.crashes.get(kind).copied().unwrap_or(0) > 0,
+                "no {kind} crash"
+            );
         }
         assert!(total.takeovers > 0 && total.restarts > 0 && total.rollbacks > 0);
         assert!(total.aborted > 0 && total.committed > 0);
