@@ -25,8 +25,16 @@ pub enum PolicyError {
         failed: Vec<NodeId>,
         levels: String,
     },
-    #[error("no node can host {}: {reason}", ranks_phrase(ranks))]
-    NoNode { ranks: Vec<Rank>, reason: String },
+    #[error(
+        "no node can host {} after the loss of node(s) {}: {reason}",
+        ranks_phrase(ranks),
+        list(failed)
+    )]
+    NoNode {
+        ranks: Vec<Rank>,
+        failed: Vec<NodeId>,
+        reason: String,
+    },
     #[error("rank {rank} exited with code {code}")]
     RankFailed { rank: Rank, code: i32 },
     #[error("rank {rank} could not be restarted after {attempts} attempts: {reason}")]

@@ -249,6 +249,7 @@ impl Coordinated {
                             now,
                             PolicyError::NoNode {
                                 ranks: vec![r],
+                                failed: rec.failed.clone(),
                                 reason,
                             },
                         ));
@@ -270,6 +271,7 @@ impl Coordinated {
                         now,
                         PolicyError::NoNode {
                             ranks: vec![r],
+                            failed: rec.failed.clone(),
                             reason,
                         },
                     ));
