@@ -122,11 +122,17 @@ impl Coordinated {
             .as_ref()
             .map(|r| r.suspects.clone())
             .unwrap_or_default();
+        // Copies on nodes out of the view or that failed a fetch are not used, whatever the
+        // index still says.
+        let view = self.view.clone();
         let copies = |r: Rank, v: Version| -> Vec<ImageCopy> {
             reads
                 .copies(r, v)
                 .into_iter()
-                .filter(|c| c.node.is_none_or(|n| !suspects.contains(&n)))
+                .filter(|c| {
+                    c.node
+                        .is_none_or(|n| view.contains(n) && !suspects.contains(&n))
+                })
                 .collect()
         };
         // The recovery line: the newest kept commit every rank has a copy of.
