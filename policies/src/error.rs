@@ -1,5 +1,5 @@
 //! The crate's error: why a policy could not start, or why a job could not be restored.
-use crate::primitives::{ranks_phrase, NodeId, Rank, Version};
+use crate::primitives::{ranks_phrase, DecisionId, NodeId, Rank, Version};
 use serde::{Deserialize, Serialize};
 
 fn list<T: ToString>(xs: &[T]) -> String {
@@ -45,4 +45,12 @@ pub enum PolicyError {
     },
     #[error("every node of the job is lost (last failed: {})", list(failed))]
     AllNodesLost { failed: Vec<NodeId> },
+    /// A decision could not be written (this node no longer leads, for example).
+    #[error("decision {decision} was not recorded: {reason}")]
+    NotRecorded {
+        decision: DecisionId,
+        reason: String,
+    },
+    #[error("the policy and the runtime fed {events} events to each other in one call")]
+    Runaway { events: usize },
 }

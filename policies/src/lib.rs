@@ -7,9 +7,11 @@
 //!   safe; on a failure survivors roll back in place and lost ranks restart on a spare).
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
 //! - [`report`]: lines and a summary for users.
+//! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
 //! Every policy is tested in a seeded simulation (`tests/simulation.rs`).
 pub mod coordinated;
+pub mod engine;
 pub mod error;
 pub mod interval;
 pub mod policy;

@@ -629,7 +629,11 @@ fn a_new_leader_resumes_from_the_recorded_decisions() {
         decisions: job.records.clone(),
     };
     // Rank 0's copies were on nodes 0 and 1; its disk image remains.
-    job.idx.0.get_mut(&(0, v)).unwrap().push(copy(Level::L4, None));
+    job.idx
+        .0
+        .get_mut(&(0, v))
+        .unwrap()
+        .push(copy(Level::L4, None));
     let mut p = Coordinated::resume(cfg(), 2, &snapshot, 500).unwrap();
     assert_eq!(p.recovery_line(), Some(v));
     let out = p.on_event(

@@ -26,8 +26,8 @@
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
-    AgreedView, Costs, Decision, DecisionId, DecisionKind, Epoch, Event, Layout, Level, Millis,
-    NodeId, OpId, Rank, RankSlot, Reads, RequestSource, Snapshot, Version,
+    AgreedView, Costs, Decision, DecisionId, DecisionKind, Epoch, Event, ImageCopy, Layout, Level,
+    Millis, NodeId, OpId, Rank, RankSlot, Reads, RequestSource, Snapshot, Version,
 };
 use crate::report::{Notice, NoticeKind, Summary};
 use crate::{Action, PolicyError};
@@ -74,18 +74,21 @@ enum RankState {
     Rollback {
         op: OpId,
         version: Version,
-        source: Option<NodeId>,
+        source: ImageCopy,
     },
     Restart {
         id: DecisionId,
         node: NodeId,
         version: Option<Version>,
-        source: Option<NodeId>,
+        source: Option<ImageCopy>,
     },
     /// Back at `version` and held.
     Done { version: Option<Version> },
     /// Its restart or rollback failed: it runs nowhere and must be restarted.
     NeedsRestart,
+    /// As `NeedsRestart`, and its restart was put off once because every copy left had
+    /// failed a fetch: the next plan tries it anyway.
+    Deferred,
 }
 
 #[derive(Debug)]
@@ -98,8 +101,11 @@ struct Recovery {
     restarted: BTreeSet<Rank>,
     rolled_back: BTreeSet<Rank>,
     attempts: BTreeMap<Rank, u32>,
-    /// Nodes a fetch failed from during this recovery (not used as sources again).
-    suspects: BTreeSet<NodeId>,
+    /// Copies a fetch failed from during this recovery, (rank, level, node): other copies
+    /// are preferred.
+    suspects: BTreeSet<(Rank, Level, Option<NodeId>)>,
+    /// When to plan again the restarts deferred because every copy left had failed a fetch.
+    retry_at: Option<Millis>,
 }
 
 #[derive(Debug)]
@@ -561,7 +567,14 @@ impl Policy for Coordinated {
             return out;
         }
         let mut out = match event {
-            Event::Tick => Vec::new(),
+            Event::Tick => match &mut self.state {
+                State::Recovery(rec) if rec.retry_at.is_some_and(|t| t <= now) => {
+                    rec.retry_at = None;
+                    let epoch = rec.epoch;
+                    self.recover(now, epoch, Vec::new(), reads)
+                }
+                _ => Vec::new(),
+            },
             Event::CheckpointRequest { source } => {
                 if !matches!(self.state, State::Checkpoint(_)) {
                     self.pending_request = Some(source);
@@ -684,6 +697,7 @@ impl Policy for Coordinated {
     fn next_deadline(&self) -> Option<Millis> {
         match self.state {
             State::Running if self.exited.is_empty() => self.next_checkpoint_at,
+            State::Recovery(ref rec) => rec.retry_at,
             _ => None,
         }
     }

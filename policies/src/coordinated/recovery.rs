@@ -3,12 +3,15 @@
 use super::{Coordinated, NoSpare, RankState, Recovery, State};
 use crate::policy::Policy;
 use crate::primitives::{
-    AgreedView, DecisionId, DecisionKind, Epoch, ImageCopy, Millis, NodeId, OpId, Rank, RankSlot,
-    Reads, RequestSource, Version,
+    AgreedView, DecisionId, DecisionKind, Epoch, ImageCopy, Level, Millis, NodeId, OpId, Rank,
+    RankSlot, Reads, RequestSource, Version,
 };
 use crate::report::{NoticeKind, RestartGroup};
 use crate::{Action, PolicyError};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The first delay before a restart is tried again from a copy that already failed.
+const RETRY_MS: Millis = 100;
 
 impl Coordinated {
     // ---- failures and recovery ----------------------------------------------------------
@@ -118,22 +121,29 @@ impl Coordinated {
                 all_failed.push(*f);
             }
         }
-        let suspects: BTreeSet<NodeId> = prev
+        let suspects: BTreeSet<(Rank, Level, Option<NodeId>)> = prev
             .as_ref()
             .map(|r| r.suspects.clone())
             .unwrap_or_default();
-        // Copies on nodes out of the view or that failed a fetch are not used, whatever the
-        // index still says.
+        // Copies on nodes out of the view are not used, whatever the index still says;
+        // copies a fetch failed from are used only when nothing else is left.
         let view = self.view.clone();
         let copies = |r: Rank, v: Version| -> Vec<ImageCopy> {
-            reads
+            let all: Vec<ImageCopy> = reads
                 .copies(r, v)
                 .into_iter()
-                .filter(|c| {
-                    c.node
-                        .is_none_or(|n| view.contains(n) && !suspects.contains(&n))
-                })
-                .collect()
+                .filter(|c| c.node.is_none_or(|n| view.contains(n)))
+                .collect();
+            let good: Vec<ImageCopy> = all
+                .iter()
+                .copied()
+                .filter(|c| !suspects.contains(&(r, c.level, c.node)))
+                .collect();
+            if good.is_empty() {
+                all
+            } else {
+                good
+            }
         };
         // The recovery line: the newest kept commit every rank has a copy of.
         let version = if self.commits.is_empty() {
@@ -163,6 +173,8 @@ impl Coordinated {
                 }
             }
         };
+        let prev_retry = prev.as_ref().and_then(|r| r.retry_at);
+        let retry_due = prev_retry.is_none_or(|t| t <= now);
         let mut rec = Recovery {
             epoch,
             failed: all_failed,
@@ -183,12 +195,14 @@ impl Coordinated {
                 _ => BTreeMap::new(),
             },
             suspects: suspects.clone(),
+            retry_at: prev_retry.filter(|t| *t > now),
         };
         let mut carried = prev.map(|r| r.ranks).unwrap_or_default();
         for r in std::mem::take(&mut self.unconfirmed) {
             carried.insert(r, RankState::NeedsRestart);
         }
-        let source_alive = |s: Option<NodeId>| s.is_none_or(|n| self.view.contains(n));
+        let source_alive =
+            |s: Option<ImageCopy>| s.and_then(|c| c.node).is_none_or(|n| self.view.contains(n));
         // Decide per rank: keep, roll back, or restart (placed below).
         let mut to_place: BTreeMap<NodeId, Vec<Rank>> = BTreeMap::new();
         let mut in_place: Vec<Rank> = Vec::new();
@@ -203,11 +217,11 @@ impl Coordinated {
                 Some(RankState::Done { version: v }) => *v == version,
                 Some(RankState::Rollback {
                     version: v, source, ..
-                }) => Some(*v) == version && source_alive(*source),
+                }) => Some(*v) == version && source_alive(Some(*source)),
                 Some(RankState::Restart {
                     version: v, source, ..
                 }) => *v == version && source_alive(*source),
-                Some(RankState::NeedsRestart) | None => false,
+                Some(RankState::NeedsRestart | RankState::Deferred) | None => false,
             };
             if keep && !self.exited.contains(&r) {
                 rec.ranks.insert(r, carried[&r]);
@@ -215,7 +229,7 @@ impl Coordinated {
             }
             let never_ran = matches!(
                 carried.get(&r),
-                Some(RankState::Restart { .. } | RankState::NeedsRestart)
+                Some(RankState::Restart { .. } | RankState::NeedsRestart | RankState::Deferred)
             );
             match version {
                 Some(v) if !self.exited.contains(&r) && !never_ran => {
@@ -295,6 +309,19 @@ impl Coordinated {
         let mut groups: Vec<RestartGroup> = Vec::new();
         for (r, node, spare) in placements {
             let source = version.map(|v| copies(r, v)[0]);
+            let tried = rec.attempts.get(&r).copied().unwrap_or(0);
+            let deferred = matches!(carried.get(&r), Some(RankState::Deferred));
+            let all_failed_once = source.is_some_and(|c| suspects.contains(&(r, c.level, c.node)));
+            if tried > 0 && all_failed_once && (!deferred || !retry_due) {
+                // Every copy left already failed a fetch: its node is probably dead and not
+                // yet agreed. Try again later (or when the failure is agreed).
+                rec.ranks.insert(r, RankState::Deferred);
+                if !deferred {
+                    let at = now + (RETRY_MS << (tried - 1).min(6));
+                    rec.retry_at = Some(rec.retry_at.map_or(at, |t| t.min(at)));
+                }
+                continue;
+            }
             let inc = self.slots[r as usize].incarnation + 1;
             self.slots[r as usize] = RankSlot {
                 node,
@@ -314,7 +341,7 @@ impl Coordinated {
                     id: d.id,
                     node,
                     version,
-                    source: source.and_then(|s| s.node),
+                    source,
                 },
             );
             rec.restarted.insert(r);
@@ -346,7 +373,7 @@ impl Coordinated {
                 RankState::Rollback {
                     op,
                     version: v,
-                    source: copy.node,
+                    source: copy,
                 },
             );
             rec.rolled_back.insert(r);
@@ -454,7 +481,7 @@ impl Coordinated {
                     source: Some(src), ..
                 }) = rec.ranks.get(&rank)
                 {
-                    rec.suspects.insert(*src);
+                    rec.suspects.insert((rank, src.level, src.node));
                 }
                 rec.ranks.insert(rank, RankState::NeedsRestart);
                 let epoch = rec.epoch;
@@ -517,7 +544,7 @@ impl Coordinated {
                 // Restart it in place instead.
                 let epoch = rec.epoch;
                 let node = self.slots[rank as usize].node;
-                rec.suspects.extend(source);
+                rec.suspects.insert((rank, source.level, source.node));
                 rec.ranks.insert(rank, RankState::NeedsRestart);
                 let mut out = vec![Self::notice(
                     now,
