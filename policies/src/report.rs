@@ -1,6 +1,8 @@
 //! What users see: one [`Notice`] per event worth a line, and a [`Summary`] at the end. Both
 //! are data (serde) with a `Display` that krun prints.
-use crate::primitives::{ranks_phrase, Epoch, ImageCopy, Level, Millis, NodeId, Rank, Version};
+use crate::primitives::{
+    ranks_phrase, Epoch, ImageCopy, Level, Millis, NodeId, Rank, RequestSource, Version,
+};
 use crate::PolicyError;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -27,6 +29,8 @@ pub struct RestartGroup {
 pub enum NoticeKind {
     CheckpointCommitted {
         version: Version,
+        /// What asked for it.
+        source: RequestSource,
         level: Level,
         ranks: u32,
         bytes: u64,
@@ -143,16 +147,23 @@ impl fmt::Display for NoticeKind {
         match self {
             NoticeKind::CheckpointCommitted {
                 version,
+                source,
                 level,
                 ranks,
                 bytes,
                 freeze_seconds,
                 seconds,
-            } => write!(
-                f,
-                "checkpoint {version} committed: {ranks} ranks, {}, safe at {level} in {seconds:.2} s (ranks held {freeze_seconds:.2} s)",
-                human_bytes(*bytes)
-            ),
+            } => {
+                write!(f, "checkpoint {version} committed")?;
+                if *source != RequestSource::Interval {
+                    write!(f, " (asked by {source})")?;
+                }
+                write!(
+                    f,
+                    ": {ranks} ranks, {}, safe at {level} in {seconds:.2} s (ranks held {freeze_seconds:.2} s)",
+                    human_bytes(*bytes)
+                )
+            }
             NoticeKind::CheckpointAborted {
                 version,
                 reason,
@@ -184,7 +195,11 @@ impl fmt::Display for NoticeKind {
                     }
                 }
                 if !rollbacks.is_empty() {
-                    let verb = if rollbacks.len() == 1 { "rolls" } else { "roll" };
+                    let verb = if rollbacks.len() == 1 {
+                        "rolls"
+                    } else {
+                        "roll"
+                    };
                     write!(
                         f,
                         "; {} {verb} back to {}",

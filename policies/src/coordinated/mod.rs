@@ -56,6 +56,7 @@ enum Stage {
 #[derive(Debug)]
 struct Ckpt {
     version: Version,
+    source: RequestSource,
     op: OpId,
     started_at: Millis,
     released_at: Option<Millis>,
@@ -339,7 +340,10 @@ impl Coordinated {
     // ---- checkpoints -------------------------------------------------------------------
 
     fn start_checkpoint(&mut self, now: Millis) -> Vec<Action> {
-        self.pending_request = None;
+        let source = self
+            .pending_request
+            .take()
+            .unwrap_or(RequestSource::Interval);
         self.next_checkpoint_at = None;
         let version = self.next_version;
         self.next_version += 1;
@@ -358,6 +362,7 @@ impl Coordinated {
         let started = self.decision(DecisionKind::CheckpointStarted { version });
         self.state = State::Checkpoint(Ckpt {
             version,
+            source,
             op,
             started_at: now,
             released_at: None,
@@ -461,6 +466,7 @@ impl Coordinated {
         if c.stage != Stage::Flushing || !(0..n as Rank).all(|r| safe_at(c.safe.get(&r))) {
             return Vec::new();
         }
+        let source = c.source;
         let (version, bytes, started_at, released_at) = (
             c.version,
             c.bytes,
@@ -491,6 +497,7 @@ impl Coordinated {
                 now,
                 NoticeKind::CheckpointCommitted {
                     version,
+                    source,
                     level: want,
                     ranks: n as u32,
                     bytes,
