@@ -261,20 +261,32 @@ pub struct Summary {
     pub lost_seconds: f64,
 }
 
+fn count(n: u32, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} checkpoints", self.checkpoints)?;
+        write!(
+            f,
+            "{}",
+            count(self.checkpoints, "checkpoint", "checkpoints")
+        )?;
         if self.aborted > 0 {
             write!(f, " ({} aborted)", self.aborted)?;
         }
         write!(
             f,
-            ", {}, {:.2} s held in them; {} node failures, {} recoveries: {} ranks restarted, {} rolled back; {:.2} s lost",
+            ", {}, {:.2} s held in them; {}, {}: {} restarted, {} rolled back; {:.2} s lost",
             human_bytes(self.checkpoint_bytes),
             self.checkpoint_seconds,
-            self.failures,
-            self.recoveries,
-            self.restarts,
+            count(self.failures, "node failure", "node failures"),
+            count(self.recoveries, "recovery", "recoveries"),
+            count(self.restarts, "rank", "ranks"),
             self.rollbacks,
             self.lost_seconds
         )
@@ -326,8 +338,8 @@ mod tests {
         let text = s.to_string();
         assert_eq!(
             text,
-            "3 checkpoints (1 aborted), 3.0 MiB, 2.50 s held in them; 1 node failures, \
-             1 recoveries: 2 ranks restarted, 6 rolled back; 12.25 s lost"
+            "3 checkpoints (1 aborted), 3.0 MiB, 2.50 s held in them; 1 node failure, \
+             1 recovery: 2 ranks restarted, 6 rolled back; 12.25 s lost"
         );
     }
 

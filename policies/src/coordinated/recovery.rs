@@ -13,6 +13,14 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The first delay before a restart is tried again from a copy that already failed.
 const RETRY_MS: Millis = 100;
 
+fn node_list(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Coordinated {
     // ---- failures and recovery ----------------------------------------------------------
 
@@ -72,7 +80,7 @@ impl Coordinated {
             },
         ));
         if matches!(self.state, State::Checkpoint(_)) {
-            let reason = format!("node(s) {failed:?} failed while it was taken");
+            let reason = format!("node(s) {} failed while it was taken", node_list(&failed));
             out.extend(self.abort(now, reason, true));
             self.pending_request = Some(RequestSource::Interval);
             self.next_checkpoint_at = Some(now);
@@ -99,14 +107,7 @@ impl Coordinated {
             let reason = if failed.is_empty() {
                 "the policy's leader changed".to_string()
             } else {
-                format!(
-                    "node(s) {} failed while it was taken",
-                    failed
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                format!("node(s) {} failed while it was taken", node_list(&failed))
             };
             out.extend(self.abort(now, reason, false));
         }
