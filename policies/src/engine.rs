@@ -469,6 +469,16 @@ mod tests {
     }
 
     #[test]
+    fn a_boxed_policy_drives_the_engine() {
+        let (e, idx) = engine(Fake::default());
+        let (p, fake) = (e.policy, e.runtime);
+        let mut e: Engine<Box<dyn Policy>, Fake> = Engine::new(Box::new(p), fake);
+        assert_eq!(e.policy().name(), "coordinated");
+        e.tick(10, &idx).unwrap();
+        assert_eq!(e.runtime().calls[1], "barrier [0, 1]");
+    }
+
+    #[test]
     fn a_commit_that_cannot_be_recorded_stops_the_engine() {
         let fake = Fake {
             refuse_commit: true,

@@ -44,3 +44,29 @@ pub trait Policy {
     /// Totals so far (the end-of-job summary).
     fn summary(&self) -> Summary;
 }
+
+/// A boxed policy is a policy: krund holds `Box<dyn Policy>` so that a policy can be swapped
+/// for another while the job runs.
+impl<P: Policy + ?Sized> Policy for Box<P> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn on_event(&mut self, now: Millis, event: Event, reads: &dyn Reads) -> Vec<Action> {
+        (**self).on_event(now, event, reads)
+    }
+    fn next_deadline(&self) -> Option<Millis> {
+        (**self).next_deadline()
+    }
+    fn phase(&self) -> Phase {
+        (**self).phase()
+    }
+    fn recovery_line(&self) -> Option<Version> {
+        (**self).recovery_line()
+    }
+    fn costs(&self) -> &Costs {
+        (**self).costs()
+    }
+    fn summary(&self) -> Summary {
+        (**self).summary()
+    }
+}

@@ -1300,7 +1300,7 @@ fn coordinated_policy_survives_seeded_failure_schedules() {
         println!("seed {seed}: {o:?}");
         return;
     }
-    let schedules = env_u64("KRUN_SIM_SCHEDULES").unwrap_or(10_000);
+    let schedules = env_u64("KRUN_SIM_SCHEDULES").unwrap_or(6000);
     let first = env_u64("KRUN_SIM_FIRST_SEED").unwrap_or(0);
     let mut total = Outcome::default();
     for seed in first..first + schedules {
