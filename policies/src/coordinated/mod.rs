@@ -225,6 +225,9 @@ impl Coordinated {
         )?;
         p.view = snapshot.view.clone();
         p.slots = snapshot.ranks.clone();
+        // This node may have led before: its new operations must not match old ones still
+        // in flight.
+        p.next_op = snapshot.view.epoch << 32;
         for d in &snapshot.decisions {
             if d.id.leader == leader {
                 p.next_decision = p.next_decision.max(d.id.seq + 1);
