@@ -15,6 +15,21 @@
 //! - a commit, abort or end that cannot be recorded stops the engine with
 //!   [`PolicyError::NotRecorded`]: krund then knows this node no longer leads and drops the
 //!   instance (the next leader resumes from what was recorded).
+//!
+//! # How krund maps the calls (a guide for the runtime)
+//!
+//! | call | krund |
+//! |---|---|
+//! | `record` | the process table: a compare-and-set on (rank, incarnation) for restarts; the agreed log for commits, aborts and the end |
+//! | `barrier` / `release` | the rank library's safepoint (native ranks), CRIU freeze (others); release lets them return |
+//! | `capture` | ghost capture of the held rank, `Store::put` as (rank, version), flush to the levels; `Store::is_safe` answers `LevelSafe` |
+//! | `fetch` | `Store::get_bytes` on the node named, from the copy named (its level and holder) |
+//! | `restart` | ghost restore as a new process on the decided node, registered with the decided incarnation |
+//! | `rollback` | ghost rollback of the live process to the fetched image |
+//!
+//! [`Reads::copies`] can be answered from the process table (each rank's versions and the
+//! levels they are safe at) and the store's placement (L1 on the rank's node, L2 on its
+//! buddy, L3 at the parity holder, L4 on disk), leaving out nodes not in the agreed view.
 use crate::policy::Policy;
 use crate::primitives::{
     Action, Decision, DecisionKind, Event, ImageCopy, Level, LoggedEvent, Millis, NodeId, OpId,
