@@ -290,6 +290,15 @@ pub enum DecisionKind {
         source: Option<ImageCopy>,
         failure_epoch: Epoch,
     },
+    /// A recovery began after the failure agreed at `failure_epoch`, towards `version`
+    /// (`None`: the program's start). Until `Recovered`, ranks may be half restored: a new
+    /// leader finishes the recovery.
+    RecoveryStarted {
+        failure_epoch: Epoch,
+        version: Option<Version>,
+    },
+    /// Every rank is restored and released.
+    Recovered { failure_epoch: Epoch },
     /// The job is over (`error`: why it could not continue).
     JobEnded { error: Option<String> },
 }
@@ -360,6 +369,8 @@ pub struct Snapshot {
     pub spares: Vec<NodeId>,
     /// Every decision recorded so far, in record order.
     pub decisions: Vec<Decision>,
+    /// Ranks whose current incarnation ended by itself, with its exit code.
+    pub exits: Vec<(Rank, i32)>,
 }
 
 /// Costs measured so far.

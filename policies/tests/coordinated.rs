@@ -223,9 +223,9 @@ fn fail(job: &mut Job, nodes: &[NodeId], epoch: u64) -> Vec<Action> {
 fn complete(job: &mut Job, out: &[Action]) -> Vec<Action> {
     let mut last = Vec::new();
     for a in out {
-        job.now += 1;
         match a {
             Action::Restart(d) => {
+                job.now += 1;
                 if let DecisionKind::Restart { rank, node, .. } = d.kind {
                     last = job.ev(Event::RestartDone {
                         decision: d.id,
@@ -238,6 +238,7 @@ fn complete(job: &mut Job, out: &[Action]) -> Vec<Action> {
             Action::Rollback {
                 op, rank, version, ..
             } => {
+                job.now += 1;
                 last = job.ev(Event::RollbackDone {
                     op: *op,
                     rank: *rank,
@@ -628,6 +629,7 @@ fn a_new_leader_resumes_from_the_recorded_decisions() {
         ],
         spares: vec![3],
         decisions: job.records.clone(),
+        exits: vec![],
     };
     // Rank 0's copies were on nodes 0 and 1; its disk image remains.
     job.idx
@@ -808,4 +810,114 @@ fn events_actions_and_decisions_round_trip_through_postcard() {
     };
     let back: Event = postcard::from_bytes(&postcard::to_allocvec(&ev).unwrap()).unwrap();
     assert_eq!(back, ev);
+}
+
+#[test]
+fn losing_a_leader_that_hosts_no_rank_aborts_its_checkpoint_and_rolls_nothing_back() {
+    // Ranks on nodes 1 and 2; node 0 leads and hosts none; node 3 is a spare.
+    let layout = Layout {
+        ranks: vec![1, 2],
+        spares: vec![3],
+    };
+    let mut p =
+        Coordinated::new(cfg(), 0, &layout, AgreedView::new(1, vec![0, 1, 2, 3]), 0).unwrap();
+    let mut idx = Index::default();
+    let mut records = Vec::new();
+    let mut feed = |p: &mut Coordinated, now, e, idx: &Index| {
+        let out = p.on_event(now, e, idx);
+        for a in &out {
+            if let Action::Record(d) = a {
+                records.push(d.clone());
+            }
+        }
+        out
+    };
+    // Checkpoint 1 commits; checkpoint 2 is held at the barrier when the leader dies.
+    let op = sync_op(&feed(&mut p, 100, Event::Tick, &idx));
+    feed(&mut p, 101, Event::Synchronized { op }, &idx);
+    idx.usual(1, &[1, 2], 4);
+    for rank in 0..2 {
+        feed(
+            &mut p,
+            102,
+            Event::CaptureDone {
+                op,
+                rank,
+                version: 1,
+                bytes: MIB,
+                seconds: 0.0,
+            },
+            &idx,
+        );
+        feed(
+            &mut p,
+            103,
+            Event::LevelSafe {
+                rank,
+                version: 1,
+                level: Level::L2,
+            },
+            &idx,
+        );
+    }
+    let t = p.next_deadline().unwrap();
+    sync_op(&feed(&mut p, t, Event::Tick, &idx));
+    let snapshot = Snapshot {
+        view: AgreedView::new(2, vec![1, 2, 3]),
+        ranks: p.slots().to_vec(),
+        spares: vec![3],
+        decisions: records.clone(),
+        exits: vec![],
+    };
+    let mut q = Coordinated::resume(cfg(), 1, &snapshot, t + 50).unwrap();
+    let out = q.on_event(
+        t + 50,
+        Event::FailureAgreed {
+            epoch: 2,
+            failed: vec![0],
+            view: AgreedView::new(2, vec![1, 2, 3]),
+        },
+        &idx,
+    );
+    assert!(
+        rollbacks(&out).is_empty() && restarts(&out).is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(released(&out), Some(vec![0, 1]), "the held ranks go on");
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Record(Decision {
+            kind: DecisionKind::Aborted { version: 2, .. },
+            ..
+        })
+    )));
+    assert_eq!(q.recovery_line(), Some(1));
+    // The aborted checkpoint is taken again at once, under the new leader.
+    assert_eq!(q.phase(), Phase::Checkpointing);
+    assert!(matches!(sync_op(&out), OpId { leader: 1, .. }));
+}
+
+#[test]
+fn a_new_leader_finds_the_job_finished_from_the_process_table() {
+    let mut job = Job::new(cfg(), &[0, 1], 3);
+    job.checkpoint();
+    let snapshot = Snapshot {
+        view: AgreedView::new(2, vec![0, 1]),
+        ranks: job.p.slots().to_vec(),
+        spares: vec![],
+        decisions: job.records.clone(),
+        exits: vec![(0, 0), (1, 0)],
+    };
+    let mut q = Coordinated::resume(cfg(), 1, &snapshot, 900).unwrap();
+    let out = q.on_event(
+        900,
+        Event::FailureAgreed {
+            epoch: 2,
+            failed: vec![2],
+            view: AgreedView::new(2, vec![0, 1]),
+        },
+        &job.idx,
+    );
+    assert_eq!(ended(&out), Some(None));
+    assert_eq!(q.phase(), Phase::Completed);
 }

@@ -231,6 +231,8 @@ struct Outcome {
     committed: u64,
     aborted: u64,
     takeovers: u64,
+    /// Takeovers that rolled nothing back (the lost leader hosted no rank).
+    quiet_takeovers: u64,
     restart_failures: u64,
     events: u64,
     max_restarts_one_run: u64,
@@ -261,6 +263,7 @@ impl Outcome {
         self.committed += o.committed;
         self.aborted += o.aborted;
         self.takeovers += o.takeovers;
+        self.quiet_takeovers += o.quiet_takeovers;
         self.restart_failures += o.restart_failures;
         self.events += o.events;
         self.max_restarts_one_run = self.max_restarts_one_run.max(o.restarts);
@@ -292,6 +295,12 @@ struct Sim {
     agreed_dead: BTreeSet<NodeId>,
     epoch: Epoch,
     leader: NodeId,
+    /// Who leads next when the leader is lost: the first live node in this order.
+    leaders: Vec<NodeId>,
+    /// The process table's exit codes of ranks whose process ended by itself.
+    exits: BTreeMap<Rank, i32>,
+    /// A new leader took over and has not handled its first event yet.
+    took_over: bool,
     policy: Coordinated,
     procs: Vec<Option<Proc>>,
     /// Highest incarnation decided per rank (the process table refuses a lower one).
@@ -381,7 +390,14 @@ impl Sim {
             spares: (compute..nodes).collect(),
         };
         let view = AgreedView::new(1, (0..nodes).filter(|n| Some(*n) != joiner).collect());
-        let policy = Coordinated::new(cfg.clone(), 0, &layout, view, 0).expect("valid config");
+        // The supervisors' order of leadership: usually the compute nodes first (the leader
+        // hosts rank 0), sometimes the spares first (a leader that hosts no rank).
+        let mut leaders: Vec<NodeId> = (0..nodes).collect();
+        if spares > 0 && rng.gen_bool(0.4) {
+            leaders.rotate_left(compute as usize);
+        }
+        let leader = leaders[0];
+        let policy = Coordinated::new(cfg.clone(), leader, &layout, view, 0).expect("valid config");
         let procs = (0..nranks as Rank)
             .map(|r| {
                 Some(Proc {
@@ -413,7 +429,10 @@ impl Sim {
             alive: (0..nodes).map(|n| Some(n) != joiner).collect(),
             agreed_dead: joiner.into_iter().collect(),
             epoch: 1,
-            leader: 0,
+            leader,
+            leaders,
+            exits: BTreeMap::new(),
+            took_over: false,
             policy,
             procs,
             decided: vec![0; nranks],
@@ -646,6 +665,13 @@ impl Sim {
             agreed_dead: &self.agreed_dead,
         };
         let actions = self.policy.on_event(self.now, ev, &reads);
+        if std::mem::take(&mut self.took_over)
+            && !actions
+                .iter()
+                .any(|a| matches!(a, Action::Rollback { .. } | Action::Restart(_)))
+        {
+            self.out.quiet_takeovers += 1;
+        }
         for a in actions {
             self.execute(a);
         }
@@ -913,6 +939,14 @@ impl Sim {
                     return;
                 }
                 let Some(p) = proc_alive(self) else { return };
+                if p.status == ProcStatus::Exited {
+                    let reason = format!("rank {rank}'s process has exited");
+                    self.push(
+                        self.now + 1,
+                        Ev::Deliver(Event::RollbackFailed { op, rank, reason }),
+                    );
+                    return;
+                }
                 let img = self.store.get(&(rank, version)).cloned();
                 let valid = img.as_ref().is_some_and(|i| {
                     copies_of(i, &|n| self.alive(n))
@@ -1007,6 +1041,7 @@ impl Sim {
                     state,
                 });
                 self.table[r] = RankSlot { node, incarnation };
+                self.exits.remove(&rank);
                 self.push(
                     self.now + 1,
                     Ev::Deliver(Event::RestartDone {
@@ -1040,7 +1075,7 @@ impl Sim {
         self.epoch += 1;
         let view = self.view();
         if !self.alive(self.leader) {
-            let Some(next) = (0..self.nodes).find(|m| self.alive(*m)) else {
+            let Some(next) = self.leaders.iter().copied().find(|m| self.alive(*m)) else {
                 self.log("every node is dead".into());
                 self.done = Some(Err(PolicyError::AllNodesLost { failed: vec![n] }));
                 return;
@@ -1050,6 +1085,7 @@ impl Sim {
                 ranks: self.table.clone(),
                 spares: self.spares.clone(),
                 decisions: self.decisions.clone(),
+                exits: self.exits.iter().map(|(r, c)| (*r, *c)).collect(),
             };
             // The table's newest decided incarnation is part of what the snapshot gives.
             self.policy = Coordinated::resume(self.cfg.clone(), next, &snapshot, self.now)
@@ -1057,6 +1093,7 @@ impl Sim {
             self.log(format!("leader {} -> {next}", self.leader));
             self.leader = next;
             self.out.takeovers += 1;
+            self.took_over = true;
         }
         self.deliver(Event::FailureAgreed {
             epoch: self.epoch,
@@ -1137,6 +1174,7 @@ impl Sim {
             }
             if step + 1 == STEPS {
                 for r in 0..self.nranks as Rank {
+                    self.exits.insert(r, 0);
                     let node = self.procs[r as usize].unwrap().node;
                     let d = self.rng.gen_range(1..5);
                     self.push(
@@ -1324,6 +1362,10 @@ fn coordinated_policy_survives_seeded_failure_schedules() {
             );
         }
         assert!(total.takeovers > 0 && total.restarts > 0 && total.rollbacks > 0);
+        assert!(
+            total.quiet_takeovers > 0,
+            "no leader without ranks was lost"
+        );
         assert!(total.aborted > 0 && total.committed > 0);
         // Most runs recover: errors are the exception the schedule forces.
         assert!(total.completed > schedules * 3 / 5, "{total:?}");

@@ -139,8 +139,15 @@ pub struct Coordinated {
     summary: Summary,
     /// Work before this instant is not lost by a rollback (the newest recovery or capture).
     progress_mark: Millis,
-    /// Set by `resume`: the first event starts a recovery.
+    /// Set by `resume`: the first event first settles what the previous leader left open.
     takeover: bool,
+    /// Set by `resume`: a recovery was recorded as started and not as finished.
+    open_recovery: bool,
+    /// Set by `resume`: a checkpoint was recorded as started and neither committed nor
+    /// aborted.
+    open_checkpoint: Option<Version>,
+    /// Set by `resume`: a rank had exited with an error (the job ends at takeover).
+    exit_failure: Option<(Rank, i32)>,
     /// Set by `resume`: ranks decided for a restart that never registered (they may run
     /// nowhere), restarted again by the first recovery.
     unconfirmed: BTreeSet<Rank>,
@@ -196,6 +203,9 @@ impl Coordinated {
             summary: Summary::default(),
             progress_mark: now,
             takeover: false,
+            open_recovery: false,
+            open_checkpoint: None,
+            exit_failure: None,
             unconfirmed: BTreeSet::new(),
         };
         p.next_checkpoint_at = p.interval_ms().map(|t| now + t);
@@ -233,11 +243,18 @@ impl Coordinated {
                 p.next_decision = p.next_decision.max(d.id.seq + 1);
             }
             match &d.kind {
-                DecisionKind::CheckpointStarted { version }
-                | DecisionKind::Aborted { version, .. } => {
+                DecisionKind::CheckpointStarted { version } => {
                     p.next_version = p.next_version.max(version + 1);
+                    p.open_checkpoint = Some(*version);
                 }
+                DecisionKind::Aborted { version, .. } => {
+                    p.next_version = p.next_version.max(version + 1);
+                    p.open_checkpoint = None;
+                }
+                DecisionKind::RecoveryStarted { .. } => p.open_recovery = true,
+                DecisionKind::Recovered { .. } => p.open_recovery = false,
                 DecisionKind::Committed { version, .. } => {
+                    p.open_checkpoint = None;
                     p.next_version = p.next_version.max(version + 1);
                     p.push_commit(Commit {
                         version: *version,
@@ -262,6 +279,15 @@ impl Coordinated {
                     }
                 }
                 DecisionKind::JobEnded { .. } => p.state = State::Ended,
+            }
+        }
+        for &(rank, code) in &snapshot.exits {
+            if (rank as usize) < p.slots.len() {
+                if code == 0 {
+                    p.exited.insert(rank);
+                } else {
+                    p.exit_failure = Some((rank, code));
+                }
             }
         }
         p.takeover = !matches!(p.state, State::Ended);
@@ -530,14 +556,23 @@ impl Coordinated {
                 self.next_checkpoint_at = None;
             }
         }
-        if self.exited.len() == self.slots.len() && matches!(self.state, State::Running) {
-            self.state = State::Completed;
-            let d = self.decision(DecisionKind::JobEnded { error: None });
-            out.push(Action::Record(d));
-            out.push(Self::notice(now, NoticeKind::JobCompleted));
-            out.push(Action::EndJob { error: None });
-        }
+        out.extend(self.maybe_complete(now));
         out
+    }
+
+    /// Ends the job as completed once every rank exited by itself.
+    pub(super) fn maybe_complete(&mut self, now: Millis) -> Vec<Action> {
+        if self.exited.len() < self.slots.len() || !matches!(self.state, State::Running) {
+            return Vec::new();
+        }
+        self.state = State::Completed;
+        self.next_checkpoint_at = None;
+        let d = self.decision(DecisionKind::JobEnded { error: None });
+        vec![
+            Action::Record(d),
+            Self::notice(now, NoticeKind::JobCompleted),
+            Action::EndJob { error: None },
+        ]
     }
 
     fn maybe_start(&mut self, now: Millis) -> Vec<Action> {
@@ -562,21 +597,19 @@ impl Policy for Coordinated {
         if matches!(self.state, State::Completed | State::Ended) {
             return Vec::new();
         }
-        if self.takeover && !matches!(event, Event::FailureAgreed { .. }) {
-            // The previous leader's operations are unknown: back to the recovery line.
-            self.takeover = false;
-            let epoch = self.view.epoch;
-            let mut out = vec![Self::notice(
-                now,
-                NoticeKind::Takeover {
-                    leader: self.leader,
-                    epoch,
-                },
-            )];
-            out.extend(self.recover(now, epoch, Vec::new(), reads));
-            return out;
+        let mut out = Vec::new();
+        if self.takeover {
+            if let Event::FailureAgreed { view, .. } = &event {
+                if view.epoch >= self.view.epoch {
+                    self.view = view.clone();
+                }
+            }
+            out.extend(self.take_over(now, reads));
+            if matches!(self.state, State::Ended) {
+                return out;
+            }
         }
-        let mut out = match event {
+        out.extend(match event {
             Event::Tick => match &mut self.state {
                 State::Recovery(rec) if rec.retry_at.is_some_and(|t| t <= now) => {
                     rec.retry_at = None;
@@ -699,7 +732,7 @@ impl Policy for Coordinated {
                 self.on_rollback_result(now, op, rank, Err(reason), reads)
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
-        };
+        });
         out.extend(self.maybe_start(now));
         out
     }

@@ -45,18 +45,6 @@ impl Coordinated {
         }
         self.summary.failures += failed.len() as u32;
         let mut out = Vec::new();
-        if self.takeover {
-            self.takeover = false;
-            out.push(Self::notice(
-                now,
-                NoticeKind::Takeover {
-                    leader: self.leader,
-                    epoch,
-                },
-            ));
-            out.extend(self.recover(now, epoch, failed, reads));
-            return out;
-        }
         if matches!(self.state, State::Completed | State::Ended) {
             return out;
         }
@@ -91,6 +79,56 @@ impl Coordinated {
                 self.next_checkpoint_at = Some(now);
             }
         }
+        out
+    }
+
+    /// Settles what the previous leader left open: a recovery in flight is planned again
+    /// from the recovery line; a checkpoint in flight is aborted and its ranks released.
+    /// Otherwise the job goes on untouched.
+    pub(super) fn take_over(&mut self, now: Millis, reads: &dyn Reads) -> Vec<Action> {
+        self.takeover = false;
+        let epoch = self.view.epoch;
+        let mut out = vec![Self::notice(
+            now,
+            NoticeKind::Takeover {
+                leader: self.leader,
+                epoch,
+            },
+        )];
+        if let Some((rank, code)) = self.exit_failure.take() {
+            out.extend(self.end(now, PolicyError::RankFailed { rank, code }));
+            return out;
+        }
+        if self.open_recovery || !self.unconfirmed.is_empty() {
+            self.open_checkpoint = None;
+            out.extend(self.recover(now, epoch, Vec::new(), reads));
+            return out;
+        }
+        if let Some(version) = self.open_checkpoint.take() {
+            let reason = "the policy's leader changed while it was taken".to_string();
+            self.summary.aborted += 1;
+            let d = self.decision(DecisionKind::Aborted {
+                version,
+                reason: reason.clone(),
+            });
+            out.push(Action::Record(d));
+            out.push(Action::Release {
+                ranks: self.all_ranks(),
+            });
+            out.push(Self::notice(
+                now,
+                NoticeKind::CheckpointAborted {
+                    version,
+                    reason,
+                    recovery_line: self.recovery_line(),
+                },
+            ));
+            self.next_checkpoint_at = Some(now);
+        }
+        if !self.exited.is_empty() {
+            self.next_checkpoint_at = None;
+        }
+        out.extend(self.maybe_complete(now));
         out
     }
 
@@ -174,6 +212,13 @@ impl Coordinated {
                 }
             }
         };
+        if prev.is_none() {
+            let d = self.decision(DecisionKind::RecoveryStarted {
+                failure_epoch: epoch,
+                version,
+            });
+            out.push(Action::Record(d));
+        }
         let prev_retry = prev.as_ref().and_then(|r| r.retry_at);
         let retry_due = prev_retry.is_none_or(|t| t <= now);
         let mut rec = Recovery {
@@ -425,6 +470,7 @@ impl Coordinated {
             .map(|c| c.captured_at)
             .unwrap_or(0);
         let lost = now.saturating_sub(captured_at.max(self.progress_mark));
+        let failure_epoch = rec.epoch;
         let notice = NoticeKind::Recovered {
             epoch: rec.epoch,
             restarted: rec.restarted.iter().copied().collect(),
@@ -440,12 +486,13 @@ impl Coordinated {
         } else {
             self.interval_ms().map(|t| now + t)
         };
-        vec![
-            Action::Release {
-                ranks: self.all_ranks(),
-            },
-            Self::notice(now, notice),
-        ]
+        // Released before it is recorded as over: a leader lost in between leaves the
+        // recovery open, and the next one plans it again (never ranks held for ever).
+        let release = Action::Release {
+            ranks: self.all_ranks(),
+        };
+        let d = self.decision(DecisionKind::Recovered { failure_epoch });
+        vec![release, Action::Record(d), Self::notice(now, notice)]
     }
 
     pub(super) fn on_restart_result(
