@@ -8,7 +8,8 @@
 //!   supervisors, where the view is agreed. Every other node executes what the leader's
 //!   actions ask. When the leader fails, the next leader builds a new instance with
 //!   `resume` (for the coordinated policy, [`crate::coordinated::Coordinated::resume`]) from a
-//!   [`Snapshot`]: the agreed view, the process table's rows and the recorded decisions.
+//!   [`Snapshot`]: the agreed view, the process table's rows and exit codes, and the recorded
+//!   decisions.
 //! - **Events in, actions out.** krund calls `Policy::on_event(now, event, reads)` for each
 //!   event, in the order it learnt them, and executes the returned actions in order. The call
 //!   never blocks and does no I/O; the same inputs give the same outputs. `now` is

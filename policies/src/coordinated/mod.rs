@@ -20,9 +20,16 @@
 //! kept commit can be restored, or no node can host a lost rank, the job ends with an error
 //! naming what was lost.
 //!
+//! A recovery is recorded as started (`RecoveryStarted`) before its first decision and as
+//! finished (`Recovered`) after the ranks are released.
+//!
 //! **Leader change.** A new leader builds the policy with [`Coordinated::resume`] from the
-//! [`Snapshot`]; its first act is a recovery to the recovery line (what the previous leader
-//! had in flight is unknown, so every rank goes back to the last commit).
+//! [`Snapshot`] and, on its first event, settles only what the records leave open: a recovery
+//! started and not finished (or a restart decided and never registered) is planned again
+//! from the recovery line; a checkpoint started and neither committed nor aborted is aborted,
+//! its ranks released and a new one started. Otherwise nothing is rolled back: losing a
+//! supervisor that hosts no rank costs the job nothing. Ranks the process table shows as
+//! exited count as exited.
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
