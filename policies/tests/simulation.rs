@@ -233,6 +233,8 @@ struct Outcome {
     takeovers: u64,
     /// Takeovers that rolled nothing back (the lost leader hosted no rank).
     quiet_takeovers: u64,
+    /// Failure agreements naming several nodes.
+    grouped_agreements: u64,
     restart_failures: u64,
     events: u64,
     max_restarts_one_run: u64,
@@ -264,6 +266,7 @@ impl Outcome {
         self.aborted += o.aborted;
         self.takeovers += o.takeovers;
         self.quiet_takeovers += o.quiet_takeovers;
+        self.grouped_agreements += o.grouped_agreements;
         self.restart_failures += o.restart_failures;
         self.events += o.events;
         self.max_restarts_one_run = self.max_restarts_one_run.max(o.restarts);
@@ -453,6 +456,10 @@ impl Sim {
             lines: Vec::new(),
             detect,
         };
+        sim.log(format!(
+            "job: {nranks} ranks on {compute} nodes x {per_node}, spares {:?}, joiner {joiner:?}, leaders {:?}, {:?}",
+            layout.spares, sim.leaders, sim.cfg
+        ));
         if let Some(j) = joiner {
             let t = sim.rng.gen_range(1..STEPS * STEP_MS);
             sim.push(t, Ev::Join(j));
@@ -1072,12 +1079,24 @@ impl Sim {
         if !self.agreed_dead.insert(n) {
             return;
         }
+        // Sometimes the group agrees on every crash it has seen so far at once.
+        let mut failed = vec![n];
+        if self.rng.gen_bool(0.5) {
+            for m in 0..self.nodes {
+                if !self.alive(m) && self.agreed_dead.insert(m) {
+                    failed.push(m);
+                }
+            }
+        }
+        if failed.len() > 1 {
+            self.out.grouped_agreements += 1;
+        }
         self.epoch += 1;
         let view = self.view();
         if !self.alive(self.leader) {
             let Some(next) = self.leaders.iter().copied().find(|m| self.alive(*m)) else {
                 self.log("every node is dead".into());
-                self.done = Some(Err(PolicyError::AllNodesLost { failed: vec![n] }));
+                self.done = Some(Err(PolicyError::AllNodesLost { failed }));
                 return;
             };
             let snapshot = Snapshot {
@@ -1097,7 +1116,7 @@ impl Sim {
         }
         self.deliver(Event::FailureAgreed {
             epoch: self.epoch,
-            failed: vec![n],
+            failed,
             view,
         });
     }
@@ -1288,12 +1307,23 @@ impl Sim {
                     PolicyError::NoNode { .. } => {
                         let live: Vec<NodeId> =
                             (0..self.nodes).filter(|n| self.alive(*n)).collect();
-                        let free_spare = live.iter().any(|n| {
-                            self.spares.contains(n)
-                                && !self.policy.slots().iter().any(|s| s.node == *n)
-                        });
+                        let slots = self.policy.slots();
+                        let free_spares = live
+                            .iter()
+                            .filter(|n| {
+                                self.spares.contains(n) && !slots.iter().any(|s| s.node == **n)
+                            })
+                            .count();
+                        let lost_nodes: BTreeSet<NodeId> = slots
+                            .iter()
+                            .map(|s| s.node)
+                            .filter(|n| self.agreed_dead.contains(n))
+                            .collect();
+                        // Each failed node's ranks take one free spare; the rest go to
+                        // survivors under the cap (least-loaded placement fails only when
+                        // the ranks exceed the live nodes' capacity).
                         let room = match self.cfg.no_spare {
-                            NoSpare::Fail => false,
+                            NoSpare::Fail => free_spares >= lost_nodes.len(),
                             NoSpare::Survivors {
                                 max_ranks_per_node: None,
                             } => !live.is_empty(),
@@ -1301,7 +1331,7 @@ impl Sim {
                                 max_ranks_per_node: Some(c),
                             } => live.len() as u32 * c >= self.nranks as u32,
                         };
-                        if free_spare || room {
+                        if room {
                             self.fail(&format!("the policy found no node, but one was free: {e}"));
                         }
                         "no-node"
