@@ -27,8 +27,12 @@
 //!   (incarnations are fencing tokens). So two leaders can never bring up two live copies of
 //!   a rank, and no rank is restarted twice for one failure.
 //! - **Store housekeeping.** A recorded [`DecisionKind::Committed`] lets the store drop a
-//!   rank's versions older than the oldest commit the policy keeps (`keep_commits`);
-//!   [`DecisionKind::Aborted`] lets it drop that version.
+//!   rank's versions older than the oldest commit the policy keeps (`keep_commits`), except
+//!   the ancestors an incremental image of a kept version needs; [`DecisionKind::Aborted`]
+//!   lets it drop that version (unless a later image builds on it).
+//! - **Store events.** The checkpoint agent's "safe at level L" becomes [`Event::LevelSafe`];
+//!   a level it can no longer reach becomes [`Event::LevelLost`] (the policy then aborts the
+//!   checkpoint in flight if no level at or above the commit level is left for that rank).
 //! - **Synchronize holds.** [`Action::Synchronize`] brings the ranks to a safe point (native
 //!   ranks: the rank library's safepoint; CRIU ranks: frozen) and keeps them there until
 //!   [`Action::Release`]. Ranks rolled back or restarted also stay held until released.
