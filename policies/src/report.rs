@@ -187,7 +187,14 @@ impl fmt::Display for NoticeKind {
                 restarts,
                 rollbacks,
             } => {
-                write!(f, "{} failed at epoch {epoch}", nodes_phrase(failed))?;
+                if failed.is_empty() {
+                    write!(
+                        f,
+                        "recovery at epoch {epoch} (the previous leader left it open)"
+                    )?;
+                } else {
+                    write!(f, "{} failed at epoch {epoch}", nodes_phrase(failed))?;
+                }
                 for g in restarts {
                     write!(f, "; {g} from {}", from_phrase(*version))?;
                     if let Some(src) = g.source {
@@ -319,6 +326,27 @@ mod tests {
             n.to_string(),
             "node 2 failed at epoch 7; ranks 4-5 restart on spare node 4 from checkpoint 12 \
              (L2 from node 3, 1.0 GiB); ranks 0-3,6-7 roll back to checkpoint 12"
+        );
+    }
+
+    #[test]
+    fn a_recovery_left_open_by_a_lost_leader_says_so() {
+        let n = NoticeKind::RecoveryPlanned {
+            epoch: 9,
+            failed: vec![],
+            version: None,
+            restarts: vec![RestartGroup {
+                ranks: vec![3],
+                node: 1,
+                spare: false,
+                source: None,
+            }],
+            rollbacks: vec![],
+        };
+        assert_eq!(
+            n.to_string(),
+            "recovery at epoch 9 (the previous leader left it open); rank 3 restarts on node 1 \
+             from the start"
         );
     }
 

@@ -606,12 +606,21 @@ impl Policy for Coordinated {
         }
         let mut out = Vec::new();
         if self.takeover {
-            if let Event::FailureAgreed { view, .. } = &event {
+            let mut failed = Vec::new();
+            if let Event::FailureAgreed {
+                view, failed: f, ..
+            } = &event
+            {
                 if view.epoch >= self.view.epoch {
                     self.view = view.clone();
                 }
+                failed = f
+                    .iter()
+                    .copied()
+                    .filter(|n| !self.view.contains(*n))
+                    .collect();
             }
-            out.extend(self.take_over(now, reads));
+            out.extend(self.take_over(now, failed, reads));
             if matches!(self.state, State::Ended) {
                 return out;
             }

@@ -85,7 +85,12 @@ impl Coordinated {
     /// Settles what the previous leader left open: a recovery in flight is planned again
     /// from the recovery line; a checkpoint in flight is aborted and its ranks released.
     /// Otherwise the job goes on untouched.
-    pub(super) fn take_over(&mut self, now: Millis, reads: &dyn Reads) -> Vec<Action> {
+    pub(super) fn take_over(
+        &mut self,
+        now: Millis,
+        failed: Vec<NodeId>,
+        reads: &dyn Reads,
+    ) -> Vec<Action> {
         self.takeover = false;
         let epoch = self.view.epoch;
         let mut out = vec![Self::notice(
@@ -101,7 +106,7 @@ impl Coordinated {
         }
         if self.open_recovery || !self.unconfirmed.is_empty() {
             self.open_checkpoint = None;
-            out.extend(self.recover(now, epoch, Vec::new(), reads));
+            out.extend(self.recover(now, epoch, failed, reads));
             return out;
         }
         if let Some(version) = self.open_checkpoint.take() {
