@@ -13,7 +13,7 @@
 //! `stopped REASON`. Times are milliseconds since the Unix epoch (comparable across the
 //! processes of one machine).
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,8 @@ use crate::kv::{parse_answer, KvOp, KvService};
 use crate::protocol::{Node, NodeConfig, Output};
 use crate::service::RequestId;
 use crate::view::{Change, NodeId};
-use crate::wire::{self, Msg};
+use crate::wire::{self, LinkHello, Msg};
+use fabric::wire::{Deadline, HandshakeSlot, HandshakeSlots, Session, HANDSHAKE_TIMEOUT};
 
 /// How a daemon is started (`krun-adapt --help`).
 #[derive(Clone, Debug)]
@@ -133,21 +134,21 @@ struct Links {
     me: NodeId,
     secret: ClusterSecret,
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
-    writers: BTreeMap<NodeId, Sender<Vec<u8>>>,
+    writers: BTreeMap<NodeId, Sender<Msg>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Links {
     fn send(&mut self, to: NodeId, msg: &Msg) {
-        let frame = wire::seal(&self.secret, self.me, msg);
         let tx = self.writers.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let addrs = self.addrs.clone();
-            self.threads
-                .push(std::thread::spawn(move || write_link(to, addrs, rx)));
+            let (tx, rx) = mpsc::channel::<Msg>();
+            let (addrs, me, secret) = (self.addrs.clone(), self.me, self.secret.clone());
+            self.threads.push(std::thread::spawn(move || {
+                write_link(me, to, &secret, addrs, rx)
+            }));
             tx
         });
-        let _ = tx.send(frame);
+        let _ = tx.send(msg.clone());
     }
 
     /// Closes every link after what was queued is written (bounded wait).
@@ -162,83 +163,110 @@ impl Links {
     }
 }
 
-/// Writes frames to one peer in order; reconnects once per failed frame, then gives up on
-/// that frame (the protocol retries what matters).
-fn write_link(to: NodeId, addrs: Arc<Mutex<BTreeMap<NodeId, String>>>, rx: Receiver<Vec<u8>>) {
-    let mut stream: Option<TcpStream> = None;
+/// Opens a link to a peer: TCP, the wire toolkit's handshake, then our [`LinkHello`].
+fn open_link(
+    me: NodeId,
+    addr: &str,
+    secret: &ClusterSecret,
+) -> std::result::Result<(TcpStream, Session), String> {
+    let a = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
+    let mut s =
+        TcpStream::connect_timeout(&a, Duration::from_millis(300)).map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    let mut session = Session::client_within(&s, secret, wire::PROTOCOL, HANDSHAKE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    session
+        .tx
+        .send(&mut s, &LinkHello { node: me })
+        .map_err(|e| e.to_string())?;
+    Ok((s, session))
+}
+
+/// Writes messages to one peer in order; reconnects once per failed message, then gives up
+/// on that message (the protocol retries what matters).
+fn write_link(
+    me: NodeId,
+    to: NodeId,
+    secret: &ClusterSecret,
+    addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
+    rx: Receiver<Msg>,
+) {
+    let mut link: Option<(TcpStream, Session)> = None;
     let mut warned = false;
-    while let Ok(frame) = rx.recv() {
+    while let Ok(msg) = rx.recv() {
         for attempt in 0..2 {
-            if stream.is_none() {
+            if link.is_none() {
                 let addr = addrs.lock().map(|a| a.get(&to).cloned()).ok().flatten();
                 let Some(addr) = addr else {
                     break;
                 };
-                let connected = addr
-                    .parse()
-                    .ok()
-                    .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok());
-                match connected {
-                    Some(s) => {
-                        let _ = s.set_nodelay(true);
-                        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                        stream = Some(s);
+                match open_link(me, &addr, secret) {
+                    Ok(l) => {
+                        link = Some(l);
                         warned = false;
                     }
-                    None => {
+                    Err(why) => {
                         if !warned {
-                            eprintln!("link to node {to} ({addr}): cannot connect; dropping messages until it answers");
+                            eprintln!("link to node {to} ({addr}): cannot connect ({why}); dropping messages until it answers");
                             warned = true;
                         }
                         break;
                     }
                 }
             }
-            if let Some(s) = stream.as_mut() {
-                if s.write_all(&frame).is_ok() {
+            if let Some((s, session)) = link.as_mut() {
+                if session.tx.send(s, &msg).is_ok() {
                     break;
                 }
-                stream = None;
+                link = None;
                 if attempt == 1 {
-                    eprintln!("link to node {to}: write failed twice; frame dropped");
+                    eprintln!("link to node {to}: write failed twice; message dropped");
                 }
             }
         }
     }
 }
 
-/// Reads frames from one connection; a frame that does not authenticate or decode ends the
-/// connection with a log line naming the sender.
-fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>) {
+/// Reads messages from one connection: the handshake and the sender's [`LinkHello`] within
+/// [`HANDSHAKE_TIMEOUT`], then frames; a frame that does not authenticate, is replayed or
+/// does not decode ends the connection with a log line naming the sender.
+fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>, slot: HandshakeSlot) {
     let peer = s
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
+    let opened = Session::server_within(&s, &secret, wire::PROTOCOL, HANDSHAKE_TIMEOUT).and_then(
+        |mut session| {
+            session.rx.set_max_payload(64);
+            let hello = session
+                .rx
+                .recv::<LinkHello>(&mut Deadline::new(&s, HANDSHAKE_TIMEOUT));
+            let _ = s.set_read_timeout(None);
+            Ok((hello?, session))
+        },
+    );
+    drop(slot);
+    let (from, mut session) = match opened {
+        Ok((hello, session)) => (hello.node, session),
+        Err(e) => {
+            eprintln!("dropped connection from {peer}: {e}");
+            return;
+        }
+    };
+    session.rx.set_max_payload(wire::MAX_MESSAGE);
     loop {
-        let mut head = vec![0u8; wire::header_len()];
-        if s.read_exact(&mut head).is_err() {
-            return;
-        }
-        let total = match wire::frame_len(&head, &peer) {
-            Ok(n) => n,
-            Err(e) => {
-                eprintln!("dropped connection: {e}");
-                return;
-            }
-        };
-        head.resize(total, 0);
-        if s.read_exact(&mut head[wire::header_len()..]).is_err() {
-            eprintln!("dropped connection from {peer}: frame cut short");
-            return;
-        }
-        match wire::open(&secret, &head, &peer) {
-            Ok((from, msg)) => {
+        match session.rx.recv::<Msg>(&mut s) {
+            Ok(msg) => {
                 if tx.send(Event::Frame(from, msg)).is_err() {
                     return;
                 }
             }
+            Err(fabric::FabricError::WireClosed { .. }) => return,
             Err(e) => {
-                eprintln!("dropped connection: {e}");
+                eprintln!("dropped connection from node {from} ({peer}): {e}");
                 return;
             }
         }
@@ -373,9 +401,20 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
         let tx = tx.clone();
         let secret = secret.clone();
         std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
+            let slots = HandshakeSlots::default();
+            loop {
+                // A free handshake slot first: more connections wait in the backlog.
+                let slot = slots.take();
+                let s = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        eprintln!("accepting a connection: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
                 let (tx, secret) = (tx.clone(), secret.clone());
-                std::thread::spawn(move || read_link(s, secret, tx));
+                std::thread::spawn(move || read_link(s, secret, tx, slot));
             }
         });
     }

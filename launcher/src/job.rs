@@ -5,7 +5,7 @@
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
-use crate::daemon::{self, DaemonClient, RunRequest};
+use crate::daemon::{
+    self, DaemonClient, DaemonControl, DaemonOutput, FromDaemon, RunRequest, ToDaemon,
+};
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
 use crate::slurm::Allocation;
@@ -159,7 +161,7 @@ enum NodeProc {
     Child(Child),
     Remote {
         host: String,
-        control: Arc<Mutex<TcpStream>>,
+        control: Arc<Mutex<DaemonControl>>,
         /// The exit code, and whether the connection was lost instead.
         exit: Arc<Mutex<Option<(i32, bool)>>>,
     },
@@ -188,11 +190,9 @@ impl NodeProc {
                 libc::kill(c.id() as i32, sig);
             },
             NodeProc::Remote { control, .. } => {
-                let _ = daemon::write_frame(
-                    &mut *control.lock().expect("control lock"),
-                    b'K',
-                    &sig.to_le_bytes(),
-                );
+                if let Ok(mut c) = control.lock() {
+                    let _ = c.send(&ToDaemon::Signal(sig));
+                }
             }
         }
     }
@@ -231,10 +231,9 @@ impl Drop for Children {
                     let _ = c.wait();
                 }
                 NodeProc::Remote { control, .. } => {
-                    let _ = control
-                        .lock()
-                        .expect("control lock")
-                        .shutdown(std::net::Shutdown::Both);
+                    if let Ok(c) = control.lock() {
+                        c.shutdown();
+                    }
                 }
             }
         }
@@ -248,7 +247,10 @@ pub fn run(job: &Job) -> Result<i32> {
     // Nodes and ranks prove they belong to the job with the cluster secret: the configured
     // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
     let configured = ClusterSecret::from_env()?;
-    let secret = configured.clone().unwrap_or_else(ClusterSecret::random);
+    let secret = match &configured {
+        Some(s) => s.clone(),
+        None => ClusterSecret::random()?,
+    };
     // Daemons first: a host that does not answer fails the job before anything starts, and
     // the connection tells which of our addresses the hosts reach us at.
     let mut daemons = Vec::new();
@@ -479,12 +481,11 @@ pub fn run(job: &Job) -> Result<i32> {
         ));
         children.0.push(Some(NodeProc::Child(child)));
     }
-    for (node, mut d, request) in remote {
-        daemon::write_frame(&mut d.stream, b'R', &request.encode()).map_err(|e| {
-            LauncherError::Node {
-                node,
-                message: format!("host {}: sending the job: {e}", d.host),
-            }
+    for (node, d, request) in remote {
+        let host = d.host.clone();
+        let (control, output) = d.start(request).map_err(|e| LauncherError::Node {
+            node,
+            message: e.to_string(),
         })?;
         let prefix = job.program.is_none().then(|| format!("[node {node}] "));
         let exit = Arc::new(Mutex::new(None));
@@ -496,19 +497,15 @@ pub fn run(job: &Job) -> Result<i32> {
             ),
             _ => format!("node {node}"),
         };
-        let reader = d.stream.try_clone().map_err(|e| LauncherError::Io {
-            context: "cloning a daemon connection".into(),
-            source: e,
-        })?;
         forwarders.push(forward_remote(
-            reader,
-            d.host.clone(),
+            output,
+            host.clone(),
             what,
             prefix,
             exit.clone(),
             tx.clone(),
         ));
-        let control = Arc::new(Mutex::new(d.stream));
+        let control = Arc::new(Mutex::new(control));
         if placement
             .as_ref()
             .is_some_and(|p| p.node_of(0) == Some(node))
@@ -516,7 +513,7 @@ pub fn run(job: &Job) -> Result<i32> {
             forward_stdin(control.clone());
         }
         children.0.push(Some(NodeProc::Remote {
-            host: d.host,
+            host,
             control: control.clone(),
             exit,
         }));
@@ -587,16 +584,18 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
     Ok(worst)
 }
 
-/// Sends our stdin to a daemon (for its node's rank 0) as `I` frames; an empty one at EOF.
-/// Detached: a job that ends first simply leaves it blocked on our stdin.
-fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
+/// Sends our stdin to a daemon (for its node's rank 0) as `Stdin` frames; an empty one at
+/// EOF. Detached: a job that ends first simply leaves it blocked on our stdin.
+fn forward_stdin(control: Arc<Mutex<DaemonControl>>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         let mut input = std::io::stdin().lock();
         loop {
             let n = input.read(&mut buf).unwrap_or(0);
-            let sent =
-                daemon::write_frame(&mut *control.lock().expect("control lock"), b'I', &buf[..n]);
+            let sent = match control.lock() {
+                Ok(mut c) => c.send(&ToDaemon::Stdin(buf[..n].to_vec())),
+                Err(_) => break,
+            };
             if n == 0 || sent.is_err() {
                 break;
             }
@@ -607,7 +606,7 @@ fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
 /// Reads a daemon's frames for one node: output lines, then the exit code. A connection
 /// that ends without an exit code means the host or its daemon died.
 fn forward_remote(
-    mut stream: TcpStream,
+    mut output: DaemonOutput,
     host: String,
     what: String,
     prefix: Option<String>,
@@ -617,26 +616,32 @@ fn forward_remote(
     std::thread::spawn(move || {
         let prefix = prefix.unwrap_or_default();
         // Daemons send heartbeats: silence this long means the host or its link is gone.
-        let _ = stream.set_read_timeout(Some(daemon::HOST_SILENCE_LIMIT));
         let (code, lost) = loop {
-            match daemon::read_frame(&mut stream) {
-                Ok((b'O', line)) => {
+            match output.next(daemon::HOST_SILENCE_LIMIT) {
+                Ok(FromDaemon::Stdout(line)) => {
                     let _ = std::io::stdout()
                         .lock()
                         .write_all(&[prefix.as_bytes(), &line].concat());
                 }
-                Ok((b'E', line)) => {
+                Ok(FromDaemon::Stderr(line)) => {
                     let _ = std::io::stderr()
                         .lock()
                         .write_all(&[prefix.as_bytes(), &line].concat());
                 }
-                Ok((b'X', c)) if c.len() == 4 => {
-                    break (i32::from_le_bytes(c.try_into().expect("4 bytes")), false)
+                Ok(FromDaemon::Exit(c)) => break (c, false),
+                Ok(FromDaemon::Refused(why)) => {
+                    eprintln!("krun: host {host} refused {what}: {why}");
+                    break (255, true);
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let why = match e.kind() {
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    let why = match &e {
+                        fabric::FabricError::Io { source, .. }
+                            if matches!(
+                                source.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
                             format!("no heartbeat for {:?}", daemon::HOST_SILENCE_LIMIT)
                         }
                         _ => e.to_string(),

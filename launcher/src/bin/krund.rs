@@ -10,7 +10,8 @@ use fabric::FabricConfig;
 use launcher::ranks::{NodeShare, Placement};
 use launcher::{exchange, LauncherError};
 
-const USAGE: &str = "krund --listen [ADDR][:PORT]   (daemon: runs node processes for krun --hosts; port 7171)
+const USAGE: &str = "krund --listen [ADDR][:PORT] [--insecure]   (daemon: runs node processes for krun --hosts;
+  default 127.0.0.1:7171; needs KRUN_SECRET_FILE or KRUN_SECRET, --insecure only on loopback)
 krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
 (normally started by krun; under srun the node id comes from SLURM_NODEID)";
 
@@ -105,21 +106,50 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
     Ok(args)
 }
 
+/// `krund --listen [ADDR][:PORT] [--insecure]`: the host daemon. Without an address it
+/// listens on loopback only; it refuses to start without a cluster secret unless
+/// `--insecure` is given and the address is a loopback one.
+fn listen(rest: &[String]) -> Result<i32, LauncherError> {
+    let mut spec = None;
+    let mut insecure = false;
+    for a in rest {
+        match a.as_str() {
+            "--insecure" => insecure = true,
+            other if !other.starts_with("--") && spec.is_none() => spec = Some(other),
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "unknown argument {other:?} after --listen\n{USAGE}"
+                )))
+            }
+        }
+    }
+    let port = launcher::daemon::DEFAULT_PORT;
+    let addr = match spec {
+        None => format!("127.0.0.1:{port}"),
+        Some(s) if s.starts_with(':') => format!("127.0.0.1{s}"),
+        Some(s) if s.contains(':') => s.to_string(),
+        Some(s) => format!("{s}:{port}"),
+    };
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        LauncherError::Usage(format!(
+            "--listen {:?} is not ADDR[:PORT]",
+            spec.unwrap_or_default()
+        ))
+    })?;
+    if spec.is_none() {
+        eprintln!("krund: no address given: listening on loopback only (give --listen ADDR to serve other hosts)");
+    }
+    let secret = fabric::secret::ClusterSecret::from_env()?;
+    let access = launcher::daemon::check_access(&addr, secret, insecure)?;
+    launcher::daemon::serve(addr, access)?;
+    Ok(0)
+}
+
 fn run() -> Result<i32, LauncherError> {
     launcher::config::load()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--listen") {
-        let spec = argv.get(1).map(String::as_str).unwrap_or("0.0.0.0");
-        let addr = if spec.contains(':') {
-            spec.to_string()
-        } else {
-            format!("{spec}:{}", launcher::daemon::DEFAULT_PORT)
-        };
-        let addr = addr
-            .parse()
-            .map_err(|_| LauncherError::Usage(format!("--listen {spec:?} is not ADDR[:PORT]")))?;
-        launcher::daemon::serve(addr, fabric::secret::ClusterSecret::from_env()?)?;
-        return Ok(0);
+        return listen(&argv[1..]);
     }
     let args = parse(argv.into_iter())?;
     let mut boot = BootstrapClient::connect(
