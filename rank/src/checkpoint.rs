@@ -211,13 +211,18 @@ impl Rank {
     }
 
     /// Registers memory that holds the program's state; returns true if it was filled from
-    /// the image being restored.
+    /// the image being restored. `len` is rounded up to whole pages.
     ///
     /// # Safety
-    /// `addr..addr+len` is page-aligned private anonymous memory (see [`Rank::alloc`]) that
-    /// stays mapped for the life of the process.
+    /// `addr..addr+len`, rounded up to whole pages, is page-aligned private anonymous memory
+    /// (see [`Rank::alloc`], which maps whole pages) that stays mapped for the life of the
+    /// process.
     pub unsafe fn register_memory(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
-        // SAFETY: forwarded from this function's contract.
+        const PAGE: usize = 4096;
+        let len = len
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| RankError::InvalidArgument(format!("region length {len}")))?;
+        // SAFETY: forwarded from this function's contract (whole pages).
         Ok(unsafe { self.ckpt.runtime()?.register(name, addr, len) }?)
     }
 
