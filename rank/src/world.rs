@@ -200,6 +200,11 @@ impl Rank {
             node: Mutex::new(None),
             finalized: AtomicBool::new(false),
         };
+        // Every rank knows every endpoint before the first message (the fabric names a
+        // message's sender only if the receiver has connected to it).
+        if let Some(b) = boot.as_mut() {
+            b.barrier()?;
+        }
         // Wire-up: lower ranks open the connections to higher ones, one direction at a time.
         for dest in rank + 1..size {
             this.msgs.send(dest, TAG_WIREUP, &[])?;
