@@ -67,6 +67,32 @@ pub enum FabricError {
     Closed,
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error("{protocol} frame: {what}")]
+    WireMalformed {
+        protocol: &'static str,
+        what: String,
+    },
+    #[error("{protocol} frame of {len} bytes exceeds the limit of {max} bytes")]
+    WireTooLarge {
+        protocol: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{protocol} frame failed authentication (wrong cluster secret, forged or altered)")]
+    WireAuth { protocol: &'static str },
+    #[error("{protocol} frame replayed or out of order: sequence {seq}, expected {expected}")]
+    WireReplay {
+        protocol: &'static str,
+        seq: u64,
+        expected: u64,
+    },
+    #[error("the peer refused the {protocol} connection: {reason}")]
+    WireRefused {
+        protocol: &'static str,
+        reason: String,
+    },
+    #[error("the operating system's random source failed: {0}")]
+    Random(std::io::Error),
     #[error("I/O error during {context}: {source}")]
     Io {
         context: String,

@@ -25,6 +25,7 @@ pub mod ofi;
 mod ops;
 pub mod secret;
 pub mod verbs;
+pub mod wire;
 
 pub use completion::{wait_all, Completion};
 pub use config::{FabricConfig, Provider, ProviderChoice};

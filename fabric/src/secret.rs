@@ -9,6 +9,25 @@ use sha2::Sha256;
 
 use crate::error::{FabricError, Result};
 
+/// Fills `buf` from the kernel's random source (getrandom(2)); fails rather than fall back
+/// to anything guessable.
+pub fn fill_random(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most `buf.len() - done` bytes at `buf[done..]`.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(FabricError::Random(e));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// Length of the authentication tag.
 pub const MAC_LEN: usize = 32;
 

@@ -378,7 +378,10 @@ impl<'a> Section<'a> {
         if !self.compressed {
             return Ok(std::borrow::Cow::Borrowed(self.stored));
         }
-        let raw = zstd::bulk::decompress(self.stored, self.raw_len as usize).map_err(|e| {
+        // Grow the output only as the frame really produces bytes, and never past the
+        // header's length plus one: a crafted `raw_len` (or frame content size) cannot make
+        // the reader allocate more than the data it actually decompresses.
+        let undecodable = |e: std::io::Error| {
             corrupt(
                 format!(
                     "section {} '{}' does not decompress: {e}",
@@ -386,7 +389,16 @@ impl<'a> Section<'a> {
                 ),
                 self.offset as usize,
             )
-        })?;
+        };
+        let mut raw = Vec::new();
+        {
+            use std::io::Read;
+            zstd::stream::read::Decoder::with_buffer(self.stored)
+                .map_err(undecodable)?
+                .take(self.raw_len.saturating_add(1))
+                .read_to_end(&mut raw)
+                .map_err(undecodable)?;
+        }
         if raw.len() as u64 != self.raw_len {
             return Err(corrupt(
                 format!(
@@ -694,6 +706,37 @@ mod tests {
         b.add(SectionKind::CriuFile, "pages-1.img", &region[..5000], true)
             .unwrap();
         b.finish()
+    }
+
+    #[test]
+    fn a_crafted_length_does_not_make_decompression_allocate_it() {
+        let packed = zstd::bulk::compress(&[7u8; 1000], 1).unwrap();
+        for raw_len in [1u64 << 50, u64::MAX, 999, 1001] {
+            let s = Section {
+                index: 0,
+                kind: SectionKind::CriuFile,
+                name: "x",
+                compressed: true,
+                raw_len,
+                offset: 0,
+                stored: &packed,
+            };
+            let e = s.data().unwrap_err().to_string();
+            assert!(
+                e.contains("decompresses to") || e.contains("decompress"),
+                "{e}"
+            );
+        }
+        let s = Section {
+            index: 0,
+            kind: SectionKind::CriuFile,
+            name: "x",
+            compressed: true,
+            raw_len: 1000,
+            offset: 0,
+            stored: &packed,
+        };
+        assert_eq!(s.data().unwrap().len(), 1000);
     }
 
     #[test]

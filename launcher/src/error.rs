@@ -20,6 +20,12 @@ pub enum LauncherError {
     Fabric(#[from] fabric::FabricError),
     #[error(transparent)]
     Ghost(#[from] ghost::GhostError),
+    #[error("configuration {place}: {key}: {reason}")]
+    Config {
+        place: String,
+        key: String,
+        reason: String,
+    },
     #[error("I/O error during {context}: {source}")]
     Io {
         context: String,

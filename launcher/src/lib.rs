@@ -5,6 +5,7 @@
 //! through the bootstrap service and streams their output back. Host and Slurm modes come
 //! with the launcher issue.
 pub mod binding;
+pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod exchange;

@@ -215,6 +215,12 @@ fn kind(e: &FabricError) -> &'static str {
         FabricError::Closed => "Closed",
         FabricError::Bootstrap(_) => "Bootstrap",
         FabricError::Io { .. } => "Io",
+        FabricError::WireMalformed { .. } => "WireMalformed",
+        FabricError::WireTooLarge { .. } => "WireTooLarge",
+        FabricError::WireAuth { .. } => "WireAuth",
+        FabricError::WireReplay { .. } => "WireReplay",
+        FabricError::WireRefused { .. } => "WireRefused",
+        FabricError::Random(_) => "Random",
     }
 }
 

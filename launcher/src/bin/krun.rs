@@ -13,6 +13,7 @@ const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --ho
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
             [--provider P] [PROGRAM ARGS...]
        krun status --hosts LIST | --hostfile FILE
+       krun config [--provider P] [--bind-to B]   (effective settings and their origin)
        krun ghost inspect|capture|restore|rollback|migrate ...
       krun hostlist expand EXPR
        krun hostlist compress NAMES...
@@ -29,7 +30,9 @@ Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
 block back with an RMA read, and verifies every byte.
-Environment: KRUN_FABRIC_PROVIDER and the other KRUN_FABRIC_* settings reach every node.";
+Configuration: /etc/krun/krun.toml, then $XDG_CONFIG_HOME/krun/krun.toml, then the file in
+KRUN_CONFIG, then KRUN_* variables, then flags; `krun config` shows the result. The
+settings reach every node.";
 
 fn parse() -> Result<Job, LauncherError> {
     let mut nodes = None;
@@ -37,7 +40,11 @@ fn parse() -> Result<Job, LauncherError> {
     let mut launch = Launch::Daemon;
     let mut provider = None;
     let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
-    let (mut bind_to, mut report_bindings) = (launcher::binding::BindTo::Core, false);
+    let mut bind_to = match std::env::var("KRUN_BIND_TO") {
+        Ok(v) if !v.is_empty() => v.parse()?,
+        _ => launcher::binding::BindTo::Core,
+    };
+    let mut report_bindings = false;
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -211,8 +218,65 @@ fn hostlist(args: &[String]) -> Result<String, LauncherError> {
     }
 }
 
+/// `krun config [--provider P] [--bind-to B]`: the effective settings and where each came from.
+fn show_config(
+    config: &mut launcher::config::Config,
+    args: &[String],
+) -> Result<String, LauncherError> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let var = match a.as_str() {
+            "--provider" => "KRUN_FABRIC_PROVIDER",
+            "--bind-to" => "KRUN_BIND_TO",
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "krun config: unknown argument {other:?} (usage: krun config [--provider P] [--bind-to B])"
+                )))
+            }
+        };
+        let v = it
+            .next()
+            .ok_or_else(|| LauncherError::Usage(format!("{a} needs a value")))?;
+        config.set_flag(var, v, a)?;
+    }
+    Ok(config.render())
+}
+
+/// Prints a command's output. A reader that went away (`krun ghost inspect IMG | head`) ends
+/// the command quietly instead of a panic on the closed pipe.
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|_| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("krun: writing the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Files and variables first: every later step (and every process krun starts) sees the
+    // effective settings.
+    let mut config = match launcher::config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("krun: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.first().map(String::as_str) == Some("config") {
+        return match show_config(&mut config, &args[1..]) {
+            Ok(text) => emit(text.trim_end()),
+            Err(e) => {
+                eprintln!("krun: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let subcommand: Option<Subcommand> = match args.first().map(String::as_str) {
         Some("hostlist") => Some(hostlist),
         Some("status") => Some(status),
@@ -221,10 +285,7 @@ fn main() -> ExitCode {
     };
     if let Some(run) = subcommand {
         return match run(&args[1..]) {
-            Ok(out) => {
-                println!("{out}");
-                ExitCode::SUCCESS
-            }
+            Ok(out) => emit(&out),
             Err(e) => {
                 eprintln!("krun: {e}");
                 ExitCode::from(2)

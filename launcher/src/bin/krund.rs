@@ -106,6 +106,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
 }
 
 fn run() -> Result<i32, LauncherError> {
+    launcher::config::load()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--listen") {
         let spec = argv.get(1).map(String::as_str).unwrap_or("0.0.0.0");
