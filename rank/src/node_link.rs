@@ -8,21 +8,20 @@
 //!   [`RankToNode::Exiting`] at finalize.
 //! - krund answers every message with exactly one [`NodeToRank`]: `Ack`, or `Refused(why)`,
 //!   which the rank's call reports as an error naming `why`.
-//! - Framing (until the job's `fabric::wire` session carries it): each message is a
-//!   little-endian `u32` length followed by that many bytes of the postcard encoding of the
-//!   enum; frames above [`MAX_FRAME`] bytes are refused. Both sides give up on a peer that
-//!   does not answer within [`IO_TIMEOUT`].
-use std::io::{Read, Write};
+//! - The messages travel in a `fabric::wire` [`Session`] (protocol `Rank`) keyed by the
+//!   job's cluster secret (`KRUN_SECRET` / `KRUN_SECRET_FILE`): the rank is the client,
+//!   krund the server; every frame is authenticated and replay-protected.
+//! - Both sides give up on a peer that does not answer within [`IO_TIMEOUT`].
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Protocol, Session};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{RankError, Result};
 
-/// Largest frame on the node link.
-pub const MAX_FRAME: usize = 64 * 1024;
 /// Longest a write or an answer may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,57 +51,43 @@ pub enum NodeToRank {
     Refused(String),
 }
 
-/// Writes one frame holding `msg`.
-pub fn write_frame<T: Serialize>(stream: &mut impl Write, msg: &T) -> std::io::Result<()> {
-    let bytes = postcard::to_stdvec(msg)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    if bytes.len() > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {} bytes exceeds {MAX_FRAME}", bytes.len()),
-        ));
-    }
-    stream.write_all(&(bytes.len() as u32).to_le_bytes())?;
-    stream.write_all(&bytes)
-}
-
-/// Reads one frame and decodes it.
-pub fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf)?;
-    postcard::from_bytes(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
 /// A rank's connection to its krund.
 pub struct NodeLink {
     stream: UnixStream,
+    session: Session,
     socket: PathBuf,
 }
 
 impl NodeLink {
-    pub fn connect(socket: &Path) -> Result<NodeLink> {
+    /// Connects to krund's socket and runs the wire handshake with the job's secret.
+    pub fn connect(socket: &Path, secret: &ClusterSecret) -> Result<NodeLink> {
         let fail = |reason: String| RankError::NodeLink {
             socket: socket.to_path_buf(),
             reason,
         };
-        let stream = UnixStream::connect(socket).map_err(|e| fail(format!("connect: {e}")))?;
+        let mut stream = UnixStream::connect(socket).map_err(|e| fail(format!("connect: {e}")))?;
         stream
             .set_read_timeout(Some(IO_TIMEOUT))
             .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)))
             .map_err(|e| fail(format!("setting timeouts: {e}")))?;
+        let session = Session::client(&mut stream, secret, Protocol::Rank)
+            .map_err(|e| fail(format!("handshake: {e}")))?;
         Ok(NodeLink {
             stream,
+            session,
             socket: socket.to_path_buf(),
         })
+    }
+
+    /// Connects as [`NodeLink::connect`] with the secret from the environment.
+    pub fn connect_env(socket: &Path) -> Result<NodeLink> {
+        let secret = ClusterSecret::from_env()?.ok_or_else(|| RankError::NodeLink {
+            socket: socket.to_path_buf(),
+            reason: "KRUN_NODE_SOCKET is set but the job has no cluster secret \
+                     (KRUN_SECRET or KRUN_SECRET_FILE)"
+                .into(),
+        })?;
+        Self::connect(socket, &secret)
     }
 
     /// Sends `msg` and waits for krund's answer; `Refused` is an error naming the reason.
@@ -111,8 +96,14 @@ impl NodeLink {
             socket: self.socket.clone(),
             reason,
         };
-        write_frame(&mut self.stream, msg).map_err(|e| fail(format!("sending {msg:?}: {e}")))?;
-        match read_frame::<NodeToRank>(&mut self.stream)
+        self.session
+            .tx
+            .send(&mut self.stream, msg)
+            .map_err(|e| fail(format!("sending {msg:?}: {e}")))?;
+        match self
+            .session
+            .rx
+            .recv::<NodeToRank>(&mut self.stream)
             .map_err(|e| fail(format!("no answer to {msg:?}: {e}")))?
         {
             NodeToRank::Ack => Ok(()),
@@ -126,27 +117,45 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    fn socket_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "krun-node-link-{tag}-{}-{:x}",
+            std::process::id(),
+            fabric::random_u64()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn secret(text: &str) -> ClusterSecret {
+        ClusterSecret::new(text.as_bytes().to_vec()).unwrap()
+    }
+
     #[test]
     fn rank_reports_reach_a_node_socket_and_refusals_are_errors() {
-        let dir = std::env::temp_dir().join(format!("krun-node-link-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = socket_dir("ok");
         let path = dir.join("node.sock");
-        let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
+            let mut session = Session::server(
+                &mut s,
+                &secret("the job secret, long enough"),
+                Protocol::Rank,
+            )
+            .unwrap();
             let mut seen = Vec::new();
             for answer in [
                 NodeToRank::Ack,
                 NodeToRank::Ack,
                 NodeToRank::Refused("rank 3 is not on this node".into()),
             ] {
-                seen.push(read_frame::<RankToNode>(&mut s).unwrap());
-                write_frame(&mut s, &answer).unwrap();
+                seen.push(session.rx.recv::<RankToNode>(&mut s).unwrap());
+                session.tx.send(&mut s, &answer).unwrap();
             }
             seen
         });
-        let mut link = NodeLink::connect(&path).unwrap();
+        let mut link = NodeLink::connect(&path, &secret("the job secret, long enough")).unwrap();
         let msgs = [
             RankToNode::Hello { rank: 3, pid: 42 },
             RankToNode::Checkpointed {
@@ -166,12 +175,25 @@ mod tests {
     }
 
     #[test]
-    fn oversized_and_garbage_frames_are_refused() {
-        let mut huge = (MAX_FRAME as u32 + 1).to_le_bytes().to_vec();
-        huge.extend_from_slice(&[0; 16]);
-        let err = read_frame::<RankToNode>(&mut huge.as_slice()).unwrap_err();
-        assert!(err.to_string().contains("exceeds"), "{err}");
-        let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
-        assert!(read_frame::<RankToNode>(&mut garbage.as_slice()).is_err());
+    fn a_node_with_another_secret_is_refused_at_connect() {
+        let dir = socket_dir("badsecret");
+        let path = dir.join("node.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            Session::server(
+                &mut s,
+                &secret("krund's own secret, long enough"),
+                Protocol::Rank,
+            )
+            .is_err()
+        });
+        let err = NodeLink::connect(&path, &secret("the job secret, long enough"))
+            .err()
+            .expect("handshake with a wrong secret must fail");
+        assert!(matches!(err, RankError::NodeLink { .. }), "{err}");
+        assert!(err.to_string().contains("handshake"), "{err}");
+        assert!(server.join().unwrap(), "the server side refuses too");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

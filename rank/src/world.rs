@@ -221,7 +221,7 @@ impl Rank {
         }
         let node = match &config.node_socket {
             Some(path) => {
-                let mut link = NodeLink::connect(path)?;
+                let mut link = NodeLink::connect_env(path)?;
                 link.report(&RankToNode::Hello {
                     rank: rank as u32,
                     pid: std::process::id(),

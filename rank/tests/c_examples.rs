@@ -113,11 +113,15 @@ fn heat_stencil_under_krun_equals_the_serial_reference() {
     let want = checksum(&serial);
     for provider in ["tcp", "shm"] {
         let heat = dir.0.join("heat");
-        let o = run(krun_job(&dir, &format!("heat-{provider}"), &["-n", "4", "--local", "2"])
-            .env("KRUN_FABRIC_PROVIDER", provider)
-            .arg(&heat)
-            .args(GRID)
-            .arg("15"));
+        let o = run(krun_job(
+            &dir,
+            &format!("heat-{provider}"),
+            &["-n", "4", "--local", "2"],
+        )
+        .env("KRUN_FABRIC_PROVIDER", provider)
+        .arg(&heat)
+        .args(GRID)
+        .arg("15"));
         assert!(o.status.success(), "{provider}: {}", text(&o));
         assert_eq!(checksum(&o), want, "{provider}: {}", text(&o));
         let out = String::from_utf8_lossy(&o.stdout);
@@ -169,10 +173,12 @@ fn heat_stencil_restarted_from_a_checkpoint_gives_the_same_checksum() {
 fn restart_without_a_common_checkpoint_is_a_clear_error() {
     let dir = TempDir::new("norestore");
     build_examples(&dir.0);
-    let o = run(krun_job(&dir, "never-checkpointed", &["-n", "2", "--local", "1"])
-        .env("KRUN_GHOST_RESTORE", "latest")
-        .arg(dir.0.join("heat"))
-        .args(GRID));
+    let o = run(
+        krun_job(&dir, "never-checkpointed", &["-n", "2", "--local", "1"])
+            .env("KRUN_GHOST_RESTORE", "latest")
+            .arg(dir.0.join("heat"))
+            .args(GRID),
+    );
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -186,13 +192,18 @@ fn restart_without_a_common_checkpoint_is_a_clear_error() {
 fn fortran_example_exchanges_and_checkpoints_under_krun() {
     let dir = TempDir::new("fortran");
     build_examples(&dir.0);
-    let o = run(krun_job(&dir, "fortran", &["-n", "3", "--local", "2"]).arg(dir.0.join("exchange")));
+    let o =
+        run(krun_job(&dir, "fortran", &["-n", "3", "--local", "2"]).arg(dir.0.join("exchange")));
     assert!(o.status.success(), "{}", text(&o));
     // Each rank r receives from its left neighbour l the values l*1000 + i + round,
     // i = 1..1000, for rounds 1..3.
     let n = 3i64;
     let total: i64 = (0..n)
-        .map(|l| (1..=3).map(|round| (1..=1000).map(|i| l * 1000 + i + round).sum::<i64>()).sum::<i64>())
+        .map(|l| {
+            (1..=3)
+                .map(|round| (1..=1000).map(|i| l * 1000 + i + round).sum::<i64>())
+                .sum::<i64>()
+        })
         .sum();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -210,7 +221,11 @@ fn c_api_messages_windows_and_errors_across_ranks() {
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     for r in 0..4 {
-        assert!(out.contains(&format!("api_check: rank {r} ok")), "{}", text(&o));
+        assert!(
+            out.contains(&format!("api_check: rank {r} ok")),
+            "{}",
+            text(&o)
+        );
     }
 }
 

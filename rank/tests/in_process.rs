@@ -120,10 +120,17 @@ fn observer_sees_every_send_and_delivery_with_per_pair_sequence_numbers() {
             }
             delivered += 1;
         }
-        let user = delivers.iter().filter(|d| d.1 < krun::INTERNAL_TAG_BASE).count();
+        let user = delivers
+            .iter()
+            .filter(|d| d.1 < krun::INTERNAL_TAG_BASE)
+            .count();
         assert_eq!(user, 6 * (N - 1));
     }
-    assert_eq!(delivered, sent.len(), "every observed send is delivered exactly once");
+    assert_eq!(
+        delivered,
+        sent.len(),
+        "every observed send is delivered exactly once"
+    );
 }
 
 #[test]
@@ -139,12 +146,11 @@ fn any_source_receive_names_the_sender_and_large_messages_round_trip() {
         if me == 0 {
             for _ in 0..4 {
                 let mut buf = vec![0u8; 2000];
-                let (src, tag, len) = r
-                    .recv_into(Source::Any, TagMatch::Any, &mut buf)
-                    .unwrap();
+                let (src, tag, len) = r.recv_into(Source::Any, TagMatch::Any, &mut buf).unwrap();
                 assert_eq!((tag, len), (3, 1000 + src));
-                let expect: Vec<u8> =
-                    (0..len as u32).map(|i| (i * 7 + src as u32) as u8).collect();
+                let expect: Vec<u8> = (0..len as u32)
+                    .map(|i| (i * 7 + src as u32) as u8)
+                    .collect();
                 assert_eq!(&buf[..len], &expect[..]);
                 seen.push(src);
             }
@@ -176,7 +182,10 @@ fn windows_put_get_and_atomics_across_ranks() {
         let left = (me + n - 1) % n;
         let mut got = vec![0u8; 11];
         w.get(left, 1024, &mut got).unwrap();
-        assert_eq!(got, format!("from rank {}", (left + n - 1) % n).into_bytes());
+        assert_eq!(
+            got,
+            format!("from rank {}", (left + n - 1) % n).into_bytes()
+        );
         let mut local = vec![0u8; 11];
         w.local().read_bytes(1024, &mut local).unwrap();
         assert_eq!(local, format!("from rank {left}").into_bytes());
@@ -189,13 +198,25 @@ fn windows_put_get_and_atomics_across_ranks() {
         let mut mine = [0u8; 64];
         w.local().read_bytes(6000, &mut mine).unwrap();
         assert_eq!(mine, [left as u8 + 1; 64]);
-        let counter = w.local().atomic_u64(0).unwrap().load(std::sync::atomic::Ordering::SeqCst);
-        let slot = w.local().atomic_u64(8).unwrap().load(std::sync::atomic::Ordering::SeqCst);
+        let counter = w
+            .local()
+            .atomic_u64(0)
+            .unwrap()
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let slot = w
+            .local()
+            .atomic_u64(8)
+            .unwrap()
+            .load(std::sync::atomic::Ordering::SeqCst);
         r.barrier().unwrap();
         w.free().unwrap();
         (won, counter, slot)
     });
-    assert_eq!(out.iter().filter(|o| o.0).count(), 1, "one compare-swap wins");
+    assert_eq!(
+        out.iter().filter(|o| o.0).count(),
+        1,
+        "one compare-swap wins"
+    );
     assert_eq!(out[0].1, 10 + 11 + 12);
     assert!((100..103).contains(&out[0].2));
 }
@@ -205,12 +226,18 @@ fn bad_use_gives_errors_that_name_the_problem() {
     let out = job(2, 1024, |r| {
         let mut errors = Vec::new();
         let e = r.send(5, 1, b"x").unwrap_err();
-        assert!(matches!(e, RankError::NoSuchRank { rank: 5, size: 2 }), "{e}");
+        assert!(
+            matches!(e, RankError::NoSuchRank { rank: 5, size: 2 }),
+            "{e}"
+        );
         errors.push(e.to_string());
         let e = r.send(0, MAX_TAG + 1, b"x").unwrap_err();
         assert!(matches!(e, RankError::BadTag { .. }), "{e}");
         let e = r.send(0, 1, &vec![0u8; 3 << 20]).unwrap_err();
-        assert!(matches!(e, RankError::MessageTooLarge { max, .. } if max == 1024 * 2048), "{e}");
+        assert!(
+            matches!(e, RankError::MessageTooLarge { max, .. } if max == 1024 * 2048),
+            "{e}"
+        );
         let me = r.rank();
         r.send(me, 2, &[7u8; 100]).unwrap();
         let mut small = [0u8; 10];
@@ -218,7 +245,14 @@ fn bad_use_gives_errors_that_name_the_problem() {
             .recv_into(Source::Rank(me), TagMatch::Tag(2), &mut small)
             .unwrap_err();
         assert!(
-            matches!(e, RankError::Truncated { len: 100, capacity: 10, .. }),
+            matches!(
+                e,
+                RankError::Truncated {
+                    len: 100,
+                    capacity: 10,
+                    ..
+                }
+            ),
             "{e}"
         );
         errors.push(e.to_string());
@@ -230,14 +264,26 @@ fn bad_use_gives_errors_that_name_the_problem() {
             "a truncated message stays queued"
         );
         let e = r
-            .recv_timeout(Source::Rank(1 - me), TagMatch::Tag(77), Duration::from_millis(50))
+            .recv_timeout(
+                Source::Rank(1 - me),
+                TagMatch::Tag(77),
+                Duration::from_millis(50),
+            )
             .unwrap_err();
         assert!(matches!(e, RankError::RecvTimeout { .. }), "{e}");
         errors.push(e.to_string());
         let w = r.window(4096).unwrap();
         let e = w.put(1 - me, 4090, &[0u8; 8]).unwrap_err();
         assert!(
-            matches!(e, RankError::WindowOutOfBounds { offset: 4090, len: 8, window_len: 4096, .. }),
+            matches!(
+                e,
+                RankError::WindowOutOfBounds {
+                    offset: 4090,
+                    len: 8,
+                    window_len: 4096,
+                    ..
+                }
+            ),
             "{e}"
         );
         errors.push(e.to_string());
