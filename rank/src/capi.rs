@@ -454,3 +454,32 @@ pub extern "C" fn krun_strerror(code: c_int) -> *const c_char {
 pub extern "C" fn krun_last_error() -> *const c_char {
     LAST_ERROR.with(|l| l.borrow().as_ptr())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_code_and_a_message() {
+        let code = guard("krun_test", || panic!("boom at {}", 7));
+        assert_eq!(code, ErrorCode::Panic as i64);
+        // SAFETY: krun_last_error returns this thread's NUL-terminated message.
+        let msg = unsafe { CStr::from_ptr(krun_last_error()) }.to_string_lossy();
+        assert!(msg.contains("panic inside krun_test: boom at 7"), "{msg}");
+    }
+
+    #[test]
+    fn calls_before_init_fail_with_not_initialized() {
+        assert_eq!(krun_rank(), ErrorCode::NotInitialized as c_int);
+        assert_eq!(krun_barrier(), ErrorCode::NotInitialized as c_int);
+        // SAFETY: a NULL buffer of length 0 is valid.
+        let rc = unsafe { krun_send(0, 0, std::ptr::null(), 0) };
+        assert_eq!(rc, ErrorCode::NotInitialized as c_int);
+        // SAFETY: krun_strerror returns a static NUL-terminated string.
+        let text = unsafe { CStr::from_ptr(krun_strerror(rc)) };
+        assert_eq!(
+            text.to_str().unwrap(),
+            "the rank library is not initialized"
+        );
+    }
+}

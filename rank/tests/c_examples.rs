@@ -230,6 +230,26 @@ fn c_api_messages_windows_and_errors_across_ranks() {
 }
 
 #[test]
+fn safepoints_act_collectively_on_checkpoint_and_rollback_requests() {
+    let dir = TempDir::new("safepoint");
+    build_examples(&dir.0);
+    // Rank 0 alone gets SIGUSR1 at iteration 3, rank 2 alone SIGUSR2 at iteration 6.
+    let o = run(krun_job(&dir, "safepoint", &["-n", "3", "--local", "2"])
+        .arg(dir.0.join("safepoint_check")));
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for r in 0..3 {
+        assert!(
+            out.contains(&format!(
+                "rank {r} checkpointed at 3 rolled back at 6 to counter 3 final 9"
+            )),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
 fn libkrun_exports_the_rank_api_and_libghost_functions() {
     let lib = target_dir().join("libkrun.so");
     let o = Command::new("nm")
