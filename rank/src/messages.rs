@@ -77,7 +77,7 @@ struct WireHeader {
 }
 
 fn parse_wire_tag(t: u64) -> Option<WireHeader> {
-    (t & MARKER_MASK == MARKER).then(|| WireHeader {
+    (t & MARKER_MASK == MARKER).then_some(WireHeader {
         tag: ((t >> TAG_SHIFT) & TAG_MASK) as u32,
         seq_low: (t >> SEQ_SHIFT) & SEQ_MASK,
         fragment: (t & FRAGMENT_MASK) as usize,
