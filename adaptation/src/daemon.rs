@@ -1,6 +1,8 @@
 //! The I/O driver of a node: TCP links between nodes (one connection per direction, so
-//! each link is FIFO), authenticated frames, a clock, and a line protocol on stdin/stdout for
-//! clients and operators. All decisions are taken by [`crate::protocol::Node`].
+//! each link is FIFO), authenticated frames and a clock. All decisions are taken by
+//! [`crate::protocol::Node`]. [`Driver`] is the library (krund hosts one in-process, with
+//! its services); [`run_on`] puts a line protocol on stdin/stdout around it for clients and
+//! operators (`krun-adapt`, with the toy key-value service).
 //!
 //! Commands (stdin, one per line) and what they print (stdout):
 //! - `req CLIENT SEQ KEY put VALUE | get | add DELTA` → `ans CLIENT SEQ ok|err VERSION VALUE`
@@ -24,8 +26,8 @@ use fabric::secret::ClusterSecret;
 use crate::error::{AdaptError, Result};
 use crate::kv::{parse_answer, KvOp, KvService};
 use crate::protocol::{Node, NodeConfig, Output};
-use crate::service::RequestId;
-use crate::view::{Change, NodeId};
+use crate::service::{RequestId, Service, ServiceId};
+use crate::view::{Change, EntryId, Epoch, NodeId};
 use crate::wire::{self, LinkHello, Msg};
 use fabric::wire::{Deadline, HandshakeSlot, HandshakeSlots, Session, HANDSHAKE_TIMEOUT};
 
@@ -119,7 +121,8 @@ impl DaemonConfig {
 
 enum Event {
     Frame(NodeId, Msg),
-    Command(String),
+    /// Work for the node, run inside the loop.
+    Call(Call),
 }
 
 fn now_ms() -> f64 {
@@ -365,84 +368,315 @@ pub fn under_krun(supervisors: Vec<NodeId>) -> Result<String> {
     run_on(cfg, listener, secret)
 }
 
-/// Runs a node on an already bound listener.
+/// Runs a node of the toy key-value service on an already bound listener, with the line
+/// protocol on stdin/stdout (`krun-adapt`).
 pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -> Result<String> {
-    let listen = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| cfg.listen.clone());
-    let mut genesis: Vec<NodeId> = cfg.peers.keys().copied().collect();
-    if !cfg.join {
-        genesis.push(cfg.id);
+    let driver = Driver::start(cfg, listener, secret, vec![Box::new(KvService::new())])?;
+    let handle = driver.handle();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines().map_while(|l| l.ok()) {
+            // The reply is printed inside the driver, before the outputs the command causes.
+            let sent = handle.call(move |node| {
+                let reply = command(node, &line);
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{reply}");
+                let _ = out.flush();
+            });
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready id={} listen={}", driver.id(), driver.listen());
+    let _ = out.flush();
+    loop {
+        let Ok(event) = driver.events().recv() else {
+            return driver.join();
+        };
+        match event {
+            DriverEvent::Response { id, payload } => {
+                let _ = writeln!(out, "{}", answer_line(id, &payload));
+            }
+            DriverEvent::Stable(view) => {
+                let members: Vec<String> = view.members.iter().map(|m| m.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "stable {} t={:.3} members={}",
+                    view.epoch,
+                    now_ms(),
+                    members.join(",")
+                );
+            }
+            DriverEvent::Phase { epoch, phase } => {
+                let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
+            }
+            DriverEvent::Log(line) => eprintln!("node {}: {line}", driver.id()),
+            DriverEvent::Stopped { reason } => {
+                let _ = writeln!(out, "stopped {reason}");
+                let _ = out.flush();
+                driver.join()?;
+                return Ok(reason);
+            }
+        }
+        let _ = out.flush();
     }
-    genesis.sort_unstable();
-    let supervisors = if cfg.supervisors.is_empty() {
-        genesis.iter().copied().take(3).collect()
-    } else {
-        cfg.supervisors.clone()
-    };
-    let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
-    ncfg.seed = cfg.seed;
-    ncfg.joining = cfg.join.then(|| listen.clone());
-    let mut node = Node::new(ncfg, vec![Box::new(KvService::new())])?;
+}
 
+/// A view of the membership as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewSnapshot {
+    pub me: NodeId,
+    /// The epoch of the view this node applied (changes processed).
+    pub epoch: Epoch,
+    /// The newest epoch this node knows was agreed.
+    pub known_epoch: Epoch,
+    pub stable: bool,
+    pub members: Vec<NodeId>,
+    /// The locator's cells, each a list of members.
+    pub cells: Vec<Vec<NodeId>>,
+    pub supervisors: Vec<NodeId>,
+    /// The supervisor leading the agreement, when this node knows it.
+    pub leader: Option<NodeId>,
+    /// The agreed changes: the change to epoch `i + 1` is `changes[i]`.
+    pub changes: Vec<Change>,
+}
+
+impl ViewSnapshot {
+    pub fn of(node: &Node) -> ViewSnapshot {
+        ViewSnapshot {
+            me: node.id(),
+            epoch: node.epoch(),
+            known_epoch: node.known_epoch(),
+            stable: node.is_stable(),
+            members: node.members().iter().copied().collect(),
+            cells: node
+                .locator()
+                .cells()
+                .into_iter()
+                .map(|c| c.members)
+                .collect(),
+            supervisors: node.supervisors().to_vec(),
+            leader: node.leader(),
+            changes: node.log().to_vec(),
+        }
+    }
+}
+
+/// What a running [`Driver`] reports.
+#[derive(Clone, Debug)]
+pub enum DriverEvent {
+    /// The answer to a request submitted through this node.
+    Response { id: RequestId, payload: Vec<u8> },
+    /// This node finished a change and is stable in this view.
+    Stable(ViewSnapshot),
+    /// A step of the change to `epoch` ended here.
+    Phase { epoch: Epoch, phase: &'static str },
+    /// This node is out of the configuration; the driver has ended.
+    Stopped { reason: String },
+    /// Something worth a log line.
+    Log(String),
+}
+
+type Call = Box<dyn FnOnce(&mut Node) + Send>;
+
+/// Sends work to a running driver; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct DriverHandle {
+    calls: Sender<Event>,
+}
+
+impl DriverHandle {
+    /// Runs `f` on the node inside the driver's loop (between two events), so that it sees
+    /// and changes the node's state consistently; what it makes the node do is carried out
+    /// right after.
+    pub fn call(&self, f: impl FnOnce(&mut Node) + Send + 'static) -> Result<()> {
+        self.calls
+            .send(Event::Call(Box::new(f)))
+            .map_err(|_| stopped_error())
+    }
+
+    /// Runs `f` on the node and waits for its result.
+    pub fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Node) -> T + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::channel();
+        self.call(move |node| {
+            let _ = tx.send(f(node));
+        })?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| stopped_error())
+    }
+
+    /// Submits a request to `(service, entry)`; its answer comes as
+    /// [`DriverEvent::Response`].
+    pub fn submit(
+        &self,
+        id: RequestId,
+        service: ServiceId,
+        entry: EntryId,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        self.query(move |node| node.submit(id, service, entry, payload))?
+    }
+
+    /// Asks for `node` to leave the configuration (a planned eviction).
+    pub fn request_leave(&self, node: NodeId) -> Result<()> {
+        self.query(move |n| n.request_leave(node))?
+    }
+
+    /// The membership as this node sees it now.
+    pub fn view(&self) -> Result<ViewSnapshot> {
+        self.query(|node| ViewSnapshot::of(node))
+    }
+}
+
+fn stopped_error() -> AdaptError {
+    AdaptError::Io {
+        what: "adaptation driver".into(),
+        source: std::io::Error::other("the driver has stopped"),
+    }
+}
+
+/// The TCP driver of one adaptation node, as a library: links to the other nodes, a clock,
+/// the node's services; requests come in through [`DriverHandle`]s, what happens comes out
+/// as [`DriverEvent`]s. `krun-adapt` and every `krund` run one.
+pub struct Driver {
+    id: NodeId,
+    listen: String,
+    handle: DriverHandle,
+    events: Receiver<DriverEvent>,
+    thread: Option<std::thread::JoinHandle<Result<String>>>,
+}
+
+impl Driver {
+    /// Starts a node on an already bound listener with `services` (every node of a job
+    /// registers the same services in the same order).
+    pub fn start(
+        cfg: DaemonConfig,
+        listener: TcpListener,
+        secret: ClusterSecret,
+        services: Vec<Box<dyn Service>>,
+    ) -> Result<Driver> {
+        let listen = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| cfg.listen.clone());
+        let mut genesis: Vec<NodeId> = cfg.peers.keys().copied().collect();
+        if !cfg.join {
+            genesis.push(cfg.id);
+        }
+        genesis.sort_unstable();
+        let supervisors = if cfg.supervisors.is_empty() {
+            genesis.iter().copied().take(3).collect()
+        } else {
+            cfg.supervisors.clone()
+        };
+        let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
+        ncfg.seed = cfg.seed;
+        ncfg.joining = cfg.join.then(|| listen.clone());
+        let node = Node::new(ncfg, services)?;
+        let (tx, rx) = mpsc::channel::<Event>();
+        {
+            let tx = tx.clone();
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                let slots = HandshakeSlots::default();
+                loop {
+                    // A free handshake slot first: more connections wait in the backlog.
+                    let slot = slots.take();
+                    let s = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            eprintln!("accepting a connection: {e}");
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let (tx, secret) = (tx.clone(), secret.clone());
+                    std::thread::spawn(move || read_link(s, secret, tx, slot));
+                }
+            });
+        }
+        let (events_tx, events) = mpsc::channel();
+        let id = cfg.id;
+        let thread = {
+            let listen = listen.clone();
+            std::thread::Builder::new()
+                .name(format!("adapt-node-{id}"))
+                .spawn(move || drive(cfg, listen, node, secret, rx, events_tx))
+                .map_err(|e| AdaptError::Io {
+                    what: "starting the driver thread".into(),
+                    source: e,
+                })?
+        };
+        Ok(Driver {
+            id,
+            listen,
+            handle: DriverHandle { calls: tx },
+            events,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Where the other nodes reach this one.
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        self.handle.clone()
+    }
+
+    pub fn events(&self) -> &Receiver<DriverEvent> {
+        &self.events
+    }
+
+    /// Waits for the driver to end; returns why it stopped.
+    pub fn join(mut self) -> Result<String> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(AdaptError::Io {
+                what: "adaptation driver".into(),
+                source: std::io::Error::other("the driver thread panicked"),
+            }),
+            None => Err(stopped_error()),
+        }
+    }
+}
+
+/// The driver's loop: feeds the node ticks, frames and calls, and carries out its outputs.
+fn drive(
+    cfg: DaemonConfig,
+    listen: String,
+    mut node: Node,
+    secret: ClusterSecret,
+    rx: Receiver<Event>,
+    events: Sender<DriverEvent>,
+) -> Result<String> {
     let mut addrs = cfg.peers.clone();
-    addrs.insert(cfg.id, listen.clone());
+    addrs.insert(cfg.id, listen);
     let addrs = Arc::new(Mutex::new(addrs));
     let mut links = Links {
         me: cfg.id,
-        secret: secret.clone(),
+        secret,
         addrs: addrs.clone(),
         writers: BTreeMap::new(),
         threads: Vec::new(),
     };
-    let (tx, rx) = mpsc::channel::<Event>();
-    {
-        let tx = tx.clone();
-        let secret = secret.clone();
-        std::thread::spawn(move || {
-            let slots = HandshakeSlots::default();
-            loop {
-                // A free handshake slot first: more connections wait in the backlog.
-                let slot = slots.take();
-                let s = match listener.accept() {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        eprintln!("accepting a connection: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                let (tx, secret) = (tx.clone(), secret.clone());
-                std::thread::spawn(move || read_link(s, secret, tx, slot));
-            }
-        });
-    }
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let stdin = std::io::stdin();
-            for line in stdin.lock().lines().map_while(|l| l.ok()) {
-                if tx.send(Event::Command(line)).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "ready id={} listen={listen}", cfg.id);
-    let _ = out.flush();
     let mut known_joins = 0usize;
     let mut next_tick = Instant::now() + cfg.tick;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Frame(from, msg)) => node.receive(from, msg),
-            Ok(Event::Command(line)) => {
-                let reply = command(&mut node, &line);
-                let _ = writeln!(out, "{reply}");
-            }
+            Ok(Event::Call(f)) => f(&mut node),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(AdaptError::Io {
@@ -471,33 +705,28 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
         }
         let mut stopped = None;
         for o in node.take_outputs() {
-            match o {
-                Output::Send { to, msg } => links.send(to, &msg),
-                Output::Response { id, payload } => {
-                    let _ = writeln!(out, "{}", answer_line(id, &payload));
+            let event = match o {
+                Output::Send { to, msg } => {
+                    links.send(to, &msg);
+                    continue;
                 }
-                Output::Stable { epoch } => {
-                    let members: Vec<String> =
-                        node.members().iter().map(|m| m.to_string()).collect();
-                    let _ = writeln!(
-                        out,
-                        "stable {epoch} t={:.3} members={}",
-                        now_ms(),
-                        members.join(",")
-                    );
+                Output::Response { id, payload } => DriverEvent::Response { id, payload },
+                Output::Stable { .. } => DriverEvent::Stable(ViewSnapshot::of(&node)),
+                Output::Phase { epoch, phase } => DriverEvent::Phase { epoch, phase },
+                Output::Stopped { reason } => {
+                    stopped = Some(reason);
+                    continue;
                 }
-                Output::Phase { epoch, phase } => {
-                    let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
-                }
-                Output::Stopped { reason } => stopped = Some(reason),
-                Output::Log(line) => eprintln!("node {}: {line}", cfg.id),
-            }
+                Output::Log(line) => DriverEvent::Log(line),
+            };
+            // Nobody listening any more is not the node's problem.
+            let _ = events.send(event);
         }
-        let _ = out.flush();
         if let Some(reason) = stopped {
             links.close();
-            let _ = writeln!(out, "stopped {reason}");
-            let _ = out.flush();
+            let _ = events.send(DriverEvent::Stopped {
+                reason: reason.clone(),
+            });
             return Ok(reason);
         }
     }

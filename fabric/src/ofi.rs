@@ -1194,12 +1194,12 @@ impl Endpoint for OfiEndpoint {
             .map(drop)
     }
 
-    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
+    fn recv_masked(&self, tag: u64, ignore: u64, timeout: Duration) -> Result<Message> {
         let inner = &self.inner;
         // The caller drives progress, and the progress thread polls without sleeping for a
         // while (then only while there is activity), filling the inbox and waking the caller.
         inner.heat();
-        inner.inbox.take(tag, timeout, || inner.progress())
+        inner.inbox.take(tag, ignore, timeout, || inner.progress())
     }
 }
 

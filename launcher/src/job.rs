@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
+use crate::added_nodes::{start_hub, AddedNodes};
 use crate::daemon::{
     self, DaemonClient, DaemonControl, DaemonOutput, FromDaemon, RunRequest, ToDaemon,
 };
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
+use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
 
 /// A user program to run as `ranks` processes.
@@ -157,7 +159,7 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
-enum NodeProc {
+pub(crate) enum NodeProc {
     Child(Child),
     Remote {
         host: String,
@@ -289,6 +291,8 @@ pub fn run(job: &Job) -> Result<i32> {
         BootstrapServer::start_with((bind, 0), k, Duration::from_secs(120), Some(secret.clone()))?;
     let node_service = SocketAddr::new(advertised, server.addr().port());
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
+    let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
+    let hub_addr = hub.addr();
     // Ranks find each other through their own all-gather service.
     let rank_server = match &placement {
         Some(place) => Some(BootstrapServer::start_with(
@@ -308,6 +312,8 @@ pub fn run(job: &Job) -> Result<i32> {
             .arg(node_service.to_string())
             .arg("--nnodes")
             .arg(k.to_string())
+            .arg("--runtime")
+            .arg(hub_addr.to_string())
             .stdin(if stdin_for_rank0 {
                 Stdio::inherit()
             } else {
@@ -318,6 +324,7 @@ pub fn run(job: &Job) -> Result<i32> {
         if configured.is_none() {
             cmd.env("KRUN_SECRET", secret.to_hex());
         }
+        cmd.env("KRUN_JOB_ID", std::process::id().to_string());
         for (key, v) in &job.env {
             cmd.env(key, v);
         }
@@ -518,8 +525,15 @@ pub fn run(job: &Job) -> Result<i32> {
             exit,
         }));
     }
+    let added = AddedNodes {
+        starts: hub.take_starts(),
+        secret: secret.clone(),
+        configured: configured.is_some(),
+        hub_addr,
+        wake: tx.clone(),
+    };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx)?;
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders)?;
     for f in forwarders {
         let _ = f.join();
     }
@@ -529,10 +543,21 @@ pub fn run(job: &Job) -> Result<i32> {
     Ok(worst)
 }
 
-fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Result<i32> {
+fn wait_all(
+    children: &mut Children,
+    job: &Job,
+    wake: &mpsc::Receiver<()>,
+    hub: &Hub,
+    added: AddedNodes,
+    forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Result<i32> {
     let deadline = Instant::now() + job.timeout;
     let mut worst = 0;
     let mut remaining = children.0.len();
+    // The nodes the job started; nodes added later run no ranks and end when these have.
+    let originals = children.0.len();
+    let mut originals_left = originals;
+    let mut stop_sent = false;
     let mut interrupts = 0;
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
@@ -562,11 +587,29 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
                 );
                 failed = true;
             }
-            if !stopped_by_us {
+            if !stopped_by_us && i < originals {
                 worst = worst.max(code);
+            }
+            if i < originals {
+                originals_left -= 1;
             }
             *slot = None;
             remaining -= 1;
+        }
+        if let Some(starts) = &added.starts {
+            for n in starts.try_iter() {
+                match added.start(job, n.clone(), forwarders) {
+                    Ok(p) => {
+                        children.0.push(Some(p));
+                        remaining += 1;
+                    }
+                    Err(e) => eprintln!("krun: cannot add node {}: {e}", n.node),
+                }
+            }
+        }
+        if originals_left == 0 && !stop_sent {
+            hub.stop_all();
+            stop_sent = true;
         }
         if failed && remaining > 0 {
             // The others would wait for the failed node until their own timeouts: end them now.
@@ -605,7 +648,7 @@ fn forward_stdin(control: Arc<Mutex<DaemonControl>>) {
 
 /// Reads a daemon's frames for one node: output lines, then the exit code. A connection
 /// that ends without an exit code means the host or its daemon died.
-fn forward_remote(
+pub(crate) fn forward_remote(
     mut output: DaemonOutput,
     host: String,
     what: String,
@@ -658,7 +701,7 @@ fn forward_remote(
 
 /// Copies a node's output to ours line by line (whole lines, so nodes never interleave
 /// inside a line), with an optional prefix.
-fn forward(
+pub(crate) fn forward(
     stream: impl Read + Send + 'static,
     prefix: Option<String>,
     is_err: bool,
