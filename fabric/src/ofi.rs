@@ -263,7 +263,7 @@ impl OfiEndpoint {
             let mut rc = -1;
             // shm: ask for remote-access counters first (see `Objects::cntr`).
             if provider == Provider::Shm {
-                (*hints).caps = base_caps | sys::FI_RMA_EVENT as u64;
+                (*hints).caps = base_caps | sys::FI_RMA_EVENT;
                 rc = (lib.fi_getinfo)(
                     sys::KRUN_FI_VERSION,
                     node_ptr,
@@ -382,7 +382,7 @@ impl OfiEndpoint {
                 "fi_ep_bind(av)",
                 sys::krun_fi_ep_bind(objects.ep, &mut (*objects.av).fid, 0) as i64,
             )?;
-            if (*objects.info).caps & sys::FI_RMA_EVENT as u64 != 0 {
+            if (*objects.info).caps & sys::FI_RMA_EVENT != 0 {
                 let mut cntr_attr = sys::fi_cntr_attr {
                     events: sys::fi_cntr_events_FI_CNTR_EVENTS_COMP,
                     wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
