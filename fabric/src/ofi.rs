@@ -573,6 +573,17 @@ fn shm_pid(raw: &[u8]) -> Option<u32> {
     rest.split(':').next()?.parse().ok()
 }
 
+/// Between two polls of a hot progress loop: spin, and give the core away (sched_yield) only
+/// every 64th time. Yielding on every poll hands the core to any other runnable task for its
+/// whole slice, which on a loaded node turned 1.5 us operations into 60-70 us ones.
+fn hot_pause(spins: u32) {
+    if spins % 64 == 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 /// A shm peer's process, watched through a pidfd (readable once the process has exited).
 /// Checking it is one poll(2), not a read of /proc.
 struct PeerProcess {
@@ -844,6 +855,7 @@ impl Inner {
         // SAFETY: PR_SET_TIMERSLACK takes a value and touches no memory; it affects this thread.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
         let mut remote_seen = 0u64;
+        let mut spins = 0u32;
         while !self.shutdown.load(Ordering::Relaxed) {
             if self.waiters.load(Ordering::Relaxed) > 0 {
                 // A waiter drives progress itself; stay out of its way (it parks after a few
@@ -857,13 +869,15 @@ impl Inner {
             if handled > 0 || remote != remote_seen || self.ops.in_flight.current() > 0 {
                 remote_seen = remote;
                 self.heat();
-                std::thread::yield_now();
+                spins = spins.wrapping_add(1);
+                hot_pause(spins);
                 continue;
             }
             if self.now_us() < self.hot_until_us.load(Ordering::Relaxed) {
                 // Requests come in bursts (a peer's ping-pong, a pipeline, a caller waiting
-                // in recv): keep serving at the provider's speed, yielding the core to others.
-                std::thread::yield_now();
+                // in recv): keep serving at the provider's speed.
+                spins = spins.wrapping_add(1);
+                hot_pause(spins);
                 continue;
             }
             match self.wait_fd {

@@ -210,11 +210,11 @@ fn ranks_that_use_the_fabric_are_refused_a_move_with_the_reason() {
     let rt = start(&secret, false);
     let (runner, _commands) = std::sync::mpsc::channel();
     rt.set_rank_commands(runner);
-    // Rank 0 is a process with libfabric loaded (a krund host daemon on a free port).
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_krund"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env("KRUN_SECRET", secret.to_hex())
-        .env_remove("KRUN_SECRET_FILE")
+    // Rank 0 is a process with libfabric loaded: krun's own programs load it only when they
+    // open an endpoint, so a plain process gets the library krun uses preloaded.
+    let mut daemon = std::process::Command::new("sleep")
+        .arg("30")
+        .env("LD_PRELOAD", libfabric_sys::LIBRARY)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
