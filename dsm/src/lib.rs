@@ -1,6 +1,11 @@
-//! Page-based distributed shared memory (planned).
+//! Page-based distributed shared memory.
 //!
-//! Will hold: page faults trapped with userfaultfd, pages moved by one-sided reads through
-//! `fabric`, and a directory of page owners kept by managers located by `adaptation`
-//! (single writer / multiple readers coherence, as in IVY and Kerrighed containers).
-//! Nothing is implemented yet; the crate exists so the workspace shows the architecture.
+//! - [`coherence`]: the coherence protocol (sequential consistency, single writer / multiple
+//!   readers, IVY / Kerrighed containers) as a sans-IO state machine.
+//! - [`directory`]: page -> owner, kept by managers located by the cell-tree locator or
+//!   `page % N`, registered with the adaptation layer as a service (migration, failure scan).
+pub mod coherence;
+pub mod directory;
+pub mod error;
+
+pub use error::{DsmError, Result};
