@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use adaptation::locator::Placement;
+use serde::{Deserialize, Serialize};
 
 use crate::directory::{Directory, ManagerDecision};
 
@@ -38,7 +39,7 @@ pub const SHARE_WORD_NODES: NodeId = 32;
 pub const SHARE_OPEN: u64 = 1 << 63;
 
 /// A kind of access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Access {
     Read,
     Write,
@@ -82,7 +83,7 @@ pub enum Source {
 
 /// Protocol messages. [`Msg::Grant`] carries the page bytes (attached by the driver from the
 /// sender's memory unless `zero`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// A read request, sent to the probable owner (`via_manager == false`) or forwarded by
     /// the manager to the owner it has on record.
@@ -740,6 +741,10 @@ impl<W: ShareWords> Node<W> {
             p.state = PageState::WriteOwner;
             p.fetch = Fetch::Idle;
         } else {
+            if p.state == PageState::WriteOwner {
+                // Freeze the page before its bytes are sent and dropped.
+                out.push(Action::Protect { page });
+            }
             out.push(Action::Send {
                 to,
                 msg: Msg::Grant {

@@ -1,0 +1,310 @@
+//! `dsm-node`: one process of a multi-process DSM scenario (a test and diagnostic tool).
+//!
+//! ```text
+//! dsm-node <scenario> --provider <tcp|shm> --bootstrap <ip:port> --rank <r> --size <n>
+//!          [--pages <per rank>] [--rounds <n>]
+//! ```
+//!
+//! | scenario  | what happens |
+//! |-----------|--------------|
+//! | `share`   | each rank writes its part of a region, reads every other part after a barrier (byte by byte); then ownership of shared pages moves round-robin between the ranks, checked after every barrier; a counter incremented under the DSM lock; false sharing (each rank its own word of one page) |
+//! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
+//!
+//! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
+//! passed, 1 when one failed, 2 on bad arguments.
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dsm::{Dsm, DsmConfig};
+use fabric::bootstrap::BootstrapClient;
+use fabric::{FabricConfig, Provider};
+
+type Res<T> = std::result::Result<T, String>;
+
+struct Args {
+    scenario: String,
+    provider: Provider,
+    bootstrap: SocketAddr,
+    rank: usize,
+    size: usize,
+    pages: usize,
+    rounds: usize,
+}
+
+fn parse() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let scenario = it.next().ok_or("missing scenario")?;
+    let mut a = Args {
+        scenario,
+        provider: Provider::Tcp,
+        bootstrap: "127.0.0.1:0".parse().expect("literal"),
+        rank: 0,
+        size: 1,
+        pages: 16,
+        rounds: 12,
+    };
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{k} {v}: {e}");
+        match k.as_str() {
+            "--provider" => {
+                a.provider = Provider::all()
+                    .into_iter()
+                    .find(|p| p.name() == v)
+                    .ok_or_else(|| bad(&"unknown provider"))?
+            }
+            "--bootstrap" => a.bootstrap = v.parse().map_err(|e| bad(&e))?,
+            "--rank" => a.rank = v.parse().map_err(|e| bad(&e))?,
+            "--size" => a.size = v.parse().map_err(|e| bad(&e))?,
+            "--pages" => a.pages = v.parse().map_err(|e| bad(&e))?,
+            "--rounds" => a.rounds = v.parse().map_err(|e| bad(&e))?,
+            _ => return Err(format!("unknown option {k}")),
+        }
+    }
+    Ok(a)
+}
+
+fn byte(rank: usize, round: usize, i: usize) -> u8 {
+    (rank.wrapping_mul(131) ^ round.wrapping_mul(31) ^ i.wrapping_mul(7) ^ (i >> 9)) as u8
+}
+
+fn share(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let part = a.pages * page;
+    let region = d.alloc(part * a.size).map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    println!("krun-result region={:#x}", mem as u64);
+    let r = a.rank;
+    // 1. Each rank writes its part, then reads everyone's.
+    for i in 0..part {
+        // SAFETY: inside the region; each rank writes only its own part here.
+        unsafe { mem.add(r * part + i).write_volatile(byte(r, 0, i)) };
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    for owner in 0..a.size {
+        for i in 0..part {
+            // SAFETY: inside the region; no rank writes between these barriers.
+            let got = unsafe { mem.add(owner * part + i).read_volatile() };
+            if got != byte(owner, 0, i) {
+                return Err(format!(
+                    "part of rank {owner} byte {i}: {got} != {}",
+                    byte(owner, 0, i)
+                ));
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    // 2. Ownership moves back and forth: in round k, rank k % size rewrites the first page
+    //    of every part and one word of every page; everybody checks after the barrier.
+    for round in 1..=a.rounds {
+        let writer = round % a.size;
+        if r == writer {
+            for owner in 0..a.size {
+                for i in 0..page {
+                    // SAFETY: inside the region; only `writer` writes in this round.
+                    unsafe {
+                        mem.add(owner * part + i)
+                            .write_volatile(byte(owner, round, i))
+                    };
+                }
+                for p in 1..a.pages {
+                    // SAFETY: as above.
+                    unsafe { mem.add(owner * part + p * page).write_volatile(round as u8) };
+                }
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+        for owner in 0..a.size {
+            for i in 0..part {
+                let expected = if i < page {
+                    byte(owner, round, i)
+                } else if i % page == 0 {
+                    round as u8
+                } else {
+                    byte(owner, 0, i)
+                };
+                // SAFETY: inside the region; nobody writes until the next barrier.
+                let got = unsafe { mem.add(owner * part + i).read_volatile() };
+                if got != expected {
+                    return Err(format!(
+                        "round {round} (writer {writer}): part {owner} byte {i}: {got} != {expected}"
+                    ));
+                }
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+    }
+    // 3. A counter under the DSM lock, and false sharing: each rank bumps its own word of
+    //    one page.
+    let counters = d.alloc(page).map_err(|e| e.to_string())?;
+    let c = counters.as_ptr() as *mut u64;
+    let iters = 50u64;
+    for _ in 0..iters {
+        d.lock(0).map_err(|e| e.to_string())?;
+        // SAFETY: word 0 of the counters page, only touched under lock 0.
+        unsafe { c.write_volatile(c.read_volatile() + 1) };
+        d.unlock(0).map_err(|e| e.to_string())?;
+        // SAFETY: word 1 + rank is this rank's own word.
+        unsafe {
+            let w = c.add(1 + r);
+            w.write_volatile(w.read_volatile() + 1)
+        };
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    // SAFETY: nobody writes after the barrier.
+    let total = unsafe { c.read_volatile() };
+    if total != iters * a.size as u64 {
+        return Err(format!(
+            "locked counter {total} != {}",
+            iters * a.size as u64
+        ));
+    }
+    for k in 0..a.size {
+        // SAFETY: as above.
+        let v = unsafe { c.add(1 + k).read_volatile() };
+        if v != iters {
+            return Err(format!("rank {k}'s word {v} != {iters} (false sharing)"));
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(counters).map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())?;
+    let (faults, fetches, prefetched, messages) = d.stats();
+    let p = d.protocol_stats();
+    println!(
+        "krun-result share=ok faults={faults} one_sided_reads={fetches} prefetched={prefetched} messages={messages} invalidations={}",
+        p.invalidations_sent
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Timed faults (3 ranks): rank 0 writes `pages` pages; rank 1 reads them one by one (each a
+/// message round trip and an owner downgrade); rank 0 rewrites them (invalidating rank 1, whose
+/// hint now names rank 0) and rank 2 reads them (downgrade again); rank 1 then reads them
+/// one-sided (join + RMA read), one by one, and finally scans them with prefetch.
+fn latency(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let n = a.pages;
+    let stride_pages = 2; // every other page: no prefetch while timing single faults
+    let region = d
+        .alloc(n * page * stride_pages * 2)
+        .map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    let at = |i: usize| i * page * stride_pages;
+    let scan_base = n * page * stride_pages;
+    let fill = |round: u8| {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            unsafe { mem.add(at(i)).write_volatile(round) };
+        }
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            unsafe { mem.add(scan_base + i * page).write_volatile(round) };
+        }
+    };
+    let read_each = |expect: u8| -> Res<Vec<f64>> {
+        let mut times = Vec::new();
+        for i in 0..n {
+            let t = Instant::now();
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(at(i)).read_volatile() };
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            if v != expect {
+                return Err(format!("page {i}: {v} != {expect}"));
+            }
+        }
+        Ok(times)
+    };
+    if a.rank == 0 {
+        fill(1);
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 1 {
+        let t = read_each(1)?;
+        println!("krun-result read_fault_message_us={:.1}", median(t));
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 0 {
+        fill(2);
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 2 {
+        read_each(2)?;
+        // Scan part too, so that rank 0 is a read owner of it.
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(scan_base + i * page).read_volatile() };
+            if v != 2 {
+                return Err(format!("scan page {i}: {v} != 2"));
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 1 {
+        let before = d.stats().1;
+        let t = read_each(2)?;
+        let one_sided = d.stats().1 - before;
+        println!(
+            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided}",
+            median(t)
+        );
+        let before = d.stats();
+        let t = Instant::now();
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(scan_base + i * page).read_volatile() };
+            if v != 2 {
+                return Err(format!("scan page {i}: {v} != 2"));
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let after = d.stats();
+        println!(
+            "krun-result scan_mb_s={:.1} scan_faults={} scan_prefetched={}",
+            (n * stride_pages * page) as f64 / secs / 1e6,
+            after.0 - before.0,
+            after.2 - before.2
+        );
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())
+}
+
+fn run(a: &Args) -> Res<()> {
+    let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let fabric = FabricConfig::with_provider(a.provider)
+        .with_env()
+        .map_err(|e| e.to_string())?;
+    let config = DsmConfig::default().with_env().map_err(|e| e.to_string())?;
+    let d = Dsm::init(boot, &fabric, config).map_err(|e| format!("init: {e}"))?;
+    match a.scenario.as_str() {
+        "share" => share(&d, a),
+        "latency" => latency(&d, a),
+        s => Err(format!("unknown scenario {s}")),
+    }?;
+    d.barrier().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dsm-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dsm-node rank {}: {e}", a.rank);
+            ExitCode::from(1)
+        }
+    }
+}

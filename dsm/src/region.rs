@@ -1,0 +1,475 @@
+//! The collective API of the DSM: a [`Dsm`] per process, shared regions allocated and freed
+//! collectively at the same virtual address on every rank, a DSM lock (a compare-and-swap
+//! word at rank 0) and a barrier. Memory is sequentially consistent, so data-race-free
+//! programs need no flush at the lock or the barrier.
+//!
+//! Configuration (`KRUN_DSM_*`, over [`DsmConfig::default`]): `KRUN_DSM_FAULT_THREADS`
+//! (2), `KRUN_DSM_PREFETCH` (8 pages), `KRUN_DSM_LOCATOR` (`static` = `page % N`, or
+//! `dynamic` = the cell-tree locator), `KRUN_DSM_ONE_SIDED` (1: readers join and read
+//! one-sided; 0: by messages).
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fabric::bootstrap::BootstrapClient;
+use fabric::{Endpoint, FabricConfig, MemoryRegion, PeerId, Region, RemoteRegion};
+
+use crate::coherence::{Node, NodeId, PageId};
+use crate::directory::LocatorKind;
+use crate::error::{DsmError, Result};
+use crate::fault::{Engine, RegionInfo, Regions};
+use crate::uffd::{Uffd, PAGE};
+
+/// Settings of a DSM process.
+#[derive(Clone, Debug)]
+pub struct DsmConfig {
+    pub fault_threads: usize,
+    /// Pages a sequential read miss loads beyond the faulting one.
+    pub prefetch: usize,
+    pub locator: LocatorKind,
+    pub one_sided: bool,
+    /// Number of DSM locks.
+    pub locks: usize,
+}
+
+impl Default for DsmConfig {
+    fn default() -> Self {
+        DsmConfig {
+            fault_threads: 2,
+            prefetch: 8,
+            locator: LocatorKind::Modulo,
+            one_sided: true,
+            locks: 64,
+        }
+    }
+}
+
+impl DsmConfig {
+    /// Applies the `KRUN_DSM_*` variables.
+    pub fn with_env(mut self) -> Result<Self> {
+        fn number(key: &str, v: &str) -> Result<usize> {
+            v.trim().parse().map_err(|_| DsmError::Config {
+                what: key.into(),
+                reason: format!("{v:?} is not a non-negative integer"),
+            })
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_FAULT_THREADS") {
+            self.fault_threads = number("KRUN_DSM_FAULT_THREADS", &v)?.max(1);
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_PREFETCH") {
+            self.prefetch = number("KRUN_DSM_PREFETCH", &v)?;
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_LOCATOR") {
+            self.locator = match v.trim() {
+                "static" | "modulo" => LocatorKind::Modulo,
+                "dynamic" | "cell-tree" => LocatorKind::CellTree,
+                _ => {
+                    return Err(DsmError::Config {
+                        what: "KRUN_DSM_LOCATOR".into(),
+                        reason: format!("{v:?}: expected static or dynamic"),
+                    })
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_ONE_SIDED") {
+            self.one_sided = number("KRUN_DSM_ONE_SIDED", &v)? != 0;
+        }
+        Ok(self)
+    }
+}
+
+/// A region of shared memory: the same address on every rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedRegion {
+    base: u64,
+    len: usize,
+    first_page: PageId,
+}
+
+impl SharedRegion {
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn first_page(&self) -> PageId {
+        self.first_page
+    }
+}
+
+/// One process of a DSM job.
+pub struct Dsm {
+    engine: Arc<Engine>,
+    boot: Mutex<BootstrapClient>,
+    threads: Vec<JoinHandle<()>>,
+    rank: NodeId,
+    size: usize,
+    next_page: Mutex<PageId>,
+    /// Rank 0's lock words (every rank registers one; only rank 0's is used).
+    _locks: MemoryRegion,
+    lock_remote: RemoteRegion,
+    lock_peer: PeerId,
+    nlocks: usize,
+    mapped: Mutex<BTreeMap<u64, usize>>,
+}
+
+fn collective(what: &str, e: impl std::fmt::Display) -> DsmError {
+    DsmError::Collective {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+impl Dsm {
+    /// Joins the DSM: opens an endpoint, swaps addresses through `boot` (collective), and
+    /// starts the fault and service threads.
+    pub fn init(
+        mut boot: BootstrapClient,
+        fabric: &FabricConfig,
+        config: DsmConfig,
+    ) -> Result<Dsm> {
+        let rank = boot.rank() as NodeId;
+        let size = boot.size();
+        let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
+        let locks = ep.register(Region::new(config.locks.max(1) * 8)?)?;
+        let mut blob = ep.address().to_bytes();
+        blob.extend_from_slice(&locks.remote().to_bytes());
+        let all = boot.allgather(&blob).map_err(|e| collective("init", e))?;
+        let mut peers = vec![None; size];
+        let mut lock_remote = None;
+        let mut lock_peer = None;
+        for (r, b) in all.iter().enumerate() {
+            let split = b
+                .len()
+                .checked_sub(RemoteRegion::ENCODED_LEN)
+                .ok_or_else(|| collective("init", format!("rank {r} sent {} bytes", b.len())))?;
+            let addr = fabric::EndpointAddress::from_bytes(&b[..split])?;
+            // Every rank reaches its own memory through the fabric too for atomics (one
+            // atomicity domain): rank 0's lock words, its own share words.
+            {
+                let p = ep.connect(&addr)?;
+                peers[r] = Some(p);
+                if r == 0 {
+                    lock_peer = Some(p);
+                    lock_remote = Some(RemoteRegion::from_bytes(&b[split..])?);
+                }
+            }
+        }
+        let regions: Regions = Arc::new(RwLock::new(BTreeMap::new()));
+        let ids: Vec<NodeId> = (0..size as NodeId).collect();
+        let this = peers[rank as usize].ok_or_else(|| collective("init", "no self connection"))?;
+        let node = Node::new(
+            rank,
+            config.locator.build(&ids),
+            Engine::words(regions.clone(), ep.clone(), rank, this),
+            config.one_sided,
+        );
+        let engine = Arc::new(Engine::new(
+            rank,
+            ep,
+            peers,
+            node,
+            regions,
+            Uffd::open()?,
+            config.prefetch,
+        ));
+        let threads = engine.spawn(config.fault_threads)?;
+        let dsm = Dsm {
+            engine,
+            boot: Mutex::new(boot),
+            threads,
+            rank,
+            size,
+            next_page: Mutex::new(0),
+            _locks: locks,
+            lock_remote: lock_remote.ok_or_else(|| collective("init", "no rank 0"))?,
+            lock_peer: lock_peer.ok_or_else(|| collective("init", "no rank 0"))?,
+            nlocks: config.locks.max(1),
+            mapped: Mutex::new(BTreeMap::new()),
+        };
+        dsm.barrier()?;
+        Ok(dsm)
+    }
+
+    pub fn rank(&self) -> NodeId {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.engine.error() {
+            Some(e) => Err(DsmError::Collective {
+                what: "DSM driver".into(),
+                reason: e,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn allgather(&self, what: &str, blob: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut boot = self.boot.lock().map_err(|_| collective(what, "poisoned"))?;
+        boot.allgather(blob).map_err(|e| collective(what, e))
+    }
+
+    /// Returns when every rank has reached it (and reports a driver error, if any).
+    pub fn barrier(&self) -> Result<()> {
+        self.check()?;
+        self.allgather("barrier", &[])?;
+        self.check()
+    }
+
+    /// Allocates a shared region of `len` bytes (rounded up to pages), collectively: every
+    /// rank calls it in the same order and gets the same address. Its pages read as zero
+    /// until written.
+    pub fn alloc(&self, len: usize) -> Result<SharedRegion> {
+        self.check()?;
+        if len == 0 {
+            return Err(DsmError::Config {
+                what: "region length".into(),
+                reason: "must be at least one byte".into(),
+            });
+        }
+        let pages = len.div_ceil(PAGE);
+        let bytes = pages * PAGE;
+        let base = self.agree_address(bytes)?;
+        let export = self.engine.ep.register(Region::new(bytes)?)?;
+        let words = self.engine.ep.register(Region::new(pages * 8)?)?;
+        let mut blob = export.remote().to_bytes().to_vec();
+        blob.extend_from_slice(&words.remote().to_bytes());
+        let all = self.allgather("alloc", &blob)?;
+        let mut remote_export = Vec::new();
+        let mut remote_words = Vec::new();
+        for b in &all {
+            if b.len() != 2 * RemoteRegion::ENCODED_LEN {
+                return Err(collective("alloc", "malformed region descriptors"));
+            }
+            remote_export.push(RemoteRegion::from_bytes(&b[..RemoteRegion::ENCODED_LEN])?);
+            remote_words.push(RemoteRegion::from_bytes(&b[RemoteRegion::ENCODED_LEN..])?);
+        }
+        let first_page = {
+            let mut next = self
+                .next_page
+                .lock()
+                .map_err(|_| collective("alloc", "poisoned"))?;
+            let first = *next;
+            *next += pages as u64;
+            first
+        };
+        let info = Arc::new(RegionInfo {
+            first_page,
+            pages: pages as u64,
+            base,
+            export,
+            words,
+            remote_export,
+            remote_words,
+        });
+        self.engine
+            .regions
+            .write()
+            .map_err(|_| collective("alloc", "poisoned"))?
+            .insert(first_page, info);
+        self.engine.uffd.register(base, bytes as u64)?;
+        self.mapped
+            .lock()
+            .map_err(|_| collective("alloc", "poisoned"))?
+            .insert(base, bytes);
+        self.barrier()?;
+        Ok(SharedRegion {
+            base,
+            len: bytes,
+            first_page,
+        })
+    }
+
+    /// Maps `bytes` at an address every rank can use: rank 0 proposes, the others map at
+    /// the same place (`MAP_FIXED_NOREPLACE`), and a refusal anywhere makes rank 0 propose
+    /// another.
+    fn agree_address(&self, bytes: usize) -> Result<u64> {
+        let mut held = Vec::new();
+        let result = (|| {
+            for _ in 0..8 {
+                let proposal = if self.rank == 0 {
+                    let a = map(0, bytes, false)?;
+                    held.push(a);
+                    a
+                } else {
+                    0
+                };
+                let all = self.allgather("alloc address", &proposal.to_le_bytes())?;
+                let addr = all
+                    .first()
+                    .and_then(|b| b.as_slice().try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .ok_or_else(|| collective("alloc", "malformed address proposal"))?;
+                let ok = self.rank == 0 || map(addr, bytes, true).is_ok();
+                let oks = self.allgather("alloc address", &[ok as u8])?;
+                if oks.iter().all(|b| b == &[1]) {
+                    if self.rank == 0 {
+                        held.retain(|&a| a != addr);
+                    }
+                    return Ok(addr);
+                }
+                if ok && self.rank != 0 {
+                    // SAFETY: we mapped exactly this range just above.
+                    unsafe { libc::munmap(addr as *mut _, bytes) };
+                }
+            }
+            Err(collective(
+                "alloc",
+                "no address free on every rank after 8 proposals",
+            ))
+        })();
+        for a in held {
+            // SAFETY: proposals rank 0 mapped and nobody uses.
+            unsafe { libc::munmap(a as *mut _, bytes) };
+        }
+        result
+    }
+
+    /// Frees a region collectively (every rank, same order).
+    pub fn free(&self, region: SharedRegion) -> Result<()> {
+        self.barrier()?;
+        self.engine
+            .regions
+            .write()
+            .map_err(|_| collective("free", "poisoned"))?
+            .remove(&region.first_page);
+        self.engine
+            .uffd
+            .unregister(region.base, region.len as u64)?;
+        self.mapped
+            .lock()
+            .map_err(|_| collective("free", "poisoned"))?
+            .remove(&region.base);
+        // SAFETY: the region was mapped by alloc and is no longer served.
+        unsafe { libc::munmap(region.base as *mut _, region.len) };
+        self.barrier()
+    }
+
+    /// Takes DSM lock `id` (a compare-and-swap spin lock with backoff at rank 0).
+    pub fn lock(&self, id: usize) -> Result<()> {
+        let offset = self.lock_offset(id)?;
+        let me = u64::from(self.rank) + 1;
+        let start = Instant::now();
+        let limit = self.engine.ep.op_timeout() * 6;
+        let mut nap = Duration::from_micros(5);
+        loop {
+            let prev =
+                self.engine
+                    .ep
+                    .compare_swap(self.lock_peer, &self.lock_remote, offset, 0, me)?;
+            if prev == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(DsmError::Timeout {
+                    what: format!("DSM lock {id} (held by rank {})", prev - 1),
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_micros(500));
+        }
+    }
+
+    pub fn unlock(&self, id: usize) -> Result<()> {
+        let offset = self.lock_offset(id)?;
+        let me = u64::from(self.rank) + 1;
+        let prev = self
+            .engine
+            .ep
+            .compare_swap(self.lock_peer, &self.lock_remote, offset, me, 0)?;
+        if prev != me {
+            return Err(DsmError::Config {
+                what: format!("DSM lock {id}"),
+                reason: format!("unlocked by rank {} but held by {prev}", self.rank),
+            });
+        }
+        Ok(())
+    }
+
+    fn lock_offset(&self, id: usize) -> Result<u64> {
+        if id >= self.nlocks {
+            return Err(DsmError::Config {
+                what: "lock id".into(),
+                reason: format!("{id} >= {} locks", self.nlocks),
+            });
+        }
+        Ok(id as u64 * 8)
+    }
+
+    /// Counters: (faults, remote one-sided page reads, prefetched pages, messages received).
+    pub fn stats(&self) -> (u64, u64, u64, u64) {
+        let s = &self.engine.stats;
+        (
+            s.faults.load(Ordering::Relaxed),
+            s.remote_fetches.load(Ordering::Relaxed),
+            s.prefetched.load(Ordering::Relaxed),
+            s.messages.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The protocol's counters.
+    pub fn protocol_stats(&self) -> crate::coherence::Stats {
+        self.engine.node.lock().map(|n| n.stats).unwrap_or_default()
+    }
+}
+
+impl Drop for Dsm {
+    fn drop(&mut self) {
+        self.engine.stop();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Ok(mapped) = self.mapped.lock() {
+            for (&base, &len) in mapped.iter() {
+                // SAFETY: regions alloc mapped; the driver threads have stopped.
+                unsafe { libc::munmap(base as *mut _, len) };
+            }
+        }
+    }
+}
+
+/// Maps `bytes` of private anonymous memory, at `addr` exactly when `fixed`.
+fn map(addr: u64, bytes: usize, fixed: bool) -> Result<u64> {
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | libc::MAP_NORESERVE
+        | if fixed { libc::MAP_FIXED_NOREPLACE } else { 0 };
+    // SAFETY: anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut _,
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || (fixed && p as u64 != addr) {
+        if p != libc::MAP_FAILED {
+            // SAFETY: an old kernel placed it elsewhere; undo.
+            unsafe { libc::munmap(p, bytes) };
+        }
+        return Err(DsmError::Os {
+            what: format!("mapping {bytes} bytes at {addr:#x}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(p as u64)
+}
