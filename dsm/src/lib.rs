@@ -12,6 +12,7 @@ pub mod coherence;
 pub mod directory;
 pub mod error;
 pub mod fault;
+pub mod lock;
 pub mod region;
 pub mod uffd;
 

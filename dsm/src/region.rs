@@ -8,18 +8,18 @@
 //! `dynamic` = the cell-tree locator), `KRUN_DSM_ONE_SIDED` (1: readers join and read
 //! one-sided; 0: by messages).
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use fabric::bootstrap::BootstrapClient;
-use fabric::{Endpoint, FabricConfig, MemoryRegion, PeerId, Region, RemoteRegion};
+use fabric::{Endpoint, FabricConfig, Region, RemoteRegion};
 
 use crate::coherence::{Node, NodeId, PageId};
 use crate::directory::LocatorKind;
 use crate::error::{DsmError, Result};
 use crate::fault::{Engine, RegionInfo, Regions};
+use crate::lock::Locks;
 use crate::uffd::{Uffd, PAGE};
 
 /// Settings of a DSM process.
@@ -115,11 +115,8 @@ pub struct Dsm {
     rank: NodeId,
     size: usize,
     next_page: Mutex<PageId>,
-    /// Rank 0's lock words (every rank registers one; only rank 0's is used).
-    _locks: MemoryRegion,
-    lock_remote: RemoteRegion,
-    lock_peer: PeerId,
-    nlocks: usize,
+    locks: Arc<Locks>,
+    stop: Arc<AtomicBool>,
     mapped: Mutex<BTreeMap<u64, usize>>,
 }
 
@@ -141,29 +138,14 @@ impl Dsm {
         let rank = boot.rank() as NodeId;
         let size = boot.size();
         let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
-        let locks = ep.register(Region::new(config.locks.max(1) * 8)?)?;
-        let mut blob = ep.address().to_bytes();
-        blob.extend_from_slice(&locks.remote().to_bytes());
+        let blob = ep.address().to_bytes();
         let all = boot.allgather(&blob).map_err(|e| collective("init", e))?;
         let mut peers = vec![None; size];
-        let mut lock_remote = None;
-        let mut lock_peer = None;
         for (r, b) in all.iter().enumerate() {
-            let split = b
-                .len()
-                .checked_sub(RemoteRegion::ENCODED_LEN)
-                .ok_or_else(|| collective("init", format!("rank {r} sent {} bytes", b.len())))?;
-            let addr = fabric::EndpointAddress::from_bytes(&b[..split])?;
+            let addr = fabric::EndpointAddress::from_bytes(b)?;
             // Every rank reaches its own memory through the fabric too for atomics (one
-            // atomicity domain): rank 0's lock words, its own share words.
-            {
-                let p = ep.connect(&addr)?;
-                peers[r] = Some(p);
-                if r == 0 {
-                    lock_peer = Some(p);
-                    lock_remote = Some(RemoteRegion::from_bytes(&b[split..])?);
-                }
-            }
+            // atomicity domain with the other ranks' operations).
+            peers[r] = Some(ep.connect(&addr)?);
         }
         let regions: Regions = Arc::new(RwLock::new(BTreeMap::new()));
         let ids: Vec<NodeId> = (0..size as NodeId).collect();
@@ -176,14 +158,39 @@ impl Dsm {
         );
         let engine = Arc::new(Engine::new(
             rank,
-            ep,
-            peers,
+            ep.clone(),
+            peers.clone(),
             node,
             regions,
             Uffd::open()?,
             config.prefetch,
         ));
-        let threads = engine.spawn(config.fault_threads)?;
+        let mut threads = engine.spawn(config.fault_threads)?;
+        let mut lock_peers = peers.clone();
+        lock_peers[rank as usize] = None;
+        let locks = Arc::new(Locks::new(
+            rank,
+            ep.clone(),
+            lock_peers,
+            config.locks.max(1),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        if rank == 0 {
+            let (l, s) = (locks.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("dsm-locks".into())
+                    .spawn(move || {
+                        if let Err(e) = l.serve(&s) {
+                            eprintln!("dsm lock server: {e}");
+                        }
+                    })
+                    .map_err(|e| DsmError::Os {
+                        what: "spawning the lock server".into(),
+                        source: e,
+                    })?,
+            );
+        }
         let dsm = Dsm {
             engine,
             boot: Mutex::new(boot),
@@ -191,10 +198,8 @@ impl Dsm {
             rank,
             size,
             next_page: Mutex::new(0),
-            _locks: locks,
-            lock_remote: lock_remote.ok_or_else(|| collective("init", "no rank 0"))?,
-            lock_peer: lock_peer.ok_or_else(|| collective("init", "no rank 0"))?,
-            nlocks: config.locks.max(1),
+            locks,
+            stop,
             mapped: Mutex::new(BTreeMap::new()),
         };
         dsm.barrier()?;
@@ -360,56 +365,14 @@ impl Dsm {
         self.barrier()
     }
 
-    /// Takes DSM lock `id` (a compare-and-swap spin lock with backoff at rank 0).
+    /// Takes DSM lock `id` (FIFO, granted by rank 0).
     pub fn lock(&self, id: usize) -> Result<()> {
-        let offset = self.lock_offset(id)?;
-        let me = u64::from(self.rank) + 1;
-        let start = Instant::now();
-        let limit = self.engine.ep.op_timeout() * 6;
-        let mut nap = Duration::from_micros(5);
-        loop {
-            let prev =
-                self.engine
-                    .ep
-                    .compare_swap(self.lock_peer, &self.lock_remote, offset, 0, me)?;
-            if prev == 0 {
-                return Ok(());
-            }
-            if start.elapsed() > limit {
-                return Err(DsmError::Timeout {
-                    what: format!("DSM lock {id} (held by rank {})", prev - 1),
-                    seconds: start.elapsed().as_secs_f64(),
-                });
-            }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_micros(500));
-        }
+        self.check()?;
+        self.locks.lock(id, self.engine.ep.op_timeout() * 6)
     }
 
     pub fn unlock(&self, id: usize) -> Result<()> {
-        let offset = self.lock_offset(id)?;
-        let me = u64::from(self.rank) + 1;
-        let prev = self
-            .engine
-            .ep
-            .compare_swap(self.lock_peer, &self.lock_remote, offset, me, 0)?;
-        if prev != me {
-            return Err(DsmError::Config {
-                what: format!("DSM lock {id}"),
-                reason: format!("unlocked by rank {} but held by {prev}", self.rank),
-            });
-        }
-        Ok(())
-    }
-
-    fn lock_offset(&self, id: usize) -> Result<u64> {
-        if id >= self.nlocks {
-            return Err(DsmError::Config {
-                what: "lock id".into(),
-                reason: format!("{id} >= {} locks", self.nlocks),
-            });
-        }
-        Ok(id as u64 * 8)
+        self.locks.unlock(id)
     }
 
     /// Counters: (faults, remote one-sided page reads, prefetched pages, messages received).
@@ -432,6 +395,7 @@ impl Dsm {
 impl Drop for Dsm {
     fn drop(&mut self) {
         self.engine.stop();
+        self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
