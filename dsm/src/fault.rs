@@ -154,6 +154,11 @@ pub struct Engine {
     pub stats: DriverStats,
     zero: Vec<u8>,
     trace: bool,
+    /// Next sequence number towards each node.
+    send_seq: Mutex<Vec<u64>>,
+    /// Next expected from each node, and messages that arrived early.
+    #[allow(clippy::type_complexity)]
+    reorder: Mutex<(Vec<u64>, BTreeMap<(NodeId, u64), Vec<u8>>)>,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -180,6 +185,7 @@ impl Engine {
         uffd: Uffd,
         prefetch: usize,
     ) -> Engine {
+        let n = peers.len();
         let rank_of_peer = peers
             .iter()
             .enumerate()
@@ -200,6 +206,8 @@ impl Engine {
             stats: DriverStats::default(),
             zero: vec![0u8; PAGE],
             trace: std::env::var_os("KRUN_DSM_TRACE").is_some(),
+            send_seq: Mutex::new(vec![0; n]),
+            reorder: Mutex::new((vec![0; n], BTreeMap::new())),
         }
     }
 
@@ -283,6 +291,9 @@ impl Engine {
         }
     }
 
+    /// A message off the fabric. Messages carry a sequence number per (sender, receiver):
+    /// the protocol assumes FIFO links, and a provider may deliver a large message (a page)
+    /// after a small one sent later (shm does).
     fn on_wire(&self, peer: Option<PeerId>, data: &[u8]) -> Result<()> {
         let from_peer = peer.and_then(|p| self.rank_of_peer.get(&p).copied());
         let bad = |reason: String| DsmError::BadMessage {
@@ -295,11 +306,43 @@ impl Engine {
                 "wire version {version}, expected {WIRE_VERSION}"
             )));
         }
-        let ((from, msg), page_bytes): ((NodeId, Msg), &[u8]) =
+        let ((from, seq), _): ((NodeId, u64), &[u8]) =
             postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
-        if from_peer.is_some_and(|p| p != from) {
+        if from_peer.is_some_and(|p| p != from) || from as usize >= self.peers.len() {
             return Err(bad(format!("claims to be node {from}")));
         }
+        let mut ready = Vec::new();
+        {
+            let mut r = self.reorder.lock().map_err(|_| poisoned())?;
+            let (next, early) = &mut *r;
+            let expected = next[from as usize];
+            if seq < expected || early.contains_key(&(from, seq)) {
+                return Err(bad(format!("message {seq} again (expected {expected})")));
+            }
+            if seq > expected {
+                if early.len() >= 1 << 16 {
+                    return Err(bad(format!("too many messages ahead of {expected}")));
+                }
+                early.insert((from, seq), data.to_vec());
+                return Ok(());
+            }
+            ready.push(data.to_vec());
+            next[from as usize] += 1;
+            while let Some(d) = early.remove(&(from, next[from as usize])) {
+                ready.push(d);
+                next[from as usize] += 1;
+            }
+        }
+        for d in ready {
+            self.deliver(from, &d[1..])?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, from: NodeId, rest: &[u8]) -> Result<()> {
+        let bad = |reason: String| DsmError::BadMessage { from, reason };
+        let ((_, _, msg), page_bytes): ((NodeId, u64, Msg), &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
         let carries = matches!(msg, Msg::Grant { zero: false, .. });
         if carries && page_bytes.len() != PAGE || !carries && !page_bytes.is_empty() {
             return Err(bad(format!("{} page bytes with {msg:?}", page_bytes.len())));
@@ -546,8 +589,14 @@ impl Engine {
                         local.push_back((msg, bytes));
                         continue;
                     }
+                    let seq = {
+                        let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
+                        let slot = seqs.get_mut(to as usize).ok_or_else(|| no_region(page))?;
+                        *slot += 1;
+                        *slot - 1
+                    };
                     let mut wire = vec![WIRE_VERSION];
-                    wire.extend(postcard::to_allocvec(&(self.me, &msg)).map_err(|e| {
+                    wire.extend(postcard::to_allocvec(&(self.me, seq, &msg)).map_err(|e| {
                         DsmError::Config {
                             what: "message".into(),
                             reason: e.to_string(),
