@@ -142,8 +142,17 @@ fn share(d: &Dsm, a: &Args) -> Res<()> {
     let iters = 50u64;
     for _ in 0..iters {
         d.lock(0).map_err(|e| e.to_string())?;
-        // SAFETY: word 0 of the counters page, only touched under lock 0.
-        unsafe { c.write_volatile(c.read_volatile() + 1) };
+        // SAFETY: words 0 and 100 of the counters page, only touched under lock 0.
+        unsafe {
+            let holder = c.add(100);
+            let h = holder.read_volatile();
+            if h != 0 {
+                return Err(format!("lock 0 taken while rank {} holds it", h - 1));
+            }
+            holder.write_volatile(r as u64 + 1);
+            c.write_volatile(c.read_volatile() + 1);
+            holder.write_volatile(0);
+        }
         d.unlock(0).map_err(|e| e.to_string())?;
         // SAFETY: word 1 + rank is this rank's own word.
         unsafe {
