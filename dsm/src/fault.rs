@@ -521,6 +521,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The connection to `rank`.
+    pub fn peer_of(&self, rank: NodeId) -> Result<PeerId> {
+        self.peer(rank)
+    }
+
     fn peer(&self, rank: NodeId) -> Result<PeerId> {
         self.peers
             .get(rank as usize)

@@ -437,3 +437,48 @@ fn map(addr: u64, bytes: usize, fixed: bool) -> Result<u64> {
     }
     Ok(p as u64)
 }
+
+/// Reference measurements for benchmarks, taken with the DSM's own endpoint.
+impl Dsm {
+    /// Times `iters` blocking 4 KiB RMA reads of `owner`'s published copy of the region's
+    /// first page, and `iters` fetch-and-adds of 0 on its share word (microseconds each).
+    pub fn reference_rma(
+        &self,
+        region: &SharedRegion,
+        owner: NodeId,
+        iters: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let info = self
+            .engine
+            .regions
+            .read()
+            .map_err(|_| collective("reference", "poisoned"))?
+            .get(&region.first_page)
+            .cloned()
+            .ok_or_else(|| collective("reference", "unknown region"))?;
+        let ep = &self.engine.ep;
+        let peer = self.engine.peer_of(owner)?;
+        let local = ep.register(Region::new(PAGE)?)?;
+        let mut reads = Vec::new();
+        let mut atomics = Vec::new();
+        for _ in 0..iters {
+            let t = std::time::Instant::now();
+            // SAFETY: `local` is ours alone; the remote page is only read.
+            unsafe {
+                ep.read(
+                    peer,
+                    &local,
+                    0,
+                    PAGE,
+                    &info.remote_export[owner as usize],
+                    0,
+                )?
+            };
+            reads.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = std::time::Instant::now();
+            ep.fetch_add(peer, &info.remote_words[owner as usize], 0, 0)?;
+            atomics.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((reads, atomics))
+    }
+}

@@ -259,3 +259,64 @@ impl Uffd {
         }))
     }
 }
+
+/// Times `pages` read faults on a private region of this process, each resolved by a
+/// handler thread with `UFFDIO_COPY` from local memory (microseconds each): the reference
+/// for a DSM fault.
+pub fn local_fault_latency(pages: usize) -> Result<Vec<f64>> {
+    let uffd = std::sync::Arc::new(Uffd::open()?);
+    let len = pages * PAGE;
+    // SAFETY: a fresh private anonymous mapping.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(os_err("mapping the reference region".into()));
+    }
+    let base = base as u64;
+    let result = (|| {
+        uffd.register(base, len as u64)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (u, s) = (uffd.clone(), stop.clone());
+        let handler = std::thread::spawn(move || -> Result<()> {
+            let src = vec![7u8; PAGE];
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(f) = u.next_fault(20)? {
+                    // SAFETY: src holds PAGE bytes.
+                    unsafe { u.copy(f.address & !(PAGE as u64 - 1), src.as_ptr(), true)? };
+                }
+            }
+            Ok(())
+        });
+        let mut times = Vec::new();
+        for i in 0..pages {
+            let t = std::time::Instant::now();
+            // SAFETY: inside the mapping; the handler resolves the fault.
+            let v = unsafe { ((base + (i * PAGE) as u64) as *const u8).read_volatile() };
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            if v != 7 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(DsmError::Config {
+                    what: "reference fault".into(),
+                    reason: format!("read {v}, expected 7"),
+                });
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        handler.join().map_err(|_| DsmError::Config {
+            what: "reference fault".into(),
+            reason: "handler panicked".into(),
+        })??;
+        Ok(times)
+    })();
+    // SAFETY: our own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, len) };
+    result
+}

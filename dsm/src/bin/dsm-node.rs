@@ -237,6 +237,8 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
     if a.rank == 1 {
         let t = read_each(1)?;
         println!("krun-result read_fault_message_us={:.1}", median(t));
+        let local = dsm::uffd::local_fault_latency(n).map_err(|e| e.to_string())?;
+        println!("krun-result local_uffd_fault_us={:.1}", median(local));
     }
     d.barrier().map_err(|e| e.to_string())?;
     if a.rank == 0 {
@@ -262,6 +264,12 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
         println!(
             "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided}",
             median(t)
+        );
+        let (reads, atomics) = d.reference_rma(&region, 0, n).map_err(|e| e.to_string())?;
+        println!(
+            "krun-result rma_read_4k_us={:.1} fetch_add_us={:.1}",
+            median(reads),
+            median(atomics)
         );
         let before = d.stats();
         let t = Instant::now();
