@@ -427,8 +427,9 @@ impl Engine {
         {
             let mut node = self.node.lock().map_err(|_| poisoned())?;
             for (i, &(p, a)) in pages.iter().enumerate() {
-                if i > 0 && node.state(p) != crate::coherence::PageState::Invalid
-                    || i > 0 && node.waiting(p).is_some()
+                if i > 0
+                    && (node.state(p) != crate::coherence::PageState::Invalid
+                        || node.waiting(p).is_some())
                 {
                     continue;
                 }

@@ -192,16 +192,10 @@ impl Locks {
                 continue;
             }
             match d[0] {
-                OP_LOCK => {
-                    if self.table.acquire(id, who)? {
-                        self.grant(id, who)?;
-                    }
-                }
-                OP_UNLOCK => {
-                    if self.table.holder(id) == Some(who) {
-                        if let Some(next) = self.table.release(id, who)? {
-                            self.grant(id, next)?;
-                        }
+                OP_LOCK if self.table.acquire(id, who)? => self.grant(id, who)?,
+                OP_UNLOCK if self.table.holder(id) == Some(who) => {
+                    if let Some(next) = self.table.release(id, who)? {
+                        self.grant(id, next)?;
                     }
                 }
                 _ => {}
