@@ -1,11 +1,14 @@
 //! The multilevel store of one node.
 //!
-//! - **L1**: a copy in this node's memory (registered regions, pooled and reused).
+//! - **L1**: a copy in this node's memory (registered regions, pooled and reused), or the
+//!   image file itself, mapped ([`Store::put_file`], no copy).
 //! - **L2**: a copy in a buddy node's memory: the buddy reserves space in the arena it lends,
 //!   this node writes the image there with one-sided RMA writes, and the buddy verifies the
-//!   crc32c of what landed before it acknowledges (only then is L2 safe). The buddy is the
-//!   next node in another failure group (the next node when all share one group).
-//! - **L3**: XOR parity over a parity set of K consecutive nodes (nodes `s*K .. s*K+K-1`).
+//!   crc32c of what landed before it acknowledges (only then is L2 safe). Buddies and parity
+//!   sets come from a [`Placement`]: by default the buddy is the next node in another failure
+//!   group and sets are K consecutive nodes; [`Placement::from_cells`] derives both from the
+//!   locator's cells. A buddy the membership reports gone is replaced ([`Store::set_down`]).
+//! - **L3**: XOR parity over a parity set of K nodes.
 //!   Each member sends its image for version v to the set's parity holder for v, a node of
 //!   the next set (rotating with v; inside the set when there is only one set); once all
 //!   members' images are in, the holder computes the parity, keeps it with each member's
@@ -16,6 +19,7 @@
 //!
 //! `put` returns once L1 holds the copy; a background thread flushes to L2, L3 and L4.
 //! `get` reads the fastest valid copy; copies failing their checksum are reported and skipped.
+use crate::buddy::Placement;
 use crate::disk::{check_owner, DiskLevel};
 use crate::error::{Result, StoreError};
 use crate::wire::{self, Envelope, Kind, Reader, Writer};
@@ -27,6 +31,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+mod mapped;
+mod membership;
+mod usage;
+
+pub use mapped::PutReport;
+pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
 pub const STORE_TAG: u64 = 0x4b53_0000_0000_0001;
@@ -140,6 +151,8 @@ struct L1Copy {
     mr: Arc<MemoryRegion>,
     len: usize,
     crc: u32,
+    /// A mapped image file (never returned to the pool of copy buffers).
+    mapped: bool,
 }
 
 struct Held {
@@ -219,6 +232,13 @@ struct Inner {
     next_request: AtomicU64,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
+    placement: Placement,
+    /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
+    down: Mutex<Vec<bool>>,
+    /// Versions whose L2 copy went with a gone buddy: sent again to the new buddy.
+    reflush: Mutex<Vec<Key>>,
+    /// Bytes `put` copied into store memory (mapped puts copy none).
+    copied: AtomicU64,
 }
 
 /// One node's checkpoint store (see the module docs).
@@ -228,6 +248,7 @@ pub struct Store {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+#[cfg(test)]
 fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
     let sets = nodes.div_ceil(k);
     let next = ((set as usize + 1) % sets) * k;
@@ -236,12 +257,32 @@ fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
 }
 
 impl Store {
-    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`.
+    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`,
+    /// with the default placement ([`Placement::ring`]).
     pub fn start(ep: Box<dyn Endpoint>, cfg: StoreConfig) -> Result<Store> {
+        let groups: Vec<u32> = cfg.nodes.iter().map(|n| n.group).collect();
+        let placement = Placement::ring(&groups, cfg.parity_set);
+        Store::start_placed(ep, cfg, placement)
+    }
+
+    /// As [`Store::start`], with buddies and parity sets from `placement` (for instance
+    /// [`Placement::from_cells`] over the locator's cells).
+    pub fn start_placed(
+        ep: Box<dyn Endpoint>,
+        cfg: StoreConfig,
+        placement: Placement,
+    ) -> Result<Store> {
         if cfg.node >= cfg.nodes.len() {
             return Err(StoreError::Invalid(format!(
                 "node {} of {}",
                 cfg.node,
+                cfg.nodes.len()
+            )));
+        }
+        if placement.nodes() != cfg.nodes.len() {
+            return Err(StoreError::Invalid(format!(
+                "the placement covers {} nodes, the store has {}",
+                placement.nodes(),
                 cfg.nodes.len()
             )));
         }
@@ -278,6 +319,10 @@ impl Store {
             next_request: AtomicU64::new(1),
             disk,
             stop: AtomicBool::new(false),
+            down: Mutex::new(vec![false; placement.nodes()]),
+            reflush: Mutex::new(Vec::new()),
+            placement,
+            copied: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Key>();
         let service = inner.clone();
@@ -323,10 +368,12 @@ impl Store {
                 mr: Arc::new(mr),
                 len: data.len(),
                 crc,
+                mapped: false,
             },
         ) {
             inner.recycle(old);
         }
+        inner.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         inner.errors.lock().expect("lock").remove(&key);
         inner.mark_safe(&key, Level::L1);
         inner.retain(owner, Level::L1);
@@ -452,7 +499,7 @@ impl Store {
         }
         // L1 or L2 on other nodes (an L1 elsewhere is the owner's home node).
         let mut found_l2 = None;
-        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me) {
+        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me && !inner.is_down(n)) {
             match inner.fetch_remote(node, owner, version) {
                 Ok(Some((data, level))) => {
                     found_l2 = Some((data, level, node));
@@ -600,22 +647,16 @@ impl Drop for Store {
 
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {
-        let n = self.cfg.nodes.len();
-        let group = self.cfg.nodes[node].group;
-        (1..n)
-            .map(|d| (node + d) % n)
-            .find(|&m| self.cfg.nodes[m].group != group)
-            .unwrap_or((node + 1) % n)
+        let down = self.down.lock().expect("lock");
+        self.placement.buddy_among(node, &down).unwrap_or(node)
     }
 
     fn set_of(&self, node: usize) -> u32 {
-        (node / self.cfg.parity_set.max(1)) as u32
+        self.placement.set_of(node).0
     }
 
     fn set_size(&self, set: u32) -> usize {
-        let k = self.cfg.parity_set;
-        let start = set as usize * k;
-        k.min(self.cfg.nodes.len().saturating_sub(start))
+        self.placement.set_size(set)
     }
 
     fn mark_safe(&self, key: &Key, level: Level) {
@@ -653,6 +694,9 @@ impl Inner {
     }
 
     fn recycle(&self, copy: L1Copy) {
+        if copy.mapped {
+            return; // unmapped when the last reference goes
+        }
         // Only when no RMA read is using it (the map held the last reference).
         if let Ok(mr) = Arc::try_unwrap(copy.mr) {
             let mut pool = self.pool.lock().expect("lock");
@@ -838,6 +882,14 @@ impl Inner {
 
     /// Sends one copy to `node`: reserve, RMA write, commit (verified there).
     fn send_copy(&self, node: usize, key: &Key, kind: u8, set: u32, member: u32) -> Result<bool> {
+        if self.is_down(node) {
+            return Err(self.down_error(node));
+        }
+        if node == self.cfg.node {
+            return Err(StoreError::Invalid(
+                "no other node is up to hold the copy".into(),
+            ));
+        }
         let (mr, len, crc) = {
             let l1 = self.l1.lock().expect("lock");
             let c = l1.get(key).ok_or_else(|| StoreError::NotFound {
@@ -887,6 +939,7 @@ impl Inner {
             if let Some(key) = job {
                 self.flush(&key, &mut pending_l3);
             }
+            self.reprotect();
             // Parity sets complete when the other members have contributed.
             pending_l3.retain(|(key, set, holder, since)| {
                 match self.parity_lookup(*holder, *set, key.1) {
@@ -914,8 +967,8 @@ impl Inner {
         }
         if self.cfg.parity_set > 1 && n > 1 {
             let set = self.set_of(self.cfg.node);
-            let member = (self.cfg.node % self.cfg.parity_set) as u32;
-            let holder = parity_holder(set, key.1, n, self.cfg.parity_set);
+            let member = self.placement.set_of(self.cfg.node).1;
+            let holder = self.placement.parity_holder(set, key.1);
             let sent = if holder == self.cfg.node {
                 self.contribute_locally(key, set, member)
             } else {
@@ -1052,10 +1105,11 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        let n = self.cfg.nodes.len();
-        let k = self.cfg.parity_set;
-        for set in 0..n.div_ceil(k) as u32 {
-            let holder = parity_holder(set, version, n, k);
+        for set in 0..self.placement.sets().len() as u32 {
+            let holder = self.placement.parity_holder(set, version);
+            if self.is_down(holder) {
+                continue;
+            }
             let info = match self.parity_lookup(holder, set, version) {
                 Ok(Some(i)) => i,
                 Ok(None) | Err(_) => continue,
@@ -1116,6 +1170,10 @@ impl Inner {
                 if let Some(h) = self.held_copy(owner, version) {
                     return Ok(h);
                 }
+                continue;
+            }
+            if self.is_down(node) {
+                last = Some(self.down_error(node));
                 continue;
             }
             match self.fetch_remote(node, owner, version) {
@@ -1478,6 +1536,24 @@ mod tests {
         a.release(z, 4096);
         assert_eq!(a.free, vec![(0, 16 * 4096)]);
         assert_eq!(a.alloc(17 * 4096), None);
+    }
+
+    #[test]
+    fn the_default_placement_keeps_the_old_parity_holders() {
+        for n in 1..=12usize {
+            for k in 2..=5usize {
+                let p = Placement::ring(&vec![0; n], k);
+                for set in 0..n.div_ceil(k) as u32 {
+                    for v in 0..7 {
+                        assert_eq!(
+                            p.parity_holder(set, v),
+                            parity_holder(set, v, n, k),
+                            "n {n} k {k} set {set} v {v}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub const SETTINGS: &[Setting] = &[
         "KRUN_CRIU",
         Kind::Text,
         None,
-        "the CRIU binary (default: the one scripts/build-criu.sh builds in /opt/criu, then PATH)",
+        "the CRIU binary (default: /opt/criu/criu-4.2.1/criu/criu from scripts/build-criu.sh, then PATH)",
     ),
 ];
 

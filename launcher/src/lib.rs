@@ -13,6 +13,7 @@ pub mod ghost_cli;
 pub mod hostlist;
 pub mod job;
 pub mod ranks;
+pub mod runtime;
 pub mod slurm;
 
 pub use error::LauncherError;

@@ -1,0 +1,2 @@
+//! The node runtime inside krund.
+pub mod agent;
