@@ -12,7 +12,7 @@ use fabric::bootstrap::BootstrapServer;
 
 const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
 /// Generous bound for a scenario ("does not hang"), never a performance check.
-const LIMIT: Duration = Duration::from_secs(40);
+const LIMIT: Duration = Duration::from_secs(120);
 
 /// A running process, killed (by PID, through `Child`) and reaped when dropped. Its output
 /// is read by threads as it comes (a full pipe would stop it).
@@ -31,9 +31,10 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn spawn(args: &[String]) -> Proc {
+    fn spawn(args: &[String], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(NODE)
             .args(args)
+            .envs(env.iter().copied())
             .env("KRUN_FABRIC_BIND", "127.0.0.1")
             .env_remove("KRUN_SECRET_FILE")
             .stdin(Stdio::null())
@@ -79,6 +80,7 @@ fn run(
     provider: &str,
     size: usize,
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> Vec<HashMap<String, String>> {
     let server = BootstrapServer::start_with("127.0.0.1:0", size, LIMIT, None).unwrap();
     let addr = server.addr().to_string();
@@ -96,7 +98,7 @@ fn run(
                 size.to_string(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
-            Proc::spawn(&args)
+            Proc::spawn(&args, env)
         })
         .collect();
     let start = Instant::now();
@@ -165,7 +167,13 @@ fn share_on(provider: &str) {
         eprintln!("skipped: userfaultfd needs root");
         return;
     }
-    let results = run("share", provider, 3, &["--pages", "8", "--rounds", "9"]);
+    let results = run(
+        "share",
+        provider,
+        3,
+        &["--pages", "8", "--rounds", "9"],
+        &[],
+    );
     let regions: Vec<&String> = results.iter().map(|r| &r["region"]).collect();
     assert!(
         regions.iter().all(|r| *r == regions[0]),
@@ -210,11 +218,43 @@ fn hinted_readers_fetch_pages_one_sided_and_scans_prefetch() {
         eprintln!("skipped: userfaultfd needs root");
         return;
     }
-    let results = run("latency", "tcp", 3, &["--pages", "64"]);
+    let results = run("latency", "tcp", 3, &["--pages", "64"], &[]);
     let one_sided: u64 = results[1]["one_sided"].parse().unwrap();
     assert_eq!(one_sided, 64, "every hinted read should be one-sided");
     let prefetched: u64 = results[1]["scan_prefetched"].parse().unwrap();
     let faults: u64 = results[1]["scan_faults"].parse().unwrap();
     assert!(prefetched > 0, "a sequential scan prefetched nothing");
     assert!(faults < 128, "{faults} faults for 128 pages with prefetch");
+}
+
+fn mgs_with(locator: &str) {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run(
+        "mgs",
+        "tcp",
+        3,
+        &["--rows", "512", "--cols", "24"],
+        &[("KRUN_DSM_LOCATOR", locator)],
+    );
+    for (r, kv) in results.iter().enumerate() {
+        let ortho: f64 = kv["orthogonality"].parse().unwrap();
+        assert!(ortho < 1e-10, "rank {r}: ||Q^T Q - I|| = {ortho}");
+        let faults: u64 = kv["page_faults"].parse().unwrap();
+        assert!(faults > 0, "rank {r} computed without sharing anything");
+    }
+}
+
+/// MGS on the DSM (3 ranks, columns cyclic) gives the serial MGS's Q, with the static
+/// `page % N` directory and with the cell-tree locator.
+#[test]
+fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_static_locator() {
+    mgs_with("static");
+}
+
+#[test]
+fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_cell_tree_locator() {
+    mgs_with("dynamic");
 }

@@ -8,6 +8,7 @@
 //! | scenario  | what happens |
 //! |-----------|--------------|
 //! | `share`   | each rank writes its part of a region, reads every other part after a barrier (byte by byte); then ownership of shared pages moves round-robin between the ranks, checked after every barrier; a counter incremented under the DSM lock; false sharing (each rank its own word of one page) |
+//! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
@@ -30,6 +31,8 @@ struct Args {
     size: usize,
     pages: usize,
     rounds: usize,
+    rows: usize,
+    cols: usize,
 }
 
 fn parse() -> Res<Args> {
@@ -43,6 +46,8 @@ fn parse() -> Res<Args> {
         size: 1,
         pages: 16,
         rounds: 12,
+        rows: 512,
+        cols: 32,
     };
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -59,6 +64,8 @@ fn parse() -> Res<Args> {
             "--size" => a.size = v.parse().map_err(|e| bad(&e))?,
             "--pages" => a.pages = v.parse().map_err(|e| bad(&e))?,
             "--rounds" => a.rounds = v.parse().map_err(|e| bad(&e))?,
+            "--rows" => a.rows = v.parse().map_err(|e| bad(&e))?,
+            "--cols" => a.cols = v.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -293,6 +300,112 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
     d.free(region).map_err(|e| e.to_string())
 }
 
+/// The test matrix: deterministic pseudo-random entries (splitmix64), column-major.
+fn matrix(rows: usize, cols: usize) -> Vec<f64> {
+    let mut x: u64 = 0x1234_5678;
+    (0..rows * cols)
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect()
+}
+
+/// Modified Gram-Schmidt in place on column-major `a`: columns become Q.
+fn mgs_serial(a: &mut [f64], rows: usize, cols: usize) {
+    for k in 0..cols {
+        let norm = (0..rows)
+            .map(|i| a[k * rows + i].powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for i in 0..rows {
+            a[k * rows + i] /= norm;
+        }
+        for j in k + 1..cols {
+            let r: f64 = (0..rows).map(|i| a[k * rows + i] * a[j * rows + i]).sum();
+            for i in 0..rows {
+                a[j * rows + i] -= r * a[k * rows + i];
+            }
+        }
+    }
+}
+
+fn mgs(d: &Dsm, a: &Args) -> Res<()> {
+    let (rows, cols, size, r) = (a.rows, a.cols, a.size, a.rank);
+    let region = d.alloc(rows * cols * 8).map_err(|e| e.to_string())?;
+    let m = region.as_ptr() as *mut f64;
+    // SAFETY (for every access below): indices stay inside rows * cols doubles of the
+    // region; a column is written only by its rank between barriers, and read by others only
+    // after the barrier that follows its last write.
+    let at = |j: usize, i: usize| unsafe { m.add(j * rows + i) };
+    let init = matrix(rows, cols);
+    for j in (0..cols).filter(|j| j % size == r) {
+        for i in 0..rows {
+            unsafe { at(j, i).write(init[j * rows + i]) };
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    let before = d.stats();
+    let start = Instant::now();
+    for k in 0..cols {
+        if k % size == r {
+            let norm = (0..rows)
+                .map(|i| unsafe { at(k, i).read() }.powi(2))
+                .sum::<f64>()
+                .sqrt();
+            for i in 0..rows {
+                unsafe { at(k, i).write(at(k, i).read() / norm) };
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+        let q: Vec<f64> = (0..rows).map(|i| unsafe { at(k, i).read() }).collect();
+        for j in (k + 1..cols).filter(|j| j % size == r) {
+            let rkj: f64 = (0..rows).map(|i| q[i] * unsafe { at(j, i).read() }).sum();
+            for i in 0..rows {
+                unsafe { at(j, i).write(at(j, i).read() - rkj * q[i]) };
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = d.stats();
+    let mut serial = init;
+    mgs_serial(&mut serial, rows, cols);
+    let mut max_diff = 0f64;
+    for j in 0..cols {
+        for i in 0..rows {
+            max_diff = max_diff.max((unsafe { at(j, i).read() } - serial[j * rows + i]).abs());
+        }
+    }
+    let mut ortho = 0f64;
+    for p in 0..cols {
+        for q in 0..cols {
+            let dot: f64 = (0..rows)
+                .map(|i| unsafe { at(p, i).read() * at(q, i).read() })
+                .sum();
+            let want = if p == q { 1.0 } else { 0.0 };
+            ortho += (dot - want).powi(2);
+        }
+    }
+    let ortho = ortho.sqrt();
+    println!(
+        "krun-result mgs_seconds={seconds:.4} page_faults={} remote_fetches={} max_diff={max_diff:.2e} orthogonality={ortho:.2e}",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    if max_diff > 1e-9 || ortho > 1e-10 {
+        return Err(format!(
+            "MGS on the DSM differs from the serial MGS: max diff {max_diff:e}, ||Q^T Q - I|| {ortho:e}"
+        ));
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())
+}
+
 fn run(a: &Args) -> Res<()> {
     let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
@@ -304,6 +417,7 @@ fn run(a: &Args) -> Res<()> {
     match a.scenario.as_str() {
         "share" => share(&d, a),
         "latency" => latency(&d, a),
+        "mgs" => mgs(&d, a),
         s => Err(format!("unknown scenario {s}")),
     }?;
     d.barrier().map_err(|e| e.to_string())
