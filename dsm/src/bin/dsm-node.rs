@@ -365,8 +365,8 @@ fn mgs(d: &Dsm, a: &Args) -> Res<()> {
         let q: Vec<f64> = (0..rows).map(|i| unsafe { at(k, i).read() }).collect();
         for j in (k + 1..cols).filter(|j| j % size == r) {
             let rkj: f64 = (0..rows).map(|i| q[i] * unsafe { at(j, i).read() }).sum();
-            for i in 0..rows {
-                unsafe { at(j, i).write(at(j, i).read() - rkj * q[i]) };
+            for (i, qi) in q.iter().enumerate() {
+                unsafe { at(j, i).write(at(j, i).read() - rkj * qi) };
             }
         }
     }
