@@ -348,7 +348,12 @@ impl Engine {
             return Err(bad(format!("{} page bytes with {msg:?}", page_bytes.len())));
         }
         if region_of(&self.regions, msg.page()).is_none() {
-            return Err(bad(format!("page {} is in no region", msg.page())));
+            // A late message about a region freed since (the protocol may still be settling
+            // when the collective free runs): nothing to do.
+            if self.trace {
+                eprintln!("dsm {}: dropped {msg:?} (region freed)", self.me);
+            }
+            return Ok(());
         }
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         if self.trace {
@@ -458,8 +463,9 @@ impl Engine {
             for r in remote.drain(..) {
                 match r {
                     Remote::Join { owner, page } => {
-                        let region =
-                            region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                        let Some(region) = region_of(&self.regions, page) else {
+                            continue; // freed since
+                        };
                         let peer = self.peer(owner)?;
                         let c = self.ep.post_fetch_add(
                             peer,
@@ -470,8 +476,9 @@ impl Engine {
                         joins.push((page, c));
                     }
                     Remote::Read { owner, page } => {
-                        let region =
-                            region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                        let Some(region) = region_of(&self.regions, page) else {
+                            continue; // freed since
+                        };
                         let peer = self.peer(owner)?;
                         let slot = reads.len() % (self.prefetch + 1);
                         if reads.len() > self.prefetch {
@@ -582,7 +589,9 @@ impl Engine {
             match a {
                 Action::Send { to, msg } => {
                     let page = msg.page();
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     let bytes = if matches!(msg, Msg::Grant { zero: false, .. }) {
                         // SAFETY: this node holds the page (mapped, and write-protected when
                         // another node is to get it), so reading it does not fault.
@@ -626,7 +635,9 @@ impl Engine {
                     source,
                     writable,
                 } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     let src: *const u8 = match (source, data) {
                         (Source::Zero, _) => self.zero.as_ptr(),
                         (Source::Message, Data::Message(b)) if b.len() == PAGE => b.as_ptr(),
@@ -645,11 +656,15 @@ impl Engine {
                     unsafe { self.uffd.copy(region.addr(page), src, writable)? };
                 }
                 Action::Protect { page } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     self.uffd.protect(region.addr(page), true)?;
                 }
                 Action::Publish { page } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     let i = region.index(page);
                     // SAFETY: the page is mapped read-only (write-protected) at this node.
                     let bytes =
@@ -658,11 +673,15 @@ impl Engine {
                     words.publish(page)?;
                 }
                 Action::Unprotect { page } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     self.uffd.protect(region.addr(page), false)?;
                 }
                 Action::Drop { page } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     // SAFETY: the page lies inside our own shared mapping; its contents are
                     // discarded on purpose (the next access faults).
                     if unsafe {
@@ -676,7 +695,9 @@ impl Engine {
                     }
                 }
                 Action::Done { page, .. } => {
-                    let region = region_of(&self.regions, page).ok_or_else(|| no_region(page))?;
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
                     self.uffd.wake(region.addr(page))?;
                 }
             }

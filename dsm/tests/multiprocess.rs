@@ -108,11 +108,19 @@ fn run(
             let p = &mut procs[r];
             if let Some(status) = p.child.try_wait().unwrap() {
                 let out = p.out.take().unwrap().join().unwrap();
-                assert!(
-                    status.success(),
-                    "rank {r} of {scenario} over {provider} failed ({status}):\n{}\n{out}",
-                    p.stderr_tail(60)
-                );
+                if !status.success() {
+                    // Let the others finish or fail too, then report every rank.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let mut report = String::new();
+                    for (k, q) in procs.iter_mut().enumerate() {
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while q.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        report += &format!("--- rank {k}:\n{}\n", q.stderr_tail(60));
+                    }
+                    panic!("rank {r} of {scenario} over {provider} failed ({status}):\n{out}\n{report}");
+                }
                 let mut kv = HashMap::new();
                 for line in out.lines() {
                     if let Some(rest) = line.strip_prefix("krun-result ") {
@@ -232,11 +240,18 @@ fn mgs_with(locator: &str) {
         eprintln!("skipped: userfaultfd needs root");
         return;
     }
+    // KRUN_DSM_MGS_ROWS / _COLS / _NODES size a measurement run (defaults: a quick check).
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let (rows, cols) = (
+        var("KRUN_DSM_MGS_ROWS", "512"),
+        var("KRUN_DSM_MGS_COLS", "24"),
+    );
+    let nodes: usize = var("KRUN_DSM_MGS_NODES", "3").parse().unwrap();
     let results = run(
         "mgs",
         "tcp",
-        3,
-        &["--rows", "512", "--cols", "24"],
+        nodes,
+        &["--rows", &rows, "--cols", &cols],
         &[("KRUN_DSM_LOCATOR", locator)],
     );
     for (r, kv) in results.iter().enumerate() {
