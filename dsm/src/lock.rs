@@ -18,6 +18,8 @@ const OP_UNLOCK: u8 = 2;
 
 #[derive(Default)]
 struct Entry {
+    /// Grants so far (carried by grant messages, for diagnosis).
+    grants: u64,
     holder: Option<NodeId>,
     waiting: VecDeque<NodeId>,
 }
@@ -36,6 +38,7 @@ impl LockTable {
         let e = t.entry(id).or_default();
         if e.holder.is_none() {
             e.holder = Some(who);
+            e.grants += 1;
             return Ok(true);
         }
         if e.holder != Some(who) && !e.waiting.contains(&who) {
@@ -55,6 +58,9 @@ impl LockTable {
             });
         }
         e.holder = e.waiting.pop_front();
+        if e.holder.is_some() {
+            e.grants += 1;
+        }
         let next = e.holder;
         drop(t);
         self.changed.notify_all();
@@ -121,8 +127,15 @@ impl Locks {
             // Rank 0's waiter watches the table.
             return Ok(());
         }
+        let n = self
+            .table
+            .entries
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&id)
+            .map_or(0, |e| e.grants);
         self.ep
-            .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &[1])?;
+            .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &n.to_le_bytes())?;
         Ok(())
     }
 
@@ -153,9 +166,13 @@ impl Locks {
         req.extend_from_slice(&id.to_le_bytes());
         req.extend_from_slice(&self.me.to_le_bytes());
         self.ep.send(self.peer(0)?, TAG_LOCK_REQUEST, &req)?;
-        self.ep
+        let m = self
+            .ep
             .recv(TAG_LOCK_GRANT | u64::from(id), limit)
             .map_err(|_| timeout(id, start))?;
+        if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+            eprintln!("lock {id} grant {:?} at rank {}", m.data, self.me);
+        }
         Ok(())
     }
 
