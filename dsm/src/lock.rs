@@ -134,8 +134,11 @@ impl Locks {
             .map_err(|_| poisoned())?
             .get(&id)
             .map_or(0, |e| e.grants);
-        self.ep
-            .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &n.to_le_bytes())?;
+        self.ep.send(
+            self.peer(to)?,
+            TAG_LOCK_GRANT | u64::from(id),
+            &n.to_le_bytes(),
+        )?;
         Ok(())
     }
 

@@ -117,7 +117,14 @@ fn run(
                         while q.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
                             std::thread::sleep(Duration::from_millis(20));
                         }
-                        report += &format!("--- rank {k}:\n{}\n", q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() { 400_000 } else { 60 }));
+                        report += &format!(
+                            "--- rank {k}:\n{}\n",
+                            q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+                                400_000
+                            } else {
+                                60
+                            })
+                        );
                     }
                     panic!("rank {r} of {scenario} over {provider} failed ({status}):\n{out}\n{report}");
                 }
@@ -153,7 +160,14 @@ fn run(
                         }
                     }
                     let _ = q.child.kill();
-                    all += &format!("--- rank {k}:\n{}\n", q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() { 400_000 } else { 120 }));
+                    all += &format!(
+                        "--- rank {k}:\n{}\n",
+                        q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+                            400_000
+                        } else {
+                            120
+                        })
+                    );
                 }
                 panic!("{scenario} over {provider} hangs\n{all}");
             }
