@@ -300,6 +300,13 @@ impl Engine {
             from: from_peer.unwrap_or(u32::MAX),
             reason,
         };
+        let (body, crc) = data
+            .split_last_chunk::<4>()
+            .ok_or_else(|| bad(format!("{} bytes", data.len())))?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            return Err(bad("checksum mismatch (corrupted in transit)".into()));
+        }
+        let data = body;
         let (&version, rest) = data.split_first().ok_or_else(|| bad("empty".into()))?;
         if version != WIRE_VERSION {
             return Err(bad(format!(
@@ -618,6 +625,8 @@ impl Engine {
                         }
                     })?);
                     wire.extend_from_slice(&bytes);
+                    let crc = crc32c::crc32c(&wire);
+                    wire.extend_from_slice(&crc.to_le_bytes());
                     self.ep.send(self.peer(to)?, TAG_DSM, &wire)?;
                 }
                 Action::Join { owner, page } => {

@@ -171,8 +171,15 @@ fn share(d: &Dsm, a: &Args) -> Res<()> {
     // SAFETY: nobody writes after the barrier.
     let total = unsafe { c.read_volatile() };
     if total != iters * a.size as u64 {
+        // SAFETY: as above.
+        let words: Vec<u64> = (0..8)
+            .map(|k| unsafe { c.add(k).read_volatile() })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: as above.
+        let again = unsafe { c.read_volatile() };
         return Err(format!(
-            "locked counter {total} != {}",
+            "locked counter {total} != {} (words {words:?}, {again} read again 200 ms later)",
             iters * a.size as u64
         ));
     }
