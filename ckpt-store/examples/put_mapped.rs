@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or_else(|| format!("unknown provider {a:?}"))?,
     };
     let len = mib << 20;
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random()?;
     let eps: Vec<_> = (0..2)
         .map(|_| open(&FabricConfig::with_provider(provider)))
         .collect::<Result<_, _>>()?;

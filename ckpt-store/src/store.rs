@@ -22,7 +22,7 @@
 use crate::buddy::Placement;
 use crate::disk::{check_owner, DiskLevel};
 use crate::error::{Result, StoreError};
-use crate::wire::{self, Envelope, Kind, Reader, Writer};
+use crate::wire::{Body, Channel, Envelope};
 use fabric::secret::ClusterSecret;
 use fabric::{Endpoint, EndpointAddress, MemoryRegion, PeerId, Region, RemoteRegion};
 use std::collections::{BTreeMap, HashMap};
@@ -41,7 +41,7 @@ pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
 pub const STORE_TAG: u64 = 0x4b53_0000_0000_0001;
-const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
+pub const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
 const RMA_CHUNK: usize = 8 << 20;
 const RMA_WINDOW: usize = 8;
 const ALIGN: usize = 4096;
@@ -183,8 +183,10 @@ struct Arena {
 }
 
 impl Arena {
+    /// A free range of `len` bytes (rounded up to [`ALIGN`]); `None` when none is free (or
+    /// `len` is beyond any arena).
     fn alloc(&mut self, len: u64) -> Option<u64> {
-        let len = (len.max(1)).div_ceil(ALIGN as u64) * ALIGN as u64;
+        let len = len.max(1).checked_next_multiple_of(ALIGN as u64)?;
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (off, l) = self.free[i];
         if l == len {
@@ -230,6 +232,7 @@ struct Inner {
     safe_changed: Condvar,
     errors: Mutex<HashMap<Key, String>>,
     next_request: AtomicU64,
+    chan: Channel,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
     placement: Placement,
@@ -246,6 +249,14 @@ pub struct Store {
     inner: Arc<Inner>,
     jobs: Option<mpsc::Sender<Key>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The error for an answer that does not fit the request.
+fn unexpected(node: usize, request: &str, answer: &Body) -> StoreError {
+    StoreError::Peer {
+        node,
+        what: format!("answered {request} with {}", answer.name()),
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +311,7 @@ impl Store {
             Some(d) => Some(DiskLevel::open(d)?),
             None => None,
         };
+        let chan = Channel::new(&cfg.secret)?;
         let inner = Arc::new(Inner {
             cfg,
             ep,
@@ -317,6 +329,7 @@ impl Store {
             safe_changed: Condvar::new(),
             errors: Default::default(),
             next_request: AtomicU64::new(1),
+            chan,
             disk,
             stop: AtomicBool::new(false),
             down: Mutex::new(vec![false; placement.nodes()]),
@@ -744,8 +757,11 @@ impl Inner {
                 }
                 Level::L2 => {
                     let buddy = self.buddy_of(self.cfg.node);
-                    let body = Writer::default().str(owner).u64(v).u8(0).0;
-                    if let Err(e) = self.request(buddy, Kind::Drop, &body) {
+                    let body = Body::Drop {
+                        owner: owner.to_string(),
+                        version: v,
+                    };
+                    if let Err(e) = self.request(buddy, body) {
                         eprintln!("krun-store: dropping {owner} v{v} at node {buddy}: {e}");
                     }
                 }
@@ -764,7 +780,8 @@ impl Inner {
 
     // ---- client side ----
 
-    fn request(&self, node: usize, kind: Kind, body: &[u8]) -> Result<Envelope> {
+    /// Sends `body` to `node` and waits for its answer (an `Error` answer is an error).
+    fn request(&self, node: usize, body: Body) -> Result<Body> {
         let peer = self
             .peers
             .get(node)
@@ -775,12 +792,17 @@ impl Inner {
                 what: "not a peer of this node".into(),
             })?;
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let msg = wire::encode(&self.cfg.secret, kind, id, self.cfg.node as u32, body);
+        let what = body.name();
+        let msg = self.chan.seal(&Envelope {
+            request: id,
+            from_node: self.cfg.node as u32,
+            body,
+        })?;
         self.ep
             .send(peer, STORE_TAG, &msg)
             .map_err(|e| StoreError::Peer {
                 node,
-                what: format!("sending {kind:?}: {e}"),
+                what: format!("sending {what}: {e}"),
             })?;
         let reply = self
             .ep
@@ -791,19 +813,27 @@ impl Inner {
             .map_err(|e| StoreError::Peer {
                 node,
                 what: format!(
-                    "no answer to {kind:?} within {:?} ({e})",
+                    "no answer to {what} within {:?} ({e})",
                     self.cfg.request_timeout
                 ),
             })?;
-        let env = wire::decode(&self.cfg.secret, &reply.data).map_err(|e| StoreError::Peer {
+        let env = self.chan.open(&reply.data).map_err(|e| StoreError::Peer {
             node,
             what: format!("bad reply: {e}"),
         })?;
-        if env.kind == Kind::Error {
-            let text = Reader::new(&env.body).str().unwrap_or_default();
-            return Err(StoreError::Peer { node, what: text });
+        if env.request != id || env.from_node as usize != node {
+            return Err(StoreError::Peer {
+                node,
+                what: format!(
+                    "reply to request {} from node {} where request {id} to node {node} was expected",
+                    env.request, env.from_node
+                ),
+            });
         }
-        Ok(env)
+        match env.body {
+            Body::Error(text) => Err(StoreError::Peer { node, what: text }),
+            body => Ok(body),
+        }
     }
 
     /// Writes `len` bytes of `mr` into `remote` at `offset` with pipelined RMA writes.
@@ -898,31 +928,39 @@ impl Inner {
             })?;
             (c.mr.clone(), c.len, c.crc)
         };
-        let body = Writer::default()
-            .str(&key.0)
-            .u64(key.1)
-            .u64(len as u64)
-            .u8(kind)
-            .u32(set)
-            .u32(member)
-            .0;
-        let reply = self.request(node, Kind::Reserve, &body)?;
-        let mut r = Reader::new(&reply.body);
-        let offset = r.u64()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
+        let reply = self.request(
+            node,
+            Body::Reserve {
+                owner: key.0.clone(),
+                version: key.1,
+                len: len as u64,
+                kind,
+                set,
+                member,
+            },
+        )?;
+        let Body::Reserved { offset, remote } = reply else {
+            return Err(unexpected(node, "Reserve", &reply));
+        };
+        let remote = RemoteRegion::from_bytes(&remote)?;
         self.rma_write(node, &mr, len, &remote, offset)?;
-        let body = Writer::default()
-            .str(&key.0)
-            .u64(key.1)
-            .u8(kind)
-            .u32(set)
-            .u32(member)
-            .u64(offset)
-            .u64(len as u64)
-            .u32(crc)
-            .0;
-        let ack = self.request(node, Kind::Commit, &body)?;
-        Ok(Reader::new(&ack.body).u8()? == 1)
+        let ack = self.request(
+            node,
+            Body::Commit {
+                owner: key.0.clone(),
+                version: key.1,
+                kind,
+                set,
+                member,
+                offset,
+                len: len as u64,
+                crc,
+            },
+        )?;
+        match ack {
+            Body::Ack { complete } => Ok(complete),
+            other => Err(unexpected(node, "Commit", &other)),
+        }
     }
 
     fn flush_loop(self: Arc<Self>, jobs: mpsc::Receiver<Key>) {
@@ -1042,17 +1080,30 @@ impl Inner {
         owner: &str,
         version: u64,
     ) -> Result<Option<(ImageBytes, Level)>> {
-        let body = Writer::default().str(owner).u64(version).0;
-        let reply = self.request(node, Kind::Lookup, &body)?;
-        if reply.kind == Kind::NotFound {
-            return Ok(None);
-        }
-        let mut r = Reader::new(&reply.body);
-        let level = if r.u8()? == 1 { Level::L1 } else { Level::L2 };
-        let offset = r.u64()?;
-        let len = r.u64()? as usize;
-        let crc = r.u32()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
+        let reply = self.request(
+            node,
+            Body::Lookup {
+                owner: owner.to_string(),
+                version,
+            },
+        )?;
+        let (level, offset, len, crc, remote) = match reply {
+            Body::NotFound => return Ok(None),
+            Body::Found {
+                level,
+                offset,
+                len,
+                crc,
+                remote,
+            } => (level, offset, len, crc, remote),
+            other => return Err(unexpected(node, "Lookup", &other)),
+        };
+        let level = if level == 1 { Level::L1 } else { Level::L2 };
+        let len = usize::try_from(len).map_err(|_| StoreError::Peer {
+            node,
+            what: format!("a copy of {len} bytes does not fit this machine"),
+        })?;
+        let remote = RemoteRegion::from_bytes(&remote)?;
         let data = self.rma_read(node, &remote, offset, len)?;
         let got = crc32c::crc32c(&data);
         if got != crc {
@@ -1068,31 +1119,23 @@ impl Inner {
     }
 
     fn parity_lookup(&self, holder: usize, set: u32, version: u64) -> Result<Option<ParityInfo>> {
-        let body = Writer::default().u32(set).u64(version).0;
-        let env = if holder == self.cfg.node {
-            let (kind, body) = self.handle_parity(&body)?;
-            Envelope {
-                kind,
-                request: 0,
-                from_node: holder as u32,
-                body,
-            }
+        let reply = if holder == self.cfg.node {
+            self.handle_parity(set, version)
         } else {
-            self.request(holder, Kind::Parity, &body)?
+            self.request(holder, Body::Parity { set, version })?
         };
-        if env.kind == Kind::NotFound {
-            return Ok(None);
-        }
-        let mut r = Reader::new(&env.body);
-        let offset = r.u64()?;
-        let len = r.u64()?;
-        let crc = r.u32()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
-        let count = r.u32()? as usize;
-        let mut members = Vec::with_capacity(count.min(1024));
-        for _ in 0..count {
-            members.push((r.u32()?, r.u32()?, r.str()?, r.u64()?, r.u32()?));
-        }
+        let (offset, len, crc, remote, members) = match reply {
+            Body::NotFound => return Ok(None),
+            Body::ParityFound {
+                offset,
+                len,
+                crc,
+                remote,
+                members,
+            } => (offset, len, crc, remote, members),
+            other => return Err(unexpected(holder, "Parity", &other)),
+        };
+        let remote = RemoteRegion::from_bytes(&remote)?;
         Ok(Some(ParityInfo {
             holder,
             offset,
@@ -1209,7 +1252,7 @@ impl Inner {
             let sender = msg
                 .peer
                 .and_then(|p| self.peers.iter().position(|q| *q == Some(p)));
-            let env = match wire::decode(&self.cfg.secret, &msg.data) {
+            let env = match self.chan.open(&msg.data) {
                 Ok(e) => e,
                 Err(why) => {
                     eprintln!(
@@ -1227,17 +1270,23 @@ impl Inner {
                 );
                 continue;
             };
-            let (kind, body) = match self.handle(node, &env) {
+            let body = self
+                .handle(node, env.body)
+                .unwrap_or_else(|e| Body::Error(e.to_string()));
+            let reply = match self.chan.seal(&Envelope {
+                request: env.request,
+                from_node: self.cfg.node as u32,
+                body,
+            }) {
                 Ok(r) => r,
-                Err(e) => (Kind::Error, Writer::default().str(&e.to_string()).0),
+                Err(e) => {
+                    eprintln!(
+                        "krun-store: node {}: sealing a reply to node {node}: {e}",
+                        self.cfg.node
+                    );
+                    continue;
+                }
             };
-            let reply = wire::encode(
-                &self.cfg.secret,
-                kind,
-                env.request,
-                self.cfg.node as u32,
-                &body,
-            );
             let tag = REPLY_TAG | (env.request & 0xffff_ffff_ffff);
             if let Some(peer) = self.peers[node] {
                 if let Err(e) = self.ep.send(peer, tag, &reply) {
@@ -1250,16 +1299,16 @@ impl Inner {
         }
     }
 
-    fn handle(&self, from: usize, env: &Envelope) -> Result<(Kind, Vec<u8>)> {
-        let mut r = Reader::new(&env.body);
-        match env.kind {
-            Kind::Reserve => {
-                let owner = r.str()?;
-                let version = r.u64()?;
-                let len = r.u64()?;
-                let kind = r.u8()?;
-                let _set = r.u32()?;
-                let _member = r.u32()?;
+    fn handle(&self, from: usize, body: Body) -> Result<Body> {
+        match body {
+            Body::Reserve {
+                owner,
+                version,
+                len,
+                kind,
+                set: _,
+                member: _,
+            } => {
                 check_owner(&owner)?;
                 let key = ((owner.clone(), version), kind);
                 if let Some((off, l)) = self.reserved.lock().expect("lock").remove(&key) {
@@ -1273,21 +1322,21 @@ impl Inner {
                     .lock()
                     .expect("lock")
                     .insert(key, (offset, len));
-                let remote = self.arena_mr.remote();
-                Ok((
-                    Kind::Reserved,
-                    Writer::default().u64(offset).bytes(&remote.to_bytes()).0,
-                ))
+                Ok(Body::Reserved {
+                    offset,
+                    remote: self.arena_mr.remote().to_bytes().to_vec(),
+                })
             }
-            Kind::Commit => {
-                let owner = r.str()?;
-                let version = r.u64()?;
-                let kind = r.u8()?;
-                let set = r.u32()?;
-                let member = r.u32()?;
-                let offset = r.u64()?;
-                let len = r.u64()?;
-                let crc = r.u32()?;
+            Body::Commit {
+                owner,
+                version,
+                kind,
+                set,
+                member,
+                offset,
+                len,
+                crc,
+            } => {
                 let key = ((owner.clone(), version), kind);
                 let reserved = self.reserved.lock().expect("lock").get(&key).copied();
                 if reserved != Some((offset, len)) {
@@ -1335,68 +1384,63 @@ impl Inner {
                         crc,
                     )
                 };
-                Ok((Kind::Ack, Writer::default().u8(complete as u8).0))
+                Ok(Body::Ack { complete })
             }
-            Kind::Lookup => {
-                let owner = r.str()?;
-                let version = r.u64()?;
+            Body::Lookup { owner, version } => {
                 let key = (owner, version);
                 if let Some(c) = self.l1.lock().expect("lock").get(&key) {
-                    let body = Writer::default()
-                        .u8(1)
-                        .u64(0)
-                        .u64(c.len as u64)
-                        .u32(c.crc)
-                        .bytes(&c.mr.remote().to_bytes())
-                        .0;
-                    return Ok((Kind::Found, body));
+                    return Ok(Body::Found {
+                        level: 1,
+                        offset: 0,
+                        len: c.len as u64,
+                        crc: c.crc,
+                        remote: c.mr.remote().to_bytes().to_vec(),
+                    });
                 }
                 if let Some(h) = self.held.lock().expect("lock").get(&key) {
-                    let body = Writer::default()
-                        .u8(2)
-                        .u64(h.offset)
-                        .u64(h.len)
-                        .u32(h.crc)
-                        .bytes(&self.arena_mr.remote().to_bytes())
-                        .0;
-                    return Ok((Kind::Found, body));
+                    return Ok(Body::Found {
+                        level: 2,
+                        offset: h.offset,
+                        len: h.len,
+                        crc: h.crc,
+                        remote: self.arena_mr.remote().to_bytes().to_vec(),
+                    });
                 }
-                Ok((Kind::NotFound, Vec::new()))
+                Ok(Body::NotFound)
             }
-            Kind::Drop => {
-                let owner = r.str()?;
-                let version = r.u64()?;
+            Body::Drop { owner, version } => {
                 if let Some(h) = self.held.lock().expect("lock").remove(&(owner, version)) {
                     self.arena.lock().expect("lock").release(h.offset, h.len);
                 }
-                Ok((Kind::Ack, Writer::default().u8(1).0))
+                Ok(Body::Ack { complete: true })
             }
-            Kind::Parity => self.handle_parity(&env.body),
-            other => Err(StoreError::Invalid(format!("unexpected request {other:?}"))),
+            Body::Parity { set, version } => Ok(self.handle_parity(set, version)),
+            other => Err(StoreError::Invalid(format!(
+                "unexpected request {}",
+                other.name()
+            ))),
         }
     }
 
-    fn handle_parity(&self, body: &[u8]) -> Result<(Kind, Vec<u8>)> {
-        let mut r = Reader::new(body);
-        let set = r.u32()?;
-        let version = r.u64()?;
+    fn handle_parity(&self, set: u32, version: u64) -> Body {
         let sets = self.parity.lock().expect("lock");
         let Some(p) = sets.get(&(set, version)) else {
-            return Ok((Kind::NotFound, Vec::new()));
+            return Body::NotFound;
         };
         let Some((offset, len, crc)) = p.parity else {
-            return Ok((Kind::NotFound, Vec::new()));
+            return Body::NotFound;
         };
-        let mut w = Writer::default()
-            .u64(offset)
-            .u64(len)
-            .u32(crc)
-            .bytes(&self.arena_mr.remote().to_bytes())
-            .u32(p.members.len() as u32);
-        for (member, node, owner, l, c) in &p.members {
-            w = w.u32(*member).u32(*node).str(owner).u64(*l).u32(*c);
+        Body::ParityFound {
+            offset,
+            len,
+            crc,
+            remote: self.arena_mr.remote().to_bytes().to_vec(),
+            members: p
+                .members
+                .iter()
+                .map(|(m, n, o, l, c)| (*m, *n, o.clone(), *l, *c))
+                .collect(),
         }
-        Ok((Kind::ParityFound, w.0))
     }
 
     /// Records a member's image for a parity set; computes the parity once all are in.

@@ -28,7 +28,7 @@ impl Cluster {
 
 fn cluster(tag: &str, groups: &[u32], k: usize, placement: Option<Placement>) -> Cluster {
     let n = groups.len();
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let eps: Vec<_> = (0..n)
         .map(|_| open(&FabricConfig::with_provider(Provider::Loopback)).unwrap())
         .collect();
@@ -123,7 +123,7 @@ fn a_placement_for_another_node_count_is_refused() {
             disk: None,
             keep: 1,
             parity_set: 0,
-            secret: ClusterSecret::random(),
+            secret: ClusterSecret::random().unwrap(),
             request_timeout: Duration::from_secs(1),
         },
         p,

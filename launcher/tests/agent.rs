@@ -30,7 +30,7 @@ impl Drop for TempDir {
 
 /// One agent (and store) per node over tcp; `arenas[i]` is node i's lent arena.
 fn agents(arenas: &[usize]) -> Vec<Option<(Agent, Receiver<AgentEvent>)>> {
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let config = FabricConfig {
         op_timeout: Duration::from_secs(3),
         ..FabricConfig::with_provider(Provider::Tcp)
@@ -358,7 +358,7 @@ fn bad_images_and_a_full_arena_name_the_rank_and_version() {
 
 #[test]
 fn an_agent_waiting_for_a_level_the_store_lacks_is_refused() {
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let ep = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
     let address = ep.address();
     let store = Store::start(
