@@ -6,5 +6,6 @@ pub mod fabric;
 pub mod l4;
 pub mod launch;
 pub mod locator;
+pub mod rank;
 pub mod reconfig;
 pub mod report;

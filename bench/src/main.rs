@@ -26,7 +26,10 @@ subcommands:
   reconfig 8 local adaptation daemons holding 1,000,000 entries: a node addition split into
            the paper's phases (start, physical, setting, logical, end) and the repair after
            a SIGKILL, against one request's round trip; writes bench/results/reconfig.json
-           options: --entries N  --out PATH";
+           options: --entries N  --out PATH
+  rank     the rank library beside the raw fabric endpoint between two processes: send,
+           put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json
+           options: --providers shm,tcp  --runs N (>= 3)  --quick  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +47,9 @@ fn main() -> ExitCode {
         "adapt-node" => bench::reconfig::node(rest),
         "locator" => bench::locator::run(rest),
         "l4" => bench::l4::run(rest),
+        "rank" => bench::rank::run(rest),
+        // Hidden: rank 1 of `bench rank`.
+        "rank-worker" => bench::rank::worker(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.
         "fabric-target" => bench::fabric::target(rest),
         "help" | "--help" | "-h" => {

@@ -188,8 +188,15 @@ pub trait Endpoint: Send + Sync {
     /// Sends a tagged message; returns when the payload has been handed to the transport.
     fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()>;
 
+    /// Receives the oldest message whose tag equals `tag` in every bit not set in `ignore`,
+    /// waiting at most `timeout` (a library multiplexing its own fields into the tag
+    /// receives all of its messages with one call).
+    fn recv_masked(&self, tag: u64, ignore: u64, timeout: Duration) -> Result<Message>;
+
     /// Receives the oldest message with `tag`, waiting at most `timeout`.
-    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message>;
+    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
+        self.recv_masked(tag, 0, timeout)
+    }
 
     /// Blocking write; see [`Endpoint::post_write`] for the contract.
     ///
@@ -266,18 +273,21 @@ impl Inbox {
         self.arrived.notify_all();
     }
 
-    /// Takes the oldest message with `tag`; `drive` runs the backend's progress between checks.
+    /// Takes the oldest message whose tag matches `tag` outside the `ignore` bits; `drive`
+    /// runs the backend's progress between checks.
     pub(crate) fn take(
         &self,
         tag: u64,
+        ignore: u64,
         timeout: Duration,
         drive: impl Fn() -> usize,
     ) -> Result<Message> {
         let start = Instant::now();
+        let matches = |m: &Message| (m.tag ^ tag) & !ignore == 0;
         loop {
             {
                 let mut q = self.queue.lock().expect("inbox lock");
-                if let Some(i) = q.iter().position(|m| m.tag == tag) {
+                if let Some(i) = q.iter().position(matches) {
                     return Ok(q.remove(i).expect("index from position"));
                 }
             }
@@ -288,7 +298,7 @@ impl Inbox {
             // Progress may push into the queue: never run it with the queue locked.
             if drive() == 0 {
                 let q = self.queue.lock().expect("inbox lock");
-                if !q.iter().any(|m| m.tag == tag) {
+                if !q.iter().any(matches) {
                     let nap = (timeout - waited).min(Duration::from_micros(200));
                     let _ = self.arrived.wait_timeout(q, nap).expect("inbox wait");
                 }
@@ -300,6 +310,21 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masked_receive_matches_only_the_unmasked_bits() {
+        use crate::{open, FabricConfig};
+        let a = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
+        let b = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
+        let peer = a.connect(&b.address()).unwrap();
+        a.send(peer, 0xA1, b"first").unwrap();
+        a.send(peer, 0xB2, b"second").unwrap();
+        let short = Duration::from_millis(50);
+        let m = b.recv_masked(0xB0, 0x0F, short).unwrap();
+        assert_eq!((m.tag, m.data.as_slice()), (0xB2, &b"second"[..]));
+        assert!(b.recv_masked(0xB0, 0x0F, short).is_err());
+        assert_eq!(b.recv(0xA1, short).unwrap().data, b"first");
+    }
 
     #[test]
     fn address_round_trips_through_hex() {

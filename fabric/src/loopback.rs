@@ -301,7 +301,7 @@ impl Endpoint for LoopbackEndpoint {
         Ok(())
     }
 
-    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
-        self.shared.inbox.take(tag, timeout, || 0)
+    fn recv_masked(&self, tag: u64, ignore: u64, timeout: Duration) -> Result<Message> {
+        self.shared.inbox.take(tag, ignore, timeout, || 0)
     }
 }

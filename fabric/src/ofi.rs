@@ -1012,10 +1012,10 @@ impl Endpoint for OfiEndpoint {
             .map(drop)
     }
 
-    fn recv(&self, tag: u64, timeout: Duration) -> Result<Message> {
+    fn recv_masked(&self, tag: u64, ignore: u64, timeout: Duration) -> Result<Message> {
         let inner = &self.inner;
         inner.waiters.fetch_add(1, Ordering::SeqCst);
-        let r = inner.inbox.take(tag, timeout, || inner.progress());
+        let r = inner.inbox.take(tag, ignore, timeout, || inner.progress());
         inner.waiters.fetch_sub(1, Ordering::SeqCst);
         r
     }

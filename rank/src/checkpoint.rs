@@ -1,0 +1,281 @@
+//! Checkpoints of a job's ranks through the ghost native checkpointer: collective
+//! checkpoint, safepoint and restore-on-start.
+//!
+//! - Each rank's images are `<KRUN_GHOST_DIR>/<owner>/rank<N>/<version>.kgi`, `owner` from
+//!   `KRUN_GHOST_OWNER` (default `krun-job`).
+//! - [`Rank::checkpoint`] is collective: every rank checks that no user message it has
+//!   received is still waiting for a receive call (a message in a queue would not be in the
+//!   image), captures its registered memory, waits until the image file is complete, and
+//!   meets the others again; a version returned is complete on every rank (committed).
+//!   Call it where no message is in flight, as in a bulk-synchronous step loop.
+//! - At start the ranks swap the versions they hold. Images newer than the newest version
+//!   held by every rank are uncommitted (a rank died during that checkpoint) and are
+//!   removed. With `KRUN_GHOST_RESTORE=latest` every rank restores that newest common
+//!   version; with `KRUN_GHOST_RESTORE=N`, version N, which every rank must hold.
+//! - SIGUSR1 (checkpoint) and SIGUSR2 (roll back to the newest image) requests are acted
+//!   on by [`Rank::safepoint`], collectively: if any rank saw a request, all act on it.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ghost::native::{self, NativeConfig, NativeRuntime, RestoreFrom};
+
+use crate::error::{RankError, Result};
+use crate::node_link::RankToNode;
+use crate::world::Rank;
+
+/// Where and how a job's ranks write their images.
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub dir: PathBuf,
+    /// Job-level owner; rank N writes as `<owner>/rank<N>`.
+    pub owner: String,
+    pub full_every: u32,
+    pub restore: Option<RestoreFrom>,
+}
+
+impl CheckpointConfig {
+    /// From `KRUN_GHOST_DIR`, `KRUN_GHOST_OWNER`, `KRUN_GHOST_FULL_EVERY` and
+    /// `KRUN_GHOST_RESTORE`.
+    pub fn from_env() -> Result<CheckpointConfig> {
+        let n = NativeConfig::from_env("krun-job")?;
+        Ok(CheckpointConfig {
+            dir: n.dir,
+            owner: n.owner,
+            full_every: n.full_every,
+            restore: n.restore,
+        })
+    }
+}
+
+/// What [`Rank::safepoint`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Safepoint {
+    Nothing,
+    /// A checkpoint was requested on some rank; every rank took this version.
+    Checkpointed(u64),
+    /// A rollback was requested; the registered memory now holds this version: reload loop
+    /// state from it.
+    RolledBack(u64),
+}
+
+static CHECKPOINT_REQUESTED: AtomicBool = AtomicBool::new(false);
+static ROLLBACK_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_request(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
+    } else if sig == libc::SIGUSR2 {
+        ROLLBACK_REQUESTED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Catches SIGUSR1/SIGUSR2 as requests, unless the program handles them already. Installed
+/// before the ghost runtime, which then leaves them to us.
+fn install_request_handlers() {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: the first sigaction only reads the disposition; the handler installed does
+        // one atomic store (async-signal-safe).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                || old.sa_sigaction != libc::SIG_DFL
+            {
+                continue;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_request as *const () as usize;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+pub(crate) struct Checkpoints {
+    config: Option<NativeConfig>,
+    local: Vec<u64>,
+    /// The runtime, or why it could not start (reported when checkpoints are used).
+    runtime: Option<std::result::Result<Arc<NativeRuntime>, String>>,
+    restored: Option<u64>,
+}
+
+impl Checkpoints {
+    /// Lists this rank's images, before the ranks swap cards.
+    pub(crate) fn prepare(config: Option<&CheckpointConfig>, rank: usize) -> Result<Checkpoints> {
+        let Some(c) = config else {
+            return Ok(Checkpoints {
+                config: None,
+                local: Vec::new(),
+                runtime: None,
+                restored: None,
+            });
+        };
+        let owner = format!("{}/rank{rank}", c.owner);
+        let mut local = native::list_versions(&c.dir, &owner)?;
+        let keep = local.len().saturating_sub(256);
+        local.drain(..keep);
+        Ok(Checkpoints {
+            config: Some(NativeConfig {
+                owner,
+                dir: c.dir.clone(),
+                full_every: c.full_every,
+                restore: c.restore,
+            }),
+            local,
+            runtime: None,
+            restored: None,
+        })
+    }
+
+    pub(crate) fn local_versions(&self) -> &[u64] {
+        &self.local
+    }
+
+    /// Agrees on the restart version from every rank's versions and starts the runtime.
+    pub(crate) fn start(&mut self, all: &[Vec<u64>]) -> Result<()> {
+        let Some(config) = self.config.as_mut() else {
+            return Ok(());
+        };
+        let held_by_all = |v: u64| all.iter().all(|vs| vs.contains(&v));
+        let common = self
+            .local
+            .iter()
+            .rev()
+            .copied()
+            .find(|&v| held_by_all(v))
+            .unwrap_or(0);
+        for &v in self.local.iter().filter(|&&v| v > common) {
+            let path = native::image_path(&config.dir, &config.owner, v);
+            let _ = std::fs::remove_file(&path);
+        }
+        let restore = match config.restore {
+            None => None,
+            Some(RestoreFrom::Latest) if common == 0 => {
+                return Err(RankError::Checkpoint(format!(
+                    "KRUN_GHOST_RESTORE=latest: no checkpoint version is held by every rank \
+                     (this rank, {}, holds {:?})",
+                    config.owner, self.local
+                )))
+            }
+            Some(RestoreFrom::Latest) => Some(common),
+            Some(RestoreFrom::Version(v)) if v <= common && held_by_all(v) => Some(v),
+            Some(RestoreFrom::Version(v)) => {
+                return Err(RankError::Checkpoint(format!(
+                    "KRUN_GHOST_RESTORE={v}: not every rank holds version {v} (newest common \
+                     version: {common})"
+                )))
+            }
+        };
+        config.restore = restore.map(RestoreFrom::Version);
+        install_request_handlers();
+        match NativeRuntime::init(config.clone()) {
+            Ok(rt) => {
+                self.restored = rt.restored_version();
+                self.runtime = Some(Ok(rt));
+            }
+            Err(e) if restore.is_some() => return Err(e.into()),
+            Err(e) => self.runtime = Some(Err(e.to_string())),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn runtime(&self) -> Result<&Arc<NativeRuntime>> {
+        match &self.runtime {
+            Some(Ok(rt)) => Ok(rt),
+            Some(Err(why)) => Err(RankError::Checkpoint(format!(
+                "the native checkpointer could not start: {why}"
+            ))),
+            None => Err(RankError::Checkpoint(
+                "checkpoints are disabled for this rank".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn wait_idle(&self) {
+        if let Some(Ok(rt)) = &self.runtime {
+            let _ = rt.wait();
+        }
+    }
+}
+
+impl Rank {
+    /// The version this rank's registered memory is restored from (None: fresh start).
+    pub fn restored_version(&self) -> Option<u64> {
+        self.ckpt.restored
+    }
+
+    /// Page-aligned memory for [`Rank::register_memory`], never freed.
+    pub fn alloc(&self, len: usize) -> Result<*mut u8> {
+        Ok(native::alloc_region(len)?)
+    }
+
+    /// Registers memory that holds the program's state; returns true if it was filled from
+    /// the image being restored. `len` is rounded up to whole pages.
+    ///
+    /// # Safety
+    /// `addr..addr+len`, rounded up to whole pages, is page-aligned private anonymous memory
+    /// (see [`Rank::alloc`], which maps whole pages) that stays mapped for the life of the
+    /// process.
+    pub unsafe fn register_memory(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
+        const PAGE: usize = 4096;
+        let len = len
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| RankError::InvalidArgument(format!("region length {len}")))?;
+        // SAFETY: forwarded from this function's contract (whole pages).
+        Ok(unsafe { self.ckpt.runtime()?.register(name, addr, len) }?)
+    }
+
+    /// Collective checkpoint (see the module documentation); returns the version, complete
+    /// on every rank when this returns.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let rt = self.ckpt.runtime()?.clone();
+        let pending = self.msgs.undelivered_user();
+        if self.allreduce_or(u64::from(pending > 0))? != 0 {
+            return Err(RankError::Checkpoint(format!(
+                "a rank holds received messages no receive call has taken yet (here: {pending}); \
+                 checkpoint where no message is in flight"
+            )));
+        }
+        let outcome = rt.checkpoint().and_then(|v| rt.wait().map(|r| (v, r)));
+        let failed = self.allreduce_or(u64::from(outcome.is_err()))?;
+        let (version, report) = outcome?;
+        if failed != 0 {
+            return Err(RankError::Checkpoint(format!(
+                "version {version} failed on another rank"
+            )));
+        }
+        if let Some(r) = report {
+            self.report(&RankToNode::Checkpointed {
+                rank: self.rank() as u32,
+                version,
+                image: r.path,
+                bytes: r.image_bytes,
+            })?;
+        }
+        Ok(version)
+    }
+
+    /// Collective: acts on SIGUSR1/SIGUSR2 requests any rank received since the last call.
+    pub fn safepoint(&self) -> Result<Safepoint> {
+        let rt = self.ckpt.runtime()?.clone();
+        let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
+            | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;
+        let all = self.allreduce_or(mine)?;
+        if all & 2 != 0 {
+            let outcome = rt.rollback(None);
+            let failed = self.allreduce_or(u64::from(outcome.is_err()))?;
+            let version = outcome?;
+            if failed != 0 {
+                return Err(RankError::Checkpoint(format!(
+                    "rollback to version {version} failed on another rank"
+                )));
+            }
+            return Ok(Safepoint::RolledBack(version));
+        }
+        if all & 1 != 0 {
+            return self.checkpoint().map(Safepoint::Checkpointed);
+        }
+        Ok(Safepoint::Nothing)
+    }
+}

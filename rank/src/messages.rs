@@ -1,0 +1,502 @@
+//! Two-sided messages between ranks: the ONE place every message of the library passes
+//! through (user messages and the library's own: barrier rounds, window setup, wire-up).
+//!
+//! # Observers
+//! A policy (e.g. uncoordinated checkpointing with message logging) installs an
+//! [`Observer`] with [`crate::Rank::set_observer`]. Its contract:
+//! - `on_send(dest, tag, seq, len)` is called exactly once per message this rank sends,
+//!   before any byte of it is handed to the fabric, with the message's per-pair sequence
+//!   number: the n-th message from this rank to `dest` (any tag) has `seq == n - 1`.
+//! - `on_deliver(src, tag, seq, len)` is called exactly once per message this rank's caller
+//!   receives, when a receive call hands it over, with the `seq` its sender's `on_send` saw.
+//!   A message that is queued but never received is never delivered.
+//! - For one (src, dest) pair, messages with the same tag are delivered in `seq` order
+//!   (non-overtaking); messages with different tags may be delivered in any order, so
+//!   `(src, seq)` — not arrival order — identifies a message for replay.
+//! - Tags at or above [`INTERNAL_TAG_BASE`] are the library's own messages; they are
+//!   observed too, since they also order events between ranks.
+//! - Observers run on the caller's thread, must not call back into the library, and should
+//!   be quick: they sit on the latency path of every message.
+//!
+//! # Wire form
+//! The whole header travels in the fabric's 64-bit tag, so payloads are never copied to
+//! prepend one: bits 60..64 a marker (`0xB`), 33..60 the tag, 12..33 the low 21 bits of the
+//! sequence number, bit 11 "last fragment", 0..11 the fragment index. A message larger than
+//! the fabric's message size is cut into fragments (at most [`MAX_FRAGMENTS`]). The sender
+//! is known from the fabric (the endpoint token). The receiver rebuilds the full sequence
+//! number from its per-source counter, which holds while a sender is fewer than 2^20
+//! messages ahead of what its receiver has taken off the fabric.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fabric::{Endpoint, FabricError, Message, PeerId};
+
+use crate::error::{RankError, Result};
+
+/// Watches every message of the library; see the module documentation for the contract.
+pub trait Observer: Send + Sync {
+    fn on_send(&self, dest: usize, tag: u32, seq: u64, len: usize);
+    fn on_deliver(&self, src: usize, tag: u32, seq: u64, len: usize);
+}
+
+/// Largest user tag.
+pub const MAX_TAG: u32 = (1 << 26) - 1;
+/// Tags from here on belong to the library itself.
+pub const INTERNAL_TAG_BASE: u32 = 1 << 26;
+/// Most fragments one message may have.
+pub const MAX_FRAGMENTS: usize = 1 << 11;
+
+const MARKER: u64 = 0xB << 60;
+const MARKER_MASK: u64 = 0xF << 60;
+const TAG_SHIFT: u32 = 33;
+const TAG_MASK: u64 = (1 << 27) - 1;
+const SEQ_SHIFT: u32 = 12;
+const SEQ_BITS: u32 = 21;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+const LAST_FRAGMENT: u64 = 1 << 11;
+const FRAGMENT_MASK: u64 = (1 << 11) - 1;
+/// How long one wait on the fabric lasts before the ready queue is checked again (another
+/// thread may have taken our message off the fabric).
+const PULL_SLICE: Duration = Duration::from_millis(2);
+
+fn wire_tag(tag: u32, seq: u64, fragment: usize, last: bool) -> u64 {
+    MARKER
+        | (tag as u64 & TAG_MASK) << TAG_SHIFT
+        | (seq & SEQ_MASK) << SEQ_SHIFT
+        | if last { LAST_FRAGMENT } else { 0 }
+        | (fragment as u64 & FRAGMENT_MASK)
+}
+
+struct WireHeader {
+    tag: u32,
+    seq_low: u64,
+    fragment: usize,
+    last: bool,
+}
+
+fn parse_wire_tag(t: u64) -> Option<WireHeader> {
+    (t & MARKER_MASK == MARKER).then_some(WireHeader {
+        tag: ((t >> TAG_SHIFT) & TAG_MASK) as u32,
+        seq_low: (t >> SEQ_SHIFT) & SEQ_MASK,
+        fragment: (t & FRAGMENT_MASK) as usize,
+        last: t & LAST_FRAGMENT != 0,
+    })
+}
+
+/// Which sender a receive accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Rank(usize),
+    Any,
+}
+
+/// Which tag a receive accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagMatch {
+    Tag(u32),
+    Any,
+}
+
+/// A message handed to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub src: usize,
+    pub tag: u32,
+    pub seq: u64,
+    pub data: Vec<u8>,
+}
+
+/// A complete message, queued until a receive takes it.
+struct Arrived {
+    src: usize,
+    tag: u32,
+    seq: u64,
+    /// One part for a single-fragment message (handed over without a copy).
+    parts: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl Arrived {
+    fn into_data(mut self) -> Vec<u8> {
+        if self.parts.len() == 1 {
+            self.parts.pop().unwrap_or_default()
+        } else {
+            self.parts.concat()
+        }
+    }
+
+    fn copy_into(&self, out: &mut [u8]) {
+        let mut at = 0;
+        for p in &self.parts {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+    }
+}
+
+struct Partial {
+    tag: u32,
+    fragments: BTreeMap<usize, Vec<u8>>,
+    last: Option<usize>,
+}
+
+#[derive(Default)]
+struct RecvState {
+    /// Per source: the next sequence number to become receivable.
+    next: Vec<u64>,
+    /// Per source: complete messages waiting for an earlier sequence number.
+    held: Vec<BTreeMap<u64, Arrived>>,
+    partial: HashMap<(usize, u64), Partial>,
+    /// Receivable messages; per source in sequence order.
+    ready: VecDeque<Arrived>,
+}
+
+/// The message layer of one rank.
+pub(crate) struct Messages {
+    ep: Arc<dyn Endpoint>,
+    rank: usize,
+    /// Fabric peer of every rank.
+    peers: Vec<PeerId>,
+    /// Rank of every fabric peer id.
+    rank_of: Vec<Option<usize>>,
+    fragment: usize,
+    send_seq: Vec<AtomicU64>,
+    state: Mutex<RecvState>,
+    observer: RwLock<Option<Arc<dyn Observer>>>,
+}
+
+fn describe_source(s: Source) -> String {
+    match s {
+        Source::Rank(r) => format!("rank {r}"),
+        Source::Any => "any rank".into(),
+    }
+}
+
+fn describe_tag(t: TagMatch) -> String {
+    match t {
+        TagMatch::Tag(t) => t.to_string(),
+        TagMatch::Any => "any".into(),
+    }
+}
+
+impl Messages {
+    /// `peers[r]` is rank r's fabric peer; `fragment` the largest fabric message.
+    pub(crate) fn new(
+        ep: Arc<dyn Endpoint>,
+        rank: usize,
+        peers: Vec<PeerId>,
+        fragment: usize,
+    ) -> Messages {
+        let size = peers.len();
+        let max_id = peers.iter().map(|p| p.0 as usize + 1).max().unwrap_or(0);
+        let mut rank_of = vec![None; max_id];
+        for (r, p) in peers.iter().enumerate() {
+            rank_of[p.0 as usize] = Some(r);
+        }
+        Messages {
+            ep,
+            rank,
+            peers,
+            rank_of,
+            fragment: fragment.max(1),
+            send_seq: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            state: Mutex::new(RecvState {
+                next: vec![0; size],
+                held: (0..size).map(|_| BTreeMap::new()).collect(),
+                ..Default::default()
+            }),
+            observer: RwLock::new(None),
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The fabric peer of `rank` (checked by the caller).
+    pub(crate) fn peer(&self, rank: usize) -> PeerId {
+        self.peers[rank]
+    }
+
+    pub(crate) fn largest_message(&self) -> usize {
+        self.fragment.saturating_mul(MAX_FRAGMENTS)
+    }
+
+    pub(crate) fn set_observer(&self, observer: Option<Arc<dyn Observer>>) {
+        *self.observer.write().expect("observer lock") = observer;
+    }
+
+    fn observer(&self) -> Option<Arc<dyn Observer>> {
+        self.observer.read().expect("observer lock").clone()
+    }
+
+    pub(crate) fn check_rank(&self, rank: i64) -> Result<usize> {
+        if rank < 0 || rank as u64 >= self.size() as u64 {
+            return Err(RankError::NoSuchRank {
+                rank,
+                size: self.size(),
+            });
+        }
+        Ok(rank as usize)
+    }
+
+    /// Sends `data` to `dest` with `tag` (user or internal); returns its sequence number.
+    pub(crate) fn send(&self, dest: usize, tag: u32, data: &[u8]) -> Result<u64> {
+        self.check_rank(dest as i64)?;
+        if data.len() > self.largest_message() {
+            return Err(RankError::MessageTooLarge {
+                len: data.len(),
+                max: self.largest_message(),
+            });
+        }
+        let seq = self.send_seq[dest].fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = self.observer() {
+            o.on_send(dest, tag, seq, data.len());
+        }
+        if dest == self.rank {
+            let parts = vec![data.to_vec()];
+            let mut st = self.state.lock().expect("message state");
+            Self::complete(
+                &mut st,
+                Arrived {
+                    src: dest,
+                    tag,
+                    seq,
+                    parts,
+                    len: data.len(),
+                },
+            );
+            return Ok(seq);
+        }
+        let peer = self.peers[dest];
+        let count = data.len().div_ceil(self.fragment).max(1);
+        for i in 0..count {
+            let chunk = &data
+                [(i * self.fragment).min(data.len())..((i + 1) * self.fragment).min(data.len())];
+            self.ep
+                .send(peer, wire_tag(tag, seq, i, i + 1 == count), chunk)?;
+        }
+        Ok(seq)
+    }
+
+    /// Takes one message off the fabric into the queues; false if none came within `wait`.
+    fn pull(&self, wait: Duration) -> Result<bool> {
+        let msg = match self.ep.recv_masked(MARKER, !MARKER_MASK, wait) {
+            Ok(m) => m,
+            Err(FabricError::RecvTimeout { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        self.ingest(msg);
+        Ok(true)
+    }
+
+    fn ingest(&self, msg: Message) {
+        let Some(src) = msg
+            .peer
+            .and_then(|p| self.rank_of.get(p.0 as usize).copied().flatten())
+        else {
+            eprintln!(
+                "krun rank {}: dropping a {}-byte message from an endpoint outside the job",
+                self.rank,
+                msg.data.len()
+            );
+            return;
+        };
+        let Some(h) = parse_wire_tag(msg.tag) else {
+            return;
+        };
+        let mut st = self.state.lock().expect("message state");
+        let next = st.next[src];
+        let seq = next + (h.seq_low.wrapping_sub(next) & SEQ_MASK);
+        if h.fragment == 0 && h.last {
+            let len = msg.data.len();
+            Self::complete(
+                &mut st,
+                Arrived {
+                    src,
+                    tag: h.tag,
+                    seq,
+                    parts: vec![msg.data],
+                    len,
+                },
+            );
+            return;
+        }
+        let p = st.partial.entry((src, seq)).or_insert_with(|| Partial {
+            tag: h.tag,
+            fragments: BTreeMap::new(),
+            last: None,
+        });
+        p.fragments.insert(h.fragment, msg.data);
+        if h.last {
+            p.last = Some(h.fragment);
+        }
+        if p.last.is_some_and(|l| p.fragments.len() == l + 1) {
+            let p = st.partial.remove(&(src, seq)).expect("partial present");
+            let parts: Vec<Vec<u8>> = p.fragments.into_values().collect();
+            let len = parts.iter().map(Vec::len).sum();
+            Self::complete(
+                &mut st,
+                Arrived {
+                    src,
+                    tag: p.tag,
+                    seq,
+                    parts,
+                    len,
+                },
+            );
+        }
+    }
+
+    /// A whole message arrived: make it receivable in per-source sequence order.
+    fn complete(st: &mut RecvState, m: Arrived) {
+        let src = m.src;
+        if m.seq < st.next[src] {
+            return; // a duplicate; cannot happen on a reliable fabric
+        }
+        if m.seq > st.next[src] {
+            st.held[src].insert(m.seq, m);
+            return;
+        }
+        st.ready.push_back(m);
+        st.next[src] += 1;
+        loop {
+            let n = st.next[src];
+            match st.held[src].remove(&n) {
+                Some(m) => {
+                    st.ready.push_back(m);
+                    st.next[src] += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Waits for a message matching `from` and `tag`; `take` decides, under the queue lock,
+    /// whether to take it (returning the value) or leave it queued (returning an error).
+    fn wait_for<T>(
+        &self,
+        from: Source,
+        tag: TagMatch,
+        timeout: Option<Duration>,
+        take: impl Fn(&Arrived) -> Result<T>,
+    ) -> Result<(T, Arrived)> {
+        let start = Instant::now();
+        loop {
+            {
+                let mut st = self.state.lock().expect("message state");
+                let found = st.ready.iter().position(|m| {
+                    (match from {
+                        Source::Rank(r) => m.src == r,
+                        Source::Any => true,
+                    }) && (match tag {
+                        TagMatch::Tag(t) => m.tag == t,
+                        TagMatch::Any => m.tag < INTERNAL_TAG_BASE,
+                    })
+                });
+                if let Some(i) = found {
+                    let v = take(&st.ready[i])?;
+                    let m = st.ready.remove(i).expect("index from position");
+                    drop(st);
+                    if let Some(o) = self.observer() {
+                        o.on_deliver(m.src, m.tag, m.seq, m.len);
+                    }
+                    return Ok((v, m));
+                }
+            }
+            let slice = match timeout {
+                Some(t) => {
+                    let left = t.saturating_sub(start.elapsed());
+                    if left.is_zero() {
+                        return Err(RankError::RecvTimeout {
+                            from: describe_source(from),
+                            tag: describe_tag(tag),
+                            timeout: t,
+                        });
+                    }
+                    left.min(PULL_SLICE)
+                }
+                None => PULL_SLICE,
+            };
+            self.pull(slice)?;
+        }
+    }
+
+    /// Receives a message as an owned buffer (no copy for a single-fragment message).
+    pub(crate) fn recv(
+        &self,
+        from: Source,
+        tag: TagMatch,
+        timeout: Option<Duration>,
+    ) -> Result<Received> {
+        let ((), m) = self.wait_for(from, tag, timeout, |_| Ok(()))?;
+        Ok(Received {
+            src: m.src,
+            tag: m.tag,
+            seq: m.seq,
+            data: m.into_data(),
+        })
+    }
+
+    /// Receives into `out`; a message larger than `out` stays queued and fails with
+    /// [`RankError::Truncated`]. Returns (source, tag, length).
+    pub(crate) fn recv_into(
+        &self,
+        from: Source,
+        tag: TagMatch,
+        out: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(usize, u32, usize)> {
+        let capacity = out.len();
+        let ((), m) = self.wait_for(from, tag, timeout, |m| {
+            if m.len > capacity {
+                Err(RankError::Truncated {
+                    src: m.src,
+                    tag: m.tag,
+                    len: m.len,
+                    capacity,
+                })
+            } else {
+                Ok(())
+            }
+        })?;
+        m.copy_into(&mut out[..m.len]);
+        Ok((m.src, m.tag, m.len))
+    }
+
+    /// User messages received from the fabric but not yet taken by a receive call.
+    pub(crate) fn undelivered_user(&self) -> usize {
+        let st = self.state.lock().expect("message state");
+        let user = |tag: u32| tag < INTERNAL_TAG_BASE;
+        st.ready.iter().filter(|m| user(m.tag)).count()
+            + st.held
+                .iter()
+                .flat_map(|h| h.values())
+                .filter(|m| user(m.tag))
+                .count()
+            + st.partial.values().filter(|p| user(p.tag)).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_tags_round_trip_every_field() {
+        for (tag, seq, frag, last) in [
+            (0u32, 0u64, 0usize, true),
+            (MAX_TAG, (1 << 40) + 5, 2047, false),
+            (INTERNAL_TAG_BASE + 3, 17, 3, true),
+        ] {
+            let h = parse_wire_tag(wire_tag(tag, seq, frag, last)).unwrap();
+            assert_eq!(
+                (h.tag, h.seq_low, h.fragment, h.last),
+                (tag, seq & SEQ_MASK, frag, last)
+            );
+        }
+        assert!(parse_wire_tag(0x1234).is_none());
+    }
+}

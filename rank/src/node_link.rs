@@ -1,0 +1,199 @@
+//! The link from a rank to its local krund.
+//!
+//! Contract:
+//! - When `KRUN_NODE_SOCKET` names a Unix socket, the rank connects to it at init and keeps
+//!   the connection for its life; when unset, the library works without a node link.
+//! - The rank sends [`RankToNode::Hello`] at init, [`RankToNode::Checkpointed`] after every
+//!   checkpoint that is complete on every rank (the image file is complete), and
+//!   [`RankToNode::Exiting`] at finalize.
+//! - krund answers every message with exactly one [`NodeToRank`]: `Ack`, or `Refused(why)`,
+//!   which the rank's call reports as an error naming `why`.
+//! - The messages travel in a `fabric::wire` [`Session`] (protocol `Rank`) keyed by the
+//!   job's cluster secret (`KRUN_SECRET` / `KRUN_SECRET_FILE`): the rank is the client,
+//!   krund the server; every frame is authenticated and replay-protected.
+//! - Both sides give up on a peer that does not answer within [`IO_TIMEOUT`].
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Protocol, Session};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RankError, Result};
+
+/// Longest a write or an answer may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a rank tells its krund.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankToNode {
+    Hello {
+        rank: u32,
+        pid: u32,
+    },
+    Checkpointed {
+        rank: u32,
+        version: u64,
+        image: PathBuf,
+        bytes: u64,
+    },
+    Exiting {
+        rank: u32,
+        code: i32,
+    },
+}
+
+/// krund's answer to every [`RankToNode`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeToRank {
+    Ack,
+    Refused(String),
+}
+
+/// A rank's connection to its krund.
+pub struct NodeLink {
+    stream: UnixStream,
+    session: Session,
+    socket: PathBuf,
+}
+
+impl NodeLink {
+    /// Connects to krund's socket and runs the wire handshake with the job's secret.
+    pub fn connect(socket: &Path, secret: &ClusterSecret) -> Result<NodeLink> {
+        let fail = |reason: String| RankError::NodeLink {
+            socket: socket.to_path_buf(),
+            reason,
+        };
+        let mut stream = UnixStream::connect(socket).map_err(|e| fail(format!("connect: {e}")))?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| fail(format!("setting timeouts: {e}")))?;
+        let session = Session::client(&mut stream, secret, Protocol::Rank)
+            .map_err(|e| fail(format!("handshake: {e}")))?;
+        Ok(NodeLink {
+            stream,
+            session,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// Connects as [`NodeLink::connect`] with the secret from the environment.
+    pub fn connect_env(socket: &Path) -> Result<NodeLink> {
+        let secret = ClusterSecret::from_env()?.ok_or_else(|| RankError::NodeLink {
+            socket: socket.to_path_buf(),
+            reason: "KRUN_NODE_SOCKET is set but the job has no cluster secret \
+                     (KRUN_SECRET or KRUN_SECRET_FILE)"
+                .into(),
+        })?;
+        Self::connect(socket, &secret)
+    }
+
+    /// Sends `msg` and waits for krund's answer; `Refused` is an error naming the reason.
+    pub fn report(&mut self, msg: &RankToNode) -> Result<()> {
+        let fail = |reason: String| RankError::NodeLink {
+            socket: self.socket.clone(),
+            reason,
+        };
+        self.session
+            .tx
+            .send(&mut self.stream, msg)
+            .map_err(|e| fail(format!("sending {msg:?}: {e}")))?;
+        match self
+            .session
+            .rx
+            .recv::<NodeToRank>(&mut self.stream)
+            .map_err(|e| fail(format!("no answer to {msg:?}: {e}")))?
+        {
+            NodeToRank::Ack => Ok(()),
+            NodeToRank::Refused(why) => Err(fail(format!("krund refused {msg:?}: {why}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn socket_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "krun-node-link-{tag}-{}-{:x}",
+            std::process::id(),
+            fabric::random_u64().unwrap()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn secret(text: &str) -> ClusterSecret {
+        ClusterSecret::new(text.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn rank_reports_reach_a_node_socket_and_refusals_are_errors() {
+        let dir = socket_dir("ok");
+        let path = dir.join("node.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut session = Session::server(
+                &mut s,
+                &secret("the job secret, long enough"),
+                Protocol::Rank,
+            )
+            .unwrap();
+            let mut seen = Vec::new();
+            for answer in [
+                NodeToRank::Ack,
+                NodeToRank::Ack,
+                NodeToRank::Refused("rank 3 is not on this node".into()),
+            ] {
+                seen.push(session.rx.recv::<RankToNode>(&mut s).unwrap());
+                session.tx.send(&mut s, &answer).unwrap();
+            }
+            seen
+        });
+        let mut link = NodeLink::connect(&path, &secret("the job secret, long enough")).unwrap();
+        let msgs = [
+            RankToNode::Hello { rank: 3, pid: 42 },
+            RankToNode::Checkpointed {
+                rank: 3,
+                version: 7,
+                image: PathBuf::from("/dev/shm/krun-ghost/job/rank3/0000000007.kgi"),
+                bytes: 65536,
+            },
+            RankToNode::Exiting { rank: 3, code: 0 },
+        ];
+        link.report(&msgs[0]).unwrap();
+        link.report(&msgs[1]).unwrap();
+        let err = link.report(&msgs[2]).unwrap_err();
+        assert!(err.to_string().contains("not on this node"), "{err}");
+        assert_eq!(server.join().unwrap(), msgs.to_vec());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_node_with_another_secret_is_refused_at_connect() {
+        let dir = socket_dir("badsecret");
+        let path = dir.join("node.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            Session::server(
+                &mut s,
+                &secret("krund's own secret, long enough"),
+                Protocol::Rank,
+            )
+            .is_err()
+        });
+        let err = NodeLink::connect(&path, &secret("the job secret, long enough"))
+            .err()
+            .expect("handshake with a wrong secret must fail");
+        assert!(matches!(err, RankError::NodeLink { .. }), "{err}");
+        assert!(err.to_string().contains("handshake"), "{err}");
+        assert!(server.join().unwrap(), "the server side refuses too");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
