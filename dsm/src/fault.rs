@@ -617,6 +617,13 @@ impl Engine {
                         *slot += 1;
                         *slot - 1
                     };
+                    if self.trace && bytes.len() >= 32 {
+                        let w: Vec<u64> = bytes[..32]
+                            .chunks(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            .collect();
+                        eprintln!("dsm {}: sends page {page} seq {seq} words {w:?}", self.me);
+                    }
                     let mut wire = vec![WIRE_VERSION];
                     wire.extend(postcard::to_allocvec(&(self.me, seq, &msg)).map_err(|e| {
                         DsmError::Config {
@@ -660,6 +667,15 @@ impl Engine {
                             })
                         }
                     };
+                    if self.trace {
+                        // SAFETY: src points at PAGE readable bytes.
+                        let b = unsafe { std::slice::from_raw_parts(src, 32) };
+                        let w: Vec<u64> = b
+                            .chunks(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            .collect();
+                        eprintln!("dsm {}: installs page {page} words {w:?}", self.me);
+                    }
                     // SAFETY: src points at PAGE readable bytes (a message, a landing slot
                     // or the zero page), alive for this call.
                     unsafe { self.uffd.copy(region.addr(page), src, writable)? };
