@@ -179,7 +179,8 @@ pub enum Action {
     Unprotect {
         page: PageId,
     },
-    /// Discard the local copy (the next access faults).
+    /// Discard the local copy (the next access faults). A [`Msg::Grant`] sent later in the
+    /// same batch carries the bytes the page held when it was dropped.
     Drop {
         page: PageId,
     },
@@ -745,6 +746,9 @@ impl<W: ShareWords> Node<W> {
                 // Freeze the page before its bytes are sent and dropped.
                 out.push(Action::Protect { page });
             }
+            // Drop before sending: once the grant is out, the new owner may write and other
+            // nodes move on, so no local access may still see this copy.
+            out.push(Action::Drop { page });
             out.push(Action::Send {
                 to,
                 msg: Msg::Grant {
@@ -756,7 +760,6 @@ impl<W: ShareWords> Node<W> {
             });
             p.state = PageState::Invalid;
             p.hint = Some(to);
-            out.push(Action::Drop { page });
         }
     }
 }

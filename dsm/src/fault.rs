@@ -358,13 +358,17 @@ impl Engine {
             // A late message about a region freed since (the protocol may still be settling
             // when the collective free runs): nothing to do.
             if self.trace {
-                eprintln!("dsm {}: dropped {msg:?} (region freed)", self.me);
+                eprintln!(
+                    "{} dsm {}: dropped {msg:?} (region freed)",
+                    now_ns(),
+                    self.me
+                );
             }
             return Ok(());
         }
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         if self.trace {
-            eprintln!("dsm {}: from {from}: {msg:?}", self.me);
+            eprintln!("{} dsm {}: from {from}: {msg:?}", now_ns(), self.me);
         }
         let mut node = self.node.lock().map_err(|_| bad("state poisoned".into()))?;
         let actions = node.on_message(from, msg);
@@ -589,9 +593,11 @@ impl Engine {
         remote: &mut Vec<Remote>,
         local: &mut VecDeque<(Msg, Vec<u8>)>,
     ) -> Result<()> {
+        // Bytes of pages dropped in this batch, for a grant sent after the drop.
+        let mut dropped: HashMap<PageId, Vec<u8>> = HashMap::new();
         for a in actions {
             if self.trace {
-                eprintln!("dsm {}: {a:?}", self.me);
+                eprintln!("{} dsm {}: {a:?}", now_ns(), self.me);
             }
             match a {
                 Action::Send { to, msg } => {
@@ -600,10 +606,15 @@ impl Engine {
                         continue;
                     };
                     let bytes = if matches!(msg, Msg::Grant { zero: false, .. }) {
-                        // SAFETY: this node holds the page (mapped, and write-protected when
-                        // another node is to get it), so reading it does not fault.
-                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) }
-                            .to_vec()
+                        match dropped.remove(&page) {
+                            Some(b) => b,
+                            // SAFETY: this node holds the page (mapped, and write-protected
+                            // when another node is to get it), so reading it does not fault.
+                            None => unsafe {
+                                std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE)
+                            }
+                            .to_vec(),
+                        }
                     } else {
                         Vec::new()
                     };
@@ -622,7 +633,11 @@ impl Engine {
                             .chunks(8)
                             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                             .collect();
-                        eprintln!("dsm {}: sends page {page} seq {seq} words {w:?}", self.me);
+                        eprintln!(
+                            "{} dsm {}: sends page {page} seq {seq} words {w:?}",
+                            now_ns(),
+                            self.me
+                        );
                     }
                     let mut wire = vec![WIRE_VERSION];
                     wire.extend(postcard::to_allocvec(&(self.me, seq, &msg)).map_err(|e| {
@@ -674,7 +689,11 @@ impl Engine {
                             .chunks(8)
                             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                             .collect();
-                        eprintln!("dsm {}: installs page {page} words {w:?}", self.me);
+                        eprintln!(
+                            "{} dsm {}: installs page {page} words {w:?}",
+                            now_ns(),
+                            self.me
+                        );
                     }
                     // SAFETY: src points at PAGE readable bytes (a message, a landing slot
                     // or the zero page), alive for this call.
@@ -707,6 +726,13 @@ impl Engine {
                     let Some(region) = region_of(&self.regions, page) else {
                         continue;
                     };
+                    // Keep the bytes for a grant later in this batch (the page is mapped here,
+                    // read-only or write-protected: reading it does not fault).
+                    // SAFETY: as stated.
+                    let keep =
+                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) }
+                            .to_vec();
+                    dropped.insert(page, keep);
                     // SAFETY: the page lies inside our own shared mapping; its contents are
                     // discarded on purpose (the next access faults).
                     if unsafe {
@@ -743,4 +769,16 @@ fn no_region(page: PageId) -> DsmError {
         what: "page".into(),
         reason: format!("page {page} is in no shared region"),
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the same clock in every process: trace lines of several
+/// processes sort into one timeline).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -232,7 +232,18 @@ impl Dsm {
     /// Returns when every rank has reached it (and reports a driver error, if any).
     pub fn barrier(&self) -> Result<()> {
         self.check()?;
+        let trace = std::env::var_os("KRUN_DSM_TRACE").is_some();
+        if trace {
+            eprintln!(
+                "{} dsm {}: barrier enter",
+                crate::fault::now_ns(),
+                self.rank
+            );
+        }
         self.allgather("barrier", &[])?;
+        if trace {
+            eprintln!("{} dsm {}: barrier exit", crate::fault::now_ns(), self.rank);
+        }
         self.check()
     }
 

@@ -223,10 +223,7 @@ fn three_processes_share_a_region_over_tcp() {
     share_on("tcp");
 }
 
-/// Over shm, about one run in three loses one locked increment (see the crate README); the
-/// cause is not found yet.
 #[test]
-#[ignore = "shm: an occasional lost update, under investigation"]
 fn three_processes_share_a_region_over_shm() {
     share_on("shm");
 }

@@ -107,22 +107,40 @@ impl Sim {
     /// Executes a node's actions in order; `data` is the page value that came with the
     /// event being handled.
     fn run(&mut self, n: NodeId, actions: Vec<Action>, data: Option<u64>) -> Result<(), String> {
+        // Pages dropped in this batch, whose bytes a later grant of the batch carries.
+        let mut dropped: BTreeMap<PageId, u64> = BTreeMap::new();
         for a in actions {
             self.log(format!("node {n}: {a:?}"));
             let node = &mut self.nodes[n as usize];
             match a {
                 Action::Send { to, msg } => {
-                    let attach = match &msg {
-                        Msg::Grant {
-                            page, zero: false, ..
-                        } => Some(
-                            *node
-                                .mem
-                                .get(page)
-                                .ok_or(format!("node {n} grants page {page} it does not hold"))?,
-                        ),
-                        _ => None,
-                    };
+                    // A message that lets another node write (a write grant, an invalidation
+                    // acknowledgement) leaves no mapped copy behind: in the real driver local
+                    // accesses happen at any moment between the actions of a batch.
+                    if let Msg::Grant {
+                        page,
+                        access: Access::Write,
+                        ..
+                    }
+                    | Msg::InvalidateAck { page } = &msg
+                    {
+                        if node.mem.contains_key(page) {
+                            return Err(format!(
+                                "node {n} sends {msg:?} while still mapping page {page}"
+                            ));
+                        }
+                    }
+                    let attach =
+                        match &msg {
+                            Msg::Grant {
+                                page, zero: false, ..
+                            } => {
+                                Some(*node.mem.get(page).or(dropped.get(page)).ok_or(format!(
+                                    "node {n} grants page {page} it does not hold"
+                                ))?)
+                            }
+                            _ => None,
+                        };
                     self.push(n, to, false, Wire::Msg(msg, attach));
                 }
                 Action::Join { owner, page } => self.push(n, owner, true, Wire::JoinReq(page)),
@@ -154,7 +172,9 @@ impl Sim {
                 }
                 Action::Unprotect { .. } => {}
                 Action::Drop { page } => {
-                    node.mem.remove(&page);
+                    if let Some(v) = node.mem.remove(&page) {
+                        dropped.insert(page, v);
+                    }
                 }
                 Action::Done { page, access } => {
                     if let Some((p, want)) = node.op {
