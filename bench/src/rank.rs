@@ -8,6 +8,8 @@
 //! one process lose messages with libfabric 1.17. Both are configured with a 1 MiB fabric
 //! message size, so a 1 MiB send is one fabric message in both.
 //!
+//! `BENCH_RANK_DEBUG=1` prints each measurement as it starts (to find a hanging one).
+//!
 //! Writes `bench/results/rank.json`: `{"commit","date","kernel","cpus","runs","target",
 //! "rows":[{"op","provider","size","lat_p50_us","bw_gbs","raw_lat_p50_us","raw_bw_gbs",
 //! "lat_overhead_pct","bw_loss_pct", and min/max over runs of each}]}`; every value is the
@@ -86,10 +88,7 @@ enum Side {
 
 fn fabric_config(provider: Provider) -> FabricConfig {
     let mut c = FabricConfig::with_provider(provider);
-    c.max_message = std::env::var("BENCH_RANK_MAX_MESSAGE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BUFFER);
+    c.max_message = BUFFER;
     c
 }
 
