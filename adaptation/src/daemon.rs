@@ -1,6 +1,8 @@
 //! The I/O driver of a node: TCP links between nodes (one connection per direction, so
-//! each link is FIFO), authenticated frames, a clock, and a line protocol on stdin/stdout for
-//! clients and operators. All decisions are taken by [`crate::protocol::Node`].
+//! each link is FIFO), authenticated frames and a clock. All decisions are taken by
+//! [`crate::protocol::Node`]. [`Driver`] is the library (krund hosts one in-process, with
+//! its services); [`run_on`] puts a line protocol on stdin/stdout around it for clients and
+//! operators (`krun-adapt`, with the toy key-value service).
 //!
 //! Commands (stdin, one per line) and what they print (stdout):
 //! - `req CLIENT SEQ KEY put VALUE | get | add DELTA` → `ans CLIENT SEQ ok|err VERSION VALUE`
@@ -13,7 +15,7 @@
 //! `stopped REASON`. Times are milliseconds since the Unix epoch (comparable across the
 //! processes of one machine).
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -24,9 +26,10 @@ use fabric::secret::ClusterSecret;
 use crate::error::{AdaptError, Result};
 use crate::kv::{parse_answer, KvOp, KvService};
 use crate::protocol::{Node, NodeConfig, Output};
-use crate::service::RequestId;
-use crate::view::{Change, NodeId};
-use crate::wire::{self, Msg};
+use crate::service::{RequestId, Service, ServiceId};
+use crate::view::{Change, EntryId, Epoch, NodeId};
+use crate::wire::{self, LinkHello, Msg};
+use fabric::wire::{Deadline, HandshakeSlot, HandshakeSlots, Session, HANDSHAKE_TIMEOUT};
 
 /// How a daemon is started (`krun-adapt --help`).
 #[derive(Clone, Debug)]
@@ -118,7 +121,8 @@ impl DaemonConfig {
 
 enum Event {
     Frame(NodeId, Msg),
-    Command(String),
+    /// Work for the node, run inside the loop.
+    Call(Call),
 }
 
 fn now_ms() -> f64 {
@@ -133,21 +137,21 @@ struct Links {
     me: NodeId,
     secret: ClusterSecret,
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
-    writers: BTreeMap<NodeId, Sender<Vec<u8>>>,
+    writers: BTreeMap<NodeId, Sender<Msg>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Links {
     fn send(&mut self, to: NodeId, msg: &Msg) {
-        let frame = wire::seal(&self.secret, self.me, msg);
         let tx = self.writers.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let addrs = self.addrs.clone();
-            self.threads
-                .push(std::thread::spawn(move || write_link(to, addrs, rx)));
+            let (tx, rx) = mpsc::channel::<Msg>();
+            let (addrs, me, secret) = (self.addrs.clone(), self.me, self.secret.clone());
+            self.threads.push(std::thread::spawn(move || {
+                write_link(me, to, &secret, addrs, rx)
+            }));
             tx
         });
-        let _ = tx.send(frame);
+        let _ = tx.send(msg.clone());
     }
 
     /// Closes every link after what was queued is written (bounded wait).
@@ -162,83 +166,110 @@ impl Links {
     }
 }
 
-/// Writes frames to one peer in order; reconnects once per failed frame, then gives up on
-/// that frame (the protocol retries what matters).
-fn write_link(to: NodeId, addrs: Arc<Mutex<BTreeMap<NodeId, String>>>, rx: Receiver<Vec<u8>>) {
-    let mut stream: Option<TcpStream> = None;
+/// Opens a link to a peer: TCP, the wire toolkit's handshake, then our [`LinkHello`].
+fn open_link(
+    me: NodeId,
+    addr: &str,
+    secret: &ClusterSecret,
+) -> std::result::Result<(TcpStream, Session), String> {
+    let a = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
+    let mut s =
+        TcpStream::connect_timeout(&a, Duration::from_millis(300)).map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    let mut session = Session::client_within(&s, secret, wire::PROTOCOL, HANDSHAKE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    session
+        .tx
+        .send(&mut s, &LinkHello { node: me })
+        .map_err(|e| e.to_string())?;
+    Ok((s, session))
+}
+
+/// Writes messages to one peer in order; reconnects once per failed message, then gives up
+/// on that message (the protocol retries what matters).
+fn write_link(
+    me: NodeId,
+    to: NodeId,
+    secret: &ClusterSecret,
+    addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
+    rx: Receiver<Msg>,
+) {
+    let mut link: Option<(TcpStream, Session)> = None;
     let mut warned = false;
-    while let Ok(frame) = rx.recv() {
+    while let Ok(msg) = rx.recv() {
         for attempt in 0..2 {
-            if stream.is_none() {
+            if link.is_none() {
                 let addr = addrs.lock().map(|a| a.get(&to).cloned()).ok().flatten();
                 let Some(addr) = addr else {
                     break;
                 };
-                let connected = addr
-                    .parse()
-                    .ok()
-                    .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok());
-                match connected {
-                    Some(s) => {
-                        let _ = s.set_nodelay(true);
-                        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                        stream = Some(s);
+                match open_link(me, &addr, secret) {
+                    Ok(l) => {
+                        link = Some(l);
                         warned = false;
                     }
-                    None => {
+                    Err(why) => {
                         if !warned {
-                            eprintln!("link to node {to} ({addr}): cannot connect; dropping messages until it answers");
+                            eprintln!("link to node {to} ({addr}): cannot connect ({why}); dropping messages until it answers");
                             warned = true;
                         }
                         break;
                     }
                 }
             }
-            if let Some(s) = stream.as_mut() {
-                if s.write_all(&frame).is_ok() {
+            if let Some((s, session)) = link.as_mut() {
+                if session.tx.send(s, &msg).is_ok() {
                     break;
                 }
-                stream = None;
+                link = None;
                 if attempt == 1 {
-                    eprintln!("link to node {to}: write failed twice; frame dropped");
+                    eprintln!("link to node {to}: write failed twice; message dropped");
                 }
             }
         }
     }
 }
 
-/// Reads frames from one connection; a frame that does not authenticate or decode ends the
-/// connection with a log line naming the sender.
-fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>) {
+/// Reads messages from one connection: the handshake and the sender's [`LinkHello`] within
+/// [`HANDSHAKE_TIMEOUT`], then frames; a frame that does not authenticate, is replayed or
+/// does not decode ends the connection with a log line naming the sender.
+fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>, slot: HandshakeSlot) {
     let peer = s
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
+    let opened = Session::server_within(&s, &secret, wire::PROTOCOL, HANDSHAKE_TIMEOUT).and_then(
+        |mut session| {
+            session.rx.set_max_payload(64);
+            let hello = session
+                .rx
+                .recv::<LinkHello>(&mut Deadline::new(&s, HANDSHAKE_TIMEOUT));
+            let _ = s.set_read_timeout(None);
+            Ok((hello?, session))
+        },
+    );
+    drop(slot);
+    let (from, mut session) = match opened {
+        Ok((hello, session)) => (hello.node, session),
+        Err(e) => {
+            eprintln!("dropped connection from {peer}: {e}");
+            return;
+        }
+    };
+    session.rx.set_max_payload(wire::MAX_MESSAGE);
     loop {
-        let mut head = vec![0u8; wire::header_len()];
-        if s.read_exact(&mut head).is_err() {
-            return;
-        }
-        let total = match wire::frame_len(&head, &peer) {
-            Ok(n) => n,
-            Err(e) => {
-                eprintln!("dropped connection: {e}");
-                return;
-            }
-        };
-        head.resize(total, 0);
-        if s.read_exact(&mut head[wire::header_len()..]).is_err() {
-            eprintln!("dropped connection from {peer}: frame cut short");
-            return;
-        }
-        match wire::open(&secret, &head, &peer) {
-            Ok((from, msg)) => {
+        match session.rx.recv::<Msg>(&mut s) {
+            Ok(msg) => {
                 if tx.send(Event::Frame(from, msg)).is_err() {
                     return;
                 }
             }
+            Err(fabric::FabricError::WireClosed { .. }) => return,
             Err(e) => {
-                eprintln!("dropped connection: {e}");
+                eprintln!("dropped connection from node {from} ({peer}): {e}");
                 return;
             }
         }
@@ -337,73 +368,315 @@ pub fn under_krun(supervisors: Vec<NodeId>) -> Result<String> {
     run_on(cfg, listener, secret)
 }
 
-/// Runs a node on an already bound listener.
+/// Runs a node of the toy key-value service on an already bound listener, with the line
+/// protocol on stdin/stdout (`krun-adapt`).
 pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -> Result<String> {
-    let listen = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| cfg.listen.clone());
-    let mut genesis: Vec<NodeId> = cfg.peers.keys().copied().collect();
-    if !cfg.join {
-        genesis.push(cfg.id);
+    let driver = Driver::start(cfg, listener, secret, vec![Box::new(KvService::new())])?;
+    let handle = driver.handle();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines().map_while(|l| l.ok()) {
+            // The reply is printed inside the driver, before the outputs the command causes.
+            let sent = handle.call(move |node| {
+                let reply = command(node, &line);
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{reply}");
+                let _ = out.flush();
+            });
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready id={} listen={}", driver.id(), driver.listen());
+    let _ = out.flush();
+    loop {
+        let Ok(event) = driver.events().recv() else {
+            return driver.join();
+        };
+        match event {
+            DriverEvent::Response { id, payload } => {
+                let _ = writeln!(out, "{}", answer_line(id, &payload));
+            }
+            DriverEvent::Stable(view) => {
+                let members: Vec<String> = view.members.iter().map(|m| m.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "stable {} t={:.3} members={}",
+                    view.epoch,
+                    now_ms(),
+                    members.join(",")
+                );
+            }
+            DriverEvent::Phase { epoch, phase } => {
+                let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
+            }
+            DriverEvent::Log(line) => eprintln!("node {}: {line}", driver.id()),
+            DriverEvent::Stopped { reason } => {
+                let _ = writeln!(out, "stopped {reason}");
+                let _ = out.flush();
+                driver.join()?;
+                return Ok(reason);
+            }
+        }
+        let _ = out.flush();
     }
-    genesis.sort_unstable();
-    let supervisors = if cfg.supervisors.is_empty() {
-        genesis.iter().copied().take(3).collect()
-    } else {
-        cfg.supervisors.clone()
-    };
-    let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
-    ncfg.seed = cfg.seed;
-    ncfg.joining = cfg.join.then(|| listen.clone());
-    let mut node = Node::new(ncfg, vec![Box::new(KvService::new())])?;
+}
 
+/// A view of the membership as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewSnapshot {
+    pub me: NodeId,
+    /// The epoch of the view this node applied (changes processed).
+    pub epoch: Epoch,
+    /// The newest epoch this node knows was agreed.
+    pub known_epoch: Epoch,
+    pub stable: bool,
+    pub members: Vec<NodeId>,
+    /// The locator's cells, each a list of members.
+    pub cells: Vec<Vec<NodeId>>,
+    pub supervisors: Vec<NodeId>,
+    /// The supervisor leading the agreement, when this node knows it.
+    pub leader: Option<NodeId>,
+    /// The agreed changes: the change to epoch `i + 1` is `changes[i]`.
+    pub changes: Vec<Change>,
+}
+
+impl ViewSnapshot {
+    pub fn of(node: &Node) -> ViewSnapshot {
+        ViewSnapshot {
+            me: node.id(),
+            epoch: node.epoch(),
+            known_epoch: node.known_epoch(),
+            stable: node.is_stable(),
+            members: node.members().iter().copied().collect(),
+            cells: node
+                .locator()
+                .cells()
+                .into_iter()
+                .map(|c| c.members)
+                .collect(),
+            supervisors: node.supervisors().to_vec(),
+            leader: node.leader(),
+            changes: node.log().to_vec(),
+        }
+    }
+}
+
+/// What a running [`Driver`] reports.
+#[derive(Clone, Debug)]
+pub enum DriverEvent {
+    /// The answer to a request submitted through this node.
+    Response { id: RequestId, payload: Vec<u8> },
+    /// This node finished a change and is stable in this view.
+    Stable(ViewSnapshot),
+    /// A step of the change to `epoch` ended here.
+    Phase { epoch: Epoch, phase: &'static str },
+    /// This node is out of the configuration; the driver has ended.
+    Stopped { reason: String },
+    /// Something worth a log line.
+    Log(String),
+}
+
+type Call = Box<dyn FnOnce(&mut Node) + Send>;
+
+/// Sends work to a running driver; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct DriverHandle {
+    calls: Sender<Event>,
+}
+
+impl DriverHandle {
+    /// Runs `f` on the node inside the driver's loop (between two events), so that it sees
+    /// and changes the node's state consistently; what it makes the node do is carried out
+    /// right after.
+    pub fn call(&self, f: impl FnOnce(&mut Node) + Send + 'static) -> Result<()> {
+        self.calls
+            .send(Event::Call(Box::new(f)))
+            .map_err(|_| stopped_error())
+    }
+
+    /// Runs `f` on the node and waits for its result.
+    pub fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Node) -> T + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::channel();
+        self.call(move |node| {
+            let _ = tx.send(f(node));
+        })?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| stopped_error())
+    }
+
+    /// Submits a request to `(service, entry)`; its answer comes as
+    /// [`DriverEvent::Response`].
+    pub fn submit(
+        &self,
+        id: RequestId,
+        service: ServiceId,
+        entry: EntryId,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        self.query(move |node| node.submit(id, service, entry, payload))?
+    }
+
+    /// Asks for `node` to leave the configuration (a planned eviction).
+    pub fn request_leave(&self, node: NodeId) -> Result<()> {
+        self.query(move |n| n.request_leave(node))?
+    }
+
+    /// The membership as this node sees it now.
+    pub fn view(&self) -> Result<ViewSnapshot> {
+        self.query(|node| ViewSnapshot::of(node))
+    }
+}
+
+fn stopped_error() -> AdaptError {
+    AdaptError::Io {
+        what: "adaptation driver".into(),
+        source: std::io::Error::other("the driver has stopped"),
+    }
+}
+
+/// The TCP driver of one adaptation node, as a library: links to the other nodes, a clock,
+/// the node's services; requests come in through [`DriverHandle`]s, what happens comes out
+/// as [`DriverEvent`]s. `krun-adapt` and every `krund` run one.
+pub struct Driver {
+    id: NodeId,
+    listen: String,
+    handle: DriverHandle,
+    events: Receiver<DriverEvent>,
+    thread: Option<std::thread::JoinHandle<Result<String>>>,
+}
+
+impl Driver {
+    /// Starts a node on an already bound listener with `services` (every node of a job
+    /// registers the same services in the same order).
+    pub fn start(
+        cfg: DaemonConfig,
+        listener: TcpListener,
+        secret: ClusterSecret,
+        services: Vec<Box<dyn Service>>,
+    ) -> Result<Driver> {
+        let listen = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| cfg.listen.clone());
+        let mut genesis: Vec<NodeId> = cfg.peers.keys().copied().collect();
+        if !cfg.join {
+            genesis.push(cfg.id);
+        }
+        genesis.sort_unstable();
+        let supervisors = if cfg.supervisors.is_empty() {
+            genesis.iter().copied().take(3).collect()
+        } else {
+            cfg.supervisors.clone()
+        };
+        let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
+        ncfg.seed = cfg.seed;
+        ncfg.joining = cfg.join.then(|| listen.clone());
+        let node = Node::new(ncfg, services)?;
+        let (tx, rx) = mpsc::channel::<Event>();
+        {
+            let tx = tx.clone();
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                let slots = HandshakeSlots::default();
+                loop {
+                    // A free handshake slot first: more connections wait in the backlog.
+                    let slot = slots.take();
+                    let s = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            eprintln!("accepting a connection: {e}");
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let (tx, secret) = (tx.clone(), secret.clone());
+                    std::thread::spawn(move || read_link(s, secret, tx, slot));
+                }
+            });
+        }
+        let (events_tx, events) = mpsc::channel();
+        let id = cfg.id;
+        let thread = {
+            let listen = listen.clone();
+            std::thread::Builder::new()
+                .name(format!("adapt-node-{id}"))
+                .spawn(move || drive(cfg, listen, node, secret, rx, events_tx))
+                .map_err(|e| AdaptError::Io {
+                    what: "starting the driver thread".into(),
+                    source: e,
+                })?
+        };
+        Ok(Driver {
+            id,
+            listen,
+            handle: DriverHandle { calls: tx },
+            events,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Where the other nodes reach this one.
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        self.handle.clone()
+    }
+
+    pub fn events(&self) -> &Receiver<DriverEvent> {
+        &self.events
+    }
+
+    /// Waits for the driver to end; returns why it stopped.
+    pub fn join(mut self) -> Result<String> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(AdaptError::Io {
+                what: "adaptation driver".into(),
+                source: std::io::Error::other("the driver thread panicked"),
+            }),
+            None => Err(stopped_error()),
+        }
+    }
+}
+
+/// The driver's loop: feeds the node ticks, frames and calls, and carries out its outputs.
+fn drive(
+    cfg: DaemonConfig,
+    listen: String,
+    mut node: Node,
+    secret: ClusterSecret,
+    rx: Receiver<Event>,
+    events: Sender<DriverEvent>,
+) -> Result<String> {
     let mut addrs = cfg.peers.clone();
-    addrs.insert(cfg.id, listen.clone());
+    addrs.insert(cfg.id, listen);
     let addrs = Arc::new(Mutex::new(addrs));
     let mut links = Links {
         me: cfg.id,
-        secret: secret.clone(),
+        secret,
         addrs: addrs.clone(),
         writers: BTreeMap::new(),
         threads: Vec::new(),
     };
-    let (tx, rx) = mpsc::channel::<Event>();
-    {
-        let tx = tx.clone();
-        let secret = secret.clone();
-        std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
-                let (tx, secret) = (tx.clone(), secret.clone());
-                std::thread::spawn(move || read_link(s, secret, tx));
-            }
-        });
-    }
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let stdin = std::io::stdin();
-            for line in stdin.lock().lines().map_while(|l| l.ok()) {
-                if tx.send(Event::Command(line)).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "ready id={} listen={listen}", cfg.id);
-    let _ = out.flush();
     let mut known_joins = 0usize;
     let mut next_tick = Instant::now() + cfg.tick;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Frame(from, msg)) => node.receive(from, msg),
-            Ok(Event::Command(line)) => {
-                let reply = command(&mut node, &line);
-                let _ = writeln!(out, "{reply}");
-            }
+            Ok(Event::Call(f)) => f(&mut node),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(AdaptError::Io {
@@ -432,33 +705,28 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
         }
         let mut stopped = None;
         for o in node.take_outputs() {
-            match o {
-                Output::Send { to, msg } => links.send(to, &msg),
-                Output::Response { id, payload } => {
-                    let _ = writeln!(out, "{}", answer_line(id, &payload));
+            let event = match o {
+                Output::Send { to, msg } => {
+                    links.send(to, &msg);
+                    continue;
                 }
-                Output::Stable { epoch } => {
-                    let members: Vec<String> =
-                        node.members().iter().map(|m| m.to_string()).collect();
-                    let _ = writeln!(
-                        out,
-                        "stable {epoch} t={:.3} members={}",
-                        now_ms(),
-                        members.join(",")
-                    );
+                Output::Response { id, payload } => DriverEvent::Response { id, payload },
+                Output::Stable { .. } => DriverEvent::Stable(ViewSnapshot::of(&node)),
+                Output::Phase { epoch, phase } => DriverEvent::Phase { epoch, phase },
+                Output::Stopped { reason } => {
+                    stopped = Some(reason);
+                    continue;
                 }
-                Output::Phase { epoch, phase } => {
-                    let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
-                }
-                Output::Stopped { reason } => stopped = Some(reason),
-                Output::Log(line) => eprintln!("node {}: {line}", cfg.id),
-            }
+                Output::Log(line) => DriverEvent::Log(line),
+            };
+            // Nobody listening any more is not the node's problem.
+            let _ = events.send(event);
         }
-        let _ = out.flush();
         if let Some(reason) = stopped {
             links.close();
-            let _ = writeln!(out, "stopped {reason}");
-            let _ = out.flush();
+            let _ = events.send(DriverEvent::Stopped {
+                reason: reason.clone(),
+            });
             return Ok(reason);
         }
     }

@@ -8,9 +8,6 @@ pub enum AdaptError {
     /// A message that does not decode (truncated, unknown kind, bad version).
     #[error("undecodable message from {from}: {reason}")]
     BadMessage { from: String, reason: String },
-    /// A message whose authentication tag does not verify with the cluster secret.
-    #[error("message from {from} failed authentication (wrong cluster secret or altered)")]
-    Unauthenticated { from: String },
     /// An error reported by the Raft library.
     #[error("raft: {0}")]
     Raft(String),

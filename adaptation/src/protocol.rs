@@ -339,6 +339,11 @@ impl Node {
         &self.log
     }
     /// The Raft leader this node knows of (supervisors only).
+    /// The supervisors: the members of the Raft group that agrees on changes.
+    pub fn supervisors(&self) -> &[NodeId] {
+        &self.cfg.supervisors
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.agreement.as_ref().and_then(|a| a.leader())
     }

@@ -12,7 +12,9 @@ pub type ServiceId = u16;
 
 /// Who issued a request: the node it entered through, a client of that node, and the
 /// client's sequence number. A retried request keeps its id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct RequestId {
     pub origin: NodeId,
     pub client: u32,

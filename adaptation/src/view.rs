@@ -8,7 +8,9 @@ pub type EntryId = u64;
 pub type Epoch = u64;
 
 /// One configuration change, committed by the supervisors before any node acts on it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Change {
     /// A node announced itself; `addr` is where the others reach it.
     Join { node: NodeId, addr: String },

@@ -1,9 +1,11 @@
 //! Real processes: 8 `krun-adapt` daemons on loopback with the toy key-value service.
 //! While clients keep issuing requests, 2 nodes join, 1 is evicted and 1 is SIGKILLed;
 //! afterwards every key reads back its last written value. A node with the wrong secret
-//! never gets in, and garbage on a daemon's port is logged and survived.
+//! never gets in; garbage, forged, replayed, truncated and oversized frames on a daemon's port
+//! are logged and survived.
 //!
 //! Every daemon is killed by PID and reaped when its guard drops, also when a test fails.
+use adaptation::wire::Msg;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -380,23 +382,103 @@ fn eight_daemons_survive_joins_an_eviction_and_a_kill_under_load() {
 
 #[test]
 fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
+    use fabric::secret::ClusterSecret;
+    use fabric::wire::Session;
+    use std::net::TcpStream;
+
     let (cluster, addrs) = Cluster::start(3);
-    // Garbage and a frame with a bad magic on node 0's port.
+    let node0 = &cluster.daemons[&0];
+    // Garbage instead of a handshake on node 0's port.
     {
-        let mut s = std::net::TcpStream::connect(&cluster.daemons[&0].addr).unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxx")
-            .unwrap();
+        let mut s = TcpStream::connect(&node0.addr).unwrap();
+        s.write_all(
+            b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        )
+        .unwrap();
     }
+    cluster.wait("the garbage logged", |c| {
+        c.daemons[&0].stderr.lock().unwrap().contains("KRW1 magic")
+    });
+    // A node with another secret is refused in the handshake, and told why.
     let wrong = "00112233445566778899aabbccddeeff00112233";
     let intruder = spawn(20, &free_port(), &addrs, true, wrong);
-    cluster.wait("the intruder's frames refused by name", |c| {
+    cluster.wait("the intruder refused", |c| {
         c.daemons
             .values()
-            .any(|d| d.stderr.lock().unwrap().contains("claims node 20"))
+            .any(|d| d.stderr.lock().unwrap().contains("failed authentication"))
+            && intruder
+                .stderr
+                .lock()
+                .unwrap()
+                .contains("wrong cluster secret")
     });
-    cluster.wait("the bad magic logged", |c| {
-        c.daemons[&0].stderr.lock().unwrap().contains("bad magic")
-    });
+    // 8 connections announce 64 MiB frames before authenticating and stall: the daemon
+    // holds a fixed-size handshake for each, nothing more.
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let before = rss(node0.child.id());
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(&node0.addr).unwrap();
+            let mut header = b"KRA1\x01\x00\x00\x00\x00".to_vec();
+            header.extend_from_slice(&(64u32 << 20).to_le_bytes());
+            s.write_all(&header).unwrap();
+            s
+        })
+        .collect();
+    // Frames from a holder of the secret that are forged, replayed, cut or too long.
+    let secret = ClusterSecret::from_hex(SECRET).unwrap();
+    let link = || {
+        let mut s = TcpStream::connect(&node0.addr).unwrap();
+        let mut session = Session::client(&mut s, &secret, adaptation::wire::PROTOCOL).unwrap();
+        session
+            .tx
+            .send(&mut s, &adaptation::wire::LinkHello { node: 77 })
+            .unwrap();
+        (s, session)
+    };
+    let (mut s, mut session) = link();
+    let mut f = session.tx.seal(&Msg::Ping { nonce: 1 }).unwrap();
+    let last = f.len() - 1;
+    f[last] ^= 1;
+    s.write_all(&f).unwrap();
+    let (mut s, mut session) = link();
+    let f = session.tx.seal(&Msg::Ping { nonce: 2 }).unwrap();
+    s.write_all(&f).unwrap();
+    s.write_all(&f).unwrap();
+    let (mut s, mut session) = link();
+    let f = session.tx.seal(&Msg::Ping { nonce: 3 }).unwrap();
+    s.write_all(&f[..f.len() / 2]).unwrap();
+    drop(s);
+    let (mut s, mut session) = link();
+    let mut f = session.tx.seal(&Msg::Ping { nonce: 4 }).unwrap();
+    f[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&f[..28]).unwrap();
+    for (what, line) in [
+        ("a bad tag", "failed authentication"),
+        ("a replayed frame", "replayed or out of order"),
+        ("a truncated frame", "truncated frame"),
+        ("a huge length", "exceeds the limit"),
+    ] {
+        cluster.wait(&format!("{what} refused by name"), |c| {
+            c.daemons[&0]
+                .stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("from node 77") && l.contains(line))
+        });
+    }
+    let grown = rss(node0.child.id()).saturating_sub(before);
+    println!("8 stalled 64 MiB headers: krun-adapt resident memory grew by {grown} KiB");
+    assert!(grown < 32 * 1024, "the daemon grew by {grown} KiB");
+    drop(stalled);
     // The cluster still works and never admitted the intruder.
     assert!(cluster.daemons[&0].send("req 1 1 42 add 5"));
     cluster.wait("an answer after the garbage", |c| {

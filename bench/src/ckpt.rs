@@ -151,7 +151,7 @@ struct Stores {
 }
 
 fn start_stores(arena: usize) -> Result<Stores, String> {
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().map_err(|e| e.to_string())?;
     let server = BootstrapServer::start_with(
         "127.0.0.1:0",
         2,

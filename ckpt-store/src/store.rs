@@ -1,11 +1,14 @@
 //! The multilevel store of one node.
 //!
-//! - **L1**: a copy in this node's memory (registered regions, pooled and reused).
+//! - **L1**: a copy in this node's memory (registered regions, pooled and reused), or the
+//!   image file itself, mapped ([`Store::put_file`], no copy).
 //! - **L2**: a copy in a buddy node's memory: the buddy reserves space in the arena it lends,
 //!   this node writes the image there with one-sided RMA writes, and the buddy verifies the
-//!   crc32c of what landed before it acknowledges (only then is L2 safe). The buddy is the
-//!   next node in another failure group (the next node when all share one group).
-//! - **L3**: XOR parity over a parity set of K consecutive nodes (nodes `s*K .. s*K+K-1`).
+//!   crc32c of what landed before it acknowledges (only then is L2 safe). Buddies and parity
+//!   sets come from a [`Placement`]: by default the buddy is the next node in another failure
+//!   group and sets are K consecutive nodes; [`Placement::from_cells`] derives both from the
+//!   locator's cells. A buddy the membership reports gone is replaced ([`Store::set_down`]).
+//! - **L3**: XOR parity over a parity set of K nodes.
 //!   Each member sends its image for version v to the set's parity holder for v, a node of
 //!   the next set (rotating with v; inside the set when there is only one set); once all
 //!   members' images are in, the holder computes the parity, keeps it with each member's
@@ -16,9 +19,10 @@
 //!
 //! `put` returns once L1 holds the copy; a background thread flushes to L2, L3 and L4.
 //! `get` reads the fastest valid copy; copies failing their checksum are reported and skipped.
+use crate::buddy::Placement;
 use crate::disk::{check_owner, DiskLevel};
 use crate::error::{Result, StoreError};
-use crate::wire::{self, Envelope, Kind, Reader, Writer};
+use crate::wire::{Body, Channel, Envelope};
 use fabric::secret::ClusterSecret;
 use fabric::{Endpoint, EndpointAddress, MemoryRegion, PeerId, Region, RemoteRegion};
 use std::collections::{BTreeMap, HashMap};
@@ -28,9 +32,16 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod mapped;
+mod membership;
+mod usage;
+
+pub use mapped::PutReport;
+pub use usage::{NewestSafe, Usage};
+
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
 pub const STORE_TAG: u64 = 0x4b53_0000_0000_0001;
-const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
+pub const REPLY_TAG: u64 = 0x4b52_0000_0000_0000;
 const RMA_CHUNK: usize = 8 << 20;
 const RMA_WINDOW: usize = 8;
 const ALIGN: usize = 4096;
@@ -140,6 +151,8 @@ struct L1Copy {
     mr: Arc<MemoryRegion>,
     len: usize,
     crc: u32,
+    /// A mapped image file (never returned to the pool of copy buffers).
+    mapped: bool,
 }
 
 struct Held {
@@ -170,8 +183,10 @@ struct Arena {
 }
 
 impl Arena {
+    /// A free range of `len` bytes (rounded up to [`ALIGN`]); `None` when none is free (or
+    /// `len` is beyond any arena).
     fn alloc(&mut self, len: u64) -> Option<u64> {
-        let len = (len.max(1)).div_ceil(ALIGN as u64) * ALIGN as u64;
+        let len = len.max(1).checked_next_multiple_of(ALIGN as u64)?;
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (off, l) = self.free[i];
         if l == len {
@@ -217,8 +232,16 @@ struct Inner {
     safe_changed: Condvar,
     errors: Mutex<HashMap<Key, String>>,
     next_request: AtomicU64,
+    chan: Channel,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
+    placement: Placement,
+    /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
+    down: Mutex<Vec<bool>>,
+    /// Versions whose L2 copy went with a gone buddy: sent again to the new buddy.
+    reflush: Mutex<Vec<Key>>,
+    /// Bytes `put` copied into store memory (mapped puts copy none).
+    copied: AtomicU64,
 }
 
 /// One node's checkpoint store (see the module docs).
@@ -228,6 +251,15 @@ pub struct Store {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// The error for an answer that does not fit the request.
+fn unexpected(node: usize, request: &str, answer: &Body) -> StoreError {
+    StoreError::Peer {
+        node,
+        what: format!("answered {request} with {}", answer.name()),
+    }
+}
+
+#[cfg(test)]
 fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
     let sets = nodes.div_ceil(k);
     let next = ((set as usize + 1) % sets) * k;
@@ -236,12 +268,32 @@ fn parity_holder(set: u32, version: u64, nodes: usize, k: usize) -> usize {
 }
 
 impl Store {
-    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`.
+    /// Starts the node's store on an open endpoint whose address is `cfg.nodes[cfg.node]`,
+    /// with the default placement ([`Placement::ring`]).
     pub fn start(ep: Box<dyn Endpoint>, cfg: StoreConfig) -> Result<Store> {
+        let groups: Vec<u32> = cfg.nodes.iter().map(|n| n.group).collect();
+        let placement = Placement::ring(&groups, cfg.parity_set);
+        Store::start_placed(ep, cfg, placement)
+    }
+
+    /// As [`Store::start`], with buddies and parity sets from `placement` (for instance
+    /// [`Placement::from_cells`] over the locator's cells).
+    pub fn start_placed(
+        ep: Box<dyn Endpoint>,
+        cfg: StoreConfig,
+        placement: Placement,
+    ) -> Result<Store> {
         if cfg.node >= cfg.nodes.len() {
             return Err(StoreError::Invalid(format!(
                 "node {} of {}",
                 cfg.node,
+                cfg.nodes.len()
+            )));
+        }
+        if placement.nodes() != cfg.nodes.len() {
+            return Err(StoreError::Invalid(format!(
+                "the placement covers {} nodes, the store has {}",
+                placement.nodes(),
                 cfg.nodes.len()
             )));
         }
@@ -259,6 +311,7 @@ impl Store {
             Some(d) => Some(DiskLevel::open(d)?),
             None => None,
         };
+        let chan = Channel::new(&cfg.secret)?;
         let inner = Arc::new(Inner {
             cfg,
             ep,
@@ -276,8 +329,13 @@ impl Store {
             safe_changed: Condvar::new(),
             errors: Default::default(),
             next_request: AtomicU64::new(1),
+            chan,
             disk,
             stop: AtomicBool::new(false),
+            down: Mutex::new(vec![false; placement.nodes()]),
+            reflush: Mutex::new(Vec::new()),
+            placement,
+            copied: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Key>();
         let service = inner.clone();
@@ -323,10 +381,12 @@ impl Store {
                 mr: Arc::new(mr),
                 len: data.len(),
                 crc,
+                mapped: false,
             },
         ) {
             inner.recycle(old);
         }
+        inner.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         inner.errors.lock().expect("lock").remove(&key);
         inner.mark_safe(&key, Level::L1);
         inner.retain(owner, Level::L1);
@@ -452,7 +512,7 @@ impl Store {
         }
         // L1 or L2 on other nodes (an L1 elsewhere is the owner's home node).
         let mut found_l2 = None;
-        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me) {
+        for node in (0..inner.cfg.nodes.len()).filter(|&n| n != me && !inner.is_down(n)) {
             match inner.fetch_remote(node, owner, version) {
                 Ok(Some((data, level))) => {
                     found_l2 = Some((data, level, node));
@@ -600,22 +660,16 @@ impl Drop for Store {
 
 impl Inner {
     fn buddy_of(&self, node: usize) -> usize {
-        let n = self.cfg.nodes.len();
-        let group = self.cfg.nodes[node].group;
-        (1..n)
-            .map(|d| (node + d) % n)
-            .find(|&m| self.cfg.nodes[m].group != group)
-            .unwrap_or((node + 1) % n)
+        let down = self.down.lock().expect("lock");
+        self.placement.buddy_among(node, &down).unwrap_or(node)
     }
 
     fn set_of(&self, node: usize) -> u32 {
-        (node / self.cfg.parity_set.max(1)) as u32
+        self.placement.set_of(node).0
     }
 
     fn set_size(&self, set: u32) -> usize {
-        let k = self.cfg.parity_set;
-        let start = set as usize * k;
-        k.min(self.cfg.nodes.len().saturating_sub(start))
+        self.placement.set_size(set)
     }
 
     fn mark_safe(&self, key: &Key, level: Level) {
@@ -653,6 +707,9 @@ impl Inner {
     }
 
     fn recycle(&self, copy: L1Copy) {
+        if copy.mapped {
+            return; // unmapped when the last reference goes
+        }
         // Only when no RMA read is using it (the map held the last reference).
         if let Ok(mr) = Arc::try_unwrap(copy.mr) {
             let mut pool = self.pool.lock().expect("lock");
@@ -700,8 +757,11 @@ impl Inner {
                 }
                 Level::L2 => {
                     let buddy = self.buddy_of(self.cfg.node);
-                    let body = Writer::default().str(owner).u64(v).u8(0).0;
-                    if let Err(e) = self.request(buddy, Kind::Drop, &body) {
+                    let body = Body::Drop {
+                        owner: owner.to_string(),
+                        version: v,
+                    };
+                    if let Err(e) = self.request(buddy, body) {
                         eprintln!("krun-store: dropping {owner} v{v} at node {buddy}: {e}");
                     }
                 }
@@ -720,7 +780,8 @@ impl Inner {
 
     // ---- client side ----
 
-    fn request(&self, node: usize, kind: Kind, body: &[u8]) -> Result<Envelope> {
+    /// Sends `body` to `node` and waits for its answer (an `Error` answer is an error).
+    fn request(&self, node: usize, body: Body) -> Result<Body> {
         let peer = self
             .peers
             .get(node)
@@ -731,12 +792,17 @@ impl Inner {
                 what: "not a peer of this node".into(),
             })?;
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let msg = wire::encode(&self.cfg.secret, kind, id, self.cfg.node as u32, body);
+        let what = body.name();
+        let msg = self.chan.seal(&Envelope {
+            request: id,
+            from_node: self.cfg.node as u32,
+            body,
+        })?;
         self.ep
             .send(peer, STORE_TAG, &msg)
             .map_err(|e| StoreError::Peer {
                 node,
-                what: format!("sending {kind:?}: {e}"),
+                what: format!("sending {what}: {e}"),
             })?;
         let reply = self
             .ep
@@ -747,19 +813,27 @@ impl Inner {
             .map_err(|e| StoreError::Peer {
                 node,
                 what: format!(
-                    "no answer to {kind:?} within {:?} ({e})",
+                    "no answer to {what} within {:?} ({e})",
                     self.cfg.request_timeout
                 ),
             })?;
-        let env = wire::decode(&self.cfg.secret, &reply.data).map_err(|e| StoreError::Peer {
+        let env = self.chan.open(&reply.data).map_err(|e| StoreError::Peer {
             node,
             what: format!("bad reply: {e}"),
         })?;
-        if env.kind == Kind::Error {
-            let text = Reader::new(&env.body).str().unwrap_or_default();
-            return Err(StoreError::Peer { node, what: text });
+        if env.request != id || env.from_node as usize != node {
+            return Err(StoreError::Peer {
+                node,
+                what: format!(
+                    "reply to request {} from node {} where request {id} to node {node} was expected",
+                    env.request, env.from_node
+                ),
+            });
         }
-        Ok(env)
+        match env.body {
+            Body::Error(text) => Err(StoreError::Peer { node, what: text }),
+            body => Ok(body),
+        }
     }
 
     /// Writes `len` bytes of `mr` into `remote` at `offset` with pipelined RMA writes.
@@ -838,6 +912,14 @@ impl Inner {
 
     /// Sends one copy to `node`: reserve, RMA write, commit (verified there).
     fn send_copy(&self, node: usize, key: &Key, kind: u8, set: u32, member: u32) -> Result<bool> {
+        if self.is_down(node) {
+            return Err(self.down_error(node));
+        }
+        if node == self.cfg.node {
+            return Err(StoreError::Invalid(
+                "no other node is up to hold the copy".into(),
+            ));
+        }
         let (mr, len, crc) = {
             let l1 = self.l1.lock().expect("lock");
             let c = l1.get(key).ok_or_else(|| StoreError::NotFound {
@@ -846,31 +928,39 @@ impl Inner {
             })?;
             (c.mr.clone(), c.len, c.crc)
         };
-        let body = Writer::default()
-            .str(&key.0)
-            .u64(key.1)
-            .u64(len as u64)
-            .u8(kind)
-            .u32(set)
-            .u32(member)
-            .0;
-        let reply = self.request(node, Kind::Reserve, &body)?;
-        let mut r = Reader::new(&reply.body);
-        let offset = r.u64()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
+        let reply = self.request(
+            node,
+            Body::Reserve {
+                owner: key.0.clone(),
+                version: key.1,
+                len: len as u64,
+                kind,
+                set,
+                member,
+            },
+        )?;
+        let Body::Reserved { offset, remote } = reply else {
+            return Err(unexpected(node, "Reserve", &reply));
+        };
+        let remote = RemoteRegion::from_bytes(&remote)?;
         self.rma_write(node, &mr, len, &remote, offset)?;
-        let body = Writer::default()
-            .str(&key.0)
-            .u64(key.1)
-            .u8(kind)
-            .u32(set)
-            .u32(member)
-            .u64(offset)
-            .u64(len as u64)
-            .u32(crc)
-            .0;
-        let ack = self.request(node, Kind::Commit, &body)?;
-        Ok(Reader::new(&ack.body).u8()? == 1)
+        let ack = self.request(
+            node,
+            Body::Commit {
+                owner: key.0.clone(),
+                version: key.1,
+                kind,
+                set,
+                member,
+                offset,
+                len: len as u64,
+                crc,
+            },
+        )?;
+        match ack {
+            Body::Ack { complete } => Ok(complete),
+            other => Err(unexpected(node, "Commit", &other)),
+        }
     }
 
     fn flush_loop(self: Arc<Self>, jobs: mpsc::Receiver<Key>) {
@@ -887,6 +977,7 @@ impl Inner {
             if let Some(key) = job {
                 self.flush(&key, &mut pending_l3);
             }
+            self.reprotect();
             // Parity sets complete when the other members have contributed.
             pending_l3.retain(|(key, set, holder, since)| {
                 match self.parity_lookup(*holder, *set, key.1) {
@@ -914,8 +1005,8 @@ impl Inner {
         }
         if self.cfg.parity_set > 1 && n > 1 {
             let set = self.set_of(self.cfg.node);
-            let member = (self.cfg.node % self.cfg.parity_set) as u32;
-            let holder = parity_holder(set, key.1, n, self.cfg.parity_set);
+            let member = self.placement.set_of(self.cfg.node).1;
+            let holder = self.placement.parity_holder(set, key.1);
             let sent = if holder == self.cfg.node {
                 self.contribute_locally(key, set, member)
             } else {
@@ -989,17 +1080,30 @@ impl Inner {
         owner: &str,
         version: u64,
     ) -> Result<Option<(ImageBytes, Level)>> {
-        let body = Writer::default().str(owner).u64(version).0;
-        let reply = self.request(node, Kind::Lookup, &body)?;
-        if reply.kind == Kind::NotFound {
-            return Ok(None);
-        }
-        let mut r = Reader::new(&reply.body);
-        let level = if r.u8()? == 1 { Level::L1 } else { Level::L2 };
-        let offset = r.u64()?;
-        let len = r.u64()? as usize;
-        let crc = r.u32()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
+        let reply = self.request(
+            node,
+            Body::Lookup {
+                owner: owner.to_string(),
+                version,
+            },
+        )?;
+        let (level, offset, len, crc, remote) = match reply {
+            Body::NotFound => return Ok(None),
+            Body::Found {
+                level,
+                offset,
+                len,
+                crc,
+                remote,
+            } => (level, offset, len, crc, remote),
+            other => return Err(unexpected(node, "Lookup", &other)),
+        };
+        let level = if level == 1 { Level::L1 } else { Level::L2 };
+        let len = usize::try_from(len).map_err(|_| StoreError::Peer {
+            node,
+            what: format!("a copy of {len} bytes does not fit this machine"),
+        })?;
+        let remote = RemoteRegion::from_bytes(&remote)?;
         let data = self.rma_read(node, &remote, offset, len)?;
         let got = crc32c::crc32c(&data);
         if got != crc {
@@ -1015,31 +1119,23 @@ impl Inner {
     }
 
     fn parity_lookup(&self, holder: usize, set: u32, version: u64) -> Result<Option<ParityInfo>> {
-        let body = Writer::default().u32(set).u64(version).0;
-        let env = if holder == self.cfg.node {
-            let (kind, body) = self.handle_parity(&body)?;
-            Envelope {
-                kind,
-                request: 0,
-                from_node: holder as u32,
-                body,
-            }
+        let reply = if holder == self.cfg.node {
+            self.handle_parity(set, version)
         } else {
-            self.request(holder, Kind::Parity, &body)?
+            self.request(holder, Body::Parity { set, version })?
         };
-        if env.kind == Kind::NotFound {
-            return Ok(None);
-        }
-        let mut r = Reader::new(&env.body);
-        let offset = r.u64()?;
-        let len = r.u64()?;
-        let crc = r.u32()?;
-        let remote = RemoteRegion::from_bytes(r.bytes()?)?;
-        let count = r.u32()? as usize;
-        let mut members = Vec::with_capacity(count.min(1024));
-        for _ in 0..count {
-            members.push((r.u32()?, r.u32()?, r.str()?, r.u64()?, r.u32()?));
-        }
+        let (offset, len, crc, remote, members) = match reply {
+            Body::NotFound => return Ok(None),
+            Body::ParityFound {
+                offset,
+                len,
+                crc,
+                remote,
+                members,
+            } => (offset, len, crc, remote, members),
+            other => return Err(unexpected(holder, "Parity", &other)),
+        };
+        let remote = RemoteRegion::from_bytes(&remote)?;
         Ok(Some(ParityInfo {
             holder,
             offset,
@@ -1052,10 +1148,11 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        let n = self.cfg.nodes.len();
-        let k = self.cfg.parity_set;
-        for set in 0..n.div_ceil(k) as u32 {
-            let holder = parity_holder(set, version, n, k);
+        for set in 0..self.placement.sets().len() as u32 {
+            let holder = self.placement.parity_holder(set, version);
+            if self.is_down(holder) {
+                continue;
+            }
             let info = match self.parity_lookup(holder, set, version) {
                 Ok(Some(i)) => i,
                 Ok(None) | Err(_) => continue,
@@ -1118,6 +1215,10 @@ impl Inner {
                 }
                 continue;
             }
+            if self.is_down(node) {
+                last = Some(self.down_error(node));
+                continue;
+            }
             match self.fetch_remote(node, owner, version) {
                 Ok(Some((d, _))) => return Ok(d.to_vec()),
                 Ok(None) => {}
@@ -1151,7 +1252,7 @@ impl Inner {
             let sender = msg
                 .peer
                 .and_then(|p| self.peers.iter().position(|q| *q == Some(p)));
-            let env = match wire::decode(&self.cfg.secret, &msg.data) {
+            let env = match self.chan.open(&msg.data) {
                 Ok(e) => e,
                 Err(why) => {
                     eprintln!(
@@ -1169,17 +1270,23 @@ impl Inner {
                 );
                 continue;
             };
-            let (kind, body) = match self.handle(node, &env) {
+            let body = self
+                .handle(node, env.body)
+                .unwrap_or_else(|e| Body::Error(e.to_string()));
+            let reply = match self.chan.seal(&Envelope {
+                request: env.request,
+                from_node: self.cfg.node as u32,
+                body,
+            }) {
                 Ok(r) => r,
-                Err(e) => (Kind::Error, Writer::default().str(&e.to_string()).0),
+                Err(e) => {
+                    eprintln!(
+                        "krun-store: node {}: sealing a reply to node {node}: {e}",
+                        self.cfg.node
+                    );
+                    continue;
+                }
             };
-            let reply = wire::encode(
-                &self.cfg.secret,
-                kind,
-                env.request,
-                self.cfg.node as u32,
-                &body,
-            );
             let tag = REPLY_TAG | (env.request & 0xffff_ffff_ffff);
             if let Some(peer) = self.peers[node] {
                 if let Err(e) = self.ep.send(peer, tag, &reply) {
@@ -1192,16 +1299,16 @@ impl Inner {
         }
     }
 
-    fn handle(&self, from: usize, env: &Envelope) -> Result<(Kind, Vec<u8>)> {
-        let mut r = Reader::new(&env.body);
-        match env.kind {
-            Kind::Reserve => {
-                let owner = r.str()?;
-                let version = r.u64()?;
-                let len = r.u64()?;
-                let kind = r.u8()?;
-                let _set = r.u32()?;
-                let _member = r.u32()?;
+    fn handle(&self, from: usize, body: Body) -> Result<Body> {
+        match body {
+            Body::Reserve {
+                owner,
+                version,
+                len,
+                kind,
+                set: _,
+                member: _,
+            } => {
                 check_owner(&owner)?;
                 let key = ((owner.clone(), version), kind);
                 if let Some((off, l)) = self.reserved.lock().expect("lock").remove(&key) {
@@ -1215,21 +1322,21 @@ impl Inner {
                     .lock()
                     .expect("lock")
                     .insert(key, (offset, len));
-                let remote = self.arena_mr.remote();
-                Ok((
-                    Kind::Reserved,
-                    Writer::default().u64(offset).bytes(&remote.to_bytes()).0,
-                ))
+                Ok(Body::Reserved {
+                    offset,
+                    remote: self.arena_mr.remote().to_bytes().to_vec(),
+                })
             }
-            Kind::Commit => {
-                let owner = r.str()?;
-                let version = r.u64()?;
-                let kind = r.u8()?;
-                let set = r.u32()?;
-                let member = r.u32()?;
-                let offset = r.u64()?;
-                let len = r.u64()?;
-                let crc = r.u32()?;
+            Body::Commit {
+                owner,
+                version,
+                kind,
+                set,
+                member,
+                offset,
+                len,
+                crc,
+            } => {
                 let key = ((owner.clone(), version), kind);
                 let reserved = self.reserved.lock().expect("lock").get(&key).copied();
                 if reserved != Some((offset, len)) {
@@ -1277,68 +1384,63 @@ impl Inner {
                         crc,
                     )
                 };
-                Ok((Kind::Ack, Writer::default().u8(complete as u8).0))
+                Ok(Body::Ack { complete })
             }
-            Kind::Lookup => {
-                let owner = r.str()?;
-                let version = r.u64()?;
+            Body::Lookup { owner, version } => {
                 let key = (owner, version);
                 if let Some(c) = self.l1.lock().expect("lock").get(&key) {
-                    let body = Writer::default()
-                        .u8(1)
-                        .u64(0)
-                        .u64(c.len as u64)
-                        .u32(c.crc)
-                        .bytes(&c.mr.remote().to_bytes())
-                        .0;
-                    return Ok((Kind::Found, body));
+                    return Ok(Body::Found {
+                        level: 1,
+                        offset: 0,
+                        len: c.len as u64,
+                        crc: c.crc,
+                        remote: c.mr.remote().to_bytes().to_vec(),
+                    });
                 }
                 if let Some(h) = self.held.lock().expect("lock").get(&key) {
-                    let body = Writer::default()
-                        .u8(2)
-                        .u64(h.offset)
-                        .u64(h.len)
-                        .u32(h.crc)
-                        .bytes(&self.arena_mr.remote().to_bytes())
-                        .0;
-                    return Ok((Kind::Found, body));
+                    return Ok(Body::Found {
+                        level: 2,
+                        offset: h.offset,
+                        len: h.len,
+                        crc: h.crc,
+                        remote: self.arena_mr.remote().to_bytes().to_vec(),
+                    });
                 }
-                Ok((Kind::NotFound, Vec::new()))
+                Ok(Body::NotFound)
             }
-            Kind::Drop => {
-                let owner = r.str()?;
-                let version = r.u64()?;
+            Body::Drop { owner, version } => {
                 if let Some(h) = self.held.lock().expect("lock").remove(&(owner, version)) {
                     self.arena.lock().expect("lock").release(h.offset, h.len);
                 }
-                Ok((Kind::Ack, Writer::default().u8(1).0))
+                Ok(Body::Ack { complete: true })
             }
-            Kind::Parity => self.handle_parity(&env.body),
-            other => Err(StoreError::Invalid(format!("unexpected request {other:?}"))),
+            Body::Parity { set, version } => Ok(self.handle_parity(set, version)),
+            other => Err(StoreError::Invalid(format!(
+                "unexpected request {}",
+                other.name()
+            ))),
         }
     }
 
-    fn handle_parity(&self, body: &[u8]) -> Result<(Kind, Vec<u8>)> {
-        let mut r = Reader::new(body);
-        let set = r.u32()?;
-        let version = r.u64()?;
+    fn handle_parity(&self, set: u32, version: u64) -> Body {
         let sets = self.parity.lock().expect("lock");
         let Some(p) = sets.get(&(set, version)) else {
-            return Ok((Kind::NotFound, Vec::new()));
+            return Body::NotFound;
         };
         let Some((offset, len, crc)) = p.parity else {
-            return Ok((Kind::NotFound, Vec::new()));
+            return Body::NotFound;
         };
-        let mut w = Writer::default()
-            .u64(offset)
-            .u64(len)
-            .u32(crc)
-            .bytes(&self.arena_mr.remote().to_bytes())
-            .u32(p.members.len() as u32);
-        for (member, node, owner, l, c) in &p.members {
-            w = w.u32(*member).u32(*node).str(owner).u64(*l).u32(*c);
+        Body::ParityFound {
+            offset,
+            len,
+            crc,
+            remote: self.arena_mr.remote().to_bytes().to_vec(),
+            members: p
+                .members
+                .iter()
+                .map(|(m, n, o, l, c)| (*m, *n, o.clone(), *l, *c))
+                .collect(),
         }
-        Ok((Kind::ParityFound, w.0))
     }
 
     /// Records a member's image for a parity set; computes the parity once all are in.
@@ -1478,6 +1580,24 @@ mod tests {
         a.release(z, 4096);
         assert_eq!(a.free, vec![(0, 16 * 4096)]);
         assert_eq!(a.alloc(17 * 4096), None);
+    }
+
+    #[test]
+    fn the_default_placement_keeps_the_old_parity_holders() {
+        for n in 1..=12usize {
+            for k in 2..=5usize {
+                let p = Placement::ring(&vec![0; n], k);
+                for set in 0..n.div_ceil(k) as u32 {
+                    for v in 0..7 {
+                        assert_eq!(
+                            p.parity_holder(set, v),
+                            parity_holder(set, v, n, k),
+                            "n {n} k {k} set {set} v {v}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

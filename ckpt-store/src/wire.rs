@@ -1,182 +1,149 @@
 //! Store-to-store control messages, carried by fabric tagged messages; the bulk data moves
 //! with one-sided RMA.
 //!
-//! ```text
-//! message := "KRS1" | kind u8 | request u64 | from_node u32 | body_len u32 | body | hmac (32)
-//! ```
-//! The HMAC-SHA256 (cluster secret) covers everything before it: a message from a node
-//! without the secret, or altered on the way, is dropped with a log line naming its sender.
+//! Every message is a datagram frame of the wire toolkit's [`Protocol::Store`]
+//! ([`fabric::wire`]): the payload is the postcard encoding of an [`Envelope`], the frame is
+//! authenticated with a key derived from the cluster secret, and each frame is accepted at
+//! most once (a sealer's incarnation and sequence number, checked in a replay window). A
+//! message from a node without the secret, altered, replayed or undecodable is dropped with
+//! a log line naming its sender.
+use std::sync::Mutex;
+
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Opener, Protocol, Sealer};
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Result, StoreError};
-use fabric::secret::{ClusterSecret, MAC_LEN};
 
-pub const MAGIC: &[u8; 4] = b"KRS1";
-const FIXED: usize = 4 + 1 + 8 + 4 + 4;
+const P: Protocol = Protocol::Store;
+/// Bound on one control message (the largest is a parity set's member list).
+pub const MAX_MESSAGE: usize = 1 << 20;
 
-/// Message kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
-    Reserve = 1,
-    Reserved = 2,
-    Commit = 3,
-    Ack = 4,
-    Lookup = 5,
-    Found = 6,
-    NotFound = 7,
-    Drop = 8,
-    Parity = 9,
-    ParityFound = 10,
-    Error = 11,
+/// One member of a parity set: (member index, node, owner, length, crc32c).
+pub type ParityMember = (u32, u32, String, u64, u32);
+
+/// What the messages say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Reserve `len` bytes of the receiver's arena for a copy (`kind` 0: L2, 1: L3 member).
+    Reserve {
+        owner: String,
+        version: u64,
+        len: u64,
+        kind: u8,
+        set: u32,
+        member: u32,
+    },
+    /// The reservation: where to write, and the arena's remote key.
+    Reserved {
+        offset: u64,
+        remote: Vec<u8>,
+    },
+    /// The copy was written: verify and keep it.
+    Commit {
+        owner: String,
+        version: u64,
+        kind: u8,
+        set: u32,
+        member: u32,
+        offset: u64,
+        len: u64,
+        crc: u32,
+    },
+    /// Done; `complete` says a parity set is now complete (always true for L2).
+    Ack {
+        complete: bool,
+    },
+    Lookup {
+        owner: String,
+        version: u64,
+    },
+    /// A copy: `level` 1 (the holder's L1) or 2 (a buddy copy in its arena).
+    Found {
+        level: u8,
+        offset: u64,
+        len: u64,
+        crc: u32,
+        remote: Vec<u8>,
+    },
+    NotFound,
+    Drop {
+        owner: String,
+        version: u64,
+    },
+    Parity {
+        set: u32,
+        version: u64,
+    },
+    ParityFound {
+        offset: u64,
+        len: u64,
+        crc: u32,
+        remote: Vec<u8>,
+        members: Vec<ParityMember>,
+    },
+    /// The request failed; the text says why.
+    Error(String),
 }
 
-impl Kind {
-    fn from_u8(v: u8) -> Option<Kind> {
-        use Kind::*;
-        Some(match v {
-            1 => Reserve,
-            2 => Reserved,
-            3 => Commit,
-            4 => Ack,
-            5 => Lookup,
-            6 => Found,
-            7 => NotFound,
-            8 => Drop,
-            9 => Parity,
-            10 => ParityFound,
-            11 => Error,
-            _ => return None,
-        })
+impl Body {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::Reserve { .. } => "Reserve",
+            Body::Reserved { .. } => "Reserved",
+            Body::Commit { .. } => "Commit",
+            Body::Ack { .. } => "Ack",
+            Body::Lookup { .. } => "Lookup",
+            Body::Found { .. } => "Found",
+            Body::NotFound => "NotFound",
+            Body::Drop { .. } => "Drop",
+            Body::Parity { .. } => "Parity",
+            Body::ParityFound { .. } => "ParityFound",
+            Body::Error(_) => "Error",
+        }
     }
 }
 
-/// A decoded, authenticated message.
-#[derive(Debug)]
+/// A message: the request it belongs to, the sending node and what it says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
-    pub kind: Kind,
     pub request: u64,
     pub from_node: u32,
-    pub body: Vec<u8>,
+    pub body: Body,
 }
 
-pub fn encode(
-    secret: &ClusterSecret,
-    kind: Kind,
-    request: u64,
-    from_node: u32,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut m = Vec::with_capacity(FIXED + body.len() + MAC_LEN);
-    m.extend_from_slice(MAGIC);
-    m.push(kind as u8);
-    m.extend_from_slice(&request.to_le_bytes());
-    m.extend_from_slice(&from_node.to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    let mac = secret.sign(&m);
-    m.extend_from_slice(&mac);
-    m
+/// A node's sealer and opener for store messages (shared by its service and client threads).
+pub struct Channel {
+    sealer: Mutex<Sealer>,
+    opener: Mutex<Opener>,
 }
 
-/// Decodes and authenticates; errors say what is wrong (for the log line).
-pub fn decode(secret: &ClusterSecret, m: &[u8]) -> std::result::Result<Envelope, String> {
-    if m.len() < FIXED + MAC_LEN {
-        return Err(format!("{} bytes is shorter than any message", m.len()));
+impl Channel {
+    pub fn new(secret: &ClusterSecret) -> Result<Channel> {
+        Ok(Channel {
+            sealer: Mutex::new(Sealer::new(secret, P)?),
+            opener: Mutex::new(Opener::new(secret, P, MAX_MESSAGE)),
+        })
     }
-    if &m[..4] != MAGIC {
-        return Err(format!("bad magic {:?}", String::from_utf8_lossy(&m[..4])));
-    }
-    let (signed, mac) = m.split_at(m.len() - MAC_LEN);
-    if !secret.verify(signed, mac) {
-        return Err("authentication failed (wrong cluster secret or altered message)".into());
-    }
-    let kind = Kind::from_u8(m[4]).ok_or_else(|| format!("unknown message kind {}", m[4]))?;
-    let request = u64::from_le_bytes(m[5..13].try_into().expect("8 bytes"));
-    let from_node = u32::from_le_bytes(m[13..17].try_into().expect("4 bytes"));
-    let len = u32::from_le_bytes(m[17..21].try_into().expect("4 bytes")) as usize;
-    if FIXED + len != signed.len() {
-        return Err(format!(
-            "body length {len} does not match the message ({} bytes)",
-            m.len()
-        ));
-    }
-    Ok(Envelope {
-        kind,
-        request,
-        from_node,
-        body: signed[FIXED..].to_vec(),
-    })
-}
 
-/// Builds a message body.
-#[derive(Default)]
-pub struct Writer(pub Vec<u8>);
+    /// A sealed frame carrying `env`.
+    pub fn seal(&self, env: &Envelope) -> Result<Vec<u8>> {
+        let mut s = self
+            .sealer
+            .lock()
+            .map_err(|_| StoreError::Invalid("the store's sealer lock is poisoned".into()))?;
+        Ok(s.seal(env)?)
+    }
 
-impl Writer {
-    pub fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-    pub fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn str(mut self, s: &str) -> Self {
-        let b = s.as_bytes();
-        let n = b.len().min(u16::MAX as usize);
-        self.0.extend_from_slice(&(n as u16).to_le_bytes());
-        self.0.extend_from_slice(&b[..n]);
-        self
-    }
-    pub fn bytes(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(b);
-        self
-    }
-}
-
-/// Reads a message body; every read is bounds-checked.
-pub struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub fn new(b: &'a [u8]) -> Reader<'a> {
-        Reader { b, at: 0 }
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.b.len() - self.at < n {
-            return Err(StoreError::Invalid(format!(
-                "message body ends at {} while reading {n} bytes at {}",
-                self.b.len(),
-                self.at
-            )));
-        }
-        let s = &self.b[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-    pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    pub fn str(&mut self) -> Result<String> {
-        let n = u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as usize;
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| StoreError::Invalid("a string is not UTF-8".into()))
-    }
-    pub fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.u32()? as usize;
-        self.take(n)
+    /// Checks and decodes a frame; the error says what is wrong (for the log line).
+    pub fn open(&self, frame: &[u8]) -> std::result::Result<Envelope, String> {
+        let mut o = self
+            .opener
+            .lock()
+            .map_err(|_| "the store's opener lock is poisoned".to_string())?;
+        o.open::<Envelope>(frame)
+            .map(|(_, env)| env)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -184,29 +151,46 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    fn env(body: Body) -> Envelope {
+        Envelope {
+            request: 42,
+            from_node: 2,
+            body,
+        }
+    }
+
     #[test]
     fn round_trip_and_rejections() {
-        let s = ClusterSecret::random();
-        let body = Writer::default().str("job/r1").u64(7).u32(3).0;
-        let m = encode(&s, Kind::Reserve, 42, 2, &body);
-        let e = decode(&s, &m).unwrap();
-        assert_eq!((e.kind, e.request, e.from_node), (Kind::Reserve, 42, 2));
-        let mut r = Reader::new(&e.body);
-        assert_eq!(r.str().unwrap(), "job/r1");
-        assert_eq!(r.u64().unwrap(), 7);
-        assert_eq!(r.u32().unwrap(), 3);
-        assert!(r.u8().is_err(), "reading past the end fails");
+        let s = ClusterSecret::random().unwrap();
+        let a = Channel::new(&s).unwrap();
+        let b = Channel::new(&s).unwrap();
+        let msg = env(Body::Reserve {
+            owner: "job/r1".into(),
+            version: 7,
+            len: 3,
+            kind: 0,
+            set: 0,
+            member: 0,
+        });
+        let f = a.seal(&msg).unwrap();
+        assert_eq!(b.open(&f).unwrap(), msg);
+        assert!(b.open(&f).unwrap_err().contains("replayed"), "a replay");
 
-        let other = ClusterSecret::random();
-        assert!(decode(&other, &m).unwrap_err().contains("authentication"));
-        let mut altered = m.clone();
-        altered[20] ^= 1;
-        assert!(decode(&s, &altered).is_err());
-        assert!(decode(&s, &m[..10]).is_err());
-        assert!(decode(
-            &s,
-            b"garbage that is long enough to pass the size check but no magic.."
-        )
-        .is_err());
+        let other = Channel::new(&ClusterSecret::random().unwrap()).unwrap();
+        let f = a.seal(&msg).unwrap();
+        assert!(other.open(&f).unwrap_err().contains("authentication"));
+        let mut altered = f.clone();
+        altered[30] ^= 1;
+        assert!(b.open(&altered).is_err());
+        assert!(b.open(&f[..10]).is_err());
+        assert!(b.open(&f[..f.len() - 1]).is_err());
+        assert!(b
+            .open(b"garbage that is long enough to pass the size check but no magic..")
+            .is_err());
+        let mut huge = f.clone();
+        huge[24..28].copy_from_slice(&(64u32 << 20).to_le_bytes());
+        assert!(b.open(&huge).unwrap_err().contains("exceeds"));
+        // The untouched frame is still accepted once.
+        assert_eq!(b.open(&f).unwrap(), msg);
     }
 }

@@ -21,7 +21,7 @@ impl Drop for Cluster {
 }
 
 fn cluster(tag: &str, n: usize, k: usize, groups: &[u32]) -> Cluster {
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let eps: Vec<_> = (0..n)
         .map(|_| open(&FabricConfig::with_provider(Provider::Loopback)).unwrap())
         .collect();

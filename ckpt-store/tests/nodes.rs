@@ -43,7 +43,7 @@ impl Drop for Dir {
 }
 
 fn start(n: usize, groups: &[u32], parity: usize) -> (Vec<Node>, Dir) {
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let server = BootstrapServer::start_with(
         "127.0.0.1:0",
         n,

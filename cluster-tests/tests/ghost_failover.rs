@@ -93,7 +93,7 @@ fn a_process_of_a_killed_node_restarts_on_its_buddy_from_the_memory_copy() {
     let reference = steps(&std::fs::read_to_string(&reference_out).unwrap());
 
     let cluster = NetnsCluster::create(3, None).expect("namespace cluster (needs root)");
-    let secret = ClusterSecret::random();
+    let secret = ClusterSecret::random().unwrap();
     let node0 = cluster.node(0).unwrap();
     let ip0 = node0.ip();
     let boot_secret = secret.clone();

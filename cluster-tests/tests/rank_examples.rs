@@ -63,7 +63,7 @@ fn temp_dir(base: &Path, tag: &str) -> TempDir {
     let p = base.join(format!(
         "krun-rank-{tag}-{}-{:x}",
         std::process::id(),
-        fabric::random_u64()
+        fabric::random_u64().unwrap()
     ));
     std::fs::create_dir_all(&p).unwrap();
     TempDir(p)

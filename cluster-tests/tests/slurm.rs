@@ -47,6 +47,10 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
     std::fs::create_dir_all(dir).unwrap();
     let script = dir.join(format!("krun-{}.sbatch", std::process::id()));
     let output = dir.join(format!("krun-{}.out", std::process::id()));
+    // A running job's status from inside the allocation (the third krun of the script).
+    let stop = dir.join(format!("krun-{}.stop", std::process::id()));
+    let status = dir.join(format!("krun-{}.status", std::process::id()));
+    let _ = std::fs::remove_file(&stop);
     std::fs::write(
         &script,
         format!(
@@ -55,9 +59,20 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
              {krun} --tag-output sh -c 'echo vars $KRUN_RANK $KRUN_SIZE $KRUN_LOCAL_RANK $KRUN_LOCAL_SIZE $KRUN_NODE_ID $KRUN_NNODES $(hostname)'\n\
              echo krun-exit-1 $?\n\
              {krun} {selftest}\n\
-             echo krun-exit-2 $?\n",
+             echo krun-exit-2 $?\n\
+             {krun} sh -c 'n=0; while [ ! -e {stop} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; echo stopped $KRUN_RANK' &\n\
+             job=$!\n\
+             for i in $(seq 300); do\n\
+               if {krun} status --job $job --json > {status}.tmp 2>/dev/null && [ $(grep -c '\"state\": \"running\"' {status}.tmp) = 6 ]; then mv {status}.tmp {status}; break; fi\n\
+               sleep 0.1\n\
+             done\n\
+             touch {stop}\n\
+             wait $job\n\
+             echo krun-exit-3 $?\n",
             krun = krun.display(),
-            selftest = selftest.display()
+            selftest = selftest.display(),
+            stop = stop.display(),
+            status = status.display(),
         ),
     )
     .unwrap();
@@ -74,8 +89,10 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
         ])
         .expect("sbatch");
     let text = std::fs::read_to_string(&output).unwrap_or_default();
-    let _ = std::fs::remove_file(&script);
-    let _ = std::fs::remove_file(&output);
+    let status_text = std::fs::read_to_string(&status).unwrap_or_default();
+    for f in [&script, &output, &stop, &status] {
+        let _ = std::fs::remove_file(f);
+    }
     assert!(
         out.status.success(),
         "sbatch failed: {}\n{text}",
@@ -103,5 +120,27 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
         "{text}"
     );
     assert_eq!(text.matches(": ok: verified 64 KiB").count(), 6, "{text}");
+    // krun status of the running Slurm job: one member per node, every rank's row.
+    assert!(text.contains("krun-exit-3 0"), "{text}");
+    assert_eq!(text.matches("stopped ").count(), 6, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&status_text)
+        .unwrap_or_else(|e| panic!("status --json: {e}:\n{status_text}\n{text}"));
+    assert_eq!(v["mode"], "slurm");
+    assert_eq!(v["status"]["members"], serde_json::json!([0, 1, 2]), "{v}");
+    let rows = v["status"]["ranks"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{v}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["node"], (i / 2) as u64, "{r}");
+        assert_eq!(r["state"], "running", "{r}");
+    }
+    let hosts: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["control_tcp"].as_str().unwrap())
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        assert!(h.starts_with(&format!("10.201.0.{}:", 11 + i)), "{hosts:?}");
+    }
     c.down().expect("cluster.sh down");
 }

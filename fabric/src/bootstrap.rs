@@ -1,47 +1,45 @@
 //! Bootstrap channel: a small TCP all-gather service that lets the processes of a job swap
 //! endpoint addresses (and other blobs) before the fabric is up, and meet at barriers.
 //!
-//! Wire format, every frame: `u32 length (LE) | payload`. Joining is a challenge-response:
-//! the server sends `"KRB2" | nonce[16]`, the client answers `"KRB2" | rank u32 | size u32 |
-//! HMAC-SHA256(secret, nonce | rank | size)`, the server replies `0` (welcome) or `1 | reason`.
-//! Then each round the client sends one blob and receives `count u32 | (len u32 | bytes)*`
-//! with every rank's blob in rank order.
-use std::io::{Read, Write};
+//! The channel speaks the wire toolkit's [`Protocol::Bootstrap`] ([`crate::wire`]): a
+//! mutual handshake over the cluster secret, then authenticated, sequenced frames. A rank
+//! sends `Join { rank, size }` and gets `Welcome` or `Refused(reason)`; then each round it
+//! sends one `Blob` and gets `Gather` with every rank's blob in rank order.
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{FabricError, Result};
-use crate::secret::{ClusterSecret, MAC_LEN};
+use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"KRB2";
-const NONCE_LEN: usize = 16;
+use crate::error::{FabricError, Result};
+use crate::secret::ClusterSecret;
+use crate::wire::{FrameReader, FrameWriter, HandshakeSlots, Protocol, Session, HANDSHAKE_TIMEOUT};
+
 /// Largest blob one rank may contribute to a round.
 pub const MAX_BLOB: usize = 1 << 20;
+const P: Protocol = Protocol::Bootstrap;
+
+/// What a rank says to the service.
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    /// The first message after the handshake.
+    Join { rank: u32, size: u32 },
+    /// This rank's contribution to the next round.
+    Blob(Vec<u8>),
+}
+
+/// What the service answers.
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    Welcome,
+    Refused(String),
+    /// Every rank's blob of a round, in rank order.
+    Gather(Vec<Vec<u8>>),
+}
 
 fn err(msg: impl Into<String>) -> FabricError {
     FabricError::Bootstrap(msg.into())
-}
-
-fn write_frame(s: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
-    s.write_all(&(payload.len() as u32).to_le_bytes())?;
-    s.write_all(payload)
-}
-
-fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)
-        .map_err(|e| FabricError::io("bootstrap read", e))?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max {
-        return Err(err(format!(
-            "frame of {len} bytes exceeds the limit of {max}"
-        )));
-    }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf)
-        .map_err(|e| FabricError::io("bootstrap read", e))?;
-    Ok(buf)
 }
 
 /// The rendezvous service; runs rounds until every client has disconnected.
@@ -54,7 +52,8 @@ impl BootstrapServer {
     /// Listens on `addr` (port 0 picks one) for `size` ranks; each must connect within
     /// `timeout`, and each round must complete within `timeout`.
     /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]); without
-    /// one, any client may join.
+    /// one, the service runs in insecure mode ([`ClusterSecret::insecure`]): any client
+    /// may join.
     pub fn start(
         addr: impl ToSocketAddrs,
         size: usize,
@@ -74,6 +73,7 @@ impl BootstrapServer {
         let addr = listener
             .local_addr()
             .map_err(|e| FabricError::io("bootstrap bind", e))?;
+        let secret = secret.unwrap_or_else(ClusterSecret::insecure);
         let thread = std::thread::Builder::new()
             .name("krun-bootstrap".into())
             .spawn(move || serve(listener, size, timeout, secret))
@@ -90,113 +90,152 @@ impl BootstrapServer {
 
     /// Waits for the service to end (all clients gone) and reports how it ended.
     pub fn join(mut self) -> Result<()> {
-        self.thread
-            .take()
-            .expect("joined once")
-            .join()
-            .map_err(|_| err("bootstrap thread panicked"))?
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| err("bootstrap thread panicked"))?,
+            None => Ok(()),
+        }
     }
 }
 
-/// Runs the join handshake with one client; returns its rank or the reason it was refused.
-fn admit(
-    s: &mut TcpStream,
-    size: usize,
-    taken: &[bool],
-    secret: Option<&ClusterSecret>,
-) -> Result<usize, String> {
-    let nonce: Vec<u8> = (0..2)
-        .flat_map(|_| crate::random_token().to_le_bytes())
-        .collect();
-    let mut challenge = MAGIC.to_vec();
-    challenge.extend_from_slice(&nonce);
-    write_frame(s, &challenge).map_err(|e| format!("sending the challenge: {e}"))?;
-    let hello = read_frame(s, 64).map_err(|e| format!("no answer to the challenge: {e}"))?;
-    if hello.len() != 12 + MAC_LEN || &hello[..4] != MAGIC {
-        return Err("malformed join message".into());
+/// A client that passed the handshake and said which rank it is.
+struct Joiner {
+    stream: TcpStream,
+    session: Session,
+    rank: usize,
+    claimed: usize,
+    peer: SocketAddr,
+}
+
+/// Handshakes one connection (bounded in time) and reads its join message.
+fn handshake(stream: TcpStream, peer: SocketAddr, secret: &ClusterSecret) -> Result<Joiner> {
+    stream.set_nodelay(true).ok();
+    let mut session = Session::server_within(&stream, secret, P, HANDSHAKE_TIMEOUT)?;
+    session.rx.set_max_payload(64);
+    let join = session
+        .rx
+        .recv::<Request>(&mut crate::wire::Deadline::new(&stream, HANDSHAKE_TIMEOUT));
+    stream.set_read_timeout(None).ok();
+    match join? {
+        Request::Join { rank, size } => Ok(Joiner {
+            stream,
+            session,
+            rank: rank as usize,
+            claimed: size as usize,
+            peer,
+        }),
+        other => Err(err(format!("expected a join message, got {other:?}"))),
     }
-    let rank = u32::from_le_bytes(hello[4..8].try_into().expect("4")) as usize;
-    let claimed = u32::from_le_bytes(hello[8..12].try_into().expect("4")) as usize;
-    let refuse = |s: &mut TcpStream, reason: String| {
-        let mut msg = vec![1u8];
-        msg.extend_from_slice(reason.as_bytes());
-        let _ = write_frame(s, &msg);
-        Err(reason)
-    };
-    if let Some(secret) = secret {
-        let mut signed = nonce.clone();
-        signed.extend_from_slice(&hello[4..12]);
-        if !secret.verify(&signed, &hello[12..]) {
-            return refuse(s, format!("rank {rank}: wrong cluster secret"));
+}
+
+/// Admits ranks until all `size` joined: each connection is handshaken on its own thread
+/// (at most [`crate::wire::MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]), so
+/// an idle or slow client delays nobody.
+fn admit_all(
+    listener: &TcpListener,
+    size: usize,
+    timeout: Duration,
+    secret: &ClusterSecret,
+) -> Result<Vec<(TcpStream, Session)>> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| FabricError::io("bootstrap listen", e))?;
+    let deadline = Instant::now() + timeout;
+    let slots = HandshakeSlots::default();
+    let (tx, rx) = mpsc::channel::<Joiner>();
+    let mut clients: Vec<Option<(TcpStream, Session)>> = (0..size).map(|_| None).collect();
+    let mut joined = 0;
+    while joined < size {
+        let mut idle = true;
+        // Accept only with a free handshake slot: more connections wait in the backlog.
+        let accepted = match slots.try_take() {
+            Some(slot) => listener.accept().map(|a| Some((a, slot))),
+            None => Ok(None),
+        };
+        match accepted {
+            Ok(None) => {}
+            Ok(Some(((s, peer), slot))) => {
+                idle = false;
+                if s.set_nonblocking(false).is_err() {
+                    continue;
+                }
+                let (tx, secret) = (tx.clone(), secret.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("krun-bootstrap-hs".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        match handshake(s, peer, &secret) {
+                            Ok(j) => {
+                                let _ = tx.send(j);
+                            }
+                            Err(e) => eprintln!("krun bootstrap: refusing {peer}: {e}"),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("krun bootstrap: refusing {peer}: cannot start a thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(FabricError::io("bootstrap accept", e)),
+        }
+        while let Ok(mut j) = rx.try_recv() {
+            idle = false;
+            let refusal = if j.claimed != size || j.rank >= size {
+                Some(format!(
+                    "rank {} of {}: the job has {size} ranks",
+                    j.rank, j.claimed
+                ))
+            } else if clients[j.rank].is_some() {
+                Some(format!("rank {} joined twice", j.rank))
+            } else {
+                None
+            };
+            let answer = match &refusal {
+                Some(r) => Reply::Refused(r.clone()),
+                None => Reply::Welcome,
+            };
+            let sent = j.session.tx.send(&mut j.stream, &answer);
+            match (refusal, sent) {
+                (Some(r), _) => eprintln!("krun bootstrap: refusing {}: {r}", j.peer),
+                (None, Err(e)) => eprintln!("krun bootstrap: welcoming rank {}: {e}", j.rank),
+                (None, Ok(())) => {
+                    j.stream.set_read_timeout(Some(timeout)).ok();
+                    clients[j.rank] = Some((j.stream, j.session));
+                    joined += 1;
+                }
+            }
+        }
+        if joined < size && idle {
+            if Instant::now() >= deadline {
+                let missing: Vec<usize> = (0..size).filter(|&r| clients[r].is_none()).collect();
+                return Err(err(format!(
+                    "ranks {missing:?} did not connect within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
-    if claimed != size || rank >= size {
-        return refuse(
-            s,
-            format!("rank {rank} of {claimed}: the job has {size} ranks"),
-        );
-    }
-    if taken[rank] {
-        return refuse(s, format!("rank {rank} joined twice"));
-    }
-    write_frame(s, &[0]).map_err(|e| format!("welcoming rank {rank}: {e}"))?;
-    Ok(rank)
+    Ok(clients.into_iter().flatten().collect())
 }
 
 fn serve(
     listener: TcpListener,
     size: usize,
     timeout: Duration,
-    secret: Option<ClusterSecret>,
+    secret: ClusterSecret,
 ) -> Result<()> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| FabricError::io("bootstrap listen", e))?;
-    let deadline = Instant::now() + timeout;
-    let mut clients: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-    let mut joined = 0;
-    while joined < size {
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                s.set_nonblocking(false)
-                    .map_err(|e| FabricError::io("bootstrap accept", e))?;
-                s.set_read_timeout(Some(timeout)).ok();
-                s.set_nodelay(true).ok();
-                let taken: Vec<bool> = clients.iter().map(Option::is_some).collect();
-                let rank = match admit(&mut s, size, &taken, secret.as_ref()) {
-                    Ok(rank) => rank,
-                    Err(reason) => {
-                        eprintln!("krun bootstrap: refusing {peer}: {reason}");
-                        continue;
-                    }
-                };
-                clients[rank] = Some(s);
-                joined += 1;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (0..size).filter(|&r| clients[r].is_none()).collect();
-                    return Err(err(format!(
-                        "ranks {missing:?} did not connect within {timeout:?}"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(FabricError::io("bootstrap accept", e)),
-        }
+    let mut clients = admit_all(&listener, size, timeout, &secret)?;
+    // Late connections are not served: close the listener.
+    drop(listener);
+    for (_, session) in clients.iter_mut() {
+        session.rx.set_max_payload(MAX_BLOB + 16);
     }
-    let mut clients: Vec<TcpStream> = clients
-        .into_iter()
-        .map(|c| c.expect("all joined"))
-        .collect();
     loop {
         let mut blobs = Vec::with_capacity(size);
-        for (rank, c) in clients.iter_mut().enumerate() {
-            match read_frame(c, MAX_BLOB) {
-                Ok(b) => blobs.push(b),
-                Err(FabricError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
+        for (rank, (stream, session)) in clients.iter_mut().enumerate() {
+            match session.rx.recv::<Request>(stream) {
+                Ok(Request::Blob(b)) => blobs.push(b),
+                Ok(other) => return Err(err(format!("rank {rank}: unexpected message {other:?}"))),
+                Err(FabricError::WireClosed { .. }) => {
                     // Orderly end: the first client gone ends the service.
                     if rank == 0 {
                         return Ok(());
@@ -206,14 +245,12 @@ fn serve(
                 Err(e) => return Err(err(format!("rank {rank}: {e}"))),
             }
         }
-        let mut reply = Vec::new();
-        reply.extend_from_slice(&(size as u32).to_le_bytes());
-        for b in &blobs {
-            reply.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            reply.extend_from_slice(b);
-        }
-        for (rank, c) in clients.iter_mut().enumerate() {
-            write_frame(c, &reply).map_err(|e| err(format!("rank {rank}: {e}")))?;
+        let reply = Reply::Gather(blobs);
+        for (rank, (stream, session)) in clients.iter_mut().enumerate() {
+            session
+                .tx
+                .send(stream, &reply)
+                .map_err(|e| err(format!("rank {rank}: {e}")))?;
         }
     }
 }
@@ -221,6 +258,8 @@ fn serve(
 /// One rank's connection to the bootstrap service.
 pub struct BootstrapClient {
     stream: TcpStream,
+    tx: FrameWriter,
+    rx: FrameReader,
     rank: usize,
     size: usize,
 }
@@ -243,7 +282,7 @@ impl BootstrapClient {
         )
     }
 
-    /// As [`BootstrapClient::connect`] with an explicit secret.
+    /// As [`BootstrapClient::connect`] with an explicit secret (`None`: insecure mode).
     pub fn connect_with(
         addr: SocketAddr,
         rank: usize,
@@ -251,6 +290,14 @@ impl BootstrapClient {
         timeout: Duration,
         secret: Option<&ClusterSecret>,
     ) -> Result<BootstrapClient> {
+        let (rank32, size32) = match (u32::try_from(rank), u32::try_from(size)) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => {
+                return Err(err(format!(
+                    "rank {rank} of {size} does not fit the protocol"
+                )))
+            }
+        };
         let deadline = Instant::now() + timeout;
         let mut stream = loop {
             match TcpStream::connect_timeout(&addr, timeout) {
@@ -268,29 +315,43 @@ impl BootstrapClient {
             }
         };
         stream.set_nodelay(true).ok();
+        let insecure = ClusterSecret::insecure();
+        let secret = secret.unwrap_or(&insecure);
+        let within = timeout.max(Duration::from_millis(1));
+        let Session { mut tx, mut rx } = Session::client_within(&stream, secret, P, within)
+            .map_err(|e| match e {
+                FabricError::WireRefused { reason, .. } => {
+                    err(format!("{addr} refused to let us join: {reason}"))
+                }
+                FabricError::WireMalformed { .. } => {
+                    err(format!("{addr} is not a krun bootstrap service ({e})"))
+                }
+                other => other,
+            })?;
         stream.set_read_timeout(Some(timeout)).ok();
-        let challenge = read_frame(&mut stream, 64)?;
-        if challenge.len() != 4 + NONCE_LEN || &challenge[..4] != MAGIC {
-            return Err(err(format!(
-                "{addr} is not a krun bootstrap service (bad challenge)"
-            )));
+        tx.send(
+            &mut stream,
+            &Request::Join {
+                rank: rank32,
+                size: size32,
+            },
+        )?;
+        rx.set_max_payload(4096);
+        match rx.recv::<Reply>(&mut stream)? {
+            Reply::Welcome => {}
+            Reply::Refused(reason) => {
+                return Err(err(format!("{addr} refused to let us join: {reason}")))
+            }
+            Reply::Gather(_) => return Err(err(format!("{addr} answered the join with a gather"))),
         }
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        hello.extend_from_slice(&(size as u32).to_le_bytes());
-        let mut signed = challenge[4..].to_vec();
-        signed.extend_from_slice(&hello[4..12]);
-        hello.extend_from_slice(&secret.map_or([0; MAC_LEN], |s| s.sign(&signed)));
-        write_frame(&mut stream, &hello).map_err(|e| FabricError::io("bootstrap hello", e))?;
-        let verdict = read_frame(&mut stream, 4096)?;
-        match verdict.split_first() {
-            Some((0, _)) => Ok(BootstrapClient { stream, rank, size }),
-            Some((_, reason)) => Err(err(format!(
-                "{addr} refused to let us join: {}",
-                String::from_utf8_lossy(reason)
-            ))),
-            None => Err(err(format!("{addr} sent an empty verdict"))),
-        }
+        rx.set_max_payload((MAX_BLOB + 8) * size + 16);
+        Ok(BootstrapClient {
+            stream,
+            tx,
+            rx,
+            rank,
+            size,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -317,40 +378,23 @@ impl BootstrapClient {
                 blob.len()
             )));
         }
-        write_frame(&mut self.stream, blob).map_err(|e| FabricError::io("bootstrap send", e))?;
-        let reply = read_frame(&mut self.stream, MAX_BLOB * self.size + 4 * self.size + 4)?;
-        parse_gather(&reply, self.size)
+        self.tx
+            .send(&mut self.stream, &Request::Blob(blob.to_vec()))?;
+        match self.rx.recv::<Reply>(&mut self.stream)? {
+            Reply::Gather(all) if all.len() == self.size => Ok(all),
+            Reply::Gather(all) => Err(err(format!(
+                "all-gather reply has {} blobs, expected {}",
+                all.len(),
+                self.size
+            ))),
+            other => Err(err(format!("unexpected reply {other:?} to an all-gather"))),
+        }
     }
 
     /// Returns when every rank has reached the barrier.
     pub fn barrier(&mut self) -> Result<()> {
         self.allgather(&[]).map(drop)
     }
-}
-
-fn parse_gather(reply: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
-    let bad = || err("malformed all-gather reply");
-    let count = u32::from_le_bytes(reply.get(..4).ok_or_else(bad)?.try_into().expect("4")) as usize;
-    if count != size {
-        return Err(err(format!(
-            "all-gather reply has {count} blobs, expected {size}"
-        )));
-    }
-    let mut pos = 4;
-    let mut out = Vec::with_capacity(size);
-    for _ in 0..count {
-        let len = u32::from_le_bytes(
-            reply
-                .get(pos..pos + 4)
-                .ok_or_else(bad)?
-                .try_into()
-                .expect("4"),
-        ) as usize;
-        pos += 4;
-        out.push(reply.get(pos..pos + len).ok_or_else(bad)?.to_vec());
-        pos += len;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -435,9 +479,154 @@ mod tests {
     }
 
     #[test]
-    fn malformed_reply_is_an_error_not_a_panic() {
-        assert!(parse_gather(&[1, 0], 1).is_err());
-        assert!(parse_gather(&[1, 0, 0, 0, 9, 0, 0, 0, 1], 1).is_err());
-        assert!(parse_gather(&[2, 0, 0, 0], 1).is_err());
+    fn bad_frames_are_refused_and_the_ranks_still_join() {
+        use std::io::{Read, Write};
+        let secret = ClusterSecret::new(b"the bootstrap secret".to_vec()).unwrap();
+        let server = BootstrapServer::start_with(
+            "127.0.0.1:0",
+            2,
+            Duration::from_secs(30),
+            Some(secret.clone()),
+        )
+        .unwrap();
+        let addr = server.addr();
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        };
+        let session = || {
+            let mut s = connect();
+            let session = Session::client(&mut s, &secret, P).unwrap();
+            (s, session)
+        };
+        let closed_without_answer = |mut s: TcpStream, what: &str| {
+            let mut rest = Vec::new();
+            let r = s.read_to_end(&mut rest);
+            assert!(
+                r.is_ok() && rest.is_empty(),
+                "{what}: answered {} bytes ({r:?})",
+                rest.len()
+            );
+        };
+        // Idle connections stay open meanwhile.
+        let idle: Vec<TcpStream> = (0..8).map(|_| connect()).collect();
+        // Garbage instead of the handshake proof.
+        let mut s = connect();
+        let mut hello = [0u8; 39];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&[0x55; 71]).unwrap();
+        closed_without_answer(s, "garbage");
+        // A huge length.
+        let (mut s, mut sess) = session();
+        let mut f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        f[24..28].copy_from_slice(&(64u32 << 20).to_le_bytes());
+        s.write_all(&f[..28]).unwrap();
+        closed_without_answer(s, "huge length");
+        // A bad tag.
+        let (mut s, mut sess) = session();
+        let mut f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        s.write_all(&f).unwrap();
+        closed_without_answer(s, "bad tag");
+        // A frame replayed from another connection, and one out of order.
+        let (mut s, mut sess) = session();
+        let recorded = sess.tx.seal(&Request::Join { rank: 9, size: 2 }).unwrap();
+        s.write_all(&recorded).unwrap();
+        assert!(matches!(
+            sess.rx.recv::<Reply>(&mut s).unwrap(),
+            Reply::Refused(_)
+        ));
+        let (mut s, _sess) = session();
+        s.write_all(&recorded).unwrap();
+        closed_without_answer(s, "replayed frame");
+        let (mut s, mut sess) = session();
+        let _skipped = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        let f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        s.write_all(&f).unwrap();
+        closed_without_answer(s, "frame out of order");
+        // A truncated frame.
+        let (mut s, mut sess) = session();
+        let f = sess.tx.seal(&Request::Join { rank: 0, size: 2 }).unwrap();
+        s.write_all(&f[..f.len() / 2]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        closed_without_answer(s, "truncated frame");
+        // The ranks join and gather.
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let secret = secret.clone();
+                std::thread::spawn(move || {
+                    let mut c = BootstrapClient::connect_with(
+                        addr,
+                        rank,
+                        2,
+                        Duration::from_secs(30),
+                        Some(&secret),
+                    )
+                    .unwrap();
+                    c.allgather(&[rank as u8]).unwrap()
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap(), vec![vec![0u8], vec![1u8]]);
+        }
+        drop(idle);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn more_idle_connections_than_handshake_slots_delay_the_ranks_but_do_not_fail_them() {
+        let server =
+            BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(60), None).unwrap();
+        let addr = server.addr();
+        // Every slot taken by a silent client, and more waiting in the backlog.
+        let idle: Vec<TcpStream> = (0..crate::wire::MAX_HANDSHAKES + 6)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut c = BootstrapClient::connect_with(
+                        addr,
+                        rank,
+                        2,
+                        Duration::from_secs(60),
+                        None,
+                    )?;
+                    c.allgather(&[rank as u8])
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap().unwrap(), vec![vec![0u8], vec![1u8]]);
+        }
+        drop(idle);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_idle_connection_does_not_block_the_ranks() {
+        let server =
+            BootstrapServer::start_with("127.0.0.1:0", 2, Duration::from_secs(30), None).unwrap();
+        // Connects and says nothing (it would hold the old one-at-a-time admission).
+        let idle = TcpStream::connect(server.addr()).unwrap();
+        let addr = server.addr();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut c =
+                        BootstrapClient::connect_with(addr, rank, 2, Duration::from_secs(30), None)
+                            .unwrap();
+                    c.allgather(&[rank as u8]).unwrap()
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap(), vec![vec![0u8], vec![1u8]]);
+        }
+        drop(idle);
+        server.join().unwrap();
     }
 }

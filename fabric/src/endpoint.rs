@@ -80,15 +80,14 @@ impl EndpointAddress {
     }
 
     pub fn from_hex(s: &str) -> Result<EndpointAddress> {
-        let s = s.trim();
-        if !s.len().is_multiple_of(2) {
-            return Err(FabricError::BadAddress("odd number of hex digits".into()));
-        }
-        let bytes = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-            .collect::<std::result::Result<Vec<u8>, _>>()
-            .map_err(|e| FabricError::BadAddress(format!("not hex: {e}")))?;
+        let bytes = crate::secret::decode_hex(s).map_err(|e| {
+            FabricError::BadAddress(match e {
+                crate::secret::HexError::NotHex { at } => {
+                    format!("{} at byte {at}", e.reason())
+                }
+                crate::secret::HexError::OddLength => e.reason().to_string(),
+            })
+        })?;
         Self::from_bytes(&bytes)
     }
 }
@@ -356,6 +355,11 @@ mod tests {
             .contains("length"));
         assert!(EndpointAddress::from_hex("abc").is_err());
         assert!(EndpointAddress::from_hex("zz").is_err());
+        // Multi-byte characters are errors, not panics on a char boundary.
+        for bad in ["a\u{e9}1", "\u{e9}\u{e9}", "0\u{e9}0"] {
+            let e = EndpointAddress::from_hex(bad).unwrap_err().to_string();
+            assert!(e.contains("malformed endpoint address"), "{e}");
+        }
         let mut unknown = b"KRA1".to_vec();
         unknown.push(3);
         unknown.extend_from_slice(b"xyz");

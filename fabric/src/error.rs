@@ -86,6 +86,8 @@ pub enum FabricError {
         seq: u64,
         expected: u64,
     },
+    #[error("the peer closed the {protocol} connection")]
+    WireClosed { protocol: &'static str },
     #[error("the peer refused the {protocol} connection: {reason}")]
     WireRefused {
         protocol: &'static str,

@@ -58,24 +58,15 @@ pub fn open(config: &FabricConfig) -> Result<Box<dyn Endpoint>> {
     })
 }
 
-/// A random 64-bit token identifying an endpoint instance.
-pub(crate) fn random_token() -> u64 {
-    let mut buf = [0u8; 8];
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n == 8 {
-        u64::from_le_bytes(buf)
-    } else {
-        // getrandom cannot fail for 8 bytes after boot; fall back to time and pid anyway.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        t ^ ((std::process::id() as u64) << 32)
-    }
+/// A random 64-bit token identifying an endpoint instance, from the kernel's random source
+/// (fails rather than fall back to anything guessable).
+pub(crate) fn random_token() -> Result<u64> {
+    random_u64()
 }
 
-/// A random 64-bit value from the kernel (nonces, tokens).
-pub fn random_u64() -> u64 {
-    random_token()
+/// A random 64-bit value from the kernel (nonces, tokens); fails if the random source does.
+pub fn random_u64() -> Result<u64> {
+    let mut buf = [0u8; 8];
+    secret::fill_random(&mut buf)?;
+    Ok(u64::from_le_bytes(buf))
 }

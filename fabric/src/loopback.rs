@@ -63,7 +63,7 @@ impl Drop for LoopbackRegistration {
 
 impl LoopbackEndpoint {
     pub fn open(config: &FabricConfig) -> Result<LoopbackEndpoint> {
-        let token = crate::random_token();
+        let token = crate::random_token()?;
         let shared = Arc::new(Shared {
             token,
             peers: RwLock::new(Vec::new()),

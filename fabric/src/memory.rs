@@ -54,6 +54,62 @@ impl Region {
         })
     }
 
+    /// Maps the first `len` bytes of `file` (private, readable and writable) so the file's
+    /// pages can be registered and sent with RMA without copying them into fresh memory: on
+    /// tmpfs (`/dev/shm`) or in the page cache the region uses the file's own pages. Writes
+    /// through the region (by this process or remote peers) stay private: the file is never
+    /// modified. With the verbs backend, registration asks for write access, so the kernel
+    /// copies each page once when pinning it; libfabric's tcp and shm providers do not pin.
+    ///
+    /// # Safety
+    /// For as long as the region (and any registration of it) lives, no one may truncate the
+    /// file below `len` bytes (touching a page past the end raises SIGBUS), and the caller
+    /// accepts that writes to the file by others show through in pages this process has not
+    /// written (the region is a view of the file, not a snapshot).
+    pub unsafe fn map_file(file: &std::fs::File, len: usize) -> Result<Region> {
+        use std::os::fd::AsRawFd;
+        let size = file
+            .metadata()
+            .map_err(|e| FabricError::Registration {
+                len,
+                reason: format!("reading the size of the file to map: {e}"),
+            })?
+            .len();
+        if len == 0 || (len as u64) > size {
+            return Err(FabricError::Registration {
+                len,
+                reason: format!("cannot map {len} bytes of a file of {size} bytes"),
+            });
+        }
+        // SAFETY: a private mapping of a file we hold open, no fixed address; the caller
+        // keeps the file at least `len` bytes long while the mapping lives.
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        );
+        if ptr == libc::MAP_FAILED {
+            return Err(FabricError::Registration {
+                len,
+                reason: format!(
+                    "mmap of the file failed: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+        // Map the file's pages now, read-only, in one call instead of one fault per page
+        // (MAP_POPULATE would break copy-on-write on this writable private mapping, copying
+        // every page). Best effort: kernels before 5.14 lack it and fault pages in later.
+        libc::madvise(ptr, len, libc::MADV_POPULATE_READ);
+        Ok(Region {
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            len,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -311,6 +367,33 @@ mod tests {
         assert_eq!(d.target(90, 10).unwrap(), 0x1000 + 90);
         assert!(d.target(91, 10).is_err());
         assert!(d.target(u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn file_region_reads_the_file_and_never_writes_it() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("krun-map-file-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"checkpoint image bytes").unwrap();
+        drop(f);
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: the test owns the file and does not truncate it.
+        let r = unsafe { Region::map_file(&f, 10) }.unwrap();
+        let mut out = [0u8; 10];
+        r.read_bytes(0, &mut out).unwrap();
+        assert_eq!(&out, b"checkpoint");
+        r.write_bytes(0, b"XXXX").unwrap();
+        drop(r);
+        assert_eq!(std::fs::read(&path).unwrap(), b"checkpoint image bytes");
+        // SAFETY: as above.
+        let too_long = unsafe { Region::map_file(&f, 4096) }.unwrap_err();
+        assert!(
+            too_long.to_string().contains("file of 22 bytes"),
+            "{too_long}"
+        );
+        // SAFETY: as above.
+        assert!(unsafe { Region::map_file(&f, 0) }.is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

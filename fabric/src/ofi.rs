@@ -343,7 +343,7 @@ impl OfiEndpoint {
         // SAFETY: info is valid until objects is dropped.
         let mr_mode = unsafe { (*(*objects.info).domain_attr).mr_mode } as u32;
         let objects = Arc::new(ObjectsHandle(objects));
-        let token = crate::random_token();
+        let token = crate::random_token()?;
         let slots = config.max_in_flight;
         let send_slots = 64usize;
         let slot_bytes = config.max_message + MSG_HEADER;

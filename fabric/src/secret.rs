@@ -28,6 +28,43 @@ pub fn fill_random(buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Why a string is not hex; says where, never what (the string may be a secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HexError {
+    OddLength,
+    NotHex { at: usize },
+}
+
+impl HexError {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            HexError::OddLength => "odd number of hex digits",
+            HexError::NotHex { .. } => "not hex (only 0-9, a-f, A-F are allowed)",
+        }
+    }
+}
+
+/// Decodes hex digits (surrounding whitespace ignored). Works on bytes, so a multi-byte
+/// character is an error, never a slice across a character boundary.
+pub(crate) fn decode_hex(s: &str) -> std::result::Result<Vec<u8>, HexError> {
+    let digits = s.trim().as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return Err(HexError::OddLength);
+    }
+    let nibble = |at: usize| -> std::result::Result<u8, HexError> {
+        match digits[at] {
+            c @ b'0'..=b'9' => Ok(c - b'0'),
+            c @ b'a'..=b'f' => Ok(c - b'a' + 10),
+            c @ b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(HexError::NotHex { at }),
+        }
+    };
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| Ok(nibble(i)? << 4 | nibble(i + 1)?))
+        .collect()
+}
+
 /// Length of the authentication tag.
 pub const MAC_LEN: usize = 32;
 
@@ -53,12 +90,19 @@ impl ClusterSecret {
         Ok(ClusterSecret(bytes))
     }
 
-    /// A fresh random secret (for a local job that has none configured).
-    pub fn random() -> ClusterSecret {
-        let bytes: Vec<u8> = (0..4)
-            .flat_map(|_| crate::random_token().to_le_bytes())
-            .collect();
-        ClusterSecret(bytes)
+    /// A fresh random secret of 32 bytes from the kernel's random source (for a local job
+    /// that has none configured); fails if the random source does.
+    pub fn random() -> Result<ClusterSecret> {
+        let mut bytes = vec![0u8; 32];
+        fill_random(&mut bytes)?;
+        Ok(ClusterSecret(bytes))
+    }
+
+    /// The publicly known key of insecure mode (`krund --listen --insecure` on loopback, a
+    /// bootstrap without a secret): frames are still checked and replay-protected, but
+    /// anyone can compute this key, so it proves nothing about the peer.
+    pub fn insecure() -> ClusterSecret {
+        ClusterSecret(b"krun insecure mode: this key is public".to_vec())
     }
 
     /// Reads a secret file, which must not be readable by group or others (mode 0600).
@@ -108,15 +152,8 @@ impl ClusterSecret {
             value: "(hidden)".into(),
             reason: reason.into(),
         };
-        let hex = hex.trim();
-        if !hex.len().is_multiple_of(2) {
-            return Err(bad("odd number of hex digits"));
-        }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-            .collect::<std::result::Result<Vec<u8>, _>>()
-            .map_err(|_| bad("not hex"))?;
+        // The reason never quotes the value: it is the secret.
+        let bytes = decode_hex(hex).map_err(|e| bad(e.reason()))?;
         ClusterSecret::new(bytes).map_err(|_| bad("must hold at least 16 bytes"))
     }
 
@@ -156,10 +193,31 @@ mod tests {
 
     #[test]
     fn hex_round_trip_and_short_secrets_refused() {
-        let s = ClusterSecret::random();
+        let s = ClusterSecret::random().unwrap();
         assert_eq!(ClusterSecret::from_hex(&s.to_hex()).unwrap(), s);
+        assert_ne!(ClusterSecret::random().unwrap(), s);
         assert!(ClusterSecret::new(b"short".to_vec()).is_err());
         assert!(ClusterSecret::from_hex("zz").is_err());
+    }
+
+    #[test]
+    fn a_non_ascii_secret_is_an_error_that_does_not_print_it() {
+        for bad in [
+            "a\u{e9}1",
+            "\u{e9}\u{e9}",
+            "0123456789abcdef0123456789abcde\u{e9}",
+            "0g",
+        ] {
+            let e = ClusterSecret::from_hex(bad).unwrap_err().to_string();
+            assert!(e.contains("KRUN_SECRET"), "{e}");
+            assert!(!e.contains(bad), "the error prints the secret: {e}");
+        }
+        let e = ClusterSecret::from_hex("a\u{e9}1").unwrap_err().to_string();
+        assert!(e.contains("not hex"), "{e}");
+        assert_eq!(decode_hex(" 0aFf \n"), Ok(vec![0x0a, 0xff]));
+        assert_eq!(decode_hex("\u{e9}"), Err(HexError::NotHex { at: 0 }));
+        assert_eq!(decode_hex("\u{e9}0"), Err(HexError::OddLength));
+        assert_eq!(decode_hex("0\u{e9}0"), Err(HexError::NotHex { at: 1 }));
     }
 
     #[test]

@@ -579,7 +579,7 @@ impl VerbsEndpoint {
             send_pool: register_on(&device, Region::new(send_slots * slot_bytes)?)?,
             recv_pool: register_on(&device, Region::new(RECV_BUFFERS * slot_bytes)?)?,
             device,
-            token: crate::random_token(),
+            token: crate::random_token()?,
             side,
             peers: RwLock::new(Vec::new()),
             extra_qps: Mutex::new(Vec::new()),
@@ -841,7 +841,7 @@ impl Inner {
             )));
         }
         let qp = self.create_qp()?;
-        let psn = (crate::random_token() & 0xff_ffff) as u32;
+        let psn = (crate::random_token()? & 0xff_ffff) as u32;
         self.connect_qp(&qp, psn, &remote)?;
         // Register before answering: the peer may send as soon as it has the answer, and
         // its messages must name it.
@@ -1142,7 +1142,7 @@ impl Endpoint for VerbsEndpoint {
                 .max(Duration::from_millis(1))
         };
         let qp = inner.create_qp()?;
-        let psn = (crate::random_token() & 0xff_ffff) as u32;
+        let psn = (crate::random_token()? & 0xff_ffff) as u32;
         let mut s = TcpStream::connect_timeout(&side, inner.timeout).map_err(io)?;
         s.set_write_timeout(Some(left())).map_err(io)?;
         s.write_all(&inner.local_info(&qp, psn, peer.token).encode())

@@ -34,6 +34,10 @@
 //! before it allocates anything for the payload; the handshake is fixed-size, so a peer that
 //! has not proven the secret cannot make a reader hold more than 64 bytes. Decoding never
 //! panics: truncation, trailing bytes and unknown variants are errors naming the protocol.
+//! Listeners handshake each connection on its own thread with [`Session::server_within`]
+//! (the whole handshake within one deadline, [`HANDSHAKE_TIMEOUT`], so a peer trickling one
+//! byte at a time is cut off) and at most [`MAX_HANDSHAKES`] at once ([`HandshakeSlots`]).
+//! A connection closed between frames reads as [`FabricError::WireClosed`].
 //!
 //! ```
 //! use fabric::secret::ClusterSecret;
@@ -54,6 +58,10 @@
 //! ```
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
@@ -353,17 +361,133 @@ impl FrameReader {
     }
 }
 
+/// Fills `buf`; the connection closing before the first byte of a frame header is
+/// [`FabricError::WireClosed`] (an orderly end between frames), anywhere else a truncation.
 fn read_exact(r: &mut impl Read, buf: &mut [u8], p: Protocol, what: &str) -> Result<()> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FabricError::WireMalformed {
-                protocol: p.name(),
-                what: format!("connection closed inside a {what} (truncated frame)"),
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && what == "frame header" => {
+                return Err(FabricError::WireClosed { protocol: p.name() })
             }
-        } else {
-            FabricError::io(format!("reading a {p} {what}"), e)
+            Ok(0) => {
+                return Err(FabricError::WireMalformed {
+                    protocol: p.name(),
+                    what: format!("connection closed inside a {what} (truncated frame)"),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FabricError::io(format!("reading a {p} {what}"), e)),
         }
-    })
+    }
+    Ok(())
+}
+
+/// How long a listener gives a connecting peer to complete the handshake (and its first
+/// request): a peer that sends one byte at a time cannot hold a connection longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many connections a listener handshakes at once; more wait in the kernel's backlog
+/// until one of those ends (completes, fails or times out).
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// A TCP stream whose reads and writes all end by one deadline (each read waits at most
+/// until then), so the whole exchange is bounded in time, not only each read.
+pub struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(stream: &'a TcpStream, within: Duration) -> Deadline<'a> {
+        Deadline {
+            stream,
+            until: Instant::now() + within,
+        }
+    }
+
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer did not complete the exchange in time",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts a listener's connections in their handshake; [`HandshakeSlots::try_take`] fails
+/// when [`MAX_HANDSHAKES`] (or the given bound) are under way.
+#[derive(Clone)]
+pub struct HandshakeSlots {
+    busy: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// One connection's place among the handshakes; frees it when dropped.
+pub struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HandshakeSlots {
+    pub fn new(max: usize) -> HandshakeSlots {
+        HandshakeSlots {
+            busy: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Waits for a free slot. A listener takes one before it accepts, so connections beyond
+    /// the bound wait in the kernel's backlog, costing the daemon nothing.
+    pub fn take(&self) -> HandshakeSlot {
+        loop {
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn try_take(&self) -> Option<HandshakeSlot> {
+        let taken = self
+            .busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        taken.ok().map(|_| HandshakeSlot(self.busy.clone()))
+    }
+}
+
+impl Default for HandshakeSlots {
+    fn default() -> Self {
+        HandshakeSlots::new(MAX_HANDSHAKES)
+    }
 }
 
 /// An authenticated stream connection: `tx` and `rx` can move to different threads.
@@ -496,6 +620,32 @@ impl Session {
         Ok(Session::keyed(secret, protocol, &nonce_s, nonce_c, true))
     }
 
+    /// [`Session::client`] over TCP, the whole handshake within `within`; the stream's
+    /// timeouts are cleared afterwards.
+    pub fn client_within(
+        stream: &TcpStream,
+        secret: &ClusterSecret,
+        protocol: Protocol,
+        within: Duration,
+    ) -> Result<Session> {
+        let s = Session::client(&mut Deadline::new(stream, within), secret, protocol);
+        clear_timeouts(stream);
+        s
+    }
+
+    /// [`Session::server`] over TCP, the whole handshake within `within` (a peer that
+    /// trickles bytes is cut off); the stream's timeouts are cleared afterwards.
+    pub fn server_within(
+        stream: &TcpStream,
+        secret: &ClusterSecret,
+        protocol: Protocol,
+        within: Duration,
+    ) -> Result<Session> {
+        let s = Session::server(&mut Deadline::new(stream, within), secret, protocol);
+        clear_timeouts(stream);
+        s
+    }
+
     fn keyed(
         secret: &ClusterSecret,
         protocol: Protocol,
@@ -520,6 +670,11 @@ impl Session {
             },
         }
     }
+}
+
+fn clear_timeouts(stream: &TcpStream) {
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(None);
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -819,7 +974,9 @@ mod tests {
     fn truncated_huge_and_garbage_frames_are_errors_without_allocating() {
         let (mut c, _a, mut s, _b) = pair(Protocol::Bootstrap);
         let frame = c.tx.seal(&"hello".to_string()).unwrap();
-        for cut in 0..frame.len() {
+        let e = s.rx.recv::<String>(&mut &frame[..0]).unwrap_err();
+        assert!(matches!(e, FabricError::WireClosed { .. }), "{e}");
+        for cut in 1..frame.len() {
             let e = s.rx.recv::<String>(&mut &frame[..cut]).unwrap_err();
             assert!(e.to_string().contains("truncated"), "cut {cut}: {e}");
         }
@@ -875,6 +1032,49 @@ mod tests {
         let mut long = frames[2600].clone();
         long.push(0);
         assert!(rx.open::<u32>(&long).is_err());
+    }
+
+    #[test]
+    fn a_client_trickling_bytes_is_cut_off_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let trickler = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            c.read_exact(&mut hello).unwrap();
+            // One valid byte every 50 ms: each read succeeds, the whole never completes.
+            for b in hs_prefix(Protocol::Control, b'C') {
+                if c.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            c
+        });
+        let (s, _) = listener.accept().unwrap();
+        let e = Session::server_within(
+            &s,
+            &secret("one"),
+            Protocol::Control,
+            Duration::from_millis(120),
+        )
+        .err()
+        .expect("cut off");
+        assert!(
+            matches!(&e, FabricError::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{e}"
+        );
+        drop(trickler.join().unwrap());
+    }
+
+    #[test]
+    fn handshake_slots_are_bounded_and_freed() {
+        let slots = HandshakeSlots::new(2);
+        let a = slots.try_take().unwrap();
+        let _b = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        drop(a);
+        assert!(slots.try_take().is_some());
     }
 
     #[test]

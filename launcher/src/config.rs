@@ -541,7 +541,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "krun-config-test-{}-{}",
             std::process::id(),
-            fabric::random_u64()
+            fabric::random_u64().unwrap()
         ));
         std::fs::create_dir_all(d.join("krun")).unwrap();
         d

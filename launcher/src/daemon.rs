@@ -2,13 +2,16 @@
 //! connects to it, proves it holds the cluster secret, and asks it to start a node process
 //! for a job (or reports its status).
 //!
-//! Frames are `u32 length (LE) | type byte | payload`. The daemon opens with a challenge
-//! `"KRD1" | nonce[16]`; the client answers with HMAC-SHA256(secret, nonce | "krund-control");
-//! the daemon replies `0` or `1 | reason`. Requests: `R` (run: argument and environment
-//! lists) and `S` (status). While a node process runs the daemon sends `O`/`E` (one output
-//! line each) and finally `X | i32 exit code`; the client may send `K | i32 signal` and
-//! `I | bytes` (stdin for the node process; empty at end of input). The daemon sends `H`
-//! every [`HEARTBEAT`] while the node process runs.
+//! The connection speaks the wire toolkit's [`Protocol::Control`] ([`fabric::wire`]): a
+//! mutual handshake over the cluster secret (within [`HANDSHAKE_TIMEOUT`], at most
+//! [`fabric::wire::MAX_HANDSHAKES`] at once), then every frame authenticated and sequenced,
+//! so a relay between krun and krund can neither alter nor replay a request. krun sends
+//! [`ToDaemon::Run`] or [`ToDaemon::Status`]; while a node process runs the daemon sends
+//! output lines, a heartbeat every [`HEARTBEAT`] and finally [`FromDaemon::Exit`], and krun
+//! may send signals and stdin for the node process.
+//!
+//! A daemon needs the cluster secret; without one it runs only in insecure mode
+//! ([`Access::Insecure`]), which is refused unless it listens on a loopback address.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -16,14 +19,19 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric::secret::{ClusterSecret, MAC_LEN};
+use fabric::secret::ClusterSecret;
+use fabric::wire::{
+    Deadline, FrameReader, FrameWriter, HandshakeSlots, Protocol, Session, HANDSHAKE_TIMEOUT,
+};
+use fabric::FabricError;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, for_each_line};
 
-const MAGIC: &[u8; 4] = b"KRD1";
-const CONTEXT: &[u8] = b"krund-control";
-const MAX_FRAME: usize = 16 << 20;
+const P: Protocol = Protocol::Control;
+/// Bound on one control frame (a run request carries krund's arguments and environment).
+const MAX_FRAME: usize = 4 << 20;
 /// How often a daemon tells krun it is alive while a node process runs.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Silence after which krun declares a host lost.
@@ -36,83 +44,104 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LauncherErro
     move |source| LauncherError::Io { context, source }
 }
 
-pub fn write_frame(s: &mut impl Write, kind: u8, payload: &[u8]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(5 + payload.len());
-    buf.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
-    buf.push(kind);
-    buf.extend_from_slice(payload);
-    s.write_all(&buf)
-}
-
-pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is out of bounds"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf)?;
-    let kind = buf.remove(0);
-    Ok((kind, buf))
-}
-
-fn encode_strings(out: &mut Vec<u8>, items: &[String]) {
-    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
-    for i in items {
-        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
-        out.extend_from_slice(i.as_bytes());
-    }
-}
-
-fn decode_strings(buf: &[u8], pos: &mut usize) -> Option<Vec<String>> {
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = buf.get(*pos..*pos + n)?;
-        *pos += n;
-        Some(s)
-    };
-    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-    if count > 4096 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        out.push(String::from_utf8(take(len)?.to_vec()).ok()?);
-    }
-    Some(out)
-}
-
 /// A request to start a node process: krund's arguments and extra environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRequest {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
 }
 
-impl RunRequest {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        encode_strings(&mut out, &self.args);
-        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        encode_strings(&mut out, &env);
-        out
+/// Shows the environment's names only: its values include the job's secret.
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RunRequest")
+            .field("args", &self.args)
+            .field("env", &names)
+            .finish()
     }
+}
 
-    pub fn decode(buf: &[u8]) -> Option<RunRequest> {
-        let mut pos = 0;
-        let args = decode_strings(buf, &mut pos)?;
-        let env = decode_strings(buf, &mut pos)?
-            .into_iter()
-            .map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        (pos == buf.len()).then_some(RunRequest { args, env })
+/// What krun says to a daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToDaemon {
+    /// Start a node process (the first message of a connection).
+    Run(RunRequest),
+    /// Report what this daemon runs (the first message of a connection).
+    Status,
+    /// Input for the node process; empty at end of input.
+    Stdin(Vec<u8>),
+    /// Send this signal to the node process.
+    Signal(i32),
+}
+
+impl ToDaemon {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ToDaemon::Run(_) => "run",
+            ToDaemon::Status => "status",
+            ToDaemon::Stdin(_) => "stdin",
+            ToDaemon::Signal(_) => "signal",
+        }
+    }
+}
+
+/// What a daemon says to krun.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromDaemon {
+    Status(String),
+    /// One line of the node process's standard output.
+    Stdout(Vec<u8>),
+    /// One line of its standard error.
+    Stderr(Vec<u8>),
+    /// The node process still runs.
+    Heartbeat,
+    /// The node process ended with this code (128 + signal when killed).
+    Exit(i32),
+    /// The request was refused.
+    Refused(String),
+}
+
+/// How a daemon admits clients.
+#[derive(Clone, Debug)]
+pub enum Access {
+    /// Clients must prove they hold the cluster secret.
+    Secret(ClusterSecret),
+    /// `--insecure`: any local client may run anything as this daemon's user. Only on a
+    /// loopback address.
+    Insecure,
+}
+
+impl Access {
+    fn key(&self) -> ClusterSecret {
+        match self {
+            Access::Secret(s) => s.clone(),
+            Access::Insecure => ClusterSecret::insecure(),
+        }
+    }
+}
+
+/// The daemon's refusal to start in insecure mode on a non-loopback address (or without
+/// a secret and without `--insecure`), naming what to do.
+pub fn check_access(
+    listen: &SocketAddr,
+    secret: Option<ClusterSecret>,
+    insecure: bool,
+) -> Result<Access> {
+    match (secret, insecure) {
+        (Some(s), _) => Ok(Access::Secret(s)),
+        (None, false) => Err(LauncherError::Usage(
+            "krund --listen refuses to start without a cluster secret: set KRUN_SECRET_FILE \
+             (a 0600 file holding the secret, the same on every host) or KRUN_SECRET (hex); \
+             --insecure runs without one on a loopback address only"
+                .into(),
+        )),
+        (None, true) if !listen.ip().is_loopback() => Err(LauncherError::Usage(format!(
+            "--insecure is accepted only on a loopback address, not {}: anyone who reaches \
+             the port could run anything as this user; set KRUN_SECRET_FILE instead",
+            listen.ip()
+        ))),
+        (None, true) => Ok(Access::Insecure),
     }
 }
 
@@ -126,79 +155,108 @@ struct Running {
 }
 
 struct Daemon {
-    secret: Option<ClusterSecret>,
+    secret: ClusterSecret,
     krund: PathBuf,
     started: Instant,
     running: Mutex<Vec<Running>>,
 }
 
-/// Runs the daemon until the listener fails. Each client is served on its own thread.
-pub fn serve(listen: SocketAddr, secret: Option<ClusterSecret>) -> Result<()> {
+/// Runs the daemon; returns only when it cannot start. Each client is handshaken and served
+/// on its own thread; at most [`fabric::wire::MAX_HANDSHAKES`] unauthenticated connections
+/// at once (more wait in the backlog), each given [`HANDSHAKE_TIMEOUT`] for its handshake
+/// and first request.
+pub fn serve(listen: SocketAddr, access: Access) -> Result<()> {
+    if matches!(access, Access::Insecure) && !listen.ip().is_loopback() {
+        return Err(LauncherError::Usage(format!(
+            "insecure mode is accepted only on a loopback address, not {}",
+            listen.ip()
+        )));
+    }
     let listener = TcpListener::bind(listen).map_err(io(format!("listening on {listen}")))?;
     let krund = std::env::current_exe().map_err(io("locating the krund executable"))?;
-    eprintln!(
-        "krund: listening on {} ({})",
-        listener.local_addr().map_err(io("listener address"))?,
-        if secret.is_some() {
-            "cluster secret required"
-        } else {
-            "no cluster secret: any client may run jobs"
+    let bound = listener.local_addr().map_err(io("listener address"))?;
+    match access {
+        Access::Secret(_) => eprintln!("krund: listening on {bound} (cluster secret required)"),
+        Access::Insecure => {
+            eprintln!("krund: listening on {bound} (INSECURE: no cluster secret)");
+            eprintln!(
+                "krund: WARNING: --insecure: any local user who reaches {bound} can run any \
+                 program as this daemon's user (uid {}); use KRUN_SECRET_FILE",
+                // SAFETY: getuid(2) cannot fail.
+                unsafe { libc::getuid() }
+            );
         }
-    );
+    }
     let daemon = Arc::new(Daemon {
-        secret,
+        secret: access.key(),
         krund,
         started: Instant::now(),
         running: Mutex::new(Vec::new()),
     });
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let peer = stream.peer_addr().map_err(io("client address"))?;
-        let d = daemon.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = d.client(stream, peer) {
-                eprintln!("krund: client {peer}: {e}");
+    let slots = HandshakeSlots::default();
+    loop {
+        // A free handshake slot first: more connections wait in the kernel's backlog.
+        let slot = slots.take();
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors or the like: say so, and do not spin.
+                eprintln!("krund: accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
-        });
+        };
+        let d = daemon.clone();
+        let spawned = std::thread::Builder::new()
+            .name("krund-client".into())
+            .spawn(move || {
+                if let Err(e) = d.client(stream, peer, slot) {
+                    eprintln!("krund: client {peer}: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("krund: refusing {peer}: cannot start a thread: {e}");
+        }
     }
-    Ok(())
+}
+
+/// The sending half of a control connection, shared by the threads that write to it.
+type Out = Arc<Mutex<(TcpStream, FrameWriter)>>;
+
+fn send(out: &Out, msg: &FromDaemon) -> Result<()> {
+    let mut guard = out
+        .lock()
+        .map_err(|_| LauncherError::Usage("a control writer panicked".into()))?;
+    let (stream, tx) = &mut *guard;
+    Ok(tx.send(stream, msg)?)
 }
 
 impl Daemon {
-    fn client(&self, mut s: TcpStream, peer: SocketAddr) -> Result<()> {
+    fn client(
+        &self,
+        mut s: TcpStream,
+        peer: SocketAddr,
+        slot: fabric::wire::HandshakeSlot,
+    ) -> Result<()> {
         s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        let nonce: Vec<u8> = (0..2)
-            .flat_map(|_| fabric::random_u64().to_le_bytes())
-            .collect();
-        let mut challenge = MAGIC.to_vec();
-        challenge.extend_from_slice(&nonce);
-        write_frame(&mut s, b'C', &challenge).map_err(io("sending the challenge"))?;
-        let (_, tag) = read_frame(&mut s).map_err(io("reading the answer to the challenge"))?;
-        if let Some(secret) = &self.secret {
-            let mut signed = nonce.clone();
-            signed.extend_from_slice(CONTEXT);
-            if tag.len() != MAC_LEN || !secret.verify(&signed, &tag) {
-                let _ = write_frame(&mut s, b'N', b"wrong cluster secret");
-                return Err(LauncherError::Usage("refused: wrong cluster secret".into()));
-            }
-        }
-        write_frame(&mut s, b'Y', &[]).map_err(io("welcoming the client"))?;
-        let (kind, body) = read_frame(&mut s).map_err(io("reading the request"))?;
-        match kind {
-            b'S' => {
-                let text = self.status();
-                write_frame(&mut s, b'S', text.as_bytes()).map_err(io("sending status"))
-            }
-            b'R' => {
-                let req = RunRequest::decode(&body)
-                    .ok_or_else(|| LauncherError::Usage("malformed run request".into()))?;
-                self.run(s, peer, req)
-            }
+        let Session { mut tx, mut rx } =
+            Session::server_within(&s, &self.secret, P, HANDSHAKE_TIMEOUT)?;
+        rx.set_max_payload(MAX_FRAME);
+        let first = rx.recv::<ToDaemon>(&mut Deadline::new(&s, HANDSHAKE_TIMEOUT));
+        s.set_read_timeout(None).ok();
+        s.set_write_timeout(None).ok();
+        drop(slot);
+        match first? {
+            ToDaemon::Status => Ok(tx.send(&mut s, &FromDaemon::Status(self.status()))?),
+            ToDaemon::Run(req) => self.run(s, tx, rx, peer, req),
             other => {
-                let _ = write_frame(&mut s, b'N', b"unknown request");
+                let _ = tx.send(
+                    &mut s,
+                    &FromDaemon::Refused("expected a run or status request".into()),
+                );
                 Err(LauncherError::Usage(format!(
-                    "unknown request type {other:#x}"
+                    "unexpected first request {}",
+                    other.name()
                 )))
             }
         }
@@ -226,8 +284,14 @@ impl Daemon {
         out
     }
 
-    fn run(&self, s: TcpStream, peer: SocketAddr, req: RunRequest) -> Result<()> {
-        s.set_read_timeout(None).ok();
+    fn run(
+        &self,
+        s: TcpStream,
+        tx: FrameWriter,
+        mut rx: FrameReader,
+        peer: SocketAddr,
+        req: RunRequest,
+    ) -> Result<()> {
         let mut cmd = Command::new(&self.krund);
         cmd.args(&req.args)
             .envs(req.env.iter().map(|(k, v)| (k, v)))
@@ -254,28 +318,49 @@ impl Daemon {
             started: Instant::now(),
             summary: req.args.join(" "),
         });
-        let out = Arc::new(Mutex::new(
+        let out: Out = Arc::new(Mutex::new((
             s.try_clone().map_err(io("cloning the client socket"))?,
-        ));
-        let pump = |stream: Box<dyn Read + Send>, kind: u8| {
+            tx,
+        )));
+        let pump = |stream: Option<Box<dyn Read + Send>>, err: bool| {
             let out = out.clone();
             std::thread::spawn(move || {
+                let Some(stream) = stream else { return };
                 for_each_line(stream, None, |line| {
-                    write_frame(&mut *out.lock().expect("socket lock"), kind, line).is_ok()
+                    let msg = if err {
+                        FromDaemon::Stderr(line.to_vec())
+                    } else {
+                        FromDaemon::Stdout(line.to_vec())
+                    };
+                    send(&out, &msg).is_ok()
                 });
             })
         };
         let pumps = [
-            pump(Box::new(child.stdout.take().expect("piped")), b'O'),
-            pump(Box::new(child.stderr.take().expect("piped")), b'E'),
+            pump(
+                child
+                    .stdout
+                    .take()
+                    .map(|o| Box::new(o) as Box<dyn Read + Send>),
+                false,
+            ),
+            pump(
+                child
+                    .stderr
+                    .take()
+                    .map(|e| Box::new(e) as Box<dyn Read + Send>),
+                true,
+            ),
         ];
         // Signals from the client; a vanished client ends the node process.
         let mut control = s;
-        // krun's stdin for rank 0 arrives as `I` frames, its end as an empty `I` frame.
+        // krun's stdin for rank 0 arrives as `Stdin` frames, its end as an empty one. A
+        // frame that fails authentication, is replayed or does not decode ends the node
+        // process like a vanished client.
         let mut stdin = child.stdin.take();
         std::thread::spawn(move || loop {
-            match read_frame(&mut control) {
-                Ok((b'I', data)) => {
+            match rx.recv::<ToDaemon>(&mut control) {
+                Ok(ToDaemon::Stdin(data)) => {
                     if data.is_empty() {
                         stdin = None;
                     } else if let Some(w) = stdin.as_mut() {
@@ -284,13 +369,18 @@ impl Daemon {
                         }
                     }
                 }
-                Ok((b'K', sig)) if sig.len() == 4 => {
-                    let sig = i32::from_le_bytes(sig.try_into().expect("4 bytes"));
+                Ok(ToDaemon::Signal(sig)) => {
                     // SAFETY: kill(2) of our own child by PID.
                     unsafe { libc::kill(pid as i32, sig) };
                 }
-                Ok(_) => {}
-                Err(_) => {
+                Ok(other) => eprintln!(
+                    "krund: client {peer}: ignoring a {} request during a run",
+                    other.name()
+                ),
+                Err(e) => {
+                    if !matches!(e, FabricError::WireClosed { .. }) {
+                        eprintln!("krund: client {peer}: {e}; ending its node process");
+                    }
                     // SAFETY: as above; the child may already be gone, then this is a no-op.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                     break;
@@ -303,7 +393,7 @@ impl Daemon {
             let (out, running) = (out.clone(), running.clone());
             std::thread::spawn(move || {
                 while running.load(std::sync::atomic::Ordering::Relaxed) {
-                    if write_frame(&mut *out.lock().expect("socket lock"), b'H', &[]).is_err() {
+                    if send(&out, &FromDaemon::Heartbeat).is_err() {
                         break;
                     }
                     std::thread::sleep(HEARTBEAT);
@@ -321,13 +411,7 @@ impl Daemon {
             .lock()
             .expect("running lock")
             .retain(|r| r.pid != pid);
-        let code = exit_code(status);
-        let sent = write_frame(
-            &mut *out.lock().expect("socket lock"),
-            b'X',
-            &code.to_le_bytes(),
-        );
-        sent.map_err(io("sending the exit code"))
+        send(&out, &FromDaemon::Exit(exit_code(status)))
     }
 }
 
@@ -335,10 +419,43 @@ impl Daemon {
 pub struct DaemonClient {
     pub stream: TcpStream,
     pub host: String,
+    session: Session,
+}
+
+/// The sending half of a running node's connection: signals and stdin.
+pub struct DaemonControl {
+    stream: TcpStream,
+    tx: FrameWriter,
+}
+
+impl DaemonControl {
+    pub fn send(&mut self, msg: &ToDaemon) -> Result<()> {
+        Ok(self.tx.send(&mut self.stream, msg)?)
+    }
+
+    /// Closes the connection (the daemon then kills the node process).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The receiving half of a running node's connection: output, heartbeats, the exit code.
+pub struct DaemonOutput {
+    stream: TcpStream,
+    rx: FrameReader,
+}
+
+impl DaemonOutput {
+    /// The next message; an error after `silence` without any (heartbeats included).
+    pub fn next(&mut self, silence: Duration) -> fabric::Result<FromDaemon> {
+        self.stream.set_read_timeout(Some(silence)).ok();
+        self.rx.recv(&mut self.stream)
+    }
 }
 
 impl DaemonClient {
-    /// Connects to `host` (name or IP, with optional `:port`) within `timeout`.
+    /// Connects to `host` (name or IP, with optional `:port`) within `timeout`; `None`: the
+    /// daemon must run in insecure mode.
     pub fn connect(
         host: &str,
         timeout: Duration,
@@ -359,31 +476,28 @@ impl DaemonClient {
         let addr = addrs
             .first()
             .ok_or_else(|| not_answering("no address".into()))?;
-        let mut stream =
+        let stream =
             TcpStream::connect_timeout(addr, timeout).map_err(|e| not_answering(e.to_string()))?;
         stream.set_nodelay(true).ok();
-        stream.set_read_timeout(Some(timeout)).ok();
-        let (_, challenge) = read_frame(&mut stream).map_err(|e| not_answering(e.to_string()))?;
-        if challenge.len() != 20 || &challenge[..4] != MAGIC {
-            return Err(not_answering("not a krund daemon".into()));
-        }
-        let mut signed = challenge[4..].to_vec();
-        signed.extend_from_slice(CONTEXT);
-        let tag = secret.map_or([0u8; MAC_LEN], |s| s.sign(&signed));
-        write_frame(&mut stream, b'A', &tag).map_err(|e| not_answering(e.to_string()))?;
-        match read_frame(&mut stream).map_err(|e| not_answering(e.to_string()))? {
-            (b'Y', _) => {}
-            (_, reason) => {
-                return Err(LauncherError::Host {
+        let insecure = ClusterSecret::insecure();
+        let key = secret.unwrap_or(&insecure);
+        let mut session =
+            Session::client_within(&stream, key, P, timeout).map_err(|e| match e {
+                FabricError::WireRefused { reason, .. } => LauncherError::Host {
                     host: host.to_string(),
-                    message: format!("refused us: {}", String::from_utf8_lossy(&reason)),
-                })
-            }
-        }
-        stream.set_read_timeout(None).ok();
+                    message: format!("refused us: {reason}"),
+                },
+                FabricError::WireAuth { .. } => LauncherError::Host {
+                    host: host.to_string(),
+                    message: "failed to prove it holds the cluster secret".into(),
+                },
+                other => not_answering(other.to_string()),
+            })?;
+        session.rx.set_max_payload(MAX_FRAME);
         Ok(DaemonClient {
             stream,
             host: host.to_string(),
+            session,
         })
     }
 
@@ -393,11 +507,57 @@ impl DaemonClient {
     }
 
     pub fn status(mut self) -> Result<String> {
-        write_frame(&mut self.stream, b'S', &[])
-            .map_err(io(format!("asking {} for status", self.host)))?;
-        let (_, text) =
-            read_frame(&mut self.stream).map_err(io(format!("reading status of {}", self.host)))?;
-        Ok(String::from_utf8_lossy(&text).into_owned())
+        let host = self.host.clone();
+        let ctx = |e: FabricError| LauncherError::Host {
+            host: host.clone(),
+            message: format!("status: {e}"),
+        };
+        self.session
+            .tx
+            .send(&mut self.stream, &ToDaemon::Status)
+            .map_err(ctx)?;
+        self.stream.set_read_timeout(Some(HOST_SILENCE_LIMIT)).ok();
+        match self
+            .session
+            .rx
+            .recv::<FromDaemon>(&mut self.stream)
+            .map_err(ctx)?
+        {
+            FromDaemon::Status(text) => Ok(text),
+            FromDaemon::Refused(why) => Err(LauncherError::Host {
+                host: self.host,
+                message: format!("refused the status request: {why}"),
+            }),
+            other => Err(LauncherError::Host {
+                host: self.host,
+                message: format!("answered a status request with {other:?}"),
+            }),
+        }
+    }
+
+    /// Asks the daemon to start a node process; returns the connection's two halves.
+    pub fn start(mut self, request: RunRequest) -> Result<(DaemonControl, DaemonOutput)> {
+        self.session
+            .tx
+            .send(&mut self.stream, &ToDaemon::Run(request))
+            .map_err(|e| LauncherError::Host {
+                host: self.host.clone(),
+                message: format!("sending the job: {e}"),
+            })?;
+        let reader = self
+            .stream
+            .try_clone()
+            .map_err(io("cloning a daemon connection"))?;
+        Ok((
+            DaemonControl {
+                stream: self.stream,
+                tx: self.session.tx,
+            },
+            DaemonOutput {
+                stream: reader,
+                rx: self.session.rx,
+            },
+        ))
     }
 }
 
@@ -406,28 +566,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn run_requests_round_trip_and_garbage_is_rejected() {
-        let r = RunRequest {
+    fn messages_round_trip_through_the_wire_codec() {
+        let r = ToDaemon::Run(RunRequest {
             args: vec!["--node-id".into(), "3".into(), "".into()],
             env: vec![("A".into(), "b=c".into())],
+        });
+        let bytes = fabric::wire::encode(P, &r).unwrap();
+        assert_eq!(fabric::wire::decode::<ToDaemon>(P, &bytes).unwrap(), r);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(fabric::wire::decode::<ToDaemon>(P, &longer).is_err());
+        assert!(fabric::wire::decode::<ToDaemon>(P, &[200, 1]).is_err());
+        assert!(fabric::wire::decode::<ToDaemon>(P, &[0, 255, 255, 255, 255, 15]).is_err());
+        let secret_env = RunRequest {
+            args: vec![],
+            env: vec![("KRUN_SECRET".into(), "00112233".into())],
         };
-        assert_eq!(RunRequest::decode(&r.encode()), Some(r.clone()));
-        let mut bytes = r.encode();
-        bytes.push(0);
-        assert_eq!(RunRequest::decode(&bytes), None);
-        assert_eq!(RunRequest::decode(&[1, 2]), None);
-        assert_eq!(RunRequest::decode(&[255, 255, 255, 255]), None);
+        let shown = format!("{secret_env:?}");
+        assert!(
+            shown.contains("KRUN_SECRET") && !shown.contains("00112233"),
+            "{shown}"
+        );
     }
 
     #[test]
-    fn frames_round_trip_and_bounds_are_checked() {
-        let mut buf = Vec::new();
-        write_frame(&mut buf, b'O', b"line\n").unwrap();
-        assert_eq!(
-            read_frame(&mut buf.as_slice()).unwrap(),
-            (b'O', b"line\n".to_vec())
+    fn no_secret_is_refused_and_insecure_only_on_loopback() {
+        let lo: SocketAddr = "127.0.0.1:7171".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7171".parse().unwrap();
+        let e = check_access(&lo, None, false).unwrap_err().to_string();
+        assert!(
+            e.contains("KRUN_SECRET_FILE") && e.contains("KRUN_SECRET"),
+            "{e}"
         );
-        assert!(read_frame(&mut [0u8, 0, 0, 0].as_slice()).is_err());
-        assert!(read_frame(&mut [255u8, 255, 255, 255].as_slice()).is_err());
+        let e = check_access(&any, None, true).unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(matches!(
+            check_access(&lo, None, true),
+            Ok(Access::Insecure)
+        ));
+        let s = ClusterSecret::new(b"a secret of enough length".to_vec()).unwrap();
+        assert!(matches!(
+            check_access(&any, Some(s), false),
+            Ok(Access::Secret(_))
+        ));
+        assert!(serve(any, Access::Insecure).is_err());
     }
 }

@@ -20,6 +20,12 @@ pub enum LauncherError {
     Fabric(#[from] fabric::FabricError),
     #[error(transparent)]
     Ghost(#[from] ghost::GhostError),
+    #[error("rank {rank} checkpoint v{version}: {what}")]
+    Checkpoint {
+        rank: u32,
+        version: u64,
+        what: String,
+    },
     #[error("configuration {place}: {key}: {reason}")]
     Config {
         place: String,

@@ -5,7 +5,7 @@
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,9 +14,13 @@ use std::time::{Duration, Instant};
 use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
-use crate::daemon::{self, DaemonClient, RunRequest};
+use crate::added_nodes::{start_hub, AddedNodes};
+use crate::daemon::{
+    self, DaemonClient, DaemonControl, DaemonOutput, FromDaemon, RunRequest, ToDaemon,
+};
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
+use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
 
 /// A user program to run as `ranks` processes.
@@ -155,11 +159,11 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
-enum NodeProc {
+pub(crate) enum NodeProc {
     Child(Child),
     Remote {
         host: String,
-        control: Arc<Mutex<TcpStream>>,
+        control: Arc<Mutex<DaemonControl>>,
         /// The exit code, and whether the connection was lost instead.
         exit: Arc<Mutex<Option<(i32, bool)>>>,
     },
@@ -188,11 +192,9 @@ impl NodeProc {
                 libc::kill(c.id() as i32, sig);
             },
             NodeProc::Remote { control, .. } => {
-                let _ = daemon::write_frame(
-                    &mut *control.lock().expect("control lock"),
-                    b'K',
-                    &sig.to_le_bytes(),
-                );
+                if let Ok(mut c) = control.lock() {
+                    let _ = c.send(&ToDaemon::Signal(sig));
+                }
             }
         }
     }
@@ -231,10 +233,9 @@ impl Drop for Children {
                     let _ = c.wait();
                 }
                 NodeProc::Remote { control, .. } => {
-                    let _ = control
-                        .lock()
-                        .expect("control lock")
-                        .shutdown(std::net::Shutdown::Both);
+                    if let Ok(c) = control.lock() {
+                        c.shutdown();
+                    }
                 }
             }
         }
@@ -248,7 +249,10 @@ pub fn run(job: &Job) -> Result<i32> {
     // Nodes and ranks prove they belong to the job with the cluster secret: the configured
     // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
     let configured = ClusterSecret::from_env()?;
-    let secret = configured.clone().unwrap_or_else(ClusterSecret::random);
+    let secret = match &configured {
+        Some(s) => s.clone(),
+        None => ClusterSecret::random()?,
+    };
     // Daemons first: a host that does not answer fails the job before anything starts, and
     // the connection tells which of our addresses the hosts reach us at.
     let mut daemons = Vec::new();
@@ -287,6 +291,8 @@ pub fn run(job: &Job) -> Result<i32> {
         BootstrapServer::start_with((bind, 0), k, Duration::from_secs(120), Some(secret.clone()))?;
     let node_service = SocketAddr::new(advertised, server.addr().port());
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
+    let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
+    let hub_addr = hub.addr();
     // Ranks find each other through their own all-gather service.
     let rank_server = match &placement {
         Some(place) => Some(BootstrapServer::start_with(
@@ -306,6 +312,8 @@ pub fn run(job: &Job) -> Result<i32> {
             .arg(node_service.to_string())
             .arg("--nnodes")
             .arg(k.to_string())
+            .arg("--runtime")
+            .arg(hub_addr.to_string())
             .stdin(if stdin_for_rank0 {
                 Stdio::inherit()
             } else {
@@ -316,6 +324,7 @@ pub fn run(job: &Job) -> Result<i32> {
         if configured.is_none() {
             cmd.env("KRUN_SECRET", secret.to_hex());
         }
+        cmd.env("KRUN_JOB_ID", std::process::id().to_string());
         for (key, v) in &job.env {
             cmd.env(key, v);
         }
@@ -479,12 +488,11 @@ pub fn run(job: &Job) -> Result<i32> {
         ));
         children.0.push(Some(NodeProc::Child(child)));
     }
-    for (node, mut d, request) in remote {
-        daemon::write_frame(&mut d.stream, b'R', &request.encode()).map_err(|e| {
-            LauncherError::Node {
-                node,
-                message: format!("host {}: sending the job: {e}", d.host),
-            }
+    for (node, d, request) in remote {
+        let host = d.host.clone();
+        let (control, output) = d.start(request).map_err(|e| LauncherError::Node {
+            node,
+            message: e.to_string(),
         })?;
         let prefix = job.program.is_none().then(|| format!("[node {node}] "));
         let exit = Arc::new(Mutex::new(None));
@@ -496,19 +504,15 @@ pub fn run(job: &Job) -> Result<i32> {
             ),
             _ => format!("node {node}"),
         };
-        let reader = d.stream.try_clone().map_err(|e| LauncherError::Io {
-            context: "cloning a daemon connection".into(),
-            source: e,
-        })?;
         forwarders.push(forward_remote(
-            reader,
-            d.host.clone(),
+            output,
+            host.clone(),
             what,
             prefix,
             exit.clone(),
             tx.clone(),
         ));
-        let control = Arc::new(Mutex::new(d.stream));
+        let control = Arc::new(Mutex::new(control));
         if placement
             .as_ref()
             .is_some_and(|p| p.node_of(0) == Some(node))
@@ -516,13 +520,20 @@ pub fn run(job: &Job) -> Result<i32> {
             forward_stdin(control.clone());
         }
         children.0.push(Some(NodeProc::Remote {
-            host: d.host,
+            host,
             control: control.clone(),
             exit,
         }));
     }
+    let added = AddedNodes {
+        starts: hub.take_starts(),
+        secret: secret.clone(),
+        configured: configured.is_some(),
+        hub_addr,
+        wake: tx.clone(),
+    };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx)?;
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders)?;
     for f in forwarders {
         let _ = f.join();
     }
@@ -532,10 +543,21 @@ pub fn run(job: &Job) -> Result<i32> {
     Ok(worst)
 }
 
-fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Result<i32> {
+fn wait_all(
+    children: &mut Children,
+    job: &Job,
+    wake: &mpsc::Receiver<()>,
+    hub: &Hub,
+    added: AddedNodes,
+    forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Result<i32> {
     let deadline = Instant::now() + job.timeout;
     let mut worst = 0;
     let mut remaining = children.0.len();
+    // The nodes the job started; nodes added later run no ranks and end when these have.
+    let originals = children.0.len();
+    let mut originals_left = originals;
+    let mut stop_sent = false;
     let mut interrupts = 0;
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
@@ -565,11 +587,29 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
                 );
                 failed = true;
             }
-            if !stopped_by_us {
+            if !stopped_by_us && i < originals {
                 worst = worst.max(code);
+            }
+            if i < originals {
+                originals_left -= 1;
             }
             *slot = None;
             remaining -= 1;
+        }
+        if let Some(starts) = &added.starts {
+            for n in starts.try_iter() {
+                match added.start(job, n.clone(), forwarders) {
+                    Ok(p) => {
+                        children.0.push(Some(p));
+                        remaining += 1;
+                    }
+                    Err(e) => eprintln!("krun: cannot add node {}: {e}", n.node),
+                }
+            }
+        }
+        if originals_left == 0 && !stop_sent {
+            hub.stop_all();
+            stop_sent = true;
         }
         if failed && remaining > 0 {
             // The others would wait for the failed node until their own timeouts: end them now.
@@ -587,16 +627,18 @@ fn wait_all(children: &mut Children, job: &Job, wake: &mpsc::Receiver<()>) -> Re
     Ok(worst)
 }
 
-/// Sends our stdin to a daemon (for its node's rank 0) as `I` frames; an empty one at EOF.
-/// Detached: a job that ends first simply leaves it blocked on our stdin.
-fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
+/// Sends our stdin to a daemon (for its node's rank 0) as `Stdin` frames; an empty one at
+/// EOF. Detached: a job that ends first simply leaves it blocked on our stdin.
+fn forward_stdin(control: Arc<Mutex<DaemonControl>>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         let mut input = std::io::stdin().lock();
         loop {
             let n = input.read(&mut buf).unwrap_or(0);
-            let sent =
-                daemon::write_frame(&mut *control.lock().expect("control lock"), b'I', &buf[..n]);
+            let sent = match control.lock() {
+                Ok(mut c) => c.send(&ToDaemon::Stdin(buf[..n].to_vec())),
+                Err(_) => break,
+            };
             if n == 0 || sent.is_err() {
                 break;
             }
@@ -606,8 +648,8 @@ fn forward_stdin(control: Arc<Mutex<TcpStream>>) {
 
 /// Reads a daemon's frames for one node: output lines, then the exit code. A connection
 /// that ends without an exit code means the host or its daemon died.
-fn forward_remote(
-    mut stream: TcpStream,
+pub(crate) fn forward_remote(
+    mut output: DaemonOutput,
     host: String,
     what: String,
     prefix: Option<String>,
@@ -617,26 +659,32 @@ fn forward_remote(
     std::thread::spawn(move || {
         let prefix = prefix.unwrap_or_default();
         // Daemons send heartbeats: silence this long means the host or its link is gone.
-        let _ = stream.set_read_timeout(Some(daemon::HOST_SILENCE_LIMIT));
         let (code, lost) = loop {
-            match daemon::read_frame(&mut stream) {
-                Ok((b'O', line)) => {
+            match output.next(daemon::HOST_SILENCE_LIMIT) {
+                Ok(FromDaemon::Stdout(line)) => {
                     let _ = std::io::stdout()
                         .lock()
                         .write_all(&[prefix.as_bytes(), &line].concat());
                 }
-                Ok((b'E', line)) => {
+                Ok(FromDaemon::Stderr(line)) => {
                     let _ = std::io::stderr()
                         .lock()
                         .write_all(&[prefix.as_bytes(), &line].concat());
                 }
-                Ok((b'X', c)) if c.len() == 4 => {
-                    break (i32::from_le_bytes(c.try_into().expect("4 bytes")), false)
+                Ok(FromDaemon::Exit(c)) => break (c, false),
+                Ok(FromDaemon::Refused(why)) => {
+                    eprintln!("krun: host {host} refused {what}: {why}");
+                    break (255, true);
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let why = match e.kind() {
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    let why = match &e {
+                        fabric::FabricError::Io { source, .. }
+                            if matches!(
+                                source.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
                             format!("no heartbeat for {:?}", daemon::HOST_SILENCE_LIMIT)
                         }
                         _ => e.to_string(),
@@ -653,7 +701,7 @@ fn forward_remote(
 
 /// Copies a node's output to ours line by line (whole lines, so nodes never interleave
 /// inside a line), with an optional prefix.
-fn forward(
+pub(crate) fn forward(
     stream: impl Read + Send + 'static,
     prefix: Option<String>,
     is_err: bool,

@@ -4,6 +4,7 @@
 //! Local mode (`krun --local K`) starts K node daemons on this machine, wires them together
 //! through the bootstrap service and streams their output back. Host and Slurm modes come
 //! with the launcher issue.
+mod added_nodes;
 pub mod binding;
 pub mod config;
 pub mod daemon;
@@ -13,6 +14,7 @@ pub mod ghost_cli;
 pub mod hostlist;
 pub mod job;
 pub mod ranks;
+pub mod runtime;
 pub mod slurm;
 
 pub use error::LauncherError;

@@ -101,6 +101,17 @@ pub struct NodeShare {
     pub env: Vec<(String, String)>,
     pub bind_to: BindTo,
     pub report_bindings: bool,
+    /// Where rank starts and exits are reported (the node runtime's process table).
+    pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
+    /// Ranks moved to or from this node while the share runs.
+    pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
+}
+
+/// A rank started or ended on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankEvent {
+    Started { rank: usize, pid: u32 },
+    Exited { rank: usize, code: i32 },
 }
 
 /// Name of a signal for messages.
@@ -215,14 +226,103 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Starts the node's ranks, forwards their output and signals, and returns the highest
-/// exit code. Rank 0 (when it is here) inherits stdin; the others read /dev/null.
-pub fn run_share(share: &NodeShare) -> Result<i32> {
+/// What the node runtime asks of a running share: take a rank moved here, or let one go.
+#[derive(Debug)]
+pub enum RankCommand {
+    /// Start `rank` here with `env` added (e.g. `KRUN_GHOST_RESTORE=latest`); the answer is
+    /// its pid.
+    Adopt {
+        rank: usize,
+        env: Vec<(String, String)>,
+        reply: std::sync::mpsc::Sender<std::result::Result<u32, String>>,
+    },
+    /// `rank` is leaving this node: its end is not its exit (no code, no event). The answer
+    /// is its pid.
+    Release {
+        rank: usize,
+        reply: std::sync::mpsc::Sender<std::result::Result<u32, String>>,
+    },
+}
+
+/// The owner of a rank's native checkpoints under krun: stable across moves, so a rank
+/// restarted elsewhere finds its images (`KRUN_GHOST_OWNER`, when the user set none).
+pub fn ghost_owner(job: &str, rank: usize) -> String {
+    format!("krun-job{job}/rank{rank}")
+}
+
+/// Starts one rank (the `local`-th process of the node: its binding slot).
+fn spawn_rank(
+    share: &NodeShare,
+    domains: &[Vec<usize>],
+    rank: usize,
+    local: usize,
+    extra_env: &[(String, String)],
+) -> Result<Child> {
     let (program, args) = share
         .program
         .split_first()
         .ok_or_else(|| LauncherError::Usage("no program to run".into()))?;
+    let mask = binding::cpus_for(domains, local).map(|cpus| {
+        if share.report_bindings {
+            eprintln!(
+                "krun: rank {rank} on node {} bound to {} {} (cpus {cpus:?})",
+                share.node_id,
+                share.bind_to.name(),
+                local % domains.len()
+            );
+        }
+        CpuMask::new(cpus)
+    });
+    if mask.is_none() && share.report_bindings {
+        eprintln!("krun: rank {rank} on node {} not bound", share.node_id);
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("KRUN_RANK", rank.to_string())
+        .env("KRUN_SIZE", share.size.to_string())
+        .env("KRUN_LOCAL_RANK", local.to_string())
+        .env("KRUN_LOCAL_SIZE", share.local_size.to_string())
+        .env("KRUN_NODE_ID", share.node_id.to_string())
+        .env("KRUN_NNODES", share.nnodes.to_string())
+        .envs(share.env.iter().map(|(k, v)| (k, v)));
+    if let (Ok(job), None) = (
+        std::env::var("KRUN_JOB_ID"),
+        std::env::var_os("KRUN_GHOST_OWNER"),
+    ) {
+        cmd.env("KRUN_GHOST_OWNER", ghost_owner(&job, rank));
+    }
+    cmd.envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .stdin(if rank == 0 && extra_env.is_empty() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
+    // lingering as orphans.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            match mask {
+                Some(m) => m.apply(),
+                None => Ok(()),
+            }
+        });
+    }
+    cmd.spawn().map_err(|e| LauncherError::Node {
+        node: share.node_id,
+        message: format!("cannot start rank {rank}: {program}: {e}"),
+    })
+}
+
+/// Starts the node's ranks, forwards their output and signals, and returns the highest
+/// exit code. Rank 0 (when it is here) inherits stdin; the others read /dev/null. Ranks
+/// moved here ([`RankCommand::Adopt`]) are run and waited for like the node's own; ranks
+/// moved away ([`RankCommand::Release`]) are not.
+pub fn run_share(share: &NodeShare) -> Result<i32> {
     let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut released: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
     let kill_all = |children: &mut Vec<(usize, Child)>| {
         for (_, c) in children.iter_mut() {
@@ -231,59 +331,14 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     };
     let domains = binding::domains(share.bind_to)?;
-    for local in 0..share.local_size {
-        let rank = share.first_rank + local;
-        let mask = binding::cpus_for(&domains, local).map(|cpus| {
-            if share.report_bindings {
-                eprintln!(
-                    "krun: rank {rank} on node {} bound to {} {} (cpus {cpus:?})",
-                    share.node_id,
-                    share.bind_to.name(),
-                    local % domains.len()
-                );
-            }
-            CpuMask::new(cpus)
-        });
-        if mask.is_none() && share.report_bindings {
-            eprintln!("krun: rank {rank} on node {} not bound", share.node_id);
-        }
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("KRUN_RANK", rank.to_string())
-            .env("KRUN_SIZE", share.size.to_string())
-            .env("KRUN_LOCAL_RANK", local.to_string())
-            .env("KRUN_LOCAL_SIZE", share.local_size.to_string())
-            .env("KRUN_NODE_ID", share.node_id.to_string())
-            .env("KRUN_NNODES", share.nnodes.to_string())
-            .envs(share.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if rank == 0 {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
-        // lingering as orphans.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                match mask {
-                    Some(m) => m.apply(),
-                    None => Ok(()),
-                }
-            });
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                kill_all(&mut children);
-                return Err(LauncherError::Node {
-                    node: share.node_id,
-                    message: format!("cannot start rank {rank}: {program}: {e}"),
-                });
-            }
-        };
+    let mut started = 0usize;
+    let mut start = |rank: usize,
+                     env: &[(String, String)],
+                     children: &mut Vec<(usize, Child)>,
+                     forwarders: &mut Vec<std::thread::JoinHandle<()>>|
+     -> Result<u32> {
+        let mut child = spawn_rank(share, &domains, rank, started, env)?;
+        started += 1;
         forwarders.push(forward_output(
             child.stdout.take().expect("piped"),
             rank,
@@ -296,10 +351,59 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             share.tag_output,
             true,
         ));
+        let pid = child.id();
+        if let Some(tx) = &share.events {
+            let _ = tx.send(RankEvent::Started { rank, pid });
+        }
         children.push((rank, child));
+        Ok(pid)
+    };
+    for local in 0..share.local_size {
+        if let Err(e) = start(
+            share.first_rank + local,
+            &[],
+            &mut children,
+            &mut forwarders,
+        ) {
+            kill_all(&mut children);
+            return Err(e);
+        }
     }
     let mut worst = 0;
-    while !children.is_empty() {
+    loop {
+        if let Some(commands) = &share.commands {
+            let pending: Vec<RankCommand> = commands
+                .lock()
+                .map(|rx| rx.try_iter().collect())
+                .unwrap_or_default();
+            for c in pending {
+                match c {
+                    RankCommand::Adopt { rank, env, reply } => {
+                        let r = start(rank, &env, &mut children, &mut forwarders)
+                            .map_err(|e| e.to_string());
+                        let _ = reply.send(r);
+                    }
+                    RankCommand::Release { rank, reply } => {
+                        match children.iter().position(|(r, _)| *r == rank) {
+                            Some(i) => {
+                                let (r, c) = children.remove(i);
+                                let _ = reply.send(Ok(c.id()));
+                                released.push((r, c));
+                            }
+                            None => {
+                                let _ = reply.send(Err(format!(
+                                    "rank {rank} does not run on node {}",
+                                    share.node_id
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if children.is_empty() && released.is_empty() {
+            break;
+        }
         let requests = take_checkpoint_requests();
         if requests > 0 {
             // The checkpoint service is not there yet: record the event where users see it.
@@ -315,6 +419,15 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 unsafe { libc::kill(c.id() as i32, sig) };
             }
         }
+        // A released rank's process ends when it is captured: reap it quietly.
+        released.retain_mut(|(_, c)| match c.try_wait() {
+            Ok(Some(_)) => {
+                remove_shm_segments(c.id());
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        });
         let mut ended = Vec::new();
         for (i, (rank, c)) in children.iter_mut().enumerate() {
             let status = c.try_wait().map_err(|e| LauncherError::Io {
@@ -336,13 +449,16 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     share.node_id
                 );
             }
+            if let Some(tx) = &share.events {
+                let _ = tx.send(RankEvent::Exited { rank: *rank, code });
+            }
             worst = worst.max(code);
             ended.push(i);
         }
         for i in ended.into_iter().rev() {
             children.remove(i);
         }
-        if !children.is_empty() {
+        if !children.is_empty() || !released.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

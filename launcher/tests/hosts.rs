@@ -239,3 +239,349 @@ fn stdin_reaches_rank_zero_on_its_host() {
     assert!(text.contains("[0] 50000"), "{text}");
     assert!(text.contains("[1] idle"), "{text}");
 }
+
+// ---- security: fail closed, every frame authenticated ----
+
+/// Runs `krund ARGS` without any cluster secret in its environment (plus `env`); returns
+/// its exit code and stderr, or kills it after 20 s (a daemon that started) and says so.
+fn krund_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(KRUND);
+    cmd.args(args)
+        .env_remove("KRUN_SECRET")
+        .env_remove("KRUN_SECRET_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            return (None, String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn krund_listen_without_a_secret_refuses_to_start_and_insecure_needs_loopback() {
+    let port = free_port().to_string();
+    // The secret is checked before anything binds: the default port is safe to name here.
+    for args in [
+        vec!["--listen", "127.0.0.1"],
+        vec!["--listen"],
+        vec!["--listen", &format!("127.0.0.1:{port}")],
+    ] {
+        let (code, err) = krund_exit(&args, &[]);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{args:?}: krund started: {err}"
+        );
+        assert!(
+            err.contains("refuses to start without a cluster secret")
+                && err.contains("KRUN_SECRET_FILE")
+                && err.contains("KRUN_SECRET"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, err) = krund_exit(&["--listen", &format!("0.0.0.0:{port}"), "--insecure"], &[]);
+    assert!(code.is_some_and(|c| c != 0), "krund started: {err}");
+    assert!(err.contains("loopback"), "{err}");
+    // On loopback --insecure starts, warns, and serves clients without a secret.
+    let mut daemon = Command::new(KRUND)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure"])
+        .env_remove("KRUN_SECRET")
+        .env_remove("KRUN_SECRET_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(daemon.stderr.take().unwrap());
+    let mut banner = String::new();
+    for _ in 0..2 {
+        std::io::BufRead::read_line(&mut stderr, &mut banner).unwrap();
+    }
+    let out = Command::new(KRUN)
+        .args(["status", "--hosts", &format!("127.0.0.1:{port}")])
+        .env_remove("KRUN_SECRET")
+        .env_remove("KRUN_SECRET_FILE")
+        .output()
+        .unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        banner.contains("INSECURE") && banner.contains("WARNING"),
+        "{banner}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state up"), "{text}");
+}
+
+#[test]
+fn a_non_ascii_secret_is_a_clear_error_for_krun_and_krund_and_is_never_printed() {
+    let secret = "a\u{e9}1";
+    let port = free_port().to_string();
+    let (code, err) = krund_exit(
+        &["--listen", &format!("127.0.0.1:{port}")],
+        &[("KRUN_SECRET", secret)],
+    );
+    assert!(code.is_some_and(|c| c != 0 && c != 101), "{code:?}: {err}");
+    assert!(
+        err.contains("KRUN_SECRET") && err.contains("not hex"),
+        "{err}"
+    );
+    assert!(!err.contains(secret) && !err.contains("panicked"), "{err}");
+    let out = Command::new(KRUN)
+        .args(["--local", "1", "true"])
+        .env_remove("KRUN_SECRET_FILE")
+        .env("KRUN_SECRET", secret)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0 && c != 101),
+        "{err}"
+    );
+    assert!(
+        err.contains("KRUN_SECRET") && err.contains("not hex"),
+        "{err}"
+    );
+    assert!(!err.contains(secret) && !err.contains("panicked"), "{err}");
+}
+
+/// A man in the middle on 127.0.0.1: forwards every connection to `upstream`, replacing
+/// `from` by `to` (same length) in what the client sends; counts the replacements.
+struct Relay {
+    port: u16,
+    rewritten: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn relay(upstream: u16, from: &'static [u8], to: &'static [u8]) -> Relay {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    assert_eq!(from.len(), to.len());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let rewritten = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = rewritten.clone();
+    std::thread::spawn(move || {
+        // Bounded: a test makes a handful of connections.
+        for client in listener.incoming().take(16).flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_in, mut c_out) = (server, client);
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let chunk = &mut buf[..n];
+                    let mut i = 0;
+                    while i + from.len() <= chunk.len() {
+                        if &chunk[i..i + from.len()] == from {
+                            chunk[i..i + from.len()].copy_from_slice(to);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        i += 1;
+                    }
+                    if s_out.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_in, &mut c_out);
+                let _ = c_out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Relay { port, rewritten }
+}
+
+#[test]
+fn a_relay_that_rewrites_the_run_request_is_refused_and_nothing_runs() {
+    use std::sync::atomic::Ordering;
+    let mut d = daemons(1, "mitm");
+    let dir = std::env::temp_dir();
+    let pid = std::process::id();
+    let marker = |tag: &str| dir.join(format!("krun-mitm-{tag}-{pid}"));
+    for tag in ["A", "B", "C"] {
+        let _ = std::fs::remove_file(marker(tag));
+    }
+    // The relay is transparent while it changes nothing: the job runs through it.
+    let honest = relay(d.ports[0], b"krun-mitm-Z", b"krun-mitm-Z");
+    let (code, out, err) = krun(
+        &[
+            "--hosts",
+            &format!("127.0.0.1:{}", honest.port),
+            "-n",
+            "1",
+            "touch",
+            marker("C").to_str().unwrap(),
+        ],
+        &d.secret_file,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        marker("C").exists(),
+        "the job did not run through the relay"
+    );
+    // Now it swaps the program's argument after the login.
+    let evil = relay(d.ports[0], b"krun-mitm-A", b"krun-mitm-B");
+    let (code, _, err) = krun(
+        &[
+            "--hosts",
+            &format!("127.0.0.1:{}", evil.port),
+            "-n",
+            "1",
+            "touch",
+            marker("A").to_str().unwrap(),
+        ],
+        &d.secret_file,
+    );
+    assert!(
+        evil.rewritten.load(Ordering::SeqCst) > 0,
+        "the relay saw no request"
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(!marker("B").exists(), "the injected command ran");
+    assert!(!marker("A").exists(), "the altered request ran");
+    assert!(d.children[0].try_wait().unwrap().is_none(), "krund died");
+    let (code, out, _) = krun(&["status", "--hosts", &d.hosts()], &d.secret_file);
+    assert_eq!(code, 0);
+    assert!(out.contains("state up jobs 0"), "{out}");
+    let _ = std::fs::remove_file(marker("C"));
+    assert_eq!(honest.rewritten.load(Ordering::SeqCst), 0);
+}
+
+/// The daemon's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn the_daemon_rejects_bad_frames_and_keeps_serving() {
+    use fabric::secret::ClusterSecret;
+    use fabric::wire::{Protocol, Session};
+    use launcher::daemon::ToDaemon;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let mut d = daemons(1, "bad");
+    let port = d.ports[0];
+    let secret = ClusterSecret::new(b"the cluster secret of this test".to_vec()).unwrap();
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    let session = || {
+        let mut s = connect();
+        let session = Session::client(&mut s, &secret, Protocol::Control).unwrap();
+        (s, session)
+    };
+    // The daemon closes the connection without answering.
+    let closed_without_answer = |mut s: TcpStream, what: &str| {
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty() && r.is_ok(),
+            "{what}: the daemon answered {} bytes ({r:?})",
+            rest.len()
+        );
+    };
+
+    // Garbage instead of the handshake proof.
+    let mut s = connect();
+    let mut hello = [0u8; 39];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&[0x55; 71]).unwrap();
+    closed_without_answer(s, "garbage");
+
+    // Huge lengths before authentication: 8 connections announce 64 MiB frames and stall.
+    let before = rss_kib(d.children[0].id());
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect();
+        s.read_exact(&mut hello).unwrap();
+        let mut header = b"KRW1\x01\x01\0\0".to_vec();
+        header.extend_from_slice(&[0; 16]);
+        header.extend_from_slice(&(64u32 << 20).to_le_bytes());
+        s.write_all(&header).unwrap();
+        stalled.push(s);
+    }
+    // While they stall, others are served.
+    let (code, out, _) = krun(&["status", "--hosts", &d.hosts()], &d.secret_file);
+    assert_eq!(code, 0);
+    assert!(out.contains("state up"), "{out}");
+    let grown = rss_kib(d.children[0].id()).saturating_sub(before);
+    println!("8 stalled 64 MiB headers: krund resident memory grew by {grown} KiB");
+    assert!(
+        grown < 32 * 1024,
+        "8 stalled headers grew the daemon by {grown} KiB"
+    );
+    drop(stalled);
+
+    // A huge length after authentication is refused before anything is allocated for it.
+    let (mut s, mut sess) = session();
+    let mut f = sess.tx.seal(&ToDaemon::Status).unwrap();
+    f[24..28].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    s.write_all(&f[..28]).unwrap();
+    closed_without_answer(s, "huge length");
+
+    // A bad tag.
+    let (mut s, mut sess) = session();
+    let mut f = sess.tx.seal(&ToDaemon::Status).unwrap();
+    let last = f.len() - 1;
+    f[last] ^= 1;
+    s.write_all(&f).unwrap();
+    closed_without_answer(s, "bad tag");
+
+    // A frame replayed from an earlier connection, and a frame out of order.
+    let (mut s, mut sess) = session();
+    let recorded = sess.tx.seal(&ToDaemon::Status).unwrap();
+    s.write_all(&recorded).unwrap();
+    let status: launcher::daemon::FromDaemon = sess.rx.recv(&mut s).unwrap();
+    assert!(matches!(status, launcher::daemon::FromDaemon::Status(_)));
+    let (mut s, _sess) = session();
+    s.write_all(&recorded).unwrap();
+    closed_without_answer(s, "replayed frame");
+    let (mut s, mut sess) = session();
+    let _first = sess.tx.seal(&ToDaemon::Status).unwrap();
+    let second = sess.tx.seal(&ToDaemon::Status).unwrap();
+    s.write_all(&second).unwrap();
+    closed_without_answer(s, "frame out of order");
+
+    // A truncated frame.
+    let (mut s, mut sess) = session();
+    let f = sess.tx.seal(&ToDaemon::Status).unwrap();
+    s.write_all(&f[..f.len() / 2]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    closed_without_answer(s, "truncated frame");
+
+    // The daemon is up and serves a legitimate client and a job.
+    assert!(d.children[0].try_wait().unwrap().is_none(), "krund died");
+    let (code, out, err) = krun(&["--hosts", &d.hosts(), "-n", "1", "true"], &d.secret_file);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, _) = krun(&["status", "--hosts", &d.hosts()], &d.secret_file);
+    assert_eq!(code, 0);
+    assert!(out.contains("state up jobs 0"), "{out}");
+}

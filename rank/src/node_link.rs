@@ -121,7 +121,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "krun-node-link-{tag}-{}-{:x}",
             std::process::id(),
-            fabric::random_u64()
+            fabric::random_u64().unwrap()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir

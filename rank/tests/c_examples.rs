@@ -31,7 +31,7 @@ impl TempDir {
         let p = std::env::temp_dir().join(format!(
             "krun-rank-{tag}-{}-{:x}",
             std::process::id(),
-            fabric::random_u64()
+            fabric::random_u64().unwrap()
         ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)

@@ -3,8 +3,10 @@
 //! ```text
 //! krun-store --bootstrap IP:PORT --rank R --size N [--provider tcp|shm|verbs|loopback]
 //!            [--group G] [--arena-mib M] [--disk DIR] [--parity K] [--keep N]
-//!            [--timeout-secs S]
+//!            [--timeout-secs S] [--cells 0,1,2/3,4]
 //! ```
+//! `--cells` places buddies and parity sets from the locator's cells (lists of nodes
+//! separated by `/`; see `ckpt_store::Placement::from_cells`) instead of the default ring.
 //! The nodes swap fabric addresses and failure groups through the bootstrap service
 //! (authenticated with the cluster secret from `KRUN_SECRET` or `KRUN_SECRET_FILE`, which the
 //! control messages are signed with too). Commands, one per line; each answers one line
@@ -12,11 +14,16 @@
 //!
 //! ```text
 //! put OWNER VERSION FILE          store FILE's bytes (returns once L1 holds them)
+//! putfile OWNER VERSION FILE      the same without a copy: L1 is FILE, mapped (do not
+//!                                 truncate or rewrite FILE while the store holds it)
+//! usage                           "ok usage L1 L2HELD L3PARITY L4DISK" (bytes)
+//! safe OWNER                      "ok safe V1 V2 V3 V4": newest version safe per level (- none)
+//! down NODE                       the membership reports NODE gone: get skips it
 //! wait OWNER VERSION LEVEL [SECS] wait until the version is safe at L1..L4
 //! get OWNER VERSION OUTFILE       fetch the fastest valid copy: "ok get LEVEL NODE BYTES"
 //! quit
 //! ```
-use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use ckpt_store::{Level, NodeInfo, Placement, Store, StoreConfig};
 use fabric::bootstrap::BootstrapClient;
 use fabric::secret::ClusterSecret;
 use fabric::{open, EndpointAddress, FabricConfig, Provider, ProviderChoice};
@@ -36,6 +43,7 @@ struct Args {
     parity: usize,
     keep: usize,
     timeout: Duration,
+    cells: Option<Vec<Vec<usize>>>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +61,7 @@ fn parse() -> Result<Args, String> {
         parity: 0,
         keep: 2,
         timeout: Duration::from_secs(10),
+        cells: None,
     };
     while let Some(flag) = a.next() {
         let mut val = || a.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -79,6 +88,23 @@ fn parse() -> Result<Args, String> {
             "--parity" => out.parity = num(val()?)?,
             "--keep" => out.keep = num(val()?)?,
             "--timeout-secs" => out.timeout = Duration::from_secs(num(val()?)? as u64),
+            "--cells" => {
+                let v = val()?;
+                let cells = v
+                    .split('/')
+                    .map(|c| {
+                        c.split(',')
+                            .filter(|m| !m.is_empty())
+                            .map(|m| {
+                                m.trim()
+                                    .parse::<usize>()
+                                    .map_err(|_| format!("--cells: '{m}' is not a node number"))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.cells = Some(cells);
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -131,7 +157,13 @@ fn start(args: &Args) -> Result<Store, String> {
             address: EndpointAddress::from_bytes(&b[4..]).map_err(|e| format!("node {i}: {e}"))?,
         });
     }
-    let store = Store::start(
+    let groups: Vec<u32> = nodes.iter().map(|n| n.group).collect();
+    let placement = match &args.cells {
+        Some(cells) => Placement::from_cells(cells, &groups, args.parity)
+            .map_err(|e| format!("--cells: {e}"))?,
+        None => Placement::ring(&groups, args.parity),
+    };
+    let store = Store::start_placed(
         ep,
         StoreConfig {
             node: args.rank,
@@ -143,6 +175,7 @@ fn start(args: &Args) -> Result<Store, String> {
             secret,
             request_timeout: args.timeout,
         },
+        placement,
     )
     .map_err(|e| e.to_string())?;
     // Every store is serving before anyone puts.
@@ -164,6 +197,36 @@ fn command(store: &Store, line: &str) -> Result<String, String> {
                 .put(owner, version(v)?, &data)
                 .map_err(|e| e.to_string())?;
             Ok(format!("ok put {} bytes", data.len()))
+        }
+        ["putfile", owner, v, file] => {
+            // SAFETY: the user of this test worker promises not to truncate or rewrite FILE
+            // while the store holds it (documented with the command).
+            let r = unsafe { store.put_file(owner, version(v)?, std::path::Path::new(file)) }
+                .map_err(|e| e.to_string())?;
+            Ok(format!("ok put {} bytes, {} copied", r.bytes, r.copied))
+        }
+        ["usage"] => {
+            let u = store.usage();
+            Ok(format!(
+                "ok usage {} {} {} {}",
+                u.l1, u.l2_held, u.l3_parity, u.l4_disk
+            ))
+        }
+        ["safe", owner] => {
+            let s = store.newest_safe(owner);
+            let text: Vec<String> = s
+                .by_level
+                .iter()
+                .map(|v| v.map_or("-".to_string(), |v| v.to_string()))
+                .collect();
+            Ok(format!("ok safe {}", text.join(" ")))
+        }
+        ["down", node] => {
+            let node = node
+                .parse::<usize>()
+                .map_err(|_| format!("'{node}' is not a node number"))?;
+            store.set_down(node, true).map_err(|e| e.to_string())?;
+            Ok(format!("ok down {node}"))
         }
         ["wait", owner, v, level, rest @ ..] => {
             let secs = rest.first().map_or(Ok(60), |s| {

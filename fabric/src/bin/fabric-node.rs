@@ -220,6 +220,7 @@ fn kind(e: &FabricError) -> &'static str {
         FabricError::WireAuth { .. } => "WireAuth",
         FabricError::WireReplay { .. } => "WireReplay",
         FabricError::WireRefused { .. } => "WireRefused",
+        FabricError::WireClosed { .. } => "WireClosed",
         FabricError::Random(_) => "Random",
     }
 }

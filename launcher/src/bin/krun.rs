@@ -12,7 +12,9 @@ use launcher::LauncherError;
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
             [--provider P] [PROGRAM ARGS...]
+       krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
+       krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
        krun config [--provider P] [--bind-to B]   (effective settings and their origin)
        krun ghost inspect|capture|restore|rollback|migrate ...
       krun hostlist expand EXPR
@@ -171,22 +173,48 @@ fn read_hostfile(path: &str) -> Result<Vec<String>, LauncherError> {
     Ok(hosts)
 }
 
-/// `krun status`: asks every host's daemon what it runs.
+/// `krun status [--job ID] [--json]`: the running job's epoch, members, cells, supervisors
+/// and every rank's row, from its nodes; `--hosts`/`--hostfile`: what each host's daemon runs.
 fn status(args: &[String]) -> Result<String, LauncherError> {
-    let hosts = match args {
-        [flag, list] if flag == "--hosts" => launcher::hostlist::expand(list)?,
-        [flag, file] if flag == "--hostfile" => read_hostfile(file)?,
-        _ => {
-            return Err(LauncherError::Usage(
-                "krun status --hosts LIST | --hostfile FILE".into(),
-            ))
+    let (mut job, mut json, mut hosts) = (None, false, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |what: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| LauncherError::Usage(format!("{a} needs {what}")))
+        };
+        match a.as_str() {
+            "--job" => job = Some(value("a job id")?),
+            "--json" => json = true,
+            "--hosts" => hosts = Some(launcher::hostlist::expand(&value("a host list")?)?),
+            "--hostfile" => hosts = Some(read_hostfile(&value("a file")?)?),
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "unknown argument {other:?}\n{STATUS_USAGE}"
+                )))
+            }
         }
-    };
+    }
+    if let Some(hosts) = hosts {
+        return host_status(&hosts);
+    }
+    let s = launcher::runtime::status::query(job.as_deref(), Duration::from_secs(10))?;
+    if json {
+        serde_json::to_string_pretty(&s)
+            .map_err(|e| LauncherError::Usage(format!("encoding the status: {e}")))
+    } else {
+        Ok(s.render())
+    }
+}
+
+const STATUS_USAGE: &str =
+    "krun status [--job ID] [--json] | krun status --hosts LIST | --hostfile FILE";
+
+/// `krun status --hosts`: asks every host's daemon what it runs.
+fn host_status(hosts: &[String]) -> Result<String, LauncherError> {
     let secret = fabric::secret::ClusterSecret::from_env()?;
-    let mut out = format!(
-        "{} node(s); epoch: static membership (the adaptation layer is not built yet)\n",
-        hosts.len()
-    );
+    let mut out = format!("{} host(s)\n", hosts.len());
     for (node, host) in hosts.iter().enumerate() {
         match DaemonClient::connect(host, Duration::from_secs(5), secret.as_ref())
             .and_then(DaemonClient::status)
@@ -196,6 +224,49 @@ fn status(args: &[String]) -> Result<String, LauncherError> {
         }
     }
     Ok(out.trim_end().to_string())
+}
+
+const NODE_USAGE: &str = "krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]";
+
+/// `krun node add [HOST]` / `krun node drain N`: asks the running krun of the job.
+fn node(args: &[String]) -> Result<String, LauncherError> {
+    use launcher::runtime::control::{LauncherReply, LauncherRequest};
+    let mut job = None;
+    let mut words = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--job" {
+            job = Some(
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| LauncherError::Usage("--job needs a job id".into()))?,
+            );
+        } else {
+            words.push(a.as_str());
+        }
+    }
+    let req = match words.as_slice() {
+        ["add"] => LauncherRequest::AddNode { host: None },
+        ["add", host] => LauncherRequest::AddNode {
+            host: Some(host.to_string()),
+        },
+        ["drain", n] => LauncherRequest::DrainNode {
+            node: n
+                .parse()
+                .map_err(|_| LauncherError::Usage(format!("node {n:?} is not a node id")))?,
+        },
+        _ => return Err(LauncherError::Usage(NODE_USAGE.into())),
+    };
+    match launcher::runtime::status::ask_launcher(job.as_deref(), &req)? {
+        LauncherReply::Added { node, epoch } => {
+            Ok(format!("node {node} joined the job at epoch {epoch}"))
+        }
+        LauncherReply::Drained { node, moved } => Ok(format!(
+            "node {node} left the job ({} rank(s) moved)",
+            moved.len()
+        )),
+        LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
+    }
 }
 
 /// A subcommand: arguments in, text to print out.
@@ -280,6 +351,7 @@ fn main() -> ExitCode {
     let subcommand: Option<Subcommand> = match args.first().map(String::as_str) {
         Some("hostlist") => Some(hostlist),
         Some("status") => Some(status),
+        Some("node") => Some(node),
         Some("ghost") => Some(launcher::ghost_cli::run),
         _ => None,
     };

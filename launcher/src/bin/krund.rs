@@ -8,14 +8,29 @@ use std::time::Duration;
 use fabric::bootstrap::BootstrapClient;
 use fabric::FabricConfig;
 use launcher::ranks::{NodeShare, Placement};
+use launcher::runtime::{Runtime, RuntimeConfig};
 use launcher::{exchange, LauncherError};
 
-const USAGE: &str = "krund --listen [ADDR][:PORT]   (daemon: runs node processes for krun --hosts; port 7171)
-krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
-(normally started by krun; under srun the node id comes from SLURM_NODEID)";
+const USAGE: &str = "krund --listen [ADDR][:PORT] [--insecure]   (daemon: runs node processes for krun --hosts;
+  default 127.0.0.1:7171; needs KRUN_SECRET_FILE or KRUN_SECRET, --insecure only on loopback)
+krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--runtime HOST:PORT] [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
+krund --join ID=HOST:PORT,... --node-id I --job-ranks N [--runtime HOST:PORT] [--bind IP]
+(normally started by krun; under srun the node id comes from SLURM_NODEID. --runtime is
+krun's runtime listener: the node registers there and reports agreed views. --join adds a
+node to a running job's membership: it runs no ranks and ends when krun stops it.)";
+
+/// A node joining a running job (`krun node add`).
+struct JoinArgs {
+    node_id: usize,
+    peers: std::collections::BTreeMap<u32, String>,
+    job_ranks: u64,
+    runtime: Option<SocketAddr>,
+    bind: Option<std::net::IpAddr>,
+}
 
 struct Args {
     bootstrap: SocketAddr,
+    runtime: Option<SocketAddr>,
     node_id: usize,
     nnodes: usize,
     placement: Option<Placement>,
@@ -30,8 +45,64 @@ fn number(name: &str, v: &str) -> Result<usize, LauncherError> {
         .map_err(|_| LauncherError::Usage(format!("{name} {v:?} is not a number")))
 }
 
+fn socket_addr(name: &str, v: &str) -> Result<SocketAddr, LauncherError> {
+    v.parse()
+        .map_err(|_| LauncherError::Usage(format!("{name} {v:?} is not HOST:PORT")))
+}
+
+fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, LauncherError> {
+    let (mut node_id, mut peers, mut job_ranks, mut runtime, mut bind) =
+        (None, None, None, None, None);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "--join" => {
+                let v = value("--join")?;
+                let mut map = std::collections::BTreeMap::new();
+                for p in v.split(',').filter(|p| !p.is_empty()) {
+                    let (id, addr) = p.split_once('=').ok_or_else(|| {
+                        LauncherError::Usage(format!("--join entry {p:?} is not ID=HOST:PORT"))
+                    })?;
+                    socket_addr("--join address", addr)?;
+                    map.insert(number("--join node id", id)? as u32, addr.to_string());
+                }
+                if map.is_empty() {
+                    return Err(LauncherError::Usage("--join names no node".into()));
+                }
+                peers = Some(map);
+            }
+            "--node-id" => node_id = Some(number("--node-id", &value("--node-id")?)?),
+            "--job-ranks" => job_ranks = Some(number("--job-ranks", &value("--job-ranks")?)?),
+            "--runtime" => runtime = Some(socket_addr("--runtime", &value("--runtime")?)?),
+            "--bind" => {
+                let v = value("--bind")?;
+                bind = Some(v.parse().map_err(|_| {
+                    LauncherError::Usage(format!("--bind {v:?} is not an IP address"))
+                })?);
+            }
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "unknown argument {other:?} for a joining node\n{USAGE}"
+                )))
+            }
+        }
+    }
+    let missing = |n: &str| LauncherError::Usage(format!("{n} is required with --join\n{USAGE}"));
+    Ok(JoinArgs {
+        node_id: node_id.ok_or_else(|| missing("--node-id"))?,
+        peers: peers.ok_or_else(|| missing("--join"))?,
+        job_ranks: job_ranks.ok_or_else(|| missing("--job-ranks"))? as u64,
+        runtime,
+        bind,
+    })
+}
+
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
     let (mut bootstrap, mut node_id, mut nnodes, mut placement) = (None, None, None, None);
+    let mut runtime = None;
     let mut tag_output = false;
     let mut bind_to = launcher::binding::BindTo::Core;
     let mut report_bindings = false;
@@ -49,6 +120,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
                 })?);
             }
             "--node-id" => node_id = Some(number("--node-id", &value("--node-id")?)?),
+            "--runtime" => runtime = Some(socket_addr("--runtime", &value("--runtime")?)?),
             "--nnodes" => nnodes = Some(number("--nnodes", &value("--nnodes")?)?),
             "--counts" => placement = Some(Placement::parse_counts(&value("--counts")?)?),
             "--tag-output" => tag_output = true,
@@ -74,6 +146,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
     }
     let args = Args {
         bootstrap: bootstrap.ok_or_else(|| missing("--bootstrap"))?,
+        runtime,
         node_id: node_id.ok_or_else(|| missing("--node-id (or SLURM_NODEID)"))?,
         nnodes: nnodes.ok_or_else(|| missing("--nnodes"))?,
         placement,
@@ -105,21 +178,53 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
     Ok(args)
 }
 
+/// `krund --listen [ADDR][:PORT] [--insecure]`: the host daemon. Without an address it
+/// listens on loopback only; it refuses to start without a cluster secret unless
+/// `--insecure` is given and the address is a loopback one.
+fn listen(rest: &[String]) -> Result<i32, LauncherError> {
+    let mut spec = None;
+    let mut insecure = false;
+    for a in rest {
+        match a.as_str() {
+            "--insecure" => insecure = true,
+            other if !other.starts_with("--") && spec.is_none() => spec = Some(other),
+            other => {
+                return Err(LauncherError::Usage(format!(
+                    "unknown argument {other:?} after --listen\n{USAGE}"
+                )))
+            }
+        }
+    }
+    let port = launcher::daemon::DEFAULT_PORT;
+    let addr = match spec {
+        None => format!("127.0.0.1:{port}"),
+        Some(s) if s.starts_with(':') => format!("127.0.0.1{s}"),
+        Some(s) if s.contains(':') => s.to_string(),
+        Some(s) => format!("{s}:{port}"),
+    };
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        LauncherError::Usage(format!(
+            "--listen {:?} is not ADDR[:PORT]",
+            spec.unwrap_or_default()
+        ))
+    })?;
+    if spec.is_none() {
+        eprintln!("krund: no address given: listening on loopback only (give --listen ADDR to serve other hosts)");
+    }
+    let secret = fabric::secret::ClusterSecret::from_env()?;
+    let access = launcher::daemon::check_access(&addr, secret, insecure)?;
+    launcher::daemon::serve(addr, access)?;
+    Ok(0)
+}
+
 fn run() -> Result<i32, LauncherError> {
     launcher::config::load()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--listen") {
-        let spec = argv.get(1).map(String::as_str).unwrap_or("0.0.0.0");
-        let addr = if spec.contains(':') {
-            spec.to_string()
-        } else {
-            format!("{spec}:{}", launcher::daemon::DEFAULT_PORT)
-        };
-        let addr = addr
-            .parse()
-            .map_err(|_| LauncherError::Usage(format!("--listen {spec:?} is not ADDR[:PORT]")))?;
-        launcher::daemon::serve(addr, fabric::secret::ClusterSecret::from_env()?)?;
-        return Ok(0);
+        return listen(&argv[1..]);
+    }
+    if argv.iter().any(|a| a == "--join") {
+        return join(parse_join(argv.into_iter())?);
     }
     let args = parse(argv.into_iter())?;
     let mut boot = BootstrapClient::connect(
@@ -130,17 +235,45 @@ fn run() -> Result<i32, LauncherError> {
     )?;
     let mut config = FabricConfig::default().with_env()?;
     let mut rank_env = Vec::new();
-    if std::env::var_os("KRUN_FABRIC_BIND").is_none() {
-        // Bind the fabric where this host reaches the job: its address on that network.
-        let ip = boot.local_addr()?.ip().to_string();
-        config.bind_address = ip.clone();
-        rank_env.push(("KRUN_FABRIC_BIND".to_string(), ip));
-    }
+    let bind_ip = match std::env::var("KRUN_FABRIC_BIND") {
+        Ok(ip) if !ip.is_empty() => ip.parse().map_err(|_| {
+            LauncherError::Usage(format!("KRUN_FABRIC_BIND={ip:?} is not an IP address"))
+        })?,
+        _ => {
+            // Bind the fabric where this host reaches the job: its address on that network.
+            let ip = boot.local_addr()?.ip();
+            config.bind_address = ip.to_string();
+            rank_env.push(("KRUN_FABRIC_BIND".to_string(), ip.to_string()));
+            ip
+        }
+    };
+    let job_ranks = args.placement.as_ref().map_or(0, |p| p.total()) as u64;
+    let bound = Runtime::bind(runtime_config(
+        args.node_id,
+        bind_ip,
+        args.runtime,
+        job_ranks,
+    )?)?;
+    // The nodes' adaptation addresses: the initial membership.
+    let cards = boot.allgather(bound.adaptation_addr().as_bytes())?;
+    let peers = cards
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != args.node_id)
+        .map(|(n, c)| (n as u32, String::from_utf8_lossy(c).into_owned()))
+        .collect();
+    let runtime = bound.start(peers, false)?;
     if let Some(placement) = &args.placement {
         // The node's endpoint comes up beside the ranks, not before them: opening libfabric
         // costs ~0.3 s here (it reads /proc/kallsyms), and no node service needs it at launch.
         let endpoint = std::thread::spawn(move || fabric::open(&config));
         launcher::ranks::catch_forwarded_signals();
+        rank_env.push((
+            "KRUN_NODE_SOCKET".to_string(),
+            runtime.rank_socket().to_string_lossy().into_owned(),
+        ));
+        let (commands_tx, commands) = std::sync::mpsc::channel();
+        runtime.set_rank_commands(commands_tx);
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -152,18 +285,38 @@ fn run() -> Result<i32, LauncherError> {
             env: rank_env,
             bind_to: args.bind_to,
             report_bindings: args.report_bindings,
+            events: Some(runtime.rank_events()),
+            commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
-        let code = launcher::ranks::run_share(&share)?;
-        boot.barrier()?;
+        let node_id = args.node_id;
+        let result = (|| {
+            let code = launcher::ranks::run_share(&share)?;
+            runtime.finish();
+            if runtime.was_drained() {
+                // The node's ranks moved away; it leaves once the membership agreed on it.
+                if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
+                    eprintln!("krund: node {node_id}: drained, but no leave was agreed in 60 s");
+                }
+                return Ok(code);
+            }
+            // After a node left or failed, the initial nodes cannot all meet at the barrier.
+            if !runtime.membership_shrank() {
+                boot.barrier()?;
+            }
+            Ok(code)
+        })();
+        // On every path: the process must not exit (and run libfabric's destructors) while
+        // the endpoint thread is still inside libfabric.
         match endpoint.join() {
             Ok(Ok(ep)) => drop(ep),
-            Ok(Err(e)) => eprintln!("krund: node {}: fabric endpoint: {e}", args.node_id),
-            Err(_) => eprintln!("krund: node {}: the fabric thread panicked", args.node_id),
+            Ok(Err(e)) => eprintln!("krund: node {node_id}: fabric endpoint: {e}"),
+            Err(_) => eprintln!("krund: node {node_id}: the fabric thread panicked"),
         }
-        return Ok(code);
+        return result;
     }
     let ep = fabric::open(&config)?;
     let report = exchange::run(ep.as_ref(), &mut boot)?;
+    runtime.finish();
     println!(
         "node {}/{}: done: {} blocks verified, leader is node {}",
         args.node_id,
@@ -171,6 +324,59 @@ fn run() -> Result<i32, LauncherError> {
         report.verified_blocks,
         report.leader - 1
     );
+    Ok(0)
+}
+
+fn runtime_config(
+    node: usize,
+    bind: std::net::IpAddr,
+    launcher: Option<SocketAddr>,
+    job_ranks: u64,
+) -> Result<RuntimeConfig, LauncherError> {
+    let secret = fabric::secret::ClusterSecret::from_env()?.ok_or_else(|| {
+        LauncherError::Usage(
+            "no cluster secret: krun passes one (KRUN_SECRET), or set KRUN_SECRET_FILE".into(),
+        )
+    })?;
+    Ok(RuntimeConfig {
+        node: u32::try_from(node)
+            .map_err(|_| LauncherError::Usage(format!("node id {node} is too large")))?,
+        bind,
+        launcher,
+        job_ranks,
+        secret,
+        agent: None,
+        verbose: std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some(),
+    })
+}
+
+/// A node joining a running job: a member of the membership (its services take their share
+/// of the entries) without ranks of its own, until krun stops it.
+fn join(args: JoinArgs) -> Result<i32, LauncherError> {
+    // Without --bind: the address this host reaches krun from (no packet is sent).
+    let bind = match (args.bind, args.runtime) {
+        (Some(ip), _) => ip,
+        (None, Some(krun)) => std::net::UdpSocket::bind(("0.0.0.0", 0))
+            .and_then(|u| u.connect(krun).and_then(|()| u.local_addr()))
+            .map(|a| a.ip())
+            .map_err(|e| LauncherError::Io {
+                context: format!("finding this host's address towards krun at {krun}"),
+                source: e,
+            })?,
+        (None, None) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    };
+    let runtime = Runtime::bind(runtime_config(
+        args.node_id,
+        bind,
+        args.runtime,
+        args.job_ranks,
+    )?)?
+    .start(args.peers, true)?;
+    let why = runtime.wait_stop();
+    runtime.finish();
+    if std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some() {
+        eprintln!("krund: node {}: {why}", args.node_id);
+    }
     Ok(0)
 }
 

@@ -1,0 +1,484 @@
+//! The checkpoint agent of a node runtime: it moves native ranks' checkpoint images into the
+//! node's checkpoint store and tells the runtime when each version is safe.
+//!
+//! ```text
+//! rank ──RankToNode::Checkpointed{rank,version,image,bytes}──► krund runtime
+//!        krund runtime ──Agent::on_checkpointed(rank, version, image, bytes)──► agent
+//!        agent: verify the ghost image, map the file, Store::put_file (L1 = the file's own
+//!               pages, no copy), queue the wait
+//!        agent worker: Store::wait_safe L2.. ──AgentEvent::Safe{rank,version,level}──► runtime
+//!                                               (or AgentEvent::Failed{..,error})
+//! restart: Agent::fetch(rank, version) ──► the fastest valid copy (L1 here, L1/L2 on other
+//!          nodes, L3 rebuild, L4 disk), checked against the store's crc32c and parsed as a
+//!          ghost image
+//! ```
+//!
+//! API (stable; the runtime builds on it):
+//! - [`Agent::new`]`(store, config) -> Result<(Agent, Receiver<AgentEvent>)>`, or
+//!   [`Agent::with_callback`]`(store, config, Fn(AgentEvent)) -> Result<Agent>` (refused when
+//!   the store does not write [`AgentConfig::level`]).
+//! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`:
+//!   returns once L1 holds the image (the rank may go on); the L1 event is sent before it
+//!   returns, the slower levels up to [`AgentConfig::level`] are reported in order from a
+//!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`].
+//! - [`Agent::fetch`]`(rank, version) -> Result<Fetched>`; [`Agent::fetch_chain`] (an
+//!   incremental image and its ancestors) and [`Agent::write_chain`] (as files a rank
+//!   started with `KRUN_GHOST_RESTORE` resumes from).
+//! - [`Agent::usage`], [`Agent::newest_safe`]`(rank)`: for `krun status`.
+//! - [`Agent::node_down`]`(node, down)`: the agreed view lost (or got back) a store node.
+//! - [`Agent::owner`]`(rank)`: the store owner name of a rank's images, `rank-<r>`.
+//!
+//! The image file stays where the rank wrote it: the store maps it and keeps the mapping
+//! while the version is at L1 (unlinking or renaming the file is fine; rewriting it in place
+//! is detected by the crc check and the next level is used; truncating it would fault the
+//! reader). The native checkpointer recycles the files of versions older than its newest
+//! full image (as spares it rewrites in place), so when a full image arrives the agent drops
+//! the older versions of that rank from L1 (they stay at L2-L4). Errors name the rank and
+//! the version.
+use crate::error::{LauncherError, Result};
+use ckpt_store::{GetReport, ImageBytes, Level, NewestSafe, PutReport, Store, Usage};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the agent waits.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The slowest level each checkpoint is waited for and reported at (default L2). Every
+    /// level from L1 up to it is reported.
+    pub level: Level,
+    /// Bound on the wait for each level (default 120 s).
+    pub timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            level: Level::L2,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the agent reports to the runtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// `version` of `rank` (an image of `bytes` bytes) is safe at `level`.
+    Safe {
+        rank: u32,
+        version: u64,
+        level: Level,
+        bytes: u64,
+    },
+    /// `version` of `rank` did not reach `level`; `error` says why (it is safe at the
+    /// levels reported before).
+    Failed {
+        rank: u32,
+        version: u64,
+        level: Level,
+        error: String,
+    },
+}
+
+impl std::fmt::Display for AgentEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentEvent::Safe {
+                rank,
+                version,
+                level,
+                bytes,
+            } => write!(
+                f,
+                "version {version} of rank {rank} safe at {level} ({bytes} bytes)"
+            ),
+            AgentEvent::Failed {
+                rank,
+                version,
+                level,
+                error,
+            } => write!(
+                f,
+                "version {version} of rank {rank} not safe at {level}: {error}"
+            ),
+        }
+    }
+}
+
+/// An image read back from the store.
+pub struct Fetched {
+    /// The image bytes (left in store memory where possible).
+    pub image: ImageBytes,
+    /// Where it was found.
+    pub report: GetReport,
+}
+
+type Sink = Arc<dyn Fn(AgentEvent) + Send + Sync>;
+
+struct Job {
+    rank: u32,
+    version: u64,
+    bytes: u64,
+}
+
+/// The node's checkpoint agent; owns the node's [`Store`].
+pub struct Agent {
+    store: Arc<Store>,
+    config: AgentConfig,
+    sink: Sink,
+    jobs: Option<mpsc::Sender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// Set on drop: waits still queued end at once with a `Failed` event.
+    stopping: Arc<AtomicBool>,
+    /// Ranks whose images this agent stored.
+    ranks: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl Agent {
+    /// An agent whose events arrive on the returned channel.
+    pub fn new(store: Store, config: AgentConfig) -> Result<(Agent, mpsc::Receiver<AgentEvent>)> {
+        let (tx, rx) = mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let agent = Agent::with_callback(store, config, move |e| {
+            // The runtime may have stopped listening; events are then dropped.
+            let _ = tx.lock().expect("lock").send(e);
+        })?;
+        Ok((agent, rx))
+    }
+
+    /// An agent that calls `on_event` for every event (from the caller's thread for L1,
+    /// from the agent's worker thread for the slower levels).
+    pub fn with_callback(
+        store: Store,
+        config: AgentConfig,
+        on_event: impl Fn(AgentEvent) + Send + Sync + 'static,
+    ) -> Result<Agent> {
+        if !store.levels().contains(&config.level) {
+            return Err(LauncherError::Usage(format!(
+                "the checkpoint agent waits for {}, but this store writes only {:?}",
+                config.level,
+                store.levels()
+            )));
+        }
+        let store = Arc::new(store);
+        let sink: Sink = Arc::new(on_event);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<Job>();
+        let worker = {
+            let store = store.clone();
+            let sink = sink.clone();
+            let config = config.clone();
+            let stopping = stopping.clone();
+            std::thread::Builder::new()
+                .name("krun-ckpt-agent".into())
+                .spawn(move || {
+                    for job in rx {
+                        wait_levels(&store, &config, &sink, &stopping, &job);
+                    }
+                })
+                .map_err(|e| LauncherError::Io {
+                    context: "spawning the checkpoint agent thread".into(),
+                    source: e,
+                })?
+        };
+        Ok(Agent {
+            store,
+            config,
+            sink,
+            jobs: Some(tx),
+            worker: Some(worker),
+            stopping,
+            ranks: Default::default(),
+        })
+    }
+
+    /// The store owner name of `rank`'s images.
+    pub fn owner(rank: u32) -> String {
+        format!("rank-{rank}")
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// A rank wrote `version`'s image (`bytes` bytes) to `image`: checks it is a complete
+    /// ghost image of that version, puts it into the store without copying it (L1 is the
+    /// mapped file), reports L1 and queues the wait for the slower levels. Returns once L1
+    /// holds it.
+    pub fn on_checkpointed(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+    ) -> Result<PutReport> {
+        let fail = |what: String| LauncherError::Checkpoint {
+            rank,
+            version,
+            what,
+        };
+        let parent = verify_image(image, version, bytes).map_err(fail)?;
+        let owner = Agent::owner(rank);
+        // SAFETY: the native checkpointer writes an image under a temporary name and renames
+        // it into place; it rewrites a committed file only after recycling it as a spare,
+        // which it does to versions older than its newest full image, and those leave L1
+        // below as soon as that full image arrives here.
+        let report = unsafe { self.store.put_file(&owner, version, image) }
+            .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
+        self.ranks.lock().expect("lock").insert(rank);
+        if parent == 0 {
+            // A full image: the native checkpointer now recycles the files of older versions
+            // (rewriting them in place for their memory), so the store stops mapping them.
+            // They stay at the slower levels.
+            for old in self
+                .store
+                .l1_versions(&owner)
+                .into_iter()
+                .filter(|&v| v < version)
+            {
+                self.store.forget_local(&owner, old);
+            }
+        }
+        (self.sink)(AgentEvent::Safe {
+            rank,
+            version,
+            level: Level::L1,
+            bytes: report.bytes,
+        });
+        if self.config.level > Level::L1 {
+            let job = Job {
+                rank,
+                version,
+                bytes: report.bytes,
+            };
+            if let Some(jobs) = &self.jobs {
+                jobs.send(job)
+                    .map_err(|_| fail("the agent's worker thread has stopped".into()))?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The fastest valid copy of `rank`'s `version` (for a restart): from this node's L1, any
+    /// node's L1 or L2 memory, an L3 rebuild or L4 disk. The bytes match the store's crc32c
+    /// and parse as a ghost image of that version.
+    pub fn fetch(&self, rank: u32, version: u64) -> Result<Fetched> {
+        let fail = |what: String| LauncherError::Checkpoint {
+            rank,
+            version,
+            what,
+        };
+        let (image, report) = self
+            .store
+            .get_bytes(&Agent::owner(rank), version)
+            .map_err(|e| fail(format!("fetching from the store: {e}")))?;
+        let parsed = ghost::image::Image::parse(&image).map_err(|e| {
+            fail(format!(
+                "the {} copy on node {} is not a valid ghost image: {e}",
+                report.level, report.node
+            ))
+        })?;
+        if parsed.image_id != version {
+            return Err(fail(format!(
+                "the {} copy on node {} holds image v{}",
+                report.level, report.node, parsed.image_id
+            )));
+        }
+        Ok(Fetched { image, report })
+    }
+
+    /// The membership reports `node` gone (`down`) or back: fetches skip it and read its
+    /// ranks' images from their buddies, parity or disk without waiting for it to time out.
+    /// When it was this node's buddy, the store sends the versions it holds at L1 to the
+    /// next buddy, and the agent reports them safe at L2 again as they land.
+    pub fn node_down(&self, node: usize, down: bool) -> Result<()> {
+        let before = self.store.buddy();
+        self.store
+            .set_down(node, down)
+            .map_err(|e| LauncherError::Node {
+                node,
+                message: e.to_string(),
+            })?;
+        let rebuddied = down && node == before && self.store.buddy() != before;
+        if rebuddied && self.config.level > Level::L1 {
+            let ranks: Vec<u32> = self.ranks.lock().expect("lock").iter().copied().collect();
+            for rank in ranks {
+                let owner = Agent::owner(rank);
+                for version in self.store.l1_versions(&owner) {
+                    let bytes = self.store.stored_len(&owner, version).unwrap_or(0) as u64;
+                    if let Some(jobs) = &self.jobs {
+                        let _ = jobs.send(Job {
+                            rank,
+                            version,
+                            bytes,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `version` of `rank` and its ancestors down to a full image, newest first: what a
+    /// restart of an incremental native image needs. Each is fetched as by [`Agent::fetch`].
+    pub fn fetch_chain(&self, rank: u32, version: u64) -> Result<Vec<Fetched>> {
+        let mut chain: Vec<Fetched> = Vec::new();
+        let mut next = version;
+        loop {
+            let fetched = self.fetch(rank, next).map_err(|e| match chain.last() {
+                None => e,
+                Some(_) => LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("its ancestor v{next} is missing: {e}"),
+                },
+            })?;
+            let parent = ghost::image::Image::parse(&fetched.image)
+                .map(|i| i.parent_id)
+                .unwrap_or(0);
+            chain.push(fetched);
+            if parent == 0 {
+                return Ok(chain);
+            }
+            if parent >= next || chain.len() > 100_000 {
+                return Err(LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("image v{next} names parent v{parent}: not an older image"),
+                });
+            }
+            next = parent;
+        }
+    }
+
+    /// Writes the chain of `version` of `rank` ([`Agent::fetch_chain`]) as image files under
+    /// `dir` for the ghost checkpoint owner `ghost_owner`, so a rank started with
+    /// `KRUN_GHOST_DIR=dir KRUN_GHOST_OWNER=ghost_owner KRUN_GHOST_RESTORE=version` resumes
+    /// from it. Returns the files written, newest first.
+    pub fn write_chain(
+        &self,
+        rank: u32,
+        version: u64,
+        dir: &Path,
+        ghost_owner: &str,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let chain = self.fetch_chain(rank, version)?;
+        let mut written = Vec::with_capacity(chain.len());
+        for f in &chain {
+            let v = ghost::image::Image::parse(&f.image)
+                .map(|i| i.image_id)
+                .unwrap_or(version);
+            let path = ghost::native::image_path(dir, ghost_owner, v);
+            ghost::native::write_atomically(&path, &f.image).map_err(|e| {
+                LauncherError::Checkpoint {
+                    rank,
+                    version,
+                    what: format!("writing v{v} for the restart: {e}"),
+                }
+            })?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    /// Bytes the node's store holds per level.
+    pub fn usage(&self) -> Usage {
+        self.store.usage()
+    }
+
+    /// The newest version of `rank` safe at each level, as this node knows it.
+    pub fn newest_safe(&self, rank: u32) -> NewestSafe {
+        self.store.newest_safe(&Agent::owner(rank))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Waits still pending end within a slice and report "agent stopped".
+        self.stopping.store(true, Ordering::SeqCst);
+        self.jobs.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Waits for each level above L1 up to the configured one that the store writes, reporting
+/// each; gives up when the agent is dropped.
+fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &AtomicBool, job: &Job) {
+    let owner = Agent::owner(job.rank);
+    let levels = store.levels();
+    for level in levels
+        .into_iter()
+        .filter(|&l| l > Level::L1 && l <= config.level)
+    {
+        let start = std::time::Instant::now();
+        let result = loop {
+            if stopping.load(Ordering::SeqCst) {
+                break Err("the checkpoint agent stopped".to_string());
+            }
+            let left = config.timeout.saturating_sub(start.elapsed());
+            match store.wait_safe(
+                &owner,
+                job.version,
+                level,
+                left.min(Duration::from_millis(500)),
+            ) {
+                Ok(()) => break Ok(()),
+                Err(_) if !left.is_zero() && store.flush_error(&owner, job.version).is_none() => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match result {
+            Ok(()) => sink(AgentEvent::Safe {
+                rank: job.rank,
+                version: job.version,
+                level,
+                bytes: job.bytes,
+            }),
+            Err(error) => {
+                sink(AgentEvent::Failed {
+                    rank: job.rank,
+                    version: job.version,
+                    level,
+                    error,
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Checks that `path` holds a complete, uncorrupted ghost image of `version` of `bytes`
+/// bytes and returns its parent version (0 for a full image); the error says what is wrong
+/// with which file.
+fn verify_image(path: &Path, version: u64, bytes: u64) -> std::result::Result<u64, String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("image {}: {e}", path.display()))?
+        .len();
+    if size != bytes {
+        return Err(format!(
+            "image {} holds {size} bytes, the rank reported {bytes}",
+            path.display()
+        ));
+    }
+    let mapped = ghost::native::MappedFile::open(path)
+        .map_err(|e| format!("image {}: {e}", path.display()))?;
+    let image = ghost::image::Image::parse(&mapped)
+        .map_err(|e| format!("image {} is corrupt: {e}", path.display()))?;
+    if image.image_id != version {
+        return Err(format!(
+            "image {} is version {}, not {version}",
+            path.display(),
+            image.image_id
+        ));
+    }
+    Ok(image.parent_id)
+}

@@ -1,0 +1,329 @@
+//! The runtime's control messages and sockets.
+//!
+//! Every connection is a [`fabric::wire::Session`] (mutual handshake over the job's secret,
+//! every frame authenticated, no replays):
+//! - `krun` (or `krun status`, `krun node ...`) -> a krund node's control socket (a Unix
+//!   socket for this host, TCP for another host): [`Protocol::Runtime`],
+//!   [`ControlRequest`] -> [`ControlReply`];
+//! - a krund node -> `krun`'s runtime listener: [`Protocol::Runtime`], [`NodeToLauncher`]
+//!   (registration, agreed views) and [`LauncherToNode`];
+//! - `krun node add|drain` -> the running `krun`'s socket in the job directory:
+//!   [`Protocol::Runtime`], [`LauncherRequest`] -> [`LauncherReply`];
+//! - a rank -> its node's rank socket (`KRUN_NODE_SOCKET`): [`Protocol::Rank`],
+//!   [`RankToNode`] -> [`NodeToRank`].
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use adaptation::NodeId;
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Protocol, Session};
+use serde::{Deserialize, Serialize};
+
+use super::status::NodeStatus;
+use crate::error::{LauncherError, Result};
+
+/// A request to a krund node's control socket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// The node's view of the job and the process table's rows for every rank.
+    Status,
+    /// Ask the membership for a planned departure of `node`.
+    Leave { node: NodeId },
+    /// Capture `rank` (running here) for a move and end it; `dry_run`: only check that it
+    /// can be moved.
+    MigrateOut { rank: u64, dry_run: bool },
+    /// Start `rank` here from its newest checkpoint (moved from another node).
+    Adopt { rank: u64 },
+}
+
+/// A krund node's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    Status(Box<NodeStatus>),
+    Done(String),
+    Refused(String),
+}
+
+/// What a krund node tells the `krun` that started it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NodeToLauncher {
+    /// The node is up: where to reach it.
+    Register(NodeAddresses),
+    /// An agreed view this node applied (sent when the node is stable in it).
+    View {
+        epoch: u64,
+        members: Vec<NodeId>,
+        /// `(epoch, node)` of every failure agreed so far.
+        failures: Vec<(u64, NodeId)>,
+    },
+    /// The node's work is over; it leaves now (its departure is not a failure).
+    Bye,
+}
+
+/// What `krun` tells a krund node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LauncherToNode {
+    /// The job is over: a node without ranks of its own (joined later) ends now.
+    Stop,
+}
+
+/// Where one node of a job is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddresses {
+    pub node: NodeId,
+    pub pid: u32,
+    pub host: String,
+    /// The control socket over TCP (for `krun` on another host).
+    pub control_tcp: String,
+    /// The control socket's Unix path on the node's host.
+    pub control_unix: String,
+    /// The adaptation node's address (for nodes that join later).
+    pub adaptation: String,
+}
+
+/// A request to the running `krun` (its socket in the job directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LauncherRequest {
+    /// Start one more krund node and join it to the membership: `host` in hosts mode (its
+    /// `krund --listen` daemon starts the node process), `None` locally.
+    AddNode { host: Option<String> },
+    /// Move `node`'s ranks to other nodes, then let the node leave.
+    DrainNode { node: NodeId },
+}
+
+/// The running `krun`'s answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LauncherReply {
+    Added { node: NodeId, epoch: u64 },
+    Drained { node: NodeId, moved: Vec<u64> },
+    Refused(String),
+}
+
+/// A rank's message to its node (the rank library's `rank::node_link::RankToNode`; this
+/// mirror keeps the same variants in the same order, so both encode alike).
+// TODO(rank library): use `rank::node_link::{RankToNode, NodeToRank}` once the crate is on
+// main, and delete these mirrors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankToNode {
+    Hello {
+        rank: u32,
+        pid: u32,
+    },
+    Checkpointed {
+        rank: u32,
+        version: u64,
+        image: String,
+        bytes: u64,
+    },
+    Exiting {
+        rank: u32,
+        code: i32,
+    },
+}
+
+/// The node's answer to a rank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeToRank {
+    Ack,
+    Refused(String),
+}
+
+fn wire_err(what: String) -> impl FnOnce(fabric::FabricError) -> LauncherError {
+    move |e| LauncherError::Host {
+        host: what,
+        message: e.to_string(),
+    }
+}
+
+/// One request, one reply over a fresh session (`krun status`, `krun node ...`).
+pub fn call<Req: Serialize, Rep: serde::de::DeserializeOwned>(
+    target: &ControlTarget,
+    secret: &ClusterSecret,
+    request: &Req,
+    timeout: Duration,
+) -> Result<Rep> {
+    let what = target.to_string();
+    let mut stream = target.connect(timeout)?;
+    let mut s =
+        Session::client(&mut stream, secret, Protocol::Runtime).map_err(wire_err(what.clone()))?;
+    s.tx.send(&mut stream, request)
+        .map_err(wire_err(what.clone()))?;
+    s.rx.recv(&mut stream).map_err(wire_err(what))
+}
+
+/// A control socket to reach: a Unix path or a TCP address.
+#[derive(Clone, Debug)]
+pub enum ControlTarget {
+    Unix(String),
+    Tcp(String),
+}
+
+impl std::fmt::Display for ControlTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlTarget::Unix(p) => write!(f, "unix:{p}"),
+            ControlTarget::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connected control stream of either kind.
+pub enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl ControlTarget {
+    fn connect(&self, timeout: Duration) -> Result<Stream> {
+        let io = |e: std::io::Error| LauncherError::Io {
+            context: format!("connecting to {self}"),
+            source: e,
+        };
+        match self {
+            ControlTarget::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(io)?;
+                s.set_read_timeout(Some(timeout)).map_err(io)?;
+                s.set_write_timeout(Some(timeout)).map_err(io)?;
+                Ok(Stream::Unix(s))
+            }
+            ControlTarget::Tcp(a) => {
+                let addr: SocketAddr = a
+                    .parse()
+                    .map_err(|_| LauncherError::Usage(format!("{a:?} is not HOST:PORT")))?;
+                let s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+                s.set_read_timeout(Some(timeout)).map_err(io)?;
+                s.set_write_timeout(Some(timeout)).map_err(io)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+}
+
+/// Serves request/reply sessions of `protocol` on a Unix and/or a TCP listener, one thread
+/// per connection; a connection that fails the handshake or sends a bad frame is closed with
+/// a log line naming it, the others go on.
+pub fn serve<Req, Rep>(
+    unix: Option<UnixListener>,
+    tcp: Option<TcpListener>,
+    secret: ClusterSecret,
+    protocol: Protocol,
+    who: &'static str,
+    handler: impl Fn(Req) -> Rep + Send + Sync + 'static,
+) where
+    Req: serde::de::DeserializeOwned,
+    Rep: Serialize,
+{
+    let handler = std::sync::Arc::new(handler);
+    let session =
+        move |mut s: Stream,
+              peer: String,
+              secret: ClusterSecret,
+              handler: std::sync::Arc<dyn Fn(Req) -> Rep + Send + Sync>| {
+            // A client gets 10 s to prove the secret; an authenticated session may idle.
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut session = match Session::server(&mut s, &secret, protocol) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("{who}: refused {peer}: {e}");
+                    return;
+                }
+            };
+            let _ = s.set_read_timeout(None);
+            loop {
+                let req: Req = match session.rx.recv(&mut s) {
+                    Ok(r) => r,
+                    Err(fabric::FabricError::WireMalformed { what, .. })
+                        if what.contains("connection closed inside a frame header") =>
+                    {
+                        return
+                    }
+                    Err(e) => {
+                        eprintln!("{who}: closing {peer}: {e}");
+                        return;
+                    }
+                };
+                let reply = handler(req);
+                if session.tx.send(&mut s, &reply).is_err() {
+                    return;
+                }
+            }
+        };
+    let session = std::sync::Arc::new(session);
+    if let Some(l) = unix {
+        let (secret, handler, session) = (secret.clone(), handler.clone(), session.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (secret, handler, session) = (secret.clone(), handler.clone(), session.clone());
+                std::thread::spawn(move || {
+                    session(Stream::Unix(s), "a local client".into(), secret, handler)
+                });
+            }
+        });
+    }
+    if let Some(l) = tcp {
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let peer = s
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "unknown peer".into());
+                let _ = s.set_nodelay(true);
+                let (secret, handler, session) = (secret.clone(), handler.clone(), session.clone());
+                std::thread::spawn(move || session(Stream::Tcp(s), peer, secret, handler));
+            }
+        });
+    }
+}
+
+/// Binds a Unix socket at `path` (a stale socket file there is replaced), mode 0600.
+pub fn bind_unix(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(|e| LauncherError::Io {
+        context: format!("listening on {}", path.display()),
+        source: e,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        LauncherError::Io {
+            context: format!("restricting {}", path.display()),
+            source: e,
+        }
+    })?;
+    Ok(l)
+}

@@ -1,0 +1,469 @@
+//! The launcher's side of the runtime: krund nodes register with the running `krun` and
+//! report every agreed view; `krun` prints each agreed failure once ("node 2 failed at
+//! epoch 5"), keeps the job directory current, and serves `krun node add|drain` on its
+//! socket there.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use adaptation::NodeId;
+use fabric::secret::ClusterSecret;
+use fabric::wire::{FrameWriter, Protocol, Session};
+
+use super::control::{
+    self, ControlReply, ControlRequest, ControlTarget, LauncherReply, LauncherRequest,
+    LauncherToNode, NodeAddresses, NodeToLauncher,
+};
+use super::jobdir::JobDir;
+use crate::error::{LauncherError, Result};
+
+/// A node `krun` should start to join the job: its id, the host (`None`: this machine) and
+/// krund's arguments.
+#[derive(Debug, Clone)]
+pub struct NodeToStart {
+    pub node: NodeId,
+    pub host: Option<String>,
+    pub args: Vec<String>,
+}
+
+struct Link {
+    addresses: NodeAddresses,
+    writer: Option<(TcpStream, FrameWriter)>,
+    /// The node said its work is over.
+    bye: bool,
+}
+
+#[derive(Default)]
+struct State {
+    links: BTreeMap<NodeId, Link>,
+    /// Epochs of the failures already reported.
+    reported: BTreeSet<u64>,
+    /// The newest view some node reported: epoch and members.
+    epoch: u64,
+    members: Vec<NodeId>,
+    /// Ids handed to nodes being added.
+    reserved: BTreeSet<NodeId>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    changed: Condvar,
+    dir: Mutex<JobDir>,
+    secret: ClusterSecret,
+    advertised: IpAddr,
+    job_ranks: u64,
+    /// Nodes that run ranks (never drained without moving them).
+    nodes_with_ranks: BTreeSet<NodeId>,
+    to_start: Mutex<Sender<NodeToStart>>,
+}
+
+/// The running job's hub.
+pub struct Hub {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    starts: Option<Receiver<NodeToStart>>,
+}
+
+impl Hub {
+    /// Listens for nodes on `bind` (they reach it at `advertised`), creates the job
+    /// directory and its socket.
+    pub fn start(
+        bind: IpAddr,
+        advertised: IpAddr,
+        secret: ClusterSecret,
+        mode: &str,
+        job_ranks: u64,
+        nodes_with_ranks: BTreeSet<NodeId>,
+    ) -> Result<Hub> {
+        let listener = TcpListener::bind((bind, 0)).map_err(|e| LauncherError::Io {
+            context: format!("listening for nodes on {bind}"),
+            source: e,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| LauncherError::Io {
+                context: "reading the runtime listener's address".into(),
+                source: e,
+            })?
+            .port();
+        let dir = JobDir::create(mode, &secret)?;
+        let socket = control::bind_unix(&dir.socket())?;
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            dir: Mutex::new(dir),
+            secret: secret.clone(),
+            advertised,
+            job_ranks,
+            nodes_with_ranks,
+            to_start: Mutex::new(tx),
+        });
+        {
+            let inner = inner.clone();
+            std::thread::spawn(move || {
+                for s in listener.incoming().flatten() {
+                    let inner = inner.clone();
+                    std::thread::spawn(move || node_link(inner, s));
+                }
+            });
+        }
+        {
+            let inner = inner.clone();
+            control::serve(
+                Some(socket),
+                None,
+                secret,
+                Protocol::Runtime,
+                "krun: job socket",
+                move |req: LauncherRequest| launcher_request(&inner, req),
+            );
+        }
+        Ok(Hub {
+            inner,
+            addr: SocketAddr::new(advertised, port),
+            starts: Some(rx),
+        })
+    }
+
+    /// Where nodes reach the hub (krund `--runtime`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Nodes to start for `krun node add` (taken once by the job's loop).
+    pub fn take_starts(&mut self) -> Option<Receiver<NodeToStart>> {
+        self.starts.take()
+    }
+
+    /// The job is over: tells every node still linked to end.
+    pub fn stop_all(&self) {
+        let mut st = self.inner.state.lock().expect("hub lock");
+        for link in st.links.values_mut() {
+            if let Some((s, w)) = link.writer.as_mut() {
+                let _ = w.send(s, &LauncherToNode::Stop);
+            }
+        }
+    }
+
+    pub fn job_dir(&self) -> std::path::PathBuf {
+        self.inner.dir.lock().expect("dir lock").path.clone()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Ok(dir) = self.inner.dir.lock() {
+            dir.remove();
+        }
+    }
+}
+
+/// One node's registration link: its views, until it ends.
+fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
+    let peer = s
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown peer".into());
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut session = match Session::server(&mut s, &inner.secret, Protocol::Runtime) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("krun: refused a node link from {peer}: {e}");
+            return;
+        }
+    };
+    let me = match session.rx.recv::<NodeToLauncher>(&mut s) {
+        Ok(NodeToLauncher::Register(a)) => a,
+        Ok(other) => {
+            eprintln!("krun: {peer} sent {other:?} before registering; closed");
+            return;
+        }
+        Err(e) => {
+            eprintln!("krun: node link from {peer}: {e}");
+            return;
+        }
+    };
+    let _ = s.set_read_timeout(None);
+    let node = me.node;
+    let writer = s.try_clone().ok().map(|c| (c, session.tx));
+    {
+        let mut st = inner.state.lock().expect("hub lock");
+        st.links.insert(
+            node,
+            Link {
+                addresses: me.clone(),
+                writer,
+                bye: false,
+            },
+        );
+        st.reserved.remove(&node);
+    }
+    if let Err(e) = inner.dir.lock().expect("dir lock").register(me) {
+        eprintln!("krun: job directory: {e}");
+    }
+    inner.changed.notify_all();
+    loop {
+        match session.rx.recv::<NodeToLauncher>(&mut s) {
+            Ok(NodeToLauncher::View {
+                epoch,
+                members,
+                failures,
+            }) => {
+                let mut st = inner.state.lock().expect("hub lock");
+                for (e, n) in failures {
+                    let planned = st.links.get(&n).is_some_and(|l| l.bye);
+                    if st.reported.insert(e) && !planned {
+                        eprintln!("krun: node {n} failed at epoch {e}");
+                    }
+                }
+                if epoch >= st.epoch {
+                    st.epoch = epoch;
+                    st.members = members;
+                }
+                drop(st);
+                inner.changed.notify_all();
+            }
+            Ok(NodeToLauncher::Bye) => {
+                if let Some(l) = inner.state.lock().expect("hub lock").links.get_mut(&node) {
+                    l.bye = true;
+                    l.writer = None;
+                }
+            }
+            Ok(NodeToLauncher::Register(_)) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+fn launcher_request(inner: &Arc<Inner>, req: LauncherRequest) -> LauncherReply {
+    match req {
+        LauncherRequest::AddNode { host } => match add_node(inner, host) {
+            Ok((node, epoch)) => LauncherReply::Added { node, epoch },
+            Err(e) => LauncherReply::Refused(e),
+        },
+        LauncherRequest::DrainNode { node } => match drain_node(inner, node) {
+            Ok(moved) => LauncherReply::Drained { node, moved },
+            Err(e) => LauncherReply::Refused(e),
+        },
+    }
+}
+
+/// Waits until `done` holds for the newest view (or the time is up).
+fn wait_view(
+    inner: &Inner,
+    timeout: Duration,
+    done: impl Fn(&State) -> bool,
+) -> std::result::Result<u64, String> {
+    let deadline = Instant::now() + timeout;
+    let mut st = inner.state.lock().expect("hub lock");
+    while !done(&st) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the membership did not get there within {timeout:?} (epoch {}, members {:?})",
+                st.epoch, st.members
+            ));
+        }
+        st = inner.changed.wait_timeout(st, left).expect("hub lock").0;
+    }
+    Ok(st.epoch)
+}
+
+fn add_node(
+    inner: &Arc<Inner>,
+    host: Option<String>,
+) -> std::result::Result<(NodeId, u64), String> {
+    let (node, args) = {
+        let mut st = inner.state.lock().expect("hub lock");
+        let contacts: Vec<String> = st
+            .links
+            .values()
+            .filter(|l| !l.bye && st.members.contains(&l.addresses.node))
+            .map(|l| format!("{}={}", l.addresses.node, l.addresses.adaptation))
+            .collect();
+        if contacts.is_empty() {
+            return Err("no live member to join through".into());
+        }
+        let node = st
+            .links
+            .keys()
+            .chain(st.reserved.iter())
+            .max()
+            .map_or(0, |m| m + 1);
+        st.reserved.insert(node);
+        let mut args = vec![
+            "--join".to_string(),
+            contacts.join(","),
+            "--node-id".into(),
+            node.to_string(),
+            "--job-ranks".into(),
+            inner.job_ranks.to_string(),
+        ];
+        if host.is_none() {
+            args.extend(["--bind".to_string(), inner.advertised.to_string()]);
+        }
+        (node, args)
+    };
+    inner
+        .to_start
+        .lock()
+        .expect("start lock")
+        .send(NodeToStart {
+            node,
+            host: host.clone(),
+            args,
+        })
+        .map_err(|_| "the job is ending".to_string())?;
+    let epoch = wait_view(inner, Duration::from_secs(60), |st| {
+        st.members.contains(&node)
+    })?;
+    Ok((node, epoch))
+}
+
+fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>, String> {
+    let (members, via) = {
+        let st = inner.state.lock().expect("hub lock");
+        if !st.links.contains_key(&node) {
+            return Err(format!(
+                "node {node} is not a node of this job (nodes: {:?})",
+                st.links.keys().collect::<Vec<_>>()
+            ));
+        }
+        if !st.members.contains(&node) {
+            return Err(format!(
+                "node {node} is not a member any more (members {:?})",
+                st.members
+            ));
+        }
+        if st.members.len() == 1 {
+            return Err(format!("node {node} is the last node of the job"));
+        }
+        let via: Vec<NodeAddresses> = st
+            .links
+            .values()
+            .filter(|l| {
+                l.addresses.node != node && !l.bye && st.members.contains(&l.addresses.node)
+            })
+            .map(|l| l.addresses.clone())
+            .collect();
+        (st.members.clone(), via)
+    };
+    // The table (which ranks run where) and the supervisors, from a member that stays.
+    let status = via
+        .iter()
+        .find_map(|a| {
+            match control::call::<_, ControlReply>(
+                &ControlTarget::Tcp(a.control_tcp.clone()),
+                &inner.secret,
+                &ControlRequest::Status,
+                Duration::from_secs(30),
+            ) {
+                Ok(ControlReply::Status(s)) => Some(s),
+                _ => None,
+            }
+        })
+        .ok_or_else(|| "no member that stays answered".to_string())?;
+    if status.supervisors.contains(&node) {
+        return Err(format!(
+            "node {node} is a supervisor (nodes {:?} agree on every change) and cannot leave",
+            status.supervisors
+        ));
+    }
+    let mut moved = Vec::new();
+    if inner.nodes_with_ranks.contains(&node) {
+        moved = move_ranks(inner, node, &members, &via, &status)?;
+    }
+    let mut last = String::from("no member answered");
+    for a in via {
+        let target = ControlTarget::Tcp(a.control_tcp.clone());
+        match control::call::<_, ControlReply>(
+            &target,
+            &inner.secret,
+            &ControlRequest::Leave { node },
+            Duration::from_secs(10),
+        ) {
+            Ok(ControlReply::Done(_)) => {
+                wait_view(inner, Duration::from_secs(60), |st| {
+                    !st.members.contains(&node)
+                })?;
+                return Ok(moved);
+            }
+            Ok(ControlReply::Refused(why)) => return Err(why),
+            Ok(other) => last = format!("node {}: unexpected answer {other:?}", a.node),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// Moves every rank running on `node` to the other nodes that run ranks (round robin): the
+/// node captures each and ends it, another starts it from its checkpoint.
+fn move_ranks(
+    inner: &Arc<Inner>,
+    node: NodeId,
+    members: &[NodeId],
+    via: &[NodeAddresses],
+    status: &super::status::NodeStatus,
+) -> std::result::Result<Vec<u64>, String> {
+    let ask = |a: &NodeAddresses, req: ControlRequest| -> std::result::Result<String, String> {
+        match control::call::<_, ControlReply>(
+            &ControlTarget::Tcp(a.control_tcp.clone()),
+            &inner.secret,
+            &req,
+            Duration::from_secs(60),
+        ) {
+            Ok(ControlReply::Done(s)) => Ok(s),
+            Ok(ControlReply::Refused(why)) => Err(format!("node {}: {why}", a.node)),
+            Ok(other) => Err(format!("node {}: unexpected answer {other:?}", a.node)),
+            Err(e) => Err(format!("node {}: {e}", a.node)),
+        }
+    };
+    let source = {
+        let st = inner.state.lock().expect("hub lock");
+        st.links
+            .get(&node)
+            .map(|l| l.addresses.clone())
+            .ok_or_else(|| format!("node {node} is not linked"))?
+    };
+    let targets: Vec<&NodeAddresses> = via
+        .iter()
+        .filter(|a| inner.nodes_with_ranks.contains(&a.node) && members.contains(&a.node))
+        .collect();
+    if targets.is_empty() {
+        return Err(format!(
+            "node {node} runs ranks and no other node runs ranks to take them"
+        ));
+    }
+    let ranks: Vec<u64> = status
+        .ranks
+        .iter()
+        .filter(|r| r.node == node && r.state == super::table::RankState::Running)
+        .map(|r| r.rank)
+        .collect();
+    // Every rank must be movable before the first one moves.
+    for &rank in &ranks {
+        ask(
+            &source,
+            ControlRequest::MigrateOut {
+                rank,
+                dry_run: true,
+            },
+        )?;
+    }
+    let mut moved = Vec::new();
+    for (i, &rank) in ranks.iter().enumerate() {
+        ask(
+            &source,
+            ControlRequest::MigrateOut {
+                rank,
+                dry_run: false,
+            },
+        )?;
+        ask(targets[i % targets.len()], ControlRequest::Adopt { rank })?;
+        moved.push(rank);
+    }
+    Ok(moved)
+}

@@ -1,0 +1,250 @@
+//! The node's window on the adaptation membership: follows the driver's events, answers
+//! waiting process-table requests, tells `krun` every agreed view, and after an agreed
+//! failure marks the dead node's ranks lost (once, by the lowest surviving member).
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use adaptation::daemon::{Driver, DriverEvent, DriverHandle, ViewSnapshot};
+use adaptation::service::RequestId;
+use adaptation::{Change, NodeId};
+use fabric::wire::FrameWriter;
+
+use super::control::NodeToLauncher;
+use super::status::ChangeInfo;
+use super::table::{encode_op, parse_answer, TableAnswer, TableOp, TABLE_SERVICE};
+use crate::error::{LauncherError, Result};
+
+/// State shared by the node's threads.
+pub struct Shared {
+    pub me: NodeId,
+    /// Ranks of the job (rows 0..job_ranks of the process table).
+    pub job_ranks: AtomicU64,
+    view: Mutex<Option<ViewSnapshot>>,
+    waiters: Mutex<HashMap<RequestId, Sender<Vec<u8>>>>,
+    /// The link to `krun`, when there is one.
+    launcher: Mutex<Option<(std::net::TcpStream, FrameWriter)>>,
+    /// The node's work is over: views are no longer reported.
+    finished: AtomicBool,
+    stop: (Mutex<Option<String>>, Condvar),
+    seq: AtomicU64,
+    /// The node's rank runner, for ranks moved in or out.
+    pub rank_commands: Mutex<Option<Sender<crate::ranks::RankCommand>>>,
+    /// Ranks were moved away from this node: it is being drained.
+    pub drained: AtomicBool,
+    /// Ranks that said hello on the rank socket: they use the rank library (the fabric).
+    pub linked_ranks: Mutex<BTreeSet<u64>>,
+}
+
+impl Shared {
+    pub fn new(me: NodeId, job_ranks: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            me,
+            job_ranks: AtomicU64::new(job_ranks),
+            view: Mutex::new(None),
+            waiters: Mutex::new(HashMap::new()),
+            launcher: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            stop: (Mutex::new(None), Condvar::new()),
+            seq: AtomicU64::new(1),
+            rank_commands: Mutex::new(None),
+            drained: AtomicBool::new(false),
+            linked_ranks: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn set_launcher(&self, stream: std::net::TcpStream, writer: FrameWriter) {
+        *self.launcher.lock().expect("launcher lock") = Some((stream, writer));
+    }
+
+    /// Sends to `krun`; a lost link is dropped quietly (krun is gone or will notice).
+    pub fn tell_launcher(&self, msg: &NodeToLauncher) {
+        let mut guard = self.launcher.lock().expect("launcher lock");
+        if let Some((s, w)) = guard.as_mut() {
+            if w.send(s, msg).is_err() {
+                *guard = None;
+            }
+        }
+    }
+
+    /// The node's work is over: say goodbye to `krun` and stop reporting views.
+    pub fn finish(&self) {
+        if !self.finished.swap(true, Ordering::SeqCst) {
+            self.tell_launcher(&NodeToLauncher::Bye);
+        }
+    }
+
+    /// Asks the node to end (`krun` said so or went away, or the membership dropped it).
+    pub fn request_stop(&self, why: String) {
+        let (m, c) = &self.stop;
+        let mut g = m.lock().expect("stop lock");
+        if g.is_none() {
+            *g = Some(why);
+        }
+        c.notify_all();
+    }
+
+    /// Waits until [`Shared::request_stop`]; returns why.
+    pub fn wait_stop(&self) -> String {
+        let (m, c) = &self.stop;
+        let mut g = m.lock().expect("stop lock");
+        while g.is_none() {
+            g = c.wait(g).expect("stop lock");
+        }
+        g.clone().unwrap_or_default()
+    }
+
+    /// As [`Shared::wait_stop`], giving up after `timeout`.
+    pub fn wait_stop_timeout(&self, timeout: Duration) -> Option<String> {
+        let (m, c) = &self.stop;
+        let g = m.lock().expect("stop lock");
+        let (g, _) = c
+            .wait_timeout_while(g, timeout, |g| g.is_none())
+            .expect("stop lock");
+        g.clone()
+    }
+
+    pub fn latest_view(&self) -> Option<ViewSnapshot> {
+        self.view.lock().expect("view lock").clone()
+    }
+}
+
+/// Every agreed change with the epoch it leads to.
+pub fn changes(view: &ViewSnapshot) -> Vec<ChangeInfo> {
+    view.changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ChangeInfo {
+            epoch: i as u64 + 1,
+            kind: match c {
+                Change::Join { .. } => "join",
+                Change::Leave { .. } => "leave",
+                Change::Fail { .. } => "fail",
+            }
+            .into(),
+            node: c.node(),
+        })
+        .collect()
+}
+
+/// Requests to the process table through this node's adaptation node.
+#[derive(Clone)]
+pub struct TableClient {
+    pub handle: DriverHandle,
+    pub shared: Arc<Shared>,
+}
+
+impl TableClient {
+    /// Submits `op` for `rank`; the answer comes through [`TableClient::wait`].
+    pub fn submit(&self, rank: u64, op: &TableOp) -> Result<mpsc::Receiver<Vec<u8>>> {
+        let id = RequestId {
+            origin: self.shared.me,
+            client: 1,
+            seq: self.shared.seq.fetch_add(1, Ordering::SeqCst),
+        };
+        let (tx, rx) = mpsc::channel();
+        self.shared
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(id, tx);
+        if let Err(e) = self.handle.submit(id, TABLE_SERVICE, rank, encode_op(op)) {
+            self.shared
+                .waiters
+                .lock()
+                .expect("waiters lock")
+                .remove(&id);
+            return Err(adapt_err(e));
+        }
+        Ok(rx)
+    }
+
+    pub fn wait(rx: &mpsc::Receiver<Vec<u8>>, timeout: Duration) -> Option<TableAnswer> {
+        rx.recv_timeout(timeout).ok().and_then(|p| parse_answer(&p))
+    }
+
+    /// One request, waiting up to `timeout` for its answer.
+    pub fn request(&self, rank: u64, op: &TableOp, timeout: Duration) -> Result<TableAnswer> {
+        let rx = self.submit(rank, op)?;
+        Self::wait(&rx, timeout).ok_or_else(|| LauncherError::Node {
+            node: self.shared.me as usize,
+            message: format!("the process table did not answer for rank {rank} in {timeout:?}"),
+        })
+    }
+}
+
+pub fn adapt_err(e: adaptation::AdaptError) -> LauncherError {
+    LauncherError::Usage(format!("adaptation layer: {e}"))
+}
+
+/// Follows the driver's events until it stops (runs on its own thread).
+pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
+    let shared = table.shared.clone();
+    let mut handled_failures: BTreeSet<u64> = BTreeSet::new();
+    while let Ok(event) = driver.events().recv() {
+        match event {
+            DriverEvent::Response { id, payload } => {
+                if let Some(tx) = shared.waiters.lock().expect("waiters lock").remove(&id) {
+                    let _ = tx.send(payload);
+                }
+            }
+            DriverEvent::Stable(view) => {
+                let failures: Vec<(u64, NodeId)> = changes(&view)
+                    .into_iter()
+                    .filter(|c| c.kind == "fail")
+                    .map(|c| (c.epoch, c.node))
+                    .collect();
+                let lowest = view.members.first().copied();
+                for &(epoch, node) in &failures {
+                    if handled_failures.insert(epoch) && lowest == Some(shared.me) {
+                        mark_lost(table.clone(), node);
+                    }
+                }
+                if verbose {
+                    eprintln!(
+                        "krund: node {}: stable at epoch {} members {:?}",
+                        shared.me, view.epoch, view.members
+                    );
+                }
+                if !shared.finished.load(Ordering::SeqCst) {
+                    shared.tell_launcher(&NodeToLauncher::View {
+                        epoch: view.epoch,
+                        members: view.members.clone(),
+                        failures,
+                    });
+                }
+                *shared.view.lock().expect("view lock") = Some(view);
+            }
+            DriverEvent::Phase { epoch, phase } => {
+                if verbose {
+                    eprintln!("krund: node {}: epoch {epoch} {phase}", shared.me);
+                }
+            }
+            DriverEvent::Log(line) => {
+                if verbose {
+                    eprintln!("krund: node {}: {line}", shared.me);
+                }
+            }
+            DriverEvent::Stopped { reason } => {
+                shared.request_stop(format!("out of the membership: {reason}"));
+                break;
+            }
+        }
+    }
+    let _ = driver.join();
+}
+
+/// Marks the ranks of a failed node lost (in the background: the table may be migrating).
+fn mark_lost(table: TableClient, node: NodeId) {
+    std::thread::spawn(move || {
+        let n = table.shared.job_ranks.load(Ordering::SeqCst);
+        let pending: Vec<_> = (0..n)
+            .filter_map(|r| table.submit(r, &TableOp::MarkLost { node }).ok())
+            .collect();
+        for rx in pending {
+            let _ = TableClient::wait(&rx, Duration::from_secs(30));
+        }
+    });
+}

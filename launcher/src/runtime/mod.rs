@@ -1,0 +1,540 @@
+//! The node runtime hosted by every krund node process.
+//!
+//! - [`membership`]: an adaptation node in-process ([`adaptation::daemon::Driver`]), the
+//!   job's one source of truth for membership; agreed views go to `krun`.
+//! - [`table`]: the process table, an adaptation service (rank -> node, pid, state,
+//!   incarnation, newest checkpoint and the levels it is safe at).
+//! - [`control`]: the node's control sockets (Unix for this host, TCP for `krun` on
+//!   another) and the rank socket (`KRUN_NODE_SOCKET`).
+//! - [`status`]: what `krun status` shows; [`jobdir`]: where a running job is found.
+//!
+//! # The checkpoint agent
+//! The store's agent ([`agent::Agent`], `runtime/agent.rs`) plugs in as the runtime's
+//! [`CheckpointAgent`] through [`store_link::StoreAgent`], handed to [`Bound::start`] in
+//! [`RuntimeConfig::agent`]. When a rank reports `Checkpointed{rank, version, image, bytes}`
+//! on its node socket, the runtime calls [`CheckpointAgent::checkpointed`] (the image goes
+//! into the node's store; L1 when it returns) and records the version in the process table;
+//! the agent's later reports (L2 and slower) reach the table through
+//! [`Runtime::follow_agent`]; `krun status` fills its store slots from
+//! [`CheckpointAgent::store_use`]. krund does not start a store node yet, so its runtime runs
+//! without an agent: a reported checkpoint is recorded as known but safe nowhere.
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adaptation::daemon::{DaemonConfig, Driver};
+use adaptation::NodeId;
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Protocol, Session};
+
+use crate::error::{LauncherError, Result};
+use crate::ranks::RankEvent;
+
+pub mod agent;
+pub mod control;
+pub mod hub;
+pub mod jobdir;
+pub mod membership;
+pub mod migrate;
+pub mod status;
+pub mod store_link;
+pub mod table;
+
+use control::{
+    ControlReply, ControlRequest, LauncherToNode, NodeAddresses, NodeToLauncher, NodeToRank,
+    RankToNode,
+};
+use membership::{Shared, TableClient};
+use status::{LevelUse, NodeStatus, SafeCheckpoint};
+use table::{RankState, TableOp};
+
+/// Moves a rank's checkpoint images into the store (implemented by the store's agent).
+pub trait CheckpointAgent: Send + Sync {
+    /// `rank` wrote checkpoint `version` to `image` (`bytes` long): put it in the store.
+    /// Returns the levels (1-4) the version is safe at now.
+    fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>>;
+    /// Store use per level and the newest version safe per level, for `krun status`.
+    fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
+        (Vec::new(), Vec::new())
+    }
+}
+
+/// How a node's runtime starts.
+pub struct RuntimeConfig {
+    pub node: NodeId,
+    /// Where this node listens (adaptation links and the TCP control socket).
+    pub bind: IpAddr,
+    /// `krun`'s runtime listener, to register with and report views to.
+    pub launcher: Option<SocketAddr>,
+    /// Ranks of the job.
+    pub job_ranks: u64,
+    pub secret: ClusterSecret,
+    pub agent: Option<Arc<dyn CheckpointAgent>>,
+    /// Log the membership's steps to stderr (`KRUN_RUNTIME_VERBOSE`).
+    pub verbose: bool,
+}
+
+/// A node runtime whose adaptation listener is bound (its address goes to the other nodes
+/// before the node starts).
+pub struct Bound {
+    cfg: RuntimeConfig,
+    listener: TcpListener,
+    addr: String,
+}
+
+/// The runtime of one node: its adaptation node, process table, sockets and link to krun.
+pub struct Runtime {
+    pub node: NodeId,
+    shared: Arc<Shared>,
+    table: TableClient,
+    dir: PathBuf,
+    rank_socket: PathBuf,
+    addresses: NodeAddresses,
+    events: Sender<RankEvent>,
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> LauncherError {
+    move |e| LauncherError::Io { context, source: e }
+}
+
+impl Runtime {
+    /// Binds the node's adaptation listener.
+    pub fn bind(cfg: RuntimeConfig) -> Result<Bound> {
+        let listener =
+            TcpListener::bind((cfg.bind, 0)).map_err(io(format!("listening on {}", cfg.bind)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("reading the adaptation address".into()))?
+            .to_string();
+        Ok(Bound {
+            cfg,
+            listener,
+            addr,
+        })
+    }
+
+    /// Where this node's ranks reach it (`KRUN_NODE_SOCKET`).
+    pub fn rank_socket(&self) -> &Path {
+        &self.rank_socket
+    }
+
+    pub fn addresses(&self) -> &NodeAddresses {
+        &self.addresses
+    }
+
+    /// Where the node's rank runner reports starts and exits (they update the table).
+    pub fn rank_events(&self) -> Sender<RankEvent> {
+        self.events.clone()
+    }
+
+    /// The node's work is over: tell krun (its departure is not a failure).
+    pub fn finish(&self) {
+        self.shared.finish();
+    }
+
+    /// True when a node left or failed, or this one was drained: a job-wide barrier of the
+    /// initial nodes cannot complete any more.
+    pub fn membership_shrank(&self) -> bool {
+        self.was_drained()
+            || self.shared.latest_view().is_some_and(|v| {
+                v.changes.iter().any(|c| {
+                    matches!(
+                        c,
+                        adaptation::Change::Fail { .. } | adaptation::Change::Leave { .. }
+                    )
+                })
+            })
+    }
+
+    /// This node's ranks were moved away (`krun node drain`).
+    pub fn was_drained(&self) -> bool {
+        self.shared.drained.load(Ordering::SeqCst)
+    }
+
+    /// Connects the node's rank runner: ranks can now be moved in and out.
+    pub fn set_rank_commands(&self, tx: Sender<crate::ranks::RankCommand>) {
+        *self.shared.rank_commands.lock().expect("commands lock") = Some(tx);
+    }
+
+    /// Applies the store agent's reports to the process table (a version safe at a slower
+    /// level; a failed level is logged), until the agent ends.
+    pub fn follow_agent(&self, events: mpsc::Receiver<agent::AgentEvent>) {
+        let table = self.table.clone();
+        let me = self.node;
+        std::thread::spawn(move || {
+            for e in events {
+                match e {
+                    agent::AgentEvent::Safe {
+                        rank,
+                        version,
+                        level,
+                        ..
+                    } => {
+                        let op = TableOp::Checkpointed {
+                            version,
+                            levels: vec![store_link::level_number(level)],
+                        };
+                        if let Err(e) = table.request(u64::from(rank), &op, Duration::from_secs(30))
+                        {
+                            eprintln!("krund: node {me}: process table: {e}");
+                        }
+                    }
+                    agent::AgentEvent::Failed {
+                        rank,
+                        version,
+                        level,
+                        error,
+                    } => eprintln!(
+                        "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
+                        store_link::level_number(level)
+                    ),
+                }
+            }
+        });
+    }
+
+    /// Waits (at most `timeout`) until krun stops the node or the membership drops it.
+    pub fn wait_stop_timeout(&self, timeout: Duration) -> Option<String> {
+        self.shared.wait_stop_timeout(timeout)
+    }
+
+    /// Waits until krun stops the node or the membership drops it; returns why.
+    pub fn wait_stop(&self) -> String {
+        self.shared.wait_stop()
+    }
+
+    /// The process table's row for `rank`.
+    pub fn row(&self, rank: u64) -> Result<table::TableAnswer> {
+        self.table
+            .request(rank, &TableOp::Get, Duration::from_secs(10))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bound {
+    pub fn adaptation_addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Starts the node: `peers` are the other initial members (or, with `join`, the nodes
+    /// this one announces itself to).
+    pub fn start(self, peers: BTreeMap<NodeId, String>, join: bool) -> Result<Runtime> {
+        let Bound {
+            cfg,
+            listener,
+            addr,
+        } = self;
+        let me = cfg.node;
+        let pid = std::process::id();
+        remove_stale_node_dirs();
+        // One directory per runtime (a process may host several, as tests do).
+        static RUNTIMES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNTIMES.fetch_add(1, Ordering::SeqCst);
+        let dir = jobdir::base_dir().join(format!("node-{pid}-{n}"));
+        jobdir::private_dir(&dir)?;
+        let rank_socket = dir.join("ranks.sock");
+        let control_socket = dir.join("control.sock");
+        let driver = Driver::start(
+            DaemonConfig {
+                id: me,
+                listen: addr.clone(),
+                peers,
+                supervisors: Vec::new(),
+                join,
+                tick: Duration::from_millis(10),
+                seed: u64::from(me),
+            },
+            listener,
+            cfg.secret.clone(),
+            vec![Box::new(table::ProcessTable::new())],
+        )
+        .map_err(membership::adapt_err)?;
+        let shared = Shared::new(me, cfg.job_ranks);
+        let table = TableClient {
+            handle: driver.handle(),
+            shared: shared.clone(),
+        };
+        let control_tcp =
+            TcpListener::bind((cfg.bind, 0)).map_err(io(format!("listening on {}", cfg.bind)))?;
+        let addresses = NodeAddresses {
+            node: me,
+            pid,
+            host: hostname(),
+            control_tcp: control_tcp
+                .local_addr()
+                .map_err(io("reading the control address".into()))?
+                .to_string(),
+            control_unix: control_socket.to_string_lossy().into_owned(),
+            adaptation: addr,
+        };
+        {
+            let table = table.clone();
+            let verbose = cfg.verbose;
+            std::thread::spawn(move || membership::watch(driver, table, verbose));
+        }
+        let info = addresses.clone();
+        let agent = cfg.agent.clone();
+        {
+            let table = table.clone();
+            let agent = agent.clone();
+            control::serve(
+                Some(control::bind_unix(&control_socket)?),
+                Some(control_tcp),
+                cfg.secret.clone(),
+                Protocol::Runtime,
+                "krund: control socket",
+                move |req: ControlRequest| control_request(&table, &info, agent.as_deref(), req),
+            );
+        }
+        {
+            let table = table.clone();
+            control::serve(
+                Some(control::bind_unix(&rank_socket)?),
+                None,
+                cfg.secret.clone(),
+                Protocol::Rank,
+                "krund: rank socket",
+                move |msg: RankToNode| rank_message(&table, agent.as_deref(), msg),
+            );
+        }
+        if let Some(addr) = cfg.launcher {
+            connect_launcher(addr, &cfg.secret, &addresses, shared.clone())?;
+            // The view the node starts in (a joiner: the view it knows before it is in).
+            if let Ok(view) = table.handle.view() {
+                if !join {
+                    shared.tell_launcher(&NodeToLauncher::View {
+                        epoch: view.epoch,
+                        members: view.members,
+                        failures: Vec::new(),
+                    });
+                }
+            }
+        }
+        let (events, rx) = mpsc::channel::<RankEvent>();
+        {
+            let table = table.clone();
+            std::thread::spawn(move || {
+                for e in rx {
+                    let (rank, op) = match e {
+                        RankEvent::Started { rank, pid } => {
+                            (rank, TableOp::Register { node: me, pid })
+                        }
+                        RankEvent::Exited { rank, code } => {
+                            (rank, TableOp::SetState(RankState::Exited(code)))
+                        }
+                    };
+                    if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
+                        eprintln!("krund: node {me}: process table: {e}");
+                    }
+                }
+            });
+        }
+        Ok(Runtime {
+            node: me,
+            shared,
+            table,
+            dir,
+            rank_socket,
+            addresses,
+            events,
+        })
+    }
+}
+
+/// Removes the directories of node runtimes whose process is gone (a SIGKILLed krund
+/// cannot clean up after itself).
+fn remove_stale_node_dirs() {
+    let Ok(entries) = std::fs::read_dir(jobdir::base_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("node-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Registers with krun and follows what krun says (a `Stop`, or the link closing).
+fn connect_launcher(
+    addr: SocketAddr,
+    secret: &ClusterSecret,
+    me: &NodeAddresses,
+    shared: Arc<Shared>,
+) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(io(format!("connecting to krun at {addr}")))?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("configuring the krun link".into()))?;
+    let mut session =
+        Session::client(&mut s, secret, Protocol::Runtime).map_err(|e| LauncherError::Node {
+            node: me.node as usize,
+            message: format!("krun at {addr}: {e}"),
+        })?;
+    session
+        .tx
+        .send(&mut s, &NodeToLauncher::Register(me.clone()))
+        .map_err(|e| LauncherError::Node {
+            node: me.node as usize,
+            message: format!("registering with krun: {e}"),
+        })?;
+    s.set_read_timeout(None)
+        .map_err(io("configuring the krun link".into()))?;
+    let mut reader = s.try_clone().map_err(io("cloning the krun link".into()))?;
+    shared.set_launcher(s, session.tx);
+    let mut rx = session.rx;
+    std::thread::spawn(move || {
+        let why = match rx.recv::<LauncherToNode>(&mut reader) {
+            Ok(LauncherToNode::Stop) => "krun stopped the node".to_string(),
+            Err(e) => format!("the link to krun ended: {e}"),
+        };
+        shared.request_stop(why);
+    });
+    Ok(())
+}
+
+fn control_request(
+    table: &TableClient,
+    me: &NodeAddresses,
+    agent: Option<&dyn CheckpointAgent>,
+    req: ControlRequest,
+) -> ControlReply {
+    match req {
+        ControlRequest::Status => match node_status(table, me, agent) {
+            Ok(s) => ControlReply::Status(Box::new(s)),
+            Err(e) => ControlReply::Refused(e.to_string()),
+        },
+        ControlRequest::Leave { node } => match table.handle.request_leave(node) {
+            Ok(()) => ControlReply::Done(format!("node {node} asked to leave")),
+            Err(e) => ControlReply::Refused(e.to_string()),
+        },
+        ControlRequest::MigrateOut { rank, dry_run } => {
+            match migrate::out(table, me.node, rank, dry_run) {
+                Ok(done) => ControlReply::Done(done),
+                Err(e) => ControlReply::Refused(e),
+            }
+        }
+        ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
+            Ok(done) => ControlReply::Done(done),
+            Err(e) => ControlReply::Refused(e),
+        },
+    }
+}
+
+/// This node's view and every rank's row.
+fn node_status(
+    table: &TableClient,
+    me: &NodeAddresses,
+    agent: Option<&dyn CheckpointAgent>,
+) -> Result<NodeStatus> {
+    let view = table.handle.view().map_err(membership::adapt_err)?;
+    let n = table.shared.job_ranks.load(Ordering::SeqCst);
+    let pending: Vec<(u64, Result<mpsc::Receiver<Vec<u8>>>)> = (0..n)
+        .map(|r| (r, table.submit(r, &TableOp::Get)))
+        .collect();
+    let mut ranks = Vec::new();
+    let mut unanswered = Vec::new();
+    for (rank, rx) in pending {
+        match rx
+            .ok()
+            .and_then(|rx| TableClient::wait(&rx, Duration::from_secs(5)))
+            .and_then(|a| a.record)
+        {
+            Some(r) => ranks.push(r),
+            None => unanswered.push(rank),
+        }
+    }
+    let (store, newest_safe) = agent.map(|a| a.store_use()).unwrap_or_default();
+    Ok(NodeStatus {
+        node: me.node,
+        pid: me.pid,
+        host: me.host.clone(),
+        epoch: view.epoch,
+        stable: view.stable,
+        members: view.members.clone(),
+        cells: view.cells.clone(),
+        supervisors: view.supervisors.clone(),
+        changes: membership::changes(&view),
+        ranks,
+        unanswered,
+        store,
+        newest_safe,
+    })
+}
+
+fn rank_message(
+    table: &TableClient,
+    agent: Option<&dyn CheckpointAgent>,
+    msg: RankToNode,
+) -> NodeToRank {
+    match msg {
+        RankToNode::Hello { rank, .. } => {
+            table
+                .shared
+                .linked_ranks
+                .lock()
+                .expect("linked lock")
+                .insert(u64::from(rank));
+            NodeToRank::Ack
+        }
+        RankToNode::Exiting { .. } => NodeToRank::Ack,
+        RankToNode::Checkpointed {
+            rank,
+            version,
+            image,
+            bytes,
+        } => {
+            // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
+            // store and says where it is safe; without one the version is recorded as known
+            // but safe nowhere yet.
+            let levels = match agent {
+                Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
+                    Ok(l) => l,
+                    Err(e) => return NodeToRank::Refused(e.to_string()),
+                },
+                None => Vec::new(),
+            };
+            match table.request(
+                u64::from(rank),
+                &TableOp::Checkpointed { version, levels },
+                Duration::from_secs(10),
+            ) {
+                Ok(a) => match a.error {
+                    None => NodeToRank::Ack,
+                    Some(e) => NodeToRank::Refused(e),
+                },
+                Err(e) => NodeToRank::Refused(e.to_string()),
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The checkpoint store's agent ([`super::agent::Agent`]) plugged into the runtime as its
+//! [`CheckpointAgent`]: a rank's `Checkpointed` puts the image into the node's store (L1
+//! when the call returns), the agent's later [`super::agent::AgentEvent`]s (L2 and slower) reach the
+//! process table through [`super::Runtime::follow_agent`], and `krun status` gets the
+//! store's use per level and the newest version safe per level.
+use std::path::Path;
+
+use ckpt_store::Level;
+
+use super::agent::Agent;
+use super::status::{LevelUse, SafeCheckpoint};
+use super::CheckpointAgent;
+use crate::error::Result;
+
+/// The level's number as `krun status` shows it (1-4).
+pub fn level_number(level: Level) -> u8 {
+    level as u8 + 1
+}
+
+/// A node's store agent, for the ranks `0..job_ranks`.
+pub struct StoreAgent {
+    agent: Agent,
+    job_ranks: u32,
+}
+
+impl StoreAgent {
+    pub fn new(agent: Agent, job_ranks: u32) -> StoreAgent {
+        StoreAgent { agent, job_ranks }
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+impl CheckpointAgent for StoreAgent {
+    fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>> {
+        self.agent.on_checkpointed(rank, version, image, bytes)?;
+        Ok(vec![level_number(Level::L1)])
+    }
+
+    /// Bytes per level on this node, and per level the newest version safe for every rank
+    /// whose images this node's store knows (the oldest of their newest).
+    fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
+        let u = self.agent.usage();
+        let used = [u.l1, u.l2_held, u.l3_parity, u.l4_disk];
+        let levels = Level::ALL
+            .iter()
+            .zip(used)
+            .map(|(&l, bytes)| LevelUse {
+                level: level_number(l),
+                bytes,
+            })
+            .collect();
+        let newest: Vec<_> = (0..self.job_ranks)
+            .map(|r| self.agent.newest_safe(r))
+            .collect();
+        let safe = Level::ALL
+            .iter()
+            .filter_map(|&l| {
+                newest
+                    .iter()
+                    .filter_map(|n| n.at(l))
+                    .min()
+                    .map(|version| SafeCheckpoint {
+                        level: level_number(l),
+                        version,
+                    })
+            })
+            .collect();
+        (levels, safe)
+    }
+}
