@@ -341,7 +341,8 @@ fn merge_rounds(rounds: &[Vec<Row>]) -> Vec<(Row, Vec<f64>)> {
     type Cols = Vec<[Option<f64>; 3]>;
     let mut out: Vec<(Row, Cols)> = Vec::new();
     for r in rounds.iter().flatten() {
-        let key = |x: &Row| (x.backend, x.provider, x.op, x.size);
+        // A 4 KiB latency row and a 4 KiB bandwidth row are different rows.
+        let key = |x: &Row| (x.backend, x.provider, x.op, x.size, x.lat_p50_us.is_some());
         let vals = [r.lat_p50_us, r.lat_p99_us, r.bw_gbs];
         match out.iter_mut().find(|(x, _)| key(x) == key(r)) {
             Some((_, v)) => v.push(vals),
@@ -999,8 +1000,24 @@ mod tests {
             lat_p99_us: Some(p50 * 2.0),
             bw_gbs: None,
         };
-        let merged = merge_rounds(&[vec![row(3.0)], vec![row(1.0)], vec![row(2.0)]]);
-        assert_eq!(merged.len(), 1);
+        let bw = Row {
+            lat_p50_us: None,
+            lat_p99_us: None,
+            bw_gbs: Some(5.0),
+            ..row(0.0)
+        };
+        let merged = merge_rounds(&[
+            vec![row(3.0), bw.clone()],
+            vec![row(1.0), bw.clone()],
+            vec![row(2.0), bw],
+        ]);
+        assert_eq!(
+            merged.len(),
+            2,
+            "latency and bandwidth rows of one size stay apart"
+        );
+        assert_eq!(merged[1].0.bw_gbs, Some(5.0));
+        assert_eq!(merged[1].0.lat_p50_us, None);
         assert_eq!(merged[0].0.lat_p50_us, Some(2.0));
         assert_eq!(merged[0].1.len(), 3);
     }
