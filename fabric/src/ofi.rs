@@ -577,7 +577,7 @@ fn shm_pid(raw: &[u8]) -> Option<u32> {
 /// every 64th time. Yielding on every poll hands the core to any other runnable task for its
 /// whole slice, which on a loaded node turned 1.5 us operations into 60-70 us ones.
 fn hot_pause(spins: u32) {
-    if spins % 64 == 0 {
+    if spins.is_multiple_of(64) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
