@@ -37,12 +37,28 @@ pub enum ControlRequest {
     MigrateOut { rank: u64, dry_run: bool },
     /// Start `rank` here from its newest checkpoint (moved from another node).
     Adopt { rank: u64 },
+    /// Read `version` of `rank`'s image back from the checkpoint store (the fastest valid
+    /// copy, as a restart would) and say where it came from.
+    Fetch { rank: u32, version: u64 },
+}
+
+/// Where a fetched checkpoint image came from ([`ControlRequest::Fetch`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchInfo {
+    pub rank: u32,
+    pub version: u64,
+    /// The level (1-4) that served it.
+    pub level: u8,
+    /// The node whose memory or disk held it.
+    pub node: u64,
+    pub bytes: u64,
 }
 
 /// A krund node's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlReply {
     Status(Box<NodeStatus>),
+    Fetched(FetchInfo),
     Done(String),
     Refused(String),
 }

@@ -36,7 +36,12 @@ pub struct Shared {
     pub drained: AtomicBool,
     /// Ranks that said hello on the rank socket: they use the rank library (the fabric).
     pub linked_ranks: Mutex<BTreeSet<u64>>,
+    /// Called with every stable view (the store's agent follows failed nodes).
+    pub view_hooks: Mutex<Vec<ViewHook>>,
 }
+
+/// A callback on every stable view.
+pub type ViewHook = Box<dyn Fn(&ViewSnapshot) + Send>;
 
 impl Shared {
     pub fn new(me: NodeId, job_ranks: u64) -> Arc<Shared> {
@@ -52,6 +57,7 @@ impl Shared {
             rank_commands: Mutex::new(None),
             drained: AtomicBool::new(false),
             linked_ranks: Mutex::new(BTreeSet::new()),
+            view_hooks: Mutex::new(Vec::new()),
         })
     }
 
@@ -214,6 +220,9 @@ pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
                         members: view.members.clone(),
                         failures,
                     });
+                }
+                for hook in shared.view_hooks.lock().expect("hooks lock").iter() {
+                    hook(&view);
                 }
                 *shared.view.lock().expect("view lock") = Some(view);
             }

@@ -16,15 +16,18 @@
 //! into the node's store; L1 when it returns) and records the version in the process table;
 //! the agent's later reports (L2 and slower) reach the table through
 //! [`Runtime::follow_agent`]; `krun status` fills its store slots from
-//! [`CheckpointAgent::store_use`]. krund does not start a store node yet, so its runtime runs
-//! without an agent: a reported checkpoint is recorded as known but safe nowhere.
+//! [`CheckpointAgent::store_use`]. krund starts a store node beside its ranks
+//! ([`store_node`]) and hands its agent over with [`Runtime::set_agent`] once the store is
+//! up (after [`Runtime::expect_agent`]: a checkpoint reported before then waits for it); a
+//! runtime without an agent records a reported checkpoint as known but safe nowhere.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use adaptation::daemon::{DaemonConfig, Driver};
 use adaptation::NodeId;
@@ -42,10 +45,11 @@ pub mod membership;
 pub mod migrate;
 pub mod status;
 pub mod store_link;
+pub mod store_node;
 pub mod table;
 
 use control::{
-    ControlReply, ControlRequest, LauncherToNode, NodeAddresses, NodeToLauncher, NodeToRank,
+    ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher, NodeToRank,
     RankToNode,
 };
 use membership::{Shared, TableClient};
@@ -60,6 +64,55 @@ pub trait CheckpointAgent: Send + Sync {
     /// Store use per level and the newest version safe per level, for `krun status`.
     fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
         (Vec::new(), Vec::new())
+    }
+    /// The agreed view lost `node`: reads skip it and its buddy duty moves on.
+    fn node_down(&self, _node: NodeId) -> Result<()> {
+        Ok(())
+    }
+    /// Reads `version` of `rank` back from the store (the fastest valid copy).
+    fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
+        Err(LauncherError::Checkpoint {
+            rank,
+            version,
+            what: "this node has no checkpoint store".into(),
+        })
+    }
+}
+
+/// The node's checkpoint agent: given at start, or set later (krund starts its store beside
+/// its ranks).
+#[derive(Default)]
+pub struct AgentSlot {
+    agent: Mutex<Option<Arc<dyn CheckpointAgent>>>,
+    changed: Condvar,
+    /// An agent is on its way: a checkpoint reported before it waits for it.
+    expected: AtomicBool,
+}
+
+impl AgentSlot {
+    pub fn get(&self) -> Option<Arc<dyn CheckpointAgent>> {
+        self.agent.lock().expect("agent lock").clone()
+    }
+
+    /// The agent, waiting (at most `timeout`) for one that is expected.
+    pub fn wait(&self, timeout: Duration) -> Option<Arc<dyn CheckpointAgent>> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.agent.lock().expect("agent lock");
+        while g.is_none() && self.expected.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.changed.wait_timeout(g, left).expect("agent lock").0;
+        }
+        g.clone()
+    }
+
+    fn set(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
+        let mut g = self.agent.lock().expect("agent lock");
+        *g = agent;
+        self.expected.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
     }
 }
 
@@ -95,6 +148,7 @@ pub struct Runtime {
     rank_socket: PathBuf,
     addresses: NodeAddresses,
     events: Sender<RankEvent>,
+    agent: Arc<AgentSlot>,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> LauncherError {
@@ -158,6 +212,59 @@ impl Runtime {
     /// Connects the node's rank runner: ranks can now be moved in and out.
     pub fn set_rank_commands(&self, tx: Sender<crate::ranks::RankCommand>) {
         *self.shared.rank_commands.lock().expect("commands lock") = Some(tx);
+    }
+
+    /// An agent will come ([`Runtime::set_agent`]): checkpoints reported until then wait.
+    pub fn expect_agent(&self) {
+        self.agent.expected.store(true, Ordering::SeqCst);
+    }
+
+    /// Plugs in the node's checkpoint agent (None: none will come); from now on every agreed
+    /// failure is passed to it ([`CheckpointAgent::node_down`]).
+    pub fn set_agent(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
+        if let Some(a) = &agent {
+            let a = a.clone();
+            let me = self.node;
+            let tell = move |view: &adaptation::daemon::ViewSnapshot| {
+                for c in membership::changes(view) {
+                    if c.kind == "fail" {
+                        if let Err(e) = a.node_down(c.node) {
+                            eprintln!("krund: node {me}: store: node {} down: {e}", c.node);
+                        }
+                    }
+                }
+            };
+            // Failures agreed before the agent came.
+            if let Some(v) = self.shared.latest_view() {
+                tell(&v);
+            }
+            self.shared
+                .view_hooks
+                .lock()
+                .expect("hooks lock")
+                .push(Box::new(tell));
+        }
+        self.agent.set(agent);
+    }
+
+    /// The node's checkpoint agent, if it has one.
+    pub fn agent(&self) -> Option<Arc<dyn CheckpointAgent>> {
+        self.agent.get()
+    }
+
+    /// The cells of the first stable view (waiting at most `timeout` for it), else of the
+    /// view the node is in now.
+    pub fn cells(&self, timeout: Duration) -> Result<Vec<Vec<NodeId>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.shared.latest_view() {
+                return Ok(v.cells);
+            }
+            if Instant::now() >= deadline {
+                return Ok(self.table.handle.view().map_err(membership::adapt_err)?.cells);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Applies the store agent's reports to the process table (a version safe at a slower
@@ -282,7 +389,8 @@ impl Bound {
             std::thread::spawn(move || membership::watch(driver, table, verbose));
         }
         let info = addresses.clone();
-        let agent = cfg.agent.clone();
+        let agent = Arc::new(AgentSlot::default());
+        agent.set(cfg.agent.clone());
         {
             let table = table.clone();
             let agent = agent.clone();
@@ -292,18 +400,19 @@ impl Bound {
                 cfg.secret.clone(),
                 Protocol::Runtime,
                 "krund: control socket",
-                move |req: ControlRequest| control_request(&table, &info, agent.as_deref(), req),
+                move |req: ControlRequest| control_request(&table, &info, agent.get().as_deref(), req),
             );
         }
         {
             let table = table.clone();
+            let agent = agent.clone();
             control::serve(
                 Some(control::bind_unix(&rank_socket)?),
                 None,
                 cfg.secret.clone(),
                 Protocol::Rank,
                 "krund: rank socket",
-                move |msg: RankToNode| rank_message(&table, agent.as_deref(), msg),
+                move |msg: RankToNode| rank_message(&table, &agent, msg),
             );
         }
         if let Some(addr) = cfg.launcher {
@@ -346,6 +455,7 @@ impl Bound {
             rank_socket,
             addresses,
             events,
+            agent,
         })
     }
 }
@@ -448,6 +558,16 @@ fn control_request(
             Ok(done) => ControlReply::Done(done),
             Err(e) => ControlReply::Refused(e),
         },
+        ControlRequest::Fetch { rank, version } => match agent {
+            Some(a) => match a.fetch(rank, version) {
+                Ok(f) => ControlReply::Fetched(f),
+                Err(e) => ControlReply::Refused(e.to_string()),
+            },
+            None => ControlReply::Refused(format!(
+                "node {} has no checkpoint store to fetch rank {rank} v{version} from",
+                me.node
+            )),
+        },
     }
 }
 
@@ -492,11 +612,7 @@ fn node_status(
     })
 }
 
-fn rank_message(
-    table: &TableClient,
-    agent: Option<&dyn CheckpointAgent>,
-    msg: RankToNode,
-) -> NodeToRank {
+fn rank_message(table: &TableClient, agent: &AgentSlot, msg: RankToNode) -> NodeToRank {
     match msg {
         RankToNode::Hello { rank, .. } => {
             table
@@ -517,7 +633,7 @@ fn rank_message(
             // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
             // store and says where it is safe; without one the version is recorded as known
             // but safe nowhere yet.
-            let levels = match agent {
+            let levels = match agent.wait(Duration::from_secs(60)) {
                 Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
                     Ok(l) => l,
                     Err(e) => return NodeToRank::Refused(e.to_string()),
