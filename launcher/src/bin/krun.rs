@@ -15,6 +15,7 @@ const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --ho
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
        krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
+       krun fetch RANK VERSION [--node N] [--job ID]   (read a checkpoint back from the store)
        krun config [--provider P] [--bind-to B]   (effective settings and their origin)
        krun ghost inspect|capture|restore|rollback|migrate ...
       krun hostlist expand EXPR
@@ -269,6 +270,55 @@ fn node(args: &[String]) -> Result<String, LauncherError> {
     }
 }
 
+const FETCH_USAGE: &str = "krun fetch RANK VERSION [--node N] [--job ID]";
+
+/// `krun fetch RANK VERSION [--node N] [--job ID]`: reads a rank's checkpoint image back
+/// from the job's checkpoint store through node N (or the first node that answers), as a
+/// restart would, and says which level and node served it.
+fn fetch(args: &[String]) -> Result<String, LauncherError> {
+    let (mut job, mut node, mut words) = (None, None, Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "--job" => job = Some(value("--job")?),
+            "--node" => {
+                let v = value("--node")?;
+                node =
+                    Some(v.parse().map_err(|_| {
+                        LauncherError::Usage(format!("--node {v:?} is not a node id"))
+                    })?);
+            }
+            w => words.push(w.to_string()),
+        }
+    }
+    let [rank, version] = words.as_slice() else {
+        return Err(LauncherError::Usage(FETCH_USAGE.into()));
+    };
+    let rank: u32 = rank
+        .parse()
+        .map_err(|_| LauncherError::Usage(format!("rank {rank:?} is not a number")))?;
+    let version: u64 = version
+        .trim_start_matches('v')
+        .parse()
+        .map_err(|_| LauncherError::Usage(format!("version {version:?} is not a number")))?;
+    let f = launcher::runtime::status::fetch(
+        job.as_deref(),
+        node,
+        rank,
+        version,
+        Duration::from_secs(30),
+    )?;
+    Ok(format!(
+        "rank {} v{}: {} bytes from L{} on node {}",
+        f.rank, f.version, f.bytes, f.level, f.node
+    ))
+}
+
 /// A subcommand: arguments in, text to print out.
 type Subcommand = fn(&[String]) -> Result<String, LauncherError>;
 
@@ -352,6 +402,7 @@ fn main() -> ExitCode {
         Some("hostlist") => Some(hostlist),
         Some("status") => Some(status),
         Some("node") => Some(node),
+        Some("fetch") => Some(fetch),
         Some("ghost") => Some(launcher::ghost_cli::run),
         _ => None,
     };

@@ -140,14 +140,26 @@ pub fn changes(view: &ViewSnapshot) -> Vec<ChangeInfo> {
 pub struct TableClient {
     pub handle: DriverHandle,
     pub shared: Arc<Shared>,
+    /// The client id of this node's requests: the table answers each (origin, client) in
+    /// sequence order and refuses an older one as stale, so threads that may write the same
+    /// rank's row at the same time use clients of their own ([`TableClient::as_client`]).
+    pub client: u32,
 }
 
 impl TableClient {
+    /// The same table through client id `client`.
+    pub fn as_client(&self, client: u32) -> TableClient {
+        TableClient {
+            client,
+            ..self.clone()
+        }
+    }
+
     /// Submits `op` for `rank`; the answer comes through [`TableClient::wait`].
     pub fn submit(&self, rank: u64, op: &TableOp) -> Result<mpsc::Receiver<Vec<u8>>> {
         let id = RequestId {
             origin: self.shared.me,
-            client: 1,
+            client: self.client,
             seq: self.shared.seq.fetch_add(1, Ordering::SeqCst),
         };
         let (tx, rx) = mpsc::channel();
@@ -247,6 +259,7 @@ pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
 
 /// Marks the ranks of a failed node lost (in the background: the table may be migrating).
 fn mark_lost(table: TableClient, node: NodeId) {
+    let table = table.as_client(super::TABLE_CLIENT_LOST);
     std::thread::spawn(move || {
         let n = table.shared.job_ranks.load(Ordering::SeqCst);
         let pending: Vec<_> = (0..n)

@@ -23,9 +23,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,12 +49,21 @@ pub mod store_node;
 pub mod table;
 
 use control::{
-    ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher, NodeToRank,
-    RankToNode,
+    ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher,
+    NodeToRank, RankToNode,
 };
 use membership::{Shared, TableClient};
 use status::{LevelUse, NodeStatus, SafeCheckpoint};
 use table::{RankState, TableOp};
+
+/// Process-table client ids of a node's writers that may touch the same row at once:
+/// control requests, rank-socket requests, the store agent's reports, rank starts and exits, and
+/// the marking of a failed node's ranks.
+const TABLE_CLIENT_REQUESTS: u32 = 1;
+const TABLE_CLIENT_AGENT: u32 = 2;
+const TABLE_CLIENT_RANK_EVENTS: u32 = 3;
+pub(crate) const TABLE_CLIENT_LOST: u32 = 4;
+const TABLE_CLIENT_RANKS: u32 = 5;
 
 /// Moves a rank's checkpoint images into the store (implemented by the store's agent).
 pub trait CheckpointAgent: Send + Sync {
@@ -252,16 +261,14 @@ impl Runtime {
         self.agent.get()
     }
 
-    /// The cells of the first stable view (waiting at most `timeout` for it), else of the
-    /// view the node is in now.
+    /// The cells of the view the node is in (waiting at most `timeout` for a view that has
+    /// cells).
     pub fn cells(&self, timeout: Duration) -> Result<Vec<Vec<NodeId>>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(v) = self.shared.latest_view() {
-                return Ok(v.cells);
-            }
-            if Instant::now() >= deadline {
-                return Ok(self.table.handle.view().map_err(membership::adapt_err)?.cells);
+            let view = self.table.handle.view().map_err(membership::adapt_err)?;
+            if !view.cells.is_empty() || Instant::now() >= deadline {
+                return Ok(view.cells);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -270,7 +277,7 @@ impl Runtime {
     /// Applies the store agent's reports to the process table (a version safe at a slower
     /// level; a failed level is logged), until the agent ends.
     pub fn follow_agent(&self, events: mpsc::Receiver<agent::AgentEvent>) {
-        let table = self.table.clone();
+        let table = self.table.as_client(TABLE_CLIENT_AGENT);
         let me = self.node;
         std::thread::spawn(move || {
             for e in events {
@@ -369,6 +376,7 @@ impl Bound {
         let table = TableClient {
             handle: driver.handle(),
             shared: shared.clone(),
+            client: TABLE_CLIENT_REQUESTS,
         };
         let control_tcp =
             TcpListener::bind((cfg.bind, 0)).map_err(io(format!("listening on {}", cfg.bind)))?;
@@ -400,11 +408,13 @@ impl Bound {
                 cfg.secret.clone(),
                 Protocol::Runtime,
                 "krund: control socket",
-                move |req: ControlRequest| control_request(&table, &info, agent.get().as_deref(), req),
+                move |req: ControlRequest| {
+                    control_request(&table, &info, agent.get().as_deref(), req)
+                },
             );
         }
         {
-            let table = table.clone();
+            let table = table.as_client(TABLE_CLIENT_RANKS);
             let agent = agent.clone();
             control::serve(
                 Some(control::bind_unix(&rank_socket)?),
@@ -430,7 +440,7 @@ impl Bound {
         }
         let (events, rx) = mpsc::channel::<RankEvent>();
         {
-            let table = table.clone();
+            let table = table.as_client(TABLE_CLIENT_RANK_EVENTS);
             std::thread::spawn(move || {
                 for e in rx {
                     let (rank, op) = match e {
@@ -633,7 +643,8 @@ fn rank_message(table: &TableClient, agent: &AgentSlot, msg: RankToNode) -> Node
             // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
             // store and says where it is safe; without one the version is recorded as known
             // but safe nowhere yet.
-            let levels = match agent.wait(Duration::from_secs(60)) {
+            // (Bounded below the rank's own wait for an answer, 10 s.)
+            let levels = match agent.wait(Duration::from_secs(8)) {
                 Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
                     Ok(l) => l,
                     Err(e) => return NodeToRank::Refused(e.to_string()),

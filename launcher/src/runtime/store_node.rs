@@ -169,7 +169,10 @@ mod tests {
     #[test]
     fn settings_come_from_the_variables_and_bad_values_are_named() {
         let s = StoreSettings::from_lookup(&|_| None).unwrap();
-        assert_eq!((s.arena_bytes, s.disk, s.level), (64 << 20, None, Level::L2));
+        assert_eq!(
+            (s.arena_bytes, s.disk, s.level),
+            (64 << 20, None, Level::L2)
+        );
         let s = StoreSettings::from_lookup(&|k| match k {
             "KRUN_STORE_ARENA_MIB" => Some("8".into()),
             "KRUN_STORE_DISK" => Some("/var/tmp/x".into()),
