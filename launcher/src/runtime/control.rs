@@ -138,6 +138,11 @@ pub enum RankToNode {
         rank: u32,
         code: i32,
     },
+    /// The rank is at a safepoint where the ranks agreed to ask their nodes what to do; the
+    /// answer is held until the node's policy decides ([`super::safepoint`]).
+    AtSafepoint {
+        rank: u32,
+    },
 }
 
 /// The node's answer to a rank.
@@ -145,6 +150,16 @@ pub enum RankToNode {
 pub enum NodeToRank {
     Ack,
     Refused(String),
+    /// (To `AtSafepoint`) take checkpoint `version` now, collectively.
+    Checkpoint {
+        version: u64,
+    },
+    /// (To `AtSafepoint`) go on computing.
+    Continue,
+    /// (To `AtSafepoint`) roll back to the committed `version`, collectively.
+    Rollback {
+        version: u64,
+    },
 }
 
 fn wire_err(what: String) -> impl FnOnce(fabric::FabricError) -> LauncherError {

@@ -43,6 +43,7 @@ pub mod hub;
 pub mod jobdir;
 pub mod membership;
 pub mod migrate;
+pub mod safepoint;
 pub mod status;
 pub mod store_link;
 pub mod store_node;
@@ -158,6 +159,7 @@ pub struct Runtime {
     addresses: NodeAddresses,
     events: Sender<RankEvent>,
     agent: Arc<AgentSlot>,
+    safepoints: Arc<safepoint::SafepointGate>,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> LauncherError {
@@ -254,6 +256,11 @@ impl Runtime {
                 .push(Box::new(tell));
         }
         self.agent.set(agent);
+    }
+
+    /// Where ranks at an agreed safepoint are held until the node's policy decides.
+    pub fn safepoints(&self) -> &Arc<safepoint::SafepointGate> {
+        &self.safepoints
     }
 
     /// The node's checkpoint agent, if it has one.
@@ -413,16 +420,18 @@ impl Bound {
                 },
             );
         }
+        let safepoints = Arc::new(safepoint::SafepointGate::default());
         {
             let table = table.as_client(TABLE_CLIENT_RANKS);
             let agent = agent.clone();
+            let safepoints = safepoints.clone();
             control::serve(
                 Some(control::bind_unix(&rank_socket)?),
                 None,
                 cfg.secret.clone(),
                 Protocol::Rank,
                 "krund: rank socket",
-                move |msg: RankToNode| rank_message(&table, &agent, msg),
+                move |msg: RankToNode| rank_message(&table, &agent, &safepoints, msg),
             );
         }
         if let Some(addr) = cfg.launcher {
@@ -466,6 +475,7 @@ impl Bound {
             addresses,
             events,
             agent,
+            safepoints,
         })
     }
 }
@@ -622,8 +632,15 @@ fn node_status(
     })
 }
 
-fn rank_message(table: &TableClient, agent: &AgentSlot, msg: RankToNode) -> NodeToRank {
+fn rank_message(
+    table: &TableClient,
+    agent: &AgentSlot,
+    safepoints: &safepoint::SafepointGate,
+    msg: RankToNode,
+) -> NodeToRank {
     match msg {
+        // Held until the policy decides; below the rank's own limit (600 s).
+        RankToNode::AtSafepoint { rank } => safepoints.hold(rank, Duration::from_secs(590)),
         RankToNode::Hello { rank, .. } => {
             table
                 .shared
