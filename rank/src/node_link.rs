@@ -23,7 +23,10 @@
 //!   [`NodeToRank::Checkpoint`]`{version}` (take that version now, collectively; the rank
 //!   reports `Checkpointed` as for any checkpoint), [`NodeToRank::Continue`] (go on), or
 //!   [`NodeToRank::Rollback`]`{version}` (roll back to that committed version,
-//!   collectively). A node that drives no policy answers `Continue` at once.
+//!   collectively). A node that drives no policy answers `Ack` at once: the ranks act on
+//!   the request themselves, as without a node link.
+//! - Every rank of the job must get the same order; the library checks it collectively and
+//!   fails the safepoint on every rank when one rank got another order or none.
 //! - `Refused(why)` (the barrier was aborted, e.g. a node failed during it) is an error of
 //!   the safepoint naming `why`; the rank may ask again at a later safepoint.
 use std::os::unix::net::UnixStream;
@@ -124,8 +127,9 @@ impl NodeLink {
     }
 
     /// Tells krund this rank is at an agreed safepoint and waits (up to
-    /// [`SAFEPOINT_TIMEOUT`]) for its order.
-    pub fn at_safepoint(&mut self, rank: u32) -> Result<SafepointOrder> {
+    /// [`SAFEPOINT_TIMEOUT`]) for its order; `None`: the node drives no policy (the rank acts
+    /// on the request itself).
+    pub fn at_safepoint(&mut self, rank: u32) -> Result<Option<SafepointOrder>> {
         let set = |s: &UnixStream, t: Duration| s.set_read_timeout(Some(t));
         let _ = set(&self.stream, SAFEPOINT_TIMEOUT);
         let answer = self.exchange(&RankToNode::AtSafepoint { rank });
@@ -136,13 +140,11 @@ impl NodeLink {
             reason,
         };
         match answer {
-            NodeToRank::Checkpoint { version } => Ok(SafepointOrder::Checkpoint(version)),
-            NodeToRank::Continue => Ok(SafepointOrder::Continue),
-            NodeToRank::Rollback { version } => Ok(SafepointOrder::Rollback(version)),
+            NodeToRank::Checkpoint { version } => Ok(Some(SafepointOrder::Checkpoint(version))),
+            NodeToRank::Continue => Ok(Some(SafepointOrder::Continue)),
+            NodeToRank::Rollback { version } => Ok(Some(SafepointOrder::Rollback(version))),
             NodeToRank::Refused(why) => Err(fail(format!("krund ended the safepoint: {why}"))),
-            NodeToRank::Ack => Err(fail(
-                "krund acknowledged a safepoint without an order".into(),
-            )),
+            NodeToRank::Ack => Ok(None),
         }
     }
 
@@ -253,6 +255,7 @@ mod tests {
             .unwrap();
             let mut seen = Vec::new();
             for answer in [
+                NodeToRank::Ack,
                 NodeToRank::Checkpoint { version: 4 },
                 NodeToRank::Continue,
                 NodeToRank::Rollback { version: 4 },
@@ -266,14 +269,28 @@ mod tests {
             seen
         });
         let mut link = NodeLink::connect(&path, &secret("the job secret, long enough")).unwrap();
-        assert_eq!(link.at_safepoint(5).unwrap(), SafepointOrder::Checkpoint(4));
-        assert_eq!(link.at_safepoint(5).unwrap(), SafepointOrder::Continue);
-        assert_eq!(link.at_safepoint(5).unwrap(), SafepointOrder::Rollback(4));
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            None,
+            "no policy: act locally"
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Checkpoint(4))
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Continue)
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Rollback(4))
+        );
         let err = link.at_safepoint(5).unwrap_err().to_string();
         assert!(err.contains("node 2 failed during the barrier"), "{err}");
         assert_eq!(
             server.join().unwrap(),
-            vec![RankToNode::AtSafepoint { rank: 5 }; 4]
+            vec![RankToNode::AtSafepoint { rank: 5 }; 5]
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

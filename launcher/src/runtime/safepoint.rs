@@ -6,7 +6,8 @@
 //! every local rank is held ([`SafepointGate::held`]); its decision reaches every held rank
 //! at once through [`SafepointGate::release`]: `Checkpoint { version }`, `Continue` or
 //! `Rollback { version }`, or `Refused(why)` when the barrier is aborted. A node that drives
-//! no policy ([`SafepointGate::drive`] not set) answers `Continue` at once.
+//! no policy ([`SafepointGate::drive`] not set) answers `Ack` at once: the ranks act on
+//! their own request.
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -58,8 +59,8 @@ pub struct SafepointGate {
 }
 
 impl SafepointGate {
-    /// A policy drives this node's safepoints (`false`: every rank is answered `Continue`
-    /// at once, and ranks held now are released with `Continue`).
+    /// A policy drives this node's safepoints (`false`: every rank is answered `Ack` at
+    /// once, and ranks held now are released with `Continue`).
     pub fn drive(&self, driven: bool) {
         self.driven.store(driven, Ordering::SeqCst);
         if !driven {
@@ -92,7 +93,7 @@ impl SafepointGate {
     /// `rank` is at a safepoint: waits (at most `timeout`) for the order of its round.
     pub fn hold(&self, rank: u32, timeout: Duration) -> NodeToRank {
         if !self.driven.load(Ordering::SeqCst) {
-            return NodeToRank::Continue;
+            return NodeToRank::Ack;
         }
         let deadline = Instant::now() + timeout;
         let mut s = self.state.lock().expect("gate lock");
@@ -139,9 +140,9 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn an_undriven_node_answers_continue_at_once() {
+    fn an_undriven_node_lets_the_rank_act_on_its_own_request() {
         let gate = SafepointGate::default();
-        assert_eq!(gate.hold(3, Duration::from_secs(5)), NodeToRank::Continue);
+        assert_eq!(gate.hold(3, Duration::from_secs(5)), NodeToRank::Ack);
         assert!(gate.held().is_empty());
     }
 
