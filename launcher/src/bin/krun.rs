@@ -11,10 +11,11 @@ use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
-            [--provider P] [PROGRAM ARGS...]
+            [--provider P] [--checkpoint-interval SECS] [PROGRAM ARGS...]
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
        krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
+       krun checkpoint [--job ID]             (ask the running job for a checkpoint now)
        krun fetch RANK VERSION [--node N] [--job ID]   (read a checkpoint back from the store)
        krun config [--provider P] [--bind-to B]   (effective settings and their origin)
        krun ghost inspect|capture|restore|rollback|migrate ...
@@ -48,6 +49,7 @@ fn parse() -> Result<Job, LauncherError> {
         _ => launcher::binding::BindTo::Core,
     };
     let mut report_bindings = false;
+    let mut checkpoint_interval = None;
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -67,6 +69,21 @@ fn parse() -> Result<Job, LauncherError> {
                 bind_to = v.parse()?;
             }
             "--report-bindings" => report_bindings = true,
+            "--checkpoint-interval" => {
+                let v = args.next().ok_or_else(|| {
+                    LauncherError::Usage("--checkpoint-interval needs seconds".into())
+                })?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| {
+                        LauncherError::Usage(format!(
+                            "--checkpoint-interval {v:?} is not a positive number of seconds"
+                        ))
+                    })?;
+                checkpoint_interval = Some(Duration::from_secs_f64(secs));
+            }
             "--local" => {
                 let v = args
                     .next()
@@ -144,6 +161,7 @@ fn parse() -> Result<Job, LauncherError> {
             bind_to,
             report_bindings,
             argv: program,
+            checkpoint_interval,
         });
     } else if ranks.is_some() {
         return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
@@ -266,7 +284,22 @@ fn node(args: &[String]) -> Result<String, LauncherError> {
             "node {node} left the job ({} rank(s) moved)",
             moved.len()
         )),
+        LauncherReply::Requested => Ok("checkpoint requested".into()),
         LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
+    }
+}
+
+/// `krun checkpoint [--job ID]`: asks the running job's checkpoint policy for a checkpoint.
+fn checkpoint(args: &[String]) -> Result<String, LauncherError> {
+    use launcher::runtime::control::{LauncherReply, LauncherRequest};
+    let job = match args {
+        [] => None,
+        [flag, id] if flag == "--job" => Some(id.as_str()),
+        _ => return Err(LauncherError::Usage("krun checkpoint [--job ID]".into())),
+    };
+    match launcher::runtime::status::ask_launcher(job, &LauncherRequest::Checkpoint)? {
+        LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
+        _ => Ok("checkpoint requested (krun prints the commit)".into()),
     }
 }
 
@@ -403,6 +436,7 @@ fn main() -> ExitCode {
         Some("status") => Some(status),
         Some("node") => Some(node),
         Some("fetch") => Some(fetch),
+        Some("checkpoint") => Some(checkpoint),
         Some("ghost") => Some(launcher::ghost_cli::run),
         _ => None,
     };

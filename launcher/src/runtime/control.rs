@@ -77,6 +77,22 @@ pub enum NodeToLauncher {
     },
     /// The node's work is over; it leaves now (its departure is not a failure).
     Bye,
+    /// (To `Barrier { op }`) every rank running on this node is held at a safepoint.
+    Held { op: u64, ranks: Vec<u32> },
+    /// (To `Barrier { op }`) the node's ranks did not all reach a safepoint.
+    SyncFailed { op: u64, reason: String },
+    /// A rank of this node took checkpoint `version` (`bytes` long) and the node's store
+    /// holds it (L1).
+    Captured { rank: u32, version: u64, bytes: u64 },
+    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`).
+    Safe { rank: u32, version: u64, level: u8 },
+    /// `version` of `rank` did not reach `level`.
+    NotSafe {
+        rank: u32,
+        version: u64,
+        level: u8,
+        error: String,
+    },
 }
 
 /// What `krun` tells a krund node.
@@ -84,6 +100,13 @@ pub enum NodeToLauncher {
 pub enum LauncherToNode {
     /// The job is over: a node without ranks of its own (joined later) ends now.
     Stop,
+    /// The policy's barrier: from now on the node holds its ranks at their safepoints
+    /// (waking them with SIGUSR1) and answers `Held` once every rank it runs is held.
+    Barrier { op: u64 },
+    /// The policy's decision for the ranks held: every held rank gets this order.
+    Release {
+        order: super::safepoint::SafepointOrder,
+    },
 }
 
 /// Where one node of a job is reached.
@@ -108,13 +131,23 @@ pub enum LauncherRequest {
     AddNode { host: Option<String> },
     /// Move `node`'s ranks to other nodes, then let the node leave.
     DrainNode { node: NodeId },
+    /// `krun checkpoint`: ask the checkpoint policy for a checkpoint now.
+    Checkpoint,
 }
 
 /// The running `krun`'s answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LauncherReply {
-    Added { node: NodeId, epoch: u64 },
-    Drained { node: NodeId, moved: Vec<u64> },
+    Added {
+        node: NodeId,
+        epoch: u64,
+    },
+    Drained {
+        node: NodeId,
+        moved: Vec<u64>,
+    },
+    /// The checkpoint request reached the policy (krun prints the commit).
+    Requested,
     Refused(String),
 }
 

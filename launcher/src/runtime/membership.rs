@@ -36,6 +36,8 @@ pub struct Shared {
     pub drained: AtomicBool,
     /// Ranks that said hello on the rank socket: they use the rank library (the fabric).
     pub linked_ranks: Mutex<BTreeSet<u64>>,
+    /// Ranks running on this node: rank -> pid (started, not yet exited).
+    pub local_ranks: Mutex<std::collections::BTreeMap<u64, u32>>,
     /// Called with every stable view (the store's agent follows failed nodes).
     pub view_hooks: Mutex<Vec<ViewHook>>,
 }
@@ -58,6 +60,7 @@ impl Shared {
             drained: AtomicBool::new(false),
             linked_ranks: Mutex::new(BTreeSet::new()),
             view_hooks: Mutex::new(Vec::new()),
+            local_ranks: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 

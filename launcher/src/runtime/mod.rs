@@ -38,6 +38,7 @@ use crate::error::{LauncherError, Result};
 use crate::ranks::RankEvent;
 
 pub mod agent;
+pub mod checkpoints;
 pub mod control;
 pub mod hub;
 pub mod jobdir;
@@ -295,6 +296,13 @@ impl Runtime {
                         level,
                         ..
                     } => {
+                        if level > ckpt_store::Level::L1 {
+                            table.shared.tell_launcher(&NodeToLauncher::Safe {
+                                rank,
+                                version,
+                                level: store_link::level_number(level),
+                            });
+                        }
                         let op = TableOp::Checkpointed {
                             version,
                             levels: vec![store_link::level_number(level)],
@@ -309,10 +317,18 @@ impl Runtime {
                         version,
                         level,
                         error,
-                    } => eprintln!(
-                        "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
-                        store_link::level_number(level)
-                    ),
+                    } => {
+                        eprintln!(
+                            "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
+                            store_link::level_number(level)
+                        );
+                        table.shared.tell_launcher(&NodeToLauncher::NotSafe {
+                            rank,
+                            version,
+                            level: store_link::level_number(level),
+                            error,
+                        });
+                    }
                 }
             }
         });
@@ -404,6 +420,7 @@ impl Bound {
             std::thread::spawn(move || membership::watch(driver, table, verbose));
         }
         let info = addresses.clone();
+        let safepoints = Arc::new(safepoint::SafepointGate::default());
         let agent = Arc::new(AgentSlot::default());
         agent.set(cfg.agent.clone());
         {
@@ -420,7 +437,6 @@ impl Bound {
                 },
             );
         }
-        let safepoints = Arc::new(safepoint::SafepointGate::default());
         {
             let table = table.as_client(TABLE_CLIENT_RANKS);
             let agent = agent.clone();
@@ -435,7 +451,13 @@ impl Bound {
             );
         }
         if let Some(addr) = cfg.launcher {
-            connect_launcher(addr, &cfg.secret, &addresses, shared.clone())?;
+            connect_launcher(
+                addr,
+                &cfg.secret,
+                &addresses,
+                shared.clone(),
+                safepoints.clone(),
+            )?;
             // The view the node starts in (a joiner: the view it knows before it is in).
             if let Ok(view) = table.handle.view() {
                 if !join {
@@ -454,9 +476,13 @@ impl Bound {
                 for e in rx {
                     let (rank, op) = match e {
                         RankEvent::Started { rank, pid } => {
+                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            local.insert(rank as u64, pid);
                             (rank, TableOp::Register { node: me, pid })
                         }
                         RankEvent::Exited { rank, code } => {
+                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
                     };
@@ -520,6 +546,7 @@ fn connect_launcher(
     secret: &ClusterSecret,
     me: &NodeAddresses,
     shared: Arc<Shared>,
+    safepoints: Arc<safepoint::SafepointGate>,
 ) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
@@ -544,13 +571,64 @@ fn connect_launcher(
     shared.set_launcher(s, session.tx);
     let mut rx = session.rx;
     std::thread::spawn(move || {
-        let why = match rx.recv::<LauncherToNode>(&mut reader) {
-            Ok(LauncherToNode::Stop) => "krun stopped the node".to_string(),
-            Err(e) => format!("the link to krun ended: {e}"),
+        let why = loop {
+            match rx.recv::<LauncherToNode>(&mut reader) {
+                Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
+                Ok(LauncherToNode::Barrier { op }) => {
+                    let (shared, safepoints) = (shared.clone(), safepoints.clone());
+                    std::thread::spawn(move || barrier(&shared, &safepoints, op));
+                }
+                Ok(LauncherToNode::Release { order }) => {
+                    safepoints.release(order);
+                }
+                Err(e) => break format!("the link to krun ended: {e}"),
+            }
         };
         shared.request_stop(why);
     });
     Ok(())
+}
+
+/// The policy's barrier on this node: holds the ranks at their safepoints from now on,
+/// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
+/// once every rank running here is held.
+fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
+    safepoints.drive(true);
+    let pids: Vec<u32> = shared
+        .local_ranks
+        .lock()
+        .expect("ranks lock")
+        .values()
+        .copied()
+        .collect();
+    for pid in pids {
+        // SAFETY: kill sends a signal to a rank this node started; no memory is involved.
+        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    }
+    let local = || -> Vec<u32> {
+        shared
+            .local_ranks
+            .lock()
+            .expect("ranks lock")
+            .keys()
+            .map(|&r| r as u32)
+            .collect()
+    };
+    let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
+        Some(ranks) => NodeToLauncher::Held { op, ranks },
+        None => NodeToLauncher::SyncFailed {
+            op,
+            reason: format!(
+                "node {}: ranks {:?} did not reach a safepoint in 60 s",
+                shared.me,
+                local()
+                    .into_iter()
+                    .filter(|r| !safepoints.held().contains(r))
+                    .collect::<Vec<_>>()
+            ),
+        },
+    };
+    shared.tell_launcher(&msg);
 }
 
 fn control_request(
@@ -670,11 +748,23 @@ fn rank_message(
             };
             match table.request(
                 u64::from(rank),
-                &TableOp::Checkpointed { version, levels },
+                &TableOp::Checkpointed {
+                    version,
+                    levels: levels.clone(),
+                },
                 Duration::from_secs(10),
             ) {
                 Ok(a) => match a.error {
-                    None => NodeToRank::Ack,
+                    None => {
+                        if !levels.is_empty() {
+                            table.shared.tell_launcher(&NodeToLauncher::Captured {
+                                rank,
+                                version,
+                                bytes,
+                            });
+                        }
+                        NodeToRank::Ack
+                    }
                     Some(e) => NodeToRank::Refused(e),
                 },
                 Err(e) => NodeToRank::Refused(e.to_string()),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::control::NodeToRank;
 
 /// The order given to every rank held in one round.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SafepointOrder {
     Checkpoint {
         version: u64,
@@ -114,6 +114,33 @@ impl SafepointGate {
                 ));
             }
             s = self.changed.wait_timeout(s, left).expect("gate lock").0;
+        }
+    }
+
+    /// Waits (at most `timeout`) until every rank `ranks()` names (asked again on every
+    /// change: ranks end or arrive meanwhile) is held; returns them, or None on timeout.
+    pub fn wait_all_held(
+        &self,
+        ranks: &dyn Fn() -> Vec<u32>,
+        timeout: Duration,
+    ) -> Option<Vec<u32>> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.state.lock().expect("gate lock");
+        loop {
+            let want = ranks();
+            if want.iter().all(|r| s.held.contains(r)) {
+                return Some(want);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            // Re-checked at least every 100 ms: rank exits do not signal this gate.
+            s = self
+                .changed
+                .wait_timeout(s, left.min(Duration::from_millis(100)))
+                .expect("gate lock")
+                .0;
         }
     }
 

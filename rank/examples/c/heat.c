@@ -93,6 +93,10 @@ int main(int argc, char **argv) {
     memcpy(&U(1, 0), next, sizeof(double) * rows * ny);
     st->step++;
     if (delay_us > 0) usleep((useconds_t)delay_us);
+    /* A safepoint every step: krund's policy (or a SIGUSR1) may checkpoint here. */
+    int sp = krun_safepoint();
+    CHECK(sp);
+    if (sp == 1 && rank == 0) printf("heat: step %ld checkpointed at a safepoint\n", st->step);
     if (every > 0 && st->step % every == 0 && st->step < steps) {
       long v = krun_checkpoint();
       CHECK(v);
