@@ -50,8 +50,8 @@ pub enum Input {
     },
 }
 
-/// Sends a command to every node that runs ranks.
-pub type Broadcast = Arc<dyn Fn(&LauncherToNode) + Send + Sync>;
+/// Sends a command to every node linked to krun; returns the nodes it went to.
+pub type Broadcast = Arc<dyn Fn(&LauncherToNode) -> BTreeSet<NodeId> + Send + Sync>;
 
 /// The running driver: feed it with [`CheckpointDriver::input`]; [`CheckpointDriver::finish`]
 /// stops it and returns the policy's summary.
@@ -125,8 +125,16 @@ impl PolicyRuntime for HubCalls {
         if self.nodes.is_empty() {
             return Err("no node runs ranks".into());
         }
+        let sent = (self.send)(&LauncherToNode::Barrier { op: op.seq });
+        if !sent.is_superset(&self.nodes) {
+            // Not every node is up yet: the policy aborts this one and tries again later.
+            (self.send)(&LauncherToNode::Release {
+                order: SafepointOrder::Continue,
+            });
+            let missing: Vec<_> = self.nodes.difference(&sent).collect();
+            return Err(format!("nodes {missing:?} are not linked to krun yet"));
+        }
         self.barrier = Some((op, BTreeSet::new()));
-        (self.send)(&LauncherToNode::Barrier { op: op.seq });
         Ok(())
     }
 

@@ -156,11 +156,15 @@ impl Hub {
         let inner = self.inner.clone();
         Arc::new(move |msg: &LauncherToNode| {
             let mut st = inner.state.lock().expect("hub lock");
-            for link in st.links.values_mut().filter(|l| !l.bye) {
+            let mut sent = BTreeSet::new();
+            for (&node, link) in st.links.iter_mut().filter(|(_, l)| !l.bye) {
                 if let Some((s, w)) = link.writer.as_mut() {
-                    let _ = w.send(s, msg);
+                    if w.send(s, msg).is_ok() {
+                        sent.insert(node);
+                    }
                 }
             }
+            sent
         })
     }
 

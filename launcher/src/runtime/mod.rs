@@ -593,26 +593,24 @@ fn connect_launcher(
 /// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
 /// once every rank running here is held.
 fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
-    safepoints.drive(true);
-    let pids: Vec<u32> = shared
-        .local_ranks
-        .lock()
-        .expect("ranks lock")
-        .values()
-        .copied()
-        .collect();
-    for pid in pids {
-        // SAFETY: kill sends a signal to a rank this node started; no memory is involved.
-        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-    }
+    safepoints.open_barrier();
+    // Only ranks that said hello have the library's request handler installed (a signal
+    // before would kill them), so ranks are woken as they link, each once per barrier; one
+    // woken rank is enough, the ranks agree collectively.
+    let signalled = Mutex::new(std::collections::BTreeSet::<u64>::new());
     let local = || -> Vec<u32> {
-        shared
-            .local_ranks
-            .lock()
-            .expect("ranks lock")
-            .keys()
-            .map(|&r| r as u32)
-            .collect()
+        let linked = shared.linked_ranks.lock().expect("linked lock").clone();
+        let local = shared.local_ranks.lock().expect("ranks lock").clone();
+        let held = safepoints.held();
+        let mut done = signalled.lock().expect("signalled lock");
+        for (rank, &pid) in &local {
+            if linked.contains(rank) && !held.contains(&(*rank as u32)) && done.insert(*rank) {
+                // SAFETY: kill sends a signal to a rank this node started; no memory is
+                // involved.
+                unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+            }
+        }
+        local.keys().map(|&r| r as u32).collect()
     };
     let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
         Some(ranks) => NodeToLauncher::Held { op, ranks },

@@ -5,9 +5,13 @@
 //! [`SafepointGate`] holds the answer. The policy's `barrier` is complete on this node when
 //! every local rank is held ([`SafepointGate::held`]); its decision reaches every held rank
 //! at once through [`SafepointGate::release`]: `Checkpoint { version }`, `Continue` or
-//! `Rollback { version }`, or `Refused(why)` when the barrier is aborted. A node that drives
-//! no policy ([`SafepointGate::drive`] not set) answers `Ack` at once: the ranks act on
-//! their own request.
+//! `Rollback { version }`, or `Refused(why)` when the barrier is aborted.
+//!
+//! A node no policy has driven yet answers `Ack` at once: the ranks act on their own
+//! request. Once a policy drove it ([`SafepointGate::open_barrier`]), a rank that asks while
+//! no barrier is open (a late signal from the last round) waits [`BARRIER_GRACE`] for one
+//! (its node may hear of the barrier after the ranks of another node did) and is then told
+//! `Continue`.
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -40,8 +44,13 @@ impl SafepointOrder {
     }
 }
 
+/// How long a rank that asks while no barrier is open waits for one.
+pub const BARRIER_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct Round {
+    /// A barrier is open: ranks that ask are held.
+    open: bool,
     /// Ranks held in the current round.
     held: BTreeSet<u32>,
     /// The current round's number; a release answers it and opens the next.
@@ -59,13 +68,11 @@ pub struct SafepointGate {
 }
 
 impl SafepointGate {
-    /// A policy drives this node's safepoints (`false`: every rank is answered `Ack` at
-    /// once, and ranks held now are released with `Continue`).
-    pub fn drive(&self, driven: bool) {
-        self.driven.store(driven, Ordering::SeqCst);
-        if !driven {
-            self.release(SafepointOrder::Continue);
-        }
+    /// The policy's barrier starts: ranks that ask are held until [`SafepointGate::release`].
+    pub fn open_barrier(&self) {
+        self.driven.store(true, Ordering::SeqCst);
+        self.state.lock().expect("gate lock").open = true;
+        self.changed.notify_all();
     }
 
     /// The ranks held now.
@@ -84,6 +91,7 @@ impl SafepointGate {
     pub fn release(&self, order: SafepointOrder) -> Vec<u32> {
         let mut s = self.state.lock().expect("gate lock");
         let ranks: Vec<u32> = std::mem::take(&mut s.held).into_iter().collect();
+        s.open = false;
         s.released = Some((s.round, order));
         s.round += 1;
         self.changed.notify_all();
@@ -97,6 +105,14 @@ impl SafepointGate {
         }
         let deadline = Instant::now() + timeout;
         let mut s = self.state.lock().expect("gate lock");
+        let grace = Instant::now() + BARRIER_GRACE.min(timeout);
+        while !s.open {
+            let left = grace.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return NodeToRank::Continue;
+            }
+            s = self.changed.wait_timeout(s, left).expect("gate lock").0;
+        }
         let round = s.round;
         s.held.insert(rank);
         self.changed.notify_all();
@@ -125,9 +141,10 @@ impl SafepointGate {
         timeout: Duration,
     ) -> Option<Vec<u32>> {
         let deadline = Instant::now() + timeout;
-        let mut s = self.state.lock().expect("gate lock");
         loop {
+            // Asked without the gate's lock (it may look at the gate itself).
             let want = ranks();
+            let s = self.state.lock().expect("gate lock");
             if want.iter().all(|r| s.held.contains(r)) {
                 return Some(want);
             }
@@ -136,11 +153,11 @@ impl SafepointGate {
                 return None;
             }
             // Re-checked at least every 100 ms: rank exits do not signal this gate.
-            s = self
-                .changed
-                .wait_timeout(s, left.min(Duration::from_millis(100)))
-                .expect("gate lock")
-                .0;
+            drop(
+                self.changed
+                    .wait_timeout(s, left.min(Duration::from_millis(100)))
+                    .expect("gate lock"),
+            );
         }
     }
 
@@ -176,7 +193,7 @@ mod tests {
     #[test]
     fn held_ranks_all_get_the_order_of_their_round_and_the_next_round_waits_again() {
         let gate = Arc::new(SafepointGate::default());
-        gate.drive(true);
+        gate.open_barrier();
         let hold = |rank| {
             let gate = gate.clone();
             std::thread::spawn(move || gate.hold(rank, Duration::from_secs(60)))
@@ -190,8 +207,13 @@ mod tests {
         for t in [a, b] {
             assert_eq!(t.join().unwrap(), NodeToRank::Checkpoint { version: 7 });
         }
-        // The next round is held again until its own release.
+        // Between barriers, a rank that asks is told to go on after the grace.
+        assert_eq!(gate.hold(2, Duration::from_secs(60)), NodeToRank::Continue);
+        // The next barrier holds again until its own release; a rank that asked just before
+        // it opened is held by it.
         let c = hold(0);
+        std::thread::sleep(Duration::from_millis(50));
+        gate.open_barrier();
         assert!(gate.wait_held(&[0], Duration::from_secs(30)));
         assert!(!c.is_finished());
         gate.release(SafepointOrder::Abort("node 2 failed".into()));
@@ -200,6 +222,7 @@ mod tests {
             NodeToRank::Refused("node 2 failed".into())
         );
         // A rank that waits too long is told so, and is no longer held.
+        gate.open_barrier();
         assert!(matches!(
             gate.hold(4, Duration::from_millis(50)),
             NodeToRank::Refused(why) if why.contains("rank 4")
