@@ -87,24 +87,6 @@ fn status(dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&o.stdout).ok()
 }
 
-/// PIDs of the direct children of `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
 /// The version of `rank` the table shows safe at L2, if any.
 fn safe_at_l2(s: &serde_json::Value, rank: u64) -> Option<u64> {
     s["status"]["ranks"].as_array()?.iter().find_map(|r| {
