@@ -3,19 +3,24 @@
 //! send (ping-pong latency, streaming bandwidth), put and get (blocking, zero-copy from
 //! registered memory on both sides), for providers shm and tcp and sizes 8 B, 4 KiB, 1 MiB.
 //! This process is rank 0; rank 1 is this binary re-executed as the hidden `rank-worker`.
-//! Both the library and the raw endpoint are configured with a 1 MiB fabric message size, so
-//! a 1 MiB send is one fabric message in both.
+//! Each run measures the raw endpoint and the library in turn (alternating which goes
+//! first), each in a fresh pair of processes with one endpoint each: two shm endpoints in
+//! one process lose messages with libfabric 1.17. Both are configured with a 1 MiB fabric
+//! message size, so a 1 MiB send is one fabric message in both.
+//!
+//! `BENCH_RANK_DEBUG=1` prints each measurement as it starts (to find a hanging one).
 //!
 //! Writes `bench/results/rank.json`: `{"commit","date","kernel","cpus","runs","target",
 //! "rows":[{"op","provider","size","lat_p50_us","bw_gbs","raw_lat_p50_us","raw_bw_gbs",
 //! "lat_overhead_pct","bw_loss_pct", and min/max over runs of each}]}`; every value is the
 //! median over `--runs` runs (at least 3).
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric::bootstrap::BootstrapServer;
+use fabric::bootstrap::{BootstrapClient, BootstrapServer};
 use fabric::{
     Endpoint, EndpointAddress, FabricConfig, MemoryRegion, PeerId, Provider, Region, RemoteRegion,
 };
@@ -62,17 +67,23 @@ fn counts(size: usize, quick: bool) -> (usize, usize) {
     }
 }
 
-/// Both ways of moving data in one process: the library and a raw endpoint.
-struct Pair {
-    rank: Arc<Rank>,
-    win: Window,
-    lib_buf: MemoryRegion,
-    ep: Box<dyn Endpoint>,
-    raw_peer: PeerId,
-    raw_buf: MemoryRegion,
-    /// Kept registered while the other rank reads and writes it.
-    _raw_win: MemoryRegion,
-    raw_remote: RemoteRegion,
+/// One side of a measured pair: the raw endpoint or the rank library.
+enum Side {
+    Raw {
+        boot: std::sync::Mutex<BootstrapClient>,
+        me: usize,
+        ep: Box<dyn Endpoint>,
+        peer: PeerId,
+        buf: MemoryRegion,
+        /// Kept registered while the other rank reads and writes it.
+        _win: MemoryRegion,
+        remote: RemoteRegion,
+    },
+    Lib {
+        rank: Arc<Rank>,
+        win: Window,
+        buf: MemoryRegion,
+    },
 }
 
 fn fabric_config(provider: Provider) -> FabricConfig {
@@ -85,153 +96,178 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-impl Pair {
+impl Side {
     fn open(
-        rank: usize,
+        raw: bool,
+        me: usize,
         provider: Provider,
-        bootstrap: std::net::SocketAddr,
-    ) -> Result<Pair, String> {
-        let r = Rank::init_with(Config {
-            rank,
-            size: 2,
-            bootstrap: Some(bootstrap),
-            fabric: fabric_config(provider),
-            bind_explicit: true,
-            recv_timeout: Some(TIMEOUT),
-            checkpoints: None,
-            node_socket: None,
-        })
-        .map_err(err)?;
-        let win = r.window(BUFFER).map_err(err)?;
-        let lib_buf = r.register(BUFFER).map_err(err)?;
-        lib_buf.fill(0, BUFFER, 0x5a).map_err(err)?;
+        bootstrap: SocketAddr,
+    ) -> Result<Side, String> {
+        if !raw {
+            let rank = Rank::init_with(Config {
+                rank: me,
+                size: 2,
+                bootstrap: Some(bootstrap),
+                fabric: fabric_config(provider),
+                bind_explicit: true,
+                recv_timeout: Some(TIMEOUT),
+                checkpoints: None,
+                node_socket: None,
+            })
+            .map_err(err)?;
+            let win = rank.window(BUFFER).map_err(err)?;
+            let buf = rank.register(BUFFER).map_err(err)?;
+            buf.fill(0, BUFFER, 0x5a).map_err(err)?;
+            rank.barrier().map_err(err)?;
+            return Ok(Side::Lib { rank, win, buf });
+        }
+        let mut boot =
+            BootstrapClient::connect_with(bootstrap, me, 2, TIMEOUT, None).map_err(err)?;
         let ep = fabric::open(&fabric_config(provider)).map_err(err)?;
-        let raw_buf = ep
+        let buf = ep
             .register(Region::new(BUFFER).map_err(err)?)
             .map_err(err)?;
-        raw_buf.fill(0, BUFFER, 0x5a).map_err(err)?;
-        let raw_win = ep
+        buf.fill(0, BUFFER, 0x5a).map_err(err)?;
+        let win = ep
             .register(Region::new(BUFFER).map_err(err)?)
             .map_err(err)?;
         let mut card = ep.address().to_bytes();
-        card.extend_from_slice(&raw_win.remote().to_bytes());
-        let cards = r.allgather(&card).map_err(err)?;
-        let other = &cards[1 - rank];
-        let split = other.len() - RemoteRegion::ENCODED_LEN;
-        let raw_peer = ep
+        card.extend_from_slice(&win.remote().to_bytes());
+        let cards = boot.allgather(&card).map_err(err)?;
+        let other = &cards[1 - me];
+        let split = other
+            .len()
+            .checked_sub(RemoteRegion::ENCODED_LEN)
+            .ok_or("short address card")?;
+        let peer = ep
             .connect(&EndpointAddress::from_bytes(&other[..split]).map_err(err)?)
             .map_err(err)?;
-        let raw_remote = RemoteRegion::from_bytes(&other[split..]).map_err(err)?;
+        let remote = RemoteRegion::from_bytes(&other[split..]).map_err(err)?;
+        boot.barrier().map_err(err)?;
         // First contact one way at a time (libfabric 1.17 rxm).
-        if rank == 0 {
-            ep.send(raw_peer, RAW_TAG + 1, &[]).map_err(err)?;
+        if me == 0 {
+            ep.send(peer, RAW_TAG + 1, &[]).map_err(err)?;
         } else {
             ep.recv(RAW_TAG + 1, TIMEOUT).map_err(err)?;
         }
-        r.barrier().map_err(err)?;
-        Ok(Pair {
-            rank: r,
-            win,
-            lib_buf,
+        boot.barrier().map_err(err)?;
+        Ok(Side::Raw {
+            boot: std::sync::Mutex::new(boot),
+            me,
             ep,
-            raw_peer,
-            raw_buf,
-            _raw_win: raw_win,
-            raw_remote,
+            peer,
+            buf,
+            _win: win,
+            remote,
         })
     }
 
-    /// One blocking operation of `size` bytes to the other rank.
-    fn one(&self, op: Op, raw: bool, size: usize) -> Result<(), String> {
-        let other = 1 - self.rank.rank();
-        match (op, raw) {
-            (Op::Put, false) => self
-                .win
-                .put_from(other, 0, &self.lib_buf, 0, size)
-                .map_err(err),
-            (Op::Get, false) => self
-                .win
-                .get_into(other, 0, &self.lib_buf, 0, size)
-                .map_err(err),
-            // SAFETY: the source buffer is not written and the target range is only
-            // accessed by this benchmark's blocking operations.
-            (Op::Put, true) => unsafe {
-                self.ep
-                    .write(self.raw_peer, &self.raw_buf, 0, size, &self.raw_remote, 0)
-                    .map_err(err)
-            },
+    fn me(&self) -> usize {
+        match self {
+            Side::Raw { me, .. } => *me,
+            Side::Lib { rank, .. } => rank.rank(),
+        }
+    }
+
+    fn barrier(&self) -> Result<(), String> {
+        match self {
+            Side::Raw { boot, .. } => boot.lock().map_err(err)?.barrier().map_err(err),
+            Side::Lib { rank, .. } => rank.barrier().map_err(err),
+        }
+    }
+
+    /// One blocking put or get of `size` bytes to the other rank.
+    fn one(&self, op: Op, size: usize) -> Result<(), String> {
+        let other = 1 - self.me();
+        match (self, op) {
+            (Side::Lib { win, buf, .. }, Op::Put) => {
+                win.put_from(other, 0, buf, 0, size).map_err(err)
+            }
+            (Side::Lib { win, buf, .. }, Op::Get) => {
+                win.get_into(other, 0, buf, 0, size).map_err(err)
+            }
+            // SAFETY: the source buffer is not written and the target range is only accessed
+            // by this benchmark's blocking operations.
+            (
+                Side::Raw {
+                    ep,
+                    peer,
+                    buf,
+                    remote,
+                    ..
+                },
+                Op::Put,
+            ) => unsafe { ep.write(*peer, buf, 0, size, remote, 0).map_err(err) },
             // SAFETY: as above; the local buffer is written only by this read.
-            (Op::Get, true) => unsafe {
-                self.ep
-                    .read(self.raw_peer, &self.raw_buf, 0, size, &self.raw_remote, 0)
-                    .map_err(err)
-            },
-            (Op::Send, _) => Err("send is measured by ping-pong".into()),
+            (
+                Side::Raw {
+                    ep,
+                    peer,
+                    buf,
+                    remote,
+                    ..
+                },
+                Op::Get,
+            ) => unsafe { ep.read(*peer, buf, 0, size, remote, 0).map_err(err) },
+            (_, Op::Send) => Err("send is measured by ping-pong".into()),
         }
     }
 
-    fn send(&self, raw: bool, data: &[u8]) -> Result<(), String> {
-        if raw {
-            self.ep.send(self.raw_peer, RAW_TAG, data).map_err(err)
-        } else {
-            self.rank
-                .send(1 - self.rank.rank(), LIB_TAG, data)
+    fn send(&self, data: &[u8]) -> Result<(), String> {
+        match self {
+            Side::Raw { ep, peer, .. } => ep.send(*peer, RAW_TAG, data).map_err(err),
+            Side::Lib { rank, .. } => rank
+                .send(1 - rank.rank(), LIB_TAG, data)
                 .map(drop)
-                .map_err(err)
+                .map_err(err),
         }
     }
 
-    fn recv(&self, raw: bool) -> Result<usize, String> {
-        if raw {
-            self.ep
-                .recv(RAW_TAG, TIMEOUT)
+    fn recv(&self) -> Result<usize, String> {
+        match self {
+            Side::Raw { ep, .. } => ep.recv(RAW_TAG, TIMEOUT).map(|m| m.data.len()).map_err(err),
+            Side::Lib { rank, .. } => rank
+                .recv(Source::Rank(1 - rank.rank()), TagMatch::Tag(LIB_TAG))
                 .map(|m| m.data.len())
-                .map_err(err)
-        } else {
-            self.rank
-                .recv(Source::Rank(1 - self.rank.rank()), TagMatch::Tag(LIB_TAG))
-                .map(|m| m.data.len())
-                .map_err(err)
+                .map_err(err),
         }
     }
 
     /// (p50 latency, bandwidth) of `op` at `size`; rank 1 serves sends and meets at the end.
-    fn measure(
-        &self,
-        op: Op,
-        raw: bool,
-        size: usize,
-        quick: bool,
-    ) -> Result<(Duration, f64), String> {
+    fn measure(&self, op: Op, size: usize, quick: bool) -> Result<(Duration, f64), String> {
         let (lat_n, bw_n) = counts(size, quick);
+        if std::env::var_os("BENCH_RANK_DEBUG").is_some() {
+            eprintln!("rank {} {op:?} {size}", self.me());
+        }
         let data = vec![0xa5u8; size];
-        let me = self.rank.rank();
+        let me = self.me();
         let mut lat = Vec::with_capacity(lat_n);
         let mut bw = 0.0;
+        self.barrier()?;
         match op {
             Op::Send => {
                 for _ in 0..lat_n {
                     let t = Instant::now();
                     if me == 0 {
-                        self.send(raw, &data)?;
-                        self.recv(raw)?;
+                        self.send(&data)?;
+                        self.recv()?;
                     } else {
-                        self.recv(raw)?;
-                        self.send(raw, &data)?;
+                        self.recv()?;
+                        self.send(&data)?;
                     }
                     lat.push(t.elapsed() / 2);
                 }
                 let t = Instant::now();
                 if me == 0 {
                     for _ in 0..bw_n {
-                        self.send(raw, &data)?;
+                        self.send(&data)?;
                     }
-                    self.recv(raw)?;
+                    self.recv()?;
                 } else {
                     for _ in 0..bw_n {
-                        self.recv(raw)?;
+                        self.recv()?;
                     }
-                    self.send(raw, &[])?;
+                    self.send(&[])?;
                 }
                 bw = gbs((size * bw_n) as u64, t.elapsed());
             }
@@ -239,53 +275,59 @@ impl Pair {
                 if me == 0 {
                     for _ in 0..lat_n {
                         let t = Instant::now();
-                        self.one(op, raw, size)?;
+                        self.one(op, size)?;
                         lat.push(t.elapsed());
                     }
                     let t = Instant::now();
                     for _ in 0..bw_n {
-                        self.one(op, raw, size)?;
+                        self.one(op, size)?;
                     }
                     bw = gbs((size * bw_n) as u64, t.elapsed());
                 }
             }
         }
-        self.rank.barrier().map_err(err)?;
+        self.barrier()?;
         lat.sort();
         Ok((quantile(&lat, 0.5).unwrap_or_default(), bw))
     }
+
+    fn close(self) -> Result<(), String> {
+        match self {
+            Side::Raw { boot, .. } => boot.lock().map_err(err)?.barrier().map_err(err),
+            Side::Lib { rank, win, .. } => {
+                win.free().map_err(err)?;
+                rank.finalize().map_err(err)
+            }
+        }
+    }
 }
 
-/// Per (op, size): per-run (lib lat, lib bw, raw lat, raw bw).
-type Samples = Vec<((Op, usize), Vec<[f64; 4]>)>;
+const KEYS: [(Op, usize); 9] = [
+    (Op::Send, SIZES[0]),
+    (Op::Send, SIZES[1]),
+    (Op::Send, SIZES[2]),
+    (Op::Put, SIZES[0]),
+    (Op::Put, SIZES[1]),
+    (Op::Put, SIZES[2]),
+    (Op::Get, SIZES[0]),
+    (Op::Get, SIZES[1]),
+    (Op::Get, SIZES[2]),
+];
 
-fn run_provider(
-    rank: usize,
+/// One session: every (op, size) once, as rank `me`, raw or library.
+fn session(
+    raw: bool,
+    me: usize,
     provider: Provider,
-    bootstrap: std::net::SocketAddr,
-    runs: usize,
+    bootstrap: SocketAddr,
     quick: bool,
-) -> Result<Samples, String> {
-    let pair = Pair::open(rank, provider, bootstrap)?;
-    let mut out: Samples = Vec::new();
-    for op in [Op::Send, Op::Put, Op::Get] {
-        for size in SIZES {
-            out.push(((op, size), Vec::new()));
-        }
-    }
-    for _ in 0..runs {
-        for (key, samples) in out.iter_mut() {
-            let (op, size) = *key;
-            // Alternate which goes first so warm-up effects do not favour one side.
-            let first_raw = samples.len() % 2 == 0;
-            let a = pair.measure(op, first_raw, size, quick)?;
-            let b = pair.measure(op, !first_raw, size, quick)?;
-            let (raw, lib) = if first_raw { (a, b) } else { (b, a) };
-            let us = |d: Duration| d.as_secs_f64() * 1e6;
-            samples.push([us(lib.0), lib.1, us(raw.0), raw.1]);
-        }
-    }
-    pair.rank.finalize().map_err(err)?;
+) -> Result<Vec<(Duration, f64)>, String> {
+    let side = Side::open(raw, me, provider, bootstrap)?;
+    let out = KEYS
+        .iter()
+        .map(|&(op, size)| side.measure(op, size, quick))
+        .collect::<Result<Vec<_>, String>>()?;
+    side.close()?;
     Ok(out)
 }
 
@@ -297,7 +339,7 @@ fn provider_of(name: &str) -> Result<Provider, String> {
     }
 }
 
-/// The hidden `rank-worker`: rank 1 of one provider's measurements.
+/// The hidden `rank-worker`: rank 1 of one session.
 pub fn worker(raw: &[String]) -> Result<(), String> {
     let args = Args::parse(raw)?;
     let provider = provider_of(args.required("provider")?)?;
@@ -305,8 +347,48 @@ pub fn worker(raw: &[String]) -> Result<(), String> {
         .required("bootstrap")?
         .parse()
         .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
-    let runs = args.number("runs", 3usize)?;
-    run_provider(1, provider, bootstrap, runs, args.flag("quick")).map(drop)
+    let raw_mode = match args.required("mode")? {
+        "raw" => true,
+        "lib" => false,
+        other => return Err(format!("--mode {other:?}: raw or lib")),
+    };
+    session(raw_mode, 1, provider, bootstrap, args.flag("quick")).map(drop)
+}
+
+/// Runs one session with a rank-worker as rank 1.
+fn paired_session(
+    exe: &Path,
+    raw: bool,
+    name: &str,
+    quick: bool,
+) -> Result<Vec<(Duration, f64)>, String> {
+    let provider = provider_of(name)?;
+    let server = BootstrapServer::start_with(("127.0.0.1", 0), 2, TIMEOUT, None).map_err(err)?;
+    let mut child = Command::new(exe)
+        .args([
+            "rank-worker",
+            "--provider",
+            name,
+            "--mode",
+            if raw { "raw" } else { "lib" },
+        ])
+        .args(["--bootstrap", &server.addr().to_string()])
+        .args(if quick { &["--quick"][..] } else { &[][..] })
+        .env_remove("KRUN_RANK")
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the rank-worker: {e}"))?;
+    let result = session(raw, 0, provider, server.addr(), quick);
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(err)?;
+    let out = result?;
+    if !status.success() {
+        return Err(format!("{name}: the rank-worker failed: {status}"));
+    }
+    server.join().map_err(err)?;
+    Ok(out)
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
@@ -345,6 +427,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .collect();
     let exe = std::env::current_exe().map_err(err)?;
     let mut rows = Vec::new();
+    let mut skipped = Vec::new();
     let mut table = Table::new(&[
         "op",
         "provider",
@@ -357,31 +440,37 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         "bw -%",
     ]);
     for name in &providers {
-        let provider = provider_of(name)?;
-        let server =
-            BootstrapServer::start_with(("127.0.0.1", 0), 2, TIMEOUT, None).map_err(err)?;
-        let mut child = Command::new(&exe)
-            .args([
-                "rank-worker",
-                "--provider",
-                name,
-                "--runs",
-                &runs.to_string(),
-            ])
-            .args(["--bootstrap", &server.addr().to_string()])
-            .args(if quick { &["--quick"][..] } else { &[][..] })
-            .env_remove("KRUN_RANK")
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting the rank-worker: {e}"))?;
-        let result = run_provider(0, provider, server.addr(), runs, quick);
-        let status = child.wait().map_err(err)?;
-        let samples = result?;
-        if !status.success() {
-            return Err(format!("{name}: the rank-worker failed: {status}"));
+        // Per key, per run: [lib lat us, lib GB/s, raw lat us, raw GB/s].
+        let mut samples: Vec<Vec<[f64; 4]>> = vec![Vec::new(); KEYS.len()];
+        let mut failed = None;
+        for run in 0..runs {
+            let raw_first = run % 2 == 0;
+            let pair = paired_session(&exe, raw_first, name, quick).and_then(|first| {
+                paired_session(&exe, !raw_first, name, quick).map(|second| (first, second))
+            });
+            let (first, second) = match pair {
+                Ok(p) => p,
+                Err(e) => {
+                    failed = Some(format!("run {run}: {e}"));
+                    break;
+                }
+            };
+            let (raw, lib) = if raw_first {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            for (i, s) in samples.iter_mut().enumerate() {
+                s.push([us(lib[i].0), lib[i].1, us(raw[i].0), raw[i].1]);
+            }
         }
-        server.join().map_err(err)?;
-        for ((op, size), s) in samples {
+        if let Some(e) = failed {
+            eprintln!("bench rank: {name}: skipped: {e}");
+            skipped.push(json!({"provider": name, "error": e}));
+            continue;
+        }
+        for (&(op, size), s) in KEYS.iter().zip(samples) {
             let col = |i: usize| -> Vec<f64> { s.iter().map(|r| r[i]).collect() };
             let (lat, lat_min, lat_max) = stats(&mut col(0));
             let (bw, bw_min, bw_max) = stats(&mut col(1));
@@ -431,6 +520,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         "quick": quick,
         "target": {"lat_overhead_pct_max": 10, "bw_loss_pct_max": 5},
         "rows": rows,
+        "skipped": skipped,
     });
     report::write_json(&out_path, &value)?;
     println!("wrote {}", out_path.display());

@@ -1,6 +1,21 @@
-//! Page-based distributed shared memory (planned).
+//! Page-based distributed shared memory over one-sided RDMA.
 //!
-//! Will hold: page faults trapped with userfaultfd, pages moved by one-sided reads through
-//! `fabric`, and a directory of page owners kept by managers located by `adaptation`
-//! (single writer / multiple readers coherence, as in IVY and Kerrighed containers).
-//! Nothing is implemented yet; the crate exists so the workspace shows the architecture.
+//! - [`coherence`]: the coherence protocol (sequential consistency, single writer / multiple
+//!   readers, IVY / Kerrighed containers) as a sans-IO state machine.
+//! - [`directory`]: page -> owner, kept by managers located by the cell-tree locator or
+//!   `page % N`, registered with the adaptation layer as a service (migration, failure scan).
+//! - [`fault`]: the driver: userfaultfd faults, protocol messages and one-sided page reads
+//!   through `fabric`.
+//! - [`region`]: the collective API: [`Dsm::alloc`] / [`Dsm::free`] of regions mapped at the
+//!   same address on every rank, a DSM lock and a barrier.
+pub mod coherence;
+pub mod directory;
+pub mod error;
+pub mod fault;
+pub mod lock;
+pub mod region;
+pub mod uffd;
+
+pub use directory::LocatorKind;
+pub use error::{DsmError, Result};
+pub use region::{Dsm, DsmConfig, SharedRegion};

@@ -851,10 +851,11 @@ impl NativeRuntime {
             let keep_from = fulls[fulls.len() - 1];
             let owner_dir = self.config.dir.join(&self.config.owner);
             let mut spares = spare_files(&owner_dir).len();
+            let limit = spare_limit()?;
             for v in versions.into_iter().filter(|&v| v < keep_from) {
                 let path = image_path(&self.config.dir, &self.config.owner, v);
-                // Keep two old files as spares: their memory is reused by the next images.
-                if spares < 2
+                // Keep old files as spares: their memory is reused by the next images.
+                if spares < limit
                     && std::fs::rename(&path, owner_dir.join(format!(".spare-{v}"))).is_ok()
                 {
                     spares += 1;
@@ -930,6 +931,21 @@ impl NativeRuntime {
             return Ok(SafepointAction::CheckpointStarted(self.checkpoint()?));
         }
         Ok(SafepointAction::Nothing)
+    }
+}
+
+/// How many old image files to keep as spares, whose memory the next images reuse by
+/// rewriting them in place: `KRUN_GHOST_SPARES` (0-16), else 2 — but 0 under a krund
+/// (`KRUN_NODE_SOCKET` set), whose checkpoint agent maps committed image files into the
+/// checkpoint store as their L1 copy: such a file may be unlinked (the mapping keeps it), never
+/// rewritten or truncated under the store.
+fn spare_limit() -> Result<usize> {
+    match std::env::var("KRUN_GHOST_SPARES") {
+        Ok(v) => v.parse::<usize>().ok().filter(|&n| n <= 16).ok_or_else(|| {
+            GhostError::Invalid(format!("KRUN_GHOST_SPARES={v}: expected an integer 0-16"))
+        }),
+        Err(_) if std::env::var_os("KRUN_NODE_SOCKET").is_some() => Ok(0),
+        Err(_) => Ok(2),
     }
 }
 

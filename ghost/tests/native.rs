@@ -429,3 +429,43 @@ fn uniform_api_captures_restores_and_rolls_back_a_live_native_process() {
         "the rolled-back run reached the last step"
     );
 }
+
+/// Old image files are recycled as spares (rewritten in place for their memory) only when no
+/// krund maps them: under a krund (`KRUN_NODE_SOCKET` set) the checkpoint agent maps committed
+/// images as the store's L1 copy, so they are unlinked instead.
+#[test]
+fn image_files_are_never_recycled_under_a_krund() {
+    let dir = TempDir::new("native-spares");
+    let bin = build_workload(&dir.0);
+    let spares_after = |tag: &str, under_krund: bool| -> (usize, usize) {
+        let images = dir.0.join(format!("images-{tag}"));
+        let out = dir.0.join(format!("{tag}.out"));
+        let mut cmd = Command::new(&bin);
+        cmd.arg(&out)
+            .args(["4", "12", "2", "0"])
+            .env("KRUN_GHOST_DIR", &images)
+            .env("KRUN_GHOST_OWNER", "test/rank0")
+            .env("KRUN_GHOST_FULL_EVERY", "1")
+            .env_remove("KRUN_GHOST_RESTORE")
+            .env_remove("KRUN_GHOST_SPARES")
+            .env_remove("KRUN_NODE_SOCKET");
+        if under_krund {
+            cmd.env("KRUN_NODE_SOCKET", dir.0.join("no-such-socket"));
+        }
+        let mut child = Guard(cmd.spawn().expect("start workload"));
+        assert!(wait_exit(&mut child.0, Duration::from_secs(120)).success());
+        let names: Vec<String> = std::fs::read_dir(images.join("test/rank0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let spares = names.iter().filter(|n| n.starts_with(".spare-")).count();
+        let kept = names.iter().filter(|n| n.ends_with(".kgi")).count();
+        (spares, kept)
+    };
+    let (spares, kept) = spares_after("plain", false);
+    assert!(spares > 0, "without a krund old images become spares");
+    assert!(kept >= 1);
+    let (spares, kept) = spares_after("krund", true);
+    assert_eq!(spares, 0, "under a krund no image file is recycled");
+    assert!(kept >= 1);
+}

@@ -57,9 +57,12 @@ const SEQ_BITS: u32 = 21;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 const LAST_FRAGMENT: u64 = 1 << 11;
 const FRAGMENT_MASK: u64 = (1 << 11) - 1;
-/// How long one wait on the fabric lasts before the ready queue is checked again (another
-/// thread may have taken our message off the fabric).
-const PULL_SLICE: Duration = Duration::from_millis(2);
+/// How a receive waits: it takes messages off the fabric without blocking in it (a thread
+/// blocked in the fabric's receive makes the endpoint's progress thread step aside, which
+/// delays remote reads and writes targeting this rank), yielding for [`SPIN`] after the last
+/// message, then napping [`NAP`] between checks.
+const SPIN: Duration = Duration::from_millis(1);
+const NAP: Duration = Duration::from_micros(100);
 
 fn wire_tag(tag: u32, seq: u64, fragment: usize, last: bool) -> u64 {
     MARKER
@@ -281,9 +284,14 @@ impl Messages {
         Ok(seq)
     }
 
-    /// Takes one message off the fabric into the queues; false if none came within `wait`.
-    fn pull(&self, wait: Duration) -> Result<bool> {
-        let msg = match self.ep.recv_masked(MARKER, !MARKER_MASK, wait) {
+    /// Takes one waiting message off the fabric into the queues; false if there was none.
+    /// Drives the endpoint's progress once (a zero timeout would not, and while a receive
+    /// is inside the fabric its progress thread steps aside).
+    fn pull(&self) -> Result<bool> {
+        let msg = match self
+            .ep
+            .recv_masked(MARKER, !MARKER_MASK, Duration::from_micros(1))
+        {
             Ok(m) => m,
             Err(FabricError::RecvTimeout { .. }) => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -384,6 +392,7 @@ impl Messages {
         take: impl Fn(&Arrived) -> Result<T>,
     ) -> Result<(T, Arrived)> {
         let start = Instant::now();
+        let mut idle_since = start;
         loop {
             {
                 let mut st = self.state.lock().expect("message state");
@@ -406,21 +415,24 @@ impl Messages {
                     return Ok((v, m));
                 }
             }
-            let slice = match timeout {
-                Some(t) => {
-                    let left = t.saturating_sub(start.elapsed());
-                    if left.is_zero() {
-                        return Err(RankError::RecvTimeout {
-                            from: describe_source(from),
-                            tag: describe_tag(tag),
-                            timeout: t,
-                        });
-                    }
-                    left.min(PULL_SLICE)
+            if self.pull()? {
+                idle_since = Instant::now();
+                continue;
+            }
+            if let Some(t) = timeout {
+                if start.elapsed() >= t {
+                    return Err(RankError::RecvTimeout {
+                        from: describe_source(from),
+                        tag: describe_tag(tag),
+                        timeout: t,
+                    });
                 }
-                None => PULL_SLICE,
-            };
-            self.pull(slice)?;
+            }
+            if idle_since.elapsed() < SPIN {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(NAP);
+            }
         }
     }
 

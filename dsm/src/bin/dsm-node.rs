@@ -1,0 +1,448 @@
+//! `dsm-node`: one process of a multi-process DSM scenario (a test and diagnostic tool).
+//!
+//! ```text
+//! dsm-node <scenario> --provider <tcp|shm> --bootstrap <ip:port> --rank <r> --size <n>
+//!          [--pages <per rank>] [--rounds <n>]
+//! ```
+//!
+//! | scenario  | what happens |
+//! |-----------|--------------|
+//! | `share`   | each rank writes its part of a region, reads every other part after a barrier (byte by byte); then ownership of shared pages moves round-robin between the ranks, checked after every barrier; a counter incremented under the DSM lock; false sharing (each rank its own word of one page) |
+//! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
+//! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
+//!
+//! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
+//! passed, 1 when one failed, 2 on bad arguments.
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dsm::{Dsm, DsmConfig};
+use fabric::bootstrap::BootstrapClient;
+use fabric::{FabricConfig, Provider};
+
+type Res<T> = std::result::Result<T, String>;
+
+struct Args {
+    scenario: String,
+    provider: Provider,
+    bootstrap: SocketAddr,
+    rank: usize,
+    size: usize,
+    pages: usize,
+    rounds: usize,
+    rows: usize,
+    cols: usize,
+}
+
+fn parse() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let scenario = it.next().ok_or("missing scenario")?;
+    let mut a = Args {
+        scenario,
+        provider: Provider::Tcp,
+        bootstrap: "127.0.0.1:0".parse().expect("literal"),
+        rank: 0,
+        size: 1,
+        pages: 16,
+        rounds: 12,
+        rows: 512,
+        cols: 32,
+    };
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{k} {v}: {e}");
+        match k.as_str() {
+            "--provider" => {
+                a.provider = Provider::all()
+                    .into_iter()
+                    .find(|p| p.name() == v)
+                    .ok_or_else(|| bad(&"unknown provider"))?
+            }
+            "--bootstrap" => a.bootstrap = v.parse().map_err(|e| bad(&e))?,
+            "--rank" => a.rank = v.parse().map_err(|e| bad(&e))?,
+            "--size" => a.size = v.parse().map_err(|e| bad(&e))?,
+            "--pages" => a.pages = v.parse().map_err(|e| bad(&e))?,
+            "--rounds" => a.rounds = v.parse().map_err(|e| bad(&e))?,
+            "--rows" => a.rows = v.parse().map_err(|e| bad(&e))?,
+            "--cols" => a.cols = v.parse().map_err(|e| bad(&e))?,
+            _ => return Err(format!("unknown option {k}")),
+        }
+    }
+    Ok(a)
+}
+
+fn byte(rank: usize, round: usize, i: usize) -> u8 {
+    (rank.wrapping_mul(131) ^ round.wrapping_mul(31) ^ i.wrapping_mul(7) ^ (i >> 9)) as u8
+}
+
+fn share(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let part = a.pages * page;
+    let region = d.alloc(part * a.size).map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    println!("krun-result region={:#x}", mem as u64);
+    let r = a.rank;
+    // 1. Each rank writes its part, then reads everyone's.
+    for i in 0..part {
+        // SAFETY: inside the region; each rank writes only its own part here.
+        unsafe { mem.add(r * part + i).write_volatile(byte(r, 0, i)) };
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    for owner in 0..a.size {
+        for i in 0..part {
+            // SAFETY: inside the region; no rank writes between these barriers.
+            let got = unsafe { mem.add(owner * part + i).read_volatile() };
+            if got != byte(owner, 0, i) {
+                return Err(format!(
+                    "part of rank {owner} byte {i}: {got} != {}",
+                    byte(owner, 0, i)
+                ));
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    // 2. Ownership moves back and forth: in round k, rank k % size rewrites the first page
+    //    of every part and one word of every page; everybody checks after the barrier.
+    for round in 1..=a.rounds {
+        let writer = round % a.size;
+        if r == writer {
+            for owner in 0..a.size {
+                for i in 0..page {
+                    // SAFETY: inside the region; only `writer` writes in this round.
+                    unsafe {
+                        mem.add(owner * part + i)
+                            .write_volatile(byte(owner, round, i))
+                    };
+                }
+                for p in 1..a.pages {
+                    // SAFETY: as above.
+                    unsafe { mem.add(owner * part + p * page).write_volatile(round as u8) };
+                }
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+        for owner in 0..a.size {
+            for i in 0..part {
+                let expected = if i < page {
+                    byte(owner, round, i)
+                } else if i % page == 0 {
+                    round as u8
+                } else {
+                    byte(owner, 0, i)
+                };
+                // SAFETY: inside the region; nobody writes until the next barrier.
+                let got = unsafe { mem.add(owner * part + i).read_volatile() };
+                if got != expected {
+                    return Err(format!(
+                        "round {round} (writer {writer}): part {owner} byte {i}: {got} != {expected}"
+                    ));
+                }
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+    }
+    // 3. A counter under the DSM lock, and false sharing: each rank bumps its own word of
+    //    one page.
+    let counters = d.alloc(page).map_err(|e| e.to_string())?;
+    let c = counters.as_ptr() as *mut u64;
+    let iters = 50u64;
+    for _ in 0..iters {
+        d.lock(0).map_err(|e| e.to_string())?;
+        // SAFETY: words 0 and 100 of the counters page, only touched under lock 0.
+        unsafe {
+            let holder = c.add(100);
+            let h = holder.read_volatile();
+            if h != 0 {
+                return Err(format!("lock 0 taken while rank {} holds it", h - 1));
+            }
+            holder.write_volatile(r as u64 + 1);
+            c.write_volatile(c.read_volatile() + 1);
+            holder.write_volatile(0);
+        }
+        d.unlock(0).map_err(|e| e.to_string())?;
+        // SAFETY: word 1 + rank is this rank's own word.
+        unsafe {
+            let w = c.add(1 + r);
+            w.write_volatile(w.read_volatile() + 1)
+        };
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    // SAFETY: nobody writes after the barrier.
+    let total = unsafe { c.read_volatile() };
+    if total != iters * a.size as u64 {
+        // SAFETY: as above.
+        let words: Vec<u64> = (0..8)
+            .map(|k| unsafe { c.add(k).read_volatile() })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: as above.
+        let again = unsafe { c.read_volatile() };
+        return Err(format!(
+            "locked counter {total} != {} (words {words:?}, {again} read again 200 ms later)",
+            iters * a.size as u64
+        ));
+    }
+    for k in 0..a.size {
+        // SAFETY: as above.
+        let v = unsafe { c.add(1 + k).read_volatile() };
+        if v != iters {
+            return Err(format!("rank {k}'s word {v} != {iters} (false sharing)"));
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(counters).map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())?;
+    let (faults, fetches, prefetched, messages) = d.stats();
+    let p = d.protocol_stats();
+    println!(
+        "krun-result share=ok faults={faults} one_sided_reads={fetches} prefetched={prefetched} messages={messages} invalidations={}",
+        p.invalidations_sent
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Timed faults (3 ranks): rank 0 writes `pages` pages; rank 1 reads them one by one (each a
+/// message round trip and an owner downgrade); rank 0 rewrites them (invalidating rank 1, whose
+/// hint now names rank 0) and rank 2 reads them (downgrade again); rank 1 then reads them
+/// one-sided (join + RMA read), one by one, and finally scans them with prefetch.
+fn latency(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let n = a.pages;
+    let stride_pages = 2; // every other page: no prefetch while timing single faults
+    let region = d
+        .alloc(n * page * stride_pages * 2)
+        .map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    let at = |i: usize| i * page * stride_pages;
+    let scan_base = n * page * stride_pages;
+    let fill = |round: u8| {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            unsafe { mem.add(at(i)).write_volatile(round) };
+        }
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            unsafe { mem.add(scan_base + i * page).write_volatile(round) };
+        }
+    };
+    let read_each = |expect: u8| -> Res<Vec<f64>> {
+        let mut times = Vec::new();
+        for i in 0..n {
+            let t = Instant::now();
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(at(i)).read_volatile() };
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            if v != expect {
+                return Err(format!("page {i}: {v} != {expect}"));
+            }
+        }
+        Ok(times)
+    };
+    if a.rank == 0 {
+        fill(1);
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 1 {
+        let t = read_each(1)?;
+        println!("krun-result read_fault_message_us={:.1}", median(t));
+        let local = dsm::uffd::local_fault_latency(n).map_err(|e| e.to_string())?;
+        println!("krun-result local_uffd_fault_us={:.1}", median(local));
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 0 {
+        fill(2);
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 2 {
+        read_each(2)?;
+        // Scan part too, so that rank 0 is a read owner of it.
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(scan_base + i * page).read_volatile() };
+            if v != 2 {
+                return Err(format!("scan page {i}: {v} != 2"));
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 1 {
+        let before = d.stats().1;
+        let t = read_each(2)?;
+        let one_sided = d.stats().1 - before;
+        println!(
+            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided}",
+            median(t)
+        );
+        let (reads, atomics) = d.reference_rma(&region, 0, n).map_err(|e| e.to_string())?;
+        println!(
+            "krun-result rma_read_4k_us={:.1} fetch_add_us={:.1}",
+            median(reads),
+            median(atomics)
+        );
+        let before = d.stats();
+        let t = Instant::now();
+        for i in 0..n * stride_pages {
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(scan_base + i * page).read_volatile() };
+            if v != 2 {
+                return Err(format!("scan page {i}: {v} != 2"));
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let after = d.stats();
+        println!(
+            "krun-result scan_mb_s={:.1} scan_faults={} scan_prefetched={}",
+            (n * stride_pages * page) as f64 / secs / 1e6,
+            after.0 - before.0,
+            after.2 - before.2
+        );
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())
+}
+
+/// The test matrix: deterministic pseudo-random entries (splitmix64), column-major.
+fn matrix(rows: usize, cols: usize) -> Vec<f64> {
+    let mut x: u64 = 0x1234_5678;
+    (0..rows * cols)
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect()
+}
+
+/// Modified Gram-Schmidt in place on column-major `a`: columns become Q.
+fn mgs_serial(a: &mut [f64], rows: usize, cols: usize) {
+    for k in 0..cols {
+        let norm = (0..rows)
+            .map(|i| a[k * rows + i].powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for i in 0..rows {
+            a[k * rows + i] /= norm;
+        }
+        for j in k + 1..cols {
+            let r: f64 = (0..rows).map(|i| a[k * rows + i] * a[j * rows + i]).sum();
+            for i in 0..rows {
+                a[j * rows + i] -= r * a[k * rows + i];
+            }
+        }
+    }
+}
+
+fn mgs(d: &Dsm, a: &Args) -> Res<()> {
+    let (rows, cols, size, r) = (a.rows, a.cols, a.size, a.rank);
+    let region = d.alloc(rows * cols * 8).map_err(|e| e.to_string())?;
+    let m = region.as_ptr() as *mut f64;
+    // SAFETY (for every access below): indices stay inside rows * cols doubles of the
+    // region; a column is written only by its rank between barriers, and read by others only
+    // after the barrier that follows its last write.
+    let at = |j: usize, i: usize| unsafe { m.add(j * rows + i) };
+    let init = matrix(rows, cols);
+    for j in (0..cols).filter(|j| j % size == r) {
+        for i in 0..rows {
+            unsafe { at(j, i).write(init[j * rows + i]) };
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    let before = d.stats();
+    let start = Instant::now();
+    for k in 0..cols {
+        if k % size == r {
+            let norm = (0..rows)
+                .map(|i| unsafe { at(k, i).read() }.powi(2))
+                .sum::<f64>()
+                .sqrt();
+            for i in 0..rows {
+                unsafe { at(k, i).write(at(k, i).read() / norm) };
+            }
+        }
+        d.barrier().map_err(|e| e.to_string())?;
+        let q: Vec<f64> = (0..rows).map(|i| unsafe { at(k, i).read() }).collect();
+        for j in (k + 1..cols).filter(|j| j % size == r) {
+            let rkj: f64 = (0..rows).map(|i| q[i] * unsafe { at(j, i).read() }).sum();
+            for (i, qi) in q.iter().enumerate() {
+                unsafe { at(j, i).write(at(j, i).read() - rkj * qi) };
+            }
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = d.stats();
+    let mut serial = init;
+    mgs_serial(&mut serial, rows, cols);
+    let mut max_diff = 0f64;
+    for j in 0..cols {
+        for i in 0..rows {
+            max_diff = max_diff.max((unsafe { at(j, i).read() } - serial[j * rows + i]).abs());
+        }
+    }
+    let mut ortho = 0f64;
+    for p in 0..cols {
+        for q in 0..cols {
+            let dot: f64 = (0..rows)
+                .map(|i| unsafe { at(p, i).read() * at(q, i).read() })
+                .sum();
+            let want = if p == q { 1.0 } else { 0.0 };
+            ortho += (dot - want).powi(2);
+        }
+    }
+    let ortho = ortho.sqrt();
+    println!(
+        "krun-result mgs_seconds={seconds:.4} page_faults={} remote_fetches={} max_diff={max_diff:.2e} orthogonality={ortho:.2e}",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    if max_diff > 1e-9 || ortho > 1e-10 {
+        return Err(format!(
+            "MGS on the DSM differs from the serial MGS: max diff {max_diff:e}, ||Q^T Q - I|| {ortho:e}"
+        ));
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(region).map_err(|e| e.to_string())
+}
+
+fn run(a: &Args) -> Res<()> {
+    let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let fabric = FabricConfig::with_provider(a.provider)
+        .with_env()
+        .map_err(|e| e.to_string())?;
+    let config = DsmConfig::default().with_env().map_err(|e| e.to_string())?;
+    let d = Dsm::init(boot, &fabric, config).map_err(|e| format!("init: {e}"))?;
+    match a.scenario.as_str() {
+        "share" => share(&d, a),
+        "latency" => latency(&d, a),
+        "mgs" => mgs(&d, a),
+        s => Err(format!("unknown scenario {s}")),
+    }?;
+    d.barrier().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dsm-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dsm-node rank {}: {e}", a.rank);
+            ExitCode::from(1)
+        }
+    }
+}

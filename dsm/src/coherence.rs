@@ -1,0 +1,925 @@
+//! The coherence protocol: sequential consistency with a single writer and multiple readers
+//! (IVY's improved centralized manager, Li & Hudak 1989; Kerrighed containers), as a sans-IO
+//! state machine: local faults and received messages go in, [`Action`]s come out.
+//!
+//! Roles, per page:
+//! - the **manager** (located by the cell-tree locator or `page % N`) holds the directory
+//!   entry: who owns the page ([`crate::directory::Directory`]). Writes go through it, so
+//!   ownership changes are serialized there; reads go there only when the requester's
+//!   probable-owner hint is missing or stale.
+//! - the **owner** holds the copyset (who has read copies) and invalidates every copy, and
+//!   waits for every acknowledgement, before a write is granted (to another node, or to itself).
+//!
+//! Page states: `Invalid`, `ReadCopy`, `ReadOwner`, `WriteOwner`; the transients are a fetch
+//! in progress ([`Fetch`]) and an owner collecting invalidation acknowledgements (`busy`).
+//!
+//! One-sided reads: a read owner *publishes* its page (write-protected, copied into registered
+//! memory) and opens a per-page **share word**. A reader with a hint joins the copyset with a
+//! remote fetch-and-add on that word ([`Action::Join`]) and, if the word was open, reads the
+//! page with an RMA read ([`Action::RmaRead`]): the owner's CPU is not involved. The owner
+//! closes the word (an atomic swap, [`ShareWords::close`]) before it invalidates, so every
+//! reader that joined is invalidated; a reader invalidated while its fetch is in flight
+//! discards what it read and asks again. Nodes `>= 32` (the word holds a 32-bit copyset) and
+//! closed words use messages.
+//!
+//! Links are assumed FIFO per (sender, receiver) pair, as the fabric's tagged messages are.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use adaptation::locator::Placement;
+use serde::{Deserialize, Serialize};
+
+use crate::directory::{Directory, ManagerDecision};
+
+pub type NodeId = adaptation::NodeId;
+pub type PageId = u64;
+
+/// Nodes whose id is below this can join a copyset through the share word.
+pub const SHARE_WORD_NODES: NodeId = 32;
+/// The share word's "open" flag; bits `0..32` are the joined readers.
+pub const SHARE_OPEN: u64 = 1 << 63;
+
+/// A kind of access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// What a node holds of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageState {
+    Invalid,
+    /// A read-only copy; the owner has this node in its copyset.
+    ReadCopy,
+    /// The owner, read-only (copies may exist).
+    ReadOwner,
+    /// The owner, writable (no other copy exists).
+    WriteOwner,
+}
+
+impl PageState {
+    pub fn is_owner(self) -> bool {
+        matches!(self, PageState::ReadOwner | PageState::WriteOwner)
+    }
+
+    pub fn allows(self, access: Access) -> bool {
+        match access {
+            Access::Read => self != PageState::Invalid,
+            Access::Write => self == PageState::WriteOwner,
+        }
+    }
+}
+
+/// Where the data of an installed page comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The page bytes that came with the message being handled.
+    Message,
+    /// A zero page (the page was never written).
+    Zero,
+    /// The bytes the RMA read just completed brought.
+    Rma,
+}
+
+/// Protocol messages. [`Msg::Grant`] carries the page bytes (attached by the driver from the
+/// sender's memory unless `zero`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// A read request, sent to the probable owner (`via_manager == false`) or forwarded by
+    /// the manager to the owner it has on record.
+    Read {
+        page: PageId,
+        from: NodeId,
+        via_manager: bool,
+    },
+    /// To the manager: `from` wants to read / write the page.
+    ManagerRead {
+        page: PageId,
+        from: NodeId,
+    },
+    ManagerWrite {
+        page: PageId,
+        from: NodeId,
+    },
+    /// From the manager to the owner: hand the page over to `from` for writing.
+    Write {
+        page: PageId,
+        from: NodeId,
+    },
+    Invalidate {
+        page: PageId,
+    },
+    InvalidateAck {
+        page: PageId,
+    },
+    /// Access granted; `owner`: the receiver becomes the owner.
+    Grant {
+        page: PageId,
+        access: Access,
+        owner: bool,
+        zero: bool,
+    },
+    /// From a manager that rebuilt its entry after a failure: the receiver, which holds a
+    /// read copy, is the owner now; `copyset` are the other surviving copies.
+    Promote {
+        page: PageId,
+        copyset: Vec<NodeId>,
+    },
+}
+
+impl Msg {
+    pub fn page(&self) -> PageId {
+        match self {
+            Msg::Read { page, .. }
+            | Msg::ManagerRead { page, .. }
+            | Msg::ManagerWrite { page, .. }
+            | Msg::Write { page, .. }
+            | Msg::Invalidate { page }
+            | Msg::InvalidateAck { page }
+            | Msg::Grant { page, .. }
+            | Msg::Promote { page, .. } => *page,
+        }
+    }
+}
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        to: NodeId,
+        msg: Msg,
+    },
+    /// Remote fetch-and-add of `1 << me` on `owner`'s share word of `page`; answer with
+    /// [`Node::on_join`] (whether the old word was open).
+    Join {
+        owner: NodeId,
+        page: PageId,
+    },
+    /// One-sided read of `owner`'s published copy of `page`; answer with [`Node::on_rma_read`].
+    RmaRead {
+        owner: NodeId,
+        page: PageId,
+    },
+    /// Map the page's data (read-only unless `writable`); the page was not mapped before.
+    Install {
+        page: PageId,
+        source: Source,
+        writable: bool,
+    },
+    /// Write-protect the local (mapped) page.
+    Protect {
+        page: PageId,
+    },
+    /// Copy the (read-only) page where one-sided readers read it, then open its share word:
+    /// readers may join.
+    Publish {
+        page: PageId,
+    },
+    /// Make the (mapped, read-only) page writable.
+    Unprotect {
+        page: PageId,
+    },
+    /// Discard the local copy (the next access faults). A [`Msg::Grant`] sent later in the
+    /// same batch carries the bytes the page held when it was dropped.
+    Drop {
+        page: PageId,
+    },
+    /// The waiting accesses of `page` may proceed.
+    Done {
+        page: PageId,
+        access: Access,
+    },
+}
+
+/// The share words of this node's pages (in registered memory in the real driver).
+pub trait ShareWords {
+    /// Closes the word of `page` (atomically) and returns the readers that joined.
+    fn close(&mut self, page: PageId) -> BTreeSet<NodeId>;
+}
+
+/// Share words in plain memory (simulation and tests): `remote_join` is what a remote
+/// fetch-and-add does.
+#[derive(Clone, Debug, Default)]
+pub struct LocalShareWords {
+    words: BTreeMap<PageId, u64>,
+}
+
+impl LocalShareWords {
+    pub fn open(&mut self, page: PageId) {
+        self.words.insert(page, SHARE_OPEN);
+    }
+
+    /// The remote fetch-and-add of a joining reader; returns whether the word was open.
+    pub fn remote_join(&mut self, page: PageId, reader: NodeId) -> bool {
+        let w = self.words.entry(page).or_insert(0);
+        let old = *w;
+        *w = w.wrapping_add(1u64 << reader);
+        old & SHARE_OPEN != 0
+    }
+}
+
+impl ShareWords for LocalShareWords {
+    fn close(&mut self, page: PageId) -> BTreeSet<NodeId> {
+        let old = self.words.insert(page, 0).unwrap_or(0);
+        joined_readers(old)
+    }
+}
+
+/// The readers recorded in a closed share word's old value (nothing if it was not open).
+pub fn joined_readers(word: u64) -> BTreeSet<NodeId> {
+    if word & SHARE_OPEN == 0 {
+        return BTreeSet::new();
+    }
+    (0..SHARE_WORD_NODES)
+        .filter(|i| word & (1u64 << i) != 0)
+        .collect()
+}
+
+/// How a local fault is being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    Idle,
+    /// One-sided: joining `owner`'s copyset, then reading its page.
+    OneSided {
+        owner: NodeId,
+        reading: bool,
+        invalidated: bool,
+    },
+    /// A request message is out.
+    Requested(Access),
+}
+
+#[derive(Clone, Debug)]
+struct Page {
+    state: PageState,
+    hint: Option<NodeId>,
+    copyset: BTreeSet<NodeId>,
+    want: Option<Access>,
+    fetch: Fetch,
+    /// Owner collecting invalidation acks: (nodes still to ack, who gets the write).
+    busy: Option<(BTreeSet<NodeId>, NodeId)>,
+    queue: VecDeque<(NodeId, Msg)>,
+    /// The page should be published once this batch of actions settles (the share word is
+    /// closed synchronously, so it is opened only at the end of a batch, never before a
+    /// close of the same batch).
+    publish: bool,
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Page {
+            state: PageState::Invalid,
+            hint: None,
+            copyset: BTreeSet::new(),
+            want: None,
+            fetch: Fetch::Idle,
+            busy: None,
+            queue: VecDeque::new(),
+            publish: false,
+        }
+    }
+}
+
+/// What a node holds of a page, for the directory's failure scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holding {
+    pub page: PageId,
+    /// This node has a valid copy (`owner` or not).
+    pub copy: bool,
+    pub owner: bool,
+}
+
+/// Counters for benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub faults: u64,
+    pub one_sided_reads: u64,
+    pub one_sided_retries: u64,
+    pub message_grants: u64,
+    pub invalidations_sent: u64,
+    pub manager_requests: u64,
+}
+
+/// One node's protocol state for every page, and its manager role.
+pub struct Node<W: ShareWords> {
+    me: NodeId,
+    one_sided: bool,
+    locator: Box<dyn Placement + Send>,
+    pages: BTreeMap<PageId, Page>,
+    pub directory: Directory,
+    pub words: W,
+    pub stats: Stats,
+}
+
+impl<W: ShareWords> Node<W> {
+    /// `one_sided`: readers with a hint use the share word and RMA reads.
+    pub fn new(me: NodeId, locator: Box<dyn Placement + Send>, words: W, one_sided: bool) -> Self {
+        Node {
+            me,
+            one_sided,
+            locator,
+            pages: BTreeMap::new(),
+            directory: Directory::default(),
+            words,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn manager_of(&self, page: PageId) -> NodeId {
+        self.locator.manager(page)
+    }
+
+    pub fn state(&self, page: PageId) -> PageState {
+        self.pages
+            .get(&page)
+            .map(|p| p.state)
+            .unwrap_or(PageState::Invalid)
+    }
+
+    /// Whether a local access to `page` is waiting.
+    pub fn waiting(&self, page: PageId) -> Option<Access> {
+        self.pages.get(&page).and_then(|p| p.want)
+    }
+
+    /// Whether anything is in progress for any page (fetches, invalidations, queued requests).
+    pub fn idle(&self) -> bool {
+        self.pages.values().all(|p| {
+            p.want.is_none() && p.fetch == Fetch::Idle && p.busy.is_none() && p.queue.is_empty()
+        })
+    }
+
+    /// The pages this node holds or has heard of, for the failure scan.
+    pub fn holdings(&self) -> Vec<Holding> {
+        self.pages
+            .iter()
+            .filter(|(_, p)| p.state != PageState::Invalid || p.hint.is_some())
+            .map(|(&page, p)| Holding {
+                page,
+                copy: p.state != PageState::Invalid,
+                owner: p.state.is_owner(),
+            })
+            .collect()
+    }
+
+    /// A local access faulted (or is about to be performed).
+    pub fn fault(&mut self, page: PageId, access: Access) -> Vec<Action> {
+        let mut out = Vec::new();
+        let p = self.pages.entry(page).or_default();
+        if !p.state.allows(access) {
+            self.stats.faults += 1;
+        }
+        p.want = p.want.max(Some(access));
+        self.after(page, &mut out);
+        out
+    }
+
+    /// A message from `from`.
+    pub fn on_message(&mut self, from: NodeId, msg: Msg) -> Vec<Action> {
+        let mut out = Vec::new();
+        let page = msg.page();
+        self.handle(from, msg, &mut out);
+        self.after(page, &mut out);
+        out
+    }
+
+    /// The result of an [`Action::Join`]: whether `owner`'s word was open.
+    pub fn on_join(&mut self, page: PageId, open: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        let me = self.me;
+        let p = self.pages.entry(page).or_default();
+        if let Fetch::OneSided {
+            owner,
+            reading: false,
+            invalidated,
+        } = p.fetch
+        {
+            if open && !invalidated {
+                p.fetch = Fetch::OneSided {
+                    owner,
+                    reading: true,
+                    invalidated: false,
+                };
+                out.push(Action::RmaRead { owner, page });
+            } else if open {
+                // Joined, then invalidated before reading: ask the manager.
+                self.stats.one_sided_retries += 1;
+                p.fetch = Fetch::Requested(Access::Read);
+                p.hint = None;
+                self.stats.manager_requests += 1;
+                let to = self.locator.manager(page);
+                out.push(Action::Send {
+                    to,
+                    msg: Msg::ManagerRead { page, from: me },
+                });
+            } else {
+                // Closed: the owner is busy, writing, or no owner at all; ask by message.
+                p.fetch = Fetch::Requested(Access::Read);
+                out.push(Action::Send {
+                    to: owner,
+                    msg: Msg::Read {
+                        page,
+                        from: me,
+                        via_manager: false,
+                    },
+                });
+            }
+        }
+        self.after(page, &mut out);
+        out
+    }
+
+    /// The RMA read of an [`Action::RmaRead`] completed (its bytes are at hand).
+    pub fn on_rma_read(&mut self, page: PageId) -> Vec<Action> {
+        let mut out = Vec::new();
+        let p = self.pages.entry(page).or_default();
+        if let Fetch::OneSided {
+            owner,
+            reading: true,
+            invalidated,
+        } = p.fetch
+        {
+            p.fetch = Fetch::Idle;
+            if invalidated {
+                // The copy may be torn or stale: discard it and ask again (by the manager).
+                self.stats.one_sided_retries += 1;
+                p.hint = None;
+            } else {
+                self.stats.one_sided_reads += 1;
+                p.state = PageState::ReadCopy;
+                p.hint = Some(owner);
+                out.push(Action::Install {
+                    page,
+                    source: Source::Rma,
+                    writable: false,
+                });
+            }
+        }
+        self.after(page, &mut out);
+        out
+    }
+
+    fn after(&mut self, page: PageId, out: &mut Vec<Action>) {
+        self.drain_queue(page, out);
+        self.retry(page, out);
+        if let Some(p) = self.pages.get_mut(&page) {
+            if p.publish && p.state == PageState::ReadOwner && p.busy.is_none() {
+                out.push(Action::Publish { page });
+            }
+            p.publish = false;
+        }
+    }
+
+    /// Grants the local access if the state allows it, else starts serving it.
+    fn retry(&mut self, page: PageId, out: &mut Vec<Action>) {
+        let me = self.me;
+        let manager = self.locator.manager(page);
+        let one_sided = self.one_sided && me < SHARE_WORD_NODES;
+        let Some(p) = self.pages.get_mut(&page) else {
+            return;
+        };
+        let Some(want) = p.want else { return };
+        if p.state.allows(want) {
+            p.want = None;
+            out.push(Action::Done { page, access: want });
+            return;
+        }
+        if p.fetch != Fetch::Idle || p.busy.is_some() {
+            return;
+        }
+        match (want, p.state) {
+            (Access::Read, _) => match p.hint {
+                Some(h) if h != me && one_sided => {
+                    p.fetch = Fetch::OneSided {
+                        owner: h,
+                        reading: false,
+                        invalidated: false,
+                    };
+                    out.push(Action::Join { owner: h, page });
+                }
+                Some(h) if h != me => {
+                    p.fetch = Fetch::Requested(Access::Read);
+                    out.push(Action::Send {
+                        to: h,
+                        msg: Msg::Read {
+                            page,
+                            from: me,
+                            via_manager: false,
+                        },
+                    });
+                }
+                _ => {
+                    p.fetch = Fetch::Requested(Access::Read);
+                    self.stats.manager_requests += 1;
+                    out.push(Action::Send {
+                        to: manager,
+                        msg: Msg::ManagerRead { page, from: me },
+                    });
+                }
+            },
+            (Access::Write, PageState::ReadOwner) => {
+                // Upgrade in place: the manager already names this node.
+                self.start_invalidation(page, me, out);
+                let p = self.pages.get_mut(&page).expect("page exists");
+                if p.state.allows(want) {
+                    p.want = None;
+                    out.push(Action::Done { page, access: want });
+                }
+            }
+            (Access::Write, _) => {
+                p.fetch = Fetch::Requested(Access::Write);
+                self.stats.manager_requests += 1;
+                out.push(Action::Send {
+                    to: manager,
+                    msg: Msg::ManagerWrite { page, from: me },
+                });
+            }
+        }
+    }
+
+    fn drain_queue(&mut self, page: PageId, out: &mut Vec<Action>) {
+        let Some(p) = self.pages.get_mut(&page) else {
+            return;
+        };
+        if p.busy.is_some() || p.queue.is_empty() {
+            return;
+        }
+        let mut queued = std::mem::take(&mut p.queue);
+        while let Some((from, msg)) = queued.pop_front() {
+            self.handle(from, msg, out);
+            // A request that started an invalidation blocks the rest, in order.
+            let p = self.pages.get_mut(&page).expect("page exists");
+            if p.busy.is_some() {
+                p.queue.extend(queued.drain(..));
+                break;
+            }
+        }
+    }
+
+    fn handle(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
+        let me = self.me;
+        let page = msg.page();
+        let manager = self.locator.manager(page);
+        let p = self.pages.entry(page).or_default();
+        match msg {
+            Msg::ManagerRead { from: who, .. } | Msg::ManagerWrite { from: who, .. } => {
+                let access = if matches!(msg, Msg::ManagerWrite { .. }) {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                match self.directory.request(page, who, access) {
+                    ManagerDecision::GrantZero => out.push(Action::Send {
+                        to: who,
+                        msg: Msg::Grant {
+                            page,
+                            access,
+                            owner: true,
+                            zero: true,
+                        },
+                    }),
+                    ManagerDecision::Forward(owner) => out.push(Action::Send {
+                        to: owner,
+                        msg: match access {
+                            Access::Read => Msg::Read {
+                                page,
+                                from: who,
+                                via_manager: true,
+                            },
+                            Access::Write => Msg::Write { page, from: who },
+                        },
+                    }),
+                }
+            }
+            Msg::Read {
+                from: who,
+                via_manager,
+                ..
+            } => {
+                if p.busy.is_some() || (!p.state.is_owner() && p.fetch != Fetch::Idle) {
+                    if p.busy.is_none() && !via_manager {
+                        // Not the owner (maybe about to be): the manager knows better.
+                        out.push(Action::Send {
+                            to: manager,
+                            msg: Msg::ManagerRead { page, from: who },
+                        });
+                    } else {
+                        p.queue.push_back((from, msg));
+                    }
+                } else if p.state.is_owner() {
+                    self.serve_read(page, who, out);
+                } else {
+                    out.push(Action::Send {
+                        to: manager,
+                        msg: Msg::ManagerRead { page, from: who },
+                    });
+                }
+            }
+            Msg::Write { from: who, .. } => {
+                if p.busy.is_some() || !p.state.is_owner() {
+                    p.queue.push_back((from, msg));
+                } else {
+                    self.start_invalidation(page, who, out);
+                }
+            }
+            Msg::Invalidate { .. } => {
+                if let Fetch::OneSided { invalidated, .. } = &mut p.fetch {
+                    *invalidated = true;
+                }
+                if p.state == PageState::ReadCopy {
+                    p.state = PageState::Invalid;
+                    out.push(Action::Drop { page });
+                }
+                p.hint = Some(from);
+                out.push(Action::Send {
+                    to: from,
+                    msg: Msg::InvalidateAck { page },
+                });
+            }
+            Msg::InvalidateAck { .. } => {
+                if let Some((waiting, to)) = &mut p.busy {
+                    waiting.remove(&from);
+                    if waiting.is_empty() {
+                        let to = *to;
+                        self.finish_transfer(page, to, out);
+                    }
+                }
+            }
+            Msg::Grant {
+                access,
+                owner,
+                zero,
+                ..
+            } => {
+                self.stats.message_grants += 1;
+                if p.state != PageState::Invalid {
+                    out.push(Action::Drop { page });
+                }
+                p.fetch = Fetch::Idle;
+                let source = if zero { Source::Zero } else { Source::Message };
+                p.state = match (access, owner) {
+                    (Access::Write, _) => PageState::WriteOwner,
+                    (Access::Read, true) => PageState::ReadOwner,
+                    (Access::Read, false) => PageState::ReadCopy,
+                };
+                p.hint = Some(if owner { me } else { from });
+                out.push(Action::Install {
+                    page,
+                    source,
+                    writable: access == Access::Write,
+                });
+                p.publish = p.state == PageState::ReadOwner;
+            }
+            Msg::Promote { copyset, .. } => {
+                if p.state == PageState::ReadCopy {
+                    p.state = PageState::ReadOwner;
+                    p.hint = Some(me);
+                    p.copyset = copyset.into_iter().filter(|&n| n != me).collect();
+                    p.publish = true;
+                }
+            }
+        }
+    }
+
+    fn serve_read(&mut self, page: PageId, who: NodeId, out: &mut Vec<Action>) {
+        let p = self.pages.get_mut(&page).expect("page exists");
+        if p.state == PageState::WriteOwner {
+            p.state = PageState::ReadOwner;
+            p.publish = true;
+            out.push(Action::Protect { page });
+        }
+        if who != self.me {
+            p.copyset.insert(who);
+            out.push(Action::Send {
+                to: who,
+                msg: Msg::Grant {
+                    page,
+                    access: Access::Read,
+                    owner: false,
+                    zero: false,
+                },
+            });
+        }
+    }
+
+    /// Closes the share word and invalidates every copy except `to`'s before `to` (maybe
+    /// this node) gets the page for writing.
+    fn start_invalidation(&mut self, page: PageId, to: NodeId, out: &mut Vec<Action>) {
+        let me = self.me;
+        let joined = self.words.close(page);
+        let p = self.pages.get_mut(&page).expect("page exists");
+        p.publish = false;
+        p.copyset.extend(joined);
+        let targets: BTreeSet<NodeId> = std::mem::take(&mut p.copyset)
+            .into_iter()
+            .filter(|&n| n != me && n != to)
+            .collect();
+        if targets.is_empty() {
+            self.finish_transfer(page, to, out);
+            return;
+        }
+        self.stats.invalidations_sent += targets.len() as u64;
+        for &t in &targets {
+            out.push(Action::Send {
+                to: t,
+                msg: Msg::Invalidate { page },
+            });
+        }
+        p.busy = Some((targets, to));
+    }
+
+    fn finish_transfer(&mut self, page: PageId, to: NodeId, out: &mut Vec<Action>) {
+        let me = self.me;
+        let p = self.pages.get_mut(&page).expect("page exists");
+        p.busy = None;
+        if to == me {
+            if p.state == PageState::ReadOwner {
+                out.push(Action::Unprotect { page });
+            }
+            p.state = PageState::WriteOwner;
+            p.fetch = Fetch::Idle;
+        } else {
+            if p.state == PageState::WriteOwner {
+                // Freeze the page before its bytes are sent and dropped.
+                out.push(Action::Protect { page });
+            }
+            // Drop before sending: once the grant is out, the new owner may write and other
+            // nodes move on, so no local access may still see this copy.
+            out.push(Action::Drop { page });
+            out.push(Action::Send {
+                to,
+                msg: Msg::Grant {
+                    page,
+                    access: Access::Write,
+                    owner: true,
+                    zero: false,
+                },
+            });
+            p.state = PageState::Invalid;
+            p.hint = Some(to);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::LocatorKind;
+    use std::collections::VecDeque;
+
+    /// Nodes exchanging messages in FIFO order, one-sided operations done at once.
+    struct Net {
+        nodes: Vec<Node<LocalShareWords>>,
+        queue: VecDeque<(NodeId, NodeId, Msg)>,
+        log: Vec<(NodeId, Action)>,
+    }
+
+    impl Net {
+        fn new(n: u32, one_sided: bool) -> Net {
+            let ids: Vec<NodeId> = (0..n).collect();
+            Net {
+                nodes: ids
+                    .iter()
+                    .map(|&i| {
+                        Node::new(
+                            i,
+                            LocatorKind::Modulo.build(&ids),
+                            LocalShareWords::default(),
+                            one_sided,
+                        )
+                    })
+                    .collect(),
+                queue: VecDeque::new(),
+                log: Vec::new(),
+            }
+        }
+
+        fn apply(&mut self, at: NodeId, actions: Vec<Action>) {
+            for a in actions {
+                self.log.push((at, a.clone()));
+                match a {
+                    Action::Send { to, msg } => self.queue.push_back((at, to, msg)),
+                    Action::Publish { page } => self.nodes[at as usize].words.open(page),
+                    Action::Join { owner, page } => {
+                        let open = self.nodes[owner as usize].words.remote_join(page, at);
+                        let next = self.nodes[at as usize].on_join(page, open);
+                        self.apply(at, next);
+                    }
+                    Action::RmaRead { page, .. } => {
+                        let next = self.nodes[at as usize].on_rma_read(page);
+                        self.apply(at, next);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        fn access(&mut self, at: NodeId, page: PageId, access: Access) {
+            let a = self.nodes[at as usize].fault(page, access);
+            self.apply(at, a);
+            while let Some((from, to, msg)) = self.queue.pop_front() {
+                let a = self.nodes[to as usize].on_message(from, msg);
+                self.apply(to, a);
+            }
+            assert!(self.nodes[at as usize].state(page).allows(access));
+        }
+    }
+
+    #[test]
+    fn a_write_is_granted_only_after_every_copy_is_invalidated() {
+        let mut net = Net::new(4, false);
+        net.access(0, 5, Access::Write);
+        for r in 1..4 {
+            net.access(r, 5, Access::Read);
+        }
+        assert_eq!(net.nodes[0].state(5), PageState::ReadOwner);
+        net.log.clear();
+        net.access(2, 5, Access::Write);
+        for r in [0, 1, 3] {
+            assert_eq!(net.nodes[r as usize].state(5), PageState::Invalid);
+        }
+        assert_eq!(net.nodes[2].state(5), PageState::WriteOwner);
+        let grant = net
+            .log
+            .iter()
+            .position(|(_, a)| {
+                matches!(
+                    a,
+                    Action::Send {
+                        to: 2,
+                        msg: Msg::Grant {
+                            access: Access::Write,
+                            ..
+                        }
+                    }
+                )
+            })
+            .expect("a write grant");
+        let acks: Vec<usize> = net
+            .log
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, a))| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: Msg::InvalidateAck { .. },
+                        ..
+                    }
+                )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(acks.len(), 2, "nodes 1 and 3 held copies");
+        assert!(acks.iter().all(|&i| i < grant));
+    }
+
+    #[test]
+    fn a_hinted_reader_joins_an_open_word_without_messaging_the_owner() {
+        let mut net = Net::new(3, true);
+        net.access(0, 1, Access::Write);
+        net.access(1, 1, Access::Read); // by messages; node 0 becomes a read owner
+        net.access(0, 1, Access::Write); // invalidates node 1, which now hints node 0
+        net.access(2, 1, Access::Read); // node 0 publishes again
+        net.log.clear();
+        net.access(1, 1, Access::Read);
+        assert!(net
+            .log
+            .iter()
+            .all(|(_, a)| !matches!(a, Action::Send { .. })));
+        assert!(net
+            .log
+            .iter()
+            .any(|(_, a)| matches!(a, Action::RmaRead { owner: 0, page: 1 })));
+        // The owner learns of the reader when it closes the word, and invalidates it.
+        net.log.clear();
+        net.access(0, 1, Access::Write);
+        assert_eq!(net.nodes[1].state(1), PageState::Invalid);
+        assert_eq!(net.nodes[2].state(1), PageState::Invalid);
+    }
+
+    #[test]
+    fn a_closed_word_sends_the_reader_to_the_owner_by_message() {
+        let mut net = Net::new(2, true);
+        net.access(0, 0, Access::Write);
+        net.access(1, 0, Access::Read);
+        net.access(0, 0, Access::Write); // node 0 writes: its word is closed
+        net.log.clear();
+        net.access(1, 0, Access::Read);
+        assert!(net.log.iter().any(|(_, a)| matches!(
+            a,
+            Action::Send {
+                to: 0,
+                msg: Msg::Read {
+                    from: 1,
+                    via_manager: false,
+                    ..
+                }
+            }
+        )));
+        assert_eq!(net.nodes[0].state(0), PageState::ReadOwner);
+    }
+}

@@ -1,0 +1,784 @@
+//! The DSM driver of one process: page faults trapped with userfaultfd and served by the
+//! coherence state machine ([`crate::coherence::Node`]), protocol messages over the fabric's
+//! tagged messages, and one-sided reads of owners' pages.
+//!
+//! - Several fault-handling threads read the same userfaultfd (the kernel hands each fault
+//!   to one of them); one service thread receives protocol messages.
+//! - A read owner publishes a page by copying it (write-protected) into its **export**
+//!   region, registered with the fabric, and opening the page's share word in its **words**
+//!   region. A reader with a hint joins with a remote fetch-and-add on the word and reads the
+//!   page with an RMA read into its landing buffer, then maps it with `UFFDIO_COPY`: the
+//!   owner's CPU does nothing.
+//! - Prefetch: a read miss on the page after the previous miss also starts reads of the next
+//!   `prefetch` pages; their one-sided operations are posted together.
+//!
+//! The state machine runs under one mutex; its actions run in order under it, except the
+//! one-sided operations, which the fault thread posts after releasing it.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fabric::{Endpoint, MemoryRegion, PeerId, Region, RemoteRegion};
+
+use crate::coherence::{
+    joined_readers, Access, Action, Msg, Node, NodeId, PageId, ShareWords, Source, SHARE_OPEN,
+    SHARE_WORD_NODES,
+};
+use crate::error::{DsmError, Result};
+use crate::uffd::{Uffd, PAGE};
+
+/// The fabric tag of DSM protocol messages.
+pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
+const WIRE_VERSION: u8 = 1;
+
+/// One shared region as the driver sees it.
+pub struct RegionInfo {
+    pub first_page: PageId,
+    pub pages: u64,
+    /// The region's virtual address (the same on every rank).
+    pub base: u64,
+    pub export: MemoryRegion,
+    pub words: MemoryRegion,
+    pub remote_export: Vec<RemoteRegion>,
+    pub remote_words: Vec<RemoteRegion>,
+}
+
+impl RegionInfo {
+    fn addr(&self, page: PageId) -> u64 {
+        self.base + (page - self.first_page) * PAGE as u64
+    }
+
+    fn index(&self, page: PageId) -> usize {
+        (page - self.first_page) as usize
+    }
+}
+
+pub type Regions = Arc<RwLock<BTreeMap<PageId, Arc<RegionInfo>>>>;
+
+fn region_of(regions: &Regions, page: PageId) -> Option<Arc<RegionInfo>> {
+    let map = regions.read().ok()?;
+    let (_, r) = map.range(..=page).next_back()?;
+    (page < r.first_page + r.pages).then(|| r.clone())
+}
+
+/// Share words in the registered words regions. The owner opens and closes its words
+/// through the fabric (a connection to itself), never with CPU atomics: a provider's remote
+/// fetch-and-add (tcp and shm emulate it in software, a NIC has its own atomic unit) is
+/// atomic only with other operations of the same provider.
+pub struct RegisteredWords {
+    regions: Regions,
+    ep: Arc<dyn Endpoint>,
+    me: NodeId,
+    this: PeerId,
+    open: std::collections::BTreeSet<PageId>,
+    error: Option<String>,
+}
+
+impl RegisteredWords {
+    fn target(&self, page: PageId) -> Option<(RemoteRegion, u64)> {
+        let r = region_of(&self.regions, page)?;
+        Some((r.remote_words[self.me as usize], r.index(page) as u64 * 8))
+    }
+
+    /// Opens the word of `page`: no joined reader, open flag set.
+    fn publish(&mut self, page: PageId) -> Result<()> {
+        let (remote, offset) = self.target(page).ok_or_else(|| no_region(page))?;
+        let mut old = self.ep.fetch_add(self.this, &remote, offset, 0)?;
+        loop {
+            let seen = self
+                .ep
+                .compare_swap(self.this, &remote, offset, old, SHARE_OPEN)?;
+            if seen == old {
+                break;
+            }
+            old = seen;
+        }
+        self.open.insert(page);
+        Ok(())
+    }
+
+    /// The first error met while closing a word (closing cannot fail in the state machine).
+    fn take_error(&mut self) -> Option<String> {
+        self.error.take()
+    }
+}
+
+impl ShareWords for RegisteredWords {
+    fn close(&mut self, page: PageId) -> std::collections::BTreeSet<NodeId> {
+        if !self.open.remove(&page) {
+            return Default::default();
+        }
+        let Some((remote, offset)) = self.target(page) else {
+            return Default::default();
+        };
+        match self
+            .ep
+            .fetch_add(self.this, &remote, offset, SHARE_OPEN.wrapping_neg())
+        {
+            Ok(old) => joined_readers(old),
+            Err(e) => {
+                // Without the joined set, copies could be missed: every reader is
+                // suspected (invalidating a node without a copy is harmless).
+                self.error
+                    .get_or_insert(format!("closing the share word of page {page}: {e}"));
+                (0..SHARE_WORD_NODES).filter(|&n| n != self.me).collect()
+            }
+        }
+    }
+}
+
+/// Counters of the driver.
+#[derive(Default)]
+pub struct DriverStats {
+    pub faults: AtomicU64,
+    pub remote_fetches: AtomicU64,
+    pub prefetched: AtomicU64,
+    pub messages: AtomicU64,
+}
+
+/// Shared state of the driver's threads.
+pub struct Engine {
+    pub me: NodeId,
+    pub ep: Arc<dyn Endpoint>,
+    pub peers: Vec<Option<PeerId>>,
+    rank_of_peer: HashMap<PeerId, NodeId>,
+    pub node: Mutex<Node<RegisteredWords>>,
+    pub regions: Regions,
+    pub uffd: Uffd,
+    pub prefetch: usize,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
+    last_miss: AtomicU64,
+    pub stats: DriverStats,
+    zero: Vec<u8>,
+    trace: bool,
+    /// Next sequence number towards each node.
+    send_seq: Mutex<Vec<u64>>,
+    /// Next expected from each node, and messages that arrived early.
+    #[allow(clippy::type_complexity)]
+    reorder: Mutex<(Vec<u64>, BTreeMap<(NodeId, u64), Vec<u8>>)>,
+}
+
+/// Bytes of the event being handled: a message's page, or RMA landing slots.
+enum Data<'a> {
+    None,
+    Message(&'a [u8]),
+    Rma(&'a HashMap<PageId, *const u8>),
+}
+
+/// What the fault thread posts after releasing the state machine.
+enum Remote {
+    Join { owner: NodeId, page: PageId },
+    Read { owner: NodeId, page: PageId },
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: NodeId,
+        ep: Arc<dyn Endpoint>,
+        peers: Vec<Option<PeerId>>,
+        node: Node<RegisteredWords>,
+        regions: Regions,
+        uffd: Uffd,
+        prefetch: usize,
+    ) -> Engine {
+        let n = peers.len();
+        let rank_of_peer = peers
+            .iter()
+            .enumerate()
+            .filter_map(|(r, p)| p.map(|p| (p, r as NodeId)))
+            .collect();
+        Engine {
+            me,
+            ep,
+            peers,
+            rank_of_peer,
+            node: Mutex::new(node),
+            regions,
+            uffd,
+            prefetch,
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+            last_miss: AtomicU64::new(u64::MAX),
+            stats: DriverStats::default(),
+            zero: vec![0u8; PAGE],
+            trace: std::env::var_os("KRUN_DSM_TRACE").is_some(),
+            send_seq: Mutex::new(vec![0; n]),
+            reorder: Mutex::new((vec![0; n], BTreeMap::new())),
+        }
+    }
+
+    pub fn words(
+        regions: Regions,
+        ep: Arc<dyn Endpoint>,
+        me: NodeId,
+        this: PeerId,
+    ) -> RegisteredWords {
+        RegisteredWords {
+            regions,
+            ep,
+            me,
+            this,
+            open: Default::default(),
+            error: None,
+        }
+    }
+
+    /// The first error a background thread met, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn fail(&self, e: String) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Starts `fault_threads` fault handlers and the service thread.
+    pub fn spawn(self: &Arc<Self>, fault_threads: usize) -> Result<Vec<JoinHandle<()>>> {
+        let mut handles = Vec::new();
+        for i in 0..fault_threads.max(1) {
+            let e = self.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("dsm-fault-{i}"))
+                    .spawn(move || e.fault_loop())
+                    .map_err(|e| DsmError::Os {
+                        what: "spawning a fault thread".into(),
+                        source: e,
+                    })?,
+            );
+        }
+        let e = self.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name("dsm-service".into())
+                .spawn(move || e.service_loop())
+                .map_err(|e| DsmError::Os {
+                    what: "spawning the service thread".into(),
+                    source: e,
+                })?,
+        );
+        Ok(handles)
+    }
+
+    fn service_loop(&self) {
+        while !self.stopped() {
+            match self.ep.recv(TAG_DSM, Duration::from_millis(20)) {
+                Ok(m) => {
+                    if let Err(e) = self.on_wire(m.peer, &m.data) {
+                        self.fail(e.to_string());
+                    }
+                }
+                Err(fabric::FabricError::RecvTimeout { .. }) => {}
+                Err(e) => {
+                    self.fail(format!("receiving DSM messages: {e}"));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// A message off the fabric. Messages carry a sequence number per (sender, receiver):
+    /// the protocol assumes FIFO links, and a provider may deliver a large message (a page)
+    /// after a small one sent later (shm does).
+    fn on_wire(&self, peer: Option<PeerId>, data: &[u8]) -> Result<()> {
+        let from_peer = peer.and_then(|p| self.rank_of_peer.get(&p).copied());
+        let bad = |reason: String| DsmError::BadMessage {
+            from: from_peer.unwrap_or(u32::MAX),
+            reason,
+        };
+        let (body, crc) = data
+            .split_last_chunk::<4>()
+            .ok_or_else(|| bad(format!("{} bytes", data.len())))?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            return Err(bad("checksum mismatch (corrupted in transit)".into()));
+        }
+        let data = body;
+        let (&version, rest) = data.split_first().ok_or_else(|| bad("empty".into()))?;
+        if version != WIRE_VERSION {
+            return Err(bad(format!(
+                "wire version {version}, expected {WIRE_VERSION}"
+            )));
+        }
+        let ((from, seq), _): ((NodeId, u64), &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
+        if from_peer.is_some_and(|p| p != from) || from as usize >= self.peers.len() {
+            return Err(bad(format!("claims to be node {from}")));
+        }
+        let mut ready = Vec::new();
+        {
+            let mut r = self.reorder.lock().map_err(|_| poisoned())?;
+            let (next, early) = &mut *r;
+            let expected = next[from as usize];
+            if seq < expected || early.contains_key(&(from, seq)) {
+                return Err(bad(format!("message {seq} again (expected {expected})")));
+            }
+            if seq > expected {
+                if early.len() >= 1 << 16 {
+                    return Err(bad(format!("too many messages ahead of {expected}")));
+                }
+                early.insert((from, seq), data.to_vec());
+                return Ok(());
+            }
+            ready.push(data.to_vec());
+            next[from as usize] += 1;
+            while let Some(d) = early.remove(&(from, next[from as usize])) {
+                ready.push(d);
+                next[from as usize] += 1;
+            }
+        }
+        for d in ready {
+            self.deliver(from, &d[1..])?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, from: NodeId, rest: &[u8]) -> Result<()> {
+        let bad = |reason: String| DsmError::BadMessage { from, reason };
+        let ((_, _, msg), page_bytes): ((NodeId, u64, Msg), &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
+        let carries = matches!(msg, Msg::Grant { zero: false, .. });
+        if carries && page_bytes.len() != PAGE || !carries && !page_bytes.is_empty() {
+            return Err(bad(format!("{} page bytes with {msg:?}", page_bytes.len())));
+        }
+        if region_of(&self.regions, msg.page()).is_none() {
+            // A late message about a region freed since (the protocol may still be settling
+            // when the collective free runs): nothing to do.
+            if self.trace {
+                eprintln!(
+                    "{} dsm {}: dropped {msg:?} (region freed)",
+                    now_ns(),
+                    self.me
+                );
+            }
+            return Ok(());
+        }
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        if self.trace {
+            eprintln!("{} dsm {}: from {from}: {msg:?}", now_ns(), self.me);
+        }
+        let mut node = self.node.lock().map_err(|_| bad("state poisoned".into()))?;
+        let actions = node.on_message(from, msg);
+        let mut remote = Vec::new();
+        self.execute(&mut node, actions, Data::Message(page_bytes), &mut remote)?;
+        drop(node);
+        // The service thread never blocks on one-sided operations: hand them to a helper.
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        Ok(())
+    }
+
+    fn fault_loop(&self) {
+        let mut slots = Region::new(PAGE * (self.prefetch + 1)).and_then(|r| self.ep.register(r));
+        while !self.stopped() {
+            let fault = match self.uffd.next_fault(50) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.fail(e.to_string());
+                    break;
+                }
+            };
+            let slots = match &mut slots {
+                Ok(s) => s.clone(),
+                Err(e) => {
+                    self.fail(format!("registering a landing buffer: {e}"));
+                    break;
+                }
+            };
+            if let Err(e) = self.on_fault(fault.address, fault.write, &slots) {
+                self.fail(e.to_string());
+            }
+        }
+    }
+
+    fn page_of(&self, address: u64) -> Option<(PageId, Arc<RegionInfo>)> {
+        let map = self.regions.read().ok()?;
+        for r in map.values() {
+            if address >= r.base && address < r.base + r.pages * PAGE as u64 {
+                return Some((r.first_page + (address - r.base) / PAGE as u64, r.clone()));
+            }
+        }
+        None
+    }
+
+    fn on_fault(&self, address: u64, write: bool, slots: &MemoryRegion) -> Result<()> {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let Some((page, region)) = self.page_of(address) else {
+            return Err(DsmError::Config {
+                what: "fault address".into(),
+                reason: format!("{address:#x} is in no shared region"),
+            });
+        };
+        let access = if write { Access::Write } else { Access::Read };
+        if self.trace {
+            eprintln!(
+                "dsm {}: fault {access:?} page {page} at {address:#x}",
+                self.me
+            );
+        }
+        let mut pages = vec![(page, access)];
+        if access == Access::Read {
+            let prev = self.last_miss.swap(page, Ordering::Relaxed);
+            if prev != u64::MAX && prev + 1 == page {
+                let end = (region.first_page + region.pages).min(page + 1 + self.prefetch as u64);
+                pages.extend((page + 1..end).map(|p| (p, Access::Read)));
+            }
+        }
+        let mut remote = Vec::new();
+        {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            for (i, &(p, a)) in pages.iter().enumerate() {
+                if i > 0
+                    && (node.state(p) != crate::coherence::PageState::Invalid
+                        || node.waiting(p).is_some())
+                {
+                    continue;
+                }
+                if i > 0 {
+                    self.last_miss.store(p, Ordering::Relaxed);
+                    self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                }
+                let actions = node.fault(p, a);
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
+        }
+        self.run_remote_with(remote, slots)
+    }
+
+    fn run_remote(&self, remote: Vec<Remote>) -> Result<()> {
+        let slots = self.ep.register(Region::new(PAGE * (self.prefetch + 1))?)?;
+        self.run_remote_with(remote, &slots)
+    }
+
+    /// Posts one-sided joins and reads together, waits for them, and feeds the results to
+    /// the state machine (which may ask for more).
+    fn run_remote_with(&self, mut remote: Vec<Remote>, slots: &MemoryRegion) -> Result<()> {
+        while !remote.is_empty() {
+            let mut joins = Vec::new();
+            let mut reads = Vec::new();
+            for r in remote.drain(..) {
+                match r {
+                    Remote::Join { owner, page } => {
+                        let Some(region) = region_of(&self.regions, page) else {
+                            continue; // freed since
+                        };
+                        let peer = self.peer(owner)?;
+                        let c = self.ep.post_fetch_add(
+                            peer,
+                            &region.remote_words[owner as usize],
+                            region.index(page) as u64 * 8,
+                            1u64 << self.me,
+                        )?;
+                        joins.push((page, c));
+                    }
+                    Remote::Read { owner, page } => {
+                        let Some(region) = region_of(&self.regions, page) else {
+                            continue; // freed since
+                        };
+                        let peer = self.peer(owner)?;
+                        let slot = reads.len() % (self.prefetch + 1);
+                        if reads.len() > self.prefetch {
+                            return Err(DsmError::Config {
+                                what: "one-sided reads".into(),
+                                reason: "more reads than landing slots".into(),
+                            });
+                        }
+                        // SAFETY: the landing slot belongs to this thread until the read
+                        // completes; the owner does not write its published copy while the
+                        // share word is open (and a reader invalidated meanwhile discards it).
+                        let c = unsafe {
+                            self.ep.post_read(
+                                peer,
+                                slots,
+                                slot * PAGE,
+                                PAGE,
+                                &region.remote_export[owner as usize],
+                                region.index(page) as u64 * PAGE as u64,
+                            )?
+                        };
+                        reads.push((page, slot, c));
+                    }
+                }
+            }
+            let mut joined = Vec::new();
+            for (page, c) in joins {
+                joined.push((page, c.wait()? & SHARE_OPEN != 0));
+            }
+            let mut landed = HashMap::new();
+            for (page, slot, c) in reads {
+                c.wait()?;
+                self.stats.remote_fetches.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: slot < prefetch + 1, inside the landing region.
+                landed.insert(page, unsafe { slots.as_ptr().add(slot * PAGE) }
+                    as *const u8);
+            }
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            for (page, open) in joined {
+                let actions = node.on_join(page, open);
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
+            for &page in landed.keys() {
+                let actions = node.on_rma_read(page);
+                self.execute(&mut node, actions, Data::Rma(&landed), &mut remote)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection to `rank`.
+    pub fn peer_of(&self, rank: NodeId) -> Result<PeerId> {
+        self.peer(rank)
+    }
+
+    fn peer(&self, rank: NodeId) -> Result<PeerId> {
+        self.peers
+            .get(rank as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| DsmError::Config {
+                what: "peer".into(),
+                reason: format!("node {rank} is not connected"),
+            })
+    }
+
+    /// Runs the actions in order (messages to this node are handled after the batch).
+    fn execute(
+        &self,
+        node: &mut Node<RegisteredWords>,
+        actions: Vec<Action>,
+        data: Data<'_>,
+        remote: &mut Vec<Remote>,
+    ) -> Result<()> {
+        let mut local: VecDeque<(Msg, Vec<u8>)> = VecDeque::new();
+        self.execute_one_batch(&mut node.words, actions, &data, remote, &mut local)?;
+        while let Some((msg, bytes)) = local.pop_front() {
+            let actions = node.on_message(self.me, msg);
+            self.execute_one_batch(
+                &mut node.words,
+                actions,
+                &Data::Message(&bytes),
+                remote,
+                &mut local,
+            )?;
+        }
+        match node.words.take_error() {
+            Some(e) => Err(DsmError::Config {
+                what: "share word".into(),
+                reason: e,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn execute_one_batch(
+        &self,
+        words: &mut RegisteredWords,
+        actions: Vec<Action>,
+        data: &Data<'_>,
+        remote: &mut Vec<Remote>,
+        local: &mut VecDeque<(Msg, Vec<u8>)>,
+    ) -> Result<()> {
+        // Bytes of pages dropped in this batch, for a grant sent after the drop.
+        let mut dropped: HashMap<PageId, Vec<u8>> = HashMap::new();
+        for a in actions {
+            if self.trace {
+                eprintln!("{} dsm {}: {a:?}", now_ns(), self.me);
+            }
+            match a {
+                Action::Send { to, msg } => {
+                    let page = msg.page();
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    let bytes = if matches!(msg, Msg::Grant { zero: false, .. }) {
+                        match dropped.remove(&page) {
+                            Some(b) => b,
+                            // SAFETY: this node holds the page (mapped, and write-protected
+                            // when another node is to get it), so reading it does not fault.
+                            None => unsafe {
+                                std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE)
+                            }
+                            .to_vec(),
+                        }
+                    } else {
+                        Vec::new()
+                    };
+                    if to == self.me {
+                        local.push_back((msg, bytes));
+                        continue;
+                    }
+                    let seq = {
+                        let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
+                        let slot = seqs.get_mut(to as usize).ok_or_else(|| no_region(page))?;
+                        *slot += 1;
+                        *slot - 1
+                    };
+                    if self.trace && bytes.len() >= 32 {
+                        let w: Vec<u64> = bytes[..32]
+                            .chunks(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            .collect();
+                        eprintln!(
+                            "{} dsm {}: sends page {page} seq {seq} words {w:?}",
+                            now_ns(),
+                            self.me
+                        );
+                    }
+                    let mut wire = vec![WIRE_VERSION];
+                    wire.extend(postcard::to_allocvec(&(self.me, seq, &msg)).map_err(|e| {
+                        DsmError::Config {
+                            what: "message".into(),
+                            reason: e.to_string(),
+                        }
+                    })?);
+                    wire.extend_from_slice(&bytes);
+                    let crc = crc32c::crc32c(&wire);
+                    wire.extend_from_slice(&crc.to_le_bytes());
+                    self.ep.send(self.peer(to)?, TAG_DSM, &wire)?;
+                }
+                Action::Join { owner, page } => {
+                    if self.me >= SHARE_WORD_NODES {
+                        return Err(DsmError::Config {
+                            what: "join".into(),
+                            reason: format!("node {} has no share-word bit", self.me),
+                        });
+                    }
+                    remote.push(Remote::Join { owner, page })
+                }
+                Action::RmaRead { owner, page } => remote.push(Remote::Read { owner, page }),
+                Action::Install {
+                    page,
+                    source,
+                    writable,
+                } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    let src: *const u8 = match (source, data) {
+                        (Source::Zero, _) => self.zero.as_ptr(),
+                        (Source::Message, Data::Message(b)) if b.len() == PAGE => b.as_ptr(),
+                        (Source::Rma, Data::Rma(slots)) => {
+                            *slots.get(&page).ok_or_else(|| no_region(page))?
+                        }
+                        _ => {
+                            return Err(DsmError::Config {
+                                what: "install".into(),
+                                reason: format!("no data for page {page} from {source:?}"),
+                            })
+                        }
+                    };
+                    if self.trace {
+                        // SAFETY: src points at PAGE readable bytes.
+                        let b = unsafe { std::slice::from_raw_parts(src, 32) };
+                        let w: Vec<u64> = b
+                            .chunks(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            .collect();
+                        eprintln!(
+                            "{} dsm {}: installs page {page} words {w:?}",
+                            now_ns(),
+                            self.me
+                        );
+                    }
+                    // SAFETY: src points at PAGE readable bytes (a message, a landing slot
+                    // or the zero page), alive for this call.
+                    unsafe { self.uffd.copy(region.addr(page), src, writable)? };
+                }
+                Action::Protect { page } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    self.uffd.protect(region.addr(page), true)?;
+                }
+                Action::Publish { page } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    let i = region.index(page);
+                    // SAFETY: the page is mapped read-only (write-protected) at this node.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) };
+                    region.export.write_bytes(i * PAGE, bytes)?;
+                    words.publish(page)?;
+                }
+                Action::Unprotect { page } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    self.uffd.protect(region.addr(page), false)?;
+                }
+                Action::Drop { page } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    // Keep the bytes for a grant later in this batch (the page is mapped here,
+                    // read-only or write-protected: reading it does not fault).
+                    // SAFETY: as stated.
+                    let keep =
+                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) }
+                            .to_vec();
+                    dropped.insert(page, keep);
+                    // SAFETY: the page lies inside our own shared mapping; its contents are
+                    // discarded on purpose (the next access faults).
+                    if unsafe {
+                        libc::madvise(region.addr(page) as *mut _, PAGE, libc::MADV_DONTNEED)
+                    } != 0
+                    {
+                        return Err(DsmError::Os {
+                            what: format!("dropping page {page}"),
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                }
+                Action::Done { page, .. } => {
+                    let Some(region) = region_of(&self.regions, page) else {
+                        continue;
+                    };
+                    self.uffd.wake(region.addr(page))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn poisoned() -> DsmError {
+    DsmError::Config {
+        what: "DSM state".into(),
+        reason: "a DSM thread panicked".into(),
+    }
+}
+
+fn no_region(page: PageId) -> DsmError {
+    DsmError::Config {
+        what: "page".into(),
+        reason: format!("page {page} is in no shared region"),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the same clock in every process: trace lines of several
+/// processes sort into one timeline).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,495 @@
+//! The collective API of the DSM: a [`Dsm`] per process, shared regions allocated and freed
+//! collectively at the same virtual address on every rank, a DSM lock (a compare-and-swap
+//! word at rank 0) and a barrier. Memory is sequentially consistent, so data-race-free
+//! programs need no flush at the lock or the barrier.
+//!
+//! Configuration (`KRUN_DSM_*`, over [`DsmConfig::default`]): `KRUN_DSM_FAULT_THREADS`
+//! (2), `KRUN_DSM_PREFETCH` (8 pages), `KRUN_DSM_LOCATOR` (`static` = `page % N`, or
+//! `dynamic` = the cell-tree locator), `KRUN_DSM_ONE_SIDED` (1: readers join and read
+//! one-sided; 0: by messages).
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use fabric::bootstrap::BootstrapClient;
+use fabric::{Endpoint, FabricConfig, Region, RemoteRegion};
+
+use crate::coherence::{Node, NodeId, PageId};
+use crate::directory::LocatorKind;
+use crate::error::{DsmError, Result};
+use crate::fault::{Engine, RegionInfo, Regions};
+use crate::lock::Locks;
+use crate::uffd::{Uffd, PAGE};
+
+/// Settings of a DSM process.
+#[derive(Clone, Debug)]
+pub struct DsmConfig {
+    pub fault_threads: usize,
+    /// Pages a sequential read miss loads beyond the faulting one.
+    pub prefetch: usize,
+    pub locator: LocatorKind,
+    pub one_sided: bool,
+    /// Number of DSM locks.
+    pub locks: usize,
+}
+
+impl Default for DsmConfig {
+    fn default() -> Self {
+        DsmConfig {
+            fault_threads: 2,
+            prefetch: 8,
+            locator: LocatorKind::Modulo,
+            one_sided: true,
+            locks: 64,
+        }
+    }
+}
+
+impl DsmConfig {
+    /// Applies the `KRUN_DSM_*` variables.
+    pub fn with_env(mut self) -> Result<Self> {
+        fn number(key: &str, v: &str) -> Result<usize> {
+            v.trim().parse().map_err(|_| DsmError::Config {
+                what: key.into(),
+                reason: format!("{v:?} is not a non-negative integer"),
+            })
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_FAULT_THREADS") {
+            self.fault_threads = number("KRUN_DSM_FAULT_THREADS", &v)?.max(1);
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_PREFETCH") {
+            self.prefetch = number("KRUN_DSM_PREFETCH", &v)?;
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_LOCATOR") {
+            self.locator = match v.trim() {
+                "static" | "modulo" => LocatorKind::Modulo,
+                "dynamic" | "cell-tree" => LocatorKind::CellTree,
+                _ => {
+                    return Err(DsmError::Config {
+                        what: "KRUN_DSM_LOCATOR".into(),
+                        reason: format!("{v:?}: expected static or dynamic"),
+                    })
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_ONE_SIDED") {
+            self.one_sided = number("KRUN_DSM_ONE_SIDED", &v)? != 0;
+        }
+        Ok(self)
+    }
+}
+
+/// A region of shared memory: the same address on every rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedRegion {
+    base: u64,
+    len: usize,
+    first_page: PageId,
+}
+
+impl SharedRegion {
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn first_page(&self) -> PageId {
+        self.first_page
+    }
+}
+
+/// One process of a DSM job.
+pub struct Dsm {
+    engine: Arc<Engine>,
+    boot: Mutex<BootstrapClient>,
+    threads: Vec<JoinHandle<()>>,
+    rank: NodeId,
+    size: usize,
+    next_page: Mutex<PageId>,
+    locks: Arc<Locks>,
+    stop: Arc<AtomicBool>,
+    mapped: Mutex<BTreeMap<u64, usize>>,
+}
+
+fn collective(what: &str, e: impl std::fmt::Display) -> DsmError {
+    DsmError::Collective {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+impl Dsm {
+    /// Joins the DSM: opens an endpoint, swaps addresses through `boot` (collective), and
+    /// starts the fault and service threads.
+    pub fn init(
+        mut boot: BootstrapClient,
+        fabric: &FabricConfig,
+        config: DsmConfig,
+    ) -> Result<Dsm> {
+        let rank = boot.rank() as NodeId;
+        let size = boot.size();
+        let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
+        let blob = ep.address().to_bytes();
+        let all = boot.allgather(&blob).map_err(|e| collective("init", e))?;
+        let mut peers = vec![None; size];
+        for (r, b) in all.iter().enumerate() {
+            let addr = fabric::EndpointAddress::from_bytes(b)?;
+            // Every rank reaches its own memory through the fabric too for atomics (one
+            // atomicity domain with the other ranks' operations).
+            peers[r] = Some(ep.connect(&addr)?);
+        }
+        let regions: Regions = Arc::new(RwLock::new(BTreeMap::new()));
+        let ids: Vec<NodeId> = (0..size as NodeId).collect();
+        let this = peers[rank as usize].ok_or_else(|| collective("init", "no self connection"))?;
+        let node = Node::new(
+            rank,
+            config.locator.build(&ids),
+            Engine::words(regions.clone(), ep.clone(), rank, this),
+            config.one_sided,
+        );
+        let engine = Arc::new(Engine::new(
+            rank,
+            ep.clone(),
+            peers.clone(),
+            node,
+            regions,
+            Uffd::open()?,
+            config.prefetch,
+        ));
+        let mut threads = engine.spawn(config.fault_threads)?;
+        let mut lock_peers = peers.clone();
+        lock_peers[rank as usize] = None;
+        let locks = Arc::new(Locks::new(
+            rank,
+            ep.clone(),
+            lock_peers,
+            config.locks.max(1),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        if rank == 0 {
+            let (l, s) = (locks.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("dsm-locks".into())
+                    .spawn(move || {
+                        if let Err(e) = l.serve(&s) {
+                            eprintln!("dsm lock server: {e}");
+                        }
+                    })
+                    .map_err(|e| DsmError::Os {
+                        what: "spawning the lock server".into(),
+                        source: e,
+                    })?,
+            );
+        }
+        let dsm = Dsm {
+            engine,
+            boot: Mutex::new(boot),
+            threads,
+            rank,
+            size,
+            next_page: Mutex::new(0),
+            locks,
+            stop,
+            mapped: Mutex::new(BTreeMap::new()),
+        };
+        dsm.barrier()?;
+        Ok(dsm)
+    }
+
+    pub fn rank(&self) -> NodeId {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.engine.error() {
+            Some(e) => Err(DsmError::Collective {
+                what: "DSM driver".into(),
+                reason: e,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn allgather(&self, what: &str, blob: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut boot = self.boot.lock().map_err(|_| collective(what, "poisoned"))?;
+        boot.allgather(blob).map_err(|e| collective(what, e))
+    }
+
+    /// Returns when every rank has reached it (and reports a driver error, if any).
+    pub fn barrier(&self) -> Result<()> {
+        self.check()?;
+        let trace = std::env::var_os("KRUN_DSM_TRACE").is_some();
+        if trace {
+            eprintln!(
+                "{} dsm {}: barrier enter",
+                crate::fault::now_ns(),
+                self.rank
+            );
+        }
+        self.allgather("barrier", &[])?;
+        if trace {
+            eprintln!("{} dsm {}: barrier exit", crate::fault::now_ns(), self.rank);
+        }
+        self.check()
+    }
+
+    /// Allocates a shared region of `len` bytes (rounded up to pages), collectively: every
+    /// rank calls it in the same order and gets the same address. Its pages read as zero
+    /// until written.
+    pub fn alloc(&self, len: usize) -> Result<SharedRegion> {
+        self.check()?;
+        if len == 0 {
+            return Err(DsmError::Config {
+                what: "region length".into(),
+                reason: "must be at least one byte".into(),
+            });
+        }
+        let pages = len.div_ceil(PAGE);
+        let bytes = pages * PAGE;
+        let base = self.agree_address(bytes)?;
+        let export = self.engine.ep.register(Region::new(bytes)?)?;
+        let words = self.engine.ep.register(Region::new(pages * 8)?)?;
+        let mut blob = export.remote().to_bytes().to_vec();
+        blob.extend_from_slice(&words.remote().to_bytes());
+        let all = self.allgather("alloc", &blob)?;
+        let mut remote_export = Vec::new();
+        let mut remote_words = Vec::new();
+        for b in &all {
+            if b.len() != 2 * RemoteRegion::ENCODED_LEN {
+                return Err(collective("alloc", "malformed region descriptors"));
+            }
+            remote_export.push(RemoteRegion::from_bytes(&b[..RemoteRegion::ENCODED_LEN])?);
+            remote_words.push(RemoteRegion::from_bytes(&b[RemoteRegion::ENCODED_LEN..])?);
+        }
+        let first_page = {
+            let mut next = self
+                .next_page
+                .lock()
+                .map_err(|_| collective("alloc", "poisoned"))?;
+            let first = *next;
+            *next += pages as u64;
+            first
+        };
+        let info = Arc::new(RegionInfo {
+            first_page,
+            pages: pages as u64,
+            base,
+            export,
+            words,
+            remote_export,
+            remote_words,
+        });
+        self.engine
+            .regions
+            .write()
+            .map_err(|_| collective("alloc", "poisoned"))?
+            .insert(first_page, info);
+        self.engine.uffd.register(base, bytes as u64)?;
+        self.mapped
+            .lock()
+            .map_err(|_| collective("alloc", "poisoned"))?
+            .insert(base, bytes);
+        self.barrier()?;
+        Ok(SharedRegion {
+            base,
+            len: bytes,
+            first_page,
+        })
+    }
+
+    /// Maps `bytes` at an address every rank can use: rank 0 proposes, the others map at
+    /// the same place (`MAP_FIXED_NOREPLACE`), and a refusal anywhere makes rank 0 propose
+    /// another.
+    fn agree_address(&self, bytes: usize) -> Result<u64> {
+        let mut held = Vec::new();
+        let result = (|| {
+            for _ in 0..8 {
+                let proposal = if self.rank == 0 {
+                    let a = map(0, bytes, false)?;
+                    held.push(a);
+                    a
+                } else {
+                    0
+                };
+                let all = self.allgather("alloc address", &proposal.to_le_bytes())?;
+                let addr = all
+                    .first()
+                    .and_then(|b| b.as_slice().try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .ok_or_else(|| collective("alloc", "malformed address proposal"))?;
+                let ok = self.rank == 0 || map(addr, bytes, true).is_ok();
+                let oks = self.allgather("alloc address", &[ok as u8])?;
+                if oks.iter().all(|b| b == &[1]) {
+                    if self.rank == 0 {
+                        held.retain(|&a| a != addr);
+                    }
+                    return Ok(addr);
+                }
+                if ok && self.rank != 0 {
+                    // SAFETY: we mapped exactly this range just above.
+                    unsafe { libc::munmap(addr as *mut _, bytes) };
+                }
+            }
+            Err(collective(
+                "alloc",
+                "no address free on every rank after 8 proposals",
+            ))
+        })();
+        for a in held {
+            // SAFETY: proposals rank 0 mapped and nobody uses.
+            unsafe { libc::munmap(a as *mut _, bytes) };
+        }
+        result
+    }
+
+    /// Frees a region collectively (every rank, same order).
+    pub fn free(&self, region: SharedRegion) -> Result<()> {
+        self.barrier()?;
+        self.engine
+            .regions
+            .write()
+            .map_err(|_| collective("free", "poisoned"))?
+            .remove(&region.first_page);
+        self.engine
+            .uffd
+            .unregister(region.base, region.len as u64)?;
+        self.mapped
+            .lock()
+            .map_err(|_| collective("free", "poisoned"))?
+            .remove(&region.base);
+        // SAFETY: the region was mapped by alloc and is no longer served.
+        unsafe { libc::munmap(region.base as *mut _, region.len) };
+        self.barrier()
+    }
+
+    /// Takes DSM lock `id` (FIFO, granted by rank 0).
+    pub fn lock(&self, id: usize) -> Result<()> {
+        self.check()?;
+        self.locks.lock(id, self.engine.ep.op_timeout() * 6)
+    }
+
+    pub fn unlock(&self, id: usize) -> Result<()> {
+        self.locks.unlock(id)
+    }
+
+    /// Counters: (faults, remote one-sided page reads, prefetched pages, messages received).
+    pub fn stats(&self) -> (u64, u64, u64, u64) {
+        let s = &self.engine.stats;
+        (
+            s.faults.load(Ordering::Relaxed),
+            s.remote_fetches.load(Ordering::Relaxed),
+            s.prefetched.load(Ordering::Relaxed),
+            s.messages.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The protocol's counters.
+    pub fn protocol_stats(&self) -> crate::coherence::Stats {
+        self.engine.node.lock().map(|n| n.stats).unwrap_or_default()
+    }
+}
+
+impl Drop for Dsm {
+    fn drop(&mut self) {
+        self.engine.stop();
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Ok(mapped) = self.mapped.lock() {
+            for (&base, &len) in mapped.iter() {
+                // SAFETY: regions alloc mapped; the driver threads have stopped.
+                unsafe { libc::munmap(base as *mut _, len) };
+            }
+        }
+    }
+}
+
+/// Maps `bytes` of private anonymous memory, at `addr` exactly when `fixed`.
+fn map(addr: u64, bytes: usize, fixed: bool) -> Result<u64> {
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | libc::MAP_NORESERVE
+        | if fixed { libc::MAP_FIXED_NOREPLACE } else { 0 };
+    // SAFETY: anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut _,
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || (fixed && p as u64 != addr) {
+        if p != libc::MAP_FAILED {
+            // SAFETY: an old kernel placed it elsewhere; undo.
+            unsafe { libc::munmap(p, bytes) };
+        }
+        return Err(DsmError::Os {
+            what: format!("mapping {bytes} bytes at {addr:#x}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(p as u64)
+}
+
+/// Reference measurements for benchmarks, taken with the DSM's own endpoint.
+impl Dsm {
+    /// Times `iters` blocking 4 KiB RMA reads of `owner`'s published copy of the region's
+    /// first page, and `iters` fetch-and-adds of 0 on its share word (microseconds each).
+    pub fn reference_rma(
+        &self,
+        region: &SharedRegion,
+        owner: NodeId,
+        iters: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let info = self
+            .engine
+            .regions
+            .read()
+            .map_err(|_| collective("reference", "poisoned"))?
+            .get(&region.first_page)
+            .cloned()
+            .ok_or_else(|| collective("reference", "unknown region"))?;
+        let ep = &self.engine.ep;
+        let peer = self.engine.peer_of(owner)?;
+        let local = ep.register(Region::new(PAGE)?)?;
+        let mut reads = Vec::new();
+        let mut atomics = Vec::new();
+        for _ in 0..iters {
+            let t = std::time::Instant::now();
+            // SAFETY: `local` is ours alone; the remote page is only read.
+            unsafe {
+                ep.read(
+                    peer,
+                    &local,
+                    0,
+                    PAGE,
+                    &info.remote_export[owner as usize],
+                    0,
+                )?
+            };
+            reads.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = std::time::Instant::now();
+            ep.fetch_add(peer, &info.remote_words[owner as usize], 0, 0)?;
+            atomics.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((reads, atomics))
+    }
+}

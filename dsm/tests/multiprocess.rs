@@ -1,0 +1,286 @@
+//! Multi-process DSM tests: a bootstrap server in the test and several `dsm-node` processes
+//! on 127.0.0.1 sharing regions through userfaultfd faults and the fabric (tcp and shm
+//! providers). Needs root (userfaultfd).
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fabric::bootstrap::BootstrapServer;
+
+const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
+/// Generous bound for a scenario ("does not hang"), never a performance check.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A running process, killed (by PID, through `Child`) and reaped when dropped. Its output
+/// is read by threads as it comes (a full pipe would stop it).
+struct Proc {
+    child: Child,
+    out: Option<JoinHandle<String>>,
+    err: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        fabric::ofi::remove_shm_segments(self.child.id());
+    }
+}
+
+impl Proc {
+    fn spawn(args: &[String], env: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(NODE)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("KRUN_FABRIC_BIND", "127.0.0.1")
+            .env_remove("KRUN_SECRET_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dsm-node");
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let stderr = child.stderr.take().unwrap();
+        let err = Arc::new(Mutex::new(VecDeque::new()));
+        let tail = err.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                let mut t = tail.lock().unwrap();
+                t.push_back(line);
+                if t.len() > 400_000 {
+                    t.pop_front();
+                }
+            }
+        });
+        Proc {
+            child,
+            out: Some(out),
+            err,
+        }
+    }
+
+    fn stderr_tail(&self, n: usize) -> String {
+        let t = self.err.lock().unwrap();
+        let skip = t.len().saturating_sub(n);
+        t.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Runs `scenario` on `size` ranks; returns each rank's `krun-result` pairs.
+fn run(
+    scenario: &str,
+    provider: &str,
+    size: usize,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<HashMap<String, String>> {
+    let server = BootstrapServer::start_with("127.0.0.1:0", size, LIMIT, None).unwrap();
+    let addr = server.addr().to_string();
+    let mut procs: Vec<Proc> = (0..size)
+        .map(|r| {
+            let mut args = vec![
+                scenario.to_string(),
+                "--provider".into(),
+                provider.into(),
+                "--bootstrap".into(),
+                addr.clone(),
+                "--rank".into(),
+                r.to_string(),
+                "--size".into(),
+                size.to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            Proc::spawn(&args, env)
+        })
+        .collect();
+    let start = Instant::now();
+    let mut results = Vec::new();
+    for r in 0..size {
+        loop {
+            let p = &mut procs[r];
+            if let Some(status) = p.child.try_wait().unwrap() {
+                let out = p.out.take().unwrap().join().unwrap();
+                if !status.success() {
+                    // Let the others finish or fail too, then report every rank.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let mut report = String::new();
+                    for (k, q) in procs.iter_mut().enumerate() {
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while q.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        report += &format!(
+                            "--- rank {k}:\n{}\n",
+                            q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+                                400_000
+                            } else {
+                                60
+                            })
+                        );
+                    }
+                    panic!("rank {r} of {scenario} over {provider} failed ({status}):\n{out}\n{report}");
+                }
+                let mut kv = HashMap::new();
+                for line in out.lines() {
+                    if let Some(rest) = line.strip_prefix("krun-result ") {
+                        eprintln!("rank {r}: {rest}");
+                        for pair in rest.split_whitespace() {
+                            if let Some((k, v)) = pair.split_once('=') {
+                                kv.insert(k.to_string(), v.to_string());
+                            }
+                        }
+                    }
+                }
+                results.push(kv);
+                break;
+            }
+            if start.elapsed() > LIMIT {
+                let mut all = String::new();
+                for (k, q) in procs.iter_mut().enumerate() {
+                    if std::env::var_os("KRUN_DSM_GDB").is_some() {
+                        let out = Command::new("gdb")
+                            .args([
+                                "-p",
+                                &q.child.id().to_string(),
+                                "-batch",
+                                "-ex",
+                                "thread apply all bt 12",
+                            ])
+                            .output();
+                        if let Ok(o) = out {
+                            all += &String::from_utf8_lossy(&o.stdout);
+                        }
+                    }
+                    let _ = q.child.kill();
+                    all += &format!(
+                        "--- rank {k}:\n{}\n",
+                        q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+                            400_000
+                        } else {
+                            120
+                        })
+                    );
+                }
+                panic!("{scenario} over {provider} hangs\n{all}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(procs);
+    server.join().unwrap();
+    results
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn share_on(provider: &str) {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run(
+        "share",
+        provider,
+        3,
+        &["--pages", "8", "--rounds", "9"],
+        &[],
+    );
+    let regions: Vec<&String> = results.iter().map(|r| &r["region"]).collect();
+    assert!(
+        regions.iter().all(|r| *r == regions[0]),
+        "addresses {regions:?}"
+    );
+    for (r, kv) in results.iter().enumerate() {
+        assert_eq!(kv.get("share").map(String::as_str), Some("ok"), "rank {r}");
+        let invalidations: u64 = kv["invalidations"].parse().unwrap();
+        let faults: u64 = kv["faults"].parse().unwrap();
+        assert!(faults > 0, "rank {r} never faulted");
+        let _ = invalidations;
+    }
+    let invalidations: u64 = results
+        .iter()
+        .map(|kv| kv["invalidations"].parse::<u64>().unwrap())
+        .sum();
+    assert!(invalidations > 0, "ownership never moved away from readers");
+}
+
+/// Three processes share a region: each writes its part and reads the others' after a
+/// barrier; ownership of shared pages moves round-robin; a counter under the DSM lock and
+/// false sharing within one page; checked byte by byte.
+#[test]
+fn three_processes_share_a_region_over_tcp() {
+    share_on("tcp");
+}
+
+#[test]
+fn three_processes_share_a_region_over_shm() {
+    share_on("shm");
+}
+
+/// Rank 1's reads of pages rank 0 published (after rank 2's reads made rank 0 a read owner
+/// and rank 0's writes left rank 1 a hint) go one-sided: a fetch-and-add on the share word
+/// and an RMA read, no message to the owner; a sequential scan prefetches.
+#[test]
+fn hinted_readers_fetch_pages_one_sided_and_scans_prefetch() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run("latency", "tcp", 3, &["--pages", "64"], &[]);
+    let one_sided: u64 = results[1]["one_sided"].parse().unwrap();
+    assert_eq!(one_sided, 64, "every hinted read should be one-sided");
+    let prefetched: u64 = results[1]["scan_prefetched"].parse().unwrap();
+    let faults: u64 = results[1]["scan_faults"].parse().unwrap();
+    assert!(prefetched > 0, "a sequential scan prefetched nothing");
+    assert!(faults < 128, "{faults} faults for 128 pages with prefetch");
+}
+
+fn mgs_with(locator: &str) {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    // KRUN_DSM_MGS_ROWS / _COLS / _NODES size a measurement run (defaults: a quick check).
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let (rows, cols) = (
+        var("KRUN_DSM_MGS_ROWS", "512"),
+        var("KRUN_DSM_MGS_COLS", "24"),
+    );
+    let nodes: usize = var("KRUN_DSM_MGS_NODES", "3").parse().unwrap();
+    let results = run(
+        "mgs",
+        "tcp",
+        nodes,
+        &["--rows", &rows, "--cols", &cols],
+        &[("KRUN_DSM_LOCATOR", locator)],
+    );
+    for (r, kv) in results.iter().enumerate() {
+        let ortho: f64 = kv["orthogonality"].parse().unwrap();
+        assert!(ortho < 1e-10, "rank {r}: ||Q^T Q - I|| = {ortho}");
+        let faults: u64 = kv["page_faults"].parse().unwrap();
+        assert!(faults > 0, "rank {r} computed without sharing anything");
+    }
+}
+
+/// MGS on the DSM (3 ranks, columns cyclic) gives the serial MGS's Q, with the static
+/// `page % N` directory and with the cell-tree locator.
+#[test]
+fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_static_locator() {
+    mgs_with("static");
+}
+
+#[test]
+fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_cell_tree_locator() {
+    mgs_with("dynamic");
+}
