@@ -216,7 +216,7 @@ fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_s
     // The summary counts what was committed.
     let summary = err
         .lines()
-        .find(|l| l.contains(" checkpoints, ") || l.contains(" checkpoint, "))
+        .find(|l| l.starts_with("krun: ") && l.contains(" held in them"))
         .unwrap_or_else(|| panic!("no summary in {err}"));
     let n: u32 = summary
         .trim_start_matches("krun: ")

@@ -15,8 +15,9 @@
 //!
 //! Decisions (commits, aborts) are appended to the job directory's `decisions.log`, one
 //! per line, so that a later move of the engine into a krund leader can resume from them
-//! (moving them into the process table is the next step). Fetch, restart and rollback are
-//! refused for now: recovery from a lost node is not driven yet.
+//! (moving them into the process table is the next step). Recovery from a lost node is not
+//! driven yet: when a node that runs ranks fails, the driver says so and takes no more
+//! checkpoints (fetch, restart and rollback are refused).
 //!
 //! The policy numbers versions itself (never reused); the native checkpointer numbers its
 //! images one by one. The driver orders each capture as the checkpointer's next version and
@@ -105,6 +106,8 @@ struct HubCalls {
     native_newest: u64,
     /// native version -> policy version.
     versions: BTreeMap<u64, Version>,
+    /// A node with ranks failed: no more checkpoints (recovery is not driven yet).
+    stopped: bool,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -236,6 +239,7 @@ impl CheckpointDriver {
             capturing: None,
             native_newest: 0,
             versions: BTreeMap::new(),
+            stopped: false,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -281,7 +285,12 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
             Ok(None) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => None,
         };
-        for _ in 0..crate::ranks::take_checkpoint_requests() {
+        let requests = crate::ranks::take_checkpoint_requests();
+        for _ in 0..if engine.runtime().stopped {
+            0
+        } else {
+            requests
+        } {
             feed(
                 &mut engine,
                 now(),
@@ -293,8 +302,13 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
         }
         if let Some(input) = input {
             if let Some(event) = translate(engine.runtime_mut(), &mut copies, input) {
-                feed(&mut engine, now(), event, &copies);
+                if !engine.runtime().stopped {
+                    feed(&mut engine, now(), event, &copies);
+                }
             }
+        }
+        if engine.runtime().stopped {
+            continue;
         }
         if let Err(e) = engine.tick(now(), &copies) {
             eprintln!("krun: checkpoint policy: {e}");
@@ -322,11 +336,22 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 .into_iter()
                 .filter(|n| calls.nodes.remove(n))
                 .collect();
-            (!lost.is_empty()).then(|| Event::FailureAgreed {
-                epoch,
-                failed: lost,
-                view: AgreedView::new(epoch, members),
-            })
+            if !lost.is_empty() && !calls.stopped {
+                // HOOK (recovery): feed Event::FailureAgreed { epoch, failed: lost, view }
+                // once krun drives rollbacks and restarts.
+                let _ = (epoch, members);
+                calls.stopped = true;
+                if calls.barrier.take().is_some() || calls.capturing.is_some() {
+                    (calls.send)(&LauncherToNode::Release {
+                        order: SafepointOrder::Abort(format!("node(s) {lost:?} failed")),
+                    });
+                }
+                eprintln!(
+                    "krun: no more checkpoints: node(s) {lost:?} ran ranks, and krun does not \
+                     drive their recovery yet"
+                );
+            }
+            None
         }
         Input::FromNode(node, msg) => match msg {
             NodeToLauncher::Held { op, .. } => {
