@@ -39,6 +39,8 @@ pub enum Kind {
     Provider,
     /// `core`, `numa` or `none`.
     BindTo,
+    /// A checkpoint store level: `L1`..`L4` (or `1`..`4`).
+    Level,
 }
 
 /// One setting: its TOML key, its variable, what it must be, and what it does.
@@ -200,6 +202,30 @@ pub const SETTINGS: &[Setting] = &[
         None,
         "the CRIU binary (default: /opt/criu/criu-4.2.1/criu/criu from scripts/build-criu.sh, then PATH)",
     ),
+    s(
+        "store",
+        "arena_mib",
+        "KRUN_STORE_ARENA_MIB",
+        Kind::Positive,
+        Some("64"),
+        "memory each node's checkpoint store lends to other nodes' L2 copies and parity (MiB)",
+    ),
+    s(
+        "store",
+        "disk",
+        "KRUN_STORE_DISK",
+        Kind::Text,
+        None,
+        "directory of the store's L4 copies (unset: no L4)",
+    ),
+    s(
+        "store",
+        "level",
+        "KRUN_STORE_LEVEL",
+        Kind::Level,
+        Some("L2"),
+        "the level a checkpoint must be safe at before it counts (L1..L4)",
+    ),
 ];
 
 /// Where an effective value came from.
@@ -285,6 +311,7 @@ fn check(setting: &Setting, value: &str) -> std::result::Result<(), String> {
             .parse::<crate::binding::BindTo>()
             .map(drop)
             .map_err(|e| e.to_string()),
+        Kind::Level => crate::runtime::store_node::parse_level(v).map(drop),
     }
 }
 

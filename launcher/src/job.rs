@@ -33,6 +33,9 @@ pub struct ProgramJob {
     pub bind_to: crate::binding::BindTo,
     pub report_bindings: bool,
     pub argv: Vec<String>,
+    /// `--checkpoint-interval SECS`: the coordinated policy checkpoints this often (None:
+    /// on request only: SIGUSR1 to krun, `krun checkpoint`).
+    pub checkpoint_interval: Option<Duration>,
 }
 
 /// Where the nodes come from.
@@ -293,6 +296,38 @@ pub fn run(job: &Job) -> Result<i32> {
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
     let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
     let hub_addr = hub.addr();
+    // The coordinated checkpoint policy runs here, where every view is seen.
+    let policy = match (&placement, &job.program) {
+        (Some(place), Some(p)) => {
+            let ranks: Vec<u32> = (0..place.count.len())
+                .flat_map(|n| std::iter::repeat_n(n as u32, place.count[n]))
+                .collect();
+            let level = crate::runtime::store_node::StoreSettings::from_env()?.level;
+            let level = match level {
+                ckpt_store::Level::L1 => policies::primitives::Level::L1,
+                ckpt_store::Level::L2 => policies::primitives::Level::L2,
+                ckpt_store::Level::L3 => policies::primitives::Level::L3,
+                ckpt_store::Level::L4 => policies::primitives::Level::L4,
+            };
+            // A one-node job's store has no L2: commit at what it has.
+            let level = if place.count.len() < 2 {
+                policies::primitives::Level::L1
+            } else {
+                level
+            };
+            let driver = crate::runtime::checkpoints::CheckpointDriver::start(
+                ranks,
+                p.checkpoint_interval,
+                level,
+                Some(hub.job_dir().join("decisions.log")),
+                hub.broadcaster(),
+            )
+            .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
+            hub.set_policy(driver.sender());
+            Some(driver)
+        }
+        _ => None,
+    };
     // Ranks find each other through their own all-gather service.
     let rank_server = match &placement {
         Some(place) => Some(BootstrapServer::start_with(
@@ -533,7 +568,13 @@ pub fn run(job: &Job) -> Result<i32> {
         wake: tx.clone(),
     };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders)?;
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders);
+    if let Some(summary) = policy.and_then(|d| d.finish()) {
+        if summary.checkpoints + summary.aborted + summary.failures > 0 {
+            eprintln!("krun: {summary}");
+        }
+    }
+    let worst = worst?;
     for f in forwarders {
         let _ = f.join();
     }

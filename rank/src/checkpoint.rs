@@ -14,6 +14,11 @@
 //!   version; with `KRUN_GHOST_RESTORE=N`, version N, which every rank must hold.
 //! - SIGUSR1 (checkpoint) and SIGUSR2 (roll back to the newest image) requests are acted
 //!   on by [`Rank::safepoint`], collectively: if any rank saw a request, all act on it.
+//!   With a node link, the ranks first ask their krund (`AtSafepoint`, see
+//!   [`crate::node_link`]): a node that drives a policy holds them until its barrier is
+//!   complete and orders `Checkpoint{version}`, `Continue` or `Rollback{version}`, which
+//!   every rank then carries out instead; a node without a policy lets them act on the
+//!   request themselves.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use std::sync::Arc;
 use ghost::native::{self, NativeConfig, NativeRuntime, RestoreFrom};
 
 use crate::error::{RankError, Result};
-use crate::node_link::RankToNode;
+use crate::node_link::{RankToNode, SafepointOrder};
 use crate::world::Rank;
 
 /// Where and how a job's ranks write their images.
@@ -256,12 +261,71 @@ impl Rank {
         Ok(version)
     }
 
+    /// Collective: asks every rank's krund what to do at this safepoint; `None` when the
+    /// nodes drive no policy (or the rank has no node link). Fails on every rank when the
+    /// ranks did not all get the same order.
+    fn ask_node(&self) -> Result<Option<SafepointOrder>> {
+        let rank = self.rank() as u32;
+        let answer = self.ask_at_safepoint(rank);
+        let (bit, version) = match &answer {
+            Ok(None) => (1u64, 0),
+            Ok(Some(SafepointOrder::Checkpoint(v))) => (2, *v),
+            Ok(Some(SafepointOrder::Continue)) => (4, 0),
+            Ok(Some(SafepointOrder::Rollback(v))) => (8, *v),
+            Err(_) => (16, 0),
+        };
+        let kinds = self.allreduce_or(bit)?;
+        // Versions must match too: or-ing each version's bits and their complements finds
+        // any difference.
+        let ors = self.allreduce_or(version)?;
+        let nots = self.allreduce_or(!version)?;
+        let order = answer?;
+        if kinds.count_ones() != 1 || ors & nots != 0 {
+            return Err(RankError::Checkpoint(format!(
+                "the ranks' nodes gave different orders at this safepoint (here: {order:?})"
+            )));
+        }
+        Ok(order)
+    }
+
+    /// Carries out the order every rank got at this safepoint.
+    fn carry_out(&self, rt: &Arc<NativeRuntime>, order: SafepointOrder) -> Result<Safepoint> {
+        match order {
+            SafepointOrder::Continue => Ok(Safepoint::Nothing),
+            SafepointOrder::Checkpoint(want) => {
+                let version = self.checkpoint()?;
+                if version != want {
+                    return Err(RankError::Checkpoint(format!(
+                        "krund ordered checkpoint version {want}, the checkpointer took {version}"
+                    )));
+                }
+                Ok(Safepoint::Checkpointed(version))
+            }
+            SafepointOrder::Rollback(want) => {
+                let outcome = rt.rollback(Some(want));
+                let failed = self.allreduce_or(u64::from(outcome.is_err()))?;
+                let version = outcome?;
+                if failed != 0 {
+                    return Err(RankError::Checkpoint(format!(
+                        "rollback to version {version} failed on another rank"
+                    )));
+                }
+                Ok(Safepoint::RolledBack(version))
+            }
+        }
+    }
+
     /// Collective: acts on SIGUSR1/SIGUSR2 requests any rank received since the last call.
     pub fn safepoint(&self) -> Result<Safepoint> {
         let rt = self.ckpt.runtime()?.clone();
         let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
             | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;
         let all = self.allreduce_or(mine)?;
+        if all != 0 {
+            if let Some(order) = self.ask_node()? {
+                return self.carry_out(&rt, order);
+            }
+        }
         if all & 2 != 0 {
             let outcome = rt.rollback(None);
             let failed = self.allreduce_or(u64::from(outcome.is_err()))?;

@@ -11,7 +11,24 @@
 //! - The messages travel in a `fabric::wire` [`Session`] (protocol `Rank`) keyed by the
 //!   job's cluster secret (`KRUN_SECRET` / `KRUN_SECRET_FILE`): the rank is the client,
 //!   krund the server; every frame is authenticated and replay-protected.
-//! - Both sides give up on a peer that does not answer within [`IO_TIMEOUT`].
+//! - Both sides give up on a peer that does not answer within [`IO_TIMEOUT`], except for the
+//!   answer to `AtSafepoint`, which may take up to [`SAFEPOINT_TIMEOUT`].
+//!
+//! Safepoints driven by the node ([`NodeLink::at_safepoint`]):
+//! - A rank sends [`RankToNode::AtSafepoint`] only at a safepoint where every rank of the job
+//!   agreed to ask (one of them saw a request, e.g. SIGUSR1 from krund), so every rank of the
+//!   job sends it at the same safepoint, with no user message in flight.
+//! - krund holds the answer until its policy has every rank of the job at the safepoint (the
+//!   barrier) and decided, then answers every held rank the same order:
+//!   [`NodeToRank::Checkpoint`]`{version}` (take that version now, collectively; the rank
+//!   reports `Checkpointed` as for any checkpoint), [`NodeToRank::Continue`] (go on), or
+//!   [`NodeToRank::Rollback`]`{version}` (roll back to that committed version,
+//!   collectively). A node that drives no policy answers `Ack` at once: the ranks act on
+//!   the request themselves, as without a node link.
+//! - Every rank of the job must get the same order; the library checks it collectively and
+//!   fails the safepoint on every rank when one rank got another order or none.
+//! - `Refused(why)` (the barrier was aborted, e.g. a node failed during it) is an error of
+//!   the safepoint naming `why`; the rank may ask again at a later safepoint.
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +41,9 @@ use crate::error::{RankError, Result};
 
 /// Longest a write or an answer may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest krund may hold a rank at a safepoint before answering.
+pub const SAFEPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a rank tells its krund.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,13 +62,29 @@ pub enum RankToNode {
         rank: u32,
         code: i32,
     },
+    /// At a safepoint where all ranks ask their nodes; answered by an order.
+    AtSafepoint {
+        rank: u32,
+    },
 }
 
-/// krund's answer to every [`RankToNode`].
+/// krund's answer to every [`RankToNode`] (the variants' order is the wire encoding, shared
+/// with krund's mirror in launcher/src/runtime/control.rs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeToRank {
     Ack,
     Refused(String),
+    Checkpoint { version: u64 },
+    Continue,
+    Rollback { version: u64 },
+}
+
+/// What krund orders a rank held at a safepoint to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SafepointOrder {
+    Checkpoint(u64),
+    Continue,
+    Rollback(u64),
 }
 
 /// A rank's connection to its krund.
@@ -90,8 +126,29 @@ impl NodeLink {
         Self::connect(socket, &secret)
     }
 
-    /// Sends `msg` and waits for krund's answer; `Refused` is an error naming the reason.
-    pub fn report(&mut self, msg: &RankToNode) -> Result<()> {
+    /// Tells krund this rank is at an agreed safepoint and waits (up to
+    /// [`SAFEPOINT_TIMEOUT`]) for its order; `None`: the node drives no policy (the rank acts
+    /// on the request itself).
+    pub fn at_safepoint(&mut self, rank: u32) -> Result<Option<SafepointOrder>> {
+        let set = |s: &UnixStream, t: Duration| s.set_read_timeout(Some(t));
+        let _ = set(&self.stream, SAFEPOINT_TIMEOUT);
+        let answer = self.exchange(&RankToNode::AtSafepoint { rank });
+        let _ = set(&self.stream, IO_TIMEOUT);
+        let answer = answer?;
+        let fail = |reason: String| RankError::NodeLink {
+            socket: self.socket.clone(),
+            reason,
+        };
+        match answer {
+            NodeToRank::Checkpoint { version } => Ok(Some(SafepointOrder::Checkpoint(version))),
+            NodeToRank::Continue => Ok(Some(SafepointOrder::Continue)),
+            NodeToRank::Rollback { version } => Ok(Some(SafepointOrder::Rollback(version))),
+            NodeToRank::Refused(why) => Err(fail(format!("krund ended the safepoint: {why}"))),
+            NodeToRank::Ack => Ok(None),
+        }
+    }
+
+    fn exchange(&mut self, msg: &RankToNode) -> Result<NodeToRank> {
         let fail = |reason: String| RankError::NodeLink {
             socket: self.socket.clone(),
             reason,
@@ -100,14 +157,23 @@ impl NodeLink {
             .tx
             .send(&mut self.stream, msg)
             .map_err(|e| fail(format!("sending {msg:?}: {e}")))?;
-        match self
-            .session
+        self.session
             .rx
             .recv::<NodeToRank>(&mut self.stream)
-            .map_err(|e| fail(format!("no answer to {msg:?}: {e}")))?
-        {
+            .map_err(|e| fail(format!("no answer to {msg:?}: {e}")))
+    }
+
+    /// Sends `msg` and waits for krund's answer; `Refused` is an error naming the reason.
+    pub fn report(&mut self, msg: &RankToNode) -> Result<()> {
+        let answer = self.exchange(msg)?;
+        let fail = |reason: String| RankError::NodeLink {
+            socket: self.socket.clone(),
+            reason,
+        };
+        match answer {
             NodeToRank::Ack => Ok(()),
             NodeToRank::Refused(why) => Err(fail(format!("krund refused {msg:?}: {why}"))),
+            other => Err(fail(format!("krund answered {msg:?} with {other:?}"))),
         }
     }
 }
@@ -171,6 +237,61 @@ mod tests {
         let err = link.report(&msgs[2]).unwrap_err();
         assert!(err.to_string().contains("not on this node"), "{err}");
         assert_eq!(server.join().unwrap(), msgs.to_vec());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rank_at_a_safepoint_gets_the_order_its_node_holds_for_it() {
+        let dir = socket_dir("safepoint");
+        let path = dir.join("node.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut session = Session::server(
+                &mut s,
+                &secret("the job secret, long enough"),
+                Protocol::Rank,
+            )
+            .unwrap();
+            let mut seen = Vec::new();
+            for answer in [
+                NodeToRank::Ack,
+                NodeToRank::Checkpoint { version: 4 },
+                NodeToRank::Continue,
+                NodeToRank::Rollback { version: 4 },
+                NodeToRank::Refused("node 2 failed during the barrier".into()),
+            ] {
+                seen.push(session.rx.recv::<RankToNode>(&mut s).unwrap());
+                // The node holds the rank longer than an ordinary answer may take... a bit.
+                std::thread::sleep(Duration::from_millis(50));
+                session.tx.send(&mut s, &answer).unwrap();
+            }
+            seen
+        });
+        let mut link = NodeLink::connect(&path, &secret("the job secret, long enough")).unwrap();
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            None,
+            "no policy: act locally"
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Checkpoint(4))
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Continue)
+        );
+        assert_eq!(
+            link.at_safepoint(5).unwrap(),
+            Some(SafepointOrder::Rollback(4))
+        );
+        let err = link.at_safepoint(5).unwrap_err().to_string();
+        assert!(err.contains("node 2 failed during the barrier"), "{err}");
+        assert_eq!(
+            server.join().unwrap(),
+            vec![RankToNode::AtSafepoint { rank: 5 }; 5]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -365,6 +365,18 @@ impl Rank {
         Ok(self.ep.register(Region::new(len.max(1))?)?)
     }
 
+    /// Tells the local krund this rank is at an agreed safepoint and waits for its order
+    /// (None: no node link, or the node drives no policy).
+    pub(crate) fn ask_at_safepoint(
+        &self,
+        rank: u32,
+    ) -> Result<Option<crate::node_link::SafepointOrder>> {
+        match self.node.lock().expect("node lock").as_mut() {
+            Some(link) => link.at_safepoint(rank),
+            None => Ok(None),
+        }
+    }
+
     /// Sends a message to the local krund, if the rank has a node link.
     pub(crate) fn report(&self, msg: &RankToNode) -> Result<()> {
         match self.node.lock().expect("node lock").as_mut() {

@@ -11,10 +11,12 @@ use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
-            [--provider P] [PROGRAM ARGS...]
+            [--provider P] [--checkpoint-interval SECS] [PROGRAM ARGS...]
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
        krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
+       krun checkpoint [--job ID]             (ask the running job for a checkpoint now)
+       krun fetch RANK VERSION [--node N] [--job ID]   (read a checkpoint back from the store)
        krun config [--provider P] [--bind-to B]   (effective settings and their origin)
        krun ghost inspect|capture|restore|rollback|migrate ...
       krun hostlist expand EXPR
@@ -47,6 +49,7 @@ fn parse() -> Result<Job, LauncherError> {
         _ => launcher::binding::BindTo::Core,
     };
     let mut report_bindings = false;
+    let mut checkpoint_interval = None;
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -66,6 +69,21 @@ fn parse() -> Result<Job, LauncherError> {
                 bind_to = v.parse()?;
             }
             "--report-bindings" => report_bindings = true,
+            "--checkpoint-interval" => {
+                let v = args.next().ok_or_else(|| {
+                    LauncherError::Usage("--checkpoint-interval needs seconds".into())
+                })?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| {
+                        LauncherError::Usage(format!(
+                            "--checkpoint-interval {v:?} is not a positive number of seconds"
+                        ))
+                    })?;
+                checkpoint_interval = Some(Duration::from_secs_f64(secs));
+            }
             "--local" => {
                 let v = args
                     .next()
@@ -143,6 +161,7 @@ fn parse() -> Result<Job, LauncherError> {
             bind_to,
             report_bindings,
             argv: program,
+            checkpoint_interval,
         });
     } else if ranks.is_some() {
         return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
@@ -265,8 +284,72 @@ fn node(args: &[String]) -> Result<String, LauncherError> {
             "node {node} left the job ({} rank(s) moved)",
             moved.len()
         )),
+        LauncherReply::Requested => Ok("checkpoint requested".into()),
         LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
     }
+}
+
+/// `krun checkpoint [--job ID]`: asks the running job's checkpoint policy for a checkpoint.
+fn checkpoint(args: &[String]) -> Result<String, LauncherError> {
+    use launcher::runtime::control::{LauncherReply, LauncherRequest};
+    let job = match args {
+        [] => None,
+        [flag, id] if flag == "--job" => Some(id.as_str()),
+        _ => return Err(LauncherError::Usage("krun checkpoint [--job ID]".into())),
+    };
+    match launcher::runtime::status::ask_launcher(job, &LauncherRequest::Checkpoint)? {
+        LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
+        _ => Ok("checkpoint requested (krun prints the commit)".into()),
+    }
+}
+
+const FETCH_USAGE: &str = "krun fetch RANK VERSION [--node N] [--job ID]";
+
+/// `krun fetch RANK VERSION [--node N] [--job ID]`: reads a rank's checkpoint image back
+/// from the job's checkpoint store through node N (or the first node that answers), as a
+/// restart would, and says which level and node served it.
+fn fetch(args: &[String]) -> Result<String, LauncherError> {
+    let (mut job, mut node, mut words) = (None, None, Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "--job" => job = Some(value("--job")?),
+            "--node" => {
+                let v = value("--node")?;
+                node =
+                    Some(v.parse().map_err(|_| {
+                        LauncherError::Usage(format!("--node {v:?} is not a node id"))
+                    })?);
+            }
+            w => words.push(w.to_string()),
+        }
+    }
+    let [rank, version] = words.as_slice() else {
+        return Err(LauncherError::Usage(FETCH_USAGE.into()));
+    };
+    let rank: u32 = rank
+        .parse()
+        .map_err(|_| LauncherError::Usage(format!("rank {rank:?} is not a number")))?;
+    let version: u64 = version
+        .trim_start_matches('v')
+        .parse()
+        .map_err(|_| LauncherError::Usage(format!("version {version:?} is not a number")))?;
+    let f = launcher::runtime::status::fetch(
+        job.as_deref(),
+        node,
+        rank,
+        version,
+        Duration::from_secs(30),
+    )?;
+    Ok(format!(
+        "rank {} v{}: {} bytes from L{} on node {}",
+        f.rank, f.version, f.bytes, f.level, f.node
+    ))
 }
 
 /// A subcommand: arguments in, text to print out.
@@ -352,6 +435,8 @@ fn main() -> ExitCode {
         Some("hostlist") => Some(hostlist),
         Some("status") => Some(status),
         Some("node") => Some(node),
+        Some("fetch") => Some(fetch),
+        Some("checkpoint") => Some(checkpoint),
         Some("ghost") => Some(launcher::ghost_cli::run),
         _ => None,
     };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use fabric::bootstrap::BootstrapClient;
 use fabric::FabricConfig;
 use launcher::ranks::{NodeShare, Placement};
+use launcher::runtime::store_node::StoreSettings;
 use launcher::runtime::{Runtime, RuntimeConfig};
 use launcher::{exchange, LauncherError};
 
@@ -262,11 +263,31 @@ fn run() -> Result<i32, LauncherError> {
         .filter(|(n, _)| *n != args.node_id)
         .map(|(n, c)| (n as u32, String::from_utf8_lossy(c).into_owned()))
         .collect();
-    let runtime = bound.start(peers, false)?;
+    let runtime = std::sync::Arc::new(bound.start(peers, false)?);
     if let Some(placement) = &args.placement {
-        // The node's endpoint comes up beside the ranks, not before them: opening libfabric
-        // costs ~0.3 s here (it reads /proc/kallsyms), and no node service needs it at launch.
-        let endpoint = std::thread::spawn(move || fabric::open(&config));
+        // The node's endpoint and its checkpoint store come up beside the ranks, not before
+        // them: opening libfabric costs ~0.3 s here (it reads /proc/kallsyms); a checkpoint
+        // reported before the store is up waits for it.
+        let settings = StoreSettings::from_env()?;
+        runtime.expect_agent();
+        let store = {
+            let runtime = runtime.clone();
+            let secret = fabric::secret::ClusterSecret::from_env()?.ok_or_else(|| {
+                LauncherError::Usage("no cluster secret for the checkpoint store".into())
+            })?;
+            let node_id = args.node_id;
+            let job_ranks = placement.total() as u32;
+            std::thread::spawn(move || {
+                let started = start_store(
+                    &runtime, &mut boot, &config, node_id, job_ranks, &settings, &secret,
+                );
+                if let Err(e) = &started {
+                    eprintln!("krund: node {node_id}: no checkpoint store: {e}");
+                    runtime.set_agent(None);
+                }
+                boot
+            })
+        };
         launcher::ranks::catch_forwarded_signals();
         rank_env.push((
             "KRUN_NODE_SOCKET".to_string(),
@@ -299,19 +320,23 @@ fn run() -> Result<i32, LauncherError> {
                 }
                 return Ok(code);
             }
-            // After a node left or failed, the initial nodes cannot all meet at the barrier.
+            // After a node left or failed, the initial nodes cannot all meet at the barrier
+            // (nor, when one died early, at the store's address exchange).
             if !runtime.membership_shrank() {
+                let mut boot = store
+                    .join()
+                    .map_err(|_| LauncherError::Usage("the store thread panicked".into()))?;
                 boot.barrier()?;
+            } else {
+                // The store thread may wait for a dead node's address: do not wait long for
+                // it, but do not leave while it may be inside libfabric opening the endpoint.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !store.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             Ok(code)
         })();
-        // On every path: the process must not exit (and run libfabric's destructors) while
-        // the endpoint thread is still inside libfabric.
-        match endpoint.join() {
-            Ok(Ok(ep)) => drop(ep),
-            Ok(Err(e)) => eprintln!("krund: node {node_id}: fabric endpoint: {e}"),
-            Err(_) => eprintln!("krund: node {node_id}: the fabric thread panicked"),
-        }
         return result;
     }
     let ep = fabric::open(&config)?;
@@ -325,6 +350,29 @@ fn run() -> Result<i32, LauncherError> {
         report.leader - 1
     );
     Ok(0)
+}
+
+/// Opens the node's endpoint, swaps store addresses with the other nodes through the job's
+/// bootstrap (node order), and starts the node's checkpoint store placed by the view's
+/// cells; its agent goes into the runtime.
+fn start_store(
+    runtime: &Runtime,
+    boot: &mut BootstrapClient,
+    config: &FabricConfig,
+    node_id: usize,
+    job_ranks: u32,
+    settings: &StoreSettings,
+    secret: &fabric::secret::ClusterSecret,
+) -> Result<(), LauncherError> {
+    let ep = fabric::open(config)?;
+    let addresses = boot.allgather(&ep.address().to_bytes())?;
+    let cells = runtime.cells(Duration::from_secs(30))?;
+    let (agent, events) = launcher::runtime::store_node::start(
+        ep, node_id, &addresses, &cells, settings, secret, job_ranks,
+    )?;
+    runtime.follow_agent(events);
+    runtime.set_agent(Some(std::sync::Arc::new(agent)));
+    Ok(())
 }
 
 fn runtime_config(

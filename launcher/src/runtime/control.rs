@@ -37,12 +37,28 @@ pub enum ControlRequest {
     MigrateOut { rank: u64, dry_run: bool },
     /// Start `rank` here from its newest checkpoint (moved from another node).
     Adopt { rank: u64 },
+    /// Read `version` of `rank`'s image back from the checkpoint store (the fastest valid
+    /// copy, as a restart would) and say where it came from.
+    Fetch { rank: u32, version: u64 },
+}
+
+/// Where a fetched checkpoint image came from ([`ControlRequest::Fetch`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchInfo {
+    pub rank: u32,
+    pub version: u64,
+    /// The level (1-4) that served it.
+    pub level: u8,
+    /// The node whose memory or disk held it.
+    pub node: u64,
+    pub bytes: u64,
 }
 
 /// A krund node's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlReply {
     Status(Box<NodeStatus>),
+    Fetched(FetchInfo),
     Done(String),
     Refused(String),
 }
@@ -61,6 +77,22 @@ pub enum NodeToLauncher {
     },
     /// The node's work is over; it leaves now (its departure is not a failure).
     Bye,
+    /// (To `Barrier { op }`) every rank running on this node is held at a safepoint.
+    Held { op: u64, ranks: Vec<u32> },
+    /// (To `Barrier { op }`) the node's ranks did not all reach a safepoint.
+    SyncFailed { op: u64, reason: String },
+    /// A rank of this node took checkpoint `version` (`bytes` long) and the node's store
+    /// holds it (L1).
+    Captured { rank: u32, version: u64, bytes: u64 },
+    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`).
+    Safe { rank: u32, version: u64, level: u8 },
+    /// `version` of `rank` did not reach `level`.
+    NotSafe {
+        rank: u32,
+        version: u64,
+        level: u8,
+        error: String,
+    },
 }
 
 /// What `krun` tells a krund node.
@@ -68,6 +100,13 @@ pub enum NodeToLauncher {
 pub enum LauncherToNode {
     /// The job is over: a node without ranks of its own (joined later) ends now.
     Stop,
+    /// The policy's barrier: from now on the node holds its ranks at their safepoints
+    /// (waking them with SIGUSR1) and answers `Held` once every rank it runs is held.
+    Barrier { op: u64 },
+    /// The policy's decision for the ranks held: every held rank gets this order.
+    Release {
+        order: super::safepoint::SafepointOrder,
+    },
 }
 
 /// Where one node of a job is reached.
@@ -92,13 +131,23 @@ pub enum LauncherRequest {
     AddNode { host: Option<String> },
     /// Move `node`'s ranks to other nodes, then let the node leave.
     DrainNode { node: NodeId },
+    /// `krun checkpoint`: ask the checkpoint policy for a checkpoint now.
+    Checkpoint,
 }
 
 /// The running `krun`'s answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LauncherReply {
-    Added { node: NodeId, epoch: u64 },
-    Drained { node: NodeId, moved: Vec<u64> },
+    Added {
+        node: NodeId,
+        epoch: u64,
+    },
+    Drained {
+        node: NodeId,
+        moved: Vec<u64>,
+    },
+    /// The checkpoint request reached the policy (krun prints the commit).
+    Requested,
     Refused(String),
 }
 
@@ -122,6 +171,11 @@ pub enum RankToNode {
         rank: u32,
         code: i32,
     },
+    /// The rank is at a safepoint where the ranks agreed to ask their nodes what to do; the
+    /// answer is held until the node's policy decides ([`super::safepoint`]).
+    AtSafepoint {
+        rank: u32,
+    },
 }
 
 /// The node's answer to a rank.
@@ -129,6 +183,16 @@ pub enum RankToNode {
 pub enum NodeToRank {
     Ack,
     Refused(String),
+    /// (To `AtSafepoint`) take checkpoint `version` now, collectively.
+    Checkpoint {
+        version: u64,
+    },
+    /// (To `AtSafepoint`) go on computing.
+    Continue,
+    /// (To `AtSafepoint`) roll back to the committed `version`, collectively.
+    Rollback {
+        version: u64,
+    },
 }
 
 fn wire_err(what: String) -> impl FnOnce(fabric::FabricError) -> LauncherError {

@@ -57,6 +57,8 @@ struct Inner {
     /// Nodes that run ranks (never drained without moving them).
     nodes_with_ranks: BTreeSet<NodeId>,
     to_start: Mutex<Sender<NodeToStart>>,
+    /// The checkpoint policy's inputs (runtime/checkpoints.rs), once it runs.
+    policy: Mutex<Option<Sender<Option<super::checkpoints::Input>>>>,
 }
 
 /// The running job's hub.
@@ -100,6 +102,7 @@ impl Hub {
             job_ranks,
             nodes_with_ranks,
             to_start: Mutex::new(tx),
+            policy: Mutex::new(None),
         });
         {
             let inner = inner.clone();
@@ -146,6 +149,28 @@ impl Hub {
                 let _ = w.send(s, &LauncherToNode::Stop);
             }
         }
+    }
+
+    /// Sends a command to every node still linked (for the checkpoint policy).
+    pub fn broadcaster(&self) -> super::checkpoints::Broadcast {
+        let inner = self.inner.clone();
+        Arc::new(move |msg: &LauncherToNode| {
+            let mut st = inner.state.lock().expect("hub lock");
+            let mut sent = BTreeSet::new();
+            for (&node, link) in st.links.iter_mut().filter(|(_, l)| !l.bye) {
+                if let Some((s, w)) = link.writer.as_mut() {
+                    if w.send(s, msg).is_ok() {
+                        sent.insert(node);
+                    }
+                }
+            }
+            sent
+        })
+    }
+
+    /// Node reports, failures and `krun checkpoint` requests go to the checkpoint policy.
+    pub fn set_policy(&self, tx: Sender<Option<super::checkpoints::Input>>) {
+        *self.inner.policy.lock().expect("policy lock") = Some(tx);
     }
 
     pub fn job_dir(&self) -> std::path::PathBuf {
@@ -213,17 +238,29 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 failures,
             }) => {
                 let mut st = inner.state.lock().expect("hub lock");
+                let mut failed = Vec::new();
                 for (e, n) in failures {
                     let planned = st.links.get(&n).is_some_and(|l| l.bye);
                     if st.reported.insert(e) && !planned {
                         eprintln!("krun: node {n} failed at epoch {e}");
+                        failed.push(n);
                     }
                 }
                 if epoch >= st.epoch {
                     st.epoch = epoch;
-                    st.members = members;
+                    st.members = members.clone();
                 }
                 drop(st);
+                if !failed.is_empty() {
+                    to_policy(
+                        &inner,
+                        super::checkpoints::Input::View {
+                            epoch,
+                            members,
+                            failed,
+                        },
+                    );
+                }
                 inner.changed.notify_all();
             }
             Ok(NodeToLauncher::Bye) => {
@@ -233,13 +270,30 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 }
             }
             Ok(NodeToLauncher::Register(_)) => {}
+            Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
         }
     }
 }
 
+fn to_policy(inner: &Inner, input: super::checkpoints::Input) {
+    if let Some(tx) = inner.policy.lock().expect("policy lock").as_ref() {
+        let _ = tx.send(Some(input));
+    }
+}
+
 fn launcher_request(inner: &Arc<Inner>, req: LauncherRequest) -> LauncherReply {
     match req {
+        LauncherRequest::Checkpoint => {
+            if inner.policy.lock().expect("policy lock").is_none() {
+                return LauncherReply::Refused("this job runs no checkpoint policy".into());
+            }
+            to_policy(
+                inner,
+                super::checkpoints::Input::Request(policies::primitives::RequestSource::Command),
+            );
+            LauncherReply::Requested
+        }
         LauncherRequest::AddNode { host } => match add_node(inner, host) {
             Ok((node, epoch)) => LauncherReply::Added { node, epoch },
             Err(e) => LauncherReply::Refused(e),

@@ -36,7 +36,14 @@ pub struct Shared {
     pub drained: AtomicBool,
     /// Ranks that said hello on the rank socket: they use the rank library (the fabric).
     pub linked_ranks: Mutex<BTreeSet<u64>>,
+    /// Ranks running on this node: rank -> pid (started, not yet exited).
+    pub local_ranks: Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// Called with every stable view (the store's agent follows failed nodes).
+    pub view_hooks: Mutex<Vec<ViewHook>>,
 }
+
+/// A callback on every stable view.
+pub type ViewHook = Box<dyn Fn(&ViewSnapshot) + Send>;
 
 impl Shared {
     pub fn new(me: NodeId, job_ranks: u64) -> Arc<Shared> {
@@ -52,6 +59,8 @@ impl Shared {
             rank_commands: Mutex::new(None),
             drained: AtomicBool::new(false),
             linked_ranks: Mutex::new(BTreeSet::new()),
+            view_hooks: Mutex::new(Vec::new()),
+            local_ranks: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -134,14 +143,26 @@ pub fn changes(view: &ViewSnapshot) -> Vec<ChangeInfo> {
 pub struct TableClient {
     pub handle: DriverHandle,
     pub shared: Arc<Shared>,
+    /// The client id of this node's requests: the table answers each (origin, client) in
+    /// sequence order and refuses an older one as stale, so threads that may write the same
+    /// rank's row at the same time use clients of their own ([`TableClient::as_client`]).
+    pub client: u32,
 }
 
 impl TableClient {
+    /// The same table through client id `client`.
+    pub fn as_client(&self, client: u32) -> TableClient {
+        TableClient {
+            client,
+            ..self.clone()
+        }
+    }
+
     /// Submits `op` for `rank`; the answer comes through [`TableClient::wait`].
     pub fn submit(&self, rank: u64, op: &TableOp) -> Result<mpsc::Receiver<Vec<u8>>> {
         let id = RequestId {
             origin: self.shared.me,
-            client: 1,
+            client: self.client,
             seq: self.shared.seq.fetch_add(1, Ordering::SeqCst),
         };
         let (tx, rx) = mpsc::channel();
@@ -215,6 +236,9 @@ pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
                         failures,
                     });
                 }
+                for hook in shared.view_hooks.lock().expect("hooks lock").iter() {
+                    hook(&view);
+                }
                 *shared.view.lock().expect("view lock") = Some(view);
             }
             DriverEvent::Phase { epoch, phase } => {
@@ -238,6 +262,7 @@ pub fn watch(driver: Driver, table: TableClient, verbose: bool) {
 
 /// Marks the ranks of a failed node lost (in the background: the table may be migrating).
 fn mark_lost(table: TableClient, node: NodeId) {
+    let table = table.as_client(super::TABLE_CLIENT_LOST);
     std::thread::spawn(move || {
         let n = table.shared.job_ranks.load(Ordering::SeqCst);
         let pending: Vec<_> = (0..n)

@@ -16,15 +16,18 @@
 //! into the node's store; L1 when it returns) and records the version in the process table;
 //! the agent's later reports (L2 and slower) reach the table through
 //! [`Runtime::follow_agent`]; `krun status` fills its store slots from
-//! [`CheckpointAgent::store_use`]. krund does not start a store node yet, so its runtime runs
-//! without an agent: a reported checkpoint is recorded as known but safe nowhere.
+//! [`CheckpointAgent::store_use`]. krund starts a store node beside its ranks
+//! ([`store_node`]) and hands its agent over with [`Runtime::set_agent`] once the store is
+//! up (after [`Runtime::expect_agent`]: a checkpoint reported before then waits for it); a
+//! runtime without an agent records a reported checkpoint as known but safe nowhere.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use adaptation::daemon::{DaemonConfig, Driver};
 use adaptation::NodeId;
@@ -35,22 +38,34 @@ use crate::error::{LauncherError, Result};
 use crate::ranks::RankEvent;
 
 pub mod agent;
+pub mod checkpoints;
 pub mod control;
 pub mod hub;
 pub mod jobdir;
 pub mod membership;
 pub mod migrate;
+pub mod safepoint;
 pub mod status;
 pub mod store_link;
+pub mod store_node;
 pub mod table;
 
 use control::{
-    ControlReply, ControlRequest, LauncherToNode, NodeAddresses, NodeToLauncher, NodeToRank,
-    RankToNode,
+    ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher,
+    NodeToRank, RankToNode,
 };
 use membership::{Shared, TableClient};
 use status::{LevelUse, NodeStatus, SafeCheckpoint};
 use table::{RankState, TableOp};
+
+/// Process-table client ids of a node's writers that may touch the same row at once:
+/// control requests, rank-socket requests, the store agent's reports, rank starts and exits, and
+/// the marking of a failed node's ranks.
+const TABLE_CLIENT_REQUESTS: u32 = 1;
+const TABLE_CLIENT_AGENT: u32 = 2;
+const TABLE_CLIENT_RANK_EVENTS: u32 = 3;
+pub(crate) const TABLE_CLIENT_LOST: u32 = 4;
+const TABLE_CLIENT_RANKS: u32 = 5;
 
 /// Moves a rank's checkpoint images into the store (implemented by the store's agent).
 pub trait CheckpointAgent: Send + Sync {
@@ -60,6 +75,55 @@ pub trait CheckpointAgent: Send + Sync {
     /// Store use per level and the newest version safe per level, for `krun status`.
     fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
         (Vec::new(), Vec::new())
+    }
+    /// The agreed view lost `node`: reads skip it and its buddy duty moves on.
+    fn node_down(&self, _node: NodeId) -> Result<()> {
+        Ok(())
+    }
+    /// Reads `version` of `rank` back from the store (the fastest valid copy).
+    fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
+        Err(LauncherError::Checkpoint {
+            rank,
+            version,
+            what: "this node has no checkpoint store".into(),
+        })
+    }
+}
+
+/// The node's checkpoint agent: given at start, or set later (krund starts its store beside
+/// its ranks).
+#[derive(Default)]
+pub struct AgentSlot {
+    agent: Mutex<Option<Arc<dyn CheckpointAgent>>>,
+    changed: Condvar,
+    /// An agent is on its way: a checkpoint reported before it waits for it.
+    expected: AtomicBool,
+}
+
+impl AgentSlot {
+    pub fn get(&self) -> Option<Arc<dyn CheckpointAgent>> {
+        self.agent.lock().expect("agent lock").clone()
+    }
+
+    /// The agent, waiting (at most `timeout`) for one that is expected.
+    pub fn wait(&self, timeout: Duration) -> Option<Arc<dyn CheckpointAgent>> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.agent.lock().expect("agent lock");
+        while g.is_none() && self.expected.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.changed.wait_timeout(g, left).expect("agent lock").0;
+        }
+        g.clone()
+    }
+
+    fn set(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
+        let mut g = self.agent.lock().expect("agent lock");
+        *g = agent;
+        self.expected.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
     }
 }
 
@@ -95,6 +159,8 @@ pub struct Runtime {
     rank_socket: PathBuf,
     addresses: NodeAddresses,
     events: Sender<RankEvent>,
+    agent: Arc<AgentSlot>,
+    safepoints: Arc<safepoint::SafepointGate>,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> LauncherError {
@@ -160,10 +226,66 @@ impl Runtime {
         *self.shared.rank_commands.lock().expect("commands lock") = Some(tx);
     }
 
+    /// An agent will come ([`Runtime::set_agent`]): checkpoints reported until then wait.
+    pub fn expect_agent(&self) {
+        self.agent.expected.store(true, Ordering::SeqCst);
+    }
+
+    /// Plugs in the node's checkpoint agent (None: none will come); from now on every agreed
+    /// failure is passed to it ([`CheckpointAgent::node_down`]).
+    pub fn set_agent(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
+        if let Some(a) = &agent {
+            let a = a.clone();
+            let me = self.node;
+            let tell = move |view: &adaptation::daemon::ViewSnapshot| {
+                for c in membership::changes(view) {
+                    if c.kind == "fail" {
+                        if let Err(e) = a.node_down(c.node) {
+                            eprintln!("krund: node {me}: store: node {} down: {e}", c.node);
+                        }
+                    }
+                }
+            };
+            // Failures agreed before the agent came.
+            if let Some(v) = self.shared.latest_view() {
+                tell(&v);
+            }
+            self.shared
+                .view_hooks
+                .lock()
+                .expect("hooks lock")
+                .push(Box::new(tell));
+        }
+        self.agent.set(agent);
+    }
+
+    /// Where ranks at an agreed safepoint are held until the node's policy decides.
+    pub fn safepoints(&self) -> &Arc<safepoint::SafepointGate> {
+        &self.safepoints
+    }
+
+    /// The node's checkpoint agent, if it has one.
+    pub fn agent(&self) -> Option<Arc<dyn CheckpointAgent>> {
+        self.agent.get()
+    }
+
+    /// The cells of the view the node is in (waiting at most `timeout` for a view that has
+    /// cells).
+    pub fn cells(&self, timeout: Duration) -> Result<Vec<Vec<NodeId>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.table.handle.view().map_err(membership::adapt_err)?;
+            if !view.cells.is_empty() || Instant::now() >= deadline {
+                return Ok(view.cells);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Applies the store agent's reports to the process table (a version safe at a slower
     /// level; a failed level is logged), until the agent ends.
     pub fn follow_agent(&self, events: mpsc::Receiver<agent::AgentEvent>) {
-        let table = self.table.clone();
+        let table = self.table.as_client(TABLE_CLIENT_AGENT);
         let me = self.node;
         std::thread::spawn(move || {
             for e in events {
@@ -174,6 +296,13 @@ impl Runtime {
                         level,
                         ..
                     } => {
+                        if level > ckpt_store::Level::L1 {
+                            table.shared.tell_launcher(&NodeToLauncher::Safe {
+                                rank,
+                                version,
+                                level: store_link::level_number(level),
+                            });
+                        }
                         let op = TableOp::Checkpointed {
                             version,
                             levels: vec![store_link::level_number(level)],
@@ -188,10 +317,18 @@ impl Runtime {
                         version,
                         level,
                         error,
-                    } => eprintln!(
-                        "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
-                        store_link::level_number(level)
-                    ),
+                    } => {
+                        eprintln!(
+                            "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
+                            store_link::level_number(level)
+                        );
+                        table.shared.tell_launcher(&NodeToLauncher::NotSafe {
+                            rank,
+                            version,
+                            level: store_link::level_number(level),
+                            error,
+                        });
+                    }
                 }
             }
         });
@@ -262,6 +399,7 @@ impl Bound {
         let table = TableClient {
             handle: driver.handle(),
             shared: shared.clone(),
+            client: TABLE_CLIENT_REQUESTS,
         };
         let control_tcp =
             TcpListener::bind((cfg.bind, 0)).map_err(io(format!("listening on {}", cfg.bind)))?;
@@ -282,7 +420,9 @@ impl Bound {
             std::thread::spawn(move || membership::watch(driver, table, verbose));
         }
         let info = addresses.clone();
-        let agent = cfg.agent.clone();
+        let safepoints = Arc::new(safepoint::SafepointGate::default());
+        let agent = Arc::new(AgentSlot::default());
+        agent.set(cfg.agent.clone());
         {
             let table = table.clone();
             let agent = agent.clone();
@@ -292,22 +432,32 @@ impl Bound {
                 cfg.secret.clone(),
                 Protocol::Runtime,
                 "krund: control socket",
-                move |req: ControlRequest| control_request(&table, &info, agent.as_deref(), req),
+                move |req: ControlRequest| {
+                    control_request(&table, &info, agent.get().as_deref(), req)
+                },
             );
         }
         {
-            let table = table.clone();
+            let table = table.as_client(TABLE_CLIENT_RANKS);
+            let agent = agent.clone();
+            let safepoints = safepoints.clone();
             control::serve(
                 Some(control::bind_unix(&rank_socket)?),
                 None,
                 cfg.secret.clone(),
                 Protocol::Rank,
                 "krund: rank socket",
-                move |msg: RankToNode| rank_message(&table, agent.as_deref(), msg),
+                move |msg: RankToNode| rank_message(&table, &agent, &safepoints, msg),
             );
         }
         if let Some(addr) = cfg.launcher {
-            connect_launcher(addr, &cfg.secret, &addresses, shared.clone())?;
+            connect_launcher(
+                addr,
+                &cfg.secret,
+                &addresses,
+                shared.clone(),
+                safepoints.clone(),
+            )?;
             // The view the node starts in (a joiner: the view it knows before it is in).
             if let Ok(view) = table.handle.view() {
                 if !join {
@@ -321,14 +471,18 @@ impl Bound {
         }
         let (events, rx) = mpsc::channel::<RankEvent>();
         {
-            let table = table.clone();
+            let table = table.as_client(TABLE_CLIENT_RANK_EVENTS);
             std::thread::spawn(move || {
                 for e in rx {
                     let (rank, op) = match e {
                         RankEvent::Started { rank, pid } => {
+                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            local.insert(rank as u64, pid);
                             (rank, TableOp::Register { node: me, pid })
                         }
                         RankEvent::Exited { rank, code } => {
+                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
                     };
@@ -346,6 +500,8 @@ impl Bound {
             rank_socket,
             addresses,
             events,
+            agent,
+            safepoints,
         })
     }
 }
@@ -390,6 +546,7 @@ fn connect_launcher(
     secret: &ClusterSecret,
     me: &NodeAddresses,
     shared: Arc<Shared>,
+    safepoints: Arc<safepoint::SafepointGate>,
 ) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
@@ -414,13 +571,62 @@ fn connect_launcher(
     shared.set_launcher(s, session.tx);
     let mut rx = session.rx;
     std::thread::spawn(move || {
-        let why = match rx.recv::<LauncherToNode>(&mut reader) {
-            Ok(LauncherToNode::Stop) => "krun stopped the node".to_string(),
-            Err(e) => format!("the link to krun ended: {e}"),
+        let why = loop {
+            match rx.recv::<LauncherToNode>(&mut reader) {
+                Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
+                Ok(LauncherToNode::Barrier { op }) => {
+                    let (shared, safepoints) = (shared.clone(), safepoints.clone());
+                    std::thread::spawn(move || barrier(&shared, &safepoints, op));
+                }
+                Ok(LauncherToNode::Release { order }) => {
+                    safepoints.release(order);
+                }
+                Err(e) => break format!("the link to krun ended: {e}"),
+            }
         };
         shared.request_stop(why);
     });
     Ok(())
+}
+
+/// The policy's barrier on this node: holds the ranks at their safepoints from now on,
+/// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
+/// once every rank running here is held.
+fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
+    safepoints.open_barrier();
+    // Only ranks that said hello have the library's request handler installed (a signal
+    // before would kill them), so ranks are woken as they link, each once per barrier; one
+    // woken rank is enough, the ranks agree collectively.
+    let signalled = Mutex::new(std::collections::BTreeSet::<u64>::new());
+    let local = || -> Vec<u32> {
+        let linked = shared.linked_ranks.lock().expect("linked lock").clone();
+        let local = shared.local_ranks.lock().expect("ranks lock").clone();
+        let held = safepoints.held();
+        let mut done = signalled.lock().expect("signalled lock");
+        for (rank, &pid) in &local {
+            if linked.contains(rank) && !held.contains(&(*rank as u32)) && done.insert(*rank) {
+                // SAFETY: kill sends a signal to a rank this node started; no memory is
+                // involved.
+                unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+            }
+        }
+        local.keys().map(|&r| r as u32).collect()
+    };
+    let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
+        Some(ranks) => NodeToLauncher::Held { op, ranks },
+        None => NodeToLauncher::SyncFailed {
+            op,
+            reason: format!(
+                "node {}: ranks {:?} did not reach a safepoint in 60 s",
+                shared.me,
+                local()
+                    .into_iter()
+                    .filter(|r| !safepoints.held().contains(r))
+                    .collect::<Vec<_>>()
+            ),
+        },
+    };
+    shared.tell_launcher(&msg);
 }
 
 fn control_request(
@@ -447,6 +653,16 @@ fn control_request(
         ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
             Ok(done) => ControlReply::Done(done),
             Err(e) => ControlReply::Refused(e),
+        },
+        ControlRequest::Fetch { rank, version } => match agent {
+            Some(a) => match a.fetch(rank, version) {
+                Ok(f) => ControlReply::Fetched(f),
+                Err(e) => ControlReply::Refused(e.to_string()),
+            },
+            None => ControlReply::Refused(format!(
+                "node {} has no checkpoint store to fetch rank {rank} v{version} from",
+                me.node
+            )),
         },
     }
 }
@@ -494,10 +710,13 @@ fn node_status(
 
 fn rank_message(
     table: &TableClient,
-    agent: Option<&dyn CheckpointAgent>,
+    agent: &AgentSlot,
+    safepoints: &safepoint::SafepointGate,
     msg: RankToNode,
 ) -> NodeToRank {
     match msg {
+        // Held until the policy decides; below the rank's own limit (600 s).
+        RankToNode::AtSafepoint { rank } => safepoints.hold(rank, Duration::from_secs(590)),
         RankToNode::Hello { rank, .. } => {
             table
                 .shared
@@ -517,7 +736,8 @@ fn rank_message(
             // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
             // store and says where it is safe; without one the version is recorded as known
             // but safe nowhere yet.
-            let levels = match agent {
+            // (Bounded below the rank's own wait for an answer, 10 s.)
+            let levels = match agent.wait(Duration::from_secs(8)) {
                 Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
                     Ok(l) => l,
                     Err(e) => return NodeToRank::Refused(e.to_string()),
@@ -526,11 +746,23 @@ fn rank_message(
             };
             match table.request(
                 u64::from(rank),
-                &TableOp::Checkpointed { version, levels },
+                &TableOp::Checkpointed {
+                    version,
+                    levels: levels.clone(),
+                },
                 Duration::from_secs(10),
             ) {
                 Ok(a) => match a.error {
-                    None => NodeToRank::Ack,
+                    None => {
+                        if !levels.is_empty() {
+                            table.shared.tell_launcher(&NodeToLauncher::Captured {
+                                rank,
+                                version,
+                                bytes,
+                            });
+                        }
+                        NodeToRank::Ack
+                    }
                     Some(e) => NodeToRank::Refused(e),
                 },
                 Err(e) => NodeToRank::Refused(e.to_string()),

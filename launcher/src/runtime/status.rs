@@ -180,6 +180,50 @@ pub fn query(job: Option<&str>, timeout: std::time::Duration) -> crate::error::R
     )))
 }
 
+/// `krun fetch`: reads `version` of `rank` back from the checkpoint store through node
+/// `node` (or the first node that answers), as a restart would.
+pub fn fetch(
+    job: Option<&str>,
+    node: Option<NodeId>,
+    rank: u32,
+    version: u64,
+    timeout: std::time::Duration,
+) -> crate::error::Result<super::control::FetchInfo> {
+    use super::control::{call, ControlReply, ControlRequest, ControlTarget};
+    let found = super::jobdir::find(job)?;
+    let mut why = Vec::new();
+    for n in found
+        .info
+        .nodes
+        .iter()
+        .filter(|n| node.is_none_or(|want| n.node == want))
+    {
+        let t = if std::path::Path::new(&n.control_unix).exists() {
+            ControlTarget::Unix(n.control_unix.clone())
+        } else {
+            ControlTarget::Tcp(n.control_tcp.clone())
+        };
+        let req = ControlRequest::Fetch { rank, version };
+        match call::<_, ControlReply>(&t, &found.secret, &req, timeout) {
+            Ok(ControlReply::Fetched(f)) => return Ok(f),
+            Ok(ControlReply::Refused(e)) => why.push(format!("node {}: {e}", n.node)),
+            Ok(other) => why.push(format!("node {}: unexpected answer {other:?}", n.node)),
+            Err(e) => why.push(format!("node {}: {e}", n.node)),
+        }
+    }
+    if why.is_empty() {
+        why.push(match node {
+            Some(n) => format!("node {n} is not a node of the job"),
+            None => "no node has registered yet".into(),
+        });
+    }
+    Err(crate::LauncherError::Usage(format!(
+        "job {}: rank {rank} v{version} could not be fetched ({})",
+        found.info.id,
+        why.join("; ")
+    )))
+}
+
 /// `krun node add|drain`: a request to the running `krun` of the job.
 pub fn ask_launcher(
     job: Option<&str>,

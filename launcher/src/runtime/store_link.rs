@@ -8,6 +8,7 @@ use std::path::Path;
 use ckpt_store::Level;
 
 use super::agent::Agent;
+use super::control::FetchInfo;
 use super::status::{LevelUse, SafeCheckpoint};
 use super::CheckpointAgent;
 use crate::error::Result;
@@ -21,11 +22,23 @@ pub fn level_number(level: Level) -> u8 {
 pub struct StoreAgent {
     agent: Agent,
     job_ranks: u32,
+    /// Nodes of the store (a node added later has no store and is not reported down).
+    store_nodes: usize,
 }
 
 impl StoreAgent {
     pub fn new(agent: Agent, job_ranks: u32) -> StoreAgent {
-        StoreAgent { agent, job_ranks }
+        StoreAgent {
+            agent,
+            job_ranks,
+            store_nodes: usize::MAX,
+        }
+    }
+
+    /// The store has `n` nodes (`0..n`): failures of other nodes are not the store's.
+    pub fn with_store_nodes(mut self, n: usize) -> StoreAgent {
+        self.store_nodes = n;
+        self
     }
 
     pub fn agent(&self) -> &Agent {
@@ -34,6 +47,24 @@ impl StoreAgent {
 }
 
 impl CheckpointAgent for StoreAgent {
+    fn node_down(&self, node: adaptation::NodeId) -> Result<()> {
+        if (node as usize) < self.store_nodes {
+            self.agent.node_down(node as usize, true)?;
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
+        let f = self.agent.fetch(rank, version)?;
+        Ok(FetchInfo {
+            rank,
+            version,
+            level: level_number(f.report.level),
+            node: f.report.node as u64,
+            bytes: f.image.len() as u64,
+        })
+    }
+
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>> {
         self.agent.on_checkpointed(rank, version, image, bytes)?;
         Ok(vec![level_number(Level::L1)])

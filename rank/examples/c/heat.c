@@ -3,7 +3,8 @@
  * every CHECKPOINT_EVERY steps the grid is checkpointed through the library. Started with
  * KRUN_GHOST_RESTORE=latest it resumes from the newest checkpoint. Rank 0 prints a checksum
  * of the final grid, equal to heat_serial's for the same NX NY STEPS.
- * HEAT_CRASH_AT=S makes every rank SIGKILL itself after step S (for restart tests). */
+ * HEAT_CRASH_AT=S makes every rank SIGKILL itself after step S (for restart tests);
+ * HEAT_STEP_DELAY_US=U sleeps U microseconds each step (a longer run for failure tests). */
 #include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
@@ -39,6 +40,8 @@ int main(int argc, char **argv) {
   }
   const char *crash = getenv("HEAT_CRASH_AT");
   long crash_at = crash ? atol(crash) : -1;
+  const char *delay = getenv("HEAT_STEP_DELAY_US");
+  long delay_us = delay ? atol(delay) : 0;
   if (krun_init() < 0) {
     fprintf(stderr, "heat: krun_init failed: %s\n", krun_last_error());
     return 1;
@@ -89,6 +92,11 @@ int main(int argc, char **argv) {
     }
     memcpy(&U(1, 0), next, sizeof(double) * rows * ny);
     st->step++;
+    if (delay_us > 0) usleep((useconds_t)delay_us);
+    /* A safepoint every step: krund's policy (or a SIGUSR1) may checkpoint here. */
+    int sp = krun_safepoint();
+    CHECK(sp);
+    if (sp == 1 && rank == 0) printf("heat: step %ld checkpointed at a safepoint\n", st->step);
     if (every > 0 && st->step % every == 0 && st->step < steps) {
       long v = krun_checkpoint();
       CHECK(v);

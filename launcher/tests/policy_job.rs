@@ -1,0 +1,229 @@
+//! Coordinated checkpoints driven by the policy at krun's hub, on the C heat stencil under
+//! `krun --local 3`: the interval, SIGUSR1 to krun and `krun checkpoint` each produce a
+//! committed checkpoint that krun prints, that `krun status` shows safe at L2 on every rank
+//! and that the store serves back (`krun fetch`); a job checkpointed by the interval ends
+//! with the serial reference's checksum and a summary.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: tests run from `target/<profile>/deps`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Ends the job (SIGTERM to the krun we started, which stops its nodes and ranks; SIGKILL
+/// if it has not ended in 30 s).
+struct Job(Child);
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: kill on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn build_heat(out: &Path) -> PathBuf {
+    let lib = target_dir();
+    assert!(
+        lib.join("libkrun.so").exists(),
+        "libkrun.so not found in {} (cargo build -p rank first)",
+        lib.display()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("LIBDIR={}", lib.display()))
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the examples: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join("heat")
+}
+
+fn krun(dir: &Path) -> Command {
+    let mut c = Command::new(target_dir().join("krun"));
+    c.env("XDG_RUNTIME_DIR", dir.join("xdg"))
+        .env("KRUN_GHOST_DIR", dir.join("ghost"))
+        .env("KRUN_GHOST_OWNER", "policy-job")
+        .env("KRUN_RECV_TIMEOUT_MS", "60000")
+        .env("KRUN_STORE_ARENA_MIB", "16")
+        .env_remove("KRUN_GHOST_RESTORE")
+        .env_remove("KRUN_STORE_LEVEL")
+        .env_remove("KRUN_STORE_DISK");
+    c
+}
+
+fn status(dir: &Path) -> Option<serde_json::Value> {
+    let o = krun(dir).args(["status", "--json"]).output().ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// The version of `rank` the table shows safe at L2, if any.
+fn safe_at_l2(s: &serde_json::Value, rank: u64) -> Option<u64> {
+    s["status"]["ranks"].as_array()?.iter().find_map(|r| {
+        let ck = &r["checkpoint"];
+        let levels: Vec<u64> = ck["safe_levels"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l.as_u64())
+            .collect();
+        (r["rank"].as_u64()? == rank && levels.contains(&2)).then(|| ck["version"].as_u64())?
+    })
+}
+
+fn temp() -> TempDir {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "krun-policy-job-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    )));
+    std::fs::create_dir_all(dir.0.join("xdg")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.0.join("xdg"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// Waits until every rank of 3 shows `version` (or newer) safe at L2 in `krun status`.
+fn wait_safe_everywhere(dir: &Path, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = status(dir) {
+            if (0..3).all(|r| safe_at_l2(&s, r).is_some_and(|v| v >= version)) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "version {version} never safe at L2 on every rank"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sigusr1_to_krun_and_krun_checkpoint_each_commit_a_checkpoint_visible_in_status_and_store() {
+    let dir = temp();
+    let heat = build_heat(&dir.0);
+    let mut job = Job(krun(&dir.0)
+        .args(["--local", "3", "-n", "3"])
+        .arg(&heat)
+        .args(["48", "40", "3000", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut err = job.0.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    // Every rank registered: the job runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&dir.0).is_none_or(|s| {
+        s["status"]["ranks"]
+            .as_array()
+            .is_none_or(|r| r.len() < 3 || r.iter().any(|r| r["state"] != "running"))
+    }) {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGUSR1 to krun: checkpoint 1.
+    // SAFETY: a signal to the krun this test started.
+    unsafe { libc::kill(job.0.id() as i32, libc::SIGUSR1) };
+    wait_safe_everywhere(&dir.0, 1);
+    // `krun checkpoint` from another shell: checkpoint 2.
+    let o = krun(&dir.0).arg("checkpoint").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_safe_everywhere(&dir.0, 2);
+    // The store serves it back.
+    let o = krun(&dir.0).args(["fetch", "1", "2"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success() && out.contains("rank 1 v2:"), "{out}");
+    drop(job);
+    let stderr = stderr.join().unwrap();
+    assert!(
+        stderr.contains("checkpoint 1 committed (asked by SIGUSR1)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("checkpoint 2 committed (asked by krun checkpoint)"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
+}
+
+#[test]
+fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_summary() {
+    let dir = temp();
+    let heat = build_heat(&dir.0);
+    let serial = Command::new(dir.0.join("heat_serial"))
+        .args(["48", "40", "150"])
+        .output()
+        .unwrap();
+    let serial = String::from_utf8_lossy(&serial.stdout).into_owned();
+    let o = krun(&dir.0)
+        .args(["--local", "3", "-n", "3", "--checkpoint-interval", "0.5"])
+        .arg(&heat)
+        .args(["48", "40", "150", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    let checksum = |t: &str| {
+        t.lines()
+            .find_map(|l| l.split("checksum ").nth(1))
+            .map(str::to_string)
+    };
+    assert_eq!(checksum(&out), checksum(&serial), "{out}{err}");
+    assert!(checksum(&out).is_some(), "{out}");
+    assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
+    assert!(out.contains("checkpointed at a safepoint"), "{out}");
+    // The summary counts what was committed.
+    let summary = err
+        .lines()
+        .find(|l| l.starts_with("krun: ") && l.contains(" held in them"))
+        .unwrap_or_else(|| panic!("no summary in {err}"));
+    let n: u32 = summary
+        .trim_start_matches("krun: ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(n >= 1, "{summary}");
+    let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
+}
