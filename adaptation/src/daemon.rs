@@ -25,6 +25,7 @@ use fabric::secret::ClusterSecret;
 
 use crate::error::{AdaptError, Result};
 use crate::kv::{parse_answer, KvOp, KvService};
+use crate::membership::MembershipConfig;
 use crate::protocol::{Node, NodeConfig, Output};
 use crate::service::{RequestId, Service, ServiceId};
 use crate::view::{Change, EntryId, Epoch, NodeId};
@@ -42,6 +43,30 @@ pub struct DaemonConfig {
     pub join: bool,
     pub tick: Duration,
     pub seed: u64,
+    /// How long a member may stay silent (missed probes, no refutation) before it is
+    /// declared failed; `None`: the layer's defaults, tuned for an idle LAN (about 0.6 s of
+    /// suspicion). A busy node (oversubscribed cores, a rank loading libraries) can be
+    /// silent for longer without having failed: see [`DaemonConfig::detector_for`].
+    pub failure_timeout: Option<Duration>,
+}
+
+impl DaemonConfig {
+    /// The failure detector's timing in ticks for a given `failure_timeout`: a member is
+    /// probed every `failure_timeout / 6`, suspected after a missed probe, and declared down
+    /// if it has not refuted the suspicion within `failure_timeout`; a supervisor then
+    /// pings it directly for half of that before it proposes the failure.
+    pub fn detector_for(timeout: Duration, tick: Duration) -> (MembershipConfig, u64) {
+        let ticks = (timeout.as_millis() / tick.as_millis().max(1)).max(10) as u64;
+        let probe_period = (ticks / 6).max(2);
+        (
+            MembershipConfig {
+                probe_period,
+                probe_rtt: (probe_period * 2 / 5).max(1),
+                suspect_to_down: ticks,
+            },
+            (ticks / 2).max(1),
+        )
+    }
 }
 
 pub const USAGE: &str = "\
@@ -115,6 +140,7 @@ impl DaemonConfig {
             join,
             tick: Duration::from_millis(tick_ms),
             seed: seed.unwrap_or(u64::from(id)),
+            failure_timeout: None,
         })
     }
 }
@@ -364,6 +390,7 @@ pub fn under_krun(supervisors: Vec<NodeId>) -> Result<String> {
         join: false,
         tick: Duration::from_millis(10),
         seed: rank as u64,
+        failure_timeout: None,
     };
     run_on(cfg, listener, secret)
 }
@@ -576,6 +603,11 @@ impl Driver {
         };
         let mut ncfg = NodeConfig::new(cfg.id, genesis, supervisors);
         ncfg.seed = cfg.seed;
+        if let Some(t) = cfg.failure_timeout {
+            let (membership, confirm) = DaemonConfig::detector_for(t, cfg.tick);
+            ncfg.membership = membership;
+            ncfg.confirm_ticks = confirm;
+        }
         ncfg.joining = cfg.join.then(|| listen.clone());
         let node = Node::new(ncfg, services)?;
         let (tx, rx) = mpsc::channel::<Event>();

@@ -19,6 +19,7 @@ fn config(id: u32, listen: &str, peers: BTreeMap<u32, String>, join: bool) -> Da
         join,
         tick: Duration::from_millis(10),
         seed: u64::from(id),
+        failure_timeout: None,
     }
 }
 

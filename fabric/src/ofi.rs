@@ -866,7 +866,10 @@ impl Inner {
             }
             let handled = self.progress();
             let remote = self.remote_events();
-            if handled > 0 || remote != remote_seen || self.ops.in_flight.current() > 0 {
+            // Operations merely in flight are not activity: posting one heats the loop
+            // (`peer_addr`), and one waiting on a slow or stopped peer must not keep this
+            // thread spinning on a core that the node's ranks and daemons share.
+            if handled > 0 || remote != remote_seen {
                 remote_seen = remote;
                 self.heat();
                 spins = spins.wrapping_add(1);
@@ -1210,9 +1213,11 @@ impl Endpoint for OfiEndpoint {
 
     fn recv_masked(&self, tag: u64, ignore: u64, timeout: Duration) -> Result<Message> {
         let inner = &self.inner;
-        // The caller drives progress, and the progress thread polls without sleeping for a
-        // while (then only while there is activity), filling the inbox and waking the caller.
-        inner.heat();
+        // The caller drives progress itself between checks; the progress thread sleeps on
+        // the CQ's wait fd and fills the inbox when data comes. A receive does not heat the
+        // progress thread: a rank that polls for messages would keep it spinning for as long
+        // as it waits, and with several ranks per core (or daemons beside them) that spinning
+        // starves the very peers being waited for.
         inner.inbox.take(tag, ignore, timeout, || inner.progress())
     }
 }

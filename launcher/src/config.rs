@@ -203,6 +203,14 @@ pub const SETTINGS: &[Setting] = &[
         "the CRIU binary (default: /opt/criu/criu-4.2.1/criu/criu from scripts/build-criu.sh, then PATH)",
     ),
     s(
+        "runtime",
+        "failure_timeout_ms",
+        "KRUN_FAILURE_TIMEOUT_MS",
+        Kind::Positive,
+        Some("3000"),
+        "a node silent this long (no probe answered, no refutation) is declared failed",
+    ),
+    s(
         "store",
         "arena_mib",
         "KRUN_STORE_ARENA_MIB",

@@ -101,10 +101,47 @@ pub struct NodeShare {
     pub env: Vec<(String, String)>,
     pub bind_to: BindTo,
     pub report_bindings: bool,
+    /// How this node's ranks sit on the machine: nodes of a job may share one (containers,
+    /// network namespaces, `--local`); see [`MachineShare`].
+    pub machine: MachineShare,
     /// Where rank starts and exits are reported (the node runtime's process table).
     pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
+}
+
+/// This node's ranks among all the job's ranks on the same machine (nodes that share a
+/// kernel). Pinning counts them all: the first of this node's ranks takes the machine's
+/// `offset`-th domain, and when the machine has more ranks than domains nobody is pinned
+/// (several busy ranks forced onto one core starve each other and the node's daemons,
+/// while unpinned the kernel spreads them), as Open MPI does when oversubscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MachineShare {
+    /// Ranks of co-located nodes before this node's.
+    pub offset: usize,
+    /// Ranks of the job on this machine, this node's included (0: only this node's).
+    pub ranks: usize,
+}
+
+impl MachineShare {
+    /// From every node's machine identity and rank count (node order): the nodes whose
+    /// identity equals ours share the machine.
+    pub fn among(node: usize, machines: &[Vec<u8>], counts: &[usize]) -> MachineShare {
+        let mine = &machines[node];
+        let same = |n: &usize| machines.get(*n) == Some(mine) && !mine.is_empty();
+        MachineShare {
+            offset: (0..node).filter(same).map(|n| counts[n]).sum(),
+            ranks: (0..counts.len()).filter(same).map(|n| counts[n]).sum(),
+        }
+    }
+}
+
+/// This machine's identity: the kernel's boot id (shared by containers and namespaces of
+/// one host, distinct between hosts); empty when it cannot be read.
+pub fn machine_id() -> Vec<u8> {
+    std::fs::read("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim_ascii().to_vec())
+        .unwrap_or_default()
 }
 
 /// A rank started or ended on this node.
@@ -262,19 +299,36 @@ fn spawn_rank(
         .program
         .split_first()
         .ok_or_else(|| LauncherError::Usage("no program to run".into()))?;
-    let mask = binding::cpus_for(domains, local).map(|cpus| {
-        if share.report_bindings {
-            eprintln!(
-                "krun: rank {rank} on node {} bound to {} {} (cpus {cpus:?})",
-                share.node_id,
-                share.bind_to.name(),
-                local % domains.len()
-            );
-        }
-        CpuMask::new(cpus)
-    });
+    let on_machine = share.machine.ranks.max(share.local_size);
+    let oversubscribed = on_machine > domains.len();
+    let slot = share.machine.offset + local;
+    let mask = if oversubscribed {
+        None
+    } else {
+        binding::cpus_for(domains, slot).map(|cpus| {
+            if share.report_bindings {
+                eprintln!(
+                    "krun: rank {rank} on node {} bound to {} {} (cpus {cpus:?})",
+                    share.node_id,
+                    share.bind_to.name(),
+                    slot % domains.len()
+                );
+            }
+            CpuMask::new(cpus)
+        })
+    };
     if mask.is_none() && share.report_bindings {
-        eprintln!("krun: rank {rank} on node {} not bound", share.node_id);
+        if oversubscribed && !domains.is_empty() {
+            eprintln!(
+                "krun: rank {rank} on node {} not bound: {on_machine} ranks on this machine \
+                 and {} {} domains",
+                share.node_id,
+                domains.len(),
+                share.bind_to.name()
+            );
+        } else {
+            eprintln!("krun: rank {rank} on node {} not bound", share.node_id);
+        }
     }
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -471,6 +525,37 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_share_counts_only_the_nodes_on_the_same_kernel() {
+        let a = b"boot-a".to_vec();
+        let b = b"boot-b".to_vec();
+        let machines = [a.clone(), b.clone(), a.clone(), a, b];
+        let counts = [2, 3, 4, 1, 5];
+        assert_eq!(
+            MachineShare::among(2, &machines, &counts),
+            MachineShare {
+                offset: 2,
+                ranks: 7
+            }
+        );
+        assert_eq!(
+            MachineShare::among(4, &machines, &counts),
+            MachineShare {
+                offset: 3,
+                ranks: 8
+            }
+        );
+        // An unknown identity shares with nobody.
+        let machines = [Vec::new(), Vec::new()];
+        assert_eq!(
+            MachineShare::among(1, &machines, &[2, 2]),
+            MachineShare {
+                offset: 0,
+                ranks: 0
+            }
+        );
+    }
 
     #[test]
     fn block_placement_like_slurm() {

@@ -387,6 +387,41 @@ fn ranks_are_pinned_to_cores_and_bindings_are_reported() {
 }
 
 #[test]
+fn nodes_sharing_a_machine_pin_their_ranks_to_distinct_cores_and_never_oversubscribe_one() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    // One rank per node, two nodes on this machine: distinct cores (when there are two).
+    let (code, _, err) = krun(
+        &["-n", "2", "--local", "2", "--report-bindings", "true"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let cpus_of = |node: usize| -> Option<String> {
+        err.lines()
+            .find(|l| l.starts_with(&format!("krun: rank {node} on node {node} bound to core ")))
+            .map(|l| l.split("(cpus ").nth(1).unwrap().to_string())
+    };
+    if cores >= 2 {
+        let (a, b) = (cpus_of(0), cpus_of(1));
+        assert!(a.is_some() && b.is_some(), "{err}");
+        assert_ne!(a, b, "both nodes' ranks on one core: {err}");
+    }
+    // More ranks on the machine than cores: nobody is pinned, and the report says why.
+    let n = (2 * cores).to_string();
+    let (code, _, err) = krun(
+        &["-n", &n, "--local", "2", "--report-bindings", "true"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err.matches(" bound to core ").count(), 0, "{err}");
+    assert_eq!(
+        err.matches(&format!("not bound: {n} ranks on this machine"))
+            .count(),
+        2 * cores,
+        "{err}"
+    );
+}
+
+#[test]
 fn a_killed_node_leaves_no_shared_memory_behind() {
     let shm_of = |pid: u32| -> Vec<String> {
         std::fs::read_dir("/dev/shm")

@@ -55,6 +55,7 @@ fn start(secret: &ClusterSecret, agent: bool) -> Runtime {
         secret: secret.clone(),
         agent: agent.then(|| Arc::new(Agent) as Arc<dyn CheckpointAgent>),
         verbose: false,
+        failure_timeout: launcher::runtime::DEFAULT_FAILURE_TIMEOUT,
     };
     Runtime::bind(cfg)
         .unwrap()

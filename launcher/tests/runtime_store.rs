@@ -79,6 +79,7 @@ fn a_checkpoint_goes_into_the_store_and_the_table_follows_its_levels() {
         secret: secret.clone(),
         agent: Some(store_agent.clone() as Arc<dyn CheckpointAgent>),
         verbose: false,
+        failure_timeout: launcher::runtime::DEFAULT_FAILURE_TIMEOUT,
     })
     .unwrap()
     .start(BTreeMap::new(), false)

@@ -263,6 +263,8 @@ fn run() -> Result<i32, LauncherError> {
         .filter(|(n, _)| *n != args.node_id)
         .map(|(n, c)| (n as u32, String::from_utf8_lossy(c).into_owned()))
         .collect();
+    // Which nodes share this machine, for pinning (see `MachineShare`).
+    let machines = boot.allgather(&launcher::ranks::machine_id())?;
     let runtime = std::sync::Arc::new(bound.start(peers, false)?);
     if let Some(placement) = &args.placement {
         // The node's endpoint and its checkpoint store come up beside the ranks, not before
@@ -306,6 +308,11 @@ fn run() -> Result<i32, LauncherError> {
             env: rank_env,
             bind_to: args.bind_to,
             report_bindings: args.report_bindings,
+            machine: launcher::ranks::MachineShare::among(
+                args.node_id,
+                &machines,
+                &placement.count,
+            ),
             events: Some(runtime.rank_events()),
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
@@ -375,6 +382,22 @@ fn start_store(
     Ok(())
 }
 
+/// `KRUN_FAILURE_TIMEOUT_MS` (`[runtime] failure_timeout_ms`), default
+/// [`launcher::runtime::DEFAULT_FAILURE_TIMEOUT`].
+fn failure_timeout() -> Result<Duration, LauncherError> {
+    match std::env::var("KRUN_FAILURE_TIMEOUT_MS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+            Ok(ms) if (100..=3_600_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => Err(LauncherError::Config {
+                place: "environment".into(),
+                key: "KRUN_FAILURE_TIMEOUT_MS".into(),
+                reason: format!("{v:?} is not a number of milliseconds between 100 and 3600000"),
+            }),
+        },
+        _ => Ok(launcher::runtime::DEFAULT_FAILURE_TIMEOUT),
+    }
+}
+
 fn runtime_config(
     node: usize,
     bind: std::net::IpAddr,
@@ -395,6 +418,7 @@ fn runtime_config(
         secret,
         agent: None,
         verbose: std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some(),
+        failure_timeout: failure_timeout()?,
     })
 }
 

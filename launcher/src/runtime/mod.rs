@@ -140,7 +140,16 @@ pub struct RuntimeConfig {
     pub agent: Option<Arc<dyn CheckpointAgent>>,
     /// Log the membership's steps to stderr (`KRUN_RUNTIME_VERBOSE`).
     pub verbose: bool,
+    /// How long a node may stay silent before it is declared failed
+    /// (`[runtime] failure_timeout_ms`, [`DEFAULT_FAILURE_TIMEOUT`]).
+    pub failure_timeout: Duration,
 }
+
+/// A node is declared failed after this long without answering. Long enough that a node
+/// whose cores are all busy (ranks starting and loading libfabric, checkpoints being
+/// written, a loaded CI machine) is not mistaken for a dead one: a false failure costs the
+/// job a rollback; a late detection costs a few seconds of a recovery.
+pub const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A node runtime whose adaptation listener is bound (its address goes to the other nodes
 /// before the node starts).
@@ -389,6 +398,7 @@ impl Bound {
                 join,
                 tick: Duration::from_millis(10),
                 seed: u64::from(me),
+                failure_timeout: Some(cfg.failure_timeout),
             },
             listener,
             cfg.secret.clone(),
