@@ -375,10 +375,9 @@ fn a_capture_on_a_full_disk_reports_the_reason_at_once() {
     let pid = child.0.id() as i32;
     wait_for_line(&out, Duration::from_secs(30), |l| l.starts_with("step 3 "));
     let cp = checkpointer::for_process(pid).unwrap();
-    let e = cp
-        .capture(pid, &dir.0.join("never.kgi"), &CaptureOptions::default())
-        .err()
-        .expect("no room for the image");
+    let Err(e) = cp.capture(pid, &dir.0.join("never.kgi"), &CaptureOptions::default()) else {
+        panic!("a capture succeeded with no room for the image");
+    };
     let text = e.to_string();
     assert!(text.contains("could not write its image"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");
