@@ -337,7 +337,12 @@ fn run() -> Result<i32, LauncherError> {
                 return Ok(code);
             }
             // After a node left or failed, the initial nodes cannot all meet at the barrier
-            // (nor, when one died early, at the store's address exchange).
+            // (nor, when one died early, at the store's address exchange). A rank killed by
+            // a signal (code > 128) ends the job: leave at once so krun ends the others
+            // instead of waiting here for ranks that wait for the dead one.
+            if code > 128 {
+                return Ok(code);
+            }
             if !runtime.membership_shrank() {
                 let mut boot = store
                     .join()

@@ -93,6 +93,9 @@ pub enum NodeToLauncher {
         level: u8,
         error: String,
     },
+    /// A rank of this node was killed by `signal` (not by the node): the job cannot go on
+    /// without it, and krun ends it (the node has ended its other ranks).
+    RankKilled { rank: u32, signal: i32 },
 }
 
 /// What `krun` tells a krund node.
