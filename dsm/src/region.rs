@@ -164,7 +164,10 @@ impl Dsm {
         let rank = boot.rank() as NodeId;
         let size = boot.size();
         if size == 0 || rank as usize >= size {
-            return Err(collective("init", format!("rank {rank} of a job of {size}")));
+            return Err(collective(
+                "init",
+                format!("rank {rank} of a job of {size}"),
+            ));
         }
         let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
         let blob = ep.address().to_bytes();
