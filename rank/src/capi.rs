@@ -150,8 +150,11 @@ pub extern "C" fn krun_finalize() -> c_int {
             .map_err(|_| RankError::InvalidArgument("DSM state poisoned".into()))?
             .take();
         if let Some(shm) = shm {
-            shm.barrier()?;
-            drop(shm);
+            match Arc::try_unwrap(shm) {
+                Ok(shm) => shm.close()?,
+                // Another thread is inside a DSM call: end after the barrier anyway.
+                Err(shm) => shm.barrier()?,
+            }
         }
         w.finalize()?;
         if let Ok(mut t) = WINDOWS.lock() {

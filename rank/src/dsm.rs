@@ -37,8 +37,8 @@
 //!
 //! # Limits
 //! - Regions are whole 4 KiB pages (the length is rounded up); their pages read as zero
-//!   until written. Memory of a region is not part of checkpoints (`krun_register` refuses
-//!   nothing, but a restore does not refill DSM pages).
+//!   until written. DSM pages are not part of checkpoints: a job restored from a checkpoint
+//!   allocates its regions again and finds them zero.
 //! - Allocation, free and the barrier are collective: every rank calls them in the same
 //!   order. After [`SharedMemory::free`] the region's addresses are unmapped on every rank.
 //! - 64 locks, ids `0..64`, queued FIFO at rank 0.
@@ -61,7 +61,7 @@
 //! // SAFETY: inside the region; written before the barrier.
 //! assert_eq!(unsafe { words.read() }, 42);
 //! shm.free(region)?;
-//! drop(shm);
+//! shm.close()?;
 //! rank.finalize()?;
 //! # Ok::<(), krun::RankError>(())
 //! ```
@@ -206,6 +206,14 @@ impl SharedMemory {
     /// Returns when every rank has reached it; reports a DSM driver error, if any.
     pub fn barrier(&self) -> Result<()> {
         Ok(self.inner.barrier()?)
+    }
+
+    /// Ends this rank's DSM collectively: a barrier (every rank is done with the pages),
+    /// then its threads stop and its regions are unmapped.
+    pub fn close(self) -> Result<()> {
+        self.barrier()?;
+        drop(self);
+        Ok(())
     }
 
     pub fn stats(&self) -> DsmStats {

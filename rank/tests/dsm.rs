@@ -269,8 +269,7 @@ fn rust_api_rank() {
     let e = shm.free(region).unwrap_err();
     assert!(e.to_string().contains("freed"), "{e}");
     assert!(shm.region_at(region.as_ptr()).is_err());
-    shm.barrier().unwrap();
-    drop(shm);
+    shm.close().unwrap();
     println!("dsm_api: rank {me} ok");
     rank.finalize().unwrap();
 }
