@@ -2,9 +2,10 @@
 //! mode (ranks are separate processes: a DSM region has the same address in every rank, so
 //! ranks cannot share one process).
 //!
-//! - `mgs_dsm` (rank/examples/c) on 2 ranks / 2 nodes and 3 ranks / 3 nodes, over tcp and
-//!   shm, gives the serial MGS's Q (weighted sum within 1e-12, ||Q^T Q - I|| < 1e-10), and
-//!   its lock-protected counter saw every column;
+//! - `mgs_dsm` (rank/examples/c) on 2 ranks / 2 nodes (tcp, shm), 3 ranks / 3 nodes (tcp)
+//!   and 4 ranks / 2 nodes (shm) gives the serial MGS's Q (weighted sum within 1e-12,
+//!   ||Q^T Q - I|| < 1e-10), its lock-protected counter saw every column, and bad DSM calls
+//!   from C fail with KRUN_ERR_INVALID and a message;
 //! - the Rust API (`Rank::dsm`) on 3 ranks: writes seen after a barrier, false sharing
 //!   within a page, a counter under the DSM lock, a message-passing litmus test (a flag
 //!   seen set implies the data written before it is seen), errors of bad use.
@@ -125,7 +126,12 @@ fn mgs_on_the_dsm_from_c_equals_the_serial_mgs() {
         .unwrap();
     assert!(serial.status.success(), "{}", text(&serial));
     let want = field(&serial, "weighted");
-    for (provider, ranks, nodes) in [("tcp", "2", "2"), ("shm", "2", "2"), ("tcp", "3", "3")] {
+    for (provider, ranks, nodes) in [
+        ("tcp", "2", "2"),
+        ("shm", "2", "2"),
+        ("tcp", "3", "3"),
+        ("shm", "4", "2"),
+    ] {
         let o = krun_job(&dir, &["-n", ranks, "--local", nodes])
             .env("KRUN_FABRIC_PROVIDER", provider)
             .arg(dir.0.join("mgs_dsm"))
@@ -152,6 +158,18 @@ fn mgs_on_the_dsm_from_c_equals_the_serial_mgs() {
             .collect();
         assert_eq!(faults.len(), ranks.parse::<usize>().unwrap(), "{what}");
         assert!(faults.iter().all(|&f| f > 0), "{what}: {faults:?}");
+        // The C API refuses bad calls with KRUN_ERR_INVALID and says why.
+        assert_eq!(
+            out.matches("refused bad calls: ").count(),
+            faults.len(),
+            "{what}: {}",
+            text(&o)
+        );
+        assert!(
+            out.contains("is not the start of a DSM region"),
+            "{what}: {}",
+            text(&o)
+        );
     }
 }
 

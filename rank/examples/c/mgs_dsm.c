@@ -5,7 +5,7 @@
  * j % N. Step k: column k's rank normalizes it; after a barrier every rank reads column k
  * (page faults fetch it) and projects it out of its own columns j > k. Each rank counts the
  * columns it normalized into a shared counter under a DSM lock. Rank 0 then reads the whole
- * of Q and prints "mgs weighted W orthogonality O columns C faults F" (compare W with
+ * of Q and prints "mgs weighted W orthogonality O columns C" (compare W with
  * mgs_serial's). */
 #include <string.h>
 
@@ -34,6 +34,13 @@ int main(int argc, char **argv) {
   uint64_t *counter = NULL;
   CHECK(krun_dsm_alloc(sizeof(double) * rows * cols, (void **)&a));
   CHECK(krun_dsm_alloc(sizeof(uint64_t), (void **)&counter));
+  /* Bad use is reported, not fatal. */
+  if (krun_dsm_lock(KRUN_DSM_LOCKS) != KRUN_ERR_INVALID ||
+      krun_dsm_free((char *)counter + 8) != KRUN_ERR_INVALID) {
+    fprintf(stderr, "mgs_dsm: rank %d: bad DSM calls were not refused\n", rank);
+    return 1;
+  }
+  printf("mgs_dsm: rank %d refused bad calls: %s\n", rank, krun_last_error());
 
   /* Each rank fills its own columns (the first touch makes it their owner). */
   double *init = malloc(sizeof(double) * rows * cols);
