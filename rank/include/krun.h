@@ -117,7 +117,8 @@ long krun_restored_version(void);
  * one-sided 4 KiB RMA read of the owner's copy (two fabric round trips, the owner's CPU not
  * involved); otherwise a message to the page's manager, forwarded to the owner, which sends
  * the page. A write fault goes through the manager to the owner, which invalidates every copy
- * (one round trip per sharer, in parallel) and hands the page over. A sequential read miss
+ * (one round trip per sharer, in parallel) and hands the page over; the page's read owner
+ * writing invalidates the other copies itself, without the manager. A sequential read miss
  * prefetches KRUN_DSM_PREFETCH (8) further pages. `bench -- dsm` measures these.
  *
  * Limits: DSM pages are not part of checkpoints; KRUN_DSM_LOCKS locks; a page whose only copy

@@ -28,9 +28,9 @@
 //!   cell-tree locator with `KRUN_DSM_LOCATOR=dynamic`), forwarded to the owner, which
 //!   replies with the page: about two message round trips.
 //! - write fault: a message to the manager, forwarded to the owner, which invalidates every
-//!   read copy, waits for every acknowledgement, drops its copy and sends the page; a write
-//!   to a page this rank reads already (write-protect fault) takes the same path without
-//!   the page bytes when it is the owner.
+//!   read copy, waits for every acknowledgement, drops its copy and sends the page. A write
+//!   by the page's read owner (a write-protect fault) skips the manager: it invalidates the
+//!   other copies itself and writes in place.
 //! - a sequential read miss prefetches up to `KRUN_DSM_PREFETCH` (default 8) further pages.
 //!
 //! `bench -- dsm` measures these against an RMA read and a local userfaultfd fault.
