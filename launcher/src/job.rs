@@ -20,6 +20,7 @@ use crate::daemon::{
 };
 use crate::error::{LauncherError, Result};
 use crate::ranks::{exit_code, take_signal, Placement};
+
 use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
 
@@ -36,6 +37,65 @@ pub struct ProgramJob {
     /// `--checkpoint-interval SECS`: the coordinated policy checkpoints this often (None:
     /// on request only: SIGUSR1 to krun, `krun checkpoint`).
     pub checkpoint_interval: Option<Duration>,
+    /// `--spares K`: the last K nodes run no ranks until a recovery needs them (local mode:
+    /// K more krund).
+    pub spares: usize,
+}
+
+/// `--inject-failure node=N@T`: krun SIGKILLs node N's krund and its ranks (by PID, only
+/// processes it started) at that moment (for tests, benches and demos).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Injection {
+    pub node: usize,
+    pub at: InjectAt,
+}
+
+/// When an [`Injection`] fires.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InjectAt {
+    /// This long after the nodes started.
+    After(Duration),
+    /// Once the checkpoint policy committed this many checkpoints.
+    Commits(u64),
+}
+
+impl std::str::FromStr for Injection {
+    type Err = LauncherError;
+
+    /// `node=N@5s`, `node=N@1.5s`, `node=N@500ms` or `node=N@3ckpt`.
+    fn from_str(v: &str) -> Result<Injection> {
+        let bad = |why: &str| {
+            LauncherError::Usage(format!(
+                "--inject-failure {v:?}: {why} (expected node=N@SECONDSs, node=N@MSms or node=N@Kckpt)"
+            ))
+        };
+        let rest = v.strip_prefix("node=").ok_or_else(|| bad("no node="))?;
+        let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
+        let node = node.parse().map_err(|_| bad("the node is not a number"))?;
+        let at = if let Some(k) = when.strip_suffix("ckpt") {
+            InjectAt::Commits(
+                k.parse()
+                    .ok()
+                    .filter(|&k| k > 0)
+                    .ok_or_else(|| bad("the checkpoint count is not a positive number"))?,
+            )
+        } else if let Some(ms) = when.strip_suffix("ms") {
+            InjectAt::After(Duration::from_millis(
+                ms.parse()
+                    .map_err(|_| bad("not a number of milliseconds"))?,
+            ))
+        } else if let Some(s) = when.strip_suffix('s') {
+            let secs: f64 = s
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| bad("not a number of seconds"))?;
+            InjectAt::After(Duration::from_secs_f64(secs))
+        } else {
+            return Err(bad("no unit"));
+        };
+        Ok(Injection { node, at })
+    }
 }
 
 /// Where the nodes come from.
@@ -70,6 +130,8 @@ pub struct Job {
     pub timeout: Duration,
     /// `None`: the built-in exchange workload.
     pub program: Option<ProgramJob>,
+    /// `--inject-failure`.
+    pub inject: Option<Injection>,
 }
 
 impl Job {
@@ -83,24 +145,46 @@ impl Job {
             env: Vec::new(),
             timeout: Duration::from_secs(24 * 3600),
             program: None,
+            inject: None,
         })
     }
 
+    /// Nodes started, spares included (local mode: `--local K` plus the spares).
     pub fn node_count(&self) -> usize {
         match &self.nodes {
-            NodeSource::Local(k) => *k,
+            NodeSource::Local(k) => *k + self.spares(),
             NodeSource::Slurm(a) => a.nodes.len(),
             NodeSource::Hosts { hosts, .. } => hosts.len(),
         }
     }
 
-    /// Ranks per node: Slurm's layout unless `-n`/`--ppn` ask for a block layout.
-    fn placement(&self, p: &ProgramJob) -> Result<Placement> {
+    /// `--spares K`: the last K nodes.
+    pub fn spares(&self) -> usize {
+        self.program.as_ref().map_or(0, |p| p.spares)
+    }
+
+    /// Ranks per node: Slurm's layout unless `-n`/`--ppn` ask for a block layout; the
+    /// spares (the last nodes) get none.
+    pub fn placement(&self, p: &ProgramJob) -> Result<Placement> {
         let k = self.node_count();
-        match (&self.nodes, p.ranks, p.per_node) {
-            (NodeSource::Slurm(a), None, None) => Ok(Placement::from_counts(&a.tasks_per_node)),
-            (_, ranks, per_node) => Placement::block(ranks.unwrap_or(k), k, per_node),
+        let working = k.checked_sub(p.spares).filter(|&w| w > 0).ok_or_else(|| {
+            LauncherError::Usage(format!(
+                "--spares {} leaves no node to run ranks ({k} nodes)",
+                p.spares
+            ))
+        })?;
+        let mut placement = match (&self.nodes, p.ranks, p.per_node, p.spares) {
+            (NodeSource::Slurm(a), None, None, 0) => Placement::from_counts(&a.tasks_per_node),
+            (_, ranks, per_node, _) => {
+                Placement::block(ranks.unwrap_or(working), working, per_node)?
+            }
+        };
+        let total = placement.total();
+        for _ in working..k {
+            placement.first.push(total);
+            placement.count.push(0);
         }
+        Ok(placement)
     }
 }
 
@@ -188,6 +272,31 @@ impl NodeProc {
         }
     }
 
+    /// `--inject-failure`: SIGKILL of the node process and of its ranks (its children, read
+    /// before it dies; a remote node's ranks die with it, PR_SET_PDEATHSIG). Returns what
+    /// was killed.
+    fn inject_failure(&self) -> String {
+        match self {
+            NodeProc::Child(c) => {
+                let pid = c.id();
+                let ranks = child_pids(pid);
+                // SAFETY: kill(2) of our own child by PID (not reaped yet), then of its
+                // children, read from /proc just before: the ranks it started.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                    for &r in &ranks {
+                        libc::kill(r as i32, libc::SIGKILL);
+                    }
+                }
+                format!("krund pid {pid} and its ranks' pids {ranks:?}")
+            }
+            NodeProc::Remote { host, .. } => {
+                self.signal(libc::SIGKILL);
+                format!("the node process on host {host} (its ranks die with it)")
+            }
+        }
+    }
+
     fn signal(&self, sig: i32) {
         match self {
             // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
@@ -213,6 +322,25 @@ impl NodeProc {
             NodeProc::Remote { host, .. } => format!("on host {host}"),
         }
     }
+}
+
+/// The children of process `pid` (`/proc/PID/task/*/children`).
+fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Kills and reaps the node processes it holds unless they were already reaped; a remote
@@ -249,6 +377,12 @@ impl Drop for Children {
 /// 128 + signal for a process killed by a signal.
 pub fn run(job: &Job) -> Result<i32> {
     let k = job.node_count();
+    if let (Some(_), NodeSource::Slurm(_)) = (&job.inject, &job.nodes) {
+        return Err(LauncherError::Usage(
+            "--inject-failure needs --local or --hosts (under Slurm one srun runs every node)"
+                .into(),
+        ));
+    }
     // Nodes and ranks prove they belong to the job with the cluster secret: the configured
     // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
     let configured = ClusterSecret::from_env()?;
@@ -568,7 +702,11 @@ pub fn run(job: &Job) -> Result<i32> {
         wake: tx.clone(),
     };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders);
+    let watch = Watch {
+        commits: policy.as_ref().map(|d| d.commits()),
+        recoverable: policy.is_some() && job.spares() > 0,
+    };
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
     if let Some(summary) = policy.and_then(|d| d.finish()) {
         if summary.checkpoints + summary.aborted + summary.failures > 0 {
             eprintln!("krun: {summary}");
@@ -584,6 +722,15 @@ pub fn run(job: &Job) -> Result<i32> {
     Ok(worst)
 }
 
+/// What [`wait_all`] follows besides the node processes.
+struct Watch {
+    /// Checkpoints the policy committed (for `--inject-failure node=N@Kckpt`).
+    commits: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The policy recovers lost ranks (it runs and there are spares): a node with ranks that
+    /// dies does not end the job.
+    recoverable: bool,
+}
+
 fn wait_all(
     children: &mut Children,
     job: &Job,
@@ -591,8 +738,12 @@ fn wait_all(
     hub: &Hub,
     added: AddedNodes,
     forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+    watch: Watch,
 ) -> Result<i32> {
-    let deadline = Instant::now() + job.timeout;
+    let started = Instant::now();
+    let deadline = started + job.timeout;
+    let mut inject = job.inject;
+    let mut injected = None;
     let mut worst = 0;
     let mut remaining = children.0.len();
     // The nodes the job started; nodes added later run no ranks and end when these have.
@@ -612,6 +763,32 @@ fn wait_all(
                 children.signal_all(sig);
             }
         }
+        if let Some(i) = inject {
+            let due = match i.at {
+                InjectAt::After(d) => started.elapsed() >= d,
+                InjectAt::Commits(k) => watch
+                    .commits
+                    .as_ref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k),
+            };
+            if due {
+                inject = None;
+                match children.0.get(i.node).and_then(|c| c.as_ref()) {
+                    Some(c) => {
+                        let what = c.inject_failure();
+                        eprintln!(
+                            "krun: injected failure: SIGKILL to node {} ({what})",
+                            i.node
+                        );
+                        injected = Some(i.node);
+                    }
+                    None => eprintln!(
+                        "krun: --inject-failure: node {} has already ended; nothing killed",
+                        i.node
+                    ),
+                }
+            }
+        }
         let mut failed = false;
         for (i, slot) in children.0.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
@@ -620,15 +797,17 @@ fn wait_all(
                 source: e,
             })?;
             let Some(code) = code else { continue };
-            // A lost node fails the job: its ranks are gone and the others would wait for them.
-            if code != 0 && (job.program.is_none() || child.is_lost()) {
+            // A lost node fails the job: its ranks are gone and the others would wait for them
+            // (unless the policy restarts them on a spare).
+            let killed = injected == Some(i) || child.is_lost();
+            if code != 0 && (job.program.is_none() || (killed && !watch.recoverable)) {
                 eprintln!(
                     "krun: node {i} ({}) exited with code {code}",
                     child.describe()
                 );
                 failed = true;
             }
-            if !stopped_by_us && i < originals {
+            if !stopped_by_us && i < originals && !(killed && watch.recoverable) {
                 worst = worst.max(code);
             }
             if i < originals {
@@ -757,6 +936,67 @@ pub(crate) fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn injections_parse_times_and_checkpoint_counts_and_name_what_is_wrong() {
+        let at = |v: &str| v.parse::<Injection>().map(|i| (i.node, i.at));
+        assert_eq!(
+            at("node=2@5s").unwrap(),
+            (2, InjectAt::After(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            at("node=0@1.5s").unwrap(),
+            (0, InjectAt::After(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            at("node=1@500ms").unwrap(),
+            (1, InjectAt::After(Duration::from_millis(500)))
+        );
+        assert_eq!(at("node=3@2ckpt").unwrap(), (3, InjectAt::Commits(2)));
+        for (bad, why) in [
+            ("2@5s", "no node="),
+            ("node=2", "no @"),
+            ("node=x@5s", "not a number"),
+            ("node=2@5", "no unit"),
+            ("node=2@0ckpt", "positive"),
+            ("node=2@-1s", "seconds"),
+        ] {
+            let e = at(bad).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn spares_are_the_last_nodes_and_get_no_ranks() {
+        let mut job = Job::local(3).unwrap();
+        job.program = Some(ProgramJob {
+            ranks: Some(6),
+            per_node: None,
+            tag_output: false,
+            bind_to: crate::binding::BindTo::None,
+            report_bindings: false,
+            argv: vec!["true".into()],
+            checkpoint_interval: None,
+            spares: 1,
+        });
+        assert_eq!(job.node_count(), 4);
+        let p = job.placement(job.program.as_ref().unwrap()).unwrap();
+        assert_eq!(p.count, vec![2, 2, 2, 0]);
+        assert_eq!(p.total(), 6);
+        job.nodes = NodeSource::Hosts {
+            hosts: vec!["a".into(), "b".into()],
+            launch: Launch::Daemon,
+        };
+        assert_eq!(job.node_count(), 2);
+        let p = job.placement(job.program.as_ref().unwrap()).unwrap();
+        assert_eq!(p.count, vec![6, 0]);
+        job.program.as_mut().unwrap().spares = 2;
+        let e = job
+            .placement(job.program.as_ref().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--spares 2 leaves no node"), "{e}");
+    }
 
     #[test]
     fn shell_words_survive_a_shell() {

@@ -106,6 +106,9 @@ pub struct NodeShare {
     pub machine: MachineShare,
     /// Where rank starts and exits are reported (the node runtime's process table).
     pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
+    /// A spare's share (no ranks of its own): it waits for ranks moved in until this is
+    /// set (krun stopped the node), instead of ending at once.
+    pub stay: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
 }
@@ -424,6 +427,14 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    // A spare waits for ranks until it is stopped; once it ran some, it ends with them.
+    let mut ran_ranks = !children.is_empty();
+    let stopped = || {
+        share
+            .stay
+            .as_ref()
+            .is_none_or(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    };
     loop {
         if let Some(commands) = &share.commands {
             let pending: Vec<RankCommand> = commands
@@ -455,8 +466,13 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 }
             }
         }
+        ran_ranks |= !children.is_empty();
         if children.is_empty() && released.is_empty() {
-            break;
+            if ran_ranks || stopped() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         let requests = take_checkpoint_requests();
         if requests > 0 {

@@ -295,6 +295,16 @@ fn run() -> Result<i32, LauncherError> {
             "KRUN_NODE_SOCKET".to_string(),
             runtime.rank_socket().to_string_lossy().into_owned(),
         ));
+        // A spare waits for ranks to restart until krun stops it.
+        let stay = (placement.count[args.node_id] == 0).then(|| {
+            let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (rt, set) = (runtime.clone(), flag.clone());
+            std::thread::spawn(move || {
+                rt.wait_stop();
+                set.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            flag
+        });
         let (commands_tx, commands) = std::sync::mpsc::channel();
         runtime.set_rank_commands(commands_tx);
         let share = NodeShare {
@@ -314,6 +324,7 @@ fn run() -> Result<i32, LauncherError> {
                 &placement.count,
             ),
             events: Some(runtime.rank_events()),
+            stay,
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let node_id = args.node_id;

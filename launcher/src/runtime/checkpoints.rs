@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,7 @@ pub type Broadcast = Arc<dyn Fn(&LauncherToNode) -> BTreeSet<NodeId> + Send + Sy
 /// stops it and returns the policy's summary.
 pub struct CheckpointDriver {
     tx: Sender<Option<Input>>,
+    commits: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<Summary>>,
 }
 
@@ -108,10 +110,18 @@ struct HubCalls {
     versions: BTreeMap<u64, Version>,
     /// A node with ranks failed: no more checkpoints (recovery is not driven yet).
     stopped: bool,
+    /// Checkpoints committed so far.
+    commits: Arc<AtomicU64>,
 }
 
 impl PolicyRuntime for HubCalls {
     fn record(&mut self, decision: &Decision) -> Result<(), String> {
+        if matches!(
+            decision.kind,
+            policies::primitives::DecisionKind::Committed { .. }
+        ) {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+        }
         let Some(path) = &self.log else {
             return Ok(());
         };
@@ -231,7 +241,9 @@ impl CheckpointDriver {
         };
         let view = AgreedView::new(0, nodes.iter().copied().collect());
         let policy = Coordinated::new(cfg, 0, &layout, view, 0)?;
+        let commits = Arc::new(AtomicU64::new(0));
         let calls = HubCalls {
+            commits: commits.clone(),
             send,
             nodes,
             log,
@@ -248,8 +260,14 @@ impl CheckpointDriver {
             .map_err(|e| PolicyError::Config(format!("starting the policy thread: {e}")))?;
         Ok(CheckpointDriver {
             tx,
+            commits,
             thread: Some(thread),
         })
+    }
+
+    /// Checkpoints committed so far.
+    pub fn commits(&self) -> Arc<AtomicU64> {
+        self.commits.clone()
     }
 
     pub fn input(&self, input: Input) {
