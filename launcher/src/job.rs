@@ -430,11 +430,26 @@ pub fn run(job: &Job) -> Result<i32> {
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
     let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
     let hub_addr = hub.addr();
+    // Ranks find each other through their own all-gather service; a recovery opens a new
+    // one for every wiring epoch (runtime/recovery.rs).
+    let rank_server = match &placement {
+        Some(place) => Some(BootstrapServer::start_with(
+            (bind, 0),
+            place.total(),
+            job.timeout,
+            Some(secret.clone()),
+        )?),
+        None => None,
+    };
+    let job_error: crate::runtime::checkpoints::JobError = Arc::new(Mutex::new(None));
     // The coordinated checkpoint policy runs here, where every view is seen.
     let policy = match (&placement, &job.program) {
         (Some(place), Some(p)) => {
             let ranks: Vec<u32> = (0..place.count.len())
                 .flat_map(|n| std::iter::repeat_n(n as u32, place.count[n]))
+                .collect();
+            let spares: Vec<u32> = (place.count.len() - p.spares..place.count.len())
+                .map(|n| n as u32)
                 .collect();
             let level = crate::runtime::store_node::StoreSettings::from_env()?.level;
             let level = match level {
@@ -449,28 +464,35 @@ pub fn run(job: &Job) -> Result<i32> {
             } else {
                 level
             };
+            let wirings = Arc::new(Mutex::new(Vec::<BootstrapServer>::new()));
+            let (total, timeout, wiring_secret) = (place.total(), job.timeout, secret.clone());
+            let new_wiring: crate::runtime::checkpoints::NewWiring = Arc::new(move || {
+                let server = BootstrapServer::start_with(
+                    (bind, 0),
+                    total,
+                    timeout,
+                    Some(wiring_secret.clone()),
+                )
+                .map_err(|e| e.to_string())?;
+                let addr = SocketAddr::new(advertised, server.addr().port()).to_string();
+                wirings.lock().expect("wirings lock").push(server);
+                Ok(addr)
+            });
             let driver = crate::runtime::checkpoints::CheckpointDriver::start(
                 ranks,
+                spares,
                 p.checkpoint_interval,
                 level,
                 Some(hub.job_dir().join("decisions.log")),
                 hub.broadcaster(),
+                new_wiring,
+                job_error.clone(),
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
             Some(driver)
         }
         _ => None,
-    };
-    // Ranks find each other through their own all-gather service.
-    let rank_server = match &placement {
-        Some(place) => Some(BootstrapServer::start_with(
-            (bind, 0),
-            place.total(),
-            job.timeout,
-            Some(secret.clone()),
-        )?),
-        None => None,
     };
 
     // The krund command line shared by all nodes; local mode adds --node-id per node,
@@ -704,7 +726,8 @@ pub fn run(job: &Job) -> Result<i32> {
     drop(tx);
     let watch = Watch {
         commits: policy.as_ref().map(|d| d.commits()),
-        recoverable: policy.is_some() && job.spares() > 0,
+        recoverable: policy.is_some(),
+        job_error,
     };
     let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
     if let Some(summary) = policy.and_then(|d| d.finish()) {
@@ -726,9 +749,11 @@ pub fn run(job: &Job) -> Result<i32> {
 struct Watch {
     /// Checkpoints the policy committed (for `--inject-failure node=N@Kckpt`).
     commits: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// The policy recovers lost ranks (it runs and there are spares): a node with ranks that
-    /// dies does not end the job.
+    /// The policy recovers lost ranks (or ends the job through `job_error`): a node with
+    /// ranks that dies does not end the job by itself.
     recoverable: bool,
+    /// Set when the policy ended the job: krun stops every node.
+    job_error: crate::runtime::checkpoints::JobError,
 }
 
 fn wait_all(
@@ -744,6 +769,7 @@ fn wait_all(
     let deadline = started + job.timeout;
     let mut inject = job.inject;
     let mut injected = None;
+    let mut policy_failed = false;
     let mut worst = 0;
     let mut remaining = children.0.len();
     // The nodes the job started; nodes added later run no ranks and end when these have.
@@ -790,6 +816,13 @@ fn wait_all(
             }
         }
         let mut failed = false;
+        if !stopped_by_us {
+            if let Some(why) = watch.job_error.lock().expect("job error lock").clone() {
+                eprintln!("krun: the job cannot continue: {why}");
+                failed = true;
+                policy_failed = true;
+            }
+        }
         for (i, slot) in children.0.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             let code = child.try_wait().map_err(|e| LauncherError::Io {
@@ -831,7 +864,7 @@ fn wait_all(
             hub.stop_all();
             stop_sent = true;
         }
-        if failed && remaining > 0 {
+        if failed && remaining > 0 && !stopped_by_us {
             // The others would wait for the failed node until their own timeouts: end them now.
             eprintln!("krun: stopping the {remaining} remaining node(s)");
             children.signal_all(libc::SIGKILL);
@@ -843,6 +876,10 @@ fn wait_all(
             }
             let _ = wake.recv_timeout(Duration::from_millis(20));
         }
+    }
+    if policy_failed {
+        // The policy could not restore the job (it said what was lost).
+        return Ok(worst.max(1));
     }
     Ok(worst)
 }

@@ -109,6 +109,10 @@ pub struct NodeShare {
     /// A spare's share (no ranks of its own): it waits for ranks moved in until this is
     /// set (krun stopped the node), instead of ending at once.
     pub stay: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A rank that fails (non-zero exit) is held back this long before it counts (its
+    /// node's exit code, the process table): a recovery may restart it meanwhile (its peers
+    /// on a failed node are gone). `None`: it counts at once.
+    pub exit_grace: Option<Duration>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
 }
@@ -270,7 +274,9 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 #[derive(Debug)]
 pub enum RankCommand {
     /// Start `rank` here with `env` added (e.g. `KRUN_GHOST_RESTORE=latest`); the answer is
-    /// its pid.
+    /// its pid. A process of the same rank still running here is killed first (a recovery
+    /// restarts it in place), and an exit of it held back ([`NodeShare::exit_grace`]) is
+    /// forgotten.
     Adopt {
         rank: usize,
         env: Vec<(String, String)>,
@@ -427,6 +433,25 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    // Failed ranks held back for `exit_grace`: (rank, code, signal, when).
+    let mut held_exits: Vec<(usize, i32, Option<i32>, std::time::Instant)> = Vec::new();
+    let report_exit = |rank: usize, code: i32, signal: Option<i32>| {
+        if let Some(sig) = signal {
+            eprintln!(
+                "krun: rank {rank} on node {} was killed by {}",
+                share.node_id,
+                signal_name(sig)
+            );
+        } else if code != 0 {
+            eprintln!(
+                "krun: rank {rank} on node {} exited with code {code}",
+                share.node_id
+            );
+        }
+        if let Some(tx) = &share.events {
+            let _ = tx.send(RankEvent::Exited { rank, code });
+        }
+    };
     // A spare waits for ranks until it is stopped; once it ran some, it ends with them.
     let mut ran_ranks = !children.is_empty();
     let stopped = || {
@@ -444,6 +469,12 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             for c in pending {
                 match c {
                     RankCommand::Adopt { rank, env, reply } => {
+                        held_exits.retain(|p| p.0 != rank);
+                        if let Some(i) = children.iter().position(|(r, _)| *r == rank) {
+                            let (r, mut c) = children.remove(i);
+                            let _ = c.kill();
+                            released.push((r, c));
+                        }
                         let r = start(rank, &env, &mut children, &mut forwarders)
                             .map_err(|e| e.to_string());
                         let _ = reply.send(r);
@@ -467,7 +498,16 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             }
         }
         ran_ranks |= !children.is_empty();
-        if children.is_empty() && released.is_empty() {
+        let now = std::time::Instant::now();
+        held_exits.retain(|&(rank, code, signal, at)| {
+            let due = share.exit_grace.is_none_or(|g| now.duration_since(at) >= g);
+            if due {
+                report_exit(rank, code, signal);
+                worst = worst.max(code);
+            }
+            !due
+        });
+        if children.is_empty() && released.is_empty() && held_exits.is_empty() {
             if ran_ranks || stopped() {
                 break;
             }
@@ -507,28 +547,18 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             let Some(status) = status else { continue };
             remove_shm_segments(c.id());
             let code = exit_code(status);
-            if let Some(sig) = status.signal() {
-                eprintln!(
-                    "krun: rank {rank} on node {} was killed by {}",
-                    share.node_id,
-                    signal_name(sig)
-                );
-            } else if code != 0 {
-                eprintln!(
-                    "krun: rank {rank} on node {} exited with code {code}",
-                    share.node_id
-                );
+            if code != 0 && share.exit_grace.is_some() {
+                held_exits.push((*rank, code, status.signal(), std::time::Instant::now()));
+            } else {
+                report_exit(*rank, code, status.signal());
+                worst = worst.max(code);
             }
-            if let Some(tx) = &share.events {
-                let _ = tx.send(RankEvent::Exited { rank: *rank, code });
-            }
-            worst = worst.max(code);
             ended.push(i);
         }
         for i in ended.into_iter().rev() {
             children.remove(i);
         }
-        if !children.is_empty() || !released.is_empty() {
+        if !children.is_empty() || !released.is_empty() || !held_exits.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

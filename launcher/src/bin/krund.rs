@@ -325,6 +325,9 @@ fn run() -> Result<i32, LauncherError> {
             ),
             events: Some(runtime.rank_events()),
             stay,
+            // A failed rank may be restarted by a recovery (its peers on a failed node are
+            // gone): its exit counts only once the failure had time to be agreed.
+            exit_grace: Some(failure_timeout()? + Duration::from_secs(20)),
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let node_id = args.node_id;

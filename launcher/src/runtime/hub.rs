@@ -279,6 +279,11 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 stop_spares_when_done(&mut st);
             }
             Ok(NodeToLauncher::Register(_)) => {}
+            Ok(msg @ NodeToLauncher::Restarted { .. }) => {
+                // The node runs ranks now (a spare took lost ones on).
+                inner.state.lock().expect("hub lock").ranked.insert(node);
+                to_policy(&inner, super::checkpoints::Input::FromNode(node, msg));
+            }
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
         }
