@@ -516,6 +516,10 @@ pub fn run(job: &Job) -> Result<i32> {
             cmd.env("KRUN_SECRET", secret.to_hex());
         }
         cmd.env("KRUN_JOB_ID", std::process::id().to_string());
+        if job.spares() > 0 {
+            // The nodes hold failed ranks' exits back while a recovery may restart them.
+            cmd.env("KRUN_SPARES", job.spares().to_string());
+        }
         for (key, v) in &job.env {
             cmd.env(key, v);
         }

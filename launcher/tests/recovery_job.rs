@@ -215,7 +215,8 @@ fn a_spare_joins_the_membership_runs_no_rank_and_the_job_ends_with_the_serial_ch
 }
 
 #[test]
-fn an_injected_failure_without_a_spare_kills_that_node_and_its_ranks_and_fails_the_job() {
+fn an_injected_failure_without_a_spare_kills_that_node_and_its_ranks_and_ends_the_job_naming_them()
+{
     let dir = temp("inject");
     let heat = build_heat(&dir.0);
     let mut cmd = krun(&dir.0);
@@ -242,5 +243,131 @@ fn an_injected_failure_without_a_spare_kills_that_node_and_its_ranks_and_fails_t
         .filter_map(|p| p.trim().parse().ok())
         .collect();
     assert_eq!(pids.len(), 2, "{line}");
+    // The policy says what is lost and why.
+    assert!(
+        err.contains(
+            "no node can host ranks 2-3 after the loss of node(s) 1: no spare node is left"
+        ),
+        "{err}"
+    );
     assert_eq!(heat_left(&heat), Vec::<u32>::new(), "{err}");
+}
+
+/// The job directory's `decisions.log` (the job runs: its directory exists).
+fn decisions(dir: &Path) -> Option<String> {
+    for e in std::fs::read_dir(dir.join("xdg/krun")).ok()?.flatten() {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("decisions.log")) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_node_killed_between_checkpoints_restarts_its_ranks_on_the_spare_and_the_job_ends_with_the_serial_checksum(
+) {
+    let dir = temp("recover");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "300"]);
+    let mut job = Job(krun(&dir.0)
+        .args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--checkpoint-interval", "0.5"])
+        .args(["--inject-failure", "node=1@2ckpt"])
+        .arg(&heat)
+        .args(["48", "40", "300", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut out = job.0.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let err = job.0.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
+            let _ = tx.send(l.clone());
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    // Until the recovery is over: then the decisions are in the job's log and the lost
+    // ranks run on the spare.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("recovered from the failure") => break,
+            Ok(_) => {}
+            Err(_) => panic!("no recovery within 240 s"),
+        }
+    }
+    let log = decisions(&dir.0).expect("decisions.log in the job directory");
+    for want in [
+        "RecoveryStarted",
+        "Restart { rank: 2, incarnation: 1, node: 3",
+        "Restart { rank: 3, incarnation: 1, node: 3",
+        "Recovered",
+    ] {
+        assert!(log.contains(want), "{want} not in {log}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on_spare = status(&dir.0).is_some_and(|s| {
+            s["status"]["ranks"].as_array().is_some_and(|rows| {
+                rows.iter()
+                    .filter(|r| r["node"] == 3 && r["state"] == "running")
+                    .count()
+                    == 2
+            })
+        });
+        if on_spare {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ranks 2-3 never shown on node 3");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let code = loop {
+        if let Some(c) = job.0.try_wait().unwrap() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the recovered job never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(code.success(), "{code:?}\n{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(err.contains("krun: node 1 failed at epoch"), "{err}");
+    assert!(
+        err.contains("ranks 2-3 restart on spare node 3 from checkpoint 2")
+            && err.contains("ranks 0-1,4-5 roll back to checkpoint 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rank 2 runs on node 3") && err.contains("came from the checkpoint store"),
+        "{err}"
+    );
+    // Every rank restored the recovery line's image (the lost ones from the store's bytes).
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!("heat: rank {r} restored version 2 ")),
+            "rank {r}: {out}"
+        );
+    }
+    let summary = err
+        .lines()
+        .find(|l| l.contains(" held in them"))
+        .unwrap_or_else(|| panic!("no summary in {err}"));
+    assert!(
+        summary.contains("1 node failure, 1 recovery: 2 ranks restarted, 4 rolled back"),
+        "{summary}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }

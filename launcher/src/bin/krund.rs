@@ -325,9 +325,16 @@ fn run() -> Result<i32, LauncherError> {
             ),
             events: Some(runtime.rank_events()),
             stay,
-            // A failed rank may be restarted by a recovery (its peers on a failed node are
-            // gone): its exit counts only once the failure had time to be agreed.
-            exit_grace: Some(failure_timeout()? + Duration::from_secs(20)),
+            // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
+            // recovery (its peers on a failed node are gone): its exit counts only once the
+            // failure had time to be agreed and acted on.
+            exit_grace: match std::env::var("KRUN_SPARES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                Some(n) if n > 0u32 => Some(failure_timeout()? + Duration::from_secs(20)),
+                _ => None,
+            },
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let node_id = args.node_id;

@@ -618,12 +618,18 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             NodeToLauncher::Restarted {
                 wiring,
                 rank,
-                pid: _,
-                fetched: _,
+                pid,
+                fetched,
                 seconds,
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if fetched > 0 {
+                    eprintln!(
+                        "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
+                         ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
+                    );
+                }
                 Some(match planned {
                     Planned::Restart(decision) => Event::RestartDone {
                         decision,
