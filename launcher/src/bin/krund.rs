@@ -330,9 +330,9 @@ fn run() -> Result<i32, LauncherError> {
             // failure had time to be agreed and acted on.
             exit_grace: match std::env::var("KRUN_SPARES")
                 .ok()
-                .and_then(|v| v.parse().ok())
+                .and_then(|v| v.parse::<u32>().ok())
             {
-                Some(n) if n > 0u32 => Some(failure_timeout()? + Duration::from_secs(20)),
+                Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
                 _ => None,
             },
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
