@@ -4,10 +4,9 @@
 //!
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,11 +14,12 @@ use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
 use crate::added_nodes::{start_hub, AddedNodes};
-use crate::daemon::{
-    self, DaemonClient, DaemonControl, DaemonOutput, FromDaemon, RunRequest, ToDaemon,
-};
+use crate::daemon::{DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
-use crate::ranks::{exit_code, take_signal, Placement};
+use crate::inject::InjectAt;
+pub use crate::inject::Injection;
+use crate::node_proc::{forward, forward_remote, forward_stdin, Children, NodeProc};
+use crate::ranks::{take_signal, Placement};
 
 use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
@@ -40,62 +40,6 @@ pub struct ProgramJob {
     /// `--spares K`: the last K nodes run no ranks until a recovery needs them (local mode:
     /// K more krund).
     pub spares: usize,
-}
-
-/// `--inject-failure node=N@T`: krun SIGKILLs node N's krund and its ranks (by PID, only
-/// processes it started) at that moment (for tests, benches and demos).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Injection {
-    pub node: usize,
-    pub at: InjectAt,
-}
-
-/// When an [`Injection`] fires.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InjectAt {
-    /// This long after the nodes started.
-    After(Duration),
-    /// Once the checkpoint policy committed this many checkpoints.
-    Commits(u64),
-}
-
-impl std::str::FromStr for Injection {
-    type Err = LauncherError;
-
-    /// `node=N@5s`, `node=N@1.5s`, `node=N@500ms` or `node=N@3ckpt`.
-    fn from_str(v: &str) -> Result<Injection> {
-        let bad = |why: &str| {
-            LauncherError::Usage(format!(
-                "--inject-failure {v:?}: {why} (expected node=N@SECONDSs, node=N@MSms or node=N@Kckpt)"
-            ))
-        };
-        let rest = v.strip_prefix("node=").ok_or_else(|| bad("no node="))?;
-        let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
-        let node = node.parse().map_err(|_| bad("the node is not a number"))?;
-        let at = if let Some(k) = when.strip_suffix("ckpt") {
-            InjectAt::Commits(
-                k.parse()
-                    .ok()
-                    .filter(|&k| k > 0)
-                    .ok_or_else(|| bad("the checkpoint count is not a positive number"))?,
-            )
-        } else if let Some(ms) = when.strip_suffix("ms") {
-            InjectAt::After(Duration::from_millis(
-                ms.parse()
-                    .map_err(|_| bad("not a number of milliseconds"))?,
-            ))
-        } else if let Some(s) = when.strip_suffix('s') {
-            let secs: f64 = s
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| bad("not a number of seconds"))?;
-            InjectAt::After(Duration::from_secs_f64(secs))
-        } else {
-            return Err(bad("no unit"));
-        };
-        Ok(Injection { node, at })
-    }
 }
 
 /// Where the nodes come from.
@@ -243,134 +187,6 @@ fn advertised_ip() -> Result<IpAddr> {
 /// `word` as one POSIX shell word.
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
-}
-
-/// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
-pub(crate) enum NodeProc {
-    Child(Child),
-    Remote {
-        host: String,
-        control: Arc<Mutex<DaemonControl>>,
-        /// The exit code, and whether the connection was lost instead.
-        exit: Arc<Mutex<Option<(i32, bool)>>>,
-    },
-}
-
-impl NodeProc {
-    fn try_wait(&mut self) -> std::io::Result<Option<i32>> {
-        match self {
-            NodeProc::Child(c) => {
-                let status = c.try_wait()?;
-                if status.is_some() {
-                    crate::ranks::remove_shm_segments(c.id());
-                }
-                Ok(status.map(exit_code))
-            }
-            NodeProc::Remote { exit, .. } => {
-                Ok(exit.lock().expect("exit lock").map(|(code, _)| code))
-            }
-        }
-    }
-
-    /// `--inject-failure`: SIGKILL of the node process and of its ranks (its children, read
-    /// before it dies; a remote node's ranks die with it, PR_SET_PDEATHSIG). Returns what
-    /// was killed.
-    fn inject_failure(&self) -> String {
-        match self {
-            NodeProc::Child(c) => {
-                let pid = c.id();
-                let ranks = child_pids(pid);
-                // SAFETY: kill(2) of our own child by PID (not reaped yet), then of its
-                // children, read from /proc just before: the ranks it started.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                    for &r in &ranks {
-                        libc::kill(r as i32, libc::SIGKILL);
-                    }
-                }
-                format!("krund pid {pid} and its ranks' pids {ranks:?}")
-            }
-            NodeProc::Remote { host, .. } => {
-                self.signal(libc::SIGKILL);
-                format!("the node process on host {host} (its ranks die with it)")
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        match self {
-            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
-            NodeProc::Child(c) => unsafe {
-                libc::kill(c.id() as i32, sig);
-            },
-            NodeProc::Remote { control, .. } => {
-                if let Ok(mut c) = control.lock() {
-                    let _ = c.send(&ToDaemon::Signal(sig));
-                }
-            }
-        }
-    }
-
-    /// True when a remote node's host or daemon died under it.
-    fn is_lost(&self) -> bool {
-        matches!(self, NodeProc::Remote { exit, .. } if matches!(*exit.lock().expect("exit lock"), Some((_, true))))
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            NodeProc::Child(c) => format!("pid {}", c.id()),
-            NodeProc::Remote { host, .. } => format!("on host {host}"),
-        }
-    }
-}
-
-/// The children of process `pid` (`/proc/PID/task/*/children`).
-fn child_pids(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-/// Kills and reaps the node processes it holds unless they were already reaped; a remote
-/// node process dies with its connection.
-struct Children(Vec<Option<NodeProc>>);
-
-impl Children {
-    fn signal_all(&self, sig: i32) {
-        for c in self.0.iter().flatten() {
-            c.signal(sig);
-        }
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().flatten() {
-            match c {
-                NodeProc::Child(c) => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                NodeProc::Remote { control, .. } => {
-                    if let Ok(c) = control.lock() {
-                        c.shutdown();
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Runs the job and returns its exit code: the highest rank (or node) exit code, with
@@ -888,124 +704,9 @@ fn wait_all(
     Ok(worst)
 }
 
-/// Sends our stdin to a daemon (for its node's rank 0) as `Stdin` frames; an empty one at
-/// EOF. Detached: a job that ends first simply leaves it blocked on our stdin.
-fn forward_stdin(control: Arc<Mutex<DaemonControl>>) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut input = std::io::stdin().lock();
-        loop {
-            let n = input.read(&mut buf).unwrap_or(0);
-            let sent = match control.lock() {
-                Ok(mut c) => c.send(&ToDaemon::Stdin(buf[..n].to_vec())),
-                Err(_) => break,
-            };
-            if n == 0 || sent.is_err() {
-                break;
-            }
-        }
-    });
-}
-
-/// Reads a daemon's frames for one node: output lines, then the exit code. A connection
-/// that ends without an exit code means the host or its daemon died.
-pub(crate) fn forward_remote(
-    mut output: DaemonOutput,
-    host: String,
-    what: String,
-    prefix: Option<String>,
-    exit: Arc<Mutex<Option<(i32, bool)>>>,
-    wake: mpsc::Sender<()>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let prefix = prefix.unwrap_or_default();
-        // Daemons send heartbeats: silence this long means the host or its link is gone.
-        let (code, lost) = loop {
-            match output.next(daemon::HOST_SILENCE_LIMIT) {
-                Ok(FromDaemon::Stdout(line)) => {
-                    let _ = std::io::stdout()
-                        .lock()
-                        .write_all(&[prefix.as_bytes(), &line].concat());
-                }
-                Ok(FromDaemon::Stderr(line)) => {
-                    let _ = std::io::stderr()
-                        .lock()
-                        .write_all(&[prefix.as_bytes(), &line].concat());
-                }
-                Ok(FromDaemon::Exit(c)) => break (c, false),
-                Ok(FromDaemon::Refused(why)) => {
-                    eprintln!("krun: host {host} refused {what}: {why}");
-                    break (255, true);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let why = match &e {
-                        fabric::FabricError::Io { source, .. }
-                            if matches!(
-                                source.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            format!("no heartbeat for {:?}", daemon::HOST_SILENCE_LIMIT)
-                        }
-                        _ => e.to_string(),
-                    };
-                    eprintln!("krun: lost {what} on host {host}: {why}");
-                    break (255, true);
-                }
-            }
-        };
-        *exit.lock().expect("exit lock") = Some((code, lost));
-        let _ = wake.send(());
-    })
-}
-
-/// Copies a node's output to ours line by line (whole lines, so nodes never interleave
-/// inside a line), with an optional prefix.
-pub(crate) fn forward(
-    stream: impl Read + Send + 'static,
-    prefix: Option<String>,
-    is_err: bool,
-    wake: mpsc::Sender<()>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        crate::ranks::copy_lines(stream, prefix.as_deref(), is_err);
-        let _ = wake.send(());
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn injections_parse_times_and_checkpoint_counts_and_name_what_is_wrong() {
-        let at = |v: &str| v.parse::<Injection>().map(|i| (i.node, i.at));
-        assert_eq!(
-            at("node=2@5s").unwrap(),
-            (2, InjectAt::After(Duration::from_secs(5)))
-        );
-        assert_eq!(
-            at("node=0@1.5s").unwrap(),
-            (0, InjectAt::After(Duration::from_millis(1500)))
-        );
-        assert_eq!(
-            at("node=1@500ms").unwrap(),
-            (1, InjectAt::After(Duration::from_millis(500)))
-        );
-        assert_eq!(at("node=3@2ckpt").unwrap(), (3, InjectAt::Commits(2)));
-        for (bad, why) in [
-            ("2@5s", "no node="),
-            ("node=2", "no @"),
-            ("node=x@5s", "not a number"),
-            ("node=2@5", "no unit"),
-            ("node=2@0ckpt", "positive"),
-            ("node=2@-1s", "seconds"),
-        ] {
-            let e = at(bad).unwrap_err().to_string();
-            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
-        }
-    }
 
     #[test]
     fn spares_are_the_last_nodes_and_get_no_ranks() {

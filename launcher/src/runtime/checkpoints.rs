@@ -11,13 +11,19 @@
 //! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version}` → `CaptureDone`; `Safe`/`NotSafe` → `LevelSafe`/`LevelLost` |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
-//! | `notify` / end | printed by krun | |
+//! | `fetch` | nothing: the restarting node reads the chain from the store | |
+//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`) | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//! | `notify` / end | printed by krun; an end with an error stops the job ([`JobError`]) | |
 //!
-//! Decisions (commits, aborts) are appended to the job directory's `decisions.log`, one
-//! per line, so that a later move of the engine into a krund leader can resume from them
-//! (moving them into the process table is the next step). Recovery from a lost node is not
-//! driven yet: when a node that runs ranks fails, the driver says so and takes no more
-//! checkpoints (fetch, restart and rollback are refused).
+//! Decisions (commits, aborts, recoveries and each restart) are appended to the job
+//! directory's `decisions.log`, one per line, so that a later move of the engine into a
+//! krund leader can resume from them (moving them into the process table is the next step).
+//!
+//! Recovery: an agreed failure becomes `Event::FailureAgreed`; the policy's restarts and
+//! rollbacks of one `handle` call are carried out together by `HubCalls::execute_plan`: a
+//! new wiring epoch (the ranks' next address all-gather, [`NewWiring`]) when every rank
+//! restarts, and one `Restart` order to every node; the nodes' side and the re-wiring
+//! contract are in [`super::recovery`].
 //!
 //! The policy numbers versions itself (never reused); the native checkpointer numbers its
 //! images one by one. The driver orders each capture as the checkpointer's next version and
@@ -67,7 +73,10 @@ pub struct CheckpointDriver {
 /// the copy when known (L1: the rank's node; the buddy of L2 is the store's business) and
 /// the image's size.
 #[derive(Default)]
-struct Copies(BTreeMap<(Rank, Version), BTreeMap<Level, (Option<NodeId>, u64)>>);
+struct Copies(BTreeMap<(Rank, Version), LevelCopies>);
+
+/// Per level: the node holding the copy (if known) and the image's bytes.
+type LevelCopies = BTreeMap<Level, (Option<NodeId>, u64)>;
 
 impl Reads for Copies {
     fn copies(&self, rank: Rank, version: Version) -> Vec<ImageCopy> {
