@@ -297,6 +297,7 @@ pub fn run(job: &Job) -> Result<i32> {
             let driver = crate::runtime::checkpoints::CheckpointDriver::start(
                 ranks,
                 spares,
+                recovers(p),
                 p.checkpoint_interval,
                 level,
                 Some(hub.job_dir().join("decisions.log")),
@@ -546,7 +547,7 @@ pub fn run(job: &Job) -> Result<i32> {
     drop(tx);
     let watch = Watch {
         commits: policy.as_ref().map(|d| d.commits()),
-        recoverable: policy.is_some(),
+        recoverable: policy.is_some() && job.program.as_ref().is_some_and(recovers),
         job_error,
     };
     let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
@@ -563,6 +564,12 @@ pub fn run(job: &Job) -> Result<i32> {
         server.join()?;
     }
     Ok(worst)
+}
+
+/// Whether the policy drives recoveries for `p`: it has spares or checkpoints on an
+/// interval (a job with neither goes on with what is left after a node loss).
+fn recovers(p: &ProgramJob) -> bool {
+    p.spares > 0 || p.checkpoint_interval.is_some()
 }
 
 /// What [`wait_all`] follows besides the node processes.

@@ -371,3 +371,35 @@ fn a_node_killed_between_checkpoints_restarts_its_ranks_on_the_spare_and_the_job
     );
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+#[test]
+fn a_node_killed_before_the_first_checkpoint_restarts_every_rank_from_the_start_with_its_ranks_on_the_spare(
+) {
+    let dir = temp("fromstart");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "200"]);
+    let mut cmd = krun(&dir.0);
+    // Checkpoints on request only: none is taken before the failure.
+    cmd.args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--inject-failure", "node=2@2s"])
+        .arg(&heat)
+        .args(["48", "40", "200", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    let o = run_bounded(cmd, Duration::from_secs(240));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(
+        err.contains("ranks 4-5 restart on spare node 3 from the start"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 node failure, 1 recovery: 6 ranks restarted, 0 rolled back"),
+        "{err}"
+    );
+    assert!(!out.contains("restored version"), "{out}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

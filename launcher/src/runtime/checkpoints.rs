@@ -153,8 +153,12 @@ struct HubCalls {
     native_newest: u64,
     /// native version -> policy version.
     versions: BTreeMap<u64, Version>,
-    /// The job cannot go on (the policy ended it): no more checkpoints.
+    /// The job cannot go on (the policy ended it), or a node with ranks failed in a job
+    /// that does not recover: no more checkpoints.
     stopped: bool,
+    /// Recoveries are driven (the job has spares or checkpoints on an interval); else a
+    /// lost node only stops the checkpoints and the job goes on with what is left.
+    recover: bool,
     /// rank -> node it runs on now.
     placement: Vec<NodeId>,
     /// Restarts and rollbacks the policy asked for in the current `handle` call.
@@ -430,13 +434,14 @@ impl HubCalls {
 impl CheckpointDriver {
     /// Starts the coordinated policy for `ranks` (rank -> node) with checkpoints every
     /// `interval` (None: on request only), committing at `level`; decisions go to `log`.
-    /// Ranks lost with a node restart on one of `spares` (none left: the job ends with an
-    /// error naming them); `new_wiring` opens the ranks' address all-gather of a recovery;
-    /// `job_error` receives why the job cannot continue.
+    /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
+    /// job ends with an error naming them); `new_wiring` opens the ranks' address
+    /// all-gather of a recovery; `job_error` receives why the job cannot continue.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
         spares: Vec<NodeId>,
+        recover: bool,
         interval: Option<Duration>,
         level: Level,
         log: Option<PathBuf>,
@@ -476,6 +481,7 @@ impl CheckpointDriver {
             native_newest: 0,
             versions: BTreeMap::new(),
             stopped: false,
+            recover,
             placement: ranks,
             plan: Vec::new(),
             wiring: None,
@@ -602,6 +608,16 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 (calls.send)(&LauncherToNode::Release {
                     order: SafepointOrder::Abort(format!("node(s) {lost:?} failed")),
                 });
+            }
+            if !calls.recover {
+                if !lost.is_empty() && !calls.stopped {
+                    calls.stopped = true;
+                    eprintln!(
+                        "krun: no more checkpoints: node(s) {lost:?} ran ranks, and the job \
+                         recovers none (no --spares, no --checkpoint-interval)"
+                    );
+                }
+                return None;
             }
             // The policy decides: roll the survivors back, restart the lost ranks on a spare
             // (carried out by `HubCalls::execute_plan`), or end the job naming what is lost.

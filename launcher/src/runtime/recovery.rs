@@ -137,6 +137,13 @@ fn restart_one(
                 .map_err(|e| format!("fetching its images of v{v}: {e}"))?;
         }
     }
+    // The new process is not linked until it says hello: a barrier must not wake it with
+    // SIGUSR1 before its library installed the handler (the signal would kill it).
+    shared
+        .linked_ranks
+        .lock()
+        .expect("linked lock")
+        .remove(&u64::from(rank));
     let (reply, rx) = mpsc::channel();
     runner
         .send(RankCommand::Adopt {
