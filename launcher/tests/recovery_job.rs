@@ -264,7 +264,7 @@ fn decisions(dir: &Path) -> Option<String> {
 }
 
 #[test]
-fn a_node_killed_between_checkpoints_restarts_its_ranks_on_the_spare_and_the_job_ends_with_the_serial_checksum(
+fn a_node_killed_after_three_commits_restarts_its_ranks_on_the_spare_and_the_job_ends_with_the_serial_checksum(
 ) {
     let dir = temp("recover");
     let heat = build_heat(&dir.0);
@@ -272,7 +272,7 @@ fn a_node_killed_between_checkpoints_restarts_its_ranks_on_the_spare_and_the_job
     let mut job = Job(krun(&dir.0)
         .args(["--local", "3", "--spares", "1", "-n", "6"])
         .args(["--checkpoint-interval", "0.5"])
-        .args(["--inject-failure", "node=1@2ckpt"])
+        .args(["--inject-failure", "node=1@3ckpt"])
         .arg(&heat)
         .args(["48", "40", "300", "0"])
         .env("HEAT_STEP_DELAY_US", "20000")
@@ -346,18 +346,19 @@ fn a_node_killed_between_checkpoints_restarts_its_ranks_on_the_spare_and_the_job
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
     assert!(err.contains("krun: node 1 failed at epoch"), "{err}");
     assert!(
-        err.contains("ranks 2-3 restart on spare node 3 from checkpoint 2")
-            && err.contains("ranks 0-1,4-5 roll back to checkpoint 2"),
+        err.contains("ranks 2-3 restart on spare node 3 from checkpoint 3")
+            && err.contains("ranks 0-1,4-5 roll back to checkpoint 3"),
         "{err}"
     );
     assert!(
         err.contains("rank 2 runs on node 3") && err.contains("came from the checkpoint store"),
         "{err}"
     );
-    // Every rank restored the recovery line's image (the lost ones from the store's bytes).
+    // Every rank restored the recovery line's image (the lost ones from the store's bytes:
+    // the incremental chain v3 -> v2 -> v1).
     for r in 0..6 {
         assert!(
-            out.contains(&format!("heat: rank {r} restored version 2 ")),
+            out.contains(&format!("heat: rank {r} restored version 3 ")),
             "rank {r}: {out}"
         );
     }
