@@ -106,6 +106,13 @@ pub struct NodeShare {
     pub machine: MachineShare,
     /// Where rank starts and exits are reported (the node runtime's process table).
     pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
+    /// A spare's share (no ranks of its own): it waits for ranks moved in until this is
+    /// set (krun stopped the node), instead of ending at once.
+    pub stay: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A rank that fails (non-zero exit) is held back this long before it counts (its
+    /// node's exit code, the process table): a recovery may restart it meanwhile (its peers
+    /// on a failed node are gone). `None`: it counts at once.
+    pub exit_grace: Option<Duration>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
 }
@@ -278,7 +285,9 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 #[derive(Debug)]
 pub enum RankCommand {
     /// Start `rank` here with `env` added (e.g. `KRUN_GHOST_RESTORE=latest`); the answer is
-    /// its pid.
+    /// its pid. A process of the same rank still running here is killed first (a recovery
+    /// restarts it in place), and an exit of it held back ([`NodeShare::exit_grace`]) is
+    /// forgotten.
     Adopt {
         rank: usize,
         env: Vec<(String, String)>,
@@ -460,6 +469,33 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    // Failed ranks held back for `exit_grace`: (rank, code, signal, when).
+    let mut held_exits: Vec<(usize, i32, Option<i32>, std::time::Instant)> = Vec::new();
+    let report_exit = |rank: usize, code: i32, signal: Option<i32>| {
+        if let Some(sig) = signal {
+            eprintln!(
+                "krun: rank {rank} on node {} was killed by {}",
+                share.node_id,
+                signal_name(sig)
+            );
+        } else if code != 0 {
+            eprintln!(
+                "krun: rank {rank} on node {} exited with code {code}",
+                share.node_id
+            );
+        }
+        if let Some(tx) = &share.events {
+            let _ = tx.send(RankEvent::Exited { rank, code });
+        }
+    };
+    // A spare waits for ranks until it is stopped; once it ran some, it ends with them.
+    let mut ran_ranks = !children.is_empty();
+    let stopped = || {
+        share
+            .stay
+            .as_ref()
+            .is_none_or(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    };
     let mut terminating: Option<std::time::Instant> = None;
     // Ranks ended by a signal krun forwarded are not reported as killed.
     let mut forwarded = false;
@@ -472,6 +508,12 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             for c in pending {
                 match c {
                     RankCommand::Adopt { rank, env, reply } => {
+                        held_exits.retain(|p| p.0 != rank);
+                        if let Some(i) = children.iter().position(|(r, _)| *r == rank) {
+                            let (r, mut c) = children.remove(i);
+                            let _ = c.kill();
+                            released.push((r, c));
+                        }
                         let r = start(rank, &env, &mut children, &mut forwarders)
                             .map_err(|e| e.to_string());
                         let _ = reply.send(r);
@@ -502,7 +544,10 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                                 signal_rank(c.id(), libc::SIGTERM);
                             }
                             terminating = Some(std::time::Instant::now());
-                            worst = worst.max(1);
+                            // A spare with no rank ends cleanly.
+                            if !children.is_empty() || !released.is_empty() {
+                                worst = worst.max(1);
+                            }
                         }
                     }
                 }
@@ -514,8 +559,22 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 let _ = c.kill();
             }
         }
-        if children.is_empty() && released.is_empty() {
-            break;
+        ran_ranks |= !children.is_empty();
+        let now = std::time::Instant::now();
+        held_exits.retain(|&(rank, code, signal, at)| {
+            let due = share.exit_grace.is_none_or(|g| now.duration_since(at) >= g);
+            if due {
+                report_exit(rank, code, signal);
+                worst = worst.max(code);
+            }
+            !due
+        });
+        if children.is_empty() && released.is_empty() && held_exits.is_empty() {
+            if ran_ranks || stopped() || terminating.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         let requests = take_checkpoint_requests();
         if requests > 0 {
@@ -551,34 +610,26 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             let Some(status) = status else { continue };
             remove_shm_segments(c.id());
             let code = exit_code(status);
-            if let Some(sig) = status.signal() {
-                eprintln!(
-                    "krun: rank {rank} on node {} was killed by {}",
-                    share.node_id,
-                    signal_name(sig)
-                );
-                if let (Some(tx), None, false) = (&share.events, terminating, forwarded) {
-                    let _ = tx.send(RankEvent::Killed {
-                        rank: *rank,
-                        signal: sig,
-                    });
+            if code != 0 && share.exit_grace.is_some() && terminating.is_none() {
+                held_exits.push((*rank, code, status.signal(), std::time::Instant::now()));
+            } else {
+                if let (Some(sig), None, false) = (status.signal(), terminating, forwarded) {
+                    // The job cannot go on without it (its peers would wait for its messages
+                    // until their timeouts): end the node's other ranks and tell krun, which
+                    // ends the other nodes.
+                    if let Some(tx) = &share.events {
+                        let _ = tx.send(RankEvent::Killed {
+                            rank: *rank,
+                            signal: sig,
+                        });
+                    }
+                    killed = true;
                 }
-                // The job cannot go on without it (its peers would wait for its messages
-                // until their timeouts): end the node's other ranks; krun then ends the
-                // other nodes, as it does for any node that fails.
-                killed = true;
-            } else if code != 0 {
-                eprintln!(
-                    "krun: rank {rank} on node {} exited with code {code}",
-                    share.node_id
-                );
-            }
-            if let Some(tx) = &share.events {
-                let _ = tx.send(RankEvent::Exited { rank: *rank, code });
-            }
-            // Ranks ended by the node after a failure are not the job's story.
-            if terminating.is_none() {
-                worst = worst.max(code);
+                report_exit(*rank, code, status.signal());
+                // Ranks ended by the node after a failure are not the job's story.
+                if terminating.is_none() {
+                    worst = worst.max(code);
+                }
             }
             ended.push(i);
         }
@@ -595,7 +646,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             }
             terminating = Some(std::time::Instant::now());
         }
-        if !children.is_empty() || !released.is_empty() {
+        if !children.is_empty() || !released.is_empty() || !held_exits.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
