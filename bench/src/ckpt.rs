@@ -24,7 +24,8 @@ use fabric::{open, EndpointAddress, FabricConfig, Provider, Region};
 use ghost::checkpointer::{CaptureOptions, Checkpointer};
 use serde_json::json;
 
-use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
+use crate::plot::{Bar, Figure, Group, Panel};
+use crate::report::{gbs, json_num, results_path, write_results, Args, Table};
 
 const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
@@ -679,6 +680,40 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                    "gbs": json_num(Some(r.bytes as f64 / r.seconds / 1e9)), "warm": r.warm})
         })
         .collect();
+    let mut capture = Vec::new();
+    let mut restore = Vec::new();
+    for &gib in &sizes {
+        let bar =
+            |what: &str, series: &str| Bar::single(series, find(what, gib).map(|r| r.seconds));
+        capture.push(Group::new(
+            format!("{gib} GiB"),
+            [
+                bar("criu-dump-disk", "criu dump to disk (reference)"),
+                bar("native-l1l2", "native L1+L2"),
+                bar("native-l1", "native L1"),
+                bar("native-l2", "native L2"),
+                bar("native-l4", "native L4"),
+                bar("criu-l1l2", "criu backend L1+L2"),
+                bar("criu-l4", "criu backend L4"),
+            ],
+        ));
+        restore.push(Group::new(
+            format!("{gib} GiB"),
+            [
+                bar("criu-restore-disk", "criu restore from disk (reference)"),
+                bar("restore-l2", "restore from L2"),
+                bar("restore-l4", "restore from L4"),
+            ],
+        ));
+    }
+    let figure = Figure {
+        title: "bench ckpt: native checkpoint/restore against CRIU (same run)".into(),
+        note: format!("1 GiB: last of {WARM_ROUNDS} rounds (warm); larger sizes one cold round"),
+        panels: vec![
+            Panel::new("capture (lower is better)", "seconds", capture),
+            Panel::new("restore (lower is better)", "seconds", restore),
+        ],
+    };
     let value = json!({
         "rows": json_rows,
         "reference": {"dd_direct_gbs": json_num(Some(dd)), "memcpy_gbs": json_num(Some(memcpy)),
@@ -688,7 +723,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .get("out")
         .map(PathBuf::from)
         .unwrap_or_else(|| results_path("ckpt"));
-    write_json(&out, &value)?;
+    write_results(&out, value, &figure)?;
     println!("wrote {}", out.display());
     Ok(())
 }
