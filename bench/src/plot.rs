@@ -143,7 +143,7 @@ fn font() -> Result<(), String> {
 }
 
 const WIDTH: u32 = 1200;
-const PANEL_HEIGHT: u32 = 420;
+const PANEL_HEIGHT: u32 = 440;
 const HEADER: u32 = 70;
 
 /// Colours by series, in order of first appearance.
@@ -236,7 +236,7 @@ fn draw_panel<'a>(
     let mut chart = ChartBuilder::on(area)
         .caption(panel.title.clone(), (FONT, 18))
         .margin(10)
-        .x_label_area_size(44)
+        .x_label_area_size(64)
         .y_label_area_size(70)
         .build_cartesian_2d(-0.5f64..n - 0.5, 0.0f64..top)?;
     chart
@@ -277,22 +277,22 @@ fn draw_panel<'a>(
             ))?;
         }
     }
-    // Legend: the series of this panel, top right.
+    // Legend: the series of this panel, one row under the x labels.
     let mut names: Vec<&str> = Vec::new();
     for b in panel.groups.iter().flat_map(|g| &g.bars) {
         if !names.contains(&b.series.as_str()) {
             names.push(&b.series);
         }
     }
-    let (right, top_px) = chart.backend_coord(&(n - 0.5, top));
-    for (i, name) in names.iter().enumerate() {
-        let y = top_px + 6 + 18 * i as i32;
-        let x = right - 230;
+    let (mut x, _) = chart.backend_coord(&(-0.5, 0.0));
+    let y = area.get_pixel_range().1.end - 20;
+    for name in names {
         root.draw(&Rectangle::new(
             [(x, y), (x + 12, y + 12)],
             colour(series, name).filled(),
         ))?;
         root.draw(&Text::new(name.to_string(), (x + 18, y), (FONT, 13)))?;
+        x += 18 + 8 * name.chars().count() as i32 + 24;
     }
     Ok(())
 }
