@@ -147,10 +147,8 @@ pub fn environment() -> serde_json::Value {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     // Results written by an earlier bench of the same session do not make the code dirty.
-    let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| {
-        s.lines()
-            .any(|l| !l.get(3..).unwrap_or("").starts_with("bench/results/"))
-    });
+    let dirty = run("git", &["diff", "--name-only", "HEAD"])
+        .is_some_and(|s| s.lines().any(|l| !l.starts_with("bench/results/")));
     serde_json::json!({
         "commit": run("git", &["rev-parse", "HEAD"]).map(|c| if dirty { format!("{c}-dirty") } else { c }),
         "date": run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
