@@ -201,6 +201,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let mut rounds: Vec<Vec<Row>> = Vec::new();
     let mut fab_rounds: Vec<Vec<FabRow>> = Vec::new();
     let mut failures = Vec::new();
+    let mut skipped = Vec::new();
     for round in 0..settings.rounds {
         println!("round {}/{}", round + 1, settings.rounds);
         let mut rows = Vec::new();
@@ -209,6 +210,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 Ok(ep) => ep,
                 Err(e) => {
                     println!("{}: skipped: {e}", t.label);
+                    if round == 0 {
+                        skipped.push(json!({"provider": t.label, "reason": e.to_string()}));
+                    }
                     continue;
                 }
             };
@@ -291,6 +295,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let figure = figure(&rows, &fabtests, iperf, memcpy, settings.rounds);
     let json = json!({
         "rounds": settings.rounds,
+        "skipped": skipped,
         "runs": rows.iter().map(|(r, values)| json!({
             "backend": r.backend,
             "provider": r.provider,
