@@ -226,12 +226,12 @@ fn draw_panel<'a>(
     series: &[String],
 ) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
     let n = panel.groups.len().max(1) as f64;
-    let top = panel
-        .groups
-        .iter()
-        .flat_map(|g| &g.bars)
-        .map(|b| b.max.max(b.median))
-        .fold(0.0f64, f64::max);
+    let bars = || panel.groups.iter().flat_map(|g| &g.bars);
+    let medians = bars().map(|b| b.median).fold(0.0f64, f64::max);
+    let whiskers = bars().map(|b| b.max.max(b.median)).fold(0.0f64, f64::max);
+    // One outlier run must not flatten every bar: the axis stops at 3x the largest median
+    // and a longer whisker ends in an arrow with its max written beside it.
+    let top = whiskers.min(3.0 * medians);
     let top = if top > 0.0 { top * 1.15 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .caption(panel.title.clone(), (FONT, 18))
@@ -256,12 +256,35 @@ fn draw_panel<'a>(
             let c = colour(series, &b.series);
             chart.draw_series([Rectangle::new([(x0, 0.0), (x1, b.median)], c.filled())])?;
             let cap = width * 0.2;
+            let hi = b.max.min(top);
             chart.draw_series([
-                PathElement::new(vec![(xc, b.min), (xc, b.max)], BLACK.stroke_width(1)),
+                PathElement::new(vec![(xc, b.min), (xc, hi)], BLACK.stroke_width(1)),
                 PathElement::new(vec![(xc - cap, b.min), (xc + cap, b.min)], BLACK),
-                PathElement::new(vec![(xc - cap, b.max), (xc + cap, b.max)], BLACK),
             ])?;
-            let (px, py) = chart.backend_coord(&(xc, b.max.max(b.median)));
+            if b.max > top {
+                let (ax, ay) = chart.backend_coord(&(xc, top));
+                root.draw(&PathElement::new(
+                    vec![(ax - 5, ay + 8), (ax, ay), (ax + 5, ay + 8)],
+                    BLACK,
+                ))?;
+                root.draw(&Text::new(
+                    format!("max {}", short(b.max)),
+                    (ax + 4, ay + 2),
+                    (FONT, 11),
+                ))?;
+            } else {
+                chart.draw_series([PathElement::new(
+                    vec![(xc - cap, hi), (xc + cap, hi)],
+                    BLACK,
+                )])?;
+            }
+            // The median's value above the bar (or above a whisker that ends lower).
+            let label_at = if b.max > top {
+                b.median
+            } else {
+                hi.max(b.median)
+            };
+            let (px, py) = chart.backend_coord(&(xc, label_at));
             root.draw(&Text::new(
                 short(b.median),
                 (px, py - 3),
