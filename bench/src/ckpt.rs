@@ -645,10 +645,22 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     println!(
         "  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s, RMA write (tcp) {rma:.2} GB/s"
     );
+    let out = args
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| results_path("ckpt"));
+    let refs = References { dd, memcpy, rma };
     let mut rows = Vec::new();
-    for &gib in &sizes {
+    let mut failed = Vec::new();
+    // Written after every size: a size the machine cannot hold (the kernel's OOM killer ends
+    // the bench) stays listed under "unfinished_gib" beside the sizes that finished.
+    for (i, &gib) in sizes.iter().enumerate() {
         println!("{gib} GiB:");
-        measure_size(gib, &holder, &native, &mut rows)?;
+        if let Err(e) = measure_size(gib, &holder, &native, &mut rows) {
+            println!("  {gib} GiB failed: {e}");
+            failed.push(json!({"size_gib": gib, "error": e}));
+        }
+        save(&out, &sizes[i + 1..], &sizes, &rows, &failed, &refs)?;
     }
     let _ = std::fs::remove_dir_all(SHM);
     let mut table = Table::new(&["what", "GiB", "seconds", "GB/s"]);
@@ -673,6 +685,35 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             ratio("restore-l2", "criu-restore-disk").unwrap_or(0.0),
         );
     }
+    println!("wrote {} and its .png", out.display());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} size(s) failed (see {})",
+            failed.len(),
+            out.display()
+        ))
+    }
+}
+
+/// The references measured at the start of the run.
+struct References {
+    dd: f64,
+    memcpy: f64,
+    rma: f64,
+}
+
+/// Writes `ckpt.json` and `ckpt.png` for the rows measured so far.
+fn save(
+    out: &Path,
+    unfinished: &[u64],
+    sizes: &[u64],
+    rows: &[Row],
+    failed: &[serde_json::Value],
+    refs: &References,
+) -> Result<(), String> {
+    let find = |what: &str, gib: u64| rows.iter().find(|r| r.what == what && r.gib == gib);
     let json_rows: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -682,7 +723,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .collect();
     let mut capture = Vec::new();
     let mut restore = Vec::new();
-    for &gib in &sizes {
+    for &gib in sizes {
         let bar =
             |what: &str, series: &str| Bar::single(series, find(what, gib).map(|r| r.seconds));
         capture.push(Group::new(
@@ -715,15 +756,13 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         ],
     };
     let value = json!({
+        "sizes_gib": sizes,
+        "unfinished_gib": unfinished,
+        "failed": failed,
         "rows": json_rows,
-        "reference": {"dd_direct_gbs": json_num(Some(dd)), "memcpy_gbs": json_num(Some(memcpy)),
-                      "rma_write_gbs": json_num(Some(rma))}
+        "reference": {"dd_direct_gbs": json_num(Some(refs.dd)), "memcpy_gbs": json_num(Some(refs.memcpy)),
+                      "rma_write_gbs": json_num(Some(refs.rma))}
     });
-    let out = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| results_path("ckpt"));
-    write_results(&out, value, &figure)?;
-    println!("wrote {}", out.display());
+    write_results(out, value, &figure)?;
     Ok(())
 }
