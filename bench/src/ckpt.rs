@@ -662,7 +662,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         }
         save(&out, &sizes[i + 1..], &sizes, &rows, &failed, &refs)?;
     }
+    // The images (several GiB) go too: the next run recompiles the holders.
     let _ = std::fs::remove_dir_all(SHM);
+    let _ = std::fs::remove_dir_all(WORK);
     let mut table = Table::new(&["what", "GiB", "seconds", "GB/s"]);
     for r in &rows {
         table.row(vec![
