@@ -602,6 +602,7 @@ fn wait_all(
     let mut interrupts = 0;
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
+    let mut kill_at: Option<Instant> = None;
     while remaining > 0 {
         if let Some(sig) = take_signal() {
             interrupts += usize::from(sig == libc::SIGINT);
@@ -652,11 +653,25 @@ fn wait_all(
             hub.stop_all();
             stop_sent = true;
         }
-        if failed && remaining > 0 {
-            // The others would wait for the failed node until their own timeouts: end them now.
+        if kill_at.is_none() && remaining > 0 {
+            // A node reported a killed rank: the job cannot go on without it.
+            if let Some((why, code)) = hub.abort_reason() {
+                eprintln!("krun: {why}: ending the job");
+                worst = worst.max(code);
+                failed = true;
+            }
+        }
+        if failed && remaining > 0 && kill_at.is_none() {
+            // The others would wait for the failed node until their own timeouts: end them now
+            // (SIGTERM: each node ends its ranks and what they started; SIGKILL after a grace).
             eprintln!("krun: stopping the {remaining} remaining node(s)");
-            children.signal_all(libc::SIGKILL);
+            children.signal_all(libc::SIGTERM);
+            kill_at = Some(Instant::now() + crate::ranks::TERMINATE_GRACE + Duration::from_secs(2));
             stopped_by_us = true;
+        }
+        if remaining > 0 && kill_at.is_some_and(|t| Instant::now() >= t) {
+            children.signal_all(libc::SIGKILL);
+            kill_at = Some(Instant::now() + Duration::from_secs(3600));
         }
         if remaining > 0 {
             if Instant::now() >= deadline {

@@ -147,8 +147,19 @@ pub fn machine_id() -> Vec<u8> {
 /// A rank started or ended on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RankEvent {
-    Started { rank: usize, pid: u32 },
-    Exited { rank: usize, code: i32 },
+    Started {
+        rank: usize,
+        pid: u32,
+    },
+    Exited {
+        rank: usize,
+        code: i32,
+    },
+    /// The rank was killed by `signal`, not by its node (sent before its `Exited`).
+    Killed {
+        rank: usize,
+        signal: i32,
+    },
 }
 
 /// Name of a signal for messages.
@@ -279,7 +290,13 @@ pub enum RankCommand {
         rank: usize,
         reply: std::sync::mpsc::Sender<std::result::Result<u32, String>>,
     },
+    /// The job is over for this node (its krun is gone): every rank gets SIGTERM, then
+    /// SIGKILL after [`TERMINATE_GRACE`]; the share ends with exit code 1.
+    Terminate { reason: String },
 }
+
+/// How long ranks told to end (SIGTERM) have before they are killed.
+pub const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
 /// The owner of a rank's native checkpoints under krun: stable across moves, so a rank
 /// restarted elsewhere finds its images (`KRUN_GHOST_OWNER`, when the user set none).
@@ -353,10 +370,18 @@ fn spawn_rank(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // SAFETY: isatty only inspects fd 0.
+    let own_group = !(rank == 0 && extra_env.is_empty() && unsafe { libc::isatty(0) } == 1);
     // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
     // lingering as orphans.
     unsafe {
         cmd.pre_exec(move || {
+            // Each rank leads its own process group, so that signals and a forced end
+            // reach the processes it starts too (a shell script's children) — except a rank
+            // reading a terminal, which must stay in the terminal's foreground group.
+            if own_group {
+                libc::setpgid(0, 0);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             match mask {
                 Some(m) => m.apply(),
@@ -368,6 +393,17 @@ fn spawn_rank(
         node: share.node_id,
         message: format!("cannot start rank {rank}: {program}: {e}"),
     })
+}
+
+/// Sends `sig` to a rank's process group (it leads one, see `spawn_rank`), or to the rank
+/// alone when it does not (a rank left in the terminal's group).
+fn signal_rank(pid: u32, sig: i32) {
+    // SAFETY: kill(2) of our own child (or its group) by PID; no memory is involved.
+    unsafe {
+        if libc::kill(-(pid as i32), sig) != 0 {
+            libc::kill(pid as i32, sig);
+        }
+    }
 }
 
 /// Starts the node's ranks, forwards their output and signals, and returns the highest
@@ -424,6 +460,9 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    let mut terminating: Option<std::time::Instant> = None;
+    // Ranks ended by a signal krun forwarded are not reported as killed.
+    let mut forwarded = false;
     loop {
         if let Some(commands) = &share.commands {
             let pending: Vec<RankCommand> = commands
@@ -452,7 +491,27 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                             }
                         }
                     }
+                    RankCommand::Terminate { reason } => {
+                        if terminating.is_none() {
+                            eprintln!(
+                                "krund: node {}: ending {} rank(s): {reason}",
+                                share.node_id,
+                                children.len() + released.len()
+                            );
+                            for (_, c) in children.iter().chain(released.iter()) {
+                                signal_rank(c.id(), libc::SIGTERM);
+                            }
+                            terminating = Some(std::time::Instant::now());
+                            worst = worst.max(1);
+                        }
+                    }
                 }
+            }
+        }
+        if terminating.is_some_and(|t| t.elapsed() >= TERMINATE_GRACE) {
+            for (_, c) in children.iter_mut().chain(released.iter_mut()) {
+                signal_rank(c.id(), libc::SIGKILL);
+                let _ = c.kill();
             }
         }
         if children.is_empty() && released.is_empty() {
@@ -469,8 +528,8 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
         if let Some(sig) = take_signal() {
             for (_, c) in children.iter() {
-                // SAFETY: plain kill(2) of our own child by PID.
-                unsafe { libc::kill(c.id() as i32, sig) };
+                signal_rank(c.id(), sig);
+                forwarded = true;
             }
         }
         // A released rank's process ends when it is captured: reap it quietly.
@@ -483,6 +542,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             Err(_) => false,
         });
         let mut ended = Vec::new();
+        let mut killed = false;
         for (i, (rank, c)) in children.iter_mut().enumerate() {
             let status = c.try_wait().map_err(|e| LauncherError::Io {
                 context: format!("waiting for rank {rank}"),
@@ -497,6 +557,16 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     share.node_id,
                     signal_name(sig)
                 );
+                if let (Some(tx), None, false) = (&share.events, terminating, forwarded) {
+                    let _ = tx.send(RankEvent::Killed {
+                        rank: *rank,
+                        signal: sig,
+                    });
+                }
+                // The job cannot go on without it (its peers would wait for its messages
+                // until their timeouts): end the node's other ranks; krun then ends the
+                // other nodes, as it does for any node that fails.
+                killed = true;
             } else if code != 0 {
                 eprintln!(
                     "krun: rank {rank} on node {} exited with code {code}",
@@ -506,18 +576,44 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             if let Some(tx) = &share.events {
                 let _ = tx.send(RankEvent::Exited { rank: *rank, code });
             }
-            worst = worst.max(code);
+            // Ranks ended by the node after a failure are not the job's story.
+            if terminating.is_none() {
+                worst = worst.max(code);
+            }
             ended.push(i);
         }
         for i in ended.into_iter().rev() {
             children.remove(i);
         }
+        if killed && terminating.is_none() && !(children.is_empty() && released.is_empty()) {
+            eprintln!(
+                "krund: node {}: a rank was killed; ending the node's other rank(s)",
+                share.node_id
+            );
+            for (_, c) in children.iter().chain(released.iter()) {
+                signal_rank(c.id(), libc::SIGTERM);
+            }
+            terminating = Some(std::time::Instant::now());
+        }
         if !children.is_empty() || !released.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    // A rank's output ends when every process holding its pipes has ended; after a forced
+    // end, processes it left behind (outside its group) must not hold the node here.
+    let limit = std::time::Instant::now()
+        + if terminating.is_some() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(3600)
+        };
     for f in forwarders {
-        let _ = f.join();
+        while !f.is_finished() && std::time::Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if f.is_finished() {
+            let _ = f.join();
+        }
     }
     Ok(worst)
 }

@@ -296,7 +296,16 @@ fn run() -> Result<i32, LauncherError> {
             runtime.rank_socket().to_string_lossy().into_owned(),
         ));
         let (commands_tx, commands) = std::sync::mpsc::channel();
-        runtime.set_rank_commands(commands_tx);
+        runtime.set_rank_commands(commands_tx.clone());
+        {
+            // An orphaned node ends its ranks: krun is gone (its link closed) or told the
+            // node to stop while ranks still run.
+            let runtime = runtime.clone();
+            std::thread::spawn(move || {
+                let why = runtime.wait_stop();
+                let _ = commands_tx.send(launcher::ranks::RankCommand::Terminate { reason: why });
+            });
+        }
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -328,7 +337,12 @@ fn run() -> Result<i32, LauncherError> {
                 return Ok(code);
             }
             // After a node left or failed, the initial nodes cannot all meet at the barrier
-            // (nor, when one died early, at the store's address exchange).
+            // (nor, when one died early, at the store's address exchange). A rank killed by
+            // a signal (code > 128) ends the job: leave at once so krun ends the others
+            // instead of waiting here for ranks that wait for the dead one.
+            if code > 128 {
+                return Ok(code);
+            }
             if !runtime.membership_shrank() {
                 let mut boot = store
                     .join()

@@ -407,7 +407,10 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 version: *calls.versions.get(&version)?,
                 level: level_of(level)?,
             }),
-            NodeToLauncher::Register(_) | NodeToLauncher::View { .. } | NodeToLauncher::Bye => None,
+            NodeToLauncher::Register(_)
+            | NodeToLauncher::View { .. }
+            | NodeToLauncher::Bye
+            | NodeToLauncher::RankKilled { .. } => None,
         },
     }
 }

@@ -93,6 +93,9 @@ pub enum NodeToLauncher {
         level: u8,
         error: String,
     },
+    /// A rank of this node was killed by `signal` (not by the node): the job cannot go on
+    /// without it, and krun ends it (the node has ended its other ranks).
+    RankKilled { rank: u32, signal: i32 },
 }
 
 /// What `krun` tells a krund node.
@@ -332,11 +335,8 @@ pub fn serve<Req, Rep>(
             loop {
                 let req: Req = match session.rx.recv(&mut s) {
                     Ok(r) => r,
-                    Err(fabric::FabricError::WireMalformed { what, .. })
-                        if what.contains("connection closed inside a frame header") =>
-                    {
-                        return
-                    }
+                    // The client hung up between requests: an orderly end, not worth a line.
+                    Err(fabric::FabricError::WireClosed { .. }) => return,
                     Err(e) => {
                         eprintln!("{who}: closing {peer}: {e}");
                         return;

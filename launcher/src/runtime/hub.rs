@@ -45,6 +45,8 @@ struct State {
     members: Vec<NodeId>,
     /// Ids handed to nodes being added.
     reserved: BTreeSet<NodeId>,
+    /// Why the job must end now (a rank was killed) and its exit code, once a node said so.
+    abort: Option<(String, i32)>,
 }
 
 struct Inner {
@@ -139,6 +141,11 @@ impl Hub {
     /// Nodes to start for `krun node add` (taken once by the job's loop).
     pub fn take_starts(&mut self) -> Option<Receiver<NodeToStart>> {
         self.starts.take()
+    }
+
+    /// Why the job must end now and its exit code, if a node reported a killed rank.
+    pub fn abort_reason(&self) -> Option<(String, i32)> {
+        self.inner.state.lock().expect("hub lock").abort.clone()
     }
 
     /// The job is over: tells every node still linked to end.
@@ -270,6 +277,17 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 }
             }
             Ok(NodeToLauncher::Register(_)) => {}
+            Ok(NodeToLauncher::RankKilled { rank, signal }) => {
+                let mut st = inner.state.lock().expect("hub lock");
+                st.abort.get_or_insert((
+                    format!(
+                        "rank {rank} on node {node} was killed by {}",
+                        crate::ranks::signal_name(signal)
+                    ),
+                    128 + signal,
+                ));
+                inner.changed.notify_all();
+            }
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
         }

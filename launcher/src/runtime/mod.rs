@@ -495,6 +495,13 @@ impl Bound {
                             local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
+                        RankEvent::Killed { rank, signal } => {
+                            table.shared.tell_launcher(&NodeToLauncher::RankKilled {
+                                rank: rank as u32,
+                                signal,
+                            });
+                            continue;
+                        }
                     };
                     if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
                         eprintln!("krund: node {me}: process table: {e}");
