@@ -236,7 +236,7 @@ fn draw_panel<'a>(
     let mut chart = ChartBuilder::on(area)
         .caption(panel.title.clone(), (FONT, 18))
         .margin(10)
-        .x_label_area_size(64)
+        .x_label_area_size(84)
         .y_label_area_size(70)
         .build_cartesian_2d(-0.5f64..n - 0.5, 0.0f64..top)?;
     chart
@@ -307,15 +307,27 @@ fn draw_panel<'a>(
             names.push(&b.series);
         }
     }
-    let (mut x, _) = chart.backend_coord(&(-0.5, 0.0));
-    let y = area.get_pixel_range().1.end - 20;
+    // Entries wrap onto a second row when they do not fit the panel's width.
+    let (left, _) = chart.backend_coord(&(-0.5, 0.0));
+    let right = area.get_pixel_range().0.end - 10;
+    let width = |name: &str| 18 + 8 * name.chars().count() as i32 + 24;
+    let mut placed = Vec::new();
+    let (mut x, mut row) = (left, 0);
     for name in names {
+        if x + width(name) > right && x > left {
+            (x, row) = (left, row + 1);
+        }
+        placed.push((name, x, row));
+        x += width(name);
+    }
+    let bottom = area.get_pixel_range().1.end - 20 - 18 * row;
+    for (name, x, r) in placed {
+        let y = bottom + 18 * r;
         root.draw(&Rectangle::new(
             [(x, y), (x + 12, y + 12)],
             colour(series, name).filled(),
         ))?;
         root.draw(&Text::new(name.to_string(), (x + 18, y), (FONT, 13)))?;
-        x += 18 + 8 * name.chars().count() as i32 + 24;
     }
     Ok(())
 }
