@@ -24,7 +24,8 @@ use fabric::{open, EndpointAddress, FabricConfig, Provider, Region};
 use ghost::checkpointer::{CaptureOptions, Checkpointer};
 use serde_json::json;
 
-use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
+use crate::plot::{Bar, Figure, Group, Panel};
+use crate::report::{gbs, json_num, results_path, write_results, Args, Table};
 
 const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
@@ -644,12 +645,26 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     println!(
         "  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s, RMA write (tcp) {rma:.2} GB/s"
     );
+    let out = args
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| results_path("ckpt"));
+    let refs = References { dd, memcpy, rma };
     let mut rows = Vec::new();
-    for &gib in &sizes {
+    let mut failed = Vec::new();
+    // Written after every size: a size the machine cannot hold (the kernel's OOM killer ends
+    // the bench) stays listed under "unfinished_gib" beside the sizes that finished.
+    for (i, &gib) in sizes.iter().enumerate() {
         println!("{gib} GiB:");
-        measure_size(gib, &holder, &native, &mut rows)?;
+        if let Err(e) = measure_size(gib, &holder, &native, &mut rows) {
+            println!("  {gib} GiB failed: {e}");
+            failed.push(json!({"size_gib": gib, "error": e}));
+        }
+        save(&out, &sizes[i + 1..], &sizes, &rows, &failed, &refs)?;
     }
+    // The images (several GiB) go too: the next run recompiles the holders.
     let _ = std::fs::remove_dir_all(SHM);
+    let _ = std::fs::remove_dir_all(WORK);
     let mut table = Table::new(&["what", "GiB", "seconds", "GB/s"]);
     for r in &rows {
         table.row(vec![
@@ -672,6 +687,35 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             ratio("restore-l2", "criu-restore-disk").unwrap_or(0.0),
         );
     }
+    println!("wrote {} and its .png", out.display());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} size(s) failed (see {})",
+            failed.len(),
+            out.display()
+        ))
+    }
+}
+
+/// The references measured at the start of the run.
+struct References {
+    dd: f64,
+    memcpy: f64,
+    rma: f64,
+}
+
+/// Writes `ckpt.json` and `ckpt.png` for the rows measured so far.
+fn save(
+    out: &Path,
+    unfinished: &[u64],
+    sizes: &[u64],
+    rows: &[Row],
+    failed: &[serde_json::Value],
+    refs: &References,
+) -> Result<(), String> {
+    let find = |what: &str, gib: u64| rows.iter().find(|r| r.what == what && r.gib == gib);
     let json_rows: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -679,16 +723,48 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                    "gbs": json_num(Some(r.bytes as f64 / r.seconds / 1e9)), "warm": r.warm})
         })
         .collect();
+    let mut capture = Vec::new();
+    let mut restore = Vec::new();
+    for &gib in sizes {
+        let bar =
+            |what: &str, series: &str| Bar::single(series, find(what, gib).map(|r| r.seconds));
+        capture.push(Group::new(
+            format!("{gib} GiB"),
+            [
+                bar("criu-dump-disk", "criu dump to disk (reference)"),
+                bar("native-l1l2", "native L1+L2"),
+                bar("native-l1", "native L1"),
+                bar("native-l2", "native L2"),
+                bar("native-l4", "native L4"),
+                bar("criu-l1l2", "criu backend L1+L2"),
+                bar("criu-l4", "criu backend L4"),
+            ],
+        ));
+        restore.push(Group::new(
+            format!("{gib} GiB"),
+            [
+                bar("criu-restore-disk", "criu restore from disk (reference)"),
+                bar("restore-l2", "restore from L2"),
+                bar("restore-l4", "restore from L4"),
+            ],
+        ));
+    }
+    let figure = Figure {
+        title: "bench ckpt: native checkpoint/restore against CRIU (same run)".into(),
+        note: format!("1 GiB: last of {WARM_ROUNDS} rounds (warm); larger sizes one cold round"),
+        panels: vec![
+            Panel::new("capture (lower is better)", "seconds", capture),
+            Panel::new("restore (lower is better)", "seconds", restore),
+        ],
+    };
     let value = json!({
+        "sizes_gib": sizes,
+        "unfinished_gib": unfinished,
+        "failed": failed,
         "rows": json_rows,
-        "reference": {"dd_direct_gbs": json_num(Some(dd)), "memcpy_gbs": json_num(Some(memcpy)),
-                      "rma_write_gbs": json_num(Some(rma))}
+        "reference": {"dd_direct_gbs": json_num(Some(refs.dd)), "memcpy_gbs": json_num(Some(refs.memcpy)),
+                      "rma_write_gbs": json_num(Some(refs.rma))}
     });
-    let out = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| results_path("ckpt"));
-    write_json(&out, &value)?;
-    println!("wrote {}", out.display());
+    write_results(out, value, &figure)?;
     Ok(())
 }

@@ -19,8 +19,9 @@
 //!
 //! Every value is the median over a run's faults; the JSON gives the median, min and max
 //! of those over `--runs` runs (at least 3). `read_fault_vs_reference` is computed per run
-//! (the hinted read fault over that run's RMA read + local fault), then summarized. Writes `bench/results/dsm.json`:
-//! `{"commit","date","kernel","cpus","runs","pages","target","rows":[{"provider",
+//! (the hinted read fault over that run's RMA read + local fault), then summarized. Writes
+//! `bench/results/dsm.json` and `dsm.png`: `{"environment":{"commit","date","kernel","cpus"},
+//! "plot","runs","pages","target","rows":[{"provider",
 //! "<measure>":{"median","min","max","runs"}, "read_fault_vs_reference"}]}`.
 //! Target (issue #12): a hinted remote read fault's p50 <= 1.5 x (RMA 4 KiB read + local
 //! userfaultfd fault).
@@ -35,6 +36,7 @@ use fabric::bootstrap::{BootstrapClient, BootstrapServer};
 use fabric::{FabricConfig, Provider};
 use serde_json::json;
 
+use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report::{self, cell, Args, Table};
 
 const USAGE: &str =
@@ -274,6 +276,57 @@ fn one_run(provider: &str, pages: usize) -> Result<BTreeMap<String, f64>, String
     Ok(results)
 }
 
+/// Per provider, the samples of each measure and the median ratio (`None`: skipped).
+type PerProvider = Option<(BTreeMap<String, Vec<f64>>, Option<f64>)>;
+
+/// The plot: per provider, the fault latencies beside their same-run reference (RMA 4 KiB
+/// read + local userfaultfd fault, summed per run), and the scan bandwidth.
+fn figure(providers: &[String], per_provider: &[PerProvider], runs: usize) -> Figure {
+    let mut faults = Vec::new();
+    let mut scan = Vec::new();
+    for (p, data) in providers.iter().zip(per_provider) {
+        let Some((samples, _)) = data else { continue };
+        let bar =
+            |key: &str, series: &str| samples.get(key).and_then(|v| Bar::from_values(series, v));
+        let reference: Vec<f64> = samples
+            .get("rma_read_4k_us")
+            .into_iter()
+            .flatten()
+            .zip(samples.get("local_uffd_fault_us").into_iter().flatten())
+            .map(|(rma, local)| rma + local)
+            .collect();
+        faults.push(Group::new(
+            p.clone(),
+            [
+                bar("read_fault_one_sided_us", "read fault, hinted (one-sided)"),
+                Bar::from_values("RMA 4 KiB read + local fault (same run)", &reference),
+                bar("read_fault_message_us", "read fault, no hint (messages)"),
+                bar("write_fault_0_sharers_us", "write fault, 0 sharers"),
+                bar("write_upgrade_2_sharers_us", "write upgrade, 2 sharers"),
+            ],
+        ));
+        scan.push(Group::new(
+            p.clone(),
+            [bar("scan_prefetch_mb_s", "scan with prefetch")],
+        ));
+    }
+    Figure {
+        title: "bench dsm: page faults against the RMA read + local fault they are built from"
+            .into(),
+        note: format!(
+            "median of {runs} runs, whiskers min/max; target: hinted read <= 1.5x reference"
+        ),
+        panels: vec![
+            Panel::new("fault latency p50 (lower is better)", "us", faults),
+            Panel::new(
+                "sequential scan with prefetch (higher is better)",
+                "MB/s",
+                scan,
+            ),
+        ],
+    }
+}
+
 pub fn run(raw: &[String]) -> Result<(), String> {
     let args = Args::parse(raw)?;
     if args.flag("worker") {
@@ -371,20 +424,16 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     }
     table.row(cells);
     print!("{}", table.render());
-    let mut value = report::environment();
-    if let Some(o) = value.as_object_mut() {
-        o.insert("runs".into(), json!(runs));
-        o.insert("pages".into(), json!(pages));
-        o.insert(
-            "settings".into(),
-            json!({"ranks": 3, "fault_threads": 2, "prefetch": 8, "locator": "page % 3", "one_sided": true}),
-        );
-        o.insert("target".into(), json!({"read_fault_vs_reference_max": 1.5}));
-        o.insert("rows".into(), json!(rows));
-        o.insert("skipped".into(), json!(skipped));
-    }
-    report::write_json(&out_path, &value)?;
-    println!("wrote {}", out_path.display());
+    let value = json!({
+        "runs": runs,
+        "pages": pages,
+        "settings": {"ranks": 3, "fault_threads": 2, "prefetch": 8, "locator": "page % 3", "one_sided": true},
+        "target": {"read_fault_vs_reference_max": 1.5},
+        "rows": rows,
+        "skipped": skipped,
+    });
+    report::write_results(&out_path, value, &figure(&providers, &per_provider, runs))?;
+    println!("wrote {} and its .png", out_path.display());
     if rows.is_empty() {
         return Err("every provider failed (see skipped)".into());
     }

@@ -24,6 +24,7 @@ use fabric::{
 };
 use serde_json::json;
 
+use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report::{self, cell, gbs, json_num, quantile, size_name, Args, Table};
 
 /// Sizes of the bandwidth rows.
@@ -200,6 +201,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let mut rounds: Vec<Vec<Row>> = Vec::new();
     let mut fab_rounds: Vec<Vec<FabRow>> = Vec::new();
     let mut failures = Vec::new();
+    let mut skipped = Vec::new();
     for round in 0..settings.rounds {
         println!("round {}/{}", round + 1, settings.rounds);
         let mut rows = Vec::new();
@@ -208,6 +210,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 Ok(ep) => ep,
                 Err(e) => {
                     println!("{}: skipped: {e}", t.label);
+                    if round == 0 {
+                        skipped.push(json!({"provider": t.label, "reason": e.to_string()}));
+                    }
                     continue;
                 }
             };
@@ -287,9 +292,10 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let plain: Vec<Row> = rows.iter().map(|(r, _)| r.clone()).collect();
     print_targets(&plain, &fabtests, iperf, memcpy);
 
+    let figure = figure(&rows, &fabtests, iperf, memcpy, settings.rounds);
     let json = json!({
-        "environment": report::environment(),
         "rounds": settings.rounds,
+        "skipped": skipped,
         "runs": rows.iter().map(|(r, values)| json!({
             "backend": r.backend,
             "provider": r.provider,
@@ -314,12 +320,90 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             })).collect::<Vec<_>>(),
         },
     });
-    report::write_json(&settings.out, &json)?;
-    println!("wrote {}", settings.out.display());
+    report::write_results(&settings.out, json, &figure)?;
+    println!(
+        "wrote {} and {}",
+        settings.out.display(),
+        settings.out.with_extension("png").display()
+    );
     if failures.is_empty() {
         Ok(())
     } else {
         Err(format!("some providers failed: {}", failures.join("; ")))
+    }
+}
+
+/// The plot: latency of small operations and bandwidth of large ones, krun beside the plain C
+/// libfabric client of the same run, per provider.
+fn figure(
+    rows: &[(Row, Vec<f64>)],
+    fab: &[FabRow],
+    iperf: Option<f64>,
+    memcpy: f64,
+    rounds: usize,
+) -> Figure {
+    let label = |r: &Row| {
+        let backend = if r.backend == "libfabric" {
+            ""
+        } else {
+            " (verbs)"
+        };
+        format!(
+            "{}{backend} {}\n{}",
+            r.provider,
+            r.op.name(),
+            size_name(r.size)
+        )
+    };
+    let reference = |r: &Row| {
+        (r.backend == "libfabric")
+            .then(|| find_ref(fab, r.provider, r.op, r.size))
+            .flatten()
+    };
+    let mut lat = Vec::new();
+    let mut bw = Vec::new();
+    for (r, values) in rows {
+        if r.lat_p50_us.is_some() && r.size <= 4096 {
+            let f = reference(r).filter(|f| f.lat_p50_us.is_some());
+            lat.push(Group::new(
+                label(r),
+                [
+                    Bar::from_values("krun", values),
+                    f.and_then(|f| Bar::from_values("C libfabric client", &f.values)),
+                ],
+            ));
+        }
+        if r.bw_gbs.is_some() && r.size >= 64 << 10 {
+            let f = reference(r).filter(|f| f.bw_gbs.is_some());
+            let krun = if r.lat_p50_us.is_none() {
+                Bar::from_values("krun", values)
+            } else {
+                Bar::single("krun", r.bw_gbs)
+            };
+            let fab = f.and_then(|f| {
+                if f.lat_p50_us.is_none() {
+                    Bar::from_values("C libfabric client", &f.values)
+                } else {
+                    Bar::single("C libfabric client", f.bw_gbs)
+                }
+            });
+            bw.push(Group::new(label(r), [krun, fab]));
+        }
+    }
+    bw.push(Group::new(
+        "loopback\nreferences",
+        [
+            Bar::single("iperf3 -l 1M", iperf),
+            Bar::single("memcpy 1 MiB", Some(memcpy)),
+        ],
+    ));
+    Figure {
+        title: "bench fabric: one-sided RMA, krun against the C libfabric client (same run)".into(),
+        note: format!("median of {rounds} rounds, whiskers min/max"),
+        panels: vec![
+            Panel::new("latency p50 (lower is better)", "us", lat),
+            Panel::new("bandwidth (higher is better)", "GB/s", bw),
+        ],
     }
 }
 

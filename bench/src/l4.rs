@@ -9,7 +9,8 @@ use std::time::Instant;
 use ckpt_store::disk::DiskLevel;
 use fabric::Region;
 
-use crate::report::{gbs, json_num, results_path, write_json, Args, Table};
+use crate::plot::{Bar, Figure, Group, Panel};
+use crate::report::{gbs, json_num, median, results_path, spread, write_results, Args, Table};
 
 fn dd_gbs(dir: &std::path::Path, bytes: u64) -> Result<f64, String> {
     let file = dir.join("dd.bin");
@@ -28,11 +29,6 @@ fn dd_gbs(dir: &std::path::Path, bytes: u64) -> Result<f64, String> {
         return Err("dd failed".into());
     }
     Ok(gbs(bytes, t))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn run(raw: &[String]) -> Result<(), String> {
@@ -58,6 +54,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let mut table = Table::new(&["round", "L4 aligned GB/s", "L4 copied GB/s", "dd GB/s"]);
     let mut rows = Vec::new();
     let (mut ratio_aligned, mut ratio_copied) = (Vec::new(), Vec::new());
+    let (mut all_aligned, mut all_copied, mut all_dd) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds.max(1) {
         let dd = dd_gbs(&dir, bytes)?;
         let start = Instant::now();
@@ -74,6 +71,9 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         let copied = gbs(bytes, start.elapsed());
         let _ = disk.remove("bench", round);
         let _ = disk.remove("bench", round + 1000);
+        all_aligned.push(aligned);
+        all_copied.push(copied);
+        all_dd.push(dd);
         ratio_aligned.push(aligned / dd);
         ratio_copied.push(copied / dd);
         table.row(vec![
@@ -89,18 +89,39 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             "dd_gbs": json_num(Some(dd)),
         }));
     }
-    let (a, c) = (median(ratio_aligned), median(ratio_copied));
+    let med = |v: &[f64]| median(v).unwrap_or(f64::NAN);
+    let (a, c) = (med(&ratio_aligned), med(&ratio_copied));
     println!("1 GiB per write into {}", dir.display());
     print!("{}", table.render());
     println!("median L4 / dd: aligned {a:.2}x, copied {c:.2}x (target >= 0.9x)");
-    write_json(
+    let figure = Figure {
+        title: "bench l4: the L4 disk level writing 1 GiB against dd oflag=direct".into(),
+        note: format!("median of {} rounds, whiskers min/max", rows.len()),
+        panels: vec![Panel::new(
+            "write bandwidth (higher is better)",
+            "GB/s",
+            vec![Group::new(
+                "1 GiB",
+                [
+                    Bar::from_values("L4 page-aligned (zero-copy)", &all_aligned),
+                    Bar::from_values("L4 one byte off (bounce buffers)", &all_copied),
+                    Bar::from_values("dd oflag=direct (same run)", &all_dd),
+                ],
+            )],
+        )],
+    };
+    write_results(
         &out,
-        &serde_json::json!({
+        serde_json::json!({
             "bytes": bytes,
             "rounds": rows,
+            "l4_aligned_gbs": spread(&all_aligned),
+            "l4_copied_gbs": spread(&all_copied),
+            "dd_gbs": spread(&all_dd),
             "median_ratio_aligned": json_num(Some(a)),
             "median_ratio_copied": json_num(Some(c)),
         }),
+        &figure,
     )?;
     println!("wrote {}", out.display());
     Ok(())

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::report::{environment, json_num, median, results_path, spread, write_json, Args, Table};
+use crate::plot::{Bar, Figure, Group, Panel};
+use crate::report::{json_num, median, results_path, spread, write_results, Args, Table};
 
 /// The release `krun` next to this bench binary (built by `cargo build --release -p launcher`).
 fn krun_path() -> Result<PathBuf, String> {
@@ -108,6 +109,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let krun = krun_path()?;
     ensure_mpirun()?;
     let mut rows = Vec::new();
+    let mut groups = Vec::new();
     let mut verdicts = Vec::new();
     let mut table = Table::new(&["ranks", "krun s", "mpirun s", "krun/mpirun"]);
     for &n in &ranks {
@@ -163,6 +165,15 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 None => "not measured",
             }
         ));
+        groups.push(Group::new(
+            format!("{n} ranks"),
+            [
+                krun_s.as_deref().and_then(|v| Bar::from_values("krun", v)),
+                mpirun_s
+                    .as_deref()
+                    .and_then(|v| Bar::from_values("mpirun (same run)", v)),
+            ],
+        ));
         let spread_of = |x: &Option<Vec<f64>>| x.as_deref().map_or(json!(null), spread);
         rows.push(json!({
             "ranks": n,
@@ -185,15 +196,24 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .get("out")
         .map(PathBuf::from)
         .unwrap_or_else(|| results_path("launch"));
-    write_json(
+    let figure = Figure {
+        title: "bench launch: krun against mpirun, ranks of /bin/true on one machine".into(),
+        note: format!("median of {runs} runs, whiskers min/max; a missing bar timed out"),
+        panels: vec![Panel::new(
+            "time to run all ranks (lower is better)",
+            "seconds",
+            groups,
+        )],
+    };
+    write_results(
         &path,
-        &json!({
-            "environment": environment(),
+        json!({
             "runs_per_point": runs,
             "mpirun_via": "script -qec 'mpirun ...' /dev/null (pseudo-terminal)",
             "rows": rows,
         }),
+        &figure,
     )?;
-    println!("wrote {}", path.display());
+    println!("wrote {} and its .png", path.display());
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod fabric;
 pub mod l4;
 pub mod launch;
 pub mod locator;
+pub mod plot;
 pub mod rank;
 pub mod reconfig;
 pub mod report;

@@ -17,6 +17,7 @@ use adaptation::locator::{CellTreeLocator, LocatorConfig, Modulo, Placement, Ren
 use adaptation::NodeId;
 use serde_json::json;
 
+use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report::{self, json_num, Args, Table};
 
 const USAGE: &str = "usage: bench locator [--entries N] [--out PATH]";
@@ -268,16 +269,64 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             })
         })
         .collect();
-    report::write_json(
+    report::write_results(
         &out,
-        &json!({
+        json!({
             "entries": entries,
             "rendezvous_lookup_sample": RENDEZVOUS_LOOKUP_SAMPLE.min(entries),
             "rows": json_rows,
         }),
+        &figure(&rows, entries),
     )?;
     println!("\nwrote {}", out.display());
     Ok(())
+}
+
+/// The plot: entries moved per change (with the ideal) and lookup time, the cell-tree
+/// locator beside modulo and rendezvous hashing computed in the same run.
+fn figure(rows: &[Row], entries: u64) -> Figure {
+    let mut moved = Vec::new();
+    let mut lookup = Vec::new();
+    for &n in &SIZES {
+        for event in [Event::Add, Event::Remove] {
+            let of = |scheme: &str| {
+                rows.iter()
+                    .find(|r| r.scheme == scheme && r.nodes == n && r.event == event)
+            };
+            let label = format!("{n} nodes\n{}", event.name());
+            // Modulo moves nearly everything (n x the ideal): off this scale, in the JSON.
+            moved.push(Group::new(
+                label.clone(),
+                ["cell-tree", "rendezvous"]
+                    .into_iter()
+                    .map(|s| Bar::single(s, of(s).map(|r| r.moved_fraction / ideal(n, event)))),
+            ));
+            // Rendezvous lookups are O(n) (up to ~2 us): off this scale, in the JSON.
+            lookup.push(Group::new(
+                label,
+                ["cell-tree", "modulo"]
+                    .into_iter()
+                    .map(|s| Bar::single(s, of(s).map(|r| r.lookup_ns))),
+            ));
+        }
+    }
+    Figure {
+        title: format!("bench locator: placement of {entries} directory entries"),
+        note: "one pass (placement is deterministic)".into(),
+        panels: vec![
+            Panel::new(
+                "entries moved by one change / the ideal 1/(n+1) or 1/n (target <= 1.1; \
+                 modulo moves ~n x, not drawn)",
+                "x ideal",
+                moved,
+            ),
+            Panel::new(
+                "lookup time, against entry % n (target <= 1.5x; rendezvous is O(n), not drawn)",
+                "ns",
+                lookup,
+            ),
+        ],
+    }
 }
 
 /// The fraction of entries a change must move at least.

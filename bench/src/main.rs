@@ -3,6 +3,9 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: bench <subcommand> [options]
 
+Every subcommand writes its JSON with an \"environment\" (commit, UTC date, kernel, CPUs) and
+a PNG plot beside it (same name, .png).
+
 subcommands:
   fabric   one-sided RMA latency and bandwidth per provider (tcp, shm, verbs), against
            loopback iperf3 and memcpy; writes bench/results/fabric.json

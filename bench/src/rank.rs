@@ -10,7 +10,8 @@
 //!
 //! `BENCH_RANK_DEBUG=1` prints each measurement as it starts (to find a hanging one).
 //!
-//! Writes `bench/results/rank.json`: `{"commit","date","kernel","cpus","runs","target",
+//! Writes `bench/results/rank.json` (and `rank.png`): `{"environment":{"commit","date",
+//! "kernel","cpus"},"plot","runs","target",
 //! "rows":[{"op","provider","size","lat_p50_us","bw_gbs","raw_lat_p50_us","raw_bw_gbs",
 //! "lat_overhead_pct","bw_loss_pct", and min/max over runs of each}]}`; every value is the
 //! median over `--runs` runs (at least 3).
@@ -27,6 +28,7 @@ use fabric::{
 use krun::{Config, Rank, Source, TagMatch, Window};
 use serde_json::json;
 
+use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report::{self, cell, gbs, json_num, quantile, Args, Table};
 
 const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
@@ -396,13 +398,6 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn command_text(cmd: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(cmd).args(args).output().ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-}
-
 pub fn run(raw: &[String]) -> Result<(), String> {
     let args = Args::parse(raw)?;
     if args.flag("help") {
@@ -427,6 +422,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .collect();
     let exe = std::env::current_exe().map_err(err)?;
     let mut rows = Vec::new();
+    let (mut lat_groups, mut bw_groups) = (Vec::new(), Vec::new());
     let mut skipped = Vec::new();
     let mut table = Table::new(&[
         "op",
@@ -476,6 +472,27 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             let (bw, bw_min, bw_max) = stats(&mut col(1));
             let (raw_lat, raw_lat_min, raw_lat_max) = stats(&mut col(2));
             let (raw_bw, raw_bw_min, raw_bw_max) = stats(&mut col(3));
+            let label = format!("{} {name}\n{}", op.name(), report::size_name(size));
+            let spread = |series: &str, m: f64, lo: f64, hi: f64| {
+                Bar::spread(series, Some(m), Some(lo), Some(hi))
+            };
+            if size <= 4096 {
+                lat_groups.push(Group::new(
+                    label.clone(),
+                    [
+                        spread("rank library", lat, lat_min, lat_max),
+                        spread("raw endpoint (same run)", raw_lat, raw_lat_min, raw_lat_max),
+                    ],
+                ));
+            } else {
+                bw_groups.push(Group::new(
+                    label,
+                    [
+                        spread("rank library", bw, bw_min, bw_max),
+                        spread("raw endpoint (same run)", raw_bw, raw_bw_min, raw_bw_max),
+                    ],
+                ));
+            }
             let lat_over = (lat / raw_lat - 1.0) * 100.0;
             let bw_loss = (1.0 - bw / raw_bw) * 100.0;
             table.row(vec![
@@ -512,17 +529,28 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     }
     print!("{}", table.render());
     let value = json!({
-        "commit": command_text("git", &["rev-parse", "HEAD"]),
-        "date": command_text("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "runs": runs,
         "quick": quick,
         "target": {"lat_overhead_pct_max": 10, "bw_loss_pct_max": 5},
         "rows": rows,
         "skipped": skipped,
     });
-    report::write_json(&out_path, &value)?;
+    let figure = Figure {
+        title: "bench rank: the rank library against the raw fabric endpoint".into(),
+        note: format!(
+            "median of {runs} runs, whiskers min/max{}",
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; skipped: {}", skipped.len())
+            }
+        ),
+        panels: vec![
+            Panel::new("latency p50 (lower is better)", "us", lat_groups),
+            Panel::new("bandwidth (higher is better)", "GB/s", bw_groups),
+        ],
+    };
+    report::write_results(&out_path, value, &figure)?;
     println!("wrote {}", out_path.display());
     Ok(())
 }

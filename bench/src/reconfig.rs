@@ -17,7 +17,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::report::{json_num, results_path, write_json, Args, Table};
+use crate::plot::{Bar, Figure, Group, Panel};
+use crate::report::{json_num, results_path, write_results, Args, Table};
 
 const NODES: u32 = 8;
 const SECRET: &str = "62656e63682d7265636f6e6669672d736563726574";
@@ -255,12 +256,24 @@ pub fn run(raw: &[String]) -> Result<(), String> {
 
     let mut table = Table::new(&["event", "phase", "ms", "x request round trip"]);
     let mut rows = Vec::new();
+    let mut panels = Vec::new();
     for (event, list, total_from) in [
         ("add", &add_rows[..], spawned),
         ("sigkill", &fail_rows[..], killed_at),
     ] {
+        let mut groups = vec![Group::new(
+            "request\nround trip",
+            [Bar::single(
+                "request round trip (same run)",
+                Some(reference_ms),
+            )],
+        )];
         for (phase, a, b) in list {
             let ms = (b - a).max(0.0);
+            groups.push(Group::new(
+                phase.replace(" + ", " +\n").replace(" known", "\nknown"),
+                [Bar::single("phase", Some(ms))],
+            ));
             table.row(vec![
                 event.into(),
                 phase.to_string(),
@@ -282,6 +295,15 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         rows.push(
             serde_json::json!({"event": event, "phase": "total", "ms": json_num(Some(total))}),
         );
+        groups.push(Group::new("total", [Bar::single("total", Some(total))]));
+        panels.push(Panel::new(
+            match event {
+                "add" => "a node addition, by phase",
+                _ => "the repair after a SIGKILL, by phase",
+            },
+            "ms",
+            groups,
+        ));
     }
     println!(
         "{NODES} daemons, {entries} entries; reference: request round trip {reference_ms:.3} ms (median of 50)"
@@ -294,15 +316,21 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         m.probe_period * 10,
         m.suspect_to_down * 10
     );
-    write_json(
+    let figure = Figure {
+        title: format!("bench reconfig: {NODES} adaptation daemons holding {entries} entries"),
+        note: "one run of each event".into(),
+        panels,
+    };
+    write_results(
         &out,
-        &serde_json::json!({
+        serde_json::json!({
             "nodes": NODES,
             "entries": entries,
             "reference_round_trip_ms": json_num(Some(reference_ms)),
             "entries_received_by_new_node": moved_to_new,
             "rows": rows,
         }),
+        &figure,
     )?;
     println!("wrote {}", out.display());
     Ok(())

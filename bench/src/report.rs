@@ -2,6 +2,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::plot::{self, Figure};
+
 /// Hand-parsed `--key value` / `--flag` arguments of one subcommand.
 #[derive(Debug, Default)]
 pub struct Args {
@@ -132,7 +134,8 @@ pub fn results_path(name: &str) -> PathBuf {
         .join(format!("{name}.json"))
 }
 
-/// Where and when a result was measured: commit, date (UTC), kernel and CPU count.
+/// Where and when a result was measured: commit (`-dirty` when tracked files outside
+/// `bench/results/` differ from it), date (UTC), kernel and CPU count.
 pub fn environment() -> serde_json::Value {
     let run = |cmd: &str, args: &[&str]| {
         std::process::Command::new(cmd)
@@ -143,14 +146,85 @@ pub fn environment() -> serde_json::Value {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    // Results written by an earlier bench of the same session do not make the code dirty.
+    let dirty = run("git", &["diff", "--name-only", "HEAD"])
+        .is_some_and(|s| s.lines().any(|l| !l.starts_with("bench/results/")));
     serde_json::json!({
         "commit": run("git", &["rev-parse", "HEAD"]).map(|c| if dirty { format!("{c}-dirty") } else { c }),
         "date": run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+        "kernel": run("uname", &["-r"]),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
     })
+}
+
+/// Writes a bench's results: `body` (a JSON object) behind an `"environment"` entry (see
+/// [`environment`]) and a `"plot"` entry naming the PNG written beside the JSON (same name,
+/// `.png`). Returns the JSON written.
+pub fn write_results(
+    json_path: &Path,
+    body: serde_json::Value,
+    figure: &Figure,
+) -> Result<serde_json::Value, String> {
+    let serde_json::Value::Object(fields) = body else {
+        return Err("results body must be a JSON object".into());
+    };
+    let png = json_path.with_extension("png");
+    let mut out = serde_json::Map::new();
+    out.insert("environment".into(), environment());
+    out.insert(
+        "plot".into(),
+        png.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .into(),
+    );
+    for (k, v) in fields {
+        if k != "environment" && k != "plot" {
+            out.insert(k, v);
+        }
+    }
+    let out = serde_json::Value::Object(out);
+    write_json(json_path, &out)?;
+    let mut figure = figure.clone();
+    if figure.note.is_empty() {
+        figure.note = note(&out["environment"]);
+    } else {
+        figure.note = format!("{} | {}", figure.note, note(&out["environment"]));
+    }
+    plot::write_png(&png, &figure)?;
+    Ok(out)
+}
+
+/// Writes the results of a bench that could not run here: the environment and the reason, and
+/// a PNG saying so.
+pub fn write_skipped(json_path: &Path, title: &str, reason: &str) -> Result<(), String> {
+    let figure = Figure {
+        title: format!("{title}: skipped"),
+        note: reason.to_string(),
+        panels: Vec::new(),
+    };
+    write_results(json_path, serde_json::json!({"skipped": reason}), &figure).map(|_| ())
+}
+
+/// The environment as one line for a plot.
+fn note(env: &serde_json::Value) -> String {
+    let s = |k: &str| match &env[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "?".to_string(),
+        v => v.to_string(),
+    };
+    let commit = s("commit");
+    let short: String = commit.chars().take(12).collect();
+    let dirty = if commit.ends_with("-dirty") {
+        "-dirty"
+    } else {
+        ""
+    };
+    format!(
+        "commit {short}{dirty} | {} | kernel {} | {} CPUs",
+        s("date"),
+        s("kernel"),
+        s("cpus")
+    )
 }
 
 /// Median, min and max of repeated measurements, for a results JSON.
