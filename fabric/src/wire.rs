@@ -104,10 +104,12 @@ pub enum Protocol {
     Policy = 7,
     /// The DSM's control messages.
     Dsm = 8,
+    /// The verbs backend's queue-pair exchange (its side channel).
+    Verbs = 9,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 8] = [
+    pub const ALL: [Protocol; 9] = [
         Protocol::Control,
         Protocol::Runtime,
         Protocol::Store,
@@ -116,6 +118,7 @@ impl Protocol {
         Protocol::Rank,
         Protocol::Policy,
         Protocol::Dsm,
+        Protocol::Verbs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +131,7 @@ impl Protocol {
             Protocol::Rank => "rank",
             Protocol::Policy => "policy",
             Protocol::Dsm => "dsm",
+            Protocol::Verbs => "verbs",
         }
     }
 
