@@ -353,11 +353,13 @@ fn spawn_rank(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
-    // lingering as orphans.
+    // SAFETY: prctl and the descriptor calls are async-signal-safe; ranks die with their
+    // node daemon instead of lingering as orphans, and inherit none of its descriptors
+    // (libfabric's endpoint sockets are not close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            ghost::descriptors::cloexec_above_stdio()?;
             match mask {
                 Some(m) => m.apply(),
                 None => Ok(()),
