@@ -118,30 +118,51 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The number of cases a property test runs: `default`, or `KRUN_FUZZ_CASES` when set (a
+/// longer run, e.g. `KRUN_FUZZ_CASES=1000000 cargo test --release decoders`).
+pub fn case_count(default: usize) -> usize {
+    std::env::var("KRUN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// The seed of a property test: `base`, moved by `KRUN_FUZZ_SEED` when set (another run
+/// explores other cases; a failure prints the decoder and the case's bytes).
+pub fn seed(base: u64) -> u64 {
+    let shift = std::env::var("KRUN_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    base ^ shift.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// `n` inputs from `seed`: a quarter random byte strings (lengths up to 300), the rest
 /// mutations of the `samples` (all random when there are none). Bounded: exactly `n`.
-pub fn cases(seed: u64, samples: &[Vec<u8>], n: usize) -> Vec<Vec<u8>> {
+pub fn cases(seed: u64, samples: &[Vec<u8>], n: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
     let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| {
-            if samples.is_empty() || rng.below(4) == 0 {
-                let len = rng.below(301);
-                rng.bytes(len)
-            } else {
-                let a = &samples[rng.below(samples.len())];
-                let b = &samples[rng.below(samples.len())];
-                mutate(&mut rng, a, b)
-            }
-        })
-        .collect()
+    (0..n).map(move |_| {
+        if samples.is_empty() || rng.below(4) == 0 {
+            let len = rng.below(301);
+            rng.bytes(len)
+        } else {
+            let a = &samples[rng.below(samples.len())];
+            let b = &samples[rng.below(samples.len())];
+            mutate(&mut rng, a, b)
+        }
+    })
 }
 
 /// Runs `decode` on every case; a panic fails with the decoder's name, the case's index and
 /// its bytes (hex). Returns how many cases `decode` accepted (returned `true` for).
-pub fn check(name: &str, cases: &[Vec<u8>], mut decode: impl FnMut(&[u8]) -> bool) -> usize {
+pub fn check(
+    name: &str,
+    cases: impl IntoIterator<Item = Vec<u8>>,
+    mut decode: impl FnMut(&[u8]) -> bool,
+) -> usize {
     let mut accepted = 0;
-    for (i, case) in cases.iter().enumerate() {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(case)));
+    for (i, case) in cases.into_iter().enumerate() {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(&case)));
         match r {
             Ok(true) => accepted += 1,
             Ok(false) => {}
@@ -203,9 +224,9 @@ mod tests {
     #[test]
     fn cases_are_reproducible_and_varied() {
         let samples = vec![b"hello world".to_vec(), vec![1, 2, 3, 4, 5, 6, 7, 8]];
-        let a = cases(7, &samples, 500);
-        assert_eq!(a, cases(7, &samples, 500));
-        assert_ne!(a, cases(8, &samples, 500));
+        let a: Vec<Vec<u8>> = cases(7, &samples, 500).collect();
+        assert_eq!(a, cases(7, &samples, 500).collect::<Vec<_>>());
+        assert_ne!(a, cases(8, &samples, 500).collect::<Vec<_>>());
         let distinct: std::collections::HashSet<_> = a.iter().collect();
         assert!(distinct.len() > 400, "{}", distinct.len());
         assert!(a.iter().any(|c| c.is_empty()));
@@ -221,7 +242,7 @@ mod tests {
     fn check_names_the_input_that_panics() {
         let cases = vec![vec![1u8], vec![0xab, 0xcd]];
         let r = std::panic::catch_unwind(|| {
-            check("demo", &cases, |c| {
+            check("demo", cases.clone(), |c| {
                 assert!(c.len() < 2, "too long");
                 true
             })
@@ -232,6 +253,6 @@ mod tests {
             msg.contains("demo panicked on case 1") && msg.contains("abcd"),
             "{msg}"
         );
-        assert_eq!(check("demo", &cases[..1], |_| true), 1);
+        assert_eq!(check("demo", cases[..1].to_vec(), |_| true), 1);
     }
 }

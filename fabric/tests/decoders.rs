@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixStream;
 
 use fabric::bootstrap::{Reply, Request};
-use fabric::fuzz::{cases, check, max_alloc, MaxAlloc};
+use fabric::fuzz::{case_count, cases, check, max_alloc, seed, MaxAlloc};
 use fabric::secret::ClusterSecret;
 use fabric::wire::{self, Header, Opener, Protocol, Sealer, Session, HEADER_LEN};
 use fabric::{EndpointAddress, Provider, RemoteRegion};
@@ -42,7 +42,7 @@ fn fuzz_message<M: Serialize + DeserializeOwned>(
     name: &str,
     p: Protocol,
     samples: &[M],
-    seed: u64,
+    base: u64,
 ) {
     let encoded: Vec<Vec<u8>> = samples
         .iter()
@@ -56,7 +56,7 @@ fn fuzz_message<M: Serialize + DeserializeOwned>(
     }
     let accepted = check(
         name,
-        &cases(seed, &encoded, CASES),
+        cases(seed(base), &encoded, case_count(CASES)),
         |bytes| match wire::decode::<M>(p, bytes) {
             Ok(m) => {
                 let again = wire::encode(p, &m).unwrap();
@@ -70,7 +70,7 @@ fn fuzz_message<M: Serialize + DeserializeOwned>(
             }
         },
     );
-    assert!(accepted < CASES, "{name}: every case decoded");
+    assert!(accepted < case_count(CASES), "{name}: every case decoded");
     assert!(
         max_alloc() <= ALLOC_BOUND,
         "{name}: allocated {} bytes",
@@ -87,9 +87,11 @@ fn stream_frames_accept_nothing_forged_and_never_panic() {
         ("x".repeat(200), vec![u32::MAX; 20]),
     ];
     let frames: Vec<Vec<u8>> = msgs.iter().map(|m| c.tx.seal(m).unwrap()).collect();
-    let accepted = check("FrameReader", &cases(1, &frames, CASES), |frame| {
-        s.rx.recv::<(String, Vec<u32>)>(&mut &frame[..]).is_ok()
-    });
+    let accepted = check(
+        "FrameReader",
+        cases(seed(1), &frames, case_count(CASES)),
+        |frame| s.rx.recv::<(String, Vec<u32>)>(&mut &frame[..]).is_ok(),
+    );
     // Only the genuine frames, each once and in order, may pass; a mutant that only
     // appends bytes after a genuine frame reads as that frame (a stream's next frame
     // starts there).
@@ -123,9 +125,11 @@ fn datagram_frames_accept_nothing_forged_and_never_panic() {
     let frames: Vec<Vec<u8>> = (0..5u64)
         .map(|i| tx.seal(&(i, vec![i as u8; i as usize * 30])).unwrap())
         .collect();
-    let accepted = check("Opener", &cases(2, &frames, CASES), |frame| {
-        rx.open::<(u64, Vec<u8>)>(frame).is_ok()
-    });
+    let accepted = check(
+        "Opener",
+        cases(seed(2), &frames, case_count(CASES)),
+        |frame| rx.open::<(u64, Vec<u8>)>(frame).is_ok(),
+    );
     assert!(accepted <= frames.len(), "{accepted} datagrams accepted");
     assert!(
         max_alloc() <= ALLOC_BOUND,
@@ -139,12 +143,16 @@ fn frame_headers_never_panic() {
     let mut samples = Vec::new();
     let (mut c, _s) = session_pair(Protocol::Rank);
     samples.push(c.tx.seal(&1u8).unwrap()[..HEADER_LEN].to_vec());
-    let accepted = check("Header::decode", &cases(3, &samples, CASES), |h| {
-        Protocol::ALL
-            .iter()
-            .any(|&p| Header::decode(h, p, 1 << 20).is_ok())
-    });
-    assert!(accepted < CASES);
+    let accepted = check(
+        "Header::decode",
+        cases(seed(3), &samples, case_count(CASES)),
+        |h| {
+            Protocol::ALL
+                .iter()
+                .any(|&p| Header::decode(h, p, 1 << 20).is_ok())
+        },
+    );
+    assert!(accepted < case_count(CASES));
 }
 
 #[test]
@@ -195,10 +203,10 @@ fn endpoint_addresses_and_region_descriptors_never_panic() {
     .collect();
     let accepted = check(
         "EndpointAddress::from_bytes",
-        &cases(6, &samples, CASES),
+        cases(seed(6), &samples, case_count(CASES)),
         |b| EndpointAddress::from_bytes(b).is_ok(),
     );
-    assert!(accepted < CASES);
+    assert!(accepted < case_count(CASES));
     // The hex form, as it comes from environment variables and the bootstrap: any string,
     // multi-byte characters included.
     let texts: Vec<Vec<u8>> = samples
@@ -214,10 +222,14 @@ fn endpoint_addresses_and_region_descriptors_never_panic() {
             "ab\u{1F600}cd".as_bytes().to_vec(),
         ])
         .collect();
-    check("EndpointAddress::from_hex", &cases(7, &texts, CASES), |b| {
-        let s = String::from_utf8_lossy(b);
-        EndpointAddress::from_hex(&s).is_ok()
-    });
+    check(
+        "EndpointAddress::from_hex",
+        cases(seed(7), &texts, case_count(CASES)),
+        |b| {
+            let s = String::from_utf8_lossy(b);
+            EndpointAddress::from_hex(&s).is_ok()
+        },
+    );
     let region = RemoteRegion {
         addr: 0x7f00_0000_1000,
         key: 42,
@@ -227,7 +239,7 @@ fn endpoint_addresses_and_region_descriptors_never_panic() {
     .to_vec();
     check(
         "RemoteRegion::from_bytes",
-        &cases(8, &[region], CASES),
+        cases(seed(8), &[region], case_count(CASES)),
         |b| RemoteRegion::from_bytes(b).is_ok(),
     );
     assert!(
