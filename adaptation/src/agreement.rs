@@ -355,10 +355,13 @@ impl Agreement {
 }
 
 /// Parses a raft message from exactly `bytes`. protobuf's own `parse_from_bytes` sets no
-/// limit, so a field announcing a huge length made it reserve 10 MB before finding the
-/// bytes missing; with the input's length as the limit such a field fails at once.
+/// limit and reads raft's `Bytes` fields into a buffer of the announced length, so a field
+/// announcing a huge length made it reserve up to 10 MB before finding the bytes missing.
+/// Read from a `Bytes` input (fields are slices of it) with the input's length as the
+/// limit, such a field fails at once.
 fn parse_message(bytes: &[u8]) -> protobuf::ProtobufResult<Message> {
-    let mut is = protobuf::CodedInputStream::from_bytes(bytes);
+    let input = bytes::Bytes::copy_from_slice(bytes);
+    let mut is = protobuf::CodedInputStream::from_carllerche_bytes(&input);
     is.push_limit(bytes.len() as u64)?;
     let mut m = Message::new();
     m.merge_from(&mut is)?;

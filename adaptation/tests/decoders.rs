@@ -253,3 +253,22 @@ fn raft_packets_never_panic() {
         max_alloc()
     );
 }
+
+#[test]
+fn a_raft_field_announcing_megabytes_is_refused_without_reserving_them() {
+    // Found by the test above: field 12 (`context`) announcing 6,635,818 bytes in a
+    // 17-byte packet made protobuf reserve them all before finding them missing.
+    let packet = [
+        0x08, 0x11, 0x10, 0x34, 0xb0, 0x77, 0xcc, 0x96, 0x77, 0x62, 0xaa, 0x82, 0x95, 0x03, 0x18,
+        0x02, 0x20,
+    ];
+    let mut target = Agreement::new(2, &[1, 2, 3], 2, AgreementConfig::default()).unwrap();
+    let e = target.handle(1, &packet).unwrap_err().to_string();
+    assert!(e.contains("not a raft message"), "{e}");
+    assert!(!target.failed());
+    assert!(
+        max_alloc() <= ALLOC_BOUND,
+        "allocated {} bytes",
+        max_alloc()
+    );
+}
