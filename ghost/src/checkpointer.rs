@@ -276,6 +276,8 @@ impl Checkpointer for NativeCheckpointer {
             .last()
             .copied()
             .unwrap_or(0);
+        // A reason left by an earlier failed capture is not this one's.
+        let _ = std::fs::remove_file(dir.join(&owner).join(native::CAPTURE_FAILED));
         signal(pid, libc::SIGUSR1)?;
         // The image is complete when its file appears (written atomically).
         let version = loop {
@@ -285,6 +287,11 @@ impl Checkpointer for NativeCheckpointer {
                 .find(|&&v| v > before)
             {
                 break v;
+            }
+            if let Some(reason) = native::capture_failure(&dir, &owner, pid) {
+                return Err(GhostError::Invalid(format!(
+                    "pid {pid} could not write its image: {reason}"
+                )));
             }
             if !alive(pid) {
                 return Err(GhostError::Invalid(format!(

@@ -343,6 +343,17 @@ pub struct NativeRuntime {
 pub const ROLLBACK_REQUEST: &str = "rollback-request";
 /// File the runtime writes after a requested rollback: "VERSION PID".
 pub const ROLLED_BACK: &str = "rolled-back";
+/// File the runtime writes when a requested checkpoint failed: "PID REASON". A checkpointer
+/// waiting for the image reads it and reports the reason at once instead of timing out.
+pub const CAPTURE_FAILED: &str = "capture-failed";
+
+/// The reason process `pid` gave for a failed capture, if it wrote one (see
+/// [`CAPTURE_FAILED`]).
+pub fn capture_failure(dir: &Path, owner: &str, pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(owner).join(CAPTURE_FAILED)).ok()?;
+    let (who, reason) = text.trim_end().split_once(' ')?;
+    (who.parse::<i32>().ok()? == pid).then(|| reason.to_string())
+}
 
 /// A random 32-bit value from the kernel (scratch names, image ids).
 pub fn random_u32() -> u32 {
@@ -928,7 +939,19 @@ impl NativeRuntime {
             return Ok(SafepointAction::RolledBack(version));
         }
         if CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst) {
-            return Ok(SafepointAction::CheckpointStarted(self.checkpoint()?));
+            let owner_dir = self.config.dir.join(&self.config.owner);
+            let _ = std::fs::remove_file(owner_dir.join(CAPTURE_FAILED));
+            return match self.checkpoint() {
+                Ok(v) => Ok(SafepointAction::CheckpointStarted(v)),
+                Err(e) => {
+                    // Best effort: on a full disk even this may fail, and the waiter times out.
+                    let _ = std::fs::write(
+                        owner_dir.join(CAPTURE_FAILED),
+                        format!("{} {e}\n", std::process::id()),
+                    );
+                    Err(e)
+                }
+            };
         }
         Ok(SafepointAction::Nothing)
     }

@@ -342,6 +342,49 @@ fn a_fortran_program_resumes_through_the_c_abi() {
     assert_eq!(&lines[1..], &expected[..], "steps 6..8 after the restore");
 }
 
+/// A capture whose image cannot be written (its directory is on a full filesystem) fails at
+/// once with the process's own reason, instead of waiting out the capture timeout.
+#[test]
+fn a_capture_on_a_full_disk_reports_the_reason_at_once() {
+    use ghost::checkpointer::{self, CaptureOptions};
+    let dir = TempDir::new("native-full");
+    let bin = build_workload(&dir.0);
+    let images = dir.0.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // A 2 MiB tmpfs for images of a 16 MiB state.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&images)
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        mounted,
+        "mounting a tmpfs at {} needs root",
+        images.display()
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(images.clone());
+    let out = dir.0.join("run.out");
+    let mut child = Guard(run(&bin, &images, &out, 16, 100_000, 0, 20, None));
+    let pid = child.0.id() as i32;
+    wait_for_line(&out, Duration::from_secs(30), |l| l.starts_with("step 3 "));
+    let cp = checkpointer::for_process(pid).unwrap();
+    let Err(e) = cp.capture(pid, &dir.0.join("never.kgi"), &CaptureOptions::default()) else {
+        panic!("a capture succeeded with no room for the image");
+    };
+    let text = e.to_string();
+    assert!(text.contains("could not write its image"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+}
+
 /// The uniform API from outside the process: capture a live native process into one image,
 /// restore it as a new process under another owner, and roll the original back in place.
 #[test]

@@ -279,7 +279,13 @@ pub enum RankCommand {
         rank: usize,
         reply: std::sync::mpsc::Sender<std::result::Result<u32, String>>,
     },
+    /// The job is over for this node (its krun is gone): every rank gets SIGTERM, then
+    /// SIGKILL after [`TERMINATE_GRACE`]; the share ends with exit code 1.
+    Terminate { reason: String },
 }
+
+/// How long ranks told to end (SIGTERM) have before they are killed.
+pub const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
 /// The owner of a rank's native checkpoints under krun: stable across moves, so a rank
 /// restarted elsewhere finds its images (`KRUN_GHOST_OWNER`, when the user set none).
@@ -426,6 +432,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    let mut terminating: Option<std::time::Instant> = None;
     loop {
         if let Some(commands) = &share.commands {
             let pending: Vec<RankCommand> = commands
@@ -454,7 +461,27 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                             }
                         }
                     }
+                    RankCommand::Terminate { reason } => {
+                        if terminating.is_none() {
+                            eprintln!(
+                                "krund: node {}: ending {} rank(s): {reason}",
+                                share.node_id,
+                                children.len() + released.len()
+                            );
+                            for (_, c) in children.iter().chain(released.iter()) {
+                                // SAFETY: plain kill(2) of our own child by PID.
+                                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                            }
+                            terminating = Some(std::time::Instant::now());
+                            worst = worst.max(1);
+                        }
+                    }
                 }
+            }
+        }
+        if terminating.is_some_and(|t| t.elapsed() >= TERMINATE_GRACE) {
+            for (_, c) in children.iter_mut().chain(released.iter_mut()) {
+                let _ = c.kill();
             }
         }
         if children.is_empty() && released.is_empty() {

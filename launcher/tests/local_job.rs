@@ -467,3 +467,35 @@ fn a_killed_node_leaves_no_shared_memory_behind() {
         shm_of(nodes[1])
     );
 }
+
+/// SIGKILL of krun orphans its nodes: each krund notices its link to krun closed, ends its
+/// ranks (SIGTERM, then SIGKILL after a grace period) and exits.
+#[test]
+fn killing_krun_ends_its_nodes_and_their_ranks() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(["--local", "2", "-n", "2", "sleep", "300"])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let krun_pid = child.id();
+    // Both nodes and both ranks (sleep) up.
+    let mut nodes = Vec::new();
+    let mut ranks = Vec::new();
+    wait_for(|| {
+        nodes = children_of(krun_pid);
+        ranks = nodes.iter().flat_map(|&n| children_of(n)).collect();
+        nodes.len() == 2 && ranks.len() == 2
+    });
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(false)
+    };
+    assert!(nodes.iter().chain(&ranks).all(|&p| alive(p)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The nodes were krun's children: once krun is gone they are reparented, and they end.
+    wait_for(|| nodes.iter().chain(&ranks).all(|&p| !alive(p)));
+}

@@ -296,7 +296,16 @@ fn run() -> Result<i32, LauncherError> {
             runtime.rank_socket().to_string_lossy().into_owned(),
         ));
         let (commands_tx, commands) = std::sync::mpsc::channel();
-        runtime.set_rank_commands(commands_tx);
+        runtime.set_rank_commands(commands_tx.clone());
+        {
+            // An orphaned node ends its ranks: krun is gone (its link closed) or told the
+            // node to stop while ranks still run.
+            let runtime = runtime.clone();
+            std::thread::spawn(move || {
+                let why = runtime.wait_stop();
+                let _ = commands_tx.send(launcher::ranks::RankCommand::Terminate { reason: why });
+            });
+        }
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,

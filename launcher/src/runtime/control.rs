@@ -332,11 +332,8 @@ pub fn serve<Req, Rep>(
             loop {
                 let req: Req = match session.rx.recv(&mut s) {
                     Ok(r) => r,
-                    Err(fabric::FabricError::WireMalformed { what, .. })
-                        if what.contains("connection closed inside a frame header") =>
-                    {
-                        return
-                    }
+                    // The client hung up between requests: an orderly end, not worth a line.
+                    Err(fabric::FabricError::WireClosed { .. }) => return,
                     Err(e) => {
                         eprintln!("{who}: closing {peer}: {e}");
                         return;
