@@ -867,3 +867,22 @@ fn command(node: &mut Node, line: &str) -> String {
         _ => format!("err unknown command: {line}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_timeout_sets_the_detector_and_the_confirmation_in_ticks() {
+        let tick = Duration::from_millis(10);
+        let (m, confirm) = DaemonConfig::detector_for(Duration::from_secs(3), tick);
+        assert_eq!(
+            (m.probe_period, m.probe_rtt, m.suspect_to_down, confirm),
+            (50, 20, 300, 150)
+        );
+        // Tiny timeouts are clamped to something foca accepts.
+        let (m, confirm) = DaemonConfig::detector_for(Duration::from_millis(1), tick);
+        assert!(m.probe_period >= 2 && m.probe_rtt >= 1 && m.probe_rtt < m.probe_period);
+        assert!(m.suspect_to_down >= 10 && confirm >= 1);
+    }
+}

@@ -2,6 +2,7 @@
 //! module here, printing a table and writing `bench/results/<subcommand>.json`. Shared table
 //! printing, JSON writing and argument parsing live in [`report`].
 pub mod ckpt;
+pub mod dsm;
 pub mod fabric;
 pub mod l4;
 pub mod launch;

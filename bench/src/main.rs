@@ -40,6 +40,7 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match sub.as_str() {
         "fabric" => bench::fabric::run(rest),
+        "dsm" => bench::dsm::run(rest),
         "launch" => bench::launch::run(rest),
         "ckpt" => bench::ckpt::run(rest),
         "reconfig" => bench::reconfig::run(rest),

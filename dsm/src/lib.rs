@@ -18,4 +18,4 @@ pub mod uffd;
 
 pub use directory::LocatorKind;
 pub use error::{DsmError, Result};
-pub use region::{Dsm, DsmConfig, SharedRegion};
+pub use region::{Collective, Dsm, DsmConfig, SharedRegion};

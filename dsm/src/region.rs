@@ -107,10 +107,35 @@ impl SharedRegion {
     }
 }
 
+/// The collective calls the DSM needs from the job it runs in: who this process is, and an
+/// all-gather in rank order. The bootstrap client provides them (tests, `dsm-node`); the
+/// rank library provides them over the job's fabric (`krun::dsm`). Every rank calls
+/// `allgather` in the same order.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Every rank's `blob`, in rank order.
+    fn allgather(&mut self, blob: &[u8]) -> std::result::Result<Vec<Vec<u8>>, String>;
+}
+
+impl Collective for BootstrapClient {
+    fn rank(&self) -> usize {
+        BootstrapClient::rank(self)
+    }
+
+    fn size(&self) -> usize {
+        BootstrapClient::size(self)
+    }
+
+    fn allgather(&mut self, blob: &[u8]) -> std::result::Result<Vec<Vec<u8>>, String> {
+        BootstrapClient::allgather(self, blob).map_err(|e| e.to_string())
+    }
+}
+
 /// One process of a DSM job.
 pub struct Dsm {
     engine: Arc<Engine>,
-    boot: Mutex<BootstrapClient>,
+    boot: Mutex<Box<dyn Collective>>,
     threads: Vec<JoinHandle<()>>,
     rank: NodeId,
     size: usize,
@@ -131,12 +156,19 @@ impl Dsm {
     /// Joins the DSM: opens an endpoint, swaps addresses through `boot` (collective), and
     /// starts the fault and service threads.
     pub fn init(
-        mut boot: BootstrapClient,
+        boot: impl Collective + 'static,
         fabric: &FabricConfig,
         config: DsmConfig,
     ) -> Result<Dsm> {
+        let mut boot: Box<dyn Collective> = Box::new(boot);
         let rank = boot.rank() as NodeId;
         let size = boot.size();
+        if size == 0 || rank as usize >= size {
+            return Err(collective(
+                "init",
+                format!("rank {rank} of a job of {size}"),
+            ));
+        }
         let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
         let blob = ep.address().to_bytes();
         let all = boot.allgather(&blob).map_err(|e| collective("init", e))?;

@@ -10,7 +10,8 @@ use fabric::secret::ClusterSecret;
 
 use crate::daemon::{DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
-use crate::job::{forward, forward_remote, Job, NodeProc, NodeSource};
+use crate::job::{Job, NodeSource};
+use crate::node_proc::{forward, forward_remote, NodeProc};
 use crate::ranks::Placement;
 use crate::runtime::hub::{Hub, NodeToStart};
 

@@ -4,10 +4,9 @@
 //!
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,11 +14,13 @@ use fabric::bootstrap::BootstrapServer;
 use fabric::secret::ClusterSecret;
 
 use crate::added_nodes::{start_hub, AddedNodes};
-use crate::daemon::{
-    self, DaemonClient, DaemonControl, DaemonOutput, FromDaemon, RunRequest, ToDaemon,
-};
+use crate::daemon::{DaemonClient, RunRequest};
 use crate::error::{LauncherError, Result};
-use crate::ranks::{exit_code, take_signal, Placement};
+use crate::inject::InjectAt;
+pub use crate::inject::Injection;
+use crate::node_proc::{forward, forward_remote, forward_stdin, Children, NodeProc};
+use crate::ranks::{take_signal, Placement};
+
 use crate::runtime::hub::Hub;
 use crate::slurm::Allocation;
 
@@ -36,6 +37,9 @@ pub struct ProgramJob {
     /// `--checkpoint-interval SECS`: the coordinated policy checkpoints this often (None:
     /// on request only: SIGUSR1 to krun, `krun checkpoint`).
     pub checkpoint_interval: Option<Duration>,
+    /// `--spares K`: the last K nodes run no ranks until a recovery needs them (local mode:
+    /// K more krund).
+    pub spares: usize,
 }
 
 /// Where the nodes come from.
@@ -70,6 +74,8 @@ pub struct Job {
     pub timeout: Duration,
     /// `None`: the built-in exchange workload.
     pub program: Option<ProgramJob>,
+    /// `--inject-failure`.
+    pub inject: Option<Injection>,
 }
 
 impl Job {
@@ -83,24 +89,46 @@ impl Job {
             env: Vec::new(),
             timeout: Duration::from_secs(24 * 3600),
             program: None,
+            inject: None,
         })
     }
 
+    /// Nodes started, spares included (local mode: `--local K` plus the spares).
     pub fn node_count(&self) -> usize {
         match &self.nodes {
-            NodeSource::Local(k) => *k,
+            NodeSource::Local(k) => *k + self.spares(),
             NodeSource::Slurm(a) => a.nodes.len(),
             NodeSource::Hosts { hosts, .. } => hosts.len(),
         }
     }
 
-    /// Ranks per node: Slurm's layout unless `-n`/`--ppn` ask for a block layout.
-    fn placement(&self, p: &ProgramJob) -> Result<Placement> {
+    /// `--spares K`: the last K nodes.
+    pub fn spares(&self) -> usize {
+        self.program.as_ref().map_or(0, |p| p.spares)
+    }
+
+    /// Ranks per node: Slurm's layout unless `-n`/`--ppn` ask for a block layout; the
+    /// spares (the last nodes) get none.
+    pub fn placement(&self, p: &ProgramJob) -> Result<Placement> {
         let k = self.node_count();
-        match (&self.nodes, p.ranks, p.per_node) {
-            (NodeSource::Slurm(a), None, None) => Ok(Placement::from_counts(&a.tasks_per_node)),
-            (_, ranks, per_node) => Placement::block(ranks.unwrap_or(k), k, per_node),
+        let working = k.checked_sub(p.spares).filter(|&w| w > 0).ok_or_else(|| {
+            LauncherError::Usage(format!(
+                "--spares {} leaves no node to run ranks ({k} nodes)",
+                p.spares
+            ))
+        })?;
+        let mut placement = match (&self.nodes, p.ranks, p.per_node, p.spares) {
+            (NodeSource::Slurm(a), None, None, 0) => Placement::from_counts(&a.tasks_per_node),
+            (_, ranks, per_node, _) => {
+                Placement::block(ranks.unwrap_or(working), working, per_node)?
+            }
+        };
+        let total = placement.total();
+        for _ in working..k {
+            placement.first.push(total);
+            placement.count.push(0);
         }
+        Ok(placement)
     }
 }
 
@@ -161,94 +189,16 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
 }
 
-/// A node process: a child of ours (local, srun, ssh) or one a host's daemon runs for us.
-pub(crate) enum NodeProc {
-    Child(Child),
-    Remote {
-        host: String,
-        control: Arc<Mutex<DaemonControl>>,
-        /// The exit code, and whether the connection was lost instead.
-        exit: Arc<Mutex<Option<(i32, bool)>>>,
-    },
-}
-
-impl NodeProc {
-    fn try_wait(&mut self) -> std::io::Result<Option<i32>> {
-        match self {
-            NodeProc::Child(c) => {
-                let status = c.try_wait()?;
-                if status.is_some() {
-                    crate::ranks::remove_shm_segments(c.id());
-                }
-                Ok(status.map(exit_code))
-            }
-            NodeProc::Remote { exit, .. } => {
-                Ok(exit.lock().expect("exit lock").map(|(code, _)| code))
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        match self {
-            // SAFETY: kill(2) of our own child by PID; it is not reaped yet (still held).
-            NodeProc::Child(c) => unsafe {
-                libc::kill(c.id() as i32, sig);
-            },
-            NodeProc::Remote { control, .. } => {
-                if let Ok(mut c) = control.lock() {
-                    let _ = c.send(&ToDaemon::Signal(sig));
-                }
-            }
-        }
-    }
-
-    /// True when a remote node's host or daemon died under it.
-    fn is_lost(&self) -> bool {
-        matches!(self, NodeProc::Remote { exit, .. } if matches!(*exit.lock().expect("exit lock"), Some((_, true))))
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            NodeProc::Child(c) => format!("pid {}", c.id()),
-            NodeProc::Remote { host, .. } => format!("on host {host}"),
-        }
-    }
-}
-
-/// Kills and reaps the node processes it holds unless they were already reaped; a remote
-/// node process dies with its connection.
-struct Children(Vec<Option<NodeProc>>);
-
-impl Children {
-    fn signal_all(&self, sig: i32) {
-        for c in self.0.iter().flatten() {
-            c.signal(sig);
-        }
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().flatten() {
-            match c {
-                NodeProc::Child(c) => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                NodeProc::Remote { control, .. } => {
-                    if let Ok(c) = control.lock() {
-                        c.shutdown();
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Runs the job and returns its exit code: the highest rank (or node) exit code, with
 /// 128 + signal for a process killed by a signal.
 pub fn run(job: &Job) -> Result<i32> {
     let k = job.node_count();
+    if let (Some(_), NodeSource::Slurm(_)) = (&job.inject, &job.nodes) {
+        return Err(LauncherError::Usage(
+            "--inject-failure needs --local or --hosts (under Slurm one srun runs every node)"
+                .into(),
+        ));
+    }
     // Nodes and ranks prove they belong to the job with the cluster secret: the configured
     // one (KRUN_SECRET_FILE, which they read themselves) or a fresh one per job.
     let configured = ClusterSecret::from_env()?;
@@ -296,11 +246,26 @@ pub fn run(job: &Job) -> Result<i32> {
     let placement = job.program.as_ref().map(|p| job.placement(p)).transpose()?;
     let mut hub = start_hub(job, placement.as_ref(), bind, advertised, &secret)?;
     let hub_addr = hub.addr();
+    // Ranks find each other through their own all-gather service; a recovery opens a new
+    // one for every wiring epoch (runtime/recovery.rs).
+    let rank_server = match &placement {
+        Some(place) => Some(BootstrapServer::start_with(
+            (bind, 0),
+            place.total(),
+            job.timeout,
+            Some(secret.clone()),
+        )?),
+        None => None,
+    };
+    let job_error: crate::runtime::checkpoints::JobError = Arc::new(Mutex::new(None));
     // The coordinated checkpoint policy runs here, where every view is seen.
     let policy = match (&placement, &job.program) {
         (Some(place), Some(p)) => {
             let ranks: Vec<u32> = (0..place.count.len())
                 .flat_map(|n| std::iter::repeat_n(n as u32, place.count[n]))
+                .collect();
+            let spares: Vec<u32> = (place.count.len() - p.spares..place.count.len())
+                .map(|n| n as u32)
                 .collect();
             let level = crate::runtime::store_node::StoreSettings::from_env()?.level;
             let level = match level {
@@ -315,28 +280,36 @@ pub fn run(job: &Job) -> Result<i32> {
             } else {
                 level
             };
+            let wirings = Arc::new(Mutex::new(Vec::<BootstrapServer>::new()));
+            let (total, timeout, wiring_secret) = (place.total(), job.timeout, secret.clone());
+            let new_wiring: crate::runtime::checkpoints::NewWiring = Arc::new(move || {
+                let server = BootstrapServer::start_with(
+                    (bind, 0),
+                    total,
+                    timeout,
+                    Some(wiring_secret.clone()),
+                )
+                .map_err(|e| e.to_string())?;
+                let addr = SocketAddr::new(advertised, server.addr().port()).to_string();
+                wirings.lock().expect("wirings lock").push(server);
+                Ok(addr)
+            });
             let driver = crate::runtime::checkpoints::CheckpointDriver::start(
                 ranks,
+                spares,
+                recovers(p),
                 p.checkpoint_interval,
                 level,
                 Some(hub.job_dir().join("decisions.log")),
                 hub.broadcaster(),
+                new_wiring,
+                job_error.clone(),
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
             Some(driver)
         }
         _ => None,
-    };
-    // Ranks find each other through their own all-gather service.
-    let rank_server = match &placement {
-        Some(place) => Some(BootstrapServer::start_with(
-            (bind, 0),
-            place.total(),
-            job.timeout,
-            Some(secret.clone()),
-        )?),
-        None => None,
     };
 
     // The krund command line shared by all nodes; local mode adds --node-id per node,
@@ -360,6 +333,10 @@ pub fn run(job: &Job) -> Result<i32> {
             cmd.env("KRUN_SECRET", secret.to_hex());
         }
         cmd.env("KRUN_JOB_ID", std::process::id().to_string());
+        if job.spares() > 0 {
+            // The nodes hold failed ranks' exits back while a recovery may restart them.
+            cmd.env("KRUN_SPARES", job.spares().to_string());
+        }
         for (key, v) in &job.env {
             cmd.env(key, v);
         }
@@ -568,7 +545,12 @@ pub fn run(job: &Job) -> Result<i32> {
         wake: tx.clone(),
     };
     drop(tx);
-    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders);
+    let watch = Watch {
+        commits: policy.as_ref().map(|d| d.commits()),
+        recoverable: policy.is_some() && job.program.as_ref().is_some_and(recovers),
+        job_error,
+    };
+    let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
     if let Some(summary) = policy.and_then(|d| d.finish()) {
         if summary.checkpoints + summary.aborted + summary.failures > 0 {
             eprintln!("krun: {summary}");
@@ -584,6 +566,23 @@ pub fn run(job: &Job) -> Result<i32> {
     Ok(worst)
 }
 
+/// Whether the policy drives recoveries for `p`: it has spares or checkpoints on an
+/// interval (a job with neither goes on with what is left after a node loss).
+fn recovers(p: &ProgramJob) -> bool {
+    p.spares > 0 || p.checkpoint_interval.is_some()
+}
+
+/// What [`wait_all`] follows besides the node processes.
+struct Watch {
+    /// Checkpoints the policy committed (for `--inject-failure node=N@Kckpt`).
+    commits: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The policy recovers lost ranks (or ends the job through `job_error`): a node with
+    /// ranks that dies does not end the job by itself.
+    recoverable: bool,
+    /// Set when the policy ended the job: krun stops every node.
+    job_error: crate::runtime::checkpoints::JobError,
+}
+
 fn wait_all(
     children: &mut Children,
     job: &Job,
@@ -591,8 +590,13 @@ fn wait_all(
     hub: &Hub,
     added: AddedNodes,
     forwarders: &mut Vec<std::thread::JoinHandle<()>>,
+    watch: Watch,
 ) -> Result<i32> {
-    let deadline = Instant::now() + job.timeout;
+    let started = Instant::now();
+    let deadline = started + job.timeout;
+    let mut inject = job.inject;
+    let mut injected = None;
+    let mut policy_failed = false;
     let mut worst = 0;
     let mut remaining = children.0.len();
     // The nodes the job started; nodes added later run no ranks and end when these have.
@@ -602,6 +606,7 @@ fn wait_all(
     let mut interrupts = 0;
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
+    let mut kill_at: Option<Instant> = None;
     while remaining > 0 {
         if let Some(sig) = take_signal() {
             interrupts += usize::from(sig == libc::SIGINT);
@@ -612,7 +617,40 @@ fn wait_all(
                 children.signal_all(sig);
             }
         }
+        if let Some(i) = inject {
+            let due = match i.at {
+                InjectAt::After(d) => started.elapsed() >= d,
+                InjectAt::Commits(k) => watch
+                    .commits
+                    .as_ref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k),
+            };
+            if due {
+                inject = None;
+                match children.0.get(i.node).and_then(|c| c.as_ref()) {
+                    Some(c) => {
+                        let what = c.inject_failure();
+                        eprintln!(
+                            "krun: injected failure: SIGKILL to node {} ({what})",
+                            i.node
+                        );
+                        injected = Some(i.node);
+                    }
+                    None => eprintln!(
+                        "krun: --inject-failure: node {} has already ended; nothing killed",
+                        i.node
+                    ),
+                }
+            }
+        }
         let mut failed = false;
+        if !stopped_by_us {
+            if let Some(why) = watch.job_error.lock().expect("job error lock").clone() {
+                eprintln!("krun: the job cannot continue: {why}");
+                failed = true;
+                policy_failed = true;
+            }
+        }
         for (i, slot) in children.0.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             let code = child.try_wait().map_err(|e| LauncherError::Io {
@@ -620,15 +658,17 @@ fn wait_all(
                 source: e,
             })?;
             let Some(code) = code else { continue };
-            // A lost node fails the job: its ranks are gone and the others would wait for them.
-            if code != 0 && (job.program.is_none() || child.is_lost()) {
+            // A lost node fails the job: its ranks are gone and the others would wait for them
+            // (unless the policy restarts them on a spare).
+            let killed = injected == Some(i) || child.is_lost();
+            if code != 0 && (job.program.is_none() || (killed && !watch.recoverable)) {
                 eprintln!(
                     "krun: node {i} ({}) exited with code {code}",
                     child.describe()
                 );
                 failed = true;
             }
-            if !stopped_by_us && i < originals {
+            if !stopped_by_us && i < originals && !(killed && watch.recoverable) {
                 worst = worst.max(code);
             }
             if i < originals {
@@ -652,11 +692,25 @@ fn wait_all(
             hub.stop_all();
             stop_sent = true;
         }
-        if failed && remaining > 0 {
-            // The others would wait for the failed node until their own timeouts: end them now.
+        if kill_at.is_none() && remaining > 0 {
+            // A node reported a killed rank: the job cannot go on without it.
+            if let Some((why, code)) = hub.abort_reason() {
+                eprintln!("krun: {why}: ending the job");
+                worst = worst.max(code);
+                failed = true;
+            }
+        }
+        if failed && remaining > 0 && kill_at.is_none() {
+            // The others would wait for the failed node until their own timeouts: end them now
+            // (SIGTERM: each node ends its ranks and what they started; SIGKILL after a grace).
             eprintln!("krun: stopping the {remaining} remaining node(s)");
-            children.signal_all(libc::SIGKILL);
+            children.signal_all(libc::SIGTERM);
+            kill_at = Some(Instant::now() + crate::ranks::TERMINATE_GRACE + Duration::from_secs(2));
             stopped_by_us = true;
+        }
+        if remaining > 0 && kill_at.is_some_and(|t| Instant::now() >= t) {
+            children.signal_all(libc::SIGKILL);
+            kill_at = Some(Instant::now() + Duration::from_secs(3600));
         }
         if remaining > 0 {
             if Instant::now() >= deadline {
@@ -665,98 +719,48 @@ fn wait_all(
             let _ = wake.recv_timeout(Duration::from_millis(20));
         }
     }
+    if policy_failed {
+        // The policy could not restore the job (it said what was lost).
+        return Ok(worst.max(1));
+    }
     Ok(worst)
-}
-
-/// Sends our stdin to a daemon (for its node's rank 0) as `Stdin` frames; an empty one at
-/// EOF. Detached: a job that ends first simply leaves it blocked on our stdin.
-fn forward_stdin(control: Arc<Mutex<DaemonControl>>) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut input = std::io::stdin().lock();
-        loop {
-            let n = input.read(&mut buf).unwrap_or(0);
-            let sent = match control.lock() {
-                Ok(mut c) => c.send(&ToDaemon::Stdin(buf[..n].to_vec())),
-                Err(_) => break,
-            };
-            if n == 0 || sent.is_err() {
-                break;
-            }
-        }
-    });
-}
-
-/// Reads a daemon's frames for one node: output lines, then the exit code. A connection
-/// that ends without an exit code means the host or its daemon died.
-pub(crate) fn forward_remote(
-    mut output: DaemonOutput,
-    host: String,
-    what: String,
-    prefix: Option<String>,
-    exit: Arc<Mutex<Option<(i32, bool)>>>,
-    wake: mpsc::Sender<()>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let prefix = prefix.unwrap_or_default();
-        // Daemons send heartbeats: silence this long means the host or its link is gone.
-        let (code, lost) = loop {
-            match output.next(daemon::HOST_SILENCE_LIMIT) {
-                Ok(FromDaemon::Stdout(line)) => {
-                    let _ = std::io::stdout()
-                        .lock()
-                        .write_all(&[prefix.as_bytes(), &line].concat());
-                }
-                Ok(FromDaemon::Stderr(line)) => {
-                    let _ = std::io::stderr()
-                        .lock()
-                        .write_all(&[prefix.as_bytes(), &line].concat());
-                }
-                Ok(FromDaemon::Exit(c)) => break (c, false),
-                Ok(FromDaemon::Refused(why)) => {
-                    eprintln!("krun: host {host} refused {what}: {why}");
-                    break (255, true);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let why = match &e {
-                        fabric::FabricError::Io { source, .. }
-                            if matches!(
-                                source.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            format!("no heartbeat for {:?}", daemon::HOST_SILENCE_LIMIT)
-                        }
-                        _ => e.to_string(),
-                    };
-                    eprintln!("krun: lost {what} on host {host}: {why}");
-                    break (255, true);
-                }
-            }
-        };
-        *exit.lock().expect("exit lock") = Some((code, lost));
-        let _ = wake.send(());
-    })
-}
-
-/// Copies a node's output to ours line by line (whole lines, so nodes never interleave
-/// inside a line), with an optional prefix.
-pub(crate) fn forward(
-    stream: impl Read + Send + 'static,
-    prefix: Option<String>,
-    is_err: bool,
-    wake: mpsc::Sender<()>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        crate::ranks::copy_lines(stream, prefix.as_deref(), is_err);
-        let _ = wake.send(());
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spares_are_the_last_nodes_and_get_no_ranks() {
+        let mut job = Job::local(3).unwrap();
+        job.program = Some(ProgramJob {
+            ranks: Some(6),
+            per_node: None,
+            tag_output: false,
+            bind_to: crate::binding::BindTo::None,
+            report_bindings: false,
+            argv: vec!["true".into()],
+            checkpoint_interval: None,
+            spares: 1,
+        });
+        assert_eq!(job.node_count(), 4);
+        let p = job.placement(job.program.as_ref().unwrap()).unwrap();
+        assert_eq!(p.count, vec![2, 2, 2, 0]);
+        assert_eq!(p.total(), 6);
+        job.nodes = NodeSource::Hosts {
+            hosts: vec!["a".into(), "b".into()],
+            launch: Launch::Daemon,
+        };
+        assert_eq!(job.node_count(), 2);
+        let p = job.placement(job.program.as_ref().unwrap()).unwrap();
+        assert_eq!(p.count, vec![6, 0]);
+        job.program.as_mut().unwrap().spares = 2;
+        let e = job
+            .placement(job.program.as_ref().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--spares 2 leaves no node"), "{e}");
+    }
 
     #[test]
     fn shell_words_survive_a_shell() {

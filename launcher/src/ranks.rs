@@ -106,6 +106,13 @@ pub struct NodeShare {
     pub machine: MachineShare,
     /// Where rank starts and exits are reported (the node runtime's process table).
     pub events: Option<std::sync::mpsc::Sender<RankEvent>>,
+    /// A spare's share (no ranks of its own): it waits for ranks moved in until this is
+    /// set (krun stopped the node), instead of ending at once.
+    pub stay: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A rank that fails (non-zero exit) is held back this long before it counts (its
+    /// node's exit code, the process table): a recovery may restart it meanwhile (its peers
+    /// on a failed node are gone). `None`: it counts at once.
+    pub exit_grace: Option<Duration>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
 }
@@ -147,8 +154,19 @@ pub fn machine_id() -> Vec<u8> {
 /// A rank started or ended on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RankEvent {
-    Started { rank: usize, pid: u32 },
-    Exited { rank: usize, code: i32 },
+    Started {
+        rank: usize,
+        pid: u32,
+    },
+    Exited {
+        rank: usize,
+        code: i32,
+    },
+    /// The rank was killed by `signal`, not by its node (sent before its `Exited`).
+    Killed {
+        rank: usize,
+        signal: i32,
+    },
 }
 
 /// Name of a signal for messages.
@@ -267,7 +285,9 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 #[derive(Debug)]
 pub enum RankCommand {
     /// Start `rank` here with `env` added (e.g. `KRUN_GHOST_RESTORE=latest`); the answer is
-    /// its pid.
+    /// its pid. A process of the same rank still running here is killed first (a recovery
+    /// restarts it in place), and an exit of it held back ([`NodeShare::exit_grace`]) is
+    /// forgotten.
     Adopt {
         rank: usize,
         env: Vec<(String, String)>,
@@ -359,11 +379,19 @@ fn spawn_rank(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl and the descriptor calls are async-signal-safe; ranks die with their
-    // node daemon instead of lingering as orphans, and inherit none of its descriptors
+    // SAFETY: isatty only inspects fd 0.
+    let own_group = !(rank == 0 && extra_env.is_empty() && unsafe { libc::isatty(0) } == 1);
+    // SAFETY: setpgid, prctl and the descriptor calls are async-signal-safe; ranks die with
+    // their node daemon instead of lingering as orphans, and inherit none of its descriptors
     // (libfabric's endpoint sockets are not close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
+            // Each rank leads its own process group, so that signals and a forced end
+            // reach the processes it starts too (a shell script's children) — except a rank
+            // reading a terminal, which must stay in the terminal's foreground group.
+            if own_group {
+                libc::setpgid(0, 0);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             ghost::descriptors::cloexec_above_stdio()?;
             match mask {
@@ -376,6 +404,17 @@ fn spawn_rank(
         node: share.node_id,
         message: format!("cannot start rank {rank}: {program}: {e}"),
     })
+}
+
+/// Sends `sig` to a rank's process group (it leads one, see `spawn_rank`), or to the rank
+/// alone when it does not (a rank left in the terminal's group).
+fn signal_rank(pid: u32, sig: i32) {
+    // SAFETY: kill(2) of our own child (or its group) by PID; no memory is involved.
+    unsafe {
+        if libc::kill(-(pid as i32), sig) != 0 {
+            libc::kill(pid as i32, sig);
+        }
+    }
 }
 
 /// Starts the node's ranks, forwards their output and signals, and returns the highest
@@ -432,7 +471,36 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
     }
     let mut worst = 0;
+    // Failed ranks held back for `exit_grace`: (rank, code, signal, when).
+    let mut held_exits: Vec<(usize, i32, Option<i32>, std::time::Instant)> = Vec::new();
+    let report_exit = |rank: usize, code: i32, signal: Option<i32>| {
+        if let Some(sig) = signal {
+            eprintln!(
+                "krun: rank {rank} on node {} was killed by {}",
+                share.node_id,
+                signal_name(sig)
+            );
+        } else if code != 0 {
+            eprintln!(
+                "krun: rank {rank} on node {} exited with code {code}",
+                share.node_id
+            );
+        }
+        if let Some(tx) = &share.events {
+            let _ = tx.send(RankEvent::Exited { rank, code });
+        }
+    };
+    // A spare waits for ranks until it is stopped; once it ran some, it ends with them.
+    let mut ran_ranks = !children.is_empty();
+    let stopped = || {
+        share
+            .stay
+            .as_ref()
+            .is_none_or(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    };
     let mut terminating: Option<std::time::Instant> = None;
+    // Ranks ended by a signal krun forwarded are not reported as killed.
+    let mut forwarded = false;
     loop {
         if let Some(commands) = &share.commands {
             let pending: Vec<RankCommand> = commands
@@ -442,6 +510,12 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             for c in pending {
                 match c {
                     RankCommand::Adopt { rank, env, reply } => {
+                        held_exits.retain(|p| p.0 != rank);
+                        if let Some(i) = children.iter().position(|(r, _)| *r == rank) {
+                            let (r, mut c) = children.remove(i);
+                            let _ = c.kill();
+                            released.push((r, c));
+                        }
                         let r = start(rank, &env, &mut children, &mut forwarders)
                             .map_err(|e| e.to_string());
                         let _ = reply.send(r);
@@ -469,11 +543,13 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                                 children.len() + released.len()
                             );
                             for (_, c) in children.iter().chain(released.iter()) {
-                                // SAFETY: plain kill(2) of our own child by PID.
-                                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                                signal_rank(c.id(), libc::SIGTERM);
                             }
                             terminating = Some(std::time::Instant::now());
-                            worst = worst.max(1);
+                            // A spare with no rank ends cleanly.
+                            if !children.is_empty() || !released.is_empty() {
+                                worst = worst.max(1);
+                            }
                         }
                     }
                 }
@@ -481,11 +557,26 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
         if terminating.is_some_and(|t| t.elapsed() >= TERMINATE_GRACE) {
             for (_, c) in children.iter_mut().chain(released.iter_mut()) {
+                signal_rank(c.id(), libc::SIGKILL);
                 let _ = c.kill();
             }
         }
-        if children.is_empty() && released.is_empty() {
-            break;
+        ran_ranks |= !children.is_empty();
+        let now = std::time::Instant::now();
+        held_exits.retain(|&(rank, code, signal, at)| {
+            let due = share.exit_grace.is_none_or(|g| now.duration_since(at) >= g);
+            if due {
+                report_exit(rank, code, signal);
+                worst = worst.max(code);
+            }
+            !due
+        });
+        if children.is_empty() && released.is_empty() && held_exits.is_empty() {
+            if ran_ranks || stopped() || terminating.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         let requests = take_checkpoint_requests();
         if requests > 0 {
@@ -498,8 +589,8 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
         if let Some(sig) = take_signal() {
             for (_, c) in children.iter() {
-                // SAFETY: plain kill(2) of our own child by PID.
-                unsafe { libc::kill(c.id() as i32, sig) };
+                signal_rank(c.id(), sig);
+                forwarded = true;
             }
         }
         // A released rank's process ends when it is captured: reap it quietly.
@@ -512,6 +603,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             Err(_) => false,
         });
         let mut ended = Vec::new();
+        let mut killed = false;
         for (i, (rank, c)) in children.iter_mut().enumerate() {
             let status = c.try_wait().map_err(|e| LauncherError::Io {
                 context: format!("waiting for rank {rank}"),
@@ -520,33 +612,61 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             let Some(status) = status else { continue };
             remove_shm_segments(c.id());
             let code = exit_code(status);
-            if let Some(sig) = status.signal() {
-                eprintln!(
-                    "krun: rank {rank} on node {} was killed by {}",
-                    share.node_id,
-                    signal_name(sig)
-                );
-            } else if code != 0 {
-                eprintln!(
-                    "krun: rank {rank} on node {} exited with code {code}",
-                    share.node_id
-                );
+            if code != 0 && share.exit_grace.is_some() && terminating.is_none() {
+                held_exits.push((*rank, code, status.signal(), std::time::Instant::now()));
+            } else {
+                if let (Some(sig), None, false) = (status.signal(), terminating, forwarded) {
+                    // The job cannot go on without it (its peers would wait for its messages
+                    // until their timeouts): end the node's other ranks and tell krun, which
+                    // ends the other nodes.
+                    if let Some(tx) = &share.events {
+                        let _ = tx.send(RankEvent::Killed {
+                            rank: *rank,
+                            signal: sig,
+                        });
+                    }
+                    killed = true;
+                }
+                report_exit(*rank, code, status.signal());
+                // Ranks ended by the node after a failure are not the job's story.
+                if terminating.is_none() {
+                    worst = worst.max(code);
+                }
             }
-            if let Some(tx) = &share.events {
-                let _ = tx.send(RankEvent::Exited { rank: *rank, code });
-            }
-            worst = worst.max(code);
             ended.push(i);
         }
         for i in ended.into_iter().rev() {
             children.remove(i);
         }
-        if !children.is_empty() || !released.is_empty() {
+        if killed && terminating.is_none() && !(children.is_empty() && released.is_empty()) {
+            eprintln!(
+                "krund: node {}: a rank was killed; ending the node's other rank(s)",
+                share.node_id
+            );
+            for (_, c) in children.iter().chain(released.iter()) {
+                signal_rank(c.id(), libc::SIGTERM);
+            }
+            terminating = Some(std::time::Instant::now());
+        }
+        if !children.is_empty() || !released.is_empty() || !held_exits.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    // A rank's output ends when every process holding its pipes has ended; after a forced
+    // end, processes it left behind (outside its group) must not hold the node here.
+    let limit = std::time::Instant::now()
+        + if terminating.is_some() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(3600)
+        };
     for f in forwarders {
-        let _ = f.join();
+        while !f.is_finished() && std::time::Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if f.is_finished() {
+            let _ = f.join();
+        }
     }
     Ok(worst)
 }

@@ -499,3 +499,51 @@ fn killing_krun_ends_its_nodes_and_their_ranks() {
     // The nodes were krun's children: once krun is gone they are reparented, and they end.
     wait_for(|| nodes.iter().chain(&ranks).all(|&p| !alive(p)));
 }
+
+/// A rank killed by a signal ends the job at once: the other ranks (and what they started)
+/// would otherwise wait for it until their own timeouts. The job's code is the killed
+/// rank's, not that of the ranks ended after it.
+#[test]
+fn a_killed_rank_ends_the_whole_job_and_what_its_peers_started() {
+    let dir = std::env::temp_dir().join(format!("krun-killed-rank-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "if [ $KRUN_RANK = 0 ]; then for f in bg1 bg2 bg3; do \
+         while [ ! -s {d}/$f ]; do sleep 0.05; done; done; kill -9 $$; fi; \
+         sleep 300 & echo $! > {d}/bg$KRUN_RANK.tmp; mv {d}/bg$KRUN_RANK.tmp {d}/bg$KRUN_RANK; wait",
+        d = dir.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(["-n", "4", "--local", "2", "sh", "-c", &script])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for(|| {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.unwrap().code(), Some(128 + 9), "{err}");
+    assert!(
+        err.contains("rank 0 on node 0 was killed by signal 9"),
+        "{err}"
+    );
+    // The background sleeps the other ranks started are gone too.
+    for rank in 1..4 {
+        let pid: u32 = std::fs::read_to_string(dir.join(format!("bg{rank}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_for(|| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+                .unwrap_or(true)
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -89,6 +89,28 @@ module krun
     integer(c_long) function krun_restored_version() bind(C, name="krun_restored_version")
       import :: c_long
     end function
+    ! Distributed shared memory (semantics in krun.h): base gets the region's address
+    ! (use c_f_pointer to view it as an array).
+    integer(c_int) function krun_dsm_alloc(len, base) bind(C, name="krun_dsm_alloc")
+      import :: c_int, c_ptr, c_size_t
+      integer(c_size_t), value :: len
+      type(c_ptr), intent(out) :: base
+    end function
+    integer(c_int) function krun_dsm_free(base) bind(C, name="krun_dsm_free")
+      import :: c_int, c_ptr
+      type(c_ptr), value :: base
+    end function
+    integer(c_int) function krun_dsm_lock(id) bind(C, name="krun_dsm_lock")
+      import :: c_int
+      integer(c_int), value :: id
+    end function
+    integer(c_int) function krun_dsm_unlock(id) bind(C, name="krun_dsm_unlock")
+      import :: c_int
+      integer(c_int), value :: id
+    end function
+    integer(c_int) function krun_dsm_barrier() bind(C, name="krun_dsm_barrier")
+      import :: c_int
+    end function
     type(c_ptr) function krun_last_error() bind(C, name="krun_last_error")
       import :: c_ptr
     end function

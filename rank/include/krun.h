@@ -11,13 +11,16 @@
  *   krun_checkpoint, krun_safepoint  holding your state; checkpoint and safepoint are
  *                                    collective. Start with KRUN_GHOST_RESTORE=latest to resume
  *                                    from the newest version every rank holds.
+ *   krun_dsm_*                       distributed shared memory: regions at the same address on
+ *                                    every rank, a DSM lock and barrier (see below)
  *
  * Errors: functions return a negative KRUN_ERR_* code (pointers: NULL); krun_last_error()
  * says what went wrong in this thread, krun_strerror(code) describes a code.
  * Settings (environment): KRUN_RANK, KRUN_SIZE, KRUN_BOOTSTRAP (set by krun; without
  * KRUN_RANK the program is the single rank of a job of one), KRUN_FABRIC_* (provider, message
  * size, ...), KRUN_RECV_TIMEOUT_MS (default 300000, 0 = wait forever), KRUN_GHOST_DIR,
- * KRUN_GHOST_OWNER, KRUN_GHOST_FULL_EVERY, KRUN_GHOST_RESTORE, KRUN_NODE_SOCKET.
+ * KRUN_GHOST_OWNER, KRUN_GHOST_FULL_EVERY, KRUN_GHOST_RESTORE, KRUN_NODE_SOCKET,
+ * KRUN_DSM_FAULT_THREADS, KRUN_DSM_PREFETCH, KRUN_DSM_LOCATOR, KRUN_DSM_ONE_SIDED.
  * The libghost functions of krun_ghost.h (krun_ghost_*) are exported by libkrun.so too. */
 #ifndef KRUN_H
 #define KRUN_H
@@ -49,6 +52,9 @@ extern "C" {
 #define KRUN_ERR_PROTOCOL (-15)
 #define KRUN_ERR_PANIC (-16)
 #define KRUN_ERR_ALREADY_INITIALIZED (-17)
+/* The distributed shared memory's driver failed (a lost page, a peer's malformed message,
+ * a collective the ranks disagree on); krun_last_error() says which. */
+#define KRUN_ERR_DSM (-18)
 
 typedef int64_t krun_win;
 typedef struct {
@@ -92,6 +98,47 @@ long krun_checkpoint(void);
 int krun_safepoint(void);
 /* The version restored at start, 0 for a fresh start. */
 long krun_restored_version(void);
+
+/* Distributed shared memory (DSM).
+ *
+ * A region is len bytes (rounded up to 4 KiB pages) mapped at the same virtual address on
+ * every rank; its pages read as zero until written. Ranks use it with ordinary loads and
+ * stores: a page a rank has no copy of is fetched on first access (a userfaultfd fault
+ * served by the DSM's threads), so pointers into a region mean the same on every rank.
+ *
+ * Coherence: sequential consistency, single writer / multiple readers (IVY). A page is
+ * either writable on one rank or readable on several; before a write is allowed every other
+ * copy is invalidated and acknowledged. Every rank sees all writes in one order consistent
+ * with each rank's program order: krun_dsm_lock/unlock and krun_dsm_barrier only order ranks,
+ * no flush is needed. Keep programs data-race free; a page written by several ranks in turn
+ * moves at every turn (false sharing is correct but slow).
+ *
+ * What a fault costs: a read of a page whose owner this rank knows is a one-sided join and a
+ * one-sided 4 KiB RMA read of the owner's copy (two fabric round trips, the owner's CPU not
+ * involved); otherwise a message to the page's manager, forwarded to the owner, which sends
+ * the page. A write fault goes through the manager to the owner, which invalidates every copy
+ * (one round trip per sharer, in parallel) and hands the page over; the page's read owner
+ * writing invalidates the other copies itself, without the manager. A sequential read miss
+ * prefetches KRUN_DSM_PREFETCH (8) further pages. `bench -- dsm` measures these.
+ *
+ * Limits: DSM pages are not part of checkpoints; KRUN_DSM_LOCKS locks; a page whose only copy
+ * was on a dead rank is reported (KRUN_ERR_DSM), never zero-filled; needs userfaultfd with
+ * write-protect (Linux >= 5.7, root or vm.unprivileged_userfaultfd=1). krun_finalize ends the
+ * DSM collectively (a barrier, then its regions are unmapped). */
+#define KRUN_DSM_LOCKS 64
+/* Collective (every rank, same order, same len): *base gets the region's address. The first
+ * call starts the DSM. */
+int krun_dsm_alloc(size_t len, void **base);
+/* Collective: unmaps the region that starts at base on every rank. */
+int krun_dsm_free(void *base);
+/* DSM lock id (0 <= id < KRUN_DSM_LOCKS), granted FIFO. KRUN_ERR_INVALID before the first
+ * krun_dsm_alloc. */
+int krun_dsm_lock(int id);
+int krun_dsm_unlock(int id);
+/* Collective: returns when every rank has reached it (reports a DSM driver error, if any). */
+int krun_dsm_barrier(void);
+/* This rank's counters: faults served, pages read one-sided, pages prefetched (NULL skips). */
+int krun_dsm_stats(uint64_t *faults, uint64_t *remote_fetches, uint64_t *prefetched);
 
 const char *krun_strerror(int code);
 const char *krun_last_error(void);

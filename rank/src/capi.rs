@@ -9,6 +9,7 @@ use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::dsm::SharedMemory;
 use crate::error::{ErrorCode, RankError, Result};
 use crate::messages::{Source, TagMatch, MAX_TAG};
 use crate::window::Window;
@@ -22,6 +23,9 @@ pub const KRUN_ANY_TAG: c_int = -1;
 
 static WORLD: RwLock<Option<Arc<Rank>>> = RwLock::new(None);
 static WINDOWS: Mutex<Option<HashMap<i64, Arc<Window>>>> = Mutex::new(None);
+/// The rank's DSM, started by the first `krun_dsm_alloc` (a collective call, so every rank
+/// starts it at the same point).
+static DSM: RwLock<Option<Arc<SharedMemory>>> = RwLock::new(None);
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -140,6 +144,18 @@ pub extern "C" fn krun_init() -> c_int {
 pub extern "C" fn krun_finalize() -> c_int {
     guard("krun_finalize", || {
         let w = world()?;
+        // The DSM goes first, after every rank is done with its pages.
+        let shm = DSM
+            .write()
+            .map_err(|_| RankError::InvalidArgument("DSM state poisoned".into()))?
+            .take();
+        if let Some(shm) = shm {
+            match Arc::try_unwrap(shm) {
+                Ok(shm) => shm.close()?,
+                // Another thread is inside a DSM call: end after the barrier anyway.
+                Err(shm) => shm.barrier()?,
+            }
+        }
         w.finalize()?;
         if let Ok(mut t) = WINDOWS.lock() {
             t.take();
@@ -439,6 +455,111 @@ pub extern "C" fn krun_restored_version() -> c_long {
     }) as c_long
 }
 
+fn dsm() -> Result<Arc<SharedMemory>> {
+    DSM.read()
+        .map_err(|_| RankError::InvalidArgument("DSM state poisoned".into()))?
+        .clone()
+        .ok_or_else(|| {
+            RankError::InvalidArgument("the DSM is not started: call krun_dsm_alloc first".into())
+        })
+}
+
+/// Collective: allocates `len` bytes (rounded up to pages) of distributed shared memory at
+/// the same address on every rank; stores it in `*base`. The first call starts the DSM.
+///
+/// # Safety
+/// `base` must be a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn krun_dsm_alloc(len: usize, base: *mut *mut c_void) -> c_int {
+    guard("krun_dsm_alloc", || {
+        non_null(base, "base")?;
+        let w = world()?;
+        let shm = {
+            let mut slot = DSM
+                .write()
+                .map_err(|_| RankError::InvalidArgument("DSM state poisoned".into()))?;
+            match slot.as_ref() {
+                Some(s) => s.clone(),
+                None => slot.insert(Arc::new(w.dsm()?)).clone(),
+            }
+        };
+        let region = shm.alloc(len)?;
+        // SAFETY: checked non-NULL; valid per the contract.
+        unsafe { *base = region.as_ptr().cast() };
+        Ok(0)
+    }) as c_int
+}
+
+/// Collective: frees the region `krun_dsm_alloc` returned at `base`.
+#[no_mangle]
+pub extern "C" fn krun_dsm_free(base: *mut c_void) -> c_int {
+    guard("krun_dsm_free", || {
+        let shm = dsm()?;
+        let region = shm.region_at(base.cast())?;
+        shm.free(region).map(|_| 0)
+    }) as c_int
+}
+
+fn lock_id(id: c_int) -> Result<usize> {
+    usize::try_from(id).map_err(|_| RankError::InvalidArgument(format!("DSM lock id {id} < 0")))
+}
+
+/// Takes DSM lock `id` (0..KRUN_DSM_LOCKS), queued FIFO.
+#[no_mangle]
+pub extern "C" fn krun_dsm_lock(id: c_int) -> c_int {
+    guard("krun_dsm_lock", || dsm()?.lock(lock_id(id)?).map(|_| 0)) as c_int
+}
+
+/// Releases DSM lock `id`.
+#[no_mangle]
+pub extern "C" fn krun_dsm_unlock(id: c_int) -> c_int {
+    guard("krun_dsm_unlock", || dsm()?.unlock(lock_id(id)?).map(|_| 0)) as c_int
+}
+
+/// Collective: returns when every rank has reached it (a plain barrier before the first
+/// `krun_dsm_alloc`).
+#[no_mangle]
+pub extern "C" fn krun_dsm_barrier() -> c_int {
+    guard("krun_dsm_barrier", || {
+        let shm = DSM
+            .read()
+            .map_err(|_| RankError::InvalidArgument("DSM state poisoned".into()))?
+            .clone();
+        match shm {
+            Some(s) => s.barrier(),
+            None => world()?.barrier(),
+        }
+        .map(|_| 0)
+    }) as c_int
+}
+
+/// This rank's DSM counters: page faults served, pages read one-sided, pages prefetched.
+/// Each pointer may be NULL.
+///
+/// # Safety
+/// Each pointer must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn krun_dsm_stats(
+    faults: *mut u64,
+    remote_fetches: *mut u64,
+    prefetched: *mut u64,
+) -> c_int {
+    guard("krun_dsm_stats", || {
+        let s = dsm()?.stats();
+        for (p, v) in [
+            (faults, s.faults),
+            (remote_fetches, s.remote_fetches),
+            (prefetched, s.prefetched),
+        ] {
+            if !p.is_null() {
+                // SAFETY: non-NULL and valid per the contract.
+                unsafe { *p = v };
+            }
+        }
+        Ok(0)
+    }) as c_int
+}
+
 /// The fixed description of an error code.
 #[no_mangle]
 pub extern "C" fn krun_strerror(code: c_int) -> *const c_char {
@@ -481,5 +602,25 @@ mod tests {
             text.to_str().unwrap(),
             "the rank library is not initialized"
         );
+        let mut base = std::ptr::null_mut();
+        // SAFETY: base is a valid pointer.
+        let rc = unsafe { krun_dsm_alloc(4096, &mut base) };
+        assert_eq!(rc, ErrorCode::NotInitialized as c_int);
+        assert!(base.is_null());
+    }
+
+    #[test]
+    fn dsm_calls_before_any_region_name_the_missing_alloc() {
+        assert_eq!(krun_dsm_lock(0), ErrorCode::Invalid as c_int);
+        // SAFETY: krun_last_error returns this thread's NUL-terminated message.
+        let msg = unsafe { CStr::from_ptr(krun_last_error()) }.to_string_lossy();
+        assert!(msg.contains("call krun_dsm_alloc first"), "{msg}");
+        assert_eq!(
+            krun_dsm_free(std::ptr::null_mut()),
+            ErrorCode::Invalid as c_int
+        );
+        // SAFETY: a NULL base is rejected before any write.
+        let rc = unsafe { krun_dsm_alloc(4096, std::ptr::null_mut()) };
+        assert_eq!(rc, ErrorCode::Invalid as c_int);
     }
 }

@@ -67,6 +67,8 @@ pub enum RankError {
     Checkpoint(String),
     #[error("node link {socket}: {reason}")]
     NodeLink { socket: PathBuf, reason: String },
+    #[error("DSM: {0}")]
+    Dsm(#[from] ::dsm::DsmError),
     #[error("panic inside {call}: {message}")]
     Panic { call: &'static str, message: String },
 }
@@ -94,10 +96,11 @@ pub enum ErrorCode {
     Protocol = -15,
     Panic = -16,
     AlreadyInitialized = -17,
+    Dsm = -18,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::NotInitialized,
         ErrorCode::Invalid,
         ErrorCode::NoSuchRank,
@@ -115,6 +118,7 @@ impl ErrorCode {
         ErrorCode::Protocol,
         ErrorCode::Panic,
         ErrorCode::AlreadyInitialized,
+        ErrorCode::Dsm,
     ];
 
     pub fn from_code(code: i32) -> Option<ErrorCode> {
@@ -141,6 +145,7 @@ impl ErrorCode {
             ErrorCode::Protocol => c"malformed message from a peer",
             ErrorCode::Panic => c"internal error (panic)",
             ErrorCode::AlreadyInitialized => c"already initialized",
+            ErrorCode::Dsm => c"distributed shared memory error",
         }
     }
 }
@@ -168,6 +173,13 @@ impl RankError {
             RankError::Ghost(_) | RankError::Checkpoint(_) => ErrorCode::Checkpoint,
             RankError::NodeLink { .. } => ErrorCode::NodeLink,
             RankError::Panic { .. } => ErrorCode::Panic,
+            RankError::Dsm(::dsm::DsmError::Fabric(
+                FabricError::Timeout { .. } | FabricError::RecvTimeout { .. },
+            ))
+            | RankError::Dsm(::dsm::DsmError::Timeout { .. }) => ErrorCode::Timeout,
+            RankError::Dsm(::dsm::DsmError::Fabric(_)) => ErrorCode::Fabric,
+            RankError::Dsm(::dsm::DsmError::Config { .. }) => ErrorCode::Invalid,
+            RankError::Dsm(_) => ErrorCode::Dsm,
         }
     }
 }

@@ -9,6 +9,8 @@
 //!   registered memory ([`Window`]);
 //! - collective checkpoint, safepoint and restore-on-start through the ghost native
 //!   checkpointer ([`checkpoint`]); libghost's C functions (`krun_ghost_*`) stay available;
+//! - distributed shared memory: regions at the same address on every rank, pages moved on
+//!   demand with sequential consistency, a DSM lock and barrier ([`dsm`], [`Rank::dsm`]);
 //! - the link to the local krund ([`node_link`]).
 //!
 //! Each rank opens its own fabric endpoint and swaps addresses through the job's bootstrap
@@ -26,6 +28,7 @@
 //! ```
 pub mod capi;
 pub mod checkpoint;
+pub mod dsm;
 pub mod error;
 pub mod messages;
 pub mod node_link;
@@ -33,6 +36,7 @@ pub mod window;
 pub mod world;
 
 pub use checkpoint::{CheckpointConfig, Safepoint};
+pub use dsm::{DsmRegion, DsmStats, SharedMemory};
 pub use error::{ErrorCode, RankError, Result};
 pub use messages::{Observer, Received, Source, TagMatch, INTERNAL_TAG_BASE, MAX_TAG};
 pub use window::Window;

@@ -133,6 +133,8 @@ pub struct Rank {
     pub(crate) recv_timeout: Option<Duration>,
     pub(crate) windows: crate::window::WindowTable,
     pub(crate) ckpt: Checkpoints,
+    /// The fabric settings the rank's endpoint was opened with (the DSM opens its own).
+    pub(crate) fabric: FabricConfig,
     node: Mutex<Option<NodeLink>>,
     finalized: AtomicBool,
 }
@@ -197,6 +199,7 @@ impl Rank {
             recv_timeout: config.recv_timeout,
             windows: Default::default(),
             ckpt,
+            fabric: config.fabric.clone(),
             node: Mutex::new(None),
             finalized: AtomicBool::new(false),
         };

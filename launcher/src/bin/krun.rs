@@ -11,7 +11,8 @@ use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
-            [--provider P] [--checkpoint-interval SECS] [PROGRAM ARGS...]
+            [--provider P] [--checkpoint-interval SECS] [--spares K]
+            [--inject-failure node=N@SECONDSs|node=N@Kckpt] [PROGRAM ARGS...]
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
        krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
@@ -30,6 +31,9 @@ of it (default: one per node) placed in blocks of --ppn per node, each with KRUN
 KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_BOOTSTRAP
 (an all-gather service for the ranks), pinned to one core each by default (round robin
 over the node's cores, read with hwloc); exit code: the highest rank's, or 128+signal.
+--spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
+fails, its ranks restart on a spare from the last committed checkpoint. --inject-failure
+SIGKILLs node N's krund and its ranks at that time, or after K committed checkpoints.
 Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
@@ -50,6 +54,8 @@ fn parse() -> Result<Job, LauncherError> {
     };
     let mut report_bindings = false;
     let mut checkpoint_interval = None;
+    let mut spares = 0;
+    let mut inject = None;
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -83,6 +89,13 @@ fn parse() -> Result<Job, LauncherError> {
                         ))
                     })?;
                 checkpoint_interval = Some(Duration::from_secs_f64(secs));
+            }
+            "--spares" => spares = count("--spares", args.next())?,
+            "--inject-failure" => {
+                let v = args.next().ok_or_else(|| {
+                    LauncherError::Usage("--inject-failure needs node=N@TIME".into())
+                })?;
+                inject = Some(v.parse::<job::Injection>()?);
             }
             "--local" => {
                 let v = args
@@ -162,9 +175,24 @@ fn parse() -> Result<Job, LauncherError> {
             report_bindings,
             argv: program,
             checkpoint_interval,
+            spares,
         });
     } else if ranks.is_some() {
         return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
+    } else if spares > 0 {
+        return Err(LauncherError::Usage(
+            "--spares needs a PROGRAM to run".into(),
+        ));
+    }
+    if let Some(i) = inject {
+        if i.node >= job.node_count() {
+            return Err(LauncherError::Usage(format!(
+                "--inject-failure names node {}, the job has nodes 0-{}",
+                i.node,
+                job.node_count() - 1
+            )));
+        }
+        job.inject = Some(i);
     }
     if let Some(p) = provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));

@@ -295,6 +295,16 @@ fn run() -> Result<i32, LauncherError> {
             "KRUN_NODE_SOCKET".to_string(),
             runtime.rank_socket().to_string_lossy().into_owned(),
         ));
+        // A spare waits for ranks to restart until krun stops it.
+        let stay = (placement.count[args.node_id] == 0).then(|| {
+            let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (rt, set) = (runtime.clone(), flag.clone());
+            std::thread::spawn(move || {
+                rt.wait_stop();
+                set.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            flag
+        });
         let (commands_tx, commands) = std::sync::mpsc::channel();
         runtime.set_rank_commands(commands_tx.clone());
         {
@@ -323,6 +333,17 @@ fn run() -> Result<i32, LauncherError> {
                 &placement.count,
             ),
             events: Some(runtime.rank_events()),
+            stay,
+            // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
+            // recovery (its peers on a failed node are gone): its exit counts only once the
+            // failure had time to be agreed and acted on.
+            exit_grace: match std::env::var("KRUN_SPARES")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
+                _ => None,
+            },
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let node_id = args.node_id;
@@ -337,7 +358,12 @@ fn run() -> Result<i32, LauncherError> {
                 return Ok(code);
             }
             // After a node left or failed, the initial nodes cannot all meet at the barrier
-            // (nor, when one died early, at the store's address exchange).
+            // (nor, when one died early, at the store's address exchange). A rank killed by
+            // a signal (code > 128) ends the job: leave at once so krun ends the others
+            // instead of waiting here for ranks that wait for the dead one.
+            if code > 128 {
+                return Ok(code);
+            }
             if !runtime.membership_shrank() {
                 let mut boot = store
                     .join()

@@ -11,13 +11,19 @@
 //! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version}` → `CaptureDone`; `Safe`/`NotSafe` → `LevelSafe`/`LevelLost` |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
-//! | `notify` / end | printed by krun | |
+//! | `fetch` | nothing: the restarting node reads the chain from the store | |
+//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`) | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//! | `notify` / end | printed by krun; an end with an error stops the job ([`JobError`]) | |
 //!
-//! Decisions (commits, aborts) are appended to the job directory's `decisions.log`, one
-//! per line, so that a later move of the engine into a krund leader can resume from them
-//! (moving them into the process table is the next step). Recovery from a lost node is not
-//! driven yet: when a node that runs ranks fails, the driver says so and takes no more
-//! checkpoints (fetch, restart and rollback are refused).
+//! Decisions (commits, aborts, recoveries and each restart) are appended to the job
+//! directory's `decisions.log`, one per line, so that a later move of the engine into a
+//! krund leader can resume from them (moving them into the process table is the next step).
+//!
+//! Recovery: an agreed failure becomes `Event::FailureAgreed`; the policy's restarts and
+//! rollbacks of one `handle` call are carried out together by `HubCalls::execute_plan`: a
+//! new wiring epoch (the ranks' next address all-gather, [`NewWiring`]) when every rank
+//! restarts, and one `Restart` order to every node; the nodes' side and the re-wiring
+//! contract are in [`super::recovery`].
 //!
 //! The policy numbers versions itself (never reused); the native checkpointer numbers its
 //! images one by one. The driver orders each capture as the checkpointer's next version and
@@ -25,6 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,12 +65,18 @@ pub type Broadcast = Arc<dyn Fn(&LauncherToNode) -> BTreeSet<NodeId> + Send + Sy
 /// stops it and returns the policy's summary.
 pub struct CheckpointDriver {
     tx: Sender<Option<Input>>,
+    commits: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<Summary>>,
 }
 
-/// The policy's copies index: what the nodes reported safe.
+/// The policy's copies index: what the nodes reported safe, per level: the node holding
+/// the copy when known (L1: the rank's node; the buddy of L2 is the store's business) and
+/// the image's size.
 #[derive(Default)]
-struct Copies(BTreeMap<(Rank, Version), BTreeSet<Level>>);
+struct Copies(BTreeMap<(Rank, Version), LevelCopies>);
+
+/// Per level: the node holding the copy (if known) and the image's bytes.
+type LevelCopies = BTreeMap<Level, (Option<NodeId>, u64)>;
 
 impl Reads for Copies {
     fn copies(&self, rank: Rank, version: Version) -> Vec<ImageCopy> {
@@ -71,16 +84,50 @@ impl Reads for Copies {
             .get(&(rank, version))
             .map(|ls| {
                 ls.iter()
-                    .map(|&level| ImageCopy {
-                        level,
-                        node: None,
-                        bytes: 0,
-                    })
+                    .map(|(&level, &(node, bytes))| ImageCopy { level, node, bytes })
                     .collect()
             })
             .unwrap_or_default()
     }
 }
+
+impl Copies {
+    fn add(&mut self, rank: Rank, version: Version, level: Level, node: Option<NodeId>) {
+        let levels = self.0.entry((rank, version)).or_default();
+        let bytes = levels.values().map(|c| c.1).max().unwrap_or(0);
+        levels.entry(level).or_insert((node, bytes));
+    }
+
+    fn set_bytes(&mut self, rank: Rank, version: Version, bytes: u64) {
+        for c in self.0.entry((rank, version)).or_default().values_mut() {
+            c.1 = bytes;
+        }
+    }
+}
+
+/// What a rank of a recovery plan becomes: the answer the policy waits for.
+#[derive(Clone, Copy, Debug)]
+enum Planned {
+    Restart(policies::primitives::DecisionId),
+    Rollback(OpId, Version),
+}
+
+/// A recovery being carried out: one wiring epoch.
+struct Wiring {
+    epoch: u64,
+    bootstrap: String,
+    /// The checkpointer's version restored (`None`: the program's start).
+    native: Option<u64>,
+    /// rank -> (node, what the policy waits for).
+    ranks: BTreeMap<Rank, (NodeId, Planned)>,
+}
+
+/// Opens the ranks' next address all-gather (a bootstrap service for the job's size);
+/// returns where the ranks reach it.
+pub type NewWiring = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Why the job cannot continue, once the policy says so (krun then ends it).
+pub type JobError = Arc<std::sync::Mutex<Option<String>>>;
 
 fn level_of(n: u8) -> Option<Level> {
     match n {
@@ -106,12 +153,33 @@ struct HubCalls {
     native_newest: u64,
     /// native version -> policy version.
     versions: BTreeMap<u64, Version>,
-    /// A node with ranks failed: no more checkpoints (recovery is not driven yet).
+    /// The job cannot go on (the policy ended it), or a node with ranks failed in a job
+    /// that does not recover: no more checkpoints.
     stopped: bool,
+    /// Recoveries are driven (the job has spares or checkpoints on an interval); else a
+    /// lost node only stops the checkpoints and the job goes on with what is left.
+    recover: bool,
+    /// rank -> node it runs on now.
+    placement: Vec<NodeId>,
+    /// Restarts and rollbacks the policy asked for in the current `handle` call.
+    plan: Vec<(Rank, NodeId, Planned, Option<Version>)>,
+    /// The recovery in progress.
+    wiring: Option<Wiring>,
+    wirings: u64,
+    new_wiring: NewWiring,
+    job_error: JobError,
+    /// Checkpoints committed so far.
+    commits: Arc<AtomicU64>,
 }
 
 impl PolicyRuntime for HubCalls {
     fn record(&mut self, decision: &Decision) -> Result<(), String> {
+        if matches!(
+            decision.kind,
+            policies::primitives::DecisionKind::Committed { .. }
+        ) {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+        }
         let Some(path) = &self.log else {
             return Ok(());
         };
@@ -170,6 +238,8 @@ impl PolicyRuntime for HubCalls {
         Ok(())
     }
 
+    /// Staging happens on the node that restarts the rank (it reads the chain from the
+    /// store as part of the restart: `runtime/recovery.rs`).
     fn fetch(
         &mut self,
         rank: Rank,
@@ -177,17 +247,34 @@ impl PolicyRuntime for HubCalls {
         _source: ImageCopy,
         _to: Option<NodeId>,
     ) -> Result<(), String> {
-        Err(format!(
-            "krun does not fetch images for a recovery yet (rank {rank} v{version})"
-        ))
+        self.native_of(version)
+            .map(drop)
+            .ok_or_else(|| format!("rank {rank}: checkpoint {version} was never taken here"))
     }
 
-    fn restart(&mut self, _decision: &Decision) -> Result<(), String> {
-        Err("krun does not restart lost ranks yet".into())
+    fn restart(&mut self, decision: &Decision) -> Result<(), String> {
+        let policies::primitives::DecisionKind::Restart {
+            rank,
+            node,
+            version,
+            ..
+        } = decision.kind
+        else {
+            return Err("not a restart decision".into());
+        };
+        self.plan
+            .push((rank, node, Planned::Restart(decision.id), version));
+        Ok(())
     }
 
-    fn rollback(&mut self, _op: OpId, rank: Rank, _version: Version) -> Result<(), String> {
-        Err(format!("krun does not roll rank {rank} back yet"))
+    fn rollback(&mut self, op: OpId, rank: Rank, version: Version) -> Result<(), String> {
+        let node = *self
+            .placement
+            .get(rank as usize)
+            .ok_or_else(|| format!("rank {rank} is not a rank of this job"))?;
+        self.plan
+            .push((rank, node, Planned::Rollback(op, version), Some(version)));
+        Ok(())
     }
 
     fn notify(&mut self, notice: &Notice) {
@@ -196,20 +283,171 @@ impl PolicyRuntime for HubCalls {
 
     fn end_job(&mut self, error: Option<&PolicyError>) {
         if let Some(e) = error {
-            eprintln!("krun: the checkpoint policy ended: {e}");
+            eprintln!("krun: the checkpoint policy ended the job: {e}");
+            self.stopped = true;
+            *self.job_error.lock().expect("job error lock") = Some(e.to_string());
         }
+    }
+}
+
+impl HubCalls {
+    /// The checkpointer's version of the policy's `version`.
+    fn native_of(&self, version: Version) -> Option<u64> {
+        self.versions
+            .iter()
+            .find(|(_, &v)| v == version)
+            .map(|(&n, _)| n)
+    }
+
+    /// Carries out the restarts and rollbacks the policy asked for: a new wiring epoch when
+    /// every rank restarts (a new failure), else the ranks retried join the current one.
+    /// Returns the policy's answers to calls that could not even be sent.
+    fn execute_plan(&mut self) -> Vec<Event> {
+        let plan = std::mem::take(&mut self.plan);
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        let version = plan.iter().find_map(|p| p.3);
+        let native = version.and_then(|v| self.native_of(v));
+        let fail_all = |why: String| -> Vec<Event> {
+            plan.iter()
+                .map(|&(rank, _, planned, _)| match planned {
+                    Planned::Restart(decision) => Event::RestartFailed {
+                        decision,
+                        rank,
+                        reason: why.clone(),
+                    },
+                    Planned::Rollback(op, _) => Event::RollbackFailed {
+                        op,
+                        rank,
+                        reason: why.clone(),
+                    },
+                })
+                .collect()
+        };
+        if version.is_some() && native.is_none() {
+            return fail_all("the recovery line was never taken by the checkpointer".into());
+        }
+        let everyone = plan.len() == self.placement.len();
+        if everyone || self.wiring.is_none() {
+            let bootstrap = match (self.new_wiring)() {
+                Ok(b) => b,
+                Err(e) => return fail_all(format!("no address all-gather for the ranks: {e}")),
+            };
+            self.wirings += 1;
+            self.wiring = Some(Wiring {
+                epoch: self.wirings,
+                bootstrap,
+                native,
+                ranks: BTreeMap::new(),
+            });
+        }
+        let w = self.wiring.as_mut().expect("wiring set above");
+        w.native = native;
+        for &(rank, node, planned, _) in &plan {
+            w.ranks.insert(rank, (node, planned));
+            if let Some(slot) = self.placement.get_mut(rank as usize) {
+                *slot = node;
+            }
+        }
+        self.nodes = self.placement.iter().copied().collect();
+        // Checkpoints newer than the line were never committed: the checkpointer numbers
+        // on from the line.
+        if let Some(n) = native {
+            self.native_newest = n;
+            self.versions.retain(|&k, _| k <= n);
+        } else {
+            self.native_newest = 0;
+            self.versions.clear();
+        }
+        self.barrier = None;
+        self.capturing = None;
+        let moved: Vec<Rank> = plan
+            .iter()
+            .filter(|p| matches!(p.2, Planned::Restart(_)))
+            .map(|p| p.0)
+            .collect();
+        let in_place: Vec<Rank> = plan
+            .iter()
+            .filter(|p| matches!(p.2, Planned::Rollback(..)))
+            .map(|p| p.0)
+            .collect();
+        let line = match native {
+            Some(n) => format!("checkpoint {} (checkpointer v{n})", version.unwrap_or(0)),
+            None => "the program's start".into(),
+        };
+        let mut parts = Vec::new();
+        if !moved.is_empty() {
+            parts.push(format!(
+                "{} start as new processes from {line}",
+                policies::primitives::ranks_phrase(&moved)
+            ));
+        }
+        if !in_place.is_empty() {
+            parts.push(format!(
+                "{} roll back by restarting in place from their own images of {line}",
+                policies::primitives::ranks_phrase(&in_place)
+            ));
+        }
+        eprintln!(
+            "krun: wiring epoch {}: {}; every rank swaps its new address through {}",
+            w.epoch,
+            parts.join("; "),
+            w.bootstrap
+        );
+        // Ranks held in an open barrier are not coming back: the nodes' gates start afresh.
+        (self.send)(&LauncherToNode::Release {
+            order: SafepointOrder::Abort("a recovery restarts the ranks".into()),
+        });
+        let order = LauncherToNode::Restart {
+            wiring: w.epoch,
+            bootstrap: w.bootstrap.clone(),
+            version: native,
+            ranks: plan.iter().map(|p| (p.0, p.1)).collect(),
+        };
+        let sent = (self.send)(&order);
+        let missing: BTreeSet<NodeId> = plan
+            .iter()
+            .map(|p| p.1)
+            .filter(|n| !sent.contains(n))
+            .collect();
+        if missing.is_empty() {
+            return Vec::new();
+        }
+        plan.iter()
+            .filter(|p| missing.contains(&p.1))
+            .map(|&(rank, node, planned, _)| {
+                let reason = format!("node {node} is not linked to krun");
+                match planned {
+                    Planned::Restart(decision) => Event::RestartFailed {
+                        decision,
+                        rank,
+                        reason,
+                    },
+                    Planned::Rollback(op, _) => Event::RollbackFailed { op, rank, reason },
+                }
+            })
+            .collect()
     }
 }
 
 impl CheckpointDriver {
     /// Starts the coordinated policy for `ranks` (rank -> node) with checkpoints every
     /// `interval` (None: on request only), committing at `level`; decisions go to `log`.
+    /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
+    /// job ends with an error naming them); `new_wiring` opens the ranks' address
+    /// all-gather of a recovery; `job_error` receives why the job cannot continue.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
+        spares: Vec<NodeId>,
+        recover: bool,
         interval: Option<Duration>,
         level: Level,
         log: Option<PathBuf>,
         send: Broadcast,
+        new_wiring: NewWiring,
+        job_error: JobError,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
         let cfg = Config {
@@ -223,15 +461,18 @@ impl CheckpointDriver {
                 .into_iter()
                 .filter(|c| c.level <= level)
                 .collect(),
+            no_spare: policies::coordinated::NoSpare::Fail,
             ..Config::default()
         };
         let layout = Layout {
-            ranks,
-            spares: Vec::new(),
+            ranks: ranks.clone(),
+            spares: spares.clone(),
         };
-        let view = AgreedView::new(0, nodes.iter().copied().collect());
+        let view = AgreedView::new(0, nodes.iter().chain(&spares).copied().collect());
         let policy = Coordinated::new(cfg, 0, &layout, view, 0)?;
+        let commits = Arc::new(AtomicU64::new(0));
         let calls = HubCalls {
+            commits: commits.clone(),
             send,
             nodes,
             log,
@@ -240,6 +481,13 @@ impl CheckpointDriver {
             native_newest: 0,
             versions: BTreeMap::new(),
             stopped: false,
+            recover,
+            placement: ranks,
+            plan: Vec::new(),
+            wiring: None,
+            wirings: 0,
+            new_wiring,
+            job_error,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -248,8 +496,14 @@ impl CheckpointDriver {
             .map_err(|e| PolicyError::Config(format!("starting the policy thread: {e}")))?;
         Ok(CheckpointDriver {
             tx,
+            commits,
             thread: Some(thread),
         })
+    }
+
+    /// Checkpoints committed so far.
+    pub fn commits(&self) -> Arc<AtomicU64> {
+        self.commits.clone()
     }
 
     pub fn input(&self, input: Input) {
@@ -313,13 +567,26 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
         if let Err(e) = engine.tick(now(), &copies) {
             eprintln!("krun: checkpoint policy: {e}");
         }
+        for event in engine.runtime_mut().execute_plan() {
+            feed(&mut engine, now(), event, &copies);
+        }
     }
     engine.policy().summary()
 }
 
+/// Feeds `event`, then carries out the recovery it planned (if any), feeding back the
+/// answers of calls that could not be sent (bounded: each round needs a failed send).
 fn feed(engine: &mut Engine<Coordinated, HubCalls>, now: Millis, event: Event, reads: &Copies) {
-    if let Err(e) = engine.handle(now, event, reads) {
-        eprintln!("krun: checkpoint policy: {e}");
+    let mut queue = vec![event];
+    let mut rounds = 0;
+    while let Some(event) = queue.pop() {
+        if let Err(e) = engine.handle(now, event, reads) {
+            eprintln!("krun: checkpoint policy: {e}");
+        }
+        rounds += 1;
+        if rounds < 100 {
+            queue.extend(engine.runtime_mut().execute_plan());
+        }
     }
 }
 
@@ -333,25 +600,32 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             failed,
         } => {
             let lost: Vec<NodeId> = failed
-                .into_iter()
-                .filter(|n| calls.nodes.remove(n))
+                .iter()
+                .copied()
+                .filter(|n| calls.nodes.contains(n))
                 .collect();
-            if !lost.is_empty() && !calls.stopped {
-                // HOOK (recovery): feed Event::FailureAgreed { epoch, failed: lost, view }
-                // once krun drives rollbacks and restarts.
-                let _ = (epoch, members);
-                calls.stopped = true;
-                if calls.barrier.take().is_some() || calls.capturing.is_some() {
-                    (calls.send)(&LauncherToNode::Release {
-                        order: SafepointOrder::Abort(format!("node(s) {lost:?} failed")),
-                    });
-                }
-                eprintln!(
-                    "krun: no more checkpoints: node(s) {lost:?} ran ranks, and krun does not \
-                     drive their recovery yet"
-                );
+            if !lost.is_empty() && (calls.barrier.take().is_some() || calls.capturing.is_some()) {
+                (calls.send)(&LauncherToNode::Release {
+                    order: SafepointOrder::Abort(format!("node(s) {lost:?} failed")),
+                });
             }
-            None
+            if !calls.recover {
+                if !lost.is_empty() && !calls.stopped {
+                    calls.stopped = true;
+                    eprintln!(
+                        "krun: no more checkpoints: node(s) {lost:?} ran ranks, and the job \
+                         recovers none (no --spares, no --checkpoint-interval)"
+                    );
+                }
+                return None;
+            }
+            // The policy decides: roll the survivors back, restart the lost ranks on a spare
+            // (carried out by `HubCalls::execute_plan`), or end the job naming what is lost.
+            Some(Event::FailureAgreed {
+                epoch,
+                failed,
+                view: AgreedView::new(epoch, members),
+            })
         }
         Input::FromNode(node, msg) => match msg {
             NodeToLauncher::Held { op, .. } => {
@@ -366,6 +640,52 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 let (want, _) = calls.barrier.as_ref()?;
                 (want.seq == op).then_some(Event::SyncFailed { op: *want, reason })
             }
+            NodeToLauncher::Restarted {
+                wiring,
+                rank,
+                pid,
+                fetched,
+                seconds,
+            } => {
+                let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
+                let (node, planned) = *w.ranks.get(&rank)?;
+                if fetched > 0 {
+                    eprintln!(
+                        "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
+                         ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
+                    );
+                }
+                Some(match planned {
+                    Planned::Restart(decision) => Event::RestartDone {
+                        decision,
+                        rank,
+                        node,
+                        seconds,
+                    },
+                    Planned::Rollback(op, version) => Event::RollbackDone {
+                        op,
+                        rank,
+                        version,
+                        seconds,
+                    },
+                })
+            }
+            NodeToLauncher::RestartFailed {
+                wiring,
+                rank,
+                reason,
+            } => {
+                let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
+                let (_, planned) = *w.ranks.get(&rank)?;
+                Some(match planned {
+                    Planned::Restart(decision) => Event::RestartFailed {
+                        decision,
+                        rank,
+                        reason,
+                    },
+                    Planned::Rollback(op, _) => Event::RollbackFailed { op, rank, reason },
+                })
+            }
             NodeToLauncher::Captured {
                 rank,
                 version,
@@ -373,7 +693,8 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             } => {
                 calls.native_newest = calls.native_newest.max(version);
                 let pv = *calls.versions.get(&version)?;
-                copies.0.entry((rank, pv)).or_default().insert(Level::L1);
+                copies.add(rank, pv, Level::L1, Some(node));
+                copies.set_bytes(rank, pv, bytes);
                 let (op, _, _, started) = calls.capturing.as_ref()?;
                 Some(Event::CaptureDone {
                     op: *op,
@@ -390,7 +711,7 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             } => {
                 let pv = *calls.versions.get(&version)?;
                 let level = level_of(level)?;
-                copies.0.entry((rank, pv)).or_default().insert(level);
+                copies.add(rank, pv, level, None);
                 Some(Event::LevelSafe {
                     rank,
                     version: pv,
@@ -407,7 +728,10 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 version: *calls.versions.get(&version)?,
                 level: level_of(level)?,
             }),
-            NodeToLauncher::Register(_) | NodeToLauncher::View { .. } | NodeToLauncher::Bye => None,
+            NodeToLauncher::Register(_)
+            | NodeToLauncher::View { .. }
+            | NodeToLauncher::Bye
+            | NodeToLauncher::RankKilled { .. } => None,
         },
     }
 }

@@ -93,6 +93,24 @@ pub enum NodeToLauncher {
         level: u8,
         error: String,
     },
+    /// A rank of this node was killed by `signal` (not by the node): the job cannot go on
+    /// without it, and krun ends it (the node has ended its other ranks).
+    RankKilled { rank: u32, signal: i32 },
+    /// (To `Restart { wiring, .. }`) `rank` runs again here (pid), restored as ordered;
+    /// `fetched`: bytes of its image chain read from the store first (0: its own files).
+    Restarted {
+        wiring: u64,
+        rank: u32,
+        pid: u32,
+        fetched: u64,
+        seconds: f64,
+    },
+    /// (To `Restart { wiring, .. }`) `rank` could not be started here.
+    RestartFailed {
+        wiring: u64,
+        rank: u32,
+        reason: String,
+    },
 }
 
 /// What `krun` tells a krund node.
@@ -106,6 +124,18 @@ pub enum LauncherToNode {
     /// The policy's decision for the ranks held: every held rank gets this order.
     Release {
         order: super::safepoint::SafepointOrder,
+    },
+    /// A recovery (see `runtime/recovery.rs`): every rank of `ranks` placed on this node
+    /// starts here as a new process restored from native checkpoint `version` (`None`: from
+    /// the program's start), replacing its process here if it has one; a rank new to the
+    /// node first fetches its image chain from the store. The new processes wire up through
+    /// the all-gather at `bootstrap`, the job's wiring epoch `wiring`.
+    Restart {
+        wiring: u64,
+        bootstrap: String,
+        version: Option<u64>,
+        /// (rank, node) of every rank restarted in this wiring epoch.
+        ranks: Vec<(u32, NodeId)>,
     },
 }
 

@@ -45,6 +45,11 @@ struct State {
     members: Vec<NodeId>,
     /// Ids handed to nodes being added.
     reserved: BTreeSet<NodeId>,
+    /// Why the job must end now (a rank was killed) and its exit code, once a node said so.
+    abort: Option<(String, i32)>,
+    /// Nodes that run ranks now (spares join when ranks restart on them; failed nodes
+    /// leave): once all of them said `Bye`, the others (spares) are stopped.
+    ranked: BTreeSet<NodeId>,
 }
 
 struct Inner {
@@ -94,7 +99,10 @@ impl Hub {
         let socket = control::bind_unix(&dir.socket())?;
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                ranked: nodes_with_ranks.clone(),
+                ..State::default()
+            }),
             changed: Condvar::new(),
             dir: Mutex::new(dir),
             secret: secret.clone(),
@@ -139,6 +147,11 @@ impl Hub {
     /// Nodes to start for `krun node add` (taken once by the job's loop).
     pub fn take_starts(&mut self) -> Option<Receiver<NodeToStart>> {
         self.starts.take()
+    }
+
+    /// Why the job must end now and its exit code, if a node reported a killed rank.
+    pub fn abort_reason(&self) -> Option<(String, i32)> {
+        self.inner.state.lock().expect("hub lock").abort.clone()
     }
 
     /// The job is over: tells every node still linked to end.
@@ -245,6 +258,7 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                         eprintln!("krun: node {n} failed at epoch {e}");
                         failed.push(n);
                     }
+                    st.ranked.remove(&n);
                 }
                 if epoch >= st.epoch {
                     st.epoch = epoch;
@@ -264,14 +278,46 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 inner.changed.notify_all();
             }
             Ok(NodeToLauncher::Bye) => {
-                if let Some(l) = inner.state.lock().expect("hub lock").links.get_mut(&node) {
+                let mut st = inner.state.lock().expect("hub lock");
+                if let Some(l) = st.links.get_mut(&node) {
                     l.bye = true;
                     l.writer = None;
                 }
+                stop_spares_when_done(&mut st);
             }
             Ok(NodeToLauncher::Register(_)) => {}
+            Ok(NodeToLauncher::RankKilled { rank, signal }) => {
+                let mut st = inner.state.lock().expect("hub lock");
+                st.abort.get_or_insert((
+                    format!(
+                        "rank {rank} on node {node} was killed by {}",
+                        crate::ranks::signal_name(signal)
+                    ),
+                    128 + signal,
+                ));
+                inner.changed.notify_all();
+            }
+            Ok(msg @ NodeToLauncher::Restarted { .. }) => {
+                // The node runs ranks now (a spare took lost ones on).
+                inner.state.lock().expect("hub lock").ranked.insert(node);
+                to_policy(&inner, super::checkpoints::Input::FromNode(node, msg));
+            }
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
+        }
+    }
+}
+
+/// Once every node that runs ranks said `Bye`, the nodes still waiting for ranks (spares)
+/// end: they meet the others at the nodes' final barrier.
+fn stop_spares_when_done(st: &mut State) {
+    let State { links, ranked, .. } = st;
+    if ranked.is_empty() || !ranked.iter().all(|n| links.get(n).is_some_and(|l| l.bye)) {
+        return;
+    }
+    for link in links.values_mut().filter(|l| !l.bye) {
+        if let Some((s, w)) = link.writer.as_mut() {
+            let _ = w.send(s, &LauncherToNode::Stop);
         }
     }
 }

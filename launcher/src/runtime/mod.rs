@@ -44,6 +44,7 @@ pub mod hub;
 pub mod jobdir;
 pub mod membership;
 pub mod migrate;
+pub mod recovery;
 pub mod safepoint;
 pub mod status;
 pub mod store_link;
@@ -79,6 +80,16 @@ pub trait CheckpointAgent: Send + Sync {
     /// The agreed view lost `node`: reads skip it and its buddy duty moves on.
     fn node_down(&self, _node: NodeId) -> Result<()> {
         Ok(())
+    }
+    /// Writes `version` of `rank` and the older images it builds on, read from the store, as
+    /// ghost checkpoint files of `owner` under `dir` (a restart from them follows); returns
+    /// the bytes written.
+    fn write_chain(&self, rank: u32, version: u64, _dir: &Path, _owner: &str) -> Result<u64> {
+        Err(LauncherError::Checkpoint {
+            rank,
+            version,
+            what: "this node has no checkpoint store".into(),
+        })
     }
     /// Reads `version` of `rank` back from the store (the fastest valid copy).
     fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
@@ -467,6 +478,7 @@ impl Bound {
                 &addresses,
                 shared.clone(),
                 safepoints.clone(),
+                agent.clone(),
             )?;
             // The view the node starts in (a joiner: the view it knows before it is in).
             if let Ok(view) = table.handle.view() {
@@ -494,6 +506,13 @@ impl Bound {
                             let mut local = table.shared.local_ranks.lock().expect("ranks lock");
                             local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
+                        }
+                        RankEvent::Killed { rank, signal } => {
+                            table.shared.tell_launcher(&NodeToLauncher::RankKilled {
+                                rank: rank as u32,
+                                signal,
+                            });
+                            continue;
                         }
                     };
                     if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
@@ -557,6 +576,7 @@ fn connect_launcher(
     me: &NodeAddresses,
     shared: Arc<Shared>,
     safepoints: Arc<safepoint::SafepointGate>,
+    agent: Arc<AgentSlot>,
 ) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
@@ -590,6 +610,17 @@ fn connect_launcher(
                 }
                 Ok(LauncherToNode::Release { order }) => {
                     safepoints.release(order);
+                }
+                Ok(LauncherToNode::Restart {
+                    wiring,
+                    bootstrap,
+                    version,
+                    ranks,
+                }) => {
+                    let (shared, agent) = (shared.clone(), agent.clone());
+                    std::thread::spawn(move || {
+                        recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
+                    });
                 }
                 Err(e) => break format!("the link to krun ended: {e}"),
             }

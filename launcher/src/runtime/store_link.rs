@@ -65,6 +65,15 @@ impl CheckpointAgent for StoreAgent {
         })
     }
 
+    fn write_chain(&self, rank: u32, version: u64, dir: &Path, owner: &str) -> Result<u64> {
+        let files = self.agent.write_chain(rank, version, dir, owner)?;
+        Ok(files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum())
+    }
+
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>> {
         self.agent.on_checkpointed(rank, version, image, bytes)?;
         Ok(vec![level_number(Level::L1)])

@@ -40,6 +40,10 @@ pub struct StoreSettings {
     pub disk: Option<PathBuf>,
     /// The level a checkpoint must reach before it counts.
     pub level: Level,
+    /// Versions kept per rank and level: enough for the incremental chain of the two
+    /// newest commits (a restart needs every ancestor down to a full image) and one version
+    /// in flight: the ghost checkpointer's `KRUN_GHOST_FULL_EVERY` (default 4) + 2.
+    pub keep: usize,
 }
 
 impl StoreSettings {
@@ -71,10 +75,23 @@ impl StoreSettings {
             None => Level::L2,
             Some(v) => parse_level(&v).map_err(|e| bad("KRUN_STORE_LEVEL", e))?,
         };
+        let full_every = match get("KRUN_GHOST_FULL_EVERY") {
+            None => 4,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=1 << 16).contains(&n) => n,
+                _ => {
+                    return Err(bad(
+                        "KRUN_GHOST_FULL_EVERY",
+                        format!("{v:?} is not a number between 1 and 65536"),
+                    ))
+                }
+            },
+        };
         Ok(StoreSettings {
             arena_bytes: mib << 20,
             disk: get("KRUN_STORE_DISK").map(PathBuf::from),
             level,
+            keep: full_every + 2,
         })
     }
 }
@@ -135,7 +152,7 @@ pub fn start(
             nodes,
             arena_bytes: settings.arena_bytes,
             disk: settings.disk.clone(),
-            keep: 2,
+            keep: settings.keep,
             parity_set: 0,
             secret: secret.clone(),
             request_timeout: Duration::from_secs(5),
@@ -191,6 +208,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("KRUN_STORE_ARENA_MIB"), "{e}");
+    }
+
+    #[test]
+    fn the_store_keeps_the_incremental_chains_of_two_commits_and_one_in_flight() {
+        assert_eq!(StoreSettings::from_lookup(&|_| None).unwrap().keep, 6);
+        let s = StoreSettings::from_lookup(&|k| (k == "KRUN_GHOST_FULL_EVERY").then(|| "1".into()))
+            .unwrap();
+        assert_eq!(s.keep, 3);
+        let e = StoreSettings::from_lookup(&|k| (k == "KRUN_GHOST_FULL_EVERY").then(|| "0".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KRUN_GHOST_FULL_EVERY"), "{e}");
     }
 
     #[test]

@@ -312,6 +312,7 @@ impl Coordinated {
                 placements.extend(ranks.iter().map(|&r| (r, s, true)));
                 continue;
             }
+            let lost_here = ranks.clone();
             for r in ranks {
                 let cap = match self.cfg.no_spare {
                     NoSpare::Fail => {
@@ -319,7 +320,8 @@ impl Coordinated {
                         out.extend(self.end(
                             now,
                             PolicyError::NoNode {
-                                ranks: vec![r],
+                                // Every rank the node took with it is lost.
+                                ranks: lost_here,
                                 failed: rec.failed.clone(),
                                 reason,
                             },

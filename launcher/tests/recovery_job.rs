@@ -1,0 +1,406 @@
+//! Spares, injected failures and recovery, with real processes in local mode: the C heat
+//! stencil under `krun --local 3 --spares 1` and the coordinated checkpoint policy.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: tests run from `target/<profile>/deps`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(tag: &str) -> TempDir {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "krun-recovery-{tag}-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    )));
+    std::fs::create_dir_all(dir.0.join("xdg")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.0.join("xdg"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// Ends the job (SIGTERM to the krun we started; SIGKILL if it has not ended in 30 s).
+struct Job(Child);
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: kill on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn build_heat(out: &Path) -> PathBuf {
+    let lib = target_dir();
+    assert!(
+        lib.join("libkrun.so").exists(),
+        "libkrun.so not found in {} (cargo build -p rank first)",
+        lib.display()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("LIBDIR={}", lib.display()))
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the examples: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join("heat")
+}
+
+fn krun(dir: &Path) -> Command {
+    let mut c = Command::new(target_dir().join("krun"));
+    c.env("XDG_RUNTIME_DIR", dir.join("xdg"))
+        .env("KRUN_GHOST_DIR", dir.join("ghost"))
+        .env_remove("KRUN_GHOST_OWNER")
+        .env("KRUN_RECV_TIMEOUT_MS", "60000")
+        .env("KRUN_STORE_ARENA_MIB", "16")
+        .env_remove("KRUN_GHOST_RESTORE")
+        .env_remove("KRUN_STORE_LEVEL")
+        .env_remove("KRUN_STORE_DISK");
+    c
+}
+
+/// Runs krun to its end, at most `limit` (then SIGKILL: the test fails).
+fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let o = child.wait_with_output().unwrap();
+        let _ = tx.send(());
+        o
+    });
+    if rx.recv_timeout(limit).is_err() {
+        // SAFETY: SIGKILL to the krun this test started (not reaped: the waiter holds it).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let o = waiter.join().unwrap();
+        panic!(
+            "krun did not end within {limit:?}\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    waiter.join().unwrap()
+}
+
+fn checksum(t: &str) -> Option<String> {
+    t.lines()
+        .find_map(|l| l.split("checksum ").nth(1))
+        .map(str::to_string)
+}
+
+fn serial(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new(dir.join("heat_serial"))
+        .args(args)
+        .output()
+        .unwrap();
+    checksum(&String::from_utf8_lossy(&o.stdout)).expect("serial checksum")
+}
+
+/// Processes still running the test's own heat binary.
+fn heat_left(heat: &Path) -> Vec<u32> {
+    let mut left = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == heat) {
+            left.push(pid);
+        }
+    }
+    left
+}
+
+fn status(dir: &Path) -> Option<serde_json::Value> {
+    let o = krun(dir).args(["status", "--json"]).output().ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+#[test]
+fn a_spare_joins_the_membership_runs_no_rank_and_the_job_ends_with_the_serial_checksum() {
+    let dir = temp("spare");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "300"]);
+    let mut job = Job(krun(&dir.0)
+        .args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--checkpoint-interval", "0.5"])
+        .arg(&heat)
+        .args(["48", "40", "300", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut out = job.0.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    // While it runs: 4 members, every rank on nodes 0-2, none on the spare (node 3).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        if let Some(s) = status(&dir.0) {
+            let ranks = s["status"]["ranks"].as_array().cloned().unwrap_or_default();
+            if ranks.len() == 6 && ranks.iter().all(|r| r["state"] == "running") {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let members: Vec<u64> = seen["status"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.as_u64())
+        .collect();
+    assert_eq!(members, vec![0, 1, 2, 3], "{seen}");
+    let nodes: Vec<u64> = seen["status"]["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["node"].as_u64())
+        .collect();
+    assert_eq!(nodes, vec![0, 0, 1, 1, 2, 2], "{seen}");
+    // The job ends by itself (the spare is stopped once the ranks are done).
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let code = loop {
+        if let Some(c) = job.0.try_wait().unwrap() {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job with a spare never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = stdout.join().unwrap();
+    assert!(code.success(), "{code:?}\n{out}");
+    assert_eq!(checksum(&out), Some(want), "{out}");
+}
+
+#[test]
+fn an_injected_failure_without_a_spare_kills_that_node_and_its_ranks_and_ends_the_job_naming_them()
+{
+    let dir = temp("inject");
+    let heat = build_heat(&dir.0);
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "3", "-n", "6", "--checkpoint-interval", "0.5"])
+        .args(["--inject-failure", "node=1@2ckpt"])
+        .arg(&heat)
+        .args(["48", "40", "100000", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    let o = run_bounded(cmd, Duration::from_secs(240));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("checkpoint 2 committed"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("injected failure: SIGKILL to node 1 (krund pid "))
+        .unwrap_or_else(|| panic!("no injection line in {err}"));
+    // The ranks it named (node 1 runs ranks 2 and 3) are gone, and so is every other rank.
+    let pids: Vec<u32> = line
+        .split('[')
+        .nth(1)
+        .and_then(|t| t.split(']').next())
+        .unwrap()
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{line}");
+    // The policy says what is lost and why.
+    assert!(
+        err.contains(
+            "no node can host ranks 2-3 after the loss of node(s) 1: no spare node is left"
+        ),
+        "{err}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new(), "{err}");
+}
+
+/// The job directory's `decisions.log` (the job runs: its directory exists).
+fn decisions(dir: &Path) -> Option<String> {
+    for e in std::fs::read_dir(dir.join("xdg/krun")).ok()?.flatten() {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("decisions.log")) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_node_killed_after_three_commits_restarts_its_ranks_on_the_spare_and_the_job_ends_with_the_serial_checksum(
+) {
+    let dir = temp("recover");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "300"]);
+    let mut job = Job(krun(&dir.0)
+        .args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--checkpoint-interval", "0.5"])
+        .args(["--inject-failure", "node=1@3ckpt"])
+        .arg(&heat)
+        .args(["48", "40", "300", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut out = job.0.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let err = job.0.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
+            let _ = tx.send(l.clone());
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    // Until the recovery is over: then the decisions are in the job's log and the lost
+    // ranks run on the spare.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("recovered from the failure") => break,
+            Ok(_) => {}
+            Err(_) => panic!("no recovery within 240 s"),
+        }
+    }
+    let log = decisions(&dir.0).expect("decisions.log in the job directory");
+    for want in [
+        "RecoveryStarted",
+        "Restart { rank: 2, incarnation: 1, node: 3",
+        "Restart { rank: 3, incarnation: 1, node: 3",
+        "Recovered",
+    ] {
+        assert!(log.contains(want), "{want} not in {log}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on_spare = status(&dir.0).is_some_and(|s| {
+            s["status"]["ranks"].as_array().is_some_and(|rows| {
+                rows.iter()
+                    .filter(|r| r["node"] == 3 && r["state"] == "running")
+                    .count()
+                    == 2
+            })
+        });
+        if on_spare {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ranks 2-3 never shown on node 3");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let code = loop {
+        if let Some(c) = job.0.try_wait().unwrap() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the recovered job never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(code.success(), "{code:?}\n{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(err.contains("krun: node 1 failed at epoch"), "{err}");
+    assert!(
+        err.contains("ranks 2-3 restart on spare node 3 from checkpoint 3")
+            && err.contains("ranks 0-1,4-5 roll back to checkpoint 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rank 2 runs on node 3") && err.contains("came from the checkpoint store"),
+        "{err}"
+    );
+    // Every rank restored the recovery line's image (the lost ones from the store's bytes:
+    // the incremental chain v3 -> v2 -> v1).
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!("heat: rank {r} restored version 3 ")),
+            "rank {r}: {out}"
+        );
+    }
+    let summary = err
+        .lines()
+        .find(|l| l.contains(" held in them"))
+        .unwrap_or_else(|| panic!("no summary in {err}"));
+    assert!(
+        summary.contains("1 node failure, 1 recovery: 2 ranks restarted, 4 rolled back"),
+        "{summary}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
+
+#[test]
+fn a_node_killed_before_the_first_checkpoint_restarts_every_rank_from_the_start_with_its_ranks_on_the_spare(
+) {
+    let dir = temp("fromstart");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "200"]);
+    let mut cmd = krun(&dir.0);
+    // Checkpoints on request only: none is taken before the failure.
+    cmd.args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--inject-failure", "node=2@2s"])
+        .arg(&heat)
+        .args(["48", "40", "200", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    let o = run_bounded(cmd, Duration::from_secs(240));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(
+        err.contains("ranks 4-5 restart on spare node 3 from the start"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 node failure, 1 recovery: 6 ranks restarted, 0 rolled back"),
+        "{err}"
+    );
+    assert!(!out.contains("restored version"), "{out}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
