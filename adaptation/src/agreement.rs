@@ -187,8 +187,7 @@ impl Agreement {
 
     /// A Raft message from supervisor `from`; bytes that do not decode give an error.
     pub fn handle(&mut self, from: NodeId, bytes: &[u8]) -> Result<AgreementOutput> {
-        let m = Message::parse_from_bytes(bytes)
-            .map_err(|e| bad(from, format!("not a raft message: {e}")))?;
+        let m = parse_message(bytes).map_err(|e| bad(from, format!("not a raft message: {e}")))?;
         self.check(from, &m).map_err(|reason| bad(from, reason))?;
         self.guarded(|node| match node.step(m) {
             // A forwarded proposal reaching a member that cannot take it: the proposer retries.
@@ -303,6 +302,16 @@ impl Agreement {
                     return Err(format!("acknowledges index {} beyond our log", m.index));
                 }
             }
+            // raft-rs panics answering a vote request of term 0 (a real candidate's term is
+            // at least 1), and would count a term-0 grant.
+            MsgRequestVote
+            | MsgRequestVoteResponse
+            | MsgRequestPreVote
+            | MsgRequestPreVoteResponse
+                if m.term == 0 =>
+            {
+                return Err(format!("{:?} of term 0", m.get_msg_type()));
+            }
             MsgRequestVote
             | MsgRequestVoteResponse
             | MsgRequestPreVote
@@ -343,6 +352,22 @@ impl Agreement {
             }
         }
     }
+}
+
+/// Parses a raft message from exactly `bytes`. protobuf's own `parse_from_bytes` sets no
+/// limit and reads raft's `Bytes` fields into a buffer of the announced length, so a field
+/// announcing a huge length made it reserve up to 10 MB before finding the bytes missing.
+/// Read from a `Bytes` input (fields are slices of it) with the input's length as the
+/// limit, such a field fails at once.
+fn parse_message(bytes: &[u8]) -> protobuf::ProtobufResult<Message> {
+    let input = bytes::Bytes::copy_from_slice(bytes);
+    let mut is = protobuf::CodedInputStream::from_carllerche_bytes(&input);
+    is.push_limit(bytes.len() as u64)?;
+    let mut m = Message::new();
+    m.merge_from(&mut is)?;
+    is.check_eof()?;
+    m.check_initialized()?;
+    Ok(m)
 }
 
 /// The ready loop: persist, send, apply, advance, until raft-rs has nothing more.

@@ -37,6 +37,11 @@ fn endpoint(index: usize) -> Result<Box<dyn Endpoint>, String> {
 }
 
 fn endpoint_with(index: usize, timeout: Option<Duration>) -> Result<Box<dyn Endpoint>, String> {
+    let config = config_for(index, timeout)?;
+    fabric::open(&config).map_err(|e| format!("opening endpoint {index}: {e}"))
+}
+
+fn config_for(index: usize, timeout: Option<Duration>) -> Result<FabricConfig, String> {
     let mut config = FabricConfig::default().with_env().map_err(s)?;
     if let Some(t) = timeout {
         config.op_timeout = t;
@@ -57,7 +62,28 @@ fn endpoint_with(index: usize, timeout: Option<Duration>) -> Result<Box<dyn Endp
     if let Ok(ip) = std::env::var(format!("SOFTROCE_IP{index}")) {
         config.bind_address = ip;
     }
-    fabric::open(&config).map_err(|e| format!("opening endpoint {index}: {e}"))
+    Ok(config)
+}
+
+/// The side channel refuses an endpoint keyed with another cluster secret, says why, and
+/// still serves the next client.
+fn wrong_secret(target: &EndpointAddress) -> Check {
+    let mut config = config_for(0, None)?;
+    config.secret = Some(
+        fabric::secret::ClusterSecret::new(b"not the secret of this job".to_vec()).map_err(s)?,
+    );
+    let stranger = fabric::open(&config).map_err(s)?;
+    let e = match stranger.connect(target) {
+        Ok(_) => return Err("an endpoint with another secret connected".into()),
+        Err(e) => e.to_string(),
+    };
+    if !e.contains("wrong cluster secret") {
+        return Err(format!("refused, but not for the secret: {e}"));
+    }
+    let next = endpoint(0)?;
+    next.connect(target)
+        .map_err(|e| format!("after the refused client: {e}"))?;
+    Ok(format!("refused ({e}); the next client connects"))
 }
 
 /// The bulk test's content: every 8-byte word differs (a multiplicative hash of its index),
@@ -552,9 +578,9 @@ fn main() {
         if a.connect(&addr).map_err(s)? != peer {
             return Err("connecting twice gave another peer id".into());
         }
-        Ok((a, peer, target, bulk_target, counters))
+        Ok((a, peer, target, bulk_target, counters, addr))
     };
-    let (a, peer, mut target, bulk_target, counters) = match setup() {
+    let (a, peer, mut target, bulk_target, counters, addr) = match setup() {
         Ok(x) => x,
         Err(e) => {
             println!("VERBS_TEST setup FAIL {e}");
@@ -595,6 +621,7 @@ fn main() {
         cas_lock(&a, peer, counters, &mut target)
     });
     run("messages", &mut || messages(a.as_ref(), peer, &mut target));
+    run("wrong_secret", &mut || wrong_secret(&addr));
     // Last on this peer: on verbs a remote access error breaks the queue pair to it.
     run("errors", &mut || errors(a.as_ref(), peer, counters));
     run("killed_peer", &mut killed_peer);

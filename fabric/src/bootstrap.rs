@@ -22,7 +22,7 @@ const P: Protocol = Protocol::Bootstrap;
 
 /// What a rank says to the service.
 #[derive(Debug, Serialize, Deserialize)]
-enum Request {
+pub enum Request {
     /// The first message after the handshake.
     Join { rank: u32, size: u32 },
     /// This rank's contribution to the next round.
@@ -31,7 +31,7 @@ enum Request {
 
 /// What the service answers.
 #[derive(Debug, Serialize, Deserialize)]
-enum Reply {
+pub enum Reply {
     Welcome,
     Refused(String),
     /// Every rank's blob of a round, in rank order.

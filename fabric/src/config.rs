@@ -85,6 +85,9 @@ pub struct FabricConfig {
     pub verbs_gid_index: Option<u32>,
     /// IP address the tcp provider and the verbs connection manager bind to.
     pub bind_address: String,
+    /// The cluster secret keying the verbs side channel; `None`: from the environment
+    /// (`KRUN_SECRET_FILE`, `KRUN_SECRET`), else insecure mode's public key.
+    pub secret: Option<crate::secret::ClusterSecret>,
 }
 
 impl Default for FabricConfig {
@@ -97,6 +100,7 @@ impl Default for FabricConfig {
             verbs_device: None,
             verbs_gid_index: None,
             bind_address: "127.0.0.1".to_string(),
+            secret: None,
         }
     }
 }

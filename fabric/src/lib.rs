@@ -19,6 +19,7 @@ pub mod completion;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod fuzz;
 pub mod loopback;
 pub mod memory;
 pub mod ofi;

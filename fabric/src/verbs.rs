@@ -1,19 +1,19 @@
 //! InfiniBand verbs backend: RC queue pairs through `rdma-sys`, one per connected peer.
 //!
-//! Queue pairs are wired through a small TCP side channel of each endpoint. An endpoint's
-//! address carries the side channel's IP and port plus the port's LID and GID
-//! (`RawAddress`). The connecting side creates a QP and sends a `QpInfo` (magic `KRV2`,
-//! both endpoint tokens, QPN, PSN, LID, GID, active MTU, crc32c); the listener checks it is
-//! the endpoint meant, creates the matching QP, brings it to RTS, registers the connecting
-//! endpoint as a peer (so its messages name it) and answers with its own values.
+//! Queue pairs are wired through a small TCP side channel of each endpoint ([`side`]: the
+//! wire toolkit's handshake over the cluster secret, then one authenticated frame each way).
+//! An endpoint's address carries the side channel's IP and port plus the port's LID and GID
+//! (`RawAddress`). The connecting side creates a QP and sends a `QpInfo` (both endpoint
+//! tokens, QPN, PSN, LID, GID, active MTU); the listener checks it is the endpoint meant,
+//! creates the matching QP, brings it to RTS, registers the connecting endpoint as a peer
+//! (so its messages name it) and answers with its own values, or with why it refused.
 //!
 //! Messages travel as SENDs into a shared receive queue, each carrying the sender's token and
 //! the tag in a 16-byte header; one-sided operations are RDMA READ/WRITE and the two 64-bit
 //! atomics. An RC WRITE completes at the initiator only once the target acknowledged it, so
 //! the data is placed at the target when the completion arrives.
 use std::ffi::CStr;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,36 +28,21 @@ use crate::endpoint::{Endpoint, EndpointAddress, Inbox, Message, PeerId};
 use crate::error::{FabricError, Result};
 use crate::memory::{MemoryRegion, Region, RemoteRegion};
 use crate::ops::{FailedOp, OpTable};
+use crate::secret::ClusterSecret;
+
+mod side;
+use side::QpInfo;
 
 const RECV_BUFFERS: usize = 64;
 const RECV_CONTEXT: u64 = 1 << 63;
 /// Sender token and tag in front of every message.
 const MSG_HEADER: usize = 16;
-/// Side-channel connection message: magic, version 2 (v1 had no target token, MTU or CRC).
-const SIDE_MAGIC: &[u8; 4] = b"KRV2";
-const SIDE_LEN: usize = 4 + 8 + 8 + 4 + 4 + 2 + 16 + 1 + 1 + 4;
 /// First bytes of a verbs raw address: format tag and version.
 const RAW_MAGIC: u8 = b'V';
 const RAW_VERSION: u8 = 1;
 const PORT: u8 = 1;
-/// Wait at most this long for a side-channel peer that connected but says nothing.
-const SIDE_READ_LIMIT: Duration = Duration::from_secs(5);
-
-/// CRC-32C (Castagnoli), bitwise: side-channel messages are a few dozen bytes.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
+/// A side-channel exchange (handshake and both frames) ends within this time at most.
+const SIDE_LIMIT: Duration = crate::wire::HANDSHAKE_TIMEOUT;
 
 fn unavailable(reason: impl Into<String>) -> FabricError {
     FabricError::ProviderUnavailable {
@@ -365,82 +350,6 @@ impl Drop for QueuePair {
     }
 }
 
-/// What the other side needs to connect a QP to ours; sent both ways over the side channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct QpInfo {
-    /// The sender's endpoint token.
-    token: u64,
-    /// The endpoint the sender means to reach (a stale address reaching a new endpoint on a
-    /// reused port is refused).
-    to_token: u64,
-    qpn: u32,
-    psn: u32,
-    lid: u16,
-    gid: [u8; 16],
-    /// The sender port's active MTU (`ibv_mtu`, 1..=5); the path uses the smaller one.
-    mtu: u8,
-}
-
-impl QpInfo {
-    fn encode(&self) -> [u8; SIDE_LEN] {
-        let mut out = [0u8; SIDE_LEN];
-        out[..4].copy_from_slice(SIDE_MAGIC);
-        out[4..12].copy_from_slice(&self.token.to_le_bytes());
-        out[12..20].copy_from_slice(&self.to_token.to_le_bytes());
-        out[20..24].copy_from_slice(&self.qpn.to_le_bytes());
-        out[24..28].copy_from_slice(&self.psn.to_le_bytes());
-        out[28..30].copy_from_slice(&self.lid.to_le_bytes());
-        out[30..46].copy_from_slice(&self.gid);
-        out[46] = self.mtu;
-        // out[47] is reserved (zero).
-        let crc = crc32c(&out[..SIDE_LEN - 4]);
-        out[SIDE_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
-        out
-    }
-
-    fn decode(b: &[u8]) -> Result<QpInfo> {
-        let bad = |what: String| {
-            FabricError::BadAddress(format!("verbs side channel: {what} ({} bytes)", b.len()))
-        };
-        if b.len() != SIDE_LEN {
-            return Err(bad(format!("message must be {SIDE_LEN} bytes")));
-        }
-        if &b[..3] == b"KRV" && &b[..4] != SIDE_MAGIC {
-            return Err(bad(format!(
-                "unsupported protocol version {:?} (this endpoint speaks {:?})",
-                b[3] as char, SIDE_MAGIC[3] as char
-            )));
-        }
-        if &b[..4] != SIDE_MAGIC {
-            return Err(bad("missing KRV2 magic".into()));
-        }
-        let crc = u32::from_le_bytes(b[SIDE_LEN - 4..].try_into().expect("4 bytes"));
-        if crc != crc32c(&b[..SIDE_LEN - 4]) {
-            return Err(bad("checksum mismatch".into()));
-        }
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let info = QpInfo {
-            token: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
-            to_token: u64::from_le_bytes(b[12..20].try_into().expect("8 bytes")),
-            qpn: u32_at(20),
-            psn: u32_at(24),
-            lid: u16::from_le_bytes([b[28], b[29]]),
-            gid: b[30..46].try_into().expect("16 bytes"),
-            mtu: b[46],
-        };
-        if info.qpn > 0xff_ffff || info.psn > 0xff_ffff {
-            return Err(bad(format!(
-                "QPN {:#x} or PSN {:#x} exceeds 24 bits",
-                info.qpn, info.psn
-            )));
-        }
-        if !(1..=5).contains(&info.mtu) || b[47] != 0 {
-            return Err(bad(format!("invalid MTU code {}", info.mtu)));
-        }
-        Ok(info)
-    }
-}
-
 /// A verbs endpoint's raw address: where its side channel listens, and its port's LID and
 /// GID. Layout: `'V' | version 1 | family 4|6 | ip (4 or 16) | port u16 | lid u16 | gid[16]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,6 +437,8 @@ struct Peer {
 struct Inner {
     device: Arc<Device>,
     token: u64,
+    /// Keys the side channel (both ends of a job hold it).
+    secret: ClusterSecret,
     /// Where peers reach our side channel (see [`advertised_ip`]).
     side: SocketAddr,
     /// Peers in the order this endpoint learned them (connect or accept): index = PeerId.
@@ -580,6 +491,10 @@ impl VerbsEndpoint {
             recv_pool: register_on(&device, Region::new(RECV_BUFFERS * slot_bytes)?)?,
             device,
             token: crate::random_token()?,
+            secret: match &config.secret {
+                Some(s) => s.clone(),
+                None => ClusterSecret::from_env()?.unwrap_or_else(ClusterSecret::insecure),
+            },
             side,
             peers: RwLock::new(Vec::new()),
             extra_qps: Mutex::new(Vec::new()),
@@ -790,50 +705,22 @@ impl Inner {
             .map(|i| PeerId(i as u32))
     }
 
-    /// Serves the side channel until shutdown; each connection in its own short-lived thread
-    /// so a silent client cannot hold up the others.
+    /// Serves the side channel until shutdown (see [`side::serve`]).
     fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
-        while !self.shutdown.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, from)) => {
-                    let me = self.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("krun-verbs-conn".into())
-                        .spawn(move || {
-                            if let Err(e) = me.accept_one(stream) {
-                                eprintln!(
-                                    "krun fabric (verbs): refusing connection from {from}: {e}"
-                                );
-                            }
-                        });
-                    if let Err(e) = spawned {
-                        eprintln!("krun fabric (verbs): cannot serve {from}: {e}");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: transient, do not kill the listener.
-                    eprintln!("krun fabric (verbs): side channel accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
+        let me = self.clone();
+        let within = self.timeout.min(SIDE_LIMIT);
+        side::serve(
+            listener,
+            self.secret.clone(),
+            within,
+            &self.shutdown,
+            move |remote| me.answer(remote),
+        );
     }
 
-    /// The passive half of a connection: read the peer's QP info, create and connect our QP,
-    /// register the peer, answer with our QP info.
-    fn accept_one(&self, mut s: TcpStream) -> Result<()> {
-        let io = |what: &str, e| FabricError::io(format!("verbs side channel {what}"), e);
-        s.set_nonblocking(false).map_err(|e| io("setup", e))?;
-        let limit = Some(self.timeout.min(SIDE_READ_LIMIT));
-        s.set_read_timeout(limit).map_err(|e| io("setup", e))?;
-        s.set_write_timeout(limit).map_err(|e| io("setup", e))?;
-        let mut buf = [0u8; SIDE_LEN];
-        s.read_exact(&mut buf).map_err(|e| io("read", e))?;
-        let remote = QpInfo::decode(&buf)?;
+    /// The passive half of a connection, given the peer's checked QP info: create and
+    /// connect our QP, register the peer, return our QP info for the answer.
+    fn answer(&self, remote: QpInfo) -> Result<QpInfo> {
         if remote.to_token != self.token {
             return Err(FabricError::BadAddress(format!(
                 "verbs side channel: connection meant for endpoint {:016x}, this is {:016x}",
@@ -846,9 +733,7 @@ impl Inner {
         // Register before answering: the peer may send as soon as it has the answer, and
         // its messages must name it.
         self.add_peer(remote.token, qp.clone(), true);
-        s.write_all(&self.local_info(&qp, psn, remote.token).encode())
-            .map_err(|e| io("write", e))?;
-        Ok(())
+        Ok(self.local_info(&qp, psn, remote.token))
     }
 
     fn peer_qp(&self, peer: PeerId, op: &'static str) -> Result<Arc<QueuePair>> {
@@ -1134,23 +1019,14 @@ impl Endpoint for VerbsEndpoint {
         }
         let raw = RawAddress::decode(&peer.raw)?;
         let side = raw.side;
-        let io = |e| FabricError::io(format!("verbs side channel to {side}"), e);
-        let deadline = Instant::now() + inner.timeout;
-        let left = || {
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        };
         let qp = inner.create_qp()?;
         let psn = (crate::random_token()? & 0xff_ffff) as u32;
-        let mut s = TcpStream::connect_timeout(&side, inner.timeout).map_err(io)?;
-        s.set_write_timeout(Some(left())).map_err(io)?;
-        s.write_all(&inner.local_info(&qp, psn, peer.token).encode())
-            .map_err(io)?;
-        s.set_read_timeout(Some(left())).map_err(io)?;
-        let mut buf = [0u8; SIDE_LEN];
-        s.read_exact(&mut buf).map_err(io)?;
-        let remote = QpInfo::decode(&buf)?;
+        let remote = side::exchange(
+            side,
+            &inner.secret,
+            &inner.local_info(&qp, psn, peer.token),
+            inner.timeout,
+        )?;
         if remote.token != peer.token || remote.to_token != inner.token {
             return Err(FabricError::BadAddress(format!(
                 "the endpoint at {side} is {:016x}, not the {:016x} the address names",
@@ -1401,58 +1277,5 @@ mod tests {
         );
         let bound: IpAddr = "10.1.1.1".parse().unwrap();
         assert_eq!(advertised_ip(bound, &mapped), bound);
-    }
-
-    fn info() -> QpInfo {
-        QpInfo {
-            token: 0x1234,
-            to_token: 0x5678,
-            qpn: 77,
-            psn: 0xabcdef,
-            lid: 3,
-            gid: [9; 16],
-            mtu: 3,
-        }
-    }
-
-    #[test]
-    fn side_channel_messages_round_trip() {
-        assert_eq!(QpInfo::decode(&info().encode()).unwrap(), info());
-    }
-
-    #[test]
-    fn malformed_side_channel_messages_are_rejected() {
-        let good = info().encode();
-        let reason = |b: &[u8]| QpInfo::decode(b).unwrap_err().to_string();
-        assert!(reason(&[0; 10]).contains("must be"));
-        assert!(reason(&good[..SIDE_LEN - 1]).contains("must be"));
-        let mut bad = good;
-        bad[0] = b'X';
-        assert!(reason(&bad).contains("magic"));
-        // The v1 format (no CRC, no MTU) is named as an unsupported version.
-        let mut v1 = good;
-        v1[3] = b'1';
-        assert!(reason(&v1).contains("version"));
-        // Any flipped bit is caught by the checksum.
-        for i in 4..SIDE_LEN {
-            let mut bad = good;
-            bad[i] ^= 0x10;
-            assert!(reason(&bad).contains("checksum"), "byte {i}");
-        }
-        // Well-formed but out-of-range fields.
-        let mut i = info();
-        i.qpn = 1 << 24;
-        assert!(reason(&i.encode()).contains("24 bits"));
-        let mut i = info();
-        i.mtu = 0;
-        assert!(reason(&i.encode()).contains("MTU"));
-        let mut i = info();
-        i.mtu = 6;
-        assert!(reason(&i.encode()).contains("MTU"));
-    }
-
-    #[test]
-    fn crc32c_matches_the_standard_check_value() {
-        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }
 }

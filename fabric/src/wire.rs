@@ -104,10 +104,12 @@ pub enum Protocol {
     Policy = 7,
     /// The DSM's control messages.
     Dsm = 8,
+    /// The verbs backend's queue-pair exchange (its side channel).
+    Verbs = 9,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 8] = [
+    pub const ALL: [Protocol; 9] = [
         Protocol::Control,
         Protocol::Runtime,
         Protocol::Store,
@@ -116,6 +118,7 @@ impl Protocol {
         Protocol::Rank,
         Protocol::Policy,
         Protocol::Dsm,
+        Protocol::Verbs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +131,7 @@ impl Protocol {
             Protocol::Rank => "rank",
             Protocol::Policy => "policy",
             Protocol::Dsm => "dsm",
+            Protocol::Verbs => "verbs",
         }
     }
 
@@ -332,8 +336,7 @@ impl FrameReader {
         let mut h = [0u8; HEADER_LEN];
         read_exact(r, &mut h, p, "frame header")?;
         let header = Header::decode(&h, p, self.max_payload)?;
-        let mut body = vec![0u8; header.len as usize + TAG_LEN];
-        read_exact(r, &mut body, p, "frame payload")?;
+        let body = read_body(r, header.len as usize + TAG_LEN, p)?;
         let (payload, tag) = body.split_at(header.len as usize);
         if !verify_frame(&self.key, &h, payload, tag) {
             return Err(FabricError::WireAuth { protocol: p.name() });
@@ -346,6 +349,7 @@ impl FrameReader {
             });
         }
         self.seq += 1;
+        let mut body = body;
         body.truncate(header.len as usize);
         Ok(body)
     }
@@ -358,6 +362,32 @@ impl FrameReader {
 
     pub fn protocol(&self) -> Protocol {
         self.protocol
+    }
+}
+
+/// What a reader allocates for a payload before its bytes arrive: a header announcing more
+/// makes the buffer grow only as the bytes come in, so a peer cannot make a reader hold
+/// more than it actually sent (plus this much).
+const PAYLOAD_CHUNK: usize = 1 << 20;
+
+/// Reads `len` bytes of a frame's payload and tag.
+fn read_body(r: &mut impl Read, len: usize, p: Protocol) -> Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(len.min(PAYLOAD_CHUNK));
+    loop {
+        match (&mut *r)
+            .take((len - body.len()) as u64)
+            .read_to_end(&mut body)
+        {
+            Ok(_) if body.len() == len => return Ok(body),
+            Ok(_) => {
+                return Err(FabricError::WireMalformed {
+                    protocol: p.name(),
+                    what: "connection closed inside a frame payload (truncated frame)".into(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FabricError::io(format!("reading a {p} frame payload"), e)),
+        }
     }
 }
 

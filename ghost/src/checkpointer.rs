@@ -387,21 +387,26 @@ impl Checkpointer for NativeCheckpointer {
             .ok()
             .filter(|c| Path::new(c).is_dir())
             .unwrap_or_else(|| "/".into());
-        let child = std::process::Command::new(&program)
-            .args(&args)
+        let mut cmd = std::process::Command::new(&program);
+        cmd.args(&args)
             .current_dir(cwd)
             .env("KRUN_GHOST_DIR", &workdir)
             .env("KRUN_GHOST_OWNER", &owner)
             .env("KRUN_GHOST_RESTORE", image.image_id.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(output)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| GhostError::Io {
-                path: PathBuf::from(&program),
-                what: "starting the restored program".into(),
-                source: e,
-            })?;
+            .stderr(err);
+        // SAFETY: close_range(2) is async-signal-safe; the restored program inherits none
+        // of the caller's descriptors above stderr (a daemon's sockets among them).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(crate::descriptors::cloexec_above_stdio);
+        }
+        let child = cmd.spawn().map_err(|e| GhostError::Io {
+            path: PathBuf::from(&program),
+            what: "starting the restored program".into(),
+            source: e,
+        })?;
         Ok(Restored {
             backend: Backend::Native,
             pid: child.id() as i32,

@@ -120,15 +120,13 @@ impl Criu {
         cmd.arg("swrk")
             .arg(their_fd.to_string())
             .stdin(std::process::Stdio::null());
-        // SAFETY: between fork and exec only fcntl (async-signal-safe) runs, clearing
-        // FD_CLOEXEC on the descriptors criu must inherit.
+        // SAFETY: between fork and exec only fcntl and close_range (async-signal-safe) run:
+        // criu inherits the descriptors it must have and none of the caller's others.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
-                for fd in &inherit {
-                    libc::fcntl(*fd, libc::F_SETFD, 0);
-                }
-                Ok(())
+                crate::descriptors::cloexec_above_stdio()?;
+                crate::descriptors::keep_across_exec(&inherit)
             });
         }
         let mut child = cmd
@@ -420,12 +418,13 @@ pub fn spawn_capturable(program: &Path, args: &[String], output: &Path) -> Resul
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err);
-    // SAFETY: setsid(2) is async-signal-safe.
+    // SAFETY: setsid(2) and close_range(2) are async-signal-safe; the program inherits none
+    // of the caller's descriptors above stderr.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
             libc::setsid();
-            Ok(())
+            crate::descriptors::cloexec_above_stdio()
         });
     }
     let mut supervisor = cmd

@@ -4,6 +4,7 @@
 pub mod capi;
 pub mod checkpointer;
 pub mod criu;
+pub mod descriptors;
 pub mod error;
 pub mod image;
 pub mod native;

@@ -298,13 +298,14 @@ impl Daemon {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the node process (and through it its ranks) dies
-        // with the daemon, so a killed host leaves nothing behind.
+        // SAFETY: prctl and the descriptor call are async-signal-safe; the node process (and
+        // through it its ranks) dies with the daemon, so a killed host leaves nothing behind,
+        // and it inherits none of the daemon's descriptors (client connections, listeners).
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                ghost::descriptors::cloexec_above_stdio()
             });
         }
         let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn {

@@ -381,8 +381,9 @@ fn spawn_rank(
         .stderr(Stdio::piped());
     // SAFETY: isatty only inspects fd 0.
     let own_group = !(rank == 0 && extra_env.is_empty() && unsafe { libc::isatty(0) } == 1);
-    // SAFETY: prctl is async-signal-safe; ranks die with their node daemon instead of
-    // lingering as orphans.
+    // SAFETY: setpgid, prctl and the descriptor calls are async-signal-safe; ranks die with
+    // their node daemon instead of lingering as orphans, and inherit none of its descriptors
+    // (libfabric's endpoint sockets are not close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
             // Each rank leads its own process group, so that signals and a forced end
@@ -392,6 +393,7 @@ fn spawn_rank(
                 libc::setpgid(0, 0);
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            ghost::descriptors::cloexec_above_stdio()?;
             match mask {
                 Some(m) => m.apply(),
                 None => Ok(()),
