@@ -7,7 +7,7 @@
 //!
 //! | policy call | krun → krund | krund → krun |
 //! |---|---|---|
-//! | `barrier(op)` | `Barrier{op}`: hold ranks at their safepoints (SIGUSR1 wakes them) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
+//! | `barrier(op)` | `Barrier{op}`: hold ranks that reach a safepoint; once every node answered `Opened{op}`, `Wake{op}` (SIGUSR1 wakes them) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
 //! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version}` → `CaptureDone`; `Safe`/`NotSafe` → `LevelSafe`/`LevelLost` |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
@@ -43,6 +43,9 @@ use policies::primitives::{
 };
 use policies::report::{Notice, Summary};
 use policies::{Config, Coordinated, IntervalChoice, Policy, PolicyError};
+
+/// How long every node has to answer `Opened` to a barrier before it fails.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 use super::control::{LauncherToNode, NodeToLauncher};
 use super::safepoint::SafepointOrder;
@@ -147,6 +150,9 @@ struct HubCalls {
     log: Option<PathBuf>,
     /// The barrier in progress: its op and the nodes that answered `Held`.
     barrier: Option<(OpId, BTreeSet<NodeId>)>,
+    /// The nodes that answered `Opened` for the barrier in progress, whether `Wake` went out
+    /// (once all of them opened), and when the barrier started.
+    opened: (BTreeSet<NodeId>, bool, Instant),
     /// The op whose capture was ordered, with the checkpointer's version and when.
     capturing: Option<(OpId, Version, u64, Instant)>,
     /// The checkpointer's newest version seen.
@@ -206,6 +212,7 @@ impl PolicyRuntime for HubCalls {
             return Err(format!("nodes {missing:?} are not linked to krun yet"));
         }
         self.barrier = Some((op, BTreeSet::new()));
+        self.opened = (BTreeSet::new(), false, Instant::now());
         Ok(())
     }
 
@@ -477,6 +484,7 @@ impl CheckpointDriver {
             nodes,
             log,
             barrier: None,
+            opened: (BTreeSet::new(), false, Instant::now()),
             capturing: None,
             native_newest: 0,
             versions: BTreeMap::new(),
@@ -564,6 +572,30 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
         if engine.runtime().stopped {
             continue;
         }
+        // A node that never opened the barrier (alive but stuck) would hold it forever: the
+        // nodes only time their ranks out once woken.
+        let unopened = {
+            let calls = engine.runtime();
+            match &calls.barrier {
+                Some((op, _)) if !calls.opened.1 && calls.opened.2.elapsed() > OPEN_TIMEOUT => {
+                    let missing: Vec<_> = calls.nodes.difference(&calls.opened.0).collect();
+                    Some((
+                        *op,
+                        format!("nodes {missing:?} did not open the barrier in {OPEN_TIMEOUT:?}"),
+                    ))
+                }
+                _ => None,
+            }
+        };
+        if let Some((op, reason)) = unopened {
+            engine.runtime_mut().opened.1 = true;
+            feed(
+                &mut engine,
+                now(),
+                Event::SyncFailed { op, reason },
+                &copies,
+            );
+        }
         if let Err(e) = engine.tick(now(), &copies) {
             eprintln!("krun: checkpoint policy: {e}");
         }
@@ -628,6 +660,19 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             })
         }
         Input::FromNode(node, msg) => match msg {
+            NodeToLauncher::Opened { op } => {
+                let (want, _) = calls.barrier.as_ref()?;
+                if want.seq != op {
+                    return None;
+                }
+                calls.opened.0.insert(node);
+                if !calls.opened.1 && calls.opened.0.is_superset(&calls.nodes) {
+                    // Every node holds ranks that ask now: wake them.
+                    calls.opened.1 = true;
+                    (calls.send)(&LauncherToNode::Wake { op });
+                }
+                None
+            }
             NodeToLauncher::Held { op, .. } => {
                 let (want, held) = calls.barrier.as_mut()?;
                 if want.seq != op {
@@ -733,5 +778,75 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             | NodeToLauncher::Bye
             | NodeToLauncher::RankKilled { .. } => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A hub whose broadcasts are recorded, for nodes 0-2.
+    fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let log = sent.clone();
+        let nodes: BTreeSet<NodeId> = [0, 1, 2].into();
+        let linked = nodes.clone();
+        let calls = HubCalls {
+            commits: Arc::new(AtomicU64::new(0)),
+            send: Arc::new(move |m: &LauncherToNode| {
+                log.lock().unwrap().push(m.clone());
+                linked.clone()
+            }),
+            nodes,
+            log: None,
+            barrier: None,
+            opened: (BTreeSet::new(), false, Instant::now()),
+            capturing: None,
+            native_newest: 0,
+            versions: BTreeMap::new(),
+            stopped: false,
+            recover: false,
+            placement: vec![0, 1, 2],
+            plan: Vec::new(),
+            wiring: None,
+            wirings: 0,
+            new_wiring: Arc::new(|| Err("no wiring in this test".into())),
+            job_error: Arc::new(Mutex::new(None)),
+        };
+        (calls, sent)
+    }
+
+    /// The first-barrier race seen under load: a rank of a node that had already heard of
+    /// the barrier woke its peers, whose own node had not heard of it yet and let them go
+    /// on ("the ranks' nodes gave different orders"). Ranks are now woken only once every
+    /// node holds ranks that ask.
+    #[test]
+    fn ranks_are_woken_only_once_every_node_opened_the_barrier() {
+        let (mut calls, sent) = hub();
+        let mut copies = Copies(BTreeMap::new());
+        let op = OpId { leader: 0, seq: 7 };
+        calls.barrier(op, &[]).unwrap();
+        let wakes = |sent: &Arc<Mutex<Vec<LauncherToNode>>>| {
+            sent.lock()
+                .unwrap()
+                .iter()
+                .filter(|m| matches!(m, LauncherToNode::Wake { op: 7 }))
+                .count()
+        };
+        assert!(matches!(
+            sent.lock().unwrap()[0],
+            LauncherToNode::Barrier { op: 7 }
+        ));
+        let opened = |node| Input::FromNode(node, NodeToLauncher::Opened { op: 7 });
+        for (node, woken) in [(2, 0), (0, 0), (0, 0), (1, 1)] {
+            assert!(translate(&mut calls, &mut copies, opened(node)).is_none());
+            assert_eq!(wakes(&sent), woken, "after node {node} opened");
+        }
+        // A late answer to an older barrier wakes nobody again.
+        let stale = Input::FromNode(1, NodeToLauncher::Opened { op: 6 });
+        assert!(translate(&mut calls, &mut copies, stale).is_none());
+        translate(&mut calls, &mut copies, opened(2));
+        assert_eq!(wakes(&sent), 1);
     }
 }

@@ -77,7 +77,9 @@ pub enum NodeToLauncher {
     },
     /// The node's work is over; it leaves now (its departure is not a failure).
     Bye,
-    /// (To `Barrier { op }`) every rank running on this node is held at a safepoint.
+    /// (To `Barrier { op }`) this node now holds ranks that reach a safepoint.
+    Opened { op: u64 },
+    /// (To `Wake { op }`) every rank running on this node is held at a safepoint.
     Held { op: u64, ranks: Vec<u32> },
     /// (To `Barrier { op }`) the node's ranks did not all reach a safepoint.
     SyncFailed { op: u64, reason: String },
@@ -118,9 +120,13 @@ pub enum NodeToLauncher {
 pub enum LauncherToNode {
     /// The job is over: a node without ranks of its own (joined later) ends now.
     Stop,
-    /// The policy's barrier: from now on the node holds its ranks at their safepoints
-    /// (waking them with SIGUSR1) and answers `Held` once every rank it runs is held.
+    /// The policy's barrier, in two phases so that no rank asks a node that has not heard
+    /// of it yet: on `Barrier` the node holds every rank that reaches a safepoint from now
+    /// on and answers `Opened`; once every node opened, `Wake` makes each node wake its ranks
+    /// (SIGUSR1) and answer `Held` once every rank it runs is held.
     Barrier { op: u64 },
+    /// (After every node's `Opened { op }`) wake the ranks for barrier `op`.
+    Wake { op: u64 },
     /// The policy's decision for the ranks held: every held rank gets this order.
     Release {
         order: super::safepoint::SafepointOrder,

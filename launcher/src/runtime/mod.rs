@@ -605,6 +605,10 @@ fn connect_launcher(
             match rx.recv::<LauncherToNode>(&mut reader) {
                 Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
                 Ok(LauncherToNode::Barrier { op }) => {
+                    safepoints.open_barrier();
+                    shared.tell_launcher(&NodeToLauncher::Opened { op });
+                }
+                Ok(LauncherToNode::Wake { op }) => {
                     let (shared, safepoints) = (shared.clone(), safepoints.clone());
                     std::thread::spawn(move || barrier(&shared, &safepoints, op));
                 }
