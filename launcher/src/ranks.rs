@@ -194,6 +194,14 @@ pub fn signal_name(sig: i32) -> String {
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// Checkpoint requests (SIGUSR1, e.g. Slurm's pre-timeout `--signal`) not yet handled.
 static CHECKPOINT_REQUESTS: AtomicI32 = AtomicI32::new(0);
+/// `RankEvent::Killed` events sent by this process (see [`killed_ranks_reported`]).
+static KILLED_SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many `RankEvent::Killed` this process sent: a node leaving after a killed rank waits
+/// until its runtime has told krun of each (the report decides whether the job ends).
+pub fn killed_ranks_reported() -> usize {
+    KILLED_SENT.load(Ordering::SeqCst)
+}
 
 extern "C" fn remember_signal(sig: libc::c_int) {
     if sig == libc::SIGUSR1 {
@@ -620,10 +628,15 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     // until their timeouts): end the node's other ranks and tell krun, which
                     // ends the other nodes.
                     if let Some(tx) = &share.events {
-                        let _ = tx.send(RankEvent::Killed {
-                            rank: *rank,
-                            signal: sig,
-                        });
+                        if tx
+                            .send(RankEvent::Killed {
+                                rank: *rank,
+                                signal: sig,
+                            })
+                            .is_ok()
+                        {
+                            KILLED_SENT.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                     killed = true;
                 }

@@ -547,3 +547,38 @@ fn a_killed_rank_ends_the_whole_job_and_what_its_peers_started() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The killed rank was its node's only one: the node leaves at once, and its report of the
+/// kill still reaches krun before it goes, so the job ends now rather than when the other
+/// ranks time out waiting for it.
+#[test]
+fn a_killed_rank_alone_on_its_node_still_ends_the_job() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args([
+            "-n",
+            "2",
+            "--local",
+            "2",
+            "sh",
+            "-c",
+            "if [ $KRUN_RANK = 1 ]; then sleep 0.5; kill -11 $$; fi; sleep 300",
+        ])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for(|| {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.unwrap().code(), Some(128 + 11), "{err}");
+    assert!(
+        err.contains("rank 1 on node 1 was killed by signal 11"),
+        "{err}"
+    );
+    assert!(err.contains("ending the job"), "{err}");
+}

@@ -362,6 +362,7 @@ fn run() -> Result<i32, LauncherError> {
             // a signal (code > 128) ends the job: leave at once so krun ends the others
             // instead of waiting here for ranks that wait for the dead one.
             if code > 128 {
+                runtime.flush_killed_reports(Duration::from_secs(5));
                 return Ok(code);
             }
             if !runtime.membership_shrank() {

@@ -20,6 +20,8 @@ use crate::error::{LauncherError, Result};
 /// State shared by the node's threads.
 pub struct Shared {
     pub me: NodeId,
+    /// Killed ranks this node has told krun of (`NodeToLauncher::RankKilled`).
+    pub killed_told: std::sync::atomic::AtomicUsize,
     /// Ranks of the job (rows 0..job_ranks of the process table).
     pub job_ranks: AtomicU64,
     view: Mutex<Option<ViewSnapshot>>,
@@ -59,6 +61,7 @@ impl Shared {
             rank_commands: Mutex::new(None),
             drained: AtomicBool::new(false),
             linked_ranks: Mutex::new(BTreeSet::new()),
+            killed_told: std::sync::atomic::AtomicUsize::new(0),
             view_hooks: Mutex::new(Vec::new()),
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
         })

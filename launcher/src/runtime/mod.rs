@@ -217,6 +217,18 @@ impl Runtime {
         self.events.clone()
     }
 
+    /// Waits (at most `timeout`) until krun was told of every rank killed here
+    /// ([`crate::ranks::killed_ranks_reported`]), so that a node leaving after one does not
+    /// take the news with it.
+    pub fn flush_killed_reports(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.shared.killed_told.load(Ordering::SeqCst) < crate::ranks::killed_ranks_reported()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The node's work is over: tell krun (its departure is not a failure).
     pub fn finish(&self) {
         self.shared.finish();
@@ -512,6 +524,7 @@ impl Bound {
                                 rank: rank as u32,
                                 signal,
                             });
+                            table.shared.killed_told.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
                     };
