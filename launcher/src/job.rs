@@ -337,6 +337,12 @@ pub fn run(job: &Job) -> Result<i32> {
             // The nodes hold failed ranks' exits back while a recovery may restart them.
             cmd.env("KRUN_SPARES", job.spares().to_string());
         }
+        if job.program.as_ref().is_some_and(recovers) {
+            // Also without spares: a survivor whose peer's node died must not leave before
+            // the failure is agreed (its leaving could take the supervisors' quorum with it);
+            // the policy then restarts the lost ranks or ends the job naming them.
+            cmd.env("KRUN_RECOVERS", "1");
+        }
         for (key, v) in &job.env {
             cmd.env(key, v);
         }

@@ -342,6 +342,9 @@ fn run() -> Result<i32, LauncherError> {
                 .and_then(|v| v.parse::<u32>().ok())
             {
                 Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
+                _ if std::env::var_os("KRUN_RECOVERS").is_some() => {
+                    Some(failure_timeout()? + Duration::from_secs(20))
+                }
                 _ => None,
             },
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
