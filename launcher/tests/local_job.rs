@@ -500,6 +500,26 @@ fn killing_krun_ends_its_nodes_and_their_ranks() {
     wait_for(|| nodes.iter().chain(&ranks).all(|&p| !alive(p)));
 }
 
+/// Runs krun with `args` and waits for it within `wait_for`'s bound (a job that would hang
+/// fails the test instead); returns its exit code and stderr.
+fn krun_bounded(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(args)
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for(|| {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.unwrap().code(), err)
+}
+
 /// A rank killed by a signal ends the job at once: the other ranks (and what they started)
 /// would otherwise wait for it until their own timeouts. The job's code is the killed
 /// rank's, not that of the ranks ended after it.
@@ -513,21 +533,8 @@ fn a_killed_rank_ends_the_whole_job_and_what_its_peers_started() {
          sleep 300 & echo $! > {d}/bg$KRUN_RANK.tmp; mv {d}/bg$KRUN_RANK.tmp {d}/bg$KRUN_RANK; wait",
         d = dir.display()
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
-        .args(["-n", "4", "--local", "2", "sh", "-c", &script])
-        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut status = None;
-    wait_for(|| {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert_eq!(status.unwrap().code(), Some(128 + 9), "{err}");
+    let (code, err) = krun_bounded(&["-n", "4", "--local", "2", "sh", "-c", &script]);
+    assert_eq!(code, Some(128 + 9), "{err}");
     assert!(
         err.contains("rank 0 on node 0 was killed by signal 9"),
         "{err}"
@@ -553,29 +560,16 @@ fn a_killed_rank_ends_the_whole_job_and_what_its_peers_started() {
 /// ranks time out waiting for it.
 #[test]
 fn a_killed_rank_alone_on_its_node_still_ends_the_job() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
-        .args([
-            "-n",
-            "2",
-            "--local",
-            "2",
-            "sh",
-            "-c",
-            "if [ $KRUN_RANK = 1 ]; then sleep 0.5; kill -11 $$; fi; sleep 300",
-        ])
-        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut status = None;
-    wait_for(|| {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert_eq!(status.unwrap().code(), Some(128 + 11), "{err}");
+    let (code, err) = krun_bounded(&[
+        "-n",
+        "2",
+        "--local",
+        "2",
+        "sh",
+        "-c",
+        "if [ $KRUN_RANK = 1 ]; then sleep 0.5; kill -11 $$; fi; sleep 300",
+    ]);
+    assert_eq!(code, Some(128 + 11), "{err}");
     assert!(
         err.contains("rank 1 on node 1 was killed by signal 11"),
         "{err}"
