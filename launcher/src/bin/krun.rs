@@ -12,7 +12,7 @@ use launcher::LauncherError;
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
             [--provider P] [--checkpoint-interval SECS] [--spares K]
-            [--inject-failure node=N@SECONDSs|node=N@Kckpt] [PROGRAM ARGS...]
+            [--inject-failure node=N@WHEN]... [PROGRAM ARGS...]
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
        krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
@@ -32,8 +32,11 @@ KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_
 (an all-gather service for the ranks), pinned to one core each by default (round robin
 over the node's cores, read with hwloc); exit code: the highest rank's, or 128+signal.
 --spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
-fails, its ranks restart on a spare from the last committed checkpoint. --inject-failure
-SIGKILLs node N's krund and its ranks at that time, or after K committed checkpoints.
+fails, its ranks restart on a spare from the last committed checkpoint and the surviving
+ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
+SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt
+after K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th
+checkpoint attempt, recoveryK once the K-th recovery's restart order went out.
 Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
@@ -55,7 +58,7 @@ fn parse() -> Result<Job, LauncherError> {
     let mut report_bindings = false;
     let mut checkpoint_interval = None;
     let mut spares = 0;
-    let mut inject = None;
+    let mut inject = Vec::new();
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -95,7 +98,7 @@ fn parse() -> Result<Job, LauncherError> {
                 let v = args.next().ok_or_else(|| {
                     LauncherError::Usage("--inject-failure needs node=N@TIME".into())
                 })?;
-                inject = Some(v.parse::<job::Injection>()?);
+                inject.push(v.parse::<job::Injection>()?);
             }
             "--local" => {
                 let v = args
@@ -184,7 +187,7 @@ fn parse() -> Result<Job, LauncherError> {
             "--spares needs a PROGRAM to run".into(),
         ));
     }
-    if let Some(i) = inject {
+    for i in inject {
         if i.node >= job.node_count() {
             return Err(LauncherError::Usage(format!(
                 "--inject-failure names node {}, the job has nodes 0-{}",
@@ -192,7 +195,7 @@ fn parse() -> Result<Job, LauncherError> {
                 job.node_count() - 1
             )));
         }
-        job.inject = Some(i);
+        job.inject.push(i);
     }
     if let Some(p) = provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));

@@ -49,6 +49,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 use super::control::{LauncherToNode, NodeToLauncher};
 use super::safepoint::SafepointOrder;
+use crate::inject::{Phase, PhaseGate};
 
 /// What the driver is told.
 pub enum Input {
@@ -176,6 +177,8 @@ struct HubCalls {
     job_error: JobError,
     /// Checkpoints committed so far.
     commits: Arc<AtomicU64>,
+    /// Where `--inject-failure node=N@ckptK:capture` and the like stop the policy.
+    phases: PhaseGate,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -202,6 +205,7 @@ impl PolicyRuntime for HubCalls {
         if self.nodes.is_empty() {
             return Err("no node runs ranks".into());
         }
+        self.phases.reached(Phase::CheckpointBarrier);
         let sent = (self.send)(&LauncherToNode::Barrier { op: op.seq });
         if !sent.is_superset(&self.nodes) {
             // Not every node is up yet: the policy aborts this one and tries again later.
@@ -239,6 +243,7 @@ impl PolicyRuntime for HubCalls {
         self.versions.insert(native, version);
         self.capturing = Some((op, version, native, Instant::now()));
         self.barrier = None;
+        self.phases.reached(Phase::CheckpointCapture);
         (self.send)(&LauncherToNode::Release {
             order: SafepointOrder::Checkpoint { version: native },
         });
@@ -336,7 +341,8 @@ impl HubCalls {
             return fail_all("the recovery line was never taken by the checkpointer".into());
         }
         let everyone = plan.len() == self.placement.len();
-        if everyone || self.wiring.is_none() {
+        let new_epoch = everyone || self.wiring.is_none();
+        if new_epoch {
             let bootstrap = match (self.new_wiring)() {
                 Ok(b) => b,
                 Err(e) => return fail_all(format!("no address all-gather for the ranks: {e}")),
@@ -392,7 +398,8 @@ impl HubCalls {
         }
         if !in_place.is_empty() {
             parts.push(format!(
-                "{} roll back by restarting in place from their own images of {line}",
+                "{} roll back inside their live processes (each re-executes in place, same \
+                 pid, from its own images of {line})",
                 policies::primitives::ranks_phrase(&in_place)
             ));
         }
@@ -413,6 +420,9 @@ impl HubCalls {
             ranks: plan.iter().map(|p| (p.0, p.1)).collect(),
         };
         let sent = (self.send)(&order);
+        if new_epoch {
+            self.phases.reached(Phase::Recovery);
+        }
         let missing: BTreeSet<NodeId> = plan
             .iter()
             .map(|p| p.1)
@@ -443,7 +453,8 @@ impl CheckpointDriver {
     /// `interval` (None: on request only), committing at `level`; decisions go to `log`.
     /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
     /// job ends with an error naming them); `new_wiring` opens the ranks' address
-    /// all-gather of a recovery; `job_error` receives why the job cannot continue.
+    /// all-gather of a recovery; `job_error` receives why the job cannot continue; the
+    /// policy stops at the phases `phases` names (failure injection).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
@@ -455,6 +466,7 @@ impl CheckpointDriver {
         send: Broadcast,
         new_wiring: NewWiring,
         job_error: JobError,
+        phases: PhaseGate,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
         let cfg = Config {
@@ -496,6 +508,7 @@ impl CheckpointDriver {
             wirings: 0,
             new_wiring,
             job_error,
+            phases,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -691,9 +704,16 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 pid,
                 fetched,
                 seconds,
+                in_place,
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if matches!(planned, Planned::Rollback(..)) && !in_place {
+                    eprintln!(
+                        "krun: rank {rank} could not roll back inside its process (gone or \
+                         not watching): restarted on node {node} as a new process (pid {pid})"
+                    );
+                }
                 if fetched > 0 {
                     eprintln!(
                         "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
@@ -813,6 +833,7 @@ mod tests {
             wirings: 0,
             new_wiring: Arc::new(|| Err("no wiring in this test".into())),
             job_error: Arc::new(Mutex::new(None)),
+            phases: PhaseGate::default(),
         };
         (calls, sent)
     }

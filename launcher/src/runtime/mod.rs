@@ -775,15 +775,17 @@ fn rank_message(
     match msg {
         // Held until the policy decides; below the rank's own limit (600 s).
         RankToNode::AtSafepoint { rank } => safepoints.hold(rank, Duration::from_secs(590)),
-        RankToNode::Hello { rank, .. } => {
+        RankToNode::Hello { rank, pid } => {
             table
                 .shared
                 .linked_ranks
                 .lock()
                 .expect("linked lock")
                 .insert(u64::from(rank));
+            recovery::hello(table, rank, pid);
             NodeToRank::Ack
         }
+        RankToNode::Watch { rank, pid } => recovery::watch(&table.shared, rank, pid),
         RankToNode::Exiting { .. } => NodeToRank::Ack,
         RankToNode::Checkpointed {
             rank,
