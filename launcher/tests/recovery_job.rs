@@ -266,13 +266,15 @@ fn decisions(dir: &Path) -> Option<String> {
 /// A job running in the background: its stderr lines as they come, its output at the end.
 struct Running {
     job: Job,
+    /// The job's `decisions.log` as last read (the job directory goes with the job).
+    decisions: std::sync::Arc<std::sync::Mutex<String>>,
     lines: std::sync::mpsc::Receiver<String>,
     stdout: std::thread::JoinHandle<String>,
     stderr: std::thread::JoinHandle<String>,
 }
 
 impl Running {
-    fn start(mut cmd: Command) -> Running {
+    fn start(dir: &Path, mut cmd: Command) -> Running {
         let mut job = Job(cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -295,8 +297,23 @@ impl Running {
             }
             all
         });
+        let decisions = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        {
+            let (decisions, dir) = (decisions.clone(), dir.to_path_buf());
+            let pid = job.0.id();
+            std::thread::spawn(move || {
+                // Until krun (not reaped while this runs: `finish` waits for it) is gone.
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    if let Some(t) = self::decisions(&dir) {
+                        *decisions.lock().unwrap() = t;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
         Running {
             job,
+            decisions,
             lines,
             stdout,
             stderr,
@@ -316,8 +333,14 @@ impl Running {
         }
     }
 
-    /// Waits (at most `limit`) for the job to end: (success, stdout, stderr).
-    fn finish(mut self, limit: Duration) -> (bool, String, String) {
+    /// The decisions logged so far.
+    fn decisions(&self) -> String {
+        self.decisions.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `limit`) for the job to end: (success, stdout, stderr, the decisions
+    /// it logged).
+    fn finish(mut self, limit: Duration) -> (bool, String, String, String) {
         let deadline = Instant::now() + limit;
         let code = loop {
             if let Some(c) = self.job.0.try_wait().unwrap() {
@@ -334,11 +357,9 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        (
-            code.success(),
-            self.stdout.join().unwrap(),
-            self.stderr.join().unwrap(),
-        )
+        let log = self.decisions();
+        let (out, err) = (self.stdout.join().unwrap(), self.stderr.join().unwrap());
+        (code.success(), out, err, log)
     }
 }
 
@@ -435,7 +456,7 @@ fn a_node_killed_after_five_commits_restarts_its_ranks_on_the_spare_the_survivor
     let dir = temp("recover");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "400"]);
-    let run = Running::start(heat_job(&dir.0, &heat, 1, &["node=1@5ckpt"], "400"));
+    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, 1, &["node=1@5ckpt"], "400"));
     // Every rank's pid before the failure (the table shows all six running; the node dies
     // after five commits, seconds later).
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -500,7 +521,7 @@ fn a_node_killed_after_five_commits_restarts_its_ranks_on_the_spare_the_survivor
         assert_eq!(after[r].1, 3, "{after:?}");
         assert_ne!(after[r].2, before[r].2, "{after:?}");
     }
-    let (ok, out, err) = run.finish(Duration::from_secs(240));
+    let (ok, out, err, _) = run.finish(Duration::from_secs(240));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
     assert!(err.contains("krun: node 1 failed at epoch"), "{err}");
@@ -555,15 +576,17 @@ fn a_node_killed_during_a_checkpoint_aborts_it_everywhere_and_the_job_recovers_f
     let dir = temp("duringckpt");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "400"]);
-    let run = Running::start(heat_job(&dir.0, &heat, 1, &["node=1@ckpt3:capture"], "400"));
+    let run = Running::start(
+        &dir.0,
+        heat_job(&dir.0, &heat, 1, &["node=1@ckpt3:capture"], "400"),
+    );
     run.wait_line(
         "injected failure at the capture of checkpoint attempt 3: SIGKILL to node 1",
         Duration::from_secs(240),
     );
-    let (ok, out, err) = run.finish(Duration::from_secs(300));
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
-    let log = decisions(&dir.0).expect("decisions.log");
     let lines = decision_lines(&log);
     // The checkpoint being captured is aborted, and the recovery goes back to the commit
     // before it.
@@ -607,21 +630,23 @@ fn the_spare_killed_while_it_restores_the_lost_ranks_is_replaced_by_the_next_spa
     let want = serial(&dir.0, &["48", "40", "400"]);
     // Node 1 dies after 3 commits; spare node 3, ordered to restore its ranks, dies as soon
     // as the order went out.
-    let run = Running::start(heat_job(
+    let run = Running::start(
         &dir.0,
-        &heat,
-        2,
-        &["node=1@3ckpt", "node=3@recovery1"],
-        "400",
-    ));
+        heat_job(
+            &dir.0,
+            &heat,
+            2,
+            &["node=1@3ckpt", "node=3@recovery1"],
+            "400",
+        ),
+    );
     run.wait_line(
         "injected failure at recovery 1: SIGKILL to node 3",
         Duration::from_secs(240),
     );
-    let (ok, out, err) = run.finish(Duration::from_secs(300));
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
-    let log = decisions(&dir.0).expect("decisions.log");
     let restarts = restarts_once_per_failure(&log);
     for rank in [2, 3] {
         let nodes: Vec<u64> = restarts
@@ -645,21 +670,17 @@ fn two_failures_in_a_row_use_two_spares_and_the_job_ends_with_the_serial_checksu
     let dir = temp("tworow");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "600"]);
-    let run = Running::start(heat_job(
+    let run = Running::start(
         &dir.0,
-        &heat,
-        2,
-        &["node=1@3ckpt", "node=2@7ckpt"],
-        "600",
-    ));
+        heat_job(&dir.0, &heat, 2, &["node=1@3ckpt", "node=2@7ckpt"], "600"),
+    );
     run.wait_line(
         "injected failure: SIGKILL to node 2",
         Duration::from_secs(300),
     );
-    let (ok, out, err) = run.finish(Duration::from_secs(300));
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
-    let log = decisions(&dir.0).expect("decisions.log");
     let restarts = restarts_once_per_failure(&log);
     let placed: Vec<(u64, u64)> = restarts.iter().map(|r| (r.0, r.2)).collect();
     assert_eq!(placed, vec![(2, 3), (3, 3), (4, 4), (5, 4)], "{log}");
@@ -680,17 +701,16 @@ fn losing_the_node_of_rank_0_and_a_supervisor_restarts_its_ranks_on_the_spare() 
     let dir = temp("node0");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "400"]);
-    let run = Running::start(heat_job(&dir.0, &heat, 1, &["node=0@3ckpt"], "400"));
+    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, 1, &["node=0@3ckpt"], "400"));
     run.wait_line(
         "injected failure: SIGKILL to node 0",
         Duration::from_secs(240),
     );
-    let (ok, out, err) = run.finish(Duration::from_secs(300));
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
     assert!(ok, "{out}\n{err}");
     // Rank 0 (it prints the checksum) ran on the spare at the end.
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
     assert!(err.contains("ranks 0-1 restart on spare node 3"), "{err}");
-    let log = decisions(&dir.0).expect("decisions.log");
     assert_eq!(restarts_once_per_failure(&log).len(), 2, "{log}");
     assert!(
         !err.contains("could not roll back inside its process"),

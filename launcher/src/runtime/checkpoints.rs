@@ -17,7 +17,10 @@
 //!
 //! Decisions (commits, aborts, recoveries and each restart) are appended to the job
 //! directory's `decisions.log`, one per line, so that a later move of the engine into a
-//! krund leader can resume from them (moving them into the process table is the next step).
+//! krund leader can resume from them. The decisions about one rank (each restart, each
+//! rollback) also go into that rank's process-table row (`LauncherToNode::Decided`, written
+//! by the node that carries it out, before the `Restart` order): the table is replicated by
+//! the membership, survives the loss of krun's host's files, and `krun status` shows it.
 //!
 //! Recovery: an agreed failure becomes `Event::FailureAgreed`; the policy's restarts and
 //! rollbacks of one `handle` call are carried out together by `HubCalls::execute_plan`: a
@@ -189,6 +192,30 @@ impl PolicyRuntime for HubCalls {
         ) {
             self.commits.fetch_add(1, Ordering::SeqCst);
         }
+        if let policies::primitives::DecisionKind::Restart {
+            rank,
+            incarnation,
+            node,
+            version,
+            failure_epoch,
+            ..
+        } = decision.kind
+        {
+            // Into the rank's process-table row too, by the node that carries it out.
+            let id = decision.id;
+            let line = version.map_or("the program's start".to_string(), |v| {
+                format!("checkpoint {v}")
+            });
+            (self.send)(&LauncherToNode::Decided {
+                rank,
+                node,
+                decision: format!(
+                    "decision {}/{}/{}: restart on node {node} from {line} as incarnation \
+                     {incarnation} (failure agreed at epoch {failure_epoch})",
+                    id.epoch, id.leader, id.seq
+                ),
+            });
+        }
         let Some(path) = &self.log else {
             return Ok(());
         };
@@ -286,6 +313,14 @@ impl PolicyRuntime for HubCalls {
             .ok_or_else(|| format!("rank {rank} is not a rank of this job"))?;
         self.plan
             .push((rank, node, Planned::Rollback(op, version), Some(version)));
+        (self.send)(&LauncherToNode::Decided {
+            rank,
+            node,
+            decision: format!(
+                "op {}/{}: roll back in place to checkpoint {version}",
+                op.leader, op.seq
+            ),
+        });
         Ok(())
     }
 

@@ -147,6 +147,14 @@ pub enum LauncherToNode {
         /// (rank, node) of every rank restarted in this wiring epoch.
         ranks: Vec<(u32, NodeId)>,
     },
+    /// The policy decided about `rank` (a restart on `node`, or a rollback in place on its
+    /// node `node`): `node` records it in the rank's process-table row before it is carried
+    /// out (`runtime/recovery.rs`); the other nodes ignore it.
+    Decided {
+        rank: u32,
+        node: NodeId,
+        decision: String,
+    },
 }
 
 /// Where one node of a job is reached.

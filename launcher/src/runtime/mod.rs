@@ -67,6 +67,8 @@ const TABLE_CLIENT_AGENT: u32 = 2;
 const TABLE_CLIENT_RANK_EVENTS: u32 = 3;
 pub(crate) const TABLE_CLIENT_LOST: u32 = 4;
 const TABLE_CLIENT_RANKS: u32 = 5;
+// 6: a rollback's new incarnation (`recovery.rs`).
+const TABLE_CLIENT_DECISIONS: u32 = 7;
 
 /// Moves a rank's checkpoint images into the store (implemented by the store's agent).
 pub trait CheckpointAgent: Send + Sync {
@@ -155,6 +157,10 @@ pub struct RuntimeConfig {
     /// (`[runtime] failure_timeout_ms`, [`DEFAULT_FAILURE_TIMEOUT`]).
     pub failure_timeout: Duration,
 }
+
+/// How many of a job's initial nodes are supervisors (the membership's Raft group): five
+/// tolerate two failures.
+pub const SUPERVISORS: usize = 5;
 
 /// A node is declared failed after this long without answering. Long enough that a node
 /// whose cores are all busy (ranks starting and loading libfabric, checkpoints being
@@ -412,12 +418,24 @@ impl Bound {
         jobdir::private_dir(&dir)?;
         let rank_socket = dir.join("ranks.sock");
         let control_socket = dir.join("control.sock");
+        // The first SUPERVISORS initial nodes (spares included) agree on changes: with five,
+        // two failures in a row leave a quorum (with the adaptation layer's default of three,
+        // losing nodes 1 and 2 left node 0 alone and the second failure was never agreed).
+        // A joiner takes the default: it learns the group from the members.
+        let supervisors: Vec<NodeId> = if join {
+            Vec::new()
+        } else {
+            let mut genesis: Vec<NodeId> = peers.keys().copied().chain([me]).collect();
+            genesis.sort_unstable();
+            genesis.dedup();
+            genesis.into_iter().take(SUPERVISORS).collect()
+        };
         let driver = Driver::start(
             DaemonConfig {
                 id: me,
                 listen: addr.clone(),
                 peers,
-                supervisors: Vec::new(),
+                supervisors,
                 join,
                 tick: Duration::from_millis(10),
                 seed: u64::from(me),
@@ -491,6 +509,7 @@ impl Bound {
                 shared.clone(),
                 safepoints.clone(),
                 agent.clone(),
+                table.as_client(TABLE_CLIENT_DECISIONS),
             )?;
             // The view the node starts in (a joiner: the view it knows before it is in).
             if let Ok(view) = table.handle.view() {
@@ -590,6 +609,7 @@ fn connect_launcher(
     shared: Arc<Shared>,
     safepoints: Arc<safepoint::SafepointGate>,
     agent: Arc<AgentSlot>,
+    decisions: TableClient,
 ) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
@@ -638,6 +658,15 @@ fn connect_launcher(
                     std::thread::spawn(move || {
                         recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
                     });
+                }
+                Ok(LauncherToNode::Decided {
+                    rank,
+                    node,
+                    decision,
+                }) => {
+                    if node == shared.me {
+                        recovery::decided(&decisions, rank, decision);
+                    }
                 }
                 Err(e) => break format!("the link to krun ended: {e}"),
             }

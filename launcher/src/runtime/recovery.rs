@@ -204,6 +204,24 @@ pub fn hello(table: &TableClient, rank: u32, pid: u32) {
     });
 }
 
+/// `LauncherToNode::Decided` for a rank this node runs or takes on: the policy's decision
+/// goes into the rank's process-table row (replicated like the row; `krun status` shows it).
+pub fn decided(table: &TableClient, rank: u32, decision: String) {
+    let table = table.clone();
+    std::thread::spawn(move || {
+        let op = TableOp::Decided { decision };
+        match table.request(u64::from(rank), &op, Duration::from_secs(30)) {
+            Ok(a) if a.error.is_none() => {}
+            Ok(a) => eprintln!(
+                "krund: node {}: recording a decision about rank {rank}: {}",
+                table.shared.me,
+                a.error.unwrap_or_default()
+            ),
+            Err(e) => eprintln!("krund: node {}: process table: {e}", table.shared.me),
+        }
+    });
+}
+
 /// True while `pid` runs (not a zombie).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
