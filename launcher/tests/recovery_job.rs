@@ -323,12 +323,16 @@ impl Running {
     /// Waits (at most `limit`) for a stderr line containing `text`.
     fn wait_line(&self, text: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
+        let mut seen = String::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.contains(text) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no line with {text:?} within {limit:?}"),
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                }
+                Err(e) => panic!("no line with {text:?} within {limit:?} ({e}):\n{seen}"),
             }
         }
     }
@@ -421,8 +425,11 @@ fn restarts_once_per_failure(log: &str) -> Vec<(u64, u64, u64, u64)> {
     restarts
 }
 
-/// The status rows while the job runs: rank -> (node, pid, incarnation, state).
-fn rows(dir: &Path) -> Option<Vec<(u64, u64, u64, u64, String)>> {
+/// One status row: (rank, node, pid, incarnation, state).
+type Row = (u64, u64, u64, u64, String);
+
+/// The status rows while the job runs.
+fn rows(dir: &Path) -> Option<Vec<Row>> {
     let s = status(dir)?;
     Some(
         s["status"]["ranks"]
