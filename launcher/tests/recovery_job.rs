@@ -528,6 +528,35 @@ fn a_node_killed_after_five_commits_restarts_its_ranks_on_the_spare_the_survivor
         assert_eq!(after[r].1, 3, "{after:?}");
         assert_ne!(after[r].2, before[r].2, "{after:?}");
     }
+    // The policy's decisions are in the process table, and `krun status` shows them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let decided = status(&dir.0).is_some_and(|s| {
+            (0..6).all(|r| {
+                let d = s["status"]["ranks"][r]["decision"].as_str().unwrap_or("");
+                if r == 2 || r == 3 {
+                    d.contains("restart on node 3 from checkpoint 5 as incarnation 1")
+                } else {
+                    d.contains("roll back in place to checkpoint 5")
+                }
+            })
+        });
+        if decided {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no decisions in the table: {:?}",
+            status(&dir.0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = krun(&dir.0).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("rank 2 decision ") && text.contains("restart on node 3"),
+        "{text}"
+    );
     let (ok, out, err, _) = run.finish(Duration::from_secs(240));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");

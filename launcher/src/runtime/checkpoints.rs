@@ -317,7 +317,7 @@ impl PolicyRuntime for HubCalls {
             rank,
             node,
             decision: format!(
-                "op {}/{}: roll back in place to checkpoint {version}",
+                "decision op {}/{}: roll back in place to checkpoint {version}",
                 op.leader, op.seq
             ),
         });

@@ -38,6 +38,18 @@
 //!    `RestartDone`/`RollbackDone` (or the failed ones), and the policy's recovery ends
 //!    when every rank answered.
 //!
+//! # Decisions in the process table
+//! Before the `Restart` order, krun sends `LauncherToNode::Decided{rank, node, decision}`
+//! for each restart decision (to the rank's new node) and each rollback (to the rank's
+//! node); that node writes it into the rank's row (`TableOp::Decided`, [`decided`]), where
+//! it stays across incarnations and `krun status` shows it. `decisions.log` keeps the whole
+//! sequence (commits, aborts, recoveries).
+//!
+//! # Interface changes (additive)
+//! `LauncherToNode::Restart` is unchanged. New: `LauncherToNode::Decided`;
+//! `NodeToLauncher::Restarted` gained `in_place`; the rank socket gained
+//! `RankToNode::Watch` and `NodeToRank::RollbackInPlace` (appended to both mirrors).
+//!
 //! # The watcher's protocol (rank socket, additive)
 //! `RankToNode::Watch{rank, pid}` on the watcher's own connection, held by the node up to
 //! [`WATCH_HOLD`] and answered `NodeToRank::Continue` (ask again) or
