@@ -158,9 +158,19 @@ pub struct RuntimeConfig {
     pub failure_timeout: Duration,
 }
 
-/// How many of a job's initial nodes are supervisors (the membership's Raft group): five
-/// tolerate two failures.
-pub const SUPERVISORS: usize = 5;
+/// The membership's supervisors (its Raft group, which agrees on every change) among a
+/// job's initial nodes `genesis` (sorted), the last `spares` of them spares (`KRUN_SPARES`,
+/// set by krun): the first three nodes, as the adaptation layer's default, plus up to two
+/// spares. With spares the job is meant to survive failures in a row: five supervisors
+/// leave a quorum after two (with three, losing nodes 1 and 2 left node 0 alone and the
+/// second failure was never agreed). Spares hold no ranks at first, and the first nodes
+/// stay the ones a drain refuses.
+pub fn supervisors(genesis: &[NodeId], spares: usize) -> Vec<NodeId> {
+    let mut out: Vec<NodeId> = genesis.iter().copied().take(3).collect();
+    let first_spare = genesis.len().saturating_sub(spares).max(out.len());
+    out.extend(genesis[first_spare..].iter().copied().take(2));
+    out
+}
 
 /// A node is declared failed after this long without answering. Long enough that a node
 /// whose cores are all busy (ranks starting and loading libfabric, checkpoints being
@@ -389,6 +399,22 @@ impl Runtime {
     }
 }
 
+#[cfg(test)]
+mod supervisor_tests {
+    use super::supervisors;
+
+    #[test]
+    fn jobs_with_spares_add_up_to_two_spares_to_the_first_three_supervisors() {
+        assert_eq!(supervisors(&[0, 1, 2, 3], 0), [0, 1, 2]);
+        assert_eq!(supervisors(&[0, 1, 2, 3], 1), [0, 1, 2, 3]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4], 2), [0, 1, 2, 3, 4]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4, 5, 6], 3), [0, 1, 2, 4, 5]);
+        // Spares among the first three are not counted twice.
+        assert_eq!(supervisors(&[0, 1], 1), [0, 1]);
+        assert_eq!(supervisors(&[0, 1, 2], 2), [0, 1, 2]);
+    }
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -418,17 +444,18 @@ impl Bound {
         jobdir::private_dir(&dir)?;
         let rank_socket = dir.join("ranks.sock");
         let control_socket = dir.join("control.sock");
-        // The first SUPERVISORS initial nodes (spares included) agree on changes: with five,
-        // two failures in a row leave a quorum (with the adaptation layer's default of three,
-        // losing nodes 1 and 2 left node 0 alone and the second failure was never agreed).
-        // A joiner takes the default: it learns the group from the members.
-        let supervisors: Vec<NodeId> = if join {
+        let supervisors = if join {
+            // A joiner takes the default: it learns the group from the members.
             Vec::new()
         } else {
             let mut genesis: Vec<NodeId> = peers.keys().copied().chain([me]).collect();
             genesis.sort_unstable();
             genesis.dedup();
-            genesis.into_iter().take(SUPERVISORS).collect()
+            let spares = std::env::var("KRUN_SPARES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            supervisors(&genesis, spares)
         };
         let driver = Driver::start(
             DaemonConfig {
