@@ -399,22 +399,6 @@ impl Runtime {
     }
 }
 
-#[cfg(test)]
-mod supervisor_tests {
-    use super::supervisors;
-
-    #[test]
-    fn jobs_with_spares_add_up_to_two_spares_to_the_first_three_supervisors() {
-        assert_eq!(supervisors(&[0, 1, 2, 3], 0), [0, 1, 2]);
-        assert_eq!(supervisors(&[0, 1, 2, 3], 1), [0, 1, 2, 3]);
-        assert_eq!(supervisors(&[0, 1, 2, 3, 4], 2), [0, 1, 2, 3, 4]);
-        assert_eq!(supervisors(&[0, 1, 2, 3, 4, 5, 6], 3), [0, 1, 2, 4, 5]);
-        // Spares among the first three are not counted twice.
-        assert_eq!(supervisors(&[0, 1], 1), [0, 1]);
-        assert_eq!(supervisors(&[0, 1, 2], 2), [0, 1, 2]);
-    }
-}
-
 impl Drop for Runtime {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -551,32 +535,45 @@ impl Bound {
         }
         let (events, rx) = mpsc::channel::<RankEvent>();
         {
-            let table = table.as_client(TABLE_CLIENT_RANK_EVENTS);
+            // The node's own view of its ranks (local_ranks) and krun's news of a killed rank
+            // are updated at once; the process-table writes follow in order on their own
+            // thread. (A table request can take seconds while the membership settles at
+            // start: a rank started meanwhile was missing from local_ranks, so the first
+            // barrier counted the node's ranks held without it, and it was told `Continue`
+            // while its peers checkpointed.)
+            let (writes, queued) = mpsc::channel::<(usize, TableOp)>();
+            let writer = table.as_client(TABLE_CLIENT_RANK_EVENTS);
+            std::thread::spawn(move || {
+                for (rank, op) in queued {
+                    if let Err(e) = writer.request(rank as u64, &op, Duration::from_secs(30)) {
+                        eprintln!("krund: node {me}: process table: {e}");
+                    }
+                }
+            });
+            let shared = shared.clone();
             std::thread::spawn(move || {
                 for e in rx {
                     let (rank, op) = match e {
                         RankEvent::Started { rank, pid } => {
-                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.insert(rank as u64, pid);
                             (rank, TableOp::Register { node: me, pid })
                         }
                         RankEvent::Exited { rank, code } => {
-                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
                         RankEvent::Killed { rank, signal } => {
-                            table.shared.tell_launcher(&NodeToLauncher::RankKilled {
+                            shared.tell_launcher(&NodeToLauncher::RankKilled {
                                 rank: rank as u32,
                                 signal,
                             });
-                            table.shared.killed_told.fetch_add(1, Ordering::SeqCst);
+                            shared.killed_told.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
                     };
-                    if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
-                        eprintln!("krund: node {me}: process table: {e}");
-                    }
+                    let _ = writes.send((rank, op));
                 }
             });
         }
@@ -884,5 +881,21 @@ fn rank_message(
                 Err(e) => NodeToRank::Refused(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod supervisor_tests {
+    use super::supervisors;
+
+    #[test]
+    fn jobs_with_spares_add_up_to_two_spares_to_the_first_three_supervisors() {
+        assert_eq!(supervisors(&[0, 1, 2, 3], 0), [0, 1, 2]);
+        assert_eq!(supervisors(&[0, 1, 2, 3], 1), [0, 1, 2, 3]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4], 2), [0, 1, 2, 3, 4]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4, 5, 6], 3), [0, 1, 2, 4, 5]);
+        // Spares among the first three are not counted twice.
+        assert_eq!(supervisors(&[0, 1], 1), [0, 1]);
+        assert_eq!(supervisors(&[0, 1, 2], 2), [0, 1, 2]);
     }
 }
