@@ -382,3 +382,62 @@ fn restart_one(
         .map_err(|_| "the rank runner did not answer".to_string())??;
     Ok((pid, fetched, false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn order(wiring: u64) -> NodeToRank {
+        NodeToRank::RollbackInPlace {
+            wiring,
+            bootstrap: "127.0.0.1:4242".into(),
+            version: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_rollback_order_reaches_the_watching_process_once_and_its_hello_is_a_new_incarnation() {
+        let w = Arc::new(Watchers::default());
+        // Nobody watches rank 2 yet: the order is not taken (the node restarts it instead).
+        assert!(!w.order(2, 77, order(1), Duration::from_millis(10)));
+        // Rank 2's process 77 watches; a quiet round ends with Continue.
+        assert_eq!(
+            w.watch(2, 77, Duration::from_millis(10)),
+            NodeToRank::Continue
+        );
+        let watcher = {
+            let w = w.clone();
+            std::thread::spawn(move || w.watch(2, 77, Duration::from_secs(60)))
+        };
+        // An order for another process of rank 2 is refused; the watching one takes it.
+        assert!(!w.order(2, 78, order(1), Duration::from_millis(10)));
+        assert!(w.order(2, 77, order(1), Duration::from_secs(60)));
+        assert_eq!(watcher.join().unwrap(), order(1));
+        // Its new image says hello with the same pid: a new incarnation, once.
+        assert!(!w.hello(2, 78));
+        assert!(w.hello(2, 77));
+        assert!(!w.hello(2, 77));
+        // An order nobody takes is withdrawn: a later watch does not get it.
+        assert!(!w.order(2, 77, order(2), Duration::from_millis(10)));
+        assert_eq!(
+            w.watch(2, 77, Duration::from_millis(10)),
+            NodeToRank::Continue
+        );
+    }
+
+    #[test]
+    fn a_process_that_is_gone_or_a_zombie_is_not_alive() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Until reaped, the ended child is a zombie.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "pid {pid} never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!alive(pid));
+    }
+}
