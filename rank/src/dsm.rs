@@ -243,30 +243,35 @@ impl SharedMemory {
                 }?;
                 Ok((addr, restored))
             });
-            let region = match (&registered, self.rank.restored_version().is_some()) {
-                (Ok((_, false)), false) => inner.dsm.alloc(bytes)?,
-                (Ok((addr, restored)), true) => {
+            let restoring = self.rank.restored_version().is_some();
+            let (addr, restored) = match registered {
+                Ok(r) => r,
+                Err(e) => {
+                    // Still take part in the collective allocation (with an unusable
+                    // snapshot when restoring), so the other ranks fail or go on instead
+                    // of waiting.
+                    let _ = if restoring {
+                        inner.dsm.alloc_restored(bytes, Some(&[]))
+                    } else {
+                        inner.dsm.alloc(bytes)
+                    };
+                    return Err(e);
+                }
+            };
+            let region = match (restored, restoring) {
+                (false, false) => inner.dsm.alloc(bytes)?,
+                (restored, true) => {
                     // SAFETY: registered above: `len` bytes, filled from the image if restored.
-                    let s = unsafe { std::slice::from_raw_parts(*addr as *const u8, len) };
+                    let s = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                     inner.dsm.alloc_restored(bytes, restored.then_some(s))?
                 }
-                (Err(_), true) => {
-                    // Still take part in the collective restore, with an unusable snapshot, so
-                    // the other ranks fail too instead of waiting.
-                    let _ = inner.dsm.alloc_restored(bytes, Some(&[]));
-                    return Err(registered.err().expect("an error"));
-                }
-                (Ok((_, true)), false) => {
+                (true, false) => {
                     return Err(RankError::InvalidArgument(
                         "a DSM snapshot was restored in a rank that restores nothing".into(),
                     ))
                 }
-                (Err(_), false) => {
-                    let _ = inner.dsm.alloc(bytes);
-                    return Err(registered.err().expect("an error"));
-                }
             };
-            let addr = registered.map(|(a, _)| a as usize)?;
+            let addr = addr as usize;
             (region, Some((addr, len)))
         };
         inner
