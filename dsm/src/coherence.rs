@@ -365,6 +365,23 @@ impl<W: ShareWords> Node<W> {
             .collect()
     }
 
+    /// A page of a region restored from a checkpoint, before any access: `owner` held it
+    /// (this node becomes its writable owner when it is `me`; the driver maps the bytes),
+    /// or nobody did (it reads as zero). The page's manager records the owner.
+    pub fn restore(&mut self, page: PageId, owner: Option<NodeId>) {
+        let me = self.me;
+        if let Some(o) = owner {
+            if self.locator.manager(page) == me {
+                self.directory.set_owner(page, o);
+            }
+        }
+        let p = self.pages.entry(page).or_default();
+        p.hint = owner;
+        if owner == Some(me) {
+            p.state = PageState::WriteOwner;
+        }
+    }
+
     /// A local access faulted (or is about to be performed).
     pub fn fault(&mut self, page: PageId, access: Access) -> Vec<Action> {
         let mut out = Vec::new();

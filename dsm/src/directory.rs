@@ -84,6 +84,12 @@ impl Directory {
         }
     }
 
+    /// Records `owner` as the page's owner (a region restored from a checkpoint: the
+    /// owners are the ranks whose snapshot holds the page).
+    pub fn set_owner(&mut self, page: PageId, owner: NodeId) {
+        self.owners.insert(page, owner);
+    }
+
     pub fn owner(&self, page: PageId) -> Option<NodeId> {
         self.owners.get(&page).copied()
     }

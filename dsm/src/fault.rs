@@ -154,6 +154,9 @@ pub struct Engine {
     pub stats: DriverStats,
     zero: Vec<u8>,
     trace: bool,
+    /// Fault injection for tests (`KRUN_DSM_PUBLISH_DELAY_MS`): how long a publication
+    /// waits before it reads the page, to widen the window in which the reader moves on.
+    publish_delay: Duration,
     /// Next sequence number towards each node.
     send_seq: Mutex<Vec<u64>>,
     /// Next expected from each node, and messages that arrived early.
@@ -206,6 +209,12 @@ impl Engine {
             stats: DriverStats::default(),
             zero: vec![0u8; PAGE],
             trace: std::env::var_os("KRUN_DSM_TRACE").is_some(),
+            publish_delay: Duration::from_millis(
+                std::env::var("KRUN_DSM_PUBLISH_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0),
+            ),
             send_seq: Mutex::new(vec![0; n]),
             reorder: Mutex::new((vec![0; n], BTreeMap::new())),
         }
@@ -709,6 +718,9 @@ impl Engine {
                     let Some(region) = region_of(&self.regions, page) else {
                         continue;
                     };
+                    if !self.publish_delay.is_zero() {
+                        std::thread::sleep(self.publish_delay);
+                    }
                     let i = region.index(page);
                     // SAFETY: the page is mapped read-only (write-protected) at this node.
                     let bytes =

@@ -105,6 +105,12 @@ fn run(
     let mut results = Vec::new();
     for r in 0..size {
         loop {
+            // A rank that failed (or was killed) is reported at once, whichever it is: the
+            // others then wait for it in a collective and would only be seen to hang.
+            let failed = procs
+                .iter_mut()
+                .position(|q| matches!(q.child.try_wait(), Ok(Some(s)) if !s.success()));
+            let r = failed.unwrap_or(r);
             let p = &mut procs[r];
             if let Some(status) = p.child.try_wait().unwrap() {
                 let out = p.out.take().unwrap().join().unwrap();
@@ -244,6 +250,37 @@ fn hinted_readers_fetch_pages_one_sided_and_scans_prefetch() {
     let faults: u64 = results[1]["scan_faults"].parse().unwrap();
     assert!(prefetched > 0, "a sequential scan prefetched nothing");
     assert!(faults < 128, "{faults} faults for 128 pages with prefetch");
+}
+
+/// Rank 0 reads pages rank 1 wrote; rank 1 publishes each page it served only after its
+/// grant went out, and here every publication waits 400 ms, so the ranks reach the free
+/// while rank 1 still publishes. The free waits for the driver: rank 1 does not read its
+/// unmapped pages (it died of SIGSEGV before), and a region allocated next works.
+#[test]
+fn freeing_a_region_while_its_pages_are_still_being_published_is_safe() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    for provider in ["tcp", "shm"] {
+        let results = run(
+            "serve-then-free",
+            provider,
+            2,
+            &["--pages", "3"],
+            &[
+                ("KRUN_DSM_PUBLISH_DELAY_MS", "400"),
+                ("KRUN_DSM_PREFETCH", "0"),
+            ],
+        );
+        for (r, kv) in results.iter().enumerate() {
+            assert_eq!(
+                kv.get("serve_then_free").map(String::as_str),
+                Some("ok"),
+                "rank {r} over {provider}"
+            );
+        }
+    }
 }
 
 fn mgs_with(locator: &str) {

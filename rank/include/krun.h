@@ -121,7 +121,11 @@ long krun_restored_version(void);
  * writing invalidates the other copies itself, without the manager. A sequential read miss
  * prefetches KRUN_DSM_PREFETCH (8) further pages. `bench -- dsm` measures these.
  *
- * Limits: DSM pages are not part of checkpoints; KRUN_DSM_LOCKS locks; a page whose only copy
+ * Checkpoints: krun_checkpoint (and a checkpoint at a safepoint) captures the pages each rank
+ * owns; a job started with KRUN_GHOST_RESTORE refills its regions when it allocates them again
+ * (same order, same lengths); locks are all free after a restore (see rank/src/dsm.rs).
+ *
+ * Limits: KRUN_DSM_LOCKS locks; a page whose only copy
  * was on a dead rank is reported (KRUN_ERR_DSM), never zero-filled; needs userfaultfd with
  * write-protect (Linux >= 5.7, root or vm.unprivileged_userfaultfd=1). krun_finalize ends the
  * DSM collectively (a barrier, then its regions are unmapped). */

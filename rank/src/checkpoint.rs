@@ -97,8 +97,14 @@ fn install_request_handlers() {
     }
 }
 
+/// Work every rank does right before its registered memory is captured (the DSM copies
+/// the pages it owns into its registered snapshots, see [`crate::dsm`]).
+pub(crate) type CaptureHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
 pub(crate) struct Checkpoints {
     config: Option<NativeConfig>,
+    /// Capture hooks by id, run in id order.
+    hooks: std::sync::Mutex<std::collections::BTreeMap<u64, CaptureHook>>,
     local: Vec<u64>,
     /// The runtime, or why it could not start (reported when checkpoints are used).
     runtime: Option<std::result::Result<Arc<NativeRuntime>, String>>,
@@ -110,6 +116,7 @@ impl Checkpoints {
     pub(crate) fn prepare(config: Option<&CheckpointConfig>, rank: usize) -> Result<Checkpoints> {
         let Some(c) = config else {
             return Ok(Checkpoints {
+                hooks: Default::default(),
                 config: None,
                 local: Vec::new(),
                 runtime: None,
@@ -121,6 +128,7 @@ impl Checkpoints {
         let keep = local.len().saturating_sub(256);
         local.drain(..keep);
         Ok(Checkpoints {
+            hooks: Default::default(),
             config: Some(NativeConfig {
                 owner,
                 dir: c.dir.clone(),
@@ -197,6 +205,31 @@ impl Checkpoints {
         }
     }
 
+    /// Whether the native checkpointer runs for this rank.
+    pub(crate) fn enabled(&self) -> bool {
+        matches!(self.runtime, Some(Ok(_)))
+    }
+
+    /// Adds a hook run before every capture; returns its id for [`Self::remove_hook`].
+    pub(crate) fn add_hook(&self, hook: CaptureHook) -> u64 {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let id = hooks.keys().next_back().map_or(0, |k| k + 1);
+        hooks.insert(id, hook);
+        id
+    }
+
+    pub(crate) fn remove_hook(&self, id: u64) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn run_hooks(&self) -> Result<()> {
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.values().try_for_each(|h| h())
+    }
+
     pub(crate) fn wait_idle(&self) {
         if let Some(Ok(rt)) = &self.runtime {
             let _ = rt.wait();
@@ -242,7 +275,11 @@ impl Rank {
                  checkpoint where no message is in flight"
             )));
         }
-        let outcome = rt.checkpoint().and_then(|v| rt.wait().map(|r| (v, r)));
+        // Every rank is here (the all-reduce above): hooks see the job at rest.
+        let outcome = self
+            .ckpt
+            .run_hooks()
+            .and_then(|()| Ok(rt.checkpoint().and_then(|v| rt.wait().map(|r| (v, r)))?));
         let failed = self.allreduce_or(u64::from(outcome.is_err()))?;
         let (version, report) = outcome?;
         if failed != 0 {

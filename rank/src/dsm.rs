@@ -37,8 +37,23 @@
 //!
 //! # Limits
 //! - Regions are whole 4 KiB pages (the length is rounded up); their pages read as zero
-//!   until written. DSM pages are not part of checkpoints: a job restored from a checkpoint
-//!   allocates its regions again and finds them zero.
+//!   until written.
+//!
+//! # Checkpoints
+//! With checkpoints on (`KRUN_GHOST_DIR`), every region has a snapshot registered with the
+//! checkpointer as `krun-dsm-<n>` (n: this rank's allocations so far): right before each
+//! coordinated capture ([`Rank::checkpoint`], also at a safepoint), each rank writes which
+//! pages of the region it owns and their bytes into it (only pages that changed are
+//! written, so incremental images stay small). The snapshot costs as much memory as the
+//! pages this rank owns. A job started with `KRUN_GHOST_RESTORE` allocates its regions
+//! again, in the same order and with the same lengths: each page is mapped at the rank that
+//! owned it at the checkpoint, its manager records that owner, and pages nobody owned read
+//! as zero; read copies are not restored (they fault in again). A checkpoint is taken with
+//! every rank inside [`Rank::checkpoint`], so no page moves while it is taken (call it
+//! outside DSM locks, from the thread that accesses the DSM). The lock table is not
+//! captured: every lock is free after a restore.
+//! - A region allocated after the checkpoint is not in its image: allocating it in the
+//!   restored job fails (regions are matched by allocation order).
 //! - Allocation, free and the barrier are collective: every rank calls them in the same
 //!   order. After [`SharedMemory::free`] the region's addresses are unmapped on every rank.
 //! - 64 locks, ids `0..64`, queued FIFO at rank 0.
@@ -128,8 +143,40 @@ pub struct DsmStats {
 /// Dropping it stops the DSM's threads and unmaps its regions; do it collectively, after a
 /// [`SharedMemory::barrier`], or the other ranks' faults on pages this rank owns fail.
 pub struct SharedMemory {
-    inner: ::dsm::Dsm,
-    regions: Mutex<BTreeMap<usize, SharedRegion>>,
+    inner: Arc<Inner>,
+    rank: Arc<Rank>,
+    /// The capture hook copying owned pages into the snapshots, when checkpoints run.
+    hook: Option<u64>,
+}
+
+struct Inner {
+    dsm: ::dsm::Dsm,
+    regions: Mutex<BTreeMap<usize, Held>>,
+    /// Regions allocated so far (names the snapshots: `krun-dsm-<n>`).
+    allocated: Mutex<u64>,
+}
+
+/// A live region and its snapshot: memory registered with the checkpointer, where every
+/// capture first copies the pages this rank owns.
+struct Held {
+    region: SharedRegion,
+    snapshot: Option<(usize, usize)>,
+}
+
+impl Inner {
+    /// Before a capture: every live region's owned pages into its snapshot.
+    fn capture(&self) -> Result<()> {
+        let regions = self.regions.lock().map_err(|_| poisoned())?;
+        for held in regions.values() {
+            if let Some((addr, len)) = held.snapshot {
+                // SAFETY: the snapshot memory was mapped for this region and is never
+                // unmapped; only this capture (holding the table's lock) writes it.
+                let out = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+                self.dsm.snapshot(&held.region, out)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Rank {
@@ -137,11 +184,32 @@ impl Rank {
     /// (fault threads, prefetch, locator, one-sided reads; see the [`dsm`](self) module).
     pub fn dsm(self: &Arc<Self>) -> Result<SharedMemory> {
         let config = DsmConfig::default().with_env()?;
-        let inner = ::dsm::Dsm::init(RankCollective(self.clone()), &self.fabric, config)?;
+        let dsm = ::dsm::Dsm::init(RankCollective(self.clone()), &self.fabric, config)?;
+        let inner = Arc::new(Inner {
+            dsm,
+            regions: Mutex::new(BTreeMap::new()),
+            allocated: Mutex::new(0),
+        });
+        let hook = self.ckpt.enabled().then(|| {
+            let weak = Arc::downgrade(&inner);
+            self.ckpt.add_hook(Box::new(move || match weak.upgrade() {
+                Some(inner) => inner.capture(),
+                None => Ok(()),
+            }))
+        });
         Ok(SharedMemory {
             inner,
-            regions: Mutex::new(BTreeMap::new()),
+            rank: self.clone(),
+            hook,
         })
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if let Some(id) = self.hook {
+            self.rank.ckpt.remove_hook(id);
+        }
     }
 }
 
@@ -152,23 +220,76 @@ fn poisoned() -> RankError {
 impl SharedMemory {
     /// Allocates `bytes` (rounded up to pages) of shared memory (collective: every rank
     /// calls it in the same order, with the same length, and gets the same address).
+    ///
+    /// With checkpoints on, the region gets a snapshot registered with the checkpointer
+    /// (`krun-dsm-<n>`, n counting this rank's allocations); in a rank restored from a
+    /// checkpoint the region is refilled from the ranks' snapshots.
     pub fn alloc(&self, bytes: usize) -> Result<DsmRegion> {
-        let region = self.inner.alloc(bytes)?;
-        self.regions
+        let inner = &self.inner;
+        let (region, snapshot) = if self.hook.is_none() {
+            (inner.dsm.alloc(bytes)?, None)
+        } else {
+            let n = {
+                let mut a = inner.allocated.lock().map_err(|_| poisoned())?;
+                *a += 1;
+                *a - 1
+            };
+            let len = ::dsm::Dsm::snapshot_len(bytes.max(1));
+            let registered = self.rank.alloc(len).and_then(|addr| {
+                // SAFETY: fresh page-aligned private anonymous memory, never unmapped.
+                let restored = unsafe {
+                    self.rank
+                        .register_memory(&format!("krun-dsm-{n}"), addr, len)
+                }?;
+                Ok((addr, restored))
+            });
+            let restoring = self.rank.restored_version().is_some();
+            let (addr, restored) = match registered {
+                Ok(r) => r,
+                Err(e) => {
+                    // Still take part in the collective allocation (with an unusable
+                    // snapshot when restoring), so the other ranks fail or go on instead
+                    // of waiting.
+                    let _ = if restoring {
+                        inner.dsm.alloc_restored(bytes, Some(&[]))
+                    } else {
+                        inner.dsm.alloc(bytes)
+                    };
+                    return Err(e);
+                }
+            };
+            let region = match (restored, restoring) {
+                (false, false) => inner.dsm.alloc(bytes)?,
+                (restored, true) => {
+                    // SAFETY: registered above: `len` bytes, filled from the image if restored.
+                    let s = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                    inner.dsm.alloc_restored(bytes, restored.then_some(s))?
+                }
+                (true, false) => {
+                    return Err(RankError::InvalidArgument(
+                        "a DSM snapshot was restored in a rank that restores nothing".into(),
+                    ))
+                }
+            };
+            let addr = addr as usize;
+            (region, Some((addr, len)))
+        };
+        inner
+            .regions
             .lock()
             .map_err(|_| poisoned())?
-            .insert(region.as_ptr() as usize, region);
+            .insert(region.as_ptr() as usize, Held { region, snapshot });
         Ok(DsmRegion(region))
     }
 
     /// The region that starts at `base`, if this DSM allocated it and did not free it.
     pub fn region_at(&self, base: *const u8) -> Result<DsmRegion> {
-        self.regions
+        self.inner
+            .regions
             .lock()
             .map_err(|_| poisoned())?
             .get(&(base as usize))
-            .copied()
-            .map(DsmRegion)
+            .map(|h| DsmRegion(h.region))
             .ok_or_else(|| {
                 RankError::InvalidArgument(format!(
                     "{base:p} is not the start of a DSM region of this rank"
@@ -180,32 +301,34 @@ impl SharedMemory {
     /// returns.
     pub fn free(&self, region: DsmRegion) -> Result<()> {
         let known = self
+            .inner
             .regions
             .lock()
             .map_err(|_| poisoned())?
-            .remove(&(region.as_ptr() as usize));
+            .remove(&(region.as_ptr() as usize))
+            .map(|h| h.region);
         if known != Some(region.0) {
             return Err(RankError::InvalidArgument(format!(
                 "{:p} is not a DSM region of this rank (never allocated, or freed)",
                 region.as_ptr()
             )));
         }
-        Ok(self.inner.free(region.0)?)
+        Ok(self.inner.dsm.free(region.0)?)
     }
 
     /// Takes DSM lock `id` (`0..64`), queued FIFO at rank 0.
     pub fn lock(&self, id: usize) -> Result<()> {
-        Ok(self.inner.lock(id)?)
+        Ok(self.inner.dsm.lock(id)?)
     }
 
     /// Releases DSM lock `id`, which this rank holds.
     pub fn unlock(&self, id: usize) -> Result<()> {
-        Ok(self.inner.unlock(id)?)
+        Ok(self.inner.dsm.unlock(id)?)
     }
 
     /// Returns when every rank has reached it; reports a DSM driver error, if any.
     pub fn barrier(&self) -> Result<()> {
-        Ok(self.inner.barrier()?)
+        Ok(self.inner.dsm.barrier()?)
     }
 
     /// Ends this rank's DSM collectively: a barrier (every rank is done with the pages),
@@ -217,7 +340,7 @@ impl SharedMemory {
     }
 
     pub fn stats(&self) -> DsmStats {
-        let (faults, remote_fetches, prefetched, messages) = self.inner.stats();
+        let (faults, remote_fetches, prefetched, messages) = self.inner.dsm.stats();
         DsmStats {
             faults,
             remote_fetches,

@@ -9,6 +9,7 @@
 //! |-----------|--------------|
 //! | `share`   | each rank writes its part of a region, reads every other part after a barrier (byte by byte); then ownership of shared pages moves round-robin between the ranks, checked after every barrier; a counter incremented under the DSM lock; false sharing (each rank its own word of one page) |
 //! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
+//! | `serve-then-free` | rank 1 writes the pages of a region; rank 0 reads them (rank 1 serves and publishes them), then every rank frees the region at once and allocates and checks a new one (run with `KRUN_DSM_PUBLISH_DELAY_MS` to make the publications outlast the free) |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
@@ -211,6 +212,47 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// message round trip and an owner downgrade); rank 0 rewrites them (invalidating rank 1, whose
 /// hint now names rank 0) and rank 2 reads them (downgrade again); rank 1 then reads them
 /// one-sided (join + RMA read), one by one, and finally scans them with prefetch.
+fn serve_then_free(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let n = a.pages;
+    let region = d.alloc(n * page).map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    if d.rank() == 1 {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            unsafe { mem.add(i * page).write_volatile(i as u8 + 1) };
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if d.rank() == 0 {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            let v = unsafe { mem.add(i * page).read_volatile() };
+            if v != i as u8 + 1 {
+                return Err(format!("page {i} reads {v}, rank 1 wrote {}", i + 1));
+            }
+        }
+    }
+    // Rank 1 may still be publishing the pages it served when the free starts.
+    d.free(region).map_err(|e| e.to_string())?;
+    let again = d.alloc(page).map_err(|e| e.to_string())?;
+    if d.rank() == 0 {
+        // SAFETY: inside the new region.
+        unsafe { again.as_ptr().write_volatile(7) };
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    // SAFETY: inside the new region.
+    let v = unsafe { again.as_ptr().read_volatile() };
+    if v != 7 {
+        return Err(format!(
+            "a region allocated after the free reads {v}, not 7"
+        ));
+    }
+    println!("krun-result serve_then_free=ok");
+    d.barrier().map_err(|e| e.to_string())?;
+    d.free(again).map_err(|e| e.to_string())
+}
+
 fn latency(d: &Dsm, a: &Args) -> Res<()> {
     let page = 4096;
     let n = a.pages;
@@ -424,6 +466,7 @@ fn run(a: &Args) -> Res<()> {
     match a.scenario.as_str() {
         "share" => share(&d, a),
         "latency" => latency(&d, a),
+        "serve-then-free" => serve_then_free(&d, a),
         "mgs" => mgs(&d, a),
         s => Err(format!("unknown scenario {s}")),
     }?;

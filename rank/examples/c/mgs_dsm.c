@@ -6,8 +6,14 @@
  * (page faults fetch it) and projects it out of its own columns j > k. Each rank counts the
  * columns it normalized into a shared counter under a DSM lock. Rank 0 then reads the whole
  * of Q and prints "mgs weighted W orthogonality O columns C" (compare W with
- * mgs_serial's). */
+ * mgs_serial's).
+ * Checkpoints: MGS_CHECKPOINT_AT=k takes a coordinated checkpoint (krun_checkpoint) after
+ * step k, and MGS_STOP_AT=k makes every rank exit with code 3 after step k (a simulated
+ * failure). Started again with KRUN_GHOST_RESTORE=latest, the ranks find their loop state
+ * in registered memory and the matrix in the DSM as it was at the checkpoint, and go on
+ * from there. */
 #include <string.h>
+#include <unistd.h>
 
 #include "krun.h"
 #include "mgs_common.h"
@@ -30,6 +36,20 @@ int main(int argc, char **argv) {
     return 1;
   }
   int rank = krun_rank(), size = krun_size();
+  const char *ckpt = getenv("MGS_CHECKPOINT_AT"), *stop = getenv("MGS_STOP_AT");
+  long checkpoint_at = ckpt ? atol(ckpt) : -1, stop_at = stop ? atol(stop) : -1;
+  /* The loop state (the next step) is registered for checkpoints when they are used. */
+  long *next_step = NULL;
+  int restored = 0;
+  if (ckpt || getenv("KRUN_GHOST_RESTORE")) {
+    next_step = krun_alloc(4096);
+    if (!next_step) {
+      fprintf(stderr, "mgs_dsm: krun_alloc failed: %s\n", krun_last_error());
+      return 1;
+    }
+    restored = krun_register("mgs", next_step, 4096);
+    CHECK(restored);
+  }
   double *a = NULL;
   uint64_t *counter = NULL;
   CHECK(krun_dsm_alloc(sizeof(double) * rows * cols, (void **)&a));
@@ -42,20 +62,31 @@ int main(int argc, char **argv) {
   }
   printf("mgs_dsm: rank %d refused bad calls: %s\n", rank, krun_last_error());
 
-  /* Each rank fills its own columns (the first touch makes it their owner). */
-  double *init = malloc(sizeof(double) * rows * cols);
   double *q = malloc(sizeof(double) * rows);
-  if (!init || !q) {
+  if (!q) {
     fprintf(stderr, "mgs_dsm: out of memory\n");
     return 1;
   }
-  mgs_matrix(init, rows, cols);
-  for (long j = rank; j < cols; j += size)
-    memcpy(&a[j * rows], &init[j * rows], sizeof(double) * rows);
-  free(init);
+  long first = 0;
+  if (restored) {
+    first = *next_step;
+    printf("mgs_dsm: rank %d restored version %ld at step %ld\n", rank, krun_restored_version(),
+           first);
+  } else {
+    /* Each rank fills its own columns (the first touch makes it their owner). */
+    double *init = malloc(sizeof(double) * rows * cols);
+    if (!init) {
+      fprintf(stderr, "mgs_dsm: out of memory\n");
+      return 1;
+    }
+    mgs_matrix(init, rows, cols);
+    for (long j = rank; j < cols; j += size)
+      memcpy(&a[j * rows], &init[j * rows], sizeof(double) * rows);
+    free(init);
+  }
   CHECK(krun_dsm_barrier());
 
-  for (long k = 0; k < cols; k++) {
+  for (long k = first; k < cols; k++) {
     if (k % size == rank) {
       mgs_normalize(&a[k * rows], rows);
       CHECK(krun_dsm_lock(0));
@@ -67,6 +98,20 @@ int main(int argc, char **argv) {
     memcpy(q, &a[k * rows], sizeof(double) * rows);
     for (long j = k + 1; j < cols; j++)
       if (j % size == rank) mgs_project_out(q, &a[j * rows], rows);
+    if (next_step) *next_step = k + 1;
+    if (k == checkpoint_at) {
+      long v = krun_checkpoint();
+      CHECK(v);
+      if (rank == 0) printf("mgs_dsm: step %ld checkpointed as version %ld\n", k, v);
+      fflush(stdout);
+    }
+    if (k == stop_at) {
+      /* Every rank stops here (a rank still waiting for a page of a rank gone would wait
+       * for good). */
+      CHECK(krun_dsm_barrier());
+      fflush(stdout);
+      _exit(3);
+    }
   }
   CHECK(krun_dsm_barrier());
 
