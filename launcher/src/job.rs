@@ -447,18 +447,9 @@ pub fn run(job: &Job) -> Result<i32> {
             }
         }
         NodeSource::Slurm(a) => {
-            let mut srun =
-                Command::new(std::env::var("KRUN_SRUN").unwrap_or_else(|_| "srun".into()));
-            srun.arg(format!("--nodes={k}"))
-                .arg(format!("--ntasks={k}"))
-                .arg("--ntasks-per-node=1")
-                .arg(format!(
-                    "--nodelist={}",
-                    crate::hostlist::compress(&a.nodes)
-                ))
-                .arg("--kill-on-bad-exit=1")
-                .arg("--overlap")
-                .arg(&job.krund);
+            let recovering = job.program.as_ref().is_some_and(recovers);
+            let mut srun = crate::slurm::srun_command(&a.nodes, recovering);
+            srun.arg(&job.krund);
             // srun passes its environment (and so the secret and settings) to every krund.
             let template = node_command(placement.is_some());
             for (key, v) in template.get_envs() {

@@ -113,6 +113,9 @@ pub enum NodeToLauncher {
         rank: u32,
         reason: String,
     },
+    /// The node got SIGUSR1 (Slurm's `--signal=USR1@T` signals every task of the step, that
+    /// is every krund): a checkpoint request for krun's policy.
+    CheckpointAsked,
 }
 
 /// What `krun` tells a krund node.

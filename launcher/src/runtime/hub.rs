@@ -302,6 +302,10 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 inner.state.lock().expect("hub lock").ranked.insert(node);
                 to_policy(&inner, super::checkpoints::Input::FromNode(node, msg));
             }
+            Ok(NodeToLauncher::CheckpointAsked) => to_policy(
+                &inner,
+                super::checkpoints::Input::Request(policies::primitives::RequestSource::Signal),
+            ),
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
         }

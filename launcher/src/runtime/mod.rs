@@ -527,6 +527,10 @@ impl Bound {
                             table.shared.killed_told.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
+                        RankEvent::CheckpointAsked => {
+                            table.shared.tell_launcher(&NodeToLauncher::CheckpointAsked);
+                            continue;
+                        }
                     };
                     if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
                         eprintln!("krund: node {me}: process table: {e}");
