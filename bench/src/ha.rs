@@ -69,7 +69,6 @@ impl Drop for Cleanup {
 struct Job {
     interval_s: Option<f64>,
     spares: usize,
-    inject_ms: Option<u64>,
     l4: bool,
     /// (owner, version) to restore every rank from.
     restore: Option<(String, u64)>,
@@ -86,9 +85,6 @@ impl Setup {
         }
         if let Some(i) = job.interval_s {
             c.args(["--checkpoint-interval", &format!("{i:.3}")]);
-        }
-        if let Some(ms) = job.inject_ms {
-            c.args(["--inject-failure", &format!("node=1@{ms}ms")]);
         }
         c.arg(&self.heat)
             .args([self.nx.to_string(), NY.to_string(), steps.to_string()]);
@@ -300,10 +296,84 @@ struct Failure {
     relaunch: Option<(f64, f64, u64)>,
 }
 
+/// Starts `job`, and SIGKILLs node 1 (its krund and the ranks it started, by PID) half a
+/// checkpoint interval after the 2nd commit: between checkpoints. Returns the job and when
+/// the SIGKILL was sent (Unix seconds).
+fn start_and_kill(setup: &Setup, job: &Job) -> Result<(RunningJob, f64), String> {
+    let _ = std::fs::create_dir_all(setup.disk.join(&job.tag));
+    let mut running =
+        RunningJob::start(&mut setup.command(job, setup.steps)).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    while running.first("checkpoint 2 committed").is_none() {
+        if running.ended().map_err(|e| e.to_string())? || start.elapsed() > setup.limit {
+            let text = running
+                .stop(Duration::from_secs(10))
+                .map(|o| o.text())
+                .unwrap_or_default();
+            return Err(format!(
+                "{}: no 2nd checkpoint committed:\n{}",
+                job.tag,
+                tail(&text, 40)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_secs_f64(job.interval_s.unwrap_or(1.0) / 2.0));
+    let kill_at = kill_node(running.pid(), 1)?;
+    Ok((running, kill_at))
+}
+
+/// SIGKILL of local node `node` of the krun `krun_pid` (its krund child started with
+/// `--node-id N`) and of that krund's children (its ranks). Returns when it was sent.
+fn kill_node(krun_pid: u32, node: usize) -> Result<f64, String> {
+    let children = |pid: u32| -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                    out.extend(
+                        text.split_whitespace()
+                            .filter_map(|p| p.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        out
+    };
+    let want = format!("\0--node-id\0{node}\0");
+    let krund = children(krun_pid)
+        .into_iter()
+        .find(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&want))
+        })
+        .ok_or_else(|| format!("krun {krun_pid} has no node {node} process"))?;
+    let ranks = children(krund);
+    let at = cluster_tests::campaign::now_unix();
+    for pid in std::iter::once(krund).chain(ranks) {
+        // Processes this bench started (krun's children and theirs), by PID.
+        let _ = cluster_tests::kill_process(pid, libc::SIGKILL);
+    }
+    Ok(at)
+}
+
 fn failure_spare(setup: &Setup, job: &Job, want: &str) -> Result<Failure, String> {
-    let out = setup.run(job, setup.steps)?;
+    let (running, kill_at) = start_and_kill(setup, job)?;
+    let out = running.wait(setup.limit).map_err(|e| e.to_string());
+    let _ = std::fs::remove_dir_all(setup.disk.join(&job.tag));
+    let _ = std::fs::remove_dir_all(setup.ghost.join(&job.tag));
+    let out = out?;
+    if out.code != Some(0) {
+        return Err(format!(
+            "{} ended with {:?}:\n{}",
+            job.tag,
+            out.code,
+            tail(&out.text(), 40)
+        ));
+    }
     check_sum(&out, want, &job.tag)?;
-    let times = failure_times(&out, None, RANKS).map_err(|e| format!("{}: {e}", job.tag))?;
+    let times =
+        failure_times(&out, None, RANKS, kill_at).map_err(|e| format!("{}: {e}", job.tag))?;
     Ok(Failure {
         times,
         relaunch: None,
@@ -321,9 +391,7 @@ fn check_sum(out: &JobOutput, want: &str, tag: &str) -> Result<(), String> {
 }
 
 fn failure_relaunch(setup: &Setup, job: &Job, want: &str) -> Result<Failure, String> {
-    let _ = std::fs::create_dir_all(setup.disk.join(&job.tag));
-    let mut first =
-        RunningJob::start(&mut setup.command(job, setup.steps)).map_err(|e| e.to_string())?;
+    let (mut first, kill_at) = start_and_kill(setup, job)?;
     let start = std::time::Instant::now();
     while first.first("node 1 failed at epoch").is_none() {
         if first.ended().map_err(|e| e.to_string())? || start.elapsed() > setup.limit {
@@ -356,7 +424,6 @@ fn failure_relaunch(setup: &Setup, job: &Job, want: &str) -> Result<Failure, Str
     let relaunched = Job {
         interval_s: None,
         spares: 0,
-        inject_ms: None,
         l4: true,
         restore: Some((owner, version)),
         tag: format!("{}-new", job.tag),
@@ -367,7 +434,8 @@ fn failure_relaunch(setup: &Setup, job: &Job, want: &str) -> Result<Failure, Str
     let _ = std::fs::remove_dir_all(setup.ghost.join(&job.tag));
     let new = new?;
     check_sum(&new, want, &relaunched.tag)?;
-    let times = failure_times(&old, Some(&new), RANKS).map_err(|e| format!("{}: {e}", job.tag))?;
+    let times =
+        failure_times(&old, Some(&new), RANKS, kill_at).map_err(|e| format!("{}: {e}", job.tag))?;
     Ok(Failure {
         relaunch: Some((t_launch - times.kill_at, read_s, bytes)),
         times,
@@ -489,15 +557,13 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         runs,
     )?;
 
-    // Failures: node 1 killed between checkpoints, 2.5 short intervals after the nodes start.
-    let kill_ms = ((2.5 * interval_a + 1.5) * 1e3) as u64;
-    println!("failure runs: node 1 SIGKILLed {kill_ms} ms after the nodes started ({runs} each)");
+    // Failures: node 1 killed between checkpoints (half an interval after the 2nd commit).
+    println!("failure runs: node 1 SIGKILLed half an interval after the 2nd commit ({runs} each)");
     let mut spare = Vec::new();
     let mut relaunch = Vec::new();
     for i in 0..runs {
         let base = Job {
             interval_s: Some(interval_a),
-            inject_ms: Some(kill_ms),
             l4: true,
             ..Job::default()
         };
@@ -606,7 +672,6 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         relaunch: &relaunch,
         campaign,
         load_before,
-        kill_ms,
         out: args
             .get("out")
             .map(PathBuf::from)
@@ -628,7 +693,6 @@ struct Report<'a> {
     relaunch: &'a [Failure],
     campaign: serde_json::Value,
     load_before: String,
-    kill_ms: u64,
     out: PathBuf,
 }
 
@@ -819,7 +883,7 @@ fn report(r: &Report) -> Result<(), String> {
                 "program": "rank/examples/c/heat_ha.c", "nx": r.setup.nx, "ny": NY,
                 "steps": r.setup.steps, "provider": "tcp", "store_level": "L2",
                 "state_bytes_per_rank": r.setup.state_bytes,
-                "failure_runs": format!("--checkpoint-interval {} --inject-failure node=1@{}ms, KRUN_STORE_DISK (L4) on", r.interval_a, r.kill_ms),
+                "failure_runs": format!("--checkpoint-interval {}, KRUN_STORE_DISK (L4) on; node 1's krund and ranks SIGKILLed by the bench half an interval after the 2nd commit", r.interval_a),
             },
             "mtbf_s": r.mtbf_s,
             "daly_interval_s": json_num(Some(r.daly_s)),

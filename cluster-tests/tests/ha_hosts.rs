@@ -42,8 +42,8 @@ fn build_examples(out: &Path) {
 
 fn checksum_in(text: &str) -> Option<String> {
     text.lines()
-        .filter_map(|l| l.split(" checksum ").nth(1))
-        .last()
+        .rev()
+        .find_map(|l| l.split(" checksum ").nth(1))
         .map(|s| s.trim().to_string())
 }
 

@@ -56,7 +56,7 @@ fn step_line(text: &str) -> Option<(u64, f64)> {
 /// One failure, timed from krun's SIGKILL (all in seconds).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FailureTimes {
-    /// When krun printed that it sent the SIGKILL (Unix seconds).
+    /// When the SIGKILL was sent (Unix seconds).
     pub kill_at: f64,
     /// Until krun printed the agreed failure.
     pub detect_s: f64,
@@ -77,11 +77,8 @@ pub fn failure_times(
     old: &JobOutput,
     new: Option<&JobOutput>,
     ranks: usize,
+    kill_at: f64,
 ) -> Result<FailureTimes, String> {
-    let kill_at = old
-        .first("injected failure: SIGKILL to node")
-        .ok_or("krun printed no injected failure")?
-        .at;
     let detect_at = old
         .lines
         .iter()
@@ -106,18 +103,21 @@ pub fn failure_times(
     let step = resumed.iter().map(|r| r.0).min().unwrap_or(0);
     let last = resumed.iter().map(|r| r.1).fold(f64::MIN, f64::max);
     let done_at = if step == 0 {
-        old.lines
-            .iter()
-            .filter_map(|l| computing(&l.text))
-            .find(|&(r, s, t)| r == 0 && s == 0 && t < kill_at)
-            .map(|x| x.2)
+        // From the start: everything computed before the SIGKILL (if anything) is lost.
+        Some(
+            old.lines
+                .iter()
+                .filter_map(|l| computing(&l.text))
+                .find(|&(r, s, t)| r == 0 && s == 0 && t < kill_at)
+                .map_or(kill_at, |x| x.2),
+        )
     } else {
         old.lines
             .iter()
+            .rev()
             .filter_map(|l| step_line(&l.text))
-            .filter(|&(s, t)| s == step && t < kill_at)
+            .find(|&(s, t)| s == step && t < kill_at)
             .map(|x| x.1)
-            .last()
     }
     .ok_or_else(|| format!("rank 0 never printed step {step} before the SIGKILL"))?;
     let mut fetch_bytes = 0;
@@ -174,7 +174,7 @@ mod tests {
             (16.2, "heat_ha: rank 0 computing from step 4 at 16.25"),
             (30.0, "heat_ha: loop 4..100 in 13.5 s"),
         ]);
-        let t = failure_times(&o, None, 2).unwrap();
+        let t = failure_times(&o, None, 2, 12.5).unwrap();
         assert_eq!(t.kill_at, 12.5);
         assert!((t.detect_s - 3.0).abs() < 1e-9);
         assert!((t.restart_s - 3.75).abs() < 1e-9, "{t:?}");
@@ -183,7 +183,7 @@ mod tests {
         assert_eq!(commits(&o), vec![(0.30, 0.10)]);
         assert_eq!(loop_seconds(&o), Some(13.5));
         // A rank that never resumes is named.
-        let e = failure_times(&o, None, 3).unwrap_err();
+        let e = failure_times(&o, None, 3, 12.5).unwrap_err();
         assert!(e.contains("[2]"), "{e}");
     }
 }
