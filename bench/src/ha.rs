@@ -217,29 +217,45 @@ struct Steady {
     ckpt: Vec<f64>,
     freeze: Vec<f64>,
     commits: Vec<f64>,
+    /// Loop time over the paired run without a policy.
+    ratios: Vec<f64>,
 }
 
-fn steady(setup: &Setup, job: &Job, runs: usize) -> Result<Steady, String> {
+/// One run of `job` (tag suffix `i`) into `s`; returns its loop time.
+fn one_run(setup: &Setup, job: &Job, i: usize, s: &mut Steady) -> Result<f64, String> {
+    let mut j = job.clone();
+    j.tag = format!("{}-{i}", job.tag);
+    let out = setup.run(&j, setup.steps)?;
+    let l = loop_seconds(&out).ok_or("no loop time printed")?;
+    let c = commits(&out);
+    println!(
+        "  {} run {}: loop {l:.2} s, {} checkpoints (load {})",
+        job.tag,
+        i + 1,
+        c.len(),
+        uptime()
+    );
+    s.loops.push(l);
+    s.commits.push(c.len() as f64);
+    for (ckpt, freeze) in c {
+        s.ckpt.push(ckpt);
+        s.freeze.push(freeze);
+    }
+    Ok(l)
+}
+
+/// `runs` pairs: a run without a policy, then one of `job`, so that the machine's load
+/// drifts alike for both; each pair gives a ratio of loop times (in `ratios`).
+fn paired(setup: &Setup, job: &Job, runs: usize, none: &mut Steady) -> Result<Steady, String> {
     let mut s = Steady::default();
+    let plain = Job {
+        tag: format!("none-for-{}", job.tag),
+        ..Job::default()
+    };
     for i in 0..runs {
-        let mut j = job.clone();
-        j.tag = format!("{}-{i}", job.tag);
-        let out = setup.run(&j, setup.steps)?;
-        let l = loop_seconds(&out).ok_or("no loop time printed")?;
-        let c = commits(&out);
-        println!(
-            "  {} run {}: loop {l:.2} s, {} checkpoints (load {})",
-            job.tag,
-            i + 1,
-            c.len(),
-            uptime()
-        );
-        s.loops.push(l);
-        s.commits.push(c.len() as f64);
-        for (ckpt, freeze) in c {
-            s.ckpt.push(ckpt);
-            s.freeze.push(freeze);
-        }
+        let base = one_run(setup, &plain, i, none)?;
+        let l = one_run(setup, job, i, &mut s)?;
+        s.ratios.push(l / base);
     }
     Ok(s)
 }
@@ -525,15 +541,8 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let want = serial_checksum(&serial, nx, setup.steps)?;
 
     println!("failure-free runs ({runs} each):");
-    let none = steady(
-        &setup,
-        &Job {
-            tag: "none".into(),
-            ..Job::default()
-        },
-        runs,
-    )?;
-    let short = steady(
+    let mut none = Steady::default();
+    let short = paired(
         &setup,
         &Job {
             interval_s: Some(interval_a),
@@ -541,13 +550,14 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             ..Job::default()
         },
         runs,
+        &mut none,
     )?;
     let delta = median(&short.freeze).ok_or("no checkpoint committed at the short interval")?;
     let daly_s = policies::interval::daly(delta, mtbf_s).map_err(|e| e.to_string())?;
     println!(
         "Young/Daly: checkpoint cost (ranks held) {delta:.3} s, MTBF {mtbf_s} s -> interval {daly_s:.2} s"
     );
-    let daly = steady(
+    let daly = paired(
         &setup,
         &Job {
             interval_s: Some(daly_s),
@@ -555,6 +565,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             ..Job::default()
         },
         runs,
+        &mut none,
     )?;
 
     // Failures: node 1 killed between checkpoints (half an interval after the 2nd commit).
@@ -698,12 +709,9 @@ struct Report<'a> {
 
 fn report(r: &Report) -> Result<(), String> {
     let gib = r.setup.state_bytes as f64 / (1u64 << 30) as f64;
-    let base = median(&r.none.loops);
-    let overhead = |s: &Steady| {
-        median(&s.loops)
-            .zip(base)
-            .map(|(l, b)| (l / b - 1.0) * 100.0)
-    };
+    // The median over the pairs of (loop with the policy / loop of the run just before
+    // without it) - 1.
+    let overhead = |s: &Steady| median(&s.ratios).map(|q| (q - 1.0) * 100.0);
     let pick = |f: &[Failure], g: fn(&FailureTimes) -> f64| -> Vec<f64> {
         f.iter().map(|x| g(&x.times)).collect()
     };
@@ -727,6 +735,7 @@ fn report(r: &Report) -> Result<(), String> {
             "restart_seconds": null,
             "lost_work_seconds": null,
             "loop_seconds": spread(&s.loops),
+            "loop_ratio_to_paired_no_policy_run": spread(&s.ratios),
             "checkpoints_per_run": spread(&s.commits),
             "ckpt_seconds_spread": spread(&s.ckpt),
             "freeze_seconds_spread": spread(&s.freeze),
@@ -784,7 +793,8 @@ fn report(r: &Report) -> Result<(), String> {
     print!("{}", table.render());
     let load_after = uptime();
     println!(
-        "median of {} runs (min/max in the JSON); load (1/5/15 min) {} before, {load_after} after",
+        "median of {} runs (min/max in the JSON; overhead: median over pairs of a run with the \
+         policy and the run without it just before); load (1/5/15 min) {} before, {load_after} after",
         r.runs, r.load_before
     );
     let daly_over = overhead(r.daly);

@@ -1,6 +1,6 @@
 //! HA under Slurm (#10), in the local Slurm lane (`cluster-tests/slurm/cluster.sh`, 5 nodes):
 //! - `sbatch -N 5 --no-kill` of a script running `krun --spares 1 --checkpoint-interval 2`
-//!   with the heat stencil (`rank/examples/c/heat_ha.c`, 8 ranks on nodes 1-4, node 5 the
+//!   with the heat stencil (`rank/examples/c/heat_ha.c`, 4 ranks on nodes 1-4, node 5 the
 //!   spare); once two checkpoints are committed, node 2's krund and its ranks are SIGKILLed
 //!   from outside (`cluster.sh node-exec 2`: `--inject-failure` is refused under Slurm). The
 //!   job must finish with the serial checksum, its lost ranks restarted on the spare.
@@ -105,7 +105,7 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
     )));
     std::fs::create_dir_all(&dir.0).unwrap();
     build_examples(&dir.0);
-    let grid = ["96", "64", "400"];
+    let grid = ["96", "64", "150"];
     let serial = Command::new(dir.0.join("heat_serial"))
         .args(grid)
         .output()
@@ -122,8 +122,8 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
         &script,
         format!(
             "#!/bin/bash\n\
-             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_STEP_DELAY_US=10000 HEAT_HA_TRACE=0\n\
-             {krun} --spares 1 -n 8 --checkpoint-interval 2 {heat} {g0} {g1} {g2}\n\
+             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_HA_TRACE=0\n\
+             {krun} --spares 1 -n 4 --checkpoint-interval 2 {heat} {g0} {g1} {g2}\n\
              echo heat-exit $?\n",
             ghost = dir.0.join("ghost").display(),
             krun = krun.display(),
@@ -139,7 +139,7 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
         &[
             "-N",
             "5",
-            "--ntasks-per-node=2",
+            "--ntasks-per-node=1",
             "--no-kill",
             "-t",
             "10",
@@ -157,13 +157,13 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
     );
     let text = wait_for(&output, "heat-exit", Duration::from_secs(420));
     assert!(text.contains("heat-exit 0"), "job {id} ({killed}):\n{text}");
-    // Node 2 of Slurm is krun's node 1 (ranks 2-3); the spare is krun's node 4 (Slurm's 5).
-    assert!(text.contains("restart on spare node 4"), "{text}");
+    // Node 2 of Slurm is krun's node 1 (rank 1); the spare is krun's node 4 (Slurm's 5).
+    assert!(text.contains("rank 1 restarts on spare node 4"), "{text}");
     assert!(text.contains("1 node failure, 1 recovery"), "{text}");
     assert_eq!(checksum_in(&text), Some(want.clone()), "{text}");
 
-    // (2) Slurm's --signal=USR1@T: a checkpoint before the time limit (1 minute, T = 50 s:
-    // the signal comes ~10 s into the job, and the job is long enough to be running then).
+    // (2) Slurm's --signal=USR1@T: a checkpoint before the time limit (1 minute, T = 40 s:
+    // the signal comes ~20 s into the job, which is running by then and runs until killed).
     let script = dir.0.join("usr1.sbatch");
     let output = dir.0.join("usr1.out");
     let status = dir.0.join("usr1.status");
@@ -171,11 +171,11 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
         &script,
         format!(
             "#!/bin/bash\n\
-             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_STEP_DELAY_US=40000 HEAT_HA_TRACE=0\n\
-             {krun} -n 8 --checkpoint-interval 600 {heat} 96 64 100000 &\n\
+             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_STEP_DELAY_US=20000 HEAT_HA_TRACE=0\n\
+             {krun} -n 4 --checkpoint-interval 600 {heat} 96 64 100000 &\n\
              job=$!\n\
              for i in $(seq 600); do\n\
-               if grep -q 'asked by' {out} && {krun} status --job $job --json > {status}.tmp 2>/dev/null && [ $(grep -c '\"version\": 1' {status}.tmp) -ge 8 ]; then mv {status}.tmp {status}; break; fi\n\
+               if grep -q 'asked by' {out} && {krun} status --job $job --json > {status}.tmp 2>/dev/null && [ $(grep -c '\"version\": 1' {status}.tmp) -ge 4 ]; then mv {status}.tmp {status}; break; fi\n\
                sleep 0.1\n\
              done\n\
              kill -TERM $job; wait $job\n\
@@ -193,10 +193,10 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
         &[
             "-N",
             "4",
-            "--ntasks-per-node=2",
+            "--ntasks-per-node=1",
             "-t",
             "1",
-            "--signal=USR1@50",
+            "--signal=USR1@40",
             "-o",
             output.to_str().unwrap(),
         ],
@@ -213,7 +213,7 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
     let v: serde_json::Value = serde_json::from_str(&status_text)
         .unwrap_or_else(|e| panic!("status --json: {e}:\n{status_text}\n{text}"));
     let rows = v["status"]["ranks"].as_array().expect("ranks").clone();
-    assert_eq!(rows.len(), 8, "{v}");
+    assert_eq!(rows.len(), 4, "{v}");
     for r in &rows {
         // Every rank's newest checkpoint is version 1, safe in the store (L1 and L2).
         assert_eq!(r["checkpoint"]["version"], 1, "{r}\n{v}");
