@@ -51,6 +51,33 @@ struct Setup {
     disk: PathBuf,
     arena_mib: usize,
     limit: Duration,
+    /// Runs that failed and were retried (reason, shortened), reported in the JSON.
+    failed: std::cell::RefCell<Vec<String>>,
+}
+
+/// Up to 3 attempts of one measurement; each failure is recorded in `setup.failed`.
+fn attempt<T>(
+    setup: &Setup,
+    what: &str,
+    mut f: impl FnMut(usize) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut last = String::new();
+    for a in 0..3 {
+        match f(a) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let short: String = e.lines().take(1).collect();
+                println!("  {what}: attempt {} failed: {short}", a + 1);
+                setup.failed.borrow_mut().push(format!(
+                    "{what} attempt {}: {}",
+                    a + 1,
+                    tail(&e, 6)
+                ));
+                last = e;
+            }
+        }
+    }
+    Err(format!("{what}: 3 attempts failed; the last: {last}"))
 }
 
 /// Removes the bench's directories at the end.
@@ -253,8 +280,12 @@ fn paired(setup: &Setup, job: &Job, runs: usize, none: &mut Steady) -> Result<St
         ..Job::default()
     };
     for i in 0..runs {
-        let base = one_run(setup, &plain, i, none)?;
-        let l = one_run(setup, job, i, &mut s)?;
+        let base = attempt(setup, &format!("{} {i}", plain.tag), |a| {
+            one_run(setup, &plain, i * 10 + a, none)
+        })?;
+        let l = attempt(setup, &format!("{} {i}", job.tag), |a| {
+            one_run(setup, job, i * 10 + a, &mut s)
+        })?;
         s.ratios.push(l / base);
     }
     Ok(s)
@@ -508,7 +539,8 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         ghost: PathBuf::from("/dev/shm").join(&tag),
         disk: PathBuf::from("/var/tmp").join(&tag),
         arena_mib,
-        limit: Duration::from_secs_f64((job_s * 8.0).max(120.0)),
+        limit: Duration::from_secs_f64((job_s * 12.0).max(180.0)),
+        failed: Default::default(),
     };
     println!(
         "bench ha: heat_ha {nx}x{NY} on {RANKS} ranks / {NODES} local nodes (tcp), {:.1} MiB \
@@ -578,15 +610,17 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             l4: true,
             ..Job::default()
         };
-        let s = failure_spare(
-            &setup,
-            &Job {
-                spares: 1,
-                tag: format!("spare-{i}"),
-                ..base.clone()
-            },
-            &want,
-        )?;
+        let s = attempt(&setup, &format!("spare {i}"), |a| {
+            failure_spare(
+                &setup,
+                &Job {
+                    spares: 1,
+                    tag: format!("spare-{i}-{a}"),
+                    ..base.clone()
+                },
+                &want,
+            )
+        })?;
         println!(
             "  spare run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, fetch {} B \
              in {:.2} s), lost work {:.2} s (load {})",
@@ -599,14 +633,16 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             uptime()
         );
         spare.push(s);
-        let r = failure_relaunch(
-            &setup,
-            &Job {
-                tag: format!("relaunch-{i}"),
-                ..base.clone()
-            },
-            &want,
-        )?;
+        let r = attempt(&setup, &format!("relaunch {i}"), |a| {
+            failure_relaunch(
+                &setup,
+                &Job {
+                    tag: format!("relaunch-{i}-{a}"),
+                    ..base.clone()
+                },
+                &want,
+            )
+        })?;
         let (launch, read, bytes) = r.relaunch.unwrap_or_default();
         println!(
             "  relaunch run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, new \
@@ -905,6 +941,7 @@ fn report(r: &Report) -> Result<(), String> {
                 "relaunch_over_spare": json_num(speedup), "speedup_met": t3,
             },
             "campaign": r.campaign,
+            "failed_runs_retried": r.setup.failed.borrow().clone(),
         }),
         &figure,
     )?;

@@ -174,10 +174,11 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
              export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_STEP_DELAY_US=20000 HEAT_HA_TRACE=0\n\
              {krun} -n 4 --checkpoint-interval 600 {heat} 96 64 100000 &\n\
              job=$!\n\
-             for i in $(seq 600); do\n\
-               if grep -q 'asked by' {out} && {krun} status --job $job --json > {status}.tmp 2>/dev/null && [ $(grep -c '\"version\": 1' {status}.tmp) -ge 4 ]; then mv {status}.tmp {status}; break; fi\n\
-               sleep 0.1\n\
+             for i in $(seq 150); do\n\
+               if grep -q 'asked by' {out} && timeout 10 {krun} status --job $job --json > {status}.tmp 2> {status}.err && [ $(grep -c '\"version\": 1' {status}.tmp) -ge 4 ]; then mv {status}.tmp {status}; break; fi\n\
+               sleep 0.2\n\
              done\n\
+             echo status-err $(tail -c 300 {status}.err 2>/dev/null) $(grep -c '\"version\"' {status}.tmp 2>/dev/null)\n\
              kill -TERM $job; wait $job\n\
              echo usr1-exit $?\n",
             ghost = dir.0.join("ghost").display(),

@@ -716,6 +716,13 @@ fn wait_all(
             let _ = wake.recv_timeout(Duration::from_millis(20));
         }
     }
+    if matches!(job.nodes, NodeSource::Slurm(_)) && watch.recoverable && !stopped_by_us {
+        // One srun runs every node: its exit code is a killed node's (137, its ranks were
+        // restarted elsewhere) as much as the ranks'. The nodes that ended told krun theirs.
+        if let Some(code) = hub.ranks_code().filter(|_| worst != 0) {
+            worst = code;
+        }
+    }
     if policy_failed {
         // The policy could not restore the job (it said what was lost).
         return Ok(worst.max(1));

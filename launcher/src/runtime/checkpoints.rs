@@ -777,7 +777,8 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye
             | NodeToLauncher::RankKilled { .. }
-            | NodeToLauncher::CheckpointAsked => None,
+            | NodeToLauncher::CheckpointAsked
+            | NodeToLauncher::Finished { .. } => None,
         },
     }
 }
