@@ -78,19 +78,42 @@ fn wait_for(file: &Path, pattern: &str, limit: Duration) -> String {
     }
 }
 
-/// SIGKILL of every krund and heat_ha process in node `i`'s network namespace (the Slurm
-/// nodes share the PID namespace with the host, so the namespace tells them apart).
+/// SIGKILL of every krund and heat_ha process in node `i`'s network namespace: the
+/// namespace comes from `cluster.sh node-exec I readlink /proc/self/ns/net`; the Slurm nodes
+/// share the PID namespace with the host, so the processes are found in /proc and killed by
+/// PID. Tries for up to 10 s until something was killed; returns what it did.
 fn kill_node(c: &SlurmCluster, i: usize) -> String {
     let o = Command::new(SlurmCluster::script())
         .env("KRUN_SLURM_NODES", c.nodes().to_string())
-        .args(["node-exec", &i.to_string(), "sh", "-c"])
-        .arg(
-            "me=$(readlink /proc/self/ns/net); for p in $(pgrep -x krund) $(pgrep -x heat_ha); do \
-             [ \"$(readlink /proc/$p/ns/net 2>/dev/null)\" = \"$me\" ] && kill -9 $p && echo killed $p; done; true",
-        )
+        .args(["node-exec", &i.to_string(), "readlink", "/proc/self/ns/net"])
         .output()
         .expect("cluster.sh node-exec");
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    let ns = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let mut log = format!("node {i} is {ns:?}: ");
+    if !o.status.success() || ns.is_empty() {
+        log.push_str(&String::from_utf8_lossy(&o.stderr));
+        return log;
+    }
+    for _ in 0..20 {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let net = std::fs::read_link(e.path().join("ns/net")).unwrap_or_default();
+            if ["krund", "heat_ha"].contains(&comm.trim())
+                && net.to_string_lossy() == ns
+                && cluster_tests::kill_process(pid, libc::SIGKILL).is_ok()
+            {
+                log.push_str(&format!("killed {} {pid}; ", comm.trim()));
+            }
+        }
+        if log.contains("killed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    log
 }
 
 #[test]

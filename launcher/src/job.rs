@@ -542,18 +542,30 @@ pub fn run(job: &Job) -> Result<i32> {
         wake: tx.clone(),
     };
     drop(tx);
+    let ended_by_policy = job_error.clone();
     let watch = Watch {
         commits: policy.as_ref().map(|d| d.commits()),
         recoverable: policy.is_some() && job.program.as_ref().is_some_and(recovers),
         job_error,
     };
     let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
-    if let Some(summary) = policy.and_then(|d| d.finish()) {
+    let summary = policy.and_then(|d| d.finish());
+    if let Some(summary) = &summary {
         if summary.checkpoints + summary.aborted + summary.failures > 0 {
             eprintln!("krun: {summary}");
         }
     }
-    let worst = worst?;
+    let mut worst = worst?;
+    // A node lost to a failure the policy recovered from exits 137 (under Slurm, one srun
+    // runs every node and exits 137 for it); its ranks ran on elsewhere. The job's code is
+    // then its ranks', as the nodes that ended reported it (`Finished`).
+    let policy_ended_it = ended_by_policy.lock().expect("job error lock").is_some();
+    if worst != 0 && !policy_ended_it && summary.is_some_and(|s| s.failures > 0 && s.recoveries > 0)
+    {
+        if let Some(code) = hub.ranks_code() {
+            worst = code;
+        }
+    }
     for f in forwarders {
         let _ = f.join();
     }
@@ -714,13 +726,6 @@ fn wait_all(
                 return Err(LauncherError::JobTimeout(job.timeout));
             }
             let _ = wake.recv_timeout(Duration::from_millis(20));
-        }
-    }
-    if matches!(job.nodes, NodeSource::Slurm(_)) && watch.recoverable && !stopped_by_us {
-        // One srun runs every node: its exit code is a killed node's (137, its ranks were
-        // restarted elsewhere) as much as the ranks'. The nodes that ended told krun theirs.
-        if let Some(code) = hub.ranks_code().filter(|_| worst != 0) {
-            worst = code;
         }
     }
     if policy_failed {
