@@ -31,7 +31,7 @@ mod parse;
 use parse::{commits, failure_times, loop_seconds, FailureTimes};
 
 const USAGE: &str = "usage: bench ha [--runs N] [--state-mib M] [--job-s S] [--interval-s A] \
-[--mtbf-s M] [--campaign N] [--seed S] [--rma-read-gbs X] [--out PATH]";
+[--mtbf-s M] [--campaign N [--campaign-only]] [--seed S] [--rma-read-gbs X] [--out PATH]";
 
 /// Ranks, nodes with ranks, and grid columns.
 const RANKS: usize = 6;
@@ -189,9 +189,9 @@ fn build_heat(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     Ok((heat, serial))
 }
 
-fn serial_checksum(serial: &Path, nx: usize, steps: usize) -> Result<String, String> {
+fn serial_checksum(serial: &Path, nx: usize, ny: usize, steps: usize) -> Result<String, String> {
     let o = Command::new(serial)
-        .args([nx.to_string(), NY.to_string(), steps.to_string()])
+        .args([nx.to_string(), ny.to_string(), steps.to_string()])
         .output()
         .map_err(|e| format!("heat_serial: {e}"))?;
     String::from_utf8_lossy(&o.stdout)
@@ -505,6 +505,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         "rma-read-gbs",
         "out",
         "help",
+        "campaign-only",
     ])
     .map_err(|e| format!("{e}\n{USAGE}"))?;
     let runs: usize = args.number::<usize>("runs", 3)?.max(3);
@@ -516,6 +517,13 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let seed: u64 = args.number("seed", 20261206)?;
     if !(state_mib > 0.0 && job_s > 0.0 && interval_a > 0.0 && mtbf_s > 0.0) {
         return Err("--state-mib, --job-s, --interval-s and --mtbf-s must be positive".into());
+    }
+    if args.flag("campaign-only") {
+        let out = args
+            .get("out")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| results_path("ha"));
+        return campaign_only(&out, campaign_n.max(1), seed);
     }
     let load_before = uptime();
     let dir = exe_dir()?;
@@ -570,7 +578,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         step_s * 1e3,
         setup.steps
     );
-    let want = serial_checksum(&serial, nx, setup.steps)?;
+    let want = serial_checksum(&serial, nx, NY, setup.steps)?;
 
     println!("failure-free runs ({runs} each):");
     let mut none = Steady::default();
@@ -657,53 +665,11 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         relaunch.push(r);
     }
 
-    // Campaign.
-    let mut campaign = json!(null);
-    if campaign_n > 0 {
-        let cwant = serial_checksum(&serial, 96, 500)?;
-        let mut c = Campaign::local(
-            &setup.krun,
-            &[setup.heat.to_str().unwrap_or_default(), "96", "64", "500"],
-            NODES,
-            RANKS,
-        );
-        c.env = vec![
-            ("HEAT_STEP_DELAY_US".into(), "8000".into()),
-            ("HEAT_HA_TRACE".into(), "0".into()),
-            (
-                "KRUN_GHOST_DIR".into(),
-                setup.ghost.join("campaign").display().to_string(),
-            ),
-        ];
-        let mut passed = 0;
-        let mut failures = Vec::new();
-        for t in trials(seed, campaign_n, NODES, 300..3500) {
-            let verdict = c
-                .run(&t)
-                .map_err(|e| e.to_string())
-                .and_then(|out| judge(&t, &out, &cwant));
-            println!(
-                "  campaign trial {}: node {} at {} ms: {}",
-                t.index,
-                t.node,
-                t.at_ms,
-                verdict
-                    .as_ref()
-                    .map_or_else(|e| format!("FAILED: {e}"), |_| "ok".into())
-            );
-            match verdict {
-                Ok(()) => passed += 1,
-                Err(e) => failures
-                    .push(json!({"trial": t.index, "node": t.node, "at_ms": t.at_ms, "why": e})),
-            }
-        }
-        campaign = json!({
-            "trials": campaign_n, "passed": passed, "seed": seed,
-            "job": "heat_ha 96x64, 500 steps, 8 ms per step; 6 ranks on 3 local nodes + 1 spare; checkpoint every 1 s",
-            "kill_window_ms": [300, 3500],
-            "failures": failures,
-        });
-    }
+    let campaign = if campaign_n > 0 {
+        campaign_json(&setup, &serial, campaign_n, seed)?
+    } else {
+        json!(null)
+    };
 
     report(&Report {
         setup: &setup,
@@ -724,6 +690,95 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             .map(PathBuf::from)
             .unwrap_or_else(|| results_path("ha")),
     })
+}
+
+/// `--campaign N`: N trials of `cluster_tests::campaign` on heat_ha 96x64 (500 steps, 8 ms
+/// each): a random node SIGKILLed at a random time; the count that finished correctly.
+fn campaign_json(
+    setup: &Setup,
+    serial: &Path,
+    n: usize,
+    seed: u64,
+) -> Result<serde_json::Value, String> {
+    let cwant = serial_checksum(serial, 96, 64, 500)?;
+    let mut c = Campaign::local(
+        &setup.krun,
+        &[setup.heat.to_str().unwrap_or_default(), "96", "64", "500"],
+        NODES,
+        RANKS,
+    );
+    c.env = vec![
+        ("HEAT_STEP_DELAY_US".into(), "8000".into()),
+        ("HEAT_HA_TRACE".into(), "0".into()),
+        (
+            "KRUN_GHOST_DIR".into(),
+            setup.ghost.join("campaign").display().to_string(),
+        ),
+    ];
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    for t in trials(seed, n, NODES, 300..3500) {
+        let verdict = c
+            .run(&t)
+            .map_err(|e| e.to_string())
+            .and_then(|out| judge(&t, &out, &cwant));
+        println!(
+            "  campaign trial {}: node {} at {} ms: {} (load {})",
+            t.index,
+            t.node,
+            t.at_ms,
+            verdict
+                .as_ref()
+                .map_or_else(|e| format!("FAILED: {e}"), |_| "ok".into()),
+            uptime()
+        );
+        match verdict {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                failures.push(json!({"trial": t.index, "node": t.node, "at_ms": t.at_ms, "why": e}))
+            }
+        }
+    }
+    Ok(json!({
+        "trials": n, "passed": passed, "seed": seed,
+        "job": "heat_ha 96x64, 500 steps, 8 ms per step; 6 ranks on 3 local nodes + 1 spare; checkpoint every 1 s",
+        "kill_window_ms": [300, 3500],
+        "failures": failures,
+        "environment": crate::report::environment(),
+    }))
+}
+
+/// `--campaign-only`: runs the campaign alone and replaces the `"campaign"` of the results
+/// already at `out` (their rows and environment stay; the campaign carries its own).
+fn campaign_only(out: &Path, n: usize, seed: u64) -> Result<(), String> {
+    let dir = exe_dir()?;
+    let (heat, serial) = build_heat(&dir)?;
+    let tag = format!("krun-bench-ha-{}", std::process::id());
+    let _cleanup = Cleanup(vec![PathBuf::from("/dev/shm").join(&tag)]);
+    let setup = Setup {
+        krun: dir.join("krun"),
+        heat,
+        nx: 96,
+        steps: 500,
+        state_bytes: 0,
+        ghost: PathBuf::from("/dev/shm").join(&tag),
+        disk: PathBuf::from("/var/tmp").join(&tag),
+        arena_mib: 64,
+        limit: Duration::from_secs(240),
+        failed: Default::default(),
+    };
+    let text = std::fs::read_to_string(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", out.display()))?;
+    let c = campaign_json(&setup, &serial, n, seed)?;
+    println!(
+        "campaign: {} of {} trials finished with the serial checksum (seed {seed})",
+        c["passed"], n
+    );
+    v["campaign"] = c;
+    crate::report::write_json(out, &v)?;
+    println!("updated the campaign in {}", out.display());
+    Ok(())
 }
 
 struct Report<'a> {
