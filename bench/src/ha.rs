@@ -767,10 +767,11 @@ fn campaign_only(out: &Path, n: usize, seed: u64) -> Result<(), String> {
         limit: Duration::from_secs(240),
         failed: Default::default(),
     };
+    let c = campaign_json(&setup, &serial, n, seed)?;
+    // Read only now: the results may have been written while the campaign ran.
     let text = std::fs::read_to_string(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", out.display()))?;
-    let c = campaign_json(&setup, &serial, n, seed)?;
     println!(
         "campaign: {} of {} trials finished with the serial checksum (seed {seed})",
         c["passed"], n
