@@ -564,6 +564,7 @@ pub fn run(job: &Job) -> Result<i32> {
     // runs every node and exits 137 for it); its ranks ran on elsewhere. The job's code is
     // then its ranks', as the nodes that ended reported it (`Finished`).
     let policy_ended_it = ended_by_policy.lock().expect("job error lock").is_some();
+    let recovered = !policy_ended_it && summary.as_ref().is_some_and(|s| s.recoveries > 0);
     if let Ok(w) = worst.as_mut() {
         if *w != 0
             && !policy_ended_it
@@ -584,7 +585,14 @@ pub fn run(job: &Job) -> Result<i32> {
         let _ = f.join();
     }
     if worst == 0 {
-        server.join()?;
+        match server.join() {
+            // A node killed during the start-up address exchange leaves it broken; the
+            // recovery re-wired every rank through its own exchange, and the job completed.
+            Err(e) if recovered => {
+                eprintln!("krun: the start-up address exchange failed ({e}); the recovery re-wired the ranks")
+            }
+            r => r?,
+        }
     }
     Ok(worst)
 }
