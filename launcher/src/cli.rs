@@ -31,8 +31,11 @@ to one core each by default (round robin over the node's cores, read with hwloc)
 the highest rank's, or 128+signal.
 
 --spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
-fails, its ranks restart on a spare from the last committed checkpoint. --inject-failure
-SIGKILLs node N's krund and its ranks at that time, or after K committed checkpoints.
+fails, its ranks restart on a spare from the last committed checkpoint and the surviving
+ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
+SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt after
+K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
+attempt, recoveryK once the K-th recovery's restart order went out.
 
 Without a PROGRAM, runs the built-in workload: every node writes a block into every other
 node's memory with one-sided RMA writes, counts itself in with a remote fetch-add, elects a
@@ -110,9 +113,10 @@ pub struct RunArgs {
     /// Keep the last K nodes (locally: K more krund) as spares that run no ranks.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub spares: usize,
-    /// SIGKILL node N's krund and its ranks: node=N@5s, node=N@500ms or node=N@Kckpt.
+    /// SIGKILL node N's krund and its ranks (repeatable): node=N@5s, node=N@500ms,
+    /// node=N@Kckpt, node=N@ckptK:barrier, node=N@ckptK:capture or node=N@recoveryK.
     #[arg(long, value_name = "node=N@WHEN", value_parser = injection)]
-    pub inject_failure: Option<Injection>,
+    pub inject_failure: Vec<Injection>,
     /// Pass a variable to the ranks: VAR=VALUE, or VAR to pass krun's own value (repeatable).
     #[arg(short = 'x', long = "export", value_name = "VAR[=VALUE]", value_parser = export)]
     pub export: Vec<(String, String)>,

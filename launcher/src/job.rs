@@ -74,8 +74,8 @@ pub struct Job {
     pub timeout: Duration,
     /// `None`: the built-in exchange workload.
     pub program: Option<ProgramJob>,
-    /// `--inject-failure`.
-    pub inject: Option<Injection>,
+    /// `--inject-failure` (repeatable).
+    pub inject: Vec<Injection>,
     /// `--summary-json FILE`: the end-of-job summary for scripts ([`write_summary`]).
     pub summary_json: Option<PathBuf>,
 }
@@ -91,7 +91,7 @@ impl Job {
             env: Vec::new(),
             timeout: Duration::from_secs(24 * 3600),
             program: None,
-            inject: None,
+            inject: Vec::new(),
             summary_json: None,
         })
     }
@@ -197,7 +197,7 @@ fn shell_quote(word: &str) -> String {
 pub fn run(job: &Job) -> Result<i32> {
     let started = Instant::now();
     let k = job.node_count();
-    if let (Some(_), NodeSource::Slurm(_)) = (&job.inject, &job.nodes) {
+    if let (false, NodeSource::Slurm(_)) = (job.inject.is_empty(), &job.nodes) {
         return Err(LauncherError::Usage(
             "--inject-failure needs --local or --hosts (under Slurm one srun runs every node)"
                 .into(),
@@ -262,6 +262,7 @@ pub fn run(job: &Job) -> Result<i32> {
         None => None,
     };
     let job_error: crate::runtime::checkpoints::JobError = Arc::new(Mutex::new(None));
+    let phases = crate::inject::PhaseGate::new(&job.inject);
     // The coordinated checkpoint policy runs here, where every view is seen.
     let policy = match (&placement, &job.program) {
         (Some(place), Some(p)) => {
@@ -308,6 +309,7 @@ pub fn run(job: &Job) -> Result<i32> {
                 hub.broadcaster(),
                 new_wiring,
                 job_error.clone(),
+                phases.clone(),
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
@@ -548,6 +550,7 @@ pub fn run(job: &Job) -> Result<i32> {
     drop(tx);
     let ended_by_policy = job_error.clone();
     let watch = Watch {
+        phases,
         commits: policy.as_ref().map(|d| d.commits()),
         recoverable: policy.is_some() && job.program.as_ref().is_some_and(recovers),
         job_error,
@@ -638,6 +641,8 @@ fn recovers(p: &ProgramJob) -> bool {
 
 /// What [`wait_all`] follows besides the node processes.
 struct Watch {
+    /// Where the policy stops at the phases injections wait for (`node=N@ckptK:capture`).
+    phases: crate::inject::PhaseGate,
     /// Checkpoints the policy committed (for `--inject-failure node=N@Kckpt`).
     commits: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// The policy recovers lost ranks (or ends the job through `job_error`): a node with
@@ -658,8 +663,8 @@ fn wait_all(
 ) -> Result<i32> {
     let started = Instant::now();
     let deadline = started + job.timeout;
-    let mut inject = job.inject;
-    let mut injected = None;
+    let mut inject = job.inject.clone();
+    let mut injected = std::collections::BTreeSet::new();
     let mut policy_failed = false;
     let mut worst = 0;
     let mut remaining = children.0.len();
@@ -681,30 +686,43 @@ fn wait_all(
                 children.signal_all(sig);
             }
         }
-        if let Some(i) = inject {
+        let phases = watch.phases.pending();
+        let mut fired = Vec::new();
+        inject.retain(|i| {
             let due = match i.at {
                 InjectAt::After(d) => started.elapsed() >= d,
                 InjectAt::Commits(k) => watch
                     .commits
                     .as_ref()
                     .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k),
+                InjectAt::Phase { phase, k } => phases.contains(&(phase, k)),
             };
             if due {
-                inject = None;
-                match children.0.get(i.node).and_then(|c| c.as_ref()) {
-                    Some(c) => {
-                        let what = c.inject_failure();
-                        eprintln!(
-                            "krun: injected failure: SIGKILL to node {} ({what})",
-                            i.node
-                        );
-                        injected = Some(i.node);
-                    }
-                    None => eprintln!(
-                        "krun: --inject-failure: node {} has already ended; nothing killed",
+                fired.push(*i);
+            }
+            !due
+        });
+        for i in fired {
+            let at = match i.at {
+                InjectAt::Phase { phase, k } => format!(" at {phase} {k}"),
+                _ => String::new(),
+            };
+            match children.0.get(i.node).and_then(|c| c.as_ref()) {
+                Some(c) => {
+                    let what = c.inject_failure();
+                    eprintln!(
+                        "krun: injected failure{at}: SIGKILL to node {} ({what})",
                         i.node
-                    ),
+                    );
+                    injected.insert(i.node);
                 }
+                None => eprintln!(
+                    "krun: --inject-failure: node {} has already ended; nothing killed",
+                    i.node
+                ),
+            }
+            if let InjectAt::Phase { phase, k } = i.at {
+                watch.phases.done(phase, k);
             }
         }
         let mut failed = false;
@@ -724,7 +742,7 @@ fn wait_all(
             let Some(code) = code else { continue };
             // A lost node fails the job: its ranks are gone and the others would wait for them
             // (unless the policy restarts them on a spare).
-            let killed = injected == Some(i) || child.is_lost();
+            let killed = injected.contains(&i) || child.is_lost();
             if code != 0 && (job.program.is_none() || (killed && !watch.recoverable)) {
                 eprintln!(
                     "krun: node {i} ({}) exited with code {code}",

@@ -296,8 +296,8 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 pub enum RankCommand {
     /// Start `rank` here with `env` added (e.g. `KRUN_GHOST_RESTORE=latest`); the answer is
     /// its pid. A process of the same rank still running here is killed first (a recovery
-    /// restarts it in place), and an exit of it held back ([`NodeShare::exit_grace`]) is
-    /// forgotten.
+    /// restarts a rank whose live process did not take its rollback order), and an exit of
+    /// it held back ([`NodeShare::exit_grace`]) is forgotten.
     Adopt {
         rank: usize,
         env: Vec<(String, String)>,

@@ -316,7 +316,13 @@ impl Rank {
     }
 
     /// Collective: acts on SIGUSR1/SIGUSR2 requests any rank received since the last call.
+    /// A failed safepoint in a job that recovers waits for a rollback order first
+    /// ([`crate::rollback`]): the node aborts a barrier when a node failed.
     pub fn safepoint(&self) -> Result<Safepoint> {
+        self.safepoint_once().map_err(crate::rollback::hold)
+    }
+
+    fn safepoint_once(&self) -> Result<Safepoint> {
         let rt = self.ckpt.runtime()?.clone();
         let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
             | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;

@@ -11,7 +11,8 @@
 //!   checkpointer ([`checkpoint`]); libghost's C functions (`krun_ghost_*`) stay available;
 //! - distributed shared memory: regions at the same address on every rank, pages moved on
 //!   demand with sequential consistency, a DSM lock and barrier ([`dsm`], [`Rank::dsm`]);
-//! - the link to the local krund ([`node_link`]).
+//! - the link to the local krund ([`node_link`]), and rollback in place on its order at any
+//!   moment ([`rollback`]).
 //!
 //! Each rank opens its own fabric endpoint and swaps addresses through the job's bootstrap
 //! all-gather; ranks then talk to each other directly.
@@ -32,6 +33,7 @@ pub mod dsm;
 pub mod error;
 pub mod messages;
 pub mod node_link;
+pub mod rollback;
 pub mod window;
 pub mod world;
 

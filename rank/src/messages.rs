@@ -279,7 +279,8 @@ impl Messages {
             let chunk = &data
                 [(i * self.fragment).min(data.len())..((i + 1) * self.fragment).min(data.len())];
             self.ep
-                .send(peer, wire_tag(tag, seq, i, i + 1 == count), chunk)?;
+                .send(peer, wire_tag(tag, seq, i, i + 1 == count), chunk)
+                .map_err(|e| crate::rollback::hold(e.into()))?;
         }
         Ok(seq)
     }
@@ -294,7 +295,8 @@ impl Messages {
         {
             Ok(m) => m,
             Err(FabricError::RecvTimeout { .. }) => return Ok(false),
-            Err(e) => return Err(e.into()),
+            // A peer's node may have died: a recovery's rollback order may be on its way.
+            Err(e) => return Err(crate::rollback::hold(e.into())),
         };
         self.ingest(msg);
         Ok(true)

@@ -29,6 +29,15 @@
 //!   fails the safepoint on every rank when one rank got another order or none.
 //! - `Refused(why)` (the barrier was aborted, e.g. a node failed during it) is an error of
 //!   the safepoint naming `why`; the rank may ask again at a later safepoint.
+//!
+//! Orders at any time ([`NodeLink::watch`], the rank's rollback watcher: [`crate::rollback`]):
+//! - A rank opens a second connection at init and sends [`RankToNode::Watch`]`{rank, pid}`
+//!   on it, again and again. krund holds each `Watch` up to [`WATCH_HOLD`] and answers
+//!   [`NodeToRank::Continue`] (nothing to do: ask again) or, when a recovery rolls this
+//!   rank back, [`NodeToRank::RollbackInPlace`]`{wiring, bootstrap, version}`: the process
+//!   replaces its own image at once, whatever its threads are doing (see
+//!   [`crate::rollback`]). A rank blocked in a receive from a lost peer never reaches a
+//!   safepoint; this order reaches it anyway.
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,6 +53,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest krund may hold a rank at a safepoint before answering.
 pub const SAFEPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Longest krund holds a [`RankToNode::Watch`] before answering `Continue`.
+pub const WATCH_HOLD: Duration = Duration::from_secs(20);
 
 /// What a rank tells its krund.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +78,12 @@ pub enum RankToNode {
     AtSafepoint {
         rank: u32,
     },
+    /// On the watcher's own connection: answered `Continue` after at most [`WATCH_HOLD`],
+    /// or by an order for this process ([`NodeToRank::RollbackInPlace`]).
+    Watch {
+        rank: u32,
+        pid: u32,
+    },
 }
 
 /// krund's answer to every [`RankToNode`] (the variants' order is the wire encoding, shared
@@ -74,9 +92,29 @@ pub enum RankToNode {
 pub enum NodeToRank {
     Ack,
     Refused(String),
-    Checkpoint { version: u64 },
+    Checkpoint {
+        version: u64,
+    },
     Continue,
-    Rollback { version: u64 },
+    Rollback {
+        version: u64,
+    },
+    /// (To `Watch`) roll back now, inside this process: re-execute the program in place,
+    /// restoring checkpoint `version` (`None`: from its start) from this rank's own images,
+    /// and swap addresses through `bootstrap` in wiring epoch `wiring`.
+    RollbackInPlace {
+        wiring: u64,
+        bootstrap: String,
+        version: Option<u64>,
+    },
+}
+
+/// A recovery's order to roll this process back in place ([`NodeToRank::RollbackInPlace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InPlaceOrder {
+    pub wiring: u64,
+    pub bootstrap: String,
+    pub version: Option<u64>,
 }
 
 /// What krund orders a rank held at a safepoint to do.
@@ -145,6 +183,38 @@ impl NodeLink {
             NodeToRank::Rollback { version } => Ok(Some(SafepointOrder::Rollback(version))),
             NodeToRank::Refused(why) => Err(fail(format!("krund ended the safepoint: {why}"))),
             NodeToRank::Ack => Ok(None),
+            other @ NodeToRank::RollbackInPlace { .. } => Err(fail(format!(
+                "krund answered a safepoint with {other:?} (an order for the watcher)"
+            ))),
+        }
+    }
+
+    /// The rollback watcher's request: waits (up to [`WATCH_HOLD`] and a margin) for an
+    /// order for this process; `None`: nothing to do yet, ask again.
+    pub fn watch(&mut self, rank: u32) -> Result<Option<InPlaceOrder>> {
+        let _ = self.stream.set_read_timeout(Some(WATCH_HOLD + IO_TIMEOUT));
+        let answer = self.exchange(&RankToNode::Watch {
+            rank,
+            pid: std::process::id(),
+        });
+        let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+        let fail = |reason: String| RankError::NodeLink {
+            socket: self.socket.clone(),
+            reason,
+        };
+        match answer? {
+            NodeToRank::Continue => Ok(None),
+            NodeToRank::RollbackInPlace {
+                wiring,
+                bootstrap,
+                version,
+            } => Ok(Some(InPlaceOrder {
+                wiring,
+                bootstrap,
+                version,
+            })),
+            NodeToRank::Refused(why) => Err(fail(format!("krund refused the watch: {why}"))),
+            other => Err(fail(format!("krund answered a watch with {other:?}"))),
         }
     }
 

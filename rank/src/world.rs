@@ -148,6 +148,11 @@ impl Rank {
     /// Starts a rank; every rank of the job calls this at about the same time.
     pub fn init_with(mut config: Config) -> Result<Arc<Rank>> {
         let (rank, size) = (config.rank, config.size);
+        // First of all, so that a recovery's order reaches this process even while it waits
+        // in the address all-gather below.
+        if let Some(path) = &config.node_socket {
+            crate::rollback::start_watcher(path, rank as u32)?;
+        }
         let mut boot = match config.bootstrap {
             Some(addr) => Some(BootstrapClient::connect(
                 addr,

@@ -92,7 +92,7 @@ fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
             "--spares needs a PROGRAM to run".into(),
         ));
     }
-    if let Some(i) = run.inject_failure {
+    for i in run.inject_failure {
         if i.node >= job.node_count() {
             return Err(LauncherError::Usage(format!(
                 "--inject-failure names node {}, the job has nodes 0-{}",
@@ -100,7 +100,7 @@ fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
                 job.node_count() - 1
             )));
         }
-        job.inject = Some(i);
+        job.inject.push(i);
     }
     if let Some(p) = run.provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));

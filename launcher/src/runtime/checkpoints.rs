@@ -17,7 +17,10 @@
 //!
 //! Decisions (commits, aborts, recoveries and each restart) are appended to the job
 //! directory's `decisions.log`, one per line, so that a later move of the engine into a
-//! krund leader can resume from them (moving them into the process table is the next step).
+//! krund leader can resume from them. The decisions about one rank (each restart, each
+//! rollback) also go into that rank's process-table row (`LauncherToNode::Decided`, written
+//! by the node that carries it out, before the `Restart` order): the table is replicated by
+//! the membership, survives the loss of krun's host's files, and `krun status` shows it.
 //!
 //! Recovery: an agreed failure becomes `Event::FailureAgreed`; the policy's restarts and
 //! rollbacks of one `handle` call are carried out together by `HubCalls::execute_plan`: a
@@ -49,6 +52,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 use super::control::{LauncherToNode, NodeToLauncher};
 use super::safepoint::SafepointOrder;
+use crate::inject::{Phase, PhaseGate};
 
 /// What the driver is told.
 pub enum Input {
@@ -176,6 +180,8 @@ struct HubCalls {
     job_error: JobError,
     /// Checkpoints committed so far.
     commits: Arc<AtomicU64>,
+    /// Where `--inject-failure node=N@ckptK:capture` and the like stop the policy.
+    phases: PhaseGate,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -185,6 +191,30 @@ impl PolicyRuntime for HubCalls {
             policies::primitives::DecisionKind::Committed { .. }
         ) {
             self.commits.fetch_add(1, Ordering::SeqCst);
+        }
+        if let policies::primitives::DecisionKind::Restart {
+            rank,
+            incarnation,
+            node,
+            version,
+            failure_epoch,
+            ..
+        } = decision.kind
+        {
+            // Into the rank's process-table row too, by the node that carries it out.
+            let id = decision.id;
+            let line = version.map_or("the program's start".to_string(), |v| {
+                format!("checkpoint {v}")
+            });
+            (self.send)(&LauncherToNode::Decided {
+                rank,
+                node,
+                decision: format!(
+                    "decision {}/{}/{}: restart on node {node} from {line} as incarnation \
+                     {incarnation} (failure agreed at epoch {failure_epoch})",
+                    id.epoch, id.leader, id.seq
+                ),
+            });
         }
         let Some(path) = &self.log else {
             return Ok(());
@@ -202,6 +232,7 @@ impl PolicyRuntime for HubCalls {
         if self.nodes.is_empty() {
             return Err("no node runs ranks".into());
         }
+        self.phases.reached(Phase::CheckpointBarrier);
         let sent = (self.send)(&LauncherToNode::Barrier { op: op.seq });
         if !sent.is_superset(&self.nodes) {
             // Not every node is up yet: the policy aborts this one and tries again later.
@@ -239,6 +270,7 @@ impl PolicyRuntime for HubCalls {
         self.versions.insert(native, version);
         self.capturing = Some((op, version, native, Instant::now()));
         self.barrier = None;
+        self.phases.reached(Phase::CheckpointCapture);
         (self.send)(&LauncherToNode::Release {
             order: SafepointOrder::Checkpoint { version: native },
         });
@@ -281,6 +313,14 @@ impl PolicyRuntime for HubCalls {
             .ok_or_else(|| format!("rank {rank} is not a rank of this job"))?;
         self.plan
             .push((rank, node, Planned::Rollback(op, version), Some(version)));
+        (self.send)(&LauncherToNode::Decided {
+            rank,
+            node,
+            decision: format!(
+                "decision op {}/{}: roll back in place to checkpoint {version}",
+                op.leader, op.seq
+            ),
+        });
         Ok(())
     }
 
@@ -336,7 +376,8 @@ impl HubCalls {
             return fail_all("the recovery line was never taken by the checkpointer".into());
         }
         let everyone = plan.len() == self.placement.len();
-        if everyone || self.wiring.is_none() {
+        let new_epoch = everyone || self.wiring.is_none();
+        if new_epoch {
             let bootstrap = match (self.new_wiring)() {
                 Ok(b) => b,
                 Err(e) => return fail_all(format!("no address all-gather for the ranks: {e}")),
@@ -392,7 +433,8 @@ impl HubCalls {
         }
         if !in_place.is_empty() {
             parts.push(format!(
-                "{} roll back by restarting in place from their own images of {line}",
+                "{} roll back inside their live processes (each re-executes in place, same \
+                 pid, from its own images of {line})",
                 policies::primitives::ranks_phrase(&in_place)
             ));
         }
@@ -413,6 +455,9 @@ impl HubCalls {
             ranks: plan.iter().map(|p| (p.0, p.1)).collect(),
         };
         let sent = (self.send)(&order);
+        if new_epoch {
+            self.phases.reached(Phase::Recovery);
+        }
         let missing: BTreeSet<NodeId> = plan
             .iter()
             .map(|p| p.1)
@@ -443,7 +488,8 @@ impl CheckpointDriver {
     /// `interval` (None: on request only), committing at `level`; decisions go to `log`.
     /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
     /// job ends with an error naming them); `new_wiring` opens the ranks' address
-    /// all-gather of a recovery; `job_error` receives why the job cannot continue.
+    /// all-gather of a recovery; `job_error` receives why the job cannot continue; the
+    /// policy stops at the phases `phases` names (failure injection).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
@@ -455,6 +501,7 @@ impl CheckpointDriver {
         send: Broadcast,
         new_wiring: NewWiring,
         job_error: JobError,
+        phases: PhaseGate,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
         let cfg = Config {
@@ -496,6 +543,7 @@ impl CheckpointDriver {
             wirings: 0,
             new_wiring,
             job_error,
+            phases,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -691,9 +739,16 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
                 pid,
                 fetched,
                 seconds,
+                in_place,
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if matches!(planned, Planned::Rollback(..)) && !in_place {
+                    eprintln!(
+                        "krun: rank {rank} could not roll back inside its process (gone or \
+                         not watching): restarted on node {node} as a new process (pid {pid})"
+                    );
+                }
                 if fetched > 0 {
                     eprintln!(
                         "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
@@ -815,6 +870,7 @@ mod tests {
             wirings: 0,
             new_wiring: Arc::new(|| Err("no wiring in this test".into())),
             job_error: Arc::new(Mutex::new(None)),
+            phases: PhaseGate::default(),
         };
         (calls, sent)
     }

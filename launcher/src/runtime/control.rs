@@ -99,13 +99,16 @@ pub enum NodeToLauncher {
     /// without it, and krun ends it (the node has ended its other ranks).
     RankKilled { rank: u32, signal: i32 },
     /// (To `Restart { wiring, .. }`) `rank` runs again here (pid), restored as ordered;
-    /// `fetched`: bytes of its image chain read from the store first (0: its own files).
+    /// `fetched`: bytes of its image chain read from the store first (0: its own files);
+    /// `in_place`: its live process rolled back keeping its pid (`runtime/recovery.rs`),
+    /// else a new process was started.
     Restarted {
         wiring: u64,
         rank: u32,
         pid: u32,
         fetched: u64,
         seconds: f64,
+        in_place: bool,
     },
     /// (To `Restart { wiring, .. }`) `rank` could not be started here.
     RestartFailed {
@@ -139,9 +142,10 @@ pub enum LauncherToNode {
         order: super::safepoint::SafepointOrder,
     },
     /// A recovery (see `runtime/recovery.rs`): every rank of `ranks` placed on this node
-    /// starts here as a new process restored from native checkpoint `version` (`None`: from
-    /// the program's start), replacing its process here if it has one; a rank new to the
-    /// node first fetches its image chain from the store. The new processes wire up through
+    /// is restored from native checkpoint `version` (`None`: from the program's start): a
+    /// rank whose live process runs here rolls back inside it (same pid); any other starts
+    /// here as a new process, a rank new to the node first fetching its image chain from
+    /// the store. The new processes wire up through
     /// the all-gather at `bootstrap`, the job's wiring epoch `wiring`.
     Restart {
         wiring: u64,
@@ -149,6 +153,14 @@ pub enum LauncherToNode {
         version: Option<u64>,
         /// (rank, node) of every rank restarted in this wiring epoch.
         ranks: Vec<(u32, NodeId)>,
+    },
+    /// The policy decided about `rank` (a restart on `node`, or a rollback in place on its
+    /// node `node`): `node` records it in the rank's process-table row before it is carried
+    /// out (`runtime/recovery.rs`); the other nodes ignore it.
+    Decided {
+        rank: u32,
+        node: NodeId,
+        decision: String,
     },
 }
 
@@ -219,6 +231,12 @@ pub enum RankToNode {
     AtSafepoint {
         rank: u32,
     },
+    /// The rank's rollback watcher asks for an order (`runtime/recovery.rs`): held up to 20 s,
+    /// answered `Continue` or `RollbackInPlace`.
+    Watch {
+        rank: u32,
+        pid: u32,
+    },
 }
 
 /// The node's answer to a rank.
@@ -235,6 +253,14 @@ pub enum NodeToRank {
     /// (To `AtSafepoint`) roll back to the committed `version`, collectively.
     Rollback {
         version: u64,
+    },
+    /// (To `Watch`) roll back now inside the live process: re-execute in place restoring
+    /// native `version` (`None`: the program's start), wiring up through `bootstrap` in
+    /// wiring epoch `wiring`.
+    RollbackInPlace {
+        wiring: u64,
+        bootstrap: String,
+        version: Option<u64>,
     },
 }
 

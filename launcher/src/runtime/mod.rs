@@ -67,6 +67,8 @@ const TABLE_CLIENT_AGENT: u32 = 2;
 const TABLE_CLIENT_RANK_EVENTS: u32 = 3;
 pub(crate) const TABLE_CLIENT_LOST: u32 = 4;
 const TABLE_CLIENT_RANKS: u32 = 5;
+// 6: a rollback's new incarnation (`recovery.rs`).
+const TABLE_CLIENT_DECISIONS: u32 = 7;
 
 /// Moves a rank's checkpoint images into the store (implemented by the store's agent).
 pub trait CheckpointAgent: Send + Sync {
@@ -154,6 +156,20 @@ pub struct RuntimeConfig {
     /// How long a node may stay silent before it is declared failed
     /// (`[runtime] failure_timeout_ms`, [`DEFAULT_FAILURE_TIMEOUT`]).
     pub failure_timeout: Duration,
+}
+
+/// The membership's supervisors (its Raft group, which agrees on every change) among a
+/// job's initial nodes `genesis` (sorted), the last `spares` of them spares (`KRUN_SPARES`,
+/// set by krun): the first three nodes, as the adaptation layer's default, plus up to two
+/// spares. With spares the job is meant to survive failures in a row: five supervisors
+/// leave a quorum after two (with three, losing nodes 1 and 2 left node 0 alone and the
+/// second failure was never agreed). Spares hold no ranks at first, and the first nodes
+/// stay the ones a drain refuses.
+pub fn supervisors(genesis: &[NodeId], spares: usize) -> Vec<NodeId> {
+    let mut out: Vec<NodeId> = genesis.iter().copied().take(3).collect();
+    let first_spare = genesis.len().saturating_sub(spares).max(out.len());
+    out.extend(genesis[first_spare..].iter().copied().take(2));
+    out
 }
 
 /// A node is declared failed after this long without answering. Long enough that a node
@@ -419,12 +435,25 @@ impl Bound {
         jobdir::private_dir(&dir)?;
         let rank_socket = dir.join("ranks.sock");
         let control_socket = dir.join("control.sock");
+        let supervisors = if join {
+            // A joiner takes the default: it learns the group from the members.
+            Vec::new()
+        } else {
+            let mut genesis: Vec<NodeId> = peers.keys().copied().chain([me]).collect();
+            genesis.sort_unstable();
+            genesis.dedup();
+            let spares = std::env::var("KRUN_SPARES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            supervisors(&genesis, spares)
+        };
         let driver = Driver::start(
             DaemonConfig {
                 id: me,
                 listen: addr.clone(),
                 peers,
-                supervisors: Vec::new(),
+                supervisors,
                 join,
                 tick: Duration::from_millis(10),
                 seed: u64::from(me),
@@ -498,6 +527,7 @@ impl Bound {
                 shared.clone(),
                 safepoints.clone(),
                 agent.clone(),
+                table.as_client(TABLE_CLIENT_DECISIONS),
             )?;
             // The view the node starts in (a joiner: the view it knows before it is in).
             if let Ok(view) = table.handle.view() {
@@ -512,36 +542,49 @@ impl Bound {
         }
         let (events, rx) = mpsc::channel::<RankEvent>();
         {
-            let table = table.as_client(TABLE_CLIENT_RANK_EVENTS);
+            // The node's own view of its ranks (local_ranks) and krun's news of a killed rank
+            // are updated at once; the process-table writes follow in order on their own
+            // thread. (A table request can take seconds while the membership settles at
+            // start: a rank started meanwhile was missing from local_ranks, so the first
+            // barrier counted the node's ranks held without it, and it was told `Continue`
+            // while its peers checkpointed.)
+            let (writes, queued) = mpsc::channel::<(usize, TableOp)>();
+            let writer = table.as_client(TABLE_CLIENT_RANK_EVENTS);
+            std::thread::spawn(move || {
+                for (rank, op) in queued {
+                    if let Err(e) = writer.request(rank as u64, &op, Duration::from_secs(30)) {
+                        eprintln!("krund: node {me}: process table: {e}");
+                    }
+                }
+            });
+            let shared = shared.clone();
             std::thread::spawn(move || {
                 for e in rx {
                     let (rank, op) = match e {
                         RankEvent::Started { rank, pid } => {
-                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.insert(rank as u64, pid);
                             (rank, TableOp::Register { node: me, pid })
                         }
                         RankEvent::Exited { rank, code } => {
-                            let mut local = table.shared.local_ranks.lock().expect("ranks lock");
+                            let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
                         RankEvent::Killed { rank, signal } => {
-                            table.shared.tell_launcher(&NodeToLauncher::RankKilled {
+                            shared.tell_launcher(&NodeToLauncher::RankKilled {
                                 rank: rank as u32,
                                 signal,
                             });
-                            table.shared.killed_told.fetch_add(1, Ordering::SeqCst);
+                            shared.killed_told.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
                         RankEvent::CheckpointAsked => {
-                            table.shared.tell_launcher(&NodeToLauncher::CheckpointAsked);
+                            shared.tell_launcher(&NodeToLauncher::CheckpointAsked);
                             continue;
                         }
                     };
-                    if let Err(e) = table.request(rank as u64, &op, Duration::from_secs(30)) {
-                        eprintln!("krund: node {me}: process table: {e}");
-                    }
+                    let _ = writes.send((rank, op));
                 }
             });
         }
@@ -601,6 +644,7 @@ fn connect_launcher(
     shared: Arc<Shared>,
     safepoints: Arc<safepoint::SafepointGate>,
     agent: Arc<AgentSlot>,
+    decisions: TableClient,
 ) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
@@ -649,6 +693,15 @@ fn connect_launcher(
                     std::thread::spawn(move || {
                         recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
                     });
+                }
+                Ok(LauncherToNode::Decided {
+                    rank,
+                    node,
+                    decision,
+                }) => {
+                    if node == shared.me {
+                        recovery::decided(&decisions, rank, decision);
+                    }
                 }
                 Err(e) => break format!("the link to krun ended: {e}"),
             }
@@ -786,15 +839,17 @@ fn rank_message(
     match msg {
         // Held until the policy decides; below the rank's own limit (600 s).
         RankToNode::AtSafepoint { rank } => safepoints.hold(rank, Duration::from_secs(590)),
-        RankToNode::Hello { rank, .. } => {
+        RankToNode::Hello { rank, pid } => {
             table
                 .shared
                 .linked_ranks
                 .lock()
                 .expect("linked lock")
                 .insert(u64::from(rank));
+            recovery::hello(table, rank, pid);
             NodeToRank::Ack
         }
+        RankToNode::Watch { rank, pid } => recovery::watch(&table.shared, rank, pid),
         RankToNode::Exiting { .. } => NodeToRank::Ack,
         RankToNode::Checkpointed {
             rank,
@@ -837,5 +892,21 @@ fn rank_message(
                 Err(e) => NodeToRank::Refused(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod supervisor_tests {
+    use super::supervisors;
+
+    #[test]
+    fn jobs_with_spares_add_up_to_two_spares_to_the_first_three_supervisors() {
+        assert_eq!(supervisors(&[0, 1, 2, 3], 0), [0, 1, 2]);
+        assert_eq!(supervisors(&[0, 1, 2, 3], 1), [0, 1, 2, 3]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4], 2), [0, 1, 2, 3, 4]);
+        assert_eq!(supervisors(&[0, 1, 2, 3, 4, 5, 6], 3), [0, 1, 2, 4, 5]);
+        // Spares among the first three are not counted twice.
+        assert_eq!(supervisors(&[0, 1], 1), [0, 1]);
+        assert_eq!(supervisors(&[0, 1, 2], 2), [0, 1, 2]);
     }
 }

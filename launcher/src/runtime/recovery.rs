@@ -8,44 +8,239 @@
 //!    recovery line (the newest committed checkpoint every rank has a copy of).
 //! 2. krun opens a new address all-gather for the ranks (a bootstrap service for the job's
 //!    size: the next **wiring epoch**) and sends every node
-//!    [`LauncherToNode::Restart`]`{wiring, bootstrap, version, ranks}`.
-//! 3. Each node starts the ranks placed on it as new processes with
-//!    `KRUN_GHOST_RESTORE=version`, `KRUN_BOOTSTRAP=bootstrap` and
-//!    `KRUN_WIRING_EPOCH=wiring`, replacing the process it runs for that rank, if any
-//!    ([`crate::ranks::RankCommand::Adopt`]). A rank new to the node (from the failed node)
-//!    first gets its image chain from the checkpoint store (the fastest valid copy: the
-//!    buddy's L2 when the rank's node is gone), written as the ghost checkpointer's files
-//!    ([`super::CheckpointAgent::write_chain`]); its old files, if this host has any, are
-//!    removed first, so the restart uses the store's bytes only.
-//! 4. The node answers `Restarted{wiring, rank, ..}` or `RestartFailed{wiring, rank, why}`
-//!    per rank; the hub turns them into the policy's `RestartDone`/`RollbackDone` (or the
-//!    failed ones), and the policy's recovery ends when every rank answered.
+//!    [`LauncherToNode::Restart`]`{wiring, bootstrap, version, ranks}` (unchanged).
+//! 3. Each node carries out the order for the ranks placed on it:
+//!    - **A rank whose live process runs here rolls back inside it** (the policy's rollback
+//!      primitive; also a rank restarted from the program's start when no checkpoint was
+//!      committed): the node hands
+//!      `RollbackInPlace{wiring, bootstrap, version}` to the rank library's watcher
+//!      ([`Watchers`]; the rank side is `rank/src/rollback.rs`), which re-executes the
+//!      program in its own process: `execve("/proc/self/exe")` with its original argv and
+//!      environment plus `KRUN_GHOST_RESTORE=version`, `KRUN_BOOTSTRAP=bootstrap` and
+//!      `KRUN_WIRING_EPOCH=wiring`. The kernel keeps the pid, the parent (this krund: it
+//!      waits for the same child, no kill, no new spawn), the process group, the CPU
+//!      pinning and stdio (output forwarding goes on); the library restores the registered
+//!      memory from the rank's own images of `version` on this node (libghost's
+//!      restore-on-start, L1) and swaps its new fabric address in the new epoch. The
+//!      process table keeps the pid; the rank's hello in the new epoch registers a new
+//!      incarnation ([`hello`]).
+//!    - Any other rank starts here as a new process with those three variables
+//!      ([`crate::ranks::RankCommand::Adopt`], which kills a process of that rank still
+//!      here): a rank new to the node (from the failed node) first gets its image chain from
+//!      the checkpoint store (the fastest valid copy: the buddy's L2 when the rank's node is
+//!      gone), written as the ghost checkpointer's files
+//!      ([`super::CheckpointAgent::write_chain`]); its old files, if this host has any, are
+//!      removed first, so the restart uses the store's bytes only. A live rank whose
+//!      watcher does not take the order within [`ORDER_TIMEOUT`] (it has no node link, or
+//!      its process is ending) is restarted this way too.
+//! 4. The node answers `Restarted{wiring, rank, pid, in_place, ..}` or
+//!    `RestartFailed{wiring, rank, why}` per rank; the hub turns them into the policy's
+//!    `RestartDone`/`RollbackDone` (or the failed ones), and the policy's recovery ends
+//!    when every rank answered.
+//!
+//! # Decisions in the process table
+//! Before the `Restart` order, krun sends `LauncherToNode::Decided{rank, node, decision}`
+//! for each restart decision (to the rank's new node) and each rollback (to the rank's
+//! node); that node writes it into the rank's row (`TableOp::Decided`, [`decided`]), where
+//! it stays across incarnations and `krun status` shows it. `decisions.log` keeps the whole
+//! sequence (commits, aborts, recoveries).
+//!
+//! # Interface changes (additive)
+//! `LauncherToNode::Restart` is unchanged. New: `LauncherToNode::Decided`;
+//! `NodeToLauncher::Restarted` gained `in_place`; the rank socket gained
+//! `RankToNode::Watch` and `NodeToRank::RollbackInPlace` (appended to both mirrors).
+//!
+//! # The watcher's protocol (rank socket, additive)
+//! `RankToNode::Watch{rank, pid}` on the watcher's own connection, held by the node up to
+//! [`WATCH_HOLD`] and answered `NodeToRank::Continue` (ask again) or
+//! `NodeToRank::RollbackInPlace{wiring, bootstrap, version}` (see `rank::node_link`). The
+//! watcher starts first thing in the library's init, so a rank still in an older epoch's
+//! all-gather (a failure during a recovery) is reached too. In a recovering job the library
+//! holds a communication error or a failed safepoint up to 30 s before returning it, so a
+//! survivor whose peer died is rolled back rather than exiting on the error.
 //!
 //! # Fabric re-wiring
-//! A restarted rank has a new fabric endpoint address, so every rank must learn every
-//! rank's current address. The mechanism is the rank library's start-up all-gather, keyed
-//! by the wiring epoch: every rank of the job starts again in the new epoch and swaps its
-//! address card (endpoint address and the checkpoint versions it holds) through the new
-//! bootstrap service, which answers once all ranks reported; ranks of an older epoch are
-//! killed before the new epoch's processes start, so no rank talks to a stale address. A
-//! rank that is late in the new all-gather (its restart was retried) joins the same epoch.
+//! A restarted or rolled-back rank has a new fabric endpoint address, so every rank must
+//! learn every rank's current address. The mechanism is the rank library's start-up
+//! all-gather, keyed by the wiring epoch: every rank of the job starts again in the new
+//! epoch (a new image: in place or a new process) and swaps its address card (endpoint
+//! address and the checkpoint versions it holds) through the new bootstrap service, which
+//! answers once all ranks reported; no image of an older epoch survives the order, so no
+//! rank talks to a stale address. A rank that is late in the new all-gather (its restart
+//! was retried) joins the same epoch.
 //!
-//! # Limits (what this is not yet)
-//! Survivors "roll back" by restarting in place from their own images of the recovery
-//! line (their node's files, L1), not inside their live process: a survivor blocked in a
-//! receive from a lost peer never reaches a safepoint where the rank library could roll it
-//! back, and the library cannot yet re-wire a live endpoint. The policy's rollback
-//! primitive is carried out that way and named so in krun's output.
+//! # Limits
+//! The rollback is in the process, not in the program's control flow: the process image is
+//! replaced and the program starts again from `main`, resuming from its registered memory
+//! as a restarted rank does; what lives outside registered memory and stdio (other open
+//! files, threads) starts afresh. A rank whose process is gone (it exited on an error before
+//! the order came) is restarted as a new process with a new pid.
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use adaptation::NodeId;
 
-use super::control::NodeToLauncher;
-use super::membership::Shared;
+use super::control::{NodeToLauncher, NodeToRank};
+use super::membership::{Shared, TableClient};
+use super::table::TableOp;
 use super::AgentSlot;
 use crate::ranks::RankCommand;
+
+/// Longest the node holds a watcher's `Watch` before answering `Continue` (the rank
+/// library's `WATCH_HOLD` allows this plus 10 s).
+pub const WATCH_HOLD: Duration = Duration::from_secs(20);
+
+/// The process-table client id of a rollback's new incarnation (after the runtime's own,
+/// `runtime/mod.rs`).
+const TABLE_CLIENT_ROLLBACK: u32 = 6;
+
+/// Longest a rollback order waits for the rank's watcher to take it.
+pub const ORDER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One rank's watcher as the node sees it.
+#[derive(Default)]
+struct Watcher {
+    pid: u32,
+    /// The order waiting for the watcher's next `Watch`.
+    order: Option<NodeToRank>,
+    /// Orders the watcher took.
+    taken: u64,
+    /// The process re-executed on an order and has not said hello since.
+    reincarnating: bool,
+}
+
+/// The node's rank watchers: rank -> the process watching and the order waiting for it.
+#[derive(Default)]
+pub struct Watchers {
+    state: Mutex<BTreeMap<u32, Watcher>>,
+    changed: Condvar,
+}
+
+impl Watchers {
+    /// A `Watch` from `rank`'s process `pid`: waits up to `hold` for an order.
+    pub fn watch(&self, rank: u32, pid: u32, hold: Duration) -> NodeToRank {
+        let deadline = Instant::now() + hold;
+        let mut s = self.state.lock().expect("watchers lock");
+        let w = s.entry(rank).or_default();
+        if w.pid != pid {
+            *w = Watcher {
+                pid,
+                ..Watcher::default()
+            };
+        }
+        loop {
+            let w = s.entry(rank).or_default();
+            if w.pid != pid {
+                // Another process of this rank took over.
+                return NodeToRank::Continue;
+            }
+            if let Some(order) = w.order.take() {
+                w.taken += 1;
+                w.reincarnating = true;
+                self.changed.notify_all();
+                return order;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return NodeToRank::Continue;
+            }
+            s = self.changed.wait_timeout(s, left).expect("watchers lock").0;
+        }
+    }
+
+    /// Hands `order` to the watcher of `rank`'s process `pid`; true once the watcher took
+    /// it (within `timeout`), false if it has none or did not take it (withdrawn).
+    pub fn order(&self, rank: u32, pid: u32, order: NodeToRank, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.state.lock().expect("watchers lock");
+        let Some(w) = s.get_mut(&rank).filter(|w| w.pid == pid) else {
+            return false;
+        };
+        let before = w.taken;
+        w.order = Some(order);
+        self.changed.notify_all();
+        loop {
+            let w = s.get_mut(&rank).expect("a watcher is never removed");
+            if w.pid != pid {
+                return false;
+            }
+            if w.taken > before {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                w.order = None;
+                return false;
+            }
+            s = self.changed.wait_timeout(s, left).expect("watchers lock").0;
+        }
+    }
+
+    /// `rank`'s process `pid` said hello: true if it is a rollback in place's new image
+    /// (once).
+    pub fn hello(&self, rank: u32, pid: u32) -> bool {
+        let mut s = self.state.lock().expect("watchers lock");
+        match s.get_mut(&rank) {
+            Some(w) if w.pid == pid && w.reincarnating => {
+                w.reincarnating = false;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The rank socket's `Watch{rank, pid}`.
+pub fn watch(shared: &Shared, rank: u32, pid: u32) -> NodeToRank {
+    shared.watchers.watch(rank, pid, WATCH_HOLD)
+}
+
+/// A rank said hello: a process rolled back in place is a new incarnation of the rank in
+/// the process table, with the same pid.
+pub fn hello(table: &TableClient, rank: u32, pid: u32) {
+    if !table.shared.watchers.hello(rank, pid) {
+        return;
+    }
+    // A client of its own: the rank-socket client may write this row at the same time.
+    let table = table.as_client(TABLE_CLIENT_ROLLBACK);
+    std::thread::spawn(move || {
+        let op = TableOp::Register {
+            node: table.shared.me,
+            pid,
+        };
+        if let Err(e) = table.request(u64::from(rank), &op, Duration::from_secs(30)) {
+            eprintln!("krund: node {}: process table: {e}", table.shared.me);
+        }
+    });
+}
+
+/// `LauncherToNode::Decided` for a rank this node runs or takes on: the policy's decision
+/// goes into the rank's process-table row (replicated like the row; `krun status` shows it).
+pub fn decided(table: &TableClient, rank: u32, decision: String) {
+    let table = table.clone();
+    std::thread::spawn(move || {
+        let op = TableOp::Decided { decision };
+        match table.request(u64::from(rank), &op, Duration::from_secs(30)) {
+            Ok(a) if a.error.is_none() => {}
+            Ok(a) => eprintln!(
+                "krund: node {}: recording a decision about rank {rank}: {}",
+                table.shared.me,
+                a.error.unwrap_or_default()
+            ),
+            Err(e) => eprintln!("krund: node {}: process table: {e}", table.shared.me),
+        }
+    });
+}
+
+/// True while `pid` runs (not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
 
 /// The ghost checkpoint owner and directory a rank of this job writes its images under (as
 /// the rank library computes them: `<KRUN_GHOST_OWNER or krun's per-rank owner>/rank<N>` in
@@ -79,12 +274,13 @@ pub fn restart(
     for &(rank, node) in ranks.iter().filter(|(_, n)| *n == me) {
         let started = Instant::now();
         let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
-            Ok((pid, fetched)) => NodeToLauncher::Restarted {
+            Ok((pid, fetched, in_place)) => NodeToLauncher::Restarted {
                 wiring,
                 rank,
                 pid,
                 fetched,
                 seconds: started.elapsed().as_secs_f64(),
+                in_place,
             },
             Err(reason) => {
                 eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
@@ -106,7 +302,36 @@ fn restart_one(
     bootstrap: &str,
     version: Option<u64>,
     rank: u32,
-) -> Result<(u32, u64), String> {
+) -> Result<(u32, u64, bool), String> {
+    let live = shared
+        .local_ranks
+        .lock()
+        .expect("ranks lock")
+        .get(&u64::from(rank))
+        .copied()
+        .filter(|&pid| alive(pid));
+    if let Some(pid) = live {
+        // Rolled back inside its process. Not linked until its new image says hello: a
+        // barrier must not wake it with SIGUSR1 before the library installed its handler.
+        shared
+            .linked_ranks
+            .lock()
+            .expect("linked lock")
+            .remove(&u64::from(rank));
+        let order = NodeToRank::RollbackInPlace {
+            wiring,
+            bootstrap: bootstrap.to_string(),
+            version,
+        };
+        if shared.watchers.order(rank, pid, order, ORDER_TIMEOUT) {
+            return Ok((pid, 0, true));
+        }
+        eprintln!(
+            "krund: node {}: rank {rank} (pid {pid}) did not take its rollback order in \
+             {ORDER_TIMEOUT:?}: restarting it as a new process",
+            shared.me
+        );
+    }
     let runner = shared
         .rank_commands
         .lock()
@@ -161,5 +386,64 @@ fn restart_one(
     let pid = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| "the rank runner did not answer".to_string())??;
-    Ok((pid, fetched))
+    Ok((pid, fetched, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn order(wiring: u64) -> NodeToRank {
+        NodeToRank::RollbackInPlace {
+            wiring,
+            bootstrap: "127.0.0.1:4242".into(),
+            version: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_rollback_order_reaches_the_watching_process_once_and_its_hello_is_a_new_incarnation() {
+        let w = Arc::new(Watchers::default());
+        // Nobody watches rank 2 yet: the order is not taken (the node restarts it instead).
+        assert!(!w.order(2, 77, order(1), Duration::from_millis(10)));
+        // Rank 2's process 77 watches; a quiet round ends with Continue.
+        assert_eq!(
+            w.watch(2, 77, Duration::from_millis(10)),
+            NodeToRank::Continue
+        );
+        let watcher = {
+            let w = w.clone();
+            std::thread::spawn(move || w.watch(2, 77, Duration::from_secs(60)))
+        };
+        // An order for another process of rank 2 is refused; the watching one takes it.
+        assert!(!w.order(2, 78, order(1), Duration::from_millis(10)));
+        assert!(w.order(2, 77, order(1), Duration::from_secs(60)));
+        assert_eq!(watcher.join().unwrap(), order(1));
+        // Its new image says hello with the same pid: a new incarnation, once.
+        assert!(!w.hello(2, 78));
+        assert!(w.hello(2, 77));
+        assert!(!w.hello(2, 77));
+        // An order nobody takes is withdrawn: a later watch does not get it.
+        assert!(!w.order(2, 77, order(2), Duration::from_millis(10)));
+        assert_eq!(
+            w.watch(2, 77, Duration::from_millis(10)),
+            NodeToRank::Continue
+        );
+    }
+
+    #[test]
+    fn a_process_that_is_gone_or_a_zombie_is_not_alive() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Until reaped, the ended child is a zombie.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "pid {pid} never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!alive(pid));
+    }
 }

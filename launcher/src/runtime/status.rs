@@ -118,6 +118,9 @@ impl JobStatus {
                 r.state.to_string(),
                 r.incarnation
             );
+            if let Some(d) = &r.decision {
+                out += &format!("      rank {} {d}\n", r.rank);
+            }
         }
         if !s.unanswered.is_empty() {
             out += &format!("no row for rank(s) {:?}\n", s.unanswered);

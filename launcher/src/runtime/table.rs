@@ -58,6 +58,10 @@ pub struct RankRecord {
     /// 0 for the first start; every new registration (a restart, a move) adds one.
     pub incarnation: u32,
     pub checkpoint: Option<CheckpointInfo>,
+    /// The policy's latest decision about this rank (a restart or a rollback), recorded
+    /// before it was carried out.
+    #[serde(default)]
+    pub decision: Option<String>,
 }
 
 /// A request to the process table (the entry is the rank).
@@ -78,6 +82,10 @@ pub enum TableOp {
     /// `node` failed: the rank is lost if it was there and had not exited.
     MarkLost {
         node: NodeId,
+    },
+    /// The policy decided about the rank (recorded before it is carried out).
+    Decided {
+        decision: String,
     },
 }
 
@@ -181,6 +189,7 @@ impl ProcessTable {
                     .map(|r| r.incarnation + 1)
                     .unwrap_or(0);
                 let checkpoint = state.record.as_ref().and_then(|r| r.checkpoint.clone());
+                let decision = state.record.as_ref().and_then(|r| r.decision.clone());
                 state.record = Some(RankRecord {
                     rank: entry,
                     node,
@@ -188,6 +197,7 @@ impl ProcessTable {
                     state: RankState::Running,
                     incarnation,
                     checkpoint,
+                    decision,
                 });
                 state.version += 1;
             }
@@ -222,6 +232,13 @@ impl ProcessTable {
                         });
                     }
                 }
+                state.version += 1;
+            }
+            TableOp::Decided { decision } => {
+                let Some(r) = state.record.as_mut() else {
+                    return fail(format!("rank {entry} is not registered"), state);
+                };
+                r.decision = Some(decision);
                 state.version += 1;
             }
             TableOp::MarkLost { node } => {
@@ -383,15 +400,29 @@ mod tests {
             t.entries[&3].record.as_ref().unwrap().state,
             RankState::Lost
         );
-        // A new registration is a new incarnation that keeps the checkpoint.
-        let r = ask(&mut t, 3, 8, TableOp::Register { node: 5, pid: 9 })
+        // The policy's decision is recorded before it is carried out; a new registration
+        // is a new incarnation that keeps the checkpoint and the decision.
+        let decided = "restart on node 5 from checkpoint 4".to_string();
+        let r = ask(
+            &mut t,
+            3,
+            8,
+            TableOp::Decided {
+                decision: decided.clone(),
+            },
+        )
+        .record
+        .unwrap();
+        assert_eq!(r.decision.as_ref(), Some(&decided));
+        let r = ask(&mut t, 3, 9, TableOp::Register { node: 5, pid: 9 })
             .record
             .unwrap();
         assert_eq!(
             (r.node, r.incarnation, r.checkpoint.unwrap().version),
             (5, 1, 4)
         );
-        let e = ask(&mut t, 4, 9, TableOp::SetState(RankState::Exited(0)));
+        assert_eq!(r.decision, Some(decided));
+        let e = ask(&mut t, 4, 10, TableOp::SetState(RankState::Exited(0)));
         assert!(e.error.unwrap().contains("not registered"));
     }
 
