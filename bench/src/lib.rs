@@ -4,6 +4,7 @@
 pub mod ckpt;
 pub mod dsm;
 pub mod fabric;
+pub mod ha;
 pub mod l4;
 pub mod launch;
 pub mod locator;

@@ -30,6 +30,12 @@ subcommands:
            the paper's phases (start, physical, setting, logical, end) and the repair after
            a SIGKILL, against one request's round trip; writes bench/results/reconfig.json
            options: --entries N  --out PATH
+  ha       the coordinated checkpoint policy on the heat stencil (6 ranks, 3 local nodes):
+           failure-free overhead without a policy, at an interval and at the Young/Daly
+           interval; a node SIGKILLed, restarted onto a spare against relaunching the job
+           from its L4 images; optional fault campaign; writes bench/results/ha.json
+           options: --runs N  --state-mib M  --job-s S  --interval-s A  --mtbf-s M
+                    --campaign N  --seed S  --rma-read-gbs X  --out PATH
   rank     the rank library beside the raw fabric endpoint between two processes: send,
            put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json
            options: --providers shm,tcp  --runs N (>= 3)  --quick  --out PATH";
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         "fabric" => bench::fabric::run(rest),
         "dsm" => bench::dsm::run(rest),
         "launch" => bench::launch::run(rest),
+        "ha" => bench::ha::run(rest),
         "ckpt" => bench::ckpt::run(rest),
         "reconfig" => bench::reconfig::run(rest),
         // Hidden: the daemons `bench reconfig` starts.

@@ -129,6 +129,15 @@ pub enum ClusterError {
         source: io::Error,
     },
 
+    /// A job run by the HA campaign (or `bench ha`) did not end in time or could not be read.
+    #[error("job `{cmd}`: {reason}")]
+    Job {
+        /// The command line.
+        cmd: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// A thread started in a node panicked.
     #[error("thread in node {node} panicked")]
     ThreadPanicked {

@@ -8,6 +8,8 @@
 //! * `cluster-tests/slurm/cluster.sh`: a local multi-node Slurm (see its header) for tests of
 //!   krun's Slurm mode, driven from Rust through [`SlurmCluster`];
 //!   `cluster-tests/slurm/smoke.sh` checks it.
+//! * [`campaign`]: seeded fault campaigns (a random node SIGKILLed at a random time) and
+//!   runs of a job with every output line time-stamped (shared with `bench ha`).
 //! * `krun-netns-probe`: a tiny bounded TCP echo server / client to check reachability.
 //!
 //! Everything here needs root; [`require_root`] gives a clear error otherwise.
@@ -25,6 +27,7 @@
 //! # Ok::<(), cluster_tests::ClusterError>(())
 //! ```
 
+pub mod campaign;
 mod error;
 mod netns;
 mod process;

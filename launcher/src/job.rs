@@ -453,18 +453,9 @@ pub fn run(job: &Job) -> Result<i32> {
             }
         }
         NodeSource::Slurm(a) => {
-            let mut srun =
-                Command::new(std::env::var("KRUN_SRUN").unwrap_or_else(|_| "srun".into()));
-            srun.arg(format!("--nodes={k}"))
-                .arg(format!("--ntasks={k}"))
-                .arg("--ntasks-per-node=1")
-                .arg(format!(
-                    "--nodelist={}",
-                    crate::hostlist::compress(&a.nodes)
-                ))
-                .arg("--kill-on-bad-exit=1")
-                .arg("--overlap")
-                .arg(&job.krund);
+            let recovering = job.program.as_ref().is_some_and(recovers);
+            let mut srun = crate::slurm::srun_command(&a.nodes, recovering);
+            srun.arg(&job.krund);
             // srun passes its environment (and so the secret and settings) to every krund.
             let template = node_command(placement.is_some());
             for (key, v) in template.get_envs() {
@@ -557,6 +548,7 @@ pub fn run(job: &Job) -> Result<i32> {
         wake: tx.clone(),
     };
     drop(tx);
+    let ended_by_policy = job_error.clone();
     let watch = Watch {
         phases,
         commits: policy.as_ref().map(|d| d.commits()),
@@ -570,6 +562,24 @@ pub fn run(job: &Job) -> Result<i32> {
             eprintln!("krun: {summary}");
         }
     }
+    let mut worst = worst;
+    // A node lost to a failure the policy recovered from exits 137 (under Slurm, one srun
+    // runs every node and exits 137 for it); its ranks ran on elsewhere. The job's code is
+    // then its ranks', as the nodes that ended reported it (`Finished`).
+    let policy_ended_it = ended_by_policy.lock().expect("job error lock").is_some();
+    let recovered = !policy_ended_it && summary.as_ref().is_some_and(|s| s.recoveries > 0);
+    if let Ok(w) = worst.as_mut() {
+        if *w != 0
+            && !policy_ended_it
+            && summary
+                .as_ref()
+                .is_some_and(|s| s.failures > 0 && s.recoveries > 0)
+        {
+            if let Some(code) = hub.ranks_code() {
+                *w = code;
+            }
+        }
+    }
     if let Some(path) = &job.summary_json {
         write_summary(path, job, &worst, summary.as_ref(), started.elapsed())?;
     }
@@ -578,7 +588,14 @@ pub fn run(job: &Job) -> Result<i32> {
         let _ = f.join();
     }
     if worst == 0 {
-        server.join()?;
+        match server.join() {
+            // A node killed during the start-up address exchange leaves it broken; the
+            // recovery re-wired every rank through its own exchange, and the job completed.
+            Err(e) if recovered => {
+                eprintln!("krun: the start-up address exchange failed ({e}); the recovery re-wired the ranks")
+            }
+            r => r?,
+        }
     }
     Ok(worst)
 }

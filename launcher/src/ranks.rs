@@ -167,6 +167,8 @@ pub enum RankEvent {
         rank: usize,
         signal: i32,
     },
+    /// The node got SIGUSR1 (a scheduler's "checkpoint now"): krun's policy is asked.
+    CheckpointAsked,
 }
 
 /// Name of a signal for messages.
@@ -588,11 +590,19 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
         }
         let requests = take_checkpoint_requests();
         if requests > 0 {
-            // The checkpoint service is not there yet: record the event where users see it.
+            // krun's policy takes the checkpoint (the requests of all nodes coalesce there).
+            let told = share
+                .events
+                .as_ref()
+                .is_some_and(|tx| tx.send(RankEvent::CheckpointAsked).is_ok());
             eprintln!(
-                "krund: node {}: checkpoint requested (SIGUSR1 from the scheduler); {} rank(s) running",
+                "krund: node {}: checkpoint requested (SIGUSR1 from the scheduler); {}",
                 share.node_id,
-                children.len()
+                if told {
+                    "krun's policy is asked"
+                } else {
+                    "this node runs no runtime to ask a policy"
+                }
             );
         }
         if let Some(sig) = take_signal() {

@@ -88,6 +88,24 @@ impl Allocation {
     }
 }
 
+/// The `srun` that starts one krund per node of the allocation (`KRUN_SRUN` names another
+/// srun). `recovers`: the job's policy restarts lost ranks (`--spares`, checkpoints), so a
+/// node whose krund dies must not take the step down: `--kill-on-bad-exit=0` (Slurm would
+/// otherwise kill every other task of the step, and with it the ranks that survived).
+/// Otherwise `--kill-on-bad-exit=1`: a dead node ends the job at once.
+pub fn srun_command(nodes: &[String], recovers: bool) -> std::process::Command {
+    let k = nodes.len();
+    let mut srun =
+        std::process::Command::new(std::env::var("KRUN_SRUN").unwrap_or_else(|_| "srun".into()));
+    srun.arg(format!("--nodes={k}"))
+        .arg(format!("--ntasks={k}"))
+        .arg("--ntasks-per-node=1")
+        .arg(format!("--nodelist={}", hostlist::compress(nodes)))
+        .arg(format!("--kill-on-bad-exit={}", u8::from(!recovers)))
+        .arg("--overlap");
+    srun
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +117,29 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn a_recovering_job_keeps_its_step_when_one_node_dies() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let args = |recovers| {
+            srun_command(&nodes, recovers)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let plain = args(false);
+        assert!(
+            plain.contains(&"--kill-on-bad-exit=1".to_string()),
+            "{plain:?}"
+        );
+        assert!(
+            plain.contains(&"--nodelist=n[1-3]".to_string()),
+            "{plain:?}"
+        );
+        assert!(plain.contains(&"--ntasks=3".to_string()), "{plain:?}");
+        let ha = args(true);
+        assert!(ha.contains(&"--kill-on-bad-exit=0".to_string()), "{ha:?}");
     }
 
     #[test]

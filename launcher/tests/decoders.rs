@@ -202,6 +202,8 @@ fn node_and_launcher_messages_never_panic() {
                 level: 3,
                 error: "buddy lost".into(),
             },
+            NodeToLauncher::CheckpointAsked,
+            NodeToLauncher::Finished { code: 137 },
         ],
         37,
     );

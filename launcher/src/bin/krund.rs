@@ -272,7 +272,7 @@ fn run() -> Result<i32, LauncherError> {
         let node_id = args.node_id;
         let result = (|| {
             let code = launcher::ranks::run_share(&share)?;
-            runtime.finish();
+            runtime.finish_with(code);
             if runtime.was_drained() {
                 // The node's ranks moved away; it leaves once the membership agreed on it.
                 if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {

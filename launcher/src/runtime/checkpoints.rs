@@ -831,7 +831,9 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             NodeToLauncher::Register(_)
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye
-            | NodeToLauncher::RankKilled { .. } => None,
+            | NodeToLauncher::RankKilled { .. }
+            | NodeToLauncher::CheckpointAsked
+            | NodeToLauncher::Finished { .. } => None,
         },
     }
 }

@@ -116,6 +116,13 @@ pub enum NodeToLauncher {
         rank: u32,
         reason: String,
     },
+    /// The node got SIGUSR1 (Slurm's `--signal=USR1@T` signals every task of the step, that
+    /// is every krund): a checkpoint request for krun's policy.
+    CheckpointAsked,
+    /// The node's ranks are over (sent just before `Bye`): the highest exit code among them
+    /// (128 + signal for a killed one). Under Slurm one srun runs every node and its exit
+    /// code mixes a killed node's with the others': krun reads the job's from these.
+    Finished { code: i32 },
 }
 
 /// What `krun` tells a krund node.

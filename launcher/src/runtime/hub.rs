@@ -50,6 +50,8 @@ struct State {
     /// Nodes that run ranks now (spares join when ranks restart on them; failed nodes
     /// leave): once all of them said `Bye`, the others (spares) are stopped.
     ranked: BTreeSet<NodeId>,
+    /// The exit code each node reported for its ranks (`Finished`).
+    finished: BTreeMap<NodeId, i32>,
 }
 
 struct Inner {
@@ -152,6 +154,12 @@ impl Hub {
     /// Why the job must end now and its exit code, if a node reported a killed rank.
     pub fn abort_reason(&self) -> Option<(String, i32)> {
         self.inner.state.lock().expect("hub lock").abort.clone()
+    }
+
+    /// The highest exit code the nodes reported for their ranks (`None`: none reported).
+    pub fn ranks_code(&self) -> Option<i32> {
+        let st = self.inner.state.lock().expect("hub lock");
+        st.finished.values().copied().max()
     }
 
     /// The job is over: tells every node still linked to end.
@@ -302,6 +310,18 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 inner.state.lock().expect("hub lock").ranked.insert(node);
                 to_policy(&inner, super::checkpoints::Input::FromNode(node, msg));
             }
+            Ok(NodeToLauncher::Finished { code }) => {
+                inner
+                    .state
+                    .lock()
+                    .expect("hub lock")
+                    .finished
+                    .insert(node, code);
+            }
+            Ok(NodeToLauncher::CheckpointAsked) => to_policy(
+                &inner,
+                super::checkpoints::Input::Request(policies::primitives::RequestSource::Signal),
+            ),
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
         }

@@ -250,6 +250,13 @@ impl Runtime {
         self.shared.finish();
     }
 
+    /// The node's ranks ended with `code` (the highest): tell krun, then [`Self::finish`].
+    pub fn finish_with(&self, code: i32) {
+        self.shared
+            .tell_launcher(&NodeToLauncher::Finished { code });
+        self.finish();
+    }
+
     /// True when a node left or failed, or this one was drained: a job-wide barrier of the
     /// initial nodes cannot complete any more.
     pub fn membership_shrank(&self) -> bool {
@@ -570,6 +577,10 @@ impl Bound {
                                 signal,
                             });
                             shared.killed_told.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        RankEvent::CheckpointAsked => {
+                            shared.tell_launcher(&NodeToLauncher::CheckpointAsked);
                             continue;
                         }
                     };

@@ -361,6 +361,12 @@ fn restart_one(
                 .write_chain(rank, v, &dir, &owner)
                 .map_err(|e| format!("fetching its images of v{v}: {e}"))?;
         }
+    } else {
+        // From the program's start: images this rank left (a checkpoint that was never
+        // committed) must not count, or its checkpointer would number on after them while
+        // the policy numbers from 1 again.
+        let (dir, owner) = rank_images(rank);
+        let _ = std::fs::remove_dir_all(dir.join(&owner));
     }
     // The new process is not linked until it says hello: a barrier must not wake it with
     // SIGUSR1 before its library installed the handler (the signal would kill it).

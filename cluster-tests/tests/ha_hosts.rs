@@ -1,0 +1,174 @@
+//! Spares and failure injection across namespace hosts (#10): the heat stencil
+//! (`rank/examples/c/heat_ha.c`) on 4 hosts + 1 spare (`krun --hosts ... --spares 1`, a
+//! `krund --listen` daemon on each host) under the coordinated policy; the node of host 1 is
+//! SIGKILLed between checkpoints (`--inject-failure node=1@2ckpt`: right after the 2nd
+//! commit). Its ranks must restart on the spare host and the result must equal the serial
+//! reference. Needs root and the workspace's binaries (`cargo build --workspace`).
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cluster_tests::workspace_bin;
+use cluster_tests::{NetnsCluster, NodeProcess};
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn build_examples(out: &Path) {
+    let lib = workspace_bin("libkrun.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("LIBDIR={}", lib.parent().unwrap().display()))
+        .arg(format!("OUT={}", out.display()))
+        .arg(out.join("heat_ha"))
+        .arg(out.join("heat_serial"))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the examples: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn checksum_in(text: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.split(" checksum ").nth(1))
+        .map(|s| s.trim().to_string())
+}
+
+/// Waits for a process (at most `limit`) and returns (exit code, stdout, stderr).
+fn finish(mut p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) {
+    let mut out = p.stdout().unwrap();
+    let mut err = p.stderr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = p.wait_timeout(limit).unwrap();
+    if status.is_none() {
+        let _ = p.kill();
+    }
+    (
+        status.and_then(|s| s.code()),
+        reader.join().unwrap(),
+        err_reader.join().unwrap(),
+    )
+}
+
+#[test]
+fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restarting_on_the_spare() {
+    if let Err(e) = cluster_tests::require_root() {
+        panic!("\n\n*** {e} ***\n\n");
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "krun-ha-hosts-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    build_examples(&dir.0);
+    let grid = ["96", "64", "400"];
+    let serial = Command::new(dir.0.join("heat_serial"))
+        .args(grid)
+        .output()
+        .unwrap();
+    let want = checksum_in(&String::from_utf8_lossy(&serial.stdout)).expect("serial checksum");
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, "the secret of the HA hosts test").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // Ranks' images in memory (removed at the end); the hosts share this filesystem, and each
+    // rank's owner is distinct, so one directory serves all of them.
+    let ghost = TempDir(PathBuf::from(format!(
+        "/dev/shm/krun-ha-hosts-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    )));
+    let cluster = NetnsCluster::create(5, None).expect("namespace cluster");
+    let mut daemons = Vec::new();
+    let mut drains = Vec::new();
+    for i in 0..5 {
+        let node = cluster.node(i).unwrap();
+        // Ranks inherit the daemon's environment.
+        let mut d = node
+            .spawn(
+                Command::new(workspace_bin("krund"))
+                    .args(["--listen", &format!("{}:7171", node.ip())])
+                    .env("KRUN_SECRET_FILE", &secret)
+                    .env("KRUN_GHOST_DIR", &ghost.0)
+                    .env("HEAT_STEP_DELAY_US", "10000")
+                    .env("HEAT_HA_TRACE", "0")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("starting krund");
+        let mut lines = BufReader::new(d.stderr().unwrap()).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        assert!(
+            first.contains("listening on"),
+            "daemon on host {i}: {first}"
+        );
+        // Keep reading the daemon's log, so that it never blocks on a full pipe.
+        drains.push(std::thread::spawn(move || {
+            lines.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n")
+        }));
+        daemons.push(d);
+    }
+    let hosts = cluster
+        .nodes()
+        .map(|n| n.ip().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let heat = dir.0.join("heat_ha");
+    let krun = cluster
+        .node(0)
+        .unwrap()
+        .spawn(
+            Command::new(workspace_bin("krun"))
+                .args(["--hosts", &hosts, "--spares", "1", "-n", "8"])
+                .args(["--checkpoint-interval", "1"])
+                .args(["--inject-failure", "node=1@2ckpt"])
+                .arg(&heat)
+                .args(grid)
+                .env("KRUN_SECRET_FILE", &secret)
+                .env("KRUN_FABRIC_PROVIDER", "tcp")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("starting krun");
+    let (code, out, err) = finish(krun, Duration::from_secs(300));
+    for d in &mut daemons {
+        let _ = d.kill();
+    }
+    let logs: Vec<String> = drains.into_iter().map(|t| t.join().unwrap()).collect();
+    let all = format!("{out}\n{err}\n--- daemons ---\n{}", logs.join("\n---\n"));
+    let both = format!("{out}\n{err}");
+    assert_eq!(code, Some(0), "{all}");
+    assert!(
+        both.contains("injected failure: SIGKILL to node 1"),
+        "{all}"
+    );
+    // Node 1's ranks (2 of 8 on 4 nodes: ranks 2-3) restart on the spare, node 4.
+    assert!(both.contains("restart on spare node 4"), "{all}");
+    assert!(both.contains("1 node failure, 1 recovery"), "{all}");
+    assert_eq!(checksum_in(&out), Some(want), "{all}");
+}
