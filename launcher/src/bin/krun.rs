@@ -11,7 +11,7 @@ use launcher::LauncherError;
 
 const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
             [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
-            [--provider P] [--checkpoint-interval SECS] [--spares K]
+            [--provider P] [--checkpoint-interval SECS] [--spares K] [--mpi pmi1|none]
             [--inject-failure node=N@SECONDSs|node=N@Kckpt] [PROGRAM ARGS...]
        krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
        krun status --hosts LIST | --hostfile FILE
@@ -34,6 +34,8 @@ over the node's cores, read with hwloc); exit code: the highest rank's, or 128+s
 --spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
 fails, its ranks restart on a spare from the last committed checkpoint. --inject-failure
 SIGKILLs node N's krund and its ranks at that time, or after K committed checkpoints.
+--mpi: each node serves PMI-1 to its ranks (PMI_FD, PMI_RANK, PMI_SIZE; the default,
+pmi1), so MPICH programs run as `krun -n 4 ./mpi_app`; none: no PMI.
 Without a PROGRAM, runs the built-in workload:
 every node writes a block into every other node's memory with one-sided RMA writes,
 counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
@@ -56,6 +58,7 @@ fn parse() -> Result<Job, LauncherError> {
     let mut checkpoint_interval = None;
     let mut spares = 0;
     let mut inject = None;
+    let mut mpi = None;
     let mut program = Vec::new();
     let mut args = std::env::args().skip(1);
     let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
@@ -91,6 +94,12 @@ fn parse() -> Result<Job, LauncherError> {
                 checkpoint_interval = Some(Duration::from_secs_f64(secs));
             }
             "--spares" => spares = count("--spares", args.next())?,
+            "--mpi" => {
+                let v = args.next().ok_or_else(|| {
+                    LauncherError::Usage("--mpi needs pmi1 or none".into())
+                })?;
+                mpi = Some(v.parse::<launcher::runtime::pmi::MpiMode>()?);
+            }
             "--inject-failure" => {
                 let v = args.next().ok_or_else(|| {
                     LauncherError::Usage("--inject-failure needs node=N@TIME".into())
@@ -196,6 +205,9 @@ fn parse() -> Result<Job, LauncherError> {
     }
     if let Some(p) = provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));
+    }
+    if let Some(m) = mpi {
+        job.env.push(("KRUN_MPI".into(), m.name().into()));
     }
     Ok(job)
 }

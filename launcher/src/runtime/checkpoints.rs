@@ -776,7 +776,8 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             NodeToLauncher::Register(_)
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye
-            | NodeToLauncher::RankKilled { .. } => None,
+            | NodeToLauncher::RankKilled { .. }
+            | NodeToLauncher::Pmi(_) => None,
         },
     }
 }

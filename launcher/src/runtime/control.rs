@@ -113,6 +113,8 @@ pub enum NodeToLauncher {
         rank: u32,
         reason: String,
     },
+    /// The node's PMI server: a fence, an abort, a rank lost (`runtime/pmi.rs`).
+    Pmi(super::pmi::PmiToLauncher),
 }
 
 /// What `krun` tells a krund node.
@@ -143,6 +145,8 @@ pub enum LauncherToNode {
         /// (rank, node) of every rank restarted in this wiring epoch.
         ranks: Vec<(u32, NodeId)>,
     },
+    /// To the node's PMI server: a fence's outcome (`runtime/pmi.rs`).
+    Pmi(super::pmi::PmiToNode),
 }
 
 /// Where one node of a job is reached.

@@ -42,6 +42,8 @@ pub struct Shared {
     pub local_ranks: Mutex<std::collections::BTreeMap<u64, u32>>,
     /// Called with every stable view (the store's agent follows failed nodes).
     pub view_hooks: Mutex<Vec<ViewHook>>,
+    /// The node's PMI server, if it serves one (krun's fence answers go there).
+    pub pmi: Mutex<Option<Arc<super::pmi::NodeServer>>>,
 }
 
 /// A callback on every stable view.
@@ -64,6 +66,7 @@ impl Shared {
             killed_told: std::sync::atomic::AtomicUsize::new(0),
             view_hooks: Mutex::new(Vec::new()),
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
+            pmi: Mutex::new(None),
         })
     }
 
