@@ -343,7 +343,12 @@ fn pmi_actions(inner: &Inner, actions: Vec<super::pmi::Action>) {
                 }
             }
             super::pmi::Action::End { reason, code } => {
-                st.abort.get_or_insert((reason, code));
+                // The first reason ends the job (krun prints it); later ones are printed
+                // here, so that every rank lost or aborted is named.
+                match &st.abort {
+                    Some(_) => eprintln!("krun: {reason}"),
+                    None => st.abort = Some((reason, code)),
+                }
                 drop(st);
                 inner.changed.notify_all();
             }

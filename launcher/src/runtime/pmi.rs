@@ -328,7 +328,7 @@ impl NodeServer {
                 st.done.insert(seq, Ok(()));
             }
             PmiToNode::FenceFailed { seq, reason } => {
-                eprintln!("krund: node {}: PMI fence {seq} failed: {reason}", self.node);
+                // krun printed the reason and ends the job.
                 st.done.insert(seq, Err(reason));
             }
         }
@@ -423,10 +423,15 @@ impl NodeServer {
                 },
                 None => rc_fail("get_result", "get_needs_a_key"),
             },
-            "barrier_in" => {
-                self.fence(rank);
-                "cmd=barrier_out\n".into()
-            }
+            "barrier_in" => match self.fence(rank) {
+                Ok(()) => "cmd=barrier_out\n".into(),
+                // The fence failed and krun ends the job: the rank waits here for its end
+                // (an answer would let it go on to the next fence, a closed link would make
+                // MPICH report a PMI error of its own).
+                Err(_) => loop {
+                    std::thread::park();
+                },
+            },
             "finalize" => {
                 self.state
                     .lock()
@@ -458,7 +463,7 @@ impl NodeServer {
 
     /// `rank` enters the node's next fence; returns once krun says it completed (a failed
     /// fence ends the job: krun stops the node, and the rank with it).
-    fn fence(&self, rank: u32) {
+    fn fence(&self, rank: u32) -> std::result::Result<(), String> {
         let mut st = self.state.lock().expect("pmi lock");
         let seq = st.next_fence;
         st.entered.insert(rank);
@@ -471,7 +476,10 @@ impl NodeServer {
             (self.tell)(PmiToLauncher::Fence { seq, ranks, puts });
             st = self.state.lock().expect("pmi lock");
         }
-        while !st.done.contains_key(&seq) {
+        loop {
+            if let Some(r) = st.done.get(&seq) {
+                return r.clone();
+            }
             st = self.changed.wait(st).expect("pmi lock");
         }
     }
@@ -501,6 +509,9 @@ pub struct Coordinator {
     gone: BTreeMap<u32, String>,
     /// Ranks each node reported (from its fences).
     nodes: BTreeMap<adaptation::NodeId, BTreeSet<u32>>,
+    /// The job is ending (an End was returned): fences failing as its ranks are stopped
+    /// are not news.
+    ended: bool,
 }
 
 impl Coordinator {
@@ -510,11 +521,31 @@ impl Coordinator {
             fences: BTreeMap::new(),
             gone: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            ended: false,
         }
     }
 
     /// A node's report.
     pub fn from_node(&mut self, node: adaptation::NodeId, msg: PmiToLauncher) -> Vec<Action> {
+        let actions = self.step(node, msg);
+        let ending = actions.iter().any(|a| matches!(a, Action::End { .. }));
+        let actions = if self.ended {
+            // Only what is news: an abort, a rank that left on its own without finalize.
+            actions
+                .into_iter()
+                .filter(|a| match a {
+                    Action::End { reason, .. } => !reason.starts_with("PMI fence"),
+                    Action::Broadcast(_) => true,
+                })
+                .collect()
+        } else {
+            actions
+        };
+        self.ended |= ending;
+        actions
+    }
+
+    fn step(&mut self, node: adaptation::NodeId, msg: PmiToLauncher) -> Vec<Action> {
         match msg {
             PmiToLauncher::Fence { seq, ranks, puts } => {
                 self.nodes.entry(node).or_default().extend(&ranks);
@@ -544,7 +575,9 @@ impl Coordinator {
                     format!("rank {rank} on node {node} exited with code {code}"),
                 );
                 let mut actions = Vec::new();
-                if initialized {
+                // Above 128: ended by a signal (a killed rank is reported as such; ranks
+                // stopped with the job are not news).
+                if initialized && code <= 128 {
                     actions.push(Action::End {
                         reason: format!(
                             "rank {rank} on node {node} exited with code {code} without MPI_Finalize (no PMI finalize)"
@@ -561,7 +594,7 @@ impl Coordinator {
     /// `node`'s link to krun ended before it said goodbye: its ranks never join a fence.
     pub fn node_gone(&mut self, node: adaptation::NodeId) -> Vec<Action> {
         let ranks = self.nodes.get(&node).cloned().unwrap_or_default();
-        if self.fences.is_empty() {
+        if self.fences.is_empty() || self.ended {
             for r in ranks {
                 self.gone
                     .insert(r, format!("rank {r}'s node {node} is gone"));
@@ -581,6 +614,7 @@ impl Coordinator {
             actions.push(Action::End { reason, code: 1 });
         }
         self.fences.clear();
+        self.ended = true;
         actions
     }
 
@@ -785,7 +819,7 @@ mod tests {
         let s2 = server.clone();
         let waiter = std::thread::spawn(move || {
             // krun answers once it saw the node's fence.
-            loop {
+            for _ in 0..2000 {
                 let seen = told.lock().unwrap().clone();
                 if let Some(PmiToLauncher::Fence { seq, ranks, puts }) = seen.first() {
                     assert_eq!((*seq, ranks.clone()), (1, vec![0]));
