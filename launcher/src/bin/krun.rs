@@ -95,9 +95,9 @@ fn parse() -> Result<Job, LauncherError> {
             }
             "--spares" => spares = count("--spares", args.next())?,
             "--mpi" => {
-                let v = args.next().ok_or_else(|| {
-                    LauncherError::Usage("--mpi needs pmi1 or none".into())
-                })?;
+                let v = args
+                    .next()
+                    .ok_or_else(|| LauncherError::Usage("--mpi needs pmi1 or none".into()))?;
                 mpi = Some(v.parse::<launcher::runtime::pmi::MpiMode>()?);
             }
             "--inject-failure" => {

@@ -562,7 +562,9 @@ impl Coordinator {
                 actions
             }
             PmiToLauncher::Abort { rank, code } => vec![Action::End {
-                reason: format!("rank {rank} on node {node} called MPI_Abort (PMI abort) with exit code {code}"),
+                reason: format!(
+                    "rank {rank} on node {node} called MPI_Abort (PMI abort) with exit code {code}"
+                ),
                 code,
             }],
             PmiToLauncher::Lost {
@@ -681,7 +683,9 @@ mod tests {
         assert!(parse_line("").is_err());
         assert!(parse_line("put key=x").is_err());
         assert!(parse_line("mcmd=spawn").unwrap_err().contains("not served"));
-        assert!(parse_line("cmd=put novalue").unwrap_err().contains("novalue"));
+        assert!(parse_line("cmd=put novalue")
+            .unwrap_err()
+            .contains("novalue"));
     }
 
     #[test]
@@ -745,16 +749,23 @@ mod tests {
         match &a[1] {
             Action::End { reason, code } => {
                 assert_eq!(*code, 1);
-                assert!(reason.contains("fence 1") && reason.contains("rank 2"), "{reason}");
+                assert!(
+                    reason.contains("fence 1") && reason.contains("rank 2"),
+                    "{reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
-        // A later fence fails at once too.
+        // A later fence fails at once too (the job is ending already: no second End).
         let a = c.from_node(0, fence(2, &[0], &[]));
         assert!(
-            a.iter().any(|x| matches!(x, Action::End { reason, .. } if reason.contains("rank 2"))),
+            a.iter().any(|x| matches!(
+                x,
+                Action::Broadcast(PmiToNode::FenceFailed { seq: 2, reason }) if reason.contains("rank 2")
+            )),
             "{a:?}"
         );
+        assert!(!a.iter().any(|x| matches!(x, Action::End { .. })), "{a:?}");
     }
 
     #[test]
@@ -782,7 +793,8 @@ mod tests {
         c.from_node(0, fence(1, &[0, 1], &[]));
         let a = c.node_gone(1);
         assert!(
-            a.iter().any(|x| matches!(x, Action::End { reason, .. } if reason.contains("[2, 3]"))),
+            a.iter()
+                .any(|x| matches!(x, Action::End { reason, .. } if reason.contains("[2, 3]"))),
             "{a:?}"
         );
     }
