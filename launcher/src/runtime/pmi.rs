@@ -147,13 +147,11 @@ pub fn parse_line(line: &str) -> std::result::Result<Command, String> {
 /// left out.
 pub fn process_mapping(counts: &[usize]) -> String {
     let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-    let mut node = 0;
-    for &c in counts.iter().filter(|&&c| c > 0) {
+    for (node, &c) in counts.iter().filter(|&&c| c > 0).enumerate() {
         match runs.last_mut() {
             Some((_, n, per)) if *per == c => *n += 1,
             _ => runs.push((node, 1, c)),
         }
-        node += 1;
     }
     let mut s = String::from("(vector");
     for (first, n, per) in runs {
