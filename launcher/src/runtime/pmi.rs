@@ -563,7 +563,7 @@ impl Coordinator {
                 reason: format!(
                     "rank {rank} on node {node} called MPI_Abort (PMI abort) with exit code {code}"
                 ),
-                code,
+                code: exit_status(code),
             }],
             PmiToLauncher::Lost {
                 rank,
@@ -650,6 +650,15 @@ impl Coordinator {
             self.fences.remove(&seq);
         }
         actions
+    }
+}
+
+/// The status a process exiting with `code` reports (its low 8 bits; MPICH passes MPI
+/// error codes to abort), never 0 for a non-zero code.
+pub fn exit_status(code: i32) -> i32 {
+    match code & 0xff {
+        0 if code != 0 => 1,
+        c => c,
     }
 }
 
@@ -783,6 +792,16 @@ mod tests {
         );
         let a = c.from_node(0, PmiToLauncher::Abort { rank: 0, code: 7 });
         assert!(matches!(&a[0], Action::End { code: 7, .. }), "{a:?}");
+        // MPICH aborts with MPI error codes: the job reports what the process would.
+        let a = c.from_node(
+            0,
+            PmiToLauncher::Abort {
+                rank: 0,
+                code: 607768079,
+            },
+        );
+        assert!(matches!(&a[0], Action::End { code: 15, .. }), "{a:?}");
+        assert_eq!(exit_status(256), 1);
     }
 
     #[test]
