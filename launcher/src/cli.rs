@@ -120,6 +120,10 @@ pub struct RunArgs {
     /// Pass a variable to the ranks: VAR=VALUE, or VAR to pass krun's own value (repeatable).
     #[arg(short = 'x', long = "export", value_name = "VAR[=VALUE]", value_parser = export)]
     pub export: Vec<(String, String)>,
+    /// PMI for MPI programs: pmi1 (each node serves MPICH's simple PMI over PMI_FD; the
+    /// default) or none.
+    #[arg(long, value_name = "pmi1|none", value_parser = mpi_mode)]
+    pub mpi: Option<crate::runtime::pmi::MpiMode>,
     /// Write the end-of-job summary (exit code, nodes, checkpoints, failures, recoveries,
     /// time lost) to FILE as JSON.
     #[arg(long, value_name = "FILE")]
@@ -308,6 +312,10 @@ fn bind_to(v: &str) -> std::result::Result<BindTo, String> {
         other => other,
     };
     v.parse::<BindTo>().map_err(|e| e.to_string())
+}
+
+fn mpi_mode(v: &str) -> std::result::Result<crate::runtime::pmi::MpiMode, String> {
+    v.parse().map_err(|e: crate::LauncherError| e.to_string())
 }
 
 fn provider(v: &str) -> std::result::Result<String, String> {

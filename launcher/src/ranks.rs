@@ -115,6 +115,9 @@ pub struct NodeShare {
     pub exit_grace: Option<Duration>,
     /// Ranks moved to or from this node while the share runs.
     pub commands: Option<std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<RankCommand>>>>,
+    /// Called before each rank starts: environment and a descriptor it keeps (the node's
+    /// PMI server, `runtime/pmi.rs`).
+    pub rank_setup: Option<crate::runtime::pmi::RankSetup>,
 }
 
 /// This node's ranks among all the job's ranks on the same machine (nodes that share a
@@ -381,6 +384,18 @@ fn spawn_rank(
     ) {
         cmd.env("KRUN_GHOST_OWNER", ghost_owner(&job, rank));
     }
+    let extras = match &share.rank_setup {
+        Some(setup) => Some((setup.0)(rank)?),
+        None => None,
+    };
+    if let Some(x) = &extras {
+        cmd.envs(x.env.iter().map(|(k, v)| (k, v)));
+    }
+    let keep: Vec<std::os::fd::RawFd> = extras
+        .iter()
+        .filter_map(|x| x.keep_fd.as_ref())
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
     cmd.envs(extra_env.iter().map(|(k, v)| (k, v)))
         .stdin(if rank == 0 && extra_env.is_empty() {
             Stdio::inherit()
@@ -404,16 +419,20 @@ fn spawn_rank(
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             ghost::descriptors::cloexec_above_stdio()?;
+            ghost::descriptors::keep_across_exec(&keep)?;
             match mask {
                 Some(m) => m.apply(),
                 None => Ok(()),
             }
         });
     }
-    cmd.spawn().map_err(|e| LauncherError::Node {
+    let child = cmd.spawn().map_err(|e| LauncherError::Node {
         node: share.node_id,
         message: format!("cannot start rank {rank}: {program}: {e}"),
-    })
+    });
+    // The rank holds its end now; ours closes here.
+    drop(extras);
+    child
 }
 
 /// Sends `sig` to a rank's process group (it leads one, see `spawn_rank`), or to the rank

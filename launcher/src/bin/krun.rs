@@ -105,6 +105,9 @@ fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
     if let Some(p) = run.provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));
     }
+    if let Some(m) = run.mpi {
+        job.env.push(("KRUN_MPI".into(), m.name().into()));
+    }
     job.env.extend(run.export);
     job.summary_json = run.summary_json;
     Ok(job)

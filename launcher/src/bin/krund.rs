@@ -236,6 +236,20 @@ fn run() -> Result<i32, LauncherError> {
                 let _ = commands_tx.send(launcher::ranks::RankCommand::Terminate { reason: why });
             });
         }
+        // The node's PMI server for MPI programs (`krun --mpi`, default PMI-1).
+        let pmi = match launcher::runtime::pmi::MpiMode::from_env()? {
+            launcher::runtime::pmi::MpiMode::Pmi1 => {
+                let server = launcher::runtime::pmi::NodeServer::new(
+                    args.node_id,
+                    &placement.count,
+                    &std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into()),
+                    runtime.pmi_teller(),
+                );
+                runtime.set_pmi(server.clone());
+                Some(server)
+            }
+            launcher::runtime::pmi::MpiMode::None => None,
+        };
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -252,7 +266,12 @@ fn run() -> Result<i32, LauncherError> {
                 &machines,
                 &placement.count,
             ),
-            events: Some(runtime.rank_events()),
+            events: Some(match &pmi {
+                Some(server) => {
+                    launcher::runtime::pmi::tee_events(server.clone(), runtime.rank_events())
+                }
+                None => runtime.rank_events(),
+            }),
             stay,
             // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
             // recovery (its peers on a failed node are gone): its exit counts only once the
@@ -268,6 +287,7 @@ fn run() -> Result<i32, LauncherError> {
                 _ => None,
             },
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
+            rank_setup: pmi.as_ref().map(|s| s.rank_setup()),
         };
         let node_id = args.node_id;
         let result = (|| {

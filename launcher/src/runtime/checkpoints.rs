@@ -833,7 +833,8 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             | NodeToLauncher::Bye
             | NodeToLauncher::RankKilled { .. }
             | NodeToLauncher::CheckpointAsked
-            | NodeToLauncher::Finished { .. } => None,
+            | NodeToLauncher::Finished { .. }
+            | NodeToLauncher::Pmi(_) => None,
         },
     }
 }

@@ -123,6 +123,8 @@ pub enum NodeToLauncher {
     /// (128 + signal for a killed one). Under Slurm one srun runs every node and its exit
     /// code mixes a killed node's with the others': krun reads the job's from these.
     Finished { code: i32 },
+    /// The node's PMI server: a fence, an abort, a rank lost (`runtime/pmi.rs`).
+    Pmi(super::pmi::PmiToLauncher),
 }
 
 /// What `krun` tells a krund node.
@@ -162,6 +164,8 @@ pub enum LauncherToNode {
         node: NodeId,
         decision: String,
     },
+    /// To the node's PMI server: a fence's outcome (`runtime/pmi.rs`).
+    Pmi(super::pmi::PmiToNode),
 }
 
 /// Where one node of a job is reached.

@@ -66,6 +66,8 @@ struct Inner {
     to_start: Mutex<Sender<NodeToStart>>,
     /// The checkpoint policy's inputs (runtime/checkpoints.rs), once it runs.
     policy: Mutex<Option<Sender<Option<super::checkpoints::Input>>>>,
+    /// PMI fences across the nodes (runtime/pmi.rs).
+    pmi: Mutex<super::pmi::Coordinator>,
 }
 
 /// The running job's hub.
@@ -113,6 +115,9 @@ impl Hub {
             nodes_with_ranks,
             to_start: Mutex::new(tx),
             policy: Mutex::new(None),
+            pmi: Mutex::new(super::pmi::Coordinator::new(
+                u32::try_from(job_ranks).unwrap_or(u32::MAX),
+            )),
         });
         {
             let inner = inner.clone();
@@ -322,8 +327,51 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
                 &inner,
                 super::checkpoints::Input::Request(policies::primitives::RequestSource::Signal),
             ),
+            Ok(NodeToLauncher::Pmi(msg)) => {
+                let actions = inner.pmi.lock().expect("pmi lock").from_node(node, msg);
+                pmi_actions(&inner, actions);
+            }
             Ok(other) => to_policy(&inner, super::checkpoints::Input::FromNode(node, other)),
             Err(_) => break,
+        }
+    }
+    let said_bye = inner
+        .state
+        .lock()
+        .expect("hub lock")
+        .links
+        .get(&node)
+        .is_some_and(|l| l.bye);
+    if !said_bye {
+        let actions = inner.pmi.lock().expect("pmi lock").node_gone(node);
+        pmi_actions(&inner, actions);
+    }
+}
+
+/// Carries out the PMI coordinator's actions: fence answers to every node still linked; a
+/// job-ending event (abort, a rank lost) becomes the job's abort reason and exit code.
+fn pmi_actions(inner: &Inner, actions: Vec<super::pmi::Action>) {
+    for a in actions {
+        let mut st = inner.state.lock().expect("hub lock");
+        match a {
+            super::pmi::Action::Broadcast(msg) => {
+                let msg = LauncherToNode::Pmi(msg);
+                for link in st.links.values_mut().filter(|l| !l.bye) {
+                    if let Some((s, w)) = link.writer.as_mut() {
+                        let _ = w.send(s, &msg);
+                    }
+                }
+            }
+            super::pmi::Action::End { reason, code } => {
+                // The first reason ends the job (krun prints it); later ones are printed
+                // here, so that every rank lost or aborted is named.
+                match &st.abort {
+                    Some(_) => eprintln!("krun: {reason}"),
+                    None => st.abort = Some((reason, code)),
+                }
+                drop(st);
+                inner.changed.notify_all();
+            }
         }
     }
 }

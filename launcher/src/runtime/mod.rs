@@ -44,6 +44,7 @@ pub mod hub;
 pub mod jobdir;
 pub mod membership;
 pub mod migrate;
+pub mod pmi;
 pub mod recovery;
 pub mod safepoint;
 pub mod status;
@@ -231,6 +232,17 @@ impl Runtime {
     /// Where the node's rank runner reports starts and exits (they update the table).
     pub fn rank_events(&self) -> Sender<RankEvent> {
         self.events.clone()
+    }
+
+    /// Plugs in the node's PMI server (`runtime/pmi.rs`): krun's fence answers go to it.
+    pub fn set_pmi(&self, server: Arc<pmi::NodeServer>) {
+        *self.shared.pmi.lock().expect("pmi lock") = Some(server);
+    }
+
+    /// Sends the node's PMI reports to krun.
+    pub fn pmi_teller(&self) -> pmi::Teller {
+        let shared = self.shared.clone();
+        Arc::new(move |m| shared.tell_launcher(&NodeToLauncher::Pmi(m)))
     }
 
     /// Waits (at most `timeout`) until krun was told of every rank killed here
@@ -672,6 +684,11 @@ fn connect_launcher(
         let why = loop {
             match rx.recv::<LauncherToNode>(&mut reader) {
                 Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
+                Ok(LauncherToNode::Pmi(msg)) => {
+                    if let Some(server) = shared.pmi.lock().expect("pmi lock").as_ref() {
+                        server.from_launcher(msg);
+                    }
+                }
                 Ok(LauncherToNode::Barrier { op }) => {
                     safepoints.open_barrier();
                     shared.tell_launcher(&NodeToLauncher::Opened { op });

@@ -1,0 +1,272 @@
+//! MPI programs under `krun` with no mpiexec: krund serves PMI-1 to its ranks (MPICH's
+//! simple PMI client over `PMI_FD`), fences go across nodes through krun. Debian's MPICH
+//! (`mpich libmpich-dev`, installed by scripts/install-deps.sh) builds the programs in
+//! rank/examples/mpi; each job runs on 3 local nodes and is bounded in time.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A whole job may take this long before it is killed (they take about a second).
+const JOB_LIMIT: Duration = Duration::from_secs(120);
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("krun-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    TempDir(dir)
+}
+
+/// Builds one MPI example with MPICH's compiler wrapper.
+fn build(program: &str, out: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("OUT={}", out.display()))
+        .arg(out.join(program))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building {program} with mpicc.mpich (scripts/install-deps.sh installs mpich and \
+         libmpich-dev) failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join(program)
+}
+
+/// Runs krun with `args`; kills it after [`JOB_LIMIT`]. Returns (exit code, stdout, stderr).
+fn krun(args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(args)
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("krun starts");
+    let mut out_pipe = child.stdout.take().expect("piped");
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out_pipe.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + JOB_LIMIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for krun") {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: SIGTERM to the krun we started (it stops its nodes and ranks).
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let status = status.unwrap_or_else(|| {
+        panic!("krun {args:?} did not end within {JOB_LIMIT:?}\nstdout:\n{out}\nstderr:\n{err}")
+    });
+    (status.code().unwrap_or(-1), out, err)
+}
+
+#[test]
+fn mpich_hello_runs_on_three_local_nodes_without_mpiexec() {
+    let dir = temp_dir("hello");
+    let hello = build("hello", &dir.0);
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", hello.to_str().unwrap()]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..6 {
+        assert_eq!(
+            out.matches(&format!("hello from rank {r} of 6 on "))
+                .count(),
+            1,
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+}
+
+#[test]
+fn mpich_ring_passes_the_token_across_nodes() {
+    let dir = temp_dir("ring");
+    let ring = build("ring", &dir.0);
+    let (size, rounds) = (6u64, 5u64);
+    let (code, out, err) = krun(&[
+        "--local",
+        "3",
+        "-n",
+        "6",
+        ring.to_str().unwrap(),
+        &rounds.to_string(),
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    // Every pass adds the rank: rounds * (0 + 1 + ... + size-1).
+    let want = rounds * size * (size - 1) / 2;
+    assert!(
+        out.contains(&format!(
+            "ring: token {want} after {rounds} rounds of {size} ranks"
+        )),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
+fn mpich_allreduce_is_exact_on_every_rank() {
+    let dir = temp_dir("allreduce");
+    let prog = build("allreduce", &dir.0);
+    // Uneven nodes: 3, 3 and 1 ranks.
+    let (code, out, err) = krun(&["--local", "3", "-n", "7", prog.to_str().unwrap()]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..7 {
+        assert!(
+            out.contains(&format!(
+                "allreduce: rank {r} of 7: 0 of 4096 elements wrong"
+            )),
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+}
+
+#[test]
+fn mpi_abort_ends_the_job_with_its_code() {
+    let dir = temp_dir("abort");
+    let prog = build("abort", &dir.0);
+    // Rank 4 aborts with 7; the others wait for a message from it that never comes.
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "4", "7"]);
+    assert_eq!(code, 7, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 4 on node 2 called MPI_Abort (PMI abort) with exit code 7"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rank_exiting_without_mpi_finalize_ends_the_job_naming_it() {
+    let dir = temp_dir("nofin");
+    let prog = build("no_finalize", &dir.0);
+    // Rank 4 leaves with exit(3) after MPI_Init; the others would wait for it. The job
+    // fails naming it (its peers' MPI may notice first and abort with a code of its own:
+    // every lost or aborted rank is named, the first one ends the job).
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "4", "3"]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 4 on node 2 exited with code 3 without MPI_Finalize"),
+        "{err}"
+    );
+    // Also with exit code 0: the job still fails.
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "1", "0"]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 1 on node 0 exited with code 0 without MPI_Finalize"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fence_a_gone_rank_never_joins_fails_naming_it() {
+    let dir = temp_dir("fence");
+    let prog = build("no_finalize", &dir.0);
+    // Rank 1 leaves before MPI_Init: the others' MPI_Init fence cannot complete.
+    let (code, out, err) = krun(&[
+        "--local",
+        "3",
+        "-n",
+        "6",
+        prog.to_str().unwrap(),
+        "1",
+        "0",
+        "early",
+    ]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(
+            "PMI fence 1 cannot complete: rank 1 on node 0 exited with code 0 without joining it"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn ranks_get_the_pmi_environment_unless_mpi_is_none() {
+    let script = "echo rank=$PMI_RANK size=$PMI_SIZE fd=${PMI_FD:-none} local=$MPI_LOCALRANKID/$MPI_LOCALNRANKS";
+    let (code, out, err) = krun(&["--local", "2", "-n", "4", "sh", "-c", script]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (r, local) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("rank={r} ")))
+            .unwrap_or_else(|| panic!("rank {r}: {out}"));
+        assert!(line.contains("size=4"), "{line}");
+        assert!(line.ends_with(&format!("local={local}/2")), "{line}");
+        let fd: i32 = line
+            .split("fd=")
+            .nth(1)
+            .and_then(|f| f.split(' ').next())
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("no PMI_FD number: {line}"));
+        assert!(fd > 2, "{line}");
+    }
+    let (code, out, err) = krun(&[
+        "--mpi", "none", "--local", "2", "-n", "2", "sh", "-c", script,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.matches("fd=none").count(), 2, "{out}");
+    let (code, _, err) = krun(&["--mpi", "pmi2", "true"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("PMI-1"), "{err}");
+}
+
+#[test]
+fn a_rank_inherits_only_its_pmi_socket() {
+    let (code, out, err) = krun(&[
+        "--local",
+        "2",
+        "-n",
+        "4",
+        "--tag-output",
+        "sh",
+        "-c",
+        "echo pmi_fd=$PMI_FD; exec ls -l /proc/self/fd",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for r in 0..4 {
+        let tag = format!("[{r}] ");
+        let lines: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix(&tag)).collect();
+        let pmi = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("pmi_fd="))
+            .unwrap_or_else(|| panic!("rank {r} printed no PMI_FD:\n{out}"));
+        // Descriptors above stderr, other than the /proc directory ls reads.
+        let extra: Vec<(&str, &str)> = lines
+            .iter()
+            .filter_map(|l| l.split_once(" -> "))
+            .filter_map(|(left, target)| {
+                let fd = left.split_whitespace().last()?;
+                (fd.parse::<u32>().ok()? > 2 && !target.starts_with("/proc/"))
+                    .then_some((fd, target))
+            })
+            .collect();
+        assert_eq!(extra.len(), 1, "rank {r}: {extra:?}\n{out}");
+        assert_eq!(extra[0].0, pmi, "rank {r}: {extra:?}");
+        assert!(extra[0].1.starts_with("socket:"), "rank {r}: {extra:?}");
+    }
+}
