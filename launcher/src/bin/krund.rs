@@ -16,9 +16,12 @@ const USAGE: &str = "krund --listen [ADDR][:PORT] [--insecure]   (daemon: runs n
   default 127.0.0.1:7171; needs KRUN_SECRET_FILE or KRUN_SECRET, --insecure only on loopback)
 krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--runtime HOST:PORT] [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
 krund --join ID=HOST:PORT,... --node-id I --job-ranks N [--runtime HOST:PORT] [--bind IP]
+      [--store-peers ID=HOST:PORT,...] [--tag-output] [-- PROGRAM ARGS...]
 (normally started by krun; under srun the node id comes from SLURM_NODEID. --runtime is
 krun's runtime listener: the node registers there and reports agreed views. --join adds a
-node to a running job's membership: it runs no ranks and ends when krun stops it.)";
+node to a running job's membership: it starts with no ranks, takes ranks moved to it (a
+drain) from the members' stores (--store-peers: their control sockets), and ends when krun
+stops it or its ranks end.)";
 
 /// A node joining a running job (`krun node add`).
 struct JoinArgs {
@@ -27,6 +30,30 @@ struct JoinArgs {
     job_ranks: u64,
     runtime: Option<SocketAddr>,
     bind: Option<std::net::IpAddr>,
+    /// Members whose stores this node reads moved ranks' images from.
+    store_peers: Vec<(u32, String)>,
+    tag_output: bool,
+    /// The job's program: ranks moved here run it.
+    program: Vec<String>,
+}
+
+/// `ID=HOST:PORT,...` as a map.
+fn id_addresses(
+    name: &str,
+    v: &str,
+) -> Result<std::collections::BTreeMap<u32, String>, LauncherError> {
+    let mut map = std::collections::BTreeMap::new();
+    for p in v.split(',').filter(|p| !p.is_empty()) {
+        let (id, addr) = p.split_once('=').ok_or_else(|| {
+            LauncherError::Usage(format!("{name} entry {p:?} is not ID=HOST:PORT"))
+        })?;
+        socket_addr(&format!("{name} address"), addr)?;
+        map.insert(
+            number(&format!("{name} node id"), id)? as u32,
+            addr.to_string(),
+        );
+    }
+    Ok(map)
 }
 
 struct Args {
@@ -54,6 +81,7 @@ fn socket_addr(name: &str, v: &str) -> Result<SocketAddr, LauncherError> {
 fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, LauncherError> {
     let (mut node_id, mut peers, mut job_ranks, mut runtime, mut bind) =
         (None, None, None, None, None);
+    let (mut store_peers, mut tag_output, mut program) = (Vec::new(), false, Vec::new());
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -61,15 +89,7 @@ fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, Launch
         };
         match a.as_str() {
             "--join" => {
-                let v = value("--join")?;
-                let mut map = std::collections::BTreeMap::new();
-                for p in v.split(',').filter(|p| !p.is_empty()) {
-                    let (id, addr) = p.split_once('=').ok_or_else(|| {
-                        LauncherError::Usage(format!("--join entry {p:?} is not ID=HOST:PORT"))
-                    })?;
-                    socket_addr("--join address", addr)?;
-                    map.insert(number("--join node id", id)? as u32, addr.to_string());
-                }
+                let map = id_addresses("--join", &value("--join")?)?;
                 if map.is_empty() {
                     return Err(LauncherError::Usage("--join names no node".into()));
                 }
@@ -83,6 +103,16 @@ fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, Launch
                 bind = Some(v.parse().map_err(|_| {
                     LauncherError::Usage(format!("--bind {v:?} is not an IP address"))
                 })?);
+            }
+            "--store-peers" => {
+                store_peers = id_addresses("--store-peers", &value("--store-peers")?)?
+                    .into_iter()
+                    .collect();
+            }
+            "--tag-output" => tag_output = true,
+            "--" => {
+                program = args.by_ref().collect();
+                break;
             }
             other => {
                 return Err(LauncherError::Usage(format!(
@@ -98,6 +128,9 @@ fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, Launch
         job_ranks: job_ranks.ok_or_else(|| missing("--job-ranks"))? as u64,
         runtime,
         bind,
+        store_peers,
+        tag_output,
+        program,
     })
 }
 
@@ -337,16 +370,7 @@ fn run() -> Result<i32, LauncherError> {
             // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
             // recovery (its peers on a failed node are gone): its exit counts only once the
             // failure had time to be agreed and acted on.
-            exit_grace: match std::env::var("KRUN_SPARES")
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-            {
-                Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
-                _ if std::env::var_os("KRUN_RECOVERS").is_some() => {
-                    Some(failure_timeout()? + Duration::from_secs(20))
-                }
-                _ => None,
-            },
+            exit_grace: exit_grace()?,
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
         };
         let node_id = args.node_id;
@@ -421,6 +445,23 @@ fn start_store(
     Ok(())
 }
 
+/// How long a failed rank's exit is held back: with spares (KRUN_SPARES) or a recovering
+/// policy (KRUN_RECOVERS), until the failure had time to be agreed and acted on.
+fn exit_grace() -> Result<Option<Duration>, LauncherError> {
+    Ok(
+        match std::env::var("KRUN_SPARES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
+            _ if std::env::var_os("KRUN_RECOVERS").is_some() => {
+                Some(failure_timeout()? + Duration::from_secs(20))
+            }
+            _ => None,
+        },
+    )
+}
+
 /// `KRUN_FAILURE_TIMEOUT_MS` (`[runtime] failure_timeout_ms`), default
 /// [`launcher::runtime::DEFAULT_FAILURE_TIMEOUT`].
 fn failure_timeout() -> Result<Duration, LauncherError> {
@@ -476,13 +517,30 @@ fn join(args: JoinArgs) -> Result<i32, LauncherError> {
             })?,
         (None, None) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
     };
-    let runtime = Runtime::bind(runtime_config(
-        args.node_id,
-        bind,
-        args.runtime,
-        args.job_ranks,
-    )?)?
-    .start(args.peers, true)?;
+    let runtime = std::sync::Arc::new(
+        Runtime::bind(runtime_config(
+            args.node_id,
+            bind,
+            args.runtime,
+            args.job_ranks,
+        )?)?
+        .start(args.peers, true)?,
+    );
+    if !args.program.is_empty() {
+        // Ranks may be moved here (a drain): run them like a spare's.
+        launcher::runtime::drain::set_store_peers(args.store_peers);
+        let share = launcher::added_nodes::JoinedShare {
+            node_id: args.node_id,
+            job_ranks: args.job_ranks as usize,
+            bind,
+            tag_output: args.tag_output,
+            program: args.program,
+            exit_grace: exit_grace()?,
+        };
+        let code = share.run(&runtime)?;
+        runtime.finish();
+        return Ok(code);
+    }
     let why = runtime.wait_stop();
     runtime.finish();
     if std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some() {

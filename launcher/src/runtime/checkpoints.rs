@@ -59,6 +59,14 @@ pub enum Input {
         members: Vec<NodeId>,
         failed: Vec<NodeId>,
     },
+    /// `krun node drain` (see `runtime/drain.rs`): the policy moves the node's ranks; the
+    /// answer is the user's line and the ranks moved, or why nothing moved.
+    Drain {
+        node: NodeId,
+        epoch: u64,
+        members: Vec<NodeId>,
+        reply: Sender<super::drain::DrainAnswer>,
+    },
 }
 
 /// Sends a command to every node linked to krun; returns the nodes it went to.
@@ -176,6 +184,8 @@ struct HubCalls {
     job_error: JobError,
     /// Checkpoints committed so far.
     commits: Arc<AtomicU64>,
+    /// Who waits for the drain in progress (`runtime/drain.rs`).
+    drain: super::drain::DrainWaiter,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -286,9 +296,11 @@ impl PolicyRuntime for HubCalls {
 
     fn notify(&mut self, notice: &Notice) {
         eprintln!("krun: {notice}");
+        self.drain.notice(notice);
     }
 
     fn end_job(&mut self, error: Option<&PolicyError>) {
+        self.drain.job_over();
         if let Some(e) = error {
             eprintln!("krun: the checkpoint policy ended the job: {e}");
             self.stopped = true;
@@ -496,6 +508,7 @@ impl CheckpointDriver {
             wirings: 0,
             new_wiring,
             job_error,
+            drain: Default::default(),
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -626,6 +639,18 @@ fn feed(engine: &mut Engine<Coordinated, HubCalls>, now: Millis, event: Event, r
 fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<Event> {
     match input {
         Input::Request(source) => Some(Event::CheckpointRequest { source }),
+        Input::Drain {
+            node,
+            epoch,
+            members,
+            reply,
+        } => calls
+            .drain
+            .request(node, reply, calls.stopped)
+            .then(|| Event::DrainRequested {
+                node,
+                view: AgreedView::new(epoch, members),
+            }),
         Input::View {
             epoch,
             members,
@@ -813,6 +838,7 @@ mod tests {
             wirings: 0,
             new_wiring: Arc::new(|| Err("no wiring in this test".into())),
             job_error: Arc::new(Mutex::new(None)),
+            drain: Default::default(),
         };
         (calls, sent)
     }

@@ -40,7 +40,17 @@ pub enum ControlRequest {
     /// Read `version` of `rank`'s image back from the checkpoint store (the fastest valid
     /// copy, as a restart would) and say where it came from.
     Fetch { rank: u32, version: u64 },
+    /// Up to [`IMAGE_CHUNK`] bytes of `version` of `rank`'s image from `offset`, read from
+    /// this node's store (for a node added later, which has no store of its own).
+    ReadImage {
+        rank: u32,
+        version: u64,
+        offset: u64,
+    },
 }
+
+/// The most image bytes one [`ControlReply::Image`] carries.
+pub const IMAGE_CHUNK: usize = 4 << 20;
 
 /// Where a fetched checkpoint image came from ([`ControlRequest::Fetch`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +69,11 @@ pub struct FetchInfo {
 pub enum ControlReply {
     Status(Box<NodeStatus>),
     Fetched(FetchInfo),
+    /// (To `ReadImage`) the image's length and the chunk from the offset asked for.
+    Image {
+        total: u64,
+        bytes: Vec<u8>,
+    },
     Done(String),
     Refused(String),
 }

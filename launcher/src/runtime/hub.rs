@@ -405,6 +405,14 @@ fn add_node(
         if host.is_none() {
             args.extend(["--bind".to_string(), inner.advertised.to_string()]);
         }
+        // Ranks moved to the new node read their images from these members' stores.
+        let stores: Vec<String> = st
+            .links
+            .values()
+            .filter(|l| !l.bye && st.members.contains(&l.addresses.node))
+            .map(|l| format!("{}={}", l.addresses.node, l.addresses.control_tcp))
+            .collect();
+        args.extend(["--store-peers".to_string(), stores.join(",")]);
         (node, args)
     };
     inner
@@ -424,7 +432,7 @@ fn add_node(
 }
 
 fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>, String> {
-    let (members, via) = {
+    let (members, via, epoch) = {
         let st = inner.state.lock().expect("hub lock");
         if !st.links.contains_key(&node) {
             return Err(format!(
@@ -449,7 +457,7 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
             })
             .map(|l| l.addresses.clone())
             .collect();
-        (st.members.clone(), via)
+        (st.members.clone(), via, st.epoch)
     };
     // The table (which ranks run where) and the supervisors, from a member that stays.
     let status = via
@@ -473,7 +481,13 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         ));
     }
     let mut moved = Vec::new();
-    if inner.nodes_with_ranks.contains(&node) {
+    let policy = inner.policy.lock().expect("policy lock").clone();
+    if let Some(policy) = policy {
+        // The policy moves the node's ranks (any kind) through a checkpoint and a planned
+        // recovery: runtime/drain.rs.
+        moved = super::drain::through_policy(&policy, node, epoch, members.clone())?.moved;
+        inner.state.lock().expect("hub lock").ranked.remove(&node);
+    } else if inner.nodes_with_ranks.contains(&node) {
         moved = move_ranks(inner, node, &members, &via, &status)?;
     }
     let mut last = String::from("no member answered");
