@@ -1,8 +1,13 @@
-//! `krun node drain` while a job runs: 8 ranks of a program linked with ghost's native
-//! checkpointer on 4 local krund nodes; node 3 (not a supervisor) is drained. Its two ranks are captured and
-//! ended there and continue on the other nodes from their images, node 2 leaves the
-//! membership cleanly, and the job completes with every rank's output equal to an
-//! uninterrupted run. Needs `cc` and the workspace's libghost.so (`cargo build --workspace`).
+//! `krun node drain` while a job runs.
+//! - 8 ranks of a program linked with ghost's native checkpointer (no fabric) on 4 local
+//!   krund nodes; node 3 (not a supervisor) is drained. Its two ranks are captured and ended
+//!   there and continue on the other nodes from their images, node 3 leaves the membership
+//!   cleanly, and the job completes with every rank's output equal to an uninterrupted run.
+//! - The C heat stencil (rank-library ranks on the fabric) on 4 namespace hosts: a 5th host
+//!   is added with `krun node add HOST` and node 3 is drained onto it through the checkpoint
+//!   policy (runtime/drain.rs); the result equals the serial reference. Needs root.
+//!
+//! Needs `cc`, make and the workspace's libghost.so and libkrun.so (`cargo build --workspace`).
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -190,5 +195,190 @@ fn draining_a_node_moves_its_native_ranks_and_the_job_completes() {
             r >= 6,
             "only the moved ranks resume:\n{text}"
         );
+    }
+}
+
+/// Builds the rank library's C examples (heat and its serial reference) into `out`.
+fn build_heat(out: &Path) -> PathBuf {
+    let lib = workspace_bin("libkrun.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("LIBDIR={}", lib.parent().unwrap().display()))
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the examples: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join("heat")
+}
+
+fn checksum_in(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.split("checksum ").nth(1))
+        .map(|s| s.trim().to_string())
+}
+
+/// The C heat stencil (rank-library ranks exchanging halos over the fabric) on 4 namespace
+/// hosts, one rank each; `krun node add` joins a 5th host while it runs and `krun node drain
+/// 3` moves rank 3 there: a checkpoint through the policy, rank 3 restarts on the added node
+/// from it (its images read from the members' stores), ranks 0-2 continue from it, node 3
+/// leaves, and the result equals the serial reference.
+#[test]
+fn heat_ranks_move_to_a_host_added_while_the_job_runs_and_the_result_equals_the_serial_reference() {
+    use std::io::BufRead;
+    cluster_tests::require_root().unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n"));
+    let dir = Dir(PathBuf::from(format!(
+        "/var/tmp/krun-drain-heat-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let heat = build_heat(&dir.0);
+    let grid = ["48", "40", "400"];
+    let o = Command::new(dir.0.join("heat_serial"))
+        .args(grid)
+        .output()
+        .unwrap();
+    let want = checksum_in(&String::from_utf8_lossy(&o.stdout)).expect("serial checksum");
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, "the secret of the drain test").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let xdg = dir.0.join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let cluster = cluster_tests::NetnsCluster::create(5, None).expect("namespace cluster");
+    let mut daemons = Vec::new();
+    for i in 0..5 {
+        let node = cluster.node(i).unwrap();
+        // Ranks inherit the daemon's environment: their checkpoints go to the test's dir.
+        let mut d = node
+            .spawn(
+                Command::new(workspace_bin("krund"))
+                    .args(["--listen", &format!("{}:7171", node.ip())])
+                    .env("KRUN_SECRET_FILE", &secret)
+                    .env("KRUN_GHOST_DIR", dir.0.join("ghost"))
+                    .env_remove("KRUN_GHOST_OWNER")
+                    .env("KRUN_RECV_TIMEOUT_MS", "60000")
+                    .env("HEAT_STEP_DELAY_US", "20000")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("starting krund");
+        let mut line = String::new();
+        std::io::BufReader::new(d.stderr().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "daemon on host {i}: {line}");
+        daemons.push(d);
+    }
+    let ip = |i: usize| cluster.node(i).unwrap().ip().to_string();
+    let hosts = (0..4).map(ip).collect::<Vec<_>>().join(",");
+    let krun_in_node0 = |args: &[&str]| {
+        let mut c = Command::new(workspace_bin("krun"));
+        c.args(args)
+            .env("KRUN_SECRET_FILE", &secret)
+            .env("KRUN_FABRIC_PROVIDER", "tcp")
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut job = cluster
+        .node(0)
+        .unwrap()
+        .spawn(
+            krun_in_node0(&["--hosts", &hosts, "-n", "4"])
+                .arg(&heat)
+                .args(grid)
+                .arg("0"),
+        )
+        .expect("starting krun");
+    let mut out = job.stdout().unwrap();
+    let mut err = job.stderr().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let node_cmd = |args: &[&str]| -> (Option<i32>, String) {
+        let mut p = cluster
+            .node(0)
+            .unwrap()
+            .spawn(krun_in_node0(&["node"]).args(args))
+            .expect("krun node");
+        let mut o = String::new();
+        let mut e = String::new();
+        let _ = p.stdout().unwrap().read_to_string(&mut o);
+        let _ = p.stderr().unwrap().read_to_string(&mut e);
+        let code = p.wait_timeout(Duration::from_secs(150)).unwrap();
+        (code.and_then(|c| c.code()), format!("{o}{e}"))
+    };
+    let running = || {
+        let mut p = cluster
+            .node(0)
+            .unwrap()
+            .spawn(&mut krun_in_node0(&["status", "--json"]))
+            .ok()?;
+        let mut o = String::new();
+        let _ = p.stdout().unwrap().read_to_string(&mut o);
+        p.wait_timeout(Duration::from_secs(30)).ok()??;
+        serde_json::from_str::<Value>(&o).ok()
+    };
+    wait_for("4 running heat ranks", || {
+        running().is_some_and(|v| {
+            rows(&v).len() == 4 && rows(&v).iter().all(|r| r["state"] == "running")
+        })
+    });
+    let (code, said) = node_cmd(&["add", &ip(4)]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("node 4 joined the job at epoch"), "{said}");
+    let (code, said) = node_cmd(&["drain", "3"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("node 3 left the job (1 rank(s) moved)"),
+        "{said}"
+    );
+    let v = running().expect("status after the drain");
+    let nodes: Vec<u64> = rows(&v).iter().filter_map(|r| r["node"].as_u64()).collect();
+    assert_eq!(nodes, vec![0, 1, 2, 4], "{v}");
+    let status = job.wait_timeout(Duration::from_secs(240)).unwrap();
+    if status.is_none() {
+        let _ = job.kill();
+    }
+    let out = out_reader.join().unwrap();
+    let err = err_reader.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}\n{err}");
+    assert_eq!(checksum_in(&out), Some(want), "{out}\n{err}");
+    assert!(
+        err.contains("node 3 drained: rank 3 moved to spare node 4 from checkpoint "),
+        "{err}"
+    );
+    assert!(
+        err.contains("krun: rank 3 runs on node 4 (pid ")
+            && err.contains("came from the checkpoint store"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("failed at epoch"),
+        "a drain is no failure: {err}"
+    );
+    for d in &mut daemons {
+        let _ = d.kill();
     }
 }

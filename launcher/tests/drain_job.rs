@@ -305,7 +305,7 @@ fn draining_a_node_moves_its_heat_rank_to_the_spare_and_the_result_equals_the_se
     wait_running(&dir.0, 4);
     let took = drain_node_3(&dir.0, 4);
     let line = check_end(&mut job, &heat, &want, 4, "spare node");
-    eprintln!("drain to a spare: {took:?} for `krun node drain`; krun: {line}");
+    eprintln!("drain to a spare: {took:?} for `krun node drain`; {line}");
 }
 
 #[test]
@@ -321,7 +321,7 @@ fn a_node_added_while_heat_runs_takes_the_drained_nodes_rank_and_the_result_equa
     assert!(said.contains("node 4 joined the job at epoch"), "{said}");
     let took = drain_node_3(&dir.0, 4);
     let line = check_end(&mut job, &heat, &want, 4, "spare node");
-    eprintln!("drain to an added node: {took:?} for `krun node drain`; krun: {line}");
+    eprintln!("drain to an added node: {took:?} for `krun node drain`; {line}");
 }
 
 #[test]

@@ -482,13 +482,16 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
     }
     let mut moved = Vec::new();
     let policy = inner.policy.lock().expect("policy lock").clone();
-    if let Some(policy) = policy {
-        // The policy moves the node's ranks (any kind) through a checkpoint and a planned
-        // recovery: runtime/drain.rs.
+    // Ranks of ghost's native checkpointer that do not use the fabric move one by one
+    // (captured, then adopted); the others move through the policy's checkpoint and a planned
+    // recovery (runtime/drain.rs).
+    let native = inner.nodes_with_ranks.contains(&node)
+        && (policy.is_none() || natively_movable(inner, node, &status).is_ok());
+    if native {
+        moved = move_ranks(inner, node, &members, &via, &status)?;
+    } else if let Some(policy) = policy {
         moved = super::drain::through_policy(&policy, node, epoch, members.clone())?.moved;
         inner.state.lock().expect("hub lock").ranked.remove(&node);
-    } else if inner.nodes_with_ranks.contains(&node) {
-        moved = move_ranks(inner, node, &members, &via, &status)?;
     }
     let mut last = String::from("no member answered");
     for a in via {
@@ -511,6 +514,56 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         }
     }
     Err(last)
+}
+
+/// Asks a node's control socket; its `Done` text, or why not.
+fn ask_node(
+    inner: &Inner,
+    a: &NodeAddresses,
+    req: ControlRequest,
+) -> std::result::Result<String, String> {
+    match control::call::<_, ControlReply>(
+        &ControlTarget::Tcp(a.control_tcp.clone()),
+        &inner.secret,
+        &req,
+        Duration::from_secs(60),
+    ) {
+        Ok(ControlReply::Done(s)) => Ok(s),
+        Ok(ControlReply::Refused(why)) => Err(format!("node {}: {why}", a.node)),
+        Ok(other) => Err(format!("node {}: unexpected answer {other:?}", a.node)),
+        Err(e) => Err(format!("node {}: {e}", a.node)),
+    }
+}
+
+/// Whether every rank running on `node` can move without the policy (a dry run of
+/// `MigrateOut`: native ghost ranks that do not use the fabric).
+fn natively_movable(
+    inner: &Inner,
+    node: NodeId,
+    status: &super::status::NodeStatus,
+) -> std::result::Result<(), String> {
+    let source = {
+        let st = inner.state.lock().expect("hub lock");
+        st.links
+            .get(&node)
+            .map(|l| l.addresses.clone())
+            .ok_or_else(|| format!("node {node} is not linked"))?
+    };
+    for r in status
+        .ranks
+        .iter()
+        .filter(|r| r.node == node && r.state == super::table::RankState::Running)
+    {
+        ask_node(
+            inner,
+            &source,
+            ControlRequest::MigrateOut {
+                rank: r.rank,
+                dry_run: true,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Moves every rank running on `node` to the other nodes that run ranks (round robin): the
