@@ -371,3 +371,96 @@ fn drains_of_an_unknown_node_of_the_last_node_and_during_another_drain_are_refus
     let want = serial(&dir.0, &GRID);
     check_end(&mut job, &heat, &want, 4, "spare node");
 }
+
+/// A plain program (no rank library, no libghost): counts to its second argument, one line
+/// per count appended to the file named first, 20 ms apart.
+const COUNTER_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    FILE *f = fopen(argv[1], "a");
+    if (!f) return 1;
+    long n = atol(argv[2]);
+    for (long i = 1; i <= n; i++) {
+        fprintf(f, "%ld\n", i);
+        fflush(f);
+        usleep(20000);
+    }
+    return fclose(f) == 0 ? 0 : 1;
+}
+"#;
+
+#[test]
+fn a_plain_program_moves_with_criu_and_its_count_continues_on_the_adopting_node() {
+    let dir = temp("criu");
+    let src = dir.0.join("counter.c");
+    std::fs::write(&src, COUNTER_C).unwrap();
+    let counter = dir.0.join("counter");
+    let ok = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&counter)
+        .arg(&src)
+        .status()
+        .expect("cc")
+        .success();
+    assert!(ok, "compiling the counter");
+    let total = 300;
+    let count = |rank: usize| dir.0.join(format!("count.{rank}"));
+    let script = format!(
+        "exec {} {}/count.$KRUN_RANK {total}",
+        counter.display(),
+        dir.0.display()
+    );
+    let mut cmd = krun(&dir.0);
+    cmd.args([
+        "--local",
+        "4",
+        "-n",
+        "4",
+        "--bind-to",
+        "none",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut job = Job::start(cmd);
+    wait_running(&dir.0, 4);
+    let lines = |rank: usize| {
+        std::fs::read_to_string(count(rank))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines(3) < 20 {
+        assert!(Instant::now() < deadline, "rank 3 never counted to 20");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, said) = node_cmd(&dir.0, &["drain", "3"]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("node 3 left the job (1 rank(s) moved)"),
+        "{said}"
+    );
+    let moved_at = lines(3);
+    assert!(
+        moved_at < total,
+        "rank 3 was done before it moved ({moved_at})"
+    );
+    // It runs on another node now, as a process that node did not spawn.
+    let nodes = rank_nodes(&dir.0).expect("status after the drain");
+    assert!(nodes[3] != 3, "{nodes:?}");
+    let (code, out, err) = job.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Every rank counted once from 1 to the end: the moved one went on where it was.
+    let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
+    for r in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(count(r)).unwrap(),
+            want,
+            "rank {r}\n{err}"
+        );
+    }
+    assert_eq!(heat_left(&counter), Vec::<u32>::new(), "{err}");
+}

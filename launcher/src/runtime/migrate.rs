@@ -1,12 +1,21 @@
 //! Moving a rank between nodes (`krun node drain`): the node it leaves captures it with
 //! ghost's checkpointer and ends it; the node it goes to starts it again from that image.
 //!
-//! Today this moves ranks that run ghost's native checkpointer (libghost): their images are
-//! files under `KRUN_GHOST_DIR/<owner>` (the owner is stable per rank under krun, see
-//! [`crate::ranks::ghost_owner`]) and a rank started with `KRUN_GHOST_RESTORE=latest`
-//! continues from the newest. Plain programs would move with CRIU, whose restored process is
-//! not a child of the adopting node; that path is refused with its reason. Ranks that use
-//! the fabric (the rank library) cannot be re-wired after a move yet.
+//! Two kinds of ranks move this way (ranks of the rank library, which use the fabric, move
+//! through the checkpoint policy instead: `runtime/drain.rs`):
+//! - ranks that run ghost's native checkpointer (libghost): their images are files under
+//!   `KRUN_GHOST_DIR/<owner>` (the owner is stable per rank under krun, see
+//!   [`crate::ranks::ghost_owner`]) and a rank started with `KRUN_GHOST_RESTORE=latest`
+//!   continues from the newest;
+//! - plain programs, through CRIU (ghost's CRIU checkpointer): the leaving node dumps the
+//!   rank's process tree into one image file ([`move_image`]); the adopting node restores it
+//!   with CRIU's `rst_sibling`, so the restored root is a child of the adopting krund, which
+//!   then waits for it, signals and ends it like its own ranks
+//!   ([`crate::ranks::RankCommand::Watch`]). The image is read from `KRUN_GHOST_DIR`, which
+//!   must be shared by the two nodes (one machine, or a shared filesystem). CRIU restores
+//!   the rank's PID: it must be free on the adopting host. The rank's standard output and
+//!   error (pipes to its old node) are not reconnected: a moved plain program keeps running
+//!   but what it prints is lost.
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -76,18 +85,21 @@ pub fn out(table: &TableClient, me: NodeId, rank: u64, dry_run: bool) -> Result<
              move yet"
         ));
     }
-    match ghost::checkpointer::native_settings(pid) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(format!(
-                "rank {rank} (pid {pid}) does not run ghost's native checkpointer (libghost): \
-                 moving a plain program needs CRIU, which drain does not drive yet"
-            ))
-        }
+    let criu = match ghost::checkpointer::native_settings(pid) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(ghost::criu::CriuCheckpointer::locate().map_err(|e| {
+            format!(
+                "rank {rank} (pid {pid}) does not run ghost's native checkpointer \
+                     (libghost), and moving a plain program needs CRIU: {e}"
+            )
+        })?),
         Err(e) => return Err(format!("rank {rank} (pid {pid}): {e}")),
-    }
+    };
     if dry_run {
         return Ok(format!("rank {rank} can move"));
+    }
+    if let Some(criu) = criu {
+        return out_with_criu(table, &tx, &criu, rank, row.pid);
     }
     table.shared.drained.store(true, Ordering::SeqCst);
     let _ = table.request(
@@ -122,9 +134,95 @@ pub fn out(table: &TableClient, me: NodeId, rank: u64, dry_run: bool) -> Result<
     ))
 }
 
-/// Starts `rank` on this node from its newest checkpoint.
+/// Where a plain program's CRIU image waits between the two nodes of a move.
+pub fn move_image(rank: u64) -> std::path::PathBuf {
+    let (dir, owner) = super::recovery::rank_images(rank as u32);
+    dir.join(owner).join("criu-move.kgi")
+}
+
+/// Dumps a plain program's rank with CRIU (which ends it) into [`move_image`].
+fn out_with_criu(
+    table: &TableClient,
+    tx: &mpsc::Sender<RankCommand>,
+    criu: &ghost::criu::CriuCheckpointer,
+    rank: u64,
+    pid: u32,
+) -> Result<String, String> {
+    table.shared.drained.store(true, Ordering::SeqCst);
+    let _ = table.request(
+        rank,
+        &TableOp::SetState(RankState::Migrating),
+        Duration::from_secs(10),
+    );
+    let released = ask(tx, |reply| RankCommand::Release {
+        rank: rank as usize,
+        reply,
+    })?;
+    if released != pid {
+        return Err(format!(
+            "rank {rank}: the table says pid {pid}, the node runs pid {released}"
+        ));
+    }
+    let image = move_image(rank);
+    if let Some(parent) = image.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let opts = CaptureOptions {
+        leave_running: false,
+        ..CaptureOptions::default()
+    };
+    let captured = criu
+        .capture(pid as i32, &image, &opts)
+        .map_err(|e| format!("capturing rank {rank} (pid {pid}) with CRIU: {e}"))?;
+    // CRIU restores the same pid: the node's runner must have reaped the old process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(format!(
+        "rank {rank} captured with CRIU ({} bytes in {:.3} s)",
+        captured.image_bytes, captured.seconds
+    ))
+}
+
+/// Restores a plain program's rank from [`move_image`] with CRIU; it becomes a child of
+/// this process, watched by the node's runner.
+fn adopt_with_criu(
+    tx: &mpsc::Sender<RankCommand>,
+    me: NodeId,
+    rank: u64,
+    image: &std::path::Path,
+) -> Result<String, String> {
+    let criu = ghost::criu::CriuCheckpointer::locate().map_err(|e| e.to_string())?;
+    let path = image.to_path_buf();
+    let start = crate::ranks::StartFn(Box::new(move || {
+        let restored = criu
+            .restore(&path, &ghost::checkpointer::RestoreOptions::default())
+            .map_err(|e| format!("restoring rank {rank} with CRIU: {e}"));
+        let _ = std::fs::remove_file(&path);
+        Ok(restored?.pid as u32)
+    }));
+    let pid = ask(tx, |reply| RankCommand::Watch {
+        rank: rank as usize,
+        start,
+        reply,
+    })?;
+    Ok(format!(
+        "rank {rank} runs on node {me} as pid {pid} (restored by CRIU)"
+    ))
+}
+
+/// Starts `rank` on this node from its newest checkpoint (a plain program: from its CRIU
+/// image of the move).
 pub fn adopt(table: &TableClient, me: NodeId, rank: u64) -> Result<String, String> {
     let tx = runner(table)?;
+    let image = move_image(rank);
+    if image.exists() {
+        return adopt_with_criu(&tx, me, rank, &image);
+    }
     let pid = ask(&tx, |reply| RankCommand::Adopt {
         rank: rank as usize,
         env: vec![("KRUN_GHOST_RESTORE".into(), "latest".into())],
