@@ -382,3 +382,161 @@ fn heat_ranks_move_to_a_host_added_while_the_job_runs_and_the_result_equals_the_
         let _ = d.kill();
     }
 }
+
+/// A plain program that counts to its second argument, one line per count appended to the
+/// file named first, 20 ms apart.
+const COUNTER_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    FILE *f = fopen(argv[1], "a");
+    if (!f) return 1;
+    long n = atol(argv[2]);
+    for (long i = 1; i <= n; i++) {
+        fprintf(f, "%ld\n", i);
+        fflush(f);
+        usleep(20000);
+    }
+    return fclose(f) == 0 ? 0 : 1;
+}
+"#;
+
+/// `krun ghost migrate PID --to HOST` between two namespace hosts: a counter started with
+/// `krun ghost run` on host 0 is captured (CRIU) and ended there, travels to host 1's
+/// `krund --listen` daemon over the authenticated link, runs on there in host 1's network
+/// namespace under a krund that reaps it, and counts on to its end without a gap.
+#[test]
+fn krun_ghost_migrate_moves_a_counter_to_another_host_through_its_krund() {
+    use std::io::BufRead;
+    cluster_tests::require_root().unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n"));
+    let dir = Dir(PathBuf::from(format!(
+        "/var/tmp/krun-ghost-migrate-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let src = dir.0.join("counter.c");
+    std::fs::write(&src, COUNTER_C).unwrap();
+    let counter = dir.0.join("counter");
+    assert!(Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&counter)
+        .arg(&src)
+        .status()
+        .unwrap()
+        .success());
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, "the secret of the migrate test").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let cluster = cluster_tests::NetnsCluster::create(2, None).expect("namespace cluster");
+    let mut daemons = Vec::new();
+    for i in 0..2 {
+        let node = cluster.node(i).unwrap();
+        let mut d = node
+            .spawn(
+                Command::new(workspace_bin("krund"))
+                    .args(["--listen", &format!("{}:7171", node.ip())])
+                    .env("KRUN_SECRET_FILE", &secret)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("starting krund");
+        let mut line = String::new();
+        std::io::BufReader::new(d.stderr().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "daemon on host {i}: {line}");
+        daemons.push(d);
+    }
+    let total = 250;
+    let count = dir.0.join("count");
+    let krun = |args: &[&str]| {
+        let mut c = Command::new(workspace_bin("krun"));
+        c.args(args)
+            .env("KRUN_SECRET_FILE", &secret)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut run = cluster
+        .node(0)
+        .unwrap()
+        .spawn(
+            krun(&["ghost", "run", "--output"])
+                .arg(dir.0.join("out"))
+                .arg(&counter)
+                .arg(&count)
+                .arg(total.to_string()),
+        )
+        .unwrap();
+    let mut said = String::new();
+    let _ = run.stdout().unwrap().read_to_string(&mut said);
+    assert_eq!(run.wait().unwrap().code(), Some(0), "{said}");
+    let pid: u32 = said
+        .rsplit("as pid ")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    let lines = || {
+        std::fs::read_to_string(&count)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("the counter at 20", || lines() >= 20);
+    let host1 = cluster.node(1).unwrap().ip().to_string();
+    let mut mig = cluster
+        .node(0)
+        .unwrap()
+        .spawn(
+            krun(&["ghost", "migrate", &pid.to_string(), "-o"])
+                .arg(dir.0.join("image.kgi"))
+                .args(["--to", &host1]),
+        )
+        .unwrap();
+    let err = mig.stderr().unwrap();
+    let netns1 = std::fs::metadata(cluster.node(1).unwrap().netns_path())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    // While it runs there: the new process lives in host 1's network namespace.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some(p) = l
+                .split("now pid ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                let _ = tx.send(p);
+            }
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    let moved_at = lines();
+    let new_pid = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the migrate line");
+    let ns = std::fs::metadata(format!("/proc/{new_pid}/ns/net"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("the moved process runs");
+    assert_eq!(ns, netns1, "pid {new_pid} is not in host 1's namespace");
+    assert!(moved_at < total, "the counter was done before it moved");
+    let status = mig.wait_timeout(Duration::from_secs(60)).unwrap();
+    let err = reader.join().unwrap();
+    let mut out = String::new();
+    let _ = mig.stdout().unwrap().read_to_string(&mut out);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}{err}");
+    assert!(out.contains("ended with code 0"), "{out}{err}");
+    let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), want, "{err}");
+    for d in &mut daemons {
+        let _ = d.kill();
+    }
+}

@@ -321,8 +321,34 @@ pub enum RankCommand {
     },
 }
 
-/// How a watched rank's process is brought up ([`RankCommand::Watch`]).
-pub struct StartFn(pub Box<dyn FnOnce() -> std::result::Result<u32, String> + Send>);
+/// How a watched rank's process is brought up ([`RankCommand::Watch`]): given the write
+/// ends of new pipes for its standard output and error (forwarded like a spawned rank's,
+/// valid during the call), it returns the process's pid.
+pub struct StartFn(pub Box<dyn FnOnce(RankPipes) -> std::result::Result<u32, String> + Send>);
+
+/// The write ends of a watched rank's output pipes ([`StartFn`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RankPipes {
+    pub stdout: std::os::fd::RawFd,
+    pub stderr: std::os::fd::RawFd,
+}
+
+/// A pipe (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors into fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors owned from here on.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
 
 impl std::fmt::Debug for StartFn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -592,7 +618,31 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     }
                     RankCommand::Watch { rank, start, reply } => {
                         held_exits.retain(|p| p.0 != rank);
-                        let started = (start.0)();
+                        let started = pipe()
+                            .and_then(|o| Ok((o, pipe()?)))
+                            .map_err(|e| format!("creating rank {rank}'s output pipes: {e}"));
+                        let started = started.and_then(|((out_r, out_w), (err_r, err_w))| {
+                            use std::os::fd::AsRawFd;
+                            let pid = (start.0)(RankPipes {
+                                stdout: out_w.as_raw_fd(),
+                                stderr: err_w.as_raw_fd(),
+                            })?;
+                            // The process holds its own copies now.
+                            drop((out_w, err_w));
+                            forwarders.push(forward_output(
+                                std::fs::File::from(out_r),
+                                rank,
+                                share.tag_output,
+                                false,
+                            ));
+                            forwarders.push(forward_output(
+                                std::fs::File::from(err_r),
+                                rank,
+                                share.tag_output,
+                                true,
+                            ));
+                            Ok(pid)
+                        });
                         if let Ok(pid) = started {
                             if let Some(tx) = &share.events {
                                 let _ = tx.send(RankEvent::Started { rank, pid });

@@ -388,6 +388,7 @@ int main(int argc, char **argv) {
         fflush(f);
         usleep(20000);
     }
+    printf("rank %s counted to %ld\n", getenv("KRUN_RANK"), n);
     return fclose(f) == 0 ? 0 : 1;
 }
 "#;
@@ -453,6 +454,11 @@ fn a_plain_program_moves_with_criu_and_its_count_continues_on_the_adopting_node(
     assert!(nodes[3] != 3, "{nodes:?}");
     let (code, out, err) = job.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{out}{err}");
+    // What the moved rank prints reaches krun: the adopting node's pipes replaced the old
+    // node's (CRIU inherit-fd), and it forwards them like its own ranks' output.
+    for r in 0..4 {
+        assert!(out.contains(&format!("rank {r} counted to {total}")), "{out}{err}");
+    }
     // Every rank counted once from 1 to the end: the moved one went on where it was.
     let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
     for r in 0..4 {

@@ -15,6 +15,7 @@ use launcher::{exchange, LauncherError};
 const USAGE: &str = "krund --listen [ADDR][:PORT] [--insecure]   (daemon: runs node processes for krun --hosts;
   default 127.0.0.1:7171; needs KRUN_SECRET_FILE or KRUN_SECRET, --insecure only on loopback)
 krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--runtime HOST:PORT] [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
+krund --ghost-restore [--output FILE]   (for krun ghost migrate --to: an image on stdin)
 krund --join ID=HOST:PORT,... --node-id I --job-ranks N [--runtime HOST:PORT] [--bind IP]
       [--store-peers ID=HOST:PORT,...] [--tag-output] [-- PROGRAM ARGS...]
 (normally started by krun; under srun the node id comes from SLURM_NODEID. --runtime is
@@ -256,6 +257,9 @@ fn run() -> Result<i32, LauncherError> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--listen") {
         return listen(&argv[1..]);
+    }
+    if argv.first().map(String::as_str) == Some("--ghost-restore") {
+        return launcher::ghost_cli::restore_and_follow(&argv[1..]);
     }
     if argv.iter().any(|a| a == "--join") {
         return join(parse_join(argv.into_iter())?);

@@ -140,6 +140,33 @@ pub fn move_image(rank: u64) -> std::path::PathBuf {
     dir.join(owner).join("criu-move.kgi")
 }
 
+/// Beside a move image: which of the rank's output descriptors were pipes, and their names.
+fn pipes_file(image: &std::path::Path) -> std::path::PathBuf {
+    image.with_extension("pipes")
+}
+
+/// `pid` and its descendants (from `/proc/PID/task/TID/children`).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() && all.len() < 100_000 {
+        let p = all[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    all
+}
+
 /// Dumps a plain program's rank with CRIU (which ends it) into [`move_image`].
 fn out_with_criu(
     table: &TableClient,
@@ -168,6 +195,21 @@ fn out_with_criu(
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
+    // Its output pipes lead to this node, which stays behind: the adopting node plugs its
+    // own in their place (CRIU's inherit-fd), named as the dump will know them.
+    let pipes: String = [1, 2]
+        .iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            target
+                .starts_with("pipe:[")
+                .then(|| format!("{fd} {target}\n"))
+        })
+        .collect();
+    std::fs::write(pipes_file(&image), pipes)
+        .map_err(|e| format!("writing {}: {e}", pipes_file(&image).display()))?;
+    let tree = process_tree(pid);
     let opts = CaptureOptions {
         leave_running: false,
         ..CaptureOptions::default()
@@ -175,9 +217,11 @@ fn out_with_criu(
     let captured = criu
         .capture(pid as i32, &image, &opts)
         .map_err(|e| format!("capturing rank {rank} (pid {pid}) with CRIU: {e}"))?;
-    // CRIU restores the same pid: the node's runner must have reaped the old process.
+    // CRIU restores the same pids: the old processes must be gone (reaped) first.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+    while tree
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(5));
@@ -198,11 +242,29 @@ fn adopt_with_criu(
 ) -> Result<String, String> {
     let criu = ghost::criu::CriuCheckpointer::locate().map_err(|e| e.to_string())?;
     let path = image.to_path_buf();
-    let start = crate::ranks::StartFn(Box::new(move || {
+    let pipes = std::fs::read_to_string(pipes_file(image)).unwrap_or_default();
+    let start = crate::ranks::StartFn(Box::new(move |mine: crate::ranks::RankPipes| {
+        let inherit: Vec<(String, i32)> = pipes
+            .lines()
+            .filter_map(|l| {
+                let (fd, key) = l.split_once(' ')?;
+                let to = match fd {
+                    "1" => mine.stdout,
+                    "2" => mine.stderr,
+                    _ => return None,
+                };
+                Some((key.to_string(), to))
+            })
+            .collect();
         let restored = criu
-            .restore(&path, &ghost::checkpointer::RestoreOptions::default())
+            .restore_inheriting(
+                &path,
+                &ghost::checkpointer::RestoreOptions::default(),
+                &inherit,
+            )
             .map_err(|e| format!("restoring rank {rank} with CRIU: {e}"));
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(pipes_file(&path));
         Ok(restored?.pid as u32)
     }));
     let pid = ask(tx, |reply| RankCommand::Watch {
