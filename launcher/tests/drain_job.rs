@@ -457,7 +457,10 @@ fn a_plain_program_moves_with_criu_and_its_count_continues_on_the_adopting_node(
     // What the moved rank prints reaches krun: the adopting node's pipes replaced the old
     // node's (CRIU inherit-fd), and it forwards them like its own ranks' output.
     for r in 0..4 {
-        assert!(out.contains(&format!("rank {r} counted to {total}")), "{out}{err}");
+        assert!(
+            out.contains(&format!("rank {r} counted to {total}")),
+            "{out}{err}"
+        );
     }
     // Every rank counted once from 1 to the end: the moved one went on where it was.
     let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
