@@ -534,6 +534,9 @@ fn krun_ghost_migrate_moves_a_counter_to_another_host_through_its_krund() {
     let _ = mig.stdout().unwrap().read_to_string(&mut out);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}{err}");
     assert!(out.contains("ended with code 0"), "{out}{err}");
+    if let Some(l) = err.lines().find(|l| l.contains("migrated pid")) {
+        eprintln!("{l}");
+    }
     let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
     assert_eq!(std::fs::read_to_string(&count).unwrap(), want, "{err}");
     for d in &mut daemons {
