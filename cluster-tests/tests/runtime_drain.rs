@@ -399,6 +399,8 @@ int main(int argc, char **argv) {
         fflush(f);
         usleep(20000);
     }
+    const char *rank = getenv("KRUN_RANK");
+    printf("rank %s counted to %ld\n", rank ? rank : "-", n);
     return fclose(f) == 0 ? 0 : 1;
 }
 "#;
@@ -539,6 +541,151 @@ fn krun_ghost_migrate_moves_a_counter_to_another_host_through_its_krund() {
     }
     let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
     assert_eq!(std::fs::read_to_string(&count).unwrap(), want, "{err}");
+    for d in &mut daemons {
+        let _ = d.kill();
+    }
+}
+
+/// A plain program (no rank library, no libghost) on 4 namespace hosts whose daemons keep
+/// their images apart (no shared `KRUN_GHOST_DIR`): `krun node drain 3` dumps rank 3 with
+/// CRIU on host 3, host 0 reads the image from host 3's krund and restores it as its own
+/// rank; it counts on to the end and what it prints still reaches krun.
+#[test]
+fn a_plain_program_moves_with_criu_between_hosts_without_a_shared_image_directory() {
+    use std::io::BufRead;
+    cluster_tests::require_root().unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n"));
+    let dir = Dir(PathBuf::from(format!(
+        "/var/tmp/krun-drain-criu-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let src = dir.0.join("counter.c");
+    std::fs::write(&src, COUNTER_C).unwrap();
+    let counter = dir.0.join("counter");
+    assert!(Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&counter)
+        .arg(&src)
+        .status()
+        .unwrap()
+        .success());
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, "the secret of the CRIU drain test").unwrap();
+    let xdg = dir.0.join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let cluster = cluster_tests::NetnsCluster::create(4, None).expect("namespace cluster");
+    let mut daemons = Vec::new();
+    for i in 0..4 {
+        let node = cluster.node(i).unwrap();
+        let mut d = node
+            .spawn(
+                Command::new(workspace_bin("krund"))
+                    .args(["--listen", &format!("{}:7171", node.ip())])
+                    .env("KRUN_SECRET_FILE", &secret)
+                    .env("KRUN_GHOST_DIR", dir.0.join(format!("ghost{i}")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("starting krund");
+        let mut line = String::new();
+        std::io::BufReader::new(d.stderr().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "daemon on host {i}: {line}");
+        daemons.push(d);
+    }
+    let hosts = cluster
+        .nodes()
+        .map(|n| n.ip().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let total = 300;
+    let script = format!(
+        "exec {} {}/count.$KRUN_RANK {total}",
+        counter.display(),
+        dir.0.display()
+    );
+    let krun = |args: &[&str]| {
+        let mut c = Command::new(workspace_bin("krun"));
+        c.args(args)
+            .env("KRUN_SECRET_FILE", &secret)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut job = cluster
+        .node(0)
+        .unwrap()
+        .spawn(&mut krun(&[
+            "--hosts",
+            &hosts,
+            "-n",
+            "4",
+            "--bind-to",
+            "none",
+            "sh",
+            "-c",
+            &script,
+        ]))
+        .expect("starting krun");
+    let mut out = job.stdout().unwrap();
+    let mut err = job.stderr().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let lines = |rank: usize| {
+        std::fs::read_to_string(dir.0.join(format!("count.{rank}")))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("rank 3 at 20", || lines(3) >= 20);
+    let mut p = cluster
+        .node(0)
+        .unwrap()
+        .spawn(&mut krun(&["node", "drain", "3"]))
+        .unwrap();
+    let mut said = String::new();
+    let _ = p.stdout().unwrap().read_to_string(&mut said);
+    let _ = p.stderr().unwrap().read_to_string(&mut said);
+    let code = p.wait_timeout(Duration::from_secs(150)).unwrap();
+    assert_eq!(code.and_then(|c| c.code()), Some(0), "{said}");
+    assert!(
+        said.contains("node 3 left the job (1 rank(s) moved)"),
+        "{said}"
+    );
+    assert!(lines(3) < total, "rank 3 was done before it moved");
+    let status = job.wait_timeout(Duration::from_secs(120)).unwrap();
+    if status.is_none() {
+        let _ = job.kill();
+    }
+    let out = out_reader.join().unwrap();
+    let err = err_reader.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{out}\n{err}");
+    let want: String = (1..=total).map(|i| format!("{i}\n")).collect();
+    for r in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(dir.0.join(format!("count.{r}"))).unwrap(),
+            want,
+            "rank {r}\n{err}"
+        );
+        assert!(
+            out.contains(&format!("rank {r} counted to {total}")),
+            "{out}\n{err}"
+        );
+    }
     for d in &mut daemons {
         let _ = d.kill();
     }

@@ -37,6 +37,12 @@ pub enum ControlRequest {
     MigrateOut { rank: u64, dry_run: bool },
     /// Start `rank` here from its newest checkpoint (moved from another node).
     Adopt { rank: u64 },
+    /// As `Adopt`; a plain program's CRIU image of the move is read from the node whose
+    /// control socket is `from` when this node does not see it (no shared `KRUN_GHOST_DIR`).
+    AdoptFrom { rank: u64, from: String },
+    /// Up to [`IMAGE_CHUNK`] bytes from `offset` of this node's CRIU image of `rank`'s move
+    /// (`pipes`: the note of its output pipes instead).
+    ReadMoveFile { rank: u64, pipes: bool, offset: u64 },
     /// Read `version` of `rank`'s image back from the checkpoint store (the fastest valid
     /// copy, as a restart would) and say where it came from.
     Fetch { rank: u32, version: u64 },

@@ -629,7 +629,13 @@ fn move_ranks(
                 dry_run: false,
             },
         )?;
-        ask(targets[i % targets.len()], ControlRequest::Adopt { rank })?;
+        ask(
+            targets[i % targets.len()],
+            ControlRequest::AdoptFrom {
+                rank,
+                from: source.control_tcp.clone(),
+            },
+        )?;
         moved.push(rank);
     }
     Ok(moved)

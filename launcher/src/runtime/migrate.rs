@@ -292,3 +292,103 @@ pub fn adopt(table: &TableClient, me: NodeId, rank: u64) -> Result<String, Strin
     })?;
     Ok(format!("rank {rank} runs on node {me} as pid {pid}"))
 }
+
+/// Serves [`super::control::ControlRequest::ReadMoveFile`]: a chunk of this node's move
+/// image of `rank` (or of its pipes note).
+pub fn serve_move_file(rank: u64, pipes: bool, offset: u64) -> super::control::ControlReply {
+    use super::control::{ControlReply, IMAGE_CHUNK};
+    let image = move_image(rank);
+    let path = if pipes { pipes_file(&image) } else { image };
+    let read = (|| -> std::io::Result<(u64, Vec<u8>)> {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&path)?;
+        let total = f.metadata()?.len();
+        f.seek(std::io::SeekFrom::Start(offset.min(total)))?;
+        let mut bytes = Vec::new();
+        f.take(IMAGE_CHUNK as u64).read_to_end(&mut bytes)?;
+        Ok((total, bytes))
+    })();
+    match read {
+        Ok((total, bytes)) => ControlReply::Image { total, bytes },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            ControlReply::Refused(NO_MOVE_IMAGE.to_string())
+        }
+        Err(e) => ControlReply::Refused(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The refusal of [`serve_move_file`] when the node holds no such file (the rank did not
+/// move through CRIU).
+const NO_MOVE_IMAGE: &str = "no CRIU move image of this rank here";
+
+/// Copies a move file of `rank` from the node at `from` (control TCP) to `to`; false when
+/// that node has none.
+fn copy_move_file(
+    rank: u64,
+    from: &str,
+    pipes: bool,
+    to: &std::path::Path,
+) -> Result<bool, String> {
+    use super::control::{self, ControlReply, ControlRequest, ControlTarget};
+    let secret = fabric::secret::ClusterSecret::from_env()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no cluster secret to reach the leaving node".to_string())?;
+    let mut data = Vec::new();
+    loop {
+        let req = ControlRequest::ReadMoveFile {
+            rank,
+            pipes,
+            offset: data.len() as u64,
+        };
+        match control::call::<_, ControlReply>(
+            &ControlTarget::Tcp(from.to_string()),
+            &secret,
+            &req,
+            Duration::from_secs(30),
+        ) {
+            Ok(ControlReply::Image { total, bytes }) => {
+                if data.len() as u64 + bytes.len() as u64 > total
+                    || (bytes.is_empty() && (data.len() as u64) < total)
+                {
+                    return Err(format!(
+                        "{from} sent a bad chunk of rank {rank}'s move image"
+                    ));
+                }
+                data.extend_from_slice(&bytes);
+                if data.len() as u64 == total {
+                    break;
+                }
+            }
+            Ok(ControlReply::Refused(why)) if why == NO_MOVE_IMAGE => return Ok(false),
+            Ok(ControlReply::Refused(why)) => return Err(format!("{from}: {why}")),
+            Ok(other) => return Err(format!("{from}: unexpected answer {other:?}")),
+            Err(e) => return Err(format!("{from}: {e}")),
+        }
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    ghost::native::write_atomically(to, &data)
+        .map_err(|e| format!("writing {}: {e}", to.display()))?;
+    Ok(true)
+}
+
+/// `Adopt` of a rank leaving the node at `from`: a plain program's CRIU image this node does
+/// not see (no shared `KRUN_GHOST_DIR`) is copied from there first.
+pub fn adopt_from(
+    table: &TableClient,
+    me: NodeId,
+    rank: u64,
+    from: &str,
+) -> Result<String, String> {
+    let image = move_image(rank);
+    if !image.exists() {
+        // Only a CRIU move leaves an image behind; a native rank's own files are used as
+        // they are.
+        if copy_move_file(rank, from, false, &image)? {
+            copy_move_file(rank, from, true, &pipes_file(&image))?;
+        }
+    }
+    adopt(table, me, rank)
+}

@@ -721,6 +721,17 @@ fn control_request(
                 Err(e) => ControlReply::Refused(e),
             }
         }
+        ControlRequest::AdoptFrom { rank, from } => {
+            match migrate::adopt_from(table, me.node, rank, &from) {
+                Ok(done) => ControlReply::Done(done),
+                Err(e) => ControlReply::Refused(e),
+            }
+        }
+        ControlRequest::ReadMoveFile {
+            rank,
+            pipes,
+            offset,
+        } => migrate::serve_move_file(rank, pipes, offset),
         ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
             Ok(done) => ControlReply::Done(done),
             Err(e) => ControlReply::Refused(e),
