@@ -274,7 +274,8 @@ fn drain_node_3(dir: &Path, to: u64) -> Duration {
     took
 }
 
-fn check_end(job: &mut Job, heat: &Path, want: &str, to: u64, role: &str) -> String {
+/// Checks the job's end after the drain of node 3; the drain's line and krun's stderr.
+fn check_end(job: &mut Job, heat: &Path, want: &str, to: u64, role: &str) -> (String, String) {
     let (code, out, err) = job.finish(Duration::from_secs(240));
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(checksum(&out).as_deref(), Some(want), "{out}{err}");
@@ -293,7 +294,7 @@ fn check_end(job: &mut Job, heat: &Path, want: &str, to: u64, role: &str) -> Str
     // A drain is not a failure.
     assert!(!err.contains("failed at epoch"), "{err}");
     assert_eq!(heat_left(heat), Vec::<u32>::new(), "{err}");
-    line.to_string()
+    (line.to_string(), err)
 }
 
 #[test]
@@ -301,10 +302,22 @@ fn draining_a_node_moves_its_heat_rank_to_the_spare_and_the_result_equals_the_se
     let dir = temp("spare");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &GRID);
-    let mut job = heat_job(&dir.0, &heat, &["--spares", "1"]);
+    // Checkpoints on an interval too: they go on after the drain, with node 3 gone.
+    let mut job = heat_job(
+        &dir.0,
+        &heat,
+        &["--spares", "1", "--checkpoint-interval", "0.5"],
+    );
     wait_running(&dir.0, 4);
     let took = drain_node_3(&dir.0, 4);
-    let line = check_end(&mut job, &heat, &want, 4, "spare node");
+    let (line, err) = check_end(&mut job, &heat, &want, 4, "spare node");
+    let after = &err[err.find("node 3 drained: ").unwrap()..];
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("krun: checkpoint ") && l.contains(" committed: 4 ranks")),
+        "no checkpoint after the drain: {err}"
+    );
     eprintln!("drain to a spare: {took:?} for `krun node drain`; {line}");
 }
 
@@ -320,7 +333,7 @@ fn a_node_added_while_heat_runs_takes_the_drained_nodes_rank_and_the_result_equa
     assert!(ok, "{said}");
     assert!(said.contains("node 4 joined the job at epoch"), "{said}");
     let took = drain_node_3(&dir.0, 4);
-    let line = check_end(&mut job, &heat, &want, 4, "spare node");
+    let (line, _) = check_end(&mut job, &heat, &want, 4, "spare node");
     eprintln!("drain to an added node: {took:?} for `krun node drain`; {line}");
 }
 
