@@ -386,6 +386,14 @@ fn run() -> Result<i32, LauncherError> {
                 if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
                     eprintln!("krund: node {node_id}: drained, but no leave was agreed in 60 s");
                 }
+                launcher::runtime::migrate::remove_move_images();
+                // A drain soon after the start may come while the nodes still swap their
+                // stores' addresses through the job's bootstrap: leaving in the middle of
+                // that round would fail it for every node (and the job).
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !store.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return Ok(code);
             }
             // After a node left or failed, the initial nodes cannot all meet at the barrier

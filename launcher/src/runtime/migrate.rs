@@ -140,6 +140,21 @@ pub fn move_image(rank: u64) -> std::path::PathBuf {
     dir.join(owner).join("criu-move.kgi")
 }
 
+/// Move images this node wrote (a node whose image directory the adopting node does not
+/// share keeps them until it leaves: [`remove_move_images`]).
+static MOVED_OUT: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes the move images this node wrote (it leaves after a drain; the adopting nodes have
+/// read or consumed them).
+pub fn remove_move_images() {
+    if let Ok(mut files) = MOVED_OUT.lock() {
+        for f in files.drain(..) {
+            let _ = std::fs::remove_file(&f);
+            let _ = std::fs::remove_file(pipes_file(&f));
+        }
+    }
+}
+
 /// Beside a move image: which of the rank's output descriptors were pipes, and their names.
 fn pipes_file(image: &std::path::Path) -> std::path::PathBuf {
     image.with_extension("pipes")
@@ -210,6 +225,9 @@ fn out_with_criu(
     std::fs::write(pipes_file(&image), pipes)
         .map_err(|e| format!("writing {}: {e}", pipes_file(&image).display()))?;
     let tree = process_tree(pid);
+    if let Ok(mut files) = MOVED_OUT.lock() {
+        files.push(image.clone());
+    }
     let opts = CaptureOptions {
         leave_running: false,
         ..CaptureOptions::default()
