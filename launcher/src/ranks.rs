@@ -665,8 +665,10 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                                 signal_rank(w.pid, libc::SIGTERM);
                             }
                             terminating = Some(std::time::Instant::now());
-                            // A spare with no rank ends cleanly.
-                            if !children.is_empty() || !released.is_empty() || !watched.is_empty() {
+                            // A spare with no rank ends cleanly, and so does a drained node
+                            // whose released ranks (moved away: their end is not this node's
+                            // story) are still on their way out.
+                            if !children.is_empty() || !watched.is_empty() {
                                 worst = worst.max(1);
                             }
                         }

@@ -49,7 +49,8 @@ fn ask(
 }
 
 /// Why `rank` counts as a fabric user, if it does: it said hello through the rank library,
-/// or libfabric is mapped in its process.
+/// or libfabric or the rank library (`libkrun.so`, mapped at start, before the rank
+/// initializes it) is mapped in its process.
 fn uses_fabric(table: &TableClient, rank: u64, pid: i32) -> Option<&'static str> {
     if table
         .shared
@@ -61,6 +62,9 @@ fn uses_fabric(table: &TableClient, rank: u64, pid: i32) -> Option<&'static str>
         return Some("uses the rank library");
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    if maps.contains("libkrun") {
+        return Some("runs the rank library (libkrun)");
+    }
     maps.contains("libfabric").then_some("has libfabric loaded")
 }
 
