@@ -17,6 +17,7 @@
 //! Everything protocol-related is a deterministic state machine (events in, actions out); the
 //! simulation in `tests/simulation.rs` and the daemon drive the same code.
 pub mod agreement;
+pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod kv;

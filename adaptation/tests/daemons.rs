@@ -55,9 +55,20 @@ impl Daemon {
     }
 }
 
+/// A free port below the kernel's ephemeral range (32768-60999 here), so that no outgoing
+/// connection of a concurrent test can take it between this check and the daemon's bind
+/// (seen in CI: "Address already in use" for a port picked with bind(0)). Each test
+/// process walks its own stretch of 20000-31999.
 fn free_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = (std::process::id() % 400) * 30;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str) -> Daemon {
@@ -69,6 +80,10 @@ fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str)
         addr,
         "--supervisors",
         "0,1,2",
+        // Eight daemons, test clients and the other tests share two cores: krund's default
+        // tolerance (3 s), not the idle-LAN default that declared a starting daemon down.
+        "--failure-timeout-ms",
+        "3000",
     ]);
     for (p, a) in peers {
         cmd.args(["--peer", &format!("{p}={a}")]);

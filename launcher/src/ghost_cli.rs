@@ -301,12 +301,8 @@ const RESTORED_AS: &str = "restored as pid ";
 /// migrate --to`): reads an image from stdin, restores it (CRIU or native), prints
 /// "restored as pid N", then waits for that process, which is its child (CRIU restores the
 /// root as a child of the caller), and exits with its code.
-pub fn restore_and_follow(args: &[String]) -> Result<i32> {
-    let output = match args {
-        [] => None,
-        [flag, file] if flag == "--output" => Some(PathBuf::from(file)),
-        _ => return Err(usage("krund --ghost-restore [--output FILE]")),
-    };
+pub fn restore_and_follow(output: Option<&Path>) -> Result<i32> {
+    let output = output.map(Path::to_path_buf);
     let dir = std::env::temp_dir().join(format!("krun-ghost-in-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| LauncherError::Io {
         context: format!("creating {}", dir.display()),

@@ -5,7 +5,7 @@
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,6 +76,8 @@ pub struct Job {
     pub program: Option<ProgramJob>,
     /// `--inject-failure`.
     pub inject: Option<Injection>,
+    /// `--summary-json FILE`: the end-of-job summary for scripts ([`write_summary`]).
+    pub summary_json: Option<PathBuf>,
 }
 
 impl Job {
@@ -90,6 +92,7 @@ impl Job {
             timeout: Duration::from_secs(24 * 3600),
             program: None,
             inject: None,
+            summary_json: None,
         })
     }
 
@@ -192,6 +195,7 @@ fn shell_quote(word: &str) -> String {
 /// Runs the job and returns its exit code: the highest rank (or node) exit code, with
 /// 128 + signal for a process killed by a signal.
 pub fn run(job: &Job) -> Result<i32> {
+    let started = Instant::now();
     let k = job.node_count();
     if let (Some(_), NodeSource::Slurm(_)) = (&job.inject, &job.nodes) {
         return Err(LauncherError::Usage(
@@ -557,10 +561,14 @@ pub fn run(job: &Job) -> Result<i32> {
         job_error,
     };
     let worst = wait_all(&mut children, job, &rx, &hub, added, &mut forwarders, watch);
-    if let Some(summary) = policy.and_then(|d| d.finish()) {
+    let summary = policy.and_then(|d| d.finish());
+    if let Some(summary) = &summary {
         if summary.checkpoints + summary.aborted + summary.failures > 0 {
             eprintln!("krun: {summary}");
         }
+    }
+    if let Some(path) = &job.summary_json {
+        write_summary(path, job, &worst, summary.as_ref(), started.elapsed())?;
     }
     let worst = worst?;
     for f in forwarders {
@@ -570,6 +578,39 @@ pub fn run(job: &Job) -> Result<i32> {
         server.join()?;
     }
     Ok(worst)
+}
+
+/// The end-of-job summary as JSON (`krun --summary-json FILE`), written whether the job
+/// succeeded or not:
+/// `{"exit_code": N | null, "error": null | "...", "nodes": N, "spares": K, "ranks": R | null,
+///   "seconds": S, "policy": null | {"checkpoints", "aborted", "checkpoint_seconds",
+///   "checkpoint_bytes", "failures", "recoveries", "restarts", "rollbacks", "lost_seconds"}}`.
+pub fn write_summary(
+    path: &Path,
+    job: &Job,
+    outcome: &Result<i32>,
+    policy: Option<&policies::report::Summary>,
+    elapsed: Duration,
+) -> Result<()> {
+    let (exit_code, error) = match outcome {
+        Ok(code) => (Some(*code), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let body = serde_json::json!({
+        "exit_code": exit_code,
+        "error": error,
+        "nodes": job.node_count(),
+        "spares": job.spares(),
+        "ranks": job.program.as_ref().and_then(|p| p.ranks),
+        "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "policy": policy,
+    });
+    let text = serde_json::to_string_pretty(&body)
+        .map_err(|e| LauncherError::Usage(format!("encoding the summary: {e}")))?;
+    std::fs::write(path, text + "\n").map_err(|e| LauncherError::Io {
+        context: format!("writing the summary to {}", path.display()),
+        source: e,
+    })
 }
 
 /// Whether the policy drives recoveries for `p`: it has spares or checkpoints on an

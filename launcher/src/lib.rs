@@ -6,6 +6,7 @@
 //! with the launcher issue.
 pub mod added_nodes;
 pub mod binding;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;

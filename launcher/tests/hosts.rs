@@ -24,12 +24,20 @@ impl Drop for Daemons {
     }
 }
 
+/// A free port below the kernel's ephemeral range (32768-60999 here), so that no outgoing
+/// connection of a concurrent test takes it before krund binds it; each test process
+/// walks its own stretch of 20000-31999.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (std::process::id() % 400) * 30;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 fn secret_file(name: &str, secret: &str) -> std::path::PathBuf {

@@ -56,7 +56,14 @@ fn bad_arguments_are_named() {
     assert!(err.contains("carrier-pigeon"), "{err}");
     let (code, _, err) = krun(&["--local", "0"], &[]);
     assert_eq!(code, 2);
-    assert!(err.contains("at least 1"), "{err}");
+    assert!(
+        err.contains("'--local <NODES>'") && err.contains("not a positive number"),
+        "{err}"
+    );
+    // A mistyped flag is refused with the closest one, not run as a program.
+    let (code, _, err) = krun(&["--checkpoint-intervall", "1", "/bin/true"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("'--checkpoint-interval'"), "{err}");
 }
 
 #[test]
@@ -575,4 +582,64 @@ fn a_killed_rank_alone_on_its_node_still_ends_the_job() {
         "{err}"
     );
     assert!(err.contains("ending the job"), "{err}");
+}
+
+#[test]
+fn the_summary_json_says_how_the_job_ended_and_reaches_ranks_exported_variables() {
+    let dir = std::env::temp_dir().join(format!("krun-summary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("summary.json");
+    let file_arg = file.to_str().unwrap();
+    // -x VAR=VALUE and -x VAR (krun's own value) reach every rank; the rank fails on purpose
+    // when they do, so the summary records a failed job.
+    let (code, out, err) = krun(
+        &[
+            "--local",
+            "2",
+            "-n",
+            "2",
+            "-x",
+            "KRUN_TEST_A=one",
+            "-x",
+            "KRUN_TEST_B",
+            "--summary-json",
+            file_arg,
+            "sh",
+            "-c",
+            "echo \"rank $KRUN_RANK $KRUN_TEST_A $KRUN_TEST_B\"; exit 3",
+        ],
+        &[("KRUN_TEST_B", "two")],
+    );
+    assert_eq!(code, 3, "{out}\n{err}");
+    for r in 0..2 {
+        assert!(out.contains(&format!("rank {r} one two")), "{out}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(v["exit_code"], 3, "{v}");
+    assert_eq!(v["nodes"], 2, "{v}");
+    assert_eq!(v["ranks"], 2, "{v}");
+    assert!(v["error"].is_null(), "{v}");
+    // The coordinated policy watched the job: nothing to checkpoint, nothing failed.
+    assert_eq!(v["policy"]["checkpoints"], 0, "{v}");
+    assert_eq!(v["policy"]["failures"], 0, "{v}");
+    assert!(v["seconds"].as_f64().unwrap() > 0.0, "{v}");
+    // A file that cannot be written is named.
+    let bad = dir.join("no-such-dir").join("s.json");
+    let (code, _, err) = krun(
+        &[
+            "--local",
+            "1",
+            "--summary-json",
+            bad.to_str().unwrap(),
+            "/bin/true",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("writing the summary to") && err.contains("no-such-dir"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

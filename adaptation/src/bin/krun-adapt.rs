@@ -1,29 +1,14 @@
-//! `krun-adapt`: one node of the adaptation layer (see `adaptation::daemon`).
+//! `krun-adapt`: one node of the adaptation layer (see `adaptation::daemon`); its command
+//! line is `adaptation::cli::AdaptCli`.
 use std::process::ExitCode;
 
+use adaptation::cli::AdaptCli;
+use clap::Parser;
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--under-krun") {
-        let supervisors = match args.get(1..) {
-            Some([flag, list]) if flag == "--supervisors" => {
-                match list.split(',').map(|s| s.parse()).collect() {
-                    Ok(v) => v,
-                    Err(_) => {
-                        eprintln!("krun-adapt: --supervisors {list:?} is not a list of node ids");
-                        return ExitCode::from(2);
-                    }
-                }
-            }
-            Some([]) | None => Vec::new(),
-            Some(other) => {
-                eprintln!(
-                    "krun-adapt: unexpected arguments {other:?}\n{}",
-                    adaptation::daemon::USAGE
-                );
-                return ExitCode::from(2);
-            }
-        };
-        return match adaptation::daemon::under_krun(supervisors) {
+    let cli = AdaptCli::parse();
+    if cli.under_krun {
+        return match adaptation::daemon::under_krun(cli.supervisors) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("krun-adapt: {e}");
@@ -31,7 +16,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cfg = match adaptation::daemon::DaemonConfig::from_args(&args) {
+    let cfg = match cli.daemon_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("krun-adapt: {e}");

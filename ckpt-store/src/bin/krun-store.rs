@@ -24,6 +24,7 @@
 //! quit
 //! ```
 use ckpt_store::{Level, NodeInfo, Placement, Store, StoreConfig};
+use clap::Parser;
 use fabric::bootstrap::BootstrapClient;
 use fabric::secret::ClusterSecret;
 use fabric::{open, EndpointAddress, FabricConfig, Provider, ProviderChoice};
@@ -32,85 +33,80 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// One node of a checkpoint store, driven line by line on stdin (commands in the module doc).
+#[derive(Debug, Parser)]
+#[command(name = "krun-store", version)]
 struct Args {
+    /// The bootstrap service the nodes swap fabric addresses through.
+    #[arg(long, value_name = "IP:PORT")]
     bootstrap: std::net::SocketAddr,
+    /// This node's rank among the store's nodes.
+    #[arg(long)]
     rank: usize,
+    /// The number of store nodes.
+    #[arg(long)]
     size: usize,
+    /// The fabric provider.
+    #[arg(long, value_name = "tcp|shm|verbs|loopback", default_value = "tcp", value_parser = provider)]
     provider: Provider,
+    /// This node's failure group (default: its own).
+    #[arg(long)]
     group: Option<u32>,
+    /// Memory for L1 and buddy copies.
+    #[arg(long, value_name = "M", default_value_t = 256)]
     arena_mib: usize,
+    /// Directory of the L4 copies (none: no L4).
+    #[arg(long, value_name = "DIR")]
     disk: Option<PathBuf>,
+    /// Parity set size (0: no L3).
+    #[arg(long, value_name = "K", default_value_t = 0)]
     parity: usize,
+    /// Versions kept per owner.
+    #[arg(long, value_name = "N", default_value_t = 2)]
     keep: usize,
+    /// Timeout of a remote operation.
+    #[arg(long = "timeout-secs", value_name = "S", default_value = "10", value_parser = secs)]
     timeout: Duration,
-    cells: Option<Vec<Vec<usize>>>,
+    /// Buddies and parity sets from the locator's cells: 0,1,2/3,4.
+    #[arg(long, value_name = "CELLS", value_parser = cells)]
+    cells: Option<Cells>,
+}
+
+/// `--cells`: lists of nodes separated by `/`.
+#[derive(Debug, Clone)]
+struct Cells(Vec<Vec<usize>>);
+
+fn provider(v: &str) -> Result<Provider, String> {
+    Provider::all()
+        .into_iter()
+        .find(|p| p.name() == v)
+        .ok_or_else(|| format!("unknown provider '{v}'"))
+}
+
+fn secs(v: &str) -> Result<Duration, String> {
+    v.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("'{v}' is not a number of seconds"))
+}
+
+fn cells(v: &str) -> Result<Cells, String> {
+    v.split('/')
+        .map(|c| {
+            c.split(',')
+                .filter(|m| !m.is_empty())
+                .map(|m| {
+                    m.trim()
+                        .parse::<usize>()
+                        .map_err(|_| format!("'{m}' is not a node number"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Cells)
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = std::env::args().skip(1);
-    let mut bootstrap = None;
-    let (mut rank, mut size) = (None, None);
-    let mut out = Args {
-        bootstrap: "127.0.0.1:1".parse().expect("address"),
-        rank: 0,
-        size: 0,
-        provider: Provider::Tcp,
-        group: None,
-        arena_mib: 256,
-        disk: None,
-        parity: 0,
-        keep: 2,
-        timeout: Duration::from_secs(10),
-        cells: None,
-    };
-    while let Some(flag) = a.next() {
-        let mut val = || a.next().ok_or_else(|| format!("{flag} needs a value"));
-        let num = |v: String| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{flag}: '{v}' is not a number"))
-        };
-        match flag.as_str() {
-            "--bootstrap" => {
-                bootstrap = Some(val()?.parse().map_err(|e| format!("--bootstrap: {e}"))?)
-            }
-            "--rank" => rank = Some(num(val()?)?),
-            "--size" => size = Some(num(val()?)?),
-            "--provider" => {
-                let v = val()?;
-                out.provider = Provider::all()
-                    .into_iter()
-                    .find(|p| p.name() == v)
-                    .ok_or_else(|| format!("--provider: unknown provider '{v}'"))?
-            }
-            "--group" => out.group = Some(num(val()?)? as u32),
-            "--arena-mib" => out.arena_mib = num(val()?)?,
-            "--disk" => out.disk = Some(PathBuf::from(val()?)),
-            "--parity" => out.parity = num(val()?)?,
-            "--keep" => out.keep = num(val()?)?,
-            "--timeout-secs" => out.timeout = Duration::from_secs(num(val()?)? as u64),
-            "--cells" => {
-                let v = val()?;
-                let cells = v
-                    .split('/')
-                    .map(|c| {
-                        c.split(',')
-                            .filter(|m| !m.is_empty())
-                            .map(|m| {
-                                m.trim()
-                                    .parse::<usize>()
-                                    .map_err(|_| format!("--cells: '{m}' is not a node number"))
-                            })
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                out.cells = Some(cells);
-            }
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    out.bootstrap = bootstrap.ok_or("--bootstrap is required")?;
-    out.rank = rank.ok_or("--rank is required")?;
-    out.size = size.ok_or("--size is required")?;
+    let out = Args::parse();
     if out.rank >= out.size {
         return Err(format!(
             "--rank {} is not below --size {}",
@@ -159,7 +155,7 @@ fn start(args: &Args) -> Result<Store, String> {
     }
     let groups: Vec<u32> = nodes.iter().map(|n| n.group).collect();
     let placement = match &args.cells {
-        Some(cells) => Placement::from_cells(cells, &groups, args.parity)
+        Some(Cells(cells)) => Placement::from_cells(cells, &groups, args.parity)
             .map_err(|e| format!("--cells: {e}"))?,
         None => Placement::ring(&groups, args.parity),
     };

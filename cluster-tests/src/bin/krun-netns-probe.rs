@@ -11,19 +11,32 @@
 //!     create a NetnsCluster, print "subnet S", one "netns NAME" per namespace, "ready", then
 //!     sleep MAX_SECS and drop it (tests SIGKILL it to leave stale state for reap_stale)
 //! ```
+use clap::Parser;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: krun-netns-probe serve ADDR:PORT MAX_CONNS MAX_SECS\n       \
-         krun-netns-probe connect ADDR:PORT MESSAGE ATTEMPTS TIMEOUT_MS\n       \
-         krun-netns-probe hold-cluster NODES MAX_SECS"
-    );
-    ExitCode::from(2)
+/// Bounded TCP probe for network-namespace tests.
+#[derive(Debug, Parser)]
+#[command(name = "krun-netns-probe", version)]
+enum Probe {
+    /// Listen, echo one line per connection, exit after MAX_CONNS connections or MAX_SECS.
+    Serve {
+        addr: SocketAddr,
+        max_conns: u32,
+        max_secs: u64,
+    },
+    /// Connect (ATTEMPTS tries of TIMEOUT_MS), send MESSAGE, print the reply line.
+    Connect {
+        addr: SocketAddr,
+        message: String,
+        attempts: u32,
+        timeout_ms: u64,
+    },
+    /// Create a namespace cluster, print its names and "ready", hold it MAX_SECS.
+    HoldCluster { nodes: usize, max_secs: u64 },
 }
 
 fn serve(addr: SocketAddr, max_conns: u32, max_secs: u64) -> Result<(), String> {
@@ -89,21 +102,19 @@ fn hold_cluster(n: usize, secs: u64) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let a: Vec<String> = std::env::args().collect();
-    let res = match a.get(1).map(String::as_str) {
-        Some("serve") if a.len() == 5 => match (a[2].parse(), a[3].parse(), a[4].parse()) {
-            (Ok(addr), Ok(n), Ok(s)) => serve(addr, n, s),
-            _ => return usage(),
-        },
-        Some("connect") if a.len() == 6 => match (a[2].parse(), a[4].parse(), a[5].parse()) {
-            (Ok(addr), Ok(n), Ok(t)) => connect(addr, &a[3], n, t).map(|r| println!("{r}")),
-            _ => return usage(),
-        },
-        Some("hold-cluster") if a.len() == 4 => match (a[2].parse(), a[3].parse()) {
-            (Ok(n), Ok(secs)) => hold_cluster(n, secs),
-            _ => return usage(),
-        },
-        _ => return usage(),
+    let res = match Probe::parse() {
+        Probe::Serve {
+            addr,
+            max_conns,
+            max_secs,
+        } => serve(addr, max_conns, max_secs),
+        Probe::Connect {
+            addr,
+            message,
+            attempts,
+            timeout_ms,
+        } => connect(addr, &message, attempts, timeout_ms).map(|r| println!("{r}")),
+        Probe::HoldCluster { nodes, max_secs } => hold_cluster(nodes, max_secs),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use fabric::bootstrap::BootstrapClient;
 use fabric::{
     open, Completion, Endpoint, EndpointAddress, FabricConfig, FabricError, MemoryRegion, PeerId,
@@ -54,74 +55,71 @@ impl<T> Context<T> for fabric::Result<T> {
     }
 }
 
+/// A test and bench driver: one rank of a fabric scenario between processes.
+#[derive(Debug, Parser)]
+#[command(name = "fabric-node", version)]
 struct Args {
-    scenario: String,
+    /// What to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// The provider (a named one, not auto).
+    #[arg(long, value_parser = provider)]
     provider: Provider,
+    /// The bootstrap service the ranks swap addresses through.
+    #[arg(long, value_name = "IP:PORT")]
     bootstrap: SocketAddr,
+    #[arg(long)]
     rank: usize,
+    #[arg(long)]
     size: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     endpoints: usize,
+    #[arg(long, default_value_t = 1 << 30)]
     bytes: usize,
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8..))]
     chunk: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     window: usize,
+    #[arg(long, default_value_t = 1000)]
     iters: usize,
+    /// The process ends (exit 3) after this long, so a hang cannot stall a test run.
+    #[arg(long = "deadline-secs", value_name = "S", default_value = "120", value_parser = deadline_secs)]
     deadline: Duration,
 }
 
-const USAGE: &str = "usage: fabric-node <bulk|fetch-add|lock|errors|kill|messages|visibility> \
---provider <name> --bootstrap <ip:port> --rank <r> --size <n> [--endpoints <k>] [--bytes <n>] \
-[--chunk <n>] [--window <n>] [--iters <n>] [--deadline-secs <s>]";
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Bulk,
+    FetchAdd,
+    Lock,
+    Errors,
+    Kill,
+    Messages,
+    Visibility,
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = clap::ValueEnum::to_possible_value(self).map(|v| v.get_name().to_string());
+        f.write_str(&name.unwrap_or_default())
+    }
+}
+
+fn provider(v: &str) -> Res<Provider> {
+    match v.parse::<ProviderChoice>().map_err(|e| e.to_string())? {
+        ProviderChoice::Exactly(p) => Ok(p),
+        ProviderChoice::Auto => Err("name a provider, not auto".into()),
+    }
+}
+
+fn deadline_secs(v: &str) -> Res<Duration> {
+    v.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{v:?} is not a number of seconds"))
+}
 
 fn parse_args() -> Res<Args> {
-    let mut it = std::env::args().skip(1);
-    let scenario = it.next().ok_or("missing scenario")?;
-    let mut args = Args {
-        scenario,
-        provider: Provider::Tcp,
-        bootstrap: "127.0.0.1:0".parse().expect("literal address"),
-        rank: 0,
-        size: 0,
-        endpoints: 1,
-        bytes: 1 << 30,
-        chunk: 1 << 20,
-        window: 32,
-        iters: 1000,
-        deadline: Duration::from_secs(120),
-    };
-    let mut have_bootstrap = false;
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let num = |v: &str| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{flag}: {v:?} is not a number"))
-        };
-        match flag.as_str() {
-            "--provider" => {
-                args.provider = match value.parse::<ProviderChoice>().map_err(|e| e.to_string())? {
-                    ProviderChoice::Exactly(p) => p,
-                    ProviderChoice::Auto => return Err("--provider must name a provider".into()),
-                }
-            }
-            "--bootstrap" => {
-                args.bootstrap = value
-                    .parse()
-                    .map_err(|_| format!("--bootstrap: {value:?} is not ip:port"))?;
-                have_bootstrap = true;
-            }
-            "--rank" => args.rank = num(&value)?,
-            "--size" => args.size = num(&value)?,
-            "--endpoints" => args.endpoints = num(&value)?.max(1),
-            "--bytes" => args.bytes = num(&value)?,
-            "--chunk" => args.chunk = num(&value)?.max(8),
-            "--window" => args.window = num(&value)?.max(1),
-            "--iters" => args.iters = num(&value)?,
-            "--deadline-secs" => args.deadline = Duration::from_secs(num(&value)? as u64),
-            _ => return Err(format!("unknown option {flag}")),
-        }
-    }
-    if !have_bootstrap {
-        return Err("--bootstrap is required".into());
-    }
+    let args = Args::parse();
     if args.size == 0 || args.rank >= args.size {
         return Err(format!(
             "rank {} of size {} is not valid",
@@ -135,7 +133,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("fabric-node: {e}\n{USAGE}");
+            eprintln!("fabric-node: {e}");
             return ExitCode::from(2);
         }
     };
@@ -150,18 +148,14 @@ fn main() -> ExitCode {
             std::process::exit(3);
         });
     }
-    let result = match args.scenario.as_str() {
-        "bulk" => bulk(&args),
-        "fetch-add" => fetch_add(&args),
-        "lock" => lock(&args),
-        "errors" => errors(&args),
-        "kill" => kill(&args),
-        "messages" => messages(&args),
-        "visibility" => visibility(&args),
-        other => {
-            eprintln!("fabric-node: unknown scenario {other:?}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let result = match args.scenario {
+        Scenario::Bulk => bulk(&args),
+        Scenario::FetchAdd => fetch_add(&args),
+        Scenario::Lock => lock(&args),
+        Scenario::Errors => errors(&args),
+        Scenario::Kill => kill(&args),
+        Scenario::Messages => messages(&args),
+        Scenario::Visibility => visibility(&args),
     };
     let _ = std::io::stdout().flush();
     match result {

@@ -100,7 +100,14 @@ fn run() -> Result<String, LauncherError> {
     })
 }
 
+/// A rank program that checks a job's wiring: run it as `krun -n N krun-selftest` (it reads
+/// KRUN_RANK, KRUN_SIZE and KRUN_BOOTSTRAP; it takes no arguments).
+#[derive(clap::Parser)]
+#[command(name = "krun-selftest", version)]
+struct Cli {}
+
 fn main() -> ExitCode {
+    <Cli as clap::Parser>::parse();
     match run() {
         Ok(line) => {
             println!("{line}");

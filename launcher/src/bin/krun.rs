@@ -4,187 +4,95 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
+use clap::Parser;
+use launcher::cli::{HostlistAction, KrunCli, KrunCommand, LaunchArg, NodeAction, RunArgs};
 use launcher::daemon::DaemonClient;
 use launcher::job::{self, Job, Launch, NodeSource, ProgramJob};
 use launcher::slurm::Allocation;
 use launcher::LauncherError;
 
-const USAGE: &str = "usage: krun [-n RANKS] [--local NODES | --hosts LIST | --hostfile FILE] [--launch daemon|ssh]
-            [--ppn K] [--tag-output] [--bind-to core|numa|none] [--report-bindings]
-            [--provider P] [--checkpoint-interval SECS] [--spares K]
-            [--inject-failure node=N@SECONDSs|node=N@Kckpt] [PROGRAM ARGS...]
-       krun status [--job ID] [--json]        (a running job: epoch, members, ranks)
-       krun status --hosts LIST | --hostfile FILE
-       krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]
-       krun checkpoint [--job ID]             (ask the running job for a checkpoint now)
-       krun fetch RANK VERSION [--node N] [--job ID]   (read a checkpoint back from the store)
-       krun config [--provider P] [--bind-to B]   (effective settings and their origin)
-       krun ghost inspect|capture|restore|rollback|migrate ...
-      krun hostlist expand EXPR
-       krun hostlist compress NAMES...
-
-Nodes: --local NODES starts NODES krund on this machine (the default, with 3); --hosts
-(a Slurm hostlist, HOST[:PORT]) or --hostfile (one host per line) use the `krund --listen`
-daemons on those hosts (port 7171), or start krund over ssh with --launch ssh; inside a
-Slurm allocation (SLURM_JOB_ID set) one krund per allocated node is started with srun. With a PROGRAM, runs RANKS copies
-of it (default: one per node) placed in blocks of --ppn per node, each with KRUN_RANK,
-KRUN_SIZE, KRUN_LOCAL_RANK, KRUN_LOCAL_SIZE, KRUN_NODE_ID, KRUN_NNODES and KRUN_BOOTSTRAP
-(an all-gather service for the ranks), pinned to one core each by default (round robin
-over the node's cores, read with hwloc); exit code: the highest rank's, or 128+signal.
---spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
-fails, its ranks restart on a spare from the last committed checkpoint. --inject-failure
-SIGKILLs node N's krund and its ranks at that time, or after K committed checkpoints.
-Without a PROGRAM, runs the built-in workload:
-every node writes a block into every other node's memory with one-sided RMA writes,
-counts itself in with a remote fetch-add, elects a leader with compare-swap, reads its
-block back with an RMA read, and verifies every byte.
-Configuration: /etc/krun/krun.toml, then $XDG_CONFIG_HOME/krun/krun.toml, then the file in
-KRUN_CONFIG, then KRUN_* variables, then flags; `krun config` shows the result. The
-settings reach every node.";
-
-fn parse() -> Result<Job, LauncherError> {
-    let mut nodes = None;
-    let mut hosts: Option<Vec<String>> = None;
-    let mut launch = Launch::Daemon;
-    let mut provider = None;
-    let (mut ranks, mut per_node, mut tag_output) = (None, None, false);
-    let mut bind_to = match std::env::var("KRUN_BIND_TO") {
-        Ok(v) if !v.is_empty() => v.parse()?,
-        _ => launcher::binding::BindTo::Core,
+/// The job a `krun [flags] [PROGRAM ...]` command line describes.
+fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
+    let hosts = match (&run.hosts, &run.hostfile) {
+        (Some(list), _) => Some(launcher::hostlist::expand(list)?),
+        (None, Some(file)) => Some(read_hostfile(file)?),
+        (None, None) => None,
     };
-    let mut report_bindings = false;
-    let mut checkpoint_interval = None;
-    let mut spares = 0;
-    let mut inject = None;
-    let mut program = Vec::new();
-    let mut args = std::env::args().skip(1);
-    let count = |flag: &str, v: Option<String>| -> Result<usize, LauncherError> {
-        let v = v.ok_or_else(|| LauncherError::Usage(format!("{flag} needs a number")))?;
-        v.parse()
-            .map_err(|_| LauncherError::Usage(format!("{flag} {v:?} is not a number")))
-    };
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "-n" | "--ntasks" => ranks = Some(count("-n", args.next())?),
-            "--ppn" => per_node = Some(count("--ppn", args.next())?),
-            "--tag-output" => tag_output = true,
-            "--bind-to" => {
-                let v = args.next().ok_or_else(|| {
-                    LauncherError::Usage("--bind-to needs core, numa or none".into())
-                })?;
-                bind_to = v.parse()?;
-            }
-            "--report-bindings" => report_bindings = true,
-            "--checkpoint-interval" => {
-                let v = args.next().ok_or_else(|| {
-                    LauncherError::Usage("--checkpoint-interval needs seconds".into())
-                })?;
-                let secs: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                    .ok_or_else(|| {
-                        LauncherError::Usage(format!(
-                            "--checkpoint-interval {v:?} is not a positive number of seconds"
-                        ))
-                    })?;
-                checkpoint_interval = Some(Duration::from_secs_f64(secs));
-            }
-            "--spares" => spares = count("--spares", args.next())?,
-            "--inject-failure" => {
-                let v = args.next().ok_or_else(|| {
-                    LauncherError::Usage("--inject-failure needs node=N@TIME".into())
-                })?;
-                inject = Some(v.parse::<job::Injection>()?);
-            }
-            "--local" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| LauncherError::Usage("--local needs a node count".into()))?;
-                nodes = Some(v.parse().map_err(|_| {
-                    LauncherError::Usage(format!("--local {v:?} is not a node count"))
-                })?);
-            }
-            "--hosts" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| LauncherError::Usage("--hosts needs a host list".into()))?;
-                hosts = Some(launcher::hostlist::expand(&v)?);
-            }
-            "--hostfile" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| LauncherError::Usage("--hostfile needs a file".into()))?;
-                hosts = Some(read_hostfile(&v)?);
-            }
-            "--launch" => match args.next().as_deref() {
-                Some("daemon") => launch = Launch::Daemon,
-                Some("ssh") => launch = Launch::Ssh,
-                other => {
-                    return Err(LauncherError::Usage(format!(
-                        "--launch {other:?}: expected daemon or ssh"
-                    )))
-                }
-            },
-            "--provider" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| LauncherError::Usage("--provider needs a name".into()))?;
-                v.parse::<fabric::ProviderChoice>()?;
-                provider = Some(v);
-            }
-            "-h" | "--help" => return Err(LauncherError::Usage(USAGE.into())),
-            other if other.starts_with('-') => {
-                return Err(LauncherError::Usage(format!(
-                    "unknown argument {other:?}\n{USAGE}"
-                )))
-            }
-            _ => {
-                program.push(a);
-                program.extend(args.by_ref());
-            }
+    // -N is --local's count locally, and takes the first N hosts or allocated nodes.
+    let nodes = match (run.local, run.nodes) {
+        (Some(l), Some(n)) if l != n => {
+            return Err(LauncherError::Usage(format!(
+                "--local {l} and -N {n} name different node counts"
+            )))
         }
-    }
+        (l, n) => l.or(n),
+    };
+    let take = |names: Vec<String>, what: &str| -> Result<Vec<String>, LauncherError> {
+        match run.nodes {
+            Some(n) if n > names.len() => Err(LauncherError::Usage(format!(
+                "-N {n}: {what} has only {} node(s)",
+                names.len()
+            ))),
+            Some(n) => Ok(names.into_iter().take(n).collect()),
+            None => Ok(names),
+        }
+    };
+    let launch = match run.launch {
+        LaunchArg::Daemon => Launch::Daemon,
+        LaunchArg::Ssh => Launch::Ssh,
+    };
     // An explicit --local wins; inside a Slurm allocation the allocation's nodes are used.
-    let mut job = match (nodes, hosts, Allocation::from_env()?) {
-        (Some(_), Some(_), _) => {
-            return Err(LauncherError::Usage(
-                "--local and --hosts/--hostfile exclude each other".into(),
-            ))
-        }
-        (Some(k), None, _) => Job::local(k)?,
+    let mut job = match (run.local, hosts, Allocation::from_env()?) {
         (None, Some(hosts), _) if hosts.is_empty() => {
             return Err(LauncherError::Usage("the host list is empty".into()))
         }
         (None, Some(hosts), _) => Job {
-            nodes: NodeSource::Hosts { hosts, launch },
+            nodes: NodeSource::Hosts {
+                hosts: take(hosts, "the host list")?,
+                launch,
+            },
             ..Job::local(1)?
         },
-        (None, None, Some(allocation)) => Job {
-            nodes: NodeSource::Slurm(allocation),
-            ..Job::local(1)?
-        },
-        (None, None, None) => Job::local(3)?,
+        (None, None, Some(mut allocation)) => {
+            if let Some(n) = run.nodes {
+                allocation.nodes = take(allocation.nodes, "the allocation")?;
+                allocation.tasks_per_node.truncate(n);
+            }
+            Job {
+                nodes: NodeSource::Slurm(allocation),
+                ..Job::local(1)?
+            }
+        }
+        _ => Job::local(nodes.unwrap_or(3))?,
     };
-    if !program.is_empty() {
+    let bind_to = match run.bind_to {
+        Some(b) => b,
+        None => match std::env::var("KRUN_BIND_TO") {
+            Ok(v) if !v.is_empty() => v.parse()?,
+            _ => launcher::binding::BindTo::Core,
+        },
+    };
+    if !run.program.is_empty() {
         job.program = Some(ProgramJob {
-            ranks,
-            per_node,
-            tag_output,
+            ranks: run.ranks,
+            per_node: run.per_node,
+            tag_output: run.tag_output,
             bind_to,
-            report_bindings,
-            argv: program,
-            checkpoint_interval,
-            spares,
+            report_bindings: run.report_bindings,
+            argv: run.program,
+            checkpoint_interval: run.checkpoint_interval,
+            spares: run.spares,
         });
-    } else if ranks.is_some() {
+    } else if run.ranks.is_some() {
         return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
-    } else if spares > 0 {
+    } else if run.spares > 0 {
         return Err(LauncherError::Usage(
             "--spares needs a PROGRAM to run".into(),
         ));
     }
-    if let Some(i) = inject {
+    if let Some(i) = run.inject_failure {
         if i.node >= job.node_count() {
             return Err(LauncherError::Usage(format!(
                 "--inject-failure names node {}, the job has nodes 0-{}",
@@ -194,27 +102,28 @@ fn parse() -> Result<Job, LauncherError> {
         }
         job.inject = Some(i);
     }
-    if let Some(p) = provider {
+    if let Some(p) = run.provider {
         job.env.push(("KRUN_FABRIC_PROVIDER".into(), p));
     }
+    job.env.extend(run.export);
+    job.summary_json = run.summary_json;
     Ok(job)
 }
 
 /// Hosts from a file: one per line (hostlist expressions allowed), `#` comments, and
 /// anything after the first whitespace (e.g. `slots=4`) ignored.
-fn read_hostfile(path: &str) -> Result<Vec<String>, LauncherError> {
+fn read_hostfile(path: &std::path::Path) -> Result<Vec<String>, LauncherError> {
     let text = std::fs::read_to_string(path).map_err(|e| LauncherError::Io {
-        context: format!("reading hostfile {path}"),
+        context: format!("reading hostfile {}", path.display()),
         source: e,
     })?;
     let mut hosts = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if let Some(name) = line.split_whitespace().next() {
-            hosts.extend(
-                launcher::hostlist::expand(name)
-                    .map_err(|e| LauncherError::Usage(format!("{path} line {}: {e}", n + 1)))?,
-            );
+            hosts.extend(launcher::hostlist::expand(name).map_err(|e| {
+                LauncherError::Usage(format!("{} line {}: {e}", path.display(), n + 1))
+            })?);
         }
     }
     Ok(hosts)
@@ -222,27 +131,17 @@ fn read_hostfile(path: &str) -> Result<Vec<String>, LauncherError> {
 
 /// `krun status [--job ID] [--json]`: the running job's epoch, members, cells, supervisors
 /// and every rank's row, from its nodes; `--hosts`/`--hostfile`: what each host's daemon runs.
-fn status(args: &[String]) -> Result<String, LauncherError> {
-    let (mut job, mut json, mut hosts) = (None, false, None);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |what: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| LauncherError::Usage(format!("{a} needs {what}")))
-        };
-        match a.as_str() {
-            "--job" => job = Some(value("a job id")?),
-            "--json" => json = true,
-            "--hosts" => hosts = Some(launcher::hostlist::expand(&value("a host list")?)?),
-            "--hostfile" => hosts = Some(read_hostfile(&value("a file")?)?),
-            other => {
-                return Err(LauncherError::Usage(format!(
-                    "unknown argument {other:?}\n{STATUS_USAGE}"
-                )))
-            }
-        }
-    }
+fn status(
+    job: Option<String>,
+    json: bool,
+    hosts: Option<String>,
+    hostfile: Option<PathBuf>,
+) -> Result<String, LauncherError> {
+    let hosts = match (hosts, hostfile) {
+        (Some(list), _) => Some(launcher::hostlist::expand(&list)?),
+        (None, Some(file)) => Some(read_hostfile(&file)?),
+        (None, None) => None,
+    };
     if let Some(hosts) = hosts {
         return host_status(&hosts);
     }
@@ -254,9 +153,6 @@ fn status(args: &[String]) -> Result<String, LauncherError> {
         Ok(s.render())
     }
 }
-
-const STATUS_USAGE: &str =
-    "krun status [--job ID] [--json] | krun status --hosts LIST | --hostfile FILE";
 
 /// `krun status --hosts`: asks every host's daemon what it runs.
 fn host_status(hosts: &[String]) -> Result<String, LauncherError> {
@@ -273,36 +169,12 @@ fn host_status(hosts: &[String]) -> Result<String, LauncherError> {
     Ok(out.trim_end().to_string())
 }
 
-const NODE_USAGE: &str = "krun node add [HOST] [--job ID] | krun node drain NODE [--job ID]";
-
 /// `krun node add [HOST]` / `krun node drain N`: asks the running krun of the job.
-fn node(args: &[String]) -> Result<String, LauncherError> {
+fn node(action: NodeAction) -> Result<String, LauncherError> {
     use launcher::runtime::control::{LauncherReply, LauncherRequest};
-    let mut job = None;
-    let mut words = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--job" {
-            job = Some(
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| LauncherError::Usage("--job needs a job id".into()))?,
-            );
-        } else {
-            words.push(a.as_str());
-        }
-    }
-    let req = match words.as_slice() {
-        ["add"] => LauncherRequest::AddNode { host: None },
-        ["add", host] => LauncherRequest::AddNode {
-            host: Some(host.to_string()),
-        },
-        ["drain", n] => LauncherRequest::DrainNode {
-            node: n
-                .parse()
-                .map_err(|_| LauncherError::Usage(format!("node {n:?} is not a node id")))?,
-        },
-        _ => return Err(LauncherError::Usage(NODE_USAGE.into())),
+    let (job, req) = match action {
+        NodeAction::Add { host, job } => (job, LauncherRequest::AddNode { host }),
+        NodeAction::Drain { node, job } => (job, LauncherRequest::DrainNode { node }),
     };
     match launcher::runtime::status::ask_launcher(job.as_deref(), &req)? {
         LauncherReply::Added { node, epoch } => {
@@ -318,55 +190,23 @@ fn node(args: &[String]) -> Result<String, LauncherError> {
 }
 
 /// `krun checkpoint [--job ID]`: asks the running job's checkpoint policy for a checkpoint.
-fn checkpoint(args: &[String]) -> Result<String, LauncherError> {
+fn checkpoint(job: Option<String>) -> Result<String, LauncherError> {
     use launcher::runtime::control::{LauncherReply, LauncherRequest};
-    let job = match args {
-        [] => None,
-        [flag, id] if flag == "--job" => Some(id.as_str()),
-        _ => return Err(LauncherError::Usage("krun checkpoint [--job ID]".into())),
-    };
-    match launcher::runtime::status::ask_launcher(job, &LauncherRequest::Checkpoint)? {
+    match launcher::runtime::status::ask_launcher(job.as_deref(), &LauncherRequest::Checkpoint)? {
         LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
         _ => Ok("checkpoint requested (krun prints the commit)".into()),
     }
 }
 
-const FETCH_USAGE: &str = "krun fetch RANK VERSION [--node N] [--job ID]";
-
 /// `krun fetch RANK VERSION [--node N] [--job ID]`: reads a rank's checkpoint image back
 /// from the job's checkpoint store through node N (or the first node that answers), as a
 /// restart would, and says which level and node served it.
-fn fetch(args: &[String]) -> Result<String, LauncherError> {
-    let (mut job, mut node, mut words) = (None, None, Vec::new());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
-        };
-        match a.as_str() {
-            "--job" => job = Some(value("--job")?),
-            "--node" => {
-                let v = value("--node")?;
-                node =
-                    Some(v.parse().map_err(|_| {
-                        LauncherError::Usage(format!("--node {v:?} is not a node id"))
-                    })?);
-            }
-            w => words.push(w.to_string()),
-        }
-    }
-    let [rank, version] = words.as_slice() else {
-        return Err(LauncherError::Usage(FETCH_USAGE.into()));
-    };
-    let rank: u32 = rank
-        .parse()
-        .map_err(|_| LauncherError::Usage(format!("rank {rank:?} is not a number")))?;
-    let version: u64 = version
-        .trim_start_matches('v')
-        .parse()
-        .map_err(|_| LauncherError::Usage(format!("version {version:?} is not a number")))?;
+fn fetch(
+    rank: u32,
+    version: u64,
+    node: Option<u32>,
+    job: Option<String>,
+) -> Result<String, LauncherError> {
     let f = launcher::runtime::status::fetch(
         job.as_deref(),
         node,
@@ -380,48 +220,74 @@ fn fetch(args: &[String]) -> Result<String, LauncherError> {
     ))
 }
 
-/// A subcommand: arguments in, text to print out.
-type Subcommand = fn(&[String]) -> Result<String, LauncherError>;
-
 /// `krun hostlist expand|compress ...`: Slurm's hostlist grammar.
-fn hostlist(args: &[String]) -> Result<String, LauncherError> {
-    match args {
-        [verb, expr] if verb == "expand" => Ok(launcher::hostlist::expand(expr)?.join("\n")),
-        [verb, names @ ..] if verb == "compress" && !names.is_empty() => {
+fn hostlist(action: HostlistAction) -> Result<String, LauncherError> {
+    match action {
+        HostlistAction::Expand { expr } => Ok(launcher::hostlist::expand(&expr)?.join("\n")),
+        HostlistAction::Compress { names } => {
             let mut all = Vec::new();
             for n in names {
-                all.extend(launcher::hostlist::expand(n)?);
+                all.extend(launcher::hostlist::expand(&n)?);
             }
             Ok(launcher::hostlist::compress(&all))
         }
-        _ => Err(LauncherError::Usage(
-            "krun hostlist expand EXPR | krun hostlist compress NAMES...".into(),
-        )),
     }
 }
 
 /// `krun config [--provider P] [--bind-to B]`: the effective settings and where each came from.
 fn show_config(
     config: &mut launcher::config::Config,
-    args: &[String],
+    provider: Option<String>,
+    bind_to: Option<String>,
 ) -> Result<String, LauncherError> {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let var = match a.as_str() {
-            "--provider" => "KRUN_FABRIC_PROVIDER",
-            "--bind-to" => "KRUN_BIND_TO",
-            other => {
-                return Err(LauncherError::Usage(format!(
-                    "krun config: unknown argument {other:?} (usage: krun config [--provider P] [--bind-to B])"
-                )))
-            }
-        };
-        let v = it
-            .next()
-            .ok_or_else(|| LauncherError::Usage(format!("{a} needs a value")))?;
-        config.set_flag(var, v, a)?;
+    if let Some(p) = provider {
+        config.set_flag("KRUN_FABRIC_PROVIDER", &p, "--provider")?;
+    }
+    if let Some(b) = bind_to {
+        config.set_flag("KRUN_BIND_TO", &b, "--bind-to")?;
     }
     Ok(config.render())
+}
+
+/// Runs a subcommand: what to print, or the error.
+fn subcommand(
+    config: &mut launcher::config::Config,
+    command: KrunCommand,
+) -> Result<String, LauncherError> {
+    match command {
+        KrunCommand::Status {
+            job,
+            json,
+            hosts,
+            hostfile,
+        } => status(job, json, hosts, hostfile),
+        KrunCommand::Node { action } => node(action),
+        KrunCommand::Checkpoint { job } => checkpoint(job),
+        KrunCommand::Fetch {
+            rank,
+            version,
+            node,
+            job,
+        } => fetch(rank, version, node, job),
+        KrunCommand::Config { provider, bind_to } => {
+            show_config(config, provider, bind_to).map(|t| t.trim_end().to_string())
+        }
+        KrunCommand::Ghost { args } => launcher::ghost_cli::run(&args),
+        KrunCommand::Hostlist { action } => hostlist(action),
+        KrunCommand::Completions { shell } => {
+            let mut script = Vec::new();
+            launcher::cli::completions(shell, &mut script);
+            Ok(String::from_utf8_lossy(&script).trim_end().to_string())
+        }
+        KrunCommand::Man { dir } => {
+            let pages = launcher::cli::man_pages(&dir)?;
+            Ok(format!(
+                "{} man pages written to {}",
+                pages.len(),
+                dir.display()
+            ))
+        }
+    }
 }
 
 /// Prints a command's output. A reader that went away (`krun ghost inspect IMG | head`) ends
@@ -440,7 +306,9 @@ fn emit(text: &str) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Usage errors exit 2 with clap's message (and a suggestion for a mistyped flag);
+    // --help and --version exit 0.
+    let cli = KrunCli::parse();
     // Files and variables first: every later step (and every process krun starts) sees the
     // effective settings.
     let mut config = match launcher::config::load() {
@@ -450,26 +318,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.first().map(String::as_str) == Some("config") {
-        return match show_config(&mut config, &args[1..]) {
-            Ok(text) => emit(text.trim_end()),
-            Err(e) => {
-                eprintln!("krun: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    let subcommand: Option<Subcommand> = match args.first().map(String::as_str) {
-        Some("hostlist") => Some(hostlist),
-        Some("status") => Some(status),
-        Some("node") => Some(node),
-        Some("fetch") => Some(fetch),
-        Some("checkpoint") => Some(checkpoint),
-        Some("ghost") => Some(launcher::ghost_cli::run),
-        _ => None,
-    };
-    if let Some(run) = subcommand {
-        return match run(&args[1..]) {
+    if let Some(command) = cli.command {
+        return match subcommand(&mut config, command) {
             Ok(out) => emit(&out),
             Err(e) => {
                 eprintln!("krun: {e}");
@@ -477,7 +327,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let job = match parse() {
+    let job = match job_from(cli.run) {
         Ok(j) => j,
         Err(e) => {
             eprintln!("krun: {e}");

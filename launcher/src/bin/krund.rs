@@ -5,24 +5,14 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use fabric::bootstrap::BootstrapClient;
 use fabric::FabricConfig;
+use launcher::cli::KrundCli;
 use launcher::ranks::{NodeShare, Placement};
 use launcher::runtime::store_node::StoreSettings;
 use launcher::runtime::{Runtime, RuntimeConfig};
 use launcher::{exchange, LauncherError};
-
-const USAGE: &str = "krund --listen [ADDR][:PORT] [--insecure]   (daemon: runs node processes for krun --hosts;
-  default 127.0.0.1:7171; needs KRUN_SECRET_FILE or KRUN_SECRET, --insecure only on loopback)
-krund --bootstrap HOST:PORT [--node-id I] --nnodes N [--runtime HOST:PORT] [--counts C0,C1,...] [--tag-output] [--bind-to core|numa|none] [--report-bindings] [-- PROGRAM ARGS...]
-krund --ghost-restore [--output FILE]   (for krun ghost migrate --to: an image on stdin)
-krund --join ID=HOST:PORT,... --node-id I --job-ranks N [--runtime HOST:PORT] [--bind IP]
-      [--store-peers ID=HOST:PORT,...] [--tag-output] [-- PROGRAM ARGS...]
-(normally started by krun; under srun the node id comes from SLURM_NODEID. --runtime is
-krun's runtime listener: the node registers there and reports agreed views. --join adds a
-node to a running job's membership: it starts with no ranks, takes ranks moved to it (a
-drain) from the members' stores (--store-peers: their control sockets), and ends when krun
-stops it or its ranks end.)";
 
 /// A node joining a running job (`krun node add`).
 struct JoinArgs {
@@ -38,25 +28,6 @@ struct JoinArgs {
     program: Vec<String>,
 }
 
-/// `ID=HOST:PORT,...` as a map.
-fn id_addresses(
-    name: &str,
-    v: &str,
-) -> Result<std::collections::BTreeMap<u32, String>, LauncherError> {
-    let mut map = std::collections::BTreeMap::new();
-    for p in v.split(',').filter(|p| !p.is_empty()) {
-        let (id, addr) = p.split_once('=').ok_or_else(|| {
-            LauncherError::Usage(format!("{name} entry {p:?} is not ID=HOST:PORT"))
-        })?;
-        socket_addr(&format!("{name} address"), addr)?;
-        map.insert(
-            number(&format!("{name} node id"), id)? as u32,
-            addr.to_string(),
-        );
-    }
-    Ok(map)
-}
-
 struct Args {
     bootstrap: SocketAddr,
     runtime: Option<SocketAddr>,
@@ -69,126 +40,68 @@ struct Args {
     program: Vec<String>,
 }
 
-fn number(name: &str, v: &str) -> Result<usize, LauncherError> {
-    v.parse()
-        .map_err(|_| LauncherError::Usage(format!("{name} {v:?} is not a number")))
+/// What krund was asked to run.
+enum Mode {
+    Listen {
+        spec: Option<String>,
+        insecure: bool,
+    },
+    Join(JoinArgs),
+    Node(Args),
+    /// `--ghost-restore [--output FILE]`: an image on stdin (`krun ghost migrate --to`).
+    GhostRestore(Option<std::path::PathBuf>),
 }
 
-fn socket_addr(name: &str, v: &str) -> Result<SocketAddr, LauncherError> {
-    v.parse()
-        .map_err(|_| LauncherError::Usage(format!("{name} {v:?} is not HOST:PORT")))
-}
-
-fn parse_join(mut args: impl Iterator<Item = String>) -> Result<JoinArgs, LauncherError> {
-    let (mut node_id, mut peers, mut job_ranks, mut runtime, mut bind) =
-        (None, None, None, None, None);
-    let (mut store_peers, mut tag_output, mut program) = (Vec::new(), false, Vec::new());
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
-        };
-        match a.as_str() {
-            "--join" => {
-                let map = id_addresses("--join", &value("--join")?)?;
-                if map.is_empty() {
-                    return Err(LauncherError::Usage("--join names no node".into()));
-                }
-                peers = Some(map);
-            }
-            "--node-id" => node_id = Some(number("--node-id", &value("--node-id")?)?),
-            "--job-ranks" => job_ranks = Some(number("--job-ranks", &value("--job-ranks")?)?),
-            "--runtime" => runtime = Some(socket_addr("--runtime", &value("--runtime")?)?),
-            "--bind" => {
-                let v = value("--bind")?;
-                bind = Some(v.parse().map_err(|_| {
-                    LauncherError::Usage(format!("--bind {v:?} is not an IP address"))
-                })?);
-            }
-            "--store-peers" => {
-                store_peers = id_addresses("--store-peers", &value("--store-peers")?)?
-                    .into_iter()
-                    .collect();
-            }
-            "--tag-output" => tag_output = true,
-            "--" => {
-                program = args.by_ref().collect();
-                break;
-            }
-            other => {
-                return Err(LauncherError::Usage(format!(
-                    "unknown argument {other:?} for a joining node\n{USAGE}"
-                )))
-            }
-        }
+/// Checks what clap cannot: which flags each mode needs, and that they agree.
+fn mode(cli: KrundCli) -> Result<Mode, LauncherError> {
+    if let Some(spec) = cli.listen {
+        return Ok(Mode::Listen {
+            spec: (!spec.is_empty()).then_some(spec),
+            insecure: cli.insecure,
+        });
     }
-    let missing = |n: &str| LauncherError::Usage(format!("{n} is required with --join\n{USAGE}"));
-    Ok(JoinArgs {
-        node_id: node_id.ok_or_else(|| missing("--node-id"))?,
-        peers: peers.ok_or_else(|| missing("--join"))?,
-        job_ranks: job_ranks.ok_or_else(|| missing("--job-ranks"))? as u64,
-        runtime,
-        bind,
-        store_peers,
-        tag_output,
-        program,
-    })
-}
-
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> {
-    let (mut bootstrap, mut node_id, mut nnodes, mut placement) = (None, None, None, None);
-    let mut runtime = None;
-    let mut tag_output = false;
-    let mut bind_to = launcher::binding::BindTo::Core;
-    let mut report_bindings = false;
-    let mut program = Vec::new();
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .ok_or_else(|| LauncherError::Usage(format!("{name} needs a value")))
-        };
-        match a.as_str() {
-            "--bootstrap" => {
-                let v = value("--bootstrap")?;
-                bootstrap = Some(v.parse().map_err(|_| {
-                    LauncherError::Usage(format!("--bootstrap {v:?} is not HOST:PORT"))
-                })?);
-            }
-            "--node-id" => node_id = Some(number("--node-id", &value("--node-id")?)?),
-            "--runtime" => runtime = Some(socket_addr("--runtime", &value("--runtime")?)?),
-            "--nnodes" => nnodes = Some(number("--nnodes", &value("--nnodes")?)?),
-            "--counts" => placement = Some(Placement::parse_counts(&value("--counts")?)?),
-            "--tag-output" => tag_output = true,
-            "--bind-to" => bind_to = value("--bind-to")?.parse()?,
-            "--report-bindings" => report_bindings = true,
-            "--" => {
-                program = args.by_ref().collect();
-                break;
-            }
-            "-h" | "--help" => return Err(LauncherError::Usage(USAGE.into())),
-            other => {
-                return Err(LauncherError::Usage(format!(
-                    "unknown argument {other:?}\n{USAGE}"
-                )))
-            }
-        }
+    if cli.ghost_restore {
+        return Ok(Mode::GhostRestore(cli.output));
     }
-    let missing = |n: &str| LauncherError::Usage(format!("{n} is required\n{USAGE}"));
+    if let Some(peers) = cli.join {
+        let missing =
+            |n: &str| LauncherError::Usage(format!("{n} is required with --join (krund --help)"));
+        return Ok(Mode::Join(JoinArgs {
+            node_id: cli.node_id.ok_or_else(|| missing("--node-id"))?,
+            peers,
+            job_ranks: cli.job_ranks.ok_or_else(|| missing("--job-ranks"))?,
+            runtime: cli.runtime,
+            bind: cli.bind,
+            store_peers: cli.store_peers.unwrap_or_default().into_iter().collect(),
+            tag_output: cli.tag_output,
+            program: cli.program,
+        }));
+    }
+    let missing = |n: &str| LauncherError::Usage(format!("{n} is required (krund --help)"));
+    let mut node_id = cli.node_id;
     if node_id.is_none() {
         if let Ok(v) = std::env::var("SLURM_NODEID") {
-            node_id = Some(number("SLURM_NODEID", &v)?);
+            node_id = Some(v.parse().map_err(|_| {
+                LauncherError::Usage(format!("SLURM_NODEID {v:?} is not a number"))
+            })?);
         }
     }
     let args = Args {
-        bootstrap: bootstrap.ok_or_else(|| missing("--bootstrap"))?,
-        runtime,
+        bootstrap: cli
+            .bootstrap
+            .ok_or_else(|| missing("--listen, --join or --bootstrap"))?,
+        runtime: cli.runtime,
         node_id: node_id.ok_or_else(|| missing("--node-id (or SLURM_NODEID)"))?,
-        nnodes: nnodes.ok_or_else(|| missing("--nnodes"))?,
-        placement,
-        tag_output,
-        bind_to,
-        report_bindings,
-        program,
+        nnodes: cli.nnodes.ok_or_else(|| missing("--nnodes"))?,
+        placement: cli
+            .counts
+            .as_deref()
+            .map(Placement::parse_counts)
+            .transpose()?,
+        tag_output: cli.tag_output,
+        bind_to: cli.bind_to,
+        report_bindings: cli.report_bindings,
+        program: cli.program,
     };
     if args.node_id >= args.nnodes {
         return Err(LauncherError::Usage(format!(
@@ -210,26 +123,14 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, LauncherError> 
             "--counts and a PROGRAM go together".into(),
         ));
     }
-    Ok(args)
+    Ok(Mode::Node(args))
 }
 
 /// `krund --listen [ADDR][:PORT] [--insecure]`: the host daemon. Without an address it
 /// listens on loopback only; it refuses to start without a cluster secret unless
 /// `--insecure` is given and the address is a loopback one.
-fn listen(rest: &[String]) -> Result<i32, LauncherError> {
-    let mut spec = None;
-    let mut insecure = false;
-    for a in rest {
-        match a.as_str() {
-            "--insecure" => insecure = true,
-            other if !other.starts_with("--") && spec.is_none() => spec = Some(other),
-            other => {
-                return Err(LauncherError::Usage(format!(
-                    "unknown argument {other:?} after --listen\n{USAGE}"
-                )))
-            }
-        }
-    }
+fn listen(spec: Option<String>, insecure: bool) -> Result<i32, LauncherError> {
+    let spec = spec.as_deref();
     let port = launcher::daemon::DEFAULT_PORT;
     let addr = match spec {
         None => format!("127.0.0.1:{port}"),
@@ -253,18 +154,16 @@ fn listen(rest: &[String]) -> Result<i32, LauncherError> {
 }
 
 fn run() -> Result<i32, LauncherError> {
+    let cli = KrundCli::parse();
     launcher::config::load()?;
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.first().map(String::as_str) == Some("--listen") {
-        return listen(&argv[1..]);
-    }
-    if argv.first().map(String::as_str) == Some("--ghost-restore") {
-        return launcher::ghost_cli::restore_and_follow(&argv[1..]);
-    }
-    if argv.iter().any(|a| a == "--join") {
-        return join(parse_join(argv.into_iter())?);
-    }
-    let args = parse(argv.into_iter())?;
+    let args = match mode(cli)? {
+        Mode::Listen { spec, insecure } => return listen(spec, insecure),
+        Mode::Join(join_args) => return join(join_args),
+        Mode::GhostRestore(output) => {
+            return launcher::ghost_cli::restore_and_follow(output.as_deref())
+        }
+        Mode::Node(args) => args,
+    };
     let mut boot = BootstrapClient::connect(
         args.bootstrap,
         args.node_id,
