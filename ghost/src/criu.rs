@@ -114,6 +114,7 @@ impl Criu {
             .opts
             .images_dir_fd
             .into_iter()
+            .chain(req.opts.inherit_fd.iter().filter_map(|i| i.fd))
             .chain([their_fd])
             .collect();
         let mut cmd = std::process::Command::new(&self.binary);
@@ -215,9 +216,23 @@ impl Criu {
     /// becomes a child of this process (`rst_sibling`): reap it, or let it be reparented when
     /// this process exits.
     pub fn restore(&self, dir: &Path) -> Result<i32> {
+        self.restore_inheriting(dir, &[])
+    }
+
+    /// As [`Criu::restore`], with descriptors of this process standing in for resources the
+    /// dumped tree held outside it (CRIU's `--inherit-fd`): each `(key, fd)` gives `fd` to
+    /// the restored processes wherever they held `key` (as `/proc/PID/fd` names it at dump
+    /// time, e.g. `pipe:[12345]` for a pipe to a process that was not dumped).
+    pub fn restore_inheriting(&self, dir: &Path, inherit: &[(String, i32)]) -> Result<i32> {
         check_open_files(&dir.join(FILES_MANIFEST))?;
         let images = Self::images_fd(dir)?;
         let mut opts = rpc::Criu_opts::new();
+        for (key, fd) in inherit {
+            let mut i = rpc::Inherit_fd::new();
+            i.set_key(key.clone());
+            i.set_fd(*fd);
+            opts.inherit_fd.push(i);
+        }
         opts.set_images_dir_fd(images.as_raw_fd());
         opts.set_rst_sibling(true);
         opts.set_shell_job(true);
@@ -484,6 +499,59 @@ impl CriuCheckpointer {
     pub fn criu(&self) -> &Criu {
         &self.criu
     }
+
+    /// Restores a CRIU image as [`Checkpointer::restore`] does, with `inherit` passed to
+    /// [`Criu::restore_inheriting`] (descriptors standing in for pipes the tree held to
+    /// processes that were not dumped).
+    pub fn restore_inheriting(
+        &self,
+        image_path: &Path,
+        opts: &RestoreOptions,
+        inherit: &[(String, i32)],
+    ) -> Result<Restored> {
+        let bytes = checkpointer::read(image_path)?;
+        let image = Image::parse(&bytes)?;
+        if image.meta_value("backend").as_deref() != Some("criu") {
+            return Err(GhostError::Invalid(format!(
+                "{} is not a CRIU image",
+                image_path.display()
+            )));
+        }
+        let pid: i32 = image
+            .meta_value("pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let own_ns = image.meta_value("pidns").as_deref() == Some("own");
+        if !own_ns && pid > 0 && Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(GhostError::PidInUse { pid });
+        }
+        let dir = match &opts.workdir {
+            Some(w) => w.join(format!("criu-{}", image.image_id)),
+            None => scratch_dir("restore")?,
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_err(&dir, "creating the restore directory", e))?;
+        let _cleanup = RemoveOnDrop(dir.clone());
+        for s in image
+            .sections
+            .iter()
+            .filter(|s| s.kind == SectionKind::CriuFile)
+        {
+            if s.name.contains('/') || s.name.starts_with('.') {
+                return Err(GhostError::Invalid(format!(
+                    "CRIU image file name {:?} is not a plain name",
+                    s.name
+                )));
+            }
+            std::fs::write(dir.join(s.name), s.data()?)
+                .map_err(|e| io_err(dir.join(s.name), "unpacking", e))?;
+        }
+        let new_pid = self.criu.restore_inheriting(&dir, inherit)?;
+        Ok(Restored {
+            backend: Backend::Criu,
+            pid: new_pid,
+        })
+    }
 }
 
 fn scratch_dir(tag: &str) -> Result<PathBuf> {
@@ -589,48 +657,7 @@ impl Checkpointer for CriuCheckpointer {
     }
 
     fn restore(&self, image_path: &Path, opts: &RestoreOptions) -> Result<Restored> {
-        let bytes = checkpointer::read(image_path)?;
-        let image = Image::parse(&bytes)?;
-        if image.meta_value("backend").as_deref() != Some("criu") {
-            return Err(GhostError::Invalid(format!(
-                "{} is not a CRIU image",
-                image_path.display()
-            )));
-        }
-        let pid: i32 = image
-            .meta_value("pid")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        let own_ns = image.meta_value("pidns").as_deref() == Some("own");
-        if !own_ns && pid > 0 && Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(GhostError::PidInUse { pid });
-        }
-        let dir = match &opts.workdir {
-            Some(w) => w.join(format!("criu-{}", image.image_id)),
-            None => scratch_dir("restore")?,
-        };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| io_err(&dir, "creating the restore directory", e))?;
-        let _cleanup = RemoveOnDrop(dir.clone());
-        for s in image
-            .sections
-            .iter()
-            .filter(|s| s.kind == SectionKind::CriuFile)
-        {
-            if s.name.contains('/') || s.name.starts_with('.') {
-                return Err(GhostError::Invalid(format!(
-                    "CRIU image file name {:?} is not a plain name",
-                    s.name
-                )));
-            }
-            std::fs::write(dir.join(s.name), s.data()?)
-                .map_err(|e| io_err(dir.join(s.name), "unpacking", e))?;
-        }
-        let new_pid = self.criu.restore(&dir)?;
-        Ok(Restored {
-            backend: Backend::Criu,
-            pid: new_pid,
-        })
+        self.restore_inheriting(image_path, opts, &[])
     }
 
     fn rollback(&self, pid: i32, image_path: &Path, opts: &RestoreOptions) -> Result<Restored> {

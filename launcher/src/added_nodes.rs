@@ -1,6 +1,8 @@
 //! Nodes added to a running job (`krun node add [HOST]`): the job's runtime hub asks for
 //! them, the job's wait loop starts them (a child here, or through a host's `krund --listen`
-//! daemon) and waits for them like the job's own nodes.
+//! daemon) and waits for them like the job's own nodes. An added node of a program job runs
+//! a rank runner with no rank ([`JoinedShare`]): a drain may move ranks to it, whose images
+//! it reads from the members' stores (it has none of its own).
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -73,6 +75,14 @@ impl AddedNodes {
         for (key, v) in &job.env {
             cmd.env(key, v);
         }
+        if let Some(p) = &job.program {
+            // Ranks moved here hold failed exits back as the job's other nodes do.
+            cmd.env("KRUN_RECOVERS", "1");
+            if p.tag_output {
+                cmd.arg("--tag-output");
+            }
+            cmd.arg("--").args(&p.argv);
+        }
         let prefix = job.program.is_none().then(|| format!("[node {}] ", n.node));
         let Some(host) = n.host else {
             let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn {
@@ -128,5 +138,70 @@ impl AddedNodes {
             control: Arc::new(Mutex::new(control)),
             exit,
         })
+    }
+}
+
+/// The rank runner of a node added to a running program job (`krund --join ... -- PROGRAM`):
+/// no rank at first; ranks a drain moves here run the job's program, and the node ends when
+/// krun stops it or once the ranks it ran have ended.
+pub struct JoinedShare {
+    pub node_id: usize,
+    pub job_ranks: usize,
+    /// The node's address (the ranks' fabric binds there).
+    pub bind: IpAddr,
+    pub tag_output: bool,
+    pub program: Vec<String>,
+    pub exit_grace: Option<Duration>,
+}
+
+impl JoinedShare {
+    /// Runs until stopped or until the ranks moved here have ended; their highest exit code.
+    pub fn run(self, runtime: &Arc<crate::runtime::Runtime>) -> Result<i32> {
+        crate::ranks::catch_forwarded_signals();
+        let stay = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (rt, set) = (runtime.clone(), stay.clone());
+            std::thread::spawn(move || {
+                rt.wait_stop();
+                set.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let (commands_tx, commands) = mpsc::channel();
+        runtime.set_rank_commands(commands_tx.clone());
+        {
+            let rt = runtime.clone();
+            std::thread::spawn(move || {
+                let why = rt.wait_stop();
+                let _ = commands_tx.send(crate::ranks::RankCommand::Terminate { reason: why });
+            });
+        }
+        let share = crate::ranks::NodeShare {
+            node_id: self.node_id,
+            nnodes: self.node_id + 1,
+            first_rank: 0,
+            local_size: 0,
+            size: self.job_ranks,
+            tag_output: self.tag_output,
+            program: self.program,
+            env: vec![
+                (
+                    "KRUN_NODE_SOCKET".to_string(),
+                    runtime.rank_socket().to_string_lossy().into_owned(),
+                ),
+                ("KRUN_FABRIC_BIND".to_string(), self.bind.to_string()),
+            ],
+            // It shares its machine with nodes it knows nothing of: no pinning.
+            bind_to: crate::binding::BindTo::None,
+            report_bindings: false,
+            machine: crate::ranks::MachineShare {
+                offset: 0,
+                ranks: 0,
+            },
+            events: Some(runtime.rank_events()),
+            stay: Some(stay),
+            exit_grace: self.exit_grace,
+            commands: Some(Arc::new(Mutex::new(commands))),
+        };
+        crate::ranks::run_share(&share)
     }
 }

@@ -249,7 +249,9 @@ pub enum HostlistAction {
     about = "The krun node runtime: one per node of a job, or the host daemon (--listen)",
     after_long_help = "Normally started by krun; under srun the node id comes from SLURM_NODEID. \
 --runtime is krun's runtime listener: the node registers there and reports agreed views. \
---join adds a node to a running job's membership: it runs no ranks and ends when krun stops it. \
+--join adds a node to a running job's membership: it starts with no ranks, runs ranks a drain moves \
+to it (their images read from the members' stores, --store-peers) and ends when krun stops it or its \
+ranks end. --ghost-restore (for krun ghost migrate --to) restores an image read on stdin. \
 --listen needs KRUN_SECRET_FILE or KRUN_SECRET; --insecure only on loopback."
 )]
 pub struct KrundCli {
@@ -281,6 +283,17 @@ pub struct KrundCli {
     /// The address a joining node's links bind to.
     #[arg(long, value_name = "IP", requires = "join")]
     pub bind: Option<IpAddr>,
+    /// Members whose checkpoint stores a joining node reads moved ranks' images from
+    /// (their control sockets): ID=HOST:PORT,...
+    #[arg(long, value_name = "ID=HOST:PORT,...", value_parser = join_peers, requires = "join")]
+    pub store_peers: Option<std::collections::BTreeMap<u32, String>>,
+    /// Read a ghost image on stdin, restore it, and wait for it (`krun ghost migrate --to`,
+    /// through a host's daemon).
+    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "join"])]
+    pub ghost_restore: bool,
+    /// Where the restored process's output goes (with --ghost-restore).
+    #[arg(long, value_name = "FILE", requires = "ghost_restore")]
+    pub output: Option<std::path::PathBuf>,
     /// Ranks per node: C0,C1,... (with a PROGRAM).
     #[arg(long, value_name = "C0,C1,...", requires = "bootstrap")]
     pub counts: Option<String>,

@@ -4,7 +4,7 @@
 //! Local mode (`krun --local K`) starts K node daemons on this machine, wires them together
 //! through the bootstrap service and streams their output back. Host and Slurm modes come
 //! with the launcher issue.
-mod added_nodes;
+pub mod added_nodes;
 pub mod binding;
 pub mod cli;
 pub mod config;

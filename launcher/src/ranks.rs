@@ -315,6 +315,78 @@ pub enum RankCommand {
     /// The job is over for this node (its krun is gone): every rank gets SIGTERM, then
     /// SIGKILL after [`TERMINATE_GRACE`]; the share ends with exit code 1.
     Terminate { reason: String },
+    /// Bring `rank` here by running `start` on the runner's own thread (a CRIU restore: the
+    /// restored root becomes a child of the calling thread, and its parent-death signal
+    /// follows that thread, so it must be the long-lived runner); `start` returns the pid of
+    /// that child, which is then waited for, signalled and ended like the node's own ranks.
+    Watch {
+        rank: usize,
+        start: StartFn,
+        reply: std::sync::mpsc::Sender<std::result::Result<u32, String>>,
+    },
+}
+
+/// How a watched rank's process is brought up ([`RankCommand::Watch`]): given the write
+/// ends of new pipes for its standard output and error (forwarded like a spawned rank's,
+/// valid during the call), it returns the process's pid.
+pub struct StartFn(pub Box<dyn FnOnce(RankPipes) -> std::result::Result<u32, String> + Send>);
+
+/// The write ends of a watched rank's output pipes ([`StartFn`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RankPipes {
+    pub stdout: std::os::fd::RawFd,
+    pub stderr: std::os::fd::RawFd,
+}
+
+/// A pipe (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors into fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors owned from here on.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+impl std::fmt::Debug for StartFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartFn")
+    }
+}
+
+/// A rank's process the node did not spawn itself ([`RankCommand::Watch`]): reaped with
+/// waitpid(2) by pid.
+struct Watched {
+    rank: usize,
+    pid: u32,
+}
+
+impl Watched {
+    /// Its exit status, once it ended (reaped).
+    fn try_wait(&self) -> Option<ExitStatus> {
+        let mut status = 0;
+        // SAFETY: waitpid on a child of this process, with a valid status pointer.
+        let r = unsafe { libc::waitpid(self.pid as i32, &mut status, libc::WNOHANG) };
+        if r == self.pid as i32 {
+            use std::os::unix::process::ExitStatusExt;
+            return Some(ExitStatus::from_raw(status));
+        }
+        if r < 0 {
+            // Not (or no longer) our child: treat it as gone once its pid is.
+            if !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+                use std::os::unix::process::ExitStatusExt;
+                return Some(ExitStatus::from_raw(0));
+            }
+        }
+        None
+    }
 }
 
 /// How long ranks told to end (SIGTERM) have before they are killed.
@@ -453,6 +525,7 @@ fn signal_rank(pid: u32, sig: i32) {
 pub fn run_share(share: &NodeShare) -> Result<i32> {
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut released: Vec<(usize, Child)> = Vec::new();
+    let mut watched: Vec<Watched> = Vec::new();
     let mut forwarders = Vec::new();
     let kill_all = |children: &mut Vec<(usize, Child)>| {
         for (_, c) in children.iter_mut() {
@@ -564,19 +637,59 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                             }
                         }
                     }
+                    RankCommand::Watch { rank, start, reply } => {
+                        held_exits.retain(|p| p.0 != rank);
+                        let started = pipe()
+                            .and_then(|o| Ok((o, pipe()?)))
+                            .map_err(|e| format!("creating rank {rank}'s output pipes: {e}"));
+                        let started = started.and_then(|((out_r, out_w), (err_r, err_w))| {
+                            use std::os::fd::AsRawFd;
+                            let pid = (start.0)(RankPipes {
+                                stdout: out_w.as_raw_fd(),
+                                stderr: err_w.as_raw_fd(),
+                            })?;
+                            // The process holds its own copies now.
+                            drop((out_w, err_w));
+                            forwarders.push(forward_output(
+                                std::fs::File::from(out_r),
+                                rank,
+                                share.tag_output,
+                                false,
+                            ));
+                            forwarders.push(forward_output(
+                                std::fs::File::from(err_r),
+                                rank,
+                                share.tag_output,
+                                true,
+                            ));
+                            Ok(pid)
+                        });
+                        if let Ok(pid) = started {
+                            if let Some(tx) = &share.events {
+                                let _ = tx.send(RankEvent::Started { rank, pid });
+                            }
+                            watched.push(Watched { rank, pid });
+                        }
+                        let _ = reply.send(started);
+                    }
                     RankCommand::Terminate { reason } => {
                         if terminating.is_none() {
                             eprintln!(
                                 "krund: node {}: ending {} rank(s): {reason}",
                                 share.node_id,
-                                children.len() + released.len()
+                                children.len() + released.len() + watched.len()
                             );
                             for (_, c) in children.iter().chain(released.iter()) {
                                 signal_rank(c.id(), libc::SIGTERM);
                             }
+                            for w in &watched {
+                                signal_rank(w.pid, libc::SIGTERM);
+                            }
                             terminating = Some(std::time::Instant::now());
-                            // A spare with no rank ends cleanly.
-                            if !children.is_empty() || !released.is_empty() {
+                            // A spare with no rank ends cleanly, and so does a drained node
+                            // whose released ranks (moved away: their end is not this node's
+                            // story) are still on their way out.
+                            if !children.is_empty() || !watched.is_empty() {
                                 worst = worst.max(1);
                             }
                         }
@@ -589,8 +702,11 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 signal_rank(c.id(), libc::SIGKILL);
                 let _ = c.kill();
             }
+            for w in &watched {
+                signal_rank(w.pid, libc::SIGKILL);
+            }
         }
-        ran_ranks |= !children.is_empty();
+        ran_ranks |= !children.is_empty() || !watched.is_empty();
         let now = std::time::Instant::now();
         held_exits.retain(|&(rank, code, signal, at)| {
             let due = share.exit_grace.is_none_or(|g| now.duration_since(at) >= g);
@@ -600,7 +716,8 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             }
             !due
         });
-        if children.is_empty() && released.is_empty() && held_exits.is_empty() {
+        if children.is_empty() && released.is_empty() && held_exits.is_empty() && watched.is_empty()
+        {
             if ran_ranks || stopped() || terminating.is_some() {
                 break;
             }
@@ -629,7 +746,28 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                 signal_rank(c.id(), sig);
                 forwarded = true;
             }
+            for w in &watched {
+                signal_rank(w.pid, sig);
+                forwarded = true;
+            }
         }
+        // Ranks restored here by CRIU: reaped by pid, reported like the node's own.
+        watched.retain(|w| match w.try_wait() {
+            Some(status) => {
+                remove_shm_segments(w.pid);
+                let code = exit_code(status);
+                if code != 0 && share.exit_grace.is_some() && terminating.is_none() {
+                    held_exits.push((w.rank, code, status.signal(), std::time::Instant::now()));
+                } else {
+                    report_exit(w.rank, code, status.signal());
+                    if terminating.is_none() {
+                        worst = worst.max(code);
+                    }
+                }
+                false
+            }
+            None => true,
+        });
         // A released rank's process ends when it is captured: reap it quietly.
         released.retain_mut(|(_, c)| match c.try_wait() {
             Ok(Some(_)) => {
@@ -690,7 +828,11 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             }
             terminating = Some(std::time::Instant::now());
         }
-        if !children.is_empty() || !released.is_empty() || !held_exits.is_empty() {
+        if !children.is_empty()
+            || !released.is_empty()
+            || !held_exits.is_empty()
+            || !watched.is_empty()
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

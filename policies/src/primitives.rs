@@ -266,6 +266,11 @@ pub enum Event {
     },
     /// A rank's process ended by itself (not through a node failure).
     RankExited { rank: Rank, node: NodeId, code: i32 },
+    /// `krun node drain`: move the ranks of `node` to other nodes (a checkpoint first, then
+    /// a planned move from it), after which `node` may leave. `view`: the membership now (a
+    /// node in it that runs no rank is a spare, such as one added by `krun node add`).
+    /// Answered by [`crate::report::NoticeKind::Drained`] or `DrainRefused`.
+    DrainRequested { node: NodeId, view: AgreedView },
 }
 
 /// A recorded decision (what krund writes to the process table or the agreed log).
@@ -306,6 +311,10 @@ pub enum DecisionKind {
     Recovered { failure_epoch: Epoch },
     /// The job is over (`error`: why it could not continue).
     JobEnded { error: Option<String> },
+    /// `krun node drain`: the ranks of `node` move away from the next committed checkpoint.
+    DrainStarted { node: NodeId },
+    /// The ranks of `node` run elsewhere from checkpoint `version`; `node` may leave.
+    Drained { node: NodeId, version: Version },
 }
 
 /// What a policy emits: primitive calls, records and messages for the user.

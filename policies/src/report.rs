@@ -82,6 +82,21 @@ pub enum NoticeKind {
     JobEnded {
         error: PolicyError,
     },
+    /// A drain is over: the ranks of `node` run on other nodes from checkpoint `version`
+    /// (`None`: it ran no rank), and the other ranks continue from it too.
+    Drained {
+        node: NodeId,
+        version: Option<Version>,
+        moved: Vec<RestartGroup>,
+        continuing: Vec<Rank>,
+        /// From the request to the ranks computing again.
+        seconds: f64,
+    },
+    /// A drain was refused or could not be done; nothing moved.
+    DrainRefused {
+        node: NodeId,
+        reason: String,
+    },
 }
 
 fn nodes_phrase(nodes: &[NodeId]) -> String {
@@ -247,6 +262,44 @@ impl fmt::Display for NoticeKind {
             ),
             NoticeKind::JobCompleted => f.write_str("job completed"),
             NoticeKind::JobEnded { error } => write!(f, "job ended: {error}"),
+            NoticeKind::Drained {
+                node,
+                version,
+                moved,
+                continuing,
+                seconds,
+            } => {
+                if moved.is_empty() {
+                    return write!(f, "node {node} drained: it ran no rank");
+                }
+                write!(f, "node {node} drained:")?;
+                for (i, g) in moved.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ";" };
+                    let role = if g.spare { "spare node" } else { "node" };
+                    write!(
+                        f,
+                        "{sep} {} moved to {role} {} from {}",
+                        ranks_phrase(&g.ranks),
+                        g.node,
+                        from_phrase(*version)
+                    )?;
+                    if let Some(src) = g.source {
+                        write!(f, " ({src}, {})", human_bytes(src.bytes))?;
+                    }
+                }
+                if !continuing.is_empty() {
+                    write!(
+                        f,
+                        "; {} continue from {}",
+                        ranks_phrase(continuing),
+                        from_phrase(*version)
+                    )?;
+                }
+                write!(f, "; computing again {seconds:.2} s after the request")
+            }
+            NoticeKind::DrainRefused { node, reason } => {
+                write!(f, "drain of node {node} refused: {reason}")
+            }
         }
     }
 }

@@ -21,6 +21,11 @@ struct JoinArgs {
     job_ranks: u64,
     runtime: Option<SocketAddr>,
     bind: Option<std::net::IpAddr>,
+    /// Members whose stores this node reads moved ranks' images from.
+    store_peers: Vec<(u32, String)>,
+    tag_output: bool,
+    /// The job's program: ranks moved here run it.
+    program: Vec<String>,
 }
 
 struct Args {
@@ -43,6 +48,8 @@ enum Mode {
     },
     Join(JoinArgs),
     Node(Args),
+    /// `--ghost-restore [--output FILE]`: an image on stdin (`krun ghost migrate --to`).
+    GhostRestore(Option<std::path::PathBuf>),
 }
 
 /// Checks what clap cannot: which flags each mode needs, and that they agree.
@@ -53,6 +60,9 @@ fn mode(cli: KrundCli) -> Result<Mode, LauncherError> {
             insecure: cli.insecure,
         });
     }
+    if cli.ghost_restore {
+        return Ok(Mode::GhostRestore(cli.output));
+    }
     if let Some(peers) = cli.join {
         let missing =
             |n: &str| LauncherError::Usage(format!("{n} is required with --join (krund --help)"));
@@ -62,6 +72,9 @@ fn mode(cli: KrundCli) -> Result<Mode, LauncherError> {
             job_ranks: cli.job_ranks.ok_or_else(|| missing("--job-ranks"))?,
             runtime: cli.runtime,
             bind: cli.bind,
+            store_peers: cli.store_peers.unwrap_or_default().into_iter().collect(),
+            tag_output: cli.tag_output,
+            program: cli.program,
         }));
     }
     let missing = |n: &str| LauncherError::Usage(format!("{n} is required (krund --help)"));
@@ -146,6 +159,9 @@ fn run() -> Result<i32, LauncherError> {
     let args = match mode(cli)? {
         Mode::Listen { spec, insecure } => return listen(spec, insecure),
         Mode::Join(join_args) => return join(join_args),
+        Mode::GhostRestore(output) => {
+            return launcher::ghost_cli::restore_and_follow(output.as_deref())
+        }
         Mode::Node(args) => args,
     };
     let mut boot = BootstrapClient::connect(
@@ -276,16 +292,7 @@ fn run() -> Result<i32, LauncherError> {
             // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
             // recovery (its peers on a failed node are gone): its exit counts only once the
             // failure had time to be agreed and acted on.
-            exit_grace: match std::env::var("KRUN_SPARES")
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-            {
-                Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
-                _ if std::env::var_os("KRUN_RECOVERS").is_some() => {
-                    Some(failure_timeout()? + Duration::from_secs(20))
-                }
-                _ => None,
-            },
+            exit_grace: exit_grace()?,
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
             rank_setup: pmi.as_ref().map(|s| s.rank_setup()),
         };
@@ -297,6 +304,14 @@ fn run() -> Result<i32, LauncherError> {
                 // The node's ranks moved away; it leaves once the membership agreed on it.
                 if runtime.wait_stop_timeout(Duration::from_secs(60)).is_none() {
                     eprintln!("krund: node {node_id}: drained, but no leave was agreed in 60 s");
+                }
+                launcher::runtime::migrate::remove_move_images();
+                // A drain soon after the start may come while the nodes still swap their
+                // stores' addresses through the job's bootstrap: leaving in the middle of
+                // that round would fail it for every node (and the job).
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !store.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 return Ok(code);
             }
@@ -361,6 +376,23 @@ fn start_store(
     Ok(())
 }
 
+/// How long a failed rank's exit is held back: with spares (KRUN_SPARES) or a recovering
+/// policy (KRUN_RECOVERS), until the failure had time to be agreed and acted on.
+fn exit_grace() -> Result<Option<Duration>, LauncherError> {
+    Ok(
+        match std::env::var("KRUN_SPARES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            Some(n) if n > 0 => Some(failure_timeout()? + Duration::from_secs(20)),
+            _ if std::env::var_os("KRUN_RECOVERS").is_some() => {
+                Some(failure_timeout()? + Duration::from_secs(20))
+            }
+            _ => None,
+        },
+    )
+}
+
 /// `KRUN_FAILURE_TIMEOUT_MS` (`[runtime] failure_timeout_ms`), default
 /// [`launcher::runtime::DEFAULT_FAILURE_TIMEOUT`].
 fn failure_timeout() -> Result<Duration, LauncherError> {
@@ -416,13 +448,30 @@ fn join(args: JoinArgs) -> Result<i32, LauncherError> {
             })?,
         (None, None) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
     };
-    let runtime = Runtime::bind(runtime_config(
-        args.node_id,
-        bind,
-        args.runtime,
-        args.job_ranks,
-    )?)?
-    .start(args.peers, true)?;
+    let runtime = std::sync::Arc::new(
+        Runtime::bind(runtime_config(
+            args.node_id,
+            bind,
+            args.runtime,
+            args.job_ranks,
+        )?)?
+        .start(args.peers, true)?,
+    );
+    if !args.program.is_empty() {
+        // Ranks may be moved here (a drain): run them like a spare's.
+        launcher::runtime::drain::set_store_peers(args.store_peers);
+        let share = launcher::added_nodes::JoinedShare {
+            node_id: args.node_id,
+            job_ranks: args.job_ranks as usize,
+            bind,
+            tag_output: args.tag_output,
+            program: args.program,
+            exit_grace: exit_grace()?,
+        };
+        let code = share.run(&runtime)?;
+        runtime.finish();
+        return Ok(code);
+    }
     let why = runtime.wait_stop();
     runtime.finish();
     if std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some() {

@@ -63,6 +63,14 @@ pub enum Input {
         members: Vec<NodeId>,
         failed: Vec<NodeId>,
     },
+    /// `krun node drain` (see `runtime/drain.rs`): the policy moves the node's ranks; the
+    /// answer is the user's line and the ranks moved, or why nothing moved.
+    Drain {
+        node: NodeId,
+        epoch: u64,
+        members: Vec<NodeId>,
+        reply: Sender<super::drain::DrainAnswer>,
+    },
 }
 
 /// Sends a command to every node linked to krun; returns the nodes it went to.
@@ -182,6 +190,8 @@ struct HubCalls {
     commits: Arc<AtomicU64>,
     /// Where `--inject-failure node=N@ckptK:capture` and the like stop the policy.
     phases: PhaseGate,
+    /// Who waits for the drain in progress (`runtime/drain.rs`).
+    drain: super::drain::DrainWaiter,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -326,9 +336,11 @@ impl PolicyRuntime for HubCalls {
 
     fn notify(&mut self, notice: &Notice) {
         eprintln!("krun: {notice}");
+        self.drain.notice(notice);
     }
 
     fn end_job(&mut self, error: Option<&PolicyError>) {
+        self.drain.job_over();
         if let Some(e) = error {
             eprintln!("krun: the checkpoint policy ended the job: {e}");
             self.stopped = true;
@@ -544,6 +556,7 @@ impl CheckpointDriver {
             new_wiring,
             job_error,
             phases,
+            drain: Default::default(),
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -674,6 +687,18 @@ fn feed(engine: &mut Engine<Coordinated, HubCalls>, now: Millis, event: Event, r
 fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<Event> {
     match input {
         Input::Request(source) => Some(Event::CheckpointRequest { source }),
+        Input::Drain {
+            node,
+            epoch,
+            members,
+            reply,
+        } => calls
+            .drain
+            .request(node, reply, calls.stopped)
+            .then(|| Event::DrainRequested {
+                node,
+                view: AgreedView::new(epoch, members),
+            }),
         Input::View {
             epoch,
             members,
@@ -872,6 +897,7 @@ mod tests {
             new_wiring: Arc::new(|| Err("no wiring in this test".into())),
             job_error: Arc::new(Mutex::new(None)),
             phases: PhaseGate::default(),
+            drain: Default::default(),
         };
         (calls, sent)
     }

@@ -37,10 +37,26 @@ pub enum ControlRequest {
     MigrateOut { rank: u64, dry_run: bool },
     /// Start `rank` here from its newest checkpoint (moved from another node).
     Adopt { rank: u64 },
+    /// As `Adopt`; a plain program's CRIU image of the move is read from the node whose
+    /// control socket is `from` when this node does not see it (no shared `KRUN_GHOST_DIR`).
+    AdoptFrom { rank: u64, from: String },
+    /// Up to [`IMAGE_CHUNK`] bytes from `offset` of this node's CRIU image of `rank`'s move
+    /// (`pipes`: the note of its output pipes instead).
+    ReadMoveFile { rank: u64, pipes: bool, offset: u64 },
     /// Read `version` of `rank`'s image back from the checkpoint store (the fastest valid
     /// copy, as a restart would) and say where it came from.
     Fetch { rank: u32, version: u64 },
+    /// Up to [`IMAGE_CHUNK`] bytes of `version` of `rank`'s image from `offset`, read from
+    /// this node's store (for a node added later, which has no store of its own).
+    ReadImage {
+        rank: u32,
+        version: u64,
+        offset: u64,
+    },
 }
+
+/// The most image bytes one [`ControlReply::Image`] carries.
+pub const IMAGE_CHUNK: usize = 4 << 20;
 
 /// Where a fetched checkpoint image came from ([`ControlRequest::Fetch`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +75,11 @@ pub struct FetchInfo {
 pub enum ControlReply {
     Status(Box<NodeStatus>),
     Fetched(FetchInfo),
+    /// (To `ReadImage`) the image's length and the chunk from the offset asked for.
+    Image {
+        total: u64,
+        bytes: Vec<u8>,
+    },
     Done(String),
     Refused(String),
 }

@@ -473,6 +473,14 @@ fn add_node(
         if host.is_none() {
             args.extend(["--bind".to_string(), inner.advertised.to_string()]);
         }
+        // Ranks moved to the new node read their images from these members' stores.
+        let stores: Vec<String> = st
+            .links
+            .values()
+            .filter(|l| !l.bye && st.members.contains(&l.addresses.node))
+            .map(|l| format!("{}={}", l.addresses.node, l.addresses.control_tcp))
+            .collect();
+        args.extend(["--store-peers".to_string(), stores.join(",")]);
         (node, args)
     };
     inner
@@ -492,7 +500,7 @@ fn add_node(
 }
 
 fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>, String> {
-    let (members, via) = {
+    let (members, via, epoch) = {
         let st = inner.state.lock().expect("hub lock");
         if !st.links.contains_key(&node) {
             return Err(format!(
@@ -517,7 +525,7 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
             })
             .map(|l| l.addresses.clone())
             .collect();
-        (st.members.clone(), via)
+        (st.members.clone(), via, st.epoch)
     };
     // The table (which ranks run where) and the supervisors, from a member that stays.
     let status = via
@@ -541,8 +549,17 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         ));
     }
     let mut moved = Vec::new();
-    if inner.nodes_with_ranks.contains(&node) {
+    let policy = inner.policy.lock().expect("policy lock").clone();
+    // Ranks of ghost's native checkpointer that do not use the fabric move one by one
+    // (captured, then adopted); the others move through the policy's checkpoint and a planned
+    // recovery (runtime/drain.rs).
+    let native = inner.nodes_with_ranks.contains(&node)
+        && (policy.is_none() || natively_movable(inner, node, &status).is_ok());
+    if native {
         moved = move_ranks(inner, node, &members, &via, &status)?;
+    } else if let Some(policy) = policy {
+        moved = super::drain::through_policy(&policy, node, epoch, members.clone())?.moved;
+        inner.state.lock().expect("hub lock").ranked.remove(&node);
     }
     let mut last = String::from("no member answered");
     for a in via {
@@ -565,6 +582,56 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         }
     }
     Err(last)
+}
+
+/// Asks a node's control socket; its `Done` text, or why not.
+fn ask_node(
+    inner: &Inner,
+    a: &NodeAddresses,
+    req: ControlRequest,
+) -> std::result::Result<String, String> {
+    match control::call::<_, ControlReply>(
+        &ControlTarget::Tcp(a.control_tcp.clone()),
+        &inner.secret,
+        &req,
+        Duration::from_secs(60),
+    ) {
+        Ok(ControlReply::Done(s)) => Ok(s),
+        Ok(ControlReply::Refused(why)) => Err(format!("node {}: {why}", a.node)),
+        Ok(other) => Err(format!("node {}: unexpected answer {other:?}", a.node)),
+        Err(e) => Err(format!("node {}: {e}", a.node)),
+    }
+}
+
+/// Whether every rank running on `node` can move without the policy (a dry run of
+/// `MigrateOut`: native ghost ranks that do not use the fabric).
+fn natively_movable(
+    inner: &Inner,
+    node: NodeId,
+    status: &super::status::NodeStatus,
+) -> std::result::Result<(), String> {
+    let source = {
+        let st = inner.state.lock().expect("hub lock");
+        st.links
+            .get(&node)
+            .map(|l| l.addresses.clone())
+            .ok_or_else(|| format!("node {node} is not linked"))?
+    };
+    for r in status
+        .ranks
+        .iter()
+        .filter(|r| r.node == node && r.state == super::table::RankState::Running)
+    {
+        ask_node(
+            inner,
+            &source,
+            ControlRequest::MigrateOut {
+                rank: r.rank,
+                dry_run: true,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Moves every rank running on `node` to the other nodes that run ranks (round robin): the
@@ -630,7 +697,13 @@ fn move_ranks(
                 dry_run: false,
             },
         )?;
-        ask(targets[i % targets.len()], ControlRequest::Adopt { rank })?;
+        ask(
+            targets[i % targets.len()],
+            ControlRequest::AdoptFrom {
+                rank,
+                from: source.control_tcp.clone(),
+            },
+        )?;
         moved.push(rank);
     }
     Ok(moved)

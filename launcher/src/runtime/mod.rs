@@ -40,6 +40,7 @@ use crate::ranks::RankEvent;
 pub mod agent;
 pub mod checkpoints;
 pub mod control;
+pub mod drain;
 pub mod hub;
 pub mod jobdir;
 pub mod membership;
@@ -96,6 +97,15 @@ pub trait CheckpointAgent: Send + Sync {
     }
     /// Reads `version` of `rank` back from the store (the fastest valid copy).
     fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
+        Err(LauncherError::Checkpoint {
+            rank,
+            version,
+            what: "this node has no checkpoint store".into(),
+        })
+    }
+    /// The bytes of `version` of `rank` (the fastest valid copy), for a node without a store
+    /// of its own ([`ControlRequest::ReadImage`]).
+    fn read_image(&self, rank: u32, version: u64) -> Result<Vec<u8>> {
         Err(LauncherError::Checkpoint {
             rank,
             version,
@@ -306,7 +316,8 @@ impl Runtime {
             let me = self.node;
             let tell = move |view: &adaptation::daemon::ViewSnapshot| {
                 for c in membership::changes(view) {
-                    if c.kind == "fail" {
+                    // A drained node that left takes its store node with it, as a failure.
+                    if c.kind == "fail" || c.kind == "leave" {
                         if let Err(e) = a.node_down(c.node) {
                             eprintln!("krund: node {me}: store: node {} down: {e}", c.node);
                         }
@@ -706,6 +717,8 @@ fn connect_launcher(
                     version,
                     ranks,
                 }) => {
+                    // Ranks moved away by a drain end before the new epoch's start.
+                    drain::release_moved(&shared, &ranks);
                     let (shared, agent) = (shared.clone(), agent.clone());
                     std::thread::spawn(move || {
                         recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
@@ -789,10 +802,26 @@ fn control_request(
                 Err(e) => ControlReply::Refused(e),
             }
         }
+        ControlRequest::AdoptFrom { rank, from } => {
+            match migrate::adopt_from(table, me.node, rank, &from) {
+                Ok(done) => ControlReply::Done(done),
+                Err(e) => ControlReply::Refused(e),
+            }
+        }
+        ControlRequest::ReadMoveFile {
+            rank,
+            pipes,
+            offset,
+        } => migrate::serve_move_file(rank, pipes, offset),
         ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
             Ok(done) => ControlReply::Done(done),
             Err(e) => ControlReply::Refused(e),
         },
+        ControlRequest::ReadImage {
+            rank,
+            version,
+            offset,
+        } => drain::serve_image_read(agent, me.node, rank, version, offset),
         ControlRequest::Fetch { rank, version } => match agent {
             Some(a) => match a.fetch(rank, version) {
                 Ok(f) => ControlReply::Fetched(f),

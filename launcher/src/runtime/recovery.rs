@@ -354,12 +354,15 @@ fn restart_one(
             // The rank comes from another node: its images come from the store.
             let (dir, owner) = rank_images(rank);
             let _ = std::fs::remove_dir_all(dir.join(&owner));
-            let a = agent.wait(Duration::from_secs(30)).ok_or_else(|| {
-                format!("node {} has no checkpoint store to fetch from", shared.me)
-            })?;
-            fetched = a
-                .write_chain(rank, v, &dir, &owner)
-                .map_err(|e| format!("fetching its images of v{v}: {e}"))?;
+            fetched = match agent.wait(Duration::from_secs(30)) {
+                Some(a) => a
+                    .write_chain(rank, v, &dir, &owner)
+                    .map_err(|e| format!("fetching its images of v{v}: {e}"))?,
+                // A node added while the job runs has no store: it reads the chain from a
+                // member's (runtime/drain.rs).
+                None => super::drain::fetch_chain_remote(shared.me, rank, v, &dir, &owner)
+                    .map_err(|e| format!("fetching its images of v{v}: {e}"))?,
+            };
         }
     } else {
         // From the program's start: images this rank left (a checkpoint that was never

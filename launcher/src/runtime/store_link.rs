@@ -65,6 +65,10 @@ impl CheckpointAgent for StoreAgent {
         })
     }
 
+    fn read_image(&self, rank: u32, version: u64) -> Result<Vec<u8>> {
+        Ok(self.agent.fetch(rank, version)?.image.to_vec())
+    }
+
     fn write_chain(&self, rank: u32, version: u64, dir: &Path, owner: &str) -> Result<u64> {
         let files = self.agent.write_chain(rank, version, dir, owner)?;
         Ok(files

@@ -41,6 +41,7 @@ use crate::{Action, PolicyError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod config;
+mod drain;
 mod recovery;
 
 pub use config::{Config, IntervalChoice, LevelCadence, NoSpare};
@@ -158,6 +159,8 @@ pub struct Coordinated {
     /// Set by `resume`: ranks decided for a restart that never registered (they may run
     /// nowhere), restarted again by the first recovery.
     unconfirmed: BTreeSet<Rank>,
+    /// The `krun node drain` in progress (see `drain.rs`).
+    drain: Option<drain::Drain>,
 }
 
 impl Coordinated {
@@ -214,6 +217,7 @@ impl Coordinated {
             open_checkpoint: None,
             exit_failure: None,
             unconfirmed: BTreeSet::new(),
+            drain: None,
         };
         p.next_checkpoint_at = p.interval_ms().map(|t| now + t);
         Ok(p)
@@ -286,6 +290,8 @@ impl Coordinated {
                     }
                 }
                 DecisionKind::JobEnded { .. } => p.state = State::Ended,
+                // A move in flight is an open recovery (planned again by the new leader).
+                DecisionKind::DrainStarted { .. } | DecisionKind::Drained { .. } => {}
             }
         }
         for &(rank, code) in &snapshot.exits {
@@ -748,8 +754,10 @@ impl Policy for Coordinated {
                 self.on_rollback_result(now, op, rank, Err(reason), reads)
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
+            Event::DrainRequested { node, view } => self.on_drain_request(now, node, view),
         });
         out.extend(self.maybe_start(now));
+        self.drain_follow(now, &mut out, reads);
         out
     }
 

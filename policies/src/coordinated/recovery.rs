@@ -260,7 +260,7 @@ impl Coordinated {
         let mut rollbacks: Vec<(Rank, Version, ImageCopy)> = Vec::new();
         for r in 0..n {
             let slot = self.slots[r as usize];
-            if !self.alive(slot.node) {
+            if !self.alive(slot.node) || self.draining() == Some(slot.node) {
                 to_place.entry(slot.node).or_default().push(r);
                 continue;
             }
@@ -300,8 +300,12 @@ impl Coordinated {
                 *l += 1;
             }
         }
+        // A node being drained takes no rank.
+        if let Some(d) = self.draining() {
+            load.remove(&d);
+        }
         let mut placements: Vec<(Rank, NodeId, bool)> = Vec::new();
-        for (_, ranks) in to_place {
+        for (from, ranks) in to_place {
             let spare = self
                 .spares
                 .iter()
@@ -315,6 +319,8 @@ impl Coordinated {
             let lost_here = ranks.clone();
             for r in ranks {
                 let cap = match self.cfg.no_spare {
+                    // A drained node's ranks go to the least-loaded other node.
+                    NoSpare::Fail if self.draining() == Some(from) => None,
                     NoSpare::Fail => {
                         let reason = "no spare node is left and the policy does not allow running on fewer nodes".to_string();
                         out.extend(self.end(
