@@ -185,15 +185,11 @@ pub enum KrunCommand {
         #[arg(long = "bind-to", value_name = "B")]
         bind_to: Option<String>,
     },
-    /// Capture, restore, roll back, migrate and inspect processes (`krun ghost --help`).
-    #[command(disable_help_flag = true)]
+    /// Capture, restore, roll back, migrate and inspect processes (the backend, CRIU or the
+    /// native checkpointer, is chosen from the process or the image).
     Ghost {
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: GhostAction,
     },
     /// Slurm's hostlist grammar.
     Hostlist {
@@ -211,6 +207,93 @@ pub enum KrunCommand {
 }
 
 /// `krun node ...`.
+/// `krun ghost ...`: the uniform checkpointer API on one process (`launcher/src/ghost_cli.rs`).
+#[derive(Subcommand, Debug)]
+pub enum GhostAction {
+    /// Start a program CRIU can capture and restore beside itself (PID 1 of its own PID
+    /// namespace).
+    Run {
+        /// Where the program's output goes (default: /dev/null).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "PROGRAM"
+        )]
+        program: Vec<String>,
+    },
+    /// Verify an image and print what it holds.
+    Inspect { image: PathBuf },
+    /// Capture a process (kept running unless --kill).
+    Capture {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        /// The image to write.
+        #[arg(short = 'o', long = "image", value_name = "IMAGE")]
+        image: PathBuf,
+        /// End the process once captured.
+        #[arg(long)]
+        kill: bool,
+        /// Compress the image with zstd.
+        #[arg(long)]
+        zstd: bool,
+    },
+    /// Start a new process from an image; prints its pid.
+    Restore {
+        image: PathBuf,
+        /// Where the restored process's output goes.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The owner name its native images are kept under.
+        #[arg(long, value_name = "NAME")]
+        owner: Option<String>,
+        /// Native: the directory that holds its images from then on.
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<PathBuf>,
+    },
+    /// Bring a live process back to an image.
+    Rollback {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        image: PathBuf,
+    },
+    /// Capture and end a process, and restore it elsewhere: in network namespace NAME (a node
+    /// of a namespace cluster), or on HOST through its `krund --listen` daemon (the image
+    /// travels over the authenticated link; KRUN_SECRET_FILE), which watches and reaps it;
+    /// krun then follows it (its output, its exit code) until it ends.
+    Migrate {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        /// The image to write.
+        #[arg(short = 'o', long = "image", value_name = "IMAGE")]
+        image: PathBuf,
+        /// Restore in this network namespace.
+        #[arg(
+            long,
+            value_name = "NAME",
+            required_unless_present = "to",
+            conflicts_with = "to"
+        )]
+        netns: Option<String>,
+        /// Restore on this host (HOST[:PORT]).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        to: Option<String>,
+        /// Where the restored process's output goes.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+fn pid(v: &str) -> std::result::Result<i32, String> {
+    v.parse::<i32>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!("'{v}' is not a process id"))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NodeAction {
     /// Join a new node (locally: a new krund; HOST: its `krund --listen` daemon).
@@ -567,11 +650,45 @@ mod tests {
             .unwrap()
             .command
         {
-            Some(KrunCommand::Ghost { args }) => {
-                assert_eq!(args, ["capture", "12", "-o", "img", "--kill"])
+            Some(KrunCommand::Ghost {
+                action:
+                    GhostAction::Capture {
+                        pid, image, kill, ..
+                    },
+            }) => {
+                assert_eq!((pid, image, kill), (12, PathBuf::from("img"), true))
             }
             other => panic!("{other:?}"),
         }
+        match krun(&["ghost", "run", "--output", "o.txt", "prog", "--flag", "x"])
+            .unwrap()
+            .command
+        {
+            Some(KrunCommand::Ghost {
+                action: GhostAction::Run { output, program },
+            }) => {
+                assert_eq!(output, Some(PathBuf::from("o.txt")));
+                assert_eq!(program, ["prog", "--flag", "x"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = krun(&["ghost", "capture", "-3", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'-3'") || e.contains("unexpected argument"),
+            "{e}"
+        );
+        let e = krun(&["ghost", "capture", "zero", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'zero' is not a process id"), "{e}");
+        let e = krun(&["ghost", "migrate", "12", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--netns"), "{e}");
+        assert!(krun(&["ghost", "migrate", "12", "-o", "i", "--netns", "a", "--to", "h"]).is_err());
+        assert!(krun(&["ghost", "capture", "12"]).is_err());
         assert!(krun(&["hostlist", "compress"]).is_err());
     }
 

@@ -275,7 +275,7 @@ fn subcommand(
         KrunCommand::Config { provider, bind_to } => {
             show_config(config, provider, bind_to).map(|t| t.trim_end().to_string())
         }
-        KrunCommand::Ghost { args } => launcher::ghost_cli::run(&args),
+        KrunCommand::Ghost { action } => launcher::ghost_cli::run(action),
         KrunCommand::Hostlist { action } => hostlist(action),
         KrunCommand::Completions { shell } => {
             let mut script = Vec::new();

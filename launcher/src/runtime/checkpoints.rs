@@ -44,7 +44,7 @@ use policies::primitives::{
     AgreedView, Decision, Event, ImageCopy, Layout, Level, Millis, NodeId, OpId, Rank, Reads,
     RequestSource, Version,
 };
-use policies::report::{Notice, Summary};
+use policies::report::{Notice, NoticeKind, Summary};
 use policies::{Config, Coordinated, IntervalChoice, Policy, PolicyError};
 
 /// How long every node has to answer `Opened` to a barrier before it fails.
@@ -192,6 +192,8 @@ struct HubCalls {
     phases: PhaseGate,
     /// Who waits for the drain in progress (`runtime/drain.rs`).
     drain: super::drain::DrainWaiter,
+    /// The recovery in progress, shown to the user: ranks restored of those planned.
+    recovery_bar: Option<crate::progress::Progress>,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -335,7 +337,27 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn notify(&mut self, notice: &Notice) {
-        eprintln!("krun: {notice}");
+        crate::progress::line(&format!("krun: {notice}"));
+        match &notice.kind {
+            NoticeKind::RecoveryPlanned {
+                restarts,
+                rollbacks,
+                ..
+            } => {
+                let n = restarts.iter().map(|g| g.ranks.len()).sum::<usize>() + rollbacks.len();
+                self.recovery_bar = Some(crate::progress::Progress::bar(
+                    crate::progress::Mode::for_stderr(),
+                    n as u64,
+                    "recovery: ranks restored",
+                ));
+            }
+            NoticeKind::Recovered { .. } | NoticeKind::JobEnded { .. } => {
+                if let Some(bar) = self.recovery_bar.take() {
+                    bar.finish(None);
+                }
+            }
+            _ => {}
+        }
         self.drain.notice(notice);
     }
 
@@ -557,6 +579,7 @@ impl CheckpointDriver {
             job_error,
             phases,
             drain: Default::default(),
+            recovery_bar: None,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -768,17 +791,20 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if let Some(bar) = &calls.recovery_bar {
+                    bar.inc(1);
+                }
                 if matches!(planned, Planned::Rollback(..)) && !in_place {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} could not roll back inside its process (gone or \
                          not watching): restarted on node {node} as a new process (pid {pid})"
-                    );
+                    ));
                 }
                 if fetched > 0 {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
                          ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
-                    );
+                    ));
                 }
                 Some(match planned {
                     Planned::Restart(decision) => Event::RestartDone {
@@ -898,6 +924,7 @@ mod tests {
             job_error: Arc::new(Mutex::new(None)),
             phases: PhaseGate::default(),
             drain: Default::default(),
+            recovery_bar: None,
         };
         (calls, sent)
     }
