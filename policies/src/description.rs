@@ -400,8 +400,32 @@ impl Description {
     }
 
     /// The coordinated policy's configuration: this description over `defaults` (the job's
-    /// interval, levels and commit level).
+    /// interval, levels and commit level); refuses what that policy cannot do.
     pub fn coordinated_config(&self, defaults: &Config) -> Result<Config, PolicyError> {
+        if self.restart == Placement::InPlace {
+            return Err(PolicyError::Description {
+                place: self.source.clone(),
+                key: "restart".into(),
+                reason: "the coordinated policy cannot restart ranks on their failed node \
+                         (in_place); use spare or shrink"
+                    .into(),
+            });
+        }
+        if self.logging != Logging::default() {
+            return Err(PolicyError::Description {
+                place: self.source.clone(),
+                key: "logging".into(),
+                reason: "the coordinated policy logs no events; logging needs an \
+                         uncoordinated policy"
+                    .into(),
+            });
+        }
+        self.merged_config(defaults)
+    }
+
+    /// This description's settings over `defaults`, checked as a coordinated configuration
+    /// (`restart = "in_place"` maps to ending the job when no spare is left).
+    pub fn merged_config(&self, defaults: &Config) -> Result<Config, PolicyError> {
         let mut cfg = defaults.clone();
         if let Some(i) = &self.interval {
             cfg.interval = i.clone();
@@ -415,29 +439,11 @@ impl Description {
         cfg.keep_commits = self.keep_commits;
         cfg.max_restart_attempts = self.max_restarts;
         cfg.no_spare = match self.restart {
-            Placement::Spare => NoSpare::Fail,
+            Placement::Spare | Placement::InPlace => NoSpare::Fail,
             Placement::Shrink => NoSpare::Survivors {
                 max_ranks_per_node: self.max_ranks_per_node,
             },
-            Placement::InPlace => {
-                return Err(PolicyError::Description {
-                    place: self.source.clone(),
-                    key: "restart".into(),
-                    reason: "the coordinated policy cannot restart ranks on their failed node \
-                             (in_place); use spare or shrink"
-                        .into(),
-                })
-            }
         };
-        if self.logging != Logging::default() {
-            return Err(PolicyError::Description {
-                place: self.source.clone(),
-                key: "logging".into(),
-                reason: "the coordinated policy logs no events; logging needs an \
-                         uncoordinated policy"
-                    .into(),
-            });
-        }
         cfg.validate().map_err(|e| PolicyError::Description {
             place: self.source.clone(),
             key: "(levels, interval)".into(),
