@@ -110,6 +110,11 @@ pub struct RunArgs {
     /// Take a coordinated checkpoint every SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     pub checkpoint_interval: Option<Duration>,
+    /// Run the HA policy described in FILE (TOML: which policy or module, interval or
+    /// daly, levels, spares, restart placement, ...; see the README). Default: the built-in
+    /// coordinated policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Keep the last K nodes (locally: K more krund) as spares that run no ranks.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub spares: usize,
@@ -161,6 +166,11 @@ pub enum KrunCommand {
         /// The job (krun's process id).
         #[arg(long, value_name = "ID")]
         job: Option<String>,
+    },
+    /// Load, unload or show a running job's HA policy (swapped at a consistent cut).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Read a rank's checkpoint back from the job's store, as a restart would.
     Fetch {
@@ -223,6 +233,31 @@ pub enum NodeAction {
     /// Move the node's ranks to other nodes, then let it leave.
     Drain {
         node: u32,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+}
+
+/// `krun policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Swap in the policy described in FILE: after a coordinated checkpoint (or at the
+    /// recovery line), with no work lost; refused with the reason when unsafe.
+    Load {
+        file: PathBuf,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// Go back to the built-in policy the job started with (a module is unloaded).
+    Unload {
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// The policy in force, its settings, phase and recovery line.
+    Show {
         /// The job (krun's process id).
         #[arg(long, value_name = "ID")]
         job: Option<String>,
