@@ -219,9 +219,9 @@ impl Running {
     fn wait_running(&self, dir: &Path, ranks: usize) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while status(dir).is_none_or(|s| {
-            s["status"]["ranks"].as_array().is_none_or(|r| {
-                r.len() < ranks || r.iter().any(|r| r["state"] != "running")
-            })
+            s["status"]["ranks"]
+                .as_array()
+                .is_none_or(|r| r.len() < ranks || r.iter().any(|r| r["state"] != "running"))
         }) {
             assert!(Instant::now() < deadline, "the job never ran");
             std::thread::sleep(Duration::from_millis(100));
@@ -259,14 +259,22 @@ fn checkpoints(dir: &Path, run: &mut Running, n: usize) {
     for _ in 0..n {
         let o = krun(dir).arg("checkpoint").output().unwrap();
         assert!(o.status.success(), "{}", text(&o));
-        run.wait_line("committed (asked by krun checkpoint)", Duration::from_secs(60));
+        run.wait_line(
+            "committed (asked by krun checkpoint)",
+            Duration::from_secs(60),
+        );
     }
 }
 
 /// Swaps in `file` and returns krun's answer (asserting it succeeded).
 fn load(dir: &Path, file: &Path) -> String {
     let o = policy(dir, &["load", file.to_str().unwrap()]);
-    assert!(o.status.success(), "krun policy load {}: {}", file.display(), text(&o));
+    assert!(
+        o.status.success(),
+        "krun policy load {}: {}",
+        file.display(),
+        text(&o)
+    );
     text(&o)
 }
 
@@ -295,8 +303,8 @@ fn middle_policy(dir: &Path) -> (PathBuf, &'static str) {
 }
 
 #[test]
-fn a_job_switches_policy_twice_while_it_runs_and_each_policy_recovers_a_node_killed_after_its_swap(
-) {
+fn a_job_switches_policy_twice_while_it_runs_and_each_policy_recovers_a_node_killed_after_its_swap()
+{
     let dir = temp("twice");
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "1500"]);
@@ -325,7 +333,10 @@ fn a_job_switches_policy_twice_while_it_runs_and_each_policy_recovers_a_node_kil
     let mut run = Running::start(cmd);
     run.wait_running(&dir.0, 6);
     let shown = text(&policy(&dir.0, &["show"]));
-    assert!(shown.contains("in force: coordinated since the job's start"), "{shown}");
+    assert!(
+        shown.contains("in force: coordinated since the job's start"),
+        "{shown}"
+    );
 
     // Swap 1 (commit 1 is its cut), two more commits: node 1 dies, the middle policy
     // recovers it.
@@ -335,22 +346,37 @@ fn a_job_switches_policy_twice_while_it_runs_and_each_policy_recovers_a_node_kil
         "{answer}"
     );
     let shown = text(&policy(&dir.0, &["show"]));
-    assert!(shown.contains(&format!("in force: {middle_name} since checkpoint 1")), "{shown}");
+    assert!(
+        shown.contains(&format!("in force: {middle_name} since checkpoint 1")),
+        "{shown}"
+    );
     checkpoints(&dir.0, &mut run, 2);
-    run.wait_line("injected failure: SIGKILL to node 1", Duration::from_secs(60));
+    run.wait_line(
+        "injected failure: SIGKILL to node 1",
+        Duration::from_secs(60),
+    );
     run.wait_line("recovered from the failure", Duration::from_secs(120));
     let shown = text(&policy(&dir.0, &["show"]));
-    assert!(shown.contains(&format!("in force: {middle_name}")), "{shown}");
+    assert!(
+        shown.contains(&format!("in force: {middle_name}")),
+        "{shown}"
+    );
 
     // Swap 2 back to a coordinated policy (commit 4), two more: node 2 dies, the
     // coordinated policy recovers it.
     let answer = load(&dir.0, &back);
     assert!(answer.contains("from checkpoint 4"), "{answer}");
     checkpoints(&dir.0, &mut run, 2);
-    run.wait_line("injected failure: SIGKILL to node 2", Duration::from_secs(60));
+    run.wait_line(
+        "injected failure: SIGKILL to node 2",
+        Duration::from_secs(60),
+    );
     run.wait_line("recovered from the failure", Duration::from_secs(120));
     let shown = text(&policy(&dir.0, &["show"]));
-    assert!(shown.contains("in force: coordinated since checkpoint 4"), "{shown}");
+    assert!(
+        shown.contains("in force: coordinated since checkpoint 4"),
+        "{shown}"
+    );
     assert!(shown.contains("keep 3 commits"), "{shown}");
 
     let (ok, out, err) = run.finish(Duration::from_secs(300));
@@ -366,7 +392,10 @@ fn a_job_switches_policy_twice_while_it_runs_and_each_policy_recovers_a_node_kil
         .lines()
         .find(|l| l.contains(" held in them"))
         .unwrap_or_else(|| panic!("no summary in {err}"));
-    assert!(summary.contains("2 node failures, 2 recoveries"), "{summary}");
+    assert!(
+        summary.contains("2 node failures, 2 recoveries"),
+        "{summary}"
+    );
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
 }
 
@@ -409,7 +438,10 @@ fn a_wrong_abi_a_panicking_module_an_unsafe_change_and_a_bad_file_leave_the_job_
             "panic-create.toml",
             &format!("{}[params]\npanic = \"create\"\n", m(&module)),
         ),
-        &["panicked: example module: panic asked for at create", "keeps policy coordinated"],
+        &[
+            "panicked: example module: panic asked for at create",
+            "keeps policy coordinated",
+        ],
     );
     // Dropping the only levels that hold the recovery line (L1, L2).
     refused(
@@ -421,21 +453,34 @@ fn a_wrong_abi_a_panicking_module_an_unsafe_change_and_a_bad_file_leave_the_job_
         &["unsafe policy change refused", "held only at L1, L2"],
     );
     // A wrong key: the file, the line and the key.
-    let bad = description(&dir.0, "bad.toml", "policy = \"coordinated\"\n\ninterval = 5\n");
+    let bad = description(
+        &dir.0,
+        "bad.toml",
+        "policy = \"coordinated\"\n\ninterval = 5\n",
+    );
     refused(&bad, &[&format!("{}:3: interval", bad.display())]);
     let shown = text(&policy(&dir.0, &["show"]));
-    assert!(shown.contains("in force: coordinated since the job's start"), "{shown}");
+    assert!(
+        shown.contains("in force: coordinated since the job's start"),
+        "{shown}"
+    );
 
     // A module that panics at its third event once in force: the job goes back to the
     // coordinated policy at the recovery line.
     let panics = description(
         &dir.0,
         "panic-event.toml",
-        &format!("{}[params]\npanic = \"after:3\"\ncadence_ms = \"300\"\n", m(&module)),
+        &format!(
+            "{}[params]\npanic = \"after:3\"\ncadence_ms = \"300\"\n",
+            m(&module)
+        ),
     );
     let answer = load(&dir.0, &panics);
     assert!(answer.contains("policy example-fixed-cadence"), "{answer}");
-    run.wait_line("panicked: example module: panic asked for at event 3", Duration::from_secs(60));
+    run.wait_line(
+        "panicked: example module: panic asked for at event 3",
+        Duration::from_secs(60),
+    );
     let shown = text(&policy(&dir.0, &["show"]));
     assert!(shown.contains("in force: coordinated"), "{shown}");
     // Checkpoints go on under it.

@@ -43,13 +43,13 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use policies::description::Description;
 use policies::engine::{Engine, Runtime as PolicyRuntime};
 use policies::primitives::{
     AgreedView, Decision, Event, ImageCopy, Layout, Level, Millis, NodeId, OpId, Rank, Reads,
     RequestSource, Version,
 };
 use policies::report::{Notice, Summary};
-use policies::description::Description;
 use policies::{Config, IntervalChoice, Policy, PolicyError};
 
 mod swap;

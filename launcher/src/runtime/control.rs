@@ -221,7 +221,10 @@ pub enum LauncherRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PolicyRequest {
     /// Swap in the description `text` read from `source` (its absolute path).
-    Load { source: String, text: String },
+    Load {
+        source: String,
+        text: String,
+    },
     /// Back to the built-in policy the job started with.
     Unload,
     Show,

@@ -233,7 +233,7 @@ impl Plug {
                     .send(Err("the job ended before the swap; nothing changed".into()));
                 return;
             }
-            Phase::Running | Phase::Recovering | Phase::Checkpointing => {}
+            Phase::Running | Phase::Recovering => {}
         }
         let line = engine.policy().recovery_line();
         if line == p.line_before && !p.checkpoint_seen && p.asked.elapsed() < CUT_TIMEOUT {
@@ -362,14 +362,7 @@ fn line_levels(engine: &Driven, copies: &Copies) -> Vec<Level> {
     let ranks = engine.runtime().placement.len() as u32;
     Level::ALL
         .into_iter()
-        .filter(|l| {
-            (0..ranks).all(|r| {
-                copies
-                    .0
-                    .get(&(r, v))
-                    .is_some_and(|ls| ls.contains_key(l))
-            })
-        })
+        .filter(|l| (0..ranks).all(|r| copies.0.get(&(r, v)).is_some_and(|ls| ls.contains_key(l))))
         .collect()
 }
 
