@@ -919,7 +919,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// A hub whose broadcasts are recorded, for nodes 0-2.
-    fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
+    pub(super) fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let log = sent.clone();
         let nodes: BTreeSet<NodeId> = [0, 1, 2].into();

@@ -73,7 +73,9 @@ impl Plug {
         layout: Layout,
         view: &AgreedView,
     ) -> Result<(Plug, Box<dyn Policy + Send>), PolicyError> {
-        let current = desc.unwrap_or_else(|| Description::builtin(Kind::Coordinated));
+        let mut current = desc.unwrap_or_else(|| Description::builtin(Kind::Coordinated));
+        // The job's spares, for `check_change` (a later description may name them).
+        current.spares = Some(layout.spares.len() as u32);
         let builtin = match current.kind {
             Kind::Module(_) => Description {
                 spares: current.spares,
@@ -407,5 +409,54 @@ fn snapshot(calls: &HubCalls) -> Snapshot {
         spares,
         decisions: calls.decisions.clone(),
         exits: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policies::primitives::{Decision, DecisionId};
+
+    #[test]
+    fn the_snapshot_holds_each_ranks_newest_incarnation_and_the_free_nodes_as_spares() {
+        let (mut calls, _) = super::super::tests::hub();
+        calls.placement = vec![0, 4, 2];
+        calls.spares = vec![3];
+        calls.view = AgreedView::new(3, vec![0, 2, 4, 5]);
+        let restart = |seq, incarnation, node| Decision {
+            id: DecisionId {
+                epoch: 2,
+                leader: 0,
+                seq,
+            },
+            kind: DecisionKind::Restart {
+                rank: 1,
+                incarnation,
+                node,
+                version: Some(4),
+                source: None,
+                failure_epoch: 2,
+            },
+        };
+        calls.decisions = vec![restart(1, 1, 3), restart(2, 2, 4)];
+        let s = snapshot(&calls);
+        let slots: Vec<(u32, u32)> = s.ranks.iter().map(|r| (r.node, r.incarnation)).collect();
+        assert_eq!(slots, vec![(0, 0), (4, 2), (2, 0)]);
+        assert_eq!(s.spares, vec![3, 5]);
+        assert_eq!(s.view.epoch, 3);
+        assert_eq!(s.decisions.len(), 2);
+        // A coordinated policy resumed from it keeps rank 1 on node 4 and restarts nothing.
+        let desc = Description::builtin(Kind::Coordinated);
+        let layout = Layout {
+            ranks: vec![0, 1, 2],
+            spares: vec![3],
+        };
+        let start_view = AgreedView::new(0, vec![0, 1, 2, 3]);
+        let (plug, _) = Plug::start(Some(desc.clone()), Config::default(), layout, &start_view)
+            .expect("the start policy");
+        assert_eq!(plug.current.spares, Some(1));
+        let p = plug.make(&desc, &s.view, 10, Some(&s)).unwrap();
+        assert_eq!(p.phase(), Phase::Running);
+        assert_eq!(p.recovery_line(), None);
     }
 }
