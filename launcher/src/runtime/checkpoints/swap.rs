@@ -250,7 +250,7 @@ impl Plug {
         let answer = self.swap(engine, now, copies, p.desc).map(|swapped| {
             let cut = match (line, line != p.line_before) {
                 (Some(v), true) => format!(
-                    "from checkpoint {v}, taken for the swap (ranks held {:.3} s)",
+                    "from checkpoint {v}, committed for the swap (ranks held {:.3} s)",
                     freeze.unwrap_or(0.0)
                 ),
                 (Some(v), false) => format!("at the recovery line (checkpoint {v})"),
