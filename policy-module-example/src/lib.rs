@@ -16,7 +16,8 @@
 //! - `cadence_ms`: the checkpoint interval (default: the description's `interval_ms`, else
 //!   the job's);
 //! - `panic`: for experiments on containment: `create` panics while the policy is built,
-//!   `event` at its first event, `after:N` at its N-th event.
+//!   `event` at its first event, `after:N` at its N-th event, `deadline` when krun asks for
+//!   its next deadline (the second time it is asked: the first is for create's answer).
 use policies::module::abi::Init;
 use policies::policy::Phase;
 use policies::primitives::{Action, Costs, Event, Millis, Reads, Version};
@@ -29,6 +30,9 @@ struct FixedCadence {
     events: u64,
     /// Panic at this event (1: the first).
     panic_at: Option<u64>,
+    /// Panic when asked for the next deadline.
+    panic_deadline: bool,
+    deadline_calls: std::cell::Cell<u32>,
 }
 
 impl Policy for FixedCadence {
@@ -48,6 +52,10 @@ impl Policy for FixedCadence {
     }
 
     fn next_deadline(&self) -> Option<Millis> {
+        self.deadline_calls.set(self.deadline_calls.get() + 1);
+        if self.panic_deadline && self.deadline_calls.get() >= 2 {
+            panic!("example module: panic asked for at next_deadline");
+        }
         self.inner.next_deadline()
     }
 
@@ -78,15 +86,16 @@ fn create(init: &Init) -> Result<Box<dyn Policy + Send>, String> {
             .ok_or_else(|| format!("params.cadence_ms: {ms:?} is not a positive integer"))?;
         cfg.interval = IntervalChoice::Fixed { ms };
     }
+    let panic_deadline = init.params.get("panic").is_some_and(|p| p == "deadline");
     let panic_at = match init.params.get("panic").map(String::as_str) {
-        None => None,
+        None | Some("deadline") => None,
         Some("create") => panic!("example module: panic asked for at create"),
         Some("event") => Some(1),
         Some(other) => match other.strip_prefix("after:").and_then(|n| n.parse().ok()) {
             Some(n) => Some(n),
             None => {
                 return Err(format!(
-                    "params.panic: {other:?} is not create, event or after:N"
+                    "params.panic: {other:?} is not create, event, after:N or deadline"
                 ))
             }
         },
@@ -100,6 +109,8 @@ fn create(init: &Init) -> Result<Box<dyn Policy + Send>, String> {
         inner,
         events: 0,
         panic_at,
+        panic_deadline,
+        deadline_calls: std::cell::Cell::new(0),
     }))
 }
 

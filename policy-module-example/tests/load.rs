@@ -274,6 +274,15 @@ fn a_panic_at_an_event_fails_the_module_and_it_answers_nothing_more() {
     assert_eq!(p.next_deadline(), None);
 }
 
+#[test]
+fn a_panic_when_asked_for_the_next_deadline_fails_the_module() {
+    let p = build(&desc(&module(), "panic = \"deadline\""), None).unwrap();
+    assert!(p.failure().is_none());
+    assert_eq!(p.next_deadline(), None);
+    let why = p.failure().expect("the module failed");
+    assert!(why.contains("panicked in next_deadline"), "{why}");
+}
+
 /// Whether this process maps `path`.
 fn mapped(path: &Path) -> bool {
     std::fs::read_to_string("/proc/self/maps")

@@ -18,6 +18,7 @@ use crate::report::Summary;
 use crate::PolicyError;
 use abi::{Init, KrunBuf, KrunReads, State, Step};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,8 @@ pub struct ModulePolicy {
     handle: *mut c_void,
     name: &'static str,
     state: State,
-    failed: Option<String>,
+    /// Set by the first call that failed (`next_deadline` takes `&self`: a cell).
+    failed: RefCell<Option<String>>,
     /// Dropped last: unloads the module.
     lib: Option<Library>,
 }
@@ -187,7 +189,7 @@ impl ModulePolicy {
                 costs: Costs::default(),
                 summary: Summary::default(),
             },
-            failed: None,
+            failed: RefCell::new(None),
             lib: Some(lib),
         };
         if handle.is_null() {
@@ -204,8 +206,11 @@ impl ModulePolicy {
         &self.path
     }
 
-    fn fail(&mut self, reason: String) -> Vec<Action> {
-        self.failed = Some(format!("policy module {}: {reason}", self.path.display()));
+    fn fail(&self, reason: String) -> Vec<Action> {
+        let mut failed = self.failed.borrow_mut();
+        if failed.is_none() {
+            *failed = Some(format!("policy module {}: {reason}", self.path.display()));
+        }
         Vec::new()
     }
 }
@@ -216,7 +221,7 @@ impl Policy for ModulePolicy {
     }
 
     fn on_event(&mut self, now: Millis, event: Event, reads: &dyn Reads) -> Vec<Action> {
-        if self.failed.is_some() {
+        if self.failed.borrow().is_some() {
             return Vec::new();
         }
         let ev = match postcard::to_allocvec(&event) {
@@ -248,7 +253,7 @@ impl Policy for ModulePolicy {
     }
 
     fn next_deadline(&self) -> Option<Millis> {
-        if self.failed.is_some() {
+        if self.failed.borrow().is_some() {
             return None;
         }
         let mut at = 0u64;
@@ -256,8 +261,14 @@ impl Policy for ModulePolicy {
         match unsafe { (self.fns.next_deadline)(self.handle, &mut at) } {
             1 => Some(at),
             0 => None,
-            // A panic here shows at the next event (the cached deadline stands meanwhile).
-            _ => self.state.next_deadline,
+            code => {
+                self.fail(if code == -abi::PANICKED {
+                    "panicked in next_deadline".into()
+                } else {
+                    format!("next_deadline returned the unknown code {code}")
+                });
+                None
+            }
         }
     }
 
@@ -278,7 +289,7 @@ impl Policy for ModulePolicy {
     }
 
     fn failure(&self) -> Option<String> {
-        self.failed.clone()
+        self.failed.borrow().clone()
     }
 }
 
