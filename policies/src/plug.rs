@@ -33,6 +33,24 @@ pub fn make_policy(
     desc: &Description,
     ctx: &Context<'_>,
 ) -> Result<Box<dyn Policy + Send>, PolicyError> {
+    // Failure groups name nodes of the job (failed ones included).
+    let known = |n: &NodeId| {
+        ctx.layout.ranks.contains(n)
+            || ctx.layout.spares.contains(n)
+            || ctx.view.contains(*n)
+            || ctx
+                .snapshot
+                .is_some_and(|s| s.ranks.iter().any(|r| r.node == *n) || s.spares.contains(n))
+    };
+    for (i, g) in desc.failure_groups.iter().enumerate() {
+        if let Some(n) = g.iter().find(|n| !known(n)) {
+            return Err(PolicyError::Description {
+                place: desc.source.clone(),
+                key: format!("failure_groups[{i}]"),
+                reason: format!("node {n} is not a node of the job"),
+            });
+        }
+    }
     match &desc.kind {
         Kind::Coordinated => {
             let cfg = desc.coordinated_config(ctx.defaults)?;
@@ -130,6 +148,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fresh.recovery_line(), None);
+        let groups = Description::parse(
+            "g.toml",
+            "policy = \"coordinated\"\nfailure_groups = [[0, 2], [7]]\n",
+        )
+        .unwrap();
+        let e = make_policy(&groups, &ctx).err().unwrap().to_string();
+        assert!(
+            e.contains("failure_groups[1]") && e.contains("node 7 is not a node of the job"),
+            "{e}"
+        );
         let unc = Description::parse("u.toml", "policy = \"uncoordinated\"\n").unwrap();
         let e = make_policy(&unc, &ctx).err().unwrap().to_string();
         assert!(e.contains("not built into this krun"), "{e}");
