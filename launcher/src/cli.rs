@@ -35,7 +35,9 @@ fails, its ranks restart on a spare from the last committed checkpoint and the s
 ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
 SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt after
 K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
-attempt, recoveryK once the K-th recovery's restart order went out.
+attempt, recoveryK once the K-th recovery's restart order went out. --policy FILE runs the HA
+policy a TOML file describes (a built-in one or a policy module); `krun policy load FILE`,
+`unload` and `show` swap or show it while the job runs.
 
 Without a PROGRAM, runs the built-in workload: every node writes a block into every other
 node's memory with one-sided RMA writes, counts itself in with a remote fetch-add, elects a
