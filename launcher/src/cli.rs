@@ -35,7 +35,9 @@ fails, its ranks restart on a spare from the last committed checkpoint and the s
 ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
 SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt after
 K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
-attempt, recoveryK once the K-th recovery's restart order went out.
+attempt, recoveryK once the K-th recovery's restart order went out. --policy FILE runs the HA
+policy a TOML file describes (a built-in one or a policy module); `krun policy load FILE`,
+`unload` and `show` swap or show it while the job runs.
 
 Without a PROGRAM, runs the built-in workload: every node writes a block into every other
 node's memory with one-sided RMA writes, counts itself in with a remote fetch-add, elects a
@@ -110,6 +112,11 @@ pub struct RunArgs {
     /// Take a coordinated checkpoint every SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     pub checkpoint_interval: Option<Duration>,
+    /// Run the HA policy described in FILE (TOML: which policy or module, interval or
+    /// daly, levels, spares, restart placement, ...; see the README). Default: the built-in
+    /// coordinated policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Keep the last K nodes (locally: K more krund) as spares that run no ranks.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub spares: usize,
@@ -161,6 +168,11 @@ pub enum KrunCommand {
         /// The job (krun's process id).
         #[arg(long, value_name = "ID")]
         job: Option<String>,
+    },
+    /// Load, unload or show a running job's HA policy (swapped at a consistent cut).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Read a rank's checkpoint back from the job's store, as a restart would.
     Fetch {
@@ -306,6 +318,31 @@ pub enum NodeAction {
     /// Move the node's ranks to other nodes, then let it leave.
     Drain {
         node: u32,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+}
+
+/// `krun policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Swap in the policy described in FILE: after a coordinated checkpoint (or at the
+    /// recovery line), with no work lost; refused with the reason when unsafe.
+    Load {
+        file: PathBuf,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// Go back to the built-in policy the job started with (a module is unloaded).
+    Unload {
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// The policy in force, its settings, phase and recovery line.
+    Show {
         /// The job (krun's process id).
         #[arg(long, value_name = "ID")]
         job: Option<String>,

@@ -40,6 +40,8 @@ pub struct ProgramJob {
     /// `--spares K`: the last K nodes run no ranks until a recovery needs them (local mode:
     /// K more krund).
     pub spares: usize,
+    /// `--policy FILE`: the job's HA policy (`None`: the built-in coordinated policy).
+    pub policy: Option<policies::description::Description>,
 }
 
 /// Where the nodes come from.
@@ -310,6 +312,7 @@ pub fn run(job: &Job) -> Result<i32> {
                 new_wiring,
                 job_error.clone(),
                 phases.clone(),
+                p.policy.clone(),
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
@@ -636,7 +639,9 @@ pub fn write_summary(
 /// Whether the policy drives recoveries for `p`: it has spares or checkpoints on an
 /// interval (a job with neither goes on with what is left after a node loss).
 fn recovers(p: &ProgramJob) -> bool {
-    p.spares > 0 || p.checkpoint_interval.is_some()
+    p.spares > 0
+        || p.checkpoint_interval.is_some()
+        || p.policy.as_ref().is_some_and(|d| d.interval.is_some())
 }
 
 /// What [`wait_all`] follows besides the node processes.
@@ -823,6 +828,7 @@ mod tests {
             report_bindings: false,
             argv: vec!["true".into()],
             checkpoint_interval: None,
+            policy: None,
             spares: 1,
         });
         assert_eq!(job.node_count(), 4);
