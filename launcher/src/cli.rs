@@ -33,7 +33,7 @@ the highest rank's, or 128+signal.
 --spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
 fails, its ranks restart on a spare from the last committed checkpoint and the surviving
 ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
-SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt after
+SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after every node is up, Kckpt after
 K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
 attempt, recoveryK once the K-th recovery's restart order went out. --policy FILE runs the HA
 policy a TOML file describes (a built-in one or a policy module); `krun policy load FILE`,

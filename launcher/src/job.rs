@@ -681,7 +681,13 @@ fn wait_all(
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
     let mut kill_at: Option<Instant> = None;
+    // When every node the job started was first linked to krun: `@5s` injections count
+    // from then.
+    let mut all_up: Option<Instant> = None;
     while remaining > 0 {
+        if all_up.is_none() && hub.linked() >= originals {
+            all_up = Some(Instant::now());
+        }
         if let Some(sig) = take_signal() {
             interrupts += usize::from(sig == libc::SIGINT);
             if interrupts >= 2 {
@@ -695,7 +701,7 @@ fn wait_all(
         let mut fired = Vec::new();
         inject.retain(|i| {
             let due = match i.at {
-                InjectAt::After(d) => started.elapsed() >= d,
+                InjectAt::After(d) => all_up.is_some_and(|t| t.elapsed() >= d),
                 InjectAt::Commits(k) => watch
                     .commits
                     .as_ref()

@@ -161,6 +161,11 @@ impl Hub {
         self.inner.state.lock().expect("hub lock").abort.clone()
     }
 
+    /// How many nodes registered with the hub so far (spares and added nodes too).
+    pub fn linked(&self) -> usize {
+        self.inner.state.lock().expect("hub lock").links.len()
+    }
+
     /// The highest exit code the nodes reported for their ranks (`None`: none reported).
     pub fn ranks_code(&self) -> Option<i32> {
         let st = self.inner.state.lock().expect("hub lock");
