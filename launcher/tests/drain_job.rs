@@ -247,7 +247,10 @@ fn heat_job(dir: &Path, heat: &Path, extra: &[&str]) -> Job {
         .arg(heat)
         .args(GRID)
         .arg("0")
-        .env("HEAT_STEP_DELAY_US", "20000");
+        // 400 steps of >= 50 ms: the job still runs when the drain comes, also on a loaded
+        // machine (at 20 ms, a CI run's job had ended before its drain: "the job's
+        // checkpoint policy has ended").
+        .env("HEAT_STEP_DELAY_US", "50000");
     Job::start(cmd)
 }
 
