@@ -6,6 +6,7 @@
 //! - [`coordinated`]: the coordinated checkpoint policy (barrier, capture all, commit when
 //!   safe; on a failure survivors roll back in place and lost ranks restart on a spare).
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
+//! - [`model`]: analytic makespan models of each policy (Daly's for the coordinated one).
 //! - [`report`]: lines and a summary for users.
 //! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
@@ -48,6 +49,7 @@ pub mod coordinated;
 pub mod engine;
 pub mod error;
 pub mod interval;
+pub mod model;
 pub mod policy;
 pub mod primitives;
 pub mod report;
