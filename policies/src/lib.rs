@@ -8,6 +8,8 @@
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
 //! - [`model`]: analytic makespan models of each policy (Daly's for the coordinated one).
 //! - [`report`]: lines and a summary for users.
+//! - [`simulator`]: a seeded discrete-event simulator of a job under each policy, with
+//!   exponential or Weibull failure traces.
 //! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
 //! Every policy is tested in a seeded simulation (`tests/simulation.rs`).
@@ -53,6 +55,7 @@ pub mod model;
 pub mod policy;
 pub mod primitives;
 pub mod report;
+pub mod simulator;
 
 pub use coordinated::{Config, Coordinated, IntervalChoice, NoSpare};
 pub use error::PolicyError;
