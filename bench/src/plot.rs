@@ -467,7 +467,6 @@ fn draw_lines<'a>(
     let log = panel.log_x;
     chart
         .configure_mesh()
-        .x_desc(panel.x_label.clone())
         .y_desc(panel.y_label.clone())
         .x_label_formatter(&|v| {
             if log {
@@ -510,6 +509,11 @@ fn draw_lines<'a>(
     }
     let names: Vec<&str> = panel.series.iter().map(|s| s.name.as_str()).collect();
     let (left, _) = chart.backend_coord(&(x0 - pad, 0.0));
+    x_label(
+        root,
+        &chart.backend_coord(&(x1 + pad, y0 - 0.02 * span)),
+        &panel.x_label,
+    )?;
     legend(root, area, left, &names, series)
 }
 
@@ -545,7 +549,6 @@ fn draw_timeline<'a>(
         .configure_mesh()
         .disable_y_mesh()
         .y_labels(0)
-        .x_desc(panel.x_label.clone())
         .x_label_formatter(&|v| short(*v))
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 14))
@@ -579,7 +582,25 @@ fn draw_timeline<'a>(
         ))?;
     }
     let (left, _) = chart.backend_coord(&(t0, 0.0));
+    x_label(
+        root,
+        &chart.backend_coord(&(t1 * 1.01, -0.5)),
+        &panel.x_label,
+    )?;
     legend(root, area, left, &names, series)
+}
+
+/// The x axis's name, right-aligned under the tick labels at the axis's right end.
+fn x_label<'a>(
+    root: &Area<'a>,
+    at: &(i32, i32),
+    text: &str,
+) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
+    root.draw(&Text::new(
+        text.to_string(),
+        (at.0, at.1 + 24),
+        TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Right, VPos::Top)),
+    ))
 }
 
 /// A value for a bar label: 3 significant digits.

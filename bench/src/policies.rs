@@ -264,6 +264,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             }
         }
     }
+    let spawned = cluster_tests::campaign::now_unix();
     let cal = setup.run(
         &Job {
             tag: "calibrate".into(),
@@ -271,6 +272,10 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         },
         setup.steps,
     )?;
+    // From krun's start until the compute starts (nodes, wiring): krun's injection times
+    // count from the nodes' start, the trace's from the compute's.
+    let startup_s = observe(&cal)?.start - spawned;
+    println!("start-up: the compute starts {startup_s:.2} s after krun");
     let step_s = crate::ha::parse::loop_seconds(&cal).ok_or("calibration: no loop time")?
         / setup.steps as f64;
     setup.steps = ((job_s / step_s).ceil() as usize).max(20);
@@ -344,11 +349,12 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             for (k, f) in trace.iter().enumerate() {
                 let node = slots[f.node as usize];
                 slots[f.node as usize] = NODES + k;
-                // The trace is in compute seconds; krun counts from the nodes' start,
-                // about a second earlier (wiring): injected slightly early rather than late.
+                // The trace is in compute seconds; krun counts from the nodes' start.
                 job.args.push("--inject-failure".into());
-                job.args
-                    .push(format!("node={node}@{:.0}ms", f.at_s * 1000.0));
+                job.args.push(format!(
+                    "node={node}@{:.0}ms",
+                    (f.at_s + startup_s) * 1000.0
+                ));
             }
             let what = format!("{} with failures round {}", spec.name, round + 1);
             let obs = attempt(&setup, &what, |a| {
@@ -382,10 +388,13 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                     .join("; ")
             );
             // The model and the simulator get the failures where they really fell.
+            // A failure before the compute started (a slow start-up) is outside the measured
+            // makespan: the model and the simulator do not see it either.
             let real: Vec<Failure> = obs
                 .failures
                 .iter()
                 .zip(&trace)
+                .filter(|(o, _)| o.at_s >= 0.0)
                 .map(|(o, t)| Failure {
                     at_s: o.at_s,
                     node: t.node,
@@ -411,6 +420,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         },
         "interval_s": interval_a,
         "intervals_s": intervals,
+        "startup_seconds": json_num(Some(startup_s)),
         "policies": rows,
         "not_available": skipped.iter().map(|(s, why)| json!({
             "policy": s.name, "selection": sel(s), "status": "not available in this build", "why": why,
@@ -584,7 +594,8 @@ fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<V
                 overhead.unwrap_or(0.0) / 100.0,
             );
             let sp = sim_of(spec, interval, fz, cl, overhead.unwrap_or(0.0) / 100.0);
-            for (_, trace) in &m.failing {
+            // Each round against its own no-policy compute time (the load drifts).
+            for ((_, trace), &ts) in m.failing.iter().zip(&base) {
                 let at: Vec<f64> = trace.iter().map(|f| f.at_s).collect();
                 let p = pm.predict(ts, r, &at).map_err(|e| e.to_string())?;
                 predicted.push(p.makespan_s);
@@ -636,6 +647,7 @@ fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<V
             "model": {
                 "inputs": {
                     "solve_seconds": json_num(Some(ts)),
+                    "solve_seconds_per_round": base.iter().map(|b| json_num(Some(*b))).collect::<Vec<_>>(),
                     "freeze_seconds": json_num(freeze),
                     "commit_after_release_seconds": json_num(commit_lat),
                     "restart_seconds": json_num(r_in),

@@ -127,7 +127,7 @@ fn figure(doc: &Value) -> Figure {
                 continue;
             };
             if let Ok(t) = pm.expected_makespan(c.solve_s, c.restart_s, mtbf) {
-                if t.is_finite() && t / c.solve_s < 20.0 {
+                if t.is_finite() && t / c.solve_s < 8.0 {
                     model_pts.push((mtbf, t / c.solve_s, f64::NAN, f64::NAN));
                 }
             }
@@ -146,7 +146,7 @@ fn figure(doc: &Value) -> Figure {
                     200,
                     20.0 * c.solve_s,
                 ) {
-                    if s.incomplete == 0 {
+                    if s.incomplete == 0 && s.mean / c.solve_s < 8.0 {
                         sim_pts.push((
                             mtbf,
                             s.mean / c.solve_s,
