@@ -240,7 +240,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         krun: dir.join("krun"),
         heat,
         nx,
-        steps: 20,
+        steps: 100,
         state_bytes,
         ghost: PathBuf::from("/dev/shm").join(&tag),
         disk: PathBuf::from("/var/tmp").join(&tag),
@@ -288,30 +288,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
 
     let mut measured: Vec<Measured> = specs.iter().map(|_| Measured::default()).collect();
     for round in 0..runs {
-        // The round's trace: failure slots (0..NODES) and times in the compute's seconds.
-        // From 3 s (after the start-up address exchange) to 80% of the compute; failures
-        // at least half an even share of that apart (at most 6 s: a restart's length).
-        let (from, to) = (3.0, (0.8 * job_s).max(4.0));
-        let trace = simulator::scaled_to_run(
-            dist,
-            seed.wrapping_add(round as u64),
-            failures,
-            from,
-            to,
-            ((to - from) / (failures + 1) as f64 * 0.5).min(6.0),
-            NODES as u32,
-        )
-        .map_err(|e| format!("--failures {failures} in a {job_s} s job: {e}"))?;
-        println!(
-            "round {}/{runs}: failures at {} (load {})",
-            round + 1,
-            trace
-                .iter()
-                .map(|f| format!("{:.1} s on node slot {}", f.at_s, f.node))
-                .collect::<Vec<_>>()
-                .join(", "),
-            ha::uptime()
-        );
+        println!("round {}/{runs} (load {})", round + 1, ha::uptime());
         for (spec, m) in specs.iter().zip(measured.iter_mut()) {
             let ivals: Vec<f64> = match spec.kind {
                 Kind::None => vec![0.0],
@@ -342,6 +319,37 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                     None => m.steady.push((iv, vec![obs])),
                 }
             }
+        }
+        // The round's trace: failure slots (0..NODES) and times in the compute's seconds,
+        // scaled to this round's compute without a policy (the load changes it): from 1.5 s
+        // to 60% of it; failures at least half an even share of that apart.
+        let base_loop = specs
+            .iter()
+            .position(|s| s.kind == Kind::None)
+            .and_then(|i| measured[i].steady.first())
+            .and_then(|s| s.1.last())
+            .and_then(|r| r.loop_s)
+            .unwrap_or(job_s);
+        let (from, to) = (1.5, (0.6 * base_loop).max(2.5));
+        let trace = simulator::scaled_to_run(
+            dist,
+            seed.wrapping_add(round as u64),
+            failures,
+            from,
+            to,
+            ((to - from) / (failures + 1) as f64 * 0.5).min(6.0),
+            NODES as u32,
+        )
+        .map_err(|e| format!("--failures {failures} in a {base_loop:.1} s compute: {e}"))?;
+        println!(
+            "  trace: failures at {}",
+            trace
+                .iter()
+                .map(|f| format!("{:.1} s on node slot {}", f.at_s, f.node))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (spec, m) in specs.iter().zip(measured.iter_mut()) {
             let mut job = policy_job(spec, interval_a, &format!("fail-{}-{round}", slug(spec)));
             job.spares = trace.len();
             // Slot -> node: a failed node's ranks go to the next spare (nodes NODES..).
@@ -416,7 +424,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         },
         "trace": {
             "distribution": dist.name(), "seed": seed, "failures_per_run": failures,
-            "scaled_to": "the run: inter-arrival draws stretched over [3 s, 0.8 x the job's compute time] after the nodes started; one spare per failure; the same trace for every policy of a round",
+            "scaled_to": "the run: inter-arrival draws stretched over [1.5 s, 0.6 x the round's compute time without a policy] after the compute started; one spare per failure; the same trace for every policy of a round",
         },
         "interval_s": interval_a,
         "intervals_s": intervals,
