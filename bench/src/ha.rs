@@ -383,7 +383,7 @@ fn start_and_kill(setup: &Setup, job: &Job) -> Result<(RunningJob, f64), String>
 
 /// SIGKILL of local node `node` of the krun `krun_pid` (its krund child started with
 /// `--node-id N`) and of that krund's children (its ranks). Returns when it was sent.
-fn kill_node(krun_pid: u32, node: usize) -> Result<f64, String> {
+pub(crate) fn kill_node(krun_pid: u32, node: usize) -> Result<f64, String> {
     let children = |pid: u32| -> Vec<u32> {
         let mut out = Vec::new();
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {

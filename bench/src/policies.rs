@@ -8,7 +8,8 @@
 //!   intervals of `--intervals` (overhead against interval);
 //! - with failures from a seeded trace ([`policies::simulator::scaled_to_run`]: exponential
 //!   or Weibull inter-arrival times stretched over the run; the same trace for every policy
-//!   in a round), injected by krun (`--inject-failure node=N@Ts`, one spare per failure):
+//!   in a round), injected as `krun --inject-failure` does (SIGKILL to the node's krund and
+//!   ranks) but timed from the compute's start (one spare per failure):
 //!   restart time, work lost, makespan;
 //! - beside each measurement, the analytic model's prediction ([`policies::model`]) and the
 //!   simulator's replay of the same failures ([`policies::simulator`]), from the costs
@@ -274,7 +275,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     )?;
     // From krun's start until the compute starts (nodes, wiring): krun's injection times
     // count from the nodes' start, the trace's from the compute's.
-    let startup_s = observe(&cal)?.start - spawned;
+    let startup_s = observe(&cal, None)?.start - spawned;
     println!("start-up: the compute starts {startup_s:.2} s after krun");
     let step_s = crate::ha::parse::loop_seconds(&cal).ok_or("calibration: no loop time")?
         / setup.steps as f64;
@@ -307,7 +308,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                     j.tag = format!("{}-{a}", job.tag);
                     let o = setup.run(&j, setup.steps)?;
                     ha::check_sum(&o, &want, &j.tag)?;
-                    observe(&o)
+                    observe(&o, None)
                 })?;
                 println!(
                     "  {what}: loop {} s, {} checkpoints",
@@ -354,32 +355,22 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             job.spares = trace.len();
             // Slot -> node: a failed node's ranks go to the next spare (nodes NODES..).
             let mut slots: Vec<usize> = (0..NODES).collect();
-            for (k, f) in trace.iter().enumerate() {
-                let node = slots[f.node as usize];
-                slots[f.node as usize] = NODES + k;
-                // The trace is in compute seconds; krun counts from the nodes' start.
-                job.args.push("--inject-failure".into());
-                job.args.push(format!(
-                    "node={node}@{:.0}ms",
-                    (f.at_s + startup_s) * 1000.0
-                ));
-            }
+            let kills: Vec<(f64, usize)> = trace
+                .iter()
+                .enumerate()
+                .map(|(k, f)| {
+                    let node = slots[f.node as usize];
+                    slots[f.node as usize] = NODES + k;
+                    (f.at_s, node)
+                })
+                .collect();
             let what = format!("{} with failures round {}", spec.name, round + 1);
             let obs = attempt(&setup, &what, |a| {
                 let mut j = job.clone();
                 j.tag = format!("{}-{a}", job.tag);
-                let o = setup.run(&j, setup.steps)?;
+                let (o, at) = run_with_kills(&setup, &j, &kills)?;
                 ha::check_sum(&o, &want, &j.tag)?;
-                let obs = observe(&o)?;
-                if obs.failures.len() != trace.len() {
-                    return Err(format!(
-                        "{}: {} of {} failures injected",
-                        j.tag,
-                        obs.failures.len(),
-                        trace.len()
-                    ));
-                }
-                Ok(obs)
+                observe(&o, Some(&at))
             })?;
             println!(
                 "  {what}: makespan {:.2} s; {}",
@@ -425,6 +416,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         "trace": {
             "distribution": dist.name(), "seed": seed, "failures_per_run": failures,
             "scaled_to": "the run: inter-arrival draws stretched over [1.5 s, 0.6 x the round's compute time without a policy] after the compute started; one spare per failure; the same trace for every policy of a round",
+            "injected": "by the bench: SIGKILL to the node's krund and its ranks by PID (what krun --inject-failure node=N@T does), at the trace's time after rank 0 started computing; krun's own injection counts from the nodes' start, which came 1-9 s before the compute under this machine's load (start-up in this run's calibration: startup_seconds)",
         },
         "interval_s": interval_a,
         "intervals_s": intervals,
@@ -451,6 +443,70 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     figure::write(&out, doc)?;
     println!("wrote {} and its .png", out.display());
     Ok(())
+}
+
+/// Runs `job` and SIGKILLs node `n` (its krund and ranks, by PID: processes this bench
+/// started) `t` seconds after rank 0 starts computing, for each `(t, n)` of `kills`, as
+/// `krun --inject-failure` does. krun counts its injection times from the nodes' start, which
+/// under this machine's load came 1-9 s before the compute: the trace would miss the run.
+/// Returns the output and when each SIGKILL was sent (Unix seconds).
+fn run_with_kills(
+    setup: &Setup,
+    job: &Job,
+    kills: &[(f64, usize)],
+) -> Result<(cluster_tests::campaign::JobOutput, Vec<f64>), String> {
+    let mut running =
+        cluster_tests::campaign::RunningJob::start(&mut setup.command(job, setup.steps))
+            .map_err(|e| e.to_string())?;
+    let begun = Instant::now();
+    let mut start = None;
+    let mut sent = Vec::new();
+    let fail = |running: cluster_tests::campaign::RunningJob, why: String| {
+        let text = running
+            .stop(Duration::from_secs(10))
+            .map(|o| o.text())
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir_all(setup.ghost.join(&job.tag));
+        Err(format!("{}: {why}:\n{}", job.tag, ha::tail(&text, 30)))
+    };
+    for &(t, node) in kills {
+        loop {
+            if start.is_none() {
+                start = running
+                    .first("heat_ha: rank 0 computing from step 0 at ")
+                    .and_then(|l| crate::ha::parse::computing(&l.text))
+                    .map(|x| x.2);
+            }
+            if let Some(s) = start {
+                if cluster_tests::campaign::now_unix() >= s + t {
+                    break;
+                }
+            }
+            if running.ended().map_err(|e| e.to_string())? {
+                return fail(running, format!("ended before the failure at {t:.1} s"));
+            }
+            if begun.elapsed() > setup.limit {
+                return fail(running, "timed out".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match ha::kill_node(running.pid(), node) {
+            Ok(at) => sent.push(at),
+            Err(e) => return fail(running, e),
+        }
+    }
+    let out = running.wait(setup.limit).map_err(|e| e.to_string());
+    let _ = std::fs::remove_dir_all(setup.ghost.join(&job.tag));
+    let out = out?;
+    if out.code != Some(0) || out.timed_out {
+        return Err(format!(
+            "{} ended with {:?}:\n{}",
+            job.tag,
+            out.code,
+            ha::tail(&out.text(), 30)
+        ));
+    }
+    Ok((out, sent))
 }
 
 fn slug(spec: &Spec) -> String {

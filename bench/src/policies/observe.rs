@@ -37,8 +37,9 @@ pub struct RunObs {
     pub logged: Option<(f64, f64)>,
 }
 
-/// Reads a run; `None` names what is missing.
-pub fn observe(out: &JobOutput) -> Result<RunObs, String> {
+/// Reads a run; the error names what is missing. `kills`: when the bench sent each SIGKILL
+/// (Unix seconds); `None`: krun's `injected failure` lines.
+pub fn observe(out: &JobOutput, kills: Option<&[f64]>) -> Result<RunObs, String> {
     let start = out
         .lines
         .iter()
@@ -70,12 +71,15 @@ pub fn observe(out: &JobOutput) -> Result<RunObs, String> {
         .zip(committed)
         .map(|((c, f), at)| (c, f, at))
         .collect();
-    let kills: Vec<f64> = out
-        .lines
-        .iter()
-        .filter(|l| l.text.contains("injected failure"))
-        .map(|l| l.at)
-        .collect();
+    let kills: Vec<f64> = match kills {
+        Some(k) => k.to_vec(),
+        None => out
+            .lines
+            .iter()
+            .filter(|l| l.text.contains("injected failure"))
+            .map(|l| l.at)
+            .collect(),
+    };
     for (j, &k) in kills.iter().enumerate() {
         let next = kills.get(j + 1).copied().unwrap_or(f64::INFINITY);
         let detect = out
@@ -179,7 +183,7 @@ mod tests {
             (30.0, "heat_ha: loop 4..100 in 13.5 s"),
             (30.1, "krun: 1 checkpoint; 12 messages logged (4096 bytes)"),
         ]);
-        let r = observe(&o).unwrap();
+        let r = observe(&o, None).unwrap();
         assert_eq!(r.start, 10.0);
         assert_eq!(r.makespan_s, 20.0);
         assert_eq!(r.loop_s, Some(13.5));
@@ -204,9 +208,12 @@ mod tests {
             (18.0, "heat_ha: rank 0 computing from step 0 at 18.0"),
             (30.0, "heat_ha: loop 0..100 in 12.0 s"),
         ]);
-        let r = observe(&o).unwrap();
+        let r = observe(&o, None).unwrap();
         assert!((r.failures[0].lost_s.unwrap() - 4.0).abs() < 1e-9);
         assert_eq!(r.logged, None);
-        assert!(observe(&out(&[(1.0, "nothing")])).is_err());
+        assert!(observe(&out(&[(1.0, "nothing")]), None).is_err());
+        // Kill times given by the caller take the place of krun's lines.
+        let r = observe(&o, Some(&[14.5])).unwrap();
+        assert!((r.failures[0].at_s - 4.5).abs() < 1e-9);
     }
 }
