@@ -341,7 +341,7 @@ fn coordinated(
                 out.checkpoints += 1;
                 out.mark(compute_end, Mark::Checkpoint { hold_s: delta });
                 t = hold_end;
-                let l4 = l4_every.filter(|&k| taken % u64::from(k) == 0);
+                let l4 = l4_every.filter(|&k| taken.is_multiple_of(u64::from(k)));
                 ckpts.push(Ckpt {
                     progress: p,
                     commit_at: t + commit,
