@@ -402,7 +402,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             m.failing.push((obs, real));
         }
     }
-    let rows = rows(&specs, &measured, interval_a)?;
+    let rows = rows(&specs, &measured, interval_a, setup.steps)?;
     let mut doc = json!({
         "runs_per_point": runs,
         "load_before": load_before,
@@ -598,7 +598,12 @@ fn err_pct(pred: Option<f64>, meas: Option<f64>) -> Option<f64> {
 }
 
 /// One row per policy: measured, model and simulator side by side.
-fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<Value>, String> {
+fn rows(
+    specs: &[&Spec],
+    measured: &[Measured],
+    interval_a: f64,
+    steps: usize,
+) -> Result<Vec<Value>, String> {
     let base = baseline(specs, measured).ok_or("no failure-free run without a policy")?;
     let ts = median(&base).ok_or("no loop time without a policy")?;
     let mut out = Vec::new();
@@ -662,6 +667,8 @@ fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<V
         );
         let has_costs = !spec.interval || freeze.is_some();
         let mut predicted = Vec::new();
+        let mut predicted_round = Vec::new();
+        let mut solve_run = Vec::new();
         let mut simulated = Vec::new();
         let mut lost_pred = None;
         let mut over_pred = None;
@@ -674,10 +681,20 @@ fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<V
                 overhead.unwrap_or(0.0) / 100.0,
             );
             let sp = sim_of(spec, interval, fz, cl, overhead.unwrap_or(0.0) / 100.0);
-            // Each round against its own no-policy compute time (the load drifts).
-            for ((_, trace), &ts) in m.failing.iter().zip(&base) {
+            // The solve time at the run's own compute speed (rank 0's median step time x
+            // the steps): other processes on this machine change the speed by up to 30%
+            // from run to run, and the models predict what the policy adds to it. The
+            // prediction from the round's run without a policy is kept beside it.
+            for ((run, trace), &ts_round) in m.failing.iter().zip(&base) {
+                let ts = run.step_s.map_or(ts_round, |s| s * steps as f64);
                 let at: Vec<f64> = trace.iter().map(|f| f.at_s).collect();
                 let p = pm.predict(ts, r, &at).map_err(|e| e.to_string())?;
+                predicted_round.push(
+                    pm.predict(ts_round, r, &at)
+                        .map_err(|e| e.to_string())?
+                        .makespan_s,
+                );
+                solve_run.push(ts);
                 predicted.push(p.makespan_s);
                 if spec.kind != Kind::None {
                     lost_pred = Some(p.lost_per_failure_s);
@@ -741,6 +758,9 @@ fn rows(specs: &[&Spec], measured: &[Measured], interval_a: f64) -> Result<Vec<V
                 "lost_work_error_pct": json_num(err_pct(lost_pred, median(&lost))),
                 "makespan_seconds": spread(&predicted),
                 "makespan_error_pct": spread(&errs(&predicted)),
+                "solve_seconds_at_the_runs_speed": spread(&solve_run),
+                "makespan_from_the_rounds_no_policy_run_seconds": spread(&predicted_round),
+                "makespan_from_the_rounds_no_policy_run_error_pct": spread(&errs(&predicted_round)),
             },
             "simulator": {
                 "makespan_seconds": spread(&simulated),

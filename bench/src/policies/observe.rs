@@ -35,6 +35,9 @@ pub struct RunObs {
     pub failures: Vec<FailureObs>,
     /// Messages and bytes the policy logged, when krun reports them.
     pub logged: Option<(f64, f64)>,
+    /// Rank 0's median time per step in this run (consecutive `step S at T` lines): the
+    /// machine's compute speed during the run.
+    pub step_s: Option<f64>,
 }
 
 /// Reads a run; the error names what is missing. `kills`: when the bench sent each SIGKILL
@@ -123,6 +126,18 @@ pub fn observe(out: &JobOutput, kills: Option<&[f64]>) -> Result<RunObs, String>
         });
     }
     run.logged = logged(out);
+    let steps: Vec<(u64, f64)> = out
+        .lines
+        .iter()
+        .filter_map(|l| step_line(&l.text))
+        .collect();
+    let mut dt: Vec<f64> = steps
+        .windows(2)
+        .filter(|w| w[1].0 == w[0].0 + 1 && w[1].1 > w[0].1)
+        .map(|w| w[1].1 - w[0].1)
+        .collect();
+    dt.sort_by(f64::total_cmp);
+    run.step_s = dt.get(dt.len() / 2).copied();
     Ok(run)
 }
 
@@ -197,6 +212,18 @@ mod tests {
         assert!((f.lost_s.unwrap() - 1.5).abs() < 1e-9);
         assert_eq!(f.ranks_back, 2);
         assert_eq!(r.logged, Some((12.0, 4096.0)));
+        // Steps 4 and 8 are not consecutive: no step time.
+        assert_eq!(r.step_s, None);
+        let o = out(&[
+            (10.0, "heat_ha: rank 0 computing from step 0 at 10.0"),
+            (10.1, "heat_ha: step 1 at 10.1"),
+            (10.2, "heat_ha: step 2 at 10.2"),
+            (10.9, "heat_ha: step 3 at 10.9"),
+            (11.0, "heat_ha: step 4 at 11.0"),
+            (12.0, "heat_ha: loop 0..4 in 1.0 s"),
+        ]);
+        let s = observe(&o, None).unwrap().step_s.unwrap();
+        assert!((s - 0.1).abs() < 1e-9, "{s}");
     }
 
     #[test]
