@@ -681,12 +681,18 @@ fn rows(
                 overhead.unwrap_or(0.0) / 100.0,
             );
             let sp = sim_of(spec, interval, fz, cl, overhead.unwrap_or(0.0) / 100.0);
-            // The solve time at the run's own compute speed (rank 0's median step time x
-            // the steps): other processes on this machine change the speed by up to 30%
-            // from run to run, and the models predict what the policy adds to it. The
-            // prediction from the round's run without a policy is kept beside it.
+            // The solve time at the run's own pace: other processes on this machine change
+            // the compute speed by up to 3x from run to run (the same failure-free run took
+            // 6 to 16 s), which no model of a policy predicts. The pace (rank 0's mean step
+            // time x the steps) holds the checkpoints' failure-free cost, which the model
+            // adds again: it is divided out. What remains to predict is what failures cost
+            // (restart, work lost). The prediction from the round's run without a policy
+            // is kept beside it.
+            let o = pm.predict(1.0, r, &[]).map_err(|e| e.to_string())?.overhead;
             for ((run, trace), &ts_round) in m.failing.iter().zip(&base) {
-                let ts = run.step_s.map_or(ts_round, |s| s * steps as f64);
+                let ts = run
+                    .step_s
+                    .map_or(ts_round, |s| s * steps as f64 / (1.0 + o));
                 let at: Vec<f64> = trace.iter().map(|f| f.at_s).collect();
                 let p = pm.predict(ts, r, &at).map_err(|e| e.to_string())?;
                 predicted_round.push(
