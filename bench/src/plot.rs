@@ -450,8 +450,14 @@ fn draw_lines<'a>(
     for p in pts() {
         x0 = x0.min(fx(p.0));
         x1 = x1.max(fx(p.0));
-        y0 = y0.min(p.1).min(p.2);
-        y1 = y1.max(p.1).max(p.3.min(3.0 * top_median.abs().max(1e-12)));
+        y0 = y0.min(p.1);
+        y1 = y1.max(p.1);
+        if p.2.is_finite() {
+            y0 = y0.min(p.2);
+        }
+        if p.3.is_finite() {
+            y1 = y1.max(p.3.min(3.0 * top_median.abs().max(1e-12)));
+        }
     }
     if x0 >= x1 {
         (x0, x1) = (x0 - 0.5, x0 + 0.5);
