@@ -222,7 +222,8 @@ mod tests {
             (12.0, "heat_ha: loop 0..4 in 1.0 s"),
         ]);
         let s = observe(&o, None).unwrap().step_s.unwrap();
-        assert!((s - 0.25).abs() < 1e-9, "{s}");
+        // Steps 1->2, 2->3, 3->4: (0.1 + 0.7 + 0.1) / 3.
+        assert!((s - 0.3).abs() < 1e-9, "{s}");
     }
 
     #[test]
