@@ -63,8 +63,8 @@ pub fn policy_at(row: &Value, c: &Costs, mtbf_s: f64) -> Option<(PolicyModel, Si
         f64::INFINITY
     };
     Some((
-        super::model_of(spec, interval, c.freeze_s.max(1e-6), c.commit_s, c.overhead),
-        super::sim_of(spec, interval, c.freeze_s, c.commit_s, c.overhead),
+        super::analysis::model_of(spec, interval, c.freeze_s.max(1e-6), c.commit_s, c.overhead),
+        super::analysis::sim_of(spec, interval, c.freeze_s, c.commit_s, c.overhead),
     ))
 }
 
