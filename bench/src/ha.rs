@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report::{cell, json_num, median, results_path, spread, write_results, Args, Table};
 
-mod parse;
+pub(crate) mod parse;
 use parse::{commits, failure_times, loop_seconds, FailureTimes};
 
 const USAGE: &str = "usage: bench ha [--runs N] [--state-mib M] [--job-s S] [--interval-s A] \
@@ -38,25 +38,25 @@ const RANKS: usize = 6;
 const NODES: usize = 3;
 const NY: usize = 1024;
 
-struct Setup {
-    krun: PathBuf,
-    heat: PathBuf,
-    nx: usize,
-    steps: usize,
+pub(crate) struct Setup {
+    pub(crate) krun: PathBuf,
+    pub(crate) heat: PathBuf,
+    pub(crate) nx: usize,
+    pub(crate) steps: usize,
     /// Bytes of one rank's registered state.
-    state_bytes: usize,
+    pub(crate) state_bytes: usize,
     /// Ranks' image files (per-run subdirectories), in memory like krun's default.
-    ghost: PathBuf,
+    pub(crate) ghost: PathBuf,
     /// L4 directory of the failure runs.
-    disk: PathBuf,
-    arena_mib: usize,
-    limit: Duration,
+    pub(crate) disk: PathBuf,
+    pub(crate) arena_mib: usize,
+    pub(crate) limit: Duration,
     /// Runs that failed and were retried (reason, shortened), reported in the JSON.
-    failed: std::cell::RefCell<Vec<String>>,
+    pub(crate) failed: std::cell::RefCell<Vec<String>>,
 }
 
 /// Up to 3 attempts of one measurement; each failure is recorded in `setup.failed`.
-fn attempt<T>(
+pub(crate) fn attempt<T>(
     setup: &Setup,
     what: &str,
     mut f: impl FnMut(usize) -> Result<T, String>,
@@ -81,7 +81,7 @@ fn attempt<T>(
 }
 
 /// Removes the bench's directories at the end.
-struct Cleanup(Vec<PathBuf>);
+pub(crate) struct Cleanup(pub(crate) Vec<PathBuf>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -93,17 +93,21 @@ impl Drop for Cleanup {
 
 /// What one krun run is.
 #[derive(Clone, Default)]
-struct Job {
-    interval_s: Option<f64>,
-    spares: usize,
-    l4: bool,
+pub(crate) struct Job {
+    pub(crate) interval_s: Option<f64>,
+    pub(crate) spares: usize,
+    pub(crate) l4: bool,
     /// (owner, version) to restore every rank from.
-    restore: Option<(String, u64)>,
-    tag: String,
+    pub(crate) restore: Option<(String, u64)>,
+    pub(crate) tag: String,
+    /// More krun options (before the program) and environment (`bench policies`: the
+    /// policy's selection, `--inject-failure`).
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl Setup {
-    fn command(&self, job: &Job, steps: usize) -> Command {
+    pub(crate) fn command(&self, job: &Job, steps: usize) -> Command {
         let mut c = Command::new(&self.krun);
         c.args(["--local", &NODES.to_string(), "-n", &RANKS.to_string()])
             .args(["--provider", "tcp"]);
@@ -113,6 +117,8 @@ impl Setup {
         if let Some(i) = job.interval_s {
             c.args(["--checkpoint-interval", &format!("{i:.3}")]);
         }
+        c.args(&job.args);
+        c.envs(job.env.iter().map(|(k, v)| (k, v)));
         c.arg(&self.heat)
             .args([self.nx.to_string(), NY.to_string(), steps.to_string()]);
         c.env("KRUN_GHOST_DIR", self.ghost.join(&job.tag))
@@ -128,7 +134,7 @@ impl Setup {
         c
     }
 
-    fn run(&self, job: &Job, steps: usize) -> Result<JobOutput, String> {
+    pub(crate) fn run(&self, job: &Job, steps: usize) -> Result<JobOutput, String> {
         let _ = std::fs::create_dir_all(self.disk.join(&job.tag));
         let out = run_job(&mut self.command(job, steps), self.limit).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_dir_all(self.ghost.join(&job.tag));
@@ -146,18 +152,18 @@ impl Setup {
     }
 }
 
-fn tail(text: &str, n: usize) -> String {
+pub(crate) fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn exe_dir() -> Result<PathBuf, String> {
+pub(crate) fn exe_dir() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating bench: {e}"))?;
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 /// Builds heat_ha and heat_serial against the release libkrun.so next to this binary.
-fn build_heat(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+pub(crate) fn build_heat(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     for bin in ["krun", "krund", "libkrun.so"] {
         if !dir.join(bin).exists() {
             return Err(format!(
@@ -189,7 +195,12 @@ fn build_heat(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     Ok((heat, serial))
 }
 
-fn serial_checksum(serial: &Path, nx: usize, ny: usize, steps: usize) -> Result<String, String> {
+pub(crate) fn serial_checksum(
+    serial: &Path,
+    nx: usize,
+    ny: usize,
+    steps: usize,
+) -> Result<String, String> {
     let o = Command::new(serial)
         .args([nx.to_string(), ny.to_string(), steps.to_string()])
         .output()
@@ -231,7 +242,7 @@ fn rma_read_gbs() -> Result<f64, String> {
         .ok_or_else(|| "bench fabric measured no tcp read bandwidth".into())
 }
 
-fn uptime() -> String {
+pub(crate) fn uptime() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -372,7 +383,7 @@ fn start_and_kill(setup: &Setup, job: &Job) -> Result<(RunningJob, f64), String>
 
 /// SIGKILL of local node `node` of the krun `krun_pid` (its krund child started with
 /// `--node-id N`) and of that krund's children (its ranks). Returns when it was sent.
-fn kill_node(krun_pid: u32, node: usize) -> Result<f64, String> {
+pub(crate) fn kill_node(krun_pid: u32, node: usize) -> Result<f64, String> {
     let children = |pid: u32| -> Vec<u32> {
         let mut out = Vec::new();
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -427,7 +438,7 @@ fn failure_spare(setup: &Setup, job: &Job, want: &str) -> Result<Failure, String
     })
 }
 
-fn check_sum(out: &JobOutput, want: &str, tag: &str) -> Result<(), String> {
+pub(crate) fn check_sum(out: &JobOutput, want: &str, tag: &str) -> Result<(), String> {
     match out.checksum() {
         Some(c) if c == want => Ok(()),
         other => Err(format!(
@@ -474,6 +485,7 @@ fn failure_relaunch(setup: &Setup, job: &Job, want: &str) -> Result<Failure, Str
         l4: true,
         restore: Some((owner, version)),
         tag: format!("{}-new", job.tag),
+        ..Job::default()
     };
     let t_launch = cluster_tests::campaign::now_unix();
     let new = setup.run(&relaunched, setup.steps);

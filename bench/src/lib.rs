@@ -9,6 +9,7 @@ pub mod l4;
 pub mod launch;
 pub mod locator;
 pub mod plot;
+pub mod policies;
 pub mod rank;
 pub mod reconfig;
 pub mod report;

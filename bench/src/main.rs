@@ -36,6 +36,14 @@ subcommands:
            from its L4 images; optional fault campaign; writes bench/results/ha.json
            options: --runs N  --state-mib M  --job-s S  --interval-s A  --mtbf-s M
                     --campaign N  --seed S  --rma-read-gbs X  --out PATH
+  policies the HA policies compared on the heat stencil (6 ranks, 3 local nodes): no policy,
+           coordinated, uncoordinated with and without logging (those this krun accepts),
+           failure-free and with failures from a seeded trace (krun --inject-failure), beside
+           the analytic model and the simulator's replay; --simulate extrapolates the measured
+           costs to 1,000-100,000 nodes; writes bench/results/policies.json
+           options: --runs N  --state-mib M  --job-s S  --interval-s A  --intervals A,B,C
+                    --failures K  --dist exponential|weibull  --shape K  --seed S  --out PATH
+                    --simulate [--nodes 1000,10000  --node-mtbf-h H  --solve-h H  --sim-runs N]
   rank     the rank library beside the raw fabric endpoint between two processes: send,
            put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json
            options: --providers shm,tcp  --runs N (>= 3)  --quick  --out PATH";
@@ -52,6 +60,7 @@ fn main() -> ExitCode {
         "dsm" => bench::dsm::run(rest),
         "launch" => bench::launch::run(rest),
         "ha" => bench::ha::run(rest),
+        "policies" => bench::policies::run(rest),
         "ckpt" => bench::ckpt::run(rest),
         "reconfig" => bench::reconfig::run(rest),
         // Hidden: the daemons `bench reconfig` starts.

@@ -75,12 +75,38 @@ impl Group {
     }
 }
 
-/// One chart: a y axis in one unit and its groups.
+/// One chart: a y axis in one unit and its groups (bars), or its series (lines against a
+/// numeric x), or its lanes (a timeline).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Panel {
     pub title: String,
     pub y_label: String,
     pub groups: Vec<Group>,
+    /// Line chart: x axis label and whether it is logarithmic.
+    pub x_label: String,
+    pub log_x: bool,
+    pub series: Vec<Series>,
+    pub lanes: Vec<Lane>,
+}
+
+/// A line through points `(x, median)` with min/max whiskers at each point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    /// `(x, median, min, max)`, x ascending.
+    pub points: Vec<(f64, f64, f64, f64)>,
+    /// Drawn dashed-looking (thin, with hollow markers): a model, not a measurement.
+    pub model: bool,
+}
+
+/// One row of a timeline: coloured spans and point marks on a shared time axis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lane {
+    pub label: String,
+    /// `(from, to, kind)`: the kind names the colour and the legend entry.
+    pub spans: Vec<(f64, f64, String)>,
+    /// `(at, kind)`: a vertical mark.
+    pub marks: Vec<(f64, String)>,
 }
 
 impl Panel {
@@ -89,6 +115,42 @@ impl Panel {
             title: title.into(),
             y_label: y_label.into(),
             groups: groups.into_iter().filter(|g| !g.bars.is_empty()).collect(),
+            x_label: String::new(),
+            log_x: false,
+            series: Vec::new(),
+            lanes: Vec::new(),
+        }
+    }
+
+    /// A line chart (series without points are left out).
+    pub fn lines(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        y_label: impl Into<String>,
+        log_x: bool,
+        series: Vec<Series>,
+    ) -> Panel {
+        Panel {
+            x_label: x_label.into(),
+            log_x,
+            series: series
+                .into_iter()
+                .filter(|s| s.points.iter().any(|p| p.1.is_finite()))
+                .collect(),
+            ..Panel::new(title, y_label, Vec::new())
+        }
+    }
+
+    /// A timeline with one lane per row; the x axis is `x_label`.
+    pub fn timeline(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        lanes: Vec<Lane>,
+    ) -> Panel {
+        Panel {
+            x_label: x_label.into(),
+            lanes,
+            ..Panel::new(title, "", Vec::new())
         }
     }
 }
@@ -191,7 +253,13 @@ pub fn write_png(path: &Path, figure: &Figure) -> Result<(), String> {
     }
     let areas = body.split_evenly((figure.panels.len().max(1), 1));
     for (panel, area) in figure.panels.iter().zip(&areas) {
-        draw_panel(&root, area, panel, &series).map_err(e)?;
+        if !panel.series.is_empty() {
+            draw_lines(&root, area, panel, &series).map_err(e)?;
+        } else if !panel.lanes.is_empty() {
+            draw_timeline(&root, area, panel, &series).map_err(e)?;
+        } else {
+            draw_panel(&root, area, panel, &series).map_err(e)?;
+        }
     }
     root.present().map_err(e)
 }
@@ -207,6 +275,23 @@ fn series_order(figure: &Figure) -> Vec<String> {
     {
         if !names.contains(&b.series) {
             names.push(b.series.clone());
+        }
+    }
+    for p in &figure.panels {
+        for n in p
+            .series
+            .iter()
+            .map(|s| &s.name)
+            .chain(p.lanes.iter().flat_map(|l| {
+                l.spans
+                    .iter()
+                    .map(|s| &s.2)
+                    .chain(l.marks.iter().map(|m| &m.1))
+            }))
+        {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
         }
     }
     names
@@ -307,13 +392,24 @@ fn draw_panel<'a>(
             names.push(&b.series);
         }
     }
-    // Entries wrap onto a second row when they do not fit the panel's width.
     let (left, _) = chart.backend_coord(&(-0.5, 0.0));
+    legend(root, area, left, &names, series)
+}
+
+/// The legend of a panel: one coloured square and name per entry, under the x axis.
+fn legend<'a>(
+    root: &Area<'a>,
+    area: &Area<'a>,
+    left: i32,
+    names: &[&str],
+    series: &[String],
+) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
+    // Entries wrap onto a second row when they do not fit the panel's width.
     let right = area.get_pixel_range().0.end - 10;
     let width = |name: &str| 18 + 8 * name.chars().count() as i32 + 24;
     let mut placed = Vec::new();
     let (mut x, mut row) = (left, 0);
-    for name in names {
+    for &name in names {
         if x + width(name) > right && x > left {
             (x, row) = (left, row + 1);
         }
@@ -330,6 +426,187 @@ fn draw_panel<'a>(
         root.draw(&Text::new(name.to_string(), (x + 18, y), (FONT, 13)))?;
     }
     Ok(())
+}
+
+/// A line chart: each series a polyline with markers and min/max whiskers.
+fn draw_lines<'a>(
+    root: &Area<'a>,
+    area: &Area<'a>,
+    panel: &Panel,
+    series: &[String],
+) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
+    let pts = || {
+        panel
+            .series
+            .iter()
+            .flat_map(|s| &s.points)
+            .filter(|p| p.0.is_finite() && p.1.is_finite() && (!panel.log_x || p.0 > 0.0))
+    };
+    let fx = |x: f64| if panel.log_x { x.log10() } else { x };
+    let (mut x0, mut x1) = (f64::MAX, f64::MIN);
+    let (mut y0, mut y1) = (0.0f64, f64::MIN);
+    let medians: Vec<f64> = pts().map(|p| p.1).collect();
+    let top_median = medians.iter().copied().fold(f64::MIN, f64::max);
+    for p in pts() {
+        x0 = x0.min(fx(p.0));
+        x1 = x1.max(fx(p.0));
+        y0 = y0.min(p.1);
+        y1 = y1.max(p.1);
+        if p.2.is_finite() {
+            y0 = y0.min(p.2);
+        }
+        if p.3.is_finite() {
+            y1 = y1.max(p.3.min(3.0 * top_median.abs().max(1e-12)));
+        }
+    }
+    if x0 >= x1 {
+        (x0, x1) = (x0 - 0.5, x0 + 0.5);
+    }
+    let pad = (x1 - x0) * 0.04;
+    let span = (y1 - y0).max(1e-12);
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.title.clone(), (FONT, 18))
+        .margin(10)
+        .x_label_area_size(70)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0 - pad..x1 + pad, y0 - 0.02 * span..y1 + 0.1 * span)?;
+    let log = panel.log_x;
+    chart
+        .configure_mesh()
+        .y_desc(panel.y_label.clone())
+        .x_label_formatter(&|v| {
+            if log {
+                short(10f64.powf(*v))
+            } else {
+                short(*v)
+            }
+        })
+        .y_label_formatter(&|v| short(*v))
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 14))
+        .draw()?;
+    for s in &panel.series {
+        let c = colour(series, &s.name);
+        let p: Vec<(f64, f64, f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite() && (!log || p.0 > 0.0))
+            .map(|p| (fx(p.0), p.1, p.2, p.3))
+            .collect();
+        let width = if s.model { 1 } else { 2 };
+        chart.draw_series([PathElement::new(
+            p.iter().map(|q| (q.0, q.1)).collect::<Vec<_>>(),
+            c.stroke_width(width),
+        )])?;
+        for q in &p {
+            if s.model {
+                chart.draw_series([Circle::new((q.0, q.1), 4, c.stroke_width(1))])?;
+            } else {
+                chart.draw_series([Circle::new((q.0, q.1), 4, c.filled())])?;
+                if q.2.is_finite() && q.3.is_finite() && q.3 > q.2 {
+                    chart.draw_series([PathElement::new(
+                        vec![(q.0, q.2), (q.0, q.3.min(y1 + 0.1 * span))],
+                        c.stroke_width(1),
+                    )])?;
+                }
+            }
+        }
+    }
+    let names: Vec<&str> = panel.series.iter().map(|s| s.name.as_str()).collect();
+    let (left, _) = chart.backend_coord(&(x0 - pad, 0.0));
+    x_label(
+        root,
+        &chart.backend_coord(&(x1 + pad, y0 - 0.02 * span)),
+        &panel.x_label,
+    )?;
+    legend(root, area, left, &names, series)
+}
+
+/// A timeline: one lane per row, spans as coloured boxes, marks as vertical lines.
+fn draw_timeline<'a>(
+    root: &Area<'a>,
+    area: &Area<'a>,
+    panel: &Panel,
+    series: &[String],
+) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
+    let times = panel.lanes.iter().flat_map(|l| {
+        l.spans
+            .iter()
+            .flat_map(|s| [s.0, s.1])
+            .chain(l.marks.iter().map(|m| m.0))
+    });
+    let (mut t0, mut t1) = (0.0f64, f64::MIN);
+    for t in times.filter(|t| t.is_finite()) {
+        t0 = t0.min(t);
+        t1 = t1.max(t);
+    }
+    if t1 <= t0 {
+        t1 = t0 + 1.0;
+    }
+    let n = panel.lanes.len() as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.title.clone(), (FONT, 18))
+        .margin(10)
+        .x_label_area_size(70)
+        .y_label_area_size(220)
+        .build_cartesian_2d(t0..t1 * 1.01, -0.5f64..n - 0.5)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_label_formatter(&|v| short(*v))
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 14))
+        .draw()?;
+    let mut names: Vec<&str> = Vec::new();
+    for (i, lane) in panel.lanes.iter().enumerate() {
+        let y = n - 1.0 - i as f64;
+        for (a, b, kind) in &lane.spans {
+            chart.draw_series([Rectangle::new(
+                [(*a, y - 0.3), (*b, y + 0.3)],
+                colour(series, kind).filled(),
+            )])?;
+            if !names.contains(&kind.as_str()) {
+                names.push(kind);
+            }
+        }
+        for (at, kind) in &lane.marks {
+            chart.draw_series([PathElement::new(
+                vec![(*at, y - 0.42), (*at, y + 0.42)],
+                colour(series, kind).stroke_width(3),
+            )])?;
+            if !names.contains(&kind.as_str()) {
+                names.push(kind);
+            }
+        }
+        let (px, py) = chart.backend_coord(&(t0, y));
+        root.draw(&Text::new(
+            lane.label.clone(),
+            (px - 8, py),
+            TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Right, VPos::Center)),
+        ))?;
+    }
+    let (left, _) = chart.backend_coord(&(t0, 0.0));
+    x_label(
+        root,
+        &chart.backend_coord(&(t1 * 1.01, -0.5)),
+        &panel.x_label,
+    )?;
+    legend(root, area, left, &names, series)
+}
+
+/// The x axis's name, right-aligned under the tick labels at the axis's right end.
+fn x_label<'a>(
+    root: &Area<'a>,
+    at: &(i32, i32),
+    text: &str,
+) -> Result<(), DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>> {
+    root.draw(&Text::new(
+        text.to_string(),
+        (at.0, at.1 + 24),
+        TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Right, VPos::Top)),
+    ))
 }
 
 /// A value for a bar label: 3 significant digits.

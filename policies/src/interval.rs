@@ -57,7 +57,7 @@ pub fn expected_wall_time(
             "restart time must be zero or a positive number of seconds, not {restart_s}"
         )));
     }
-    Ok(m * (restart_s / m).exp() * (((tau + d) / m).exp() - 1.0) * ts / tau)
+    Ok(m * (restart_s / m).exp() * ((tau + d) / m).exp_m1() * ts / tau)
 }
 
 #[cfg(test)]

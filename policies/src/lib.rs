@@ -6,7 +6,10 @@
 //! - [`coordinated`]: the coordinated checkpoint policy (barrier, capture all, commit when
 //!   safe; on a failure survivors roll back in place and lost ranks restart on a spare).
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
+//! - [`model`]: analytic makespan models of each policy (Daly's for the coordinated one).
 //! - [`report`]: lines and a summary for users.
+//! - [`simulator`]: a seeded discrete-event simulator of a job under each policy, with
+//!   exponential or Weibull failure traces.
 //! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
 //! Every policy is tested in a seeded simulation (`tests/simulation.rs`).
@@ -51,9 +54,11 @@ pub mod error;
 pub mod interval;
 pub mod module;
 pub mod plug;
+pub mod model;
 pub mod policy;
 pub mod primitives;
 pub mod report;
+pub mod simulator;
 
 pub use coordinated::{Config, Coordinated, IntervalChoice, NoSpare};
 pub use error::PolicyError;

@@ -2,7 +2,7 @@
 use cluster_tests::campaign::JobOutput;
 
 /// The number after `key` up to the next space.
-fn number_after(text: &str, key: &str) -> Option<f64> {
+pub(crate) fn number_after(text: &str, key: &str) -> Option<f64> {
     let rest = &text[text.find(key)? + key.len()..];
     rest.split_whitespace().next()?.parse().ok()
 }
@@ -11,6 +11,15 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
 pub fn loop_seconds(out: &JobOutput) -> Option<f64> {
     out.lines
         .iter()
+        .find(|l| l.text.contains("heat_ha: loop "))
+        .and_then(|l| number_after(&l.text, " in "))
+}
+
+/// Rank 0's loop time in its last process (after a restart, the loop it finished).
+pub fn loop_seconds_last(out: &JobOutput) -> Option<f64> {
+    out.lines
+        .iter()
+        .rev()
         .find(|l| l.text.contains("heat_ha: loop "))
         .and_then(|l| number_after(&l.text, " in "))
 }
@@ -32,7 +41,7 @@ pub fn commits(out: &JobOutput) -> Vec<(f64, f64)> {
 }
 
 /// `heat_ha: rank R computing from step S at T`.
-fn computing(text: &str) -> Option<(usize, u64, f64)> {
+pub(crate) fn computing(text: &str) -> Option<(usize, u64, f64)> {
     let rest = &text[text.find("heat_ha: rank ")? + "heat_ha: rank ".len()..];
     let mut w = rest.split_whitespace();
     let rank = w.next()?.parse().ok()?;
@@ -45,7 +54,7 @@ fn computing(text: &str) -> Option<(usize, u64, f64)> {
 }
 
 /// `heat_ha: step S at T` (rank 0).
-fn step_line(text: &str) -> Option<(u64, f64)> {
+pub(crate) fn step_line(text: &str) -> Option<(u64, f64)> {
     let rest = &text[text.find("heat_ha: step ")? + "heat_ha: step ".len()..];
     let mut w = rest.split_whitespace();
     let step = w.next()?.parse().ok()?;
