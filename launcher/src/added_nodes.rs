@@ -201,6 +201,8 @@ impl JoinedShare {
             stay: Some(stay),
             exit_grace: self.exit_grace,
             commands: Some(Arc::new(Mutex::new(commands))),
+            // A node added to a running job serves no PMI (its ranks are moved in).
+            rank_setup: None,
         };
         crate::ranks::run_share(&share)
     }
