@@ -218,9 +218,9 @@ struct Gathering {
     data: FenceData,
 }
 
-/// A job-ending reason that only follows from an earlier one (a fence failing as the job's
-/// ranks are stopped).
-const FENCE_FAILED: &str = "fence cannot complete";
+/// Marks a job-ending reason that only follows from an earlier one (a fence failing as
+/// the job's ranks are stopped): "PMI fence 3 cannot complete: ...".
+const FENCE_FAILED: &str = " cannot complete: ";
 
 /// krun's side: gathers fences across nodes, for both wires (sans-IO: the hub sends what
 /// it returns).
