@@ -336,6 +336,42 @@ fn openmpi_allreduce_is_exact_on_every_rank() {
     }
 }
 
+/// Open MPI asks for each peer's data on first use instead of collecting it all in
+/// MPI_Init's fence (async modex): krund routes the requests through krun to the node that
+/// holds the rank (KRUN_PMIX_TRACE shows them).
+#[test]
+fn openmpi_direct_modex_is_routed_between_nodes() {
+    let dir = temp_dir("ompi-dmodex");
+    let prog = build_ompi("allreduce", &dir.0);
+    let (code, out, err) = krun(&[
+        "--local",
+        "3",
+        "-n",
+        "6",
+        "-x",
+        "OMPI_MCA_pmix_base_async_modex=1",
+        "-x",
+        "OMPI_MCA_pmix_base_collect_data=0",
+        "-x",
+        "KRUN_PMIX_TRACE=1",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!(
+                "allreduce: rank {r} of 6: 0 of 4096 elements wrong"
+            )),
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+    assert!(
+        err.contains("PMIx direct modex: a local rank asks for rank")
+            && err.contains("PMIx direct modex: node "),
+        "{err}"
+    );
+}
+
 #[test]
 fn openmpi_abort_ends_the_job_with_its_code() {
     let dir = temp_dir("ompi-abort");

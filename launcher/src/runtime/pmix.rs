@@ -94,6 +94,9 @@ pub struct PmixServer {
     tmpdir: PathBuf,
     /// The node's shared-memory directory for Open MPI's ranks (in /dev/shm).
     shm_dir: PathBuf,
+    /// `KRUN_PMIX_TRACE=1`: krund prints the library's requests (fences, direct modex,
+    /// aborts) on stderr.
+    trace: bool,
     tell: Teller,
     state: Mutex<State>,
 }
@@ -400,6 +403,7 @@ impl PmixServer {
             nspace: format!("krun.{job}"),
             tmpdir: tmpdir.clone(),
             shm_dir,
+            trace: std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1"),
             tell,
             state: Mutex::new(State {
                 next_fence: 1,
@@ -596,6 +600,9 @@ impl PmixServer {
     /// Another node asks for local `rank`'s data: the library gives it once the rank
     /// committed it.
     fn dmodex_ask(&self, from: adaptation::NodeId, id: u64, rank: u32) {
+        self.trace(format_args!(
+            "direct modex: node {from} asks for rank {rank}'s data"
+        ));
         let p = proc_of(&self.nspace, rank);
         let ask = Box::into_raw(Box::new((from, id))) as *mut c_void;
         // SAFETY: `ask` is released by `dmodex_answer`, which the library calls once.
@@ -608,6 +615,12 @@ impl PmixServer {
                 id,
                 data: None,
             });
+        }
+    }
+
+    fn trace(&self, what: std::fmt::Arguments) {
+        if self.trace {
+            eprintln!("krund: node {}: PMIx {what}", self.node);
         }
     }
 
@@ -649,6 +662,10 @@ impl PmixServer {
             st.fences.insert(seq, pending);
             seq
         };
+        self.trace(format_args!(
+            "fence {seq}: {} bytes of the node's data",
+            data.len()
+        ));
         (self.tell)(PmiToLauncher::Fence {
             seq,
             ranks: (self.first..self.first + local).map(|r| r as u32).collect(),
@@ -659,6 +676,9 @@ impl PmixServer {
 
     /// The library asks for a remote rank's data (direct modex).
     fn direct_modex(&self, rank: u32, pending: Pending) -> sys::pmix_status_t {
+        self.trace(format_args!(
+            "direct modex: a local rank asks for rank {rank}'s data"
+        ));
         let Some(node) = node_of(&self.counts, rank as usize) else {
             return status(sys::PMIX_ERR_NOT_FOUND as u32);
         };
