@@ -701,7 +701,7 @@ fn connect_launcher(
                 Ok(LauncherToNode::Pmi(msg)) => {
                     let servers = shared.pmi.lock().expect("pmi lock").clone();
                     for server in servers {
-                        server.from_launcher(msg.clone());
+                        server.deliver(msg.clone());
                     }
                 }
                 Ok(LauncherToNode::Barrier { op }) => {

@@ -425,7 +425,7 @@ pub struct WireState {
 /// reach it.
 pub trait RankWatch: Send + Sync {
     /// krun's message (each server takes its own wire's).
-    fn from_launcher(&self, _msg: PmiToNode) {}
+    fn deliver(&self, _msg: PmiToNode) {}
     /// Where `rank` is with this server.
     fn state(&self, rank: u32) -> WireState;
     /// `rank` ended (after [`RankWatch::state`] was read): forget it.
@@ -620,9 +620,6 @@ mod tests {
             "{a:?}"
         );
     }
-
-    /// A client over a socket pair: the node answers the MPICH sequence, and a fence waits
-    /// for krun.
 
     fn blobs(seq: u64, ranks: &[u32], blob: &[u8]) -> PmiToLauncher {
         PmiToLauncher::Fence {

@@ -127,7 +127,7 @@ pub struct NodeServer {
 
 impl RankWatch for NodeServer {
     /// krun's answer to a PMI-1 fence (other messages are not this server's).
-    fn from_launcher(&self, msg: PmiToNode) {
+    fn deliver(&self, msg: PmiToNode) {
         let mut st = self.state.lock().expect("pmi lock");
         match msg {
             PmiToNode::Fenced {
@@ -416,6 +416,8 @@ mod tests {
         assert_eq!(process_mapping(&[2, 2, 1, 0]), "(vector,(0,2,2),(2,1,1))");
     }
 
+    /// A client over a socket pair: the node answers the MPICH sequence, and a fence waits
+    /// for krun.
     #[test]
     fn the_node_answers_mpichs_init_sequence_and_holds_fences_for_krun() {
         let told = Arc::new(Mutex::new(Vec::new()));
@@ -460,7 +462,7 @@ mod tests {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            s2.from_launcher(PmiToNode::Fenced {
+            s2.deliver(PmiToNode::Fenced {
                 seq: 1,
                 data: FenceData::Puts(vec![("k1".into(), "v1".into())]),
             });

@@ -711,7 +711,7 @@ impl PmixServer {
 
 impl RankWatch for PmixServer {
     /// krun's message for the node's PMIx server (PMI-1's are not its).
-    fn from_launcher(&self, msg: PmiToNode) {
+    fn deliver(&self, msg: PmiToNode) {
         match msg {
             PmiToNode::Fenced {
                 seq,
