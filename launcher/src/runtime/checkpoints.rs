@@ -31,6 +31,10 @@
 //! The policy numbers versions itself (never reused); the native checkpointer numbers its
 //! images one by one. The driver orders each capture as the checkpointer's next version and
 //! maps the two both ways.
+//!
+//! The policy is a `Box<dyn Policy + Send>` built from a description (`krun --policy FILE`,
+//! default: the built-in coordinated policy) and swapped while the job runs by
+//! `krun policy load|unload` ([`swap`]).
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,13 +43,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use policies::description::Description;
 use policies::engine::{Engine, Runtime as PolicyRuntime};
 use policies::primitives::{
     AgreedView, Decision, Event, ImageCopy, Layout, Level, Millis, NodeId, OpId, Rank, Reads,
     RequestSource, Version,
 };
-use policies::report::{Notice, Summary};
-use policies::{Config, Coordinated, IntervalChoice, Policy, PolicyError};
+use policies::report::{Notice, NoticeKind, Summary};
+use policies::{Config, IntervalChoice, Policy, PolicyError};
+
+mod swap;
+
+/// The engine the policy thread drives: any policy (built in or a module) against the hub.
+type Driven = Engine<Box<dyn Policy + Send>, HubCalls>;
 
 /// How long every node has to answer `Opened` to a barrier before it fails.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,6 +80,11 @@ pub enum Input {
         epoch: u64,
         members: Vec<NodeId>,
         reply: Sender<super::drain::DrainAnswer>,
+    },
+    /// `krun policy load|unload|show` ([`swap`]): the answer is the user's line or why not.
+    Policy {
+        request: super::control::PolicyRequest,
+        reply: Sender<Result<String, String>>,
     },
 }
 
@@ -192,10 +207,21 @@ struct HubCalls {
     phases: PhaseGate,
     /// Who waits for the drain in progress (`runtime/drain.rs`).
     drain: super::drain::DrainWaiter,
+    /// The recovery in progress, shown to the user: ranks restored of those planned.
+    recovery_bar: Option<crate::progress::Progress>,
+    /// Every decision recorded, in order (a swapped-in policy resumes from them).
+    decisions: Vec<Decision>,
+    /// The newest agreed view.
+    view: AgreedView,
+    /// The spares the job started with.
+    spares: Vec<NodeId>,
+    /// A swap is settling: the new policy's "runs the policy from epoch" line is not shown.
+    quiet_takeover: bool,
 }
 
 impl PolicyRuntime for HubCalls {
     fn record(&mut self, decision: &Decision) -> Result<(), String> {
+        self.decisions.push(decision.clone());
         if matches!(
             decision.kind,
             policies::primitives::DecisionKind::Committed { .. }
@@ -335,7 +361,30 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn notify(&mut self, notice: &Notice) {
-        eprintln!("krun: {notice}");
+        if self.quiet_takeover && matches!(notice.kind, NoticeKind::Takeover { .. }) {
+            return;
+        }
+        crate::progress::line(&format!("krun: {notice}"));
+        match &notice.kind {
+            NoticeKind::RecoveryPlanned {
+                restarts,
+                rollbacks,
+                ..
+            } => {
+                let n = restarts.iter().map(|g| g.ranks.len()).sum::<usize>() + rollbacks.len();
+                self.recovery_bar = Some(crate::progress::Progress::bar(
+                    crate::progress::Mode::for_stderr(),
+                    n as u64,
+                    "recovery: ranks restored",
+                ));
+            }
+            NoticeKind::Recovered { .. } | NoticeKind::JobEnded { .. } => {
+                if let Some(bar) = self.recovery_bar.take() {
+                    bar.finish(None);
+                }
+            }
+            _ => {}
+        }
         self.drain.notice(notice);
     }
 
@@ -501,7 +550,9 @@ impl CheckpointDriver {
     /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
     /// job ends with an error naming them); `new_wiring` opens the ranks' address
     /// all-gather of a recovery; `job_error` receives why the job cannot continue; the
-    /// policy stops at the phases `phases` names (failure injection).
+    /// policy stops at the phases `phases` names (failure injection). `policy`: the job's
+    /// description (`krun --policy FILE`; `None`: the built-in coordinated policy), over
+    /// these defaults.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
@@ -514,6 +565,7 @@ impl CheckpointDriver {
         new_wiring: NewWiring,
         job_error: JobError,
         phases: PhaseGate,
+        policy: Option<Description>,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
         let cfg = Config {
@@ -535,7 +587,7 @@ impl CheckpointDriver {
             spares: spares.clone(),
         };
         let view = AgreedView::new(0, nodes.iter().chain(&spares).copied().collect());
-        let policy = Coordinated::new(cfg, 0, &layout, view, 0)?;
+        let (plug, policy) = swap::Plug::start(policy, cfg, layout, &view)?;
         let commits = Arc::new(AtomicU64::new(0));
         let calls = HubCalls {
             commits: commits.clone(),
@@ -557,11 +609,16 @@ impl CheckpointDriver {
             job_error,
             phases,
             drain: Default::default(),
+            recovery_bar: None,
+            decisions: Vec::new(),
+            view,
+            spares,
+            quiet_takeover: false,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("krun-policy".into())
-            .spawn(move || run(Engine::new(policy, calls), rx))
+            .spawn(move || run(Engine::new(policy, calls), plug, rx))
             .map_err(|e| PolicyError::Config(format!("starting the policy thread: {e}")))?;
         Ok(CheckpointDriver {
             tx,
@@ -591,7 +648,7 @@ impl CheckpointDriver {
     }
 }
 
-fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -> Summary {
+fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) -> Summary {
     let start = Instant::now();
     let now = || start.elapsed().as_millis() as Millis;
     let mut copies = Copies::default();
@@ -623,6 +680,13 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
                 &copies,
             );
         }
+        let input = match input {
+            Some(Input::Policy { request, reply }) => {
+                plug.request(&mut engine, now(), &copies, request, reply);
+                None
+            }
+            other => other,
+        };
         if let Some(input) = input {
             if let Some(event) = translate(engine.runtime_mut(), &mut copies, input) {
                 if !engine.runtime().stopped {
@@ -663,13 +727,14 @@ fn run(mut engine: Engine<Coordinated, HubCalls>, rx: Receiver<Option<Input>>) -
         for event in engine.runtime_mut().execute_plan() {
             feed(&mut engine, now(), event, &copies);
         }
+        plug.poll(&mut engine, now(), &copies);
     }
-    engine.policy().summary()
+    plug.total(engine.policy().summary())
 }
 
 /// Feeds `event`, then carries out the recovery it planned (if any), feeding back the
 /// answers of calls that could not be sent (bounded: each round needs a failed send).
-fn feed(engine: &mut Engine<Coordinated, HubCalls>, now: Millis, event: Event, reads: &Copies) {
+fn feed(engine: &mut Driven, now: Millis, event: Event, reads: &Copies) {
     let mut queue = vec![event];
     let mut rounds = 0;
     while let Some(event) = queue.pop() {
@@ -687,6 +752,8 @@ fn feed(engine: &mut Engine<Coordinated, HubCalls>, now: Millis, event: Event, r
 fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<Event> {
     match input {
         Input::Request(source) => Some(Event::CheckpointRequest { source }),
+        // Handled by the swap logic before translation.
+        Input::Policy { .. } => None,
         Input::Drain {
             node,
             epoch,
@@ -704,6 +771,9 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             members,
             failed,
         } => {
+            if epoch >= calls.view.epoch {
+                calls.view = AgreedView::new(epoch, members.clone());
+            }
             let lost: Vec<NodeId> = failed
                 .iter()
                 .copied()
@@ -768,17 +838,20 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if let Some(bar) = &calls.recovery_bar {
+                    bar.inc(1);
+                }
                 if matches!(planned, Planned::Rollback(..)) && !in_place {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} could not roll back inside its process (gone or \
                          not watching): restarted on node {node} as a new process (pid {pid})"
-                    );
+                    ));
                 }
                 if fetched > 0 {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
                          ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
-                    );
+                    ));
                 }
                 Some(match planned {
                     Planned::Restart(decision) => Event::RestartDone {
@@ -870,7 +943,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// A hub whose broadcasts are recorded, for nodes 0-2.
-    fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
+    pub(super) fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let log = sent.clone();
         let nodes: BTreeSet<NodeId> = [0, 1, 2].into();
@@ -898,6 +971,11 @@ mod tests {
             job_error: Arc::new(Mutex::new(None)),
             phases: PhaseGate::default(),
             drain: Default::default(),
+            recovery_bar: None,
+            decisions: Vec::new(),
+            view: AgreedView::new(0, vec![0, 1, 2]),
+            spares: Vec::new(),
+            quiet_takeover: false,
         };
         (calls, sent)
     }
