@@ -1,6 +1,8 @@
 //! `bench launch`: time for `krun` to start and finish 1, 16 and 64 ranks of `/bin/true`
-//! over 4 local nodes, against Open MPI's `mpirun` doing the same in the same run. Every run
-//! is bounded. Debian's mpirun 4.1 hangs from about 32 ranks when its stdin or stdout is not
+//! over 4 local nodes, against Open MPI's `mpirun` doing the same in the same run; and an MPI
+//! hello world (MPI_Init's wire-up included, `rank/examples/mpi/hello.c`): krun serving PMIx
+//! to Open MPI's build against `mpirun`, krun serving PMI-1 to MPICH's build against
+//! `mpiexec.mpich` (Hydra). Every run is bounded. Debian's mpirun 4.1 hangs from about 32 ranks when its stdin or stdout is not
 //! a terminal, so it runs under a pseudo-terminal: `script -qec "mpirun ..." /dev/null`.
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -93,7 +95,7 @@ fn time_command(
 
 pub fn run(raw: &[String]) -> Result<(), String> {
     let args = Args::parse(raw)?;
-    args.only(&["runs", "ranks", "out", "limit-secs"])?;
+    args.only(&["runs", "ranks", "mpi-ranks", "out", "limit-secs"])?;
     let runs: usize = args.number::<usize>("runs", 5)?.max(3);
     let limit = Duration::from_secs(args.number("limit-secs", 60)?);
     let ranks: Vec<usize> = args
@@ -106,6 +108,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 .map_err(|_| format!("--ranks: {r:?} is not a number"))
         })
         .collect::<Result<_, _>>()?;
+    let mpi_ranks: usize = args.number::<usize>("mpi-ranks", 8)?.max(1);
     let krun = krun_path()?;
     ensure_mpirun()?;
     let mut rows = Vec::new();
@@ -183,6 +186,43 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             "mpirun": spread_of(&mpirun_s),
         }));
     }
+    let mpi = mpi_hello(&krun, mpi_ranks, runs, limit)?;
+    for (label, k, m, other) in &mpi {
+        let (k, m) = (k.as_deref().and_then(median), m.as_deref().and_then(median));
+        let secs = |x: Option<f64>| x.map_or("timeout".to_string(), |x| format!("{x:.3}"));
+        table.row(vec![
+            format!("{mpi_ranks} ({label} hello, vs {other})"),
+            secs(k),
+            secs(m),
+            k.zip(m)
+                .map_or("-".into(), |(k, m)| format!("{:.2}", k / m)),
+        ]);
+    }
+    let mpi_rows: Vec<serde_json::Value> = mpi
+        .iter()
+        .map(|(label, k, m, other)| {
+            let spread_of = |x: &Option<Vec<f64>>| x.as_deref().map_or(json!(null), spread);
+            json!({
+                "mpi": label,
+                "ranks": mpi_ranks,
+                "against": other,
+                "krun_s": json_num(k.as_deref().and_then(median)),
+                "other_s": json_num(m.as_deref().and_then(median)),
+                "krun": spread_of(k),
+                "other": spread_of(m),
+            })
+        })
+        .collect();
+    for (label, k, m, other) in mpi {
+        groups.push(Group::new(
+            format!("{mpi_ranks} ranks, MPI hello ({label})"),
+            [
+                k.as_deref().and_then(|v| Bar::from_values("krun", v)),
+                m.as_deref()
+                    .and_then(|v| Bar::from_values(&format!("{other} (same run)"), v)),
+            ],
+        ));
+    }
     print!("{}", table.render());
     println!(
         "median of {runs} runs after a warm-up; 4 local krund nodes; mpirun under `script` (a \
@@ -197,7 +237,8 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| results_path("launch"));
     let figure = Figure {
-        title: "bench launch: krun against mpirun, ranks of /bin/true on one machine".into(),
+        title: "bench launch: krun against mpirun, /bin/true and an MPI hello world on one machine"
+            .into(),
         note: format!("median of {runs} runs, whiskers min/max; a missing bar timed out"),
         panels: vec![Panel::new(
             "time to run all ranks (lower is better)",
@@ -211,9 +252,97 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             "runs_per_point": runs,
             "mpirun_via": "script -qec 'mpirun ...' /dev/null (pseudo-terminal)",
             "rows": rows,
+            "mpi_hello": mpi_rows,
         }),
         &figure,
     )?;
     println!("wrote {} and its .png", path.display());
     Ok(())
+}
+
+/// One MPI hello-world comparison: (MPI library, krun's times, the other launcher's times,
+/// the other launcher's name).
+type MpiRow = (String, Option<Vec<f64>>, Option<Vec<f64>>, String);
+
+/// Builds `rank/examples/mpi/hello.c` with `mpicc` into `out`.
+fn build_hello(mpicc: &str, out: &std::path::Path) -> Result<PathBuf, String> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("MPICC={mpicc}"))
+        .arg(format!("OUT={}", out.display()))
+        .arg(out.join("hello"))
+        .output()
+        .map_err(|e| format!("make: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "building hello with {mpicc} (scripts/install-deps.sh installs it): {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(out.join("hello"))
+}
+
+/// `n` ranks of an MPI hello world over 4 local krund nodes: krun serving PMIx to Open
+/// MPI's build against Open MPI's mpirun (one machine, a pseudo-terminal as above), and
+/// krun serving PMI-1 to MPICH's build against MPICH's mpiexec (Hydra).
+fn mpi_hello(
+    krun: &std::path::Path,
+    n: usize,
+    runs: usize,
+    limit: Duration,
+) -> Result<Vec<MpiRow>, String> {
+    let dir = std::env::temp_dir().join(format!("krun-bench-mpi-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for (label, mpicc, mode, other, other_cmd) in [
+        (
+            "Open MPI",
+            "mpicc.openmpi",
+            "pmix",
+            "mpirun",
+            "mpirun.openmpi --oversubscribe --allow-run-as-root --bind-to none -np",
+        ),
+        (
+            "MPICH",
+            "mpicc.mpich",
+            "pmi1",
+            "mpiexec.mpich",
+            "mpiexec.mpich -n",
+        ),
+    ] {
+        let out = dir.join(mpicc);
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let hello = build_hello(mpicc, &out)?;
+        let k = time_command(
+            &format!("krun --mpi {mode} -n {n} hello"),
+            || {
+                let mut c = Command::new(krun);
+                c.args(["--mpi", mode, "-n", &n.to_string(), "--local", "4"])
+                    .args(["--bind-to", "none"])
+                    .arg(&hello);
+                c
+            },
+            runs,
+            limit,
+        )?;
+        let m = time_command(
+            &format!("{other} {n} hello"),
+            || {
+                let mut c = Command::new("script");
+                c.args([
+                    "-qec",
+                    &format!("{other_cmd} {n} {}", hello.display()),
+                    "/dev/null",
+                ]);
+                c
+            },
+            runs,
+            limit,
+        )?;
+        rows.push((label.to_string(), k, m, other.to_string()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
 }

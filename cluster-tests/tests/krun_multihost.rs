@@ -399,3 +399,60 @@ fn mpich_ring_and_allreduce_run_across_three_hosts() {
     assert!(err.contains("rank 3 on node 1 called MPI_Abort"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Open MPI 4.1 programs across 3 namespace hosts with no mpirun: each host's krund serves
+/// PMIx through OpenPMIx's server library (launcher/src/runtime/pmix.rs) and the fences'
+/// blobs cross hosts through krun. Open MPI needs no settings of its own here: its TCP
+/// transport leaves out loopback by default and finds each host's bridge address.
+#[test]
+fn openmpi_ring_and_allreduce_run_across_three_hosts() {
+    let hosts = Hosts::start(3, "ompi", None);
+    let dir = std::env::temp_dir().join(format!("krun-mh-ompi-progs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg("MPICC=mpicc.openmpi")
+        .arg(format!("OUT={}", dir.display()))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the MPI examples with mpicc.openmpi (install-deps: openmpi-bin libopenmpi-dev): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--hosts".to_string(), hosts.host_list()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        finish(hosts.krun(&all), Duration::from_secs(120))
+    };
+    let ring = dir.join("ring");
+    let (code, out, err) = run(&["-n", "6", ring.to_str().unwrap(), "4"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("ring: token 60 after 4 rounds of 6 ranks"),
+        "{out}\n{err}"
+    );
+    let allreduce = dir.join("allreduce");
+    let (code, out, err) = run(&["--mpi", "pmix", "-n", "6", allreduce.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!(
+                "allreduce: rank {r} of 6: 0 of 4096 elements wrong"
+            )),
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+    let abort = dir.join("abort");
+    let (code, out, err) = run(&["-n", "6", abort.to_str().unwrap(), "3", "9"]);
+    assert_eq!(code, Some(9), "{out}\n{err}");
+    assert!(
+        err.contains("rank 3 on node 1 called MPI_Abort (PMIx abort)"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

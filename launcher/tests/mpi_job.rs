@@ -1,7 +1,9 @@
-//! MPI programs under `krun` with no mpiexec: krund serves PMI-1 to its ranks (MPICH's
-//! simple PMI client over `PMI_FD`), fences go across nodes through krun. Debian's MPICH
-//! (`mpich libmpich-dev`, installed by scripts/install-deps.sh) builds the programs in
-//! rank/examples/mpi; each job runs on 3 local nodes and is bounded in time.
+//! MPI programs under `krun` with no mpiexec or mpirun: krund serves PMI-1 to its ranks
+//! (MPICH's simple PMI client over `PMI_FD`) and PMIx (Open MPI's client, through
+//! OpenPMIx's server library); fences go across nodes through krun. Debian's MPICH
+//! (`mpich libmpich-dev`) and Open MPI 4.1 (`openmpi-bin libopenmpi-dev`), installed by
+//! scripts/install-deps.sh, build the programs in rank/examples/mpi; each job runs on 3
+//! local nodes and is bounded in time.
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,19 +28,29 @@ fn temp_dir(name: &str) -> TempDir {
 
 /// Builds one MPI example with MPICH's compiler wrapper.
 fn build(program: &str, out: &Path) -> PathBuf {
+    build_with("mpicc.mpich", program, out)
+}
+
+/// Builds one MPI example with Open MPI's compiler wrapper.
+fn build_ompi(program: &str, out: &Path) -> PathBuf {
+    build_with("mpicc.openmpi", program, out)
+}
+
+fn build_with(mpicc: &str, program: &str, out: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");
     let o = Command::new("make")
         .arg("-s")
         .arg("-C")
         .arg(&src)
+        .arg(format!("MPICC={mpicc}"))
         .arg(format!("OUT={}", out.display()))
         .arg(out.join(program))
         .output()
         .expect("make (build-essential)");
     assert!(
         o.status.success(),
-        "building {program} with mpicc.mpich (scripts/install-deps.sh installs mpich and \
-         libmpich-dev) failed:\n{}{}",
+        "building {program} with {mpicc} (scripts/install-deps.sh installs mpich, \
+         libmpich-dev, openmpi-bin and libopenmpi-dev) failed:\n{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
@@ -233,6 +245,189 @@ fn ranks_get_the_pmi_environment_unless_mpi_is_none() {
     let (code, _, err) = krun(&["--mpi", "pmi2", "true"]);
     assert_eq!(code, 2);
     assert!(err.contains("PMI-1"), "{err}");
+}
+
+#[test]
+fn ranks_get_pmix_and_pmi1_by_default_and_only_what_mpi_asks_for() {
+    let script =
+        "echo rank=$KRUN_RANK pmix=${PMIX_RANK:-none}@${PMIX_NAMESPACE:-none} fd=${PMI_FD:-none}";
+    let lines = |mode: Option<&str>| {
+        let mut args = vec!["--local", "2", "-n", "4"];
+        if let Some(m) = mode {
+            args.extend(["--mpi", m]);
+        }
+        args.extend(["sh", "-c", script]);
+        let (code, out, err) = krun(&args);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let mut l: Vec<String> = out.lines().map(String::from).collect();
+        l.sort();
+        assert_eq!(l.len(), 4, "{out}");
+        l
+    };
+    for l in lines(None) {
+        let rank = l.split(' ').next().unwrap().strip_prefix("rank=").unwrap();
+        assert!(l.contains(&format!("pmix={rank}@krun.")), "{l}");
+        assert!(!l.contains("fd=none"), "{l}");
+    }
+    for l in lines(Some("pmix")) {
+        assert!(l.contains("fd=none") && !l.contains("pmix=none"), "{l}");
+    }
+    for l in lines(Some("pmi1")) {
+        assert!(
+            l.contains("pmix=none@none") && !l.contains("fd=none"),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn openmpi_hello_runs_on_three_local_nodes_without_mpirun() {
+    let dir = temp_dir("ompi-hello");
+    let hello = build_ompi("hello", &dir.0);
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", hello.to_str().unwrap()]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..6 {
+        assert_eq!(
+            out.matches(&format!("hello from rank {r} of 6 on "))
+                .count(),
+            1,
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+}
+
+#[test]
+fn openmpi_ring_passes_the_token_across_nodes() {
+    let dir = temp_dir("ompi-ring");
+    let ring = build_ompi("ring", &dir.0);
+    // Only PMIx served: Open MPI needs nothing else.
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "3",
+        "-n",
+        "6",
+        ring.to_str().unwrap(),
+        "5",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    // 5 rounds * (0 + 1 + ... + 5).
+    assert!(
+        out.contains("ring: token 75 after 5 rounds of 6 ranks"),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
+fn openmpi_allreduce_is_exact_on_every_rank() {
+    let dir = temp_dir("ompi-allreduce");
+    let prog = build_ompi("allreduce", &dir.0);
+    // Uneven nodes: 3, 3 and 1 ranks.
+    let (code, out, err) = krun(&["--local", "3", "-n", "7", prog.to_str().unwrap()]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..7 {
+        assert!(
+            out.contains(&format!(
+                "allreduce: rank {r} of 7: 0 of 4096 elements wrong"
+            )),
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+}
+
+/// Open MPI asks for each peer's data on first use instead of collecting it all in
+/// MPI_Init's fence (async modex): krund routes the requests through krun to the node that
+/// holds the rank (KRUN_PMIX_TRACE shows them).
+#[test]
+fn openmpi_direct_modex_is_routed_between_nodes() {
+    let dir = temp_dir("ompi-dmodex");
+    let prog = build_ompi("allreduce", &dir.0);
+    let (code, out, err) = krun(&[
+        "--local",
+        "3",
+        "-n",
+        "6",
+        "-x",
+        "OMPI_MCA_pmix_base_async_modex=1",
+        "-x",
+        "OMPI_MCA_pmix_base_collect_data=0",
+        "-x",
+        "KRUN_PMIX_TRACE=1",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!(
+                "allreduce: rank {r} of 6: 0 of 4096 elements wrong"
+            )),
+            "rank {r}:\n{out}\n{err}"
+        );
+    }
+    assert!(
+        err.contains("PMIx direct modex: a local rank asks for rank")
+            && err.contains("PMIx direct modex: node "),
+        "{err}"
+    );
+}
+
+#[test]
+fn openmpi_abort_ends_the_job_with_its_code() {
+    let dir = temp_dir("ompi-abort");
+    let prog = build_ompi("abort", &dir.0);
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "4", "7"]);
+    assert_eq!(code, 7, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 4 on node 2 called MPI_Abort (PMIx abort) with exit code 7"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_openmpi_rank_exiting_without_finalize_ends_the_job_naming_it() {
+    let dir = temp_dir("ompi-nofin");
+    let prog = build_ompi("no_finalize", &dir.0);
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "4", "3"]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 4 on node 2 exited with code 3 without MPI_Finalize"),
+        "{err}"
+    );
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "1", "0"]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("krun: rank 1 on node 0 exited with code 0 without MPI_Finalize"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pmix_fence_a_gone_rank_never_joins_fails_naming_it() {
+    let dir = temp_dir("ompi-fence");
+    let prog = build_ompi("no_finalize", &dir.0);
+    // Rank 1 leaves before MPI_Init: the others' PMIx fence in MPI_Init cannot complete.
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "3",
+        "-n",
+        "6",
+        prog.to_str().unwrap(),
+        "1",
+        "0",
+        "early",
+    ]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(
+            "PMIx fence 1 cannot complete: rank 1 on node 0 exited with code 0 without joining it"
+        ),
+        "{err}"
+    );
+    // Named once: the failures that follow as the job ends are not news.
+    assert_eq!(err.matches("cannot complete").count(), 1, "{err}");
 }
 
 #[test]

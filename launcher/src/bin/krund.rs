@@ -252,20 +252,8 @@ fn run() -> Result<i32, LauncherError> {
                 let _ = commands_tx.send(launcher::ranks::RankCommand::Terminate { reason: why });
             });
         }
-        // The node's PMI server for MPI programs (`krun --mpi`, default PMI-1).
-        let pmi = match launcher::runtime::pmi::MpiMode::from_env()? {
-            launcher::runtime::pmi::MpiMode::Pmi1 => {
-                let server = launcher::runtime::pmi::NodeServer::new(
-                    args.node_id,
-                    &placement.count,
-                    &std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into()),
-                    runtime.pmi_teller(),
-                );
-                runtime.set_pmi(server.clone());
-                Some(server)
-            }
-            launcher::runtime::pmi::MpiMode::None => None,
-        };
+        // The node's MPI servers (`krun --mpi`, default both PMI-1 and PMIx).
+        let mpi = start_mpi(&runtime, args.node_id, &placement.count)?;
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -282,11 +270,14 @@ fn run() -> Result<i32, LauncherError> {
                 &machines,
                 &placement.count,
             ),
-            events: Some(match &pmi {
-                Some(server) => {
-                    launcher::runtime::pmi::tee_events(server.clone(), runtime.rank_events())
-                }
-                None => runtime.rank_events(),
+            events: Some(if mpi.servers.is_empty() {
+                runtime.rank_events()
+            } else {
+                launcher::runtime::mpi::tee_events(
+                    mpi.servers.clone(),
+                    runtime.pmi_teller(),
+                    runtime.rank_events(),
+                )
             }),
             stay,
             // With spares (KRUN_SPARES, set by krun), a failed rank may be restarted by a
@@ -294,7 +285,7 @@ fn run() -> Result<i32, LauncherError> {
             // failure had time to be agreed and acted on.
             exit_grace: exit_grace()?,
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
-            rank_setup: pmi.as_ref().map(|s| s.rank_setup()),
+            rank_setup: mpi.setup.clone(),
         };
         let node_id = args.node_id;
         let result = (|| {
@@ -356,6 +347,59 @@ fn run() -> Result<i32, LauncherError> {
 /// Opens the node's endpoint, swaps store addresses with the other nodes through the job's
 /// bootstrap (node order), and starts the node's checkpoint store placed by the view's
 /// cells; its agent goes into the runtime.
+/// The node's MPI servers: PMI-1 (MPICH) and PMIx (Open MPI), as `krun --mpi` asks.
+struct MpiServers {
+    servers: Vec<std::sync::Arc<dyn launcher::runtime::mpi::RankWatch>>,
+    setup: Option<launcher::runtime::mpi::RankSetup>,
+    pmix: Option<std::sync::Arc<launcher::runtime::pmix::PmixServer>>,
+}
+
+impl Drop for MpiServers {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pmix {
+            p.finish();
+        }
+    }
+}
+
+fn start_mpi(
+    runtime: &Runtime,
+    node: usize,
+    counts: &[usize],
+) -> Result<MpiServers, LauncherError> {
+    use launcher::runtime::{mpi, pmi, pmix};
+    let mode = mpi::MpiMode::from_env()?;
+    let job = std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into());
+    let mut servers: Vec<std::sync::Arc<dyn mpi::RankWatch>> = Vec::new();
+    let mut setups = Vec::new();
+    if mode.pmi1() {
+        let server = pmi::NodeServer::new(node, counts, &job, runtime.pmi_teller());
+        setups.push(server.rank_setup());
+        servers.push(server);
+    }
+    let mut pmix_server = None;
+    if mode.pmix() {
+        let server =
+            pmix::PmixServer::start(node, counts, &job, runtime.pmi_teller()).map_err(|e| {
+                LauncherError::Node {
+                    node,
+                    message: format!(
+                        "cannot serve PMIx (krun --mpi pmi1 or none does without): {e}"
+                    ),
+                }
+            })?;
+        setups.push(server.rank_setup());
+        servers.push(server.clone());
+        pmix_server = Some(server);
+    }
+    runtime.set_pmi(servers.clone());
+    Ok(MpiServers {
+        setup: (!setups.is_empty()).then(|| mpi::combine_setups(setups)),
+        servers,
+        pmix: pmix_server,
+    })
+}
+
 fn start_store(
     runtime: &Runtime,
     boot: &mut BootstrapClient,

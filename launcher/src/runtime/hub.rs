@@ -367,6 +367,17 @@ fn pmi_actions(inner: &Inner, actions: Vec<super::pmi::Action>) {
                     }
                 }
             }
+            super::pmi::Action::Send(node, msg) => {
+                let msg = LauncherToNode::Pmi(msg);
+                if let Some((s, w)) = st
+                    .links
+                    .get_mut(&node)
+                    .filter(|l| !l.bye)
+                    .and_then(|l| l.writer.as_mut())
+                {
+                    let _ = w.send(s, &msg);
+                }
+            }
             super::pmi::Action::End { reason, code } => {
                 // The first reason ends the job (krun prints it); later ones are printed
                 // here, so that every rank lost or aborted is named.

@@ -44,8 +44,9 @@ pub struct Shared {
     pub view_hooks: Mutex<Vec<ViewHook>>,
     /// Ranks whose library watches for orders at any time (rollback in place).
     pub watchers: super::recovery::Watchers,
-    /// The node's PMI server, if it serves one (krun's fence answers go there).
-    pub pmi: Mutex<Option<Arc<super::pmi::NodeServer>>>,
+    /// The node's MPI servers (PMI-1, PMIx), if it serves any (krun's fence answers go
+    /// there).
+    pub pmi: Mutex<Vec<Arc<dyn super::mpi::RankWatch>>>,
 }
 
 /// A callback on every stable view.
@@ -69,7 +70,7 @@ impl Shared {
             view_hooks: Mutex::new(Vec::new()),
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
             watchers: Default::default(),
-            pmi: Mutex::new(None),
+            pmi: Mutex::new(Vec::new()),
         })
     }
 

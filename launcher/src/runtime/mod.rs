@@ -45,7 +45,9 @@ pub mod hub;
 pub mod jobdir;
 pub mod membership;
 pub mod migrate;
+pub mod mpi;
 pub mod pmi;
+pub mod pmix;
 pub mod recovery;
 pub mod safepoint;
 pub mod status;
@@ -244,9 +246,10 @@ impl Runtime {
         self.events.clone()
     }
 
-    /// Plugs in the node's PMI server (`runtime/pmi.rs`): krun's fence answers go to it.
-    pub fn set_pmi(&self, server: Arc<pmi::NodeServer>) {
-        *self.shared.pmi.lock().expect("pmi lock") = Some(server);
+    /// Plugs in the node's MPI servers (`runtime/pmi.rs`, `runtime/pmix.rs`): krun's
+    /// fence answers go to them.
+    pub fn set_pmi(&self, servers: Vec<Arc<dyn mpi::RankWatch>>) {
+        *self.shared.pmi.lock().expect("pmi lock") = servers;
     }
 
     /// Sends the node's PMI reports to krun.
@@ -696,8 +699,9 @@ fn connect_launcher(
             match rx.recv::<LauncherToNode>(&mut reader) {
                 Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
                 Ok(LauncherToNode::Pmi(msg)) => {
-                    if let Some(server) = shared.pmi.lock().expect("pmi lock").as_ref() {
-                        server.from_launcher(msg);
+                    let servers = shared.pmi.lock().expect("pmi lock").clone();
+                    for server in servers {
+                        server.deliver(msg.clone());
                     }
                 }
                 Ok(LauncherToNode::Barrier { op }) => {

@@ -12,6 +12,8 @@ int main(int argc, char **argv) {
     int code = argc > 2 ? atoi(argv[2]) : 0;
     int early = argc > 3 && strcmp(argv[3], "early") == 0;
     const char *r = getenv("PMI_RANK");
+    if (!r)
+        r = getenv("PMIX_RANK"); /* Open MPI under krun --mpi pmix */
     if (early && r && atoi(r) == quitter) {
         fprintf(stderr, "rank %d: leaving before MPI_Init\n", quitter);
         exit(code);

@@ -1,0 +1,2 @@
+#include <pmix.h>
+#include <pmix_server.h>
