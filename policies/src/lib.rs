@@ -45,6 +45,7 @@
 //! println!("{}", p.summary()); // 1 checkpoint, 2.0 MiB, 0.00 s held in them; ...
 //! ```
 pub mod coordinated;
+pub mod uncoordinated;
 pub mod engine;
 pub mod error;
 pub mod interval;
