@@ -45,13 +45,13 @@
 //! println!("{}", p.summary()); // 1 checkpoint, 2.0 MiB, 0.00 s held in them; ...
 //! ```
 pub mod coordinated;
-pub mod uncoordinated;
 pub mod engine;
 pub mod error;
 pub mod interval;
 pub mod policy;
 pub mod primitives;
 pub mod report;
+pub mod uncoordinated;
 
 pub use coordinated::{Config, Coordinated, IntervalChoice, NoSpare};
 pub use error::PolicyError;

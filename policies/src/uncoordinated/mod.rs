@@ -441,7 +441,10 @@ impl Uncoordinated {
         let Some(c) = self.ranks.get_mut(rank as usize) else {
             return Vec::new();
         };
-        let Some(cap) = c.inflight.as_mut().filter(|x| x.op == op && x.version == version)
+        let Some(cap) = c
+            .inflight
+            .as_mut()
+            .filter(|x| x.op == op && x.version == version)
         else {
             return Vec::new();
         };
@@ -457,7 +460,14 @@ impl Uncoordinated {
         Vec::new()
     }
 
-    fn on_level(&mut self, now: Millis, rank: Rank, version: Version, level: Level, safe: bool) -> Vec<Action> {
+    fn on_level(
+        &mut self,
+        now: Millis,
+        rank: Rank,
+        version: Version,
+        level: Level,
+        safe: bool,
+    ) -> Vec<Action> {
         let want = self.cfg.safe_level;
         let levels = self.cfg.levels.clone();
         let Some(c) = self.ranks.get_mut(rank as usize) else {
@@ -572,8 +582,7 @@ impl Uncoordinated {
     }
 
     fn maybe_complete(&mut self, now: Millis) -> Vec<Action> {
-        if self.exited.len() < self.slots.len() || self.recovery.is_some() || self.end.is_some()
-        {
+        if self.exited.len() < self.slots.len() || self.recovery.is_some() || self.end.is_some() {
             return Vec::new();
         }
         self.end = Some(End::Completed);
@@ -702,9 +711,7 @@ impl Policy for Uncoordinated {
             (Some(End::Completed), _) => Phase::Completed,
             (Some(End::Ended), _) => Phase::Ended,
             (None, Some(_)) => Phase::Recovering,
-            (None, None) if self.ranks.iter().any(|c| c.inflight.is_some()) => {
-                Phase::Checkpointing
-            }
+            (None, None) if self.ranks.iter().any(|c| c.inflight.is_some()) => Phase::Checkpointing,
             _ => Phase::Running,
         }
     }

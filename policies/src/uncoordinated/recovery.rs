@@ -139,7 +139,10 @@ impl Uncoordinated {
         }
         let mut by_node: BTreeMap<NodeId, Vec<Rank>> = BTreeMap::new();
         for &r in &lost {
-            by_node.entry(self.slots[r as usize].node).or_default().push(r);
+            by_node
+                .entry(self.slots[r as usize].node)
+                .or_default()
+                .push(r);
         }
         let mut placed: BTreeMap<Rank, NodeId> = BTreeMap::new();
         for (_, ranks) in by_node {
