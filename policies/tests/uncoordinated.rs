@@ -11,7 +11,7 @@
 //! uninterrupted run's); survivors are never rolled back or restarted; no message is
 //! delivered twice or skipped; the job completes. `KRUN_SIM_SCHEDULES=N` sets how many
 //! seeds run.
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use policies::primitives::{
     AgreedView, DecisionKind, Event, ImageCopy, Layout, Level, LoggedEvent, Millis, NodeId, OpId,
@@ -19,8 +19,6 @@ use policies::primitives::{
 };
 use policies::uncoordinated::{Config, IntervalChoice, Uncoordinated};
 use policies::{Action, Policy};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
 #[derive(Default)]
 struct Index(BTreeMap<(Rank, Version), Vec<ImageCopy>>);
@@ -388,4 +386,78 @@ fn with_logging_only_the_lost_rank_restarts_and_replays_and_survivors_keep_runni
     );
     assert_eq!(s.p.summary().rollbacks, 0);
     assert_eq!(s.p.summary().restarts, 1);
+}
+
+/// Random communication histories (seeded): the recovery line leaves no orphan, restores
+/// every lost rank, and is maximal (no rank alone could stay later without an orphan).
+#[test]
+fn the_recovery_line_is_consistent_and_maximal_on_random_histories() {
+    use policies::uncoordinated::{DependencyGraph, Restore};
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+    let mut deepest = 0;
+    for seed in 0..500u64 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let n = rng.gen_range(2..=5usize);
+        let mut iv = vec![0u64; n];
+        let mut taken: Vec<Vec<Version>> = vec![Vec::new(); n];
+        let mut msgs = Vec::new();
+        let mut g = DependencyGraph::default();
+        for _ in 0..rng.gen_range(5..60) {
+            let a = rng.gen_range(0..n);
+            if rng.gen_bool(0.3) {
+                iv[a] += 1;
+                taken[a].push(iv[a]);
+            } else {
+                let b = (a + rng.gen_range(1..n)) % n;
+                msgs.push((a as Rank, iv[a], b as Rank, iv[b]));
+                g.add(a as Rank, iv[a], b as Rank, iv[b]);
+            }
+        }
+        let lost: BTreeSet<Rank> = [rng.gen_range(0..n) as Rank].into();
+        let unusable: BTreeSet<(Rank, Version)> = (0..n)
+            .flat_map(|r| taken[r].iter().map(move |&v| (r as Rank, v)))
+            .filter(|_| rng.gen_bool(0.1))
+            .collect();
+        let usable = |r: Rank, v: Version| !unusable.contains(&(r, v));
+        let line = g.recovery_line(&taken, &lost, usable);
+        let consistent = |l: &[Restore]| {
+            let undone = |r: Rank, i: Version| matches!(l[r as usize], Restore::At(v) if i >= v);
+            msgs.iter()
+                .all(|&(a, ai, b, bi)| !undone(a, ai) || undone(b, bi))
+        };
+        assert!(consistent(&line.ranks), "seed {seed}: an orphan is left");
+        for &r in &lost {
+            assert!(
+                matches!(line.ranks[r as usize], Restore::At(_)),
+                "seed {seed}"
+            );
+        }
+        for r in 0..n {
+            let Restore::At(v) = line.ranks[r] else {
+                continue;
+            };
+            assert!(
+                v == 0 || usable(r as Rank, v),
+                "seed {seed}: unusable checkpoint"
+            );
+            let mut later: Vec<Restore> = taken[r]
+                .iter()
+                .filter(|&&t| t > v && usable(r as Rank, t))
+                .map(|&t| Restore::At(t))
+                .collect();
+            if !lost.contains(&(r as Rank)) {
+                later.push(Restore::Keep);
+            }
+            for l in later {
+                let mut raised = line.ranks.clone();
+                raised[r] = l;
+                assert!(
+                    !consistent(&raised),
+                    "seed {seed}: rank {r} could stay at {l:?}, the line is not maximal"
+                );
+            }
+        }
+        deepest = deepest.max(line.depth());
+    }
+    assert!(deepest >= 2, "the histories never cascaded: {deepest}");
 }

@@ -92,12 +92,12 @@ impl Config {
         let bad = |s: String| Err(PolicyError::Config(s));
         match self.interval {
             IntervalChoice::Fixed { ms: 0 } => return bad("interval must be > 0 ms".into()),
-            IntervalChoice::Daly { mtbf_s, initial_ms } => {
-                if !(mtbf_s.is_finite() && mtbf_s > 0.0) || initial_ms == 0 {
-                    return bad(format!(
-                        "daly: mtbf ({mtbf_s} s) and the initial interval ({initial_ms} ms) must be > 0"
-                    ));
-                }
+            IntervalChoice::Daly { mtbf_s, initial_ms }
+                if !(mtbf_s.is_finite() && mtbf_s > 0.0) || initial_ms == 0 =>
+            {
+                return bad(format!(
+                    "daly: mtbf ({mtbf_s} s) and the initial interval ({initial_ms} ms) must be > 0"
+                ));
             }
             _ => {}
         }
