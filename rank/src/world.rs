@@ -243,6 +243,30 @@ impl Rank {
         Ok(Arc::new(this))
     }
 
+    /// A rank rejoining a running job (a restarted rank under message logging, see
+    /// [`crate::logging::Rejoining`]): no address all-gather, no checkpointer of its own (the
+    /// application restores its state), no node link.
+    pub(crate) fn assemble(
+        config: Config,
+        ep: Arc<dyn Endpoint>,
+        msgs: Messages,
+    ) -> Result<Arc<Rank>> {
+        let ckpt = Checkpoints::prepare(None, config.rank)?;
+        Ok(Arc::new(Rank {
+            rank: config.rank,
+            size: config.size,
+            ep,
+            msgs,
+            boot: Mutex::new(None),
+            recv_timeout: config.recv_timeout,
+            windows: Default::default(),
+            ckpt,
+            fabric: config.fabric,
+            node: Mutex::new(None),
+            finalized: AtomicBool::new(false),
+        }))
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
