@@ -196,12 +196,25 @@ fn buddy_of(rank: usize, size: usize) -> usize {
 }
 
 impl Logger {
-    fn new(rank: usize, size: usize, ring_local: MemoryRegion, ring_len: usize, ep: &dyn Endpoint) -> Result<Logger> {
+    fn new(
+        rank: usize,
+        size: usize,
+        ring_local: MemoryRegion,
+        ring_len: usize,
+        ep: &dyn Endpoint,
+    ) -> Result<Logger> {
         Ok(Logger {
             rank,
             ring_len,
             ring_local,
-            buddy: RwLock::new((rank, RemoteRegion { addr: 0, key: 0, len: 0 })),
+            buddy: RwLock::new((
+                rank,
+                RemoteRegion {
+                    addr: 0,
+                    key: 0,
+                    len: 0,
+                },
+            )),
             stage: Mutex::new(ep.register(Region::new(4096)?)?),
             delivering: Mutex::new(()),
             inner: Mutex::new(Inner {
@@ -245,7 +258,13 @@ impl Logger {
     /// Makes the determinant of a delivery durable at the buddy, then counts it delivered.
     /// While the buddy is unreachable (its node died) the delivery waits, up to
     /// [`BUDDY_WAIT`], for the buddy to be replaced ([`Rank::replace_peer`]).
-    pub(crate) fn before_deliver(&self, msgs: &Messages, src: usize, tag: u32, seq: u64) -> Result<()> {
+    pub(crate) fn before_deliver(
+        &self,
+        msgs: &Messages,
+        src: usize,
+        tag: u32,
+        seq: u64,
+    ) -> Result<()> {
         let _one = self.delivering.lock().expect("deliver lock");
         let det = {
             let g = self.inner.lock().expect("log lock");
@@ -308,10 +327,30 @@ impl Logger {
         Ok(())
     }
 
+    fn write_det(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
+        let (buddy, remote) = *self.buddy.read().expect("buddy lock");
+        if buddy == self.rank {
+            return Ok(()); // a job of one: nowhere else to keep it
+        }
+        let stage = self.stage.lock().expect("stage lock");
+        stage.write_bytes(0, &det.encode())?;
+        let off = (det.order % self.ring_len as u64) * DET_BYTES as u64;
+        // SAFETY: the stage is written only under its lock, held for this blocking write;
+        // the buddy's ring slot is written by this rank only.
+        unsafe {
+            msgs.endpoint()
+                .write(msgs.peer(buddy), &stage, 0, DET_BYTES, &remote, off)?
+        };
+        Ok(())
+    }
+
     /// A control message from `src`.
     pub(crate) fn on_control(&self, msgs: &Messages, src: usize, data: &[u8]) {
         let Ok(ctrl) = postcard::from_bytes::<Ctrl>(data) else {
-            eprintln!("krun rank {}: malformed message-log control from rank {src}", self.rank);
+            eprintln!(
+                "krun rank {}: malformed message-log control from rank {src}",
+                self.rank
+            );
             return;
         };
         match ctrl {
@@ -338,7 +377,10 @@ impl Logger {
                     self.bump(S_RESENT, 1);
                 }
                 let has = msgs.contiguous_from(src);
-                let _ = msgs.control(src, &postcard::to_stdvec(&Ctrl::Info { has }).unwrap_or_default());
+                let _ = msgs.control(
+                    src,
+                    &postcard::to_stdvec(&Ctrl::Info { has }).unwrap_or_default(),
+                );
             }
             Ctrl::Info { has } => {
                 let mut g = self.inner.lock().expect("log lock");
@@ -410,19 +452,33 @@ impl Rejoining {
         }
         let mut ids = Vec::with_capacity(size);
         for (r, (addr, _)) in peers.iter().enumerate() {
-            let a = if r == rank { self.ep.address() } else { EndpointAddress::from_bytes(addr)? };
+            let a = if r == rank {
+                self.ep.address()
+            } else {
+                EndpointAddress::from_bytes(addr)?
+            };
             ids.push(self.ep.connect(&a)?);
         }
         let msgs = Messages::new(self.ep.clone(), rank, ids, self.config.fabric.max_message);
         msgs.restore_counters(&snap.send_seq, &snap.prefix, &snap.extra);
-        let logger = Logger::new(rank, size, self.ring.clone(), self.ring_len, self.ep.as_ref())?;
+        let logger = Logger::new(
+            rank,
+            size,
+            self.ring.clone(),
+            self.ring_len,
+            self.ep.as_ref(),
+        )?;
         let buddy = buddy_of(rank, size);
         let remote = RemoteRegion::from_bytes(&peers[buddy].1)?;
         *logger.buddy.write().expect("buddy lock") = (buddy, remote);
         {
             let mut g = logger.inner.lock().expect("log lock");
             g.prefix = snap.prefix.clone();
-            g.extra = snap.extra.iter().map(|v| v.iter().copied().collect()).collect();
+            g.extra = snap
+                .extra
+                .iter()
+                .map(|v| v.iter().copied().collect())
+                .collect();
             g.order = snap.order;
             g.safe_order = snap.order;
             g.interval = snap.interval;
@@ -438,7 +494,10 @@ impl Rejoining {
             let buf = self.ep.register(Region::new(len)?)?;
             // SAFETY: `buf` is this call's own registered memory; the ring is written only
             // by this rank, which is not running.
-            unsafe { self.ep.read(ids_peer(&msgs, buddy), &buf, 0, len, &remote, 0)? };
+            unsafe {
+                self.ep
+                    .read(ids_peer(&msgs, buddy), &buf, 0, len, &remote, 0)?
+            };
             let mut bytes = vec![0u8; len];
             buf.read_bytes(0, &mut bytes)?;
             let mut g = logger.inner.lock().expect("log lock");
@@ -467,20 +526,25 @@ impl Rejoining {
                 prefix: snap.prefix[r],
                 extra: snap.extra[r].clone(),
             };
-            this.msgs.control(r, &postcard::to_stdvec(&ctrl).unwrap_or_default())?;
+            this.msgs
+                .control(r, &postcard::to_stdvec(&ctrl).unwrap_or_default())?;
         }
         let deadline = Instant::now() + INFO_TIMEOUT;
         loop {
             {
                 let g = logger.inner.lock().expect("log lock");
-                let missing: Vec<usize> = (0..size).filter(|&r| r != rank && g.info[r].is_none()).collect();
+                let missing: Vec<usize> = (0..size)
+                    .filter(|&r| r != rank && g.info[r].is_none())
+                    .collect();
                 if missing.is_empty() {
                     break;
                 }
                 if Instant::now() >= deadline {
                     return Err(RankError::Protocol {
                         rank: missing[0],
-                        reason: format!("rejoin: ranks {missing:?} did not answer within {INFO_TIMEOUT:?}"),
+                        reason: format!(
+                            "rejoin: ranks {missing:?} did not answer within {INFO_TIMEOUT:?}"
+                        ),
                     });
                 }
             }
@@ -500,20 +564,30 @@ impl Rank {
     pub fn enable_logging(&self, ring: usize) -> Result<()> {
         let ring_len = if ring == 0 { DEFAULT_RING } else { ring };
         let local = self.register(ring_len * DET_BYTES)?;
-        let logger = Logger::new(self.rank(), self.size(), local.clone(), ring_len, self.ep.as_ref())?;
+        let logger = Logger::new(
+            self.rank(),
+            self.size(),
+            local.clone(),
+            ring_len,
+            self.ep.as_ref(),
+        )?;
         let rings = self.allgather(&local.remote().to_bytes())?;
         let buddy = buddy_of(self.rank(), self.size());
         let remote = RemoteRegion::from_bytes(&rings[buddy])?;
         *logger.buddy.write().expect("buddy lock") = (buddy, remote);
         // Nobody delivers before everyone logs.
         self.barrier()?;
+        // What was delivered before is below the log's prefix.
+        logger.inner.lock().expect("log lock").prefix = self.msgs.delivered_counts();
         self.msgs.set_logger(Some(Arc::new(logger)));
         self.barrier()
     }
 
     fn logger(&self) -> Result<Arc<Logger>> {
         self.msgs.logger().ok_or_else(|| {
-            RankError::InvalidArgument("message logging is not enabled (Rank::enable_logging)".into())
+            RankError::InvalidArgument(
+                "message logging is not enabled (Rank::enable_logging)".into(),
+            )
         })
     }
 
@@ -530,7 +604,11 @@ impl Rank {
         let snap = Snapshot {
             send_seq,
             prefix: g.prefix.clone(),
-            extra: g.extra.iter().map(|s| s.iter().copied().collect()).collect(),
+            extra: g
+                .extra
+                .iter()
+                .map(|s| s.iter().copied().collect())
+                .collect(),
             order: g.order,
             interval: version,
             sent: g
@@ -565,7 +643,9 @@ impl Rank {
         for (src, upto) in prefix.into_iter().enumerate() {
             if src != self.rank() && upto > 0 {
                 let ctrl = postcard::to_stdvec(&Ctrl::Ack { upto }).unwrap_or_default();
-                self.msgs.control(src, &ctrl)?;
+                // A sender that is gone keeps its checkpointed log; it is trimmed by the
+                // next acknowledgement after it rejoins.
+                let _ = self.msgs.control(src, &ctrl);
             }
         }
         Ok(())
@@ -583,7 +663,7 @@ impl Rank {
 
     /// The log's totals (`None` without logging).
     pub fn log_stats(&self) -> Option<LogStats> {
-        self.msgs.logger().map(|l| l.stats())
+        self.msgs.any_logger().map(|l| l.stats())
     }
 
     /// Rank `rank` restarted as a new process with `address` and `ring` (see
@@ -598,8 +678,14 @@ impl Rank {
             if b.0 == rank {
                 b.1 = RemoteRegion::from_bytes(ring)?;
                 drop(b);
-                let recent: Vec<Determinant> =
-                    lg.inner.lock().expect("log lock").recent.iter().copied().collect();
+                let recent: Vec<Determinant> = lg
+                    .inner
+                    .lock()
+                    .expect("log lock")
+                    .recent
+                    .iter()
+                    .copied()
+                    .collect();
                 for d in &recent {
                     lg.write_det(&self.msgs, d)?;
                 }

@@ -170,10 +170,14 @@ pub(crate) struct Messages {
     rank_of: RwLock<Vec<Option<usize>>>,
     fragment: usize,
     send_seq: Vec<AtomicU64>,
+    /// Messages delivered per source (where message logging starts counting).
+    delivered: Vec<AtomicU64>,
     state: Mutex<RecvState>,
     observer: RwLock<Option<Arc<dyn Observer>>>,
     /// Sender-based message logging ([`crate::logging`]), when enabled.
     logger: RwLock<Option<Arc<Logger>>>,
+    /// The logger after [`Messages::retire_logger`] (its totals, its ring kept registered).
+    retired: RwLock<Option<Arc<Logger>>>,
 }
 
 fn describe_source(s: Source) -> String {
@@ -211,6 +215,7 @@ impl Messages {
             rank_of: RwLock::new(rank_of),
             fragment: fragment.max(1),
             send_seq: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            delivered: (0..size).map(|_| AtomicU64::new(0)).collect(),
             state: Mutex::new(RecvState {
                 next: vec![0; size],
                 skip: vec![Default::default(); size],
@@ -219,6 +224,7 @@ impl Messages {
             }),
             observer: RwLock::new(None),
             logger: RwLock::new(None),
+            retired: RwLock::new(None),
         }
     }
 
@@ -252,6 +258,29 @@ impl Messages {
 
     pub(crate) fn logger(&self) -> Option<Arc<Logger>> {
         self.logger.read().expect("logger lock").clone()
+    }
+
+    /// Stops logging; the logger's ring stays registered (a ward may still write to it) and
+    /// its totals readable.
+    pub(crate) fn retire_logger(&self) {
+        let lg = self.logger.write().expect("logger lock").take();
+        if lg.is_some() {
+            *self.retired.write().expect("logger lock") = lg;
+        }
+    }
+
+    /// The logger, or the retired one.
+    pub(crate) fn any_logger(&self) -> Option<Arc<Logger>> {
+        self.logger()
+            .or_else(|| self.retired.read().expect("logger lock").clone())
+    }
+
+    /// Messages delivered from each rank so far.
+    pub(crate) fn delivered_counts(&self) -> Vec<u64> {
+        self.delivered
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// The next sequence number to each rank.
@@ -425,7 +454,12 @@ impl Messages {
         }
         let mut st = self.state.lock().expect("message state");
         let next = st.next[src];
-        let seq = next + (h.seq_low.wrapping_sub(next) & SEQ_MASK);
+        let ahead = h.seq_low.wrapping_sub(next) & SEQ_MASK;
+        if ahead >= 1 << (SEQ_BITS - 1) {
+            // Behind what this rank holds: a copy resent after a restart (message logging).
+            return;
+        }
+        let seq = next + ahead;
         if h.fragment == 0 && h.last {
             let len = msg.data.len();
             Self::complete(
@@ -542,14 +576,11 @@ impl Messages {
                     if let Some(lg) = &logger {
                         // Pessimistic: durable at the buddy before the caller sees it.
                         if let Err(e) = lg.before_deliver(self, m.src, m.tag, m.seq) {
-                            self.state
-                                .lock()
-                                .expect("message state")
-                                .ready
-                                .insert(i, m);
+                            self.state.lock().expect("message state").ready.insert(i, m);
                             return Err(e);
                         }
                     }
+                    self.delivered[m.src].fetch_add(1, Ordering::Relaxed);
                     if let Some(o) = self.observer() {
                         o.on_deliver(m.src, m.tag, m.seq, m.len);
                     }

@@ -422,6 +422,9 @@ impl Rank {
         if self.finalized.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Message logging ends here (a buddy through the barrier may be gone); this rank's
+        // ring stays registered, for a ward still delivering its last messages.
+        self.msgs.retire_logger();
         self.barrier()?;
         self.ckpt.wait_idle();
         self.report(&RankToNode::Exiting {

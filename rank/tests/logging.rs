@@ -38,7 +38,7 @@ fn config(rank: usize, bootstrap: Option<std::net::SocketAddr>) -> Config {
         bootstrap,
         fabric: FabricConfig::with_provider(Provider::Loopback),
         bind_explicit: true,
-        recv_timeout: Some(Duration::from_secs(60)),
+        recv_timeout: Some(Duration::from_secs(15)),
         checkpoints: None,
         node_socket: None,
     }
@@ -64,7 +64,8 @@ fn step(r: &Rank, me: usize, state: u64, s: u64, any: bool) -> u64 {
     let right = (me + 1) % N;
     let left = (me + N - 1) % N;
     r.send(right, 1, &mix(state, s * 2).to_le_bytes()).unwrap();
-    r.send(left, 2, &mix(state, s * 2 + 1).to_le_bytes()).unwrap();
+    r.send(left, 2, &mix(state, s * 2 + 1).to_le_bytes())
+        .unwrap();
     let mut st = state;
     for k in 0..2 {
         let m = if any {
@@ -185,8 +186,11 @@ fn job(any: bool, crash: bool) -> Outcome {
         peers[LOST] = (address, ring);
         peers_tx.send(peers).unwrap();
     }
-    let out: Vec<(u64, krun::LogStats, u64)> =
-        threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Every rank's outcome first, so that a failure names every rank that failed.
+    let joined: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+    let failed: Vec<usize> = (0..N).filter(|&r| joined[r].is_err()).collect();
+    assert!(failed.is_empty(), "ranks {failed:?} failed");
+    let out: Vec<(u64, krun::LogStats, u64)> = joined.into_iter().map(Result::unwrap).collect();
     server.join().unwrap();
     Outcome {
         states: out.iter().map(|o| o.0).collect(),
@@ -221,4 +225,15 @@ fn with_a_failure_the_result_equals_a_run_without_one() {
     let recovered = job(false, true);
     assert_eq!(recovered.replayed_steps, 2);
     assert_eq!(recovered.states, reference.states);
+}
+
+#[test]
+fn without_a_failure_logging_changes_nothing_and_collects_the_log() {
+    let o = job(true, false);
+    assert_eq!(o.replayed_steps, 0);
+    for (r, s) in o.stats.iter().enumerate() {
+        assert_eq!(s.replayed_deliveries, 0, "rank {r}");
+        assert!(s.determinants >= 2 * STEPS, "rank {r}: {s:?}");
+        assert!(s.collected_messages > 0, "rank {r}: {s:?}");
+    }
 }
