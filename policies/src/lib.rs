@@ -5,11 +5,15 @@
 //! - [`policy`]: the [`Policy`] trait (sans-IO, deterministic).
 //! - [`coordinated`]: the coordinated checkpoint policy (barrier, capture all, commit when
 //!   safe; on a failure survivors roll back in place and lost ranks restart on a spare).
+//! - [`uncoordinated`]: each rank checkpoints alone on its own schedule; with sender-based
+//!   message logging only the lost ranks restart and replay, without it the recovery line
+//!   from the dependency graph names who rolls back (and the rollback depth).
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
 //! - [`report`]: lines and a summary for users.
 //! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
-//! Every policy is tested in a seeded simulation (`tests/simulation.rs`).
+//! Every policy is tested in a seeded simulation (`tests/simulation.rs`,
+//! `tests/uncoordinated_sim.rs`).
 //!
 //! # Driving a policy
 //!

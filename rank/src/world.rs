@@ -141,8 +141,28 @@ pub struct Rank {
 
 impl Rank {
     /// Starts this rank from the environment krun provides ([`Config::from_env`]).
+    /// `KRUN_MESSAGE_LOGGING=1` turns on sender-based message logging for the job
+    /// ([`Rank::enable_logging`]; every rank must have the same setting).
     pub fn init() -> Result<Arc<Rank>> {
-        Self::init_with(Config::from_env()?)
+        let logging = match std::env::var("KRUN_MESSAGE_LOGGING") {
+            Ok(v) => match v.trim() {
+                "1" | "true" | "on" => true,
+                "0" | "false" | "off" | "" => false,
+                _ => {
+                    return Err(RankError::BadEnv {
+                        name: "KRUN_MESSAGE_LOGGING",
+                        value: v,
+                        reason: "expected 1 or 0".into(),
+                    })
+                }
+            },
+            Err(_) => false,
+        };
+        let rank = Self::init_with(Config::from_env()?)?;
+        if logging {
+            rank.enable_logging(0)?;
+        }
+        Ok(rank)
     }
 
     /// Starts a rank; every rank of the job calls this at about the same time.
