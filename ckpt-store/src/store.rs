@@ -159,6 +159,18 @@ struct Held {
     offset: u64,
     len: u64,
     crc: u32,
+    /// A registration of this copy's range alone, for the peers that read it back.
+    mr: MemoryRegion,
+}
+
+/// A range of the arena lent to one writer until it commits its copy: the writer gets a
+/// remote key for this range alone (never for the whole arena, where other owners' copies
+/// live), and the key dies with the reservation.
+struct Reservation {
+    offset: u64,
+    len: u64,
+    /// Held only to keep the writer's key alive; dropping it revokes the key.
+    _key: MemoryRegion,
 }
 
 struct Contribution {
@@ -174,6 +186,8 @@ struct ParitySet {
     contributions: BTreeMap<u32, Contribution>,
     /// (offset, len, crc) of the parity once complete.
     parity: Option<(u64, u64, u32)>,
+    /// A registration of the parity's range alone, for the peers that rebuild from it.
+    parity_mr: Option<MemoryRegion>,
     members: Vec<(u32, u32, String, u64, u32)>, // member, node, owner, len, crc
 }
 
@@ -221,10 +235,9 @@ struct Inner {
     cfg: StoreConfig,
     ep: Box<dyn Endpoint>,
     peers: Vec<Option<PeerId>>,
-    arena_mr: MemoryRegion,
     arena: Mutex<Arena>,
     held: Mutex<HashMap<Key, Held>>,
-    reserved: Mutex<HashMap<(Key, u8), (u64, u64)>>,
+    reserved: Mutex<HashMap<(Key, u8), Reservation>>,
     parity: Mutex<BTreeMap<(u32, u64), ParitySet>>,
     l1: Mutex<HashMap<Key, L1Copy>>,
     pool: Arc<Mutex<Vec<MemoryRegion>>>,
@@ -242,6 +255,9 @@ struct Inner {
     reflush: Mutex<Vec<Key>>,
     /// Bytes `put` copied into store memory (mapped puts copy none).
     copied: AtomicU64,
+    /// The lent arena. Declared last: fields drop in order, and the registrations of its
+    /// ranges (in `held`, `reserved`, `parity`) are views of it that must go first.
+    arena_mr: MemoryRegion,
 }
 
 /// One node's checkpoint store (see the module docs).
@@ -942,8 +958,9 @@ impl Inner {
         let Body::Reserved { offset, remote } = reply else {
             return Err(unexpected(node, "Reserve", &reply));
         };
+        // The key covers the reserved range alone: the copy goes at its start.
         let remote = RemoteRegion::from_bytes(&remote)?;
-        self.rma_write(node, &mr, len, &remote, offset)?;
+        self.rma_write(node, &mr, len, &remote, 0)?;
         let ack = self.request(
             node,
             Body::Commit {
@@ -1161,10 +1178,16 @@ impl Inner {
                 continue;
             };
             let mut acc = if holder == self.cfg.node {
+                // Our own parity: read where it lies in the arena (`info` describes the
+                // range as lent to peers, from the start of its own registration).
+                let sets = self.parity.lock().expect("lock");
+                let Some((offset, len, _)) = sets.get(&(set, version)).and_then(|p| p.parity)
+                else {
+                    continue;
+                };
                 // SAFETY: the parity range is immutable once complete.
                 unsafe {
-                    self.arena_mr.region().as_slice()
-                        [info.offset as usize..(info.offset + info.len) as usize]
+                    self.arena_mr.region().as_slice()[offset as usize..(offset + len) as usize]
                         .to_vec()
                 }
             } else {
@@ -1299,6 +1322,21 @@ impl Inner {
         }
     }
 
+    /// Registers `len` bytes of the arena at `offset` on their own, so that a peer given
+    /// the remote key reaches that range and nothing else of the arena.
+    fn register_range(&self, offset: u64, len: u64) -> Result<MemoryRegion> {
+        // SAFETY: the view is kept in `held`, `reserved` or `parity`, which drop before
+        // `arena_mr` (field order of `Inner`), and the range lies inside the arena.
+        let view = unsafe {
+            Region::view(
+                self.arena_mr.region(),
+                offset as usize,
+                (len.max(1)) as usize,
+            )?
+        };
+        Ok(self.ep.register(view)?)
+    }
+
     fn handle(&self, from: usize, body: Body) -> Result<Body> {
         match body {
             Body::Reserve {
@@ -1311,21 +1349,32 @@ impl Inner {
             } => {
                 check_owner(&owner)?;
                 let key = ((owner.clone(), version), kind);
-                if let Some((off, l)) = self.reserved.lock().expect("lock").remove(&key) {
+                if let Some(old) = self.reserved.lock().expect("lock").remove(&key) {
+                    let (off, l) = (old.offset, old.len);
+                    drop(old);
                     self.arena.lock().expect("lock").release(off, l);
                 }
                 let offset = self.arena.lock().expect("lock").alloc(len).ok_or_else(|| StoreError::Peer {
                     node: self.cfg.node,
                     what: format!("arena full: no {len} bytes free for {owner} v{version} from node {from}"),
                 })?;
-                self.reserved
-                    .lock()
-                    .expect("lock")
-                    .insert(key, (offset, len));
-                Ok(Body::Reserved {
-                    offset,
-                    remote: self.arena_mr.remote().to_bytes().to_vec(),
-                })
+                let mr = match self.register_range(offset, len) {
+                    Ok(mr) => mr,
+                    Err(e) => {
+                        self.arena.lock().expect("lock").release(offset, len);
+                        return Err(e);
+                    }
+                };
+                let remote = mr.remote().to_bytes().to_vec();
+                self.reserved.lock().expect("lock").insert(
+                    key,
+                    Reservation {
+                        offset,
+                        len,
+                        _key: mr,
+                    },
+                );
+                Ok(Body::Reserved { offset, remote })
             }
             Body::Commit {
                 owner,
@@ -1338,7 +1387,12 @@ impl Inner {
                 crc,
             } => {
                 let key = ((owner.clone(), version), kind);
-                let reserved = self.reserved.lock().expect("lock").get(&key).copied();
+                let reserved = self
+                    .reserved
+                    .lock()
+                    .expect("lock")
+                    .get(&key)
+                    .map(|r| (r.offset, r.len));
                 if reserved != Some((offset, len)) {
                     return Err(StoreError::Invalid(format!(
                         "commit of {owner} v{version} without its reservation"
@@ -1360,11 +1414,22 @@ impl Inner {
                     });
                 }
                 let complete = if kind == 0 {
-                    let old = self
-                        .held
-                        .lock()
-                        .expect("lock")
-                        .insert((owner, version), Held { offset, len, crc });
+                    let mr = match self.register_range(offset, len) {
+                        Ok(mr) => mr,
+                        Err(e) => {
+                            self.arena.lock().expect("lock").release(offset, len);
+                            return Err(e);
+                        }
+                    };
+                    let old = self.held.lock().expect("lock").insert(
+                        (owner, version),
+                        Held {
+                            offset,
+                            len,
+                            crc,
+                            mr,
+                        },
+                    );
                     if let Some(old) = old {
                         self.arena
                             .lock()
@@ -1398,12 +1463,13 @@ impl Inner {
                     });
                 }
                 if let Some(h) = self.held.lock().expect("lock").get(&key) {
+                    // The copy's own registration: the reader reaches this copy alone.
                     return Ok(Body::Found {
                         level: 2,
-                        offset: h.offset,
+                        offset: 0,
                         len: h.len,
                         crc: h.crc,
-                        remote: self.arena_mr.remote().to_bytes().to_vec(),
+                        remote: h.mr.remote().to_bytes().to_vec(),
                     });
                 }
                 Ok(Body::NotFound)
@@ -1427,14 +1493,15 @@ impl Inner {
         let Some(p) = sets.get(&(set, version)) else {
             return Body::NotFound;
         };
-        let Some((offset, len, crc)) = p.parity else {
+        let (Some((_, len, crc)), Some(mr)) = (p.parity, p.parity_mr.as_ref()) else {
             return Body::NotFound;
         };
+        // The parity's own registration: the rebuilding peer reaches this range alone.
         Body::ParityFound {
-            offset,
+            offset: 0,
             len,
             crc,
-            remote: self.arena_mr.remote().to_bytes().to_vec(),
+            remote: mr.remote().to_bytes().to_vec(),
             members: p
                 .members
                 .iter()
@@ -1516,6 +1583,17 @@ impl Inner {
             arena_alloc.release(c.offset, c.len);
         }
         p.parity = Some((poff, plen, pcrc));
+        p.parity_mr = match self.register_range(poff, plen) {
+            Ok(mr) => Some(mr),
+            Err(e) => {
+                eprintln!(
+                    "krun-store: node {}: parity of set {set} v{version} cannot be lent ({e}): \
+                     not served",
+                    self.cfg.node
+                );
+                None
+            }
+        };
         // Keep the newest `keep` complete parity sets of this set.
         let complete: Vec<u64> = sets
             .iter()

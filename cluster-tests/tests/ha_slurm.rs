@@ -138,14 +138,16 @@ fn heat_under_slurm_survives_a_killed_node_on_its_spare_and_usr1_checkpoints() {
     let heat = dir.0.join("heat_ha");
     let c = SlurmCluster::up(5).expect("cluster.sh up");
 
-    // (1) A node's krund SIGKILLed from outside; the spare takes its ranks.
+    // (1) A node's krund SIGKILLed from outside; the spare takes its ranks. 150 ms per step:
+    // the job computes >= 22 s, so that it is still running after its 2nd checkpoint even
+    // on a loaded machine (a CI run's job ended after its 1st checkpoint, which took 6 s).
     let script = dir.0.join("kill.sbatch");
     let output = dir.0.join("kill.out");
     std::fs::write(
         &script,
         format!(
             "#!/bin/bash\n\
-             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_HA_TRACE=0\n\
+             export KRUN_FABRIC_PROVIDER=tcp KRUN_GHOST_DIR={ghost} HEAT_HA_TRACE=0 HEAT_STEP_DELAY_US=150000\n\
              {krun} --spares 1 -n 4 --checkpoint-interval 2 {heat} {g0} {g1} {g2}\n\
              echo heat-exit $?\n",
             ghost = dir.0.join("ghost").display(),

@@ -349,8 +349,12 @@ fn a_host_whose_link_is_cut_is_named_and_the_job_ends() {
 #[test]
 fn mpich_ring_and_allreduce_run_across_three_hosts() {
     let hosts = Hosts::start(3, "mpi", None);
-    let dir = std::env::temp_dir().join(format!("krun-mh-mpi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "krun-mh-mpi-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    ));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");
     let o = Command::new("make")
         .arg("-s")

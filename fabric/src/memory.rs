@@ -15,6 +15,8 @@ use crate::error::{FabricError, Result};
 pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
+    /// The mapping is this region's (unmapped on drop); `false` for a [`Region::view`].
+    owned: bool,
 }
 
 // SAFETY: the region is plain memory owned by this value; all access goes through raw
@@ -51,6 +53,7 @@ impl Region {
         Ok(Region {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
+            owned: true,
         })
     }
 
@@ -107,6 +110,29 @@ impl Region {
         Ok(Region {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
+            owned: true,
+        })
+    }
+
+    /// A region over `len` bytes of `parent` at `offset`, without a mapping of its own: a
+    /// registration of it gives peers a remote key for that range alone (the checkpoint
+    /// store lends each buddy only the range it reserved, not its whole arena).
+    ///
+    /// # Safety
+    /// The view, and any registration of it, must be dropped before `parent` is.
+    pub unsafe fn view(parent: &Region, offset: usize, len: usize) -> Result<Region> {
+        if len == 0 {
+            return Err(FabricError::Registration {
+                len,
+                reason: "a region must hold at least one byte".into(),
+            });
+        }
+        parent.check(offset, len)?;
+        Ok(Region {
+            // SAFETY (of the add): offset + len is within the parent's mapping.
+            ptr: NonNull::new(parent.as_ptr().add(offset)).expect("inside a mapping"),
+            len,
+            owned: false,
         })
     }
 
@@ -193,8 +219,10 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: ptr/len come from our own successful mmap.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if self.owned {
+            // SAFETY: ptr/len come from our own successful mmap.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
     }
 }
 

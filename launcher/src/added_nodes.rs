@@ -198,6 +198,9 @@ impl JoinedShare {
                 ranks: 0,
             },
             events: Some(runtime.rank_events()),
+            // Ranks moved here by a drain are rank-library or CRIU ranks: MPI ranks (PMI)
+            // are not moved, so an added node serves no PMI.
+            rank_setup: None,
             stay: Some(stay),
             exit_grace: self.exit_grace,
             commands: Some(Arc::new(Mutex::new(commands))),

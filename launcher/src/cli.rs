@@ -33,9 +33,11 @@ the highest rank's, or 128+signal.
 --spares K: the last K nodes (locally: K more krund) run no ranks; when a node with ranks
 fails, its ranks restart on a spare from the last committed checkpoint and the surviving
 ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
-SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after the start, Kckpt after
+SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after every node is up, Kckpt after
 K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
-attempt, recoveryK once the K-th recovery's restart order went out.
+attempt, recoveryK once the K-th recovery's restart order went out. --policy FILE runs the HA
+policy a TOML file describes (a built-in one or a policy module); `krun policy load FILE`,
+`unload` and `show` swap or show it while the job runs.
 
 Without a PROGRAM, runs the built-in workload: every node writes a block into every other
 node's memory with one-sided RMA writes, counts itself in with a remote fetch-add, elects a
@@ -110,6 +112,11 @@ pub struct RunArgs {
     /// Take a coordinated checkpoint every SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     pub checkpoint_interval: Option<Duration>,
+    /// Run the HA policy described in FILE (TOML: which policy or module, interval or
+    /// daly, levels, spares, restart placement, ...; see the README). Default: the built-in
+    /// coordinated policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Keep the last K nodes (locally: K more krund) as spares that run no ranks.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub spares: usize,
@@ -162,6 +169,11 @@ pub enum KrunCommand {
         #[arg(long, value_name = "ID")]
         job: Option<String>,
     },
+    /// Load, unload or show a running job's HA policy (swapped at a consistent cut).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Read a rank's checkpoint back from the job's store, as a restart would.
     Fetch {
         /// The rank.
@@ -185,15 +197,11 @@ pub enum KrunCommand {
         #[arg(long = "bind-to", value_name = "B")]
         bind_to: Option<String>,
     },
-    /// Capture, restore, roll back, migrate and inspect processes (`krun ghost --help`).
-    #[command(disable_help_flag = true)]
+    /// Capture, restore, roll back, migrate and inspect processes (the backend, CRIU or the
+    /// native checkpointer, is chosen from the process or the image).
     Ghost {
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: GhostAction,
     },
     /// Slurm's hostlist grammar.
     Hostlist {
@@ -211,6 +219,93 @@ pub enum KrunCommand {
 }
 
 /// `krun node ...`.
+/// `krun ghost ...`: the uniform checkpointer API on one process (`launcher/src/ghost_cli.rs`).
+#[derive(Subcommand, Debug)]
+pub enum GhostAction {
+    /// Start a program CRIU can capture and restore beside itself (PID 1 of its own PID
+    /// namespace).
+    Run {
+        /// Where the program's output goes (default: /dev/null).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "PROGRAM"
+        )]
+        program: Vec<String>,
+    },
+    /// Verify an image and print what it holds.
+    Inspect { image: PathBuf },
+    /// Capture a process (kept running unless --kill).
+    Capture {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        /// The image to write.
+        #[arg(short = 'o', long = "image", value_name = "IMAGE")]
+        image: PathBuf,
+        /// End the process once captured.
+        #[arg(long)]
+        kill: bool,
+        /// Compress the image with zstd.
+        #[arg(long)]
+        zstd: bool,
+    },
+    /// Start a new process from an image; prints its pid.
+    Restore {
+        image: PathBuf,
+        /// Where the restored process's output goes.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The owner name its native images are kept under.
+        #[arg(long, value_name = "NAME")]
+        owner: Option<String>,
+        /// Native: the directory that holds its images from then on.
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<PathBuf>,
+    },
+    /// Bring a live process back to an image.
+    Rollback {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        image: PathBuf,
+    },
+    /// Capture and end a process, and restore it elsewhere: in network namespace NAME (a node
+    /// of a namespace cluster), or on HOST through its `krund --listen` daemon (the image
+    /// travels over the authenticated link; KRUN_SECRET_FILE), which watches and reaps it;
+    /// krun then follows it (its output, its exit code) until it ends.
+    Migrate {
+        #[arg(value_parser = pid)]
+        pid: i32,
+        /// The image to write.
+        #[arg(short = 'o', long = "image", value_name = "IMAGE")]
+        image: PathBuf,
+        /// Restore in this network namespace.
+        #[arg(
+            long,
+            value_name = "NAME",
+            required_unless_present = "to",
+            conflicts_with = "to"
+        )]
+        netns: Option<String>,
+        /// Restore on this host (HOST[:PORT]).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        to: Option<String>,
+        /// Where the restored process's output goes.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+fn pid(v: &str) -> std::result::Result<i32, String> {
+    v.parse::<i32>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!("'{v}' is not a process id"))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NodeAction {
     /// Join a new node (locally: a new krund; HOST: its `krund --listen` daemon).
@@ -223,6 +318,31 @@ pub enum NodeAction {
     /// Move the node's ranks to other nodes, then let it leave.
     Drain {
         node: u32,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+}
+
+/// `krun policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Swap in the policy described in FILE: after a coordinated checkpoint (or at the
+    /// recovery line), with no work lost; refused with the reason when unsafe.
+    Load {
+        file: PathBuf,
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// Go back to the built-in policy the job started with (a module is unloaded).
+    Unload {
+        /// The job (krun's process id).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
+    /// The policy in force, its settings, phase and recovery line.
+    Show {
         /// The job (krun's process id).
         #[arg(long, value_name = "ID")]
         job: Option<String>,
@@ -567,11 +687,45 @@ mod tests {
             .unwrap()
             .command
         {
-            Some(KrunCommand::Ghost { args }) => {
-                assert_eq!(args, ["capture", "12", "-o", "img", "--kill"])
+            Some(KrunCommand::Ghost {
+                action:
+                    GhostAction::Capture {
+                        pid, image, kill, ..
+                    },
+            }) => {
+                assert_eq!((pid, image, kill), (12, PathBuf::from("img"), true))
             }
             other => panic!("{other:?}"),
         }
+        match krun(&["ghost", "run", "--output", "o.txt", "prog", "--flag", "x"])
+            .unwrap()
+            .command
+        {
+            Some(KrunCommand::Ghost {
+                action: GhostAction::Run { output, program },
+            }) => {
+                assert_eq!(output, Some(PathBuf::from("o.txt")));
+                assert_eq!(program, ["prog", "--flag", "x"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = krun(&["ghost", "capture", "-3", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'-3'") || e.contains("unexpected argument"),
+            "{e}"
+        );
+        let e = krun(&["ghost", "capture", "zero", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'zero' is not a process id"), "{e}");
+        let e = krun(&["ghost", "migrate", "12", "-o", "img"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--netns"), "{e}");
+        assert!(krun(&["ghost", "migrate", "12", "-o", "i", "--netns", "a", "--to", "h"]).is_err());
+        assert!(krun(&["ghost", "capture", "12"]).is_err());
         assert!(krun(&["hostlist", "compress"]).is_err());
     }
 

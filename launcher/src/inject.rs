@@ -31,7 +31,9 @@ pub struct Injection {
 /// When an [`Injection`] fires.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InjectAt {
-    /// This long after the nodes started.
+    /// This long after every node of the job is up (linked to krun): the job's own time,
+    /// not the time its daemons took to start (under load that varied from 0.3 to 2 s,
+    /// and a kill before the nodes were up tested the start-up, not the job).
     After(Duration),
     /// Once the checkpoint policy committed this many checkpoints.
     Commits(u64),

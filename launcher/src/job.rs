@@ -40,6 +40,8 @@ pub struct ProgramJob {
     /// `--spares K`: the last K nodes run no ranks until a recovery needs them (local mode:
     /// K more krund).
     pub spares: usize,
+    /// `--policy FILE`: the job's HA policy (`None`: the built-in coordinated policy).
+    pub policy: Option<policies::description::Description>,
 }
 
 /// Where the nodes come from.
@@ -310,6 +312,7 @@ pub fn run(job: &Job) -> Result<i32> {
                 new_wiring,
                 job_error.clone(),
                 phases.clone(),
+                p.policy.clone(),
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
@@ -636,7 +639,9 @@ pub fn write_summary(
 /// Whether the policy drives recoveries for `p`: it has spares or checkpoints on an
 /// interval (a job with neither goes on with what is left after a node loss).
 fn recovers(p: &ProgramJob) -> bool {
-    p.spares > 0 || p.checkpoint_interval.is_some()
+    p.spares > 0
+        || p.checkpoint_interval.is_some()
+        || p.policy.as_ref().is_some_and(|d| d.interval.is_some())
 }
 
 /// What [`wait_all`] follows besides the node processes.
@@ -676,7 +681,13 @@ fn wait_all(
     // Nodes we killed because another failed: their 137 is not the job's story.
     let mut stopped_by_us = false;
     let mut kill_at: Option<Instant> = None;
+    // When every node the job started was first linked to krun: `@5s` injections count
+    // from then.
+    let mut all_up: Option<Instant> = None;
     while remaining > 0 {
+        if all_up.is_none() && hub.linked() >= originals {
+            all_up = Some(Instant::now());
+        }
         if let Some(sig) = take_signal() {
             interrupts += usize::from(sig == libc::SIGINT);
             if interrupts >= 2 {
@@ -690,7 +701,7 @@ fn wait_all(
         let mut fired = Vec::new();
         inject.retain(|i| {
             let due = match i.at {
-                InjectAt::After(d) => started.elapsed() >= d,
+                InjectAt::After(d) => all_up.is_some_and(|t| t.elapsed() >= d),
                 InjectAt::Commits(k) => watch
                     .commits
                     .as_ref()
@@ -823,6 +834,7 @@ mod tests {
             report_bindings: false,
             argv: vec!["true".into()],
             checkpoint_interval: None,
+            policy: None,
             spares: 1,
         });
         assert_eq!(job.node_count(), 4);

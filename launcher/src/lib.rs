@@ -16,6 +16,7 @@ pub mod hostlist;
 pub mod inject;
 pub mod job;
 pub mod node_proc;
+pub mod progress;
 pub mod ranks;
 pub mod runtime;
 pub mod slurm;

@@ -428,11 +428,15 @@ fn a_plain_program_moves_with_criu_and_its_count_continues_on_the_adopting_node(
         dir.0.display()
     );
     let mut cmd = krun(&dir.0);
+    // --mpi none: a rank holding its node's PMI socket (an external unix socket to CRIU)
+    // cannot be moved with CRIU; plain programs are run without PMI (README).
     cmd.args([
         "--local",
         "4",
         "-n",
         "4",
+        "--mpi",
+        "none",
         "--bind-to",
         "none",
         "sh",

@@ -128,6 +128,12 @@ impl<P: Policy, R: Runtime> Engine<P, R> {
         &self.policy
     }
 
+    /// Puts `policy` in place of the current one (a swap while the job runs: the caller
+    /// built it from the job's recovery line) and returns the one it replaces.
+    pub fn replace_policy(&mut self, policy: P) -> P {
+        std::mem::replace(&mut self.policy, policy)
+    }
+
     pub fn runtime(&self) -> &R {
         &self.runtime
     }

@@ -53,4 +53,17 @@ pub enum PolicyError {
     },
     #[error("the policy and the runtime fed {events} events to each other in one call")]
     Runaway { events: usize },
+    /// A policy description ([`crate::description`]) is wrong: where (file:line), which key.
+    #[error("policy description {place}: {key}: {reason}")]
+    Description {
+        place: String,
+        key: String,
+        reason: String,
+    },
+    /// A policy change ([`crate::description::check_change`]) would put the job at risk.
+    #[error("unsafe policy change refused: {reason}")]
+    UnsafeChange { reason: String },
+    /// A policy module ([`crate::module`]) could not be loaded, or failed.
+    #[error("policy module {path}: {reason}")]
+    Module { path: String, reason: String },
 }

@@ -49,9 +49,12 @@
 //! println!("{}", p.summary()); // 1 checkpoint, 2.0 MiB, 0.00 s held in them; ...
 //! ```
 pub mod coordinated;
+pub mod description;
 pub mod engine;
 pub mod error;
 pub mod interval;
+pub mod module;
+pub mod plug;
 pub mod policy;
 pub mod primitives;
 pub mod report;
@@ -59,5 +62,6 @@ pub mod uncoordinated;
 
 pub use coordinated::{Config, Coordinated, IntervalChoice, NoSpare};
 pub use error::PolicyError;
+pub use plug::make_policy;
 pub use policy::{Phase, Policy};
 pub use primitives::{Action, Decision, DecisionId, DecisionKind, Event, Reads};

@@ -43,6 +43,12 @@ pub trait Policy {
 
     /// Totals so far (the end-of-job summary).
     fn summary(&self) -> Summary;
+
+    /// Why the policy can no longer run (a policy module that failed or panicked), if so:
+    /// krun then swaps the job back to its previous policy.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A boxed policy is a policy: krund holds `Box<dyn Policy>` so that a policy can be swapped
@@ -68,5 +74,8 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn summary(&self) -> Summary {
         (**self).summary()
+    }
+    fn failure(&self) -> Option<String> {
+        (**self).failure()
     }
 }

@@ -7,14 +7,16 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use launcher::cli::{HostlistAction, KrunCli, KrunCommand, LaunchArg, NodeAction, RunArgs};
+use launcher::cli::{
+    HostlistAction, KrunCli, KrunCommand, LaunchArg, NodeAction, PolicyAction, RunArgs,
+};
 use launcher::daemon::DaemonClient;
 use launcher::job::{self, Job, Launch, NodeSource, ProgramJob};
 use launcher::slurm::Allocation;
 use launcher::LauncherError;
 
 /// The job a `krun [flags] [PROGRAM ...]` command line describes.
-fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
+fn job_from(mut run: RunArgs) -> Result<Job, LauncherError> {
     let hosts = match (&run.hosts, &run.hostfile) {
         (Some(list), _) => Some(launcher::hostlist::expand(list)?),
         (None, Some(file)) => Some(read_hostfile(file)?),
@@ -84,12 +86,20 @@ fn job_from(run: RunArgs) -> Result<Job, LauncherError> {
             argv: run.program,
             checkpoint_interval: run.checkpoint_interval,
             spares: run.spares,
+            policy: None,
         });
+        if let (Some(file), Some(program)) = (&run.policy, job.program.as_mut()) {
+            apply_policy(file, program, &mut run.inject_failure, run.spares > 0)?;
+        }
     } else if run.ranks.is_some() {
         return Err(LauncherError::Usage("-n needs a PROGRAM to run".into()));
     } else if run.spares > 0 {
         return Err(LauncherError::Usage(
             "--spares needs a PROGRAM to run".into(),
+        ));
+    } else if run.policy.is_some() {
+        return Err(LauncherError::Usage(
+            "--policy needs a PROGRAM to run".into(),
         ));
     }
     for i in run.inject_failure {
@@ -188,8 +198,80 @@ fn node(action: NodeAction) -> Result<String, LauncherError> {
             moved.len()
         )),
         LauncherReply::Requested => Ok("checkpoint requested".into()),
+        LauncherReply::Policy(text) => Ok(text),
         LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
     }
+}
+
+/// `krun policy load FILE|unload|show [--job ID]`: asks the running job's policy thread.
+fn policy(action: PolicyAction) -> Result<String, LauncherError> {
+    use launcher::runtime::control::{LauncherReply, LauncherRequest, PolicyRequest};
+    let (job, req) = match action {
+        PolicyAction::Load { file, job } => {
+            let path = std::path::absolute(&file).map_err(|e| LauncherError::Io {
+                context: format!("resolving {}", file.display()),
+                source: e,
+            })?;
+            // Checked here first: errors name the file, the line and the key.
+            let text = std::fs::read_to_string(&path).map_err(|e| LauncherError::Io {
+                context: format!("reading the policy description {}", path.display()),
+                source: e,
+            })?;
+            let source = path.display().to_string();
+            policies::description::Description::parse(&source, &text)
+                .map_err(|e| LauncherError::Usage(e.to_string()))?;
+            (job, PolicyRequest::Load { source, text })
+        }
+        PolicyAction::Unload { job } => (job, PolicyRequest::Unload),
+        PolicyAction::Show { job } => (job, PolicyRequest::Show),
+    };
+    match launcher::runtime::status::ask_launcher(job.as_deref(), &LauncherRequest::Policy(req))? {
+        LauncherReply::Policy(text) => Ok(text),
+        LauncherReply::Refused(why) => Err(LauncherError::Usage(why)),
+        other => Err(LauncherError::Usage(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `krun --policy FILE`: the description, with its spares and failure injections applied to
+/// the job (flags win: --checkpoint-interval over the file's interval; --spares and the
+/// file's spares must agree).
+fn apply_policy(
+    file: &std::path::Path,
+    program: &mut ProgramJob,
+    inject: &mut Vec<launcher::job::Injection>,
+    spares_flag: bool,
+) -> Result<(), LauncherError> {
+    let path = std::path::absolute(file).map_err(|e| LauncherError::Io {
+        context: format!("resolving {}", file.display()),
+        source: e,
+    })?;
+    let mut desc = policies::description::Description::load(&path)
+        .map_err(|e| LauncherError::Usage(e.to_string()))?;
+    if let Some(s) = desc.spares {
+        let s = s as usize;
+        if spares_flag && s != program.spares {
+            return Err(LauncherError::Usage(format!(
+                "--spares {} and {} (spares = {s}) disagree",
+                program.spares,
+                path.display()
+            )));
+        }
+        program.spares = s;
+    }
+    for (text, line) in &desc.inject {
+        let i: launcher::job::Injection = text.parse().map_err(|e| {
+            LauncherError::Usage(format!(
+                "policy description {}:{line}: inject.failures: {e}",
+                path.display()
+            ))
+        })?;
+        inject.push(i);
+    }
+    if program.checkpoint_interval.is_some() {
+        desc.interval = None;
+    }
+    program.policy = Some(desc);
+    Ok(())
 }
 
 /// `krun checkpoint [--job ID]`: asks the running job's checkpoint policy for a checkpoint.
@@ -266,6 +348,7 @@ fn subcommand(
         } => status(job, json, hosts, hostfile),
         KrunCommand::Node { action } => node(action),
         KrunCommand::Checkpoint { job } => checkpoint(job),
+        KrunCommand::Policy { action } => policy(action),
         KrunCommand::Fetch {
             rank,
             version,
@@ -275,7 +358,7 @@ fn subcommand(
         KrunCommand::Config { provider, bind_to } => {
             show_config(config, provider, bind_to).map(|t| t.trim_end().to_string())
         }
-        KrunCommand::Ghost { args } => launcher::ghost_cli::run(&args),
+        KrunCommand::Ghost { action } => launcher::ghost_cli::run(action),
         KrunCommand::Hostlist { action } => hostlist(action),
         KrunCommand::Completions { shell } => {
             let mut script = Vec::new();

@@ -31,6 +31,10 @@
 //! The policy numbers versions itself (never reused); the native checkpointer numbers its
 //! images one by one. The driver orders each capture as the checkpointer's next version and
 //! maps the two both ways.
+//!
+//! The policy is a `Box<dyn Policy + Send>` built from a description (`krun --policy FILE`,
+//! default: the built-in coordinated policy) and swapped while the job runs by
+//! `krun policy load|unload` ([`swap`]).
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,13 +43,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use policies::description::Description;
 use policies::engine::{Engine, Runtime as PolicyRuntime};
 use policies::primitives::{
     AgreedView, Decision, Event, ImageCopy, Layout, Level, Millis, NodeId, OpId, Rank, Reads,
     RequestSource, Version,
 };
-use policies::report::{Notice, Summary};
-use policies::{Config, Coordinated, IntervalChoice, Policy, PolicyError};
+use policies::report::{Notice, NoticeKind, Summary};
+use policies::{Config, IntervalChoice, Policy, PolicyError};
+
+mod swap;
+
+/// The engine the policy thread drives: any policy (built in or a module) against the hub.
+type Driven = Engine<Box<dyn Policy + Send>, HubCalls>;
 
 /// The policy a driver runs (any policy: `[policy] kind`).
 pub type BoxedPolicy = Box<dyn Policy + Send>;
@@ -90,6 +100,20 @@ impl Default for PolicySettings {
 }
 
 impl PolicySettings {
+    /// The description these settings name (`None`: the built-in default, coordinated).
+    pub fn description(&self) -> Option<policies::description::Description> {
+        use policies::description::{Description, Kind};
+        match self.kind {
+            PolicyKind::Coordinated => None,
+            PolicyKind::Uncoordinated => {
+                let mut d = Description::builtin(Kind::Uncoordinated);
+                d.logging.messages = self.logging;
+                d.source = "[policy] kind = \"uncoordinated\"".into();
+                Some(d)
+            }
+        }
+    }
+
     /// From `KRUN_POLICY_KIND` and `KRUN_POLICY_LOGGING` (what `[policy]` exports); a bad
     /// value names the variable.
     pub fn from_env() -> Result<PolicySettings, PolicyError> {
@@ -124,58 +148,46 @@ pub struct PolicyBasis {
     pub now: Millis,
 }
 
-/// Builds the policy `settings` name for a job (the one place policies are constructed:
-/// `krun` at start, and a policy loaded while the job runs).
+/// The coordinated policy's defaults for a job (what a description leaves out).
+pub fn coordinated_defaults(basis: &PolicyBasis) -> Config {
+    Config {
+        interval: IntervalChoice::Fixed {
+            // "On request only": an interval longer than any job.
+            ms: basis
+                .interval
+                .map_or(u64::MAX / 4, |d| (d.as_millis() as u64).max(1)),
+        },
+        commit_level: basis.level,
+        levels: Config::default()
+            .levels
+            .into_iter()
+            .filter(|c| c.level <= basis.level)
+            .collect(),
+        no_spare: policies::coordinated::NoSpare::Fail,
+        ..Config::default()
+    }
+}
+
+/// Builds the policy `settings` name for a job, from its defaults (the policy itself is
+/// built by `policies::plug::make_policy`, the one place policies are made).
 pub fn make_policy(
     settings: &PolicySettings,
     basis: &PolicyBasis,
 ) -> Result<BoxedPolicy, PolicyError> {
-    let interval_ms = basis
-        .interval
-        // "On request only": an interval longer than any job.
-        .map_or(u64::MAX / 4, |d| (d.as_millis() as u64).max(1));
-    Ok(match settings.kind {
-        PolicyKind::Coordinated => {
-            let cfg = Config {
-                interval: IntervalChoice::Fixed { ms: interval_ms },
-                commit_level: basis.level,
-                levels: Config::default()
-                    .levels
-                    .into_iter()
-                    .filter(|c| c.level <= basis.level)
-                    .collect(),
-                no_spare: policies::coordinated::NoSpare::Fail,
-                ..Config::default()
-            };
-            Box::new(Coordinated::new(
-                cfg,
-                basis.leader,
-                &basis.layout,
-                basis.view.clone(),
-                basis.now,
-            )?)
-        }
-        PolicyKind::Uncoordinated => {
-            let cfg = policies::uncoordinated::Config {
-                interval: IntervalChoice::Fixed { ms: interval_ms },
-                levels: Level::ALL
-                    .into_iter()
-                    .filter(|l| *l <= basis.level)
-                    .collect(),
-                safe_level: basis.level,
-                logging: settings.logging,
-                no_spare: policies::coordinated::NoSpare::Fail,
-                ..policies::uncoordinated::Config::default()
-            };
-            Box::new(policies::uncoordinated::Uncoordinated::new(
-                cfg,
-                basis.leader,
-                &basis.layout,
-                basis.view.clone(),
-                basis.now,
-            )?)
-        }
-    })
+    let desc = settings.description().unwrap_or_else(|| {
+        policies::description::Description::builtin(policies::description::Kind::Coordinated)
+    });
+    policies::plug::make_policy(
+        &desc,
+        &policies::plug::Context {
+            leader: basis.leader,
+            layout: &basis.layout,
+            view: &basis.view,
+            now: basis.now,
+            snapshot: None,
+            defaults: &coordinated_defaults(basis),
+        },
+    )
 }
 
 /// How long every node has to answer `Opened` to a barrier before it fails.
@@ -201,6 +213,11 @@ pub enum Input {
         epoch: u64,
         members: Vec<NodeId>,
         reply: Sender<super::drain::DrainAnswer>,
+    },
+    /// `krun policy load|unload|show` ([`swap`]): the answer is the user's line or why not.
+    Policy {
+        request: super::control::PolicyRequest,
+        reply: Sender<Result<String, String>>,
     },
 }
 
@@ -323,10 +340,21 @@ struct HubCalls {
     phases: PhaseGate,
     /// Who waits for the drain in progress (`runtime/drain.rs`).
     drain: super::drain::DrainWaiter,
+    /// The recovery in progress, shown to the user: ranks restored of those planned.
+    recovery_bar: Option<crate::progress::Progress>,
+    /// Every decision recorded, in order (a swapped-in policy resumes from them).
+    decisions: Vec<Decision>,
+    /// The newest agreed view.
+    view: AgreedView,
+    /// The spares the job started with.
+    spares: Vec<NodeId>,
+    /// A swap is settling: the new policy's "runs the policy from epoch" line is not shown.
+    quiet_takeover: bool,
 }
 
 impl PolicyRuntime for HubCalls {
     fn record(&mut self, decision: &Decision) -> Result<(), String> {
+        self.decisions.push(decision.clone());
         if matches!(
             decision.kind,
             policies::primitives::DecisionKind::Committed { .. }
@@ -466,7 +494,30 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn notify(&mut self, notice: &Notice) {
-        eprintln!("krun: {notice}");
+        if self.quiet_takeover && matches!(notice.kind, NoticeKind::Takeover { .. }) {
+            return;
+        }
+        crate::progress::line(&format!("krun: {notice}"));
+        match &notice.kind {
+            NoticeKind::RecoveryPlanned {
+                restarts,
+                rollbacks,
+                ..
+            } => {
+                let n = restarts.iter().map(|g| g.ranks.len()).sum::<usize>() + rollbacks.len();
+                self.recovery_bar = Some(crate::progress::Progress::bar(
+                    crate::progress::Mode::for_stderr(),
+                    n as u64,
+                    "recovery: ranks restored",
+                ));
+            }
+            NoticeKind::Recovered { .. } | NoticeKind::JobEnded { .. } => {
+                if let Some(bar) = self.recovery_bar.take() {
+                    bar.finish(None);
+                }
+            }
+            _ => {}
+        }
         self.drain.notice(notice);
     }
 
@@ -632,7 +683,9 @@ impl CheckpointDriver {
     /// With `recover`, ranks lost with a node restart on one of `spares` (none left: the
     /// job ends with an error naming them); `new_wiring` opens the ranks' address
     /// all-gather of a recovery; `job_error` receives why the job cannot continue; the
-    /// policy stops at the phases `phases` names (failure injection).
+    /// policy stops at the phases `phases` names (failure injection). `policy`: the job's
+    /// description (`krun --policy FILE`; `None`: the built-in coordinated policy), over
+    /// these defaults.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         ranks: Vec<NodeId>,
@@ -645,6 +698,7 @@ impl CheckpointDriver {
         new_wiring: NewWiring,
         job_error: JobError,
         phases: PhaseGate,
+        policy: Option<Description>,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
         let settings = PolicySettings::from_env()?;
@@ -659,16 +713,27 @@ impl CheckpointDriver {
             leader: 0,
             now: 0,
         };
-        let policy = make_policy(&settings, &basis)?;
-        if settings.kind == PolicyKind::Uncoordinated {
+        // `krun --policy FILE` wins; else the `[policy]` settings.
+        let policy = policy.or_else(|| settings.description());
+        if policy
+            .as_ref()
+            .is_some_and(|d| d.kind == policies::description::Kind::Uncoordinated)
+        {
             // Refused rather than run without checkpoints: the hub cannot carry out its calls.
             return Err(PolicyError::Config(
-                "[policy] kind = \"uncoordinated\": the policy (policies::uncoordinated) and the \
-                 rank library's message logging (rank/src/logging.rs) exist, but krund does not \
-                 carry out per-rank captures, log trims or replays yet; use kind = \"coordinated\""
+                "the uncoordinated policy (policies::uncoordinated) and the rank library's \
+                 message logging (rank/src/logging.rs) exist, but krund does not carry out \
+                 per-rank captures, log trims or replays yet; use the coordinated policy"
                     .into(),
             ));
         }
+        let cfg = coordinated_defaults(&basis);
+        let layout = Layout {
+            ranks: ranks.clone(),
+            spares: spares.clone(),
+        };
+        let view = AgreedView::new(0, nodes.iter().chain(&spares).copied().collect());
+        let (plug, policy) = swap::Plug::start(policy, cfg, layout, &view)?;
         let commits = Arc::new(AtomicU64::new(0));
         let calls = HubCalls {
             commits: commits.clone(),
@@ -690,11 +755,16 @@ impl CheckpointDriver {
             job_error,
             phases,
             drain: Default::default(),
+            recovery_bar: None,
+            decisions: Vec::new(),
+            view,
+            spares,
+            quiet_takeover: false,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("krun-policy".into())
-            .spawn(move || run(Engine::new(policy, calls), rx))
+            .spawn(move || run(Engine::new(policy, calls), plug, rx))
             .map_err(|e| PolicyError::Config(format!("starting the policy thread: {e}")))?;
         Ok(CheckpointDriver {
             tx,
@@ -724,7 +794,7 @@ impl CheckpointDriver {
     }
 }
 
-fn run(mut engine: Engine<BoxedPolicy, HubCalls>, rx: Receiver<Option<Input>>) -> Summary {
+fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) -> Summary {
     let start = Instant::now();
     let now = || start.elapsed().as_millis() as Millis;
     let mut copies = Copies::default();
@@ -756,6 +826,13 @@ fn run(mut engine: Engine<BoxedPolicy, HubCalls>, rx: Receiver<Option<Input>>) -
                 &copies,
             );
         }
+        let input = match input {
+            Some(Input::Policy { request, reply }) => {
+                plug.request(&mut engine, now(), &copies, request, reply);
+                None
+            }
+            other => other,
+        };
         if let Some(input) = input {
             if let Some(event) = translate(engine.runtime_mut(), &mut copies, input) {
                 if !engine.runtime().stopped {
@@ -796,13 +873,14 @@ fn run(mut engine: Engine<BoxedPolicy, HubCalls>, rx: Receiver<Option<Input>>) -
         for event in engine.runtime_mut().execute_plan() {
             feed(&mut engine, now(), event, &copies);
         }
+        plug.poll(&mut engine, now(), &copies);
     }
-    engine.policy().summary()
+    plug.total(engine.policy().summary())
 }
 
 /// Feeds `event`, then carries out the recovery it planned (if any), feeding back the
 /// answers of calls that could not be sent (bounded: each round needs a failed send).
-fn feed(engine: &mut Engine<BoxedPolicy, HubCalls>, now: Millis, event: Event, reads: &Copies) {
+fn feed(engine: &mut Driven, now: Millis, event: Event, reads: &Copies) {
     let mut queue = vec![event];
     let mut rounds = 0;
     while let Some(event) = queue.pop() {
@@ -820,6 +898,8 @@ fn feed(engine: &mut Engine<BoxedPolicy, HubCalls>, now: Millis, event: Event, r
 fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<Event> {
     match input {
         Input::Request(source) => Some(Event::CheckpointRequest { source }),
+        // Handled by the swap logic before translation.
+        Input::Policy { .. } => None,
         Input::Drain {
             node,
             epoch,
@@ -837,6 +917,9 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             members,
             failed,
         } => {
+            if epoch >= calls.view.epoch {
+                calls.view = AgreedView::new(epoch, members.clone());
+            }
             let lost: Vec<NodeId> = failed
                 .iter()
                 .copied()
@@ -901,17 +984,20 @@ fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
+                if let Some(bar) = &calls.recovery_bar {
+                    bar.inc(1);
+                }
                 if matches!(planned, Planned::Rollback(..)) && !in_place {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} could not roll back inside its process (gone or \
                          not watching): restarted on node {node} as a new process (pid {pid})"
-                    );
+                    ));
                 }
                 if fetched > 0 {
-                    eprintln!(
+                    crate::progress::line(&format!(
                         "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
                          ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
-                    );
+                    ));
                 }
                 Some(match planned {
                     Planned::Restart(decision) => Event::RestartDone {
@@ -1003,7 +1089,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// A hub whose broadcasts are recorded, for nodes 0-2.
-    fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
+    pub(super) fn hub() -> (HubCalls, Arc<Mutex<Vec<LauncherToNode>>>) {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let log = sent.clone();
         let nodes: BTreeSet<NodeId> = [0, 1, 2].into();
@@ -1031,6 +1117,11 @@ mod tests {
             job_error: Arc::new(Mutex::new(None)),
             phases: PhaseGate::default(),
             drain: Default::default(),
+            recovery_bar: None,
+            decisions: Vec::new(),
+            view: AgreedView::new(0, vec![0, 1, 2]),
+            spares: Vec::new(),
+            quiet_takeover: false,
         };
         (calls, sent)
     }

@@ -213,6 +213,21 @@ pub enum LauncherRequest {
     DrainNode { node: NodeId },
     /// `krun checkpoint`: ask the checkpoint policy for a checkpoint now.
     Checkpoint,
+    /// `krun policy load|unload|show` (see `runtime/swap.rs`).
+    Policy(PolicyRequest),
+}
+
+/// What `krun policy` asks the running job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PolicyRequest {
+    /// Swap in the description `text` read from `source` (its absolute path).
+    Load {
+        source: String,
+        text: String,
+    },
+    /// Back to the built-in policy the job started with.
+    Unload,
+    Show,
 }
 
 /// The running `krun`'s answer.
@@ -229,6 +244,8 @@ pub enum LauncherReply {
     /// The checkpoint request reached the policy (krun prints the commit).
     Requested,
     Refused(String),
+    /// (To `Policy`) what was done or what is in force.
+    Policy(String),
 }
 
 /// A rank's message to its node (the rank library's `rank::node_link::RankToNode`; this

@@ -161,6 +161,11 @@ impl Hub {
         self.inner.state.lock().expect("hub lock").abort.clone()
     }
 
+    /// How many nodes registered with the hub so far (spares and added nodes too).
+    pub fn linked(&self) -> usize {
+        self.inner.state.lock().expect("hub lock").links.len()
+    }
+
     /// The highest exit code the nodes reported for their ranks (`None`: none reported).
     pub fn ranks_code(&self) -> Option<i32> {
         let st = self.inner.state.lock().expect("hub lock");
@@ -416,6 +421,37 @@ fn launcher_request(inner: &Arc<Inner>, req: LauncherRequest) -> LauncherReply {
             Ok(moved) => LauncherReply::Drained { node, moved },
             Err(e) => LauncherReply::Refused(e),
         },
+        LauncherRequest::Policy(request) => policy_request(inner, request),
+    }
+}
+
+/// `krun policy load|unload|show`: asks the policy thread and waits for its answer (a swap
+/// waits for its checkpoint: `runtime/checkpoints/swap.rs`).
+fn policy_request(inner: &Inner, request: control::PolicyRequest) -> LauncherReply {
+    let (reply, rx) = mpsc::channel();
+    let sent = inner
+        .policy
+        .lock()
+        .expect("policy lock")
+        .as_ref()
+        .is_some_and(|tx| {
+            tx.send(Some(super::checkpoints::Input::Policy { request, reply }))
+                .is_ok()
+        });
+    if !sent {
+        return LauncherReply::Refused(
+            "this job runs no checkpoint policy (krun runs one for a PROGRAM's ranks)".into(),
+        );
+    }
+    match rx.recv_timeout(Duration::from_secs(100)) {
+        Ok(Ok(text)) => LauncherReply::Policy(text),
+        Ok(Err(why)) => LauncherReply::Refused(why),
+        Err(mpsc::RecvTimeoutError::Timeout) => LauncherReply::Refused(
+            "the policy did not answer within 100 s (see krun's output)".into(),
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            LauncherReply::Refused("the job's checkpoint policy has ended".into())
+        }
     }
 }
 

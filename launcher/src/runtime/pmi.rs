@@ -313,7 +313,7 @@ impl NodeServer {
                     });
                 }
             }
-            RankEvent::Started { .. } => {}
+            RankEvent::Started { .. } | RankEvent::CheckpointAsked => {}
         }
     }
 
