@@ -133,7 +133,12 @@ fn paired(
     let mut child = Command::new(exe)
         .args(["logging-worker", "--provider", name])
         .args(["--bootstrap", &server.addr().to_string()])
-        .args(["--batch", &batch.to_string(), "--batches", &batches.to_string()])
+        .args([
+            "--batch",
+            &batch.to_string(),
+            "--batches",
+            &batches.to_string(),
+        ])
         .args(if logging { &["--logging"][..] } else { &[][..] })
         .env_remove("KRUN_RANK")
         .stdin(Stdio::null())
@@ -181,7 +186,11 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(err)?;
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let order = if i % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for logging in order {
             let us = paired(&exe, &provider, logging, batch, batches)?;
             println!(

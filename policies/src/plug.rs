@@ -6,11 +6,11 @@
 //! version numbering, as a new leader would, so a swap loses no work and never reuses a
 //! version.
 use crate::coordinated::{Config, Coordinated};
-use crate::uncoordinated::{Config as UncoordinatedConfig, Uncoordinated};
 use crate::description::{Description, Kind};
 use crate::module::{abi::Init, ModulePolicy};
 use crate::policy::Policy;
 use crate::primitives::{AgreedView, Layout, Millis, NodeId, Snapshot};
+use crate::uncoordinated::{Config as UncoordinatedConfig, Uncoordinated};
 use crate::PolicyError;
 
 /// What a policy is built for.
@@ -70,7 +70,7 @@ pub fn make_policy(
                         .into(),
                 });
             }
-            let c = desc.coordinated_config(ctx.defaults)?;
+            let c = desc.merged_config(ctx.defaults)?;
             let cfg = UncoordinatedConfig {
                 interval: c.interval,
                 // Each rank's own checkpoint goes to every level written at every checkpoint.

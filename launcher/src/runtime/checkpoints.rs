@@ -120,7 +120,9 @@ impl PolicySettings {
         Self::from_lookup(&|k| std::env::var(k).ok())
     }
 
-    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<PolicySettings, PolicyError> {
+    pub fn from_lookup(
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PolicySettings, PolicyError> {
         let mut s = PolicySettings::default();
         if let Some(v) = get("KRUN_POLICY_KIND") {
             s.kind = PolicyKind::parse(&v)
@@ -1163,7 +1165,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("KRUN_POLICY_KIND") && err.contains("\"tmr\""), "{err}");
+        assert!(
+            err.contains("KRUN_POLICY_KIND") && err.contains("\"tmr\""),
+            "{err}"
+        );
         let err = PolicySettings::from_lookup(&|k: &str| {
             (k == "KRUN_POLICY_LOGGING").then(|| "maybe".to_string())
         })
