@@ -567,7 +567,7 @@ impl Messages {
                         }
                         found => found,
                     },
-                    None => st.ready.iter().position(|m| matches(m)),
+                    None => st.ready.iter().position(&matches),
                 };
                 if let Some(i) = found {
                     let v = take(&st.ready[i])?;
