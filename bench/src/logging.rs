@@ -69,7 +69,7 @@ fn session(
     let other = 1 - me;
     let msg = [0x5au8; 8];
     let mut buf = [0u8; 8];
-    let pingpong = |n: usize| -> Result<(), String> {
+    let mut pingpong = |n: usize| -> Result<(), String> {
         for _ in 0..n {
             if me == 0 {
                 r.send(other, TAG, &msg).map_err(err)?;
