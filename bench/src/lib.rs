@@ -8,6 +8,7 @@ pub mod ha;
 pub mod l4;
 pub mod launch;
 pub mod locator;
+pub mod logging;
 pub mod plot;
 pub mod policies;
 pub mod rank;

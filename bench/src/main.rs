@@ -46,7 +46,10 @@ subcommands:
                     --simulate [--nodes 1000,10000  --node-mtbf-h H  --solve-h H  --sim-runs N]
   rank     the rank library beside the raw fabric endpoint between two processes: send,
            put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json
-           options: --providers shm,tcp  --runs N (>= 3)  --quick  --out PATH";
+           options: --providers shm,tcp  --runs N (>= 3)  --quick  --out PATH
+  logging  8-byte ping-pong latency of the rank library with sender-based message logging
+           against without, between two processes; writes bench/results/logging.json
+           options: --provider shm|tcp  --runs N (>= 3)  --batches N  --batch N  --out PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
         "locator" => bench::locator::run(rest),
         "l4" => bench::l4::run(rest),
         "rank" => bench::rank::run(rest),
+        "logging" => bench::logging::run(rest),
+        // Hidden: rank 1 of `bench logging`.
+        "logging-worker" => bench::logging::worker(rest),
         // Hidden: rank 1 of `bench rank`.
         "rank-worker" => bench::rank::worker(rest),
         // Hidden: the target process `bench fabric` re-executes itself as.

@@ -41,6 +41,10 @@ pub enum Kind {
     BindTo,
     /// A checkpoint store level: `L1`..`L4` (or `1`..`4`).
     Level,
+    /// `true` or `false`.
+    Bool,
+    /// An HA policy: `coordinated` or `uncoordinated`.
+    PolicyKind,
 }
 
 /// One setting: its TOML key, its variable, what it must be, and what it does.
@@ -234,6 +238,22 @@ pub const SETTINGS: &[Setting] = &[
         Some("L2"),
         "the level a checkpoint must be safe at before it counts (L1..L4)",
     ),
+    s(
+        "policy",
+        "kind",
+        "KRUN_POLICY_KIND",
+        Kind::PolicyKind,
+        Some("coordinated"),
+        "the HA policy: coordinated (global checkpoints) or uncoordinated (each rank on its own schedule)",
+    ),
+    s(
+        "policy",
+        "logging",
+        "KRUN_POLICY_LOGGING",
+        Kind::Bool,
+        Some("true"),
+        "uncoordinated policy: sender-based message logging (only lost ranks restart) instead of a recovery line",
+    ),
 ];
 
 /// Where an effective value came from.
@@ -288,6 +308,15 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`).
+pub fn parse_bool(v: &str) -> std::result::Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{v:?} is not true or false")),
+    }
+}
+
 /// Checks a value as its component will read it; the reason on failure.
 fn check(setting: &Setting, value: &str) -> std::result::Result<(), String> {
     let v = value.trim();
@@ -320,6 +349,8 @@ fn check(setting: &Setting, value: &str) -> std::result::Result<(), String> {
             .map(drop)
             .map_err(|e| e.to_string()),
         Kind::Level => crate::runtime::store_node::parse_level(v).map(drop),
+        Kind::Bool => parse_bool(v).map(drop),
+        Kind::PolicyKind => crate::runtime::checkpoints::PolicyKind::parse(v).map(drop),
     }
 }
 

@@ -74,6 +74,31 @@ pub trait Runtime {
     fn rollback(&mut self, op: OpId, rank: Rank, version: Version) -> Result<(), String>;
     /// Appends to the event log (uncoordinated policies).
     fn log_event(&mut self, _event: &LoggedEvent) {}
+    /// Has `rank` alone take its own checkpoint as `version` at its next safe point, with
+    /// no barrier (uncoordinated policies); answers `CaptureDone` then
+    /// `LevelSafe`/`LevelLost`. A runtime that cannot refuses it.
+    fn capture_rank(
+        &mut self,
+        _op: OpId,
+        rank: Rank,
+        _version: Version,
+        _levels: &[Level],
+    ) -> Result<(), String> {
+        Err(format!(
+            "rank {rank}: this runtime cannot capture one rank without a barrier"
+        ))
+    }
+    /// Message logging: `rank`'s checkpoint `version` is safe; its senders and its buddy
+    /// may drop what it delivered before it.
+    fn trim_log(&mut self, _rank: Rank, _version: Version) {}
+    /// Message logging: the survivors resend to the restarted `rank` what they logged for
+    /// it after its checkpoint `version`; it takes them in the recorded order. A runtime
+    /// that cannot refuses it.
+    fn replay(&mut self, rank: Rank, _version: Option<Version>) -> Result<(), String> {
+        Err(format!(
+            "rank {rank}: this runtime keeps no message log to replay"
+        ))
+    }
     /// Shows a line to the user.
     fn notify(&mut self, notice: &Notice);
     /// Stops every rank: the job is over.
@@ -236,6 +261,36 @@ impl<P: Policy, R: Runtime> Engine<P, R> {
                 rt.log_event(&e);
                 None
             }
+            Action::CaptureRank {
+                op,
+                rank,
+                version,
+                levels,
+            } => rt
+                .capture_rank(op, rank, version, &levels)
+                .err()
+                .map(|reason| Event::CaptureFailed {
+                    op,
+                    rank,
+                    version,
+                    reason,
+                }),
+            Action::TrimLog { rank, version } => {
+                rt.trim_log(rank, version);
+                None
+            }
+            Action::Replay {
+                decision,
+                rank,
+                version,
+            } => rt
+                .replay(rank, version)
+                .err()
+                .map(|reason| Event::RestartFailed {
+                    decision,
+                    rank,
+                    reason,
+                }),
             Action::Notify(n) => {
                 rt.notify(&n);
                 None

@@ -5,6 +5,9 @@
 //! - [`policy`]: the [`Policy`] trait (sans-IO, deterministic).
 //! - [`coordinated`]: the coordinated checkpoint policy (barrier, capture all, commit when
 //!   safe; on a failure survivors roll back in place and lost ranks restart on a spare).
+//! - [`uncoordinated`]: each rank checkpoints alone on its own schedule; with sender-based
+//!   message logging only the lost ranks restart and replay, without it the recovery line
+//!   from the dependency graph names who rolls back (and the rollback depth).
 //! - [`interval`]: Young's and Daly's checkpoint intervals.
 //! - [`model`]: analytic makespan models of each policy (Daly's for the coordinated one).
 //! - [`report`]: lines and a summary for users.
@@ -12,7 +15,8 @@
 //!   exponential or Weibull failure traces.
 //! - [`engine`]: the adapter krund uses: actions become calls on its [`engine::Runtime`].
 //!
-//! Every policy is tested in a seeded simulation (`tests/simulation.rs`).
+//! Every policy is tested in a seeded simulation (`tests/simulation.rs`,
+//! `tests/uncoordinated_sim.rs`).
 //!
 //! # Driving a policy
 //!
@@ -59,6 +63,7 @@ pub mod policy;
 pub mod primitives;
 pub mod report;
 pub mod simulator;
+pub mod uncoordinated;
 
 pub use coordinated::{Config, Coordinated, IntervalChoice, NoSpare};
 pub use error::PolicyError;

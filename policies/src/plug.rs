@@ -10,6 +10,7 @@ use crate::description::{Description, Kind};
 use crate::module::{abi::Init, ModulePolicy};
 use crate::policy::Policy;
 use crate::primitives::{AgreedView, Layout, Millis, NodeId, Snapshot};
+use crate::uncoordinated::{Config as UncoordinatedConfig, Uncoordinated};
 use crate::PolicyError;
 
 /// What a policy is built for.
@@ -59,11 +60,40 @@ pub fn make_policy(
                 None => Coordinated::new(cfg, ctx.leader, ctx.layout, ctx.view.clone(), ctx.now)?,
             }))
         }
-        Kind::Uncoordinated => Err(PolicyError::Description {
-            place: desc.source.clone(),
-            key: "policy".into(),
-            reason: "the uncoordinated policy is not built into this krun yet".into(),
-        }),
+        Kind::Uncoordinated => {
+            if ctx.snapshot.is_some() {
+                return Err(PolicyError::Description {
+                    place: desc.source.clone(),
+                    key: "policy".into(),
+                    reason: "the uncoordinated policy cannot take over a running job yet (it \
+                             has no resume from the recorded decisions)"
+                        .into(),
+                });
+            }
+            let c = desc.merged_config(ctx.defaults)?;
+            let cfg = UncoordinatedConfig {
+                interval: c.interval,
+                // Each rank's own checkpoint goes to every level written at every checkpoint.
+                levels: c
+                    .levels
+                    .iter()
+                    .filter(|l| l.every == 1)
+                    .map(|l| l.level)
+                    .collect(),
+                safe_level: c.commit_level,
+                logging: desc.logging.messages,
+                no_spare: c.no_spare,
+                max_restart_attempts: c.max_restart_attempts,
+                ..UncoordinatedConfig::default()
+            };
+            Ok(Box::new(Uncoordinated::new(
+                cfg,
+                ctx.leader,
+                ctx.layout,
+                ctx.view.clone(),
+                ctx.now,
+            )?))
+        }
         Kind::Module(path) => {
             let init = Init {
                 leader: ctx.leader,
@@ -158,9 +188,24 @@ mod tests {
             e.contains("failure_groups[1]") && e.contains("node 7 is not a node of the job"),
             "{e}"
         );
-        let unc = Description::parse("u.toml", "policy = \"uncoordinated\"\n").unwrap();
+        let unc = Description::parse(
+            "u.toml",
+            "policy = \"uncoordinated\"\n[logging]\nmessages = true\n",
+        )
+        .unwrap();
+        // Built fresh; it cannot take over a running job yet.
         let e = make_policy(&unc, &ctx).err().unwrap().to_string();
-        assert!(e.contains("not built into this krun"), "{e}");
+        assert!(e.contains("cannot take over a running job"), "{e}");
+        let p = make_policy(
+            &unc,
+            &Context {
+                snapshot: None,
+                ..ctx.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.name(), "uncoordinated");
+        assert!(p.next_deadline().is_some());
         let missing = Description::parse("m.toml", "module = \"/nonexistent/libp.so\"\n").unwrap();
         let e = make_policy(&missing, &ctx).err().unwrap().to_string();
         assert!(e.contains("/nonexistent/libp.so: no such file"), "{e}");

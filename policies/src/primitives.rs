@@ -271,6 +271,10 @@ pub enum Event {
     /// node in it that runs no rank is a spare, such as one added by `krun node add`).
     /// Answered by [`crate::report::NoticeKind::Drained`] or `DrainRefused`.
     DrainRequested { node: NodeId, view: AgreedView },
+    /// What the ranks reported of their communication since the last report (uncoordinated
+    /// policies: the dependencies between the ranks' checkpoint intervals, and what the
+    /// message logs hold). Batched; order within the batch is the order of the reports.
+    Logged { events: Vec<LoggedEvent> },
 }
 
 /// A recorded decision (what krund writes to the process table or the agreed log).
@@ -315,6 +319,23 @@ pub enum DecisionKind {
     DrainStarted { node: NodeId },
     /// The ranks of `node` run elsewhere from checkpoint `version`; `node` may leave.
     Drained { node: NodeId, version: Version },
+    /// Uncoordinated policies: `rank`'s own checkpoint `version` (taken without a barrier)
+    /// is safe at `level`; with message logging, what `rank` received before it may be
+    /// dropped from its senders' logs.
+    RankCheckpointed {
+        rank: Rank,
+        version: Version,
+        level: Level,
+    },
+    /// Uncoordinated policies: the recovery after the failure agreed at `failure_epoch`
+    /// restores each rank named to its own checkpoint (`None`: the program's start); ranks
+    /// not named keep running. `depth`: the most checkpoints one rank rolled back past (the
+    /// domino effect).
+    RecoveryLine {
+        failure_epoch: Epoch,
+        line: Vec<(Rank, Option<Version>)>,
+        depth: u32,
+    },
 }
 
 /// What a policy emits: primitive calls, records and messages for the user.
@@ -351,16 +372,54 @@ pub enum Action {
     Notify(crate::report::Notice),
     /// The job is over: stop every rank; `error` says what could not be restored.
     EndJob { error: Option<crate::PolicyError> },
+    /// Uncoordinated policies: `rank` alone takes its own checkpoint as `version` at its
+    /// next safe point (no barrier, no other rank waits) and goes on; answered by
+    /// `CaptureDone`/`CaptureFailed`, then `LevelSafe`/`LevelLost` per level.
+    CaptureRank {
+        op: OpId,
+        rank: Rank,
+        version: Version,
+        levels: Vec<Level>,
+    },
+    /// Message logging: `rank`'s checkpoint `version` is safe, so its senders may drop the
+    /// payloads `rank` delivered before it, and its buddy the determinants (fire and forget).
+    TrimLog { rank: Rank, version: Version },
+    /// Message logging: `rank` was restarted (by `decision`) from its checkpoint `version`
+    /// (`None`: the start); its senders resend what they logged for it after that point and
+    /// it takes them in the recorded receive order until it has caught up; what it sends
+    /// again that its receivers already have is suppressed by sequence number. Refused at
+    /// once: answered `RestartFailed` for `decision`.
+    Replay {
+        decision: DecisionId,
+        rank: Rank,
+        version: Option<Version>,
+    },
 }
 
-/// An entry of the event log (part 2 fills it: message sends and receives with sequence
-/// numbers, DSM faults, copies and invalidations).
+/// An entry of the event log: message sends and receives with sequence numbers and receive
+/// order (DSM faults, copies and invalidations once the DSM reports them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoggedEvent {
+    /// `from` sent its `seq`-th message to `to` (per pair, from 0) and holds its payload in
+    /// its log (sender-based logging).
     Message {
         from: Rank,
         to: Rank,
         seq: u64,
+        bytes: u64,
+    },
+    /// `to` delivered `from`'s message `seq` as its `order`-th delivery (from 0, every
+    /// source counted), after its determinant was made durable. `from_interval`: the
+    /// sender's newest own checkpoint when it sent (0: none yet); `to_interval`: the
+    /// receiver's newest own checkpoint at delivery. These give the checkpoint and
+    /// communication dependency graph.
+    Delivered {
+        from: Rank,
+        to: Rank,
+        seq: u64,
+        order: u64,
+        from_interval: Version,
+        to_interval: Version,
         bytes: u64,
     },
 }

@@ -97,6 +97,48 @@ pub enum NoticeKind {
         node: NodeId,
         reason: String,
     },
+    /// Uncoordinated policies: one rank's own checkpoint (taken alone, no barrier) is safe.
+    RankCheckpointSafe {
+        rank: Rank,
+        version: Version,
+        level: Level,
+        bytes: u64,
+        /// Order to safe.
+        seconds: f64,
+    },
+    /// Uncoordinated policies: the recovery planned after a failure, rank by rank.
+    RecoveryLine {
+        epoch: Epoch,
+        failed: Vec<NodeId>,
+        /// Message logging was on: only the lost ranks restart, and replay.
+        logging: bool,
+        /// Every rank that restarts or rolls back (the others keep running).
+        line: Vec<LineEntry>,
+        /// The most own checkpoints one rank rolled back past (0: each rank restored is at
+        /// its newest checkpoint); a growing depth is the domino effect.
+        depth: u32,
+        kept: Vec<Rank>,
+    },
+    /// Message logging: a restarted rank takes the logged messages again.
+    Replaying {
+        rank: Rank,
+        from: Option<Version>,
+        messages: u64,
+        bytes: u64,
+    },
+}
+
+/// One rank's place on an uncoordinated recovery line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LineEntry {
+    pub rank: Rank,
+    /// Its own checkpoint restored (`None`: the program's start).
+    pub version: Option<Version>,
+    /// Own checkpoints it rolled back past (newer than `version`).
+    pub rolled_past: u32,
+    /// Where it restarts as a new process (its node was lost); `None`: it rolls back in
+    /// place.
+    pub restart_on: Option<NodeId>,
 }
 
 fn nodes_phrase(nodes: &[NodeId]) -> String {
@@ -300,6 +342,66 @@ impl fmt::Display for NoticeKind {
             NoticeKind::DrainRefused { node, reason } => {
                 write!(f, "drain of node {node} refused: {reason}")
             }
+            NoticeKind::RankCheckpointSafe {
+                rank,
+                version,
+                level,
+                bytes,
+                seconds,
+            } => write!(
+                f,
+                "rank {rank}: own checkpoint {version} safe at {level} in {seconds:.2} s, {} (no barrier)",
+                human_bytes(*bytes)
+            ),
+            NoticeKind::RecoveryLine {
+                epoch,
+                failed,
+                logging,
+                line,
+                depth,
+                kept,
+            } => {
+                write!(f, "{} failed at epoch {epoch}", nodes_phrase(failed))?;
+                f.write_str(if *logging {
+                    " (message logging)"
+                } else {
+                    " (no message logging)"
+                })?;
+                for (i, e) in line.iter().enumerate() {
+                    let sep = if i == 0 { ":" } else { ";" };
+                    let from = match e.version {
+                        Some(v) => format!("its checkpoint {v}"),
+                        None => "the start".to_string(),
+                    };
+                    match e.restart_on {
+                        Some(n) => write!(f, "{sep} rank {} restarts on node {n} from {from}", e.rank)?,
+                        None => write!(f, "{sep} rank {} rolls back to {from}", e.rank)?,
+                    }
+                    if e.rolled_past > 0 {
+                        write!(f, " (past {} of its checkpoints)", e.rolled_past)?;
+                    }
+                }
+                if !kept.is_empty() {
+                    let verb = if kept.len() == 1 { "keeps" } else { "keep" };
+                    write!(f, "; {} {verb} running, not rolled back", ranks_phrase(kept))?;
+                }
+                write!(f, "; rollback depth {depth}")?;
+                if *depth > 1 {
+                    f.write_str(" (domino effect)")?;
+                }
+                Ok(())
+            }
+            NoticeKind::Replaying {
+                rank,
+                from,
+                messages,
+                bytes,
+            } => write!(
+                f,
+                "rank {rank} replays {messages} logged message(s) ({}) received after {} in the recorded order",
+                human_bytes(*bytes),
+                from_phrase(*from)
+            ),
         }
     }
 }

@@ -12,7 +12,10 @@
 //! - distributed shared memory: regions at the same address on every rank, pages moved on
 //!   demand with sequential consistency, a DSM lock and barrier ([`dsm`], [`Rank::dsm`]);
 //! - the link to the local krund ([`node_link`]), and rollback in place on its order at any
-//!   moment ([`rollback`]).
+//!   moment ([`rollback`]);
+//! - sender-based pessimistic message logging for uncoordinated checkpoints: payloads kept
+//!   by senders, determinants written to a buddy by one-sided RMA before each delivery, a
+//!   lost rank rejoins and replays while the others keep running ([`logging`]).
 //!
 //! Each rank opens its own fabric endpoint and swaps addresses through the job's bootstrap
 //! all-gather; ranks then talk to each other directly.
@@ -31,6 +34,7 @@ pub mod capi;
 pub mod checkpoint;
 pub mod dsm;
 pub mod error;
+pub mod logging;
 pub mod messages;
 pub mod node_link;
 pub mod rollback;
@@ -40,6 +44,7 @@ pub mod world;
 pub use checkpoint::{CheckpointConfig, Safepoint};
 pub use dsm::{DsmRegion, DsmStats, SharedMemory};
 pub use error::{ErrorCode, RankError, Result};
+pub use logging::{LogStats, Rejoining};
 pub use messages::{Observer, Received, Source, TagMatch, INTERNAL_TAG_BASE, MAX_TAG};
 pub use window::Window;
 pub use world::{Config, Rank};

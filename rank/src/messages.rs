@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use fabric::{Endpoint, FabricError, Message, PeerId};
 
 use crate::error::{RankError, Result};
+use crate::logging::{Logger, LOG_CTRL_TAG};
 
 /// Watches every message of the library; see the module documentation for the contract.
 pub trait Observer: Send + Sync {
@@ -149,6 +150,9 @@ struct Partial {
 struct RecvState {
     /// Per source: the next sequence number to become receivable.
     next: Vec<u64>,
+    /// Per source: sequence numbers delivered before a restart, out of order: never
+    /// coming again, so skipped (message logging).
+    skip: Vec<std::collections::BTreeSet<u64>>,
     /// Per source: complete messages waiting for an earlier sequence number.
     held: Vec<BTreeMap<u64, Arrived>>,
     partial: HashMap<(usize, u64), Partial>,
@@ -160,14 +164,20 @@ struct RecvState {
 pub(crate) struct Messages {
     ep: Arc<dyn Endpoint>,
     rank: usize,
-    /// Fabric peer of every rank.
-    peers: Vec<PeerId>,
+    /// Fabric peer of every rank (a restarted rank's is replaced: message logging).
+    peers: RwLock<Vec<PeerId>>,
     /// Rank of every fabric peer id.
-    rank_of: Vec<Option<usize>>,
+    rank_of: RwLock<Vec<Option<usize>>>,
     fragment: usize,
     send_seq: Vec<AtomicU64>,
+    /// Messages delivered per source (where message logging starts counting).
+    delivered: Vec<AtomicU64>,
     state: Mutex<RecvState>,
     observer: RwLock<Option<Arc<dyn Observer>>>,
+    /// Sender-based message logging ([`crate::logging`]), when enabled.
+    logger: RwLock<Option<Arc<Logger>>>,
+    /// The logger after [`Messages::retire_logger`] (its totals, its ring kept registered).
+    retired: RwLock<Option<Arc<Logger>>>,
 }
 
 fn describe_source(s: Source) -> String {
@@ -201,26 +211,138 @@ impl Messages {
         Messages {
             ep,
             rank,
-            peers,
-            rank_of,
+            peers: RwLock::new(peers),
+            rank_of: RwLock::new(rank_of),
             fragment: fragment.max(1),
             send_seq: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            delivered: (0..size).map(|_| AtomicU64::new(0)).collect(),
             state: Mutex::new(RecvState {
                 next: vec![0; size],
+                skip: vec![Default::default(); size],
                 held: (0..size).map(|_| BTreeMap::new()).collect(),
                 ..Default::default()
             }),
             observer: RwLock::new(None),
+            logger: RwLock::new(None),
+            retired: RwLock::new(None),
         }
     }
 
     pub(crate) fn size(&self) -> usize {
-        self.peers.len()
+        self.send_seq.len()
     }
 
     /// The fabric peer of `rank` (checked by the caller).
     pub(crate) fn peer(&self, rank: usize) -> PeerId {
-        self.peers[rank]
+        self.peers.read().expect("peers lock")[rank]
+    }
+
+    pub(crate) fn endpoint(&self) -> &Arc<dyn Endpoint> {
+        &self.ep
+    }
+
+    /// Rank `rank` now answers at `peer` (a restarted rank's new process).
+    pub(crate) fn replace_peer(&self, rank: usize, peer: PeerId) {
+        self.peers.write().expect("peers lock")[rank] = peer;
+        let mut of = self.rank_of.write().expect("peers lock");
+        let i = peer.0 as usize;
+        if of.len() <= i {
+            of.resize(i + 1, None);
+        }
+        of[i] = Some(rank);
+    }
+
+    pub(crate) fn set_logger(&self, logger: Option<Arc<Logger>>) {
+        *self.logger.write().expect("logger lock") = logger;
+    }
+
+    pub(crate) fn logger(&self) -> Option<Arc<Logger>> {
+        self.logger.read().expect("logger lock").clone()
+    }
+
+    /// Stops logging; the logger's ring stays registered (a ward may still write to it) and
+    /// its totals readable.
+    pub(crate) fn retire_logger(&self) {
+        let lg = self.logger.write().expect("logger lock").take();
+        if lg.is_some() {
+            *self.retired.write().expect("logger lock") = lg;
+        }
+    }
+
+    /// The logger, or the retired one.
+    pub(crate) fn any_logger(&self) -> Option<Arc<Logger>> {
+        self.logger()
+            .or_else(|| self.retired.read().expect("logger lock").clone())
+    }
+
+    /// Messages delivered from each rank so far.
+    pub(crate) fn delivered_counts(&self) -> Vec<u64> {
+        self.delivered
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The next sequence number to each rank.
+    pub(crate) fn send_counters(&self) -> Vec<u64> {
+        self.send_seq
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// A restarted rank's counters, from its log snapshot: it sends on from `send_seq` and
+    /// waits for `prefix` per source, skipping what it had delivered out of order.
+    pub(crate) fn restore_counters(&self, send_seq: &[u64], prefix: &[u64], extra: &[Vec<u64>]) {
+        for (c, v) in self.send_seq.iter().zip(send_seq) {
+            c.store(*v, Ordering::Relaxed);
+        }
+        let mut st = self.state.lock().expect("message state");
+        st.next = prefix.to_vec();
+        st.skip = extra.iter().map(|v| v.iter().copied().collect()).collect();
+        for src in 0..st.next.len() {
+            Self::skip_delivered(&mut st, src);
+        }
+    }
+
+    fn skip_delivered(st: &mut RecvState, src: usize) {
+        loop {
+            let n = st.next[src];
+            if !st.skip[src].remove(&n) {
+                break;
+            }
+            st.next[src] += 1;
+        }
+    }
+
+    /// How many of `src`'s messages this rank holds without a gap (received or delivered).
+    pub(crate) fn contiguous_from(&self, src: usize) -> u64 {
+        self.state.lock().expect("message state").next[src]
+    }
+
+    /// Takes what waits on the fabric into the queues (control messages are handled).
+    pub(crate) fn poll(&self) -> Result<bool> {
+        self.pull()
+    }
+
+    /// Puts one message on the wire with its own sequence number (no new number is taken).
+    pub(crate) fn put_on_wire(&self, dest: usize, tag: u32, seq: u64, data: &[u8]) -> Result<()> {
+        let peer = self.peer(dest);
+        let count = data.len().div_ceil(self.fragment).max(1);
+        for i in 0..count {
+            let chunk = &data
+                [(i * self.fragment).min(data.len())..((i + 1) * self.fragment).min(data.len())];
+            self.ep
+                .send(peer, wire_tag(tag, seq, i, i + 1 == count), chunk)?;
+        }
+        Ok(())
+    }
+
+    /// A message-log control message, outside the sequence numbers.
+    pub(crate) fn control(&self, dest: usize, data: &[u8]) -> Result<()> {
+        self.ep
+            .send(self.peer(dest), wire_tag(LOG_CTRL_TAG, 0, 0, true), data)?;
+        Ok(())
     }
 
     pub(crate) fn largest_message(&self) -> usize {
@@ -258,6 +380,12 @@ impl Messages {
         if let Some(o) = self.observer() {
             o.on_send(dest, tag, seq, data.len());
         }
+        let logger = self.logger();
+        if let Some(lg) = &logger {
+            if !lg.on_send(dest, tag, seq, data) {
+                return Ok(seq); // a replay's send the receiver already has
+            }
+        }
         if dest == self.rank {
             let parts = vec![data.to_vec()];
             let mut st = self.state.lock().expect("message state");
@@ -273,16 +401,12 @@ impl Messages {
             );
             return Ok(seq);
         }
-        let peer = self.peers[dest];
-        let count = data.len().div_ceil(self.fragment).max(1);
-        for i in 0..count {
-            let chunk = &data
-                [(i * self.fragment).min(data.len())..((i + 1) * self.fragment).min(data.len())];
-            self.ep
-                .send(peer, wire_tag(tag, seq, i, i + 1 == count), chunk)
-                .map_err(|e| crate::rollback::hold(e.into()))?;
+        match self.put_on_wire(dest, tag, seq, data) {
+            Ok(()) => Ok(seq),
+            // Logged: a dead receiver gets it again when it restarts (`Resume`).
+            Err(_) if logger.is_some() => Ok(seq),
+            Err(e) => Err(crate::rollback::hold(e)),
         }
-        Ok(seq)
     }
 
     /// Takes one waiting message off the fabric into the queues; false if there was none.
@@ -303,10 +427,15 @@ impl Messages {
     }
 
     fn ingest(&self, msg: Message) {
-        let Some(src) = msg
-            .peer
-            .and_then(|p| self.rank_of.get(p.0 as usize).copied().flatten())
-        else {
+        let src = msg.peer.and_then(|p| {
+            self.rank_of
+                .read()
+                .expect("peers lock")
+                .get(p.0 as usize)
+                .copied()
+                .flatten()
+        });
+        let Some(src) = src else {
             eprintln!(
                 "krun rank {}: dropping a {}-byte message from an endpoint outside the job",
                 self.rank,
@@ -317,9 +446,20 @@ impl Messages {
         let Some(h) = parse_wire_tag(msg.tag) else {
             return;
         };
+        if h.tag == LOG_CTRL_TAG {
+            if let Some(lg) = self.logger() {
+                lg.on_control(self, src, &msg.data);
+            }
+            return;
+        }
         let mut st = self.state.lock().expect("message state");
         let next = st.next[src];
-        let seq = next + (h.seq_low.wrapping_sub(next) & SEQ_MASK);
+        let ahead = h.seq_low.wrapping_sub(next) & SEQ_MASK;
+        if ahead >= 1 << (SEQ_BITS - 1) {
+            // Behind what this rank holds: a copy resent after a restart (message logging).
+            return;
+        }
+        let seq = next + ahead;
         if h.fragment == 0 && h.last {
             let len = msg.data.len();
             Self::complete(
@@ -373,6 +513,7 @@ impl Messages {
         st.ready.push_back(m);
         st.next[src] += 1;
         loop {
+            Self::skip_delivered(st, src);
             let n = st.next[src];
             match st.held[src].remove(&n) {
                 Some(m) => {
@@ -395,22 +536,51 @@ impl Messages {
     ) -> Result<(T, Arrived)> {
         let start = Instant::now();
         let mut idle_since = start;
+        let logger = self.logger();
+        let matches = |m: &Arrived| {
+            (match from {
+                Source::Rank(r) => m.src == r,
+                Source::Any => true,
+            }) && (match tag {
+                TagMatch::Tag(t) => m.tag == t,
+                TagMatch::Any => m.tag < INTERNAL_TAG_BASE,
+            })
+        };
         loop {
             {
                 let mut st = self.state.lock().expect("message state");
-                let found = st.ready.iter().position(|m| {
-                    (match from {
-                        Source::Rank(r) => m.src == r,
-                        Source::Any => true,
-                    }) && (match tag {
-                        TagMatch::Tag(t) => m.tag == t,
-                        TagMatch::Any => m.tag < INTERNAL_TAG_BASE,
-                    })
-                });
+                // Replaying after a restart: the recorded delivery, and no other.
+                let replay = logger.as_ref().and_then(|l| l.replay_front());
+                let found = match replay {
+                    Some((s, q)) => match st.ready.iter().position(|m| m.src == s && m.seq == q) {
+                        Some(i) if !matches(&st.ready[i]) => {
+                            return Err(RankError::Protocol {
+                                rank: s,
+                                reason: format!(
+                                    "replay diverged: the recorded delivery {q} from rank {s} \
+                                     (tag {}) does not match this receive (from {}, tag {})",
+                                    st.ready[i].tag,
+                                    describe_source(from),
+                                    describe_tag(tag)
+                                ),
+                            })
+                        }
+                        found => found,
+                    },
+                    None => st.ready.iter().position(&matches),
+                };
                 if let Some(i) = found {
                     let v = take(&st.ready[i])?;
                     let m = st.ready.remove(i).expect("index from position");
                     drop(st);
+                    if let Some(lg) = &logger {
+                        // Pessimistic: durable at the buddy before the caller sees it.
+                        if let Err(e) = lg.before_deliver(self, m.src, m.tag, m.seq) {
+                            self.state.lock().expect("message state").ready.insert(i, m);
+                            return Err(e);
+                        }
+                    }
+                    self.delivered[m.src].fetch_add(1, Ordering::Relaxed);
                     if let Some(o) = self.observer() {
                         o.on_deliver(m.src, m.tag, m.seq, m.len);
                     }

@@ -141,8 +141,28 @@ pub struct Rank {
 
 impl Rank {
     /// Starts this rank from the environment krun provides ([`Config::from_env`]).
+    /// `KRUN_MESSAGE_LOGGING=1` turns on sender-based message logging for the job
+    /// ([`Rank::enable_logging`]; every rank must have the same setting).
     pub fn init() -> Result<Arc<Rank>> {
-        Self::init_with(Config::from_env()?)
+        let logging = match std::env::var("KRUN_MESSAGE_LOGGING") {
+            Ok(v) => match v.trim() {
+                "1" | "true" | "on" => true,
+                "0" | "false" | "off" | "" => false,
+                _ => {
+                    return Err(RankError::BadEnv {
+                        name: "KRUN_MESSAGE_LOGGING",
+                        value: v,
+                        reason: "expected 1 or 0".into(),
+                    })
+                }
+            },
+            Err(_) => false,
+        };
+        let rank = Self::init_with(Config::from_env()?)?;
+        if logging {
+            rank.enable_logging(0)?;
+        }
+        Ok(rank)
     }
 
     /// Starts a rank; every rank of the job calls this at about the same time.
@@ -241,6 +261,30 @@ impl Rank {
         *this.boot.lock().expect("boot lock") = boot;
         *this.node.lock().expect("node lock") = node;
         Ok(Arc::new(this))
+    }
+
+    /// A rank rejoining a running job (a restarted rank under message logging, see
+    /// [`crate::logging::Rejoining`]): no address all-gather, no checkpointer of its own (the
+    /// application restores its state), no node link.
+    pub(crate) fn assemble(
+        config: Config,
+        ep: Arc<dyn Endpoint>,
+        msgs: Messages,
+    ) -> Result<Arc<Rank>> {
+        let ckpt = Checkpoints::prepare(None, config.rank)?;
+        Ok(Arc::new(Rank {
+            rank: config.rank,
+            size: config.size,
+            ep,
+            msgs,
+            boot: Mutex::new(None),
+            recv_timeout: config.recv_timeout,
+            windows: Default::default(),
+            ckpt,
+            fabric: config.fabric,
+            node: Mutex::new(None),
+            finalized: AtomicBool::new(false),
+        }))
     }
 
     pub fn rank(&self) -> usize {
@@ -398,6 +442,9 @@ impl Rank {
         if self.finalized.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Message logging ends here (a buddy through the barrier may be gone); this rank's
+        // ring stays registered, for a ward still delivering its last messages.
+        self.msgs.retire_logger();
         self.barrier()?;
         self.ckpt.wait_idle();
         self.report(&RankToNode::Exiting {

@@ -57,6 +57,141 @@ mod swap;
 /// The engine the policy thread drives: any policy (built in or a module) against the hub.
 type Driven = Engine<Box<dyn Policy + Send>, HubCalls>;
 
+/// The policy a driver runs (any policy: `[policy] kind`).
+pub type BoxedPolicy = Box<dyn Policy + Send>;
+
+/// Which HA policy drives a job's checkpoints (`[policy] kind`, `KRUN_POLICY_KIND`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Global checkpoints: a barrier, every rank captured, committed when all are safe.
+    Coordinated,
+    /// Each rank on its own schedule; with logging only lost ranks restart, else the
+    /// recovery line names who rolls back.
+    Uncoordinated,
+}
+
+impl PolicyKind {
+    pub fn parse(v: &str) -> Result<PolicyKind, String> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "coordinated" => Ok(PolicyKind::Coordinated),
+            "uncoordinated" => Ok(PolicyKind::Uncoordinated),
+            _ => Err(format!(
+                "{v:?} is not a policy (coordinated or uncoordinated)"
+            )),
+        }
+    }
+}
+
+/// The `[policy]` settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub kind: PolicyKind,
+    /// Uncoordinated: sender-based pessimistic message logging.
+    pub logging: bool,
+}
+
+impl Default for PolicySettings {
+    fn default() -> PolicySettings {
+        PolicySettings {
+            kind: PolicyKind::Coordinated,
+            logging: true,
+        }
+    }
+}
+
+impl PolicySettings {
+    /// The description these settings name (`None`: the built-in default, coordinated).
+    pub fn description(&self) -> Option<policies::description::Description> {
+        use policies::description::{Description, Kind};
+        match self.kind {
+            PolicyKind::Coordinated => None,
+            PolicyKind::Uncoordinated => {
+                let mut d = Description::builtin(Kind::Uncoordinated);
+                d.logging.messages = self.logging;
+                d.source = "[policy] kind = \"uncoordinated\"".into();
+                Some(d)
+            }
+        }
+    }
+
+    /// From `KRUN_POLICY_KIND` and `KRUN_POLICY_LOGGING` (what `[policy]` exports); a bad
+    /// value names the variable.
+    pub fn from_env() -> Result<PolicySettings, PolicyError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PolicySettings, PolicyError> {
+        let mut s = PolicySettings::default();
+        if let Some(v) = get("KRUN_POLICY_KIND") {
+            s.kind = PolicyKind::parse(&v)
+                .map_err(|e| PolicyError::Config(format!("KRUN_POLICY_KIND: {e}")))?;
+        }
+        if let Some(v) = get("KRUN_POLICY_LOGGING") {
+            s.logging = crate::config::parse_bool(&v)
+                .map_err(|e| PolicyError::Config(format!("KRUN_POLICY_LOGGING: {e}")))?;
+        }
+        Ok(s)
+    }
+}
+
+/// What any policy of a job is built from.
+#[derive(Clone, Debug)]
+pub struct PolicyBasis {
+    pub layout: Layout,
+    pub view: AgreedView,
+    /// Checkpoint interval (`None`: on request only).
+    pub interval: Option<Duration>,
+    /// The level a checkpoint must be safe at.
+    pub level: Level,
+    /// The node running the policy.
+    pub leader: NodeId,
+    pub now: Millis,
+}
+
+/// The coordinated policy's defaults for a job (what a description leaves out).
+pub fn coordinated_defaults(basis: &PolicyBasis) -> Config {
+    Config {
+        interval: IntervalChoice::Fixed {
+            // "On request only": an interval longer than any job.
+            ms: basis
+                .interval
+                .map_or(u64::MAX / 4, |d| (d.as_millis() as u64).max(1)),
+        },
+        commit_level: basis.level,
+        levels: Config::default()
+            .levels
+            .into_iter()
+            .filter(|c| c.level <= basis.level)
+            .collect(),
+        no_spare: policies::coordinated::NoSpare::Fail,
+        ..Config::default()
+    }
+}
+
+/// Builds the policy `settings` name for a job, from its defaults (the policy itself is
+/// built by `policies::plug::make_policy`, the one place policies are made).
+pub fn make_policy(
+    settings: &PolicySettings,
+    basis: &PolicyBasis,
+) -> Result<BoxedPolicy, PolicyError> {
+    let desc = settings.description().unwrap_or_else(|| {
+        policies::description::Description::builtin(policies::description::Kind::Coordinated)
+    });
+    policies::plug::make_policy(
+        &desc,
+        &policies::plug::Context {
+            leader: basis.leader,
+            layout: &basis.layout,
+            view: &basis.view,
+            now: basis.now,
+            snapshot: None,
+            defaults: &coordinated_defaults(basis),
+        },
+    )
+}
+
 /// How long every node has to answer `Opened` to a barrier before it fails.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -568,20 +703,33 @@ impl CheckpointDriver {
         policy: Option<Description>,
     ) -> Result<CheckpointDriver, PolicyError> {
         let nodes: BTreeSet<NodeId> = ranks.iter().copied().collect();
-        let cfg = Config {
-            interval: IntervalChoice::Fixed {
-                // "On request only": an interval longer than any job.
-                ms: interval.map_or(u64::MAX / 4, |d| (d.as_millis() as u64).max(1)),
+        let settings = PolicySettings::from_env()?;
+        let basis = PolicyBasis {
+            layout: Layout {
+                ranks: ranks.clone(),
+                spares: spares.clone(),
             },
-            commit_level: level,
-            levels: Config::default()
-                .levels
-                .into_iter()
-                .filter(|c| c.level <= level)
-                .collect(),
-            no_spare: policies::coordinated::NoSpare::Fail,
-            ..Config::default()
+            view: AgreedView::new(0, nodes.iter().chain(&spares).copied().collect()),
+            interval,
+            level,
+            leader: 0,
+            now: 0,
         };
+        // `krun --policy FILE` wins; else the `[policy]` settings.
+        let policy = policy.or_else(|| settings.description());
+        if policy
+            .as_ref()
+            .is_some_and(|d| d.kind == policies::description::Kind::Uncoordinated)
+        {
+            // Refused rather than run without checkpoints: the hub cannot carry out its calls.
+            return Err(PolicyError::Config(
+                "the uncoordinated policy (policies::uncoordinated) and the rank library's \
+                 message logging (rank/src/logging.rs) exist, but krund does not carry out \
+                 per-rank captures, log trims or replays yet; use the coordinated policy"
+                    .into(),
+            ));
+        }
+        let cfg = coordinated_defaults(&basis);
         let layout = Layout {
             ranks: ranks.clone(),
             spares: spares.clone(),
@@ -978,6 +1126,55 @@ mod tests {
             quiet_takeover: false,
         };
         (calls, sent)
+    }
+
+    #[test]
+    fn the_policy_settings_choose_the_policy_and_name_a_bad_value() {
+        let get = |k: &str| match k {
+            "KRUN_POLICY_KIND" => Some("Uncoordinated".to_string()),
+            "KRUN_POLICY_LOGGING" => Some("off".to_string()),
+            _ => None,
+        };
+        let s = PolicySettings::from_lookup(&get).unwrap();
+        assert_eq!(
+            s,
+            PolicySettings {
+                kind: PolicyKind::Uncoordinated,
+                logging: false
+            }
+        );
+        let basis = PolicyBasis {
+            layout: Layout {
+                ranks: vec![0, 1],
+                spares: vec![2],
+            },
+            view: AgreedView::new(0, vec![0, 1, 2]),
+            interval: Some(Duration::from_secs(2)),
+            level: Level::L2,
+            leader: 0,
+            now: 0,
+        };
+        let p = make_policy(&s, &basis).unwrap();
+        assert_eq!(p.name(), "uncoordinated");
+        // Each rank on its own schedule: the first checkpoint is due within the interval.
+        assert!(p.next_deadline().is_some_and(|d| d <= 2000));
+        let p = make_policy(&PolicySettings::default(), &basis).unwrap();
+        assert_eq!(p.name(), "coordinated");
+        let err = PolicySettings::from_lookup(&|k: &str| {
+            (k == "KRUN_POLICY_KIND").then(|| "tmr".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("KRUN_POLICY_KIND") && err.contains("\"tmr\""),
+            "{err}"
+        );
+        let err = PolicySettings::from_lookup(&|k: &str| {
+            (k == "KRUN_POLICY_LOGGING").then(|| "maybe".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("KRUN_POLICY_LOGGING"), "{err}");
     }
 
     /// The first-barrier race seen under load: a rank of a node that had already heard of

@@ -292,6 +292,8 @@ impl Coordinated {
                 DecisionKind::JobEnded { .. } => p.state = State::Ended,
                 // A move in flight is an open recovery (planned again by the new leader).
                 DecisionKind::DrainStarted { .. } | DecisionKind::Drained { .. } => {}
+                // Another policy's records (an uncoordinated policy ran before a swap).
+                DecisionKind::RankCheckpointed { .. } | DecisionKind::RecoveryLine { .. } => {}
             }
         }
         for &(rank, code) in &snapshot.exits {
@@ -755,6 +757,8 @@ impl Policy for Coordinated {
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
             Event::DrainRequested { node, view } => self.on_drain_request(now, node, view),
+            // The coordinated policy needs no dependency information.
+            Event::Logged { .. } => Vec::new(),
         });
         out.extend(self.maybe_start(now));
         self.drain_follow(now, &mut out, reads);

@@ -28,7 +28,9 @@ use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Bumped on any change of the symbols, their signatures or the serde types that cross.
-pub const ABI_VERSION: u32 = 1;
+/// 2: the uncoordinated policy's events and actions (`CaptureRank`, `TrimLog`, `Replay`,
+/// `Logged`, ...) joined the enums that cross.
+pub const ABI_VERSION: u32 = 2;
 
 pub const OK: i32 = 0;
 pub const ERROR: i32 = 1;

@@ -135,6 +135,9 @@ impl Sim {
                 }
             }
             Action::LogEvent(e) => self.fail(&format!("the coordinated policy logged {e:?}")),
+            a @ (Action::CaptureRank { .. } | Action::TrimLog { .. } | Action::Replay { .. }) => {
+                self.fail(&format!("the coordinated policy asked for {a:?}"))
+            }
             Action::Notify(n) => {
                 if let policies::report::NoticeKind::RecoveryPlanned { restarts, .. } = &n.kind {
                     for g in restarts.iter().filter(|g| !g.spare && g.source.is_some()) {

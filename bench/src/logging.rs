@@ -1,0 +1,231 @@
+//! `bench logging`: small-message latency of the rank library with sender-based
+//! pessimistic message logging against without it, between two processes on this host.
+//!
+//! Each run starts a fresh pair of processes per mode (this process is rank 0, rank 1 is
+//! this binary re-executed as the hidden `logging-worker`), alternating which mode goes
+//! first. A session warms up, then times batches of 8-byte ping-pongs (`krun::Rank::send`
+//! and `recv`); between batches (untimed) both ranks mark a checkpoint and declare it safe,
+//! so the senders' logs are collected as in a job. With logging, every delivery first
+//! writes its determinant to the peer (the buddy, in a job of two) by a one-sided write and
+//! waits for it. The latency is half a round trip, the median over batches; the figure
+//! reported is the median over `--runs` runs (at least 3).
+//!
+//! Writes `bench/results/logging.json`: `{"provider","runs","batch","batches",
+//! "lat_us":{"off","on"},"runs_us":{"off":[..],"on":[..]},"ratio","target_ratio"}`.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fabric::bootstrap::BootstrapServer;
+use fabric::{FabricConfig, Provider};
+use krun::{Config, Rank, Source, TagMatch};
+use serde_json::json;
+
+use crate::report::{self, Args};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const TAG: u32 = 21;
+const USAGE: &str =
+    "usage: bench logging [--provider shm|tcp] [--runs N] [--batches N] [--batch N] [--out PATH]";
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn provider_of(name: &str) -> Result<Provider, String> {
+    match name {
+        "shm" => Ok(Provider::Shm),
+        "tcp" => Ok(Provider::Tcp),
+        other => Err(format!("unknown provider {other:?} (shm, tcp)")),
+    }
+}
+
+/// One session as rank `me`: the median half round trip over `batches` batches.
+fn session(
+    me: usize,
+    provider: Provider,
+    bootstrap: SocketAddr,
+    logging: bool,
+    batch: usize,
+    batches: usize,
+) -> Result<f64, String> {
+    let mut fabric = FabricConfig::with_provider(provider);
+    fabric.max_message = 1 << 16;
+    let r = Rank::init_with(Config {
+        rank: me,
+        size: 2,
+        bootstrap: Some(bootstrap),
+        fabric,
+        bind_explicit: true,
+        recv_timeout: Some(TIMEOUT),
+        checkpoints: None,
+        node_socket: None,
+    })
+    .map_err(err)?;
+    if logging {
+        r.enable_logging(0).map_err(err)?;
+    }
+    let other = 1 - me;
+    let msg = [0x5au8; 8];
+    let mut buf = [0u8; 8];
+    let mut pingpong = |n: usize| -> Result<(), String> {
+        for _ in 0..n {
+            if me == 0 {
+                r.send(other, TAG, &msg).map_err(err)?;
+                r.recv_into(Source::Rank(other), TagMatch::Tag(TAG), &mut buf)
+                    .map_err(err)?;
+            } else {
+                r.recv_into(Source::Rank(other), TagMatch::Tag(TAG), &mut buf)
+                    .map_err(err)?;
+                r.send(other, TAG, &msg).map_err(err)?;
+            }
+        }
+        Ok(())
+    };
+    pingpong(batch)?;
+    let mut lat = Vec::with_capacity(batches);
+    for b in 0..batches {
+        r.barrier().map_err(err)?;
+        let t = Instant::now();
+        pingpong(batch)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6 / (2 * batch) as f64);
+        if logging {
+            let v = b as u64 + 1;
+            r.log_mark_checkpoint(v).map_err(err)?;
+            r.log_checkpoint_safe(v).map_err(err)?;
+        }
+    }
+    if logging {
+        let s = r.log_stats().ok_or("logging was not on")?;
+        if s.determinants < (batch * batches) as u64 {
+            return Err(format!("only {} determinants were written", s.determinants));
+        }
+    }
+    r.finalize().map_err(err)?;
+    lat.sort_by(f64::total_cmp);
+    Ok(lat[lat.len() / 2])
+}
+
+/// The hidden `logging-worker`: rank 1 of one session.
+pub fn worker(raw: &[String]) -> Result<(), String> {
+    let args = Args::parse(raw)?;
+    let provider = provider_of(args.required("provider")?)?;
+    let bootstrap = args
+        .required("bootstrap")?
+        .parse()
+        .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
+    let logging = args.flag("logging");
+    let batch = args.number("batch", 1000usize)?;
+    let batches = args.number("batches", 20usize)?;
+    session(1, provider, bootstrap, logging, batch, batches).map(drop)
+}
+
+fn paired(
+    exe: &Path,
+    name: &str,
+    logging: bool,
+    batch: usize,
+    batches: usize,
+) -> Result<f64, String> {
+    let provider = provider_of(name)?;
+    let server = BootstrapServer::start_with(("127.0.0.1", 0), 2, TIMEOUT, None).map_err(err)?;
+    let mut child = Command::new(exe)
+        .args(["logging-worker", "--provider", name])
+        .args(["--bootstrap", &server.addr().to_string()])
+        .args([
+            "--batch",
+            &batch.to_string(),
+            "--batches",
+            &batches.to_string(),
+        ])
+        .args(if logging { &["--logging"][..] } else { &[][..] })
+        .env_remove("KRUN_RANK")
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the logging-worker: {e}"))?;
+    let result = session(0, provider, server.addr(), logging, batch, batches);
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(err)?;
+    let out = result?;
+    if !status.success() {
+        return Err(format!("the logging-worker failed: {status}"));
+    }
+    server.join().map_err(err)?;
+    Ok(out)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(raw: &[String]) -> Result<(), String> {
+    let args = Args::parse(raw)?;
+    if args.flag("help") {
+        return Err(USAGE.into());
+    }
+    args.only(&["provider", "runs", "batch", "batches", "out"])
+        .map_err(|e| format!("{e}\n{USAGE}"))?;
+    let runs = args.number("runs", 5usize)?;
+    if runs < 3 {
+        return Err("--runs must be at least 3 (the median is reported)".into());
+    }
+    let provider = args.get("provider").unwrap_or("shm").to_string();
+    let batch = args.number("batch", 1000usize)?;
+    let batches = args.number("batches", 20usize)?;
+    if batch == 0 || batches == 0 {
+        return Err("--batch and --batches must be at least 1".into());
+    }
+    let out_path = args
+        .get("out")
+        .map_or_else(|| report::results_path("logging"), PathBuf::from);
+    let exe = std::env::current_exe().map_err(err)?;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for logging in order {
+            let us = paired(&exe, &provider, logging, batch, batches)?;
+            println!(
+                "run {}: {provider} 8 B latency {} logging: {us:.2} us",
+                i + 1,
+                if logging { "with" } else { "without" }
+            );
+            if logging {
+                on.push(us)
+            } else {
+                off.push(us)
+            }
+        }
+    }
+    let (m_off, m_on) = (median(&off), median(&on));
+    let ratio = m_on / m_off;
+    println!(
+        "{provider} 8 B latency, median of {runs} runs: {m_off:.2} us without logging, \
+         {m_on:.2} us with ({ratio:.2}x; target <= 1.2x)"
+    );
+    let doc = json!({
+        "provider": provider,
+        "runs": runs,
+        "batch": batch,
+        "batches": batches,
+        "lat_us": {"off": m_off, "on": m_on},
+        "runs_us": {"off": off, "on": on},
+        "ratio": ratio,
+        "target_ratio": 1.2,
+    });
+    if let Some(dir) = out_path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    std::fs::write(&out_path, serde_json::to_string_pretty(&doc).map_err(err)?)
+        .map_err(|e| format!("{}: {e}", out_path.display()))?;
+    println!("wrote {}", out_path.display());
+    Ok(())
+}

@@ -1,0 +1,736 @@
+//! The uncoordinated checkpoint policy, with or without sender-based message logging.
+//!
+//! **Checkpoints.** Each rank checkpoints on its own schedule: every `interval` (per rank,
+//! optionally staggered so that the ranks do not checkpoint together), or on request. The
+//! policy orders [`Action::CaptureRank`]: the rank takes its own image at its next safe point
+//! and goes on; no other rank waits (no [`Action::Synchronize`]). A rank's checkpoint counts
+//! once its image is safe at the safe level (L2 by default): recorded as
+//! [`DecisionKind::RankCheckpointed`]; with logging, [`Action::TrimLog`] then lets the
+//! senders drop the payloads the rank delivered before it (and its buddy the determinants).
+//!
+//! **Dependencies.** The runtime reports the ranks' communication as [`Event::Logged`]:
+//! each send (the payload held in the sender's log) and each delivery (sender, sequence
+//! number, receive order, and both sides' checkpoint intervals). They feed the log's index
+//! ([`log`]) and, without logging, the dependency graph ([`recovery_line`]).
+//!
+//! **Recovery with logging.** Only the lost ranks restart (on a spare, as the coordinated
+//! policy places them) from their own newest usable checkpoint, then [`Action::Replay`]:
+//! the survivors resend what they logged for them, taken in the recorded order; the
+//! restarted ranks' repeated sends are suppressed. Survivors are never rolled back.
+//!
+//! **Recovery without logging.** The recovery line is computed from the dependency graph
+//! (rollback propagation, Wang's rollback-dependency graph): the lost ranks restart from
+//! their newest usable checkpoint, and exactly the survivors the line names roll back (in
+//! place, [`Action::Rollback`]) to the checkpoint it names; the others keep running. The
+//! rollback depth (the most checkpoints one rank rolled back past: the domino effect) is in
+//! the [`NoticeKind::RecoveryLine`] and in [`Uncoordinated::max_depth`].
+//!
+//! Not covered: a new leader taking over this policy (there is no `resume` yet), and
+//! messages in transit across the line without logging (the runtime's channels must be
+//! empty at restored checkpoints, or resent: the line only removes orphans).
+use crate::interval;
+use crate::policy::{Phase, Policy};
+use crate::primitives::{
+    AgreedView, Costs, Decision, DecisionId, DecisionKind, Event, Layout, Level, LoggedEvent,
+    Millis, NodeId, OpId, Rank, RankSlot, Reads, Version,
+};
+use crate::report::{Notice, NoticeKind, Summary};
+use crate::{Action, PolicyError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub mod log;
+mod recovery;
+pub mod recovery_line;
+
+pub use crate::coordinated::{IntervalChoice, NoSpare};
+pub use log::{LogStats, MessageLog};
+pub use recovery_line::{DependencyGraph, Line, Restore};
+
+/// The uncoordinated policy's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Each rank's checkpoint interval (Daly's uses the rank's own measured capture).
+    pub interval: IntervalChoice,
+    /// Per-rank intervals that override `interval`.
+    pub rank_intervals: BTreeMap<Rank, Millis>,
+    /// Spread the ranks' first checkpoints over one interval.
+    pub stagger: bool,
+    /// Levels every capture is flushed to.
+    pub levels: Vec<Level>,
+    /// A rank's checkpoint counts once safe at this level (or a more durable one).
+    pub safe_level: Level,
+    /// Sender-based pessimistic message logging: only lost ranks restart and replay.
+    pub logging: bool,
+    /// Safe checkpoints kept per rank (0: all; without logging the recovery line may need
+    /// old ones).
+    pub keep_per_rank: usize,
+    pub no_spare: NoSpare,
+    pub max_restart_attempts: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            interval: IntervalChoice::Fixed { ms: 600_000 },
+            rank_intervals: BTreeMap::new(),
+            stagger: true,
+            levels: vec![Level::L1, Level::L2],
+            safe_level: Level::L2,
+            logging: true,
+            keep_per_rank: 0,
+            no_spare: NoSpare::Survivors {
+                max_ranks_per_node: None,
+            },
+            max_restart_attempts: 3,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let bad = |s: String| Err(PolicyError::Config(s));
+        match self.interval {
+            IntervalChoice::Fixed { ms: 0 } => return bad("interval must be > 0 ms".into()),
+            IntervalChoice::Daly { mtbf_s, initial_ms }
+                if !(mtbf_s.is_finite() && mtbf_s > 0.0) || initial_ms == 0 =>
+            {
+                return bad(format!(
+                    "daly: mtbf ({mtbf_s} s) and the initial interval ({initial_ms} ms) must be > 0"
+                ));
+            }
+            _ => {}
+        }
+        if let Some((r, _)) = self.rank_intervals.iter().find(|(_, ms)| **ms == 0) {
+            return bad(format!("rank {r}: interval must be > 0 ms"));
+        }
+        if !self.levels.iter().any(|l| l.covers(self.safe_level)) {
+            return bad(format!(
+                "safe level {} is not among the levels written ({})",
+                self.safe_level,
+                self.levels
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if self.max_restart_attempts == 0 {
+            return bad("max_restart_attempts must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A rank's capture in flight.
+#[derive(Debug)]
+struct Capture {
+    op: OpId,
+    version: Version,
+    ordered_at: Millis,
+    captured: bool,
+    bytes: u64,
+    lost: BTreeSet<Level>,
+    timed: BTreeSet<Level>,
+}
+
+/// One rank's own checkpoints.
+#[derive(Debug, Default)]
+struct RankCkpts {
+    next_at: Option<Millis>,
+    inflight: Option<Capture>,
+    /// Every capture taken (each cuts an interval), oldest first.
+    taken: Vec<Version>,
+    /// Safe at the safe level: (version, when it was captured), oldest first.
+    safe: Vec<(Version, Millis)>,
+    next_version: Version,
+    /// The newest capture's freeze, for Daly's interval.
+    freeze: Option<f64>,
+}
+
+/// What one rank of a recovery waits for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pending {
+    Restart {
+        id: DecisionId,
+        node: NodeId,
+        version: Option<Version>,
+    },
+    Rollback {
+        op: OpId,
+        version: Version,
+    },
+    Done,
+}
+
+#[derive(Debug)]
+struct Recovery {
+    epoch: Epoch,
+    failed: Vec<NodeId>,
+    started_at: Millis,
+    ranks: BTreeMap<Rank, Pending>,
+    restarted: BTreeSet<Rank>,
+    rolled_back: BTreeSet<Rank>,
+    attempts: BTreeMap<Rank, u32>,
+    /// When the work of each rank restored was last saved (for the work lost).
+    saved_at: BTreeMap<Rank, Millis>,
+}
+
+use crate::primitives::Epoch;
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Completed,
+    Ended,
+}
+
+/// The uncoordinated checkpoint policy (see the module doc).
+#[derive(Debug)]
+pub struct Uncoordinated {
+    cfg: Config,
+    leader: NodeId,
+    view: AgreedView,
+    slots: Vec<RankSlot>,
+    spares: BTreeSet<NodeId>,
+    exited: BTreeSet<Rank>,
+    ranks: Vec<RankCkpts>,
+    graph: DependencyGraph,
+    log: MessageLog,
+    recovery: Option<Recovery>,
+    end: Option<End>,
+    next_op: u64,
+    next_decision: u64,
+    costs: Costs,
+    summary: Summary,
+    max_depth: u32,
+    last_line: Option<Line>,
+}
+
+impl Uncoordinated {
+    /// A policy for a job that starts now with `layout`, run by `leader`.
+    pub fn new(
+        cfg: Config,
+        leader: NodeId,
+        layout: &Layout,
+        view: AgreedView,
+        now: Millis,
+    ) -> Result<Uncoordinated, PolicyError> {
+        cfg.validate()?;
+        if layout.ranks.is_empty() {
+            return Err(PolicyError::Config("the job has no rank".into()));
+        }
+        if let Some((r, n)) = layout
+            .ranks
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !view.contains(**n))
+        {
+            return Err(PolicyError::Config(format!(
+                "rank {r} is placed on node {n}, which is not in the view"
+            )));
+        }
+        let n = layout.ranks.len();
+        let mut p = Uncoordinated {
+            slots: layout
+                .ranks
+                .iter()
+                .map(|&node| RankSlot {
+                    node,
+                    incarnation: 0,
+                })
+                .collect(),
+            spares: layout.spares.iter().copied().collect(),
+            exited: BTreeSet::new(),
+            ranks: (0..n)
+                .map(|_| RankCkpts {
+                    next_version: 1,
+                    ..RankCkpts::default()
+                })
+                .collect(),
+            graph: DependencyGraph::default(),
+            log: MessageLog::default(),
+            recovery: None,
+            end: None,
+            next_op: 0,
+            next_decision: 0,
+            costs: Costs::default(),
+            summary: Summary::default(),
+            max_depth: 0,
+            last_line: None,
+            cfg,
+            leader,
+            view,
+        };
+        for r in 0..n as Rank {
+            let every = p.interval_of(r);
+            p.ranks[r as usize].next_at = every.map(|t| {
+                let offset = if p.cfg.stagger {
+                    t / n as u64 * u64::from(r)
+                } else {
+                    0
+                };
+                now + t + offset
+            });
+        }
+        Ok(p)
+    }
+
+    /// Whether message logging is on.
+    pub fn logging(&self) -> bool {
+        self.cfg.logging
+    }
+
+    /// The message log's totals.
+    pub fn log_stats(&self) -> &LogStats {
+        self.log.stats()
+    }
+
+    /// The deepest rollback so far (own checkpoints one rank rolled back past).
+    pub fn max_depth(&self) -> u32 {
+        self.max_depth
+    }
+
+    /// The newest recovery line planned.
+    pub fn last_line(&self) -> Option<&Line> {
+        self.last_line.as_ref()
+    }
+
+    /// Each rank's newest safe own checkpoint.
+    pub fn rank_lines(&self) -> Vec<Option<Version>> {
+        self.ranks
+            .iter()
+            .map(|c| c.safe.last().map(|s| s.0))
+            .collect()
+    }
+
+    /// The ranks' current placement.
+    pub fn slots(&self) -> &[RankSlot] {
+        &self.slots
+    }
+
+    /// Dependencies held by the graph (without logging).
+    pub fn dependencies(&self) -> usize {
+        self.graph.len()
+    }
+
+    fn interval_of(&self, rank: Rank) -> Option<Millis> {
+        if let Some(ms) = self.cfg.rank_intervals.get(&rank) {
+            return Some(*ms);
+        }
+        match self.cfg.interval {
+            IntervalChoice::Fixed { ms } => Some(ms),
+            IntervalChoice::Never => None,
+            IntervalChoice::Daly { mtbf_s, initial_ms } => Some(
+                self.ranks
+                    .get(rank as usize)
+                    .and_then(|c| c.freeze)
+                    .filter(|d| *d > 0.0)
+                    .and_then(|d| interval::daly(d, mtbf_s).ok())
+                    .map(|t| ((t * 1000.0).round() as Millis).max(1))
+                    .unwrap_or(initial_ms),
+            ),
+        }
+    }
+
+    pub(super) fn op(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId {
+            leader: self.leader,
+            seq: self.next_op,
+        }
+    }
+
+    pub(super) fn decision(&mut self, kind: DecisionKind) -> Decision {
+        self.next_decision += 1;
+        Decision {
+            id: DecisionId {
+                epoch: self.view.epoch,
+                leader: self.leader,
+                seq: self.next_decision,
+            },
+            kind,
+        }
+    }
+
+    pub(super) fn notice(now: Millis, kind: NoticeKind) -> Action {
+        Action::Notify(Notice { at: now, kind })
+    }
+
+    pub(super) fn end_with(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
+        self.end = Some(End::Ended);
+        let d = self.decision(DecisionKind::JobEnded {
+            error: Some(error.to_string()),
+        });
+        vec![
+            Action::Record(d),
+            Self::notice(
+                now,
+                NoticeKind::JobEnded {
+                    error: error.clone(),
+                },
+            ),
+            Action::EndJob { error: Some(error) },
+        ]
+    }
+
+    /// Ranks a recovery is restoring: they take no checkpoint until it is over.
+    fn in_recovery(&self, rank: Rank) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|r| r.ranks.get(&rank).is_some_and(|p| *p != Pending::Done))
+    }
+
+    // ---- checkpoints -------------------------------------------------------------------
+
+    fn start_due(&mut self, now: Millis) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.end.is_some() {
+            return out;
+        }
+        for r in 0..self.ranks.len() as Rank {
+            let c = &self.ranks[r as usize];
+            let due = c.next_at.is_some_and(|t| t <= now);
+            if !due || c.inflight.is_some() || self.exited.contains(&r) || self.in_recovery(r) {
+                continue;
+            }
+            let op = self.op();
+            let c = &mut self.ranks[r as usize];
+            let version = c.next_version;
+            c.next_version += 1;
+            c.next_at = None;
+            c.inflight = Some(Capture {
+                op,
+                version,
+                ordered_at: now,
+                captured: false,
+                bytes: 0,
+                lost: BTreeSet::new(),
+                timed: BTreeSet::new(),
+            });
+            out.push(Action::CaptureRank {
+                op,
+                rank: r,
+                version,
+                levels: self.cfg.levels.clone(),
+            });
+        }
+        out
+    }
+
+    fn reschedule(&mut self, rank: Rank, from: Millis) {
+        let every = self.interval_of(rank);
+        self.ranks[rank as usize].next_at = every.map(|t| from + t);
+    }
+
+    /// Drops the capture in flight of `rank` (failed, or overtaken by a recovery).
+    fn drop_capture(&mut self, now: Millis, rank: Rank) {
+        if self.ranks[rank as usize].inflight.take().is_some() {
+            self.summary.aborted += 1;
+            self.reschedule(rank, now);
+        }
+    }
+
+    fn on_capture_done(
+        &mut self,
+        op: OpId,
+        rank: Rank,
+        version: Version,
+        bytes: u64,
+        seconds: f64,
+    ) -> Vec<Action> {
+        let Some(c) = self.ranks.get_mut(rank as usize) else {
+            return Vec::new();
+        };
+        let Some(cap) = c
+            .inflight
+            .as_mut()
+            .filter(|x| x.op == op && x.version == version)
+        else {
+            return Vec::new();
+        };
+        if cap.captured {
+            return Vec::new();
+        }
+        cap.captured = true;
+        cap.bytes = bytes;
+        c.taken.push(version);
+        c.freeze = Some(seconds);
+        self.costs.observe_freeze(seconds);
+        self.summary.checkpoint_seconds += seconds;
+        Vec::new()
+    }
+
+    fn on_level(
+        &mut self,
+        now: Millis,
+        rank: Rank,
+        version: Version,
+        level: Level,
+        safe: bool,
+    ) -> Vec<Action> {
+        let want = self.cfg.safe_level;
+        let levels = self.cfg.levels.clone();
+        let Some(c) = self.ranks.get_mut(rank as usize) else {
+            return Vec::new();
+        };
+        let Some(cap) = c.inflight.as_mut().filter(|x| x.version == version) else {
+            return Vec::new();
+        };
+        if !safe {
+            cap.lost.insert(level);
+            let hopeless = levels
+                .iter()
+                .filter(|l| l.covers(want))
+                .all(|l| cap.lost.contains(l));
+            if hopeless {
+                self.drop_capture(now, rank);
+            }
+            return Vec::new();
+        }
+        if cap.timed.insert(level) {
+            self.costs
+                .observe_level(level, (now - cap.ordered_at) as f64 / 1000.0);
+        }
+        if !cap.captured || !level.covers(want) {
+            return Vec::new();
+        }
+        let cap = c.inflight.take().expect("checked above");
+        c.safe.push((version, now));
+        if self.cfg.keep_per_rank > 0 {
+            let extra = c.safe.len().saturating_sub(self.cfg.keep_per_rank);
+            c.safe.drain(..extra);
+        }
+        self.summary.checkpoints += 1;
+        self.summary.checkpoint_bytes += cap.bytes;
+        self.reschedule(rank, now);
+        let d = self.decision(DecisionKind::RankCheckpointed {
+            rank,
+            version,
+            level: want,
+        });
+        let mut out = vec![
+            Action::Record(d),
+            Self::notice(
+                now,
+                NoticeKind::RankCheckpointSafe {
+                    rank,
+                    version,
+                    level: want,
+                    bytes: cap.bytes,
+                    seconds: (now - cap.ordered_at) as f64 / 1000.0,
+                },
+            ),
+        ];
+        if self.cfg.logging {
+            self.log.trim(rank, version);
+            out.push(Action::TrimLog { rank, version });
+        }
+        out
+    }
+
+    fn on_logged(&mut self, events: Vec<LoggedEvent>) {
+        for e in events {
+            match e {
+                LoggedEvent::Message { bytes, .. } => {
+                    if self.cfg.logging {
+                        self.log.logged(bytes);
+                    }
+                }
+                LoggedEvent::Delivered {
+                    from,
+                    to,
+                    seq,
+                    order,
+                    from_interval,
+                    to_interval,
+                    bytes,
+                } => {
+                    if (from as usize) >= self.slots.len() || (to as usize) >= self.slots.len() {
+                        continue;
+                    }
+                    if self.cfg.logging {
+                        self.log.delivered(
+                            to,
+                            log::Delivery {
+                                from,
+                                seq,
+                                order,
+                                interval: to_interval,
+                                bytes,
+                            },
+                        );
+                    } else {
+                        self.graph.add(from, from_interval, to, to_interval);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, now: Millis, rank: Rank, code: i32) -> Vec<Action> {
+        if (rank as usize) >= self.slots.len() {
+            return Vec::new();
+        }
+        if code != 0 {
+            return self.end_with(now, PolicyError::RankFailed { rank, code });
+        }
+        self.exited.insert(rank);
+        let c = &mut self.ranks[rank as usize];
+        c.inflight = None;
+        c.next_at = None;
+        self.maybe_complete(now)
+    }
+
+    fn maybe_complete(&mut self, now: Millis) -> Vec<Action> {
+        if self.exited.len() < self.slots.len() || self.recovery.is_some() || self.end.is_some() {
+            return Vec::new();
+        }
+        self.end = Some(End::Completed);
+        let d = self.decision(DecisionKind::JobEnded { error: None });
+        vec![
+            Action::Record(d),
+            Self::notice(now, NoticeKind::JobCompleted),
+            Action::EndJob { error: None },
+        ]
+    }
+}
+
+impl Policy for Uncoordinated {
+    fn name(&self) -> &'static str {
+        "uncoordinated"
+    }
+
+    fn on_event(&mut self, now: Millis, event: Event, reads: &dyn Reads) -> Vec<Action> {
+        if self.end.is_some() {
+            return Vec::new();
+        }
+        let mut out = match event {
+            Event::Tick => Vec::new(),
+            Event::CheckpointRequest { .. } => {
+                for c in &mut self.ranks {
+                    if c.inflight.is_none() {
+                        c.next_at = Some(now);
+                    }
+                }
+                Vec::new()
+            }
+            Event::FailureAgreed {
+                epoch,
+                failed,
+                view,
+            } => self.on_failure(now, epoch, failed, view, reads),
+            Event::NodeJoined { epoch, node, view } => {
+                if view.epoch >= self.view.epoch {
+                    self.view = view;
+                }
+                if self.view.contains(node) && !self.slots.iter().any(|s| s.node == node) {
+                    self.spares.insert(node);
+                }
+                vec![Self::notice(now, NoticeKind::NodeJoined { epoch, node })]
+            }
+            // This policy never synchronizes.
+            Event::Synchronized { .. } | Event::SyncFailed { .. } => Vec::new(),
+            Event::CaptureDone {
+                op,
+                rank,
+                version,
+                bytes,
+                seconds,
+            } => self.on_capture_done(op, rank, version, bytes, seconds),
+            Event::CaptureFailed { op, rank, .. } => {
+                if self
+                    .ranks
+                    .get(rank as usize)
+                    .and_then(|c| c.inflight.as_ref())
+                    .is_some_and(|c| c.op == op)
+                {
+                    self.drop_capture(now, rank);
+                }
+                Vec::new()
+            }
+            Event::LevelSafe {
+                rank,
+                version,
+                level,
+            } => self.on_level(now, rank, version, level, true),
+            Event::LevelLost {
+                rank,
+                version,
+                level,
+            } => self.on_level(now, rank, version, level, false),
+            Event::RestartDone {
+                decision,
+                rank,
+                seconds,
+                ..
+            } => self.on_restart_result(now, decision, rank, Ok(seconds), reads),
+            Event::RestartFailed {
+                decision,
+                rank,
+                reason,
+            } => self.on_restart_result(now, decision, rank, Err(reason), reads),
+            Event::RollbackDone { op, rank, .. } => self.on_rollback_result(now, op, rank, Ok(())),
+            Event::RollbackFailed { op, rank, reason } => {
+                self.on_rollback_result(now, op, rank, Err(reason))
+            }
+            Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
+            Event::DrainRequested { node, .. } => vec![Self::notice(
+                now,
+                NoticeKind::DrainRefused {
+                    node,
+                    reason: "the uncoordinated policy does not drain nodes yet".into(),
+                },
+            )],
+            Event::Logged { events } => {
+                self.on_logged(events);
+                Vec::new()
+            }
+        };
+        out.extend(self.start_due(now));
+        out
+    }
+
+    fn next_deadline(&self) -> Option<Millis> {
+        if self.end.is_some() {
+            return None;
+        }
+        self.ranks
+            .iter()
+            .enumerate()
+            .filter(|(r, c)| {
+                c.inflight.is_none()
+                    && !self.exited.contains(&(*r as Rank))
+                    && !self.in_recovery(*r as Rank)
+            })
+            .filter_map(|(_, c)| c.next_at)
+            .min()
+    }
+
+    fn phase(&self) -> Phase {
+        match (&self.end, &self.recovery) {
+            (Some(End::Completed), _) => Phase::Completed,
+            (Some(End::Ended), _) => Phase::Ended,
+            (None, Some(_)) => Phase::Recovering,
+            (None, None) if self.ranks.iter().any(|c| c.inflight.is_some()) => Phase::Checkpointing,
+            _ => Phase::Running,
+        }
+    }
+
+    /// The oldest of the ranks' newest safe checkpoints (`None` while some rank has none):
+    /// with logging, no rank goes back further than its own newest one.
+    fn recovery_line(&self) -> Option<Version> {
+        self.ranks
+            .iter()
+            .map(|c| c.safe.last().map(|s| s.0))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.into_iter().min())
+    }
+
+    fn costs(&self) -> &Costs {
+        &self.costs
+    }
+
+    fn summary(&self) -> Summary {
+        self.summary.clone()
+    }
+}
