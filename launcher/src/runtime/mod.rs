@@ -516,6 +516,11 @@ impl Bound {
         }
         let info = addresses.clone();
         let safepoints = Arc::new(safepoint::SafepointGate::default());
+        if std::env::var_os("KRUN_RECOVERS").is_some() {
+            // krun's checkpoint policy drives this node's safepoints (set by krun for jobs
+            // with a checkpoint interval or spares).
+            safepoints.mark_driven();
+        }
         let agent = Arc::new(AgentSlot::default());
         agent.set(cfg.agent.clone());
         {

@@ -68,6 +68,15 @@ pub struct SafepointGate {
 }
 
 impl SafepointGate {
+    /// krun's policy drives this node from the start (a job with a checkpoint policy): a
+    /// rank that asks before the first barrier is not let act on its own (a checkpoint of
+    /// its own would take a version the policy then orders again, and the policy's capture
+    /// would never be answered); it waits [`BARRIER_GRACE`] for a barrier, then continues.
+    /// Under Slurm, `--signal=USR1` reaches the ranks as well as every krund.
+    pub fn mark_driven(&self) {
+        self.driven.store(true, Ordering::SeqCst);
+    }
+
     /// The policy's barrier starts: ranks that ask are held until [`SafepointGate::release`].
     pub fn open_barrier(&self) {
         self.driven.store(true, Ordering::SeqCst);
@@ -188,6 +197,29 @@ mod tests {
         let gate = SafepointGate::default();
         assert_eq!(gate.hold(3, Duration::from_secs(5)), NodeToRank::Ack);
         assert!(gate.held().is_empty());
+    }
+
+    #[test]
+    fn a_node_driven_from_the_start_holds_a_stray_request_for_the_barrier_then_continues() {
+        let gate = Arc::new(SafepointGate::default());
+        gate.mark_driven();
+        // No barrier comes: the rank is told to continue, not to act on its own.
+        assert_eq!(gate.hold(3, Duration::from_secs(5)), NodeToRank::Continue);
+        // A barrier that opens within the grace holds it for the policy's order.
+        let g = gate.clone();
+        let waiting = std::thread::spawn(move || g.hold(3, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(200));
+        gate.open_barrier();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.held().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(gate.held(), vec![3]);
+        gate.release(SafepointOrder::Checkpoint { version: 1 });
+        assert_eq!(
+            waiting.join().unwrap(),
+            NodeToRank::Checkpoint { version: 1 }
+        );
     }
 
     #[test]
