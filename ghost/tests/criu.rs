@@ -201,6 +201,19 @@ fn a_copy_runs_beside_the_original_and_rollback_goes_back() {
     pids.0.push(copy.pid);
     assert_ne!(copy.pid, pid);
     wait_for_step(&out, 15);
+    // The copy writes steps the original already wrote; on a loaded machine the original
+    // can reach step 15 before the copy wrote its first: wait (bounded) for a repeat.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let mut seen = BTreeMap::new();
+        if steps(&lines(&out))
+            .iter()
+            .any(|(s, _)| *seen.entry(*s).and_modify(|k| *k += 1).or_insert(1) >= 2)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // SAFETY: ending the copy we restored.
     unsafe { libc::kill(copy.pid, libc::SIGKILL) };
     let all = steps(&lines(&out));
