@@ -62,6 +62,9 @@ fn krun(args: &[&str]) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
         .args(args)
         .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        // Open MPI's TCP transport between local nodes stays on loopback (its default
+        // excludes it and takes the host's interfaces).
+        .env("OMPI_MCA_btl_tcp_if_include", "lo")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
