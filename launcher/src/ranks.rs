@@ -483,10 +483,13 @@ fn spawn_rank(
     // (libfabric's endpoint sockets are not close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
-            // Each rank leads its own process group, so that signals and a forced end
-            // reach the processes it starts too (a shell script's children) — except a rank
-            // reading a terminal, which must stay in the terminal's foreground group.
-            if own_group {
+            // Each rank leads its own session and process group, so that signals and a
+            // forced end reach the processes it starts too (a shell script's children) —
+            // except a rank reading a terminal, which must stay in the terminal's foreground
+            // group. Its own session also lets CRIU move it: CRIU refuses a process whose
+            // session leader it cannot see (the launcher's session leader may sit outside
+            // the PID namespace the job runs in, as under a CI runner or a container).
+            if own_group && libc::setsid() == -1 {
                 libc::setpgid(0, 0);
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
