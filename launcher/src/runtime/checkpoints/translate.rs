@@ -1,0 +1,192 @@
+//! The nodes' messages and the user's requests as the policy's events.
+
+use super::*;
+
+/// A node's message or a request as the policy's event.
+pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input) -> Option<Event> {
+    match input {
+        Input::Request(source) => Some(Event::CheckpointRequest { source }),
+        // Handled by the swap logic before translation.
+        Input::Policy { .. } => None,
+        Input::Drain {
+            node,
+            epoch,
+            members,
+            reply,
+        } => calls
+            .drain
+            .request(node, reply, calls.stopped)
+            .then(|| Event::DrainRequested {
+                node,
+                view: AgreedView::new(epoch, members),
+            }),
+        Input::View {
+            epoch,
+            members,
+            failed,
+        } => {
+            if epoch >= calls.view.epoch {
+                calls.view = AgreedView::new(epoch, members.clone());
+            }
+            let lost: Vec<NodeId> = failed
+                .iter()
+                .copied()
+                .filter(|n| calls.nodes.contains(n))
+                .collect();
+            if !lost.is_empty() && (calls.barrier.take().is_some() || calls.capturing.is_some()) {
+                (calls.send)(&LauncherToNode::Release {
+                    order: SafepointOrder::Abort(format!("node(s) {lost:?} failed")),
+                });
+            }
+            if !calls.recover {
+                if !lost.is_empty() && !calls.stopped {
+                    calls.stopped = true;
+                    eprintln!(
+                        "krun: no more checkpoints: node(s) {lost:?} ran ranks, and the job \
+                         recovers none (no --spares, no --checkpoint-interval)"
+                    );
+                }
+                return None;
+            }
+            // The policy decides: roll the survivors back, restart the lost ranks on a spare
+            // (carried out by `HubCalls::execute_plan`), or end the job naming what is lost.
+            Some(Event::FailureAgreed {
+                epoch,
+                failed,
+                view: AgreedView::new(epoch, members),
+            })
+        }
+        Input::FromNode(node, msg) => match msg {
+            NodeToLauncher::Opened { op } => {
+                let (want, _) = calls.barrier.as_ref()?;
+                if want.seq != op {
+                    return None;
+                }
+                calls.opened.0.insert(node);
+                if !calls.opened.1 && calls.opened.0.is_superset(&calls.nodes) {
+                    // Every node holds ranks that ask now: wake them.
+                    calls.opened.1 = true;
+                    (calls.send)(&LauncherToNode::Wake { op });
+                }
+                None
+            }
+            NodeToLauncher::Held { op, .. } => {
+                let (want, held) = calls.barrier.as_mut()?;
+                if want.seq != op {
+                    return None;
+                }
+                held.insert(node);
+                (held.is_superset(&calls.nodes)).then_some(Event::Synchronized { op: *want })
+            }
+            NodeToLauncher::SyncFailed { op, reason } => {
+                let (want, _) = calls.barrier.as_ref()?;
+                (want.seq == op).then_some(Event::SyncFailed { op: *want, reason })
+            }
+            NodeToLauncher::Restarted {
+                wiring,
+                rank,
+                pid,
+                fetched,
+                seconds,
+                in_place,
+            } => {
+                let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
+                let (node, planned) = *w.ranks.get(&rank)?;
+                if let Some(bar) = &calls.recovery_bar {
+                    bar.inc(1);
+                }
+                if matches!(planned, Planned::Rollback(..)) && !in_place {
+                    crate::progress::line(&format!(
+                        "krun: rank {rank} could not roll back inside its process (gone or \
+                         not watching): restarted on node {node} as a new process (pid {pid})"
+                    ));
+                }
+                if fetched > 0 {
+                    crate::progress::line(&format!(
+                        "krun: rank {rank} runs on node {node} (pid {pid}); its image chain \
+                         ({fetched} bytes) came from the checkpoint store in {seconds:.2} s"
+                    ));
+                }
+                Some(match planned {
+                    Planned::Restart(decision) => Event::RestartDone {
+                        decision,
+                        rank,
+                        node,
+                        seconds,
+                    },
+                    Planned::Rollback(op, version) => Event::RollbackDone {
+                        op,
+                        rank,
+                        version,
+                        seconds,
+                    },
+                })
+            }
+            NodeToLauncher::RestartFailed {
+                wiring,
+                rank,
+                reason,
+            } => {
+                let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
+                let (_, planned) = *w.ranks.get(&rank)?;
+                Some(match planned {
+                    Planned::Restart(decision) => Event::RestartFailed {
+                        decision,
+                        rank,
+                        reason,
+                    },
+                    Planned::Rollback(op, _) => Event::RollbackFailed { op, rank, reason },
+                })
+            }
+            NodeToLauncher::Captured {
+                rank,
+                version,
+                bytes,
+            } => {
+                calls.native_newest = calls.native_newest.max(version);
+                let pv = *calls.versions.get(&version)?;
+                copies.add(rank, pv, Level::L1, Some(node));
+                copies.set_bytes(rank, pv, bytes);
+                let (op, _, _, started) = calls.capturing.as_ref()?;
+                Some(Event::CaptureDone {
+                    op: *op,
+                    rank,
+                    version: pv,
+                    bytes,
+                    seconds: started.elapsed().as_secs_f64(),
+                })
+            }
+            NodeToLauncher::Safe {
+                rank,
+                version,
+                level,
+            } => {
+                let pv = *calls.versions.get(&version)?;
+                let level = level_of(level)?;
+                copies.add(rank, pv, level, None);
+                Some(Event::LevelSafe {
+                    rank,
+                    version: pv,
+                    level,
+                })
+            }
+            NodeToLauncher::NotSafe {
+                rank,
+                version,
+                level,
+                ..
+            } => Some(Event::LevelLost {
+                rank,
+                version: *calls.versions.get(&version)?,
+                level: level_of(level)?,
+            }),
+            NodeToLauncher::Register(_)
+            | NodeToLauncher::View { .. }
+            | NodeToLauncher::Bye
+            | NodeToLauncher::RankKilled { .. }
+            | NodeToLauncher::CheckpointAsked
+            | NodeToLauncher::Finished { .. }
+            | NodeToLauncher::Pmi(_) => None,
+        },
+    }
+}
