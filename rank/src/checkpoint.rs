@@ -300,29 +300,24 @@ impl Rank {
 
     /// Collective: asks every rank's krund what to do at this safepoint; `None` when the
     /// nodes drive no policy (or the rank has no node link). Fails on every rank when the
-    /// ranks did not all get the same order.
+    /// ranks did not all get the same order, except in the one mix [`agree`] resolves.
     fn ask_node(&self) -> Result<Option<SafepointOrder>> {
         let rank = self.rank() as u32;
         let answer = self.ask_at_safepoint(rank);
-        let (bit, version) = match &answer {
-            Ok(None) => (1u64, 0),
-            Ok(Some(SafepointOrder::Checkpoint(v))) => (2, *v),
-            Ok(Some(SafepointOrder::Continue)) => (4, 0),
-            Ok(Some(SafepointOrder::Rollback(v))) => (8, *v),
-            Err(_) => (16, 0),
-        };
+        let (bit, version) = order_bits(&answer);
         let kinds = self.allreduce_or(bit)?;
-        // Versions must match too: or-ing each version's bits and their complements finds
-        // any difference.
+        // Versions must match too: or-ing each version's bits and their complements (over
+        // the ranks whose order carries a version) finds any difference.
+        let versioned = matches!(
+            answer,
+            Ok(Some(
+                SafepointOrder::Checkpoint(_) | SafepointOrder::Rollback(_)
+            ))
+        );
         let ors = self.allreduce_or(version)?;
-        let nots = self.allreduce_or(!version)?;
+        let nots = self.allreduce_or(if versioned { !version } else { 0 })?;
         let order = answer?;
-        if kinds.count_ones() != 1 || ors & nots != 0 {
-            return Err(RankError::Checkpoint(format!(
-                "the ranks' nodes gave different orders at this safepoint (here: {order:?})"
-            )));
-        }
-        Ok(order)
+        agree(kinds, ors, nots, order)
     }
 
     /// Carries out the order every rank got at this safepoint.
@@ -384,5 +379,136 @@ impl Rank {
             return self.checkpoint().map(Safepoint::Checkpointed);
         }
         Ok(Safepoint::Nothing)
+    }
+}
+
+/// A rank's answer from its node as one bit of its kind (or-ed over the job) and the
+/// version it carries.
+fn order_bits(answer: &Result<Option<SafepointOrder>>) -> (u64, u64) {
+    match answer {
+        Ok(None) => (ORDER_NONE, 0),
+        Ok(Some(SafepointOrder::Checkpoint(v))) => (ORDER_CHECKPOINT, *v),
+        Ok(Some(SafepointOrder::Continue)) => (ORDER_CONTINUE, 0),
+        Ok(Some(SafepointOrder::Rollback(v))) => (ORDER_ROLLBACK, *v),
+        Err(_) => (ORDER_ERROR, 0),
+    }
+}
+
+const ORDER_NONE: u64 = 1;
+const ORDER_CHECKPOINT: u64 = 2;
+const ORDER_CONTINUE: u64 = 4;
+const ORDER_ROLLBACK: u64 = 8;
+const ORDER_ERROR: u64 = 16;
+
+/// The order every rank carries out, from the job-wide or of the kinds (`kinds`), of the
+/// versions (`ors`) and of their complements (`nots`), and this rank's own order.
+///
+/// One order for all: that order. `Continue` on some ranks and one versioned order
+/// (`Checkpoint(v)` or `Rollback(v)`) on the others: the versioned order, on every rank. A
+/// node answers `Continue` to a rank that asked while no barrier was open there (krund
+/// waits a grace period for one first); when the other ranks' nodes were ordered
+/// `v`, the policy's barrier did happen and every node, that one too, was told `v` (the
+/// release goes to every node): the rank asked its node just outside the barrier (its
+/// question overtook the barrier or came after the release) and the policy waits for its
+/// part of `v` like the others'. Any other mix (no policy on some node, an error, two
+/// versions, checkpoint and rollback) fails the safepoint on every rank.
+pub(crate) fn agree(
+    kinds: u64,
+    ors: u64,
+    nots: u64,
+    mine: Option<SafepointOrder>,
+) -> Result<Option<SafepointOrder>> {
+    let differ = || {
+        RankError::Checkpoint(format!(
+            "the ranks' nodes gave different orders at this safepoint (here: {mine:?})"
+        ))
+    };
+    if ors & nots != 0 {
+        return Err(differ());
+    }
+    match kinds {
+        k if k.count_ones() == 1 => Ok(mine),
+        k if k == ORDER_CONTINUE | ORDER_CHECKPOINT => Ok(Some(SafepointOrder::Checkpoint(ors))),
+        k if k == ORDER_CONTINUE | ORDER_ROLLBACK => Ok(Some(SafepointOrder::Rollback(ors))),
+        _ => Err(differ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Or-s the ranks' answers as `ask_node` does collectively, then resolves each rank's.
+    fn resolve(answers: &[Option<SafepointOrder>]) -> Vec<Result<Option<SafepointOrder>>> {
+        let (mut kinds, mut ors, mut nots) = (0, 0, 0);
+        for a in answers {
+            let (bit, v) = order_bits(&Ok(*a));
+            kinds |= bit;
+            ors |= v;
+            if matches!(
+                a,
+                Some(SafepointOrder::Checkpoint(_) | SafepointOrder::Rollback(_))
+            ) {
+                nots |= !v;
+            }
+        }
+        answers
+            .iter()
+            .map(|a| agree(kinds, ors, nots, *a))
+            .collect()
+    }
+
+    fn all_ok(r: Vec<Result<Option<SafepointOrder>>>) -> Vec<Option<SafepointOrder>> {
+        r.into_iter().map(|x| x.unwrap()).collect()
+    }
+
+    #[test]
+    fn one_order_for_all_is_that_order() {
+        use SafepointOrder::*;
+        for o in [Some(Checkpoint(7)), Some(Continue), Some(Rollback(3)), None] {
+            assert_eq!(all_ok(resolve(&[o, o, o])), vec![o, o, o]);
+        }
+    }
+
+    /// The drain race seen in CI: rank 2 asked its node just outside the policy's barrier
+    /// and was told `Continue`, the others `Checkpoint(5)`: every rank takes version 5 (its
+    /// node was told 5 as well and the policy waits for rank 2's image).
+    #[test]
+    fn a_rank_told_continue_beside_a_versioned_order_follows_the_versioned_order() {
+        use SafepointOrder::*;
+        let got = all_ok(resolve(&[
+            Some(Checkpoint(5)),
+            Some(Checkpoint(5)),
+            Some(Continue),
+        ]));
+        assert_eq!(got, vec![Some(Checkpoint(5)); 3]);
+        let got = all_ok(resolve(&[
+            Some(Continue),
+            Some(Rollback(4)),
+            Some(Rollback(4)),
+        ]));
+        assert_eq!(got, vec![Some(Rollback(4)); 3]);
+    }
+
+    #[test]
+    fn any_other_mix_fails_on_every_rank() {
+        use SafepointOrder::*;
+        let mixes: [&[Option<SafepointOrder>]; 5] = [
+            &[Some(Checkpoint(5)), Some(Checkpoint(6))],
+            &[Some(Checkpoint(5)), Some(Rollback(5))],
+            &[Some(Checkpoint(5)), None],
+            &[Some(Continue), None],
+            &[Some(Continue), Some(Checkpoint(5)), Some(Checkpoint(4))],
+        ];
+        for mix in mixes {
+            for r in resolve(mix) {
+                let err = r.unwrap_err().to_string();
+                assert!(err.contains("different orders"), "{mix:?}: {err}");
+            }
+        }
+        // An error on one rank (its node refused) is a kind of its own.
+        let (bit, _) = order_bits(&Err(RankError::Checkpoint("refused".into())));
+        let (ok, v) = order_bits(&Ok(Some(Checkpoint(5))));
+        assert!(agree(bit | ok, v, !v, Some(Checkpoint(5))).is_err());
     }
 }

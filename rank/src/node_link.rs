@@ -26,7 +26,11 @@
 //!   collectively). A node that drives no policy answers `Ack` at once: the ranks act on
 //!   the request themselves, as without a node link.
 //! - Every rank of the job must get the same order; the library checks it collectively and
-//!   fails the safepoint on every rank when one rank got another order or none.
+//!   fails the safepoint on every rank when one rank got another order or none. One mix is
+//!   resolved instead: `Continue` on some ranks (they asked their node just outside the
+//!   barrier) and one `Checkpoint{version}` or `Rollback{version}` on the others: every
+//!   rank carries out the versioned order, which every node was told too
+//!   (`checkpoint::agree`).
 //! - `Refused(why)` (the barrier was aborted, e.g. a node failed during it) is an error of
 //!   the safepoint naming `why`; the rank may ask again at a later safepoint.
 //!
