@@ -208,8 +208,19 @@ impl Criu {
         let mut req = rpc::Criu_req::new();
         req.set_type(rpc::Criu_req_type::DUMP);
         req.opts = protobuf::MessageField::some(opts);
-        self.call(req, "dump", dir)?;
-        Ok(())
+        match self.call(req, "dump", dir) {
+            Ok(_) => Ok(()),
+            // CRIU names no socket: say which of the process's descriptors are sockets and
+            // what they are bound or connected to (the caller can then tell whose it is).
+            Err(GhostError::CriuFailed { op, reason, log }) if log.contains("External socket") => {
+                Err(GhostError::CriuFailed {
+                    op,
+                    reason: format!("{reason}; the process's sockets: {}", sockets_of(pid)),
+                    log,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Restores the tree dumped in `dir` as new processes; returns the root's PID. The root
@@ -313,6 +324,48 @@ fn log_tail(dir: &Path, op: &str) -> String {
         errors
     };
     pick[pick.len().saturating_sub(4)..].join(" | ")
+}
+
+/// The socket descriptors of every thread-group member of `pid`'s tree, as `fd N (pid P):
+/// unix ino I path|unnamed` (paths from `/proc/net/unix`), or `none`.
+fn sockets_of(pid: i32) -> String {
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path_of = |ino: &str| {
+        unix.lines()
+            .skip(1)
+            .find(|l| l.split_whitespace().nth(6) == Some(ino))
+            .map(|l| l.split_whitespace().nth(7).unwrap_or("unnamed").to_string())
+    };
+    let mut out = Vec::new();
+    for p in tree(pid) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy().into_owned();
+            if let Some(ino) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+            {
+                let what = match path_of(ino) {
+                    Some(path) => format!("unix ino {ino} {path}"),
+                    None => format!("ino {ino} (not a unix socket of this network namespace)"),
+                };
+                out.push(format!(
+                    "fd {} (pid {p}): {what}",
+                    fd.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 fn session_of(pid: i32) -> Option<i32> {

@@ -337,3 +337,44 @@ fn criu_failures_carry_the_reason_from_its_log() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A unix socket whose peer is outside the dumped tree (here: this test's end of a
+/// connection) stops CRIU ("External socket is used", naming no socket); the error then
+/// lists the process's sockets and what they are bound or connected to.
+#[test]
+fn an_external_unix_socket_is_named_with_its_descriptor_and_path() {
+    let cp = criu();
+    let dir = TempDir::new("extsk");
+    let path = dir.0.join("peer.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(60)",
+                path.display().to_string()
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    let mut pids = Pids::default();
+    pids.0.push(child.id() as i32);
+    let (_conn, _) = listener.accept().unwrap();
+    let err = cp
+        .capture(
+            child.id() as i32,
+            &dir.0.join("x.kgi"),
+            &CaptureOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("External socket"), "{err}");
+    let sockets = &err[err.find("the process's sockets: ").expect("sockets listed")..];
+    assert!(
+        sockets.contains("fd ") && sockets.contains("unix ino "),
+        "{err}"
+    );
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
+}
