@@ -94,6 +94,13 @@ pub enum PmiToLauncher {
         id: u64,
         data: Option<Vec<u8>>,
     },
+    /// `msg` from the node's MPI servers in wiring epoch `wiring` (the job's incarnation
+    /// for MPI: 0 at the start, then the recovery's epoch once every rank was restarted,
+    /// `runtime/mpi_recovery.rs`). krun drops what an older incarnation's ranks said.
+    Wired {
+        wiring: u64,
+        msg: Box<PmiToLauncher>,
+    },
 }
 
 /// `krun`'s answer to a fence.
@@ -234,6 +241,9 @@ pub struct Coordinator {
     /// The job is ending (an End was returned): fences failing as its ranks are stopped
     /// are not news.
     ended: bool,
+    /// The job's MPI incarnation: the wiring epoch of the recovery that restarted every
+    /// rank (0: the start). Reports of an older one are dropped.
+    wiring: u64,
 }
 
 impl Coordinator {
@@ -244,11 +254,44 @@ impl Coordinator {
             gone: BTreeMap::new(),
             nodes: BTreeMap::new(),
             ended: false,
+            wiring: 0,
         }
+    }
+
+    /// The job's current MPI incarnation (the wiring epoch every rank started in).
+    pub fn wiring(&self) -> u64 {
+        self.wiring
+    }
+
+    /// Every rank restarts in wiring epoch `wiring` (a recovery that restarts the whole job
+    /// as new processes): the ranks wire up afresh, so fences count from 1 again, no rank
+    /// is gone and the job is not ending. An older or the current epoch changes nothing.
+    pub fn reincarnate(&mut self, wiring: u64) {
+        if wiring <= self.wiring {
+            return;
+        }
+        self.wiring = wiring;
+        self.fences.clear();
+        self.gone.clear();
+        self.nodes.clear();
+        self.ended = false;
     }
 
     /// A node's report.
     pub fn from_node(&mut self, node: adaptation::NodeId, msg: PmiToLauncher) -> Vec<Action> {
+        let msg = match msg {
+            PmiToLauncher::Wired { wiring, msg } => {
+                if wiring < self.wiring {
+                    // From ranks of an older incarnation (stopped by the recovery).
+                    return Vec::new();
+                }
+                // A node cannot be ahead of krun, which starts each incarnation; if one
+                // is, it is the truth.
+                self.reincarnate(wiring);
+                *msg
+            }
+            other => other,
+        };
         let actions = self.step(node, msg);
         let ending = actions.iter().any(|a| matches!(a, Action::End { .. }));
         let actions = if self.ended {
@@ -334,6 +377,7 @@ impl Coordinator {
             PmiToLauncher::DmodexData { to, id, data } => {
                 vec![Action::Send(to, PmiToNode::DmodexData { id, data })]
             }
+            PmiToLauncher::Wired { msg, .. } => self.step(node, *msg),
         }
     }
 
@@ -430,6 +474,17 @@ pub trait RankWatch: Send + Sync {
     fn state(&self, rank: u32) -> WireState;
     /// `rank` ended (after [`RankWatch::state`] was read): forget it.
     fn ended(&self, _rank: u32) {}
+    /// Some rank ever used this server (in any incarnation): the node runs an MPI job, whose
+    /// ranks a recovery restarts as new processes (`runtime/mpi_recovery.rs`).
+    fn used(&self) -> bool {
+        false
+    }
+    /// Every rank of the job restarts in wiring epoch `wiring`, rank `r` on node
+    /// `placement[r]`: serve that incarnation from now on (new namespace, fences from 1,
+    /// this node's new local ranks); the older incarnation's ranks are not served any more.
+    fn reincarnate(&self, _wiring: u64, _placement: &[adaptation::NodeId]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Passes every rank event to the node's MPI servers, then on to `next` (the node
@@ -705,6 +760,64 @@ mod tests {
                 }
             )]
         );
+    }
+
+    fn wired(wiring: u64, msg: PmiToLauncher) -> PmiToLauncher {
+        PmiToLauncher::Wired {
+            wiring,
+            msg: Box::new(msg),
+        }
+    }
+
+    #[test]
+    fn a_new_incarnation_forgets_gone_ranks_and_open_fences_and_drops_the_old_ones_reports() {
+        let mut c = Coordinator::new(2);
+        assert!(c.from_node(0, wired(0, fence(1, &[0], &[]))).is_empty());
+        // Node 1 died with rank 1: no End yet (a recovery may restart the job) but the
+        // open fence fails.
+        let a = c.node_gone(1);
+        assert!(a.iter().any(|x| matches!(x, Action::End { .. })), "{a:?}");
+        // Every rank restarts in wiring epoch 3: fences count from 1 again, rank 1 is not
+        // gone any more, and the job is not ending.
+        c.reincarnate(3);
+        assert_eq!(c.wiring(), 3);
+        // A late abort from the old incarnation's survivor is not news.
+        let a = c.from_node(
+            0,
+            wired(
+                0,
+                PmiToLauncher::Abort {
+                    wire: Wire::Pmix,
+                    rank: 0,
+                    code: 1,
+                },
+            ),
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert!(c
+            .from_node(0, wired(3, fence(1, &[0], &[("a", "0")])))
+            .is_empty());
+        let a = c.from_node(2, wired(3, fence(1, &[1], &[("b", "1")])));
+        assert!(
+            matches!(&a[..], [Action::Broadcast(PmiToNode::Fenced { seq: 1, data: FenceData::Puts(p) })] if p.len() == 2),
+            "{a:?}"
+        );
+        // An abort of the new incarnation ends the job.
+        let a = c.from_node(
+            2,
+            wired(
+                3,
+                PmiToLauncher::Abort {
+                    wire: Wire::Pmi1,
+                    rank: 1,
+                    code: 4,
+                },
+            ),
+        );
+        assert!(matches!(&a[..], [Action::End { code: 4, .. }]), "{a:?}");
+        // An older epoch does not go back.
+        c.reincarnate(2);
+        assert_eq!(c.wiring(), 3);
     }
 
     struct Fixed(WireState);
