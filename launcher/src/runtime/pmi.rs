@@ -2,6 +2,15 @@
 //! client speaks over `PMI_FD`; Debian bookworm's MPICH 4.0.2 speaks only this one) to its
 //! local ranks, and fences exchange the key-value space across nodes through `krun`.
 //!
+//! Why no PMI-2: bookworm's `libmpich.so.12` (4.0.2, `--with-pm=hydra`, no `--with-pmi`)
+//! links no PMI library and carries only the simple PMI-1 client: its wire strings are
+//! `cmd=init pmi_version=%d pmi_subversion=%d`, `cmd=put`, `cmd=get`, `cmd=barrier_in`,
+//! `cmd=get_maxes`, ..., and none of PMI-2's (`fullinit`, `job-getid`, `kvs-put`,
+//! `kvs-fence`, `info-getnodeattr`); started with `PMI_VERSION=2 PMI_SUBVERSION=0` it still
+//! sends `cmd=init pmi_version=1 pmi_subversion=1`. A PMI-2 server could not be tested
+//! against it, so krund serves none (`--mpi pmi2` says so). Slurm's `srun --mpi=pmi2`
+//! serves this client through the PMI-1 half of its plugin.
+//!
 //! - [`NodeServer`] (krund): one socket pair per rank; the rank keeps its end across exec
 //!   and finds it in `PMI_FD` (with `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALNRANKS`,
 //!   `MPI_LOCALRANKID`). It answers `init`, `get_maxes`, `get_appnum`, `get_my_kvsname`,
