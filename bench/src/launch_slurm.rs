@@ -6,7 +6,9 @@
 //! `srun --mpi=pmix` (Open MPI), each inside `salloc` so that both pay for one allocation.
 //! A launcher Slurm cannot serve here is recorded in the results with the reason (the
 //! lab's `srun --mpi=pmix` fails: its nodes share /tmp, and the pmix plugin's per-step
-//! directory has the same name on every node). Needs root; brings the cluster up and down.
+//! directory has the same name on every node: slurmd says `Cannot create directory
+//! "/tmp/spmix_appdir_0_<job>.0": File exists`, kept in the results). Needs root; brings the
+//! cluster up and down.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -142,6 +144,19 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     }
     cluster("up")?;
     let result = measure(&krun, &hellos, runs, limit);
+    // Why Slurm's pmix plugin failed, in slurmd's words (its logs stay after `down`).
+    let slurmd_says = (1..=NODES)
+        .filter_map(|n| {
+            std::fs::read_to_string(format!("/var/tmp/krun-slurm/log/slurmd-node{n}.log")).ok()
+        })
+        .flat_map(|log| {
+            log.lines()
+                .filter(|l| l.contains("mpi/pmix") && l.contains("Cannot create"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        // Lines start with their time stamp: the newest is the last in order.
+        .max();
     let down = cluster("down");
     for h in &hellos {
         let _ = std::fs::remove_file(h);
@@ -189,6 +204,11 @@ pub fn run(raw: &[String]) -> Result<(), String> {
             "srun_s": json_num(s),
             "srun": r.srun.as_ref().map_or(json!(null), |v| spread(v)),
             "srun_unavailable": r.srun.as_ref().err(),
+            "slurmd_says": if r.srun.is_err() && r.srun_mpi == "--mpi=pmix" {
+                json!(slurmd_says)
+            } else {
+                json!(null)
+            },
         }));
     }
     print!("{}", table.render());
@@ -221,6 +241,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         &path,
         json!({
             "runs_per_point": runs,
+            "krun_build": if krun.to_string_lossy().contains("/release/") { "release" } else { "debug" },
             "srun_mpi_plugins": plugins,
             "rows": json_rows,
         }),
