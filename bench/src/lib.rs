@@ -7,6 +7,7 @@ pub mod fabric;
 pub mod ha;
 pub mod l4;
 pub mod launch;
+pub mod launch_slurm;
 pub mod locator;
 pub mod logging;
 pub mod plot;

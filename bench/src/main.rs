@@ -14,6 +14,10 @@ subcommands:
   launch   krun starting 1, 16, 64 ranks of /bin/true over 4 local nodes, against
            Open MPI's mpirun in the same run; writes bench/results/launch.json
            options: --runs N  --ranks 1,16,64  --out PATH
+  launch-slurm  an MPI hello world (6 ranks, 3 nodes) in the local Slurm lab: krun against
+           srun --mpi=pmi2 (MPICH) and --mpi=pmix (Open MPI), both inside salloc; a launcher
+           Slurm cannot serve is recorded with the reason; writes
+           bench/results/launch_slurm.json (root)  options: --runs N  --limit-secs S  --out PATH
   ckpt     checkpoint/restore of 1 and 4 GiB: criu dump/restore to disk against our CRIU and
            native captures to L1+L2 (buddy memory over RMA) and L4 (io_uring), restores
            from L2 and L4, with dd oflag=direct, memcpy and RMA write references;
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         "fabric" => bench::fabric::run(rest),
         "dsm" => bench::dsm::run(rest),
         "launch" => bench::launch::run(rest),
+        "launch-slurm" => bench::launch_slurm::run(rest),
         "ha" => bench::ha::run(rest),
         "policies" => bench::policies::run(rest),
         "ckpt" => bench::ckpt::run(rest),

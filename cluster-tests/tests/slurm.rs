@@ -51,6 +51,26 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
     let stop = dir.join(format!("krun-{}.stop", std::process::id()));
     let status = dir.join(format!("krun-{}.status", std::process::id()));
     let _ = std::fs::remove_file(&stop);
+    // MPI programs under krun inside the allocation: krund serves PMI-1 (MPICH) and PMIx
+    // (Open MPI) on every Slurm node; built on the host (the filesystem is shared).
+    let hello_src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi/hello.c");
+    let mut hellos = Vec::new();
+    for (mpicc, name) in [("mpicc.mpich", "mpich"), ("mpicc.openmpi", "ompi")] {
+        let exe = dir.join(format!("hello-{name}-{}", std::process::id()));
+        let o = std::process::Command::new(mpicc)
+            .arg("-o")
+            .arg(&exe)
+            .arg(&hello_src)
+            .output()
+            .expect("mpicc (scripts/install-deps.sh installs mpich and openmpi)");
+        assert!(
+            o.status.success(),
+            "{mpicc}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        hellos.push(exe);
+    }
     std::fs::write(
         &script,
         format!(
@@ -60,6 +80,10 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
              echo krun-exit-1 $?\n\
              {krun} {selftest}\n\
              echo krun-exit-2 $?\n\
+             {krun} --tag-output {hello_mpich} | sed 's/^/mpich /'\n\
+             echo krun-exit-mpich ${{PIPESTATUS[0]}}\n\
+             {krun} --tag-output {hello_ompi} | sed 's/^/ompi /'\n\
+             echo krun-exit-ompi ${{PIPESTATUS[0]}}\n\
              {krun} sh -c 'n=0; while [ ! -e {stop} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; echo stopped $KRUN_RANK' &\n\
              job=$!\n\
              for i in $(seq 300); do\n\
@@ -73,6 +97,8 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
             selftest = selftest.display(),
             stop = stop.display(),
             status = status.display(),
+            hello_mpich = hellos[0].display(),
+            hello_ompi = hellos[1].display(),
         ),
     )
     .unwrap();
@@ -91,6 +117,9 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
     let text = std::fs::read_to_string(&output).unwrap_or_default();
     let status_text = std::fs::read_to_string(&status).unwrap_or_default();
     for f in [&script, &output, &stop, &status] {
+        let _ = std::fs::remove_file(f);
+    }
+    for f in &hellos {
         let _ = std::fs::remove_file(f);
     }
     assert!(
@@ -120,6 +149,20 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
         "{text}"
     );
     assert_eq!(text.matches(": ok: verified 64 KiB").count(), 6, "{text}");
+    // MPICH (PMI-1) and Open MPI (PMIx) hello worlds: every rank once, 2 per Slurm node.
+    for mpi in ["mpich", "ompi"] {
+        assert!(text.contains(&format!("krun-exit-{mpi} 0")), "{text}");
+        for r in 0..6 {
+            let want = format!("hello from rank {r} of 6 on node{}", r / 2 + 1);
+            assert_eq!(
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("{mpi} ")) && l.contains(&want))
+                    .count(),
+                1,
+                "{mpi} rank {r}: {text}"
+            );
+        }
+    }
     // krun status of the running Slurm job: one member per node, every rank's row.
     assert!(text.contains("krun-exit-3 0"), "{text}");
     assert_eq!(text.matches("stopped ").count(), 6, "{text}");

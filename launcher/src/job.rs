@@ -316,6 +316,17 @@ pub fn run(job: &Job) -> Result<i32> {
             )
             .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?;
             hub.set_policy(driver.sender());
+            if recovers(p) {
+                // As long as the nodes hold a failed rank's exit (krund's exit grace).
+                let timeout = std::env::var("KRUN_FAILURE_TIMEOUT_MS")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(
+                        crate::runtime::DEFAULT_FAILURE_TIMEOUT,
+                        Duration::from_millis,
+                    );
+                hub.hold_mpi_ends(timeout + Duration::from_secs(20));
+            }
             Some(driver)
         }
         _ => None,

@@ -68,6 +68,9 @@ struct Inner {
     policy: Mutex<Option<Sender<Option<super::checkpoints::Input>>>>,
     /// PMI fences across the nodes (runtime/pmi.rs).
     pmi: Mutex<super::pmi::Coordinator>,
+    /// The job recovers lost ranks: a job-ending MPI event waits this long for a new MPI
+    /// incarnation before it ends the job (`runtime/mpi_recovery.rs`).
+    mpi_hold: Mutex<Option<Duration>>,
 }
 
 /// The running job's hub.
@@ -118,6 +121,7 @@ impl Hub {
             pmi: Mutex::new(super::pmi::Coordinator::new(
                 u32::try_from(job_ranks).unwrap_or(u32::MAX),
             )),
+            mpi_hold: Mutex::new(None),
         });
         {
             let inner = inner.clone();
@@ -182,10 +186,24 @@ impl Hub {
         }
     }
 
-    /// Sends a command to every node still linked (for the checkpoint policy).
+    /// The job recovers lost ranks (`--spares`, `--checkpoint-interval`): a job-ending MPI
+    /// event (an abort, a rank lost, a fence that cannot complete) waits up to `grace` for
+    /// a recovery to restart every rank, which drops it (`runtime/mpi_recovery.rs`).
+    pub fn hold_mpi_ends(&self, grace: Duration) {
+        *self.inner.mpi_hold.lock().expect("hold lock") = Some(grace);
+    }
+
+    /// Sends a command to every node still linked (for the checkpoint policy). A `Restart`
+    /// of every rank starts a new MPI incarnation at krun first.
     pub fn broadcaster(&self) -> super::checkpoints::Broadcast {
         let inner = self.inner.clone();
         Arc::new(move |msg: &LauncherToNode| {
+            if let LauncherToNode::Restart { wiring, ranks, .. } = msg {
+                let size = inner.job_ranks as usize;
+                if super::mpi_recovery::placement(size, ranks).is_some() {
+                    inner.pmi.lock().expect("pmi lock").reincarnate(*wiring);
+                }
+            }
             let mut st = inner.state.lock().expect("hub lock");
             let mut sent = BTreeSet::new();
             for (&node, link) in st.links.iter_mut().filter(|(_, l)| !l.bye) {
@@ -354,8 +372,38 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
 }
 
 /// Carries out the PMI coordinator's actions: fence answers to every node still linked; a
-/// job-ending event (abort, a rank lost) becomes the job's abort reason and exit code.
-fn pmi_actions(inner: &Inner, actions: Vec<super::pmi::Action>) {
+/// job-ending event (abort, a rank lost) becomes the job's abort reason and exit code (in
+/// a job that recovers, once no new MPI incarnation started within the hold).
+fn pmi_actions(inner: &Arc<Inner>, actions: Vec<super::pmi::Action>) {
+    let hold = *inner.mpi_hold.lock().expect("hold lock");
+    for a in actions {
+        if let (Some(grace), super::pmi::Action::End { reason, code }) = (hold, &a) {
+            let wiring = inner.pmi.lock().expect("pmi lock").wiring();
+            let (inner, reason, code) = (inner.clone(), reason.clone(), *code);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline {
+                    if inner.pmi.lock().expect("pmi lock").wiring() > wiring {
+                        eprintln!(
+                            "krun: {reason}: dropped, every rank was restarted since \
+                             (a recovery)"
+                        );
+                        return;
+                    }
+                    if inner.state.lock().expect("hub lock").abort.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                pmi_actions_now(&inner, vec![super::pmi::Action::End { reason, code }]);
+            });
+            continue;
+        }
+        pmi_actions_now(inner, vec![a]);
+    }
+}
+
+fn pmi_actions_now(inner: &Inner, actions: Vec<super::pmi::Action>) {
     for a in actions {
         let mut st = inner.state.lock().expect("hub lock");
         match a {

@@ -47,6 +47,9 @@ pub struct Shared {
     /// The node's MPI servers (PMI-1, PMIx), if it serves any (krun's fence answers go
     /// there).
     pub pmi: Mutex<Vec<Arc<dyn super::mpi::RankWatch>>>,
+    /// The MPI incarnation the node's MPI servers serve: the wiring epoch of the recovery
+    /// that restarted every rank (0: the start; `runtime/mpi_recovery.rs`).
+    pub mpi_wiring: AtomicU64,
 }
 
 /// A callback on every stable view.
@@ -71,6 +74,7 @@ impl Shared {
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
             watchers: Default::default(),
             pmi: Mutex::new(Vec::new()),
+            mpi_wiring: AtomicU64::new(0),
         })
     }
 

@@ -46,6 +46,7 @@ pub mod jobdir;
 pub mod membership;
 pub mod migrate;
 pub mod mpi;
+pub mod mpi_recovery;
 pub mod pmi;
 pub mod pmix;
 pub mod recovery;
@@ -255,7 +256,14 @@ impl Runtime {
     /// Sends the node's PMI reports to krun.
     pub fn pmi_teller(&self) -> pmi::Teller {
         let shared = self.shared.clone();
-        Arc::new(move |m| shared.tell_launcher(&NodeToLauncher::Pmi(m)))
+        // Tagged with the node's MPI incarnation: krun drops an older one's reports.
+        Arc::new(move |m| {
+            let wiring = shared.mpi_wiring.load(Ordering::SeqCst);
+            shared.tell_launcher(&NodeToLauncher::Pmi(pmi::PmiToLauncher::Wired {
+                wiring,
+                msg: Box::new(m),
+            }))
+        })
     }
 
     /// Waits (at most `timeout`) until krun was told of every rank killed here
@@ -728,6 +736,9 @@ fn connect_launcher(
                 }) => {
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
+                    // An MPI job's servers start the new incarnation before any rank does
+                    // (here: ordered with krun's fence answers on this link).
+                    mpi_recovery::reincarnate(&shared, wiring, &ranks);
                     let (shared, agent) = (shared.clone(), agent.clone());
                     std::thread::spawn(move || {
                         recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)

@@ -2,6 +2,15 @@
 //! client speaks over `PMI_FD`; Debian bookworm's MPICH 4.0.2 speaks only this one) to its
 //! local ranks, and fences exchange the key-value space across nodes through `krun`.
 //!
+//! Why no PMI-2: bookworm's `libmpich.so.12` (4.0.2, `--with-pm=hydra`, no `--with-pmi`)
+//! links no PMI library and carries only the simple PMI-1 client: its wire strings are
+//! `cmd=init pmi_version=%d pmi_subversion=%d`, `cmd=put`, `cmd=get`, `cmd=barrier_in`,
+//! `cmd=get_maxes`, ..., and none of PMI-2's (`fullinit`, `job-getid`, `kvs-put`,
+//! `kvs-fence`, `info-getnodeattr`); started with `PMI_VERSION=2 PMI_SUBVERSION=0` it still
+//! sends `cmd=init pmi_version=1 pmi_subversion=1`. A PMI-2 server could not be tested
+//! against it, so krund serves none (`--mpi pmi2` says so). Slurm's `srun --mpi=pmi2`
+//! serves this client through the PMI-1 half of its plugin.
+//!
 //! - [`NodeServer`] (krund): one socket pair per rank; the rank keeps its end across exec
 //!   and finds it in `PMI_FD` (with `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALNRANKS`,
 //!   `MPI_LOCALRANKID`). It answers `init`, `get_maxes`, `get_appnum`, `get_my_kvsname`,
@@ -74,15 +83,43 @@ pub fn parse_line(line: &str) -> std::result::Result<Command, String> {
 /// node,node count,ranks per node),...)`; nodes without ranks (spares, at the end) are
 /// left out.
 pub fn process_mapping(counts: &[usize]) -> String {
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-    for (node, &c) in counts.iter().filter(|&&c| c > 0).enumerate() {
+    process_mapping_placed(&placement_of(counts))
+}
+
+/// Rank -> node for ranks placed in blocks, `counts[node]` on each node in node order.
+pub fn placement_of(counts: &[usize]) -> Vec<adaptation::NodeId> {
+    counts
+        .iter()
+        .enumerate()
+        .flat_map(|(node, &c)| std::iter::repeat_n(node as adaptation::NodeId, c))
+        .collect()
+}
+
+/// `PMI_process_mapping` for any placement (rank -> node; after a recovery a spare holds
+/// the lost node's ranks): the nodes that run ranks are numbered in node order, and each
+/// run of consecutive ranks on one node is a block, as MPICH reads the vector (rank by
+/// rank, `ranks per node` ranks on each of `node count` nodes from `first node`).
+pub fn process_mapping_placed(placement: &[adaptation::NodeId]) -> String {
+    let nodes: BTreeSet<adaptation::NodeId> = placement.iter().copied().collect();
+    let label = |n: adaptation::NodeId| nodes.iter().position(|&m| m == n).unwrap_or(0);
+    // (node label, ranks) per run of consecutive ranks on one node.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &n in placement {
         match runs.last_mut() {
-            Some((_, n, per)) if *per == c => *n += 1,
-            _ => runs.push((node, 1, c)),
+            Some((l, c)) if *l == label(n) => *c += 1,
+            _ => runs.push((label(n), 1)),
+        }
+    }
+    // Blocks: (first node, node count, ranks per node).
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::new();
+    for (l, c) in runs {
+        match blocks.last_mut() {
+            Some((first, n, per)) if *per == c && l == *first + *n => *n += 1,
+            _ => blocks.push((l, 1, c)),
         }
     }
     let mut s = String::from("(vector");
-    for (first, n, per) in runs {
+    for (first, n, per) in blocks {
         s.push_str(&format!(",({first},{n},{per})"));
     }
     s.push(')');
@@ -97,8 +134,42 @@ struct RankPmi {
     aborted: bool,
 }
 
+/// One incarnation of the job as this node serves it.
+#[derive(Debug, Clone, Default)]
+struct Layout {
+    size: usize,
+    /// This node's ranks, ascending: a rank's local id is its index.
+    local: Vec<u32>,
+    kvsname: String,
+    mapping: String,
+}
+
+impl Layout {
+    fn new(node: usize, placement: &[adaptation::NodeId], job: &str, wiring: u64) -> Layout {
+        let local = (0..placement.len() as u32)
+            .filter(|&r| placement[r as usize] as usize == node)
+            .collect();
+        Layout {
+            size: placement.len(),
+            local,
+            // Each incarnation has its own name: a client of an older one cannot reach it.
+            kvsname: if wiring == 0 {
+                format!("kvs_krun_{job}")
+            } else {
+                format!("kvs_krun_{job}_w{wiring}")
+            },
+            mapping: process_mapping_placed(placement),
+        }
+    }
+}
+
 #[derive(Default)]
 struct NodeState {
+    layout: Layout,
+    /// The incarnation served: the wiring epoch every rank started in (0 at the start).
+    generation: u64,
+    /// Some rank ever called init here.
+    used: bool,
     /// Every value this node's ranks can read: fenced ones and the node's own puts.
     kvs: HashMap<String, String>,
     /// The node's puts since the last fence.
@@ -115,11 +186,7 @@ struct NodeState {
 /// The node's PMI server (krund).
 pub struct NodeServer {
     node: usize,
-    size: usize,
-    first: usize,
-    local: BTreeSet<u32>,
-    kvsname: String,
-    mapping: String,
+    job: String,
     state: Mutex<NodeState>,
     changed: Condvar,
     tell: Teller,
@@ -158,37 +225,59 @@ impl RankWatch for NodeServer {
             done: r.finalized || r.aborted,
         }
     }
+
+    fn used(&self) -> bool {
+        self.state.lock().expect("pmi lock").used
+    }
+
+    /// A new incarnation: a new KVS (named after `wiring`) holding the new mapping, fences
+    /// from 1, this node's new ranks; the older incarnation's connections get no answer
+    /// any more (their ranks are being stopped) and their fences end.
+    fn reincarnate(&self, wiring: u64, placement: &[adaptation::NodeId]) -> Result<()> {
+        let mut st = self.state.lock().expect("pmi lock");
+        if wiring <= st.generation {
+            return Ok(());
+        }
+        let used = st.used;
+        *st = NodeState::fresh(Layout::new(self.node, placement, &self.job, wiring));
+        st.generation = wiring;
+        st.used = used;
+        drop(st);
+        self.changed.notify_all();
+        Ok(())
+    }
+}
+
+impl NodeState {
+    fn fresh(layout: Layout) -> NodeState {
+        let mut kvs = HashMap::new();
+        kvs.insert("PMI_process_mapping".to_string(), layout.mapping.clone());
+        NodeState {
+            layout,
+            kvs,
+            next_fence: 1,
+            ..NodeState::default()
+        }
+    }
 }
 
 impl NodeServer {
     /// The server for node `node` of a job placed as `counts` (ranks per node, in node
     /// order); `job` names the KVS; `tell` reaches krun.
     pub fn new(node: usize, counts: &[usize], job: &str, tell: Teller) -> Arc<NodeServer> {
-        let first: usize = counts.iter().take(node).sum();
-        let count = counts.get(node).copied().unwrap_or(0);
-        let mut kvs = HashMap::new();
-        let mapping = process_mapping(counts);
-        kvs.insert("PMI_process_mapping".to_string(), mapping.clone());
+        let layout = Layout::new(node, &placement_of(counts), job, 0);
         Arc::new(NodeServer {
             node,
-            size: counts.iter().sum(),
-            first,
-            local: (first..first + count).map(|r| r as u32).collect(),
-            kvsname: format!("kvs_krun_{job}"),
-            mapping,
-            state: Mutex::new(NodeState {
-                kvs,
-                next_fence: 1,
-                ..NodeState::default()
-            }),
+            job: job.to_string(),
+            state: Mutex::new(NodeState::fresh(layout)),
             changed: Condvar::new(),
             tell,
         })
     }
 
     /// `PMI_process_mapping` as served.
-    pub fn mapping(&self) -> &str {
-        &self.mapping
+    pub fn mapping(&self) -> String {
+        self.state.lock().expect("pmi lock").layout.mapping.clone()
     }
 
     /// The hook for the rank runner: a socket pair per rank, served here.
@@ -205,24 +294,35 @@ impl NodeServer {
             source: e,
         })?;
         let fd = theirs.as_raw_fd();
-        let local_id = rank.saturating_sub(self.first);
-        let env = vec![
-            ("PMI_FD".to_string(), fd.to_string()),
-            ("PMI_RANK".to_string(), rank.to_string()),
-            ("PMI_SIZE".to_string(), self.size.to_string()),
-            ("PMI_SPAWNED".to_string(), "0".to_string()),
-            ("MPI_LOCALNRANKS".to_string(), self.local.len().to_string()),
-            ("MPI_LOCALRANKID".to_string(), local_id.to_string()),
-        ];
-        self.state
-            .lock()
-            .expect("pmi lock")
-            .ranks
-            .insert(rank as u32, RankPmi::default());
+        let generation = {
+            let mut st = self.state.lock().expect("pmi lock");
+            st.ranks.insert(rank as u32, RankPmi::default());
+            st.generation
+        };
+        let env = {
+            let st = self.state.lock().expect("pmi lock");
+            let l = &st.layout;
+            let local_id = l
+                .local
+                .iter()
+                .position(|&r| r as usize == rank)
+                .unwrap_or(0);
+            vec![
+                ("PMI_FD".to_string(), fd.to_string()),
+                ("PMI_RANK".to_string(), rank.to_string()),
+                ("PMI_SIZE".to_string(), l.size.to_string()),
+                ("PMI_SPAWNED".to_string(), "0".to_string()),
+                (
+                    "MPI_LOCALNRANKS".to_string(),
+                    l.local.len().max(1).to_string(),
+                ),
+                ("MPI_LOCALRANKID".to_string(), local_id.to_string()),
+            ]
+        };
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("krund-pmi-{rank}"))
-            .spawn(move || me.serve(rank as u32, ours))
+            .spawn(move || me.serve(rank as u32, generation, ours))
             .map_err(|e| LauncherError::Io {
                 context: format!("starting rank {rank}'s PMI thread"),
                 source: e,
@@ -233,8 +333,9 @@ impl NodeServer {
         })
     }
 
-    /// Serves one rank's connection until it closes.
-    fn serve(&self, rank: u32, stream: UnixStream) {
+    /// Serves one rank's connection (opened in incarnation `generation`) until it closes or
+    /// a newer incarnation starts.
+    fn serve(&self, rank: u32, generation: u64, stream: UnixStream) {
         let Ok(mut out) = stream.try_clone() else {
             return;
         };
@@ -259,7 +360,7 @@ impl NodeServer {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             let reply = match parse_line(text) {
-                Ok(c) => self.answer(rank, &c),
+                Ok(c) => self.answer(rank, generation, &c),
                 Err(e) => Some(format!("cmd=error rc=-1 msg={}\n", e.replace(' ', "_"))),
             };
             match reply {
@@ -277,18 +378,23 @@ impl NodeServer {
         }
     }
 
-    /// The answer to one command (`None`: close the link).
-    fn answer(&self, rank: u32, c: &Command) -> Option<String> {
+    /// The answer to one command (`None`: close the link). A connection of an older
+    /// incarnation gets none: its rank is being stopped by a recovery.
+    fn answer(&self, rank: u32, generation: u64, c: &Command) -> Option<String> {
         let rc_fail = |cmd: &str, msg: &str| format!("cmd={cmd} rc=-1 msg={msg}\n");
+        let layout = {
+            let st = self.state.lock().expect("pmi lock");
+            if st.generation != generation {
+                return None;
+            }
+            st.layout.clone()
+        };
         Some(match c.cmd.as_str() {
             "init" => {
-                self.state
-                    .lock()
-                    .expect("pmi lock")
-                    .ranks
-                    .entry(rank)
-                    .or_default()
-                    .initialized = true;
+                let mut st = self.state.lock().expect("pmi lock");
+                st.used = true;
+                st.ranks.entry(rank).or_default().initialized = true;
+                drop(st);
                 match c.get("pmi_version") {
                     Some("1") | None => {
                         "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0\n".into()
@@ -302,8 +408,8 @@ impl NodeServer {
                 "cmd=maxes kvsname_max={KVSNAME_MAX} keylen_max={KEYLEN_MAX} vallen_max={VALLEN_MAX}\n"
             ),
             "get_appnum" => "cmd=appnum appnum=0\n".into(),
-            "get_my_kvsname" => format!("cmd=my_kvsname kvsname={}\n", self.kvsname),
-            "get_universe_size" => format!("cmd=universe_size size={}\n", self.size),
+            "get_my_kvsname" => format!("cmd=my_kvsname kvsname={}\n", layout.kvsname),
+            "get_universe_size" => format!("cmd=universe_size size={}\n", layout.size),
             "put" => match (c.get("key"), c.get("value")) {
                 (Some(k), Some(v)) if k.len() <= KEYLEN_MAX && v.len() <= VALLEN_MAX => {
                     let mut st = self.state.lock().expect("pmi lock");
@@ -321,8 +427,12 @@ impl NodeServer {
                 },
                 None => rc_fail("get_result", "get_needs_a_key"),
             },
-            "barrier_in" => match self.fence(rank) {
+            "barrier_in" => match self.fence(rank, generation) {
                 Ok(()) => "cmd=barrier_out\n".into(),
+                // A recovery restarts every rank: this one is being stopped.
+                Err(_) if self.state.lock().expect("pmi lock").generation != generation => {
+                    return None
+                }
                 // The fence failed and krun ends the job: the rank waits here for its end
                 // (an answer would let it go on to the next fence, a closed link would make
                 // MPICH report a PMI error of its own).
@@ -364,16 +474,20 @@ impl NodeServer {
     }
 
     /// `rank` enters the node's next fence; returns once krun says it completed (a failed
-    /// fence ends the job: krun stops the node, and the rank with it).
-    fn fence(&self, rank: u32) -> std::result::Result<(), String> {
+    /// fence ends the job: krun stops the node, and the rank with it; a newer incarnation
+    /// fails the older one's fences).
+    fn fence(&self, rank: u32, generation: u64) -> std::result::Result<(), String> {
         let mut st = self.state.lock().expect("pmi lock");
+        if st.generation != generation {
+            return Err("a newer incarnation of the job runs".into());
+        }
         let seq = st.next_fence;
         st.entered.insert(rank);
-        if st.entered.is_superset(&self.local) {
+        if st.layout.local.iter().all(|r| st.entered.contains(r)) {
             let puts = std::mem::take(&mut st.pending);
             st.entered.clear();
             st.next_fence += 1;
-            let ranks = self.local.iter().copied().collect();
+            let ranks = st.layout.local.clone();
             drop(st);
             (self.tell)(PmiToLauncher::Fence {
                 seq,
@@ -383,6 +497,9 @@ impl NodeServer {
             st = self.state.lock().expect("pmi lock");
         }
         loop {
+            if st.generation != generation {
+                return Err("a newer incarnation of the job runs".into());
+            }
             if let Some(r) = st.done.get(&seq) {
                 return r.clone();
             }
@@ -414,6 +531,109 @@ mod tests {
         assert_eq!(process_mapping(&[4]), "(vector,(0,1,4))");
         assert_eq!(process_mapping(&[2, 2, 2]), "(vector,(0,3,2))");
         assert_eq!(process_mapping(&[2, 2, 1, 0]), "(vector,(0,2,2),(2,1,1))");
+    }
+
+    #[test]
+    fn process_mapping_of_any_placement_numbers_nodes_and_keeps_rank_order() {
+        assert_eq!(placement_of(&[2, 1, 0]), vec![0, 0, 1]);
+        assert_eq!(
+            process_mapping_placed(&[0, 0, 1, 1, 2, 2]),
+            "(vector,(0,3,2))"
+        );
+        // Node 1's ranks restarted on spare node 3: ranks 2-3 are on the third node.
+        assert_eq!(
+            process_mapping_placed(&[0, 0, 3, 3, 2, 2]),
+            "(vector,(0,1,2),(2,1,2),(1,1,2))"
+        );
+        assert_eq!(process_mapping_placed(&[1, 0]), "(vector,(1,1,1),(0,1,1))");
+    }
+
+    fn env_of(x: &RankExtras, k: &str) -> String {
+        x.env
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_new_incarnation_serves_the_new_placement_and_closes_the_old_ones_links() {
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        let tell: Teller = Arc::new(move |m| t.lock().unwrap().push(m));
+        // Node 0 runs ranks 0-1 of [2, 2] and a spare (node 2) none.
+        let node0 = NodeServer::new(0, &[2, 2, 0], "t", tell.clone());
+        let spare = NodeServer::new(2, &[2, 2, 0], "t", tell);
+        let old = node0.connect(1).unwrap();
+        let mut s = UnixStream::from(old.keep_fd.unwrap());
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        s.write_all(b"cmd=init pmi_version=1 pmi_subversion=1\n")
+            .unwrap();
+        let mut a = String::new();
+        r.read_line(&mut a).unwrap();
+        assert!(a.contains("rc=0"), "{a}");
+        assert!(node0.used() && !spare.used());
+        // Node 1 failed; every rank restarts in wiring epoch 1, ranks 2-3 on the spare.
+        let placement = [0, 0, 2, 2];
+        node0.reincarnate(1, &placement).unwrap();
+        spare.reincarnate(1, &placement).unwrap();
+        // The old connection gets no answer: its link closes.
+        s.write_all(b"cmd=get_maxes\n").unwrap();
+        let mut a = String::new();
+        assert_eq!(r.read_line(&mut a).unwrap(), 0, "{a}");
+        // The spare serves ranks 2-3 now, in the new KVS with the new mapping.
+        let x = spare.connect(3).unwrap();
+        assert_eq!(env_of(&x, "MPI_LOCALRANKID"), "1");
+        assert_eq!(env_of(&x, "MPI_LOCALNRANKS"), "2");
+        assert_eq!(env_of(&x, "PMI_SIZE"), "4");
+        let mut s = UnixStream::from(x.keep_fd.unwrap());
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut ask = |q: &str| {
+            s.write_all(q.as_bytes()).unwrap();
+            let mut a = String::new();
+            r.read_line(&mut a).unwrap();
+            a
+        };
+        assert_eq!(
+            ask("cmd=get_my_kvsname\n"),
+            "cmd=my_kvsname kvsname=kvs_krun_t_w1\n"
+        );
+        // Nodes 0 and 2 run ranks now (numbered 0 and 1): two nodes of 2 ranks each.
+        assert!(
+            ask("cmd=get kvsname=kvs_krun_t_w1 key=PMI_process_mapping\n")
+                .contains("value=(vector,(0,2,2))")
+        );
+        // The spare's first fence names its new ranks once both entered.
+        let spare2 = spare.clone();
+        let other = std::thread::spawn(move || {
+            let x = spare2.connect(2).unwrap();
+            let mut s = UnixStream::from(x.keep_fd.unwrap());
+            s.write_all(b"cmd=barrier_in\n").unwrap();
+            s
+        });
+        let waiter = {
+            let told = told.clone();
+            let spare = spare.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    let fenced = told.lock().unwrap().iter().any(|m| {
+                        matches!(m, PmiToLauncher::Fence { seq: 1, ranks, .. } if ranks == &vec![2, 3])
+                    });
+                    if fenced {
+                        spare.deliver(PmiToNode::Fenced {
+                            seq: 1,
+                            data: FenceData::Puts(Vec::new()),
+                        });
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                false
+            })
+        };
+        assert_eq!(ask("cmd=barrier_in\n"), "cmd=barrier_out\n");
+        assert!(waiter.join().unwrap());
+        drop(other.join().unwrap());
     }
 
     /// A client over a socket pair: the node answers the MPICH sequence, and a fence waits

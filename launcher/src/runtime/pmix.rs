@@ -11,70 +11,71 @@
 //! - [`PmixServer::rank_setup`] gives each rank the environment `PMIx_server_setup_fork`
 //!   makes (`PMIX_NAMESPACE`, `PMIX_RANK`, the server's URI, ...): Open MPI's client finds
 //!   the server there.
-//! - The library calls back from its progress thread: a client connected or finalized, an
-//!   abort (the job ends with the code), a fence (the node's blob goes to krun; krun's
-//!   answer completes it), a direct modex request (routed through krun to the node that
-//!   holds the rank, which asks its library with `PMIx_server_dmodex_request`). Every
-//!   callback catches panics: none crosses into C.
+//! - The library calls back from its progress thread (`pmix/callbacks.rs`): a client
+//!   connected or finalized, an abort (the job ends with the code), a fence (the node's
+//!   blob goes to krun; krun's answer completes it), a direct modex request (routed through
+//!   krun to the node that holds the rank, which asks its library with
+//!   `PMIx_server_dmodex_request`). Every callback catches panics: none crosses into C.
+//! - A recovery that restarts every rank ([`RankWatch::reincarnate`],
+//!   `runtime/mpi_recovery.rs`) registers a new namespace, `krun.<job>.w<wiring>`, with the
+//!   new placement (a spare's ranks included) and this node's new ranks as clients; the
+//!   older namespace's clients (being stopped) get no service any more. Older namespaces
+//!   stay registered until the server ends (one per recovery).
 //!
 //! A process hosts one PMIx server at most (the library's state is global).
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use pmix_sys as sys;
+
+mod callbacks;
+mod ffi;
 
 use super::mpi::{
     FenceData, PmiToLauncher, PmiToNode, RankExtras, RankSetup, RankWatch, Teller, Wire, WireState,
 };
 use crate::error::{LauncherError, Result};
+use adaptation::NodeId;
+use callbacks::Pending;
+use ffi::{pmix_error, proc_of, status, wait_op, Infos, SUCCESS};
 
-/// How long a registration with the library may take before krund gives up.
-const REGISTER_LIMIT: Duration = Duration::from_secs(30);
-
-/// A callback of the library's, with its argument, to call once krun answers.
-struct Pending {
-    cb: sys::pmix_modex_cbfunc_t,
-    cbdata: *mut c_void,
+/// One incarnation of the job as the node serves it.
+#[derive(Default, Clone)]
+struct Layout {
+    /// The wiring epoch every rank started in (0: the job's start).
+    wiring: u64,
+    nspace: String,
+    /// Rank -> node.
+    placement: Vec<NodeId>,
+    /// This node's ranks, ascending.
+    local: Vec<u32>,
 }
 
-// SAFETY: the library's callbacks and their data may be called from any thread (it shifts
-// them onto its own progress thread); the pointer is only handed back to it.
-unsafe impl Send for Pending {}
-
-impl Pending {
-    /// Completes the operation with `data` (kept alive until the library releases it).
-    fn complete(self, status: sys::pmix_status_t, data: Vec<u8>) {
-        let Some(cb) = self.cb else { return };
-        let data = Box::new(data);
-        let (ptr, len) = (data.as_ptr() as *const c_char, data.len());
-        let keep = Box::into_raw(data) as *mut c_void;
-        // SAFETY: `cb` and `cbdata` came from the library for this one operation; the data
-        // stays valid until it calls `release_blob` with `keep`.
-        unsafe { cb(status, ptr, len, self.cbdata, Some(release_blob), keep) };
-    }
-}
-
-/// Frees a blob handed to the library by [`Pending::complete`].
-///
-/// # Safety
-/// `keep` must be a pointer made by `Box::into_raw(Box<Vec<u8>>)` in [`Pending::complete`],
-/// released once.
-unsafe extern "C" fn release_blob(keep: *mut c_void) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        if !keep.is_null() {
-            // SAFETY: see the function's contract.
-            drop(unsafe { Box::from_raw(keep as *mut Vec<u8>) });
+impl Layout {
+    fn new(node: usize, placement: &[NodeId], job: &str, wiring: u64) -> Layout {
+        Layout {
+            wiring,
+            nspace: if wiring == 0 {
+                format!("krun.{job}")
+            } else {
+                format!("krun.{job}.w{wiring}")
+            },
+            placement: placement.to_vec(),
+            local: (0..placement.len() as u32)
+                .filter(|&r| placement[r as usize] as usize == node)
+                .collect(),
         }
-    }));
+    }
 }
 
 #[derive(Default)]
 struct State {
+    layout: Layout,
     ranks: BTreeMap<u32, WireState>,
+    /// Some rank ever connected (in any incarnation).
+    used: bool,
     /// The next fence's number (from 1).
     next_fence: u64,
     /// Fences waiting for krun's answer.
@@ -87,10 +88,7 @@ struct State {
 /// The node's PMIx server (krund).
 pub struct PmixServer {
     node: usize,
-    /// Ranks per node, in node order.
-    counts: Vec<usize>,
-    first: usize,
-    nspace: String,
+    job: String,
     tmpdir: PathBuf,
     /// The node's shared-memory directory for Open MPI's ranks (in /dev/shm).
     shm_dir: PathBuf,
@@ -110,253 +108,28 @@ pub fn node_name(i: usize) -> String {
     format!("krun-node{i}")
 }
 
-/// The rank lists of `PMIx_generate_ppn`: nodes separated by `;`, ranks by `,` (nodes
-/// without ranks, spares at the end, left out).
-pub fn ppn_input(counts: &[usize]) -> String {
-    let mut first = 0;
-    let mut nodes = Vec::new();
-    for &c in counts.iter().filter(|&&c| c > 0) {
-        nodes.push(
-            (first..first + c)
+/// The nodes that run ranks (node order) and each one's ranks (ascending).
+fn nodes_of(placement: &[NodeId]) -> BTreeMap<NodeId, Vec<u32>> {
+    let mut nodes: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+    for (r, &n) in placement.iter().enumerate() {
+        nodes.entry(n).or_default().push(r as u32);
+    }
+    nodes
+}
+
+/// The rank lists of `PMIx_generate_ppn`: nodes separated by `;` (node order, nodes without
+/// ranks left out), ranks by `,`.
+pub fn ppn_input(placement: &[NodeId]) -> String {
+    nodes_of(placement)
+        .values()
+        .map(|rs| {
+            rs.iter()
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
-                .join(","),
-        );
-        first += c;
-    }
-    nodes.join(";")
-}
-
-/// The node that runs `rank`.
-pub fn node_of(counts: &[usize], rank: usize) -> Option<usize> {
-    let mut first = 0;
-    for (node, &c) in counts.iter().enumerate() {
-        if rank < first + c {
-            return Some(node);
-        }
-        first += c;
-    }
-    None
-}
-
-fn pmix_error(what: &str, rc: sys::pmix_status_t) -> LauncherError {
-    // SAFETY: PMIx_Error_string returns a static string for any status.
-    let text = unsafe {
-        let p = sys::PMIx_Error_string(rc);
-        if p.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    LauncherError::Usage(format!("PMIx: {what} failed: {text} ({rc})"))
-}
-
-fn status(s: u32) -> sys::pmix_status_t {
-    s as sys::pmix_status_t
-}
-
-const SUCCESS: sys::pmix_status_t = sys::PMIX_SUCCESS as sys::pmix_status_t;
-const OPERATION_SUCCEEDED: sys::pmix_status_t = sys::PMIX_OPERATION_SUCCEEDED;
-const ERROR: sys::pmix_status_t = sys::PMIX_ERROR;
-
-/// An array of `pmix_info_t` built for the library; each value is released on drop.
-struct Infos(Vec<sys::pmix_info_t>);
-
-impl Infos {
-    fn new() -> Infos {
-        Infos(Vec::new())
-    }
-
-    /// Adds `key` with `data` of `ty`.
-    ///
-    /// # Safety
-    /// `data` must point to a value of the C type `ty` names (for strings, the string
-    /// itself), valid for the call; the library copies it.
-    unsafe fn load(&mut self, key: &[u8], data: *const c_void, ty: u32) -> Result<()> {
-        let key = CStr::from_bytes_with_nul(key)
-            .map_err(|_| LauncherError::Usage("PMIx: a key without its NUL".into()))?;
-        let mut info = sys::pmix_info_t::default();
-        // SAFETY: `info` is zeroed (an empty value); the caller vouches for `data`.
-        let rc = unsafe {
-            sys::PMIx_Info_load(&mut info, key.as_ptr(), data, ty as sys::pmix_data_type_t)
-        };
-        if rc != SUCCESS {
-            return Err(pmix_error(&format!("loading {key:?}"), rc));
-        }
-        self.0.push(info);
-        Ok(())
-    }
-
-    fn string(&mut self, key: &[u8], v: &str) -> Result<()> {
-        let c = CString::new(v)
-            .map_err(|_| LauncherError::Usage(format!("PMIx: value {v:?} holds a NUL")))?;
-        // SAFETY: a NUL-terminated string for PMIX_STRING.
-        unsafe { self.load(key, c.as_ptr() as *const c_void, sys::PMIX_STRING) }
-    }
-
-    fn u32(&mut self, key: &[u8], v: u32) -> Result<()> {
-        // SAFETY: a uint32_t for PMIX_UINT32.
-        unsafe { self.load(key, &v as *const u32 as *const c_void, sys::PMIX_UINT32) }
-    }
-
-    fn u16(&mut self, key: &[u8], v: u16) -> Result<()> {
-        // SAFETY: a uint16_t for PMIX_UINT16.
-        unsafe { self.load(key, &v as *const u16 as *const c_void, sys::PMIX_UINT16) }
-    }
-
-    fn rank(&mut self, key: &[u8], v: u32) -> Result<()> {
-        // SAFETY: a pmix_rank_t (uint32_t) for PMIX_PROC_RANK.
-        unsafe { self.load(key, &v as *const u32 as *const c_void, sys::PMIX_PROC_RANK) }
-    }
-
-    fn boolean(&mut self, key: &[u8], v: bool) -> Result<()> {
-        // SAFETY: a C bool for PMIX_BOOL.
-        unsafe { self.load(key, &v as *const bool as *const c_void, sys::PMIX_BOOL) }
-    }
-
-    /// A regular expression made by `PMIx_generate_regex` or `PMIx_generate_ppn`.
-    fn regex(&mut self, key: &[u8], input: &str, ppn: bool) -> Result<()> {
-        let c = CString::new(input)
-            .map_err(|_| LauncherError::Usage(format!("PMIx: {input:?} holds a NUL")))?;
-        let mut out: *mut c_char = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated input; the library allocates `out` with malloc.
-        let rc = unsafe {
-            if ppn {
-                sys::PMIx_generate_ppn(c.as_ptr(), &mut out)
-            } else {
-                sys::PMIx_generate_regex(c.as_ptr(), &mut out)
-            }
-        };
-        if rc != SUCCESS || out.is_null() {
-            return Err(pmix_error(&format!("making the map of {input:?}"), rc));
-        }
-        // SAFETY: PMIX_REGEX takes the library's own regex; it copies it, and `out` is
-        // freed once.
-        let r = unsafe { self.load(key, out as *const c_void, sys::PMIX_REGEX) };
-        // SAFETY: allocated by the library with malloc, not used after.
-        unsafe { libc::free(out as *mut c_void) };
-        r
-    }
-
-    /// An array of infos (the library copies it deeply).
-    fn array(&mut self, key: &[u8], mut inner: Infos) -> Result<()> {
-        let mut darray = sys::pmix_data_array_t {
-            type_: sys::PMIX_INFO as sys::pmix_data_type_t,
-            size: inner.0.len(),
-            array: inner.0.as_mut_ptr() as *mut c_void,
-        };
-        // SAFETY: a pmix_data_array_t of `size` pmix_info_t for PMIX_DATA_ARRAY.
-        unsafe {
-            self.load(
-                key,
-                &mut darray as *mut sys::pmix_data_array_t as *const c_void,
-                sys::PMIX_DATA_ARRAY,
-            )
-        }
-    }
-}
-
-impl Drop for Infos {
-    fn drop(&mut self) {
-        for i in &mut self.0 {
-            // SAFETY: each value was loaded by PMIx_Info_load and is released once.
-            unsafe { sys::PMIx_Value_destruct(&mut i.value) };
-        }
-    }
-}
-
-/// Waits for one of the library's operation callbacks.
-struct OpWait {
-    done: Mutex<Option<sys::pmix_status_t>>,
-    changed: Condvar,
-}
-
-/// The library's completion of an operation started with an [`OpWait`].
-///
-/// # Safety
-/// `cbdata` must point to an `OpWait` alive until this call (its caller waits for it).
-unsafe extern "C" fn op_done(status: sys::pmix_status_t, cbdata: *mut c_void) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: see the function's contract.
-        let w = unsafe { &*(cbdata as *const OpWait) };
-        if let Ok(mut d) = w.done.lock() {
-            *d = Some(status);
-            w.changed.notify_all();
-        }
-    }));
-}
-
-/// Runs `start` (which passes `op_done` and the wait's address to the library) and waits
-/// for its completion.
-fn wait_op(
-    what: &str,
-    start: impl FnOnce(sys::pmix_op_cbfunc_t, *mut c_void) -> sys::pmix_status_t,
-) -> Result<()> {
-    // Boxed: the library may call back after a timeout here; the wait then leaks rather
-    // than dangles.
-    let w = Box::new(OpWait {
-        done: Mutex::new(None),
-        changed: Condvar::new(),
-    });
-    let ptr = &*w as *const OpWait as *mut c_void;
-    let rc = start(Some(op_done), ptr);
-    if rc == OPERATION_SUCCEEDED {
-        return Ok(());
-    }
-    if rc != SUCCESS {
-        return Err(pmix_error(what, rc));
-    }
-    let deadline = std::time::Instant::now() + REGISTER_LIMIT;
-    let mut d = w.done.lock().expect("pmix wait lock");
-    loop {
-        if let Some(rc) = *d {
-            return if rc == SUCCESS || rc == OPERATION_SUCCEEDED {
-                Ok(())
-            } else {
-                Err(pmix_error(what, rc))
-            };
-        }
-        let now = std::time::Instant::now();
-        if now >= deadline {
-            drop(d);
-            std::mem::forget(w);
-            return Err(LauncherError::Usage(format!(
-                "PMIx: {what} did not complete in {REGISTER_LIMIT:?}"
-            )));
-        }
-        d = w
-            .changed
-            .wait_timeout(d, deadline - now)
-            .expect("pmix wait lock")
-            .0;
-    }
-}
-
-fn proc_of(nspace: &str, rank: u32) -> sys::pmix_proc_t {
-    let mut p = sys::pmix_proc_t {
-        rank,
-        ..Default::default()
-    };
-    for (dst, &b) in p.nspace.iter_mut().zip(nspace.as_bytes()) {
-        *dst = b as c_char;
-    }
-    p
-}
-
-/// The namespace a proc names.
-///
-/// # Safety
-/// `p` must point to a valid `pmix_proc_t`.
-unsafe fn nspace_of(p: *const sys::pmix_proc_t) -> String {
-    // SAFETY: see the function's contract; the name is NUL-terminated within its array.
-    let raw = unsafe { &(*p).nspace };
-    let bytes: Vec<u8> = raw
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+                .join(",")
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 impl PmixServer {
@@ -374,9 +147,6 @@ impl PmixServer {
                 "PMIx: this process serves PMIx already".into(),
             ));
         }
-        let first: usize = counts.iter().take(node).sum();
-        let local = counts.get(node).copied().unwrap_or(0);
-        let size: usize = counts.iter().sum();
         let tmpdir = std::env::temp_dir().join(format!("krun-pmix-{}", std::process::id()));
         let shm = std::path::Path::new("/dev/shm");
         let shm_dir = if shm.is_dir() {
@@ -398,9 +168,7 @@ impl PmixServer {
         }
         let server = Arc::new(PmixServer {
             node,
-            counts: counts.to_vec(),
-            first,
-            nspace: format!("krun.{job}"),
+            job: job.to_string(),
             tmpdir: tmpdir.clone(),
             shm_dir,
             trace: std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1"),
@@ -416,14 +184,7 @@ impl PmixServer {
 
         // The library keeps the module's address: it lives as long as the process.
         let module: &'static mut sys::pmix_server_module_t =
-            Box::leak(Box::new(sys::pmix_server_module_t {
-                client_connected: Some(client_connected),
-                client_finalized: Some(client_finalized),
-                abort: Some(abort),
-                fence_nb: Some(fence_nb),
-                direct_modex: Some(direct_modex),
-                ..Default::default()
-            }));
+            Box::leak(Box::new(callbacks::module()));
         let dir = tmpdir.to_string_lossy().into_owned();
         let mut init = Infos::new();
         init.string(sys::PMIX_SERVER_TMPDIR, &dir)?;
@@ -439,16 +200,22 @@ impl PmixServer {
         if rc != SUCCESS {
             return Err(pmix_error("PMIx_server_init", rc));
         }
+        let layout = Layout::new(node, &crate::runtime::pmi::placement_of(counts), job, 0);
+        server.register(&layout)?;
+        server.install(layout);
+        Ok(server)
+    }
 
-        let job_info = server.job_info(size)?;
-        let mut ns = proc_of(&server.nspace, 0).nspace;
-        let mut job_info = job_info;
+    /// Registers `layout`'s namespace and this node's ranks in it as clients.
+    fn register(&self, layout: &Layout) -> Result<()> {
+        let mut job_info = self.job_info(layout)?;
+        let mut ns = proc_of(&layout.nspace, 0).nspace;
         wait_op("registering the job's namespace", |cb, data| {
             // SAFETY: the namespace and infos outlive the operation (wait_op waits for it).
             unsafe {
                 sys::PMIx_server_register_nspace(
                     ns.as_mut_ptr(),
-                    local as c_int,
+                    layout.local.len() as c_int,
                     job_info.0.as_mut_ptr(),
                     job_info.0.len(),
                     cb,
@@ -459,34 +226,44 @@ impl PmixServer {
         drop(job_info);
         // SAFETY: getuid and getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        for rank in first..first + local {
-            let p = proc_of(&server.nspace, rank as u32);
+        for &rank in &layout.local {
+            let p = proc_of(&layout.nspace, rank);
             wait_op(&format!("registering rank {rank}"), |cb, data| {
                 // SAFETY: `p` outlives the operation (wait_op waits for it).
                 unsafe {
                     sys::PMIx_server_register_client(&p, uid, gid, std::ptr::null_mut(), cb, data)
                 }
             })?;
-            server
-                .state
-                .lock()
-                .expect("pmix lock")
-                .ranks
-                .insert(rank as u32, WireState::default());
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Serves `layout` from now on: fences from 1, its ranks not yet connected; what the
+    /// older incarnation waited for is dropped (its ranks are being stopped).
+    fn install(&self, layout: Layout) {
+        let mut st = self.state.lock().expect("pmix lock");
+        st.ranks = layout
+            .local
+            .iter()
+            .map(|&r| (r, WireState::default()))
+            .collect();
+        st.layout = layout;
+        st.next_fence = 1;
+        st.fences.clear();
+        st.asks.clear();
+    }
+
+    /// The current incarnation's namespace.
+    fn nspace(&self) -> String {
+        self.state.lock().expect("pmix lock").layout.nspace.clone()
     }
 
     /// The job's information for `PMIx_server_register_nspace`.
-    fn job_info(&self, size: usize) -> Result<Infos> {
-        let local = self.counts.get(self.node).copied().unwrap_or(0);
-        let nodes: Vec<String> = self
-            .counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(i, _)| node_name(i))
-            .collect();
+    fn job_info(&self, layout: &Layout) -> Result<Infos> {
+        let size = layout.placement.len();
+        let local = &layout.local;
+        let nodes = nodes_of(&layout.placement);
+        let names: Vec<String> = nodes.keys().map(|&n| node_name(n as usize)).collect();
         let mut j = Infos::new();
         j.u32(sys::PMIX_UNIV_SIZE, size as u32)?;
         j.u32(sys::PMIX_JOB_SIZE, size as u32)?;
@@ -494,38 +271,40 @@ impl PmixServer {
         j.u32(sys::PMIX_APP_SIZE, size as u32)?;
         j.rank(sys::PMIX_APPLDR, 0)?;
         j.u32(sys::PMIX_APPNUM, 0)?;
-        j.string(sys::PMIX_JOBID, &self.nspace)?;
+        j.string(sys::PMIX_JOBID, &layout.nspace)?;
         j.u32(sys::PMIX_NUM_NODES, nodes.len() as u32)?;
-        j.regex(sys::PMIX_NODE_MAP, &nodes.join(","), false)?;
-        j.regex(sys::PMIX_PROC_MAP, &ppn_input(&self.counts), true)?;
+        j.regex(sys::PMIX_NODE_MAP, &names.join(","), false)?;
+        j.regex(sys::PMIX_PROC_MAP, &ppn_input(&layout.placement), true)?;
         j.string(sys::PMIX_NSDIR, &self.tmpdir.to_string_lossy())?;
         j.string(sys::PMIX_TMPDIR, &self.tmpdir.to_string_lossy())?;
         j.string(
             sys::PMIX_LOCAL_PEERS,
-            &(self.first..self.first + local)
+            &local
+                .iter()
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
         )?;
-        j.u32(sys::PMIX_LOCAL_SIZE, local as u32)?;
-        j.u32(sys::PMIX_NODE_SIZE, local as u32)?;
-        j.rank(sys::PMIX_LOCALLDR, self.first as u32)?;
+        j.u32(sys::PMIX_LOCAL_SIZE, local.len() as u32)?;
+        j.u32(sys::PMIX_NODE_SIZE, local.len() as u32)?;
+        j.rank(
+            sys::PMIX_LOCALLDR,
+            local.first().copied().unwrap_or(size as u32),
+        )?;
         // Every rank's own information.
-        let mut start = 0;
-        for (node, &c) in self.counts.iter().enumerate() {
-            for r in start..start + c {
+        for (&node, ranks) in &nodes {
+            for (i, &r) in ranks.iter().enumerate() {
                 let mut p = Infos::new();
-                p.rank(sys::PMIX_RANK, r as u32)?;
-                p.rank(sys::PMIX_GLOBAL_RANK, r as u32)?;
-                p.rank(sys::PMIX_APP_RANK, r as u32)?;
+                p.rank(sys::PMIX_RANK, r)?;
+                p.rank(sys::PMIX_GLOBAL_RANK, r)?;
+                p.rank(sys::PMIX_APP_RANK, r)?;
                 p.u32(sys::PMIX_APPNUM, 0)?;
-                p.u16(sys::PMIX_LOCAL_RANK, (r - start) as u16)?;
-                p.u16(sys::PMIX_NODE_RANK, (r - start) as u16)?;
-                p.string(sys::PMIX_HOSTNAME, &node_name(node))?;
-                p.u32(sys::PMIX_NODEID, node as u32)?;
+                p.u16(sys::PMIX_LOCAL_RANK, i as u16)?;
+                p.u16(sys::PMIX_NODE_RANK, i as u16)?;
+                p.string(sys::PMIX_HOSTNAME, &node_name(node as usize))?;
+                p.u32(sys::PMIX_NODEID, node)?;
                 j.array(sys::PMIX_PROC_DATA, p)?;
             }
-            start += c;
         }
         Ok(j)
     }
@@ -538,7 +317,7 @@ impl PmixServer {
 
     /// The environment the library makes for `rank`'s process.
     pub fn setup_fork(&self, rank: usize) -> Result<RankExtras> {
-        let p = proc_of(&self.nspace, rank as u32);
+        let p = proc_of(&self.nspace(), rank as u32);
         let mut env: *mut *mut c_char = std::ptr::null_mut();
         // SAFETY: the library appends malloc'd "KEY=VALUE" strings to a NULL-terminated,
         // malloc'd array it creates; both are freed below.
@@ -603,10 +382,11 @@ impl PmixServer {
         self.trace(format_args!(
             "direct modex: node {from} asks for rank {rank}'s data"
         ));
-        let p = proc_of(&self.nspace, rank);
+        let p = proc_of(&self.nspace(), rank);
         let ask = Box::into_raw(Box::new((from, id))) as *mut c_void;
         // SAFETY: `ask` is released by `dmodex_answer`, which the library calls once.
-        let rc = unsafe { sys::PMIx_server_dmodex_request(&p, Some(dmodex_answer), ask) };
+        let rc =
+            unsafe { sys::PMIx_server_dmodex_request(&p, Some(callbacks::dmodex_answer), ask) };
         if rc != SUCCESS {
             // SAFETY: not handed to the library after all.
             drop(unsafe { Box::from_raw(ask as *mut (adaptation::NodeId, u64)) });
@@ -624,14 +404,16 @@ impl PmixServer {
         }
     }
 
-    fn mark(&self, rank: u32, f: impl FnOnce(&mut WireState)) {
-        f(self
-            .state
-            .lock()
-            .expect("pmix lock")
-            .ranks
-            .entry(rank)
-            .or_default());
+    /// Marks `rank` of namespace `nspace`; false (nothing done) when that is not the
+    /// current incarnation's.
+    fn mark(&self, nspace: &str, rank: u32, f: impl FnOnce(&mut WireState)) -> bool {
+        let mut st = self.state.lock().expect("pmix lock");
+        if st.layout.nspace != nspace {
+            return false;
+        }
+        st.used = true;
+        f(st.ranks.entry(rank).or_default());
+        true
     }
 
     /// The library's fence: the node's blob goes to krun.
@@ -641,11 +423,22 @@ impl PmixServer {
         data: &[u8],
         pending: Pending,
     ) -> sys::pmix_status_t {
-        let whole = procs.iter().all(|p| {
-            // SAFETY: a valid proc from the library.
-            unsafe { nspace_of(p) == self.nspace }
-        }) && (procs.iter().any(|p| p.rank == sys::RANK_WILDCARD)
-            || procs.len() == self.counts.iter().sum::<usize>());
+        let layout = self.state.lock().expect("pmix lock").layout.clone();
+        let spaces: BTreeSet<String> = procs
+            .iter()
+            // SAFETY: valid procs from the library.
+            .map(|p| unsafe { ffi::nspace_of(p) })
+            .collect();
+        if spaces
+            .iter()
+            .any(|s| *s != layout.nspace && s.starts_with("krun."))
+        {
+            // An older incarnation's ranks (being stopped by a recovery).
+            return status(sys::PMIX_ERR_NOT_SUPPORTED as u32);
+        }
+        let whole = spaces.iter().all(|s| *s == layout.nspace)
+            && (procs.iter().any(|p| p.rank == sys::RANK_WILDCARD)
+                || procs.len() == layout.placement.len());
         if !whole {
             eprintln!(
                 "krund: node {}: a PMIx fence over a part of the job ({} procs) is not served",
@@ -654,7 +447,6 @@ impl PmixServer {
             );
             return status(sys::PMIX_ERR_NOT_SUPPORTED as u32);
         }
-        let local = self.counts.get(self.node).copied().unwrap_or(0);
         let seq = {
             let mut st = self.state.lock().expect("pmix lock");
             let seq = st.next_fence;
@@ -668,21 +460,28 @@ impl PmixServer {
         ));
         (self.tell)(PmiToLauncher::Fence {
             seq,
-            ranks: (self.first..self.first + local).map(|r| r as u32).collect(),
+            ranks: layout.local.clone(),
             data: FenceData::Blobs(vec![data.to_vec()]),
         });
         SUCCESS
     }
 
     /// The library asks for a remote rank's data (direct modex).
-    fn direct_modex(&self, rank: u32, pending: Pending) -> sys::pmix_status_t {
+    fn direct_modex(&self, nspace: &str, rank: u32, pending: Pending) -> sys::pmix_status_t {
         self.trace(format_args!(
             "direct modex: a local rank asks for rank {rank}'s data"
         ));
-        let Some(node) = node_of(&self.counts, rank as usize) else {
+        let node = {
+            let st = self.state.lock().expect("pmix lock");
+            if st.layout.nspace != nspace {
+                return status(sys::PMIX_ERR_NOT_FOUND as u32);
+            }
+            st.layout.placement.get(rank as usize).copied()
+        };
+        let Some(node) = node else {
             return status(sys::PMIX_ERR_NOT_FOUND as u32);
         };
-        if node == self.node {
+        if node as usize == self.node {
             return status(sys::PMIX_ERR_NOT_FOUND as u32);
         }
         let id = {
@@ -755,170 +554,26 @@ impl RankWatch for PmixServer {
             .copied()
             .unwrap_or_default()
     }
-}
 
-/// Runs a callback's body for the library: no panic crosses into C (one becomes
-/// `PMIX_ERROR`), and without a server there is nothing to serve.
-fn guarded(f: impl FnOnce(&PmixServer) -> sys::pmix_status_t) -> sys::pmix_status_t {
-    catch_unwind(AssertUnwindSafe(|| match SERVER.get() {
-        Some(s) => f(s),
-        None => ERROR,
-    }))
-    .unwrap_or(ERROR)
-}
+    fn used(&self) -> bool {
+        self.state.lock().expect("pmix lock").used
+    }
 
-/// The rank a proc names.
-///
-/// # Safety
-/// `p` must be null or point to a valid `pmix_proc_t`.
-unsafe fn rank_of(p: *const sys::pmix_proc_t) -> Option<u32> {
-    // SAFETY: see the function's contract.
-    unsafe { p.as_ref() }.map(|p| p.rank)
-}
-
-/// # Safety
-/// Called by the library with a valid proc.
-unsafe extern "C" fn client_connected(
-    proc_: *const sys::pmix_proc_t,
-    _object: *mut c_void,
-    _cb: sys::pmix_op_cbfunc_t,
-    _cbdata: *mut c_void,
-) -> sys::pmix_status_t {
-    guarded(|s| {
-        // SAFETY: the library passes a valid proc.
-        if let Some(r) = unsafe { rank_of(proc_) } {
-            s.mark(r, |w| w.initialized = true);
+    /// Registers the new incarnation's namespace (the new placement, this node's new ranks
+    /// as clients), then serves it.
+    fn reincarnate(&self, wiring: u64, placement: &[NodeId]) -> Result<()> {
+        if wiring <= self.state.lock().expect("pmix lock").layout.wiring {
+            return Ok(());
         }
-        OPERATION_SUCCEEDED
-    })
-}
-
-/// # Safety
-/// Called by the library with a valid proc.
-unsafe extern "C" fn client_finalized(
-    proc_: *const sys::pmix_proc_t,
-    _object: *mut c_void,
-    _cb: sys::pmix_op_cbfunc_t,
-    _cbdata: *mut c_void,
-) -> sys::pmix_status_t {
-    guarded(|s| {
-        // SAFETY: the library passes a valid proc.
-        if let Some(r) = unsafe { rank_of(proc_) } {
-            s.mark(r, |w| w.done = true);
-        }
-        OPERATION_SUCCEEDED
-    })
-}
-
-/// # Safety
-/// Called by the library with a valid proc.
-unsafe extern "C" fn abort(
-    proc_: *const sys::pmix_proc_t,
-    _object: *mut c_void,
-    code: c_int,
-    _msg: *const c_char,
-    _procs: *mut sys::pmix_proc_t,
-    _nprocs: usize,
-    _cb: sys::pmix_op_cbfunc_t,
-    _cbdata: *mut c_void,
-) -> sys::pmix_status_t {
-    guarded(|s| {
-        // SAFETY: the library passes a valid proc.
-        let Some(rank) = (unsafe { rank_of(proc_) }) else {
-            return ERROR;
-        };
-        s.mark(rank, |w| w.done = true);
-        // Aborting part of the job aborts all of it (as mpirun does).
-        (s.tell)(PmiToLauncher::Abort {
-            wire: Wire::Pmix,
-            rank,
-            code,
-        });
-        OPERATION_SUCCEEDED
-    })
-}
-
-/// # Safety
-/// Called by the library with `nprocs` procs at `procs` and `ndata` bytes at `data`.
-unsafe extern "C" fn fence_nb(
-    procs: *const sys::pmix_proc_t,
-    nprocs: usize,
-    _info: *const sys::pmix_info_t,
-    _ninfo: usize,
-    data: *mut c_char,
-    ndata: usize,
-    cb: sys::pmix_modex_cbfunc_t,
-    cbdata: *mut c_void,
-) -> sys::pmix_status_t {
-    guarded(|s| {
-        // SAFETY: the library passes arrays of the given lengths (or null when empty).
-        let (procs, data) = unsafe {
-            (
-                if procs.is_null() || nprocs == 0 {
-                    &[][..]
-                } else {
-                    std::slice::from_raw_parts(procs, nprocs)
-                },
-                if data.is_null() || ndata == 0 {
-                    &[][..]
-                } else {
-                    std::slice::from_raw_parts(data as *const u8, ndata)
-                },
-            )
-        };
-        let procs: Vec<sys::pmix_proc_t> = if procs.is_empty() {
-            vec![proc_of(&s.nspace, sys::RANK_WILDCARD)]
-        } else {
-            procs.to_vec()
-        };
-        s.fence(&procs, data, Pending { cb, cbdata })
-    })
-}
-
-/// # Safety
-/// Called by the library with a valid proc.
-unsafe extern "C" fn direct_modex(
-    proc_: *const sys::pmix_proc_t,
-    _info: *const sys::pmix_info_t,
-    _ninfo: usize,
-    cb: sys::pmix_modex_cbfunc_t,
-    cbdata: *mut c_void,
-) -> sys::pmix_status_t {
-    guarded(|s| {
-        // SAFETY: the library passes a valid proc.
-        match unsafe { rank_of(proc_) } {
-            Some(rank) => s.direct_modex(rank, Pending { cb, cbdata }),
-            None => ERROR,
-        }
-    })
-}
-
-/// The library's answer to [`PmixServer::dmodex_ask`]: the data goes back to the asking
-/// node through krun.
-///
-/// # Safety
-/// `cbdata` is the `Box<(NodeId, u64)>` made by `dmodex_ask`; `data` holds `sz` bytes.
-unsafe extern "C" fn dmodex_answer(
-    st: sys::pmix_status_t,
-    data: *mut c_char,
-    sz: usize,
-    cbdata: *mut c_void,
-) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: see the function's contract (called once per request).
-        let (to, id) = *unsafe { Box::from_raw(cbdata as *mut (adaptation::NodeId, u64)) };
-        let data = (st == SUCCESS).then(|| {
-            if data.is_null() || sz == 0 {
-                Vec::new()
-            } else {
-                // SAFETY: `sz` bytes at `data` (see the contract).
-                unsafe { std::slice::from_raw_parts(data as *const u8, sz) }.to_vec()
-            }
-        });
-        if let Some(s) = SERVER.get() {
-            (s.tell)(PmiToLauncher::DmodexData { to, id, data });
-        }
-    }));
+        let layout = Layout::new(self.node, placement, &self.job, wiring);
+        self.trace(format_args!(
+            "incarnation of wiring epoch {wiring}: namespace {}, local ranks {:?}",
+            layout.nspace, layout.local
+        ));
+        self.register(&layout)?;
+        self.install(layout);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -927,11 +582,20 @@ mod tests {
 
     #[test]
     fn proc_maps_list_each_nodes_ranks_and_skip_spares() {
-        assert_eq!(ppn_input(&[2, 2, 1, 0]), "0,1;2,3;4");
-        assert_eq!(ppn_input(&[3]), "0,1,2");
-        assert_eq!(node_of(&[2, 2, 1, 0], 3), Some(1));
-        assert_eq!(node_of(&[2, 2, 1, 0], 4), Some(2));
-        assert_eq!(node_of(&[2, 2, 1, 0], 5), None);
+        use crate::runtime::pmi::placement_of;
+        assert_eq!(ppn_input(&placement_of(&[2, 2, 1, 0])), "0,1;2,3;4");
+        assert_eq!(ppn_input(&placement_of(&[3])), "0,1,2");
+        // After a recovery: node 1's ranks on spare node 3.
+        assert_eq!(ppn_input(&[0, 0, 3, 3, 2]), "0,1;4;2,3");
+    }
+
+    #[test]
+    fn an_incarnation_names_its_namespace_and_this_nodes_ranks() {
+        let l = Layout::new(3, &[0, 0, 3, 3, 2], "9", 2);
+        assert_eq!(l.nspace, "krun.9.w2");
+        assert_eq!(l.local, vec![2, 3]);
+        let l = Layout::new(0, &[0, 0, 1], "9", 0);
+        assert_eq!((l.nspace.as_str(), l.local), ("krun.9", vec![0, 1]));
     }
 
     #[test]
@@ -939,6 +603,6 @@ mod tests {
         let p = proc_of("krun.7", 3);
         assert_eq!(p.rank, 3);
         // SAFETY: a valid proc.
-        assert_eq!(unsafe { nspace_of(&p) }, "krun.7");
+        assert_eq!(unsafe { ffi::nspace_of(&p) }, "krun.7");
     }
 }

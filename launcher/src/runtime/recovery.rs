@@ -309,7 +309,9 @@ fn restart_one(
         .expect("ranks lock")
         .get(&u64::from(rank))
         .copied()
-        .filter(|&pid| alive(pid));
+        .filter(|&pid| alive(pid))
+        // An MPI rank restarts as a new process (`runtime/mpi_recovery.rs`).
+        .filter(|&pid| super::mpi_recovery::may_roll_back_in_place(shared, rank, pid));
     if let Some(pid) = live {
         // Rolled back inside its process. Not linked until its new image says hello: a
         // barrier must not wake it with SIGUSR1 before the library installed its handler.
