@@ -29,7 +29,7 @@ use krun::{Config, Rank, Source, TagMatch, Window};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{self, cell, gbs, json_num, quantile, Args, Table};
+use crate::report::{self, cell, gbs, json_num, quantile, Table};
 
 const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
 const BUFFER: usize = 1 << 20;
@@ -37,7 +37,38 @@ const RAW_TAG: u64 = 0x5241_5700;
 const LIB_TAG: u32 = 11;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: bench rank [--providers shm,tcp] [--runs N] [--quick] [--out PATH]";
+/// The rank library beside the raw fabric endpoint between two processes:
+/// send, put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json.
+#[derive(Debug, clap::Args)]
+pub struct RankArgs {
+    /// Providers to measure, comma-separated (shm, tcp).
+    #[arg(long, default_value = "shm,tcp")]
+    pub providers: String,
+    /// Runs per provider (at least 3: median, min and max are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Fewer operations per measurement (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the JSON (default bench/results/rank.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// The hidden `rank-worker`: rank 1 of one `bench rank` session.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub provider: String,
+    /// The bootstrap server, HOST:PORT.
+    #[arg(long)]
+    pub bootstrap: SocketAddr,
+    /// raw or lib.
+    #[arg(long)]
+    pub mode: String,
+    #[arg(long)]
+    pub quick: bool,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
@@ -342,19 +373,15 @@ fn provider_of(name: &str) -> Result<Provider, String> {
 }
 
 /// The hidden `rank-worker`: rank 1 of one session.
-pub fn worker(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    let provider = provider_of(args.required("provider")?)?;
-    let bootstrap = args
-        .required("bootstrap")?
-        .parse()
-        .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
-    let raw_mode = match args.required("mode")? {
+pub fn worker(args: WorkerArgs) -> Result<(), String> {
+    let provider = provider_of(&args.provider)?;
+    let bootstrap = args.bootstrap;
+    let raw_mode = match args.mode.as_str() {
         "raw" => true,
         "lib" => false,
         other => return Err(format!("--mode {other:?}: raw or lib")),
     };
-    session(raw_mode, 1, provider, bootstrap, args.flag("quick")).map(drop)
+    session(raw_mode, 1, provider, bootstrap, args.quick).map(drop)
 }
 
 /// Runs one session with a rank-worker as rank 1.
@@ -398,24 +425,18 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&["providers", "runs", "quick", "out"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let quick = args.flag("quick");
-    let runs = args.number("runs", 3usize)?;
+pub fn run(args: RankArgs) -> Result<(), String> {
+    let quick = args.quick;
+    let runs = args.runs;
     if runs < 3 {
         return Err("--runs must be at least 3 (median, min and max are reported)".into());
     }
     let out_path = args
-        .get("out")
-        .map_or_else(|| report::results_path("rank"), PathBuf::from);
+        .out
+        .clone()
+        .unwrap_or_else(|| report::results_path("rank"));
     let providers: Vec<String> = args
-        .get("providers")
-        .unwrap_or("shm,tcp")
+        .providers
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
