@@ -8,6 +8,12 @@
 //! one process lose messages with libfabric 1.17. Both are configured with a 1 MiB fabric
 //! message size, so a 1 MiB send is one fabric message in both.
 //!
+//! The raw side uses its endpoint as a latency-minded user would, the way the library does:
+//! the same registered buffers and message size, receives that busy-poll the endpoint (one
+//! pass of its progress per poll, [`raw_recv`]) instead of blocking in its receive, and a
+//! target of one-sided operations that waits for the end polling its endpoint (a fabric
+//! "done" message) instead of parking in the bootstrap's TCP barrier.
+//!
 //! `BENCH_RANK_DEBUG=1` prints each measurement as it starts (to find a hanging one).
 //!
 //! Writes `bench/results/rank.json` (and `rank.png`): `{"environment":{"commit","date",
@@ -23,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use fabric::bootstrap::{BootstrapClient, BootstrapServer};
 use fabric::{
-    Endpoint, EndpointAddress, FabricConfig, MemoryRegion, PeerId, Provider, Region, RemoteRegion,
+    Endpoint, EndpointAddress, FabricConfig, FabricError, MemoryRegion, Message, PeerId, Provider,
+    Region, RemoteRegion,
 };
 use krun::{Config, Rank, Source, TagMatch, Window};
 use serde_json::json;
@@ -34,6 +41,12 @@ use crate::report::{self, cell, gbs, json_num, quantile, Table};
 const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
 const BUFFER: usize = 1 << 20;
 const RAW_TAG: u64 = 0x5241_5700;
+/// The raw side's "measurement done" message (the library's is [`DONE_TAG`]).
+const RAW_DONE_TAG: u64 = RAW_TAG + 2;
+const DONE_TAG: u32 = 12;
+/// How long one poll of the raw endpoint's receive may wait: the same as the library's
+/// (`rank/src/messages.rs`, `pull`): one pass of the endpoint's progress, no blocking.
+const POLL: Duration = Duration::from_micros(1);
 const LIB_TAG: u32 = 11;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -258,10 +271,24 @@ impl Side {
 
     fn recv(&self) -> Result<usize, String> {
         match self {
-            Side::Raw { ep, .. } => ep.recv(RAW_TAG, TIMEOUT).map(|m| m.data.len()).map_err(err),
+            Side::Raw { ep, .. } => raw_recv(ep.as_ref(), RAW_TAG).map(|m| m.data.len()),
             Side::Lib { rank, .. } => rank
                 .recv(Source::Rank(1 - rank.rank()), TagMatch::Tag(LIB_TAG))
                 .map(|m| m.data.len())
+                .map_err(err),
+        }
+    }
+
+    /// Rank 0 tells rank 1 that a one-sided measurement is over; rank 1 waits for it,
+    /// polling (the library through its receive, the raw side through [`raw_recv`]).
+    fn done(&self, me: usize) -> Result<(), String> {
+        match (self, me) {
+            (Side::Raw { ep, peer, .. }, 0) => ep.send(*peer, RAW_DONE_TAG, &[]).map_err(err),
+            (Side::Raw { ep, .. }, _) => raw_recv(ep.as_ref(), RAW_DONE_TAG).map(drop),
+            (Side::Lib { rank, .. }, 0) => rank.send(1, DONE_TAG, &[]).map(drop).map_err(err),
+            (Side::Lib { rank, .. }, _) => rank
+                .recv(Source::Rank(0), TagMatch::Tag(DONE_TAG))
+                .map(drop)
                 .map_err(err),
         }
     }
@@ -317,6 +344,11 @@ impl Side {
                     }
                     bw = gbs((size * bw_n) as u64, t.elapsed());
                 }
+                // The target waits for the end polling its endpoint, as a target of one-sided
+                // operations does in an application (the library's ranks poll in their
+                // barrier; parked in the bootstrap's TCP barrier, the raw target would leave
+                // its endpoint to the progress thread and make the raw reference slow).
+                self.done(me)?;
             }
         }
         self.barrier()?;
@@ -331,6 +363,31 @@ impl Side {
                 win.free().map_err(err)?;
                 rank.finalize().map_err(err)
             }
+        }
+    }
+}
+
+/// Receives a `tag` message on the raw endpoint the way a latency-minded user of it does:
+/// busy-polling (one pass of the endpoint's progress per [`POLL`], giving the core away only
+/// every 64th poll), not blocking in the endpoint's receive, which naps up to 200 us on a
+/// condition variable between checks.
+fn raw_recv(ep: &dyn Endpoint, tag: u64) -> Result<Message, String> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        match ep.recv(tag, POLL) {
+            Ok(m) => return Ok(m),
+            Err(FabricError::RecvTimeout { .. }) => {}
+            Err(e) => return Err(err(e)),
+        }
+        if start.elapsed() >= TIMEOUT {
+            return Err(format!("no message with tag {tag:#x} in {TIMEOUT:?}"));
+        }
+        polls = polls.wrapping_add(1);
+        if polls % 64 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
