@@ -185,6 +185,11 @@ impl Side {
             .len()
             .checked_sub(RemoteRegion::ENCODED_LEN)
             .ok_or("short address card")?;
+        // The endpoint knows its own address first, as the library's does (every rank
+        // connects to every rank of the job, itself included): with shm, whether a peer is
+        // reached through the kernel's cross-memory copy is probed per connection, and this
+        // is the library's set-up exactly.
+        ep.connect(&ep.address()).map_err(err)?;
         let peer = ep
             .connect(&EndpointAddress::from_bytes(&other[..split]).map_err(err)?)
             .map_err(err)?;
