@@ -389,7 +389,7 @@ fn raw_recv(ep: &dyn Endpoint, tag: u64) -> Result<Message, String> {
             return Err(format!("no message with tag {tag:#x} in {TIMEOUT:?}"));
         }
         polls = polls.wrapping_add(1);
-        if polls % 64 == 0 {
+        if polls.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();

@@ -606,7 +606,7 @@ impl Messages {
             }
             if idle_since.elapsed() < SPIN {
                 polls = polls.wrapping_add(1);
-                if polls % YIELD_EVERY == 0 {
+                if polls.is_multiple_of(YIELD_EVERY) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
