@@ -25,7 +25,7 @@ use ghost::checkpointer::{CaptureOptions, Checkpointer};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{gbs, json_num, results_path, write_results, Args, Table};
+use crate::report::{gbs, json_num, results_path, write_results, Table};
 
 const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
@@ -623,12 +623,22 @@ fn rma_write_gbs(gib: u64) -> Result<f64, String> {
     Ok(gbs(n as u64, start.elapsed()))
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["sizes", "out"])?;
+/// Checkpoint/restore of 1 and 4 GiB, criu dump/restore against our CRIU and
+/// native captures to L1+L2 and L4, restores from L2 and L4, with dd, memcpy and RMA write
+/// references; writes bench/results/ckpt.json (root; needs CRIU from scripts/build-criu.sh).
+#[derive(Debug, clap::Args)]
+pub struct CkptArgs {
+    /// Sizes in GiB, comma-separated.
+    #[arg(long, default_value = "1,4")]
+    pub sizes: String,
+    /// Where to write the JSON (default bench/results/ckpt.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: CkptArgs) -> Result<(), String> {
     let sizes: Vec<u64> = args
-        .get("sizes")
-        .unwrap_or("1,4")
+        .sizes
         .split(',')
         .map(|s| {
             s.parse()
@@ -645,10 +655,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     println!(
         "  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s, RMA write (tcp) {rma:.2} GB/s"
     );
-    let out = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| results_path("ckpt"));
+    let out = args.out.clone().unwrap_or_else(|| results_path("ckpt"));
     let refs = References { dd, memcpy, rma };
     let mut rows = Vec::new();
     let mut failed = Vec::new();

@@ -40,10 +40,34 @@ use fabric::{FabricConfig, Provider};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{self, cell, Args, Table};
+use crate::report::{self, cell, Table};
 
-const USAGE: &str =
-    "usage: bench dsm [--providers shm,tcp] [--runs N (>= 3)] [--pages N] [--out PATH]";
+/// DSM page-fault latencies against the RMA read and local userfaultfd fault
+/// they are built from, between three processes; writes bench/results/dsm.json.
+#[derive(Debug, clap::Args)]
+pub struct DsmArgs {
+    /// Providers to measure, comma-separated (shm, tcp).
+    #[arg(long, default_value = "shm,tcp")]
+    pub providers: String,
+    /// Runs per provider (at least 3: median, min and max are reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Timed pages per measure.
+    #[arg(long, default_value_t = 64)]
+    pub pages: usize,
+    /// Where to write the JSON (default bench/results/dsm.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Hidden: run as one of the three worker processes.
+    #[arg(long, hide = true, requires_all = ["provider", "rank", "bootstrap"])]
+    pub worker: bool,
+    #[arg(long, hide = true)]
+    pub provider: Option<String>,
+    #[arg(long, hide = true)]
+    pub rank: Option<usize>,
+    #[arg(long, hide = true)]
+    pub bootstrap: Option<SocketAddr>,
+}
 const TIMEOUT: Duration = Duration::from_secs(60);
 const PAGE: usize = 4096;
 /// Timed pages are every STRIDE-th page (no prefetch between them).
@@ -79,17 +103,11 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// One process of a run: prints `dsm-result key=value` lines.
-fn worker(args: &Args) -> Result<(), String> {
-    let provider = provider_of(args.required("provider")?)?;
-    let bootstrap: SocketAddr = args
-        .required("bootstrap")?
-        .parse()
-        .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
-    let rank: usize = args
-        .required("rank")?
-        .parse()
-        .map_err(|_| "--rank: not a number".to_string())?;
-    let n: usize = args.number("pages", 64)?;
+fn worker(args: &DsmArgs) -> Result<(), String> {
+    let provider = provider_of(args.provider.as_deref().ok_or("missing --provider")?)?;
+    let bootstrap: SocketAddr = args.bootstrap.ok_or("missing --bootstrap")?;
+    let rank: usize = args.rank.ok_or("missing --rank")?;
+    let n: usize = args.pages;
     let boot = BootstrapClient::connect(bootstrap, rank, 3, TIMEOUT).map_err(err)?;
     let fabric = FabricConfig::with_provider(provider)
         .with_env()
@@ -343,30 +361,24 @@ fn figure(providers: &[String], per_provider: &[PerProvider], runs: usize) -> Fi
     }
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("worker") {
+pub fn run(args: DsmArgs) -> Result<(), String> {
+    if args.worker {
         return worker(&args);
     }
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&["providers", "runs", "pages", "out"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let runs = args.number("runs", 5usize)?;
+    let runs = args.runs;
     if runs < 3 {
         return Err("--runs must be at least 3 (median, min and max are reported)".into());
     }
-    let pages = args.number("pages", 64usize)?;
+    let pages = args.pages;
     if pages == 0 {
         return Err("--pages must be at least 1".into());
     }
     let out_path = args
-        .get("out")
-        .map_or_else(|| report::results_path("dsm"), PathBuf::from);
+        .out
+        .clone()
+        .unwrap_or_else(|| report::results_path("dsm"));
     let providers: Vec<String> = args
-        .get("providers")
-        .unwrap_or("shm,tcp")
+        .providers
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())

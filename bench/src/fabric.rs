@@ -25,7 +25,7 @@ use fabric::{
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{self, cell, gbs, json_num, quantile, size_name, Args, Table};
+use crate::report::{self, cell, gbs, json_num, quantile, size_name, Table};
 
 /// Sizes of the bandwidth rows.
 pub const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
@@ -40,8 +40,45 @@ const REFERENCE_C: &str = include_str!("../csrc/fi_reference.c");
 /// Setup (spawn, bootstrap, connect) must finish within this.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: bench fabric [--providers tcp,shm,verbs] [--lat-ops N] [--bw-secs S] \
-[--iperf-secs S] [--rounds N] [--quick] [--out PATH]";
+/// One-sided RMA latency and bandwidth per provider (tcp, shm, verbs),
+/// against loopback iperf3 and memcpy; writes bench/results/fabric.json.
+#[derive(Debug, clap::Args)]
+pub struct FabricArgs {
+    /// Providers to measure, comma-separated (tcp, shm, verbs, verbs-ofi).
+    #[arg(long, default_value = "tcp,shm,verbs")]
+    pub providers: String,
+    /// Operations per latency measurement (default 10000; 2000 with --quick).
+    #[arg(long, value_name = "N")]
+    pub lat_ops: Option<usize>,
+    /// Seconds per bandwidth measurement (default 1; 0.3 with --quick).
+    #[arg(long, value_name = "S")]
+    pub bw_secs: Option<f64>,
+    /// Seconds of each iperf3 reference (default 3; 1 with --quick).
+    #[arg(long, value_name = "S")]
+    pub iperf_secs: Option<u32>,
+    /// Rounds (1 to 20).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Shorter measurements (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the JSON (default bench/results/fabric.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// The hidden `fabric-target`: the target process `bench fabric` re-executes itself as.
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    #[arg(long)]
+    pub provider: String,
+    /// The bootstrap server, HOST:PORT.
+    #[arg(long)]
+    pub bootstrap: SocketAddr,
+    /// Bytes of the registered region.
+    #[arg(long, default_value_t = BUFFER)]
+    pub region: usize,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -116,25 +153,10 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_args(raw: &[String]) -> Result<Settings, String> {
-        let args = Args::parse(raw)?;
-        if args.flag("help") {
-            return Err(USAGE.to_string());
-        }
-        args.only(&[
-            "providers",
-            "lat-ops",
-            "bw-secs",
-            "iperf-secs",
-            "rounds",
-            "quick",
-            "out",
-        ])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-        let quick = args.flag("quick");
+    fn from_args(args: FabricArgs) -> Result<Settings, String> {
+        let quick = args.quick;
         let providers = args
-            .get("providers")
-            .unwrap_or("tcp,shm,verbs")
+            .providers
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
@@ -146,21 +168,20 @@ impl Settings {
                 ));
             }
         }
-        let bw_secs: f64 = args.number("bw-secs", if quick { 0.3 } else { 1.0 })?;
+        let bw_secs: f64 = args.bw_secs.unwrap_or(if quick { 0.3 } else { 1.0 });
         if !(bw_secs > 0.0 && bw_secs < 600.0) {
             return Err("--bw-secs must be in (0, 600)".into());
         }
         Ok(Settings {
             providers,
             lat_ops: args
-                .number("lat-ops", if quick { 2_000 } else { 10_000 })?
+                .lat_ops
+                .unwrap_or(if quick { 2_000 } else { 10_000 })
                 .max(1),
             bw_time: Duration::from_secs_f64(bw_secs),
-            iperf_secs: args.number("iperf-secs", if quick { 1 } else { 3 })?.max(1),
-            rounds: args.number::<usize>("rounds", 3)?.clamp(1, 20),
-            out: args
-                .get("out")
-                .map_or_else(|| report::results_path("fabric"), PathBuf::from),
+            iperf_secs: args.iperf_secs.unwrap_or(if quick { 1 } else { 3 }).max(1),
+            rounds: args.rounds.clamp(1, 20),
+            out: args.out.unwrap_or_else(|| report::results_path("fabric")),
         })
     }
 
@@ -173,8 +194,8 @@ impl Settings {
 }
 
 /// `bench fabric`.
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let settings = Settings::from_args(raw)?;
+pub fn run(args: FabricArgs) -> Result<(), String> {
+    let settings = Settings::from_args(args)?;
     println!("bench fabric: target endpoint in a separate process; GB/s = 1e9 bytes/s");
 
     // References first, while nothing else runs.
@@ -876,22 +897,17 @@ impl Ctx<'_> {
 /// `bench fabric-target` (hidden): opens an endpoint, registers a region, swaps addresses
 /// over the bootstrap service, then serves one-sided operations until its stdin closes or
 /// it is killed.
-pub fn target(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["provider", "bootstrap", "region"])?;
+pub fn target(args: TargetArgs) -> Result<(), String> {
     // Die with the parent, whatever happens to it.
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    let provider = match args.required("provider")?.parse::<fabric::ProviderChoice>() {
+    let provider = match args.provider.parse::<fabric::ProviderChoice>() {
         Ok(fabric::ProviderChoice::Exactly(p)) => p,
         Ok(fabric::ProviderChoice::Auto) => return Err("--provider must name a provider".into()),
         Err(e) => return Err(e.to_string()),
     };
-    let bootstrap: SocketAddr = args
-        .required("bootstrap")?
-        .parse()
-        .map_err(|e| format!("--bootstrap: {e}"))?;
-    let len: usize = args.number("region", BUFFER)?;
+    let bootstrap: SocketAddr = args.bootstrap;
+    let len: usize = args.region;
     let ep = open(&FabricConfig::with_provider(provider)).map_err(|e| e.to_string())?;
     let region = ep
         .register(Region::new(len).map_err(|e| e.to_string())?)
@@ -1125,8 +1141,17 @@ mod tests {
 
     #[test]
     fn settings_reject_unknown_providers_and_options() {
-        let s =
-            |v: &[&str]| Settings::from_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: FabricArgs,
+        }
+        let s = |v: &[&str]| {
+            let cmd = Cmd::try_parse_from(std::iter::once("fabric").chain(v.iter().copied()))
+                .map_err(|e| e.to_string())?;
+            Settings::from_args(cmd.args)
+        };
         assert!(s(&["--providers", "tcp,carrier-pigeon"]).is_err());
         assert!(s(&["--bogus"]).is_err());
         let ok = s(&["--providers", "shm", "--quick"]).unwrap();

@@ -25,13 +25,46 @@ use cluster_tests::campaign::{judge, run_job, trials, Campaign, JobOutput, Runni
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{cell, json_num, median, results_path, spread, write_results, Args, Table};
+use crate::report::{cell, json_num, median, results_path, spread, write_results, Table};
 
 pub(crate) mod parse;
 use parse::{commits, failure_times, loop_seconds, FailureTimes};
 
-const USAGE: &str = "usage: bench ha [--runs N] [--state-mib M] [--job-s S] [--interval-s A] \
-[--mtbf-s M] [--campaign N [--campaign-only]] [--seed S] [--rma-read-gbs X] [--out PATH]";
+/// The coordinated checkpoint policy on the heat stencil (6 ranks, 3 local
+/// nodes): failure-free overhead, a node SIGKILLed and restarted onto a spare against a
+/// relaunch from L4, optional fault campaign; writes bench/results/ha.json.
+#[derive(Debug, clap::Args)]
+pub struct HaArgs {
+    /// Runs per configuration (at least 3).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// MiB of state per rank.
+    #[arg(long, value_name = "M", default_value_t = 16.0)]
+    pub state_mib: f64,
+    /// Seconds of the failure-free job.
+    #[arg(long, value_name = "S", default_value_t = 25.0)]
+    pub job_s: f64,
+    /// Checkpoint interval in seconds.
+    #[arg(long, value_name = "A", default_value_t = 2.0)]
+    pub interval_s: f64,
+    /// MTBF in seconds (for the Young/Daly interval).
+    #[arg(long, value_name = "M", default_value_t = 120.0)]
+    pub mtbf_s: f64,
+    /// Fault-campaign runs (0: none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub campaign: usize,
+    /// Only the fault campaign.
+    #[arg(long)]
+    pub campaign_only: bool,
+    #[arg(long, default_value_t = 20261206)]
+    pub seed: u64,
+    /// The tcp RMA read bandwidth in GB/s (default: measured now by bench fabric).
+    #[arg(long, value_name = "X")]
+    pub rma_read_gbs: Option<f64>,
+    /// Where to write the JSON (default bench/results/ha.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
 
 /// Ranks, nodes with ranks, and grid columns.
 const RANKS: usize = 6;
@@ -501,40 +534,19 @@ fn failure_relaunch(setup: &Setup, job: &Job, want: &str) -> Result<Failure, Str
     })
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&[
-        "runs",
-        "state-mib",
-        "job-s",
-        "interval-s",
-        "mtbf-s",
-        "campaign",
-        "seed",
-        "rma-read-gbs",
-        "out",
-        "help",
-        "campaign-only",
-    ])
-    .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let runs: usize = args.number::<usize>("runs", 3)?.max(3);
-    let state_mib: f64 = args.number("state-mib", 16.0)?;
-    let job_s: f64 = args.number("job-s", 25.0)?;
-    let interval_a: f64 = args.number("interval-s", 2.0)?;
-    let mtbf_s: f64 = args.number("mtbf-s", 120.0)?;
-    let campaign_n: usize = args.number("campaign", 0)?;
-    let seed: u64 = args.number("seed", 20261206)?;
+pub fn run(args: HaArgs) -> Result<(), String> {
+    let runs: usize = args.runs.max(3);
+    let state_mib: f64 = args.state_mib;
+    let job_s: f64 = args.job_s;
+    let interval_a: f64 = args.interval_s;
+    let mtbf_s: f64 = args.mtbf_s;
+    let campaign_n: usize = args.campaign;
+    let seed: u64 = args.seed;
     if !(state_mib > 0.0 && job_s > 0.0 && interval_a > 0.0 && mtbf_s > 0.0) {
         return Err("--state-mib, --job-s, --interval-s and --mtbf-s must be positive".into());
     }
-    if args.flag("campaign-only") {
-        let out = args
-            .get("out")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| results_path("ha"));
+    if args.campaign_only {
+        let out = args.out.clone().unwrap_or_else(|| results_path("ha"));
         return campaign_only(&out, campaign_n.max(1), seed);
     }
     let load_before = uptime();
@@ -567,10 +579,8 @@ pub fn run(raw: &[String]) -> Result<(), String> {
          of state per rank; load {load_before}",
         state_bytes as f64 / (1 << 20) as f64
     );
-    let rma = match args.get("rma-read-gbs") {
-        Some(v) => v
-            .parse::<f64>()
-            .map_err(|_| format!("--rma-read-gbs {v:?}"))?,
+    let rma = match args.rma_read_gbs {
+        Some(v) => v,
         None => rma_read_gbs()?,
     };
     println!("reference: tcp RMA read at 16 MiB (bench fabric, now): {rma:.2} GB/s");
@@ -697,10 +707,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         relaunch: &relaunch,
         campaign,
         load_before,
-        out: args
-            .get("out")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| results_path("ha")),
+        out: args.out.clone().unwrap_or_else(|| results_path("ha")),
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{json_num, median, results_path, spread, write_results, Args, Table};
+use crate::report::{json_num, median, results_path, spread, write_results, Table};
 
 /// The release `krun` next to this bench binary (built by `cargo build --release -p launcher`).
 fn krun_path() -> Result<PathBuf, String> {
@@ -93,14 +93,32 @@ fn time_command(
     Ok(Some(times.iter().map(Duration::as_secs_f64).collect()))
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["runs", "ranks", "mpi-ranks", "out", "limit-secs"])?;
-    let runs: usize = args.number::<usize>("runs", 5)?.max(3);
-    let limit = Duration::from_secs(args.number("limit-secs", 60)?);
+/// Launch time: krun starting 1, 16, 64 ranks of /bin/true over 4 local nodes, against
+/// Open MPI's mpirun in the same run; writes bench/results/launch.json.
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// Runs per rank count (at least 3).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Rank counts, comma-separated.
+    #[arg(long, default_value = "1,16,64")]
+    pub ranks: String,
+    /// Ranks of the MPI program run beside (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub mpi_ranks: usize,
+    /// Seconds one launch may take.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub limit_secs: u64,
+    /// Where to write the JSON (default bench/results/launch.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: LaunchArgs) -> Result<(), String> {
+    let runs: usize = args.runs.max(3);
+    let limit = Duration::from_secs(args.limit_secs);
     let ranks: Vec<usize> = args
-        .get("ranks")
-        .unwrap_or("1,16,64")
+        .ranks
         .split(',')
         .map(|r| {
             r.trim()
@@ -108,7 +126,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
                 .map_err(|_| format!("--ranks: {r:?} is not a number"))
         })
         .collect::<Result<_, _>>()?;
-    let mpi_ranks: usize = args.number::<usize>("mpi-ranks", 8)?.max(1);
+    let mpi_ranks: usize = args.mpi_ranks.max(1);
     let krun = krun_path()?;
     ensure_mpirun()?;
     let mut rows = Vec::new();
@@ -232,10 +250,7 @@ pub fn run(raw: &[String]) -> Result<(), String> {
     for v in &verdicts {
         println!("{v}");
     }
-    let path = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| results_path("launch"));
+    let path = args.out.clone().unwrap_or_else(|| results_path("launch"));
     let figure = Figure {
         title: "bench launch: krun against mpirun, /bin/true and an MPI hello world on one machine"
             .into(),

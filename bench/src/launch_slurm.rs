@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{json_num, median, results_path, spread, write_results, Args, Table};
+use crate::report::{json_num, median, results_path, spread, write_results, Table};
 
 const NODES: usize = 3;
 const PER_NODE: usize = 2;
@@ -106,11 +106,25 @@ fn time_runs(
     Ok(times)
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["runs", "out", "limit-secs"])?;
-    let runs: usize = args.number::<usize>("runs", 5)?.max(3);
-    let limit = Duration::from_secs(args.number("limit-secs", 60)?);
+/// An MPI hello world (6 ranks, 3 nodes) in the local Slurm lab: krun against srun
+/// --mpi=pmi2 (MPICH) and --mpi=pmix (Open MPI), both inside salloc; a launcher Slurm cannot
+/// serve is recorded with the reason; writes bench/results/launch_slurm.json (root).
+#[derive(Debug, clap::Args)]
+pub struct LaunchSlurmArgs {
+    /// Runs per launcher (at least 3).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Seconds one launch may take.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub limit_secs: u64,
+    /// Where to write the JSON (default bench/results/launch_slurm.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: LaunchSlurmArgs) -> Result<(), String> {
+    let runs: usize = args.runs.max(3);
+    let limit = Duration::from_secs(args.limit_secs);
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("bench launch-slurm needs root (network namespaces, slurmd)".into());
@@ -225,8 +239,8 @@ pub fn run(raw: &[String]) -> Result<(), String> {
         }
     }
     let path = args
-        .get("out")
-        .map(PathBuf::from)
+        .out
+        .clone()
         .unwrap_or_else(|| results_path("launch_slurm"));
     let figure = Figure {
         title: "bench launch-slurm: an MPI hello world, krun against srun in the Slurm lab".into(),

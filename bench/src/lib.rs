@@ -1,7 +1,9 @@
 //! krun benchmarks. The `bench` binary runs `bench <subcommand>`; each subcommand is one
 //! module here, printing a table and writing `bench/results/<subcommand>.json`. Shared table
-//! printing, JSON writing and argument parsing live in [`report`].
+//! printing and JSON writing live in [`report`]; the command line (clap) in [`cli`], each
+//! subcommand's options beside its code.
 pub mod ckpt;
+pub mod cli;
 pub mod dsm;
 pub mod fabric;
 pub mod ha;

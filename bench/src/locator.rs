@@ -18,9 +18,20 @@ use adaptation::NodeId;
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{self, json_num, Args, Table};
+use crate::report::{self, json_num, Table};
 
-const USAGE: &str = "usage: bench locator [--entries N] [--out PATH]";
+/// Directory-entry placement on 8, 64, 1024 nodes: the cell-tree locator
+/// against entry % n and rendezvous hashing, on one join and one leave; writes
+/// bench/results/locator.json.
+#[derive(Debug, clap::Args)]
+pub struct LocatorArgs {
+    /// Directory entries placed.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub entries: u64,
+    /// Where to write the JSON (default bench/results/locator.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<std::path::PathBuf>,
+}
 /// Cluster sizes measured.
 const SIZES: [u32; 3] = [8, 64, 1024];
 /// Rendezvous lookups cost O(n): at 1024 nodes their time is taken on this many entries.
@@ -140,17 +151,15 @@ fn cell_bound(n: u32, event: Event) -> usize {
     }
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["entries", "out"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let entries: u64 = args.number("entries", 1_000_000)?;
+pub fn run(args: LocatorArgs) -> Result<(), String> {
+    let entries: u64 = args.entries;
     if entries == 0 {
         return Err("--entries must be positive".into());
     }
     let out = args
-        .get("out")
-        .map_or_else(|| report::results_path("locator"), Into::into);
+        .out
+        .clone()
+        .unwrap_or_else(|| report::results_path("locator"));
     let mut rows = Vec::new();
     for &n in &SIZES {
         let nodes: Vec<NodeId> = (0..n).collect();

@@ -22,12 +22,47 @@ use fabric::{FabricConfig, Provider};
 use krun::{Config, Rank, Source, TagMatch};
 use serde_json::json;
 
-use crate::report::{self, Args};
+use crate::report;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TAG: u32 = 21;
-const USAGE: &str =
-    "usage: bench logging [--provider shm|tcp] [--runs N] [--batches N] [--batch N] [--out PATH]";
+
+/// 8-byte ping-pong latency of the rank library with sender-based message
+/// logging against without, between two processes; writes bench/results/logging.json.
+#[derive(Debug, clap::Args)]
+pub struct LoggingArgs {
+    /// The fabric provider: shm or tcp.
+    #[arg(long, default_value = "shm")]
+    pub provider: String,
+    /// Runs per mode (at least 3: the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Ping-pongs per timed batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Timed batches per session.
+    #[arg(long, default_value_t = 20)]
+    pub batches: usize,
+    /// Where to write the JSON (default bench/results/logging.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// The hidden `logging-worker`: rank 1 of one `bench logging` session.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub provider: String,
+    /// The bootstrap server, HOST:PORT.
+    #[arg(long)]
+    pub bootstrap: SocketAddr,
+    #[arg(long)]
+    pub logging: bool,
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 20)]
+    pub batches: usize,
+}
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -108,16 +143,12 @@ fn session(
 }
 
 /// The hidden `logging-worker`: rank 1 of one session.
-pub fn worker(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    let provider = provider_of(args.required("provider")?)?;
-    let bootstrap = args
-        .required("bootstrap")?
-        .parse()
-        .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
-    let logging = args.flag("logging");
-    let batch = args.number("batch", 1000usize)?;
-    let batches = args.number("batches", 20usize)?;
+pub fn worker(args: WorkerArgs) -> Result<(), String> {
+    let provider = provider_of(&args.provider)?;
+    let bootstrap = args.bootstrap;
+    let logging = args.logging;
+    let batch = args.batch;
+    let batches = args.batches;
     session(1, provider, bootstrap, logging, batch, batches).map(drop)
 }
 
@@ -163,26 +194,21 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&["provider", "runs", "batch", "batches", "out"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let runs = args.number("runs", 5usize)?;
+pub fn run(args: LoggingArgs) -> Result<(), String> {
+    let runs = args.runs;
     if runs < 3 {
         return Err("--runs must be at least 3 (the median is reported)".into());
     }
-    let provider = args.get("provider").unwrap_or("shm").to_string();
-    let batch = args.number("batch", 1000usize)?;
-    let batches = args.number("batches", 20usize)?;
+    let provider = args.provider.clone();
+    let batch = args.batch;
+    let batches = args.batches;
     if batch == 0 || batches == 0 {
         return Err("--batch and --batches must be at least 1".into());
     }
     let out_path = args
-        .get("out")
-        .map_or_else(|| report::results_path("logging"), PathBuf::from);
+        .out
+        .clone()
+        .unwrap_or_else(|| report::results_path("logging"));
     let exe = std::env::current_exe().map_err(err)?;
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for i in 0..runs {

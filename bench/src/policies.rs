@@ -24,7 +24,7 @@ use policies::simulator::{self, Distribution, Failure};
 use serde_json::{json, Value};
 
 use crate::ha::{self, attempt, Cleanup, Job, Setup};
-use crate::report::{cell, json_num, results_path, Args};
+use crate::report::{cell, json_num, results_path};
 
 mod analysis;
 mod extrapolate;
@@ -32,11 +32,58 @@ pub mod figure;
 pub mod observe;
 use observe::{observe, RunObs};
 
-const USAGE: &str = "usage: bench policies [--runs N (>= 3)] [--state-mib M] [--job-s S] \
-[--interval-s A] [--intervals A,B,C] [--failures K] [--dist exponential|weibull] [--shape K] \
-[--seed S] [--out PATH]
-       bench policies --simulate [--nodes 1000,10000,100000] [--node-mtbf-h H] [--solve-h H] \
-[--sim-runs N] [--seed S] [--out PATH]";
+/// The HA policies compared on the heat stencil (6 ranks, 3 local nodes),
+/// failure-free and with failures from a seeded trace, beside the analytic model and the
+/// simulator's replay; `--simulate` extrapolates the measured costs to 1,000-100,000 nodes;
+/// writes bench/results/policies.json.
+#[derive(Debug, clap::Args)]
+pub struct PoliciesArgs {
+    /// Runs per configuration (at least 3).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// MiB of state per rank.
+    #[arg(long, value_name = "M", default_value_t = 4.0)]
+    pub state_mib: f64,
+    /// Seconds of the failure-free job.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    pub job_s: f64,
+    /// The checkpoint interval in seconds.
+    #[arg(long, value_name = "A", default_value_t = 2.0)]
+    pub interval_s: f64,
+    /// Further intervals measured, comma-separated seconds.
+    #[arg(long, value_name = "A,B,C", default_value = "1,2,4")]
+    pub intervals: String,
+    /// Failures per faulty run.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub failures: usize,
+    /// The failure distribution: exponential or weibull.
+    #[arg(long, default_value = "exponential")]
+    pub dist: String,
+    /// The Weibull shape.
+    #[arg(long, value_name = "K", default_value_t = 0.7)]
+    pub shape: f64,
+    #[arg(long, default_value_t = 20261206)]
+    pub seed: u64,
+    /// Where to write (and, with --simulate, read) the JSON (default
+    /// bench/results/policies.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Extrapolate the measured costs to large node counts instead of measuring.
+    #[arg(long)]
+    pub simulate: bool,
+    /// --simulate: node counts, comma-separated.
+    #[arg(long, default_value = "1000,3000,10000,30000,100000")]
+    pub nodes: String,
+    /// --simulate: the MTBF of one node in hours.
+    #[arg(long, value_name = "H", default_value_t = 43_800.0)]
+    pub node_mtbf_h: f64,
+    /// --simulate: the failure-free solve time in hours.
+    #[arg(long, value_name = "H", default_value_t = 24.0)]
+    pub solve_h: f64,
+    /// --simulate: simulated runs per point.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub sim_runs: u32,
+}
 
 /// Ranks and nodes with ranks (as `bench ha`).
 const RANKS: usize = 6;
@@ -167,58 +214,30 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<f64>, String> {
         .collect()
 }
 
-fn dist(args: &Args) -> Result<Distribution, String> {
-    match args.get("dist").unwrap_or("exponential") {
+fn dist(args: &PoliciesArgs) -> Result<Distribution, String> {
+    match args.dist.as_str() {
         "exponential" | "exp" => Ok(Distribution::Exponential),
-        "weibull" => Ok(Distribution::Weibull {
-            shape: args.number("shape", 0.7)?,
-        }),
-        other => Err(format!("--dist {other:?}: exponential or weibull\n{USAGE}")),
+        "weibull" => Ok(Distribution::Weibull { shape: args.shape }),
+        other => Err(format!("--dist {other:?}: exponential or weibull")),
     }
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&[
-        "runs",
-        "state-mib",
-        "job-s",
-        "interval-s",
-        "intervals",
-        "failures",
-        "dist",
-        "shape",
-        "seed",
-        "out",
-        "help",
-        "simulate",
-        "nodes",
-        "node-mtbf-h",
-        "solve-h",
-        "sim-runs",
-    ])
-    .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let out = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| results_path("policies"));
-    if args.flag("simulate") {
+pub fn run(args: PoliciesArgs) -> Result<(), String> {
+    let out = args.out.clone().unwrap_or_else(|| results_path("policies"));
+    if args.simulate {
         return extrapolate::run(&args, &out);
     }
-    let runs: usize = args.number::<usize>("runs", 3)?.max(3);
-    let state_mib: f64 = args.number("state-mib", 4.0)?;
-    let job_s: f64 = args.number("job-s", 10.0)?;
-    let interval_a: f64 = args.number("interval-s", 2.0)?;
-    let mut intervals = parse_list(args.get("intervals").unwrap_or("1,2,4"), "intervals")?;
+    let runs: usize = args.runs.max(3);
+    let state_mib: f64 = args.state_mib;
+    let job_s: f64 = args.job_s;
+    let interval_a: f64 = args.interval_s;
+    let mut intervals = parse_list(&args.intervals, "intervals")?;
     if !intervals.contains(&interval_a) {
         intervals.push(interval_a);
     }
     intervals.sort_by(f64::total_cmp);
-    let failures: usize = args.number("failures", 1)?;
-    let seed: u64 = args.number("seed", 20261206)?;
+    let failures: usize = args.failures;
+    let seed: u64 = args.seed;
     let dist = dist(&args)?;
     if !(state_mib > 0.0 && job_s > 0.0 && interval_a > 0.0) || failures == 0 {
         return Err("--state-mib, --job-s, --interval-s and --failures must be positive".into());

@@ -8,6 +8,12 @@
 //! one process lose messages with libfabric 1.17. Both are configured with a 1 MiB fabric
 //! message size, so a 1 MiB send is one fabric message in both.
 //!
+//! The raw side uses its endpoint as a latency-minded user would, the way the library does:
+//! the same registered buffers and message size, receives that busy-poll the endpoint (one
+//! pass of its progress per poll, [`raw_recv`]) instead of blocking in its receive, and a
+//! target of one-sided operations that waits for the end polling its endpoint (a fabric
+//! "done" message) instead of parking in the bootstrap's TCP barrier.
+//!
 //! `BENCH_RANK_DEBUG=1` prints each measurement as it starts (to find a hanging one).
 //!
 //! Writes `bench/results/rank.json` (and `rank.png`): `{"environment":{"commit","date",
@@ -23,21 +29,59 @@ use std::time::{Duration, Instant};
 
 use fabric::bootstrap::{BootstrapClient, BootstrapServer};
 use fabric::{
-    Endpoint, EndpointAddress, FabricConfig, MemoryRegion, PeerId, Provider, Region, RemoteRegion,
+    Endpoint, EndpointAddress, FabricConfig, FabricError, MemoryRegion, Message, PeerId, Provider,
+    Region, RemoteRegion,
 };
 use krun::{Config, Rank, Source, TagMatch, Window};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{self, cell, gbs, json_num, quantile, Args, Table};
+use crate::report::{self, cell, gbs, json_num, quantile, Table};
 
 const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
 const BUFFER: usize = 1 << 20;
 const RAW_TAG: u64 = 0x5241_5700;
+/// The raw side's "measurement done" message (the library's is [`DONE_TAG`]).
+const RAW_DONE_TAG: u64 = RAW_TAG + 2;
+const DONE_TAG: u32 = 12;
+/// How long one poll of the raw endpoint's receive may wait: the same as the library's
+/// (`rank/src/messages.rs`, `pull`): one pass of the endpoint's progress, no blocking.
+const POLL: Duration = Duration::from_micros(1);
 const LIB_TAG: u32 = 11;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: bench rank [--providers shm,tcp] [--runs N] [--quick] [--out PATH]";
+/// The rank library beside the raw fabric endpoint between two processes:
+/// send, put, get at 8 B, 4 KiB, 1 MiB over shm and tcp; writes bench/results/rank.json.
+#[derive(Debug, clap::Args)]
+pub struct RankArgs {
+    /// Providers to measure, comma-separated (shm, tcp).
+    #[arg(long, default_value = "shm,tcp")]
+    pub providers: String,
+    /// Runs per provider (at least 3: median, min and max are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Fewer operations per measurement (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the JSON (default bench/results/rank.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// The hidden `rank-worker`: rank 1 of one `bench rank` session.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub provider: String,
+    /// The bootstrap server, HOST:PORT.
+    #[arg(long)]
+    pub bootstrap: SocketAddr,
+    /// raw or lib.
+    #[arg(long)]
+    pub mode: String,
+    #[arg(long)]
+    pub quick: bool,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
@@ -141,6 +185,11 @@ impl Side {
             .len()
             .checked_sub(RemoteRegion::ENCODED_LEN)
             .ok_or("short address card")?;
+        // The endpoint knows its own address first, as the library's does (every rank
+        // connects to every rank of the job, itself included): with shm, whether a peer is
+        // reached through the kernel's cross-memory copy is probed per connection, and this
+        // is the library's set-up exactly.
+        ep.connect(&ep.address()).map_err(err)?;
         let peer = ep
             .connect(&EndpointAddress::from_bytes(&other[..split]).map_err(err)?)
             .map_err(err)?;
@@ -227,10 +276,24 @@ impl Side {
 
     fn recv(&self) -> Result<usize, String> {
         match self {
-            Side::Raw { ep, .. } => ep.recv(RAW_TAG, TIMEOUT).map(|m| m.data.len()).map_err(err),
+            Side::Raw { ep, .. } => raw_recv(ep.as_ref(), RAW_TAG).map(|m| m.data.len()),
             Side::Lib { rank, .. } => rank
                 .recv(Source::Rank(1 - rank.rank()), TagMatch::Tag(LIB_TAG))
                 .map(|m| m.data.len())
+                .map_err(err),
+        }
+    }
+
+    /// Rank 0 tells rank 1 that a one-sided measurement is over; rank 1 waits for it,
+    /// polling (the library through its receive, the raw side through [`raw_recv`]).
+    fn done(&self, me: usize) -> Result<(), String> {
+        match (self, me) {
+            (Side::Raw { ep, peer, .. }, 0) => ep.send(*peer, RAW_DONE_TAG, &[]).map_err(err),
+            (Side::Raw { ep, .. }, _) => raw_recv(ep.as_ref(), RAW_DONE_TAG).map(drop),
+            (Side::Lib { rank, .. }, 0) => rank.send(1, DONE_TAG, &[]).map(drop).map_err(err),
+            (Side::Lib { rank, .. }, _) => rank
+                .recv(Source::Rank(0), TagMatch::Tag(DONE_TAG))
+                .map(drop)
                 .map_err(err),
         }
     }
@@ -286,6 +349,11 @@ impl Side {
                     }
                     bw = gbs((size * bw_n) as u64, t.elapsed());
                 }
+                // The target waits for the end polling its endpoint, as a target of one-sided
+                // operations does in an application (the library's ranks poll in their
+                // barrier; parked in the bootstrap's TCP barrier, the raw target would leave
+                // its endpoint to the progress thread and make the raw reference slow).
+                self.done(me)?;
             }
         }
         self.barrier()?;
@@ -300,6 +368,31 @@ impl Side {
                 win.free().map_err(err)?;
                 rank.finalize().map_err(err)
             }
+        }
+    }
+}
+
+/// Receives a `tag` message on the raw endpoint the way a latency-minded user of it does:
+/// busy-polling (one pass of the endpoint's progress per [`POLL`], giving the core away only
+/// every 64th poll), not blocking in the endpoint's receive, which naps up to 200 us on a
+/// condition variable between checks.
+fn raw_recv(ep: &dyn Endpoint, tag: u64) -> Result<Message, String> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        match ep.recv(tag, POLL) {
+            Ok(m) => return Ok(m),
+            Err(FabricError::RecvTimeout { .. }) => {}
+            Err(e) => return Err(err(e)),
+        }
+        if start.elapsed() >= TIMEOUT {
+            return Err(format!("no message with tag {tag:#x} in {TIMEOUT:?}"));
+        }
+        polls = polls.wrapping_add(1);
+        if polls.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
@@ -342,19 +435,15 @@ fn provider_of(name: &str) -> Result<Provider, String> {
 }
 
 /// The hidden `rank-worker`: rank 1 of one session.
-pub fn worker(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    let provider = provider_of(args.required("provider")?)?;
-    let bootstrap = args
-        .required("bootstrap")?
-        .parse()
-        .map_err(|_| "--bootstrap: not HOST:PORT".to_string())?;
-    let raw_mode = match args.required("mode")? {
+pub fn worker(args: WorkerArgs) -> Result<(), String> {
+    let provider = provider_of(&args.provider)?;
+    let bootstrap = args.bootstrap;
+    let raw_mode = match args.mode.as_str() {
         "raw" => true,
         "lib" => false,
         other => return Err(format!("--mode {other:?}: raw or lib")),
     };
-    session(raw_mode, 1, provider, bootstrap, args.flag("quick")).map(drop)
+    session(raw_mode, 1, provider, bootstrap, args.quick).map(drop)
 }
 
 /// Runs one session with a rank-worker as rank 1.
@@ -398,24 +487,18 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    if args.flag("help") {
-        return Err(USAGE.into());
-    }
-    args.only(&["providers", "runs", "quick", "out"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let quick = args.flag("quick");
-    let runs = args.number("runs", 3usize)?;
+pub fn run(args: RankArgs) -> Result<(), String> {
+    let quick = args.quick;
+    let runs = args.runs;
     if runs < 3 {
         return Err("--runs must be at least 3 (median, min and max are reported)".into());
     }
     let out_path = args
-        .get("out")
-        .map_or_else(|| report::results_path("rank"), PathBuf::from);
+        .out
+        .clone()
+        .unwrap_or_else(|| report::results_path("rank"));
     let providers: Vec<String> = args
-        .get("providers")
-        .unwrap_or("shm,tcp")
+        .providers
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())

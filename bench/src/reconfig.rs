@@ -18,7 +18,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{json_num, results_path, write_results, Args, Table};
+use crate::report::{json_num, results_path, write_results, Table};
 
 const NODES: u32 = 8;
 const SECRET: &str = "62656e63682d7265636f6e6669672d736563726574";
@@ -171,14 +171,30 @@ fn round_trip(p: &mut Proc, count: u64) -> Result<f64, String> {
     Ok(samples[samples.len() / 2])
 }
 
-pub fn run(raw: &[String]) -> Result<(), String> {
-    let args = Args::parse(raw)?;
-    args.only(&["entries", "out"])?;
-    let entries: u64 = args.number("entries", 1_000_000)?;
-    let out = args
-        .get("out")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| results_path("reconfig"));
+/// 8 local adaptation daemons holding 1,000,000 entries: a node addition
+/// split into the paper's phases and the repair after a SIGKILL, against one request's
+/// round trip; writes bench/results/reconfig.json.
+#[derive(Debug, clap::Args)]
+pub struct ReconfigArgs {
+    /// Directory entries held.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub entries: u64,
+    /// Where to write the JSON (default bench/results/reconfig.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// The hidden `adapt-node`: one adaptation daemon; its arguments go to the daemon's own
+/// parser unchanged.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<String>,
+}
+
+pub fn run(args: ReconfigArgs) -> Result<(), String> {
+    let entries: u64 = args.entries;
+    let out = args.out.clone().unwrap_or_else(|| results_path("reconfig"));
     let limit = Duration::from_secs(120);
 
     let addrs: Vec<(u32, String)> = (0..NODES)
@@ -342,8 +358,8 @@ fn stamp_of_ready(p: &Proc, limit: Duration) -> Result<f64, String> {
 }
 
 /// `bench adapt-node ARGS`: one adaptation daemon (the processes `bench reconfig` starts).
-pub fn node(raw: &[String]) -> Result<(), String> {
-    let cfg = adaptation::daemon::DaemonConfig::from_args(raw).map_err(|e| e.to_string())?;
+pub fn node(args: NodeArgs) -> Result<(), String> {
+    let cfg = adaptation::daemon::DaemonConfig::from_args(&args.args).map_err(|e| e.to_string())?;
     let secret = fabric::secret::ClusterSecret::from_env()
         .map_err(|e| e.to_string())?
         .ok_or("no cluster secret in KRUN_SECRET")?;

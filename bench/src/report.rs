@@ -1,81 +1,8 @@
-//! Shared by every subcommand: argument parsing, table printing, JSON results, statistics.
+//! Shared by every subcommand: table printing, JSON results, statistics.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::plot::{self, Figure};
-
-/// Hand-parsed `--key value` / `--flag` arguments of one subcommand.
-#[derive(Debug, Default)]
-pub struct Args {
-    pairs: Vec<(String, Option<String>)>,
-}
-
-impl Args {
-    /// Parses `--key value`, `--key=value` and bare `--flag` (a flag is followed by another
-    /// `--option` or nothing). Positional arguments are rejected.
-    pub fn parse(raw: &[String]) -> Result<Args, String> {
-        let mut pairs = Vec::new();
-        let mut i = 0;
-        while i < raw.len() {
-            let a = &raw[i];
-            let Some(key) = a.strip_prefix("--") else {
-                return Err(format!(
-                    "unexpected argument {a:?} (options are --key value)"
-                ));
-            };
-            if let Some((k, v)) = key.split_once('=') {
-                pairs.push((k.to_string(), Some(v.to_string())));
-            } else if raw.get(i + 1).is_some_and(|n| !n.starts_with("--")) {
-                pairs.push((key.to_string(), Some(raw[i + 1].clone())));
-                i += 1;
-            } else {
-                pairs.push((key.to_string(), None));
-            }
-            i += 1;
-        }
-        Ok(Args { pairs })
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    pub fn flag(&self, key: &str) -> bool {
-        self.pairs.iter().any(|(k, _)| k == key)
-    }
-
-    /// Rejects options outside `known`, naming the first one.
-    pub fn only(&self, known: &[&str]) -> Result<(), String> {
-        match self
-            .pairs
-            .iter()
-            .find(|(k, _)| !known.contains(&k.as_str()))
-        {
-            Some((k, _)) => Err(format!(
-                "unknown option --{k} (known: {})",
-                known.join(", ")
-            )),
-            None => Ok(()),
-        }
-    }
-
-    pub fn required(&self, key: &str) -> Result<&str, String> {
-        self.get(key).ok_or_else(|| format!("missing --{key}"))
-    }
-
-    pub fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{key} {v:?}: not a number")),
-        }
-    }
-}
 
 /// A plain-text table with right-aligned columns (the first is left-aligned).
 pub struct Table {
@@ -320,21 +247,6 @@ mod tests {
         assert_eq!(s["max"], 3.0);
         assert_eq!(s["runs"], 3);
         assert_eq!(median(&[]), None);
-    }
-
-    #[test]
-    fn args_parse_pairs_flags_and_reject_positionals() {
-        let raw: Vec<String> = ["--a", "1", "--quick", "--b=x", "--c", "2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let a = Args::parse(&raw).unwrap();
-        assert_eq!(a.get("a"), Some("1"));
-        assert!(a.flag("quick"));
-        assert_eq!(a.get("b"), Some("x"));
-        assert_eq!(a.number("c", 0u32).unwrap(), 2);
-        assert!(a.only(&["a", "b"]).is_err());
-        assert!(Args::parse(&["pos".to_string()]).is_err());
     }
 
     #[test]

@@ -10,12 +10,12 @@ use policies::simulator::{self, Distribution, Job as SimJob};
 use serde_json::{json, Value};
 
 use super::figure::{costs, policy_at, write};
-use crate::report::{json_num, Args, Table};
+use super::PoliciesArgs;
+use crate::report::{json_num, Table};
 
-pub fn run(args: &Args, out: &Path) -> Result<(), String> {
+pub fn run(args: &PoliciesArgs, out: &Path) -> Result<(), String> {
     let nodes: Vec<u32> = args
-        .get("nodes")
-        .unwrap_or("1000,3000,10000,30000,100000")
+        .nodes
         .split(',')
         .map(|n| {
             n.trim()
@@ -25,10 +25,10 @@ pub fn run(args: &Args, out: &Path) -> Result<(), String> {
                 .ok_or_else(|| format!("--nodes: {n:?} is not a node count"))
         })
         .collect::<Result<_, _>>()?;
-    let node_mtbf_h: f64 = args.number("node-mtbf-h", 43_800.0)?;
-    let solve_h: f64 = args.number("solve-h", 24.0)?;
-    let runs: u32 = args.number("sim-runs", 200)?;
-    let seed: u64 = args.number("seed", 20261206)?;
+    let node_mtbf_h: f64 = args.node_mtbf_h;
+    let solve_h: f64 = args.solve_h;
+    let runs: u32 = args.sim_runs;
+    let seed: u64 = args.seed;
     if !(node_mtbf_h > 0.0 && solve_h > 0.0) || runs == 0 {
         return Err("--node-mtbf-h, --solve-h and --sim-runs must be positive".into());
     }
