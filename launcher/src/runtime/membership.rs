@@ -47,6 +47,8 @@ pub struct Shared {
     /// The node's MPI servers (PMI-1, PMIx), if it serves any (krun's fence answers go
     /// there).
     pub pmi: Mutex<Vec<Arc<dyn super::mpi::RankWatch>>>,
+    /// The uncoordinated policy's per-rank captures and rejoins on this node.
+    pub uncoordinated: super::uncoordinated::NodeSide,
 }
 
 /// A callback on every stable view.
@@ -71,6 +73,7 @@ impl Shared {
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
             watchers: Default::default(),
             pmi: Mutex::new(Vec::new()),
+            uncoordinated: Default::default(),
         })
     }
 
