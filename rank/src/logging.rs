@@ -673,6 +673,13 @@ impl Rank {
         ))
     }
 
+    /// Deliveries still to take in the recorded order (after a rejoin; 0 otherwise).
+    pub fn log_replay_pending(&self) -> usize {
+        self.msgs
+            .logger()
+            .map_or(0, |l| l.inner.lock().expect("log lock").replay.len())
+    }
+
     /// The log's totals (`None` without logging).
     pub fn log_stats(&self) -> Option<LogStats> {
         self.msgs.any_logger().map(|l| l.stats())

@@ -211,7 +211,10 @@ pub(crate) fn log_region(ckpt: &crate::checkpoint::Checkpoints) -> Result<Option
 /// An order the watcher got for the uncoordinated policy; `PeerReplaced` is told on `link`.
 pub(crate) fn on_order(link: &mut NodeLink, me: u32, order: WatchOrder) {
     let Some(rank) = CURRENT.get().and_then(Weak::upgrade) else {
-        eprintln!("krun: rank {me}: {order:?} before the rank was ready: ignored");
+        // A rank restarting alongside `moved` learns its address from krund's `Peers`.
+        if let WatchOrder::LogSafe(v) = order {
+            eprintln!("krun: rank {me}: log trim at {v} before the rank was ready: ignored");
+        }
         return;
     };
     match order {

@@ -199,6 +199,12 @@ impl Rank {
         })?;
         let this = rejoin.join_with(&peers, &snapshot, Some(ckpt), Some(link))?;
         this.setup_uncoordinated(false)?;
+        let replay = this.log_replay_pending();
+        eprintln!(
+            "krun: rank {rank} rejoined the running ranks from its checkpoint (v{}): {replay} \
+             deliveries to take again in the recorded order (determinants from its buddy)",
+            this.restored_version().unwrap_or(0)
+        );
         Ok(this)
     }
 

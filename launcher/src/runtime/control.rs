@@ -203,7 +203,12 @@ pub enum LauncherToNode {
     Pmi(super::pmi::PmiToNode),
     /// Uncoordinated policy (the contract: `checkpoints/uncoordinated.rs`): `rank` alone
     /// takes its own native checkpoint `version` at its next safepoint, no barrier.
-    CaptureRank { rank: u32, version: u64 },
+    /// `node` runs the rank (the others ignore the order).
+    CaptureRank {
+        rank: u32,
+        node: NodeId,
+        version: u64,
+    },
     /// `rank`'s own checkpoint `version` is safe: its library trims the message log.
     TrimLog { rank: u32, version: u64 },
     /// `rank` restarts on `node` as a new process from its own native checkpoint `version`

@@ -28,6 +28,8 @@ use crate::ranks::RankCommand;
 /// How long a rejoining rank's `Rejoin` is held for krun's `Rejoined` (below the rank
 /// library's own wait).
 pub const REJOIN_HOLD: Duration = Duration::from_secs(110);
+/// How long a capture order waits for its rank to link (say hello).
+pub const LINK_WAIT: Duration = Duration::from_secs(60);
 /// How long a watcher has to take one order.
 const ORDER_TAKE: Duration = Duration::from_secs(10);
 
@@ -58,27 +60,44 @@ impl NodeSide {
         active().then_some(NodeToRank::Continue)
     }
 
-    /// `CaptureRank{rank, version}`: keeps the order and wakes the rank, if it runs here.
-    pub fn capture(&self, shared: &Shared, rank: u32, version: u64) {
-        let Some(pid) = local_pid(shared, rank) else {
-            return;
-        };
-        let linked = shared
-            .linked_ranks
-            .lock()
-            .expect("linked lock")
-            .contains(&u64::from(rank));
+    /// `CaptureRank{rank, version}` for a rank of this node: keeps the order and wakes the
+    /// rank once its library can take the signal (it said hello; waited for up to
+    /// [`LINK_WAIT`] in a thread of its own: the job may be starting).
+    pub fn capture(&self, shared: &std::sync::Arc<Shared>, rank: u32, version: u64) {
         self.captures
             .lock()
             .expect("captures lock")
             .insert(rank, version);
-        if linked {
-            // SAFETY: kill sends a signal to a rank this node started, whose library
-            // installed its request handler (it said hello); no memory is involved.
-            unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-        }
-        // A rank not linked yet is not woken (the signal would kill it): krun times the
-        // capture out and the policy tries again later.
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + LINK_WAIT;
+            loop {
+                let linked = shared
+                    .linked_ranks
+                    .lock()
+                    .expect("linked lock")
+                    .contains(&u64::from(rank));
+                let pid = local_pid(&shared, rank);
+                if let (true, Some(pid)) = (linked, pid) {
+                    // The order may have been taken meanwhile (a late signal is harmless:
+                    // the rank's node answers `Continue`).
+                    // SAFETY: kill sends a signal to a rank this node started, whose
+                    // library installed its request handler (it said hello).
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    // krun times the capture out; the policy tries again later.
+                    eprintln!(
+                        "krund: node {}: rank {rank} did not link in {LINK_WAIT:?}: its \
+                         checkpoint v{version} is not taken",
+                        shared.me
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
     }
 
     /// Queues an order for `rank`'s watcher (when the rank runs here).
@@ -195,7 +214,15 @@ pub fn from_launcher(
 ) {
     let side = &shared.uncoordinated;
     match msg {
-        LauncherToNode::CaptureRank { rank, version } => side.capture(shared, rank, version),
+        LauncherToNode::CaptureRank {
+            rank,
+            node,
+            version,
+        } => {
+            if node == shared.me {
+                side.capture(shared, rank, version)
+            }
+        }
         LauncherToNode::TrimLog { rank, version } => {
             side.order(shared, rank, NodeToRank::LogSafe { version })
         }

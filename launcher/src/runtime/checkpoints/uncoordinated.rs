@@ -30,7 +30,7 @@
 use super::*;
 
 /// How long a rank has to answer its own capture before the policy hears it failed.
-pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The environment krun gives the nodes (and through them the ranks) for `policy`.
 pub fn node_env(policy: Option<&Description>) -> Result<Vec<(String, String)>, PolicyError> {
@@ -130,6 +130,7 @@ pub(super) fn capture_rank(
         .insert(rank, (op, version, native, Instant::now()));
     let sent = (calls.send)(&LauncherToNode::CaptureRank {
         rank,
+        node,
         version: native,
     });
     if !sent.contains(&node) {
@@ -483,6 +484,7 @@ mod tests {
             sent.lock().unwrap().last(),
             Some(LauncherToNode::CaptureRank {
                 rank: 1,
+                node: 1,
                 version: 1
             })
         ));
