@@ -335,7 +335,7 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
 ) {
     let dir = temp("logging");
     let heat = build_heat(&dir.0);
-    let want = serial(&dir.0, &["48", "40", "600"]);
+    let want = serial(&dir.0, &["48", "40", "1000"]);
     let policy = policy_file(
         &dir.0,
         "uncoordinated.toml",
@@ -344,7 +344,7 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
     // Node 1 (ranks 2 and 3) dies once every rank made 2 of its own checkpoints safe.
     let run = Running::start(
         &dir.0,
-        heat_job(&dir.0, &heat, &policy, &["node=1@2ckpt"], "600"),
+        heat_job(&dir.0, &heat, &policy, &["node=1@2ckpt"], "1000"),
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     let before = loop {

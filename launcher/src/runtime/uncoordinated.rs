@@ -33,13 +33,16 @@ pub const LINK_WAIT: Duration = Duration::from_secs(60);
 /// How long a watcher has to take one order.
 const ORDER_TAKE: Duration = Duration::from_secs(10);
 
+/// A rank's (fabric address, ring) card.
+type Card = (Vec<u8>, Vec<u8>);
+
 /// The uncoordinated policy's state on one node.
 #[derive(Default)]
 pub struct NodeSide {
     /// rank -> the own checkpoint version ordered, not yet asked for.
     captures: Mutex<BTreeMap<u32, u64>>,
     /// rank -> every rank's cards once krun answered the rank's rejoin.
-    rejoins: Mutex<BTreeMap<u32, Option<Vec<(Vec<u8>, Vec<u8>)>>>>,
+    rejoins: Mutex<BTreeMap<u32, Option<Vec<Card>>>>,
     rejoined: Condvar,
     /// Orders for the ranks' watchers, handed over in order by one thread.
     orders: Mutex<Option<Sender<(u32, NodeToRank)>>>,
@@ -218,11 +221,7 @@ pub fn from_launcher(
             rank,
             node,
             version,
-        } => {
-            if node == shared.me {
-                side.capture(shared, rank, version)
-            }
-        }
+        } if node == shared.me => side.capture(shared, rank, version),
         LauncherToNode::TrimLog { rank, version } => {
             side.order(shared, rank, NodeToRank::LogSafe { version })
         }
@@ -238,13 +237,11 @@ pub fn from_launcher(
             node,
             version,
             local_size,
-        } => {
-            if node == shared.me {
-                let (shared, agent) = (shared.clone(), agent.clone());
-                std::thread::spawn(move || {
-                    start(&shared, &agent, (restart, rank, version, local_size))
-                });
-            }
+        } if node == shared.me => {
+            let (shared, agent) = (shared.clone(), agent.clone());
+            std::thread::spawn(move || {
+                start(&shared, &agent, (restart, rank, version, local_size))
+            });
         }
         _ => {}
     }

@@ -50,6 +50,9 @@ pub fn node_env(policy: Option<&Description>) -> Result<Vec<(String, String)>, P
     })
 }
 
+/// A rank's message-log card: its fabric address and the ring it holds for its ward.
+pub type Card = (Vec<u8>, Vec<u8>);
+
 /// The uncoordinated policy's state at the hub.
 pub(in crate::runtime) struct Uncoord {
     pub(super) logging: bool,
@@ -60,13 +63,13 @@ pub(in crate::runtime) struct Uncoord {
     /// rank -> the capture ordered: op, policy version, native version, when.
     capturing: BTreeMap<Rank, (OpId, Version, u64, Instant)>,
     /// rank -> its (address, ring), as it reported them.
-    cards: Vec<Option<(Vec<u8>, Vec<u8>)>>,
+    cards: Vec<Option<Card>>,
     /// restart id -> (rank, node, decision).
     restarts: BTreeMap<u64, (Rank, NodeId, policies::primitives::DecisionId)>,
     next_restart: u64,
     /// The ranks restarting together (one failure): rank -> its new card once its process
     /// said `Rejoining`.
-    rejoining: BTreeMap<Rank, Option<(Vec<u8>, Vec<u8>)>>,
+    rejoining: BTreeMap<Rank, Option<Card>>,
     /// (survivor, restarted rank) pairs whose `PeerReplaced` is awaited.
     replacing: BTreeSet<(Rank, Rank)>,
     /// rank -> own checkpoints made safe.
@@ -326,13 +329,19 @@ pub(super) fn translate(
             rank,
             version,
             level,
-            ..
+            error,
         } => match (u.versions.get(&(rank, version)), level_of(level)) {
-            (Some(&pv), Some(level)) => Some(Event::LevelLost {
-                rank,
-                version: pv,
-                level,
-            }),
+            (Some(&pv), Some(level)) => {
+                crate::progress::line(&format!(
+                    "krun: rank {rank}: its own checkpoint {pv} (checkpointer v{version}) is not \
+                     safe at {level}: {error}"
+                ));
+                Some(Event::LevelLost {
+                    rank,
+                    version: pv,
+                    level,
+                })
+            }
             _ => None,
         },
         NodeToLauncher::LogCard {
@@ -362,7 +371,7 @@ pub(super) fn translate(
             // ranks learn them all, then the restarted ones get every card together (they
             // join at the same time: each waits for the others' answers).
             if u.rejoining.values().all(Option::is_some) {
-                let moved: Vec<(Rank, (Vec<u8>, Vec<u8>))> = u
+                let moved: Vec<(Rank, Card)> = u
                     .rejoining
                     .iter()
                     .map(|(&r, c)| (r, c.clone().expect("checked above")))
@@ -455,7 +464,7 @@ fn rejoined_if_done(u: &mut Uncoord, send: &Broadcast) {
              message-log card: they cannot reach them"
         );
     }
-    let cards: Vec<(Vec<u8>, Vec<u8>)> = u
+    let cards: Vec<Card> = u
         .cards
         .iter()
         .map(|c| c.clone().unwrap_or_default())
