@@ -332,6 +332,13 @@ pub fn run(job: &Job) -> Result<i32> {
         _ => None,
     };
 
+    let uncoordinated_env = match (&policy, &job.program) {
+        (Some(_), Some(p)) => {
+            crate::runtime::checkpoints::uncoordinated::node_env(p.policy.as_ref())
+                .map_err(|e| LauncherError::Usage(format!("the checkpoint policy: {e}")))?
+        }
+        _ => Vec::new(),
+    };
     // The krund command line shared by all nodes; local mode adds --node-id per node,
     // under Slurm krund takes it from SLURM_NODEID.
     let node_command = |stdin_for_rank0: bool| {
@@ -362,6 +369,10 @@ pub fn run(job: &Job) -> Result<i32> {
             // the failure is agreed (its leaving could take the supervisors' quorum with it);
             // the policy then restarts the lost ranks or ends the job naming them.
             cmd.env("KRUN_RECOVERS", "1");
+        }
+        // The uncoordinated policy: no barrier at the ranks' safepoints, message logging.
+        for (key, v) in &uncoordinated_env {
+            cmd.env(key, v);
         }
         for (key, v) in &job.env {
             cmd.env(key, v);

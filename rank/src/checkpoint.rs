@@ -67,6 +67,11 @@ pub enum Safepoint {
 static CHECKPOINT_REQUESTED: AtomicBool = AtomicBool::new(false);
 static ROLLBACK_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// Takes this rank's own checkpoint request (SIGUSR1 since the last call).
+pub(crate) fn take_checkpoint_request() -> bool {
+    CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst)
+}
+
 extern "C" fn on_request(sig: libc::c_int) {
     if sig == libc::SIGUSR1 {
         CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
@@ -139,6 +144,11 @@ impl Checkpoints {
             runtime: None,
             restored: None,
         })
+    }
+
+    /// The version the registered memory is restored from (None: a fresh start).
+    pub(crate) fn restored(&self) -> Option<u64> {
+        self.restored
     }
 
     pub(crate) fn local_versions(&self) -> &[u64] {
@@ -225,7 +235,7 @@ impl Checkpoints {
             .remove(&id);
     }
 
-    fn run_hooks(&self) -> Result<()> {
+    pub(crate) fn run_hooks(&self) -> Result<()> {
         let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
         hooks.values().try_for_each(|h| h())
     }
@@ -355,6 +365,10 @@ impl Rank {
     }
 
     fn safepoint_once(&self) -> Result<Safepoint> {
+        if crate::uncoordinated::active() {
+            // No barrier: this rank alone (`crate::uncoordinated`).
+            return self.own_safepoint();
+        }
         let rt = self.ckpt.runtime()?.clone();
         let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
             | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;

@@ -38,6 +38,7 @@ pub mod logging;
 pub mod messages;
 pub mod node_link;
 pub mod rollback;
+pub mod uncoordinated;
 pub mod window;
 pub mod world;
 

@@ -434,6 +434,18 @@ impl Rejoining {
     /// once every survivor said what it holds: the rank then re-executes from the
     /// checkpoint, its receives following the recorded order.
     pub fn join(self, peers: &[(Vec<u8>, Vec<u8>)], snapshot: &[u8]) -> Result<Arc<Rank>> {
+        self.join_with(peers, snapshot, None, None)
+    }
+
+    /// As [`Rejoining::join`], for a restarted rank of a krun job: the rank keeps the
+    /// checkpointer that restored it (`ckpt`) and its node link (`crate::uncoordinated`).
+    pub(crate) fn join_with(
+        self,
+        peers: &[(Vec<u8>, Vec<u8>)],
+        snapshot: &[u8],
+        ckpt: Option<crate::checkpoint::Checkpoints>,
+        node: Option<crate::node_link::NodeLink>,
+    ) -> Result<Arc<Rank>> {
         let (rank, size) = (self.config.rank, self.config.size);
         if peers.len() != size {
             return Err(RankError::InvalidArgument(format!(
@@ -519,7 +531,7 @@ impl Rejoining {
         }
         let logger = Arc::new(logger);
         msgs.set_logger(Some(logger.clone()));
-        let this = Rank::assemble(self.config, self.ep, msgs)?;
+        let this = Rank::assemble(self.config, self.ep, msgs, ckpt, node)?;
         // Every survivor resends what this rank had not delivered, and says what it holds.
         for r in (0..size).filter(|&r| r != rank) {
             let ctrl = Ctrl::Resume {
@@ -659,6 +671,13 @@ impl Rank {
             self.ep.address().to_bytes(),
             lg.ring_local.remote().to_bytes().to_vec(),
         ))
+    }
+
+    /// Deliveries still to take in the recorded order (after a rejoin; 0 otherwise).
+    pub fn log_replay_pending(&self) -> usize {
+        self.msgs
+            .logger()
+            .map_or(0, |l| l.inner.lock().expect("log lock").replay.len())
     }
 
     /// The log's totals (`None` without logging).

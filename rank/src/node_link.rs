@@ -88,6 +88,28 @@ pub enum RankToNode {
         rank: u32,
         pid: u32,
     },
+    /// Uncoordinated policy with message logging (`crate::uncoordinated`): this rank's
+    /// fabric address and the determinant ring it holds for its ward, for a later rejoin of
+    /// any rank. Answered `Ack`.
+    LogCard {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// (On the watcher's connection, after [`NodeToRank::PeerMoved`]) this rank now sends
+    /// to `moved`'s new process. Answered `Ack`.
+    PeerReplaced {
+        rank: u32,
+        moved: u32,
+    },
+    /// A restarted rank rejoining a running job under message logging: its new address and
+    /// ring; answered [`NodeToRank::Peers`] once every survivor replaced its address.
+    Rejoin {
+        rank: u32,
+        pid: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
 }
 
 /// krund's answer to every [`RankToNode`] (the variants' order is the wire encoding, shared
@@ -110,6 +132,34 @@ pub enum NodeToRank {
         wiring: u64,
         bootstrap: String,
         version: Option<u64>,
+    },
+    /// (To `Watch`) this rank's own checkpoint `version` is safe: its senders may drop what
+    /// it delivered before it ([`crate::Rank::log_checkpoint_safe`]).
+    LogSafe {
+        version: u64,
+    },
+    /// (To `Watch`) rank `rank` restarted as a new process at `address` holding `ring`:
+    /// send to it from now on ([`crate::Rank::replace_peer`]), then say `PeerReplaced`.
+    PeerMoved {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// (To `Rejoin`) every rank's (address, ring), indexed by rank.
+    Peers {
+        cards: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+/// What a watcher is told to do ([`NodeLink::watch_order`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchOrder {
+    InPlace(InPlaceOrder),
+    LogSafe(u64),
+    PeerMoved {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
     },
 }
 
@@ -187,7 +237,7 @@ impl NodeLink {
             NodeToRank::Rollback { version } => Ok(Some(SafepointOrder::Rollback(version))),
             NodeToRank::Refused(why) => Err(fail(format!("krund ended the safepoint: {why}"))),
             NodeToRank::Ack => Ok(None),
-            other @ NodeToRank::RollbackInPlace { .. } => Err(fail(format!(
+            other => Err(fail(format!(
                 "krund answered a safepoint with {other:?} (an order for the watcher)"
             ))),
         }
@@ -219,6 +269,73 @@ impl NodeLink {
             })),
             NodeToRank::Refused(why) => Err(fail(format!("krund refused the watch: {why}"))),
             other => Err(fail(format!("krund answered a watch with {other:?}"))),
+        }
+    }
+
+    /// As [`NodeLink::watch`], with the uncoordinated policy's orders too.
+    pub fn watch_order(&mut self, rank: u32) -> Result<Option<WatchOrder>> {
+        let _ = self.stream.set_read_timeout(Some(WATCH_HOLD + IO_TIMEOUT));
+        let answer = self.exchange(&RankToNode::Watch {
+            rank,
+            pid: std::process::id(),
+        });
+        let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+        let fail = |reason: String| RankError::NodeLink {
+            socket: self.socket.clone(),
+            reason,
+        };
+        match answer? {
+            NodeToRank::Continue => Ok(None),
+            NodeToRank::RollbackInPlace {
+                wiring,
+                bootstrap,
+                version,
+            } => Ok(Some(WatchOrder::InPlace(InPlaceOrder {
+                wiring,
+                bootstrap,
+                version,
+            }))),
+            NodeToRank::LogSafe { version } => Ok(Some(WatchOrder::LogSafe(version))),
+            NodeToRank::PeerMoved {
+                rank,
+                address,
+                ring,
+            } => Ok(Some(WatchOrder::PeerMoved {
+                rank,
+                address,
+                ring,
+            })),
+            NodeToRank::Refused(why) => Err(fail(format!("krund refused the watch: {why}"))),
+            other => Err(fail(format!("krund answered a watch with {other:?}"))),
+        }
+    }
+
+    /// A restarted rank's `Rejoin`: waits (up to `limit`) for every rank's card.
+    pub fn rejoin(
+        &mut self,
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+        limit: Duration,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let _ = self.stream.set_read_timeout(Some(limit));
+        let answer = self.exchange(&RankToNode::Rejoin {
+            rank,
+            pid: std::process::id(),
+            address,
+            ring,
+        });
+        let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+        match answer? {
+            NodeToRank::Peers { cards } => Ok(cards),
+            NodeToRank::Refused(why) => Err(RankError::NodeLink {
+                socket: self.socket.clone(),
+                reason: format!("krund refused the rejoin of rank {rank}: {why}"),
+            }),
+            other => Err(RankError::NodeLink {
+                socket: self.socket.clone(),
+                reason: format!("krund answered a rejoin with {other:?}"),
+            }),
         }
     }
 
@@ -366,6 +483,67 @@ mod tests {
             server.join().unwrap(),
             vec![RankToNode::AtSafepoint { rank: 5 }; 5]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_watcher_gets_the_uncoordinated_policys_orders_and_a_rejoin_gets_every_card() {
+        let dir = socket_dir("uncoord");
+        let path = dir.join("node.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let cards = vec![(vec![1u8, 2], vec![3u8]), (vec![4], vec![5, 6])];
+        let answers = vec![
+            NodeToRank::LogSafe { version: 3 },
+            NodeToRank::PeerMoved {
+                rank: 1,
+                address: vec![9],
+                ring: vec![8],
+            },
+            NodeToRank::Continue,
+            NodeToRank::Peers {
+                cards: cards.clone(),
+            },
+            NodeToRank::Refused("no restart of rank 0 is under way".into()),
+        ];
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut session = Session::server(
+                &mut s,
+                &secret("the job secret, long enough"),
+                Protocol::Rank,
+            )
+            .unwrap();
+            let mut seen = Vec::new();
+            for answer in answers {
+                seen.push(session.rx.recv::<RankToNode>(&mut s).unwrap());
+                session.tx.send(&mut s, &answer).unwrap();
+            }
+            seen
+        });
+        let mut link = NodeLink::connect(&path, &secret("the job secret, long enough")).unwrap();
+        assert_eq!(link.watch_order(0).unwrap(), Some(WatchOrder::LogSafe(3)));
+        assert_eq!(
+            link.watch_order(0).unwrap(),
+            Some(WatchOrder::PeerMoved {
+                rank: 1,
+                address: vec![9],
+                ring: vec![8]
+            })
+        );
+        assert_eq!(link.watch_order(0).unwrap(), None);
+        let limit = Duration::from_secs(30);
+        assert_eq!(link.rejoin(0, vec![7], vec![7], limit).unwrap(), cards);
+        let err = link
+            .rejoin(0, vec![7], vec![7], limit)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no restart of rank 0"), "{err}");
+        let seen = server.join().unwrap();
+        assert!(matches!(seen[0], RankToNode::Watch { rank: 0, .. }));
+        assert!(matches!(
+            &seen[3],
+            RankToNode::Rejoin { rank: 0, address, .. } if address == &vec![7u8]
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

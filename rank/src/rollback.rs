@@ -127,9 +127,9 @@ pub(crate) fn start_watcher(socket: &Path, rank: u32) -> Result<()> {
             block_signals();
             WATCHING.store(true, Ordering::SeqCst);
             loop {
-                match link.watch(rank) {
+                match link.watch_order(rank) {
                     Ok(None) => {}
-                    Ok(Some(order)) => {
+                    Ok(Some(crate::node_link::WatchOrder::InPlace(order))) => {
                         let e = reexec(&argv, &env, &order);
                         eprintln!(
                             "krun: rank {rank}: rollback in place to {:?} failed: {e}",
@@ -139,6 +139,8 @@ pub(crate) fn start_watcher(socket: &Path, rank: u32) -> Result<()> {
                         // SAFETY: _exit ends the process without running anything else.
                         unsafe { libc::_exit(1) };
                     }
+                    // The uncoordinated policy's orders (`crate::uncoordinated`).
+                    Ok(Some(other)) => crate::uncoordinated::on_order(&mut link, rank, other),
                     // The node is gone (it ends its ranks) or does not give orders.
                     Err(_) => break,
                 }

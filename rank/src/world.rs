@@ -82,13 +82,15 @@ impl Config {
                 reason: format!("must be below KRUN_SIZE={size}"),
             });
         }
+        let rejoin = crate::uncoordinated::rejoining()?;
         let bootstrap = match std::env::var("KRUN_BOOTSTRAP") {
             Ok(v) => Some(v.trim().parse().map_err(|_| RankError::BadEnv {
                 name: "KRUN_BOOTSTRAP",
                 value: v.clone(),
                 reason: "expected HOST:PORT".into(),
             })?),
-            Err(_) if size > 1 => {
+            // A rejoining rank swaps no addresses (`crate::uncoordinated`).
+            Err(_) if size > 1 && !rejoin => {
                 return Err(RankError::MissingEnv {
                     name: "KRUN_BOOTSTRAP",
                     hint: "a job of several ranks swaps addresses through it: run under krun",
@@ -143,26 +145,67 @@ impl Rank {
     /// Starts this rank from the environment krun provides ([`Config::from_env`]).
     /// `KRUN_MESSAGE_LOGGING=1` turns on sender-based message logging for the job
     /// ([`Rank::enable_logging`]; every rank must have the same setting).
+    ///
+    /// Under krun's uncoordinated policy (`KRUN_UNCOORDINATED=1`) safepoints take no
+    /// barrier, and a restarted rank (`KRUN_REJOIN=1`) rejoins the running ranks instead of
+    /// wiring up with them ([`crate::uncoordinated`]).
     pub fn init() -> Result<Arc<Rank>> {
-        let logging = match std::env::var("KRUN_MESSAGE_LOGGING") {
-            Ok(v) => match v.trim() {
-                "1" | "true" | "on" => true,
-                "0" | "false" | "off" | "" => false,
-                _ => {
-                    return Err(RankError::BadEnv {
-                        name: "KRUN_MESSAGE_LOGGING",
-                        value: v,
-                        reason: "expected 1 or 0".into(),
-                    })
-                }
-            },
-            Err(_) => false,
-        };
+        let logging = crate::uncoordinated::env_flag("KRUN_MESSAGE_LOGGING")?;
+        if crate::uncoordinated::rejoining()? {
+            return Self::rejoin_init(Config::from_env()?);
+        }
         let rank = Self::init_with(Config::from_env()?)?;
         if logging {
             rank.enable_logging(0)?;
         }
+        if crate::uncoordinated::active() {
+            rank.setup_uncoordinated(logging)?;
+        }
         Ok(rank)
+    }
+
+    /// A restarted rank rejoining a running job under message logging (see
+    /// [`crate::uncoordinated`]).
+    fn rejoin_init(config: Config) -> Result<Arc<Rank>> {
+        let rank = config.rank;
+        let Some(path) = config.node_socket.clone() else {
+            return Err(RankError::MissingEnv {
+                name: "KRUN_NODE_SOCKET",
+                hint: "KRUN_REJOIN is set: a rejoining rank learns its peers from its krund",
+            });
+        };
+        crate::rollback::start_watcher(&path, rank as u32)?;
+        let mut ckpt = Checkpoints::prepare(config.checkpoints.as_ref(), rank)?;
+        let mine = ckpt.local_versions().to_vec();
+        ckpt.start(&[mine])?;
+        let snapshot = crate::uncoordinated::log_region(&ckpt)?.ok_or_else(|| {
+            RankError::Checkpoint(format!(
+                "rank {rank} rejoins, but its restored image ({:?}) holds no message-log \
+                 snapshot (KRUN_GHOST_RESTORE must name an own checkpoint taken with logging)",
+                ckpt.restored()
+            ))
+        })?;
+        let rejoin = Rank::rejoin_open(config, 0)?;
+        let mut link = NodeLink::connect_env(&path)?;
+        let peers = link.rejoin(
+            rank as u32,
+            rejoin.address(),
+            rejoin.ring(),
+            crate::uncoordinated::REJOIN_WAIT,
+        )?;
+        link.report(&RankToNode::Hello {
+            rank: rank as u32,
+            pid: std::process::id(),
+        })?;
+        let this = rejoin.join_with(&peers, &snapshot, Some(ckpt), Some(link))?;
+        this.setup_uncoordinated(false)?;
+        let replay = this.log_replay_pending();
+        eprintln!(
+            "krun: rank {rank} rejoined the running ranks from its checkpoint (v{}): {replay} \
+             deliveries to take again in the recorded order (determinants from its buddy)",
+            this.restored_version().unwrap_or(0)
+        );
+        Ok(this)
     }
 
     /// Starts a rank; every rank of the job calls this at about the same time.
@@ -270,8 +313,13 @@ impl Rank {
         config: Config,
         ep: Arc<dyn Endpoint>,
         msgs: Messages,
+        ckpt: Option<Checkpoints>,
+        node: Option<NodeLink>,
     ) -> Result<Arc<Rank>> {
-        let ckpt = Checkpoints::prepare(None, config.rank)?;
+        let ckpt = match ckpt {
+            Some(c) => c,
+            None => Checkpoints::prepare(None, config.rank)?,
+        };
         Ok(Arc::new(Rank {
             rank: config.rank,
             size: config.size,
@@ -282,7 +330,7 @@ impl Rank {
             windows: Default::default(),
             ckpt,
             fabric: config.fabric,
-            node: Mutex::new(None),
+            node: Mutex::new(node),
             finalized: AtomicBool::new(false),
         }))
     }

@@ -32,6 +32,10 @@
 //! images one by one. The driver orders each capture as the checkpointer's next version and
 //! maps the two both ways.
 //!
+//! The uncoordinated policy (`kind = "uncoordinated"`: per-rank captures without a barrier,
+//! log trims, lone restarts that rejoin the running ranks) has its own table of calls and
+//! krund commands in [`uncoordinated`].
+//!
 //! The policy is a `Box<dyn Policy + Send>` built from a description (`krun --policy FILE`,
 //! default: the built-in coordinated policy) and swapped while the job runs by
 //! `krun policy load|unload` ([`swap`]).
@@ -63,6 +67,7 @@ pub type BoxedPolicy = Box<dyn Policy + Send>;
 mod calls;
 mod settings;
 mod translate;
+pub mod uncoordinated;
 
 /// How long every node has to answer `Opened` to a barrier before it fails.
 use super::control::{LauncherToNode, NodeToLauncher};
@@ -145,18 +150,24 @@ impl CheckpointDriver {
         };
         // `krun --policy FILE` wins; else the `[policy]` settings.
         let policy = policy.or_else(|| settings.description());
-        if policy
-            .as_ref()
-            .is_some_and(|d| d.kind == policies::description::Kind::Uncoordinated)
-        {
-            // Refused rather than run without checkpoints: the hub cannot carry out its calls.
-            return Err(PolicyError::Config(
-                "the uncoordinated policy (policies::uncoordinated) and the rank library's \
-                 message logging (rank/src/logging.rs) exist, but krund does not carry out \
-                 per-rank captures, log trims or replays yet; use the coordinated policy"
-                    .into(),
-            ));
-        }
+        // The uncoordinated policy: per-rank captures and lone restarts
+        // (`checkpoints/uncoordinated.rs`); without logging krund cannot roll back the
+        // subset of ranks a recovery line names, so it is refused here, not run unsafe.
+        let uncoord = match policy.as_ref() {
+            Some(d) if d.kind == policies::description::Kind::Uncoordinated => {
+                if !d.logging.messages {
+                    return Err(PolicyError::Config(format!(
+                        "{}: the uncoordinated policy without message logging (a recovery \
+                         line rolling back a subset of the ranks) is not carried out by krund \
+                         yet: the ranks it keeps running would not resend the messages the \
+                         rolled-back ranks must receive again; turn logging on",
+                        d.source
+                    )));
+                }
+                Some(uncoordinated::Uncoord::new(&ranks, true))
+            }
+            _ => None,
+        };
         let cfg = coordinated_defaults(&basis);
         let layout = Layout {
             ranks: ranks.clone(),
@@ -190,6 +201,7 @@ impl CheckpointDriver {
             view,
             spares,
             quiet_takeover: false,
+            uncoord,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -263,6 +275,20 @@ fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) ->
             }
             other => other,
         };
+        // The uncoordinated policy's messages first (`uncoordinated.rs`).
+        let input = match input {
+            Some(i) => match uncoordinated::translate(engine.runtime_mut(), &mut copies, i) {
+                Ok(Some(event)) => {
+                    if !engine.runtime().stopped {
+                        feed(&mut engine, now(), event, &copies);
+                    }
+                    None
+                }
+                Ok(None) => None,
+                Err(i) => Some(i),
+            },
+            None => None,
+        };
         if let Some(input) = input {
             if let Some(event) = translate(engine.runtime_mut(), &mut copies, input) {
                 if !engine.runtime().stopped {
@@ -301,6 +327,9 @@ fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) ->
             eprintln!("krun: checkpoint policy: {e}");
         }
         for event in engine.runtime_mut().execute_plan() {
+            feed(&mut engine, now(), event, &copies);
+        }
+        for event in uncoordinated::poll(engine.runtime_mut()) {
             feed(&mut engine, now(), event, &copies);
         }
         plug.poll(&mut engine, now(), &copies);
@@ -363,6 +392,7 @@ mod tests {
             view: AgreedView::new(0, vec![0, 1, 2]),
             spares: Vec::new(),
             quiet_takeover: false,
+            uncoord: None,
         };
         (calls, sent)
     }

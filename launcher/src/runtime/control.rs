@@ -146,6 +146,20 @@ pub enum NodeToLauncher {
     Finished { code: i32 },
     /// The node's PMI server: a fence, an abort, a rank lost (`runtime/pmi.rs`).
     Pmi(super::pmi::PmiToLauncher),
+    /// Uncoordinated policy (`checkpoints/uncoordinated.rs`): a rank's `LogCard`.
+    LogCard {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// (To `PeerMoved`) `rank` sends to `moved`'s new process now.
+    PeerReplaced { rank: u32, moved: u32 },
+    /// A restarted rank's new process asks to rejoin (its `Rejoin`).
+    Rejoining {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
 }
 
 /// What `krun` tells a krund node.
@@ -187,6 +201,38 @@ pub enum LauncherToNode {
     },
     /// To the node's PMI server: a fence's outcome (`runtime/pmi.rs`).
     Pmi(super::pmi::PmiToNode),
+    /// Uncoordinated policy (the contract: `checkpoints/uncoordinated.rs`): `rank` alone
+    /// takes its own native checkpoint `version` at its next safepoint, no barrier.
+    /// `node` runs the rank (the others ignore the order).
+    CaptureRank {
+        rank: u32,
+        node: NodeId,
+        version: u64,
+    },
+    /// `rank`'s own checkpoint `version` is safe: its library trims the message log.
+    TrimLog { rank: u32, version: u64 },
+    /// `rank` restarts on `node` as a new process from its own native checkpoint `version`
+    /// and rejoins the running ranks (message logging); `restart` names the order in the
+    /// answers (`Restarted{wiring: restart, ..}`).
+    Rejoin {
+        restart: u64,
+        rank: u32,
+        node: NodeId,
+        version: u64,
+        /// `KRUN_LOCAL_SIZE` the rank started with (its log buddy's stride).
+        local_size: u32,
+    },
+    /// `rank`'s new process is at `address` with `ring`: every node tells its other ranks.
+    PeerMoved {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// Every survivor replaced `rank`'s address: its node answers its `Rejoin` with `cards`.
+    Rejoined {
+        rank: u32,
+        cards: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// Where one node of a job is reached.
@@ -279,6 +325,25 @@ pub enum RankToNode {
         rank: u32,
         pid: u32,
     },
+    /// Uncoordinated policy with logging: the rank's fabric address and the ring it holds
+    /// for its ward (`checkpoints/uncoordinated.rs`). Answered `Ack`.
+    LogCard {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// (After `PeerMoved`) the rank sends to `moved`'s new process now. Answered `Ack`.
+    PeerReplaced {
+        rank: u32,
+        moved: u32,
+    },
+    /// A restarted rank rejoins: answered `Peers` once every survivor replaced its address.
+    Rejoin {
+        rank: u32,
+        pid: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
 }
 
 /// The node's answer to a rank.
@@ -303,6 +368,20 @@ pub enum NodeToRank {
         wiring: u64,
         bootstrap: String,
         version: Option<u64>,
+    },
+    /// (To `Watch`) the rank's own checkpoint `version` is safe: trim the message log.
+    LogSafe {
+        version: u64,
+    },
+    /// (To `Watch`) `rank` runs as a new process at `address` holding `ring`.
+    PeerMoved {
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    },
+    /// (To `Rejoin`) every rank's (address, ring), indexed by rank.
+    Peers {
+        cards: Vec<(Vec<u8>, Vec<u8>)>,
     },
 }
 

@@ -50,6 +50,8 @@ pub struct Shared {
     /// The MPI incarnation the node's MPI servers serve: the wiring epoch of the recovery
     /// that restarted every rank (0: the start; `runtime/mpi_recovery.rs`).
     pub mpi_wiring: AtomicU64,
+    /// The uncoordinated policy's per-rank captures and rejoins on this node.
+    pub uncoordinated: super::uncoordinated::NodeSide,
 }
 
 /// A callback on every stable view.
@@ -75,6 +77,7 @@ impl Shared {
             watchers: Default::default(),
             pmi: Mutex::new(Vec::new()),
             mpi_wiring: AtomicU64::new(0),
+            uncoordinated: Default::default(),
         })
     }
 

@@ -55,6 +55,7 @@ pub mod status;
 pub mod store_link;
 pub mod store_node;
 pub mod table;
+pub mod uncoordinated;
 
 use control::{
     ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher,
@@ -744,6 +745,13 @@ fn connect_launcher(
                         recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
                     });
                 }
+                Ok(
+                    msg @ (LauncherToNode::CaptureRank { .. }
+                    | LauncherToNode::TrimLog { .. }
+                    | LauncherToNode::PeerMoved { .. }
+                    | LauncherToNode::Rejoined { .. }
+                    | LauncherToNode::Rejoin { .. }),
+                ) => uncoordinated::from_launcher(&shared, &agent, msg),
                 Ok(LauncherToNode::Decided {
                     rank,
                     node,
@@ -904,7 +912,14 @@ fn rank_message(
 ) -> NodeToRank {
     match msg {
         // Held until the policy decides; below the rank's own limit (600 s).
-        RankToNode::AtSafepoint { rank } => safepoints.hold(rank, Duration::from_secs(590)),
+        RankToNode::AtSafepoint { rank } => match table.shared.uncoordinated.at_safepoint(rank) {
+            // The uncoordinated policy: this rank's own capture, no barrier.
+            Some(answer) => answer,
+            None => safepoints.hold(rank, Duration::from_secs(590)),
+        },
+        msg @ (RankToNode::LogCard { .. }
+        | RankToNode::PeerReplaced { .. }
+        | RankToNode::Rejoin { .. }) => uncoordinated::from_rank(&table.shared, msg),
         RankToNode::Hello { rank, pid } => {
             table
                 .shared

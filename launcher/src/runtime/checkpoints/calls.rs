@@ -124,6 +124,8 @@ pub(super) struct HubCalls {
     pub(super) spares: Vec<NodeId>,
     /// A swap is settling: the new policy's "runs the policy from epoch" line is not shown.
     pub(super) quiet_takeover: bool,
+    /// The uncoordinated policy's state (`None`: the job runs a coordinated policy).
+    pub(super) uncoord: Option<super::uncoordinated::Uncoord>,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -134,6 +136,9 @@ impl PolicyRuntime for HubCalls {
             policies::primitives::DecisionKind::Committed { .. }
         ) {
             self.commits.fetch_add(1, Ordering::SeqCst);
+        }
+        if let policies::primitives::DecisionKind::RankCheckpointed { rank, .. } = decision.kind {
+            super::uncoordinated::checkpointed(self, rank);
         }
         if let policies::primitives::DecisionKind::Restart {
             rank,
@@ -229,12 +234,19 @@ impl PolicyRuntime for HubCalls {
         _source: ImageCopy,
         _to: Option<NodeId>,
     ) -> Result<(), String> {
+        if self.uncoord.is_some() {
+            return super::uncoordinated::fetch(self, rank, version);
+        }
         self.native_of(version)
             .map(drop)
             .ok_or_else(|| format!("rank {rank}: checkpoint {version} was never taken here"))
     }
 
     fn restart(&mut self, decision: &Decision) -> Result<(), String> {
+        if self.uncoord.is_some() {
+            // Alone, rejoining the running ranks (`uncoordinated.rs`).
+            return super::uncoordinated::restart(self, decision);
+        }
         let policies::primitives::DecisionKind::Restart {
             rank,
             node,
@@ -250,6 +262,12 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn rollback(&mut self, op: OpId, rank: Rank, version: Version) -> Result<(), String> {
+        if self.uncoord.is_some() {
+            return Err(format!(
+                "rank {rank}: krund does not roll back a subset of ranks to their own \
+                 checkpoints (uncoordinated policy without logging)"
+            ));
+        }
         let node = *self
             .placement
             .get(rank as usize)
@@ -265,6 +283,24 @@ impl PolicyRuntime for HubCalls {
             ),
         });
         Ok(())
+    }
+
+    fn capture_rank(
+        &mut self,
+        op: OpId,
+        rank: Rank,
+        version: Version,
+        _levels: &[Level],
+    ) -> Result<(), String> {
+        super::uncoordinated::capture_rank(self, op, rank, version)
+    }
+
+    fn trim_log(&mut self, rank: Rank, version: Version) {
+        super::uncoordinated::trim_log(self, rank, version);
+    }
+
+    fn replay(&mut self, rank: Rank, _version: Option<Version>) -> Result<(), String> {
+        super::uncoordinated::replay(self, rank)
     }
 
     fn notify(&mut self, notice: &Notice) {

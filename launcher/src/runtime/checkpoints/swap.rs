@@ -198,6 +198,12 @@ impl Plug {
         if let Some(p) = &self.pending {
             return Err(format!("a swap to {} is in progress", p.desc.source));
         }
+        if engine.runtime().uncoord.is_some() {
+            // Its per-rank versions and lone restarts are not the coordinated policy's.
+            return Err(
+                "a job that started under the uncoordinated policy cannot swap policies yet".into(),
+            );
+        }
         check_change(
             &self.current,
             &desc,

@@ -186,7 +186,10 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
             | NodeToLauncher::RankKilled { .. }
             | NodeToLauncher::CheckpointAsked
             | NodeToLauncher::Finished { .. }
-            | NodeToLauncher::Pmi(_) => None,
+            | NodeToLauncher::Pmi(_)
+            | NodeToLauncher::LogCard { .. }
+            | NodeToLauncher::PeerReplaced { .. }
+            | NodeToLauncher::Rejoining { .. } => None,
         },
     }
 }

@@ -1,0 +1,420 @@
+//! The node's side of the uncoordinated policy (the hub's side and the contract between
+//! the two are in `checkpoints/uncoordinated.rs`; the rank's in `rank::uncoordinated`).
+//!
+//! - `CaptureRank{rank, version}`: the node keeps the order for that rank and wakes it
+//!   (SIGUSR1 to that rank only); its next `AtSafepoint` is answered `Checkpoint{version}`
+//!   at once, with no barrier; its `Checkpointed` report then goes through the checkpoint
+//!   agent as any capture (`Captured`, then `Safe`/`NotSafe` per level). Under this policy
+//!   an `AtSafepoint` with no order waiting is answered `Continue` at once.
+//! - `TrimLog{rank, version}` and `PeerMoved{rank, address, ring}` become orders for the
+//!   ranks' watchers (`LogSafe`, `PeerMoved`), handed over one at a time by one thread.
+//! - A rank's `LogCard` and `PeerReplaced` go to krun as they are.
+//! - `Rejoin{restart, rank, node, version}` on `node`: the rank's image chain of `version`
+//!   comes from the checkpoint store (unless this node holds the rank's files), then the
+//!   rank starts as a new process with `KRUN_REJOIN=1` and `KRUN_GHOST_RESTORE=version`;
+//!   answered `Restarted{wiring: restart, ..}` or `RestartFailed`. The new process's
+//!   `Rejoin{address, ring}` goes to krun as `Rejoining` and is held until krun's
+//!   `Rejoined{rank, cards}` (every survivor replaced its address), answered `Peers`.
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::control::{LauncherToNode, NodeToLauncher, NodeToRank, RankToNode};
+use super::membership::Shared;
+use super::AgentSlot;
+use crate::ranks::RankCommand;
+
+/// How long a rejoining rank's `Rejoin` is held for krun's `Rejoined` (below the rank
+/// library's own wait).
+pub const REJOIN_HOLD: Duration = Duration::from_secs(110);
+/// How long a capture order waits for its rank to link (say hello).
+pub const LINK_WAIT: Duration = Duration::from_secs(60);
+/// How long a watcher has to take one order.
+const ORDER_TAKE: Duration = Duration::from_secs(10);
+
+/// A rank's (fabric address, ring) card.
+type Card = (Vec<u8>, Vec<u8>);
+
+/// The uncoordinated policy's state on one node.
+#[derive(Default)]
+pub struct NodeSide {
+    /// rank -> the own checkpoint version ordered, not yet asked for.
+    captures: Mutex<BTreeMap<u32, u64>>,
+    /// rank -> every rank's cards once krun answered the rank's rejoin.
+    rejoins: Mutex<BTreeMap<u32, Option<Vec<Card>>>>,
+    rejoined: Condvar,
+    /// Orders for the ranks' watchers, handed over in order by one thread.
+    orders: Mutex<Option<Sender<(u32, NodeToRank)>>>,
+}
+
+/// Whether this node's job runs the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
+pub fn active() -> bool {
+    std::env::var("KRUN_UNCOORDINATED").is_ok_and(|v| v.trim() == "1")
+}
+
+impl NodeSide {
+    /// A rank at a safepoint: its own checkpoint order, if one waits; `None` lets the node's
+    /// gate answer (coordinated policy).
+    pub fn at_safepoint(&self, rank: u32) -> Option<NodeToRank> {
+        if let Some(version) = self.captures.lock().expect("captures lock").remove(&rank) {
+            return Some(NodeToRank::Checkpoint { version });
+        }
+        active().then_some(NodeToRank::Continue)
+    }
+
+    /// `CaptureRank{rank, version}` for a rank of this node: keeps the order and wakes the
+    /// rank once its library can take the signal (it said hello; waited for up to
+    /// [`LINK_WAIT`] in a thread of its own: the job may be starting).
+    pub fn capture(&self, shared: &std::sync::Arc<Shared>, rank: u32, version: u64) {
+        self.captures
+            .lock()
+            .expect("captures lock")
+            .insert(rank, version);
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + LINK_WAIT;
+            loop {
+                let linked = shared
+                    .linked_ranks
+                    .lock()
+                    .expect("linked lock")
+                    .contains(&u64::from(rank));
+                let pid = local_pid(&shared, rank);
+                if let (true, Some(pid)) = (linked, pid) {
+                    // The order may have been taken meanwhile (a late signal is harmless:
+                    // the rank's node answers `Continue`).
+                    // SAFETY: kill sends a signal to a rank this node started, whose
+                    // library installed its request handler (it said hello).
+                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    // krun times the capture out; the policy tries again later.
+                    eprintln!(
+                        "krund: node {}: rank {rank} did not link in {LINK_WAIT:?}: its \
+                         checkpoint v{version} is not taken",
+                        shared.me
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+
+    /// Queues an order for `rank`'s watcher (when the rank runs here).
+    pub fn order(&self, shared: &std::sync::Arc<Shared>, rank: u32, order: NodeToRank) {
+        if local_pid(shared, rank).is_none() {
+            return;
+        }
+        let mut tx = self.orders.lock().expect("orders lock");
+        if tx.is_none() {
+            let (t, rx) = mpsc::channel::<(u32, NodeToRank)>();
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                for (rank, order) in rx {
+                    let Some(pid) = local_pid(&shared, rank) else {
+                        continue;
+                    };
+                    if !shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
+                        eprintln!(
+                            "krund: node {}: rank {rank}'s watcher did not take {order:?} in \
+                             {ORDER_TAKE:?}",
+                            shared.me
+                        );
+                    }
+                }
+            });
+            *tx = Some(t);
+        }
+        if let Some(t) = tx.as_ref() {
+            let _ = t.send((rank, order));
+        }
+    }
+
+    /// `PeerMoved`: every other rank running here learns `rank`'s new process.
+    pub fn peer_moved(
+        &self,
+        shared: &std::sync::Arc<Shared>,
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    ) {
+        let here: Vec<u32> = shared
+            .local_ranks
+            .lock()
+            .expect("ranks lock")
+            .keys()
+            .map(|&r| r as u32)
+            .filter(|&r| r != rank)
+            .collect();
+        for r in here {
+            self.order(
+                shared,
+                r,
+                NodeToRank::PeerMoved {
+                    rank,
+                    address: address.clone(),
+                    ring: ring.clone(),
+                },
+            );
+        }
+    }
+
+    /// A rejoining rank's `Rejoin`: tells krun, waits for every rank's card.
+    pub fn rejoin(
+        &self,
+        shared: &Shared,
+        rank: u32,
+        address: Vec<u8>,
+        ring: Vec<u8>,
+    ) -> NodeToRank {
+        self.rejoins
+            .lock()
+            .expect("rejoins lock")
+            .insert(rank, None);
+        shared.tell_launcher(&NodeToLauncher::Rejoining {
+            rank,
+            address,
+            ring,
+        });
+        let deadline = Instant::now() + REJOIN_HOLD;
+        let mut s = self.rejoins.lock().expect("rejoins lock");
+        loop {
+            if let Some(Some(cards)) = s.get(&rank) {
+                let cards = cards.clone();
+                s.remove(&rank);
+                return NodeToRank::Peers { cards };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                s.remove(&rank);
+                return NodeToRank::Refused(format!(
+                    "the running ranks did not all learn rank {rank}'s new address in \
+                     {REJOIN_HOLD:?}"
+                ));
+            }
+            s = self.rejoined.wait_timeout(s, left).expect("rejoins lock").0;
+        }
+    }
+
+    /// krun's `Rejoined{rank, cards}`.
+    pub fn rejoined(&self, rank: u32, cards: Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut s = self.rejoins.lock().expect("rejoins lock");
+        if let Some(slot) = s.get_mut(&rank) {
+            *slot = Some(cards);
+            self.rejoined.notify_all();
+        }
+    }
+}
+
+/// krun's orders for this policy (the node's link thread).
+pub fn from_launcher(
+    shared: &std::sync::Arc<Shared>,
+    agent: &std::sync::Arc<AgentSlot>,
+    msg: LauncherToNode,
+) {
+    let side = &shared.uncoordinated;
+    match msg {
+        LauncherToNode::CaptureRank {
+            rank,
+            node,
+            version,
+        } if node == shared.me => side.capture(shared, rank, version),
+        LauncherToNode::TrimLog { rank, version } => {
+            side.order(shared, rank, NodeToRank::LogSafe { version })
+        }
+        LauncherToNode::PeerMoved {
+            rank,
+            address,
+            ring,
+        } => side.peer_moved(shared, rank, address, ring),
+        LauncherToNode::Rejoined { rank, cards } => side.rejoined(rank, cards),
+        LauncherToNode::Rejoin {
+            restart,
+            rank,
+            node,
+            version,
+            local_size,
+        } if node == shared.me => {
+            let (shared, agent) = (shared.clone(), agent.clone());
+            std::thread::spawn(move || {
+                start(&shared, &agent, (restart, rank, version, local_size))
+            });
+        }
+        _ => {}
+    }
+}
+
+/// A rank's message for this policy (the rank socket).
+pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
+    match msg {
+        RankToNode::LogCard {
+            rank,
+            address,
+            ring,
+        } => {
+            shared.tell_launcher(&NodeToLauncher::LogCard {
+                rank,
+                address,
+                ring,
+            });
+            NodeToRank::Ack
+        }
+        RankToNode::PeerReplaced { rank, moved } => {
+            shared.tell_launcher(&NodeToLauncher::PeerReplaced { rank, moved });
+            NodeToRank::Ack
+        }
+        RankToNode::Rejoin {
+            rank,
+            address,
+            ring,
+            ..
+        } => shared.uncoordinated.rejoin(shared, rank, address, ring),
+        other => NodeToRank::Refused(format!(
+            "{other:?} is not a message of the uncoordinated policy"
+        )),
+    }
+}
+
+fn local_pid(shared: &Shared, rank: u32) -> Option<u32> {
+    shared
+        .local_ranks
+        .lock()
+        .expect("ranks lock")
+        .get(&u64::from(rank))
+        .copied()
+}
+
+/// `Rejoin{restart, rank, node, version}` on its node (in its own thread): starts the rank
+/// as a new process that rejoins the running ranks; answers krun.
+/// `order`: (restart, rank, version, the rank's `KRUN_LOCAL_SIZE` at start).
+pub fn start(shared: &Shared, agent: &AgentSlot, order: (u64, u32, u64, u32)) {
+    let (restart, rank, version, local_size) = order;
+    let started = Instant::now();
+    let msg = match start_one(shared, agent, rank, version, local_size) {
+        Ok((pid, fetched)) => NodeToLauncher::Restarted {
+            wiring: restart,
+            rank,
+            pid,
+            fetched,
+            seconds: started.elapsed().as_secs_f64(),
+            in_place: false,
+        },
+        Err(reason) => {
+            eprintln!("krund: node {}: rejoin of rank {rank}: {reason}", shared.me);
+            NodeToLauncher::RestartFailed {
+                wiring: restart,
+                rank,
+                reason,
+            }
+        }
+    };
+    shared.tell_launcher(&msg);
+}
+
+fn start_one(
+    shared: &Shared,
+    agent: &AgentSlot,
+    rank: u32,
+    version: u64,
+    local_size: u32,
+) -> Result<(u32, u64), String> {
+    let runner = shared
+        .rank_commands
+        .lock()
+        .expect("commands lock")
+        .clone()
+        .ok_or_else(|| format!("node {} runs no rank runner", shared.me))?;
+    let here = local_pid(shared, rank).is_some();
+    let mut fetched = 0;
+    if !here {
+        // The rank comes from another node: its images come from the store.
+        let (dir, owner) = super::recovery::rank_images(rank);
+        let _ = std::fs::remove_dir_all(dir.join(&owner));
+        fetched = match agent.wait(Duration::from_secs(30)) {
+            Some(a) => a
+                .write_chain(rank, version, &dir, &owner)
+                .map_err(|e| format!("fetching its images of v{version}: {e}"))?,
+            None => super::drain::fetch_chain_remote(shared.me, rank, version, &dir, &owner)
+                .map_err(|e| format!("fetching its images of v{version}: {e}"))?,
+        };
+    }
+    // Not linked until the new process says hello (a signal before would kill it).
+    shared
+        .linked_ranks
+        .lock()
+        .expect("linked lock")
+        .remove(&u64::from(rank));
+    let env = vec![
+        ("KRUN_REJOIN".to_string(), "1".to_string()),
+        ("KRUN_GHOST_RESTORE".to_string(), version.to_string()),
+        // The stride of its log buddy, as at its start (the spare may run other counts).
+        ("KRUN_LOCAL_SIZE".to_string(), local_size.to_string()),
+    ];
+    let (reply, rx) = mpsc::channel();
+    runner
+        .send(RankCommand::Adopt {
+            rank: rank as usize,
+            env,
+            reply,
+        })
+        .map_err(|_| "the node's ranks have ended".to_string())?;
+    let pid = rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "the rank runner did not answer".to_string())??;
+    Ok((pid, fetched))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_order_answers_the_ranks_next_safepoint_once() {
+        let side = NodeSide::default();
+        side.captures.lock().unwrap().insert(3, 7);
+        assert_eq!(
+            side.at_safepoint(3),
+            Some(NodeToRank::Checkpoint { version: 7 })
+        );
+        // Taken: the next safepoint falls to the gate (coordinated) or continues.
+        assert_ne!(
+            side.at_safepoint(3),
+            Some(NodeToRank::Checkpoint { version: 7 })
+        );
+    }
+
+    #[test]
+    fn a_rejoin_is_answered_with_the_cards_krun_sends() {
+        let side = std::sync::Arc::new(NodeSide::default());
+        side.rejoins.lock().unwrap().insert(2, None);
+        let s = side.clone();
+        let waiter = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut g = s.rejoins.lock().unwrap();
+            loop {
+                if let Some(Some(c)) = g.get(&2) {
+                    return c.clone();
+                }
+                assert!(Instant::now() < deadline, "no cards");
+                g = s
+                    .rejoined
+                    .wait_timeout(g, Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+        });
+        let cards = vec![
+            (vec![1u8], vec![2u8]),
+            (vec![3], vec![4]),
+            (vec![5], vec![6]),
+        ];
+        // Cards for a rank nobody waits for change nothing.
+        side.rejoined(9, cards.clone());
+        assert!(!side.rejoins.lock().unwrap().contains_key(&9));
+        side.rejoined(2, cards.clone());
+        assert_eq!(waiter.join().unwrap(), cards);
+    }
+}
