@@ -71,6 +71,8 @@ impl DaemonConfig {
 
 enum Event {
     Frame(NodeId, Msg),
+    /// A link from this node, which had carried frames, closed (see [`Node::peer_closed`]).
+    Closed(NodeId),
     /// Work for the node, run inside the loop.
     Call(Call),
 }
@@ -210,20 +212,40 @@ fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>, slot: H
         }
     };
     session.rx.set_max_payload(wire::MAX_MESSAGE);
+    let mut frames = false;
     loop {
         match session.rx.recv::<Msg>(&mut s) {
             Ok(msg) => {
+                frames = true;
                 if tx.send(Event::Frame(from, msg)).is_err() {
                     return;
                 }
             }
-            Err(fabric::FabricError::WireClosed { .. }) => return,
+            Err(fabric::FabricError::WireClosed { .. }) => break,
             Err(e) => {
                 eprintln!("dropped connection from node {from} ({peer}): {e}");
                 return;
             }
         }
     }
+    // The peer closed a link it used: its process may be gone (the driver checks).
+    if frames {
+        let _ = tx.send(Event::Closed(from));
+    }
+}
+
+/// Whether nothing listens at `addr` any more: a connection is refused (not timed out: a
+/// slow or unreachable node proves nothing). Connects without a handshake (the peer, if
+/// alive, drops the connection with a log line) so that the check itself never looks like
+/// a used link closing.
+fn refuses_connections(addr: &str) -> bool {
+    let Ok(a) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    matches!(
+        TcpStream::connect_timeout(&a, Duration::from_millis(300)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Runs a node until it leaves the configuration; returns the reason.
@@ -560,9 +582,10 @@ impl Driver {
         let id = cfg.id;
         let thread = {
             let listen = listen.clone();
+            let tx = tx.clone();
             std::thread::Builder::new()
                 .name(format!("adapt-node-{id}"))
-                .spawn(move || drive(cfg, listen, node, secret, rx, events_tx))
+                .spawn(move || drive(cfg, listen, node, secret, (tx, rx), events_tx))
                 .map_err(|e| AdaptError::Io {
                     what: "starting the driver thread".into(),
                     source: e,
@@ -613,9 +636,11 @@ fn drive(
     listen: String,
     mut node: Node,
     secret: ClusterSecret,
-    rx: Receiver<Event>,
+    (tx, rx): (Sender<Event>, Receiver<Event>),
     events: Sender<DriverEvent>,
 ) -> Result<String> {
+    // Nodes whose closed link is being checked, and when the last check started.
+    let mut checked: BTreeMap<NodeId, Instant> = BTreeMap::new();
     let mut addrs = cfg.peers.clone();
     addrs.insert(cfg.id, listen);
     let addrs = Arc::new(Mutex::new(addrs));
@@ -632,6 +657,23 @@ fn drive(
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Frame(from, msg)) => node.receive(from, msg),
+            Ok(Event::Closed(from)) => {
+                let recent = checked
+                    .get(&from)
+                    .is_some_and(|t| t.elapsed() < Duration::from_millis(500));
+                let addr = addrs.lock().ok().and_then(|a| a.get(&from).cloned());
+                if let (false, Some(addr)) = (recent, addr) {
+                    checked.insert(from, Instant::now());
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        if refuses_connections(&addr) {
+                            let _ = tx.send(Event::Call(Box::new(move |n: &mut Node| {
+                                n.peer_closed(from)
+                            })));
+                        }
+                    });
+                }
+            }
             Ok(Event::Call(f)) => f(&mut node),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
