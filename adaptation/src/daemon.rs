@@ -71,7 +71,8 @@ impl DaemonConfig {
 
 enum Event {
     Frame(NodeId, Msg),
-    /// A link from this node, which had carried frames, closed (see [`Node::peer_closed`]).
+    /// A link from this node, which had carried frames, closed, or a link to it that was
+    /// open once cannot be opened again (see [`Node::peer_closed`]).
     Closed(NodeId),
     /// Work for the node, run inside the loop.
     Call(Call),
@@ -91,6 +92,8 @@ struct Links {
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
     writers: BTreeMap<NodeId, Sender<Msg>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The driver's events: a link that worked and cannot be opened again is reported.
+    events: Sender<Event>,
 }
 
 impl Links {
@@ -98,8 +101,9 @@ impl Links {
         let tx = self.writers.entry(to).or_insert_with(|| {
             let (tx, rx) = mpsc::channel::<Msg>();
             let (addrs, me, secret) = (self.addrs.clone(), self.me, self.secret.clone());
+            let events = self.events.clone();
             self.threads.push(std::thread::spawn(move || {
-                write_link(me, to, &secret, addrs, rx)
+                write_link(me, to, &secret, addrs, rx, events)
             }));
             tx
         });
@@ -141,15 +145,19 @@ fn open_link(
 }
 
 /// Writes messages to one peer in order; reconnects once per failed message, then gives up
-/// on that message (the protocol retries what matters).
+/// on that message (the protocol retries what matters). A link that was open once and
+/// cannot be opened again is reported to the driver ([`Event::Closed`]), which checks
+/// whether the peer's process is gone.
 fn write_link(
     me: NodeId,
     to: NodeId,
     secret: &ClusterSecret,
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
     rx: Receiver<Msg>,
+    events: Sender<Event>,
 ) {
     let mut link: Option<(TcpStream, Session)> = None;
+    let mut opened_once = false;
     let mut warned = false;
     while let Ok(msg) = rx.recv() {
         for attempt in 0..2 {
@@ -161,9 +169,13 @@ fn write_link(
                 match open_link(me, &addr, secret) {
                     Ok(l) => {
                         link = Some(l);
+                        opened_once = true;
                         warned = false;
                     }
                     Err(why) => {
+                        if opened_once {
+                            let _ = events.send(Event::Closed(to));
+                        }
                         if !warned {
                             eprintln!("link to node {to} ({addr}): cannot connect ({why}); dropping messages until it answers");
                             warned = true;
@@ -650,6 +662,7 @@ fn drive(
         addrs: addrs.clone(),
         writers: BTreeMap::new(),
         threads: Vec::new(),
+        events: tx.clone(),
     };
     let mut known_joins = 0usize;
     let mut next_tick = Instant::now() + cfg.tick;

@@ -540,9 +540,15 @@ fn a_killed_daemon_whose_links_close_and_port_refuses_is_failed_without_waiting_
     // A detector tolerance of 10 minutes: only the closed links (and the refused connection
     // that confirms them) can get the killed node's failure agreed before the test's bound.
     let (mut cluster, _) = Cluster::start_with_timeout(4, 600_000);
-    // Let the supervisors exchange a few agreement heartbeats over their links (bounded).
-    std::thread::sleep(Duration::from_secs(2));
     let victim = 2u32;
+    // Requests through the victim for keys the others manage: it has used links to them.
+    for seq in 1..=8u64 {
+        assert!(cluster.daemons[&victim].send(&format!("req 9 {seq} {seq} add 1")));
+    }
+    cluster.wait("the victim's requests answered", |c| {
+        let seen = c.daemons[&victim].seen.lock().unwrap();
+        (1..=8u64).all(|seq| seen.answers.contains_key(&(9, seq)))
+    });
     {
         let d = cluster.daemons.get_mut(&victim).unwrap();
         d.child.kill().unwrap();

@@ -861,10 +861,12 @@ fn losing_a_buddy_pair_without_parity_or_disk_ends_the_job_naming_the_lost_rank_
         .lines()
         .find(|l| l.contains("krun: the job cannot continue"))
         .unwrap_or_else(|| panic!("no reason given:\n{err}"));
-    // Rank 0 is named, and that no copy of its image survives.
+    // Rank 0 is named, and that no copy of its image survives at any level.
     assert!(why.contains("rank 0"), "{why}");
     assert!(
-        why.contains("no valid copy") || why.contains("nothing can restore"),
+        why.contains("not held at any level")
+            || why.contains("no valid copy")
+            || why.contains("nothing can restore"),
         "{why}"
     );
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
