@@ -71,6 +71,9 @@ impl DaemonConfig {
 
 enum Event {
     Frame(NodeId, Msg),
+    /// A link from this node, which had carried frames, closed, or a link to it that was
+    /// open once cannot be opened again (see [`Node::peer_closed`]).
+    Closed(NodeId),
     /// Work for the node, run inside the loop.
     Call(Call),
 }
@@ -89,6 +92,8 @@ struct Links {
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
     writers: BTreeMap<NodeId, Sender<Msg>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The driver's events: a link that worked and cannot be opened again is reported.
+    events: Sender<Event>,
 }
 
 impl Links {
@@ -96,8 +101,9 @@ impl Links {
         let tx = self.writers.entry(to).or_insert_with(|| {
             let (tx, rx) = mpsc::channel::<Msg>();
             let (addrs, me, secret) = (self.addrs.clone(), self.me, self.secret.clone());
+            let events = self.events.clone();
             self.threads.push(std::thread::spawn(move || {
-                write_link(me, to, &secret, addrs, rx)
+                write_link(me, to, &secret, addrs, rx, events)
             }));
             tx
         });
@@ -139,15 +145,19 @@ fn open_link(
 }
 
 /// Writes messages to one peer in order; reconnects once per failed message, then gives up
-/// on that message (the protocol retries what matters).
+/// on that message (the protocol retries what matters). A link that was open once and
+/// cannot be opened again is reported to the driver ([`Event::Closed`]), which checks
+/// whether the peer's process is gone.
 fn write_link(
     me: NodeId,
     to: NodeId,
     secret: &ClusterSecret,
     addrs: Arc<Mutex<BTreeMap<NodeId, String>>>,
     rx: Receiver<Msg>,
+    events: Sender<Event>,
 ) {
     let mut link: Option<(TcpStream, Session)> = None;
+    let mut opened_once = false;
     let mut warned = false;
     while let Ok(msg) = rx.recv() {
         for attempt in 0..2 {
@@ -159,9 +169,13 @@ fn write_link(
                 match open_link(me, &addr, secret) {
                     Ok(l) => {
                         link = Some(l);
+                        opened_once = true;
                         warned = false;
                     }
                     Err(why) => {
+                        if opened_once {
+                            let _ = events.send(Event::Closed(to));
+                        }
                         if !warned {
                             eprintln!("link to node {to} ({addr}): cannot connect ({why}); dropping messages until it answers");
                             warned = true;
@@ -210,20 +224,40 @@ fn read_link(mut s: TcpStream, secret: ClusterSecret, tx: Sender<Event>, slot: H
         }
     };
     session.rx.set_max_payload(wire::MAX_MESSAGE);
+    let mut frames = false;
     loop {
         match session.rx.recv::<Msg>(&mut s) {
             Ok(msg) => {
+                frames = true;
                 if tx.send(Event::Frame(from, msg)).is_err() {
                     return;
                 }
             }
-            Err(fabric::FabricError::WireClosed { .. }) => return,
+            Err(fabric::FabricError::WireClosed { .. }) => break,
             Err(e) => {
                 eprintln!("dropped connection from node {from} ({peer}): {e}");
                 return;
             }
         }
     }
+    // The peer closed a link it used: its process may be gone (the driver checks).
+    if frames {
+        let _ = tx.send(Event::Closed(from));
+    }
+}
+
+/// Whether nothing listens at `addr` any more: a connection is refused (not timed out: a
+/// slow or unreachable node proves nothing). Connects without a handshake (the peer, if
+/// alive, drops the connection with a log line) so that the check itself never looks like
+/// a used link closing.
+fn refuses_connections(addr: &str) -> bool {
+    let Ok(a) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    matches!(
+        TcpStream::connect_timeout(&a, Duration::from_millis(300)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Runs a node until it leaves the configuration; returns the reason.
@@ -560,9 +594,10 @@ impl Driver {
         let id = cfg.id;
         let thread = {
             let listen = listen.clone();
+            let tx = tx.clone();
             std::thread::Builder::new()
                 .name(format!("adapt-node-{id}"))
-                .spawn(move || drive(cfg, listen, node, secret, rx, events_tx))
+                .spawn(move || drive(cfg, listen, node, secret, (tx, rx), events_tx))
                 .map_err(|e| AdaptError::Io {
                     what: "starting the driver thread".into(),
                     source: e,
@@ -613,9 +648,11 @@ fn drive(
     listen: String,
     mut node: Node,
     secret: ClusterSecret,
-    rx: Receiver<Event>,
+    (tx, rx): (Sender<Event>, Receiver<Event>),
     events: Sender<DriverEvent>,
 ) -> Result<String> {
+    // Nodes whose closed link is being checked, and when the last check started.
+    let mut checked: BTreeMap<NodeId, Instant> = BTreeMap::new();
     let mut addrs = cfg.peers.clone();
     addrs.insert(cfg.id, listen);
     let addrs = Arc::new(Mutex::new(addrs));
@@ -625,6 +662,7 @@ fn drive(
         addrs: addrs.clone(),
         writers: BTreeMap::new(),
         threads: Vec::new(),
+        events: tx.clone(),
     };
     let mut known_joins = 0usize;
     let mut next_tick = Instant::now() + cfg.tick;
@@ -632,6 +670,23 @@ fn drive(
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Frame(from, msg)) => node.receive(from, msg),
+            Ok(Event::Closed(from)) => {
+                let recent = checked
+                    .get(&from)
+                    .is_some_and(|t| t.elapsed() < Duration::from_millis(500));
+                let addr = addrs.lock().ok().and_then(|a| a.get(&from).cloned());
+                if let (false, Some(addr)) = (recent, addr) {
+                    checked.insert(from, Instant::now());
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        if refuses_connections(&addr) {
+                            let _ = tx.send(Event::Call(Box::new(move |n: &mut Node| {
+                                n.peer_closed(from)
+                            })));
+                        }
+                    });
+                }
+            }
             Ok(Event::Call(f)) => f(&mut node),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {

@@ -186,6 +186,9 @@ pub struct Node {
     /// when each node last answered a ping.
     confirming: BTreeMap<NodeId, (u64, u64)>,
     answered_at: BTreeMap<NodeId, u64>,
+    /// Nodes whose process the driver found gone ([`Node::peer_closed`]): their failure is
+    /// proposed without waiting for the detector or a direct ping.
+    closed: BTreeSet<NodeId>,
     next_nonce: u64,
     /// Supervisors: the last epoch each node reported as processed.
     done_by: BTreeMap<NodeId, Epoch>,
@@ -292,6 +295,7 @@ impl Node {
             next_supervisor: 0,
             confirming: BTreeMap::new(),
             answered_at: BTreeMap::new(),
+            closed: BTreeSet::new(),
             next_nonce: 1,
             done_by: BTreeMap::new(),
             out,
@@ -392,6 +396,35 @@ impl Node {
     }
 
     /// Asks for `node` to be evicted (a planned departure: it hands its entries over first).
+    /// The driver's evidence that `node`'s process is gone: a link from it closed (a killed
+    /// process's sockets close at once) and its listening address refused a new connection
+    /// (nothing listens there any more). A slow or partitioned node gives neither (its
+    /// sockets stay open, a connection to it times out instead of being refused), so this
+    /// never replaces the detector: it only skips the waits (the suspicion timeout, and a
+    /// supervisor's direct ping) for a node that cannot answer anyway.
+    pub fn peer_closed(&mut self, node: NodeId) {
+        if node == self.cfg.me
+            || !self.log_members.contains(&node)
+            || self.log_failed.contains(&node)
+        {
+            return;
+        }
+        if self.closed.insert(node) {
+            self.note(format!(
+                "node {node} closed its links and refuses connections: proposing its failure"
+            ));
+        }
+        let change = Change::Fail { node };
+        if self.agreement.is_some() {
+            // A supervisor proposes it at once, even when it was already waiting for it.
+            self.proposals.insert(change.clone(), self.now);
+            self.supervise(change);
+        } else {
+            self.proposals.remove(&change);
+            self.want(change);
+        }
+    }
+
     pub fn request_leave(&mut self, node: NodeId) -> Result<()> {
         if self.cfg.supervisors.contains(&node) {
             return Err(AdaptError::ChangeRefused(format!(
@@ -697,6 +730,15 @@ impl Node {
                 if all_done {
                     return;
                 }
+            }
+            if self.closed.contains(&node) {
+                // Its process is gone (see `peer_closed`): no ping can be answered.
+                self.confirming.remove(&node);
+                if let Some(a) = self.agreement.as_mut() {
+                    let o = a.propose(&change);
+                    self.on_agreement(o);
+                }
+                return;
             }
             let recently = self
                 .answered_at

@@ -72,6 +72,19 @@ fn free_port() -> String {
 }
 
 fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str) -> Daemon {
+    // Eight daemons, test clients and the other tests share two cores: krund's default
+    // tolerance (3 s), not the idle-LAN default that declared a starting daemon down.
+    spawn_with_timeout(id, addr, peers, join, secret, 3000)
+}
+
+fn spawn_with_timeout(
+    id: u32,
+    addr: &str,
+    peers: &[(u32, String)],
+    join: bool,
+    secret: &str,
+    failure_timeout_ms: u64,
+) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_krun-adapt"));
     cmd.args([
         "--id",
@@ -80,10 +93,8 @@ fn spawn(id: u32, addr: &str, peers: &[(u32, String)], join: bool, secret: &str)
         addr,
         "--supervisors",
         "0,1,2",
-        // Eight daemons, test clients and the other tests share two cores: krund's default
-        // tolerance (3 s), not the idle-LAN default that declared a starting daemon down.
         "--failure-timeout-ms",
-        "3000",
+        &failure_timeout_ms.to_string(),
     ]);
     for (p, a) in peers {
         cmd.args(["--peer", &format!("{p}={a}")]);
@@ -160,6 +171,11 @@ struct Cluster {
 impl Cluster {
     /// `n` daemons, each knowing the others; returns once all are ready.
     fn start(n: u32) -> (Cluster, Vec<(u32, String)>) {
+        Cluster::start_with_timeout(n, 3000)
+    }
+
+    /// As [`Cluster::start`], with the detector's failure timeout.
+    fn start_with_timeout(n: u32, failure_timeout_ms: u64) -> (Cluster, Vec<(u32, String)>) {
         let addrs: Vec<(u32, String)> = (0..n).map(|i| (i, free_port())).collect();
         let mut cluster = Cluster {
             daemons: BTreeMap::new(),
@@ -167,9 +183,10 @@ impl Cluster {
         for (id, addr) in &addrs {
             let peers: Vec<(u32, String)> =
                 addrs.iter().filter(|(p, _)| p != id).cloned().collect();
-            cluster
-                .daemons
-                .insert(*id, spawn(*id, addr, &peers, false, SECRET));
+            cluster.daemons.insert(
+                *id,
+                spawn_with_timeout(*id, addr, &peers, false, SECRET, failure_timeout_ms),
+            );
         }
         cluster.wait(&format!("{n} daemons ready"), |c| {
             c.daemons.values().all(|d| d.seen.lock().unwrap().ready)
@@ -516,4 +533,53 @@ fn a_node_without_the_secret_stays_out_and_garbage_is_survived() {
         assert!(d.alive());
     }
     drop(intruder);
+}
+
+#[test]
+fn a_killed_daemon_whose_links_close_and_port_refuses_is_failed_without_waiting_for_the_detector() {
+    // A detector tolerance of 10 minutes: only the closed links (and the refused connection
+    // that confirms them) can get the killed node's failure agreed before the test's bound.
+    let (mut cluster, _) = Cluster::start_with_timeout(4, 600_000);
+    let victim = 2u32;
+    // Requests through the victim for keys the others manage: it has used links to them.
+    for seq in 1..=8u64 {
+        assert!(cluster.daemons[&victim].send(&format!("req 9 {seq} {seq} add 1")));
+    }
+    cluster.wait("the victim's requests answered", |c| {
+        let seen = c.daemons[&victim].seen.lock().unwrap();
+        (1..=8u64).all(|seq| seen.answers.contains_key(&(9, seq)))
+    });
+    {
+        let d = cluster.daemons.get_mut(&victim).unwrap();
+        d.child.kill().unwrap();
+        let _ = d.child.wait();
+        *d.stdin.lock().unwrap() = None;
+    }
+    cluster.daemons.remove(&victim);
+    cluster.wait("the killed node's failure agreed", |c| {
+        c.daemons
+            .values()
+            .all(|d| d.seen.lock().unwrap().members == [0, 1, 3])
+    });
+    let said: Vec<u32> = cluster
+        .daemons
+        .values()
+        .filter(|d| {
+            d.stderr
+                .lock()
+                .unwrap()
+                .contains("node 2 closed its links and refuses connections")
+        })
+        .map(|d| d.id)
+        .collect();
+    assert!(!said.is_empty(), "{}", cluster.describe());
+    // The detector never got to it: nobody declared it down by silence.
+    for d in cluster.daemons.values() {
+        let err = d.stderr.lock().unwrap();
+        assert!(
+            !err.contains("did not answer a direct ping"),
+            "node {}: {err}",
+            d.id
+        );
+    }
 }

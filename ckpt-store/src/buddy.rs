@@ -28,8 +28,12 @@ pub struct Placement {
     /// Each node's buddy candidates, best first (the buddy is the first one not down).
     candidates: Vec<Vec<usize>>,
     sets: Vec<Vec<usize>>,
-    /// node -> (set, member index in the set)
-    member: Vec<(u32, u32)>,
+    /// node -> (set, member index in the set); `None`: the node is in no parity set
+    /// ([`Placement::parity_among`]).
+    member: Vec<Option<(u32, u32)>>,
+    /// Parity lanes per set: each member contributes one image per lane and version (a node
+    /// running `lanes` ranks puts `lanes` images per version).
+    lanes: u32,
 }
 
 impl Placement {
@@ -146,17 +150,50 @@ impl Placement {
     }
 
     fn with(candidates: Vec<Vec<usize>>, sets: Vec<Vec<usize>>, n: usize) -> Placement {
-        let mut member = vec![(0, 0); n];
+        let mut member = vec![None; n];
         for (s, set) in sets.iter().enumerate() {
             for (i, &m) in set.iter().enumerate() {
-                member[m] = (s as u32, i as u32);
+                member[m] = Some((s as u32, i as u32));
             }
         }
         Placement {
             candidates,
             sets,
             member,
+            lanes: 1,
         }
+    }
+
+    /// The same buddies, with parity sets of `k` members dealt (in this placement's set
+    /// order) among the nodes with `members[node]` set only, `lanes` images per member and
+    /// version (`k < 2` or fewer than two members: no parity). A job's store uses it so
+    /// that spares, which put no image until they adopt a rank, sit in no set (a set waits
+    /// for every member's image), and so that a node of `lanes` ranks puts each rank's
+    /// image in a parity of its own (a set rebuilds one lost image per parity).
+    pub fn parity_among(mut self, members: &[bool], k: usize, lanes: u32) -> Placement {
+        let n = self.candidates.len();
+        let order: Vec<usize> = self
+            .sets
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&m| members.get(m).copied().unwrap_or(false))
+            .collect();
+        let k = if order.len() < 2 { 1 } else { k.max(1) };
+        let mut sets: Vec<Vec<usize>> = order.chunks(k).map(|c| c.to_vec()).collect();
+        if k > 1 && sets.len() > 1 && sets.last().is_some_and(|s| s.len() == 1) {
+            let last = sets.pop().expect("non-empty");
+            sets.last_mut().expect("non-empty").extend(last);
+        }
+        if k < 2 {
+            // No parity: every node its own set, as `ring` and `from_cells` do for k < 2.
+            sets = (0..n).map(|m| vec![m]).collect();
+        }
+        let lanes = lanes.max(1);
+        let candidates = std::mem::take(&mut self.candidates);
+        let mut p = Placement::with(candidates, sets, n);
+        p.lanes = lanes;
+        p
     }
 
     /// Number of nodes placed.
@@ -184,20 +221,54 @@ impl Placement {
         &self.sets
     }
 
-    /// `node`'s parity set and its member index there.
+    /// `node`'s parity set and its member index there ((0, 0) for a node in no set: see
+    /// [`Placement::parity_member`]).
     pub fn set_of(&self, node: usize) -> (u32, u32) {
-        self.member[node]
+        self.parity_member(node).unwrap_or((0, 0))
     }
 
-    /// Members of set `set` (0 for an unknown set).
+    /// `node`'s parity set and its member index there, if it is in one.
+    pub fn parity_member(&self, node: usize) -> Option<(u32, u32)> {
+        self.member.get(node).copied().flatten()
+    }
+
+    /// Parity lanes per set (1 unless [`Placement::parity_among`] set more).
+    pub fn lanes(&self) -> u32 {
+        self.lanes
+    }
+
+    /// The parity set number of lane `lane` of set `set`: the store keeps one parity per
+    /// (lane set, version); lane 0's numbers are the sets' own.
+    pub fn lane_set(&self, set: u32, lane: u32) -> u32 {
+        lane * self.sets.len() as u32 + set
+    }
+
+    /// Every lane set number (`0..sets * lanes`).
+    pub fn lane_sets(&self) -> u32 {
+        self.sets.len() as u32 * self.lanes
+    }
+
+    /// The nodes of set `set` (a lane set number names its set's nodes).
+    pub fn set_members(&self, set: u32) -> &[usize] {
+        &self.sets[set as usize % self.sets.len()]
+    }
+
+    /// Members of set `set` (a lane set number counts its set's members; 0 for an unknown
+    /// set).
     pub fn set_size(&self, set: u32) -> usize {
-        self.sets.get(set as usize).map_or(0, Vec::len)
+        if set >= self.lane_sets() {
+            return 0;
+        }
+        self.sets
+            .get(set as usize % self.sets.len())
+            .map_or(0, Vec::len)
     }
 
-    /// The node keeping the parity of `set` for `version`: a node of the next set, rotating
-    /// with the version (inside the set when there is only one).
+    /// The node keeping the parity of `set` (or of a lane set of it) for `version`: a node
+    /// of the next set, rotating with the version (inside the set when there is only one).
     pub fn parity_holder(&self, set: u32, version: u64) -> usize {
-        let next = &self.sets[(set as usize + 1) % self.sets.len()];
+        let n = self.sets.len();
+        let next = &self.sets[(set as usize % n + 1) % n];
         next[(version % next.len() as u64) as usize]
     }
 }

@@ -239,6 +239,9 @@ struct Inner {
     held: Mutex<HashMap<Key, Held>>,
     reserved: Mutex<HashMap<(Key, u8), Reservation>>,
     parity: Mutex<BTreeMap<(u32, u64), ParitySet>>,
+    /// owner -> its parity lane on this node (in order of first put: a node's owners keep
+    /// their lanes from version to version).
+    lanes: Mutex<HashMap<String, u32>>,
     l1: Mutex<HashMap<Key, L1Copy>>,
     pool: Arc<Mutex<Vec<MemoryRegion>>>,
     safe: Mutex<HashMap<Key, [bool; 4]>>,
@@ -339,6 +342,7 @@ impl Store {
             held: Default::default(),
             reserved: Default::default(),
             parity: Default::default(),
+            lanes: Default::default(),
             l1: Default::default(),
             pool: Default::default(),
             safe: Default::default(),
@@ -680,8 +684,35 @@ impl Inner {
         self.placement.buddy_among(node, &down).unwrap_or(node)
     }
 
-    fn set_of(&self, node: usize) -> u32 {
-        self.placement.set_of(node).0
+    /// Where `key`'s image goes for L3: (lane set, member index, holder), or `None` when
+    /// this store writes no parity, this node is in no parity set, runs more owners than
+    /// the sets have lanes, or the set cannot complete (a member or the holder is gone: the
+    /// set would wait for an image that never comes).
+    fn parity_target(&self, key: &Key) -> Option<(u32, u32, usize)> {
+        if self.cfg.parity_set < 2 || self.cfg.nodes.len() < 2 {
+            return None;
+        }
+        let (set, member) = self.placement.parity_member(self.cfg.node)?;
+        let lane = {
+            let mut lanes = self.lanes.lock().expect("lock");
+            let next = lanes.len() as u32;
+            *lanes.entry(key.0.clone()).or_insert(next)
+        };
+        if lane >= self.placement.lanes() {
+            return None;
+        }
+        let vset = self.placement.lane_set(set, lane);
+        let holder = self.placement.parity_holder(vset, key.1);
+        if self.is_down(holder)
+            || self
+                .placement
+                .set_members(set)
+                .iter()
+                .any(|&m| self.is_down(m))
+        {
+            return None;
+        }
+        Some((vset, member, holder))
     }
 
     fn set_size(&self, set: u32) -> usize {
@@ -1020,10 +1051,7 @@ impl Inner {
                 Err(e) => self.fail(key, format!("L2 at node {buddy}: {e}")),
             }
         }
-        if self.cfg.parity_set > 1 && n > 1 {
-            let set = self.set_of(self.cfg.node);
-            let member = self.placement.set_of(self.cfg.node).1;
-            let holder = self.placement.parity_holder(set, key.1);
+        if let Some((set, member, holder)) = self.parity_target(key) {
             let sent = if holder == self.cfg.node {
                 self.contribute_locally(key, set, member)
             } else {
@@ -1165,7 +1193,7 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        for set in 0..self.placement.sets().len() as u32 {
+        for set in 0..self.placement.lane_sets() {
             let holder = self.placement.parity_holder(set, version);
             if self.is_down(holder) {
                 continue;

@@ -110,6 +110,59 @@ fn stores_use_buddies_and_parity_sets_from_the_cells() {
 }
 
 #[test]
+fn parity_among_rank_nodes_with_two_lanes_rebuilds_a_lost_buddy_pairs_images() {
+    // Five nodes in one cell, each its own failure group: buddies 0->1->2->3->4->0. Nodes
+    // 0-3 run two ranks each; node 4 is a spare (no rank, no parity set). Sets {0,1} and
+    // {2,3}, two lanes: each rank's image goes into a parity of its own.
+    let groups = [0u32, 1, 2, 3, 4];
+    let p = Placement::from_cells(&[vec![0, 1, 2, 3, 4]], &groups, 2)
+        .unwrap()
+        .parity_among(&[true, true, true, true, false], 2, 2);
+    assert_eq!(p.sets(), &[vec![0, 1], vec![2, 3]]);
+    assert_eq!(p.parity_member(4), None);
+    assert_eq!(p.buddy(0), Some(1));
+    let mut c = cluster("lanes", &groups, 2, Some(p.clone()));
+    let owner = |node: usize, lane: usize| format!("r{}", node * 2 + lane);
+    let len = |node: usize, lane: usize| 60_000 + node * 1000 + lane * 17;
+    for node in 0..4 {
+        for lane in 0..2 {
+            let seed = (node * 2 + lane) as u8;
+            c.s(node)
+                .put(&owner(node, lane), 1, &image(len(node, lane), seed))
+                .unwrap();
+        }
+    }
+    for node in 0..4 {
+        for lane in 0..2 {
+            c.s(node)
+                .wait_safe(&owner(node, lane), 1, Level::L3, T)
+                .unwrap();
+        }
+    }
+    // The spare adopts a rank later: its image goes to L2, and it waits on no parity set.
+    c.s(4).put("r9", 1, &image(5000, 9)).unwrap();
+    c.s(4).wait_safe("r9", 1, Level::L2, T).unwrap();
+    assert_eq!(c.s(4).flush_error("r9", 1), None);
+    // Nodes 0 and 1 (node 0's buddy) are lost at once.
+    c.stores[0] = None;
+    c.stores[1] = None;
+    for n in 2..5 {
+        c.s(n).set_down(0, true).unwrap();
+        c.s(n).set_down(1, true).unwrap();
+    }
+    for lane in 0..2 {
+        // Node 0's images: no L1, no L2 left: rebuilt from parity.
+        let (data, report) = c.s(4).get(&owner(0, lane), 1).unwrap();
+        assert!(data == image(len(0, lane), lane as u8), "r{lane} differs");
+        assert_eq!(report.level, Level::L3, "{report:?}");
+        // Node 1's images: at its buddy, node 2.
+        let (data, report) = c.s(4).get(&owner(1, lane), 1).unwrap();
+        assert!(data == image(len(1, lane), (2 + lane) as u8));
+        assert_eq!((report.level, report.node), (Level::L2, 2));
+    }
+}
+
+#[test]
 fn a_placement_for_another_node_count_is_refused() {
     let p = Placement::ring(&[0, 1], 0);
     let ep = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();

@@ -1,9 +1,12 @@
 //! Spares and failure injection across namespace hosts (#10): the heat stencil
 //! (`rank/examples/c/heat_ha.c`) on 4 hosts + 1 spare (`krun --hosts ... --spares 1`, a
 //! `krund --listen` daemon on each host) under the coordinated policy; the node of host 1 is
-//! SIGKILLed between checkpoints (`--inject-failure node=1@2ckpt`: right after the 2nd
-//! commit). Its ranks must restart on the spare host and the result must equal the serial
-//! reference. Needs root and the workspace's binaries (`cargo build --workspace`).
+//! SIGKILLed (a) between checkpoints (`--inject-failure node=1@2ckpt`: right after the 2nd
+//! commit), (b) during a checkpoint (`node=2@ckpt3:capture`: every rank held, the capture
+//! ordered), (c) during a restart (`node=3@recovery1`: the first failure's restart orders
+//! out). The lost ranks must restart (on the spare host while there is one) and the result
+//! must equal the serial reference each time. Needs root and the workspace's binaries
+//! (`cargo build --workspace`).
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,13 +75,24 @@ fn finish(mut p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) 
     )
 }
 
-#[test]
-fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restarting_on_the_spare() {
+/// What one job on the hosts left: krun's exit code, its stdout, stdout and stderr, and
+/// all of it with the daemons' logs (for failure messages).
+struct HostsRun {
+    code: Option<i32>,
+    out: String,
+    both: String,
+    all: String,
+    want: String,
+}
+
+/// The heat stencil on 4 namespace hosts + 1 spare (`krun --hosts ... --spares 1 -n 8`,
+/// checkpoints every second) with `injections`, and `policy` as `krun --policy FILE`.
+fn heat_on_hosts(tag: &str, injections: &[&str], policy: Option<&str>) -> HostsRun {
     if let Err(e) = cluster_tests::require_root() {
         panic!("\n\n*** {e} ***\n\n");
     }
     let dir = TempDir(std::env::temp_dir().join(format!(
-        "krun-ha-hosts-{}-{:x}",
+        "krun-ha-hosts-{tag}-{}-{:x}",
         std::process::id(),
         fabric::random_u64().unwrap()
     )));
@@ -99,7 +113,7 @@ fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restartin
     // Ranks' images in memory (removed at the end); the hosts share this filesystem, and each
     // rank's owner is distinct, so one directory serves all of them.
     let ghost = TempDir(PathBuf::from(format!(
-        "/dev/shm/krun-ha-hosts-{}-{:x}",
+        "/dev/shm/krun-ha-hosts-{tag}-{}-{:x}",
         std::process::id(),
         fabric::random_u64().unwrap()
     )));
@@ -139,15 +153,22 @@ fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restartin
         .collect::<Vec<_>>()
         .join(",");
     let heat = dir.0.join("heat_ha");
+    let mut cmd = Command::new(workspace_bin("krun"));
+    cmd.args(["--hosts", &hosts, "--spares", "1", "-n", "8"])
+        .args(["--checkpoint-interval", "1"]);
+    for i in injections {
+        cmd.args(["--inject-failure", i]);
+    }
+    if let Some(text) = policy {
+        let file = dir.0.join("policy.toml");
+        std::fs::write(&file, text).unwrap();
+        cmd.arg("--policy").arg(&file);
+    }
     let krun = cluster
         .node(0)
         .unwrap()
         .spawn(
-            Command::new(workspace_bin("krun"))
-                .args(["--hosts", &hosts, "--spares", "1", "-n", "8"])
-                .args(["--checkpoint-interval", "1"])
-                .args(["--inject-failure", "node=1@2ckpt"])
-                .arg(&heat)
+            cmd.arg(&heat)
                 .args(grid)
                 .env("KRUN_SECRET_FILE", &secret)
                 .env("KRUN_FABRIC_PROVIDER", "tcp")
@@ -162,7 +183,20 @@ fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restartin
     let logs: Vec<String> = drains.into_iter().map(|t| t.join().unwrap()).collect();
     let all = format!("{out}\n{err}\n--- daemons ---\n{}", logs.join("\n---\n"));
     let both = format!("{out}\n{err}");
-    assert_eq!(code, Some(0), "{all}");
+    HostsRun {
+        code,
+        out,
+        both,
+        all,
+        want,
+    }
+}
+
+#[test]
+fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restarting_on_the_spare() {
+    let r = heat_on_hosts("between", &["node=1@2ckpt"], None);
+    let (both, all) = (&r.both, &r.all);
+    assert_eq!(r.code, Some(0), "{all}");
     assert!(
         both.contains("injected failure: SIGKILL to node 1"),
         "{all}"
@@ -170,5 +204,48 @@ fn heat_on_four_hosts_survives_a_node_sigkilled_between_checkpoints_by_restartin
     // Node 1's ranks (2 of 8 on 4 nodes: ranks 2-3) restart on the spare, node 4.
     assert!(both.contains("restart on spare node 4"), "{all}");
     assert!(both.contains("1 node failure, 1 recovery"), "{all}");
-    assert_eq!(checksum_in(&out), Some(want), "{all}");
+    assert_eq!(checksum_in(&r.out), Some(r.want.clone()), "{all}");
+}
+
+#[test]
+fn heat_on_four_hosts_survives_a_node_sigkilled_during_a_checkpoint() {
+    // Node 2 dies once every rank is held for checkpoint 3's capture: checkpoint 3 is
+    // aborted everywhere, the job recovers from checkpoint 2 onto the spare.
+    let r = heat_on_hosts("duringckpt", &["node=2@ckpt3:capture"], None);
+    let (both, all) = (&r.both, &r.all);
+    assert_eq!(r.code, Some(0), "{all}");
+    assert!(
+        both.contains("injected failure at the capture of checkpoint attempt 3: SIGKILL to node 2"),
+        "{all}"
+    );
+    assert!(both.contains("ranks 4-5 restart on spare node 4"), "{all}");
+    assert!(both.contains("1 node failure, 1 recovery"), "{all}");
+    assert_eq!(checksum_in(&r.out), Some(r.want.clone()), "{all}");
+}
+
+#[test]
+fn heat_on_four_hosts_survives_a_node_sigkilled_during_a_restart() {
+    // Node 1 dies after the 2nd commit; while its ranks restart on the spare (the recovery's
+    // Restart orders are out), node 3 dies too. The only spare is taken: the policy allows
+    // running on fewer nodes (`restart = "shrink"`), so node 3's ranks go to the
+    // least-loaded survivor, and the job still ends with the serial checksum.
+    let policy = "policy = \"coordinated\"\nrestart = \"shrink\"\n";
+    let r = heat_on_hosts(
+        "duringrestart",
+        &["node=1@2ckpt", "node=3@recovery1"],
+        Some(policy),
+    );
+    let (both, all) = (&r.both, &r.all);
+    assert_eq!(r.code, Some(0), "{all}");
+    assert!(
+        both.contains("injected failure: SIGKILL to node 1"),
+        "{all}"
+    );
+    assert!(
+        both.contains("injected failure at recovery 1: SIGKILL to node 3"),
+        "{all}"
+    );
+    assert!(both.contains("restart on spare node 4"), "{all}");
+    assert!(both.contains("2 node failures"), "{all}");
+    assert_eq!(checksum_in(&r.out), Some(r.want.clone()), "{all}");
 }

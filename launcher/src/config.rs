@@ -45,6 +45,8 @@ pub enum Kind {
     Bool,
     /// An HA policy: `coordinated` or `uncoordinated`.
     PolicyKind,
+    /// L3 parity sets: `auto`, `off` or a set size >= 2.
+    Parity,
 }
 
 /// One setting: its TOML key, its variable, what it must be, and what it does.
@@ -239,6 +241,15 @@ pub const SETTINGS: &[Setting] = &[
         "the level a checkpoint must be safe at before it counts (L1..L4)",
     ),
     s(
+        "store",
+        "parity",
+        "KRUN_STORE_PARITY",
+        Kind::Parity,
+        Some("auto"),
+        "L3 parity sets among the nodes that run ranks: auto (on for 4 or more nodes with as \
+         many ranks each, sets of half of them), off, or a set size",
+    ),
+    s(
         "policy",
         "kind",
         "KRUN_POLICY_KIND",
@@ -351,6 +362,7 @@ fn check(setting: &Setting, value: &str) -> std::result::Result<(), String> {
         Kind::Level => crate::runtime::store_node::parse_level(v).map(drop),
         Kind::Bool => parse_bool(v).map(drop),
         Kind::PolicyKind => crate::runtime::checkpoints::PolicyKind::parse(v).map(drop),
+        Kind::Parity => crate::runtime::store_node::Parity::parse(v).map(drop),
     }
 }
 

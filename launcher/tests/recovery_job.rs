@@ -786,3 +786,88 @@ fn a_node_killed_before_the_first_checkpoint_restarts_every_rank_from_the_start_
     assert!(!out.contains("restored version"), "{out}");
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// The heat stencil on 4 nodes of one rank each plus 2 spares (`krun --local 4 --spares 2
+/// -n 4`: parity on by default, sets {0, 1} and {2, 3}; buddies 0 -> 1 -> 2 -> ...), with
+/// nodes 0 and 1 SIGKILLed at once when the 4th checkpoint's barrier starts: node 0's
+/// image of the recovery line lost its L1 (node 0) and its L2 (node 1).
+fn buddy_pair_job(dir: &Path, heat: &Path, steps: &str) -> Command {
+    let mut cmd = krun(dir);
+    cmd.args(["--local", "4", "--spares", "2", "-n", "4"])
+        .args(["--checkpoint-interval", "0.5"])
+        .args(["--inject-failure", "node=0@ckpt4:barrier"])
+        .args(["--inject-failure", "node=1@ckpt4:barrier"])
+        .arg(heat)
+        .args(["48", "40", steps, "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .env_remove("KRUN_STORE_PARITY");
+    cmd
+}
+
+/// The line krund prints for the image of `rank` it fetched for a restart.
+fn fetched_line(err: &str, rank: u32) -> Option<&str> {
+    err.lines()
+        .find(|l| l.contains(&format!("krund: rank {rank}: image v")))
+}
+
+#[test]
+fn losing_a_buddy_pair_at_once_restores_the_lost_rank_from_l3_parity_on_a_spare() {
+    let dir = temp("pair");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "500"]);
+    let run = Running::start(&dir.0, buddy_pair_job(&dir.0, &heat, "500"));
+    run.wait_line(
+        "injected failure at the barrier of checkpoint attempt 4: SIGKILL to node",
+        Duration::from_secs(240),
+    );
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    // Both nodes were killed, and their ranks restarted on the two spares.
+    assert!(err.contains("SIGKILL to node 0"), "{err}");
+    assert!(err.contains("SIGKILL to node 1"), "{err}");
+    let restarts = restarts_once_per_failure(&log);
+    let mut placed: Vec<(u64, u64)> = restarts.iter().map(|r| (r.0, r.2)).collect();
+    placed.sort_unstable();
+    assert_eq!(placed.len(), 2, "{log}");
+    assert_eq!((placed[0].0, placed[1].0), (0, 1), "{log}");
+    assert!(placed.iter().all(|p| p.1 >= 4), "on the spares: {log}");
+    // Rank 0's image was in node 0's memory (L1) and node 1's (L2): it came from parity;
+    // rank 1's L2 copy was on node 2.
+    let r0 = fetched_line(&err, 0).unwrap_or_else(|| panic!("no fetch of rank 0:\n{err}"));
+    assert!(
+        r0.contains("from L3") && r0.contains("rebuilt from parity"),
+        "{r0}"
+    );
+    let r1 = fetched_line(&err, 1).unwrap_or_else(|| panic!("no fetch of rank 1:\n{err}"));
+    assert!(r1.contains("from L2 on node 2"), "{r1}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
+
+#[test]
+fn losing_a_buddy_pair_without_parity_or_disk_ends_the_job_naming_the_lost_rank_and_checkpoint() {
+    let dir = temp("pairlost");
+    let heat = build_heat(&dir.0);
+    let mut cmd = buddy_pair_job(&dir.0, &heat, "500");
+    cmd.env("KRUN_STORE_PARITY", "off");
+    let o = run_bounded(cmd, Duration::from_secs(300));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(checksum(&out).is_none(), "{out}\n{err}");
+    let why = err
+        .lines()
+        .find(|l| l.contains("krun: the job cannot continue"))
+        .unwrap_or_else(|| panic!("no reason given:\n{err}"));
+    // Rank 0 is named, and that no copy of its image survives at any level.
+    assert!(why.contains("rank 0"), "{why}");
+    assert!(
+        why.contains("not held at any level")
+            || why.contains("no valid copy")
+            || why.contains("nothing can restore"),
+        "{why}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

@@ -215,9 +215,10 @@ fn run() -> Result<i32, LauncherError> {
             })?;
             let node_id = args.node_id;
             let job_ranks = placement.total() as u32;
+            let counts = placement.count.clone();
             std::thread::spawn(move || {
                 let started = start_store(
-                    &runtime, &mut boot, &config, node_id, job_ranks, &settings, &secret,
+                    &runtime, &mut boot, &config, node_id, job_ranks, &counts, &settings, &secret,
                 );
                 if let Err(e) = &started {
                     eprintln!("krund: node {node_id}: no checkpoint store: {e}");
@@ -400,12 +401,14 @@ fn start_mpi(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_store(
     runtime: &Runtime,
     boot: &mut BootstrapClient,
     config: &FabricConfig,
     node_id: usize,
     job_ranks: u32,
+    counts: &[usize],
     settings: &StoreSettings,
     secret: &fabric::secret::ClusterSecret,
 ) -> Result<(), LauncherError> {
@@ -413,7 +416,7 @@ fn start_store(
     let addresses = boot.allgather(&ep.address().to_bytes())?;
     let cells = runtime.cells(Duration::from_secs(30))?;
     let (agent, events) = launcher::runtime::store_node::start(
-        ep, node_id, &addresses, &cells, settings, secret, job_ranks,
+        ep, node_id, &addresses, &cells, settings, secret, job_ranks, counts,
     )?;
     runtime.follow_agent(events);
     runtime.set_agent(Some(std::sync::Arc::new(agent)));

@@ -375,6 +375,19 @@ impl Agent {
             let v = ghost::image::Image::parse(&f.image)
                 .map(|i| i.image_id)
                 .unwrap_or(version);
+            // Which level served the restart: L3 means rebuilt from parity (the node and
+            // its buddy were both lost).
+            eprintln!(
+                "krund: rank {rank}: image v{v} ({} bytes) from {} on node {}{}",
+                f.image.len(),
+                f.report.level,
+                f.report.node,
+                if f.report.level == Level::L3 {
+                    " (rebuilt from parity)"
+                } else {
+                    ""
+                }
+            );
             let path = ghost::native::image_path(dir, ghost_owner, v);
             ghost::native::write_atomically(&path, &f.image).map_err(|e| {
                 LauncherError::Checkpoint {

@@ -5,8 +5,16 @@
 //! view's cells, and starts [`Store::start_placed`] with [`Placement::from_cells`]: a node's
 //! L2 buddy sits in another cell where there is one. The store's [`Agent`] then plugs into
 //! the node runtime ([`super::Runtime::set_agent`]). Settings ([`StoreSettings::from_env`])
-//! come from the configuration surface: `[store] arena_mib`, `disk`, `level`
-//! (`KRUN_STORE_ARENA_MIB`, `KRUN_STORE_DISK`, `KRUN_STORE_LEVEL`).
+//! come from the configuration surface: `[store] arena_mib`, `disk`, `level`, `parity`
+//! (`KRUN_STORE_ARENA_MIB`, `KRUN_STORE_DISK`, `KRUN_STORE_LEVEL`, `KRUN_STORE_PARITY`).
+//!
+//! L3 parity ([`Parity`]): sets of K nodes among the nodes that run ranks (spares put no
+//! image until they adopt a rank, and a set waits for every member's image), one parity
+//! lane per rank of a node, so a lost node's every rank is rebuilt from its set's parity
+//! and the other members' images. `auto` (the default) turns it on for jobs of at least
+//! [`AUTO_PARITY_MIN_NODES`] rank nodes that run the same number of ranks each, with
+//! K = half the rank nodes (2 to 8): a lost buddy pair (a node and the node holding its L2
+//! copies) then still restores from L3.
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -31,6 +39,61 @@ pub fn parse_level(v: &str) -> std::result::Result<Level, String> {
     Level::parse(&named).map_err(|_| format!("{v:?} is not a store level (L1, L2, L3 or L4)"))
 }
 
+/// Jobs with at least this many rank nodes get L3 parity by default.
+pub const AUTO_PARITY_MIN_NODES: usize = 4;
+
+/// `[store] parity` (`KRUN_STORE_PARITY`): L3 parity sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parity {
+    /// On for jobs of [`AUTO_PARITY_MIN_NODES`] or more rank nodes with as many ranks each.
+    Auto,
+    Off,
+    /// Sets of this many rank nodes (at least 2).
+    Sets(usize),
+}
+
+impl Parity {
+    /// `auto`, `off` (or `0`), or a set size >= 2.
+    pub fn parse(v: &str) -> std::result::Result<Parity, String> {
+        match v.trim() {
+            "auto" => Ok(Parity::Auto),
+            "off" | "0" => Ok(Parity::Off),
+            n => match n.parse::<usize>() {
+                Ok(k) if (2..=1024).contains(&k) => Ok(Parity::Sets(k)),
+                _ => Err(format!(
+                    "{v:?} is not a parity setting (auto, off, or a set size from 2 to 1024)"
+                )),
+            },
+        }
+    }
+
+    /// The parity sets' size and lanes for a job whose nodes run `counts[node]` ranks
+    /// (spares 0): (0, 1) for no parity. `Sets(k)` with nodes of different rank counts is
+    /// refused (a lane set would wait for images that never come); a set of more members
+    /// than there are rank nodes takes them all.
+    pub fn sets_for(self, counts: &[usize]) -> std::result::Result<(usize, u32), String> {
+        let ranked: Vec<usize> = counts.iter().copied().filter(|&c| c > 0).collect();
+        let even = ranked.windows(2).all(|w| w[0] == w[1]);
+        let lanes = ranked.first().copied().unwrap_or(1) as u32;
+        match self {
+            Parity::Off => Ok((0, 1)),
+            Parity::Auto if ranked.len() >= AUTO_PARITY_MIN_NODES && even => {
+                Ok(((ranked.len() / 2).clamp(2, 8), lanes))
+            }
+            Parity::Auto => Ok((0, 1)),
+            Parity::Sets(_) if ranked.len() < 2 => Err(format!(
+                "parity sets need at least 2 nodes that run ranks; this job has {}",
+                ranked.len()
+            )),
+            Parity::Sets(_) if !even => Err(format!(
+                "parity sets need the same number of ranks on every node that runs ranks \
+                 (ranks per node: {ranked:?})"
+            )),
+            Parity::Sets(k) => Ok((k.min(ranked.len()), lanes)),
+        }
+    }
+}
+
 /// How a node's store runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreSettings {
@@ -44,6 +107,8 @@ pub struct StoreSettings {
     /// newest commits (a restart needs every ancestor down to a full image) and one version
     /// in flight: the ghost checkpointer's `KRUN_GHOST_FULL_EVERY` (default 4) + 2.
     pub keep: usize,
+    /// L3 parity sets.
+    pub parity: Parity,
 }
 
 impl StoreSettings {
@@ -87,11 +152,16 @@ impl StoreSettings {
                 }
             },
         };
+        let parity = match get("KRUN_STORE_PARITY") {
+            None => Parity::Auto,
+            Some(v) => Parity::parse(&v).map_err(|e| bad("KRUN_STORE_PARITY", e))?,
+        };
         Ok(StoreSettings {
             arena_bytes: mib << 20,
             disk: get("KRUN_STORE_DISK").map(PathBuf::from),
             level,
             keep: full_every + 2,
+            parity,
         })
     }
 }
@@ -116,8 +186,10 @@ pub fn store_cells(cells: &[Vec<u32>], nodes: usize) -> Vec<Vec<usize>> {
 
 /// Starts node `node`'s store over `ep` with every node's address (`addresses[i]` is node
 /// `i`'s [`EndpointAddress::to_bytes`]) and the view's `cells`, and its agent for the ranks
-/// `0..job_ranks`. The agent waits for `settings.level`, or for the slowest level this store
-/// writes when that is faster (a one-node job has no L2).
+/// `0..job_ranks`, of which node `i` runs `counts[i]` (spares 0; they decide the parity
+/// sets: see [`Parity::sets_for`]). The agent waits for `settings.level`, or for the
+/// slowest level this store writes when that is faster (a one-node job has no L2).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     ep: Box<dyn Endpoint>,
     node: usize,
@@ -126,6 +198,7 @@ pub fn start(
     settings: &StoreSettings,
     secret: &ClusterSecret,
     job_ranks: u32,
+    counts: &[usize],
 ) -> Result<(StoreAgent, mpsc::Receiver<AgentEvent>)> {
     let fail = |message: String| LauncherError::Node { node, message };
     let store_nodes = addresses.len();
@@ -143,8 +216,17 @@ pub fn start(
         })
         .collect::<Result<_>>()?;
     let groups: Vec<u32> = nodes.iter().map(|n| n.group).collect();
-    let placement = Placement::from_cells(&store_cells(cells, nodes.len()), &groups, 0)
-        .map_err(|e| fail(format!("store placement: {e}")))?;
+    let counts: Vec<usize> = (0..store_nodes)
+        .map(|i| counts.get(i).copied().unwrap_or(0))
+        .collect();
+    let (parity_set, lanes) = settings
+        .parity
+        .sets_for(&counts)
+        .map_err(|e| fail(format!("KRUN_STORE_PARITY ([store] parity): {e}")))?;
+    let members: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
+    let placement = Placement::from_cells(&store_cells(cells, nodes.len()), &groups, parity_set)
+        .map_err(|e| fail(format!("store placement: {e}")))?
+        .parity_among(&members, parity_set, lanes);
     let store = Store::start_placed(
         ep,
         StoreConfig {
@@ -153,7 +235,7 @@ pub fn start(
             arena_bytes: settings.arena_bytes,
             disk: settings.disk.clone(),
             keep: settings.keep,
-            parity_set: 0,
+            parity_set,
             secret: secret.clone(),
             request_timeout: Duration::from_secs(5),
         },
@@ -220,6 +302,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("KRUN_GHOST_FULL_EVERY"), "{e}");
+    }
+
+    #[test]
+    fn parity_is_on_by_default_for_four_even_rank_nodes_and_explicit_sizes_are_checked() {
+        let auto = StoreSettings::from_lookup(&|_| None).unwrap().parity;
+        assert_eq!(auto, Parity::Auto);
+        // 4 rank nodes of 2 ranks and a spare: sets of 2, 2 lanes.
+        assert_eq!(auto.sets_for(&[2, 2, 2, 2, 0]), Ok((2, 2)));
+        assert_eq!(auto.sets_for(&[1; 20]), Ok((8, 1)));
+        // Too few rank nodes, or uneven: none.
+        assert_eq!(auto.sets_for(&[2, 2, 2, 0]), Ok((0, 1)));
+        assert_eq!(auto.sets_for(&[2, 2, 2, 1]), Ok((0, 1)));
+        assert_eq!(Parity::Off.sets_for(&[1; 8]), Ok((0, 1)));
+        assert_eq!(Parity::Sets(3).sets_for(&[1, 1, 1, 1, 0]), Ok((3, 1)));
+        assert_eq!(Parity::Sets(9).sets_for(&[1, 1, 1, 0]), Ok((3, 1)));
+        let e = Parity::Sets(2).sets_for(&[2, 1, 1]).unwrap_err();
+        assert!(
+            e.contains("same number of ranks") && e.contains("[2, 1, 1]"),
+            "{e}"
+        );
+        assert!(Parity::Sets(2).sets_for(&[3, 0]).is_err());
+        let parse = |v: &str| {
+            StoreSettings::from_lookup(&|k| (k == "KRUN_STORE_PARITY").then(|| v.to_string()))
+        };
+        assert_eq!(parse("off").unwrap().parity, Parity::Off);
+        assert_eq!(parse("4").unwrap().parity, Parity::Sets(4));
+        let e = parse("1").unwrap_err().to_string();
+        assert!(
+            e.contains("KRUN_STORE_PARITY") && e.contains("\"1\""),
+            "{e}"
+        );
     }
 
     #[test]
