@@ -347,16 +347,24 @@ fn an_external_unix_socket_is_named_with_its_descriptor_and_path() {
     let dir = TempDir::new("extsk");
     let path = dir.0.join("peer.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(60)",
-                path.display().to_string()
-            ),
-        ])
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        &format!(
+            "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(60)",
+            path.display().to_string()
+        ),
+    ]);
+    // Its own session, as krund's ranks have: CRIU refuses a process whose session leader
+    // is outside its PID namespace (a CI runner's), before it looks at sockets.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut pids = Pids::default();
     pids.0.push(child.id() as i32);
     let (_conn, _) = listener.accept().unwrap();
