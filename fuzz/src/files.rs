@@ -46,8 +46,7 @@ fn ghost_parse(data: &[u8]) {
         }
     };
     assert_eq!(img.total_len, data.len() as u64);
-    let small = |s: &image::Section<'_>| s.raw_len <= MAX_RAW;
-    for s in img.sections.iter().filter(|s| small(s)) {
+    for s in img.sections.iter().filter(|s| s.raw_len <= MAX_RAW) {
         allow_extra(2 * s.raw_len as usize + (1 << 20));
         match s.data() {
             Ok(d) => assert_eq!(d.len() as u64, s.raw_len, "section {}", s.index),
@@ -61,7 +60,7 @@ fn ghost_parse(data: &[u8]) {
         .sections
         .iter()
         .filter(|s| s.kind == SectionKind::Meta)
-        .all(small)
+        .all(|s| s.raw_len <= MAX_RAW)
     {
         let _ = img.meta();
     }
@@ -69,7 +68,7 @@ fn ghost_parse(data: &[u8]) {
         .sections
         .iter()
         .filter(|s| matches!(s.kind, SectionKind::Region | SectionKind::RegionDelta))
-        .filter(|s| small(s))
+        .filter(|s| s.raw_len <= MAX_RAW)
         .map(|s| (s.name, s.raw_len))
         .collect();
     for (name, len) in regions {
@@ -138,7 +137,7 @@ fn ghost_seeds() -> Vec<Vec<u8>> {
     full.add(SectionKind::CriuFile, "core-1.img", b"criu file", false)
         .expect("criu file");
     let mut delta = ImageBuilder::new(8, 7, Vec::new());
-    let raw: Vec<u8> = (0..3 * image::DELTA_CHUNK / 2).map(|i| i as u8).collect();
+    let raw: Vec<u8> = (0..image::DELTA_CHUNK + 100).map(|i| i as u8).collect();
     delta
         .add_delta("heap", &raw, &[false, true])
         .expect("delta");
