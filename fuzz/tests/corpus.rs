@@ -35,11 +35,9 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 fn replay(name: &str) {
     let t = fuzz::target(name).unwrap_or_else(|| panic!("no target {name}"));
+    // The committed corpus (written by `cargo run -p fuzz --bin fuzz-seeds`, grown by AFL++
+    // runs) and today's encoders' seeds, which stand in for it where none is committed.
     let corpus = files(&root().join("corpus").join(name));
-    assert!(
-        !corpus.is_empty(),
-        "{name}: no committed corpus (run `cargo run -p fuzz --bin fuzz-seeds`)"
-    );
     let regressions = files(&root().join("regressions").join(name));
     let mut failures = Vec::new();
     for (path, bytes) in corpus.iter().chain(&regressions) {
@@ -48,7 +46,9 @@ fn replay(name: &str) {
         }
     }
     // Today's encoders' output too (the committed corpus may predate a format change).
-    for (i, s) in (t.seeds)().iter().enumerate() {
+    let seeds = (t.seeds)();
+    assert!(!seeds.is_empty(), "{name}: no seeds");
+    for (i, s) in seeds.iter().enumerate() {
         if let Err(e) = fuzz::run_caught(t, s) {
             failures.push(format!("seed {i} of today's encoders: {e}"));
         }
@@ -57,6 +57,7 @@ fn replay(name: &str) {
         .into_iter()
         .chain(regressions)
         .map(|(_, b)| b)
+        .chain(seeds)
         .collect();
     let base = name
         .bytes()
@@ -83,12 +84,15 @@ macro_rules! targets {
         )*
 
         #[test]
-        fn every_target_has_a_test_and_a_corpus() {
+        fn every_target_has_a_test() {
             let tested = [$($name),*];
             for t in fuzz::TARGETS {
                 assert!(tested.contains(&t.name), "target {} has no replay test", t.name);
             }
-            for entry in std::fs::read_dir(root().join("corpus")).expect("fuzz/corpus") {
+            let Ok(dirs) = std::fs::read_dir(root().join("corpus")) else {
+                return;
+            };
+            for entry in dirs {
                 let name = entry.expect("an entry").file_name().to_string_lossy().to_string();
                 assert!(fuzz::target(&name).is_some(), "fuzz/corpus/{name} belongs to no target");
             }
