@@ -414,6 +414,13 @@ impl RawAddress {
     }
 }
 
+/// Decodes a verbs endpoint's raw address (the `raw` part of an [`crate::EndpointAddress`]
+/// of provider verbs): its side channel's socket address, its port's LID and GID. What the
+/// endpoint does before connecting; public for the fuzz targets.
+pub fn decode_address(raw: &[u8]) -> Result<(SocketAddr, u16, [u8; 16])> {
+    RawAddress::decode(raw).map(|a| (a.side, a.lid, a.gid))
+}
+
 /// The IP peers should dial: the bound one, or for a wildcard bind the GID's IPv4 address
 /// (RoCE) or loopback.
 fn advertised_ip(bound: IpAddr, gid: &[u8; 16]) -> IpAddr {

@@ -285,6 +285,17 @@ pub struct FrameWriter {
 }
 
 impl FrameWriter {
+    /// A writer keyed directly with `key`, its first sequence number 0 (tests and fuzz
+    /// targets, which need frames a [`FrameReader::with_key`] reader accepts in any run;
+    /// sessions get their keys from the handshake).
+    pub fn with_key(protocol: Protocol, key: [u8; 32]) -> FrameWriter {
+        FrameWriter {
+            key,
+            protocol,
+            seq: 0,
+        }
+    }
+
     /// A sealed frame carrying `msg` (the next sequence number is used up).
     pub fn seal<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<Vec<u8>> {
         let payload = encode(self.protocol, msg)?;
@@ -325,6 +336,17 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// A reader keyed directly with `key`, expecting sequence number 0 first, with the
+    /// default payload bound (see [`FrameWriter::with_key`]).
+    pub fn with_key(protocol: Protocol, key: [u8; 32]) -> FrameReader {
+        FrameReader {
+            key,
+            protocol,
+            seq: 0,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
     /// Changes the bound on one frame's payload (default [`DEFAULT_MAX_PAYLOAD`]).
     pub fn set_max_payload(&mut self, max: usize) {
         self.max_payload = max;
