@@ -227,3 +227,28 @@ fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_s
     assert!(n >= 1, "{summary}");
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
 }
+
+/// A checkpoint due before the nodes started their ranks (interval 50 ms: the first barrier
+/// reaches each node while it still starts its MPI servers) waits for the ranks still
+/// starting: before, a node with no rank running yet reported itself held at once, the
+/// policy then waited for captures that never came, and no checkpoint was ever committed.
+#[test]
+fn a_checkpoint_due_before_the_ranks_started_waits_for_them_and_commits() {
+    let dir = temp();
+    let heat = build_heat(&dir.0);
+    let o = krun(&dir.0)
+        .args(["--local", "3", "-n", "3", "--checkpoint-interval", "0.05"])
+        .arg(&heat)
+        .args(["48", "40", "100", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
+    assert!(err.contains("checkpoint 2 committed: 3 ranks"), "{err}");
+    let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
+}

@@ -56,6 +56,7 @@ fn start(secret: &ClusterSecret, agent: bool) -> Runtime {
         agent: agent.then(|| Arc::new(Agent) as Arc<dyn CheckpointAgent>),
         verbose: false,
         failure_timeout: launcher::runtime::DEFAULT_FAILURE_TIMEOUT,
+        starting: Vec::new(),
     };
     Runtime::bind(cfg)
         .unwrap()

@@ -80,6 +80,7 @@ fn a_checkpoint_goes_into_the_store_and_the_table_follows_its_levels() {
         agent: Some(store_agent.clone() as Arc<dyn CheckpointAgent>),
         verbose: false,
         failure_timeout: launcher::runtime::DEFAULT_FAILURE_TIMEOUT,
+        starting: Vec::new(),
     })
     .unwrap()
     .start(BTreeMap::new(), false)

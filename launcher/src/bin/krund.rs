@@ -185,12 +185,12 @@ fn run() -> Result<i32, LauncherError> {
         }
     };
     let job_ranks = args.placement.as_ref().map_or(0, |p| p.total()) as u64;
-    let bound = Runtime::bind(runtime_config(
-        args.node_id,
-        bind_ip,
-        args.runtime,
-        job_ranks,
-    )?)?;
+    let mut cfg = runtime_config(args.node_id, bind_ip, args.runtime, job_ranks)?;
+    if let Some(p) = &args.placement {
+        let first = p.first[args.node_id] as u64;
+        cfg.starting = (first..first + p.count[args.node_id] as u64).collect();
+    }
+    let bound = Runtime::bind(cfg)?;
     // The nodes' adaptation addresses: the initial membership.
     let cards = boot.allgather(bound.adaptation_addr().as_bytes())?;
     let peers = cards
@@ -477,6 +477,7 @@ fn runtime_config(
         agent: None,
         verbose: std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some(),
         failure_timeout: failure_timeout()?,
+        starting: Vec::new(),
     })
 }
 

@@ -40,6 +40,9 @@ pub struct Shared {
     pub linked_ranks: Mutex<BTreeSet<u64>>,
     /// Ranks running on this node: rank -> pid (started, not yet exited).
     pub local_ranks: Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// Ranks of the node's initial share not started yet (leave when they start or exit;
+    /// lock order: `local_ranks`, then this).
+    pub starting: Mutex<BTreeSet<u64>>,
     /// Called with every stable view (the store's agent follows failed nodes).
     pub view_hooks: Mutex<Vec<ViewHook>>,
     /// Ranks whose library watches for orders at any time (rollback in place).
@@ -74,6 +77,7 @@ impl Shared {
             killed_told: std::sync::atomic::AtomicUsize::new(0),
             view_hooks: Mutex::new(Vec::new()),
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
+            starting: Mutex::new(BTreeSet::new()),
             watchers: Default::default(),
             pmi: Mutex::new(Vec::new()),
             mpi_wiring: AtomicU64::new(0),

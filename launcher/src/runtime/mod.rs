@@ -171,6 +171,9 @@ pub struct RuntimeConfig {
     /// How long a node may stay silent before it is declared failed
     /// (`[runtime] failure_timeout_ms`, [`DEFAULT_FAILURE_TIMEOUT`]).
     pub failure_timeout: Duration,
+    /// The ranks this node is about to start (its share of the placement): a policy
+    /// barrier that arrives before they started waits for them (see [`Shared::starting`]).
+    pub starting: Vec<u64>,
 }
 
 /// The membership's supervisors (its Raft group, which agrees on every change) among a
@@ -500,6 +503,11 @@ impl Bound {
         )
         .map_err(membership::adapt_err)?;
         let shared = Shared::new(me, cfg.job_ranks);
+        shared
+            .starting
+            .lock()
+            .expect("starting lock")
+            .extend(cfg.starting.iter().copied());
         let table = TableClient {
             handle: driver.handle(),
             shared: shared.clone(),
@@ -604,11 +612,21 @@ impl Bound {
                         RankEvent::Started { rank, pid } => {
                             let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.insert(rank as u64, pid);
+                            shared
+                                .starting
+                                .lock()
+                                .expect("starting lock")
+                                .remove(&(rank as u64));
                             (rank, TableOp::Register { node: me, pid })
                         }
                         RankEvent::Exited { rank, code } => {
                             let mut local = shared.local_ranks.lock().expect("ranks lock");
                             local.remove(&(rank as u64));
+                            shared
+                                .starting
+                                .lock()
+                                .expect("starting lock")
+                                .remove(&(rank as u64));
                             (rank, TableOp::SetState(RankState::Exited(code)))
                         }
                         RankEvent::Killed { rank, signal } => {
@@ -771,7 +789,10 @@ fn connect_launcher(
 
 /// The policy's barrier on this node: holds the ranks at their safepoints from now on,
 /// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
-/// once every rank running here is held.
+/// once every rank of this node is held: those running and those still starting (a
+/// barrier can come before the node started its ranks, e.g. while its MPI servers start
+/// under load; counting only the running ones reported an empty node as held, the policy
+/// then waited for captures that never came and no checkpoint was ever taken).
 fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
     safepoints.open_barrier();
     // Only ranks that said hello have the library's request handler installed (a signal
@@ -780,7 +801,13 @@ fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
     let signalled = Mutex::new(std::collections::BTreeSet::<u64>::new());
     let local = || -> Vec<u32> {
         let linked = shared.linked_ranks.lock().expect("linked lock").clone();
-        let local = shared.local_ranks.lock().expect("ranks lock").clone();
+        // Both read under the ranks lock, which a rank's start takes to move it from one
+        // to the other.
+        let (local, starting) = {
+            let local = shared.local_ranks.lock().expect("ranks lock");
+            let starting = shared.starting.lock().expect("starting lock").clone();
+            (local.clone(), starting)
+        };
         let held = safepoints.held();
         let mut done = signalled.lock().expect("signalled lock");
         for (rank, &pid) in &local {
@@ -790,7 +817,7 @@ fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
                 unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
             }
         }
-        local.keys().map(|&r| r as u32).collect()
+        local.keys().chain(&starting).map(|&r| r as u32).collect()
     };
     let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
         Some(ranks) => NodeToLauncher::Held { op, ranks },

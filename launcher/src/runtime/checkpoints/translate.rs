@@ -143,8 +143,19 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 version,
                 bytes,
             } => {
-                calls.native_newest = calls.native_newest.max(version);
+                // Only a capture of the checkpoint being taken counts. One of a checkpoint a
+                // recovery dropped (newer than its line, reported late, e.g. after the store
+                // timed out on the lost node) is stale: the ranks number on from the line
+                // again, so it must neither move the numbering (the next order would name a
+                // version the ranks' checkpointers do not take) nor count as a copy.
+                if calls
+                    .capturing
+                    .is_none_or(|(_, _, native, _)| native != version)
+                {
+                    return None;
+                }
                 let pv = *calls.versions.get(&version)?;
+                calls.native_newest = calls.native_newest.max(version);
                 copies.add(rank, pv, Level::L1, Some(node));
                 copies.set_bytes(rank, pv, bytes);
                 let (op, _, _, started) = calls.capturing.as_ref()?;
