@@ -432,6 +432,7 @@ impl Uncoordinated {
 
     fn on_capture_done(
         &mut self,
+        now: Millis,
         op: OpId,
         rank: Rank,
         version: Version,
@@ -453,10 +454,16 @@ impl Uncoordinated {
         }
         cap.captured = true;
         cap.bytes = bytes;
+        // A level may have been reported safe before the capture itself (the node's store
+        // can copy an image to its buddy before the node's capture report reaches krun).
+        let already = cap.timed.iter().any(|l| l.covers(self.cfg.safe_level));
         c.taken.push(version);
         c.freeze = Some(seconds);
         self.costs.observe_freeze(seconds);
         self.summary.checkpoint_seconds += seconds;
+        if already {
+            return self.finish_safe(now, rank);
+        }
         Vec::new()
     }
 
@@ -494,7 +501,16 @@ impl Uncoordinated {
         if !cap.captured || !level.covers(want) {
             return Vec::new();
         }
-        let cap = c.inflight.take().expect("checked above");
+        self.finish_safe(now, rank)
+    }
+
+    /// `rank`'s capture in flight is captured and safe at the policy's level: it becomes
+    /// the rank's newest safe checkpoint.
+    fn finish_safe(&mut self, now: Millis, rank: Rank) -> Vec<Action> {
+        let want = self.cfg.safe_level;
+        let c = &mut self.ranks[rank as usize];
+        let cap = c.inflight.take().expect("a capture in flight");
+        let version = cap.version;
         c.safe.push((version, now));
         if self.cfg.keep_per_rank > 0 {
             let extra = c.safe.len().saturating_sub(self.cfg.keep_per_rank);
@@ -636,7 +652,7 @@ impl Policy for Uncoordinated {
                 version,
                 bytes,
                 seconds,
-            } => self.on_capture_done(op, rank, version, bytes, seconds),
+            } => self.on_capture_done(now, op, rank, version, bytes, seconds),
             Event::CaptureFailed { op, rank, .. } => {
                 if self
                     .ranks
