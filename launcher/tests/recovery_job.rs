@@ -811,7 +811,6 @@ fn fetched_line(err: &str, rank: u32) -> Option<&str> {
 }
 
 #[test]
-#[ignore = "fails: with 4 rank nodes and 2 spares no checkpoint commits in this set-up (open, see the stop 18 note); run with --ignored"]
 fn losing_a_buddy_pair_at_once_restores_the_lost_rank_from_l3_parity_on_a_spare() {
     let dir = temp("pair");
     let heat = build_heat(&dir.0);
@@ -846,7 +845,6 @@ fn losing_a_buddy_pair_at_once_restores_the_lost_rank_from_l3_parity_on_a_spare(
 }
 
 #[test]
-#[ignore = "fails: with 4 rank nodes and 2 spares no checkpoint commits in this set-up (open, see the stop 18 note); run with --ignored"]
 fn losing_a_buddy_pair_without_parity_or_disk_ends_the_job_naming_the_lost_rank_and_checkpoint() {
     let dir = temp("pairlost");
     let heat = build_heat(&dir.0);

@@ -283,9 +283,16 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
         match session.rx.recv::<NodeToLauncher>(&mut s) {
             Ok(NodeToLauncher::View {
                 epoch,
-                members,
+                mut members,
                 failures,
             }) => {
+                // A node's view can list a failure agreed after the epoch it reports (two
+                // nodes killed at once: both failures in its change log, its members still
+                // those of the first): the policy gets the newest epoch the message names,
+                // with no failed node among the members (else it planned a rank back onto a
+                // dead node, again and again).
+                let epoch = failures.iter().map(|&(e, _)| e).fold(epoch, u64::max);
+                members.retain(|m| !failures.iter().any(|&(_, n)| n == *m));
                 let mut st = inner.state.lock().expect("hub lock");
                 let mut failed = Vec::new();
                 for (e, n) in failures {
