@@ -224,7 +224,6 @@ fn heat_on_four_hosts_survives_a_node_sigkilled_during_a_checkpoint() {
 }
 
 #[test]
-#[ignore = "fails under load: in CI the 400 steps ended (7.9 s) before the 2nd commit, so the injections never fired; the job needs to run longer or inject by phase (stop 18 note); run with --ignored"]
 fn heat_on_four_hosts_survives_a_node_sigkilled_during_a_restart() {
     // Node 1 dies after the 2nd commit; while its ranks restart on the spare (the recovery's
     // Restart orders are out), node 3 dies too. The only spare is taken: the policy allows
