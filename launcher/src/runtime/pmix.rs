@@ -147,8 +147,10 @@ impl PmixServer {
                 "PMIx: this process serves PMIx already".into(),
             ));
         }
-        let tmpdir = std::env::temp_dir().join(format!("krun-pmix-{}", std::process::id()));
         let shm = std::path::Path::new("/dev/shm");
+        // A SIGKILLed node cannot remove its directories: the next server does.
+        remove_stale_dirs(&[std::env::temp_dir().as_path(), shm]);
+        let tmpdir = std::env::temp_dir().join(format!("krun-pmix-{}", std::process::id()));
         let shm_dir = if shm.is_dir() {
             shm.join(format!("krun-pmix-{}", std::process::id()))
         } else {
@@ -576,9 +578,56 @@ impl RankWatch for PmixServer {
     }
 }
 
+/// Removes the `krun-pmix-PID` directories under `bases` that belong to this user and
+/// whose process is gone.
+fn remove_stale_dirs(bases: &[&std::path::Path]) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    for base in bases {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("krun-pmix-")
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let ours = e.metadata().is_ok_and(|m| m.uid() == uid && m.is_dir());
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+            if ours && !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_of_gone_servers_are_removed_and_a_live_ones_kept() {
+        let base = std::env::temp_dir().join(format!("krun-pmix-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let dead = base.join(format!("krun-pmix-{gone}"));
+        let live = base.join(format!("krun-pmix-{}", std::process::id()));
+        let other = base.join("krun-pmix-notapid");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir_all(d.join("shm")).unwrap();
+        }
+        remove_stale_dirs(&[base.as_path()]);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn proc_maps_list_each_nodes_ranks_and_skip_spares() {
