@@ -15,10 +15,10 @@
 //! The state machine runs under one mutex; its actions run in order under it, except the
 //! one-sided operations, which the fault thread posts after releasing it.
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fabric::{Endpoint, MemoryRegion, PeerId, Region, RemoteRegion};
 
@@ -28,6 +28,9 @@ use crate::coherence::{
 };
 use crate::error::{DsmError, Result};
 use crate::uffd::{Uffd, PAGE};
+
+mod watchdog;
+pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
 
 /// The fabric tag of DSM protocol messages.
 pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
@@ -136,6 +139,10 @@ pub struct DriverStats {
     pub remote_fetches: AtomicU64,
     pub prefetched: AtomicU64,
     pub messages: AtomicU64,
+    /// Accesses reported unreachable (fault timeout with a dead node).
+    pub unreachable: AtomicU64,
+    /// Faults whose one-sided operations were in flight at once, at most (fault threads).
+    pub max_concurrent_remote: AtomicU64,
 }
 
 /// Shared state of the driver's threads.
@@ -159,6 +166,16 @@ pub struct Engine {
     publish_delay: Duration,
     /// Next sequence number towards each node.
     send_seq: Mutex<Vec<u64>>,
+    /// Pages local accesses wait for ([`watchdog`]).
+    pending: Mutex<HashMap<PageId, watchdog::Pending>>,
+    /// How long an access may wait before the nodes it depends on are probed.
+    fault_timeout: Duration,
+    unreachable: Mutex<Option<UnreachableHandler>>,
+    /// Fault threads inside one-sided operations now.
+    remote_now: AtomicUsize,
+    /// Fault injection for tests (`KRUN_DSM_FAULT_RENDEZVOUS`): a fault thread about to post
+    /// one-sided operations waits (at most 10 s) until this many fault threads are there.
+    rendezvous: usize,
     /// Next expected from each node, and messages that arrived early.
     #[allow(clippy::type_complexity)]
     reorder: Mutex<(Vec<u64>, BTreeMap<(NodeId, u64), Vec<u8>>)>,
@@ -216,6 +233,14 @@ impl Engine {
                     .unwrap_or(0),
             ),
             send_seq: Mutex::new(vec![0; n]),
+            pending: Mutex::new(HashMap::new()),
+            fault_timeout: Duration::from_secs(30),
+            unreachable: Mutex::new(Some(exit_handler(me))),
+            remote_now: AtomicUsize::new(0),
+            rendezvous: std::env::var("KRUN_DSM_FAULT_RENDEZVOUS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
             reorder: Mutex::new((vec![0; n], BTreeMap::new())),
         }
     }
@@ -233,6 +258,21 @@ impl Engine {
             this,
             open: Default::default(),
             error: None,
+        }
+    }
+
+    /// Sets how long a local access may wait before the nodes it depends on are probed (and
+    /// it is reported unreachable if one of them does not answer).
+    pub fn with_fault_timeout(mut self, timeout: Duration) -> Engine {
+        self.fault_timeout = timeout;
+        self
+    }
+
+    /// Replaces what is called when an access cannot be served (`None`: only record the
+    /// error; the faulting thread then stays blocked).
+    pub fn set_unreachable_handler(&self, handler: Option<UnreachableHandler>) {
+        if let Ok(mut h) = self.unreachable.lock() {
+            *h = handler;
         }
     }
 
@@ -284,7 +324,12 @@ impl Engine {
     }
 
     fn service_loop(&self) {
+        let mut checked = Instant::now();
         while !self.stopped() {
+            if checked.elapsed() >= watchdog::CHECK_EVERY {
+                self.check_waits();
+                checked = Instant::now();
+            }
             match self.ep.recv(TAG_DSM, Duration::from_millis(20)) {
                 Ok(m) => {
                     if let Err(e) = self.on_wire(m.peer, &m.data) {
@@ -462,11 +507,29 @@ impl Engine {
                     self.last_miss.store(p, Ordering::Relaxed);
                     self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
                 }
+                self.track_fault(p, a, i == 0);
                 let actions = node.fault(p, a);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
             }
         }
-        self.run_remote_with(remote, slots)
+        if remote.is_empty() {
+            return Ok(());
+        }
+        let now = self.remote_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats
+            .max_concurrent_remote
+            .fetch_max(now as u64, Ordering::Relaxed);
+        if self.rendezvous > 1 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.remote_now.load(Ordering::SeqCst) < self.rendezvous
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let r = self.run_remote_with(remote, slots);
+        self.remote_now.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     fn run_remote(&self, remote: Vec<Remote>) -> Result<()> {
@@ -608,6 +671,7 @@ impl Engine {
             if self.trace {
                 eprintln!("{} dsm {}: {a:?}", now_ns(), self.me);
             }
+            self.track_action(&a);
             match a {
                 Action::Send { to, msg } => {
                     let page = msg.page();
