@@ -98,8 +98,14 @@ const MEASURES: [(&str, &str); 12] = [
     ("write_upgrade_1_sharer_us", "write upgrade, 1 sharer"),
     ("write_upgrade_2_sharers_us", "write upgrade, 2 sharers"),
     ("write_upgrade_3_sharers_us", "write upgrade, 3 sharers"),
-    ("fault_threads_1_per_s", "4 readers, 1 fault thread (faults/s)"),
-    ("fault_threads_4_per_s", "4 readers, 4 fault threads (faults/s)"),
+    (
+        "fault_threads_1_per_s",
+        "4 readers, 1 fault thread (faults/s)",
+    ),
+    (
+        "fault_threads_4_per_s",
+        "4 readers, 4 fault threads (faults/s)",
+    ),
     ("rma_read_4k_us", "ref: RMA read 4 KiB"),
     ("fetch_add_us", "ref: RMA fetch-add 8 B"),
     ("local_uffd_fault_us", "ref: local userfaultfd fault"),
@@ -356,7 +362,8 @@ fn threads_worker(
             })
             .collect();
         for r in readers {
-            r.join().map_err(|_| "a reader thread panicked".to_string())??;
+            r.join()
+                .map_err(|_| "a reader thread panicked".to_string())??;
         }
         let secs = t.elapsed().as_secs_f64();
         println!(

@@ -203,16 +203,18 @@ impl Dsm {
             Engine::words(regions.clone(), ep.clone(), rank, this),
             config.one_sided,
         );
-        let engine = Arc::new(Engine::new(
-            rank,
-            ep.clone(),
-            peers.clone(),
-            node,
-            regions,
-            Uffd::open()?,
-            config.prefetch,
-        )
-        .with_fault_timeout(config.fault_timeout));
+        let engine = Arc::new(
+            Engine::new(
+                rank,
+                ep.clone(),
+                peers.clone(),
+                node,
+                regions,
+                Uffd::open()?,
+                config.prefetch,
+            )
+            .with_fault_timeout(config.fault_timeout),
+        );
         let mut threads = engine.spawn(config.fault_threads)?;
         let mut lock_peers = peers.clone();
         lock_peers[rank as usize] = None;

@@ -108,7 +108,10 @@ fn unreachable_on(provider: &str) {
     let deadline = Instant::now() + LIMIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match procs[1].lines.recv_timeout(left.max(Duration::from_millis(1))) {
+        match procs[1]
+            .lines
+            .recv_timeout(left.max(Duration::from_millis(1)))
+        {
             Ok(l) if l.contains("owner=ready") => break,
             Ok(_) => {}
             Err(_) => panic!("rank 1 never became the owner over {provider}"),
@@ -131,6 +134,7 @@ fn unreachable_on(provider: &str) {
             std::thread::sleep(Duration::from_millis(20));
         };
         let err = p.err.take().unwrap().join().unwrap();
+        eprintln!("rank {r} over {provider}: {status}: {}", err.trim());
         assert_eq!(
             status.code(),
             Some(dsm::fault::EXIT_PAGE_UNREACHABLE),
@@ -146,7 +150,11 @@ fn unreachable_on(provider: &str) {
             .split("; nodes [")
             .nth(1)
             .and_then(|t| t.split_once("] do not answer"))
-            .map(|(list, _)| list.split(", ").map(|n| n.trim().to_string()).collect::<Vec<_>>())
+            .map(|(list, _)| {
+                list.split(", ")
+                    .map(|n| n.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_else(|| panic!("rank {r} over {provider}: no dead nodes named:\n{err}"));
         assert!(
             dead.iter().any(|n| n == "1"),
