@@ -657,7 +657,7 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         }
         table.row(cells);
     }
-    let mut cells = vec!["4 fault threads / 1 (faults/s)".to_string()];
+    let mut cells = vec!["4 fault threads / 1 (medians)".to_string()];
     for p in &per_provider {
         let v = p.as_ref().and_then(|(s, _)| {
             let med = |k: &str| s.get(k).and_then(|v| report::median(v));
