@@ -3,8 +3,9 @@
 //!
 //! Every page a local access waits for is tracked from the moment a thread faulted on it,
 //! with the nodes its request went to (the manager, the probable owner, the owner it joined
-//! or read one-sided, the readers it invalidates). The service thread checks the oldest
-//! waits every [`CHECK_EVERY`]; a wait longer than the fault timeout
+//! or read one-sided, the readers it invalidates). A watchdog thread of its own (the service
+//! and fault threads may be held by a send to a dead node) checks the waits every
+//! [`CHECK_EVERY`]; a wait longer than the fault timeout
 //! (`KRUN_DSM_FAULT_TIMEOUT_MS`) probes every other node with a one-sided fetch-and-add of 0
 //! (the same timeout bounds it). When a node does not answer, the page cannot be served: the
 //! driver reports [`DsmError::PageUnreachable`] naming the page, its region and offset, and
@@ -107,7 +108,7 @@ impl Engine {
         }
     }
 
-    /// Called by the service thread: reports waits past the fault timeout.
+    /// Called by the watchdog thread: reports waits past the fault timeout.
     pub(super) fn check_waits(&self) {
         let now = Instant::now();
         let expired: Vec<(PageId, Access, BTreeSet<NodeId>, Duration)> = {
