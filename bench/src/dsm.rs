@@ -2,9 +2,9 @@
 //! measured in the same run: a 4 KiB RMA read (and an 8-byte fetch-and-add) through the
 //! DSM's own endpoint, and a userfaultfd fault resolved from local memory.
 //!
-//! Each run starts three fresh processes (this binary re-executed as `bench dsm --worker`)
+//! Each run starts four fresh processes (this binary re-executed as `bench dsm --worker`)
 //! joined through a bootstrap service on 127.0.0.1, with the default DSM settings (2 fault
-//! threads, prefetch 8, `page % 3` managers, one-sided reads). Timed pages are every other
+//! threads, prefetch 8, `page % 4` managers, one-sided reads). Timed pages are every other
 //! page, so that no prefetch hides a fault. In order:
 //! 1. rank 0 writes the pages; rank 1 reads them: a read fault with no owner hint (message
 //!    to the manager, forwarded to the owner, which downgrades and replies with the page);
@@ -12,11 +12,19 @@
 //!    reads them (the owner publishes its copy); rank 1 reads them again: a hinted read
 //!    fault, one-sided (join by fetch-and-add, then an RMA read of the owner's copy);
 //!    rank 1 then times the references and a sequential scan with prefetch;
+//!    ranks 1, 2 and 3 then read a fourth set of pages rank 0 wrote;
 //! 3. rank 1 writes the pages it reads (rank 0 owns them, rank 2 holds a copy): a write
-//!    upgrade with 2 other copies invalidated; rank 2 writes pages only rank 0 holds: a
+//!    upgrade with 2 other copies invalidated; rank 1 writes the fourth set (copies at ranks
+//!    0, 2 and 3): 3 other copies; rank 2 writes pages only rank 0 holds: a
 //!    write fault with 0 sharers (the page moves to the writer); rank 2 writes pages it read
 //!    and rank 0 owns (no other copy): a write upgrade with 1 other copy (the owner's);
 //! 4. rank 0 checks it reads every value written (the faults moved real data).
+//!
+//! Fault threads: each run also starts two runs of three processes with prefetch off, one
+//! with 1 fault thread and one with 4: rank 0 writes `4 x --pages` pages, rank 1 reads them
+//! (its hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then four
+//! threads of rank 1 read disjoint quarters at once (hinted, one-sided faults): faults per
+//! second with 1 and 4 fault threads, and their ratio per run.
 //!
 //! Every value is the median over a run's faults; the JSON gives the median, min and max
 //! of those over `--runs` runs (at least 3). `read_fault_vs_reference` is computed per run
@@ -26,8 +34,9 @@
 //! "<measure>":{"median","min","max","runs"}, "read_fault_vs_reference"}]}`.
 //! Targets (issue #12): a hinted remote read fault's p50 <= 1.5 x (RMA 4 KiB read + local
 //! userfaultfd fault); a write upgrade with 1 or 2 sharers <= a hinted read fault + 2 round
-//! trips (`write_upgrade_target_met`; a round trip is the fetch-and-add's latency). Not
-//! measured here: 3 sharers (needs a fourth rank) and 1 against 4 fault threads.
+//! trips (`write_upgrade_target_met`; a round trip is the fetch-and-add's latency), for 0 to
+//! 3 sharers; 4 fault threads >= 3 x one (`fault_threads_target_met`). The load average at
+//! the start and the end is in the JSON (`loadavg`).
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,19 +76,36 @@ pub struct DsmArgs {
     pub rank: Option<usize>,
     #[arg(long, hide = true)]
     pub bootstrap: Option<SocketAddr>,
+    /// Hidden: a fault-thread run's worker with this many fault threads.
+    #[arg(long, hide = true)]
+    pub fault_threads: Option<usize>,
 }
+/// Processes of a latency run, and of a fault-thread run.
+const RANKS: usize = 4;
+const THREAD_RANKS: usize = 3;
+/// Reader threads of the fault-thread runs.
+const APP_THREADS: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const PAGE: usize = 4096;
 /// Timed pages are every STRIDE-th page (no prefetch between them).
 const STRIDE: usize = 2;
 
 /// The measures, in table order: (key, label).
-const MEASURES: [(&str, &str); 9] = [
+const MEASURES: [(&str, &str); 12] = [
     ("read_fault_message_us", "read fault, no hint (messages)"),
     ("read_fault_one_sided_us", "read fault, hinted (one-sided)"),
     ("write_fault_0_sharers_us", "write fault, 0 sharers"),
     ("write_upgrade_1_sharer_us", "write upgrade, 1 sharer"),
     ("write_upgrade_2_sharers_us", "write upgrade, 2 sharers"),
+    ("write_upgrade_3_sharers_us", "write upgrade, 3 sharers"),
+    (
+        "fault_threads_1_per_s",
+        "4 readers, 1 fault thread (faults/s)",
+    ),
+    (
+        "fault_threads_4_per_s",
+        "4 readers, 4 fault threads (faults/s)",
+    ),
     ("rma_read_4k_us", "ref: RMA read 4 KiB"),
     ("fetch_add_us", "ref: RMA fetch-add 8 B"),
     ("local_uffd_fault_us", "ref: local userfaultfd fault"),
@@ -108,21 +134,25 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
     let bootstrap: SocketAddr = args.bootstrap.ok_or("missing --bootstrap")?;
     let rank: usize = args.rank.ok_or("missing --rank")?;
     let n: usize = args.pages;
-    let boot = BootstrapClient::connect(bootstrap, rank, 3, TIMEOUT).map_err(err)?;
+    if let Some(threads) = args.fault_threads {
+        return threads_worker(provider, bootstrap, rank, n, threads);
+    }
+    let boot = BootstrapClient::connect(bootstrap, rank, RANKS, TIMEOUT).map_err(err)?;
     let fabric = FabricConfig::with_provider(provider)
         .with_env()
         .map_err(err)?;
     let d = Dsm::init(boot, &fabric, DsmConfig::default()).map_err(err)?;
     let bar = || d.barrier().map_err(err);
-    // Region: [timed pages A | timed pages B | timed pages C | scan pages].
+    // Region: [timed pages A | timed pages B | timed pages C | scan pages | timed pages D].
     let span = n * STRIDE * PAGE;
-    let region = d.alloc(4 * span).map_err(err)?;
+    let region = d.alloc(5 * span).map_err(err)?;
     let mem = region.as_ptr();
     let a = |i: usize| i * STRIDE * PAGE;
     let b = |i: usize| span + i * STRIDE * PAGE;
     let c = |i: usize| 2 * span + i * STRIDE * PAGE;
     let scan = |i: usize| 3 * span + i * PAGE;
-    // SAFETY (every access below): offsets stay inside the region's 4 * span bytes; ranks
+    let dd = |i: usize| 4 * span + i * STRIDE * PAGE;
+    // SAFETY (every access below): offsets stay inside the region's 5 * span bytes; ranks
     // take turns between barriers.
     let put = |off: usize, v: u8| unsafe { mem.add(off).write_volatile(v) };
     let get = |off: usize| unsafe { mem.add(off).read_volatile() };
@@ -153,6 +183,7 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
             put(a(i), 1);
             put(b(i), 1);
             put(c(i), 1);
+            put(dd(i), 1);
         }
         for i in 0..n * STRIDE {
             put(scan(i), 1);
@@ -206,12 +237,26 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
         );
     }
     bar()?;
+    // Copies of D at ranks 1, 2 and 3 (rank 0 becomes its read owner).
+    if rank > 0 {
+        for i in 0..n {
+            expect(dd(i), 1)?;
+        }
+    }
+    bar()?;
     // 3. Write faults.
     if rank == 1 {
         say(
             "write_upgrade_2_sharers_us",
             median(&timed(&|i| {
                 put(a(i), 3);
+                Ok(())
+            })?),
+        );
+        say(
+            "write_upgrade_3_sharers_us",
+            median(&timed(&|i| {
+                put(dd(i), 6);
                 Ok(())
             })?),
         );
@@ -240,6 +285,7 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
             expect(a(i), 3)?;
             expect(b(i), 4)?;
             expect(c(i), 5)?;
+            expect(dd(i), 6)?;
         }
     }
     bar()?;
@@ -247,14 +293,129 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
     bar()
 }
 
-/// One run: three workers; their results merged.
+/// A fault-thread run's worker (see the module doc): rank 1 prints `fault_threads_<T>_per_s`.
+fn threads_worker(
+    provider: Provider,
+    bootstrap: SocketAddr,
+    rank: usize,
+    n: usize,
+    threads: usize,
+) -> Result<(), String> {
+    let boot = BootstrapClient::connect(bootstrap, rank, THREAD_RANKS, TIMEOUT).map_err(err)?;
+    let fabric = FabricConfig::with_provider(provider)
+        .with_env()
+        .map_err(err)?;
+    let config = DsmConfig {
+        fault_threads: threads,
+        prefetch: 0,
+        ..DsmConfig::default()
+    };
+    let d = Dsm::init(boot, &fabric, config).map_err(err)?;
+    let bar = || d.barrier().map_err(err);
+    let total = n * APP_THREADS;
+    let region = d.alloc(total * STRIDE * PAGE).map_err(err)?;
+    let base = region.as_ptr() as usize;
+    let at = move |i: usize| (base + i * STRIDE * PAGE) as *mut u8;
+    // SAFETY (every access): inside the region; ranks take turns between barriers.
+    let fill = |v: u8| (0..total).for_each(|i| unsafe { at(i).write_volatile(v) });
+    let check = |v: u8| -> Result<(), String> {
+        for i in 0..total {
+            // SAFETY: as above.
+            let got = unsafe { at(i).read_volatile() };
+            if got != v {
+                return Err(format!("page {}: {got}, expected {v}", i * STRIDE));
+            }
+        }
+        Ok(())
+    };
+    if rank == 0 {
+        fill(1);
+    }
+    bar()?;
+    if rank == 1 {
+        check(1)?;
+    }
+    bar()?;
+    if rank == 0 {
+        fill(2);
+    }
+    bar()?;
+    if rank == 2 {
+        check(2)?;
+    }
+    bar()?;
+    if rank == 1 {
+        let before = d.stats().1;
+        let t = Instant::now();
+        let readers: Vec<_> = (0..APP_THREADS)
+            .map(|k| {
+                std::thread::spawn(move || {
+                    for i in k * n..(k + 1) * n {
+                        // SAFETY: as above; nobody writes in this phase.
+                        let got = unsafe { at(i).read_volatile() };
+                        if got != 2 {
+                            return Err(format!("reader {k}: page {}: {got} != 2", i * STRIDE));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join()
+                .map_err(|_| "a reader thread panicked".to_string())??;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "dsm-result fault_threads_{threads}_per_s={}",
+            total as f64 / secs
+        );
+        println!(
+            "dsm-result fault_threads_{threads}_one_sided={}",
+            d.stats().1 - before
+        );
+        println!(
+            "dsm-result fault_threads_{threads}_max_concurrent={}",
+            d.max_concurrent_remote_faults()
+        );
+    }
+    bar()?;
+    d.free(region).map_err(err)?;
+    bar()
+}
+
+/// One run: four workers, then the two fault-thread runs; their results merged.
 fn one_run(provider: &str, pages: usize) -> Result<BTreeMap<String, f64>, String> {
+    let mut results = workers(provider, pages, RANKS, None)?;
+    for threads in [1, 4] {
+        results.extend(workers(provider, pages, THREAD_RANKS, Some(threads))?);
+    }
+    for (k, _) in MEASURES {
+        if !results.contains_key(k) {
+            return Err(format!("no {k} in the workers' output"));
+        }
+    }
+    Ok(results)
+}
+
+/// `ranks` workers (a fault-thread run's when `threads` is set); their results merged.
+fn workers(
+    provider: &str,
+    pages: usize,
+    ranks: usize,
+    threads: Option<usize>,
+) -> Result<BTreeMap<String, f64>, String> {
     let exe = std::env::current_exe().map_err(err)?;
-    let server = BootstrapServer::start_with(("127.0.0.1", 0), 3, TIMEOUT, None).map_err(err)?;
+    let server =
+        BootstrapServer::start_with(("127.0.0.1", 0), ranks, TIMEOUT, None).map_err(err)?;
     let mut children = Vec::new();
-    for rank in 0..3 {
-        let child = Command::new(&exe)
-            .args(["dsm", "--worker", "--provider", provider])
+    for rank in 0..ranks {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["dsm", "--worker", "--provider", provider]);
+        if let Some(t) = threads {
+            cmd.args(["--fault-threads", &t.to_string()]);
+        }
+        let child = cmd
             .args(["--rank", &rank.to_string(), "--pages", &pages.to_string()])
             .args(["--bootstrap", &server.addr().to_string()])
             .env_remove("KRUN_RANK")
@@ -301,11 +462,6 @@ fn one_run(provider: &str, pages: usize) -> Result<BTreeMap<String, f64>, String
     if !failures.is_empty() {
         return Err(failures.join("; "));
     }
-    for (k, _) in MEASURES {
-        if !results.contains_key(k) {
-            return Err(format!("no {k} in the workers' output"));
-        }
-    }
     Ok(results)
 }
 
@@ -317,6 +473,7 @@ type PerProvider = Option<(BTreeMap<String, Vec<f64>>, Option<f64>)>;
 fn figure(providers: &[String], per_provider: &[PerProvider], runs: usize) -> Figure {
     let mut faults = Vec::new();
     let mut scan = Vec::new();
+    let mut threads = Vec::new();
     for (p, data) in providers.iter().zip(per_provider) {
         let Some((samples, _)) = data else { continue };
         let bar =
@@ -337,18 +494,26 @@ fn figure(providers: &[String], per_provider: &[PerProvider], runs: usize) -> Fi
                 bar("write_fault_0_sharers_us", "write fault, 0 sharers"),
                 bar("write_upgrade_1_sharer_us", "write upgrade, 1 sharer"),
                 bar("write_upgrade_2_sharers_us", "write upgrade, 2 sharers"),
+                bar("write_upgrade_3_sharers_us", "write upgrade, 3 sharers"),
             ],
         ));
         scan.push(Group::new(
             p.clone(),
             [bar("scan_prefetch_mb_s", "scan with prefetch")],
         ));
+        threads.push(Group::new(
+            p.clone(),
+            [
+                bar("fault_threads_1_per_s", "1 fault thread"),
+                bar("fault_threads_4_per_s", "4 fault threads"),
+            ],
+        ));
     }
     Figure {
         title: "bench dsm: page faults against the RMA read + local fault they are built from"
             .into(),
         note: format!(
-            "median of {runs} runs, whiskers min/max; target: hinted read <= 1.5x reference"
+            "median of {runs} runs, whiskers min/max; targets: hinted read <= 1.5x reference, 4 fault threads >= 3x one"
         ),
         panels: vec![
             Panel::new("fault latency p50 (lower is better)", "us", faults),
@@ -356,6 +521,11 @@ fn figure(providers: &[String], per_provider: &[PerProvider], runs: usize) -> Fi
                 "sequential scan with prefetch (higher is better)",
                 "MB/s",
                 scan,
+            ),
+            Panel::new(
+                "4 reader threads' hinted faults (higher is better)",
+                "faults/s",
+                threads,
             ),
         ],
     }
@@ -386,6 +556,7 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
     for p in &providers {
         provider_of(p)?;
     }
+    let load_start = loadavg();
     let mut headers = vec!["measure"];
     headers.extend(providers.iter().map(String::as_str));
     let mut table = Table::new(&headers);
@@ -439,11 +610,39 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         let bound = med("read_fault_one_sided_us")
             .zip(med("fetch_add_us"))
             .map(|(r, rtt)| r + 2.0 * rtt);
-        let upgrades = ["write_upgrade_1_sharer_us", "write_upgrade_2_sharers_us"];
+        let upgrades = [
+            "write_fault_0_sharers_us",
+            "write_upgrade_1_sharer_us",
+            "write_upgrade_2_sharers_us",
+            "write_upgrade_3_sharers_us",
+        ];
         row.insert("write_upgrade_bound_us".into(), json!(bound));
         row.insert(
             "write_upgrade_target_met".into(),
             json!(bound.map(|b| upgrades.iter().all(|k| med(k).is_some_and(|v| v <= b)))),
+        );
+        // Fault threads: per run, 4 threads' faults/s over 1 thread's.
+        let speedups: Vec<f64> = samples
+            .get("fault_threads_4_per_s")
+            .into_iter()
+            .flatten()
+            .zip(samples.get("fault_threads_1_per_s").into_iter().flatten())
+            .map(|(four, one)| four / one)
+            .collect();
+        for k in [
+            "fault_threads_1_max_concurrent",
+            "fault_threads_4_max_concurrent",
+            "fault_threads_1_one_sided",
+            "fault_threads_4_one_sided",
+        ] {
+            if let Some(v) = samples.get(k) {
+                row.insert(k.into(), report::spread(v));
+            }
+        }
+        row.insert("fault_threads_speedup".into(), report::spread(&speedups));
+        row.insert(
+            "fault_threads_target_met".into(),
+            json!(report::median(&speedups).map(|r| r >= 3.0)),
         );
         rows.push(serde_json::Value::Object(row));
         per_provider.push(Some((samples, ratio)));
@@ -458,6 +657,17 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         }
         table.row(cells);
     }
+    let mut cells = vec!["4 fault threads / 1 (medians)".to_string()];
+    for p in &per_provider {
+        let v = p.as_ref().and_then(|(s, _)| {
+            let med = |k: &str| s.get(k).and_then(|v| report::median(v));
+            med("fault_threads_4_per_s")
+                .zip(med("fault_threads_1_per_s"))
+                .map(|(a, b)| a / b)
+        });
+        cells.push(cell(v, 2));
+    }
+    table.row(cells);
     let mut cells = vec!["hinted read / (RMA read + local fault)".to_string()];
     for p in &per_provider {
         cells.push(cell(p.as_ref().and_then(|(_, r)| *r), 2));
@@ -467,8 +677,11 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
     let value = json!({
         "runs": runs,
         "pages": pages,
-        "settings": {"ranks": 3, "fault_threads": 2, "prefetch": 8, "locator": "page % 3", "one_sided": true},
-        "target": {"read_fault_vs_reference_max": 1.5, "write_upgrade_max": "read_fault_one_sided_us + 2 x fetch_add_us"},
+        "settings": {"ranks": RANKS, "fault_threads": 2, "prefetch": 8, "locator": "page % 4", "one_sided": true,
+                     "fault_thread_runs": {"ranks": THREAD_RANKS, "reader_threads": APP_THREADS, "prefetch": 0, "pages": pages * APP_THREADS}},
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "loadavg": {"start": load_start, "end": loadavg()},
+        "target": {"read_fault_vs_reference_max": 1.5, "write_upgrade_max": "read_fault_one_sided_us + 2 x fetch_add_us, 0 to 3 sharers", "fault_threads_speedup_min": 3.0},
         "rows": rows,
         "skipped": skipped,
     });
@@ -478,4 +691,13 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         return Err("every provider failed (see skipped)".into());
     }
     Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), if readable.
+fn loadavg() -> Option<Vec<f64>> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace()
+        .take(3)
+        .map(|v| v.parse().ok())
+        .collect()
 }

@@ -26,6 +26,24 @@ pub enum DsmError {
     /// A bad argument or configuration value.
     #[error("bad {what}: {reason}")]
     Config { what: String, reason: String },
+    /// A local access waited past the fault timeout and nodes it may depend on do not
+    /// answer: the page's owner (or a copy holder the owner waits for) died; when it held
+    /// the only copy, the page is lost. Never served as zeros.
+    #[error(
+        "page {page} (region at {region:#x}, offset {offset:#x}) cannot be served for a \
+         {access}: no answer for {seconds:.1} s; asked nodes {asked:?}; nodes {dead:?} do not \
+         answer (dead): the page's owner or a node it waits for died, and the page is lost if \
+         it held the only copy (not zero-filled)"
+    )]
+    PageUnreachable {
+        page: PageId,
+        region: u64,
+        offset: u64,
+        access: String,
+        asked: Vec<NodeId>,
+        dead: Vec<NodeId>,
+        seconds: f64,
+    },
     #[error("{what} timed out after {seconds:.1} s")]
     Timeout { what: String, seconds: f64 },
 }

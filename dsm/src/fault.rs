@@ -14,20 +14,23 @@
 //!
 //! The state machine runs under one mutex; its actions run in order under it, except the
 //! one-sided operations, which the fault thread posts after releasing it.
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fabric::{Endpoint, MemoryRegion, PeerId, Region, RemoteRegion};
 
 use crate::coherence::{
-    joined_readers, Access, Action, Msg, Node, NodeId, PageId, ShareWords, Source, SHARE_OPEN,
-    SHARE_WORD_NODES,
+    joined_readers, Access, Msg, Node, NodeId, PageId, ShareWords, SHARE_OPEN, SHARE_WORD_NODES,
 };
 use crate::error::{DsmError, Result};
 use crate::uffd::{Uffd, PAGE};
+
+mod actions;
+mod watchdog;
+pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
 
 /// The fabric tag of DSM protocol messages.
 pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
@@ -136,6 +139,10 @@ pub struct DriverStats {
     pub remote_fetches: AtomicU64,
     pub prefetched: AtomicU64,
     pub messages: AtomicU64,
+    /// Accesses reported unreachable (fault timeout with a dead node).
+    pub unreachable: AtomicU64,
+    /// Faults whose one-sided operations were in flight at once, at most (fault threads).
+    pub max_concurrent_remote: AtomicU64,
 }
 
 /// Shared state of the driver's threads.
@@ -159,6 +166,16 @@ pub struct Engine {
     publish_delay: Duration,
     /// Next sequence number towards each node.
     send_seq: Mutex<Vec<u64>>,
+    /// Pages local accesses wait for ([`watchdog`]).
+    pending: Mutex<HashMap<PageId, watchdog::Pending>>,
+    /// How long an access may wait before the nodes it depends on are probed.
+    fault_timeout: Duration,
+    unreachable: Mutex<Option<UnreachableHandler>>,
+    /// Fault threads inside one-sided operations now.
+    remote_now: AtomicUsize,
+    /// Fault injection for tests (`KRUN_DSM_FAULT_RENDEZVOUS`): a fault thread about to post
+    /// one-sided operations waits (at most 10 s) until this many fault threads are there.
+    rendezvous: usize,
     /// Next expected from each node, and messages that arrived early.
     #[allow(clippy::type_complexity)]
     reorder: Mutex<(Vec<u64>, BTreeMap<(NodeId, u64), Vec<u8>>)>,
@@ -216,6 +233,14 @@ impl Engine {
                     .unwrap_or(0),
             ),
             send_seq: Mutex::new(vec![0; n]),
+            pending: Mutex::new(HashMap::new()),
+            fault_timeout: Duration::from_secs(30),
+            unreachable: Mutex::new(Some(exit_handler(me))),
+            remote_now: AtomicUsize::new(0),
+            rendezvous: std::env::var("KRUN_DSM_FAULT_RENDEZVOUS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
             reorder: Mutex::new((vec![0; n], BTreeMap::new())),
         }
     }
@@ -233,6 +258,21 @@ impl Engine {
             this,
             open: Default::default(),
             error: None,
+        }
+    }
+
+    /// Sets how long a local access may wait before the nodes it depends on are probed (and
+    /// it is reported unreachable if one of them does not answer).
+    pub fn with_fault_timeout(mut self, timeout: Duration) -> Engine {
+        self.fault_timeout = timeout;
+        self
+    }
+
+    /// Replaces what is called when an access cannot be served (`None`: only record the
+    /// error; the faulting thread then stays blocked).
+    pub fn set_unreachable_handler(&self, handler: Option<UnreachableHandler>) {
+        if let Ok(mut h) = self.unreachable.lock() {
+            *h = handler;
         }
     }
 
@@ -270,6 +310,23 @@ impl Engine {
                     })?,
             );
         }
+        // The watchdog has its own thread: the service and fault threads may be held (a
+        // send to a dead node can block under the state machine's lock).
+        let e = self.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name("dsm-watchdog".into())
+                .spawn(move || {
+                    while !e.stopped() {
+                        std::thread::sleep(watchdog::CHECK_EVERY);
+                        e.check_waits();
+                    }
+                })
+                .map_err(|e| DsmError::Os {
+                    what: "spawning the watchdog thread".into(),
+                    source: e,
+                })?,
+        );
         let e = self.clone();
         handles.push(
             std::thread::Builder::new()
@@ -462,11 +519,29 @@ impl Engine {
                     self.last_miss.store(p, Ordering::Relaxed);
                     self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
                 }
+                self.track_fault(p, a, i == 0);
                 let actions = node.fault(p, a);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
             }
         }
-        self.run_remote_with(remote, slots)
+        if remote.is_empty() {
+            return Ok(());
+        }
+        let now = self.remote_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats
+            .max_concurrent_remote
+            .fetch_max(now as u64, Ordering::Relaxed);
+        if self.rendezvous > 1 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.remote_now.load(Ordering::SeqCst) < self.rendezvous
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let r = self.run_remote_with(remote, slots);
+        self.remote_now.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     fn run_remote(&self, remote: Vec<Remote>) -> Result<()> {
@@ -563,209 +638,6 @@ impl Engine {
                 what: "peer".into(),
                 reason: format!("node {rank} is not connected"),
             })
-    }
-
-    /// Runs the actions in order (messages to this node are handled after the batch).
-    fn execute(
-        &self,
-        node: &mut Node<RegisteredWords>,
-        actions: Vec<Action>,
-        data: Data<'_>,
-        remote: &mut Vec<Remote>,
-    ) -> Result<()> {
-        let mut local: VecDeque<(Msg, Vec<u8>)> = VecDeque::new();
-        self.execute_one_batch(&mut node.words, actions, &data, remote, &mut local)?;
-        while let Some((msg, bytes)) = local.pop_front() {
-            let actions = node.on_message(self.me, msg);
-            self.execute_one_batch(
-                &mut node.words,
-                actions,
-                &Data::Message(&bytes),
-                remote,
-                &mut local,
-            )?;
-        }
-        match node.words.take_error() {
-            Some(e) => Err(DsmError::Config {
-                what: "share word".into(),
-                reason: e,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    fn execute_one_batch(
-        &self,
-        words: &mut RegisteredWords,
-        actions: Vec<Action>,
-        data: &Data<'_>,
-        remote: &mut Vec<Remote>,
-        local: &mut VecDeque<(Msg, Vec<u8>)>,
-    ) -> Result<()> {
-        // Bytes of pages dropped in this batch, for a grant sent after the drop.
-        let mut dropped: HashMap<PageId, Vec<u8>> = HashMap::new();
-        for a in actions {
-            if self.trace {
-                eprintln!("{} dsm {}: {a:?}", now_ns(), self.me);
-            }
-            match a {
-                Action::Send { to, msg } => {
-                    let page = msg.page();
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    let bytes = if matches!(msg, Msg::Grant { zero: false, .. }) {
-                        match dropped.remove(&page) {
-                            Some(b) => b,
-                            // SAFETY: this node holds the page (mapped, and write-protected
-                            // when another node is to get it), so reading it does not fault.
-                            None => unsafe {
-                                std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE)
-                            }
-                            .to_vec(),
-                        }
-                    } else {
-                        Vec::new()
-                    };
-                    if to == self.me {
-                        local.push_back((msg, bytes));
-                        continue;
-                    }
-                    let seq = {
-                        let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
-                        let slot = seqs.get_mut(to as usize).ok_or_else(|| no_region(page))?;
-                        *slot += 1;
-                        *slot - 1
-                    };
-                    if self.trace && bytes.len() >= 32 {
-                        let w: Vec<u64> = bytes[..32]
-                            .chunks(8)
-                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                            .collect();
-                        eprintln!(
-                            "{} dsm {}: sends page {page} seq {seq} words {w:?}",
-                            now_ns(),
-                            self.me
-                        );
-                    }
-                    let mut wire = vec![WIRE_VERSION];
-                    wire.extend(postcard::to_allocvec(&(self.me, seq, &msg)).map_err(|e| {
-                        DsmError::Config {
-                            what: "message".into(),
-                            reason: e.to_string(),
-                        }
-                    })?);
-                    wire.extend_from_slice(&bytes);
-                    let crc = crc32c::crc32c(&wire);
-                    wire.extend_from_slice(&crc.to_le_bytes());
-                    self.ep.send(self.peer(to)?, TAG_DSM, &wire)?;
-                }
-                Action::Join { owner, page } => {
-                    if self.me >= SHARE_WORD_NODES {
-                        return Err(DsmError::Config {
-                            what: "join".into(),
-                            reason: format!("node {} has no share-word bit", self.me),
-                        });
-                    }
-                    remote.push(Remote::Join { owner, page })
-                }
-                Action::RmaRead { owner, page } => remote.push(Remote::Read { owner, page }),
-                Action::Install {
-                    page,
-                    source,
-                    writable,
-                } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    let src: *const u8 = match (source, data) {
-                        (Source::Zero, _) => self.zero.as_ptr(),
-                        (Source::Message, Data::Message(b)) if b.len() == PAGE => b.as_ptr(),
-                        (Source::Rma, Data::Rma(slots)) => {
-                            *slots.get(&page).ok_or_else(|| no_region(page))?
-                        }
-                        _ => {
-                            return Err(DsmError::Config {
-                                what: "install".into(),
-                                reason: format!("no data for page {page} from {source:?}"),
-                            })
-                        }
-                    };
-                    if self.trace {
-                        // SAFETY: src points at PAGE readable bytes.
-                        let b = unsafe { std::slice::from_raw_parts(src, 32) };
-                        let w: Vec<u64> = b
-                            .chunks(8)
-                            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                            .collect();
-                        eprintln!(
-                            "{} dsm {}: installs page {page} words {w:?}",
-                            now_ns(),
-                            self.me
-                        );
-                    }
-                    // SAFETY: src points at PAGE readable bytes (a message, a landing slot
-                    // or the zero page), alive for this call.
-                    unsafe { self.uffd.copy(region.addr(page), src, writable)? };
-                }
-                Action::Protect { page } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    self.uffd.protect(region.addr(page), true)?;
-                }
-                Action::Publish { page } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    if !self.publish_delay.is_zero() {
-                        std::thread::sleep(self.publish_delay);
-                    }
-                    let i = region.index(page);
-                    // SAFETY: the page is mapped read-only (write-protected) at this node.
-                    let bytes =
-                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) };
-                    region.export.write_bytes(i * PAGE, bytes)?;
-                    words.publish(page)?;
-                }
-                Action::Unprotect { page } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    self.uffd.protect(region.addr(page), false)?;
-                }
-                Action::Drop { page } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    // Keep the bytes for a grant later in this batch (the page is mapped here,
-                    // read-only or write-protected: reading it does not fault).
-                    // SAFETY: as stated.
-                    let keep =
-                        unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) }
-                            .to_vec();
-                    dropped.insert(page, keep);
-                    // SAFETY: the page lies inside our own shared mapping; its contents are
-                    // discarded on purpose (the next access faults).
-                    if unsafe {
-                        libc::madvise(region.addr(page) as *mut _, PAGE, libc::MADV_DONTNEED)
-                    } != 0
-                    {
-                        return Err(DsmError::Os {
-                            what: format!("dropping page {page}"),
-                            source: std::io::Error::last_os_error(),
-                        });
-                    }
-                }
-                Action::Done { page, .. } => {
-                    let Some(region) = region_of(&self.regions, page) else {
-                        continue;
-                    };
-                    self.uffd.wake(region.addr(page))?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 

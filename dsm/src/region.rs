@@ -6,7 +6,8 @@
 //! Configuration (`KRUN_DSM_*`, over [`DsmConfig::default`]): `KRUN_DSM_FAULT_THREADS`
 //! (2), `KRUN_DSM_PREFETCH` (8 pages), `KRUN_DSM_LOCATOR` (`static` = `page % N`, or
 //! `dynamic` = the cell-tree locator), `KRUN_DSM_ONE_SIDED` (1: readers join and read
-//! one-sided; 0: by messages).
+//! one-sided; 0: by messages), `KRUN_DSM_FAULT_TIMEOUT_MS` (30000: how long an access waits
+//! before the nodes it depends on are probed; see [`crate::fault`]'s watchdog).
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,6 +33,9 @@ pub struct DsmConfig {
     pub one_sided: bool,
     /// Number of DSM locks.
     pub locks: usize,
+    /// How long a local access may wait before the nodes it depends on are probed; a node
+    /// that does not answer makes the access fail ([`DsmError::PageUnreachable`]).
+    pub fault_timeout: std::time::Duration,
 }
 
 impl Default for DsmConfig {
@@ -42,6 +46,7 @@ impl Default for DsmConfig {
             locator: LocatorKind::Modulo,
             one_sided: true,
             locks: 64,
+            fault_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -72,6 +77,16 @@ impl DsmConfig {
                     })
                 }
             };
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_FAULT_TIMEOUT_MS") {
+            let ms = number("KRUN_DSM_FAULT_TIMEOUT_MS", &v)?;
+            if ms == 0 {
+                return Err(DsmError::Config {
+                    what: "KRUN_DSM_FAULT_TIMEOUT_MS".into(),
+                    reason: "must be at least 1 ms".into(),
+                });
+            }
+            self.fault_timeout = std::time::Duration::from_millis(ms as u64);
         }
         if let Ok(v) = std::env::var("KRUN_DSM_ONE_SIDED") {
             self.one_sided = number("KRUN_DSM_ONE_SIDED", &v)? != 0;
@@ -188,15 +203,18 @@ impl Dsm {
             Engine::words(regions.clone(), ep.clone(), rank, this),
             config.one_sided,
         );
-        let engine = Arc::new(Engine::new(
-            rank,
-            ep.clone(),
-            peers.clone(),
-            node,
-            regions,
-            Uffd::open()?,
-            config.prefetch,
-        ));
+        let engine = Arc::new(
+            Engine::new(
+                rank,
+                ep.clone(),
+                peers.clone(),
+                node,
+                regions,
+                Uffd::open()?,
+                config.prefetch,
+            )
+            .with_fault_timeout(config.fault_timeout),
+        );
         let mut threads = engine.spawn(config.fault_threads)?;
         let mut lock_peers = peers.clone();
         lock_peers[rank as usize] = None;
@@ -578,6 +596,21 @@ impl Dsm {
 
     pub fn unlock(&self, id: usize) -> Result<()> {
         self.locks.unlock(id)
+    }
+
+    /// Replaces what runs when a local access cannot be served because a node it depends on
+    /// died (the default prints the error and ends the process with
+    /// [`crate::fault::EXIT_PAGE_UNREACHABLE`]; `None` only records it for the next call).
+    pub fn set_unreachable_handler(&self, handler: Option<crate::fault::UnreachableHandler>) {
+        self.engine.set_unreachable_handler(handler);
+    }
+
+    /// Fault threads that were inside one-sided operations at once, at most.
+    pub fn max_concurrent_remote_faults(&self) -> u64 {
+        self.engine
+            .stats
+            .max_concurrent_remote
+            .load(Ordering::Relaxed)
     }
 
     /// Counters: (faults, remote one-sided page reads, prefetched pages, messages received).

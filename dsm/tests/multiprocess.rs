@@ -321,3 +321,40 @@ fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_static_locator() {
 fn mgs_on_the_dsm_matches_a_serial_mgs_with_the_cell_tree_locator() {
     mgs_with("dynamic");
 }
+
+/// Several fault threads serve faults at once: four reader threads of rank 1 fault on four
+/// hinted pages together, and every fault thread posting one-sided operations waits (test
+/// injection `KRUN_DSM_FAULT_RENDEZVOUS=4`, bounded at 10 s) until four are inside them:
+/// with 4 fault threads, four faults are in flight at once; with 1, never more than one.
+#[test]
+fn four_fault_threads_serve_four_faults_at_once_and_one_thread_serves_one() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let four = run(
+        "threads",
+        "tcp",
+        3,
+        &["--pages", "1", "--app-threads", "4"],
+        &[
+            ("KRUN_DSM_FAULT_THREADS", "4"),
+            ("KRUN_DSM_FAULT_RENDEZVOUS", "4"),
+            ("KRUN_DSM_PREFETCH", "0"),
+        ],
+    );
+    assert_eq!(four[1].get("threads").map(String::as_str), Some("ok"));
+    assert_eq!(
+        four[1]["max_concurrent_remote"], "4",
+        "4 fault threads should have served the 4 faults at once"
+    );
+    let one = run(
+        "threads",
+        "tcp",
+        3,
+        &["--pages", "2", "--app-threads", "4"],
+        &[("KRUN_DSM_FAULT_THREADS", "1"), ("KRUN_DSM_PREFETCH", "0")],
+    );
+    assert_eq!(one[1].get("threads").map(String::as_str), Some("ok"));
+    assert_eq!(one[1]["max_concurrent_remote"], "1");
+}

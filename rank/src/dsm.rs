@@ -57,9 +57,15 @@
 //! - Allocation, free and the barrier are collective: every rank calls them in the same
 //!   order. After [`SharedMemory::free`] the region's addresses are unmapped on every rank.
 //! - 64 locks, ids `0..64`, queued FIFO at rank 0.
-//! - A rank that dies takes the pages it alone held with it: the driver reports them lost
-//!   (an error of the next DSM call), never as zeros. Join and leave during a run are not
-//!   wired to the job's membership yet.
+//! - A rank that dies takes the pages it alone held with it; they are never served as zeros.
+//!   An access that waits longer than `KRUN_DSM_FAULT_TIMEOUT_MS` (default 30000) makes the
+//!   driver probe every other rank (a one-sided fetch-and-add of 0, bounded by the same
+//!   timeout); if one does not answer, the rank prints an error naming the page, its region
+//!   and offset, the ranks asked and the dead ones, and exits with code 75
+//!   (`dsm::fault::EXIT_PAGE_UNREACHABLE`): the blocked access cannot be resumed without
+//!   the page. Under krund the HA policy sees that exit (`RankExited`, code 75). When every
+//!   rank answers, the access keeps waiting and a warning is printed. Join and leave during
+//!   a run are not wired to the job's membership yet.
 //! - The driver needs userfaultfd with write-protect support (Linux >= 5.7; root or
 //!   `vm.unprivileged_userfaultfd=1`).
 //!

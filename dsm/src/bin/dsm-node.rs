@@ -10,6 +10,8 @@
 //! | `share`   | each rank writes its part of a region, reads every other part after a barrier (byte by byte); then ownership of shared pages moves round-robin between the ranks, checked after every barrier; a counter incremented under the DSM lock; false sharing (each rank its own word of one page) |
 //! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
 //! | `serve-then-free` | rank 1 writes the pages of a region; rank 0 reads them (rank 1 serves and publishes them), then every rank frees the region at once and allocates and checks a new one (run with `KRUN_DSM_PUBLISH_DELAY_MS` to make the publications outlast the free) |
+//! | `unreachable` | rank 1 writes pages 0 and 1 (3 ranks), prints `owner=ready` and sleeps (the test SIGKILLs it); ranks 0 and 2 wait for `--go-file` to exist, then rank 0 reads page 1 (its manager is rank 1) and rank 2 reads page 0 (its manager, rank 0, forwards to rank 1): the fault timeout (`KRUN_DSM_FAULT_TIMEOUT_MS`) must end them with exit code 75 and an error naming the page and node 1 |
+//! | `threads` | rank 0 writes `--pages` pages, rank 1 reads them (hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then `--app-threads` threads of rank 1 read disjoint pages at once, one-sided (run with `KRUN_DSM_FAULT_THREADS`); prints the most fault threads seen inside one-sided operations at once |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
@@ -34,6 +36,8 @@ struct Args {
     rounds: usize,
     rows: usize,
     cols: usize,
+    go_file: Option<std::path::PathBuf>,
+    app_threads: usize,
 }
 
 fn parse() -> Res<Args> {
@@ -49,6 +53,8 @@ fn parse() -> Res<Args> {
         rounds: 12,
         rows: 512,
         cols: 32,
+        go_file: None,
+        app_threads: 4,
     };
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -67,6 +73,8 @@ fn parse() -> Res<Args> {
             "--rounds" => a.rounds = v.parse().map_err(|e| bad(&e))?,
             "--rows" => a.rows = v.parse().map_err(|e| bad(&e))?,
             "--cols" => a.cols = v.parse().map_err(|e| bad(&e))?,
+            "--go-file" => a.go_file = Some(v.into()),
+            "--app-threads" => a.app_threads = v.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -455,6 +463,117 @@ fn mgs(d: &Dsm, a: &Args) -> Res<()> {
     d.free(region).map_err(|e| e.to_string())
 }
 
+/// See the `unreachable` scenario in the module doc. Returns only on a failed check.
+fn unreachable(d: &Dsm, a: &Args) -> Res<()> {
+    use std::io::Write;
+    let page = 4096;
+    if a.size != 3 {
+        return Err("unreachable needs --size 3".into());
+    }
+    let region = d.alloc(4 * page).map_err(|e| e.to_string())?;
+    let mem = region.as_ptr();
+    if a.rank == 1 {
+        for p in 0..2 {
+            // SAFETY: inside the region.
+            unsafe { mem.add(p * page).write_volatile(0x5a) };
+        }
+    }
+    d.barrier().map_err(|e| e.to_string())?;
+    if a.rank == 1 {
+        println!("krun-result owner=ready");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(120));
+        return Err("rank 1 was not killed within 120 s".into());
+    }
+    let go = a.go_file.as_ref().ok_or("unreachable needs --go-file")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !go.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", go.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let p = if a.rank == 0 { 1 } else { 0 };
+    // SAFETY: inside the region; its only copy died with rank 1: the driver must end this
+    // process instead of returning.
+    let v = unsafe { mem.add(p * page).read_volatile() };
+    Err(format!(
+        "page {p} read {v} although its only copy died with rank 1"
+    ))
+}
+
+/// See the `threads` scenario in the module doc.
+fn threads(d: &Dsm, a: &Args) -> Res<()> {
+    let page = 4096;
+    let n = a.pages * a.app_threads.max(1);
+    let region = d.alloc(n * 2 * page).map_err(|e| e.to_string())?;
+    let base = region.as_ptr() as usize;
+    let at = |i: usize| (base + i * 2 * page) as *mut u8;
+    let fill = |v: u8| {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            unsafe { at(i).write_volatile(v) };
+        }
+    };
+    let check = |v: u8| -> Res<()> {
+        for i in 0..n {
+            // SAFETY: inside the region.
+            let got = unsafe { at(i).read_volatile() };
+            if got != v {
+                return Err(format!("page {}: {got} != {v}", i * 2));
+            }
+        }
+        Ok(())
+    };
+    let bar = || d.barrier().map_err(|e| e.to_string());
+    if a.rank == 0 {
+        fill(1);
+    }
+    bar()?;
+    if a.rank == 1 {
+        check(1)?;
+    }
+    bar()?;
+    if a.rank == 0 {
+        fill(2);
+    }
+    bar()?;
+    if a.rank == 2 {
+        check(2)?;
+    }
+    bar()?;
+    if a.rank == 1 {
+        let per = a.pages;
+        let t = Instant::now();
+        let workers: Vec<_> = (0..a.app_threads.max(1))
+            .map(|k| {
+                std::thread::spawn(move || -> Res<()> {
+                    for i in k * per..(k + 1) * per {
+                        let p = (base + i * 2 * page) as *const u8;
+                        // SAFETY: inside the region; nobody writes it in this phase.
+                        let got = unsafe { p.read_volatile() };
+                        if got != 2 {
+                            return Err(format!("thread {k}: page {}: {got} != 2", i * 2));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| "a reader thread panicked")??;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "krun-result threads=ok faults_per_s={:.0} max_concurrent_remote={}",
+            n as f64 / secs,
+            d.max_concurrent_remote_faults()
+        );
+    }
+    bar()?;
+    d.free(region).map_err(|e| e.to_string())
+}
+
 fn run(a: &Args) -> Res<()> {
     let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
@@ -468,6 +587,8 @@ fn run(a: &Args) -> Res<()> {
         "latency" => latency(&d, a),
         "serve-then-free" => serve_then_free(&d, a),
         "mgs" => mgs(&d, a),
+        "unreachable" => return unreachable(&d, a),
+        "threads" => threads(&d, a),
         s => Err(format!("unknown scenario {s}")),
     }?;
     d.barrier().map_err(|e| e.to_string())
