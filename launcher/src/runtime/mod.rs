@@ -7,6 +7,8 @@
 //! - [`control`]: the node's control sockets (Unix for this host, TCP for `krun` on
 //!   another) and the rank socket (`KRUN_NODE_SOCKET`).
 //! - [`status`]: what `krun status` shows; [`jobdir`]: where a running job is found.
+//! - `sockets.rs`: what the node answers on its control and rank sockets; `krun_link.rs`:
+//!   the node's link to krun and the policy's barrier on this node.
 //!
 //! # The checkpoint agent
 //! The store's agent ([`agent::Agent`], `runtime/agent.rs`) plugs in as the runtime's
@@ -21,7 +23,7 @@
 //! up (after [`Runtime::expect_agent`]: a checkpoint reported before then waits for it); a
 //! runtime without an agent records a reported checkpoint as known but safe nowhere.
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 use adaptation::daemon::{DaemonConfig, Driver};
 use adaptation::NodeId;
 use fabric::secret::ClusterSecret;
-use fabric::wire::{Protocol, Session};
+use fabric::wire::Protocol;
 
 use crate::error::{LauncherError, Result};
 use crate::ranks::RankEvent;
@@ -43,6 +45,7 @@ pub mod control;
 pub mod drain;
 pub mod hub;
 pub mod jobdir;
+mod krun_link;
 pub mod membership;
 pub mod migrate;
 pub mod mpi;
@@ -51,18 +54,16 @@ pub mod pmi;
 pub mod pmix;
 pub mod recovery;
 pub mod safepoint;
+mod sockets;
 pub mod status;
 pub mod store_link;
 pub mod store_node;
 pub mod table;
 pub mod uncoordinated;
 
-use control::{
-    ControlReply, ControlRequest, FetchInfo, LauncherToNode, NodeAddresses, NodeToLauncher,
-    NodeToRank, RankToNode,
-};
+use control::{ControlRequest, FetchInfo, NodeAddresses, NodeToLauncher, RankToNode};
 use membership::{Shared, TableClient};
-use status::{LevelUse, NodeStatus, SafeCheckpoint};
+use status::{LevelUse, SafeCheckpoint};
 use table::{RankState, TableOp};
 
 /// Process-table client ids of a node's writers that may touch the same row at once:
@@ -550,7 +551,7 @@ impl Bound {
                 Protocol::Runtime,
                 "krund: control socket",
                 move |req: ControlRequest| {
-                    control_request(&table, &info, agent.get().as_deref(), req)
+                    sockets::control_request(&table, &info, agent.get().as_deref(), req)
                 },
             );
         }
@@ -564,11 +565,11 @@ impl Bound {
                 cfg.secret.clone(),
                 Protocol::Rank,
                 "krund: rank socket",
-                move |msg: RankToNode| rank_message(&table, &agent, &safepoints, msg),
+                move |msg: RankToNode| sockets::rank_message(&table, &agent, &safepoints, msg),
             );
         }
         if let Some(addr) = cfg.launcher {
-            connect_launcher(
+            krun_link::connect_launcher(
                 addr,
                 &cfg.secret,
                 &addresses,
@@ -692,315 +693,6 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// Registers with krun and follows what krun says (a `Stop`, or the link closing).
-fn connect_launcher(
-    addr: SocketAddr,
-    secret: &ClusterSecret,
-    me: &NodeAddresses,
-    shared: Arc<Shared>,
-    safepoints: Arc<safepoint::SafepointGate>,
-    agent: Arc<AgentSlot>,
-    decisions: TableClient,
-) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(io(format!("connecting to krun at {addr}")))?;
-    let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io("configuring the krun link".into()))?;
-    let mut session =
-        Session::client(&mut s, secret, Protocol::Runtime).map_err(|e| LauncherError::Node {
-            node: me.node as usize,
-            message: format!("krun at {addr}: {e}"),
-        })?;
-    session
-        .tx
-        .send(&mut s, &NodeToLauncher::Register(me.clone()))
-        .map_err(|e| LauncherError::Node {
-            node: me.node as usize,
-            message: format!("registering with krun: {e}"),
-        })?;
-    s.set_read_timeout(None)
-        .map_err(io("configuring the krun link".into()))?;
-    let mut reader = s.try_clone().map_err(io("cloning the krun link".into()))?;
-    shared.set_launcher(s, session.tx);
-    let mut rx = session.rx;
-    std::thread::spawn(move || {
-        let why = loop {
-            match rx.recv::<LauncherToNode>(&mut reader) {
-                Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
-                Ok(LauncherToNode::Pmi(msg)) => {
-                    let servers = shared.pmi.lock().expect("pmi lock").clone();
-                    for server in servers {
-                        server.deliver(msg.clone());
-                    }
-                }
-                Ok(LauncherToNode::Barrier { op }) => {
-                    safepoints.open_barrier();
-                    shared.tell_launcher(&NodeToLauncher::Opened { op });
-                }
-                Ok(LauncherToNode::Wake { op }) => {
-                    let (shared, safepoints) = (shared.clone(), safepoints.clone());
-                    std::thread::spawn(move || barrier(&shared, &safepoints, op));
-                }
-                Ok(LauncherToNode::Release { order }) => {
-                    safepoints.release(order);
-                }
-                Ok(LauncherToNode::Restart {
-                    wiring,
-                    bootstrap,
-                    version,
-                    ranks,
-                }) => {
-                    // Ranks moved away by a drain end before the new epoch's start.
-                    drain::release_moved(&shared, &ranks);
-                    // An MPI job's servers start the new incarnation before any rank does
-                    // (here: ordered with krun's fence answers on this link).
-                    mpi_recovery::reincarnate(&shared, wiring, &ranks);
-                    let (shared, agent) = (shared.clone(), agent.clone());
-                    std::thread::spawn(move || {
-                        recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
-                    });
-                }
-                Ok(
-                    msg @ (LauncherToNode::CaptureRank { .. }
-                    | LauncherToNode::TrimLog { .. }
-                    | LauncherToNode::PeerMoved { .. }
-                    | LauncherToNode::Rejoined { .. }
-                    | LauncherToNode::Rejoin { .. }),
-                ) => uncoordinated::from_launcher(&shared, &agent, msg),
-                Ok(LauncherToNode::Decided {
-                    rank,
-                    node,
-                    decision,
-                }) => {
-                    if node == shared.me {
-                        recovery::decided(&decisions, rank, decision);
-                    }
-                }
-                Err(e) => break format!("the link to krun ended: {e}"),
-            }
-        };
-        shared.request_stop(why);
-    });
-    Ok(())
-}
-
-/// The policy's barrier on this node: holds the ranks at their safepoints from now on,
-/// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
-/// once every rank of this node is held: those running and those still starting (a
-/// barrier can come before the node started its ranks, e.g. while its MPI servers start
-/// under load; counting only the running ones reported an empty node as held, the policy
-/// then waited for captures that never came and no checkpoint was ever taken).
-fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
-    safepoints.open_barrier();
-    // Only ranks that said hello have the library's request handler installed (a signal
-    // before would kill them), so ranks are woken as they link, each once per barrier; one
-    // woken rank is enough, the ranks agree collectively.
-    let signalled = Mutex::new(std::collections::BTreeSet::<u64>::new());
-    let local = || -> Vec<u32> {
-        let linked = shared.linked_ranks.lock().expect("linked lock").clone();
-        // Both read under the ranks lock, which a rank's start takes to move it from one
-        // to the other.
-        let (local, starting) = {
-            let local = shared.local_ranks.lock().expect("ranks lock");
-            let starting = shared.starting.lock().expect("starting lock").clone();
-            (local.clone(), starting)
-        };
-        let held = safepoints.held();
-        let mut done = signalled.lock().expect("signalled lock");
-        for (rank, &pid) in &local {
-            if linked.contains(rank) && !held.contains(&(*rank as u32)) && done.insert(*rank) {
-                // SAFETY: kill sends a signal to a rank this node started; no memory is
-                // involved.
-                unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-            }
-        }
-        local.keys().chain(&starting).map(|&r| r as u32).collect()
-    };
-    let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
-        Some(ranks) => NodeToLauncher::Held { op, ranks },
-        None => NodeToLauncher::SyncFailed {
-            op,
-            reason: format!(
-                "node {}: ranks {:?} did not reach a safepoint in 60 s",
-                shared.me,
-                local()
-                    .into_iter()
-                    .filter(|r| !safepoints.held().contains(r))
-                    .collect::<Vec<_>>()
-            ),
-        },
-    };
-    shared.tell_launcher(&msg);
-}
-
-fn control_request(
-    table: &TableClient,
-    me: &NodeAddresses,
-    agent: Option<&dyn CheckpointAgent>,
-    req: ControlRequest,
-) -> ControlReply {
-    match req {
-        ControlRequest::Status => match node_status(table, me, agent) {
-            Ok(s) => ControlReply::Status(Box::new(s)),
-            Err(e) => ControlReply::Refused(e.to_string()),
-        },
-        ControlRequest::Leave { node } => match table.handle.request_leave(node) {
-            Ok(()) => ControlReply::Done(format!("node {node} asked to leave")),
-            Err(e) => ControlReply::Refused(e.to_string()),
-        },
-        ControlRequest::MigrateOut { rank, dry_run } => {
-            match migrate::out(table, me.node, rank, dry_run) {
-                Ok(done) => ControlReply::Done(done),
-                Err(e) => ControlReply::Refused(e),
-            }
-        }
-        ControlRequest::AdoptFrom { rank, from } => {
-            match migrate::adopt_from(table, me.node, rank, &from) {
-                Ok(done) => ControlReply::Done(done),
-                Err(e) => ControlReply::Refused(e),
-            }
-        }
-        ControlRequest::ReadMoveFile {
-            rank,
-            pipes,
-            offset,
-        } => migrate::serve_move_file(rank, pipes, offset),
-        ControlRequest::Adopt { rank } => match migrate::adopt(table, me.node, rank) {
-            Ok(done) => ControlReply::Done(done),
-            Err(e) => ControlReply::Refused(e),
-        },
-        ControlRequest::ReadImage {
-            rank,
-            version,
-            offset,
-        } => drain::serve_image_read(agent, me.node, rank, version, offset),
-        ControlRequest::Fetch { rank, version } => match agent {
-            Some(a) => match a.fetch(rank, version) {
-                Ok(f) => ControlReply::Fetched(f),
-                Err(e) => ControlReply::Refused(e.to_string()),
-            },
-            None => ControlReply::Refused(format!(
-                "node {} has no checkpoint store to fetch rank {rank} v{version} from",
-                me.node
-            )),
-        },
-    }
-}
-
-/// This node's view and every rank's row.
-fn node_status(
-    table: &TableClient,
-    me: &NodeAddresses,
-    agent: Option<&dyn CheckpointAgent>,
-) -> Result<NodeStatus> {
-    let view = table.handle.view().map_err(membership::adapt_err)?;
-    let n = table.shared.job_ranks.load(Ordering::SeqCst);
-    let pending: Vec<(u64, Result<mpsc::Receiver<Vec<u8>>>)> = (0..n)
-        .map(|r| (r, table.submit(r, &TableOp::Get)))
-        .collect();
-    let mut ranks = Vec::new();
-    let mut unanswered = Vec::new();
-    for (rank, rx) in pending {
-        match rx
-            .ok()
-            .and_then(|rx| TableClient::wait(&rx, Duration::from_secs(5)))
-            .and_then(|a| a.record)
-        {
-            Some(r) => ranks.push(r),
-            None => unanswered.push(rank),
-        }
-    }
-    let (store, newest_safe) = agent.map(|a| a.store_use()).unwrap_or_default();
-    Ok(NodeStatus {
-        node: me.node,
-        pid: me.pid,
-        host: me.host.clone(),
-        epoch: view.epoch,
-        stable: view.stable,
-        members: view.members.clone(),
-        cells: view.cells.clone(),
-        supervisors: view.supervisors.clone(),
-        changes: membership::changes(&view),
-        ranks,
-        unanswered,
-        store,
-        newest_safe,
-    })
-}
-
-fn rank_message(
-    table: &TableClient,
-    agent: &AgentSlot,
-    safepoints: &safepoint::SafepointGate,
-    msg: RankToNode,
-) -> NodeToRank {
-    match msg {
-        // Held until the policy decides; below the rank's own limit (600 s).
-        RankToNode::AtSafepoint { rank } => match table.shared.uncoordinated.at_safepoint(rank) {
-            // The uncoordinated policy: this rank's own capture, no barrier.
-            Some(answer) => answer,
-            None => safepoints.hold(rank, Duration::from_secs(590)),
-        },
-        msg @ (RankToNode::LogCard { .. }
-        | RankToNode::PeerReplaced { .. }
-        | RankToNode::Rejoin { .. }) => uncoordinated::from_rank(&table.shared, msg),
-        RankToNode::Hello { rank, pid } => {
-            table
-                .shared
-                .linked_ranks
-                .lock()
-                .expect("linked lock")
-                .insert(u64::from(rank));
-            recovery::hello(table, rank, pid);
-            NodeToRank::Ack
-        }
-        RankToNode::Watch { rank, pid } => recovery::watch(&table.shared, rank, pid),
-        RankToNode::Exiting { .. } => NodeToRank::Ack,
-        RankToNode::Checkpointed {
-            rank,
-            version,
-            image,
-            bytes,
-        } => {
-            // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
-            // store and says where it is safe; without one the version is recorded as known
-            // but safe nowhere yet.
-            // (Bounded below the rank's own wait for an answer, 10 s.)
-            let levels = match agent.wait(Duration::from_secs(8)) {
-                Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
-                    Ok(l) => l,
-                    Err(e) => return NodeToRank::Refused(e.to_string()),
-                },
-                None => Vec::new(),
-            };
-            match table.request(
-                u64::from(rank),
-                &TableOp::Checkpointed {
-                    version,
-                    levels: levels.clone(),
-                },
-                Duration::from_secs(10),
-            ) {
-                Ok(a) => match a.error {
-                    None => {
-                        if !levels.is_empty() {
-                            table.shared.tell_launcher(&NodeToLauncher::Captured {
-                                rank,
-                                version,
-                                bytes,
-                            });
-                        }
-                        NodeToRank::Ack
-                    }
-                    Some(e) => NodeToRank::Refused(e),
-                },
-                Err(e) => NodeToRank::Refused(e.to_string()),
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,157 @@
+//! The node's link to krun: it registers, reports its views, and follows what krun says
+//! (`LauncherToNode`: the policy's barrier and its release, restarts, the uncoordinated
+//! policy's orders, MPI fence answers, stop). The policy's barrier on this node is
+//! [`barrier`]; the ranks' side of it is the rank library's safepoint (`rank::node_link`).
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fabric::secret::ClusterSecret;
+use fabric::wire::{Protocol, Session};
+
+use super::control::{LauncherToNode, NodeAddresses, NodeToLauncher};
+use super::membership::{Shared, TableClient};
+use super::{drain, io, mpi_recovery, recovery, safepoint, uncoordinated, AgentSlot};
+use crate::error::{LauncherError, Result};
+
+/// Registers with krun and follows what krun says (a `Stop`, or the link closing).
+pub(super) fn connect_launcher(
+    addr: SocketAddr,
+    secret: &ClusterSecret,
+    me: &NodeAddresses,
+    shared: Arc<Shared>,
+    safepoints: Arc<safepoint::SafepointGate>,
+    agent: Arc<AgentSlot>,
+    decisions: TableClient,
+) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(io(format!("connecting to krun at {addr}")))?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("configuring the krun link".into()))?;
+    let mut session =
+        Session::client(&mut s, secret, Protocol::Runtime).map_err(|e| LauncherError::Node {
+            node: me.node as usize,
+            message: format!("krun at {addr}: {e}"),
+        })?;
+    session
+        .tx
+        .send(&mut s, &NodeToLauncher::Register(me.clone()))
+        .map_err(|e| LauncherError::Node {
+            node: me.node as usize,
+            message: format!("registering with krun: {e}"),
+        })?;
+    s.set_read_timeout(None)
+        .map_err(io("configuring the krun link".into()))?;
+    let mut reader = s.try_clone().map_err(io("cloning the krun link".into()))?;
+    shared.set_launcher(s, session.tx);
+    let mut rx = session.rx;
+    std::thread::spawn(move || {
+        let why = loop {
+            match rx.recv::<LauncherToNode>(&mut reader) {
+                Ok(LauncherToNode::Stop) => break "krun stopped the node".to_string(),
+                Ok(LauncherToNode::Pmi(msg)) => {
+                    let servers = shared.pmi.lock().expect("pmi lock").clone();
+                    for server in servers {
+                        server.deliver(msg.clone());
+                    }
+                }
+                Ok(LauncherToNode::Barrier { op }) => {
+                    safepoints.open_barrier();
+                    shared.tell_launcher(&NodeToLauncher::Opened { op });
+                }
+                Ok(LauncherToNode::Wake { op }) => {
+                    let (shared, safepoints) = (shared.clone(), safepoints.clone());
+                    std::thread::spawn(move || barrier(&shared, &safepoints, op));
+                }
+                Ok(LauncherToNode::Release { order }) => {
+                    safepoints.release(order);
+                }
+                Ok(LauncherToNode::Restart {
+                    wiring,
+                    bootstrap,
+                    version,
+                    ranks,
+                }) => {
+                    // Ranks moved away by a drain end before the new epoch's start.
+                    drain::release_moved(&shared, &ranks);
+                    // An MPI job's servers start the new incarnation before any rank does
+                    // (here: ordered with krun's fence answers on this link).
+                    mpi_recovery::reincarnate(&shared, wiring, &ranks);
+                    let (shared, agent) = (shared.clone(), agent.clone());
+                    std::thread::spawn(move || {
+                        recovery::restart(&shared, &agent, wiring, &bootstrap, version, &ranks)
+                    });
+                }
+                Ok(
+                    msg @ (LauncherToNode::CaptureRank { .. }
+                    | LauncherToNode::TrimLog { .. }
+                    | LauncherToNode::PeerMoved { .. }
+                    | LauncherToNode::Rejoined { .. }
+                    | LauncherToNode::Rejoin { .. }),
+                ) => uncoordinated::from_launcher(&shared, &agent, msg),
+                Ok(LauncherToNode::Decided {
+                    rank,
+                    node,
+                    decision,
+                }) => {
+                    if node == shared.me {
+                        recovery::decided(&decisions, rank, decision);
+                    }
+                }
+                Err(e) => break format!("the link to krun ended: {e}"),
+            }
+        };
+        shared.request_stop(why);
+    });
+    Ok(())
+}
+
+/// The policy's barrier on this node: holds the ranks at their safepoints from now on,
+/// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
+/// once every rank of this node is held: those running and those still starting (a
+/// barrier can come before the node started its ranks, e.g. while its MPI servers start
+/// under load; counting only the running ones reported an empty node as held, the policy
+/// then waited for captures that never came and no checkpoint was ever taken).
+pub(super) fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op: u64) {
+    safepoints.open_barrier();
+    // Only ranks that said hello have the library's request handler installed (a signal
+    // before would kill them), so ranks are woken as they link, each once per barrier; one
+    // woken rank is enough, the ranks agree collectively.
+    let signalled = Mutex::new(std::collections::BTreeSet::<u64>::new());
+    let local = || -> Vec<u32> {
+        let linked = shared.linked_ranks.lock().expect("linked lock").clone();
+        // Both read under the ranks lock, which a rank's start takes to move it from one
+        // to the other.
+        let (local, starting) = {
+            let local = shared.local_ranks.lock().expect("ranks lock");
+            let starting = shared.starting.lock().expect("starting lock").clone();
+            (local.clone(), starting)
+        };
+        let held = safepoints.held();
+        let mut done = signalled.lock().expect("signalled lock");
+        for (rank, &pid) in &local {
+            if linked.contains(rank) && !held.contains(&(*rank as u32)) && done.insert(*rank) {
+                // SAFETY: kill sends a signal to a rank this node started; no memory is
+                // involved.
+                unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+            }
+        }
+        local.keys().chain(&starting).map(|&r| r as u32).collect()
+    };
+    let msg = match safepoints.wait_all_held(&local, Duration::from_secs(60)) {
+        Some(ranks) => NodeToLauncher::Held { op, ranks },
+        None => NodeToLauncher::SyncFailed {
+            op,
+            reason: format!(
+                "node {}: ranks {:?} did not reach a safepoint in 60 s",
+                shared.me,
+                local()
+                    .into_iter()
+                    .filter(|r| !safepoints.held().contains(r))
+                    .collect::<Vec<_>>()
+            ),
+        },
+    };
+    shared.tell_launcher(&msg);
+}
