@@ -323,7 +323,10 @@ fn places(line: &str) -> (Vec<Place>, u64) {
     let mut depth = None;
     for part in body.split("; ") {
         if let Some(d) = part.strip_prefix("rollback depth ") {
-            depth = d.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok());
+            depth = d
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok());
             continue;
         }
         let Some(rest) = part.strip_prefix("rank ") else {
@@ -348,7 +351,13 @@ fn restored_steps(out: &str) -> Vec<(u64, u64, u64)> {
             let rest = l.strip_prefix("heat: rank ")?;
             let mut it = rest.split(' ');
             let rank = it.next()?.parse().ok()?;
-            let version = rest.split("restored version ").nth(1)?.split(' ').next()?.parse().ok()?;
+            let version = rest
+                .split("restored version ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
             let step = rest.split("at step ").nth(1)?.trim().parse().ok()?;
             Some((rank, version, step))
         })
@@ -357,13 +366,20 @@ fn restored_steps(out: &str) -> Vec<(u64, u64, u64)> {
 
 /// Runs the heat job with node 1 (ranks 2-3) SIGKILLed after `inject`; checks everything
 /// both tests share and returns (the places on the line, the depth, stdout, the decisions).
-fn killed_node_recovers_on_the_line(tag: &str, policy_text: &str, inject: &str) -> (Vec<Place>, u64, String, String) {
+fn killed_node_recovers_on_the_line(
+    tag: &str,
+    policy_text: &str,
+    inject: &str,
+) -> (Vec<Place>, u64, String, String) {
     let dir = temp(tag);
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "1000"]);
     let policy = policy_file(&dir.0, "nolog.toml", policy_text);
     let run = Running::start(&dir.0, heat_job(&dir.0, &heat, &policy, &[inject], "1000"));
-    run.wait_line("injected failure: SIGKILL to node 1", Duration::from_secs(240));
+    run.wait_line(
+        "injected failure: SIGKILL to node 1",
+        Duration::from_secs(240),
+    );
     let line = run.wait_line("(no message logging)", Duration::from_secs(120));
     let (places, depth) = places(&line);
     run.wait_line("recovered from the failure", Duration::from_secs(180));
@@ -371,7 +387,9 @@ fn killed_node_recovers_on_the_line(tag: &str, policy_text: &str, inject: &str) 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(r) = rows(&dir.0) {
-            let moved = r.iter().filter(|r| (r.0 == 2 || r.0 == 3) && r.1 == 3 && r.3 == 1);
+            let moved = r
+                .iter()
+                .filter(|r| (r.0 == 2 || r.0 == 3) && r.1 == 3 && r.3 == 1);
             if r.len() == 6 && moved.count() == 2 {
                 break;
             }
@@ -392,7 +410,12 @@ fn killed_node_recovers_on_the_line(tag: &str, policy_text: &str, inject: &str) 
     assert_eq!(ranks, vec![0, 1, 2, 3, 4, 5], "{line}");
     for p in &places {
         match p.0 {
-            2 | 3 => assert_eq!(p.2, Some(3), "rank {} must restart on the spare: {line}", p.0),
+            2 | 3 => assert_eq!(
+                p.2,
+                Some(3),
+                "rank {} must restart on the spare: {line}",
+                p.0
+            ),
             _ => assert_eq!(p.2, None, "rank {} must roll back in place: {line}", p.0),
         }
     }
@@ -413,16 +436,25 @@ fn killed_node_recovers_on_the_line(tag: &str, policy_text: &str, inject: &str) 
         );
     }
     let common: std::collections::BTreeSet<u64> = steps.iter().map(|s| s.2).collect();
-    assert!(common.len() <= 1, "ranks restored different steps: {steps:?}\n{line}");
+    assert!(
+        common.len() <= 1,
+        "ranks restored different steps: {steps:?}\n{line}"
+    );
     if named.is_empty() {
         assert!(steps.is_empty(), "{steps:?}");
     }
     // The decisions: own checkpoints only, one recovery line with the same depth, restarts of
     // ranks 2-3 on node 3, and each rank back to the start restarted (in place: its node).
     let lines = decision_lines(&log);
-    assert!(lines.iter().any(|l| l.starts_with("RankCheckpointed {")), "{log}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("RankCheckpointed {")),
+        "{log}"
+    );
     assert!(!lines.iter().any(|l| l.starts_with("Committed {")), "{log}");
-    let recovery: Vec<&String> = lines.iter().filter(|l| l.starts_with("RecoveryLine {")).collect();
+    let recovery: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("RecoveryLine {"))
+        .collect();
     assert_eq!(recovery.len(), 1, "{log}");
     assert_eq!(field(recovery[0], "depth"), Some(depth), "{}", recovery[0]);
     for r in 0..6 {
@@ -433,7 +465,10 @@ fn killed_node_recovers_on_the_line(tag: &str, policy_text: &str, inject: &str) 
         .filter(|l| l.starts_with("Restart {"))
         .map(|l| (field(l, "rank").unwrap(), field(l, "node").unwrap()))
         .collect();
-    assert!(restarts.contains(&(2, 3)) && restarts.contains(&(3, 3)), "{log}");
+    assert!(
+        restarts.contains(&(2, 3)) && restarts.contains(&(3, 3)),
+        "{log}"
+    );
     assert!(
         err.contains("krun: recovery line without message logging, wiring epoch"),
         "{err}"
@@ -452,7 +487,11 @@ fn without_logging_a_killed_node_rolls_back_the_recovery_line_and_the_result_is_
     );
     // Ranks 0-1 and 4-5 were running: they rolled back in place (checked above), to a
     // checkpoint of theirs or to the start.
-    assert_eq!(places.iter().filter(|p| p.2.is_none()).count(), 4, "{places:?}");
+    assert_eq!(
+        places.iter().filter(|p| p.2.is_none()).count(),
+        4,
+        "{places:?}"
+    );
     eprintln!("recovery line {places:?}, rollback depth {depth}");
 }
 
@@ -469,7 +508,13 @@ fn staggered_checkpoints_domino_back_and_the_policy_reports_the_rollback_depth()
     assert!(depth >= 3, "rollback depth {depth}: {places:?}");
     assert!(places.iter().all(|p| p.3 >= 1), "{places:?}");
     let lines = decision_lines(&log);
-    let line = lines.iter().find(|l| l.starts_with("RecoveryLine {")).unwrap();
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("RecoveryLine {"))
+        .unwrap();
     assert!(field(line, "depth").is_some_and(|d| d >= 3), "{line}");
-    assert!(!out.contains("heat: rank 0 restored"), "the line went back to the start: {out}");
+    assert!(
+        !out.contains("heat: rank 0 restored"),
+        "the line went back to the start: {out}"
+    );
 }

@@ -323,8 +323,7 @@ impl Description {
                 return Err(err(
                     st.span().start,
                     "stagger",
-                    "only the uncoordinated policy checkpoints ranks on their own schedules"
-                        .into(),
+                    "only the uncoordinated policy checkpoints ranks on their own schedules".into(),
                 ));
             }
             d.stagger = *st.get_ref();

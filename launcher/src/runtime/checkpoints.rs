@@ -154,9 +154,9 @@ impl CheckpointDriver {
         // The uncoordinated policy: per-rank captures; with logging lone restarts, without
         // it the recovery line's rollbacks (`checkpoints/uncoordinated.rs`).
         let uncoord = match policy.as_ref() {
-            Some(d) if d.kind == policies::description::Kind::Uncoordinated => Some(
-                uncoordinated::Uncoord::new(&ranks, d.logging.messages),
-            ),
+            Some(d) if d.kind == policies::description::Kind::Uncoordinated => {
+                Some(uncoordinated::Uncoord::new(&ranks, d.logging.messages))
+            }
             _ => None,
         };
         let cfg = coordinated_defaults(&basis);

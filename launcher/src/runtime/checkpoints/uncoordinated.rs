@@ -607,14 +607,11 @@ pub(super) fn execute_line(calls: &mut HubCalls) -> Vec<Event> {
     if new_epoch {
         calls.phases.reached(Phase::Recovery);
     }
-    out.extend(
-        ranks
-            .into_iter()
-            .filter(|r| !sent.contains(&r.1))
-            .map(|(rank, node, planned, ..)| {
-                fail(planned, rank, format!("node {node} is not linked to krun"))
-            }),
-    );
+    out.extend(ranks.into_iter().filter(|r| !sent.contains(&r.1)).map(
+        |(rank, node, planned, ..)| {
+            fail(planned, rank, format!("node {node} is not linked to krun"))
+        },
+    ));
     out
 }
 
