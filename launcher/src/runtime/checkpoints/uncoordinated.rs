@@ -338,6 +338,12 @@ pub(super) fn translate(
             version,
             bytes,
         } => {
+            // Without logging a capture the recovery line undid (its process was rolled
+            // back meanwhile) is not counted: the restored checkpointer numbers on from the
+            // version restored.
+            if !u.logging && !u.versions.contains_key(&(rank, version)) {
+                return Ok(None);
+            }
             let slot = u.native.get_mut(rank as usize);
             if let Some(n) = slot {
                 *n = (*n).max(version);
