@@ -521,3 +521,36 @@ fn without_logging_the_channel_counts_give_a_transitless_line_over_every_rank() 
         Action::Record(d) if matches!(&d.kind, DecisionKind::RecoveryLine { depth: 1, .. })
     )));
 }
+
+/// The store may report a capture safe before the node reports it captured (the node writes
+/// the process table first): the checkpoint still counts, and the rank checkpoints again.
+#[test]
+fn a_capture_reported_safe_before_captured_still_counts() {
+    let mut s = Script::new(2, false);
+    let (op, v) = s.order(0);
+    s.idx.0.insert((0, v), vec![l2()]);
+    let early = s.feed(Event::LevelSafe {
+        rank: 0,
+        version: v,
+        level: Level::L2,
+    });
+    assert!(early.is_empty(), "{early:?}");
+    let acts = s.feed(Event::CaptureDone {
+        op,
+        rank: 0,
+        version: v,
+        bytes: 100,
+        seconds: 0.01,
+    });
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Record(d) if matches!(d.kind, DecisionKind::RankCheckpointed { rank: 0, version, .. } if version == v)
+        )),
+        "{acts:?}"
+    );
+    assert_eq!(s.p.rank_lines()[0], Some(v));
+    // Not stuck in flight: the next request orders rank 0 again.
+    let (_, next) = s.order(0);
+    assert!(next > v);
+}

@@ -444,6 +444,7 @@ impl Uncoordinated {
 
     fn on_capture_done(
         &mut self,
+        now: Millis,
         op: OpId,
         rank: Rank,
         version: Version,
@@ -465,10 +466,16 @@ impl Uncoordinated {
         }
         cap.captured = true;
         cap.bytes = bytes;
+        // The safe level may have been reported first (the node reports the capture after
+        // its process-table write, the store its flushes as they end).
+        let safe_already = cap.timed.iter().any(|l| l.covers(self.cfg.safe_level));
         c.taken.push(version);
         c.freeze = Some(seconds);
         self.costs.observe_freeze(seconds);
         self.summary.checkpoint_seconds += seconds;
+        if safe_already {
+            return self.complete_capture(now, rank, version);
+        }
         Vec::new()
     }
 
@@ -506,7 +513,14 @@ impl Uncoordinated {
         if !cap.captured || !level.covers(want) {
             return Vec::new();
         }
-        let cap = c.inflight.take().expect("checked above");
+        self.complete_capture(now, rank, version)
+    }
+
+    /// `rank`'s capture of `version` is captured and safe at the safe level.
+    fn complete_capture(&mut self, now: Millis, rank: Rank, version: Version) -> Vec<Action> {
+        let want = self.cfg.safe_level;
+        let c = &mut self.ranks[rank as usize];
+        let cap = c.inflight.take().expect("checked by the callers");
         c.safe.push((version, now));
         if self.cfg.keep_per_rank > 0 {
             let extra = c.safe.len().saturating_sub(self.cfg.keep_per_rank);
@@ -667,7 +681,7 @@ impl Policy for Uncoordinated {
                 version,
                 bytes,
                 seconds,
-            } => self.on_capture_done(op, rank, version, bytes, seconds),
+            } => self.on_capture_done(now, op, rank, version, bytes, seconds),
             Event::CaptureFailed { op, rank, .. } => {
                 if self
                     .ranks
