@@ -14,6 +14,7 @@
 //! restart = "spare"                 # spare | shrink | in_place
 //! max_ranks_per_node = 4            # with restart = "shrink"
 //! failure_groups = [[0, 1], [2, 3]] # nodes that fail together
+//! stagger = true                    # uncoordinated: spread the ranks' first checkpoints
 //!
 //! [levels]                          # level = every N-th checkpoint
 //! L1 = 1
@@ -111,6 +112,9 @@ pub struct Description {
     pub max_ranks_per_node: Option<u32>,
     pub failure_groups: Vec<Vec<NodeId>>,
     pub logging: Logging,
+    /// Uncoordinated policy: spread the ranks' first checkpoints over one interval (`stagger`,
+    /// default true); false orders every rank's capture at the same moment.
+    pub stagger: bool,
     /// Failure injections (`--inject-failure` syntax) with their lines; checked by krun.
     pub inject: Vec<(String, usize)>,
     /// Free parameters for a module.
@@ -134,6 +138,7 @@ impl Description {
             max_ranks_per_node: None,
             failure_groups: Vec::new(),
             logging: Logging::default(),
+            stagger: true,
             inject: Vec::new(),
             params: BTreeMap::new(),
         }
@@ -313,6 +318,16 @@ impl Description {
                 ));
             }
         }
+        if let Some(st) = &raw.stagger {
+            if d.kind != Kind::Uncoordinated {
+                return Err(err(
+                    st.span().start,
+                    "stagger",
+                    "only the uncoordinated policy checkpoints ranks on their own schedules".into(),
+                ));
+            }
+            d.stagger = *st.get_ref();
+        }
         if let Some(k) = &raw.keep_commits {
             d.keep_commits = positive(k, "keep_commits")? as usize;
         }
@@ -409,6 +424,13 @@ impl Description {
                 reason: "the coordinated policy cannot restart ranks on their failed node \
                          (in_place); use spare or shrink"
                     .into(),
+            });
+        }
+        if !self.stagger {
+            return Err(PolicyError::Description {
+                place: self.source.clone(),
+                key: "stagger".into(),
+                reason: "the coordinated policy checkpoints every rank together".into(),
             });
         }
         if self.logging != Logging::default() {
@@ -577,6 +599,7 @@ struct Raw {
     max_ranks_per_node: Option<Spanned<i64>>,
     failure_groups: Option<Spanned<Vec<Spanned<Vec<i64>>>>>,
     logging: Option<RawLogging>,
+    stagger: Option<Spanned<bool>>,
     inject: Option<RawInject>,
     params: Option<BTreeMap<String, String>>,
 }

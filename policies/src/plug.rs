@@ -82,6 +82,7 @@ pub fn make_policy(
                     .collect(),
                 safe_level: c.commit_level,
                 logging: desc.logging.messages,
+                stagger: desc.stagger,
                 no_spare: c.no_spare,
                 max_restart_attempts: c.max_restart_attempts,
                 ..UncoordinatedConfig::default()

@@ -422,6 +422,17 @@ pub enum LoggedEvent {
         to_interval: Version,
         bytes: u64,
     },
+    /// Without logging: at `rank`'s own checkpoint `version`, the messages it had sent to
+    /// each rank (`sent[j]`) and delivered from each rank (`delivered[j]`) since the program's
+    /// start (every message of the rank library, one entry per rank of the job). A set of
+    /// checkpoints on which every channel's counts agree has no orphan and no message in
+    /// transit ([`crate::uncoordinated::recovery_line::transitless_line`]).
+    Channels {
+        rank: Rank,
+        version: Version,
+        sent: Vec<u64>,
+        delivered: Vec<u64>,
+    },
 }
 
 /// A row of the process table, as the policy needs it.

@@ -461,3 +461,96 @@ fn the_recovery_line_is_consistent_and_maximal_on_random_histories() {
     }
     assert!(deepest >= 2, "the histories never cascaded: {deepest}");
 }
+
+/// Without logging, with the channel counts a runtime reports at each checkpoint: the line
+/// is the newest set of checkpoints on which every channel agrees (nothing in transit), it
+/// names every rank, the running ones roll back in place and the lost one restarts.
+#[test]
+fn without_logging_the_channel_counts_give_a_transitless_line_over_every_rank() {
+    let mut s = Script::new(3, false);
+    // A chain 0 - 1 - 2 exchanging one message each way per step; rank r checkpoints after
+    // the steps listed (step 2 is the only one they share).
+    let steps: [&[u64]; 3] = [&[2, 5], &[2, 4], &[2, 6]];
+    let mut versions = vec![Vec::new(); 3];
+    for r in 0..3u32 {
+        for &step in steps[r as usize] {
+            let v = s.ckpt(r);
+            versions[r as usize].push(v);
+            let per = |peer: u32| -> u64 {
+                if peer != r && (peer as i64 - r as i64).abs() == 1 {
+                    step
+                } else {
+                    0
+                }
+            };
+            let counts: Vec<u64> = (0..3).map(per).collect();
+            s.feed(Event::Logged {
+                events: vec![LoggedEvent::Channels {
+                    rank: r,
+                    version: v,
+                    sent: counts.clone(),
+                    delivered: counts,
+                }],
+            });
+        }
+    }
+    let acts = s.fail(2, 4);
+    use policies::uncoordinated::Restore;
+    let line = s.p.last_line().unwrap().clone();
+    assert_eq!(
+        line.ranks,
+        (0..3)
+            .map(|r| Restore::At(versions[r][0]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(line.rolled_past, vec![1, 1, 1]);
+    let rollbacks: Vec<(Rank, Version)> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Rollback { rank, version, .. } => Some((*rank, *version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rollbacks, vec![(0, versions[0][0]), (1, versions[1][0])]);
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Restart(d) if matches!(d.kind, DecisionKind::Restart { rank: 2, node: 3, version: Some(v), .. } if v == versions[2][0])
+    )));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Record(d) if matches!(&d.kind, DecisionKind::RecoveryLine { depth: 1, .. })
+    )));
+}
+
+/// The store may report a capture safe before the node reports it captured (the node writes
+/// the process table first): the checkpoint still counts, and the rank checkpoints again.
+#[test]
+fn a_capture_reported_safe_before_captured_still_counts() {
+    let mut s = Script::new(2, false);
+    let (op, v) = s.order(0);
+    s.idx.0.insert((0, v), vec![l2()]);
+    let early = s.feed(Event::LevelSafe {
+        rank: 0,
+        version: v,
+        level: Level::L2,
+    });
+    assert!(early.is_empty(), "{early:?}");
+    let acts = s.feed(Event::CaptureDone {
+        op,
+        rank: 0,
+        version: v,
+        bytes: 100,
+        seconds: 0.01,
+    });
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Record(d) if matches!(d.kind, DecisionKind::RankCheckpointed { rank: 0, version, .. } if version == v)
+        )),
+        "{acts:?}"
+    );
+    assert_eq!(s.p.rank_lines()[0], Some(v));
+    // Not stuck in flight: the next request orders rank 0 again.
+    let (_, next) = s.order(0);
+    assert!(next > v);
+}

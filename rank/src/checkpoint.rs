@@ -160,6 +160,9 @@ impl Checkpoints {
         let Some(config) = self.config.as_mut() else {
             return Ok(());
         };
+        if crate::uncoordinated::active() {
+            return self.start_own();
+        }
         let held_by_all = |v: u64| all.iter().all(|vs| vs.contains(&v));
         let common = self
             .local
@@ -198,6 +201,47 @@ impl Checkpoints {
                 self.runtime = Some(Ok(rt));
             }
             Err(e) if restore.is_some() => return Err(e.into()),
+            Err(e) => self.runtime = Some(Err(e.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Under the uncoordinated policy each rank restores its own version (no version is
+    /// common): its images newer than that one (or all, from the start) are removed, so
+    /// its checkpointer numbers on from the version restored, as krun expects.
+    fn start_own(&mut self) -> Result<()> {
+        let Some(config) = self.config.as_mut() else {
+            return Ok(());
+        };
+        let keep = match config.restore {
+            None => 0,
+            Some(RestoreFrom::Latest) => self.local.last().copied().unwrap_or(0),
+            Some(RestoreFrom::Version(v)) if self.local.contains(&v) => v,
+            Some(RestoreFrom::Version(v)) => {
+                return Err(RankError::Checkpoint(format!(
+                    "KRUN_GHOST_RESTORE={v}: {} holds no own checkpoint {v} (it holds {:?})",
+                    config.owner, self.local
+                )))
+            }
+        };
+        if keep == 0 && config.restore.is_some() {
+            return Err(RankError::Checkpoint(format!(
+                "KRUN_GHOST_RESTORE=latest: {} holds no own checkpoint",
+                config.owner
+            )));
+        }
+        for &v in self.local.iter().filter(|&&v| v > keep) {
+            let _ = std::fs::remove_file(native::image_path(&config.dir, &config.owner, v));
+        }
+        self.local.retain(|&v| v <= keep);
+        config.restore = (keep > 0).then_some(RestoreFrom::Version(keep));
+        install_request_handlers();
+        match NativeRuntime::init(config.clone()) {
+            Ok(rt) => {
+                self.restored = rt.restored_version();
+                self.runtime = Some(Ok(rt));
+            }
+            Err(e) if keep > 0 => return Err(e.into()),
             Err(e) => self.runtime = Some(Err(e.to_string())),
         }
         Ok(())

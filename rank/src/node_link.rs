@@ -110,6 +110,15 @@ pub enum RankToNode {
         address: Vec<u8>,
         ring: Vec<u8>,
     },
+    /// Uncoordinated policy without logging, just before `Checkpointed`: at this own
+    /// checkpoint, the messages the rank sent to (`sent[j]`) and delivered from
+    /// (`delivered[j]`) each rank since its process started. Answered `Ack`.
+    ChannelCounts {
+        rank: u32,
+        version: u64,
+        sent: Vec<u64>,
+        delivered: Vec<u64>,
+    },
 }
 
 /// krund's answer to every [`RankToNode`] (the variants' order is the wire encoding, shared

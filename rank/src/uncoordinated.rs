@@ -13,6 +13,13 @@
 //! with logging, a message received but not yet delivered is below nobody's prefix and is
 //! resent on a rejoin.
 //!
+//! Without logging (`KRUN_MESSAGE_LOGGING=0`), each own checkpoint is preceded by
+//! `ChannelCounts{version, sent, delivered}` to the node: the messages this process sent to
+//! and delivered from each rank since its set-up (the wire-up's left out). The policy's
+//! recovery line is the newest set of checkpoints on which these agree on every channel;
+//! every rank of it restarts in a new wiring epoch ([`crate::checkpoint`] keeps only its own
+//! images up to the version restored, so the checkpointer numbers on from it).
+//!
 //! # Orders through the watcher
 //! The rank library's watcher (`crate::rollback`) also takes `LogSafe{version}` (the
 //! policy's `TrimLog`: [`crate::Rank::log_checkpoint_safe`]) and `PeerMoved{rank, address,
@@ -45,6 +52,9 @@ pub const REJOIN_WAIT: Duration = Duration::from_secs(120);
 static ACTIVE: OnceLock<bool> = OnceLock::new();
 static CURRENT: OnceLock<Weak<Rank>> = OnceLock::new();
 static REGION: OnceLock<(usize, usize)> = OnceLock::new();
+/// Without logging: the counters (sent to, delivered from each rank) when the rank was set
+/// up: what its start-up (wire-up) exchanged, left out of the channel counts it reports.
+static BASELINE: OnceLock<(Vec<u64>, Vec<u64>)> = OnceLock::new();
 
 pub(crate) fn env_flag(name: &'static str) -> Result<bool> {
     match std::env::var(name) {
@@ -95,6 +105,7 @@ impl Rank {
     pub(crate) fn setup_uncoordinated(self: &Arc<Rank>, logging: bool) -> Result<Option<Vec<u8>>> {
         let _ = CURRENT.set(Arc::downgrade(self));
         if !logging {
+            let _ = BASELINE.set((self.msgs.send_counters(), self.msgs.delivered_counts()));
             return Ok(None);
         }
         let snapshot = self.register_log_region()?;
@@ -157,6 +168,15 @@ impl Rank {
             let snap = self.log_mark_checkpoint(want)?;
             self.write_log_snapshot(&snap)?;
         }
+        // Without logging: this checkpoint's channel counts, for the policy's recovery line
+        // (read here: only this thread sends and receives while it is at the safepoint).
+        let counts = match (self.msgs.logger(), BASELINE.get()) {
+            (None, Some((s0, d0))) => Some((
+                minus(&self.msgs.send_counters(), s0),
+                minus(&self.msgs.delivered_counts(), d0),
+            )),
+            _ => None,
+        };
         self.ckpt.run_hooks()?;
         let version = rt.checkpoint()?;
         let report = rt.wait()?;
@@ -166,6 +186,14 @@ impl Rank {
                  {version}",
                 self.rank()
             )));
+        }
+        if let (Some((sent, delivered)), Some(_)) = (counts, &report) {
+            self.report(&RankToNode::ChannelCounts {
+                rank: self.rank() as u32,
+                version,
+                sent,
+                delivered,
+            })?;
         }
         if let Some(r) = report {
             self.report(&RankToNode::Checkpointed {
@@ -177,6 +205,14 @@ impl Rank {
         }
         Ok(version)
     }
+}
+
+/// `a - b`, per entry.
+fn minus(a: &[u64], b: &[u64]) -> Vec<u64> {
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| x.saturating_sub(b.get(i).copied().unwrap_or(0)))
+        .collect()
 }
 
 /// Registers [`LOG_REGION`] with `ckpt`'s checkpointer (once per process); returns the

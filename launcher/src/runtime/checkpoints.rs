@@ -32,8 +32,9 @@
 //! images one by one. The driver orders each capture as the checkpointer's next version and
 //! maps the two both ways.
 //!
-//! The uncoordinated policy (`kind = "uncoordinated"`: per-rank captures without a barrier,
-//! log trims, lone restarts that rejoin the running ranks) has its own table of calls and
+//! The uncoordinated policy (`kind = "uncoordinated"`: per-rank captures without a barrier;
+//! with logging log trims and lone restarts that rejoin the running ranks, without it the
+//! recovery line's per-rank rollbacks in one wiring epoch) has its own table of calls and
 //! krund commands in [`uncoordinated`].
 //!
 //! The policy is a `Box<dyn Policy + Send>` built from a description (`krun --policy FILE`,
@@ -150,21 +151,11 @@ impl CheckpointDriver {
         };
         // `krun --policy FILE` wins; else the `[policy]` settings.
         let policy = policy.or_else(|| settings.description());
-        // The uncoordinated policy: per-rank captures and lone restarts
-        // (`checkpoints/uncoordinated.rs`); without logging krund cannot roll back the
-        // subset of ranks a recovery line names, so it is refused here, not run unsafe.
+        // The uncoordinated policy: per-rank captures; with logging lone restarts, without
+        // it the recovery line's rollbacks (`checkpoints/uncoordinated.rs`).
         let uncoord = match policy.as_ref() {
             Some(d) if d.kind == policies::description::Kind::Uncoordinated => {
-                if !d.logging.messages {
-                    return Err(PolicyError::Config(format!(
-                        "{}: the uncoordinated policy without message logging (a recovery \
-                         line rolling back a subset of the ranks) is not carried out by krund \
-                         yet: the ranks it keeps running would not resend the messages the \
-                         rolled-back ranks must receive again; turn logging on",
-                        d.source
-                    )));
-                }
-                Some(uncoordinated::Uncoord::new(&ranks, true))
+                Some(uncoordinated::Uncoord::new(&ranks, d.logging.messages))
             }
             _ => None,
         };

@@ -160,6 +160,14 @@ pub enum NodeToLauncher {
         address: Vec<u8>,
         ring: Vec<u8>,
     },
+    /// A rank's `ChannelCounts` at its own checkpoint `version` (checkpointer's numbering),
+    /// as the rank sent them (`checkpoints/uncoordinated.rs`).
+    ChannelCounts {
+        rank: u32,
+        version: u64,
+        sent: Vec<u64>,
+        delivered: Vec<u64>,
+    },
 }
 
 /// What `krun` tells a krund node.
@@ -343,6 +351,15 @@ pub enum RankToNode {
         pid: u32,
         address: Vec<u8>,
         ring: Vec<u8>,
+    },
+    /// Uncoordinated policy without logging, just before `Checkpointed`: at this own
+    /// checkpoint, the messages the rank sent to (`sent[j]`) and delivered from
+    /// (`delivered[j]`) each rank since its process started. Answered `Ack`.
+    ChannelCounts {
+        rank: u32,
+        version: u64,
+        sent: Vec<u64>,
+        delivered: Vec<u64>,
     },
 }
 

@@ -312,6 +312,22 @@ fn restart_one(
         .filter(|&pid| alive(pid))
         // An MPI rank restarts as a new process (`runtime/mpi_recovery.rs`).
         .filter(|&pid| super::mpi_recovery::may_roll_back_in_place(shared, rank, pid));
+    if let (Some(_), Some(v)) = (live, version) {
+        // An own checkpoint older than the newest full image (the checkpointer keeps its
+        // files from there on, as under the uncoordinated policy's recovery lines): its
+        // chain comes from the store first.
+        let (dir, owner) = rank_images(rank);
+        if !ghost::native::image_path(&dir, &owner, v).exists() {
+            let why = |e: &dyn std::fmt::Display| {
+                format!("fetching its images of v{v} for a rollback in place: {e}")
+            };
+            match agent.wait(Duration::from_secs(30)) {
+                Some(a) => a.write_chain(rank, v, &dir, &owner).map_err(|e| why(&e))?,
+                None => super::drain::fetch_chain_remote(shared.me, rank, v, &dir, &owner)
+                    .map_err(|e| why(&e))?,
+            };
+        }
+    }
     if let Some(pid) = live {
         // Rolled back inside its process. Not linked until its new image says hello: a
         // barrier must not wake it with SIGUSR1 before the library installed its handler.

@@ -125,7 +125,8 @@ pub(super) fn rank_message(
         },
         msg @ (RankToNode::LogCard { .. }
         | RankToNode::PeerReplaced { .. }
-        | RankToNode::Rejoin { .. }) => uncoordinated::from_rank(&table.shared, msg),
+        | RankToNode::Rejoin { .. }
+        | RankToNode::ChannelCounts { .. }) => uncoordinated::from_rank(&table.shared, msg),
         RankToNode::Hello { rank, pid } => {
             table
                 .shared

@@ -8,7 +8,8 @@
 //!   an `AtSafepoint` with no order waiting is answered `Continue` at once.
 //! - `TrimLog{rank, version}` and `PeerMoved{rank, address, ring}` become orders for the
 //!   ranks' watchers (`LogSafe`, `PeerMoved`), handed over one at a time by one thread.
-//! - A rank's `LogCard` and `PeerReplaced` go to krun as they are.
+//! - A rank's `LogCard`, `PeerReplaced` and (without logging) `ChannelCounts` go to krun as
+//!   they are.
 //! - `Rejoin{restart, rank, node, version}` on `node`: the rank's image chain of `version`
 //!   comes from the checkpoint store (unless this node holds the rank's files), then the
 //!   rank starts as a new process with `KRUN_REJOIN=1` and `KRUN_GHOST_RESTORE=version`;
@@ -272,6 +273,20 @@ pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
             ring,
             ..
         } => shared.uncoordinated.rejoin(shared, rank, address, ring),
+        RankToNode::ChannelCounts {
+            rank,
+            version,
+            sent,
+            delivered,
+        } => {
+            shared.tell_launcher(&NodeToLauncher::ChannelCounts {
+                rank,
+                version,
+                sent,
+                delivered,
+            });
+            NodeToRank::Ack
+        }
         other => NodeToRank::Refused(format!(
             "{other:?} is not a message of the uncoordinated policy"
         )),

@@ -25,9 +25,15 @@
 //! rollback depth (the most checkpoints one rank rolled back past: the domino effect) is in
 //! the [`NoticeKind::RecoveryLine`] and in [`Uncoordinated::max_depth`].
 //!
-//! Not covered: a new leader taking over this policy (there is no `resume` yet), and
-//! messages in transit across the line without logging (the runtime's channels must be
-//! empty at restored checkpoints, or resent: the line only removes orphans).
+//! When the runtime reports each checkpoint's channel counts ([`LoggedEvent::Channels`], as
+//! krun does), the line without logging is the transitless one
+//! ([`recovery_line::transitless_line`]): no orphan and no message in transit on any
+//! channel, every rank restored (a rank kept running would have to resend what the line
+//! says its peers have not received yet, which nobody kept). Without counts (the
+//! simulations), the orphan-free line of the dependency graph is used and in-transit
+//! messages are assumed resent.
+//!
+//! Not covered: a new leader taking over this policy (there is no `resume` yet).
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
@@ -146,6 +152,8 @@ struct RankCkpts {
     next_version: Version,
     /// The newest capture's freeze, for Daly's interval.
     freeze: Option<f64>,
+    /// Without logging: per own checkpoint, the rank's channel counts (`LoggedEvent::Channels`).
+    counts: BTreeMap<Version, recovery_line::Counts>,
 }
 
 /// What one rank of a recovery waits for.
@@ -204,6 +212,9 @@ pub struct Uncoordinated {
     summary: Summary,
     max_depth: u32,
     last_line: Option<Line>,
+    /// The runtime reports channel counts: without logging the line is then the
+    /// transitless one ([`recovery_line::transitless_line`]).
+    channels_seen: bool,
 }
 
 impl Uncoordinated {
@@ -257,6 +268,7 @@ impl Uncoordinated {
             summary: Summary::default(),
             max_depth: 0,
             last_line: None,
+            channels_seen: false,
             cfg,
             leader,
             view,
@@ -454,15 +466,15 @@ impl Uncoordinated {
         }
         cap.captured = true;
         cap.bytes = bytes;
-        // A level may have been reported safe before the capture itself (the node's store
-        // can copy an image to its buddy before the node's capture report reaches krun).
-        let already = cap.timed.iter().any(|l| l.covers(self.cfg.safe_level));
+        // The safe level may have been reported first (the node reports the capture after
+        // its process-table write, the store its flushes as they end).
+        let safe_already = cap.timed.iter().any(|l| l.covers(self.cfg.safe_level));
         c.taken.push(version);
         c.freeze = Some(seconds);
         self.costs.observe_freeze(seconds);
         self.summary.checkpoint_seconds += seconds;
-        if already {
-            return self.finish_safe(now, rank);
+        if safe_already {
+            return self.complete_capture(now, rank, version);
         }
         Vec::new()
     }
@@ -501,16 +513,14 @@ impl Uncoordinated {
         if !cap.captured || !level.covers(want) {
             return Vec::new();
         }
-        self.finish_safe(now, rank)
+        self.complete_capture(now, rank, version)
     }
 
-    /// `rank`'s capture in flight is captured and safe at the policy's level: it becomes
-    /// the rank's newest safe checkpoint.
-    fn finish_safe(&mut self, now: Millis, rank: Rank) -> Vec<Action> {
+    /// `rank`'s capture of `version` is captured and safe at the safe level.
+    fn complete_capture(&mut self, now: Millis, rank: Rank, version: Version) -> Vec<Action> {
         let want = self.cfg.safe_level;
         let c = &mut self.ranks[rank as usize];
-        let cap = c.inflight.take().expect("a capture in flight");
-        let version = cap.version;
+        let cap = c.inflight.take().expect("checked by the callers");
         c.safe.push((version, now));
         if self.cfg.keep_per_rank > 0 {
             let extra = c.safe.len().saturating_sub(self.cfg.keep_per_rank);
@@ -578,6 +588,25 @@ impl Uncoordinated {
                     } else {
                         self.graph.add(from, from_interval, to, to_interval);
                     }
+                }
+                LoggedEvent::Channels {
+                    rank,
+                    version,
+                    sent,
+                    delivered,
+                } => {
+                    let n = self.slots.len();
+                    if self.cfg.logging
+                        || (rank as usize) >= n
+                        || sent.len() != n
+                        || delivered.len() != n
+                    {
+                        continue;
+                    }
+                    self.channels_seen = true;
+                    self.ranks[rank as usize]
+                        .counts
+                        .insert(version, (sent, delivered));
                 }
             }
         }

@@ -89,9 +89,15 @@ impl Uncoordinated {
                 .collect()
         } else {
             let taken: Vec<Vec<Version>> = self.ranks.iter().map(|c| c.taken.clone()).collect();
-            let line = self
-                .graph
-                .recovery_line(&taken, &lost, |r, v| self.source(reads, r, v).is_some());
+            let line = if self.channels_seen {
+                let counts: Vec<_> = self.ranks.iter().map(|c| c.counts.clone()).collect();
+                super::recovery_line::transitless_line(&counts, &taken, |r, v| {
+                    self.source(reads, r, v).is_some()
+                })
+            } else {
+                self.graph
+                    .recovery_line(&taken, &lost, |r, v| self.source(reads, r, v).is_some())
+            };
             let v = line.ranks.clone();
             self.last_line = Some(line);
             v
@@ -217,6 +223,7 @@ impl Uncoordinated {
             let c = &mut self.ranks[r as usize];
             c.taken.retain(|&t| t <= v);
             c.safe.retain(|s| s.0 <= v);
+            c.counts.retain(|&t, _| t <= v);
             let saved = c.safe.last().filter(|s| s.0 == v).map_or(0, |s| s.1);
             rec.saved_at.insert(r, saved);
             self.graph.undo(r, v);

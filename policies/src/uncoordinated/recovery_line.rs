@@ -13,7 +13,16 @@
 //! each rank at the newest checkpoint it can keep. Ranks the propagation never reaches keep
 //! running. With unlucky checkpoint placement the propagation cascades back to the start:
 //! the domino effect, measured as the rollback depth.
-use std::collections::BTreeSet;
+//!
+//! Without message logging the orphan-free line is not enough: a message sent before its
+//! sender's restored checkpoint and delivered after its receiver's (in transit across the
+//! line) is never sent again, since nobody kept it. [`transitless_line`] computes the
+//! newest set of checkpoints on which, for every pair of ranks, the messages one had sent
+//! equal the messages the other had delivered (per-channel counts each rank reports with
+//! its checkpoint): no orphan and nothing in transit. Counts only grow, so rolling a rank
+//! back to the newest checkpoint that fixes one channel and repeating reaches the greatest
+//! such set (the sets are closed under taking, per rank, the older of two checkpoints).
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::primitives::{Rank, Version};
 
@@ -135,9 +144,147 @@ impl DependencyGraph {
     }
 }
 
+/// A rank's per-channel counts at one own checkpoint: messages sent to each rank,
+/// messages delivered from each rank.
+pub type Counts = (Vec<u64>, Vec<u64>);
+
+/// The newest consistent set of checkpoints with no message in transit (see the module
+/// doc); every rank is restored (none keeps its live state: its channels' counts now are
+/// not known). `counts[r]`: rank r's counts per own checkpoint; `taken[r]`: its checkpoints
+/// (for the depth); `usable(r, v)`: whether checkpoint `v` can be restored. Checkpoint 0
+/// (the program's start, all counts 0) is always usable.
+pub fn transitless_line(
+    counts: &[BTreeMap<Version, Counts>],
+    taken: &[Vec<Version>],
+    usable: impl Fn(Rank, Version) -> bool,
+) -> Line {
+    let n = counts.len();
+    // Per rank, the candidates, newest first (0 last).
+    let candidates: Vec<Vec<Version>> = (0..n)
+        .map(|r| {
+            let mut c: Vec<Version> = counts[r]
+                .keys()
+                .rev()
+                .copied()
+                .filter(|&v| v > 0 && usable(r as Rank, v))
+                .collect();
+            c.push(0);
+            c
+        })
+        .collect();
+    let count = |r: usize, v: Version, sent: bool, peer: usize| -> u64 {
+        if v == 0 {
+            return 0;
+        }
+        counts[r]
+            .get(&v)
+            .and_then(|(s, d)| if sent { s } else { d }.get(peer).copied())
+            .unwrap_or(0)
+    };
+    // Index into `candidates[r]`.
+    let mut at = vec![0usize; n];
+    loop {
+        let mut changed = false;
+        for i in 0..n {
+            for j in 0..n {
+                if i == j {
+                    continue;
+                }
+                let sent = count(i, candidates[i][at[i]], true, j);
+                let got = count(j, candidates[j][at[j]], false, i);
+                if got > sent {
+                    // An orphan: j goes back to before the deliveries i has not sent.
+                    while count(j, candidates[j][at[j]], false, i) > sent {
+                        at[j] += 1;
+                    }
+                    changed = true;
+                } else if sent > got {
+                    // In transit: i goes back to before the sends j has not delivered.
+                    while count(i, candidates[i][at[i]], true, j) > got {
+                        at[i] += 1;
+                    }
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let ranks: Vec<Restore> = (0..n).map(|r| Restore::At(candidates[r][at[r]])).collect();
+    let rolled_past = (0..n)
+        .map(|r| {
+            let v = candidates[r][at[r]];
+            taken
+                .get(r)
+                .map_or(0, |t| t.iter().filter(|&&t| t > v).count() as u32)
+        })
+        .collect();
+    Line { ranks, rolled_past }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counts(list: &[(Version, &[u64], &[u64])]) -> BTreeMap<Version, Counts> {
+        list.iter()
+            .map(|(v, s, d)| (*v, (s.to_vec(), d.to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn the_transitless_line_takes_the_newest_checkpoints_whose_channels_agree() {
+        // Two ranks exchanging one message each per step: rank 0 checkpointed after steps
+        // 2 and 4, rank 1 after steps 2 and 5. Only step 2 is common.
+        let c = vec![
+            counts(&[(1, &[0, 2], &[0, 2]), (2, &[0, 4], &[0, 4])]),
+            counts(&[(1, &[2, 0], &[2, 0]), (2, &[5, 0], &[5, 0])]),
+        ];
+        let taken = vec![vec![1, 2], vec![1, 2]];
+        let line = transitless_line(&c, &taken, |_, _| true);
+        assert_eq!(line.ranks, vec![Restore::At(1), Restore::At(1)]);
+        assert_eq!(line.depth(), 1);
+        // Without the common step 2 (rank 1's checkpoint 1 is lost): the domino effect takes
+        // both ranks back to the start.
+        let line = transitless_line(&c, &taken, |r, v| !(r == 1 && v == 1));
+        assert_eq!(line.ranks, vec![Restore::At(0), Restore::At(0)]);
+        assert_eq!(line.rolled_past, vec![2, 2]);
+    }
+
+    #[test]
+    fn a_message_in_transit_rolls_its_sender_back_and_an_orphan_its_receiver() {
+        // Rank 0 sent 3 messages to rank 1 by its checkpoint 2; rank 1 had delivered 2 at
+        // its newest (in transit: rank 0 must go back to its checkpoint 1, which sent 2).
+        let c = vec![
+            counts(&[(1, &[0, 2], &[0, 0]), (2, &[0, 3], &[0, 0])]),
+            counts(&[(1, &[0, 0], &[1, 0]), (2, &[0, 0], &[2, 0])]),
+        ];
+        let taken = vec![vec![1, 2], vec![1, 2]];
+        let line = transitless_line(&c, &taken, |_, _| true);
+        assert_eq!(line.ranks, vec![Restore::At(1), Restore::At(2)]);
+        assert_eq!(line.rolled_past, vec![1, 0]);
+        // Rank 0's checkpoint 1 is unusable: rank 0 starts over, and rank 1's deliveries
+        // become orphans: it starts over too.
+        let line = transitless_line(&c, &taken, |r, v| !(r == 0 && v == 1));
+        assert_eq!(line.ranks, vec![Restore::At(0), Restore::At(0)]);
+    }
+
+    #[test]
+    fn ranks_that_never_talk_keep_their_newest_checkpoints() {
+        let c = vec![
+            counts(&[(3, &[0, 0, 0], &[0, 0, 0])]),
+            counts(&[(1, &[0, 0, 4], &[0, 0, 4])]),
+            counts(&[(2, &[0, 4, 0], &[0, 4, 0])]),
+        ];
+        let taken = vec![vec![3], vec![1], vec![2]];
+        let line = transitless_line(&c, &taken, |_, _| true);
+        assert_eq!(
+            line.ranks,
+            vec![Restore::At(3), Restore::At(1), Restore::At(2)]
+        );
+        assert_eq!(line.depth(), 0);
+    }
 
     fn all(_: Rank, _: Version) -> bool {
         true

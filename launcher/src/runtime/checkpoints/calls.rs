@@ -243,7 +243,7 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn restart(&mut self, decision: &Decision) -> Result<(), String> {
-        if self.uncoord.is_some() {
+        if self.uncoord.as_ref().is_some_and(|u| u.logging) {
             // Alone, rejoining the running ranks (`uncoordinated.rs`).
             return super::uncoordinated::restart(self, decision);
         }
@@ -262,10 +262,10 @@ impl PolicyRuntime for HubCalls {
     }
 
     fn rollback(&mut self, op: OpId, rank: Rank, version: Version) -> Result<(), String> {
-        if self.uncoord.is_some() {
+        if self.uncoord.as_ref().is_some_and(|u| u.logging) {
             return Err(format!(
-                "rank {rank}: krund does not roll back a subset of ranks to their own \
-                 checkpoints (uncoordinated policy without logging)"
+                "rank {rank}: with message logging no rank rolls back (only lost ranks \
+                 restart and replay)"
             ));
         }
         let node = *self
@@ -354,10 +354,14 @@ impl HubCalls {
     /// every rank restarts (a new failure), else the ranks retried join the current one.
     /// Returns the policy's answers to calls that could not even be sent.
     pub(super) fn execute_plan(&mut self) -> Vec<Event> {
-        let plan = std::mem::take(&mut self.plan);
-        if plan.is_empty() {
+        if self.plan.is_empty() {
             return Vec::new();
         }
+        if self.uncoord.is_some() {
+            // Per-rank versions of a recovery line (`uncoordinated.rs`).
+            return super::uncoordinated::execute_line(self);
+        }
+        let plan = std::mem::take(&mut self.plan);
         let version = plan.iter().find_map(|p| p.3);
         let native = version.and_then(|v| self.native_of(v));
         let fail_all = |why: String| -> Vec<Event> {

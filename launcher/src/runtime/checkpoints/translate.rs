@@ -200,7 +200,8 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
             | NodeToLauncher::Pmi(_)
             | NodeToLauncher::LogCard { .. }
             | NodeToLauncher::PeerReplaced { .. }
-            | NodeToLauncher::Rejoining { .. } => None,
+            | NodeToLauncher::Rejoining { .. }
+            | NodeToLauncher::ChannelCounts { .. } => None,
         },
     }
 }

@@ -18,7 +18,13 @@
 //! | | once every pair is replaced: `Rejoined{rank, cards}` per restarted rank, together → each new process gets every rank's (address, ring), reads its determinants back and asks the others to resend (ranks restarted together answer each other) | |
 //! | `replay(rank, v)` | nothing more: the rejoin above is the replay (the library's `Resume`/`Info`); refused without logging | |
 //! | `Logged` events | none: the policy's log index is fed by checkpoints only (per-message reports would cost a message per message); the ranks' own counters are in their `log_stats` | |
-//! | `rollback` (no logging) | refused at start: the recovery line of a subset of ranks needs the in-flight messages of the ranks kept running, which nothing resends without logging | |
+//! | (each own checkpoint, no logging) | | `ChannelCounts{rank, version: n, sent, delivered}` (the rank's messages sent to and delivered from each rank since its process started, sent by the rank before its `Checkpointed`) → the hub adds the counts of the checkpoint the process was restored from → `Logged{Channels{rank, v, ..}}` |
+//! | `restart(d)` / `rollback(op, r, v)` (no logging) | collected; then one wiring epoch for the whole line: `Restart{wiring, bootstrap, version: n, ranks}` once per distinct native version n (same wiring and bootstrap), so every rank restores its own version: running ranks in place (watcher, same pid), lost ones on their new node from the store, a rank back to the start without `KRUN_GHOST_RESTORE`; each rank's library drops its images newer than n and numbers on from n + 1 | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//!
+//! Without logging the policy's line is transitless (every channel's counts agree, so no
+//! message is in flight across it) and names every rank, so all of them re-wire in the new
+//! epoch: no rank can receive a message from an older incarnation, and every message the
+//! line says was not sent yet is sent again by its re-executing sender.
 //!
 //! Versions: the policy numbers each rank's checkpoints itself (never reused, even after a
 //! failed capture); each rank's native checkpointer numbers its own images one by one, and
@@ -76,7 +82,16 @@ pub(in crate::runtime) struct Uncoord {
     safe: Vec<u64>,
     /// rank -> ranks on its node at the job's start (`KRUN_LOCAL_SIZE`).
     local_size: Vec<u32>,
+    /// Without logging: (rank, policy version) -> its channel counts since the program's
+    /// start (sent to, delivered from each rank).
+    counts: BTreeMap<(Rank, Version), Counts>,
+    /// rank -> the counts its running process started from (those of the checkpoint it was
+    /// restored from; zero at the start): its reports count from its own start.
+    base: Vec<Counts>,
 }
+
+/// A rank's channel counts: messages sent to each rank, delivered from each rank.
+type Counts = (Vec<u64>, Vec<u64>);
 
 impl Uncoord {
     /// For ranks placed on `placement` (rank -> node) at the job's start.
@@ -98,6 +113,8 @@ impl Uncoord {
             rejoining: BTreeMap::new(),
             replacing: BTreeSet::new(),
             safe: vec![0; ranks],
+            counts: BTreeMap::new(),
+            base: vec![(vec![0; ranks], vec![0; ranks]); ranks],
         }
     }
 
@@ -279,12 +296,54 @@ pub(super) fn translate(
     let send = calls.send.clone();
     let placement = calls.placement.clone();
     let u = calls.uncoord.as_mut().expect("checked above");
+    if !u.logging
+        && matches!(
+            msg,
+            NodeToLauncher::Restarted { .. } | NodeToLauncher::RestartFailed { .. }
+        )
+    {
+        // The line's wiring epoch, as the coordinated recovery's (`translate.rs`).
+        return Err(Input::FromNode(node, msg));
+    }
     Ok(match msg {
+        NodeToLauncher::ChannelCounts {
+            rank,
+            version,
+            sent,
+            delivered,
+        } => {
+            let n = placement.len();
+            let Some(&pv) = u.versions.get(&(rank, version)) else {
+                return Ok(None);
+            };
+            if u.logging || sent.len() != n || delivered.len() != n {
+                return Ok(None);
+            }
+            let (bs, bd) = &u.base[rank as usize];
+            let sent: Vec<u64> = sent.iter().zip(bs).map(|(a, b)| a + b).collect();
+            let delivered: Vec<u64> = delivered.iter().zip(bd).map(|(a, b)| a + b).collect();
+            u.counts
+                .insert((rank, pv), (sent.clone(), delivered.clone()));
+            Some(Event::Logged {
+                events: vec![policies::primitives::LoggedEvent::Channels {
+                    rank,
+                    version: pv,
+                    sent,
+                    delivered,
+                }],
+            })
+        }
         NodeToLauncher::Captured {
             rank,
             version,
             bytes,
         } => {
+            // Without logging a capture the recovery line undid (its process was rolled
+            // back meanwhile) is not counted: the restored checkpointer numbers on from the
+            // version restored.
+            if !u.logging && !u.versions.contains_key(&(rank, version)) {
+                return Ok(None);
+            }
             let slot = u.native.get_mut(rank as usize);
             if let Some(n) = slot {
                 *n = (*n).max(version);
@@ -443,6 +502,123 @@ pub(super) fn translate(
         }
         other => return Err(Input::FromNode(node, other)),
     })
+}
+
+/// Carries out the restarts and rollbacks of a recovery line without logging (the policy
+/// names every rank, each at its own version): one wiring epoch (a new one unless ranks of
+/// the current recovery are retried), one `Restart` order per distinct native version.
+/// Returns the policy's answers to calls that could not be sent.
+pub(super) fn execute_line(calls: &mut HubCalls) -> Vec<Event> {
+    let plan = std::mem::take(&mut calls.plan);
+    let mut out = Vec::new();
+    let fail = |planned: Planned, rank: Rank, reason: String| match planned {
+        Planned::Restart(decision) => Event::RestartFailed {
+            decision,
+            rank,
+            reason,
+        },
+        Planned::Rollback(op, _) => Event::RollbackFailed { op, rank, reason },
+    };
+    let Some(u) = calls.uncoord.as_ref() else {
+        return Vec::new();
+    };
+    // (rank, node, planned, native version) of each rank that can be carried out.
+    let mut ranks = Vec::new();
+    for (rank, node, planned, version) in plan {
+        match version.map(|v| (v, u.native_of(rank, v))) {
+            Some((v, None)) => out.push(fail(
+                planned,
+                rank,
+                format!("rank {rank}: its checkpoint {v} was never taken here"),
+            )),
+            Some((_, Some(n))) => ranks.push((rank, node, planned, Some(n), version)),
+            None => ranks.push((rank, node, planned, None, None)),
+        }
+    }
+    if ranks.is_empty() {
+        return out;
+    }
+    let everyone = ranks.len() == calls.placement.len();
+    let new_epoch = everyone || calls.wiring.is_none();
+    if new_epoch {
+        let bootstrap = match (calls.new_wiring)() {
+            Ok(b) => b,
+            Err(e) => {
+                out.extend(ranks.into_iter().map(|(rank, _, planned, ..)| {
+                    fail(
+                        planned,
+                        rank,
+                        format!("no address all-gather for the ranks: {e}"),
+                    )
+                }));
+                return out;
+            }
+        };
+        calls.wirings += 1;
+        calls.wiring = Some(Wiring {
+            epoch: calls.wirings,
+            bootstrap,
+            native: None,
+            ranks: BTreeMap::new(),
+        });
+    }
+    let u = calls.uncoord.as_mut().expect("checked above");
+    let w = calls.wiring.as_mut().expect("wiring set above");
+    let size = calls.placement.len();
+    let mut groups: BTreeMap<Option<u64>, Vec<(u32, NodeId)>> = BTreeMap::new();
+    let mut parts = Vec::new();
+    for &(rank, node, planned, native, version) in &ranks {
+        w.ranks.insert(rank, (node, planned));
+        if let Some(slot) = calls.placement.get_mut(rank as usize) {
+            *slot = node;
+        }
+        let r = rank as usize;
+        // The checkpointer numbers on from the version restored (its newer images go).
+        u.native[r] = native.unwrap_or(0);
+        u.versions
+            .retain(|&(x, n), _| x != rank || native.is_some_and(|m| n <= m));
+        u.counts
+            .retain(|&(x, v), _| x != rank || version.is_some_and(|m| v <= m));
+        u.capturing.remove(&rank);
+        u.base[r] = version
+            .and_then(|v| u.counts.get(&(rank, v)).cloned())
+            .unwrap_or_else(|| (vec![0; size], vec![0; size]));
+        groups.entry(native).or_default().push((rank, node));
+        let from = match (version, native) {
+            (Some(v), Some(n)) => format!("its checkpoint {v} (checkpointer v{n})"),
+            _ => "the start".to_string(),
+        };
+        parts.push(match planned {
+            Planned::Rollback(..) => format!("rank {rank} rolls back in place to {from}"),
+            Planned::Restart(_) => format!("rank {rank} restarts on node {node} from {from}"),
+        });
+    }
+    calls.nodes = calls.placement.iter().copied().collect();
+    eprintln!(
+        "krun: recovery line without message logging, wiring epoch {}: {}; every rank of \
+         the line swaps its new address through {}",
+        w.epoch,
+        parts.join("; "),
+        w.bootstrap
+    );
+    let mut sent = BTreeSet::new();
+    for (native, group) in groups {
+        sent.extend((calls.send)(&LauncherToNode::Restart {
+            wiring: w.epoch,
+            bootstrap: w.bootstrap.clone(),
+            version: native,
+            ranks: group,
+        }));
+    }
+    if new_epoch {
+        calls.phases.reached(Phase::Recovery);
+    }
+    out.extend(ranks.into_iter().filter(|r| !sent.contains(&r.1)).map(
+        |(rank, node, planned, ..)| {
+            fail(planned, rank, format!("node {node} is not linked to krun"))
+        },
+    ));
+    out
 }
 
 /// Once every running rank replaced the restarted ranks' addresses, each restarted rank's

@@ -1,0 +1,520 @@
+//! The uncoordinated policy WITHOUT message logging, with real processes in local mode: the
+//! C heat stencil under `krun --local 3 --spares 1 --policy FILE` with `policy =
+//! "uncoordinated"` and `[logging] messages = false`. Each rank checkpoints on its own and
+//! reports its channel counts with each checkpoint; when a node is SIGKILLed the policy
+//! computes the transitless recovery line (no orphan, nothing in transit) and krund rolls
+//! back exactly the ranks it names to the versions it names: the running ones in place, the
+//! lost ones on the spare, in one wiring epoch. The result equals the serial reference.
+//! Needs `cargo build -p rank` first (libkrun.so).
+//!
+//! The harness helpers are copied from `uncoordinated_job.rs` (to move into a common test
+//! module with the others).
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: tests run from `target/<profile>/deps`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(tag: &str) -> TempDir {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "krun-uncoord-{tag}-{}-{:x}",
+        std::process::id(),
+        fabric::random_u64().unwrap()
+    )));
+    std::fs::create_dir_all(dir.0.join("xdg")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.0.join("xdg"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// Ends the job (SIGTERM to the krun we started; SIGKILL if it has not ended in 30 s).
+struct Job(Child);
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: kill on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn build_heat(out: &Path) -> PathBuf {
+    let lib = target_dir();
+    assert!(
+        lib.join("libkrun.so").exists(),
+        "libkrun.so not found in {} (cargo build -p rank first)",
+        lib.display()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("LIBDIR={}", lib.display()))
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building the examples: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join("heat")
+}
+
+fn krun(dir: &Path) -> Command {
+    let mut c = Command::new(target_dir().join("krun"));
+    c.env("XDG_RUNTIME_DIR", dir.join("xdg"))
+        .env("KRUN_GHOST_DIR", dir.join("ghost"))
+        .env_remove("KRUN_GHOST_OWNER")
+        .env("KRUN_RECV_TIMEOUT_MS", "60000")
+        .env("KRUN_STORE_ARENA_MIB", "16")
+        .env_remove("KRUN_GHOST_RESTORE")
+        .env_remove("KRUN_STORE_LEVEL")
+        .env_remove("KRUN_STORE_DISK");
+    c
+}
+
+fn checksum(t: &str) -> Option<String> {
+    t.lines()
+        .find_map(|l| l.split("checksum ").nth(1))
+        .map(str::to_string)
+}
+
+fn serial(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new(dir.join("heat_serial"))
+        .args(args)
+        .output()
+        .unwrap();
+    checksum(&String::from_utf8_lossy(&o.stdout)).expect("serial checksum")
+}
+
+/// Processes still running the test's own heat binary.
+fn heat_left(heat: &Path) -> Vec<u32> {
+    let mut left = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == heat) {
+            left.push(pid);
+        }
+    }
+    left
+}
+
+fn status(dir: &Path) -> Option<serde_json::Value> {
+    let o = krun(dir).args(["status", "--json"]).output().ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+fn decisions(dir: &Path) -> Option<String> {
+    for e in std::fs::read_dir(dir.join("xdg/krun")).ok()?.flatten() {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("decisions.log")) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+/// A job running in the background: its stderr lines as they come, its output at the end.
+struct Running {
+    job: Job,
+    /// The job's `decisions.log` as last read (the job directory goes with the job).
+    decisions: std::sync::Arc<std::sync::Mutex<String>>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    fn start(dir: &Path, mut cmd: Command) -> Running {
+        let mut job = Job(cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap());
+        let mut out = job.0.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        let err = job.0.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for l in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
+                let _ = tx.send(l.clone());
+                all.push_str(&l);
+                all.push('\n');
+            }
+            all
+        });
+        let decisions = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        {
+            let (decisions, dir) = (decisions.clone(), dir.to_path_buf());
+            let pid = job.0.id();
+            std::thread::spawn(move || {
+                // Until krun (not reaped while this runs: `finish` waits for it) is gone.
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    if let Some(t) = self::decisions(&dir) {
+                        *decisions.lock().unwrap() = t;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        Running {
+            job,
+            decisions,
+            lines,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits (at most `limit`) for a stderr line containing `text`.
+    fn wait_line(&self, text: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let mut seen = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(text) => return l,
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                }
+                Err(e) => panic!("no line with {text:?} within {limit:?} ({e}):\n{seen}"),
+            }
+        }
+    }
+
+    /// The decisions logged so far.
+    fn decisions(&self) -> String {
+        self.decisions.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `limit`) for the job to end: (success, stdout, stderr, the decisions
+    /// it logged).
+    fn finish(mut self, limit: Duration) -> (bool, String, String, String) {
+        let deadline = Instant::now() + limit;
+        let code = loop {
+            if let Some(c) = self.job.0.try_wait().unwrap() {
+                break c;
+            }
+            if Instant::now() >= deadline {
+                // SAFETY: SIGKILL to the krun this test started (not reaped yet).
+                unsafe { libc::kill(self.job.0.id() as i32, libc::SIGKILL) };
+                let _ = self.job.0.wait();
+                panic!(
+                    "the job did not end within {limit:?}\n{}",
+                    self.stderr.join().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let log = self.decisions();
+        let (out, err) = (self.stdout.join().unwrap(), self.stderr.join().unwrap());
+        (code.success(), out, err, log)
+    }
+}
+
+/// The decisions of `decisions.log` (`DecisionId { .. } Kind { .. }` per line): each
+/// line's kind and fields, after the id.
+fn decision_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|l| l.split_once("} ").map_or(l, |(_, k)| k).to_string())
+        .collect()
+}
+
+/// `name { field: N` -> N (the first such field of a decision line).
+fn field(line: &str, name: &str) -> Option<u64> {
+    let rest = line.split(&format!("{name}: ")).nth(1)?;
+    let rest = rest.strip_prefix("Some(").unwrap_or(rest);
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One status row: (rank, node, pid, incarnation, state).
+type Row = (u64, u64, u64, u64, String);
+
+/// The status rows while the job runs.
+fn rows(dir: &Path) -> Option<Vec<Row>> {
+    let s = status(dir)?;
+    Some(
+        s["status"]["ranks"]
+            .as_array()?
+            .iter()
+            .map(|r| {
+                (
+                    r["rank"].as_u64().unwrap_or(u64::MAX),
+                    r["node"].as_u64().unwrap_or(u64::MAX),
+                    r["pid"].as_u64().unwrap_or(0),
+                    r["incarnation"].as_u64().unwrap_or(u64::MAX),
+                    r["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A policy file in `dir`.
+fn policy_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The heat stencil under `krun --local 3 --spares 1 -n 6 --policy FILE`.
+fn heat_job(dir: &Path, heat: &Path, policy: &Path, inject: &[&str], steps: &str) -> Command {
+    let mut cmd = krun(dir);
+    cmd.args(["--local", "3", "--spares", "1", "-n", "6", "--policy"])
+        .arg(policy);
+    for i in inject {
+        cmd.args(["--inject-failure", i]);
+    }
+    cmd.arg(heat)
+        .args(["48", "40", steps, "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    cmd
+}
+
+/// One rank's place in krun's recovery-line notice: (rank, restored version or None for
+/// the start, restarted on a node (Some) or rolled back in place, checkpoints rolled past).
+type Place = (u64, Option<u64>, Option<u64>, u64);
+
+/// Parses krun's "krun: node(s) .. failed at epoch E (no message logging): rank R rolls back
+/// to its checkpoint V (past K of its checkpoints); rank S restarts on node N from the start;
+/// ..; rollback depth D" line.
+fn places(line: &str) -> (Vec<Place>, u64) {
+    let body = line
+        .split("(no message logging): ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut out = Vec::new();
+    let mut depth = None;
+    for part in body.split("; ") {
+        if let Some(d) = part.strip_prefix("rollback depth ") {
+            depth = d
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok());
+            continue;
+        }
+        let Some(rest) = part.strip_prefix("rank ") else {
+            continue;
+        };
+        let num = |t: &str| -> Option<u64> {
+            t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        };
+        let rank = num(rest).unwrap_or_else(|| panic!("{part}"));
+        let version = rest.split("its checkpoint ").nth(1).and_then(num);
+        let node = rest.split("restarts on node ").nth(1).and_then(num);
+        let past = rest.split("(past ").nth(1).and_then(num).unwrap_or(0);
+        out.push((rank, version, node, past));
+    }
+    (out, depth.unwrap_or_else(|| panic!("no depth in {line}")))
+}
+
+/// The step each rank restored (`heat: rank R restored version V at step S`).
+fn restored_steps(out: &str) -> Vec<(u64, u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("heat: rank ")?;
+            let mut it = rest.split(' ');
+            let rank = it.next()?.parse().ok()?;
+            let version = rest
+                .split("restored version ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            let step = rest.split("at step ").nth(1)?.trim().parse().ok()?;
+            Some((rank, version, step))
+        })
+        .collect()
+}
+
+/// Runs the heat job with node 1 (ranks 2-3) SIGKILLed after `inject`; checks everything
+/// both tests share and returns (the places on the line, the depth, stdout, the decisions).
+fn killed_node_recovers_on_the_line(
+    tag: &str,
+    policy_text: &str,
+    inject: &str,
+) -> (Vec<Place>, u64, String, String) {
+    let dir = temp(tag);
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "1000"]);
+    let policy = policy_file(&dir.0, "nolog.toml", policy_text);
+    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, &policy, &[inject], "1000"));
+    run.wait_line(
+        "injected failure: SIGKILL to node 1",
+        Duration::from_secs(240),
+    );
+    let line = run.wait_line("(no message logging)", Duration::from_secs(120));
+    let (places, depth) = places(&line);
+    run.wait_line("recovered from the failure", Duration::from_secs(180));
+    // The restarted ranks run on the spare (node 3) as their next incarnation.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(r) = rows(&dir.0) {
+            let moved = r
+                .iter()
+                .filter(|r| (r.0 == 2 || r.0 == 3) && r.1 == 3 && r.3 == 1);
+            if r.len() == 6 && moved.count() == 2 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the table never showed ranks 2-3 on node 3: {:?}",
+            rows(&dir.0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    // The line names every rank (the stencil's halo exchange connects them all, and a rank
+    // kept running would not resend what the line says its neighbours never received).
+    let ranks: Vec<u64> = places.iter().map(|p| p.0).collect();
+    assert_eq!(ranks, vec![0, 1, 2, 3, 4, 5], "{line}");
+    for p in &places {
+        match p.0 {
+            2 | 3 => assert_eq!(
+                p.2,
+                Some(3),
+                "rank {} must restart on the spare: {line}",
+                p.0
+            ),
+            _ => assert_eq!(p.2, None, "rank {} must roll back in place: {line}", p.0),
+        }
+    }
+    assert_eq!(depth, places.iter().map(|p| p.3).max().unwrap(), "{line}");
+    // Sound: every rank restored the checkpoint the line names, at one common step (a
+    // transitless line of the stencil), or every rank started over.
+    let steps = restored_steps(&out);
+    let named: Vec<&Place> = places.iter().filter(|p| p.1.is_some()).collect();
+    assert!(
+        named.is_empty() || named.len() == 6,
+        "the stencil's line restores all ranks or none: {line}"
+    );
+    for p in &named {
+        assert!(
+            steps.iter().any(|s| s.0 == p.0),
+            "rank {} never restored (line: {line}):\n{out}",
+            p.0
+        );
+    }
+    let common: std::collections::BTreeSet<u64> = steps.iter().map(|s| s.2).collect();
+    assert!(
+        common.len() <= 1,
+        "ranks restored different steps: {steps:?}\n{line}"
+    );
+    if named.is_empty() {
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+    // The decisions: own checkpoints only, one recovery line with the same depth, restarts of
+    // ranks 2-3 on node 3, and each rank back to the start restarted (in place: its node).
+    let lines = decision_lines(&log);
+    assert!(
+        lines.iter().any(|l| l.starts_with("RankCheckpointed {")),
+        "{log}"
+    );
+    assert!(!lines.iter().any(|l| l.starts_with("Committed {")), "{log}");
+    let recovery: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("RecoveryLine {"))
+        .collect();
+    assert_eq!(recovery.len(), 1, "{log}");
+    assert_eq!(field(recovery[0], "depth"), Some(depth), "{}", recovery[0]);
+    for r in 0..6 {
+        assert!(recovery[0].contains(&format!("({r}, ")), "{}", recovery[0]);
+    }
+    let restarts: Vec<(u64, u64)> = lines
+        .iter()
+        .filter(|l| l.starts_with("Restart {"))
+        .map(|l| (field(l, "rank").unwrap(), field(l, "node").unwrap()))
+        .collect();
+    assert!(
+        restarts.contains(&(2, 3)) && restarts.contains(&(3, 3)),
+        "{log}"
+    );
+    assert!(
+        err.contains("krun: recovery line without message logging, wiring epoch"),
+        "{err}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+    (places, depth, out, log)
+}
+
+#[test]
+fn without_logging_a_killed_node_rolls_back_the_recovery_line_and_the_result_is_the_serial_one() {
+    // Every rank is asked at the same moment: the ranks' checkpoints often fall on one step.
+    let (places, depth, _, _) = killed_node_recovers_on_the_line(
+        "line",
+        "policy = \"uncoordinated\"\ninterval_ms = 500\nstagger = false\n\n[logging]\nmessages = false\n",
+        "node=1@2ckpt",
+    );
+    // Ranks 0-1 and 4-5 were running: they rolled back in place (checked above), to a
+    // checkpoint of theirs or to the start.
+    assert_eq!(
+        places.iter().filter(|p| p.2.is_none()).count(),
+        4,
+        "{places:?}"
+    );
+    eprintln!("recovery line {places:?}, rollback depth {depth}");
+}
+
+#[test]
+fn staggered_checkpoints_domino_back_and_the_policy_reports_the_rollback_depth() {
+    // Staggered schedules (the default) put each rank's checkpoints on other steps than its
+    // neighbours': no set of them is transitless but the start, the domino effect.
+    let (places, depth, out, log) = killed_node_recovers_on_the_line(
+        "domino",
+        "policy = \"uncoordinated\"\ninterval_ms = 400\n\n[logging]\nmessages = false\n",
+        "node=1@3ckpt",
+    );
+    // Every rank had made 3 checkpoints safe: the line went back past them.
+    assert!(depth >= 3, "rollback depth {depth}: {places:?}");
+    assert!(places.iter().all(|p| p.3 >= 1), "{places:?}");
+    let lines = decision_lines(&log);
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("RecoveryLine {"))
+        .unwrap();
+    assert!(field(line, "depth").is_some_and(|d| d >= 3), "{line}");
+    assert!(
+        !out.contains("heat: rank 0 restored"),
+        "the line went back to the start: {out}"
+    );
+}
