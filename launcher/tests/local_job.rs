@@ -106,6 +106,34 @@ fn a_job_whose_ranks_all_end_first_never_opens_its_checkpoint_store() {
 }
 
 #[test]
+fn ranks_do_not_inherit_krunds_hwloc_plugin_setting_but_keep_the_users() {
+    let show = [
+        "--local",
+        "1",
+        "-n",
+        "1",
+        "sh",
+        "-c",
+        "echo \"[${HWLOC_PLUGINS_BLACKLIST-unset}]\"",
+    ];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_krun"));
+    cmd.args(show)
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .env_remove("HWLOC_PLUGINS_BLACKLIST");
+    let out = cmd.output().expect("krun runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), "[unset]");
+    let (code, out, err) = krun(&show, &[("HWLOC_PLUGINS_BLACKLIST", "hwloc_pci")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "[hwloc_pci]");
+}
+
+#[test]
 fn hostlist_subcommands() {
     let (code, out, err) = krun(&["hostlist", "expand", "n[01-03],gpu[1-2]-ib"], &[]);
     assert_eq!(code, 0, "{err}");

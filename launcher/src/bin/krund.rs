@@ -164,6 +164,8 @@ fn run() -> Result<i32, LauncherError> {
         }
         Mode::Node(args) => args,
     };
+    // Before any thread starts (it sets a variable of the environment).
+    launcher::binding::quiet_hwloc_plugins();
     // The node's PMIx server starts at once, beside the bootstrap and runtime set-up (its
     // library reads the node's topology: tens of milliseconds of CPU), not after them.
     let early_mpi = match &args.placement {
