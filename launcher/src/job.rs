@@ -509,7 +509,6 @@ pub fn run(job: &Job) -> Result<i32> {
             program: cmd.get_program().to_string_lossy().into_owned(),
             source: e,
         })?;
-        wake_on_exit(child.id(), tx.clone());
         // The built-in workload's lines are prefixed with the node; ranks' output is the user's.
         let prefix = match (job.program.is_none(), node) {
             (true, Some(n)) => Some(format!("[node {n}] ")),
@@ -624,33 +623,6 @@ pub fn run(job: &Job) -> Result<i32> {
         }
     }
     Ok(worst)
-}
-
-/// Wakes [`wait_all`] as soon as child `pid` has exited (its output's end comes a little
-/// before it can be reaped, and `wait_all` would then sleep until its next round). The
-/// thread only observes the exit (`WNOWAIT`): `wait_all` reaps the child.
-fn wake_on_exit(pid: u32, wake: mpsc::Sender<()>) {
-    std::thread::spawn(move || {
-        loop {
-            // SAFETY: an all-zero siginfo_t is a valid out-parameter; waitid with WNOWAIT
-            // reaps nothing.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: `info` is a valid, writable siginfo_t.
-            let rc = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
-            if rc == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-            {
-                break;
-            }
-        }
-        let _ = wake.send(());
-    });
 }
 
 /// The end-of-job summary as JSON (`krun --summary-json FILE`), written whether the job
