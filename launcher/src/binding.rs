@@ -37,6 +37,31 @@ impl BindTo {
     }
 }
 
+/// hwloc plugins that krund's topologies (its ranks' binding, its PMIx server's) have no
+/// use for: X displays (`gl`: it probes ten X servers), OpenCL devices, and libxml2's XML
+/// (hwloc has its own reader and writer). Loading them costs each topology a few
+/// milliseconds of CPU (libX11's, libOpenCL's and ICU's relocations).
+const QUIET_PLUGINS: &str = "hwloc_gl,hwloc_opencl,hwloc_xml_libxml";
+const PLUGINS_VAR: &str = "HWLOC_PLUGINS_BLACKLIST";
+static QUIETED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Leaves [`QUIET_PLUGINS`] out of this process's hwloc, unless `HWLOC_PLUGINS_BLACKLIST` is
+/// set already (the user's choice stands). It changes the environment: call it before any
+/// thread starts. Ranks do not inherit the setting ([`hwloc_plugins_quieted`]).
+pub fn quiet_hwloc_plugins() {
+    if std::env::var_os(PLUGINS_VAR).is_none() {
+        std::env::set_var(PLUGINS_VAR, QUIET_PLUGINS);
+        QUIETED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The variable [`quiet_hwloc_plugins`] set, if it did: a rank's start removes it.
+pub fn hwloc_plugins_quieted() -> Option<&'static str> {
+    QUIETED
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then_some(PLUGINS_VAR)
+}
+
 /// The CPUs of each binding domain (core or NUMA node) of this node, in logical order.
 pub fn domains(kind: BindTo) -> Result<Vec<Vec<usize>>> {
     let object = match kind {

@@ -226,6 +226,14 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "store",
+        "delay_ms",
+        "KRUN_STORE_DELAY_MS",
+        Kind::Count,
+        Some("1000"),
+        "how long a node's ranks run before its store opens its fabric endpoint anyway (sooner when a checkpoint or a restart needs it; never when every rank ended first)",
+    ),
+    s(
+        "store",
         "disk",
         "KRUN_STORE_DISK",
         Kind::Text,

@@ -450,6 +450,10 @@ fn spawn_rank(
         .env("KRUN_NODE_ID", share.node_id.to_string())
         .env("KRUN_NNODES", share.nnodes.to_string())
         .envs(share.env.iter().map(|(k, v)| (k, v)));
+    if let Some(var) = binding::hwloc_plugins_quieted() {
+        // krund's own setting, not the user's.
+        cmd.env_remove(var);
+    }
     if let (Ok(job), None) = (
         std::env::var("KRUN_JOB_ID"),
         std::env::var_os("KRUN_GHOST_OWNER"),

@@ -80,6 +80,60 @@ fn a_node_that_cannot_open_its_fabric_fails_the_job_with_its_reason() {
 }
 
 #[test]
+fn a_job_whose_ranks_all_end_first_never_opens_its_checkpoint_store() {
+    // No verbs device here: a node that opens its store's endpoint says so on stderr.
+    let env = [
+        ("KRUN_FABRIC_PROVIDER", "verbs"),
+        ("KRUN_RUNTIME_VERBOSE", "1"),
+        // The store would start anyway after this long: never, in this test.
+        ("KRUN_STORE_DELAY_MS", "600000"),
+    ];
+    let (code, out, err) = krun(&["--local", "2", "-n", "2", "true"], &env);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(!err.contains("no checkpoint store"), "{err}");
+    assert_eq!(err.matches("none started").count(), 2, "{err}");
+    // Ranks still running when the delay is over: every node opens its store (and says
+    // why it has none); the job itself goes on.
+    let env = [
+        ("KRUN_FABRIC_PROVIDER", "verbs"),
+        ("KRUN_RUNTIME_VERBOSE", "1"),
+        ("KRUN_STORE_DELAY_MS", "0"),
+    ];
+    let (code, out, err) = krun(&["--local", "2", "-n", "2", "sleep", "1"], &env);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(err.matches("no checkpoint store").count(), 2, "{err}");
+    assert!(!err.contains("none started"), "{err}");
+}
+
+#[test]
+fn ranks_do_not_inherit_krunds_hwloc_plugin_setting_but_keep_the_users() {
+    let show = [
+        "--local",
+        "1",
+        "-n",
+        "1",
+        "sh",
+        "-c",
+        "echo \"[${HWLOC_PLUGINS_BLACKLIST-unset}]\"",
+    ];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_krun"));
+    cmd.args(show)
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .env_remove("HWLOC_PLUGINS_BLACKLIST");
+    let out = cmd.output().expect("krun runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), "[unset]");
+    let (code, out, err) = krun(&show, &[("HWLOC_PLUGINS_BLACKLIST", "hwloc_pci")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "[hwloc_pci]");
+}
+
+#[test]
 fn hostlist_subcommands() {
     let (code, out, err) = krun(&["hostlist", "expand", "n[01-03],gpu[1-2]-ib"], &[]);
     assert_eq!(code, 0, "{err}");

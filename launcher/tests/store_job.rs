@@ -72,6 +72,8 @@ fn krun(dir: &Path) -> Command {
         .env("KRUN_GHOST_OWNER", "store-job")
         .env("KRUN_RECV_TIMEOUT_MS", "60000")
         .env("KRUN_STORE_ARENA_MIB", "16")
+        // The stores start only because the first checkpoint waits for them.
+        .env("KRUN_STORE_DELAY_MS", "600000")
         .env_remove("KRUN_GHOST_RESTORE")
         .env_remove("KRUN_STORE_LEVEL")
         .env_remove("KRUN_STORE_DISK");

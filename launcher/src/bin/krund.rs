@@ -164,6 +164,14 @@ fn run() -> Result<i32, LauncherError> {
         }
         Mode::Node(args) => args,
     };
+    // Before any thread starts (it sets a variable of the environment).
+    launcher::binding::quiet_hwloc_plugins();
+    // The node's PMIx server starts at once, beside the bootstrap and runtime set-up (its
+    // library reads the node's topology: tens of milliseconds of CPU), not after them.
+    let early_mpi = match &args.placement {
+        Some(p) => Some(EarlyMpi::start(args.node_id, &p.count)?),
+        None => None,
+    };
     let mut boot = BootstrapClient::connect(
         args.bootstrap,
         args.node_id,
@@ -208,6 +216,16 @@ fn run() -> Result<i32, LauncherError> {
         // reported before the store is up waits for it.
         let settings = StoreSettings::from_env()?;
         runtime.expect_agent();
+        let delay = store_delay()?;
+        let gate = std::sync::Arc::new(StoreGate::default());
+        if placement.count[args.node_id] == 0 {
+            // No ranks here: nothing of this node's can still need a store.
+            gate.ranks_ended(true);
+        }
+        {
+            let gate = gate.clone();
+            runtime.on_agent_wanted(move || gate.want());
+        }
         let store = {
             let runtime = runtime.clone();
             let secret = fabric::secret::ClusterSecret::from_env()?.ok_or_else(|| {
@@ -216,10 +234,24 @@ fn run() -> Result<i32, LauncherError> {
             let node_id = args.node_id;
             let job_ranks = placement.total() as u32;
             let counts = placement.count.clone();
+            let gate = gate.clone();
             std::thread::spawn(move || {
-                let started = start_store(
-                    &runtime, &mut boot, &config, node_id, job_ranks, &counts, &settings, &secret,
-                );
+                let started = gate.decide(&mut boot, delay).and_then(|needed| {
+                    if !needed {
+                        if std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some() {
+                            eprintln!(
+                                "krund: node {node_id}: every rank ended before the job needed \
+                                 a checkpoint store: none started"
+                            );
+                        }
+                        runtime.set_agent(None);
+                        return Ok(());
+                    }
+                    start_store(
+                        &runtime, &mut boot, &config, node_id, job_ranks, &counts, &settings,
+                        &secret,
+                    )
+                });
                 if let Err(e) = &started {
                     eprintln!("krund: node {node_id}: no checkpoint store: {e}");
                     runtime.set_agent(None);
@@ -254,7 +286,9 @@ fn run() -> Result<i32, LauncherError> {
             });
         }
         // The node's MPI servers (`krun --mpi`, default both PMI-1 and PMIx).
-        let mpi = start_mpi(&runtime, args.node_id, &placement.count)?;
+        let mpi = early_mpi
+            .expect("a node with a placement starts its MPI servers early")
+            .finish(&runtime, args.node_id, &placement.count)?;
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -291,6 +325,9 @@ fn run() -> Result<i32, LauncherError> {
         let node_id = args.node_id;
         let result = (|| {
             let code = launcher::ranks::run_share(&share)?;
+            // Whether the store may be left out (see `StoreGate`): the ranks all ended well
+            // and none moved away or lost a peer.
+            gate.ranks_ended(code == 0 && !runtime.was_drained() && !runtime.membership_shrank());
             runtime.finish_with(code);
             if runtime.was_drained() {
                 // The node's ranks moved away; it leaves once the membership agreed on it.
@@ -363,42 +400,173 @@ impl Drop for MpiServers {
     }
 }
 
-fn start_mpi(
-    runtime: &Runtime,
-    node: usize,
-    counts: &[usize],
-) -> Result<MpiServers, LauncherError> {
-    use launcher::runtime::{mpi, pmi, pmix};
-    let mode = mpi::MpiMode::from_env()?;
-    let job = std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into());
-    let mut servers: Vec<std::sync::Arc<dyn mpi::RankWatch>> = Vec::new();
-    let mut setups = Vec::new();
-    if mode.pmi1() {
-        let server = pmi::NodeServer::new(node, counts, &job, runtime.pmi_teller());
-        setups.push(server.rank_setup());
-        servers.push(server);
-    }
-    let mut pmix_server = None;
-    if mode.pmix() {
-        let server =
-            pmix::PmixServer::start(node, counts, &job, runtime.pmi_teller()).map_err(|e| {
-                LauncherError::Node {
-                    node,
-                    message: format!(
-                        "cannot serve PMIx (krun --mpi pmi1 or none does without): {e}"
-                    ),
+/// The node's MPI servers on their way: PMIx's library starts in a thread of its own from
+/// krund's start (krun's reports reach it once the runtime is up, see
+/// [`EarlyMpi::finish`]); PMI-1's server is made with the runtime.
+struct EarlyMpi {
+    mode: launcher::runtime::mpi::MpiMode,
+    job: String,
+    pmix: Option<
+        std::thread::JoinHandle<
+            Result<std::sync::Arc<launcher::runtime::pmix::PmixServer>, LauncherError>,
+        >,
+    >,
+    /// Where the PMIx server's reports go once the runtime is up (none are made before a
+    /// rank connects, which is after).
+    tell: std::sync::Arc<std::sync::OnceLock<launcher::runtime::mpi::Teller>>,
+}
+
+impl EarlyMpi {
+    fn start(node: usize, counts: &[usize]) -> Result<EarlyMpi, LauncherError> {
+        use launcher::runtime::{mpi, pmix};
+        let mode = mpi::MpiMode::from_env()?;
+        let job = std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into());
+        let tell: std::sync::Arc<std::sync::OnceLock<mpi::Teller>> = Default::default();
+        let pmix = mode.pmix().then(|| {
+            let (counts, job, late) = (counts.to_vec(), job.clone(), tell.clone());
+            let teller: mpi::Teller = std::sync::Arc::new(move |m| {
+                if let Some(t) = late.get() {
+                    t(m)
                 }
-            })?;
-        setups.push(server.rank_setup());
-        servers.push(server.clone());
-        pmix_server = Some(server);
+            });
+            std::thread::spawn(move || {
+                pmix::PmixServer::start(node, &counts, &job, teller).map_err(|e| {
+                    LauncherError::Node {
+                        node,
+                        message: format!(
+                            "cannot serve PMIx (krun --mpi pmi1 or none does without): {e}"
+                        ),
+                    }
+                })
+            })
+        });
+        Ok(EarlyMpi {
+            mode,
+            job,
+            pmix,
+            tell,
+        })
     }
-    runtime.set_pmi(servers.clone());
-    Ok(MpiServers {
-        setup: (!setups.is_empty()).then(|| mpi::combine_setups(setups)),
-        servers,
-        pmix: pmix_server,
-    })
+
+    /// Waits for the PMIx server, makes PMI-1's, and plugs both into the runtime.
+    fn finish(
+        mut self,
+        runtime: &Runtime,
+        node: usize,
+        counts: &[usize],
+    ) -> Result<MpiServers, LauncherError> {
+        use launcher::runtime::{mpi, pmi};
+        let _ = self.tell.set(runtime.pmi_teller());
+        let mut servers: Vec<std::sync::Arc<dyn mpi::RankWatch>> = Vec::new();
+        let mut setups = Vec::new();
+        if self.mode.pmi1() {
+            let server = pmi::NodeServer::new(node, counts, &self.job, runtime.pmi_teller());
+            setups.push(server.rank_setup());
+            servers.push(server);
+        }
+        let mut pmix_server = None;
+        if let Some(started) = self.pmix.take() {
+            let server = started.join().map_err(|_| LauncherError::Node {
+                node,
+                message: "the PMIx start-up thread panicked".into(),
+            })??;
+            setups.push(server.rank_setup());
+            servers.push(server.clone());
+            pmix_server = Some(server);
+        }
+        runtime.set_pmi(servers.clone());
+        Ok(MpiServers {
+            setup: (!setups.is_empty()).then(|| mpi::combine_setups(setups)),
+            servers,
+            pmix: pmix_server,
+        })
+    }
+}
+
+impl Drop for EarlyMpi {
+    /// krund ends before its ranks started (an error): the server started still cleans up.
+    fn drop(&mut self) {
+        if let Some(Ok(Ok(server))) = self.pmix.take().map(|t| t.join()) {
+            server.finish();
+        }
+    }
+}
+
+/// When the node's checkpoint store starts. Its fabric endpoint costs libfabric's set-up
+/// (here about 0.1 s of CPU per node, most of it the providers zeroing their buffer pools),
+/// which a job whose ranks all end at once never needs. So the store waits until the node's
+/// ranks ended, [`STORE_DELAY`] passed, or something needs it (a checkpoint or a restart
+/// waits for the agent: [`Runtime::on_agent_wanted`]); then every node says through the
+/// job's bootstrap whether its ranks all ended with 0, and only when every node's did is
+/// the store left out: the answer is the same on every node, and the store addresses'
+/// exchange that follows is collective.
+#[derive(Default)]
+struct StoreGate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// The node's ranks ended: all of them with 0 (and none moved away or lost a peer).
+    ended_well: Option<bool>,
+    /// A checkpoint or a restart waits for the store.
+    wanted: bool,
+}
+
+/// How long a node's ranks may run before its checkpoint store starts anyway (unless
+/// `KRUN_STORE_DELAY_MS` says otherwise).
+const STORE_DELAY: Duration = Duration::from_secs(1);
+
+/// `KRUN_STORE_DELAY_MS`, default [`STORE_DELAY`].
+fn store_delay() -> Result<Duration, LauncherError> {
+    match std::env::var("KRUN_STORE_DELAY_MS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+            Ok(ms) if ms <= 3_600_000 => Ok(Duration::from_millis(ms)),
+            _ => Err(LauncherError::Config {
+                place: "environment".into(),
+                key: "KRUN_STORE_DELAY_MS".into(),
+                reason: format!("{v:?} is not a number of milliseconds up to 3600000"),
+            }),
+        },
+        _ => Ok(STORE_DELAY),
+    }
+}
+
+impl StoreGate {
+    fn ranks_ended(&self, well: bool) {
+        let mut s = self.state.lock().expect("store gate lock");
+        s.ended_well.get_or_insert(well);
+        self.changed.notify_all();
+    }
+
+    fn want(&self) {
+        self.state.lock().expect("store gate lock").wanted = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits for the moment to decide (see [`StoreGate`]), then decides with the other
+    /// nodes: true when the job needs its store.
+    fn decide(&self, boot: &mut BootstrapClient, delay: Duration) -> Result<bool, LauncherError> {
+        let deadline = std::time::Instant::now() + delay;
+        let ended_well = {
+            let mut s = self.state.lock().expect("store gate lock");
+            while !s.wanted && s.ended_well.is_none() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = self
+                    .changed
+                    .wait_timeout(s, left)
+                    .expect("store gate lock")
+                    .0;
+            }
+            !s.wanted && s.ended_well == Some(true)
+        };
+        let all = boot.allgather(&[u8::from(ended_well)])?;
+        Ok(!all.iter().all(|b| b.as_slice() == [1]))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -274,6 +274,9 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
             },
         );
         st.reserved.remove(&node);
+        // A spare that registers after every node with ranks said `Bye` (its ranks can end
+        // before a slower node is up) is stopped now: no later `Bye` would.
+        stop_spares_when_done(&mut st);
     }
     if let Err(e) = inner.dir.lock().expect("dir lock").register(me) {
         eprintln!("krun: job directory: {e}");

@@ -127,6 +127,9 @@ pub struct AgentSlot {
     changed: Condvar,
     /// An agent is on its way: a checkpoint reported before it waits for it.
     expected: AtomicBool,
+    /// Called when something starts waiting for the expected agent (krund starts its store
+    /// then, if it has not yet).
+    wanted: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl AgentSlot {
@@ -137,6 +140,11 @@ impl AgentSlot {
     /// The agent, waiting (at most `timeout`) for one that is expected.
     pub fn wait(&self, timeout: Duration) -> Option<Arc<dyn CheckpointAgent>> {
         let deadline = Instant::now() + timeout;
+        if self.expected.load(Ordering::SeqCst) && self.get().is_none() {
+            if let Some(hook) = &*self.wanted.lock().expect("agent hook lock") {
+                hook();
+            }
+        }
         let mut g = self.agent.lock().expect("agent lock");
         while g.is_none() && self.expected.load(Ordering::SeqCst) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -356,6 +364,12 @@ impl Runtime {
     /// Where ranks at an agreed safepoint are held until the node's policy decides.
     pub fn safepoints(&self) -> &Arc<safepoint::SafepointGate> {
         &self.safepoints
+    }
+
+    /// `hook` runs whenever something starts waiting for the agent [`Self::expect_agent`]
+    /// announced (a checkpoint, a restart's fetch) while it is not there yet.
+    pub fn on_agent_wanted(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self.agent.wanted.lock().expect("agent hook lock") = Some(Box::new(hook));
     }
 
     /// The node's checkpoint agent, if it has one.
