@@ -248,7 +248,15 @@ fn a_checkpoint_due_before_the_ranks_started_waits_for_them_and_commits() {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     );
     assert!(o.status.success(), "{out}{err}");
-    assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
-    assert!(err.contains("checkpoint 2 committed: 3 ranks"), "{err}");
+    // Attempts before the nodes linked to krun abort and are tried again ("not linked to
+    // krun yet"); none may fail any other way, and checkpoints must commit.
+    for l in err.lines().filter(|l| l.contains(" aborted")) {
+        assert!(l.contains("are not linked to krun yet"), "{l}\n{err}");
+    }
+    let committed = err
+        .lines()
+        .filter(|l| l.contains(" committed: 3 ranks"))
+        .count();
+    assert!(committed >= 2, "{err}");
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
 }
