@@ -250,7 +250,7 @@ fn a_checkpoint_due_before_the_ranks_started_waits_for_them_and_commits() {
     assert!(o.status.success(), "{out}{err}");
     // Attempts before the nodes linked to krun abort and are tried again ("not linked to
     // krun yet"); none may fail any other way, and checkpoints must commit.
-    for l in err.lines().filter(|l| l.contains(" aborted")) {
+    for l in err.lines().filter(|l| l.contains(" aborted: ")) {
         assert!(l.contains("are not linked to krun yet"), "{l}\n{err}");
     }
     let committed = err
