@@ -73,17 +73,24 @@ pub(crate) fn take_checkpoint_request() -> bool {
 }
 
 extern "C" fn on_request(sig: libc::c_int) {
-    if sig == libc::SIGUSR1 {
+    if sig == libc::SIGUSR1 || sig == crate::node_link::wake_signal() {
         CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
     } else if sig == libc::SIGUSR2 {
         ROLLBACK_REQUESTED.store(true, Ordering::SeqCst);
     }
 }
 
-/// Catches SIGUSR1/SIGUSR2 as requests, unless the program handles them already. Installed
-/// before the ghost runtime, which then leaves them to us.
+/// Catches SIGUSR1/SIGUSR2 (a user's or a scheduler's requests) and krund's wake signal
+/// ([`crate::node_link::wake_signal`], a checkpoint request of the node's policy) as
+/// requests, unless the program handles them already (MPICH's MPI_Init takes SIGUSR1: krund
+/// then still reaches the rank through its own signal). Installed before the ghost runtime,
+/// which then leaves them to us.
 fn install_request_handlers() {
-    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+    for sig in [
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        crate::node_link::wake_signal(),
+    ] {
         // SAFETY: the first sigaction only reads the disposition; the handler installed does
         // one atomic store (async-signal-safe).
         unsafe {

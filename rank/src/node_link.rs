@@ -42,6 +42,11 @@
 //!   replaces its own image at once, whatever its threads are doing (see
 //!   [`crate::rollback`]). A rank blocked in a receive from a lost peer never reaches a
 //!   safepoint; this order reaches it anyway.
+//! - krund wakes a rank for its policy (a barrier's "ask your node", an uncoordinated
+//!   capture order) with [`wake_signal`], not SIGUSR1: a program may own SIGUSR1 (MPICH's
+//!   MPI_Init installs a handler of its own) and then never heard the policy. The signal is
+//!   sent only to a rank that said hello (its library caught the signal by then).
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +58,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RankError, Result};
 
 /// Longest a write or an answer may take.
+/// The signal krund wakes a rank with for its policy: `SIGRTMIN + 6` (glibc keeps the first
+/// real-time signals for itself; `SIGRTMIN()` accounts for them). The launcher's mirror is
+/// `runtime::control::wake_signal`.
+pub fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 6
+}
+
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest krund may hold a rank at a safepoint before answering.

@@ -22,6 +22,14 @@ use fabric::secret::ClusterSecret;
 use fabric::wire::{Protocol, Session};
 use serde::{Deserialize, Serialize};
 
+/// The signal a node wakes its ranks with for the policy (a barrier's "ask your node", an
+/// uncoordinated capture): `SIGRTMIN + 6`, the mirror of `rank::node_link::wake_signal`.
+/// Not SIGUSR1: a program may own SIGUSR1 (MPICH's MPI_Init installs a handler of its own),
+/// and its ranks then never heard the policy (every barrier of an MPICH job waited 60 s).
+pub fn wake_signal() -> i32 {
+    libc::SIGRTMIN() + 6
+}
+
 use super::status::NodeStatus;
 use crate::error::{LauncherError, Result};
 

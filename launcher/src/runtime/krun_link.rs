@@ -108,7 +108,8 @@ pub(super) fn connect_launcher(
 }
 
 /// The policy's barrier on this node: holds the ranks at their safepoints from now on,
-/// wakes them (SIGUSR1, which the rank library's safepoint treats as "ask"), and tells krun
+/// wakes them ([`super::control::wake_signal`], which the rank library's safepoint treats
+/// as "ask"), and tells krun
 /// once every rank of this node is held: those running and those still starting (a
 /// barrier can come before the node started its ranks, e.g. while its MPI servers start
 /// under load; counting only the running ones reported an empty node as held, the policy
@@ -134,7 +135,7 @@ pub(super) fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op
             if linked.contains(rank) && !held.contains(&(*rank as u32)) && done.insert(*rank) {
                 // SAFETY: kill sends a signal to a rank this node started; no memory is
                 // involved.
-                unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                unsafe { libc::kill(pid as i32, super::control::wake_signal()) };
             }
         }
         local.keys().chain(&starting).map(|&r| r as u32).collect()

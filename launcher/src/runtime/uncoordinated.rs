@@ -2,7 +2,7 @@
 //! the two are in `checkpoints/uncoordinated.rs`; the rank's in `rank::uncoordinated`).
 //!
 //! - `CaptureRank{rank, version}`: the node keeps the order for that rank and wakes it
-//!   (SIGUSR1 to that rank only); its next `AtSafepoint` is answered `Checkpoint{version}`
+//!   (its wake signal, `control::wake_signal`, to that rank only); its next `AtSafepoint` is answered `Checkpoint{version}`
 //!   at once, with no barrier; its `Checkpointed` report then goes through the checkpoint
 //!   agent as any capture (`Captured`, then `Safe`/`NotSafe` per level). Under this policy
 //!   an `AtSafepoint` with no order waiting is answered `Continue` at once.
@@ -87,7 +87,7 @@ impl NodeSide {
                     // the rank's node answers `Continue`).
                     // SAFETY: kill sends a signal to a rank this node started, whose
                     // library installed its request handler (it said hello).
-                    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+                    unsafe { libc::kill(pid as i32, super::control::wake_signal()) };
                     return;
                 }
                 if Instant::now() >= deadline {
