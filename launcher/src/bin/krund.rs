@@ -518,8 +518,12 @@ struct GateState {
 /// `KRUN_STORE_DELAY_MS` says otherwise).
 const STORE_DELAY: Duration = Duration::from_secs(1);
 
-/// `KRUN_STORE_DELAY_MS`, default [`STORE_DELAY`].
+/// `KRUN_STORE_DELAY_MS`; else none in a job with a checkpoint policy (`KRUN_RECOVERS`, set
+/// by krun: its first checkpoint comes soon, and a buddy whose store was still starting
+/// then did not answer the L2 reservation in time under load, which aborted it), else
+/// [`STORE_DELAY`].
 fn store_delay() -> Result<Duration, LauncherError> {
+    let policy = std::env::var("KRUN_RECOVERS").is_ok_and(|v| v.trim() == "1");
     match std::env::var("KRUN_STORE_DELAY_MS") {
         Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
             Ok(ms) if ms <= 3_600_000 => Ok(Duration::from_millis(ms)),
@@ -529,6 +533,7 @@ fn store_delay() -> Result<Duration, LauncherError> {
                 reason: format!("{v:?} is not a number of milliseconds up to 3600000"),
             }),
         },
+        _ if policy => Ok(Duration::ZERO),
         _ => Ok(STORE_DELAY),
     }
 }
