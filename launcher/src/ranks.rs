@@ -681,11 +681,15 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
                     }
                     RankCommand::Terminate { reason } => {
                         if terminating.is_none() {
-                            eprintln!(
-                                "krund: node {}: ending {} rank(s): {reason}",
-                                share.node_id,
-                                children.len() + released.len() + watched.len()
-                            );
+                            // A node with no rank left (a spare, a node the job did not
+                            // need) ends silently: the line is for ranks being ended.
+                            let running = children.len() + released.len() + watched.len();
+                            if running > 0 {
+                                eprintln!(
+                                    "krund: node {}: ending {running} rank(s): {reason}",
+                                    share.node_id,
+                                );
+                            }
                             for (_, c) in children.iter().chain(released.iter()) {
                                 signal_rank(c.id(), libc::SIGTERM);
                             }
