@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 mod mapped;
 mod membership;
+mod retention;
 mod usage;
 
 pub use mapped::PutReport;
@@ -258,6 +259,8 @@ struct Inner {
     reflush: Mutex<Vec<Key>>,
     /// Bytes `put` copied into store memory (mapped puts copy none).
     copied: AtomicU64,
+    /// Retention by the policy's line (see `store/retention.rs`).
+    retention: retention::Floors,
     /// The lent arena. Declared last: fields drop in order, and the registrations of its
     /// ranges (in `held`, `reserved`, `parity`) are views of it that must go first.
     arena_mr: MemoryRegion,
@@ -356,6 +359,7 @@ impl Store {
             reflush: Mutex::new(Vec::new()),
             placement,
             copied: AtomicU64::new(0),
+            retention: retention::Floors::default(),
         });
         let (tx, rx) = mpsc::channel::<Key>();
         let service = inner.clone();
@@ -770,59 +774,6 @@ impl Inner {
         let l1 = self.l1.lock().expect("lock");
         let c = l1.get(&(owner.to_string(), version))?;
         Some((ImageBytes::Shared(c.mr.clone(), c.len), c.crc))
-    }
-
-    /// Versions of `owner` safe at `level`, ascending.
-    fn safe_versions(&self, owner: &str, level: Level) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .safe
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(k, s)| k.0 == owner && s[level as usize])
-            .map(|(k, _)| k.1)
-            .collect();
-        v.sort_unstable();
-        v
-    }
-
-    /// Drops versions beyond the newest `keep` safe at `level` (so space goes only once a
-    /// newer version is safe there).
-    fn retain(&self, owner: &str, level: Level) {
-        let keep = self.cfg.keep.max(1);
-        let versions = self.safe_versions(owner, level);
-        if versions.len() <= keep {
-            return;
-        }
-        for &v in &versions[..versions.len() - keep] {
-            let key = (owner.to_string(), v);
-            match level {
-                Level::L1 => {
-                    if let Some(c) = self.l1.lock().expect("lock").remove(&key) {
-                        self.recycle(c);
-                    }
-                }
-                Level::L2 => {
-                    let buddy = self.buddy_of(self.cfg.node);
-                    let body = Body::Drop {
-                        owner: owner.to_string(),
-                        version: v,
-                    };
-                    if let Err(e) = self.request(buddy, body) {
-                        eprintln!("krun-store: dropping {owner} v{v} at node {buddy}: {e}");
-                    }
-                }
-                Level::L3 => {} // the parity holder keeps its newest `keep` sets itself
-                Level::L4 => {
-                    if let Some(d) = &self.disk {
-                        let _ = d.remove(owner, v);
-                    }
-                }
-            }
-            if let Some(s) = self.safe.lock().expect("lock").get_mut(&key) {
-                s[level as usize] = false;
-            }
-        }
     }
 
     // ---- client side ----

@@ -105,6 +105,58 @@ fn versions_become_safe_level_by_level_and_old_ones_are_dropped() {
     assert!(s(&c, 0).get("job/r0", 1).is_err());
 }
 
+/// Retention by line (the uncoordinated policy without logging): versions past the newest
+/// `keep` stay until the policy raises the owner's floor, then only those below it go; a
+/// lower floor later changes nothing.
+#[test]
+fn retained_by_line_old_versions_stay_until_the_floor_passes_them() {
+    let c = cluster("line", 3, 1, &[0, 1, 2]);
+    let st = s(&c, 0);
+    st.retain_by_line();
+    assert_eq!(st.floor("r0"), Some(0));
+    let put = |v: u64| {
+        st.put("r0", v, &image(100_000, v as u8)).unwrap();
+        for level in [Level::L1, Level::L2, Level::L4] {
+            st.wait_safe("r0", v, level, T).unwrap();
+        }
+    };
+    for v in 1..=5 {
+        put(v);
+    }
+    // keep = 2, but no floor yet: every version stays at every level.
+    for v in 1..=5 {
+        for level in [Level::L1, Level::L2, Level::L4] {
+            assert!(st.is_safe("r0", v, level), "v{v} at {level}");
+        }
+        assert_eq!(st.get("r0", v).unwrap().0, image(100_000, v as u8));
+    }
+    // The line moved to v3: v1 and v2 go at the next safe version; v3 and newer stay.
+    st.keep_from("r0", 3);
+    st.keep_from("r0", 2);
+    assert_eq!(st.floor("r0"), Some(3), "a floor never goes down");
+    put(6);
+    // The drop follows the level's safety flag (same flush thread): wait for it, bounded.
+    let gone = |v: u64, level: Level| {
+        let until = std::time::Instant::now() + T;
+        while st.is_safe("r0", v, level) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !st.is_safe("r0", v, level)
+    };
+    for level in [Level::L1, Level::L2, Level::L4] {
+        assert!(gone(1, level), "v1 at {level}");
+        assert!(gone(2, level), "v2 at {level}");
+        assert!(st.is_safe("r0", 3, level), "v3 at {level}");
+    }
+    assert!(st.get("r0", 2).is_err());
+    assert_eq!(st.get("r0", 3).unwrap().0, image(100_000, 3));
+    // Another owner of the same store has no floor: it keeps everything.
+    st.put("r9", 1, &image(1000, 1)).unwrap();
+    assert_eq!(st.floor("r9"), Some(0));
+    // A store retaining by count has no floor.
+    assert_eq!(s(&c, 1).floor("r0"), None);
+}
+
 #[test]
 fn corrupt_copies_are_reported_and_the_next_level_is_used() {
     let c = cluster("fallback", 3, 3, &[0, 1, 2]);

@@ -216,6 +216,47 @@ fn a_mapped_file_is_stored_and_flushed_without_a_copy() {
     assert_eq!((r.level, r.node), (Level::L2, buddy));
 }
 
+/// A mapped L1 copy made the store's own (retention by line keeps old versions at L1 while
+/// their files are recycled): later writes to the file no longer reach it; a file already
+/// rewritten is refused by its crc and left as it was.
+#[test]
+fn a_mapped_copy_is_kept_in_store_memory_and_a_rewritten_file_is_refused() {
+    use std::os::unix::fs::FileExt;
+    let c = cluster("keepcopy", &[0, 1, 2], 0, None);
+    let data = image(1 << 20, 9);
+    let file = c.dir.join("rank0-v1.kgi");
+    std::fs::write(&file, &data).unwrap();
+    // SAFETY: the file is rewritten in place only after its copy was made the store's own
+    // (below), or, for v2, to show that the store's crc check catches it.
+    unsafe { c.s(0).put_file("rank-0", 1, &file) }.unwrap();
+    assert_eq!(
+        c.s(0).keep_local_copy("rank-0", 1).unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(
+        c.s(0).keep_local_copy("rank-0", 1).unwrap(),
+        0,
+        "already its own"
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(&[0xAB; 4096], 0).unwrap();
+    let (got, r) = c.s(0).get("rank-0", 1).unwrap();
+    assert_eq!((got == data, r.level), (true, Level::L1));
+    // v2: the file changes while mapped, before the copy: refused, named.
+    let file2 = c.dir.join("rank0-v2.kgi");
+    std::fs::write(&file2, &data).unwrap();
+    unsafe { c.s(0).put_file("rank-0", 2, &file2) }.unwrap();
+    let f2 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file2)
+        .unwrap();
+    f2.write_all_at(&[0xCD; 16], 100).unwrap();
+    let e = c.s(0).keep_local_copy("rank-0", 2).unwrap_err();
+    assert!(e.to_string().contains("rank-0 v2"), "{e}");
+    // A version not at L1 here: nothing to copy.
+    assert_eq!(c.s(0).keep_local_copy("rank-0", 7).unwrap(), 0);
+}
+
 #[test]
 fn bad_files_are_named() {
     let c = cluster("badfile", &[0, 1], 0, None);

@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use crate::binding::{self, BindTo, CpuMask};
@@ -223,6 +223,15 @@ pub fn catch_forwarded_signals() {
         // SAFETY: the handler only touches atomics, which is async-signal-safe.
         unsafe { libc::signal(sig, remember_signal as *const () as libc::sighandler_t) };
     }
+}
+
+/// Set when a node that never ran a rank (a spare) ended on SIGINT or SIGTERM.
+static SPARE_SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`run_share`] returned because this node, running no rank, was told to end by
+/// SIGINT or SIGTERM.
+pub fn spare_signalled() -> bool {
+    SPARE_SIGNALLED.load(Ordering::SeqCst)
 }
 
 /// Takes the checkpoint requests received since the last call.
@@ -732,6 +741,19 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             if ran_ranks || stopped() || terminating.is_some() {
                 break;
             }
+            // A spare (no rank to forward it to) ends on SIGINT or SIGTERM, a scheduler or a
+            // user stopping the job's processes ([`spare_signalled`]: krund then leaves
+            // without waiting for the other nodes; its ranks, which it never ran, all ended
+            // well).
+            if let Some(sig) = take_signal().filter(|&s| s == libc::SIGINT || s == libc::SIGTERM) {
+                eprintln!(
+                    "krund: node {}: {} with no rank to forward it to: the node ends",
+                    share.node_id,
+                    signal_name(sig)
+                );
+                SPARE_SIGNALLED.store(true, Ordering::SeqCst);
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
@@ -767,7 +789,7 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             Some(status) => {
                 remove_shm_segments(w.pid);
                 let code = exit_code(status);
-                if code != 0 && share.exit_grace.is_some() && terminating.is_none() {
+                if code != 0 && share.exit_grace.is_some() && terminating.is_none() && !forwarded {
                     held_exits.push((w.rank, code, status.signal(), std::time::Instant::now()));
                 } else {
                     report_exit(w.rank, code, status.signal());
@@ -798,7 +820,9 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             let Some(status) = status else { continue };
             remove_shm_segments(c.id());
             let code = exit_code(status);
-            if code != 0 && share.exit_grace.is_some() && terminating.is_none() {
+            // Held for a recovery, unless the rank ended on a signal this node forwarded
+            // (the job is being stopped: no failure to recover from).
+            if code != 0 && share.exit_grace.is_some() && terminating.is_none() && !forwarded {
                 held_exits.push((*rank, code, status.signal(), std::time::Instant::now()));
             } else {
                 if let (Some(sig), None, false) = (status.signal(), terminating, forwarded) {

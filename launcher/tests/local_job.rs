@@ -561,6 +561,69 @@ fn killing_krun_ends_its_nodes_and_their_ranks() {
     wait_for(|| nodes.iter().chain(&ranks).all(|&p| !alive(p)));
 }
 
+/// A spare node (no rank) ends on SIGTERM as a node running ranks does (a scheduler ending
+/// the job's processes), instead of waiting for krun; the job goes on without it. Then
+/// krun's own SIGTERM, forwarded to the ranks, ends the job at once: the ranks' exits are
+/// not held for a recovery (with spares a failed rank's exit waits the failure timeout +
+/// 20 s, here 10 minutes, so a held exit would outlast the test's 30 s wait).
+#[test]
+fn a_spare_node_ends_on_sigterm_and_a_forwarded_sigterm_ends_the_job_at_once() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(["--local", "2", "--spares", "1", "-n", "2", "sleep", "300"])
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .env("KRUN_FAILURE_TIMEOUT_MS", "600000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let krun_pid = child.id();
+    // Three nodes; the two with a rank (sleep) and the spare, which has none.
+    let mut spare = None;
+    wait_for(|| {
+        let nodes = children_of(krun_pid);
+        let with_rank = nodes.iter().filter(|&&n| children_of(n).len() == 1).count();
+        spare = nodes.iter().copied().find(|&n| children_of(n).is_empty());
+        nodes.len() == 3 && with_rank == 2 && spare.is_some()
+    });
+    let spare = spare.unwrap();
+    // The spare catches SIGTERM (its handler is installed once its runtime is up): without
+    // one the signal's default action would end it whatever the node does.
+    let catches_term = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            })
+            .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+    };
+    wait_for(|| catches_term(spare));
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(false)
+    };
+    assert!(alive(spare));
+    // SAFETY: a signal to a process this test's krun started.
+    unsafe {
+        libc::kill(spare as i32, libc::SIGTERM);
+    }
+    wait_for(|| !alive(spare));
+    // The job itself is still running.
+    assert!(child.try_wait().unwrap().is_none());
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let mut status = None;
+    wait_for(|| {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    // The ranks (sleep) ended on the forwarded SIGTERM: 128 + 15.
+    assert_eq!(status.unwrap().code(), Some(143));
+}
+
 /// Runs krun with `args` and waits for it within `wait_for`'s bound (a job that would hang
 /// fails the test instead); returns its exit code and stderr.
 fn krun_bounded(args: &[&str]) -> (Option<i32>, String) {

@@ -93,12 +93,15 @@ fn killed_node_recovers_on_the_line(
     tag: &str,
     policy_text: &str,
     inject: &str,
+    env: &[(&str, &str)],
 ) -> (Vec<Place>, u64, String, String) {
     let dir = temp(tag);
     let heat = build_heat(&dir.0);
     let want = serial(&dir.0, &["48", "40", "1000"]);
     let policy = policy_file(&dir.0, "nolog.toml", policy_text);
-    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, &policy, &[inject], "1000"));
+    let mut job = heat_job(&dir.0, &heat, &policy, &[inject], "1000");
+    job.envs(env.iter().copied());
+    let run = Running::start(&dir.0, job);
     run.wait_line(
         "injected failure: SIGKILL to node 1",
         Duration::from_secs(240),
@@ -207,6 +210,7 @@ fn without_logging_a_killed_node_rolls_back_the_recovery_line_and_the_result_is_
         "line",
         "policy = \"uncoordinated\"\ninterval_ms = 500\nstagger = false\n\n[logging]\nmessages = false\n",
         "node=1@2ckpt",
+        &[],
     );
     // Ranks 0-1 and 4-5 were running: they rolled back in place (checked above), to a
     // checkpoint of theirs or to the start.
@@ -219,26 +223,34 @@ fn without_logging_a_killed_node_rolls_back_the_recovery_line_and_the_result_is_
 }
 
 #[test]
-#[ignore = "fails in the merged tree under load: the line reaches each rank's checkpoint 1, which the store no longer holds (\"not held at any level\") while krun's copy index and the policy still list it, so the rollbacks fail 3 times and the job ends; the store's retention must follow what the policy may still need (stop 19 note); run with --ignored"]
 fn staggered_checkpoints_domino_back_and_the_policy_reports_the_rollback_depth() {
     // Staggered schedules (the default) put each rank's checkpoints on other steps than its
-    // neighbours': no set of them is transitless but the start, the domino effect.
+    // neighbours': no set of the later ones is transitless, the domino effect: the line
+    // goes back past at least 2 of every rank's 3 safe checkpoints (to the start, or to a
+    // set of first checkpoints taken at one step). Those old checkpoints must still be in
+    // the store: without logging it keeps what a line may need (retention by line), not
+    // its newest `keep` versions.
     let (places, depth, out, log) = killed_node_recovers_on_the_line(
         "domino",
         "policy = \"uncoordinated\"\ninterval_ms = 400\n\n[logging]\nmessages = false\n",
-        "node=1@3ckpt",
+        "node=1@5ckpt",
+        // Full images only: a store retaining by count keeps 3 versions (full_every + 2),
+        // so a line at a rank's 1st or 2nd of 5 checkpoints is served only by retention by
+        // line.
+        &[("KRUN_GHOST_FULL_EVERY", "1")],
     );
-    // Every rank had made 3 checkpoints safe: the line went back past them.
-    assert!(depth >= 3, "rollback depth {depth}: {places:?}");
-    assert!(places.iter().all(|p| p.3 >= 1), "{places:?}");
+    // Every rank had made 5 checkpoints safe: the line went back past at least 2 of them.
+    assert!(depth >= 2, "rollback depth {depth}: {places:?}");
+    assert!(places.iter().all(|p| p.3 >= 2), "{places:?}");
     let lines = decision_lines(&log);
     let line = lines
         .iter()
         .find(|l| l.starts_with("RecoveryLine {"))
         .unwrap();
-    assert!(field(line, "depth").is_some_and(|d| d >= 3), "{line}");
-    assert!(
-        !out.contains("heat: rank 0 restored"),
-        "the line went back to the start: {out}"
-    );
+    assert!(field(line, "depth").is_some_and(|d| d >= 2), "{line}");
+    // A line at old checkpoints was restored from the store (the shared checks above: every
+    // rank restored the version the line names, at one step, and the result is right).
+    if places.iter().any(|p| p.1.is_some()) {
+        assert!(out.contains("heat: rank 0 restored"), "{out}");
+    }
 }

@@ -91,6 +91,9 @@ pub trait Runtime {
     /// Message logging: `rank`'s checkpoint `version` is safe; its senders and its buddy
     /// may drop what it delivered before it.
     fn trim_log(&mut self, _rank: Rank, _version: Version) {}
+    /// Retention: no future recovery line needs `rank`'s checkpoints older than `version`
+    /// ([`Action::KeepFrom`]); a runtime that keeps a fixed number of versions ignores it.
+    fn keep_from(&mut self, _rank: Rank, _version: Version) {}
     /// Message logging: the survivors resend to the restarted `rank` what they logged for
     /// it after its checkpoint `version`; it takes them in the recorded order. A runtime
     /// that cannot refuses it.
@@ -277,6 +280,10 @@ impl<P: Policy, R: Runtime> Engine<P, R> {
                 }),
             Action::TrimLog { rank, version } => {
                 rt.trim_log(rank, version);
+                None
+            }
+            Action::KeepFrom { rank, version } => {
+                rt.keep_from(rank, version);
                 None
             }
             Action::Replay {

@@ -394,6 +394,14 @@ pub enum Action {
         rank: Rank,
         version: Option<Version>,
     },
+    /// Retention: no recovery line the policy can compute from now on needs `rank`'s
+    /// checkpoints older than `version` (`version` itself and newer are still needed), so
+    /// the runtime may drop the older ones from its levels; until the first such action
+    /// for a rank, a runtime told to retain by line keeps all of them (fire and forget;
+    /// versions only rise). The uncoordinated policy without logging issues it: its line
+    /// can lie many checkpoints back (the domino effect), further than a store that keeps
+    /// a fixed number of versions would hold.
+    KeepFrom { rank: Rank, version: Version },
 }
 
 /// An entry of the event log: message sends and receives with sequence numbers and receive

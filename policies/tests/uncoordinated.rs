@@ -554,3 +554,56 @@ fn a_capture_reported_safe_before_captured_still_counts() {
     let (_, next) = s.order(0);
     assert!(next > v);
 }
+
+/// Without logging, the policy tells the runtime which checkpoints no future line can need
+/// (`KeepFrom`): while the ranks' checkpoints never agree (staggered, the domino effect)
+/// nothing may go, not even the oldest; once a set of them agrees on every channel, each
+/// rank's older checkpoints may go, and the floor only rises.
+#[test]
+fn without_logging_the_policy_keeps_every_checkpoint_a_future_line_may_need() {
+    let mut s = Script::new(2, false);
+    let mut keep_from: Vec<(Rank, Version)> = Vec::new();
+    let mut versions: Vec<Vec<Version>> = vec![Vec::new(); 2];
+    // Ranks 0 and 1 exchange one message each way per step; `(rank, step)` checkpoints.
+    let take = |s: &mut Script,
+                versions: &mut Vec<Vec<Version>>,
+                r: Rank,
+                step: u64,
+                keep_from: &mut Vec<(Rank, Version)>| {
+        let v = s.ckpt(r);
+        versions[r as usize].push(v);
+        let counts: Vec<u64> = (0..2).map(|p| if p == r { 0 } else { step }).collect();
+        let acts = s.feed(Event::Logged {
+            events: vec![LoggedEvent::Channels {
+                rank: r,
+                version: v,
+                sent: counts.clone(),
+                delivered: counts,
+            }],
+        });
+        keep_from.extend(acts.iter().filter_map(|a| match a {
+            Action::KeepFrom { rank, version } => Some((*rank, *version)),
+            _ => None,
+        }));
+        v
+    };
+    // Staggered: rank 0 at steps 1, 3, 5; rank 1 at steps 2, 4: no two agree.
+    for (r, step) in [(0, 1), (1, 2), (0, 3), (1, 4), (0, 5)] {
+        take(&mut s, &mut versions, r, step, &mut keep_from);
+    }
+    assert!(
+        keep_from.is_empty(),
+        "no set of checkpoints agrees, so the line is the start and every checkpoint stays: {keep_from:?}"
+    );
+    // Rank 1 checkpoints at step 5 too: rank 0's step-5 and rank 1's step-5 checkpoints agree.
+    let v1 = take(&mut s, &mut versions, 1, 5, &mut keep_from);
+    let v0 = versions[0][2];
+    assert_eq!(keep_from, vec![(0, v0), (1, v1)]);
+    // A later, staggered checkpoint moves nothing (the line stays at step 5)...
+    keep_from.clear();
+    take(&mut s, &mut versions, 0, 6, &mut keep_from);
+    assert!(keep_from.is_empty(), "{keep_from:?}");
+    // ...and the next agreeing pair raises both floors.
+    let w1 = take(&mut s, &mut versions, 1, 6, &mut keep_from);
+    assert_eq!(keep_from, vec![(0, versions[0][3]), (1, w1)]);
+}

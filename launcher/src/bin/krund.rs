@@ -325,6 +325,10 @@ fn run() -> Result<i32, LauncherError> {
         let node_id = args.node_id;
         let result = (|| {
             let code = launcher::ranks::run_share(&share)?;
+            if launcher::ranks::spare_signalled() {
+                // A spare told to end: nothing of the job ran here, nothing to wait for.
+                return Ok(0);
+            }
             // Whether the store may be left out (see `StoreGate`): the ranks all ended well
             // and none moved away or lost a peer.
             gate.ranks_ended(code == 0 && !runtime.was_drained() && !runtime.membership_shrank());

@@ -134,6 +134,9 @@ pub struct Agent {
     stopping: Arc<AtomicBool>,
     /// Ranks whose images this agent stored.
     ranks: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// (rank, version) -> the version its image is a delta of (0: a full image), for the
+    /// images this agent stored: where a version's chain starts ([`Agent::keep_from`]).
+    parents: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), u64>>,
 }
 
 impl Agent {
@@ -191,6 +194,7 @@ impl Agent {
             worker: Some(worker),
             stopping,
             ranks: Default::default(),
+            parents: Default::default(),
         })
     }
 
@@ -233,16 +237,29 @@ impl Agent {
         let report = unsafe { self.store.put_file(&owner, version, image) }
             .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
         self.ranks.lock().expect("lock").insert(rank);
+        self.parents
+            .lock()
+            .expect("lock")
+            .insert((rank, version), parent);
         if parent == 0 {
             // A full image: the native checkpointer now recycles the files of older versions
             // (rewriting them in place for their memory), so the store stops mapping them.
-            // They stay at the slower levels.
+            // They stay at the slower levels; under retention by line, a version a recovery
+            // line may still need also stays at L1, copied out of its file (its L2 copy may
+            // go with a failed buddy, and the line may lie far back).
+            let floor = self.store.floor(&owner);
             for old in self
                 .store
                 .l1_versions(&owner)
                 .into_iter()
                 .filter(|&v| v < version)
             {
+                if floor.is_some_and(|f| old >= f) {
+                    match self.store.keep_local_copy(&owner, old) {
+                        Ok(_) => continue,
+                        Err(e) => eprintln!("krund: rank {rank} v{old}: {e}"),
+                    }
+                }
                 self.store.forget_local(&owner, old);
             }
         }
@@ -324,6 +341,32 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// No recovery line needs `rank`'s versions older than `version` any more (the
+    /// policy's `KeepFrom`): the store may drop those older than the start of `version`'s
+    /// incremental chain (its oldest ancestor, a full image), which a restart of `version`
+    /// still reads. Returns the floor set; `None` when this agent did not store the whole
+    /// chain (another node did, before a restart): the floor then stays where it was, so
+    /// nothing a line may need goes.
+    pub fn keep_from(&self, rank: u32, version: u64) -> Option<u64> {
+        let start = {
+            let parents = self.parents.lock().expect("lock");
+            let mut at = version;
+            loop {
+                match parents.get(&(rank, at)) {
+                    Some(0) => break at,
+                    Some(&p) if p < at => at = p,
+                    _ => return None,
+                }
+            }
+        };
+        self.store.keep_from(&Agent::owner(rank), start);
+        self.parents
+            .lock()
+            .expect("lock")
+            .retain(|&(r, v), _| r != rank || v >= start);
+        Some(start)
     }
 
     /// `version` of `rank` and its ancestors down to a full image, newest first: what a

@@ -227,6 +227,10 @@ pub enum LauncherToNode {
     },
     /// `rank`'s own checkpoint `version` is safe: its library trims the message log.
     TrimLog { rank: u32, version: u64 },
+    /// No recovery line needs `rank`'s own checkpoints older than native `version` (the
+    /// uncoordinated policy without logging): every node's store may drop the ones it
+    /// holds below that version's chain.
+    KeepFrom { rank: u32, version: u64 },
     /// `rank` restarts on `node` as a new process from its own native checkpoint `version`
     /// and rejoins the running ranks (message logging); `restart` names the order in the
     /// answers (`Restarted{wiring: restart, ..}`).

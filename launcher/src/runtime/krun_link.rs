@@ -86,6 +86,7 @@ pub(super) fn connect_launcher(
                 Ok(
                     msg @ (LauncherToNode::CaptureRank { .. }
                     | LauncherToNode::TrimLog { .. }
+                    | LauncherToNode::KeepFrom { .. }
                     | LauncherToNode::PeerMoved { .. }
                     | LauncherToNode::Rejoined { .. }
                     | LauncherToNode::Rejoin { .. }),

@@ -100,6 +100,12 @@ pub trait CheckpointAgent: Send + Sync {
             what: "this node has no checkpoint store".into(),
         })
     }
+    /// No recovery line needs `rank`'s versions older than `version` (the policy's
+    /// `KeepFrom`): under retention by line the store may drop them (see
+    /// `ckpt_store::Store::keep_from`). Returns the floor set, if any.
+    fn keep_from(&self, _rank: u32, _version: u64) -> Option<u64> {
+        None
+    }
     /// Reads `version` of `rank` back from the store (the fastest valid copy).
     fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
         Err(LauncherError::Checkpoint {

@@ -54,6 +54,10 @@ impl CheckpointAgent for StoreAgent {
         Ok(())
     }
 
+    fn keep_from(&self, rank: u32, version: u64) -> Option<u64> {
+        self.agent.keep_from(rank, version)
+    }
+
     fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
         let f = self.agent.fetch(rank, version)?;
         Ok(FetchInfo {

@@ -109,6 +109,10 @@ pub struct StoreSettings {
     pub keep: usize,
     /// L3 parity sets.
     pub parity: Parity,
+    /// Versions go only once the policy says no recovery line needs them (`KeepFrom`):
+    /// the uncoordinated policy without logging (`KRUN_UNCOORDINATED=1`,
+    /// `KRUN_MESSAGE_LOGGING=0`), whose line can lie further back than `keep` versions.
+    pub by_line: bool,
 }
 
 impl StoreSettings {
@@ -162,6 +166,8 @@ impl StoreSettings {
             level,
             keep: full_every + 2,
             parity,
+            by_line: get("KRUN_UNCOORDINATED").is_some_and(|v| v.trim() == "1")
+                && get("KRUN_MESSAGE_LOGGING").is_some_and(|v| v.trim() == "0"),
         })
     }
 }
@@ -242,6 +248,9 @@ pub fn start(
         placement,
     )
     .map_err(|e| fail(format!("starting the checkpoint store: {e}")))?;
+    if settings.by_line {
+        store.retain_by_line();
+    }
     let level = store
         .levels()
         .into_iter()

@@ -226,6 +226,11 @@ pub fn from_launcher(
         LauncherToNode::TrimLog { rank, version } => {
             side.order(shared, rank, NodeToRank::LogSafe { version })
         }
+        LauncherToNode::KeepFrom { rank, version } => {
+            if let Some(agent) = agent.get() {
+                agent.keep_from(rank, version);
+            }
+        }
         LauncherToNode::PeerMoved {
             rank,
             address,

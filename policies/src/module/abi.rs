@@ -29,8 +29,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Bumped on any change of the symbols, their signatures or the serde types that cross.
 /// 2: the uncoordinated policy's events and actions (`CaptureRank`, `TrimLog`, `Replay`,
-/// `Logged`, ...) joined the enums that cross.
-pub const ABI_VERSION: u32 = 2;
+/// `Logged`, ...) joined the enums that cross. 3: `Action::KeepFrom` (retention by line).
+pub const ABI_VERSION: u32 = 3;
 
 pub const OK: i32 = 0;
 pub const ERROR: i32 = 1;

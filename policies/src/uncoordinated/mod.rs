@@ -215,6 +215,9 @@ pub struct Uncoordinated {
     /// The runtime reports channel counts: without logging the line is then the
     /// transitless one ([`recovery_line::transitless_line`]).
     channels_seen: bool,
+    /// Without logging: per rank, the oldest checkpoint a future line may need, as last
+    /// told to the runtime ([`Action::KeepFrom`]).
+    floors: Vec<Version>,
 }
 
 impl Uncoordinated {
@@ -269,6 +272,7 @@ impl Uncoordinated {
             max_depth: 0,
             last_line: None,
             channels_seen: false,
+            floors: Vec::new(),
             cfg,
             leader,
             view,
@@ -550,6 +554,8 @@ impl Uncoordinated {
         if self.cfg.logging {
             self.log.trim(rank, version);
             out.push(Action::TrimLog { rank, version });
+        } else {
+            out.extend(self.retention());
         }
         out
     }
@@ -728,7 +734,8 @@ impl Policy for Uncoordinated {
             )],
             Event::Logged { events } => {
                 self.on_logged(events);
-                Vec::new()
+                // A checkpoint's counts may come after it became safe.
+                self.retention()
             }
         };
         out.extend(self.start_due(now));

@@ -27,6 +27,38 @@ impl Uncoordinated {
             .find(|c| c.node.is_none_or(|n| self.view.contains(n)))
     }
 
+    /// Without logging: [`Action::KeepFrom`] for every rank whose oldest needed checkpoint
+    /// rose. That is the rank's checkpoint on the line every rank would roll back to if
+    /// all of them failed now, over the checkpoints safe so far: a later line, with more
+    /// checkpoints to choose from, is never older on any rank (the transitless cuts form a
+    /// lattice: the greatest one over more checkpoints is at least the greatest over
+    /// fewer), so nothing older is ever needed again. Channel counts are needed (without
+    /// them the line is the graph's, which is not computed ahead).
+    pub(super) fn retention(&mut self) -> Vec<Action> {
+        if self.cfg.logging || !self.channels_seen {
+            return Vec::new();
+        }
+        let n = self.ranks.len();
+        let counts: Vec<_> = self.ranks.iter().map(|c| c.counts.clone()).collect();
+        let taken: Vec<Vec<Version>> = self.ranks.iter().map(|c| c.taken.clone()).collect();
+        let line = super::recovery_line::transitless_line(&counts, &taken, |r, v| {
+            self.ranks[r as usize].safe.iter().any(|s| s.0 == v)
+        });
+        self.floors.resize(n, 0);
+        let mut out = Vec::new();
+        for (r, at) in line.ranks.iter().enumerate() {
+            let Restore::At(v) = *at else { continue };
+            if v > self.floors[r] {
+                self.floors[r] = v;
+                out.push(Action::KeepFrom {
+                    rank: r as Rank,
+                    version: v,
+                });
+            }
+        }
+        out
+    }
+
     pub(super) fn on_failure(
         &mut self,
         now: Millis,

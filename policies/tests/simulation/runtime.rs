@@ -135,7 +135,10 @@ impl Sim {
                 }
             }
             Action::LogEvent(e) => self.fail(&format!("the coordinated policy logged {e:?}")),
-            a @ (Action::CaptureRank { .. } | Action::TrimLog { .. } | Action::Replay { .. }) => {
+            a @ (Action::CaptureRank { .. }
+            | Action::TrimLog { .. }
+            | Action::KeepFrom { .. }
+            | Action::Replay { .. }) => {
                 self.fail(&format!("the coordinated policy asked for {a:?}"))
             }
             Action::Notify(n) => {

@@ -299,6 +299,10 @@ impl PolicyRuntime for HubCalls {
         super::uncoordinated::trim_log(self, rank, version);
     }
 
+    fn keep_from(&mut self, rank: Rank, version: Version) {
+        super::uncoordinated::keep_from(self, rank, version);
+    }
+
     fn replay(&mut self, rank: Rank, _version: Option<Version>) -> Result<(), String> {
         super::uncoordinated::replay(self, rank)
     }

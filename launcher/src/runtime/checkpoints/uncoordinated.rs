@@ -12,6 +12,7 @@
 //! |---|---|---|
 //! | `capture_rank(op, rank, v)` | `CaptureRank{rank, version: n}` (n: the rank's next native version): the rank's node signals that rank only; its next safepoint is answered `Checkpoint{n}` at once, no barrier; the rank writes its log snapshot into its registered log region and takes its own native checkpoint | `Captured{rank, n}` → `CaptureDone`; `Safe`/`NotSafe{rank, n, level}` → `LevelSafe`/`LevelLost`; no `Captured` in [`CAPTURE_TIMEOUT`] → `CaptureFailed` |
 //! | `trim_log(rank, v)` | `TrimLog{rank, version: n}` → the rank's watcher: `LogSafe{n}` (the library acknowledges to its senders, which drop the payloads) | |
+//! | `keep_from(rank, v)` (no logging) | `KeepFrom{rank, version: n}` to every node → its store, retaining by line, may drop the rank's versions older than n's chain (`Store::keep_from`) | |
 //! | `restart(d)` (logging) | `Rejoin{restart, rank, node, version: n}`: on `node`, the image chain of n from the store, then a new process with `KRUN_REJOIN=1`, `KRUN_GHOST_RESTORE=n`; no wiring epoch, the survivors keep running | `Restarted{wiring: restart, ..}` → `RestartDone`; `RestartFailed` → `RestartFailed` |
 //! | (each new process) | | `Rejoining{rank, address, ring}` |
 //! | | once every rank restarting for the failure said `Rejoining`: `PeerMoved{rank, address, ring}` per restarted rank to every node → each running rank's watcher replaces the address (and, as the buddy's ward, rewrites its determinants into the new ring) | `PeerReplaced{rank, moved}` per (running rank, restarted rank) |
@@ -169,6 +170,21 @@ pub(super) fn trim_log(calls: &mut HubCalls, rank: Rank, version: Version) {
         return;
     };
     (calls.send)(&LauncherToNode::TrimLog {
+        rank,
+        version: native,
+    });
+}
+
+/// `KeepFrom{rank, version: n}` to every node (whichever stored the rank's images).
+pub(super) fn keep_from(calls: &mut HubCalls, rank: Rank, version: Version) {
+    let Some(native) = calls
+        .uncoord
+        .as_ref()
+        .and_then(|u| u.native_of(rank, version))
+    else {
+        return;
+    };
+    (calls.send)(&LauncherToNode::KeepFrom {
         rank,
         version: native,
     });
