@@ -170,10 +170,7 @@ pub fn available(krun: &std::path::Path, spec: &Spec) -> Result<(), String> {
         ));
     }
     for pair in spec.config_shows.chunks(2) {
-        let ok = text
-            .lines()
-            .any(|l| l.contains(pair[0]) && l.contains(pair[1]));
-        if !ok {
+        if !config_shows(&text, pair[0], pair[1]) {
             return Err(format!(
                 "krun config does not show {} = {} under {}: this build has no such policy",
                 pair[0],
@@ -183,6 +180,35 @@ pub fn available(krun: &std::path::Path, spec: &Spec) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `krun config`'s output (TOML: `[section]` headers, then `key = "value"    #
+/// where it came from`; or `section.key = value ...` lines) sets `dotted` to `value`.
+fn config_shows(text: &str, dotted: &str, value: &str) -> bool {
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+            continue;
+        }
+        let Some((key, rest)) = line.split_once('=') else {
+            continue;
+        };
+        let full = if section.is_empty() {
+            key.trim().to_string()
+        } else {
+            format!("{section}.{}", key.trim())
+        };
+        let set = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_matches('"');
+        if full == dotted && set == value {
+            return true;
+        }
+    }
+    false
 }
 
 fn sel(spec: &Spec) -> String {
@@ -542,5 +568,20 @@ fn policy_job(spec: &Spec, interval: f64, tag: &str) -> Job {
             .collect(),
         tag: tag.into(),
         ..Job::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_shows;
+
+    #[test]
+    fn the_config_check_reads_sections_and_values() {
+        let text = "[launcher]\nprovider = \"tcp\"    # default\n\n[policy]\nkind = \"uncoordinated\"    # environment (KRUN_POLICY_KIND)\nlogging = \"false\"\n";
+        assert!(config_shows(text, "policy.kind", "uncoordinated"));
+        assert!(config_shows(text, "policy.logging", "false"));
+        assert!(!config_shows(text, "policy.logging", "true"));
+        assert!(!config_shows(text, "launcher.kind", "uncoordinated"));
+        assert!(!config_shows(text, "policy.kind", "coordinated"));
     }
 }

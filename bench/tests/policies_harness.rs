@@ -50,7 +50,9 @@ fn a_policy_krun_does_not_accept_is_not_available() {
     let ignores = script(&dir, "ignores", "echo 'fabric.provider = auto (default)'");
     let e = available(&ignores, uncoord).unwrap_err();
     assert!(e.contains("policy.kind"), "{e}");
-    // One that shows the selection accepts it; the coordinated policy needs no check.
+    // One that shows the selection accepts it (as `section.key` lines here; krun config's
+    // TOML sections are read too: `config_shows`' unit test); the coordinated policy needs
+    // no check.
     let accepts = script(
         &dir,
         "accepts",

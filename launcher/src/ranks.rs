@@ -745,12 +745,8 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             // user stopping the job's processes ([`spare_signalled`]: krund then leaves
             // without waiting for the other nodes; its ranks, which it never ran, all ended
             // well).
-            if let Some(sig) = take_signal().filter(|&s| s == libc::SIGINT || s == libc::SIGTERM) {
-                eprintln!(
-                    "krund: node {}: {} with no rank to forward it to: the node ends",
-                    share.node_id,
-                    signal_name(sig)
-                );
+            // Silent: krun itself ends a failed job's nodes this way.
+            if take_signal().is_some_and(|s| s == libc::SIGINT || s == libc::SIGTERM) {
                 SPARE_SIGNALLED.store(true, Ordering::SeqCst);
                 break;
             }

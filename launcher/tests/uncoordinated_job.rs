@@ -157,3 +157,29 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
     }
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// A message-log snapshot larger than its region (here 4 KiB, while the heat stencil's
+/// halos keep several KiB in flight between checkpoints) skips that rank's checkpoint with a
+/// line saying why, instead of ending the program; the job ends with the serial result.
+#[test]
+fn a_log_snapshot_too_large_for_its_region_skips_the_checkpoint_and_the_job_goes_on() {
+    let dir = temp("logfull");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "200"]);
+    let policy = policy_file(
+        &dir.0,
+        "uncoordinated.toml",
+        "policy = \"uncoordinated\"\ninterval_ms = 300\n\n[logging]\nmessages = true\n",
+    );
+    let mut job = heat_job(&dir.0, &heat, &policy, &[], "200");
+    job.env("KRUN_LOG_REGION_BYTES", "4096");
+    let run = Running::start(&dir.0, job);
+    let skipped = run.wait_line(
+        "skipped: the message log's snapshot",
+        Duration::from_secs(180),
+    );
+    assert!(skipped.contains("KRUN_LOG_REGION_BYTES"), "{skipped}");
+    let (ok, out, err, _) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+}

@@ -151,9 +151,7 @@ impl Rank {
             return Ok(Safepoint::Nothing);
         }
         match self.ask_at_safepoint(self.rank() as u32)? {
-            Some(SafepointOrder::Checkpoint(version)) => {
-                self.own_checkpoint(version).map(Safepoint::Checkpointed)
-            }
+            Some(SafepointOrder::Checkpoint(version)) => self.own_checkpoint_or_skip(version),
             Some(SafepointOrder::Continue) | None => Ok(Safepoint::Nothing),
             Some(SafepointOrder::Rollback(v)) => Err(RankError::Checkpoint(format!(
                 "krund ordered a collective rollback to {v} under the uncoordinated policy"
@@ -168,6 +166,32 @@ impl Rank {
             let snap = self.log_mark_checkpoint(want)?;
             self.write_log_snapshot(&snap)?;
         }
+        self.own_checkpoint_taken(&rt, want)
+    }
+
+    /// The safepoint's checkpoint order, where a log snapshot too large for its region
+    /// skips this checkpoint (said on stderr; krun hears nothing, times the capture out and
+    /// the policy orders the next one) instead of ending the program: the log shrinks as
+    /// receivers checkpoint.
+    fn own_checkpoint_or_skip(&self, want: u64) -> Result<Safepoint> {
+        match self.own_checkpoint(want) {
+            Ok(v) => Ok(Safepoint::Checkpointed(v)),
+            Err(RankError::Checkpoint(why)) if why.contains("does not fit the") => {
+                eprintln!(
+                    "krun: rank {}: own checkpoint {want} skipped: {why}",
+                    self.rank()
+                );
+                Ok(Safepoint::Nothing)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn own_checkpoint_taken(
+        &self,
+        rt: &Arc<ghost::native::NativeRuntime>,
+        want: u64,
+    ) -> Result<u64> {
         // Without logging: this checkpoint's channel counts, for the policy's recovery line
         // (read here: only this thread sends and receives while it is at the safepoint).
         let counts = match (self.msgs.logger(), BASELINE.get()) {

@@ -74,6 +74,9 @@ pub fn observe(out: &JobOutput, kills: Option<&[f64]>) -> Result<RunObs, String>
         .zip(committed)
         .map(|((c, f), at)| (c, f, at))
         .collect();
+    if run.commits.is_empty() {
+        run.commits = own_rounds(out, start);
+    }
     let kills: Vec<f64> = match kills {
         Some(k) => k.to_vec(),
         None => out
@@ -138,6 +141,43 @@ pub fn observe(out: &JobOutput, kills: Option<&[f64]>) -> Result<RunObs, String>
         .collect();
     run.step_s = (!dt.is_empty()).then(|| dt.iter().sum::<f64>() / dt.len() as f64);
     Ok(run)
+}
+
+/// The uncoordinated policies' checkpoints (`krun: rank R: own checkpoint V safe at L in S s,
+/// ... (no barrier)`), as rounds: round i is every rank's i-th own checkpoint (as many
+/// rounds as the rank with the fewest has), entered as (median of the ranks' seconds to
+/// safe, 0 for the hold, which these lines do not give, and when its last rank's
+/// checkpoint was safe, seconds after `start`). One round costs the job what one
+/// coordinated checkpoint does in the cost per checkpoint the analysis derives.
+fn own_rounds(out: &JobOutput, start: f64) -> Vec<(f64, f64, f64)> {
+    use std::collections::BTreeMap;
+    let mut per_rank: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+    for l in &out.lines {
+        let Some(i) = l.text.find("rank ") else {
+            continue;
+        };
+        let text = &l.text[i..];
+        if !text.contains(": own checkpoint ") || !text.contains("safe at ") {
+            continue;
+        }
+        let rank = text["rank ".len()..]
+            .split(':')
+            .next()
+            .and_then(|r| r.trim().parse::<u64>().ok());
+        let secs = crate::ha::parse::number_after(text, " in ");
+        if let (Some(r), Some(s)) = (rank, secs) {
+            per_rank.entry(r).or_default().push((s, l.at - start));
+        }
+    }
+    let rounds = per_rank.values().map(Vec::len).min().unwrap_or(0);
+    (0..rounds)
+        .map(|i| {
+            let mut secs: Vec<f64> = per_rank.values().map(|v| v[i].0).collect();
+            secs.sort_by(f64::total_cmp);
+            let at = per_rank.values().map(|v| v[i].1).fold(f64::MIN, f64::max);
+            (secs[secs.len() / 2], 0.0, at)
+        })
+        .collect()
 }
 
 /// `N messages` and `B bytes` on a krun line that says `logged`, if any.
@@ -224,6 +264,35 @@ mod tests {
         let s = observe(&o, None).unwrap().step_s.unwrap();
         // Steps 1->2, 2->3, 3->4: (0.1 + 0.7 + 0.1) / 3.
         assert!((s - 0.3).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn the_uncoordinated_policies_checkpoints_count_as_rounds_of_every_rank() {
+        let r = observe(
+            &out(&[
+                (10.0, "heat_ha: rank 0 computing from step 0 at 10.000"),
+                (10.1, "heat_ha: rank 1 computing from step 0 at 10.100"),
+                (
+                    11.0,
+                    "krun: rank 0: own checkpoint 1 safe at L2 in 0.20 s, 1.0 MiB (no barrier)",
+                ),
+                (
+                    11.5,
+                    "krun: rank 1: own checkpoint 1 safe at L2 in 0.40 s, 1.0 MiB (no barrier)",
+                ),
+                (
+                    12.0,
+                    "krun: rank 0: own checkpoint 2 safe at L2 in 0.30 s, 1.0 MiB (no barrier)",
+                ),
+                (14.0, "heat_ha: loop 0..100 in 4.0 s"),
+            ]),
+            None,
+        )
+        .unwrap();
+        // Rank 1 made one checkpoint: one round, done when rank 1's was safe.
+        assert_eq!(r.commits.len(), 1, "{:?}", r.commits);
+        assert!((r.commits[0].0 - 0.4).abs() < 1e-9, "{:?}", r.commits);
+        assert!((r.commits[0].2 - 1.5).abs() < 1e-9, "{:?}", r.commits);
     }
 
     #[test]
