@@ -50,7 +50,10 @@ pub struct BootstrapServer {
 
 impl BootstrapServer {
     /// Listens on `addr` (port 0 picks one) for `size` ranks; each must connect within
-    /// `timeout`, and each round must complete within `timeout`.
+    /// `timeout`. Rounds have no time limit: a job's later rounds (its final barrier) wait
+    /// for its slowest member, hours later maybe; a member that dies closes its connection,
+    /// which ends the round with an error naming it. (A read timeout here made every job
+    /// longer than `timeout` fail at its final barrier.)
     /// The cluster secret comes from the environment ([`ClusterSecret::from_env`]); without
     /// one, the service runs in insecure mode ([`ClusterSecret::insecure`]): any client
     /// may join.
@@ -198,7 +201,8 @@ fn admit_all(
                 (Some(r), _) => eprintln!("krun bootstrap: refusing {}: {r}", j.peer),
                 (None, Err(e)) => eprintln!("krun bootstrap: welcoming rank {}: {e}", j.rank),
                 (None, Ok(())) => {
-                    j.stream.set_read_timeout(Some(timeout)).ok();
+                    // Admitted: rounds wait as long as the job runs (see `start`).
+                    j.stream.set_read_timeout(None).ok();
                     clients[j.rank] = Some((j.stream, j.session));
                     joined += 1;
                 }
@@ -344,6 +348,9 @@ impl BootstrapClient {
             }
             Reply::Gather(_) => return Err(err(format!("{addr} answered the join with a gather"))),
         }
+        // Joined: a round waits for every member, as long as the job runs (see
+        // `BootstrapServer::start`); a service that dies closes the connection.
+        stream.set_read_timeout(None).ok();
         rx.set_max_payload((MAX_BLOB + 8) * size + 16);
         Ok(BootstrapClient {
             stream,
@@ -400,6 +407,33 @@ impl BootstrapClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_may_come_later_than_the_join_timeout() {
+        // A job's final barrier comes long after the start: rounds have no time limit, only
+        // the join does (here 300 ms; the second round starts 1 s later, the last member
+        // reaches the third 1 s after the others).
+        let t = Duration::from_millis(300);
+        let server = BootstrapServer::start_with("127.0.0.1:0", 2, t, None).unwrap();
+        let addr = server.addr();
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut c = BootstrapClient::connect_with(addr, rank, 2, t, None).unwrap();
+                    c.barrier().unwrap();
+                    std::thread::sleep(Duration::from_secs(1));
+                    c.barrier().unwrap();
+                    if rank == 1 {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    c.allgather(b"end").unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![b"end".to_vec(), b"end".to_vec()]);
+        }
+    }
 
     #[test]
     fn allgather_and_barrier_across_threads() {

@@ -33,6 +33,19 @@ pub const REJOIN_HOLD: Duration = Duration::from_secs(110);
 pub const LINK_WAIT: Duration = Duration::from_secs(60);
 /// How long a watcher has to take one order.
 const ORDER_TAKE: Duration = Duration::from_secs(10);
+/// How long a `PeerMoved` keeps being offered to a watcher that did not take it (busy with
+/// an earlier order): a rejoin waits for every running rank to learn the new address, so
+/// dropping it fails the recovery ([`REJOIN_HOLD`] bounds the whole exchange).
+const PEER_MOVED_TAKE: Duration = Duration::from_secs(100);
+
+/// An order's name for a log line (its payload is an address and a ring of bytes).
+fn order_name(order: &NodeToRank) -> String {
+    match order {
+        NodeToRank::PeerMoved { rank, .. } => format!("rank {rank}'s new address (PeerMoved)"),
+        NodeToRank::LogSafe { version } => format!("the log trim at checkpoint {version}"),
+        other => format!("{other:?}"),
+    }
+}
 
 /// A rank's (fabric address, ring) card.
 type Card = (Vec<u8>, Vec<u8>);
@@ -114,17 +127,44 @@ impl NodeSide {
             let (t, rx) = mpsc::channel::<(u32, NodeToRank)>();
             let shared = shared.clone();
             std::thread::spawn(move || {
-                for (rank, order) in rx {
+                // Orders not taken yet that must not be lost (`PeerMoved`), offered again
+                // in turn with the others' orders until their deadline.
+                let mut again: std::collections::VecDeque<(u32, NodeToRank, Instant)> =
+                    Default::default();
+                loop {
+                    let next = if again.is_empty() {
+                        match rx.recv() {
+                            Ok((rank, order)) => {
+                                let until = Instant::now() + PEER_MOVED_TAKE;
+                                (rank, order, until)
+                            }
+                            Err(_) => return,
+                        }
+                    } else {
+                        match rx.try_recv() {
+                            Ok((rank, order)) => (rank, order, Instant::now() + PEER_MOVED_TAKE),
+                            Err(mpsc::TryRecvError::Empty) => again.pop_front().expect("not empty"),
+                            Err(mpsc::TryRecvError::Disconnected) => return,
+                        }
+                    };
+                    let (rank, order, until) = next;
                     let Some(pid) = local_pid(&shared, rank) else {
                         continue;
                     };
-                    if !shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
-                        eprintln!(
-                            "krund: node {}: rank {rank}'s watcher did not take {order:?} in \
-                             {ORDER_TAKE:?}",
-                            shared.me
-                        );
+                    if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
+                        continue;
                     }
+                    let keep = matches!(order, NodeToRank::PeerMoved { .. });
+                    if keep && Instant::now() < until {
+                        again.push_back((rank, order, until));
+                        continue;
+                    }
+                    eprintln!(
+                        "krund: node {}: rank {rank}'s watcher did not take {} in {:?}",
+                        shared.me,
+                        order_name(&order),
+                        if keep { PEER_MOVED_TAKE } else { ORDER_TAKE }
+                    );
                 }
             });
             *tx = Some(t);
