@@ -63,7 +63,7 @@ fn time_command(
     limit: Duration,
 ) -> Result<Option<Vec<f64>>, String> {
     let mut times = Vec::with_capacity(runs);
-    for i in 0..=runs {
+    for i in crate::runs::bar(&format!("launch: {what}"), 0..=runs) {
         let mut cmd = make();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
