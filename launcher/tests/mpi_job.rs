@@ -570,6 +570,10 @@ fn pmix_spawn_fails_at_once_with_not_supported_and_krund_says_so() {
 fn open_mpi_comm_spawn_fails_at_once_and_krund_says_why() {
     let dir = temp_dir("ompi-spawn");
     let prog = build_ompi("spawn", &dir.0);
+    let krund_line = "asked PMIx to spawn processes (1 app(s), ";
+    let unsupported = "PMIx_Spawn / MPI_Comm_spawn is not supported by krun";
+    // Each rank spawns over MPI_COMM_SELF with MPI_ERRORS_RETURN: every one gets the error
+    // back and the job ends normally.
     let (code, out, err) = krun(&[
         "--mpi",
         "pmix",
@@ -578,21 +582,41 @@ fn open_mpi_comm_spawn_fails_at_once_and_krund_says_why() {
         "-n",
         "2",
         prog.to_str().unwrap(),
+        "self",
     ]);
     let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
-    // Bounded (krun() fails the test after JOB_LIMIT): the spawn did not hang, no process
-    // was spawned, and krund named what is not supported.
-    assert!(!out.contains("a spawned process runs"), "{all}");
-    assert!(!out.contains("MPI_Comm_spawn succeeded"), "{all}");
-    assert!(
-        err.contains("asked PMIx to spawn processes")
-            && err.contains("PMIx_Spawn / MPI_Comm_spawn is not supported by krun"),
-        "{all}"
-    );
-    // Open MPI returned the error to the program (MPI_ERRORS_RETURN).
-    assert!(
-        out.contains("spawn: rank 0: MPI_Comm_spawn failed: "),
-        "{all}"
-    );
     assert_eq!(code, 0, "{all}");
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!("spawn: rank {r}: MPI_Comm_spawn failed: ")),
+            "{all}"
+        );
+        assert!(
+            err.contains(&format!("krund: node {r}: rank {r} {krund_line}")),
+            "{all}"
+        );
+    }
+    assert!(err.contains(unsupported), "{all}");
+    assert!(!out.contains("a spawned process runs"), "{all}");
+    // Over MPI_COMM_WORLD with the default handler the failure is fatal: Open MPI aborts
+    // the job at once (bounded: krun() fails the test after JOB_LIMIT), krund said why.
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "2",
+        "-n",
+        "2",
+        prog.to_str().unwrap(),
+        "fatal",
+    ]);
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(
+        err.contains(&format!("krund: node 0: rank 0 {krund_line}")) && err.contains(unsupported),
+        "{all}"
+    );
+    assert!(err.contains("called MPI_Abort"), "{all}");
+    assert!(!out.contains("MPI_Comm_spawn succeeded"), "{all}");
+    assert!(!out.contains("a spawned process runs"), "{all}");
 }

@@ -41,6 +41,7 @@ impl FlushBar {
     }
 
     /// Ranks counted so far (0 in plain mode).
+    #[cfg(test)]
     pub(crate) fn position(&self) -> u64 {
         self.progress.position()
     }
