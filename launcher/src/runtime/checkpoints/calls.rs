@@ -327,6 +327,10 @@ impl PolicyRuntime for HubCalls {
                 rollbacks,
                 ..
             } => {
+                // A checkpoint being flushed is given up by the recovery.
+                if let Some(bar) = self.flush_bar.take() {
+                    bar.finish();
+                }
                 let n = restarts.iter().map(|g| g.ranks.len()).sum::<usize>() + rollbacks.len();
                 self.recovery_bar = Some(crate::progress::Progress::bar(
                     crate::progress::Mode::for_stderr(),
@@ -463,7 +467,8 @@ impl HubCalls {
         if !in_place.is_empty() {
             parts.push(format!(
                 "{} roll back inside their live processes (each re-executes in place, same \
-                 pid, from its own images of {line})",
+                 pid, from its own images of {line}; an MPI job's ranks restart as new \
+                 processes from them instead)",
                 policies::primitives::ranks_phrase(&in_place)
             ));
         }
