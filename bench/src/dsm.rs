@@ -566,7 +566,7 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
     for p in &providers {
         let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut failed = None;
-        for r in 0..runs {
+        for r in crate::runs::bar(&format!("dsm: {p}"), 0..runs) {
             match one_run(p, pages) {
                 Ok(res) => {
                     for (k, v) in res {

@@ -323,7 +323,7 @@ fn paired(setup: &Setup, job: &Job, runs: usize, none: &mut Steady) -> Result<St
         tag: format!("none-for-{}", job.tag),
         ..Job::default()
     };
-    for i in 0..runs {
+    for i in crate::runs::bar(&format!("ha: {}", job.tag), 0..runs) {
         let base = attempt(setup, &format!("{} {i}", plain.tag), |a| {
             one_run(setup, &plain, i * 10 + a, none)
         })?;
@@ -634,7 +634,7 @@ pub fn run(args: HaArgs) -> Result<(), String> {
     println!("failure runs: node 1 SIGKILLed half an interval after the 2nd commit ({runs} each)");
     let mut spare = Vec::new();
     let mut relaunch = Vec::new();
-    for i in 0..runs {
+    for i in crate::runs::bar("ha: failure runs", 0..runs) {
         let base = Job {
             interval_s: Some(interval_a),
             l4: true,

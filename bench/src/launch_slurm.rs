@@ -60,7 +60,7 @@ fn time_runs(
     limit: Duration,
 ) -> Result<Vec<f64>, String> {
     let mut times = Vec::new();
-    for i in 0..=runs {
+    for i in crate::runs::bar(&format!("launch-slurm: {what}"), 0..=runs) {
         let mut cmd = make();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -211,7 +211,7 @@ pub fn run(args: LoggingArgs) -> Result<(), String> {
         .unwrap_or_else(|| report::results_path("logging"));
     let exe = std::env::current_exe().map_err(err)?;
     let (mut off, mut on) = (Vec::new(), Vec::new());
-    for i in 0..runs {
+    for i in crate::runs::bar(&format!("logging: {provider}"), 0..runs) {
         let order = if i % 2 == 0 {
             [false, true]
         } else {

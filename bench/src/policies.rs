@@ -333,7 +333,7 @@ pub fn run(args: PoliciesArgs) -> Result<(), String> {
     );
 
     let mut measured: Vec<Measured> = specs.iter().map(|_| Measured::default()).collect();
-    for round in 0..runs {
+    for round in crate::runs::bar("policies: rounds", 0..runs) {
         println!("round {}/{runs} (load {})", round + 1, ha::uptime());
         for (spec, m) in specs.iter().zip(measured.iter_mut()) {
             let ivals: Vec<f64> = match spec.kind {

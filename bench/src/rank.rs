@@ -522,7 +522,7 @@ pub fn run(args: RankArgs) -> Result<(), String> {
         // Per key, per run: [lib lat us, lib GB/s, raw lat us, raw GB/s].
         let mut samples: Vec<Vec<[f64; 4]>> = vec![Vec::new(); KEYS.len()];
         let mut failed = None;
-        for run in 0..runs {
+        for run in crate::runs::bar(&format!("rank: {name}"), 0..runs) {
             let raw_first = run % 2 == 0;
             let pair = paired_session(&exe, raw_first, name, quick).and_then(|first| {
                 paired_session(&exe, !raw_first, name, quick).map(|second| (first, second))

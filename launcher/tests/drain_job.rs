@@ -3,6 +3,12 @@
 //! checkpoint through the policy, the drained node's ranks restart on another node from it
 //! in the next wiring epoch, the other ranks continue from it, the node leaves, and the
 //! result equals the serial reference.
+//!
+//! MPI jobs (the heat stencil with MPI, rank/examples/mpi/heat_mpi.c, with Open MPI's
+//! PMIx and MPICH's PMI-1): the drain restarts every rank from the drain's checkpoint in a
+//! new MPI incarnation, the drained node's ranks on the remaining nodes; a plain MPI
+//! program (no rank library: no coordinated checkpoint of it) has its drain refused with
+//! the reason and runs on untouched (`runtime/drain.rs`, "MPI jobs").
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -499,4 +505,226 @@ fn a_plain_program_moves_with_criu_and_its_count_continues_on_the_adopting_node(
         );
     }
     assert_eq!(heat_left(&counter), Vec::<u32>::new(), "{err}");
+}
+
+/// Builds rank/examples/mpi/heat_mpi with `mpicc` against libkrun.so into `out`, and the
+/// serial reference (`heat_serial`).
+fn build_heat_mpi(mpicc: &str, out: &Path) -> PathBuf {
+    let lib = target_dir();
+    assert!(
+        lib.join("libkrun.so").exists(),
+        "libkrun.so not found in {} (cargo build --workspace first)",
+        lib.display()
+    );
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(examples.join("mpi"))
+        .arg(format!("MPICC={mpicc}"))
+        .arg(format!("LIBDIR={}", lib.display()))
+        .arg(format!("OUT={}", out.display()))
+        .arg(out.join("heat_mpi"))
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building heat_mpi with {mpicc} (scripts/install-deps.sh installs openmpi and mpich) \
+         failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new("gcc")
+        .args(["-O2", "-ffp-contract=off", "-o"])
+        .arg(out.join("heat_serial"))
+        .arg(examples.join("c/heat_serial.c"))
+        .output()
+        .expect("gcc");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.join("heat_mpi")
+}
+
+/// Waits until the job committed a checkpoint (every rank is wired and linked), at most
+/// 120 s.
+fn wait_committed(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !decisions(dir).is_some_and(|l| l.contains("Committed { version: ")) {
+        assert!(Instant::now() < deadline, "no checkpoint was committed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// heat_mpi with `mpicc` under `--mpi MPI` on 4 nodes of 2 ranks (nodes 0-2 are the
+/// supervisors; node 3, ranks 6-7, can leave), checkpointing every 4 s: node 3 is drained
+/// while it runs. Every rank restarts from the drain's checkpoint as a new process in a new
+/// MPI incarnation, ranks 6-7 on the remaining nodes, and the result equals the serial
+/// reference.
+fn an_mpi_drain_restarts_the_job_without_the_node(mpicc: &str, mpi: &str) {
+    let dir = temp(&format!("mpi-{mpi}"));
+    let heat = build_heat_mpi(mpicc, &dir.0);
+    let want = serial(&dir.0, &GRID);
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "4", "-n", "8", "--mpi", mpi])
+        // Every 4 s, not 2: each checkpoint holds 8 ranks at a barrier, and under load the
+        // job then outlived krun's 120 s node bootstrap read timeout (a job longer than
+        // that ends with "the peer closed the bootstrap connection", see the report).
+        .args(["--checkpoint-interval", "4"])
+        .arg(&heat)
+        .args(GRID)
+        // 400 steps of >= 40 ms: the job still runs when the drain comes.
+        .env("HEAT_STEP_DELAY_US", "40000")
+        // Open MPI's TCP transport between local nodes stays on loopback.
+        .env("OMPI_MCA_btl_tcp_if_include", "lo");
+    let mut job = Job::start(cmd);
+    wait_running(&dir.0, 8);
+    wait_committed(&dir.0);
+    let (ok, said) = node_cmd(&dir.0, &["drain", "3"]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("node 3 left the job (2 rank(s) moved)"),
+        "{said}"
+    );
+    // Ranks 6-7 run elsewhere now; the others where they were.
+    let nodes = rank_nodes(&dir.0).expect("status after the drain");
+    assert_eq!(nodes.len(), 8, "{nodes:?}");
+    assert_eq!(&nodes[..6], &[0, 0, 1, 1, 2, 2], "{nodes:?}");
+    assert!(nodes[6] != 3 && nodes[7] != 3, "{nodes:?}");
+    let log = decisions(&dir.0).expect("decisions.log");
+    assert!(log.contains("DrainStarted { node: 3 }"), "{log}");
+    assert!(log.contains("Drained { node: 3, version: "), "{log}");
+    let (code, out, err) = job.finish(Duration::from_secs(300));
+    let all = format!("exit code {code:?}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, Some(0), "{all}");
+    assert_eq!(checksum(&out).as_deref(), Some(want.as_str()), "{all}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("node 3 drained: "))
+        .unwrap_or_else(|| panic!("no drain line: {all}"));
+    // Both to one node, or one each ("rank 6 moved to node 0 ...; rank 7 moved to ...").
+    assert!(
+        line.contains("ranks 6-7 moved to node ")
+            || (line.contains("rank 6 moved to node ") && line.contains("rank 7 moved to node ")),
+        "{line}"
+    );
+    assert!(
+        line.contains("ranks 0-5 continue from checkpoint "),
+        "{line}"
+    );
+    let version: u64 = line
+        .split("from checkpoint ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint in {line}"));
+    // Every rank restarted from the drain's checkpoint as a new process and wired up again
+    // through MPI (the new incarnation's namespace / KVS).
+    for r in 0..8 {
+        assert!(
+            out.contains(&format!(
+                "heat_mpi: rank {r} restored version {version} at step "
+            )),
+            "rank {r}: {all}"
+        );
+    }
+    assert!(
+        err.contains("restarted with the job (MPI: every rank restarts as a new process"),
+        "{all}"
+    );
+    // A drain is not a failure, and nothing of the old incarnation ended the job.
+    assert!(!err.contains("failed at epoch"), "{all}");
+    assert!(!err.contains("MPI_Abort"), "{all}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new(), "{all}");
+    eprintln!("{line}");
+}
+
+#[test]
+fn draining_a_node_of_an_open_mpi_job_restarts_every_rank_through_pmix_and_the_result_equals_the_serial_reference(
+) {
+    an_mpi_drain_restarts_the_job_without_the_node("mpicc.openmpi", "pmix");
+}
+
+#[test]
+fn draining_a_node_of_an_mpich_job_restarts_every_rank_through_pmi1_and_the_result_equals_the_serial_reference(
+) {
+    an_mpi_drain_restarts_the_job_without_the_node("mpicc.mpich", "pmi1");
+}
+
+/// A plain MPI program (no rank library): marks `DIR/ready.R` once wired, then barriers
+/// every 50 ms for the number of rounds given, and says it is done.
+const PLAIN_MPI_C: &str = r#"
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int rank, size;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (argc != 3) MPI_Abort(MPI_COMM_WORLD, 2);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/ready.%d", argv[1], rank);
+    FILE *f = fopen(path, "w");
+    if (f) fclose(f);
+    long rounds = atol(argv[2]);
+    for (long i = 0; i < rounds; i++) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        usleep(50000);
+    }
+    printf("plain_mpi: rank %d of %d done\n", rank, size);
+    MPI_Finalize();
+    return 0;
+}
+"#;
+
+#[test]
+fn draining_a_node_of_an_mpi_job_that_cannot_checkpoint_is_refused_and_the_job_runs_on() {
+    let dir = temp("mpi-refused");
+    let src = dir.0.join("plain_mpi.c");
+    std::fs::write(&src, PLAIN_MPI_C).unwrap();
+    let prog = dir.0.join("plain_mpi");
+    let o = Command::new("mpicc.openmpi")
+        .args(["-O2", "-o"])
+        .arg(&prog)
+        .arg(&src)
+        .output()
+        .expect("mpicc.openmpi (scripts/install-deps.sh installs openmpi)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "4", "-n", "4", "--mpi", "pmix"])
+        .arg(&prog)
+        .arg(&dir.0)
+        // 300 rounds of >= 50 ms: still running when the drain comes.
+        .arg("300")
+        .env("OMPI_MCA_btl_tcp_if_include", "lo");
+    let mut job = Job::start(cmd);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(0..4).all(|r| dir.0.join(format!("ready.{r}")).exists()) {
+        assert!(Instant::now() < deadline, "the MPI ranks never wired up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let (ok, said) = node_cmd(&dir.0, &["drain", "3"]);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("node 3 runs MPI rank 3 that do(es) not use krun's rank library")
+            && said.contains("nothing was moved"),
+        "{said}"
+    );
+    eprintln!(
+        "refused in {:?}: {}",
+        started.elapsed(),
+        said.lines().last().unwrap_or("")
+    );
+    // Nothing moved, and the job goes on to its end.
+    assert_eq!(rank_nodes(&dir.0), Some(vec![0, 1, 2, 3]));
+    let (code, out, err) = job.finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{out}{err}");
+    for r in 0..4 {
+        assert!(
+            out.contains(&format!("plain_mpi: rank {r} of 4 done")),
+            "{out}{err}"
+        );
+    }
+    assert!(!err.contains("drained"), "{err}");
 }

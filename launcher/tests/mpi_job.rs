@@ -59,8 +59,14 @@ fn build_with(mpicc: &str, program: &str, out: &Path) -> PathBuf {
 
 /// Runs krun with `args`; kills it after [`JOB_LIMIT`]. Returns (exit code, stdout, stderr).
 fn krun(args: &[&str]) -> (i32, String, String) {
+    krun_with(args, &[])
+}
+
+/// [`krun`] with extra environment variables.
+fn krun_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_krun"))
         .args(args)
+        .envs(env.iter().copied())
         .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
         // Open MPI's TCP transport between local nodes stays on loopback (its default
         // excludes it and takes the host's interfaces).
@@ -467,4 +473,150 @@ fn a_rank_inherits_only_its_pmi_socket() {
         assert_eq!(extra[0].0, pmi, "rank {r}: {extra:?}");
         assert!(extra[0].1.starts_with("socket:"), "rank {r}: {extra:?}");
     }
+}
+
+#[test]
+fn a_pmix_fence_over_part_of_the_job_collects_its_ranks_data_across_nodes() {
+    let dir = temp_dir("pmix-group");
+    // OpenPMIx's client library directly (rank/examples/mpi/pmix_client.c).
+    let prog = build_with("mpicc.openmpi", "pmix_client", &dir.0);
+    // Ranks 0-1 on node 0, 2-3 on node 1, 4-5 on node 2: the group {0, 1, 4} spans nodes 0
+    // and 2; node 1 takes no part.
+    let (code, out, err) = krun_with(
+        &[
+            "--mpi",
+            "pmix",
+            "--local",
+            "3",
+            "-n",
+            "6",
+            prog.to_str().unwrap(),
+            "group",
+        ],
+        &[("KRUN_PMIX_TRACE", "1")],
+    );
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, 0, "{all}");
+    for r in [0, 1, 4] {
+        assert!(
+            out.contains(&format!(
+                "pmix_client: rank {r} got the group's keys after a fence over ranks 0,1,4"
+            )),
+            "{all}"
+        );
+    }
+    for r in 0..6 {
+        assert!(
+            out.contains(&format!("pmix_client: rank {r} of 6 done")),
+            "{all}"
+        );
+    }
+    // The group's nodes took part in its fence (once each), the other node did not.
+    for node in [0, 2] {
+        assert_eq!(
+            err.matches(&format!(
+                "krund: node {node}: PMIx fence 1 over ranks [0, 1, 4]"
+            ))
+            .count(),
+            1,
+            "{all}"
+        );
+    }
+    assert!(
+        !err.contains("krund: node 1: PMIx fence 1 over ranks"),
+        "{all}"
+    );
+    assert!(!err.contains("not supported"), "{all}");
+}
+
+#[test]
+fn pmix_spawn_fails_at_once_with_not_supported_and_krund_says_so() {
+    let dir = temp_dir("pmix-spawn");
+    let prog = build_with("mpicc.openmpi", "pmix_client", &dir.0);
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "2",
+        "-n",
+        "4",
+        prog.to_str().unwrap(),
+        "spawn",
+    ]);
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    // The spawn failed (the job went on: every rank fenced and finished).
+    assert_eq!(code, 0, "{all}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("pmix_client: rank 0: PMIx_Spawn returned "))
+        .unwrap_or_else(|| panic!("no spawn status: {all}"));
+    assert!(line.contains("NOT-SUPPORTED"), "{line}");
+    for r in 0..4 {
+        assert!(
+            out.contains(&format!("pmix_client: rank {r} of 4 done")),
+            "{all}"
+        );
+    }
+    assert!(
+        err.contains(
+            "krund: node 0: rank 0 asked PMIx to spawn processes (1 app(s), /bin/true): \
+             PMIx_Spawn / MPI_Comm_spawn is not supported by krun"
+        ),
+        "{all}"
+    );
+}
+
+#[test]
+fn open_mpi_comm_spawn_fails_at_once_and_krund_says_why() {
+    let dir = temp_dir("ompi-spawn");
+    let prog = build_ompi("spawn", &dir.0);
+    let krund_line = "asked PMIx to spawn processes (1 app(s), ";
+    let unsupported = "PMIx_Spawn / MPI_Comm_spawn is not supported by krun";
+    // Each rank spawns over MPI_COMM_SELF with MPI_ERRORS_RETURN: every one gets the error
+    // back and the job ends normally.
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "2",
+        "-n",
+        "2",
+        prog.to_str().unwrap(),
+        "self",
+    ]);
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, 0, "{all}");
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!("spawn: rank {r}: MPI_Comm_spawn failed: ")),
+            "{all}"
+        );
+        assert!(
+            err.contains(&format!("krund: node {r}: rank {r} {krund_line}")),
+            "{all}"
+        );
+    }
+    assert!(err.contains(unsupported), "{all}");
+    assert!(!out.contains("a spawned process runs"), "{all}");
+    // Over MPI_COMM_WORLD with the default handler the failure is fatal: Open MPI aborts
+    // the job at once (bounded: krun() fails the test after JOB_LIMIT), krund said why.
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "2",
+        "-n",
+        "2",
+        prog.to_str().unwrap(),
+        "fatal",
+    ]);
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(
+        err.contains(&format!("krund: node 0: rank 0 {krund_line}")) && err.contains(unsupported),
+        "{all}"
+    );
+    assert!(err.contains("called MPI_Abort"), "{all}");
+    assert!(!out.contains("MPI_Comm_spawn succeeded"), "{all}");
+    assert!(!out.contains("a spawned process runs"), "{all}");
 }

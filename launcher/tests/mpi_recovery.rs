@@ -217,6 +217,19 @@ fn recovers_onto_the_spare(mpicc: &str, tag: &str, mpi: &str) {
             err.contains("is an MPI rank: restarted as a new process instead of rolling back"),
             "{all}"
         );
+        // krun's line for each survivor says why, as its node did: restarted on purpose
+        // with the job, not "could not roll back inside its process (gone or ...)".
+        assert!(
+            err.contains(
+                "restarted with the job (MPI: every rank restarts as a new process in a new \
+                 MPI incarnation): restarted on node "
+            ),
+            "{all}"
+        );
+        assert!(
+            !err.contains("could not roll back inside its process"),
+            "{all}"
+        );
     }
 }
 

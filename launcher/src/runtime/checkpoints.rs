@@ -66,6 +66,7 @@ type Driven = Engine<Box<dyn Policy + Send>, HubCalls>;
 pub type BoxedPolicy = Box<dyn Policy + Send>;
 
 mod calls;
+mod flush_bar;
 mod settings;
 mod translate;
 pub mod uncoordinated;
@@ -188,6 +189,8 @@ impl CheckpointDriver {
             phases,
             drain: Default::default(),
             recovery_bar: None,
+            flush_bar: None,
+            commit_level: level,
             decisions: Vec::new(),
             view,
             spares,
@@ -379,6 +382,8 @@ mod tests {
             phases: PhaseGate::default(),
             drain: Default::default(),
             recovery_bar: None,
+            flush_bar: None,
+            commit_level: Level::L2,
             decisions: Vec::new(),
             view: AgreedView::new(0, vec![0, 1, 2]),
             spares: Vec::new(),

@@ -138,6 +138,11 @@ pub enum NodeToLauncher {
         fetched: u64,
         seconds: f64,
         in_place: bool,
+        /// Why a new process was started (the node's reason, e.g.
+        /// [`super::recovery::NEW_WITH_MPI_JOB`]); `None` when rolled back in place or
+        /// when the node said nothing.
+        #[serde(default)]
+        new_because: Option<String>,
     },
     /// (To `Restart { wiring, .. }`) `rank` could not be started here.
     RestartFailed {

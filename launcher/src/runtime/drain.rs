@@ -22,6 +22,22 @@
 //!
 //! Jobs without a policy (no program run by krun's ranks) keep the older native move
 //! (`runtime/migrate.rs`).
+//!
+//! # MPI jobs
+//! MPI cannot follow a rank moved into another process of the same incarnation (its
+//! peers' connections and the PMI key-value space name the old process), so the drain of
+//! a job whose ranks use MPI (its nodes' PMI-1/PMIx servers saw a rank initialise, or krun
+//! saw a fence: `--mpi pmix|pmi1|both`) never takes the native move: it always goes
+//! through the policy as above, and that recovery restarts **every** rank as a new process
+//! from the drain's checkpoint in a new wiring epoch, which is a new MPI incarnation
+//! (`runtime/mpi_recovery.rs`: a new PMIx namespace / PMI-1 KVS with the new placement,
+//! the drained node's ranks on a spare or the remaining nodes). The program checkpoints as
+//! for a recovery (`krun_register` + `krun_safepoint` after an `MPI_Barrier`,
+//! `rank/examples/mpi/heat_mpi.c`). When that cannot be done the drain is refused before
+//! anything moves ([`mpi_refusal`]): the job has no checkpoint policy, or the drained
+//! node's ranks do not use the rank library (a plain MPI program: no coordinated
+//! checkpoint of it can be taken). A policy that does not drain (the uncoordinated one)
+//! refuses by itself.
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
@@ -111,6 +127,40 @@ impl DrainWaiter {
             )));
         }
     }
+}
+
+/// Why the drain of `node` in a job whose ranks use MPI cannot be carried out, if it cannot:
+/// `policy`: the job runs a checkpoint policy; `running`: the ranks running on `node`;
+/// `linked`: those of them that said hello through the rank library.
+pub fn mpi_refusal(node: NodeId, policy: bool, running: &[u64], linked: &[u64]) -> Option<String> {
+    if running.is_empty() {
+        return None;
+    }
+    let ranks =
+        policies::primitives::ranks_phrase(&running.iter().map(|&r| r as u32).collect::<Vec<_>>());
+    let why = "MPI cannot follow a rank moved into another process of the same job, so the \
+               drain of an MPI job restarts every rank from a coordinated checkpoint in a new \
+               MPI incarnation";
+    if !policy {
+        return Some(format!(
+            "node {node} runs MPI {ranks}: {why}, and this job runs no checkpoint policy to \
+             take one; nothing was moved"
+        ));
+    }
+    let unlinked: Vec<u32> = running
+        .iter()
+        .filter(|r| !linked.contains(r))
+        .map(|&r| r as u32)
+        .collect();
+    if !unlinked.is_empty() {
+        return Some(format!(
+            "node {node} runs MPI {} that do(es) not use krun's rank library (krun_register and \
+             krun_safepoint, as rank/examples/mpi/heat_mpi.c): {why}, and no coordinated \
+             checkpoint of them can be taken; nothing was moved",
+            policies::primitives::ranks_phrase(&unlinked)
+        ));
+    }
+    None
 }
 
 /// Asks the policy to move `node`'s ranks away and waits (at most [`DRAIN_TIMEOUT`]).
@@ -329,6 +379,25 @@ mod tests {
 
     fn notice(kind: NoticeKind) -> Notice {
         Notice { at: 0, kind }
+    }
+
+    #[test]
+    fn an_mpi_drain_is_refused_without_a_policy_or_with_ranks_the_policy_cannot_checkpoint() {
+        let no_policy = mpi_refusal(3, false, &[6, 7], &[6, 7]).unwrap();
+        assert!(
+            no_policy.contains("node 3 runs MPI ranks 6-7")
+                && no_policy.contains("runs no checkpoint policy")
+                && no_policy.contains("nothing was moved"),
+            "{no_policy}"
+        );
+        let plain = mpi_refusal(3, true, &[6, 7], &[6]).unwrap();
+        assert!(
+            plain.contains("MPI rank 7 that do(es) not use krun's rank library"),
+            "{plain}"
+        );
+        assert_eq!(mpi_refusal(3, true, &[6, 7], &[7, 6]), None);
+        // A node without ranks (a spare) leaves as ever.
+        assert_eq!(mpi_refusal(3, false, &[], &[]), None);
     }
 
     #[test]

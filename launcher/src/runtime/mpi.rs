@@ -76,6 +76,15 @@ pub enum PmiToLauncher {
         ranks: Vec<u32>,
         data: FenceData,
     },
+    /// PMIx: every local rank of the node among `group` (a part of the job's ranks,
+    /// ascending) entered the node's fence `seq` over that group (numbered per group from
+    /// 1); `data` is the node's blob for it. Nodes with no rank in the group take no part.
+    GroupFence {
+        group: Vec<u32>,
+        seq: u64,
+        ranks: Vec<u32>,
+        data: FenceData,
+    },
     /// `rank` called abort (MPI_Abort) with `code`.
     Abort { wire: Wire, rank: u32, code: i32 },
     /// `rank` exited with `code` without finalize; `initialized`: it had called init (of
@@ -115,6 +124,19 @@ pub enum PmiToNode {
     /// Fence `seq` of `wire` cannot complete (krun ends the job).
     FenceFailed {
         wire: Wire,
+        seq: u64,
+        reason: String,
+    },
+    /// PMIx fence `seq` over `group` completed: the contributions of the nodes that hold
+    /// the group's ranks.
+    GroupFenced {
+        group: Vec<u32>,
+        seq: u64,
+        data: FenceData,
+    },
+    /// PMIx fence `seq` over `group` cannot complete (krun ends the job).
+    GroupFenceFailed {
+        group: Vec<u32>,
         seq: u64,
         reason: String,
     },

@@ -45,11 +45,17 @@
 //!   `krun_checkpoint()` is not a commit of the coordinated policy (the policy numbers its
 //!   own versions), so it is no recovery line.
 //!
+//! # Drains
+//! `krun node drain N` of an MPI job follows the same contract: the policy takes a
+//! coordinated checkpoint, then restarts every rank from it in a new incarnation, the
+//! drained node's ranks placed on a spare or the remaining nodes; ranks are never moved
+//! one by one into the same incarnation. A job that cannot do this (no checkpoint policy,
+//! or ranks that do not use the rank library) has its drain refused with the reason
+//! (`runtime/drain.rs`, "MPI jobs").
+//!
 //! # Limits
 //! A retried restart of some ranks (not all) joins the current incarnation; an MPI job
-//! recovers only through whole-job restarts. Ranks moved by a drain (`krun node drain`)
-//! keep running in the same incarnation, which MPI cannot follow: draining an MPI job's
-//! node is not supported.
+//! recovers only through whole-job restarts.
 use std::sync::atomic::Ordering;
 
 use adaptation::NodeId;

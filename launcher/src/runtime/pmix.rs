@@ -16,6 +16,14 @@
 //!   blob goes to krun; krun's answer completes it), a direct modex request (routed through
 //!   krun to the node that holds the rank, which asks its library with
 //!   `PMIx_server_dmodex_request`). Every callback catches panics: none crosses into C.
+//! - A fence over a part of the job (`PMIx_Fence` with some of the job's procs) is
+//!   gathered like a whole-job one, keyed by its group and numbered per group: only the
+//!   nodes that hold the group's ranks take part, and krun completes it once all of them
+//!   did ([`PmiToLauncher::GroupFence`]). A fence with another namespace's procs is
+//!   answered `PMIX_ERR_NOT_SUPPORTED` at once, with a line on stderr.
+//! - `PMIx_Spawn` (`MPI_Comm_spawn`) is not supported: the spawn upcall answers
+//!   `PMIX_ERR_NOT_SUPPORTED` at once and says so on stderr, so the caller gets an error
+//!   instead of waiting.
 //! - A recovery that restarts every rank ([`RankWatch::reincarnate`],
 //!   `runtime/mpi_recovery.rs`) registers a new namespace, `krun.<job>.w<wiring>`, with the
 //!   new placement (a spare's ranks included) and this node's new ranks as clients; the
@@ -80,6 +88,10 @@ struct State {
     next_fence: u64,
     /// Fences waiting for krun's answer.
     fences: HashMap<u64, Pending>,
+    /// Fences over a part of the job: the next number per group (from 1), and those
+    /// waiting for krun's answer.
+    next_group_fence: HashMap<Vec<u32>, u64>,
+    group_fences: HashMap<(Vec<u32>, u64), Pending>,
     next_ask: u64,
     /// Direct modex requests waiting for another node's answer.
     asks: HashMap<u64, Pending>,
@@ -252,6 +264,8 @@ impl PmixServer {
         st.layout = layout;
         st.next_fence = 1;
         st.fences.clear();
+        st.next_group_fence.clear();
+        st.group_fences.clear();
         st.asks.clear();
     }
 
@@ -438,16 +452,30 @@ impl PmixServer {
             // An older incarnation's ranks (being stopped by a recovery).
             return status(sys::PMIX_ERR_NOT_SUPPORTED as u32);
         }
-        let whole = spaces.iter().all(|s| *s == layout.nspace)
-            && (procs.iter().any(|p| p.rank == sys::RANK_WILDCARD)
-                || procs.len() == layout.placement.len());
-        if !whole {
+        if spaces.iter().any(|s| *s != layout.nspace) {
             eprintln!(
-                "krund: node {}: a PMIx fence over a part of the job ({} procs) is not served",
+                "krund: node {}: a PMIx fence with processes of another namespace ({}) is \
+                 not supported: krun serves one job (namespace {}); answered \
+                 PMIX_ERR_NOT_SUPPORTED",
                 self.node,
-                procs.len()
+                spaces
+                    .iter()
+                    .filter(|s| **s != layout.nspace)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                layout.nspace
             );
             return status(sys::PMIX_ERR_NOT_SUPPORTED as u32);
+        }
+        let mut group: Vec<u32> = procs.iter().map(|p| p.rank).collect();
+        group.sort_unstable();
+        group.dedup();
+        let whole = group.contains(&sys::RANK_WILDCARD)
+            || (group.len() == layout.placement.len()
+                && group.iter().all(|&r| (r as usize) < layout.placement.len()));
+        if !whole {
+            return self.group_fence(&layout, group, data, pending);
         }
         let seq = {
             let mut st = self.state.lock().expect("pmix lock");
@@ -463,6 +491,55 @@ impl PmixServer {
         (self.tell)(PmiToLauncher::Fence {
             seq,
             ranks: layout.local.clone(),
+            data: FenceData::Blobs(vec![data.to_vec()]),
+        });
+        SUCCESS
+    }
+
+    /// A fence over `group`, a part of the job's ranks: the node's blob (the library
+    /// packs only the group's local ranks) goes to krun, which completes it once every
+    /// node holding a rank of the group took part.
+    fn group_fence(
+        &self,
+        layout: &Layout,
+        group: Vec<u32>,
+        data: &[u8],
+        pending: Pending,
+    ) -> sys::pmix_status_t {
+        if let Some(bad) = group
+            .iter()
+            .find(|&&r| r as usize >= layout.placement.len())
+        {
+            eprintln!(
+                "krund: node {}: a PMIx fence names rank {bad}, not a rank of the job ({} \
+                 ranks); answered PMIX_ERR_BAD_PARAM",
+                self.node,
+                layout.placement.len()
+            );
+            return status(sys::PMIX_ERR_BAD_PARAM as u32);
+        }
+        let ranks: Vec<u32> = layout
+            .local
+            .iter()
+            .copied()
+            .filter(|r| group.contains(r))
+            .collect();
+        let seq = {
+            let mut st = self.state.lock().expect("pmix lock");
+            let next = st.next_group_fence.entry(group.clone()).or_insert(1);
+            let seq = *next;
+            *next += 1;
+            st.group_fences.insert((group.clone(), seq), pending);
+            seq
+        };
+        self.trace(format_args!(
+            "fence {seq} over ranks {group:?}: {} bytes of the node's data",
+            data.len()
+        ));
+        (self.tell)(PmiToLauncher::GroupFence {
+            group,
+            seq,
+            ranks,
             data: FenceData::Blobs(vec![data.to_vec()]),
         });
         SUCCESS
@@ -532,6 +609,30 @@ impl RankWatch for PmixServer {
                 ..
             } => {
                 let _ = self.state.lock().expect("pmix lock").fences.remove(&seq);
+            }
+            PmiToNode::GroupFenced {
+                group,
+                seq,
+                data: FenceData::Blobs(blobs),
+            } => {
+                let pending = self
+                    .state
+                    .lock()
+                    .expect("pmix lock")
+                    .group_fences
+                    .remove(&(group, seq));
+                if let Some(p) = pending {
+                    p.complete(SUCCESS, blobs.concat());
+                }
+            }
+            // As a whole-job fence that fails: the job ends.
+            PmiToNode::GroupFenceFailed { group, seq, .. } => {
+                let _ = self
+                    .state
+                    .lock()
+                    .expect("pmix lock")
+                    .group_fences
+                    .remove(&(group, seq));
             }
             PmiToNode::DmodexAsk { from, id, rank } => self.dmodex_ask(from, id, rank),
             PmiToNode::DmodexData { id, data } => {

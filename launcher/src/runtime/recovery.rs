@@ -274,13 +274,14 @@ pub fn restart(
     for &(rank, node) in ranks.iter().filter(|(_, n)| *n == me) {
         let started = Instant::now();
         let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
-            Ok((pid, fetched, in_place)) => NodeToLauncher::Restarted {
+            Ok((pid, fetched, new_because)) => NodeToLauncher::Restarted {
                 wiring,
                 rank,
                 pid,
                 fetched,
                 seconds: started.elapsed().as_secs_f64(),
-                in_place,
+                in_place: new_because.is_none(),
+                new_because,
             },
             Err(reason) => {
                 eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
@@ -295,6 +296,13 @@ pub fn restart(
     }
 }
 
+/// What a rank that could have rolled back in place was restarted as a new process for
+/// (the node's reason, carried by `Restarted::new_because` to krun's line).
+pub const NEW_WITH_MPI_JOB: &str =
+    "restarted with the job (MPI: every rank restarts as a new process in a new MPI incarnation)";
+
+/// Restarts or rolls back `rank`: its pid, the bytes fetched, and why it is a new process
+/// (`None`: rolled back inside its live process).
 fn restart_one(
     shared: &Shared,
     agent: &AgentSlot,
@@ -302,16 +310,24 @@ fn restart_one(
     bootstrap: &str,
     version: Option<u64>,
     rank: u32,
-) -> Result<(u32, u64, bool), String> {
-    let live = shared
+) -> Result<(u32, u64, Option<String>), String> {
+    let alive_pid = shared
         .local_ranks
         .lock()
         .expect("ranks lock")
         .get(&u64::from(rank))
         .copied()
-        .filter(|&pid| alive(pid))
-        // An MPI rank restarts as a new process (`runtime/mpi_recovery.rs`).
-        .filter(|&pid| super::mpi_recovery::may_roll_back_in_place(shared, rank, pid));
+        .filter(|&pid| alive(pid));
+    // An MPI rank restarts as a new process (`runtime/mpi_recovery.rs`).
+    let live =
+        alive_pid.filter(|&pid| super::mpi_recovery::may_roll_back_in_place(shared, rank, pid));
+    let mut new_because = if super::mpi_recovery::restarts_as_new(shared) {
+        NEW_WITH_MPI_JOB.to_string()
+    } else if alive_pid.is_none() {
+        "could not roll back inside its process (it was gone)".to_string()
+    } else {
+        String::new()
+    };
     if let (Some(_), Some(v)) = (live, version) {
         // An own checkpoint older than the newest full image (the checkpointer keeps its
         // files from there on, as under the uncoordinated policy's recovery lines): its
@@ -342,8 +358,12 @@ fn restart_one(
             version,
         };
         if shared.watchers.order(rank, pid, order, ORDER_TIMEOUT) {
-            return Ok((pid, 0, true));
+            return Ok((pid, 0, None));
         }
+        new_because = format!(
+            "could not roll back inside its process (it did not take the order within \
+             {ORDER_TIMEOUT:?}: not watching)"
+        );
         eprintln!(
             "krund: node {}: rank {rank} (pid {pid}) did not take its rollback order in \
              {ORDER_TIMEOUT:?}: restarting it as a new process",
@@ -407,7 +427,7 @@ fn restart_one(
     let pid = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| "the rank runner did not answer".to_string())??;
-    Ok((pid, fetched, false))
+    Ok((pid, fetched, Some(new_because)))
 }
 
 #[cfg(test)]

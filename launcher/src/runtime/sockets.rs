@@ -107,6 +107,15 @@ fn node_status(
         unanswered,
         store,
         newest_safe,
+        mpi: super::mpi_recovery::restarts_as_new(&table.shared),
+        linked: table
+            .shared
+            .linked_ranks
+            .lock()
+            .expect("linked lock")
+            .iter()
+            .copied()
+            .collect(),
     })
 }
 

@@ -50,6 +50,14 @@ pub struct NodeStatus {
     pub store: Vec<LevelUse>,
     /// Newest checkpoint safe per level (empty until the store fills it).
     pub newest_safe: Vec<SafeCheckpoint>,
+    /// The answering node's ranks use MPI: its MPI servers saw a rank initialise (PMI-1
+    /// `init` or a PMIx client), `runtime/mpi_recovery.rs`.
+    #[serde(default)]
+    pub mpi: bool,
+    /// The answering node's ranks that said hello through the rank library (the policy can
+    /// checkpoint them).
+    #[serde(default)]
+    pub linked: Vec<u64>,
 }
 
 /// `krun status --json`: the job and the answer of the first node that gave one.

@@ -361,6 +361,7 @@ pub fn start(shared: &Shared, agent: &AgentSlot, order: (u64, u32, u64, u32)) {
             fetched,
             seconds: started.elapsed().as_secs_f64(),
             in_place: false,
+            new_because: Some("rejoins the running ranks".into()),
         },
         Err(reason) => {
             eprintln!("krund: node {}: rejoin of rank {rank}: {reason}", shared.me);

@@ -116,6 +116,10 @@ pub(super) struct HubCalls {
     pub(super) drain: super::super::drain::DrainWaiter,
     /// The recovery in progress, shown to the user: ranks restored of those planned.
     pub(super) recovery_bar: Option<crate::progress::Progress>,
+    /// The checkpoint being flushed to the commit level, shown to the user.
+    pub(super) flush_bar: Option<super::flush_bar::FlushBar>,
+    /// The level a checkpoint commits at.
+    pub(super) commit_level: Level,
     /// Every decision recorded, in order (a swapped-in policy resumes from them).
     pub(super) decisions: Vec<Decision>,
     /// The newest agreed view.
@@ -217,6 +221,15 @@ impl PolicyRuntime for HubCalls {
         let native = self.native_newest + 1;
         self.versions.insert(native, version);
         self.capturing = Some((op, version, native, Instant::now()));
+        if let Some(old) = self.flush_bar.take() {
+            old.finish();
+        }
+        self.flush_bar = super::flush_bar::FlushBar::start(
+            crate::progress::Mode::for_stderr(),
+            version,
+            self.commit_level,
+            self.placement.len(),
+        );
         self.barrier = None;
         self.phases.reached(Phase::CheckpointCapture);
         (self.send)(&LauncherToNode::Release {
@@ -318,6 +331,10 @@ impl PolicyRuntime for HubCalls {
                 rollbacks,
                 ..
             } => {
+                // A checkpoint being flushed is given up by the recovery.
+                if let Some(bar) = self.flush_bar.take() {
+                    bar.finish();
+                }
                 let n = restarts.iter().map(|g| g.ranks.len()).sum::<usize>() + rollbacks.len();
                 self.recovery_bar = Some(crate::progress::Progress::bar(
                     crate::progress::Mode::for_stderr(),
@@ -328,6 +345,14 @@ impl PolicyRuntime for HubCalls {
             NoticeKind::Recovered { .. } | NoticeKind::JobEnded { .. } => {
                 if let Some(bar) = self.recovery_bar.take() {
                     bar.finish(None);
+                }
+                if let Some(bar) = self.flush_bar.take() {
+                    bar.finish();
+                }
+            }
+            NoticeKind::CheckpointCommitted { .. } | NoticeKind::CheckpointAborted { .. } => {
+                if let Some(bar) = self.flush_bar.take() {
+                    bar.finish();
                 }
             }
             _ => {}
@@ -446,7 +471,8 @@ impl HubCalls {
         if !in_place.is_empty() {
             parts.push(format!(
                 "{} roll back inside their live processes (each re-executes in place, same \
-                 pid, from its own images of {line})",
+                 pid, from its own images of {line}; an MPI job's ranks restart as new \
+                 processes from them instead)",
                 policies::primitives::ranks_phrase(&in_place)
             ));
         }

@@ -89,6 +89,7 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 fetched,
                 seconds,
                 in_place,
+                new_because,
             } => {
                 let w = calls.wiring.as_ref().filter(|w| w.epoch == wiring)?;
                 let (node, planned) = *w.ranks.get(&rank)?;
@@ -96,10 +97,7 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                     bar.inc(1);
                 }
                 if matches!(planned, Planned::Rollback(..)) && !in_place {
-                    crate::progress::line(&format!(
-                        "krun: rank {rank} could not roll back inside its process (gone or \
-                         not watching): restarted on node {node} as a new process (pid {pid})"
-                    ));
+                    crate::progress::line(&rollback_line(rank, node, pid, new_because));
                 }
                 if fetched > 0 {
                     crate::progress::line(&format!(
@@ -175,6 +173,9 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 let pv = *calls.versions.get(&version)?;
                 let level = level_of(level)?;
                 copies.add(rank, pv, level, None);
+                if let Some(bar) = calls.flush_bar.as_mut() {
+                    bar.safe(rank, pv, level);
+                }
                 Some(Event::LevelSafe {
                     rank,
                     version: pv,
@@ -203,5 +204,38 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
             | NodeToLauncher::Rejoining { .. }
             | NodeToLauncher::ChannelCounts { .. } => None,
         },
+    }
+}
+
+/// krun's line for a rank the policy rolled back that its node restarted as a new process,
+/// with the node's reason (an MPI rank restarts with the whole job; another was gone or
+/// did not take the order).
+fn rollback_line(rank: u32, node: NodeId, pid: u32, why: Option<String>) -> String {
+    let why = why.filter(|w| !w.is_empty()).unwrap_or_else(|| {
+        "could not roll back inside its process (gone or not watching)".to_string()
+    });
+    format!("krun: rank {rank} {why}: restarted on node {node} as a new process (pid {pid})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rollback_line_says_what_the_node_said() {
+        let mpi = rollback_line(
+            2,
+            1,
+            77,
+            Some(crate::runtime::recovery::NEW_WITH_MPI_JOB.to_string()),
+        );
+        assert_eq!(
+            mpi,
+            "krun: rank 2 restarted with the job (MPI: every rank restarts as a new process in \
+             a new MPI incarnation): restarted on node 1 as a new process (pid 77)"
+        );
+        assert!(!mpi.contains("could not roll back"));
+        // An older node says nothing: the line says what it can.
+        assert!(rollback_line(2, 1, 77, None).contains("could not roll back inside its process"));
     }
 }

@@ -838,6 +838,7 @@ mod tests {
                 fetched: 0,
                 seconds: 0.5,
                 in_place: false,
+                new_because: None,
             },
         );
         assert!(matches!(

@@ -193,10 +193,14 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
     }
     let mut moved = Vec::new();
     let policy = inner.policy.lock().expect("policy lock").clone();
+    // An MPI job's ranks never move one by one: the whole job restarts from the policy's
+    // checkpoint in a new MPI incarnation, or the drain is refused (runtime/drain.rs).
+    let mpi = uses_mpi(inner, node, &status, policy.is_some())?;
     // Ranks of ghost's native checkpointer that do not use the fabric move one by one
     // (captured, then adopted); the others move through the policy's checkpoint and a planned
     // recovery (runtime/drain.rs).
-    let native = inner.nodes_with_ranks.contains(&node)
+    let native = !mpi
+        && inner.nodes_with_ranks.contains(&node)
         && (policy.is_none() || natively_movable(inner, node, &status).is_ok());
     if native {
         moved = move_ranks(inner, node, &members, &via, &status)?;
@@ -225,6 +229,58 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
         }
     }
     Err(last)
+}
+
+/// Whether the job's ranks use MPI (krun saw MPI activity, or the staying member or the
+/// drained node says its ranks initialised MPI); an error when such a drain cannot be
+/// carried out ([`crate::runtime::drain::mpi_refusal`]).
+fn uses_mpi(
+    inner: &Inner,
+    node: NodeId,
+    status: &crate::runtime::status::NodeStatus,
+    policy: bool,
+) -> std::result::Result<bool, String> {
+    let source = {
+        let st = inner.state.lock().expect("hub lock");
+        st.links
+            .get(&node)
+            .map(|l| l.addresses.clone())
+            .ok_or_else(|| format!("node {node} is not linked"))?
+    };
+    let own = control::call::<_, ControlReply>(
+        &ControlTarget::Tcp(source.control_tcp.clone()),
+        &inner.secret,
+        &ControlRequest::Status,
+        Duration::from_secs(30),
+    );
+    let own = match own {
+        Ok(ControlReply::Status(s)) => Ok(s),
+        Ok(ControlReply::Refused(why)) => Err(why),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    let used = inner.pmi.lock().expect("pmi lock").used()
+        || status.mpi
+        || own.as_ref().is_ok_and(|s| s.mpi);
+    if !used {
+        return Ok(false);
+    }
+    let own = own.map_err(|why| {
+        format!(
+            "node {node} runs MPI ranks and did not say which of them use the rank library \
+             ({why}); nothing was moved"
+        )
+    })?;
+    let running: Vec<u64> = status
+        .ranks
+        .iter()
+        .filter(|r| r.node == node && r.state == crate::runtime::table::RankState::Running)
+        .map(|r| r.rank)
+        .collect();
+    match crate::runtime::drain::mpi_refusal(node, policy, &running, &own.linked) {
+        Some(why) => Err(why),
+        None => Ok(true),
+    }
 }
 
 /// Asks a node's control socket; its `Done` text, or why not.

@@ -31,6 +31,8 @@ const FENCE_FAILED: &str = " cannot complete: ";
 pub struct Coordinator {
     size: u32,
     fences: BTreeMap<(Wire, u64), Gathering>,
+    /// PMIx fences over a part of the job: (group, seq).
+    groups: BTreeMap<(Vec<u32>, u64), Gathering>,
     /// Ranks that will never join a fence, and why.
     gone: BTreeMap<u32, String>,
     /// Ranks each node reported (from its fences).
@@ -41,6 +43,9 @@ pub struct Coordinator {
     /// The job's MPI incarnation: the wiring epoch of the recovery that restarted every
     /// rank (0: the start). Reports of an older one are dropped.
     wiring: u64,
+    /// Some node reported MPI activity (a fence, an abort, a lost initialised rank, a
+    /// direct modex): the job's ranks use MPI.
+    used: bool,
 }
 
 impl Coordinator {
@@ -48,11 +53,19 @@ impl Coordinator {
         Coordinator {
             size,
             fences: BTreeMap::new(),
+            groups: BTreeMap::new(),
             gone: BTreeMap::new(),
             nodes: BTreeMap::new(),
             ended: false,
             wiring: 0,
+            used: false,
         }
+    }
+
+    /// Whether some node ever reported MPI activity (the job's ranks use MPI; a drain then
+    /// restarts the whole job, `runtime/drain.rs`).
+    pub fn used(&self) -> bool {
+        self.used
     }
 
     /// The job's current MPI incarnation (the wiring epoch every rank started in).
@@ -69,6 +82,7 @@ impl Coordinator {
         }
         self.wiring = wiring;
         self.fences.clear();
+        self.groups.clear();
         self.gone.clear();
         self.nodes.clear();
         self.ended = false;
@@ -76,6 +90,7 @@ impl Coordinator {
 
     /// A node's report.
     pub fn from_node(&mut self, node: adaptation::NodeId, msg: PmiToLauncher) -> Vec<Action> {
+        self.used |= activity(&msg);
         let msg = match msg {
             PmiToLauncher::Wired { wiring, msg } => {
                 if wiring < self.wiring {
@@ -125,6 +140,36 @@ impl Coordinator {
                             actions
                                 .push(Action::Broadcast(PmiToNode::Fenced { seq, data: g.data }));
                         }
+                    }
+                }
+                actions
+            }
+            PmiToLauncher::GroupFence {
+                group,
+                seq,
+                ranks,
+                data,
+            } => {
+                self.nodes.entry(node).or_default().extend(&ranks);
+                let key = (group, seq);
+                let g = self.groups.entry(key.clone()).or_insert_with(|| Gathering {
+                    joined: BTreeSet::new(),
+                    data: FenceData::empty(Wire::Pmix),
+                });
+                g.joined.extend(ranks);
+                g.data.extend(data);
+                let mut actions = self.check_gone();
+                let complete = self
+                    .groups
+                    .get(&key)
+                    .is_some_and(|g| key.0.iter().all(|r| g.joined.contains(r)));
+                if complete {
+                    if let Some(g) = self.groups.remove(&key) {
+                        actions.push(Action::Broadcast(PmiToNode::GroupFenced {
+                            group: key.0,
+                            seq,
+                            data: g.data,
+                        }));
                     }
                 }
                 actions
@@ -181,7 +226,7 @@ impl Coordinator {
     /// `node`'s link to krun ended before it said goodbye: its ranks never join a fence.
     pub fn node_gone(&mut self, node: adaptation::NodeId) -> Vec<Action> {
         let ranks = self.nodes.get(&node).cloned().unwrap_or_default();
-        if self.fences.is_empty() || self.ended {
+        if (self.fences.is_empty() && self.groups.is_empty()) || self.ended {
             for r in ranks {
                 self.gone
                     .insert(r, format!("rank {r}'s node {node} is gone"));
@@ -202,7 +247,24 @@ impl Coordinator {
             }));
             actions.push(Action::End { reason, code: 1 });
         }
+        for ((group, seq), g) in &self.groups {
+            let missing: Vec<u32> = group
+                .iter()
+                .copied()
+                .filter(|r| !g.joined.contains(r))
+                .collect();
+            let reason = format!(
+                "PMIx fence {seq} over ranks {group:?}{FENCE_FAILED}node {node} is gone (its link to krun ended); ranks that never joined: {missing:?}"
+            );
+            actions.push(Action::Broadcast(PmiToNode::GroupFenceFailed {
+                group: group.clone(),
+                seq: *seq,
+                reason: reason.clone(),
+            }));
+            actions.push(Action::End { reason, code: 1 });
+        }
         self.fences.clear();
+        self.groups.clear();
         self.ended = true;
         actions
     }
@@ -240,7 +302,41 @@ impl Coordinator {
         for key in failed {
             self.fences.remove(&key);
         }
+        let mut failed = Vec::new();
+        for ((group, seq), g) in &self.groups {
+            let missing: Vec<&String> = self
+                .gone
+                .iter()
+                .filter(|(r, _)| group.contains(r) && !g.joined.contains(r))
+                .map(|(_, why)| why)
+                .collect();
+            if let Some(first) = missing.first() {
+                let reason = format!(
+                    "PMIx fence {seq} over ranks {group:?}{FENCE_FAILED}{first} without joining it"
+                );
+                actions.push(Action::Broadcast(PmiToNode::GroupFenceFailed {
+                    group: group.clone(),
+                    seq: *seq,
+                    reason: reason.clone(),
+                }));
+                actions.push(Action::End { reason, code: 1 });
+                failed.push((group.clone(), *seq));
+            }
+        }
+        for key in failed {
+            self.groups.remove(&key);
+        }
         actions
+    }
+}
+
+/// Whether a report shows a rank using MPI (a rank that exits before it initialised does
+/// not).
+fn activity(msg: &PmiToLauncher) -> bool {
+    match msg {
+        PmiToLauncher::Lost { initialized, .. } => *initialized,
+        PmiToLauncher::Wired { msg, .. } => activity(msg),
+        _ => true,
     }
 }
 
@@ -357,6 +453,81 @@ mod tests {
         );
         assert!(matches!(&a[0], Action::End { code: 15, .. }), "{a:?}");
         assert_eq!(exit_status(256), 1);
+    }
+
+    fn group_fence(group: &[u32], seq: u64, ranks: &[u32], blob: &[u8]) -> PmiToLauncher {
+        PmiToLauncher::GroupFence {
+            group: group.to_vec(),
+            seq,
+            ranks: ranks.to_vec(),
+            data: FenceData::Blobs(vec![blob.to_vec()]),
+        }
+    }
+
+    #[test]
+    fn a_fence_over_part_of_the_job_completes_with_only_its_nodes_data() {
+        let mut c = Coordinator::new(6);
+        // Group {0, 1, 4}: node 0 holds 0-1, node 2 holds 4; node 1 takes no part.
+        assert!(c
+            .from_node(0, group_fence(&[0, 1, 4], 1, &[0, 1], b"n0"))
+            .is_empty());
+        // A whole-job fence 1 and another group's fence 1 are gathered apart.
+        assert!(c.from_node(1, blobs(1, &[2, 3], b"all")).is_empty());
+        assert!(c
+            .from_node(1, group_fence(&[2, 4], 1, &[2], b"x"))
+            .is_empty());
+        let a = c.from_node(2, group_fence(&[0, 1, 4], 1, &[4], b"n2"));
+        assert_eq!(
+            a,
+            vec![Action::Broadcast(PmiToNode::GroupFenced {
+                group: vec![0, 1, 4],
+                seq: 1,
+                data: FenceData::Blobs(vec![b"n0".to_vec(), b"n2".to_vec()])
+            })]
+        );
+        // A gone member fails the group's fence naming it; a rank outside the group does
+        // not fail it.
+        c.from_node(0, group_fence(&[0, 4], 1, &[0], b""));
+        let a = c.from_node(
+            1,
+            PmiToLauncher::Lost {
+                rank: 3,
+                code: 0,
+                initialized: false,
+            },
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Broadcast(PmiToNode::GroupFenceFailed { group, .. }) if group == &vec![0, 4])),
+            "{a:?}"
+        );
+        let a = c.node_gone(2);
+        assert!(
+            a.iter().any(|x| matches!(x, Action::End { reason, .. }
+                if reason.contains("fence 1 over ranks [0, 4] cannot complete") && reason.contains("[4]"))),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_job_uses_mpi_once_a_rank_initialised() {
+        let mut c = Coordinator::new(2);
+        c.from_node(
+            0,
+            PmiToLauncher::Lost {
+                rank: 1,
+                code: 0,
+                initialized: false,
+            },
+        );
+        assert!(!c.used());
+        c.from_node(
+            0,
+            PmiToLauncher::Wired {
+                wiring: 0,
+                msg: Box::new(fence(1, &[0], &[])),
+            },
+        );
+        assert!(c.used());
     }
 
     #[test]

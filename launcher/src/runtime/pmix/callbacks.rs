@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pmix_sys as sys;
 
-use super::ffi::{nspace_of, proc_of, ERROR, OPERATION_SUCCEEDED, SUCCESS};
+use super::ffi::{nspace_of, proc_of, status, ERROR, OPERATION_SUCCEEDED, SUCCESS};
 use super::{PmixServer, SERVER};
 use crate::runtime::mpi::{PmiToLauncher, Wire};
 
@@ -56,6 +56,7 @@ pub(super) fn module() -> sys::pmix_server_module_t {
         abort: Some(abort),
         fence_nb: Some(fence_nb),
         direct_modex: Some(direct_modex),
+        spawn: Some(spawn),
         ..Default::default()
     }
 }
@@ -178,6 +179,56 @@ unsafe extern "C" fn fence_nb(
             procs.to_vec()
         };
         s.fence(&procs, data, Pending { cb, cbdata })
+    })
+}
+
+/// `PMIx_Spawn` (`MPI_Comm_spawn`): krun starts no processes into a running job, so the
+/// request fails at once with `PMIX_ERR_NOT_SUPPORTED` (the library answers the caller
+/// with it) and krund says so, naming the rank.
+///
+/// # Safety
+/// Called by the library with a valid proc (or null) and `napps` apps at `apps`.
+unsafe extern "C" fn spawn(
+    proc_: *const sys::pmix_proc_t,
+    _job_info: *const sys::pmix_info_t,
+    _ninfo: usize,
+    apps: *const sys::pmix_app_t,
+    napps: usize,
+    _cb: sys::pmix_spawn_cbfunc_t,
+    _cbdata: *mut c_void,
+) -> sys::pmix_status_t {
+    guarded(|s| {
+        // SAFETY: the library passes a valid proc or null.
+        let who = match unsafe { rank_of(proc_) } {
+            Some((_, rank)) => format!("rank {rank}"),
+            None => "a client".to_string(),
+        };
+        let cmd = if apps.is_null() || napps == 0 {
+            std::ptr::null_mut()
+        } else {
+            // SAFETY: `napps` (> 0) apps at `apps`, from the library.
+            unsafe { (*apps).cmd }
+        };
+        let cmd = if cmd.is_null() {
+            String::new()
+        } else {
+            // SAFETY: an app's command is a C string from the library.
+            unsafe { std::ffi::CStr::from_ptr(cmd) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        eprintln!(
+            "krund: node {}: {who} asked PMIx to spawn processes ({napps} app(s){}): \
+             PMIx_Spawn / MPI_Comm_spawn is not supported by krun (a job's ranks are fixed at \
+             its start); answered PMIX_ERR_NOT_SUPPORTED",
+            s.node,
+            if cmd.is_empty() {
+                String::new()
+            } else {
+                format!(", {cmd}")
+            }
+        );
+        status(sys::PMIX_ERR_NOT_SUPPORTED as u32)
     })
 }
 

@@ -1,0 +1,111 @@
+/* PMIx calls Open MPI makes rarely or not at all, through the PMIx client API directly
+ * (OpenPMIx's libpmix, Debian's libpmix-dev), under krun --mpi pmix:
+ *   pmix_client group   ranks 0, 1 and size-2 put a key each, fence among themselves
+ *                       with data collection (PMIx_Fence with those three procs), and
+ *                       read each other's key; the other ranks take no part. Then every
+ *                       rank fences with the whole job.
+ *   pmix_client spawn   rank 0 asks PMIx to spawn one process (PMIx_Spawn) and prints
+ *                       the status it got; then every rank fences with the whole job.
+ * Every rank ends with "pmix_client: rank R of N done". */
+#include <pmix.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static pmix_proc_t me;
+
+static int whole_fence(void) {
+  pmix_status_t rc = PMIx_Fence(NULL, 0, NULL, 0);
+  if (rc != PMIX_SUCCESS) {
+    fprintf(stderr, "pmix_client: rank %u: whole-job fence: %s\n", me.rank,
+            PMIx_Error_string(rc));
+    return 1;
+  }
+  return 0;
+}
+
+static int group(uint32_t size) {
+  pmix_rank_t members[3] = {0, 1, size - 2};
+  int member = 0;
+  for (int i = 0; i < 3; i++) member |= members[i] == me.rank;
+  if (!member) return 0;
+  char key[64], value[64];
+  snprintf(key, sizeof key, "group.%u", me.rank);
+  snprintf(value, sizeof value, "hello from %u", me.rank);
+  pmix_value_t v;
+  PMIX_VALUE_LOAD(&v, value, PMIX_STRING);
+  if (PMIx_Put(PMIX_GLOBAL, key, &v) != PMIX_SUCCESS || PMIx_Commit() != PMIX_SUCCESS) {
+    fprintf(stderr, "pmix_client: rank %u: put/commit failed\n", me.rank);
+    return 1;
+  }
+  pmix_proc_t procs[3];
+  for (int i = 0; i < 3; i++) PMIX_LOAD_PROCID(&procs[i], me.nspace, members[i]);
+  pmix_info_t info;
+  bool collect = true;
+  PMIX_INFO_LOAD(&info, PMIX_COLLECT_DATA, &collect, PMIX_BOOL);
+  pmix_status_t rc = PMIx_Fence(procs, 3, &info, 1);
+  if (rc != PMIX_SUCCESS) {
+    printf("pmix_client: rank %u: fence over ranks 0,1,%u failed: %s\n", me.rank, size - 2,
+           PMIx_Error_string(rc));
+    return 1;
+  }
+  for (int i = 0; i < 3; i++) {
+    if (members[i] == me.rank) continue;
+    char k[64], want[64];
+    snprintf(k, sizeof k, "group.%u", members[i]);
+    snprintf(want, sizeof want, "hello from %u", members[i]);
+    pmix_value_t *got = NULL;
+    rc = PMIx_Get(&procs[i], k, NULL, 0, &got);
+    if (rc != PMIX_SUCCESS || got->type != PMIX_STRING || strcmp(got->data.string, want)) {
+      printf("pmix_client: rank %u: %s of rank %u: %s\n", me.rank, k, members[i],
+             rc == PMIX_SUCCESS ? "wrong value" : PMIx_Error_string(rc));
+      return 1;
+    }
+    PMIX_VALUE_RELEASE(got);
+  }
+  printf("pmix_client: rank %u got the group's keys after a fence over ranks 0,1,%u\n",
+         me.rank, size - 2);
+  return 0;
+}
+
+static int spawn(void) {
+  if (me.rank != 0) return 0;
+  pmix_app_t app;
+  PMIX_APP_CONSTRUCT(&app);
+  app.cmd = strdup("/bin/true");
+  app.maxprocs = 1;
+  char nspace[PMIX_MAX_NSLEN + 1] = {0};
+  pmix_status_t rc = PMIx_Spawn(NULL, 0, &app, 1, nspace);
+  free(app.cmd);
+  app.cmd = NULL;
+  printf("pmix_client: rank 0: PMIx_Spawn returned %s\n", PMIx_Error_string(rc));
+  return rc == PMIX_SUCCESS;
+}
+
+int main(int argc, char **argv) {
+  if (argc != 2 || (strcmp(argv[1], "group") && strcmp(argv[1], "spawn"))) {
+    fprintf(stderr, "usage: pmix_client group|spawn\n");
+    return 2;
+  }
+  pmix_status_t rc = PMIx_Init(&me, NULL, 0);
+  if (rc != PMIX_SUCCESS) {
+    fprintf(stderr, "pmix_client: PMIx_Init: %s\n", PMIx_Error_string(rc));
+    return 1;
+  }
+  pmix_proc_t wild;
+  PMIX_LOAD_PROCID(&wild, me.nspace, PMIX_RANK_WILDCARD);
+  pmix_value_t *val = NULL;
+  rc = PMIx_Get(&wild, PMIX_JOB_SIZE, NULL, 0, &val);
+  if (rc != PMIX_SUCCESS) {
+    fprintf(stderr, "pmix_client: rank %u: job size: %s\n", me.rank, PMIx_Error_string(rc));
+    return 1;
+  }
+  uint32_t size = val->data.uint32;
+  PMIX_VALUE_RELEASE(val);
+  int bad = size < 4 ? 1 : strcmp(argv[1], "group") == 0 ? group(size) : spawn();
+  if (size < 4) fprintf(stderr, "pmix_client: needs 4 ranks or more\n");
+  bad |= whole_fence();
+  if (!bad) printf("pmix_client: rank %u of %u done\n", me.rank, size);
+  PMIx_Finalize(NULL, 0);
+  return bad;
+}
