@@ -144,13 +144,15 @@ impl Sim {
         let Some(r) = self.reader.filter(|_| self.killed) else {
             return Ok(());
         };
-        for i in 0..self.nodes.len() {
-            if self.told_at[i].is_some_and(|t| t <= self.now) {
-                self.told_at[i] = None;
-                self.log(format!("node {i} learns node {r} died"));
-                let actions = self.nodes[i].node.node_failed(r);
-                self.run(i as NodeId, actions, None)?;
-            }
+        let now = self.now;
+        let due: Vec<usize> = (0..self.told_at.len())
+            .filter(|&i| self.told_at[i].is_some_and(|t| t <= now))
+            .collect();
+        for i in due {
+            self.told_at[i] = None;
+            self.log(format!("node {i} learns node {r} died"));
+            let actions = self.nodes[i].node.node_failed(r);
+            self.run(i as NodeId, actions, None)?;
         }
         Ok(())
     }
