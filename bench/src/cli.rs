@@ -4,7 +4,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    ckpt, dsm, fabric, ha, l4, launch, launch_slurm, locator, logging, policies, rank, reconfig,
+    ckpt, dsm, fabric, ha, l4, launch, launch_slurm, locator, logging, mgs, policies, rank,
+    reconfig,
 };
 
 /// krun benchmarks. Every subcommand prints a table and writes its JSON with an
@@ -20,6 +21,7 @@ pub struct Cli {
 pub enum Command {
     Fabric(fabric::FabricArgs),
     Dsm(dsm::DsmArgs),
+    Mgs(mgs::MgsArgs),
     Launch(launch::LaunchArgs),
     LaunchSlurm(launch_slurm::LaunchSlurmArgs),
     Ckpt(ckpt::CkptArgs),
@@ -50,6 +52,7 @@ impl Command {
         match self {
             Command::Fabric(_) => "fabric",
             Command::Dsm(_) => "dsm",
+            Command::Mgs(_) => "mgs",
             Command::Launch(_) => "launch",
             Command::LaunchSlurm(_) => "launch-slurm",
             Command::Ckpt(_) => "ckpt",
@@ -72,6 +75,7 @@ impl Command {
         match self {
             Command::Fabric(a) => fabric::run(a),
             Command::Dsm(a) => dsm::run(a),
+            Command::Mgs(a) => mgs::run(a),
             Command::Launch(a) => launch::run(a),
             Command::LaunchSlurm(a) => launch_slurm::run(a),
             Command::Ckpt(a) => ckpt::run(a),
@@ -175,6 +179,30 @@ mod tests {
         assert!(d.worker && d.rank == Some(2) && d.pages == 8);
         // A worker without its rank is refused.
         assert!(parse(&["dsm", "--worker", "--provider", "tcp"]).is_err());
+        let c = parse(&[
+            "mgs",
+            "--worker",
+            "--rank",
+            "1",
+            "--size",
+            "3",
+            "--n",
+            "64",
+            "--locator",
+            "dynamic",
+            "--bootstrap",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
+        let Command::Mgs(m) = c.command else {
+            panic!("not mgs");
+        };
+        assert!(m.worker && m.size == Some(3) && m.locator.as_deref() == Some("dynamic"));
+        assert!(parse(&["mgs", "--worker", "--rank", "1"]).is_err());
+        let Command::Mgs(m) = parse(&["mgs", "--quick"]).unwrap().command else {
+            panic!("not mgs");
+        };
+        assert!(m.quick && m.runs.is_none() && m.sizes.is_none());
         let c = parse(&["adapt-node", "--id", "3", "--listen", "127.0.0.1:1"]).unwrap();
         let Command::AdaptNode(n) = c.command else {
             panic!("not adapt-node");

@@ -13,6 +13,7 @@ pub mod launch;
 pub mod launch_slurm;
 pub mod locator;
 pub mod logging;
+pub mod mgs;
 pub mod plot;
 pub mod policies;
 pub mod rank;

@@ -298,6 +298,8 @@ pub struct Stats {
     pub message_grants: u64,
     pub invalidations_sent: u64,
     pub manager_requests: u64,
+    /// Copies of dead nodes dropped from copysets (and acknowledgements no longer awaited).
+    pub dead_copies_dropped: u64,
 }
 
 /// One node's protocol state for every page, and its manager role.
@@ -306,6 +308,9 @@ pub struct Node<W: ShareWords> {
     one_sided: bool,
     locator: Box<dyn Placement + Send>,
     pages: BTreeMap<PageId, Page>,
+    /// Nodes known to have died ([`Node::node_failed`]): never waited for, sent to or
+    /// granted anything again.
+    dead: BTreeSet<NodeId>,
     pub directory: Directory,
     pub words: W,
     pub stats: Stats,
@@ -319,6 +324,7 @@ impl<W: ShareWords> Node<W> {
             one_sided,
             locator,
             pages: BTreeMap::new(),
+            dead: BTreeSet::new(),
             directory: Directory::default(),
             words,
             stats: Stats::default(),
@@ -338,6 +344,52 @@ impl<W: ShareWords> Node<W> {
             .get(&page)
             .map(|p| p.state)
             .unwrap_or(PageState::Invalid)
+    }
+
+    /// Whether `node` is known to have died.
+    pub fn is_dead(&self, node: NodeId) -> bool {
+        self.dead.contains(&node)
+    }
+
+    /// `node` died (a failed probe, or the membership's failure): the runtime knows it will
+    /// never answer. Its read copies leave every copyset; an owner that waited for its
+    /// invalidation acknowledgement stops waiting, so a pending write is granted; its
+    /// queued requests are dropped and no request of it is served again; hints naming it
+    /// are not followed (reads go to the manager).
+    ///
+    /// This does not make up for a dead *owner* or *manager*: a page whose owner died
+    /// stays unserved (the driver's watchdog reports it, never as zeros), and so does a
+    /// page whose manager died until the directory's entries are rebuilt.
+    pub fn node_failed(&mut self, node: NodeId) -> Vec<Action> {
+        let mut out = Vec::new();
+        if node == self.me || !self.dead.insert(node) {
+            return out;
+        }
+        let pages: Vec<PageId> = self.pages.keys().copied().collect();
+        for page in pages {
+            let p = self.pages.get_mut(&page).expect("listed");
+            if p.copyset.remove(&node) {
+                self.stats.dead_copies_dropped += 1;
+            }
+            p.queue.retain(|(_, m)| match m {
+                Msg::Read { from, .. } | Msg::Write { from, .. } => *from != node,
+                _ => true,
+            });
+            let mut finish = None;
+            if let Some((waiting, to)) = &mut p.busy {
+                if waiting.remove(&node) {
+                    self.stats.dead_copies_dropped += 1;
+                }
+                if waiting.is_empty() {
+                    finish = Some(*to);
+                }
+            }
+            if let Some(to) = finish {
+                self.finish_transfer(page, to, &mut out);
+            }
+            self.after(page, &mut out);
+        }
+        out
     }
 
     /// Whether a local access to `page` is waiting.
@@ -508,7 +560,7 @@ impl<W: ShareWords> Node<W> {
             return;
         }
         match (want, p.state) {
-            (Access::Read, _) => match p.hint {
+            (Access::Read, _) => match p.hint.filter(|h| !self.dead.contains(h)) {
                 Some(h) if h != me && one_sided => {
                     p.fetch = Fetch::OneSided {
                         owner: h,
@@ -582,6 +634,11 @@ impl<W: ShareWords> Node<W> {
         let manager = self.locator.manager(page);
         let p = self.pages.entry(page).or_default();
         match msg {
+            Msg::ManagerRead { from: who, .. } | Msg::ManagerWrite { from: who, .. }
+                if self.dead.contains(&who) =>
+            {
+                // A dead node's late request: it must not become an owner.
+            }
             Msg::ManagerRead { from: who, .. } | Msg::ManagerWrite { from: who, .. } => {
                 let access = if matches!(msg, Msg::ManagerWrite { .. }) {
                     Access::Write
@@ -610,6 +667,11 @@ impl<W: ShareWords> Node<W> {
                         },
                     }),
                 }
+            }
+            Msg::Read { from: who, .. } | Msg::Write { from: who, .. }
+                if self.dead.contains(&who) =>
+            {
+                // A dead node's request (late, or forwarded before its death was known).
             }
             Msg::Read {
                 from: who,
@@ -708,7 +770,7 @@ impl<W: ShareWords> Node<W> {
             p.publish = true;
             out.push(Action::Protect { page });
         }
-        if who != self.me {
+        if who != self.me && !self.dead.contains(&who) {
             p.copyset.insert(who);
             out.push(Action::Send {
                 to: who,
@@ -730,10 +792,14 @@ impl<W: ShareWords> Node<W> {
         let p = self.pages.get_mut(&page).expect("page exists");
         p.publish = false;
         p.copyset.extend(joined);
-        let targets: BTreeSet<NodeId> = std::mem::take(&mut p.copyset)
-            .into_iter()
-            .filter(|&n| n != me && n != to)
+        let all = std::mem::take(&mut p.copyset);
+        let targets: BTreeSet<NodeId> = all
+            .iter()
+            .copied()
+            .filter(|&n| n != me && n != to && !self.dead.contains(&n))
             .collect();
+        self.stats.dead_copies_dropped +=
+            all.iter().filter(|n| self.dead.contains(n)).count() as u64;
         if targets.is_empty() {
             self.finish_transfer(page, to, out);
             return;
@@ -752,6 +818,13 @@ impl<W: ShareWords> Node<W> {
         let me = self.me;
         let p = self.pages.get_mut(&page).expect("page exists");
         p.busy = None;
+        if to != me && self.dead.contains(&to) {
+            // The writer died while its copies were being invalidated: the page stays here
+            // (handing it to a dead node would lose it). The manager still names the dead
+            // node until the directory's entry is rebuilt.
+            p.publish = p.state == PageState::ReadOwner;
+            return;
+        }
         if to == me {
             if p.state == PageState::ReadOwner {
                 out.push(Action::Unprotect { page });
@@ -892,6 +965,62 @@ mod tests {
             .collect();
         assert_eq!(acks.len(), 2, "nodes 1 and 3 held copies");
         assert!(acks.iter().all(|&i| i < grant));
+    }
+
+    /// Node 3 held read copies (one joined through the share word when `one_sided`) of
+    /// page 6 (managed by node 2) and died: messages to it are lost. Node 2's write waits for its acknowledgement until
+    /// the live nodes learn of the death; then it is granted, every other copy invalid.
+    #[test]
+    fn a_write_is_granted_once_a_dead_readers_copy_is_dropped() {
+        for one_sided in [false, true] {
+            let mut net = Net::new(4, one_sided);
+            net.access(0, 6, Access::Write);
+            net.access(1, 6, Access::Read);
+            net.access(3, 6, Access::Read);
+            net.access(0, 6, Access::Write); // 1 and 3 now hint node 0
+            net.access(2, 6, Access::Read); // node 0 is a read owner and publishes
+            net.access(3, 6, Access::Read); // one-sided when allowed
+            net.access(1, 6, Access::Read);
+            assert_eq!(net.nodes[3].state(6), PageState::ReadCopy);
+            // Node 3 dies: whatever is sent to it is lost.
+            let a = net.nodes[2].fault(6, Access::Write);
+            net.apply(2, a);
+            let drain = |net: &mut Net| {
+                while let Some((from, to, msg)) = net.queue.pop_front() {
+                    if to == 3 {
+                        continue;
+                    }
+                    let a = net.nodes[to as usize].on_message(from, msg);
+                    net.apply(to, a);
+                }
+            };
+            drain(&mut net);
+            assert_ne!(
+                net.nodes[2].state(6),
+                PageState::WriteOwner,
+                "granted without node 3's acknowledgement (one_sided {one_sided})"
+            );
+            for n in 0..3u32 {
+                let a = net.nodes[n as usize].node_failed(3);
+                net.apply(n, a);
+            }
+            drain(&mut net);
+            assert_eq!(net.nodes[2].state(6), PageState::WriteOwner, "{one_sided}");
+            assert_eq!(net.nodes[0].state(6), PageState::Invalid);
+            assert_eq!(net.nodes[1].state(6), PageState::Invalid);
+            assert_eq!(net.nodes[0].stats.dead_copies_dropped, 1);
+            // Nothing more goes to the dead node: node 1 reads, node 0 writes.
+            net.log.clear();
+            net.access(1, 6, Access::Read);
+            net.access(0, 6, Access::Write);
+            assert!(
+                !net.log
+                    .iter()
+                    .any(|(_, a)| matches!(a, Action::Send { to: 3, .. })),
+                "{:?}",
+                net.log
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!
 //! The state machine runs under one mutex; its actions run in order under it, except the
 //! one-sided operations, which the fault thread posts after releasing it.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -29,11 +29,15 @@ use crate::error::{DsmError, Result};
 use crate::uffd::{Uffd, PAGE};
 
 mod actions;
+mod dead;
 mod watchdog;
 pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
 
 /// The fabric tag of DSM protocol messages.
 pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
+/// The fabric tag of a node's announcement that nodes died ([`Engine::node_failed`]); it
+/// differs from [`TAG_DSM`] in one bit, so the service thread receives both with one call.
+pub const TAG_DSM_FAILED: u64 = 0x4b44_534d_0000_0003;
 const WIRE_VERSION: u8 = 1;
 
 /// One shared region as the driver sees it.
@@ -179,6 +183,11 @@ pub struct Engine {
     /// Next expected from each node, and messages that arrived early.
     #[allow(clippy::type_complexity)]
     reorder: Mutex<(Vec<u64>, BTreeMap<(NodeId, u64), Vec<u8>>)>,
+    /// Nodes known to have died: dropped from copysets, never sent to or probed again.
+    dead: Mutex<BTreeSet<NodeId>>,
+    /// Nodes a send to failed (with the error), for the watchdog to probe: a dead one is
+    /// declared failed, a live one makes the error the driver's (its message was lost).
+    suspects: Mutex<BTreeMap<NodeId, String>>,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -242,6 +251,8 @@ impl Engine {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0),
             reorder: Mutex::new((vec![0; n], BTreeMap::new())),
+            dead: Mutex::new(BTreeSet::new()),
+            suspects: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -342,9 +353,17 @@ impl Engine {
 
     fn service_loop(&self) {
         while !self.stopped() {
-            match self.ep.recv(TAG_DSM, Duration::from_millis(20)) {
+            match self
+                .ep
+                .recv_masked(TAG_DSM, TAG_DSM ^ TAG_DSM_FAILED, Duration::from_millis(20))
+            {
                 Ok(m) => {
-                    if let Err(e) = self.on_wire(m.peer, &m.data) {
+                    let r = if m.tag == TAG_DSM_FAILED {
+                        self.on_failed_wire(m.peer, &m.data)
+                    } else {
+                        self.on_wire(m.peer, &m.data)
+                    };
+                    if let Err(e) = r {
                         self.fail(e.to_string());
                     }
                 }

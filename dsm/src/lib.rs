@@ -6,6 +6,7 @@
 //!   `page % N`, registered with the adaptation layer as a service (migration, failure scan).
 //! - [`fault`]: the driver: userfaultfd faults, protocol messages and one-sided page reads
 //!   through `fabric`.
+//! - [`mgs`]: Modified Gram-Schmidt on the DSM (the seed's evaluation application).
 //! - [`region`]: the collective API: [`Dsm::alloc`] / [`Dsm::free`] of regions mapped at the
 //!   same address on every rank, a DSM lock and a barrier.
 pub mod coherence;
@@ -13,6 +14,7 @@ pub mod directory;
 pub mod error;
 pub mod fault;
 pub mod lock;
+pub mod mgs;
 pub mod region;
 pub mod uffd;
 

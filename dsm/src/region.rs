@@ -605,6 +605,36 @@ impl Dsm {
         self.engine.set_unreachable_handler(handler);
     }
 
+    /// `node` died (the job's membership reports the failure): its read copies leave every
+    /// copyset, so writes that waited for its invalidation acknowledgement are granted,
+    /// and nothing is sent to it again. Pages it owned are not rebuilt: an access to one
+    /// is reported unreachable by the fault watchdog (never served as zeros). The watchdog
+    /// declares a node failed by itself when a probe finds it silent.
+    pub fn node_failed(&self, node: NodeId) -> Result<()> {
+        if node as usize >= self.size {
+            return Err(DsmError::Config {
+                what: "failed node".into(),
+                reason: format!("node {node}, the job has {} nodes", self.size),
+            });
+        }
+        self.engine.node_failed(&[node], false)
+    }
+
+    /// Nodes known to have died (declared by [`Dsm::node_failed`], a probe, or another
+    /// node's announcement).
+    pub fn dead_nodes(&self) -> Vec<NodeId> {
+        self.engine.dead_nodes().into_iter().collect()
+    }
+
+    /// The node managing `page`'s directory entry.
+    pub fn manager_of(&self, page: PageId) -> Result<NodeId> {
+        self.engine
+            .node
+            .lock()
+            .map(|n| n.manager_of(page))
+            .map_err(|_| collective("manager", "poisoned"))
+    }
+
     /// Fault threads that were inside one-sided operations at once, at most.
     pub fn max_concurrent_remote_faults(&self) -> u64 {
         self.engine

@@ -54,6 +54,13 @@ struct Sim {
     max_delay: u64,
     trace: Vec<String>,
     reads_checked: u64,
+    /// A node that only reads and manages no page, killed at `kill_at` accesses issued:
+    /// from then on whatever travels to or from it is lost, and each live node learns of
+    /// the death (`Node::node_failed`) at its own time in `told_at`.
+    reader: Option<NodeId>,
+    kill_at: Option<u64>,
+    killed: bool,
+    told_at: Vec<Option<u64>>,
 }
 
 impl Sim {
@@ -90,10 +97,70 @@ impl Sim {
             max_delay,
             trace: Vec::new(),
             reads_checked: 0,
+            reader: None,
+            kill_at: None,
+            killed: false,
+            told_at: Vec::new(),
         }
     }
 
+    /// A schedule in which a reader-only node (managing no page) is killed midway.
+    fn with_dead_reader(seed: u64, ops: u64) -> Option<Sim> {
+        let mut sim = Sim::new(seed);
+        let n = sim.nodes.len() as NodeId;
+        let managers: Vec<NodeId> = (0..sim.pages)
+            .map(|p| sim.nodes[0].node.manager_of(p))
+            .collect();
+        let reader = (1..n).rev().find(|r| !managers.contains(r))?;
+        sim.reader = Some(reader);
+        sim.kill_at = Some(sim.rng.gen_range(ops / 4..=ops / 2));
+        Some(sim)
+    }
+
+    fn lost(&self, from: NodeId, to: NodeId) -> bool {
+        self.killed && self.reader.is_some_and(|r| r == from || r == to)
+    }
+
+    fn live(&self, n: NodeId) -> bool {
+        !(self.killed && self.reader == Some(n))
+    }
+
+    /// Kills the reader: what is in flight to or from it is lost; every live node will be
+    /// told within 40 ticks.
+    fn kill(&mut self) {
+        let Some(r) = self.reader else { return };
+        self.killed = true;
+        self.log(format!("node {r} killed"));
+        self.links.retain(|&(from, to, _), _| from != r && to != r);
+        self.nodes[r as usize].op = None;
+        let now = self.now;
+        self.told_at = (0..self.nodes.len())
+            .map(|i| (i as NodeId != r).then(|| now + self.rng.gen_range(0..=40)))
+            .collect();
+    }
+
+    /// Tells the live nodes whose time has come that the reader died.
+    fn tell(&mut self) -> Result<(), String> {
+        let Some(r) = self.reader.filter(|_| self.killed) else {
+            return Ok(());
+        };
+        let now = self.now;
+        let due: Vec<usize> = (0..self.told_at.len())
+            .filter(|&i| self.told_at[i].is_some_and(|t| t <= now))
+            .collect();
+        for i in due {
+            self.told_at[i] = None;
+            self.log(format!("node {i} learns node {r} died"));
+            let actions = self.nodes[i].node.node_failed(r);
+            self.run(i as NodeId, actions, None)?;
+        }
+        Ok(())
+    }
+
     fn push(&mut self, from: NodeId, to: NodeId, one_sided: bool, w: Wire) {
+        if self.lost(from, to) {
+            return;
+        }
         let delay = self.rng.gen_range(0..=self.max_delay);
         let q = self.links.entry((from, to, one_sided)).or_default();
         let at = q.back().map(|(t, _)| *t).unwrap_or(0).max(self.now + delay);
@@ -217,7 +284,7 @@ impl Sim {
             let mut owners = 0;
             let mut writers = 0;
             let mut copies = 0;
-            for sn in &self.nodes {
+            for sn in self.nodes.iter().filter(|sn| self.live(sn.node.id())) {
                 let st = sn.node.state(page);
                 owners += st.is_owner() as u32;
                 writers += (st == PageState::WriteOwner) as u32;
@@ -247,8 +314,11 @@ impl Sim {
         if self.nodes[n].op.is_some() {
             return Ok(());
         }
+        if !self.live(n as NodeId) {
+            return Ok(());
+        }
         let page = self.rng.gen_range(0..self.pages);
-        let access = if self.rng.gen_bool(0.4) {
+        let access = if self.reader != Some(n as NodeId) && self.rng.gen_bool(0.4) {
             Access::Write
         } else {
             Access::Read
@@ -302,12 +372,39 @@ impl Sim {
         Ok(true)
     }
 
+    /// Node 0 writes every page first (so that no reader is handed a page as its owner).
+    fn prologue(&mut self) -> Result<(), String> {
+        for page in 0..self.pages {
+            self.nodes[0].op = Some((page, Access::Write));
+            let actions = self.nodes[0].node.fault(page, Access::Write);
+            self.run(0, actions, None)?;
+            let mut steps = 0;
+            while self.nodes[0].op.is_some() {
+                if !self.deliver()? {
+                    self.now += 1;
+                }
+                steps += 1;
+                if steps > 10_000 {
+                    return Err(format!("node 0's first write of page {page} never done"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn run_schedule(&mut self, ops: u64) -> Result<(), String> {
         let n = self.nodes.len();
         let mut issued = 0;
         let mut steps = 0u64;
+        if self.reader.is_some() {
+            self.prologue()?;
+        }
         while issued < ops {
             steps += 1;
+            if !self.killed && self.kill_at.is_some_and(|k| issued >= k) {
+                self.kill();
+            }
+            self.tell()?;
             if self.rng.gen_bool(0.3) {
                 let i = self.rng.gen_range(0..n);
                 if self.nodes[i].op.is_none() {
@@ -325,7 +422,8 @@ impl Sim {
         }
         // Drain: every access must be answered.
         let mut idle_rounds = 0;
-        while idle_rounds < 2 * self.max_delay + 2 {
+        while idle_rounds < 2 * self.max_delay + 42 {
+            self.tell()?;
             if self.deliver()? {
                 idle_rounds = 0;
             } else {
@@ -334,7 +432,7 @@ impl Sim {
             }
             self.check()?;
         }
-        for sn in &self.nodes {
+        for sn in self.nodes.iter().filter(|sn| self.live(sn.node.id())) {
             if let Some(op) = sn.op {
                 return Err(format!(
                     "node {}: access {op:?} never answered",
@@ -388,5 +486,54 @@ fn random_schedules_keep_sequential_consistency() {
     assert!(reads > count * 10);
     if count >= 100 {
         assert!(one_sided > 0 && invalidations > 0);
+    }
+}
+
+/// A node holding only read copies dies in the middle of a schedule: whatever travels to
+/// or from it is lost, and each live node learns of the death at its own time (up to 40
+/// ticks later, as a probe or an announcement would tell it). Every live access is still
+/// answered, every live node ends idle, and sequential consistency holds among the live
+/// nodes throughout.
+#[test]
+fn a_dead_reader_never_blocks_the_live_nodes() {
+    let (first, count) = match env("KRUN_SIM_SEED") {
+        Some(s) => (s, 1),
+        None => (
+            env("KRUN_SIM_FIRST_SEED").unwrap_or(0),
+            env("KRUN_SIM_SCHEDULES").unwrap_or(3000),
+        ),
+    };
+    let trace_len = env("KRUN_SIM_TRACE").unwrap_or(60) as usize;
+    let (mut ran, mut dropped, mut reads) = (0u64, 0u64, 0u64);
+    for seed in first..first + count {
+        let Some(mut sim) = Sim::with_dead_reader(seed, 200) else {
+            continue;
+        };
+        if let Err(e) = sim.run_schedule(200) {
+            let start = sim.trace.len().saturating_sub(trace_len);
+            panic!(
+                "seed {seed} (node {:?} killed): {e}\nlast events:\n{}",
+                sim.reader,
+                sim.trace[start..].join("\n")
+            );
+        }
+        assert!(sim.killed, "seed {seed}: the reader was never killed");
+        ran += 1;
+        reads += sim.reads_checked;
+        dropped += sim
+            .nodes
+            .iter()
+            .map(|sn| sn.node.stats.dead_copies_dropped)
+            .sum::<u64>();
+    }
+    eprintln!(
+        "{ran} schedules with a dead reader: {reads} reads checked, {dropped} dead copies dropped"
+    );
+    if count >= 100 {
+        assert!(
+            ran > count / 4,
+            "only {ran} of {count} seeds had a reader-only node"
+        );
+        assert!(dropped > 0, "no schedule ever dropped a dead reader's copy");
     }
 }

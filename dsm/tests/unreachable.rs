@@ -7,6 +7,9 @@
 //! reads page 0 (whose manager, rank 0, forwards to rank 1). The fault
 //! timeout is 400 ms; the test only bounds the wait (120 s) to tell an error from a hang,
 //! it never judges the time taken.
+//!
+//! The other side: a rank that held only read copies is SIGKILLed and the job goes on
+//! (`reader_killed_on`): its copies are dropped, never waited for, and nothing is lost.
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -186,4 +189,125 @@ fn a_rank_reading_a_page_whose_owner_was_sigkilled_gets_an_error_naming_it_over_
         return;
     }
     unreachable_on("shm");
+}
+
+/// Waits (bounded by `deadline`) for a stdout line of `p` containing `what`; returns it.
+fn line_with(p: &mut Proc, what: &str, deadline: Instant, who: &str) -> String {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match p.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => {}
+            Err(_) => {
+                let status = p.child.try_wait().ok().flatten();
+                let _ = p.child.kill();
+                let err = p.err.take().map(|e| e.join().unwrap()).unwrap_or_default();
+                panic!("{who} never printed {what:?} ({status:?}):\n{err}");
+            }
+        }
+    }
+}
+
+/// A node holding only read copies is SIGKILLed: the job goes on. Rank 0 wrote pages that
+/// ranks 1 and 2 read (rank 0 is their read owner, rank 2 in every copyset); rank 2 is
+/// killed by its PID; rank 1 then rewrites every page, each write waiting until rank 0
+/// drops the dead reader's copy (found by a probe after the 1 s fault timeout, announced
+/// to the other nodes), and rank 0 reads back every word rank 1 wrote. The pages are
+/// managed by ranks 0 and 1 (a dead manager's entries are not rebuilt yet). The test only
+/// bounds the wait (120 s) to tell progress from a hang.
+fn reader_killed_on(provider: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "krun-dsm-reader-killed-{}-{provider}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (go, stop) = (dir.join("go"), dir.join("stop"));
+    let server = BootstrapServer::start_with("127.0.0.1:0", 3, LIMIT, None).unwrap();
+    let addr = server.addr().to_string();
+    let env = [("KRUN_DSM_FAULT_TIMEOUT_MS", "1000")];
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|r| {
+            let args: Vec<String> = [
+                "reader-killed",
+                "--provider",
+                provider,
+                "--bootstrap",
+                &addr,
+                "--rank",
+                &r.to_string(),
+                "--size",
+                "3",
+                "--pages",
+                "6",
+                "--go-file",
+                go.to_str().unwrap(),
+                "--stop-file",
+                stop.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            spawn(&args, &env)
+        })
+        .collect();
+    let deadline = Instant::now() + LIMIT;
+    line_with(&mut procs[2], "reader=ready", deadline, "rank 2");
+    procs[2].child.kill().unwrap();
+    assert!(!procs[2].child.wait().unwrap().success());
+    std::fs::write(&go, b"go").unwrap();
+    let writer = line_with(&mut procs[1], "writer=ok", deadline, "rank 1 (writer)");
+    let checker = line_with(&mut procs[0], "checker=ok", deadline, "rank 0 (checker)");
+    eprintln!("over {provider}: {writer} / {checker}");
+    std::fs::write(&stop, b"stop").unwrap();
+    for (r, line) in [(0usize, &checker), (1, &writer)] {
+        assert!(
+            line.contains(" dead=2 "),
+            "rank {r} over {provider} must know rank 2 died: {line}"
+        );
+        let p = &mut procs[r];
+        let status = loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "rank {r} over {provider} hangs");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = p.err.take().unwrap().join().unwrap();
+        assert!(
+            status.success(),
+            "rank {r} over {provider}: {status}\n{err}"
+        );
+    }
+    let dropped: u64 = checker
+        .split("dead_copies_dropped=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("dead_copies_dropped");
+    assert!(
+        dropped > 0,
+        "rank 0 (the owner) dropped no copy of the dead reader: {checker}"
+    );
+    drop(procs);
+    let _ = server.join();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_reader_only_rank_sigkilled_does_not_stop_the_writes_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    reader_killed_on("tcp");
+}
+
+#[test]
+fn a_reader_only_rank_sigkilled_does_not_stop_the_writes_over_shm() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    reader_killed_on("shm");
 }

@@ -11,6 +11,7 @@
 //! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
 //! | `serve-then-free` | rank 1 writes the pages of a region; rank 0 reads them (rank 1 serves and publishes them), then every rank frees the region at once and allocates and checks a new one (run with `KRUN_DSM_PUBLISH_DELAY_MS` to make the publications outlast the free) |
 //! | `unreachable` | rank 1 writes pages 0 and 1 (3 ranks), prints `owner=ready` and sleeps (the test SIGKILLs it); ranks 0 and 2 wait for `--go-file` to exist, then rank 0 reads page 1 (its manager is rank 1) and rank 2 reads page 0 (its manager, rank 0, forwards to rank 1): the fault timeout (`KRUN_DSM_FAULT_TIMEOUT_MS`) must end them with exit code 75 and an error naming the page and node 1 |
+//! | `reader-killed` | 3 ranks: rank 0 writes `--pages` data pages and two flag pages (all managed by rank 0 or 1), ranks 1 and 2 read them (rank 0 is their read owner, rank 2 in every copyset); rank 2 prints `reader=ready` and sleeps (the test SIGKILLs it); once `--go-file` exists rank 1 rewrites the data pages (each write must invalidate the dead rank 2's copy) and raises a flag, rank 0 waits for it, checks every word and acknowledges on the other flag page; they print `writer=ok` / `checker=ok` with the dead nodes they know and wait for `--stop-file` |
 //! | `threads` | rank 0 writes `--pages` pages, rank 1 reads them (hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then `--app-threads` threads of rank 1 read disjoint pages at once, one-sided (run with `KRUN_DSM_FAULT_THREADS`); prints the most fault threads seen inside one-sided operations at once |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //!
@@ -37,6 +38,7 @@ struct Args {
     rows: usize,
     cols: usize,
     go_file: Option<std::path::PathBuf>,
+    stop_file: Option<std::path::PathBuf>,
     app_threads: usize,
 }
 
@@ -54,6 +56,7 @@ fn parse() -> Res<Args> {
         rows: 512,
         cols: 32,
         go_file: None,
+        stop_file: None,
         app_threads: 4,
     };
     while let Some(k) = it.next() {
@@ -74,6 +77,7 @@ fn parse() -> Res<Args> {
             "--rows" => a.rows = v.parse().map_err(|e| bad(&e))?,
             "--cols" => a.cols = v.parse().map_err(|e| bad(&e))?,
             "--go-file" => a.go_file = Some(v.into()),
+            "--stop-file" => a.stop_file = Some(v.into()),
             "--app-threads" => a.app_threads = v.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown option {k}")),
         }
@@ -357,110 +361,21 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
     d.free(region).map_err(|e| e.to_string())
 }
 
-/// The test matrix: deterministic pseudo-random entries (splitmix64), column-major.
-fn matrix(rows: usize, cols: usize) -> Vec<f64> {
-    let mut x: u64 = 0x1234_5678;
-    (0..rows * cols)
-        .map(|_| {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-        .collect()
-}
-
-/// Modified Gram-Schmidt in place on column-major `a`: columns become Q.
-fn mgs_serial(a: &mut [f64], rows: usize, cols: usize) {
-    for k in 0..cols {
-        let norm = (0..rows)
-            .map(|i| a[k * rows + i].powi(2))
-            .sum::<f64>()
-            .sqrt();
-        for i in 0..rows {
-            a[k * rows + i] /= norm;
-        }
-        for j in k + 1..cols {
-            let r: f64 = (0..rows).map(|i| a[k * rows + i] * a[j * rows + i]).sum();
-            for i in 0..rows {
-                a[j * rows + i] -= r * a[k * rows + i];
-            }
-        }
-    }
-}
-
 fn mgs(d: &Dsm, a: &Args) -> Res<()> {
-    let (rows, cols, size, r) = (a.rows, a.cols, a.size, a.rank);
-    let region = d.alloc(rows * cols * 8).map_err(|e| e.to_string())?;
-    let m = region.as_ptr() as *mut f64;
-    // SAFETY (for every access below): indices stay inside rows * cols doubles of the
-    // region; a column is written only by its rank between barriers, and read by others only
-    // after the barrier that follows its last write.
-    let at = |j: usize, i: usize| unsafe { m.add(j * rows + i) };
-    let init = matrix(rows, cols);
-    for j in (0..cols).filter(|j| j % size == r) {
-        for i in 0..rows {
-            unsafe { at(j, i).write(init[j * rows + i]) };
-        }
-    }
-    d.barrier().map_err(|e| e.to_string())?;
-    let before = d.stats();
-    let start = Instant::now();
-    for k in 0..cols {
-        if k % size == r {
-            let norm = (0..rows)
-                .map(|i| unsafe { at(k, i).read() }.powi(2))
-                .sum::<f64>()
-                .sqrt();
-            for i in 0..rows {
-                unsafe { at(k, i).write(at(k, i).read() / norm) };
-            }
-        }
-        d.barrier().map_err(|e| e.to_string())?;
-        let q: Vec<f64> = (0..rows).map(|i| unsafe { at(k, i).read() }).collect();
-        for j in (k + 1..cols).filter(|j| j % size == r) {
-            let rkj: f64 = (0..rows).map(|i| q[i] * unsafe { at(j, i).read() }).sum();
-            for (i, qi) in q.iter().enumerate() {
-                unsafe { at(j, i).write(at(j, i).read() - rkj * qi) };
-            }
-        }
-    }
-    d.barrier().map_err(|e| e.to_string())?;
-    let seconds = start.elapsed().as_secs_f64();
-    let after = d.stats();
-    let mut serial = init;
-    mgs_serial(&mut serial, rows, cols);
-    let mut max_diff = 0f64;
-    for j in 0..cols {
-        for i in 0..rows {
-            max_diff = max_diff.max((unsafe { at(j, i).read() } - serial[j * rows + i]).abs());
-        }
-    }
-    let mut ortho = 0f64;
-    for p in 0..cols {
-        for q in 0..cols {
-            let dot: f64 = (0..rows)
-                .map(|i| unsafe { at(p, i).read() * at(q, i).read() })
-                .sum();
-            let want = if p == q { 1.0 } else { 0.0 };
-            ortho += (dot - want).powi(2);
-        }
-    }
-    let ortho = ortho.sqrt();
+    let m = dsm::mgs::Mgs::new(d, a.rows, a.cols).map_err(|e| e.to_string())?;
+    let run = m.run(|_| Ok(())).map_err(|e| e.to_string())?;
+    let max_diff = m.max_diff_from_serial();
+    let ortho = m.orthogonality();
     println!(
-        "krun-result mgs_seconds={seconds:.4} page_faults={} remote_fetches={} max_diff={max_diff:.2e} orthogonality={ortho:.2e}",
-        after.0 - before.0,
-        after.1 - before.1
+        "krun-result mgs_seconds={:.4} page_faults={} remote_fetches={} max_diff={max_diff:.2e} orthogonality={ortho:.2e}",
+        run.seconds, run.page_faults, run.remote_fetches
     );
     if max_diff > 1e-9 || ortho > 1e-10 {
         return Err(format!(
             "MGS on the DSM differs from the serial MGS: max diff {max_diff:e}, ||Q^T Q - I|| {ortho:e}"
         ));
     }
-    d.barrier().map_err(|e| e.to_string())?;
-    d.free(region).map_err(|e| e.to_string())
+    m.free().map_err(|e| e.to_string())
 }
 
 /// See the `unreachable` scenario in the module doc. Returns only on a failed check.
@@ -500,6 +415,141 @@ fn unreachable(d: &Dsm, a: &Args) -> Res<()> {
     Err(format!(
         "page {p} read {v} although its only copy died with rank 1"
     ))
+}
+
+/// Waits (at most 120 s) for `path` to exist.
+fn wait_file(path: Option<&std::path::PathBuf>, what: &str) -> Res<()> {
+    let path = path.ok_or(format!("needs --{what}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Reads the word at `p` until it is `want` (at most 120 s).
+fn spin_until(p: *const u64, want: u64, what: &str) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // SAFETY (caller): p is a word of a live shared region.
+    while unsafe { p.read_volatile() } != want {
+        if Instant::now() > deadline {
+            return Err(format!("{what} never became {want}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// See the `reader-killed` scenario in the module doc. Returns without the final barrier
+/// (rank 2 is dead).
+fn reader_killed(d: &Dsm, a: &Args) -> Res<()> {
+    use std::io::Write;
+    const WORDS: usize = 4096 / 8;
+    if a.size != 3 {
+        return Err("reader-killed needs --size 3".into());
+    }
+    let total = 3 * (a.pages + 2);
+    let region = d.alloc(total * 4096).map_err(|e| e.to_string())?;
+    let mut usable = Vec::new();
+    for i in 0..total {
+        // Pages rank 2 manages are left alone: a dead manager's entries are not rebuilt.
+        if d.manager_of(region.first_page() + i as u64)
+            .map_err(|e| e.to_string())?
+            != 2
+        {
+            usable.push(i);
+        }
+    }
+    if usable.len() < a.pages + 2 {
+        return Err(format!(
+            "{} pages not managed by rank 2, {} needed",
+            usable.len(),
+            a.pages + 2
+        ));
+    }
+    let (data, flag, ack) = (&usable[..a.pages], usable[a.pages], usable[a.pages + 1]);
+    let base = region.as_ptr() as *mut u64;
+    // SAFETY (every use): page i < total of the region, word w < WORDS.
+    let word = |i: usize, w: usize| unsafe { base.add(i * WORDS + w) };
+    let value = |round: u64, i: usize, w: usize| (round << 56) | ((i as u64) << 16) | w as u64;
+    let check = |round: u64| -> Res<()> {
+        for &i in data {
+            for w in 0..WORDS {
+                // SAFETY: see `word`.
+                let got = unsafe { word(i, w).read_volatile() };
+                if got != value(round, i, w) {
+                    return Err(format!(
+                        "page {i} word {w}: {got:#x} != {:#x} (round {round})",
+                        value(round, i, w)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    };
+    let bar = || d.barrier().map_err(|e| e.to_string());
+    if a.rank == 0 {
+        for &i in data {
+            for w in 0..WORDS {
+                // SAFETY: see `word`; only rank 0 writes before the barrier.
+                unsafe { word(i, w).write_volatile(value(0xa, i, w)) };
+            }
+        }
+        // SAFETY: see `word`.
+        unsafe {
+            word(flag, 0).write_volatile(0);
+            word(ack, 0).write_volatile(0);
+        }
+    }
+    bar()?;
+    if a.rank != 0 {
+        check(0xa)?;
+        // SAFETY: see `word`.
+        let flags = unsafe { (word(flag, 0).read_volatile(), word(ack, 0).read_volatile()) };
+        if flags != (0, 0) {
+            return Err(format!("flags {flags:?} before anyone raised them"));
+        }
+    }
+    bar()?;
+    if a.rank == 2 {
+        println!("krun-result reader=ready");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(120));
+        return Err("rank 2 was not killed within 120 s".into());
+    }
+    wait_file(a.go_file.as_ref(), "go-file")?;
+    let role = if a.rank == 1 {
+        // Every first write to a data page waits for rank 0 to invalidate rank 2's copy.
+        for &i in data {
+            for w in 0..WORDS {
+                // SAFETY: see `word`; only rank 1 writes the data pages now.
+                unsafe { word(i, w).write_volatile(value(0xb, i, w)) };
+            }
+        }
+        check(0xb)?;
+        // SAFETY: see `word`.
+        unsafe { word(flag, 0).write_volatile(1) };
+        spin_until(word(ack, 0), 1, "rank 0's acknowledgement")?;
+        "writer"
+    } else {
+        spin_until(word(flag, 0), 1, "rank 1's flag")?;
+        check(0xb)?;
+        // SAFETY: see `word`.
+        unsafe { word(ack, 0).write_volatile(1) };
+        "checker"
+    };
+    let dead: Vec<String> = d.dead_nodes().iter().map(|n| n.to_string()).collect();
+    println!(
+        "krun-result {role}=ok dead={} dead_copies_dropped={}",
+        dead.join(","),
+        d.protocol_stats().dead_copies_dropped
+    );
+    let _ = std::io::stdout().flush();
+    // The other survivor may still read pages this rank owns.
+    wait_file(a.stop_file.as_ref(), "stop-file")
 }
 
 /// See the `threads` scenario in the module doc.
@@ -588,6 +638,7 @@ fn run(a: &Args) -> Res<()> {
         "serve-then-free" => serve_then_free(&d, a),
         "mgs" => mgs(&d, a),
         "unreachable" => return unreachable(&d, a),
+        "reader-killed" => return reader_killed(&d, a),
         "threads" => threads(&d, a),
         s => Err(format!("unknown scenario {s}")),
     }?;

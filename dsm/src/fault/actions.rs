@@ -79,6 +79,18 @@ impl Engine {
                         local.push_back((msg, bytes));
                         continue;
                     }
+                    if self.dead.lock().map_err(|_| poisoned())?.contains(&to) {
+                        // The state machine sends nothing to a node it knows dead; a batch
+                        // computed before the death was known may still name it.
+                        if self.trace {
+                            eprintln!(
+                                "{} dsm {}: not sent to dead node {to}: {msg:?}",
+                                now_ns(),
+                                self.me
+                            );
+                        }
+                        continue;
+                    }
                     let seq = {
                         let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
                         let slot = seqs.get_mut(to as usize).ok_or_else(|| no_region(page))?;
@@ -106,7 +118,12 @@ impl Engine {
                     wire.extend_from_slice(&bytes);
                     let crc = crc32c::crc32c(&wire);
                     wire.extend_from_slice(&crc.to_le_bytes());
-                    self.ep.send(self.peer(to)?, TAG_DSM, &wire)?;
+                    if let Err(e) = self.ep.send(self.peer(to)?, TAG_DSM, &wire) {
+                        // The rest of the batch still runs (the state machine has moved
+                        // on); the watchdog probes the node: dead, it is dropped from
+                        // copysets; alive, the lost message is the driver's error.
+                        self.suspect(to, format!("sending {msg:?}: {e}"));
+                    }
                 }
                 Action::Join { owner, page } => {
                     if self.me >= SHARE_WORD_NODES {

@@ -14,6 +14,18 @@
 //! access and can be given no error; a job's HA policy sees the rank exit with that code).
 //! When every node answers, the wait goes on (a slow owner is not a dead one) and a warning
 //! names the page and the nodes asked.
+//!
+//! A node found dead is first declared failed ([`Engine::node_failed`], announced to the
+//! other nodes): its read copies leave the copysets, so a write that waited only for its
+//! invalidation acknowledgement is granted, here or at the owner, and the access goes on.
+//! The access is reported unreachable only if it still waits: at once when it asked a dead
+//! node itself (the manager or the owner it sent to), else after a grace of one fault
+//! timeout plus the fabric's operation timeout (the longest a live node can be held by a
+//! send to the dead one before it handles the announcement), since the dead node may be
+//! further down the chain (an owner the manager forwarded to).
+//!
+//! A send that failed makes its target a suspect: the next check probes it; dead, it is
+//! declared failed; alive, the lost message becomes the driver's error.
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +53,8 @@ pub(super) struct Pending {
     /// The nodes asked so far (requests, joins, reads, invalidations).
     pub asked: BTreeSet<NodeId>,
     pub reported: bool,
+    /// When a probe for this wait first found a dead node that it did not ask itself.
+    pub dead_since: Option<Instant>,
 }
 
 impl Pending {
@@ -51,6 +65,7 @@ impl Pending {
             access,
             asked: BTreeSet::new(),
             reported: false,
+            dead_since: None,
         }
     }
 }
@@ -108,8 +123,44 @@ impl Engine {
         }
     }
 
-    /// Called by the watchdog thread: reports waits past the fault timeout.
-    pub(super) fn check_waits(&self) {
+    /// Probes the nodes sends failed to: dead ones are declared failed; a live one's lost
+    /// message is the driver's error.
+    fn check_suspects(self: &Arc<Self>) {
+        let suspects = match self.suspects.lock() {
+            Ok(mut s) => std::mem::take(&mut *s),
+            Err(_) => return,
+        };
+        if suspects.is_empty() {
+            return;
+        }
+        let nodes: Vec<NodeId> = suspects.keys().copied().collect();
+        let Some(dead) = self.probe_nodes(&nodes) else {
+            // No region left: the lost messages were about freed pages.
+            return;
+        };
+        if !dead.is_empty() {
+            eprintln!(
+                "krun dsm: rank {}: nodes {dead:?} do not answer (a send failed): dropped \
+                 from copysets",
+                self.me
+            );
+            if let Err(e) = self.node_failed(&dead, true) {
+                self.fail(e.to_string());
+            }
+        }
+        for (n, e) in suspects {
+            if !dead.contains(&n) {
+                self.fail(format!(
+                    "node {n} answers, but a message to it was lost: {e}"
+                ));
+            }
+        }
+    }
+
+    /// Called by the watchdog thread: handles failed sends, and reports waits past the
+    /// fault timeout.
+    pub(super) fn check_waits(self: &Arc<Self>) {
+        self.check_suspects();
         let now = Instant::now();
         let expired: Vec<(PageId, Access, BTreeSet<NodeId>, Duration)> = {
             let Ok(mut p) = self.pending.lock() else {
@@ -126,7 +177,35 @@ impl Engine {
         let Some(&(page, access, ref asked, waited)) = expired.first() else {
             return;
         };
+        let known = self.dead_nodes();
         let dead = self.probe(page);
+        let fresh: Vec<NodeId> = dead
+            .iter()
+            .copied()
+            .filter(|n| !known.contains(n))
+            .collect();
+        if !fresh.is_empty() {
+            eprintln!(
+                "krun dsm: rank {}: nodes {fresh:?} do not answer: dropped from copysets \
+                 (page {page} waited {:.1} s)",
+                self.me,
+                waited.as_secs_f64()
+            );
+            if let Err(e) = self.node_failed(&fresh, true) {
+                self.fail(e.to_string());
+            }
+        }
+        // Still waiting? Dropping the dead nodes may have granted it.
+        let dead_since = {
+            let Ok(mut p) = self.pending.lock() else {
+                return;
+            };
+            match p.get_mut(&page) {
+                None => return,
+                Some(e) if e.reported => return,
+                Some(e) => *e.dead_since.get_or_insert(Instant::now()),
+            }
+        };
         if dead.is_empty() {
             eprintln!(
                 "krun dsm: rank {}: page {page} ({access:?}) waited {:.1} s for nodes {:?}, \
@@ -138,8 +217,16 @@ impl Engine {
             if let Ok(mut p) = self.pending.lock() {
                 if let Some(e) = p.get_mut(&page) {
                     e.since = Instant::now();
+                    e.dead_since = None;
                 }
             }
+            return;
+        }
+        let asked_dead = asked.iter().any(|n| dead.contains(n));
+        let grace = self.fault_timeout + self.ep.op_timeout();
+        if !asked_dead && dead_since.elapsed() < grace {
+            // A node further down the chain may wait for the dead one: it drops it when the
+            // announcement arrives.
             return;
         }
         let Some(region) = region_of(&self.regions, page) else {
@@ -167,20 +254,41 @@ impl Engine {
         }
     }
 
-    /// The nodes that do not answer a one-sided fetch-and-add of 0 on their share words
-    /// within the fault timeout.
+    /// The nodes that do not answer a one-sided fetch-and-add of 0 on their share words of
+    /// `page`'s region within the fault timeout (nodes known dead are not asked again).
     fn probe(&self, page: PageId) -> Vec<NodeId> {
-        let Some(region) = region_of(&self.regions, page) else {
+        let all: Vec<NodeId> = (0..self.peers.len() as NodeId).collect();
+        self.probe_in(region_of(&self.regions, page), &all)
+    }
+
+    /// [`Engine::probe`] of `nodes` on any live region's share words (None: no region).
+    fn probe_nodes(&self, nodes: &[NodeId]) -> Option<Vec<NodeId>> {
+        let region = self
+            .regions
+            .read()
+            .ok()
+            .and_then(|m| m.values().next().cloned())?;
+        Some(self.probe_in(Some(region), nodes))
+    }
+
+    fn probe_in(&self, region: Option<Arc<super::RegionInfo>>, nodes: &[NodeId]) -> Vec<NodeId> {
+        let Some(region) = region else {
             return Vec::new();
         };
+        let known = self.dead_nodes();
         let mut posted = Vec::new();
         let mut dead = Vec::new();
-        for (n, peer) in self.peers.iter().enumerate() {
-            let n = n as NodeId;
+        for &n in nodes {
             if n == self.me {
                 continue;
             }
-            let Some(peer) = *peer else { continue };
+            if known.contains(&n) {
+                dead.push(n);
+                continue;
+            }
+            let Some(peer) = self.peers.get(n as usize).copied().flatten() else {
+                continue;
+            };
             match self
                 .ep
                 .post_fetch_add(peer, &region.remote_words[n as usize], 0, 0)
