@@ -34,9 +34,11 @@ use std::time::{Duration, Instant};
 
 mod mapped;
 mod membership;
+mod placed;
 mod usage;
 
 pub use mapped::PutReport;
+pub use placed::ParityState;
 pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
@@ -245,6 +247,10 @@ struct Inner {
     l1: Mutex<HashMap<Key, L1Copy>>,
     pool: Arc<Mutex<Vec<MemoryRegion>>>,
     safe: Mutex<HashMap<Key, [bool; 4]>>,
+    /// Per version and level, the node its copy went to (`store/placed.rs`).
+    holders: Mutex<HashMap<Key, [Option<usize>; 4]>>,
+    /// Per version, the flush's L3 decision (`store/placed.rs`).
+    parity_plan: Mutex<HashMap<Key, placed::ParityPlan>>,
     safe_changed: Condvar,
     errors: Mutex<HashMap<Key, String>>,
     next_request: AtomicU64,
@@ -346,6 +352,8 @@ impl Store {
             l1: Default::default(),
             pool: Default::default(),
             safe: Default::default(),
+            holders: Default::default(),
+            parity_plan: Default::default(),
             safe_changed: Condvar::new(),
             errors: Default::default(),
             next_request: AtomicU64::new(1),
@@ -408,7 +416,8 @@ impl Store {
         }
         inner.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         inner.errors.lock().expect("lock").remove(&key);
-        inner.mark_safe(&key, Level::L1);
+        inner.reset_key(&key);
+        inner.mark_safe_at(&key, Level::L1, inner.cfg.node);
         inner.retain(owner, Level::L1);
         if let Some(tx) = &self.jobs {
             let _ = tx.send(key);
@@ -803,7 +812,10 @@ impl Inner {
                     }
                 }
                 Level::L2 => {
-                    let buddy = self.buddy_of(self.cfg.node);
+                    // Where the copy landed (the buddy may have changed since).
+                    let buddy = self
+                        .l2_holder(&key)
+                        .unwrap_or_else(|| self.buddy_of(self.cfg.node));
                     let body = Body::Drop {
                         owner: owner.to_string(),
                         version: v,
@@ -1030,10 +1042,15 @@ impl Inner {
             pending_l3.retain(|(key, set, holder, since)| {
                 match self.parity_lookup(*holder, *set, key.1) {
                     Ok(Some(p)) if p.members.iter().any(|m| m.2 == key.0) => {
-                        self.mark_safe(key, Level::L3);
+                        self.mark_safe_at(key, Level::L3, *holder);
                         false
                     }
-                    _ => since.elapsed() < Duration::from_secs(600),
+                    _ if since.elapsed() < Duration::from_secs(600) => true,
+                    _ => {
+                        let why = format!("the parity set at node {holder} never completed");
+                        self.plan_parity(key, Err(why));
+                        false
+                    }
                 }
             });
         }
@@ -1045,23 +1062,31 @@ impl Inner {
             let buddy = self.buddy_of(self.cfg.node);
             match self.send_copy(buddy, key, 0, 0, 0) {
                 Ok(_) => {
-                    self.mark_safe(key, Level::L2);
+                    self.mark_safe_at(key, Level::L2, buddy);
                     self.retain(&key.0, Level::L2);
                 }
                 Err(e) => self.fail(key, format!("L2 at node {buddy}: {e}")),
             }
         }
-        if let Some((set, member, holder)) = self.parity_target(key) {
-            let sent = if holder == self.cfg.node {
-                self.contribute_locally(key, set, member)
-            } else {
-                self.send_copy(holder, key, 1, set, member)
-            };
-            match sent {
-                Ok(true) => self.mark_safe(key, Level::L3),
-                Ok(false) => pending_l3.push((key.clone(), set, holder, Instant::now())),
-                Err(e) => self.fail(key, format!("L3 at node {holder}: {e}")),
+        match self.parity_target(key) {
+            Some((set, member, holder)) => {
+                self.plan_parity(key, Ok(Some(holder)));
+                let sent = if holder == self.cfg.node {
+                    self.contribute_locally(key, set, member)
+                } else {
+                    self.send_copy(holder, key, 1, set, member)
+                };
+                match sent {
+                    Ok(true) => self.mark_safe_at(key, Level::L3, holder),
+                    Ok(false) => pending_l3.push((key.clone(), set, holder, Instant::now())),
+                    Err(e) => {
+                        let why = format!("L3 at node {holder}: {e}");
+                        self.plan_parity(key, Err(why.clone()));
+                        self.fail(key, why);
+                    }
+                }
             }
+            None => self.plan_parity(key, Ok(None)),
         }
         if let Some(disk) = &self.disk {
             let copy = self
@@ -1554,6 +1579,14 @@ impl Inner {
         let expected = self.set_size(set);
         let mut sets = self.parity.lock().expect("lock");
         let p = sets.entry((set, version)).or_default();
+        if let Some((o, l, _)) = p.parity {
+            // A complete set gets a new image: the version was taken again after a
+            // recovery rolled the job back (the old images are gone); start afresh.
+            p.parity = None;
+            p.parity_mr = None;
+            p.members.clear();
+            self.arena.lock().expect("lock").release(o, l);
+        }
         if let Some(old) = p.contributions.insert(
             member,
             Contribution {
@@ -1569,8 +1602,8 @@ impl Inner {
                 .expect("lock")
                 .release(old.offset, old.len);
         }
-        if p.contributions.len() < expected || p.parity.is_some() {
-            return p.parity.is_some();
+        if p.contributions.len() < expected {
+            return false;
         }
         let plen = p.contributions.values().map(|c| c.len).max().unwrap_or(0);
         let Some(poff) = self.arena.lock().expect("lock").alloc(plen) else {

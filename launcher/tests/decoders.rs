@@ -195,6 +195,7 @@ fn node_and_launcher_messages_never_panic() {
                 rank: 0,
                 version: 1,
                 level: 2,
+                node: Some(1),
             },
             NodeToLauncher::NotSafe {
                 rank: 1,

@@ -804,6 +804,22 @@ fn buddy_pair_job(dir: &Path, heat: &Path, steps: &str) -> Command {
     cmd
 }
 
+/// The copy the policy's last recovery plan restores `rank` from, as its line shows it
+/// ("L3 from node 2, 1.0 MiB" of "...; rank 0 restarts on spare node 4 from checkpoint 3
+/// (L3 from node 2, 1.0 MiB); ...").
+fn planned_source(err: &str, rank: u32) -> Option<String> {
+    let group = format!("rank {rank} restarts on ");
+    err.lines()
+        .filter(|l| l.starts_with("krun: "))
+        .flat_map(|l| l.split("; "))
+        .filter(|part| part.starts_with(&group))
+        .filter_map(|part| {
+            let (_, src) = part.split_once(" (")?;
+            Some(src.trim_end_matches(')').to_string())
+        })
+        .last()
+}
+
 /// The line krund prints for the image of `rank` it fetched for a restart.
 fn fetched_line(err: &str, rank: u32) -> Option<&str> {
     err.lines()
@@ -832,6 +848,15 @@ fn losing_a_buddy_pair_at_once_restores_the_lost_rank_from_l3_parity_on_a_spare(
     assert_eq!(placed.len(), 2, "{log}");
     assert_eq!((placed[0].0, placed[1].0), (0, 1), "{log}");
     assert!(placed.iter().all(|p| p.1 >= 4), "on the spares: {log}");
+    // The policy knew it: its last plan for rank 0 names L3 and the parity holder (one of
+    // the surviving rank nodes 2-3), its plan for rank 1 the L2 copy on node 2.
+    let r0_plan = planned_source(&err, 0).unwrap_or_else(|| panic!("no plan for rank 0:\n{err}"));
+    assert!(
+        r0_plan.starts_with("L3 from node 2") || r0_plan.starts_with("L3 from node 3"),
+        "{r0_plan}\n{err}"
+    );
+    let r1_plan = planned_source(&err, 1).unwrap_or_else(|| panic!("no plan for rank 1:\n{err}"));
+    assert!(r1_plan.starts_with("L2 from node 2"), "{r1_plan}\n{err}");
     // Rank 0's image was in node 0's memory (L1) and node 1's (L2): it came from parity;
     // rank 1's L2 copy was on node 2.
     let r0 = fetched_line(&err, 0).unwrap_or_else(|| panic!("no fetch of rank 0:\n{err}"));

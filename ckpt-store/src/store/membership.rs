@@ -86,7 +86,7 @@ impl Inner {
                 Ok(_) => {
                     // A flush that raced the buddy's departure may have recorded a failure.
                     self.errors.lock().expect("lock").remove(&key);
-                    self.mark_safe(&key, Level::L2);
+                    self.mark_safe_at(&key, Level::L2, buddy);
                 }
                 Err(e) => self.fail(&key, format!("L2 at node {buddy}: {e}")),
             }

@@ -115,8 +115,15 @@ pub enum NodeToLauncher {
     /// A rank of this node took checkpoint `version` (`bytes` long) and the node's store
     /// holds it (L1).
     Captured { rank: u32, version: u64, bytes: u64 },
-    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`).
-    Safe { rank: u32, version: u64, level: u8 },
+    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`):
+    /// its copy is on `node` (L2: the buddy; L3: the parity holder; `None`: L4, or not
+    /// known).
+    Safe {
+        rank: u32,
+        version: u64,
+        level: u8,
+        node: Option<NodeId>,
+    },
     /// `version` of `rank` did not reach `level`.
     NotSafe {
         rank: u32,

@@ -402,6 +402,7 @@ impl Runtime {
                         rank,
                         version,
                         level,
+                        holder,
                         ..
                     } => {
                         if level > ckpt_store::Level::L1 {
@@ -409,6 +410,7 @@ impl Runtime {
                                 rank,
                                 version,
                                 level: store_link::level_number(level),
+                                node: holder.and_then(|n| NodeId::try_from(n).ok()),
                             });
                         }
                         let op = TableOp::Checkpointed {

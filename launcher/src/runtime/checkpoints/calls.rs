@@ -7,8 +7,10 @@ use super::*;
 pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The policy's copies index: what the nodes reported safe, per level: the node holding
-/// the copy when known (L1: the rank's node; the buddy of L2 is the store's business) and
-/// the image's size.
+/// the copy when known (L1: the rank's node; L2: the buddy the copy landed on; L3: the
+/// node keeping the parity that covers it; L4: none, a disk directory) and the image's
+/// size. The policy leaves out copies on nodes no longer in the view, so a rank whose node
+/// and buddy are both lost is planned from L3 (from its parity holder) by name.
 #[derive(Default)]
 pub(super) struct Copies(pub(super) BTreeMap<(Rank, Version), LevelCopies>);
 
@@ -29,10 +31,15 @@ impl Reads for Copies {
 }
 
 impl Copies {
+    /// `rank`'s `version` is safe at `level` on `node`: a later report with a node (an L2
+    /// copy sent again to a new buddy) moves the copy there.
     pub(super) fn add(&mut self, rank: Rank, version: Version, level: Level, node: Option<NodeId>) {
         let levels = self.0.entry((rank, version)).or_default();
         let bytes = levels.values().map(|c| c.1).max().unwrap_or(0);
-        levels.entry(level).or_insert((node, bytes));
+        let copy = levels.entry(level).or_insert((node, bytes));
+        if node.is_some() {
+            copy.0 = node;
+        }
     }
 
     pub(super) fn set_bytes(&mut self, rank: Rank, version: Version, bytes: u64) {

@@ -171,10 +171,11 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 rank,
                 version,
                 level,
+                node,
             } => {
                 let pv = *calls.versions.get(&version)?;
                 let level = level_of(level)?;
-                copies.add(rank, pv, level, None);
+                copies.add(rank, pv, level, node);
                 Some(Event::LevelSafe {
                     rank,
                     version: pv,

@@ -372,12 +372,13 @@ pub(super) fn translate(
             rank,
             version,
             level,
+            node,
         } => {
             let (Some(&pv), Some(level)) = (u.versions.get(&(rank, version)), level_of(level))
             else {
                 return Ok(None);
             };
-            copies.add(rank, pv, level, None);
+            copies.add(rank, pv, level, node);
             Some(Event::LevelSafe {
                 rank,
                 version: pv,
@@ -713,6 +714,7 @@ mod tests {
                 rank: 1,
                 version: 1,
                 level: 2,
+                node: Some(0),
             },
         );
         assert!(matches!(
