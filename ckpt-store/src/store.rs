@@ -257,7 +257,11 @@ struct Inner {
     chan: Channel,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
-    placement: Placement,
+    /// Buddies and parity sets in force (re-formed after failures: [`Store::reform`]).
+    placement: Mutex<Arc<Placement>>,
+    /// The placements before the one in force, oldest first: versions flushed under them
+    /// keep their parity where those placed it (`rebuild` looks there too).
+    earlier: Mutex<Vec<Arc<Placement>>>,
     /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
     down: Mutex<Vec<bool>>,
     /// Versions whose L2 copy went with a gone buddy: sent again to the new buddy.
@@ -362,7 +366,8 @@ impl Store {
             stop: AtomicBool::new(false),
             down: Mutex::new(vec![false; placement.nodes()]),
             reflush: Mutex::new(Vec::new()),
-            placement,
+            placement: Mutex::new(Arc::new(placement)),
+            earlier: Mutex::new(Vec::new()),
             copied: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Key>();
@@ -688,9 +693,15 @@ impl Drop for Store {
 }
 
 impl Inner {
+    /// The placement in force.
+    pub(super) fn placement(&self) -> Arc<Placement> {
+        self.placement.lock().expect("lock").clone()
+    }
+
     fn buddy_of(&self, node: usize) -> usize {
+        let placement = self.placement();
         let down = self.down.lock().expect("lock");
-        self.placement.buddy_among(node, &down).unwrap_or(node)
+        placement.buddy_among(node, &down).unwrap_or(node)
     }
 
     /// Where `key`'s image goes for L3: (lane set, member index, holder), or `None` when
@@ -701,31 +712,30 @@ impl Inner {
         if self.cfg.parity_set < 2 || self.cfg.nodes.len() < 2 {
             return None;
         }
-        let (set, member) = self.placement.parity_member(self.cfg.node)?;
+        let placement = self.placement();
+        let (set, member) = placement.parity_member(self.cfg.node)?;
+        if placement.set_members(set).len() < 2 {
+            // A set of one (no parity among the nodes left) would only copy the image.
+            return None;
+        }
         let lane = {
             let mut lanes = self.lanes.lock().expect("lock");
             let next = lanes.len() as u32;
             *lanes.entry(key.0.clone()).or_insert(next)
         };
-        if lane >= self.placement.lanes() {
+        if lane >= placement.lanes() {
             return None;
         }
-        let vset = self.placement.lane_set(set, lane);
-        let holder = self.placement.parity_holder(vset, key.1);
-        if self.is_down(holder)
-            || self
-                .placement
-                .set_members(set)
-                .iter()
-                .any(|&m| self.is_down(m))
-        {
+        let vset = placement.lane_set(set, lane);
+        let holder = placement.parity_holder(vset, key.1);
+        if self.is_down(holder) || placement.set_members(set).iter().any(|&m| self.is_down(m)) {
             return None;
         }
         Some((vset, member, holder))
     }
 
     fn set_size(&self, set: u32) -> usize {
-        self.placement.set_size(set)
+        self.placement().set_size(set)
     }
 
     fn mark_safe(&self, key: &Key, level: Level) {
@@ -1218,9 +1228,17 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        for set in 0..self.placement.lane_sets() {
-            let holder = self.placement.parity_holder(set, version);
-            if self.is_down(holder) {
+        // The placement in force first, then the earlier ones (the version may have been
+        // flushed before the last re-form); each (set, holder) asked once.
+        let placements: Vec<Arc<Placement>> = std::iter::once(self.placement())
+            .chain(self.earlier.lock().expect("lock").iter().rev().cloned())
+            .collect();
+        let mut asked = std::collections::BTreeSet::new();
+        let candidates = placements
+            .iter()
+            .flat_map(|p| (0..p.lane_sets()).map(move |set| (set, p.parity_holder(set, version))));
+        for (set, holder) in candidates {
+            if !asked.insert((set, holder)) || self.is_down(holder) {
                 continue;
             }
             let info = match self.parity_lookup(holder, set, version) {
@@ -1278,13 +1296,20 @@ impl Inner {
         Ok(None)
     }
 
-    /// A member's image from its home node or its buddy (or this node).
+    /// A member's image from its home node or its buddy (or this node), else from any node
+    /// still up (its L2 copy may sit on a buddy of an earlier placement).
     fn fetch_any(&self, owner: &str, version: u64, home: usize) -> Result<Vec<u8>> {
         if let Some((d, _)) = self.local_l1(owner, version) {
             return Ok(d.to_vec());
         }
         let mut last = None;
-        for node in [home, self.buddy_of(home)] {
+        let first = [home, self.buddy_of(home)];
+        let others = (0..self.cfg.nodes.len()).filter(|n| !first.contains(n));
+        let mut tried = std::collections::BTreeSet::new();
+        for node in first.into_iter().chain(others) {
+            if !tried.insert(node) {
+                continue;
+            }
             if node == self.cfg.node {
                 if let Some(h) = self.held_copy(owner, version) {
                     return Ok(h);
@@ -1586,6 +1611,21 @@ impl Inner {
             p.parity_mr = None;
             p.members.clear();
             self.arena.lock().expect("lock").release(o, l);
+        }
+        // Images from nodes that are no longer the members at their index (left from
+        // before a re-form of the sets) are not this set's.
+        let placement = self.placement();
+        let members = placement.set_members(set);
+        let stale: Vec<u32> = p
+            .contributions
+            .iter()
+            .filter(|(m, c)| members.get(**m as usize) != Some(&(c.node as usize)))
+            .map(|(m, _)| *m)
+            .collect();
+        for m in stale {
+            if let Some(c) = p.contributions.remove(&m) {
+                self.arena.lock().expect("lock").release(c.offset, c.len);
+            }
         }
         if let Some(old) = p.contributions.insert(
             member,

@@ -223,6 +223,11 @@ fn node_and_launcher_messages_never_panic() {
             LauncherToNode::Release {
                 order: SafepointOrder::Rollback { version: 2 },
             },
+            LauncherToNode::Reform {
+                wiring: 2,
+                members: vec![2, 3, 4, 5],
+                ranks: vec![(0, 4), (1, 5), (2, 2), (3, 3)],
+            },
         ],
         38,
     );

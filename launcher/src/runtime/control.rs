@@ -197,6 +197,15 @@ pub enum LauncherToNode {
     Barrier { op: u64 },
     /// (After every node's `Opened { op }`) wake the ranks for barrier `op`.
     Wake { op: u64 },
+    /// (After the `Restart` of recovery `wiring`) the ranks now run on the nodes `ranks`
+    /// names (rank -> node, every rank of the job) in the agreed view of `members`: each
+    /// node's checkpoint store re-forms its buddies and parity sets among them
+    /// (`runtime/store_node.rs`).
+    Reform {
+        wiring: u64,
+        members: Vec<NodeId>,
+        ranks: Vec<(u32, NodeId)>,
+    },
     /// The policy's decision for the ranks held: every held rank gets this order.
     Release {
         order: super::safepoint::SafepointOrder,

@@ -67,6 +67,15 @@ pub(super) fn connect_launcher(
                 Ok(LauncherToNode::Release { order }) => {
                     safepoints.release(order);
                 }
+                Ok(LauncherToNode::Reform {
+                    wiring: _,
+                    members,
+                    ranks,
+                }) => {
+                    // Before this node answers the recovery (its restarts run in threads
+                    // of their own): the next checkpoint already uses the new placement.
+                    agent.reform(members, ranks);
+                }
                 Ok(LauncherToNode::Restart {
                     wiring,
                     bootstrap,

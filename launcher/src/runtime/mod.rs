@@ -90,6 +90,11 @@ pub trait CheckpointAgent: Send + Sync {
     fn node_down(&self, _node: NodeId) -> Result<()> {
         Ok(())
     }
+    /// A recovery placed the ranks anew (`ranks`: rank -> node, every rank of the job) in
+    /// the view of `members`: buddies and parity sets are re-formed among them.
+    fn reform(&self, _members: &[NodeId], _ranks: &[(u32, NodeId)]) -> Result<()> {
+        Ok(())
+    }
     /// Writes `version` of `rank` and the older images it builds on, read from the store, as
     /// ghost checkpoint files of `owner` under `dir` (a restart from them follows); returns
     /// the bytes written.
@@ -130,7 +135,13 @@ pub struct AgentSlot {
     /// Called when something starts waiting for the expected agent (krund starts its store
     /// then, if it has not yet).
     wanted: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The newest re-form krun ordered (members, rank -> node), applied to an agent that
+    /// comes later.
+    reform: Mutex<Option<Reformed>>,
 }
+
+/// A recovery's placement: the view's members and every rank's node.
+type Reformed = (Vec<NodeId>, Vec<(u32, NodeId)>);
 
 impl AgentSlot {
     pub fn get(&self) -> Option<Arc<dyn CheckpointAgent>> {
@@ -158,9 +169,27 @@ impl AgentSlot {
 
     fn set(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
         let mut g = self.agent.lock().expect("agent lock");
-        *g = agent;
+        *g = agent.clone();
         self.expected.store(false, Ordering::SeqCst);
         self.changed.notify_all();
+        drop(g);
+        let pending = self.reform.lock().expect("reform lock").clone();
+        if let (Some(a), Some((members, ranks))) = (agent, pending) {
+            if let Err(e) = a.reform(&members, &ranks) {
+                eprintln!("krund: {e}");
+            }
+        }
+    }
+
+    /// krun's `Reform` after a recovery: the agent re-forms its store's placement now, or
+    /// when it comes.
+    pub fn reform(&self, members: Vec<NodeId>, ranks: Vec<(u32, NodeId)>) {
+        *self.reform.lock().expect("reform lock") = Some((members.clone(), ranks.clone()));
+        if let Some(a) = self.get() {
+            if let Err(e) = a.reform(&members, &ranks) {
+                eprintln!("krund: {e}");
+            }
+        }
     }
 }
 

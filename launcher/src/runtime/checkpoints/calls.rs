@@ -463,6 +463,7 @@ impl HubCalls {
         (self.send)(&LauncherToNode::Release {
             order: SafepointOrder::Abort("a recovery restarts the ranks".into()),
         });
+        let order_epoch = w.epoch;
         let order = LauncherToNode::Restart {
             wiring: w.epoch,
             bootstrap: w.bootstrap.clone(),
@@ -470,6 +471,19 @@ impl HubCalls {
             ranks: plan.iter().map(|p| (p.0, p.1)).collect(),
         };
         let sent = (self.send)(&order);
+        // The nodes' stores re-form buddies and parity sets among the nodes left, with the
+        // ranks where they run now (`runtime/store_node.rs`): the next buddy pair lost is
+        // rebuilt from parity again.
+        (self.send)(&LauncherToNode::Reform {
+            wiring: order_epoch,
+            members: self.view.nodes.clone(),
+            ranks: self
+                .placement
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| (r as Rank, n))
+                .collect(),
+        });
         if new_epoch {
             self.phases.reached(Phase::Recovery);
         }

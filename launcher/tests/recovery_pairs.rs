@@ -1,0 +1,155 @@
+//! Lost buddy pairs with real processes in local mode: the C heat stencil on 4 nodes of one
+//! rank each plus 2 spares under the coordinated policy, with L3 parity on (the default for
+//! 4 rank nodes). A node and its buddy killed at once: the rank that lost both its copies
+//! is restored from parity, and the policy plans it from L3 by name; after the recovery the
+//! stores re-form buddies and parity sets, so a second pair lost later (the spares that took
+//! the first pair's ranks over) is rebuilt from parity again.
+use std::time::Duration;
+
+mod recovery_common;
+use recovery_common::*;
+
+#[test]
+fn losing_a_buddy_pair_at_once_restores_the_lost_rank_from_l3_parity_on_a_spare() {
+    let dir = temp("pair");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "500"]);
+    let run = Running::start(&dir.0, buddy_pair_job(&dir.0, &heat, "500"));
+    run.wait_line(
+        "injected failure at the barrier of checkpoint attempt 4: SIGKILL to node",
+        Duration::from_secs(240),
+    );
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    // Both nodes were killed, and their ranks restarted on the two spares.
+    assert!(err.contains("SIGKILL to node 0"), "{err}");
+    assert!(err.contains("SIGKILL to node 1"), "{err}");
+    let restarts = restarts_once_per_failure(&log);
+    let mut placed: Vec<(u64, u64)> = restarts.iter().map(|r| (r.0, r.2)).collect();
+    placed.sort_unstable();
+    assert_eq!(placed.len(), 2, "{log}");
+    assert_eq!((placed[0].0, placed[1].0), (0, 1), "{log}");
+    assert!(placed.iter().all(|p| p.1 >= 4), "on the spares: {log}");
+    // The policy knew it: its last plan for rank 0 names L3 and the parity holder (one of
+    // the surviving rank nodes 2-3), its plan for rank 1 the L2 copy on node 2.
+    let r0_plan = planned_source(&err, 0).unwrap_or_else(|| panic!("no plan for rank 0:\n{err}"));
+    assert!(
+        r0_plan.starts_with("L3 from node 2") || r0_plan.starts_with("L3 from node 3"),
+        "{r0_plan}\n{err}"
+    );
+    let r1_plan = planned_source(&err, 1).unwrap_or_else(|| panic!("no plan for rank 1:\n{err}"));
+    assert!(r1_plan.starts_with("L2 from node 2"), "{r1_plan}\n{err}");
+    // Rank 0's image was in node 0's memory (L1) and node 1's (L2): it came from parity;
+    // rank 1's L2 copy was on node 2.
+    let r0 = fetched_line(&err, 0).unwrap_or_else(|| panic!("no fetch of rank 0:\n{err}"));
+    assert!(
+        r0.contains("from L3") && r0.contains("rebuilt from parity"),
+        "{r0}"
+    );
+    let r1 = fetched_line(&err, 1).unwrap_or_else(|| panic!("no fetch of rank 1:\n{err}"));
+    assert!(r1.contains("from L2 on node 2"), "{r1}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
+
+#[test]
+fn losing_a_buddy_pair_without_parity_or_disk_ends_the_job_naming_the_lost_rank_and_checkpoint() {
+    let dir = temp("pairlost");
+    let heat = build_heat(&dir.0);
+    let mut cmd = buddy_pair_job(&dir.0, &heat, "500");
+    cmd.env("KRUN_STORE_PARITY", "off");
+    let o = run_bounded(cmd, Duration::from_secs(300));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(checksum(&out).is_none(), "{out}\n{err}");
+    let why = err
+        .lines()
+        .find(|l| l.contains("krun: the job cannot continue"))
+        .unwrap_or_else(|| panic!("no reason given:\n{err}"));
+    // Rank 0 is named, and that no copy of its image survives at any level.
+    assert!(why.contains("rank 0"), "{why}");
+    assert!(
+        why.contains("not held at any level")
+            || why.contains("no valid copy")
+            || why.contains("nothing can restore"),
+        "{why}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
+
+#[test]
+fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parity_sets() {
+    let dir = temp("twopairs");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "1200"]);
+    // Restarts go to a spare while one is left, then to the least-loaded survivors.
+    let policy = dir.0.join("shrink.toml");
+    std::fs::write(
+        &policy,
+        "policy = \"coordinated\"\ninterval_ms = 500\nrestart = \"shrink\"\n",
+    )
+    .unwrap();
+    // First the pair of nodes 0 and 1 (sets {0, 1} and {2, 3}; buddies 0 -> 1 -> 2 -> 3),
+    // whose ranks restart on the spares 4 and 5; then, at a barrier after a few commits
+    // more, the pair of those two spares: with the placement of the start they are in no
+    // parity set and node 4's copies sit on node 5 (its first candidate), so the rank on
+    // node 4 could only come back if the stores re-formed their sets among nodes 2-5.
+    let mut extra = vec!["--policy".to_string(), policy.display().to_string()];
+    for node in [4, 5] {
+        extra.push("--inject-failure".into());
+        extra.push(format!("node={node}@ckpt10:barrier"));
+    }
+    let run = Running::start(&dir.0, buddy_pair_job_with(&dir.0, &heat, "1200", &extra));
+    run.wait_line(
+        "injected failure at the barrier of checkpoint attempt 10: SIGKILL to node",
+        Duration::from_secs(400),
+    );
+    let (ok, out, err, log) = run.finish(Duration::from_secs(400));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    for node in [0, 1, 4, 5] {
+        assert!(err.contains(&format!("SIGKILL to node {node}")), "{err}");
+    }
+    assert_eq!(log.matches("Recovered").count(), 2, "two recoveries: {log}");
+    // The stores re-formed their placement among the nodes left, each spare in a set.
+    for node in [2, 3, 4, 5] {
+        assert!(
+            err.lines().any(|l| l.contains(&format!(
+                "krun-store: node {node}: buddies and parity sets re-formed"
+            )) && !l.contains("parity set none")),
+            "node {node} re-formed no parity set:\n{err}"
+        );
+    }
+    let restarts = restarts_once_per_failure(&log);
+    assert_eq!(restarts.len(), 4, "{log}");
+    // The rank the first recovery put on node 4 lost its L1 (node 4) and its L2 (node 5,
+    // node 4's buddy) in the second: planned from L3 at a node of the other set, and
+    // rebuilt from parity by the node that restarted it.
+    let first_epoch = restarts.iter().map(|r| r.3).min().unwrap();
+    let on_4 = restarts
+        .iter()
+        .find(|r| r.3 == first_epoch && r.2 == 4)
+        .unwrap_or_else(|| panic!("no rank restarted on node 4: {log}"))
+        .0 as u32;
+    let later: Vec<_> = restarts.iter().filter(|r| r.3 > first_epoch).collect();
+    assert_eq!(later.len(), 2, "{log}");
+    assert!(
+        later.iter().all(|r| r.2 == 2 || r.2 == 3),
+        "the second pair's ranks go to the survivors: {log}"
+    );
+    let plan = planned_source(&err, on_4).unwrap_or_else(|| panic!("no plan:\n{err}"));
+    assert!(
+        plan.starts_with("L3 from node 2") || plan.starts_with("L3 from node 3"),
+        "rank {on_4}: {plan}\n{err}"
+    );
+    let fetched = fetched_lines(&err, on_4);
+    let last = fetched.last().unwrap_or_else(|| panic!("no fetch:\n{err}"));
+    assert!(
+        last.contains("from L3") && last.contains("rebuilt from parity"),
+        "{last}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
