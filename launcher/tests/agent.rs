@@ -137,6 +137,7 @@ fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
                 level,
                 bytes: capture.image_bytes,
                 holder: Some(holder),
+                wiring: 0,
             }
         );
     }
@@ -344,6 +345,7 @@ fn bad_images_and_a_full_arena_name_the_rank_and_version() {
         version: 3,
         level: Level::L2,
         error,
+        ..
     } = &failed
     else {
         panic!("expected a failure at L2, got {failed:?}");
@@ -426,6 +428,7 @@ fn a_gone_buddy_is_replaced_and_the_agent_reports_l2_again() {
             level: Level::L2,
             bytes: size,
             holder: Some(2),
+            wiring: 0,
         }
     );
     assert_eq!(nodes[2].as_ref().unwrap().0.usage().l2_held, size);
@@ -444,7 +447,10 @@ fn with_parity_l3_is_reported_once_the_set_is_complete_naming_the_parity_holder(
     let put = |i: usize| {
         let path = built_image(&dirs[i].0, 1, 40_000 + 1000 * i);
         let size = std::fs::metadata(&path).unwrap().len();
-        agent(i).on_checkpointed(i as u32, 1, &path, size).unwrap();
+        // Each rank's image runs in its own wiring epoch here: every report carries it.
+        agent(i)
+            .on_checkpointed_in(i as u32, 1, &path, size, 5 + i as u64)
+            .unwrap();
     };
     // Every level reported for node i's rank, until L3 (bounded by `next_event`).
     let levels = |i: usize| {
@@ -456,8 +462,12 @@ fn with_parity_l3_is_reported_once_the_set_is_complete_naming_the_parity_holder(
                     version: 1,
                     level,
                     holder,
+                    wiring,
                     ..
-                } if rank == i as u32 => seen.push((level, holder)),
+                } if rank == i as u32 => {
+                    assert_eq!(wiring, 5 + i as u64, "node {i} {level}");
+                    seen.push((level, holder))
+                }
                 other => panic!("node {i}: unexpected {other:?}"),
             }
         }

@@ -18,7 +18,10 @@
 //! - [`Agent::new`]`(store, config) -> Result<(Agent, Receiver<AgentEvent>)>`, or
 //!   [`Agent::with_callback`]`(store, config, Fn(AgentEvent)) -> Result<Agent>` (refused when
 //!   the store does not write [`AgentConfig::level`]).
-//! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`:
+//! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`
+//!   (or [`Agent::on_checkpointed_in`] with the recovery's wiring epoch the rank's image
+//!   runs in, carried by every event of that version so that krun drops the reports of a
+//!   checkpoint a later recovery undid):
 //!   returns once L1 holds the image (the rank may go on); the L1 event is sent before it
 //!   returns, the slower levels up to [`AgentConfig::level`] are reported in order from a
 //!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`]. Each
@@ -80,6 +83,8 @@ pub enum AgentEvent {
         level: Level,
         bytes: u64,
         holder: Option<usize>,
+        /// The wiring epoch the rank's image ran in when it took the version.
+        wiring: u64,
     },
     /// `version` of `rank` did not reach `level`; `error` says why (it is safe at the
     /// levels reported before).
@@ -88,6 +93,7 @@ pub enum AgentEvent {
         version: u64,
         level: Level,
         error: String,
+        wiring: u64,
     },
 }
 
@@ -100,6 +106,7 @@ impl std::fmt::Display for AgentEvent {
                 level,
                 bytes,
                 holder,
+                ..
             } => {
                 write!(
                     f,
@@ -115,6 +122,7 @@ impl std::fmt::Display for AgentEvent {
                 version,
                 level,
                 error,
+                ..
             } => write!(
                 f,
                 "version {version} of rank {rank} not safe at {level}: {error}"
@@ -137,6 +145,7 @@ struct Job {
     rank: u32,
     version: u64,
     bytes: u64,
+    wiring: u64,
 }
 
 /// The node's checkpoint agent; owns the node's [`Store`].
@@ -153,6 +162,9 @@ pub struct Agent {
     stopping: Arc<AtomicBool>,
     /// Ranks whose images this agent stored.
     ranks: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// (rank, version) -> the wiring epoch it was taken in, for the versions at L1 (their
+    /// L2 is reported again when the buddy changes).
+    wirings: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), u64>>,
 }
 
 impl Agent {
@@ -229,6 +241,7 @@ impl Agent {
             parity_worker,
             stopping,
             ranks: Default::default(),
+            wirings: Default::default(),
         })
     }
 
@@ -257,6 +270,20 @@ impl Agent {
         image: &Path,
         bytes: u64,
     ) -> Result<PutReport> {
+        self.on_checkpointed_in(rank, version, image, bytes, 0)
+    }
+
+    /// As [`Agent::on_checkpointed`], for a rank whose image runs in wiring epoch `wiring`
+    /// (the recovery that started it; 0: the job's start): every event of this version
+    /// carries it.
+    pub fn on_checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        wiring: u64,
+    ) -> Result<PutReport> {
         let fail = |what: String| LauncherError::Checkpoint {
             rank,
             version,
@@ -271,6 +298,12 @@ impl Agent {
         let report = unsafe { self.store.put_file(&owner, version, image) }
             .map_err(|e| fail(format!("storing {}: {e}", image.display())))?;
         self.ranks.lock().expect("lock").insert(rank);
+        {
+            let at_l1 = self.store.l1_versions(&owner);
+            let mut w = self.wirings.lock().expect("lock");
+            w.retain(|&(r, v), _| r != rank || at_l1.contains(&v));
+            w.insert((rank, version), wiring);
+        }
         if parent == 0 {
             // A full image: the native checkpointer now recycles the files of older versions
             // (rewriting them in place for their memory), so the store stops mapping them.
@@ -290,6 +323,7 @@ impl Agent {
             level: Level::L1,
             bytes: report.bytes,
             holder: Some(self.store.node()),
+            wiring,
         });
         if let Some(parity) = &self.parity_jobs {
             // The watcher ends only with the agent: a send cannot fail before.
@@ -297,6 +331,7 @@ impl Agent {
                 rank,
                 version,
                 bytes: report.bytes,
+                wiring,
             });
         }
         if self.config.level > Level::L1 {
@@ -304,6 +339,7 @@ impl Agent {
                 rank,
                 version,
                 bytes: report.bytes,
+                wiring,
             };
             if let Some(jobs) = &self.jobs {
                 jobs.send(job)
@@ -360,11 +396,19 @@ impl Agent {
                 let owner = Agent::owner(rank);
                 for version in self.store.l1_versions(&owner) {
                     let bytes = self.store.stored_len(&owner, version).unwrap_or(0) as u64;
+                    let wiring = self
+                        .wirings
+                        .lock()
+                        .expect("lock")
+                        .get(&(rank, version))
+                        .copied()
+                        .unwrap_or(0);
                     if let Some(jobs) = &self.jobs {
                         let _ = jobs.send(Job {
                             rank,
                             version,
                             bytes,
+                            wiring,
                         });
                     }
                 }
@@ -507,6 +551,7 @@ fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &Atom
                 level,
                 bytes: job.bytes,
                 holder: store.copy_holder(&owner, job.version, level),
+                wiring: job.wiring,
             }),
             Err(error) => {
                 sink(AgentEvent::Failed {
@@ -514,6 +559,7 @@ fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &Atom
                     version: job.version,
                     level,
                     error,
+                    wiring: job.wiring,
                 });
                 return;
             }
@@ -559,6 +605,7 @@ fn watch_parity(
                         level: Level::L3,
                         bytes: job.bytes,
                         holder: Some(holder),
+                        wiring: job.wiring,
                     });
                     false
                 }

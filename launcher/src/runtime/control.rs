@@ -113,8 +113,15 @@ pub enum NodeToLauncher {
     /// (To `Barrier { op }`) the node's ranks did not all reach a safepoint.
     SyncFailed { op: u64, reason: String },
     /// A rank of this node took checkpoint `version` (`bytes` long) and the node's store
-    /// holds it (L1).
-    Captured { rank: u32, version: u64, bytes: u64 },
+    /// holds it (L1). `wiring`: the recovery's wiring epoch the rank's image runs in (0:
+    /// the job's start); krun drops reports of an older epoch than its newest recovery's
+    /// (a checkpoint that recovery undid, under a version number taken again since).
+    Captured {
+        rank: u32,
+        version: u64,
+        bytes: u64,
+        wiring: u64,
+    },
     /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`):
     /// its copy is on `node` (L2: the buddy; L3: the parity holder; `None`: L4, or not
     /// known).
@@ -123,6 +130,8 @@ pub enum NodeToLauncher {
         version: u64,
         level: u8,
         node: Option<NodeId>,
+        /// As in `Captured`.
+        wiring: u64,
     },
     /// `version` of `rank` did not reach `level`.
     NotSafe {
@@ -130,6 +139,7 @@ pub enum NodeToLauncher {
         version: u64,
         level: u8,
         error: String,
+        wiring: u64,
     },
     /// A rank of this node was killed by `signal` (not by the node): the job cannot go on
     /// without it, and krun ends it (the node has ended its other ranks).

@@ -82,6 +82,18 @@ pub trait CheckpointAgent: Send + Sync {
     /// `rank` wrote checkpoint `version` to `image` (`bytes` long): put it in the store.
     /// Returns the levels (1-4) the version is safe at now.
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>>;
+    /// As [`CheckpointAgent::checkpointed`], for a rank whose image runs in wiring epoch
+    /// `wiring` (the agent's later reports of this version carry it).
+    fn checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        _wiring: u64,
+    ) -> Result<Vec<u8>> {
+        self.checkpointed(rank, version, image, bytes)
+    }
     /// Store use per level and the newest version safe per level, for `krun status`.
     fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
         (Vec::new(), Vec::new())
@@ -432,6 +444,7 @@ impl Runtime {
                         version,
                         level,
                         holder,
+                        wiring,
                         ..
                     } => {
                         if level > ckpt_store::Level::L1 {
@@ -440,6 +453,7 @@ impl Runtime {
                                 version,
                                 level: store_link::level_number(level),
                                 node: holder.and_then(|n| NodeId::try_from(n).ok()),
+                                wiring,
                             });
                         }
                         let op = TableOp::Checkpointed {
@@ -456,6 +470,7 @@ impl Runtime {
                         version,
                         level,
                         error,
+                        wiring,
                     } => {
                         eprintln!(
                             "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
@@ -466,6 +481,7 @@ impl Runtime {
                             version,
                             level: store_link::level_number(level),
                             error,
+                            wiring,
                         });
                     }
                 }

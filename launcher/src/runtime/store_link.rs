@@ -107,7 +107,19 @@ impl CheckpointAgent for StoreAgent {
     }
 
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>> {
-        self.agent.on_checkpointed(rank, version, image, bytes)?;
+        self.checkpointed_in(rank, version, image, bytes, 0)
+    }
+
+    fn checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        wiring: u64,
+    ) -> Result<Vec<u8>> {
+        self.agent
+            .on_checkpointed_in(rank, version, image, bytes, wiring)?;
         Ok(vec![level_number(Level::L1)])
     }
 

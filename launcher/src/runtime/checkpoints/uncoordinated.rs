@@ -337,6 +337,7 @@ pub(super) fn translate(
             rank,
             version,
             bytes,
+            ..
         } => {
             // Without logging a capture the recovery line undid (its process was rolled
             // back meanwhile) is not counted: the restored checkpointer numbers on from the
@@ -373,6 +374,7 @@ pub(super) fn translate(
             version,
             level,
             node,
+            ..
         } => {
             let (Some(&pv), Some(level)) = (u.versions.get(&(rank, version)), level_of(level))
             else {
@@ -390,6 +392,7 @@ pub(super) fn translate(
             version,
             level,
             error,
+            ..
         } => match (u.versions.get(&(rank, version)), level_of(level)) {
             (Some(&pv), Some(level)) => {
                 crate::progress::line(&format!(
@@ -689,6 +692,7 @@ mod tests {
                 rank: 0,
                 version: 1,
                 bytes: 10,
+                wiring: 0,
             },
         );
         assert!(handled(translate(&mut calls, &mut copies, other)).is_none());
@@ -698,6 +702,7 @@ mod tests {
                 rank: 1,
                 version: 1,
                 bytes: 10,
+                wiring: 0,
             },
         );
         assert!(matches!(
@@ -715,6 +720,7 @@ mod tests {
                 version: 1,
                 level: 2,
                 node: Some(0),
+                wiring: 0,
             },
         );
         assert!(matches!(
