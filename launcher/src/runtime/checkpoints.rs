@@ -8,11 +8,11 @@
 //! | policy call | krun → krund | krund → krun |
 //! |---|---|---|
 //! | `barrier(op)` | `Barrier{op}`: hold ranks that reach a safepoint; once every node answered `Opened{op}`, `Wake{op}` (SIGUSR1 wakes them) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
-//! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version}` → `CaptureDone`; `Safe`/`NotSafe` → `LevelSafe`/`LevelLost` |
+//! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version, wiring}` → `CaptureDone`; `Safe{.., node, wiring}`/`NotSafe` → `LevelSafe`/`LevelLost` (L2 at the buddy, L3 at the parity holder: the copies index); a report of an older wiring epoch than the newest recovery's is dropped |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
 //! | `fetch` | nothing: the restarting node reads the chain from the store | |
-//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`) | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`), then `Reform{wiring, members, ranks}`: the stores re-form buddies and parity sets among the nodes left | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
 //! | `notify` / end | printed by krun; an end with an error stops the job ([`JobError`]) | |
 //!
 //! Decisions (commits, aborts, recoveries and each restart) are appended to the job
