@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn a_late_report_of_a_checkpoint_a_recovery_undid_is_not_credited_to_the_next_one() {
         let (mut calls, sent) = hub();
-        calls.new_wiring = Arc::new(|| Ok("127.0.0.1:1".to_string()));
+        calls.new_wiring = Arc::new(|| Ok::<_, String>("127.0.0.1:1".to_string()));
         let mut copies = Copies(BTreeMap::new());
         let captured = |rank: Rank, version: u64, wiring: u64| {
             Input::FromNode(
