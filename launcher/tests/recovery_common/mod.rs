@@ -395,7 +395,7 @@ pub fn buddy_pair_job_with(dir: &Path, heat: &Path, steps: &str, extra: &[String
 pub fn planned_source(err: &str, rank: u32) -> Option<String> {
     let group = format!("rank {rank} restarts on ");
     err.lines()
-        .filter(|l| l.starts_with("krun: "))
+        .filter(|l| l.contains("krun: ") && l.contains(" failed at epoch "))
         .flat_map(|l| l.split("; "))
         .filter(|part| part.starts_with(&group))
         .filter_map(|part| {
