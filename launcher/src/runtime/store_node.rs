@@ -391,6 +391,35 @@ mod tests {
     }
 
     #[test]
+    fn a_reform_places_buddies_and_parity_sets_among_the_nodes_left_that_run_ranks() {
+        // Four rank nodes and two spares in one cell; nodes 0 and 1 lost, their ranks on
+        // the spares 4 and 5.
+        let reform = Reform {
+            cells: vec![(0..6).collect()],
+            groups: (0..6).collect(),
+            parity: Parity::Auto,
+        };
+        let ranks = [(0, 4), (1, 5), (2, 2), (3, 3)];
+        let p = reform.placement(&[2, 3, 4, 5], &ranks).unwrap();
+        assert_eq!(p.sets(), &[vec![2, 3], vec![4, 5]]);
+        assert_eq!((p.buddy(0), p.buddy(1)), (None, None));
+        assert!((2..6).all(|n| p.buddy(n).is_some_and(|b| b >= 2 && b != n)));
+        // The parity of the spares' set is kept by a node of the other set.
+        assert!([2, 3].contains(&p.parity_holder(1, 7)));
+        // Two ranks on node 2 and none on node 4 (no spare left): uneven, no parity.
+        let uneven = [(0, 2), (1, 5), (2, 2), (3, 3)];
+        let p = reform.placement(&[2, 3, 5], &uneven).unwrap();
+        assert!(p.sets().iter().all(|s| s.len() < 2), "{:?}", p.sets());
+        // A store started without parity gets none from a re-form either.
+        let off = Reform {
+            parity: Parity::Off,
+            ..reform
+        };
+        let p = off.placement(&[2, 3, 4, 5], &ranks).unwrap();
+        assert!(p.sets().iter().all(|s| s.len() < 2), "{:?}", p.sets());
+    }
+
+    #[test]
     fn store_cells_keep_the_view_order_and_cover_every_store_node() {
         // Node 5 joined later (no store); node 3 is in no cell; node 1 twice.
         let cells = vec![vec![2, 0], vec![1, 5], vec![1, 4]];
