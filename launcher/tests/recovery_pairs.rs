@@ -3,7 +3,10 @@
 //! 4 rank nodes). A node and its buddy killed at once: the rank that lost both its copies
 //! is restored from parity, and the policy plans it from L3 by name; after the recovery the
 //! stores re-form buddies and parity sets, so a second pair lost later (the spares that took
-//! the first pair's ranks over) is rebuilt from parity again.
+//! the first pair's ranks over; 5 nodes plus 2 spares there, so that the membership keeps
+//! its supervisors' quorum) is rebuilt from parity again.
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 mod recovery_common;
@@ -82,29 +85,47 @@ fn losing_a_buddy_pair_without_parity_or_disk_ends_the_job_naming_the_lost_rank_
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
 
-#[test]
-fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parity_sets() {
-    let dir = temp("twopairs");
-    let heat = build_heat(&dir.0);
-    let want = serial(&dir.0, &["48", "40", "1200"]);
-    // Restarts go to a spare while one is left, then to the least-loaded survivors.
-    let policy = dir.0.join("shrink.toml");
+/// `krun --local 5 --spares 2 -n 5` (parity sets {0, 1} and {2, 3, 4}, buddies 0 -> 1 -> 2
+/// -> 3 -> 4 -> 5 -> 6 -> 0; supervisors 0-2 and the spares 5-6) with checkpoints every
+/// 0.5 s, restarts on a spare while one is left, then on the least-loaded survivors.
+/// First the pair of nodes 3 and 4 (no supervisor) at the 4th checkpoint's barrier: their
+/// ranks restart on the spares 5 and 6. Then, at the 10th, the pair of those two spares:
+/// with the placement of the start they are in no parity set and node 5's copies sit on
+/// node 6 (its buddy), so the rank on node 5 can only come back if the stores re-formed
+/// their sets among the nodes left. (Two supervisors lost of five: the membership still
+/// agrees the failures.)
+fn two_pairs_job(dir: &Path, heat: &Path, steps: &str) -> Command {
+    let policy = dir.join("shrink.toml");
     std::fs::write(
         &policy,
         "policy = \"coordinated\"\ninterval_ms = 500\nrestart = \"shrink\"\n",
     )
     .unwrap();
-    // First the pair of nodes 0 and 1 (sets {0, 1} and {2, 3}; buddies 0 -> 1 -> 2 -> 3),
-    // whose ranks restart on the spares 4 and 5; then, at a barrier after a few commits
-    // more, the pair of those two spares: with the placement of the start they are in no
-    // parity set and node 4's copies sit on node 5 (its first candidate), so the rank on
-    // node 4 could only come back if the stores re-formed their sets among nodes 2-5.
-    let mut extra = vec!["--policy".to_string(), policy.display().to_string()];
-    for node in [4, 5] {
-        extra.push("--inject-failure".into());
-        extra.push(format!("node={node}@ckpt10:barrier"));
+    let mut cmd = krun(dir);
+    cmd.args(["--local", "5", "--spares", "2", "-n", "5"])
+        .args(["--checkpoint-interval", "0.5", "--policy"])
+        .arg(&policy);
+    for inject in [
+        "node=3@ckpt4:barrier",
+        "node=4@ckpt4:barrier",
+        "node=5@ckpt10:barrier",
+        "node=6@ckpt10:barrier",
+    ] {
+        cmd.args(["--inject-failure", inject]);
     }
-    let run = Running::start(&dir.0, buddy_pair_job_with(&dir.0, &heat, "1200", &extra));
+    cmd.arg(heat)
+        .args(["48", "40", steps, "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .env_remove("KRUN_STORE_PARITY");
+    cmd
+}
+
+#[test]
+fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parity_sets() {
+    let dir = temp("twopairs");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "1200"]);
+    let run = Running::start(&dir.0, two_pairs_job(&dir.0, &heat, "1200"));
     run.wait_line(
         "injected failure at the barrier of checkpoint attempt 10: SIGKILL to node",
         Duration::from_secs(400),
@@ -112,12 +133,13 @@ fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parit
     let (ok, out, err, log) = run.finish(Duration::from_secs(400));
     assert!(ok, "{out}\n{err}");
     assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
-    for node in [0, 1, 4, 5] {
+    for node in [3, 4, 5, 6] {
         assert!(err.contains(&format!("SIGKILL to node {node}")), "{err}");
     }
     assert_eq!(log.matches("Recovered").count(), 2, "two recoveries: {log}");
-    // The stores re-formed their placement among the nodes left, each spare in a set.
-    for node in [2, 3, 4, 5] {
+    // After the first recovery the stores re-formed their placement among the nodes left,
+    // each spare in a parity set.
+    for node in [0, 1, 2, 5, 6] {
         assert!(
             err.lines().any(|l| l.contains(&format!(
                 "krun-store: node {node}: buddies and parity sets re-formed"
@@ -125,49 +147,45 @@ fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parit
             "node {node} re-formed no parity set:\n{err}"
         );
     }
-    // The first pair's ranks (0 and 1) went to the spares, the second pair's (the same
-    // ranks) to the survivors 2 and 3 (each rank's last restart of each pair counts: two
-    // nodes killed at once may be agreed one after the other, and a restart planned from
-    // a copy on the second is planned again).
+    // The first pair's ranks (3 and 4) went to the spares, the second pair's (the same
+    // ranks) to the survivors 0-2 (each rank's last restart of each pair counts: two nodes
+    // killed at once may be agreed one after the other, and a restart planned from a copy
+    // on the second is planned again).
     let restarts = restarts_once_per_failure(&log);
     let first: std::collections::BTreeMap<u64, u64> = restarts
         .iter()
-        .filter(|r| r.2 >= 4)
+        .filter(|r| r.2 >= 5)
         .map(|r| (r.0, r.2))
         .collect();
     let second: std::collections::BTreeMap<u64, u64> = restarts
         .iter()
-        .filter(|r| r.2 == 2 || r.2 == 3)
+        .filter(|r| r.2 <= 2)
         .map(|r| (r.0, r.2))
         .collect();
     assert_eq!(
         first.keys().copied().collect::<Vec<_>>(),
-        vec![0, 1],
+        vec![3, 4],
         "{log}"
     );
     assert_eq!(
         second.keys().copied().collect::<Vec<_>>(),
-        vec![0, 1],
+        vec![3, 4],
         "{log}"
     );
-    assert!(
-        restarts.iter().all(|r| r.2 >= 2),
-        "no restart on the first pair's nodes: {log}"
-    );
-    // The rank the first recovery put on node 4 lost its L1 (node 4) and its L2 (node 5,
-    // node 4's buddy) in the second: planned from L3 at a node of the other set, and
-    // rebuilt from parity by the node that restarted it.
-    let on_4 = first
+    // The rank the first recovery put on node 5 lost its L1 (node 5) and its L2 (node 6,
+    // node 5's buddy) in the second: planned from L3 at a node of the other set (0 or 1),
+    // and rebuilt from parity by the node that restarted it.
+    let on_5 = first
         .iter()
-        .find(|(_, &node)| node == 4)
+        .find(|(_, &node)| node == 5)
         .map(|(&rank, _)| rank as u32)
-        .unwrap_or_else(|| panic!("no rank restarted on node 4: {log}"));
-    let plan = planned_source(&err, on_4).unwrap_or_else(|| panic!("no plan:\n{err}"));
+        .unwrap_or_else(|| panic!("no rank restarted on node 5: {log}"));
+    let plan = planned_source(&err, on_5).unwrap_or_else(|| panic!("no plan:\n{err}"));
     assert!(
-        plan.starts_with("L3 from node 2") || plan.starts_with("L3 from node 3"),
-        "rank {on_4}: {plan}\n{err}"
+        plan.starts_with("L3 from node 0") || plan.starts_with("L3 from node 1"),
+        "rank {on_5}: {plan}\n{err}"
     );
-    let fetched = fetched_lines(&err, on_4);
+    let fetched = fetched_lines(&err, on_5);
     let last = fetched.last().unwrap_or_else(|| panic!("no fetch:\n{err}"));
     assert!(
         last.contains("from L3") && last.contains("rebuilt from parity"),

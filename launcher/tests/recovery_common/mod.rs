@@ -371,17 +371,11 @@ pub fn committed_before(lines: &[String], index: usize) -> Option<u64> {
 /// nodes 0 and 1 SIGKILLed at once when the 4th checkpoint's barrier starts: node 0's
 /// image of the recovery line lost its L1 (node 0) and its L2 (node 1).
 pub fn buddy_pair_job(dir: &Path, heat: &Path, steps: &str) -> Command {
-    buddy_pair_job_with(dir, heat, steps, &[])
-}
-
-/// As [`buddy_pair_job`], with more krun arguments (`extra`, before the program).
-pub fn buddy_pair_job_with(dir: &Path, heat: &Path, steps: &str, extra: &[String]) -> Command {
     let mut cmd = krun(dir);
     cmd.args(["--local", "4", "--spares", "2", "-n", "4"])
         .args(["--checkpoint-interval", "0.5"])
         .args(["--inject-failure", "node=0@ckpt4:barrier"])
         .args(["--inject-failure", "node=1@ckpt4:barrier"])
-        .args(extra)
         .arg(heat)
         .args(["48", "40", steps, "0"])
         .env("HEAT_STEP_DELAY_US", "20000")
