@@ -149,6 +149,58 @@ impl Placement {
         Ok(Placement::with(candidates, sets, n))
     }
 
+    /// A placement re-formed after failures: [`Placement::from_cells`] over the nodes with
+    /// `up[node]` set only (the cells and groups as at the start, the gone nodes left
+    /// out), so that buddy duty is spread over the nodes still there and parity sets name
+    /// only them. A gone node gets no buddy and no set. Every node that has the same cells,
+    /// groups and `up` computes the same placement.
+    pub fn among(cells: &[Vec<usize>], groups: &[u32], k: usize, up: &[bool]) -> Result<Placement> {
+        let n = groups.len();
+        if up.len() != n {
+            return Err(StoreError::Invalid(format!(
+                "{} nodes said up or gone, but the store has {n} nodes",
+                up.len()
+            )));
+        }
+        let live: Vec<usize> = (0..n).filter(|&m| up[m]).collect();
+        let mut index = vec![usize::MAX; n];
+        for (i, &m) in live.iter().enumerate() {
+            index[m] = i;
+        }
+        let sub_cells: Vec<Vec<usize>> = cells
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .filter(|&&m| m < n && up[m])
+                    .map(|&m| index[m])
+                    .collect()
+            })
+            .collect();
+        let sub_groups: Vec<u32> = live.iter().map(|&m| groups[m]).collect();
+        let sub = Placement::from_cells(&sub_cells, &sub_groups, k)?;
+        let mut candidates = vec![Vec::new(); n];
+        for (i, &m) in live.iter().enumerate() {
+            candidates[m] = sub.candidates[i].iter().map(|&j| live[j]).collect();
+        }
+        let sets: Vec<Vec<usize>> = sub
+            .sets
+            .iter()
+            .map(|s| s.iter().map(|&j| live[j]).collect())
+            .collect();
+        let mut member = vec![None; n];
+        for (s, set) in sets.iter().enumerate() {
+            for (i, &m) in set.iter().enumerate() {
+                member[m] = Some((s as u32, i as u32));
+            }
+        }
+        Ok(Placement {
+            candidates,
+            sets,
+            member,
+            lanes: 1,
+        })
+    }
+
     fn with(candidates: Vec<Vec<usize>>, sets: Vec<Vec<usize>>, n: usize) -> Placement {
         let mut member = vec![None; n];
         for (s, set) in sets.iter().enumerate() {
@@ -250,7 +302,9 @@ impl Placement {
 
     /// The nodes of set `set` (a lane set number names its set's nodes).
     pub fn set_members(&self, set: u32) -> &[usize] {
-        &self.sets[set as usize % self.sets.len()]
+        self.sets
+            .get(set as usize % self.sets.len().max(1))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Members of set `set` (a lane set number counts its set's members; 0 for an unknown
@@ -447,6 +501,46 @@ mod tests {
         assert_eq!(r.buddy(0), Some(2));
         assert_eq!(r.buddy_among(0, &[false, false, true, false]), Some(3));
         assert_eq!(r.buddy_among(0, &[false, false, true, true]), Some(1));
+    }
+
+    #[test]
+    fn a_placement_among_the_nodes_left_spreads_buddies_and_sets_over_them_only() {
+        // Six nodes in one cell; nodes 0 and 1 are gone (a buddy pair lost).
+        let cells = vec![vec![0, 1, 2, 3, 4, 5]];
+        let groups = [0, 1, 2, 3, 4, 5];
+        let up = [false, false, true, true, true, true];
+        let p = Placement::among(&cells, &groups, 2, &up).unwrap();
+        assert_eq!((p.buddy(0), p.buddy(1)), (None, None));
+        let mut load = [0; 6];
+        for n in 2..6 {
+            let b = p.buddy(n).unwrap();
+            assert!(up[b] && b != n, "node {n}: buddy {b}");
+            load[b] += 1;
+            // Fallbacks name only nodes still there.
+            assert!(p.buddy_among(n, &[false; 6]).is_some_and(|m| up[m]));
+        }
+        assert_eq!(&load[2..], &[1, 1, 1, 1], "buddy duty spread: {load:?}");
+        assert!(p.sets().iter().flatten().all(|&m| up[m]), "{:?}", p.sets());
+        assert_eq!(p.sets().iter().map(Vec::len).sum::<usize>(), 4);
+        assert_eq!((p.parity_member(0), p.parity_member(1)), (None, None));
+        // Parity among the nodes that run ranks: two sets of two, each kept by the other.
+        let q = p.clone().parity_among(&up, 2, 1);
+        assert_eq!(q.sets().len(), 2, "{:?}", q.sets());
+        for s in 0..2u32 {
+            assert_eq!(q.set_members(s).len(), 2);
+            for v in 0..4 {
+                assert!(!q.set_members(s).contains(&q.parity_holder(s, v)));
+            }
+        }
+        // Every node computes it alone: the same inputs give the same placement.
+        assert_eq!(Placement::among(&cells, &groups, 2, &up).unwrap(), p);
+        // Everyone there: the placement of the start.
+        assert_eq!(
+            Placement::among(&cells, &groups, 2, &[true; 6]).unwrap(),
+            Placement::from_cells(&cells, &groups, 2).unwrap()
+        );
+        let e = Placement::among(&cells, &groups, 2, &[true]).unwrap_err();
+        assert!(e.to_string().contains("the store has 6 nodes"), "{e}");
     }
 
     #[test]

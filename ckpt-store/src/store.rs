@@ -34,10 +34,12 @@ use std::time::{Duration, Instant};
 
 mod mapped;
 mod membership;
+mod placed;
 mod retention;
 mod usage;
 
 pub use mapped::PutReport;
+pub use placed::ParityState;
 pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.
@@ -246,13 +248,21 @@ struct Inner {
     l1: Mutex<HashMap<Key, L1Copy>>,
     pool: Arc<Mutex<Vec<MemoryRegion>>>,
     safe: Mutex<HashMap<Key, [bool; 4]>>,
+    /// Per version and level, the node its copy went to (`store/placed.rs`).
+    holders: Mutex<HashMap<Key, [Option<usize>; 4]>>,
+    /// Per version, the flush's L3 decision (`store/placed.rs`).
+    parity_plan: Mutex<HashMap<Key, placed::ParityPlan>>,
     safe_changed: Condvar,
     errors: Mutex<HashMap<Key, String>>,
     next_request: AtomicU64,
     chan: Channel,
     disk: Option<DiskLevel>,
     stop: AtomicBool,
-    placement: Placement,
+    /// Buddies and parity sets in force (re-formed after failures: [`Store::reform`]).
+    placement: Mutex<Arc<Placement>>,
+    /// The placements before the one in force, oldest first: versions flushed under them
+    /// keep their parity where those placed it (`rebuild` looks there too).
+    earlier: Mutex<Vec<Arc<Placement>>>,
     /// Nodes the membership reports gone: not asked for copies (see [`Store::set_down`]).
     down: Mutex<Vec<bool>>,
     /// Versions whose L2 copy went with a gone buddy: sent again to the new buddy.
@@ -349,6 +359,8 @@ impl Store {
             l1: Default::default(),
             pool: Default::default(),
             safe: Default::default(),
+            holders: Default::default(),
+            parity_plan: Default::default(),
             safe_changed: Condvar::new(),
             errors: Default::default(),
             next_request: AtomicU64::new(1),
@@ -357,7 +369,8 @@ impl Store {
             stop: AtomicBool::new(false),
             down: Mutex::new(vec![false; placement.nodes()]),
             reflush: Mutex::new(Vec::new()),
-            placement,
+            placement: Mutex::new(Arc::new(placement)),
+            earlier: Mutex::new(Vec::new()),
             copied: AtomicU64::new(0),
             retention: retention::Floors::default(),
         });
@@ -412,7 +425,8 @@ impl Store {
         }
         inner.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         inner.errors.lock().expect("lock").remove(&key);
-        inner.mark_safe(&key, Level::L1);
+        inner.reset_key(&key);
+        inner.mark_safe_at(&key, Level::L1, inner.cfg.node);
         inner.retain(owner, Level::L1);
         if let Some(tx) = &self.jobs {
             let _ = tx.send(key);
@@ -683,9 +697,15 @@ impl Drop for Store {
 }
 
 impl Inner {
+    /// The placement in force.
+    pub(super) fn placement(&self) -> Arc<Placement> {
+        self.placement.lock().expect("lock").clone()
+    }
+
     fn buddy_of(&self, node: usize) -> usize {
+        let placement = self.placement();
         let down = self.down.lock().expect("lock");
-        self.placement.buddy_among(node, &down).unwrap_or(node)
+        placement.buddy_among(node, &down).unwrap_or(node)
     }
 
     /// Where `key`'s image goes for L3: (lane set, member index, holder), or `None` when
@@ -696,31 +716,30 @@ impl Inner {
         if self.cfg.parity_set < 2 || self.cfg.nodes.len() < 2 {
             return None;
         }
-        let (set, member) = self.placement.parity_member(self.cfg.node)?;
+        let placement = self.placement();
+        let (set, member) = placement.parity_member(self.cfg.node)?;
+        if placement.set_members(set).len() < 2 {
+            // A set of one (no parity among the nodes left) would only copy the image.
+            return None;
+        }
         let lane = {
             let mut lanes = self.lanes.lock().expect("lock");
             let next = lanes.len() as u32;
             *lanes.entry(key.0.clone()).or_insert(next)
         };
-        if lane >= self.placement.lanes() {
+        if lane >= placement.lanes() {
             return None;
         }
-        let vset = self.placement.lane_set(set, lane);
-        let holder = self.placement.parity_holder(vset, key.1);
-        if self.is_down(holder)
-            || self
-                .placement
-                .set_members(set)
-                .iter()
-                .any(|&m| self.is_down(m))
-        {
+        let vset = placement.lane_set(set, lane);
+        let holder = placement.parity_holder(vset, key.1);
+        if self.is_down(holder) || placement.set_members(set).iter().any(|&m| self.is_down(m)) {
             return None;
         }
         Some((vset, member, holder))
     }
 
     fn set_size(&self, set: u32) -> usize {
-        self.placement.set_size(set)
+        self.placement().set_size(set)
     }
 
     fn mark_safe(&self, key: &Key, level: Level) {
@@ -981,10 +1000,15 @@ impl Inner {
             pending_l3.retain(|(key, set, holder, since)| {
                 match self.parity_lookup(*holder, *set, key.1) {
                     Ok(Some(p)) if p.members.iter().any(|m| m.2 == key.0) => {
-                        self.mark_safe(key, Level::L3);
+                        self.mark_safe_at(key, Level::L3, *holder);
                         false
                     }
-                    _ => since.elapsed() < Duration::from_secs(600),
+                    _ if since.elapsed() < Duration::from_secs(600) => true,
+                    _ => {
+                        let why = format!("the parity set at node {holder} never completed");
+                        self.plan_parity(key, Err(why));
+                        false
+                    }
                 }
             });
         }
@@ -996,23 +1020,31 @@ impl Inner {
             let buddy = self.buddy_of(self.cfg.node);
             match self.send_copy(buddy, key, 0, 0, 0) {
                 Ok(_) => {
-                    self.mark_safe(key, Level::L2);
+                    self.mark_safe_at(key, Level::L2, buddy);
                     self.retain(&key.0, Level::L2);
                 }
                 Err(e) => self.fail(key, format!("L2 at node {buddy}: {e}")),
             }
         }
-        if let Some((set, member, holder)) = self.parity_target(key) {
-            let sent = if holder == self.cfg.node {
-                self.contribute_locally(key, set, member)
-            } else {
-                self.send_copy(holder, key, 1, set, member)
-            };
-            match sent {
-                Ok(true) => self.mark_safe(key, Level::L3),
-                Ok(false) => pending_l3.push((key.clone(), set, holder, Instant::now())),
-                Err(e) => self.fail(key, format!("L3 at node {holder}: {e}")),
+        match self.parity_target(key) {
+            Some((set, member, holder)) => {
+                self.plan_parity(key, Ok(Some(holder)));
+                let sent = if holder == self.cfg.node {
+                    self.contribute_locally(key, set, member)
+                } else {
+                    self.send_copy(holder, key, 1, set, member)
+                };
+                match sent {
+                    Ok(true) => self.mark_safe_at(key, Level::L3, holder),
+                    Ok(false) => pending_l3.push((key.clone(), set, holder, Instant::now())),
+                    Err(e) => {
+                        let why = format!("L3 at node {holder}: {e}");
+                        self.plan_parity(key, Err(why.clone()));
+                        self.fail(key, why);
+                    }
+                }
             }
+            None => self.plan_parity(key, Ok(None)),
         }
         if let Some(disk) = &self.disk {
             let copy = self
@@ -1144,9 +1176,17 @@ impl Inner {
 
     /// Rebuilds a lost owner's version from its parity set: (data, holder node).
     fn rebuild(&self, owner: &str, version: u64) -> Result<Option<(Vec<u8>, usize)>> {
-        for set in 0..self.placement.lane_sets() {
-            let holder = self.placement.parity_holder(set, version);
-            if self.is_down(holder) {
+        // The placement in force first, then the earlier ones (the version may have been
+        // flushed before the last re-form); each (set, holder) asked once.
+        let placements: Vec<Arc<Placement>> = std::iter::once(self.placement())
+            .chain(self.earlier.lock().expect("lock").iter().rev().cloned())
+            .collect();
+        let mut asked = std::collections::BTreeSet::new();
+        let candidates = placements
+            .iter()
+            .flat_map(|p| (0..p.lane_sets()).map(move |set| (set, p.parity_holder(set, version))));
+        for (set, holder) in candidates {
+            if !asked.insert((set, holder)) || self.is_down(holder) {
                 continue;
             }
             let info = match self.parity_lookup(holder, set, version) {
@@ -1204,13 +1244,20 @@ impl Inner {
         Ok(None)
     }
 
-    /// A member's image from its home node or its buddy (or this node).
+    /// A member's image from its home node or its buddy (or this node), else from any node
+    /// still up (its L2 copy may sit on a buddy of an earlier placement).
     fn fetch_any(&self, owner: &str, version: u64, home: usize) -> Result<Vec<u8>> {
         if let Some((d, _)) = self.local_l1(owner, version) {
             return Ok(d.to_vec());
         }
         let mut last = None;
-        for node in [home, self.buddy_of(home)] {
+        let first = [home, self.buddy_of(home)];
+        let others = (0..self.cfg.nodes.len()).filter(|n| !first.contains(n));
+        let mut tried = std::collections::BTreeSet::new();
+        for node in first.into_iter().chain(others) {
+            if !tried.insert(node) {
+                continue;
+            }
             if node == self.cfg.node {
                 if let Some(h) = self.held_copy(owner, version) {
                     return Ok(h);
@@ -1505,6 +1552,29 @@ impl Inner {
         let expected = self.set_size(set);
         let mut sets = self.parity.lock().expect("lock");
         let p = sets.entry((set, version)).or_default();
+        if let Some((o, l, _)) = p.parity {
+            // A complete set gets a new image: the version was taken again after a
+            // recovery rolled the job back (the old images are gone); start afresh.
+            p.parity = None;
+            p.parity_mr = None;
+            p.members.clear();
+            self.arena.lock().expect("lock").release(o, l);
+        }
+        // Images from nodes that are no longer the members at their index (left from
+        // before a re-form of the sets) are not this set's.
+        let placement = self.placement();
+        let members = placement.set_members(set);
+        let stale: Vec<u32> = p
+            .contributions
+            .iter()
+            .filter(|(m, c)| members.get(**m as usize) != Some(&(c.node as usize)))
+            .map(|(m, _)| *m)
+            .collect();
+        for m in stale {
+            if let Some(c) = p.contributions.remove(&m) {
+                self.arena.lock().expect("lock").release(c.offset, c.len);
+            }
+        }
         if let Some(old) = p.contributions.insert(
             member,
             Contribution {
@@ -1520,8 +1590,8 @@ impl Inner {
                 .expect("lock")
                 .release(old.offset, old.len);
         }
-        if p.contributions.len() < expected || p.parity.is_some() {
-            return p.parity.is_some();
+        if p.contributions.len() < expected {
+            return false;
         }
         let plen = p.contributions.values().map(|c| c.len).max().unwrap_or(0);
         let Some(poff) = self.arena.lock().expect("lock").alloc(plen) else {

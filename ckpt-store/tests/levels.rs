@@ -1,6 +1,6 @@
 //! The memory levels in one process over the loopback provider: safety progression,
 //! retention, fallbacks past corrupt copies, and a lost node's image from its buddy or parity.
-use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use ckpt_store::{Level, NodeInfo, ParityState, Store, StoreConfig};
 use fabric::secret::ClusterSecret;
 use fabric::{open, FabricConfig, Provider};
 use std::path::PathBuf;
@@ -216,4 +216,73 @@ fn a_lost_node_image_comes_back_from_its_buddy_or_from_parity() {
     let (data, report) = s(&c, 3).get("n0", 1).unwrap();
     assert_eq!(data, image(150_000, 10));
     assert_eq!(report.level, Level::L3, "{report:?}");
+}
+
+/// Waits (bounded) until `owner`'s `version` on store `i` has a parity verdict.
+fn parity_settled(c: &Cluster, i: usize, owner: &str, version: u64) -> ParityState {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let state = s(c, i).parity_state(owner, version);
+        if state != ParityState::Waiting || std::time::Instant::now() >= deadline {
+            return state;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn each_copy_names_the_node_holding_it_and_a_version_put_again_starts_afresh() {
+    // Ring placement: nodes 0..2 form the parity set, node 3 (the next set) keeps its parity.
+    let c = cluster("holders", 4, 3, &[0, 1, 2, 3]);
+    for i in 0..3 {
+        s(&c, i)
+            .put(&format!("h{i}"), 1, &image(120_000, 40 + i as u8))
+            .unwrap();
+    }
+    for i in 0..3 {
+        let owner = format!("h{i}");
+        s(&c, i).wait_safe(&owner, 1, Level::L2, T).unwrap();
+        assert_eq!(
+            parity_settled(&c, i, &owner, 1),
+            ParityState::Safe { holder: 3 }
+        );
+        assert_eq!(s(&c, i).copy_holder(&owner, 1, Level::L1), Some(i));
+        assert_eq!(
+            s(&c, i).copy_holder(&owner, 1, Level::L2),
+            Some(s(&c, i).buddy())
+        );
+        assert_eq!(s(&c, i).copy_holder(&owner, 1, Level::L3), Some(3));
+        // L4 is a disk directory, not a node; unknown versions are held nowhere.
+        s(&c, i).wait_safe(&owner, 1, Level::L4, T).unwrap();
+        assert_eq!(s(&c, i).copy_holder(&owner, 1, Level::L4), None);
+        assert_eq!(s(&c, i).copy_holder(&owner, 9, Level::L1), None);
+        assert_eq!(s(&c, i).parity_state(&owner, 9), ParityState::Waiting);
+    }
+    // Version 1 taken again with other bytes (a recovery rolled the job back): the parity
+    // of the first images does not count for the new ones, a new one is computed, and a
+    // rebuild gives the new bytes.
+    for i in 0..3 {
+        s(&c, i)
+            .put(&format!("h{i}"), 1, &image(130_000, 90 + i as u8))
+            .unwrap();
+    }
+    for i in 0..3 {
+        let owner = format!("h{i}");
+        assert_eq!(
+            parity_settled(&c, i, &owner, 1),
+            ParityState::Safe { holder: 3 }
+        );
+        s(&c, i).wait_safe(&owner, 1, Level::L2, T).unwrap();
+    }
+    let buddy = s(&c, 0).buddy();
+    assert!(s(&c, 0).corrupt_l1_for_test("h0", 1, 77));
+    assert!(s(&c, buddy).corrupt_held_for_test("h0", 1, 78));
+    let (data, report) = s(&c, 0).get("h0", 1).unwrap();
+    assert_eq!(report.level, Level::L3, "{report:?}");
+    assert_eq!((report.node, data), (3, image(130_000, 90)));
+    // A set with a member gone cannot complete: no parity is planned for it.
+    s(&c, 0).set_down(2, true).unwrap();
+    s(&c, 0).put("h0", 2, &image(1000, 1)).unwrap();
+    assert_eq!(parity_settled(&c, 0, "h0", 2), ParityState::Skipped);
+    assert_eq!(s(&c, 0).copy_holder("h0", 2, Level::L3), None);
 }

@@ -199,6 +199,14 @@ fn runtime_seeds() -> Vec<Vec<u8>> {
                 version: 1,
                 level: 3,
                 error: "buddy lost".into(),
+                wiring: 1,
+            },
+            NodeToLauncher::Safe {
+                rank: 1,
+                version: 1,
+                level: 3,
+                node: Some(2),
+                wiring: 1,
             },
         ],
     ));

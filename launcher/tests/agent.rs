@@ -4,7 +4,7 @@
 //! L2, and after node 0's store is gone another node fetches it from node 0's buddy with
 //! its checksum intact. Bad images and a full buddy arena give errors naming rank and
 //! version.
-use ckpt_store::{Level, NodeInfo, Store, StoreConfig};
+use ckpt_store::{Level, NodeInfo, ParityState, Store, StoreConfig};
 use fabric::secret::ClusterSecret;
 use fabric::{open, FabricConfig, Provider};
 use ghost::image::{Image, ImageBuilder, SectionKind};
@@ -30,6 +30,11 @@ impl Drop for TempDir {
 
 /// One agent (and store) per node over tcp; `arenas[i]` is node i's lent arena.
 fn agents(arenas: &[usize]) -> Vec<Option<(Agent, Receiver<AgentEvent>)>> {
+    agents_with_parity(arenas, 0)
+}
+
+/// As [`agents`], with parity sets of `k` nodes (the store's ring placement).
+fn agents_with_parity(arenas: &[usize], k: usize) -> Vec<Option<(Agent, Receiver<AgentEvent>)>> {
     let secret = ClusterSecret::random().unwrap();
     let config = FabricConfig {
         op_timeout: Duration::from_secs(3),
@@ -55,7 +60,7 @@ fn agents(arenas: &[usize]) -> Vec<Option<(Agent, Receiver<AgentEvent>)>> {
                     arena_bytes: arenas[i],
                     disk: None,
                     keep: 2,
-                    parity_set: 0,
+                    parity_set: k,
                     secret: secret.clone(),
                     request_timeout: Duration::from_secs(3),
                 },
@@ -122,14 +127,17 @@ fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
     assert_eq!(put.copied, 0, "the mapped image is not copied");
     assert_eq!(agent0.store().copied_bytes(), 0);
     assert_eq!(put.crc, crc32c::crc32c(&file_bytes));
-    for level in [Level::L1, Level::L2] {
+    let buddy = agent0.store().buddy();
+    for (level, holder) in [(Level::L1, 0), (Level::L2, buddy)] {
         assert_eq!(
             next_event(events0),
             AgentEvent::Safe {
                 rank: 0,
                 version,
                 level,
-                bytes: capture.image_bytes
+                bytes: capture.image_bytes,
+                holder: Some(holder),
+                wiring: 0,
             }
         );
     }
@@ -139,7 +147,6 @@ fn the_store_serves_a_dead_nodes_images_from_its_buddy() {
         (Some(version), Some(version))
     );
     assert_eq!(agent0.usage().l1, capture.image_bytes);
-    let buddy = agent0.store().buddy();
     assert_ne!(buddy, 0);
     assert_eq!(
         nodes[buddy].as_ref().unwrap().0.usage().l2_held,
@@ -338,6 +345,7 @@ fn bad_images_and_a_full_arena_name_the_rank_and_version() {
         version: 3,
         level: Level::L2,
         error,
+        ..
     } = &failed
     else {
         panic!("expected a failure at L2, got {failed:?}");
@@ -418,8 +426,78 @@ fn a_gone_buddy_is_replaced_and_the_agent_reports_l2_again() {
             rank: 3,
             version: 1,
             level: Level::L2,
-            bytes: size
+            bytes: size,
+            holder: Some(2),
+            wiring: 0,
         }
     );
     assert_eq!(nodes[2].as_ref().unwrap().0.usage().l2_held, size);
+}
+
+#[test]
+fn with_parity_l3_is_reported_once_the_set_is_complete_naming_the_parity_holder() {
+    // Three nodes, one parity set of all three (ring placement): the parity of version 1
+    // is kept by member 1 % 3 = node 1; each node's buddy is the next node.
+    let dirs: Vec<TempDir> = (0..3)
+        .map(|i| TempDir::new(&format!("parity{i}")))
+        .collect();
+    let nodes = agents_with_parity(&[16 << 20; 3], 3);
+    let agent = |i: usize| &nodes[i].as_ref().unwrap().0;
+    let events = |i: usize| &nodes[i].as_ref().unwrap().1;
+    let put = |i: usize| {
+        let path = built_image(&dirs[i].0, 1, 40_000 + 1000 * i);
+        let size = std::fs::metadata(&path).unwrap().len();
+        // Each rank's image runs in its own wiring epoch here: every report carries it.
+        agent(i)
+            .on_checkpointed_in(i as u32, 1, &path, size, 5 + i as u64)
+            .unwrap();
+    };
+    // Every level reported for node i's rank, until L3 (bounded by `next_event`).
+    let levels = |i: usize| {
+        let mut seen = Vec::new();
+        while !seen.iter().any(|(l, _)| *l == Level::L3) {
+            match next_event(events(i)) {
+                AgentEvent::Safe {
+                    rank,
+                    version: 1,
+                    level,
+                    holder,
+                    wiring,
+                    ..
+                } if rank == i as u32 => {
+                    assert_eq!(wiring, 5 + i as u64, "node {i} {level}");
+                    seen.push((level, holder))
+                }
+                other => panic!("node {i}: unexpected {other:?}"),
+            }
+        }
+        seen.sort();
+        seen
+    };
+    put(0);
+    put(1);
+    for i in 0..2 {
+        let owner = Agent::owner(i as u32);
+        agent(i)
+            .store()
+            .wait_safe(&owner, 1, Level::L2, Duration::from_secs(30))
+            .unwrap();
+        // Node 2 has not put its image: the set is incomplete, no L3 yet.
+        assert_eq!(
+            agent(i).store().parity_state(&owner, 1),
+            ParityState::Waiting
+        );
+    }
+    put(2);
+    for i in 0..3 {
+        assert_eq!(
+            levels(i),
+            vec![
+                (Level::L1, Some(i)),
+                (Level::L2, Some((i + 1) % 3)),
+                (Level::L3, Some(1)),
+            ],
+            "node {i}"
+        );
+    }
 }

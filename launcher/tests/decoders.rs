@@ -190,17 +190,21 @@ fn node_and_launcher_messages_never_panic() {
                 rank: 0,
                 version: 1,
                 bytes: 4096,
+                wiring: 1,
             },
             NodeToLauncher::Safe {
                 rank: 0,
                 version: 1,
                 level: 2,
+                node: Some(1),
+                wiring: 1,
             },
             NodeToLauncher::NotSafe {
                 rank: 1,
                 version: 1,
                 level: 3,
                 error: "buddy lost".into(),
+                wiring: 1,
             },
             NodeToLauncher::CheckpointAsked,
             NodeToLauncher::Finished { code: 137 },
@@ -221,6 +225,11 @@ fn node_and_launcher_messages_never_panic() {
             },
             LauncherToNode::Release {
                 order: SafepointOrder::Rollback { version: 2 },
+            },
+            LauncherToNode::Reform {
+                wiring: 2,
+                members: vec![2, 3, 4, 5],
+                ranks: vec![(0, 4), (1, 5), (2, 2), (3, 3)],
             },
         ],
         38,

@@ -123,7 +123,8 @@ impl Store {
             inner.recycle(old);
         }
         inner.errors.lock().expect("lock").remove(&key);
-        inner.mark_safe(&key, Level::L1);
+        inner.reset_key(&key);
+        inner.mark_safe_at(&key, Level::L1, inner.cfg.node);
         inner.retain(owner, Level::L1);
         if let Some(tx) = &self.jobs {
             let _ = tx.send(key);

@@ -140,7 +140,10 @@ impl Inner {
                     }
                 }
                 Level::L2 => {
-                    let buddy = self.buddy_of(self.cfg.node);
+                    // Where the copy landed (the buddy may have changed since).
+                    let buddy = self
+                        .l2_holder(&key)
+                        .unwrap_or_else(|| self.buddy_of(self.cfg.node));
                     let body = Body::Drop {
                         owner: owner.to_string(),
                         version: v,

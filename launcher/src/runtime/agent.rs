@@ -6,8 +6,9 @@
 //!        krund runtime ──Agent::on_checkpointed(rank, version, image, bytes)──► agent
 //!        agent: verify the ghost image, map the file, Store::put_file (L1 = the file's own
 //!               pages, no copy), queue the wait
-//!        agent worker: Store::wait_safe L2.. ──AgentEvent::Safe{rank,version,level}──► runtime
+//!        agent worker: Store::wait_safe L2.. ──AgentEvent::Safe{rank,version,level,holder}──► runtime
 //!                                               (or AgentEvent::Failed{..,error})
+//!        parity watcher: Store::parity_state ──AgentEvent::Safe{..,level: L3, holder}──► runtime
 //! restart: Agent::fetch(rank, version) ──► the fastest valid copy (L1 here, L1/L2 on other
 //!          nodes, L3 rebuild, L4 disk), checked against the store's crc32c and parsed as a
 //!          ghost image
@@ -17,10 +18,18 @@
 //! - [`Agent::new`]`(store, config) -> Result<(Agent, Receiver<AgentEvent>)>`, or
 //!   [`Agent::with_callback`]`(store, config, Fn(AgentEvent)) -> Result<Agent>` (refused when
 //!   the store does not write [`AgentConfig::level`]).
-//! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`:
+//! - [`Agent::on_checkpointed`]`(rank, version, image_path, bytes) -> Result<PutReport>`
+//!   (or [`Agent::on_checkpointed_in`] with the recovery's wiring epoch the rank's image
+//!   runs in, carried by every event of that version so that krun drops the reports of a
+//!   checkpoint a later recovery undid):
 //!   returns once L1 holds the image (the rank may go on); the L1 event is sent before it
 //!   returns, the slower levels up to [`AgentConfig::level`] are reported in order from a
-//!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`].
+//!   background thread, one [`AgentEvent::Safe`] each, or one [`AgentEvent::Failed`]. Each
+//!   `Safe` names the node holding that copy (L1 this node, L2 the buddy it landed on, L3
+//!   the parity holder). When the store writes parity and the agent waits for a faster
+//!   level, L3 is reported too, once a complete parity set covers the version (a thread of
+//!   its own: L3 waits for the other members of the set, and never holds up the levels a
+//!   checkpoint waits for); a version no parity covers is not reported at L3.
 //! - [`Agent::fetch`]`(rank, version) -> Result<Fetched>`; [`Agent::fetch_chain`] (an
 //!   incremental image and its ancestors) and [`Agent::write_chain`] (as files a rank
 //!   started with `KRUN_GHOST_RESTORE` resumes from).
@@ -36,7 +45,7 @@
 //! the older versions of that rank from L1 (they stay at L2-L4). Errors name the rank and
 //! the version.
 use crate::error::{LauncherError, Result};
-use ckpt_store::{GetReport, ImageBytes, Level, NewestSafe, PutReport, Store, Usage};
+use ckpt_store::{GetReport, ImageBytes, Level, NewestSafe, ParityState, PutReport, Store, Usage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -65,12 +74,17 @@ impl Default for AgentConfig {
 /// What the agent reports to the runtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentEvent {
-    /// `version` of `rank` (an image of `bytes` bytes) is safe at `level`.
+    /// `version` of `rank` (an image of `bytes` bytes) is safe at `level`, on node
+    /// `holder` (L1: this node; L2: the buddy holding the copy; L3: the parity holder;
+    /// `None` for L4, a disk directory).
     Safe {
         rank: u32,
         version: u64,
         level: Level,
         bytes: u64,
+        holder: Option<usize>,
+        /// The wiring epoch the rank's image ran in when it took the version.
+        wiring: u64,
     },
     /// `version` of `rank` did not reach `level`; `error` says why (it is safe at the
     /// levels reported before).
@@ -79,6 +93,7 @@ pub enum AgentEvent {
         version: u64,
         level: Level,
         error: String,
+        wiring: u64,
     },
 }
 
@@ -90,15 +105,24 @@ impl std::fmt::Display for AgentEvent {
                 version,
                 level,
                 bytes,
-            } => write!(
-                f,
-                "version {version} of rank {rank} safe at {level} ({bytes} bytes)"
-            ),
+                holder,
+                ..
+            } => {
+                write!(
+                    f,
+                    "version {version} of rank {rank} safe at {level} ({bytes} bytes"
+                )?;
+                match holder {
+                    Some(n) => write!(f, " on node {n})"),
+                    None => write!(f, ")"),
+                }
+            }
             AgentEvent::Failed {
                 rank,
                 version,
                 level,
                 error,
+                ..
             } => write!(
                 f,
                 "version {version} of rank {rank} not safe at {level}: {error}"
@@ -121,6 +145,7 @@ struct Job {
     rank: u32,
     version: u64,
     bytes: u64,
+    wiring: u64,
 }
 
 /// The node's checkpoint agent; owns the node's [`Store`].
@@ -130,6 +155,9 @@ pub struct Agent {
     sink: Sink,
     jobs: Option<mpsc::Sender<Job>>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// Versions waiting for a complete parity set (`None`: L3 is not reported apart).
+    parity_jobs: Option<mpsc::Sender<Job>>,
+    parity_worker: Option<std::thread::JoinHandle<()>>,
     /// Set on drop: waits still queued end at once with a `Failed` event.
     stopping: Arc<AtomicBool>,
     /// Ranks whose images this agent stored.
@@ -137,6 +165,9 @@ pub struct Agent {
     /// (rank, version) -> the version its image is a delta of (0: a full image), for the
     /// images this agent stored: where a version's chain starts ([`Agent::keep_from`]).
     parents: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), u64>>,
+    /// (rank, version) -> the wiring epoch it was taken in, for the versions at L1 (their
+    /// L2 is reported again when the buddy changes).
+    wirings: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), u64>>,
 }
 
 impl Agent {
@@ -186,15 +217,35 @@ impl Agent {
                     source: e,
                 })?
         };
+        // L3 on its own when the store writes parity and the agent waits for less.
+        let (parity_jobs, parity_worker) =
+            if store.levels().contains(&Level::L3) && config.level < Level::L3 {
+                let (ptx, prx) = mpsc::channel::<Job>();
+                let (store, sink, stopping) = (store.clone(), sink.clone(), stopping.clone());
+                let timeout = config.timeout;
+                let t = std::thread::Builder::new()
+                    .name("krun-ckpt-parity".into())
+                    .spawn(move || watch_parity(&store, &sink, &stopping, prx, timeout))
+                    .map_err(|e| LauncherError::Io {
+                        context: "spawning the checkpoint agent's parity thread".into(),
+                        source: e,
+                    })?;
+                (Some(ptx), Some(t))
+            } else {
+                (None, None)
+            };
         Ok(Agent {
             store,
             config,
             sink,
             jobs: Some(tx),
             worker: Some(worker),
+            parity_jobs,
+            parity_worker,
             stopping,
             ranks: Default::default(),
             parents: Default::default(),
+            wirings: Default::default(),
         })
     }
 
@@ -223,6 +274,20 @@ impl Agent {
         image: &Path,
         bytes: u64,
     ) -> Result<PutReport> {
+        self.on_checkpointed_in(rank, version, image, bytes, 0)
+    }
+
+    /// As [`Agent::on_checkpointed`], for a rank whose image runs in wiring epoch `wiring`
+    /// (the recovery that started it; 0: the job's start): every event of this version
+    /// carries it.
+    pub fn on_checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        wiring: u64,
+    ) -> Result<PutReport> {
         let fail = |what: String| LauncherError::Checkpoint {
             rank,
             version,
@@ -241,6 +306,12 @@ impl Agent {
             .lock()
             .expect("lock")
             .insert((rank, version), parent);
+        {
+            let at_l1 = self.store.l1_versions(&owner);
+            let mut w = self.wirings.lock().expect("lock");
+            w.retain(|&(r, v), _| r != rank || at_l1.contains(&v));
+            w.insert((rank, version), wiring);
+        }
         if parent == 0 {
             // A full image: the native checkpointer now recycles the files of older versions
             // (rewriting them in place for their memory), so the store stops mapping them.
@@ -268,12 +339,24 @@ impl Agent {
             version,
             level: Level::L1,
             bytes: report.bytes,
+            holder: Some(self.store.node()),
+            wiring,
         });
+        if let Some(parity) = &self.parity_jobs {
+            // The watcher ends only with the agent: a send cannot fail before.
+            let _ = parity.send(Job {
+                rank,
+                version,
+                bytes: report.bytes,
+                wiring,
+            });
+        }
         if self.config.level > Level::L1 {
             let job = Job {
                 rank,
                 version,
                 bytes: report.bytes,
+                wiring,
             };
             if let Some(jobs) = &self.jobs {
                 jobs.send(job)
@@ -330,11 +413,19 @@ impl Agent {
                 let owner = Agent::owner(rank);
                 for version in self.store.l1_versions(&owner) {
                     let bytes = self.store.stored_len(&owner, version).unwrap_or(0) as u64;
+                    let wiring = self
+                        .wirings
+                        .lock()
+                        .expect("lock")
+                        .get(&(rank, version))
+                        .copied()
+                        .unwrap_or(0);
                     if let Some(jobs) = &self.jobs {
                         let _ = jobs.send(Job {
                             rank,
                             version,
                             bytes,
+                            wiring,
                         });
                     }
                 }
@@ -460,7 +551,11 @@ impl Drop for Agent {
         // Waits still pending end within a slice and report "agent stopped".
         self.stopping.store(true, Ordering::SeqCst);
         self.jobs.take();
+        self.parity_jobs.take();
         if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        if let Some(w) = self.parity_worker.take() {
             let _ = w.join();
         }
     }
@@ -498,6 +593,8 @@ fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &Atom
                 version: job.version,
                 level,
                 bytes: job.bytes,
+                holder: store.copy_holder(&owner, job.version, level),
+                wiring: job.wiring,
             }),
             Err(error) => {
                 sink(AgentEvent::Failed {
@@ -505,10 +602,58 @@ fn wait_levels(store: &Store, config: &AgentConfig, sink: &Sink, stopping: &Atom
                     version: job.version,
                     level,
                     error,
+                    wiring: job.wiring,
                 });
                 return;
             }
         }
+    }
+}
+
+/// Reports L3 for each version queued once a complete parity set covers it (polled, so that
+/// a set that waits for a slow member holds up no other version); a version no parity covers,
+/// whose parity failed, or still waiting after `timeout`, is dropped without a report (L3 is
+/// not the level the checkpoints wait for; the store logs its failures). Ends with the agent.
+fn watch_parity(
+    store: &Store,
+    sink: &Sink,
+    stopping: &AtomicBool,
+    jobs: mpsc::Receiver<Job>,
+    timeout: Duration,
+) {
+    let mut pending: Vec<(Job, std::time::Instant)> = Vec::new();
+    let mut open = true;
+    while !stopping.load(Ordering::SeqCst) && (open || !pending.is_empty()) {
+        if open {
+            match jobs.recv_timeout(Duration::from_millis(50)) {
+                Ok(j) => pending.push((j, std::time::Instant::now())),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+            }
+            while let Ok(j) = jobs.try_recv() {
+                pending.push((j, std::time::Instant::now()));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pending.retain(|(job, since)| {
+            let owner = Agent::owner(job.rank);
+            match store.parity_state(&owner, job.version) {
+                ParityState::Waiting => since.elapsed() < timeout,
+                ParityState::Skipped | ParityState::Failed(_) => false,
+                ParityState::Safe { holder } => {
+                    sink(AgentEvent::Safe {
+                        rank: job.rank,
+                        version: job.version,
+                        level: Level::L3,
+                        bytes: job.bytes,
+                        holder: Some(holder),
+                        wiring: job.wiring,
+                    });
+                    false
+                }
+            }
+        });
     }
 }
 

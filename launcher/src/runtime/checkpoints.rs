@@ -8,11 +8,11 @@
 //! | policy call | krun → krund | krund → krun |
 //! |---|---|---|
 //! | `barrier(op)` | `Barrier{op}`: hold ranks that reach a safepoint; once every node answered `Opened{op}`, `Wake{op}` (SIGUSR1 wakes them) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
-//! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version}` → `CaptureDone`; `Safe`/`NotSafe` → `LevelSafe`/`LevelLost` |
+//! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version, wiring}` → `CaptureDone`; `Safe{.., node, wiring}`/`NotSafe` → `LevelSafe`/`LevelLost` (L2 at the buddy, L3 at the parity holder: the copies index); a report of an older wiring epoch than the newest recovery's is dropped |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
 //! | `fetch` | nothing: the restarting node reads the chain from the store | |
-//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`) | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//! | `restart(d)` / `rollback(op, r, v)` | collected, then one `Restart{wiring, bootstrap, version, ranks}` per recovery (after `Release{Abort}`), then `Reform{wiring, members, ranks}`: the stores re-form buddies and parity sets among the nodes left | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
 //! | `notify` / end | printed by krun; an end with an error stops the job ([`JobError`]) | |
 //!
 //! Decisions (commits, aborts, recoveries and each restart) are appended to the job
@@ -440,6 +440,113 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("KRUN_POLICY_LOGGING"), "{err}");
+    }
+
+    /// A late report of a checkpoint a recovery undid (e.g. an L2 safety the store only
+    /// reached after the node that held it back was agreed lost) names a native version
+    /// the ranks take again after the recovery: it must not count for the new checkpoint of
+    /// that number. Its wiring epoch, older than the recovery's, gives it away.
+    #[test]
+    fn a_late_report_of_a_checkpoint_a_recovery_undid_is_not_credited_to_the_next_one() {
+        let (mut calls, sent) = hub();
+        calls.new_wiring = Arc::new(|| Ok::<_, String>("127.0.0.1:1".to_string()));
+        let mut copies = Copies(BTreeMap::new());
+        let captured = |rank: Rank, version: u64, wiring: u64| {
+            Input::FromNode(
+                rank,
+                NodeToLauncher::Captured {
+                    rank,
+                    version,
+                    bytes: 100,
+                    wiring,
+                },
+            )
+        };
+        let safe = |rank: Rank, version: u64, wiring: u64| {
+            Input::FromNode(
+                rank,
+                NodeToLauncher::Safe {
+                    rank,
+                    version,
+                    level: 2,
+                    node: Some((rank + 1) % 3),
+                    wiring,
+                },
+            )
+        };
+        // Checkpoint 1 (native 1): captured and safe everywhere.
+        calls
+            .capture(OpId { leader: 0, seq: 1 }, 0, 1, &[])
+            .unwrap();
+        for r in 0..3 {
+            let done = translate(&mut calls, &mut copies, captured(r, 1, 0));
+            assert!(matches!(done, Some(Event::CaptureDone { version: 1, .. })));
+            let l2 = translate(&mut calls, &mut copies, safe(r, 1, 0));
+            assert!(matches!(l2, Some(Event::LevelSafe { version: 1, .. })));
+        }
+        // Checkpoint 2 (native 2) is being captured when a node fails: every rank goes
+        // back to checkpoint 1 in wiring epoch 1.
+        calls
+            .capture(OpId { leader: 0, seq: 2 }, 0, 2, &[])
+            .unwrap();
+        assert!(translate(&mut calls, &mut copies, captured(0, 2, 0)).is_some());
+        let back = OpId { leader: 0, seq: 3 };
+        calls.plan = (0..3)
+            .map(|r| (r, r, Planned::Rollback(back, 1), Some(1)))
+            .collect();
+        assert!(calls.execute_plan().is_empty());
+        assert_eq!(calls.wirings, 1);
+        assert!(sent.lock().unwrap().iter().any(|m| matches!(
+            m,
+            LauncherToNode::Reform { wiring: 1, ranks, .. } if ranks.len() == 3
+        )));
+        // Checkpoint 3 is ordered as native 2 again.
+        calls
+            .capture(OpId { leader: 0, seq: 4 }, 0, 3, &[])
+            .unwrap();
+        assert_eq!(calls.native_of(3), Some(2));
+        // The old checkpoint 2's late reports (epoch 0) are dropped...
+        assert!(translate(&mut calls, &mut copies, safe(0, 2, 0)).is_none());
+        assert!(translate(&mut calls, &mut copies, captured(1, 2, 0)).is_none());
+        let lost = Input::FromNode(
+            2,
+            NodeToLauncher::NotSafe {
+                rank: 2,
+                version: 2,
+                level: 2,
+                error: "the buddy is gone".into(),
+                wiring: 0,
+            },
+        );
+        assert!(translate(&mut calls, &mut copies, lost).is_none());
+        for r in 0..3 {
+            assert!(copies.copies(r, 3).is_empty(), "rank {r}");
+        }
+        // ...and the new ones (epoch 1) count for checkpoint 3, with the copies' nodes.
+        let done = translate(&mut calls, &mut copies, captured(0, 2, 1));
+        assert!(matches!(
+            done,
+            Some(Event::CaptureDone {
+                rank: 0,
+                version: 3,
+                ..
+            })
+        ));
+        let l2 = translate(&mut calls, &mut copies, safe(0, 2, 1));
+        assert!(matches!(
+            l2,
+            Some(Event::LevelSafe {
+                rank: 0,
+                version: 3,
+                level: Level::L2
+            })
+        ));
+        let at: Vec<_> = copies
+            .copies(0, 3)
+            .iter()
+            .map(|c| (c.level, c.node))
+            .collect();
+        assert_eq!(at, vec![(Level::L1, Some(0)), (Level::L2, Some(1))]);
     }
 
     /// The first-barrier race seen under load: a rank of a node that had already heard of

@@ -113,16 +113,33 @@ pub enum NodeToLauncher {
     /// (To `Barrier { op }`) the node's ranks did not all reach a safepoint.
     SyncFailed { op: u64, reason: String },
     /// A rank of this node took checkpoint `version` (`bytes` long) and the node's store
-    /// holds it (L1).
-    Captured { rank: u32, version: u64, bytes: u64 },
-    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`).
-    Safe { rank: u32, version: u64, level: u8 },
+    /// holds it (L1). `wiring`: the recovery's wiring epoch the rank's image runs in (0:
+    /// the job's start); krun drops reports of an older epoch than its newest recovery's
+    /// (a checkpoint that recovery undid, under a version number taken again since).
+    Captured {
+        rank: u32,
+        version: u64,
+        bytes: u64,
+        wiring: u64,
+    },
+    /// The store made `version` of `rank` safe at `level` (2-4; L1 comes with `Captured`):
+    /// its copy is on `node` (L2: the buddy; L3: the parity holder; `None`: L4, or not
+    /// known).
+    Safe {
+        rank: u32,
+        version: u64,
+        level: u8,
+        node: Option<NodeId>,
+        /// As in `Captured`.
+        wiring: u64,
+    },
     /// `version` of `rank` did not reach `level`.
     NotSafe {
         rank: u32,
         version: u64,
         level: u8,
         error: String,
+        wiring: u64,
     },
     /// A rank of this node was killed by `signal` (not by the node): the job cannot go on
     /// without it, and krun ends it (the node has ended its other ranks).
@@ -195,6 +212,15 @@ pub enum LauncherToNode {
     Barrier { op: u64 },
     /// (After every node's `Opened { op }`) wake the ranks for barrier `op`.
     Wake { op: u64 },
+    /// (After the `Restart` of recovery `wiring`) the ranks now run on the nodes `ranks`
+    /// names (rank -> node, every rank of the job) in the agreed view of `members`: each
+    /// node's checkpoint store re-forms its buddies and parity sets among them
+    /// (`runtime/store_node.rs`).
+    Reform {
+        wiring: u64,
+        members: Vec<NodeId>,
+        ranks: Vec<(u32, NodeId)>,
+    },
     /// The policy's decision for the ranks held: every held rank gets this order.
     Release {
         order: super::safepoint::SafepointOrder,

@@ -95,6 +95,11 @@ impl DrainWaiter {
         true
     }
 
+    /// The node being drained, if a drain is in progress.
+    pub fn draining(&self) -> Option<NodeId> {
+        self.waiting.as_ref().map(|w| w.0)
+    }
+
     /// The policy told the user something: the drain's end answers the request.
     pub fn notice(&mut self, notice: &Notice) {
         let answer = match &notice.kind {

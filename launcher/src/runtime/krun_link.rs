@@ -3,6 +3,7 @@
 //! policy's orders, MPI fence answers, stop). The policy's barrier on this node is
 //! [`barrier`]; the ranks' side of it is the rank library's safepoint (`rank::node_link`).
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,12 +68,24 @@ pub(super) fn connect_launcher(
                 Ok(LauncherToNode::Release { order }) => {
                     safepoints.release(order);
                 }
+                Ok(LauncherToNode::Reform {
+                    wiring: _,
+                    members,
+                    ranks,
+                }) => {
+                    // Before this node answers the recovery (its restarts run in threads
+                    // of their own): the next checkpoint already uses the new placement.
+                    agent.reform(members, ranks);
+                }
                 Ok(LauncherToNode::Restart {
                     wiring,
                     bootstrap,
                     version,
                     ranks,
                 }) => {
+                    // The ranks this order starts say hello in this epoch (their reports
+                    // carry it: `runtime/sockets.rs`).
+                    shared.wiring.fetch_max(wiring, Ordering::SeqCst);
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
                     // An MPI job's servers start the new incarnation before any rank does

@@ -53,6 +53,13 @@ pub struct Shared {
     /// The MPI incarnation the node's MPI servers serve: the wiring epoch of the recovery
     /// that restarted every rank (0: the start; `runtime/mpi_recovery.rs`).
     pub mpi_wiring: AtomicU64,
+    /// The newest wiring epoch of a recovery krun ordered (`LauncherToNode::Restart`; 0:
+    /// the job's start).
+    pub wiring: AtomicU64,
+    /// rank -> the wiring epoch its running image started in (taken at its hello): the
+    /// node's capture and safety reports of that rank carry it, so that krun tells a late
+    /// report of a checkpoint a recovery undid from one of the same number taken since.
+    pub rank_wiring: Mutex<std::collections::BTreeMap<u32, u64>>,
     /// The uncoordinated policy's per-rank captures and rejoins on this node.
     pub uncoordinated: super::uncoordinated::NodeSide,
 }
@@ -81,6 +88,8 @@ impl Shared {
             watchers: Default::default(),
             pmi: Mutex::new(Vec::new()),
             mpi_wiring: AtomicU64::new(0),
+            wiring: AtomicU64::new(0),
+            rank_wiring: Mutex::new(std::collections::BTreeMap::new()),
             uncoordinated: Default::default(),
         })
     }

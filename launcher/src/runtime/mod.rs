@@ -82,12 +82,29 @@ pub trait CheckpointAgent: Send + Sync {
     /// `rank` wrote checkpoint `version` to `image` (`bytes` long): put it in the store.
     /// Returns the levels (1-4) the version is safe at now.
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>>;
+    /// As [`CheckpointAgent::checkpointed`], for a rank whose image runs in wiring epoch
+    /// `wiring` (the agent's later reports of this version carry it).
+    fn checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        _wiring: u64,
+    ) -> Result<Vec<u8>> {
+        self.checkpointed(rank, version, image, bytes)
+    }
     /// Store use per level and the newest version safe per level, for `krun status`.
     fn store_use(&self) -> (Vec<LevelUse>, Vec<SafeCheckpoint>) {
         (Vec::new(), Vec::new())
     }
     /// The agreed view lost `node`: reads skip it and its buddy duty moves on.
     fn node_down(&self, _node: NodeId) -> Result<()> {
+        Ok(())
+    }
+    /// A recovery placed the ranks anew (`ranks`: rank -> node, every rank of the job) in
+    /// the view of `members`: buddies and parity sets are re-formed among them.
+    fn reform(&self, _members: &[NodeId], _ranks: &[(u32, NodeId)]) -> Result<()> {
         Ok(())
     }
     /// Writes `version` of `rank` and the older images it builds on, read from the store, as
@@ -136,7 +153,13 @@ pub struct AgentSlot {
     /// Called when something starts waiting for the expected agent (krund starts its store
     /// then, if it has not yet).
     wanted: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The newest re-form krun ordered (members, rank -> node), applied to an agent that
+    /// comes later.
+    reform: Mutex<Option<Reformed>>,
 }
+
+/// A recovery's placement: the view's members and every rank's node.
+type Reformed = (Vec<NodeId>, Vec<(u32, NodeId)>);
 
 impl AgentSlot {
     pub fn get(&self) -> Option<Arc<dyn CheckpointAgent>> {
@@ -164,9 +187,27 @@ impl AgentSlot {
 
     fn set(&self, agent: Option<Arc<dyn CheckpointAgent>>) {
         let mut g = self.agent.lock().expect("agent lock");
-        *g = agent;
+        *g = agent.clone();
         self.expected.store(false, Ordering::SeqCst);
         self.changed.notify_all();
+        drop(g);
+        let pending = self.reform.lock().expect("reform lock").clone();
+        if let (Some(a), Some((members, ranks))) = (agent, pending) {
+            if let Err(e) = a.reform(&members, &ranks) {
+                eprintln!("krund: {e}");
+            }
+        }
+    }
+
+    /// krun's `Reform` after a recovery: the agent re-forms its store's placement now, or
+    /// when it comes.
+    pub fn reform(&self, members: Vec<NodeId>, ranks: Vec<(u32, NodeId)>) {
+        *self.reform.lock().expect("reform lock") = Some((members.clone(), ranks.clone()));
+        if let Some(a) = self.get() {
+            if let Err(e) = a.reform(&members, &ranks) {
+                eprintln!("krund: {e}");
+            }
+        }
     }
 }
 
@@ -408,6 +449,8 @@ impl Runtime {
                         rank,
                         version,
                         level,
+                        holder,
+                        wiring,
                         ..
                     } => {
                         if level > ckpt_store::Level::L1 {
@@ -415,6 +458,8 @@ impl Runtime {
                                 rank,
                                 version,
                                 level: store_link::level_number(level),
+                                node: holder.and_then(|n| NodeId::try_from(n).ok()),
+                                wiring,
                             });
                         }
                         let op = TableOp::Checkpointed {
@@ -431,6 +476,7 @@ impl Runtime {
                         version,
                         level,
                         error,
+                        wiring,
                     } => {
                         eprintln!(
                             "krund: node {me}: rank {rank} version {version} is not safe at L{}: {error}",
@@ -441,6 +487,7 @@ impl Runtime {
                             version,
                             level: store_link::level_number(level),
                             error,
+                            wiring,
                         });
                     }
                 }

@@ -143,6 +143,14 @@ pub(super) fn rank_message(
                 .lock()
                 .expect("linked lock")
                 .insert(u64::from(rank));
+            // This image of the rank runs in the newest wiring epoch krun ordered.
+            let wiring = table.shared.wiring.load(Ordering::SeqCst);
+            table
+                .shared
+                .rank_wiring
+                .lock()
+                .expect("rank wiring lock")
+                .insert(rank, wiring);
             recovery::hello(table, rank, pid);
             NodeToRank::Ack
         }
@@ -157,12 +165,24 @@ pub(super) fn rank_message(
             // HOOK (checkpoint agent, runtime/agent.rs): the agent moves the image into the
             // store and says where it is safe; without one the version is recorded as known
             // but safe nowhere yet.
-            // (Bounded below the rank's own wait for an answer, 10 s.)
+            // (Bounded below the rank's own wait for an answer, 10 s.) The reports carry the
+            // wiring epoch the rank's image runs in (a rank that never said hello: the
+            // node's newest).
+            let wiring = table
+                .shared
+                .rank_wiring
+                .lock()
+                .expect("rank wiring lock")
+                .get(&rank)
+                .copied()
+                .unwrap_or_else(|| table.shared.wiring.load(Ordering::SeqCst));
             let levels = match agent.wait(Duration::from_secs(8)) {
-                Some(a) => match a.checkpointed(rank, version, Path::new(&image), bytes) {
-                    Ok(l) => l,
-                    Err(e) => return NodeToRank::Refused(e.to_string()),
-                },
+                Some(a) => {
+                    match a.checkpointed_in(rank, version, Path::new(&image), bytes, wiring) {
+                        Ok(l) => l,
+                        Err(e) => return NodeToRank::Refused(e.to_string()),
+                    }
+                }
                 None => Vec::new(),
             };
             match table.request(
@@ -180,6 +200,7 @@ pub(super) fn rank_message(
                                 rank,
                                 version,
                                 bytes,
+                                wiring,
                             });
                         }
                         NodeToRank::Ack

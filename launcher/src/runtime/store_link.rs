@@ -24,6 +24,8 @@ pub struct StoreAgent {
     job_ranks: u32,
     /// Nodes of the store (a node added later has no store and is not reported down).
     store_nodes: usize,
+    /// How to re-form the placement after a recovery (`None`: the store keeps its own).
+    reform: Option<super::store_node::Reform>,
 }
 
 impl StoreAgent {
@@ -32,7 +34,14 @@ impl StoreAgent {
             agent,
             job_ranks,
             store_nodes: usize::MAX,
+            reform: None,
         }
+    }
+
+    /// Re-forms buddies and parity sets after recoveries from `reform`.
+    pub fn with_reform(mut self, reform: super::store_node::Reform) -> StoreAgent {
+        self.reform = Some(reform);
+        self
     }
 
     /// The store has `n` nodes (`0..n`): failures of other nodes are not the store's.
@@ -56,6 +65,25 @@ impl CheckpointAgent for StoreAgent {
 
     fn keep_from(&self, rank: u32, version: u64) -> Option<u64> {
         self.agent.keep_from(rank, version)
+    }
+
+    fn reform(
+        &self,
+        members: &[adaptation::NodeId],
+        ranks: &[(u32, adaptation::NodeId)],
+    ) -> Result<()> {
+        let Some(reform) = &self.reform else {
+            return Ok(());
+        };
+        let placement = reform.placement(members, ranks)?;
+        let me = self.agent.store().node();
+        self.agent
+            .store()
+            .reform(placement)
+            .map_err(|e| crate::error::LauncherError::Node {
+                node: me,
+                message: format!("re-forming the store placement: {e}"),
+            })
     }
 
     fn fetch(&self, rank: u32, version: u64) -> Result<FetchInfo> {
@@ -83,7 +111,19 @@ impl CheckpointAgent for StoreAgent {
     }
 
     fn checkpointed(&self, rank: u32, version: u64, image: &Path, bytes: u64) -> Result<Vec<u8>> {
-        self.agent.on_checkpointed(rank, version, image, bytes)?;
+        self.checkpointed_in(rank, version, image, bytes, 0)
+    }
+
+    fn checkpointed_in(
+        &self,
+        rank: u32,
+        version: u64,
+        image: &Path,
+        bytes: u64,
+        wiring: u64,
+    ) -> Result<Vec<u8>> {
+        self.agent
+            .on_checkpointed_in(rank, version, image, bytes, wiring)?;
         Ok(vec![level_number(Level::L1)])
     }
 

@@ -15,6 +15,14 @@
 //! [`AUTO_PARITY_MIN_NODES`] rank nodes that run the same number of ranks each, with
 //! K = half the rank nodes (2 to 8): a lost buddy pair (a node and the node holding its L2
 //! copies) then still restores from L3.
+//!
+//! After a recovery ([`Reform`]) every node re-forms its store's buddies and parity sets
+//! from what krun sends with the recovery (`LauncherToNode::Reform`: the agreed view's
+//! members and where every rank runs now): the same cells and failure groups as at the
+//! start without the gone nodes ([`Placement::among`]), and parity sets among the nodes
+//! that run ranks now, sized by the same rule. Every node computes the same placement from
+//! the same message, so a spare that took ranks over is in a set and has a buddy, and a
+//! second buddy pair lost later is rebuilt from parity too.
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -230,9 +238,19 @@ pub fn start(
         .sets_for(&counts)
         .map_err(|e| fail(format!("KRUN_STORE_PARITY ([store] parity): {e}")))?;
     let members: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
-    let placement = Placement::from_cells(&store_cells(cells, nodes.len()), &groups, parity_set)
+    let cells = store_cells(cells, nodes.len());
+    let placement = Placement::from_cells(&cells, &groups, parity_set)
         .map_err(|e| fail(format!("store placement: {e}")))?
         .parity_among(&members, parity_set, lanes);
+    let reform = Reform {
+        cells,
+        groups,
+        parity: if parity_set > 1 {
+            settings.parity
+        } else {
+            Parity::Off
+        },
+    };
     let store = Store::start_placed(
         ep,
         StoreConfig {
@@ -265,9 +283,46 @@ pub fn start(
         },
     )?;
     Ok((
-        StoreAgent::new(agent, job_ranks).with_store_nodes(store_nodes),
+        StoreAgent::new(agent, job_ranks)
+            .with_store_nodes(store_nodes)
+            .with_reform(reform),
         events,
     ))
+}
+
+/// What a node's store needs to re-form its placement after a recovery: the cells and
+/// failure groups it started with and the parity setting (`Off` when it started without
+/// parity: a re-form adds none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reform {
+    pub cells: Vec<Vec<usize>>,
+    pub groups: Vec<u32>,
+    pub parity: Parity,
+}
+
+impl Reform {
+    /// The placement among the store nodes in `members` (the agreed view's), with parity
+    /// sets among those that run ranks now (`ranks`: rank -> node, for every rank of the
+    /// job), sized as at the start ([`Parity::sets_for`]; a setting the new shape refuses,
+    /// such as uneven rank counts with an explicit set size, gives no parity).
+    pub fn placement(&self, members: &[u32], ranks: &[(u32, u32)]) -> Result<Placement> {
+        let n = self.groups.len();
+        let up: Vec<bool> = (0..n).map(|i| members.contains(&(i as u32))).collect();
+        let mut counts = vec![0usize; n];
+        for &(_, node) in ranks {
+            if let Some(c) = counts.get_mut(node as usize).filter(|_| up[node as usize]) {
+                *c += 1;
+            }
+        }
+        let (k, lanes) = self.parity.sets_for(&counts).unwrap_or_else(|e| {
+            eprintln!("krund: parity sets after the recovery: {e}: no parity from now on");
+            (0, 1)
+        });
+        let ranked: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
+        Ok(Placement::among(&self.cells, &self.groups, k, &up)
+            .map_err(|e| LauncherError::Usage(format!("re-forming the store placement: {e}")))?
+            .parity_among(&ranked, k, lanes))
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +397,35 @@ mod tests {
             e.contains("KRUN_STORE_PARITY") && e.contains("\"1\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_reform_places_buddies_and_parity_sets_among_the_nodes_left_that_run_ranks() {
+        // Four rank nodes and two spares in one cell; nodes 0 and 1 lost, their ranks on
+        // the spares 4 and 5.
+        let reform = Reform {
+            cells: vec![(0..6).collect()],
+            groups: (0..6).collect(),
+            parity: Parity::Auto,
+        };
+        let ranks = [(0, 4), (1, 5), (2, 2), (3, 3)];
+        let p = reform.placement(&[2, 3, 4, 5], &ranks).unwrap();
+        assert_eq!(p.sets(), &[vec![2, 3], vec![4, 5]]);
+        assert_eq!((p.buddy(0), p.buddy(1)), (None, None));
+        assert!((2..6).all(|n| p.buddy(n).is_some_and(|b| b >= 2 && b != n)));
+        // The parity of the spares' set is kept by a node of the other set.
+        assert!([2, 3].contains(&p.parity_holder(1, 7)));
+        // Two ranks on node 2 and none on node 4 (no spare left): uneven, no parity.
+        let uneven = [(0, 2), (1, 5), (2, 2), (3, 3)];
+        let p = reform.placement(&[2, 3, 5], &uneven).unwrap();
+        assert!(p.sets().iter().all(|s| s.len() < 2), "{:?}", p.sets());
+        // A store started without parity gets none from a re-form either.
+        let off = Reform {
+            parity: Parity::Off,
+            ..reform
+        };
+        let p = off.placement(&[2, 3, 4, 5], &ranks).unwrap();
+        assert!(p.sets().iter().all(|s| s.len() < 2), "{:?}", p.sets());
     }
 
     #[test]

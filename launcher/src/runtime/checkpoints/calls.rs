@@ -7,8 +7,10 @@ use super::*;
 pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The policy's copies index: what the nodes reported safe, per level: the node holding
-/// the copy when known (L1: the rank's node; the buddy of L2 is the store's business) and
-/// the image's size.
+/// the copy when known (L1: the rank's node; L2: the buddy the copy landed on; L3: the
+/// node keeping the parity that covers it; L4: none, a disk directory) and the image's
+/// size. The policy leaves out copies on nodes no longer in the view, so a rank whose node
+/// and buddy are both lost is planned from L3 (from its parity holder) by name.
 #[derive(Default)]
 pub(super) struct Copies(pub(super) BTreeMap<(Rank, Version), LevelCopies>);
 
@@ -29,10 +31,15 @@ impl Reads for Copies {
 }
 
 impl Copies {
+    /// `rank`'s `version` is safe at `level` on `node`: a later report with a node (an L2
+    /// copy sent again to a new buddy) moves the copy there.
     pub(super) fn add(&mut self, rank: Rank, version: Version, level: Level, node: Option<NodeId>) {
         let levels = self.0.entry((rank, version)).or_default();
         let bytes = levels.values().map(|c| c.1).max().unwrap_or(0);
-        levels.entry(level).or_insert((node, bytes));
+        let copy = levels.entry(level).or_insert((node, bytes));
+        if node.is_some() {
+            copy.0 = node;
+        }
     }
 
     pub(super) fn set_bytes(&mut self, rank: Rank, version: Version, bytes: u64) {
@@ -486,6 +493,7 @@ impl HubCalls {
         (self.send)(&LauncherToNode::Release {
             order: SafepointOrder::Abort("a recovery restarts the ranks".into()),
         });
+        let order_epoch = w.epoch;
         let order = LauncherToNode::Restart {
             wiring: w.epoch,
             bootstrap: w.bootstrap.clone(),
@@ -493,6 +501,27 @@ impl HubCalls {
             ranks: plan.iter().map(|p| (p.0, p.1)).collect(),
         };
         let sent = (self.send)(&order);
+        // The nodes' stores re-form buddies and parity sets among the nodes left, with the
+        // ranks where they run now (`runtime/store_node.rs`): the next buddy pair lost is
+        // rebuilt from parity again.
+        // A node being drained is about to leave: it holds no copy of the new placement.
+        let leaving = self.drain.draining();
+        (self.send)(&LauncherToNode::Reform {
+            wiring: order_epoch,
+            members: self
+                .view
+                .nodes
+                .iter()
+                .copied()
+                .filter(|&n| Some(n) != leaving)
+                .collect(),
+            ranks: self
+                .placement
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| (r as Rank, n))
+                .collect(),
+        });
         if new_epoch {
             self.phases.reached(Phase::Recovery);
         }

@@ -140,15 +140,19 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 rank,
                 version,
                 bytes,
+                wiring,
             } => {
                 // Only a capture of the checkpoint being taken counts. One of a checkpoint a
                 // recovery dropped (newer than its line, reported late, e.g. after the store
                 // timed out on the lost node) is stale: the ranks number on from the line
                 // again, so it must neither move the numbering (the next order would name a
-                // version the ranks' checkpointers do not take) nor count as a copy.
-                if calls
-                    .capturing
-                    .is_none_or(|(_, _, native, _)| native != version)
+                // version the ranks' checkpointers do not take) nor count as a copy. It is
+                // told apart by its wiring epoch, older than the recovery's, even when the
+                // checkpoint being taken has the same native number.
+                if stale(calls, wiring)
+                    || calls
+                        .capturing
+                        .is_none_or(|(_, _, native, _)| native != version)
                 {
                     return None;
                 }
@@ -169,10 +173,18 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 rank,
                 version,
                 level,
+                node,
+                wiring,
             } => {
+                // A late report of a checkpoint a recovery undid names a native version
+                // that may be taken again since, mapped to another checkpoint of the
+                // policy's: it would be credited to that one. Its older epoch gives it away.
+                if stale(calls, wiring) {
+                    return None;
+                }
                 let pv = *calls.versions.get(&version)?;
                 let level = level_of(level)?;
-                copies.add(rank, pv, level, None);
+                copies.add(rank, pv, level, node);
                 if let Some(bar) = calls.flush_bar.as_mut() {
                     bar.safe(rank, pv, level);
                 }
@@ -186,13 +198,15 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 rank,
                 version,
                 level,
+                wiring,
                 ..
-            } => Some(Event::LevelLost {
+            } if !stale(calls, wiring) => Some(Event::LevelLost {
                 rank,
                 version: *calls.versions.get(&version)?,
                 level: level_of(level)?,
             }),
-            NodeToLauncher::Register(_)
+            NodeToLauncher::NotSafe { .. }
+            | NodeToLauncher::Register(_)
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye
             | NodeToLauncher::RankKilled { .. }
@@ -215,6 +229,12 @@ fn rollback_line(rank: u32, node: NodeId, pid: u32, why: Option<String>) -> Stri
         "could not roll back inside its process (gone or not watching)".to_string()
     });
     format!("krun: rank {rank} {why}: restarted on node {node} as a new process (pid {pid})")
+}
+
+/// A node's report of a rank's image that ran in wiring epoch `wiring`, older than the
+/// newest recovery's: its checkpoint was undone by that recovery.
+fn stale(calls: &HubCalls, wiring: u64) -> bool {
+    wiring < calls.wirings
 }
 
 #[cfg(test)]

@@ -353,6 +353,7 @@ pub(super) fn translate(
             rank,
             version,
             bytes,
+            ..
         } => {
             // Without logging a capture the recovery line undid (its process was rolled
             // back meanwhile) is not counted: the restored checkpointer numbers on from the
@@ -388,12 +389,14 @@ pub(super) fn translate(
             rank,
             version,
             level,
+            node,
+            ..
         } => {
             let (Some(&pv), Some(level)) = (u.versions.get(&(rank, version)), level_of(level))
             else {
                 return Ok(None);
             };
-            copies.add(rank, pv, level, None);
+            copies.add(rank, pv, level, node);
             Some(Event::LevelSafe {
                 rank,
                 version: pv,
@@ -405,6 +408,7 @@ pub(super) fn translate(
             version,
             level,
             error,
+            ..
         } => match (u.versions.get(&(rank, version)), level_of(level)) {
             (Some(&pv), Some(level)) => {
                 crate::progress::line(&format!(
@@ -704,6 +708,7 @@ mod tests {
                 rank: 0,
                 version: 1,
                 bytes: 10,
+                wiring: 0,
             },
         );
         assert!(handled(translate(&mut calls, &mut copies, other)).is_none());
@@ -713,6 +718,7 @@ mod tests {
                 rank: 1,
                 version: 1,
                 bytes: 10,
+                wiring: 0,
             },
         );
         assert!(matches!(
@@ -729,6 +735,8 @@ mod tests {
                 rank: 1,
                 version: 1,
                 level: 2,
+                node: Some(0),
+                wiring: 0,
             },
         );
         assert!(matches!(
