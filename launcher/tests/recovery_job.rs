@@ -115,8 +115,13 @@ fn a_node_killed_after_five_commits_restarts_its_ranks_on_the_spare_the_survivor
 ) {
     let dir = temp("recover");
     let heat = build_heat(&dir.0);
-    let want = serial(&dir.0, &["48", "40", "400"]);
-    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, 1, &["node=1@5ckpt"], "400"));
+    // 1000 steps (20 s of compute): five commits fit even when checkpoints take seconds
+    // under load (a CI run had one commit in 400 steps, at 17 s each, and the job ended).
+    let want = serial(&dir.0, &["48", "40", "1000"]);
+    let run = Running::start(
+        &dir.0,
+        heat_job(&dir.0, &heat, 1, &["node=1@5ckpt"], "1000"),
+    );
     // Every rank's pid before the failure (the table shows all six running; the node dies
     // after five commits, seconds later).
     let deadline = Instant::now() + Duration::from_secs(120);
