@@ -70,47 +70,49 @@ fn time_command(
     use std::os::unix::process::CommandExt;
     let mut times = Vec::with_capacity(runs);
     let mut hung = 0;
-    let mut warmed = false;
-    while times.len() < runs {
-        let mut cmd = make();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let start = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| format!("{what}: {e}"))? {
-                break Some(s);
+    // Run 0 is the warm-up; each run is tried again while it hangs.
+    for run in crate::runs::bar(&format!("launch: {what}"), 0..=runs) {
+        let took = loop {
+            let mut cmd = make();
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0);
+            let start = Instant::now();
+            let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
+            let status = loop {
+                if let Some(s) = child.try_wait().map_err(|e| format!("{what}: {e}"))? {
+                    break Some(s);
+                }
+                if start.elapsed() > limit {
+                    // The group this bench made for the attempt (its leader is our child).
+                    // SAFETY: kill(2) with a negative pid signals that process group only.
+                    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            let took = start.elapsed();
+            let Some(status) = status else {
+                hung += 1;
+                eprintln!(
+                    "bench launch: {what} did not finish within {limit:?}; killed its process \
+                     group ({hung} hung so far)"
+                );
+                if hung >= runs {
+                    return Ok((None, hung));
+                }
+                continue;
+            };
+            if !status.success() {
+                return Err(format!("{what} failed ({status})"));
             }
-            if start.elapsed() > limit {
-                // The group this bench made for the attempt (its leader is our child).
-                // SAFETY: kill(2) with a negative pid signals that process group only.
-                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            break took;
         };
-        let took = start.elapsed();
-        let Some(status) = status else {
-            hung += 1;
-            eprintln!(
-                "bench launch: {what} did not finish within {limit:?}; killed its process group \
-                 ({hung} hung so far)"
-            );
-            if hung >= runs {
-                return Ok((None, hung));
-            }
-            continue;
-        };
-        if !status.success() {
-            return Err(format!("{what} failed ({status})"));
-        }
-        if warmed {
+        if run > 0 {
             times.push(took.as_secs_f64());
         }
-        warmed = true;
     }
     Ok((Some(times), hung))
 }
