@@ -184,13 +184,20 @@ fn established_connection_stalls_while_cut() {
     // Connect first, then cut: the request is not answered while the link is down.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (tx2, rx2) = std::sync::mpsc::channel::<std::io::Result<String>>();
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel::<()>();
     let h = c.node(1).unwrap().in_thread(move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(1500)))
             .unwrap();
+        connected_tx.send(()).unwrap();
         rx.recv_timeout(Duration::from_secs(10)).unwrap(); // link is cut now
         tx2.send(echo(&mut s, "stalled")).unwrap();
     });
+    // The cut must come after the connection is established (the CI once cut
+    // the link while connect was still resolving the server: EHOSTUNREACH).
+    connected_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("node 1 never connected to the server");
     c.cut_link(1).unwrap();
     tx.send(()).unwrap();
     let r = rx2.recv_timeout(Duration::from_secs(10)).unwrap();
