@@ -256,6 +256,33 @@ fn ranks_get_the_pmi_environment_unless_mpi_is_none() {
     assert!(err.contains("PMI-1"), "{err}");
 }
 
+/// A node that never runs a rank starts no PMIx server (its library reads the node's
+/// topology: CPU that `krun --local 3 -n 1` paid twice for nothing); a job that may move
+/// ranks onto any node (spares) starts one on every node. Each server makes its
+/// `krun-pmix-<krund pid>` directory under the krunds' `TMPDIR`; the rank counts them.
+#[test]
+fn only_nodes_that_may_run_ranks_start_a_pmix_server() {
+    let dir = temp_dir("pmix-servers");
+    let tmp = dir.0.to_string_lossy().into_owned();
+    let script = format!("sleep 1; ls -d {tmp}/krun-pmix-* | wc -l");
+    let servers = |extra: &[&str]| {
+        let mut args = vec!["--local", "3", "-n", "1", "--mpi", "pmix"];
+        args.extend(extra);
+        args.extend(["sh", "-c", &script]);
+        let (code, out, err) = krun_with(&args, &[("TMPDIR", &tmp)]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        out.trim()
+            .parse::<usize>()
+            .unwrap_or_else(|_| panic!("{out}\n{err}"))
+    };
+    assert_eq!(servers(&[]), 1, "only node 0 runs a rank");
+    assert_eq!(
+        servers(&["--spares", "1"]),
+        4,
+        "3 nodes and a spare may all run ranks"
+    );
+}
+
 #[test]
 fn ranks_get_pmix_and_pmi1_by_default_and_only_what_mpi_asks_for() {
     let script =

@@ -426,7 +426,7 @@ impl EarlyMpi {
         let mode = mpi::MpiMode::from_env()?;
         let job = std::env::var("KRUN_JOB_ID").unwrap_or_else(|_| "0".into());
         let tell: std::sync::Arc<std::sync::OnceLock<mpi::Teller>> = Default::default();
-        let pmix = mode.pmix().then(|| {
+        let pmix = (mode.pmix() && may_run_ranks(node, counts)).then(|| {
             let (counts, job, late) = (counts.to_vec(), job.clone(), tell.clone());
             let teller: mpi::Teller = std::sync::Arc::new(move |m| {
                 if let Some(t) = late.get() {
@@ -485,6 +485,17 @@ impl EarlyMpi {
             pmix: pmix_server,
         })
     }
+}
+
+/// Whether ranks may ever run on this node: it starts with some, or the job may move ranks
+/// onto it (a recovery or a drain through the policy: `KRUN_RECOVERS`; a spare:
+/// `KRUN_SPARES`). A node that never runs a rank does not start the PMIx server (its
+/// library reads the node's topology: tens of milliseconds of CPU per node, what `krun
+/// --local 4 -n 1` paid three times for nothing); fences are gathered over ranks, not
+/// nodes, so such a node takes no part in them.
+fn may_run_ranks(node: usize, counts: &[usize]) -> bool {
+    let set = |key: &str| std::env::var(key).is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0");
+    counts.get(node).is_some_and(|&c| c > 0) || set("KRUN_RECOVERS") || set("KRUN_SPARES")
 }
 
 impl Drop for EarlyMpi {
