@@ -76,8 +76,21 @@ impl OpState {
         self.state.load(Ordering::Acquire) == PENDING
     }
 
-    /// Resolves the operation (first resolution wins) and wakes a parked waiter.
+    /// Resolves the operation (first resolution wins), wakes a parked waiter and drops what
+    /// it kept alive: the provider reported it, so it no longer uses its buffers.
     pub(crate) fn finish(&self, result: Result<u64>) {
+        self.resolve(result);
+        self.keep_alive.lock().expect("keep_alive lock").clear();
+    }
+
+    /// Fails the operation for its waiter before the provider reported it (its peer is
+    /// known to have failed): its buffers stay alive until the provider reports it
+    /// ([`OpState::finish`]).
+    pub(crate) fn fail_early(&self, error: FabricError) {
+        self.resolve(Err(error));
+    }
+
+    fn resolve(&self, result: Result<u64>) {
         if !self.is_pending() {
             return;
         }
@@ -91,7 +104,6 @@ impl OpState {
                 self.state.store(FAILED, Ordering::Release);
             }
         }
-        self.keep_alive.lock().expect("keep_alive lock").clear();
         let parked = self.parked.lock().expect("park lock");
         if *parked {
             self.wake.notify_all();

@@ -134,6 +134,13 @@ pub trait Endpoint: Send + Sync {
     /// The operation timeout configured for this endpoint.
     fn op_timeout(&self) -> Duration;
 
+    /// The caller learnt elsewhere (the job's agreed membership, a peer's replacement) that
+    /// `peer`'s process is gone: operations to it still in flight fail at once with
+    /// [`crate::FabricError::Remote`] ("peer failed: `reason`") instead of waiting out the
+    /// operation timeout, and later ones fail fast, as after a timeout. Their buffers stay
+    /// reserved until the provider reports them. Returns how many operations were failed.
+    fn peer_failed(&self, peer: PeerId, reason: &str) -> usize;
+
     /// Posts a write of `len` bytes from `local[local_offset..]` to `remote` at `remote_offset`.
     ///
     /// # Safety

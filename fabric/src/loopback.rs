@@ -220,6 +220,11 @@ impl Endpoint for LoopbackEndpoint {
         self.timeout
     }
 
+    /// Loopback operations complete as they are posted: none is ever in flight to fail.
+    fn peer_failed(&self, _peer: PeerId, _reason: &str) -> usize {
+        0
+    }
+
     unsafe fn post_write(
         &self,
         peer: PeerId,

@@ -756,6 +756,12 @@ impl Inner {
                 return Ok(());
             }
             if rc == -(sys::FI_EAGAIN as isize) && start.elapsed() < self.timeout {
+                // The caller learnt meanwhile that the peer failed (`Endpoint::peer_failed`):
+                // tcp;ofi_rxm answers EAGAIN while it cannot connect to a dead peer.
+                if let Err(e) = self.ops.check_reachable(peer, op) {
+                    self.ops.cancel(id);
+                    return Err(e);
+                }
                 // libfabric 2.x's shm refuses posts towards a dead peer with EAGAIN forever.
                 if let Some(pid) = self.peer_gone(peer) {
                     self.ops.cancel(id);
@@ -1100,6 +1106,10 @@ impl Endpoint for OfiEndpoint {
 
     fn op_timeout(&self) -> Duration {
         self.inner.timeout
+    }
+
+    fn peer_failed(&self, peer: PeerId, reason: &str) -> usize {
+        self.inner.ops.fail_peer(peer, reason)
     }
 
     unsafe fn post_write(

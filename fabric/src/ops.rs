@@ -210,6 +210,29 @@ impl OpTable {
         }
     }
 
+    /// `peer` is known to have failed: every operation to it still pending fails now for
+    /// its waiter (as [`FabricError::Remote`] naming the reason), returns its in-flight
+    /// slot, and later operations to it fail fast. Scratch, send and data buffers stay
+    /// reserved until the provider reports each operation. Returns how many were failed.
+    pub(crate) fn fail_peer(&self, peer: PeerId, reason: &str) -> usize {
+        self.mark_unreachable(peer);
+        let mut failed = 0;
+        for p in self.pending.lock().expect("pending").values_mut() {
+            if p.state.peer != peer || p.abandoned || !p.state.is_pending() {
+                continue;
+            }
+            p.abandoned = true;
+            self.in_flight.release();
+            p.state.fail_early(FabricError::Remote {
+                op: p.state.op,
+                peer,
+                message: format!("peer failed: {reason}"),
+            });
+            failed += 1;
+        }
+        failed
+    }
+
     /// Fails every pending operation (the endpoint is closing) so no waiter hangs. Returns
     /// whether any was still pending: the provider never reported it, so it may still use
     /// the operation's buffers (their memory is leaked rather than freed under it).
@@ -227,5 +250,86 @@ impl OpTable {
             p.state.finish(Err(FabricError::Closed));
         }
         any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::completion::Completion;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A progress engine that never completes anything (a peer that does not answer).
+    struct Silent(AtomicUsize);
+    impl Progress for Silent {
+        fn progress(&self) -> usize {
+            0
+        }
+        fn waiters(&self) -> &AtomicUsize {
+            &self.0
+        }
+    }
+
+    /// Dropped when the operation lets go of its buffers.
+    struct Buffer(Arc<AtomicUsize>);
+    impl Drop for Buffer {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_failed_peer_fails_its_operations_at_once_and_keeps_their_buffers_until_reported() {
+        let table = OpTable::new(4, 1);
+        let driver: Arc<dyn Progress> = Arc::new(Silent(AtomicUsize::new(0)));
+        let (dead, alive) = (PeerId(3), PeerId(4));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let mut posted = Vec::new();
+        for peer in [dead, dead, alive] {
+            table
+                .acquire(&*driver, "write", peer, Duration::from_secs(1))
+                .unwrap();
+            let state = OpState::new("write", peer);
+            state.keep(Buffer(dropped.clone()));
+            let id = table.track(&state, None, None, 7);
+            posted.push((id, state));
+        }
+        assert_eq!(table.in_flight.current(), 3);
+
+        assert_eq!(table.fail_peer(dead, "rank 2 was restarted"), 2);
+        // The dead peer's operations fail for their waiters, with a one-hour timeout still
+        // far away: the error is the failure, not a timeout.
+        for (_, state) in &posted[..2] {
+            let c = Completion::new(state.clone(), driver.clone(), Duration::from_secs(3600));
+            let e = c.wait().unwrap_err();
+            assert!(
+                matches!(&e, FabricError::Remote { peer, message, .. }
+                    if *peer == dead && message.contains("peer failed: rank 2 was restarted")),
+                "{e}"
+            );
+        }
+        assert!(
+            posted[2].1.is_pending(),
+            "another peer's operation is untouched"
+        );
+        assert_eq!(
+            table.in_flight.current(),
+            1,
+            "the failed operations' slots are back"
+        );
+        assert!(table.check_reachable(dead, "write").is_err());
+        assert!(table.check_reachable(alive, "write").is_ok());
+        // Their buffers stay until the provider reports the operations.
+        assert_eq!(dropped.load(Ordering::SeqCst), 0);
+        table.complete(posted[0].0, Err(FabricError::Closed), |_| Ok(0));
+        table.complete(posted[1].0, Ok(0), |_| Ok(0));
+        assert_eq!(dropped.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            table.in_flight.current(),
+            1,
+            "a late report frees no slot twice"
+        );
+        // Failing the peer again finds nothing left.
+        assert_eq!(table.fail_peer(dead, "again"), 0);
     }
 }

@@ -1057,6 +1057,10 @@ impl Endpoint for VerbsEndpoint {
         self.inner.timeout
     }
 
+    fn peer_failed(&self, peer: PeerId, reason: &str) -> usize {
+        self.inner.ops.fail_peer(peer, reason)
+    }
+
     /// # Safety
     /// As for [`Endpoint::post_write`]: the local range stays untouched until completion.
     unsafe fn post_write(

@@ -328,7 +328,10 @@ impl Logger {
     }
 
     fn write_det(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
-        let (buddy, remote) = *self.buddy.read().expect("buddy lock");
+        let (buddy, remote, peer) = {
+            let b = self.buddy.read().expect("buddy lock");
+            (b.0, b.1, msgs.peer(b.0))
+        };
         if buddy == self.rank {
             return Ok(()); // a job of one: nowhere else to keep it
         }
@@ -339,7 +342,7 @@ impl Logger {
         // the buddy's ring slot is written by this rank only.
         unsafe {
             msgs.endpoint()
-                .write(msgs.peer(buddy), &stage, 0, DET_BYTES, &remote, off)?
+                .write(peer, &stage, 0, DET_BYTES, &remote, off)?
         };
         Ok(())
     }
@@ -691,23 +694,46 @@ impl Rank {
     pub fn replace_peer(&self, rank: usize, address: &[u8], ring: &[u8]) -> Result<()> {
         self.msgs.check_rank(rank as i64)?;
         let peer = self.ep.connect(&EndpointAddress::from_bytes(address)?)?;
-        self.msgs.replace_peer(rank, peer);
-        if let Some(lg) = self.msgs.logger() {
-            let mut b = lg.buddy.write().expect("buddy lock");
-            if b.0 == rank {
-                b.1 = RemoteRegion::from_bytes(ring)?;
-                drop(b);
-                let recent: Vec<Determinant> = lg
-                    .inner
-                    .lock()
-                    .expect("log lock")
-                    .recent
-                    .iter()
-                    .copied()
-                    .collect();
-                for d in &recent {
-                    lg.write_det(&self.msgs, d)?;
+        let ring = RemoteRegion::from_bytes(ring)?;
+        let old = self.msgs.peer(rank);
+        let logger = self.msgs.logger();
+        // The peer and, when it is this rank's buddy, its ring change together: a
+        // determinant write reads both under the buddy lock ([`Logger::write_det`]), so it
+        // never writes the new process with the old ring's key.
+        let rewrite = match &logger {
+            Some(lg) => {
+                let mut b = lg.buddy.write().expect("buddy lock");
+                self.msgs.replace_peer(rank, peer);
+                if b.0 == rank {
+                    b.1 = ring;
                 }
+                b.0 == rank
+            }
+            None => {
+                self.msgs.replace_peer(rank, peer);
+                false
+            }
+        };
+        // The old process is gone: what is still in flight to it (a determinant write when
+        // it was this rank's buddy, a send) fails now, and is retried towards the new one,
+        // instead of waiting out the operation timeout (10 s: a delivery held the
+        // determinant stage that long and the rewrite below waited for it, so rejoins took
+        // 10-30 s in `bench policies`).
+        if old != peer {
+            self.ep
+                .peer_failed(old, &format!("rank {rank} was restarted in a new process"));
+        }
+        if let (Some(lg), true) = (logger, rewrite) {
+            let recent: Vec<Determinant> = lg
+                .inner
+                .lock()
+                .expect("log lock")
+                .recent
+                .iter()
+                .copied()
+                .collect();
+            for d in &recent {
+                lg.write_det(&self.msgs, d)?;
             }
         }
         Ok(())

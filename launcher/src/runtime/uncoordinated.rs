@@ -38,6 +38,46 @@ const ORDER_TAKE: Duration = Duration::from_secs(10);
 /// dropping it fails the recovery ([`REJOIN_HOLD`] bounds the whole exchange).
 const PEER_MOVED_TAKE: Duration = Duration::from_secs(100);
 
+/// Hands `rank`'s orders to its watcher one at a time, in order. Orders not taken yet that
+/// must not be lost (`PeerMoved`) are offered again, in turn with the rank's later orders,
+/// until [`PEER_MOVED_TAKE`]; others are dropped after [`ORDER_TAKE`] with a line.
+fn hand_over(shared: &std::sync::Arc<Shared>, rank: u32, rx: &mpsc::Receiver<NodeToRank>) {
+    let mut again: std::collections::VecDeque<(NodeToRank, Instant)> = Default::default();
+    loop {
+        let (order, until) = if again.is_empty() {
+            match rx.recv() {
+                Ok(order) => (order, Instant::now() + PEER_MOVED_TAKE),
+                Err(_) => return,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(order) => (order, Instant::now() + PEER_MOVED_TAKE),
+                Err(mpsc::TryRecvError::Empty) => again.pop_front().expect("not empty"),
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        };
+        let Some(pid) = local_pid(shared, rank) else {
+            // The rank no longer runs here (it ended or moved): nothing left to hand over.
+            again.clear();
+            continue;
+        };
+        if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
+            continue;
+        }
+        let keep = matches!(order, NodeToRank::PeerMoved { .. });
+        if keep && Instant::now() < until {
+            again.push_back((order, until));
+            continue;
+        }
+        eprintln!(
+            "krund: node {}: rank {rank}'s watcher did not take {} in {:?}",
+            shared.me,
+            order_name(&order),
+            if keep { PEER_MOVED_TAKE } else { ORDER_TAKE }
+        );
+    }
+}
+
 /// An order's name for a log line (its payload is an address and a ring of bytes).
 fn order_name(order: &NodeToRank) -> String {
     match order {
@@ -58,8 +98,8 @@ pub struct NodeSide {
     /// rank -> every rank's cards once krun answered the rank's rejoin.
     rejoins: Mutex<BTreeMap<u32, Option<Vec<Card>>>>,
     rejoined: Condvar,
-    /// Orders for the ranks' watchers, handed over in order by one thread.
-    orders: Mutex<Option<Sender<(u32, NodeToRank)>>>,
+    /// Orders for each rank's watcher, handed over in order by a thread per rank.
+    orders: Mutex<BTreeMap<u32, Sender<NodeToRank>>>,
 }
 
 /// Whether this node's job runs the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
@@ -117,61 +157,24 @@ impl NodeSide {
         });
     }
 
-    /// Queues an order for `rank`'s watcher (when the rank runs here).
+    /// Queues an order for `rank`'s watcher (when the rank runs here). Each rank's orders
+    /// are handed over in order by a thread of that rank's own: a watcher busy with an
+    /// earlier order (a `PeerMoved` whose determinants it rewrites) delays only its own
+    /// rank's orders, never another rank's (with one thread for the node, each order a busy
+    /// watcher did not take in [`ORDER_TAKE`] delayed every later order of the node by that
+    /// much: rejoins took 10-30 s).
     pub fn order(&self, shared: &std::sync::Arc<Shared>, rank: u32, order: NodeToRank) {
         if local_pid(shared, rank).is_none() {
             return;
         }
-        let mut tx = self.orders.lock().expect("orders lock");
-        if tx.is_none() {
-            let (t, rx) = mpsc::channel::<(u32, NodeToRank)>();
+        let mut queues = self.orders.lock().expect("orders lock");
+        let tx = queues.entry(rank).or_insert_with(|| {
+            let (t, rx) = mpsc::channel::<NodeToRank>();
             let shared = shared.clone();
-            std::thread::spawn(move || {
-                // Orders not taken yet that must not be lost (`PeerMoved`), offered again
-                // in turn with the others' orders until their deadline.
-                let mut again: std::collections::VecDeque<(u32, NodeToRank, Instant)> =
-                    Default::default();
-                loop {
-                    let next = if again.is_empty() {
-                        match rx.recv() {
-                            Ok((rank, order)) => {
-                                let until = Instant::now() + PEER_MOVED_TAKE;
-                                (rank, order, until)
-                            }
-                            Err(_) => return,
-                        }
-                    } else {
-                        match rx.try_recv() {
-                            Ok((rank, order)) => (rank, order, Instant::now() + PEER_MOVED_TAKE),
-                            Err(mpsc::TryRecvError::Empty) => again.pop_front().expect("not empty"),
-                            Err(mpsc::TryRecvError::Disconnected) => return,
-                        }
-                    };
-                    let (rank, order, until) = next;
-                    let Some(pid) = local_pid(&shared, rank) else {
-                        continue;
-                    };
-                    if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
-                        continue;
-                    }
-                    let keep = matches!(order, NodeToRank::PeerMoved { .. });
-                    if keep && Instant::now() < until {
-                        again.push_back((rank, order, until));
-                        continue;
-                    }
-                    eprintln!(
-                        "krund: node {}: rank {rank}'s watcher did not take {} in {:?}",
-                        shared.me,
-                        order_name(&order),
-                        if keep { PEER_MOVED_TAKE } else { ORDER_TAKE }
-                    );
-                }
-            });
-            *tx = Some(t);
-        }
-        if let Some(t) = tx.as_ref() {
-            let _ = t.send((rank, order));
-        }
+            std::thread::spawn(move || hand_over(&shared, rank, &rx));
+            t
+        });
+        let _ = tx.send(order);
     }
 
     /// `PeerMoved`: every other rank running here learns `rank`'s new process.
