@@ -14,9 +14,13 @@
 //! | `reader-killed` | 3 ranks: rank 0 writes `--pages` data pages and two flag pages (all managed by rank 0 or 1), ranks 1 and 2 read them (rank 0 is their read owner, rank 2 in every copyset); rank 2 prints `reader=ready` and sleeps (the test SIGKILLs it); once `--go-file` exists rank 1 rewrites the data pages (each write must invalidate the dead rank 2's copy) and raises a flag, rank 0 waits for it, checks every word and acknowledges on the other flag page; they print `writer=ok` / `checker=ok` with the dead nodes they know and wait for `--stop-file` |
 //! | `threads` | rank 0 writes `--pages` pages, rank 1 reads them (hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then `--app-threads` threads of rank 1 read disjoint pages at once, one-sided (run with `KRUN_DSM_FAULT_THREADS`); prints the most fault threads seen inside one-sided operations at once |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
+//! | `churn` | counters on `--pages` pages, each rank adding 1 to every counter under the DSM lock and reading them without it, while the node set changes: rank 0 writes its contact to `--contact-file` (for a `joiner`); a rank named by `--leave` leaves after `--rounds` iterations; the others go on until they see the change committed, then `--rounds` more; rank 0 prints every counter, every rank its iterations and the migration counters |
+//! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
 //! passed, 1 when one failed, 2 on bad arguments.
+mod churn;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -40,6 +44,8 @@ struct Args {
     go_file: Option<std::path::PathBuf>,
     stop_file: Option<std::path::PathBuf>,
     app_threads: usize,
+    contact_file: Option<std::path::PathBuf>,
+    leave: Option<usize>,
 }
 
 fn parse() -> Res<Args> {
@@ -58,6 +64,8 @@ fn parse() -> Res<Args> {
         go_file: None,
         stop_file: None,
         app_threads: 4,
+        contact_file: None,
+        leave: None,
     };
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -79,6 +87,8 @@ fn parse() -> Res<Args> {
             "--go-file" => a.go_file = Some(v.into()),
             "--stop-file" => a.stop_file = Some(v.into()),
             "--app-threads" => a.app_threads = v.parse().map_err(|e| bad(&e))?,
+            "--contact-file" => a.contact_file = Some(v.into()),
+            "--leave" => a.leave = Some(v.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -625,6 +635,9 @@ fn threads(d: &Dsm, a: &Args) -> Res<()> {
 }
 
 fn run(a: &Args) -> Res<()> {
+    if a.scenario == "joiner" {
+        return churn::joiner(a);
+    }
     let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let fabric = FabricConfig::with_provider(a.provider)
@@ -640,6 +653,12 @@ fn run(a: &Args) -> Res<()> {
         "unreachable" => return unreachable(&d, a),
         "reader-killed" => return reader_killed(&d, a),
         "threads" => threads(&d, a),
+        "churn" => {
+            if churn::churn(&d, a)? == churn::Outcome::Left {
+                return Ok(());
+            }
+            Ok(())
+        }
         s => Err(format!("unknown scenario {s}")),
     }?;
     d.barrier().map_err(|e| e.to_string())
