@@ -19,6 +19,7 @@
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
 //! passed, 1 when one failed, 2 on bad arguments.
+#[path = "dsm-node/churn.rs"]
 mod churn;
 
 use std::net::SocketAddr;
