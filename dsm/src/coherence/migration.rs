@@ -292,7 +292,7 @@ mod tests {
     /// Node 3 joins 3 nodes (`page % 3` -> `page % 4`). Node 3 switches first and asks for
     /// page 7 (managed by node 1 before, by itself after): held until node 1's entries
     /// arrived. Node 0 switches next; node 1, not switched yet, asks node 0 for page 6 (now
-    /// node 2's): forwarded, and held at node 2 until every old manager handed over.
+    /// node 2's): forwarded.
     #[test]
     fn a_join_migrates_entries_and_requests_in_transit_are_forwarded_or_held() {
         let mut net = Net::new(3, false);
@@ -312,8 +312,14 @@ mod tests {
         net.apply(3, a);
         let a = net.nodes[3].fault(7, Access::Read);
         net.apply(3, a);
-        // Node 3's request to itself: held (node 1 still manages page 7).
-        let (from, to, msg) = net.queue.pop_front().expect("a request");
+        // Node 3's request to itself: held (node 1 still manages page 7). (Its markers to
+        // the others, queued before, wait.)
+        let at = net
+            .queue
+            .iter()
+            .position(|(_, _, m)| matches!(m, Msg::ManagerRead { .. }))
+            .expect("a request");
+        let (from, to, msg) = net.queue.remove(at).expect("listed");
         let a = net.nodes[to as usize].on_message(from, msg);
         net.apply(to, a);
         assert_eq!(net.nodes[3].stats.requests_delayed, 1);
@@ -323,7 +329,6 @@ mod tests {
         net.access(1, 6, Access::Read);
         net.access(3, 7, Access::Read);
         assert!(net.nodes[0].stats.requests_forwarded >= 1);
-        assert!(net.nodes[2].stats.requests_delayed >= 1);
         for (n, node) in net.nodes.iter_mut().enumerate() {
             assert_eq!(node.epoch(), 1, "node {n}");
             assert!(!node.migrating(), "node {n}");
