@@ -864,9 +864,15 @@ impl Engine {
         for &m in all {
             self.ctl_to(m, Ctl::Commit { epoch })?;
         }
+        // A leaving node is dropped at each commit (like a dead one): its own answer is
+        // not awaited (it waits for `Left`, sent after every other member committed).
+        let mut committing = all.clone();
+        if let ViewChange::Leave(n) = change {
+            committing.remove(&n);
+        }
         self.wait_replies(
             "end",
-            all,
+            &committing,
             |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
             deadline,
         )?;
