@@ -14,6 +14,7 @@ pub mod launch_slurm;
 pub mod locator;
 pub mod logging;
 pub mod mgs;
+pub mod mgs_addition;
 pub mod plot;
 pub mod policies;
 pub mod rank;

@@ -18,6 +18,9 @@
 //! "dynamic_over_static","paired_ratio":{"median","min","max","runs"},"within_2pct"}]}`.
 //! Target (issue #12, the seed's claim): dynamic within 2% of static.
 //! `--quick`: 3 runs of small matrices (a check that the bench works, not figures).
+//! `--addition`: also a node addition during the run (2 -> 3 -> 4 nodes), timed in the
+//! seed's phases, against the same run without it (rows `addition` in the JSON, one more
+//! panel in the plot; [`crate::mgs_addition`]).
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,9 +60,22 @@ pub struct MgsArgs {
     /// Where to write the JSON (default bench/results/mgs.json).
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+    /// Also measure a node addition during MGS: 2 ranks, 2 more nodes join before steps
+    /// n/3 and 2n/3, against the same 2-node run without them (both locators).
+    #[arg(long)]
+    pub addition: bool,
     /// Hidden: run as one of a job's processes.
     #[arg(long, hide = true, requires_all = ["rank", "size", "n", "locator", "bootstrap"])]
     pub worker: bool,
+    /// Hidden: run as a process that joins a job's DSM during its run.
+    #[arg(long, hide = true, requires = "contact_file")]
+    pub joiner: bool,
+    /// Hidden: nodes rank 0 admits during the run.
+    #[arg(long, hide = true)]
+    pub joiners: Option<usize>,
+    /// Hidden: where rank 0 writes its DSM contact for the joiners.
+    #[arg(long, hide = true)]
+    pub contact_file: Option<PathBuf>,
     #[arg(long, hide = true)]
     pub rank: Option<usize>,
     #[arg(long, hide = true)]
@@ -82,7 +98,7 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn provider_of(name: &str) -> Result<Provider, String> {
+pub(crate) fn provider_of(name: &str) -> Result<Provider, String> {
     match name {
         "shm" => Ok(Provider::Shm),
         "tcp" => Ok(Provider::Tcp),
@@ -134,7 +150,11 @@ fn worker(args: &MgsArgs) -> Result<(), String> {
     config.locator = locator;
     let d = Dsm::init(boot, &fabric, config).map_err(err)?;
     let m = dsm::mgs::Mgs::new(&d, n, n).map_err(err)?;
-    let run = m.run(|_| Ok(())).map_err(err)?;
+    let run = match (args.joiners.unwrap_or(0), &args.contact_file) {
+        (0, _) => m.run(|_| Ok(())).map_err(err)?,
+        (k, Some(f)) => crate::mgs_addition::worker_run(&d, &m, rank, n, k, f)?,
+        (_, None) => return Err("--joiners needs --contact-file".into()),
+    };
     if rank == 0 {
         let diff = m.max_diff_from_serial();
         if diff.is_nan() || diff > 1e-9 {
@@ -192,7 +212,12 @@ pub fn merge(outputs: &[String]) -> Result<Job, String> {
 }
 
 /// One job: `nodes` workers on an n x n matrix.
-fn job(provider: &str, nodes: usize, n: usize, locator: LocatorKind) -> Result<Job, String> {
+pub(crate) fn job(
+    provider: &str,
+    nodes: usize,
+    n: usize,
+    locator: LocatorKind,
+) -> Result<Job, String> {
     let exe = std::env::current_exe().map_err(err)?;
     let server =
         BootstrapServer::start_with(("127.0.0.1", 0), nodes, TIMEOUT, None).map_err(err)?;
@@ -342,6 +367,9 @@ pub fn run(args: MgsArgs) -> Result<(), String> {
     if args.worker {
         return worker(&args);
     }
+    if args.joiner {
+        return crate::mgs_addition::joiner(&args);
+    }
     provider_of(&args.provider)?;
     let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 });
     if runs < 3 {
@@ -412,6 +440,23 @@ pub fn run(args: MgsArgs) -> Result<(), String> {
         }
     }
     print!("{}", table.render());
+    let addition = if args.addition {
+        let a = crate::mgs_addition::run_samples(&args.provider, &sizes, runs, &LOCATORS)?;
+        let mut t = Table::new(&["n", "locator", "2 nodes s", "2->3->4 s", "cost"]);
+        for r in crate::mgs_addition::rows(&a) {
+            t.row(vec![
+                r["n"].to_string(),
+                r["locator"].as_str().unwrap_or("").to_string(),
+                cell(r["seconds_without"]["median"].as_f64(), 3),
+                cell(r["seconds_with"]["median"].as_f64(), 3),
+                cell(r["cost_fraction"].as_f64().map(|c| c * 100.0), 1) + "%",
+            ]);
+        }
+        print!("{}", t.render());
+        Some(a)
+    } else {
+        None
+    };
     let value = json!({
         "runs": runs,
         "quick": args.quick,
@@ -421,8 +466,14 @@ pub fn run(args: MgsArgs) -> Result<(), String> {
         "target": {"dynamic_over_static_max": 1.02},
         "rows": rows(&samples),
         "comparison": comparison(&samples),
+        "addition": addition.as_ref().map(crate::mgs_addition::rows),
+        "addition_target": {"cost_fraction_max": crate::mgs_addition::TARGET},
     });
-    report::write_results(&out_path, value, &figure(&samples, &sizes, &nodes, runs))?;
+    let mut fig = figure(&samples, &sizes, &nodes, runs);
+    if let Some(a) = &addition {
+        fig.panels.push(crate::mgs_addition::panel(a));
+    }
+    report::write_results(&out_path, value, &fig)?;
     println!("wrote {} and its .png", out_path.display());
     Ok(())
 }

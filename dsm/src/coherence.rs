@@ -30,6 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::directory::{Directory, ManagerDecision};
 
+mod migration;
+pub use migration::Change;
+
 pub type NodeId = adaptation::NodeId;
 pub type PageId = u64;
 
@@ -125,11 +128,31 @@ pub enum Msg {
         page: PageId,
         copyset: Vec<NodeId>,
     },
+    /// A membership change moves directory entries (step 2 of the adaptation layer's
+    /// migration): the states of entries the sender managed and the receiver manages from
+    /// `epoch` on ([`crate::directory::DirectoryService`]'s `send_out` form).
+    Entries {
+        epoch: u64,
+        entries: Vec<(PageId, Vec<u8>)>,
+    },
+    /// The sender has sent every entry it hands over for `epoch` and forwards from now on
+    /// (links are FIFO: whatever it sent before, this node has received).
+    MigrationDone {
+        epoch: u64,
+    },
 }
 
 impl Msg {
+    /// Whether the message belongs to a membership change (no page of its own).
+    pub fn is_migration(&self) -> bool {
+        matches!(self, Msg::Entries { .. } | Msg::MigrationDone { .. })
+    }
+
+    /// The page the message is about (a migration message: its first entry's, or 0).
     pub fn page(&self) -> PageId {
         match self {
+            Msg::Entries { entries, .. } => entries.first().map(|e| e.0).unwrap_or(0),
+            Msg::MigrationDone { .. } => 0,
             Msg::Read { page, .. }
             | Msg::ManagerRead { page, .. }
             | Msg::ManagerWrite { page, .. }
@@ -300,6 +323,16 @@ pub struct Stats {
     pub manager_requests: u64,
     /// Copies of dead nodes dropped from copysets (and acknowledgements no longer awaited).
     pub dead_copies_dropped: u64,
+    /// Manager requests this node received for entries it does not manage (any more):
+    /// forwarded to the current manager.
+    pub requests_forwarded: u64,
+    /// Manager requests for entries in transit towards this node, held until the entries
+    /// arrived (step 4 of a change), and those handled since.
+    pub requests_delayed: u64,
+    pub requests_released: u64,
+    /// Directory entries handed over to / received from other managers.
+    pub entries_sent: u64,
+    pub entries_received: u64,
 }
 
 /// One node's protocol state for every page, and its manager role.
@@ -314,6 +347,8 @@ pub struct Node<W: ShareWords> {
     pub directory: Directory,
     pub words: W,
     pub stats: Stats,
+    /// Membership changes ([`migration`]).
+    change: migration::ChangeState,
 }
 
 impl<W: ShareWords> Node<W> {
@@ -328,6 +363,7 @@ impl<W: ShareWords> Node<W> {
             directory: Directory::default(),
             words,
             stats: Stats::default(),
+            change: migration::ChangeState::default(),
         }
     }
 
@@ -389,6 +425,7 @@ impl<W: ShareWords> Node<W> {
             }
             self.after(page, &mut out);
         }
+        self.migration_member_gone(node, &mut out);
         out
     }
 
@@ -449,6 +486,10 @@ impl<W: ShareWords> Node<W> {
     /// A message from `from`.
     pub fn on_message(&mut self, from: NodeId, msg: Msg) -> Vec<Action> {
         let mut out = Vec::new();
+        if msg.is_migration() {
+            self.on_migration_message(from, msg, &mut out);
+            return out;
+        }
         let page = msg.page();
         self.handle(from, msg, &mut out);
         self.after(page, &mut out);
@@ -476,6 +517,16 @@ impl<W: ShareWords> Node<W> {
             } else if open {
                 // Joined, then invalidated before reading: ask the manager.
                 self.stats.one_sided_retries += 1;
+                p.fetch = Fetch::Requested(Access::Read);
+                p.hint = None;
+                self.stats.manager_requests += 1;
+                let to = self.locator.manager(page);
+                out.push(Action::Send {
+                    to,
+                    msg: Msg::ManagerRead { page, from: me },
+                });
+            } else if self.dead.contains(&owner) {
+                // Closed, and the owner died or left meanwhile: the manager knows the new one.
                 p.fetch = Fetch::Requested(Access::Read);
                 p.hint = None;
                 self.stats.manager_requests += 1;
@@ -629,6 +680,11 @@ impl<W: ShareWords> Node<W> {
     }
 
     fn handle(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
+        if matches!(msg, Msg::ManagerRead { .. } | Msg::ManagerWrite { .. })
+            && self.reroute(from, &msg, out)
+        {
+            return;
+        }
         let me = self.me;
         let page = msg.page();
         let manager = self.locator.manager(page);
@@ -760,6 +816,8 @@ impl<W: ShareWords> Node<W> {
                     p.publish = true;
                 }
             }
+            // Handled by `on_message` before any page is looked at.
+            Msg::Entries { .. } | Msg::MigrationDone { .. } => {}
         }
     }
 
@@ -855,20 +913,20 @@ impl<W: ShareWords> Node<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::directory::LocatorKind;
     use std::collections::VecDeque;
 
     /// Nodes exchanging messages in FIFO order, one-sided operations done at once.
-    struct Net {
-        nodes: Vec<Node<LocalShareWords>>,
-        queue: VecDeque<(NodeId, NodeId, Msg)>,
-        log: Vec<(NodeId, Action)>,
+    pub(in crate::coherence) struct Net {
+        pub(in crate::coherence) nodes: Vec<Node<LocalShareWords>>,
+        pub(in crate::coherence) queue: VecDeque<(NodeId, NodeId, Msg)>,
+        pub(in crate::coherence) log: Vec<(NodeId, Action)>,
     }
 
     impl Net {
-        fn new(n: u32, one_sided: bool) -> Net {
+        pub(in crate::coherence) fn new(n: u32, one_sided: bool) -> Net {
             let ids: Vec<NodeId> = (0..n).collect();
             Net {
                 nodes: ids
@@ -887,7 +945,7 @@ mod tests {
             }
         }
 
-        fn apply(&mut self, at: NodeId, actions: Vec<Action>) {
+        pub(in crate::coherence) fn apply(&mut self, at: NodeId, actions: Vec<Action>) {
             for a in actions {
                 self.log.push((at, a.clone()));
                 match a {
@@ -907,7 +965,7 @@ mod tests {
             }
         }
 
-        fn access(&mut self, at: NodeId, page: PageId, access: Access) {
+        pub(in crate::coherence) fn access(&mut self, at: NodeId, page: PageId, access: Access) {
             let a = self.nodes[at as usize].fault(page, access);
             self.apply(at, a);
             while let Some((from, to, msg)) = self.queue.pop_front() {

@@ -90,6 +90,11 @@ impl Directory {
         self.owners.insert(page, owner);
     }
 
+    /// Forgets the entry of `page` (it leaves this manager); returns its owner.
+    pub fn remove(&mut self, page: PageId) -> Option<NodeId> {
+        self.owners.remove(&page)
+    }
+
     pub fn owner(&self, page: PageId) -> Option<NodeId> {
         self.owners.get(&page).copied()
     }

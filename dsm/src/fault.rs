@@ -30,6 +30,7 @@ use crate::uffd::{Uffd, PAGE};
 
 mod actions;
 mod dead;
+pub mod members;
 mod watchdog;
 pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
 
@@ -38,6 +39,9 @@ pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
 /// The fabric tag of a node's announcement that nodes died ([`Engine::node_failed`]); it
 /// differs from [`TAG_DSM`] in one bit, so the service thread receives both with one call.
 pub const TAG_DSM_FAILED: u64 = 0x4b44_534d_0000_0003;
+/// The fabric tag of membership messages (joins, leaves, the barrier: [`members`]); it
+/// differs from [`TAG_DSM`] in one other bit.
+pub const TAG_DSM_MEMBER: u64 = 0x4b44_534d_0000_0005;
 const WIRE_VERSION: u8 = 1;
 
 /// One shared region as the driver sees it.
@@ -153,8 +157,10 @@ pub struct DriverStats {
 pub struct Engine {
     pub me: NodeId,
     pub ep: Arc<dyn Endpoint>,
-    pub peers: Vec<Option<PeerId>>,
-    rank_of_peer: HashMap<PeerId, NodeId>,
+    /// The connection to each node (by id; nodes that joined are added, ids are never
+    /// reused).
+    peers: RwLock<Vec<Option<PeerId>>>,
+    rank_of_peer: RwLock<HashMap<PeerId, NodeId>>,
     pub node: Mutex<Node<RegisteredWords>>,
     pub regions: Regions,
     pub uffd: Uffd,
@@ -188,6 +194,8 @@ pub struct Engine {
     /// Nodes a send to failed (with the error), for the watchdog to probe: a dead one is
     /// declared failed, a live one makes the error the driver's (its message was lost).
     suspects: Mutex<BTreeMap<NodeId, String>>,
+    /// The node set and its changes, and the barrier ([`members`]).
+    pub(crate) members: members::Members,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -223,8 +231,8 @@ impl Engine {
         Engine {
             me,
             ep,
-            peers,
-            rank_of_peer,
+            peers: RwLock::new(peers),
+            rank_of_peer: RwLock::new(rank_of_peer),
             node: Mutex::new(node),
             regions,
             uffd,
@@ -253,7 +261,49 @@ impl Engine {
             reorder: Mutex::new((vec![0; n], BTreeMap::new())),
             dead: Mutex::new(BTreeSet::new()),
             suspects: Mutex::new(BTreeMap::new()),
+            members: members::Members::new(n as u32),
         }
+    }
+
+    /// Number of node ids so far (the initial ranks and the nodes that joined).
+    pub fn peer_count(&self) -> usize {
+        self.peers.read().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// Every node's connection, by id.
+    pub fn peers(&self) -> Vec<Option<PeerId>> {
+        self.peers.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn rank_of(&self, peer: PeerId) -> Option<NodeId> {
+        self.rank_of_peer.read().ok()?.get(&peer).copied()
+    }
+
+    /// Adds node `id` reached through `peer` (a join): its tables grow.
+    pub fn add_peer(&self, id: NodeId, peer: PeerId) -> Result<()> {
+        let n = id as usize + 1;
+        {
+            let mut peers = self.peers.write().map_err(|_| poisoned())?;
+            if peers.len() < n {
+                peers.resize(n, None);
+            }
+            peers[id as usize] = Some(peer);
+        }
+        self.rank_of_peer
+            .write()
+            .map_err(|_| poisoned())?
+            .insert(peer, id);
+        {
+            let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
+            if seqs.len() < n {
+                seqs.resize(n, 0);
+            }
+        }
+        let mut r = self.reorder.lock().map_err(|_| poisoned())?;
+        if r.0.len() < n {
+            r.0.resize(n, 0);
+        }
+        Ok(())
     }
 
     pub fn words(
@@ -338,6 +388,18 @@ impl Engine {
                     source: e,
                 })?,
         );
+        if self.me == members::COORDINATOR {
+            let e = self.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name("dsm-members".into())
+                    .spawn(move || e.members_loop())
+                    .map_err(|e| DsmError::Os {
+                        what: "spawning the membership thread".into(),
+                        source: e,
+                    })?,
+            );
+        }
         let e = self.clone();
         handles.push(
             std::thread::Builder::new()
@@ -353,13 +415,21 @@ impl Engine {
 
     fn service_loop(&self) {
         while !self.stopped() {
-            match self
-                .ep
-                .recv_masked(TAG_DSM, TAG_DSM ^ TAG_DSM_FAILED, Duration::from_millis(20))
-            {
+            match self.ep.recv_masked(
+                TAG_DSM,
+                (TAG_DSM ^ TAG_DSM_FAILED) | (TAG_DSM ^ TAG_DSM_MEMBER),
+                Duration::from_millis(20),
+            ) {
                 Ok(m) => {
                     let r = if m.tag == TAG_DSM_FAILED {
                         self.on_failed_wire(m.peer, &m.data)
+                    } else if m.tag == TAG_DSM_MEMBER {
+                        self.on_member_wire(m.peer, &m.data)
+                    } else if m.tag != TAG_DSM {
+                        Err(DsmError::BadMessage {
+                            from: m.peer.and_then(|p| self.rank_of(p)).unwrap_or(u32::MAX),
+                            reason: format!("unknown tag {:#x}", m.tag),
+                        })
                     } else {
                         self.on_wire(m.peer, &m.data)
                     };
@@ -380,7 +450,7 @@ impl Engine {
     /// the protocol assumes FIFO links, and a provider may deliver a large message (a page)
     /// after a small one sent later (shm does).
     fn on_wire(&self, peer: Option<PeerId>, data: &[u8]) -> Result<()> {
-        let from_peer = peer.and_then(|p| self.rank_of_peer.get(&p).copied());
+        let from_peer = peer.and_then(|p| self.rank_of(p));
         let bad = |reason: String| DsmError::BadMessage {
             from: from_peer.unwrap_or(u32::MAX),
             reason,
@@ -400,7 +470,7 @@ impl Engine {
         }
         let ((from, seq), _): ((NodeId, u64), &[u8]) =
             postcard::take_from_bytes(rest).map_err(|e| bad(e.to_string()))?;
-        if from_peer.is_some_and(|p| p != from) || from as usize >= self.peers.len() {
+        if from_peer.is_some_and(|p| p != from) || from as usize >= self.peer_count() {
             return Err(bad(format!("claims to be node {from}")));
         }
         let mut ready = Vec::new();
@@ -439,7 +509,7 @@ impl Engine {
         if carries && page_bytes.len() != PAGE || !carries && !page_bytes.is_empty() {
             return Err(bad(format!("{} page bytes with {msg:?}", page_bytes.len())));
         }
-        if region_of(&self.regions, msg.page()).is_none() {
+        if !msg.is_migration() && region_of(&self.regions, msg.page()).is_none() {
             // A late message about a region freed since (the protocol may still be settling
             // when the collective free runs): nothing to do.
             if self.trace {
@@ -459,7 +529,11 @@ impl Engine {
         let actions = node.on_message(from, msg);
         let mut remote = Vec::new();
         self.execute(&mut node, actions, Data::Message(page_bytes), &mut remote)?;
+        let finished = node.take_finished();
         drop(node);
+        for epoch in finished {
+            self.migration_finished(epoch)?;
+        }
         // The service thread never blocks on one-sided operations: hand them to a helper.
         if !remote.is_empty() {
             self.run_remote(remote)?;
@@ -650,6 +724,8 @@ impl Engine {
 
     fn peer(&self, rank: NodeId) -> Result<PeerId> {
         self.peers
+            .read()
+            .map_err(|_| poisoned())?
             .get(rank as usize)
             .copied()
             .flatten()

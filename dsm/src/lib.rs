@@ -20,4 +20,5 @@ pub mod uffd;
 
 pub use directory::LocatorKind;
 pub use error::{DsmError, Result};
+pub use fault::members::{ChangeReport, ViewChange, PHASES};
 pub use region::{Collective, Dsm, DsmConfig, SharedRegion};

@@ -23,6 +23,8 @@ use crate::fault::{Engine, RegionInfo, Regions};
 use crate::lock::Locks;
 use crate::uffd::{Uffd, PAGE};
 
+mod members;
+
 /// Settings of a DSM process.
 #[derive(Clone, Debug)]
 pub struct DsmConfig {
@@ -188,6 +190,11 @@ impl Dsm {
         let blob = ep.address().to_bytes();
         let all = boot.allgather(&blob).map_err(|e| collective("init", e))?;
         let mut peers = vec![None; size];
+        let addrs: BTreeMap<NodeId, Vec<u8>> = all
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (r as NodeId, b.clone()))
+            .collect();
         for (r, b) in all.iter().enumerate() {
             let addr = fabric::EndpointAddress::from_bytes(b)?;
             // Every rank reaches its own memory through the fabric too for atomics (one
@@ -215,6 +222,11 @@ impl Dsm {
             )
             .with_fault_timeout(config.fault_timeout),
         );
+        engine.members.set_view(crate::fault::members::View::new(
+            config.locator,
+            size as u32,
+            addrs,
+        ));
         let mut threads = engine.spawn(config.fault_threads)?;
         let mut lock_peers = peers.clone();
         lock_peers[rank as usize] = None;
@@ -279,7 +291,10 @@ impl Dsm {
         boot.allgather(blob).map_err(|e| collective(what, e))
     }
 
-    /// Returns when every rank has reached it (and reports a driver error, if any).
+    /// Returns when every rank has reached it (and reports a driver error, if any). The
+    /// ranks tell node 0 over the DSM's endpoint, which releases them; ranks that left the
+    /// DSM or died are not waited for ([`crate::fault::members`]). A node that joined
+    /// during the run takes no part (an error).
     pub fn barrier(&self) -> Result<()> {
         self.check()?;
         let trace = std::env::var_os("KRUN_DSM_TRACE").is_some();
@@ -290,7 +305,7 @@ impl Dsm {
                 self.rank
             );
         }
-        self.allgather("barrier", &[])?;
+        self.engine.barrier()?;
         if trace {
             eprintln!("{} dsm {}: barrier exit", crate::fault::now_ns(), self.rank);
         }
@@ -317,6 +332,14 @@ impl Dsm {
 
     fn alloc_inner(&self, len: usize, restore: Option<Option<&[u8]>>) -> Result<SharedRegion> {
         self.check()?;
+        if self.engine.members.epoch() > 0 {
+            return Err(DsmError::Config {
+                what: "alloc".into(),
+                reason: "regions are allocated before the DSM's first membership change (a \
+                         node joined or left since)"
+                    .into(),
+            });
+        }
         if len == 0 {
             return Err(DsmError::Config {
                 what: "region length".into(),
@@ -591,6 +614,15 @@ impl Dsm {
     /// Takes DSM lock `id` (FIFO, granted by rank 0).
     pub fn lock(&self, id: usize) -> Result<()> {
         self.check()?;
+        if self.rank as usize >= self.size {
+            return Err(DsmError::Config {
+                what: "lock".into(),
+                reason: format!(
+                    "node {} joined during the run: the DSM locks serve the job's ranks",
+                    self.rank
+                ),
+            });
+        }
         self.locks.lock(id, self.engine.ep.op_timeout() * 6)
     }
 
@@ -611,10 +643,11 @@ impl Dsm {
     /// is reported unreachable by the fault watchdog (never served as zeros). The watchdog
     /// declares a node failed by itself when a probe finds it silent.
     pub fn node_failed(&self, node: NodeId) -> Result<()> {
-        if node as usize >= self.size {
+        let count = self.engine.peer_count();
+        if node as usize >= count {
             return Err(DsmError::Config {
                 what: "failed node".into(),
-                reason: format!("node {node}, the job has {} nodes", self.size),
+                reason: format!("node {node}, the DSM has had {count} nodes"),
             });
         }
         self.engine.node_failed(&[node], false)
@@ -623,7 +656,19 @@ impl Dsm {
     /// Nodes known to have died (declared by [`Dsm::node_failed`], a probe, or another
     /// node's announcement).
     pub fn dead_nodes(&self) -> Vec<NodeId> {
-        self.engine.dead_nodes().into_iter().collect()
+        let gone = self
+            .engine
+            .members
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.gone.clone()))
+            .unwrap_or_default();
+        self.engine
+            .dead_nodes()
+            .into_iter()
+            .filter(|n| !gone.contains(n))
+            .collect()
     }
 
     /// The node managing `page`'s directory entry.
@@ -662,6 +707,9 @@ impl Dsm {
 
 impl Drop for Dsm {
     fn drop(&mut self) {
+        if self.rank == crate::fault::members::COORDINATOR {
+            self.engine.dismiss_joined();
+        }
         self.engine.stop();
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {

@@ -11,12 +11,17 @@
 //! | `mgs`     | Modified Gram-Schmidt on an `--rows` x `--cols` matrix in a shared region (column-major, column j computed by rank j % size), checked against a serial MGS: the same Q within 1e-9 and ||Q^T Q - I|| < 1e-10; prints seconds, faults and one-sided fetches (`KRUN_DSM_LOCATOR=static|dynamic` picks the directory's locator) |
 //! | `serve-then-free` | rank 1 writes the pages of a region; rank 0 reads them (rank 1 serves and publishes them), then every rank frees the region at once and allocates and checks a new one (run with `KRUN_DSM_PUBLISH_DELAY_MS` to make the publications outlast the free) |
 //! | `unreachable` | rank 1 writes pages 0 and 1 (3 ranks), prints `owner=ready` and sleeps (the test SIGKILLs it); ranks 0 and 2 wait for `--go-file` to exist, then rank 0 reads page 1 (its manager is rank 1) and rank 2 reads page 0 (its manager, rank 0, forwards to rank 1): the fault timeout (`KRUN_DSM_FAULT_TIMEOUT_MS`) must end them with exit code 75 and an error naming the page and node 1 |
-//! | `reader-killed` | 3 ranks: rank 0 writes `--pages` data pages and two flag pages (all managed by rank 0 or 1), ranks 1 and 2 read them (rank 0 is their read owner, rank 2 in every copyset); rank 2 prints `reader=ready` and sleeps (the test SIGKILLs it); once `--go-file` exists rank 1 rewrites the data pages (each write must invalidate the dead rank 2's copy) and raises a flag, rank 0 waits for it, checks every word and acknowledges on the other flag page; they print `writer=ok` / `checker=ok` with the dead nodes they know and wait for `--stop-file` |
+//! | `reader-killed` | 3 ranks: rank 0 writes `--pages` data pages and two flag pages (all managed by rank 0 or 1), ranks 1 and 2 read them (rank 0 is their read owner, rank 2 in every copyset); rank 2 prints `reader=ready` and sleeps (the test SIGKILLs it); once `--go-file` exists rank 1 rewrites the data pages (each write must invalidate the dead rank 2's copy) and raises a flag, rank 0 waits for it, checks every word and acknowledges on the other flag page; they print `writer=ok` / `checker=ok` with the dead nodes they know, wait for `--stop-file`, then pass two DSM barriers among themselves (exit 0) |
 //! | `threads` | rank 0 writes `--pages` pages, rank 1 reads them (hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then `--app-threads` threads of rank 1 read disjoint pages at once, one-sided (run with `KRUN_DSM_FAULT_THREADS`); prints the most fault threads seen inside one-sided operations at once |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
+//! | `churn` | counters on `--pages` pages, each rank adding 1 to every counter under the DSM lock and reading them without it, while the node set changes: rank 0 writes its contact to `--contact-file` (for a `joiner`); a rank named by `--leave` leaves after `--rounds` iterations; the others go on until they see the change committed, then `--rounds` more; rank 0 prints every counter, every rank its iterations and the migration counters |
+//! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
 //! passed, 1 when one failed, 2 on bad arguments.
+#[path = "dsm-node/churn.rs"]
+mod churn;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -40,6 +45,8 @@ struct Args {
     go_file: Option<std::path::PathBuf>,
     stop_file: Option<std::path::PathBuf>,
     app_threads: usize,
+    contact_file: Option<std::path::PathBuf>,
+    leave: Option<usize>,
 }
 
 fn parse() -> Res<Args> {
@@ -58,6 +65,8 @@ fn parse() -> Res<Args> {
         go_file: None,
         stop_file: None,
         app_threads: 4,
+        contact_file: None,
+        leave: None,
     };
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -79,6 +88,8 @@ fn parse() -> Res<Args> {
             "--go-file" => a.go_file = Some(v.into()),
             "--stop-file" => a.stop_file = Some(v.into()),
             "--app-threads" => a.app_threads = v.parse().map_err(|e| bad(&e))?,
+            "--contact-file" => a.contact_file = Some(v.into()),
+            "--leave" => a.leave = Some(v.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -443,8 +454,8 @@ fn spin_until(p: *const u64, want: u64, what: &str) -> Res<()> {
     Ok(())
 }
 
-/// See the `reader-killed` scenario in the module doc. Returns without the final barrier
-/// (rank 2 is dead).
+/// See the `reader-killed` scenario in the module doc. The survivors end with two
+/// barriers among themselves (rank 2 is dead).
 fn reader_killed(d: &Dsm, a: &Args) -> Res<()> {
     use std::io::Write;
     const WORDS: usize = 4096 / 8;
@@ -549,7 +560,10 @@ fn reader_killed(d: &Dsm, a: &Args) -> Res<()> {
     );
     let _ = std::io::stdout().flush();
     // The other survivor may still read pages this rank owns.
-    wait_file(a.stop_file.as_ref(), "stop-file")
+    wait_file(a.stop_file.as_ref(), "stop-file")?;
+    // The DSM barrier goes on among the survivors (rank 2 is known dead).
+    bar()?;
+    bar()
 }
 
 /// See the `threads` scenario in the module doc.
@@ -625,6 +639,9 @@ fn threads(d: &Dsm, a: &Args) -> Res<()> {
 }
 
 fn run(a: &Args) -> Res<()> {
+    if a.scenario == "joiner" {
+        return churn::joiner(a);
+    }
     let boot = BootstrapClient::connect(a.bootstrap, a.rank, a.size, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let fabric = FabricConfig::with_provider(a.provider)
@@ -640,6 +657,12 @@ fn run(a: &Args) -> Res<()> {
         "unreachable" => return unreachable(&d, a),
         "reader-killed" => return reader_killed(&d, a),
         "threads" => threads(&d, a),
+        "churn" => {
+            if churn::churn(&d, a)? == churn::Outcome::Left {
+                return Ok(());
+            }
+            Ok(())
+        }
         s => Err(format!("unknown scenario {s}")),
     }?;
     d.barrier().map_err(|e| e.to_string())

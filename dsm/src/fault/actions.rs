@@ -59,18 +59,20 @@ impl Engine {
             match a {
                 Action::Send { to, msg } => {
                     let page = msg.page();
-                    let Some(region) = region_of(&self.regions, page) else {
+                    let region = region_of(&self.regions, page);
+                    if region.is_none() && !msg.is_migration() {
                         continue;
-                    };
+                    }
                     let bytes = if matches!(msg, Msg::Grant { zero: false, .. }) {
-                        match dropped.remove(&page) {
-                            Some(b) => b,
+                        match (dropped.remove(&page), &region) {
+                            (Some(b), _) => b,
                             // SAFETY: this node holds the page (mapped, and write-protected
                             // when another node is to get it), so reading it does not fault.
-                            None => unsafe {
+                            (None, Some(region)) => unsafe {
                                 std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE)
                             }
                             .to_vec(),
+                            (None, None) => continue,
                         }
                     } else {
                         Vec::new()

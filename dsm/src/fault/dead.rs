@@ -41,13 +41,13 @@ impl Engine {
 
     /// Records `nodes` as dead and drops them from the state machine; returns those that
     /// were not known dead before.
-    fn drop_dead(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>> {
+    pub(super) fn drop_dead(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>> {
         let fresh: Vec<NodeId> = {
             let mut dead = self.dead.lock().map_err(|_| poisoned())?;
             nodes
                 .iter()
                 .copied()
-                .filter(|&n| n != self.me && (n as usize) < self.peers.len() && dead.insert(n))
+                .filter(|&n| n != self.me && (n as usize) < self.peer_count() && dead.insert(n))
                 .collect()
         };
         if fresh.is_empty() {
@@ -57,16 +57,22 @@ impl Engine {
             eprintln!("{} dsm {}: nodes {fresh:?} died", now_ns(), self.me);
         }
         let mut remote = Vec::new();
-        {
+        let finished = {
             let mut node = self.node.lock().map_err(|_| poisoned())?;
             for &n in &fresh {
                 let actions = node.node_failed(n);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
             }
-        }
+            node.take_finished()
+        };
         if !remote.is_empty() {
             self.run_remote(remote)?;
         }
+        for epoch in finished {
+            self.migration_finished(epoch)?;
+        }
+        // A barrier no longer waits for them.
+        self.barrier_recheck()?;
         Ok(fresh)
     }
 
@@ -80,9 +86,9 @@ impl Engine {
         let crc = crc32c::crc32c(&wire);
         wire.extend_from_slice(&crc.to_le_bytes());
         let dead = self.dead_nodes();
-        for (n, peer) in self.peers.iter().enumerate() {
+        for (n, peer) in self.peers().into_iter().enumerate() {
             let n = n as NodeId;
-            let Some(peer) = *peer else { continue };
+            let Some(peer) = peer else { continue };
             if n == self.me || dead.contains(&n) {
                 continue;
             }
@@ -94,7 +100,7 @@ impl Engine {
 
     /// A failure announcement off the fabric.
     pub(super) fn on_failed_wire(&self, peer: Option<PeerId>, data: &[u8]) -> Result<()> {
-        let from_peer = peer.and_then(|p| self.rank_of_peer.get(&p).copied());
+        let from_peer = peer.and_then(|p| self.rank_of(p));
         let bad = |reason: String| DsmError::BadMessage {
             from: from_peer.unwrap_or(u32::MAX),
             reason: format!("failure announcement: {reason}"),
@@ -113,14 +119,12 @@ impl Engine {
         }
         let (from, nodes): (NodeId, Vec<NodeId>) =
             postcard::from_bytes(rest).map_err(|e| bad(e.to_string()))?;
-        if from_peer.is_some_and(|p| p != from) || from as usize >= self.peers.len() {
+        let count = self.peer_count();
+        if from_peer.is_some_and(|p| p != from) || from as usize >= count {
             return Err(bad(format!("claims to be node {from}")));
         }
-        if let Some(&n) = nodes.iter().find(|&&n| n as usize >= self.peers.len()) {
-            return Err(bad(format!(
-                "names node {n}, the job has {}",
-                self.peers.len()
-            )));
+        if let Some(&n) = nodes.iter().find(|&&n| n as usize >= count) {
+            return Err(bad(format!("names node {n}, the job has {count}")));
         }
         if self.trace {
             eprintln!(

@@ -257,12 +257,12 @@ impl Engine {
     /// The nodes that do not answer a one-sided fetch-and-add of 0 on their share words of
     /// `page`'s region within the fault timeout (nodes known dead are not asked again).
     fn probe(&self, page: PageId) -> Vec<NodeId> {
-        let all: Vec<NodeId> = (0..self.peers.len() as NodeId).collect();
+        let all: Vec<NodeId> = (0..self.peer_count() as NodeId).collect();
         self.probe_in(region_of(&self.regions, page), &all)
     }
 
     /// [`Engine::probe`] of `nodes` on any live region's share words (None: no region).
-    fn probe_nodes(&self, nodes: &[NodeId]) -> Option<Vec<NodeId>> {
+    pub(super) fn probe_nodes(&self, nodes: &[NodeId]) -> Option<Vec<NodeId>> {
         let region = self
             .regions
             .read()
@@ -286,13 +286,13 @@ impl Engine {
                 dead.push(n);
                 continue;
             }
-            let Some(peer) = self.peers.get(n as usize).copied().flatten() else {
+            let Ok(peer) = self.peer(n) else {
                 continue;
             };
-            match self
-                .ep
-                .post_fetch_add(peer, &region.remote_words[n as usize], 0, 0)
-            {
+            let Some(words) = region.remote_words.get(n as usize) else {
+                continue;
+            };
+            match self.ep.post_fetch_add(peer, words, 0, 0) {
                 Ok(c) => posted.push((n, c)),
                 Err(_) => dead.push(n),
             }

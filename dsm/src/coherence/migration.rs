@@ -1,0 +1,384 @@
+//! Membership changes of a running DSM: a node joins or leaves, the locator changes, and the
+//! directory entries whose manager changes migrate in the adaptation layer's four steps
+//! ([`adaptation::service::Service`], implemented by [`DirectoryService`]) while the
+//! application keeps faulting.
+//!
+//! 1. [`Node::prepare_change`]: the new view is known (the node connected to a newcomer).
+//! 2. The switch ([`Node::start_change`], or the first sign that another node switched: a
+//!    migration message of the epoch, or a manager request for an entry this node manages
+//!    in the new view only): the new locator takes over; every entry this node hands over
+//!    is `send_out` and sent to its new manager ([`Msg::Entries`]), then
+//!    [`Msg::MigrationDone`] to every member.
+//! 3. Entries that arrive are `receive`d.
+//! 4. Once every other member of the old view said [`Msg::MigrationDone`],
+//!    `after_migration` resolves the received entries into the directory.
+//!
+//! Requests are never lost: a manager request for an entry this node does not manage in
+//! its current view is forwarded to the entry's current manager (after the entries it
+//! handed over, on the same FIFO link); one for an entry in transit towards this node (it
+//! manages it in the new view, another node did in the old one) is held until step 4 and
+//! handled then ([`Stats::requests_delayed`], [`Stats::requests_released`]). Once step 4
+//! ran at every node, every request sent under the old view has been received: each old
+//! manager's marker follows them on its link.
+use std::collections::{BTreeMap, BTreeSet};
+
+use adaptation::locator::Placement;
+use adaptation::service::Service;
+
+use super::{Action, Msg, Node, NodeId, PageId, ShareWords};
+use crate::directory::{DirectoryService, Holdings};
+
+/// Entries per [`Msg::Entries`] message.
+const ENTRIES_PER_MESSAGE: usize = 256;
+
+/// A change of the node set, as the driver gives it to the state machine.
+pub struct Change {
+    pub epoch: u64,
+    /// The locator of the new view (built the same way on every node).
+    pub locator: Box<dyn Placement + Send>,
+    /// Live members before and after the change.
+    pub old_members: BTreeSet<NodeId>,
+    pub new_members: BTreeSet<NodeId>,
+}
+
+/// A change in progress at this node (between its switch and its step 4).
+struct Migration {
+    epoch: u64,
+    /// The locator of the old view: who managed an entry before.
+    old: Box<dyn Placement + Send>,
+    /// Members of the old view whose [`Msg::MigrationDone`] has not arrived yet.
+    waiting: BTreeSet<NodeId>,
+    service: DirectoryService,
+    delayed: Vec<(NodeId, Msg)>,
+}
+
+#[derive(Default)]
+pub(super) struct ChangeState {
+    /// The epoch of the view in use.
+    epoch: u64,
+    pending: Option<Change>,
+    migration: Option<Migration>,
+    /// Epochs whose step 4 ran here since the driver last asked.
+    finished: Vec<u64>,
+}
+
+impl<W: ShareWords> Node<W> {
+    /// The epoch of the view this node uses (0 before any change).
+    pub fn epoch(&self) -> u64 {
+        self.change.epoch
+    }
+
+    /// Whether a change is under way here (switched, step 4 not run yet).
+    pub fn migrating(&self) -> bool {
+        self.change.migration.is_some()
+    }
+
+    /// The next view is known (step 1 will follow at [`Node::start_change`]).
+    pub fn prepare_change(&mut self, change: Change) {
+        self.change.pending = Some(change);
+    }
+
+    /// Switches to the prepared view of `epoch` (nothing if it did already).
+    pub fn start_change(&mut self, epoch: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self
+            .change
+            .pending
+            .as_ref()
+            .is_some_and(|c| c.epoch == epoch)
+        {
+            self.switch(&mut out);
+        }
+        out
+    }
+
+    /// Epochs whose migration finished here (step 4) since the last call.
+    pub fn take_finished(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.change.finished)
+    }
+
+    /// Steps 1 and 2: the new locator takes over; entries that leave are sent to their new
+    /// managers, then a marker to every other member.
+    fn switch(&mut self, out: &mut Vec<Action>) {
+        let Some(change) = self.change.pending.take() else {
+            return;
+        };
+        let me = self.me;
+        let old = std::mem::replace(&mut self.locator, change.locator);
+        let leaving: Vec<PageId> = self
+            .directory
+            .pages()
+            .map(|(p, _)| p)
+            .filter(|&p| self.locator.manager(p) != me)
+            .collect();
+        let mut service = DirectoryService::new(me, Holdings::default());
+        for &p in &leaving {
+            if let Some(owner) = self.directory.remove(p) {
+                service.directory.set_owner(p, owner);
+            }
+        }
+        service.before_migration(change.epoch, &leaving);
+        let mut by_manager: BTreeMap<NodeId, Vec<(PageId, Vec<u8>)>> = BTreeMap::new();
+        for p in leaving {
+            if let Some(state) = service.send_out(p) {
+                by_manager
+                    .entry(self.locator.manager(p))
+                    .or_default()
+                    .push((p, state));
+            }
+        }
+        let epoch = change.epoch;
+        for (to, entries) in by_manager {
+            self.stats.entries_sent += entries.len() as u64;
+            for chunk in entries.chunks(ENTRIES_PER_MESSAGE) {
+                out.push(Action::Send {
+                    to,
+                    msg: Msg::Entries {
+                        epoch,
+                        entries: chunk.to_vec(),
+                    },
+                });
+            }
+        }
+        for &n in change.old_members.union(&change.new_members) {
+            if n != me && !self.dead.contains(&n) {
+                out.push(Action::Send {
+                    to: n,
+                    msg: Msg::MigrationDone { epoch },
+                });
+            }
+        }
+        let waiting: BTreeSet<NodeId> = change
+            .old_members
+            .iter()
+            .copied()
+            .filter(|&n| n != me && !self.dead.contains(&n))
+            .collect();
+        self.change.epoch = epoch;
+        self.change.migration = Some(Migration {
+            epoch,
+            old,
+            waiting,
+            service,
+            delayed: Vec::new(),
+        });
+        self.maybe_finish(out);
+    }
+
+    pub(super) fn on_migration_message(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
+        let epoch = match &msg {
+            Msg::Entries { epoch, .. } | Msg::MigrationDone { epoch } => *epoch,
+            _ => return,
+        };
+        if self
+            .change
+            .pending
+            .as_ref()
+            .is_some_and(|c| c.epoch == epoch)
+        {
+            // Another node switched first: so does this one (its entries and marker go
+            // out before anything this node forwards).
+            self.switch(out);
+        }
+        let Some(m) = self.change.migration.as_mut().filter(|m| m.epoch == epoch) else {
+            // Nothing is in transit for a past epoch: entries arrive before their sender's
+            // marker, and step 4 waits for every marker.
+            return;
+        };
+        match msg {
+            Msg::Entries { entries, .. } => {
+                self.stats.entries_received += entries.len() as u64;
+                for (page, state) in entries {
+                    m.service.receive(page, state);
+                }
+            }
+            Msg::MigrationDone { .. } => {
+                m.waiting.remove(&from);
+                self.maybe_finish(out);
+            }
+            _ => {}
+        }
+    }
+
+    /// A member died or left during a change: its marker will not come.
+    pub(super) fn migration_member_gone(&mut self, node: NodeId, out: &mut Vec<Action>) {
+        if let Some(m) = self.change.migration.as_mut() {
+            m.waiting.remove(&node);
+        }
+        self.maybe_finish(out);
+    }
+
+    /// Step 4 once every marker is in: the received entries join the directory and the
+    /// held requests are handled.
+    fn maybe_finish(&mut self, out: &mut Vec<Action>) {
+        if !self
+            .change
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.waiting.is_empty())
+        {
+            return;
+        }
+        let Some(mut m) = self.change.migration.take() else {
+            return;
+        };
+        m.service.after_migration(m.epoch);
+        for (page, owner) in m.service.directory.pages() {
+            if self.directory.owner(page).is_none() {
+                self.directory.set_owner(page, owner);
+            }
+        }
+        self.change.finished.push(m.epoch);
+        for (from, msg) in m.delayed {
+            self.stats.requests_released += 1;
+            let page = msg.page();
+            self.handle(from, msg, out);
+            self.after(page, out);
+        }
+    }
+
+    /// A manager request: forwarded when another node manages the entry in this node's
+    /// view, held when the entry is still in transit towards this node; `false`: handle it.
+    pub(super) fn reroute(&mut self, from: NodeId, msg: &Msg, out: &mut Vec<Action>) -> bool {
+        let me = self.me;
+        let page = msg.page();
+        if self.locator.manager(page) != me
+            && self
+                .change
+                .pending
+                .as_ref()
+                .is_some_and(|c| c.locator.manager(page) == me)
+        {
+            // The requester switched to the next view already (it names this node): switch
+            // too, so the entry's old manager hands it over.
+            self.switch(out);
+        }
+        let current = self.locator.manager(page);
+        if current != me {
+            self.stats.requests_forwarded += 1;
+            out.push(Action::Send {
+                to: current,
+                msg: msg.clone(),
+            });
+            return true;
+        }
+        if let Some(m) = self.change.migration.as_mut() {
+            if m.old.manager(page) != me {
+                self.stats.requests_delayed += 1;
+                m.delayed.push((from, msg.clone()));
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::Net;
+    use super::super::{Access, LocalShareWords, PageState};
+    use super::*;
+    use crate::directory::LocatorKind;
+
+    fn change(epoch: u64, ids: &[NodeId], old: &[NodeId], new: &[NodeId]) -> Change {
+        Change {
+            epoch,
+            locator: LocatorKind::Modulo.build(ids),
+            old_members: old.iter().copied().collect(),
+            new_members: new.iter().copied().collect(),
+        }
+    }
+
+    /// Node 3 joins 3 nodes (`page % 3` -> `page % 4`). Node 3 switches first and asks for
+    /// page 7 (managed by node 1 before, by itself after): held until node 1's entries
+    /// arrived. Node 0 switches next; node 1, not switched yet, asks node 0 for page 6 (now
+    /// node 2's): forwarded.
+    #[test]
+    fn a_join_migrates_entries_and_requests_in_transit_are_forwarded_or_held() {
+        let mut net = Net::new(3, false);
+        for page in 0..12 {
+            net.access((page % 3) as NodeId, page, Access::Write);
+        }
+        net.nodes.push(Node::new(
+            3,
+            LocatorKind::Modulo.build(&[0, 1, 2]),
+            LocalShareWords::default(),
+            false,
+        ));
+        for n in 0..4 {
+            net.nodes[n].prepare_change(change(1, &[0, 1, 2, 3], &[0, 1, 2], &[0, 1, 2, 3]));
+        }
+        let a = net.nodes[3].start_change(1);
+        net.apply(3, a);
+        let a = net.nodes[3].fault(7, Access::Read);
+        net.apply(3, a);
+        // Node 3's request to itself: held (node 1 still manages page 7). (Its markers to
+        // the others, queued before, wait.)
+        let at = net
+            .queue
+            .iter()
+            .position(|(_, _, m)| matches!(m, Msg::ManagerRead { .. }))
+            .expect("a request");
+        let (from, to, msg) = net.queue.remove(at).expect("listed");
+        let a = net.nodes[to as usize].on_message(from, msg);
+        net.apply(to, a);
+        assert_eq!(net.nodes[3].stats.requests_delayed, 1);
+        assert_eq!(net.nodes[3].state(7), PageState::Invalid);
+        let a = net.nodes[0].start_change(1);
+        net.apply(0, a);
+        net.access(1, 6, Access::Read);
+        net.access(3, 7, Access::Read);
+        assert!(net.nodes[0].stats.requests_forwarded >= 1);
+        for (n, node) in net.nodes.iter_mut().enumerate() {
+            assert_eq!(node.epoch(), 1, "node {n}");
+            assert!(!node.migrating(), "node {n}");
+            assert_eq!(node.stats.requests_delayed, node.stats.requests_released);
+            assert_eq!(node.take_finished(), vec![1], "node {n}");
+            for (page, owner) in node.directory.pages() {
+                assert_eq!(page % 4, n as u64, "node {n} manages page {page}");
+                assert_eq!(owner as u64, page % 3, "page {page}");
+            }
+        }
+        assert_eq!(net.nodes[3].stats.entries_received, 3, "pages 3, 7, 11");
+        // Every page is served under the new view; a write moves ownership through the
+        // new manager.
+        for page in 0..12 {
+            net.access(3, page, Access::Read);
+            net.access(2, page, Access::Write);
+            assert_eq!(
+                net.nodes[(page % 4) as usize].directory.owner(page),
+                Some(2)
+            );
+        }
+    }
+
+    /// Node 2 leaves 3 nodes: its entries go to nodes 0 and 1, requests sent to it by a
+    /// node that did not switch yet are forwarded.
+    #[test]
+    fn a_leave_hands_the_leavers_entries_over() {
+        let mut net = Net::new(3, false);
+        for page in 0..12 {
+            net.access((page % 2) as NodeId, page, Access::Write);
+        }
+        for n in 0..3 {
+            net.nodes[n].prepare_change(change(1, &[0, 1], &[0, 1, 2], &[0, 1]));
+        }
+        let a = net.nodes[2].start_change(1);
+        net.apply(2, a);
+        // Node 0 has not switched: its request for page 5 goes to node 2, which forwards.
+        net.access(0, 5, Access::Write);
+        assert!(net.nodes[2].stats.requests_forwarded >= 1);
+        assert!(net.nodes[2].directory.pages().next().is_none());
+        for page in 0..12 {
+            net.access(1, page, Access::Write);
+            assert_eq!(
+                net.nodes[(page % 2) as usize].directory.owner(page),
+                Some(1)
+            );
+        }
+        for node in &net.nodes {
+            assert_eq!(node.epoch(), 1);
+            assert!(!node.migrating());
+        }
+    }
+}

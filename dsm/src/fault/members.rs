@@ -1,0 +1,1127 @@
+//! The DSM's node set while it runs: a node joins, a node leaves, and the barrier among the
+//! job's ranks, with membership messages (tag [`TAG_DSM_MEMBER`]) coordinated by node 0.
+//!
+//! A change runs in the seed's phases, timed at node 0 ([`ChangeReport`]):
+//! - **start**: a join request is accepted, the newcomer gets an id and the view (members'
+//!   addresses, regions and their descriptors) in a `Welcome`; a leave request is accepted;
+//! - **physical**: the newcomer connects to every member, maps the regions at their
+//!   addresses and registers its memory (`Ready`); a leaving node's pages are pulled to
+//!   node 0 (write requests through the protocol: its copies invalidated, its bytes moved);
+//! - **setting**: every member connects to the newcomer and learns its descriptors, and
+//!   prepares the next view (`Install` / `Installed`);
+//! - **logical**: every member switches to the next view and the directory's entries
+//!   migrate in the adaptation layer's four steps (`Migrate` / `Migrated`,
+//!   [`crate::coherence::Change`]) while the application keeps faulting;
+//! - **end**: the view is committed everywhere (`Commit` / `Committed`); a node that left
+//!   is dropped like a dead one (nothing is sent to it again) and told it may go (`Left`).
+//!
+//! One change at a time; node 0 cannot leave (it coordinates changes and barriers). Regions
+//! must be allocated before the first change.
+//!
+//! The barrier ([`Engine::barrier`]): each of the job's ranks that is still a member tells
+//! node 0 it arrived; node 0 releases a generation once every live rank arrived. A rank that
+//! left or died is not waited for.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use adaptation::locator::Placement;
+use fabric::{EndpointAddress, PeerId, RemoteRegion};
+use serde::{Deserialize, Serialize};
+
+use super::{now_ns, poisoned, region_of, Data, Engine, RegionInfo, TAG_DSM_MEMBER, WIRE_VERSION};
+use crate::coherence::{Access, Change, NodeId, PageId};
+use crate::directory::LocatorKind;
+use crate::error::{DsmError, Result};
+
+/// The node that coordinates membership changes and barriers.
+pub const COORDINATOR: NodeId = 0;
+/// The seed's phases of a node addition, in order ([`ChangeReport::phases`]).
+pub const PHASES: [&str; 5] = ["start", "physical", "setting", "logical", "end"];
+/// How long a leaving node keeps serving after its leave committed: one-sided operations
+/// other nodes posted just before they learnt of it complete.
+const LEAVE_GRACE: Duration = Duration::from_millis(200);
+
+/// A change of the node set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewChange {
+    Join(NodeId),
+    Leave(NodeId),
+}
+
+/// A shared region as a newcomer needs it: where it is, and every member's descriptors of
+/// its export and words regions (empty for nodes gone).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegionDesc {
+    pub first_page: PageId,
+    pub pages: u64,
+    pub base: u64,
+    pub export: Vec<Vec<u8>>,
+    pub words: Vec<Vec<u8>>,
+}
+
+/// What node 0 tells a newcomer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    pub id: NodeId,
+    pub epoch: u64,
+    pub dynamic: bool,
+    pub initial: u32,
+    pub history: Vec<ViewChange>,
+    pub addrs: Vec<(NodeId, Vec<u8>)>,
+    /// Nodes that left or died.
+    pub gone: Vec<NodeId>,
+    pub regions: Vec<RegionDesc>,
+}
+
+/// A region's descriptors of one node: (first page, export, words).
+pub type Descriptors = Vec<(PageId, Vec<u8>, Vec<u8>)>;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Ctl {
+    Join {
+        addr: Vec<u8>,
+    },
+    Welcome(Box<Welcome>),
+    Ready {
+        regions: Descriptors,
+    },
+    Install {
+        epoch: u64,
+        change: ViewChange,
+        addr: Vec<u8>,
+        regions: Descriptors,
+    },
+    Installed {
+        epoch: u64,
+    },
+    Migrate {
+        epoch: u64,
+    },
+    Migrated {
+        epoch: u64,
+    },
+    Commit {
+        epoch: u64,
+    },
+    Committed {
+        epoch: u64,
+    },
+    Leave {
+        owned: Vec<PageId>,
+    },
+    Left,
+    Arrive {
+        gen: u64,
+    },
+    Release {
+        gen: u64,
+    },
+    Dismiss,
+}
+
+/// One change as node 0 ran it: seconds spent in each of [`PHASES`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangeReport {
+    pub change: ViewChange,
+    pub epoch: u64,
+    pub phases: [f64; 5],
+}
+
+impl ChangeReport {
+    pub fn total(&self) -> f64 {
+        self.phases.iter().sum()
+    }
+}
+
+/// The node set as every node keeps it (node 0's is the reference).
+#[derive(Clone, Debug)]
+pub struct View {
+    pub kind: LocatorKind,
+    pub initial: u32,
+    pub history: Vec<ViewChange>,
+    pub epoch: u64,
+    pub addrs: BTreeMap<NodeId, Vec<u8>>,
+    /// Nodes that left.
+    pub gone: BTreeSet<NodeId>,
+    pub next_id: NodeId,
+    /// The change installed and not committed yet.
+    pub pending: Option<(u64, ViewChange)>,
+}
+
+impl View {
+    pub fn new(kind: LocatorKind, initial: u32, addrs: BTreeMap<NodeId, Vec<u8>>) -> View {
+        View {
+            kind,
+            initial,
+            history: Vec::new(),
+            epoch: 0,
+            addrs,
+            gone: BTreeSet::new(),
+            next_id: initial,
+            pending: None,
+        }
+    }
+
+    /// Members now (nodes that joined and did not leave).
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        (0..self.next_id)
+            .filter(|n| !self.gone.contains(n))
+            .collect()
+    }
+
+    pub fn members_after(&self, change: ViewChange) -> BTreeSet<NodeId> {
+        let mut m = self.members();
+        match change {
+            ViewChange::Join(n) => m.insert(n),
+            ViewChange::Leave(n) => m.remove(&n),
+        };
+        m
+    }
+
+    /// The locator of this view, or of the next one with `next`: every node applies the
+    /// same changes in the same order to the same start, so all get the same locator.
+    pub fn locator(&self, next: Option<ViewChange>) -> Box<dyn Placement + Send> {
+        let initial: Vec<NodeId> = (0..self.initial).collect();
+        let mut l = self.kind.build(&initial);
+        for c in self.history.iter().chain(next.iter()) {
+            match *c {
+                ViewChange::Join(n) => l.add_node(n),
+                ViewChange::Leave(n) => l.remove_node(n),
+            }
+        }
+        l
+    }
+}
+
+#[derive(Default)]
+struct Barrier {
+    /// This rank's next generation.
+    next: u64,
+    /// Generations below this are released.
+    released: u64,
+    /// At node 0: who arrived at each generation.
+    arrivals: BTreeMap<u64, BTreeSet<NodeId>>,
+}
+
+/// Membership state of a node's driver.
+pub struct Members {
+    pub(crate) view: Mutex<Option<View>>,
+    /// The job's ranks still taking part in barriers.
+    participants: Mutex<BTreeSet<NodeId>>,
+    /// At node 0: answers of the members to the change being run.
+    replies: Mutex<Vec<(NodeId, Ctl)>>,
+    replied: Condvar,
+    /// At node 0: join and leave requests (with the requester's connection for a join).
+    requests: Mutex<VecDeque<(NodeId, Ctl)>>,
+    requested: Condvar,
+    barrier: Mutex<Barrier>,
+    released: Condvar,
+    /// At node 0: joins are run as soon as they are asked for (else by [`Engine::admit`]).
+    pub auto_admit: AtomicBool,
+    pub dismissed: AtomicBool,
+    left: AtomicBool,
+    changing: Mutex<()>,
+    reports: Mutex<Vec<ChangeReport>>,
+    /// Test injection (`KRUN_DSM_MIGRATION_HOLD`): node 0 switches first and waits (at
+    /// most 10 s) until it forwarded or held a request before the others switch.
+    hold: bool,
+}
+
+impl Members {
+    pub fn new(initial: u32) -> Members {
+        Members {
+            view: Mutex::new(None),
+            participants: Mutex::new((0..initial).collect()),
+            replies: Mutex::new(Vec::new()),
+            replied: Condvar::new(),
+            requests: Mutex::new(VecDeque::new()),
+            requested: Condvar::new(),
+            barrier: Mutex::new(Barrier::default()),
+            released: Condvar::new(),
+            auto_admit: AtomicBool::new(true),
+            dismissed: AtomicBool::new(false),
+            left: AtomicBool::new(false),
+            changing: Mutex::new(()),
+            reports: Mutex::new(Vec::new()),
+            hold: std::env::var_os("KRUN_DSM_MIGRATION_HOLD").is_some(),
+        }
+    }
+
+    pub fn set_view(&self, view: View) {
+        if let Ok(mut v) = self.view.lock() {
+            *v = Some(view);
+        }
+    }
+
+    pub fn set_participants(&self, p: BTreeSet<NodeId>) {
+        if let Ok(mut s) = self.participants.lock() {
+            *s = p;
+        }
+    }
+
+    pub fn participants(&self) -> BTreeSet<NodeId> {
+        self.participants
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn reports(&self) -> Vec<ChangeReport> {
+        self.reports.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.epoch))
+            .unwrap_or(0)
+    }
+
+    fn reply(&self, from: NodeId, ctl: Ctl) {
+        if let Ok(mut r) = self.replies.lock() {
+            r.push((from, ctl));
+        }
+        self.replied.notify_all();
+    }
+
+    fn release(&self, gen: u64) {
+        if let Ok(mut b) = self.barrier.lock() {
+            b.released = b.released.max(gen + 1);
+        }
+        self.released.notify_all();
+    }
+}
+
+fn encode(from: NodeId, ctl: &Ctl) -> Result<Vec<u8>> {
+    let mut wire = vec![WIRE_VERSION];
+    wire.extend(
+        postcard::to_allocvec(&(from, ctl)).map_err(|e| DsmError::Config {
+            what: "membership message".into(),
+            reason: e.to_string(),
+        })?,
+    );
+    let crc = crc32c::crc32c(&wire);
+    wire.extend_from_slice(&crc.to_le_bytes());
+    Ok(wire)
+}
+
+/// Parses [`encode`]'s output.
+pub fn decode(data: &[u8]) -> std::result::Result<(NodeId, Ctl), String> {
+    let (body, crc) = data
+        .split_last_chunk::<4>()
+        .ok_or_else(|| format!("{} bytes", data.len()))?;
+    if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+        return Err("checksum mismatch (corrupted in transit)".into());
+    }
+    let (&version, rest) = body.split_first().ok_or("empty")?;
+    if version != WIRE_VERSION {
+        return Err(format!("wire version {version}, expected {WIRE_VERSION}"));
+    }
+    postcard::from_bytes(rest).map_err(|e| e.to_string())
+}
+
+/// Sends `ctl` from `from` to `peer` (also before the driver runs: a newcomer's request).
+pub fn send_raw(ep: &dyn fabric::Endpoint, peer: PeerId, from: NodeId, ctl: &Ctl) -> Result<()> {
+    ep.send(peer, TAG_DSM_MEMBER, &encode(from, ctl)?)?;
+    Ok(())
+}
+
+fn timeout(what: String, start: Instant) -> DsmError {
+    DsmError::Timeout {
+        what,
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+impl Engine {
+    /// Sends `ctl` to `to` (handled here at once when `to` is this node).
+    fn ctl_to(&self, to: NodeId, ctl: Ctl) -> Result<()> {
+        if to == self.me {
+            return self.handle_ctl(self.me, ctl);
+        }
+        send_raw(&*self.ep, self.peer(to)?, self.me, &ctl)
+    }
+
+    /// A membership message off the fabric.
+    pub(super) fn on_member_wire(&self, peer: Option<PeerId>, data: &[u8]) -> Result<()> {
+        let from_peer = peer.and_then(|p| self.rank_of(p));
+        let (from, ctl) = decode(data).map_err(|reason| DsmError::BadMessage {
+            from: from_peer.unwrap_or(u32::MAX),
+            reason: format!("membership message: {reason}"),
+        })?;
+        if !matches!(ctl, Ctl::Join { .. }) && from_peer.is_some_and(|p| p != from) {
+            return Err(DsmError::BadMessage {
+                from: from_peer.unwrap_or(u32::MAX),
+                reason: format!("membership message claims to be from node {from}"),
+            });
+        }
+        if self.trace {
+            eprintln!("{} dsm {}: from {from}: {ctl:?}", now_ns(), self.me);
+        }
+        self.handle_ctl(from, ctl)
+    }
+
+    fn handle_ctl(&self, from: NodeId, ctl: Ctl) -> Result<()> {
+        let me = self.me;
+        match ctl {
+            Ctl::Join { .. } | Ctl::Leave { .. } if me == COORDINATOR => {
+                if let Ok(mut r) = self.members.requests.lock() {
+                    r.push_back((from, ctl));
+                }
+                self.members.requested.notify_all();
+                Ok(())
+            }
+            Ctl::Ready { .. }
+            | Ctl::Installed { .. }
+            | Ctl::Migrated { .. }
+            | Ctl::Committed { .. }
+                if me == COORDINATOR =>
+            {
+                self.members.reply(from, ctl);
+                Ok(())
+            }
+            Ctl::Install {
+                epoch,
+                change,
+                addr,
+                regions,
+            } => {
+                self.on_install(epoch, change, &addr, &regions)?;
+                self.ctl_to(COORDINATOR, Ctl::Installed { epoch })
+            }
+            Ctl::Migrate { epoch } => self.on_migrate(epoch),
+            Ctl::Commit { epoch } => {
+                self.on_commit(epoch)?;
+                self.ctl_to(COORDINATOR, Ctl::Committed { epoch })
+            }
+            Ctl::Arrive { gen } if me == COORDINATOR => {
+                if let Ok(mut b) = self.members.barrier.lock() {
+                    b.arrivals.entry(gen).or_default().insert(from);
+                }
+                self.barrier_recheck()
+            }
+            Ctl::Release { gen } => {
+                self.members.release(gen);
+                Ok(())
+            }
+            Ctl::Left => {
+                self.members.left.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Ctl::Dismiss => {
+                self.members.dismissed.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            other => Err(DsmError::BadMessage {
+                from,
+                reason: format!("unexpected membership message at node {me}: {other:?}"),
+            }),
+        }
+    }
+
+    /// Adds node `id`'s descriptors of the regions (a join's setting phase).
+    pub(crate) fn extend_regions(&self, id: NodeId, regions: &Descriptors) -> Result<()> {
+        let mut map = self.regions.write().map_err(|_| poisoned())?;
+        for (first, export, words) in regions {
+            let Some(r) = map.get(first) else {
+                continue; // freed since
+            };
+            let e = RemoteRegion::from_bytes(export)?;
+            let w = RemoteRegion::from_bytes(words)?;
+            let mut remote_export = r.remote_export.clone();
+            let mut remote_words = r.remote_words.clone();
+            let n = id as usize + 1;
+            if remote_export.len() < n {
+                remote_export.resize(n, e);
+                remote_words.resize(n, w);
+            }
+            remote_export[id as usize] = e;
+            remote_words[id as usize] = w;
+            let info = RegionInfo {
+                first_page: r.first_page,
+                pages: r.pages,
+                base: r.base,
+                export: r.export.clone(),
+                words: r.words.clone(),
+                remote_export,
+                remote_words,
+            };
+            map.insert(*first, Arc::new(info));
+        }
+        Ok(())
+    }
+
+    /// Setting phase at a member: connect to a newcomer, prepare the next view.
+    fn on_install(
+        &self,
+        epoch: u64,
+        change: ViewChange,
+        addr: &[u8],
+        regions: &Descriptors,
+    ) -> Result<()> {
+        if let ViewChange::Join(id) = change {
+            let peer = self.ep.connect(&EndpointAddress::from_bytes(addr)?)?;
+            self.add_peer(id, peer)?;
+            self.extend_regions(id, regions)?;
+        }
+        let dead = self.dead_nodes();
+        let c = {
+            let mut v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_mut().ok_or_else(|| no_view(self.me))?;
+            v.pending = Some((epoch, change));
+            if let ViewChange::Join(id) = change {
+                v.addrs.insert(id, addr.to_vec());
+            }
+            Change {
+                epoch,
+                locator: v.locator(Some(change)),
+                old_members: v.members().difference(&dead).copied().collect(),
+                new_members: v.members_after(change).difference(&dead).copied().collect(),
+            }
+        };
+        self.node.lock().map_err(|_| poisoned())?.prepare_change(c);
+        Ok(())
+    }
+
+    /// Logical phase at a member: switch to the next view (entries migrate).
+    fn on_migrate(&self, epoch: u64) -> Result<()> {
+        let mut remote = Vec::new();
+        let finished = {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            let actions = node.start_change(epoch);
+            self.execute(&mut node, actions, Data::None, &mut remote)?;
+            node.take_finished()
+        };
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        for e in finished {
+            self.migration_finished(e)?;
+        }
+        Ok(())
+    }
+
+    /// Test injection ([`Members::hold`]): node 0 switches, but its entries and markers
+    /// wait until it forwarded or held a request (at most 10 s); the others have not
+    /// switched yet, so their requests reach node 0's old entries (forwarded) and node 0's
+    /// requests reach entries still at their old managers (held).
+    fn migrate_held(&self, epoch: u64) -> Result<()> {
+        let moved = |n: &crate::coherence::Node<super::RegisteredWords>| {
+            n.stats.requests_forwarded + n.stats.requests_delayed
+        };
+        let mut remote = Vec::new();
+        let (before, held) = {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            let before = moved(&node);
+            let (held, rest): (Vec<_>, Vec<_>) = node.start_change(epoch).into_iter().partition(
+                |a| matches!(a, crate::coherence::Action::Send { msg, .. } if msg.is_migration()),
+            );
+            self.execute(&mut node, rest, Data::None, &mut remote)?;
+            (before, held)
+        };
+        if !remote.is_empty() {
+            self.run_remote(std::mem::take(&mut remote))?;
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until && moved(&*self.node.lock().map_err(|_| poisoned())?) == before
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let finished = {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            self.execute(&mut node, held, Data::None, &mut remote)?;
+            node.take_finished()
+        };
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        for e in finished {
+            self.migration_finished(e)?;
+        }
+        Ok(())
+    }
+
+    /// Step 4 of the change to `epoch` ran here.
+    pub(super) fn migration_finished(&self, epoch: u64) -> Result<()> {
+        self.ctl_to(COORDINATOR, Ctl::Migrated { epoch })
+    }
+
+    /// End phase at a member: the view of `epoch` is the current one.
+    fn on_commit(&self, epoch: u64) -> Result<()> {
+        let change = {
+            let mut v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_mut().ok_or_else(|| no_view(self.me))?;
+            let (e, c) = v.pending.take().ok_or_else(|| DsmError::Config {
+                what: "membership".into(),
+                reason: format!("commit of epoch {epoch} without a prepared change"),
+            })?;
+            if e != epoch {
+                return Err(DsmError::Config {
+                    what: "membership".into(),
+                    reason: format!("commit of epoch {epoch}, epoch {e} was prepared"),
+                });
+            }
+            v.history.push(c);
+            v.epoch = epoch;
+            match c {
+                ViewChange::Join(n) => v.next_id = v.next_id.max(n + 1),
+                ViewChange::Leave(n) => {
+                    v.gone.insert(n);
+                }
+            }
+            c
+        };
+        if let ViewChange::Leave(n) = change {
+            if let Ok(mut p) = self.members.participants.lock() {
+                p.remove(&n);
+            }
+            if n != self.me {
+                // Like a dead node: out of every copyset, never sent to again.
+                self.drop_dead(&[n])?;
+            }
+            self.barrier_recheck()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every node of `from` answered with a message `is` accepts.
+    fn wait_replies(
+        &self,
+        what: &str,
+        from: &BTreeSet<NodeId>,
+        is: impl Fn(&Ctl) -> bool,
+        deadline: Instant,
+    ) -> Result<BTreeMap<NodeId, Ctl>> {
+        let start = Instant::now();
+        let mut got = BTreeMap::new();
+        let mut r = self.members.replies.lock().map_err(|_| poisoned())?;
+        loop {
+            let mut i = 0;
+            while i < r.len() {
+                if from.contains(&r[i].0) && is(&r[i].1) {
+                    let (n, c) = r.remove(i);
+                    got.insert(n, c);
+                } else {
+                    i += 1;
+                }
+            }
+            let missing: Vec<NodeId> = from
+                .iter()
+                .copied()
+                .filter(|n| !got.contains_key(n))
+                .collect();
+            if missing.is_empty() {
+                return Ok(got);
+            }
+            let dead = self.dead_nodes();
+            if let Some(n) = missing.iter().find(|n| dead.contains(n)) {
+                return Err(DsmError::Collective {
+                    what: "membership change".into(),
+                    reason: format!("node {n} died during the {what} phase"),
+                });
+            }
+            if Instant::now() >= deadline || self.stopped() {
+                return Err(timeout(
+                    format!("membership change ({what}: no answer from nodes {missing:?})"),
+                    start,
+                ));
+            }
+            r = self
+                .members
+                .replied
+                .wait_timeout(r, Duration::from_millis(50))
+                .map_err(|_| poisoned())?
+                .0;
+        }
+    }
+
+    /// Node 0: join requests not run yet.
+    pub fn pending_joins(&self) -> usize {
+        self.members
+            .requests
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, c)| matches!(c, Ctl::Join { .. }))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Node 0: waits (at most `within`) for a join request and runs it.
+    pub fn admit(&self, within: Duration) -> Result<ChangeReport> {
+        let start = Instant::now();
+        let deadline = start + within;
+        let (from, ctl) = loop {
+            let mut r = self.members.requests.lock().map_err(|_| poisoned())?;
+            if let Some(i) = r.iter().position(|(_, c)| matches!(c, Ctl::Join { .. })) {
+                break r.remove(i).expect("listed");
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("waiting for a node to ask to join".into(), start));
+            }
+            drop(
+                self.members
+                    .requested
+                    .wait_timeout(r, Duration::from_millis(20))
+                    .map_err(|_| poisoned())?,
+            );
+        };
+        self.run_request(from, ctl, within)
+    }
+
+    fn run_request(&self, from: NodeId, ctl: Ctl, within: Duration) -> Result<ChangeReport> {
+        let report = match ctl {
+            Ctl::Join { addr } => self.run_join(&addr, within)?,
+            Ctl::Leave { owned } => self.run_leave(from, &owned, within)?,
+            other => {
+                return Err(DsmError::Config {
+                    what: "membership request".into(),
+                    reason: format!("{other:?}"),
+                })
+            }
+        };
+        if let Ok(mut r) = self.members.reports.lock() {
+            r.push(report.clone());
+        }
+        Ok(report)
+    }
+
+    /// Node 0's membership thread: runs leave requests, and join requests when joins are
+    /// admitted automatically.
+    pub(super) fn members_loop(&self) {
+        const CHANGE_LIMIT: Duration = Duration::from_secs(120);
+        while !self.stopped() {
+            let next = {
+                let Ok(mut r) = self.members.requests.lock() else {
+                    return;
+                };
+                let auto = self.members.auto_admit.load(Ordering::SeqCst);
+                match r
+                    .iter()
+                    .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
+                {
+                    Some(i) => r.remove(i),
+                    None => {
+                        let _ = self
+                            .members
+                            .requested
+                            .wait_timeout(r, Duration::from_millis(50));
+                        None
+                    }
+                }
+            };
+            if let Some((from, ctl)) = next {
+                if let Err(e) = self.run_request(from, ctl, CHANGE_LIMIT) {
+                    self.fail(format!("membership change: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Node 0 runs a join (phases in the module doc).
+    fn run_join(&self, addr: &[u8], within: Duration) -> Result<ChangeReport> {
+        let _one = self.members.changing.lock().map_err(|_| poisoned())?;
+        let t0 = Instant::now();
+        let deadline = t0 + within;
+        let me = self.me;
+        // Start.
+        let peer = self.ep.connect(&EndpointAddress::from_bytes(addr)?)?;
+        let dead = self.dead_nodes();
+        let (id, epoch, old, welcome) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(me))?;
+            let id = v.next_id;
+            let regions = self
+                .regions
+                .read()
+                .map_err(|_| poisoned())?
+                .values()
+                .map(|r| RegionDesc {
+                    first_page: r.first_page,
+                    pages: r.pages,
+                    base: r.base,
+                    export: (0..id as usize)
+                        .map(|n| {
+                            r.remote_export
+                                .get(n)
+                                .map(|x| x.to_bytes().to_vec())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                    words: (0..id as usize)
+                        .map(|n| {
+                            r.remote_words
+                                .get(n)
+                                .map(|x| x.to_bytes().to_vec())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                })
+                .collect();
+            let gone: BTreeSet<NodeId> = v.gone.union(&dead).copied().collect();
+            let welcome = Welcome {
+                id,
+                epoch: v.epoch + 1,
+                dynamic: v.kind == LocatorKind::CellTree,
+                initial: v.initial,
+                history: v.history.clone(),
+                addrs: v
+                    .addrs
+                    .iter()
+                    .filter(|(n, _)| !gone.contains(n))
+                    .map(|(&n, a)| (n, a.clone()))
+                    .collect(),
+                gone: gone.iter().copied().collect(),
+                regions,
+            };
+            let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
+            (id, v.epoch + 1, old, welcome)
+        };
+        self.add_peer(id, peer)?;
+        send_raw(&*self.ep, peer, me, &Ctl::Welcome(Box::new(welcome)))?;
+        let t_start = t0.elapsed().as_secs_f64();
+        // Physical: the newcomer connects, maps and registers.
+        let t = Instant::now();
+        let ready = self.wait_replies(
+            "physical",
+            &[id].into_iter().collect(),
+            |c| matches!(c, Ctl::Ready { .. }),
+            deadline,
+        )?;
+        let regions = match ready.into_values().next() {
+            Some(Ctl::Ready { regions }) => regions,
+            _ => Vec::new(),
+        };
+        let t_physical = t.elapsed().as_secs_f64();
+        let change = ViewChange::Join(id);
+        let all: BTreeSet<NodeId> = old.iter().copied().chain([id]).collect();
+        let phases = self.run_change(epoch, change, addr, &regions, &old, &all, deadline)?;
+        Ok(ChangeReport {
+            change,
+            epoch,
+            phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+        })
+    }
+
+    /// Setting, logical and end phases (seconds each).
+    #[allow(clippy::too_many_arguments)]
+    fn run_change(
+        &self,
+        epoch: u64,
+        change: ViewChange,
+        addr: &[u8],
+        regions: &Descriptors,
+        old: &BTreeSet<NodeId>,
+        all: &BTreeSet<NodeId>,
+        deadline: Instant,
+    ) -> Result<[f64; 3]> {
+        let me = self.me;
+        // Setting: the members connect to the newcomer and prepare the next view.
+        let t = Instant::now();
+        for &m in old {
+            self.ctl_to(
+                m,
+                Ctl::Install {
+                    epoch,
+                    change,
+                    addr: addr.to_vec(),
+                    regions: regions.clone(),
+                },
+            )?;
+        }
+        self.wait_replies(
+            "setting",
+            old,
+            |c| matches!(c, Ctl::Installed { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        let t_setting = t.elapsed().as_secs_f64();
+        // Logical: everyone switches; entries migrate.
+        let t = Instant::now();
+        if self.members.hold {
+            self.migrate_held(epoch)?;
+        } else {
+            self.ctl_to(me, Ctl::Migrate { epoch })?;
+        }
+        for &m in all {
+            if m != me {
+                self.ctl_to(m, Ctl::Migrate { epoch })?;
+            }
+        }
+        self.wait_replies(
+            "logical",
+            all,
+            |c| matches!(c, Ctl::Migrated { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        let t_logical = t.elapsed().as_secs_f64();
+        // End: the view is committed everywhere.
+        let t = Instant::now();
+        for &m in all {
+            self.ctl_to(m, Ctl::Commit { epoch })?;
+        }
+        // A leaving node is dropped at each commit (like a dead one): its own answer is
+        // not awaited (it waits for `Left`, sent after every other member committed).
+        let mut committing = all.clone();
+        if let ViewChange::Leave(n) = change {
+            committing.remove(&n);
+        }
+        self.wait_replies(
+            "end",
+            &committing,
+            |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        Ok([t_setting, t_logical, t.elapsed().as_secs_f64()])
+    }
+
+    /// Node 0 runs `node`'s leave; `owned`: the pages it owned when it asked.
+    fn run_leave(&self, node: NodeId, owned: &[PageId], within: Duration) -> Result<ChangeReport> {
+        let _one = self.members.changing.lock().map_err(|_| poisoned())?;
+        let t0 = Instant::now();
+        let deadline = t0 + within;
+        let dead = self.dead_nodes();
+        let (epoch, old) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
+            (v.epoch + 1, old)
+        };
+        if node == COORDINATOR || !old.contains(&node) {
+            return Err(DsmError::Config {
+                what: "leave".into(),
+                reason: format!("node {node} is not a member that may leave"),
+            });
+        }
+        let t_start = t0.elapsed().as_secs_f64();
+        // Physical: the leaving node's pages move here.
+        let t = Instant::now();
+        self.pull(owned, deadline)?;
+        let t_physical = t.elapsed().as_secs_f64();
+        let change = ViewChange::Leave(node);
+        let phases = self.run_change(epoch, change, &[], &Vec::new(), &old, &old, deadline)?;
+        self.ctl_to(node, Ctl::Left)?;
+        Ok(ChangeReport {
+            change,
+            epoch,
+            phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+        })
+    }
+
+    /// Takes the pages for writing here (a leaving node's pages: the protocol moves the
+    /// bytes and invalidates the other copies); returns once every request was served.
+    fn pull(&self, pages: &[PageId], deadline: Instant) -> Result<()> {
+        let start = Instant::now();
+        let mut remote = Vec::new();
+        {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            for &p in pages {
+                if region_of(&self.regions, p).is_none() {
+                    continue;
+                }
+                self.track_fault(p, Access::Write, true);
+                let actions = node.fault(p, Access::Write);
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
+        }
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        loop {
+            let missing: Vec<PageId> = {
+                let node = self.node.lock().map_err(|_| poisoned())?;
+                pages
+                    .iter()
+                    .copied()
+                    .filter(|&p| region_of(&self.regions, p).is_some() && node.waiting(p).is_some())
+                    .collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout(
+                    format!("taking over a leaving node's pages {missing:?}"),
+                    start,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// This node leaves the DSM (not node 0): once its own accesses are over, its pages
+    /// move to node 0 and its directory entries to their new managers. Returns when the
+    /// others no longer need it.
+    pub fn leave(&self, within: Duration) -> Result<()> {
+        let start = Instant::now();
+        if self.me == COORDINATOR {
+            return Err(DsmError::Config {
+                what: "leave".into(),
+                reason: "node 0 coordinates the DSM's membership and barriers: it cannot leave"
+                    .into(),
+            });
+        }
+        let deadline = start + within;
+        let owned = loop {
+            {
+                let node = self.node.lock().map_err(|_| poisoned())?;
+                if node.idle() {
+                    break node
+                        .holdings()
+                        .into_iter()
+                        .filter(|h| h.owner)
+                        .map(|h| h.page)
+                        .collect::<Vec<_>>();
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout(
+                    "leave: waiting for this node's accesses".into(),
+                    start,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        self.ctl_to(COORDINATOR, Ctl::Leave { owned })?;
+        while !self.members.left.load(Ordering::SeqCst) {
+            if let Some(e) = self.error() {
+                return Err(DsmError::Collective {
+                    what: "leave".into(),
+                    reason: e,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("leave: waiting for node 0".into(), start));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(LEAVE_GRACE);
+        Ok(())
+    }
+
+    /// Returns when every live rank of the job reached it.
+    pub fn barrier(&self) -> Result<()> {
+        let me = self.me;
+        if !self.members.participants().contains(&me) {
+            return Err(DsmError::Collective {
+                what: "barrier".into(),
+                reason: format!(
+                    "node {me} joined during the run or left: barriers are among the job's ranks"
+                ),
+            });
+        }
+        let gen = {
+            let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
+            b.next += 1;
+            b.next - 1
+        };
+        self.ctl_to(COORDINATOR, Ctl::Arrive { gen })?;
+        let mut probed = Instant::now();
+        let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
+        loop {
+            if b.released > gen {
+                return Ok(());
+            }
+            let missing: Vec<NodeId> = match b.arrivals.get(&gen) {
+                Some(arrived) if me == COORDINATOR => self
+                    .members
+                    .participants()
+                    .into_iter()
+                    .filter(|p| !arrived.contains(p))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            drop(b);
+            if !missing.is_empty() && probed.elapsed() > self.fault_timeout {
+                // Node 0 waited a fault timeout: ranks that do not answer a probe are dead,
+                // and the barrier goes on without them.
+                probed = Instant::now();
+                if let Some(dead) = self.probe_nodes(&missing) {
+                    if !dead.is_empty() {
+                        self.drop_dead(&dead)?;
+                    }
+                }
+            }
+            if let Some(e) = self.error() {
+                return Err(DsmError::Collective {
+                    what: "barrier".into(),
+                    reason: e,
+                });
+            }
+            if self.dead_nodes().contains(&COORDINATOR) {
+                return Err(DsmError::Collective {
+                    what: "barrier".into(),
+                    reason: "node 0, which coordinates barriers, died".into(),
+                });
+            }
+            b = self.members.barrier.lock().map_err(|_| poisoned())?;
+            b = self
+                .members
+                .released
+                .wait_timeout(b, Duration::from_millis(100))
+                .map_err(|_| poisoned())?
+                .0;
+        }
+    }
+
+    /// Node 0: releases every generation every live rank arrived at.
+    pub(super) fn barrier_recheck(&self) -> Result<()> {
+        if self.me != COORDINATOR {
+            return Ok(());
+        }
+        let dead = self.dead_nodes();
+        let waiting_for: BTreeSet<NodeId> = self
+            .members
+            .participants()
+            .difference(&dead)
+            .copied()
+            .collect();
+        let mut release = Vec::new();
+        {
+            let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
+            let gens: Vec<u64> = b.arrivals.keys().copied().collect();
+            for g in gens {
+                if waiting_for.is_subset(&b.arrivals[&g]) {
+                    b.arrivals.remove(&g);
+                    release.push(g);
+                }
+            }
+        }
+        for g in release {
+            for &p in &waiting_for {
+                if p == self.me {
+                    self.members.release(g);
+                } else if let Err(e) = self.ctl_to(p, Ctl::Release { gen: g }) {
+                    self.suspect(p, format!("releasing barrier {g}: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Node 0 tells the nodes that joined during the run that the job is over.
+    pub fn dismiss_joined(&self) {
+        let participants = self.members.participants();
+        let members = match self.members.view.lock() {
+            Ok(v) => v.as_ref().map(|v| v.members()).unwrap_or_default(),
+            Err(_) => return,
+        };
+        let dead = self.dead_nodes();
+        for n in members {
+            if n != self.me && !participants.contains(&n) && !dead.contains(&n) {
+                let _ = self.ctl_to(n, Ctl::Dismiss);
+            }
+        }
+    }
+}
+
+fn no_view(me: NodeId) -> DsmError {
+    DsmError::Config {
+        what: "membership".into(),
+        reason: format!("node {me} has no view yet"),
+    }
+}

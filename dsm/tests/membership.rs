@@ -1,0 +1,285 @@
+//! A node joins, and a node leaves, a running DSM while the others fault: real `dsm-node`
+//! processes on 127.0.0.1 (tcp and shm providers), counters incremented under the DSM lock
+//! on 8 pages and read without it. Needs root (userfaultfd).
+//!
+//! `KRUN_DSM_MIGRATION_HOLD` makes node 0 switch to the next view first and wait until it
+//! forwarded or held a manager request before the others switch, so requests do reach
+//! entries in transit; the tests check that each was handled (held = released), that every
+//! counter equals the iterations of every rank (no increment lost, none doubled), and that
+//! entries did move.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fabric::bootstrap::BootstrapServer;
+
+const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
+/// Generous bound for a scenario ("does not hang"), never a performance check.
+const LIMIT: Duration = Duration::from_secs(150);
+const PAGES: usize = 8;
+
+/// A running process, killed (by PID, through `Child`) and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    out: Option<JoinHandle<String>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        fabric::ofi::remove_shm_segments(self.child.id());
+    }
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String]) -> Proc {
+        let mut child = Command::new(NODE)
+            .args(args)
+            .env("KRUN_FABRIC_BIND", "127.0.0.1")
+            .env("KRUN_DSM_MIGRATION_HOLD", "1")
+            .env_remove("KRUN_SECRET_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dsm-node");
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let stderr = child.stderr.take().unwrap();
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let tail = err.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                let mut t = tail.lock().unwrap();
+                t.push(line);
+                if t.len() > 200 {
+                    t.remove(0);
+                }
+            }
+        });
+        Proc {
+            name: name.into(),
+            child,
+            out: Some(out),
+            err,
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `size` ranks of `churn` (with `extra` arguments) and, with `joiner`, one `joiner`
+/// process; returns each process's `krun-result` pairs (later keys win), ranks first.
+fn run(provider: &str, size: usize, extra: &[&str], joiner: bool) -> Vec<HashMap<String, String>> {
+    let dir = std::env::temp_dir().join(format!(
+        "krun-dsm-membership-{}-{provider}-{}",
+        std::process::id(),
+        joiner
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let contact: PathBuf = dir.join("contact");
+    let _ = std::fs::remove_file(&contact);
+    let server = BootstrapServer::start_with("127.0.0.1:0", size, LIMIT, None).unwrap();
+    let addr = server.addr().to_string();
+    let common = |scenario: &str| -> Vec<String> {
+        let mut a: Vec<String> = [
+            scenario,
+            "--provider",
+            provider,
+            "--contact-file",
+            contact.to_str().unwrap(),
+            "--pages",
+            &PAGES.to_string(),
+            "--rounds",
+            "30",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut procs: Vec<Proc> = (0..size)
+        .map(|r| {
+            let mut args = common("churn");
+            args.extend(
+                [
+                    "--bootstrap",
+                    &addr,
+                    "--rank",
+                    &r.to_string(),
+                    "--size",
+                    &size.to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            Proc::spawn(&format!("rank {r}"), &args)
+        })
+        .collect();
+    if joiner {
+        procs.push(Proc::spawn("joiner", &common("joiner")));
+    }
+    let start = Instant::now();
+    loop {
+        let failed = procs
+            .iter_mut()
+            .position(|q| matches!(q.child.try_wait(), Ok(Some(s)) if !s.success()));
+        let done = procs
+            .iter_mut()
+            .all(|q| matches!(q.child.try_wait(), Ok(Some(_))));
+        if failed.is_some() || done && failed.is_none() || start.elapsed() > LIMIT {
+            if let Some(f) = failed.or((!done).then_some(0)) {
+                std::thread::sleep(Duration::from_millis(500));
+                let mut report = String::new();
+                for q in procs.iter_mut() {
+                    let _ = q.child.kill();
+                    let _ = q.child.wait();
+                    let out = q.out.take().unwrap().join().unwrap();
+                    report += &format!(
+                        "--- {}:\n{out}{}\n",
+                        q.name,
+                        q.err.lock().unwrap().join("\n")
+                    );
+                }
+                panic!(
+                    "{} over {provider} {}:\n{report}",
+                    procs[f].name,
+                    if done { "failed" } else { "hangs" }
+                );
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let results = procs
+        .iter_mut()
+        .map(|q| {
+            let out = q.out.take().unwrap().join().unwrap();
+            let mut kv = HashMap::new();
+            for line in out.lines() {
+                if let Some(rest) = line.strip_prefix("krun-result ") {
+                    eprintln!("{}: {rest}", q.name);
+                    for pair in rest.split_whitespace() {
+                        if let Some((k, v)) = pair.split_once('=') {
+                            kv.insert(k.to_string(), v.to_string());
+                        }
+                    }
+                }
+            }
+            kv
+        })
+        .collect();
+    drop(procs);
+    server.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    results
+}
+
+fn num(kv: &HashMap<String, String>, key: &str) -> u64 {
+    kv.get(key)
+        .unwrap_or_else(|| panic!("no {key} in {kv:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// Every counter is the sum of every rank's iterations; every held request was handled;
+/// some requests did meet entries in transit.
+fn check_counters_and_requests(results: &[HashMap<String, String>], ranks: usize) {
+    let iterations: u64 = results[..ranks].iter().map(|r| num(r, "iterations")).sum();
+    let counters: Vec<u64> = results[0]["counters"]
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(counters.len(), PAGES);
+    for (p, &c) in counters.iter().enumerate() {
+        assert_eq!(
+            c, iterations,
+            "counter {p}: {c}, the ranks did {iterations} increments"
+        );
+    }
+    let mut moved = 0;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            num(r, "delayed"),
+            num(r, "released"),
+            "process {i}: requests held for entries in transit were not all handled"
+        );
+        moved += num(r, "forwarded") + num(r, "delayed");
+    }
+    assert!(
+        moved > 0,
+        "no request met an entry in transit (the migration window saw no traffic)"
+    );
+}
+
+fn join_on(provider: &str) {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run(provider, 3, &[], true);
+    check_counters_and_requests(&results, 3);
+    let joiner = &results[3];
+    assert_eq!(num(joiner, "joined"), 3);
+    assert_eq!(num(joiner, "epoch"), 1);
+    assert_eq!(num(joiner, "dismissed"), 1);
+    assert!(
+        num(joiner, "entries_received") > 0,
+        "no directory entry migrated to the new node: {joiner:?}"
+    );
+    assert_eq!(results[0]["members"], "0,1,2,3");
+    for r in &results[..3] {
+        assert_eq!(num(r, "epoch"), 1);
+    }
+}
+
+fn leave_on(provider: &str) {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run(provider, 3, &["--leave", "2"], false);
+    check_counters_and_requests(&results, 3);
+    assert_eq!(num(&results[2], "left"), 1);
+    assert!(
+        num(&results[2], "entries_sent") > 0,
+        "the leaving node handed over no directory entry: {:?}",
+        results[2]
+    );
+    assert_eq!(results[0]["members"], "0,1");
+}
+
+#[test]
+fn a_node_joins_while_three_ranks_fault_over_tcp() {
+    join_on("tcp");
+}
+
+#[test]
+fn a_node_joins_while_three_ranks_fault_over_shm() {
+    join_on("shm");
+}
+
+#[test]
+fn a_rank_leaves_while_the_others_fault_over_tcp() {
+    leave_on("tcp");
+}
+
+#[test]
+fn a_rank_leaves_while_the_others_fault_over_shm() {
+    leave_on("shm");
+}
