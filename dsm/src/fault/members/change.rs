@@ -1,0 +1,349 @@
+//! The coordinator's side of a view change (node 0): a join asked by a newcomer or
+//! admitted by the application, a leave, each run in the seed's phases (start, physical,
+//! setting, logical, end; `PHASES`), and the pull of a leaving node's pages.
+use super::*;
+
+impl Engine {
+    /// Node 0: join requests not run yet.
+    pub fn pending_joins(&self) -> usize {
+        self.members
+            .requests
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, c)| matches!(c, Ctl::Join { .. }))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Node 0: waits (at most `within`) for a join request and runs it.
+    pub fn admit(&self, within: Duration) -> Result<ChangeReport> {
+        let start = Instant::now();
+        let deadline = start + within;
+        let (from, ctl) = loop {
+            let mut r = self.members.requests.lock().map_err(|_| poisoned())?;
+            if let Some(i) = r.iter().position(|(_, c)| matches!(c, Ctl::Join { .. })) {
+                break r.remove(i).expect("listed");
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("waiting for a node to ask to join".into(), start));
+            }
+            drop(
+                self.members
+                    .requested
+                    .wait_timeout(r, Duration::from_millis(20))
+                    .map_err(|_| poisoned())?,
+            );
+        };
+        self.run_request(from, ctl, within)
+    }
+
+    pub(crate) fn run_request(
+        &self,
+        from: NodeId,
+        ctl: Ctl,
+        within: Duration,
+    ) -> Result<ChangeReport> {
+        let report = match ctl {
+            Ctl::Join { addr } => self.run_join(&addr, within)?,
+            Ctl::Leave { owned } => self.run_leave(from, &owned, within)?,
+            other => {
+                return Err(DsmError::Config {
+                    what: "membership request".into(),
+                    reason: format!("{other:?}"),
+                })
+            }
+        };
+        if let Ok(mut r) = self.members.reports.lock() {
+            r.push(report.clone());
+        }
+        Ok(report)
+    }
+
+    /// Node 0 runs a join (phases in the module doc).
+    pub(crate) fn run_join(&self, addr: &[u8], within: Duration) -> Result<ChangeReport> {
+        let _one = self.members.changing.lock().map_err(|_| poisoned())?;
+        let t0 = Instant::now();
+        let deadline = t0 + within;
+        let me = self.me;
+        // Start.
+        let peer = self.ep.connect(&EndpointAddress::from_bytes(addr)?)?;
+        let dead = self.dead_nodes();
+        let (id, epoch, old, welcome) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(me))?;
+            let id = v.next_id;
+            let regions = self
+                .regions
+                .read()
+                .map_err(|_| poisoned())?
+                .values()
+                .map(|r| RegionDesc {
+                    first_page: r.first_page,
+                    pages: r.pages,
+                    base: r.base,
+                    export: (0..id as usize)
+                        .map(|n| {
+                            r.remote_export
+                                .get(n)
+                                .map(|x| x.to_bytes().to_vec())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                    words: (0..id as usize)
+                        .map(|n| {
+                            r.remote_words
+                                .get(n)
+                                .map(|x| x.to_bytes().to_vec())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                })
+                .collect();
+            let gone: BTreeSet<NodeId> = v.gone.union(&dead).copied().collect();
+            let welcome = Welcome {
+                id,
+                epoch: v.epoch + 1,
+                dynamic: v.kind == LocatorKind::CellTree,
+                initial: v.initial,
+                history: v.history.clone(),
+                addrs: v
+                    .addrs
+                    .iter()
+                    .filter(|(n, _)| !gone.contains(n))
+                    .map(|(&n, a)| (n, a.clone()))
+                    .collect(),
+                gone: gone.iter().copied().collect(),
+                regions,
+            };
+            let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
+            (id, v.epoch + 1, old, welcome)
+        };
+        self.add_peer(id, peer)?;
+        send_raw(&*self.ep, peer, me, &Ctl::Welcome(Box::new(welcome)))?;
+        let t_start = t0.elapsed().as_secs_f64();
+        // Physical: the newcomer connects, maps and registers.
+        let t = Instant::now();
+        let ready = self.wait_replies(
+            "physical",
+            &[id].into_iter().collect(),
+            |c| matches!(c, Ctl::Ready { .. }),
+            deadline,
+        )?;
+        let regions = match ready.into_values().next() {
+            Some(Ctl::Ready { regions }) => regions,
+            _ => Vec::new(),
+        };
+        let t_physical = t.elapsed().as_secs_f64();
+        let change = ViewChange::Join(id);
+        let all: BTreeSet<NodeId> = old.iter().copied().chain([id]).collect();
+        let phases = self.run_change(epoch, change, addr, &regions, &old, &all, deadline)?;
+        Ok(ChangeReport {
+            change,
+            epoch,
+            phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+        })
+    }
+
+    /// Setting, logical and end phases (seconds each).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_change(
+        &self,
+        epoch: u64,
+        change: ViewChange,
+        addr: &[u8],
+        regions: &Descriptors,
+        old: &BTreeSet<NodeId>,
+        all: &BTreeSet<NodeId>,
+        deadline: Instant,
+    ) -> Result<[f64; 3]> {
+        let me = self.me;
+        // Setting: the members connect to the newcomer and prepare the next view.
+        let t = Instant::now();
+        for &m in old {
+            self.ctl_to(
+                m,
+                Ctl::Install {
+                    epoch,
+                    change,
+                    addr: addr.to_vec(),
+                    regions: regions.clone(),
+                },
+            )?;
+        }
+        self.wait_replies(
+            "setting",
+            old,
+            |c| matches!(c, Ctl::Installed { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        let t_setting = t.elapsed().as_secs_f64();
+        // Logical: everyone switches; entries migrate.
+        let t = Instant::now();
+        if self.members.hold {
+            self.migrate_held(epoch)?;
+        } else {
+            self.ctl_to(me, Ctl::Migrate { epoch })?;
+        }
+        for &m in all {
+            if m != me {
+                self.ctl_to(m, Ctl::Migrate { epoch })?;
+            }
+        }
+        self.wait_replies(
+            "logical",
+            all,
+            |c| matches!(c, Ctl::Migrated { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        let t_logical = t.elapsed().as_secs_f64();
+        // End: the view is committed everywhere.
+        let t = Instant::now();
+        for &m in all {
+            self.ctl_to(m, Ctl::Commit { epoch })?;
+        }
+        // A leaving node is dropped at each commit (like a dead one): its own answer is
+        // not awaited (it waits for `Left`, sent after every other member committed).
+        let mut committing = all.clone();
+        if let ViewChange::Leave(n) = change {
+            committing.remove(&n);
+        }
+        self.wait_replies(
+            "end",
+            &committing,
+            |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        Ok([t_setting, t_logical, t.elapsed().as_secs_f64()])
+    }
+
+    /// Node 0 runs `node`'s leave; `owned`: the pages it owned when it asked.
+    pub(crate) fn run_leave(
+        &self,
+        node: NodeId,
+        owned: &[PageId],
+        within: Duration,
+    ) -> Result<ChangeReport> {
+        let _one = self.members.changing.lock().map_err(|_| poisoned())?;
+        let t0 = Instant::now();
+        let deadline = t0 + within;
+        let dead = self.dead_nodes();
+        let (epoch, old) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
+            (v.epoch + 1, old)
+        };
+        if node == COORDINATOR || !old.contains(&node) {
+            return Err(DsmError::Config {
+                what: "leave".into(),
+                reason: format!("node {node} is not a member that may leave"),
+            });
+        }
+        let t_start = t0.elapsed().as_secs_f64();
+        // Physical: the leaving node's pages move here.
+        let t = Instant::now();
+        self.pull(owned, deadline)?;
+        let t_physical = t.elapsed().as_secs_f64();
+        let change = ViewChange::Leave(node);
+        let phases = self.run_change(epoch, change, &[], &Vec::new(), &old, &old, deadline)?;
+        self.ctl_to(node, Ctl::Left)?;
+        Ok(ChangeReport {
+            change,
+            epoch,
+            phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+        })
+    }
+
+    /// Takes the pages for writing here (a leaving node's pages: the protocol moves the
+    /// bytes and invalidates the other copies); returns once every request was served.
+    pub(crate) fn pull(&self, pages: &[PageId], deadline: Instant) -> Result<()> {
+        let start = Instant::now();
+        let mut remote = Vec::new();
+        {
+            let mut node = self.node.lock().map_err(|_| poisoned())?;
+            for &p in pages {
+                if region_of(&self.regions, p).is_none() {
+                    continue;
+                }
+                self.track_fault(p, Access::Write, true);
+                let actions = node.fault(p, Access::Write);
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
+        }
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        loop {
+            let missing: Vec<PageId> = {
+                let node = self.node.lock().map_err(|_| poisoned())?;
+                pages
+                    .iter()
+                    .copied()
+                    .filter(|&p| region_of(&self.regions, p).is_some() && node.waiting(p).is_some())
+                    .collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout(
+                    format!("taking over a leaving node's pages {missing:?}"),
+                    start,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// This node leaves the DSM (not node 0): once its own accesses are over, its pages
+    /// move to node 0 and its directory entries to their new managers. Returns when the
+    /// others no longer need it.
+    pub fn leave(&self, within: Duration) -> Result<()> {
+        let start = Instant::now();
+        if self.me == COORDINATOR {
+            return Err(DsmError::Config {
+                what: "leave".into(),
+                reason: "node 0 coordinates the DSM's membership and barriers: it cannot leave"
+                    .into(),
+            });
+        }
+        let deadline = start + within;
+        let owned = loop {
+            {
+                let node = self.node.lock().map_err(|_| poisoned())?;
+                if node.idle() {
+                    break node
+                        .holdings()
+                        .into_iter()
+                        .filter(|h| h.owner)
+                        .map(|h| h.page)
+                        .collect::<Vec<_>>();
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout(
+                    "leave: waiting for this node's accesses".into(),
+                    start,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        self.ctl_to(COORDINATOR, Ctl::Leave { owned })?;
+        while !self.members.left.load(Ordering::SeqCst) {
+            if let Some(e) = self.error() {
+                return Err(DsmError::Collective {
+                    what: "leave".into(),
+                    reason: e,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("leave: waiting for node 0".into(), start));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(LEAVE_GRACE);
+        Ok(())
+    }
+}
