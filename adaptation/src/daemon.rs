@@ -832,9 +832,7 @@ fn drive(
                     continue;
                 }
                 Err(e) => {
-                    let _ = events.send(DriverEvent::Log(format!(
-                        "node {old} cannot rejoin: {e}"
-                    )));
+                    let _ = events.send(DriverEvent::Log(format!("node {old} cannot rejoin: {e}")));
                 }
             }
         }

@@ -133,7 +133,9 @@ fn decode_answer(answer: &[u8]) -> Option<KvAnswer> {
     let ok = a.u8().ok()? == 1;
     let version = a.u64().ok()?;
     let value = a.bytes().ok()?;
-    a.rest().is_empty().then_some(KvAnswer { ok, version, value })
+    a.rest()
+        .is_empty()
+        .then_some(KvAnswer { ok, version, value })
 }
 
 /// The start of the error text answered for a key whose every copy was lost.
@@ -358,4 +360,53 @@ pub fn state_with_value(value: &[u8]) -> Vec<u8> {
         clients: ClientTable::default(),
     }
     .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(seq: u64) -> RequestId {
+        RequestId {
+            origin: 1,
+            client: 2,
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_lost_key_is_answered_lost_until_a_put_writes_it_anew() {
+        let mut kv = KvService::new().tolerating(2);
+        assert_eq!(kv.witnesses(), 2);
+        let answer = kv.lost(7, id(1), &KvOp::Get.encode()).expect("a lost read");
+        let a = parse_answer(&answer).unwrap();
+        assert!(a.is_lost() && !a.ok, "{a:?}");
+        assert!(String::from_utf8_lossy(&a.value).contains("key 7"));
+        // Nothing to keep a copy of: an observer of this answer keeps nothing.
+        kv.observe_response(7, &answer);
+        assert!(kv.scan(&|_| true).is_empty());
+        assert!(kv.lost(7, id(2), &KvOp::Add(1).encode()).is_some());
+        // A put recreates it: the layer executes it.
+        assert!(kv
+            .lost(7, id(3), &KvOp::Put(b"x".to_vec()).encode())
+            .is_none());
+        let put = kv.handle(7, id(3), &KvOp::Put(b"x".to_vec()).encode());
+        assert!(parse_answer(&put).unwrap().ok);
+        assert!(kv.holds(7));
+    }
+
+    #[test]
+    fn forgetting_lost_entries_drops_the_managed_ones_and_the_copies() {
+        let mut kv = KvService::new();
+        for k in 0..4 {
+            kv.receive(k, state_with_value(b"v"));
+        }
+        let copy = kv.witness_copy(1).unwrap();
+        kv.observe_response(9, &copy);
+        kv.observe_response(10, &copy);
+        kv.forget_lost(&|e| e % 2 == 1 || e == 9);
+        assert_eq!(kv.managed(), vec![0, 2]);
+        let left: Vec<EntryId> = kv.scan(&|_| true).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(left, vec![10]);
+    }
 }

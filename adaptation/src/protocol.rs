@@ -18,6 +18,22 @@
 //!
 //! A participant that fails during a change is not waited for once its failure is in the
 //! log; what it held or was about to receive is rebuilt by the next change's scan.
+//!
+//! Faults beyond one crash:
+//! - **Lost entries** (`losses.rs`): with `f` witnesses per entry (f + 1 copies) entries
+//!   survive any `f` failures at once. When a failed node's manager and every witness of it
+//!   failed together, the repair cannot know the newest copy: its buckets are marked lost
+//!   (at every member, and told to joiners), what is left of them is forgotten, and a
+//!   request for an entry there that nobody holds gets the service's "lost" answer
+//!   ([`Service::lost`]), never an empty entry.
+//! - **Fencing**: a change travels through Raft with the node that asked for it
+//!   ([`Proposal`]); at its place in the log it is refused if that node is out of the
+//!   configuration by then (a `leave` asked at a cut-off supervisor evicted meanwhile). A
+//!   member ignores what a node declared failed asks of it (requests, observations,
+//!   proposals, probes) and tells it that it failed.
+//! - **Eviction**: a node that learns an agreed change saying it failed stops at once
+//!   ([`Node::evicted`]); its driver may come back as a new member
+//!   ([`Node::rejoin_config`]).
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::agreement::{Agreement, AgreementConfig, AgreementOutput};
@@ -200,8 +216,9 @@ pub struct Node {
     /// it failed together): a request for an entry there that no node holds is answered
     /// by [`Service::lost`], never served as a new, empty entry.
     lost: Vec<BTreeSet<usize>>,
-    /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1).
-    learned_at: Vec<u64>,
+    /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1);
+    /// `None` for the changes a joiner replays from before it joined.
+    learned_at: Vec<Option<u64>>,
     /// Nodes out of the configuration that sent something, and when they were last told.
     told_evicted: BTreeMap<NodeId, u64>,
     /// The epoch whose agreed change says this node failed, once it learned it.
@@ -622,9 +639,10 @@ impl Node {
                 }
             }
             Msg::Lost { service, buckets } => {
-                let range = self.scopes.get(service as usize).map(|sc| {
-                    sc.first_bucket..sc.first_bucket + sc.buckets
-                });
+                let range = self
+                    .scopes
+                    .get(service as usize)
+                    .map(|sc| sc.first_bucket..sc.first_bucket + sc.buckets);
                 match (self.lost.get_mut(service as usize), range) {
                     (Some(lost), Some(range)) => {
                         lost.extend(
@@ -676,6 +694,16 @@ impl Node {
                 service,
                 entries,
             } => {
+                if epoch <= self.epoch {
+                    // Only a sender the change did not wait for (it was declared failed)
+                    // sends after the change ended here; the repair rebuilt its entries
+                    // from copies, and they may have moved on since.
+                    self.note(format!(
+                        "{} entries from node {from} for epoch {epoch}, which ended here: dropped",
+                        entries.len()
+                    ));
+                    return;
+                }
                 let Some(svc) = self.services.get_mut(service as usize) else {
                     self.note(format!(
                         "{} entries from {from} for unknown service #{service}",
@@ -990,6 +1018,7 @@ impl Node {
         }
         self.early_log.insert(epoch, change);
         while let Some(change) = self.early_log.remove(&(self.known_epoch() + 1)) {
+            let replayed = self.cfg.joining.is_some() && !self.log_ever.contains(&self.cfg.me);
             match &change {
                 Change::Join { node, .. } => {
                     self.log_members.insert(*node);
@@ -1004,7 +1033,7 @@ impl Node {
                 }
             }
             self.log.push(change);
-            self.learned_at.push(self.now);
+            self.learned_at.push((!replayed).then_some(self.now));
             self.out.push(Output::Phase {
                 epoch: self.log.len() as Epoch,
                 phase: "agreed",
@@ -1195,11 +1224,13 @@ impl Node {
         }
         self.acks.retain(|&e, _| e > epoch);
         self.out.push(Output::Stable { epoch });
-        // Responses held for witnesses go out now: a witness may have been the failed node.
+        // Responses held for witnesses are not sent blindly (an `Observe` may have been
+        // lost, or its witness failed): the requests go again, with the delayed ones, to
+        // their managers in the new view, which answer them from the entry's client table
+        // once its witnesses there have observed the answer.
         let held: Vec<Witnessed> = std::mem::take(&mut self.witnessed).into_values().collect();
-        for w in held {
-            self.respond(w.request, w.payload);
-        }
+        self.delayed
+            .splice(0..0, held.into_iter().map(|w| w.request));
         for r in std::mem::take(&mut self.delayed) {
             if leaving {
                 // Not a member any more: hand the request to its manager in the new view.

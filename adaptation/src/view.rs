@@ -75,8 +75,8 @@ impl Change {
 }
 
 /// A change as it travels through Raft: who asked for it and in which epoch it was asked.
-/// The supervisors refuse, at its place in the log, a change asked by a node the log has
-/// declared failed by then (a request from an evicted member is fenced: a supervisor cut
+/// The supervisors refuse, at its place in the log, a change asked by a node that is out of
+/// the configuration by then (a request from an evicted member is fenced: a supervisor cut
 /// off from the others must not get a `leave` it took while isolated committed later).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Proposal {

@@ -207,15 +207,7 @@ impl Cluster {
                 addrs.iter().filter(|(p, _)| p != id).cloned().collect();
             cluster.daemons.insert(
                 *id,
-                spawn_args(
-                    *id,
-                    addr,
-                    &peers,
-                    false,
-                    SECRET,
-                    failure_timeout_ms,
-                    extra,
-                ),
+                spawn_args(*id, addr, &peers, false, SECRET, failure_timeout_ms, extra),
             );
         }
         cluster.wait(&format!("{n} daemons ready"), |c| {

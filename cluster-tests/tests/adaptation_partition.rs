@@ -57,12 +57,14 @@ fn wait_for(
                 .iter()
                 .map(|(n, d)| {
                     let l = d.lines.lock().unwrap();
-                    let last: Vec<&str> =
-                        l.iter().rev().take(4).map(|(_, s)| s.as_str()).collect();
+                    let last: Vec<&str> = l.iter().rev().take(4).map(|(_, s)| s.as_str()).collect();
                     format!("node {n}: {last:?}")
                 })
                 .collect();
-            panic!("node {node}: no {what} within {bound:?}\n{}", tail.join("\n"));
+            panic!(
+                "node {node}: no {what} within {bound:?}\n{}",
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -91,7 +93,11 @@ fn a_cut_off_daemon_is_evicted_loses_nothing_and_rejoins_as_a_new_member_once_he
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        let mut p = c.node(i).unwrap().spawn(&mut cmd).expect("spawning krun-adapt");
+        let mut p = c
+            .node(i)
+            .unwrap()
+            .spawn(&mut cmd)
+            .expect("spawning krun-adapt");
         let stdout = p.stdout().unwrap();
         let stdin = p.stdin().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -135,11 +141,18 @@ fn a_cut_off_daemon_is_evicted_loses_nothing_and_rejoins_as_a_new_member_once_he
     let cut_at = Instant::now();
     c.cut_link(4).unwrap();
     let without4 = "members=0,1,2,3";
-    let (evicted_at, _) = wait_for(&daemons, 0, "eviction of node 4", Duration::from_secs(30), &|l| {
-        l.starts_with("stable ") && l.ends_with(without4)
-    });
+    let (evicted_at, _) = wait_for(
+        &daemons,
+        0,
+        "eviction of node 4",
+        Duration::from_secs(30),
+        &|l| l.starts_with("stable ") && l.ends_with(without4),
+    );
     let detection = evicted_at.duration_since(cut_at);
-    println!("node 4 cut off: evicted after {:.2} s", detection.as_secs_f64());
+    println!(
+        "node 4 cut off: evicted after {:.2} s",
+        detection.as_secs_f64()
+    );
     assert!(
         daemons[&4].find(&|l| l.starts_with("rejoined ")).is_none(),
         "node 4 learned its eviction while cut off"
@@ -149,16 +162,27 @@ fn a_cut_off_daemon_is_evicted_loses_nothing_and_rejoins_as_a_new_member_once_he
     std::thread::sleep(Duration::from_millis(500));
     let healed_at = Instant::now();
     c.restore_link(4).unwrap();
-    let (rejoined_at, line) = wait_for(&daemons, 4, "rejoined line", Duration::from_secs(30), &|l| {
-        l.starts_with("rejoined ")
-    });
+    let (rejoined_at, line) = wait_for(
+        &daemons,
+        4,
+        "rejoined line",
+        Duration::from_secs(30),
+        &|l| l.starts_with("rejoined "),
+    );
     let noticed = rejoined_at.duration_since(healed_at);
-    println!("link restored: node 4 noticed its eviction after {:.2} s ({line})", noticed.as_secs_f64());
+    println!(
+        "link restored: node 4 noticed its eviction after {:.2} s ({line})",
+        noticed.as_secs_f64()
+    );
     let new = 4 + REJOIN_STRIDE;
     let with_new = format!("members=0,1,2,3,{new}");
-    let (member_at, _) = wait_for(&daemons, 0, "the rejoined node in the view", Duration::from_secs(60), &|l| {
-        l.starts_with("stable ") && l.ends_with(&with_new)
-    });
+    let (member_at, _) = wait_for(
+        &daemons,
+        0,
+        "the rejoined node in the view",
+        Duration::from_secs(60),
+        &|l| l.starts_with("stable ") && l.ends_with(&with_new),
+    );
     println!(
         "node {new} a member {:.2} s after the link came back",
         member_at.duration_since(healed_at).as_secs_f64()
@@ -179,11 +203,16 @@ fn a_cut_off_daemon_is_evicted_loses_nothing_and_rejoins_as_a_new_member_once_he
             .unwrap()
             .send(&format!("req {client} 1 {key} get"));
         let prefix = format!("ans {client} 1 ");
-        let (_, answer) = wait_for(&daemons, via, "read answer", Duration::from_secs(30), &|l| {
-            l.starts_with(&prefix)
-        });
+        let (_, answer) = wait_for(
+            &daemons,
+            via,
+            "read answer",
+            Duration::from_secs(30),
+            &|l| l.starts_with(&prefix),
+        );
         assert!(
-            answer.starts_with(&format!("ans {client} 1 ok ")) && answer.ends_with(&format!(" v{key}")),
+            answer.starts_with(&format!("ans {client} 1 ok "))
+                && answer.ends_with(&format!(" v{key}")),
             "key {key}: {answer}"
         );
     }

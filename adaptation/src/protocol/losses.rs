@@ -27,8 +27,11 @@ impl Node {
     /// [`Node::loss_window`]), at least one of its witnesses sent its scan here (or is this
     /// node). Otherwise its manager and every witness failed together: the buckets it
     /// managed in those views are marked lost at this node, and what this node holds of
-    /// them (maybe stale) is forgotten ([`Service::forget_lost`](crate::service::Service::forget_lost)). A request for an entry
-    /// there that nobody holds then gets [`Service::lost`](crate::service::Service::lost)'s answer, never an empty entry.
+    /// them (maybe stale) is forgotten ([`Service::forget_lost`]). A request for an entry
+    /// there that nobody holds then gets [`Service::lost`]'s answer, never an empty entry.
+    ///
+    /// [`Service::forget_lost`]: crate::service::Service::forget_lost
+    /// [`Service::lost`]: crate::service::Service::lost
     pub(super) fn mark_losses(&mut self, m: &Migration, epoch: Epoch) {
         let Change::Fail { node: failed } = m.change else {
             return;
@@ -45,6 +48,7 @@ impl Node {
             .learned_at
             .get((epoch - 1) as usize)
             .copied()
+            .flatten()
             .unwrap_or(self.now);
         let mut views: Vec<&CellTreeLocator> = Vec::new();
         for (i, l) in self.locators.iter().enumerate() {
@@ -52,8 +56,8 @@ impl Node {
             if i > 0 {
                 let recent = (epoch as usize)
                     .checked_sub(i + 1)
-                    .and_then(|j| self.learned_at.get(j))
-                    .is_some_and(|&t| t + window >= failed_at);
+                    .and_then(|j| self.learned_at.get(j).copied().flatten())
+                    .is_some_and(|t| t + window >= failed_at);
                 if !recent {
                     break;
                 }
@@ -75,7 +79,15 @@ impl Node {
                     continue;
                 }
                 let w = witnesses_in(&members, failed, k);
-                if !w.iter().any(|w| scanned.contains(w)) {
+                // A witness that left in a planned way handed its copies to members that
+                // stay (and scanned them here); one that failed took them along.
+                let kept = |w: &NodeId| {
+                    scanned.contains(w)
+                        || (self.log_ever.contains(w)
+                            && !self.log_members.contains(w)
+                            && !self.log_failed.contains(w))
+                };
+                if !w.iter().any(kept) {
                     uncovered.push(*l);
                 }
             }

@@ -130,7 +130,12 @@ impl Sim {
 
     /// Cuts `side` off from the other nodes for `length` ticks.
     pub fn cut_off(&mut self, side: &[NodeId], length: u64) {
-        let known_at_cut = self.nodes.values().map(|n| n.log().len()).max().unwrap_or(0);
+        let known_at_cut = self
+            .nodes
+            .values()
+            .map(|n| n.log().len())
+            .max()
+            .unwrap_or(0);
         self.trace
             .push(format!("PARTITION {side:?} cut off for {length} ticks"));
         self.faults.partitions += 1;
@@ -272,7 +277,8 @@ impl Sim {
         let (a, b) = pairs[self.rng.gen_range(0..pairs.len())];
         self.faults.doubles -= 1;
         self.faults.double_crashes += 1;
-        self.trace.push(format!("DOUBLE CRASH of neighbours {a} and {b}"));
+        self.trace
+            .push(format!("DOUBLE CRASH of neighbours {a} and {b}"));
         self.crash(a);
         self.crash(b);
         self.burst(2);
@@ -291,8 +297,9 @@ impl Sim {
         }
         let victim = candidates[self.rng.gen_range(0..candidates.len())];
         let step = ["prepared", "sent"][self.rng.gen_range(0..2)];
-        self.trace
-            .push(format!("node {victim} will fail at step {step} of the repair of {first}"));
+        self.trace.push(format!(
+            "node {victim} will fail at step {step} of the repair of {first}"
+        ));
         self.crash_on = Some((step, victim, self.now));
         self.faults.repair_crashes += 1;
         self.burst(2);
@@ -312,7 +319,8 @@ impl Sim {
             let members: Vec<NodeId> = self.nodes[&a].members().iter().copied().collect();
             if let Some(i) = members.iter().position(|m| *m == a) {
                 let b = members[(i + 1) % members.len()];
-                if candidates.contains(&b) && !(SUPERVISORS.contains(&a) && SUPERVISORS.contains(&b))
+                if candidates.contains(&b)
+                    && !(SUPERVISORS.contains(&a) && SUPERVISORS.contains(&b))
                 {
                     side.insert(b);
                 }

@@ -124,8 +124,8 @@ impl Sim {
         let nodes = genesis
             .iter()
             .map(|&n| {
-                let node = Node::new(config(n, &genesis, seed), services(faults.tolerate))
-                    .expect("node");
+                let node =
+                    Node::new(config(n, &genesis, seed), services(faults.tolerate)).expect("node");
                 (n, node)
             })
             .collect();
@@ -608,8 +608,9 @@ impl Sim {
                 }
             }
         }
-        // Once every crash is repaired, every key a client wrote has its manager.
-        if self.repaired() {
+        // Once every crash is repaired, every key a client wrote has its manager (unless
+        // more nodes failed at once than the copies tolerate: then keys may be lost).
+        if self.repaired() && self.faults.max_burst <= self.faults.tolerate {
             for c in &self.clients {
                 for key in &c.written {
                     if !holder.contains_key(&(service_of(*key), *key)) {
@@ -759,10 +760,11 @@ pub fn run(seed: u64, model: Model) -> Outcome {
             }
         }
     }
-    // Every node evicted while alive is back as a member.
+    // Every node evicted while alive is back as a member (or failed or left since).
     for old in &sim.evicted {
         let new = old + adaptation::protocol::REJOIN_STRIDE;
-        let back = sim.nodes[&any].members().contains(&new) || sim.gone(&new);
+        let back =
+            sim.nodes[&any].members().contains(&new) || sim.gone(&new) || sim.left.contains(&new);
         if !back {
             sim.fail(format!(
                 "node {old} was evicted but node {new} is not a member: {:?}",
