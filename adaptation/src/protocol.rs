@@ -939,7 +939,7 @@ impl Node {
         let again: Vec<(NodeId, u64)> = self
             .confirming
             .iter()
-            .filter(|(_, (_, deadline))| now < *deadline && (*deadline - now) % step == 0)
+            .filter(|(_, (_, deadline))| now < *deadline && (*deadline - now).is_multiple_of(step))
             .map(|(n, (nonce, _))| (*n, *nonce))
             .collect();
         for (node, nonce) in again {

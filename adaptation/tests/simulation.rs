@@ -164,7 +164,7 @@ fn check_wide(count: u64, total: &Outcome) {
 
 #[test]
 fn random_schedules_under_the_wide_fault_model_keep_every_invariant() {
-    let (count, total) = schedules(Model::Wide, 1500);
+    let (count, total) = schedules(Model::Wide, 600);
     check_wide(count, &total);
 }
 
