@@ -14,7 +14,7 @@ use raft::storage::MemStorage;
 use raft::{Config, RawNode};
 
 use crate::error::{AdaptError, Result};
-use crate::view::{Change, NodeId};
+use crate::view::{Change, Epoch, NodeId, Proposal};
 
 /// Raft timing in ticks.
 #[derive(Clone, Debug)]
@@ -38,6 +38,9 @@ pub struct AgreementOutput {
     pub messages: Vec<(NodeId, Vec<u8>)>,
     /// (Raft log index, change); each index is reported once, in increasing order.
     pub committed: Vec<(u64, Change)>,
+    /// For each committed change (same order): the node that asked for it and the epoch it
+    /// knew then (see [`Proposal`]).
+    pub requested_by: Vec<(NodeId, Epoch)>,
 }
 
 /// One supervisor's Raft member.
@@ -166,7 +169,18 @@ impl Agreement {
     /// Proposes a change; it may be lost (leader change), so callers retry until they see it
     /// committed. On a follower the proposal is forwarded to the leader when one is known.
     pub fn propose(&mut self, change: &Change) -> AgreementOutput {
-        let data = change.encode();
+        let me = self.me;
+        self.propose_by(&Proposal {
+            change: change.clone(),
+            by: me,
+            epoch: 0,
+        })
+    }
+
+    /// Proposes a change asked for by `proposal.by` (this node, or the node that sent it a
+    /// `Propose`); see [`Proposal`].
+    pub fn propose_by(&mut self, proposal: &Proposal) -> AgreementOutput {
+        let data = proposal.encode();
         // An error here means the proposal was dropped (no leader known, leadership being
         // transferred); the caller retries, so it is not reported.
         self.guarded(|node| {
@@ -254,7 +268,7 @@ impl Agreement {
             m.entries.iter().all(|e: &Entry| {
                 e.get_entry_type() == EntryType::EntryNormal
                     && ((allow_empty_data && e.data.is_empty())
-                        || Change::decode(&e.data).is_some())
+                        || Proposal::decode(&e.data).is_some())
             })
         };
         match m.get_msg_type() {
@@ -429,8 +443,9 @@ fn apply(entries: Vec<Entry>, applied: &mut u64, out: &mut AgreementOutput) {
         if e.data.is_empty() || e.get_entry_type() != EntryType::EntryNormal {
             continue;
         }
-        if let Some(change) = Change::decode(&e.data) {
-            out.committed.push((e.index, change));
+        if let Some(p) = Proposal::decode(&e.data) {
+            out.committed.push((e.index, p.change));
+            out.requested_by.push((p.by, p.epoch));
         }
     }
 }

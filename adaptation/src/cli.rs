@@ -48,6 +48,10 @@ pub struct AdaptCli {
     /// 0.6 s of suspicion, for an idle LAN; krund uses 3000).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub failure_timeout_ms: Option<u64>,
+    /// Simultaneous failures the keys survive: each key has f + 1 copies (its manager and
+    /// f witnesses). A key whose every copy failed answers "lost".
+    #[arg(long, value_name = "F", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    pub tolerate: u64,
 }
 
 fn peer(v: &str) -> std::result::Result<(NodeId, String), String> {
@@ -159,6 +163,7 @@ mod tests {
             (&["--tick-ms", "0"][..], "--tick-ms"),
             (&["--under-krun"][..], "cannot be used with"),
             (&["--supervisor", "1"][..], "--supervisors"),
+            (&["--tolerate", "0"][..], "--tolerate"),
         ] {
             let err = DaemonConfig::from_args(&args(extra))
                 .unwrap_err()

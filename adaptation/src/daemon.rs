@@ -8,11 +8,13 @@
 //! - `req CLIENT SEQ KEY put VALUE | get | add DELTA` → `ans CLIENT SEQ ok|err VERSION VALUE`
 //!   (the toy key-value service; a client retrying through another node keeps CLIENT SEQ)
 //! - `leave NODE` → `ok leave NODE` or `err ...` (a planned eviction)
-//! - `fill COUNT BYTES` → `ok fill N`: loads the keys `0..COUNT` this node manages
+//! - `fill COUNT BYTES` → `ok fill N`: loads the keys `0..COUNT` this node manages (and
+//!   sends their copies to its witnesses)
 //! - `status` → `status id=.. epoch=.. known=.. stable=.. members=.. cells=A+B|C+D keys=..`
 //!
 //! Events: `ready`, `phase EPOCH NAME t=MS`, `stable EPOCH t=MS members=A,B,..`,
-//! `stopped REASON`. Times are milliseconds since the Unix epoch (comparable across the
+//! `stopped REASON`, `rejoined as node NEW: node OLD was evicted at epoch E (...) t=MS`.
+//! A key whose every copy was lost answers `ans CLIENT SEQ err 0 lost: key K was lost: ...`. Times are milliseconds since the Unix epoch (comparable across the
 //! processes of one machine).
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -144,6 +146,9 @@ fn open_link(
     Ok((s, session))
 }
 
+/// How long a link that could not connect drops messages before it tries again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Writes messages to one peer in order; reconnects once per failed message, then gives up
 /// on that message (the protocol retries what matters). A link that was open once and
 /// cannot be opened again is reported to the driver ([`Event::Closed`]), which checks
@@ -159,7 +164,15 @@ fn write_link(
     let mut link: Option<(TcpStream, Session)> = None;
     let mut opened_once = false;
     let mut warned = false;
+    // After a failed connection attempt, messages are dropped without another attempt for
+    // a while: each attempt may take the connect timeout, and a backlog of messages queued
+    // during a cut would otherwise be tried one by one long after the link came back
+    // (stale messages ahead of the ones that tell a cut-off node it was evicted).
+    let mut quiet_until: Option<Instant> = None;
     while let Ok(msg) = rx.recv() {
+        if quiet_until.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
         for attempt in 0..2 {
             if link.is_none() {
                 let addr = addrs.lock().map(|a| a.get(&to).cloned()).ok().flatten();
@@ -173,6 +186,7 @@ fn write_link(
                         warned = false;
                     }
                     Err(why) => {
+                        quiet_until = Some(Instant::now() + RECONNECT_PAUSE);
                         if opened_once {
                             let _ = events.send(Event::Closed(to));
                         }
@@ -262,11 +276,16 @@ fn refuses_connections(addr: &str) -> bool {
 
 /// Runs a node until it leaves the configuration; returns the reason.
 pub fn run(cfg: DaemonConfig, secret: ClusterSecret) -> Result<String> {
+    run_tolerating(cfg, secret, 1)
+}
+
+/// [`run`] with keys that survive `tolerate` simultaneous failures (`--tolerate`).
+pub fn run_tolerating(cfg: DaemonConfig, secret: ClusterSecret, tolerate: usize) -> Result<String> {
     let listener = TcpListener::bind(&cfg.listen).map_err(|e| AdaptError::Io {
         what: format!("listening on {}", cfg.listen),
         source: e,
     })?;
-    run_on(cfg, listener, secret)
+    run_kv(cfg, listener, secret, tolerate)
 }
 
 /// A node of a krun job (`krun ... krun-adapt --under-krun`): rank r of n is node r, the
@@ -356,7 +375,23 @@ pub fn under_krun(supervisors: Vec<NodeId>) -> Result<String> {
 /// Runs a node of the toy key-value service on an already bound listener, with the line
 /// protocol on stdin/stdout (`krun-adapt`).
 pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -> Result<String> {
-    let driver = Driver::start(cfg, listener, secret, vec![Box::new(KvService::new())])?;
+    run_kv(cfg, listener, secret, 1)
+}
+
+/// [`run_on`] with keys that survive `tolerate` simultaneous failures (f + 1 copies). A
+/// node evicted while alive (cut off) rejoins as a new member (line `rejoined ...`).
+pub fn run_kv(
+    cfg: DaemonConfig,
+    listener: TcpListener,
+    secret: ClusterSecret,
+    tolerate: usize,
+) -> Result<String> {
+    let driver = Driver::start_rejoining(
+        cfg,
+        listener,
+        secret,
+        Box::new(move || vec![Box::new(KvService::new().tolerating(tolerate)) as Box<dyn Service>]),
+    )?;
     let handle = driver.handle();
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
@@ -396,6 +431,9 @@ pub fn run_on(cfg: DaemonConfig, listener: TcpListener, secret: ClusterSecret) -
             }
             DriverEvent::Phase { epoch, phase } => {
                 let _ = writeln!(out, "phase {epoch} {phase} t={:.3}", now_ms());
+            }
+            DriverEvent::Log(line) if line.starts_with("rejoined ") => {
+                let _ = writeln!(out, "{line} t={:.3}", now_ms());
             }
             DriverEvent::Log(line) => eprintln!("node {}: {line}", driver.id()),
             DriverEvent::Stopped { reason } => {
@@ -465,6 +503,9 @@ pub enum DriverEvent {
 }
 
 type Call = Box<dyn FnOnce(&mut Node) + Send>;
+
+/// Makes a node's services afresh (every node registers the same ones, in the same order).
+pub type ServiceFactory = Box<dyn Fn() -> Vec<Box<dyn Service>> + Send>;
 
 /// Sends work to a running driver; cheap to clone, usable from any thread.
 #[derive(Clone)]
@@ -545,6 +586,30 @@ impl Driver {
         secret: ClusterSecret,
         services: Vec<Box<dyn Service>>,
     ) -> Result<Driver> {
+        Self::launch(cfg, listener, secret, services, None)
+    }
+
+    /// As [`Driver::start`], but a node evicted while alive (cut off, declared failed)
+    /// comes back at once as a new member ([`Node::rejoin_config`]) with services from
+    /// `make`, instead of stopping; it says so with a [`DriverEvent::Log`] line starting
+    /// with `rejoined `.
+    pub fn start_rejoining(
+        cfg: DaemonConfig,
+        listener: TcpListener,
+        secret: ClusterSecret,
+        make: ServiceFactory,
+    ) -> Result<Driver> {
+        let services = make();
+        Self::launch(cfg, listener, secret, services, Some(make))
+    }
+
+    fn launch(
+        cfg: DaemonConfig,
+        listener: TcpListener,
+        secret: ClusterSecret,
+        services: Vec<Box<dyn Service>>,
+        rejoin: Option<ServiceFactory>,
+    ) -> Result<Driver> {
         let listen = listener
             .local_addr()
             .map(|a| a.to_string())
@@ -597,7 +662,7 @@ impl Driver {
             let tx = tx.clone();
             std::thread::Builder::new()
                 .name(format!("adapt-node-{id}"))
-                .spawn(move || drive(cfg, listen, node, secret, (tx, rx), events_tx))
+                .spawn(move || drive(cfg, listen, node, secret, (tx, rx), events_tx, rejoin))
                 .map_err(|e| AdaptError::Io {
                     what: "starting the driver thread".into(),
                     source: e,
@@ -650,11 +715,12 @@ fn drive(
     secret: ClusterSecret,
     (tx, rx): (Sender<Event>, Receiver<Event>),
     events: Sender<DriverEvent>,
+    rejoin: Option<ServiceFactory>,
 ) -> Result<String> {
     // Nodes whose closed link is being checked, and when the last check started.
     let mut checked: BTreeMap<NodeId, Instant> = BTreeMap::new();
     let mut addrs = cfg.peers.clone();
-    addrs.insert(cfg.id, listen);
+    addrs.insert(cfg.id, listen.clone());
     let addrs = Arc::new(Mutex::new(addrs));
     let mut links = Links {
         me: cfg.id,
@@ -732,6 +798,43 @@ fn drive(
             };
             // Nobody listening any more is not the node's problem.
             let _ = events.send(event);
+        }
+        if let (Some(reason), Some(make), Some(epoch)) = (&stopped, &rejoin, node.evicted()) {
+            let old = node.id();
+            let next = node
+                .rejoin_config(listen.clone())
+                .and_then(|c| Node::new(c, make()));
+            match next {
+                Ok(n) => {
+                    node = n;
+                    let new = node.id();
+                    if let Ok(mut a) = addrs.lock() {
+                        a.insert(new, listen.clone());
+                    }
+                    // The links named the old id in their hello: open new ones.
+                    let secret = links.secret.clone();
+                    let old_links = std::mem::replace(
+                        &mut links,
+                        Links {
+                            me: new,
+                            secret,
+                            addrs: addrs.clone(),
+                            writers: BTreeMap::new(),
+                            threads: Vec::new(),
+                            events: tx.clone(),
+                        },
+                    );
+                    old_links.close();
+                    known_joins = 0;
+                    let _ = events.send(DriverEvent::Log(format!(
+                        "rejoined as node {new}: node {old} was evicted at epoch {epoch} ({reason})"
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    let _ = events.send(DriverEvent::Log(format!("node {old} cannot rejoin: {e}")));
+                }
+            }
         }
         if let Some(reason) = stopped {
             links.close();
@@ -812,13 +915,11 @@ fn command(node: &mut Node, line: &str) -> String {
                 .collect();
             let value = vec![b'x'; bytes];
             let state = crate::kv::state_with_value(&value);
-            let Some(svc) = node.service_mut(0) else {
-                return "err no key-value service".into();
-            };
-            for &k in &mine {
-                svc.receive(k, state.clone());
+            let n = mine.len();
+            match node.load(0, mine.into_iter().map(|k| (k, state.clone())).collect()) {
+                Ok(()) => format!("ok fill {n}"),
+                Err(e) => format!("err {e}"),
             }
-            format!("ok fill {}", mine.len())
         }
         ["status"] => {
             let members: Vec<String> = node.members().iter().map(|m| m.to_string()).collect();

@@ -85,6 +85,11 @@ impl KvAnswer {
         w.0
     }
 
+    /// The error answered for a key whose every copy was lost.
+    pub fn is_lost(&self) -> bool {
+        !self.ok && self.value.starts_with(LOST.as_bytes())
+    }
+
     /// The value as an i64 (for `Add`).
     pub fn number(&self) -> i64 {
         number(&self.value)
@@ -99,11 +104,15 @@ fn number(value: &[u8]) -> i64 {
         .unwrap_or(0)
 }
 
-/// Splits a response into the answer and the key's state it carries.
-fn split_response(payload: &[u8]) -> Option<(KvAnswer, KeyState)> {
+/// Splits a response into the answer and the key's state it carries (`None` for the
+/// answer about a lost key, which carries no state: nothing to keep a copy of).
+fn split_response(payload: &[u8]) -> Option<(KvAnswer, Option<KeyState>)> {
     let mut r = Reader::new(payload);
     let answer = r.bytes().ok()?;
     let state = r.bytes().ok()?;
+    if !answer.is_empty() && state.is_empty() {
+        return Some((decode_answer(&answer)?, None));
+    }
     if answer.is_empty() {
         // A witness copy: the state without an answer.
         let state = KeyState::decode(&state)?;
@@ -113,15 +122,24 @@ fn split_response(payload: &[u8]) -> Option<(KvAnswer, KeyState)> {
                 version: state.version,
                 value: Vec::new(),
             },
-            state,
+            Some(state),
         ));
     }
-    let mut a = Reader::new(&answer);
+    Some((decode_answer(&answer)?, Some(KeyState::decode(&state)?)))
+}
+
+fn decode_answer(answer: &[u8]) -> Option<KvAnswer> {
+    let mut a = Reader::new(answer);
     let ok = a.u8().ok()? == 1;
     let version = a.u64().ok()?;
     let value = a.bytes().ok()?;
-    Some((KvAnswer { ok, version, value }, KeyState::decode(&state)?))
+    a.rest()
+        .is_empty()
+        .then_some(KvAnswer { ok, version, value })
 }
+
+/// The start of the error text answered for a key whose every copy was lost.
+pub const LOST: &str = "lost:";
 
 /// Parses a response of the key-value service.
 pub fn parse_answer(payload: &[u8]) -> Option<KvAnswer> {
@@ -129,7 +147,6 @@ pub fn parse_answer(payload: &[u8]) -> Option<KvAnswer> {
 }
 
 /// The key-value service of one node.
-#[derive(Default)]
 pub struct KvService {
     /// Keys this node manages.
     keys: BTreeMap<EntryId, KeyState>,
@@ -138,6 +155,21 @@ pub struct KvService {
     /// How many requests this node executed (not answered from a client table).
     pub executed: u64,
     size_hint: Option<u64>,
+    /// Failures the keys survive at once: each key has a copy at its manager and at this
+    /// many witnesses (f + 1 copies). Default 1.
+    tolerate: usize,
+}
+
+impl Default for KvService {
+    fn default() -> Self {
+        KvService {
+            keys: BTreeMap::new(),
+            copies: BTreeMap::new(),
+            executed: 0,
+            size_hint: None,
+            tolerate: 1,
+        }
+    }
 }
 
 impl KvService {
@@ -151,6 +183,13 @@ impl KvService {
             size_hint: Some(entries),
             ..KvService::default()
         }
+    }
+
+    /// Keys that survive `f` simultaneous failures: f + 1 copies (the manager and `f`
+    /// witnesses, the members following it in the view).
+    pub fn tolerating(mut self, f: usize) -> KvService {
+        self.tolerate = f;
+        self
     }
 
     /// The value of a key this node manages.
@@ -178,7 +217,37 @@ impl Service for KvService {
     }
 
     fn witnesses(&self) -> usize {
-        1
+        self.tolerate
+    }
+
+    fn holds(&self, entry: EntryId) -> bool {
+        self.keys.contains_key(&entry)
+    }
+
+    fn lost(&mut self, entry: EntryId, _id: RequestId, request: &[u8]) -> Option<Vec<u8>> {
+        // A put sets the whole value: it recreates the key. Anything else needs the value
+        // that was lost.
+        if let Some(KvOp::Put(_)) = KvOp::decode(request) {
+            return None;
+        }
+        let answer = KvAnswer {
+            ok: false,
+            version: 0,
+            value: format!(
+                "{LOST} key {entry} was lost: its manager and every witness of it failed \
+                 together (a put writes it anew)"
+            )
+            .into_bytes(),
+        }
+        .encode();
+        let mut w = Writer::default();
+        w.bytes(&answer).bytes(&[]);
+        Some(w.0)
+    }
+
+    fn forget_lost(&mut self, lost: &dyn Fn(EntryId) -> bool) {
+        self.keys.retain(|k, _| !lost(*k));
+        self.copies.retain(|k, _| !lost(*k));
     }
 
     fn handle(&mut self, entry: EntryId, id: RequestId, request: &[u8]) -> Vec<u8> {
@@ -234,7 +303,7 @@ impl Service for KvService {
     }
 
     fn observe_response(&mut self, entry: EntryId, response: &[u8]) {
-        if let Some((_, state)) = split_response(response) {
+        if let Some((_, Some(state))) = split_response(response) {
             Self::merge(&mut self.copies, entry, state);
         }
     }
@@ -291,4 +360,53 @@ pub fn state_with_value(value: &[u8]) -> Vec<u8> {
         clients: ClientTable::default(),
     }
     .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(seq: u64) -> RequestId {
+        RequestId {
+            origin: 1,
+            client: 2,
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_lost_key_is_answered_lost_until_a_put_writes_it_anew() {
+        let mut kv = KvService::new().tolerating(2);
+        assert_eq!(kv.witnesses(), 2);
+        let answer = kv.lost(7, id(1), &KvOp::Get.encode()).expect("a lost read");
+        let a = parse_answer(&answer).unwrap();
+        assert!(a.is_lost() && !a.ok, "{a:?}");
+        assert!(String::from_utf8_lossy(&a.value).contains("key 7"));
+        // Nothing to keep a copy of: an observer of this answer keeps nothing.
+        kv.observe_response(7, &answer);
+        assert!(kv.scan(&|_| true).is_empty());
+        assert!(kv.lost(7, id(2), &KvOp::Add(1).encode()).is_some());
+        // A put recreates it: the layer executes it.
+        assert!(kv
+            .lost(7, id(3), &KvOp::Put(b"x".to_vec()).encode())
+            .is_none());
+        let put = kv.handle(7, id(3), &KvOp::Put(b"x".to_vec()).encode());
+        assert!(parse_answer(&put).unwrap().ok);
+        assert!(kv.holds(7));
+    }
+
+    #[test]
+    fn forgetting_lost_entries_drops_the_managed_ones_and_the_copies() {
+        let mut kv = KvService::new();
+        for k in 0..4 {
+            kv.receive(k, state_with_value(b"v"));
+        }
+        let copy = kv.witness_copy(1).unwrap();
+        kv.observe_response(9, &copy);
+        kv.observe_response(10, &copy);
+        kv.forget_lost(&|e| e % 2 == 1 || e == 9);
+        assert_eq!(kv.managed(), vec![0, 2]);
+        let left: Vec<EntryId> = kv.scan(&|_| true).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(left, vec![10]);
+    }
 }

@@ -182,9 +182,16 @@ impl CellTreeLocator {
     /// If `scope` does not lie inside the bucket range.
     #[inline]
     pub fn manager_in(&self, scope: &Scope, entry: EntryId) -> NodeId {
+        self.table[Self::bucket_in(scope, entry)]
+    }
+
+    /// The bucket `entry` of a service placed on `scope` falls in (what
+    /// [`Self::manager_in`] looks up; the same for every view, the bucket count is fixed).
+    #[inline]
+    pub fn bucket_in(scope: &Scope, entry: EntryId) -> usize {
         let h = entry.wrapping_mul(FIB);
         let off = ((h as u128 * scope.buckets as u128) >> 64) as usize;
-        self.table[scope.first_bucket + off]
+        scope.first_bucket + off
     }
 
     /// The whole tree.

@@ -18,6 +18,22 @@
 //!
 //! A participant that fails during a change is not waited for once its failure is in the
 //! log; what it held or was about to receive is rebuilt by the next change's scan.
+//!
+//! Faults beyond one crash:
+//! - **Lost entries** (`losses.rs`): with `f` witnesses per entry (f + 1 copies) entries
+//!   survive any `f` failures at once. When a failed node's manager and every witness of it
+//!   failed together, the repair cannot know the newest copy: its buckets are marked lost
+//!   (at every member, and told to joiners), what is left of them is forgotten, and a
+//!   request for an entry there that nobody holds gets the service's "lost" answer
+//!   ([`Service::lost`]), never an empty entry.
+//! - **Fencing**: a change travels through Raft with the node that asked for it
+//!   ([`Proposal`]); at its place in the log it is refused if that node is out of the
+//!   configuration by then (a `leave` asked at a cut-off supervisor evicted meanwhile). A
+//!   member ignores what a node declared failed asks of it (requests, observations,
+//!   proposals, probes) and tells it that it failed.
+//! - **Eviction**: a node that learns an agreed change saying it failed stops at once
+//!   ([`Node::evicted`]); its driver may come back as a new member
+//!   ([`Node::rejoin_config`]).
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::agreement::{Agreement, AgreementConfig, AgreementOutput};
@@ -25,12 +41,18 @@ use crate::error::{AdaptError, Result};
 use crate::locator::{CellTreeLocator, LocatorConfig, Scope};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent, MembershipOutput};
 use crate::service::{RequestId, Service, ServiceId};
-use crate::view::{Change, EntryId, Epoch, NodeId};
+use crate::view::{Change, EntryId, Epoch, NodeId, Proposal};
 use crate::wire::{Msg, Request};
+
+mod losses;
 
 /// Locators kept for failure repair: changes agreed while a failed node was still
 /// undetected, each waiting for it, may pile up behind its failure.
 pub const LOCATOR_HISTORY: usize = 16;
+
+/// A node evicted while alive (cut off, declared failed) comes back as a new member: its
+/// id plus this (ids are never reused, so requests of the evicted incarnation stay fenced).
+pub const REJOIN_STRIDE: NodeId = 1 << 20;
 
 /// How a node is set up.
 #[derive(Clone, Debug)]
@@ -121,7 +143,8 @@ struct Pending {
 struct EpochAcks {
     prepared: BTreeSet<NodeId>,
     sent: BTreeMap<NodeId, Vec<u32>>,
-    received: BTreeMap<NodeId, Vec<u32>>,
+    /// Distinct entries received per sender (a message delivered twice counts once).
+    received: BTreeMap<NodeId, BTreeSet<(ServiceId, EntryId)>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +212,17 @@ pub struct Node {
     /// Nodes whose process the driver found gone ([`Node::peer_closed`]): their failure is
     /// proposed without waiting for the detector or a direct ping.
     closed: BTreeSet<NodeId>,
+    /// Per service, the buckets whose entries were lost (a manager and every witness of
+    /// it failed together): a request for an entry there that no node holds is answered
+    /// by [`Service::lost`], never served as a new, empty entry.
+    lost: Vec<BTreeSet<usize>>,
+    /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1);
+    /// `None` for the changes a joiner replays from before it joined.
+    learned_at: Vec<Option<u64>>,
+    /// Nodes out of the configuration that sent something, and when they were last told.
+    told_evicted: BTreeMap<NodeId, u64>,
+    /// The epoch whose agreed change says this node failed, once it learned it.
+    evicted: Option<Epoch>,
     next_nonce: u64,
     /// Supervisors: the last epoch each node reported as processed.
     done_by: BTreeMap<NodeId, Epoch>,
@@ -232,6 +266,7 @@ impl Node {
         let genesis: BTreeSet<NodeId> = cfg.genesis.iter().copied().collect();
         let sorted: Vec<NodeId> = genesis.iter().copied().collect();
         let locator = CellTreeLocator::new(cfg.locator.clone(), &sorted);
+        let lost = vec![BTreeSet::new(); services.len()];
         let scopes = services
             .iter()
             .map(|s| match s.size_hint() {
@@ -296,6 +331,10 @@ impl Node {
             confirming: BTreeMap::new(),
             answered_at: BTreeMap::new(),
             closed: BTreeSet::new(),
+            lost,
+            learned_at: Vec::new(),
+            told_evicted: BTreeMap::new(),
+            evicted: None,
             next_nonce: 1,
             done_by: BTreeMap::new(),
             out,
@@ -304,6 +343,9 @@ impl Node {
 
     pub fn id(&self) -> NodeId {
         self.cfg.me
+    }
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
     }
     /// The last epoch whose change finished here.
     pub fn epoch(&self) -> Epoch {
@@ -319,6 +361,33 @@ impl Node {
     }
     pub fn is_stopped(&self) -> bool {
         self.stopped
+    }
+    /// `Some(epoch)` once this node learned that the agreed view of `epoch` declared it
+    /// failed (it was cut off or too slow, and stopped): its driver may come back as a new
+    /// member with [`Node::rejoin_config`].
+    pub fn evicted(&self) -> Option<Epoch> {
+        self.evicted
+    }
+    /// The configuration of this node's next incarnation after an eviction: a new id
+    /// ([`REJOIN_STRIDE`] above this one), announcing itself at `addr`.
+    pub fn rejoin_config(&self, addr: String) -> Result<NodeConfig> {
+        let me = self
+            .cfg
+            .me
+            .checked_add(REJOIN_STRIDE)
+            .ok_or_else(|| AdaptError::Config {
+                what: "node id".into(),
+                reason: format!("{} has no id left to rejoin with", self.cfg.me),
+            })?;
+        let mut cfg = self.cfg.clone();
+        cfg.me = me;
+        cfg.joining = Some(addr);
+        cfg.seed ^= u64::from(me) << 32;
+        Ok(cfg)
+    }
+    /// How many buckets of `service` hold entries that were lost.
+    pub fn lost_buckets(&self, service: ServiceId) -> usize {
+        self.lost.get(service as usize).map_or(0, |l| l.len())
     }
     /// The view of [`Node::epoch`].
     pub fn members(&self) -> &BTreeSet<NodeId> {
@@ -395,6 +464,39 @@ impl Node {
         Ok(())
     }
 
+    /// Loads entries this node manages into `service` (bulk loading) and sends their
+    /// copies to the entries' witnesses, as a write would: a loaded entry survives the
+    /// failure of this node. Entries this node does not manage are refused by id.
+    pub fn load(&mut self, service: ServiceId, entries: Vec<(EntryId, Vec<u8>)>) -> Result<()> {
+        if service as usize >= self.services.len() {
+            return Err(AdaptError::UnknownService(format!("#{service}")));
+        }
+        let me = self.cfg.me;
+        if let Some((e, _)) = entries
+            .iter()
+            .find(|(e, _)| self.manager_of(service, *e) != Some(me))
+        {
+            return Err(AdaptError::Locator(format!(
+                "entry {e} of service #{service} is not managed by node {me}"
+            )));
+        }
+        let svc = &mut self.services[service as usize];
+        let witnesses = witnesses_in(&self.members, me, svc.witnesses());
+        let mut sends = Vec::new();
+        for (entry, state) in entries {
+            svc.receive(entry, state);
+            if let Some(copy) = svc.witness_copy(entry) {
+                for &w in &witnesses {
+                    sends.push((w, service, entry, copy.clone()));
+                }
+            }
+        }
+        for (to, service, entries) in batches(sends) {
+            self.send(to, Msg::Copies { service, entries });
+        }
+        Ok(())
+    }
+
     /// Asks for `node` to be evicted (a planned departure: it hands its entries over first).
     /// The driver's evidence that `node`'s process is gone: a link from it closed (a killed
     /// process's sockets close at once) and its listening address refused a new connection
@@ -418,7 +520,7 @@ impl Node {
         if self.agreement.is_some() {
             // A supervisor proposes it at once, even when it was already waiting for it.
             self.proposals.insert(change.clone(), self.now);
-            self.supervise(change);
+            self.supervise(change, self.cfg.me);
         } else {
             self.proposals.remove(&change);
             self.want(change);
@@ -494,6 +596,26 @@ impl Node {
         if self.stopped {
             return;
         }
+        if from != self.cfg.me && self.log_failed.contains(&from) {
+            // A node the log declared failed is out: it is told so (at its first exchange
+            // with a member after a cut, so that it rejoins as a new member at once), and
+            // what it asks for is refused: above all a witness never observes a write it
+            // still serves in its old view (that write would be acknowledged, then lost
+            // with the entries rebuilt from copies elsewhere). What it sent before it was
+            // cut off (entries, acknowledgements of older changes, Raft) is still taken.
+            self.tell_evicted(from);
+            if matches!(
+                msg,
+                Msg::Swim(_)
+                    | Msg::Propose(_)
+                    | Msg::Request(_)
+                    | Msg::Observe { .. }
+                    | Msg::Status { .. }
+                    | Msg::Ping { .. }
+            ) {
+                return;
+            }
+        }
         match msg {
             Msg::Swim(bytes) => match self.membership.handle(from, &bytes, self.now) {
                 Ok(o) => self.on_membership(o),
@@ -513,7 +635,26 @@ impl Node {
                 if self.agreement.is_some()
                     && !is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
                 {
-                    self.supervise(change);
+                    self.supervise(change, from);
+                }
+            }
+            Msg::Lost { service, buckets } => {
+                let range = self
+                    .scopes
+                    .get(service as usize)
+                    .map(|sc| sc.first_bucket..sc.first_bucket + sc.buckets);
+                match (self.lost.get_mut(service as usize), range) {
+                    (Some(lost), Some(range)) => {
+                        lost.extend(
+                            buckets
+                                .into_iter()
+                                .map(|b| b as usize)
+                                .filter(|b| range.contains(b)),
+                        );
+                    }
+                    _ => self.note(format!(
+                        "lost buckets from {from} for unknown service #{service}"
+                    )),
                 }
             }
             Msg::Ping { nonce } => self.send(from, Msg::Pong { nonce }),
@@ -553,7 +694,16 @@ impl Node {
                 service,
                 entries,
             } => {
-                let n = self.services.len();
+                if epoch <= self.epoch {
+                    // Only a sender the change did not wait for (it was declared failed)
+                    // sends after the change ended here; the repair rebuilt its entries
+                    // from copies, and they may have moved on since.
+                    self.note(format!(
+                        "{} entries from node {from} for epoch {epoch}, which ended here: dropped",
+                        entries.len()
+                    ));
+                    return;
+                }
                 let Some(svc) = self.services.get_mut(service as usize) else {
                     self.note(format!(
                         "{} entries from {from} for unknown service #{service}",
@@ -561,19 +711,18 @@ impl Node {
                     ));
                     return;
                 };
-                let count = entries.len() as u32;
-                for (entry, state) in entries {
-                    svc.receive(entry, state);
-                    self.arrived.insert((service, entry));
-                }
-                let counts = self
+                let received = self
                     .acks
                     .entry(epoch)
                     .or_default()
                     .received
                     .entry(from)
-                    .or_insert_with(|| vec![0; n]);
-                counts[service as usize] += count;
+                    .or_default();
+                for (entry, state) in entries {
+                    svc.receive(entry, state);
+                    self.arrived.insert((service, entry));
+                    received.insert((service, entry));
+                }
             }
             Msg::Copies { service, entries } => {
                 if let Some(svc) = self.services.get_mut(service as usize) {
@@ -651,12 +800,26 @@ impl Node {
         for (to, bytes) in o.messages {
             self.send(to, Msg::Raft(bytes));
         }
-        for (_, change) in o.committed {
+        for ((_, change), (by, asked_at)) in o.committed.into_iter().zip(o.requested_by) {
             // Only changes that still make sense at their place in the log become epochs;
             // every supervisor judges the same log the same way.
             if is_done(&change, &self.log_members, &self.log_ever, &self.log_failed)
                 || !self.allowed(&change)
             {
+                continue;
+            }
+            // Fenced: asked for by a node that is out of the configuration at this point of
+            // the log (declared failed, or gone), in an epoch before it went out.
+            if self.log_ever.contains(&by) && !self.log_members.contains(&by) {
+                let out_at = self
+                    .log
+                    .iter()
+                    .position(|c| c.node() == by && !matches!(c, Change::Join { .. }))
+                    .map_or(0, |i| i as Epoch + 1);
+                self.note(format!(
+                    "refused {change:?}: asked by node {by} at epoch {asked_at}, which is out \
+                     of the configuration since epoch {out_at}"
+                ));
                 continue;
             }
             let epoch = self.known_epoch() + 1;
@@ -696,7 +859,7 @@ impl Node {
 
     fn propose_now(&mut self, change: Change) {
         if self.agreement.is_some() {
-            self.supervise(change);
+            self.supervise(change, self.cfg.me);
         } else if let Some(s) = self.pick_supervisor() {
             self.send(s, Msg::Propose(change));
         }
@@ -704,7 +867,7 @@ impl Node {
 
     /// A supervisor puts a change to Raft; a failure only once the node failed to answer a
     /// direct ping (a false suspicion must not evict a node that can still answer).
-    fn supervise(&mut self, change: Change) {
+    fn supervise(&mut self, change: Change, by: NodeId) {
         if let Change::Fail { node } = change {
             if node == self.cfg.me {
                 return;
@@ -734,10 +897,7 @@ impl Node {
             if self.closed.contains(&node) {
                 // Its process is gone (see `peer_closed`): no ping can be answered.
                 self.confirming.remove(&node);
-                if let Some(a) = self.agreement.as_mut() {
-                    let o = a.propose(&change);
-                    self.on_agreement(o);
-                }
+                self.put_to_raft(change, by);
                 return;
             }
             let recently = self
@@ -754,8 +914,18 @@ impl Node {
             self.send(node, Msg::Ping { nonce });
             return;
         }
+        self.put_to_raft(change, by);
+    }
+
+    /// Proposes `change` to Raft, asked by `by` in this node's known epoch.
+    fn put_to_raft(&mut self, change: Change, by: NodeId) {
+        let proposal = Proposal {
+            change,
+            by,
+            epoch: self.known_epoch(),
+        };
         if let Some(a) = self.agreement.as_mut() {
-            let o = a.propose(&change);
+            let o = a.propose_by(&proposal);
             self.on_agreement(o);
         }
     }
@@ -763,6 +933,18 @@ impl Node {
     /// Suspected nodes that did not answer in time: their failure goes to Raft.
     fn confirm_failures(&mut self) {
         let now = self.now;
+        // The ping goes again a few times before the deadline: one lost message must not
+        // evict a node that answers.
+        let step = (self.cfg.confirm_ticks / 3).max(1);
+        let again: Vec<(NodeId, u64)> = self
+            .confirming
+            .iter()
+            .filter(|(_, (_, deadline))| now < *deadline && (*deadline - now).is_multiple_of(step))
+            .map(|(n, (nonce, _))| (*n, *nonce))
+            .collect();
+        for (node, nonce) in again {
+            self.send(node, Msg::Ping { nonce });
+        }
         let silent: Vec<NodeId> = self
             .confirming
             .iter()
@@ -778,10 +960,7 @@ impl Node {
             self.note(format!(
                 "node {node} did not answer a direct ping: proposing its failure"
             ));
-            if let Some(a) = self.agreement.as_mut() {
-                let o = a.propose(&change);
-                self.on_agreement(o);
-            }
+            self.put_to_raft(change, self.cfg.me);
         }
     }
 
@@ -828,8 +1007,18 @@ impl Node {
         if epoch <= known {
             return;
         }
+        if change == (Change::Fail { node: self.cfg.me }) {
+            // Evicted (cut off, or too slow): out at once, without replaying the changes
+            // before it (their participants moved on and would never answer).
+            self.evicted = Some(epoch);
+            self.stop(format!(
+                "evicted: the agreed view of epoch {epoch} says this node failed"
+            ));
+            return;
+        }
         self.early_log.insert(epoch, change);
         while let Some(change) = self.early_log.remove(&(self.known_epoch() + 1)) {
+            let replayed = self.cfg.joining.is_some() && !self.log_ever.contains(&self.cfg.me);
             match &change {
                 Change::Join { node, .. } => {
                     self.log_members.insert(*node);
@@ -844,6 +1033,7 @@ impl Node {
                 }
             }
             self.log.push(change);
+            self.learned_at.push((!replayed).then_some(self.now));
             self.out.push(Output::Phase {
                 epoch: self.log.len() as Epoch,
                 phase: "agreed",
@@ -992,7 +1182,12 @@ impl Node {
         let mut problems = Vec::new();
         for p in &awaited {
             let want = acks.sent.get(p).cloned().unwrap_or_default();
-            let got = acks.received.get(p).cloned().unwrap_or_else(|| vec![0; n]);
+            let mut got = vec![0u32; n];
+            for (s, _) in acks.received.get(p).into_iter().flatten() {
+                if let Some(c) = got.get_mut(*s as usize) {
+                    *c += 1;
+                }
+            }
             if want != got {
                 problems.push(format!(
                     "epoch {epoch}: node {p} sent {want:?} entries per service, {got:?} arrived"
@@ -1021,6 +1216,7 @@ impl Node {
                 self.on_membership(o);
             }
         }
+        self.mark_losses(&m, epoch);
         let old_members = std::mem::replace(&mut self.members, m.members.clone());
         self.install(epoch, m.members, m.locator);
         if !leaving {
@@ -1028,11 +1224,13 @@ impl Node {
         }
         self.acks.retain(|&e, _| e > epoch);
         self.out.push(Output::Stable { epoch });
-        // Responses held for witnesses go out now: a witness may have been the failed node.
+        // Responses held for witnesses are not sent blindly (an `Observe` may have been
+        // lost, or its witness failed): the requests go again, with the delayed ones, to
+        // their managers in the new view, which answer them from the entry's client table
+        // once its witnesses there have observed the answer.
         let held: Vec<Witnessed> = std::mem::take(&mut self.witnessed).into_values().collect();
-        for w in held {
-            self.respond(w.request, w.payload);
-        }
+        self.delayed
+            .splice(0..0, held.into_iter().map(|w| w.request));
         for r in std::mem::take(&mut self.delayed) {
             if leaving {
                 // Not a member any more: hand the request to its manager in the new view.
@@ -1114,6 +1312,8 @@ impl Node {
             _ => None,
         };
         let mut counts: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        // Counted once per (receiver, entry): the receiver counts distinct entries.
+        let mut counted: BTreeSet<(NodeId, ServiceId, EntryId)> = BTreeSet::new();
         let mut sends = Vec::new();
         // An entry for a node that is failing stays here until the next change places it;
         // a node that is leaving hands such entries to a member that stays.
@@ -1143,7 +1343,9 @@ impl Node {
                     .then(|| svc.witness_copy(entry))
                     .flatten();
                 if let Some(state) = svc.send_out(entry) {
-                    counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                    if counted.insert((to, s as ServiceId, entry)) {
+                        counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                    }
                     sends.push((to, s as ServiceId, entry, state));
                     if let Some(copy) = copy {
                         svc.observe_response(entry, &copy);
@@ -1162,7 +1364,9 @@ impl Node {
                         svc.receive(entry, state);
                         self.arrived.insert((s as ServiceId, entry));
                     } else {
-                        counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                        if counted.insert((to, s as ServiceId, entry)) {
+                            counts.entry(to).or_insert_with(|| vec![0; n])[s] += 1;
+                        }
                         sends.push((to, s as ServiceId, entry, state));
                     }
                 }
@@ -1193,6 +1397,10 @@ impl Node {
                 }
             }
         }
+        let joiner = match m.change {
+            Change::Join { node, .. } if node != me => Some(node),
+            _ => None,
+        };
         let participants: Vec<NodeId> = m
             .participants
             .iter()
@@ -1211,6 +1419,19 @@ impl Node {
         }
         for (to, service, entries) in batches(copies) {
             self.send(to, Msg::Copies { service, entries });
+        }
+        // A joiner learns which buckets were lost, as every member knows.
+        if let Some(node) = joiner {
+            let lost: Vec<(ServiceId, Vec<u32>)> = self
+                .lost
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(s, l)| (s as ServiceId, l.iter().map(|&b| b as u32).collect()))
+                .collect();
+            for (service, buckets) in lost {
+                self.send(node, Msg::Lost { service, buckets });
+            }
         }
         for p in participants {
             let c = counts.remove(&p).unwrap_or_else(|| vec![0; n]);
@@ -1255,9 +1476,22 @@ impl Node {
             self.send(manager, Msg::Request(r));
             return;
         }
+        let lost = self.lost.get(r.service as usize).is_some_and(|l| {
+            !l.is_empty()
+                && l.contains(&CellTreeLocator::bucket_in(
+                    &self.scopes[r.service as usize],
+                    r.entry,
+                ))
+        });
         let Some(svc) = self.services.get_mut(r.service as usize) else {
             return;
         };
+        if lost && !svc.holds(r.entry) {
+            if let Some(answer) = svc.lost(r.entry, r.id, &r.payload) {
+                self.respond(r, answer);
+                return;
+            }
+        }
         let payload = svc.handle(r.entry, r.id, &r.payload);
         let want = svc.witnesses();
         let witnesses = self.witnesses_of(want);

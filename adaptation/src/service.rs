@@ -73,6 +73,28 @@ pub trait Service: Send {
     fn handover_copies(&mut self) -> Vec<(EntryId, Vec<u8>)> {
         Vec::new()
     }
+    /// Whether this node manages `entry` now (default: through [`Service::managed`]; the
+    /// layer asks only for entries in a range marked lost).
+    fn holds(&self, entry: EntryId) -> bool {
+        self.managed().contains(&entry)
+    }
+    /// A request for an entry this node manages but does not hold, in a range whose copies
+    /// were lost (the entries' manager and every one of its witnesses failed together; see
+    /// the failure repair in [`crate::protocol`]): `Some(answer)` answers it without
+    /// executing it (a read must be told the entry was lost, never be served an empty
+    /// one); `None` executes it with [`Service::handle`] (a request that sets the whole
+    /// entry, which recreates it). The default is `None`: a service that does not
+    /// implement it serves a lost entry as a new one.
+    fn lost(&mut self, entry: EntryId, id: RequestId, request: &[u8]) -> Option<Vec<u8>> {
+        let _ = (entry, id, request);
+        None
+    }
+    /// Entries matching `lost` lost their newest copy (what is left may be stale): forget
+    /// what this node holds of them, managed entries and copies alike, so that an old copy
+    /// is never served nor used to rebuild one later. Default: keep everything.
+    fn forget_lost(&mut self, lost: &dyn Fn(EntryId) -> bool) {
+        let _ = lost;
+    }
     /// Failure repair: what this node knows locally of orphan entries (`orphan(entry)` is
     /// true for entries whose manager failed), as states to merge at their new manager.
     fn scan(&mut self, orphan: &dyn Fn(EntryId) -> bool) -> Vec<(EntryId, Vec<u8>)>;

@@ -74,6 +74,40 @@ impl Change {
     }
 }
 
+/// A change as it travels through Raft: who asked for it and in which epoch it was asked.
+/// The supervisors refuse, at its place in the log, a change asked by a node that is out of
+/// the configuration by then (a request from an evicted member is fenced: a supervisor cut
+/// off from the others must not get a `leave` it took while isolated committed later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proposal {
+    pub change: Change,
+    /// The node the request entered through.
+    pub by: NodeId,
+    /// The number of agreed changes that node knew when it asked.
+    pub epoch: Epoch,
+}
+
+impl Proposal {
+    /// `change`, then `by` and `epoch` (12 bytes, little-endian).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.change.encode();
+        out.extend_from_slice(&self.by.to_le_bytes());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out
+    }
+
+    /// Parses [`Proposal::encode`]'s output; `None` when the bytes are not a proposal.
+    pub fn decode(bytes: &[u8]) -> Option<Proposal> {
+        let split = bytes.len().checked_sub(12)?;
+        let (change, tail) = bytes.split_at(split);
+        Some(Proposal {
+            change: Change::decode(change)?,
+            by: NodeId::from_le_bytes(tail[..4].try_into().ok()?),
+            epoch: Epoch::from_le_bytes(tail[4..].try_into().ok()?),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +129,20 @@ mod tests {
             }
         }
         assert_eq!(Change::decode(&[9, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn proposals_round_trip_and_a_bare_change_is_not_one() {
+        let p = Proposal {
+            change: Change::Leave { node: 4 },
+            by: 2,
+            epoch: 17,
+        };
+        assert_eq!(Proposal::decode(&p.encode()), Some(p.clone()));
+        assert_eq!(Proposal::decode(&p.change.encode()), None);
+        let bytes = p.encode();
+        for cut in 0..bytes.len() {
+            assert_eq!(Proposal::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
     }
 }

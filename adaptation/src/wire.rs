@@ -100,6 +100,12 @@ pub enum Msg {
     Pong {
         nonce: u64,
     },
+    /// Buckets of a service whose entries were lost (see the failure repair in
+    /// [`crate::protocol`]): sent to a joining node, which keeps them as every member does.
+    Lost {
+        service: ServiceId,
+        buckets: Vec<u32>,
+    },
 }
 
 /// Appends little-endian fields.
@@ -195,6 +201,7 @@ impl Msg {
             Msg::Observed { .. } => "observed",
             Msg::Ping { .. } => "ping",
             Msg::Pong { .. } => "pong",
+            Msg::Lost { .. } => "lost",
         }
     }
 
@@ -268,6 +275,10 @@ mod tests {
             Msg::Observed { id },
             Msg::Ping { nonce: 9 },
             Msg::Pong { nonce: u64::MAX },
+            Msg::Lost {
+                service: 1,
+                buckets: vec![0, 7, 1023],
+            },
         ]
     }
 

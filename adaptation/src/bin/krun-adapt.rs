@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match adaptation::daemon::run(cfg, secret) {
+    match adaptation::daemon::run_tolerating(cfg, secret, cli.tolerate as usize) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("krun-adapt: {e}");
