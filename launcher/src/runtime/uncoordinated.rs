@@ -16,7 +16,18 @@
 //!   answered `Restarted{wiring: restart, ..}` or `RestartFailed`. The new process's
 //!   `Rejoin{address, ring}` goes to krun as `Rejoining` and is held until krun's
 //!   `Rejoined{rank, cards}` (every survivor replaced its address), answered `Peers`.
+//!
+//! The node's mode switches while the job runs (`krun policy load`, the rank's side in
+//! `rank::uncoordinated`): `Release{Switch{version}}` (the swap's coordinated checkpoint,
+//! answered `CheckpointSwitch` to the held ranks) puts the node in the uncoordinated mode;
+//! `Realign` asks every local rank's watcher for its safepoint index (`ReportSafepoint`,
+//! answered `SafepointIndex`, passed on to krun); `RealignAt{index}` drops the capture
+//! orders left, puts the node back in the coordinated mode (safepoints answered by the
+//! gate, which the policy drives) and tells every local rank `CoordinateAt{index}`. A rank
+//! restarted to rejoin gets `KRUN_UNCOORDINATED=1` and `KRUN_MESSAGE_LOGGING=1` whatever
+//! mode the job started in.
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -60,21 +71,68 @@ pub struct NodeSide {
     rejoined: Condvar,
     /// Orders for the ranks' watchers, handed over in order by one thread.
     orders: Mutex<Option<Sender<(u32, NodeToRank)>>>,
+    /// 0: as the job started (`KRUN_UNCOORDINATED`); 1: coordinated; 2: uncoordinated.
+    mode: AtomicU8,
 }
 
-/// Whether this node's job runs the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
-pub fn active() -> bool {
+/// Whether the job started under the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
+pub fn started_uncoordinated() -> bool {
     std::env::var("KRUN_UNCOORDINATED").is_ok_and(|v| v.trim() == "1")
 }
 
 impl NodeSide {
+    /// Whether this node runs the uncoordinated policy's mode now.
+    pub fn active(&self) -> bool {
+        match self.mode.load(Ordering::SeqCst) {
+            0 => started_uncoordinated(),
+            m => m == 2,
+        }
+    }
+
+    /// The mode switched (see the module doc).
+    pub fn set_active(&self, on: bool) {
+        self.mode.store(if on { 2 } else { 1 }, Ordering::SeqCst);
+    }
+
+    /// The mode's variables for a rank process this node starts, once the mode switched
+    /// (the node's own environment holds the mode the job started in).
+    pub fn mode_env(&self) -> Vec<(String, String)> {
+        let v = match self.mode.load(Ordering::SeqCst) {
+            0 => return Vec::new(),
+            1 => "0",
+            _ => "1",
+        };
+        ["KRUN_UNCOORDINATED", "KRUN_MESSAGE_LOGGING"]
+            .into_iter()
+            .map(|k| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// `Realign`: every rank running here reports its safepoint index.
+    pub fn realign(&self, shared: &std::sync::Arc<Shared>) {
+        for r in local_ranks(shared) {
+            self.order(shared, r, NodeToRank::ReportSafepoint);
+        }
+    }
+
+    /// `RealignAt{index}` (see the module doc).
+    pub fn realign_at(&self, shared: &std::sync::Arc<Shared>, index: u64) {
+        if index > 0 {
+            self.captures.lock().expect("captures lock").clear();
+            self.set_active(false);
+        }
+        for r in local_ranks(shared) {
+            self.order(shared, r, NodeToRank::CoordinateAt { index });
+        }
+    }
+
     /// A rank at a safepoint: its own checkpoint order, if one waits; `None` lets the node's
     /// gate answer (coordinated policy).
     pub fn at_safepoint(&self, rank: u32) -> Option<NodeToRank> {
         if let Some(version) = self.captures.lock().expect("captures lock").remove(&rank) {
             return Some(NodeToRank::Checkpoint { version });
         }
-        active().then_some(NodeToRank::Continue)
+        self.active().then_some(NodeToRank::Continue)
     }
 
     /// `CaptureRank{rank, version}` for a rank of this node: keeps the order and wakes the
@@ -277,6 +335,7 @@ pub fn from_launcher(
             ring,
         } => side.peer_moved(shared, rank, address, ring),
         LauncherToNode::Rejoined { rank, cards } => side.rejoined(rank, cards),
+        LauncherToNode::Realign => side.realign(shared),
         LauncherToNode::Rejoin {
             restart,
             rank,
@@ -318,6 +377,10 @@ pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
             ring,
             ..
         } => shared.uncoordinated.rejoin(shared, rank, address, ring),
+        RankToNode::SafepointIndex { rank, index, next } => {
+            shared.tell_launcher(&NodeToLauncher::SafepointIndex { rank, index, next });
+            NodeToRank::Ack
+        }
         RankToNode::ChannelCounts {
             rank,
             version,
@@ -336,6 +399,16 @@ pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
             "{other:?} is not a message of the uncoordinated policy"
         )),
     }
+}
+
+fn local_ranks(shared: &Shared) -> Vec<u32> {
+    shared
+        .local_ranks
+        .lock()
+        .expect("ranks lock")
+        .keys()
+        .map(|&r| r as u32)
+        .collect()
 }
 
 fn local_pid(shared: &Shared, rank: u32) -> Option<u32> {
@@ -413,6 +486,9 @@ fn start_one(
         ("KRUN_GHOST_RESTORE".to_string(), version.to_string()),
         // The stride of its log buddy, as at its start (the spare may run other counts).
         ("KRUN_LOCAL_SIZE".to_string(), local_size.to_string()),
+        // The mode it rejoins in, also when the job started coordinated and switched.
+        ("KRUN_UNCOORDINATED".to_string(), "1".to_string()),
+        ("KRUN_MESSAGE_LOGGING".to_string(), "1".to_string()),
     ];
     let (reply, rx) = mpsc::channel();
     runner
@@ -445,6 +521,19 @@ mod tests {
             side.at_safepoint(3),
             Some(NodeToRank::Checkpoint { version: 7 })
         );
+    }
+
+    /// The node's mode follows the swaps: uncoordinated, a safepoint without an order goes
+    /// on at once; coordinated again, it goes to the gate (the policy's barrier).
+    #[test]
+    fn the_nodes_mode_switches_with_the_swaps() {
+        let side = NodeSide::default();
+        side.set_active(true);
+        assert!(side.active());
+        assert_eq!(side.at_safepoint(1), Some(NodeToRank::Continue));
+        side.set_active(false);
+        assert!(!side.active());
+        assert_eq!(side.at_safepoint(1), None);
     }
 
     #[test]

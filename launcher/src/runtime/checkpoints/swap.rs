@@ -16,7 +16,35 @@
 //! 4. A module that fails later (an error or a panic in any call) is replaced the same way
 //!    by the policy it replaced, at the recovery line, and krun says why.
 //!
+//! # To and from the uncoordinated policy (message logging only)
+//! The rank library's mode switches with the policy (`rank::uncoordinated`, the node's
+//! side in `runtime/uncoordinated.rs`):
+//! - **To it**: the cut is a coordinated checkpoint whose capture is released as
+//!   `Switch{version}` (`HubCalls::switch_cut`); a checkpoint already under way when the
+//!   request came is not the cut, the request is made again after it. Once the cut's
+//!   checkpoint is over, the uncoordinated policy resumes from the records
+//!   (`Uncoordinated::resume`: that checkpoint is every rank's first safe own checkpoint)
+//!   and the hub's per-rank state starts there ([`Uncoord::at_cut`], with the log cards the
+//!   ranks sent at the cut). The pause is that checkpoint's freeze plus the logs' set-up
+//!   (an all-gather and two barriers).
+//! - **From it**: `Realign` asks every rank for its safepoint index; once all answered,
+//!   `RealignAt{T}` (`T` = the highest index + `REALIGN_AHEAD`) and the coordinated policy
+//!   takes over at once (resumed from the records: its line is the last coordinated commit
+//!   until its first checkpoint commits), numbering its checkpointer versions above every
+//!   rank's (the ranks' checkpointers skip forward to it), and is asked for a checkpoint:
+//!   its barrier holds every rank at safepoint T, which is the cut. krun answers once it
+//!   committed. No rank waits unless it runs `REALIGN_AHEAD` safepoints ahead of the answer.
+//!   A recovery during the collection cancels it (`RealignAt{0}`) and it starts again
+//!   after; no answer in [`CUT_TIMEOUT`] cancels the swap.
+//!
+//! Not covered: a failure between `RealignAt` and the cut's commit is recovered by the
+//! coordinated policy from its last commit (the cut of the swap to the uncoordinated
+//! policy), whose images the store may have dropped by then; a cut to the uncoordinated
+//! policy that was released but not committed leaves the ranks' first own checkpoint
+//! unsafe (krun says so).
+//!
 //! [`Plug::make`] is the one place a policy object is built (`policies::make_policy`).
+use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -24,13 +52,14 @@ use policies::description::{check_change, Description, Kind};
 use policies::plug::{make_policy, Context};
 use policies::policy::Phase;
 use policies::primitives::{
-    AgreedView, DecisionKind, Event, Layout, Level, Millis, RankSlot, RequestSource, Snapshot,
+    AgreedView, DecisionKind, Event, Layout, Level, Millis, Rank, RankSlot, RequestSource, Snapshot,
 };
 use policies::report::Summary;
 use policies::{Config, Policy, PolicyError};
 
+use super::uncoordinated::Uncoord;
 use super::{feed, Copies, Driven, HubCalls};
-use crate::runtime::control::PolicyRequest;
+use crate::runtime::control::{LauncherToNode, PolicyRequest};
 
 /// How long a swap waits for its consistent cut (the checkpoint, or a recovery to end)
 /// before it swaps at the recovery line.
@@ -39,12 +68,33 @@ const CUT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The leader node id the hub's policy runs as.
 const LEADER: u32 = 0;
 
+/// How far past the highest safepoint index reported the ranks switch back to the
+/// coordinated mode (the rank library's `rank::uncoordinated::REALIGN_AHEAD`).
+const REALIGN_AHEAD: u64 = 64;
+
+/// How often a cut to the uncoordinated policy is asked for again (a checkpoint under way
+/// when it was asked was not the cut).
+const CUT_AGAIN: Duration = Duration::from_secs(1);
+
 struct Pending {
     desc: Description,
     reply: Sender<Result<String, String>>,
     asked: Instant,
     line_before: Option<u64>,
     checkpoint_seen: bool,
+    stage: Stage,
+}
+
+/// What a swap waits for.
+enum Stage {
+    /// The policy in force's coordinated checkpoint (between coordinated policies).
+    Cut,
+    /// To the uncoordinated policy: a checkpoint released as `Switch` (asked last at).
+    SwitchCut(Instant),
+    /// From the uncoordinated policy: every rank's safepoint index (`Realign` sent at).
+    Indices(Option<Instant>),
+    /// The coordinated policy took over; its checkpoint at safepoint `at` is the cut.
+    Realigned { at: u64, named: String },
 }
 
 /// The policy in force, the one it replaced, and a swap in progress.
@@ -140,7 +190,7 @@ impl Plug {
         &mut self,
         engine: &mut Driven,
         now: Millis,
-        copies: &Copies,
+        copies: &mut Copies,
         request: PolicyRequest,
         reply: Sender<Result<String, String>>,
     ) {
@@ -165,22 +215,27 @@ impl Plug {
             )));
             return;
         }
+        let stage = if engine.runtime().uncoord.is_some() {
+            Stage::Indices(None)
+        } else if desc.kind == Kind::Uncoordinated {
+            engine.runtime_mut().switch_cut = Some(None);
+            Stage::SwitchCut(Instant::now())
+        } else {
+            Stage::Cut
+        };
+        let ask = !matches!(stage, Stage::Indices(_));
         self.pending = Some(Pending {
             desc,
             reply,
             asked: Instant::now(),
             line_before: engine.policy().recovery_line(),
             checkpoint_seen: false,
+            stage,
         });
-        // The consistent cut: a coordinated checkpoint now.
-        feed(
-            engine,
-            now,
-            Event::CheckpointRequest {
-                source: RequestSource::Command,
-            },
-            copies,
-        );
+        if ask {
+            // The consistent cut: a coordinated checkpoint now.
+            feed(engine, now, checkpoint_request(), copies);
+        }
         self.poll(engine, now, copies);
     }
 
@@ -198,11 +253,28 @@ impl Plug {
         if let Some(p) = &self.pending {
             return Err(format!("a swap to {} is in progress", p.desc.source));
         }
-        if engine.runtime().uncoord.is_some() {
-            // Its per-rank versions and lone restarts are not the coordinated policy's.
-            return Err(
-                "a job that started under the uncoordinated policy cannot swap policies yet".into(),
-            );
+        if let Some(u) = &engine.runtime().uncoord {
+            // Only back to the built-in coordinated policy, at a cut the ranks agree on.
+            if desc.kind != Kind::Coordinated {
+                return Err(format!(
+                    "the job runs the uncoordinated policy: it swaps only to the built-in \
+                     coordinated policy ({} is {})",
+                    desc.source, desc.kind
+                ));
+            }
+            if !u.logging {
+                return Err(
+                    "the uncoordinated policy without message logging cannot hand the \
+                            job over yet (the ranks' safepoint indices are kept in the log)"
+                        .into(),
+                );
+            }
+        } else if desc.kind == Kind::Uncoordinated && !desc.logging.messages {
+            return Err(format!(
+                "{}: a running job swaps to the uncoordinated policy only with message logging \
+                 ([logging] messages = true)",
+                desc.source
+            ));
         }
         check_change(
             &self.current,
@@ -212,20 +284,33 @@ impl Plug {
         )
         .map_err(|e| e.to_string())?;
         let snap = snapshot(engine.runtime());
-        self.make(&desc, &engine.runtime().view, now, Some(&snap))
+        // The uncoordinated policy resumes at a commit: before the job's first, it is
+        // tried as at the job's start.
+        let committed = snap
+            .decisions
+            .iter()
+            .any(|d| matches!(d.kind, DecisionKind::Committed { .. }));
+        let snap = (desc.kind != Kind::Uncoordinated || committed).then_some(&snap);
+        self.make(&desc, &engine.runtime().view, now, snap)
             .map(drop)
             .map_err(|e| e.to_string())
     }
 
     /// Called on every turn of the policy thread: falls back from a failed module, and
     /// swaps once the cut is reached.
-    pub(super) fn poll(&mut self, engine: &mut Driven, now: Millis, copies: &Copies) {
+    pub(super) fn poll(&mut self, engine: &mut Driven, now: Millis, copies: &mut Copies) {
         if let Some(why) = engine.policy().failure() {
             self.fall_back(engine, now, copies, why);
         }
         let Some(p) = self.pending.as_mut() else {
             return;
         };
+        match p.stage {
+            Stage::Cut => {}
+            Stage::SwitchCut(_) => return self.poll_switch(engine, now, copies),
+            Stage::Indices(_) => return self.poll_indices(engine, now, copies),
+            Stage::Realigned { .. } => return self.poll_realigned(engine),
+        }
         match engine.policy().phase() {
             Phase::Checkpointing => {
                 p.checkpoint_seen = true;
@@ -292,9 +377,33 @@ impl Plug {
             // The new policy numbers its operations afresh: a capture of the old one must
             // not match them. A barrier still open (a module failed during a checkpoint)
             // stays, so that the new policy's release reaches the held ranks.
+            let start = self.layout.ranks.clone();
             let calls = engine.runtime_mut();
             calls.capturing = None;
             calls.quiet_takeover = true;
+            match (&desc.kind, calls.uncoord.is_some()) {
+                (Kind::Uncoordinated, false) => {
+                    // Every rank's image of the cut is its first own checkpoint.
+                    let v = calls
+                        .switch_cut
+                        .flatten()
+                        .or(policy.recovery_line())
+                        .unwrap_or(0);
+                    let native = calls.native_of(v).unwrap_or(0);
+                    let commits = calls.commits.load(std::sync::atomic::Ordering::SeqCst);
+                    calls.uncoord = Some(Uncoord::at_cut(
+                        &start,
+                        native,
+                        v,
+                        &calls.early_cards,
+                        commits,
+                    ));
+                    calls.switch_cut = None;
+                }
+                (Kind::Uncoordinated, true) => {}
+                (_, true) => calls.uncoord = None,
+                (_, false) => {}
+            }
         }
         let old = engine.replace_policy(policy);
         self.carried = self.total(old.summary());
@@ -310,6 +419,237 @@ impl Plug {
         let named = format!("{} ({})", engine.policy().name(), desc.kind);
         self.previous = std::mem::replace(&mut self.current, desc);
         Ok(named)
+    }
+
+    /// A swap to the uncoordinated policy: waits for a checkpoint released as `Switch`.
+    fn poll_switch(&mut self, engine: &mut Driven, now: Millis, copies: &mut Copies) {
+        let p = self.pending.as_mut().expect("pending");
+        let phase = engine.policy().phase();
+        if matches!(phase, Phase::Completed | Phase::Ended) {
+            engine.runtime_mut().switch_cut = None;
+            let p = self.pending.take().expect("pending");
+            let _ = p
+                .reply
+                .send(Err("the job ended before the swap; nothing changed".into()));
+            return;
+        }
+        let Some(cut) = engine.runtime().switch_cut else {
+            return;
+        };
+        match cut {
+            None => {
+                // Not released yet: asked again while no checkpoint runs, for a while.
+                if p.asked.elapsed() >= CUT_TIMEOUT {
+                    engine.runtime_mut().switch_cut = None;
+                    let p = self.pending.take().expect("pending");
+                    let _ = p.reply.send(Err(format!(
+                        "no coordinated checkpoint could be taken for the cut in \
+                         {CUT_TIMEOUT:?}; the job keeps policy {}",
+                        engine.policy().name()
+                    )));
+                    return;
+                }
+                if let Stage::SwitchCut(last) = &mut p.stage {
+                    if phase == Phase::Running && last.elapsed() >= CUT_AGAIN {
+                        *last = Instant::now();
+                        feed(engine, now, checkpoint_request(), copies);
+                    }
+                }
+            }
+            Some(v) => {
+                let over = engine.runtime().decisions.iter().any(|d| {
+                    matches!(d.kind, DecisionKind::Committed { version, .. }
+                        | DecisionKind::Aborted { version, .. } if version == v)
+                });
+                if !over && p.asked.elapsed() < CUT_TIMEOUT {
+                    return;
+                }
+                let p = self.pending.take().expect("pending");
+                let line = engine.policy().recovery_line();
+                let freeze = engine.policy().costs().freeze_seconds.unwrap_or(0.0);
+                let waited = p.asked.elapsed();
+                let answer = self.swap(engine, now, copies, p.desc).map(|swapped| {
+                    let cut = if line == Some(v) {
+                        format!(
+                            "from checkpoint {v}, committed for the swap: every rank's first own \
+                             checkpoint, message logging on from it (ranks held {freeze:.3} s)"
+                        )
+                    } else {
+                        format!(
+                            "from checkpoint {v}, where the ranks switched, but it did not \
+                             commit (recovery line: {line:?}): a rank lost before its first own \
+                             checkpoint cannot be restarted"
+                        )
+                    };
+                    let text = format!(
+                        "policy {swapped} in force {cut}; replaced in {:.1} ms with the ranks \
+                         running ({:.2} s after the request)",
+                        self.last_swap_ms,
+                        waited.as_secs_f64()
+                    );
+                    eprintln!("krun: {text}");
+                    text
+                });
+                let _ = p.reply.send(answer);
+            }
+        }
+    }
+
+    /// A swap from the uncoordinated policy: collects the ranks' safepoint indices, then
+    /// names the safepoint of the cut and puts the coordinated policy in force.
+    fn poll_indices(&mut self, engine: &mut Driven, now: Millis, copies: &mut Copies) {
+        let p = self.pending.as_mut().expect("pending");
+        let phase = engine.policy().phase();
+        let Stage::Indices(sent) = p.stage else {
+            return;
+        };
+        let fail = |engine: &mut Driven, p: Pending, why: String| {
+            let _ = p.reply.send(Err(format!(
+                "{why}; the job keeps policy {}",
+                engine.policy().name()
+            )));
+        };
+        if matches!(phase, Phase::Completed | Phase::Ended) {
+            let p = self.pending.take().expect("pending");
+            return fail(engine, p, "the job ended before the swap".into());
+        }
+        let calls = engine.runtime_mut();
+        let Some(u) = calls.uncoord.as_mut() else {
+            let p = self.pending.take().expect("pending");
+            return fail(
+                engine,
+                p,
+                "the uncoordinated policy is no longer in force".into(),
+            );
+        };
+        if phase == Phase::Recovering {
+            if sent.is_some() {
+                // A restarted rank never heard `Realign`: asked again after the recovery.
+                u.realign = None;
+                (calls.send)(&LauncherToNode::RealignAt { index: 0 });
+                p.stage = Stage::Indices(None);
+            }
+            if p.asked.elapsed() >= CUT_TIMEOUT {
+                let p = self.pending.take().expect("pending");
+                return fail(engine, p, "a recovery outlasted the swap's wait".into());
+            }
+            return;
+        }
+        let Some(sent) = sent else {
+            u.realign = Some(BTreeMap::new());
+            (calls.send)(&LauncherToNode::Realign);
+            p.stage = Stage::Indices(Some(Instant::now()));
+            return;
+        };
+        let ranks = calls.placement.len() as Rank;
+        let got = u.realign.as_ref().map_or(0, |m| m.len() as Rank);
+        if got < ranks {
+            if sent.elapsed() >= CUT_TIMEOUT {
+                let missing: Vec<Rank> = (0..ranks)
+                    .filter(|r| !u.realign.as_ref().is_some_and(|m| m.contains_key(r)))
+                    .collect();
+                u.realign = None;
+                (calls.send)(&LauncherToNode::RealignAt { index: 0 });
+                let p = self.pending.take().expect("pending");
+                return fail(
+                    engine,
+                    p,
+                    format!("ranks {missing:?} did not say their safepoint in {CUT_TIMEOUT:?}"),
+                );
+            }
+            return;
+        }
+        let answers = u.realign.take().unwrap_or_default();
+        let at = answers.values().map(|a| a.0).max().unwrap_or(0) + REALIGN_AHEAD;
+        // The coordinated checkpoints number above every rank's own ones.
+        let native = answers
+            .values()
+            .map(|a| a.1)
+            .chain([u.newest_native() + 1])
+            .max()
+            .unwrap_or(1);
+        let newest = u.newest_version();
+        (calls.send)(&LauncherToNode::RealignAt { index: at });
+        calls.native_newest = native;
+        calls.versions.retain(|&n, _| n < native);
+        calls.barrier = None;
+        // Copies of own checkpoints never recorded (captures in flight) must not be taken
+        // for the coordinated checkpoints of the same numbers.
+        let recorded = calls
+            .decisions
+            .iter()
+            .filter_map(|d| match d.kind {
+                DecisionKind::RankCheckpointed { version, .. } => Some(version),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        copies.0.retain(|&(_, v), _| v <= recorded || v > newest);
+        let p = self.pending.take().expect("pending");
+        match self.swap(engine, now, copies, p.desc.clone()) {
+            Ok(named) => {
+                // Its line: the last coordinated commit (none for a job started
+                // uncoordinated) until the cut's checkpoint commits.
+                let line_before = engine.policy().recovery_line();
+                feed(engine, now, checkpoint_request(), copies);
+                self.pending = Some(Pending {
+                    line_before,
+                    stage: Stage::Realigned { at, named },
+                    asked: Instant::now(),
+                    checkpoint_seen: false,
+                    ..p
+                });
+            }
+            Err(e) => {
+                // The ranks switch at T anyway and ask as in a coordinated job: there is no
+                // going back to the uncoordinated policy from here.
+                eprintln!("krun: the swap back to the coordinated policy failed: {e}");
+                let _ = p.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// The coordinated policy is in force: answers once its checkpoint at the cut is over.
+    fn poll_realigned(&mut self, engine: &mut Driven) {
+        let p = self.pending.as_mut().expect("pending");
+        let phase = engine.policy().phase();
+        if phase == Phase::Checkpointing {
+            p.checkpoint_seen = true;
+        }
+        let line = engine.policy().recovery_line();
+        let committed = line != p.line_before;
+        let over = committed
+            || matches!(phase, Phase::Completed | Phase::Ended)
+            || (p.checkpoint_seen && phase != Phase::Checkpointing)
+            || p.asked.elapsed() >= CUT_TIMEOUT;
+        if !over {
+            return;
+        }
+        let p = self.pending.take().expect("pending");
+        let Stage::Realigned { at, named } = p.stage else {
+            return;
+        };
+        let freeze = engine.policy().costs().freeze_seconds.unwrap_or(0.0);
+        let cut = match line {
+            Some(v) if committed => format!(
+                "from checkpoint {v}, committed for the swap at every rank's safepoint {at} \
+                 (ranks held {freeze:.3} s); message logging stopped"
+            ),
+            _ => format!(
+                "since the ranks' safepoint {at}, but its checkpoint did not commit (recovery \
+                 line: {line:?})"
+            ),
+        };
+        let text = format!(
+            "policy {named} in force {cut}; {:.2} s after the request",
+            p.asked.elapsed().as_secs_f64()
+        );
+        eprintln!("krun: {text}");
+        self.since = match line {
+            Some(v) => format!("checkpoint {v}"),
+            None => self.since.clone(),
+        };
+        let _ = p.reply.send(Ok(text));
     }
 
     /// A module failed: the policy it replaced takes over at the recovery line.
@@ -362,6 +702,12 @@ impl Plug {
     }
 }
 
+fn checkpoint_request() -> Event {
+    Event::CheckpointRequest {
+        source: RequestSource::Command,
+    }
+}
+
 /// The levels at which every rank's image of the recovery line is safe.
 fn line_levels(engine: &Driven, copies: &Copies) -> Vec<Level> {
     let Some(v) = engine.policy().recovery_line() else {
@@ -394,18 +740,13 @@ fn snapshot(calls: &HubCalls) -> Snapshot {
         .zip(incarnations)
         .map(|(&node, incarnation)| RankSlot { node, incarnation })
         .collect();
+    // A spare that took ranks in a recovery is no longer one.
     let mut spares: Vec<u32> = calls
         .spares
         .iter()
         .copied()
-        .chain(
-            calls
-                .view
-                .nodes
-                .iter()
-                .copied()
-                .filter(|n| !calls.placement.contains(n)),
-        )
+        .chain(calls.view.nodes.iter().copied())
+        .filter(|n| !calls.placement.contains(n))
         .collect();
     spares.sort_unstable();
     spares.dedup();
