@@ -10,6 +10,8 @@
 //!   ranks' watchers (`LogSafe`, `PeerMoved`), handed over one at a time by one thread.
 //! - A rank's `LogCard`, `PeerReplaced` and (without logging) `ChannelCounts` go to krun as
 //!   they are.
+//! - `Rejoin{restart, rank, node, version}` on another node that runs the rank (a drain):
+//!   the old process ends at once (`drain::release_moved`).
 //! - `Rejoin{restart, rank, node, version}` on `node`: the rank's image chain of `version`
 //!   comes from the checkpoint store (unless this node holds the rank's files), then the
 //!   rank starts as a new process with `KRUN_REJOIN=1` and `KRUN_GHOST_RESTORE=version`;
@@ -347,6 +349,11 @@ pub fn from_launcher(
             std::thread::spawn(move || {
                 start(&shared, &agent, (restart, rank, version, local_size))
             });
+        }
+        // A rank drained away from here (`policies` uncoordinated drain): its old process
+        // ends before the new one rejoins (a failed node's rank is gone already).
+        LauncherToNode::Rejoin { rank, node, .. } => {
+            super::drain::release_moved(shared, &[(rank, node)]);
         }
         _ => {}
     }

@@ -50,6 +50,7 @@ use crate::{Action, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod drain;
 pub mod log;
 mod recovery;
 pub mod recovery_line;
@@ -223,6 +224,8 @@ pub struct Uncoordinated {
     /// Without logging: per rank, the oldest checkpoint a future line may need, as last
     /// told to the runtime ([`Action::KeepFrom`]).
     floors: Vec<Version>,
+    /// A drain in progress ([`drain`]).
+    drain: Option<drain::Drain>,
 }
 
 impl Uncoordinated {
@@ -278,6 +281,7 @@ impl Uncoordinated {
             last_line: None,
             channels_seen: false,
             floors: Vec::new(),
+            drain: None,
             cfg,
             leader,
             view,
@@ -516,6 +520,7 @@ impl Uncoordinated {
         if self.ranks[rank as usize].inflight.take().is_some() {
             self.summary.aborted += 1;
             self.reschedule(rank, now);
+            self.drain_checkpoint(now, rank, 0, false);
         }
     }
 
@@ -606,6 +611,7 @@ impl Uncoordinated {
         self.summary.checkpoints += 1;
         self.summary.checkpoint_bytes += cap.bytes;
         self.reschedule(rank, now);
+        self.drain_checkpoint(now, rank, version, true);
         let d = self.decision(DecisionKind::RankCheckpointed {
             rank,
             version,
@@ -798,19 +804,14 @@ impl Policy for Uncoordinated {
                 self.on_rollback_result(now, op, rank, Err(reason))
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
-            Event::DrainRequested { node, .. } => vec![Self::notice(
-                now,
-                NoticeKind::DrainRefused {
-                    node,
-                    reason: "the uncoordinated policy does not drain nodes yet".into(),
-                },
-            )],
+            Event::DrainRequested { node, view } => self.on_drain(now, node, view),
             Event::Logged { events } => {
                 self.on_logged(events);
                 // A checkpoint's counts may come after it became safe.
                 self.retention()
             }
         };
+        out.extend(self.drain_progress(now, reads));
         out.extend(self.start_due(now));
         out
     }

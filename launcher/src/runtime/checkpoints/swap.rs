@@ -44,7 +44,6 @@
 //! unsafe (krun says so).
 //!
 //! [`Plug::make`] is the one place a policy object is built (`policies::make_policy`).
-use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -52,14 +51,14 @@ use policies::description::{check_change, Description, Kind};
 use policies::plug::{make_policy, Context};
 use policies::policy::Phase;
 use policies::primitives::{
-    AgreedView, DecisionKind, Event, Layout, Level, Millis, Rank, RankSlot, RequestSource, Snapshot,
+    AgreedView, DecisionKind, Event, Layout, Level, Millis, RankSlot, RequestSource, Snapshot,
 };
 use policies::report::Summary;
 use policies::{Config, Policy, PolicyError};
 
 use super::uncoordinated::Uncoord;
 use super::{feed, Copies, Driven, HubCalls};
-use crate::runtime::control::{LauncherToNode, PolicyRequest};
+use crate::runtime::control::PolicyRequest;
 
 mod mode;
 

@@ -376,7 +376,16 @@ pub(super) fn translate(
     };
     let send = calls.send.clone();
     let placement = calls.placement.clone();
-    let (members, epoch) = (calls.view.nodes.clone(), calls.wirings);
+    // A node being drained is about to leave: it holds no copy of the new placement.
+    let leaving = calls.drain.draining();
+    let members: Vec<NodeId> = calls
+        .view
+        .nodes
+        .iter()
+        .copied()
+        .filter(|&n| Some(n) != leaving)
+        .collect();
+    let epoch = calls.wirings;
     let u = calls.uncoord.as_mut().expect("checked above");
     if !u.logging
         && matches!(
