@@ -33,6 +33,9 @@
 //! simulations), the orphan-free line of the dependency graph is used and in-transit
 //! messages are assumed resent.
 //!
+//! **Drains** ([`drain`], with logging): the node's ranks take fresh own checkpoints, then
+//! restart alone elsewhere from them as after the node's failure; nobody else stops.
+//!
 //! **Taking over a running job** ([`Uncoordinated::resume`], `krun policy load` from the
 //! coordinated policy): at a committed coordinated checkpoint `V` (the swap's cut), every
 //! rank's image of `V` is its first safe checkpoint: a rank lost before its next own one
