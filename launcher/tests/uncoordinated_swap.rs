@@ -71,7 +71,10 @@ fn a_job_switches_to_uncoordinated_with_logging_and_back_and_each_policy_recover
 
     // Swap 1: the cut is a coordinated checkpoint, every rank's first own checkpoint.
     let (ok, answer) = policy(&dir.0, &["load", uncoordinated.to_str().unwrap()]);
-    assert!(ok, "{answer}");
+    if !ok {
+        let (_, _, err, _) = run.finish(Duration::from_secs(300));
+        panic!("{answer}\n{err}");
+    }
     assert!(
         answer.contains("policy uncoordinated")
             && answer.contains("committed for the swap")
@@ -109,7 +112,10 @@ fn a_job_switches_to_uncoordinated_with_logging_and_back_and_each_policy_recover
 
     // Swap 2: back to the coordinated policy at a safepoint every rank reaches.
     let (ok, answer) = policy(&dir.0, &["load", back.to_str().unwrap()]);
-    assert!(ok, "{answer}");
+    if !ok {
+        let (_, _, err, _) = run.finish(Duration::from_secs(300));
+        panic!("{answer}\n{err}");
+    }
     assert!(
         answer.contains("policy coordinated")
             && answer.contains("committed for the swap at every rank's safepoint")

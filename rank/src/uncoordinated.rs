@@ -86,8 +86,9 @@ pub const REJOIN_WAIT: Duration = Duration::from_secs(120);
 /// How far past the safepoint index it reported a rank computes before it waits for the
 /// target of a switch back to the coordinated mode.
 pub const REALIGN_AHEAD: u64 = 64;
-/// How long a rank waits there for the target.
-pub const REALIGN_WAIT: Duration = Duration::from_secs(60);
+/// How long a rank waits there for the target (longer than krun collects the indices, 60
+/// s: krun cancels first).
+pub const REALIGN_WAIT: Duration = Duration::from_secs(120);
 
 /// 0: not read yet; 1: coordinated; 2: uncoordinated.
 static MODE: AtomicU8 = AtomicU8::new(0);
@@ -477,7 +478,17 @@ pub(crate) fn log_region(ckpt: &crate::checkpoint::Checkpoints) -> Result<Option
 
 /// An order the watcher got for the uncoordinated policy; `PeerReplaced` is told on `link`.
 pub(crate) fn on_order(link: &mut NodeLink, me: u32, order: WatchOrder) {
-    let Some(rank) = CURRENT.get().and_then(Weak::upgrade) else {
+    let mut rank = CURRENT.get().and_then(Weak::upgrade);
+    if rank.is_none() && matches!(order, WatchOrder::ReportSafepoint) {
+        // A restarted rank still rejoining: its index is known once it has joined (it comes
+        // with the log snapshot); the switch waits for it.
+        let deadline = Instant::now() + REJOIN_WAIT;
+        while rank.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            rank = CURRENT.get().and_then(Weak::upgrade);
+        }
+    }
+    let Some(rank) = rank else {
         // A rank restarting alongside `moved` learns its address from krund's `Peers`.
         if let WatchOrder::LogSafe(v) = order {
             eprintln!("krun: rank {me}: log trim at {v} before the rank was ready: ignored");

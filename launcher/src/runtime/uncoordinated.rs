@@ -46,9 +46,10 @@ pub const REJOIN_HOLD: Duration = Duration::from_secs(110);
 pub const LINK_WAIT: Duration = Duration::from_secs(60);
 /// How long a watcher has to take one order.
 const ORDER_TAKE: Duration = Duration::from_secs(10);
-/// How long a `PeerMoved` keeps being offered to a watcher that did not take it (busy with
-/// an earlier order): a rejoin waits for every running rank to learn the new address, so
-/// dropping it fails the recovery ([`REJOIN_HOLD`] bounds the whole exchange).
+/// How long a `PeerMoved` (or a switch back's `ReportSafepoint`, `CoordinateAt`) keeps being
+/// offered to a watcher that did not take it (busy with an earlier order): a rejoin waits
+/// for every running rank to learn the new address, so dropping it fails the recovery
+/// ([`REJOIN_HOLD`] bounds the whole exchange); the switch waits for every rank likewise.
 const PEER_MOVED_TAKE: Duration = Duration::from_secs(100);
 
 /// An order's name for a log line (its payload is an address and a ring of bytes).
@@ -214,7 +215,13 @@ impl NodeSide {
                     if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
                         continue;
                     }
-                    let keep = matches!(order, NodeToRank::PeerMoved { .. });
+                    // A switch back waits for every rank's answer and target too.
+                    let keep = matches!(
+                        order,
+                        NodeToRank::PeerMoved { .. }
+                            | NodeToRank::ReportSafepoint
+                            | NodeToRank::CoordinateAt { .. }
+                    );
                     if keep && Instant::now() < until {
                         again.push_back((rank, order, until));
                         continue;
