@@ -484,6 +484,19 @@ impl NativeRuntime {
         &self.config
     }
 
+    /// The version the next [`NativeRuntime::checkpoint`] takes.
+    pub fn next_version(&self) -> u64 {
+        self.next_version.lock().expect("lock").0
+    }
+
+    /// Numbers the next checkpoint `version` at least (never backwards); the chain of
+    /// parents is unchanged. For ranks whose own checkpoints were numbered apart and that
+    /// take a collective checkpoint together again (the rank library's mode switch).
+    pub fn skip_to(&self, version: u64) {
+        let mut v = self.next_version.lock().expect("lock");
+        v.0 = v.0.max(version);
+    }
+
     /// The version the regions were restored from at start, if any.
     pub fn restored_version(&self) -> Option<u64> {
         self.restored_from

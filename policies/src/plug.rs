@@ -61,12 +61,13 @@ pub fn make_policy(
             }))
         }
         Kind::Uncoordinated => {
-            if ctx.snapshot.is_some() {
+            if ctx.snapshot.is_some() && !desc.logging.messages {
                 return Err(PolicyError::Description {
                     place: desc.source.clone(),
-                    key: "policy".into(),
-                    reason: "the uncoordinated policy cannot take over a running job yet (it \
-                             has no resume from the recorded decisions)"
+                    key: "logging.messages".into(),
+                    reason: "a running job swaps to the uncoordinated policy only with message \
+                             logging (without it the recovery line needs every rank's channel \
+                             counts since the program's start)"
                         .into(),
                 });
             }
@@ -87,13 +88,10 @@ pub fn make_policy(
                 max_restart_attempts: c.max_restart_attempts,
                 ..UncoordinatedConfig::default()
             };
-            Ok(Box::new(Uncoordinated::new(
-                cfg,
-                ctx.leader,
-                ctx.layout,
-                ctx.view.clone(),
-                ctx.now,
-            )?))
+            Ok(Box::new(match ctx.snapshot {
+                Some(s) => Uncoordinated::resume(cfg, ctx.leader, s, ctx.now)?,
+                None => Uncoordinated::new(cfg, ctx.leader, ctx.layout, ctx.view.clone(), ctx.now)?,
+            }))
         }
         Kind::Module(path) => {
             let init = Init {
@@ -194,9 +192,17 @@ mod tests {
             "policy = \"uncoordinated\"\n[logging]\nmessages = true\n",
         )
         .unwrap();
-        // Built fresh; it cannot take over a running job yet.
-        let e = make_policy(&unc, &ctx).err().unwrap().to_string();
-        assert!(e.contains("cannot take over a running job"), "{e}");
+        // It takes over a running job at its commit: every rank's first checkpoint is 4.
+        let p = make_policy(&unc, &ctx).unwrap();
+        assert_eq!(p.name(), "uncoordinated");
+        assert_eq!(p.recovery_line(), Some(4));
+        // Not without message logging.
+        let nolog = Description::parse("n.toml", "policy = \"uncoordinated\"\n").unwrap();
+        let e = make_policy(&nolog, &ctx).err().unwrap().to_string();
+        assert!(
+            e.contains("logging.messages") && e.contains("only with message logging"),
+            "{e}"
+        );
         let p = make_policy(
             &unc,
             &Context {
@@ -207,6 +213,57 @@ mod tests {
         .unwrap();
         assert_eq!(p.name(), "uncoordinated");
         assert!(p.next_deadline().is_some());
+        // Back from the uncoordinated policy: the coordinated one numbers above the ranks'
+        // own checkpoints (their copies are indexed by the same numbers).
+        let mut after = snapshot.clone();
+        after.decisions.push(Decision {
+            id: id(9),
+            kind: DecisionKind::RankCheckpointed {
+                rank: 1,
+                version: 9,
+                level: Level::L2,
+            },
+        });
+        let mut p = make_policy(
+            &desc,
+            &Context {
+                snapshot: Some(&after),
+                ..ctx.clone()
+            },
+        )
+        .unwrap();
+        struct NoCopies;
+        impl crate::primitives::Reads for NoCopies {
+            fn copies(
+                &self,
+                _: crate::primitives::Rank,
+                _: crate::primitives::Version,
+            ) -> Vec<crate::primitives::ImageCopy> {
+                Vec::new()
+            }
+        }
+        let mut started = Vec::new();
+        for ev in [
+            crate::primitives::Event::Tick,
+            crate::primitives::Event::CheckpointRequest {
+                source: crate::primitives::RequestSource::Command,
+            },
+        ] {
+            for a in p.on_event(1100, ev, &NoCopies) {
+                if let crate::Action::Record(Decision {
+                    kind: DecisionKind::CheckpointStarted { version },
+                    ..
+                }) = a
+                {
+                    started.push(version);
+                }
+            }
+        }
+        assert_eq!(
+            started,
+            vec![10],
+            "the first checkpoint after the swap back"
+        );
         let missing = Description::parse("m.toml", "module = \"/nonexistent/libp.so\"\n").unwrap();
         let e = make_policy(&missing, &ctx).err().unwrap().to_string();
         assert!(e.contains("/nonexistent/libp.so: no such file"), "{e}");

@@ -67,6 +67,11 @@ pub enum Safepoint {
 static CHECKPOINT_REQUESTED: AtomicBool = AtomicBool::new(false);
 static ROLLBACK_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// A checkpoint request of the rank's own (as SIGUSR1 would make).
+pub(crate) fn request_checkpoint() {
+    CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
+}
+
 /// Takes this rank's own checkpoint request (SIGUSR1 since the last call).
 pub(crate) fn take_checkpoint_request() -> bool {
     CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst)
@@ -372,7 +377,9 @@ impl Rank {
         let versioned = matches!(
             answer,
             Ok(Some(
-                SafepointOrder::Checkpoint(_) | SafepointOrder::Rollback(_)
+                SafepointOrder::Checkpoint(_)
+                    | SafepointOrder::Rollback(_)
+                    | SafepointOrder::Switch(_)
             ))
         );
         let ors = self.allreduce_or(version)?;
@@ -385,7 +392,14 @@ impl Rank {
     fn carry_out(&self, rt: &Arc<NativeRuntime>, order: SafepointOrder) -> Result<Safepoint> {
         match order {
             SafepointOrder::Continue => Ok(Safepoint::Nothing),
+            SafepointOrder::Switch(want) => self.switch_to_uncoordinated(want),
             SafepointOrder::Checkpoint(want) => {
+                if crate::uncoordinated::take_align() {
+                    // The first collective checkpoint after the uncoordinated mode: the
+                    // ranks' own checkpoints were numbered apart; krun numbered this one
+                    // above all of them.
+                    rt.skip_to(want);
+                }
                 let version = self.checkpoint()?;
                 if version != want {
                     return Err(RankError::Checkpoint(format!(
@@ -420,6 +434,11 @@ impl Rank {
             // No barrier: this rank alone (`crate::uncoordinated`).
             return self.own_safepoint();
         }
+        self.safepoint_once_coordinated()
+    }
+
+    /// The collective safepoint.
+    pub(crate) fn safepoint_once_coordinated(&self) -> Result<Safepoint> {
         let rt = self.ckpt.runtime()?.clone();
         let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
             | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;
@@ -455,6 +474,7 @@ fn order_bits(answer: &Result<Option<SafepointOrder>>) -> (u64, u64) {
         Ok(Some(SafepointOrder::Checkpoint(v))) => (ORDER_CHECKPOINT, *v),
         Ok(Some(SafepointOrder::Continue)) => (ORDER_CONTINUE, 0),
         Ok(Some(SafepointOrder::Rollback(v))) => (ORDER_ROLLBACK, *v),
+        Ok(Some(SafepointOrder::Switch(v))) => (ORDER_SWITCH, *v),
         Err(_) => (ORDER_ERROR, 0),
     }
 }
@@ -464,6 +484,7 @@ const ORDER_CHECKPOINT: u64 = 2;
 const ORDER_CONTINUE: u64 = 4;
 const ORDER_ROLLBACK: u64 = 8;
 const ORDER_ERROR: u64 = 16;
+const ORDER_SWITCH: u64 = 32;
 
 /// The order every rank carries out, from the job-wide or of the kinds (`kinds`), of the
 /// versions (`ors`) and of their complements (`nots`), and this rank's own order.
@@ -495,6 +516,7 @@ pub(crate) fn agree(
         k if k.count_ones() == 1 => Ok(mine),
         k if k == ORDER_CONTINUE | ORDER_CHECKPOINT => Ok(Some(SafepointOrder::Checkpoint(ors))),
         k if k == ORDER_CONTINUE | ORDER_ROLLBACK => Ok(Some(SafepointOrder::Rollback(ors))),
+        k if k == ORDER_CONTINUE | ORDER_SWITCH => Ok(Some(SafepointOrder::Switch(ors))),
         _ => Err(differ()),
     }
 }
@@ -512,7 +534,11 @@ mod tests {
             ors |= v;
             if matches!(
                 a,
-                Some(SafepointOrder::Checkpoint(_) | SafepointOrder::Rollback(_))
+                Some(
+                    SafepointOrder::Checkpoint(_)
+                        | SafepointOrder::Rollback(_)
+                        | SafepointOrder::Switch(_)
+                )
             ) {
                 nots |= !v;
             }
@@ -553,6 +579,18 @@ mod tests {
             Some(Rollback(4)),
         ]));
         assert_eq!(got, vec![Some(Rollback(4)); 3]);
+    }
+
+    /// The swap to the uncoordinated mode: a rank told `Continue` beside `Switch(5)` switches
+    /// with the others; a switch beside a plain checkpoint fails everywhere.
+    #[test]
+    fn a_rank_told_continue_beside_a_switch_switches_too() {
+        use SafepointOrder::*;
+        let got = all_ok(resolve(&[Some(Switch(5)), Some(Continue), Some(Switch(5))]));
+        assert_eq!(got, vec![Some(Switch(5)); 3]);
+        for r in resolve(&[Some(Switch(5)), Some(Checkpoint(5))]) {
+            assert!(r.unwrap_err().to_string().contains("different orders"));
+        }
     }
 
     #[test]

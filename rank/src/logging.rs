@@ -139,6 +139,8 @@ struct Snapshot {
     interval: u64,
     /// (dest, seq, tag, payload)
     sent: Vec<(u32, u64, u32, Vec<u8>)>,
+    /// The rank's safepoint index in the uncoordinated mode (`crate::uncoordinated`).
+    safepoints: u64,
 }
 
 #[derive(Default)]
@@ -476,6 +478,7 @@ impl Rejoining {
         }
         let msgs = Messages::new(self.ep.clone(), rank, ids, self.config.fabric.max_message);
         msgs.restore_counters(&snap.send_seq, &snap.prefix, &snap.extra);
+        crate::uncoordinated::set_safepoint_index(snap.safepoints);
         let logger = Logger::new(
             rank,
             size,
@@ -631,6 +634,7 @@ impl Rank {
                 .iter()
                 .map(|((d, s), (t, p))| (*d as u32, *s, *t, p.clone()))
                 .collect(),
+            safepoints: crate::uncoordinated::safepoint_index(),
         };
         postcard::to_stdvec(&snap).map_err(|e| RankError::InvalidArgument(e.to_string()))
     }

@@ -131,6 +131,14 @@ pub enum RankToNode {
         sent: Vec<u64>,
         delivered: Vec<u64>,
     },
+    /// (On the watcher's connection, after [`NodeToRank::ReportSafepoint`]) this rank's
+    /// safepoint index in the uncoordinated mode and the version its checkpointer takes
+    /// next. Answered `Ack`.
+    SafepointIndex {
+        rank: u32,
+        index: u64,
+        next: u64,
+    },
 }
 
 /// krund's answer to every [`RankToNode`] (the variants' order is the wire encoding, shared
@@ -170,6 +178,18 @@ pub enum NodeToRank {
     Peers {
         cards: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    /// (To `AtSafepoint`) take checkpoint `version` now, collectively, and run the
+    /// uncoordinated mode with message logging from it (`crate::uncoordinated`).
+    CheckpointSwitch {
+        version: u64,
+    },
+    /// (To `Watch`) a switch back to the coordinated mode: tell your safepoint index.
+    ReportSafepoint,
+    /// (To `Watch`) leave the uncoordinated mode at safepoint `index` (0: the switch is
+    /// off).
+    CoordinateAt {
+        index: u64,
+    },
 }
 
 /// What a watcher is told to do ([`NodeLink::watch_order`]).
@@ -182,6 +202,8 @@ pub enum WatchOrder {
         address: Vec<u8>,
         ring: Vec<u8>,
     },
+    ReportSafepoint,
+    CoordinateAt(u64),
 }
 
 /// A recovery's order to roll this process back in place ([`NodeToRank::RollbackInPlace`]).
@@ -198,6 +220,8 @@ pub enum SafepointOrder {
     Checkpoint(u64),
     Continue,
     Rollback(u64),
+    /// Checkpoint, then the uncoordinated mode with logging (`crate::uncoordinated`).
+    Switch(u64),
 }
 
 /// A rank's connection to its krund.
@@ -256,6 +280,7 @@ impl NodeLink {
             NodeToRank::Checkpoint { version } => Ok(Some(SafepointOrder::Checkpoint(version))),
             NodeToRank::Continue => Ok(Some(SafepointOrder::Continue)),
             NodeToRank::Rollback { version } => Ok(Some(SafepointOrder::Rollback(version))),
+            NodeToRank::CheckpointSwitch { version } => Ok(Some(SafepointOrder::Switch(version))),
             NodeToRank::Refused(why) => Err(fail(format!("krund ended the safepoint: {why}"))),
             NodeToRank::Ack => Ok(None),
             other => Err(fail(format!(
@@ -326,6 +351,8 @@ impl NodeLink {
                 address,
                 ring,
             })),
+            NodeToRank::ReportSafepoint => Ok(Some(WatchOrder::ReportSafepoint)),
+            NodeToRank::CoordinateAt { index } => Ok(Some(WatchOrder::CoordinateAt(index))),
             NodeToRank::Refused(why) => Err(fail(format!("krund refused the watch: {why}"))),
             other => Err(fail(format!("krund answered a watch with {other:?}"))),
         }

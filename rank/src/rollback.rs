@@ -86,18 +86,38 @@ fn nul_list(bytes: &[u8]) -> Vec<Vec<u8>> {
 
 /// The environment of the re-executed image: `env` with the recovery's variables replaced.
 pub fn reexec_env(env: &[Vec<u8>], order: &InPlaceOrder) -> Vec<Vec<u8>> {
+    reexec_env_in(env, order, crate::uncoordinated::reexec_mode())
+}
+
+/// As [`reexec_env`], for a process in `mode` (`None`: the mode it started with).
+fn reexec_env_in(
+    env: &[Vec<u8>],
+    order: &InPlaceOrder,
+    mode: Option<[(&str, &str); 2]>,
+) -> Vec<Vec<u8>> {
     const REPLACED: [&[u8]; 3] = [
         b"KRUN_GHOST_RESTORE=",
         b"KRUN_BOOTSTRAP=",
         b"KRUN_WIRING_EPOCH=",
     ];
+    // A process whose mode was switched while the job ran keeps the mode it runs in now,
+    // and a rollback in place is never a rejoin (`crate::uncoordinated`).
+    const MODE: [&[u8]; 3] = [
+        b"KRUN_REJOIN=",
+        b"KRUN_UNCOORDINATED=",
+        b"KRUN_MESSAGE_LOGGING=",
+    ];
     let mut out: Vec<Vec<u8>> = env
         .iter()
         .filter(|kv| !REPLACED.iter().any(|p| kv.starts_with(p)))
+        .filter(|kv| mode.is_none() || !MODE.iter().any(|p| kv.starts_with(p)))
         .cloned()
         .collect();
     if let Some(v) = order.version {
         out.push(format!("KRUN_GHOST_RESTORE={v}").into_bytes());
+    }
+    for (k, v) in mode.into_iter().flatten() {
+        out.push(format!("{k}={v}").into_bytes());
     }
     out.push(format!("KRUN_BOOTSTRAP={}", order.bootstrap).into_bytes());
     out.push(format!("KRUN_WIRING_EPOCH={}", order.wiring).into_bytes());
@@ -249,6 +269,32 @@ mod tests {
                 "KRUN_GHOST_RESTORE=7",
                 "KRUN_BOOTSTRAP=127.0.0.1:4242",
                 "KRUN_WIRING_EPOCH=2"
+            ]
+        );
+        // A process switched to the coordinated mode after it rejoined: not a rejoin any
+        // more, and coordinated.
+        let rejoined =
+            nul_list(b"KRUN_RANK=3\0KRUN_REJOIN=1\0KRUN_UNCOORDINATED=1\0KRUN_MESSAGE_LOGGING=1\0");
+        let mode = Some([("KRUN_UNCOORDINATED", "0"), ("KRUN_MESSAGE_LOGGING", "0")]);
+        assert_eq!(
+            text(reexec_env_in(&rejoined, &order, mode)),
+            [
+                "KRUN_RANK=3",
+                "KRUN_GHOST_RESTORE=7",
+                "KRUN_UNCOORDINATED=0",
+                "KRUN_MESSAGE_LOGGING=0",
+                "KRUN_BOOTSTRAP=127.0.0.1:4242",
+                "KRUN_WIRING_EPOCH=2"
+            ]
+        );
+        // Never switched: its variables stand.
+        assert_eq!(
+            text(reexec_env_in(&rejoined, &order, None))[..4],
+            [
+                "KRUN_RANK=3",
+                "KRUN_REJOIN=1",
+                "KRUN_UNCOORDINATED=1",
+                "KRUN_MESSAGE_LOGGING=1"
             ]
         );
         // From the program's start: no restore at all.

@@ -155,6 +155,8 @@ impl Rank {
             return Self::rejoin_init(Config::from_env()?);
         }
         let rank = Self::init_with(Config::from_env()?)?;
+        // Reached by its watcher: the mode may switch while the job runs.
+        crate::uncoordinated::set_current(&rank);
         if logging {
             rank.enable_logging(0)?;
         }

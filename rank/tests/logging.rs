@@ -57,7 +57,13 @@ struct Shared {
     ranks: Mutex<BTreeMap<usize, Arc<Rank>>>,
     /// Checkpoint intervals per rank (own schedules).
     every: [u64; N],
+    /// Logging starts after this step (0: at init), every rank at once, with a checkpoint
+    /// of every rank there (the cut of a switch to the uncoordinated mode).
+    log_from: u64,
 }
+
+/// The cut's version (apart from the own checkpoints' `done / every`).
+const CUT: u64 = 1000;
 
 /// One step of the application.
 fn step(r: &Rank, me: usize, state: u64, s: u64, any: bool) -> u64 {
@@ -106,7 +112,14 @@ fn run_loop(
                 }
             }
         }
-        if done % sh.every[me] == 0 && done < STEPS {
+        if first && sh.log_from > 0 && done == sh.log_from {
+            // Every rank is here: logging starts with empty logs, and each rank's state
+            // and log snapshot at this step is its first own checkpoint.
+            r.enable_logging(0).unwrap();
+            let snap = r.log_mark_checkpoint(CUT).unwrap();
+            sh.ckpts.lock().unwrap().insert(me, (state, done, snap));
+        }
+        if done % sh.every[me] == 0 && done < STEPS && done > sh.log_from {
             let version = done / sh.every[me];
             let snap = r.log_mark_checkpoint(version).unwrap();
             sh.ckpts.lock().unwrap().insert(me, (state, done, snap));
@@ -126,6 +139,10 @@ struct Outcome {
 }
 
 fn job(any: bool, crash: bool) -> Outcome {
+    job_with(any, crash, 0)
+}
+
+fn job_with(any: bool, crash: bool, log_from: u64) -> Outcome {
     let server =
         BootstrapServer::start_with(("127.0.0.1", 0), N, Duration::from_secs(30), None).unwrap();
     let addr = server.addr();
@@ -136,6 +153,7 @@ fn job(any: bool, crash: bool) -> Outcome {
         ckpts: Mutex::new(BTreeMap::new()),
         ranks: Mutex::new(BTreeMap::new()),
         every: [5, 3, 7],
+        log_from,
     });
     // The restarted rank's card goes to the coordinator, which answers with every rank's.
     let (card_tx, card_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
@@ -148,7 +166,9 @@ fn job(any: bool, crash: bool) -> Outcome {
             let peers_rx = peers_rx.clone();
             std::thread::spawn(move || {
                 let r = Rank::init_with(config(me, Some(addr))).unwrap();
-                r.enable_logging(0).unwrap();
+                if log_from == 0 {
+                    r.enable_logging(0).unwrap();
+                }
                 sh.ranks.lock().unwrap().insert(me, r.clone());
                 let init = mix(0x5eed, me as u64);
                 match run_loop(&r, me, init, 0, &sh, true) {
@@ -236,4 +256,23 @@ fn without_a_failure_logging_changes_nothing_and_collects_the_log() {
         assert!(s.determinants >= 2 * STEPS, "rank {r}: {s:?}");
         assert!(s.collected_messages > 0, "rank {r}: {s:?}");
     }
+}
+
+/// The rank library's side of a swap to the uncoordinated policy: logging starts mid-run,
+/// after messages went unlogged, at a cut where every rank keeps a checkpoint; rank 1 is
+/// lost after the cut, before its next own checkpoint: it restarts from the cut, replays
+/// in the recorded order (checked step by step against its first run), and the job ends
+/// as a run without a failure does.
+#[test]
+fn logging_started_at_a_cut_mid_run_restarts_a_rank_lost_before_its_next_checkpoint_from_the_cut() {
+    let recovered = job_with(true, true, 16);
+    assert_eq!(recovered.replayed_steps, CRASH_AFTER - 16);
+    let lost = recovered.stats[LOST];
+    assert!(lost.replayed_deliveries >= 2, "{lost:?}");
+    let reference = job_with(false, false, 16);
+    let named = job_with(false, true, 16);
+    assert_eq!(named.replayed_steps, CRASH_AFTER - 16);
+    assert_eq!(named.states, reference.states);
+    // Logging from the start or from the cut computes the same.
+    assert_eq!(reference.states, job(false, false).states);
 }

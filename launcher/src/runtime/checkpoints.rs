@@ -196,6 +196,8 @@ impl CheckpointDriver {
             spares,
             quiet_takeover: false,
             uncoord,
+            switch_cut: None,
+            early_cards: BTreeMap::new(),
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -264,7 +266,7 @@ fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) ->
         }
         let input = match input {
             Some(Input::Policy { request, reply }) => {
-                plug.request(&mut engine, now(), &copies, request, reply);
+                plug.request(&mut engine, now(), &mut copies, request, reply);
                 None
             }
             other => other,
@@ -326,7 +328,7 @@ fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) ->
         for event in uncoordinated::poll(engine.runtime_mut()) {
             feed(&mut engine, now(), event, &copies);
         }
-        plug.poll(&mut engine, now(), &copies);
+        plug.poll(&mut engine, now(), &mut copies);
     }
     plug.total(engine.policy().summary())
 }
@@ -389,6 +391,8 @@ mod tests {
             spares: Vec::new(),
             quiet_takeover: false,
             uncoord: None,
+            switch_cut: None,
+            early_cards: BTreeMap::new(),
         };
         (calls, sent)
     }

@@ -198,6 +198,9 @@ pub enum NodeToLauncher {
         sent: Vec<u64>,
         delivered: Vec<u64>,
     },
+    /// A rank's answer to `Realign` (its watcher's `SafepointIndex`): its safepoint index in
+    /// the uncoordinated mode and the version its checkpointer takes next.
+    SafepointIndex { rank: u32, index: u64, next: u64 },
 }
 
 /// What `krun` tells a krund node.
@@ -284,6 +287,14 @@ pub enum LauncherToNode {
         rank: u32,
         cards: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    /// The switch from the uncoordinated policy back to the coordinated one
+    /// (`checkpoints/swap.rs`, `rank::uncoordinated`): every rank running here reports its
+    /// safepoint index (`SafepointIndex`).
+    Realign,
+    /// Every rank leaves the uncoordinated mode at safepoint `index` and asks its node as in
+    /// a coordinated job: the node drops its capture orders and answers safepoints through
+    /// its gate from now on. `index` 0: the switch is off, the ranks go on uncoordinated.
+    RealignAt { index: u64 },
 }
 
 /// Where one node of a job is reached.
@@ -404,6 +415,12 @@ pub enum RankToNode {
         sent: Vec<u64>,
         delivered: Vec<u64>,
     },
+    /// (Watcher, after `ReportSafepoint`) the rank's safepoint index and next version.
+    SafepointIndex {
+        rank: u32,
+        index: u64,
+        next: u64,
+    },
 }
 
 /// The node's answer to a rank.
@@ -442,6 +459,17 @@ pub enum NodeToRank {
     /// (To `Rejoin`) every rank's (address, ring), indexed by rank.
     Peers {
         cards: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// (To `AtSafepoint`) checkpoint `version` collectively, then run uncoordinated with
+    /// message logging.
+    CheckpointSwitch {
+        version: u64,
+    },
+    /// (To `Watch`) tell your safepoint index (`SafepointIndex`).
+    ReportSafepoint,
+    /// (To `Watch`) leave the uncoordinated mode at safepoint `index` (0: the switch is off).
+    CoordinateAt {
+        index: u64,
     },
 }
 

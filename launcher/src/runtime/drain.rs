@@ -36,8 +36,14 @@
 //! `rank/examples/mpi/heat_mpi.c`). When that cannot be done the drain is refused before
 //! anything moves ([`mpi_refusal`]): the job has no checkpoint policy, or the drained
 //! node's ranks do not use the rank library (a plain MPI program: no coordinated
-//! checkpoint of it can be taken). A policy that does not drain (the uncoordinated one)
-//! refuses by itself.
+//! checkpoint of it can be taken).
+//!
+//! # Under the uncoordinated policy
+//! With message logging the policy drains without a barrier
+//! (`policies/src/uncoordinated/drain.rs`): each rank of the node takes a fresh own
+//! checkpoint, then restarts alone on a spare from it and rejoins the running ranks (the
+//! hub's `Rejoin`, `checkpoints/uncoordinated.rs`); the drained node ends the old process
+//! when it sees that order ([`release_moved`]). Without logging it refuses with the reason.
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};

@@ -66,7 +66,19 @@ pub(super) fn connect_launcher(
                     std::thread::spawn(move || barrier(&shared, &safepoints, op));
                 }
                 Ok(LauncherToNode::Release { order }) => {
+                    if matches!(order, super::safepoint::SafepointOrder::Switch { .. }) {
+                        // The swap's cut: the ranks run uncoordinated from it.
+                        shared.uncoordinated.set_active(true);
+                    }
                     safepoints.release(order);
+                }
+                Ok(LauncherToNode::RealignAt { index }) => {
+                    if index > 0 {
+                        // The ranks ask as in a coordinated job from safepoint `index`: the
+                        // policy's barrier answers them (never "act on your own").
+                        safepoints.mark_driven();
+                    }
+                    shared.uncoordinated.realign_at(&shared, index);
                 }
                 Ok(LauncherToNode::Reform {
                     wiring: _,
@@ -102,6 +114,7 @@ pub(super) fn connect_launcher(
                     | LauncherToNode::KeepFrom { .. }
                     | LauncherToNode::PeerMoved { .. }
                     | LauncherToNode::Rejoined { .. }
+                    | LauncherToNode::Realign
                     | LauncherToNode::Rejoin { .. }),
                 ) => uncoordinated::from_launcher(&shared, &agent, msg),
                 Ok(LauncherToNode::Decided {

@@ -386,6 +386,8 @@ fn restart_one(
         ("KRUN_BOOTSTRAP".to_string(), bootstrap.to_string()),
         ("KRUN_WIRING_EPOCH".to_string(), wiring.to_string()),
     ];
+    // A job whose policy was swapped runs in the mode of the policy in force now.
+    env.extend(shared.uncoordinated.mode_env());
     if let Some(v) = version {
         env.push(("KRUN_GHOST_RESTORE".to_string(), v.to_string()));
         if !here {

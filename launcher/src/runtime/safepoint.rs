@@ -31,6 +31,12 @@ pub enum SafepointOrder {
     },
     /// The barrier was aborted: the ranks' safepoint fails with this reason.
     Abort(String),
+    /// Checkpoint `version` collectively, then run the uncoordinated policy's mode with
+    /// message logging (the swap's cut: `checkpoints/swap.rs`). Appended: the variants'
+    /// order is the wire encoding.
+    Switch {
+        version: u64,
+    },
 }
 
 impl SafepointOrder {
@@ -40,6 +46,9 @@ impl SafepointOrder {
             SafepointOrder::Continue => NodeToRank::Continue,
             SafepointOrder::Rollback { version } => NodeToRank::Rollback { version: *version },
             SafepointOrder::Abort(why) => NodeToRank::Refused(why.clone()),
+            SafepointOrder::Switch { version } => {
+                NodeToRank::CheckpointSwitch { version: *version }
+            }
         }
     }
 }

@@ -135,6 +135,7 @@ pub(super) fn rank_message(
         msg @ (RankToNode::LogCard { .. }
         | RankToNode::PeerReplaced { .. }
         | RankToNode::Rejoin { .. }
+        | RankToNode::SafepointIndex { .. }
         | RankToNode::ChannelCounts { .. }) => uncoordinated::from_rank(&table.shared, msg),
         RankToNode::Hello { rank, pid } => {
             table

@@ -7,16 +7,29 @@
 //!   agent as any capture (`Captured`, then `Safe`/`NotSafe` per level). Under this policy
 //!   an `AtSafepoint` with no order waiting is answered `Continue` at once.
 //! - `TrimLog{rank, version}` and `PeerMoved{rank, address, ring}` become orders for the
-//!   ranks' watchers (`LogSafe`, `PeerMoved`), handed over one at a time by one thread.
+//!   ranks' watchers (`LogSafe`, `PeerMoved`), handed over in order by a thread per rank.
 //! - A rank's `LogCard`, `PeerReplaced` and (without logging) `ChannelCounts` go to krun as
 //!   they are.
+//! - `Rejoin{restart, rank, node, version}` on another node that runs the rank (a drain):
+//!   the old process ends at once (`drain::release_moved`).
 //! - `Rejoin{restart, rank, node, version}` on `node`: the rank's image chain of `version`
 //!   comes from the checkpoint store (unless this node holds the rank's files), then the
 //!   rank starts as a new process with `KRUN_REJOIN=1` and `KRUN_GHOST_RESTORE=version`;
 //!   answered `Restarted{wiring: restart, ..}` or `RestartFailed`. The new process's
 //!   `Rejoin{address, ring}` goes to krun as `Rejoining` and is held until krun's
 //!   `Rejoined{rank, cards}` (every survivor replaced its address), answered `Peers`.
+//!
+//! The node's mode switches while the job runs (`krun policy load`, the rank's side in
+//! `rank::uncoordinated`): `Release{Switch{version}}` (the swap's coordinated checkpoint,
+//! answered `CheckpointSwitch` to the held ranks) puts the node in the uncoordinated mode;
+//! `Realign` asks every local rank's watcher for its safepoint index (`ReportSafepoint`,
+//! answered `SafepointIndex`, passed on to krun); `RealignAt{index}` drops the capture
+//! orders left, puts the node back in the coordinated mode (safepoints answered by the
+//! gate, which the policy drives) and tells every local rank `CoordinateAt{index}`. A rank
+//! restarted to rejoin gets `KRUN_UNCOORDINATED=1` and `KRUN_MESSAGE_LOGGING=1` whatever
+//! mode the job started in.
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -33,9 +46,10 @@ pub const REJOIN_HOLD: Duration = Duration::from_secs(110);
 pub const LINK_WAIT: Duration = Duration::from_secs(60);
 /// How long a watcher has to take one order.
 const ORDER_TAKE: Duration = Duration::from_secs(10);
-/// How long a `PeerMoved` keeps being offered to a watcher that did not take it (busy with
-/// an earlier order): a rejoin waits for every running rank to learn the new address, so
-/// dropping it fails the recovery ([`REJOIN_HOLD`] bounds the whole exchange).
+/// How long a `PeerMoved` (or a switch back's `ReportSafepoint`, `CoordinateAt`) keeps being
+/// offered to a watcher that did not take it (busy with an earlier order): a rejoin waits
+/// for every running rank to learn the new address, so dropping it fails the recovery
+/// ([`REJOIN_HOLD`] bounds the whole exchange); the switch waits for every rank likewise.
 const PEER_MOVED_TAKE: Duration = Duration::from_secs(100);
 
 /// Hands `rank`'s orders to its watcher one at a time, in order. Orders not taken yet that
@@ -64,7 +78,13 @@ fn hand_over(shared: &std::sync::Arc<Shared>, rank: u32, rx: &mpsc::Receiver<Nod
         if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
             continue;
         }
-        let keep = matches!(order, NodeToRank::PeerMoved { .. });
+        // A switch back waits for every rank's answer and target too.
+        let keep = matches!(
+            order,
+            NodeToRank::PeerMoved { .. }
+                | NodeToRank::ReportSafepoint
+                | NodeToRank::CoordinateAt { .. }
+        );
         if keep && Instant::now() < until {
             again.push_back((order, until));
             continue;
@@ -100,21 +120,68 @@ pub struct NodeSide {
     rejoined: Condvar,
     /// Orders for each rank's watcher, handed over in order by a thread per rank.
     orders: Mutex<BTreeMap<u32, Sender<NodeToRank>>>,
+    /// 0: as the job started (`KRUN_UNCOORDINATED`); 1: coordinated; 2: uncoordinated.
+    mode: AtomicU8,
 }
 
-/// Whether this node's job runs the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
-pub fn active() -> bool {
+/// Whether the job started under the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
+pub fn started_uncoordinated() -> bool {
     std::env::var("KRUN_UNCOORDINATED").is_ok_and(|v| v.trim() == "1")
 }
 
 impl NodeSide {
+    /// Whether this node runs the uncoordinated policy's mode now.
+    pub fn active(&self) -> bool {
+        match self.mode.load(Ordering::SeqCst) {
+            0 => started_uncoordinated(),
+            m => m == 2,
+        }
+    }
+
+    /// The mode switched (see the module doc).
+    pub fn set_active(&self, on: bool) {
+        self.mode.store(if on { 2 } else { 1 }, Ordering::SeqCst);
+    }
+
+    /// The mode's variables for a rank process this node starts, once the mode switched
+    /// (the node's own environment holds the mode the job started in).
+    pub fn mode_env(&self) -> Vec<(String, String)> {
+        let v = match self.mode.load(Ordering::SeqCst) {
+            0 => return Vec::new(),
+            1 => "0",
+            _ => "1",
+        };
+        ["KRUN_UNCOORDINATED", "KRUN_MESSAGE_LOGGING"]
+            .into_iter()
+            .map(|k| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// `Realign`: every rank running here reports its safepoint index.
+    pub fn realign(&self, shared: &std::sync::Arc<Shared>) {
+        for r in local_ranks(shared) {
+            self.order(shared, r, NodeToRank::ReportSafepoint);
+        }
+    }
+
+    /// `RealignAt{index}` (see the module doc).
+    pub fn realign_at(&self, shared: &std::sync::Arc<Shared>, index: u64) {
+        if index > 0 {
+            self.captures.lock().expect("captures lock").clear();
+            self.set_active(false);
+        }
+        for r in local_ranks(shared) {
+            self.order(shared, r, NodeToRank::CoordinateAt { index });
+        }
+    }
+
     /// A rank at a safepoint: its own checkpoint order, if one waits; `None` lets the node's
     /// gate answer (coordinated policy).
     pub fn at_safepoint(&self, rank: u32) -> Option<NodeToRank> {
         if let Some(version) = self.captures.lock().expect("captures lock").remove(&rank) {
             return Some(NodeToRank::Checkpoint { version });
         }
-        active().then_some(NodeToRank::Continue)
+        self.active().then_some(NodeToRank::Continue)
     }
 
     /// `CaptureRank{rank, version}` for a rank of this node: keeps the order and wakes the
@@ -280,6 +347,7 @@ pub fn from_launcher(
             ring,
         } => side.peer_moved(shared, rank, address, ring),
         LauncherToNode::Rejoined { rank, cards } => side.rejoined(rank, cards),
+        LauncherToNode::Realign => side.realign(shared),
         LauncherToNode::Rejoin {
             restart,
             rank,
@@ -291,6 +359,11 @@ pub fn from_launcher(
             std::thread::spawn(move || {
                 start(&shared, &agent, (restart, rank, version, local_size))
             });
+        }
+        // A rank drained away from here (`policies` uncoordinated drain): its old process
+        // ends before the new one rejoins (a failed node's rank is gone already).
+        LauncherToNode::Rejoin { rank, node, .. } => {
+            super::drain::release_moved(shared, &[(rank, node)]);
         }
         _ => {}
     }
@@ -321,6 +394,10 @@ pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
             ring,
             ..
         } => shared.uncoordinated.rejoin(shared, rank, address, ring),
+        RankToNode::SafepointIndex { rank, index, next } => {
+            shared.tell_launcher(&NodeToLauncher::SafepointIndex { rank, index, next });
+            NodeToRank::Ack
+        }
         RankToNode::ChannelCounts {
             rank,
             version,
@@ -339,6 +416,16 @@ pub fn from_rank(shared: &Shared, msg: RankToNode) -> NodeToRank {
             "{other:?} is not a message of the uncoordinated policy"
         )),
     }
+}
+
+fn local_ranks(shared: &Shared) -> Vec<u32> {
+    shared
+        .local_ranks
+        .lock()
+        .expect("ranks lock")
+        .keys()
+        .map(|&r| r as u32)
+        .collect()
 }
 
 fn local_pid(shared: &Shared, rank: u32) -> Option<u32> {
@@ -416,6 +503,9 @@ fn start_one(
         ("KRUN_GHOST_RESTORE".to_string(), version.to_string()),
         // The stride of its log buddy, as at its start (the spare may run other counts).
         ("KRUN_LOCAL_SIZE".to_string(), local_size.to_string()),
+        // The mode it rejoins in, also when the job started coordinated and switched.
+        ("KRUN_UNCOORDINATED".to_string(), "1".to_string()),
+        ("KRUN_MESSAGE_LOGGING".to_string(), "1".to_string()),
     ];
     let (reply, rx) = mpsc::channel();
     runner
@@ -448,6 +538,19 @@ mod tests {
             side.at_safepoint(3),
             Some(NodeToRank::Checkpoint { version: 7 })
         );
+    }
+
+    /// The node's mode follows the swaps: uncoordinated, a safepoint without an order goes
+    /// on at once; coordinated again, it goes to the gate (the policy's barrier).
+    #[test]
+    fn the_nodes_mode_switches_with_the_swaps() {
+        let side = NodeSide::default();
+        side.set_active(true);
+        assert!(side.active());
+        assert_eq!(side.at_safepoint(1), Some(NodeToRank::Continue));
+        side.set_active(false);
+        assert!(!side.active());
+        assert_eq!(side.at_safepoint(1), None);
     }
 
     #[test]

@@ -285,3 +285,77 @@ pub fn policy_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// `krun policy ARGS` against the job (bounded by krun's own 120 s socket timeout): its
+/// success and its text (stdout and stderr).
+pub fn policy(dir: &Path, args: &[&str]) -> (bool, String) {
+    let o = krun(dir).arg("policy").args(args).output().unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// The process `pid`'s parent (from `/proc/PID/stat`).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces, so from the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn exe_name(pid: u32) -> Option<String> {
+    let p = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    Some(p.file_name()?.to_string_lossy().into_owned())
+}
+
+/// SIGKILLs node `node` of the job: its krund (the nearest `krund` above its ranks'
+/// processes, all started by the krun this test started) and then its ranks, as
+/// `--inject-failure` does. Returns the ranks' pids killed.
+pub fn kill_node(dir: &Path, node: u64) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pids: Vec<u32> = loop {
+        if let Some(r) = rows(dir) {
+            let p: Vec<u32> = r
+                .iter()
+                .filter(|r| r.1 == node && r.4 == "running" && r.2 > 0)
+                .map(|r| r.2 as u32)
+                .collect();
+            if !p.is_empty() {
+                break p;
+            }
+        }
+        assert!(Instant::now() < deadline, "node {node} runs no rank");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut krund = None;
+    let mut at = pids[0];
+    for _ in 0..4 {
+        match parent_of(at) {
+            Some(p) if exe_name(p).as_deref() == Some("krund") => {
+                krund = Some(p);
+                break;
+            }
+            Some(p) if p > 1 => at = p,
+            _ => break,
+        }
+    }
+    let krund = krund.unwrap_or_else(|| panic!("no krund above rank pid {}", pids[0]));
+    // SAFETY: kill on processes the krun this test started runs (checked above: krund is
+    // their ancestor, found from their pids in the job's own process table).
+    unsafe {
+        libc::kill(krund as i32, libc::SIGKILL);
+        for &p in &pids {
+            libc::kill(p as i32, libc::SIGKILL);
+        }
+    }
+    pids
+}

@@ -292,8 +292,12 @@ impl Coordinated {
                 DecisionKind::JobEnded { .. } => p.state = State::Ended,
                 // A move in flight is an open recovery (planned again by the new leader).
                 DecisionKind::DrainStarted { .. } | DecisionKind::Drained { .. } => {}
-                // Another policy's records (an uncoordinated policy ran before a swap).
-                DecisionKind::RankCheckpointed { .. } | DecisionKind::RecoveryLine { .. } => {}
+                // Another policy's records (an uncoordinated policy ran before a swap): its
+                // per-rank versions are not reused.
+                DecisionKind::RankCheckpointed { version, .. } => {
+                    p.next_version = p.next_version.max(version + 1);
+                }
+                DecisionKind::RecoveryLine { .. } => {}
             }
         }
         for &(rank, code) in &snapshot.exits {

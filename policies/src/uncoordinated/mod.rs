@@ -33,18 +33,27 @@
 //! simulations), the orphan-free line of the dependency graph is used and in-transit
 //! messages are assumed resent.
 //!
-//! Not covered: a new leader taking over this policy (there is no `resume` yet).
+//! **Drains** ([`drain`], with logging): the node's ranks take fresh own checkpoints, then
+//! restart alone elsewhere from them as after the node's failure; nobody else stops.
+//!
+//! **Taking over a running job** ([`Uncoordinated::resume`], `krun policy load` from the
+//! coordinated policy): at a committed coordinated checkpoint `V` (the swap's cut), every
+//! rank's image of `V` is its first safe checkpoint: a rank lost before its next own one
+//! restarts from `V` (the rank library started logging at that cut, so the image holds an
+//! empty log). Versions go on above every version recorded, so none is reused. Not
+//! covered: a new leader taking over this policy with its own checkpoints in the records.
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
     AgreedView, Costs, Decision, DecisionId, DecisionKind, Event, Layout, Level, LoggedEvent,
-    Millis, NodeId, OpId, Rank, RankSlot, Reads, Version,
+    Millis, NodeId, OpId, Rank, RankSlot, Reads, Snapshot, Version,
 };
 use crate::report::{Notice, NoticeKind, Summary};
 use crate::{Action, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod drain;
 pub mod log;
 mod recovery;
 pub mod recovery_line;
@@ -218,6 +227,8 @@ pub struct Uncoordinated {
     /// Without logging: per rank, the oldest checkpoint a future line may need, as last
     /// told to the runtime ([`Action::KeepFrom`]).
     floors: Vec<Version>,
+    /// A drain in progress ([`drain`]).
+    drain: Option<drain::Drain>,
 }
 
 impl Uncoordinated {
@@ -273,6 +284,7 @@ impl Uncoordinated {
             last_line: None,
             channels_seen: false,
             floors: Vec::new(),
+            drain: None,
             cfg,
             leader,
             view,
@@ -287,6 +299,74 @@ impl Uncoordinated {
                 };
                 now + t + offset
             });
+        }
+        Ok(p)
+    }
+
+    /// Takes over a running job at its newest committed coordinated checkpoint (see the
+    /// module doc): the ranks' slots, the spares and the exits come from `snapshot`.
+    pub fn resume(
+        cfg: Config,
+        leader: NodeId,
+        snapshot: &Snapshot,
+        now: Millis,
+    ) -> Result<Uncoordinated, PolicyError> {
+        let mut line = None;
+        let mut newest: Version = 0;
+        let mut next_decision = 0;
+        for d in &snapshot.decisions {
+            if d.id.leader == leader {
+                next_decision = next_decision.max(d.id.seq);
+            }
+            match &d.kind {
+                DecisionKind::Committed { version, .. } => {
+                    line = Some(*version);
+                    newest = newest.max(*version);
+                }
+                DecisionKind::CheckpointStarted { version }
+                | DecisionKind::Aborted { version, .. }
+                | DecisionKind::RankCheckpointed { version, .. } => newest = newest.max(*version),
+                DecisionKind::Restart {
+                    version: Some(v), ..
+                } => newest = newest.max(*v),
+                _ => {}
+            }
+        }
+        let line = line.ok_or_else(|| {
+            PolicyError::Config(
+                "the uncoordinated policy takes over a running job at a committed coordinated \
+                 checkpoint, and none was committed"
+                    .into(),
+            )
+        })?;
+        let layout = Layout {
+            ranks: snapshot.ranks.iter().map(|s| s.node).collect(),
+            spares: snapshot.spares.clone(),
+        };
+        // Ranks may sit on failed nodes: build against a view holding them, then set it.
+        let mut all = snapshot.view.nodes.clone();
+        all.extend(layout.ranks.iter().copied());
+        let mut p = Uncoordinated::new(
+            cfg,
+            leader,
+            &layout,
+            AgreedView::new(snapshot.view.epoch, all),
+            now,
+        )?;
+        p.view = snapshot.view.clone();
+        p.slots = snapshot.ranks.clone();
+        p.next_op = snapshot.view.epoch << 32;
+        p.next_decision = next_decision;
+        for c in &mut p.ranks {
+            c.taken.push(line);
+            c.safe.push((line, now));
+            c.next_version = newest + 1;
+        }
+        for &(rank, code) in &snapshot.exits {
+            if (rank as usize) < p.slots.len() && code == 0 {
+                p.exited.insert(rank);
+                p.ranks[rank as usize].next_at = None;
+            }
         }
         Ok(p)
     }
@@ -443,6 +523,7 @@ impl Uncoordinated {
         if self.ranks[rank as usize].inflight.take().is_some() {
             self.summary.aborted += 1;
             self.reschedule(rank, now);
+            self.drain_checkpoint(now, rank, 0, false);
         }
     }
 
@@ -533,6 +614,7 @@ impl Uncoordinated {
         self.summary.checkpoints += 1;
         self.summary.checkpoint_bytes += cap.bytes;
         self.reschedule(rank, now);
+        self.drain_checkpoint(now, rank, version, true);
         let d = self.decision(DecisionKind::RankCheckpointed {
             rank,
             version,
@@ -725,19 +807,14 @@ impl Policy for Uncoordinated {
                 self.on_rollback_result(now, op, rank, Err(reason))
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
-            Event::DrainRequested { node, .. } => vec![Self::notice(
-                now,
-                NoticeKind::DrainRefused {
-                    node,
-                    reason: "the uncoordinated policy does not drain nodes yet".into(),
-                },
-            )],
+            Event::DrainRequested { node, view } => self.on_drain(now, node, view),
             Event::Logged { events } => {
                 self.on_logged(events);
                 // A checkpoint's counts may come after it became safe.
                 self.retention()
             }
         };
+        out.extend(self.drain_progress(now, reads));
         out.extend(self.start_due(now));
         out
     }

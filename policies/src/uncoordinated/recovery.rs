@@ -92,7 +92,7 @@ impl Uncoordinated {
     }
 
     /// Plans the recovery of `lost` (adding to one in progress).
-    fn plan(
+    pub(super) fn plan(
         &mut self,
         now: Millis,
         epoch: Epoch,

@@ -137,6 +137,12 @@ pub(super) struct HubCalls {
     pub(super) quiet_takeover: bool,
     /// The uncoordinated policy's state (`None`: the job runs a coordinated policy).
     pub(super) uncoord: Option<super::uncoordinated::Uncoord>,
+    /// A swap to the uncoordinated policy (`swap.rs`): `Some(None)` while its cut is
+    /// awaited (the next capture is released as `Switch`), `Some(Some(v))` once checkpoint
+    /// `v` was released so.
+    pub(super) switch_cut: Option<Option<Version>>,
+    /// The ranks' message-log cards sent at that cut, before the policy is in force.
+    pub(super) early_cards: BTreeMap<Rank, super::uncoordinated::Card>,
 }
 
 impl PolicyRuntime for HubCalls {
@@ -239,9 +245,15 @@ impl PolicyRuntime for HubCalls {
         );
         self.barrier = None;
         self.phases.reached(Phase::CheckpointCapture);
-        (self.send)(&LauncherToNode::Release {
-            order: SafepointOrder::Checkpoint { version: native },
-        });
+        let order = if self.switch_cut == Some(None) {
+            // The swap's cut: every rank runs uncoordinated with logging from it.
+            self.switch_cut = Some(Some(version));
+            self.early_cards.clear();
+            SafepointOrder::Switch { version: native }
+        } else {
+            SafepointOrder::Checkpoint { version: native }
+        };
+        (self.send)(&LauncherToNode::Release { order });
         Ok(())
     }
 

@@ -16,6 +16,33 @@
 //! 4. A module that fails later (an error or a panic in any call) is replaced the same way
 //!    by the policy it replaced, at the recovery line, and krun says why.
 //!
+//! # To and from the uncoordinated policy (message logging only)
+//! The rank library's mode switches with the policy (`rank::uncoordinated`, the node's
+//! side in `runtime/uncoordinated.rs`):
+//! - **To it**: the cut is a coordinated checkpoint whose capture is released as
+//!   `Switch{version}` (`HubCalls::switch_cut`); a checkpoint already under way when the
+//!   request came is not the cut, the request is made again after it. Once the cut's
+//!   checkpoint is over, the uncoordinated policy resumes from the records
+//!   (`Uncoordinated::resume`: that checkpoint is every rank's first safe own checkpoint)
+//!   and the hub's per-rank state starts there ([`Uncoord::at_cut`], with the log cards the
+//!   ranks sent at the cut). The pause is that checkpoint's freeze plus the logs' set-up
+//!   (an all-gather and two barriers).
+//! - **From it**: `Realign` asks every rank for its safepoint index; once all answered,
+//!   `RealignAt{T}` (`T` = the highest index + `REALIGN_AHEAD`) and the coordinated policy
+//!   takes over at once (resumed from the records: its line is the last coordinated commit
+//!   until its first checkpoint commits), numbering its checkpointer versions above every
+//!   rank's (the ranks' checkpointers skip forward to it), and is asked for a checkpoint:
+//!   its barrier holds every rank at safepoint T, which is the cut. krun answers once it
+//!   committed. No rank waits unless it runs `REALIGN_AHEAD` safepoints ahead of the answer.
+//!   A recovery during the collection cancels it (`RealignAt{0}`) and it starts again
+//!   after; no answer in [`CUT_TIMEOUT`] cancels the swap.
+//!
+//! Not covered: a failure between `RealignAt` and the cut's commit is recovered by the
+//! coordinated policy from its last commit (the cut of the swap to the uncoordinated
+//! policy), whose images the store may have dropped by then; a cut to the uncoordinated
+//! policy that was released but not committed leaves the ranks' first own checkpoint
+//! unsafe (krun says so).
+//!
 //! [`Plug::make`] is the one place a policy object is built (`policies::make_policy`).
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -29,8 +56,11 @@ use policies::primitives::{
 use policies::report::Summary;
 use policies::{Config, Policy, PolicyError};
 
+use super::uncoordinated::Uncoord;
 use super::{feed, Copies, Driven, HubCalls};
 use crate::runtime::control::PolicyRequest;
+
+mod mode;
 
 /// How long a swap waits for its consistent cut (the checkpoint, or a recovery to end)
 /// before it swaps at the recovery line.
@@ -39,12 +69,33 @@ const CUT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The leader node id the hub's policy runs as.
 const LEADER: u32 = 0;
 
+/// How far past the highest safepoint index reported the ranks switch back to the
+/// coordinated mode (the rank library's `rank::uncoordinated::REALIGN_AHEAD`).
+const REALIGN_AHEAD: u64 = 64;
+
+/// How often a cut to the uncoordinated policy is asked for again (a checkpoint under way
+/// when it was asked was not the cut).
+const CUT_AGAIN: Duration = Duration::from_secs(1);
+
 struct Pending {
     desc: Description,
     reply: Sender<Result<String, String>>,
     asked: Instant,
     line_before: Option<u64>,
     checkpoint_seen: bool,
+    stage: Stage,
+}
+
+/// What a swap waits for.
+enum Stage {
+    /// The policy in force's coordinated checkpoint (between coordinated policies).
+    Cut,
+    /// To the uncoordinated policy: a checkpoint released as `Switch` (asked last at).
+    SwitchCut(Instant),
+    /// From the uncoordinated policy: every rank's safepoint index (`Realign` sent at).
+    Indices(Option<Instant>),
+    /// The coordinated policy took over; its checkpoint at safepoint `at` is the cut.
+    Realigned { at: u64, named: String },
 }
 
 /// The policy in force, the one it replaced, and a swap in progress.
@@ -140,7 +191,7 @@ impl Plug {
         &mut self,
         engine: &mut Driven,
         now: Millis,
-        copies: &Copies,
+        copies: &mut Copies,
         request: PolicyRequest,
         reply: Sender<Result<String, String>>,
     ) {
@@ -165,22 +216,27 @@ impl Plug {
             )));
             return;
         }
+        let stage = if engine.runtime().uncoord.is_some() {
+            Stage::Indices(None)
+        } else if desc.kind == Kind::Uncoordinated {
+            engine.runtime_mut().switch_cut = Some(None);
+            Stage::SwitchCut(Instant::now())
+        } else {
+            Stage::Cut
+        };
+        let ask = !matches!(stage, Stage::Indices(_));
         self.pending = Some(Pending {
             desc,
             reply,
             asked: Instant::now(),
             line_before: engine.policy().recovery_line(),
             checkpoint_seen: false,
+            stage,
         });
-        // The consistent cut: a coordinated checkpoint now.
-        feed(
-            engine,
-            now,
-            Event::CheckpointRequest {
-                source: RequestSource::Command,
-            },
-            copies,
-        );
+        if ask {
+            // The consistent cut: a coordinated checkpoint now.
+            feed(engine, now, checkpoint_request(), copies);
+        }
         self.poll(engine, now, copies);
     }
 
@@ -198,11 +254,28 @@ impl Plug {
         if let Some(p) = &self.pending {
             return Err(format!("a swap to {} is in progress", p.desc.source));
         }
-        if engine.runtime().uncoord.is_some() {
-            // Its per-rank versions and lone restarts are not the coordinated policy's.
-            return Err(
-                "a job that started under the uncoordinated policy cannot swap policies yet".into(),
-            );
+        if let Some(u) = &engine.runtime().uncoord {
+            // Only back to the built-in coordinated policy, at a cut the ranks agree on.
+            if desc.kind != Kind::Coordinated {
+                return Err(format!(
+                    "the job runs the uncoordinated policy: it swaps only to the built-in \
+                     coordinated policy ({} is {})",
+                    desc.source, desc.kind
+                ));
+            }
+            if !u.logging {
+                return Err(
+                    "the uncoordinated policy without message logging cannot hand the \
+                            job over yet (the ranks' safepoint indices are kept in the log)"
+                        .into(),
+                );
+            }
+        } else if desc.kind == Kind::Uncoordinated && !desc.logging.messages {
+            return Err(format!(
+                "{}: a running job swaps to the uncoordinated policy only with message logging \
+                 ([logging] messages = true)",
+                desc.source
+            ));
         }
         check_change(
             &self.current,
@@ -212,20 +285,33 @@ impl Plug {
         )
         .map_err(|e| e.to_string())?;
         let snap = snapshot(engine.runtime());
-        self.make(&desc, &engine.runtime().view, now, Some(&snap))
+        // The uncoordinated policy resumes at a commit: before the job's first, it is
+        // tried as at the job's start.
+        let committed = snap
+            .decisions
+            .iter()
+            .any(|d| matches!(d.kind, DecisionKind::Committed { .. }));
+        let snap = (desc.kind != Kind::Uncoordinated || committed).then_some(&snap);
+        self.make(&desc, &engine.runtime().view, now, snap)
             .map(drop)
             .map_err(|e| e.to_string())
     }
 
     /// Called on every turn of the policy thread: falls back from a failed module, and
     /// swaps once the cut is reached.
-    pub(super) fn poll(&mut self, engine: &mut Driven, now: Millis, copies: &Copies) {
+    pub(super) fn poll(&mut self, engine: &mut Driven, now: Millis, copies: &mut Copies) {
         if let Some(why) = engine.policy().failure() {
             self.fall_back(engine, now, copies, why);
         }
         let Some(p) = self.pending.as_mut() else {
             return;
         };
+        match p.stage {
+            Stage::Cut => {}
+            Stage::SwitchCut(_) => return self.poll_switch(engine, now, copies),
+            Stage::Indices(_) => return self.poll_indices(engine, now, copies),
+            Stage::Realigned { .. } => return self.poll_realigned(engine),
+        }
         match engine.policy().phase() {
             Phase::Checkpointing => {
                 p.checkpoint_seen = true;
@@ -292,9 +378,33 @@ impl Plug {
             // The new policy numbers its operations afresh: a capture of the old one must
             // not match them. A barrier still open (a module failed during a checkpoint)
             // stays, so that the new policy's release reaches the held ranks.
+            let start = self.layout.ranks.clone();
             let calls = engine.runtime_mut();
             calls.capturing = None;
             calls.quiet_takeover = true;
+            match (&desc.kind, calls.uncoord.is_some()) {
+                (Kind::Uncoordinated, false) => {
+                    // Every rank's image of the cut is its first own checkpoint.
+                    let v = calls
+                        .switch_cut
+                        .flatten()
+                        .or(policy.recovery_line())
+                        .unwrap_or(0);
+                    let native = calls.native_of(v).unwrap_or(0);
+                    let commits = calls.commits.load(std::sync::atomic::Ordering::SeqCst);
+                    calls.uncoord = Some(Uncoord::at_cut(
+                        &start,
+                        native,
+                        v,
+                        &calls.early_cards,
+                        commits,
+                    ));
+                    calls.switch_cut = None;
+                }
+                (Kind::Uncoordinated, true) => {}
+                (_, true) => calls.uncoord = None,
+                (_, false) => {}
+            }
         }
         let old = engine.replace_policy(policy);
         self.carried = self.total(old.summary());
@@ -362,6 +472,12 @@ impl Plug {
     }
 }
 
+fn checkpoint_request() -> Event {
+    Event::CheckpointRequest {
+        source: RequestSource::Command,
+    }
+}
+
 /// The levels at which every rank's image of the recovery line is safe.
 fn line_levels(engine: &Driven, copies: &Copies) -> Vec<Level> {
     let Some(v) = engine.policy().recovery_line() else {
@@ -394,18 +510,13 @@ fn snapshot(calls: &HubCalls) -> Snapshot {
         .zip(incarnations)
         .map(|(&node, incarnation)| RankSlot { node, incarnation })
         .collect();
+    // A spare that took ranks in a recovery is no longer one.
     let mut spares: Vec<u32> = calls
         .spares
         .iter()
         .copied()
-        .chain(
-            calls
-                .view
-                .nodes
-                .iter()
-                .copied()
-                .filter(|n| !calls.placement.contains(n)),
-        )
+        .chain(calls.view.nodes.iter().copied())
+        .filter(|n| !calls.placement.contains(n))
         .collect();
     spares.sort_unstable();
     spares.dedup();

@@ -216,7 +216,8 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
             | NodeToLauncher::LogCard { .. }
             | NodeToLauncher::PeerReplaced { .. }
             | NodeToLauncher::Rejoining { .. }
-            | NodeToLauncher::ChannelCounts { .. } => None,
+            | NodeToLauncher::ChannelCounts { .. }
+            | NodeToLauncher::SafepointIndex { .. } => None,
         },
     }
 }

@@ -21,6 +21,9 @@
 //! | `Logged` events | none: the policy's log index is fed by checkpoints only (per-message reports would cost a message per message); the ranks' own counters are in their `log_stats` | |
 //! | (each own checkpoint, no logging) | | `ChannelCounts{rank, version: n, sent, delivered}` (the rank's messages sent to and delivered from each rank since its process started, sent by the rank before its `Checkpointed`) → the hub adds the counts of the checkpoint the process was restored from → `Logged{Channels{rank, v, ..}}` |
 //! | `restart(d)` / `rollback(op, r, v)` (no logging) | collected; then one wiring epoch for the whole line: `Restart{wiring, bootstrap, version: n, ranks}` once per distinct native version n (same wiring and bootstrap), so every rank restores its own version: running ranks in place (watcher, same pid), lost ones on their new node from the store, a rank back to the start without `KRUN_GHOST_RESTORE`; each rank's library drops its images newer than n and numbers on from n + 1 | `Restarted{wiring, rank}` → `RestartDone`/`RollbackDone`; `RestartFailed` → `RestartFailed`/`RollbackFailed` |
+//! | (the last lone restart of a failure runs) | `Reform{wiring, members, ranks}` as after a coordinated recovery: the stores re-form buddies and parity sets among the nodes left, with the restarted ranks where they run now | |
+//! | swap to this policy (`swap.rs`) | the cut's capture released as `Release{Switch{version}}`: the node runs the uncoordinated mode from it and answers the held ranks `CheckpointSwitch` | each rank's `LogCard` (kept in `HubCalls::early_cards` until the policy is in force) |
+//! | swap back to the coordinated policy | `Realign` → each rank's watcher (`ReportSafepoint`); then `RealignAt{T}` (0: cancelled) → the node drops its capture orders, answers safepoints through its gate, tells each rank `CoordinateAt{T}` | `SafepointIndex{rank, index, next}` per rank |
 //!
 //! Without logging the policy's line is transitless (every channel's counts agree, so no
 //! message is in flight across it) and names every rank, so all of them re-wire in the new
@@ -89,6 +92,9 @@ pub(in crate::runtime) struct Uncoord {
     /// rank -> the counts its running process started from (those of the checkpoint it was
     /// restored from; zero at the start): its reports count from its own start.
     base: Vec<Counts>,
+    /// A switch back to the coordinated policy (`swap.rs`): rank -> (safepoint index, the
+    /// version its checkpointer takes next), as the ranks answered `Realign`.
+    pub(super) realign: Option<BTreeMap<Rank, (u64, u64)>>,
 }
 
 /// A rank's channel counts: messages sent to each rank, delivered from each rank.
@@ -116,7 +122,53 @@ impl Uncoord {
             safe: vec![0; ranks],
             counts: BTreeMap::new(),
             base: vec![(vec![0; ranks], vec![0; ranks]); ranks],
+            realign: None,
         }
+    }
+
+    /// The state of a running job that switched to this policy (with logging) at the
+    /// coordinated checkpoint `version` (checkpointer version `native` on every rank):
+    /// that checkpoint is every rank's first own one; `start`: the ranks' nodes at the
+    /// job's start (their buddies' stride); `cards`: the log cards the ranks sent at the
+    /// cut; `commits`: the job's commit count so far (`--inject-failure node=N@Kckpt`
+    /// counts on from it).
+    pub(in crate::runtime) fn at_cut(
+        start: &[NodeId],
+        native: u64,
+        version: Version,
+        cards: &BTreeMap<Rank, Card>,
+        commits: u64,
+    ) -> Uncoord {
+        let mut u = Uncoord::new(start, true);
+        for r in 0..start.len() {
+            u.native[r] = native;
+            u.versions.insert((r as Rank, native), version);
+            u.safe[r] = commits;
+            u.cards[r] = cards.get(&(r as Rank)).cloned();
+        }
+        u
+    }
+
+    /// The newest version the ranks' checkpointers took or were ordered to.
+    pub(in crate::runtime) fn newest_native(&self) -> u64 {
+        let captures = self.capturing.values().map(|c| c.2);
+        self.native
+            .iter()
+            .copied()
+            .chain(captures)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The highest policy version used for any rank.
+    pub(in crate::runtime) fn newest_version(&self) -> Version {
+        let captures = self.capturing.values().map(|c| c.1);
+        self.versions
+            .values()
+            .copied()
+            .chain(captures)
+            .max()
+            .unwrap_or(0)
     }
 
     fn native_of(&self, rank: Rank, version: Version) -> Option<u64> {
@@ -303,6 +355,19 @@ pub(super) fn translate(
     input: Input,
 ) -> Result<Option<Event>, Input> {
     if calls.uncoord.is_none() {
+        // The cards the ranks send at a switch to this policy come before it is in force.
+        if let Input::FromNode(
+            _,
+            NodeToLauncher::LogCard {
+                rank,
+                address,
+                ring,
+            },
+        ) = input
+        {
+            calls.early_cards.insert(rank, (address, ring));
+            return Ok(None);
+        }
         return Err(input);
     }
     let (node, msg) = match input {
@@ -311,6 +376,16 @@ pub(super) fn translate(
     };
     let send = calls.send.clone();
     let placement = calls.placement.clone();
+    // A node being drained is about to leave: it holds no copy of the new placement.
+    let leaving = calls.drain.draining();
+    let members: Vec<NodeId> = calls
+        .view
+        .nodes
+        .iter()
+        .copied()
+        .filter(|&n| Some(n) != leaving)
+        .collect();
+    let epoch = calls.wirings;
     let u = calls.uncoord.as_mut().expect("checked above");
     if !u.logging
         && matches!(
@@ -471,6 +546,12 @@ pub(super) fn translate(
             }
             None
         }
+        NodeToLauncher::SafepointIndex { rank, index, next } => {
+            if let Some(m) = u.realign.as_mut() {
+                m.insert(rank, (index, next));
+            }
+            None
+        }
         NodeToLauncher::PeerReplaced { rank, moved } => {
             if u.replacing.remove(&(rank, moved)) {
                 rejoined_if_done(u, &send);
@@ -492,6 +573,19 @@ pub(super) fn translate(
                 return Ok(None);
             }
             u.restarts.remove(&wiring);
+            if u.restarts.is_empty() {
+                // Every lone restart of this failure runs: the stores re-form buddies and
+                // parity sets among the nodes left, as after a coordinated recovery.
+                send(&LauncherToNode::Reform {
+                    wiring: epoch,
+                    members,
+                    ranks: placement
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &n)| (r as Rank, n))
+                        .collect(),
+                });
+            }
             if let Some(bar) = &calls.recovery_bar {
                 bar.inc(1);
             }
@@ -857,6 +951,92 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    /// A swap to this policy: the cut's capture goes out as `Switch`, the cards the ranks
+    /// send then wait for the policy, and a rank lost before its first own checkpoint
+    /// rejoins from the cut (native version of that checkpoint). A swap back collects the
+    /// ranks' safepoint indices.
+    #[test]
+    fn the_cut_of_a_swap_switches_the_ranks_and_is_every_ranks_first_checkpoint() {
+        use policies::engine::Runtime as _;
+        let (mut calls, sent) = hub();
+        let mut copies = Copies::default();
+        calls.switch_cut = Some(None);
+        calls
+            .capture(OpId { leader: 0, seq: 3 }, 0, 5, &[])
+            .unwrap();
+        assert!(matches!(
+            sent.lock().unwrap().last(),
+            Some(LauncherToNode::Release {
+                order: SafepointOrder::Switch { version: 1 }
+            })
+        ));
+        assert_eq!(calls.switch_cut, Some(Some(5)));
+        // The next capture is a plain one.
+        calls.switch_cut = None;
+        for r in 0..3u32 {
+            let card = Input::FromNode(
+                r,
+                NodeToLauncher::LogCard {
+                    rank: r,
+                    address: vec![r as u8],
+                    ring: vec![20 + r as u8],
+                },
+            );
+            assert!(handled(translate(&mut calls, &mut copies, card)).is_none());
+        }
+        assert_eq!(calls.early_cards.len(), 3);
+        calls.uncoord = Some(Uncoord::at_cut(&[0, 1, 2], 1, 5, &calls.early_cards, 1));
+        let d = Decision {
+            id: policies::primitives::DecisionId {
+                epoch: 2,
+                leader: 0,
+                seq: 4,
+            },
+            kind: policies::primitives::DecisionKind::Restart {
+                rank: 1,
+                incarnation: 1,
+                node: 2,
+                version: Some(5),
+                source: None,
+                failure_epoch: 2,
+            },
+        };
+        restart(&mut calls, &d).unwrap();
+        assert!(matches!(
+            sent.lock().unwrap().last(),
+            Some(LauncherToNode::Rejoin {
+                rank: 1,
+                node: 2,
+                version: 1,
+                ..
+            })
+        ));
+        // Its next own checkpoint is the checkpointer's v2.
+        capture_rank(&mut calls, OpId { leader: 0, seq: 5 }, 0, 6).unwrap();
+        assert!(matches!(
+            sent.lock().unwrap().last(),
+            Some(LauncherToNode::CaptureRank {
+                rank: 0,
+                version: 2,
+                ..
+            })
+        ));
+        let u = calls.uncoord.as_mut().unwrap();
+        assert_eq!((u.newest_native(), u.newest_version()), (2, 6));
+        u.realign = Some(BTreeMap::new());
+        let index = Input::FromNode(
+            0,
+            NodeToLauncher::SafepointIndex {
+                rank: 0,
+                index: 40,
+                next: 3,
+            },
+        );
+        assert!(handled(translate(&mut calls, &mut copies, index)).is_none());
+        let u = calls.uncoord.as_ref().unwrap();
+        assert_eq!(u.realign.as_ref().unwrap().get(&0), Some(&(40, 3)));
     }
 
     #[test]
