@@ -144,6 +144,15 @@ impl Inner {
                     let buddy = self
                         .l2_holder(&key)
                         .unwrap_or_else(|| self.buddy_of(self.cfg.node));
+                    // A holder the membership reports gone (failed, or drained and left)
+                    // took the copy with it: asking it would wait out the fabric's timeout
+                    // (10 s per version, which stalled the flush after every drain).
+                    if self.is_down(buddy) {
+                        if let Some(s) = self.safe.lock().expect("lock").get_mut(&key) {
+                            s[level as usize] = false;
+                        }
+                        continue;
+                    }
                     let body = Body::Drop {
                         owner: owner.to_string(),
                         version: v,
