@@ -189,9 +189,6 @@ fn a_log_snapshot_too_large_for_its_region_skips_the_checkpoint_and_the_job_goes
 /// rejoin; the other ranks keep their processes and never stop. The job ends with the
 /// serial result.
 #[test]
-#[ignore = "the drain moves ranks 6-7 to the spare and they rejoin (\"node 3 drained: ranks 6-7 \
-            moved to spare node 4 from checkpoint 3\"), but the job then did not end within \
-            300 s (the stores kept sending Drop to the departed node 3, 10 s each): open"]
 fn with_message_logging_a_drained_nodes_ranks_move_alone_to_the_spare_and_the_others_keep_running()
 {
     let dir = temp("drain");
