@@ -761,12 +761,16 @@ impl Engine {
             }
         }
         for g in release {
-            for &p in &waiting_for {
-                if p == self.me {
-                    self.members.release(g);
-                } else if let Err(e) = self.ctl_to(p, Ctl::Release { gen: g }) {
+            // The others first, node 0 itself last: a program may end right after the
+            // barrier (mgs_dsm's MGS_STOP_AT exits at once), and node 0 released first
+            // could end before its releases were sent, leaving the others waiting.
+            for &p in waiting_for.iter().filter(|&&p| p != self.me) {
+                if let Err(e) = self.ctl_to(p, Ctl::Release { gen: g }) {
                     self.suspect(p, format!("releasing barrier {g}: {e}"));
                 }
+            }
+            if waiting_for.contains(&self.me) {
+                self.members.release(g);
             }
         }
         Ok(())

@@ -75,8 +75,15 @@ fn hand_over(shared: &std::sync::Arc<Shared>, rank: u32, rx: &mpsc::Receiver<Nod
             again.clear();
             continue;
         };
+        let offered = Instant::now();
         if shared.watchers.order(rank, pid, order.clone(), ORDER_TAKE) {
             continue;
+        }
+        if offered.elapsed() < RETRY_PAUSE {
+            // Refused at once (no watcher of that process yet: a rank still starting or
+            // rejoining): wait a little before offering it again instead of spinning on a
+            // core the ranks need.
+            std::thread::sleep(RETRY_PAUSE);
         }
         // A switch back waits for every rank's answer and target too.
         let keep = matches!(
@@ -97,6 +104,9 @@ fn hand_over(shared: &std::sync::Arc<Shared>, rank: u32, rx: &mpsc::Receiver<Nod
         );
     }
 }
+
+/// How long [`hand_over`] waits before offering again an order that was refused at once.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// An order's name for a log line (its payload is an address and a ring of bytes).
 fn order_name(order: &NodeToRank) -> String {
