@@ -497,13 +497,7 @@ impl Engine {
             self.execute(&mut node, actions, Data::None, &mut remote)?;
             node.take_finished()
         };
-        if !remote.is_empty() {
-            self.run_remote(remote)?;
-        }
-        for e in finished {
-            self.migration_finished(e)?;
-        }
-        Ok(())
+        self.after_actions(remote, finished)
     }
 
     /// Test injection ([`Members::hold`]): node 0 switches, but its entries and markers
@@ -537,13 +531,7 @@ impl Engine {
             self.execute(&mut node, held, Data::None, &mut remote)?;
             node.take_finished()
         };
-        if !remote.is_empty() {
-            self.run_remote(remote)?;
-        }
-        for e in finished {
-            self.migration_finished(e)?;
-        }
-        Ok(())
+        self.after_actions(remote, finished)
     }
 
     /// Step 4 of the change to `epoch` ran here.
@@ -789,6 +777,20 @@ impl Engine {
                 let _ = self.ctl_to(n, Ctl::Dismiss);
             }
         }
+    }
+}
+
+impl Engine {
+    /// After a migration step's actions ran under the node lock: the requests they send to
+    /// other nodes, then the migrations they finished.
+    fn after_actions(&self, remote: Vec<super::Remote>, finished: Vec<u64>) -> Result<()> {
+        if !remote.is_empty() {
+            self.run_remote(remote)?;
+        }
+        for e in finished {
+            self.migration_finished(e)?;
+        }
+        Ok(())
     }
 }
 
