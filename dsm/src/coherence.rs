@@ -40,6 +40,11 @@ pub type PageId = u64;
 pub const SHARE_WORD_NODES: NodeId = 32;
 /// The share word's "open" flag; bits `0..32` are the joined readers.
 pub const SHARE_OPEN: u64 = 1 << 63;
+/// The node told of pages a manager granted to itself as zero pages ([`Msg::Touched`]):
+/// nobody else knows they were written, so without it a failure of that node would leave
+/// them unknown, and a new manager would hand them out as zero pages. (Node 0 coordinates
+/// the rebuild; when it dies itself, nothing is rebuilt.)
+pub const WITNESS: NodeId = 0;
 
 /// A kind of access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -140,6 +145,16 @@ pub enum Msg {
     MigrationDone {
         epoch: u64,
     },
+    /// From a manager to a requester: every copy of the page died (after a failure's
+    /// rebuild); the access cannot be served.
+    Lost {
+        page: PageId,
+    },
+    /// To [`WITNESS`]: the sender, the page's manager, granted the page to itself as a zero
+    /// page (it is written from now on, and only the sender knows).
+    Touched {
+        page: PageId,
+    },
 }
 
 impl Msg {
@@ -160,7 +175,9 @@ impl Msg {
             | Msg::Invalidate { page }
             | Msg::InvalidateAck { page }
             | Msg::Grant { page, .. }
-            | Msg::Promote { page, .. } => *page,
+            | Msg::Promote { page, .. }
+            | Msg::Lost { page }
+            | Msg::Touched { page } => *page,
         }
     }
 }
@@ -211,6 +228,11 @@ pub enum Action {
     Done {
         page: PageId,
         access: Access,
+    },
+    /// The page's every copy died: the waiting accesses cannot be served (the driver
+    /// reports it; never zero-filled).
+    Lost {
+        page: PageId,
     },
 }
 
@@ -333,6 +355,13 @@ pub struct Stats {
     /// Directory entries handed over to / received from other managers.
     pub entries_sent: u64,
     pub entries_received: u64,
+    /// Requests asked again after a failure's rebuild (they may have gone to, or through,
+    /// the dead node).
+    pub requests_resent: u64,
+    /// Read copies of this node made owner after their owner died.
+    pub pages_promoted: u64,
+    /// Pages this node, as a manager, found lost in a failure's rebuild.
+    pub pages_lost: u64,
 }
 
 /// One node's protocol state for every page, and its manager role.
@@ -349,6 +378,8 @@ pub struct Node<W: ShareWords> {
     pub stats: Stats,
     /// Membership changes ([`migration`]).
     change: migration::ChangeState,
+    /// At [`WITNESS`]: pages each manager granted to itself as zero pages.
+    witnessed: BTreeMap<NodeId, BTreeSet<PageId>>,
 }
 
 impl<W: ShareWords> Node<W> {
@@ -364,6 +395,7 @@ impl<W: ShareWords> Node<W> {
             words,
             stats: Stats::default(),
             change: migration::ChangeState::default(),
+            witnessed: BTreeMap::new(),
         }
     }
 
@@ -393,9 +425,10 @@ impl<W: ShareWords> Node<W> {
     /// queued requests are dropped and no request of it is served again; hints naming it
     /// are not followed (reads go to the manager).
     ///
-    /// This does not make up for a dead *owner* or *manager*: a page whose owner died
-    /// stays unserved (the driver's watchdog reports it, never as zeros), and so does a
-    /// page whose manager died until the directory's entries are rebuilt.
+    /// This does not make up for a dead *owner* or *manager*: a page whose owner died, or
+    /// whose manager died, stays unserved until a failure's change rebuilds the entries
+    /// ([`migration`]'s `Change::failed`); a page found lost then is answered
+    /// [`Msg::Lost`], never with zeros.
     pub fn node_failed(&mut self, node: NodeId) -> Vec<Action> {
         let mut out = Vec::new();
         if node == self.me || !self.dead.insert(node) {
@@ -582,6 +615,19 @@ impl<W: ShareWords> Node<W> {
         out
     }
 
+    /// A one-sided operation of a read fault failed (its owner died or cannot be reached):
+    /// the read is asked of the manager instead.
+    pub fn on_remote_failed(&mut self, page: PageId) -> Vec<Action> {
+        let mut out = Vec::new();
+        let p = self.pages.entry(page).or_default();
+        if matches!(p.fetch, Fetch::OneSided { .. }) {
+            p.fetch = Fetch::Idle;
+            p.hint = None;
+        }
+        self.after(page, &mut out);
+        out
+    }
+
     fn after(&mut self, page: PageId, out: &mut Vec<Action>) {
         self.drain_queue(page, out);
         self.retry(page, out);
@@ -701,16 +747,33 @@ impl<W: ShareWords> Node<W> {
                 } else {
                     Access::Read
                 };
-                match self.directory.request(page, who, access) {
-                    ManagerDecision::GrantZero => out.push(Action::Send {
+                if self.directory.is_lost(page) {
+                    out.push(Action::Send {
                         to: who,
-                        msg: Msg::Grant {
-                            page,
-                            access,
-                            owner: true,
-                            zero: true,
-                        },
-                    }),
+                        msg: Msg::Lost { page },
+                    });
+                    return;
+                }
+                match self.directory.request(page, who, access) {
+                    ManagerDecision::GrantZero => {
+                        if who == me && me != WITNESS && !self.dead.contains(&WITNESS) {
+                            // Sent before the grant is handled: the witness hears of the
+                            // page before anything is written to it.
+                            out.push(Action::Send {
+                                to: WITNESS,
+                                msg: Msg::Touched { page },
+                            });
+                        }
+                        out.push(Action::Send {
+                            to: who,
+                            msg: Msg::Grant {
+                                page,
+                                access,
+                                owner: true,
+                                zero: true,
+                            },
+                        })
+                    }
                     ManagerDecision::Forward(owner) => out.push(Action::Send {
                         to: owner,
                         msg: match access {
@@ -784,6 +847,16 @@ impl<W: ShareWords> Node<W> {
                 }
             }
             Msg::Grant {
+                access: Access::Read,
+                owner: false,
+                ..
+            } if p.state != PageState::Invalid => {
+                // A read copy again (a request asked again after a failure, answered
+                // twice): what this node holds is at least as good (a valid copy, or the
+                // page itself); the sender has it in its copyset, which costs one
+                // invalidation at most.
+            }
+            Msg::Grant {
                 access,
                 owner,
                 zero,
@@ -810,11 +883,20 @@ impl<W: ShareWords> Node<W> {
             }
             Msg::Promote { copyset, .. } => {
                 if p.state == PageState::ReadCopy {
+                    self.stats.pages_promoted += 1;
                     p.state = PageState::ReadOwner;
                     p.hint = Some(me);
                     p.copyset = copyset.into_iter().filter(|&n| n != me).collect();
                     p.publish = true;
                 }
+            }
+            Msg::Lost { .. } => {
+                if p.want.is_some() {
+                    out.push(Action::Lost { page });
+                }
+            }
+            Msg::Touched { .. } => {
+                self.witnessed.entry(from).or_default().insert(page);
             }
             // Handled by `on_message` before any page is looked at.
             Msg::Entries { .. } | Msg::MigrationDone { .. } => {}

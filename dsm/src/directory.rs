@@ -63,6 +63,10 @@ pub enum ManagerDecision {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Directory {
     owners: BTreeMap<PageId, NodeId>,
+    /// For entries a write moved: the owner the write was forwarded to. Until it granted
+    /// the page, the recorded owner does not hold it; if that owner dies first, the entry
+    /// must be rebuilt ([`Directory::forget_failed`]).
+    forwarded: BTreeMap<PageId, NodeId>,
     /// Pages that were written and lost every copy: requests for them are refused.
     lost: BTreeSet<PageId>,
 }
@@ -76,22 +80,54 @@ impl Directory {
                 ManagerDecision::GrantZero
             }
             Some(owner) => {
-                if access == Access::Write {
+                if access == Access::Write && owner != who {
                     self.owners.insert(page, who);
+                    self.forwarded.insert(page, owner);
                 }
                 ManagerDecision::Forward(owner)
             }
         }
     }
 
+    /// `node` died: forgets the entries that name it as the owner, or whose last write was
+    /// forwarded to it (the transfer may never have happened); returns their pages, to be
+    /// rebuilt from the survivors' copies.
+    pub fn forget_failed(&mut self, node: NodeId) -> Vec<PageId> {
+        let pages: Vec<PageId> = self
+            .owners
+            .iter()
+            .filter(|(&p, &o)| o == node || self.forwarded.get(&p) == Some(&node))
+            .map(|(&p, _)| p)
+            .collect();
+        for p in &pages {
+            self.owners.remove(p);
+            self.forwarded.remove(p);
+        }
+        pages
+    }
+
+    /// Records `page` as lost (every copy died): requests for it are refused from now on.
+    pub fn mark_lost(&mut self, page: PageId) {
+        self.owners.remove(&page);
+        self.forwarded.remove(&page);
+        self.lost.insert(page);
+    }
+
+    /// The pages this manager knows lost.
+    pub fn lost_pages(&self) -> Vec<PageId> {
+        self.lost.iter().copied().collect()
+    }
+
     /// Records `owner` as the page's owner (a region restored from a checkpoint: the
     /// owners are the ranks whose snapshot holds the page).
     pub fn set_owner(&mut self, page: PageId, owner: NodeId) {
+        self.forwarded.remove(&page);
         self.owners.insert(page, owner);
     }
 
     /// Forgets the entry of `page` (it leaves this manager); returns its owner.
     pub fn remove(&mut self, page: PageId) -> Option<NodeId> {
+        self.forwarded.remove(&page);
         self.owners.remove(&page)
     }
 
@@ -112,19 +148,27 @@ impl Directory {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct EntryState {
     version: u8,
-    /// The owner a live manager had on record (migration), or a node claiming ownership.
+    /// The owner a live manager had on record (migration).
     owner: Option<NodeId>,
+    /// Nodes that hold the page as its owner (the failure scan), for entries without a
+    /// live record (records naming a dead node, or the dead node's own entries).
+    claims: BTreeSet<NodeId>,
     /// Surviving nodes holding a valid copy.
     holders: BTreeSet<NodeId>,
     /// Someone knows the page was owned once (so it is not a zero page).
     touched: bool,
 }
 
-const STATE_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 2;
 
 impl EntryState {
     fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    fn encode_touched(mut self) -> Vec<u8> {
+        self.touched = true;
+        self.encode()
     }
 
     fn decode(bytes: &[u8]) -> Option<EntryState> {
@@ -136,9 +180,31 @@ impl EntryState {
         if self.owner.is_none() {
             self.owner = other.owner;
         }
+        self.claims.extend(other.claims);
         self.holders.extend(other.holders);
         self.touched |= other.touched;
     }
+}
+
+/// The state a failure scan reports for a page: `me` holds it as its owner, holds a valid
+/// copy, or only knows it was written once (neither).
+pub fn scan_state(me: NodeId, owner: bool, copy: bool) -> Vec<u8> {
+    EntryState {
+        version: STATE_VERSION,
+        owner: None,
+        claims: if owner {
+            [me].into_iter().collect()
+        } else {
+            BTreeSet::new()
+        },
+        holders: if copy || owner {
+            [me].into_iter().collect()
+        } else {
+            BTreeSet::new()
+        },
+        touched: true,
+    }
+    .encode()
 }
 
 /// What a rebuilt entry asks the driver to do.
@@ -169,6 +235,11 @@ pub struct DirectoryService {
 }
 
 impl DirectoryService {
+    /// Nodes known dead (their claims and copies are not used by the rebuild).
+    pub fn set_dead(&mut self, dead: impl IntoIterator<Item = NodeId>) {
+        self.dead.extend(dead);
+    }
+
     pub fn new(me: NodeId, holdings: Holdings) -> Self {
         DirectoryService {
             me,
@@ -184,15 +255,7 @@ impl DirectoryService {
     /// A node failed: entries it owned are rebuilt from the next scan.
     pub fn node_failed(&mut self, node: NodeId) {
         self.dead.insert(node);
-        let orphaned: Vec<PageId> = self
-            .directory
-            .owners
-            .iter()
-            .filter(|(_, &o)| o == node)
-            .map(|(&p, _)| p)
-            .collect();
-        for page in orphaned {
-            self.directory.owners.remove(&page);
+        for page in self.directory.forget_failed(node) {
             self.incoming.entry(page).or_default().touched = true;
         }
     }
@@ -212,7 +275,13 @@ impl DirectoryService {
             if self.directory.owners.contains_key(&page) {
                 continue;
             }
-            let live_owner = state.owner.filter(|o| !self.dead.contains(o));
+            // A live manager's record first (the transfer it names settles towards it),
+            // then a node that holds the page as owner, then a copy to promote.
+            let live_owner = state.owner.filter(|o| !self.dead.contains(o)).or(state
+                .claims
+                .iter()
+                .copied()
+                .find(|o| !self.dead.contains(o)));
             let holders: BTreeSet<NodeId> = state
                 .holders
                 .iter()
@@ -229,7 +298,7 @@ impl DirectoryService {
                     copyset: holders.iter().copied().filter(|&h| h != owner).collect(),
                 });
             } else if state.touched {
-                self.directory.lost.insert(page);
+                self.directory.mark_lost(page);
                 self.lost.push(page);
             }
         }
@@ -286,10 +355,9 @@ impl Service for DirectoryService {
             EntryState {
                 version: STATE_VERSION,
                 owner: Some(owner),
-                holders: BTreeSet::new(),
-                touched: true,
+                ..EntryState::default()
             }
-            .encode(),
+            .encode_touched(),
         )
     }
 
@@ -308,19 +376,7 @@ impl Service for DirectoryService {
         holdings
             .into_iter()
             .filter(|(h, hint)| orphan(h.page) || self.dead.contains(hint))
-            .map(|(h, _)| {
-                let state = EntryState {
-                    version: STATE_VERSION,
-                    owner: h.owner.then_some(self.me),
-                    holders: if h.copy {
-                        [self.me].into_iter().collect()
-                    } else {
-                        BTreeSet::new()
-                    },
-                    touched: true,
-                };
-                (h.page, state.encode())
-            })
+            .map(|(h, _)| (h.page, scan_state(self.me, h.owner, h.copy)))
             .collect()
     }
 }

@@ -17,9 +17,21 @@ pub enum DsmError {
     /// A message from a peer that does not decode.
     #[error("undecodable DSM message from node {from}: {reason}")]
     BadMessage { from: NodeId, reason: String },
-    /// A page whose every copy died (reported to the HA policy).
-    #[error("page {page} is lost: its only copy died")]
-    PageLost { page: PageId },
+    /// A page whose every copy died: after a failure the survivors rebuilt the directory
+    /// and found no copy of it. Reported to the program (and the HA policy, through node
+    /// 0's change report), never served as zeros.
+    #[error(
+        "page {page} (region at {region:#x}, offset {offset:#x}) is lost for a {access}: \
+         its only copy died with nodes {dead:?} (the survivors rebuilt the directory and hold \
+         no copy); restore it from a checkpoint (not zero-filled)"
+    )]
+    PageLost {
+        page: PageId,
+        region: u64,
+        offset: u64,
+        access: String,
+        dead: Vec<NodeId>,
+    },
     /// A collective call that the ranks did not agree on.
     #[error("collective {what} failed: {reason}")]
     Collective { what: String, reason: String },

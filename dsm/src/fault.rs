@@ -196,6 +196,8 @@ pub struct Engine {
     suspects: Mutex<BTreeMap<NodeId, String>>,
     /// The node set and its changes, and the barrier ([`members`]).
     pub(crate) members: members::Members,
+    /// Pages a manager answered lost while local accesses waited (reported by the watchdog).
+    lost_reports: Mutex<Vec<PageId>>,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -262,6 +264,7 @@ impl Engine {
             dead: Mutex::new(BTreeSet::new()),
             suspects: Mutex::new(BTreeMap::new()),
             members: members::Members::new(n as u32),
+            lost_reports: Mutex::new(Vec::new()),
         }
     }
 
@@ -643,11 +646,17 @@ impl Engine {
     }
 
     /// Posts one-sided joins and reads together, waits for them, and feeds the results to
-    /// the state machine (which may ask for more).
+    /// the state machine (which may ask for more). An operation that fails (its owner died
+    /// or cannot be reached) makes the owner a suspect and the read asks the manager.
     fn run_remote_with(&self, mut remote: Vec<Remote>, slots: &MemoryRegion) -> Result<()> {
         while !remote.is_empty() {
             let mut joins = Vec::new();
             let mut reads = Vec::new();
+            let mut failed: Vec<PageId> = Vec::new();
+            let mut fail = |page: PageId, owner: NodeId, e: &dyn std::fmt::Display| {
+                self.suspect(owner, format!("one-sided access to page {page}: {e}"));
+                failed.push(page);
+            };
             for r in remote.drain(..) {
                 match r {
                     Remote::Join { owner, page } => {
@@ -655,13 +664,15 @@ impl Engine {
                             continue; // freed since
                         };
                         let peer = self.peer(owner)?;
-                        let c = self.ep.post_fetch_add(
+                        match self.ep.post_fetch_add(
                             peer,
                             &region.remote_words[owner as usize],
                             region.index(page) as u64 * 8,
                             1u64 << self.me,
-                        )?;
-                        joins.push((page, c));
+                        ) {
+                            Ok(c) => joins.push((page, owner, c)),
+                            Err(e) => fail(page, owner, &e),
+                        }
                     }
                     Remote::Read { owner, page } => {
                         let Some(region) = region_of(&self.regions, page) else {
@@ -678,7 +689,7 @@ impl Engine {
                         // SAFETY: the landing slot belongs to this thread until the read
                         // completes; the owner does not write its published copy while the
                         // share word is open (and a reader invalidated meanwhile discards it).
-                        let c = unsafe {
+                        let posted = unsafe {
                             self.ep.post_read(
                                 peer,
                                 slots,
@@ -686,25 +697,38 @@ impl Engine {
                                 PAGE,
                                 &region.remote_export[owner as usize],
                                 region.index(page) as u64 * PAGE as u64,
-                            )?
+                            )
                         };
-                        reads.push((page, slot, c));
+                        match posted {
+                            Ok(c) => reads.push((page, owner, slot, c)),
+                            Err(e) => fail(page, owner, &e),
+                        }
                     }
                 }
             }
             let mut joined = Vec::new();
-            for (page, c) in joins {
-                joined.push((page, c.wait()? & SHARE_OPEN != 0));
+            for (page, owner, c) in joins {
+                match c.wait() {
+                    Ok(old) => joined.push((page, old & SHARE_OPEN != 0)),
+                    Err(e) => fail(page, owner, &e),
+                }
             }
             let mut landed = HashMap::new();
-            for (page, slot, c) in reads {
-                c.wait()?;
+            for (page, owner, slot, c) in reads {
+                if let Err(e) = c.wait() {
+                    fail(page, owner, &e);
+                    continue;
+                }
                 self.stats.remote_fetches.fetch_add(1, Ordering::Relaxed);
                 // SAFETY: slot < prefetch + 1, inside the landing region.
                 landed.insert(page, unsafe { slots.as_ptr().add(slot * PAGE) }
                     as *const u8);
             }
             let mut node = self.node.lock().map_err(|_| poisoned())?;
+            for page in failed {
+                let actions = node.on_remote_failed(page);
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
             for (page, open) in joined {
                 let actions = node.on_join(page, open);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;

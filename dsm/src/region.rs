@@ -639,9 +639,12 @@ impl Dsm {
 
     /// `node` died (the job's membership reports the failure): its read copies leave every
     /// copyset, so writes that waited for its invalidation acknowledgement are granted,
-    /// and nothing is sent to it again. Pages it owned are not rebuilt: an access to one
-    /// is reported unreachable by the fault watchdog (never served as zeros). The watchdog
-    /// declares a node failed by itself when a probe finds it silent.
+    /// and nothing is sent to it again. At node 0 this starts the failure's change: its
+    /// directory entries are rebuilt from the survivors' copies, a read copy of each page
+    /// it owned is promoted, and pages whose every copy died are reported lost
+    /// ([`Dsm::lost_pages`]; an access fails with [`DsmError::PageLost`], never zeros). The
+    /// watchdog declares a node failed by itself when a probe finds it silent, and tells
+    /// the others.
     pub fn node_failed(&self, node: NodeId) -> Result<()> {
         let count = self.engine.peer_count();
         if node as usize >= count {

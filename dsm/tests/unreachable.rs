@@ -5,72 +5,21 @@
 //! Three `dsm-node unreachable` processes: rank 1 writes pages 0 and 1 and is SIGKILLed
 //! (by PID) once it says so; then rank 0 reads page 1 (whose manager was rank 1) and rank 2
 //! reads page 0 (whose manager, rank 0, forwards to rank 1). The fault
-//! timeout is 400 ms; the test only bounds the wait (120 s) to tell an error from a hang,
-//! it never judges the time taken.
+//! timeout is 400 ms. Node 0 lives, so rank 1's failure is handled: its entries are rebuilt
+//! from the survivors (who hold no copy), page 1 is known written through node 0's witness
+//! record, and both pages are reported lost ([`dsm::DsmError::PageLost`]). The test only
+//! bounds the wait (120 s) to tell an error from a hang, it never judges the time taken.
 //!
 //! The other side: a rank that held only read copies is SIGKILLed and the job goes on
 //! (`reader_killed_on`): its copies are dropped, never waited for, and nothing is lost.
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{is_root, spawn, Proc};
 use fabric::bootstrap::BootstrapServer;
 
-const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
 const LIMIT: Duration = Duration::from_secs(120);
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    err: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        fabric::ofi::remove_shm_segments(self.child.id());
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn spawn(args: &[String], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(NODE)
-        .args(args)
-        .envs(env.iter().copied())
-        .env("KRUN_FABRIC_BIND", "127.0.0.1")
-        .env_remove("KRUN_SECRET_FILE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dsm-node");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    Proc {
-        child,
-        lines,
-        err: Some(err),
-    }
-}
 
 fn unreachable_on(provider: &str) {
     let dir = std::env::temp_dir().join(format!(
@@ -148,11 +97,17 @@ fn unreachable_on(provider: &str) {
             err.contains(&format!("page {page} (region at")),
             "rank {r} over {provider}: the error must name page {page}:\n{err}"
         );
-        // Rank 0 may end before rank 2 probes it: node 1 must be among the dead.
+        // Node 0 lives: rank 1's failure is handled, its entries rebuilt, and the pages
+        // found lost (their only copy died with it). Rank 0 may end before rank 2 asks it:
+        // node 1 must be among the dead.
+        assert!(
+            err.contains(&format!("page {page} (region at")) && err.contains("is lost"),
+            "rank {r} over {provider}: page {page} must be reported lost:\n{err}"
+        );
         let dead = err
-            .split("; nodes [")
+            .split("died with nodes [")
             .nth(1)
-            .and_then(|t| t.split_once("] do not answer"))
+            .and_then(|t| t.split_once(']'))
             .map(|(list, _)| {
                 list.split(", ")
                     .map(|n| n.trim().to_string())
@@ -189,23 +144,6 @@ fn a_rank_reading_a_page_whose_owner_was_sigkilled_gets_an_error_naming_it_over_
         return;
     }
     unreachable_on("shm");
-}
-
-/// Waits (bounded by `deadline`) for a stdout line of `p` containing `what`; returns it.
-fn line_with(p: &mut Proc, what: &str, deadline: Instant, who: &str) -> String {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match p.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(l) if l.contains(what) => return l,
-            Ok(_) => {}
-            Err(_) => {
-                let status = p.child.try_wait().ok().flatten();
-                let _ = p.child.kill();
-                let err = p.err.take().map(|e| e.join().unwrap()).unwrap_or_default();
-                panic!("{who} never printed {what:?} ({status:?}):\n{err}");
-            }
-        }
-    }
 }
 
 /// A node holding only read copies is SIGKILLed: the job goes on. Rank 0 wrote pages that
@@ -252,12 +190,12 @@ fn reader_killed_on(provider: &str) {
         })
         .collect();
     let deadline = Instant::now() + LIMIT;
-    line_with(&mut procs[2], "reader=ready", deadline, "rank 2");
+    procs[2].line_with("reader=ready", deadline, "rank 2");
     procs[2].child.kill().unwrap();
     assert!(!procs[2].child.wait().unwrap().success());
     std::fs::write(&go, b"go").unwrap();
-    let writer = line_with(&mut procs[1], "writer=ok", deadline, "rank 1 (writer)");
-    let checker = line_with(&mut procs[0], "checker=ok", deadline, "rank 0 (checker)");
+    let writer = procs[1].line_with("writer=ok", deadline, "rank 1 (writer)");
+    let checker = procs[0].line_with("checker=ok", deadline, "rank 0 (checker)");
     eprintln!("over {provider}: {writer} / {checker}");
     std::fs::write(&stop, b"stop").unwrap();
     for (r, line) in [(0usize, &checker), (1, &writer)] {

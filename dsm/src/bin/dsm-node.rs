@@ -15,12 +15,15 @@
 //! | `threads` | rank 0 writes `--pages` pages, rank 1 reads them (hint), rank 0 rewrites them and rank 2 reads them (rank 0 publishes); then `--app-threads` threads of rank 1 read disjoint pages at once, one-sided (run with `KRUN_DSM_FAULT_THREADS`); prints the most fault threads seen inside one-sided operations at once |
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //! | `churn` | counters on `--pages` pages, each rank adding 1 to every counter under the DSM lock and reading them without it, while the node set changes: rank 0 writes its contact to `--contact-file` (for a `joiner`); a rank named by `--leave` leaves after `--rounds` iterations; the others go on until they see the change committed, then `--rounds` more; rank 0 prints every counter, every rank its iterations and the migration counters |
+//! | `manager-killed` | 4 ranks; rank 3 manages entries and owns pages, prints `victim=ready` and sleeps (the test SIGKILLs it, then creates `--go-file`); ranks 0 and 1 fault in a loop across the kill (`faulting=1`), rank 2 then reads pages whose manager was rank 3 (`asked=1`: its request went to the dead manager); the survivors check every page that had a surviving copy (promoted copies, rewritten after), rank 0 checks the pages reported lost against those whose every copy died (`lost=`, `expected_lost=`), rank 2 finally reads a lost page (the driver must end it with code 75 naming the page) and ranks 0 and 1 wait for `--stop-file` (run with `KRUN_DSM_FAIL_HOLD` to hold the failure's change until rank 2 asked) |
 //! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
 //! passed, 1 when one failed, 2 on bad arguments.
 #[path = "dsm-node/churn.rs"]
 mod churn;
+#[path = "dsm-node/failure.rs"]
+mod failure;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -656,6 +659,7 @@ fn run(a: &Args) -> Res<()> {
         "mgs" => mgs(&d, a),
         "unreachable" => return unreachable(&d, a),
         "reader-killed" => return reader_killed(&d, a),
+        "manager-killed" => return failure::manager_killed(&d, a),
         "threads" => threads(&d, a),
         "churn" => {
             if churn::churn(&d, a)? == churn::Outcome::Left {

@@ -13,6 +13,21 @@
 //! 4. Once every other member of the old view said [`Msg::MigrationDone`],
 //!    `after_migration` resolves the received entries into the directory.
 //!
+//! A **failure** is a change too (`Change::failed`): the dead node's entries cannot be
+//! sent, so at its switch every survivor
+//! - forgets the entries it manages that name the dead node as the owner, or whose last
+//!   write was forwarded to it ([`crate::directory::Directory::forget_failed`]);
+//! - scans what it holds ([`crate::directory::scan_state`]): every page it owns (a claim),
+//!   every valid copy whose owner or old manager was the dead node, every page it knows the
+//!   dead node had; and, at [`super::WITNESS`], the pages the dead node granted to itself;
+//!   each goes to the page's new manager like a migrated entry.
+//!
+//! At step 4 each new manager resolves the entries it received: a live manager's record
+//! wins, else a node's claim; else a surviving copy is promoted ([`Msg::Promote`]); else a page known written is
+//! **lost**: requests for it are answered [`Msg::Lost`], never with a zero page. After the
+//! change is committed, every request still outstanding is asked again
+//! ([`Node::resend_outstanding`]): it may have gone to, or through, the dead node.
+//!
 //! Requests are never lost: a manager request for an entry this node does not manage in
 //! its current view is forwarded to the entry's current manager (after the entries it
 //! handed over, on the same FIFO link); one for an entry in transit towards this node (it
@@ -25,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use adaptation::locator::Placement;
 use adaptation::service::Service;
 
-use super::{Action, Msg, Node, NodeId, PageId, ShareWords};
-use crate::directory::{DirectoryService, Holdings};
+use super::{Action, Fetch, Msg, Node, NodeId, PageId, PageState, ShareWords};
+use crate::directory::{scan_state, DirectoryService, Holdings};
 
 /// Entries per [`Msg::Entries`] message.
 const ENTRIES_PER_MESSAGE: usize = 256;
@@ -39,6 +54,8 @@ pub struct Change {
     /// Live members before and after the change.
     pub old_members: BTreeSet<NodeId>,
     pub new_members: BTreeSet<NodeId>,
+    /// A failure: the node that died (its entries are rebuilt from the survivors' scans).
+    pub failed: Option<NodeId>,
 }
 
 /// A change in progress at this node (between its switch and its step 4).
@@ -50,6 +67,8 @@ struct Migration {
     waiting: BTreeSet<NodeId>,
     service: DirectoryService,
     delayed: Vec<(NodeId, Msg)>,
+    /// Entries this node managed and rebuilds (a failure): requests wait for step 4 too.
+    rebuilding: BTreeSet<PageId>,
 }
 
 #[derive(Default)]
@@ -105,6 +124,11 @@ impl<W: ShareWords> Node<W> {
         };
         let me = self.me;
         let old = std::mem::replace(&mut self.locator, change.locator);
+        // A failure: records naming the dead node are void (before any entry leaves).
+        let forgotten = change
+            .failed
+            .map(|x| self.directory.forget_failed(x))
+            .unwrap_or_default();
         let leaving: Vec<PageId> = self
             .directory
             .pages()
@@ -112,6 +136,7 @@ impl<W: ShareWords> Node<W> {
             .filter(|&p| self.locator.manager(p) != me)
             .collect();
         let mut service = DirectoryService::new(me, Holdings::default());
+        service.set_dead(self.dead.iter().copied());
         for &p in &leaving {
             if let Some(owner) = self.directory.remove(p) {
                 service.directory.set_owner(p, owner);
@@ -125,6 +150,18 @@ impl<W: ShareWords> Node<W> {
                     .entry(self.locator.manager(p))
                     .or_default()
                     .push((p, state));
+            }
+        }
+        let mut rebuilding = BTreeSet::new();
+        if let Some(x) = change.failed {
+            for (page, state) in self.failure_scan(x, &*old, forgotten) {
+                let to = self.locator.manager(page);
+                if to == me {
+                    rebuilding.insert(page);
+                    service.receive(page, state);
+                } else {
+                    by_manager.entry(to).or_default().push((page, state));
+                }
             }
         }
         let epoch = change.epoch;
@@ -161,8 +198,60 @@ impl<W: ShareWords> Node<W> {
             waiting,
             service,
             delayed: Vec::new(),
+            rebuilding,
         });
         self.maybe_finish(out);
+    }
+
+    /// What this node reports of `x`'s pages after `x` died (`old`: the locator before).
+    /// `forgotten`: the entries this node managed that named `x`.
+    fn failure_scan(
+        &mut self,
+        x: NodeId,
+        old: &dyn Placement,
+        forgotten: Vec<PageId>,
+    ) -> Vec<(PageId, Vec<u8>)> {
+        let me = self.me;
+        let mut states = Vec::new();
+        for page in forgotten {
+            states.push((page, scan_state(me, false, false)));
+        }
+        for (&page, p) in &self.pages {
+            let owner = p.state.is_owner();
+            let copy = p.state != PageState::Invalid;
+            let hint_dead = p.hint.is_some_and(|h| h == x || self.dead.contains(&h));
+            if owner || (copy && (hint_dead || old.manager(page) == x)) || (!copy && hint_dead) {
+                states.push((page, scan_state(me, owner, copy)));
+            }
+        }
+        for page in self.witnessed.remove(&x).unwrap_or_default() {
+            states.push((page, scan_state(me, false, false)));
+        }
+        states
+    }
+
+    /// After a failure's change is committed: every local access still waiting for an
+    /// answer asks again (its request may have gone to, or through, the dead node, or been
+    /// dropped as addressed to it). An answer that comes twice is harmless: a second read
+    /// copy is ignored, a second write request finds this node named already.
+    pub fn resend_outstanding(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        let waiting: Vec<PageId> = self
+            .pages
+            .iter()
+            .filter(|(_, p)| p.want.is_some() && matches!(p.fetch, Fetch::Requested(_)))
+            .map(|(&page, _)| page)
+            .collect();
+        for page in waiting {
+            let p = self.pages.get_mut(&page).expect("listed");
+            p.fetch = Fetch::Idle;
+            if p.hint.is_some_and(|h| self.dead.contains(&h)) {
+                p.hint = None;
+            }
+            self.stats.requests_resent += 1;
+            self.after(page, &mut out);
+        }
+        out
     }
 
     pub(super) fn on_migration_message(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
@@ -223,9 +312,44 @@ impl<W: ShareWords> Node<W> {
             return;
         };
         m.service.after_migration(m.epoch);
+        // Rebuilt entries only fill what this node has no record of (a record of a live
+        // owner is kept: a transfer to it may be in flight).
+        let promotions: Vec<_> = m
+            .service
+            .take_promotions()
+            .into_iter()
+            .filter(|pr| self.directory.owner(pr.page).is_none())
+            .collect();
+        for page in m.service.take_lost() {
+            if self.directory.owner(page).is_none() && !self.directory.is_lost(page) {
+                self.stats.pages_lost += 1;
+                self.directory.mark_lost(page);
+            }
+        }
         for (page, owner) in m.service.directory.pages() {
             if self.directory.owner(page).is_none() {
                 self.directory.set_owner(page, owner);
+            }
+        }
+        // Sent before the held requests are forwarded: the new owner is an owner first.
+        for pr in promotions {
+            if pr.owner == self.me {
+                let actions = self.on_message(
+                    self.me,
+                    Msg::Promote {
+                        page: pr.page,
+                        copyset: pr.copyset,
+                    },
+                );
+                out.extend(actions);
+            } else {
+                out.push(Action::Send {
+                    to: pr.owner,
+                    msg: Msg::Promote {
+                        page: pr.page,
+                        copyset: pr.copyset,
+                    },
+                });
             }
         }
         self.change.finished.push(m.epoch);
@@ -242,13 +366,9 @@ impl<W: ShareWords> Node<W> {
     pub(super) fn reroute(&mut self, from: NodeId, msg: &Msg, out: &mut Vec<Action>) -> bool {
         let me = self.me;
         let page = msg.page();
-        if self.locator.manager(page) != me
-            && self
-                .change
-                .pending
-                .as_ref()
-                .is_some_and(|c| c.locator.manager(page) == me)
-        {
+        if self.change.pending.as_ref().is_some_and(|c| {
+            c.failed.is_some() || (self.locator.manager(page) != me && c.locator.manager(page) == me)
+        }) {
             // The requester switched to the next view already (it names this node): switch
             // too, so the entry's old manager hands it over.
             self.switch(out);
@@ -263,7 +383,7 @@ impl<W: ShareWords> Node<W> {
             return true;
         }
         if let Some(m) = self.change.migration.as_mut() {
-            if m.old.manager(page) != me {
+            if m.old.manager(page) != me || m.rebuilding.contains(&page) {
                 self.stats.requests_delayed += 1;
                 m.delayed.push((from, msg.clone()));
                 return true;
@@ -286,6 +406,7 @@ mod tests {
             locator: LocatorKind::Modulo.build(ids),
             old_members: old.iter().copied().collect(),
             new_members: new.iter().copied().collect(),
+            failed: None,
         }
     }
 
@@ -350,6 +471,102 @@ mod tests {
                 Some(2)
             );
         }
+    }
+
+    /// Delivers queued messages in order; those to `dead` are lost.
+    fn drain_without(net: &mut Net, dead: NodeId) {
+        while let Some((from, to, msg)) = net.queue.pop_front() {
+            if to == dead {
+                continue;
+            }
+            let a = net.nodes[to as usize].on_message(from, msg);
+            net.apply(to, a);
+        }
+    }
+
+    /// Node 3 of 4 (`page % 4`) manages pages 3, 7 and 11 and dies. It owned pages 3 and 5
+    /// (read copies at nodes 1 and 2), 6 (no other copy) and 7 (it granted the page to
+    /// itself: only node 0, the witness, heard of it). Node 1 owns page 11; node 2's read of
+    /// it went to node 3 and is lost. After the failure's change (`page % 3`): pages 3 and
+    /// 5 are promoted at node 1, pages 6 and 7 are lost (answered `Lost`, never a zero
+    /// page), page 11's entry is rebuilt from node 1's claim and node 2's read, asked again
+    /// at the commit, is served.
+    #[test]
+    fn a_failure_rebuilds_the_dead_managers_entries_promotes_copies_and_reports_lost_pages() {
+        let mut net = Net::new(4, false);
+        for page in [3, 5, 6, 7] {
+            net.access(3, page, Access::Write);
+        }
+        for reader in [1, 2] {
+            net.access(reader, 3, Access::Read);
+            net.access(reader, 5, Access::Read);
+        }
+        net.access(1, 11, Access::Write);
+        // Node 3 dies: node 2's request for page 11 goes to it and is lost.
+        let a = net.nodes[2].fault(11, Access::Read);
+        net.apply(2, a);
+        drain_without(&mut net, 3);
+        assert_eq!(net.nodes[2].state(11), PageState::Invalid);
+        for n in 0..3u32 {
+            let a = net.nodes[n as usize].node_failed(3);
+            net.apply(n, a);
+        }
+        drain_without(&mut net, 3);
+        for n in 0..3 {
+            let mut c = change(1, &[0, 1, 2], &[0, 1, 2], &[0, 1, 2]);
+            c.failed = Some(3);
+            net.nodes[n].prepare_change(c);
+        }
+        for n in 0..3u32 {
+            let a = net.nodes[n as usize].start_change(1);
+            net.apply(n, a);
+        }
+        drain_without(&mut net, 3);
+        for n in 0..3u32 {
+            assert!(!net.nodes[n as usize].migrating(), "node {n}");
+            let a = net.nodes[n as usize].resend_outstanding();
+            net.apply(n, a);
+        }
+        drain_without(&mut net, 3);
+        assert_eq!(net.nodes[2].stats.requests_resent, 1);
+        assert_eq!(net.nodes[2].state(11), PageState::ReadCopy);
+        assert_eq!(net.nodes[2].directory.owner(11), Some(1));
+        for page in [3, 5] {
+            assert_eq!(net.nodes[1].state(page), PageState::ReadOwner, "page {page}");
+            assert_eq!(
+                net.nodes[(page % 3) as usize].directory.owner(page),
+                Some(1),
+                "page {page}"
+            );
+        }
+        assert_eq!(net.nodes[1].stats.pages_promoted, 2);
+        assert!(net.nodes[0].directory.is_lost(6));
+        assert!(net.nodes[1].directory.is_lost(7));
+        assert_eq!(
+            net.nodes[0].stats.pages_lost + net.nodes[1].stats.pages_lost,
+            2
+        );
+        // A lost page is answered so, never granted as a zero page.
+        for page in [6, 7] {
+            net.log.clear();
+            let a = net.nodes[2].fault(page, Access::Read);
+            net.apply(2, a);
+            drain_without(&mut net, 3);
+            assert!(
+                net.log
+                    .iter()
+                    .any(|(n, a)| *n == 2 && *a == Action::Lost { page }),
+                "page {page}: {:?}",
+                net.log
+            );
+            assert_eq!(net.nodes[2].state(page), PageState::Invalid);
+        }
+        // The promoted pages are written again through their new managers.
+        net.access(2, 3, Access::Write);
+        net.access(0, 5, Access::Write);
+        assert_eq!(net.nodes[1].state(3), PageState::Invalid);
+        assert_eq!(net.nodes[0].directory.owner(3), Some(2));
+        assert_eq!(net.nodes[2].directory.owner(5), Some(0));
     }
 
     /// Node 2 leaves 3 nodes: its entries go to nodes 0 and 1, requests sent to it by a

@@ -224,6 +224,12 @@ impl Engine {
                         });
                     }
                 }
+                Action::Lost { page } => {
+                    // Reported by the watchdog thread, outside the state machine's lock.
+                    if let Ok(mut l) = self.lost_reports.lock() {
+                        l.push(page);
+                    }
+                }
                 Action::Done { page, .. } => {
                     let Some(region) = region_of(&self.regions, page) else {
                         continue;

@@ -56,6 +56,26 @@ impl Engine {
         if self.trace {
             eprintln!("{} dsm {}: nodes {fresh:?} died", now_ns(), self.me);
         }
+        let gone = self
+            .members
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.gone.clone()))
+            .unwrap_or_default();
+        for &n in fresh.iter().filter(|n| !gone.contains(n)) {
+            // Sends and one-sided operations to it fail at once instead of waiting out the
+            // fabric's operation timeout (a node that left is still told `Left`).
+            if let Ok(peer) = self.peer(n) {
+                self.ep.peer_failed(peer, "the DSM found it dead");
+            }
+        }
+        if self.me == super::members::COORDINATOR {
+            // Their entries are rebuilt from the survivors' copies (a failure's change).
+            for &n in &fresh {
+                self.members.queue_failure(n);
+            }
+        }
         let mut remote = Vec::new();
         let finished = {
             let mut node = self.node.lock().map_err(|_| poisoned())?;

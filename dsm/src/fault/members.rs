@@ -15,6 +15,17 @@
 //! - **end**: the view is committed everywhere (`Commit` / `Committed`); a node that left
 //!   is dropped like a dead one (nothing is sent to it again) and told it may go (`Left`).
 //!
+//! A **failure** runs in the same phases (`ViewChange::Fail`): node 0 learns that a node
+//! died (a probe, a failed send confirmed by a probe, another node's announcement) and
+//! starts it; physical is empty (nothing can be pulled from a dead node); at setting every
+//! member drops the dead node; at logical each survivor's scan of the copies it holds
+//! replaces the dead node's `send_out` ([`crate::coherence::Change::failed`]): its entries
+//! are rebuilt, read copies promoted, and pages whose every copy died are reported lost
+//! (each member's `Migrated` names the pages it found lost, node 0's [`ChangeReport::lost`]
+//! gathers them); at end every survivor asks again what it was still waiting for. When
+//! node 0 itself dies nothing is rebuilt (the fault watchdog reports the accesses that wait
+//! for the dead node).
+//!
 //! One change at a time; node 0 cannot leave (it coordinates changes and barriers). Regions
 //! must be allocated before the first change.
 //!
@@ -50,6 +61,8 @@ const LEAVE_GRACE: Duration = Duration::from_millis(200);
 pub enum ViewChange {
     Join(NodeId),
     Leave(NodeId),
+    /// The node died.
+    Fail(NodeId),
 }
 
 /// A shared region as a newcomer needs it: where it is, and every member's descriptors of
@@ -103,6 +116,8 @@ pub enum Ctl {
     },
     Migrated {
         epoch: u64,
+        /// The pages this member, as a manager, knows lost.
+        lost: Vec<PageId>,
     },
     Commit {
         epoch: u64,
@@ -121,6 +136,10 @@ pub enum Ctl {
         gen: u64,
     },
     Dismiss,
+    /// Node 0's own queue only (never sent): `node` died, run its failure.
+    Failed {
+        node: NodeId,
+    },
 }
 
 /// One change as node 0 ran it: seconds spent in each of [`PHASES`].
@@ -129,6 +148,9 @@ pub struct ChangeReport {
     pub change: ViewChange,
     pub epoch: u64,
     pub phases: [f64; 5],
+    /// Pages the members found lost (every copy died), for the HA policy: restore them
+    /// from a checkpoint. Empty for joins and leaves.
+    pub lost: Vec<PageId>,
 }
 
 impl ChangeReport {
@@ -147,6 +169,8 @@ pub struct View {
     pub addrs: BTreeMap<NodeId, Vec<u8>>,
     /// Nodes that left.
     pub gone: BTreeSet<NodeId>,
+    /// Nodes whose failure was handled (a `Fail` change committed).
+    pub failed: BTreeSet<NodeId>,
     pub next_id: NodeId,
     /// The change installed and not committed yet.
     pub pending: Option<(u64, ViewChange)>,
@@ -161,6 +185,7 @@ impl View {
             epoch: 0,
             addrs,
             gone: BTreeSet::new(),
+            failed: BTreeSet::new(),
             next_id: initial,
             pending: None,
         }
@@ -169,7 +194,7 @@ impl View {
     /// Members now (nodes that joined and did not leave).
     pub fn members(&self) -> BTreeSet<NodeId> {
         (0..self.next_id)
-            .filter(|n| !self.gone.contains(n))
+            .filter(|n| !self.gone.contains(n) && !self.failed.contains(n))
             .collect()
     }
 
@@ -177,7 +202,7 @@ impl View {
         let mut m = self.members();
         match change {
             ViewChange::Join(n) => m.insert(n),
-            ViewChange::Leave(n) => m.remove(&n),
+            ViewChange::Leave(n) | ViewChange::Fail(n) => m.remove(&n),
         };
         m
     }
@@ -190,7 +215,7 @@ impl View {
         for c in self.history.iter().chain(next.iter()) {
             match *c {
                 ViewChange::Join(n) => l.add_node(n),
-                ViewChange::Leave(n) => l.remove_node(n),
+                ViewChange::Leave(n) | ViewChange::Fail(n) => l.remove_node(n),
             }
         }
         l
@@ -229,6 +254,11 @@ pub struct Members {
     /// Test injection (`KRUN_DSM_MIGRATION_HOLD`): node 0 switches first and waits (at
     /// most 10 s) until it forwarded or held a request before the others switch.
     hold: bool,
+    /// At node 0: failures queued or run (each is run once).
+    failures: Mutex<BTreeSet<NodeId>>,
+    /// Test injection (`KRUN_DSM_FAIL_HOLD`, a path): node 0 starts a failure's change
+    /// only once that file exists (at most 60 s), so requests meet the dead node first.
+    fail_hold: Option<std::path::PathBuf>,
 }
 
 impl Members {
@@ -248,6 +278,8 @@ impl Members {
             changing: Mutex::new(()),
             reports: Mutex::new(Vec::new()),
             hold: std::env::var_os("KRUN_DSM_MIGRATION_HOLD").is_some(),
+            failures: Mutex::new(BTreeSet::new()),
+            fail_hold: std::env::var_os("KRUN_DSM_FAIL_HOLD").map(Into::into),
         }
     }
 
@@ -272,6 +304,32 @@ impl Members {
 
     pub fn reports(&self) -> Vec<ChangeReport> {
         self.reports.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Whether `node` left or its failure was handled here (its entries were rebuilt).
+    pub fn settled(&self, node: NodeId) -> bool {
+        self.view
+            .lock()
+            .ok()
+            .and_then(|v| {
+                v.as_ref()
+                    .map(|v| v.gone.contains(&node) || v.failed.contains(&node))
+            })
+            .unwrap_or(false)
+    }
+
+    /// At node 0: queues the failure of `node` (once), unless it left already.
+    pub(crate) fn queue_failure(&self, node: NodeId) {
+        if node == COORDINATOR || self.settled(node) {
+            return;
+        }
+        let fresh = self.failures.lock().map(|mut f| f.insert(node)).unwrap_or(false);
+        if fresh {
+            if let Ok(mut r) = self.requests.lock() {
+                r.push_back((node, Ctl::Failed { node }));
+            }
+            self.requested.notify_all();
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -469,6 +527,10 @@ impl Engine {
             self.add_peer(id, peer)?;
             self.extend_regions(id, regions)?;
         }
+        if let ViewChange::Fail(id) = change {
+            // Node 0 knows it died; this member may not have heard yet.
+            self.drop_dead(&[id])?;
+        }
         let dead = self.dead_nodes();
         let c = {
             let mut v = self.members.view.lock().map_err(|_| poisoned())?;
@@ -482,6 +544,10 @@ impl Engine {
                 locator: v.locator(Some(change)),
                 old_members: v.members().difference(&dead).copied().collect(),
                 new_members: v.members_after(change).difference(&dead).copied().collect(),
+                failed: match change {
+                    ViewChange::Fail(n) => Some(n),
+                    _ => None,
+                },
             }
         };
         self.node.lock().map_err(|_| poisoned())?.prepare_change(c);
@@ -536,7 +602,13 @@ impl Engine {
 
     /// Step 4 of the change to `epoch` ran here.
     pub(super) fn migration_finished(&self, epoch: u64) -> Result<()> {
-        self.ctl_to(COORDINATOR, Ctl::Migrated { epoch })
+        let lost = self
+            .node
+            .lock()
+            .map_err(|_| poisoned())?
+            .directory
+            .lost_pages();
+        self.ctl_to(COORDINATOR, Ctl::Migrated { epoch, lost })
     }
 
     /// End phase at a member: the view of `epoch` is the current one.
@@ -561,9 +633,28 @@ impl Engine {
                 ViewChange::Leave(n) => {
                     v.gone.insert(n);
                 }
+                ViewChange::Fail(n) => {
+                    v.failed.insert(n);
+                }
             }
             c
         };
+        if let ViewChange::Fail(n) = change {
+            if let Ok(mut p) = self.members.participants.lock() {
+                p.remove(&n);
+            }
+            // Every manager rebuilt its entries: what still waits is asked again.
+            let mut remote = Vec::new();
+            {
+                let mut node = self.node.lock().map_err(|_| poisoned())?;
+                let actions = node.resend_outstanding();
+                self.execute(&mut node, actions, Data::None, &mut remote)?;
+            }
+            if !remote.is_empty() {
+                self.run_remote(remote)?;
+            }
+            self.barrier_recheck()?;
+        }
         if let ViewChange::Leave(n) = change {
             if let Ok(mut p) = self.members.participants.lock() {
                 p.remove(&n);
@@ -640,8 +731,11 @@ impl Engine {
                 let auto = self.members.auto_admit.load(Ordering::SeqCst);
                 match r
                     .iter()
-                    .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
-                {
+                    .position(|(_, c)| matches!(c, Ctl::Failed { .. }))
+                    .or_else(|| {
+                        r.iter()
+                            .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
+                    }) {
                     Some(i) => r.remove(i),
                     None => {
                         let _ = self

@@ -26,6 +26,13 @@
 //!
 //! A send that failed makes its target a suspect: the next check probes it; dead, it is
 //! declared failed; alive, the lost message becomes the driver's error.
+//!
+//! While node 0 lives, a dead node's failure is handled by a change ([`super::members`]):
+//! its entries are rebuilt from the survivors' copies and every waiting access is asked
+//! again. A wait that depends on a dead node is therefore not reported while that change
+//! is to come (at most [`FAIL_GRACE`]); once it is committed, the wait goes on like any
+//! other. A page found lost by the rebuild is reported as soon as its manager answers so
+//! ([`DsmError::PageLost`]), through the same handler.
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +48,10 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// Exit code of a rank whose access could not be served (the default handler's).
 pub const EXIT_PAGE_UNREACHABLE: i32 = 75;
 
+/// How long a wait on a dead node waits for the failure's change (node 0 bounds a change
+/// at 120 s) before it is reported unreachable.
+pub const FAIL_GRACE: Duration = Duration::from_secs(150);
+
 /// What is called when a page cannot be served (after the error is recorded).
 pub type UnreachableHandler = Arc<dyn Fn(&DsmError) + Send + Sync>;
 
@@ -55,6 +66,8 @@ pub(super) struct Pending {
     pub reported: bool,
     /// When a probe for this wait first found a dead node that it did not ask itself.
     pub dead_since: Option<Instant>,
+    /// Its manager answered that the page is lost (reported once a thread waits for it).
+    pub lost: bool,
 }
 
 impl Pending {
@@ -66,6 +79,7 @@ impl Pending {
             asked: BTreeSet::new(),
             reported: false,
             dead_since: None,
+            lost: false,
         }
     }
 }
@@ -90,6 +104,11 @@ impl Engine {
             if demanded && !e.demanded {
                 e.demanded = true;
                 e.since = Instant::now();
+                if e.lost {
+                    if let Ok(mut l) = self.lost_reports.lock() {
+                        l.push(page);
+                    }
+                }
             }
             e.access = e.access.max(access);
         }
@@ -161,6 +180,7 @@ impl Engine {
     /// fault timeout.
     pub(super) fn check_waits(self: &Arc<Self>) {
         self.check_suspects();
+        self.report_lost();
         let now = Instant::now();
         let expired: Vec<(PageId, Access, BTreeSet<NodeId>, Duration)> = {
             let Ok(mut p) = self.pending.lock() else {
@@ -222,6 +242,30 @@ impl Engine {
             }
             return;
         }
+        if !dead.contains(&super::members::COORDINATOR) {
+            if dead.iter().all(|&n| self.members.settled(n)) {
+                // The failures were handled: the entries were rebuilt and this access asked
+                // again (its request may still be on its way); it waits like any other.
+                eprintln!(
+                    "krun dsm: rank {}: page {page} ({access:?}) waited {:.1} s; nodes {dead:?} \
+                     died and their failure was handled: still waiting",
+                    self.me,
+                    waited.as_secs_f64()
+                );
+                if let Ok(mut p) = self.pending.lock() {
+                    if let Some(e) = p.get_mut(&page) {
+                        e.since = Instant::now();
+                        e.dead_since = None;
+                        e.asked.retain(|n| !dead.contains(n));
+                    }
+                }
+                return;
+            }
+            if dead_since.elapsed() < FAIL_GRACE {
+                // Node 0 runs the failure's change: the access is asked again after it.
+                return;
+            }
+        }
         let asked_dead = asked.iter().any(|n| dead.contains(n));
         let grace = self.fault_timeout + self.ep.op_timeout();
         if !asked_dead && dead_since.elapsed() < grace {
@@ -251,6 +295,61 @@ impl Engine {
         let handler = self.unreachable.lock().ok().and_then(|h| h.clone());
         if let Some(h) = handler {
             h(&e);
+        }
+    }
+
+    /// Reports the pages managers answered lost while a local access waited for them.
+    fn report_lost(&self) {
+        let pages = match self.lost_reports.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(_) => return,
+        };
+        for page in pages {
+            let access = {
+                let Ok(mut p) = self.pending.lock() else {
+                    return;
+                };
+                match p.get_mut(&page) {
+                    Some(e) if !e.demanded => {
+                        // A prefetch: reported when a thread faults on it.
+                        e.lost = true;
+                        continue;
+                    }
+                    Some(e) if !e.reported => {
+                        e.reported = true;
+                        e.access
+                    }
+                    // A prefetch nobody waits for, or reported already.
+                    _ => continue,
+                }
+            };
+            let Some(region) = region_of(&self.regions, page) else {
+                continue;
+            };
+            let gone: BTreeSet<NodeId> = self
+                .members
+                .view
+                .lock()
+                .ok()
+                .and_then(|v| v.as_ref().map(|v| v.gone.clone()))
+                .unwrap_or_default();
+            let e = DsmError::PageLost {
+                page,
+                region: region.base,
+                offset: region.index(page) as u64 * crate::uffd::PAGE as u64,
+                access: format!("{access:?}").to_lowercase(),
+                dead: self
+                    .dead_nodes()
+                    .into_iter()
+                    .filter(|n| !gone.contains(n))
+                    .collect(),
+            };
+            self.stats.unreachable.fetch_add(1, Ordering::Relaxed);
+            self.fail(e.to_string());
+            let handler = self.unreachable.lock().ok().and_then(|h| h.clone());
+            if let Some(h) = handler {
+                h(&e);
+            }
         }
     }
 

@@ -196,6 +196,7 @@ impl Dsm {
             locator: view.locator(Some(change)),
             old_members: view.members(),
             new_members: view.members_after(change),
+            failed: None,
         });
         let engine = Arc::new(
             Engine::new(id, ep.clone(), peers, node, regions, uffd, config.prefetch)
@@ -290,9 +291,38 @@ impl Dsm {
             .unwrap_or_default()
     }
 
-    /// Node 0: the changes it ran, with their phases.
+    /// Node 0: the changes it ran, with their phases (and, for a failure, the pages
+    /// found lost).
     pub fn changes(&self) -> Vec<ChangeReport> {
         self.engine.members.reports()
+    }
+
+    /// Pages found lost (every copy died) by the failures handled so far, for the program
+    /// or its HA policy to restore from a checkpoint: at node 0 every member's report
+    /// ([`ChangeReport::lost`]); at another node, the lost pages it manages. An access to
+    /// one fails with [`DsmError::PageLost`] (never a zero page).
+    pub fn lost_pages(&self) -> Vec<PageId> {
+        let mut lost: std::collections::BTreeSet<PageId> = self
+            .engine
+            .node
+            .lock()
+            .map(|n| n.directory.lost_pages().into_iter().collect())
+            .unwrap_or_default();
+        for r in self.engine.members.reports() {
+            lost.extend(r.lost);
+        }
+        lost.into_iter().collect()
+    }
+
+    /// The failures node 0 handled so far (their entries were rebuilt), by node.
+    pub fn failures_handled(&self) -> Vec<NodeId> {
+        self.engine
+            .members
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.failed.iter().copied().collect()))
+            .unwrap_or_default()
     }
 
     /// A node that joined: waits (at most `within`) until node 0 ends the job (its `Dsm`

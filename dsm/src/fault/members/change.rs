@@ -48,6 +48,7 @@ impl Engine {
         let report = match ctl {
             Ctl::Join { addr } => self.run_join(&addr, within)?,
             Ctl::Leave { owned } => self.run_leave(from, &owned, within)?,
+            Ctl::Failed { node } => self.run_fail(node, within)?,
             other => {
                 return Err(DsmError::Config {
                     what: "membership request".into(),
@@ -138,15 +139,18 @@ impl Engine {
         let t_physical = t.elapsed().as_secs_f64();
         let change = ViewChange::Join(id);
         let all: BTreeSet<NodeId> = old.iter().copied().chain([id]).collect();
-        let phases = self.run_change(epoch, change, addr, &regions, &old, &all, deadline)?;
+        let (phases, lost) =
+            self.run_change(epoch, change, addr, &regions, &old, &all, deadline)?;
         Ok(ChangeReport {
             change,
             epoch,
             phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+            lost,
         })
     }
 
-    /// Setting, logical and end phases (seconds each).
+    /// Setting, logical and end phases (seconds each), and the pages the members report
+    /// lost.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_change(
         &self,
@@ -157,7 +161,7 @@ impl Engine {
         old: &BTreeSet<NodeId>,
         all: &BTreeSet<NodeId>,
         deadline: Instant,
-    ) -> Result<[f64; 3]> {
+    ) -> Result<([f64; 3], Vec<PageId>)> {
         let me = self.me;
         // Setting: the members connect to the newcomer and prepare the next view.
         let t = Instant::now();
@@ -191,16 +195,25 @@ impl Engine {
                 self.ctl_to(m, Ctl::Migrate { epoch })?;
             }
         }
-        self.wait_replies(
+        let migrated = self.wait_replies(
             "logical",
             all,
-            |c| matches!(c, Ctl::Migrated { epoch: e } if *e == epoch),
+            |c| matches!(c, Ctl::Migrated { epoch: e, .. } if *e == epoch),
             deadline,
         )?;
+        let lost: BTreeSet<PageId> = migrated
+            .into_values()
+            .flat_map(|c| match c {
+                Ctl::Migrated { lost, .. } => lost,
+                _ => Vec::new(),
+            })
+            .collect();
         let t_logical = t.elapsed().as_secs_f64();
         // End: the view is committed everywhere.
         let t = Instant::now();
-        for &m in all {
+        // Node 0 last: committing a failure asks again what it waits for, and an answer
+        // "lost" may end this process; the others must have their commit first.
+        for &m in all.iter().filter(|&&m| m != me).chain(all.get(&me)) {
             self.ctl_to(m, Ctl::Commit { epoch })?;
         }
         // A leaving node is dropped at each commit (like a dead one): its own answer is
@@ -215,7 +228,54 @@ impl Engine {
             |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
             deadline,
         )?;
-        Ok([t_setting, t_logical, t.elapsed().as_secs_f64()])
+        Ok((
+            [t_setting, t_logical, t.elapsed().as_secs_f64()],
+            lost.into_iter().collect(),
+        ))
+    }
+
+    /// Node 0 runs `node`'s failure: the survivors drop it and rebuild its entries from the
+    /// copies they hold (phases in the module doc; physical is empty).
+    pub(crate) fn run_fail(&self, node: NodeId, within: Duration) -> Result<ChangeReport> {
+        let _one = self.members.changing.lock().map_err(|_| poisoned())?;
+        if let Some(path) = &self.members.fail_hold {
+            let until = Instant::now() + Duration::from_secs(60);
+            while !path.exists() && Instant::now() < until && !self.stopped() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + within;
+        self.drop_dead(&[node])?;
+        let dead = self.dead_nodes();
+        let (epoch, old) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            if !v.members().contains(&node) || node == COORDINATOR {
+                return Err(DsmError::Config {
+                    what: "failure".into(),
+                    reason: format!("node {node} is not a member whose failure can be handled"),
+                });
+            }
+            let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
+            (v.epoch + 1, old)
+        };
+        let t_start = t0.elapsed().as_secs_f64();
+        let change = ViewChange::Fail(node);
+        let (phases, lost) =
+            self.run_change(epoch, change, &[], &Vec::new(), &old, &old, deadline)?;
+        if !lost.is_empty() {
+            eprintln!(
+                "krun dsm: node {node} died; pages {lost:?} lost every copy (restore them from \
+                 a checkpoint); every other page was rebuilt from the survivors' copies"
+            );
+        }
+        Ok(ChangeReport {
+            change,
+            epoch,
+            phases: [t_start, 0.0, phases[0], phases[1], phases[2]],
+            lost,
+        })
     }
 
     /// Node 0 runs `node`'s leave; `owned`: the pages it owned when it asked.
@@ -247,12 +307,14 @@ impl Engine {
         self.pull(owned, deadline)?;
         let t_physical = t.elapsed().as_secs_f64();
         let change = ViewChange::Leave(node);
-        let phases = self.run_change(epoch, change, &[], &Vec::new(), &old, &old, deadline)?;
+        let (phases, lost) =
+            self.run_change(epoch, change, &[], &Vec::new(), &old, &old, deadline)?;
         self.ctl_to(node, Ctl::Left)?;
         Ok(ChangeReport {
             change,
             epoch,
             phases: [t_start, t_physical, phases[0], phases[1], phases[2]],
+            lost,
         })
     }
 
