@@ -75,23 +75,22 @@ impl LockTable {
     }
 }
 
+/// The connection to a node (None: unknown, or this node itself). The DSM's own table, so
+/// that a node that joined during the run is reached like any other.
+pub type PeerLookup = Arc<dyn Fn(NodeId) -> Option<PeerId> + Send + Sync>;
+
 /// A rank's side of the locks.
 pub struct Locks {
     me: NodeId,
     ep: Arc<dyn Endpoint>,
-    /// Rank 0's connection (requests), and every rank's (grants, at rank 0).
-    peers: Vec<Option<PeerId>>,
+    /// Rank 0's connection (requests), and every node's (grants, at rank 0).
+    peers: PeerLookup,
     table: Arc<LockTable>,
     count: usize,
 }
 
 impl Locks {
-    pub fn new(
-        me: NodeId,
-        ep: Arc<dyn Endpoint>,
-        peers: Vec<Option<PeerId>>,
-        count: usize,
-    ) -> Self {
+    pub fn new(me: NodeId, ep: Arc<dyn Endpoint>, peers: PeerLookup, count: usize) -> Self {
         Locks {
             me,
             ep,
@@ -112,11 +111,7 @@ impl Locks {
     }
 
     fn peer(&self, rank: NodeId) -> Result<PeerId> {
-        self.peers
-            .get(rank as usize)
-            .copied()
-            .flatten()
-            .ok_or_else(|| DsmError::Config {
+        (self.peers)(rank).ok_or_else(|| DsmError::Config {
                 what: "peer".into(),
                 reason: format!("rank {rank} is not connected"),
             })
@@ -208,7 +203,7 @@ impl Locks {
             }
             let id = u32::from_le_bytes(d[1..5].try_into().expect("4 bytes"));
             let who = u32::from_le_bytes(d[5..9].try_into().expect("4 bytes"));
-            if id as usize >= self.count || who as usize >= self.peers.len() {
+            if id as usize >= self.count || (who != 0 && (self.peers)(who).is_none()) {
                 continue;
             }
             match d[0] {

@@ -228,12 +228,10 @@ impl Dsm {
             addrs,
         ));
         let mut threads = engine.spawn(config.fault_threads)?;
-        let mut lock_peers = peers.clone();
-        lock_peers[rank as usize] = None;
         let locks = Arc::new(Locks::new(
             rank,
             ep.clone(),
-            lock_peers,
+            lock_peers(&engine, rank),
             config.locks.max(1),
         ));
         let stop = Arc::new(AtomicBool::new(false));
@@ -611,18 +609,10 @@ impl Dsm {
         self.barrier()
     }
 
-    /// Takes DSM lock `id` (FIFO, granted by rank 0).
+    /// Takes DSM lock `id` (FIFO, granted by rank 0). A node that joined during the run
+    /// takes the locks too.
     pub fn lock(&self, id: usize) -> Result<()> {
         self.check()?;
-        if self.rank as usize >= self.size {
-            return Err(DsmError::Config {
-                what: "lock".into(),
-                reason: format!(
-                    "node {} joined during the run: the DSM locks serve the job's ranks",
-                    self.rank
-                ),
-            });
-        }
         self.locks.lock(id, self.engine.ep.op_timeout() * 6)
     }
 
@@ -725,6 +715,12 @@ impl Drop for Dsm {
             }
         }
     }
+}
+
+/// The lock table's view of the DSM's connections (nodes that join are added to it).
+fn lock_peers(engine: &Arc<Engine>, me: NodeId) -> crate::lock::PeerLookup {
+    let e = engine.clone();
+    Arc::new(move |n| if n == me { None } else { e.peer_of(n).ok() })
 }
 
 /// Maps `bytes` of private anonymous memory, at `addr` exactly when `fixed`.

@@ -86,9 +86,10 @@ fn is_root() -> bool {
 /// process; returns each process's `krun-result` pairs (later keys win), ranks first.
 fn run(provider: &str, size: usize, extra: &[&str], joiner: bool) -> Vec<HashMap<String, String>> {
     let dir = std::env::temp_dir().join(format!(
-        "krun-dsm-membership-{}-{provider}-{}",
+        "krun-dsm-membership-{}-{provider}-{}{}",
         std::process::id(),
-        joiner
+        joiner,
+        extra.join("")
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let contact: PathBuf = dir.join("contact");
@@ -197,10 +198,15 @@ fn num(kv: &HashMap<String, String>, key: &str) -> u64 {
         .unwrap()
 }
 
-/// Every counter is the sum of every rank's iterations; every held request was handled;
-/// some requests did meet entries in transit.
+/// Every counter is the sum of every rank's iterations (and the joiner's locked ones);
+/// every held request was handled; some requests did meet entries in transit.
 fn check_counters_and_requests(results: &[HashMap<String, String>], ranks: usize) {
-    let iterations: u64 = results[..ranks].iter().map(|r| num(r, "iterations")).sum();
+    let iterations: u64 = results[..ranks].iter().map(|r| num(r, "iterations")).sum::<u64>()
+        + results[ranks..]
+            .iter()
+            .filter(|r| r.contains_key("joiner_iterations"))
+            .map(|r| num(r, "joiner_iterations"))
+            .sum::<u64>();
     let counters: Vec<u64> = results[0]["counters"]
         .split(',')
         .map(|v| v.parse().unwrap())
@@ -272,6 +278,20 @@ fn a_node_joins_while_three_ranks_fault_over_tcp() {
 #[test]
 fn a_node_joins_while_three_ranks_fault_over_shm() {
     join_on("shm");
+}
+
+/// A node that joined takes the DSM lock like the job's ranks: it adds 1 to every counter
+/// under lock 0 twenty times while the ranks do the same, and no increment is lost or
+/// doubled (the counters equal the ranks' iterations plus the joiner's twenty).
+#[test]
+fn a_joined_node_takes_the_dsm_lock_with_the_ranks_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    let results = run("tcp", 3, &["--joiner-locks", "20"], true);
+    assert_eq!(num(&results[3], "joiner_iterations"), 20);
+    check_counters_and_requests(&results, 3);
 }
 
 #[test]

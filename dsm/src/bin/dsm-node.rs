@@ -16,7 +16,7 @@
 //! | `latency` | rank 0 writes pages; timed: rank 1's read faults through messages (owner downgrade), then rank 2's one-sided read faults and sequential scan with prefetch (3 ranks) |
 //! | `churn` | counters on `--pages` pages, each rank adding 1 to every counter under the DSM lock and reading them without it, while the node set changes: rank 0 writes its contact to `--contact-file` (for a `joiner`); a rank named by `--leave` leaves after `--rounds` iterations; the others go on until they see the change committed, then `--rounds` more; rank 0 prints every counter, every rank its iterations and the migration counters |
 //! | `manager-killed` | 4 ranks; rank 3 manages entries and owns pages, prints `victim=ready` and sleeps (the test SIGKILLs it, then creates `--go-file`); ranks 0 and 1 fault in a loop across the kill (`faulting=1`), rank 2 then reads pages whose manager was rank 3 (`asked=1`: its request went to the dead manager); the survivors check every page that had a surviving copy (promoted copies, rewritten after), rank 0 checks the pages reported lost against those whose every copy died (`lost=`, `expected_lost=`), rank 2 finally reads a lost page (the driver must end it with code 75 naming the page) and ranks 0 and 1 wait for `--stop-file` (run with `KRUN_DSM_FAIL_HOLD` to hold the failure's change until rank 2 asked) |
-//! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), prints its migration counters, and waits until node 0 ends the job |
+//! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), with `--joiner-locks N` adds 1 to every counter under the DSM lock N times (then raises a flag word that rank 0 of `churn` waits for before its final count), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
 //! passed, 1 when one failed, 2 on bad arguments.
@@ -50,6 +50,9 @@ struct Args {
     app_threads: usize,
     contact_file: Option<std::path::PathBuf>,
     leave: Option<usize>,
+    /// `joiner`: iterations under the DSM lock after joining (0: none); `churn`: rank 0
+    /// waits for the joiner's to end before its final count.
+    joiner_locks: usize,
 }
 
 fn parse() -> Res<Args> {
@@ -70,6 +73,7 @@ fn parse() -> Res<Args> {
         app_threads: 4,
         contact_file: None,
         leave: None,
+        joiner_locks: 0,
     };
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -93,6 +97,7 @@ fn parse() -> Res<Args> {
             "--app-threads" => a.app_threads = v.parse().map_err(|e| bad(&e))?,
             "--contact-file" => a.contact_file = Some(v.into()),
             "--leave" => a.leave = Some(v.parse().map_err(|e| bad(&e))?),
+            "--joiner-locks" => a.joiner_locks = v.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown option {k}")),
         }
     }

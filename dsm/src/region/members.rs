@@ -62,7 +62,8 @@ impl Dsm {
     /// admits this node (at once, or when it calls [`Dsm::admit`]); it maps every region at
     /// its address, becomes the manager of the directory entries the locator gives it
     /// (they migrate from their old managers while the others keep faulting), and may
-    /// access the regions. It takes no part in the job's barriers, locks and allocations.
+    /// access the regions, and take the DSM locks. It takes no part in the job's barriers
+    /// and allocations.
     /// Returns once the change is committed everywhere.
     pub fn join(
         contact: &str,
@@ -223,7 +224,7 @@ impl Dsm {
             locks: Arc::new(Locks::new(
                 id,
                 ep.clone(),
-                vec![None; n],
+                lock_peers(&engine, id),
                 config.locks.max(1),
             )),
             stop: Arc::new(AtomicBool::new(false)),

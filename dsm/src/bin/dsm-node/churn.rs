@@ -9,6 +9,8 @@ use super::{Args, Res};
 
 /// Words per page.
 const WORDS: usize = 512;
+/// The word of page 0 the joiner sets to 1 once its locked iterations are over.
+const JOINER_DONE: usize = 2;
 /// Bound on a scenario's wait for a membership change ("does not hang").
 const CHANGE_LIMIT: Duration = Duration::from_secs(90);
 
@@ -87,6 +89,20 @@ pub fn churn(d: &Dsm, a: &Args) -> Res<Outcome> {
         println!("krun-result left=1 {}", migration_counters(d));
         return Ok(Outcome::Left);
     }
+    if a.rank == 0 && a.joiner_locks > 0 {
+        // The joiner's increments under the lock count too: wait for its flag.
+        let deadline = Instant::now() + CHANGE_LIMIT;
+        // SAFETY: word 2 of page 0, inside the region; written by the joiner once.
+        while unsafe { mem.add(JOINER_DONE).read_volatile() } != 1 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the joiner did not end its {} locked iterations within {CHANGE_LIMIT:?}",
+                    a.joiner_locks
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
     d.barrier().map_err(e)?;
     if a.rank == 0 {
         let counters: Vec<String> = (0..pages)
@@ -146,6 +162,23 @@ pub fn joiner(a: &Args) -> Res<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("krun-result read={}", last.iter().sum::<u64>());
+    if a.joiner_locks > 0 {
+        let mem = region.as_ptr() as *mut u64;
+        for _ in 0..a.joiner_locks {
+            d.lock(0).map_err(|e| e.to_string())?;
+            for p in 0..pages {
+                // SAFETY: inside the region; counters are written under lock 0 only.
+                unsafe {
+                    let w = mem.add(p * WORDS);
+                    w.write_volatile(w.read_volatile() + 1);
+                }
+            }
+            d.unlock(0).map_err(|e| e.to_string())?;
+        }
+        // SAFETY: inside the region; only the joiner writes this word.
+        unsafe { mem.add(JOINER_DONE).write_volatile(1) };
+        println!("krun-result joiner_iterations={}", a.joiner_locks);
+    }
     if !d.wait_dismissed(Duration::from_secs(120)) {
         return Err("node 0 did not end the job within 120 s".into());
     }
