@@ -256,6 +256,8 @@ pub struct Members {
     hold: bool,
     /// At node 0: failures queued or run (each is run once).
     failures: Mutex<BTreeSet<NodeId>>,
+    /// At node 0: the pages the members reported lost (recorded before the commit).
+    lost: Mutex<BTreeSet<PageId>>,
     /// Test injection (`KRUN_DSM_FAIL_HOLD`, a path): node 0 starts a failure's change
     /// only once that file exists (at most 60 s), so requests meet the dead node first.
     fail_hold: Option<std::path::PathBuf>,
@@ -279,6 +281,7 @@ impl Members {
             reports: Mutex::new(Vec::new()),
             hold: std::env::var_os("KRUN_DSM_MIGRATION_HOLD").is_some(),
             failures: Mutex::new(BTreeSet::new()),
+            lost: Mutex::new(BTreeSet::new()),
             fail_hold: std::env::var_os("KRUN_DSM_FAIL_HOLD").map(Into::into),
         }
     }
@@ -330,6 +333,14 @@ impl Members {
             }
             self.requested.notify_all();
         }
+    }
+
+    /// At node 0: the pages every member reported lost so far.
+    pub fn lost(&self) -> Vec<PageId> {
+        self.lost
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn epoch(&self) -> u64 {
@@ -607,7 +618,10 @@ impl Engine {
             .lock()
             .map_err(|_| poisoned())?
             .directory
-            .lost_pages();
+            .lost_pages()
+            .into_iter()
+            .filter(|&p| region_of(&self.regions, p).is_some())
+            .collect();
         self.ctl_to(COORDINATOR, Ctl::Migrated { epoch, lost })
     }
 

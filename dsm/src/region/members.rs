@@ -309,10 +309,15 @@ impl Dsm {
             .lock()
             .map(|n| n.directory.lost_pages().into_iter().collect())
             .unwrap_or_default();
-        for r in self.engine.members.reports() {
-            lost.extend(r.lost);
-        }
-        lost.into_iter().collect()
+        lost.extend(self.engine.members.lost());
+        let regions = self.regions();
+        lost.into_iter()
+            .filter(|&p| {
+                regions.iter().any(|r| {
+                    p >= r.first_page() && p < r.first_page() + (r.len() / PAGE) as PageId
+                })
+            })
+            .collect()
     }
 
     /// The failures node 0 handled so far (their entries were rebuilt), by node.

@@ -208,6 +208,9 @@ impl Engine {
                 _ => Vec::new(),
             })
             .collect();
+        if let Ok(mut l) = self.members.lost.lock() {
+            l.extend(lost.iter().copied());
+        }
         let t_logical = t.elapsed().as_secs_f64();
         // End: the view is committed everywhere.
         let t = Instant::now();
