@@ -145,6 +145,12 @@ pub enum Msg {
     MigrationDone {
         epoch: u64,
     },
+    /// A failure's flush: the sender dropped the dead node (whatever that released, such
+    /// as a write grant it had held for the dead node's acknowledgement, was sent before
+    /// this) and will scan once every live member's flush arrived.
+    Flush {
+        epoch: u64,
+    },
     /// From a manager to a requester: every copy of the page died (after a failure's
     /// rebuild); the access cannot be served.
     Lost {
@@ -160,14 +166,17 @@ pub enum Msg {
 impl Msg {
     /// Whether the message belongs to a membership change (no page of its own).
     pub fn is_migration(&self) -> bool {
-        matches!(self, Msg::Entries { .. } | Msg::MigrationDone { .. })
+        matches!(
+            self,
+            Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. }
+        )
     }
 
     /// The page the message is about (a migration message: its first entry's, or 0).
     pub fn page(&self) -> PageId {
         match self {
             Msg::Entries { entries, .. } => entries.first().map(|e| e.0).unwrap_or(0),
-            Msg::MigrationDone { .. } => 0,
+            Msg::MigrationDone { .. } | Msg::Flush { .. } => 0,
             Msg::Read { page, .. }
             | Msg::ManagerRead { page, .. }
             | Msg::ManagerWrite { page, .. }
@@ -519,6 +528,14 @@ impl<W: ShareWords> Node<W> {
     /// A message from `from`.
     pub fn on_message(&mut self, from: NodeId, msg: Msg) -> Vec<Action> {
         let mut out = Vec::new();
+        if self.dead.contains(&from) && !matches!(msg, Msg::Touched { .. }) {
+            // Late from a node known dead (sent before it died): dropped, so that nothing
+            // changes behind a failure's scan. A request it forwarded is asked again after
+            // the failure; an invalidation it sent is not needed any more (it cannot write
+            // without every acknowledgement), and the copy it would drop may be promoted.
+            // What it witnessed stays useful.
+            return out;
+        }
         if msg.is_migration() {
             self.on_migration_message(from, msg, &mut out);
             return out;
@@ -899,7 +916,7 @@ impl<W: ShareWords> Node<W> {
                 self.witnessed.entry(from).or_default().insert(page);
             }
             // Handled by `on_message` before any page is looked at.
-            Msg::Entries { .. } | Msg::MigrationDone { .. } => {}
+            Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. } => {}
         }
     }
 

@@ -186,18 +186,15 @@ impl EntryState {
     }
 }
 
-/// The state a failure scan reports for a page: `me` holds it as its owner, holds a valid
-/// copy, or only knows it was written once (neither).
-pub fn scan_state(me: NodeId, owner: bool, copy: bool) -> Vec<u8> {
+/// The state a failure scan of node `me` reports for a page: `claim` names the page's owner
+/// (`me`, or the node `me` is handing the page over to), `copy` that `me` holds a valid
+/// copy; with neither, `me` only knows the page was written once.
+pub fn scan_state(me: NodeId, claim: Option<NodeId>, copy: bool) -> Vec<u8> {
     EntryState {
         version: STATE_VERSION,
         owner: None,
-        claims: if owner {
-            [me].into_iter().collect()
-        } else {
-            BTreeSet::new()
-        },
-        holders: if copy || owner {
+        claims: claim.into_iter().collect(),
+        holders: if copy {
             [me].into_iter().collect()
         } else {
             BTreeSet::new()
@@ -376,7 +373,12 @@ impl Service for DirectoryService {
         holdings
             .into_iter()
             .filter(|(h, hint)| orphan(h.page) || self.dead.contains(hint))
-            .map(|(h, _)| (h.page, scan_state(self.me, h.owner, h.copy)))
+            .map(|(h, _)| {
+                (
+                    h.page,
+                    scan_state(self.me, h.owner.then_some(self.me), h.copy || h.owner),
+                )
+            })
             .collect()
     }
 }

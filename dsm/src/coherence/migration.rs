@@ -71,6 +71,16 @@ struct Migration {
     rebuilding: BTreeSet<PageId>,
 }
 
+/// A failure's flush in progress: the live members whose [`Msg::Flush`] has not arrived.
+struct Flush {
+    epoch: u64,
+    waiting: BTreeSet<NodeId>,
+    /// Pages this node was handing over when it flushed, with their receivers: the
+    /// receiver is the owner even if the grant goes out after this node's flush (and so
+    /// may reach the receiver after it scanned).
+    handing: Vec<(PageId, NodeId)>,
+}
+
 #[derive(Default)]
 pub(super) struct ChangeState {
     /// The epoch of the view in use.
@@ -79,6 +89,12 @@ pub(super) struct ChangeState {
     migration: Option<Migration>,
     /// Epochs whose step 4 ran here since the driver last asked.
     finished: Vec<u64>,
+    flush: Option<Flush>,
+    /// The last flush's `handing`, for the scan.
+    handing: Vec<(PageId, NodeId)>,
+    /// Manager requests and migration messages that came while a failure was prepared and
+    /// not switched to yet (handled after the switch).
+    held: Vec<(NodeId, Msg)>,
 }
 
 impl<W: ShareWords> Node<W> {
@@ -97,18 +113,89 @@ impl<W: ShareWords> Node<W> {
         self.change.pending = Some(change);
     }
 
-    /// Switches to the prepared view of `epoch` (nothing if it did already).
+    /// Switches to the prepared view of `epoch` (nothing if it did already). A failure
+    /// first flushes ([`Msg::Flush`]): the scan waits until every live member's flush
+    /// arrived, so whatever the members released when they dropped the dead node (a write
+    /// grant held for its acknowledgement) is received before anyone scans, and a page in
+    /// transit between live nodes is claimed by its receiver.
     pub fn start_change(&mut self, epoch: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        if self
-            .change
-            .pending
-            .as_ref()
-            .is_some_and(|c| c.epoch == epoch)
-        {
-            self.switch(&mut out);
+        match self.change.pending.as_ref() {
+            Some(c) if c.epoch == epoch && c.failed.is_some() => self.begin_flush(&mut out),
+            Some(c) if c.epoch == epoch => self.switch(&mut out),
+            _ => {}
         }
         out
+    }
+
+    fn begin_flush(&mut self, out: &mut Vec<Action>) {
+        if self.change.flush.is_some() {
+            return;
+        }
+        let Some(c) = self.change.pending.as_ref() else {
+            return;
+        };
+        let me = self.me;
+        let epoch = c.epoch;
+        let waiting: BTreeSet<NodeId> = c
+            .old_members
+            .iter()
+            .copied()
+            .filter(|&n| n != me && !self.dead.contains(&n))
+            .collect();
+        for &n in &waiting {
+            out.push(Action::Send {
+                to: n,
+                msg: Msg::Flush { epoch },
+            });
+        }
+        let handing = self
+            .pages
+            .iter()
+            .filter_map(|(&page, p)| p.busy.as_ref().map(|(_, to)| (page, *to)))
+            .collect();
+        self.change.flush = Some(Flush {
+            epoch,
+            waiting,
+            handing,
+        });
+        self.maybe_end_flush(out);
+    }
+
+    /// Every live member flushed: the switch (with the failure scan), then what was held.
+    fn maybe_end_flush(&mut self, out: &mut Vec<Action>) {
+        if !self
+            .change
+            .flush
+            .as_ref()
+            .is_some_and(|f| f.waiting.is_empty())
+        {
+            return;
+        }
+        if let Some(f) = self.change.flush.take() {
+            self.change.handing = f.handing;
+        }
+        self.switch(out);
+        for (from, msg) in std::mem::take(&mut self.change.held) {
+            if msg.is_migration() {
+                self.on_migration_message(from, msg, out);
+            } else {
+                let page = msg.page();
+                self.handle(from, msg, out);
+                self.after(page, out);
+            }
+        }
+    }
+
+    /// Whether a failure is prepared here and not switched to yet (requests and migration
+    /// messages wait).
+    fn failure_ahead(&self) -> bool {
+        self.change.flush.is_some()
+            || self
+                .change
+                .pending
+                .as_ref()
+                .is_some_and(|c| c.failed.is_some())
     }
 
     /// Epochs whose migration finished here (step 4) since the last call.
@@ -214,18 +301,27 @@ impl<W: ShareWords> Node<W> {
         let me = self.me;
         let mut states = Vec::new();
         for page in forgotten {
-            states.push((page, scan_state(me, false, false)));
+            states.push((page, scan_state(me, None, false)));
+        }
+        for (page, to) in std::mem::take(&mut self.change.handing) {
+            if !self.dead.contains(&to) {
+                states.push((page, scan_state(me, Some(to), false)));
+            }
         }
         for (&page, p) in &self.pages {
-            let owner = p.state.is_owner();
+            // An owner handing the page over names the receiver.
+            let claim = p
+                .state
+                .is_owner()
+                .then(|| p.busy.as_ref().map_or(me, |(_, to)| *to));
             let copy = p.state != PageState::Invalid;
             let hint_dead = p.hint.is_some_and(|h| h == x || self.dead.contains(&h));
-            if owner || (copy && (hint_dead || old.manager(page) == x)) || (!copy && hint_dead) {
-                states.push((page, scan_state(me, owner, copy)));
+            if claim.is_some() || (copy && (hint_dead || old.manager(page) == x)) || hint_dead {
+                states.push((page, scan_state(me, claim, copy)));
             }
         }
         for page in self.witnessed.remove(&x).unwrap_or_default() {
-            states.push((page, scan_state(me, false, false)));
+            states.push((page, scan_state(me, None, false)));
         }
         states
     }
@@ -256,9 +352,32 @@ impl<W: ShareWords> Node<W> {
 
     pub(super) fn on_migration_message(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
         let epoch = match &msg {
-            Msg::Entries { epoch, .. } | Msg::MigrationDone { epoch } => *epoch,
+            Msg::Entries { epoch, .. } | Msg::MigrationDone { epoch } | Msg::Flush { epoch } => {
+                *epoch
+            }
             _ => return,
         };
+        if let Msg::Flush { .. } = msg {
+            // A flush comes only once every member prepared the failure (node 0 starts
+            // it after every `Installed`): one for no pending change is a past one.
+            if self
+                .change
+                .pending
+                .as_ref()
+                .is_some_and(|c| c.epoch == epoch && c.failed.is_some())
+            {
+                self.begin_flush(out);
+            }
+            if let Some(f) = self.change.flush.as_mut().filter(|f| f.epoch == epoch) {
+                f.waiting.remove(&from);
+                self.maybe_end_flush(out);
+            }
+            return;
+        }
+        if self.failure_ahead() {
+            self.change.held.push((from, msg));
+            return;
+        }
         if self
             .change
             .pending
@@ -294,6 +413,10 @@ impl<W: ShareWords> Node<W> {
         if let Some(m) = self.change.migration.as_mut() {
             m.waiting.remove(&node);
         }
+        if let Some(f) = self.change.flush.as_mut() {
+            f.waiting.remove(&node);
+        }
+        self.maybe_end_flush(out);
         self.maybe_finish(out);
     }
 
@@ -366,9 +489,18 @@ impl<W: ShareWords> Node<W> {
     pub(super) fn reroute(&mut self, from: NodeId, msg: &Msg, out: &mut Vec<Action>) -> bool {
         let me = self.me;
         let page = msg.page();
-        if self.change.pending.as_ref().is_some_and(|c| {
-            c.failed.is_some() || (self.locator.manager(page) != me && c.locator.manager(page) == me)
-        }) {
+        if self.failure_ahead() {
+            // Handled once this node switched (after the flush).
+            self.change.held.push((from, msg.clone()));
+            return true;
+        }
+        if self.locator.manager(page) != me
+            && self
+                .change
+                .pending
+                .as_ref()
+                .is_some_and(|c| c.locator.manager(page) == me)
+        {
             // The requester switched to the next view already (it names this node): switch
             // too, so the entry's old manager hands it over.
             self.switch(out);
