@@ -112,9 +112,9 @@ impl Locks {
 
     fn peer(&self, rank: NodeId) -> Result<PeerId> {
         (self.peers)(rank).ok_or_else(|| DsmError::Config {
-                what: "peer".into(),
-                reason: format!("rank {rank} is not connected"),
-            })
+            what: "peer".into(),
+            reason: format!("rank {rank} is not connected"),
+        })
     }
 
     fn grant(&self, id: u32, to: NodeId) -> Result<()> {

@@ -129,8 +129,7 @@ fn manager_killed_on(provider: &str) {
 }
 
 #[test]
-fn a_sigkilled_manager_and_owner_is_rebuilt_from_copies_and_lost_pages_are_reported_over_tcp()
-{
+fn a_sigkilled_manager_and_owner_is_rebuilt_from_copies_and_lost_pages_are_reported_over_tcp() {
     if !is_root() {
         eprintln!("skipped: userfaultfd needs root");
         return;
@@ -139,8 +138,7 @@ fn a_sigkilled_manager_and_owner_is_rebuilt_from_copies_and_lost_pages_are_repor
 }
 
 #[test]
-fn a_sigkilled_manager_and_owner_is_rebuilt_from_copies_and_lost_pages_are_reported_over_shm()
-{
+fn a_sigkilled_manager_and_owner_is_rebuilt_from_copies_and_lost_pages_are_reported_over_shm() {
     if !is_root() {
         eprintln!("skipped: userfaultfd needs root");
         return;

@@ -201,7 +201,10 @@ fn num(kv: &HashMap<String, String>, key: &str) -> u64 {
 /// Every counter is the sum of every rank's iterations (and the joiner's locked ones);
 /// every held request was handled; some requests did meet entries in transit.
 fn check_counters_and_requests(results: &[HashMap<String, String>], ranks: usize) {
-    let iterations: u64 = results[..ranks].iter().map(|r| num(r, "iterations")).sum::<u64>()
+    let iterations: u64 = results[..ranks]
+        .iter()
+        .map(|r| num(r, "iterations"))
+        .sum::<u64>()
         + results[ranks..]
             .iter()
             .filter(|r| r.contains_key("joiner_iterations"))

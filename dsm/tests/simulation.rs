@@ -230,7 +230,9 @@ impl Sim {
             }
             for (_, w) in q {
                 match *w {
-                    Wire::JoinReq(page) | Wire::RmaReq(page) if to == r => failed.push((from, page)),
+                    Wire::JoinReq(page) | Wire::RmaReq(page) if to == r => {
+                        failed.push((from, page))
+                    }
                     Wire::JoinResult(page, _) | Wire::RmaResult(page, _) if from == r => {
                         failed.push((to, page))
                     }
@@ -357,12 +359,10 @@ impl Sim {
                         return Err(format!("node {n}: page {page} reported lost"));
                     }
                     let dead = self.reader;
-                    if let Some(holder) = self
-                        .nodes
-                        .iter()
-                        .map(|sn| sn.node.id())
-                        .find(|&i| Some(i) != dead && self.nodes[i as usize].node.state(page) != PageState::Invalid)
-                    {
+                    if let Some(holder) = self.nodes.iter().map(|sn| sn.node.id()).find(|&i| {
+                        Some(i) != dead
+                            && self.nodes[i as usize].node.state(page) != PageState::Invalid
+                    }) {
                         return Err(format!(
                             "node {n}: page {page} answered lost while node {holder} holds it"
                         ));
@@ -567,7 +567,10 @@ impl Sim {
         let mut idle_rounds = 0;
         while idle_rounds < 2 * self.max_delay + 42 || (self.rebuild && self.phase < 2) {
             if idle_rounds > 100_000 {
-                return Err(format!("the failure's change never ended (phase {})", self.phase));
+                return Err(format!(
+                    "the failure's change never ended (phase {})",
+                    self.phase
+                ));
             }
             self.tell()?;
             self.change()?;
@@ -589,8 +592,8 @@ impl Sim {
             if self.rebuild {
                 // An access answered lost stays waiting (the driver reports it and the
                 // process ends): only lost pages may.
-                if let Some(p) =
-                    (0..self.pages).find(|&p| sn.node.waiting(p).is_some() && !self.lost_pages.contains(&p))
+                if let Some(p) = (0..self.pages)
+                    .find(|&p| sn.node.waiting(p).is_some() && !self.lost_pages.contains(&p))
                 {
                     return Err(format!("node {}: page {p} still waited for", sn.node.id()));
                 }
@@ -736,7 +739,10 @@ fn a_dead_manager_and_owner_is_rebuilt_and_consistency_holds() {
          lost, {promoted} copies promoted, {resent} requests asked again"
     );
     if count >= 100 {
-        assert!(ran > count / 4, "only {ran} of {count} seeds had 3 nodes or more");
+        assert!(
+            ran > count / 4,
+            "only {ran} of {count} seeds had 3 nodes or more"
+        );
         assert!(promoted > 0 && lost > 0 && resent > 0);
     }
 }

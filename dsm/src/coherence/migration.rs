@@ -664,7 +664,11 @@ mod tests {
         assert_eq!(net.nodes[2].state(11), PageState::ReadCopy);
         assert_eq!(net.nodes[2].directory.owner(11), Some(1));
         for page in [3, 5] {
-            assert_eq!(net.nodes[1].state(page), PageState::ReadOwner, "page {page}");
+            assert_eq!(
+                net.nodes[1].state(page),
+                PageState::ReadOwner,
+                "page {page}"
+            );
             assert_eq!(
                 net.nodes[(page % 3) as usize].directory.owner(page),
                 Some(1),

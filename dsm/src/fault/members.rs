@@ -326,7 +326,11 @@ impl Members {
         if node == COORDINATOR || self.settled(node) {
             return;
         }
-        let fresh = self.failures.lock().map(|mut f| f.insert(node)).unwrap_or(false);
+        let fresh = self
+            .failures
+            .lock()
+            .map(|mut f| f.insert(node))
+            .unwrap_or(false);
         if fresh {
             if let Ok(mut r) = self.requests.lock() {
                 r.push_back((node, Ctl::Failed { node }));

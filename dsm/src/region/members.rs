@@ -313,9 +313,9 @@ impl Dsm {
         let regions = self.regions();
         lost.into_iter()
             .filter(|&p| {
-                regions.iter().any(|r| {
-                    p >= r.first_page() && p < r.first_page() + (r.len() / PAGE) as PageId
-                })
+                regions
+                    .iter()
+                    .any(|r| p >= r.first_page() && p < r.first_page() + (r.len() / PAGE) as PageId)
             })
             .collect()
     }

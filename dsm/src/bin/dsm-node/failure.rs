@@ -53,7 +53,12 @@ pub fn manager_killed(d: &Dsm, a: &Args) -> Res<()> {
             .ok_or(format!("page {i} managed by node {m}"))?
             .push(i);
     }
-    let (m0, m1, m2, m3) = (&by_manager[0], &by_manager[1], &by_manager[2], &by_manager[3]);
+    let (m0, m1, m2, m3) = (
+        &by_manager[0],
+        &by_manager[1],
+        &by_manager[2],
+        &by_manager[3],
+    );
     if m3.len() < 8 || m0.len() < 4 || m1.len() < 4 || m2.len() < 3 {
         return Err(format!("pages by manager {by_manager:?}: too few"));
     }
@@ -161,7 +166,8 @@ pub fn manager_killed(d: &Dsm, a: &Args) -> Res<()> {
                 for &i in &class_a {
                     for w in 0..WORDS {
                         // SAFETY: inside the region (see `word`).
-                        let got = unsafe { (base as *const u64).add(i * WORDS + w).read_volatile() };
+                        let got =
+                            unsafe { (base as *const u64).add(i * WORDS + w).read_volatile() };
                         if got != value(0xa1, i, w) {
                             return Err(format!("A page {i} word {w}: {got:#x}"));
                         }
