@@ -908,7 +908,10 @@ impl<W: ShareWords> Node<W> {
                 }
             }
             Msg::Lost { .. } => {
-                if p.want.is_some() {
+                if p.want.take().is_some() {
+                    // The access is answered (it failed): a later one asks again, and is
+                    // answered lost again.
+                    p.fetch = Fetch::Idle;
                     out.push(Action::Lost { page });
                 }
             }

@@ -63,10 +63,10 @@ pub enum ManagerDecision {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Directory {
     owners: BTreeMap<PageId, NodeId>,
-    /// For entries a write moved: the owner the write was forwarded to. Until it granted
-    /// the page, the recorded owner does not hold it; if that owner dies first, the entry
-    /// must be rebuilt ([`Directory::forget_failed`]).
-    forwarded: BTreeMap<PageId, NodeId>,
+    /// For entries writes moved: the owners the writes were forwarded to, oldest first (at
+    /// most [`CHAIN`]). Until they passed the page on, the recorded owner does not hold
+    /// it; if one of them died first, the entry must be rebuilt ([`Directory::broken`]).
+    forwarded: BTreeMap<PageId, Vec<NodeId>>,
     /// Pages that were written and lost every copy: requests for them are refused.
     lost: BTreeSet<PageId>,
 }
@@ -82,21 +82,24 @@ impl Directory {
             Some(owner) => {
                 if access == Access::Write && owner != who {
                     self.owners.insert(page, who);
-                    self.forwarded.insert(page, owner);
+                    let chain = self.forwarded.entry(page).or_default();
+                    chain.push(owner);
+                    if chain.len() > CHAIN {
+                        chain.remove(0);
+                    }
                 }
                 ManagerDecision::Forward(owner)
             }
         }
     }
 
-    /// `node` died: forgets the entries that name it as the owner, or whose last write was
-    /// forwarded to it (the transfer may never have happened); returns their pages, to be
-    /// rebuilt from the survivors' copies.
+    /// `node` died: forgets the entries that name it as the owner; returns their pages, to
+    /// be rebuilt from the survivors' copies.
     pub fn forget_failed(&mut self, node: NodeId) -> Vec<PageId> {
         let pages: Vec<PageId> = self
             .owners
             .iter()
-            .filter(|(&p, &o)| o == node || self.forwarded.get(&p) == Some(&node))
+            .filter(|(_, &o)| o == node)
             .map(|(&p, _)| p)
             .collect();
         for p in &pages {
@@ -104,6 +107,44 @@ impl Directory {
             self.forwarded.remove(p);
         }
         pages
+    }
+
+    /// The write forwards of `page` not known done, oldest first.
+    pub fn chain(&self, page: PageId) -> Vec<NodeId> {
+        self.forwarded.get(&page).cloned().unwrap_or_default()
+    }
+
+    /// Records `owner` with the forwards that lead to it (a migrated entry).
+    pub fn set_entry(&mut self, page: PageId, owner: NodeId, chain: Vec<NodeId>) {
+        self.owners.insert(page, owner);
+        if chain.is_empty() {
+            self.forwarded.remove(&page);
+        } else {
+            self.forwarded.insert(page, chain);
+        }
+    }
+
+    /// After a failure's scan: whether the entry of `page` names an owner that will never
+    /// hold it. `claims`: the live nodes that hold the page as owner (or are being handed
+    /// it). The recorded owner holds it, or a write forwarded to it waits at an earlier
+    /// owner in the chain: walking back from the latest forward, a claimant keeps the
+    /// record (the transfers go on from it), a dead node breaks it (they never will).
+    pub fn broken(&self, page: PageId, claims: &BTreeSet<NodeId>, dead: &BTreeSet<NodeId>) -> bool {
+        let Some(owner) = self.owner(page) else {
+            return false;
+        };
+        if claims.contains(&owner) {
+            return false;
+        }
+        for n in self.chain(page).iter().rev() {
+            if dead.contains(n) {
+                return true;
+            }
+            if claims.contains(n) {
+                return false;
+            }
+        }
+        false
     }
 
     /// Records `page` as lost (every copy died): requests for it are refused from now on.
@@ -145,11 +186,16 @@ impl Directory {
 }
 
 /// An entry's state in migration and in the failure scan (postcard-encoded).
+/// Write forwards kept per entry ([`Directory::chain`]).
+pub const CHAIN: usize = 8;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct EntryState {
     version: u8,
     /// The owner a live manager had on record (migration).
     owner: Option<NodeId>,
+    /// Its write forwards not known done ([`Directory::chain`]).
+    chain: Vec<NodeId>,
     /// Nodes that hold the page as its owner (the failure scan), for entries without a
     /// live record (records naming a dead node, or the dead node's own entries).
     claims: BTreeSet<NodeId>,
@@ -179,6 +225,7 @@ impl EntryState {
     fn merge(&mut self, other: EntryState) {
         if self.owner.is_none() {
             self.owner = other.owner;
+            self.chain = other.chain;
         }
         self.claims.extend(other.claims);
         self.holders.extend(other.holders);
@@ -193,6 +240,7 @@ pub fn scan_state(me: NodeId, claim: Option<NodeId>, copy: bool) -> Vec<u8> {
     EntryState {
         version: STATE_VERSION,
         owner: None,
+        chain: Vec::new(),
         claims: claim.into_iter().collect(),
         holders: if copy {
             [me].into_iter().collect()
@@ -229,9 +277,16 @@ pub struct DirectoryService {
     incoming: BTreeMap<PageId, EntryState>,
     promotions: Vec<Promotion>,
     lost: Vec<PageId>,
+    /// What the last resolve saw of each page: live claims and live copies.
+    seen: BTreeMap<PageId, (BTreeSet<NodeId>, BTreeSet<NodeId>)>,
 }
 
 impl DirectoryService {
+    /// The live claims and live copies the last resolve saw of `page`.
+    pub fn seen(&self, page: PageId) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        self.seen.get(&page).cloned().unwrap_or_default()
+    }
+
     /// Nodes known dead (their claims and copies are not used by the rebuild).
     pub fn set_dead(&mut self, dead: impl IntoIterator<Item = NodeId>) {
         self.dead.extend(dead);
@@ -246,6 +301,7 @@ impl DirectoryService {
             incoming: BTreeMap::new(),
             promotions: Vec::new(),
             lost: Vec::new(),
+            seen: BTreeMap::new(),
         }
     }
 
@@ -269,6 +325,14 @@ impl DirectoryService {
 
     fn resolve(&mut self) {
         for (page, state) in std::mem::take(&mut self.incoming) {
+            let live = |s: &BTreeSet<NodeId>| -> BTreeSet<NodeId> {
+                s.iter()
+                    .copied()
+                    .filter(|n| !self.dead.contains(n))
+                    .collect()
+            };
+            self.seen
+                .insert(page, (live(&state.claims), live(&state.holders)));
             if self.directory.owners.contains_key(&page) {
                 continue;
             }
@@ -286,7 +350,12 @@ impl DirectoryService {
                 .filter(|h| !self.dead.contains(h))
                 .collect();
             if let Some(owner) = live_owner {
-                self.directory.owners.insert(page, owner);
+                let chain = if state.owner == Some(owner) {
+                    state.chain.clone()
+                } else {
+                    Vec::new()
+                };
+                self.directory.set_entry(page, owner, chain);
             } else if let Some(&owner) = holders.iter().next() {
                 self.directory.owners.insert(page, owner);
                 self.promotions.push(Promotion {
@@ -347,11 +416,13 @@ impl Service for DirectoryService {
     }
 
     fn send_out(&mut self, entry: EntryId) -> Option<Vec<u8>> {
-        let owner = self.directory.owners.remove(&entry)?;
+        let chain = self.directory.chain(entry);
+        let owner = self.directory.remove(entry)?;
         Some(
             EntryState {
                 version: STATE_VERSION,
                 owner: Some(owner),
+                chain,
                 ..EntryState::default()
             }
             .encode_touched(),

@@ -69,6 +69,8 @@ struct Migration {
     delayed: Vec<(NodeId, Msg)>,
     /// Entries this node managed and rebuilds (a failure): requests wait for step 4 too.
     rebuilding: BTreeSet<PageId>,
+    /// The change is a failure.
+    failure: bool,
 }
 
 /// A failure's flush in progress: the live members whose [`Msg::Flush`] has not arrived.
@@ -225,8 +227,9 @@ impl<W: ShareWords> Node<W> {
         let mut service = DirectoryService::new(me, Holdings::default());
         service.set_dead(self.dead.iter().copied());
         for &p in &leaving {
+            let chain = self.directory.chain(p);
             if let Some(owner) = self.directory.remove(p) {
-                service.directory.set_owner(p, owner);
+                service.directory.set_entry(p, owner, chain);
             }
         }
         service.before_migration(change.epoch, &leaving);
@@ -286,6 +289,7 @@ impl<W: ShareWords> Node<W> {
             service,
             delayed: Vec::new(),
             rebuilding,
+            failure: change.failed.is_some(),
         });
         self.maybe_finish(out);
     }
@@ -451,7 +455,34 @@ impl<W: ShareWords> Node<W> {
         }
         for (page, owner) in m.service.directory.pages() {
             if self.directory.owner(page).is_none() {
-                self.directory.set_owner(page, owner);
+                self.directory
+                    .set_entry(page, owner, m.service.directory.chain(page));
+            }
+        }
+        let mut promotions = promotions;
+        if m.failure {
+            // A record whose owner will never get the page (a write forwarded through the
+            // dead node) is rebuilt like the dead node's own entries.
+            let pages: Vec<PageId> = self.directory.pages().map(|(p, _)| p).collect();
+            for page in pages {
+                let (claims, holders) = m.service.seen(page);
+                if !self.directory.broken(page, &claims, &self.dead) {
+                    continue;
+                }
+                self.directory.remove(page);
+                if let Some(&owner) = claims.iter().next() {
+                    self.directory.set_owner(page, owner);
+                } else if let Some(&owner) = holders.iter().next() {
+                    self.directory.set_owner(page, owner);
+                    promotions.push(crate::directory::Promotion {
+                        owner,
+                        page,
+                        copyset: holders.iter().copied().filter(|&h| h != owner).collect(),
+                    });
+                } else {
+                    self.stats.pages_lost += 1;
+                    self.directory.mark_lost(page);
+                }
             }
         }
         // Sent before the held requests are forwarded: the new owner is an owner first.
