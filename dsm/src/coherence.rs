@@ -156,6 +156,12 @@ pub enum Msg {
     Lost {
         page: PageId,
     },
+    /// From a manager that rebuilt a broken entry (a write forwarded through a dead node):
+    /// the write requests the receiver holds for the page belong to the old chain and are
+    /// dropped (their requesters ask again after the failure).
+    Unqueue {
+        page: PageId,
+    },
     /// To [`WITNESS`]: the sender, the page's manager, granted the page to itself as a zero
     /// page (it is written from now on, and only the sender knows).
     Touched {
@@ -186,6 +192,7 @@ impl Msg {
             | Msg::Grant { page, .. }
             | Msg::Promote { page, .. }
             | Msg::Lost { page }
+            | Msg::Unqueue { page }
             | Msg::Touched { page } => *page,
         }
     }
@@ -917,6 +924,9 @@ impl<W: ShareWords> Node<W> {
             }
             Msg::Touched { .. } => {
                 self.witnessed.entry(from).or_default().insert(page);
+            }
+            Msg::Unqueue { .. } => {
+                p.queue.retain(|(_, m)| !matches!(m, Msg::Write { .. }));
             }
             // Handled by `on_message` before any page is looked at.
             Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. } => {}

@@ -469,6 +469,27 @@ impl<W: ShareWords> Node<W> {
                 if !self.directory.broken(page, &claims, &self.dead) {
                     continue;
                 }
+                // The nodes the chain reached after the dead one hold its writes queued.
+                let mut stale: BTreeSet<NodeId> = self
+                    .directory
+                    .chain(page)
+                    .into_iter()
+                    .rev()
+                    .take_while(|n| !self.dead.contains(n))
+                    .collect();
+                stale.extend(self.directory.owner(page));
+                for n in stale {
+                    if n == self.me {
+                        if let Some(p) = self.pages.get_mut(&page) {
+                            p.queue.retain(|(_, m)| !matches!(m, Msg::Write { .. }));
+                        }
+                    } else {
+                        out.push(Action::Send {
+                            to: n,
+                            msg: Msg::Unqueue { page },
+                        });
+                    }
+                }
                 self.directory.remove(page);
                 if let Some(&owner) = claims.iter().next() {
                     self.directory.set_owner(page, owner);
