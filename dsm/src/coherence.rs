@@ -1020,6 +1020,7 @@ impl<W: ShareWords> Node<W> {
             });
             p.state = PageState::Invalid;
             p.hint = Some(to);
+            self.note_handed(page, to);
         }
     }
 }

@@ -189,6 +189,14 @@ impl<W: ShareWords> Node<W> {
         }
     }
 
+    /// This node handed `page` over to `to`: during a failure's flush the grant follows the
+    /// flush on the link, and may reach `to` after it scanned, so the scan names `to`.
+    pub(super) fn note_handed(&mut self, page: PageId, to: NodeId) {
+        if let Some(f) = self.change.flush.as_mut() {
+            f.handing.push((page, to));
+        }
+    }
+
     /// Whether a failure is prepared here and not switched to yet (requests and migration
     /// messages wait).
     fn failure_ahead(&self) -> bool {
