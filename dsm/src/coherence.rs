@@ -324,6 +324,9 @@ struct Page {
     /// closed synchronously, so it is opened only at the end of a batch, never before a
     /// close of the same batch).
     publish: bool,
+    /// This node held the page or heard of an owner once (the page was written or granted
+    /// once): a failure's scan reports it when the dead node managed it.
+    known: bool,
 }
 
 impl Default for Page {
@@ -337,6 +340,7 @@ impl Default for Page {
             busy: None,
             queue: VecDeque::new(),
             publish: false,
+            known: false,
         }
     }
 }
@@ -656,6 +660,7 @@ impl<W: ShareWords> Node<W> {
         self.drain_queue(page, out);
         self.retry(page, out);
         if let Some(p) = self.pages.get_mut(&page) {
+            p.known |= p.hint.is_some() || p.state != PageState::Invalid;
             if p.publish && p.state == PageState::ReadOwner && p.busy.is_none() {
                 out.push(Action::Publish { page });
             }

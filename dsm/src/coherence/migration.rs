@@ -328,7 +328,9 @@ impl<W: ShareWords> Node<W> {
                 .then(|| p.busy.as_ref().map_or(me, |(_, to)| *to));
             let copy = p.state != PageState::Invalid;
             let hint_dead = p.hint.is_some_and(|h| h == x || self.dead.contains(&h));
-            if claim.is_some() || (copy && (hint_dead || old.manager(page) == x)) || hint_dead {
+            // The dead node's own entries are gone: whoever knew the page was written says so.
+            let known_orphan = p.known && old.manager(page) == x;
+            if claim.is_some() || copy && old.manager(page) == x || hint_dead || known_orphan {
                 states.push((page, scan_state(me, claim, copy)));
             }
         }
