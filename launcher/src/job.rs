@@ -732,12 +732,7 @@ fn wait_all(
                         .commits
                         .as_ref()
                         .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k);
-                    reached
-                        && committed_at
-                            .entry(k)
-                            .or_insert_with(Instant::now)
-                            .elapsed()
-                            >= after
+                    reached && committed_at.entry(k).or_insert_with(Instant::now).elapsed() >= after
                 }
                 InjectAt::Phase { phase, k } => phases.contains(&(phase, k)),
             };
