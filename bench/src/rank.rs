@@ -19,8 +19,11 @@
 //! Writes `bench/results/rank.json` (and `rank.png`): `{"environment":{"commit","date",
 //! "kernel","cpus"},"plot","runs","target",
 //! "rows":[{"op","provider","size","lat_p50_us","bw_gbs","raw_lat_p50_us","raw_bw_gbs",
-//! "lat_overhead_pct","bw_loss_pct", and min/max over runs of each}]}`; every value is the
-//! median over `--runs` runs (at least 3).
+//! "lat_overhead_pct","bw_loss_pct", and min/max over runs of each,
+//! "lat_overhead_pct_paired","bw_loss_pct_paired" with their min/max}]}`; every value is the
+//! median over `--runs` runs (at least 3). The `_paired` values are the medians of each
+//! run's own ratio (library against raw measured back to back in that run), which cancel
+//! the drift between runs; the others compare the two medians.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -514,9 +517,11 @@ pub fn run(args: RankArgs) -> Result<(), String> {
         "lat us",
         "raw lat us",
         "lat +%",
+        "paired",
         "GB/s",
         "raw GB/s",
         "bw -%",
+        "paired",
     ]);
     for name in &providers {
         // Per key, per run: [lib lat us, lib GB/s, raw lat us, raw GB/s].
@@ -578,6 +583,21 @@ pub fn run(args: RankArgs) -> Result<(), String> {
             }
             let lat_over = (lat / raw_lat - 1.0) * 100.0;
             let bw_loss = (1.0 - bw / raw_bw) * 100.0;
+            // The runs paired one by one: each run measures both sides back to back, so its
+            // ratio cancels the drift between runs (on 2 cores a run's p50 at 8 B moves by
+            // up to 70x), which the ratio of the two medians does not.
+            let (lat_over_paired, lat_over_paired_min, lat_over_paired_max) = stats(
+                &mut s
+                    .iter()
+                    .map(|r| (r[0] / r[2] - 1.0) * 100.0)
+                    .collect::<Vec<_>>(),
+            );
+            let (bw_loss_paired, bw_loss_paired_min, bw_loss_paired_max) = stats(
+                &mut s
+                    .iter()
+                    .map(|r| (1.0 - r[1] / r[3]) * 100.0)
+                    .collect::<Vec<_>>(),
+            );
             table.row(vec![
                 op.name().into(),
                 name.clone(),
@@ -585,9 +605,11 @@ pub fn run(args: RankArgs) -> Result<(), String> {
                 cell(Some(lat), 2),
                 cell(Some(raw_lat), 2),
                 cell(Some(lat_over), 1),
+                cell(Some(lat_over_paired), 1),
                 cell(Some(bw), 3),
                 cell(Some(raw_bw), 3),
                 cell(Some(bw_loss), 1),
+                cell(Some(bw_loss_paired), 1),
             ]);
             rows.push(json!({
                 "op": op.name(),
@@ -599,6 +621,12 @@ pub fn run(args: RankArgs) -> Result<(), String> {
                 "raw_bw_gbs": json_num(Some(raw_bw)),
                 "lat_overhead_pct": json_num(Some(lat_over)),
                 "bw_loss_pct": json_num(Some(bw_loss)),
+                "lat_overhead_pct_paired": json_num(Some(lat_over_paired)),
+                "lat_overhead_pct_paired_min": json_num(Some(lat_over_paired_min)),
+                "lat_overhead_pct_paired_max": json_num(Some(lat_over_paired_max)),
+                "bw_loss_pct_paired": json_num(Some(bw_loss_paired)),
+                "bw_loss_pct_paired_min": json_num(Some(bw_loss_paired_min)),
+                "bw_loss_pct_paired_max": json_num(Some(bw_loss_paired_max)),
                 "lat_p50_us_min": json_num(Some(lat_min)),
                 "lat_p50_us_max": json_num(Some(lat_max)),
                 "bw_gbs_min": json_num(Some(bw_min)),

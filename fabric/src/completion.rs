@@ -220,6 +220,48 @@ pub fn wait_all(completions: impl IntoIterator<Item = Completion>) -> Result<()>
     first_error.map_or(Ok(()), Err)
 }
 
+/// How a thread that retries something another thread must make possible (a full queue, a
+/// busy peer) waits between tries: it spins and yields for [`Backoff::SPIN`], then sleeps,
+/// each sleep twice the last, up to [`Backoff::MAX_NAP`]. A thread that only yields stays
+/// runnable: on an oversubscribed node (a 2-core node running 4 ranks, each with its
+/// progress threads) it keeps taking the cores from the threads that would free the queue;
+/// a sleep leaves the run queue.
+pub(crate) struct Backoff {
+    start: Instant,
+    tries: u32,
+    nap: Duration,
+}
+
+impl Backoff {
+    /// Spin and yield this long before sleeping.
+    pub(crate) const SPIN: Duration = Duration::from_micros(100);
+    /// The longest sleep between two tries.
+    pub(crate) const MAX_NAP: Duration = Duration::from_micros(200);
+
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            start: Instant::now(),
+            tries: 0,
+            nap: Duration::from_micros(5),
+        }
+    }
+
+    /// Waits before the next try.
+    pub(crate) fn pause(&mut self) {
+        self.tries = self.tries.wrapping_add(1);
+        if self.start.elapsed() < Self::SPIN {
+            if self.tries.is_multiple_of(16) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        } else {
+            std::thread::sleep(self.nap);
+            self.nap = (self.nap * 2).min(Self::MAX_NAP);
+        }
+    }
+}
+
 /// Bounds the operations in flight on one endpoint (back-pressure on the poster).
 pub(crate) struct InFlight {
     count: AtomicUsize,
@@ -243,6 +285,7 @@ impl InFlight {
         timeout: Duration,
     ) -> Result<()> {
         let start = Instant::now();
+        let mut backoff = Backoff::new();
         loop {
             let n = self.count.load(Ordering::Acquire);
             if n < self.max {
@@ -259,7 +302,7 @@ impl InFlight {
                 if start.elapsed() >= timeout {
                     return Err(FabricError::Timeout { op, peer, timeout });
                 }
-                std::thread::yield_now();
+                backoff.pause();
             }
         }
     }

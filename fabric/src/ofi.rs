@@ -28,11 +28,22 @@ const RECV_CONTEXT: u64 = 1 << 63;
 const MSG_HEADER: usize = 8;
 /// Longest sleep in poll(2) on the CQ wait fd (bounds a missed wake-up).
 const PROGRESS_POLL_MS: libc::c_int = 2;
-/// Idle polling period of the progress thread when the CQ has no wait fd (shm).
+/// Idle polling period of the progress thread when the CQ has no wait fd (shm), right after
+/// the endpoint was last used; each idle poll doubles it up to [`SHM_IDLE_POLL_MAX`].
 const SHM_IDLE_POLL: Duration = Duration::from_micros(10);
+/// The longest idle polling period (shm). A fixed 10 us period made every idle endpoint
+/// wake 100,000 times a second: with 4 ranks of 2 endpoints each on 2 cores those wake-ups
+/// took the cores from the threads doing the work (MGS on the DSM over shm, 4 ranks on 2
+/// local nodes: 4-37 s per run, with stalls of up to 0.99 s in which every other thread
+/// waited runnable; `perf sched latency`).
+const SHM_IDLE_POLL_MAX: Duration = Duration::from_micros(500);
 /// After any sign of use the progress thread polls without sleeping this long, so a target
-/// serving a stream of one-sided operations answers at the provider's speed.
-const HOT_WINDOW: Duration = Duration::from_millis(20);
+/// serving a stream of one-sided operations answers at the provider's speed. It was 20 ms:
+/// every operation a rank posted kept its progress threads spinning that long, and on a
+/// 2-core node with 4 ranks those spinners took the cores from the work (MGS on the DSM,
+/// debug build, 4 ranks on 2 local nodes: shm 1.4-2.7 s -> 0.4-0.8 s, tcp 3.4-5.5 s ->
+/// 1.7-1.9 s; 3 ranks on 3 nodes, tcp: 1.9-2.9 s -> 0.9-1.0 s).
+const HOT_WINDOW: Duration = Duration::from_millis(2);
 /// With libfabric 2.x, a shm peer's liveness is re-checked at most this often per post.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(1);
 
@@ -750,6 +761,7 @@ impl Inner {
         mut f: impl FnMut() -> isize,
     ) -> Result<()> {
         let start = Instant::now();
+        let mut backoff = crate::completion::Backoff::new();
         loop {
             let rc = f();
             if rc == 0 {
@@ -773,7 +785,7 @@ impl Inner {
                     });
                 }
                 self.progress();
-                std::thread::yield_now();
+                backoff.pause();
                 continue;
             }
             self.ops.cancel(id);
@@ -862,6 +874,7 @@ impl Inner {
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
         let mut remote_seen = 0u64;
         let mut spins = 0u32;
+        let mut idle_nap = SHM_IDLE_POLL;
         while !self.shutdown.load(Ordering::Relaxed) {
             if self.waiters.load(Ordering::Relaxed) > 0 {
                 // A waiter drives progress itself; stay out of its way (it parks after a few
@@ -877,6 +890,7 @@ impl Inner {
             // thread spinning on a core that the node's ranks and daemons share.
             if handled > 0 || remote != remote_seen {
                 remote_seen = remote;
+                idle_nap = SHM_IDLE_POLL;
                 self.heat();
                 spins = spins.wrapping_add(1);
                 hot_pause(spins);
@@ -885,6 +899,7 @@ impl Inner {
             if self.now_us() < self.hot_until_us.load(Ordering::Relaxed) {
                 // Requests come in bursts (a peer's ping-pong, a pipeline, a caller waiting
                 // in recv): keep serving at the provider's speed.
+                idle_nap = SHM_IDLE_POLL;
                 spins = spins.wrapping_add(1);
                 hot_pause(spins);
                 continue;
@@ -913,7 +928,8 @@ impl Inner {
                 None => {
                     // shm: nothing to sleep on. Served remote accesses show in the counter
                     // (checked above), so idle polling on a short timer is enough.
-                    std::thread::sleep(SHM_IDLE_POLL);
+                    std::thread::sleep(idle_nap);
+                    idle_nap = (idle_nap * 2).min(SHM_IDLE_POLL_MAX);
                 }
             }
         }

@@ -105,6 +105,7 @@ impl OpTable {
         timeout: Duration,
     ) -> Result<usize> {
         let since = Instant::now();
+        let mut backoff = crate::completion::Backoff::new();
         loop {
             if let Some(s) = self.send_free.lock().expect("send slots").pop() {
                 return Ok(s);
@@ -118,7 +119,7 @@ impl OpTable {
                 });
             }
             driver.progress();
-            std::thread::yield_now();
+            backoff.pause();
         }
     }
 

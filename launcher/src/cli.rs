@@ -34,7 +34,7 @@ the highest rank's, or 128+signal.
 fails, its ranks restart on a spare from the last committed checkpoint and the surviving
 ranks roll back inside their live processes (same pids). --inject-failure (repeatable)
 SIGKILLs node N's krund and its ranks at WHEN: SECONDSs or MSms after every node is up, Kckpt after
-K committed checkpoints, ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
+K committed checkpoints (Kckpt+DELAY: DELAY after that), ckptK:barrier or ckptK:capture at that phase of the K-th checkpoint
 attempt, recoveryK once the K-th recovery's restart order went out. --policy FILE runs the HA
 policy a TOML file describes (a built-in one or a policy module); `krun policy load FILE`,
 `unload` and `show` swap or show it while the job runs.
@@ -121,7 +121,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub spares: usize,
     /// SIGKILL node N's krund and its ranks (repeatable): node=N@5s, node=N@500ms,
-    /// node=N@Kckpt, node=N@ckptK:barrier, node=N@ckptK:capture or node=N@recoveryK.
+    /// node=N@Kckpt, node=N@Kckpt+DELAY, node=N@ckptK:barrier, node=N@ckptK:capture or node=N@recoveryK.
     #[arg(long, value_name = "node=N@WHEN", value_parser = injection)]
     pub inject_failure: Vec<Injection>,
     /// Pass a variable to the ranks: VAR=VALUE, or VAR to pass krun's own value (repeatable).

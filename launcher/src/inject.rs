@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `5s`, `1.5s`, `500ms` | this long after the nodes started |
 //! | `3ckpt` | once 3 checkpoints were committed |
+//! | `3ckpt+500ms`, `3ckpt+1s` | this long after the 3rd checkpoint was committed (under the uncoordinated policy a count is committed once every rank made that many of its own checkpoints safe: right at that moment the last rank has just checkpointed and has delivered nothing since; a delay makes every rank work past its checkpoint first) |
 //! | `ckpt3:barrier` | when the 3rd checkpoint attempt's barrier starts (before any node is asked) |
 //! | `ckpt3:capture` | when the 3rd checkpoint's capture is ordered (every rank held at its safepoint; killed before the order goes out, so checkpoint 3 cannot commit) |
 //! | `recovery1` | when the 1st recovery's `Restart` order went to the nodes (mid-recovery: the spare restoring lost ranks, or any other node) |
@@ -35,8 +36,8 @@ pub enum InjectAt {
     /// not the time its daemons took to start (under load that varied from 0.3 to 2 s,
     /// and a kill before the nodes were up tested the start-up, not the job).
     After(Duration),
-    /// Once the checkpoint policy committed this many checkpoints.
-    Commits(u64),
+    /// `after` past the moment the checkpoint policy had committed `k` checkpoints.
+    Commits { k: u64, after: Duration },
     /// When the policy reaches the `k`-th occurrence (from 1) of `phase`.
     Phase { phase: Phase, k: u64 },
 }
@@ -65,7 +66,8 @@ impl std::fmt::Display for Phase {
 impl std::str::FromStr for Injection {
     type Err = LauncherError;
 
-    /// `node=N@5s`, `node=N@1.5s`, `node=N@500ms`, `node=N@3ckpt`, `node=N@ckpt3:barrier`,
+    /// `node=N@5s`, `node=N@1.5s`, `node=N@500ms`, `node=N@3ckpt`, `node=N@3ckpt+500ms`,
+    /// `node=N@ckpt3:barrier`,
     /// `node=N@ckpt3:capture` or `node=N@recovery1`.
     fn from_str(v: &str) -> Result<Injection> {
         let bad = |why: &str| {
@@ -82,6 +84,23 @@ impl std::str::FromStr for Injection {
                 .ok()
                 .filter(|&k| k > 0)
                 .ok_or_else(|| bad(&format!("the {what} is not a positive number")))
+        };
+        let duration = |t: &str| -> Result<Duration> {
+            if let Some(ms) = t.strip_suffix("ms") {
+                Ok(Duration::from_millis(
+                    ms.parse()
+                        .map_err(|_| bad("not a number of milliseconds"))?,
+                ))
+            } else if let Some(s) = t.strip_suffix('s') {
+                let secs: f64 = s
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| bad("not a number of seconds"))?;
+                Ok(Duration::from_secs_f64(secs))
+            } else {
+                Err(bad("no unit"))
+            }
         };
         let at = if let Some(phase) = when.strip_prefix("ckpt") {
             let (k, name) = phase
@@ -101,22 +120,20 @@ impl std::str::FromStr for Injection {
                 phase: Phase::Recovery,
                 k: count(k, "recovery number")?,
             }
-        } else if let Some(k) = when.strip_suffix("ckpt") {
-            InjectAt::Commits(count(k, "checkpoint count")?)
-        } else if let Some(ms) = when.strip_suffix("ms") {
-            InjectAt::After(Duration::from_millis(
-                ms.parse()
-                    .map_err(|_| bad("not a number of milliseconds"))?,
-            ))
-        } else if let Some(s) = when.strip_suffix('s') {
-            let secs: f64 = s
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| bad("not a number of seconds"))?;
-            InjectAt::After(Duration::from_secs_f64(secs))
+        } else if let Some((k, after)) = when.split_once("ckpt") {
+            let after = match after {
+                "" => Duration::ZERO,
+                d => duration(
+                    d.strip_prefix('+')
+                        .ok_or_else(|| bad("after Kckpt only +DELAY may follow"))?,
+                )?,
+            };
+            InjectAt::Commits {
+                k: count(k, "checkpoint count")?,
+                after,
+            }
         } else {
-            return Err(bad("no unit"));
+            InjectAt::After(duration(when)?)
         };
         Ok(Injection { node, at })
     }
@@ -239,7 +256,26 @@ mod tests {
             at("node=1@500ms").unwrap(),
             (1, InjectAt::After(Duration::from_millis(500)))
         );
-        assert_eq!(at("node=3@2ckpt").unwrap(), (3, InjectAt::Commits(2)));
+        assert_eq!(
+            at("node=3@2ckpt").unwrap(),
+            (
+                3,
+                InjectAt::Commits {
+                    k: 2,
+                    after: Duration::ZERO
+                }
+            )
+        );
+        assert_eq!(
+            at("node=1@2ckpt+1.5s").unwrap(),
+            (
+                1,
+                InjectAt::Commits {
+                    k: 2,
+                    after: Duration::from_millis(1500)
+                }
+            )
+        );
         assert_eq!(
             at("node=1@ckpt3:capture").unwrap(),
             (
@@ -276,6 +312,9 @@ mod tests {
             ("node=x@5s", "not a number"),
             ("node=2@5", "no unit"),
             ("node=2@0ckpt", "positive"),
+            ("node=2@2ckpt500ms", "+DELAY"),
+            ("node=2@2ckpt+500", "no unit"),
+            ("node=2@2ckpt+xs", "seconds"),
             ("node=2@-1s", "seconds"),
             ("node=2@ckpt3", ":barrier or :capture"),
             ("node=2@ckpt3:write", "barrier or capture"),

@@ -4,6 +4,7 @@
 //!
 //! Without a program the nodes run the built-in RMA exchange workload; with one, they start
 //! its ranks.
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -706,6 +707,8 @@ fn wait_all(
     // When every node the job started was first linked to krun: `@5s` injections count
     // from then.
     let mut all_up: Option<Instant> = None;
+    // When the commit count first reached each `Kckpt` injection's K.
+    let mut committed_at: BTreeMap<u64, Instant> = BTreeMap::new();
     while remaining > 0 {
         if all_up.is_none() && hub.linked() >= originals {
             all_up = Some(Instant::now());
@@ -724,10 +727,13 @@ fn wait_all(
         inject.retain(|i| {
             let due = match i.at {
                 InjectAt::After(d) => all_up.is_some_and(|t| t.elapsed() >= d),
-                InjectAt::Commits(k) => watch
-                    .commits
-                    .as_ref()
-                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k),
+                InjectAt::Commits { k, after } => {
+                    let reached = watch
+                        .commits
+                        .as_ref()
+                        .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) >= k);
+                    reached && committed_at.entry(k).or_insert_with(Instant::now).elapsed() >= after
+                }
                 InjectAt::Phase { phase, k } => phases.contains(&(phase, k)),
             };
             if due {
