@@ -49,15 +49,16 @@
 //! - A rank and its buddy lost together lose the determinants: not recoverable by logging.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fabric::{Completion, Endpoint, EndpointAddress, MemoryRegion, Region, RemoteRegion};
+use fabric::{Completion, Endpoint, MemoryRegion, Region, RemoteRegion};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RankError, Result};
 use crate::messages::Messages;
-use crate::world::{Config, Rank};
+#[cfg(doc)]
+use crate::world::Rank;
 
 /// The wire tag field value of the log's control messages (above every tag in use).
 pub(crate) const LOG_CTRL_TAG: u32 = (1 << 27) - 1;
