@@ -51,7 +51,10 @@ fn ghost_parse(data: &[u8]) {
         match s.data() {
             // A delta section stores a chunk bitmap and the changed chunks, not the region's
             // `raw_len` bytes: its length is checked where the delta is applied.
-            Ok(_) if s.kind == SectionKind::RegionDelta && !s.compressed => {}
+            // So does a sparse one (the chunks that are not all zero).
+            Ok(_)
+                if matches!(s.kind, SectionKind::RegionDelta | SectionKind::RegionSparse)
+                    && !s.compressed => {}
             Ok(d) => assert_eq!(d.len() as u64, s.raw_len, "section {}", s.index),
             Err(e) => {
                 let text = e.to_string();
@@ -70,7 +73,12 @@ fn ghost_parse(data: &[u8]) {
     let regions: Vec<(&str, u64)> = img
         .sections
         .iter()
-        .filter(|s| matches!(s.kind, SectionKind::Region | SectionKind::RegionDelta))
+        .filter(|s| {
+            matches!(
+                s.kind,
+                SectionKind::Region | SectionKind::RegionDelta | SectionKind::RegionSparse
+            )
+        })
         .filter(|s| s.raw_len <= MAX_RAW)
         .map(|s| (s.name, s.raw_len))
         .collect();
@@ -148,7 +156,16 @@ fn ghost_seeds() -> Vec<Vec<u8>> {
     region
         .add(SectionKind::Region, "stack", &[1, 2, 3, 4], false)
         .expect("region");
-    vec![full.finish(), delta.finish(), region.finish()]
+    let mut sparse = ImageBuilder::new(10, 0, Vec::new());
+    let mut raw = vec![0u8; 2 * image::DELTA_CHUNK + 100];
+    raw[image::DELTA_CHUNK + 1] = 5;
+    sparse.add_sparse("heap", &raw).expect("sparse");
+    vec![
+        full.finish(),
+        delta.finish(),
+        region.finish(),
+        sparse.finish(),
+    ]
 }
 
 pub const L4_FILE: Target = Target {

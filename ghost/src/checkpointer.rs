@@ -196,7 +196,7 @@ pub fn consolidate<B: AsRef<[u8]>>(chain: &[B]) -> Result<Vec<u8>> {
     let mut out = ImageBuilder::new(newest.image_id, 0, Vec::new());
     for s in &newest.sections {
         match s.kind {
-            SectionKind::Region | SectionKind::RegionDelta => {
+            SectionKind::Region | SectionKind::RegionDelta | SectionKind::RegionSparse => {
                 let dest = out.reserve(SectionKind::Region, s.name, s.raw_len as usize)?;
                 image::materialize_region(&images, s.name, dest)?;
             }

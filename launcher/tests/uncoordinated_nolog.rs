@@ -254,3 +254,61 @@ fn staggered_checkpoints_domino_back_and_the_policy_reports_the_rollback_depth()
         assert!(out.contains("heat: rank 0 restored"), "{out}");
     }
 }
+
+/// A second failure during a recovery without logging: node 1 dies, and while the recovery
+/// line is being restored (right after krun named it, before it reports the recovery done)
+/// node 2 dies too. The job must not hang: it ends with the serial result (a second
+/// recovery on the second spare) or with an error that names the failure.
+#[test]
+fn a_second_node_killed_while_the_recovery_line_is_restored_ends_with_the_serial_result_or_a_clear_error(
+) {
+    let dir = temp("second");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "1000"]);
+    let policy = policy_file(
+        &dir.0,
+        "nolog.toml",
+        "policy = \"uncoordinated\"\ninterval_ms = 500\nstagger = false\n\n[logging]\nmessages = false\n",
+    );
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "3", "--spares", "2", "-n", "6", "--policy"])
+        .arg(&policy)
+        .args(["--inject-failure", "node=1@2ckpt"])
+        .arg(&heat)
+        .args(["48", "40", "1000", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    let run = Running::start(&dir.0, cmd);
+    // Node 2's processes, found while they run (a rollback in place keeps its pids).
+    let (krund2, pids2) = node_processes(&dir.0, 2);
+    run.wait_line(
+        "injected failure: SIGKILL to node 1",
+        Duration::from_secs(240),
+    );
+    run.wait_line("(no message logging)", Duration::from_secs(120));
+    kill_processes(krund2, &pids2);
+    let (_, before) = run.wait_line_after("krun: node 2 failed at epoch", Duration::from_secs(120));
+    assert!(
+        !before
+            .iter()
+            .any(|l| l.contains("recovered from the failure")),
+        "the first recovery ended before node 2 was killed: the test did not force a \
+         failure during it:\n{}",
+        before.join("\n")
+    );
+    // Bounded: `finish` fails the test if the job is still running after the limit.
+    let (ok, out, err, _) = run.finish(Duration::from_secs(400));
+    if ok {
+        assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    } else {
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("krun:"))
+            .unwrap_or("");
+        assert!(
+            last.contains("fail") || last.contains("lost") || last.contains("recover"),
+            "the job failed without a clear reason:\n{err}"
+        );
+    }
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

@@ -34,6 +34,7 @@ pub mod capi;
 pub mod checkpoint;
 pub mod dsm;
 pub mod error;
+pub mod log_region;
 pub mod logging;
 pub mod messages;
 pub mod node_link;

@@ -267,6 +267,13 @@ impl Messages {
     /// its totals readable.
     pub(crate) fn retire_logger(&self) {
         let lg = self.logger.write().expect("logger lock").take();
+        if let Some(l) = &lg {
+            // Best effort: what was delivered under logging is durable before the end.
+            if let Err(e) = l.flush(self) {
+                eprintln!("krun rank {}: message log at its end: {e}", self.rank);
+            }
+            l.report_timing();
+        }
         if lg.is_some() {
             *self.retired.write().expect("logger lock") = lg;
         }
@@ -387,6 +394,10 @@ impl Messages {
         if let Some(lg) = &logger {
             if !lg.on_send(dest, tag, seq, data) {
                 return Ok(seq); // a replay's send the receiver already has
+            }
+            if dest != self.rank {
+                // Nothing leaves that may depend on a delivery not durable at the buddy.
+                lg.flush(self)?;
             }
         }
         if dest == self.rank {

@@ -8,8 +8,9 @@
 //! the node holds a capture for this rank only) asks its krund (`AtSafepoint`) and gets
 //! `Checkpoint{version}` (or `Continue`); it then takes its own native checkpoint: the log
 //! snapshot ([`crate::Rank::log_mark_checkpoint`]) goes into the registered region
-//! [`LOG_REGION`] first, so the image holds the application's state and the log's together,
-//! and the checkpoint store carries both to the buddy. No check for messages in flight:
+//! [`LOG_REGION`] first (it grows with the log: [`crate::log_region`]), so the image holds
+//! the application's state and the log's together, and the checkpoint store carries both to
+//! the buddy. No check for messages in flight:
 //! with logging, a message received but not yet delivered is below nobody's prefix and is
 //! resent on a rejoin.
 //!
@@ -76,10 +77,7 @@ use crate::error::{RankError, Result};
 use crate::node_link::{NodeLink, RankToNode, SafepointOrder, WatchOrder};
 use crate::world::Rank;
 
-/// The registered region holding the log snapshot of each own checkpoint.
-pub const LOG_REGION: &str = "krun-message-log";
-/// Its default size (`KRUN_LOG_REGION_BYTES`).
-pub const DEFAULT_LOG_REGION: usize = 1 << 20;
+pub use crate::log_region::{DEFAULT_LOG_REGION, DEFAULT_LOG_REGION_MAX, LOG_REGION};
 /// How long a rejoining rank waits for the survivors to learn its address.
 pub const REJOIN_WAIT: Duration = Duration::from_secs(120);
 
@@ -102,7 +100,6 @@ static ALIGN_NEXT: AtomicBool = AtomicBool::new(false);
 /// The mode was switched in this process (or it rejoined a job whose mode was).
 static SWITCHED: AtomicBool = AtomicBool::new(false);
 static CURRENT: OnceLock<Weak<Rank>> = OnceLock::new();
-static REGION: OnceLock<(usize, usize)> = OnceLock::new();
 /// Without logging: the counters (sent to, delivered from each rank) when the rank was set
 /// up: what its start-up (wire-up) exchanged, left out of the channel counts it reports.
 static BASELINE: OnceLock<(Vec<u64>, Vec<u64>)> = OnceLock::new();
@@ -181,23 +178,6 @@ pub fn rejoining() -> Result<bool> {
     env_flag("KRUN_REJOIN")
 }
 
-fn region_bytes() -> Result<usize> {
-    match std::env::var("KRUN_LOG_REGION_BYTES") {
-        Ok(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| n >= 4096)
-            .map(|n| n.next_multiple_of(4096))
-            .ok_or(RankError::BadEnv {
-                name: "KRUN_LOG_REGION_BYTES",
-                value: v,
-                reason: "expected a byte count >= 4096".into(),
-            }),
-        Err(_) => Ok(DEFAULT_LOG_REGION),
-    }
-}
-
 impl Rank {
     /// After init (or a rejoin): the watcher may reach this rank; with logging, the log
     /// region is registered (and read back when restored) and the rank's card goes to its
@@ -224,25 +204,7 @@ impl Rank {
     }
 
     fn write_log_snapshot(&self, snap: &[u8]) -> Result<()> {
-        let Some(&(addr, len)) = REGION.get() else {
-            return Err(RankError::Checkpoint(format!(
-                "message logging is on but the {LOG_REGION} region is not registered"
-            )));
-        };
-        if snap.len() + 8 > len {
-            return Err(RankError::Checkpoint(format!(
-                "the message log's snapshot ({} bytes: payloads held for receivers that have \
-                 not checkpointed) does not fit the {LOG_REGION} region ({len} bytes): raise \
-                 KRUN_LOG_REGION_BYTES or checkpoint more often",
-                snap.len()
-            )));
-        }
-        // SAFETY: as in `register_log_region`; the checkpoint is taken by this thread after
-        // the write.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-        bytes[..8].copy_from_slice(&(snap.len() as u64).to_le_bytes());
-        bytes[8..8 + snap.len()].copy_from_slice(snap);
-        Ok(())
+        crate::log_region::write(&self.ckpt, self.rank(), snap)
     }
 
     /// The safepoint without a barrier (see the module doc).
@@ -377,10 +339,10 @@ impl Rank {
         self.own_checkpoint_taken(&rt, want)
     }
 
-    /// The safepoint's checkpoint order, where a log snapshot too large for its region
-    /// skips this checkpoint (said on stderr; krun hears nothing, times the capture out and
-    /// the policy orders the next one) instead of ending the program: the log shrinks as
-    /// receivers checkpoint.
+    /// The safepoint's checkpoint order, where a log snapshot too large for the region even
+    /// grown to its cap ([`crate::log_region`]) skips this checkpoint (said on stderr; krun
+    /// hears nothing, times the capture out and the policy orders the next one) instead of
+    /// ending the program: the log shrinks as receivers checkpoint.
     fn own_checkpoint_or_skip(&self, want: u64) -> Result<Safepoint> {
         match self.own_checkpoint(want) {
             Ok(v) => Ok(Safepoint::Checkpointed(v)),
@@ -447,33 +409,10 @@ fn minus(a: &[u64], b: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-/// Registers [`LOG_REGION`] with `ckpt`'s checkpointer (once per process); returns the
-/// snapshot it was restored with.
+/// Registers [`LOG_REGION`] with `ckpt`'s checkpointer (once per process; it grows as
+/// [`crate::log_region`] says); returns the snapshot it was restored with.
 pub(crate) fn log_region(ckpt: &crate::checkpoint::Checkpoints) -> Result<Option<Vec<u8>>> {
-    if !ckpt.enabled() || REGION.get().is_some() {
-        return Ok(None);
-    }
-    let len = region_bytes()?;
-    let addr = ghost::native::alloc_region(len)?;
-    // SAFETY: `alloc_region` maps whole private anonymous pages that are never freed.
-    let restored = unsafe { ckpt.runtime()?.register(LOG_REGION, addr, len) }?;
-    let _ = REGION.set((addr as usize, len));
-    if !restored {
-        return Ok(None);
-    }
-    // SAFETY: the region is `len` bytes of this process's memory, mapped for good; only this
-    // rank's own checkpoint writes it.
-    let bytes = unsafe { std::slice::from_raw_parts(addr, len) };
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    if n == 0 {
-        return Ok(None);
-    }
-    if n > len - 8 {
-        return Err(RankError::Checkpoint(format!(
-            "the restored {LOG_REGION} region says {n} bytes, more than its {len}"
-        )));
-    }
-    Ok(Some(bytes[8..8 + n].to_vec()))
+    crate::log_region::register(ckpt)
 }
 
 /// An order the watcher got for the uncoordinated policy; `PeerReplaced` is told on `link`.

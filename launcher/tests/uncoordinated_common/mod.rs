@@ -208,6 +208,23 @@ impl Running {
         }
     }
 
+    /// As [`Running::wait_line`], also returning the lines that came before it.
+    pub fn wait_line_after(&self, text: &str, limit: Duration) -> (String, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(text) => return (l, seen),
+                Ok(l) => seen.push(l),
+                Err(e) => panic!(
+                    "no line with {text:?} within {limit:?} ({e}):\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// The decisions logged so far.
     pub fn decisions(&self) -> String {
         self.decisions.lock().unwrap().clone()
@@ -321,6 +338,25 @@ fn exe_name(pid: u32) -> Option<String> {
 /// processes, all started by the krun this test started) and then its ranks, as
 /// `--inject-failure` does. Returns the ranks' pids killed.
 pub fn kill_node(dir: &Path, node: u64) -> Vec<u32> {
+    let (krund, pids) = node_processes(dir, node);
+    kill_processes(krund, &pids);
+    pids
+}
+
+/// SIGKILLs a node's krund, then its ranks (pids from [`node_processes`]).
+pub fn kill_processes(krund: u32, pids: &[u32]) {
+    // SAFETY: kill on processes the krun this test started runs (found by
+    // `node_processes` in the job's own process table).
+    unsafe {
+        libc::kill(krund as i32, libc::SIGKILL);
+        for &p in pids {
+            libc::kill(p as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Node `node`'s krund and its ranks' pids, once it runs a rank.
+pub fn node_processes(dir: &Path, node: u64) -> (u32, Vec<u32>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let pids: Vec<u32> = loop {
         if let Some(r) = rows(dir) {
@@ -349,13 +385,5 @@ pub fn kill_node(dir: &Path, node: u64) -> Vec<u32> {
         }
     }
     let krund = krund.unwrap_or_else(|| panic!("no krund above rank pid {}", pids[0]));
-    // SAFETY: kill on processes the krun this test started runs (checked above: krund is
-    // their ancestor, found from their pids in the job's own process table).
-    unsafe {
-        libc::kill(krund as i32, libc::SIGKILL);
-        for &p in &pids {
-            libc::kill(p as i32, libc::SIGKILL);
-        }
-    }
-    pids
+    (krund, pids)
 }

@@ -13,6 +13,12 @@
 //! Chunks unchanged since the previous capture are left out of incremental images (they
 //! reference the parent image); every `full_every`-th image is full.
 //!
+//! Each chunk also carries a "known zero" flag: set when the region is registered (or
+//! restored) for the chunks that are all zero then, and by [`NativeRuntime::discard`];
+//! cleared by the chunk's first write fault. A full image leaves the known-zero chunks out
+//! as holes (`RegionSparse`, see [`crate::image`]), so a large region that is mostly unused
+//! costs its used part only, in the image as in memory.
+//!
 //! Images are files `<dir>/<owner>/<version>.kgi` (L1, by default in /dev/shm); the
 //! checkpoint store flushes them to slower levels. A process started with
 //! `KRUN_GHOST_RESTORE=<version>|latest` gets its regions filled from that image when it
@@ -106,174 +112,19 @@ fn check_owner(owner: &str) -> Result<()> {
     }
 }
 
-/// The path of one image.
-pub fn image_path(dir: &Path, owner: &str, version: u64) -> PathBuf {
-    dir.join(owner).join(format!("{version:010}.kgi"))
-}
-
-/// The versions held in `<dir>/<owner>`, ascending.
-pub fn list_versions(dir: &Path, owner: &str) -> Result<Vec<u64>> {
-    let d = dir.join(owner);
-    let entries = match std::fs::read_dir(&d) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(GhostError::Io {
-                path: d,
-                what: "listing images".into(),
-                source: e,
-            })
-        }
-    };
-    let mut out: Vec<u64> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_suffix(".kgi")?.parse().ok()
-        })
-        .collect();
-    out.sort_unstable();
-    Ok(out)
-}
-
-/// A read-only private mapping of an image file: reading an image this way costs no fresh
-/// memory (its page-cache or tmpfs pages are used as they are). Images are replaced by
-/// rename, never rewritten in place while they have their final name.
-pub struct MappedFile {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: a read-only mapping owned by this value.
-unsafe impl Send for MappedFile {}
-// SAFETY: as above; shared reads only.
-unsafe impl Sync for MappedFile {}
-
-impl MappedFile {
-    pub fn open(path: &Path) -> Result<MappedFile> {
-        let file = std::fs::File::open(path).map_err(|e| GhostError::Io {
-            path: path.to_path_buf(),
-            what: "opening image".into(),
-            source: e,
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|e| GhostError::Io {
-                path: path.to_path_buf(),
-                what: "reading image size".into(),
-                source: e,
-            })?
-            .len() as usize;
-        if len == 0 {
-            return Ok(MappedFile {
-                ptr: std::ptr::NonNull::dangling().as_ptr(),
-                len: 0,
-            });
-        }
-        // SAFETY: a private read-only mapping of a file we opened; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(GhostError::Io {
-                path: path.to_path_buf(),
-                what: "mapping image".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(MappedFile {
-            ptr: p as *const u8,
-            len,
-        })
-    }
-}
-
-impl std::ops::Deref for MappedFile {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes for the life of self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl AsRef<[u8]> for MappedFile {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
-impl Drop for MappedFile {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: our mapping, unmapped once.
-            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-        }
-    }
-}
-
-/// Loads `version` and its ancestors down to a full image, newest first (mapped).
-pub fn load_chain(dir: &Path, owner: &str, version: u64) -> Result<Vec<MappedFile>> {
-    let mut chain = Vec::new();
-    let mut next = version;
-    loop {
-        let bytes = MappedFile::open(&image_path(dir, owner, next))?;
-        let parent = Image::parse(&bytes)?.parent_id;
-        chain.push(bytes);
-        if parent == 0 {
-            return Ok(chain);
-        }
-        if chain.len() > 10_000 || parent >= next {
-            return Err(GhostError::Invalid(format!(
-                "image {owner} v{next} names parent v{parent}: not an older image"
-            )));
-        }
-        next = parent;
-    }
-}
-
-/// Writes `bytes` as `path` atomically: a temporary file, fsync, rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| GhostError::Io {
-        path: dir.to_path_buf(),
-        what: "creating the image directory".into(),
-        source: e,
-    })?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("image")
-    ));
-    let io = |what: &str, e: std::io::Error| GhostError::Io {
-        path: tmp.clone(),
-        what: what.to_string(),
-        source: e,
-    };
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-        f.write_all(bytes).map_err(|e| io("writing image", e))?;
-        f.sync_all().map_err(|e| io("syncing image", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+mod files;
+pub use files::{
+    alloc_region, image_path, list_versions, load_chain, read_header, write_atomically, MappedFile,
+};
+pub(crate) use files::{spare_files, spare_limit, L1File};
 
 struct TrackedRegion {
     name: String,
     addr: usize,
     len: usize,
     states: Vec<AtomicU8>,
+    /// Chunks known to be all zero (see the module doc); changed under the freeze lock.
+    zero: Vec<AtomicBool>,
     /// Where each chunk goes in the image being filled (valid while PENDING or COPYING).
     dest: Mutex<Vec<usize>>,
 }
@@ -513,6 +364,30 @@ impl NativeRuntime {
     /// `addr..addr+len` must be private anonymous memory (mmap'd or from `alloc_region`),
     /// page-aligned, writable, and stay mapped for the life of the process.
     pub unsafe fn register(&self, name: &str, addr: *mut u8, len: usize) -> Result<bool> {
+        // SAFETY: the caller's contract.
+        unsafe { self.register_as(name, addr, len, true) }
+    }
+
+    /// As [`NativeRuntime::register`], but never filled from the image the process was
+    /// restored from: for a region the program adds while it runs (e.g. one that grows
+    /// another), which the restored image may not hold.
+    ///
+    /// # Safety
+    /// As for [`NativeRuntime::register`].
+    pub unsafe fn register_fresh(&self, name: &str, addr: *mut u8, len: usize) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.register_as(name, addr, len, false) }.map(|_| ())
+    }
+
+    /// # Safety
+    /// As for [`NativeRuntime::register`].
+    unsafe fn register_as(
+        &self,
+        name: &str,
+        addr: *mut u8,
+        len: usize,
+        restore: bool,
+    ) -> Result<bool> {
         let page = 4096;
         if addr.is_null()
             || !(addr as usize).is_multiple_of(page)
@@ -540,7 +415,8 @@ impl NativeRuntime {
             )));
         }
         let mut restored = false;
-        if let Some((_, chain)) = self.restored_from.lock().expect("lock").as_ref() {
+        let from = restore.then(|| self.restored_from.lock().expect("lock"));
+        if let Some((_, chain)) = from.as_ref().and_then(|g| g.as_ref()) {
             let images = chain
                 .iter()
                 .map(|b| Image::parse(b))
@@ -550,6 +426,8 @@ impl NativeRuntime {
             image::materialize_region(&images, name, out)?;
             restored = true;
         }
+        // SAFETY: the caller guarantees the range is readable memory of this process.
+        let zeros = unsafe { files::zero_chunks(addr, len, DELTA_CHUNK) };
         self.uffd.register(addr as u64, len as u64)?;
         self.uffd.set_protection(addr as u64, len as u64, true)?;
         let chunks = len.div_ceil(DELTA_CHUNK);
@@ -558,12 +436,90 @@ impl NativeRuntime {
             addr: addr as usize,
             len,
             states: (0..chunks).map(|_| AtomicU8::new(CLEAN)).collect(),
+            zero: zeros.into_iter().map(AtomicBool::new).collect(),
             dest: Mutex::new(vec![0; chunks]),
         };
         self.regions.write().expect("lock").push(Arc::new(region));
         // A region added after the last capture is not in its image: the next one is full.
         self.next_version.lock().expect("lock").2 = u32::MAX;
         Ok(restored)
+    }
+
+    /// Zeroes `len` bytes at `addr`, inside a registered region, and gives their memory back
+    /// (`MADV_DONTNEED`): the chunks read as zero, are left out of the next full image (as
+    /// holes) and are counted changed for the next incremental one. `addr` must start a chunk
+    /// of the region ([`DELTA_CHUNK`] bytes from its start) and `len` cover whole chunks (or
+    /// reach the region's end). A capture in flight is waited for first (it keeps what it
+    /// froze).
+    ///
+    /// # Safety
+    /// No other thread may access `addr..addr+len` during the call.
+    pub unsafe fn discard(&self, addr: *mut u8, len: usize) -> Result<()> {
+        let (addr, end) = (addr as usize, addr as usize + len);
+        let region = self
+            .regions
+            .read()
+            .expect("lock")
+            .iter()
+            .find(|r| addr >= r.addr && end <= r.addr + r.len)
+            .cloned()
+            .ok_or_else(|| {
+                GhostError::Invalid(format!(
+                    "discard of {len} bytes at {addr:#x}: not inside one registered region"
+                ))
+            })?;
+        let off = addr - region.addr;
+        if !off.is_multiple_of(DELTA_CHUNK)
+            || !(len.is_multiple_of(DELTA_CHUNK) || end == region.addr + region.len)
+        {
+            return Err(GhostError::Invalid(format!(
+                "discard of {len} bytes at offset {off} of region '{}': whole chunks of \
+                 {DELTA_CHUNK} bytes only",
+                region.name
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let chunks = off / DELTA_CHUNK..(off + len).div_ceil(DELTA_CHUNK);
+        loop {
+            self.wait_idle();
+            let guard = self.freeze.lock().expect("lock");
+            if chunks
+                .clone()
+                .any(|c| matches!(region.states[c].load(Ordering::Acquire), PENDING | COPYING))
+            {
+                // A capture started meanwhile: let it copy first.
+                drop(guard);
+                continue;
+            }
+            // SAFETY: private anonymous memory of a registered region (the contract of
+            // `register`), which nothing else touches now (the caller's contract).
+            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
+                return Err(GhostError::Io {
+                    path: PathBuf::from("madvise"),
+                    what: format!("discarding {len} bytes of region '{}'", region.name),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // Dropped pages lose their write protection: protect them again, so that the
+            // next write faults and clears the chunk's zero flag.
+            self.uffd.set_protection(addr as u64, len as u64, true)?;
+            for c in chunks {
+                region.zero[c].store(true, Ordering::Release);
+                region.states[c].store(DIRTY, Ordering::Release);
+            }
+            drop(guard);
+            return Ok(());
+        }
+    }
+
+    /// Waits until no capture is copying (its report stays for [`NativeRuntime::wait`]).
+    fn wait_idle(&self) {
+        let mut slot = self.inflight.lock().expect("lock");
+        while slot.as_ref().is_some_and(|i| !i.done) {
+            slot = self.inflight_done.wait(slot).expect("lock");
+        }
     }
 
     fn serve_faults(self: Arc<Self>) {
@@ -595,12 +551,14 @@ impl NativeRuntime {
                         {
                             self.copy_chunk(&region, c);
                             self.cow_chunks.fetch_add(1, Ordering::Relaxed);
+                            region.zero[c].store(false, Ordering::Release);
                             region.states[c].store(DIRTY, Ordering::Release);
                             break;
                         }
                     }
                     COPYING => std::thread::yield_now(),
                     _ => {
+                        region.zero[c].store(false, Ordering::Release);
                         region.states[c].store(DIRTY, Ordering::Release);
                         break;
                     }
@@ -690,12 +648,14 @@ impl NativeRuntime {
                 .iter()
                 .map(|s| s.load(Ordering::Acquire) == DIRTY)
                 .collect();
+            // A full image leaves the known-zero chunks out (holes).
             let take: Vec<bool> = if parent == 0 {
-                vec![true; dirty.len()]
+                r.zero.iter().map(|z| !z.load(Ordering::Acquire)).collect()
             } else {
                 dirty.clone()
             };
-            let stored = if parent == 0 {
+            let sparse = parent == 0 && take.iter().any(|&t| !t);
+            let stored = if parent == 0 && !sparse {
                 r.len
             } else {
                 ImageBuilder::delta_len(r.len, &take)
@@ -713,21 +673,24 @@ impl NativeRuntime {
         };
         // SAFETY: the mapping is `total` bytes, writable, ours alone, and lives in `l1`,
         // which travels with the builder to the copy thread.
-        let mut builder = unsafe { ImageBuilder::in_place(version, parent, l1.map, total)? };
+        let mut builder = unsafe { ImageBuilder::in_place(version, parent, l1.base(), total)? };
         builder.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
         let mut plans = Vec::with_capacity(regions.len());
         for (r, (dirty, take)) in regions.iter().zip(choices) {
-            let first = if parent == 0 {
+            let whole = parent == 0 && take.iter().all(|&t| t);
+            let first = if whole {
                 builder.reserve_offset(SectionKind::Region, &r.name, r.len)?
+            } else if parent == 0 {
+                builder.reserve_sparse(&r.name, r.len, &take)?
             } else {
                 builder.reserve_delta(&r.name, r.len, &take)?
             };
-            plans.push((dirty, take, first));
+            plans.push((dirty, take, first, whole));
         }
         let base = builder.base_ptr() as usize;
         *self.filling.lock().expect("lock") = Some(Filling { base });
         let mut memory_bytes = 0u64;
-        for (r, (dirty, take, first)) in regions.iter().zip(&plans) {
+        for (r, (dirty, take, first, whole)) in regions.iter().zip(&plans) {
             // Protect runs of dirty chunks (clean ones are still protected).
             let mut c = 0;
             while c < dirty.len() {
@@ -748,7 +711,7 @@ impl NativeRuntime {
             let mut k = 0;
             for c in 0..take.len() {
                 if take[c] {
-                    dest[c] = if parent == 0 {
+                    dest[c] = if *whole {
                         first + c * DELTA_CHUNK
                     } else {
                         first + k * DELTA_CHUNK
@@ -918,14 +881,23 @@ impl NativeRuntime {
                 )));
             }
         }
-        let mut scratch = Vec::new();
         for r in &regions {
-            // Materialize into scratch first so a corrupt chain leaves memory untouched.
-            scratch.resize(r.len, 0);
+            // Materialize into scratch first so a corrupt chain leaves memory untouched
+            // (zeroed memory from the allocator: the holes of a sparse region stay untouched).
+            let mut scratch = vec![0u8; r.len];
             image::materialize_region(&images, &r.name, &mut scratch)?;
             // SAFETY: the region is registered memory, mapped and writable for the process's
             // life; writes to protected chunks fault and are released by the fault thread.
-            unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), r.addr as *mut u8, r.len) };
+            let live = unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u8, r.len) };
+            for (want, now) in scratch
+                .chunks(DELTA_CHUNK)
+                .zip(live.chunks_mut(DELTA_CHUNK))
+            {
+                // A chunk zero on both sides is left alone (not touched, not faulted).
+                if !(image::is_zero(want) && image::is_zero(now)) {
+                    now.copy_from_slice(want);
+                }
+            }
         }
         Ok(version)
     }
@@ -968,224 +940,4 @@ impl NativeRuntime {
         }
         Ok(SafepointAction::Nothing)
     }
-}
-
-/// How many old image files to keep as spares, whose memory the next images reuse by
-/// rewriting them in place: `KRUN_GHOST_SPARES` (0-16), else 2 — but 0 under a krund
-/// (`KRUN_NODE_SOCKET` set), whose checkpoint agent maps committed image files into the
-/// checkpoint store as their L1 copy: such a file may be unlinked (the mapping keeps it), never
-/// rewritten or truncated under the store.
-fn spare_limit() -> Result<usize> {
-    match std::env::var("KRUN_GHOST_SPARES") {
-        Ok(v) => v.parse::<usize>().ok().filter(|&n| n <= 16).ok_or_else(|| {
-            GhostError::Invalid(format!("KRUN_GHOST_SPARES={v}: expected an integer 0-16"))
-        }),
-        Err(_) if std::env::var_os("KRUN_NODE_SOCKET").is_some() => Ok(0),
-        Err(_) => Ok(2),
-    }
-}
-
-/// Spare image files (old images kept for their memory), oldest first.
-fn spare_files(owner_dir: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(owner_dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(".spare-"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
-/// An L1 image file being written through a shared mapping: the capture copies memory
-/// straight into it. A spare file is reused when there is one, because its pages are
-/// already allocated (first-touch memory costs ~5x reused memory on these machines).
-pub(crate) struct L1File {
-    file: std::fs::File,
-    map: *mut u8,
-    len: usize,
-    tmp: PathBuf,
-    path: PathBuf,
-}
-
-// SAFETY: the mapping is owned by this value alone.
-unsafe impl Send for L1File {}
-
-impl L1File {
-    fn create(dir: &Path, owner: &str, version: u64, len: usize) -> Result<L1File> {
-        let path = image_path(dir, owner, version);
-        let owner_dir = path
-            .parent()
-            .expect("image paths have a directory")
-            .to_path_buf();
-        let spare = spare_files(&owner_dir).into_iter().next();
-        L1File::create_at(&path, len, spare)
-    }
-
-    /// An image file written in place at `path` (through a temporary name), reusing the file
-    /// `spare` when given.
-    pub(crate) fn create_at(path: &Path, len: usize, spare: Option<PathBuf>) -> Result<L1File> {
-        let path = path.to_path_buf();
-        let owner_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let io = |p: &Path, what: &str, e: std::io::Error| GhostError::Io {
-            path: p.to_path_buf(),
-            what: what.to_string(),
-            source: e,
-        };
-        std::fs::create_dir_all(&owner_dir)
-            .map_err(|e| io(&owner_dir, "creating the image directory", e))?;
-        let tmp = owner_dir.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("image")
-        ));
-        if let Some(spare) = spare {
-            let _ = std::fs::rename(spare, &tmp);
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&tmp)
-            .map_err(|e| io(&tmp, "creating the image file", e))?;
-        let fail = |what: &str, e: std::io::Error| {
-            let _ = std::fs::remove_file(&tmp);
-            io(&tmp, what, e)
-        };
-        file.set_len(len as u64)
-            .map_err(|e| fail("sizing the image file", e))?;
-        // Reserve the blocks now so a full tmpfs fails here, not with SIGBUS mid-copy.
-        // SAFETY: fallocate on a descriptor we own.
-        if unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, len as i64) }
-            != 0
-        {
-            return Err(fail(
-                "reserving space for the image (device full?)",
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            ));
-        }
-        // SAFETY: a shared mapping of `len` bytes of a file we just sized; checked below.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(fail(
-                "mapping the image file",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(L1File {
-            file,
-            map: map.cast(),
-            len,
-            tmp,
-            path,
-        })
-    }
-
-    /// The start of the mapping (valid until commit or drop).
-    pub(crate) fn base(&self) -> *mut u8 {
-        self.map
-    }
-
-    /// Unmaps, syncs and renames the file into place.
-    pub(crate) fn commit(mut self) -> Result<PathBuf> {
-        self.unmap();
-        let result = self
-            .file
-            .sync_all()
-            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
-        match result {
-            Ok(()) => Ok(std::mem::take(&mut self.path)),
-            Err(e) => Err(GhostError::Io {
-                path: self.tmp.clone(),
-                what: "syncing and renaming the image into place".into(),
-                source: e,
-            }),
-        }
-    }
-
-    fn unmap(&mut self) {
-        if !self.map.is_null() {
-            // SAFETY: the mapping made in `create`, unmapped once.
-            unsafe { libc::munmap(self.map.cast(), self.len) };
-            self.map = std::ptr::null_mut();
-        }
-    }
-}
-
-impl Drop for L1File {
-    fn drop(&mut self) {
-        self.unmap();
-        if !self.path.as_os_str().is_empty() {
-            // Not committed: remove the partial file.
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Reads just an image's header: (image id, parent id).
-pub fn read_header(path: &Path) -> Result<(u64, u64)> {
-    use std::io::Read;
-    let mut head = [0u8; image::HEADER_LEN];
-    let mut f = std::fs::File::open(path).map_err(|e| GhostError::Io {
-        path: path.to_path_buf(),
-        what: "opening image".into(),
-        source: e,
-    })?;
-    f.read_exact(&mut head).map_err(|e| GhostError::Io {
-        path: path.to_path_buf(),
-        what: "reading image header".into(),
-        source: e,
-    })?;
-    let crc = crc32c::crc32c(&head[..32]);
-    if head[..8] != image::MAGIC || u32::from_le_bytes(head[32..36].try_into().expect("4")) != crc {
-        return Err(GhostError::ImageCorrupt {
-            what: format!("{}: bad image header", path.display()),
-            offset: 0,
-        });
-    }
-    Ok((
-        u64::from_le_bytes(head[16..24].try_into().expect("8")),
-        u64::from_le_bytes(head[24..32].try_into().expect("8")),
-    ))
-}
-
-/// Allocates `len` bytes (rounded up to pages) of private anonymous memory suitable for
-/// `register`. It is never freed: registered memory lives as long as the process.
-pub fn alloc_region(len: usize) -> Result<*mut u8> {
-    let len = len.div_ceil(4096) * 4096;
-    // SAFETY: an anonymous private mapping; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(GhostError::Io {
-            path: PathBuf::from("mmap"),
-            what: format!("allocating {len} bytes"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(p.cast())
 }

@@ -13,12 +13,26 @@
 //! payload is the memory itself; an incremental image (`parent_id != 0`) holds `RegionDelta`
 //! sections instead: a chunk bitmap followed by the changed chunks only, the rest being the
 //! parent image's.
+//!
+//! A full image may hold a region as `RegionSparse` instead of `Region`: the region whole,
+//! with its all-zero chunks left out as holes (the native checkpointer leaves out the chunks
+//! never written since they were last known to be zero, e.g. the unused part of a large
+//! region). Its payload has the delta's layout:
+//!
+//! ```text
+//! sparse := bitmap (ceil(chunks / 8) bytes; bit c set: chunk c is stored)
+//!           | the stored chunks, in order (each DELTA_CHUNK bytes, the last one shorter)
+//! ```
+//! `raw_len` is the region's length; a chunk whose bit is clear is all zero. Like `Region`,
+//! it ends a chain: restoring it writes its stored chunks and zeroes the others (a chunk
+//! that already reads as zero is not written, so fresh memory stays untouched). The payload
+//! must be exactly the bitmap and the chunks it names: shorter or longer is corrupt.
 use crate::error::{GhostError, Result};
 
 pub const MAGIC: [u8; 8] = *b"KRGHOST\0";
 pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 36;
-const SECTION_HEADER_LEN: usize = 32;
+pub(crate) const SECTION_HEADER_LEN: usize = 32;
 /// Granularity of incremental images: a chunk is copied whole when any byte of it changed.
 pub const DELTA_CHUNK: usize = 64 * 1024;
 
@@ -37,15 +51,19 @@ pub enum SectionKind {
     RegionDelta = 3,
     /// One file of a CRIU image directory, named by its file name.
     CriuFile = 4,
+    /// A registered memory region, whole, with its all-zero chunks left out (see the module
+    /// doc).
+    RegionSparse = 5,
 }
 
 impl SectionKind {
-    fn from_u16(v: u16) -> Option<SectionKind> {
+    pub(crate) fn from_u16(v: u16) -> Option<SectionKind> {
         Some(match v {
             1 => SectionKind::Meta,
             2 => SectionKind::Region,
             3 => SectionKind::RegionDelta,
             4 => SectionKind::CriuFile,
+            5 => SectionKind::RegionSparse,
             _ => return None,
         })
     }
@@ -56,11 +74,12 @@ impl SectionKind {
             SectionKind::Region => "region",
             SectionKind::RegionDelta => "region-delta",
             SectionKind::CriuFile => "criu-file",
+            SectionKind::RegionSparse => "region-sparse",
         }
     }
 }
 
-fn corrupt(what: impl Into<String>, offset: usize) -> GhostError {
+pub(crate) fn corrupt(what: impl Into<String>, offset: usize) -> GhostError {
     GhostError::ImageCorrupt {
         what: what.into(),
         offset: offset as u64,
@@ -177,10 +196,40 @@ impl ImageBuilder {
     /// offset of its first changed chunk; changed chunk `k` (in order) goes at
     /// `offset + k * DELTA_CHUNK`. Pair with [`ImageBuilder::base_ptr`] to fill it.
     pub fn reserve_delta(&mut self, name: &str, raw_len: usize, changed: &[bool]) -> Result<usize> {
+        self.reserve_chunks(SectionKind::RegionDelta, name, raw_len, changed)
+    }
+
+    /// Reserves a region section of a full image with the chunks not flagged in `stored` left
+    /// out as holes (they are all zero: see the module doc) and returns the payload offset of
+    /// its first stored chunk; stored chunk `k` (in order) goes at `offset + k * DELTA_CHUNK`.
+    pub fn reserve_sparse(&mut self, name: &str, raw_len: usize, stored: &[bool]) -> Result<usize> {
+        self.reserve_chunks(SectionKind::RegionSparse, name, raw_len, stored)
+    }
+
+    /// Adds a region whole, its all-zero chunks left out as holes.
+    pub fn add_sparse(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let stored: Vec<bool> = data.chunks(DELTA_CHUNK).map(|c| !is_zero(c)).collect();
+        let mut at = self.reserve_sparse(name, data.len(), &stored)?;
+        for (c, chunk) in data.chunks(DELTA_CHUNK).enumerate() {
+            if stored[c] {
+                self.buf[at..at + chunk.len()].copy_from_slice(chunk);
+                at += chunk.len();
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve_chunks(
+        &mut self,
+        kind: SectionKind,
+        name: &str,
+        raw_len: usize,
+        changed: &[bool],
+    ) -> Result<usize> {
         let chunks = raw_len.div_ceil(DELTA_CHUNK);
         if changed.len() != chunks {
             return Err(GhostError::Invalid(format!(
-                "region {name}: {} change flags for {chunks} chunks",
+                "region {name}: {} chunk flags for {chunks} chunks",
                 changed.len()
             )));
         }
@@ -190,7 +239,7 @@ impl ImageBuilder {
                 .filter(|&c| changed[c])
                 .map(|c| chunk_len(raw_len, c))
                 .sum::<usize>();
-        let slot = self.push_header(SectionKind::RegionDelta, name, 0, raw_len, payload)?;
+        let slot = self.push_header(kind, name, 0, raw_len, payload)?;
         let bitmap = &mut self.buf[slot..slot + bitmap_len];
         bitmap.fill(0);
         for c in (0..chunks).filter(|&c| changed[c]) {
@@ -350,341 +399,21 @@ impl std::ops::DerefMut for Storage {
     }
 }
 
-fn chunk_len(total: usize, chunk: usize) -> usize {
+/// Whether every byte is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bytes are valid u64s; align_to only splits at aligned boundaries.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+pub(crate) fn chunk_len(total: usize, chunk: usize) -> usize {
     DELTA_CHUNK.min(total - chunk * DELTA_CHUNK)
 }
 
-/// One verified section of a parsed image.
-#[derive(Clone, Debug)]
-pub struct Section<'a> {
-    pub index: usize,
-    pub kind: SectionKind,
-    pub name: &'a str,
-    pub compressed: bool,
-    pub raw_len: u64,
-    /// Offset of the payload in the image file.
-    pub offset: u64,
-    stored: &'a [u8],
-}
-
-impl<'a> Section<'a> {
-    /// The payload as stored (compressed if `compressed`).
-    pub fn stored(&self) -> &'a [u8] {
-        self.stored
-    }
-
-    /// The raw payload, decompressing if needed.
-    pub fn data(&self) -> Result<std::borrow::Cow<'a, [u8]>> {
-        if !self.compressed {
-            return Ok(std::borrow::Cow::Borrowed(self.stored));
-        }
-        // Grow the output only as the frame really produces bytes, and never past the
-        // header's length plus one: a crafted `raw_len` (or frame content size) cannot make
-        // the reader allocate more than the data it actually decompresses.
-        let undecodable = |e: std::io::Error| {
-            corrupt(
-                format!(
-                    "section {} '{}' does not decompress: {e}",
-                    self.index, self.name
-                ),
-                self.offset as usize,
-            )
-        };
-        let mut raw = Vec::new();
-        {
-            use std::io::Read;
-            zstd::stream::read::Decoder::with_buffer(self.stored)
-                .map_err(undecodable)?
-                .take(self.raw_len.saturating_add(1))
-                .read_to_end(&mut raw)
-                .map_err(undecodable)?;
-        }
-        if raw.len() as u64 != self.raw_len {
-            return Err(corrupt(
-                format!(
-                    "section {} '{}' decompresses to {} bytes, header says {}",
-                    self.index,
-                    self.name,
-                    raw.len(),
-                    self.raw_len
-                ),
-                self.offset as usize,
-            ));
-        }
-        Ok(std::borrow::Cow::Owned(raw))
-    }
-}
-
-/// A parsed image whose header and every section checksum have been verified.
-#[derive(Clone, Debug)]
-pub struct Image<'a> {
-    pub version: u16,
-    pub image_id: u64,
-    pub parent_id: u64,
-    pub sections: Vec<Section<'a>>,
-    pub total_len: u64,
-}
-
-fn read_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn read_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn read_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-impl<'a> Image<'a> {
-    /// Parses and verifies an image: magic, version, header checksum, then each section's
-    /// header and payload checksums. Errors say which check failed and at which offset.
-    pub fn parse(bytes: &'a [u8]) -> Result<Image<'a>> {
-        let total = bytes.len();
-        if total < 8 || bytes[..8] != MAGIC {
-            let found = &bytes[..total.min(8)];
-            return Err(GhostError::ImageBadMagic {
-                found: String::from_utf8_lossy(found).escape_default().to_string(),
-            });
-        }
-        if total < HEADER_LEN {
-            return Err(GhostError::ImageTruncated {
-                what: "image header".into(),
-                offset: 0,
-                needed: HEADER_LEN as u64,
-                available: total as u64,
-            });
-        }
-        let version = read_u16(bytes, 8);
-        let header_crc = read_u32(bytes, 32);
-        let computed = crc32c::crc32c(&bytes[..32]);
-        if header_crc != computed {
-            return Err(GhostError::ImageChecksum {
-                what: "image header".into(),
-                offset: 0,
-                stored: header_crc,
-                computed,
-            });
-        }
-        if version != FORMAT_VERSION {
-            return Err(GhostError::ImageVersion {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        let count = read_u32(bytes, 12) as usize;
-        let image_id = read_u64(bytes, 16);
-        let parent_id = read_u64(bytes, 24);
-        let mut sections = Vec::with_capacity(count.min(4096));
-        let mut at = HEADER_LEN;
-        for index in 0..count {
-            if total - at < SECTION_HEADER_LEN {
-                return Err(GhostError::ImageTruncated {
-                    what: format!("header of section {index}"),
-                    offset: at as u64,
-                    needed: SECTION_HEADER_LEN as u64,
-                    available: (total - at) as u64,
-                });
-            }
-            let h = &bytes[at..at + SECTION_HEADER_LEN];
-            let name_len = read_u16(h, 4) as usize;
-            let name_at = at + SECTION_HEADER_LEN;
-            let payload_at = name_at + name_len;
-            if payload_at > total {
-                return Err(GhostError::ImageTruncated {
-                    what: format!("name of section {index}"),
-                    offset: name_at as u64,
-                    needed: name_len as u64,
-                    available: (total - name_at) as u64,
-                });
-            }
-            let stored_hcrc = read_u32(h, 28);
-            let hcrc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), &bytes[name_at..payload_at]);
-            if stored_hcrc != hcrc {
-                return Err(GhostError::ImageChecksum {
-                    what: format!("header of section {index}"),
-                    offset: at as u64,
-                    stored: stored_hcrc,
-                    computed: hcrc,
-                });
-            }
-            let kind_raw = read_u16(h, 0);
-            let kind = SectionKind::from_u16(kind_raw).ok_or_else(|| {
-                corrupt(format!("section {index} has unknown kind {kind_raw}"), at)
-            })?;
-            let flags = read_u16(h, 2);
-            let raw_len = read_u64(h, 8);
-            let stored_len = read_u64(h, 16);
-            let payload_crc = read_u32(h, 24);
-            let end = (payload_at as u64).checked_add(stored_len);
-            match end {
-                Some(end) if end <= total as u64 => {}
-                _ => {
-                    return Err(GhostError::ImageTruncated {
-                        what: format!("payload of section {index}"),
-                        offset: payload_at.min(total) as u64,
-                        needed: stored_len + name_len as u64,
-                        available: total.saturating_sub(name_at) as u64,
-                    })
-                }
-            }
-            let name = std::str::from_utf8(&bytes[name_at..payload_at])
-                .map_err(|_| corrupt(format!("section {index} name is not UTF-8"), name_at))?;
-            let stored = &bytes[payload_at..payload_at + stored_len as usize];
-            let crc = crc32c::crc32c(stored);
-            if crc != payload_crc {
-                return Err(GhostError::ImageChecksum {
-                    what: format!("payload of section {index} ({} '{name}')", kind.label()),
-                    offset: payload_at as u64,
-                    stored: payload_crc,
-                    computed: crc,
-                });
-            }
-            let compressed = flags & FLAG_ZSTD != 0;
-            if !compressed && kind != SectionKind::RegionDelta && raw_len != stored_len {
-                return Err(corrupt(
-                    format!("section {index} '{name}' is uncompressed but raw {raw_len} != stored {stored_len}"),
-                    at,
-                ));
-            }
-            sections.push(Section {
-                index,
-                kind,
-                name,
-                compressed,
-                raw_len,
-                offset: payload_at as u64,
-                stored,
-            });
-            at = payload_at + stored_len as usize;
-        }
-        if at != total {
-            return Err(corrupt(
-                format!("{} trailing bytes after the last section", total - at),
-                at,
-            ));
-        }
-        Ok(Image {
-            version,
-            image_id,
-            parent_id,
-            sections,
-            total_len: total as u64,
-        })
-    }
-
-    /// The `key=value` pairs of the meta section(s).
-    pub fn meta(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for s in self.sections.iter().filter(|s| s.kind == SectionKind::Meta) {
-            if let Ok(data) = s.data() {
-                for line in String::from_utf8_lossy(&data).lines() {
-                    if let Some((k, v)) = line.split_once('=') {
-                        out.push((k.to_string(), v.to_string()));
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// One meta value.
-    pub fn meta_value(&self, key: &str) -> Option<String> {
-        self.meta()
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
-    }
-
-    pub fn is_incremental(&self) -> bool {
-        self.parent_id != 0
-    }
-
-    /// The section named `name` of kind Region or RegionDelta.
-    pub fn region(&self, name: &str) -> Option<&Section<'a>> {
-        self.sections.iter().find(|s| {
-            s.name == name && matches!(s.kind, SectionKind::Region | SectionKind::RegionDelta)
-        })
-    }
-}
-
-/// Writes a region's content as of `images` (newest first: an incremental image followed by
-/// its ancestors down to a full one) into `out`.
-pub fn materialize_region(images: &[Image<'_>], name: &str, out: &mut [u8]) -> Result<()> {
-    let mut filled = vec![false; out.len().div_ceil(DELTA_CHUNK)];
-    let mut remaining = filled.len();
-    for (depth, image) in images.iter().enumerate() {
-        if depth > 0 && images[depth - 1].parent_id != image.image_id {
-            return Err(GhostError::Invalid(format!(
-                "image {:#x} is not the parent {:#x} of the image before it",
-                image.image_id,
-                images[depth - 1].parent_id
-            )));
-        }
-        let Some(section) = image.region(name) else {
-            return Err(GhostError::Invalid(format!(
-                "image {:#x} has no region '{name}'",
-                image.image_id
-            )));
-        };
-        if section.raw_len as usize != out.len() {
-            return Err(GhostError::Invalid(format!(
-                "region '{name}' is {} bytes in image {:#x}, {} expected",
-                section.raw_len,
-                image.image_id,
-                out.len()
-            )));
-        }
-        let data = section.data()?;
-        match section.kind {
-            SectionKind::Region => {
-                for (c, done) in filled.iter().enumerate() {
-                    if !done {
-                        let start = c * DELTA_CHUNK;
-                        let len = chunk_len(out.len(), c);
-                        out[start..start + len].copy_from_slice(&data[start..start + len]);
-                    }
-                }
-                return Ok(());
-            }
-            SectionKind::RegionDelta => {
-                let bitmap_len = filled.len().div_ceil(8);
-                if data.len() < bitmap_len {
-                    return Err(corrupt(
-                        format!("delta of region '{name}' shorter than its bitmap"),
-                        section.offset as usize,
-                    ));
-                }
-                let mut at = bitmap_len;
-                for c in 0..filled.len() {
-                    if data[c / 8] & (1 << (c % 8)) != 0 {
-                        let len = chunk_len(out.len(), c);
-                        if at + len > data.len() {
-                            return Err(corrupt(
-                                format!("delta of region '{name}' ends inside chunk {c}"),
-                                section.offset as usize + at,
-                            ));
-                        }
-                        if !filled[c] {
-                            let start = c * DELTA_CHUNK;
-                            out[start..start + len].copy_from_slice(&data[at..at + len]);
-                            filled[c] = true;
-                            remaining -= 1;
-                        }
-                        at += len;
-                    }
-                }
-                if remaining == 0 {
-                    return Ok(());
-                }
-            }
-            _ => unreachable!("region() returns region sections only"),
-        }
-    }
-    Err(GhostError::Invalid(format!(
-        "region '{name}': the chain of {} image(s) ends without a full image",
-        images.len()
-    )))
-}
+mod read;
+pub use read::{materialize_region, Image, Section};
 
 #[cfg(test)]
 mod tests {
@@ -826,5 +555,88 @@ mod tests {
         // A chain that lacks its full image is refused.
         let e = materialize_region(&chain[..1], "r", &mut out).unwrap_err();
         assert!(e.to_string().contains("without a full image"), "{e}");
+    }
+
+    #[test]
+    fn a_sparse_region_stores_its_non_zero_chunks_only_and_restores_the_zeros() {
+        // Chunks 0 and 3 hold data, 1, 2 and 4 (the short last one) are zero.
+        let len = DELTA_CHUNK * 4 + 4096;
+        let mut v1 = vec![0u8; len];
+        v1[17] = 1;
+        v1[DELTA_CHUNK * 3 + 9] = 2;
+        let mut b = ImageBuilder::new(1, 0, Vec::new());
+        b.add_sparse("r", &v1).unwrap();
+        let full = b.finish();
+        let stored = 1 + 2 * DELTA_CHUNK; // the bitmap and two chunks
+        assert_eq!(
+            full.len(),
+            ImageBuilder::planned_len(&[(1, stored)]),
+            "holes take no room"
+        );
+        let img = Image::parse(&full).unwrap();
+        let s = img.region("r").unwrap();
+        assert_eq!((s.kind, s.raw_len), (SectionKind::RegionSparse, len as u64));
+        assert_eq!(s.stored()[0], 0b1001, "the bitmap names chunks 0 and 3");
+
+        // Restoring writes the zeros too: memory that held something else reads as v1.
+        let mut out = vec![0xAAu8; len];
+        materialize_region(std::slice::from_ref(&img), "r", &mut out).unwrap();
+        assert_eq!(out, v1);
+
+        // As the base of an incremental chain: the delta's chunks win, holes stay zero.
+        let mut v2 = v1.clone();
+        v2[DELTA_CHUNK + 1] = 3;
+        let changed: Vec<bool> = (0..5).map(|c| c == 1).collect();
+        let mut b = ImageBuilder::new(2, 1, Vec::new());
+        b.add_delta("r", &v2, &changed).unwrap();
+        let delta = b.finish();
+        let chain = [Image::parse(&delta).unwrap(), img];
+        let mut out = vec![0x55u8; len];
+        materialize_region(&chain, "r", &mut out).unwrap();
+        assert_eq!(out, v2);
+
+        // A region without a zero chunk stores every chunk.
+        let mut b = ImageBuilder::new(3, 0, Vec::new());
+        b.add_sparse("r", &vec![7u8; len]).unwrap();
+        assert_eq!(b.finish().len(), ImageBuilder::planned_len(&[(1, 1 + len)]));
+    }
+
+    #[test]
+    fn a_sparse_region_whose_payload_disagrees_with_its_bitmap_is_refused() {
+        let len = DELTA_CHUNK * 2;
+        // A sparse section built by hand: `bitmap` then `chunks` stored bytes.
+        let image = |bitmap: u8, stored: usize| {
+            let mut b = ImageBuilder::new(1, 0, Vec::new());
+            let mut payload = vec![bitmap];
+            payload.resize(1 + stored, 9);
+            let slot = b
+                .push_header(SectionKind::RegionSparse, "r", 0, len, payload.len())
+                .unwrap();
+            b.buf[slot..slot + payload.len()].copy_from_slice(&payload);
+            b.finish()
+        };
+        let mut out = vec![0u8; len];
+        // The bitmap names two chunks, the payload holds one and a half.
+        let bytes = image(0b11, DELTA_CHUNK + DELTA_CHUNK / 2);
+        let img = Image::parse(&bytes).unwrap();
+        let e = materialize_region(std::slice::from_ref(&img), "r", &mut out).unwrap_err();
+        assert!(e.to_string().contains("ends inside chunk 1"), "{e}");
+        // The bitmap names one chunk, the payload holds more.
+        let bytes = image(0b01, DELTA_CHUNK + 5);
+        let img = Image::parse(&bytes).unwrap();
+        let e = materialize_region(std::slice::from_ref(&img), "r", &mut out).unwrap_err();
+        assert!(e.to_string().contains("5 bytes after the chunks"), "{e}");
+        // No room even for the bitmap.
+        let mut b = ImageBuilder::new(1, 0, Vec::new());
+        b.push_header(SectionKind::RegionSparse, "r", 0, len, 0)
+            .unwrap();
+        let bytes = b.finish();
+        let img = Image::parse(&bytes).unwrap();
+        let e = materialize_region(std::slice::from_ref(&img), "r", &mut out).unwrap_err();
+        assert!(e.to_string().contains("shorter than its bitmap"), "{e}");
+        // A reader of an older format sees an unknown kind, not a region: the kind's number
+        // is the format's.
+        assert_eq!(SectionKind::from_u16(5), Some(SectionKind::RegionSparse));
+        assert_eq!(SectionKind::from_u16(6), None);
     }
 }

@@ -1,0 +1,618 @@
+//! Sender-based pessimistic message logging, for uncoordinated checkpoints in which only a
+//! lost rank restarts and the survivors keep running.
+//!
+//! # Protocol
+//! - **Payloads stay with the sender.** Every message a rank sends (user and library
+//!   messages, except to itself) is kept in its memory, keyed by (destination, sequence
+//!   number), until the destination says that a checkpoint of its own covering it is safe
+//!   ([`Rank::log_checkpoint_safe`] sends an `Ack` out of band); then it is dropped (garbage
+//!   collection). The log is part of the rank's log snapshot ([`Rank::log_mark_checkpoint`]),
+//!   so a sender that restarts keeps the payloads its receivers may still need.
+//! - **Determinants go to the buddy before they matter.** When a receive call hands a
+//!   message over, the receiver posts its determinant (source, tag, sequence number, receive
+//!   order, its checkpoint interval) as a one-sided RMA write into a ring that its *buddy* (a
+//!   rank on another node: `(rank + KRUN_LOCAL_SIZE) mod size`) registered for it, and
+//!   before its next message to another rank leaves, it waits until every determinant
+//!   posted is durable there (pessimistic, as sender-based logging requires: no other
+//!   process can depend on a delivery whose determinant could be lost). A delivery's write
+//!   thus overlaps the computation that follows it, instead of a round trip to the buddy
+//!   per delivery (waiting at each delivery cost +151% of `heat_ha`'s loop in `bench
+//!   policies`). A rank lost with determinants not yet durable sent nothing after those
+//!   deliveries: its re-execution may take them in another order, which nobody observed. The
+//!   receiver also keeps the determinants since its newest safe checkpoint, to write them
+//!   again into a new buddy's ring when its buddy is replaced.
+//! - **Restart.** A lost rank starts as a new process ([`Rank::rejoin_open`], then
+//!   [`Rejoining::join`]) from its own newest safe checkpoint: the application's state plus
+//!   the log snapshot taken with it (send and receive counters, its own sender log). Every
+//!   survivor learns its new address and ring ([`Rank::replace_peer`]: from krund in a job,
+//!   from the test in-process). The new process reads its determinants back from its buddy's
+//!   ring, sends every survivor `Resume{prefix, extra}` (what it had delivered from it at the
+//!   checkpoint); each survivor resends from its log what the restarted rank has not
+//!   delivered, and answers `Info{has}` (how many of the restarted rank's messages it holds
+//!   without a gap). The restarted rank then re-executes: each receive takes the message the
+//!   next determinant names (the recorded order) until the determinants run out, and each
+//!   send whose sequence number is below the receiver's `has` is logged but not sent
+//!   again (suppressed). Survivors never roll back; a survivor's send to the dead rank is
+//!   kept in the log and resent on `Resume`.
+//! - Control messages (`Ack`, `Resume`, `Info`) travel with a reserved tag outside the
+//!   sequence numbers, so logging never changes the numbering a replay must reproduce.
+//!
+//! # Limits
+//! - A rank must restart from its *newest* safe checkpoint: the senders dropped what came
+//!   before it.
+//! - The ring holds [`DEFAULT_RING`] determinants (or what [`Rank::enable_logging`] asks):
+//!   a rank that delivers more between two safe checkpoints gets a clear error (checkpoint
+//!   more often), never a silent overwrite.
+//! - Messages delivered out of per-source sequence order (different tags) are tracked as
+//!   exceptions of the per-source prefix; they are never garbage-collected before the
+//!   prefix passes them.
+//! - A rank and its buddy lost together lose the determinants: not recoverable by logging.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fabric::{Completion, Endpoint, MemoryRegion, Region, RemoteRegion};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RankError, Result};
+use crate::messages::Messages;
+#[cfg(doc)]
+use crate::world::Rank;
+
+/// The wire tag field value of the log's control messages (above every tag in use).
+pub(crate) const LOG_CTRL_TAG: u32 = (1 << 27) - 1;
+/// Determinants a ring holds by default.
+pub const DEFAULT_RING: usize = 1 << 16;
+const DET_BYTES: usize = 40;
+/// Determinant writes in flight at once, each from its own slot of the 4 KiB stage; the
+/// slot after them is the blocking writes'.
+const STAGE_SLOTS: usize = 4096 / DET_BYTES - 1;
+/// How long a restarted rank waits for every survivor's `Info`.
+const INFO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a delivery waits for an unreachable buddy to be replaced.
+pub const BUDDY_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Ctrl {
+    /// The receiver's checkpoint covering your messages below `upto` is safe.
+    Ack { upto: u64 },
+    /// I restarted: resend your messages from `prefix` on, except `extra`.
+    Resume { prefix: u64, extra: Vec<u64> },
+    /// I hold your messages below `has` (without a gap).
+    Info { has: u64 },
+}
+
+/// A delivery's determinant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Determinant {
+    pub src: u32,
+    pub tag: u32,
+    pub seq: u64,
+    pub order: u64,
+    pub interval: u64,
+}
+
+impl Determinant {
+    fn encode(&self) -> [u8; DET_BYTES] {
+        let mut b = [0u8; DET_BYTES];
+        b[0..4].copy_from_slice(&self.src.to_le_bytes());
+        b[4..8].copy_from_slice(&self.tag.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        // order + 1: a zeroed slot is empty.
+        b[16..24].copy_from_slice(&(self.order + 1).to_le_bytes());
+        b[24..32].copy_from_slice(&self.interval.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Determinant> {
+        let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
+        let order1 = u(16..24);
+        (order1 > 0).then(|| Determinant {
+            src: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+            tag: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            seq: u(8..16),
+            order: order1 - 1,
+            interval: u(24..32),
+        })
+    }
+}
+
+/// Totals of this rank's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Messages (and payload bytes) this rank logged as a sender.
+    pub logged_messages: u64,
+    pub logged_bytes: u64,
+    /// Payloads held now.
+    pub held_messages: u64,
+    pub held_bytes: u64,
+    /// Dropped on receivers' acknowledgements.
+    pub collected_messages: u64,
+    /// Determinants written to the buddy.
+    pub determinants: u64,
+    /// Messages this rank resent on a peer's `Resume`.
+    pub resent_messages: u64,
+    /// Sends not put on the wire during a replay (the receiver had them).
+    pub suppressed_sends: u64,
+    /// Deliveries taken in the recorded order after a restart.
+    pub replayed_deliveries: u64,
+    /// Nanoseconds spent keeping payloads (copy into the log) on sends.
+    pub send_log_ns: u64,
+    /// Nanoseconds spent at deliveries (posting determinants).
+    pub deliver_ns: u64,
+    /// Nanoseconds spent before sends waiting for determinants to be durable.
+    pub durable_wait_ns: u64,
+    /// Nanoseconds spent encoding log snapshots for checkpoints.
+    pub snapshot_ns: u64,
+}
+
+/// What a checkpoint must keep of the log (see [`Rank::log_mark_checkpoint`]).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+struct Snapshot {
+    send_seq: Vec<u64>,
+    prefix: Vec<u64>,
+    extra: Vec<Vec<u64>>,
+    order: u64,
+    interval: u64,
+    /// (dest, seq, tag, payload)
+    sent: Vec<(u32, u64, u32, Vec<u8>)>,
+    /// The rank's safepoint index in the uncoordinated mode (`crate::uncoordinated`).
+    safepoints: u64,
+}
+
+/// A [`Snapshot`] borrowing the log's payloads (serializes to the same bytes).
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    send_seq: Vec<u64>,
+    prefix: Vec<u64>,
+    extra: Vec<Vec<u64>>,
+    order: u64,
+    interval: u64,
+    sent: Vec<(u32, u64, u32, &'a [u8])>,
+    safepoints: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    sent: BTreeMap<(usize, u64), (u32, Vec<u8>)>,
+    prefix: Vec<u64>,
+    extra: Vec<BTreeSet<u64>>,
+    order: u64,
+    interval: u64,
+    /// Determinants since the newest safe checkpoint.
+    recent: VecDeque<Determinant>,
+    /// version -> (prefix per source, order) at that checkpoint.
+    marks: BTreeMap<u64, (Vec<u64>, u64)>,
+    /// Determinants below this order may be overwritten in the ring.
+    safe_order: u64,
+    /// After a restart: per destination, sends below are not put on the wire.
+    suppress: Vec<u64>,
+    /// After a restart: the deliveries to take first, in order.
+    replay: VecDeque<(usize, u64)>,
+    /// `Info` answers awaited after a restart.
+    info: Vec<Option<u64>>,
+}
+
+/// One rank's log (installed in its message layer).
+pub(crate) struct Logger {
+    rank: usize,
+    ring_len: usize,
+    /// The ring this rank holds for its ward (the rank whose buddy it is).
+    ring_local: MemoryRegion,
+    /// The buddy holding this rank's determinants, and its ring.
+    buddy: RwLock<(usize, RemoteRegion)>,
+    stage: Mutex<MemoryRegion>,
+    /// Determinant writes posted and not known durable yet, oldest first.
+    pending: Mutex<VecDeque<(Determinant, Completion)>>,
+    /// One delivery at a time (each takes the next receive order).
+    delivering: Mutex<()>,
+    inner: Mutex<Inner>,
+    info_changed: Condvar,
+    stats: [AtomicU64; 11],
+}
+
+const S_LOGGED: usize = 0;
+const S_LOGGED_BYTES: usize = 1;
+const S_COLLECTED: usize = 2;
+const S_DETS: usize = 3;
+const S_RESENT: usize = 4;
+const S_SUPPRESSED: usize = 5;
+const S_REPLAYED: usize = 6;
+const T_SEND_LOG: usize = 7;
+const T_DELIVER: usize = 8;
+const T_DURABLE_WAIT: usize = 9;
+const T_SNAPSHOT: usize = 10;
+
+fn buddy_of(rank: usize, size: usize) -> usize {
+    let stride = std::env::var("KRUN_LOCAL_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&s| s >= 1 && s < size)
+        .unwrap_or(1);
+    (rank + stride) % size
+}
+
+impl Logger {
+    fn new(
+        rank: usize,
+        size: usize,
+        ring_local: MemoryRegion,
+        ring_len: usize,
+        ep: &dyn Endpoint,
+    ) -> Result<Logger> {
+        Ok(Logger {
+            rank,
+            ring_len,
+            ring_local,
+            buddy: RwLock::new((
+                rank,
+                RemoteRegion {
+                    addr: 0,
+                    key: 0,
+                    len: 0,
+                },
+            )),
+            stage: Mutex::new(ep.register(Region::new(4096)?)?),
+            pending: Mutex::new(VecDeque::new()),
+            delivering: Mutex::new(()),
+            inner: Mutex::new(Inner {
+                prefix: vec![0; size],
+                extra: vec![BTreeSet::new(); size],
+                suppress: vec![0; size],
+                info: vec![None; size],
+                ..Inner::default()
+            }),
+            info_changed: Condvar::new(),
+            stats: Default::default(),
+        })
+    }
+
+    fn bump(&self, i: usize, n: u64) {
+        self.stats[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn time_since(&self, i: usize, t0: Instant) {
+        self.bump(i, t0.elapsed().as_nanos() as u64);
+    }
+
+    /// A send: keep the payload; false if it must not go on the wire (a replay's send the
+    /// receiver already holds).
+    pub(crate) fn on_send(&self, dest: usize, tag: u32, seq: u64, data: &[u8]) -> bool {
+        if dest == self.rank {
+            return true;
+        }
+        let t0 = Instant::now();
+        // The copy outside the lock: a control message handled meanwhile is not held up.
+        let payload = data.to_vec();
+        let suppressed = {
+            let mut g = self.inner.lock().expect("log lock");
+            g.sent.insert((dest, seq), (tag, payload));
+            seq < g.suppress[dest]
+        };
+        self.time_since(T_SEND_LOG, t0);
+        self.bump(S_LOGGED, 1);
+        self.bump(S_LOGGED_BYTES, data.len() as u64);
+        if suppressed {
+            self.bump(S_SUPPRESSED, 1);
+            return false;
+        }
+        true
+    }
+
+    /// The delivery the recorded order asks for next, if replaying.
+    pub(crate) fn replay_front(&self) -> Option<(usize, u64)> {
+        self.inner.lock().expect("log lock").replay.front().copied()
+    }
+
+    /// Posts the determinant of a delivery to the buddy, then counts it delivered; it is
+    /// durable before this rank's next send ([`Logger::flush`]). When the post fails (the
+    /// buddy unreachable: its node died) the delivery waits, up to [`BUDDY_WAIT`], for the
+    /// buddy to be replaced ([`Rank::replace_peer`]).
+    pub(crate) fn before_deliver(
+        &self,
+        msgs: &Messages,
+        src: usize,
+        tag: u32,
+        seq: u64,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let _one = self.delivering.lock().expect("deliver lock");
+        let det = {
+            let g = self.inner.lock().expect("log lock");
+            if g.order - g.safe_order >= self.ring_len as u64 {
+                return Err(RankError::Protocol {
+                    rank: self.rank,
+                    reason: format!(
+                        "message log: {} deliveries since the newest safe checkpoint fill the \
+                         buddy's determinant ring ({} entries): checkpoint more often",
+                        g.order - g.safe_order,
+                        self.ring_len
+                    ),
+                });
+            }
+            Determinant {
+                src: src as u32,
+                tag,
+                seq,
+                order: g.order,
+                interval: g.interval,
+            }
+        };
+        if self.post_det(msgs, det).is_err() {
+            self.flush(msgs)?;
+            self.write_det_retrying(msgs, &det)?;
+        }
+        let mut g = self.inner.lock().expect("log lock");
+        g.order += 1;
+        g.recent.push_back(det);
+        if g.replay.front() == Some(&(src, seq)) {
+            g.replay.pop_front();
+            self.bump(S_REPLAYED, 1);
+        }
+        if seq == g.prefix[src] {
+            g.prefix[src] += 1;
+            loop {
+                let next = g.prefix[src];
+                if !g.extra[src].remove(&next) {
+                    break;
+                }
+                g.prefix[src] += 1;
+            }
+        } else {
+            g.extra[src].insert(seq);
+        }
+        self.bump(S_DETS, 1);
+        drop(g);
+        self.time_since(T_DELIVER, t0);
+        Ok(())
+    }
+
+    /// Posts `det`'s write into the buddy's ring from its own stage slot, first settling
+    /// the writes in flight that used that slot.
+    fn post_det(&self, msgs: &Messages, det: Determinant) -> Result<()> {
+        let (buddy, remote, peer) = {
+            let b = self.buddy.read().expect("buddy lock");
+            (b.0, b.1, msgs.peer(b.0))
+        };
+        if buddy == self.rank {
+            return Ok(()); // a job of one: nowhere else to keep it
+        }
+        let mut pending = self.pending.lock().expect("pending lock");
+        while pending
+            .front()
+            .is_some_and(|(d, _)| d.order + STAGE_SLOTS as u64 <= det.order)
+        {
+            let (d, c) = pending.pop_front().expect("front checked");
+            self.settle(msgs, d, c)?;
+        }
+        let slot = (det.order % STAGE_SLOTS as u64) as usize * DET_BYTES;
+        let off = (det.order % self.ring_len as u64) * DET_BYTES as u64;
+        let stage = self.stage.lock().expect("stage lock");
+        stage.write_bytes(slot, &det.encode())?;
+        // SAFETY: this slot is rewritten only once the write posted from it is settled (the
+        // loop above: slots repeat every STAGE_SLOTS orders); the buddy's ring slot is
+        // written by this rank only.
+        let c = unsafe {
+            msgs.endpoint()
+                .post_write(peer, &stage, slot, DET_BYTES, &remote, off)?
+        };
+        pending.push_back((det, c));
+        Ok(())
+    }
+
+    /// Waits for one posted write; a failed one is written again (to the buddy as it is
+    /// now), waiting up to [`BUDDY_WAIT`] for an unreachable buddy to be replaced.
+    fn settle(&self, msgs: &Messages, det: Determinant, c: Completion) -> Result<()> {
+        match c.wait() {
+            Ok(_) => Ok(()),
+            Err(_) => self.write_det_retrying(msgs, &det),
+        }
+    }
+
+    /// Makes every determinant posted durable at the buddy: called before a message leaves
+    /// for another rank, and at a checkpoint.
+    pub(crate) fn flush(&self, msgs: &Messages) -> Result<()> {
+        let mut pending = self.pending.lock().expect("pending lock");
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        while let Some((d, c)) = pending.pop_front() {
+            self.settle(msgs, d, c)?;
+        }
+        self.time_since(T_DURABLE_WAIT, t0);
+        Ok(())
+    }
+
+    /// A blocking determinant write, retried while the buddy is unreachable, up to
+    /// [`BUDDY_WAIT`].
+    fn write_det_retrying(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
+        let deadline = Instant::now() + BUDDY_WAIT;
+        loop {
+            match self.write_det(msgs, det) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(RankError::Protocol {
+                        rank: self.buddy.read().expect("buddy lock").0,
+                        reason: format!(
+                            "message log: the determinant of delivery {} could not be made \
+                             durable at the buddy within {BUDDY_WAIT:?}: {e}",
+                            det.order
+                        ),
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    fn write_det(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
+        let (buddy, remote, peer) = {
+            let b = self.buddy.read().expect("buddy lock");
+            (b.0, b.1, msgs.peer(b.0))
+        };
+        if buddy == self.rank {
+            return Ok(()); // a job of one: nowhere else to keep it
+        }
+        let stage = self.stage.lock().expect("stage lock");
+        let slot = STAGE_SLOTS * DET_BYTES; // the blocking writes' own slot
+        stage.write_bytes(slot, &det.encode())?;
+        let off = (det.order % self.ring_len as u64) * DET_BYTES as u64;
+        // SAFETY: this slot is written only under the stage lock, held for this blocking
+        // write; the buddy's ring slot is written by this rank only.
+        unsafe {
+            msgs.endpoint()
+                .write(peer, &stage, slot, DET_BYTES, &remote, off)?
+        };
+        Ok(())
+    }
+
+    /// A control message from `src`.
+    pub(crate) fn on_control(&self, msgs: &Messages, src: usize, data: &[u8]) {
+        let Ok(ctrl) = postcard::from_bytes::<Ctrl>(data) else {
+            eprintln!(
+                "krun rank {}: malformed message-log control from rank {src}",
+                self.rank
+            );
+            return;
+        };
+        match ctrl {
+            Ctrl::Ack { upto } => {
+                let mut g = self.inner.lock().expect("log lock");
+                let before = g.sent.len();
+                g.sent.retain(|&(d, s), _| d != src || s >= upto);
+                self.bump(S_COLLECTED, (before - g.sent.len()) as u64);
+            }
+            Ctrl::Resume { prefix, extra } => {
+                let resend: Vec<(u64, u32, Vec<u8>)> = {
+                    let g = self.inner.lock().expect("log lock");
+                    g.sent
+                        .range((src, prefix)..(src + 1, 0))
+                        .filter(|((_, s), _)| !extra.contains(s))
+                        .map(|((_, s), (t, d))| (*s, *t, d.clone()))
+                        .collect()
+                };
+                for (seq, tag, data) in resend {
+                    if let Err(e) = msgs.put_on_wire(src, tag, seq, &data) {
+                        eprintln!("krun rank {}: resending to rank {src}: {e}", self.rank);
+                        return;
+                    }
+                    self.bump(S_RESENT, 1);
+                }
+                let has = msgs.contiguous_from(src);
+                let _ = msgs.control(
+                    src,
+                    &postcard::to_stdvec(&Ctrl::Info { has }).unwrap_or_default(),
+                );
+            }
+            Ctrl::Info { has } => {
+                let mut g = self.inner.lock().expect("log lock");
+                g.info[src] = Some(has);
+                g.suppress[src] = has;
+                self.info_changed.notify_all();
+            }
+        }
+    }
+
+    /// With `KRUN_LOG_TIMING=1`: where this rank's logging time went, on stderr.
+    pub(crate) fn report_timing(&self) {
+        if !crate::uncoordinated::env_flag("KRUN_LOG_TIMING").unwrap_or(false) {
+            return;
+        }
+        let s = self.stats();
+        let ms = |ns: u64| ns as f64 / 1e6;
+        eprintln!(
+            "krun: rank {} log timing: {} sends ({} bytes) kept in {:.1} ms; {} deliveries \
+             posted in {:.1} ms; {:.1} ms waiting for determinants before sends; snapshots \
+             encoded in {:.1} ms",
+            self.rank,
+            s.logged_messages,
+            s.logged_bytes,
+            ms(s.send_log_ns),
+            s.determinants,
+            ms(s.deliver_ns),
+            ms(s.durable_wait_ns),
+            ms(s.snapshot_ns),
+        );
+    }
+
+    fn stats(&self) -> LogStats {
+        let g = self.inner.lock().expect("log lock");
+        let s = |i: usize| self.stats[i].load(Ordering::Relaxed);
+        LogStats {
+            logged_messages: s(S_LOGGED),
+            logged_bytes: s(S_LOGGED_BYTES),
+            held_messages: g.sent.len() as u64,
+            held_bytes: g.sent.values().map(|v| v.1.len() as u64).sum(),
+            collected_messages: s(S_COLLECTED),
+            determinants: s(S_DETS),
+            resent_messages: s(S_RESENT),
+            suppressed_sends: s(S_SUPPRESSED),
+            replayed_deliveries: s(S_REPLAYED),
+            send_log_ns: s(T_SEND_LOG),
+            deliver_ns: s(T_DELIVER),
+            durable_wait_ns: s(T_DURABLE_WAIT),
+            snapshot_ns: s(T_SNAPSHOT),
+        }
+    }
+}
+
+mod api;
+mod rejoin;
+pub use rejoin::Rejoining;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn determinants_round_trip_and_an_empty_slot_is_none() {
+        let d = Determinant {
+            src: 3,
+            tag: 7,
+            seq: 1 << 40,
+            order: 0,
+            interval: 9,
+        };
+        assert_eq!(Determinant::decode(&d.encode()), Some(d));
+        assert_eq!(Determinant::decode(&[0u8; DET_BYTES]), None);
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        let c = Ctrl::Resume {
+            prefix: 5,
+            extra: vec![7, 9],
+        };
+        let back: Ctrl = postcard::from_bytes(&postcard::to_stdvec(&c).unwrap()).unwrap();
+        assert!(matches!(back, Ctrl::Resume { prefix: 5, ref extra } if extra == &[7, 9]));
+    }
+
+    #[test]
+    fn a_borrowed_snapshot_encodes_as_the_owned_one() {
+        let payload = vec![1u8, 2, 3, 250];
+        let owned = Snapshot {
+            send_seq: vec![4, 5],
+            prefix: vec![1, 0],
+            extra: vec![vec![3], vec![]],
+            order: 9,
+            interval: 2,
+            sent: vec![(1, 4, 7, payload.clone())],
+            safepoints: 11,
+        };
+        let borrowed = SnapshotRef {
+            send_seq: vec![4, 5],
+            prefix: vec![1, 0],
+            extra: vec![vec![3], vec![]],
+            order: 9,
+            interval: 2,
+            sent: vec![(1, 4, 7, payload.as_slice())],
+            safepoints: 11,
+        };
+        let bytes = postcard::to_stdvec(&borrowed).unwrap();
+        assert_eq!(bytes, postcard::to_stdvec(&owned).unwrap());
+        let back: Snapshot = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((back.sent[0].3.clone(), back.safepoints), (payload, 11));
+    }
+}
