@@ -281,7 +281,7 @@ impl Agreement {
     /// Log entries held (not compacted) and the index of the last compacted one.
     pub fn log_size(&self) -> (usize, u64) {
         let s = self.node.store();
-        (s.len(), s.compacted())
+        (s.held(), s.compacted())
     }
 
     /// The highest log index applied here.

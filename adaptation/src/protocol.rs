@@ -27,7 +27,7 @@
 //!   request for an entry there that nobody holds gets the service's "lost" answer
 //!   ([`Service::lost`]), never an empty entry.
 //! - **Fencing**: a change travels through Raft with the node that asked for it
-//!   ([`Proposal`]); at its place in the log it is refused if that node is out of the
+//!   ([`Proposal`](crate::view::Proposal)); at its place in the log it is refused if that node is out of the
 //!   configuration by then (a `leave` asked at a cut-off supervisor evicted meanwhile). A
 //!   member ignores what a node declared failed asks of it (requests, observations,
 //!   proposals, probes) and tells it that it failed.
@@ -47,12 +47,12 @@
 //! (lost entries, eviction notices), `supervisors.rs` (the Raft group's changes).
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::agreement::{Agreement, AgreementConfig, AgreementOutput};
+use crate::agreement::{Agreement, AgreementConfig};
 use crate::error::{AdaptError, Result};
 use crate::locator::{CellTreeLocator, LocatorConfig, Scope};
-use crate::membership::{Membership, MembershipConfig, MembershipEvent, MembershipOutput};
+use crate::membership::{Membership, MembershipConfig, MembershipOutput};
 use crate::service::{RequestId, Service, ServiceId};
-use crate::view::{Change, EntryId, Epoch, NodeId, Proposal};
+use crate::view::{Change, EntryId, Epoch, NodeId};
 use crate::wire::{Msg, Request};
 
 mod agreed;

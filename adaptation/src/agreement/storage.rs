@@ -78,12 +78,8 @@ impl ViewStorage {
     }
 
     /// Entries held (not compacted).
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The index of the last compacted entry.
