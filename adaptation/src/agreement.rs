@@ -245,8 +245,10 @@ impl Agreement {
         if self.leader() != Some(self.me) || self.changing_voters() {
             return AgreementOutput::default();
         }
-        let mut cc = ConfChange::default();
-        cc.node_id = raft_id(node);
+        let mut cc = ConfChange {
+            node_id: raft_id(node),
+            ..Default::default()
+        };
         cc.set_change_type(if add {
             ConfChangeType::AddNode
         } else {

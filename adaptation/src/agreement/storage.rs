@@ -41,9 +41,11 @@ impl ViewStorage {
         meta.index = 1;
         meta.term = 1;
         meta.set_conf_state(conf_state.clone());
-        let mut hard_state = HardState::default();
-        hard_state.term = 1;
-        hard_state.commit = 1;
+        let hard_state = HardState {
+            term: 1,
+            commit: 1,
+            ..Default::default()
+        };
         ViewStorage {
             hard_state,
             conf_state,

@@ -720,8 +720,10 @@ fn forged_snapshots_and_group_changes_are_refused() {
     m.set_msg_type(MessageType::MsgPropose);
     m.from = raft_id(target);
     m.to = raft_id(leader);
-    let mut cc = ConfChange::default();
-    cc.node_id = raft_id(999);
+    let mut cc = ConfChange {
+        node_id: raft_id(999),
+        ..Default::default()
+    };
     cc.set_change_type(ConfChangeType::AddNode);
     let mut e = Entry::default();
     e.set_entry_type(EntryType::EntryConfChange);

@@ -233,7 +233,11 @@ impl Sim {
         let alive = self.alive();
         let members = self.nodes[alive.first()?].members().clone();
         let want = SUPERVISORS.len().min(members.len());
-        let want = if want % 2 == 0 { want - 1 } else { want };
+        let want = if want.is_multiple_of(2) {
+            want - 1
+        } else {
+            want
+        };
         if !group.is_subset(&members) || group.len() != want {
             return Some(format!(
                 "the supervisor group {group:?} did not heal among the members {members:?}"
