@@ -6,15 +6,29 @@
 //! Every call runs the `RawNode` ready loop to completion: entries and hard state go to an
 //! in-memory log, messages come back in the output, committed changes are reported once each.
 //! Raft ids are `NodeId + 1` because raft-rs reserves id 0 for "none".
+//!
+//! The group changes: its leader replaces a failed supervisor by a Raft configuration
+//! change (one voter removed or added at a time, [`Agreement::propose_voter`]); each
+//! committed one is reported as a [`Change::Promote`] or [`Change::Demote`] at its place
+//! in the log. The log is compacted behind a snapshot of the agreed view
+//! ([`Agreement::set_view`]); a new supervisor starts empty ([`Agreement::joining`]) and
+//! catches up from that snapshot ([`AgreementOutput::restored`]).
+use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, Message, MessageType};
-use raft::storage::MemStorage;
-use raft::{Config, RawNode};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
+use raft::{Config, RawNode, SnapshotStatus};
 
 use crate::error::{AdaptError, Result};
-use crate::view::{Change, Epoch, NodeId, Proposal};
+use crate::view::{decode_changes, encode_changes, Change, Epoch, NodeId, Proposal};
+
+mod storage;
+use storage::ViewStorage;
+
+/// Entries kept behind the last applied one when the log is compacted (a follower that
+/// lags by fewer catches up from entries, not from a snapshot).
+pub const LOG_KEEP: u64 = 32;
 
 /// Raft timing in ticks.
 #[derive(Clone, Debug)]
@@ -39,16 +53,21 @@ pub struct AgreementOutput {
     /// (Raft log index, change); each index is reported once, in increasing order.
     pub committed: Vec<(u64, Change)>,
     /// For each committed change (same order): the node that asked for it and the epoch it
-    /// knew then (see [`Proposal`]).
+    /// knew then (see [`Proposal`]). For a change of the group itself: the member that
+    /// applied it, and epoch 0.
     pub requested_by: Vec<(NodeId, Epoch)>,
+    /// A snapshot from the leader replaced this member's log: the changes agreed up to it
+    /// (reported before `committed`, which follows it).
+    pub restored: Option<Vec<Change>>,
 }
 
 /// One supervisor's Raft member.
 pub struct Agreement {
     me: NodeId,
-    /// Sorted, without duplicates.
-    supervisors: Vec<NodeId>,
-    node: RawNode<MemStorage>,
+    /// Nodes whose Raft messages are taken: the supervisors of the view this node knows
+    /// (see [`Agreement::set_peers`]); the voters of the Raft configuration are taken too.
+    peers: BTreeSet<NodeId>,
+    node: RawNode<ViewStorage>,
     /// The single election timeout this member uses (see [`election_timeout_for`]).
     election_timeout: usize,
     /// Highest log index already handed to the caller (reported or skipped).
@@ -123,6 +142,35 @@ impl Agreement {
                 reason: format!("node {me} is not one of the supervisors {sups:?}"),
             });
         }
+        let voters: Vec<u64> = sups.iter().map(|&n| raft_id(n)).collect();
+        let storage = ViewStorage::genesis(voters, encode_changes(&[]));
+        Agreement::with_storage(me, &sups, seed, config, storage, 1)
+    }
+
+    /// A member added to the group by a configuration change (see [`Change::Promote`]):
+    /// it starts with an empty log and catches up from the leader's snapshot; `supervisors`
+    /// are the group as this node knows it.
+    pub fn joining(
+        me: NodeId,
+        supervisors: &[NodeId],
+        seed: u64,
+        config: AgreementConfig,
+    ) -> Result<Self> {
+        let mut sups = supervisors.to_vec();
+        sups.push(me);
+        sups.sort_unstable();
+        sups.dedup();
+        Agreement::with_storage(me, &sups, seed, config, ViewStorage::default(), 0)
+    }
+
+    fn with_storage(
+        me: NodeId,
+        sups: &[NodeId],
+        seed: u64,
+        config: AgreementConfig,
+        storage: ViewStorage,
+        applied: u64,
+    ) -> Result<Self> {
         if config.heartbeat_ticks == 0 || config.election_ticks <= config.heartbeat_ticks {
             return Err(AdaptError::Config {
                 what: "agreement timing".into(),
@@ -132,7 +180,7 @@ impl Agreement {
                 ),
             });
         }
-        let election_timeout = election_timeout_for(me, &sups, seed, config.election_ticks);
+        let election_timeout = election_timeout_for(me, sups, seed, config.election_ticks);
         let cfg = Config {
             id: raft_id(me),
             election_tick: config.election_ticks,
@@ -151,19 +199,96 @@ impl Agreement {
             what: "raft".into(),
             reason: e.to_string(),
         })?;
-        let voters: Vec<u64> = sups.iter().map(|&n| raft_id(n)).collect();
-        let storage = MemStorage::new_with_conf_state(ConfState::from((voters, vec![])));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let node =
             RawNode::new(&cfg, storage, &logger).map_err(|e| AdaptError::Raft(e.to_string()))?;
         Ok(Agreement {
             me,
-            supervisors: sups,
+            peers: sups.iter().copied().filter(|&n| n != me).collect(),
             node,
             election_timeout,
-            applied: 0,
+            applied,
             failed: false,
         })
+    }
+
+    /// The supervisors of the view this node knows (their Raft messages are taken).
+    pub fn set_peers(&mut self, supervisors: &BTreeSet<NodeId>) {
+        self.peers = supervisors
+            .iter()
+            .copied()
+            .filter(|&n| n != self.me)
+            .collect();
+    }
+
+    /// The voters of the Raft configuration this member applied (empty for a member that
+    /// has not caught up yet).
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.node
+            .store()
+            .conf_state()
+            .voters
+            .iter()
+            .filter_map(|&id| node_id(id))
+            .collect()
+    }
+
+    /// Whether a configuration change is proposed and not applied yet (raft-rs takes one
+    /// at a time).
+    pub fn changing_voters(&self) -> bool {
+        self.node.raft.has_pending_conf()
+    }
+
+    /// The leader proposes adding (`add`) or removing one voter. Like any proposal it may
+    /// be lost; the caller proposes again once none is pending.
+    pub fn propose_voter(&mut self, node: NodeId, add: bool) -> AgreementOutput {
+        if self.leader() != Some(self.me) || self.changing_voters() {
+            return AgreementOutput::default();
+        }
+        let mut cc = ConfChange {
+            node_id: raft_id(node),
+            ..Default::default()
+        };
+        cc.set_change_type(if add {
+            ConfChangeType::AddNode
+        } else {
+            ConfChangeType::RemoveNode
+        });
+        self.guarded(|node| {
+            let _ = node.propose_conf_change(Vec::new(), cc);
+            Ok(())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The agreed view after the last applied entry (`changes`, all agreed so far): the
+    /// snapshot a member that needs compacted entries gets from now on. The log is then
+    /// compacted up to [`LOG_KEEP`] entries behind.
+    pub fn set_view(&mut self, changes: &[Change]) -> Result<()> {
+        if self.failed || self.applied == 0 {
+            return Ok(());
+        }
+        let store_err = |e: raft::Error| AdaptError::Raft(format!("storage: {e}"));
+        let applied = self.applied;
+        let store = self.node.mut_store();
+        store
+            .set_latest(applied, encode_changes(changes))
+            .map_err(store_err)?;
+        if applied > store.compacted() + 2 * LOG_KEEP {
+            store.compact(applied - LOG_KEEP).map_err(store_err)?;
+        }
+        Ok(())
+    }
+
+    /// Log entries held (not compacted) and the index of the last compacted one.
+    pub fn log_size(&self) -> (usize, u64) {
+        let s = self.node.store();
+        (s.held(), s.compacted())
+    }
+
+    /// The highest log index applied here.
+    pub fn applied(&self) -> u64 {
+        self.applied
     }
 
     /// Proposes a change; it may be lost (leader change), so callers retry until they see it
@@ -246,7 +371,7 @@ impl Agreement {
         if self.failed {
             return Err("this member has stopped after an internal raft error".into());
         }
-        if from == self.me || !self.supervisors.contains(&from) {
+        if from == self.me || !(self.peers.contains(&from) || self.voters().contains(&from)) {
             return Err(format!("node {from} is not another supervisor"));
         }
         if m.from != raft_id(from) {
@@ -265,10 +390,13 @@ impl Agreement {
         }
         use MessageType::*;
         let entries_ok = |allow_empty_data: bool| {
-            m.entries.iter().all(|e: &Entry| {
-                e.get_entry_type() == EntryType::EntryNormal
-                    && ((allow_empty_data && e.data.is_empty())
-                        || Proposal::decode(&e.data).is_some())
+            m.entries.iter().all(|e: &Entry| match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    (allow_empty_data && e.data.is_empty()) || Proposal::decode(&e.data).is_some()
+                }
+                // Only the leader proposes changes of the group (never forwarded).
+                EntryType::EntryConfChange => allow_empty_data && voter_change(&e.data).is_some(),
+                EntryType::EntryConfChangeV2 => false,
             })
         };
         match m.get_msg_type() {
@@ -331,8 +459,8 @@ impl Agreement {
             | MsgRequestPreVote
             | MsgRequestPreVoteResponse
             | MsgHeartbeatResponse => {}
-            // Local kinds, snapshots (the log is never compacted), leader transfer and read
-            // index are never sent by this module.
+            MsgSnapshot => check_snapshot(m)?,
+            // Local kinds, leader transfer and read index are never sent by this module.
             t => return Err(format!("unexpected message kind {t:?}")),
         }
         Ok(())
@@ -342,7 +470,7 @@ impl Agreement {
     /// and a stopped member instead of unwinding into the caller.
     fn guarded(
         &mut self,
-        f: impl FnOnce(&mut RawNode<MemStorage>) -> Result<()>,
+        f: impl FnOnce(&mut RawNode<ViewStorage>) -> Result<()>,
     ) -> Result<AgreementOutput> {
         if self.failed {
             return Err(AdaptError::Raft(
@@ -384,10 +512,46 @@ fn parse_message(bytes: &[u8]) -> protobuf::ProtobufResult<Message> {
     Ok(m)
 }
 
+/// The change of the group a conf-change entry holds: (node, added), for the single-voter
+/// changes this module proposes; `None` for anything else.
+fn voter_change(data: &[u8]) -> Option<(NodeId, bool)> {
+    let cc = ConfChange::parse_from_bytes(data).ok()?;
+    let node = node_id(cc.node_id)?;
+    match cc.get_change_type() {
+        ConfChangeType::AddNode => Some((node, true)),
+        ConfChangeType::RemoveNode => Some((node, false)),
+        ConfChangeType::AddLearnerNode => None,
+    }
+}
+
+/// A snapshot raft-rs can restore without tripping: a plain configuration of voters and an
+/// agreed view that decodes.
+fn check_snapshot(m: &Message) -> std::result::Result<(), String> {
+    let snap = m.get_snapshot();
+    let meta = snap.get_metadata();
+    let cs = meta.get_conf_state();
+    if meta.index == 0 || meta.term == 0 || m.term == 0 {
+        return Err("snapshot at index or term 0".into());
+    }
+    if cs.voters.is_empty()
+        || cs.voters.iter().any(|&v| node_id(v).is_none())
+        || !cs.learners.is_empty()
+        || !cs.voters_outgoing.is_empty()
+        || !cs.learners_next.is_empty()
+        || cs.auto_leave
+    {
+        return Err(format!("snapshot with an unexpected configuration {cs:?}"));
+    }
+    if decode_changes(&snap.data).is_none() {
+        return Err("snapshot whose data is not an agreed view".into());
+    }
+    Ok(())
+}
+
 /// The ready loop: persist, send, apply, advance, until raft-rs has nothing more.
 fn drain(
     me: NodeId,
-    node: &mut RawNode<MemStorage>,
+    node: &mut RawNode<ViewStorage>,
     applied: &mut u64,
     out: &mut AgreementOutput,
 ) -> Result<()> {
@@ -399,29 +563,44 @@ fn drain(
         }
         let mut rd = node.ready();
         // Messages of the Ready may leave before persisting (leader-side parallelism).
-        send(me, rd.take_messages(), out);
-        // No snapshot is ever produced or accepted (no compaction, MsgSnapshot refused).
+        send(me, node, rd.take_messages(), out);
+        if !rd.snapshot().is_empty() {
+            // The leader's snapshot replaces this member's log and view.
+            let snap = rd.snapshot().clone();
+            node.mut_store().apply_snapshot(&snap).map_err(store_err)?;
+            let changes = decode_changes(&snap.data)
+                .ok_or_else(|| AdaptError::Raft("snapshot without an agreed view".into()))?;
+            *applied = snap.get_metadata().index;
+            out.restored = Some(changes);
+            out.committed.clear();
+            out.requested_by.clear();
+        }
         if !rd.entries().is_empty() {
-            node.store().wl().append(rd.entries()).map_err(store_err)?;
+            node.mut_store().append(rd.entries()).map_err(store_err)?;
         }
         if let Some(hs) = rd.hs() {
-            node.store().wl().set_hardstate(hs.clone());
+            node.mut_store().set_hard_state(hs.clone());
         }
         // Votes and append responses must only leave once the log is persisted.
-        send(me, rd.take_persisted_messages(), out);
-        apply(rd.take_committed_entries(), applied, out);
+        send(me, node, rd.take_persisted_messages(), out);
+        apply(me, node, rd.take_committed_entries(), applied, out)?;
         let mut light = node.advance(rd);
         if let Some(commit) = light.commit_index() {
-            node.store().wl().mut_hard_state().set_commit(commit);
+            node.mut_store().set_commit(commit);
         }
-        send(me, light.take_messages(), out);
-        apply(light.take_committed_entries(), applied, out);
+        send(me, node, light.take_messages(), out);
+        apply(me, node, light.take_committed_entries(), applied, out)?;
         node.advance_apply();
     }
     Ok(())
 }
 
-fn send(me: NodeId, msgs: Vec<Message>, out: &mut AgreementOutput) {
+fn send(
+    me: NodeId,
+    node: &mut RawNode<ViewStorage>,
+    msgs: Vec<Message>,
+    out: &mut AgreementOutput,
+) {
     for m in msgs {
         let Some(to) = node_id(m.to) else { continue };
         if to == me {
@@ -430,553 +609,62 @@ fn send(me: NodeId, msgs: Vec<Message>, out: &mut AgreementOutput) {
         if let Ok(bytes) = m.write_to_bytes() {
             out.messages.push((to, bytes));
         }
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            // Counted as delivered: the leader goes on probing the member, which asks for
+            // it again if it was lost (else the leader would wait for it forever).
+            node.report_snapshot(m.to, SnapshotStatus::Finish);
+        }
     }
 }
 
-fn apply(entries: Vec<Entry>, applied: &mut u64, out: &mut AgreementOutput) {
+fn apply(
+    me: NodeId,
+    node: &mut RawNode<ViewStorage>,
+    entries: Vec<Entry>,
+    applied: &mut u64,
+    out: &mut AgreementOutput,
+) -> Result<()> {
     for e in entries {
         if e.index <= *applied {
             continue;
         }
         *applied = e.index;
-        // Empty entries are appended by new leaders; conf changes are never proposed.
-        if e.data.is_empty() || e.get_entry_type() != EntryType::EntryNormal {
+        // Empty entries are appended by new leaders.
+        if e.data.is_empty() {
             continue;
         }
-        if let Some(p) = Proposal::decode(&e.data) {
-            out.committed.push((e.index, p.change));
-            out.requested_by.push((p.by, p.epoch));
+        match e.get_entry_type() {
+            EntryType::EntryNormal => {
+                if let Some(p) = Proposal::decode(&e.data) {
+                    out.committed.push((e.index, p.change));
+                    out.requested_by.push((p.by, p.epoch));
+                }
+            }
+            EntryType::EntryConfChange => {
+                let Ok(cc) = ConfChange::parse_from_bytes(&e.data) else {
+                    continue;
+                };
+                let before: BTreeSet<u64> =
+                    node.store().conf_state().voters.iter().copied().collect();
+                let cs = node
+                    .apply_conf_change(&cc)
+                    .map_err(|e| AdaptError::Raft(format!("configuration change: {e}")))?;
+                let after: BTreeSet<u64> = cs.voters.iter().copied().collect();
+                node.mut_store().set_conf_state(cs);
+                for id in after.difference(&before).filter_map(|&id| node_id(id)) {
+                    out.committed.push((e.index, Change::Promote { node: id }));
+                    out.requested_by.push((me, 0));
+                }
+                for id in before.difference(&after).filter_map(|&id| node_id(id)) {
+                    out.committed.push((e.index, Change::Demote { node: id }));
+                    out.requested_by.push((me, 0));
+                }
+            }
+            EntryType::EntryConfChangeV2 => {}
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::rngs::SmallRng;
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-    use std::collections::{BTreeMap, BTreeSet};
-
-    /// One output of one member, for comparing runs.
-    type Event = (u64, NodeId, Vec<(NodeId, Vec<u8>)>, Vec<(u64, Change)>);
-
-    /// Supervisors exchanging messages with seeded random delays (1..=3 ticks), reordering
-    /// and optional loss; crashed members get no ticks and their traffic is dropped.
-    struct Sim {
-        members: BTreeMap<NodeId, Agreement>,
-        crashed: BTreeSet<NodeId>,
-        /// Members that keep ticking but whose traffic is dropped (a network partition).
-        cut: BTreeSet<NodeId>,
-        /// (due tick, from, to, bytes)
-        queue: Vec<(u64, NodeId, NodeId, Vec<u8>)>,
-        now: u64,
-        rng: SmallRng,
-        loss: f64,
-        logs: BTreeMap<NodeId, Vec<(u64, Change)>>,
-        trace: Vec<Event>,
-    }
-
-    impl Sim {
-        fn new(n: u32, seed: u64, loss: f64) -> Sim {
-            let ids: Vec<NodeId> = (0..n).map(|i| 10 + 3 * i).collect();
-            let members = ids
-                .iter()
-                .map(|&id| {
-                    let a = Agreement::new(id, &ids, seed, AgreementConfig::default()).unwrap();
-                    (id, a)
-                })
-                .collect();
-            Sim {
-                members,
-                crashed: BTreeSet::new(),
-                cut: BTreeSet::new(),
-                queue: Vec::new(),
-                now: 0,
-                rng: SmallRng::seed_from_u64(seed),
-                loss,
-                logs: ids.iter().map(|&id| (id, Vec::new())).collect(),
-                trace: Vec::new(),
-            }
-        }
-
-        fn alive(&self) -> Vec<NodeId> {
-            self.members
-                .keys()
-                .copied()
-                .filter(|id| !self.crashed.contains(id))
-                .collect()
-        }
-
-        fn absorb(&mut self, id: NodeId, out: AgreementOutput) {
-            let log = self.logs.get_mut(&id).unwrap();
-            for (index, change) in &out.committed {
-                if let Some((last, _)) = log.last() {
-                    assert!(index > last, "{id}: index {index} after {last}");
-                }
-                log.push((*index, change.clone()));
-            }
-            for (to, bytes) in &out.messages {
-                assert!(self.members.contains_key(to) && *to != id);
-                if self.rng.gen_bool(self.loss) {
-                    continue;
-                }
-                let due = self.now + self.rng.gen_range(1..=3);
-                self.queue.push((due, id, *to, bytes.clone()));
-            }
-            if !out.messages.is_empty() || !out.committed.is_empty() {
-                self.trace.push((self.now, id, out.messages, out.committed));
-            }
-        }
-
-        fn step(&mut self) {
-            self.now += 1;
-            for id in self.alive() {
-                let out = self.members.get_mut(&id).unwrap().tick();
-                self.absorb(id, out);
-            }
-            let now = self.now;
-            let (mut due, rest): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|m| m.0 <= now);
-            self.queue = rest;
-            due.shuffle(&mut self.rng);
-            for (_, from, to, bytes) in due {
-                let down = |n| self.crashed.contains(n) || self.cut.contains(n);
-                if down(&from) || down(&to) {
-                    continue;
-                }
-                let out = self.members.get_mut(&to).unwrap().handle(from, &bytes);
-                let out = out.expect("a genuine message is accepted");
-                self.absorb(to, out);
-            }
-        }
-
-        fn propose(&mut self, id: NodeId, change: &Change) {
-            let out = self.members.get_mut(&id).unwrap().propose(change);
-            self.absorb(id, out);
-        }
-
-        /// The leader every live member agrees on, if any.
-        fn agreed_leader(&self) -> Option<NodeId> {
-            let alive = self.alive();
-            let l = self.members[&alive[0]].leader()?;
-            let all = alive.iter().all(|id| self.members[id].leader() == Some(l));
-            (all && !self.crashed.contains(&l)).then_some(l)
-        }
-
-        fn run_until_leader(&mut self, bound: u64) -> NodeId {
-            for _ in 0..bound {
-                if let Some(l) = self.agreed_leader() {
-                    return l;
-                }
-                self.step();
-            }
-            panic!("no leader within {bound} ticks");
-        }
-
-        fn has(&self, id: NodeId, change: &Change) -> bool {
-            self.logs[&id].iter().any(|(_, c)| c == change)
-        }
-
-        /// Each change is proposed by its member and re-proposed every 15 ticks until that
-        /// member sees it committed; then runs until every live member has them all.
-        fn commit_all(&mut self, work: &[(NodeId, Change)], bound: u64) {
-            let mut next_try = vec![self.now; work.len()];
-            for _ in 0..bound {
-                let alive = self.alive();
-                if work
-                    .iter()
-                    .all(|(_, c)| alive.iter().all(|&id| self.has(id, c)))
-                {
-                    return;
-                }
-                for (i, (id, change)) in work.iter().enumerate() {
-                    if !self.has(*id, change) && next_try[i] <= self.now {
-                        self.propose(*id, change);
-                        next_try[i] = self.now + 15;
-                    }
-                }
-                self.step();
-            }
-            panic!("changes not committed within {bound} ticks");
-        }
-
-        /// Live members hold the same log; crashed ones a prefix of it.
-        fn check_logs(&self) {
-            let alive = self.alive();
-            let reference = &self.logs[&alive[0]];
-            for (id, log) in &self.logs {
-                if self.crashed.contains(id) {
-                    assert_eq!(&reference[..log.len()], &log[..], "crashed {id} diverged");
-                } else {
-                    assert_eq!(reference, log, "{id} differs from {}", alive[0]);
-                }
-            }
-        }
-    }
-
-    fn join(n: NodeId) -> Change {
-        Change::Join {
-            node: n,
-            addr: format!("10.0.0.{n}:7000"),
-        }
-    }
-
-    #[test]
-    fn elects_a_leader_and_commits_proposals_from_any_member() {
-        for (n, seed, loss) in [(3, 1, 0.0), (3, 2, 0.05), (5, 3, 0.0), (5, 4, 0.05)] {
-            let mut sim = Sim::new(n, seed, loss);
-            let leader = sim.run_until_leader(300);
-            let ids = sim.alive();
-            let work: Vec<(NodeId, Change)> = (0..12)
-                .map(|i| (ids[i as usize % ids.len()], join(100 + i)))
-                .collect();
-            assert!(work.iter().any(|(id, _)| *id != leader));
-            sim.commit_all(&work, 3000);
-            for _ in 0..50 {
-                sim.step();
-            }
-            sim.check_logs();
-            // Retries may commit a change twice; the caller dedupes by equality.
-            let distinct: BTreeSet<&Change> = sim.logs[&leader].iter().map(|(_, c)| c).collect();
-            assert_eq!(distinct.len(), work.len());
-        }
-    }
-
-    /// Elects, commits, crashes the leader, elects again and commits more; returns the sim.
-    fn crash_scenario(n: u32, seed: u64) -> Sim {
-        let mut sim = Sim::new(n, seed, 0.0);
-        let first = sim.run_until_leader(300);
-        let ids = sim.alive();
-        let before: Vec<_> = (0..3)
-            .map(|i| (ids[i % ids.len()], join(200 + i as u32)))
-            .collect();
-        sim.commit_all(&before, 3000);
-        let old_term = sim.members[&first].term();
-        sim.crashed.insert(first);
-        let second = sim.run_until_leader(500);
-        assert_ne!(second, first);
-        assert!(sim.members[&second].term() > old_term);
-        let alive = sim.alive();
-        let after: Vec<_> = (0..6)
-            .map(|i| (alive[i % alive.len()], join(300 + i as u32)))
-            .collect();
-        sim.commit_all(&after, 3000);
-        for _ in 0..50 {
-            sim.step();
-        }
-        sim.check_logs();
-        sim
-    }
-
-    #[test]
-    fn a_crashed_leader_is_replaced_and_commits_continue() {
-        for (n, seed) in [(3, 11), (5, 12), (5, 13)] {
-            crash_scenario(n, seed);
-        }
-    }
-
-    #[test]
-    fn a_partitioned_leader_steps_down_and_cut_members_rejoin_without_disruption() {
-        let mut sim = Sim::new(5, 61, 0.0);
-        let first = sim.run_until_leader(300);
-        sim.cut.insert(first);
-        // check_quorum: without acknowledgements the old leader gives up leadership.
-        let mut stepped_down = false;
-        for _ in 0..100 {
-            sim.step();
-            if sim.members[&first].leader() != Some(first) {
-                stepped_down = true;
-                break;
-            }
-        }
-        assert!(stepped_down, "an isolated leader keeps leading");
-        let others: Vec<NodeId> = sim.alive().into_iter().filter(|&n| n != first).collect();
-        let mut second = None;
-        for _ in 0..500 {
-            sim.step();
-            let l = sim.members[&others[0]].leader();
-            if l.is_some()
-                && l != Some(first)
-                && others.iter().all(|n| sim.members[n].leader() == l)
-            {
-                second = l;
-                break;
-            }
-        }
-        let second = second.expect("the majority elects a new leader");
-        // A follower cut off for a long time, then both heal: pre-vote keeps them from
-        // raising the term, so the leader stays in place.
-        let follower = *others.iter().find(|&&n| n != second).unwrap();
-        sim.cut.insert(follower);
-        for _ in 0..300 {
-            sim.step();
-        }
-        let term = sim.members[&second].term();
-        sim.cut.clear();
-        for _ in 0..300 {
-            sim.step();
-        }
-        assert_eq!(sim.agreed_leader(), Some(second));
-        assert_eq!(sim.members[&second].term(), term);
-        let work: Vec<_> = [first, follower]
-            .iter()
-            .map(|&n| (n, join(900 + n)))
-            .collect();
-        sim.commit_all(&work, 3000);
-        for _ in 0..50 {
-            sim.step();
-        }
-        sim.check_logs();
-    }
-
-    #[test]
-    fn same_seed_same_outputs() {
-        let a = crash_scenario(5, 42);
-        let b = crash_scenario(5, 42);
-        assert_eq!(a.trace, b.trace);
-        assert_eq!(a.logs, b.logs);
-        let c = crash_scenario(5, 43);
-        assert_ne!(a.trace, c.trace, "the seed should matter");
-    }
-
-    #[test]
-    fn election_timeouts_come_from_the_seed_and_differ() {
-        let ids = [4, 8, 15, 16, 23];
-        let timeouts = |seed| -> Vec<usize> {
-            ids.iter()
-                .map(|&me| Agreement::new(me, &ids, seed, AgreementConfig::default()).unwrap())
-                .map(|a| a.election_timeout())
-                .collect()
-        };
-        let t = timeouts(5);
-        assert_eq!(t, timeouts(5));
-        assert!(t.iter().all(|&x| (10..20).contains(&x)));
-        assert_eq!(t.iter().collect::<BTreeSet<_>>().len(), ids.len());
-    }
-
-    #[test]
-    fn no_majority_no_progress() {
-        let mut sim = Sim::new(3, 21, 0.0);
-        let leader = sim.run_until_leader(300);
-        let ids = sim.alive();
-        sim.commit_all(&[(ids[0], join(500))], 3000);
-        let survivor = *ids.iter().find(|&&id| id != leader).unwrap();
-        for id in ids.iter().filter(|&&id| id != survivor) {
-            sim.crashed.insert(*id);
-        }
-        let committed = sim.logs[&survivor].len();
-        for t in 0..600 {
-            if t % 10 == 0 {
-                sim.propose(survivor, &join(501));
-            }
-            sim.step();
-        }
-        assert_eq!(sim.logs[&survivor].len(), committed);
-        assert_eq!(sim.members[&survivor].leader(), None);
-    }
-
-    #[test]
-    fn garbage_and_mismatched_senders_are_refused_without_effect() {
-        let mut sim = Sim::new(3, 31, 0.0);
-        let leader = sim.run_until_leader(300);
-        let ids = sim.alive();
-        sim.commit_all(&[(ids[1], join(600))], 3000);
-        let target = *ids.iter().find(|&&id| id != leader).unwrap();
-        let other = *ids
-            .iter()
-            .find(|&&id| id != leader && id != target)
-            .unwrap();
-        // A genuine message from the leader to `target`.
-        let mut genuine = None;
-        for _ in 0..20 {
-            sim.step();
-            genuine = sim
-                .queue
-                .iter()
-                .find(|m| m.1 == leader && m.2 == target)
-                .map(|m| m.3.clone());
-            if genuine.is_some() {
-                break;
-            }
-        }
-        let genuine = genuine.expect("the leader talks to its followers");
-        let state = |a: &Agreement| {
-            let r = &a.node.raft;
-            (
-                r.term,
-                r.leader_id,
-                r.raft_log.committed,
-                r.raft_log.last_index(),
-                a.applied,
-            )
-        };
-        let before = state(&sim.members[&target]);
-        let mut rng = SmallRng::seed_from_u64(5);
-        let member = sim.members.get_mut(&target).unwrap();
-        for _ in 0..500 {
-            let len = rng.gen_range(0..80);
-            let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            assert!(member.handle(leader, &bytes).is_err());
-        }
-        // Right bytes, wrong sender argument / not a supervisor / ourselves.
-        assert!(member.handle(other, &genuine).is_err());
-        assert!(member.handle(999, &genuine).is_err());
-        assert!(member.handle(target, &genuine).is_err());
-        // Forged fields.
-        let m = Message::parse_from_bytes(&genuine).unwrap();
-        let mut forged = m.clone();
-        forged.from = raft_id(other);
-        assert!(member
-            .handle(leader, &forged.write_to_bytes().unwrap())
-            .is_err());
-        let mut forged = m.clone();
-        forged.to = raft_id(other);
-        assert!(member
-            .handle(leader, &forged.write_to_bytes().unwrap())
-            .is_err());
-        let mut forged = m.clone();
-        forged.set_msg_type(MessageType::MsgHup);
-        assert!(member
-            .handle(leader, &forged.write_to_bytes().unwrap())
-            .is_err());
-        let mut forged = Message::default();
-        forged.set_msg_type(MessageType::MsgPropose);
-        forged.from = raft_id(leader);
-        forged.to = raft_id(target);
-        assert!(member
-            .handle(leader, &forged.write_to_bytes().unwrap())
-            .is_err());
-        let mut forged = Message::default();
-        forged.set_msg_type(MessageType::MsgHeartbeat);
-        forged.from = raft_id(leader);
-        forged.to = raft_id(target);
-        forged.term = m.term;
-        forged.commit = 1 << 40;
-        assert!(member
-            .handle(leader, &forged.write_to_bytes().unwrap())
-            .is_err());
-        assert_eq!(state(&sim.members[&target]), before);
-        assert!(!sim.members[&target].failed());
-        // The group still works.
-        sim.commit_all(&[(target, join(601))], 3000);
-        sim.check_logs();
-    }
-
-    #[test]
-    fn mutated_messages_never_panic_the_caller() {
-        let mut sim = Sim::new(3, 41, 0.0);
-        sim.run_until_leader(300);
-        let ids = sim.alive();
-        sim.commit_all(&[(ids[0], join(700)), (ids[1], join(701))], 3000);
-        let mut rng = SmallRng::seed_from_u64(6);
-        let mut samples = Vec::new();
-        for _ in 0..40 {
-            sim.step();
-            samples.extend(sim.queue.iter().map(|m| (m.1, m.2, m.3.clone())));
-        }
-        let mut accepted = 0;
-        for (from, to, bytes) in samples {
-            for _ in 0..20 {
-                let mut b = bytes.clone();
-                for _ in 0..rng.gen_range(1..4) {
-                    if b.is_empty() {
-                        break;
-                    }
-                    let i = rng.gen_range(0..b.len());
-                    b[i] = rng.gen();
-                }
-                // Ok, Err or a stopped member are all fine; unwinding is not.
-                if sim.members.get_mut(&to).unwrap().handle(from, &b).is_ok() {
-                    accepted += 1;
-                }
-            }
-        }
-        let stopped = sim.members.values().filter(|a| a.failed()).count();
-        eprintln!("accepted {accepted} mutated messages; {stopped} members stopped");
-        assert!(accepted > 0, "the mutations should reach raft-rs");
-    }
-
-    #[test]
-    fn forged_messages_raft_rs_would_trip_on_are_refused() {
-        let mut sim = Sim::new(3, 51, 0.0);
-        let leader = sim.run_until_leader(300);
-        let ids = sim.alive();
-        sim.commit_all(&[(ids[0], join(800))], 3000);
-        let target = *ids.iter().find(|&&id| id != leader).unwrap();
-        let (term, last) = {
-            let r = &sim.members[&leader].node.raft;
-            (r.term, r.raft_log.last_index())
-        };
-        // An append past the end of the follower's log that claims term 0 there.
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppend);
-        m.from = raft_id(leader);
-        m.to = raft_id(target);
-        m.term = term;
-        m.index = last + 10;
-        m.entries.push(Entry {
-            index: last + 11,
-            term,
-            ..Default::default()
-        });
-        let member = sim.members.get_mut(&target).unwrap();
-        assert!(member.handle(leader, &m.write_to_bytes().unwrap()).is_err());
-        // An acknowledgement of entries the leader never had.
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppendResponse);
-        m.from = raft_id(target);
-        m.to = raft_id(leader);
-        m.term = term;
-        m.index = last + 1000;
-        let member = sim.members.get_mut(&leader).unwrap();
-        assert!(member.handle(target, &m.write_to_bytes().unwrap()).is_err());
-        sim.commit_all(&[(target, join(801))], 3000);
-        sim.check_logs();
-    }
-
-    #[test]
-    fn a_panic_inside_raft_stops_the_member_instead_of_unwinding() {
-        let ids = [1, 2, 3];
-        let mut a = Agreement::new(1, &ids, 0, AgreementConfig::default()).unwrap();
-        let r = a.guarded(|_| panic!("simulated raft-rs assertion"));
-        assert!(matches!(r, Err(AdaptError::Raft(_))));
-        assert!(a.failed());
-        assert!(a.tick().messages.is_empty());
-        assert!(a.propose(&join(1)).messages.is_empty());
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgHeartbeat);
-        m.from = raft_id(2);
-        m.to = raft_id(1);
-        assert!(a.handle(2, &m.write_to_bytes().unwrap()).is_err());
-        assert_eq!(a.leader(), None);
-    }
-
-    #[test]
-    fn bad_configuration_is_refused() {
-        let cfg = AgreementConfig::default();
-        assert!(Agreement::new(7, &[1, 2, 3], 0, cfg.clone()).is_err());
-        assert!(Agreement::new(1, &[1, 2, 2], 0, cfg.clone()).is_err());
-        let slow_heartbeat = AgreementConfig {
-            heartbeat_ticks: 10,
-            election_ticks: 10,
-        };
-        assert!(Agreement::new(1, &[1, 2, 3], 0, slow_heartbeat).is_err());
-        // Extreme ids map to valid raft ids.
-        let a = Agreement::new(NodeId::MAX, &[0, NodeId::MAX], 0, cfg).unwrap();
-        assert_eq!(a.leader(), None);
-    }
-
-    #[test]
-    fn a_single_supervisor_commits_alone() {
-        let mut a = Agreement::new(5, &[5], 9, AgreementConfig::default()).unwrap();
-        let mut committed = Vec::new();
-        for _ in 0..40 {
-            committed.extend(a.tick().committed);
-        }
-        assert_eq!(a.leader(), Some(5));
-        let out = a.propose(&Change::Fail { node: 3 });
-        assert!(out.messages.is_empty());
-        committed.extend(out.committed);
-        assert_eq!(committed, vec![(2, Change::Fail { node: 3 })]);
-    }
-}
+mod tests;

@@ -420,13 +420,19 @@ pub fn run_kv(
                 let _ = writeln!(out, "{}", answer_line(id, &payload));
             }
             DriverEvent::Stable(view) => {
-                let members: Vec<String> = view.members.iter().map(|m| m.to_string()).collect();
+                let list = |v: &[NodeId]| -> String {
+                    v.iter()
+                        .map(|m| m.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
                 let _ = writeln!(
                     out,
-                    "stable {} t={:.3} members={}",
+                    "stable {} t={:.3} supervisors={} members={}",
                     view.epoch,
                     now_ms(),
-                    members.join(",")
+                    list(&view.supervisors),
+                    list(&view.members)
                 );
             }
             DriverEvent::Phase { epoch, phase } => {
@@ -480,7 +486,7 @@ impl ViewSnapshot {
                 .into_iter()
                 .map(|c| c.members)
                 .collect(),
-            supervisors: node.supervisors().to_vec(),
+            supervisors: node.supervisors(),
             leader: node.leader(),
             changes: node.log().to_vec(),
         }

@@ -18,13 +18,23 @@ pub enum Change {
     Leave { node: NodeId },
     /// The failure detector and the supervisors agree the node is gone.
     Fail { node: NodeId },
+    /// A member becomes a supervisor (a voter of the Raft group): it replaces one that
+    /// failed. Committed as a Raft configuration change; nothing moves between nodes.
+    Promote { node: NodeId },
+    /// A supervisor leaves the Raft group (it failed, or the group shrinks to an odd size
+    /// after failures); it stays a member if it is alive.
+    Demote { node: NodeId },
 }
 
 impl Change {
     /// The node the change is about.
     pub fn node(&self) -> NodeId {
         match self {
-            Change::Join { node, .. } | Change::Leave { node } | Change::Fail { node } => *node,
+            Change::Join { node, .. }
+            | Change::Leave { node }
+            | Change::Fail { node }
+            | Change::Promote { node }
+            | Change::Demote { node } => *node,
         }
     }
 
@@ -44,6 +54,14 @@ impl Change {
             }
             Change::Fail { node } => {
                 out.push(3);
+                out.extend_from_slice(&node.to_le_bytes());
+            }
+            Change::Promote { node } => {
+                out.push(4);
+                out.extend_from_slice(&node.to_le_bytes());
+            }
+            Change::Demote { node } => {
+                out.push(5);
                 out.extend_from_slice(&node.to_le_bytes());
             }
         }
@@ -69,9 +87,48 @@ impl Change {
             }
             2 if rest.is_empty() => Some(Change::Leave { node }),
             3 if rest.is_empty() => Some(Change::Fail { node }),
+            4 if rest.is_empty() => Some(Change::Promote { node }),
+            5 if rest.is_empty() => Some(Change::Demote { node }),
             _ => None,
         }
     }
+
+    /// Whether the change is about the supervisors' Raft group (not the members).
+    pub fn is_supervision(&self) -> bool {
+        matches!(self, Change::Promote { .. } | Change::Demote { .. })
+    }
+}
+
+/// The agreed changes so far (a snapshot of the agreed view: the view of epoch `e` is the
+/// genesis view with the first `e` changes applied): a count, then each change with its
+/// length (little-endian).
+pub fn encode_changes(changes: &[Change]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+    for c in changes {
+        let bytes = c.encode();
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// Parses [`encode_changes`]'s output; `None` when the bytes are not a list of changes.
+pub fn decode_changes(bytes: &[u8]) -> Option<Vec<Change>> {
+    let count = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let mut rest = &bytes[4..];
+    // Each change takes at least 9 bytes: no count can announce more than the bytes hold.
+    if count > rest.len() / 9 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let body = rest.get(4..4usize.checked_add(len)?)?;
+        out.push(Change::decode(body)?);
+        rest = &rest[4 + len..];
+    }
+    rest.is_empty().then_some(out)
 }
 
 /// A change as it travels through Raft: who asked for it and in which epoch it was asked.
@@ -121,6 +178,8 @@ mod tests {
             },
             Change::Leave { node: 3 },
             Change::Fail { node: u32::MAX },
+            Change::Promote { node: 5 },
+            Change::Demote { node: 6 },
         ] {
             assert_eq!(Change::decode(&c.encode()), Some(c.clone()));
             let bytes = c.encode();
@@ -129,6 +188,27 @@ mod tests {
             }
         }
         assert_eq!(Change::decode(&[9, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn change_lists_round_trip_and_truncations_are_refused() {
+        let list = vec![
+            Change::Join {
+                node: 9,
+                addr: "a:1".into(),
+            },
+            Change::Fail { node: 2 },
+            Change::Promote { node: 9 },
+            Change::Demote { node: 2 },
+        ];
+        let bytes = encode_changes(&list);
+        assert_eq!(decode_changes(&bytes), Some(list));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_changes(&bytes[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(decode_changes(&encode_changes(&[])), Some(vec![]));
+        // A count far beyond the bytes is refused before anything is reserved.
+        assert_eq!(decode_changes(&u32::MAX.to_le_bytes()), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ struct Seen {
     ready: bool,
     stable: u64,
     members: Vec<u32>,
+    supervisors: Vec<u32>,
     stopped: bool,
     answers: BTreeMap<(u32, u64), String>,
 }
@@ -133,13 +134,16 @@ fn spawn_args(
                 let mut s = seen.lock().unwrap();
                 match w.as_slice() {
                     ["ready", ..] => s.ready = true,
-                    ["stable", e, _, m] => {
+                    ["stable", e, _, sups, m] => {
+                        let list = |v: &str, key: &str| -> Vec<u32> {
+                            v.trim_start_matches(key)
+                                .split(',')
+                                .filter_map(|x| x.parse().ok())
+                                .collect()
+                        };
                         s.stable = e.parse().unwrap();
-                        s.members = m
-                            .trim_start_matches("members=")
-                            .split(',')
-                            .filter_map(|x| x.parse().ok())
-                            .collect();
+                        s.members = list(m, "members=");
+                        s.supervisors = list(sups, "supervisors=");
                     }
                     ["stopped", ..] => s.stopped = true,
                     ["ans", c, q, ..] => {
@@ -688,4 +692,133 @@ fn two_neighbours_sigkilled_at_once_lose_no_key_with_three_copies_and_lost_keys_
         lost > 0 && lost < keys,
         "with 2 copies, two neighbours killed at once must lose some keys: {lost}"
     );
+}
+
+/// The three supervisors of six daemons SIGKILLed by PID one after the other (each once
+/// the group healed from the previous kill): each time the failure is agreed, the leader
+/// removes the dead supervisor from the Raft group and adds a live member, so that after
+/// the third kill (two more than three supervisors could lose) the group is the three
+/// members left, a join is still agreed, and every acknowledged add reads back.
+#[test]
+fn supervisors_sigkilled_one_after_another_are_replaced_and_views_keep_being_agreed() {
+    let (mut cluster, addrs) = Cluster::start(6);
+    let mut clients = Clients {
+        sums: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        seq: BTreeMap::new(),
+        answered: 0,
+    };
+    let mut round = 0u64;
+    let mut members: Vec<u32> = (0..6).collect();
+    let mut group_after = Vec::new();
+    for victim in [0u32, 1, 2] {
+        {
+            let s = cluster.daemons[&victim].seen.lock().unwrap();
+            assert!(
+                s.supervisors.is_empty() || s.supervisors.contains(&victim),
+                "node {victim} is not a supervisor: {:?}",
+                s.supervisors
+            );
+        }
+        for _ in 0..50 {
+            round += 1;
+            client_round(&cluster, &mut clients, round, true);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        {
+            let d = cluster.daemons.get_mut(&victim).unwrap();
+            d.child.kill().unwrap();
+            d.child.wait().unwrap();
+            *d.stdin.lock().unwrap() = None;
+        }
+        cluster.daemons.remove(&victim);
+        members.retain(|&m| m != victim);
+        let healed = |c: &Cluster| {
+            c.daemons.values().filter(|d| d.alive()).all(|d| {
+                let s = d.seen.lock().unwrap();
+                s.members == members
+                    && s.supervisors.len() == 3
+                    && s.supervisors.iter().all(|x| members.contains(x))
+            })
+        };
+        let start = Instant::now();
+        while !healed(&cluster) {
+            assert!(
+                start.elapsed() < WAIT,
+                "the group did not heal after node {victim} was killed\n{}",
+                cluster.describe()
+            );
+            round += 1;
+            client_round(&cluster, &mut clients, round, true);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let group = cluster.daemons[&members[0]]
+            .seen
+            .lock()
+            .unwrap()
+            .supervisors
+            .clone();
+        println!(
+            "node {victim} killed: group {group:?} after {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
+        group_after.push(group);
+    }
+    assert_eq!(group_after.last().unwrap(), &vec![3, 4, 5]);
+    // With none of the first supervisors left, a join is still agreed.
+    let addr = free_port();
+    // It knows the initial members (their genesis), none of which supervises any more.
+    cluster
+        .daemons
+        .insert(6, spawn(6, &addr, &addrs, true, SECRET));
+    let start = Instant::now();
+    while !cluster
+        .daemons
+        .values()
+        .filter(|d| d.alive())
+        .all(|d| d.seen.lock().unwrap().members == [3, 4, 5, 6])
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the join after the three kills was not agreed\n{}",
+            cluster.describe()
+        );
+        round += 1;
+        client_round(&cluster, &mut clients, round, true);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every request gets its answer, and every key holds its last acknowledged sum.
+    let start = Instant::now();
+    while !clients.pending.is_empty() {
+        assert!(
+            start.elapsed() < WAIT,
+            "requests without answer: {:?}\n{}",
+            clients.pending,
+            cluster.describe()
+        );
+        round += 1;
+        client_round(&cluster, &mut clients, round, false);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(clients.answered > 20, "only {} answers", clients.answered);
+    let reader = 99u32;
+    let live = [3u32, 4, 5, 6];
+    for (i, (key, sum)) in clients.sums.clone().into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert!(cluster.daemons[&live[i % 4]].send(&format!("req {reader} {seq} {key} get")));
+        let start = Instant::now();
+        let line = loop {
+            let a = cluster
+                .daemons
+                .values()
+                .find_map(|d| d.seen.lock().unwrap().answers.remove(&(reader, seq)));
+            if let Some(a) = a {
+                break a;
+            }
+            assert!(start.elapsed() < WAIT, "no answer to the read of key {key}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[5].parse::<i64>().ok(), Some(sum), "key {key}: {line}");
+    }
 }

@@ -193,3 +193,62 @@ fn a_second_buddy_pair_lost_after_a_recovery_is_rebuilt_from_the_re_formed_parit
     );
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// `krun --local 4 --spares 2 -n 4` (supervisors 0-2 and the spares 4-5): first the pair
+/// 2+3 (a supervisor among them) at the 4th checkpoint's barrier, whose ranks restart on
+/// the spares; then, at the 10th, the pair of spares 4+5 that took them over. Without a
+/// change of the Raft group the second pair took a third supervisor of five and its
+/// failures were never agreed (the job hung); the group's leader now removes the failed
+/// supervisor and keeps an odd group (3 of the 4 members left), so one of the second pair
+/// at most is a supervisor and the job ends with the serial result on nodes 0-1.
+#[test]
+fn four_nodes_and_two_spares_lose_a_second_pair_and_still_end_with_the_serial_result() {
+    let dir = temp("fourtwo");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "1200"]);
+    let policy = dir.0.join("shrink.toml");
+    std::fs::write(
+        &policy,
+        "policy = \"coordinated\"\ninterval_ms = 500\nrestart = \"shrink\"\n",
+    )
+    .unwrap();
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "4", "--spares", "2", "-n", "4"])
+        .args(["--checkpoint-interval", "0.5", "--policy"])
+        .arg(&policy);
+    for inject in [
+        "node=2@ckpt4:barrier",
+        "node=3@ckpt4:barrier",
+        "node=4@ckpt10:barrier",
+        "node=5@ckpt10:barrier",
+    ] {
+        cmd.args(["--inject-failure", inject]);
+    }
+    cmd.arg(&heat)
+        .args(["48", "40", "1200", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .env("KRUN_RUNTIME_VERBOSE", "1")
+        .env_remove("KRUN_STORE_PARITY");
+    let run = Running::start(&dir.0, cmd);
+    run.wait_line(
+        "injected failure at the barrier of checkpoint attempt 10: SIGKILL to node",
+        Duration::from_secs(400),
+    );
+    let (ok, out, err, log) = run.finish(Duration::from_secs(400));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    for node in [2, 3, 4, 5] {
+        assert!(err.contains(&format!("SIGKILL to node {node}")), "{err}");
+        assert!(
+            err.contains(&format!("krun: node {node} failed at epoch")),
+            "node {node}'s failure was not agreed:\n{err}"
+        );
+    }
+    assert_eq!(log.matches("Recovered").count(), 2, "two recoveries: {log}");
+    // The Raft group changed: the failed supervisor 2 left it.
+    assert!(
+        err.contains("node 2 leaves the supervisors"),
+        "no change of the supervisors:\n{err}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

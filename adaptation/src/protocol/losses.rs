@@ -83,9 +83,9 @@ impl Node {
                 // stay (and scanned them here); one that failed took them along.
                 let kept = |w: &NodeId| {
                     scanned.contains(w)
-                        || (self.log_ever.contains(w)
-                            && !self.log_members.contains(w)
-                            && !self.log_failed.contains(w))
+                        || (self.logged.ever.contains(w)
+                            && !self.logged.members.contains(w)
+                            && !self.logged.failed.contains(w))
                 };
                 if !w.iter().any(kept) {
                     uncovered.push(*l);

@@ -7,7 +7,7 @@ use adaptation::view::{Change, NodeId};
 use rand::rngs::SmallRng;
 use rand::Rng;
 
-use super::{Sim, FAULT_SPACING, SUPERVISORS};
+use super::{Sim, FAULT_SPACING};
 
 /// Which faults the schedules draw from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub enum Model {
     /// Also message loss and duplication, partitions, two nodes failing at once, failures
     /// during a repair; 2 or 3 copies per key.
     Wide,
+    /// Supervisors crash one after another (each once the group healed from the last),
+    /// more of them than the first group could lose, while nodes join; lossy links.
+    Supervisors,
 }
 
 /// Nodes cut off from the others until a tick.
@@ -57,6 +60,34 @@ pub struct Faults {
 
 impl Faults {
     pub fn draw(model: Model, rng: &mut SmallRng) -> Faults {
+        if model == Model::Supervisors {
+            return Faults {
+                model,
+                tolerate: 1,
+                loss_permille: if rng.gen_ratio(1, 2) {
+                    rng.gen_range(1..=10)
+                } else {
+                    0
+                },
+                dup_permille: 0,
+                joins: rng.gen_range(2..=3),
+                leaves: 0,
+                crashes: rng.gen_range(3..=4),
+                doubles: 0,
+                cuts: 0,
+                repair: false,
+                crash_at: None,
+                partition: None,
+                last_fault_at: None,
+                max_burst: 0,
+                double_crashes: 0,
+                repair_crashes: 0,
+                partitions: 0,
+                partitions_evicting: 0,
+                lost_messages: 0,
+                duplicated: 0,
+            };
+        }
         let wide = model == Model::Wide;
         Faults {
             model,
@@ -175,14 +206,15 @@ impl Sim {
                 .is_some_and(|t| self.now >= t + 2 * self.max_delay + 2)
     }
 
-    /// Live members that may fail now: at most one supervisor may be gone (the Raft group
-    /// needs two of its three).
+    /// Live members that may fail now: a supervisor only while the group keeps a
+    /// majority without it (see [`Sim::supervisor_may_fail`]).
     fn crash_candidates(&self) -> Vec<NodeId> {
-        let all_supervisors = self.supervisors_alive() == SUPERVISORS.len();
+        let sups = self.current_supervisors();
+        let sup_may_fail = self.supervisor_may_fail();
         self.alive()
             .into_iter()
             .filter(|n| self.nodes[n].is_member())
-            .filter(|n| !SUPERVISORS.contains(n) || all_supervisors)
+            .filter(|n| !sups.contains(n) || sup_may_fail)
             .collect()
     }
 
@@ -193,6 +225,11 @@ impl Sim {
 
     pub fn random_event(&mut self) {
         let alive = self.alive();
+        let sups = self.current_supervisors();
+        if self.faults.model == Model::Supervisors {
+            self.supervisor_event(&sups);
+            return;
+        }
         let r = self.rng.gen_range(0..1000);
         if r < 4 && self.faults.joins > 0 {
             self.faults.joins -= 1;
@@ -201,7 +238,7 @@ impl Sim {
             let candidates: Vec<NodeId> = alive
                 .iter()
                 .copied()
-                .filter(|n| !SUPERVISORS.contains(n) && self.nodes[n].is_member())
+                .filter(|n| !sups.contains(n) && self.nodes[n].is_member())
                 .collect();
             if candidates.len() > 1 {
                 self.faults.leaves -= 1;
@@ -258,6 +295,7 @@ impl Sim {
     /// Two members that follow each other in the view fail at the same tick (the keys
     /// one of them manages have their first witness in the other).
     fn double_crash(&mut self) {
+        let sups = self.current_supervisors();
         let candidates = self.crash_candidates();
         let Some(viewer) = candidates.first() else {
             return;
@@ -269,7 +307,7 @@ impl Sim {
         let pairs: Vec<(NodeId, NodeId)> = (0..members.len())
             .map(|i| (members[i], members[(i + 1) % members.len()]))
             .filter(|(a, b)| candidates.contains(a) && candidates.contains(b))
-            .filter(|(a, b)| !(SUPERVISORS.contains(a) && SUPERVISORS.contains(b)))
+            .filter(|(a, b)| !(sups.contains(a) && sups.contains(b)))
             .collect();
         if pairs.is_empty() {
             return;
@@ -287,10 +325,11 @@ impl Sim {
     /// After `first` crashed, a second member fails at a step of the next change it takes
     /// part in (the repair of the first).
     fn arm_repair_crash(&mut self, first: NodeId) {
+        let sups = self.current_supervisors();
         let candidates: Vec<NodeId> = self
             .crash_candidates()
             .into_iter()
-            .filter(|n| !(SUPERVISORS.contains(n) && SUPERVISORS.contains(&first)))
+            .filter(|n| !(sups.contains(n) && sups.contains(&first)))
             .collect();
         if candidates.len() < 4 || self.crash_on.is_some() {
             return;
@@ -307,6 +346,7 @@ impl Sim {
 
     /// Cuts one node (or, with 3 copies per key, two neighbours) off from the others.
     fn start_partition(&mut self) {
+        let sups = self.current_supervisors();
         let candidates = self.crash_candidates();
         if candidates.len() < 5 {
             return;
@@ -319,9 +359,7 @@ impl Sim {
             let members: Vec<NodeId> = self.nodes[&a].members().iter().copied().collect();
             if let Some(i) = members.iter().position(|m| *m == a) {
                 let b = members[(i + 1) % members.len()];
-                if candidates.contains(&b)
-                    && !(SUPERVISORS.contains(&a) && SUPERVISORS.contains(&b))
-                {
+                if candidates.contains(&b) && !(sups.contains(&a) && sups.contains(&b)) {
                     side.insert(b);
                 }
             }
@@ -330,5 +368,59 @@ impl Sim {
         self.faults.cuts -= 1;
         let side: Vec<NodeId> = side.into_iter().collect();
         self.cut_off(&side, length);
+    }
+}
+
+impl Sim {
+    /// [`Model::Supervisors`]: a node joins now and then; once the cluster settled and the
+    /// group healed, a supervisor of the current group crashes (at a random tick soon, or
+    /// at a step of the next change it takes part in).
+    fn supervisor_event(&mut self, sups: &std::collections::BTreeSet<NodeId>) {
+        let r = self.rng.gen_range(0..1000);
+        if r < 6 && self.faults.joins > 0 {
+            self.faults.joins -= 1;
+            self.join();
+        } else if r < 60
+            && self.faults.crashes > 0
+            && self.fault_ready()
+            && self.supervisor_may_fail()
+        {
+            let victims: Vec<NodeId> = sups
+                .iter()
+                .copied()
+                .filter(|n| !self.dead.contains(n) && self.nodes[n].is_member())
+                .collect();
+            let members = self.crash_candidates().len();
+            if !victims.is_empty() && members > 3 {
+                self.faults.crashes -= 1;
+                let victim = victims[self.rng.gen_range(0..victims.len())];
+                self.trace
+                    .push(format!("SUPERVISOR {victim} of {sups:?} will crash"));
+                if self.rng.gen_ratio(1, 2) {
+                    self.faults.crash_at = Some((self.now + self.rng.gen_range(0..40), victim));
+                } else {
+                    let steps = ["agreed", "prepared", "sent", "received"];
+                    let step = steps[self.rng.gen_range(0..steps.len())];
+                    self.crash_on = Some((step, victim, self.now));
+                }
+                self.burst(1);
+            }
+        }
+        if let Some((_, v, armed)) = self.crash_on {
+            if self.now > armed + 600 {
+                self.crash_on = None;
+                if !self.dead.contains(&v) {
+                    self.crash(v);
+                }
+            }
+        }
+        if let Some((at, v)) = self.faults.crash_at {
+            if self.now >= at {
+                self.faults.crash_at = None;
+                if !self.dead.contains(&v) {
+                    self.crash(v);
+                }
+            }
+        }
     }
 }

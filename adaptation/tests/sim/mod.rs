@@ -70,6 +70,8 @@ pub struct Sim {
     pub rejoins: u64,
     /// When nodes crashed or were evicted.
     pub deaths: Vec<u64>,
+    /// Supervisors (of the group of their time) that crashed.
+    pub supervisor_crashes: u64,
 }
 
 /// Two key-value services: one over the whole tree, one small enough for a sub-tree.
@@ -164,6 +166,7 @@ impl Sim {
             lost_unwritten: 0,
             rejoins: 0,
             deaths: Vec::new(),
+            supervisor_crashes: 0,
         }
     }
 
@@ -212,9 +215,46 @@ impl Sim {
         self.crashed.contains(n) || self.evicted.contains(n)
     }
 
-    /// Supervisors still in the Raft group (not crashed, not evicted).
-    pub fn supervisors_alive(&self) -> usize {
-        SUPERVISORS.iter().filter(|s| !self.gone(s)).count()
+    /// The supervisors after the longest log a live node knows (the first group, as
+    /// replaced since).
+    pub fn current_supervisors(&self) -> BTreeSet<NodeId> {
+        self.alive()
+            .into_iter()
+            .max_by_key(|n| self.nodes[n].known_epoch())
+            .map(|n| self.nodes[&n].supervisors().into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// What is wrong with the supervisor group once the cluster settled: it must be made
+    /// of live members, as many as configured (fewer, and odd, when fewer members are
+    /// left), each running a Raft member. `None`: healed.
+    pub fn group_problem(&self) -> Option<String> {
+        let group = self.current_supervisors();
+        let alive = self.alive();
+        let members = self.nodes[alive.first()?].members().clone();
+        let want = SUPERVISORS.len().min(members.len());
+        let want = if want.is_multiple_of(2) {
+            want - 1
+        } else {
+            want
+        };
+        if !group.is_subset(&members) || group.len() != want {
+            return Some(format!(
+                "the supervisor group {group:?} did not heal among the members {members:?}"
+            ));
+        }
+        group
+            .iter()
+            .find(|s| !self.nodes[s].is_supervisor())
+            .map(|s| format!("supervisor {s} runs no Raft member"))
+    }
+
+    /// Whether one more supervisor may fail now: every supervisor of the group is alive
+    /// (the last failure healed) and the others keep a majority of it.
+    pub fn supervisor_may_fail(&self) -> bool {
+        let sups = self.current_supervisors();
+        let alive = sups.iter().filter(|s| !self.gone(s)).count();
+        alive == sups.len() && 2 * alive.saturating_sub(1) > sups.len()
     }
 
     /// Collects a node's outputs: messages onto links, answers to clients.
@@ -274,7 +314,7 @@ impl Sim {
                     }
                 }
                 Output::Log(line) => {
-                    if line.contains("arrived") {
+                    if line.contains("arrived") || line.contains("DIVERGENCE") {
                         self.fail(format!("node {n}: {line}"));
                     }
                     self.trace.push(format!("node {n}: {line}"));
@@ -454,6 +494,9 @@ impl Sim {
 
     pub fn crash(&mut self, n: NodeId) {
         self.death();
+        if self.current_supervisors().contains(&n) {
+            self.supervisor_crashes += 1;
+        }
         self.trace.push(format!("CRASH node {n}"));
         self.dead.insert(n);
         self.crashed.insert(n);
@@ -653,6 +696,11 @@ pub struct Outcome {
     pub lost_unwritten: u64,
     /// Schedules whose keys had f + 1 = 3 copies and that lost two nodes at once.
     pub f2_bursts: u64,
+    /// Supervisors that crashed, and how many of the first group were gone at the end.
+    pub supervisor_crashes: u64,
+    pub first_group_gone: u64,
+    /// Nodes that caught up from the leader's snapshot after being promoted.
+    pub promotions: u64,
 }
 
 impl Outcome {
@@ -671,12 +719,19 @@ impl Outcome {
         self.lost_written += o.lost_written;
         self.lost_unwritten += o.lost_unwritten;
         self.f2_bursts += o.f2_bursts;
+        self.supervisor_crashes += o.supervisor_crashes;
+        self.first_group_gone += o.first_group_gone;
+        self.promotions += o.promotions;
     }
 }
 
 pub fn run(seed: u64, model: Model) -> Outcome {
     let mut sim = Sim::new(seed, model);
-    let active = 1500;
+    let active = if model == Model::Supervisors {
+        5000
+    } else {
+        1500
+    };
     for _ in 0..active {
         sim.random_event();
         for ci in 0..sim.clients.len() {
@@ -702,7 +757,7 @@ pub fn run(seed: u64, model: Model) -> Outcome {
         sim.tick();
         sim.check_stable();
         let idle = sim.clients.iter().all(|c| c.pending.is_none());
-        if idle && sim.stable_nodes().is_some() && sim.repaired() {
+        if idle && sim.stable_nodes().is_some() && sim.repaired() && sim.group_problem().is_none() {
             break;
         }
         if sim.now > limit {
@@ -727,7 +782,8 @@ pub fn run(seed: u64, model: Model) -> Outcome {
                 })
                 .collect();
             sim.fail(format!(
-                "no quiescence: pending {pending:?}; {}",
+                "no quiescence: pending {pending:?}; group {:?}; {}",
+                sim.group_problem(),
                 states.join("; ")
             ));
         }
@@ -747,6 +803,10 @@ pub fn run(seed: u64, model: Model) -> Outcome {
                 }
             }
         }
+    }
+    // The group healed (see `Sim::group_problem`).
+    if let Some(problem) = sim.group_problem() {
+        sim.fail(problem);
     }
     // No live node was declared failed, unless it was cut off or messages were lost (then
     // it came back as a new member).
@@ -787,5 +847,12 @@ pub fn run(seed: u64, model: Model) -> Outcome {
         lost_written: sim.lost_written,
         lost_unwritten: sim.lost_unwritten,
         f2_bursts: u64::from(sim.faults.tolerate == 2 && sim.faults.max_burst == 2),
+        supervisor_crashes: sim.supervisor_crashes,
+        first_group_gone: SUPERVISORS.iter().filter(|s| sim.gone(s)).count() as u64,
+        promotions: sim.nodes[&any]
+            .log()
+            .iter()
+            .filter(|c| matches!(c, Change::Promote { .. }))
+            .count() as u64,
     }
 }

@@ -161,6 +161,8 @@ pub fn changes(view: &ViewSnapshot) -> Vec<ChangeInfo> {
                 Change::Join { .. } => "join",
                 Change::Leave { .. } => "leave",
                 Change::Fail { .. } => "fail",
+                Change::Promote { .. } => "promote",
+                Change::Demote { .. } => "demote",
             }
             .into(),
             node: c.node(),
@@ -296,10 +298,27 @@ fn mark_lost(table: TableClient, node: NodeId) {
     std::thread::spawn(move || {
         let n = table.shared.job_ranks.load(Ordering::SeqCst);
         let pending: Vec<_> = (0..n)
-            .filter_map(|r| table.submit(r, &TableOp::MarkLost { node }).ok())
+            .filter_map(|r| {
+                table
+                    .submit(r, &TableOp::MarkLost { node })
+                    .ok()
+                    .map(|rx| (r, rx))
+            })
             .collect();
-        for rx in pending {
-            let _ = TableClient::wait(&rx, Duration::from_secs(30));
+        let mut lost = Vec::new();
+        for (rank, rx) in pending {
+            if TableClient::wait(&rx, Duration::from_secs(30)).is_some_and(|a| a.is_lost()) {
+                lost.push(rank);
+            }
+        }
+        if !lost.is_empty() {
+            // Their rows died with every copy (the row's manager and its witness failed
+            // together): the ranks' restarts register them anew.
+            eprintln!(
+                "krund: node {}: the process table lost the rows of ranks {lost:?} with node \
+                 {node}'s failure (every copy failed together)",
+                table.shared.me
+            );
         }
     });
 }

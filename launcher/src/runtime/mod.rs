@@ -237,8 +237,10 @@ pub struct RuntimeConfig {
 /// set by krun): the first three nodes, as the adaptation layer's default, plus up to two
 /// spares. With spares the job is meant to survive failures in a row: five supervisors
 /// leave a quorum after two (with three, losing nodes 1 and 2 left node 0 alone and the
-/// second failure was never agreed). Spares hold no ranks at first, and the first nodes
-/// stay the ones a drain refuses.
+/// second failure was never agreed). The group then heals: its leader removes a failed
+/// supervisor and adds a live member, keeping an odd group (`adaptation`'s
+/// `protocol/supervisors.rs`), so that 4 nodes and 2 spares survive losing a second pair.
+/// Spares hold no ranks at first, and the first nodes stay the ones a drain refuses.
 pub fn supervisors(genesis: &[NodeId], spares: usize) -> Vec<NodeId> {
     let mut out: Vec<NodeId> = genesis.iter().copied().take(3).collect();
     let first_spare = genesis.len().saturating_sub(spares).max(out.len());

@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 /// The service's index: krund registers the process table first.
 pub const TABLE_SERVICE: adaptation::service::ServiceId = 0;
 
+/// How the error of an answer about a row that was lost begins (its manager and every
+/// witness of it failed together: see [`Service::lost`]).
+pub const LOST_ROW: &str = "lost:";
+
 /// Where a rank is in its life.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,6 +99,16 @@ pub struct TableAnswer {
     /// `None`: done; otherwise why not.
     pub error: Option<String>,
     pub record: Option<RankRecord>,
+}
+
+impl TableAnswer {
+    /// The rank's row was lost with every copy of it: only a new registration (a restart)
+    /// writes it again.
+    pub fn is_lost(&self) -> bool {
+        self.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(LOST_ROW))
+    }
 }
 
 /// An entry's state: a version bumped by every write, the row and the client table.
@@ -287,6 +301,38 @@ impl Service for ProcessTable {
         respond(Some(answer), state)
     }
 
+    fn holds(&self, entry: EntryId) -> bool {
+        self.entries.contains_key(&entry)
+    }
+
+    fn lost(&mut self, entry: EntryId, _id: RequestId, request: &[u8]) -> Option<Vec<u8>> {
+        // A registration writes the whole row (the rank restarted): it recreates it.
+        // Anything else needs the row that was lost; the answer carries no state, so that
+        // no node keeps an empty copy of it.
+        if let Ok(TableOp::Register { .. }) = postcard::from_bytes::<TableOp>(request) {
+            return None;
+        }
+        let answer = TableAnswer {
+            error: Some(format!(
+                "{LOST_ROW} the row of rank {entry} was lost: its manager and every witness \
+                 of it failed together (the rank's restart registers it anew)"
+            )),
+            record: None,
+        };
+        Some(
+            postcard::to_allocvec(&Response {
+                answer: Some(answer),
+                state: Vec::new(),
+            })
+            .expect("encoding to memory"),
+        )
+    }
+
+    fn forget_lost(&mut self, lost: &dyn Fn(EntryId) -> bool) {
+        self.entries.retain(|k, _| !lost(*k));
+        self.copies.retain(|k, _| !lost(*k));
+    }
+
     fn observe_response(&mut self, entry: EntryId, response: &[u8]) {
         if let Some(e) = postcard::from_bytes::<Response>(response)
             .ok()
@@ -329,6 +375,9 @@ impl Service for ProcessTable {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod lost;
 
 #[cfg(test)]
 mod tests {
