@@ -32,20 +32,22 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
 ) {
     let dir = temp("logging");
     let heat = build_heat(&dir.0);
-    let want = serial(&dir.0, &["48", "40", "1000"]);
+    let want = serial(&dir.0, &["48", "40", "2000"]);
     let policy = policy_file(
         &dir.0,
         "uncoordinated.toml",
-        "policy = \"uncoordinated\"\ninterval_ms = 3000\n\n[logging]\nmessages = true\n",
+        "policy = \"uncoordinated\"\ninterval_ms = 2000\n\n[logging]\nmessages = true\n",
     );
     // Node 1 (ranks 2 and 3) dies 1 s after every rank made 2 of its own checkpoints safe:
     // right at that moment the last rank to checkpoint has delivered nothing since, and the
-    // next checkpoints are 3 s apart, so by the kill each of node 1's ranks has delivered the
+    // next checkpoints are 2 s apart, so by the kill each of node 1's ranks has delivered the
     // halos of about 50 steps since its newest checkpoint (unless that one came in the last
-    // step before the kill, one chance in about 60 for each rank).
+    // step before the kill, one chance in about 40 for each rank). 2000 steps of 20 ms leave
+    // the job running well after the recovery, even under load (with 1000 steps a loaded
+    // run ended before the test could read the restarted ranks in `krun status`).
     let run = Running::start(
         &dir.0,
-        heat_job(&dir.0, &heat, &policy, &["node=1@2ckpt+1s"], "1000"),
+        heat_job(&dir.0, &heat, &policy, &["node=1@2ckpt+1s"], "2000"),
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     let before = loop {
@@ -147,7 +149,7 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
     // Each restarted rank read its determinants back from its buddy and replayed them: the
     // failure came about 50 steps after the ranks' newest checkpoints, so they had delivered
     // messages since (both of node 1's ranks checkpointing in the very step before the kill
-    // would leave nothing to replay: about one chance in 3,600).
+    // would leave nothing to replay: about one chance in 1,600).
     let mut replayed = Vec::new();
     for r in [2, 3] {
         let line = err
