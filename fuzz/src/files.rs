@@ -1,4 +1,4 @@
-//! Decoders of files: ghost images (ghost/src/image.rs), L4 checkpoint files
+//! Decoders of files: ghost images (ghost/src/image/), L4 checkpoint files
 //! (ckpt-store/src/disk.rs), the TOML configuration (launcher/src/config.rs) and policy
 //! descriptions (policies/src/description.rs).
 //!

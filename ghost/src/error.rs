@@ -13,7 +13,7 @@ pub enum GhostError {
     },
     #[error("invalid argument: {0}")]
     Invalid(String),
-    // --- image format (ghost/src/image.rs) ---
+    // --- image format (ghost/src/image/) ---
     #[error("not a ghost image: bad magic {found:?} at offset 0 (expected \"KRGHOST\\0\")")]
     ImageBadMagic { found: String },
     #[error("ghost image format version {found} is not supported (this build reads version {supported})")]

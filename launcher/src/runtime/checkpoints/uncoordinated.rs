@@ -3,7 +3,7 @@
 //!
 //! krun exports `KRUN_UNCOORDINATED=1` and `KRUN_MESSAGE_LOGGING=1|0` to the nodes, which
 //! pass them to every rank: the rank library then takes safepoints without a barrier and,
-//! with logging, keeps the sender-based log (`rank/src/logging.rs`,
+//! with logging, keeps the sender-based log (`rank/src/logging/`,
 //! `rank/src/uncoordinated.rs`). The nodes' side is `runtime/uncoordinated.rs`.
 //!
 //! # Contract between the hub and krund
