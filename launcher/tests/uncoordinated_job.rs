@@ -269,10 +269,14 @@ fn a_message_log_outgrowing_its_first_region_grows_it_every_rank_keeps_checkpoin
     let killed = kill_node(&dir.0, 1);
     assert_eq!(killed.len(), 2, "{killed:?}");
     let line = run.wait_line("(message logging)", Duration::from_secs(120));
+    // Only node 1's ranks restart; each from its newest checkpoint that is safe, which may
+    // be one before its newest when the kill lands while that one is being flushed (seen in
+    // the CI: "from its checkpoint 3 (past 1 of its checkpoints) ... rollback depth 1"); the
+    // survivors never roll back either way.
     assert!(
         line.contains("rank 2 restarts on node 3")
             && line.contains("rank 3 restarts on node 3")
-            && line.contains("rollback depth 0"),
+            && line.contains("ranks 0-1,4-5 keep running, not rolled back"),
         "{line}"
     );
     let (ok, out, err, _) = run.finish(Duration::from_secs(400));
