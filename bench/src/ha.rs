@@ -56,6 +56,10 @@ pub struct HaArgs {
     /// Only the fault campaign.
     #[arg(long)]
     pub campaign_only: bool,
+    /// Only the failure runs (spare restart against relaunch), printed and not written to
+    /// the JSON: for measuring a change to the restart path without the failure-free runs.
+    #[arg(long)]
+    pub failures_only: bool,
     #[arg(long, default_value_t = 20261206)]
     pub seed: u64,
     /// The tcp RMA read bandwidth in GB/s (default: measured now by bench fabric).
@@ -602,6 +606,17 @@ pub fn run(args: HaArgs) -> Result<(), String> {
     );
     let want = serial_checksum(&serial, nx, NY, setup.steps)?;
 
+    if args.failures_only {
+        let (spare, relaunch) = failure_runs(&setup, interval_a, runs, &want)?;
+        let restart =
+            |v: &[Failure]| median(&v.iter().map(|f| f.times.restart_s).collect::<Vec<_>>());
+        println!(
+            "--failures-only: SIGKILL to computing, median of {runs}: spare {:.2} s, relaunch {:.2} s (nothing written)",
+            restart(&spare).unwrap_or(f64::NAN),
+            restart(&relaunch).unwrap_or(f64::NAN)
+        );
+        return Ok(());
+    }
     println!("failure-free runs ({runs} each):");
     let mut none = Steady::default();
     let short = paired(
@@ -630,62 +645,7 @@ pub fn run(args: HaArgs) -> Result<(), String> {
         &mut none,
     )?;
 
-    // Failures: node 1 killed between checkpoints (half an interval after the 2nd commit).
-    println!("failure runs: node 1 SIGKILLed half an interval after the 2nd commit ({runs} each)");
-    let mut spare = Vec::new();
-    let mut relaunch = Vec::new();
-    for i in crate::runs::bar("ha: failure runs", 0..runs) {
-        let base = Job {
-            interval_s: Some(interval_a),
-            l4: true,
-            ..Job::default()
-        };
-        let s = attempt(&setup, &format!("spare {i}"), |a| {
-            failure_spare(
-                &setup,
-                &Job {
-                    spares: 1,
-                    tag: format!("spare-{i}-{a}"),
-                    ..base.clone()
-                },
-                &want,
-            )
-        })?;
-        println!(
-            "  spare run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, fetch {} B \
-             in {:.2} s), lost work {:.2} s (load {})",
-            i + 1,
-            s.times.restart_s,
-            s.times.detect_s,
-            s.times.fetch_bytes,
-            s.times.fetch_s,
-            s.times.lost_work_s,
-            uptime()
-        );
-        spare.push(s);
-        let r = attempt(&setup, &format!("relaunch {i}"), |a| {
-            failure_relaunch(
-                &setup,
-                &Job {
-                    tag: format!("relaunch-{i}-{a}"),
-                    ..base.clone()
-                },
-                &want,
-            )
-        })?;
-        let (launch, read, bytes) = r.relaunch.unwrap_or_default();
-        println!(
-            "  relaunch run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, new \
-             job started at {launch:.2} s, L4 read {bytes} B in {read:.2} s), lost work {:.2} s \
-             (load {})",
-            i + 1,
-            r.times.restart_s,
-            r.times.detect_s,
-            r.times.lost_work_s,
-            uptime()
-        );
-        relaunch.push(r);
-    }
+    let (spare, relaunch) = failure_runs(&setup, interval_a, runs, &want)?;
 
     let campaign = if campaign_n > 0 {
         campaign_json(&setup, &serial, campaign_n, seed)?
@@ -709,6 +669,73 @@ pub fn run(args: HaArgs) -> Result<(), String> {
         load_before,
         out: args.out.clone().unwrap_or_else(|| results_path("ha")),
     })
+}
+
+/// Failures: node 1 killed between checkpoints (half an interval after the 2nd commit),
+/// `runs` times restarted onto a spare and `runs` times relaunched from L4.
+fn failure_runs(
+    setup: &Setup,
+    interval_a: f64,
+    runs: usize,
+    want: &str,
+) -> Result<(Vec<Failure>, Vec<Failure>), String> {
+    println!("failure runs: node 1 SIGKILLed half an interval after the 2nd commit ({runs} each)");
+    let mut spare = Vec::new();
+    let mut relaunch = Vec::new();
+    for i in crate::runs::bar("ha: failure runs", 0..runs) {
+        let base = Job {
+            interval_s: Some(interval_a),
+            l4: true,
+            ..Job::default()
+        };
+        let s = attempt(setup, &format!("spare {i}"), |a| {
+            failure_spare(
+                setup,
+                &Job {
+                    spares: 1,
+                    tag: format!("spare-{i}-{a}"),
+                    ..base.clone()
+                },
+                want,
+            )
+        })?;
+        println!(
+            "  spare run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, fetch {} B \
+             in {:.2} s), lost work {:.2} s (load {})",
+            i + 1,
+            s.times.restart_s,
+            s.times.detect_s,
+            s.times.fetch_bytes,
+            s.times.fetch_s,
+            s.times.lost_work_s,
+            uptime()
+        );
+        spare.push(s);
+        let r = attempt(setup, &format!("relaunch {i}"), |a| {
+            failure_relaunch(
+                setup,
+                &Job {
+                    tag: format!("relaunch-{i}-{a}"),
+                    ..base.clone()
+                },
+                want,
+            )
+        })?;
+        let (launch, read, bytes) = r.relaunch.unwrap_or_default();
+        println!(
+            "  relaunch run {}: computing again {:.2} s after the SIGKILL (detected {:.2} s, new \
+             job started at {launch:.2} s, L4 read {bytes} B in {read:.2} s), lost work {:.2} s \
+             (load {})",
+            i + 1,
+            r.times.restart_s,
+            r.times.detect_s,
+            r.times.lost_work_s,
+            uptime()
+        );
+        relaunch.push(r);
+    }
+
+    Ok((spare, relaunch))
 }
 
 /// `--campaign N`: N trials of `cluster_tests::campaign` on heat_ha 96x64 (500 steps, 8 ms

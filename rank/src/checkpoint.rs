@@ -96,21 +96,8 @@ fn install_request_handlers() {
         libc::SIGUSR2,
         crate::node_link::wake_signal(),
     ] {
-        // SAFETY: the first sigaction only reads the disposition; the handler installed does
-        // one atomic store (async-signal-safe).
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
-                || old.sa_sigaction != libc::SIG_DFL
-            {
-                continue;
-            }
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_request as *const () as usize;
-            act.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(sig, &act, std::ptr::null_mut());
-        }
+        // SAFETY: the handler does one atomic store (async-signal-safe).
+        unsafe { native::install_handler_if_default(sig, on_request) };
     }
 }
 
