@@ -113,6 +113,8 @@ pub(crate) struct Checkpoints {
     /// The runtime, or why it could not start (reported when checkpoints are used).
     runtime: Option<std::result::Result<Arc<NativeRuntime>, String>>,
     restored: Option<u64>,
+    /// How many safepoint calls pass between two collective rounds (`crate::pacer`).
+    pacer: crate::pacer::Pacer,
 }
 
 impl Checkpoints {
@@ -125,6 +127,7 @@ impl Checkpoints {
                 local: Vec::new(),
                 runtime: None,
                 restored: None,
+                pacer: Default::default(),
             });
         };
         let owner = format!("{}/rank{rank}", c.owner);
@@ -142,6 +145,7 @@ impl Checkpoints {
             local,
             runtime: None,
             restored: None,
+            pacer: Default::default(),
         })
     }
 
@@ -418,18 +422,29 @@ impl Rank {
 
     fn safepoint_once(&self) -> Result<Safepoint> {
         if crate::uncoordinated::active() {
-            // No barrier: this rank alone (`crate::uncoordinated`).
+            // No barrier: this rank alone (`crate::uncoordinated`). The first collective
+            // call after a switch back holds a round.
+            self.ckpt.pacer.reset();
             return self.own_safepoint();
         }
-        self.safepoint_once_coordinated()
+        if self.ckpt.pacer.skip() {
+            // Between two rounds (`crate::pacer`): requests wait for the next one.
+            return Ok(Safepoint::Nothing);
+        }
+        let out = self.safepoint_once_coordinated();
+        self.ckpt.pacer.returned();
+        out
     }
 
-    /// The collective safepoint.
+    /// The collective safepoint: one round (see `crate::pacer` for when rounds happen).
     pub(crate) fn safepoint_once_coordinated(&self) -> Result<Safepoint> {
         let rt = self.ckpt.runtime()?.clone();
         let mine = u64::from(CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst))
             | u64::from(ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst)) << 1;
-        let all = self.allreduce_or(mine)?;
+        let started = std::time::Instant::now();
+        let all = self.allreduce_or(mine | self.ckpt.pacer.proposal())?;
+        self.ckpt.pacer.agreed(all, started.elapsed());
+        let all = all & ((1 << crate::pacer::GAP_SHIFT) - 1);
         if all != 0 {
             if let Some(order) = self.ask_node()? {
                 return self.carry_out(&rt, order);

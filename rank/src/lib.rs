@@ -38,6 +38,7 @@ pub mod log_region;
 pub mod logging;
 pub mod messages;
 pub mod node_link;
+mod pacer;
 pub mod rollback;
 pub mod uncoordinated;
 pub mod window;

@@ -233,8 +233,10 @@ fn c_api_messages_windows_and_errors_across_ranks() {
 fn safepoints_act_collectively_on_checkpoint_and_rollback_requests() {
     let dir = TempDir::new("safepoint");
     build_examples(&dir.0);
-    // Rank 0 alone gets SIGUSR1 at iteration 3, rank 2 alone SIGUSR2 at iteration 6.
+    // Rank 0 alone gets SIGUSR1 at iteration 3, rank 2 alone SIGUSR2 at iteration 6; every
+    // call is a round (the pacing of rounds is the next test's subject).
     let o = run(krun_job(&dir, "safepoint", &["-n", "3", "--local", "2"])
+        .env("KRUN_SAFEPOINT_EVERY", "1")
         .arg(dir.0.join("safepoint_check")));
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -247,6 +249,58 @@ fn safepoints_act_collectively_on_checkpoint_and_rollback_requests() {
             text(&o)
         );
     }
+}
+
+#[test]
+fn paced_safepoints_act_on_a_request_at_the_next_round_on_every_rank_at_the_same_iteration() {
+    let dir = TempDir::new("safepoint-paced");
+    build_examples(&dir.0);
+    // 2 ms of "compute" per iteration: the ranks agree on rounds every 2^e calls (e >= 1: a
+    // round over tcp costs more than 1% of 2 ms), so a request waits for the next round.
+    // Rank 0 raises SIGUSR1 at iteration 3, rank 2 SIGUSR2 at iteration 100.
+    let o = run(
+        krun_job(&dir, "safepoint-paced", &["-n", "3", "--local", "2"])
+            .args(["--provider", "tcp"])
+            .env_remove("KRUN_SAFEPOINT_EVERY")
+            .env("SAFEPOINT_CHECK_ITERS", "200")
+            .env("SAFEPOINT_CHECK_ROLLBACK_AT", "100")
+            .env("SAFEPOINT_CHECK_SLEEP_US", "2000")
+            .arg(dir.0.join("safepoint_check")),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // "safepoint_check: rank R checkpointed at C rolled back at B to counter C final 200"
+    let mut seen = Vec::new();
+    for r in 0..3 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("safepoint_check: rank {r} ")))
+            .unwrap_or_else(|| panic!("no line of rank {r}:\n{}", text(&o)));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> i64 {
+            words
+                .get(i)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("word {i} of {line:?} is not a number"))
+        };
+        let (c, b, restored, last) = (num(5), num(9), num(12), num(14));
+        assert!(c > 3 && c <= 3 + 64, "rank {r}: the checkpoint requested at 3 was taken at {c} (the next round, at most 64 calls later): {line}");
+        assert!(
+            b > 100 && b <= 100 + 64,
+            "rank {r}: the rollback requested at 100 was done at {b}: {line}"
+        );
+        assert_eq!(
+            restored, c,
+            "rank {r}: rolled back to the counter of the checkpoint: {line}"
+        );
+        assert_eq!(last, 200, "{line}");
+        seen.push((c, b));
+    }
+    assert!(
+        seen.iter().all(|s| *s == seen[0]),
+        "the ranks acted at different iterations: {seen:?}\n{}",
+        text(&o)
+    );
 }
 
 #[test]
