@@ -94,7 +94,10 @@ int krun_register(const char *name, void *addr, size_t len);
 /* Collective. Returns the version, complete on every rank. Call where no message is in flight. */
 long krun_checkpoint(void);
 /* Collective. 0: nothing; 1: checkpointed (some rank got SIGUSR1); 2: rolled back to the
- * newest image (some rank got SIGUSR2): reload loop state from registered memory. */
+ * newest image (some rank got SIGUSR2): reload loop state from registered memory.
+ * Every rank calls it the same number of times; the ranks agree on requests every 2^e-th
+ * call only (e agreed among them: the agreement costs at most 1% of the time between calls
+ * and a request waits at most ~200 ms); KRUN_SAFEPOINT_EVERY=1 agrees at every call. */
 int krun_safepoint(void);
 /* The version restored at start, 0 for a fresh start. */
 long krun_restored_version(void);

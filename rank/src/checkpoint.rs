@@ -413,7 +413,10 @@ impl Rank {
         }
     }
 
-    /// Collective: acts on SIGUSR1/SIGUSR2 requests any rank received since the last call.
+    /// Collective: acts on SIGUSR1/SIGUSR2 requests any rank received since the last round.
+    /// Every rank must call it the same number of times; the job-wide round runs every
+    /// 2^e-th call, e agreed in the round (`crate::pacer`: at most 1% of the time between
+    /// calls, a request waits at most ~200 ms; `KRUN_SAFEPOINT_EVERY=1`: every call).
     /// A failed safepoint in a job that recovers waits for a rollback order first
     /// ([`crate::rollback`]): the node aborts a barrier when a node failed.
     pub fn safepoint(&self) -> Result<Safepoint> {
