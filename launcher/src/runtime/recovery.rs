@@ -261,10 +261,7 @@ pub fn rank_images(rank: u32) -> (PathBuf, String) {
 }
 
 /// Carries out a `Restart` order on this node (in its own thread: fetches may take time),
-/// answering krun once per rank placed here. The ranks placed here restart side by side,
-/// one thread each: a spare that takes over a node's ranks fetches their image chains
-/// from the store at once rather than one after the other (the restarted ranks wait for
-/// each other in their wire-up anyway).
+/// answering krun once per rank placed here.
 pub fn restart(
     shared: &Shared,
     agent: &AgentSlot,
@@ -274,52 +271,29 @@ pub fn restart(
     ranks: &[(u32, NodeId)],
 ) {
     let me = shared.me;
-    std::thread::scope(|scope| {
-        for &(rank, node) in ranks.iter().filter(|(_, n)| *n == me) {
-            let spawned = std::thread::Builder::new()
-                .name(format!("krund-restart-{rank}"))
-                .spawn_scoped(scope, move || {
-                    restart_and_answer(shared, agent, wiring, bootstrap, version, rank, node)
-                });
-            if spawned.is_err() {
-                // No thread to spare: restart it on this one.
-                restart_and_answer(shared, agent, wiring, bootstrap, version, rank, node);
-            }
-        }
-    });
-}
-
-/// Restarts one rank ([`restart_one`]) and answers krun for it.
-fn restart_and_answer(
-    shared: &Shared,
-    agent: &AgentSlot,
-    wiring: u64,
-    bootstrap: &str,
-    version: Option<u64>,
-    rank: u32,
-    node: NodeId,
-) {
-    let started = Instant::now();
-    let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
-        Ok((pid, fetched, new_because)) => NodeToLauncher::Restarted {
-            wiring,
-            rank,
-            pid,
-            fetched,
-            seconds: started.elapsed().as_secs_f64(),
-            in_place: new_because.is_none(),
-            new_because,
-        },
-        Err(reason) => {
-            eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
-            NodeToLauncher::RestartFailed {
+    for &(rank, node) in ranks.iter().filter(|(_, n)| *n == me) {
+        let started = Instant::now();
+        let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
+            Ok((pid, fetched, new_because)) => NodeToLauncher::Restarted {
                 wiring,
                 rank,
-                reason,
+                pid,
+                fetched,
+                seconds: started.elapsed().as_secs_f64(),
+                in_place: new_because.is_none(),
+                new_because,
+            },
+            Err(reason) => {
+                eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
+                NodeToLauncher::RestartFailed {
+                    wiring,
+                    rank,
+                    reason,
+                }
             }
-        }
-    };
-    shared.tell_launcher(&msg);
+        };
+        shared.tell_launcher(&msg);
+    }
 }
 
 /// What a rank that could have rolled back in place was restarted as a new process for
