@@ -30,6 +30,7 @@ use crate::uffd::{Uffd, PAGE};
 
 mod actions;
 mod dead;
+pub mod liveness;
 pub mod members;
 mod watchdog;
 pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
@@ -198,6 +199,8 @@ pub struct Engine {
     pub(crate) members: members::Members,
     /// Pages a manager answered lost while local accesses waited (reported by the watchdog).
     lost_reports: Mutex<Vec<PageId>>,
+    /// Nodes a probe found silent whose process lives ([`liveness`]).
+    stalled: Mutex<BTreeSet<NodeId>>,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -265,6 +268,7 @@ impl Engine {
             suspects: Mutex::new(BTreeMap::new()),
             members: members::Members::new(n as u32),
             lost_reports: Mutex::new(Vec::new()),
+            stalled: Mutex::new(BTreeSet::new()),
         }
     }
 

@@ -261,7 +261,13 @@ pub struct Members {
     /// Test injection (`KRUN_DSM_FAIL_HOLD`, a path): node 0 starts a failure's change
     /// only once that file exists (at most 60 s), so requests meet the dead node first.
     fail_hold: Option<std::path::PathBuf>,
+    /// At node 0: what runs once a failure's change committed (the lock table releases
+    /// the dead node's locks).
+    failure_hooks: Mutex<Vec<FailureHook>>,
 }
+
+/// Called at node 0 with the dead node once its failure's change committed.
+pub type FailureHook = Arc<dyn Fn(NodeId) + Send + Sync>;
 
 impl Members {
     pub fn new(initial: u32) -> Members {
@@ -283,6 +289,25 @@ impl Members {
             failures: Mutex::new(BTreeSet::new()),
             lost: Mutex::new(BTreeSet::new()),
             fail_hold: std::env::var_os("KRUN_DSM_FAIL_HOLD").map(Into::into),
+            failure_hooks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// At node 0: `hook` runs with each dead node once its failure's change committed.
+    pub fn on_failure(&self, hook: FailureHook) {
+        if let Ok(mut h) = self.failure_hooks.lock() {
+            h.push(hook);
+        }
+    }
+
+    fn failure_handled(&self, node: NodeId) {
+        let hooks = self
+            .failure_hooks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        for h in hooks {
+            h(node);
         }
     }
 
