@@ -43,7 +43,9 @@ pub const TAG_DSM_FAILED: u64 = 0x4b44_534d_0000_0003;
 /// The fabric tag of membership messages (joins, leaves, the barrier: [`members`]); it
 /// differs from [`TAG_DSM`] in one other bit.
 pub const TAG_DSM_MEMBER: u64 = 0x4b44_534d_0000_0005;
-const WIRE_VERSION: u8 = 1;
+/// Version of the DSM's wire format (2: `Msg::Write` carries its epoch, `Msg::Unqueue` the
+/// rebuild's).
+const WIRE_VERSION: u8 = 2;
 
 /// One shared region as the driver sees it.
 pub struct RegionInfo {

@@ -40,6 +40,8 @@ struct Entry {
     probed: Option<Instant>,
     /// The holder got the lock from a holder that died (named in the grant).
     inherited: Option<NodeId>,
+    /// The lock is free because its holder died: the next holder is told.
+    orphan: Option<NodeId>,
 }
 
 impl Entry {
@@ -47,6 +49,7 @@ impl Entry {
     fn pass(&mut self, from_dead: Option<NodeId>) -> Option<NodeId> {
         self.holder = self.waiting.pop_front();
         self.inherited = self.holder.and(from_dead);
+        self.orphan = if self.holder.is_none() { from_dead } else { None };
         self.since = self.holder.map(|_| Instant::now());
         self.probed = None;
         if self.holder.is_some() {
@@ -79,7 +82,7 @@ impl LockTable {
         let e = t.entry(id).or_default();
         if e.holder.is_none() {
             e.holder = Some(who);
-            e.inherited = None;
+            e.inherited = e.orphan.take();
             e.since = Some(Instant::now());
             e.probed = None;
             e.grants += 1;
@@ -147,6 +150,15 @@ impl LockTable {
             out.insert(h);
         }
         out.into_iter().collect()
+    }
+
+    /// The dead holder lock `id` came from ([`NO_NODE`]: none).
+    fn inherited(&self, id: u32) -> NodeId {
+        self.entries
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&id).and_then(|e| e.inherited))
+            .unwrap_or(NO_NODE)
     }
 
     fn holder(&self, id: u32) -> Option<NodeId> {
@@ -290,7 +302,7 @@ impl Locks {
         let start = Instant::now();
         if self.me == 0 {
             if self.table.acquire(id, 0)? {
-                self.got(id, NO_NODE);
+                self.got(id, self.table.inherited(id));
                 return Ok(());
             }
             let mut t = self.table.entries.lock().map_err(|_| poisoned())?;
@@ -355,6 +367,10 @@ impl Locks {
     }
 
     /// Rank 0's lock server: handles requests until `stop`.
+    ///
+    /// Node 0's death (dsm/README.md): the next coordinator would start this server with a
+    /// table rebuilt from the survivors' reports (holders kept, waiters queued again, locks
+    /// node 0 held granted as inherited), and waiters would resend their requests to it.
     pub fn serve(&self, stop: &AtomicBool) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
             if let Some((check, after)) = &self.holder_check {
@@ -403,5 +419,45 @@ fn timeout(id: u32, start: Instant) -> DsmError {
     DsmError::Timeout {
         what: format!("DSM lock {id}"),
         seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_holders_lock_goes_to_the_next_live_waiter_naming_it() {
+        let t = LockTable::default();
+        assert!(t.acquire(0, 1).unwrap());
+        assert!(!t.acquire(0, 3).unwrap());
+        assert!(!t.acquire(0, 2).unwrap());
+        assert!(t.acquire(1, 1).unwrap());
+        // Node 3 dies waiting, node 1 dies holding both locks.
+        assert!(t.node_failed(3).unwrap().is_empty());
+        let grants = t.node_failed(1).unwrap();
+        assert_eq!(grants, vec![(0, 2)], "lock 0 goes to node 2, lock 1 is freed");
+        assert_eq!(t.holder(0), Some(2));
+        assert_eq!(t.inherited(0), 1);
+        assert_eq!(t.holder(1), None);
+        // The next holder of the freed lock is told too; a dead node never gets one.
+        assert!(!t.acquire(1, 3).unwrap());
+        assert!(t.acquire(1, 0).unwrap());
+        assert_eq!(t.inherited(1), 1);
+        // A normal hand-over names nobody.
+        assert!(!t.acquire(0, 0).unwrap());
+        assert_eq!(t.release(0, 2).unwrap(), Some(0));
+        assert_eq!(t.inherited(0), NO_NODE);
+    }
+
+    #[test]
+    fn only_holders_past_the_limit_with_waiters_are_probed() {
+        let t = LockTable::default();
+        assert!(t.acquire(0, 1).unwrap());
+        assert!(t.acquire(1, 2).unwrap());
+        assert!(t.overdue(Duration::ZERO).is_empty(), "nobody waits");
+        assert!(!t.acquire(0, 0).unwrap());
+        assert_eq!(t.overdue(Duration::ZERO), vec![1]);
+        assert!(t.overdue(Duration::from_secs(3600)).is_empty());
     }
 }

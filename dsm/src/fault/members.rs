@@ -49,6 +49,12 @@ use crate::directory::LocatorKind;
 use crate::error::{DsmError, Result};
 
 /// The node that coordinates membership changes and barriers.
+///
+/// Node 0's death is not handled yet. Design (dsm/README.md, "Node 0's death"): this
+/// becomes `Engine::coordinator()`, the lowest live member of the view; the new coordinator
+/// starts `members_loop` and the lock server, collects every survivor's state (a change
+/// half-done, locks held and waited for, barrier generation), finishes or drops the
+/// half-done change, then runs `Fail(0)` like any failure.
 pub const COORDINATOR: NodeId = 0;
 /// The seed's phases of a node addition, in order ([`ChangeReport::phases`]).
 pub const PHASES: [&str; 5] = ["start", "physical", "setting", "logical", "end"];
@@ -348,6 +354,8 @@ impl Members {
 
     /// At node 0: queues the failure of `node` (once), unless it left already.
     pub(crate) fn queue_failure(&self, node: NodeId) {
+        // Node 0's own failure would be queued by the next coordinator (the lowest live
+        // node) after its takeover (dsm/README.md, "Node 0's death"); not implemented.
         if node == COORDINATOR || self.settled(node) {
             return;
         }

@@ -381,6 +381,7 @@ impl Engine {
         let known = self.dead_nodes();
         let mut posted = Vec::new();
         let mut dead = Vec::new();
+        let mut failed = Vec::new();
         for &n in nodes {
             if n == self.me {
                 continue;
@@ -397,13 +398,13 @@ impl Engine {
             };
             match self.ep.post_fetch_add(peer, words, 0, 0) {
                 Ok(c) => posted.push((n, c)),
-                Err(_) => dead.push(n),
+                Err(_) => failed.push(n),
             }
         }
         // Watched without a waiter's timeout: a timed-out wait would make the fabric fail
         // every later operation to the node, and a stalled node must come back.
         let deadline = Instant::now() + self.fault_timeout;
-        let mut silent = Vec::new();
+        let mut silent = failed;
         let mut unanswered = Vec::new();
         for (n, c) in posted {
             while !c.is_done() && Instant::now() < deadline {
