@@ -49,7 +49,11 @@ impl Entry {
     fn pass(&mut self, from_dead: Option<NodeId>) -> Option<NodeId> {
         self.holder = self.waiting.pop_front();
         self.inherited = self.holder.and(from_dead);
-        self.orphan = if self.holder.is_none() { from_dead } else { None };
+        self.orphan = if self.holder.is_none() {
+            from_dead
+        } else {
+            None
+        };
         self.since = self.holder.map(|_| Instant::now());
         self.probed = None;
         if self.holder.is_some() {
@@ -240,7 +244,10 @@ impl Locks {
             .entries
             .lock()
             .ok()
-            .and_then(|t| t.get(&(id as u32)).map(|e| e.waiting.iter().copied().collect()))
+            .and_then(|t| {
+                t.get(&(id as u32))
+                    .map(|e| e.waiting.iter().copied().collect())
+            })
             .unwrap_or_default()
     }
 
@@ -436,7 +443,11 @@ mod tests {
         // Node 3 dies waiting, node 1 dies holding both locks.
         assert!(t.node_failed(3).unwrap().is_empty());
         let grants = t.node_failed(1).unwrap();
-        assert_eq!(grants, vec![(0, 2)], "lock 0 goes to node 2, lock 1 is freed");
+        assert_eq!(
+            grants,
+            vec![(0, 2)],
+            "lock 0 goes to node 2, lock 1 is freed"
+        );
         assert_eq!(t.holder(0), Some(2));
         assert_eq!(t.inherited(0), 1);
         assert_eq!(t.holder(1), None);

@@ -238,7 +238,8 @@ impl Dsm {
             // A holder that keeps a lock others wait for past the fault timeout is probed;
             // a dead one's failure releases its locks once committed.
             let e = engine.clone();
-            locks = locks.with_holder_check(Arc::new(move |n| e.probe_holder(n)), config.fault_timeout);
+            locks =
+                locks.with_holder_check(Arc::new(move |n| e.probe_holder(n)), config.fault_timeout);
         }
         let locks = Arc::new(locks);
         if rank == crate::fault::members::COORDINATOR {

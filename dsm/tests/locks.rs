@@ -59,7 +59,10 @@ fn holder_killed(provider: &str, keep_copy: bool) {
     if keep_copy {
         let got = pairs(&procs[2].line_with("inherited=", deadline, "rank 2"));
         assert_eq!(got["inherited"], "1", "{what}: the grant must name rank 1");
-        assert_eq!(got["counter"], "7", "{what}: rank 2 must read rank 1's value");
+        assert_eq!(
+            got["counter"], "7",
+            "{what}: rank 2 must read rank 1's value"
+        );
         let end = pairs(&procs[0].line_with("survivor=ok", deadline, "rank 0"));
         assert_eq!(end["counter"], "8", "{what}: rank 2's increment was lost");
         assert_eq!(end["dead"], "[1]", "{what}");

@@ -54,7 +54,8 @@ fn run(
                         while q.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
                             std::thread::sleep(Duration::from_millis(20));
                         }
-                        report += &format!("--- rank {k}:\n{}\n", q.kill_and_tail(report_lines(60)));
+                        report +=
+                            &format!("--- rank {k}:\n{}\n", q.kill_and_tail(report_lines(60)));
                     }
                     panic!("rank {r} of {scenario} over {provider} failed ({status}):\n{out}\n{report}");
                 }

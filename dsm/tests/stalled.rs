@@ -56,7 +56,10 @@ fn stalled_on(provider: &str) {
             "rank {r} over {provider} declared a stalled rank dead"
         );
         let (status, err) = p.wait_exit(deadline, &format!("rank {r}"));
-        assert!(status.success(), "rank {r} over {provider}: {status}\n{err}");
+        assert!(
+            status.success(),
+            "rank {r} over {provider}: {status}\n{err}"
+        );
         if r == 0 {
             assert!(
                 err.contains("node 2 answers no probe") && err.contains("process lives"),

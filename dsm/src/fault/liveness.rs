@@ -104,7 +104,9 @@ impl Engine {
             .ok()
             .and_then(|v| v.as_ref().map(|v| v.addrs.clone()))
             .unwrap_or_default();
-        let limit = self.fault_timeout.clamp(Duration::from_millis(100), CONNECT_LIMIT);
+        let limit = self
+            .fault_timeout
+            .clamp(Duration::from_millis(100), CONNECT_LIMIT);
         let mut dead = Vec::new();
         for n in silent {
             let live = addrs

@@ -60,7 +60,8 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
         }
         2 => {
             say("waiting=1");
-            d.lock(0).map_err(|e| format!("lock after the holder died: {e}"))?;
+            d.lock(0)
+                .map_err(|e| format!("lock after the holder died: {e}"))?;
             let inherited = d.lock_inherited(0);
             // SAFETY: inside the region. Without a surviving copy the driver ends this
             // process here (the page is lost), never returning a zero.
@@ -70,7 +71,9 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
                 inherited.map_or("-".into(), |n| n.to_string())
             ));
             if inherited != Some(1) {
-                return Err(format!("the grant named {inherited:?} as the dead holder, not rank 1"));
+                return Err(format!(
+                    "the grant named {inherited:?} as the dead holder, not rank 1"
+                ));
             }
             if v != 7 {
                 return Err(format!("rank 2 read the counter as {v}, rank 1 wrote 7"));
@@ -83,7 +86,9 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
             Ok(())
         }
         _ => {
-            until("rank 2 never queued for lock 0", || d.lock_waiters(0) == vec![2])?;
+            until("rank 2 never queued for lock 0", || {
+                d.lock_waiters(0) == vec![2]
+            })?;
             say("queued=2");
             if a.keep_copy {
                 bar()?;
@@ -96,7 +101,9 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
                     d.dead_nodes()
                 ));
                 if v != 8 {
-                    return Err(format!("rank 0 read the counter as {v} after rank 2 made it 8"));
+                    return Err(format!(
+                        "rank 0 read the counter as {v} after rank 2 made it 8"
+                    ));
                 }
                 Ok(())
             } else {
