@@ -483,8 +483,12 @@ impl<W: ShareWords> Node<W> {
             if p.copyset.remove(&node) {
                 self.stats.dead_copies_dropped += 1;
             }
-            p.queue.retain(|(_, m)| match m {
-                Msg::Read { from, .. } | Msg::Write { from, .. } => *from != node,
+            // A write the dead node forwarded as the page's manager is void too: its
+            // record died with it, and the rebuilt entry would not know where the page
+            // went (its requester asks again after the failure).
+            p.queue.retain(|(sender, m)| match m {
+                Msg::Read { from, .. } => *from != node,
+                Msg::Write { from, .. } => *from != node && *sender != node,
                 _ => true,
             });
             let mut finish = None;
