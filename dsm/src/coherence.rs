@@ -44,6 +44,10 @@ pub const SHARE_OPEN: u64 = 1 << 63;
 /// nobody else knows they were written, so without it a failure of that node would leave
 /// them unknown, and a new manager would hand them out as zero pages. (Node 0 coordinates
 /// the rebuild; when it dies itself, nothing is rebuilt.)
+///
+/// Node 0's death (dsm/README.md): the witness's own self-granted pages need a deputy (the
+/// second-lowest live node gets node 0's `Touched`), and the witness role passes with the
+/// coordinator's.
 pub const WITNESS: NodeId = 0;
 
 /// A kind of access.
@@ -109,10 +113,13 @@ pub enum Msg {
         page: PageId,
         from: NodeId,
     },
-    /// From the manager to the owner: hand the page over to `from` for writing.
+    /// From the manager to the owner: hand the page over to `from` for writing. `gen`: the
+    /// manager's epoch when it forwarded the request (a rebuilt entry voids older ones,
+    /// [`Msg::Unqueue`]).
     Write {
         page: PageId,
         from: NodeId,
+        gen: u64,
     },
     Invalidate {
         page: PageId,
@@ -156,11 +163,13 @@ pub enum Msg {
     Lost {
         page: PageId,
     },
-    /// From a manager that rebuilt a broken entry (a write forwarded through a dead node):
-    /// the write requests the receiver holds for the page belong to the old chain and are
-    /// dropped (their requesters ask again after the failure).
+    /// From a manager that rebuilt a broken entry (a write forwarded through a dead node)
+    /// in the failure's change to `epoch`: the write requests forwarded before (`gen <
+    /// epoch`) belong to the old chain; those the receiver holds are dropped, and so are
+    /// those that reach it later (their requesters ask again after the failure).
     Unqueue {
         page: PageId,
+        epoch: u64,
     },
     /// To [`WITNESS`]: the sender, the page's manager, granted the page to itself as a zero
     /// page (it is written from now on, and only the sender knows).
@@ -192,7 +201,7 @@ impl Msg {
             | Msg::Grant { page, .. }
             | Msg::Promote { page, .. }
             | Msg::Lost { page }
-            | Msg::Unqueue { page }
+            | Msg::Unqueue { page, .. }
             | Msg::Touched { page } => *page,
         }
     }
@@ -327,6 +336,19 @@ struct Page {
     /// This node held the page or heard of an owner once (the page was written or granted
     /// once): a failure's scan reports it when the dead node managed it.
     known: bool,
+    /// Write requests forwarded under an older epoch than this are void (an entry rebuilt
+    /// in a failure's change, [`Msg::Unqueue`]).
+    floor: u64,
+}
+
+impl Page {
+    /// Write requests forwarded before `epoch` are void: those queued are dropped, later
+    /// ones are dropped on arrival.
+    fn void_writes_before(&mut self, epoch: u64) {
+        self.floor = self.floor.max(epoch);
+        self.queue
+            .retain(|(_, m)| !matches!(m, Msg::Write { gen, .. } if *gen < epoch));
+    }
 }
 
 impl Default for Page {
@@ -341,6 +363,7 @@ impl Default for Page {
             queue: VecDeque::new(),
             publish: false,
             known: false,
+            floor: 0,
         }
     }
 }
@@ -460,8 +483,12 @@ impl<W: ShareWords> Node<W> {
             if p.copyset.remove(&node) {
                 self.stats.dead_copies_dropped += 1;
             }
-            p.queue.retain(|(_, m)| match m {
-                Msg::Read { from, .. } | Msg::Write { from, .. } => *from != node,
+            // A write the dead node forwarded as the page's manager is void too: its
+            // record died with it, and the rebuilt entry would not know where the page
+            // went (its requester asks again after the failure).
+            p.queue.retain(|(sender, m)| match m {
+                Msg::Read { from, .. } => *from != node,
+                Msg::Write { from, .. } => *from != node && *sender != node,
                 _ => true,
             });
             let mut finish = None;
@@ -761,6 +788,7 @@ impl<W: ShareWords> Node<W> {
             return;
         }
         let me = self.me;
+        let epoch = self.epoch();
         let page = msg.page();
         let manager = self.locator.manager(page);
         let p = self.pages.entry(page).or_default();
@@ -811,7 +839,11 @@ impl<W: ShareWords> Node<W> {
                                 from: who,
                                 via_manager: true,
                             },
-                            Access::Write => Msg::Write { page, from: who },
+                            Access::Write => Msg::Write {
+                                page,
+                                from: who,
+                                gen: epoch,
+                            },
                         },
                     }),
                 }
@@ -844,6 +876,9 @@ impl<W: ShareWords> Node<W> {
                         msg: Msg::ManagerRead { page, from: who },
                     });
                 }
+            }
+            Msg::Write { gen, .. } if gen < p.floor => {
+                // Forwarded under an entry since rebuilt: its requester asks again.
             }
             Msg::Write { from: who, .. } => {
                 if p.busy.is_some() || !p.state.is_owner() {
@@ -930,8 +965,8 @@ impl<W: ShareWords> Node<W> {
             Msg::Touched { .. } => {
                 self.witnessed.entry(from).or_default().insert(page);
             }
-            Msg::Unqueue { .. } => {
-                p.queue.retain(|(_, m)| !matches!(m, Msg::Write { .. }));
+            Msg::Unqueue { epoch, .. } => {
+                p.void_writes_before(epoch);
             }
             // Handled by `on_message` before any page is looked at.
             Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. } => {}

@@ -30,6 +30,7 @@ use crate::uffd::{Uffd, PAGE};
 
 mod actions;
 mod dead;
+pub mod liveness;
 pub mod members;
 mod watchdog;
 pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
@@ -42,7 +43,9 @@ pub const TAG_DSM_FAILED: u64 = 0x4b44_534d_0000_0003;
 /// The fabric tag of membership messages (joins, leaves, the barrier: [`members`]); it
 /// differs from [`TAG_DSM`] in one other bit.
 pub const TAG_DSM_MEMBER: u64 = 0x4b44_534d_0000_0005;
-const WIRE_VERSION: u8 = 1;
+/// Version of the DSM's wire format (2: `Msg::Write` carries its epoch, `Msg::Unqueue` the
+/// rebuild's).
+const WIRE_VERSION: u8 = 2;
 
 /// One shared region as the driver sees it.
 pub struct RegionInfo {
@@ -198,6 +201,8 @@ pub struct Engine {
     pub(crate) members: members::Members,
     /// Pages a manager answered lost while local accesses waited (reported by the watchdog).
     lost_reports: Mutex<Vec<PageId>>,
+    /// Nodes a probe found silent whose process lives ([`liveness`]).
+    stalled: Mutex<BTreeSet<NodeId>>,
 }
 
 /// Bytes of the event being handled: a message's page, or RMA landing slots.
@@ -265,6 +270,7 @@ impl Engine {
             suspects: Mutex::new(BTreeMap::new()),
             members: members::Members::new(n as u32),
             lost_reports: Mutex::new(Vec::new()),
+            stalled: Mutex::new(BTreeSet::new()),
         }
     }
 

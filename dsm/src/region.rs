@@ -228,12 +228,30 @@ impl Dsm {
             addrs,
         ));
         let mut threads = engine.spawn(config.fault_threads)?;
-        let locks = Arc::new(Locks::new(
+        let mut locks = Locks::new(
             rank,
             ep.clone(),
             lock_peers(&engine, rank),
             config.locks.max(1),
-        ));
+        );
+        if rank == crate::fault::members::COORDINATOR {
+            // A holder that keeps a lock others wait for past the fault timeout is probed;
+            // a dead one's failure releases its locks once committed.
+            let e = engine.clone();
+            locks =
+                locks.with_holder_check(Arc::new(move |n| e.probe_holder(n)), config.fault_timeout);
+        }
+        let locks = Arc::new(locks);
+        if rank == crate::fault::members::COORDINATOR {
+            let l = Arc::downgrade(&locks);
+            engine.members.on_failure(Arc::new(move |n| {
+                if let Some(l) = l.upgrade() {
+                    if let Err(e) = l.node_failed(n) {
+                        eprintln!("krun dsm: releasing the DSM locks of dead node {n}: {e}");
+                    }
+                }
+            }));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         if rank == 0 {
             let (l, s) = (locks.clone(), stop.clone());
@@ -618,6 +636,24 @@ impl Dsm {
 
     pub fn unlock(&self, id: usize) -> Result<()> {
         self.locks.unlock(id)
+    }
+
+    /// Whether DSM lock `id`, held by this process, was granted after the node holding it
+    /// died (that node): the data the lock protects may be half-updated (pages whose every
+    /// copy died are reported lost on their first access, never read as zeros).
+    pub fn lock_inherited(&self, id: usize) -> Option<NodeId> {
+        self.locks.inherited(id)
+    }
+
+    /// At rank 0: the nodes waiting for DSM lock `id`, in order (empty elsewhere).
+    pub fn lock_waiters(&self, id: usize) -> Vec<NodeId> {
+        self.locks.waiters(id)
+    }
+
+    /// Nodes a probe found silent past the fault timeout whose process lives (stalled,
+    /// not dead: they stay members).
+    pub fn stalled_nodes(&self) -> Vec<NodeId> {
+        self.engine.stalled_nodes()
     }
 
     /// Replaces what runs when a local access cannot be served because a node it depends on

@@ -7,80 +7,19 @@
 //! entries in transit; the tests check that each was handled (held = released), that every
 //! counter equals the iterations of every rank (no increment lost, none doubled), and that
 //! entries did move.
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{is_root, spawn, Proc};
 use fabric::bootstrap::BootstrapServer;
 
-const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
 /// Generous bound for a scenario ("does not hang"), never a performance check.
 const LIMIT: Duration = Duration::from_secs(150);
 const PAGES: usize = 8;
-
-/// A running process, killed (by PID, through `Child`) and reaped when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-    out: Option<JoinHandle<String>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        fabric::ofi::remove_shm_segments(self.child.id());
-    }
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[String]) -> Proc {
-        let mut child = Command::new(NODE)
-            .args(args)
-            .env("KRUN_FABRIC_BIND", "127.0.0.1")
-            .env("KRUN_DSM_MIGRATION_HOLD", "1")
-            .env_remove("KRUN_SECRET_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dsm-node");
-        let mut stdout = child.stdout.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let stderr = child.stderr.take().unwrap();
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let tail = err.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                let mut t = tail.lock().unwrap();
-                t.push(line);
-                if t.len() > 200 {
-                    t.remove(0);
-                }
-            }
-        });
-        Proc {
-            name: name.into(),
-            child,
-            out: Some(out),
-            err,
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+const ENV: [(&str, &str); 1] = [("KRUN_DSM_MIGRATION_HOLD", "1")];
 
 /// Runs `size` ranks of `churn` (with `extra` arguments) and, with `joiner`, one `joiner`
 /// process; returns each process's `krun-result` pairs (later keys win), ranks first.
@@ -114,7 +53,7 @@ fn run(provider: &str, size: usize, extra: &[&str], joiner: bool) -> Vec<HashMap
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let mut procs: Vec<Proc> = (0..size)
+    let mut procs: Vec<(String, Proc)> = (0..size)
         .map(|r| {
             let mut args = common("churn");
             args.extend(
@@ -129,62 +68,39 @@ fn run(provider: &str, size: usize, extra: &[&str], joiner: bool) -> Vec<HashMap
                 .iter()
                 .map(|s| s.to_string()),
             );
-            Proc::spawn(&format!("rank {r}"), &args)
+            (format!("rank {r}"), spawn(&args, &ENV))
         })
         .collect();
     if joiner {
-        procs.push(Proc::spawn("joiner", &common("joiner")));
+        procs.push(("joiner".into(), spawn(&common("joiner"), &ENV)));
     }
     let start = Instant::now();
     loop {
-        let failed = procs
-            .iter_mut()
-            .position(|q| matches!(q.child.try_wait(), Ok(Some(s)) if !s.success()));
+        let failed = procs.iter_mut().position(|(_, q)| q.failed());
         let done = procs
             .iter_mut()
-            .all(|q| matches!(q.child.try_wait(), Ok(Some(_))));
-        if failed.is_some() || done && failed.is_none() || start.elapsed() > LIMIT {
-            if let Some(f) = failed.or((!done).then_some(0)) {
-                std::thread::sleep(Duration::from_millis(500));
-                let mut report = String::new();
-                for q in procs.iter_mut() {
-                    let _ = q.child.kill();
-                    let _ = q.child.wait();
-                    let out = q.out.take().unwrap().join().unwrap();
-                    report += &format!(
-                        "--- {}:\n{out}{}\n",
-                        q.name,
-                        q.err.lock().unwrap().join("\n")
-                    );
-                }
-                panic!(
-                    "{} over {provider} {}:\n{report}",
-                    procs[f].name,
-                    if done { "failed" } else { "hangs" }
-                );
+            .all(|(_, q)| matches!(q.child.try_wait(), Ok(Some(_))));
+        if failed.is_some() || !done && start.elapsed() > LIMIT {
+            let f = failed.unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(500));
+            let mut report = String::new();
+            for (name, q) in procs.iter_mut() {
+                let err = q.kill_and_tail(200);
+                let out = q.rest_of_stdout().join("\n");
+                report += &format!("--- {name}:\n{out}\n{err}\n");
             }
+            panic!(
+                "{} over {provider} {}:\n{report}",
+                procs[f].0,
+                if failed.is_some() { "failed" } else { "hangs" }
+            );
+        }
+        if done {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let results = procs
-        .iter_mut()
-        .map(|q| {
-            let out = q.out.take().unwrap().join().unwrap();
-            let mut kv = HashMap::new();
-            for line in out.lines() {
-                if let Some(rest) = line.strip_prefix("krun-result ") {
-                    eprintln!("{}: {rest}", q.name);
-                    for pair in rest.split_whitespace() {
-                        if let Some((k, v)) = pair.split_once('=') {
-                            kv.insert(k.to_string(), v.to_string());
-                        }
-                    }
-                }
-            }
-            kv
-        })
-        .collect();
+    let results = procs.iter_mut().map(|(name, q)| q.results(name)).collect();
     drop(procs);
     server.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,76 +1,24 @@
 //! Multi-process DSM tests: a bootstrap server in the test and several `dsm-node` processes
 //! on 127.0.0.1 sharing regions through userfaultfd faults and the fabric (tcp and shm
 //! providers). Needs root (userfaultfd).
-use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{is_root, rank_args, spawn, Proc};
 use fabric::bootstrap::BootstrapServer;
 
-const NODE: &str = env!("CARGO_BIN_EXE_dsm-node");
 /// Generous bound for a scenario ("does not hang"), never a performance check.
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A running process, killed (by PID, through `Child`) and reaped when dropped. Its output
-/// is read by threads as it comes (a full pipe would stop it).
-struct Proc {
-    child: Child,
-    out: Option<JoinHandle<String>>,
-    err: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        fabric::ofi::remove_shm_segments(self.child.id());
-    }
-}
-
-impl Proc {
-    fn spawn(args: &[String], env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(NODE)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("KRUN_FABRIC_BIND", "127.0.0.1")
-            .env_remove("KRUN_SECRET_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dsm-node");
-        let mut stdout = child.stdout.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let stderr = child.stderr.take().unwrap();
-        let err = Arc::new(Mutex::new(VecDeque::new()));
-        let tail = err.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                let mut t = tail.lock().unwrap();
-                t.push_back(line);
-                if t.len() > 400_000 {
-                    t.pop_front();
-                }
-            }
-        });
-        Proc {
-            child,
-            out: Some(out),
-            err,
-        }
-    }
-
-    fn stderr_tail(&self, n: usize) -> String {
-        let t = self.err.lock().unwrap();
-        let skip = t.len().saturating_sub(n);
-        t.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
+/// Lines of each rank's stderr in a failure report (all of them under `KRUN_DSM_TRACE`).
+fn report_lines(n: usize) -> usize {
+    if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+        usize::MAX
+    } else {
+        n
     }
 }
 
@@ -85,21 +33,7 @@ fn run(
     let server = BootstrapServer::start_with("127.0.0.1:0", size, LIMIT, None).unwrap();
     let addr = server.addr().to_string();
     let mut procs: Vec<Proc> = (0..size)
-        .map(|r| {
-            let mut args = vec![
-                scenario.to_string(),
-                "--provider".into(),
-                provider.into(),
-                "--bootstrap".into(),
-                addr.clone(),
-                "--rank".into(),
-                r.to_string(),
-                "--size".into(),
-                size.to_string(),
-            ];
-            args.extend(extra.iter().map(|s| s.to_string()));
-            Proc::spawn(&args, env)
-        })
+        .map(|r| spawn(&rank_args(scenario, provider, &addr, r, size, extra), env))
         .collect();
     let start = Instant::now();
     let mut results = Vec::new();
@@ -107,14 +41,11 @@ fn run(
         loop {
             // A rank that failed (or was killed) is reported at once, whichever it is: the
             // others then wait for it in a collective and would only be seen to hang.
-            let failed = procs
-                .iter_mut()
-                .position(|q| matches!(q.child.try_wait(), Ok(Some(s)) if !s.success()));
-            let r = failed.unwrap_or(r);
+            let r = procs.iter_mut().position(|q| q.failed()).unwrap_or(r);
             let p = &mut procs[r];
             if let Some(status) = p.child.try_wait().unwrap() {
-                let out = p.out.take().unwrap().join().unwrap();
                 if !status.success() {
+                    let out = p.rest_of_stdout().join("\n");
                     // Let the others finish or fail too, then report every rank.
                     std::thread::sleep(Duration::from_millis(300));
                     let mut report = String::new();
@@ -123,29 +54,12 @@ fn run(
                         while q.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
                             std::thread::sleep(Duration::from_millis(20));
                         }
-                        report += &format!(
-                            "--- rank {k}:\n{}\n",
-                            q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
-                                400_000
-                            } else {
-                                60
-                            })
-                        );
+                        report +=
+                            &format!("--- rank {k}:\n{}\n", q.kill_and_tail(report_lines(60)));
                     }
                     panic!("rank {r} of {scenario} over {provider} failed ({status}):\n{out}\n{report}");
                 }
-                let mut kv = HashMap::new();
-                for line in out.lines() {
-                    if let Some(rest) = line.strip_prefix("krun-result ") {
-                        eprintln!("rank {r}: {rest}");
-                        for pair in rest.split_whitespace() {
-                            if let Some((k, v)) = pair.split_once('=') {
-                                kv.insert(k.to_string(), v.to_string());
-                            }
-                        }
-                    }
-                }
-                results.push(kv);
+                results.push(p.results(&format!("rank {r}")));
                 break;
             }
             if start.elapsed() > LIMIT {
@@ -165,15 +79,7 @@ fn run(
                             all += &String::from_utf8_lossy(&o.stdout);
                         }
                     }
-                    let _ = q.child.kill();
-                    all += &format!(
-                        "--- rank {k}:\n{}\n",
-                        q.stderr_tail(if std::env::var_os("KRUN_DSM_TRACE").is_some() {
-                            400_000
-                        } else {
-                            120
-                        })
-                    );
+                    all += &format!("--- rank {k}:\n{}\n", q.kill_and_tail(report_lines(120)));
                 }
                 panic!("{scenario} over {provider} hangs\n{all}");
             }
@@ -183,11 +89,6 @@ fn run(
     drop(procs);
     server.join().unwrap();
     results
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 fn share_on(provider: &str) {

@@ -71,6 +71,8 @@ struct Migration {
     rebuilding: BTreeSet<PageId>,
     /// The change is a failure.
     failure: bool,
+    /// The other live members (a rebuilt entry's old write requests are voided at each).
+    others: BTreeSet<NodeId>,
 }
 
 /// A failure's flush in progress: the live members whose [`Msg::Flush`] has not arrived.
@@ -289,6 +291,12 @@ impl<W: ShareWords> Node<W> {
             .copied()
             .filter(|&n| n != me && !self.dead.contains(&n))
             .collect();
+        let others: BTreeSet<NodeId> = change
+            .old_members
+            .union(&change.new_members)
+            .copied()
+            .filter(|&n| n != me && !self.dead.contains(&n))
+            .collect();
         self.change.epoch = epoch;
         self.change.migration = Some(Migration {
             epoch,
@@ -298,6 +306,7 @@ impl<W: ShareWords> Node<W> {
             delayed: Vec::new(),
             rebuilding,
             failure: change.failed.is_some(),
+            others,
         });
         self.maybe_finish(out);
     }
@@ -479,26 +488,23 @@ impl<W: ShareWords> Node<W> {
                 if !self.directory.broken(page, &claims, &self.dead) {
                     continue;
                 }
-                // The nodes the chain reached after the dead one hold its writes queued.
-                let mut stale: BTreeSet<NodeId> = self
-                    .directory
-                    .chain(page)
-                    .into_iter()
-                    .rev()
-                    .take_while(|n| !self.dead.contains(n))
-                    .collect();
-                stale.extend(self.directory.owner(page));
-                for n in stale {
-                    if n == self.me {
-                        if let Some(p) = self.pages.get_mut(&page) {
-                            p.queue.retain(|(_, m)| !matches!(m, Msg::Write { .. }));
-                        }
-                    } else {
-                        out.push(Action::Send {
-                            to: n,
-                            msg: Msg::Unqueue { page },
-                        });
-                    }
+                // Every write forwarded under the old record is void, wherever it waits or
+                // travels (queued at a node of the chain, or still on its way, even to this
+                // node): each member drops those stamped before this epoch. Requests are held
+                // during a failure's change until this step, so none was forwarded under
+                // the new epoch yet; their requesters ask again at the commit.
+                self.pages
+                    .entry(page)
+                    .or_default()
+                    .void_writes_before(m.epoch);
+                for &n in &m.others {
+                    out.push(Action::Send {
+                        to: n,
+                        msg: Msg::Unqueue {
+                            page,
+                            epoch: m.epoch,
+                        },
+                    });
                 }
                 self.directory.remove(page);
                 if let Some(&owner) = claims.iter().next() {
@@ -577,7 +583,10 @@ impl<W: ShareWords> Node<W> {
             return true;
         }
         if let Some(m) = self.change.migration.as_mut() {
-            if m.old.manager(page) != me || m.rebuilding.contains(&page) {
+            // A failure may find any entry broken at step 4 (a write forwarded through the
+            // dead node): every request waits for it, so writes forwarded under the new
+            // epoch follow the rebuilt records ([`Msg::Write`]'s `gen`).
+            if m.old.manager(page) != me || m.rebuilding.contains(&page) || m.failure {
                 self.stats.requests_delayed += 1;
                 m.delayed.push((from, msg.clone()));
                 return true;

@@ -49,6 +49,12 @@ use crate::directory::LocatorKind;
 use crate::error::{DsmError, Result};
 
 /// The node that coordinates membership changes and barriers.
+///
+/// Node 0's death is not handled yet. Design (dsm/README.md, "Node 0's death"): this
+/// becomes `Engine::coordinator()`, the lowest live member of the view; the new coordinator
+/// starts `members_loop` and the lock server, collects every survivor's state (a change
+/// half-done, locks held and waited for, barrier generation), finishes or drops the
+/// half-done change, then runs `Fail(0)` like any failure.
 pub const COORDINATOR: NodeId = 0;
 /// The seed's phases of a node addition, in order ([`ChangeReport::phases`]).
 pub const PHASES: [&str; 5] = ["start", "physical", "setting", "logical", "end"];
@@ -261,7 +267,13 @@ pub struct Members {
     /// Test injection (`KRUN_DSM_FAIL_HOLD`, a path): node 0 starts a failure's change
     /// only once that file exists (at most 60 s), so requests meet the dead node first.
     fail_hold: Option<std::path::PathBuf>,
+    /// At node 0: what runs once a failure's change committed (the lock table releases
+    /// the dead node's locks).
+    failure_hooks: Mutex<Vec<FailureHook>>,
 }
+
+/// Called at node 0 with the dead node once its failure's change committed.
+pub type FailureHook = Arc<dyn Fn(NodeId) + Send + Sync>;
 
 impl Members {
     pub fn new(initial: u32) -> Members {
@@ -283,6 +295,25 @@ impl Members {
             failures: Mutex::new(BTreeSet::new()),
             lost: Mutex::new(BTreeSet::new()),
             fail_hold: std::env::var_os("KRUN_DSM_FAIL_HOLD").map(Into::into),
+            failure_hooks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// At node 0: `hook` runs with each dead node once its failure's change committed.
+    pub fn on_failure(&self, hook: FailureHook) {
+        if let Ok(mut h) = self.failure_hooks.lock() {
+            h.push(hook);
+        }
+    }
+
+    fn failure_handled(&self, node: NodeId) {
+        let hooks = self
+            .failure_hooks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        for h in hooks {
+            h(node);
         }
     }
 
@@ -323,6 +354,8 @@ impl Members {
 
     /// At node 0: queues the failure of `node` (once), unless it left already.
     pub(crate) fn queue_failure(&self, node: NodeId) {
+        // Node 0's own failure would be queued by the next coordinator (the lowest live
+        // node) after its takeover (dsm/README.md, "Node 0's death"); not implemented.
         if node == COORDINATOR || self.settled(node) {
             return;
         }

@@ -24,6 +24,10 @@
 //! send to the dead one before it handles the announcement), since the dead node may be
 //! further down the chain (an owner the manager forwarded to).
 //!
+//! A node that does not answer a probe is declared dead only if its process is gone
+//! ([`super::liveness`]): one stalled past the fault timeout (stopped, swapped out) stays
+//! a member and the wait goes on.
+//!
 //! A send that failed makes its target a suspect: the next check probes it; dead, it is
 //! declared failed; alive, the lost message becomes the driver's error.
 //!
@@ -377,6 +381,7 @@ impl Engine {
         let known = self.dead_nodes();
         let mut posted = Vec::new();
         let mut dead = Vec::new();
+        let mut failed = Vec::new();
         for &n in nodes {
             if n == self.me {
                 continue;
@@ -393,16 +398,35 @@ impl Engine {
             };
             match self.ep.post_fetch_add(peer, words, 0, 0) {
                 Ok(c) => posted.push((n, c)),
-                Err(_) => dead.push(n),
+                Err(_) => failed.push(n),
             }
         }
+        // Watched without a waiter's timeout: a timed-out wait would make the fabric fail
+        // every later operation to the node, and a stalled node must come back.
         let deadline = Instant::now() + self.fault_timeout;
+        let mut silent = failed;
+        let mut unanswered = Vec::new();
         for (n, c) in posted {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if c.wait_timeout(left.max(Duration::from_millis(1))).is_err() {
-                dead.push(n);
+            while !c.is_done() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if !c.is_done() {
+                silent.push(n);
+                unanswered.push((n, c));
+            } else if c.wait_timeout(Duration::from_millis(1)).is_err() {
+                silent.push(n);
             }
         }
+        // A silent node may be stalled, not dead: only a gone process is declared dead.
+        let confirmed = self.confirm_dead(silent);
+        for (n, c) in unanswered {
+            if confirmed.contains(&n) {
+                // Give its in-flight slot back (the node is dead).
+                let _ = c.wait_timeout(Duration::from_millis(1));
+            }
+            // A stalled node's probe stays in flight until it answers.
+        }
+        dead.extend(confirmed);
         dead.sort_unstable();
         dead
     }

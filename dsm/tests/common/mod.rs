@@ -144,3 +144,43 @@ pub fn pairs(line: &str) -> HashMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Proc {
+    /// The stdout lines not read yet, up to the end of the output (call it once the
+    /// process ended or was killed: it waits for stdout to close).
+    pub fn rest_of_stdout(&mut self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+
+    /// The `krun-result` pairs of the stdout lines not read yet (later keys win), each
+    /// line echoed on stderr under `who`; once the process ended.
+    pub fn results(&mut self, who: &str) -> HashMap<String, String> {
+        let mut kv = HashMap::new();
+        for line in self.rest_of_stdout() {
+            if let Some(rest) = line.strip_prefix("krun-result ") {
+                eprintln!("{who}: {rest}");
+                kv.extend(pairs(rest));
+            }
+        }
+        kv
+    }
+
+    /// Ends the process (by its PID, through `Child`) if it still runs; returns the last
+    /// `n` lines of its stderr.
+    pub fn kill_and_tail(&mut self, n: usize) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        tail(&self.take_stderr(), n)
+    }
+
+    /// Whether the process ended with a failure.
+    pub fn failed(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(s)) if !s.success())
+    }
+}

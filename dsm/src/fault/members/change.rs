@@ -273,6 +273,9 @@ impl Engine {
                  a checkpoint); every other page was rebuilt from the survivors' copies"
             );
         }
+        // Committed everywhere: what the dead node held outside the pages (its DSM locks)
+        // goes to the survivors.
+        self.members.failure_handled(node);
         Ok(ChangeReport {
             change,
             epoch,
