@@ -98,6 +98,10 @@ pub(super) fn connect_launcher(
                     // The ranks this order starts say hello in this epoch (their reports
                     // carry it: `runtime/sockets.rs`).
                     shared.wiring.fetch_max(wiring, Ordering::SeqCst);
+                    // Before this order's thread starts: an older order's thread still at
+                    // work (a second failure during a recovery) drops the ranks this one
+                    // names instead of restarting them in its older epoch.
+                    shared.restarts.ordered(wiring, &ranks);
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
                     // An MPI job's servers start the new incarnation before any rank does
