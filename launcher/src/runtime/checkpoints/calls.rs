@@ -216,7 +216,7 @@ impl PolicyRuntime for HubCalls {
             crate::progress::line(&format!(
                 "krun: the checkpoint barrier waits for nodes {:?} to link to krun (at most \
                  {OPEN_TIMEOUT:?})",
-                self.linking
+                self.linking.iter().collect::<Vec<_>>()
             ));
         }
         Ok(())
