@@ -33,6 +33,7 @@
 //!      removed first, so the restart uses the store's bytes only. A live rank whose
 //!      watcher does not take the order within [`ORDER_TIMEOUT`] (it has no node link, or
 //!      its process is ending) is restarted this way too.
+//!
 //!    The node carries out one rank at a time, whatever order names it; an order for a
 //!    rank that a newer wiring epoch's order names (a failure during the recovery) is
 //!    dropped, answered `RestartFailed` in its old epoch (which krun ignores): it must not
