@@ -248,15 +248,64 @@ fn a_checkpoint_due_before_the_ranks_started_waits_for_them_and_commits() {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     );
     assert!(o.status.success(), "{out}{err}");
-    // Attempts before the nodes linked to krun abort and are tried again ("not linked to
-    // krun yet"); none may fail any other way, and checkpoints must commit.
-    for l in err.lines().filter(|l| l.contains(" aborted: ")) {
-        assert!(l.contains("are not linked to krun yet"), "{l}\n{err}");
-    }
+    // A barrier due before every node linked to krun waits for them: no attempt aborts,
+    // and checkpoints must commit.
+    let aborted: Vec<&str> = err.lines().filter(|l| l.contains(" aborted: ")).collect();
+    assert!(aborted.is_empty(), "{aborted:?}\n{err}");
     let committed = err
         .lines()
         .filter(|l| l.contains(" committed: 3 ranks"))
         .count();
     assert!(committed >= 2, "{err}");
+    let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
+}
+
+/// A krund that links to krun late (as under CPU load: `KRUN_TEST_LINK_DELAY` holds node
+/// 1's link 4 s, past the first barrier due at 0.5 s): the checkpoint waits for the node to
+/// link and commits. Before, it aborted at once ("checkpoint 1 aborted: nodes [1] are not
+/// linked to krun yet"), which failed CI tests under load.
+#[test]
+fn a_checkpoint_due_before_a_node_linked_to_krun_waits_for_it_and_commits() {
+    let dir = temp();
+    let heat = build_heat(&dir.0);
+    let serial = Command::new(dir.0.join("heat_serial"))
+        .args(["48", "40", "150"])
+        .output()
+        .unwrap();
+    let serial = String::from_utf8_lossy(&serial.stdout).into_owned();
+    let o = krun(&dir.0)
+        .args(["--local", "3", "-n", "3", "--checkpoint-interval", "0.5"])
+        .arg(&heat)
+        .args(["48", "40", "150", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .env("KRUN_TEST_LINK_DELAY", "1:4000")
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    // The late link was forced: the first barrier went out before node 1 linked.
+    let waited = err
+        .lines()
+        .filter_map(|l| l.split("the checkpoint barrier waits for nodes [").nth(1))
+        .filter_map(|l| l.split(']').next())
+        .any(|nodes| nodes.split(", ").any(|n| n == "1"));
+    assert!(waited, "no barrier waited for node 1 to link:\n{err}");
+    assert!(
+        err.contains("node 1 linked to krun; the checkpoint barrier goes out to it"),
+        "{err}"
+    );
+    // The first checkpoint committed (an abort would have used up version 1).
+    assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
+    assert!(!err.contains(" aborted: "), "{err}");
+    let checksum = |t: &str| {
+        t.lines()
+            .find_map(|l| l.split("checksum ").nth(1))
+            .map(str::to_string)
+    };
+    assert!(checksum(&out).is_some(), "{out}");
+    assert_eq!(checksum(&out), checksum(&serial), "{out}{err}");
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
 }

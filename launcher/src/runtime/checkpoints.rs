@@ -7,7 +7,7 @@
 //!
 //! | policy call | krun → krund | krund → krun |
 //! |---|---|---|
-//! | `barrier(op)` | `Barrier{op}`: hold ranks that reach a safepoint; once every node answered `Opened{op}`, `Wake{op}` (SIGUSR1 wakes them) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
+//! | `barrier(op)` | `Barrier{op}`: hold ranks that reach a safepoint; once every node answered `Opened{op}`, `Wake{op}` (SIGUSR1 wakes them); a node with ranks not linked yet gets it when it links (`Register`), the barrier waits up to `OPEN_TIMEOUT` for it (then `SyncFailed` naming it) | `Held{op}` per node → `Synchronized`; `SyncFailed` |
 //! | `capture(op, rank, v)` | `Release{Checkpoint{version}}` once per op: every rank takes the native checkpoint | `Captured{rank, version, wiring}` → `CaptureDone`; `Safe{.., node, wiring}`/`NotSafe` → `LevelSafe`/`LevelLost` (L2 at the buddy, L3 at the parity holder: the copies index); a report of an older wiring epoch than the newest recovery's is dropped |
 //! | `release` | `Release{Continue}` if the ranks are still held | |
 //! | `record` | appended to `decisions.log` in the job directory | |
@@ -175,6 +175,7 @@ impl CheckpointDriver {
             log,
             barrier: None,
             opened: (BTreeSet::new(), false, Instant::now()),
+            linking: BTreeSet::new(),
             capturing: None,
             native_newest: 0,
             versions: BTreeMap::new(),
@@ -302,10 +303,19 @@ fn run(mut engine: Driven, mut plug: swap::Plug, rx: Receiver<Option<Input>>) ->
             match &calls.barrier {
                 Some((op, _)) if !calls.opened.1 && calls.opened.2.elapsed() > OPEN_TIMEOUT => {
                     let missing: Vec<_> = calls.nodes.difference(&calls.opened.0).collect();
-                    Some((
-                        *op,
-                        format!("nodes {missing:?} did not open the barrier in {OPEN_TIMEOUT:?}"),
-                    ))
+                    let unlinked: Vec<_> = missing
+                        .iter()
+                        .filter(|n| calls.linking.contains(n))
+                        .collect();
+                    let reason = if unlinked.is_empty() {
+                        format!("nodes {missing:?} did not open the barrier in {OPEN_TIMEOUT:?}")
+                    } else {
+                        format!(
+                            "nodes {unlinked:?} did not link to krun in {OPEN_TIMEOUT:?} (nodes \
+                             {missing:?} did not open the barrier)"
+                        )
+                    };
+                    Some((*op, reason))
                 }
                 _ => None,
             }
@@ -370,6 +380,7 @@ mod tests {
             log: None,
             barrier: None,
             opened: (BTreeSet::new(), false, Instant::now()),
+            linking: BTreeSet::new(),
             capturing: None,
             native_newest: 0,
             versions: BTreeMap::new(),
@@ -584,5 +595,78 @@ mod tests {
         assert!(translate(&mut calls, &mut copies, stale).is_none());
         translate(&mut calls, &mut copies, opened(2));
         assert_eq!(wakes(&sent), 1);
+    }
+
+    /// Under load a krund can link to krun after the first barrier went out: the barrier
+    /// waits for it (no abort, no release) and goes out again once it links; a node that
+    /// dies meanwhile ends the barrier with the failure.
+    #[test]
+    fn a_barrier_waits_for_a_node_that_links_late_and_a_failure_ends_the_wait() {
+        let (mut calls, sent) = hub();
+        let linked = Arc::new(Mutex::new(BTreeSet::from([0u32, 2])));
+        let (log, now) = (sent.clone(), linked.clone());
+        calls.send = Arc::new(move |m: &LauncherToNode| {
+            log.lock().unwrap().push(m.clone());
+            now.lock().unwrap().clone()
+        });
+        let mut copies = Copies(BTreeMap::new());
+        let op = OpId { leader: 0, seq: 9 };
+        calls.barrier(op, &[]).unwrap();
+        let count = |sent: &Arc<Mutex<Vec<LauncherToNode>>>, f: fn(&LauncherToNode) -> bool| {
+            sent.lock().unwrap().iter().filter(|m| f(m)).count()
+        };
+        let barriers = |m: &LauncherToNode| matches!(m, LauncherToNode::Barrier { op: 9 });
+        let releases = |m: &LauncherToNode| matches!(m, LauncherToNode::Release { .. });
+        let wakes = |m: &LauncherToNode| matches!(m, LauncherToNode::Wake { op: 9 });
+        assert_eq!(calls.linking, BTreeSet::from([1]));
+        assert_eq!(count(&sent, releases), 0, "the barrier is not given up");
+        let opened = |node| Input::FromNode(node, NodeToLauncher::Opened { op: 9 });
+        for n in [0, 2] {
+            assert!(translate(&mut calls, &mut copies, opened(n)).is_none());
+        }
+        assert_eq!(count(&sent, wakes), 0, "node 1 has not opened it");
+        // Node 1 links: the barrier goes out again, it opens, every rank is woken.
+        linked.lock().unwrap().insert(1);
+        let addresses = super::super::control::NodeAddresses {
+            node: 1,
+            pid: 1,
+            host: "h".into(),
+            control_tcp: String::new(),
+            control_unix: String::new(),
+            adaptation: String::new(),
+        };
+        let register = Input::FromNode(1, NodeToLauncher::Register(addresses.clone()));
+        assert!(translate(&mut calls, &mut copies, register).is_none());
+        assert_eq!(count(&sent, barriers), 2);
+        assert!(calls.linking.is_empty());
+        // A second Register (or one of a node the barrier did not wait for) sends nothing.
+        let again = Input::FromNode(1, NodeToLauncher::Register(addresses));
+        assert!(translate(&mut calls, &mut copies, again).is_none());
+        assert_eq!(count(&sent, barriers), 2);
+        assert!(translate(&mut calls, &mut copies, opened(1)).is_none());
+        assert_eq!(count(&sent, wakes), 1);
+
+        // Another barrier waits for node 1 again; node 1 dies before it links: the failure
+        // gives the barrier up (the policy hears the failure; nothing waits for node 1).
+        linked.lock().unwrap().remove(&1);
+        calls.recover = true;
+        calls.barrier(OpId { leader: 0, seq: 10 }, &[]).unwrap();
+        assert_eq!(calls.linking, BTreeSet::from([1]));
+        let view = Input::View {
+            epoch: 2,
+            members: vec![0, 2],
+            failed: vec![1],
+        };
+        assert!(matches!(
+            translate(&mut calls, &mut copies, view),
+            Some(Event::FailureAgreed { .. })
+        ));
+        assert!(calls.barrier.is_none());
+        assert!(matches!(
+            sent.lock().unwrap().last(),
+            Some(LauncherToNode::Release {
+                order: SafepointOrder::Abort(_)
+            })
+        ));
     }
 }

@@ -281,10 +281,15 @@ fn node_link(inner: Arc<Inner>, mut s: TcpStream) {
         // before a slower node is up) is stopped now: no later `Bye` would.
         stop_spares_when_done(&mut st);
     }
-    if let Err(e) = inner.dir.lock().expect("dir lock").register(me) {
+    if let Err(e) = inner.dir.lock().expect("dir lock").register(me.clone()) {
         eprintln!("krun: job directory: {e}");
     }
     inner.changed.notify_all();
+    // After the link is in: a checkpoint barrier waiting for this node goes out again.
+    to_policy(
+        &inner,
+        super::checkpoints::Input::FromNode(node, NodeToLauncher::Register(me)),
+    );
     loop {
         match session.rx.recv::<NodeToLauncher>(&mut s) {
             Ok(NodeToLauncher::View {

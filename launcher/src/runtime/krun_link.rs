@@ -25,6 +25,9 @@ pub(super) fn connect_launcher(
     agent: Arc<AgentSlot>,
     decisions: TableClient,
 ) -> Result<()> {
+    if let Some(delay) = link_delay(me.node, std::env::var("KRUN_TEST_LINK_DELAY").ok())? {
+        std::thread::sleep(delay);
+    }
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(io(format!("connecting to krun at {addr}")))?;
     let _ = s.set_nodelay(true);
@@ -98,6 +101,10 @@ pub(super) fn connect_launcher(
                     // The ranks this order starts say hello in this epoch (their reports
                     // carry it: `runtime/sockets.rs`).
                     shared.wiring.fetch_max(wiring, Ordering::SeqCst);
+                    // Before this order's thread starts: an older order's thread still at
+                    // work (a second failure during a recovery) drops the ranks this one
+                    // names instead of restarting them in its older epoch.
+                    shared.restarts.ordered(wiring, &ranks);
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
                     // An MPI job's servers start the new incarnation before any rank does
@@ -132,6 +139,26 @@ pub(super) fn connect_launcher(
         shared.request_stop(why);
     });
     Ok(())
+}
+
+/// For tests: `KRUN_TEST_LINK_DELAY=NODE:MS` delays node NODE's link to krun by MS
+/// milliseconds (as a krund slow to start under CPU load links late, after krun's first
+/// checkpoint barrier went out). A malformed value is an error naming it.
+fn link_delay(me: u32, value: Option<String>) -> Result<Option<Duration>> {
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let parsed = v
+        .trim()
+        .split_once(':')
+        .and_then(|(n, ms)| Some((n.parse::<u32>().ok()?, ms.parse::<u64>().ok()?)));
+    let Some((node, ms)) = parsed else {
+        return Err(LauncherError::Node {
+            node: me as usize,
+            message: format!("KRUN_TEST_LINK_DELAY={v:?}: expected NODE:MILLISECONDS, e.g. 1:3000"),
+        });
+    };
+    Ok((node == me).then(|| Duration::from_millis(ms)))
 }
 
 /// The policy's barrier on this node: holds the ranks at their safepoints from now on,
@@ -182,4 +209,24 @@ pub(super) fn barrier(shared: &Shared, safepoints: &safepoint::SafepointGate, op
         },
     };
     shared.tell_launcher(&msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_link_delay_applies_to_the_node_it_names_and_a_bad_value_is_named() {
+        assert_eq!(link_delay(1, None).unwrap(), None);
+        assert_eq!(
+            link_delay(1, Some("1:2500".into())).unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(link_delay(0, Some("1:2500".into())).unwrap(), None);
+        let err = link_delay(1, Some("soon".into())).unwrap_err().to_string();
+        assert!(
+            err.contains("KRUN_TEST_LINK_DELAY") && err.contains("soon"),
+            "{err}"
+        );
+    }
 }

@@ -47,6 +47,9 @@ pub struct Shared {
     pub view_hooks: Mutex<Vec<ViewHook>>,
     /// Ranks whose library watches for orders at any time (rollback in place).
     pub watchers: super::recovery::Watchers,
+    /// The recoveries' restart orders: carried out one rank at a time, an order that a
+    /// newer wiring epoch's superseded is dropped (`recovery.rs`).
+    pub restarts: super::recovery::RestartOrders,
     /// The node's MPI servers (PMI-1, PMIx), if it serves any (krun's fence answers go
     /// there).
     pub pmi: Mutex<Vec<Arc<dyn super::mpi::RankWatch>>>,
@@ -86,6 +89,7 @@ impl Shared {
             local_ranks: Mutex::new(std::collections::BTreeMap::new()),
             starting: Mutex::new(BTreeSet::new()),
             watchers: Default::default(),
+            restarts: Default::default(),
             pmi: Mutex::new(Vec::new()),
             mpi_wiring: AtomicU64::new(0),
             wiring: AtomicU64::new(0),

@@ -33,6 +33,11 @@
 //!      removed first, so the restart uses the store's bytes only. A live rank whose
 //!      watcher does not take the order within [`ORDER_TIMEOUT`] (it has no node link, or
 //!      its process is ending) is restarted this way too.
+//!
+//!    The node carries out one rank at a time, whatever order names it; an order for a
+//!    rank that a newer wiring epoch's order names (a failure during the recovery) is
+//!    dropped, answered `RestartFailed` in its old epoch (which krun ignores): it must not
+//!    replace the rank's process of the newer epoch with one of its own ([`RestartOrders`]).
 //! 4. The node answers `Restarted{wiring, rank, pid, in_place, ..}` or
 //!    `RestartFailed{wiring, rank, why}` per rank; the hub turns them into the policy's
 //!    `RestartDone`/`RollbackDone` (or the failed ones), and the policy's recovery ends
@@ -192,6 +197,59 @@ impl Watchers {
     }
 }
 
+/// The restart orders of the recoveries krun ordered on this node, one thread per order.
+///
+/// A second failure during a recovery brings a newer wiring epoch's order while the older
+/// order's thread is still at work (fetching a lost rank's images from the store can take
+/// seconds when the store first asks the node that just died). Found by the second-failure
+/// test without message logging: the older thread went on after the newer one had started
+/// the rank in the new epoch, killed that process (`Adopt` replaces a rank's process) and
+/// started the rank in the old epoch, whose address all-gather never completes: the rank
+/// never linked, its peers timed out on it and the job never ended. So each rank's
+/// restart is carried out under one lock per node, and an order for a rank that a newer
+/// epoch's order names is dropped (checked before it starts and again before anything
+/// irreversible: the rollback order, the new process).
+#[derive(Default)]
+pub struct RestartOrders {
+    /// rank -> the newest wiring epoch whose `Restart` order names it (on any node).
+    newest: Mutex<BTreeMap<u32, u64>>,
+    /// Held while one rank is restarted or rolled back.
+    turn: Mutex<()>,
+}
+
+impl RestartOrders {
+    /// krun's `Restart{wiring, ranks}` arrived (before its thread starts).
+    pub fn ordered(&self, wiring: u64, ranks: &[(u32, NodeId)]) {
+        let mut newest = self.newest.lock().expect("orders lock");
+        for &(rank, _) in ranks {
+            let w = newest.entry(rank).or_insert(wiring);
+            *w = (*w).max(wiring);
+        }
+    }
+
+    /// The newer wiring epoch whose order names `rank`, if the order of `wiring` is
+    /// superseded.
+    pub fn superseded(&self, rank: u32, wiring: u64) -> Option<u64> {
+        self.newest
+            .lock()
+            .expect("orders lock")
+            .get(&rank)
+            .copied()
+            .filter(|&w| w > wiring)
+    }
+}
+
+/// Why an order of `wiring` for `rank` is not carried out: a newer epoch's order names it.
+fn superseded(shared: &Shared, rank: u32, wiring: u64) -> Result<(), String> {
+    match shared.restarts.superseded(rank, wiring) {
+        Some(newer) => Err(format!(
+            "the order of wiring epoch {wiring} is superseded by the recovery of wiring \
+             epoch {newer} (a failure during the recovery): dropped"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The rank socket's `Watch{rank, pid}`.
 pub fn watch(shared: &Shared, rank: u32, pid: u32) -> NodeToRank {
     shared.watchers.watch(rank, pid, WATCH_HOLD)
@@ -311,6 +369,13 @@ fn restart_one(
     version: Option<u64>,
     rank: u32,
 ) -> Result<(u32, u64, Option<String>), String> {
+    // One rank at a time on this node, whatever epoch ordered it (see `RestartOrders`).
+    let _turn = shared
+        .restarts
+        .turn
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    superseded(shared, rank, wiring)?;
     let alive_pid = shared
         .local_ranks
         .lock()
@@ -344,6 +409,8 @@ fn restart_one(
             };
         }
     }
+    // The fetch above can take seconds: a newer order may have come meanwhile.
+    superseded(shared, rank, wiring)?;
     if let Some(pid) = live {
         // Rolled back inside its process. Not linked until its new image says hello: a
         // barrier must not wake it with SIGUSR1 before the library installed its handler.
@@ -411,6 +478,7 @@ fn restart_one(
         let (dir, owner) = rank_images(rank);
         let _ = std::fs::remove_dir_all(dir.join(&owner));
     }
+    superseded(shared, rank, wiring)?;
     // The new process is not linked until it says hello: a barrier must not wake it with
     // SIGUSR1 before its library installed the handler (the signal would kill it).
     shared
@@ -473,6 +541,28 @@ mod tests {
             w.watch(2, 77, Duration::from_millis(10)),
             NodeToRank::Continue
         );
+    }
+
+    /// A second failure during a recovery: the newer epoch's order supersedes the older one
+    /// for every rank it names (on whatever node), never the other way round.
+    #[test]
+    fn a_newer_epochs_restart_order_supersedes_an_older_one_for_the_ranks_it_names() {
+        let orders = RestartOrders::default();
+        orders.ordered(1, &[(0, 0), (1, 0), (2, 3), (3, 3)]);
+        assert_eq!(orders.superseded(2, 1), None);
+        orders.ordered(2, &[(2, 3), (3, 4)]);
+        assert_eq!(orders.superseded(2, 1), Some(2));
+        assert_eq!(orders.superseded(3, 1), Some(2));
+        assert_eq!(
+            orders.superseded(0, 1),
+            None,
+            "epoch 2 does not name rank 0"
+        );
+        assert_eq!(orders.superseded(2, 2), None);
+        // A late copy of the older order changes nothing.
+        orders.ordered(1, &[(2, 3)]);
+        assert_eq!(orders.superseded(2, 1), Some(2));
+        assert_eq!(orders.superseded(2, 2), None);
     }
 
     #[test]

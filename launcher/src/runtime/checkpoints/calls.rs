@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How long every node has to answer `Opened` to a barrier before it fails; a node not yet
+/// linked to krun when the barrier starts (a krund slow to start under CPU load) has this
+/// long to link and open it too.
 pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The policy's copies index: what the nodes reported safe, per level: the node holding
@@ -94,6 +97,10 @@ pub(super) struct HubCalls {
     /// The nodes that answered `Opened` for the barrier in progress, whether `Wake` went out
     /// (once all of them opened), and when the barrier started.
     pub(super) opened: (BTreeSet<NodeId>, bool, Instant),
+    /// The nodes with ranks that were not linked to krun when the barrier in progress
+    /// started: it waits for them (up to [`OPEN_TIMEOUT`]) and goes out again to everyone
+    /// as each one links (`Register`).
+    pub(super) linking: BTreeSet<NodeId>,
     /// The op whose capture was ordered, with the checkpointer's version and when.
     pub(super) capturing: Option<(OpId, Version, u64, Instant)>,
     /// The checkpointer's newest version seen.
@@ -199,16 +206,19 @@ impl PolicyRuntime for HubCalls {
         }
         self.phases.reached(Phase::CheckpointBarrier);
         let sent = (self.send)(&LauncherToNode::Barrier { op: op.seq });
-        if !sent.is_superset(&self.nodes) {
-            // Not every node is up yet: the policy aborts this one and tries again later.
-            (self.send)(&LauncherToNode::Release {
-                order: SafepointOrder::Continue,
-            });
-            let missing: Vec<_> = self.nodes.difference(&sent).collect();
-            return Err(format!("nodes {missing:?} are not linked to krun yet"));
-        }
         self.barrier = Some((op, BTreeSet::new()));
         self.opened = (BTreeSet::new(), false, Instant::now());
+        // Not every node is up yet (a krund slow to link under load): the barrier waits for
+        // them, bounded by `OPEN_TIMEOUT` like a node that does not open it; a node that
+        // dies meanwhile is a failure, which ends the barrier (`translate.rs`).
+        self.linking = self.nodes.difference(&sent).copied().collect();
+        if !self.linking.is_empty() {
+            crate::progress::line(&format!(
+                "krun: the checkpoint barrier waits for nodes {:?} to link to krun (at most \
+                 {OPEN_TIMEOUT:?})",
+                self.linking.iter().collect::<Vec<_>>()
+            ));
+        }
         Ok(())
     }
 
@@ -390,6 +400,23 @@ impl PolicyRuntime for HubCalls {
 }
 
 impl HubCalls {
+    /// Node `node` linked to krun: a barrier waiting for it goes out again (to every node:
+    /// those that opened it already open it again and answer once more, which is harmless).
+    pub(super) fn linked(&mut self, node: NodeId) {
+        let Some((op, _)) = &self.barrier else {
+            return;
+        };
+        if !self.linking.remove(&node) || self.opened.1 {
+            return;
+        }
+        let op = op.seq;
+        crate::progress::line(&format!(
+            "krun: node {node} linked to krun; the checkpoint barrier goes out to it"
+        ));
+        let sent = (self.send)(&LauncherToNode::Barrier { op });
+        self.linking = self.nodes.difference(&sent).copied().collect();
+    }
+
     /// The checkpointer's version of the policy's `version`.
     pub(super) fn native_of(&self, version: Version) -> Option<u64> {
         self.versions

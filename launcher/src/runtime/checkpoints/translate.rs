@@ -57,6 +57,10 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
             })
         }
         Input::FromNode(node, msg) => match msg {
+            NodeToLauncher::Register(_) => {
+                calls.linked(node);
+                None
+            }
             NodeToLauncher::Opened { op } => {
                 let (want, _) = calls.barrier.as_ref()?;
                 if want.seq != op {
@@ -206,7 +210,6 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 level: level_of(level)?,
             }),
             NodeToLauncher::NotSafe { .. }
-            | NodeToLauncher::Register(_)
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye
             | NodeToLauncher::RankKilled { .. }
