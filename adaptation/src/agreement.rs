@@ -61,6 +61,23 @@ pub struct AgreementOutput {
     pub restored: Option<Vec<Change>>,
 }
 
+/// The term and vote a member had when its node left the group. The node keeps it: a
+/// member promoted again starts from it (not from term 0 with no vote), so that it never
+/// votes twice in one term (a vote request of that term still in flight would otherwise get
+/// a second vote, and two leaders could be elected in one term).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ballot {
+    term: u64,
+    vote: u64,
+}
+
+impl Ballot {
+    /// The term of the ballot.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+}
+
 /// One supervisor's Raft member.
 pub struct Agreement {
     me: NodeId,
@@ -156,11 +173,39 @@ impl Agreement {
         seed: u64,
         config: AgreementConfig,
     ) -> Result<Self> {
+        Agreement::joining_after(me, supervisors, seed, config, Ballot::default())
+    }
+
+    /// As [`Agreement::joining`], for a node that was a supervisor before (demoted, now
+    /// promoted again): its member starts from the term and vote it had then
+    /// ([`Agreement::ballot`]).
+    pub fn joining_after(
+        me: NodeId,
+        supervisors: &[NodeId],
+        seed: u64,
+        config: AgreementConfig,
+        ballot: Ballot,
+    ) -> Result<Self> {
         let mut sups = supervisors.to_vec();
         sups.push(me);
         sups.sort_unstable();
         sups.dedup();
-        Agreement::with_storage(me, &sups, seed, config, ViewStorage::default(), 0)
+        let mut storage = ViewStorage::default();
+        storage.set_hard_state(raft::eraftpb::HardState {
+            term: ballot.term,
+            vote: ballot.vote,
+            commit: 0,
+            ..Default::default()
+        });
+        Agreement::with_storage(me, &sups, seed, config, storage, 0)
+    }
+
+    /// This member's current term and vote (what its node keeps when it leaves the group).
+    pub fn ballot(&self) -> Ballot {
+        Ballot {
+            term: self.node.raft.term,
+            vote: self.node.raft.vote,
+        }
     }
 
     fn with_storage(
@@ -256,6 +301,20 @@ impl Agreement {
         });
         self.guarded(|node| {
             let _ = node.propose_conf_change(Vec::new(), cc);
+            Ok(())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The leader hands its leadership to voter `to` (raft-rs sends it a `TimeoutNow` once
+    /// its log is complete; it then campaigns at once): a leader that is to leave the group
+    /// is removed by the next leader, not by itself.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> AgreementOutput {
+        if self.leader() != Some(self.me) || to == self.me || !self.voters().contains(&to) {
+            return AgreementOutput::default();
+        }
+        self.guarded(|node| {
+            node.transfer_leader(raft_id(to));
             Ok(())
         })
         .unwrap_or_default()
@@ -460,6 +519,13 @@ impl Agreement {
             | MsgRequestPreVoteResponse
             | MsgHeartbeatResponse => {}
             MsgSnapshot => check_snapshot(m)?,
+            // The leader hands its leadership over (see `transfer_leadership`): only from
+            // the leader of our term.
+            MsgTimeoutNow => {
+                if m.term != self.node.raft.term || self.leader() != Some(from) {
+                    return Err("TimeoutNow from a node that is not our term's leader".into());
+                }
+            }
             // Local kinds, leader transfer and read index are never sent by this module.
             t => return Err(format!("unexpected message kind {t:?}")),
         }
