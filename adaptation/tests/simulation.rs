@@ -171,7 +171,8 @@ fn random_schedules_under_the_wide_fault_model_keep_every_invariant() {
 }
 
 /// Supervisors crash one after another (each once the group healed from the previous
-/// crash), 3 or 4 of them in a schedule, while 2-3 nodes join and links may lose messages:
+/// crash), 3 or 4 of them in a schedule, or leave in a planned way (1 or 2 of them), while
+/// 2-3 nodes join and links may lose messages:
 /// the first group of 3 could lose one. Every invariant of the classic schedules holds
 /// (one view per epoch at every node, exactly-once answers, every key read back), and at
 /// the end the group is made of live members, as many as configured.
@@ -185,9 +186,10 @@ fn supervisors_failing_one_after_another_are_replaced_and_views_keep_being_agree
     // More supervisors failed than the first group could lose, in most schedules, and
     // every first supervisor was gone in some: the group healed each time.
     assert!(
-        total.supervisor_crashes >= 2 * count,
-        "only {} supervisor crashes in {count} schedules",
-        total.supervisor_crashes
+        total.supervisor_crashes + total.supervisor_leaves >= 2 * count,
+        "only {} supervisor crashes and {} leaves in {count} schedules",
+        total.supervisor_crashes,
+        total.supervisor_leaves
     );
     assert!(
         total.first_group_gone >= 2 * count,
@@ -195,6 +197,12 @@ fn supervisors_failing_one_after_another_are_replaced_and_views_keep_being_agree
         total.first_group_gone
     );
     assert!(total.promotions >= total.supervisor_crashes / 2);
+    // Supervisors also left in a planned way, handing their votes over.
+    assert!(
+        total.supervisor_leaves >= count / 4,
+        "only {} planned leaves of supervisors in {count} schedules",
+        total.supervisor_leaves
+    );
 }
 
 /// 100,000 schedules of the wide model (or `KRUN_SIM_SCHEDULES`): run by hand, in release.
