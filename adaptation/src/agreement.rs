@@ -85,8 +85,11 @@ pub struct Agreement {
     /// (see [`Agreement::set_peers`]); the voters of the Raft configuration are taken too.
     peers: BTreeSet<NodeId>,
     node: RawNode<ViewStorage>,
-    /// The single election timeout this member uses (see [`election_timeout_for`]).
+    /// The election timeout this member uses (see [`election_timeout_for`]), ranked among
+    /// the voters of the configuration it applied; `seed` and `election_ticks` give it.
     election_timeout: usize,
+    seed: u64,
+    election_ticks: usize,
     /// Highest log index already handed to the caller (reported or skipped).
     applied: u64,
     /// Set when raft-rs panicked inside a call; the member then stops (fail-stop), because
@@ -112,8 +115,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// The election timeout of `me`, in `[election_ticks, 2 * election_ticks)`.
 ///
-/// raft-rs draws the timeout from its own thread rng in `[min, max)`; giving it a one-value
-/// range removes that randomness. The supervisors are ranked by a seeded hash and spread
+/// raft-rs draws the timeout from its own thread rng in `[min, max)`; the member replaces
+/// the draw by this after every call, which removes that randomness. The supervisors (the
+/// voters of the configuration applied) are ranked by a seeded hash and spread
 /// evenly over the range, so (up to `election_ticks` supervisors) no two share a timeout and
 /// repeated split votes between two candidates that always time out together cannot happen.
 fn election_timeout_for(
@@ -230,8 +234,10 @@ impl Agreement {
             id: raft_id(me),
             election_tick: config.election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
-            min_election_tick: election_timeout,
-            max_election_tick: election_timeout + 1,
+            // raft-rs draws a timeout in this range from its own rng at every reset; it is
+            // replaced after every call by the seeded one (`pin_timeout`).
+            min_election_tick: config.election_ticks,
+            max_election_tick: 2 * config.election_ticks,
             // A rejoining or lagging member must not bump the term and depose a healthy
             // leader; a leader cut off from a majority must step down.
             pre_vote: true,
@@ -252,8 +258,14 @@ impl Agreement {
             peers: sups.iter().copied().filter(|&n| n != me).collect(),
             node,
             election_timeout,
+            seed,
+            election_ticks: config.election_ticks,
             applied,
             failed: false,
+        })
+        .map(|mut a: Agreement| {
+            a.pin_timeout();
+            a
         })
     }
 
@@ -264,6 +276,28 @@ impl Agreement {
             .copied()
             .filter(|&n| n != self.me)
             .collect();
+        self.pin_timeout();
+    }
+
+    /// Sets the election timeout from the seed, ranked among the voters of the
+    /// configuration applied here (the peers and this member before any): every member of
+    /// one group gets a distinct timeout, also after the group changed (a member ranked in
+    /// an older group could share its timeout with a new one, and two members timing out
+    /// together split every vote forever).
+    fn pin_timeout(&mut self) {
+        if self.failed {
+            return;
+        }
+        let mut group: Vec<NodeId> = self.voters().into_iter().collect();
+        if !group.contains(&self.me) {
+            group = self.peers.iter().copied().collect();
+            group.push(self.me);
+        }
+        let t = election_timeout_for(self.me, &group, self.seed, self.election_ticks);
+        self.election_timeout = t;
+        if self.node.raft.randomized_election_timeout() != t {
+            self.node.raft.set_randomized_election_timeout(t);
+        }
     }
 
     /// The voters of the Raft configuration this member applied (empty for a member that
@@ -553,7 +587,10 @@ impl Agreement {
             Ok(out)
         }));
         match run {
-            Ok(r) => r,
+            Ok(r) => {
+                self.pin_timeout();
+                r
+            }
             Err(_) => {
                 self.failed = true;
                 Err(AdaptError::Raft("raft-rs panicked; member stopped".into()))
