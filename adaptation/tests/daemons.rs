@@ -285,6 +285,9 @@ struct Clients {
     seq: BTreeMap<u32, u64>,
     answered: u64,
     round: u64,
+    /// No new requests (when nodes die faster than the layer's loss window, keys would be
+    /// lost with two copies: a test of the group alone issues none).
+    quiet: bool,
 }
 
 impl Clients {
@@ -295,6 +298,7 @@ impl Clients {
             seq: BTreeMap::new(),
             answered: 0,
             round: 0,
+            quiet: false,
         }
     }
 
@@ -314,7 +318,7 @@ impl Clients {
                 cluster.describe()
             );
             self.round += 1;
-            client_round(cluster, self, self.round, issue);
+            client_round(cluster, self, self.round, issue && !self.quiet);
             std::thread::sleep(Duration::from_millis(10));
         }
         start.elapsed().as_secs_f64()
@@ -870,7 +874,9 @@ fn supervisors_sigkilled_one_after_another_are_replaced_and_views_keep_being_agr
 #[test]
 fn a_demoted_supervisor_is_promoted_again_when_a_join_refills_the_group() {
     let (mut cluster, addrs) = Cluster::start(6);
+    // Four kills within seconds: more failures at once than two copies survive.
     let mut clients = Clients::new();
+    clients.quiet = true;
     let mut members: Vec<u32> = (0..6).collect();
     let victims = [3u32, 4, 5, 2];
     let groups = remove_in_turn(
