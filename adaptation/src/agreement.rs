@@ -61,6 +61,23 @@ pub struct AgreementOutput {
     pub restored: Option<Vec<Change>>,
 }
 
+/// The term and vote a member had when its node left the group. The node keeps it: a
+/// member promoted again starts from it (not from term 0 with no vote), so that it never
+/// votes twice in one term (a vote request of that term still in flight would otherwise get
+/// a second vote, and two leaders could be elected in one term).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ballot {
+    term: u64,
+    vote: u64,
+}
+
+impl Ballot {
+    /// The term of the ballot.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+}
+
 /// One supervisor's Raft member.
 pub struct Agreement {
     me: NodeId,
@@ -68,8 +85,11 @@ pub struct Agreement {
     /// (see [`Agreement::set_peers`]); the voters of the Raft configuration are taken too.
     peers: BTreeSet<NodeId>,
     node: RawNode<ViewStorage>,
-    /// The single election timeout this member uses (see [`election_timeout_for`]).
+    /// The election timeout this member uses (see [`election_timeout_for`]), ranked among
+    /// the voters of the configuration it applied; `seed` and `election_ticks` give it.
     election_timeout: usize,
+    seed: u64,
+    election_ticks: usize,
     /// Highest log index already handed to the caller (reported or skipped).
     applied: u64,
     /// Set when raft-rs panicked inside a call; the member then stops (fail-stop), because
@@ -95,8 +115,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// The election timeout of `me`, in `[election_ticks, 2 * election_ticks)`.
 ///
-/// raft-rs draws the timeout from its own thread rng in `[min, max)`; giving it a one-value
-/// range removes that randomness. The supervisors are ranked by a seeded hash and spread
+/// raft-rs draws the timeout from its own thread rng in `[min, max)`; the member replaces
+/// the draw by this after every call, which removes that randomness. The supervisors (the
+/// voters of the configuration applied) are ranked by a seeded hash and spread
 /// evenly over the range, so (up to `election_ticks` supervisors) no two share a timeout and
 /// repeated split votes between two candidates that always time out together cannot happen.
 fn election_timeout_for(
@@ -156,11 +177,39 @@ impl Agreement {
         seed: u64,
         config: AgreementConfig,
     ) -> Result<Self> {
+        Agreement::joining_after(me, supervisors, seed, config, Ballot::default())
+    }
+
+    /// As [`Agreement::joining`], for a node that was a supervisor before (demoted, now
+    /// promoted again): its member starts from the term and vote it had then
+    /// ([`Agreement::ballot`]).
+    pub fn joining_after(
+        me: NodeId,
+        supervisors: &[NodeId],
+        seed: u64,
+        config: AgreementConfig,
+        ballot: Ballot,
+    ) -> Result<Self> {
         let mut sups = supervisors.to_vec();
         sups.push(me);
         sups.sort_unstable();
         sups.dedup();
-        Agreement::with_storage(me, &sups, seed, config, ViewStorage::default(), 0)
+        let mut storage = ViewStorage::default();
+        storage.set_hard_state(raft::eraftpb::HardState {
+            term: ballot.term,
+            vote: ballot.vote,
+            commit: 0,
+            ..Default::default()
+        });
+        Agreement::with_storage(me, &sups, seed, config, storage, 0)
+    }
+
+    /// This member's current term and vote (what its node keeps when it leaves the group).
+    pub fn ballot(&self) -> Ballot {
+        Ballot {
+            term: self.node.raft.term,
+            vote: self.node.raft.vote,
+        }
     }
 
     fn with_storage(
@@ -185,8 +234,10 @@ impl Agreement {
             id: raft_id(me),
             election_tick: config.election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
-            min_election_tick: election_timeout,
-            max_election_tick: election_timeout + 1,
+            // raft-rs draws a timeout in this range from its own rng at every reset; it is
+            // replaced after every call by the seeded one (`pin_timeout`).
+            min_election_tick: config.election_ticks,
+            max_election_tick: 2 * config.election_ticks,
             // A rejoining or lagging member must not bump the term and depose a healthy
             // leader; a leader cut off from a majority must step down.
             pre_vote: true,
@@ -207,8 +258,14 @@ impl Agreement {
             peers: sups.iter().copied().filter(|&n| n != me).collect(),
             node,
             election_timeout,
+            seed,
+            election_ticks: config.election_ticks,
             applied,
             failed: false,
+        })
+        .map(|mut a: Agreement| {
+            a.pin_timeout();
+            a
         })
     }
 
@@ -219,6 +276,28 @@ impl Agreement {
             .copied()
             .filter(|&n| n != self.me)
             .collect();
+        self.pin_timeout();
+    }
+
+    /// Sets the election timeout from the seed, ranked among the voters of the
+    /// configuration applied here (the peers and this member before any): every member of
+    /// one group gets a distinct timeout, also after the group changed (a member ranked in
+    /// an older group could share its timeout with a new one, and two members timing out
+    /// together split every vote forever).
+    fn pin_timeout(&mut self) {
+        if self.failed {
+            return;
+        }
+        let mut group: Vec<NodeId> = self.voters().into_iter().collect();
+        if !group.contains(&self.me) {
+            group = self.peers.iter().copied().collect();
+            group.push(self.me);
+        }
+        let t = election_timeout_for(self.me, &group, self.seed, self.election_ticks);
+        self.election_timeout = t;
+        if self.node.raft.randomized_election_timeout() != t {
+            self.node.raft.set_randomized_election_timeout(t);
+        }
     }
 
     /// The voters of the Raft configuration this member applied (empty for a member that
@@ -256,6 +335,20 @@ impl Agreement {
         });
         self.guarded(|node| {
             let _ = node.propose_conf_change(Vec::new(), cc);
+            Ok(())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The leader hands its leadership to voter `to` (raft-rs sends it a `TimeoutNow` once
+    /// its log is complete; it then campaigns at once): a leader that is to leave the group
+    /// is removed by the next leader, not by itself.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> AgreementOutput {
+        if self.leader() != Some(self.me) || to == self.me || !self.voters().contains(&to) {
+            return AgreementOutput::default();
+        }
+        self.guarded(|node| {
+            node.transfer_leader(raft_id(to));
             Ok(())
         })
         .unwrap_or_default()
@@ -460,6 +553,13 @@ impl Agreement {
             | MsgRequestPreVoteResponse
             | MsgHeartbeatResponse => {}
             MsgSnapshot => check_snapshot(m)?,
+            // The leader hands its leadership over (see `transfer_leadership`): only from
+            // the leader of our term.
+            MsgTimeoutNow => {
+                if m.term != self.node.raft.term || self.leader() != Some(from) {
+                    return Err("TimeoutNow from a node that is not our term's leader".into());
+                }
+            }
             // Local kinds, leader transfer and read index are never sent by this module.
             t => return Err(format!("unexpected message kind {t:?}")),
         }
@@ -487,7 +587,10 @@ impl Agreement {
             Ok(out)
         }));
         match run {
-            Ok(r) => r,
+            Ok(r) => {
+                self.pin_timeout();
+                r
+            }
             Err(_) => {
                 self.failed = true;
                 Err(AdaptError::Raft("raft-rs panicked; member stopped".into()))

@@ -35,11 +35,12 @@
 //!   ([`Node::evicted`]); its driver may come back as a new member
 //!   ([`Node::rejoin_config`]).
 //! - **Supervisor replacement** (`supervisors.rs`): when the view declares a supervisor
-//!   failed, the Raft group's leader removes it and adds a live member by Raft
-//!   configuration changes, agreed in the log as [`Change::Demote`] and
-//!   [`Change::Promote`] (no entry moves: such an epoch ends at once). The Raft log is
-//!   compacted behind a snapshot of the agreed changes, from which a new supervisor
-//!   catches up.
+//!   failed, the Raft group's leader removes it and adds a live member (also one demoted
+//!   before) by Raft configuration changes, agreed in the log as [`Change::Demote`] and
+//!   [`Change::Promote`] (no entry moves: such an epoch ends at once); a group left short
+//!   is refilled when a node joins. A supervisor asked to leave hands its vote to a live
+//!   member first. The Raft log is compacted behind a snapshot of the agreed changes,
+//!   from which a new supervisor catches up.
 //!
 //! Where each part lives: `agreed.rs` (proposals, Raft's committed changes, the agreed
 //! log), `migration.rs` (the four steps and the failure scan), `receive.rs` (what each
@@ -47,7 +48,7 @@
 //! (lost entries, eviction notices), `supervisors.rs` (the Raft group's changes).
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::agreement::{Agreement, AgreementConfig};
+use crate::agreement::{Agreement, AgreementConfig, Ballot};
 use crate::error::{AdaptError, Result};
 use crate::locator::{CellTreeLocator, LocatorConfig, Scope};
 use crate::membership::{Membership, MembershipConfig, MembershipOutput};
@@ -231,6 +232,13 @@ pub struct Node {
     witnessed: BTreeMap<RequestId, Witnessed>,
     membership: Membership,
     agreement: Option<Agreement>,
+    /// The term and vote of this node's last Raft member, once it left the group (a member
+    /// promoted again starts from it).
+    ballot: Ballot,
+    /// Supervisors: supervisors asked to leave, with the node that asked. The leader hands
+    /// each one's vote to a live member first (promote the replacement, demote the leaver);
+    /// its leave is agreed once it is no longer a supervisor.
+    handing_over: BTreeMap<NodeId, NodeId>,
     /// Changes this node wants agreed, with the tick of the last attempt.
     proposals: BTreeMap<Change, u64>,
     next_supervisor: usize,
@@ -358,6 +366,8 @@ impl Node {
             witnessed: BTreeMap::new(),
             membership,
             agreement,
+            ballot: Ballot::default(),
+            handing_over: BTreeMap::new(),
             proposals,
             next_supervisor: 0,
             confirming: BTreeMap::new(),
@@ -571,12 +581,11 @@ impl Node {
         }
     }
 
+    /// Asks for `node` to leave (a planned eviction: it hands its entries over, then
+    /// stops). A supervisor first hands its vote to a live member (see `supervisors.rs`);
+    /// refused, with the reason, for the last member, and for a supervisor whose leave
+    /// would leave the Raft group without a majority of live voters.
     pub fn request_leave(&mut self, node: NodeId) -> Result<()> {
-        if self.logged.supervisors.contains(&node) {
-            return Err(AdaptError::ChangeRefused(format!(
-                "node {node} is a supervisor (a member of the Raft group) and cannot leave"
-            )));
-        }
         if !self.logged.members.contains(&node) {
             return Err(AdaptError::UnknownNode(node));
         }
@@ -584,6 +593,9 @@ impl Node {
             return Err(AdaptError::ChangeRefused(format!(
                 "node {node} is the last member"
             )));
+        }
+        if self.logged.supervisors.contains(&node) {
+            self.check_handover(node)?;
         }
         self.want(Change::Leave { node });
         Ok(())

@@ -19,10 +19,12 @@ pub enum Change {
     /// The failure detector and the supervisors agree the node is gone.
     Fail { node: NodeId },
     /// A member becomes a supervisor (a voter of the Raft group): it replaces one that
-    /// failed. Committed as a Raft configuration change; nothing moves between nodes.
+    /// failed or leaves, or refills a group left short. Committed as a Raft configuration
+    /// change; nothing moves between nodes.
     Promote { node: NodeId },
-    /// A supervisor leaves the Raft group (it failed, or the group shrinks to an odd size
-    /// after failures); it stays a member if it is alive.
+    /// A supervisor leaves the Raft group (it failed, it hands its vote over before a
+    /// planned leave, or the group shrinks to an odd size); it stays a member if it is
+    /// alive (and may be promoted again).
     Demote { node: NodeId },
 }
 

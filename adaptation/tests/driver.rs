@@ -117,8 +117,9 @@ fn drivers_answer_requests_and_report_views_as_nodes_join_and_leave() {
     }
     stable(&joiner, &[0, 1, 2, 3]);
 
-    // A supervisor cannot leave; the joiner can: it stops, the others see epoch 2.
-    assert!(drivers[1].handle().request_leave(1).is_err());
+    // A node that is not a member cannot leave; the joiner can: it stops, the others see
+    // epoch 2.
+    assert!(drivers[1].handle().request_leave(9).is_err());
     drivers[1].handle().request_leave(3).unwrap();
     let reason = wait_event(&joiner, "stop", |e| match e {
         DriverEvent::Stopped { reason } => Some(reason),

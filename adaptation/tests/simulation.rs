@@ -171,7 +171,8 @@ fn random_schedules_under_the_wide_fault_model_keep_every_invariant() {
 }
 
 /// Supervisors crash one after another (each once the group healed from the previous
-/// crash), 3 or 4 of them in a schedule, while 2-3 nodes join and links may lose messages:
+/// crash), 3 or 4 of them in a schedule, or leave in a planned way (1 or 2 of them), while
+/// 2-3 nodes join and links may lose messages:
 /// the first group of 3 could lose one. Every invariant of the classic schedules holds
 /// (one view per epoch at every node, exactly-once answers, every key read back), and at
 /// the end the group is made of live members, as many as configured.
@@ -185,9 +186,10 @@ fn supervisors_failing_one_after_another_are_replaced_and_views_keep_being_agree
     // More supervisors failed than the first group could lose, in most schedules, and
     // every first supervisor was gone in some: the group healed each time.
     assert!(
-        total.supervisor_crashes >= 2 * count,
-        "only {} supervisor crashes in {count} schedules",
-        total.supervisor_crashes
+        total.supervisor_crashes + total.supervisor_leaves >= 2 * count,
+        "only {} supervisor crashes and {} leaves in {count} schedules",
+        total.supervisor_crashes,
+        total.supervisor_leaves
     );
     assert!(
         total.first_group_gone >= 2 * count,
@@ -195,6 +197,12 @@ fn supervisors_failing_one_after_another_are_replaced_and_views_keep_being_agree
         total.first_group_gone
     );
     assert!(total.promotions >= total.supervisor_crashes / 2);
+    // Supervisors also left in a planned way, handing their votes over.
+    assert!(
+        total.supervisor_leaves >= count / 4,
+        "only {} planned leaves of supervisors in {count} schedules",
+        total.supervisor_leaves
+    );
 }
 
 /// 100,000 schedules of the wide model (or `KRUN_SIM_SCHEDULES`): run by hand, in release.
@@ -378,4 +386,188 @@ fn a_leave_asked_at_a_cut_off_supervisor_is_refused_once_it_was_declared_failed(
         refused > 0,
         "no supervisor ever saw the fenced leave committed: the test does not force it"
     );
+}
+
+/// Runs until every live node is stable with every crash repaired and the supervisor
+/// group healed (see [`Sim::group_problem`]).
+fn settle(sim: &mut Sim, what: &str) -> u64 {
+    run_until(sim, 6000, what, |s| {
+        s.stable_nodes().is_some() && s.repaired() && s.group_problem().is_none()
+    })
+}
+
+/// The index in `log` of `change` (which must be there).
+fn at(sim: &Sim, log: &[Change], change: &Change) -> usize {
+    log.iter()
+        .position(|c| c == change)
+        .unwrap_or_else(|| sim.fail(format!("{change:?} is not in the log {log:?}")))
+}
+
+/// Nodes 3, 4, 5, then supervisor 2 crash (in turn): with two members left the group
+/// shrinks to one and the other first supervisor is demoted while alive. A join makes
+/// three members: the group is refilled to three, the demoted node promoted back, and its
+/// new Raft member votes: when the first supervisor still in the group crashes, the two
+/// others agree its failure (a majority of three needs the re-promoted one), and a further
+/// join is agreed.
+#[test]
+fn a_demoted_supervisor_is_promoted_again_when_a_join_refills_the_group() {
+    for seed in 0..4 {
+        let mut sim = Sim::new(seed, Model::Classic);
+        settle(&mut sim, "start");
+        for victim in [3, 4, 5, 2] {
+            sim.crash(victim);
+            settle(&mut sim, &format!("repair of node {victim}"));
+        }
+        let group = sim.current_supervisors();
+        assert_eq!(group.len(), 1, "seed {seed}: two members, group {group:?}");
+        let kept = *group.first().unwrap();
+        let demoted = if kept == 0 { 1 } else { 0 };
+        assert!(!sim.nodes[&demoted].is_supervisor());
+        assert!(sim.nodes[&kept]
+            .log()
+            .contains(&Change::Demote { node: demoted }));
+        sim.join();
+        let joiner = sim.next_node - 1;
+        settle(&mut sim, "the join");
+        let group = sim.current_supervisors();
+        assert_eq!(
+            group,
+            BTreeSet::from([0, 1, joiner]),
+            "seed {seed}: the group was not refilled"
+        );
+        assert!(sim.nodes[&demoted].is_supervisor());
+        let log = sim.nodes[&kept].log().to_vec();
+        let down = at(&sim, &log, &Change::Demote { node: demoted });
+        let up = log
+            .iter()
+            .rposition(|c| *c == Change::Promote { node: demoted })
+            .unwrap_or_else(|| sim.fail(format!("node {demoted} never promoted: {log:?}")));
+        assert!(down < up, "seed {seed}: {log:?}");
+        sim.crash(kept);
+        settle(&mut sim, "the crash of the kept supervisor");
+        assert!(sim.nodes[&demoted]
+            .log()
+            .contains(&Change::Fail { node: kept }));
+        sim.join();
+        let second = sim.next_node - 1;
+        settle(&mut sim, "a join after the crash");
+        assert_eq!(
+            sim.nodes[&demoted].members(),
+            &BTreeSet::from([demoted, joiner, second])
+        );
+        assert_eq!(
+            sim.current_supervisors(),
+            BTreeSet::from([demoted, joiner, second])
+        );
+    }
+}
+
+/// Supervisors leave one after another, each asked at another node, until one member is
+/// left: while a live member can take its vote the leaver hands it over first (in the log
+/// its replacement's promotion, then its demotion, then its leave), so the group stays
+/// three; then the group shrinks. Each leaver stops after handing its entries over. The
+/// last member's leave is refused.
+#[test]
+fn supervisors_leave_one_after_another_handing_their_votes_over() {
+    for seed in 0..4 {
+        let mut sim = Sim::new(seed, Model::Classic);
+        settle(&mut sim, "start");
+        let mut members: BTreeSet<NodeId> = (0..INITIAL).collect();
+        while members.len() > 1 {
+            let group = sim.current_supervisors();
+            let leaver = *group.first().unwrap();
+            let spare = members.iter().any(|m| !group.contains(m));
+            members.remove(&leaver);
+            let via = *members.iter().last().unwrap();
+            sim.trace
+                .push(format!("LEAVE supervisor {leaver} asked via {via}"));
+            sim.nodes
+                .get_mut(&via)
+                .unwrap()
+                .request_leave(leaver)
+                .unwrap_or_else(|e| panic!("seed {seed}: leave of {leaver} refused: {e}"));
+            sim.drain(via);
+            run_until(&mut sim, 6000, &format!("the leave of {leaver}"), |s| {
+                s.left.contains(&leaver)
+                    && s.stable_nodes().is_some()
+                    && s.group_problem().is_none()
+            });
+            let any = *members.first().unwrap();
+            assert_eq!(sim.nodes[&any].members(), &members, "seed {seed}");
+            let log = sim.nodes[&any].log().to_vec();
+            let demote = at(&sim, &log, &Change::Demote { node: leaver });
+            let leave = at(&sim, &log, &Change::Leave { node: leaver });
+            assert!(demote < leave, "seed {seed}: {log:?}");
+            if spare {
+                // The replacement was promoted before the leaver was demoted.
+                assert!(
+                    matches!(log[demote - 1], Change::Promote { .. }),
+                    "seed {seed}: {log:?}"
+                );
+            }
+        }
+        let last = *members.first().unwrap();
+        let err = sim
+            .nodes
+            .get_mut(&last)
+            .unwrap()
+            .request_leave(last)
+            .unwrap_err();
+        assert!(err.to_string().contains("last member"), "{err}");
+    }
+}
+
+/// Three members, all supervisors; one crashes and a member finds its process gone. A
+/// leave of either other supervisor would leave the group one live voter of two: refused,
+/// with the reason. Once the failure is agreed and the group shrank to one voter, that
+/// voter may leave: its vote goes to the other member first.
+#[test]
+fn a_supervisor_leave_that_would_break_the_quorum_is_refused() {
+    for seed in 0..4 {
+        let mut sim = Sim::new(seed, Model::Classic);
+        settle(&mut sim, "start");
+        for victim in [3, 4, 5] {
+            sim.crash(victim);
+            settle(&mut sim, &format!("repair of node {victim}"));
+        }
+        assert_eq!(sim.current_supervisors(), BTreeSet::from([0, 1, 2]));
+        sim.crash(2);
+        sim.nodes.get_mut(&0).unwrap().peer_closed(2);
+        sim.drain(0);
+        for leaver in [0, 1] {
+            let err = sim
+                .nodes
+                .get_mut(&0)
+                .unwrap()
+                .request_leave(leaver)
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, adaptation::AdaptError::ChangeRefused(_))
+                    && text.contains("not a majority")
+                    && text.contains("down: [2]"),
+                "seed {seed}: {text}"
+            );
+        }
+        settle(&mut sim, "the repair of supervisor 2");
+        let group = sim.current_supervisors();
+        assert_eq!(group.len(), 1);
+        let sole = *group.first().unwrap();
+        let other = if sole == 0 { 1 } else { 0 };
+        sim.nodes
+            .get_mut(&other)
+            .unwrap()
+            .request_leave(sole)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        sim.drain(other);
+        run_until(&mut sim, 6000, "the sole supervisor's leave", |s| {
+            s.left.contains(&sole) && s.stable_nodes().is_some() && s.group_problem().is_none()
+        });
+        assert_eq!(sim.current_supervisors(), BTreeSet::from([other]));
+        let log = sim.nodes[&other].log().to_vec();
+        let promote = at(&sim, &log, &Change::Promote { node: other });
+        let demote = at(&sim, &log, &Change::Demote { node: sole });
+        let leave = at(&sim, &log, &Change::Leave { node: sole });
+        assert!(promote < demote && demote < leave, "seed {seed}: {log:?}");
+    }
 }

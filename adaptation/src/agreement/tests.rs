@@ -738,3 +738,97 @@ fn forged_snapshots_and_group_changes_are_refused() {
     sim.check_logs();
     assert_eq!(sim.members[&leader].voters(), ids.iter().copied().collect());
 }
+
+/// A member demoted and promoted again starts from the term and vote it had (its node
+/// keeps its [`Ballot`]): a vote request of that term from another candidate, still in
+/// flight, is refused. A member started without it would grant it: a second vote in one
+/// term, and possibly two leaders of that term.
+#[test]
+fn a_member_promoted_again_keeps_its_ballot_and_never_votes_twice_in_a_term() {
+    for seed in [91, 92, 93] {
+        let mut sim = Sim::new(3, seed, 0.0);
+        let leader = sim.run_until_leader(300);
+        for _ in 0..20 {
+            sim.step();
+        }
+        let ids = sim.alive();
+        let (f, ballot) = ids
+            .iter()
+            .filter(|&&n| n != leader)
+            .map(|&n| (n, sim.members[&n].ballot()))
+            .find(|(_, b)| b.vote != 0)
+            .expect("a follower that voted");
+        let other = *ids
+            .iter()
+            .find(|&&n| n != f && raft_id(n) != ballot.vote)
+            .expect("a member it did not vote for");
+        let term = ballot.term();
+        assert!(term > 1);
+        let granted = |a: &mut Agreement| -> bool {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgRequestVote);
+            m.from = raft_id(other);
+            m.to = raft_id(f);
+            m.term = term;
+            m.index = 1000;
+            m.log_term = term;
+            let out = a.handle(other, &m.write_to_bytes().unwrap()).unwrap();
+            let answer = out
+                .messages
+                .iter()
+                .filter(|(to, _)| *to == other)
+                .map(|(_, b)| parse_message(b).unwrap())
+                .find(|r| r.get_msg_type() == MessageType::MsgRequestVoteResponse)
+                .expect("an answer to the vote request");
+            !answer.reject
+        };
+        let cfg = AgreementConfig::default();
+        let mut again = Agreement::joining_after(f, &ids, seed, cfg.clone(), ballot).unwrap();
+        assert_eq!(again.term(), term);
+        assert!(
+            !granted(&mut again),
+            "seed {seed}: node {f}, promoted again, voted twice in term {term}"
+        );
+        let mut fresh = Agreement::joining(f, &ids, seed, cfg).unwrap();
+        assert!(
+            granted(&mut fresh),
+            "seed {seed}: the test does not force it"
+        );
+    }
+}
+
+/// The leader hands its leadership to another voter (a leader that leaves the group does
+/// so before it is removed): the other one leads in a higher term, and a forged
+/// `TimeoutNow` from a member that does not lead is refused.
+#[test]
+fn leadership_is_handed_over_and_a_forged_timeout_now_is_refused() {
+    let mut sim = Sim::new(3, 95, 0.0);
+    let leader = sim.run_until_leader(300);
+    let ids = sim.alive();
+    let to = *ids.iter().find(|&&n| n != leader).unwrap();
+    let third = *ids.iter().find(|&&n| n != leader && n != to).unwrap();
+    let term = sim.members[&leader].term();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgTimeoutNow);
+    m.from = raft_id(third);
+    m.to = raft_id(to);
+    m.term = term;
+    let member = sim.members.get_mut(&to).unwrap();
+    assert!(member.handle(third, &m.write_to_bytes().unwrap()).is_err());
+    let out = sim
+        .members
+        .get_mut(&leader)
+        .unwrap()
+        .transfer_leadership(to);
+    sim.absorb(leader, out);
+    for _ in 0..100 {
+        if sim.agreed_leader() == Some(to) {
+            break;
+        }
+        sim.step();
+    }
+    assert_eq!(sim.agreed_leader(), Some(to));
+    assert!(sim.members[&to].term() > term);
+    sim.commit_all(&[(leader, join(900))], 3000);
+    sim.check_logs();
+}

@@ -64,6 +64,9 @@ impl Node {
             }
             self.raft_view.apply(&change);
             self.raft_epoch += 1;
+            if change.is_supervision() {
+                self.handed_over(&change);
+            }
             let epoch = self.raft_epoch;
             if epoch <= self.known_epoch() {
                 // Learned from another supervisor first.
@@ -197,8 +200,16 @@ impl Node {
         self.put_to_raft(change, by);
     }
 
-    /// Proposes `change` to Raft, asked by `by` in this node's known epoch.
+    /// Proposes `change` to Raft, asked by `by` in this node's known epoch; a leave of a
+    /// supervisor waits for its vote to be handed over ([`Node::hand_over`]).
     pub(super) fn put_to_raft(&mut self, change: Change, by: NodeId) {
+        if let Change::Leave { node } = change {
+            if self.raft_view.supervisors.contains(&node) && self.raft_view.members.contains(&node)
+            {
+                self.hand_over(node, by);
+                return;
+            }
+        }
         let proposal = Proposal {
             change,
             by,
@@ -336,9 +347,8 @@ pub(super) struct ViewState {
     pub(super) members: BTreeSet<NodeId>,
     pub(super) ever: BTreeSet<NodeId>,
     pub(super) failed: BTreeSet<NodeId>,
-    /// The supervisors (voters of the Raft group), and every node that ever was one.
+    /// The supervisors (voters of the Raft group).
     pub(super) supervisors: BTreeSet<NodeId>,
-    pub(super) ever_supervised: BTreeSet<NodeId>,
 }
 
 impl ViewState {
@@ -348,7 +358,6 @@ impl ViewState {
             members: members.clone(),
             ever: members.clone(),
             failed: BTreeSet::new(),
-            ever_supervised: supervisors.clone(),
             supervisors,
         }
     }
@@ -381,7 +390,6 @@ impl ViewState {
             }
             Change::Promote { node } => {
                 self.supervisors.insert(*node);
-                self.ever_supervised.insert(*node);
             }
             Change::Demote { node } => {
                 self.supervisors.remove(node);
@@ -390,7 +398,8 @@ impl ViewState {
     }
 
     /// Whether the log may take a requested `change` now, at this point: it is not done
-    /// already, and a supervisor does not leave.
+    /// already, and a supervisor does not leave (it hands its vote over first: the leave
+    /// is taken once it is out of the group, see `supervisors.rs`).
     pub(super) fn takes(&self, change: &Change) -> bool {
         if is_done(change, &self.members, &self.ever, &self.failed) {
             return false;

@@ -18,7 +18,8 @@ pub enum Model {
     /// during a repair; 2 or 3 copies per key.
     Wide,
     /// Supervisors crash one after another (each once the group healed from the last),
-    /// more of them than the first group could lose, while nodes join; lossy links.
+    /// more of them than the first group could lose, or leave in a planned way (their vote
+    /// handed over first), while nodes join; lossy links.
     Supervisors,
 }
 
@@ -71,7 +72,7 @@ impl Faults {
                 },
                 dup_permille: 0,
                 joins: rng.gen_range(2..=3),
-                leaves: 0,
+                leaves: rng.gen_range(1..=2),
                 crashes: rng.gen_range(3..=4),
                 doubles: 0,
                 cuts: 0,
@@ -391,7 +392,29 @@ impl Sim {
                 .filter(|n| !self.dead.contains(n) && self.nodes[n].is_member())
                 .collect();
             let members = self.crash_candidates().len();
-            if !victims.is_empty() && members > 3 {
+            if !victims.is_empty()
+                && members > 3
+                && self.faults.leaves > 0
+                && self.rng.gen_ratio(1, 3)
+            {
+                // A planned leave instead: the supervisor hands its vote over, then goes.
+                let victim = victims[self.rng.gen_range(0..victims.len())];
+                let alive = self.alive();
+                let via = alive[self.rng.gen_range(0..alive.len())];
+                match self.nodes.get_mut(&via).unwrap().request_leave(victim) {
+                    Ok(()) => {
+                        self.faults.leaves -= 1;
+                        self.faults.last_fault_at = Some(self.now);
+                        self.trace.push(format!(
+                            "SUPERVISOR {victim} of {sups:?} asked to leave via {via}"
+                        ));
+                    }
+                    Err(e) => self.trace.push(format!(
+                        "leave of supervisor {victim} via {via} refused: {e}"
+                    )),
+                }
+                self.drain(via);
+            } else if !victims.is_empty() && members > 3 {
                 self.faults.crashes -= 1;
                 let victim = victims[self.rng.gen_range(0..victims.len())];
                 self.trace

@@ -72,6 +72,8 @@ pub struct Sim {
     pub deaths: Vec<u64>,
     /// Supervisors (of the group of their time) that crashed.
     pub supervisor_crashes: u64,
+    /// Supervisors (of the group of their time) that left in a planned way.
+    pub supervisor_leaves: u64,
 }
 
 /// Two key-value services: one over the whole tree, one small enough for a sub-tree.
@@ -167,6 +169,7 @@ impl Sim {
             rejoins: 0,
             deaths: Vec::new(),
             supervisor_crashes: 0,
+            supervisor_leaves: 0,
         }
     }
 
@@ -247,6 +250,14 @@ impl Sim {
             .iter()
             .find(|s| !self.nodes[s].is_supervisor())
             .map(|s| format!("supervisor {s} runs no Raft member"))
+    }
+
+    /// Whether `node` was a supervisor when it was asked to leave.
+    pub fn supervisor_left(&self, node: NodeId) -> bool {
+        self.left.contains(&node)
+            && self.trace.iter().any(|l| {
+                l.starts_with(&format!("SUPERVISOR {node} ")) && l.contains("asked to leave")
+            })
     }
 
     /// Whether one more supervisor may fail now: every supervisor of the group is alive
@@ -696,9 +707,12 @@ pub struct Outcome {
     pub lost_unwritten: u64,
     /// Schedules whose keys had f + 1 = 3 copies and that lost two nodes at once.
     pub f2_bursts: u64,
-    /// Supervisors that crashed, and how many of the first group were gone at the end.
+    /// Supervisors that crashed, and how many of the first group were gone at the end
+    /// (crashed, evicted or left).
     pub supervisor_crashes: u64,
     pub first_group_gone: u64,
+    /// Supervisors that left in a planned way (their vote handed over first).
+    pub supervisor_leaves: u64,
     /// Nodes that caught up from the leader's snapshot after being promoted.
     pub promotions: u64,
 }
@@ -720,6 +734,7 @@ impl Outcome {
         self.lost_unwritten += o.lost_unwritten;
         self.f2_bursts += o.f2_bursts;
         self.supervisor_crashes += o.supervisor_crashes;
+        self.supervisor_leaves += o.supervisor_leaves;
         self.first_group_gone += o.first_group_gone;
         self.promotions += o.promotions;
     }
@@ -848,7 +863,15 @@ pub fn run(seed: u64, model: Model) -> Outcome {
         lost_unwritten: sim.lost_unwritten,
         f2_bursts: u64::from(sim.faults.tolerate == 2 && sim.faults.max_burst == 2),
         supervisor_crashes: sim.supervisor_crashes,
-        first_group_gone: SUPERVISORS.iter().filter(|s| sim.gone(s)).count() as u64,
+        supervisor_leaves: sim.nodes[&any]
+            .log()
+            .iter()
+            .filter(|c| matches!(c, Change::Leave { node } if sim.supervisor_left(*node)))
+            .count() as u64,
+        first_group_gone: SUPERVISORS
+            .iter()
+            .filter(|s| sim.gone(s) || sim.left.contains(s))
+            .count() as u64,
         promotions: sim.nodes[&any]
             .log()
             .iter()
