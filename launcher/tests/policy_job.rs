@@ -183,9 +183,19 @@ fn sigusr1_to_krun_and_krun_checkpoint_each_commit_a_checkpoint_visible_in_statu
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
 }
 
-#[test]
-fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_summary() {
-    let dir = temp();
+/// The checksum line's value in a heat program's output.
+fn heat_checksum(t: &str) -> Option<String> {
+    t.lines()
+        .find_map(|l| l.split("checksum ").nth(1))
+        .map(str::to_string)
+}
+
+/// heat 48x40, 150 steps of 20 ms on 3 local nodes with a checkpoint every 0.5 s (and
+/// `env`): its (stdout, stderr, success) and the serial reference's stdout.
+fn heat_with_interval_checkpoints(
+    dir: &TempDir,
+    env: &[(&str, &str)],
+) -> (String, String, bool, String) {
     let heat = build_heat(&dir.0);
     let serial = Command::new(dir.0.join("heat_serial"))
         .args(["48", "40", "150"])
@@ -197,18 +207,23 @@ fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_s
         .arg(&heat)
         .args(["48", "40", "150", "0"])
         .env("HEAT_STEP_DELAY_US", "20000")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    let (out, err) = (
+    (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "{out}{err}");
-    let checksum = |t: &str| {
-        t.lines()
-            .find_map(|l| l.split("checksum ").nth(1))
-            .map(str::to_string)
-    };
+        o.status.success(),
+        serial,
+    )
+}
+
+#[test]
+fn interval_checkpoints_commit_and_the_job_ends_with_the_serial_checksum_and_a_summary() {
+    let dir = temp();
+    let (out, err, ok, serial) = heat_with_interval_checkpoints(&dir, &[]);
+    assert!(ok, "{out}{err}");
+    let checksum = heat_checksum;
     assert_eq!(checksum(&out), checksum(&serial), "{out}{err}");
     assert!(checksum(&out).is_some(), "{out}");
     assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
@@ -267,25 +282,9 @@ fn a_checkpoint_due_before_the_ranks_started_waits_for_them_and_commits() {
 #[test]
 fn a_checkpoint_due_before_a_node_linked_to_krun_waits_for_it_and_commits() {
     let dir = temp();
-    let heat = build_heat(&dir.0);
-    let serial = Command::new(dir.0.join("heat_serial"))
-        .args(["48", "40", "150"])
-        .output()
-        .unwrap();
-    let serial = String::from_utf8_lossy(&serial.stdout).into_owned();
-    let o = krun(&dir.0)
-        .args(["--local", "3", "-n", "3", "--checkpoint-interval", "0.5"])
-        .arg(&heat)
-        .args(["48", "40", "150", "0"])
-        .env("HEAT_STEP_DELAY_US", "20000")
-        .env("KRUN_TEST_LINK_DELAY", "1:4000")
-        .output()
-        .unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "{out}{err}");
+    let (out, err, ok, serial) =
+        heat_with_interval_checkpoints(&dir, &[("KRUN_TEST_LINK_DELAY", "1:4000")]);
+    assert!(ok, "{out}{err}");
     // The late link was forced: the first barrier went out before node 1 linked.
     let waited = err
         .lines()
@@ -300,11 +299,7 @@ fn a_checkpoint_due_before_a_node_linked_to_krun_waits_for_it_and_commits() {
     // The first checkpoint committed (an abort would have used up version 1).
     assert!(err.contains("checkpoint 1 committed: 3 ranks"), "{err}");
     assert!(!err.contains(" aborted: "), "{err}");
-    let checksum = |t: &str| {
-        t.lines()
-            .find_map(|l| l.split("checksum ").nth(1))
-            .map(str::to_string)
-    };
+    let checksum = heat_checksum;
     assert!(checksum(&out).is_some(), "{out}");
     assert_eq!(checksum(&out), checksum(&serial), "{out}{err}");
     let _ = std::fs::remove_dir_all(dir.0.join("ghost"));
