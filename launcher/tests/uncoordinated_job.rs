@@ -168,6 +168,79 @@ fn with_message_logging_only_the_killed_nodes_ranks_restart_the_survivors_keep_r
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
 
+/// A node killed before its ranks took their first own checkpoint (the interval is a
+/// minute): its ranks restart alone on the spare from their start, not from an image; they
+/// ask the survivors where the logging started, replay every delivery since, and the result
+/// is the serial one. (Before, such a failure ended the job: "no own checkpoint yet".)
+#[test]
+fn with_message_logging_a_rank_lost_before_its_first_checkpoint_rejoins_from_its_start() {
+    let dir = temp("fromstart");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "500"]);
+    let policy = policy_file(
+        &dir.0,
+        "uncoordinated.toml",
+        "policy = \"uncoordinated\"\ninterval_ms = 60000\n\n[logging]\nmessages = true\n",
+    );
+    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, &policy, &[], "500"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(r) = rows(&dir.0) {
+            if r.len() == 6 && r.iter().all(|r| r.4 == "running" && r.2 > 0) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // About 50 steps of halos delivered by every rank before the kill.
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed = kill_node(&dir.0, 1);
+    assert_eq!(killed.len(), 2, "{killed:?}");
+    let line = run.wait_line("(message logging)", Duration::from_secs(120));
+    assert!(
+        line.contains("rank 2 restarts on node 3 from the start")
+            && line.contains("rank 3 restarts on node 3 from the start")
+            && line.contains("ranks 0-1,4-5 keep running, not rolled back"),
+        "{line}"
+    );
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(
+        !decision_lines(&log)
+            .iter()
+            .any(|l| l.starts_with("RankCheckpointed {")),
+        "a checkpoint was taken before the kill: the test lost its subject\n{log}"
+    );
+    let mut replayed = 0;
+    for r in [2, 3] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("krun: rank {r} rejoined the running ranks")))
+            .unwrap_or_else(|| panic!("rank {r} never rejoined: {err}"));
+        assert!(line.contains("from its start"), "{line}");
+        replayed += line
+            .split("): ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            !out.contains(&format!("heat: rank {r} restored")),
+            "rank {r} restored an image: {out}"
+        );
+    }
+    assert!(replayed > 0, "nothing replayed: {err}");
+    for r in [0, 1, 4, 5] {
+        assert!(
+            !out.contains(&format!("heat: rank {r} restored")),
+            "rank {r} was rolled back: {out}"
+        );
+    }
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}
+
 /// A message-log snapshot larger than the region may grow to (here a 4 KiB region capped at
 /// 4 KiB, while the heat stencil's halos keep several KiB in flight between checkpoints)
 /// skips that rank's checkpoint with a line saying why, instead of ending the program; the

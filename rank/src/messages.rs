@@ -181,6 +181,10 @@ pub(crate) struct Messages {
     logger: RwLock<Option<Arc<Logger>>>,
     /// The logger after [`Messages::retire_logger`] (its totals, its ring kept registered).
     retired: RwLock<Option<Arc<Logger>>>,
+    /// While `Some`: data messages are kept off the fabric as they came, not yet placed by
+    /// sequence number (a rank rejoining from its start learns its counters from its peers
+    /// first: [`Messages::hold_data`]); control messages are handled as usual.
+    unplaced: Mutex<Option<Vec<Message>>>,
 }
 
 fn describe_source(s: Source) -> String {
@@ -228,6 +232,22 @@ impl Messages {
             observer: RwLock::new(None),
             logger: RwLock::new(None),
             retired: RwLock::new(None),
+            unplaced: Mutex::new(None),
+        }
+    }
+
+    /// From now until [`Messages::place_held`], data messages are kept as they come: their
+    /// sequence numbers are read against counters this rank does not know yet.
+    pub(crate) fn hold_data(&self) {
+        *self.unplaced.lock().expect("unplaced lock") = Some(Vec::new());
+    }
+
+    /// Places the data messages kept since [`Messages::hold_data`] (after
+    /// [`Messages::restore_counters`]) and stops keeping them.
+    pub(crate) fn place_held(&self) {
+        let held = self.unplaced.lock().expect("unplaced lock").take();
+        for msg in held.unwrap_or_default() {
+            self.ingest(msg);
         }
     }
 
@@ -464,6 +484,10 @@ impl Messages {
             if let Some(lg) = self.logger() {
                 lg.on_control(self, src, &msg.data);
             }
+            return;
+        }
+        if let Some(kept) = self.unplaced.lock().expect("unplaced lock").as_mut() {
+            kept.push(msg);
             return;
         }
         let mut st = self.state.lock().expect("message state");

@@ -180,13 +180,17 @@ impl Rank {
         let mut ckpt = Checkpoints::prepare(config.checkpoints.as_ref(), rank)?;
         let mine = ckpt.local_versions().to_vec();
         ckpt.start(&[mine])?;
-        let snapshot = crate::uncoordinated::log_region(&ckpt)?.ok_or_else(|| {
-            RankError::Checkpoint(format!(
+        // No image restored: the rank was lost before its first own checkpoint and
+        // re-executes from its start (its peers say where the logging started).
+        let restored = ckpt.restored().is_some();
+        let snapshot = crate::uncoordinated::log_region(&ckpt)?;
+        if restored && snapshot.is_none() {
+            return Err(RankError::Checkpoint(format!(
                 "rank {rank} rejoins, but its restored image ({:?}) holds no message-log \
                  snapshot (KRUN_GHOST_RESTORE must name an own checkpoint taken with logging)",
                 ckpt.restored()
-            ))
-        })?;
+            )));
+        }
         let rejoin = Rank::rejoin_open(config, 0)?;
         let mut link = NodeLink::connect_env(&path)?;
         let peers = link.rejoin(
@@ -199,13 +203,16 @@ impl Rank {
             rank: rank as u32,
             pid: std::process::id(),
         })?;
-        let this = rejoin.join_with(&peers, &snapshot, Some(ckpt), Some(link))?;
+        let this = rejoin.join_with(&peers, snapshot.as_deref(), Some(ckpt), Some(link))?;
         this.setup_uncoordinated(false)?;
         let replay = this.log_replay_pending();
+        let from = match this.restored_version() {
+            Some(v) => format!("its checkpoint (v{v})"),
+            None => "its start (lost before its first checkpoint)".to_string(),
+        };
         eprintln!(
-            "krun: rank {rank} rejoined the running ranks from its checkpoint (v{}): {replay} \
-             deliveries to take again in the recorded order (determinants from its buddy)",
-            this.restored_version().unwrap_or(0)
+            "krun: rank {rank} rejoined the running ranks from {from}: {replay} deliveries \
+             to take again in the recorded order (determinants from its buddy)"
         );
         Ok(this)
     }

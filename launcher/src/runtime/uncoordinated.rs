@@ -490,7 +490,9 @@ fn start_one(
         .ok_or_else(|| format!("node {} runs no rank runner", shared.me))?;
     let here = local_pid(shared, rank).is_some();
     let mut fetched = 0;
-    if !here {
+    // Version 0: the rank was lost before its first own checkpoint and re-executes from
+    // its start (no image to fetch or restore).
+    if !here && version > 0 {
         // The rank comes from another node: its images come from the store.
         let (dir, owner) = super::recovery::rank_images(rank);
         let _ = std::fs::remove_dir_all(dir.join(&owner));
@@ -508,15 +510,17 @@ fn start_one(
         .lock()
         .expect("linked lock")
         .remove(&u64::from(rank));
-    let env = vec![
+    let mut env = vec![
         ("KRUN_REJOIN".to_string(), "1".to_string()),
-        ("KRUN_GHOST_RESTORE".to_string(), version.to_string()),
         // The stride of its log buddy, as at its start (the spare may run other counts).
         ("KRUN_LOCAL_SIZE".to_string(), local_size.to_string()),
         // The mode it rejoins in, also when the job started coordinated and switched.
         ("KRUN_UNCOORDINATED".to_string(), "1".to_string()),
         ("KRUN_MESSAGE_LOGGING".to_string(), "1".to_string()),
     ];
+    if version > 0 {
+        env.push(("KRUN_GHOST_RESTORE".to_string(), version.to_string()));
+    }
     let (reply, rx) = mpsc::channel();
     runner
         .send(RankCommand::Adopt {

@@ -33,8 +33,26 @@ impl Rank {
         self.barrier()?;
         // What was delivered before is below the log's prefix.
         logger.inner.lock().expect("log lock").prefix = self.msgs.delivered_counts();
-        self.msgs.set_logger(Some(Arc::new(logger)));
-        self.barrier()
+        let logger = Arc::new(logger);
+        self.msgs.set_logger(Some(logger.clone()));
+        self.barrier()?;
+        // The counters where the logging starts (after the barrier: its messages are the
+        // last of the set-up), kept by the buddy: a rank lost before its first own
+        // checkpoint re-executes from its start and asks its buddy for them.
+        let start: Vec<(u64, u64)> = self
+            .msgs
+            .send_counters()
+            .into_iter()
+            .zip(self.msgs.delivered_counts())
+            .collect();
+        logger.inner.lock().expect("log lock").start = start.clone();
+        if buddy != self.rank() {
+            self.msgs.control(
+                buddy,
+                &postcard::to_stdvec(&Ctrl::KeepStart { marks: start }).unwrap_or_default(),
+            )?;
+        }
+        Ok(())
     }
 
     fn logger(&self) -> Result<Arc<Logger>> {
@@ -76,6 +94,8 @@ impl Rank {
                 .map(|((d, s), (t, p))| (*d as u32, *s, *t, p.as_slice()))
                 .collect(),
             safepoints: crate::uncoordinated::safepoint_index(),
+            start: g.start.clone(),
+            ward_start: g.ward_start.clone(),
         };
         let out = postcard::to_stdvec(&snap).map_err(|e| RankError::InvalidArgument(e.to_string()));
         drop(g);
@@ -172,14 +192,17 @@ impl Rank {
                 .peer_failed(old, &format!("rank {rank} was restarted in a new process"));
         }
         if let (Some(lg), true) = (logger, rewrite) {
-            let recent: Vec<Determinant> = lg
-                .inner
-                .lock()
-                .expect("log lock")
-                .recent
-                .iter()
-                .copied()
-                .collect();
+            let (recent, start): (Vec<Determinant>, Vec<(u64, u64)>) = {
+                let g = lg.inner.lock().expect("log lock");
+                (g.recent.iter().copied().collect(), g.start.clone())
+            };
+            // The new process keeps this rank's start counters again.
+            if !start.is_empty() {
+                self.msgs.control(
+                    rank,
+                    &postcard::to_stdvec(&Ctrl::KeepStart { marks: start }).unwrap_or_default(),
+                )?;
+            }
             for d in &recent {
                 lg.write_det(&self.msgs, d)?;
             }

@@ -81,6 +81,14 @@ enum Ctrl {
     Resume { prefix: u64, extra: Vec<u64> },
     /// I hold your messages below `has` (without a gap).
     Info { has: u64 },
+    /// I am your ward: keep my counters where the logging started (per rank: sent to it,
+    /// delivered from it), for a restart of mine from my start.
+    KeepStart { marks: Vec<(u64, u64)> },
+    /// I restarted from my start (lost before my first own checkpoint): the counters I
+    /// gave you to keep?
+    StartQuery,
+    /// Your counters where the logging started (`None`: I kept none).
+    StartMarks { marks: Option<Vec<(u64, u64)>> },
 }
 
 /// A delivery's determinant.
@@ -159,6 +167,10 @@ struct Snapshot {
     sent: Vec<(u32, u64, u32, Vec<u8>)>,
     /// The rank's safepoint index in the uncoordinated mode (`crate::uncoordinated`).
     safepoints: u64,
+    /// Per rank: (sent to it, delivered from it) when logging started ([`Ctrl::KeepStart`]).
+    start: Vec<(u64, u64)>,
+    /// The ward's `start`, kept for it.
+    ward_start: Option<Vec<(u64, u64)>>,
 }
 
 /// A [`Snapshot`] borrowing the log's payloads (serializes to the same bytes).
@@ -171,6 +183,8 @@ struct SnapshotRef<'a> {
     interval: u64,
     sent: Vec<(u32, u64, u32, &'a [u8])>,
     safepoints: u64,
+    start: Vec<(u64, u64)>,
+    ward_start: Option<Vec<(u64, u64)>>,
 }
 
 #[derive(Default)]
@@ -192,6 +206,13 @@ struct Inner {
     replay: VecDeque<(usize, u64)>,
     /// `Info` answers awaited after a restart.
     info: Vec<Option<u64>>,
+    /// Per rank: (sent to it, delivered from it) when logging started; its buddy keeps a
+    /// copy (`Ctrl::KeepStart`) for a restart of this rank from its start.
+    start: Vec<(u64, u64)>,
+    /// The ward's `start`, kept for it.
+    ward_start: Option<Vec<(u64, u64)>>,
+    /// The buddy's answer to `StartQuery` (a rank rejoining from its start).
+    start_marks: Option<Option<Vec<(u64, u64)>>>,
 }
 
 /// One rank's log (installed in its message layer).
@@ -512,6 +533,27 @@ impl Logger {
                 g.suppress[src] = has;
                 self.info_changed.notify_all();
             }
+            Ctrl::KeepStart { marks } => {
+                self.inner.lock().expect("log lock").ward_start = Some(marks);
+            }
+            Ctrl::StartQuery => {
+                let marks = self.inner.lock().expect("log lock").ward_start.clone();
+                if marks.is_none() {
+                    eprintln!(
+                        "krun rank {}: rank {src} rejoins from its start, but this rank (its \
+                         buddy) kept no counters of its logging's start",
+                        self.rank
+                    );
+                }
+                let _ = msgs.control(
+                    src,
+                    &postcard::to_stdvec(&Ctrl::StartMarks { marks }).unwrap_or_default(),
+                );
+            }
+            Ctrl::StartMarks { marks } => {
+                self.inner.lock().expect("log lock").start_marks = Some(marks);
+                self.info_changed.notify_all();
+            }
         }
     }
 
@@ -600,6 +642,8 @@ mod tests {
             interval: 2,
             sent: vec![(1, 4, 7, payload.clone())],
             safepoints: 11,
+            start: vec![(2, 3), (0, 0)],
+            ward_start: Some(vec![(1, 1), (5, 6)]),
         };
         let borrowed = SnapshotRef {
             send_seq: vec![4, 5],
@@ -609,10 +653,14 @@ mod tests {
             interval: 2,
             sent: vec![(1, 4, 7, payload.as_slice())],
             safepoints: 11,
+            start: vec![(2, 3), (0, 0)],
+            ward_start: Some(vec![(1, 1), (5, 6)]),
         };
         let bytes = postcard::to_stdvec(&borrowed).unwrap();
         assert_eq!(bytes, postcard::to_stdvec(&owned).unwrap());
         let back: Snapshot = postcard::from_bytes(&bytes).unwrap();
         assert_eq!((back.sent[0].3.clone(), back.safepoints), (payload, 11));
+        assert_eq!(back.start, vec![(2, 3), (0, 0)]);
+        assert_eq!(back.ward_start, Some(vec![(1, 1), (5, 6)]));
     }
 }

@@ -36,15 +36,18 @@ impl Rejoining {
     /// once every survivor said what it holds: the rank then re-executes from the
     /// checkpoint, its receives following the recorded order.
     pub fn join(self, peers: &[(Vec<u8>, Vec<u8>)], snapshot: &[u8]) -> Result<Arc<Rank>> {
-        self.join_with(peers, snapshot, None, None)
+        self.join_with(peers, Some(snapshot), None, None)
     }
 
     /// As [`Rejoining::join`], for a restarted rank of a krun job: the rank keeps the
     /// checkpointer that restored it (`ckpt`) and its node link (`crate::uncoordinated`).
+    /// `snapshot: None`: the rank was lost before its first own checkpoint and re-executes
+    /// from its start; its counters where the logging started come from its peers
+    /// ([`Ctrl::StartQuery`]) and every delivery since is replayed.
     pub(crate) fn join_with(
         self,
         peers: &[(Vec<u8>, Vec<u8>)],
-        snapshot: &[u8],
+        snapshot: Option<&[u8]>,
         ckpt: Option<crate::checkpoint::Checkpoints>,
         node: Option<crate::node_link::NodeLink>,
     ) -> Result<Arc<Rank>> {
@@ -53,15 +56,6 @@ impl Rejoining {
             return Err(RankError::InvalidArgument(format!(
                 "rejoin: {} peer addresses for a job of {size}",
                 peers.len()
-            )));
-        }
-        let snap: Snapshot = postcard::from_bytes(snapshot).map_err(|e| {
-            RankError::InvalidArgument(format!("rejoin: the log snapshot does not decode: {e}"))
-        })?;
-        if snap.send_seq.len() != size || snap.prefix.len() != size || snap.extra.len() != size {
-            return Err(RankError::InvalidArgument(format!(
-                "rejoin: the log snapshot is for a job of {} ranks, not {size}",
-                snap.send_seq.len()
             )));
         }
         let mut ids = Vec::with_capacity(size);
@@ -74,8 +68,6 @@ impl Rejoining {
             ids.push(self.ep.connect(&a)?);
         }
         let msgs = Messages::new(self.ep.clone(), rank, ids, self.config.fabric.max_message);
-        msgs.restore_counters(&snap.send_seq, &snap.prefix, &snap.extra);
-        crate::uncoordinated::set_safepoint_index(snap.safepoints);
         let logger = Logger::new(
             rank,
             size,
@@ -86,6 +78,24 @@ impl Rejoining {
         let buddy = buddy_of(rank, size);
         let remote = RemoteRegion::from_bytes(&peers[buddy].1)?;
         *logger.buddy.write().expect("buddy lock") = (buddy, remote);
+        let logger = Arc::new(logger);
+        let from_start = snapshot.is_none();
+        let snap: Snapshot = match snapshot {
+            Some(bytes) => postcard::from_bytes(bytes).map_err(|e| {
+                RankError::InvalidArgument(format!("rejoin: the log snapshot does not decode: {e}"))
+            })?,
+            None => start_snapshot(&msgs, &logger, rank, size)?,
+        };
+        if snap.send_seq.len() != size || snap.prefix.len() != size || snap.extra.len() != size {
+            return Err(RankError::InvalidArgument(format!(
+                "rejoin: the log snapshot is for a job of {} ranks, not {size}",
+                snap.send_seq.len()
+            )));
+        }
+        msgs.restore_counters(&snap.send_seq, &snap.prefix, &snap.extra);
+        // Data that came while the counters were asked for, read against the right ones.
+        msgs.place_held();
+        crate::uncoordinated::set_safepoint_index(snap.safepoints);
         {
             let mut g = logger.inner.lock().expect("log lock");
             g.prefix = snap.prefix.clone();
@@ -97,6 +107,8 @@ impl Rejoining {
             g.order = snap.order;
             g.safe_order = snap.order;
             g.interval = snap.interval;
+            g.start = snap.start.clone();
+            g.ward_start = snap.ward_start.clone();
             g.sent = snap
                 .sent
                 .iter()
@@ -120,6 +132,19 @@ impl Rejoining {
             loop {
                 let at = (order % self.ring_len as u64) as usize * DET_BYTES;
                 match Determinant::decode(&bytes[at..at + DET_BYTES]) {
+                    // From the start: the set-up's own deliveries (the barrier that turned
+                    // logging on) come first and are not the application's to take again.
+                    Some(d)
+                        if from_start
+                            && d.order == order
+                            && g.replay.is_empty()
+                            && d.seq < snap.prefix.get(d.src as usize).copied().unwrap_or(0) =>
+                    {
+                        g.recent.push_back(d);
+                        order += 1;
+                        g.order = order;
+                        g.safe_order = order;
+                    }
                     Some(d) if d.order == order => {
                         g.replay.push_back((d.src as usize, d.seq));
                         g.recent.push_back(d);
@@ -132,7 +157,6 @@ impl Rejoining {
                 }
             }
         }
-        let logger = Arc::new(logger);
         msgs.set_logger(Some(logger.clone()));
         let this = Rank::assemble(self.config, self.ep, msgs, ckpt, node)?;
         // Every survivor resends what this rank had not delivered, and says what it holds.
@@ -167,6 +191,66 @@ impl Rejoining {
         }
         Ok(this)
     }
+}
+
+/// The log snapshot of a rank rejoining from its start: its counters where the logging
+/// started, as its buddy kept them (`KeepStart`, asked back with `StartQuery`), no payload,
+/// determinant order 0. Data from the peers is held unplaced meanwhile
+/// ([`Messages::hold_data`]).
+fn start_snapshot(
+    msgs: &Messages,
+    logger: &Arc<Logger>,
+    rank: usize,
+    size: usize,
+) -> Result<Snapshot> {
+    let buddy = buddy_of(rank, size);
+    if buddy == rank {
+        return Err(RankError::InvalidArgument(
+            "rejoin from the start: a job of one rank has nobody to rejoin".into(),
+        ));
+    }
+    msgs.hold_data();
+    msgs.set_logger(Some(logger.clone()));
+    msgs.control(
+        buddy,
+        &postcard::to_stdvec(&Ctrl::StartQuery).unwrap_or_default(),
+    )?;
+    let deadline = Instant::now() + INFO_TIMEOUT;
+    let marks = loop {
+        if let Some(m) = logger.inner.lock().expect("log lock").start_marks.clone() {
+            break m;
+        }
+        if Instant::now() >= deadline {
+            return Err(RankError::Protocol {
+                rank: buddy,
+                reason: format!(
+                    "rejoin from the start: the buddy did not say where the logging started \
+                     within {INFO_TIMEOUT:?}"
+                ),
+            });
+        }
+        msgs.poll()?;
+    };
+    let Some(start) = marks.filter(|m| m.len() == size) else {
+        return Err(RankError::Protocol {
+            rank: buddy,
+            reason: format!(
+                "rejoin from the start: the buddy kept no counters of rank {rank}'s logging \
+                 start for a job of {size}"
+            ),
+        });
+    };
+    Ok(Snapshot {
+        send_seq: start.iter().map(|m| m.0).collect(),
+        prefix: start.iter().map(|m| m.1).collect(),
+        extra: vec![Vec::new(); size],
+        order: 0,
+        interval: 0,
+        sent: Vec::new(),
+        safepoints: 0,
+        start,
+        ward_start: None,
+    })
 }
 
 fn ids_peer(msgs: &Messages, r: usize) -> fabric::PeerId {

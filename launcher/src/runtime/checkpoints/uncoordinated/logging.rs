@@ -54,12 +54,15 @@ pub(in crate::runtime::checkpoints) fn restart(
             "rank {rank}: krund restarts a rank alone only with message logging"
         ));
     }
-    let native = version.and_then(|v| u.native_of(rank, v)).ok_or_else(|| {
-        format!(
-            "rank {rank} has no own checkpoint yet: a rank restarted alone under message \
-             logging needs one (its log snapshot is in the image)"
-        )
-    })?;
+    // No own checkpoint yet: the rank re-executes from its start (checkpointer version
+    // 0: no image) and replays every delivery since the logging started; its senders
+    // still hold every payload (none of its checkpoints acknowledged any).
+    let native = match version {
+        None => 0,
+        Some(v) => u.native_of(rank, v).ok_or_else(|| {
+            format!("rank {rank}: its checkpoint {v} is not one of its own checkpoints")
+        })?,
+    };
     u.next_restart += 1;
     let id = u.next_restart;
     let local_size = u.local_size.get(rank as usize).copied().unwrap_or(1);
@@ -73,10 +76,13 @@ pub(in crate::runtime::checkpoints) fn restart(
         *slot = node;
     }
     calls.nodes = calls.placement.iter().copied().collect();
+    let from = match version {
+        Some(v) => format!("its own checkpoint {v} (checkpointer v{native})"),
+        None => "its start (lost before its first own checkpoint)".to_string(),
+    };
     eprintln!(
-        "krun: rank {rank} restarts alone on node {node} from its own checkpoint {} \
-         (checkpointer v{native}) and rejoins the running ranks; no other rank rolls back",
-        version.unwrap_or(0)
+        "krun: rank {rank} restarts alone on node {node} from {from} and rejoins the \
+         running ranks; no other rank rolls back"
     );
     let sent = (calls.send)(&LauncherToNode::Rejoin {
         restart: id,
