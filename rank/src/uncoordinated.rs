@@ -69,7 +69,7 @@
 //!   the order (`KRUN_UNCOORDINATED`/`KRUN_MESSAGE_LOGGING` replaced: [`reexec_mode`]), and
 //!   never as a rejoin.
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::Safepoint;
@@ -424,6 +424,38 @@ pub(crate) fn log_region(ckpt: &crate::checkpoint::Checkpoints) -> Result<Option
 }
 
 /// An order the watcher got for the uncoordinated policy; `PeerReplaced` is told on `link`.
+/// Queues message-log acknowledgements (sender, upto) for this process's ack thread, which
+/// sends them to the current process of each sender (the newest `upto` per sender when
+/// several wait).
+fn send_acks(acks: Vec<(usize, u64)>) {
+    static ACKS: OnceLock<Mutex<mpsc::Sender<Vec<(usize, u64)>>>> = OnceLock::new();
+    let tx = ACKS.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<(usize, u64)>>();
+        let spawned = std::thread::Builder::new()
+            .name("krun-log-acks".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut newest = std::collections::BTreeMap::new();
+                    for (src, upto) in first.into_iter().chain(rx.try_iter().flatten()) {
+                        let e = newest.entry(src).or_insert(upto);
+                        *e = (*e).max(upto);
+                    }
+                    let Some(rank) = CURRENT.get().and_then(Weak::upgrade) else {
+                        continue;
+                    };
+                    for (src, upto) in newest {
+                        rank.send_log_ack(src, upto);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("krun: no thread for message-log acknowledgements ({e}): none are sent");
+        }
+        Mutex::new(tx)
+    });
+    let _ = tx.lock().expect("acks lock").send(acks);
+}
+
 pub(crate) fn on_order(link: &mut NodeLink, me: u32, order: WatchOrder) {
     let mut rank = CURRENT.get().and_then(Weak::upgrade);
     if rank.is_none() && matches!(order, WatchOrder::ReportSafepoint) {
@@ -443,11 +475,14 @@ pub(crate) fn on_order(link: &mut NodeLink, me: u32, order: WatchOrder) {
         return;
     };
     match order {
-        WatchOrder::LogSafe(version) => {
-            if let Err(e) = rank.log_checkpoint_safe(version) {
-                eprintln!("krun: rank {me}: trimming the message log at {version}: {e}");
-            }
-        }
+        // The trim here, its acknowledgements from another thread: a send to a sender whose
+        // process just died waits out the fabric's operation timeout (10 s), and the
+        // watcher must stay free for the `PeerMoved` that follows (two or three such sends
+        // before it held rejoins back 10-30 s in `bench policies`).
+        WatchOrder::LogSafe(version) => match rank.log_trim_local(version) {
+            Ok(acks) => send_acks(acks),
+            Err(e) => eprintln!("krun: rank {me}: trimming the message log at {version}: {e}"),
+        },
         WatchOrder::PeerMoved {
             rank: moved,
             address,

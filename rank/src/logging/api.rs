@@ -106,8 +106,17 @@ impl Rank {
     /// This rank's checkpoint `version` is safe (the policy's `TrimLog`): its senders drop
     /// what it delivered before it, and older determinants may be overwritten.
     pub fn log_checkpoint_safe(&self, version: u64) -> Result<()> {
+        for (src, upto) in self.log_trim_local(version)? {
+            self.send_log_ack(src, upto);
+        }
+        Ok(())
+    }
+
+    /// The local half of [`Rank::log_checkpoint_safe`]: forgets the marks and determinants
+    /// below checkpoint `version` and returns the acknowledgements to send, (sender, upto).
+    pub(crate) fn log_trim_local(&self, version: u64) -> Result<Vec<(usize, u64)>> {
         let lg = self.logger()?;
-        let (prefix, order) = {
+        let prefix = {
             let mut g = lg.inner.lock().expect("log lock");
             let Some(mark) = g.marks.get(&version).cloned() else {
                 return Err(RankError::InvalidArgument(format!(
@@ -120,18 +129,21 @@ impl Rank {
             while g.recent.front().is_some_and(|d| d.order < drop_upto) {
                 g.recent.pop_front();
             }
-            mark
+            mark.0
         };
-        let _ = order;
-        for (src, upto) in prefix.into_iter().enumerate() {
-            if src != self.rank() && upto > 0 {
-                let ctrl = postcard::to_stdvec(&Ctrl::Ack { upto }).unwrap_or_default();
-                // A sender that is gone keeps its checkpointed log; it is trimmed by the
-                // next acknowledgement after it rejoins.
-                let _ = self.msgs.control(src, &ctrl);
-            }
-        }
-        Ok(())
+        Ok(prefix
+            .into_iter()
+            .enumerate()
+            .filter(|&(src, upto)| src != self.rank() && upto > 0)
+            .collect())
+    }
+
+    /// Tells `src` that this rank's safe checkpoint covers its messages below `upto`. A
+    /// sender that is gone keeps its checkpointed log; it is trimmed by the next
+    /// acknowledgement after it rejoins.
+    pub(crate) fn send_log_ack(&self, src: usize, upto: u64) {
+        let ctrl = postcard::to_stdvec(&Ctrl::Ack { upto }).unwrap_or_default();
+        let _ = self.msgs.control(src, &ctrl);
     }
 
     /// This rank's fabric address and the ring it holds for its ward: what a restarted rank
