@@ -424,13 +424,16 @@ pub(crate) fn log_region(ckpt: &crate::checkpoint::Checkpoints) -> Result<Option
 }
 
 /// An order the watcher got for the uncoordinated policy; `PeerReplaced` is told on `link`.
+/// Message-log acknowledgements: (sender, upto).
+type Acks = Vec<(usize, u64)>;
+
 /// Queues message-log acknowledgements (sender, upto) for this process's ack thread, which
 /// sends them to the current process of each sender (the newest `upto` per sender when
 /// several wait).
-fn send_acks(acks: Vec<(usize, u64)>) {
-    static ACKS: OnceLock<Mutex<mpsc::Sender<Vec<(usize, u64)>>>> = OnceLock::new();
+fn send_acks(acks: Acks) {
+    static ACKS: OnceLock<Mutex<mpsc::Sender<Acks>>> = OnceLock::new();
     let tx = ACKS.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Vec<(usize, u64)>>();
+        let (tx, rx) = mpsc::channel::<Acks>();
         let spawned = std::thread::Builder::new()
             .name("krun-log-acks".into())
             .spawn(move || {
