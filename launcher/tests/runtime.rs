@@ -275,11 +275,8 @@ fn bad_requests_get_clear_errors() {
     let (code, _, err) = job.krun(&["node", "drain", "7"]);
     assert_eq!(code, 2);
     assert!(err.contains("node 7 is not a node of this job"), "{err}");
-    // The supervisors (the first three nodes) agree on changes and cannot leave.
-    let (code, _, err) = job.krun(&["node", "drain", "1"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("node 1 is a supervisor"), "{err}");
-    // (A plain program moves with CRIU now: launcher/tests/drain_job.rs.)
+    // (A plain program moves with CRIU now: launcher/tests/drain_job.rs; a supervisor's
+    // drain: cluster-tests/tests/runtime_drain.rs.)
     let v = job.status_when("rank 3 still running on node 3", |v| all_running(v, 4));
     assert_eq!(rows(&v)[3]["node"], 3);
     assert_eq!(numbers(&v["status"]["members"]), [0, 1, 2, 3]);

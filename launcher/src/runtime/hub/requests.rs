@@ -185,12 +185,10 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
             }
         })
         .ok_or_else(|| "no member that stays answered".to_string())?;
-    if status.supervisors.contains(&node) {
-        return Err(format!(
-            "node {node} is a supervisor (nodes {:?} agree on every change) and cannot leave",
-            status.supervisors
-        ));
-    }
+    // A supervisor leaves too: the adaptation layer hands its Raft vote to a member that
+    // stays (or the group shrinks) before the leave is committed, and refuses a leave that
+    // would leave the group without a live majority (`Node::request_leave`).
+    let supervisor = status.supervisors.contains(&node);
     let mut moved = Vec::new();
     let policy = inner.policy.lock().expect("policy lock").clone();
     // An MPI job's ranks never move one by one: the whole job restarts from the policy's
@@ -223,7 +221,14 @@ fn drain_node(inner: &Arc<Inner>, node: NodeId) -> std::result::Result<Vec<u64>,
                 })?;
                 return Ok(moved);
             }
-            Ok(ControlReply::Refused(why)) => return Err(why),
+            Ok(ControlReply::Refused(why)) if moved.is_empty() => return Err(why),
+            Ok(ControlReply::Refused(why)) => {
+                return Err(format!(
+                    "node {node}'s ranks {moved:?} moved, but node {node} stays a member{}: \
+                     {why}",
+                    if supervisor { " (a supervisor)" } else { "" }
+                ))
+            }
             Ok(other) => last = format!("node {}: unexpected answer {other:?}", a.node),
             Err(e) => last = e.to_string(),
         }
