@@ -2,83 +2,13 @@
 //! `krun` in local mode: the heat stencil equals its serial reference, also after a restart
 //! from a checkpoint; the Fortran example exchanges and checkpoints; the C API check
 //! (any-source messages, put/get/atomics, errors of bad use) passes on every rank.
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `target/<profile>`: tests run from `target/<profile>/deps`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
-fn krun() -> PathBuf {
-    let k = target_dir().join("krun");
-    assert!(
-        k.exists(),
-        "{} is missing: cargo build -p launcher (or --workspace) first",
-        k.display()
-    );
-    k
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "krun-rank-{tag}-{}-{:x}",
-            std::process::id(),
-            fabric::random_u64().unwrap()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Builds the examples with their Makefile into `out`.
-fn build_examples(out: &Path) {
-    let lib = target_dir();
-    assert!(
-        lib.join("libkrun.so").exists(),
-        "libkrun.so not found in {} (cargo build -p rank)",
-        lib.display()
-    );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/c");
-    let o = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("LIBDIR={}", lib.display()))
-        .arg(format!("OUT={}", out.display()))
-        .output()
-        .expect("make is required (scripts/install-deps.sh installs build-essential)");
-    assert!(
-        o.status.success(),
-        "building the examples failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+mod common;
+use common::*;
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("spawning krun")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The "checksum XXXX" of a heat or heat_serial run.
