@@ -415,3 +415,91 @@ impl Engine {
         Ok(())
     }
 }
+
+impl Engine {
+    /// Waits until every node of `from` answered with a message `is` accepts.
+    pub(super) fn wait_replies(
+        &self,
+        what: &str,
+        from: &BTreeSet<NodeId>,
+        is: impl Fn(&Ctl) -> bool,
+        deadline: Instant,
+    ) -> Result<BTreeMap<NodeId, Ctl>> {
+        let start = Instant::now();
+        let mut got = BTreeMap::new();
+        let mut r = self.members.replies.lock().map_err(|_| poisoned())?;
+        loop {
+            let mut i = 0;
+            while i < r.len() {
+                if from.contains(&r[i].0) && is(&r[i].1) {
+                    let (n, c) = r.remove(i);
+                    got.insert(n, c);
+                } else {
+                    i += 1;
+                }
+            }
+            let missing: Vec<NodeId> = from
+                .iter()
+                .copied()
+                .filter(|n| !got.contains_key(n))
+                .collect();
+            if missing.is_empty() {
+                return Ok(got);
+            }
+            let dead = self.dead_nodes();
+            if let Some(n) = missing.iter().find(|n| dead.contains(n)) {
+                return Err(DsmError::Collective {
+                    what: "membership change".into(),
+                    reason: format!("node {n} died during the {what} phase"),
+                });
+            }
+            if Instant::now() >= deadline || self.stopped() {
+                return Err(timeout(
+                    format!("membership change ({what}: no answer from nodes {missing:?})"),
+                    start,
+                ));
+            }
+            r = self
+                .members
+                .replied
+                .wait_timeout(r, Duration::from_millis(50))
+                .map_err(|_| poisoned())?
+                .0;
+        }
+    }
+
+    /// Node 0's membership thread: runs leave requests, and join requests when joins are
+    /// admitted automatically.
+    pub(in crate::fault) fn members_loop(&self) {
+        const CHANGE_LIMIT: Duration = Duration::from_secs(120);
+        while !self.stopped() {
+            let next = {
+                let Ok(mut r) = self.members.requests.lock() else {
+                    return;
+                };
+                let auto = self.members.auto_admit.load(Ordering::SeqCst);
+                match r
+                    .iter()
+                    .position(|(_, c)| matches!(c, Ctl::Failed { .. }))
+                    .or_else(|| {
+                        r.iter()
+                            .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
+                    }) {
+                    Some(i) => r.remove(i),
+                    None => {
+                        let _ = self
+                            .members
+                            .requested
+                            .wait_timeout(r, Duration::from_millis(50));
+                        None
+                    }
+                }
+            };
+            if let Some((from, ctl)) = next {
+                if let Err(e) = self.run_request(from, ctl, CHANGE_LIMIT) {
+                    self.fail(format!("membership change: {e}"));
+                }
+            }
+        }
+    }
+}
