@@ -48,14 +48,8 @@ pub type PageId = u64;
 pub const SHARE_WORD_NODES: NodeId = 32;
 /// The share word's "open" flag; bits `0..32` are the joined readers.
 pub const SHARE_OPEN: u64 = 1 << 63;
-/// The node told of pages a manager granted to itself as zero pages ([`Msg::Touched`]):
-/// nobody else knows they were written, so without it a failure of that node would leave
-/// them unknown, and a new manager would hand them out as zero pages. (Node 0 coordinates
-/// the rebuild; when it dies itself, nothing is rebuilt.)
-///
-/// Node 0's death (dsm/README.md): the witness's own self-granted pages need a deputy (the
-/// second-lowest live node gets node 0's `Touched`), and the witness role passes with the
-/// coordinator's.
+/// The witness of the other managers when the member set is not known
+/// ([`Node::set_members`] not called): node 0 (see [`Node::witness`]).
 pub const WITNESS: NodeId = 0;
 
 /// A kind of access.
@@ -134,6 +128,13 @@ struct Page {
     /// Write requests forwarded under an older epoch than this are void (an entry rebuilt
     /// in a failure's change, [`Msg::Unqueue`]).
     floor: u64,
+    /// An [`Action::Join`] is in flight (its result has not come back), maybe for a fetch
+    /// given up since (a grant came by message). No second join is posted meanwhile: the
+    /// share word counts joins with a fetch-and-add, so a second one landing in the same
+    /// open period would add this node's bit twice, which reads as the next node's bit,
+    /// and the owner would never invalidate this node's copy (a stale read: simulation
+    /// seeds 4231 and 8210). The read goes by message instead.
+    joining: bool,
 }
 
 impl Page {
@@ -159,6 +160,7 @@ impl Default for Page {
             publish: false,
             known: false,
             floor: 0,
+            joining: false,
         }
     }
 }
@@ -216,8 +218,13 @@ pub struct Node<W: ShareWords> {
     pub stats: Stats,
     /// Membership changes ([`migration`]).
     change: migration::ChangeState,
-    /// At [`WITNESS`]: pages each manager granted to itself as zero pages.
+    /// At a witness ([`Node::witness`]): pages each manager granted to itself as zero pages.
     witnessed: BTreeMap<NodeId, BTreeSet<PageId>>,
+    /// Pages this node, as their manager, granted to itself as zero pages (told again to a
+    /// new witness when its witness dies).
+    self_granted: BTreeSet<PageId>,
+    /// Every node of the view (live or not; [`Node::set_members`], and each change's).
+    members: BTreeSet<NodeId>,
 }
 
 impl<W: ShareWords> Node<W> {
@@ -234,6 +241,8 @@ impl<W: ShareWords> Node<W> {
             stats: Stats::default(),
             change: migration::ChangeState::default(),
             witnessed: BTreeMap::new(),
+            self_granted: BTreeSet::new(),
+            members: BTreeSet::new(),
         }
     }
 
@@ -250,6 +259,28 @@ impl<W: ShareWords> Node<W> {
             .get(&page)
             .map(|p| p.state)
             .unwrap_or(PageState::Invalid)
+    }
+
+    /// The nodes of the view (the driver's job size; each change adds its members).
+    pub fn set_members(&mut self, members: impl IntoIterator<Item = NodeId>) {
+        self.members.extend(members);
+    }
+
+    /// The node this node tells of pages it granted to itself as zero pages
+    /// ([`Msg::Touched`]): nobody else knows they were written, so without it this node's
+    /// failure would leave them unknown and a new manager would hand them out as zero
+    /// pages. It is the lowest live member other than this node (node 0's deputy is the
+    /// second-lowest), so when any single node dies, a survivor holds its records; when a
+    /// witness dies, its managers tell the next one again ([`Node::node_failed`]). Without
+    /// a known member set: node 0 ([`WITNESS`]), and nobody for node 0 itself.
+    pub fn witness(&self) -> Option<NodeId> {
+        if self.members.is_empty() {
+            return (self.me != WITNESS && !self.dead.contains(&WITNESS)).then_some(WITNESS);
+        }
+        self.members
+            .iter()
+            .copied()
+            .find(|&n| n != self.me && !self.dead.contains(&n))
     }
 
     /// Whether `node` is known to have died.
@@ -269,8 +300,21 @@ impl<W: ShareWords> Node<W> {
     /// [`Msg::Lost`], never with zeros.
     pub fn node_failed(&mut self, node: NodeId) -> Vec<Action> {
         let mut out = Vec::new();
+        let witness = self.witness();
         if node == self.me || !self.dead.insert(node) {
             return out;
+        }
+        if witness == Some(node) {
+            // The witness died with the records of this node's self-granted pages: the
+            // next one is told again (sent before anything else this batch sends).
+            if let Some(w) = self.witness() {
+                for &page in &self.self_granted {
+                    out.push(Action::Send {
+                        to: w,
+                        msg: Msg::Touched { page },
+                    });
+                }
+            }
         }
         let pages: Vec<PageId> = self.pages.keys().copied().collect();
         for page in pages {
@@ -384,6 +428,7 @@ impl<W: ShareWords> Node<W> {
         let mut out = Vec::new();
         let me = self.me;
         let p = self.pages.entry(page).or_default();
+        p.joining = false;
         if let Fetch::OneSided {
             owner,
             reading: false,
@@ -470,6 +515,7 @@ impl<W: ShareWords> Node<W> {
     pub fn on_remote_failed(&mut self, page: PageId) -> Vec<Action> {
         let mut out = Vec::new();
         let p = self.pages.entry(page).or_default();
+        p.joining = false;
         if matches!(p.fetch, Fetch::OneSided { .. }) {
             p.fetch = Fetch::Idle;
             p.hint = None;
@@ -509,12 +555,13 @@ impl<W: ShareWords> Node<W> {
         }
         match (want, p.state) {
             (Access::Read, _) => match p.hint.filter(|h| !self.dead.contains(h)) {
-                Some(h) if h != me && one_sided => {
+                Some(h) if h != me && one_sided && !p.joining => {
                     p.fetch = Fetch::OneSided {
                         owner: h,
                         reading: false,
                         invalidated: false,
                     };
+                    p.joining = true;
                     out.push(Action::Join { owner: h, page });
                 }
                 Some(h) if h != me => {

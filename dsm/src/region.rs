@@ -208,12 +208,13 @@ impl Dsm {
         let regions: Regions = Arc::new(RwLock::new(BTreeMap::new()));
         let ids: Vec<NodeId> = (0..size as NodeId).collect();
         let this = peers[rank as usize].ok_or_else(|| collective("init", "no self connection"))?;
-        let node = Node::new(
+        let mut node = Node::new(
             rank,
             config.locator.build(&ids),
             Engine::words(regions.clone(), ep.clone(), rank, this),
             config.one_sided,
         );
+        node.set_members(ids.iter().copied());
         let engine = Arc::new(
             Engine::new(
                 rank,
@@ -286,6 +287,12 @@ impl Dsm {
         };
         dsm.barrier()?;
         Ok(dsm)
+    }
+
+    /// The node that coordinates the DSM's changes and barriers now: node 0, or the
+    /// lowest live node once node 0 died.
+    pub fn coordinator(&self) -> NodeId {
+        self.engine.coordinator()
     }
 
     pub fn rank(&self) -> NodeId {
@@ -567,7 +574,7 @@ impl Dsm {
 
 impl Drop for Dsm {
     fn drop(&mut self) {
-        if self.rank == crate::fault::members::COORDINATOR {
+        if self.rank == self.engine.coordinator() {
             self.engine.dismiss_joined();
         }
         self.engine.stop();

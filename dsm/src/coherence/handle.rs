@@ -3,9 +3,7 @@
 //! owner's side of a transfer (invalidate every copy, then hand the page over).
 use std::collections::BTreeSet;
 
-use super::{
-    Access, Action, Fetch, Msg, Node, NodeId, PageId, PageState, ShareWords, Source, WITNESS,
-};
+use super::{Access, Action, Fetch, Msg, Node, NodeId, PageId, PageState, ShareWords, Source};
 use crate::directory::ManagerDecision;
 
 impl<W: ShareWords> Node<W> {
@@ -41,13 +39,16 @@ impl<W: ShareWords> Node<W> {
                 }
                 match self.directory.request(page, who, access) {
                     ManagerDecision::GrantZero => {
-                        if who == me && me != WITNESS && !self.dead.contains(&WITNESS) {
-                            // Sent before the grant is handled: the witness hears of the
-                            // page before anything is written to it.
-                            out.push(Action::Send {
-                                to: WITNESS,
-                                msg: Msg::Touched { page },
-                            });
+                        if who == me {
+                            self.self_granted.insert(page);
+                            if let Some(w) = self.witness() {
+                                // Sent before the grant is handled: the witness hears of
+                                // the page before anything is written to it.
+                                out.push(Action::Send {
+                                    to: w,
+                                    msg: Msg::Touched { page },
+                                });
+                            }
                         }
                         out.push(Action::Send {
                             to: who,

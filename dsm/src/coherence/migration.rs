@@ -19,7 +19,8 @@
 //!   write was forwarded to it ([`crate::directory::Directory::forget_failed`]);
 //! - scans what it holds ([`crate::directory::scan_state`]): every page it owns (a claim),
 //!   every valid copy whose owner or old manager was the dead node, every page it knows the
-//!   dead node had; and, at [`super::WITNESS`], the pages the dead node granted to itself;
+//!   dead node had; and, at its witness ([`super::Node::witness`]), the pages the dead
+//!   node granted to itself;
 //!   each goes to the page's new manager like a migrated entry.
 //!
 //! At step 4 each new manager resolves the entries it received: a live manager's record
@@ -114,6 +115,8 @@ impl<W: ShareWords> Node<W> {
 
     /// The next view is known (step 1 will follow at [`Node::start_change`]).
     pub fn prepare_change(&mut self, change: Change) {
+        self.members.extend(change.old_members.iter().copied());
+        self.members.extend(change.new_members.iter().copied());
         self.change.pending = Some(change);
     }
 

@@ -82,8 +82,9 @@ pub enum Msg {
         page: PageId,
         epoch: u64,
     },
-    /// To [`WITNESS`](super::WITNESS): the sender, the page's manager, granted the page to itself as a zero
-    /// page (it is written from now on, and only the sender knows).
+    /// To the sender's witness ([`Node::witness`](super::Node::witness)): the sender, the
+    /// page's manager, granted the page to itself as a zero page (it is written from now
+    /// on, and only the sender knows).
     Touched {
         page: PageId,
     },

@@ -212,3 +212,53 @@ fn a_closed_word_sends_the_reader_to_the_owner_by_message() {
     )));
     assert_eq!(net.nodes[0].state(0), PageState::ReadOwner);
 }
+
+/// A reader's join of the owner's share word is in flight when a grant by message answers
+/// its read; its copy is invalidated, and it reads again before the join's result came
+/// back: it must ask by message, not join again (a second fetch-and-add in the same open
+/// period would count its bit twice, read as the next node's, and the owner would not
+/// invalidate it).
+#[test]
+fn a_reader_never_posts_a_second_join_while_one_is_in_flight() {
+    let mut net = Net::new(3, true);
+    net.access(0, 1, Access::Write);
+    net.access(1, 1, Access::Read);
+    net.access(0, 1, Access::Write); // node 1 hints node 0
+    net.access(2, 1, Access::Read); // node 0 publishes
+    let a = net.nodes[1].fault(1, Access::Read);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Join { owner: 0, page: 1 })),
+        "{a:?}"
+    );
+    // Not applied: the join is in flight. A grant by message answers the read.
+    let grant = Msg::Grant {
+        page: 1,
+        access: Access::Read,
+        owner: false,
+        zero: false,
+    };
+    net.nodes[1].on_message(0, grant);
+    assert_eq!(net.nodes[1].state(1), PageState::ReadCopy);
+    net.nodes[1].on_message(0, Msg::Invalidate { page: 1 });
+    assert_eq!(net.nodes[1].state(1), PageState::Invalid);
+    let again = net.nodes[1].fault(1, Access::Read);
+    assert!(
+        !again.iter().any(|a| matches!(a, Action::Join { .. })),
+        "a second join while the first is in flight: {again:?}"
+    );
+    assert!(
+        again.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                to: 0,
+                msg: Msg::Read {
+                    page: 1,
+                    from: 1,
+                    ..
+                }
+            }
+        )),
+        "{again:?}"
+    );
+}

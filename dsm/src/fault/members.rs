@@ -56,13 +56,9 @@ use crate::coherence::{Access, Change, NodeId, PageId};
 use crate::directory::LocatorKind;
 use crate::error::{DsmError, Result};
 
-/// The node that coordinates membership changes and barriers.
-///
-/// Node 0's death is not handled yet. Design (dsm/README.md, "Node 0's death"): this
-/// becomes `Engine::coordinator()`, the lowest live member of the view; the new coordinator
-/// starts `members_loop` and the lock server, collects every survivor's state (a change
-/// half-done, locks held and waited for, barrier generation), finishes or drops the
-/// half-done change, then runs `Fail(0)` like any failure.
+/// The first coordinator of membership changes and barriers (and the DSM locks' server).
+/// The coordinator now is [`Engine::coordinator`]: the lowest live member, node 0 until it
+/// dies.
 pub const COORDINATOR: NodeId = 0;
 /// The seed's phases of a node addition, in order ([`ChangeReport::phases`]).
 pub const PHASES: [&str; 5] = ["start", "physical", "setting", "logical", "end"];
@@ -238,11 +234,9 @@ impl Members {
             .unwrap_or(false)
     }
 
-    /// At node 0: queues the failure of `node` (once), unless it left already.
+    /// At the coordinator: queues the failure of `node` (once), unless it left already.
     pub(crate) fn queue_failure(&self, node: NodeId) {
-        // Node 0's own failure would be queued by the next coordinator (the lowest live
-        // node) after its takeover (dsm/README.md, "Node 0's death"); not implemented.
-        if node == COORDINATOR || self.settled(node) {
+        if self.settled(node) {
             return;
         }
         let fresh = self
@@ -297,6 +291,22 @@ fn timeout(what: String, start: Instant) -> DsmError {
 }
 
 impl Engine {
+    /// The node that coordinates changes and barriers now: the lowest member of the view
+    /// not known dead (node 0 while it lives). Every node computes it from its view and its
+    /// dead set; the failure announcements make the survivors agree.
+    pub fn coordinator(&self) -> NodeId {
+        let dead = self.dead_nodes();
+        self.members
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.members()))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|n| !dead.contains(n))
+            .unwrap_or(self.me)
+    }
+
     /// Sends `ctl` to `to` (handled here at once when `to` is this node).
     fn ctl_to(&self, to: NodeId, ctl: Ctl) -> Result<()> {
         if to == self.me {
@@ -327,7 +337,10 @@ impl Engine {
     fn handle_ctl(&self, from: NodeId, ctl: Ctl) -> Result<()> {
         let me = self.me;
         match ctl {
-            Ctl::Join { .. } | Ctl::Leave { .. } if me == COORDINATOR => {
+            // Requests and answers are kept even at a node that does not know yet that it
+            // coordinates (the sender learnt of the old coordinator's death first); only
+            // the coordinator runs them.
+            Ctl::Join { .. } | Ctl::Leave { .. } => {
                 if let Ok(mut r) = self.members.requests.lock() {
                     r.push_back((from, ctl));
                 }
@@ -338,8 +351,7 @@ impl Engine {
             | Ctl::Installed { .. }
             | Ctl::Migrated { .. }
             | Ctl::Committed { .. }
-                if me == COORDINATOR =>
-            {
+            | Ctl::State { .. } => {
                 self.members.reply(from, ctl);
                 Ok(())
             }
@@ -350,19 +362,18 @@ impl Engine {
                 regions,
             } => {
                 self.on_install(epoch, change, &addr, &regions)?;
-                self.ctl_to(COORDINATOR, Ctl::Installed { epoch })
+                self.ctl_to(from, Ctl::Installed { epoch })
             }
             Ctl::Migrate { epoch } => self.on_migrate(epoch),
             Ctl::Commit { epoch } => {
                 self.on_commit(epoch)?;
-                self.ctl_to(COORDINATOR, Ctl::Committed { epoch })
+                self.ctl_to(from, Ctl::Committed { epoch })
             }
-            Ctl::Arrive { gen } if me == COORDINATOR => {
-                if let Ok(mut b) = self.members.barrier.lock() {
-                    b.arrivals.entry(gen).or_default().insert(from);
-                }
-                self.barrier_recheck()
+            Ctl::StateQuery => {
+                let state = self.change_state()?;
+                self.ctl_to(from, state)
             }
+            Ctl::Arrive { gen } => self.on_arrive(from, gen),
             Ctl::Release { gen } => {
                 self.members.release(gen);
                 Ok(())

@@ -1,4 +1,12 @@
-//! The barrier among the job's live ranks, counted by node 0.
+//! The barrier among the job's live ranks, counted by the coordinator
+//! ([`Engine::coordinator`]: node 0 while it lives).
+//!
+//! When the coordinator dies, each rank waiting in a barrier learns it (its own probe of
+//! the coordinator after a fault timeout, an announcement, a failed send) and sends its
+//! arrival again to the next coordinator. The ranks call barriers in the same order, so
+//! an arrival at a later generation, or the new coordinator having passed a generation
+//! itself, means every live rank arrived at the earlier one: it is released at once
+//! (some ranks may have been released by the dead coordinator and others not).
 use super::*;
 
 #[derive(Default)]
@@ -7,8 +15,10 @@ pub(super) struct Barrier {
     pub(super) next: u64,
     /// Generations below this are released.
     pub(super) released: u64,
-    /// At node 0: who arrived at each generation.
+    /// At the coordinator: who arrived at each generation.
     pub(super) arrivals: BTreeMap<u64, BTreeSet<NodeId>>,
+    /// At the coordinator: generations below this were released to every live rank.
+    pub(super) done: u64,
 }
 
 impl Engine {
@@ -28,26 +38,30 @@ impl Engine {
             b.next += 1;
             b.next - 1
         };
-        self.ctl_to(COORDINATOR, Ctl::Arrive { gen })?;
+        let mut told = self.coordinator();
+        self.arrive(told, gen);
         let mut probed = Instant::now();
         let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
         loop {
             if b.released > gen {
                 return Ok(());
             }
+            let coordinator = self.coordinator();
             let missing: Vec<NodeId> = match b.arrivals.get(&gen) {
-                Some(arrived) if me == COORDINATOR => self
+                Some(arrived) if me == coordinator => self
                     .members
                     .participants()
                     .into_iter()
                     .filter(|p| !arrived.contains(p))
                     .collect(),
+                _ if me != coordinator => vec![coordinator],
                 _ => Vec::new(),
             };
             drop(b);
             if !missing.is_empty() && probed.elapsed() > self.fault_timeout {
-                // Node 0 waited a fault timeout: ranks that do not answer a probe are dead,
-                // and the barrier goes on without them.
+                // Waited a fault timeout: the coordinator probes the ranks missing, the
+                // others the coordinator. Nodes that do not answer a probe (and whose
+                // process is gone) are dead, and the barrier goes on without them.
                 probed = Instant::now();
                 if let Some(dead) = self.probe_nodes(&missing) {
                     if !dead.is_empty() {
@@ -61,11 +75,11 @@ impl Engine {
                     reason: e,
                 });
             }
-            if self.dead_nodes().contains(&COORDINATOR) {
-                return Err(DsmError::Collective {
-                    what: "barrier".into(),
-                    reason: "node 0, which coordinates barriers, died".into(),
-                });
+            let coordinator = self.coordinator();
+            if coordinator != told {
+                // The coordinator died: the next one is told this rank arrived.
+                told = coordinator;
+                self.arrive(told, gen);
             }
             b = self.members.barrier.lock().map_err(|_| poisoned())?;
             b = self
@@ -77,9 +91,25 @@ impl Engine {
         }
     }
 
-    /// Node 0: releases every generation every live rank arrived at.
+    /// Tells `coordinator` this rank arrived at generation `gen` (a failed send makes the
+    /// watchdog probe it; the barrier's own probe finds it dead too).
+    fn arrive(&self, coordinator: NodeId, gen: u64) {
+        if let Err(e) = self.ctl_to(coordinator, Ctl::Arrive { gen }) {
+            self.suspect(coordinator, format!("arriving at barrier {gen}: {e}"));
+        }
+    }
+
+    /// At the coordinator: `from` arrived at generation `gen`.
+    pub(super) fn on_arrive(&self, from: NodeId, gen: u64) -> Result<()> {
+        if let Ok(mut b) = self.members.barrier.lock() {
+            b.arrivals.entry(gen).or_default().insert(from);
+        }
+        self.barrier_recheck()
+    }
+
+    /// The coordinator: releases every generation every live rank arrived at.
     pub(in crate::fault) fn barrier_recheck(&self) -> Result<()> {
-        if self.me != COORDINATOR {
+        if self.me != self.coordinator() {
             return Ok(());
         }
         let dead = self.dead_nodes();
@@ -92,18 +122,23 @@ impl Engine {
         let mut release = Vec::new();
         {
             let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
+            // Passed by this node, or by a rank that arrived at a later one: complete.
+            let passed = b.done.max(b.released);
             let gens: Vec<u64> = b.arrivals.keys().copied().collect();
+            let last = gens.last().copied().unwrap_or(0);
             for g in gens {
-                if waiting_for.is_subset(&b.arrivals[&g]) {
+                if g < passed || g < last || waiting_for.is_subset(&b.arrivals[&g]) {
                     b.arrivals.remove(&g);
+                    b.done = b.done.max(g + 1);
                     release.push(g);
                 }
             }
         }
         for g in release {
-            // The others first, node 0 itself last: a program may end right after the
-            // barrier (mgs_dsm's MGS_STOP_AT exits at once), and node 0 released first
-            // could end before its releases were sent, leaving the others waiting.
+            // The others first, the coordinator itself last: a program may end right after
+            // the barrier (mgs_dsm's MGS_STOP_AT exits at once), and the coordinator
+            // released first could end before its releases were sent, leaving the others
+            // waiting.
             for &p in waiting_for.iter().filter(|&&p| p != self.me) {
                 if let Err(e) = self.ctl_to(p, Ctl::Release { gen: g }) {
                     self.suspect(p, format!("releasing barrier {g}: {e}"));

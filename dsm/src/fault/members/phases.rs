@@ -123,7 +123,13 @@ impl Engine {
 
     /// Step 4 of the change to `epoch` ran here.
     pub(in crate::fault) fn migration_finished(&self, epoch: u64) -> Result<()> {
-        let lost = self
+        let lost = self.lost_here()?;
+        self.ctl_to(self.coordinator(), Ctl::Migrated { epoch, lost })
+    }
+
+    /// The pages this node, as a manager, knows lost (in live regions).
+    fn lost_here(&self) -> Result<Vec<PageId>> {
+        Ok(self
             .node
             .lock()
             .map_err(|_| poisoned())?
@@ -131,8 +137,31 @@ impl Engine {
             .lost_pages()
             .into_iter()
             .filter(|&p| region_of(&self.regions, p).is_some())
-            .collect();
-        self.ctl_to(COORDINATOR, Ctl::Migrated { epoch, lost })
+            .collect())
+    }
+
+    /// What a change left here, for a new coordinator ([`Ctl::State`]).
+    pub(super) fn change_state(&self) -> Result<Ctl> {
+        let (epoch, pending) = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            (v.epoch, v.pending)
+        };
+        let (switched, done) = match pending {
+            Some((e, _)) => {
+                let node = self.node.lock().map_err(|_| poisoned())?;
+                let switched = node.epoch() == e;
+                (switched, switched && !node.migrating())
+            }
+            None => (false, false),
+        };
+        let migrated = if done { Some(self.lost_here()?) } else { None };
+        Ok(Ctl::State {
+            epoch,
+            pending,
+            switched,
+            migrated,
+        })
     }
 
     /// End phase at a member: the view of `epoch` is the current one.

@@ -44,6 +44,18 @@ pub enum Ctl {
         gen: u64,
     },
     Dismiss,
+    /// From a new coordinator (the one before died): what a change of the old one left
+    /// here ([`Ctl::State`]).
+    StateQuery,
+    /// The answer: the epoch of the view in use, the change prepared and not committed,
+    /// whether this node switched to it (its entries moved), and, once its step 4 ran, the
+    /// pages it found lost.
+    State {
+        epoch: u64,
+        pending: Option<(u64, ViewChange)>,
+        switched: bool,
+        migrated: Option<Vec<PageId>>,
+    },
     /// Node 0's own queue only (never sent): `node` died, run its failure.
     Failed {
         node: NodeId,
