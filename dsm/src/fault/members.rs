@@ -1,5 +1,7 @@
 //! The DSM's node set while it runs: a node joins, a node leaves, and the barrier among the
-//! job's ranks, with membership messages (tag [`TAG_DSM_MEMBER`]) coordinated by node 0.
+//! job's ranks, with membership messages (tag [`TAG_DSM_MEMBER`]) coordinated by the
+//! coordinator ([`Engine::coordinator`]: node 0, then the lowest live node once it died;
+//! "node 0" below).
 //!
 //! A change runs in the seed's phases, timed at node 0 ([`ChangeReport`]):
 //! - **start**: a join request is accepted, the newcomer gets an id and the view (members'
@@ -23,11 +25,12 @@
 //! are rebuilt, read copies promoted, and pages whose every copy died are reported lost
 //! (each member's `Migrated` names the pages it found lost, node 0's [`ChangeReport::lost`]
 //! gathers them); at end every survivor asks again what it was still waiting for. When
-//! node 0 itself dies nothing is rebuilt (the fault watchdog reports the accesses that wait
-//! for the dead node).
+//! node 0 itself dies, the next live node becomes the coordinator: it asks every survivor
+//! for its state (`StateQuery`), finishes or drops the change node 0 left half-done
+//! (`finish_half_done` in `change.rs`), then runs node 0's failure like any other.
 //!
-//! One change at a time; node 0 cannot leave (it coordinates changes and barriers). Regions
-//! must be allocated before the first change.
+//! One change at a time; the coordinator cannot leave (it coordinates changes and
+//! barriers). Regions must be allocated before the first change.
 //!
 //! The barrier ([`Engine::barrier`]): each of the job's ranks that is still a member tells
 //! node 0 it arrived; node 0 releases a generation once every live rank arrived. A rank that
