@@ -28,10 +28,18 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use adaptation::locator::Placement;
 use serde::{Deserialize, Serialize};
 
-use crate::directory::{Directory, ManagerDecision};
+use crate::directory::Directory;
 
+mod handle;
 mod migration;
+mod msg;
+mod share;
+#[cfg(test)]
+pub(crate) mod tests;
+
 pub use migration::Change;
+pub use msg::{Action, Msg};
+pub use share::{joined_readers, LocalShareWords, ShareWords};
 
 pub type NodeId = adaptation::NodeId;
 pub type PageId = u64;
@@ -40,14 +48,8 @@ pub type PageId = u64;
 pub const SHARE_WORD_NODES: NodeId = 32;
 /// The share word's "open" flag; bits `0..32` are the joined readers.
 pub const SHARE_OPEN: u64 = 1 << 63;
-/// The node told of pages a manager granted to itself as zero pages ([`Msg::Touched`]):
-/// nobody else knows they were written, so without it a failure of that node would leave
-/// them unknown, and a new manager would hand them out as zero pages. (Node 0 coordinates
-/// the rebuild; when it dies itself, nothing is rebuilt.)
-///
-/// Node 0's death (dsm/README.md): the witness's own self-granted pages need a deputy (the
-/// second-lowest live node gets node 0's `Touched`), and the witness role passes with the
-/// coordinator's.
+/// The witness of the other managers when the member set is not known
+/// ([`Node::set_members`] not called): node 0 (see [`Node::witness`]).
 pub const WITNESS: NodeId = 0;
 
 /// A kind of access.
@@ -92,219 +94,6 @@ pub enum Source {
     /// The bytes the RMA read just completed brought.
     Rma,
 }
-
-/// Protocol messages. [`Msg::Grant`] carries the page bytes (attached by the driver from the
-/// sender's memory unless `zero`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Msg {
-    /// A read request, sent to the probable owner (`via_manager == false`) or forwarded by
-    /// the manager to the owner it has on record.
-    Read {
-        page: PageId,
-        from: NodeId,
-        via_manager: bool,
-    },
-    /// To the manager: `from` wants to read / write the page.
-    ManagerRead {
-        page: PageId,
-        from: NodeId,
-    },
-    ManagerWrite {
-        page: PageId,
-        from: NodeId,
-    },
-    /// From the manager to the owner: hand the page over to `from` for writing. `gen`: the
-    /// manager's epoch when it forwarded the request (a rebuilt entry voids older ones,
-    /// [`Msg::Unqueue`]).
-    Write {
-        page: PageId,
-        from: NodeId,
-        gen: u64,
-    },
-    Invalidate {
-        page: PageId,
-    },
-    InvalidateAck {
-        page: PageId,
-    },
-    /// Access granted; `owner`: the receiver becomes the owner.
-    Grant {
-        page: PageId,
-        access: Access,
-        owner: bool,
-        zero: bool,
-    },
-    /// From a manager that rebuilt its entry after a failure: the receiver, which holds a
-    /// read copy, is the owner now; `copyset` are the other surviving copies.
-    Promote {
-        page: PageId,
-        copyset: Vec<NodeId>,
-    },
-    /// A membership change moves directory entries (step 2 of the adaptation layer's
-    /// migration): the states of entries the sender managed and the receiver manages from
-    /// `epoch` on ([`crate::directory::DirectoryService`]'s `send_out` form).
-    Entries {
-        epoch: u64,
-        entries: Vec<(PageId, Vec<u8>)>,
-    },
-    /// The sender has sent every entry it hands over for `epoch` and forwards from now on
-    /// (links are FIFO: whatever it sent before, this node has received).
-    MigrationDone {
-        epoch: u64,
-    },
-    /// A failure's flush: the sender dropped the dead node (whatever that released, such
-    /// as a write grant it had held for the dead node's acknowledgement, was sent before
-    /// this) and will scan once every live member's flush arrived.
-    Flush {
-        epoch: u64,
-    },
-    /// From a manager to a requester: every copy of the page died (after a failure's
-    /// rebuild); the access cannot be served.
-    Lost {
-        page: PageId,
-    },
-    /// From a manager that rebuilt a broken entry (a write forwarded through a dead node)
-    /// in the failure's change to `epoch`: the write requests forwarded before (`gen <
-    /// epoch`) belong to the old chain; those the receiver holds are dropped, and so are
-    /// those that reach it later (their requesters ask again after the failure).
-    Unqueue {
-        page: PageId,
-        epoch: u64,
-    },
-    /// To [`WITNESS`]: the sender, the page's manager, granted the page to itself as a zero
-    /// page (it is written from now on, and only the sender knows).
-    Touched {
-        page: PageId,
-    },
-}
-
-impl Msg {
-    /// Whether the message belongs to a membership change (no page of its own).
-    pub fn is_migration(&self) -> bool {
-        matches!(
-            self,
-            Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. }
-        )
-    }
-
-    /// The page the message is about (a migration message: its first entry's, or 0).
-    pub fn page(&self) -> PageId {
-        match self {
-            Msg::Entries { entries, .. } => entries.first().map(|e| e.0).unwrap_or(0),
-            Msg::MigrationDone { .. } | Msg::Flush { .. } => 0,
-            Msg::Read { page, .. }
-            | Msg::ManagerRead { page, .. }
-            | Msg::ManagerWrite { page, .. }
-            | Msg::Write { page, .. }
-            | Msg::Invalidate { page }
-            | Msg::InvalidateAck { page }
-            | Msg::Grant { page, .. }
-            | Msg::Promote { page, .. }
-            | Msg::Lost { page }
-            | Msg::Unqueue { page, .. }
-            | Msg::Touched { page } => *page,
-        }
-    }
-}
-
-/// What the driver must do, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Send {
-        to: NodeId,
-        msg: Msg,
-    },
-    /// Remote fetch-and-add of `1 << me` on `owner`'s share word of `page`; answer with
-    /// [`Node::on_join`] (whether the old word was open).
-    Join {
-        owner: NodeId,
-        page: PageId,
-    },
-    /// One-sided read of `owner`'s published copy of `page`; answer with [`Node::on_rma_read`].
-    RmaRead {
-        owner: NodeId,
-        page: PageId,
-    },
-    /// Map the page's data (read-only unless `writable`); the page was not mapped before.
-    Install {
-        page: PageId,
-        source: Source,
-        writable: bool,
-    },
-    /// Write-protect the local (mapped) page.
-    Protect {
-        page: PageId,
-    },
-    /// Copy the (read-only) page where one-sided readers read it, then open its share word:
-    /// readers may join.
-    Publish {
-        page: PageId,
-    },
-    /// Make the (mapped, read-only) page writable.
-    Unprotect {
-        page: PageId,
-    },
-    /// Discard the local copy (the next access faults). A [`Msg::Grant`] sent later in the
-    /// same batch carries the bytes the page held when it was dropped.
-    Drop {
-        page: PageId,
-    },
-    /// The waiting accesses of `page` may proceed.
-    Done {
-        page: PageId,
-        access: Access,
-    },
-    /// The page's every copy died: the waiting accesses cannot be served (the driver
-    /// reports it; never zero-filled).
-    Lost {
-        page: PageId,
-    },
-}
-
-/// The share words of this node's pages (in registered memory in the real driver).
-pub trait ShareWords {
-    /// Closes the word of `page` (atomically) and returns the readers that joined.
-    fn close(&mut self, page: PageId) -> BTreeSet<NodeId>;
-}
-
-/// Share words in plain memory (simulation and tests): `remote_join` is what a remote
-/// fetch-and-add does.
-#[derive(Clone, Debug, Default)]
-pub struct LocalShareWords {
-    words: BTreeMap<PageId, u64>,
-}
-
-impl LocalShareWords {
-    pub fn open(&mut self, page: PageId) {
-        self.words.insert(page, SHARE_OPEN);
-    }
-
-    /// The remote fetch-and-add of a joining reader; returns whether the word was open.
-    pub fn remote_join(&mut self, page: PageId, reader: NodeId) -> bool {
-        let w = self.words.entry(page).or_insert(0);
-        let old = *w;
-        *w = w.wrapping_add(1u64 << reader);
-        old & SHARE_OPEN != 0
-    }
-}
-
-impl ShareWords for LocalShareWords {
-    fn close(&mut self, page: PageId) -> BTreeSet<NodeId> {
-        let old = self.words.insert(page, 0).unwrap_or(0);
-        joined_readers(old)
-    }
-}
-
-/// The readers recorded in a closed share word's old value (nothing if it was not open).
-pub fn joined_readers(word: u64) -> BTreeSet<NodeId> {
-    if word & SHARE_OPEN == 0 {
-        return BTreeSet::new();
-    }
-    (0..SHARE_WORD_NODES)
-        .filter(|i| word & (1u64 << i) != 0)
-        .collect()
-}
-
 /// How a local fault is being served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fetch {
@@ -339,6 +128,13 @@ struct Page {
     /// Write requests forwarded under an older epoch than this are void (an entry rebuilt
     /// in a failure's change, [`Msg::Unqueue`]).
     floor: u64,
+    /// An [`Action::Join`] is in flight (its result has not come back), maybe for a fetch
+    /// given up since (a grant came by message). No second join is posted meanwhile: the
+    /// share word counts joins with a fetch-and-add, so a second one landing in the same
+    /// open period would add this node's bit twice, which reads as the next node's bit,
+    /// and the owner would never invalidate this node's copy (a stale read: simulation
+    /// seeds 4231 and 8210). The read goes by message instead.
+    joining: bool,
 }
 
 impl Page {
@@ -364,6 +160,7 @@ impl Default for Page {
             publish: false,
             known: false,
             floor: 0,
+            joining: false,
         }
     }
 }
@@ -421,8 +218,13 @@ pub struct Node<W: ShareWords> {
     pub stats: Stats,
     /// Membership changes ([`migration`]).
     change: migration::ChangeState,
-    /// At [`WITNESS`]: pages each manager granted to itself as zero pages.
+    /// At a witness ([`Node::witness`]): pages each manager granted to itself as zero pages.
     witnessed: BTreeMap<NodeId, BTreeSet<PageId>>,
+    /// Pages this node, as their manager, granted to itself as zero pages (told again to a
+    /// new witness when its witness dies).
+    self_granted: BTreeSet<PageId>,
+    /// Every node of the view (live or not; [`Node::set_members`], and each change's).
+    members: BTreeSet<NodeId>,
 }
 
 impl<W: ShareWords> Node<W> {
@@ -439,6 +241,8 @@ impl<W: ShareWords> Node<W> {
             stats: Stats::default(),
             change: migration::ChangeState::default(),
             witnessed: BTreeMap::new(),
+            self_granted: BTreeSet::new(),
+            members: BTreeSet::new(),
         }
     }
 
@@ -455,6 +259,28 @@ impl<W: ShareWords> Node<W> {
             .get(&page)
             .map(|p| p.state)
             .unwrap_or(PageState::Invalid)
+    }
+
+    /// The nodes of the view (the driver's job size; each change adds its members).
+    pub fn set_members(&mut self, members: impl IntoIterator<Item = NodeId>) {
+        self.members.extend(members);
+    }
+
+    /// The node this node tells of pages it granted to itself as zero pages
+    /// ([`Msg::Touched`]): nobody else knows they were written, so without it this node's
+    /// failure would leave them unknown and a new manager would hand them out as zero
+    /// pages. It is the lowest live member other than this node (node 0's deputy is the
+    /// second-lowest), so when any single node dies, a survivor holds its records; when a
+    /// witness dies, its managers tell the next one again ([`Node::node_failed`]). Without
+    /// a known member set: node 0 ([`WITNESS`]), and nobody for node 0 itself.
+    pub fn witness(&self) -> Option<NodeId> {
+        if self.members.is_empty() {
+            return (self.me != WITNESS && !self.dead.contains(&WITNESS)).then_some(WITNESS);
+        }
+        self.members
+            .iter()
+            .copied()
+            .find(|&n| n != self.me && !self.dead.contains(&n))
     }
 
     /// Whether `node` is known to have died.
@@ -474,8 +300,21 @@ impl<W: ShareWords> Node<W> {
     /// [`Msg::Lost`], never with zeros.
     pub fn node_failed(&mut self, node: NodeId) -> Vec<Action> {
         let mut out = Vec::new();
+        let witness = self.witness();
         if node == self.me || !self.dead.insert(node) {
             return out;
+        }
+        if witness == Some(node) {
+            // The witness died with the records of this node's self-granted pages: the
+            // next one is told again (sent before anything else this batch sends).
+            if let Some(w) = self.witness() {
+                for &page in &self.self_granted {
+                    out.push(Action::Send {
+                        to: w,
+                        msg: Msg::Touched { page },
+                    });
+                }
+            }
         }
         let pages: Vec<PageId> = self.pages.keys().copied().collect();
         for page in pages {
@@ -589,6 +428,7 @@ impl<W: ShareWords> Node<W> {
         let mut out = Vec::new();
         let me = self.me;
         let p = self.pages.entry(page).or_default();
+        p.joining = false;
         if let Fetch::OneSided {
             owner,
             reading: false,
@@ -675,6 +515,7 @@ impl<W: ShareWords> Node<W> {
     pub fn on_remote_failed(&mut self, page: PageId) -> Vec<Action> {
         let mut out = Vec::new();
         let p = self.pages.entry(page).or_default();
+        p.joining = false;
         if matches!(p.fetch, Fetch::OneSided { .. }) {
             p.fetch = Fetch::Idle;
             p.hint = None;
@@ -714,12 +555,13 @@ impl<W: ShareWords> Node<W> {
         }
         match (want, p.state) {
             (Access::Read, _) => match p.hint.filter(|h| !self.dead.contains(h)) {
-                Some(h) if h != me && one_sided => {
+                Some(h) if h != me && one_sided && !p.joining => {
                     p.fetch = Fetch::OneSided {
                         owner: h,
                         reading: false,
                         invalidated: false,
                     };
+                    p.joining = true;
                     out.push(Action::Join { owner: h, page });
                 }
                 Some(h) if h != me => {
@@ -779,504 +621,5 @@ impl<W: ShareWords> Node<W> {
                 break;
             }
         }
-    }
-
-    fn handle(&mut self, from: NodeId, msg: Msg, out: &mut Vec<Action>) {
-        if matches!(msg, Msg::ManagerRead { .. } | Msg::ManagerWrite { .. })
-            && self.reroute(from, &msg, out)
-        {
-            return;
-        }
-        let me = self.me;
-        let epoch = self.epoch();
-        let page = msg.page();
-        let manager = self.locator.manager(page);
-        let p = self.pages.entry(page).or_default();
-        match msg {
-            Msg::ManagerRead { from: who, .. } | Msg::ManagerWrite { from: who, .. }
-                if self.dead.contains(&who) =>
-            {
-                // A dead node's late request: it must not become an owner.
-            }
-            Msg::ManagerRead { from: who, .. } | Msg::ManagerWrite { from: who, .. } => {
-                let access = if matches!(msg, Msg::ManagerWrite { .. }) {
-                    Access::Write
-                } else {
-                    Access::Read
-                };
-                if self.directory.is_lost(page) {
-                    out.push(Action::Send {
-                        to: who,
-                        msg: Msg::Lost { page },
-                    });
-                    return;
-                }
-                match self.directory.request(page, who, access) {
-                    ManagerDecision::GrantZero => {
-                        if who == me && me != WITNESS && !self.dead.contains(&WITNESS) {
-                            // Sent before the grant is handled: the witness hears of the
-                            // page before anything is written to it.
-                            out.push(Action::Send {
-                                to: WITNESS,
-                                msg: Msg::Touched { page },
-                            });
-                        }
-                        out.push(Action::Send {
-                            to: who,
-                            msg: Msg::Grant {
-                                page,
-                                access,
-                                owner: true,
-                                zero: true,
-                            },
-                        })
-                    }
-                    ManagerDecision::Forward(owner) => out.push(Action::Send {
-                        to: owner,
-                        msg: match access {
-                            Access::Read => Msg::Read {
-                                page,
-                                from: who,
-                                via_manager: true,
-                            },
-                            Access::Write => Msg::Write {
-                                page,
-                                from: who,
-                                gen: epoch,
-                            },
-                        },
-                    }),
-                }
-            }
-            Msg::Read { from: who, .. } | Msg::Write { from: who, .. }
-                if self.dead.contains(&who) =>
-            {
-                // A dead node's request (late, or forwarded before its death was known).
-            }
-            Msg::Read {
-                from: who,
-                via_manager,
-                ..
-            } => {
-                if p.busy.is_some() || (!p.state.is_owner() && p.fetch != Fetch::Idle) {
-                    if p.busy.is_none() && !via_manager {
-                        // Not the owner (maybe about to be): the manager knows better.
-                        out.push(Action::Send {
-                            to: manager,
-                            msg: Msg::ManagerRead { page, from: who },
-                        });
-                    } else {
-                        p.queue.push_back((from, msg));
-                    }
-                } else if p.state.is_owner() {
-                    self.serve_read(page, who, out);
-                } else {
-                    out.push(Action::Send {
-                        to: manager,
-                        msg: Msg::ManagerRead { page, from: who },
-                    });
-                }
-            }
-            Msg::Write { gen, .. } if gen < p.floor => {
-                // Forwarded under an entry since rebuilt: its requester asks again.
-            }
-            Msg::Write { from: who, .. } => {
-                if p.busy.is_some() || !p.state.is_owner() {
-                    p.queue.push_back((from, msg));
-                } else {
-                    self.start_invalidation(page, who, out);
-                }
-            }
-            Msg::Invalidate { .. } => {
-                if let Fetch::OneSided { invalidated, .. } = &mut p.fetch {
-                    *invalidated = true;
-                }
-                if p.state == PageState::ReadCopy {
-                    p.state = PageState::Invalid;
-                    out.push(Action::Drop { page });
-                }
-                p.hint = Some(from);
-                out.push(Action::Send {
-                    to: from,
-                    msg: Msg::InvalidateAck { page },
-                });
-            }
-            Msg::InvalidateAck { .. } => {
-                if let Some((waiting, to)) = &mut p.busy {
-                    waiting.remove(&from);
-                    if waiting.is_empty() {
-                        let to = *to;
-                        self.finish_transfer(page, to, out);
-                    }
-                }
-            }
-            Msg::Grant {
-                access: Access::Read,
-                owner: false,
-                ..
-            } if p.state != PageState::Invalid => {
-                // A read copy again (a request asked again after a failure, answered
-                // twice): what this node holds is at least as good (a valid copy, or the
-                // page itself); the sender has it in its copyset, which costs one
-                // invalidation at most.
-            }
-            Msg::Grant {
-                access,
-                owner,
-                zero,
-                ..
-            } => {
-                self.stats.message_grants += 1;
-                if p.state != PageState::Invalid {
-                    out.push(Action::Drop { page });
-                }
-                p.fetch = Fetch::Idle;
-                let source = if zero { Source::Zero } else { Source::Message };
-                p.state = match (access, owner) {
-                    (Access::Write, _) => PageState::WriteOwner,
-                    (Access::Read, true) => PageState::ReadOwner,
-                    (Access::Read, false) => PageState::ReadCopy,
-                };
-                p.hint = Some(if owner { me } else { from });
-                out.push(Action::Install {
-                    page,
-                    source,
-                    writable: access == Access::Write,
-                });
-                p.publish = p.state == PageState::ReadOwner;
-            }
-            Msg::Promote { copyset, .. } => {
-                if p.state == PageState::ReadCopy {
-                    self.stats.pages_promoted += 1;
-                    p.state = PageState::ReadOwner;
-                    p.hint = Some(me);
-                    p.copyset = copyset.into_iter().filter(|&n| n != me).collect();
-                    p.publish = true;
-                }
-            }
-            Msg::Lost { .. } => {
-                if p.want.take().is_some() {
-                    // The access is answered (it failed): a later one asks again, and is
-                    // answered lost again.
-                    p.fetch = Fetch::Idle;
-                    out.push(Action::Lost { page });
-                }
-            }
-            Msg::Touched { .. } => {
-                self.witnessed.entry(from).or_default().insert(page);
-            }
-            Msg::Unqueue { epoch, .. } => {
-                p.void_writes_before(epoch);
-            }
-            // Handled by `on_message` before any page is looked at.
-            Msg::Entries { .. } | Msg::MigrationDone { .. } | Msg::Flush { .. } => {}
-        }
-    }
-
-    fn serve_read(&mut self, page: PageId, who: NodeId, out: &mut Vec<Action>) {
-        let p = self.pages.get_mut(&page).expect("page exists");
-        if p.state == PageState::WriteOwner {
-            p.state = PageState::ReadOwner;
-            p.publish = true;
-            out.push(Action::Protect { page });
-        }
-        if who != self.me && !self.dead.contains(&who) {
-            p.copyset.insert(who);
-            out.push(Action::Send {
-                to: who,
-                msg: Msg::Grant {
-                    page,
-                    access: Access::Read,
-                    owner: false,
-                    zero: false,
-                },
-            });
-        }
-    }
-
-    /// Closes the share word and invalidates every copy except `to`'s before `to` (maybe
-    /// this node) gets the page for writing.
-    fn start_invalidation(&mut self, page: PageId, to: NodeId, out: &mut Vec<Action>) {
-        let me = self.me;
-        let joined = self.words.close(page);
-        let p = self.pages.get_mut(&page).expect("page exists");
-        p.publish = false;
-        p.copyset.extend(joined);
-        let all = std::mem::take(&mut p.copyset);
-        let targets: BTreeSet<NodeId> = all
-            .iter()
-            .copied()
-            .filter(|&n| n != me && n != to && !self.dead.contains(&n))
-            .collect();
-        self.stats.dead_copies_dropped +=
-            all.iter().filter(|n| self.dead.contains(n)).count() as u64;
-        if targets.is_empty() {
-            self.finish_transfer(page, to, out);
-            return;
-        }
-        self.stats.invalidations_sent += targets.len() as u64;
-        for &t in &targets {
-            out.push(Action::Send {
-                to: t,
-                msg: Msg::Invalidate { page },
-            });
-        }
-        p.busy = Some((targets, to));
-    }
-
-    fn finish_transfer(&mut self, page: PageId, to: NodeId, out: &mut Vec<Action>) {
-        let me = self.me;
-        let p = self.pages.get_mut(&page).expect("page exists");
-        p.busy = None;
-        if to != me && self.dead.contains(&to) {
-            // The writer died while its copies were being invalidated: the page stays here
-            // (handing it to a dead node would lose it). The manager still names the dead
-            // node until the directory's entry is rebuilt.
-            p.publish = p.state == PageState::ReadOwner;
-            return;
-        }
-        if to == me {
-            if p.state == PageState::ReadOwner {
-                out.push(Action::Unprotect { page });
-            }
-            p.state = PageState::WriteOwner;
-            p.fetch = Fetch::Idle;
-        } else {
-            if p.state == PageState::WriteOwner {
-                // Freeze the page before its bytes are sent and dropped.
-                out.push(Action::Protect { page });
-            }
-            // Drop before sending: once the grant is out, the new owner may write and other
-            // nodes move on, so no local access may still see this copy.
-            out.push(Action::Drop { page });
-            out.push(Action::Send {
-                to,
-                msg: Msg::Grant {
-                    page,
-                    access: Access::Write,
-                    owner: true,
-                    zero: false,
-                },
-            });
-            p.state = PageState::Invalid;
-            p.hint = Some(to);
-            self.note_handed(page, to);
-        }
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::directory::LocatorKind;
-    use std::collections::VecDeque;
-
-    /// Nodes exchanging messages in FIFO order, one-sided operations done at once.
-    pub(in crate::coherence) struct Net {
-        pub(in crate::coherence) nodes: Vec<Node<LocalShareWords>>,
-        pub(in crate::coherence) queue: VecDeque<(NodeId, NodeId, Msg)>,
-        pub(in crate::coherence) log: Vec<(NodeId, Action)>,
-    }
-
-    impl Net {
-        pub(in crate::coherence) fn new(n: u32, one_sided: bool) -> Net {
-            let ids: Vec<NodeId> = (0..n).collect();
-            Net {
-                nodes: ids
-                    .iter()
-                    .map(|&i| {
-                        Node::new(
-                            i,
-                            LocatorKind::Modulo.build(&ids),
-                            LocalShareWords::default(),
-                            one_sided,
-                        )
-                    })
-                    .collect(),
-                queue: VecDeque::new(),
-                log: Vec::new(),
-            }
-        }
-
-        pub(in crate::coherence) fn apply(&mut self, at: NodeId, actions: Vec<Action>) {
-            for a in actions {
-                self.log.push((at, a.clone()));
-                match a {
-                    Action::Send { to, msg } => self.queue.push_back((at, to, msg)),
-                    Action::Publish { page } => self.nodes[at as usize].words.open(page),
-                    Action::Join { owner, page } => {
-                        let open = self.nodes[owner as usize].words.remote_join(page, at);
-                        let next = self.nodes[at as usize].on_join(page, open);
-                        self.apply(at, next);
-                    }
-                    Action::RmaRead { page, .. } => {
-                        let next = self.nodes[at as usize].on_rma_read(page);
-                        self.apply(at, next);
-                    }
-                    _ => {}
-                }
-            }
-        }
-
-        pub(in crate::coherence) fn access(&mut self, at: NodeId, page: PageId, access: Access) {
-            let a = self.nodes[at as usize].fault(page, access);
-            self.apply(at, a);
-            while let Some((from, to, msg)) = self.queue.pop_front() {
-                let a = self.nodes[to as usize].on_message(from, msg);
-                self.apply(to, a);
-            }
-            assert!(self.nodes[at as usize].state(page).allows(access));
-        }
-    }
-
-    #[test]
-    fn a_write_is_granted_only_after_every_copy_is_invalidated() {
-        let mut net = Net::new(4, false);
-        net.access(0, 5, Access::Write);
-        for r in 1..4 {
-            net.access(r, 5, Access::Read);
-        }
-        assert_eq!(net.nodes[0].state(5), PageState::ReadOwner);
-        net.log.clear();
-        net.access(2, 5, Access::Write);
-        for r in [0, 1, 3] {
-            assert_eq!(net.nodes[r as usize].state(5), PageState::Invalid);
-        }
-        assert_eq!(net.nodes[2].state(5), PageState::WriteOwner);
-        let grant = net
-            .log
-            .iter()
-            .position(|(_, a)| {
-                matches!(
-                    a,
-                    Action::Send {
-                        to: 2,
-                        msg: Msg::Grant {
-                            access: Access::Write,
-                            ..
-                        }
-                    }
-                )
-            })
-            .expect("a write grant");
-        let acks: Vec<usize> = net
-            .log
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, a))| {
-                matches!(
-                    a,
-                    Action::Send {
-                        msg: Msg::InvalidateAck { .. },
-                        ..
-                    }
-                )
-            })
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(acks.len(), 2, "nodes 1 and 3 held copies");
-        assert!(acks.iter().all(|&i| i < grant));
-    }
-
-    /// Node 3 held read copies (one joined through the share word when `one_sided`) of
-    /// page 6 (managed by node 2) and died: messages to it are lost. Node 2's write waits for its acknowledgement until
-    /// the live nodes learn of the death; then it is granted, every other copy invalid.
-    #[test]
-    fn a_write_is_granted_once_a_dead_readers_copy_is_dropped() {
-        for one_sided in [false, true] {
-            let mut net = Net::new(4, one_sided);
-            net.access(0, 6, Access::Write);
-            net.access(1, 6, Access::Read);
-            net.access(3, 6, Access::Read);
-            net.access(0, 6, Access::Write); // 1 and 3 now hint node 0
-            net.access(2, 6, Access::Read); // node 0 is a read owner and publishes
-            net.access(3, 6, Access::Read); // one-sided when allowed
-            net.access(1, 6, Access::Read);
-            assert_eq!(net.nodes[3].state(6), PageState::ReadCopy);
-            // Node 3 dies: whatever is sent to it is lost.
-            let a = net.nodes[2].fault(6, Access::Write);
-            net.apply(2, a);
-            let drain = |net: &mut Net| {
-                while let Some((from, to, msg)) = net.queue.pop_front() {
-                    if to == 3 {
-                        continue;
-                    }
-                    let a = net.nodes[to as usize].on_message(from, msg);
-                    net.apply(to, a);
-                }
-            };
-            drain(&mut net);
-            assert_ne!(
-                net.nodes[2].state(6),
-                PageState::WriteOwner,
-                "granted without node 3's acknowledgement (one_sided {one_sided})"
-            );
-            for n in 0..3u32 {
-                let a = net.nodes[n as usize].node_failed(3);
-                net.apply(n, a);
-            }
-            drain(&mut net);
-            assert_eq!(net.nodes[2].state(6), PageState::WriteOwner, "{one_sided}");
-            assert_eq!(net.nodes[0].state(6), PageState::Invalid);
-            assert_eq!(net.nodes[1].state(6), PageState::Invalid);
-            assert_eq!(net.nodes[0].stats.dead_copies_dropped, 1);
-            // Nothing more goes to the dead node: node 1 reads, node 0 writes.
-            net.log.clear();
-            net.access(1, 6, Access::Read);
-            net.access(0, 6, Access::Write);
-            assert!(
-                !net.log
-                    .iter()
-                    .any(|(_, a)| matches!(a, Action::Send { to: 3, .. })),
-                "{:?}",
-                net.log
-            );
-        }
-    }
-
-    #[test]
-    fn a_hinted_reader_joins_an_open_word_without_messaging_the_owner() {
-        let mut net = Net::new(3, true);
-        net.access(0, 1, Access::Write);
-        net.access(1, 1, Access::Read); // by messages; node 0 becomes a read owner
-        net.access(0, 1, Access::Write); // invalidates node 1, which now hints node 0
-        net.access(2, 1, Access::Read); // node 0 publishes again
-        net.log.clear();
-        net.access(1, 1, Access::Read);
-        assert!(net
-            .log
-            .iter()
-            .all(|(_, a)| !matches!(a, Action::Send { .. })));
-        assert!(net
-            .log
-            .iter()
-            .any(|(_, a)| matches!(a, Action::RmaRead { owner: 0, page: 1 })));
-        // The owner learns of the reader when it closes the word, and invalidates it.
-        net.log.clear();
-        net.access(0, 1, Access::Write);
-        assert_eq!(net.nodes[1].state(1), PageState::Invalid);
-        assert_eq!(net.nodes[2].state(1), PageState::Invalid);
-    }
-
-    #[test]
-    fn a_closed_word_sends_the_reader_to_the_owner_by_message() {
-        let mut net = Net::new(2, true);
-        net.access(0, 0, Access::Write);
-        net.access(1, 0, Access::Read);
-        net.access(0, 0, Access::Write); // node 0 writes: its word is closed
-        net.log.clear();
-        net.access(1, 0, Access::Read);
-        assert!(net.log.iter().any(|(_, a)| matches!(
-            a,
-            Action::Send {
-                to: 0,
-                msg: Msg::Read {
-                    from: 1,
-                    via_manager: false,
-                    ..
-                }
-            }
-        )));
-        assert_eq!(net.nodes[0].state(0), PageState::ReadOwner);
     }
 }

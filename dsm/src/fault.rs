@@ -397,7 +397,8 @@ impl Engine {
                     source: e,
                 })?,
         );
-        if self.me == members::COORDINATOR {
+        // On every node: a node becomes the coordinator when the ones before it die.
+        {
             let e = self.clone();
             handles.push(
                 std::thread::Builder::new()

@@ -23,7 +23,11 @@ use crate::fault::{Engine, RegionInfo, Regions};
 use crate::lock::Locks;
 use crate::uffd::{Uffd, PAGE};
 
+mod address;
 mod members;
+mod snapshot;
+
+use address::map;
 
 /// Settings of a DSM process.
 #[derive(Clone, Debug)]
@@ -204,12 +208,13 @@ impl Dsm {
         let regions: Regions = Arc::new(RwLock::new(BTreeMap::new()));
         let ids: Vec<NodeId> = (0..size as NodeId).collect();
         let this = peers[rank as usize].ok_or_else(|| collective("init", "no self connection"))?;
-        let node = Node::new(
+        let mut node = Node::new(
             rank,
             config.locator.build(&ids),
             Engine::words(regions.clone(), ep.clone(), rank, this),
             config.one_sided,
         );
+        node.set_members(ids.iter().copied());
         let engine = Arc::new(
             Engine::new(
                 rank,
@@ -282,6 +287,12 @@ impl Dsm {
         };
         dsm.barrier()?;
         Ok(dsm)
+    }
+
+    /// The node that coordinates the DSM's changes and barriers now: node 0, or the
+    /// lowest live node once node 0 died.
+    pub fn coordinator(&self) -> NodeId {
+        self.engine.coordinator()
     }
 
     pub fn rank(&self) -> NodeId {
@@ -416,179 +427,6 @@ impl Dsm {
             len: bytes,
             first_page,
         })
-    }
-
-    /// Maps `bytes` at an address every rank can use: rank 0 proposes, the others map at
-    /// the same place (`MAP_FIXED_NOREPLACE`), and a refusal anywhere makes rank 0 propose
-    /// another ([`Proposals`]: the kernel's choice first, then random addresses).
-    fn agree_address(&self, bytes: usize) -> Result<u64> {
-        let mut proposals = Proposals::new(bytes);
-        for _ in 0..PROPOSALS {
-            let proposal = if self.rank == 0 { proposals.next()? } else { 0 };
-            let all = self.allgather("alloc address", &proposal.to_le_bytes())?;
-            let addr = all
-                .first()
-                .and_then(|b| b.as_slice().try_into().ok())
-                .map(u64::from_le_bytes)
-                .ok_or_else(|| collective("alloc", "malformed address proposal"))?;
-            let ok = self.rank == 0 || map(addr, bytes, true).is_ok();
-            let oks = self.allgather("alloc address", &[ok as u8])?;
-            if oks.iter().all(|b| b == &[1]) {
-                if self.rank == 0 {
-                    proposals.keep(addr);
-                }
-                return Ok(addr);
-            }
-            if ok && self.rank != 0 {
-                // SAFETY: we mapped exactly this range just above.
-                unsafe { libc::munmap(addr as *mut _, bytes) };
-            }
-        }
-        Err(collective(
-            "alloc",
-            format!("no address free on every rank after {PROPOSALS} proposals"),
-        ))
-    }
-
-    /// Restores a region just allocated from the ranks' snapshots (collective).
-    fn restore(
-        &self,
-        base: u64,
-        first_page: PageId,
-        pages: usize,
-        snapshot: Option<&[u8]>,
-    ) -> Result<()> {
-        let mine = snapshot.map(|s| Snapshot::parse(s, pages, self.rank, self.size));
-        // A snapshot this rank cannot use still takes part (with a blob of the wrong
-        // length), so every rank fails instead of waiting.
-        let refused = vec![0u8; pages.div_ceil(8) + 1];
-        let blob = match &mine {
-            None => &[][..],
-            Some(Ok(m)) => m.bitmap,
-            Some(Err(_)) => &refused[..],
-        };
-        let all = self.allgather("alloc restore", blob)?;
-        let mine = mine.transpose()?;
-        let mut owners: Vec<Option<NodeId>> = vec![None; pages];
-        for (r, bitmap) in all.iter().enumerate() {
-            if bitmap.is_empty() {
-                continue;
-            }
-            if bitmap.len() != pages.div_ceil(8) {
-                return Err(collective(
-                    "alloc restore",
-                    format!(
-                        "rank {r}'s snapshot is of another region ({} bitmap bytes)",
-                        bitmap.len()
-                    ),
-                ));
-            }
-            for (i, owner) in owners.iter_mut().enumerate() {
-                if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-                    if let Some(o) = owner {
-                        return Err(collective(
-                            "alloc restore",
-                            format!("page {i} of the region is held by the snapshots of ranks {o} and {r}"),
-                        ));
-                    }
-                    *owner = Some(r as NodeId);
-                }
-            }
-        }
-        let mut node = self
-            .engine
-            .node
-            .lock()
-            .map_err(|_| collective("alloc restore", "poisoned"))?;
-        for (i, &owner) in owners.iter().enumerate() {
-            node.restore(first_page + i as u64, owner);
-            if owner == Some(self.rank) {
-                let data = mine
-                    .as_ref()
-                    .map(|m| m.page(i))
-                    .ok_or_else(|| collective("alloc restore", "no snapshot here"))?;
-                // SAFETY: `data` is one page of the snapshot; the destination page of the
-                // region was never mapped (the region is new).
-                unsafe {
-                    self.engine
-                        .uffd
-                        .copy(base + (i * PAGE) as u64, data.as_ptr(), true)?
-                };
-            }
-        }
-        Ok(())
-    }
-
-    /// Bytes of a [`Dsm::snapshot`] of a region of `len` bytes (as asked of
-    /// [`Dsm::alloc`]: rounded up to pages).
-    pub fn snapshot_len(len: usize) -> usize {
-        Snapshot::len(len.div_ceil(PAGE))
-    }
-
-    /// Writes what this rank holds of `region` into `out` ([`Dsm::snapshot_len`] bytes):
-    /// which pages it owns and their bytes; returns how many pages it owns. Meant for a
-    /// coordinated checkpoint, where no rank accesses the DSM: ownership does not move
-    /// while the snapshots are taken, so every written page is in exactly one snapshot.
-    /// Pages whose bytes did not change since the last snapshot into `out` are not
-    /// written (an incremental capture of `out` leaves them out).
-    pub fn snapshot(&self, region: &SharedRegion, out: &mut [u8]) -> Result<usize> {
-        let pages = region.len / PAGE;
-        if out.len() != Snapshot::len(pages) {
-            return Err(DsmError::Config {
-                what: "snapshot buffer".into(),
-                reason: format!("{} bytes, {} expected", out.len(), Snapshot::len(pages)),
-            });
-        }
-        let node = self
-            .engine
-            .node
-            .lock()
-            .map_err(|_| collective("snapshot", "poisoned"))?;
-        let live = self
-            .engine
-            .regions
-            .read()
-            .map_err(|_| collective("snapshot", "poisoned"))?
-            .get(&region.first_page)
-            .is_some_and(|r| r.base == region.base);
-        if !live {
-            return Err(DsmError::Config {
-                what: "snapshot".into(),
-                reason: format!("the region at {:#x} was freed", region.base),
-            });
-        }
-        let header = Snapshot::header(pages, self.rank, self.size);
-        if out[..header.len()] != header {
-            out[..header.len()].copy_from_slice(&header);
-        }
-        let data_at = Snapshot::data_offset(pages);
-        let mut owned = 0;
-        for i in 0..pages {
-            let mine = node.state(region.first_page + i as u64).is_owner();
-            let (byte, bit) = (SNAPSHOT_HEADER + i / 8, 1u8 << (i % 8));
-            let want = if mine {
-                out[byte] | bit
-            } else {
-                out[byte] & !bit
-            };
-            if out[byte] != want {
-                out[byte] = want;
-            }
-            if mine {
-                owned += 1;
-                // SAFETY: this rank owns the page, so it is mapped here (read-only or
-                // writable): reading it does not fault. The region is in the table, and a
-                // free takes the state lock we hold.
-                let page = unsafe {
-                    std::slice::from_raw_parts((region.base + (i * PAGE) as u64) as *const u8, PAGE)
-                };
-                let dst = &mut out[data_at + i * PAGE..data_at + (i + 1) * PAGE];
-                if dst != page {
-                    dst.copy_from_slice(page);
-                }
-            }
-        }
-        Ok(owned)
     }
 
     /// Frees a region collectively (every rank, same order).
@@ -736,7 +574,7 @@ impl Dsm {
 
 impl Drop for Dsm {
     fn drop(&mut self) {
-        if self.rank == crate::fault::members::COORDINATOR {
+        if self.rank == self.engine.coordinator() {
             self.engine.dismiss_joined();
         }
         self.engine.stop();
@@ -757,179 +595,6 @@ impl Drop for Dsm {
 fn lock_peers(engine: &Arc<Engine>, me: NodeId) -> crate::lock::PeerLookup {
     let e = engine.clone();
     Arc::new(move |n| if n == me { None } else { e.peer_of(n).ok() })
-}
-
-/// Maps `bytes` of private anonymous memory, at `addr` exactly when `fixed`.
-fn map(addr: u64, bytes: usize, fixed: bool) -> Result<u64> {
-    let flags = libc::MAP_PRIVATE
-        | libc::MAP_ANONYMOUS
-        | libc::MAP_NORESERVE
-        | if fixed { libc::MAP_FIXED_NOREPLACE } else { 0 };
-    // SAFETY: anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut _,
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED || (fixed && p as u64 != addr) {
-        if p != libc::MAP_FAILED {
-            // SAFETY: an old kernel placed it elsewhere; undo.
-            unsafe { libc::munmap(p, bytes) };
-        }
-        return Err(DsmError::Os {
-            what: format!("mapping {bytes} bytes at {addr:#x}"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(p as u64)
-}
-
-/// Bytes before a snapshot's bitmap.
-const SNAPSHOT_HEADER: usize = 32;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"KDSMSNP1";
-
-/// A snapshot of what one rank holds of a region ([`Dsm::snapshot`]): a 32-byte header
-/// (magic, rank, job size, pages), a bitmap of the pages it owns, then, from the next page
-/// boundary, every page's slot (meaningful where the bitmap is set).
-struct Snapshot<'a> {
-    bitmap: &'a [u8],
-    data: &'a [u8],
-}
-
-impl<'a> Snapshot<'a> {
-    fn data_offset(pages: usize) -> usize {
-        (SNAPSHOT_HEADER + pages.div_ceil(8)).next_multiple_of(PAGE)
-    }
-
-    fn len(pages: usize) -> usize {
-        Self::data_offset(pages) + pages * PAGE
-    }
-
-    fn header(pages: usize, rank: NodeId, size: usize) -> [u8; SNAPSHOT_HEADER] {
-        let mut h = [0u8; SNAPSHOT_HEADER];
-        h[..8].copy_from_slice(SNAPSHOT_MAGIC);
-        h[8..12].copy_from_slice(&rank.to_le_bytes());
-        h[12..16].copy_from_slice(&(size as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&(pages as u64).to_le_bytes());
-        h
-    }
-
-    fn parse(bytes: &'a [u8], pages: usize, rank: NodeId, size: usize) -> Result<Snapshot<'a>> {
-        let bad = |reason: String| DsmError::Config {
-            what: "DSM snapshot".into(),
-            reason,
-        };
-        if bytes.len() != Self::len(pages) {
-            return Err(bad(format!(
-                "{} bytes for a region of {pages} pages ({} expected)",
-                bytes.len(),
-                Self::len(pages)
-            )));
-        }
-        if &bytes[..8] != SNAPSHOT_MAGIC {
-            return Err(bad("not a DSM snapshot (bad magic)".into()));
-        }
-        let want = Self::header(pages, rank, size);
-        if bytes[..SNAPSHOT_HEADER] != want {
-            let num = |r: std::ops::Range<usize>| {
-                bytes[r]
-                    .iter()
-                    .rev()
-                    .fold(0u64, |acc, &b| (acc << 8) | b as u64)
-            };
-            return Err(bad(format!(
-                "taken by rank {} of {} for {} pages; this is rank {rank} of {size}, {pages} pages",
-                num(8..12),
-                num(12..16),
-                num(16..24)
-            )));
-        }
-        let data_at = Self::data_offset(pages);
-        Ok(Snapshot {
-            bitmap: &bytes[SNAPSHOT_HEADER..SNAPSHOT_HEADER + pages.div_ceil(8)],
-            data: &bytes[data_at..],
-        })
-    }
-
-    fn page(&self, i: usize) -> &'a [u8] {
-        &self.data[i * PAGE..(i + 1) * PAGE]
-    }
-}
-
-/// How many addresses rank 0 proposes for a region before the allocation fails.
-const PROPOSALS: usize = 16;
-/// Random proposals lie in `[RANDOM_LOW, RANDOM_HIGH)`: far from where the kernel places
-/// mappings (just below the stack, and the executable's heap), inside the 47-bit user
-/// address space of x86-64 and of 48-bit arm64.
-const RANDOM_LOW: u64 = 1 << 44;
-const RANDOM_HIGH: u64 = 1 << 46;
-
-/// Rank 0's address proposals for one region. The first is where the kernel maps it in
-/// rank 0; the others are random. Each proposal stays mapped in rank 0 until the
-/// allocation ends, so no proposal is made twice.
-///
-/// Random, not the kernel's next choice: the kernel places each new mapping just below
-/// the previous one, so when another rank has a large mapping (thread stacks, allocator
-/// arenas, fabric buffers) where rank 0's first proposal falls, every later proposal fell
-/// inside it too and the allocation failed ("no address free on every rank", seen under
-/// load in CI).
-struct Proposals {
-    bytes: usize,
-    held: Vec<u64>,
-}
-
-impl Proposals {
-    fn new(bytes: usize) -> Proposals {
-        Proposals {
-            bytes,
-            held: Vec::new(),
-        }
-    }
-
-    /// The next address, mapped here.
-    fn next(&mut self) -> Result<u64> {
-        let addr = if self.held.is_empty() {
-            map(0, self.bytes, false)?
-        } else {
-            self.random().or_else(|_| map(0, self.bytes, false))?
-        };
-        self.held.push(addr);
-        Ok(addr)
-    }
-
-    /// A random page-aligned address in the random window that is free here.
-    fn random(&self) -> Result<u64> {
-        let span = (RANDOM_HIGH - RANDOM_LOW).saturating_sub(self.bytes as u64) / PAGE as u64;
-        let mut last = None;
-        for _ in 0..32 {
-            let r = fabric::random_u64()?;
-            let addr = RANDOM_LOW + (r % span.max(1)) * PAGE as u64;
-            match map(addr, self.bytes, true) {
-                Ok(a) => return Ok(a),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| collective("alloc", "no random address")))
-    }
-
-    /// The agreed address: it stays mapped when the other proposals are unmapped.
-    fn keep(&mut self, addr: u64) {
-        self.held.retain(|&a| a != addr);
-    }
-}
-
-impl Drop for Proposals {
-    fn drop(&mut self) {
-        for &a in &self.held {
-            // SAFETY: proposals this rank mapped and nobody uses.
-            unsafe { libc::munmap(a as *mut _, self.bytes) };
-        }
-    }
 }
 
 /// Reference measurements for benchmarks, taken with the DSM's own endpoint.
@@ -974,42 +639,5 @@ impl Dsm {
             atomics.push(t.elapsed().as_secs_f64() * 1e6);
         }
         Ok((reads, atomics))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Another rank whose mappings cover 64 GiB on either side of rank 0's first proposal
-    /// (the kernel's choice) refuses it and every address near it: rank 0's later proposals
-    /// must leave that neighbourhood (before, each was the kernel's next choice, just
-    /// below the last, and all eight were refused).
-    #[test]
-    fn a_rank_whose_mappings_cover_the_first_proposals_still_gets_an_address() {
-        let bytes = 96 * PAGE;
-        let mut proposals = Proposals::new(bytes);
-        let first = proposals.next().unwrap();
-        let taken = 64u64 << 30;
-        let refused = |a: u64| a + bytes as u64 > first.saturating_sub(taken) && a < first + taken;
-        assert!(refused(first));
-        let mut tries = 1;
-        let agreed = loop {
-            let a = proposals.next().unwrap();
-            tries += 1;
-            assert!(tries <= PROPOSALS, "every proposal near the first one");
-            assert_eq!(a % PAGE as u64, 0);
-            if !refused(a) {
-                break a;
-            }
-        };
-        proposals.keep(agreed);
-        drop(proposals);
-        // The agreed proposal is still mapped here (the others were unmapped).
-        // SAFETY: mapped read-write by the proposal; unmapped just below.
-        unsafe {
-            (agreed as *mut u8).write(1);
-            libc::munmap(agreed as *mut _, bytes);
-        }
     }
 }

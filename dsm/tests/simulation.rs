@@ -92,7 +92,12 @@ impl Sim {
         let nodes = ids
             .iter()
             .map(|&me| SimNode {
-                node: Node::new(me, kind.build(&ids), LocalShareWords::default(), one_sided),
+                node: {
+                    let mut node =
+                        Node::new(me, kind.build(&ids), LocalShareWords::default(), one_sided);
+                    node.set_members(ids.iter().copied());
+                    node
+                },
                 mem: BTreeMap::new(),
                 export: BTreeMap::new(),
                 op: None,
@@ -124,15 +129,15 @@ impl Sim {
         }
     }
 
-    /// A schedule in which node n-1 (it reads, writes and manages pages) is killed midway
-    /// and its failure is rebuilt (3 nodes at least).
-    fn with_dead_node(seed: u64, ops: u64) -> Option<Sim> {
+    /// A schedule in which node n-1 (`node0`: node 0; it reads, writes and manages pages)
+    /// is killed midway and its failure is rebuilt (3 nodes at least).
+    fn with_dead_node(seed: u64, ops: u64, node0: bool) -> Option<Sim> {
         let mut sim = Sim::new(seed);
         let n = sim.nodes.len() as NodeId;
         if n < 3 {
             return None;
         }
-        sim.reader = Some(n - 1);
+        sim.reader = Some(if node0 { 0 } else { n - 1 });
         sim.rebuild = true;
         sim.kill_at = Some(sim.rng.gen_range(ops / 4..=ops / 2));
         Some(sim)
@@ -704,19 +709,52 @@ fn a_dead_reader_never_blocks_the_live_nodes() {
 /// answered lost has no live copy.
 #[test]
 fn a_dead_manager_and_owner_is_rebuilt_and_consistency_holds() {
+    // Seeds 91, 3913 and 5306 found the bugs fixed by the write floors (`Msg::Unqueue`)
+    // and by dropping a dead manager's queued writes.
+    run_failures(false);
+}
+
+/// The same with node 0 as the dead node: it wrote every page first (the prologue) and
+/// its own self-granted pages are known only to its deputy witness (`Node::witness`, the
+/// lowest live node other than it), so a page it wrote and nobody copied is answered
+/// lost, never handed out as a zero page (which the stale-read check would catch).
+#[test]
+fn a_dead_node_0_is_rebuilt_and_consistency_holds() {
+    run_failures(true);
+}
+
+/// Seeds 4231 and 8210 (node n-1 dies) read a stale copy: a reader posted a second join of
+/// an owner's share word while its first, given up for a grant by message, was still in
+/// flight; both landed in the same open period, the fetch-and-add counted the reader's
+/// bit twice (read as the next node's bit) and the owner never invalidated its copy.
+#[test]
+fn a_reader_that_joined_twice_is_still_invalidated_seeds_4231_and_8210() {
+    for seed in [4231, 8210] {
+        let mut sim = Sim::with_dead_node(seed, 200, false).expect("3 nodes or more");
+        if let Err(e) = sim.run_schedule(200) {
+            let start = sim.trace.len().saturating_sub(60);
+            panic!(
+                "seed {seed}: {e}\nlast events:\n{}",
+                sim.trace[start..].join("\n")
+            );
+        }
+        assert!(sim.killed && sim.phase == 2, "seed {seed}: no failure ran");
+    }
+}
+
+/// Runs the failure schedules (`node0`: node 0 dies, else node n-1).
+fn run_failures(node0: bool) {
     let (first, count) = match env("KRUN_SIM_SEED") {
         Some(s) => (s, 1),
         None => (
             env("KRUN_SIM_FIRST_SEED").unwrap_or(0),
-            // Seeds 91, 3913 and 5306 found the bugs fixed by the write floors
-            // (`Msg::Unqueue`) and by dropping a dead manager's queued writes.
             env("KRUN_SIM_SCHEDULES").unwrap_or(8000),
         ),
     };
     let trace_len = env("KRUN_SIM_TRACE").unwrap_or(60) as usize;
     let (mut ran, mut reads, mut lost, mut promoted, mut resent) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for seed in first..first + count {
-        let Some(mut sim) = Sim::with_dead_node(seed, 200) else {
+        let Some(mut sim) = Sim::with_dead_node(seed, 200, node0) else {
             continue;
         };
         if let Err(e) = sim.run_schedule(200) {
@@ -737,8 +775,8 @@ fn a_dead_manager_and_owner_is_rebuilt_and_consistency_holds() {
         }
     }
     eprintln!(
-        "{ran} schedules with a dead manager: {reads} reads checked, {lost} accesses answered \
-         lost, {promoted} copies promoted, {resent} requests asked again"
+        "{ran} schedules with a dead manager (node 0: {node0}): {reads} reads checked, {lost} \
+         accesses answered lost, {promoted} copies promoted, {resent} requests asked again"
     );
     if count >= 100 {
         assert!(

@@ -70,9 +70,12 @@ impl Engine {
                 self.ep.peer_failed(peer, "the DSM found it dead");
             }
         }
-        if self.me == super::members::COORDINATOR {
+        if self.me == self.coordinator() {
             // Their entries are rebuilt from the survivors' copies (a failure's change).
-            for &n in &fresh {
+            // A node that just became the coordinator (the ones before died) also queues
+            // the deaths its predecessor had not handled, its predecessor's among them.
+            let dead = self.dead_nodes();
+            for &n in &dead {
                 self.members.queue_failure(n);
             }
         }

@@ -1,5 +1,7 @@
 //! The DSM's node set while it runs: a node joins, a node leaves, and the barrier among the
-//! job's ranks, with membership messages (tag [`TAG_DSM_MEMBER`]) coordinated by node 0.
+//! job's ranks, with membership messages (tag [`TAG_DSM_MEMBER`]) coordinated by the
+//! coordinator ([`Engine::coordinator`]: node 0, then the lowest live node once it died;
+//! "node 0" below).
 //!
 //! A change runs in the seed's phases, timed at node 0 ([`ChangeReport`]):
 //! - **start**: a join request is accepted, the newcomer gets an id and the view (members'
@@ -23,11 +25,12 @@
 //! are rebuilt, read copies promoted, and pages whose every copy died are reported lost
 //! (each member's `Migrated` names the pages it found lost, node 0's [`ChangeReport::lost`]
 //! gathers them); at end every survivor asks again what it was still waiting for. When
-//! node 0 itself dies nothing is rebuilt (the fault watchdog reports the accesses that wait
-//! for the dead node).
+//! node 0 itself dies, the next live node becomes the coordinator: it asks every survivor
+//! for its state (`StateQuery`), finishes or drops the change node 0 left half-done
+//! (`finish_half_done` in `change.rs`), then runs node 0's failure like any other.
 //!
-//! One change at a time; node 0 cannot leave (it coordinates changes and barriers). Regions
-//! must be allocated before the first change.
+//! One change at a time; the coordinator cannot leave (it coordinates changes and
+//! barriers). Regions must be allocated before the first change.
 //!
 //! The barrier ([`Engine::barrier`]): each of the job's ranks that is still a member tells
 //! node 0 it arrived; node 0 releases a generation once every live rank arrived. A rank that
@@ -41,20 +44,24 @@ use adaptation::locator::Placement;
 use fabric::{EndpointAddress, PeerId, RemoteRegion};
 use serde::{Deserialize, Serialize};
 
+mod barrier;
 mod change;
+mod phases;
+mod view;
+mod wire;
+
+use barrier::Barrier;
+pub use view::View;
+pub use wire::{decode, send_raw, Ctl};
 
 use super::{now_ns, poisoned, region_of, Data, Engine, RegionInfo, TAG_DSM_MEMBER, WIRE_VERSION};
 use crate::coherence::{Access, Change, NodeId, PageId};
 use crate::directory::LocatorKind;
 use crate::error::{DsmError, Result};
 
-/// The node that coordinates membership changes and barriers.
-///
-/// Node 0's death is not handled yet. Design (dsm/README.md, "Node 0's death"): this
-/// becomes `Engine::coordinator()`, the lowest live member of the view; the new coordinator
-/// starts `members_loop` and the lock server, collects every survivor's state (a change
-/// half-done, locks held and waited for, barrier generation), finishes or drops the
-/// half-done change, then runs `Fail(0)` like any failure.
+/// The first coordinator of membership changes and barriers (and the DSM locks' server).
+/// The coordinator now is [`Engine::coordinator`]: the lowest live member, node 0 until it
+/// dies.
 pub const COORDINATOR: NodeId = 0;
 /// The seed's phases of a node addition, in order ([`ChangeReport::phases`]).
 pub const PHASES: [&str; 5] = ["start", "physical", "setting", "logical", "end"];
@@ -99,55 +106,6 @@ pub struct Welcome {
 /// A region's descriptors of one node: (first page, export, words).
 pub type Descriptors = Vec<(PageId, Vec<u8>, Vec<u8>)>;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Ctl {
-    Join {
-        addr: Vec<u8>,
-    },
-    Welcome(Box<Welcome>),
-    Ready {
-        regions: Descriptors,
-    },
-    Install {
-        epoch: u64,
-        change: ViewChange,
-        addr: Vec<u8>,
-        regions: Descriptors,
-    },
-    Installed {
-        epoch: u64,
-    },
-    Migrate {
-        epoch: u64,
-    },
-    Migrated {
-        epoch: u64,
-        /// The pages this member, as a manager, knows lost.
-        lost: Vec<PageId>,
-    },
-    Commit {
-        epoch: u64,
-    },
-    Committed {
-        epoch: u64,
-    },
-    Leave {
-        owned: Vec<PageId>,
-    },
-    Left,
-    Arrive {
-        gen: u64,
-    },
-    Release {
-        gen: u64,
-    },
-    Dismiss,
-    /// Node 0's own queue only (never sent): `node` died, run its failure.
-    Failed {
-        node: NodeId,
-    },
-}
-
 /// One change as node 0 ran it: seconds spent in each of [`PHASES`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChangeReport {
@@ -163,79 +121,6 @@ impl ChangeReport {
     pub fn total(&self) -> f64 {
         self.phases.iter().sum()
     }
-}
-
-/// The node set as every node keeps it (node 0's is the reference).
-#[derive(Clone, Debug)]
-pub struct View {
-    pub kind: LocatorKind,
-    pub initial: u32,
-    pub history: Vec<ViewChange>,
-    pub epoch: u64,
-    pub addrs: BTreeMap<NodeId, Vec<u8>>,
-    /// Nodes that left.
-    pub gone: BTreeSet<NodeId>,
-    /// Nodes whose failure was handled (a `Fail` change committed).
-    pub failed: BTreeSet<NodeId>,
-    pub next_id: NodeId,
-    /// The change installed and not committed yet.
-    pub pending: Option<(u64, ViewChange)>,
-}
-
-impl View {
-    pub fn new(kind: LocatorKind, initial: u32, addrs: BTreeMap<NodeId, Vec<u8>>) -> View {
-        View {
-            kind,
-            initial,
-            history: Vec::new(),
-            epoch: 0,
-            addrs,
-            gone: BTreeSet::new(),
-            failed: BTreeSet::new(),
-            next_id: initial,
-            pending: None,
-        }
-    }
-
-    /// Members now (nodes that joined and did not leave).
-    pub fn members(&self) -> BTreeSet<NodeId> {
-        (0..self.next_id)
-            .filter(|n| !self.gone.contains(n) && !self.failed.contains(n))
-            .collect()
-    }
-
-    pub fn members_after(&self, change: ViewChange) -> BTreeSet<NodeId> {
-        let mut m = self.members();
-        match change {
-            ViewChange::Join(n) => m.insert(n),
-            ViewChange::Leave(n) | ViewChange::Fail(n) => m.remove(&n),
-        };
-        m
-    }
-
-    /// The locator of this view, or of the next one with `next`: every node applies the
-    /// same changes in the same order to the same start, so all get the same locator.
-    pub fn locator(&self, next: Option<ViewChange>) -> Box<dyn Placement + Send> {
-        let initial: Vec<NodeId> = (0..self.initial).collect();
-        let mut l = self.kind.build(&initial);
-        for c in self.history.iter().chain(next.iter()) {
-            match *c {
-                ViewChange::Join(n) => l.add_node(n),
-                ViewChange::Leave(n) | ViewChange::Fail(n) => l.remove_node(n),
-            }
-        }
-        l
-    }
-}
-
-#[derive(Default)]
-struct Barrier {
-    /// This rank's next generation.
-    next: u64,
-    /// Generations below this are released.
-    released: u64,
-    /// At node 0: who arrived at each generation.
-    arrivals: BTreeMap<u64, BTreeSet<NodeId>>,
 }
 
 /// Membership state of a node's driver.
@@ -352,11 +237,9 @@ impl Members {
             .unwrap_or(false)
     }
 
-    /// At node 0: queues the failure of `node` (once), unless it left already.
+    /// At the coordinator: queues the failure of `node` (once), unless it left already.
     pub(crate) fn queue_failure(&self, node: NodeId) {
-        // Node 0's own failure would be queued by the next coordinator (the lowest live
-        // node) after its takeover (dsm/README.md, "Node 0's death"); not implemented.
-        if node == COORDINATOR || self.settled(node) {
+        if self.settled(node) {
             return;
         }
         let fresh = self
@@ -403,40 +286,6 @@ impl Members {
     }
 }
 
-fn encode(from: NodeId, ctl: &Ctl) -> Result<Vec<u8>> {
-    let mut wire = vec![WIRE_VERSION];
-    wire.extend(
-        postcard::to_allocvec(&(from, ctl)).map_err(|e| DsmError::Config {
-            what: "membership message".into(),
-            reason: e.to_string(),
-        })?,
-    );
-    let crc = crc32c::crc32c(&wire);
-    wire.extend_from_slice(&crc.to_le_bytes());
-    Ok(wire)
-}
-
-/// Parses [`encode`]'s output.
-pub fn decode(data: &[u8]) -> std::result::Result<(NodeId, Ctl), String> {
-    let (body, crc) = data
-        .split_last_chunk::<4>()
-        .ok_or_else(|| format!("{} bytes", data.len()))?;
-    if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
-        return Err("checksum mismatch (corrupted in transit)".into());
-    }
-    let (&version, rest) = body.split_first().ok_or("empty")?;
-    if version != WIRE_VERSION {
-        return Err(format!("wire version {version}, expected {WIRE_VERSION}"));
-    }
-    postcard::from_bytes(rest).map_err(|e| e.to_string())
-}
-
-/// Sends `ctl` from `from` to `peer` (also before the driver runs: a newcomer's request).
-pub fn send_raw(ep: &dyn fabric::Endpoint, peer: PeerId, from: NodeId, ctl: &Ctl) -> Result<()> {
-    ep.send(peer, TAG_DSM_MEMBER, &encode(from, ctl)?)?;
-    Ok(())
-}
-
 fn timeout(what: String, start: Instant) -> DsmError {
     DsmError::Timeout {
         what,
@@ -445,6 +294,22 @@ fn timeout(what: String, start: Instant) -> DsmError {
 }
 
 impl Engine {
+    /// The node that coordinates changes and barriers now: the lowest member of the view
+    /// not known dead (node 0 while it lives). Every node computes it from its view and its
+    /// dead set; the failure announcements make the survivors agree.
+    pub fn coordinator(&self) -> NodeId {
+        let dead = self.dead_nodes();
+        self.members
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().map(|v| v.members()))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|n| !dead.contains(n))
+            .unwrap_or(self.me)
+    }
+
     /// Sends `ctl` to `to` (handled here at once when `to` is this node).
     fn ctl_to(&self, to: NodeId, ctl: Ctl) -> Result<()> {
         if to == self.me {
@@ -475,7 +340,10 @@ impl Engine {
     fn handle_ctl(&self, from: NodeId, ctl: Ctl) -> Result<()> {
         let me = self.me;
         match ctl {
-            Ctl::Join { .. } | Ctl::Leave { .. } if me == COORDINATOR => {
+            // Requests and answers are kept even at a node that does not know yet that it
+            // coordinates (the sender learnt of the old coordinator's death first); only
+            // the coordinator runs them.
+            Ctl::Join { .. } | Ctl::Leave { .. } => {
                 if let Ok(mut r) = self.members.requests.lock() {
                     r.push_back((from, ctl));
                 }
@@ -486,8 +354,7 @@ impl Engine {
             | Ctl::Installed { .. }
             | Ctl::Migrated { .. }
             | Ctl::Committed { .. }
-                if me == COORDINATOR =>
-            {
+            | Ctl::State { .. } => {
                 self.members.reply(from, ctl);
                 Ok(())
             }
@@ -498,19 +365,18 @@ impl Engine {
                 regions,
             } => {
                 self.on_install(epoch, change, &addr, &regions)?;
-                self.ctl_to(COORDINATOR, Ctl::Installed { epoch })
+                self.ctl_to(from, Ctl::Installed { epoch })
             }
             Ctl::Migrate { epoch } => self.on_migrate(epoch),
             Ctl::Commit { epoch } => {
                 self.on_commit(epoch)?;
-                self.ctl_to(COORDINATOR, Ctl::Committed { epoch })
+                self.ctl_to(from, Ctl::Committed { epoch })
             }
-            Ctl::Arrive { gen } if me == COORDINATOR => {
-                if let Ok(mut b) = self.members.barrier.lock() {
-                    b.arrivals.entry(gen).or_default().insert(from);
-                }
-                self.barrier_recheck()
+            Ctl::StateQuery => {
+                let state = self.change_state()?;
+                self.ctl_to(from, state)
             }
+            Ctl::Arrive { gen } => self.on_arrive(from, gen),
             Ctl::Release { gen } => {
                 self.members.release(gen);
                 Ok(())
@@ -528,385 +394,6 @@ impl Engine {
                 reason: format!("unexpected membership message at node {me}: {other:?}"),
             }),
         }
-    }
-
-    /// Adds node `id`'s descriptors of the regions (a join's setting phase).
-    pub(crate) fn extend_regions(&self, id: NodeId, regions: &Descriptors) -> Result<()> {
-        let mut map = self.regions.write().map_err(|_| poisoned())?;
-        for (first, export, words) in regions {
-            let Some(r) = map.get(first) else {
-                continue; // freed since
-            };
-            let e = RemoteRegion::from_bytes(export)?;
-            let w = RemoteRegion::from_bytes(words)?;
-            let mut remote_export = r.remote_export.clone();
-            let mut remote_words = r.remote_words.clone();
-            let n = id as usize + 1;
-            if remote_export.len() < n {
-                remote_export.resize(n, e);
-                remote_words.resize(n, w);
-            }
-            remote_export[id as usize] = e;
-            remote_words[id as usize] = w;
-            let info = RegionInfo {
-                first_page: r.first_page,
-                pages: r.pages,
-                base: r.base,
-                export: r.export.clone(),
-                words: r.words.clone(),
-                remote_export,
-                remote_words,
-            };
-            map.insert(*first, Arc::new(info));
-        }
-        Ok(())
-    }
-
-    /// Setting phase at a member: connect to a newcomer, prepare the next view.
-    fn on_install(
-        &self,
-        epoch: u64,
-        change: ViewChange,
-        addr: &[u8],
-        regions: &Descriptors,
-    ) -> Result<()> {
-        if let ViewChange::Join(id) = change {
-            let peer = self.ep.connect(&EndpointAddress::from_bytes(addr)?)?;
-            self.add_peer(id, peer)?;
-            self.extend_regions(id, regions)?;
-        }
-        if let ViewChange::Fail(id) = change {
-            // Node 0 knows it died; this member may not have heard yet.
-            self.drop_dead(&[id])?;
-        }
-        let dead = self.dead_nodes();
-        let c = {
-            let mut v = self.members.view.lock().map_err(|_| poisoned())?;
-            let v = v.as_mut().ok_or_else(|| no_view(self.me))?;
-            v.pending = Some((epoch, change));
-            if let ViewChange::Join(id) = change {
-                v.addrs.insert(id, addr.to_vec());
-            }
-            Change {
-                epoch,
-                locator: v.locator(Some(change)),
-                old_members: v.members().difference(&dead).copied().collect(),
-                new_members: v.members_after(change).difference(&dead).copied().collect(),
-                failed: match change {
-                    ViewChange::Fail(n) => Some(n),
-                    _ => None,
-                },
-            }
-        };
-        self.node.lock().map_err(|_| poisoned())?.prepare_change(c);
-        Ok(())
-    }
-
-    /// Logical phase at a member: switch to the next view (entries migrate).
-    fn on_migrate(&self, epoch: u64) -> Result<()> {
-        let mut remote = Vec::new();
-        let finished = {
-            let mut node = self.node.lock().map_err(|_| poisoned())?;
-            let actions = node.start_change(epoch);
-            self.execute(&mut node, actions, Data::None, &mut remote)?;
-            node.take_finished()
-        };
-        self.after_actions(remote, finished)
-    }
-
-    /// Test injection ([`Members::hold`]): node 0 switches, but its entries and markers
-    /// wait until it forwarded or held a request (at most 10 s); the others have not
-    /// switched yet, so their requests reach node 0's old entries (forwarded) and node 0's
-    /// requests reach entries still at their old managers (held).
-    fn migrate_held(&self, epoch: u64) -> Result<()> {
-        let moved = |n: &crate::coherence::Node<super::RegisteredWords>| {
-            n.stats.requests_forwarded + n.stats.requests_delayed
-        };
-        let mut remote = Vec::new();
-        let (before, held) = {
-            let mut node = self.node.lock().map_err(|_| poisoned())?;
-            let before = moved(&node);
-            let (held, rest): (Vec<_>, Vec<_>) = node.start_change(epoch).into_iter().partition(
-                |a| matches!(a, crate::coherence::Action::Send { msg, .. } if msg.is_migration()),
-            );
-            self.execute(&mut node, rest, Data::None, &mut remote)?;
-            (before, held)
-        };
-        if !remote.is_empty() {
-            self.run_remote(std::mem::take(&mut remote))?;
-        }
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until && moved(&*self.node.lock().map_err(|_| poisoned())?) == before
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let finished = {
-            let mut node = self.node.lock().map_err(|_| poisoned())?;
-            self.execute(&mut node, held, Data::None, &mut remote)?;
-            node.take_finished()
-        };
-        self.after_actions(remote, finished)
-    }
-
-    /// Step 4 of the change to `epoch` ran here.
-    pub(super) fn migration_finished(&self, epoch: u64) -> Result<()> {
-        let lost = self
-            .node
-            .lock()
-            .map_err(|_| poisoned())?
-            .directory
-            .lost_pages()
-            .into_iter()
-            .filter(|&p| region_of(&self.regions, p).is_some())
-            .collect();
-        self.ctl_to(COORDINATOR, Ctl::Migrated { epoch, lost })
-    }
-
-    /// End phase at a member: the view of `epoch` is the current one.
-    fn on_commit(&self, epoch: u64) -> Result<()> {
-        let change = {
-            let mut v = self.members.view.lock().map_err(|_| poisoned())?;
-            let v = v.as_mut().ok_or_else(|| no_view(self.me))?;
-            let (e, c) = v.pending.take().ok_or_else(|| DsmError::Config {
-                what: "membership".into(),
-                reason: format!("commit of epoch {epoch} without a prepared change"),
-            })?;
-            if e != epoch {
-                return Err(DsmError::Config {
-                    what: "membership".into(),
-                    reason: format!("commit of epoch {epoch}, epoch {e} was prepared"),
-                });
-            }
-            v.history.push(c);
-            v.epoch = epoch;
-            match c {
-                ViewChange::Join(n) => v.next_id = v.next_id.max(n + 1),
-                ViewChange::Leave(n) => {
-                    v.gone.insert(n);
-                }
-                ViewChange::Fail(n) => {
-                    v.failed.insert(n);
-                }
-            }
-            c
-        };
-        if let ViewChange::Fail(n) = change {
-            if let Ok(mut p) = self.members.participants.lock() {
-                p.remove(&n);
-            }
-            // Every manager rebuilt its entries: what still waits is asked again.
-            let mut remote = Vec::new();
-            {
-                let mut node = self.node.lock().map_err(|_| poisoned())?;
-                let actions = node.resend_outstanding();
-                self.execute(&mut node, actions, Data::None, &mut remote)?;
-            }
-            if !remote.is_empty() {
-                self.run_remote(remote)?;
-            }
-            self.barrier_recheck()?;
-        }
-        if let ViewChange::Leave(n) = change {
-            if let Ok(mut p) = self.members.participants.lock() {
-                p.remove(&n);
-            }
-            if n != self.me {
-                // Like a dead node: out of every copyset, never sent to again.
-                self.drop_dead(&[n])?;
-            }
-            self.barrier_recheck()?;
-        }
-        Ok(())
-    }
-
-    /// Waits until every node of `from` answered with a message `is` accepts.
-    fn wait_replies(
-        &self,
-        what: &str,
-        from: &BTreeSet<NodeId>,
-        is: impl Fn(&Ctl) -> bool,
-        deadline: Instant,
-    ) -> Result<BTreeMap<NodeId, Ctl>> {
-        let start = Instant::now();
-        let mut got = BTreeMap::new();
-        let mut r = self.members.replies.lock().map_err(|_| poisoned())?;
-        loop {
-            let mut i = 0;
-            while i < r.len() {
-                if from.contains(&r[i].0) && is(&r[i].1) {
-                    let (n, c) = r.remove(i);
-                    got.insert(n, c);
-                } else {
-                    i += 1;
-                }
-            }
-            let missing: Vec<NodeId> = from
-                .iter()
-                .copied()
-                .filter(|n| !got.contains_key(n))
-                .collect();
-            if missing.is_empty() {
-                return Ok(got);
-            }
-            let dead = self.dead_nodes();
-            if let Some(n) = missing.iter().find(|n| dead.contains(n)) {
-                return Err(DsmError::Collective {
-                    what: "membership change".into(),
-                    reason: format!("node {n} died during the {what} phase"),
-                });
-            }
-            if Instant::now() >= deadline || self.stopped() {
-                return Err(timeout(
-                    format!("membership change ({what}: no answer from nodes {missing:?})"),
-                    start,
-                ));
-            }
-            r = self
-                .members
-                .replied
-                .wait_timeout(r, Duration::from_millis(50))
-                .map_err(|_| poisoned())?
-                .0;
-        }
-    }
-
-    /// Node 0's membership thread: runs leave requests, and join requests when joins are
-    /// admitted automatically.
-    pub(super) fn members_loop(&self) {
-        const CHANGE_LIMIT: Duration = Duration::from_secs(120);
-        while !self.stopped() {
-            let next = {
-                let Ok(mut r) = self.members.requests.lock() else {
-                    return;
-                };
-                let auto = self.members.auto_admit.load(Ordering::SeqCst);
-                match r
-                    .iter()
-                    .position(|(_, c)| matches!(c, Ctl::Failed { .. }))
-                    .or_else(|| {
-                        r.iter()
-                            .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
-                    }) {
-                    Some(i) => r.remove(i),
-                    None => {
-                        let _ = self
-                            .members
-                            .requested
-                            .wait_timeout(r, Duration::from_millis(50));
-                        None
-                    }
-                }
-            };
-            if let Some((from, ctl)) = next {
-                if let Err(e) = self.run_request(from, ctl, CHANGE_LIMIT) {
-                    self.fail(format!("membership change: {e}"));
-                }
-            }
-        }
-    }
-
-    /// Returns when every live rank of the job reached it.
-    pub fn barrier(&self) -> Result<()> {
-        let me = self.me;
-        if !self.members.participants().contains(&me) {
-            return Err(DsmError::Collective {
-                what: "barrier".into(),
-                reason: format!(
-                    "node {me} joined during the run or left: barriers are among the job's ranks"
-                ),
-            });
-        }
-        let gen = {
-            let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
-            b.next += 1;
-            b.next - 1
-        };
-        self.ctl_to(COORDINATOR, Ctl::Arrive { gen })?;
-        let mut probed = Instant::now();
-        let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
-        loop {
-            if b.released > gen {
-                return Ok(());
-            }
-            let missing: Vec<NodeId> = match b.arrivals.get(&gen) {
-                Some(arrived) if me == COORDINATOR => self
-                    .members
-                    .participants()
-                    .into_iter()
-                    .filter(|p| !arrived.contains(p))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            drop(b);
-            if !missing.is_empty() && probed.elapsed() > self.fault_timeout {
-                // Node 0 waited a fault timeout: ranks that do not answer a probe are dead,
-                // and the barrier goes on without them.
-                probed = Instant::now();
-                if let Some(dead) = self.probe_nodes(&missing) {
-                    if !dead.is_empty() {
-                        self.drop_dead(&dead)?;
-                    }
-                }
-            }
-            if let Some(e) = self.error() {
-                return Err(DsmError::Collective {
-                    what: "barrier".into(),
-                    reason: e,
-                });
-            }
-            if self.dead_nodes().contains(&COORDINATOR) {
-                return Err(DsmError::Collective {
-                    what: "barrier".into(),
-                    reason: "node 0, which coordinates barriers, died".into(),
-                });
-            }
-            b = self.members.barrier.lock().map_err(|_| poisoned())?;
-            b = self
-                .members
-                .released
-                .wait_timeout(b, Duration::from_millis(100))
-                .map_err(|_| poisoned())?
-                .0;
-        }
-    }
-
-    /// Node 0: releases every generation every live rank arrived at.
-    pub(super) fn barrier_recheck(&self) -> Result<()> {
-        if self.me != COORDINATOR {
-            return Ok(());
-        }
-        let dead = self.dead_nodes();
-        let waiting_for: BTreeSet<NodeId> = self
-            .members
-            .participants()
-            .difference(&dead)
-            .copied()
-            .collect();
-        let mut release = Vec::new();
-        {
-            let mut b = self.members.barrier.lock().map_err(|_| poisoned())?;
-            let gens: Vec<u64> = b.arrivals.keys().copied().collect();
-            for g in gens {
-                if waiting_for.is_subset(&b.arrivals[&g]) {
-                    b.arrivals.remove(&g);
-                    release.push(g);
-                }
-            }
-        }
-        for g in release {
-            // The others first, node 0 itself last: a program may end right after the
-            // barrier (mgs_dsm's MGS_STOP_AT exits at once), and node 0 released first
-            // could end before its releases were sent, leaving the others waiting.
-            for &p in waiting_for.iter().filter(|&&p| p != self.me) {
-                if let Err(e) = self.ctl_to(p, Ctl::Release { gen: g }) {
-                    self.suspect(p, format!("releasing barrier {g}: {e}"));
-                }
-            }
-            if waiting_for.contains(&self.me) {
-                self.members.release(g);
-            }
-        }
-        Ok(())
     }
 
     /// Node 0 tells the nodes that joined during the run that the job is over.

@@ -246,7 +246,7 @@ impl Engine {
             }
             return;
         }
-        if !dead.contains(&super::members::COORDINATOR) {
+        {
             if dead.iter().all(|&n| self.members.settled(n)) {
                 // The failures were handled: the entries were rebuilt and this access asked
                 // again (its request may still be on its way); it waits like any other.
@@ -266,7 +266,8 @@ impl Engine {
                 return;
             }
             if dead_since.elapsed() < FAIL_GRACE {
-                // Node 0 runs the failure's change: the access is asked again after it.
+                // The coordinator (the next live node if node 0 died) runs the failure's
+                // change: the access is asked again after it.
                 return;
             }
         }

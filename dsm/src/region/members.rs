@@ -6,7 +6,7 @@ use fabric::{EndpointAddress, FabricError};
 
 use super::*;
 use crate::coherence::Change;
-use crate::fault::members::{self, ChangeReport, Ctl, View, ViewChange, COORDINATOR};
+use crate::fault::members::{self, ChangeReport, Ctl, View, ViewChange};
 use crate::fault::TAG_DSM_MEMBER;
 
 /// The collectives of a node that joined during the run: it takes no part in the job's
@@ -45,6 +45,7 @@ impl Dsm {
     /// Where a node that joins reaches this DSM: node 0's endpoint address (hex), for
     /// [`Dsm::join`].
     pub fn contact(&self) -> Result<String> {
+        let coordinator = self.engine.coordinator();
         let v = self
             .engine
             .members
@@ -53,8 +54,13 @@ impl Dsm {
             .map_err(|_| collective("contact", "poisoned"))?;
         let addr = v
             .as_ref()
-            .and_then(|v| v.addrs.get(&COORDINATOR).cloned())
-            .ok_or_else(|| collective("contact", "node 0's address is unknown"))?;
+            .and_then(|v| v.addrs.get(&coordinator).cloned())
+            .ok_or_else(|| {
+                collective(
+                    "contact",
+                    format!("the coordinator's (node {coordinator}) address is unknown"),
+                )
+            })?;
         Ok(EndpointAddress::from_bytes(&addr)?.to_hex())
     }
 
@@ -257,10 +263,14 @@ impl Dsm {
     /// (when joins are not admitted automatically: [`Dsm::set_auto_admit`]); returns the
     /// time spent in each phase.
     pub fn admit(&self, within: Duration) -> Result<ChangeReport> {
-        if self.rank != COORDINATOR {
+        if self.rank != self.engine.coordinator() {
             return Err(DsmError::Config {
                 what: "admit".into(),
-                reason: format!("node {}: only node 0 admits nodes", self.rank),
+                reason: format!(
+                    "node {}: only the coordinator (node {}) admits nodes",
+                    self.rank,
+                    self.engine.coordinator()
+                ),
             });
         }
         self.check()?;

@@ -249,12 +249,18 @@ impl Engine {
         }
         let t0 = Instant::now();
         let deadline = t0 + within;
+        let me = self.me;
         self.drop_dead(&[node])?;
+        if node < me {
+            // The dead node coordinated before this one: first finish (or drop) the change
+            // it may have left half-done.
+            self.finish_half_done(deadline)?;
+        }
         let dead = self.dead_nodes();
         let (epoch, old) = {
             let v = self.members.view.lock().map_err(|_| poisoned())?;
             let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
-            if !v.members().contains(&node) || node == COORDINATOR {
+            if !v.members().contains(&node) || node == me {
                 return Err(DsmError::Config {
                     what: "failure".into(),
                     reason: format!("node {node} is not a member whose failure can be handled"),
@@ -301,7 +307,7 @@ impl Engine {
             let old: BTreeSet<NodeId> = v.members().difference(&dead).copied().collect();
             (v.epoch + 1, old)
         };
-        if node == COORDINATOR || !old.contains(&node) {
+        if node == self.coordinator() || !old.contains(&node) {
             return Err(DsmError::Config {
                 what: "leave".into(),
                 reason: format!("node {node} is not a member that may leave"),
@@ -370,11 +376,13 @@ impl Engine {
     /// others no longer need it.
     pub fn leave(&self, within: Duration) -> Result<()> {
         let start = Instant::now();
-        if self.me == COORDINATOR {
+        if self.me == self.coordinator() {
             return Err(DsmError::Config {
                 what: "leave".into(),
-                reason: "node 0 coordinates the DSM's membership and barriers: it cannot leave"
-                    .into(),
+                reason: format!(
+                    "node {} coordinates the DSM's membership and barriers: it cannot leave",
+                    self.me
+                ),
             });
         }
         let deadline = start + within;
@@ -398,7 +406,7 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        self.ctl_to(COORDINATOR, Ctl::Leave { owned })?;
+        self.ctl_to(self.coordinator(), Ctl::Leave { owned })?;
         while !self.members.left.load(Ordering::SeqCst) {
             if let Some(e) = self.error() {
                 return Err(DsmError::Collective {
@@ -412,6 +420,209 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::sleep(LEAVE_GRACE);
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Waits until every node of `from` answered with a message `is` accepts.
+    pub(super) fn wait_replies(
+        &self,
+        what: &str,
+        from: &BTreeSet<NodeId>,
+        is: impl Fn(&Ctl) -> bool,
+        deadline: Instant,
+    ) -> Result<BTreeMap<NodeId, Ctl>> {
+        let start = Instant::now();
+        let mut got = BTreeMap::new();
+        let mut r = self.members.replies.lock().map_err(|_| poisoned())?;
+        loop {
+            let mut i = 0;
+            while i < r.len() {
+                if from.contains(&r[i].0) && is(&r[i].1) {
+                    let (n, c) = r.remove(i);
+                    got.insert(n, c);
+                } else {
+                    i += 1;
+                }
+            }
+            let missing: Vec<NodeId> = from
+                .iter()
+                .copied()
+                .filter(|n| !got.contains_key(n))
+                .collect();
+            if missing.is_empty() {
+                return Ok(got);
+            }
+            let dead = self.dead_nodes();
+            if let Some(n) = missing.iter().find(|n| dead.contains(n)) {
+                return Err(DsmError::Collective {
+                    what: "membership change".into(),
+                    reason: format!("node {n} died during the {what} phase"),
+                });
+            }
+            if Instant::now() >= deadline || self.stopped() {
+                return Err(timeout(
+                    format!("membership change ({what}: no answer from nodes {missing:?})"),
+                    start,
+                ));
+            }
+            r = self
+                .members
+                .replied
+                .wait_timeout(r, Duration::from_millis(50))
+                .map_err(|_| poisoned())?
+                .0;
+        }
+    }
+
+    /// Node 0's membership thread: runs leave requests, and join requests when joins are
+    /// admitted automatically.
+    pub(in crate::fault) fn members_loop(&self) {
+        const CHANGE_LIMIT: Duration = Duration::from_secs(120);
+        while !self.stopped() {
+            if self.me != self.coordinator() {
+                // Every node runs this thread; only the coordinator runs changes (a node
+                // becomes it when the ones before died).
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            let next = {
+                let Ok(mut r) = self.members.requests.lock() else {
+                    return;
+                };
+                let auto = self.members.auto_admit.load(Ordering::SeqCst);
+                match r
+                    .iter()
+                    .position(|(_, c)| matches!(c, Ctl::Failed { .. }))
+                    .or_else(|| {
+                        r.iter()
+                            .position(|(_, c)| auto || matches!(c, Ctl::Leave { .. }))
+                    }) {
+                    Some(i) => r.remove(i),
+                    None => {
+                        let _ = self
+                            .members
+                            .requested
+                            .wait_timeout(r, Duration::from_millis(50));
+                        None
+                    }
+                }
+            };
+            if let Some((from, ctl)) = next {
+                if let Err(e) = self.run_request(from, ctl, CHANGE_LIMIT) {
+                    self.fail(format!("membership change: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A new coordinator (the one before died): asks every live member what the old
+    /// coordinator's last change left, and finishes it when some member switched to it
+    /// (its entries moved: the others switch, then all commit) or committed it (the
+    /// others commit). A change nobody switched to is dropped: the next change, prepared
+    /// with the same epoch, replaces it everywhere.
+    pub(super) fn finish_half_done(&self, deadline: Instant) -> Result<()> {
+        let dead = self.dead_nodes();
+        let live: BTreeSet<NodeId> = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            v.members().difference(&dead).copied().collect()
+        };
+        for &m in &live {
+            self.ctl_to(m, Ctl::StateQuery)?;
+        }
+        let states = self.wait_replies(
+            "takeover",
+            &live,
+            |c| matches!(c, Ctl::State { .. }),
+            deadline,
+        )?;
+        let mut last: Option<(u64, ViewChange)> = None;
+        for s in states.values() {
+            if let Ctl::State {
+                pending: Some(p), ..
+            } = s
+            {
+                if last.is_none_or(|l| p.0 > l.0) {
+                    last = Some(*p);
+                }
+            }
+        }
+        let Some((epoch, change)) = last else {
+            return Ok(());
+        };
+        let mut holding = BTreeSet::new();
+        let mut to_migrate = BTreeSet::new();
+        let (mut switched, mut committed) = (false, false);
+        let mut lost = BTreeSet::new();
+        for (&m, s) in &states {
+            let Ctl::State {
+                epoch: e,
+                pending,
+                switched: sw,
+                migrated,
+            } = s
+            else {
+                continue;
+            };
+            committed |= *e >= epoch;
+            switched |= *sw;
+            if pending.is_some_and(|p| p.0 == epoch) {
+                holding.insert(m);
+                match migrated {
+                    Some(l) => lost.extend(l.iter().copied()),
+                    None => {
+                        to_migrate.insert(m);
+                    }
+                }
+            }
+        }
+        if !switched && !committed {
+            eprintln!(
+                "krun dsm: node {}: the change {change:?} (epoch {epoch}) the dead coordinator \
+                 left before any member switched is dropped",
+                self.me
+            );
+            return Ok(());
+        }
+        eprintln!(
+            "krun dsm: node {}: finishing the change {change:?} (epoch {epoch}) the dead \
+             coordinator left half-done",
+            self.me
+        );
+        if !committed {
+            for &m in &to_migrate {
+                self.ctl_to(m, Ctl::Migrate { epoch })?;
+            }
+            let migrated = self.wait_replies(
+                "logical (takeover)",
+                &to_migrate,
+                |c| matches!(c, Ctl::Migrated { epoch: e, .. } if *e == epoch),
+                deadline,
+            )?;
+            for c in migrated.into_values() {
+                if let Ctl::Migrated { lost: l, .. } = c {
+                    lost.extend(l);
+                }
+            }
+            if let Ok(mut l) = self.members.lost.lock() {
+                l.extend(lost.iter().copied());
+            }
+        }
+        let me = self.me;
+        for &m in holding.iter().filter(|&&m| m != me).chain(holding.get(&me)) {
+            self.ctl_to(m, Ctl::Commit { epoch })?;
+        }
+        self.wait_replies(
+            "end (takeover)",
+            &holding,
+            |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
+            deadline,
+        )?;
+        if let ViewChange::Fail(n) = change {
+            self.members.failure_handled(n);
+        }
         Ok(())
     }
 }
