@@ -501,7 +501,14 @@ fn image_files_are_never_recycled_under_a_krund() {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        let spares = names.iter().filter(|n| n.starts_with(".spare-")).count();
+        // A spare is kept as `.spare-V`, or already readied for the next capture as
+        // `.tmp-PID-next`.
+        let spares = names
+            .iter()
+            .filter(|n| {
+                n.starts_with(".spare-") || (n.starts_with(".tmp-") && n.ends_with("-next"))
+            })
+            .count();
         let kept = names.iter().filter(|n| n.ends_with(".kgi")).count();
         (spares, kept)
     };

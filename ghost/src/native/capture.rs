@@ -182,7 +182,18 @@ impl NativeRuntime {
             choices.push((dirty, take, pad));
         }
         let total = ImageBuilder::planned_len(&sizes);
-        let l1 = match L1File::create(&self.config.dir, &self.config.owner, version, total) {
+        let prepared = self.next_l1.lock().expect("lock").take();
+        let created = match prepared {
+            Some(mut f) if f.len() == total => {
+                f.retarget(image_path(&self.config.dir, &self.config.owner, version));
+                Ok(f)
+            }
+            other => {
+                drop(other);
+                L1File::create(&self.config.dir, &self.config.owner, version, total)
+            }
+        };
+        let l1 = match created {
             Ok(f) => f,
             Err(e) => {
                 self.next_version.lock().expect("lock").2 = u32::MAX;
@@ -342,6 +353,18 @@ impl NativeRuntime {
             total,
         };
         self.write_captured(&report);
+        // Ready the next image's file now, off the program's path (same size: the usual
+        // case of a steady program; a different size is created in the freeze as before).
+        if spare_limit()? > 0 {
+            match L1File::prepare(
+                &self.config.dir,
+                &self.config.owner,
+                report.image_bytes as usize,
+            ) {
+                Ok(f) => *self.next_l1.lock().expect("lock") = f,
+                Err(e) => eprintln!("krun-ghost: readying the next image file: {e}"),
+            }
+        }
         Ok(report)
     }
 

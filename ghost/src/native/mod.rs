@@ -199,6 +199,9 @@ pub struct NativeRuntime {
     /// Versions whose image file backs region memory (a mapped restore): never recycled as
     /// spare files (rewritten in place), only unlinked.
     pinned: Mutex<Vec<u64>>,
+    /// The next capture's L1 file, readied by the copy thread after the previous capture
+    /// (from a spare file) so that the freeze does not size and allocate it.
+    next_l1: Mutex<Option<L1File>>,
 }
 
 /// File naming the version a SIGUSR2 rollback should use.
@@ -337,6 +340,7 @@ impl NativeRuntime {
             cow_chunks: Default::default(),
             restored_from: Mutex::new(restored),
             pinned: Mutex::new(Vec::new()),
+            next_l1: Mutex::new(None),
         });
         let rt = RUNTIME.get_or_init(|| rt).clone();
         let fault_rt = rt.clone();
