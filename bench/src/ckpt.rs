@@ -2,15 +2,26 @@
 //! `criu dump`/`criu restore` to disk, `dd oflag=direct`, memcpy and the fabric's RMA write
 //! bandwidth, all measured in the same run.
 //!
+//! Every row is measured in 3 rounds (the first one on fresh memory, the next ones reusing
+//! it, as a long job does) and reported as median, min and max.
+//!
 //! Rows (seconds for the whole operation, GB/s = image bytes / seconds):
 //! - `criu-dump-disk`, `criu-restore-disk`: the CRIU command line, images in a disk
 //!   directory; dump includes `sync`, restore starts after dropping the page cache.
 //! - `criu-l1l2`, `criu-l4`: our CRIU backend (RPC), then the store's L2 (buddy memory in a
 //!   second process over libfabric tcp) or L4 (io_uring O_DIRECT).
-//! - `native-l1l2`: native capture (copy-on-write into the L1 file) plus the L2 copy;
-//!   `native-l2`: the L2 part alone; `native-l4`: native capture plus L4.
-//! - `restore-l2`, `restore-l4`: fetch the image from L2 (RMA read from the buddy) or L4, and
-//!   start the program from it until it reports it resumed.
+//! - `native-l1l2`: from the checkpoint request (SIGUSR1) until the image is safe at L1 and
+//!   L2: native capture (copy-on-write into the L1 image file, complete under its final
+//!   name), then the zero-copy put of that file (`put_file`: the store maps and registers it,
+//!   the RMA writes read its pages) until the buddy verified its copy;
+//!   `native-l1`: the capture alone (request to complete L1 file); `native-l2`: the put until
+//!   L2 is safe; `native-l4`: native capture plus L4.
+//! - `native-freeze`: how long the program was stopped by each capture (the runtime's own
+//!   measure from its `captured` report file: the safepoint's freeze, L1 file set-up and
+//!   write-protection included; the copy runs after the program resumed).
+//! - `restore-l2`, `restore-l4`: fetch the image from L2 (RMA read from the buddy straight
+//!   into the restore's image file) or L4, and start the program from it until it reports it
+//!   resumed.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,13 +36,12 @@ use ghost::checkpointer::{CaptureOptions, Checkpointer};
 use serde_json::json;
 
 use crate::plot::{Bar, Figure, Group, Panel};
-use crate::report::{gbs, json_num, results_path, write_results, Table};
+use crate::report::{gbs, json_num, median, results_path, write_results, Table};
 
 const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
-/// Rounds per measurement at 1 GiB (the last is reported, warm). Larger sizes run once
-/// (cold): double-buffering 4 GiB at every level does not fit in this machine's 24 GiB.
-const WARM_ROUNDS: usize = 3;
+/// Rounds per measurement, at every size (median, min and max are reported).
+const ROUNDS: usize = 3;
 
 struct Guard(Child);
 impl Drop for Guard {
@@ -219,28 +229,44 @@ fn start_stores(arena: usize) -> Result<Stores, String> {
     })
 }
 
+/// One measurement at one size: the seconds of every round.
 struct Row {
-    warm: bool,
     what: &'static str,
     gib: u64,
-    seconds: f64,
+    runs: Vec<f64>,
     bytes: u64,
 }
 
-fn row(rows: &mut Vec<Row>, what: &'static str, gib: u64, seconds: f64, bytes: u64) {
-    let warm = gib <= 1;
+impl Row {
+    fn median(&self) -> f64 {
+        median(&self.runs).unwrap_or(f64::NAN)
+    }
+    fn min(&self) -> f64 {
+        self.runs.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.runs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+/// Records one round's `seconds` of `what`.
+fn row(rows: &mut Vec<Row>, what: &'static str, gib: u64, round: usize, seconds: f64, bytes: u64) {
     println!(
-        "  {what:<18} {gib} GiB  {seconds:>7.3} s  {:>6.2} GB/s  ({})",
+        "  {what:<18} {gib} GiB  round {round}  {seconds:>8.4} s  {:>6.2} GB/s",
         bytes as f64 / seconds / 1e9,
-        if warm { "warm" } else { "cold" }
     );
-    rows.push(Row {
-        warm,
-        what,
-        gib,
-        seconds,
-        bytes,
-    });
+    match rows.iter_mut().find(|r| r.what == what && r.gib == gib) {
+        Some(r) => {
+            r.runs.push(seconds);
+            r.bytes = bytes;
+        }
+        None => rows.push(Row {
+            what,
+            gib,
+            runs: vec![seconds],
+            bytes,
+        }),
+    }
 }
 
 /// Reads a native image file (written by the program into its L1 directory).
@@ -252,24 +278,31 @@ fn newest_image(dir: &Path, owner: &str) -> Result<(u64, PathBuf), String> {
     Ok((v, ghost::native::image_path(dir, owner, v)))
 }
 
-fn native_capture(pid: u32, dir: &Path, owner: &str) -> Result<(f64, PathBuf), String> {
-    let before = ghost::native::list_versions(dir, owner)
-        .map_err(|e| e.to_string())?
-        .last()
-        .copied()
-        .unwrap_or(0);
+/// Asks the native holder `pid` for a checkpoint and waits for the runtime's report of it:
+/// (seconds from the request until the image file is complete, its path, the report).
+fn native_capture(
+    pid: u32,
+    dir: &Path,
+    owner: &str,
+) -> Result<(f64, PathBuf, ghost::native::CapturedFile), String> {
+    let before = newest_image(dir, owner).map(|(v, _)| v).unwrap_or(0);
     let start = Instant::now();
     // SAFETY: signalling our own child by PID.
     unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
     loop {
-        let (v, path) = newest_image(dir, owner).unwrap_or((0, PathBuf::new()));
-        if v > before {
-            return Ok((start.elapsed().as_secs_f64(), path));
+        if let Some(report) = ghost::native::last_capture(dir, owner, pid as i32) {
+            if report.version > before {
+                let path = ghost::native::image_path(dir, owner, report.version);
+                return Ok((start.elapsed().as_secs_f64(), path, report));
+            }
+        }
+        if let Some(why) = ghost::native::capture_failure(dir, owner, pid as i32) {
+            return Err(format!("native capture failed: {why}"));
         }
         if start.elapsed() > Duration::from_secs(300) {
             return Err("native capture did not finish within 300 s".into());
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -277,8 +310,8 @@ fn map_file(path: &Path) -> Result<ghost::native::MappedFile, String> {
     ghost::native::MappedFile::open(path).map_err(|e| e.to_string())
 }
 
-/// Writes `data` over `path` in place (no truncation), so a file kept from an earlier round
-/// reuses its pages.
+/// Writes `data` over `path` in place (then cut to its length), so a file kept from an
+/// earlier round reuses its pages.
 fn overwrite(path: &Path, data: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     if let Some(d) = path.parent() {
@@ -290,15 +323,14 @@ fn overwrite(path: &Path, data: &[u8]) -> Result<(), String> {
         .truncate(false)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.set_len(data.len() as u64).map_err(|e| e.to_string())?;
     f.write_all_at(data, 0)
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(data.len() as u64).map_err(|e| e.to_string())
 }
 
 fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> Result<(), String> {
-    #[allow(non_snake_case)]
-    let ROUNDS = if gib <= 1 { WARM_ROUNDS } else { 1 };
-    let arena = ((gib << 30) * if ROUNDS > 1 { 2 } else { 1 } + (256 << 20)) as usize;
+    // The buddy's arena holds two copies: a version is sent while the previous one is kept.
+    let arena = ((gib << 30) * 2 + (256 << 20)) as usize;
     let mib = (gib << 10).to_string();
     let disk_dir = PathBuf::from(WORK).join("disk");
     let _ = std::fs::remove_dir_all(&disk_dir);
@@ -337,10 +369,8 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             "criu restore",
         )?;
         let restore = start.elapsed().as_secs_f64();
-        if round == ROUNDS {
-            row(rows, "criu-dump-disk", gib, dump, bytes);
-            row(rows, "criu-restore-disk", gib, restore, bytes);
-        }
+        row(rows, "criu-dump-disk", gib, round, dump, bytes);
+        row(rows, "criu-restore-disk", gib, round, restore, bytes);
         if let Some(rpid) = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
@@ -362,10 +392,9 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             let start = Instant::now();
             cp.capture(pid as i32, &image, &CaptureOptions::default())
                 .map_err(|e| e.to_string())?;
-            let data = map_file(&image)?;
-            stores
-                .local
-                .put("bench/criu", round as u64, &data)
+            // SAFETY: each capture writes a new file and renames it over `image`: the file
+            // the store maps is never rewritten or truncated.
+            let put = unsafe { stores.local.put_file("bench/criu", round as u64, &image) }
                 .map_err(|e| e.to_string())?;
             stores
                 .local
@@ -376,15 +405,14 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
                     Duration::from_secs(300),
                 )
                 .map_err(|e| e.to_string())?;
-            if round == ROUNDS {
-                row(
-                    rows,
-                    "criu-l1l2",
-                    gib,
-                    start.elapsed().as_secs_f64(),
-                    data.len() as u64,
-                );
-            }
+            row(
+                rows,
+                "criu-l1l2",
+                gib,
+                round,
+                start.elapsed().as_secs_f64(),
+                put.bytes,
+            );
         }
         drop(stores);
         for round in 1..=ROUNDS {
@@ -394,17 +422,19 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             let data = map_file(&image)?;
             disk.write("bench/criu", round as u64, &data)
                 .map_err(|e| e.to_string())?;
-            if round == ROUNDS {
-                row(
-                    rows,
-                    "criu-l4",
-                    gib,
-                    start.elapsed().as_secs_f64(),
-                    data.len() as u64,
-                );
-            }
+            row(
+                rows,
+                "criu-l4",
+                gib,
+                round,
+                start.elapsed().as_secs_f64(),
+                data.len() as u64,
+            );
         }
         let _ = std::fs::remove_file(&image);
+        for round in 1..=ROUNDS {
+            let _ = disk.remove("bench/criu", round as u64);
+        }
         // The subject is PID 1 of its own namespace: ending `unshare` does not end it.
         // SAFETY: the holder this function started, by PID.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -421,58 +451,76 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             .env("KRUN_GHOST_DIR", &l1)
             .env("KRUN_GHOST_OWNER", owner)
             .env("KRUN_GHOST_FULL_EVERY", "1")
+            // One spare image file: the capture after next rewrites it in place. By then
+            // the store no longer maps it (it keeps one version at L1), as put_file needs.
+            .env("KRUN_GHOST_SPARES", "1")
             .env_remove("KRUN_GHOST_RESTORE"),
         "ready",
     )?;
     let stores = start_stores(arena)?;
-    // Every measurement runs ROUNDS times and the last round is reported: buffers, arena
-    // space and image files are reused from the second round on, as in a long job (fresh
-    // memory costs ~5x reused memory on these machines; see DESIGN.md).
+    // Buffers, arena space and image files are reused from the second round on, as in a
+    // long job (fresh memory costs ~5x reused memory on these machines; see DESIGN.md).
     let mut version = 0;
     for round in 1..=ROUNDS {
-        // Capture to L1 (into the mapped image file, copy-on-write), then L2.
-        let (capture, path) = native_capture(p.0.id(), &l1, owner)?;
-        let data = map_file(&path)?;
-        let bytes = data.len() as u64;
-        version += 1;
+        // Capture to L1 (into the mapped image file, copy-on-write), then L2 from the file's
+        // own pages.
+        let (capture, path, report) = native_capture(p.0.id(), &l1, owner)?;
+        version = report.version;
         let start = Instant::now();
-        stores
-            .local
-            .put(owner, version, &data)
-            .map_err(|e| e.to_string())?;
+        // SAFETY: the holder never rewrites a committed image while the store keeps it (see
+        // KRUN_GHOST_SPARES above); it only renames it.
+        let put =
+            unsafe { stores.local.put_file(owner, version, &path) }.map_err(|e| e.to_string())?;
         stores
             .local
             .wait_safe(owner, version, Level::L2, Duration::from_secs(300))
             .map_err(|e| e.to_string())?;
         let l2 = start.elapsed().as_secs_f64();
-        drop(data);
-        if round == ROUNDS {
-            row(rows, "native-l1l2", gib, capture + l2, bytes);
-            row(rows, "native-l2", gib, l2, bytes);
-            row(rows, "native-l1", gib, capture, bytes);
-        }
+        let bytes = put.bytes;
+        row(rows, "native-l1l2", gib, round, capture + l2, bytes);
+        row(rows, "native-l2", gib, round, l2, bytes);
+        row(rows, "native-l1", gib, round, capture, bytes);
+        row(
+            rows,
+            "native-freeze",
+            gib,
+            round,
+            report.freeze.as_secs_f64(),
+            bytes,
+        );
+        println!(
+            "  (capture v{}: freeze {:.2} ms, {} chunks copied on write, capture {:.3} s inside the program)",
+            report.version,
+            report.freeze.as_secs_f64() * 1e3,
+            report.cow_chunks,
+            report.total.as_secs_f64()
+        );
     }
     for round in 1..=ROUNDS {
-        let (capture4, path4) = native_capture(p.0.id(), &l1, owner)?;
+        let (capture4, path4, _) = native_capture(p.0.id(), &l1, owner)?;
         let data = map_file(&path4)?;
         let start = Instant::now();
         disk.write(owner, version, &data)
             .map_err(|e| e.to_string())?;
-        if round == ROUNDS {
-            row(
-                rows,
-                "native-l4",
-                gib,
-                capture4 + start.elapsed().as_secs_f64(),
-                data.len() as u64,
-            );
-        }
+        row(
+            rows,
+            "native-l4",
+            gib,
+            round,
+            capture4 + start.elapsed().as_secs_f64(),
+            data.len() as u64,
+        );
     }
     drop(p);
+    // The holder's L1 files are not needed any more (the store maps the one it keeps): their
+    // memory goes back before the restores.
+    let _ = std::fs::remove_dir_all(&l1);
 
     // Restores: from the buddy's memory (RMA read) and from disk, until the program resumed.
     let restore_dir = PathBuf::from(SHM).join("restore");
     let _ = std::fs::remove_dir_all(&restore_dir);
+    // Without the local L1 copy, the image comes from node 1's memory.
+    stores.local.forget_local(owner, version);
     for (what, from_l2) in [("restore-l2", true), ("restore-l4", false)] {
         for round in 1..=ROUNDS {
             if !from_l2 {
@@ -480,20 +528,20 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
             }
             let start = Instant::now();
             let (v, bytes) = if from_l2 {
-                // Without the local L1 copy, the image comes from node 1's memory.
-                stores.local.forget_local(owner, version);
-                let (d, report) = stores
+                let tmp = restore_dir.join(owner).join(".fetch");
+                std::fs::create_dir_all(restore_dir.join(owner)).map_err(|e| e.to_string())?;
+                let report = stores
                     .local
-                    .get_bytes(owner, version)
+                    .get_to_file(owner, version, &tmp)
                     .map_err(|e| e.to_string())?;
                 if report.level != Level::L2 {
                     return Err(format!("expected an L2 copy, got {}", report.level));
                 }
-                let v = ghost::image::Image::parse(&d)
-                    .map_err(|e| e.to_string())?
-                    .image_id;
-                overwrite(&ghost::native::image_path(&restore_dir, owner, v), &d)?;
-                (v, d.len() as u64)
+                let (v, _) = ghost::native::read_header(&tmp).map_err(|e| e.to_string())?;
+                let dest = ghost::native::image_path(&restore_dir, owner, v);
+                std::fs::rename(&tmp, &dest).map_err(|e| e.to_string())?;
+                let len = std::fs::metadata(&dest).map_err(|e| e.to_string())?.len();
+                (v, len)
             } else {
                 let d = disk.read(owner, version).map_err(|e| e.to_string())?;
                 let v = ghost::image::Image::parse(&d)
@@ -510,22 +558,11 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
                     .env("KRUN_GHOST_RESTORE", v.to_string()),
                 "resumed",
             )?;
-            if round == ROUNDS {
-                row(rows, what, gib, start.elapsed().as_secs_f64(), bytes);
-            }
+            row(rows, what, gib, round, start.elapsed().as_secs_f64(), bytes);
             drop(r);
-            if from_l2 {
-                // Put the L1 copy back so the next round can drop it again.
-                let d = map_file(&ghost::native::image_path(&restore_dir, owner, v))?;
-                stores
-                    .local
-                    .put(owner, version, &d)
-                    .map_err(|e| e.to_string())?;
-            }
         }
     }
     let _ = std::fs::remove_dir_all(&restore_dir);
-    let _ = std::fs::remove_dir_all(&l1);
     let _ = std::fs::remove_dir_all(&disk_dir);
     Ok(())
 }
@@ -672,26 +709,29 @@ pub fn run(args: CkptArgs) -> Result<(), String> {
     // The images (several GiB) go too: the next run recompiles the holders.
     let _ = std::fs::remove_dir_all(SHM);
     let _ = std::fs::remove_dir_all(WORK);
-    let mut table = Table::new(&["what", "GiB", "seconds", "GB/s"]);
+    let mut table = Table::new(&["what", "GiB", "median s", "min s", "max s", "GB/s"]);
     for r in &rows {
         table.row(vec![
             r.what.to_string(),
             r.gib.to_string(),
-            format!("{:.3}", r.seconds),
-            format!("{:.2}", r.bytes as f64 / r.seconds / 1e9),
+            format!("{:.4}", r.median()),
+            format!("{:.4}", r.min()),
+            format!("{:.4}", r.max()),
+            format!("{:.2}", r.bytes as f64 / r.median() / 1e9),
         ]);
     }
     println!("\n{}", table.render());
     let find = |what: &str, gib: u64| rows.iter().find(|r| r.what == what && r.gib == gib);
     for &gib in &sizes {
-        let ratio = |a: &str, b: &str| Some(find(b, gib)?.seconds / find(a, gib)?.seconds);
-        let bw = |a: &str| find(a, gib).map(|r| r.bytes as f64 / r.seconds / 1e9);
+        let ratio = |a: &str, b: &str| Some(find(b, gib)?.median() / find(a, gib)?.median());
+        let bw = |a: &str| find(a, gib).map(|r| r.bytes as f64 / r.median() / 1e9);
         println!(
-            "{gib} GiB targets: L4 write {:.2}x dd (>= 0.9) | L2 {:.2}x RMA (>= 0.8) | native L1+L2 {:.2}x faster than criu dump (>= 3) | restore L2 {:.2}x faster than criu restore (>= 3)",
+            "{gib} GiB targets (medians): L4 write {:.2}x dd (>= 0.9) | L2 {:.2}x RMA (>= 0.8) | native L1+L2 {:.2}x faster than criu dump (>= 3) | restore L2 {:.2}x faster than criu restore (>= 3) | freeze {:.2} ms per GiB (<= 10)",
             bw("native-l4").unwrap_or(0.0) / dd,
             bw("native-l2").unwrap_or(0.0) / rma,
             ratio("native-l1l2", "criu-dump-disk").unwrap_or(0.0),
             ratio("restore-l2", "criu-restore-disk").unwrap_or(0.0),
+            find("native-freeze", gib).map(|r| r.median() * 1e3 / gib as f64).unwrap_or(f64::NAN),
         );
     }
     println!("wrote {} and its .png", out.display());
@@ -726,15 +766,26 @@ fn save(
     let json_rows: Vec<_> = rows
         .iter()
         .map(|r| {
-            json!({"what": r.what, "size_gib": r.gib, "seconds": json_num(Some(r.seconds)),
-                   "gbs": json_num(Some(r.bytes as f64 / r.seconds / 1e9)), "warm": r.warm})
+            json!({"what": r.what, "size_gib": r.gib, "seconds": json_num(Some(r.median())),
+                   "min_seconds": json_num(Some(r.min())), "max_seconds": json_num(Some(r.max())),
+                   "runs_seconds": r.runs.iter().map(|&x| json_num(Some(x))).collect::<Vec<_>>(),
+                   "gbs": json_num(Some(r.bytes as f64 / r.median() / 1e9)), "bytes": r.bytes})
         })
         .collect();
     let mut capture = Vec::new();
     let mut restore = Vec::new();
+    let mut freeze = Vec::new();
     for &gib in sizes {
-        let bar =
-            |what: &str, series: &str| Bar::single(series, find(what, gib).map(|r| r.seconds));
+        freeze.push(Group::new(
+            format!("{gib} GiB"),
+            [find("native-freeze", gib).and_then(|r| {
+                let ms: Vec<f64> = r.runs.iter().map(|s| s * 1e3).collect();
+                Bar::from_values("native freeze (program stopped)", &ms)
+            })],
+        ));
+        let bar = |what: &str, series: &str| {
+            find(what, gib).and_then(|r| Bar::from_values(series, &r.runs))
+        };
         capture.push(Group::new(
             format!("{gib} GiB"),
             [
@@ -758,10 +809,14 @@ fn save(
     }
     let figure = Figure {
         title: "bench ckpt: native checkpoint/restore against CRIU (same run)".into(),
-        note: format!("1 GiB: last of {WARM_ROUNDS} rounds (warm); larger sizes one cold round"),
+        note: format!(
+            "median of {ROUNDS} rounds (the first on fresh memory), whiskers min and max; \
+             native L1+L2 = request until safe at L1 and L2"
+        ),
         panels: vec![
             Panel::new("capture (lower is better)", "seconds", capture),
             Panel::new("restore (lower is better)", "seconds", restore),
+            Panel::new("freeze (target <= 10 ms per GiB)", "milliseconds", freeze),
         ],
     };
     let value = json!({

@@ -23,6 +23,7 @@
 //! Where each part lives: `store/flush.rs` (the flush thread: L2, L3, L4), `store/parity.rs`
 //! (L3), `store/serve.rs` (answers to other nodes), `store/transfer.rs` (requests and RMA
 //! transfers to other nodes), `store/mapped.rs` (puts of mapped image files),
+//! `store/to_file.rs` (fetches straight into a file),
 //! `store/membership.rs` (gone nodes, re-formed placements), `store/placed.rs` (which node
 //! holds each copy), `store/retention.rs` (what is kept), `store/usage.rs` (figures).
 use crate::buddy::Placement;
@@ -45,6 +46,7 @@ mod parity;
 mod placed;
 mod retention;
 mod serve;
+mod to_file;
 mod transfer;
 mod usage;
 

@@ -114,6 +114,59 @@ impl Region {
         })
     }
 
+    /// Maps the first `len` bytes of `file` shared, readable and writable: what is written
+    /// into the region (by this process or by RMA from a peer) lands in the file itself. For
+    /// receiving an image straight into its file (a restore's fetch) instead of into a buffer
+    /// that is copied out afterwards. The file must be at least `len` bytes long.
+    ///
+    /// # Safety
+    /// For as long as the region (and any registration of it) lives, no one may truncate the
+    /// file below `len` bytes (touching a page past the end raises SIGBUS); whoever else maps
+    /// or reads the file sees the region's writes as they land.
+    pub unsafe fn map_file_shared(file: &std::fs::File, len: usize) -> Result<Region> {
+        use std::os::fd::AsRawFd;
+        let size = file
+            .metadata()
+            .map_err(|e| FabricError::Registration {
+                len,
+                reason: format!("reading the size of the file to map: {e}"),
+            })?
+            .len();
+        if len == 0 || (len as u64) > size {
+            return Err(FabricError::Registration {
+                len,
+                reason: format!("cannot map {len} bytes of a file of {size} bytes"),
+            });
+        }
+        // SAFETY: a shared mapping of a file we hold open, no fixed address; the caller keeps
+        // the file at least `len` bytes long while the mapping lives.
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if ptr == libc::MAP_FAILED {
+            return Err(FabricError::Registration {
+                len,
+                reason: format!(
+                    "shared mmap of the file failed: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+        // Map the file's pages now for writing, in one call instead of one fault per page
+        // (best effort: kernels before 5.14 lack it and fault pages in later).
+        libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE);
+        Ok(Region {
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            len,
+            owned: true,
+        })
+    }
+
     /// A region over `len` bytes of `parent` at `offset`, without a mapping of its own: a
     /// registration of it gives peers a remote key for that range alone (the checkpoint
     /// store lends each buddy only the range it reserved, not its whole arena).

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -59,6 +60,9 @@ fn os_err(what: &str) -> GhostError {
 /// A userfaultfd set up for write-protect faults, including on pages not yet populated.
 pub struct WriteProtectFd {
     fd: OwnedFd,
+    /// Write-protection of tmpfs (shmem) mappings is available too: a region may be a
+    /// private mapping of a tmpfs image file (a restore that maps the image's pages).
+    shmem: bool,
 }
 
 /// A write to a protected page: the faulting thread sleeps until the page is unprotected.
@@ -71,6 +75,38 @@ impl WriteProtectFd {
     /// Both need root (or vm.unprivileged_userfaultfd=1): kernel-mode faults (a `read(2)` into
     /// registered memory) must be handled too, so UFFD_USER_MODE_ONLY is not an option.
     pub fn open() -> Result<WriteProtectFd> {
+        // With tmpfs write-protection when the kernel has it (Linux >= 5.19), else without
+        // (a fresh descriptor: UFFDIO_API is accepted once per descriptor).
+        let base = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
+        let fd = Self::new_fd()?;
+        if Self::api(&fd, base | UFFD_FEATURE_WP_HUGETLBFS_SHMEM) {
+            return Ok(WriteProtectFd { fd, shmem: true });
+        }
+        let fd = Self::new_fd()?;
+        if !Self::api(&fd, base) {
+            return Err(os_err(
+                "UFFDIO_API with write-protect of unpopulated pages (needs Linux >= 6.4)",
+            ));
+        }
+        Ok(WriteProtectFd { fd, shmem: false })
+    }
+
+    /// Whether tmpfs mappings can be write-protected (see the field).
+    pub fn shmem(&self) -> bool {
+        self.shmem
+    }
+
+    fn api(fd: &OwnedFd, features: u64) -> bool {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes a uffdio_api struct we own.
+        unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API_IOCTL as _, &mut api) == 0 }
+    }
+
+    fn new_fd() -> Result<OwnedFd> {
         let flags = (libc::O_CLOEXEC) as libc::c_long;
         // SAFETY: plain syscalls; the returned descriptor is checked and owned below.
         let mut raw = unsafe {
@@ -93,19 +129,7 @@ impl WriteProtectFd {
             ));
         }
         // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes a uffdio_api struct we own.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API_IOCTL as _, &mut api) } != 0 {
-            return Err(os_err(
-                "UFFDIO_API with write-protect of unpopulated pages (needs Linux >= 6.4)",
-            ));
-        }
-        Ok(WriteProtectFd { fd })
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Registers `[start, start+len)` for write-protect faults.
@@ -119,7 +143,7 @@ impl WriteProtectFd {
         // kernel validates the range.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } != 0 {
             return Err(os_err(&format!(
-                "UFFDIO_REGISTER of {len} bytes at {start:#x} (must be private anonymous, page-aligned memory)"
+                "UFFDIO_REGISTER of {len} bytes at {start:#x} (must be private anonymous memory or a mapping of a tmpfs image, page-aligned)"
             )));
         }
         Ok(())

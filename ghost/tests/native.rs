@@ -501,7 +501,14 @@ fn image_files_are_never_recycled_under_a_krund() {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        let spares = names.iter().filter(|n| n.starts_with(".spare-")).count();
+        // A spare is kept as `.spare-V`, or already readied for the next capture as
+        // `.tmp-PID-next`.
+        let spares = names
+            .iter()
+            .filter(|n| {
+                n.starts_with(".spare-") || (n.starts_with(".tmp-") && n.ends_with("-next"))
+            })
+            .count();
         let kept = names.iter().filter(|n| n.ends_with(".kgi")).count();
         (spares, kept)
     };
@@ -511,4 +518,75 @@ fn image_files_are_never_recycled_under_a_krund() {
     let (spares, kept) = spares_after("krund", true);
     assert_eq!(spares, 0, "under a krund no image file is recycled");
     assert!(kept >= 1);
+}
+
+#[test]
+fn a_full_image_on_tmpfs_is_restored_by_mapping_its_pages_and_the_program_goes_on_exactly() {
+    let dir = TempDir::new("native-mapped");
+    let bin = build_workload(&dir.0);
+    let (mib, steps) = (16, 30);
+    let reference = reference(&bin, &dir.0, mib, steps);
+    // Images on tmpfs, every one full: the restore maps the region pages from the file.
+    let images = PathBuf::from(format!("/dev/shm/krun-ghost-mapped-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&images);
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(images.clone());
+    let start = |out: &Path, sleep_ms: u32, restore: Option<&str>| {
+        let mut cmd = Command::new(&bin);
+        cmd.arg(out)
+            .arg(mib.to_string())
+            .arg(steps.to_string())
+            .arg("2")
+            .arg(sleep_ms.to_string())
+            .env("KRUN_GHOST_DIR", &images)
+            .env("KRUN_GHOST_OWNER", "test/rank0")
+            .env("KRUN_GHOST_FULL_EVERY", "1")
+            .env_remove("KRUN_GHOST_RESTORE");
+        if let Some(r) = restore {
+            cmd.env("KRUN_GHOST_RESTORE", r);
+        }
+        Guard(cmd.spawn().expect("start workload"))
+    };
+    let out = dir.0.join("run.out");
+    let mut first = start(&out, 30, None);
+    wait_for_line(&out, Duration::from_secs(60), |l| l == "saved version 4");
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(first);
+
+    let out2 = dir.0.join("restored.out");
+    let mut second = start(&out2, 40, Some("latest"));
+    let resumed = wait_for_line(&out2, Duration::from_secs(60), |l| l.starts_with("resumed"));
+    let version: u64 = resumed.split(' ').nth(2).unwrap().parse().unwrap();
+    let step: u64 = resumed.split(' ').nth(4).unwrap().parse().unwrap();
+    // The restored regions are mappings of the image file, not copies.
+    let image = images.join(format!("test/rank0/{version:010}.kgi"));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", second.0.id())).unwrap();
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains(image.to_str().unwrap()))
+        .collect();
+    assert!(
+        mapped.len() >= 2,
+        "the 'state' and 'data' regions are not mapped from {}:\n{maps}",
+        image.display()
+    );
+    // It goes on writing them (copy-on-write), is captured from them (write-protect faults
+    // on the mapping) and prunes old images (the mapped one is never rewritten as a spare):
+    // every checksum equals the uninterrupted run's.
+    assert!(wait_exit(&mut second.0, Duration::from_secs(120)).success());
+    let after = lines(&out2);
+    assert_continues(&reference, &after, step, steps as u64);
+    assert!(
+        after
+            .iter()
+            .filter_map(|l| l.strip_prefix("saved version "))
+            .any(|v| v.parse::<u64>().unwrap() > version + 1),
+        "no capture of the restored program completed: {after:?}"
+    );
 }

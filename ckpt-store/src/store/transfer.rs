@@ -102,18 +102,33 @@ impl Inner {
         offset: u64,
         len: usize,
     ) -> Result<ImageBytes> {
-        let peer = self.peers[node].expect("remote node");
         let mr = self.take_region(len)?;
+        let result = self.rma_read_into(node, remote, offset, len, &mr);
+        let bytes = ImageBytes::Pooled(Some(mr), len, self.pool.clone());
+        result.map(|()| bytes)
+    }
+
+    /// Reads `len` bytes at `offset` of `remote` on `node` into the start of `mr` (pipelined
+    /// RMA reads); every read posted has completed or failed when this returns.
+    pub(super) fn rma_read_into(
+        &self,
+        node: usize,
+        remote: &RemoteRegion,
+        offset: u64,
+        len: usize,
+        mr: &MemoryRegion,
+    ) -> Result<()> {
+        let peer = self.peers[node].expect("remote node");
         let mut inflight = std::collections::VecDeque::new();
         let mut at = 0;
         let result = (|| {
             while at < len || !inflight.is_empty() {
                 while at < len && inflight.len() < RMA_WINDOW {
                     let n = RMA_CHUNK.min(len - at);
-                    // SAFETY: `mr` is ours alone until every read completed.
+                    // SAFETY: `mr` is the caller's alone until every read completed.
                     let c = unsafe {
                         self.ep
-                            .post_read(peer, &mr, at, n, remote, offset + at as u64)?
+                            .post_read(peer, mr, at, n, remote, offset + at as u64)?
                     };
                     inflight.push_back(c);
                     at += n;
@@ -130,8 +145,7 @@ impl Inner {
         for c in inflight {
             let _ = c.wait();
         }
-        let bytes = ImageBytes::Pooled(Some(mr), len, self.pool.clone());
-        result.map(|()| bytes)
+        result
     }
 
     /// Asks `node` for a copy and reads it: (data, level there).

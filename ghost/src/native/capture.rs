@@ -5,11 +5,22 @@ use super::{
     Inflight, L1File, NativeRuntime, TrackedRegion, CLEAN, COPYING, DIRTY, PENDING,
 };
 use crate::error::{GhostError, Result};
-use crate::image::{ImageBuilder, SectionKind, DELTA_CHUNK};
+use crate::image::{ImageBuilder, SectionKind, DELTA_CHUNK, HEADER_LEN, SECTION_HEADER_LEN};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Name of the padding sections (meta sections of newlines, which readers skip).
+const PAD: &str = "pad";
+const PAGE: usize = 4096;
+
+/// Bytes of padding payload that put the payload of a region section named with `name_len`
+/// bytes at a page boundary, when the padding section starts at `at`.
+fn pad_before(at: usize, name_len: usize) -> usize {
+    let payload = at + 2 * SECTION_HEADER_LEN + PAD.len() + name_len;
+    (PAGE - payload % PAGE) % PAGE
+}
 
 impl NativeRuntime {
     /// Waits until no capture is copying (its report stays for [`NativeRuntime::wait`]).
@@ -140,6 +151,9 @@ impl NativeRuntime {
         // Decide each region's chunks, size the image and lay out its sections in L1.
         let mut choices = Vec::with_capacity(regions.len());
         let mut sizes = vec![(4, meta.len())];
+        // Where the next section starts: a whole region's payload is put at a page boundary
+        // of the file (behind a padding meta section), so that a restore can map its pages.
+        let mut at = HEADER_LEN + SECTION_HEADER_LEN + 4 + meta.len();
         for r in &regions {
             let dirty: Vec<bool> = r
                 .states
@@ -158,11 +172,28 @@ impl NativeRuntime {
             } else {
                 ImageBuilder::delta_len(r.len, &take)
             };
+            let pad = (parent == 0 && !sparse).then(|| pad_before(at, r.name.len()));
+            if let Some(k) = pad {
+                sizes.push((PAD.len(), k));
+                at += SECTION_HEADER_LEN + PAD.len() + k;
+            }
             sizes.push((r.name.len(), stored));
-            choices.push((dirty, take));
+            at += SECTION_HEADER_LEN + r.name.len() + stored;
+            choices.push((dirty, take, pad));
         }
         let total = ImageBuilder::planned_len(&sizes);
-        let l1 = match L1File::create(&self.config.dir, &self.config.owner, version, total) {
+        let prepared = self.next_l1.lock().expect("lock").take();
+        let created = match prepared {
+            Some(mut f) if f.len() == total => {
+                f.retarget(image_path(&self.config.dir, &self.config.owner, version));
+                Ok(f)
+            }
+            other => {
+                drop(other);
+                L1File::create(&self.config.dir, &self.config.owner, version, total)
+            }
+        };
+        let l1 = match created {
             Ok(f) => f,
             Err(e) => {
                 self.next_version.lock().expect("lock").2 = u32::MAX;
@@ -174,10 +205,15 @@ impl NativeRuntime {
         let mut builder = unsafe { ImageBuilder::in_place(version, parent, l1.base(), total)? };
         builder.add(SectionKind::Meta, "meta", meta.as_bytes(), false)?;
         let mut plans = Vec::with_capacity(regions.len());
-        for (r, (dirty, take)) in regions.iter().zip(choices) {
+        for (r, (dirty, take, pad)) in regions.iter().zip(choices) {
             let whole = parent == 0 && take.iter().all(|&t| t);
+            if let Some(k) = pad {
+                builder.add(SectionKind::Meta, PAD, &vec![b'\n'; k], false)?;
+            }
             let first = if whole {
-                builder.reserve_offset(SectionKind::Region, &r.name, r.len)?
+                let first = builder.reserve_offset(SectionKind::Region, &r.name, r.len)?;
+                debug_assert!(first.is_multiple_of(PAGE), "region payload at {first}");
+                first
             } else if parent == 0 {
                 builder.reserve_sparse(&r.name, r.len, &take)?
             } else {
@@ -304,8 +340,9 @@ impl NativeRuntime {
                 return Err(e);
             }
         };
+        let total = freeze_start.elapsed();
         self.prune()?;
-        Ok(CaptureReport {
+        let report = CaptureReport {
             version,
             parent,
             path,
@@ -313,8 +350,44 @@ impl NativeRuntime {
             memory_bytes,
             cow_chunks: self.cow_chunks.load(Ordering::Relaxed) - cow_before,
             freeze,
-            total: freeze_start.elapsed(),
-        })
+            total,
+        };
+        self.write_captured(&report);
+        // Ready the next image's file now, off the program's path (same size: the usual
+        // case of a steady program; a different size is created in the freeze as before).
+        if spare_limit()? > 0 {
+            match L1File::prepare(
+                &self.config.dir,
+                &self.config.owner,
+                report.image_bytes as usize,
+            ) {
+                Ok(f) => *self.next_l1.lock().expect("lock") = f,
+                Err(e) => eprintln!("krun-ghost: readying the next image file: {e}"),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes the [`super::CAPTURED`] report (best effort: a full directory only loses the
+    /// report, never the image).
+    fn write_captured(&self, r: &CaptureReport) {
+        let dir = self.config.dir.join(&self.config.owner);
+        let tmp = dir.join(format!(".{}-{}", super::CAPTURED, std::process::id()));
+        let text = format!(
+            "{} {} {} {} {} {} {}\n",
+            r.version,
+            r.freeze.as_nanos(),
+            r.total.as_nanos(),
+            r.cow_chunks,
+            r.image_bytes,
+            r.memory_bytes,
+            std::process::id()
+        );
+        if std::fs::write(&tmp, text).is_err()
+            || std::fs::rename(&tmp, dir.join(super::CAPTURED)).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
 
     /// Keeps the images from the newest full image on (the newest complete chain; older
@@ -337,10 +410,13 @@ impl NativeRuntime {
             let owner_dir = self.config.dir.join(&self.config.owner);
             let mut spares = spare_files(&owner_dir).len();
             let limit = spare_limit()?;
+            let pinned = self.pinned.lock().expect("lock").clone();
             for v in versions.into_iter().filter(|&v| v < keep_from) {
                 let path = image_path(&self.config.dir, &self.config.owner, v);
-                // Keep old files as spares: their memory is reused by the next images.
+                // Keep old files as spares: their memory is reused by the next images. A
+                // file that backs region memory is only unlinked (its pages stay mapped).
                 if spares < limit
+                    && !pinned.contains(&v)
                     && std::fs::rename(&path, owner_dir.join(format!(".spare-{v}"))).is_ok()
                 {
                     spares += 1;

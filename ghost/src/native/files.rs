@@ -293,6 +293,29 @@ impl L1File {
         })
     }
 
+    /// A file of `len` bytes readied from the oldest spare of `<dir>/<owner>` under a
+    /// temporary name, its pages mapped for writing, for the next capture to take without
+    /// doing this work during its freeze (see [`L1File::retarget`]); `None` without a spare.
+    pub(crate) fn prepare(dir: &Path, owner: &str, len: usize) -> Result<Option<L1File>> {
+        let owner_dir = dir.join(owner);
+        let Some(spare) = spare_files(&owner_dir).into_iter().next() else {
+            return Ok(None);
+        };
+        let f = L1File::create_at(&owner_dir.join("next"), len, Some(spare))?;
+        // SAFETY: our own mapping of `len` bytes; populating changes no byte.
+        unsafe { libc::madvise(f.map.cast(), len, libc::MADV_POPULATE_WRITE) };
+        Ok(Some(f))
+    }
+
+    /// Names the image the file becomes at commit.
+    pub(crate) fn retarget(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// The start of the mapping (valid until commit or drop).
     pub(crate) fn base(&self) -> *mut u8 {
         self.map

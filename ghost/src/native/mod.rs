@@ -19,6 +19,10 @@
 //! as holes (`RegionSparse`, see [`crate::image`]), so a large region that is mostly unused
 //! costs its used part only, in the image as in memory.
 //!
+//! A full image puts each whole region's payload at a page boundary of its file; a process
+//! restored from such an image on tmpfs maps the region's pages from the file (private,
+//! copy-on-write) instead of copying them into fresh memory (see `regions.rs`).
+//!
 //! Images are files `<dir>/<owner>/<version>.kgi` (L1, by default in /dev/shm); the
 //! checkpoint store flushes them to slower levels. A process started with
 //! `KRUN_GHOST_RESTORE=<version>|latest` gets its regions filled from that image when it
@@ -127,6 +131,10 @@ struct TrackedRegion {
     zero: Vec<AtomicBool>,
     /// Where each chunk goes in the image being filled (valid while PENDING or COPYING).
     dest: Mutex<Vec<usize>>,
+    /// The region is (partly) a private mapping of the image file it was restored from
+    /// (see `regions.rs`): giving pages back must map fresh anonymous memory over them
+    /// instead of `MADV_DONTNEED`, which would bring the file's bytes back.
+    file_backed: AtomicBool,
 }
 
 impl TrackedRegion {
@@ -188,6 +196,12 @@ pub struct NativeRuntime {
     next_version: Mutex<(u64, u64, u32)>, // (next version, last version, images since full)
     cow_chunks: std::sync::atomic::AtomicU64,
     restored_from: Mutex<Option<(u64, Vec<MappedFile>)>>,
+    /// Versions whose image file backs region memory (a mapped restore): never recycled as
+    /// spare files (rewritten in place), only unlinked.
+    pinned: Mutex<Vec<u64>>,
+    /// The next capture's L1 file, readied by the copy thread after the previous capture
+    /// (from a spare file) so that the freeze does not size and allocate it.
+    next_l1: Mutex<Option<L1File>>,
 }
 
 /// File naming the version a SIGUSR2 rollback should use.
@@ -204,6 +218,45 @@ pub fn capture_failure(dir: &Path, owner: &str, pid: i32) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(owner).join(CAPTURE_FAILED)).ok()?;
     let (who, reason) = text.trim_end().split_once(' ')?;
     (who.parse::<i32>().ok()? == pid).then(|| reason.to_string())
+}
+
+/// File the runtime writes (atomically) after each capture it completed, for tools that
+/// measure captures from outside the process: "VERSION FREEZE_NS TOTAL_NS COW_CHUNKS
+/// IMAGE_BYTES MEMORY_BYTES PID". FREEZE_NS is how long the program was stopped (the freeze);
+/// TOTAL_NS runs from the freeze's start until the image file was complete under its final
+/// name.
+pub const CAPTURED: &str = "captured";
+
+/// The report of the newest capture process `pid` completed in `<dir>/<owner>` (see
+/// [`CAPTURED`]): (version, freeze, total, copy-on-write chunks, image bytes, memory bytes).
+pub fn last_capture(dir: &Path, owner: &str, pid: i32) -> Option<CapturedFile> {
+    let text = std::fs::read_to_string(dir.join(owner).join(CAPTURED)).ok()?;
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .map(|w| w.parse().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    if f.len() != 7 || f[6] != pid as u64 {
+        return None;
+    }
+    Some(CapturedFile {
+        version: f[0],
+        freeze: Duration::from_nanos(f[1]),
+        total: Duration::from_nanos(f[2]),
+        cow_chunks: f[3],
+        image_bytes: f[4],
+        memory_bytes: f[5],
+    })
+}
+
+/// A capture as reported in the [`CAPTURED`] file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapturedFile {
+    pub version: u64,
+    pub freeze: Duration,
+    pub total: Duration,
+    pub cow_chunks: u64,
+    pub image_bytes: u64,
+    pub memory_bytes: u64,
 }
 
 /// A random 32-bit value from the kernel (scratch names, image ids).
@@ -286,6 +339,8 @@ impl NativeRuntime {
             next_version: Mutex::new((last + 1, last, 0)),
             cow_chunks: Default::default(),
             restored_from: Mutex::new(restored),
+            pinned: Mutex::new(Vec::new()),
+            next_l1: Mutex::new(None),
         });
         let rt = RUNTIME.get_or_init(|| rt).clone();
         let fault_rt = rt.clone();
