@@ -23,11 +23,13 @@ extern "C" {
 }
 
 /// Asks AFL++'s runtime for shared-memory test cases (the runtime's own definition is weak;
-/// what `__AFL_FUZZ_INIT()` defines in C).
+/// what `__AFL_FUZZ_INIT()` defines in C). Mutable: the runtime sets it to 0 when it runs
+/// outside afl-fuzz (an immutable static would sit in read-only memory and that write
+/// would fault). Rust code never reads or writes it.
 #[no_mangle]
 #[used]
 #[allow(non_upper_case_globals)]
-static __afl_sharedmem_fuzzing: i32 = 1;
+static mut __afl_sharedmem_fuzzing: i32 = 1;
 
 /// AFL++ looks for these markers in the binary to enable persistent mode and the deferred
 /// fork server (what its compiler wrappers embed for `__AFL_LOOP` and `__AFL_INIT`).
