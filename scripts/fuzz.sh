@@ -69,6 +69,7 @@ echo "fuzz.sh: building the instrumented targets ($tdir)" >&2
 bin="$tdir/$host/release/krun-fuzz"
 
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <("$bin" --list)
+[ ${#targets[@]} -gt 0 ] || { echo "fuzz.sh: '$bin --list' named no target" >&2; exit 1; }
 out="$PWD/target/fuzz-out"
 mkdir -p "$out"
 
