@@ -20,6 +20,7 @@
 # (fuzz/afl), so the main workspace's build never needs AFL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command="scripts/fuzz.sh $*"
 
 execs=10000000
 seconds=600
@@ -68,6 +69,7 @@ echo "fuzz.sh: building the instrumented targets ($tdir)" >&2
 bin="$tdir/$host/release/krun-fuzz"
 
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <("$bin" --list)
+[ ${#targets[@]} -gt 0 ] || { echo "fuzz.sh: '$bin --list' named no target" >&2; exit 1; }
 out="$PWD/target/fuzz-out"
 mkdir -p "$out"
 
@@ -76,8 +78,10 @@ run_one() {
     rm -rf "${out:?}/$t"
     # AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES: core dumps may be piped to a handler here;
     # AFL_SKIP_CPUFREQ / AFL_NO_AFFINITY: a shared machine, no governor or core of our own.
+    # (Not AFL_SKIP_BIN_CHECK, whatever its value: it would skip the binary check that
+    # finds the persistent-mode signature, and every input would cost a fork.)
     AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
-        AFL_SKIP_BIN_CHECK=0 KRUN_FUZZ_DIR="$out/.l4" \
+        KRUN_FUZZ_DIR="$out/.l4" \
         nice -n 19 afl-fuzz -i "fuzz/corpus/$t" -o "$out/$t" -t 1000 -V "$seconds" -E "$execs" \
         -- "$bin" "$t" >"$out/$t.log" 2>&1 || echo "fuzz.sh: afl-fuzz for $t exited $? (see $out/$t.log)" >&2
     local s="$out/$t/default/fuzzer_stats"
@@ -104,6 +108,6 @@ if [ -n "$crashes" ]; then
 fi
 if [ "$report" = 1 ]; then
     CARGO_INCREMENTAL=0 cargo run -q -p fuzz --bin fuzz-report -- "$out" \
-        "until $execs executions or $seconds s per target, nice 19, $jobs at a time"
+        "until $execs executions or $seconds s per target, nice 19, $jobs at a time" "$command"
 fi
 [ -z "$crashes" ]

@@ -1,20 +1,35 @@
 //! The AFL++ harness: `krun-fuzz TARGET` runs one fuzz target (see `fuzz::TARGETS`) in
-//! AFL++'s persistent mode, reading each input from standard input. A panic (a decoder's or
-//! a broken contract's) aborts, which AFL++ records as a crash. Without AFL++ (no fork
-//! server), it runs the target once on standard input: `krun-fuzz frame < crash-file`
-//! reproduces a crash.
+//! AFL++'s persistent mode, taking each input from AFL++'s shared-memory test case (no file
+//! written or read per execution), or from standard input when AFL++ offers none. A panic (a
+//! decoder's or a broken contract's) aborts, which AFL++ records as a crash. Without AFL++
+//! (no fork server), it runs the target once on standard input: `krun-fuzz frame <
+//! crash-file` reproduces a crash.
 use std::io::Read;
 
 #[global_allocator]
 static ALLOC: fabric::fuzz::MaxAlloc = fabric::fuzz::MaxAlloc;
 
+#[allow(non_upper_case_globals)]
 extern "C" {
     /// AFL++'s runtime (afl-compiler-rt.o): true while the fork server has another input
     /// for this process (at most `max` per process), false at once without AFL++.
     fn __afl_persistent_loop(max: u32) -> i32;
     /// Starts the fork server here, after the harness's set-up.
     fn __afl_manual_init();
+    /// The shared-memory test case: its bytes (null unless AFL++ set up shared-memory
+    /// fuzzing, which it does when [`__afl_sharedmem_fuzzing`] is non-zero) and its length.
+    static __afl_fuzz_ptr: *const u8;
+    static __afl_fuzz_len: *const u32;
 }
+
+/// Asks AFL++'s runtime for shared-memory test cases (the runtime's own definition is weak;
+/// what `__AFL_FUZZ_INIT()` defines in C). Mutable: the runtime sets it to 0 when it runs
+/// outside afl-fuzz (an immutable static would sit in read-only memory and that write
+/// would fault). Rust code never reads or writes it.
+#[no_mangle]
+#[used]
+#[allow(non_upper_case_globals)]
+static mut __afl_sharedmem_fuzzing: i32 = 1;
 
 /// AFL++ looks for these markers in the binary to enable persistent mode and the deferred
 /// fork server (what its compiler wrappers embed for `__AFL_LOOP` and `__AFL_INIT`).
@@ -61,10 +76,24 @@ fn main() {
     // SAFETY: as above.
     while unsafe { __afl_persistent_loop(PER_PROCESS) } != 0 || !ran {
         ran = true;
-        input.clear();
-        if std::io::stdin().lock().read_to_end(&mut input).is_err() {
-            continue;
+        // SAFETY: the runtime sets both before each iteration and leaves them alone while
+        // the target runs; the pointer, when not null, addresses `*__afl_fuzz_len` bytes of
+        // the shared test case.
+        let shared = unsafe {
+            let ptr = std::ptr::read_volatile(&raw const __afl_fuzz_ptr);
+            let len = std::ptr::read_volatile(&raw const __afl_fuzz_len);
+            (!ptr.is_null() && !len.is_null())
+                .then(|| std::slice::from_raw_parts(ptr, *len as usize))
+        };
+        match shared {
+            Some(case) => fuzz::run(target, case),
+            None => {
+                input.clear();
+                if std::io::stdin().lock().read_to_end(&mut input).is_err() {
+                    continue;
+                }
+                fuzz::run(target, &input);
+            }
         }
-        fuzz::run(target, &input);
     }
 }

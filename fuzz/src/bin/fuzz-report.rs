@@ -1,8 +1,10 @@
 //! Writes the fuzz lane's results, bench/results/fuzz.json and fuzz.png, from AFL++'s output
-//! directories: `fuzz-report OUT_DIR [BUDGET]`, where `OUT_DIR/<target>/default/fuzzer_stats`
-//! is each target's campaign (`scripts/fuzz.sh` lays them out so) and BUDGET describes the
-//! lane's bound (e.g. `10000000 execs or 600 s per target`). A target without stats is
-//! reported as not run.
+//! directories: `fuzz-report OUT_DIR [BUDGET] [COMMAND]`, where
+//! `OUT_DIR/<target>/default/fuzzer_stats` is each target's campaign (`scripts/fuzz.sh` lays
+//! them out so), BUDGET describes the lane's bound (e.g. `10000000 execs or 600 s per
+//! target`) and COMMAND is the command that ran it. A target without stats is reported as
+//! not run. Each target's measured rate gives the time it would need for the bar
+//! (10^7 executions) on the same machine.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -38,13 +40,30 @@ fn files_in(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The afl-fuzz version (its first line of `afl-fuzz -h`), if installed.
+fn afl_version() -> Option<String> {
+    let out = std::process::Command::new("afl-fuzz")
+        .arg("-h")
+        .output()
+        .ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let at = text.find("afl-fuzz++")? + "afl-fuzz++".len();
+    let version: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '.')
+        .collect();
+    (!version.is_empty()).then_some(version)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(out_dir) = args.next().map(PathBuf::from) else {
-        eprintln!("usage: fuzz-report OUT_DIR [BUDGET]");
+        eprintln!("usage: fuzz-report OUT_DIR [BUDGET] [COMMAND]");
         std::process::exit(2);
     };
     let budget = args.next().unwrap_or_default();
+    let command = args.next().unwrap_or_default();
     let mut targets = serde_json::Map::new();
     let mut exec_bars = Vec::new();
     let mut rate_bars = Vec::new();
@@ -82,6 +101,10 @@ fn main() {
                 "hangs": hangs,
                 "corpus_size": corpus,
                 "exec_per_s": rate.map(|r| (r * 10.0).round() / 10.0),
+                // At the measured rate, the time the rest of the bar would take.
+                "seconds_to_bar": rate
+                    .filter(|&r| r > 0.0)
+                    .map(|r| (BAR.saturating_sub(execs) as f64 / r).round()),
                 "run_time_s": run_time,
                 "edges_found": num(&s, &["edges_found"]),
                 "stability_percent": num(&s, &["stability"]),
@@ -109,7 +132,9 @@ fn main() {
         println!("{line}");
     }
     let body = json!({
-        "tool": "AFL++ through cargo-afl (scripts/fuzz.sh)",
+        "tool": "AFL++ (Debian afl++ package) on stable rustc's SanitizerCoverage, persistent mode, shared-memory test cases (scripts/fuzz.sh; no cargo-afl, no nightly)",
+        "afl_version": afl_version(),
+        "command": command,
         "budget": budget,
         "bar_executions": BAR,
         "targets": Value::Object(targets),
