@@ -413,7 +413,7 @@ pub(crate) fn chunk_len(total: usize, chunk: usize) -> usize {
 }
 
 mod read;
-pub use read::{materialize_region, Image, Section};
+pub use read::{materialize_region, Header, Image, Section};
 
 #[cfg(test)]
 mod tests {
@@ -435,6 +435,35 @@ mod tests {
         b.add(SectionKind::CriuFile, "pages-1.img", &region[..5000], true)
             .unwrap();
         b.finish()
+    }
+
+    /// The header alone gives the chain's ids from the first bytes, and each of its checks
+    /// fails on its own input: magic, truncation, checksum, version.
+    #[test]
+    fn the_header_alone_names_the_ids_and_each_check_fails_on_its_own() {
+        let mut b = ImageBuilder::new(9, 4, Vec::new());
+        b.add(SectionKind::Meta, "meta", b"backend=native\n", false)
+            .unwrap();
+        let img = b.finish();
+        let h = Header::parse(&img[..HEADER_LEN]).unwrap();
+        assert_eq!((h.image_id, h.parent_id, h.sections), (9, 4, 1));
+        assert_eq!(Header::parse(&img).unwrap(), h);
+        let e = Header::parse(&img[..HEADER_LEN - 1]).unwrap_err();
+        assert!(matches!(e, GhostError::ImageTruncated { .. }), "{e}");
+        let mut bad = img.clone();
+        bad[0] = b'X';
+        let e = Header::parse(&bad).unwrap_err();
+        assert!(matches!(e, GhostError::ImageBadMagic { .. }), "{e}");
+        let mut bad = img.clone();
+        bad[20] ^= 1; // inside the image id: the header checksum no longer matches
+        let e = Header::parse(&bad).unwrap_err();
+        assert!(matches!(e, GhostError::ImageChecksum { .. }), "{e}");
+        let mut bad = img.clone();
+        bad[8] = bad[8].wrapping_add(1);
+        let crc = crc32c::crc32c(&bad[..32]);
+        bad[32..36].copy_from_slice(&crc.to_le_bytes());
+        let e = Header::parse(&bad).unwrap_err();
+        assert!(matches!(e, GhostError::ImageVersion { .. }), "{e}");
     }
 
     #[test]

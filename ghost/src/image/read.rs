@@ -87,10 +87,19 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-impl<'a> Image<'a> {
-    /// Parses and verifies an image: magic, version, header checksum, then each section's
-    /// header and payload checksums. Errors say which check failed and at which offset.
-    pub fn parse(bytes: &'a [u8]) -> Result<Image<'a>> {
+/// An image's header alone (magic, format version, header checksum): what a reader needs to
+/// follow a chain of images (`image_id`, `parent_id`) without reading their sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub sections: usize,
+    pub image_id: u64,
+    pub parent_id: u64,
+}
+
+impl Header {
+    /// Parses and verifies the first [`HEADER_LEN`] bytes of an image (more may follow).
+    pub fn parse(bytes: &[u8]) -> Result<Header> {
         let total = bytes.len();
         if total < 8 || bytes[..8] != MAGIC {
             let found = &bytes[..total.min(8)];
@@ -123,9 +132,23 @@ impl<'a> Image<'a> {
                 supported: FORMAT_VERSION,
             });
         }
-        let count = read_u32(bytes, 12) as usize;
-        let image_id = read_u64(bytes, 16);
-        let parent_id = read_u64(bytes, 24);
+        Ok(Header {
+            version,
+            sections: read_u32(bytes, 12) as usize,
+            image_id: read_u64(bytes, 16),
+            parent_id: read_u64(bytes, 24),
+        })
+    }
+}
+
+impl<'a> Image<'a> {
+    /// Parses and verifies an image: magic, version, header checksum, then each section's
+    /// header and payload checksums. Errors say which check failed and at which offset.
+    pub fn parse(bytes: &'a [u8]) -> Result<Image<'a>> {
+        let total = bytes.len();
+        let head = Header::parse(bytes)?;
+        let (version, count, image_id, parent_id) =
+            (head.version, head.sections, head.image_id, head.parent_id);
         let mut sections = Vec::with_capacity(count.min(4096));
         let mut at = HEADER_LEN;
         for index in 0..count {

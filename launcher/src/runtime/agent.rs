@@ -503,36 +503,72 @@ impl Agent {
         dir: &Path,
         ghost_owner: &str,
     ) -> Result<Vec<std::path::PathBuf>> {
-        let chain = self.fetch_chain(rank, version)?;
-        let mut written = Vec::with_capacity(chain.len());
-        for f in &chain {
-            let v = ghost::image::Image::parse(&f.image)
-                .map(|i| i.image_id)
-                .unwrap_or(version);
+        let owner = Agent::owner(rank);
+        let fail = |what: String| LauncherError::Checkpoint {
+            rank,
+            version,
+            what,
+        };
+        let mut written: Vec<std::path::PathBuf> = Vec::new();
+        let mut next = version;
+        loop {
+            let path = ghost::native::image_path(dir, ghost_owner, next);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    fail(format!(
+                        "creating {} for the restart: {e}",
+                        parent.display()
+                    ))
+                })?;
+            }
+            // Straight into the image file (the RMA reads land in its pages, the store's
+            // crc32c checked there): no copy through a buffer, and the restarted process
+            // verifies every section when it loads the file.
+            let report = self.store.get_to_file(&owner, next, &path).map_err(|e| {
+                fail(match written.is_empty() {
+                    true => format!("fetching from the store: {e}"),
+                    false => format!("its ancestor v{next} is missing: {e}"),
+                })
+            })?;
+            let header = read_header(&path).map_err(|e| {
+                let _ = std::fs::remove_file(&path);
+                fail(format!(
+                    "the {} copy of v{next} on node {} is not a valid ghost image: {e}",
+                    report.level, report.node
+                ))
+            })?;
+            if header.image_id != next {
+                let _ = std::fs::remove_file(&path);
+                return Err(fail(format!(
+                    "the {} copy on node {} holds image v{}",
+                    report.level, report.node, header.image_id
+                )));
+            }
+            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             // Which level served the restart: L3 means rebuilt from parity (the node and
             // its buddy were both lost).
             eprintln!(
-                "krund: rank {rank}: image v{v} ({} bytes) from {} on node {}{}",
-                f.image.len(),
-                f.report.level,
-                f.report.node,
-                if f.report.level == Level::L3 {
+                "krund: rank {rank}: image v{next} ({bytes} bytes) from {} on node {}{}",
+                report.level,
+                report.node,
+                if report.level == Level::L3 {
                     " (rebuilt from parity)"
                 } else {
                     ""
                 }
             );
-            let path = ghost::native::image_path(dir, ghost_owner, v);
-            ghost::native::write_atomically(&path, &f.image).map_err(|e| {
-                LauncherError::Checkpoint {
-                    rank,
-                    version,
-                    what: format!("writing v{v} for the restart: {e}"),
-                }
-            })?;
             written.push(path);
+            let parent = header.parent_id;
+            if parent == 0 {
+                return Ok(written);
+            }
+            if parent >= next || written.len() > 100_000 {
+                return Err(fail(format!(
+                    "image v{next} names parent v{parent}: not an older image"
+                )));
+            }
+            next = parent;
         }
-        Ok(written)
     }
 
     /// Bytes the node's store holds per level.
@@ -682,4 +718,17 @@ fn verify_image(path: &Path, version: u64, bytes: u64) -> std::result::Result<u6
         ));
     }
     Ok(image.parent_id)
+}
+
+/// The header of the image file at `path` (its first bytes only).
+fn read_header(path: &Path) -> std::result::Result<ghost::image::Header, String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(ghost::image::HEADER_LEN);
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(ghost::image::HEADER_LEN as u64)
+                .read_to_end(&mut head)
+        })
+        .map_err(|e| e.to_string())?;
+    ghost::image::Header::parse(&head).map_err(|e| e.to_string())
 }
