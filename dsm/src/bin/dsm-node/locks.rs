@@ -82,6 +82,9 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
             unsafe { counter.write_volatile(v + 1) };
             d.unlock(0).map_err(|e| e.to_string())?;
             bar()?;
+            // Not gone before rank 0 has read the counter: this process holds its page's
+            // only copy now (an exit here made rank 0's read find the page lost, under load).
+            bar()?;
             say("survivor=ok");
             Ok(())
         }
@@ -96,6 +99,8 @@ pub fn lock_holder_killed(d: &Dsm, a: &Args) -> Res<()> {
                 // SAFETY: inside the region, under the lock.
                 let v = unsafe { counter.read_volatile() };
                 d.unlock(0).map_err(|e| e.to_string())?;
+                // Rank 2 may end once this read is done.
+                bar()?;
                 say(&format!(
                     "counter={v} dead={:?} survivor=ok",
                     d.dead_nodes()
