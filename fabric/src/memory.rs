@@ -70,48 +70,16 @@ impl Region {
     /// accepts that writes to the file by others show through in pages this process has not
     /// written (the region is a view of the file, not a snapshot).
     pub unsafe fn map_file(file: &std::fs::File, len: usize) -> Result<Region> {
-        use std::os::fd::AsRawFd;
-        let size = file
-            .metadata()
-            .map_err(|e| FabricError::Registration {
-                len,
-                reason: format!("reading the size of the file to map: {e}"),
-            })?
-            .len();
-        if len == 0 || (len as u64) > size {
-            return Err(FabricError::Registration {
-                len,
-                reason: format!("cannot map {len} bytes of a file of {size} bytes"),
-            });
-        }
-        // SAFETY: a private mapping of a file we hold open, no fixed address; the caller
-        // keeps the file at least `len` bytes long while the mapping lives.
-        let ptr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        );
-        if ptr == libc::MAP_FAILED {
-            return Err(FabricError::Registration {
-                len,
-                reason: format!(
-                    "mmap of the file failed: {}",
-                    std::io::Error::last_os_error()
-                ),
-            });
-        }
         // Map the file's pages now, read-only, in one call instead of one fault per page
         // (MAP_POPULATE would break copy-on-write on this writable private mapping, copying
-        // every page). Best effort: kernels before 5.14 lack it and fault pages in later.
-        libc::madvise(ptr, len, libc::MADV_POPULATE_READ);
-        Ok(Region {
-            ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+        // every page).
+        Self::map_file_with(
+            file,
             len,
-            owned: true,
-        })
+            libc::MAP_PRIVATE,
+            libc::MADV_POPULATE_READ,
+            "mmap",
+        )
     }
 
     /// Maps the first `len` bytes of `file` shared, readable and writable: what is written
@@ -124,6 +92,30 @@ impl Region {
     /// file below `len` bytes (touching a page past the end raises SIGBUS); whoever else maps
     /// or reads the file sees the region's writes as they land.
     pub unsafe fn map_file_shared(file: &std::fs::File, len: usize) -> Result<Region> {
+        // Map the file's pages now for writing, in one call instead of one fault per page.
+        Self::map_file_with(
+            file,
+            len,
+            libc::MAP_SHARED,
+            libc::MADV_POPULATE_WRITE,
+            "shared mmap",
+        )
+    }
+
+    /// [`Region::map_file`] and [`Region::map_file_shared`]: maps the first `len` bytes of
+    /// `file` readable and writable with `flags`, then asks the kernel to populate them with
+    /// `advice` (best effort: kernels before 5.14 lack it and fault pages in later).
+    ///
+    /// # Safety
+    /// As for the two callers: no one may truncate the file below `len` bytes while the
+    /// region (and any registration of it) lives.
+    unsafe fn map_file_with(
+        file: &std::fs::File,
+        len: usize,
+        flags: libc::c_int,
+        advice: libc::c_int,
+        what: &str,
+    ) -> Result<Region> {
         use std::os::fd::AsRawFd;
         let size = file
             .metadata()
@@ -138,13 +130,13 @@ impl Region {
                 reason: format!("cannot map {len} bytes of a file of {size} bytes"),
             });
         }
-        // SAFETY: a shared mapping of a file we hold open, no fixed address; the caller keeps
-        // the file at least `len` bytes long while the mapping lives.
+        // SAFETY: a mapping of a file we hold open, no fixed address; the caller keeps the
+        // file at least `len` bytes long while the mapping lives.
         let ptr = libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            flags,
             file.as_raw_fd(),
             0,
         );
@@ -152,14 +144,12 @@ impl Region {
             return Err(FabricError::Registration {
                 len,
                 reason: format!(
-                    "shared mmap of the file failed: {}",
+                    "{what} of the file failed: {}",
                     std::io::Error::last_os_error()
                 ),
             });
         }
-        // Map the file's pages now for writing, in one call instead of one fault per page
-        // (best effort: kernels before 5.14 lack it and fault pages in later).
-        libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE);
+        libc::madvise(ptr, len, advice);
         Ok(Region {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
