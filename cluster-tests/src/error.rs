@@ -138,6 +138,13 @@ pub enum ClusterError {
         reason: String,
     },
 
+    /// A cluster of `krun-adapt` daemons ([`crate::kv`]) did not do what was awaited.
+    #[error("krun-adapt daemons: {reason}")]
+    Daemons {
+        /// What was awaited, and each daemon's last state.
+        reason: String,
+    },
+
     /// A thread started in a node panicked.
     #[error("thread in node {node} panicked")]
     ThreadPanicked {
