@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    ckpt, dsm, fabric, ha, l4, launch, launch_slurm, locator, logging, mgs, policies, rank,
+    ckpt, dsm, fabric, faults, ha, l4, launch, launch_slurm, locator, logging, mgs, policies, rank,
     reconfig,
 };
 
@@ -29,6 +29,7 @@ pub enum Command {
     Locator(locator::LocatorArgs),
     Reconfig(reconfig::ReconfigArgs),
     Ha(ha::HaArgs),
+    Faults(faults::FaultsArgs),
     Policies(policies::PoliciesArgs),
     Rank(rank::RankArgs),
     Logging(logging::LoggingArgs),
@@ -60,6 +61,7 @@ impl Command {
             Command::Locator(_) => "locator",
             Command::Reconfig(_) => "reconfig",
             Command::Ha(_) => "ha",
+            Command::Faults(_) => "faults",
             Command::Policies(_) => "policies",
             Command::Rank(_) => "rank",
             Command::Logging(_) => "logging",
@@ -83,6 +85,7 @@ impl Command {
             Command::Locator(a) => locator::run(a),
             Command::Reconfig(a) => reconfig::run(a),
             Command::Ha(a) => ha::run(a),
+            Command::Faults(a) => faults::run(a),
             Command::Policies(a) => policies::run(a),
             Command::Rank(a) => rank::run(a),
             Command::Logging(a) => logging::run(a),

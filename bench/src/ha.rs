@@ -740,7 +740,7 @@ fn failure_runs(
 
 /// `--campaign N`: N trials of `cluster_tests::campaign` on heat_ha 96x64 (500 steps, 8 ms
 /// each): a random node SIGKILLed at a random time; the count that finished correctly.
-fn campaign_json(
+pub(crate) fn campaign_json(
     setup: &Setup,
     serial: &Path,
     n: usize,
@@ -794,13 +794,14 @@ fn campaign_json(
     }))
 }
 
-/// `--campaign-only`: runs the campaign alone and replaces the `"campaign"` of the results
-/// already at `out` (their rows and environment stay; the campaign carries its own).
-fn campaign_only(out: &Path, n: usize, seed: u64) -> Result<(), String> {
+/// The set-up of a campaign run alone (`--campaign-only`, `bench faults`): heat_ha built,
+/// image files under /dev/shm (removed when the returned guard drops). Returns the set-up
+/// and the serial program.
+pub(crate) fn campaign_setup() -> Result<(Setup, PathBuf, Cleanup), String> {
     let dir = exe_dir()?;
     let (heat, serial) = build_heat(&dir)?;
     let tag = format!("krun-bench-ha-{}", std::process::id());
-    let _cleanup = Cleanup(vec![PathBuf::from("/dev/shm").join(&tag)]);
+    let cleanup = Cleanup(vec![PathBuf::from("/dev/shm").join(&tag)]);
     let setup = Setup {
         krun: dir.join("krun"),
         heat,
@@ -813,6 +814,13 @@ fn campaign_only(out: &Path, n: usize, seed: u64) -> Result<(), String> {
         limit: Duration::from_secs(240),
         failed: Default::default(),
     };
+    Ok((setup, serial, cleanup))
+}
+
+/// `--campaign-only`: runs the campaign alone and replaces the `"campaign"` of the results
+/// already at `out` (their rows and environment stay; the campaign carries its own).
+fn campaign_only(out: &Path, n: usize, seed: u64) -> Result<(), String> {
+    let (setup, serial, _cleanup) = campaign_setup()?;
     let c = campaign_json(&setup, &serial, n, seed)?;
     // Read only now: the results may have been written while the campaign ran.
     let text = std::fs::read_to_string(out).map_err(|e| format!("{}: {e}", out.display()))?;

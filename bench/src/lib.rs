@@ -7,6 +7,7 @@ pub mod ckpt;
 pub mod cli;
 pub mod dsm;
 pub mod fabric;
+pub mod faults;
 pub mod ha;
 pub mod l4;
 pub mod launch;
