@@ -227,6 +227,11 @@ impl RestartOrders {
         }
     }
 
+    /// Held while one rank is restarted: one rank at a time on this node.
+    pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The newer wiring epoch whose order names `rank`, if the order of `wiring` is
     /// superseded.
     pub fn superseded(&self, rank: u32, wiring: u64) -> Option<u64> {
@@ -370,11 +375,7 @@ fn restart_one(
     rank: u32,
 ) -> Result<(u32, u64, Option<String>), String> {
     // One rank at a time on this node, whatever epoch ordered it (see `RestartOrders`).
-    let _turn = shared
-        .restarts
-        .turn
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _turn = shared.restarts.turn();
     superseded(shared, rank, wiring)?;
     let alive_pid = shared
         .local_ranks

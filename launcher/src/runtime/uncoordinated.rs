@@ -132,6 +132,12 @@ pub struct NodeSide {
     orders: Mutex<BTreeMap<u32, Sender<NodeToRank>>>,
     /// 0: as the job started (`KRUN_UNCOORDINATED`); 1: coordinated; 2: uncoordinated.
     mode: AtomicU8,
+    /// krun's `Rejoin` orders by restart id (their own numbering, apart from the wiring
+    /// epochs of [`Shared::restarts`]): one rank at a time on this node, and an order for a
+    /// rank that a newer `Rejoin` names (on any node) is dropped, as the coordinated
+    /// recovery's (`recovery::RestartOrders`): its older thread must not replace the newer
+    /// order's process with one of its own.
+    rejoin_orders: super::recovery::RestartOrders,
 }
 
 /// Whether the job started under the uncoordinated policy (krun sets `KRUN_UNCOORDINATED`).
@@ -365,6 +371,7 @@ pub fn from_launcher(
             version,
             local_size,
         } if node == shared.me => {
+            side.rejoin_orders.ordered(restart, &[(rank, node)]);
             let (shared, agent) = (shared.clone(), agent.clone());
             std::thread::spawn(move || {
                 start(&shared, &agent, (restart, rank, version, local_size))
@@ -372,7 +379,13 @@ pub fn from_launcher(
         }
         // A rank drained away from here (`policies` uncoordinated drain): its old process
         // ends before the new one rejoins (a failed node's rank is gone already).
-        LauncherToNode::Rejoin { rank, node, .. } => {
+        LauncherToNode::Rejoin {
+            restart,
+            rank,
+            node,
+            ..
+        } => {
+            side.rejoin_orders.ordered(restart, &[(rank, node)]);
             super::drain::release_moved(shared, &[(rank, node)]);
         }
         _ => {}
@@ -453,7 +466,7 @@ fn local_pid(shared: &Shared, rank: u32) -> Option<u32> {
 pub fn start(shared: &Shared, agent: &AgentSlot, order: (u64, u32, u64, u32)) {
     let (restart, rank, version, local_size) = order;
     let started = Instant::now();
-    let msg = match start_one(shared, agent, rank, version, local_size) {
+    let msg = match start_one(shared, agent, restart, rank, version, local_size) {
         Ok((pid, fetched)) => NodeToLauncher::Restarted {
             wiring: restart,
             rank,
@@ -475,13 +488,29 @@ pub fn start(shared: &Shared, agent: &AgentSlot, order: (u64, u32, u64, u32)) {
     shared.tell_launcher(&msg);
 }
 
+/// Why the `Rejoin` numbered `restart` for `rank` is not carried out: a newer one names it.
+fn superseded(side: &NodeSide, rank: u32, restart: u64) -> Result<(), String> {
+    match side.rejoin_orders.superseded(rank, restart) {
+        Some(newer) => Err(format!(
+            "its restart {restart} is superseded by restart {newer} of the same rank (a \
+             failure during the rejoin): dropped"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn start_one(
     shared: &Shared,
     agent: &AgentSlot,
+    restart: u64,
     rank: u32,
     version: u64,
     local_size: u32,
 ) -> Result<(u32, u64), String> {
+    let side = &shared.uncoordinated;
+    // One rank at a time on this node, whatever restart ordered it.
+    let _turn = side.rejoin_orders.turn();
+    superseded(side, rank, restart)?;
     let runner = shared
         .rank_commands
         .lock()
@@ -504,6 +533,8 @@ fn start_one(
                 .map_err(|e| format!("fetching its images of v{version}: {e}"))?,
         };
     }
+    // The fetch above can take seconds: a newer order may have come meanwhile.
+    superseded(side, rank, restart)?;
     // Not linked until the new process says hello (a signal before would kill it).
     shared
         .linked_ranks
@@ -552,6 +583,28 @@ mod tests {
             side.at_safepoint(3),
             Some(NodeToRank::Checkpoint { version: 7 })
         );
+    }
+
+    /// A failure during a rejoin: krun's newer `Rejoin` for the same rank (on whatever
+    /// node) supersedes the older one, whose thread drops it instead of replacing the
+    /// newer process; a late copy of the older order changes nothing, and other ranks'
+    /// orders are not touched.
+    #[test]
+    fn a_newer_rejoin_supersedes_an_older_one_for_its_rank_only() {
+        let side = NodeSide::default();
+        side.rejoin_orders.ordered(3, &[(2, 1)]);
+        side.rejoin_orders.ordered(4, &[(1, 1)]);
+        assert!(superseded(&side, 2, 3).is_ok());
+        side.rejoin_orders.ordered(5, &[(2, 4)]);
+        let e = superseded(&side, 2, 3).unwrap_err();
+        assert!(e.contains("superseded by restart 5"), "{e}");
+        assert!(superseded(&side, 2, 5).is_ok());
+        assert!(
+            superseded(&side, 1, 4).is_ok(),
+            "restart 5 does not name rank 1"
+        );
+        side.rejoin_orders.ordered(3, &[(2, 1)]);
+        assert!(superseded(&side, 2, 3).is_err());
     }
 
     /// The node's mode follows the swaps: uncoordinated, a safepoint without an order goes

@@ -120,6 +120,10 @@ pub(super) struct HubCalls {
     /// The recovery in progress.
     pub(super) wiring: Option<Wiring>,
     pub(super) wirings: u64,
+    /// Lone restarts (`Rejoin`) ordered so far in the job, under any policy instance: each
+    /// `Rejoin` carries the next number, so krund can drop an order a newer one supersedes
+    /// (`runtime/uncoordinated.rs`), also across policy swaps.
+    pub(super) rejoin_ids: u64,
     pub(super) new_wiring: NewWiring,
     pub(super) job_error: JobError,
     /// Checkpoints committed so far.

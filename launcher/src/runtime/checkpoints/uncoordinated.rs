@@ -94,9 +94,8 @@ pub(in crate::runtime) struct Uncoord {
     capturing: BTreeMap<Rank, (OpId, Version, u64, Instant)>,
     /// rank -> its (address, ring), as it reported them.
     cards: Vec<Option<Card>>,
-    /// restart id -> (rank, node, decision).
+    /// restart id (the job-wide `HubCalls::rejoin_ids`) -> (rank, node, decision).
     restarts: BTreeMap<u64, (Rank, NodeId, policies::primitives::DecisionId)>,
-    next_restart: u64,
     /// The ranks restarting together (one failure): rank -> its new card once its process
     /// said `Rejoining`.
     rejoining: BTreeMap<Rank, Option<Card>>,
@@ -136,7 +135,6 @@ impl Uncoord {
             capturing: BTreeMap::new(),
             cards: vec![None; ranks],
             restarts: BTreeMap::new(),
-            next_restart: 0,
             rejoining: BTreeMap::new(),
             replacing: BTreeSet::new(),
             safe: vec![0; ranks],

@@ -48,6 +48,8 @@ pub(in crate::runtime::checkpoints) fn restart(
     else {
         return Err("not a restart decision".into());
     };
+    calls.rejoin_ids += 1;
+    let id = calls.rejoin_ids;
     let u = state(calls)?;
     if !u.logging {
         return Err(format!(
@@ -63,8 +65,6 @@ pub(in crate::runtime::checkpoints) fn restart(
             format!("rank {rank}: its checkpoint {v} is not one of its own checkpoints")
         })?,
     };
-    u.next_restart += 1;
-    let id = u.next_restart;
     let local_size = u.local_size.get(rank as usize).copied().unwrap_or(1);
     u.restarts.insert(id, (rank, node, decision.id));
     u.native[rank as usize] = native;

@@ -292,3 +292,39 @@ fn without_logging_a_lone_restart_is_refused() {
     let err = restart(&mut calls, &d).unwrap_err();
     assert!(err.contains("message logging"), "{err}");
 }
+
+/// A lone restart after a policy swap (a new `Uncoord`) numbers on from the job's earlier
+/// ones: krund drops a `Rejoin` that a newer one for the same rank supersedes, so a number
+/// used again after a swap would be dropped as old.
+#[test]
+fn lone_restart_numbers_go_on_across_a_policy_swap() {
+    let (mut calls, sent) = hub();
+    let decision = |seq: u64| Decision {
+        id: policies::primitives::DecisionId {
+            epoch: 3,
+            leader: 0,
+            seq,
+        },
+        kind: policies::primitives::DecisionKind::Restart {
+            rank: 2,
+            incarnation: 1,
+            node: 1,
+            version: None,
+            source: None,
+            failure_epoch: 3,
+        },
+    };
+    let last_restart =
+        |sent: &Arc<std::sync::Mutex<Vec<LauncherToNode>>>| match sent.lock().unwrap().last() {
+            Some(LauncherToNode::Rejoin { restart, .. }) => *restart,
+            other => panic!("no Rejoin sent: {other:?}"),
+        };
+    calls.uncoord = Some(Uncoord::new(&[0, 1, 2], true));
+    restart(&mut calls, &decision(1)).unwrap();
+    let first = last_restart(&sent);
+    // Swapped away and back: a new per-rank state.
+    calls.uncoord = Some(Uncoord::new(&[0, 1, 2], true));
+    restart(&mut calls, &decision(2)).unwrap();
+    let second = last_restart(&sent);
+    assert!(second > first, "restart {second} after restart {first}");
+}
