@@ -10,6 +10,7 @@
 //!   `cluster-tests/slurm/smoke.sh` checks it.
 //! * [`campaign`]: seeded fault campaigns (a random node SIGKILLed at a random time) and
 //!   runs of a job with every output line time-stamped (shared with `bench ha`).
+//! * [`hosts`]: namespace hosts running a `krund --listen` each, for krun's host-list mode.
 //! * [`kv`]: a cluster of real `krun-adapt` daemons with key-value clients that check
 //!   exactly-once answers and read every key back (adaptation tests, `bench faults`).
 //! * `krun-netns-probe`: a tiny bounded TCP echo server / client to check reachability.
@@ -31,6 +32,7 @@
 
 pub mod campaign;
 mod error;
+pub mod hosts;
 pub mod kv;
 mod netns;
 mod process;

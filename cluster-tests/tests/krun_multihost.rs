@@ -2,135 +2,57 @@
 //! `krund --listen` daemon on its own IP; krun runs inside host 0. Needs root and the
 //! workspace's binaries (`cargo build --workspace`, which `cargo nextest run --workspace`
 //! does first).
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cluster_tests::hosts::{HostsSpec, KrundHosts};
 use cluster_tests::workspace_bin;
-use cluster_tests::{NetnsCluster, NodeProcess};
+use cluster_tests::NodeProcess;
 
-fn secret_file(tag: &str, secret: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::temp_dir().join(format!("krun-mh-{tag}-{}", std::process::id()));
-    std::fs::write(&path, secret).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
+/// The namespace hosts with a `krund --listen` each (`cluster_tests::hosts`).
+struct Hosts(KrundHosts);
+
+impl std::ops::Deref for Hosts {
+    type Target = KrundHosts;
+    fn deref(&self) -> &KrundHosts {
+        &self.0
+    }
 }
 
-struct Hosts {
-    cluster: NetnsCluster,
-    daemons: Vec<NodeProcess>,
-    secret: PathBuf,
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for d in &mut self.daemons {
-            let _ = d.kill();
-        }
-        let _ = std::fs::remove_file(&self.secret);
+impl std::ops::DerefMut for Hosts {
+    fn deref_mut(&mut self) -> &mut KrundHosts {
+        &mut self.0
     }
 }
 
 impl Hosts {
     /// `n` hosts with a daemon each; `wrong_secret_on` gets a different secret.
-    fn start(n: usize, tag: &str, wrong_secret_on: Option<usize>) -> Hosts {
-        if let Err(e) = cluster_tests::require_root() {
-            panic!("\n\n*** {e} ***\n\n");
-        }
-        let cluster = NetnsCluster::create(n, None).expect("namespace cluster");
-        let secret = secret_file(tag, "the secret of this multi-host test");
-        let other = secret_file(
-            &format!("{tag}-other"),
-            "a different secret, not the cluster's",
-        );
-        let mut daemons = Vec::new();
-        for i in 0..n {
-            let node = cluster.node(i).unwrap();
-            let file = if Some(i) == wrong_secret_on {
-                &other
-            } else {
-                &secret
-            };
-            let mut d = node
-                .spawn(
-                    Command::new(workspace_bin("krund"))
-                        .args(["--listen", &format!("{}:7171", node.ip())])
-                        .env("KRUN_SECRET_FILE", file)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::piped()),
-                )
-                .expect("starting krund");
-            let mut line = String::new();
-            BufReader::new(d.stderr().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert!(line.contains("listening on"), "daemon on host {i}: {line}");
-            daemons.push(d);
-        }
-        // The daemons read their secret at start; the file can go.
-        std::fs::remove_file(&other).unwrap();
-        Hosts {
-            cluster,
-            daemons,
-            secret,
-        }
-    }
-
-    fn host_list(&self) -> String {
-        self.cluster
-            .nodes()
-            .map(|n| n.ip().to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+    fn start(n: usize, wrong_secret_on: Option<usize>) -> Hosts {
+        let spec = HostsSpec {
+            wrong_secret_on,
+            secret: "the secret of this multi-host test".into(),
+            ..HostsSpec::new(workspace_bin("krund"), n)
+        };
+        Hosts(KrundHosts::start(&spec).unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n")))
     }
 
     /// Starts krun on host 0.
     fn krun(&self, args: &[&str]) -> NodeProcess {
-        self.cluster
-            .node(0)
-            .unwrap()
-            .spawn(
-                Command::new(workspace_bin("krun"))
-                    .args(args)
-                    .env("KRUN_SECRET_FILE", &self.secret)
-                    .env("KRUN_FABRIC_PROVIDER", "tcp")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped()),
-            )
-            .expect("starting krun")
+        let mut c = self.0.krun(&workspace_bin("krun"));
+        c.args(args);
+        self.spawn_on(0, &mut c).expect("starting krun")
     }
 }
 
-/// Waits for krun (at most `limit`) and returns (exit code, stdout, stderr).
-fn finish(mut p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) {
-    let mut out = p.stdout().unwrap();
-    let mut err = p.stderr().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = p.wait_timeout(limit).unwrap();
-    if status.is_none() {
-        let _ = p.kill();
-    }
-    (
-        status.and_then(|s| s.code()),
-        reader.join().unwrap(),
-        err_reader.join().unwrap(),
-    )
+/// Waits for a process (at most `limit`) and returns (exit code, stdout, stderr).
+fn finish(p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) {
+    cluster_tests::hosts::finish(p, limit).expect("waiting for a process")
 }
 
 #[test]
 fn twelve_ranks_on_four_hosts_exchange_over_the_fabric() {
-    let hosts = Hosts::start(4, "ok", None);
+    let hosts = Hosts::start(4, None);
     let selftest = workspace_bin("krun-selftest");
     let p = hosts.krun(&[
         "--hosts",
@@ -174,7 +96,7 @@ fn twelve_ranks_on_four_hosts_exchange_over_the_fabric() {
 
 #[test]
 fn a_killed_host_is_named_with_its_ranks_and_the_job_ends_in_bounded_time() {
-    let mut hosts = Hosts::start(4, "kill", None);
+    let mut hosts = Hosts::start(4, None);
     let p = hosts.krun(&[
         "--hosts",
         &hosts.host_list(),
@@ -207,7 +129,7 @@ fn a_killed_host_is_named_with_its_ranks_and_the_job_ends_in_bounded_time() {
 
 #[test]
 fn a_host_with_another_secret_is_refused() {
-    let hosts = Hosts::start(3, "secret", Some(1));
+    let hosts = Hosts::start(3, Some(1));
     let p = hosts.krun(&["--hosts", &hosts.host_list(), "-n", "3", "true"]);
     let (code, _, err) = finish(p, Duration::from_secs(60));
     assert_ne!(code, Some(0));
@@ -220,7 +142,7 @@ fn a_host_with_another_secret_is_refused() {
 
 #[test]
 fn ssh_launch_starts_krund_on_each_host() {
-    let hosts = Hosts::start(2, "ssh", None);
+    let hosts = Hosts::start(2, None);
     let dir = std::env::temp_dir().join(format!("krun-ssh-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
@@ -314,7 +236,7 @@ fn ssh_launch_starts_krund_on_each_host() {
 
 #[test]
 fn a_host_whose_link_is_cut_is_named_and_the_job_ends() {
-    let hosts = Hosts::start(3, "cut", None);
+    let hosts = Hosts::start(3, None);
     let p = hosts.krun(&[
         "--hosts",
         &hosts.host_list(),
@@ -348,7 +270,7 @@ fn a_host_whose_link_is_cut_is_named_and_the_job_ends() {
 /// to its ranks and the fences cross hosts through krun (launcher/src/runtime/pmi.rs).
 #[test]
 fn mpich_ring_and_allreduce_run_across_three_hosts() {
-    let hosts = Hosts::start(3, "mpi", None);
+    let hosts = Hosts::start(3, None);
     let dir = std::env::temp_dir().join(format!(
         "krun-mh-mpi-{}-{:x}",
         std::process::id(),
@@ -406,7 +328,7 @@ fn mpich_ring_and_allreduce_run_across_three_hosts() {
 /// transport leaves out loopback by default and finds each host's bridge address.
 #[test]
 fn openmpi_ring_and_allreduce_run_across_three_hosts() {
-    let hosts = Hosts::start(3, "ompi", None);
+    let hosts = Hosts::start(3, None);
     let dir = std::env::temp_dir().join(format!("krun-mh-ompi-progs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi");

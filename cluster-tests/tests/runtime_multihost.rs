@@ -3,83 +3,55 @@
 //! The failure is agreed once (one epoch), `krun status --json` answered by a surviving node
 //! shows it, and the process table answers for every rank. Needs root and the workspace's
 //! binaries (`cargo build --workspace`).
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cluster_tests::{kill_process, workspace_bin, NetnsCluster, NodeProcess};
+use cluster_tests::hosts::{HostsSpec, KrundHosts};
+use cluster_tests::{kill_process, workspace_bin, NodeProcess};
 use serde_json::Value;
 
+/// The namespace hosts with a `krund --listen` each (`cluster_tests::hosts`), and a file
+/// whose creation ends the test's ranks.
 struct Hosts {
-    cluster: NetnsCluster,
-    daemons: Vec<NodeProcess>,
-    secret: PathBuf,
+    inner: KrundHosts,
     stop: PathBuf,
+}
+
+impl std::ops::Deref for Hosts {
+    type Target = KrundHosts;
+    fn deref(&self) -> &KrundHosts {
+        &self.inner
+    }
 }
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for d in &mut self.daemons {
-            let _ = d.kill();
-        }
-        let _ = std::fs::remove_file(&self.secret);
         let _ = std::fs::remove_file(&self.stop);
     }
 }
 
 impl Hosts {
     fn start(n: usize) -> Hosts {
-        use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = cluster_tests::require_root() {
-            panic!("\n\n*** {e} ***\n\n");
-        }
-        let cluster = NetnsCluster::create(n, None).expect("namespace cluster");
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let tag = format!(
             "{}-{}",
             std::process::id(),
             STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         );
-        let secret = std::env::temp_dir().join(format!("krun-rt-secret-{tag}"));
-        std::fs::write(&secret, "the secret of the runtime multi-host test").unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let stop = std::env::temp_dir().join(format!("krun-rt-stop-{tag}"));
         let _ = std::fs::remove_file(&stop);
-        let mut daemons = Vec::new();
-        for i in 0..n {
-            let node = cluster.node(i).unwrap();
-            let mut d = node
-                .spawn(
-                    Command::new(workspace_bin("krund"))
-                        .args(["--listen", &format!("{}:7171", node.ip())])
-                        .env("KRUN_SECRET_FILE", &secret)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::piped()),
-                )
-                .expect("starting krund");
-            let mut line = String::new();
-            BufReader::new(d.stderr().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert!(line.contains("listening on"), "daemon on host {i}: {line}");
-            daemons.push(d);
-        }
-        Hosts {
-            cluster,
-            daemons,
-            secret,
-            stop,
-        }
+        let spec = HostsSpec {
+            secret: "the secret of the runtime multi-host test".into(),
+            ..HostsSpec::new(workspace_bin("krund"), n)
+        };
+        let inner = KrundHosts::start(&spec).unwrap_or_else(|e| panic!("\n\n*** {e} ***\n\n"));
+        Hosts { inner, stop }
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(workspace_bin("krun"));
-        c.args(args)
-            .env("KRUN_SECRET_FILE", &self.secret)
-            .env("KRUN_FABRIC_PROVIDER", "tcp")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut c = self.inner.krun(&workspace_bin("krun"));
+        c.args(args);
         c
     }
 
@@ -111,28 +83,8 @@ impl Hosts {
 }
 
 /// Waits for a process (at most `limit`) and returns (exit code, stdout, stderr).
-fn finish(mut p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) {
-    let mut out = p.stdout().unwrap();
-    let mut err = p.stderr().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = p.wait_timeout(limit).unwrap();
-    if status.is_none() {
-        let _ = p.kill();
-    }
-    (
-        status.and_then(|s| s.code()),
-        reader.join().unwrap(),
-        err_reader.join().unwrap(),
-    )
+fn finish(p: NodeProcess, limit: Duration) -> (Option<i32>, String, String) {
+    cluster_tests::hosts::finish(p, limit).expect("waiting for a process")
 }
 
 fn members(v: &Value) -> Vec<u64> {
