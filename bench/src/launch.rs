@@ -133,9 +133,74 @@ pub struct LaunchArgs {
     /// Seconds one launch may take.
     #[arg(long, value_name = "S", default_value_t = 60)]
     pub limit_secs: u64,
+    /// The wide row: RANKS ranks of /bin/true over HOSTS network-namespace hosts, a
+    /// `krund --listen` on each, krun in host 0 (`krun --hosts`); root; `0` skips it.
+    #[arg(long, value_name = "HOSTS:RANKS", default_value = "64:1024")]
+    pub wide: String,
     /// Where to write the JSON (default bench/results/launch.json).
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+}
+
+/// The wide launch's target: all ranks started and ended within this many seconds.
+const WIDE_TARGET_S: f64 = 2.0;
+
+/// `--wide HOSTS:RANKS` parsed; `None` for `0`.
+fn parse_wide(s: &str) -> Result<Option<(usize, usize)>, String> {
+    if s.trim() == "0" {
+        return Ok(None);
+    }
+    let bad = || format!("--wide: {s:?} is not HOSTS:RANKS (for example 64:1024) or 0");
+    let (h, r) = s.split_once(':').ok_or_else(bad)?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    let r: usize = r.trim().parse().map_err(|_| bad())?;
+    if h == 0 || h > 253 || r == 0 {
+        return Err(format!(
+            "--wide: {h} hosts (1-253) and {r} ranks (at least 1)"
+        ));
+    }
+    Ok(Some((h, r)))
+}
+
+/// The wide row: `ranks` ranks of /bin/true over `hosts` namespace hosts with a krund each,
+/// krun started in host 0 through `ip netns exec`. Its times, hung attempts, and the
+/// seconds the hosts took to come up; or why it did not run.
+fn wide_launch(
+    krun: &std::path::Path,
+    hosts: usize,
+    ranks: usize,
+    runs: usize,
+    limit: Duration,
+) -> Result<(Option<Vec<f64>>, usize, f64), String> {
+    use cluster_tests::hosts::{HostsSpec, KrundHosts};
+    let krund = krun.with_file_name("krund");
+    let up = Instant::now();
+    let h = KrundHosts::start(&HostsSpec::new(krund, hosts)).map_err(|e| e.to_string())?;
+    let up_s = up.elapsed().as_secs_f64();
+    let list = h.host_list();
+    let ns = h
+        .cluster
+        .node(0)
+        .map_err(|e| e.to_string())?
+        .netns()
+        .to_string();
+    let secret = h.secret.clone();
+    let (times, hung) = time_command(
+        &format!("krun --hosts ({hosts} hosts) -n {ranks}"),
+        || {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns])
+                .arg(krun)
+                .args(["--hosts", &list, "-n", &ranks.to_string()])
+                .args(["--bind-to", "none", "/bin/true"])
+                .env("KRUN_SECRET_FILE", &secret)
+                .env("KRUN_FABRIC_PROVIDER", "tcp");
+            c
+        },
+        runs,
+        limit,
+    )?;
+    Ok((times, hung, up_s))
 }
 
 pub fn run(args: LaunchArgs) -> Result<(), String> {
@@ -233,6 +298,7 @@ pub fn run(args: LaunchArgs) -> Result<(), String> {
         hangs.push((format!("krun -n {n}"), krun_hung));
         hangs.push((format!("mpirun -np {n}"), mpirun_hung));
     }
+    let wide = parse_wide(&args.wide)?;
     let mpi = mpi_hello(&krun, mpi_ranks, runs, limit)?;
     let secs = |x: Option<f64>| x.map_or("timeout".to_string(), |x| format!("{x:.3}"));
     let spread_of = |x: &Option<Vec<f64>>| x.as_deref().map_or(json!(null), spread);
@@ -272,6 +338,48 @@ pub fn run(args: LaunchArgs) -> Result<(), String> {
             ],
         ));
     }
+    let wide_row = match wide {
+        None => json!({"skipped": "--wide 0"}),
+        Some((hosts, n)) => match wide_launch(&krun, hosts, n, runs, limit) {
+            Ok((times, hung, up_s)) => {
+                let k = times.as_deref().and_then(median);
+                table.row(vec![
+                    format!("{n} over {hosts} namespace hosts (target <= {WIDE_TARGET_S} s)"),
+                    secs(k),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                verdicts.push(format!(
+                    "  {n} ranks over {hosts} hosts: {} (target <= {WIDE_TARGET_S} s): {}",
+                    secs(k),
+                    match k {
+                        Some(k) if k <= WIDE_TARGET_S => "met",
+                        Some(_) => "NOT MET",
+                        None => "not measured",
+                    }
+                ));
+                hangs.push((format!("krun --hosts -n {n}"), hung));
+                groups.push(Group::new(
+                    format!("{n} ranks over\n{hosts} hosts"),
+                    [times.as_deref().and_then(|v| Bar::from_values("krun", v))],
+                ));
+                json!({
+                    "hosts": hosts,
+                    "ranks": n,
+                    "krun_s": json_num(k),
+                    "krun": spread_of(&times),
+                    "krun_hung": hung,
+                    "target_s": WIDE_TARGET_S,
+                    "hosts_up_s": up_s,
+                    "how": "a krund --listen in each network namespace host; `ip netns exec HOST0 krun --hosts ... -n RANKS --bind-to none /bin/true`",
+                })
+            }
+            Err(e) => {
+                println!("wide row not run: {e}");
+                json!({"skipped": e})
+            }
+        },
+    };
     print!("{}", table.render());
     println!(
         "median of {runs} runs after a warm-up; 4 local krund nodes; mpirun under `script` (a \
@@ -303,6 +411,7 @@ pub fn run(args: LaunchArgs) -> Result<(), String> {
             "mpirun_via": "script -qec 'mpirun ...' /dev/null (pseudo-terminal)",
             "rows": rows,
             "mpi_hello": mpi_rows,
+            "wide": wide_row,
         }),
         &figure,
     )?;
