@@ -611,10 +611,13 @@ impl Messages {
                 if let Some(i) = found {
                     let v = take(&st.ready[i])?;
                     let m = st.ready.remove(i).expect("index from position");
+                    // Another message waits: its delivery may follow at once, and the two
+                    // determinants then share one write to the buddy.
+                    let more = !st.ready.is_empty();
                     drop(st);
                     if let Some(lg) = &logger {
-                        // Pessimistic: durable at the buddy before the caller sees it.
-                        if let Err(e) = lg.before_deliver(self, m.src, m.tag, m.seq) {
+                        // Pessimistic: durable at the buddy before this rank's next send.
+                        if let Err(e) = lg.before_deliver(self, m.src, m.tag, m.seq, more) {
                             self.state.lock().expect("message state").ready.insert(i, m);
                             return Err(e);
                         }
@@ -629,6 +632,10 @@ impl Messages {
             if self.pull()? {
                 idle_since = Instant::now();
                 continue;
+            }
+            if let Some(lg) = &logger {
+                // Nothing to take: determinants deferred for a burst go now, while waiting.
+                lg.post_queued(self)?;
             }
             if let Some(t) = timeout {
                 if start.elapsed() >= t {

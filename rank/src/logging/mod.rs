@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fabric::{Completion, Endpoint, MemoryRegion, Region, RemoteRegion};
+use fabric::{Endpoint, MemoryRegion, Region, RemoteRegion};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RankError, Result};
@@ -65,9 +65,11 @@ pub(crate) const LOG_CTRL_TAG: u32 = (1 << 27) - 1;
 /// Determinants a ring holds by default.
 pub const DEFAULT_RING: usize = 1 << 16;
 const DET_BYTES: usize = 40;
-/// Determinant writes in flight at once, each from its own slot of the 4 KiB stage; the
-/// slot after them is the blocking writes'.
+/// Determinants in flight at once, each from its own slot of the 4 KiB stage; the slot
+/// after them is the blocking writes'.
 const STAGE_SLOTS: usize = 4096 / DET_BYTES - 1;
+/// Most determinants one write carries (deliveries deferred while more messages were ready).
+const MAX_BATCH: usize = 16;
 /// How long a restarted rank waits for every survivor's `Info`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a delivery waits for an unreachable buddy to be replaced.
@@ -139,6 +141,8 @@ pub struct LogStats {
     pub collected_messages: u64,
     /// Determinants written to the buddy.
     pub determinants: u64,
+    /// One-sided writes that carried them (fewer when deliveries came in bursts).
+    pub det_writes: u64,
     /// Messages this rank resent on a peer's `Resume`.
     pub resent_messages: u64,
     /// Sends not put on the wire during a replay (the receiver had them).
@@ -224,13 +228,15 @@ pub(crate) struct Logger {
     /// The buddy holding this rank's determinants, and its ring.
     buddy: RwLock<(usize, RemoteRegion)>,
     stage: Mutex<MemoryRegion>,
-    /// Determinant writes posted and not known durable yet, oldest first.
-    pending: Mutex<VecDeque<(Determinant, Completion)>>,
+    /// Determinants on their way to the buddy ([`dets`]).
+    dets: Mutex<dets::DetQueue>,
+    /// How many determinants wait unposted (read without the lock by receives).
+    deferred: std::sync::atomic::AtomicUsize,
     /// One delivery at a time (each takes the next receive order).
     delivering: Mutex<()>,
     inner: Mutex<Inner>,
     info_changed: Condvar,
-    stats: [AtomicU64; 11],
+    stats: [AtomicU64; 15],
 }
 
 const S_LOGGED: usize = 0;
@@ -244,6 +250,14 @@ const T_SEND_LOG: usize = 7;
 const T_DELIVER: usize = 8;
 const T_DURABLE_WAIT: usize = 9;
 const T_SNAPSHOT: usize = 10;
+/// Flushes that found a determinant write not yet complete (and so waited).
+const S_FLUSH_BLOCKED: usize = 11;
+/// Nanoseconds inside the endpoint's `post_write` for determinants.
+const T_POST: usize = 12;
+/// Flushes that had determinants to make durable.
+const S_FLUSHES: usize = 13;
+/// Determinant writes posted (several determinants each when deliveries came in a burst).
+const S_WRITES: usize = 14;
 
 fn buddy_of(rank: usize, size: usize) -> usize {
     let stride = std::env::var("KRUN_LOCAL_SIZE")
@@ -275,7 +289,8 @@ impl Logger {
                 },
             )),
             stage: Mutex::new(ep.register(Region::new(4096)?)?),
-            pending: Mutex::new(VecDeque::new()),
+            dets: Mutex::new(dets::DetQueue::default()),
+            deferred: Default::default(),
             delivering: Mutex::new(()),
             inner: Mutex::new(Inner {
                 prefix: vec![0; size],
@@ -327,15 +342,18 @@ impl Logger {
     }
 
     /// Posts the determinant of a delivery to the buddy, then counts it delivered; it is
-    /// durable before this rank's next send ([`Logger::flush`]). When the post fails (the
-    /// buddy unreachable: its node died) the delivery waits, up to [`BUDDY_WAIT`], for the
-    /// buddy to be replaced ([`Rank::replace_peer`]).
+    /// durable before this rank's next send ([`Logger::flush`]). `defer`: another message
+    /// is ready to be received, so the determinant waits to go with the next ones in one
+    /// write ([`Logger::queue_det`]). When the post fails (the buddy unreachable: its node
+    /// died) the delivery waits, up to [`BUDDY_WAIT`], for the buddy to be replaced
+    /// ([`Rank::replace_peer`]).
     pub(crate) fn before_deliver(
         &self,
         msgs: &Messages,
         src: usize,
         tag: u32,
         seq: u64,
+        defer: bool,
     ) -> Result<()> {
         let t0 = Instant::now();
         let _one = self.delivering.lock().expect("deliver lock");
@@ -360,10 +378,7 @@ impl Logger {
                 interval: g.interval,
             }
         };
-        if self.post_det(msgs, det).is_err() {
-            self.flush(msgs)?;
-            self.write_det_retrying(msgs, &det)?;
-        }
+        self.queue_det(msgs, det, defer)?;
         let mut g = self.inner.lock().expect("log lock");
         g.order += 1;
         g.recent.push_back(det);
@@ -386,106 +401,6 @@ impl Logger {
         self.bump(S_DETS, 1);
         drop(g);
         self.time_since(T_DELIVER, t0);
-        Ok(())
-    }
-
-    /// Posts `det`'s write into the buddy's ring from its own stage slot, first settling
-    /// the writes in flight that used that slot.
-    fn post_det(&self, msgs: &Messages, det: Determinant) -> Result<()> {
-        let (buddy, remote, peer) = {
-            let b = self.buddy.read().expect("buddy lock");
-            (b.0, b.1, msgs.peer(b.0))
-        };
-        if buddy == self.rank {
-            return Ok(()); // a job of one: nowhere else to keep it
-        }
-        let mut pending = self.pending.lock().expect("pending lock");
-        while pending
-            .front()
-            .is_some_and(|(d, _)| d.order + STAGE_SLOTS as u64 <= det.order)
-        {
-            let (d, c) = pending.pop_front().expect("front checked");
-            self.settle(msgs, d, c)?;
-        }
-        let slot = (det.order % STAGE_SLOTS as u64) as usize * DET_BYTES;
-        let off = (det.order % self.ring_len as u64) * DET_BYTES as u64;
-        let stage = self.stage.lock().expect("stage lock");
-        stage.write_bytes(slot, &det.encode())?;
-        // SAFETY: this slot is rewritten only once the write posted from it is settled (the
-        // loop above: slots repeat every STAGE_SLOTS orders); the buddy's ring slot is
-        // written by this rank only.
-        let c = unsafe {
-            msgs.endpoint()
-                .post_write(peer, &stage, slot, DET_BYTES, &remote, off)?
-        };
-        pending.push_back((det, c));
-        Ok(())
-    }
-
-    /// Waits for one posted write; a failed one is written again (to the buddy as it is
-    /// now), waiting up to [`BUDDY_WAIT`] for an unreachable buddy to be replaced.
-    fn settle(&self, msgs: &Messages, det: Determinant, c: Completion) -> Result<()> {
-        match c.wait() {
-            Ok(_) => Ok(()),
-            Err(_) => self.write_det_retrying(msgs, &det),
-        }
-    }
-
-    /// Makes every determinant posted durable at the buddy: called before a message leaves
-    /// for another rank, and at a checkpoint.
-    pub(crate) fn flush(&self, msgs: &Messages) -> Result<()> {
-        let mut pending = self.pending.lock().expect("pending lock");
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        while let Some((d, c)) = pending.pop_front() {
-            self.settle(msgs, d, c)?;
-        }
-        self.time_since(T_DURABLE_WAIT, t0);
-        Ok(())
-    }
-
-    /// A blocking determinant write, retried while the buddy is unreachable, up to
-    /// [`BUDDY_WAIT`].
-    fn write_det_retrying(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
-        let deadline = Instant::now() + BUDDY_WAIT;
-        loop {
-            match self.write_det(msgs, det) {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(RankError::Protocol {
-                        rank: self.buddy.read().expect("buddy lock").0,
-                        reason: format!(
-                            "message log: the determinant of delivery {} could not be made \
-                             durable at the buddy within {BUDDY_WAIT:?}: {e}",
-                            det.order
-                        ),
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }
-
-    fn write_det(&self, msgs: &Messages, det: &Determinant) -> Result<()> {
-        let (buddy, remote, peer) = {
-            let b = self.buddy.read().expect("buddy lock");
-            (b.0, b.1, msgs.peer(b.0))
-        };
-        if buddy == self.rank {
-            return Ok(()); // a job of one: nowhere else to keep it
-        }
-        let stage = self.stage.lock().expect("stage lock");
-        let slot = STAGE_SLOTS * DET_BYTES; // the blocking writes' own slot
-        stage.write_bytes(slot, &det.encode())?;
-        let off = (det.order % self.ring_len as u64) * DET_BYTES as u64;
-        // SAFETY: this slot is written only under the stage lock, held for this blocking
-        // write; the buddy's ring slot is written by this rank only.
-        unsafe {
-            msgs.endpoint()
-                .write(peer, &stage, slot, DET_BYTES, &remote, off)?
-        };
         Ok(())
     }
 
@@ -566,16 +481,21 @@ impl Logger {
         let ms = |ns: u64| ns as f64 / 1e6;
         eprintln!(
             "krun: rank {} log timing: {} sends ({} bytes) kept in {:.1} ms; {} deliveries \
-             posted in {:.1} ms; {:.1} ms waiting for determinants before sends; snapshots \
-             encoded in {:.1} ms",
+             ({} writes) posted in {:.1} ms; {:.1} ms waiting for determinants before sends; snapshots \
+             encoded in {:.1} ms; {:.1} ms inside post_write; {} of {} flushes found a write \
+             in flight",
             self.rank,
             s.logged_messages,
             s.logged_bytes,
             ms(s.send_log_ns),
             s.determinants,
+            s.det_writes,
             ms(s.deliver_ns),
             ms(s.durable_wait_ns),
             ms(s.snapshot_ns),
+            ms(self.stats[T_POST].load(Ordering::Relaxed)),
+            self.stats[S_FLUSH_BLOCKED].load(Ordering::Relaxed),
+            self.stats[S_FLUSHES].load(Ordering::Relaxed),
         );
     }
 
@@ -589,6 +509,7 @@ impl Logger {
             held_bytes: g.sent.values().map(|v| v.1.len() as u64).sum(),
             collected_messages: s(S_COLLECTED),
             determinants: s(S_DETS),
+            det_writes: s(S_WRITES),
             resent_messages: s(S_RESENT),
             suppressed_sends: s(S_SUPPRESSED),
             replayed_deliveries: s(S_REPLAYED),
@@ -601,6 +522,7 @@ impl Logger {
 }
 
 mod api;
+mod dets;
 mod rejoin;
 pub use rejoin::Rejoining;
 
