@@ -225,3 +225,51 @@ fn a_file_not_complete_in_time_is_refused() {
     assert!(e.to_string().contains("not complete within"), "{e}");
     assert!(!c.s(0).is_safe("rank-0", 1, Level::L2));
 }
+
+/// The recovery line while versions stream in (keep = 1): the previous version stays safe
+/// at L1 and L2 until the next one is verified at the buddy, a failed stream drops nothing,
+/// and only a complete one replaces it at both levels.
+#[test]
+fn the_previous_version_stays_safe_until_the_next_is_verified_at_the_buddy() {
+    let c = cluster("line", 2);
+    let stream = |version: u64, prev: u64, seed: u8, fail_after: Option<usize>| {
+        let data = Arc::new(image(2 << 20, seed));
+        let file = zero_file(&c, &format!("v{version}.kgi"), data.len());
+        let writer = write_slowly(file.clone(), data.clone(), fail_after);
+        let (mut cursor, mut ranges) = (0, 0);
+        let mut during = Vec::new();
+        let mut next = || {
+            // What is safe while this version is on its way.
+            if prev > 0 {
+                during.push((
+                    c.s(0).is_safe("rank-0", prev, Level::L1),
+                    c.s(0).is_safe("rank-0", prev, Level::L2),
+                ));
+            }
+            writer.next(&mut cursor, &mut ranges)
+        };
+        // SAFETY: the writer writes each range once, before reporting it.
+        let r = unsafe {
+            c.s(0)
+                .put_file_streamed("rank-0", version, &file, &mut next, T)
+        };
+        drop(writer);
+        (r, during)
+    };
+    let (r, _) = stream(1, 0, 1, None);
+    r.unwrap();
+    let (r, during) = stream(2, 1, 2, Some(3));
+    assert!(r.is_err(), "the writer of v2 failed");
+    assert!(!during.is_empty() && during.iter().all(|&d| d == (true, true)));
+    assert!(c.s(0).is_safe("rank-0", 1, Level::L1) && c.s(0).is_safe("rank-0", 1, Level::L2));
+    assert!(!c.s(0).is_safe("rank-0", 2, Level::L1) && !c.s(0).is_safe("rank-0", 2, Level::L2));
+    let (r, during) = stream(3, 1, 3, None);
+    r.unwrap();
+    assert!(!during.is_empty() && during.iter().all(|&d| d == (true, true)));
+    // v3 is verified at the buddy: v1 goes from L1 and L2 (keep = 1), v3 holds both.
+    assert!(c.s(0).is_safe("rank-0", 3, Level::L1) && c.s(0).is_safe("rank-0", 3, Level::L2));
+    assert!(!c.s(0).is_safe("rank-0", 1, Level::L1) && !c.s(0).is_safe("rank-0", 1, Level::L2));
+    let (got, r) = c.s(1).get("rank-0", 3).unwrap();
+    assert_eq!(r.level, Level::L2);
+    assert!(got == image(2 << 20, 3));
+}

@@ -31,6 +31,10 @@ pub enum Ready {
     Complete,
 }
 
+/// Polls the writer until the file is complete, handing each range it reports final on.
+type WaitComplete<'a> = dyn Fn(&mut dyn FnMut() -> Result<Ready>, &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()>
+    + 'a;
+
 /// The parts of `start..end` not yet in `sent` (disjoint, sorted by start).
 fn unsent(sent: &BTreeMap<u64, u64>, start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -143,13 +147,65 @@ impl Store {
         let Body::Reserved { offset, remote } = reply else {
             return Err(unexpected(buddy, "Reserve", &reply));
         };
-        let remote = RemoteRegion::from_bytes(&remote)?;
+        let sent = match RemoteRegion::from_bytes(&remote) {
+            Ok(remote) => self.stream_to(
+                buddy,
+                &mr,
+                len,
+                &remote,
+                offset,
+                owner,
+                version,
+                next,
+                &wait_complete,
+            ),
+            Err(e) => Err(e.into()),
+        };
+        match sent {
+            Ok(crc) => {
+                self.insert_streamed(&key, mr, ulen, crc, buddy);
+                Ok(PutReport {
+                    bytes: len,
+                    copied: 0,
+                    crc,
+                })
+            }
+            Err(e) => {
+                // The buddy's reservation goes back (best effort: a gone buddy took it along).
+                let _ = inner.request(
+                    buddy,
+                    Body::Drop {
+                        owner: owner.to_string(),
+                        version,
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the file into the buddy's reservation as it becomes final, then commits it;
+    /// returns the file's crc32c.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_to(
+        &self,
+        buddy: usize,
+        mr: &MemoryRegion,
+        len: u64,
+        remote: &RemoteRegion,
+        offset: u64,
+        owner: &str,
+        version: u64,
+        next: &mut dyn FnMut() -> Result<Ready>,
+        wait_complete: &WaitComplete,
+    ) -> Result<u32> {
+        let inner: &Inner = &self.inner;
         // start -> (end, crc32c of the bytes)
         let mut sent: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
         let send = |s: u64, e: u64, sent: &mut BTreeMap<u64, (u64, u32)>| -> Result<()> {
             let ends: BTreeMap<u64, u64> = sent.iter().map(|(&s, &(e, _))| (s, e)).collect();
             for (a, b) in unsent(&ends, s, e) {
-                inner.rma_write_range(buddy, &mr, a as usize, (b - a) as usize, &remote, a)?;
+                inner.rma_write_range(buddy, mr, a as usize, (b - a) as usize, remote, a)?;
                 // SAFETY: a..b is final (the caller's contract) and inside the mapping.
                 let crc =
                     crc32c::crc32c(unsafe { &mr.region().as_slice()[a as usize..b as usize] });
@@ -179,12 +235,7 @@ impl Store {
         if !matches!(ack, Body::Ack { .. }) {
             return Err(unexpected(buddy, "Commit", &ack));
         }
-        self.insert_streamed(&key, mr, ulen, crc, buddy);
-        Ok(PutReport {
-            bytes: len,
-            copied: 0,
-            crc,
-        })
+        Ok(crc)
     }
 
     /// Records a streamed version: safe at L1 (the mapped file) and at L2 on `buddy`; its
