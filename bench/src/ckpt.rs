@@ -12,10 +12,12 @@
 //!   second process over libfabric tcp) or L4 (io_uring O_DIRECT).
 //! - `native-l1l2`: from the checkpoint request (SIGUSR1) until the image is safe at L1 and
 //!   L2: native capture (copy-on-write into the L1 image file, complete under its final
-//!   name), then the zero-copy put of that file (`put_file`: the store maps and registers it,
-//!   the RMA writes read its pages) until the buddy verified its copy;
-//!   `native-l1`: the capture alone (request to complete L1 file); `native-l2`: the put until
-//!   L2 is safe; `native-l4`: native capture plus L4.
+//!   name) overlapped with the streamed put of that file (`put_file_streamed`: the store maps
+//!   the file while it is filled and RMA-writes each range the capture's progress record
+//!   reports final; the header and checksums follow at the end) until the buddy verified
+//!   its copy; `native-l1`: request to complete L1 file; `native-l2`: what L2 adds after
+//!   L1 is complete (the rest of the transfer and the buddy's check), not a bandwidth;
+//!   `native-l4`: native capture plus L4.
 //! - `native-freeze`: how long the program was stopped by each capture (the runtime's own
 //!   measure from its `captured` report file: the safepoint's freeze, L1 file set-up and
 //!   write-protection included; the copy runs after the program resumed).
@@ -43,13 +45,99 @@ const SHM: &str = "/dev/shm/krun-bench-ckpt";
 /// Rounds per measurement, at every size (median, min and max are reported).
 const ROUNDS: usize = 3;
 
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+/// Processes this bench started, ended by PID on every path (errors included) when this
+/// value is dropped: the direct child (`unshare`, a program, `krun-store`) and the programs
+/// found inside it or restored for it ([`Holder::adopt`]: the CRIU subject is PID 1 of its
+/// own PID namespace, a grandchild that outlives `unshare`, and a restored copy has no
+/// parent here). Adopted processes are held by pidfd (a reused PID is never signalled) and
+/// waited for until they are gone, so their memory is back before the next measurement.
+struct Holder {
+    child: Option<Child>,
+    adopted: Vec<(i32, std::os::fd::OwnedFd)>,
+}
+
+impl Holder {
+    fn of(child: Child) -> Holder {
+        Holder {
+            child: Some(child),
+            adopted: Vec::new(),
         }
-        let _ = self.0.wait();
+    }
+
+    fn none() -> Holder {
+        Holder {
+            child: None,
+            adopted: Vec::new(),
+        }
+    }
+
+    /// The direct child's PID.
+    fn id(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Ends `pid` too when dropped.
+    fn adopt(&mut self, pid: i32) -> Result<(), String> {
+        use std::os::fd::FromRawFd;
+        if pid <= 1 {
+            return Err(format!("refusing to adopt PID {pid}"));
+        }
+        // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(format!(
+                "pidfd_open({pid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a descriptor just returned to us, owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        self.adopted.push((pid, fd));
+        Ok(())
+    }
+
+    /// PIDs this value ends (the direct child first).
+    #[cfg(test)]
+    fn pids(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.child.iter().map(|c| c.id() as i32).collect();
+        v.extend(self.adopted.iter().map(|a| a.0));
+        v
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        for (_, fd) in &self.adopted {
+            // SAFETY: signalling through a pidfd we own; no memory is passed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+        if let Some(child) = &mut self.child {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        // A pidfd becomes readable when its process ended: wait (bounded) for each.
+        for (pid, fd) in &self.adopted {
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
+                eprintln!("bench ckpt: PID {pid} still running 10 s after SIGKILL");
+            }
+        }
     }
 }
 
@@ -110,7 +198,7 @@ fn compile(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
 fn start_and_wait(
     cmd: &mut Command,
     expect: &str,
-) -> Result<(Guard, BufReader<std::process::ChildStdout>), String> {
+) -> Result<(Holder, BufReader<std::process::ChildStdout>), String> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
@@ -118,7 +206,7 @@ fn start_and_wait(
         .spawn()
         .map_err(|e| format!("{cmd:?}: {e}"))?;
     let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let guard = Guard(child);
+    let guard = Holder::of(child);
     let mut line = String::new();
     out.read_line(&mut line).map_err(|e| e.to_string())?;
     if !line.starts_with(expect) {
@@ -129,7 +217,8 @@ fn start_and_wait(
 
 /// Starts the CRIU subject in its own PID namespace, its output in a file (CRIU restores
 /// regular files; a pipe to this process would not survive a restore), and waits for "ready".
-fn start_holder(holder: &Path, mib: &str) -> Result<Guard, String> {
+/// Returns the guard (which ends `unshare` and the subject) and the subject's PID.
+fn start_holder(holder: &Path, mib: &str) -> Result<(Holder, u32), String> {
     let out = PathBuf::from(WORK).join("holder.out");
     let file = std::fs::File::create(&out).map_err(|e| e.to_string())?;
     let child = Command::new("unshare")
@@ -141,7 +230,9 @@ fn start_holder(holder: &Path, mib: &str) -> Result<Guard, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("unshare {}: {e}", holder.display()))?;
-    let guard = Guard(child);
+    let mut guard = Holder::of(child);
+    let pid = find_child(guard.id())?;
+    guard.adopt(pid as i32)?;
     let start = Instant::now();
     while !std::fs::read_to_string(&out)
         .unwrap_or_default()
@@ -152,13 +243,26 @@ fn start_holder(holder: &Path, mib: &str) -> Result<Guard, String> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(guard)
+    Ok((guard, pid))
+}
+
+/// MiB of memory available (`MemAvailable`), for the log of each phase.
+fn available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| kib >> 10)
+        .unwrap_or(0)
 }
 
 /// Node 0 of a two-node store in this process; node 1 is a `krun-store` child process.
 struct Stores {
     local: Store,
-    _remote: Guard,
+    _remote: Holder,
 }
 
 fn start_stores(arena: usize) -> Result<Stores, String> {
@@ -191,7 +295,7 @@ fn start_stores(arena: usize) -> Result<Stores, String> {
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
-    let remote = Guard(remote);
+    let remote = Holder::of(remote);
     let ep = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
     let mut boot =
         BootstrapClient::connect_with(server.addr(), 0, 2, Duration::from_secs(30), Some(&secret))
@@ -306,6 +410,112 @@ fn native_capture(
     }
 }
 
+/// One capture sent to L2 while it is copied (see [`native_capture_streamed`]).
+struct Streamed {
+    /// Seconds from the request until the L1 file was complete.
+    l1: f64,
+    /// Seconds from the request until the buddy verified its copy (safe at L1 and L2).
+    l1l2: f64,
+    put: ckpt_store::PutReport,
+    report: ghost::native::CapturedFile,
+}
+
+/// Asks the native holder `pid` for a checkpoint and puts its image into `store` while the
+/// program's runtime copies it: the ranges its progress record reports final go to the
+/// buddy at once, the rest once the file is complete.
+fn native_capture_streamed(
+    pid: u32,
+    dir: &Path,
+    owner: &str,
+    store: &Store,
+) -> Result<Streamed, String> {
+    use ckpt_store::Ready;
+    use ghost::native::{CaptureState, ProgressView};
+    let before = newest_image(dir, owner).map(|(v, _)| v).unwrap_or(0);
+    let start = Instant::now();
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    let failed = || ghost::native::capture_failure(dir, owner, pid as i32);
+    let (view, first) = loop {
+        if let Ok(view) = ProgressView::open(dir, owner) {
+            if let Some(p) = view.read(before) {
+                break (view, p);
+            }
+        }
+        if let Some(why) = failed() {
+            return Err(format!("native capture failed: {why}"));
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err("native capture did not start within 300 s".into());
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    };
+    let version = first.version;
+    // The file under its temporary name; if the capture already renamed it, its final name.
+    let path = if first.path.exists() {
+        first.path.clone()
+    } else {
+        ghost::native::image_path(dir, owner, version)
+    };
+    let mut cursor = 0u64;
+    let mut l1 = None;
+    let mut next = || -> ckpt_store::Result<Ready> {
+        let p = view
+            .read(before)
+            .filter(|p| p.version == version)
+            .ok_or_else(|| {
+                ckpt_store::StoreError::Invalid(format!("v{version}: the progress record moved on"))
+            })?;
+        match p.state {
+            CaptureState::Failed => Err(ckpt_store::StoreError::Invalid(format!(
+                "capture of v{version} failed"
+            ))),
+            CaptureState::Complete => {
+                l1.get_or_insert(start.elapsed().as_secs_f64());
+                Ok(Ready::Complete)
+            }
+            CaptureState::Copying => {
+                for &(s, e) in &p.ranges {
+                    let (a, b) = (s.max(cursor), e.min(p.watermark));
+                    if a < b {
+                        cursor = b;
+                        return Ok(Ready::Range(a, b));
+                    }
+                }
+                Ok(Ready::Pending)
+            }
+        }
+    };
+    // SAFETY: the runtime writes each reported range once and keeps the file's length; it
+    // only renames a committed image, and rewrites a spare file only after the store let go
+    // of it (one version kept at L1, see KRUN_GHOST_SPARES in `measure_size`).
+    let put = unsafe {
+        store.put_file_streamed(owner, version, &path, &mut next, Duration::from_secs(300))
+    }
+    .map_err(|e| e.to_string())?;
+    let l1l2 = start.elapsed().as_secs_f64();
+    let l1 = l1.unwrap_or(l1l2);
+    loop {
+        if let Some(report) = ghost::native::last_capture(dir, owner, pid as i32) {
+            if report.version == version {
+                return Ok(Streamed {
+                    l1,
+                    l1l2,
+                    put,
+                    report,
+                });
+            }
+        }
+        if let Some(why) = failed() {
+            return Err(format!("native capture failed: {why}"));
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err("no capture report within 300 s".into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 fn map_file(path: &Path) -> Result<ghost::native::MappedFile, String> {
     ghost::native::MappedFile::open(path).map_err(|e| e.to_string())
 }
@@ -339,8 +549,7 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
     // --- CRIU reference: the command line to disk (the tool a user would pick otherwise).
     let criu = ghost::criu::Criu::locate().map_err(|e| e.to_string())?;
     for round in 1..=ROUNDS {
-        let p = start_holder(holder, &mib)?;
-        let pid = find_child(p.0.id())?;
+        let (p, pid) = start_holder(holder, &mib)?;
         let img = PathBuf::from(WORK).join(format!("criu-{gib}"));
         let _ = std::fs::remove_dir_all(&img);
         std::fs::create_dir_all(&img).map_err(|e| e.to_string())?;
@@ -360,35 +569,47 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
         let pidfile = PathBuf::from(WORK).join("criu.pid");
         let _ = std::fs::remove_file(&pidfile);
         let start = Instant::now();
-        sh(
+        let restored = sh(
             Command::new(&criu.binary)
                 .args(["restore", "-d", "-D"])
                 .arg(&img)
                 .args(["-o", "restore.log", "--pidfile"])
                 .arg(&pidfile),
             "criu restore",
-        )?;
+        );
         let restore = start.elapsed().as_secs_f64();
-        row(rows, "criu-dump-disk", gib, round, dump, bytes);
-        row(rows, "criu-restore-disk", gib, round, restore, bytes);
+        // The restored copy of our subject is ended with the guard, whatever happens next.
+        let mut copy = Holder::none();
         if let Some(rpid) = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
-            // SAFETY: the restored copy of our holder.
-            unsafe { libc::kill(rpid, libc::SIGKILL) };
+            copy.adopt(rpid)?;
         }
+        restored?;
+        row(rows, "criu-dump-disk", gib, round, dump, bytes);
+        row(rows, "criu-restore-disk", gib, round, restore, bytes);
+        drop(copy);
         let _ = std::fs::remove_dir_all(&img);
     }
 
+    println!(
+        "  ({} MiB available after the CRIU reference)",
+        available_mib()
+    );
     // --- Our CRIU backend to L1+L2 and to L4.
     {
-        let p = start_holder(holder, &mib)?;
-        let pid = find_child(p.0.id())?;
+        let (p, pid) = start_holder(holder, &mib)?;
         let cp = ghost::criu::CriuCheckpointer::locate().map_err(|e| e.to_string())?;
         let stores = start_stores(arena)?;
         let image = PathBuf::from(SHM).join("criu.kgi");
         for round in 1..=ROUNDS {
+            // The previous round's version is safe at L2: its L1 copy (the mapped file that
+            // the capture below renames over) goes now, so its memory is not held beside
+            // the new image (at 4 GiB: 4 GiB less at the peak of the round).
+            if round > 1 {
+                stores.local.forget_local("bench/criu", round as u64 - 1);
+            }
             let start = Instant::now();
             cp.capture(pid as i32, &image, &CaptureOptions::default())
                 .map_err(|e| e.to_string())?;
@@ -435,12 +656,14 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
         for round in 1..=ROUNDS {
             let _ = disk.remove("bench/criu", round as u64);
         }
-        // The subject is PID 1 of its own namespace: ending `unshare` does not end it.
-        // SAFETY: the holder this function started, by PID.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // The guard ends the subject (PID 1 of its own namespace) and `unshare`.
         drop(p);
     }
 
+    println!(
+        "  ({} MiB available after the CRIU backend)",
+        available_mib()
+    );
     // --- Native backend.
     let l1 = PathBuf::from(SHM).join("l1");
     let _ = std::fs::remove_dir_all(&l1);
@@ -462,42 +685,34 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
     // long job (fresh memory costs ~5x reused memory on these machines; see DESIGN.md).
     let mut version = 0;
     for round in 1..=ROUNDS {
-        // Capture to L1 (into the mapped image file, copy-on-write), then L2 from the file's
-        // own pages.
-        let (capture, path, report) = native_capture(p.0.id(), &l1, owner)?;
-        version = report.version;
-        let start = Instant::now();
-        // SAFETY: the holder never rewrites a committed image while the store keeps it (see
-        // KRUN_GHOST_SPARES above); it only renames it.
-        let put =
-            unsafe { stores.local.put_file(owner, version, &path) }.map_err(|e| e.to_string())?;
-        stores
-            .local
-            .wait_safe(owner, version, Level::L2, Duration::from_secs(300))
-            .map_err(|e| e.to_string())?;
-        let l2 = start.elapsed().as_secs_f64();
-        let bytes = put.bytes;
-        row(rows, "native-l1l2", gib, round, capture + l2, bytes);
-        row(rows, "native-l2", gib, round, l2, bytes);
-        row(rows, "native-l1", gib, round, capture, bytes);
+        // Capture to L1 (into the mapped image file, copy-on-write) and L2 from the file's
+        // own pages as they become final (the capture's progress record): L2 overlaps L1.
+        let c = native_capture_streamed(p.id(), &l1, owner, &stores.local)?;
+        version = c.report.version;
+        let bytes = c.put.bytes;
+        row(rows, "native-l1l2", gib, round, c.l1l2, bytes);
+        // What L2 adds after L1 is complete (the rest of the transfer, the buddy's check).
+        row(rows, "native-l2", gib, round, c.l1l2 - c.l1, bytes);
+        row(rows, "native-l1", gib, round, c.l1, bytes);
         row(
             rows,
             "native-freeze",
             gib,
             round,
-            report.freeze.as_secs_f64(),
+            c.report.freeze.as_secs_f64(),
             bytes,
         );
         println!(
-            "  (capture v{}: freeze {:.2} ms, {} chunks copied on write, capture {:.3} s inside the program)",
-            report.version,
-            report.freeze.as_secs_f64() * 1e3,
-            report.cow_chunks,
-            report.total.as_secs_f64()
+            "  (capture v{}: freeze {:.2} ms, {} chunks copied on write, capture {:.3} s inside the program, {:.0} MiB available)",
+            c.report.version,
+            c.report.freeze.as_secs_f64() * 1e3,
+            c.report.cow_chunks,
+            c.report.total.as_secs_f64(),
+            available_mib()
         );
     }
     for round in 1..=ROUNDS {
-        let (capture4, path4, _) = native_capture(p.0.id(), &l1, owner)?;
+        let (capture4, path4, _) = native_capture(p.id(), &l1, owner)?;
         let data = map_file(&path4)?;
         let start = Instant::now();
         disk.write(owner, version, &data)
@@ -521,6 +736,7 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
     let _ = std::fs::remove_dir_all(&restore_dir);
     // Without the local L1 copy, the image comes from node 1's memory.
     stores.local.forget_local(owner, version);
+    println!("  ({} MiB available before the restores)", available_mib());
     for (what, from_l2) in [("restore-l2", true), ("restore-l4", false)] {
         for round in 1..=ROUNDS {
             if !from_l2 {
@@ -726,9 +942,9 @@ pub fn run(args: CkptArgs) -> Result<(), String> {
         let ratio = |a: &str, b: &str| Some(find(b, gib)?.median() / find(a, gib)?.median());
         let bw = |a: &str| find(a, gib).map(|r| r.bytes as f64 / r.median() / 1e9);
         println!(
-            "{gib} GiB targets (medians): L4 write {:.2}x dd (>= 0.9) | L2 {:.2}x RMA (>= 0.8) | native L1+L2 {:.2}x faster than criu dump (>= 3) | restore L2 {:.2}x faster than criu restore (>= 3) | freeze {:.2} ms per GiB (<= 10)",
+            "{gib} GiB targets (medians): L4 write {:.2}x dd (>= 0.9) | L1+L2 end to end {:.2}x RMA (L2 overlaps L1; >= 0.8) | native L1+L2 {:.2}x faster than criu dump (>= 3) | restore L2 {:.2}x faster than criu restore (>= 3) | freeze {:.2} ms per GiB (<= 10)",
             bw("native-l4").unwrap_or(0.0) / dd,
-            bw("native-l2").unwrap_or(0.0) / rma,
+            bw("native-l1l2").unwrap_or(0.0) / rma,
             ratio("native-l1l2", "criu-dump-disk").unwrap_or(0.0),
             ratio("restore-l2", "criu-restore-disk").unwrap_or(0.0),
             find("native-freeze", gib).map(|r| r.median() * 1e3 / gib as f64).unwrap_or(f64::NAN),
@@ -829,4 +1045,54 @@ fn save(
     });
     write_results(out, value, &figure)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `pid` is gone (or a zombie left for its new parent to reap).
+    fn gone(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    /// Starts a tree shaped like the CRIU subject's (a child whose own child outlives it),
+    /// adopts the grandchild, then fails as a measurement would.
+    fn start_then_fail(pids: &mut Vec<i32>) -> Result<(), String> {
+        let (mut h, _out) = start_and_wait(
+            Command::new("sh").args(["-c", "sleep 300 & echo ready; exec sleep 300"]),
+            "ready",
+        )?;
+        let grandchild = find_child(h.id())?;
+        h.adopt(grandchild as i32)?;
+        pids.extend(h.pids());
+        Err("forced error after starting the holders".to_string())
+    }
+
+    #[test]
+    fn an_error_path_ends_every_holder_it_started() {
+        let mut pids = Vec::new();
+        let err = start_then_fail(&mut pids).unwrap_err();
+        assert_eq!(err, "forced error after starting the holders");
+        assert_eq!(pids.len(), 2, "the child and the adopted grandchild");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for pid in pids {
+            while !gone(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(gone(pid), "PID {pid} still runs after the error");
+        }
+    }
+
+    #[test]
+    fn adopting_pid_1_or_a_missing_process_is_refused() {
+        let mut h = Holder::none();
+        assert!(h.adopt(1).unwrap_err().contains("refusing"));
+        assert!(h.adopt(i32::MAX).unwrap_err().contains("pidfd_open"));
+    }
 }

@@ -10,6 +10,6 @@ pub mod wire;
 pub use buddy::Placement;
 pub use error::{Result, StoreError};
 pub use store::{
-    GetReport, ImageBytes, Level, NewestSafe, NodeInfo, ParityState, PutReport, Store, StoreConfig,
-    Usage,
+    GetReport, ImageBytes, Level, NewestSafe, NodeInfo, ParityState, PutReport, Ready, Store,
+    StoreConfig, Usage,
 };

@@ -23,7 +23,8 @@
 //! Where each part lives: `store/flush.rs` (the flush thread: L2, L3, L4), `store/parity.rs`
 //! (L3), `store/serve.rs` (answers to other nodes), `store/transfer.rs` (requests and RMA
 //! transfers to other nodes), `store/mapped.rs` (puts of mapped image files),
-//! `store/to_file.rs` (fetches straight into a file),
+//! `store/to_file.rs` (fetches straight into a file), `store/streamed.rs` (puts of files still
+//! being written, L2 overlapping L1),
 //! `store/membership.rs` (gone nodes, re-formed placements), `store/placed.rs` (which node
 //! holds each copy), `store/retention.rs` (what is kept), `store/usage.rs` (figures).
 use crate::buddy::Placement;
@@ -46,6 +47,7 @@ mod parity;
 mod placed;
 mod retention;
 mod serve;
+mod streamed;
 mod to_file;
 mod transfer;
 mod usage;
@@ -54,6 +56,7 @@ use parity::ParitySet;
 
 pub use mapped::PutReport;
 pub use placed::ParityState;
+pub use streamed::Ready;
 pub use usage::{NewestSafe, Usage};
 
 /// Request messages carry this tag; replies carry `REPLY_TAG | request id`.

@@ -99,7 +99,14 @@ impl Inner {
 
     pub(super) fn flush(&self, key: &Key, pending_l3: &mut Vec<(Key, u32, usize, Instant)>) {
         let n = self.cfg.nodes.len();
-        if n > 1 {
+        // A streamed put (`store/streamed.rs`) made it safe at L2 already.
+        let at_l2 = self
+            .safe
+            .lock()
+            .expect("lock")
+            .get(key)
+            .is_some_and(|s| s[Level::L2 as usize]);
+        if n > 1 && !at_l2 {
             let buddy = self.buddy_of(self.cfg.node);
             match self.send_copy(buddy, key, 0, 0, 0) {
                 Ok(_) => {

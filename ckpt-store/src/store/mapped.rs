@@ -99,7 +99,7 @@ impl Store {
         self.inner.copied.load(Ordering::Relaxed)
     }
 
-    fn insert_l1(
+    pub(super) fn insert_l1(
         &self,
         owner: &str,
         version: u64,

@@ -212,7 +212,20 @@ impl Inner {
                 Ok(Body::NotFound)
             }
             Body::Drop { owner, version } => {
-                if let Some(h) = self.held.lock().expect("lock").remove(&(owner, version)) {
+                let key = (owner, version);
+                // A copy still being written (a streamed put that failed) gives its range
+                // back too; dropping the reservation revokes the writer's key first.
+                if let Some(r) = self
+                    .reserved
+                    .lock()
+                    .expect("lock")
+                    .remove(&(key.clone(), 0))
+                {
+                    let (off, len) = (r.offset, r.len);
+                    drop(r);
+                    self.arena.lock().expect("lock").release(off, len);
+                }
+                if let Some(h) = self.held.lock().expect("lock").remove(&key) {
                     self.arena.lock().expect("lock").release(h.offset, h.len);
                 }
                 Ok(Body::Ack { complete: true })

@@ -69,6 +69,20 @@ impl Inner {
         remote: &RemoteRegion,
         offset: u64,
     ) -> Result<()> {
+        self.rma_write_range(node, mr, 0, len, remote, offset)
+    }
+
+    /// Writes bytes `from..from + len` of `mr` into `remote` at `offset` with pipelined RMA
+    /// writes.
+    pub(super) fn rma_write_range(
+        &self,
+        node: usize,
+        mr: &MemoryRegion,
+        from: usize,
+        len: usize,
+        remote: &RemoteRegion,
+        offset: u64,
+    ) -> Result<()> {
         let peer = self.peers[node].expect("remote node");
         let mut inflight = std::collections::VecDeque::new();
         let mut at = 0;
@@ -76,10 +90,11 @@ impl Inner {
             while at < len && inflight.len() < RMA_WINDOW {
                 let n = RMA_CHUNK.min(len - at);
                 // SAFETY: the L1 region is not written while it is being flushed (copies are
-                // write-once); the remote range was reserved for this copy alone.
+                // write-once; a streamed file's ranges are final once reported); the remote
+                // range was reserved for this copy alone.
                 let c = unsafe {
                     self.ep
-                        .post_write(peer, mr, at, n, remote, offset + at as u64)?
+                        .post_write(peer, mr, from + at, n, remote, offset + at as u64)?
                 };
                 inflight.push_back(c);
                 at += n;

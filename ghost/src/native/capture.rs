@@ -1,5 +1,6 @@
 //! Capture: the freeze, the copy-on-write fault thread, the background copy into the L1
 //! image file, and pruning the L1 directory to the newest complete chain.
+use super::progress::ProgressRecord;
 use super::{
     hex, image_path, list_versions, read_header, spare_files, spare_limit, CaptureReport, Filling,
     Inflight, L1File, NativeRuntime, TrackedRegion, CLEAN, COPYING, DIRTY, PENDING,
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 /// Name of the padding sections (meta sections of newlines, which readers skip).
 const PAD: &str = "pad";
 const PAGE: usize = 4096;
+/// Chunks between two publications of the copy's progress (8 MiB of 64 KiB chunks).
+const PUBLISH_EVERY: usize = 128;
 
 /// Bytes of padding payload that put the payload of a region section named with `name_len`
 /// bytes at a page boundary, when the padding section starts at `at`.
@@ -223,6 +226,12 @@ impl NativeRuntime {
         }
         let base = builder.base_ptr() as usize;
         *self.filling.lock().expect("lock") = Some(Filling { base });
+        // Where each whole region's payload lies in the file (published for the readers
+        // that send the image on while it is copied: `progress.rs`).
+        let wholes: Vec<Option<usize>> = plans
+            .iter()
+            .map(|(_, _, first, whole)| whole.then_some(*first))
+            .collect();
         let mut memory_bytes = 0u64;
         for (r, (dirty, take, first, whole)) in regions.iter().zip(&plans) {
             // Protect runs of dirty chunks (clean ones are still protected).
@@ -275,6 +284,7 @@ impl NativeRuntime {
                         regions,
                         builder,
                         l1,
+                        wholes,
                         version,
                         parent,
                         memory_bytes,
@@ -303,6 +313,7 @@ impl NativeRuntime {
         regions: Vec<Arc<TrackedRegion>>,
         mut builder: ImageBuilder,
         l1: L1File,
+        wholes: Vec<Option<usize>>,
         version: u64,
         parent: u64,
         memory_bytes: u64,
@@ -310,7 +321,27 @@ impl NativeRuntime {
         freeze_start: Instant,
     ) -> Result<CaptureReport> {
         let cow_before = self.cow_chunks.load(Ordering::Relaxed);
-        for r in &regions {
+        let ranges: Vec<(u64, u64)> = regions
+            .iter()
+            .zip(&wholes)
+            .filter_map(|(r, w)| w.map(|f| (f as u64, (f + r.len) as u64)))
+            .collect();
+        // Best effort: without the record, readers wait for the committed file.
+        let progress = ProgressRecord::begin(
+            &self.config.dir,
+            &self.config.owner,
+            version,
+            l1.len() as u64,
+            &ranges,
+            l1.tmp_path(),
+        )
+        .ok();
+        // A chunk is final once it is neither pending nor being copied (by the fault thread).
+        let busy = |s: &std::sync::atomic::AtomicU8| {
+            matches!(s.load(Ordering::Acquire), PENDING | COPYING)
+        };
+        for (r, whole) in regions.iter().zip(&wholes) {
+            let mut low = 0;
             for c in 0..r.states.len() {
                 if r.states[c]
                     .compare_exchange(PENDING, COPYING, Ordering::AcqRel, Ordering::Acquire)
@@ -319,6 +350,23 @@ impl NativeRuntime {
                     self.copy_chunk(r, c);
                     r.states[c].store(CLEAN, Ordering::Release);
                 }
+                // Every 8 MiB, publish how far the region's payload is final.
+                if let (Some(first), Some(p)) = (whole, &progress) {
+                    if c % PUBLISH_EVERY == PUBLISH_EVERY - 1 {
+                        while low <= c && !busy(&r.states[low]) {
+                            low += 1;
+                        }
+                        p.advance((first + low * DELTA_CHUNK) as u64);
+                    }
+                }
+            }
+            if let (Some(first), Some(p)) = (whole, &progress) {
+                for s in &r.states {
+                    while busy(s) {
+                        std::thread::yield_now();
+                    }
+                }
+                p.advance((first + r.len) as u64);
             }
         }
         // The fault thread may still be copying a chunk it claimed.
@@ -337,9 +385,15 @@ impl NativeRuntime {
             Err(e) => {
                 // No file for this version: the next image must not build on it.
                 self.next_version.lock().expect("lock").2 = u32::MAX;
+                if let Some(p) = &progress {
+                    p.finish(false);
+                }
                 return Err(e);
             }
         };
+        if let Some(p) = &progress {
+            p.finish(true);
+        }
         let total = freeze_start.elapsed();
         self.prune()?;
         let report = CaptureReport {

@@ -312,6 +312,11 @@ impl L1File {
         self.path = path;
     }
 
+    /// The file's temporary name (until [`L1File::commit`]).
+    pub(crate) fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }

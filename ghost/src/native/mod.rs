@@ -294,6 +294,8 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
 static RUNTIME: OnceLock<Arc<NativeRuntime>> = OnceLock::new();
 
 mod capture;
+mod progress;
+pub use progress::{progress_path, CaptureState, Progress, ProgressView};
 mod regions;
 mod requests;
 mod rollback;

@@ -1,0 +1,288 @@
+//! Streamed puts: an image file still being written (a native capture copying into its
+//! mapped L1 file) goes to the buddy as its parts become final, so that L2 overlaps L1
+//! instead of following it.
+//!
+//! The writer reports which byte ranges are final ([`Ready`]); each goes out at once with
+//! RMA writes from the file's own pages into the buddy's reservation, and its crc32c is
+//! taken while the next ones are written. Once the writer says the whole file is final,
+//! the rest (headers, checksums written last) follows, the crcs are combined in file order
+//! and the buddy verifies the whole copy before it acknowledges, as for every put. Only then
+//! is the version safe at L1 and L2 at once: nothing is marked safe from a partial file.
+use super::{Body, Inner, L1Copy, Level, Store};
+use crate::disk::check_owner;
+use crate::error::{Result, StoreError};
+use fabric::{MemoryRegion, Region, RemoteRegion};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::mapped::PutReport;
+use super::unexpected;
+
+/// What the writer of a streamed file reports (see [`Store::put_file_streamed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// Bytes `start..end` of the file are final (they may overlap earlier reports).
+    Range(u64, u64),
+    /// Nothing new yet.
+    Pending,
+    /// The whole file is final.
+    Complete,
+}
+
+/// Polls the writer until the file is complete, handing each range it reports final on.
+type WaitComplete<'a> = dyn Fn(&mut dyn FnMut() -> Result<Ready>, &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()>
+    + 'a;
+
+/// The parts of `start..end` not yet in `sent` (disjoint, sorted by start).
+fn unsent(sent: &BTreeMap<u64, u64>, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    // The range that starts before `start` may cover part of it.
+    if let Some((_, &e)) = sent.range(..=start).next_back() {
+        at = at.max(e);
+    }
+    for (&s, &e) in sent.range(start..end) {
+        if s > at {
+            out.push((at, s.min(end)));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
+impl Store {
+    /// Stores the file at `path` (its final length already set) as `owner`'s `version` at L1
+    /// and L2 while it is still being written: `next` is polled for the ranges that became
+    /// final (see the module docs) until it says [`Ready::Complete`]. Returns once the buddy
+    /// verified its copy (the version is then safe at L1 and L2; L3 and L4 follow on the
+    /// flush thread). On a store of one node the file is put as by [`Store::put_file`] once
+    /// complete. Fails if `next` fails, if the file is not complete within `timeout`, or if
+    /// the transfer fails (nothing is then marked safe; the caller may put the file again).
+    ///
+    /// # Safety
+    /// As for [`Store::put_file`]; moreover a range reported final is never written again,
+    /// and the file keeps its length from the call on.
+    pub unsafe fn put_file_streamed(
+        &self,
+        owner: &str,
+        version: u64,
+        path: &Path,
+        next: &mut dyn FnMut() -> Result<Ready>,
+        timeout: Duration,
+    ) -> Result<PutReport> {
+        check_owner(owner)?;
+        let inner: &Inner = &self.inner;
+        let io = |what: &str, e: std::io::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source: e,
+        };
+        let file = std::fs::File::open(path).map_err(|e| io("opening the image", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io("reading the image size", e))?
+            .len();
+        if len == 0 {
+            return Err(StoreError::Truncated {
+                path: path.to_path_buf(),
+                expected: 1,
+                actual: 0,
+            });
+        }
+        let ulen = usize::try_from(len)
+            .map_err(|_| StoreError::Invalid(format!("{}: {len} bytes", path.display())))?;
+        // SAFETY: the caller keeps the file whole while the store holds the mapping.
+        let region = unsafe { Region::map_file(&file, ulen) }?;
+        let mr = inner.ep.register(region)?;
+        let key = (owner.to_string(), version);
+        let start = Instant::now();
+        let wait_complete = |next: &mut dyn FnMut() -> Result<Ready>,
+                             on_range: &mut dyn FnMut(u64, u64) -> Result<()>|
+         -> Result<()> {
+            loop {
+                match next()? {
+                    Ready::Complete => return Ok(()),
+                    Ready::Range(s, e) => on_range(s.min(len), e.min(len))?,
+                    Ready::Pending => {
+                        if start.elapsed() > timeout {
+                            return Err(StoreError::Invalid(format!(
+                                "{owner} v{version}: {} not complete within {timeout:?}",
+                                path.display()
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            }
+        };
+        if inner.cfg.nodes.len() < 2 {
+            wait_complete(next, &mut |_, _| Ok(()))?;
+            return self.insert_l1(owner, version, mr, ulen);
+        }
+        let buddy = inner.buddy_of(inner.cfg.node);
+        if inner.is_down(buddy) {
+            return Err(inner.down_error(buddy));
+        }
+        if buddy == inner.cfg.node {
+            return Err(StoreError::Invalid(
+                "no other node is up to hold the copy".into(),
+            ));
+        }
+        let reply = inner.request(
+            buddy,
+            Body::Reserve {
+                owner: owner.to_string(),
+                version,
+                len,
+                kind: 0,
+                set: 0,
+                member: 0,
+            },
+        )?;
+        let Body::Reserved { offset, remote } = reply else {
+            return Err(unexpected(buddy, "Reserve", &reply));
+        };
+        let sent = match RemoteRegion::from_bytes(&remote) {
+            Ok(remote) => self.stream_to(
+                buddy,
+                &mr,
+                len,
+                &remote,
+                offset,
+                owner,
+                version,
+                next,
+                &wait_complete,
+            ),
+            Err(e) => Err(e.into()),
+        };
+        match sent {
+            Ok(crc) => {
+                self.insert_streamed(&key, mr, ulen, crc, buddy);
+                Ok(PutReport {
+                    bytes: len,
+                    copied: 0,
+                    crc,
+                })
+            }
+            Err(e) => {
+                // The buddy's reservation goes back (best effort: a gone buddy took it along).
+                let _ = inner.request(
+                    buddy,
+                    Body::Drop {
+                        owner: owner.to_string(),
+                        version,
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the file into the buddy's reservation as it becomes final, then commits it;
+    /// returns the file's crc32c.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_to(
+        &self,
+        buddy: usize,
+        mr: &MemoryRegion,
+        len: u64,
+        remote: &RemoteRegion,
+        offset: u64,
+        owner: &str,
+        version: u64,
+        next: &mut dyn FnMut() -> Result<Ready>,
+        wait_complete: &WaitComplete,
+    ) -> Result<u32> {
+        let inner: &Inner = &self.inner;
+        // start -> (end, crc32c of the bytes)
+        let mut sent: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+        let send = |s: u64, e: u64, sent: &mut BTreeMap<u64, (u64, u32)>| -> Result<()> {
+            let ends: BTreeMap<u64, u64> = sent.iter().map(|(&s, &(e, _))| (s, e)).collect();
+            for (a, b) in unsent(&ends, s, e) {
+                inner.rma_write_range(buddy, mr, a as usize, (b - a) as usize, remote, a)?;
+                // SAFETY: a..b is final (the caller's contract) and inside the mapping.
+                let crc =
+                    crc32c::crc32c(unsafe { &mr.region().as_slice()[a as usize..b as usize] });
+                sent.insert(a, (b, crc));
+            }
+            Ok(())
+        };
+        wait_complete(next, &mut |s, e| send(s, e, &mut sent))?;
+        send(0, len, &mut sent)?;
+        // The pieces tile the file now: their crcs combine, in file order, into the file's.
+        let crc = sent.iter().fold(0u32, |acc, (&s, &(e, c))| {
+            crc32c::crc32c_combine(acc, c, (e - s) as usize)
+        });
+        let ack = inner.request(
+            buddy,
+            Body::Commit {
+                owner: owner.to_string(),
+                version,
+                kind: 0,
+                set: 0,
+                member: 0,
+                offset,
+                len,
+                crc,
+            },
+        )?;
+        if !matches!(ack, Body::Ack { .. }) {
+            return Err(unexpected(buddy, "Commit", &ack));
+        }
+        Ok(crc)
+    }
+
+    /// Records a streamed version: safe at L1 (the mapped file) and at L2 on `buddy`; its
+    /// flush to L3 and L4 is queued (the flush skips L2, already safe).
+    fn insert_streamed(
+        &self,
+        key: &(String, u64),
+        mr: MemoryRegion,
+        len: usize,
+        crc: u32,
+        buddy: usize,
+    ) {
+        let inner: &Inner = &self.inner;
+        let old = inner.l1.lock().expect("lock").insert(
+            key.clone(),
+            L1Copy {
+                mr: Arc::new(mr),
+                len,
+                crc,
+                mapped: true,
+            },
+        );
+        if let Some(old) = old {
+            inner.recycle(old);
+        }
+        inner.errors.lock().expect("lock").remove(key);
+        inner.reset_key(key);
+        inner.mark_safe_at(key, Level::L1, inner.cfg.node);
+        inner.mark_safe_at(key, Level::L2, buddy);
+        inner.retain(&key.0, Level::L1);
+        inner.retain(&key.0, Level::L2);
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send(key.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsent_leaves_out_what_was_sent() {
+        let sent: BTreeMap<u64, u64> = [(10, 20), (30, 40)].into_iter().collect();
+        assert_eq!(unsent(&sent, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(unsent(&sent, 12, 18), vec![]);
+        assert_eq!(unsent(&sent, 15, 35), vec![(20, 30)]);
+        assert_eq!(unsent(&BTreeMap::new(), 5, 9), vec![(5, 9)]);
+    }
+}
