@@ -351,7 +351,7 @@ impl Engine {
         self.error.lock().ok().and_then(|e| e.clone())
     }
 
-    fn fail(&self, e: String) {
+    pub(crate) fn fail(&self, e: String) {
         if let Ok(mut slot) = self.error.lock() {
             slot.get_or_insert(e);
         }

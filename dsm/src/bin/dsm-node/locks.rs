@@ -10,13 +10,13 @@ use super::{wait_file, Args, Res};
 
 const PAGE: usize = 4096;
 
-fn say(line: &str) {
+pub(super) fn say(line: &str) {
     println!("krun-result {line}");
     let _ = std::io::stdout().flush();
 }
 
 /// Waits (at most 120 s) until `ready` holds.
-fn until(what: &str, mut ready: impl FnMut() -> bool) -> Res<()> {
+pub(super) fn until(what: &str, mut ready: impl FnMut() -> bool) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ready() {
         if Instant::now() > deadline {
