@@ -31,6 +31,8 @@ mod churn;
 mod coordinator;
 #[path = "dsm-node/failure.rs"]
 mod failure;
+#[path = "dsm-node/killed.rs"]
+mod killed;
 #[path = "dsm-node/lock_server.rs"]
 mod lock_server;
 #[path = "dsm-node/locks.rs"]

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use dsm::Dsm;
 
-use super::locks::{say, until};
+use super::killed::say;
+use super::locks::until;
 use super::{Args, Res};
 
 const PAGE: usize = 4096;
