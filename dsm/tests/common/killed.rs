@@ -10,7 +10,7 @@ use fabric::bootstrap::BootstrapServer;
 
 use super::{pairs, rank_args, spawn, Proc};
 
-const LIMIT: Duration = Duration::from_secs(150);
+pub const LIMIT: Duration = Duration::from_secs(150);
 
 /// A run of 4 ranks of a `*-killed` scenario.
 pub struct Killed {

@@ -11,9 +11,12 @@
 //! - E (2 per manager): ranks 1 and 2 each add 1 to their own word of every E page, in a
 //!   loop that goes on across the kill (their requests meet the dead manager, and the
 //!   barrier after it has to go on without node 0).
+use std::time::Duration;
+
 use dsm::Dsm;
 
-use super::killed::{check_lost, survivor_line, victim, Pages};
+use super::killed::{check_lost, list, say, survivor_line, victim, Pages};
+use super::locks::until;
 use super::{wait_file, Args, Res};
 
 const VICTIM: usize = 0;
@@ -81,4 +84,58 @@ pub fn coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
         return p.read_lost(class_c[0]);
     }
     wait_file(a.stop_file.as_ref(), "stop-file")
+}
+
+/// See `leave-coordinator-killed` in the module doc of `dsm-node`.
+pub fn leave_coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
+    if a.size != 3 {
+        return Err("leave-coordinator-killed needs --size 3".into());
+    }
+    let p = Pages::alloc(d, 3, 3)?;
+    let bar = || d.barrier().map_err(|e| e.to_string());
+    let r = a.rank;
+    let mine = [0usize];
+    let theirs = [1usize];
+    bar()?;
+    match r {
+        0 => p.write(&mine, 0xd0),
+        1 => p.write(&theirs, 0xd1),
+        _ => {}
+    }
+    bar()?;
+    // Every rank reads both pages: rank 1's copy of page 0 survives node 0.
+    p.check(&mine, 0xd0, "page 0 before the leave")?;
+    p.check(&theirs, 0xd1, "page 1 before the leave")?;
+    bar()?;
+    match r {
+        0 => victim(r),
+        2 => {
+            say("leaving=1");
+            d.leave(Duration::from_secs(120))
+                .map_err(|e| format!("leave across node 0's death: {e}"))?;
+            say("left=1");
+            Ok(())
+        }
+        _ => {
+            say("waiting=1");
+            wait_file(a.go_file.as_ref(), "go-file")?;
+            // Node 0 is dead: this barrier's probe finds it, and rank 1 takes over.
+            bar()?;
+            p.check(&mine, 0xd0, "page 0 after node 0 died")?;
+            p.check(&theirs, 0xd1, "page 1 after node 0 died")?;
+            // The barrier may pass once the leave committed, before node 0's failure did.
+            until("node 0's failure never committed", || {
+                !d.members().contains(&0)
+            })?;
+            let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
+            say(&format!(
+                "survivor=ok members={} coordinator={} dead={} lost={}",
+                ids(d.members()),
+                d.coordinator(),
+                ids(d.dead_nodes()),
+                list(&d.lost_pages())
+            ));
+            Ok(())
+        }
+    }
 }
