@@ -535,6 +535,12 @@ impl Dsm {
         )
     }
 
+    /// Time spent in each step of the fault path so far, nanoseconds summed over every
+    /// fault (steps named by [`crate::fault::STEPS`]; `answer` includes `copy`).
+    pub fn fault_steps_ns(&self) -> [u64; crate::fault::STEPS.len()] {
+        std::array::from_fn(|i| self.engine.stats.step_ns[i].load(Ordering::Relaxed))
+    }
+
     /// The protocol's counters.
     pub fn protocol_stats(&self) -> crate::coherence::Stats {
         self.engine.node.lock().map(|n| n.stats).unwrap_or_default()
