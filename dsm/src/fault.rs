@@ -162,11 +162,12 @@ pub struct DriverStats {
 /// The fault path's steps timed in [`DriverStats::step_ns`]: at the fault thread, from the
 /// fault read off the userfaultfd to the state machine's first actions (`locate`: the
 /// region, the page state, the owner hint or the manager), the one-sided join's round
-/// trip (`join`), the RMA read's (`read`), the state machine's answer to them (`answer`),
-/// and the `UFFDIO_COPY` that installs the page and wakes the faulting thread (`copy`).
+/// trip (`join`), the RMA read's (`read`), the wait for the state machine's lock after
+/// them (`lock`), the state machine's answer to them (`answer`), and the `UFFDIO_COPY` that
+/// installs the page and wakes the faulting thread (`copy`, part of `answer`).
 /// The rest of an access's time (the trap, the fault's delivery to the fault thread, the
 /// wake-up of the faulting thread) is the access's time less these.
-pub const STEPS: [&str; 5] = ["locate", "join", "read", "answer", "copy"];
+pub const STEPS: [&str; 6] = ["locate", "join", "read", "lock", "answer", "copy"];
 
 /// Shared state of the driver's threads.
 pub struct Engine {
@@ -755,8 +756,10 @@ impl Engine {
             if any_read {
                 self.step(2, t_read);
             }
-            let t_answer = Instant::now();
+            let t_lock = Instant::now();
             let mut node = self.node.lock().map_err(|_| poisoned())?;
+            self.step(3, t_lock);
+            let t_answer = Instant::now();
             for page in failed {
                 let actions = node.on_remote_failed(page);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
@@ -770,7 +773,7 @@ impl Engine {
                 self.execute(&mut node, actions, Data::Rma(&landed), &mut remote)?;
             }
             drop(node);
-            self.step(3, t_answer);
+            self.step(4, t_answer);
         }
         Ok(())
     }

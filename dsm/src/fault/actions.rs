@@ -176,7 +176,7 @@ impl Engine {
                     // SAFETY: src points at PAGE readable bytes (a message, a landing slot
                     // or the zero page), alive for this call.
                     unsafe { self.uffd.copy(region.addr(page), src, writable)? };
-                    self.step(4, t);
+                    self.step(5, t);
                 }
                 Action::Protect { page } => {
                     let Some(region) = region_of(&self.regions, page) else {
