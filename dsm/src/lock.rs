@@ -818,4 +818,52 @@ mod tests {
         reports.get_mut(&2).unwrap().held.push((0, 1));
         assert!(t.rebuild(&reports, 0, &dead).is_err());
     }
+
+    #[test]
+    fn a_grant_for_an_earlier_request_or_from_a_dead_node_is_ignored() {
+        let ep: Arc<dyn Endpoint> = Arc::from(
+            fabric::open(&fabric::FabricConfig::with_provider(
+                fabric::Provider::Loopback,
+            ))
+            .unwrap(),
+        );
+        let locks = Locks::new(1, ep, Arc::new(|_| None), 4).with_members(LockMembers {
+            coordinator: Arc::new(|| 2),
+            dead_peer: Arc::new(|p| p == PeerId(0)),
+        });
+        let grant = |peer: u32, dead: NodeId, seq: u64| {
+            let mut data = 1u64.to_le_bytes().to_vec();
+            data.extend_from_slice(&dead.to_le_bytes());
+            data.extend_from_slice(&seq.to_le_bytes());
+            fabric::Message {
+                tag: TAG_LOCK_GRANT,
+                peer: Some(PeerId(peer)),
+                data,
+            }
+        };
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(2, NO_NODE, 5)).unwrap(),
+            Some(NO_NODE)
+        );
+        assert_eq!(locks.accept_grant(0, 5, &grant(2, 0, 5)).unwrap(), Some(0));
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(2, NO_NODE, 4)).unwrap(),
+            None,
+            "a grant answering request 4 does not answer request 5"
+        );
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(0, NO_NODE, 5)).unwrap(),
+            None,
+            "a grant the dead server sent is dropped"
+        );
+        let short = fabric::Message {
+            tag: TAG_LOCK_GRANT,
+            peer: Some(PeerId(2)),
+            data: vec![0; 12],
+        };
+        assert!(
+            locks.accept_grant(0, 5, &short).is_err(),
+            "a short grant is an error"
+        );
+    }
 }
