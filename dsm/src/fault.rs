@@ -154,7 +154,20 @@ pub struct DriverStats {
     pub unreachable: AtomicU64,
     /// Faults whose one-sided operations were in flight at once, at most (fault threads).
     pub max_concurrent_remote: AtomicU64,
+    /// Time spent in the fault path's steps, nanoseconds summed over every fault
+    /// ([`STEPS`] names them).
+    pub step_ns: [AtomicU64; STEPS.len()],
 }
+
+/// The fault path's steps timed in [`DriverStats::step_ns`]: at the fault thread, from the
+/// fault read off the userfaultfd to the state machine's first actions (`locate`: the
+/// region, the page state, the owner hint or the manager), the one-sided join's round
+/// trip (`join`), the RMA read's (`read`), the wait for the state machine's lock after
+/// them (`lock`), the state machine's answer to them (`answer`), and the `UFFDIO_COPY` that
+/// installs the page and wakes the faulting thread (`copy`, part of `answer`).
+/// The rest of an access's time (the trap, the fault's delivery to the fault thread, the
+/// wake-up of the faulting thread) is the access's time less these.
+pub const STEPS: [&str; 6] = ["locate", "join", "read", "lock", "answer", "copy"];
 
 /// Shared state of the driver's threads.
 pub struct Engine {
@@ -351,7 +364,7 @@ impl Engine {
         self.error.lock().ok().and_then(|e| e.clone())
     }
 
-    fn fail(&self, e: String) {
+    pub(crate) fn fail(&self, e: String) {
         if let Ok(mut slot) = self.error.lock() {
             slot.get_or_insert(e);
         }
@@ -586,6 +599,7 @@ impl Engine {
     }
 
     fn on_fault(&self, address: u64, write: bool, slots: &MemoryRegion) -> Result<()> {
+        let t_fault = Instant::now();
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         let Some((page, region)) = self.page_of(address) else {
             return Err(DsmError::Config {
@@ -627,6 +641,7 @@ impl Engine {
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
             }
         }
+        self.step(0, t_fault);
         if remote.is_empty() {
             return Ok(());
         }
@@ -713,13 +728,20 @@ impl Engine {
                     }
                 }
             }
+            let t_join = Instant::now();
             let mut joined = Vec::new();
+            let any_join = !joins.is_empty();
             for (page, owner, c) in joins {
                 match c.wait() {
                     Ok(old) => joined.push((page, old & SHARE_OPEN != 0)),
                     Err(e) => fail(page, owner, &e),
                 }
             }
+            if any_join {
+                self.step(1, t_join);
+            }
+            let t_read = Instant::now();
+            let any_read = !reads.is_empty();
             let mut landed = HashMap::new();
             for (page, owner, slot, c) in reads {
                 if let Err(e) = c.wait() {
@@ -731,7 +753,13 @@ impl Engine {
                 landed.insert(page, unsafe { slots.as_ptr().add(slot * PAGE) }
                     as *const u8);
             }
+            if any_read {
+                self.step(2, t_read);
+            }
+            let t_lock = Instant::now();
             let mut node = self.node.lock().map_err(|_| poisoned())?;
+            self.step(3, t_lock);
+            let t_answer = Instant::now();
             for page in failed {
                 let actions = node.on_remote_failed(page);
                 self.execute(&mut node, actions, Data::None, &mut remote)?;
@@ -744,8 +772,15 @@ impl Engine {
                 let actions = node.on_rma_read(page);
                 self.execute(&mut node, actions, Data::Rma(&landed), &mut remote)?;
             }
+            drop(node);
+            self.step(4, t_answer);
         }
         Ok(())
+    }
+
+    /// Adds the time since `since` to step `i` of [`STEPS`].
+    pub(crate) fn step(&self, i: usize, since: Instant) {
+        self.stats.step_ns[i].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The connection to `rank`.

@@ -1,17 +1,32 @@
-//! DSM locks: a queue lock per id, kept by rank 0 and granted by messages (FIFO, no remote
-//! atomics: a provider's atomics towards its own process are not atomic with the others'
-//! on every provider). Rank 0's own requests use the same table without messages.
+//! DSM locks: a queue lock per id, kept by the coordinator (node 0, then the lowest live
+//! node once it died) and granted by messages (FIFO, no remote atomics: a provider's atomics
+//! towards its own process are not atomic with the others' on every provider). The
+//! coordinator's own requests use its table without messages.
 //!
-//! A holder that dies: rank 0's lock server probes a holder that kept a lock others wait
-//! for past the fault timeout (the probe declares dead only a node whose process is gone,
-//! see [`crate::fault`]'s liveness check); the node's failure runs as a change, and once it
-//! is committed (its pages rebuilt from the survivors' copies, or reported lost)
+//! A holder that dies: the coordinator's lock server probes a holder that kept a lock
+//! others wait for past the fault timeout (the probe declares dead only a node whose process
+//! is gone, see [`crate::fault`]'s liveness check); the node's failure runs as a change, and
+//! once it is committed (its pages rebuilt from the survivors' copies, or reported lost)
 //! [`Locks::node_failed`] hands each lock it held to the next live waiter (or frees it)
 //! and drops it from every queue. The grant then names the dead holder: the data the lock
 //! protects may be half-updated, and [`Locks::inherited`] tells the new holder so (a
 //! warning goes to stderr); data whose every copy died is reported lost by the fault
 //! driver on its first access ([`DsmError::PageLost`]), never read as zeros.
-use std::collections::{BTreeSet, HashMap, VecDeque};
+//!
+//! The coordinator dies (the lock server itself): every node keeps what it holds and what
+//! it waits for ([`Locks::report`], each with the request's sequence number). A waiter
+//! probes the coordinator after each fault timeout (so a waiter never waits on a dead
+//! server unnoticed) and sends its request again to the next coordinator once it knows.
+//! The next coordinator, once the old one's failure committed (its pages rebuilt: a lock's
+//! data is the last committed state), asks every live member for its report and rebuilds
+//! the table ([`LockTable::rebuild`]): locks granted to survivors stay theirs, waiters are
+//! queued again (by node id: the dead server's FIFO order is not known), and a lock with
+//! waiters but no live holder was the dead server's: it goes to the first waiter with a
+//! grant naming the dead node. Only then does it serve requests (those that came meanwhile
+//! wait in its inbox, in order). Grants carry the request's sequence number and a node
+//! ignores a grant that does not answer its current request or comes from a node it knows
+//! dead, so a grant the old server sent before dying is never taken twice.
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +40,10 @@ const TAG_LOCK_REQUEST: u64 = 0x4b44_534d_4c00_0000;
 const TAG_LOCK_GRANT: u64 = 0x4b44_534d_4700_0000;
 const OP_LOCK: u8 = 1;
 const OP_UNLOCK: u8 = 2;
+/// A request: op, lock id, requester, request sequence number.
+const REQUEST_LEN: usize = 1 + 4 + 4 + 8;
+/// A grant: grants so far, the dead previous holder, the request's sequence number.
+const GRANT_LEN: usize = 8 + 4 + 8;
 
 /// "No dead previous holder" in a grant message.
 const NO_NODE: u32 = u32::MAX;
@@ -35,7 +54,9 @@ struct Entry {
     grants: u64,
     holder: Option<NodeId>,
     waiting: VecDeque<NodeId>,
-    /// When the holder got it, and when it was last probed (rank 0's lock server).
+    /// The sequence number of each waiter's and the holder's request (echoed in grants).
+    seqs: HashMap<NodeId, u64>,
+    /// When the holder got it, and when it was last probed (the lock server).
     since: Option<Instant>,
     probed: Option<Instant>,
     /// The holder got the lock from a holder that died (named in the grant).
@@ -47,6 +68,9 @@ struct Entry {
 impl Entry {
     /// Hands the lock to the next waiter (`None`: it is free now).
     fn pass(&mut self, from_dead: Option<NodeId>) -> Option<NodeId> {
+        if let Some(old) = self.holder {
+            self.seqs.remove(&old);
+        }
         self.holder = self.waiting.pop_front();
         self.inherited = self.holder.and(from_dead);
         self.orphan = if self.holder.is_none() {
@@ -63,7 +87,14 @@ impl Entry {
     }
 }
 
-/// The lock table at rank 0.
+/// What a node holds and waits for: `(lock, request sequence number)` each.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LockReport {
+    pub held: Vec<(u32, u64)>,
+    pub waiting: Vec<(u32, u64)>,
+}
+
+/// The lock table at the coordinator.
 #[derive(Default)]
 pub struct LockTable {
     entries: Mutex<HashMap<u32, Entry>>,
@@ -77,8 +108,8 @@ impl LockTable {
         self.dead.lock().map(|d| d.contains(&who)).unwrap_or(false)
     }
 
-    /// `who` asks for `id`; returns true when it holds it now.
-    fn acquire(&self, id: u32, who: NodeId) -> Result<bool> {
+    /// `who` asks for `id` (request `seq`); returns true when it holds it now.
+    fn acquire(&self, id: u32, who: NodeId, seq: u64) -> Result<bool> {
         if self.is_dead(who) {
             return Ok(false);
         }
@@ -86,6 +117,7 @@ impl LockTable {
         let e = t.entry(id).or_default();
         if e.holder.is_none() {
             e.holder = Some(who);
+            e.seqs.insert(who, seq);
             e.inherited = e.orphan.take();
             e.since = Some(Instant::now());
             e.probed = None;
@@ -94,6 +126,7 @@ impl LockTable {
         }
         if e.holder != Some(who) && !e.waiting.contains(&who) {
             e.waiting.push_back(who);
+            e.seqs.insert(who, seq);
         }
         Ok(false)
     }
@@ -126,8 +159,69 @@ impl LockTable {
                 if let Some(next) = e.pass(Some(node)) {
                     grants.push((id, next));
                 }
+            } else {
+                e.seqs.remove(&node);
             }
         }
+        drop(t);
+        self.changed.notify_all();
+        Ok(grants)
+    }
+
+    /// A new coordinator's table, from every live member's report; `server` is the dead
+    /// coordinator that kept the table before (and `dead`, every node known dead: never
+    /// granted). A lock with waiters and no live holder was held by `server` (or granted by
+    /// it to a waiter that never got the grant): it goes to its first waiter with a grant
+    /// naming `server`. Returns those grants `(lock, new holder)`.
+    fn rebuild(
+        &self,
+        reports: &BTreeMap<NodeId, LockReport>,
+        server: NodeId,
+        dead: &BTreeSet<NodeId>,
+    ) -> Result<Vec<(u32, NodeId)>> {
+        let mut t = self.entries.lock().map_err(|_| poisoned())?;
+        t.clear();
+        {
+            let mut d = self.dead.lock().map_err(|_| poisoned())?;
+            d.extend(dead.iter().copied());
+            d.insert(server);
+        }
+        for (&node, r) in reports {
+            for &(id, seq) in &r.held {
+                let e = t.entry(id).or_default();
+                if let Some(other) = e.holder {
+                    return Err(DsmError::Config {
+                        what: format!("DSM lock {id}"),
+                        reason: format!(
+                            "nodes {other} and {node} both report holding it after node \
+                             {server} died"
+                        ),
+                    });
+                }
+                e.holder = Some(node);
+                e.seqs.insert(node, seq);
+                e.since = Some(Instant::now());
+                e.grants += 1;
+            }
+        }
+        for (&node, r) in reports {
+            for &(id, seq) in &r.waiting {
+                let e = t.entry(id).or_default();
+                if e.holder != Some(node) && !e.waiting.contains(&node) {
+                    e.waiting.push_back(node);
+                    e.seqs.insert(node, seq);
+                }
+            }
+        }
+        let mut grants = Vec::new();
+        for (&id, e) in t.iter_mut() {
+            if e.holder.is_none() {
+                if let Some(next) = e.pass(Some(server)) {
+                    grants.push((id, next));
+                }
+            }
+        }
+        grants.sort_unstable();
         drop(t);
         self.changed.notify_all();
         Ok(grants)
@@ -173,26 +267,59 @@ impl LockTable {
     }
 }
 
-/// What rank 0's lock server does with a holder that kept a lock others wait for past the
+/// What the lock server does with a holder that kept a lock others wait for past the
 /// fault timeout: probes it and, when its process is gone, declares it failed (its
-/// failure's change then releases the lock through [`Locks::node_failed`]).
+/// failure's change then releases the lock through [`Locks::node_failed`]). A waiter runs
+/// the same check on the coordinator it waits for.
 pub type HolderCheck = Arc<dyn Fn(NodeId) + Send + Sync>;
 
 /// The connection to a node (None: unknown, or this node itself). The DSM's own table, so
 /// that a node that joined during the run is reached like any other.
 pub type PeerLookup = Arc<dyn Fn(NodeId) -> Option<PeerId> + Send + Sync>;
 
+/// What the locks need to know of the DSM's membership: the coordinator now, and whether a
+/// connection is a node known dead.
+pub struct LockMembers {
+    pub coordinator: Arc<dyn Fn() -> NodeId + Send + Sync>,
+    pub dead_peer: Arc<dyn Fn(PeerId) -> bool + Send + Sync>,
+}
+
+impl Default for LockMembers {
+    /// Node 0 coordinates for ever, nobody dies (unit tests).
+    fn default() -> Self {
+        LockMembers {
+            coordinator: Arc::new(|| 0),
+            dead_peer: Arc::new(|_| false),
+        }
+    }
+}
+
+/// This node's own locks (what it reports to a new coordinator).
+#[derive(Default)]
+struct Mine {
+    seq: u64,
+    held: BTreeMap<u32, u64>,
+    waiting: BTreeMap<u32, u64>,
+}
+
 /// A rank's side of the locks.
 pub struct Locks {
     me: NodeId,
     ep: Arc<dyn Endpoint>,
-    /// Rank 0's connection (requests), and every node's (grants, at rank 0).
+    /// The coordinator's connection (requests), and every node's (grants, at the
+    /// coordinator).
     peers: PeerLookup,
+    members: LockMembers,
     table: Arc<LockTable>,
+    /// This node's table is the one in use: node 0 from the start, the next coordinator
+    /// once it rebuilt it.
+    serving: AtomicBool,
+    mine: Mutex<Mine>,
     count: usize,
     /// At this node: locks granted after their holder died, with that holder.
     inherited: Mutex<HashMap<u32, NodeId>>,
-    /// Rank 0: the check of overdue holders, and after how long a holder is overdue.
+    /// The check of overdue holders (at the server) and of a silent coordinator (at a
+    /// waiter), and after how long.
     holder_check: Option<(HolderCheck, Duration)>,
 }
 
@@ -202,27 +329,83 @@ impl Locks {
             me,
             ep,
             peers,
+            members: LockMembers::default(),
             table: Arc::new(LockTable::default()),
+            serving: AtomicBool::new(me == 0),
+            mine: Mutex::new(Mine::default()),
             count,
             inherited: Mutex::new(HashMap::new()),
             holder_check: None,
         }
     }
 
-    /// Rank 0: `check` runs for a holder that kept a lock others wait for longer than
-    /// `after` (then at most once per `after`).
+    /// The coordinator and the dead nodes as the DSM knows them (default: node 0 for ever).
+    pub fn with_members(mut self, members: LockMembers) -> Self {
+        self.members = members;
+        self
+    }
+
+    /// `check` runs at the lock server for a holder that kept a lock others wait for
+    /// longer than `after` (then at most once per `after`), and at a waiter for the
+    /// coordinator it has waited for `after`.
     pub fn with_holder_check(mut self, check: HolderCheck, after: Duration) -> Self {
         self.holder_check = Some((check, after));
         self
     }
 
-    /// Rank 0, once `node`'s failure was handled (its entries rebuilt, the change
-    /// committed): each lock it held goes to its next live waiter, with a grant that names
-    /// `node`; it leaves every queue and is never granted a lock again.
+    fn coordinator(&self) -> NodeId {
+        (self.members.coordinator)()
+    }
+
+    /// Whether this node serves the locks now.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    /// What this node holds and waits for (asked by a new coordinator).
+    pub fn report(&self) -> LockReport {
+        self.mine
+            .lock()
+            .map(|m| LockReport {
+                held: m.held.iter().map(|(&i, &s)| (i, s)).collect(),
+                waiting: m.waiting.iter().map(|(&i, &s)| (i, s)).collect(),
+            })
+            .unwrap_or_default()
+    }
+
+    /// The lock server, once `node`'s failure was handled (its entries rebuilt, the
+    /// change committed): each lock it held goes to its next live waiter, with a grant
+    /// that names `node`; it leaves every queue and is never granted a lock again.
     pub fn node_failed(&self, node: NodeId) -> Result<()> {
         for (id, next) in self.table.node_failed(node)? {
             eprintln!(
                 "krun dsm: DSM lock {id}: rank {node} died holding it; granted to rank {next}"
+            );
+            self.grant(id, next)?;
+        }
+        Ok(())
+    }
+
+    /// The new coordinator, once the old one's (`server`) failure committed: rebuilds the
+    /// table from every live member's report (this node's among them), grants the locks
+    /// `server` held to their first waiters, and starts serving.
+    pub fn take_over(
+        &self,
+        server: NodeId,
+        reports: &BTreeMap<NodeId, LockReport>,
+        dead: &BTreeSet<NodeId>,
+    ) -> Result<()> {
+        let grants = self.table.rebuild(reports, server, dead)?;
+        self.serving.store(true, Ordering::SeqCst);
+        eprintln!(
+            "krun dsm: rank {}: serving the DSM locks after rank {server} died ({} members \
+             reported)",
+            self.me,
+            reports.len()
+        );
+        for (id, next) in grants {
+            eprintln!(
+                "krun dsm: DSM lock {id}: rank {server} died holding it; granted to rank {next}"
             );
             self.grant(id, next)?;
         }
@@ -238,7 +421,7 @@ impl Locks {
             .and_then(|m| m.get(&(id as u32)).copied())
     }
 
-    /// Rank 0: the nodes waiting for lock `id`, in order (diagnosis and tests).
+    /// At the lock server: the nodes waiting for lock `id`, in order (diagnosis and tests).
     pub fn waiters(&self, id: usize) -> Vec<NodeId> {
         self.table
             .entries
@@ -251,9 +434,18 @@ impl Locks {
             .unwrap_or_default()
     }
 
+    /// At the lock server: lock `id`'s holder.
+    pub fn holder(&self, id: usize) -> Option<NodeId> {
+        self.table.holder(id as u32)
+    }
+
     /// Records how this node got lock `id` (`dead`: the holder before it died, or
     /// [`NO_NODE`]).
-    fn got(&self, id: u32, dead: NodeId) {
+    fn got(&self, id: u32, seq: u64, dead: NodeId) {
+        if let Ok(mut m) = self.mine.lock() {
+            m.waiting.remove(&id);
+            m.held.insert(id, seq);
+        }
         if let Ok(mut m) = self.inherited.lock() {
             if dead == NO_NODE {
                 m.remove(&id);
@@ -286,73 +478,159 @@ impl Locks {
     }
 
     fn grant(&self, id: u32, to: NodeId) -> Result<()> {
-        if to == 0 {
-            // Rank 0's waiter watches the table.
+        if to == self.me {
+            // The server's own waiter watches the table.
             return Ok(());
         }
-        let (n, dead) = self
+        let (n, dead, seq) = self
             .table
             .entries
             .lock()
             .map_err(|_| poisoned())?
             .get(&id)
-            .map_or((0, NO_NODE), |e| (e.grants, e.inherited.unwrap_or(NO_NODE)));
+            .map_or((0, NO_NODE, 0), |e| {
+                (
+                    e.grants,
+                    e.inherited.unwrap_or(NO_NODE),
+                    e.seqs.get(&to).copied().unwrap_or(0),
+                )
+            });
         let mut msg = n.to_le_bytes().to_vec();
         msg.extend_from_slice(&dead.to_le_bytes());
+        msg.extend_from_slice(&seq.to_le_bytes());
         self.ep
             .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &msg)?;
         Ok(())
     }
 
-    pub fn lock(&self, id: usize, limit: Duration) -> Result<()> {
-        let id = self.check(id)?;
-        let start = Instant::now();
-        if self.me == 0 {
-            if self.table.acquire(id, 0)? {
-                self.got(id, self.table.inherited(id));
-                return Ok(());
-            }
-            let mut t = self.table.entries.lock().map_err(|_| poisoned())?;
-            loop {
-                if let Some(e) = t.get(&id).filter(|e| e.holder == Some(0)) {
-                    let dead = e.inherited.unwrap_or(NO_NODE);
-                    drop(t);
-                    self.got(id, dead);
-                    return Ok(());
-                }
-                if start.elapsed() > limit {
-                    return Err(timeout(id, start));
-                }
-                t = self
-                    .table
-                    .changed
-                    .wait_timeout(t, Duration::from_millis(50))
-                    .map_err(|_| poisoned())?
-                    .0;
-            }
-        }
-        let mut req = vec![OP_LOCK];
+    fn request(&self, to: NodeId, op: u8, id: u32, seq: u64) -> Result<()> {
+        let mut req = vec![op];
         req.extend_from_slice(&id.to_le_bytes());
         req.extend_from_slice(&self.me.to_le_bytes());
-        self.ep.send(self.peer(0)?, TAG_LOCK_REQUEST, &req)?;
-        let m = self
-            .ep
-            .recv(TAG_LOCK_GRANT | u64::from(id), limit)
-            .map_err(|_| timeout(id, start))?;
+        req.extend_from_slice(&seq.to_le_bytes());
+        self.ep.send(self.peer(to)?, TAG_LOCK_REQUEST, &req)?;
+        Ok(())
+    }
+
+    /// Takes lock `id`; fails after `limit` without a grant (counted again from a change
+    /// of coordinator).
+    pub fn lock(&self, id: usize, limit: Duration) -> Result<()> {
+        let id = self.check(id)?;
+        let seq = {
+            let mut m = self.mine.lock().map_err(|_| poisoned())?;
+            m.seq += 1;
+            let seq = m.seq;
+            m.waiting.insert(id, seq);
+            seq
+        };
+        let r = self.wait_grant(id, seq, limit);
+        if r.is_err() {
+            if let Ok(mut m) = self.mine.lock() {
+                m.waiting.remove(&id);
+            }
+        }
+        r
+    }
+
+    fn wait_grant(&self, id: u32, seq: u64, limit: Duration) -> Result<()> {
+        let mut start = Instant::now();
+        let mut probed = Instant::now();
+        // The coordinator this request went to, and whether its table has it.
+        let mut told: Option<NodeId> = None;
+        let mut asked_here = false;
+        loop {
+            let c = self.coordinator();
+            if told != Some(c) {
+                if told.is_some() {
+                    start = Instant::now();
+                    probed = Instant::now();
+                }
+                told = Some(c);
+                asked_here = false;
+                if c != self.me {
+                    if let Err(e) = self.request(c, OP_LOCK, id, seq) {
+                        // The coordinator may be dead: the probe below finds it.
+                        if std::env::var_os("KRUN_DSM_TRACE").is_some() {
+                            eprintln!("lock {id}: request to rank {c}: {e}");
+                        }
+                    }
+                }
+            }
+            if c == self.me {
+                if self.serving() {
+                    if !asked_here {
+                        asked_here = true;
+                        if self.table.acquire(id, self.me, seq)? {
+                            self.got(id, seq, self.table.inherited(id));
+                            return Ok(());
+                        }
+                    }
+                    let t = self.table.entries.lock().map_err(|_| poisoned())?;
+                    if let Some(e) = t.get(&id).filter(|e| e.holder == Some(self.me)) {
+                        let dead = e.inherited.unwrap_or(NO_NODE);
+                        drop(t);
+                        self.got(id, seq, dead);
+                        return Ok(());
+                    }
+                    drop(
+                        self.table
+                            .changed
+                            .wait_timeout(t, Duration::from_millis(50))
+                            .map_err(|_| poisoned())?,
+                    );
+                } else {
+                    // Becoming the server: its table is rebuilt once the old one's failure
+                    // committed.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            } else {
+                match self
+                    .ep
+                    .recv(TAG_LOCK_GRANT | u64::from(id), Duration::from_millis(50))
+                {
+                    Ok(m) => {
+                        if let Some(dead) = self.accept_grant(id, seq, &m)? {
+                            self.got(id, seq, dead);
+                            return Ok(());
+                        }
+                    }
+                    Err(fabric::FabricError::RecvTimeout { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if let Some((check, after)) = &self.holder_check {
+                    if probed.elapsed() >= *after {
+                        // The server itself may be dead: a dead one is declared failed and
+                        // the next coordinator serves the locks.
+                        probed = Instant::now();
+                        check(c);
+                    }
+                }
+            }
+            if start.elapsed() > limit {
+                return Err(timeout(id, start));
+            }
+        }
+    }
+
+    /// A grant message for lock `id`: `Some(dead previous holder or NO_NODE)` when it
+    /// answers request `seq`; `None` for a stale one (an earlier request's, or from a node
+    /// known dead).
+    fn accept_grant(&self, id: u32, seq: u64, m: &fabric::Message) -> Result<Option<NodeId>> {
         if std::env::var_os("KRUN_DSM_TRACE").is_some() {
             eprintln!("lock {id} grant {:?} at rank {}", m.data, self.me);
         }
-        let dead = match m.data.get(8..12) {
-            Some(d) => u32::from_le_bytes(d.try_into().expect("4 bytes")),
-            None => {
-                return Err(DsmError::BadMessage {
-                    from: 0,
-                    reason: format!("DSM lock {id} grant of {} bytes", m.data.len()),
-                })
-            }
-        };
-        self.got(id, dead);
-        Ok(())
+        if m.data.len() != GRANT_LEN {
+            return Err(DsmError::BadMessage {
+                from: self.coordinator(),
+                reason: format!("DSM lock {id} grant of {} bytes", m.data.len()),
+            });
+        }
+        if m.peer.is_some_and(|p| (self.members.dead_peer)(p)) {
+            return Ok(None);
+        }
+        let dead = u32::from_le_bytes(m.data[8..12].try_into().expect("4 bytes"));
+        let got = u64::from_le_bytes(m.data[12..20].try_into().expect("8 bytes"));
+        Ok((got == seq).then_some(dead))
     }
 
     pub fn unlock(&self, id: usize) -> Result<()> {
@@ -360,26 +638,42 @@ impl Locks {
         if let Ok(mut m) = self.inherited.lock() {
             m.remove(&id);
         }
-        if self.me == 0 {
-            if let Some(next) = self.table.release(id, 0)? {
-                self.grant(id, next)?;
+        let seq = self
+            .mine
+            .lock()
+            .map_err(|_| poisoned())?
+            .held
+            .remove(&id)
+            .unwrap_or(0);
+        let c = self.coordinator();
+        if c == self.me {
+            // A new server whose table is being rebuilt releases once it serves (the
+            // report it may have given still names this node the holder).
+            let begin = Instant::now();
+            while !self.serving() {
+                if begin.elapsed() > self.ep.op_timeout() * 6 {
+                    return Err(timeout(id, begin));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.table.holder(id) == Some(self.me) {
+                if let Some(next) = self.table.release(id, self.me)? {
+                    self.grant(id, next)?;
+                }
             }
             return Ok(());
         }
-        let mut req = vec![OP_UNLOCK];
-        req.extend_from_slice(&id.to_le_bytes());
-        req.extend_from_slice(&self.me.to_le_bytes());
-        self.ep.send(self.peer(0)?, TAG_LOCK_REQUEST, &req)?;
-        Ok(())
+        self.request(c, OP_UNLOCK, id, seq)
     }
 
-    /// Rank 0's lock server: handles requests until `stop`.
-    ///
-    /// Node 0's death (dsm/README.md): the next coordinator would start this server with a
-    /// table rebuilt from the survivors' reports (holders kept, waiters queued again, locks
-    /// node 0 held granted as inherited), and waiters would resend their requests to it.
+    /// The lock server: handles requests until `stop` (every node runs it; only the one
+    /// serving, the coordinator, takes requests).
     pub fn serve(&self, stop: &AtomicBool) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
+            if !self.serving() {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             if let Some((check, after)) = &self.holder_check {
                 for holder in self.table.overdue(*after) {
                     if holder != self.me {
@@ -393,16 +687,17 @@ impl Locks {
                 Err(e) => return Err(e.into()),
             };
             let d = &m.data;
-            if d.len() != 9 {
+            if d.len() != REQUEST_LEN {
                 continue;
             }
             let id = u32::from_le_bytes(d[1..5].try_into().expect("4 bytes"));
             let who = u32::from_le_bytes(d[5..9].try_into().expect("4 bytes"));
-            if id as usize >= self.count || (who != 0 && (self.peers)(who).is_none()) {
+            let seq = u64::from_le_bytes(d[9..17].try_into().expect("8 bytes"));
+            if id as usize >= self.count || (who != self.me && (self.peers)(who).is_none()) {
                 continue;
             }
             match d[0] {
-                OP_LOCK if self.table.acquire(id, who)? => self.grant(id, who)?,
+                OP_LOCK if self.table.acquire(id, who, seq)? => self.grant(id, who)?,
                 OP_UNLOCK if self.table.holder(id) == Some(who) => {
                     if let Some(next) = self.table.release(id, who)? {
                         self.grant(id, next)?;
@@ -436,10 +731,10 @@ mod tests {
     #[test]
     fn a_dead_holders_lock_goes_to_the_next_live_waiter_naming_it() {
         let t = LockTable::default();
-        assert!(t.acquire(0, 1).unwrap());
-        assert!(!t.acquire(0, 3).unwrap());
-        assert!(!t.acquire(0, 2).unwrap());
-        assert!(t.acquire(1, 1).unwrap());
+        assert!(t.acquire(0, 1, 0).unwrap());
+        assert!(!t.acquire(0, 3, 0).unwrap());
+        assert!(!t.acquire(0, 2, 0).unwrap());
+        assert!(t.acquire(1, 1, 0).unwrap());
         // Node 3 dies waiting, node 1 dies holding both locks.
         assert!(t.node_failed(3).unwrap().is_empty());
         let grants = t.node_failed(1).unwrap();
@@ -452,11 +747,11 @@ mod tests {
         assert_eq!(t.inherited(0), 1);
         assert_eq!(t.holder(1), None);
         // The next holder of the freed lock is told too; a dead node never gets one.
-        assert!(!t.acquire(1, 3).unwrap());
-        assert!(t.acquire(1, 0).unwrap());
+        assert!(!t.acquire(1, 3, 0).unwrap());
+        assert!(t.acquire(1, 0, 0).unwrap());
         assert_eq!(t.inherited(1), 1);
         // A normal hand-over names nobody.
-        assert!(!t.acquire(0, 0).unwrap());
+        assert!(!t.acquire(0, 0, 0).unwrap());
         assert_eq!(t.release(0, 2).unwrap(), Some(0));
         assert_eq!(t.inherited(0), NO_NODE);
     }
@@ -464,11 +759,111 @@ mod tests {
     #[test]
     fn only_holders_past_the_limit_with_waiters_are_probed() {
         let t = LockTable::default();
-        assert!(t.acquire(0, 1).unwrap());
-        assert!(t.acquire(1, 2).unwrap());
+        assert!(t.acquire(0, 1, 0).unwrap());
+        assert!(t.acquire(1, 2, 0).unwrap());
         assert!(t.overdue(Duration::ZERO).is_empty(), "nobody waits");
-        assert!(!t.acquire(0, 0).unwrap());
+        assert!(!t.acquire(0, 0, 0).unwrap());
         assert_eq!(t.overdue(Duration::ZERO), vec![1]);
         assert!(t.overdue(Duration::from_secs(3600)).is_empty());
+    }
+
+    #[test]
+    fn a_new_coordinator_rebuilds_the_table_and_grants_the_dead_servers_locks() {
+        let t = LockTable::default();
+        // Node 0 (the server) died. Node 1 holds lock 0 with node 3 waiting; node 2 and
+        // node 3 wait for lock 1, which only node 0 can have held; lock 2 was free.
+        let mut reports = BTreeMap::new();
+        reports.insert(
+            1,
+            LockReport {
+                held: vec![(0, 5)],
+                waiting: vec![],
+            },
+        );
+        reports.insert(
+            2,
+            LockReport {
+                held: vec![],
+                waiting: vec![(1, 9)],
+            },
+        );
+        reports.insert(
+            3,
+            LockReport {
+                held: vec![],
+                waiting: vec![(0, 4), (1, 4)],
+            },
+        );
+        let dead: BTreeSet<NodeId> = [0].into_iter().collect();
+        let grants = t.rebuild(&reports, 0, &dead).unwrap();
+        assert_eq!(grants, vec![(1, 2)], "only lock 1 changes hands");
+        assert_eq!(
+            t.holder(0),
+            Some(1),
+            "a lock granted to a survivor stays its"
+        );
+        assert_eq!(t.inherited(0), NO_NODE);
+        assert_eq!(t.holder(1), Some(2));
+        assert_eq!(t.inherited(1), 0, "the grant names the dead server");
+        let seq = |id: u32, n: NodeId| t.entries.lock().unwrap()[&id].seqs[&n];
+        assert_eq!(seq(1, 2), 9, "the grant answers node 2's request");
+        assert_eq!(seq(0, 3), 4);
+        // The queues go on: node 1's release hands lock 0 to node 3.
+        assert_eq!(t.release(0, 1).unwrap(), Some(3));
+        assert_eq!(t.release(1, 2).unwrap(), Some(3));
+        // The dead server is never granted a lock again; a free lock is taken at once.
+        assert!(!t.acquire(2, 0, 1).unwrap());
+        assert!(t.acquire(2, 1, 6).unwrap());
+        // Two survivors claiming one lock is an error, not a silent choice.
+        reports.get_mut(&2).unwrap().held.push((0, 1));
+        assert!(t.rebuild(&reports, 0, &dead).is_err());
+    }
+
+    #[test]
+    fn a_grant_for_an_earlier_request_or_from_a_dead_node_is_ignored() {
+        let ep: Arc<dyn Endpoint> = Arc::from(
+            fabric::open(&fabric::FabricConfig::with_provider(
+                fabric::Provider::Loopback,
+            ))
+            .unwrap(),
+        );
+        let locks = Locks::new(1, ep, Arc::new(|_| None), 4).with_members(LockMembers {
+            coordinator: Arc::new(|| 2),
+            dead_peer: Arc::new(|p| p == PeerId(0)),
+        });
+        let grant = |peer: u32, dead: NodeId, seq: u64| {
+            let mut data = 1u64.to_le_bytes().to_vec();
+            data.extend_from_slice(&dead.to_le_bytes());
+            data.extend_from_slice(&seq.to_le_bytes());
+            fabric::Message {
+                tag: TAG_LOCK_GRANT,
+                peer: Some(PeerId(peer)),
+                data,
+            }
+        };
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(2, NO_NODE, 5)).unwrap(),
+            Some(NO_NODE)
+        );
+        assert_eq!(locks.accept_grant(0, 5, &grant(2, 0, 5)).unwrap(), Some(0));
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(2, NO_NODE, 4)).unwrap(),
+            None,
+            "a grant answering request 4 does not answer request 5"
+        );
+        assert_eq!(
+            locks.accept_grant(0, 5, &grant(0, NO_NODE, 5)).unwrap(),
+            None,
+            "a grant the dead server sent is dropped"
+        );
+        let short = fabric::Message {
+            tag: TAG_LOCK_GRANT,
+            peer: Some(PeerId(2)),
+            data: vec![0; 12],
+        };
+        assert!(
+            locks.accept_grant(0, 5, &short).is_err(),
+            "a short grant is an error"
+        );
     }
 }

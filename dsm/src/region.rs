@@ -233,47 +233,14 @@ impl Dsm {
             addrs,
         ));
         let mut threads = engine.spawn(config.fault_threads)?;
-        let mut locks = Locks::new(
+        let locks = Locks::new(
             rank,
             ep.clone(),
             lock_peers(&engine, rank),
             config.locks.max(1),
         );
-        if rank == crate::fault::members::COORDINATOR {
-            // A holder that keeps a lock others wait for past the fault timeout is probed;
-            // a dead one's failure releases its locks once committed.
-            let e = engine.clone();
-            locks =
-                locks.with_holder_check(Arc::new(move |n| e.probe_holder(n)), config.fault_timeout);
-        }
-        let locks = Arc::new(locks);
-        if rank == crate::fault::members::COORDINATOR {
-            let l = Arc::downgrade(&locks);
-            engine.members.on_failure(Arc::new(move |n| {
-                if let Some(l) = l.upgrade() {
-                    if let Err(e) = l.node_failed(n) {
-                        eprintln!("krun dsm: releasing the DSM locks of dead node {n}: {e}");
-                    }
-                }
-            }));
-        }
         let stop = Arc::new(AtomicBool::new(false));
-        if rank == 0 {
-            let (l, s) = (locks.clone(), stop.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("dsm-locks".into())
-                    .spawn(move || {
-                        if let Err(e) = l.serve(&s) {
-                            eprintln!("dsm lock server: {e}");
-                        }
-                    })
-                    .map_err(|e| DsmError::Os {
-                        what: "spawning the lock server".into(),
-                        source: e,
-                    })?,
-            );
-        }
+        let locks = wire_locks(&engine, locks, config.fault_timeout, &stop, &mut threads)?;
         let dsm = Dsm {
             engine,
             boot: Mutex::new(boot),
@@ -465,7 +432,8 @@ impl Dsm {
         self.barrier()
     }
 
-    /// Takes DSM lock `id` (FIFO, granted by rank 0). A node that joined during the run
+    /// Takes DSM lock `id` (FIFO, granted by the coordinator: rank 0, then the next live
+    /// rank, which rebuilds the lock table from the survivors). A node that joined during the run
     /// takes the locks too.
     pub fn lock(&self, id: usize) -> Result<()> {
         self.check()?;
@@ -483,7 +451,8 @@ impl Dsm {
         self.locks.inherited(id)
     }
 
-    /// At rank 0: the nodes waiting for DSM lock `id`, in order (empty elsewhere).
+    /// At the node serving the locks (the coordinator): the nodes waiting for DSM lock
+    /// `id`, in order (empty elsewhere).
     pub fn lock_waiters(&self, id: usize) -> Vec<NodeId> {
         self.locks.waiters(id)
     }
@@ -566,6 +535,12 @@ impl Dsm {
         )
     }
 
+    /// Time spent in each step of the fault path so far, nanoseconds summed over every
+    /// fault (steps named by [`crate::fault::STEPS`]; `answer` includes `copy`).
+    pub fn fault_steps_ns(&self) -> [u64; crate::fault::STEPS.len()] {
+        std::array::from_fn(|i| self.engine.stats.step_ns[i].load(Ordering::Relaxed))
+    }
+
     /// The protocol's counters.
     pub fn protocol_stats(&self) -> crate::coherence::Stats {
         self.engine.node.lock().map(|n| n.stats).unwrap_or_default()
@@ -589,6 +564,69 @@ impl Drop for Dsm {
             }
         }
     }
+}
+
+/// Connects a node's DSM locks to its driver: the coordinator and the dead nodes as the
+/// driver knows them, the probe of an overdue holder (at the server) or of a silent server
+/// (at a waiter), this node's report to a new coordinator, the release of a dead node's
+/// locks at the server once its failure committed, and the takeover of the table by the
+/// next coordinator once the old one's failure committed; starts the lock server thread
+/// (idle until this node serves).
+pub(crate) fn wire_locks(
+    engine: &Arc<Engine>,
+    locks: Locks,
+    fault_timeout: std::time::Duration,
+    stop: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<Arc<Locks>> {
+    let (e1, e2, e3) = (engine.clone(), engine.clone(), engine.clone());
+    let locks = Arc::new(
+        locks
+            .with_members(crate::lock::LockMembers {
+                coordinator: Arc::new(move || e1.coordinator()),
+                dead_peer: Arc::new(move |p| e2.peer_is_dead(p)),
+            })
+            .with_holder_check(Arc::new(move |n| e3.probe_holder(n)), fault_timeout),
+    );
+    let l = Arc::downgrade(&locks);
+    engine.members.set_lock_reporter(Arc::new(move || {
+        l.upgrade().map(|l| l.report()).unwrap_or_default()
+    }));
+    let (l, e) = (Arc::downgrade(&locks), Arc::downgrade(engine));
+    engine.members.on_failure(Arc::new(move |n| {
+        let (Some(l), Some(e)) = (l.upgrade(), e.upgrade()) else {
+            return;
+        };
+        if l.serving() {
+            if let Err(err) = l.node_failed(n) {
+                eprintln!("krun dsm: releasing the DSM locks of dead node {n}: {err}");
+            }
+        } else if n < e.me && e.coordinator() == e.me {
+            // The dead node served the locks before this one: rebuild its table from the
+            // survivors' reports.
+            let r = e
+                .lock_reports(fault_timeout.max(e.ep.op_timeout()) * 4)
+                .and_then(|reports| l.take_over(n, &reports, &e.dead_nodes()));
+            if let Err(err) = r {
+                e.fail(format!("taking over the DSM locks of dead node {n}: {err}"));
+            }
+        }
+    }));
+    let (l, s) = (locks.clone(), stop.clone());
+    threads.push(
+        std::thread::Builder::new()
+            .name("dsm-locks".into())
+            .spawn(move || {
+                if let Err(e) = l.serve(&s) {
+                    eprintln!("dsm lock server: {e}");
+                }
+            })
+            .map_err(|e| DsmError::Os {
+                what: "spawning the lock server".into(),
+                source: e,
+            })?,
+    );
+    Ok(locks)
 }
 
 /// The lock table's view of the DSM's connections (nodes that join are added to it).

@@ -20,110 +20,26 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::killed::{Killed, LIMIT};
 use common::{is_root, pairs, rank_args, spawn, Proc};
 use fabric::bootstrap::BootstrapServer;
 
-const LIMIT: Duration = Duration::from_secs(150);
-
 fn coordinator_killed_on(provider: &str) {
-    let dir = std::env::temp_dir().join(format!(
-        "krun-dsm-coordinator-killed-{}-{provider}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (go, stop) = (dir.join("go"), dir.join("stop"));
-    let server = BootstrapServer::start_with("127.0.0.1:0", 4, LIMIT, None).unwrap();
-    let addr = server.addr().to_string();
-    let env = [
-        ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
-        ("KRUN_DSM_PREFETCH", "0"),
-    ];
-    let extra = [
-        "--rounds",
-        "20",
-        "--go-file",
-        go.to_str().unwrap(),
-        "--stop-file",
-        stop.to_str().unwrap(),
-    ];
-    let mut procs: Vec<Proc> = (0..4)
-        .map(|r| {
-            spawn(
-                &rank_args("coordinator-killed", provider, &addr, r, 4, &extra),
-                &env,
-            )
-        })
-        .collect();
-    let deadline = Instant::now() + LIMIT;
-    procs[0].line_with("victim=ready", deadline, "rank 0");
-    procs[1].line_with("faulting=1", deadline, "rank 1");
-    procs[2].line_with("faulting=1", deadline, "rank 2");
-    procs[0].child.kill().unwrap();
-    assert!(!procs[0].child.wait().unwrap().success());
-    std::fs::write(&go, b"go").unwrap();
-    let mut survivors = Vec::new();
-    for (r, p) in procs.iter_mut().enumerate().skip(1) {
-        let line = p.line_with("survivor=ok", deadline, &format!("rank {r}"));
-        eprintln!("rank {r} over {provider}: {line}");
-        survivors.push(pairs(&line));
-    }
-    for (k, s) in survivors.iter().enumerate() {
-        let r = k + 1;
+    let mut run = Killed::start("coordinator-killed", provider, false);
+    run.kill(0, [1, 2]);
+    for (k, s) in run.survivors(&[1, 2, 3], 0).iter().enumerate() {
         assert_eq!(
-            s["failures"], "0",
-            "rank {r} over {provider}: node 0's failure was not handled"
-        );
-        assert_eq!(
-            s["coordinator"], "1",
-            "rank {r} over {provider}: rank 1 should coordinate after node 0"
+            s["coordinator"],
+            "1",
+            "rank {} over {provider}: rank 1 should coordinate after node 0",
+            k + 1
         );
     }
-    let promoted: u64 = survivors
-        .iter()
-        .map(|s| s["promoted"].parse::<u64>().unwrap())
-        .sum();
-    assert!(promoted > 0, "over {provider}: no read copy was promoted");
-    let lost_line = procs[1].line_with("expected_lost=", deadline, "rank 1");
-    let lost = pairs(&lost_line);
-    eprintln!("over {provider}: {lost_line}");
-    assert_eq!(
-        lost["lost"], lost["expected_lost"],
-        "over {provider}: the new coordinator's lost pages differ from those whose every \
-         copy died"
-    );
-    assert_ne!(lost["lost"], "-", "over {provider}: no page reported lost");
-    // Rank 3 reads a lost page (one only node 0 managed and wrote): a clear error naming
-    // it, exit code 75.
-    let access = procs[3].line_with("lost_access=", deadline, "rank 3");
-    let page = pairs(&access)["lost_access"].clone();
-    assert!(
-        lost["lost"].split(',').any(|p| p == page),
-        "rank 3 reads page {page}, which is not among the lost {}",
-        lost["lost"]
-    );
-    let (status, err) = procs[3].wait_exit(deadline, "rank 3");
-    assert_eq!(
-        status.code(),
-        Some(dsm::fault::EXIT_PAGE_UNREACHABLE),
-        "rank 3 over {provider}: {status}\n{err}"
-    );
-    assert!(
-        err.contains(&format!("page {page} (region at")) && err.contains("is lost"),
-        "rank 3 over {provider}: the error must name page {page} as lost:\n{err}"
-    );
-    assert!(err.contains("not zero-filled"), "{err}");
-    std::fs::write(&stop, b"stop").unwrap();
-    for r in [1usize, 2] {
-        let (status, err) = procs[r].wait_exit(deadline, &format!("rank {r}"));
-        assert!(
-            status.success(),
-            "rank {r} over {provider}: {status}\n{err}"
-        );
-    }
-    drop(procs);
-    let _ = server.join();
-    let _ = std::fs::remove_dir_all(&dir);
+    // The new coordinator reports them; rank 3 reads one (only node 0 managed and wrote
+    // it).
+    let lost = run.lost(1);
+    run.lost_access(3, &lost);
+    run.finish(&[1, 2]);
 }
 
 #[test]
@@ -142,4 +58,117 @@ fn a_sigkilled_node_0_is_replaced_by_the_next_coordinator_over_shm() {
         return;
     }
     coordinator_killed_on("shm");
+}
+
+/// Node 0 runs rank 2's leave and is SIGKILLed between two of its steps (after `phase`,
+/// forced by `KRUN_DSM_CHANGE_PAUSE`): rank 1 takes over and finishes the leave (after
+/// logical: every member switched) or drops it (after setting: nobody switched; rank 2
+/// asks again and rank 1 runs it); either way rank 2 is told it may go, and rank 1 ends
+/// as the only member with both pages intact.
+fn leave_half_done(provider: &str, phase: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "krun-dsm-leave-half-done-{}-{provider}-{phase}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (go, paused) = (dir.join("go"), dir.join("paused"));
+    let server = BootstrapServer::start_with("127.0.0.1:0", 3, LIMIT, None).unwrap();
+    let addr = server.addr().to_string();
+    let pause = format!("{phase}:{}", paused.to_str().unwrap());
+    let env = [
+        ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
+        ("KRUN_DSM_PREFETCH", "0"),
+        ("KRUN_DSM_CHANGE_PAUSE", pause.as_str()),
+    ];
+    let extra = ["--go-file", go.to_str().unwrap()];
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|r| {
+            spawn(
+                &rank_args("leave-coordinator-killed", provider, &addr, r, 3, &extra),
+                &env,
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + LIMIT;
+    procs[0].line_with("victim=ready", deadline, "rank 0");
+    procs[1].line_with("waiting=1", deadline, "rank 1");
+    procs[2].line_with("leaving=1", deadline, "rank 2");
+    while !paused.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never paused the leave after its {phase} phase:\n{}",
+            procs[0].kill_and_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs[0].child.kill().unwrap();
+    assert!(!procs[0].child.wait().unwrap().success());
+    std::fs::write(&go, b"go").unwrap();
+    let what = format!("over {provider}, node 0 killed after the leave's {phase} phase");
+    procs[2].line_with("left=1", deadline, "rank 2");
+    let (status, err) = procs[2].wait_exit(deadline, "rank 2");
+    assert!(status.success(), "rank 2 {what}: {status}\n{err}");
+    let end = pairs(&procs[1].line_with("survivor=ok", deadline, "rank 1"));
+    assert_eq!(end["members"], "1", "rank 1 {what}");
+    assert_eq!(
+        end["dead"], "0",
+        "rank 1 {what}: node 0 died (rank 2 left, it is not dead)"
+    );
+    assert_eq!(end["coordinator"], "1", "rank 1 {what}");
+    assert_eq!(
+        end["lost"], "-",
+        "rank 1 {what}: page 0 had a copy at rank 1"
+    );
+    let (status, err) = procs[1].wait_exit(deadline, "rank 1");
+    assert!(status.success(), "rank 1 {what}: {status}\n{err}");
+    let told = if phase == "logical" {
+        "finishing the change Leave(2)"
+    } else {
+        "the change Leave(2) (epoch 1) the dead coordinator left before any member switched is \
+         dropped"
+    };
+    assert!(
+        err.contains(told),
+        "rank 1 {what} never said {told:?}:\n{err}"
+    );
+    drop(procs);
+    let _ = server.join();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_leave_node_0_left_after_its_logical_phase_is_finished_by_the_next_coordinator_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    leave_half_done("tcp", "logical");
+}
+
+#[test]
+fn a_leave_node_0_left_after_its_logical_phase_is_finished_by_the_next_coordinator_over_shm() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    leave_half_done("shm", "logical");
+}
+
+#[test]
+fn a_leave_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    leave_half_done("tcp", "setting");
+}
+
+#[test]
+fn a_leave_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_shm() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    leave_half_done("shm", "setting");
 }

@@ -2,6 +2,7 @@
 //! page bytes of grants), one-sided operations handed back to the caller, page installs,
 //! protections, publications and drops, and wake-ups of the faulting threads.
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use super::{
     no_region, now_ns, poisoned, region_of, Data, Engine, RegisteredWords, Remote, TAG_DSM,
@@ -171,9 +172,11 @@ impl Engine {
                             self.me
                         );
                     }
+                    let t = Instant::now();
                     // SAFETY: src points at PAGE readable bytes (a message, a landing slot
                     // or the zero page), alive for this call.
                     unsafe { self.uffd.copy(region.addr(page), src, writable)? };
+                    self.step(5, t);
                 }
                 Action::Protect { page } => {
                     let Some(region) = region_of(&self.regions, page) else {

@@ -18,6 +18,12 @@ impl Engine {
         self.dead.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
+    /// Whether the connection `peer` is a node known dead.
+    pub fn peer_is_dead(&self, peer: PeerId) -> bool {
+        self.rank_of(peer)
+            .is_some_and(|n| self.dead.lock().map(|d| d.contains(&n)).unwrap_or(false))
+    }
+
     /// `nodes` died (the watchdog's probe found them silent, another node announced it, or
     /// the job's membership reports the failure): their read copies leave every copyset, so
     /// writes waiting for their invalidation acknowledgements are granted, and nothing is

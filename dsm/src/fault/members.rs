@@ -155,7 +155,12 @@ pub struct Members {
     /// At node 0: what runs once a failure's change committed (the lock table releases
     /// the dead node's locks).
     failure_hooks: Mutex<Vec<FailureHook>>,
+    /// This node's DSM locks, for a new coordinator's [`Ctl::LockQuery`].
+    lock_report: Mutex<Option<LockReporter>>,
 }
+
+/// What DSM locks this node holds and waits for.
+pub type LockReporter = Arc<dyn Fn() -> crate::lock::LockReport + Send + Sync>;
 
 /// Called at node 0 with the dead node once its failure's change committed.
 pub type FailureHook = Arc<dyn Fn(NodeId) + Send + Sync>;
@@ -181,6 +186,7 @@ impl Members {
             lost: Mutex::new(BTreeSet::new()),
             fail_hold: std::env::var_os("KRUN_DSM_FAIL_HOLD").map(Into::into),
             failure_hooks: Mutex::new(Vec::new()),
+            lock_report: Mutex::new(None),
         }
     }
 
@@ -188,6 +194,13 @@ impl Members {
     pub fn on_failure(&self, hook: FailureHook) {
         if let Ok(mut h) = self.failure_hooks.lock() {
             h.push(hook);
+        }
+    }
+
+    /// What answers a new coordinator's [`Ctl::LockQuery`] here.
+    pub fn set_lock_reporter(&self, r: LockReporter) {
+        if let Ok(mut l) = self.lock_report.lock() {
+            *l = Some(r);
         }
     }
 
@@ -354,7 +367,8 @@ impl Engine {
             | Ctl::Installed { .. }
             | Ctl::Migrated { .. }
             | Ctl::Committed { .. }
-            | Ctl::State { .. } => {
+            | Ctl::State { .. }
+            | Ctl::Locks(_) => {
                 self.members.reply(from, ctl);
                 Ok(())
             }
@@ -376,6 +390,17 @@ impl Engine {
                 let state = self.change_state()?;
                 self.ctl_to(from, state)
             }
+            Ctl::LockQuery => {
+                let report = self
+                    .members
+                    .lock_report
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.clone())
+                    .map(|r| r())
+                    .unwrap_or_default();
+                self.ctl_to(from, Ctl::Locks(report))
+            }
             Ctl::Arrive { gen } => self.on_arrive(from, gen),
             Ctl::Release { gen } => {
                 self.members.release(gen);
@@ -394,6 +419,36 @@ impl Engine {
                 reason: format!("unexpected membership message at node {me}: {other:?}"),
             }),
         }
+    }
+
+    /// The coordinator, once the old one's failure committed: every live member's DSM
+    /// locks (held and awaited), this node's among them.
+    pub fn lock_reports(
+        &self,
+        within: Duration,
+    ) -> Result<BTreeMap<NodeId, crate::lock::LockReport>> {
+        let dead = self.dead_nodes();
+        let live: BTreeSet<NodeId> = {
+            let v = self.members.view.lock().map_err(|_| poisoned())?;
+            let v = v.as_ref().ok_or_else(|| no_view(self.me))?;
+            v.members().difference(&dead).copied().collect()
+        };
+        for &m in &live {
+            self.ctl_to(m, Ctl::LockQuery)?;
+        }
+        let got = self.wait_replies(
+            "DSM locks takeover",
+            &live,
+            |c| matches!(c, Ctl::Locks(_)),
+            Instant::now() + within,
+        )?;
+        Ok(got
+            .into_iter()
+            .filter_map(|(n, c)| match c {
+                Ctl::Locks(r) => Some((n, r)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Node 0 tells the nodes that joined during the run that the job is over.

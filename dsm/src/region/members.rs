@@ -216,7 +216,10 @@ impl Dsm {
         );
         engine.members.set_view(view);
         engine.node_failed(&welcome.gone, false)?;
-        let threads = engine.spawn(config.fault_threads)?;
+        let mut threads = engine.spawn(config.fault_threads)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let locks = Locks::new(id, ep.clone(), lock_peers(&engine, id), config.locks.max(1));
+        let locks = super::wire_locks(&engine, locks, config.fault_timeout, &stop, &mut threads)?;
         let dsm = Dsm {
             engine: engine.clone(),
             boot: Mutex::new(Box::new(NoCollective {
@@ -227,13 +230,8 @@ impl Dsm {
             rank: id,
             size: welcome.initial as usize,
             next_page: Mutex::new(next_page),
-            locks: Arc::new(Locks::new(
-                id,
-                ep.clone(),
-                lock_peers(&engine, id),
-                config.locks.max(1),
-            )),
-            stop: Arc::new(AtomicBool::new(false)),
+            locks,
+            stop,
             mapped: Mutex::new(mapped),
         };
         members::send_raw(&*ep, c_peer, id, &Ctl::Ready { regions: ready })?;

@@ -3,6 +3,7 @@
 //! creates a file) and whose stderr is kept for the report. Processes are killed (by PID,
 //! through `Child`) and reaped when dropped.
 #![allow(dead_code)]
+pub mod killed;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,22 +1,17 @@
 //! Scenarios of a node that stops answering while others wait for it: `lock-holder-killed`
 //! (the holder of a DSM lock dies while another rank waits for the lock) and `stalled`
 //! (a rank is stopped past the fault timeout while the others wait at a barrier).
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use dsm::Dsm;
 
+use super::killed::say;
 use super::{wait_file, Args, Res};
 
 const PAGE: usize = 4096;
 
-fn say(line: &str) {
-    println!("krun-result {line}");
-    let _ = std::io::stdout().flush();
-}
-
 /// Waits (at most 120 s) until `ready` holds.
-fn until(what: &str, mut ready: impl FnMut() -> bool) -> Res<()> {
+pub(super) fn until(what: &str, mut ready: impl FnMut() -> bool) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ready() {
         if Instant::now() > deadline {

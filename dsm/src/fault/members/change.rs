@@ -183,6 +183,7 @@ impl Engine {
             deadline,
         )?;
         let t_setting = t.elapsed().as_secs_f64();
+        self.pause_injected(change, "setting");
         // Logical: everyone switches; entries migrate.
         let t = Instant::now();
         if self.members.hold {
@@ -212,6 +213,7 @@ impl Engine {
             l.extend(lost.iter().copied());
         }
         let t_logical = t.elapsed().as_secs_f64();
+        self.pause_injected(change, "logical");
         // End: the view is committed everywhere.
         let t = Instant::now();
         // Node 0 last: committing a failure asks again what it waits for, and an answer
@@ -406,8 +408,36 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        self.ctl_to(self.coordinator(), Ctl::Leave { owned })?;
+        let mut told = self.coordinator();
+        self.ctl_to(
+            told,
+            Ctl::Leave {
+                owned: owned.clone(),
+            },
+        )?;
         while !self.members.left.load(Ordering::SeqCst) {
+            let coordinator = self.coordinator();
+            if coordinator != told {
+                // The coordinator died: the next one finishes the leave it left half-done
+                // (and tells this node), or dropped it; asking again covers both (a leave
+                // already committed is answered `Left` again).
+                told = coordinator;
+                if coordinator == self.me {
+                    return Err(DsmError::Config {
+                        what: "leave".into(),
+                        reason: format!(
+                            "node {} became the coordinator while leaving: it cannot leave",
+                            self.me
+                        ),
+                    });
+                }
+                self.ctl_to(
+                    told,
+                    Ctl::Leave {
+                        owned: owned.clone(),
+                    },
+                )?;
+            }
             if let Some(e) = self.error() {
                 return Err(DsmError::Collective {
                     what: "leave".into(),
@@ -510,6 +540,12 @@ impl Engine {
                 }
             };
             if let Some((from, ctl)) = next {
+                if matches!(ctl, Ctl::Leave { .. }) && self.members.settled(from) {
+                    // Asked again of a new coordinator after the old one's leave of it
+                    // committed (finished by the takeover): it may go.
+                    let _ = self.ctl_to(from, Ctl::Left);
+                    continue;
+                }
                 if let Err(e) = self.run_request(from, ctl, CHANGE_LIMIT) {
                     self.fail(format!("membership change: {e}"));
                 }
@@ -614,15 +650,58 @@ impl Engine {
         for &m in holding.iter().filter(|&&m| m != me).chain(holding.get(&me)) {
             self.ctl_to(m, Ctl::Commit { epoch })?;
         }
+        // As in `run_change`: a leaving node is dropped at each commit, its answer is not
+        // awaited; it is told it may go once the others committed.
+        let mut committing = holding.clone();
+        if let ViewChange::Leave(n) = change {
+            committing.remove(&n);
+        }
         self.wait_replies(
             "end (takeover)",
-            &holding,
+            &committing,
             |c| matches!(c, Ctl::Committed { epoch: e } if *e == epoch),
             deadline,
         )?;
-        if let ViewChange::Fail(n) = change {
-            self.members.failure_handled(n);
+        match change {
+            ViewChange::Fail(n) => self.members.failure_handled(n),
+            ViewChange::Leave(n) => self.ctl_to(n, Ctl::Left)?,
+            ViewChange::Join(_) => {}
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// Test injection (`KRUN_DSM_CHANGE_PAUSE=<phase>:<file>`): node 0, running a join or a
+    /// leave, stops once `phase` (`setting` or `logical`) is done, before the next step:
+    /// it creates `file` and waits to be killed (at most 120 s), so that the change is
+    /// left half-done for the next coordinator.
+    fn pause_injected(&self, change: ViewChange, phase: &str) {
+        if self.me != 0 || matches!(change, ViewChange::Fail(_)) {
+            return;
+        }
+        let Some(spec) = std::env::var_os("KRUN_DSM_CHANGE_PAUSE") else {
+            return;
+        };
+        let spec = spec.to_string_lossy().into_owned();
+        let Some((at, file)) = spec
+            .split_once(':')
+            .filter(|(at, _)| ["setting", "logical"].contains(at))
+        else {
+            eprintln!(
+                "krun dsm: KRUN_DSM_CHANGE_PAUSE={spec:?} ignored: expected \
+                 setting:<file> or logical:<file>"
+            );
+            return;
+        };
+        if at != phase {
+            return;
+        }
+        eprintln!("krun dsm: node 0: pausing {change:?} after its {phase} phase (test)");
+        let _ = std::fs::write(file, phase);
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until && !self.stopped() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -56,6 +56,10 @@ pub enum Ctl {
         switched: bool,
         migrated: Option<Vec<PageId>>,
     },
+    /// From a new coordinator, once the old one's failure committed: what DSM locks this
+    /// node holds and waits for ([`Ctl::Locks`]).
+    LockQuery,
+    Locks(crate::lock::LockReport),
     /// Node 0's own queue only (never sent): `node` died, run its failure.
     Failed {
         node: NodeId,
