@@ -471,7 +471,7 @@ fn simulation(n: u64) -> Result<serde_json::Value, String> {
                 .env("KRUN_SIM_FIRST_SEED", first.to_string())
                 .current_dir(root.join("adaptation"))
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("{}: {e}", exe.display()))
         })
@@ -490,7 +490,12 @@ fn simulation(n: u64) -> Result<serde_json::Value, String> {
             .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         {
             Some(k) if out.status.success() => passed += k,
-            _ => failed.push(crate::ha::tail(&text, 12)),
+            // The failing seed and its check are in the panic message, on stderr.
+            _ => failed.push(format!(
+                "{}\n{}",
+                crate::ha::tail(&text, 4),
+                crate::ha::tail(&String::from_utf8_lossy(&out.stderr), 30)
+            )),
         }
     }
     Ok(json!({
