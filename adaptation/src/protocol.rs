@@ -206,6 +206,10 @@ pub struct Node {
     /// every node the log says failed (a participant in that set is not waited for), and
     /// the supervisors.
     logged: ViewState,
+    /// Nodes whose planned leave this node saw through (step 4 of the leave's change): their
+    /// copies reached the members that stay, whatever the log says of them later (a leaver
+    /// that stopped can still be declared failed by a detector that saw it go silent).
+    handed_over: BTreeSet<NodeId>,
     /// Supervisors: the configuration after the changes this node's Raft member reported
     /// (`raft_epoch` of them), against which each committed change is judged; the known log
     /// may be ahead of it (changes learned from other supervisors first).
@@ -350,6 +354,7 @@ impl Node {
             log: Vec::new(),
             early_log: BTreeMap::new(),
             logged: view.clone(),
+            handed_over: BTreeSet::new(),
             raft_view: view,
             raft_epoch: 0,
             regrouped_at: None,

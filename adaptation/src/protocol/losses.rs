@@ -80,9 +80,12 @@ impl Node {
                 }
                 let w = witnesses_in(&members, failed, k);
                 // A witness that left in a planned way handed its copies to members that
-                // stay (and scanned them here); one that failed took them along.
+                // stay (and scanned them here), also when a detector declared it failed
+                // after it had gone; one that failed before its leave was through took them
+                // along.
                 let kept = |w: &NodeId| {
                     scanned.contains(w)
+                        || self.handed_over.contains(w)
                         || (self.logged.ever.contains(w)
                             && !self.logged.members.contains(w)
                             && !self.logged.failed.contains(w))

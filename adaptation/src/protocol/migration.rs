@@ -193,6 +193,7 @@ impl Node {
         let leaving = matches!(m.change, Change::Leave { node } if node == self.cfg.me);
         if let Change::Leave { node } = m.change {
             if node != self.cfg.me {
+                self.handed_over.insert(node);
                 let o = self.membership.remove_member(node, self.now);
                 self.on_membership(o);
             }
