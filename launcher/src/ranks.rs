@@ -225,6 +225,19 @@ pub fn catch_forwarded_signals() {
     }
 }
 
+/// Records SIGUSR1 as a checkpoint request from now on (the runtime takes it once its ranks
+/// run). A node runtime installs it first thing: Slurm's `--signal` may come up to a minute
+/// early, also while the node is still starting, and SIGUSR1's default action would end it.
+pub fn catch_checkpoint_requests() {
+    // SAFETY: the handler only touches atomics, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            remember_signal as *const () as libc::sighandler_t,
+        )
+    };
+}
+
 /// Set when a node that never ran a rank (a spare) ended on SIGINT or SIGTERM.
 static SPARE_SIGNALLED: AtomicBool = AtomicBool::new(false);
 

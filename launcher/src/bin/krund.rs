@@ -154,6 +154,8 @@ fn listen(spec: Option<String>, insecure: bool) -> Result<i32, LauncherError> {
 }
 
 fn run() -> Result<i32, LauncherError> {
+    // A scheduler's early SIGUSR1 is a checkpoint request, never the end of a starting node.
+    launcher::ranks::catch_checkpoint_requests();
     let cli = KrundCli::parse();
     launcher::config::load()?;
     let args = match mode(cli)? {
