@@ -312,20 +312,7 @@ fn two_at_once(adapt: &Path, first: u32) -> Result<Outcome, String> {
         6,
     )
     .map_err(e)?;
-    let mut acked = 0;
-    for key in 0..keys {
-        let line = c
-            .ask(
-                key as u32,
-                1,
-                &format!("req {key} 1 {key} put v{key}"),
-                (key % 6) as u32,
-            )
-            .map_err(e)?;
-        if line.contains(" ok ") {
-            acked += 1;
-        }
-    }
+    let acked = put_keys(&c, keys, 6)?;
     let victims = [first, first + 1];
     let left: Vec<u32> = (0..6).filter(|m| !victims.contains(m)).collect();
     let at = Instant::now();
@@ -342,6 +329,26 @@ fn two_at_once(adapt: &Path, first: u32) -> Result<Outcome, String> {
         what: format!("nodes {first} and {} SIGKILLed at once", first + 1),
         repair_s,
     })
+}
+
+/// Puts keys `0..keys` as `v{key}`, each through daemon `key % nodes`; returns how many
+/// were acknowledged.
+fn put_keys(c: &KvCluster, keys: u64, nodes: u64) -> Result<u64, String> {
+    let mut acked = 0;
+    for key in 0..keys {
+        let line = c
+            .ask(
+                key as u32,
+                1,
+                &format!("req {key} 1 {key} put v{key}"),
+                (key % nodes) as u32,
+            )
+            .map_err(|e| e.to_string())?;
+        if line.contains(" ok ") {
+            acked += 1;
+        }
+    }
+    Ok(acked)
 }
 
 /// Reads keys `0..keys` (put as `v{key}`) back through `via` in turn; returns how many are
@@ -382,20 +389,7 @@ fn partition(adapt: &Path, victim: usize, trial: usize) -> Result<Outcome, Strin
     )
     .map_err(e)?;
     let keys = 60u64;
-    let mut acked = 0;
-    for key in 0..keys {
-        let line = c
-            .ask(
-                key as u32,
-                1,
-                &format!("req {key} 1 {key} put v{key}"),
-                (key % 5) as u32,
-            )
-            .map_err(e)?;
-        if line.contains(" ok ") {
-            acked += 1;
-        }
-    }
+    let acked = put_keys(&c, keys, 5)?;
     let others: Vec<u32> = (0..5u32).filter(|&m| m as usize != victim).collect();
     let at = Instant::now();
     hosts.cut_link(victim).map_err(e)?;
