@@ -13,21 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>`: tests run from `target/<profile>/deps`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod job_common;
+use job_common::*;
 
 fn temp(tag: &str) -> TempDir {
     let dir = TempDir(std::env::temp_dir().join(format!(
@@ -119,43 +106,6 @@ impl Drop for Job {
     }
 }
 
-fn build_heat(out: &Path) -> PathBuf {
-    let lib = target_dir();
-    assert!(
-        lib.join("libkrun.so").exists(),
-        "libkrun.so not found in {} (cargo build -p rank first)",
-        lib.display()
-    );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
-    let o = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("LIBDIR={}", lib.display()))
-        .arg(format!("OUT={}", out.display()))
-        .output()
-        .expect("make (build-essential)");
-    assert!(
-        o.status.success(),
-        "building the examples: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out.join("heat")
-}
-
-fn krun(dir: &Path) -> Command {
-    let mut c = Command::new(target_dir().join("krun"));
-    c.env("XDG_RUNTIME_DIR", dir.join("xdg"))
-        .env("KRUN_GHOST_DIR", dir.join("ghost"))
-        .env_remove("KRUN_GHOST_OWNER")
-        .env("KRUN_RECV_TIMEOUT_MS", "60000")
-        .env("KRUN_STORE_ARENA_MIB", "16")
-        .env_remove("KRUN_GHOST_RESTORE")
-        .env_remove("KRUN_STORE_LEVEL")
-        .env_remove("KRUN_STORE_DISK");
-    c
-}
-
 /// `krun node ARGS...` against the running job: exit status and stdout + stderr.
 fn node_cmd(dir: &Path, args: &[&str]) -> (bool, String) {
     let o = krun(dir).arg("node").args(args).output().unwrap();
@@ -167,42 +117,6 @@ fn node_cmd(dir: &Path, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&o.stderr)
         ),
     )
-}
-
-fn checksum(t: &str) -> Option<String> {
-    t.lines()
-        .find_map(|l| l.split("checksum ").nth(1))
-        .map(str::to_string)
-}
-
-fn serial(dir: &Path, args: &[&str]) -> String {
-    let o = Command::new(dir.join("heat_serial"))
-        .args(args)
-        .output()
-        .unwrap();
-    checksum(&String::from_utf8_lossy(&o.stdout)).expect("serial checksum")
-}
-
-/// Processes still running the test's own heat binary.
-fn heat_left(heat: &Path) -> Vec<u32> {
-    let mut left = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == heat) {
-            left.push(pid);
-        }
-    }
-    left
-}
-
-fn status(dir: &Path) -> Option<serde_json::Value> {
-    let o = krun(dir).args(["status", "--json"]).output().ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
 }
 
 /// Waits until every one of `n` ranks runs (the job is up), at most 120 s.
@@ -230,16 +144,6 @@ fn rank_nodes(dir: &Path) -> Option<Vec<u64>> {
             .filter_map(|r| r["node"].as_u64())
             .collect(),
     )
-}
-
-/// The job directory's `decisions.log` (while the job runs).
-fn decisions(dir: &Path) -> Option<String> {
-    for e in std::fs::read_dir(dir.join("xdg/krun")).ok()?.flatten() {
-        if let Ok(t) = std::fs::read_to_string(e.path().join("decisions.log")) {
-            return Some(t);
-        }
-    }
-    None
 }
 
 const GRID: [&str; 3] = ["48", "40", "400"];

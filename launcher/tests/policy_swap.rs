@@ -8,24 +8,11 @@
 //! Needs `cargo build -p rank -p policy-module-example --examples` first (libkrun.so, the
 //! example module and the wrong-ABI module).
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>`: tests run from `target/<profile>/deps`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod job_common;
+use job_common::*;
 
 fn temp(tag: &str) -> TempDir {
     let dir = TempDir(std::env::temp_dir().join(format!(
@@ -37,48 +24,6 @@ fn temp(tag: &str) -> TempDir {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.0.join("xdg"), std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
-}
-
-/// Ends the job (SIGTERM to the krun we started; SIGKILL if it has not ended in 30 s).
-struct Job(Child);
-impl Drop for Job {
-    fn drop(&mut self) {
-        // SAFETY: kill on the pid of a child we started and have not reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn build_heat(out: &Path) -> PathBuf {
-    let lib = target_dir();
-    assert!(
-        lib.join("libkrun.so").exists(),
-        "libkrun.so not found in {} (cargo build -p rank first)",
-        lib.display()
-    );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
-    let o = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("LIBDIR={}", lib.display()))
-        .arg(format!("OUT={}", out.display()))
-        .output()
-        .expect("make (build-essential)");
-    assert!(
-        o.status.success(),
-        "building the examples: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out.join("heat")
 }
 
 /// The example module and the module built against another ABI version.
@@ -96,41 +41,6 @@ fn modules() -> (PathBuf, PathBuf) {
         );
     }
     (m, w)
-}
-
-fn krun(dir: &Path) -> Command {
-    let mut c = Command::new(target_dir().join("krun"));
-    c.env("XDG_RUNTIME_DIR", dir.join("xdg"))
-        .env("KRUN_GHOST_DIR", dir.join("ghost"))
-        .env_remove("KRUN_GHOST_OWNER")
-        .env("KRUN_RECV_TIMEOUT_MS", "60000")
-        .env("KRUN_STORE_ARENA_MIB", "16")
-        .env_remove("KRUN_GHOST_RESTORE")
-        .env_remove("KRUN_STORE_LEVEL")
-        .env_remove("KRUN_STORE_DISK");
-    c
-}
-
-fn checksum(t: &str) -> Option<String> {
-    t.lines()
-        .find_map(|l| l.split("checksum ").nth(1))
-        .map(str::to_string)
-}
-
-fn serial(dir: &Path, args: &[&str]) -> String {
-    let o = Command::new(dir.join("heat_serial"))
-        .args(args)
-        .output()
-        .unwrap();
-    checksum(&String::from_utf8_lossy(&o.stdout)).expect("serial checksum")
-}
-
-fn status(dir: &Path) -> Option<serde_json::Value> {
-    let o = krun(dir).args(["status", "--json"]).output().ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
 }
 
 /// Writes a description file.

@@ -435,3 +435,50 @@ fn a_node_killed_before_the_first_checkpoint_restarts_every_rank_from_the_start_
     assert!(!out.contains("restored version"), "{out}");
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// A node killed while the ranks swap their first addresses (forced: ranks 4-5, on node 2,
+/// wait 8 s in the exchange with `KRUN_TEST_INIT_PAUSE`; node 2 is SIGKILLed 2 s after every
+/// node is up). The exchange breaks under ranks 0-3 before any recovery: each holds
+/// the error and takes the recovery's order in its own process instead of ending (before,
+/// a rank that ended after its watcher took the order left the new epoch waiting for it for
+/// ever). The nodes' stores do not depend on the dead node's start-up either: checkpoints
+/// are committed after the recovery.
+#[test]
+fn a_node_killed_while_the_ranks_swap_their_first_addresses_leaves_no_rank_behind_and_the_store_up()
+{
+    let dir = temp("firstexchange");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "200"]);
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "3", "--spares", "1", "-n", "6"])
+        .args(["--checkpoint-interval", "1"])
+        .args(["--inject-failure", "node=2@2s"])
+        .arg(&heat)
+        .args(["48", "40", "200", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000")
+        .env("KRUN_TEST_INIT_PAUSE", "4,5:8000");
+    let o = run_bounded(cmd, Duration::from_secs(240));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    // The forced path: the exchange broke under a waiting rank before its order came.
+    assert!(
+        err.contains("the address exchange broke")
+            && err.contains("waiting for the recovery's order"),
+        "{err}"
+    );
+    assert!(!err.contains("krun_init failed"), "{err}");
+    assert!(!err.contains("no checkpoint store"), "{err}");
+    assert!(err.contains("1 node failure, 1 recovery"), "{err}");
+    let recovered = err
+        .find("krun: recovered from the failure")
+        .unwrap_or_else(|| panic!("no recovery line: {err}"));
+    assert!(
+        err[recovered..].contains(" committed: 6 ranks"),
+        "no checkpoint committed after the recovery: {err}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

@@ -2,68 +2,12 @@
 //! against libkrun.so) checkpoints under `krun --local 3`; `krun status --json` shows
 //! versions safe at L2 and the store's use; after one node's krund and ranks are SIGKILLed,
 //! a survivor's store serves that node's rank's image from the buddy (`krun fetch`).
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>`: tests run from `target/<profile>/deps`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Ends the job (SIGTERM to the krun we started, which stops its nodes and ranks; SIGKILL
-/// if it has not ended in 30 s).
-struct Job(Child);
-impl Drop for Job {
-    fn drop(&mut self) {
-        // SAFETY: kill on the pid of a child we started and have not reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn build_heat(out: &Path) -> PathBuf {
-    let lib = target_dir();
-    assert!(
-        lib.join("libkrun.so").exists(),
-        "libkrun.so not found in {} (cargo build -p rank first)",
-        lib.display()
-    );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/c");
-    let o = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("LIBDIR={}", lib.display()))
-        .arg(format!("OUT={}", out.display()))
-        .output()
-        .expect("make (build-essential)");
-    assert!(
-        o.status.success(),
-        "building the examples: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out.join("heat")
-}
+mod job_common;
+use job_common::*;
 
 fn krun(dir: &Path) -> Command {
     let mut c = Command::new(target_dir().join("krun"));
@@ -78,14 +22,6 @@ fn krun(dir: &Path) -> Command {
         .env_remove("KRUN_STORE_LEVEL")
         .env_remove("KRUN_STORE_DISK");
     c
-}
-
-fn status(dir: &Path) -> Option<serde_json::Value> {
-    let o = krun(dir).args(["status", "--json"]).output().ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
 }
 
 /// PIDs of the direct children of `pid`.
@@ -104,19 +40,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-/// The version of `rank` the table shows safe at L2, if any.
-fn safe_at_l2(s: &serde_json::Value, rank: u64) -> Option<u64> {
-    s["status"]["ranks"].as_array()?.iter().find_map(|r| {
-        let ck = &r["checkpoint"];
-        let levels: Vec<u64> = ck["safe_levels"]
-            .as_array()?
-            .iter()
-            .filter_map(|l| l.as_u64())
-            .collect();
-        (r["rank"].as_u64()? == rank && levels.contains(&2)).then(|| ck["version"].as_u64())?
-    })
 }
 
 #[test]

@@ -62,10 +62,15 @@ fn recovers() -> bool {
             .is_some_and(|n| n > 0)
 }
 
+/// Whether [`hold`] waits for an order (a watcher runs and the job recovers).
+pub(crate) fn may_hold() -> bool {
+    WATCHING.load(Ordering::SeqCst) && recovers()
+}
+
 /// Returns `e` after waiting up to [`HOLD_ON_ERROR`] for a rollback order, when one may
 /// come (a watcher runs and the job recovers); the order replaces the process meanwhile.
 pub(crate) fn hold(e: RankError) -> RankError {
-    if !WATCHING.load(Ordering::SeqCst) || !recovers() {
+    if !may_hold() {
         return e;
     }
     let deadline = Instant::now() + HOLD_ON_ERROR;

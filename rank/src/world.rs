@@ -225,15 +225,29 @@ impl Rank {
         if let Some(path) = &config.node_socket {
             crate::rollback::start_watcher(path, rank as u32)?;
         }
+        // A broken address exchange (a node died while the job started, or a recovery's
+        // order came first) is held like any communication error in a job that recovers
+        // ([`crate::rollback::hold`]): the recovery's order replaces this process meanwhile.
+        // Returned at once, the error ended the process while its watcher had taken the
+        // order, and the new wiring epoch waited for it for ever.
+        let held = |e: fabric::FabricError| {
+            let e = RankError::from(e);
+            if crate::rollback::may_hold() {
+                eprintln!(
+                    "krun: rank {rank}: the address exchange broke ({e}); waiting for the \
+                     recovery's order"
+                );
+            }
+            crate::rollback::hold(e)
+        };
         let mut boot = match config.bootstrap {
-            Some(addr) => Some(BootstrapClient::connect(
-                addr,
-                rank,
-                size,
-                Duration::from_secs(120),
-            )?),
+            Some(addr) => Some(
+                BootstrapClient::connect(addr, rank, size, Duration::from_secs(120))
+                    .map_err(held)?,
+            ),
             None => None,
         };
+        test_pause_before_the_exchange(rank);
         if let (Some(b), false) = (&boot, config.bind_explicit) {
             config.fabric.bind_address = b.local_addr()?.ip().to_string();
         }
@@ -246,7 +260,7 @@ impl Rank {
         let card =
             postcard::to_stdvec(&card).map_err(|e| RankError::InvalidArgument(e.to_string()))?;
         let cards = match boot.as_mut() {
-            Some(b) => b.allgather(&card)?,
+            Some(b) => b.allgather(&card).map_err(held)?,
             None => vec![card],
         };
         if cards.len() != size {
@@ -283,14 +297,14 @@ impl Rank {
         // Every rank knows every endpoint before the first message (the fabric names a
         // message's sender only if the receiver has connected to it).
         if let Some(b) = boot.as_mut() {
-            b.barrier()?;
+            b.barrier().map_err(held)?;
         }
         // Wire-up: lower ranks open the connections to higher ones, one direction at a time.
         for dest in rank + 1..size {
             this.msgs.send(dest, TAG_WIREUP, &[])?;
         }
         if let Some(b) = boot.as_mut() {
-            b.barrier()?;
+            b.barrier().map_err(held)?;
         }
         for src in 0..rank {
             this.msgs.recv(
@@ -510,5 +524,25 @@ impl Rank {
         })?;
         self.boot.lock().expect("boot lock").take();
         Ok(())
+    }
+}
+
+/// For tests: `KRUN_TEST_INIT_PAUSE=R1,R2,...:MS` makes those ranks wait MS milliseconds
+/// between joining the job's first address exchange and sending their card (not in a
+/// recovery's wiring epoch), so that a node killed meanwhile breaks the exchange for the
+/// others while they wait in it.
+fn test_pause_before_the_exchange(rank: usize) {
+    let Ok(spec) = std::env::var("KRUN_TEST_INIT_PAUSE") else {
+        return;
+    };
+    if std::env::var("KRUN_WIRING_EPOCH").is_ok_and(|w| w.trim() != "0") {
+        return;
+    }
+    let Some((ranks, ms)) = spec.split_once(':') else {
+        return;
+    };
+    let here = ranks.split(',').any(|r| r.trim().parse() == Ok(rank));
+    if let (true, Ok(ms)) = (here, ms.trim().parse::<u64>()) {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }

@@ -14,6 +14,11 @@ use launcher::runtime::store_node::StoreSettings;
 use launcher::runtime::{Runtime, RuntimeConfig};
 use launcher::{exchange, LauncherError};
 
+mod store;
+use store::{
+    store_delay, store_up_front, swap_machines_and_store, StoreGate, StoreStart, StoreWay,
+};
+
 /// A node joining a running job (`krun node add`).
 struct JoinArgs {
     node_id: usize,
@@ -195,6 +200,15 @@ fn run() -> Result<i32, LauncherError> {
         }
     };
     let job_ranks = args.placement.as_ref().map_or(0, |p| p.total()) as u64;
+    // In a job whose policy recovers, the store's endpoint opens now, beside the runtime's
+    // start-up, and its address goes with the nodes' second round (see `store_up_front`).
+    let store_ep = match (&args.placement, store_up_front()?) {
+        (Some(_), true) => {
+            let config = config.clone();
+            Some(std::thread::spawn(move || fabric::open(&config)))
+        }
+        _ => None,
+    };
     let mut cfg = runtime_config(args.node_id, bind_ip, args.runtime, job_ranks)?;
     if let Some(p) = &args.placement {
         let first = p.first[args.node_id] as u64;
@@ -209,8 +223,19 @@ fn run() -> Result<i32, LauncherError> {
         .filter(|(n, _)| *n != args.node_id)
         .map(|(n, c)| (n as u32, String::from_utf8_lossy(c).into_owned()))
         .collect();
-    // Which nodes share this machine, for pinning (see `MachineShare`).
-    let machines = boot.allgather(&launcher::ranks::machine_id())?;
+    // Which nodes share this machine, for pinning (see `MachineShare`); with the store's
+    // addresses when they go up front.
+    let (machines, early_store) = match store_ep {
+        None => (boot.allgather(&launcher::ranks::machine_id())?, None),
+        Some(opening) => {
+            let ep = opening.join().map_err(|_| {
+                LauncherError::Usage("opening the store's endpoint panicked".into())
+            })??;
+            let (machines, addresses) =
+                swap_machines_and_store(&mut boot, args.node_id, &ep.address().to_bytes())?;
+            (machines, Some((ep, addresses)))
+        }
+    };
     let runtime = std::sync::Arc::new(bound.start(peers, false)?);
     if let Some(placement) = &args.placement {
         // The node's endpoint and its checkpoint store come up beside the ranks, not before
@@ -228,39 +253,30 @@ fn run() -> Result<i32, LauncherError> {
             let gate = gate.clone();
             runtime.on_agent_wanted(move || gate.want());
         }
-        let store = {
-            let runtime = runtime.clone();
-            let secret = fabric::secret::ClusterSecret::from_env()?.ok_or_else(|| {
+        // The job's bootstrap: with the store thread while it swaps the store's addresses
+        // through it, else here (the nodes' last barrier).
+        let mut main_boot = Some(boot);
+        let store = StoreStart {
+            runtime: runtime.clone(),
+            node_id: args.node_id,
+            job_ranks: placement.total() as u32,
+            counts: placement.count.clone(),
+            settings,
+            secret: fabric::secret::ClusterSecret::from_env()?.ok_or_else(|| {
                 LauncherError::Usage("no cluster secret for the checkpoint store".into())
-            })?;
-            let node_id = args.node_id;
-            let job_ranks = placement.total() as u32;
-            let counts = placement.count.clone();
-            let gate = gate.clone();
-            std::thread::spawn(move || {
-                let started = gate.decide(&mut boot, delay).and_then(|needed| {
-                    if !needed {
-                        if std::env::var_os("KRUN_RUNTIME_VERBOSE").is_some() {
-                            eprintln!(
-                                "krund: node {node_id}: every rank ended before the job needed \
-                                 a checkpoint store: none started"
-                            );
-                        }
-                        runtime.set_agent(None);
-                        return Ok(());
-                    }
-                    start_store(
-                        &runtime, &mut boot, &config, node_id, job_ranks, &counts, &settings,
-                        &secret,
-                    )
-                });
-                if let Err(e) = &started {
-                    eprintln!("krund: node {node_id}: no checkpoint store: {e}");
-                    runtime.set_agent(None);
-                }
-                boot
-            })
-        };
+            })?,
+        }
+        .spawn(match early_store {
+            // Nothing of the store's start-up goes through the job's bootstrap any more: a
+            // node that dies now costs the others nothing but its own place.
+            Some((ep, addresses)) => StoreWay::UpFront(ep, addresses),
+            None => StoreWay::Gated {
+                boot: main_boot.take().expect("the bootstrap is still here"),
+                gate: gate.clone(),
+                delay,
+                config: Box::new(config.clone()),
+            },
+        });
         launcher::ranks::catch_forwarded_signals();
         rank_env.push((
             "KRUN_NODE_SOCKET".to_string(),
@@ -359,10 +375,12 @@ fn run() -> Result<i32, LauncherError> {
                 return Ok(code);
             }
             if !runtime.membership_shrank() {
-                let mut boot = store
+                let boot = store
                     .join()
                     .map_err(|_| LauncherError::Usage("the store thread panicked".into()))?;
-                boot.barrier()?;
+                if let Some(mut boot) = boot.or(main_boot) {
+                    boot.barrier()?;
+                }
             } else {
                 // The store thread may wait for a dead node's address: do not wait long for
                 // it, but do not leave while it may be inside libfabric opening the endpoint.
@@ -388,9 +406,6 @@ fn run() -> Result<i32, LauncherError> {
     Ok(0)
 }
 
-/// Opens the node's endpoint, swaps store addresses with the other nodes through the job's
-/// bootstrap (node order), and starts the node's checkpoint store placed by the view's
-/// cells; its agent goes into the runtime.
 /// The node's MPI servers: PMI-1 (MPICH) and PMIx (Open MPI), as `krun --mpi` asks.
 struct MpiServers {
     servers: Vec<std::sync::Arc<dyn launcher::runtime::mpi::RankWatch>>,
@@ -507,110 +522,6 @@ impl Drop for EarlyMpi {
             server.finish();
         }
     }
-}
-
-/// When the node's checkpoint store starts. Its fabric endpoint costs libfabric's set-up
-/// (here about 0.1 s of CPU per node, most of it the providers zeroing their buffer pools),
-/// which a job whose ranks all end at once never needs. So the store waits until the node's
-/// ranks ended, [`STORE_DELAY`] passed, or something needs it (a checkpoint or a restart
-/// waits for the agent: [`Runtime::on_agent_wanted`]); then every node says through the
-/// job's bootstrap whether its ranks all ended with 0, and only when every node's did is
-/// the store left out: the answer is the same on every node, and the store addresses'
-/// exchange that follows is collective.
-#[derive(Default)]
-struct StoreGate {
-    state: std::sync::Mutex<GateState>,
-    changed: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct GateState {
-    /// The node's ranks ended: all of them with 0 (and none moved away or lost a peer).
-    ended_well: Option<bool>,
-    /// A checkpoint or a restart waits for the store.
-    wanted: bool,
-}
-
-/// How long a node's ranks may run before its checkpoint store starts anyway (unless
-/// `KRUN_STORE_DELAY_MS` says otherwise).
-const STORE_DELAY: Duration = Duration::from_secs(1);
-
-/// `KRUN_STORE_DELAY_MS`; else none in a job with a checkpoint policy (`KRUN_RECOVERS`, set
-/// by krun: its first checkpoint comes soon, and a buddy whose store was still starting
-/// then did not answer the L2 reservation in time under load, which aborted it), else
-/// [`STORE_DELAY`].
-fn store_delay() -> Result<Duration, LauncherError> {
-    let policy = std::env::var("KRUN_RECOVERS").is_ok_and(|v| v.trim() == "1");
-    match std::env::var("KRUN_STORE_DELAY_MS") {
-        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
-            Ok(ms) if ms <= 3_600_000 => Ok(Duration::from_millis(ms)),
-            _ => Err(LauncherError::Config {
-                place: "environment".into(),
-                key: "KRUN_STORE_DELAY_MS".into(),
-                reason: format!("{v:?} is not a number of milliseconds up to 3600000"),
-            }),
-        },
-        _ if policy => Ok(Duration::ZERO),
-        _ => Ok(STORE_DELAY),
-    }
-}
-
-impl StoreGate {
-    fn ranks_ended(&self, well: bool) {
-        let mut s = self.state.lock().expect("store gate lock");
-        s.ended_well.get_or_insert(well);
-        self.changed.notify_all();
-    }
-
-    fn want(&self) {
-        self.state.lock().expect("store gate lock").wanted = true;
-        self.changed.notify_all();
-    }
-
-    /// Waits for the moment to decide (see [`StoreGate`]), then decides with the other
-    /// nodes: true when the job needs its store.
-    fn decide(&self, boot: &mut BootstrapClient, delay: Duration) -> Result<bool, LauncherError> {
-        let deadline = std::time::Instant::now() + delay;
-        let ended_well = {
-            let mut s = self.state.lock().expect("store gate lock");
-            while !s.wanted && s.ended_well.is_none() {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = self
-                    .changed
-                    .wait_timeout(s, left)
-                    .expect("store gate lock")
-                    .0;
-            }
-            !s.wanted && s.ended_well == Some(true)
-        };
-        let all = boot.allgather(&[u8::from(ended_well)])?;
-        Ok(!all.iter().all(|b| b.as_slice() == [1]))
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn start_store(
-    runtime: &Runtime,
-    boot: &mut BootstrapClient,
-    config: &FabricConfig,
-    node_id: usize,
-    job_ranks: u32,
-    counts: &[usize],
-    settings: &StoreSettings,
-    secret: &fabric::secret::ClusterSecret,
-) -> Result<(), LauncherError> {
-    let ep = fabric::open(config)?;
-    let addresses = boot.allgather(&ep.address().to_bytes())?;
-    let cells = runtime.cells(Duration::from_secs(30))?;
-    let (agent, events) = launcher::runtime::store_node::start(
-        ep, node_id, &addresses, &cells, settings, secret, job_ranks, counts,
-    )?;
-    runtime.follow_agent(events);
-    runtime.set_agent(Some(std::sync::Arc::new(agent)));
-    Ok(())
 }
 
 /// How long a failed rank's exit is held back: with spares (KRUN_SPARES) or a recovering
