@@ -193,8 +193,11 @@ fn with_message_logging_a_rank_lost_before_its_first_checkpoint_rejoins_from_its
         assert!(Instant::now() < deadline, "the job never ran");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // About 50 steps of halos delivered by every rank before the kill.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Tens of steps of halos delivered by every rank before the kill. "running" in the
+    // table comes at the rank's spawn, not after its krun_init: under load (ci55, load ~50)
+    // 1 s after it the survivors were still in their first address exchange, which a node
+    // killed then breaks for them (a start-up window this policy does not recover yet).
+    std::thread::sleep(Duration::from_millis(2500));
     let killed = kill_node(&dir.0, 1);
     assert_eq!(killed.len(), 2, "{killed:?}");
     let line = run.wait_line("(message logging)", Duration::from_secs(120));
