@@ -417,13 +417,7 @@ fn a_node_killed_before_the_first_checkpoint_restarts_every_rank_from_the_start_
         .arg(&heat)
         .args(["48", "40", "200", "0"])
         .env("HEAT_STEP_DELAY_US", "20000");
-    let o = run_bounded(cmd, Duration::from_secs(240));
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "{out}\n{err}");
-    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    let (out, err) = ended_with_checksum(run_bounded(cmd, Duration::from_secs(240)), &want);
     assert!(
         err.contains("ranks 4-5 restart on spare node 3 from the start"),
         "{err}"
@@ -457,13 +451,7 @@ fn a_node_killed_while_the_ranks_swap_their_first_addresses_leaves_no_rank_behin
         .args(["48", "40", "200", "0"])
         .env("HEAT_STEP_DELAY_US", "20000")
         .env("KRUN_TEST_INIT_PAUSE", "4,5:8000");
-    let o = run_bounded(cmd, Duration::from_secs(240));
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "{out}\n{err}");
-    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    let (_, err) = ended_with_checksum(run_bounded(cmd, Duration::from_secs(240)), &want);
     // The forced path: the exchange broke under a waiting rank before its order came.
     assert!(
         err.contains("the address exchange broke")

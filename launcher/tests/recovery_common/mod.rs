@@ -38,6 +38,18 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
     waiter.join().unwrap()
 }
 
+/// krun's stdout and stderr, once it is checked that krun exited 0 and the job printed the
+/// checksum `want`.
+pub fn ended_with_checksum(o: Output, want: &str) -> (String, String) {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(checksum(&out).as_deref(), Some(want), "{out}\n{err}");
+    (out, err)
+}
+
 /// The heat stencil under `krun --local 3 --spares SPARES -n 6` with checkpoints every
 /// 0.5 s and the given injections.
 pub fn heat_job(dir: &Path, heat: &Path, spares: u32, inject: &[&str], steps: &str) -> Command {
