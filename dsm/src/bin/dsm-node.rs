@@ -22,6 +22,7 @@
 //! | `server-holding-killed` | 3 ranks; rank 0 (the DSM locks' server) takes lock 0 and writes the counter 7 (rank 1 then reads it: a read copy), rank 1 takes lock 1 (granted by rank 0) and writes a word; ranks 1 and 2 print `waiting=1` and wait for lock 0; rank 0 prints `queued=1,2` once both are in its queue and sleeps (the test SIGKILLs it). A waiter's probe finds rank 0 dead, rank 1 runs its failure and rebuilds the lock table from the survivors' reports: lock 0 goes to rank 1 naming rank 0 (`inherited=0`, counter 7 from the promoted copy, written 8), then to rank 2 (`inherited=-`, writes 9); rank 2 then takes lock 1, which rank 1 kept across the takeover, and must read the word rank 1 wrote just before releasing it (`word1=3`); both pass two barriers and print `end=9` |
 //! | `server-killed` | 3 ranks; rank 1 takes lock 0 and writes the counter 7, rank 2 waits for it (`waiting=1`), rank 0 prints `queued=2` once rank 2 is queued behind rank 1 and sleeps (the test SIGKILLs it: it only served the lock); rank 1 keeps the lock until it is the coordinator, writes 8 and releases; rank 2 gets it with no dead holder named (`inherited=-`, `counter=8`), writes 9; both pass two barriers (`end=9`) |
 //! | `stalled` | 3 ranks write their pages and meet at a barrier; rank 2 prints `stall=ready` and waits for `--go-file` (the test SIGSTOPs it, creates the file, and SIGCONTs it once rank 0 printed `stalled=2`: a probe past the fault timeout found rank 2 silent but its process alive); every rank passes the next barrier, reads every page, and prints `stalled_ok=1` with the dead nodes it knows (none) |
+//! | `speculation-race` | 3 ranks; rank 0 owns a page rank 1 has a hint for; rank 1 (run with `KRUN_DSM_JOIN_HOLD=<--go-file>`) reads it: its fault thread reads rank 0's published copy (value 2), creates `<go-file>.held` and waits for `<go-file>` before joining; meanwhile rank 0 writes 3, rank 2 reads it (rank 0 publishes it again) and rank 0 creates `<go-file>`: rank 1's join sees the new generation, rejects the copy it read and reads again (`race_value=3 race_fallbacks=1`); later, with the copy unchanged, rank 1's speculative read is used (`later_value=4 later_speculative=1 later_fallbacks=0`) |
 //! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), with `--joiner-locks N` adds 1 to every counter under the DSM lock N times (then raises a flag word that rank 0 of `churn` waits for before its final count), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
@@ -38,6 +39,8 @@ mod killed;
 mod lock_server;
 #[path = "dsm-node/locks.rs"]
 mod locks;
+#[path = "dsm-node/speculation.rs"]
+mod speculation;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -690,6 +693,7 @@ fn run(a: &Args) -> Res<()> {
         "server-holding-killed" => return lock_server::server_holding_killed(&d, a),
         "server-killed" => return lock_server::server_killed(&d, a),
         "threads" => threads(&d, a),
+        "speculation-race" => speculation::speculation_race(&d, a),
         "churn" => {
             if churn::churn(&d, a)? == churn::Outcome::Left {
                 return Ok(());
