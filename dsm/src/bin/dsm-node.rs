@@ -367,11 +367,16 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
     d.barrier().map_err(|e| e.to_string())?;
     if a.rank == 1 {
         let before = d.stats().1;
+        let spec_before = d.speculation_stats();
         let t = read_each(2)?;
         let one_sided = d.stats().1 - before;
+        let spec_after = d.speculation_stats();
         println!(
-            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided}",
-            median(t)
+            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided} speculative={} \
+             fallbacks={}",
+            median(t),
+            spec_after.0 - spec_before.0,
+            spec_after.1 - spec_before.1
         );
         let (reads, atomics) = d.reference_rma(&region, 0, n).map_err(|e| e.to_string())?;
         println!(
