@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::words::{slot_offset, stamp};
+use super::words::{page_offset, stamp, stamp_offset};
 use super::{
     no_region, now_ns, poisoned, region_of, Data, Engine, RegisteredWords, Remote, TAG_DSM,
     WIRE_VERSION,
@@ -193,17 +193,18 @@ impl Engine {
                     if !self.publish_delay.is_zero() {
                         std::thread::sleep(self.publish_delay);
                     }
-                    let at = slot_offset(region.index(page));
+                    let index = region.index(page);
                     // SAFETY: the page is mapped read-only (write-protected) at this node.
                     let bytes =
                         unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) };
                     // The word is closed: the slot is written, stamped with the next
                     // generation, then opened under it (`words` has the protocol).
                     let generation = words.next_generation(page);
-                    region.export.write_bytes(at, bytes)?;
-                    region
-                        .export
-                        .write_bytes(at + PAGE, &stamp(bytes, generation))?;
+                    region.export.write_bytes(page_offset(index), bytes)?;
+                    region.export.write_bytes(
+                        stamp_offset(region.pages as usize, index),
+                        &stamp(bytes, generation),
+                    )?;
                     words.publish(page, generation)?;
                     self.stats.publications.fetch_add(1, Ordering::Relaxed);
                 }

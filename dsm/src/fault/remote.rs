@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{MemoryRegion, Region};
 
-use super::words::{slot_is_current, slot_offset, EXPORT_STRIDE};
+use super::words::{page_offset, slot_is_current, stamp_offset, EXPORT_STRIDE, STAMP};
 use super::{poisoned, region_of, Data, Engine};
 use crate::coherence::{NodeId, PageId, SHARE_OPEN};
 use crate::error::{DsmError, Result};
@@ -68,22 +68,38 @@ impl Engine {
                             continue; // freed since
                         };
                         let peer = self.peer(owner)?;
-                        // The speculative read of the slot (bytes and stamp), posted first.
+                        // The speculative reads of the page and of its stamp (into one
+                        // landing slot, the stamp after the page), posted first.
                         let spec = if self.speculate && speculative < per {
                             let slot = per + speculative;
                             speculative += 1;
-                            // SAFETY: the landing slot belongs to this thread until the read
-                            // completes; what the read returns is used only if its stamp
-                            // proves it is the copy of the generation the join saw open.
+                            let index = region.index(page);
+                            let remote_export = &region.remote_export[owner as usize];
+                            // SAFETY: the landing slot belongs to this thread until the reads
+                            // complete; what they return is used only if the stamp proves the
+                            // bytes are the copy of the generation the join saw open.
                             let posted = unsafe {
-                                self.ep.post_read(
-                                    peer,
-                                    slots,
-                                    slot * EXPORT_STRIDE,
-                                    EXPORT_STRIDE,
-                                    &region.remote_export[owner as usize],
-                                    slot_offset(region.index(page)) as u64,
-                                )
+                                self.ep
+                                    .post_read(
+                                        peer,
+                                        slots,
+                                        slot * EXPORT_STRIDE,
+                                        PAGE,
+                                        remote_export,
+                                        page_offset(index) as u64,
+                                    )
+                                    .and_then(|bytes| {
+                                        self.ep
+                                            .post_read(
+                                                peer,
+                                                slots,
+                                                slot * EXPORT_STRIDE + PAGE,
+                                                STAMP,
+                                                remote_export,
+                                                stamp_offset(region.pages as usize, index) as u64,
+                                            )
+                                            .map(|stamp| vec![bytes, stamp])
+                                    })
                             };
                             match posted {
                                 Ok(c) => Some((slot, c)),
@@ -96,17 +112,16 @@ impl Engine {
                             None
                         };
                         let spec = match (spec, &self.join_hold) {
-                            (Some((slot, c)), Some(hold)) => {
-                                // Test injection: the read lands before the join is posted.
-                                if let Err(e) = c.wait() {
+                            (Some((slot, reads)), Some(hold)) => {
+                                // Test injection: the reads land before the join is posted.
+                                if let Err(e) = fabric::completion::wait_all(reads) {
                                     fail(page, owner, &e);
                                     continue;
                                 }
                                 hold_until_released(hold);
-                                Some((slot, None))
+                                Some((slot, Vec::new()))
                             }
-                            (Some((slot, c)), None) => Some((slot, Some(c))),
-                            (None, _) => None,
+                            (spec, _) => spec,
                         };
                         match self.ep.post_fetch_add(
                             peer,
@@ -117,8 +132,8 @@ impl Engine {
                             Ok(c) => joins.push((page, owner, c, spec)),
                             Err(e) => {
                                 // The slot is reused: its read must be over first.
-                                if let Some((_, Some(read))) = spec {
-                                    let _ = read.wait();
+                                if let Some((_, reads)) = spec {
+                                    let _ = fabric::completion::wait_all(reads);
                                 }
                                 fail(page, owner, &e);
                             }
@@ -146,7 +161,7 @@ impl Engine {
                                 slot * EXPORT_STRIDE,
                                 PAGE,
                                 &region.remote_export[owner as usize],
-                                slot_offset(region.index(page)) as u64,
+                                page_offset(region.index(page)) as u64,
                             )
                         };
                         match posted {
@@ -167,8 +182,9 @@ impl Engine {
                 // is reused by the next batch.
                 let attempted = spec.is_some();
                 let (slot, landed) = match spec {
-                    Some((slot, Some(r))) => (Some(slot), r.wait().is_ok()),
-                    Some((slot, None)) => (Some(slot), true),
+                    Some((slot, reads)) => {
+                        (Some(slot), fabric::completion::wait_all(reads).is_ok())
+                    }
                     None => (None, false),
                 };
                 let old = match word {
