@@ -25,7 +25,11 @@
 //! grant naming the dead node. Only then does it serve requests (those that came meanwhile
 //! wait in its inbox, in order). Grants carry the request's sequence number and a node
 //! ignores a grant that does not answer its current request or comes from a node it knows
-//! dead, so a grant the old server sent before dying is never taken twice.
+//! dead, so a grant the old server sent before dying is never taken twice. The locks the
+//! server takes itself are known to nobody else: it notes each one it takes and releases to
+//! its deputy (`TAG_LOCK_NOTE`, the lowest live member other than itself), whose report
+//! carries them, so a lock the dead server held with nobody waiting stays free but its next
+//! holder is told the server died holding it.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,12 @@ use crate::error::{DsmError, Result};
 
 const TAG_LOCK_REQUEST: u64 = 0x4b44_534d_4c00_0000;
 const TAG_LOCK_GRANT: u64 = 0x4b44_534d_4700_0000;
+/// The server's note to its deputy that it took or released a lock itself.
+const TAG_LOCK_NOTE: u64 = 0x4b44_534d_4e00_0000;
+/// A note: op (held / released), lock id, the server.
+const NOTE_LEN: usize = 1 + 4 + 4;
+const NOTE_HELD: u8 = 1;
+const NOTE_RELEASED: u8 = 2;
 const OP_LOCK: u8 = 1;
 const OP_UNLOCK: u8 = 2;
 /// A request: op, lock id, requester, request sequence number.
@@ -66,6 +76,9 @@ pub type PeerLookup = Arc<dyn Fn(NodeId) -> Option<PeerId> + Send + Sync>;
 pub struct LockMembers {
     pub coordinator: Arc<dyn Fn() -> NodeId + Send + Sync>,
     pub dead_peer: Arc<dyn Fn(PeerId) -> bool + Send + Sync>,
+    /// The node the server notes the locks it takes itself with (the lowest live member
+    /// other than this node: the next coordinator if this one dies).
+    pub deputy: Arc<dyn Fn() -> Option<NodeId> + Send + Sync>,
 }
 
 impl Default for LockMembers {
@@ -74,6 +87,7 @@ impl Default for LockMembers {
         LockMembers {
             coordinator: Arc::new(|| 0),
             dead_peer: Arc::new(|_| false),
+            deputy: Arc::new(|| None),
         }
     }
 }
@@ -102,6 +116,8 @@ pub struct Locks {
     count: usize,
     /// At this node: locks granted after their holder died, with that holder.
     inherited: Mutex<HashMap<u32, NodeId>>,
+    /// At the server's deputy: the locks the server noted it holds itself (lock -> server).
+    noted: Mutex<BTreeMap<u32, NodeId>>,
     /// The check of overdue holders (at the server) and of a silent coordinator (at a
     /// waiter), and after how long.
     holder_check: Option<(HolderCheck, Duration)>,
@@ -119,6 +135,7 @@ impl Locks {
             mine: Mutex::new(Mine::default()),
             count,
             inherited: Mutex::new(HashMap::new()),
+            noted: Mutex::new(BTreeMap::new()),
             holder_check: None,
         }
     }
@@ -153,6 +170,11 @@ impl Locks {
             .map(|m| LockReport {
                 held: m.held.iter().map(|(&i, &s)| (i, s)).collect(),
                 waiting: m.waiting.iter().map(|(&i, &s)| (i, s)).collect(),
+                server_held: self
+                    .noted
+                    .lock()
+                    .map(|n| n.iter().map(|(&i, &s)| (i, s)).collect())
+                    .unwrap_or_default(),
             })
             .unwrap_or_default()
     }
@@ -230,6 +252,10 @@ impl Locks {
             m.waiting.remove(&id);
             m.held.insert(id, seq);
         }
+        if self.serving() {
+            // Nobody else knows the server holds it: its deputy is told.
+            self.note(NOTE_HELD, id);
+        }
         if let Ok(mut m) = self.inherited.lock() {
             if dead == NO_NODE {
                 m.remove(&id);
@@ -285,6 +311,45 @@ impl Locks {
         self.ep
             .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &msg)?;
         Ok(())
+    }
+
+    /// The server tells its deputy it took or released lock `id` itself (no answer awaited:
+    /// a note lost with the server makes the next holder warned for nothing, or not warned
+    /// if the server died before the note left).
+    fn note(&self, op: u8, id: u32) {
+        let Some(deputy) = (self.members.deputy)().filter(|&d| d != self.me) else {
+            return;
+        };
+        let Some(peer) = (self.peers)(deputy) else {
+            return;
+        };
+        let mut m = vec![op];
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&self.me.to_le_bytes());
+        if let Err(e) = self.ep.send(peer, TAG_LOCK_NOTE, &m) {
+            eprintln!("krun dsm: noting DSM lock {id} to rank {deputy}: {e}");
+        }
+    }
+
+    /// A note from the server (at its deputy).
+    fn on_note(&self, m: &fabric::Message) {
+        let d = &m.data;
+        if d.len() != NOTE_LEN {
+            return;
+        }
+        let id = u32::from_le_bytes(d[1..5].try_into().expect("4 bytes"));
+        let server = u32::from_le_bytes(d[5..9].try_into().expect("4 bytes"));
+        if let Ok(mut n) = self.noted.lock() {
+            match d[0] {
+                NOTE_HELD => {
+                    n.insert(id, server);
+                }
+                NOTE_RELEASED => {
+                    n.remove(&id);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn request(&self, to: NodeId, op: u8, id: u32, seq: u64) -> Result<()> {
@@ -441,7 +506,9 @@ impl Locks {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if self.table.holder(id) == Some(self.me) {
-                if let Some(next) = self.table.release(id, self.me)? {
+                let next = self.table.release(id, self.me)?;
+                self.note(NOTE_RELEASED, id);
+                if let Some(next) = next {
                     self.grant(id, next)?;
                 }
             }
@@ -455,7 +522,12 @@ impl Locks {
     pub fn serve(&self, stop: &AtomicBool) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
             if !self.serving() {
-                std::thread::sleep(Duration::from_millis(20));
+                // The server's notes of the locks it holds itself (at its deputy).
+                match self.ep.recv(TAG_LOCK_NOTE, Duration::from_millis(20)) {
+                    Ok(m) => self.on_note(&m),
+                    Err(fabric::FabricError::RecvTimeout { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 continue;
             }
             if let Some((check, after)) = &self.holder_check {

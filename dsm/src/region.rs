@@ -614,11 +614,17 @@ pub(crate) fn wire_locks(
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<Arc<Locks>> {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine.clone());
+    let e4 = Arc::downgrade(engine);
     let locks = Arc::new(
         locks
             .with_members(crate::lock::LockMembers {
                 coordinator: Arc::new(move || e1.coordinator()),
                 dead_peer: Arc::new(move |p| e2.peer_is_dead(p)),
+                // The lowest live member other than this node (the coherence witness).
+                deputy: Arc::new(move || {
+                    e4.upgrade()
+                        .and_then(|e| e.node.lock().ok().and_then(|n| n.witness()))
+                }),
             })
             .with_holder_check(Arc::new(move |n| e3.probe_holder(n)), fault_timeout),
     );

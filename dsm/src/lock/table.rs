@@ -53,6 +53,8 @@ impl Entry {
 pub struct LockReport {
     pub held: Vec<(u32, u64)>,
     pub waiting: Vec<(u32, u64)>,
+    /// At the server's deputy: the locks the server noted it holds itself, with the server.
+    pub server_held: Vec<(u32, NodeId)>,
 }
 
 /// The lock table at the coordinator.
@@ -171,6 +173,17 @@ impl LockTable {
                 if e.holder != Some(node) && !e.waiting.contains(&node) {
                     e.waiting.push_back(node);
                     e.seqs.insert(node, seq);
+                }
+            }
+        }
+        // A lock the dead server noted (to its deputy) it held itself: with no live holder
+        // it is handed on below like the others, and with nobody waiting it stays free but
+        // its next holder is told it was released by the server's death (the data it
+        // protects is the last committed state, maybe half-updated).
+        for r in reports.values() {
+            for &(id, by) in &r.server_held {
+                if by == server {
+                    t.entry(id).or_default();
                 }
             }
         }

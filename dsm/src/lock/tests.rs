@@ -51,6 +51,7 @@ fn a_new_coordinator_rebuilds_the_table_and_grants_the_dead_servers_locks() {
         LockReport {
             held: vec![(0, 5)],
             waiting: vec![],
+            server_held: vec![],
         },
     );
     reports.insert(
@@ -58,6 +59,7 @@ fn a_new_coordinator_rebuilds_the_table_and_grants_the_dead_servers_locks() {
         LockReport {
             held: vec![],
             waiting: vec![(1, 9)],
+            server_held: vec![],
         },
     );
     reports.insert(
@@ -65,6 +67,7 @@ fn a_new_coordinator_rebuilds_the_table_and_grants_the_dead_servers_locks() {
         LockReport {
             held: vec![],
             waiting: vec![(0, 4), (1, 4)],
+            server_held: vec![],
         },
     );
     let dead: BTreeSet<NodeId> = [0].into_iter().collect();
@@ -103,6 +106,7 @@ fn a_grant_for_an_earlier_request_or_from_a_dead_node_is_ignored() {
     let locks = Locks::new(1, ep, Arc::new(|_| None), 4).with_members(LockMembers {
         coordinator: Arc::new(|| 2),
         dead_peer: Arc::new(|p| p == PeerId(0)),
+        deputy: Arc::new(|| None),
     });
     let grant = |peer: u32, dead: NodeId, seq: u64| {
         let mut data = 1u64.to_le_bytes().to_vec();
@@ -138,4 +142,46 @@ fn a_grant_for_an_earlier_request_or_from_a_dead_node_is_ignored() {
         locks.accept_grant(0, 5, &short).is_err(),
         "a short grant is an error"
     );
+}
+
+#[test]
+fn a_lock_the_dead_server_noted_it_held_with_nobody_waiting_names_it_to_its_next_holder() {
+    let t = LockTable::default();
+    // Node 0 (the server) died holding locks 2 and 4 (its deputy, node 1, was told);
+    // nobody waits for them. Node 1 holds lock 4 now (node 0 released it and the release
+    // note was lost): it stays node 1's, unnamed. Lock 5 was noted by another node.
+    let mut reports = BTreeMap::new();
+    reports.insert(
+        1,
+        LockReport {
+            held: vec![(4, 3)],
+            waiting: vec![],
+            server_held: vec![(2, 0), (4, 0), (5, 7)],
+        },
+    );
+    reports.insert(2, LockReport::default());
+    let dead: BTreeSet<NodeId> = [0].into_iter().collect();
+    let grants = t.rebuild(&reports, 0, &dead).unwrap();
+    assert!(grants.is_empty(), "nobody waits: no grant at the rebuild");
+    assert_eq!(t.holder(2), None, "lock 2 is free after its holder died");
+    assert!(t.acquire(2, 2, 1).unwrap());
+    assert_eq!(
+        t.inherited(2),
+        0,
+        "lock 2's next holder is told node 0 died holding it"
+    );
+    assert_eq!(t.holder(4), Some(1));
+    assert!(t.acquire(5, 2, 2).unwrap());
+    assert_eq!(
+        t.inherited(5),
+        NO_NODE,
+        "a note of another server is not node 0's"
+    );
+    // Without the note, the lock is simply free.
+    let t = LockTable::default();
+    let mut reports = BTreeMap::new();
+    reports.insert(1, LockReport::default());
+    t.rebuild(&reports, 0, &dead).unwrap();
+    assert!(t.acquire(2, 2, 1).unwrap());
+    assert_eq!(t.inherited(2), NO_NODE);
 }
