@@ -79,6 +79,10 @@ pub struct DsmArgs {
     /// Hidden: a fault-thread run's worker with this many fault threads.
     #[arg(long, hide = true)]
     pub fault_threads: Option<usize>,
+    /// Post a hinted read's RMA read after its join's answer (two round trips, the DSM
+    /// before the generation check) instead of with the join (`DsmConfig::speculate`).
+    #[arg(long)]
+    pub two_round_trips: bool,
 }
 /// Processes of a latency run, and of a fault-thread run.
 const RANKS: usize = 4;
@@ -135,13 +139,17 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
     let rank: usize = args.rank.ok_or("missing --rank")?;
     let n: usize = args.pages;
     if let Some(threads) = args.fault_threads {
-        return threads_worker(provider, bootstrap, rank, n, threads);
+        return threads_worker(provider, bootstrap, rank, n, threads, args.two_round_trips);
     }
     let boot = BootstrapClient::connect(bootstrap, rank, RANKS, TIMEOUT).map_err(err)?;
     let fabric = FabricConfig::with_provider(provider)
         .with_env()
         .map_err(err)?;
-    let d = Dsm::init(boot, &fabric, DsmConfig::default()).map_err(err)?;
+    let config = DsmConfig {
+        speculate: !args.two_round_trips,
+        ..DsmConfig::default()
+    };
+    let d = Dsm::init(boot, &fabric, config).map_err(err)?;
     let bar = || d.barrier().map_err(err);
     // Region: [timed pages A | timed pages B | timed pages C | scan pages | timed pages D].
     let span = n * STRIDE * PAGE;
@@ -218,11 +226,17 @@ fn worker(args: &DsmArgs) -> Result<(), String> {
     bar()?;
     if rank == 1 {
         let before = d.stats().1;
+        let spec_before = d.speculation_stats();
         let steps_before = d.fault_steps_ns();
         let hinted = timed(&|i| expect(a(i), 2))?;
         let steps_after = d.fault_steps_ns();
+        let spec_after = d.speculation_stats();
         say("read_fault_one_sided_us", median(&hinted));
         say("one_sided_reads", (d.stats().1 - before) as f64);
+        // Hinted faults whose read went with the join (one round trip), and those whose
+        // speculative copy was older or torn (read again after the join).
+        say("hinted_speculative", (spec_after.0 - spec_before.0) as f64);
+        say("hinted_fallbacks", (spec_after.1 - spec_before.1) as f64);
         // Where a hinted fault's time goes (means over the timed faults; `answer`
         // includes `copy`; `rest`: the trap, the fault's delivery to the fault thread and
         // the faulting thread's wake-up).
@@ -314,6 +328,7 @@ fn threads_worker(
     rank: usize,
     n: usize,
     threads: usize,
+    two_round_trips: bool,
 ) -> Result<(), String> {
     let boot = BootstrapClient::connect(bootstrap, rank, THREAD_RANKS, TIMEOUT).map_err(err)?;
     let fabric = FabricConfig::with_provider(provider)
@@ -322,6 +337,7 @@ fn threads_worker(
     let config = DsmConfig {
         fault_threads: threads,
         prefetch: 0,
+        speculate: !two_round_trips,
         ..DsmConfig::default()
     };
     let d = Dsm::init(boot, &fabric, config).map_err(err)?;
@@ -399,10 +415,10 @@ fn threads_worker(
 }
 
 /// One run: four workers, then the two fault-thread runs; their results merged.
-fn one_run(provider: &str, pages: usize) -> Result<BTreeMap<String, f64>, String> {
-    let mut results = workers(provider, pages, RANKS, None)?;
+fn one_run(provider: &str, pages: usize, two: bool) -> Result<BTreeMap<String, f64>, String> {
+    let mut results = workers(provider, pages, RANKS, None, two)?;
     for threads in [1, 4] {
-        results.extend(workers(provider, pages, THREAD_RANKS, Some(threads))?);
+        results.extend(workers(provider, pages, THREAD_RANKS, Some(threads), two)?);
     }
     for (k, _) in MEASURES {
         if !results.contains_key(k) {
@@ -418,6 +434,7 @@ fn workers(
     pages: usize,
     ranks: usize,
     threads: Option<usize>,
+    two_round_trips: bool,
 ) -> Result<BTreeMap<String, f64>, String> {
     let exe = std::env::current_exe().map_err(err)?;
     let server =
@@ -428,6 +445,9 @@ fn workers(
         cmd.args(["dsm", "--worker", "--provider", provider]);
         if let Some(t) = threads {
             cmd.args(["--fault-threads", &t.to_string()]);
+        }
+        if two_round_trips {
+            cmd.arg("--two-round-trips");
         }
         let child = cmd
             .args(["--rank", &rank.to_string(), "--pages", &pages.to_string()])
@@ -581,7 +601,7 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut failed = None;
         for r in crate::runs::bar(&format!("dsm: {p}"), 0..runs) {
-            match one_run(p, pages) {
+            match one_run(p, pages, args.two_round_trips) {
                 Ok(res) => {
                     for (k, v) in res {
                         samples.entry(k).or_default().push(v);
@@ -611,7 +631,11 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
         let ratio = report::median(&ratios);
         let mut row = serde_json::Map::new();
         row.insert("provider".into(), json!(p));
-        for (k, _) in MEASURES.iter().chain(&[("one_sided_reads", "")]) {
+        for (k, _) in MEASURES.iter().chain(&[
+            ("one_sided_reads", ""),
+            ("hinted_speculative", ""),
+            ("hinted_fallbacks", ""),
+        ]) {
             if let Some(v) = samples.get(*k) {
                 row.insert((*k).into(), report::spread(v));
             }
@@ -713,7 +737,7 @@ pub fn run(args: DsmArgs) -> Result<(), String> {
     let value = json!({
         "runs": runs,
         "pages": pages,
-        "settings": {"ranks": RANKS, "fault_threads": 2, "prefetch": 8, "locator": "page % 4", "one_sided": true,
+        "settings": {"ranks": RANKS, "fault_threads": 2, "prefetch": 8, "locator": "page % 4", "one_sided": true, "join_and_read": if args.two_round_trips { "two round trips" } else { "posted together (generation check)" },
                      "fault_thread_runs": {"ranks": THREAD_RANKS, "reader_threads": APP_THREADS, "prefetch": 0, "pages": pages * APP_THREADS}},
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "loadavg": {"start": load_start, "end": loadavg()},

@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{Endpoint, MemoryRegion, PeerId, Region, RemoteRegion};
 
-use crate::coherence::{
-    joined_readers, Access, Msg, Node, NodeId, PageId, ShareWords, SHARE_OPEN, SHARE_WORD_NODES,
-};
+use crate::coherence::{Access, Msg, Node, NodeId, PageId};
 use crate::error::{DsmError, Result};
 use crate::uffd::{Uffd, PAGE};
 
@@ -32,8 +30,12 @@ mod actions;
 mod dead;
 pub mod liveness;
 pub mod members;
+mod remote;
 mod watchdog;
+pub mod words;
+use remote::{landing_len, Remote};
 pub use watchdog::{exit_handler, UnreachableHandler, EXIT_PAGE_UNREACHABLE};
+pub use words::RegisteredWords;
 
 /// The fabric tag of DSM protocol messages.
 pub const TAG_DSM: u64 = 0x4b44_534d_0000_0001;
@@ -77,72 +79,6 @@ fn region_of(regions: &Regions, page: PageId) -> Option<Arc<RegionInfo>> {
     (page < r.first_page + r.pages).then(|| r.clone())
 }
 
-/// Share words in the registered words regions. The owner opens and closes its words
-/// through the fabric (a connection to itself), never with CPU atomics: a provider's remote
-/// fetch-and-add (tcp and shm emulate it in software, a NIC has its own atomic unit) is
-/// atomic only with other operations of the same provider.
-pub struct RegisteredWords {
-    regions: Regions,
-    ep: Arc<dyn Endpoint>,
-    me: NodeId,
-    this: PeerId,
-    open: std::collections::BTreeSet<PageId>,
-    error: Option<String>,
-}
-
-impl RegisteredWords {
-    fn target(&self, page: PageId) -> Option<(RemoteRegion, u64)> {
-        let r = region_of(&self.regions, page)?;
-        Some((r.remote_words[self.me as usize], r.index(page) as u64 * 8))
-    }
-
-    /// Opens the word of `page`: no joined reader, open flag set.
-    fn publish(&mut self, page: PageId) -> Result<()> {
-        let (remote, offset) = self.target(page).ok_or_else(|| no_region(page))?;
-        let mut old = self.ep.fetch_add(self.this, &remote, offset, 0)?;
-        loop {
-            let seen = self
-                .ep
-                .compare_swap(self.this, &remote, offset, old, SHARE_OPEN)?;
-            if seen == old {
-                break;
-            }
-            old = seen;
-        }
-        self.open.insert(page);
-        Ok(())
-    }
-
-    /// The first error met while closing a word (closing cannot fail in the state machine).
-    fn take_error(&mut self) -> Option<String> {
-        self.error.take()
-    }
-}
-
-impl ShareWords for RegisteredWords {
-    fn close(&mut self, page: PageId) -> std::collections::BTreeSet<NodeId> {
-        if !self.open.remove(&page) {
-            return Default::default();
-        }
-        let Some((remote, offset)) = self.target(page) else {
-            return Default::default();
-        };
-        match self
-            .ep
-            .fetch_add(self.this, &remote, offset, SHARE_OPEN.wrapping_neg())
-        {
-            Ok(old) => joined_readers(old),
-            Err(e) => {
-                // Without the joined set, copies could be missed: every reader is
-                // suspected (invalidating a node without a copy is harmless).
-                self.error
-                    .get_or_insert(format!("closing the share word of page {page}: {e}"));
-                (0..SHARE_WORD_NODES).filter(|&n| n != self.me).collect()
-            }
-        }
-    }
-}
-
 /// Counters of the driver.
 #[derive(Default)]
 pub struct DriverStats {
@@ -154,6 +90,13 @@ pub struct DriverStats {
     pub unreachable: AtomicU64,
     /// Faults whose one-sided operations were in flight at once, at most (fault threads).
     pub max_concurrent_remote: AtomicU64,
+    /// Joins whose speculative read, posted with them, was the copy of the generation they
+    /// joined: one round trip ([`words`]).
+    pub speculative_reads: AtomicU64,
+    /// Joins whose speculative read was older or torn: read again after the join.
+    pub speculation_fallbacks: AtomicU64,
+    /// Pages this node published (copied into its export region, share word opened).
+    pub publications: AtomicU64,
     /// Time spent in the fault path's steps, nanoseconds summed over every fault
     /// ([`STEPS`] names them).
     pub step_ns: [AtomicU64; STEPS.len()],
@@ -187,6 +130,11 @@ pub struct Engine {
     pub stats: DriverStats,
     zero: Vec<u8>,
     trace: bool,
+    /// Joins are posted with a speculative read of the slot (`KRUN_DSM_SPECULATE`, on by
+    /// default; off: the read is posted after the join's answer, two round trips).
+    speculate: bool,
+    /// Test injection ([`remote::join_hold`]).
+    join_hold: Option<std::path::PathBuf>,
     /// Fault injection for tests (`KRUN_DSM_PUBLISH_DELAY_MS`): how long a publication
     /// waits before it reads the page, to widen the window in which the reader moves on.
     publish_delay: Duration,
@@ -225,12 +173,6 @@ enum Data<'a> {
     Rma(&'a HashMap<PageId, *const u8>),
 }
 
-/// What the fault thread posts after releasing the state machine.
-enum Remote {
-    Join { owner: NodeId, page: PageId },
-    Read { owner: NodeId, page: PageId },
-}
-
 impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -263,6 +205,8 @@ impl Engine {
             stats: DriverStats::default(),
             zero: vec![0u8; PAGE],
             trace: std::env::var_os("KRUN_DSM_TRACE").is_some(),
+            speculate: true,
+            join_hold: remote::join_hold(),
             publish_delay: Duration::from_millis(
                 std::env::var("KRUN_DSM_PUBLISH_DELAY_MS")
                     .ok()
@@ -340,6 +284,7 @@ impl Engine {
             me,
             this,
             open: Default::default(),
+            generations: Default::default(),
             error: None,
         }
     }
@@ -348,6 +293,13 @@ impl Engine {
     /// it is reported unreachable if one of them does not answer).
     pub fn with_fault_timeout(mut self, timeout: Duration) -> Engine {
         self.fault_timeout = timeout;
+        self
+    }
+
+    /// Posts each join with a speculative read of the owner's slot (`true`, one round trip
+    /// when the copy is current) or the read after the join's answer (`false`).
+    pub fn with_speculation(mut self, speculate: bool) -> Engine {
+        self.speculate = speculate;
         self
     }
 
@@ -565,7 +517,7 @@ impl Engine {
     }
 
     fn fault_loop(&self) {
-        let mut slots = Region::new(PAGE * (self.prefetch + 1)).and_then(|r| self.ep.register(r));
+        let mut slots = Region::new(landing_len(self.prefetch)).and_then(|r| self.ep.register(r));
         while !self.stopped() {
             let fault = match self.uffd.next_fault(50) {
                 Ok(Some(f)) => f,
@@ -660,122 +612,6 @@ impl Engine {
         let r = self.run_remote_with(remote, slots);
         self.remote_now.fetch_sub(1, Ordering::SeqCst);
         r
-    }
-
-    fn run_remote(&self, remote: Vec<Remote>) -> Result<()> {
-        let slots = self.ep.register(Region::new(PAGE * (self.prefetch + 1))?)?;
-        self.run_remote_with(remote, &slots)
-    }
-
-    /// Posts one-sided joins and reads together, waits for them, and feeds the results to
-    /// the state machine (which may ask for more). An operation that fails (its owner died
-    /// or cannot be reached) makes the owner a suspect and the read asks the manager.
-    fn run_remote_with(&self, mut remote: Vec<Remote>, slots: &MemoryRegion) -> Result<()> {
-        while !remote.is_empty() {
-            let mut joins = Vec::new();
-            let mut reads = Vec::new();
-            let mut failed: Vec<PageId> = Vec::new();
-            let mut fail = |page: PageId, owner: NodeId, e: &dyn std::fmt::Display| {
-                self.suspect(owner, format!("one-sided access to page {page}: {e}"));
-                failed.push(page);
-            };
-            for r in remote.drain(..) {
-                match r {
-                    Remote::Join { owner, page } => {
-                        let Some(region) = region_of(&self.regions, page) else {
-                            continue; // freed since
-                        };
-                        let peer = self.peer(owner)?;
-                        match self.ep.post_fetch_add(
-                            peer,
-                            &region.remote_words[owner as usize],
-                            region.index(page) as u64 * 8,
-                            1u64 << self.me,
-                        ) {
-                            Ok(c) => joins.push((page, owner, c)),
-                            Err(e) => fail(page, owner, &e),
-                        }
-                    }
-                    Remote::Read { owner, page } => {
-                        let Some(region) = region_of(&self.regions, page) else {
-                            continue; // freed since
-                        };
-                        let peer = self.peer(owner)?;
-                        let slot = reads.len() % (self.prefetch + 1);
-                        if reads.len() > self.prefetch {
-                            return Err(DsmError::Config {
-                                what: "one-sided reads".into(),
-                                reason: "more reads than landing slots".into(),
-                            });
-                        }
-                        // SAFETY: the landing slot belongs to this thread until the read
-                        // completes; the owner does not write its published copy while the
-                        // share word is open (and a reader invalidated meanwhile discards it).
-                        let posted = unsafe {
-                            self.ep.post_read(
-                                peer,
-                                slots,
-                                slot * PAGE,
-                                PAGE,
-                                &region.remote_export[owner as usize],
-                                region.index(page) as u64 * PAGE as u64,
-                            )
-                        };
-                        match posted {
-                            Ok(c) => reads.push((page, owner, slot, c)),
-                            Err(e) => fail(page, owner, &e),
-                        }
-                    }
-                }
-            }
-            let t_join = Instant::now();
-            let mut joined = Vec::new();
-            let any_join = !joins.is_empty();
-            for (page, owner, c) in joins {
-                match c.wait() {
-                    Ok(old) => joined.push((page, old & SHARE_OPEN != 0)),
-                    Err(e) => fail(page, owner, &e),
-                }
-            }
-            if any_join {
-                self.step(1, t_join);
-            }
-            let t_read = Instant::now();
-            let any_read = !reads.is_empty();
-            let mut landed = HashMap::new();
-            for (page, owner, slot, c) in reads {
-                if let Err(e) = c.wait() {
-                    fail(page, owner, &e);
-                    continue;
-                }
-                self.stats.remote_fetches.fetch_add(1, Ordering::Relaxed);
-                // SAFETY: slot < prefetch + 1, inside the landing region.
-                landed.insert(page, unsafe { slots.as_ptr().add(slot * PAGE) }
-                    as *const u8);
-            }
-            if any_read {
-                self.step(2, t_read);
-            }
-            let t_lock = Instant::now();
-            let mut node = self.node.lock().map_err(|_| poisoned())?;
-            self.step(3, t_lock);
-            let t_answer = Instant::now();
-            for page in failed {
-                let actions = node.on_remote_failed(page);
-                self.execute(&mut node, actions, Data::None, &mut remote)?;
-            }
-            for (page, open) in joined {
-                let actions = node.on_join(page, open);
-                self.execute(&mut node, actions, Data::None, &mut remote)?;
-            }
-            for &page in landed.keys() {
-                let actions = node.on_rma_read(page);
-                self.execute(&mut node, actions, Data::Rma(&landed), &mut remote)?;
-            }
-            drop(node);
-            self.step(4, t_answer);
-        }
-        Ok(())
     }
 
     /// Adds the time since `since` to step `i` of [`STEPS`].

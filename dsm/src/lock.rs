@@ -25,10 +25,14 @@
 //! grant naming the dead node. Only then does it serve requests (those that came meanwhile
 //! wait in its inbox, in order). Grants carry the request's sequence number and a node
 //! ignores a grant that does not answer its current request or comes from a node it knows
-//! dead, so a grant the old server sent before dying is never taken twice.
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+//! dead, so a grant the old server sent before dying is never taken twice. The locks the
+//! server takes itself are known to nobody else: it notes each one it takes and releases to
+//! its deputy (`TAG_LOCK_NOTE`, the lowest live member other than itself), whose report
+//! carries them, so a lock the dead server held with nobody waiting stays free but its next
+//! holder is told the server died holding it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric::{Endpoint, PeerId};
@@ -38,6 +42,12 @@ use crate::error::{DsmError, Result};
 
 const TAG_LOCK_REQUEST: u64 = 0x4b44_534d_4c00_0000;
 const TAG_LOCK_GRANT: u64 = 0x4b44_534d_4700_0000;
+/// The server's note to its deputy that it took or released a lock itself.
+const TAG_LOCK_NOTE: u64 = 0x4b44_534d_4e00_0000;
+/// A note: op (held / released), lock id, the server.
+const NOTE_LEN: usize = 1 + 4 + 4;
+const NOTE_HELD: u8 = 1;
+const NOTE_RELEASED: u8 = 2;
 const OP_LOCK: u8 = 1;
 const OP_UNLOCK: u8 = 2;
 /// A request: op, lock id, requester, request sequence number.
@@ -48,224 +58,8 @@ const GRANT_LEN: usize = 8 + 4 + 8;
 /// "No dead previous holder" in a grant message.
 const NO_NODE: u32 = u32::MAX;
 
-#[derive(Default)]
-struct Entry {
-    /// Grants so far (carried by grant messages, for diagnosis).
-    grants: u64,
-    holder: Option<NodeId>,
-    waiting: VecDeque<NodeId>,
-    /// The sequence number of each waiter's and the holder's request (echoed in grants).
-    seqs: HashMap<NodeId, u64>,
-    /// When the holder got it, and when it was last probed (the lock server).
-    since: Option<Instant>,
-    probed: Option<Instant>,
-    /// The holder got the lock from a holder that died (named in the grant).
-    inherited: Option<NodeId>,
-    /// The lock is free because its holder died: the next holder is told.
-    orphan: Option<NodeId>,
-}
-
-impl Entry {
-    /// Hands the lock to the next waiter (`None`: it is free now).
-    fn pass(&mut self, from_dead: Option<NodeId>) -> Option<NodeId> {
-        if let Some(old) = self.holder {
-            self.seqs.remove(&old);
-        }
-        self.holder = self.waiting.pop_front();
-        self.inherited = self.holder.and(from_dead);
-        self.orphan = if self.holder.is_none() {
-            from_dead
-        } else {
-            None
-        };
-        self.since = self.holder.map(|_| Instant::now());
-        self.probed = None;
-        if self.holder.is_some() {
-            self.grants += 1;
-        }
-        self.holder
-    }
-}
-
-/// What a node holds and waits for: `(lock, request sequence number)` each.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LockReport {
-    pub held: Vec<(u32, u64)>,
-    pub waiting: Vec<(u32, u64)>,
-}
-
-/// The lock table at the coordinator.
-#[derive(Default)]
-pub struct LockTable {
-    entries: Mutex<HashMap<u32, Entry>>,
-    changed: Condvar,
-    /// Nodes whose failure was handled: never granted a lock again.
-    dead: Mutex<BTreeSet<NodeId>>,
-}
-
-impl LockTable {
-    fn is_dead(&self, who: NodeId) -> bool {
-        self.dead.lock().map(|d| d.contains(&who)).unwrap_or(false)
-    }
-
-    /// `who` asks for `id` (request `seq`); returns true when it holds it now.
-    fn acquire(&self, id: u32, who: NodeId, seq: u64) -> Result<bool> {
-        if self.is_dead(who) {
-            return Ok(false);
-        }
-        let mut t = self.entries.lock().map_err(|_| poisoned())?;
-        let e = t.entry(id).or_default();
-        if e.holder.is_none() {
-            e.holder = Some(who);
-            e.seqs.insert(who, seq);
-            e.inherited = e.orphan.take();
-            e.since = Some(Instant::now());
-            e.probed = None;
-            e.grants += 1;
-            return Ok(true);
-        }
-        if e.holder != Some(who) && !e.waiting.contains(&who) {
-            e.waiting.push_back(who);
-            e.seqs.insert(who, seq);
-        }
-        Ok(false)
-    }
-
-    /// `who` releases `id`; returns the next holder, if any.
-    fn release(&self, id: u32, who: NodeId) -> Result<Option<NodeId>> {
-        let mut t = self.entries.lock().map_err(|_| poisoned())?;
-        let e = t.entry(id).or_default();
-        if e.holder != Some(who) {
-            return Err(DsmError::Config {
-                what: format!("DSM lock {id}"),
-                reason: format!("released by rank {who}, held by {:?}", e.holder),
-            });
-        }
-        let next = e.pass(None);
-        drop(t);
-        self.changed.notify_all();
-        Ok(next)
-    }
-
-    /// `node` died and its failure was handled: it leaves every queue, and each lock it
-    /// held goes to its next waiter; returns those grants `(lock, new holder)`.
-    fn node_failed(&self, node: NodeId) -> Result<Vec<(u32, NodeId)>> {
-        self.dead.lock().map_err(|_| poisoned())?.insert(node);
-        let mut grants = Vec::new();
-        let mut t = self.entries.lock().map_err(|_| poisoned())?;
-        for (&id, e) in t.iter_mut() {
-            e.waiting.retain(|&w| w != node);
-            if e.holder == Some(node) {
-                if let Some(next) = e.pass(Some(node)) {
-                    grants.push((id, next));
-                }
-            } else {
-                e.seqs.remove(&node);
-            }
-        }
-        drop(t);
-        self.changed.notify_all();
-        Ok(grants)
-    }
-
-    /// A new coordinator's table, from every live member's report; `server` is the dead
-    /// coordinator that kept the table before (and `dead`, every node known dead: never
-    /// granted). A lock with waiters and no live holder was held by `server` (or granted by
-    /// it to a waiter that never got the grant): it goes to its first waiter with a grant
-    /// naming `server`. Returns those grants `(lock, new holder)`.
-    fn rebuild(
-        &self,
-        reports: &BTreeMap<NodeId, LockReport>,
-        server: NodeId,
-        dead: &BTreeSet<NodeId>,
-    ) -> Result<Vec<(u32, NodeId)>> {
-        let mut t = self.entries.lock().map_err(|_| poisoned())?;
-        t.clear();
-        {
-            let mut d = self.dead.lock().map_err(|_| poisoned())?;
-            d.extend(dead.iter().copied());
-            d.insert(server);
-        }
-        for (&node, r) in reports {
-            for &(id, seq) in &r.held {
-                let e = t.entry(id).or_default();
-                if let Some(other) = e.holder {
-                    return Err(DsmError::Config {
-                        what: format!("DSM lock {id}"),
-                        reason: format!(
-                            "nodes {other} and {node} both report holding it after node \
-                             {server} died"
-                        ),
-                    });
-                }
-                e.holder = Some(node);
-                e.seqs.insert(node, seq);
-                e.since = Some(Instant::now());
-                e.grants += 1;
-            }
-        }
-        for (&node, r) in reports {
-            for &(id, seq) in &r.waiting {
-                let e = t.entry(id).or_default();
-                if e.holder != Some(node) && !e.waiting.contains(&node) {
-                    e.waiting.push_back(node);
-                    e.seqs.insert(node, seq);
-                }
-            }
-        }
-        let mut grants = Vec::new();
-        for (&id, e) in t.iter_mut() {
-            if e.holder.is_none() {
-                if let Some(next) = e.pass(Some(server)) {
-                    grants.push((id, next));
-                }
-            }
-        }
-        grants.sort_unstable();
-        drop(t);
-        self.changed.notify_all();
-        Ok(grants)
-    }
-
-    /// Holders that kept a lock others wait for longer than `limit` and were not probed
-    /// within `limit`; marks them probed now.
-    fn overdue(&self, limit: Duration) -> Vec<NodeId> {
-        let Ok(mut t) = self.entries.lock() else {
-            return Vec::new();
-        };
-        let mut out = BTreeSet::new();
-        for e in t.values_mut() {
-            let (Some(h), Some(since)) = (e.holder, e.since) else {
-                continue;
-            };
-            if e.waiting.is_empty() || since.elapsed() < limit {
-                continue;
-            }
-            if e.probed.is_some_and(|p| p.elapsed() < limit) {
-                continue;
-            }
-            e.probed = Some(Instant::now());
-            out.insert(h);
-        }
-        out.into_iter().collect()
-    }
-
-    /// The dead holder lock `id` came from ([`NO_NODE`]: none).
-    fn inherited(&self, id: u32) -> NodeId {
-        self.entries
-            .lock()
-            .ok()
-            .and_then(|t| t.get(&id).and_then(|e| e.inherited))
-            .unwrap_or(NO_NODE)
-    }
-
-    fn holder(&self, id: u32) -> Option<NodeId> {
-        self.entries
-            .lock()
-            .ok()
-            .and_then(|t| t.get(&id).and_then(|e| e.holder))
-    }
-}
+mod table;
+pub use table::{LockReport, LockTable};
 
 /// What the lock server does with a holder that kept a lock others wait for past the
 /// fault timeout: probes it and, when its process is gone, declares it failed (its
@@ -282,6 +76,9 @@ pub type PeerLookup = Arc<dyn Fn(NodeId) -> Option<PeerId> + Send + Sync>;
 pub struct LockMembers {
     pub coordinator: Arc<dyn Fn() -> NodeId + Send + Sync>,
     pub dead_peer: Arc<dyn Fn(PeerId) -> bool + Send + Sync>,
+    /// The node the server notes the locks it takes itself with (the lowest live member
+    /// other than this node: the next coordinator if this one dies).
+    pub deputy: Arc<dyn Fn() -> Option<NodeId> + Send + Sync>,
 }
 
 impl Default for LockMembers {
@@ -290,6 +87,7 @@ impl Default for LockMembers {
         LockMembers {
             coordinator: Arc::new(|| 0),
             dead_peer: Arc::new(|_| false),
+            deputy: Arc::new(|| None),
         }
     }
 }
@@ -318,6 +116,8 @@ pub struct Locks {
     count: usize,
     /// At this node: locks granted after their holder died, with that holder.
     inherited: Mutex<HashMap<u32, NodeId>>,
+    /// At the server's deputy: the locks the server noted it holds itself (lock -> server).
+    noted: Mutex<BTreeMap<u32, NodeId>>,
     /// The check of overdue holders (at the server) and of a silent coordinator (at a
     /// waiter), and after how long.
     holder_check: Option<(HolderCheck, Duration)>,
@@ -335,6 +135,7 @@ impl Locks {
             mine: Mutex::new(Mine::default()),
             count,
             inherited: Mutex::new(HashMap::new()),
+            noted: Mutex::new(BTreeMap::new()),
             holder_check: None,
         }
     }
@@ -369,6 +170,11 @@ impl Locks {
             .map(|m| LockReport {
                 held: m.held.iter().map(|(&i, &s)| (i, s)).collect(),
                 waiting: m.waiting.iter().map(|(&i, &s)| (i, s)).collect(),
+                server_held: self
+                    .noted
+                    .lock()
+                    .map(|n| n.iter().map(|(&i, &s)| (i, s)).collect())
+                    .unwrap_or_default(),
             })
             .unwrap_or_default()
     }
@@ -446,6 +252,10 @@ impl Locks {
             m.waiting.remove(&id);
             m.held.insert(id, seq);
         }
+        if self.serving() {
+            // Nobody else knows the server holds it: its deputy is told.
+            self.note(NOTE_HELD, id);
+        }
         if let Ok(mut m) = self.inherited.lock() {
             if dead == NO_NODE {
                 m.remove(&id);
@@ -501,6 +311,45 @@ impl Locks {
         self.ep
             .send(self.peer(to)?, TAG_LOCK_GRANT | u64::from(id), &msg)?;
         Ok(())
+    }
+
+    /// The server tells its deputy it took or released lock `id` itself (no answer awaited:
+    /// a note lost with the server makes the next holder warned for nothing, or not warned
+    /// if the server died before the note left).
+    fn note(&self, op: u8, id: u32) {
+        let Some(deputy) = (self.members.deputy)().filter(|&d| d != self.me) else {
+            return;
+        };
+        let Some(peer) = (self.peers)(deputy) else {
+            return;
+        };
+        let mut m = vec![op];
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&self.me.to_le_bytes());
+        if let Err(e) = self.ep.send(peer, TAG_LOCK_NOTE, &m) {
+            eprintln!("krun dsm: noting DSM lock {id} to rank {deputy}: {e}");
+        }
+    }
+
+    /// A note from the server (at its deputy).
+    fn on_note(&self, m: &fabric::Message) {
+        let d = &m.data;
+        if d.len() != NOTE_LEN {
+            return;
+        }
+        let id = u32::from_le_bytes(d[1..5].try_into().expect("4 bytes"));
+        let server = u32::from_le_bytes(d[5..9].try_into().expect("4 bytes"));
+        if let Ok(mut n) = self.noted.lock() {
+            match d[0] {
+                NOTE_HELD => {
+                    n.insert(id, server);
+                }
+                NOTE_RELEASED => {
+                    n.remove(&id);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn request(&self, to: NodeId, op: u8, id: u32, seq: u64) -> Result<()> {
@@ -657,7 +506,9 @@ impl Locks {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if self.table.holder(id) == Some(self.me) {
-                if let Some(next) = self.table.release(id, self.me)? {
+                let next = self.table.release(id, self.me)?;
+                self.note(NOTE_RELEASED, id);
+                if let Some(next) = next {
                     self.grant(id, next)?;
                 }
             }
@@ -671,7 +522,12 @@ impl Locks {
     pub fn serve(&self, stop: &AtomicBool) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
             if !self.serving() {
-                std::thread::sleep(Duration::from_millis(20));
+                // The server's notes of the locks it holds itself (at its deputy).
+                match self.ep.recv(TAG_LOCK_NOTE, Duration::from_millis(20)) {
+                    Ok(m) => self.on_note(&m),
+                    Err(fabric::FabricError::RecvTimeout { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 continue;
             }
             if let Some((check, after)) = &self.holder_check {
@@ -725,145 +581,4 @@ fn timeout(id: u32, start: Instant) -> DsmError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dead_holders_lock_goes_to_the_next_live_waiter_naming_it() {
-        let t = LockTable::default();
-        assert!(t.acquire(0, 1, 0).unwrap());
-        assert!(!t.acquire(0, 3, 0).unwrap());
-        assert!(!t.acquire(0, 2, 0).unwrap());
-        assert!(t.acquire(1, 1, 0).unwrap());
-        // Node 3 dies waiting, node 1 dies holding both locks.
-        assert!(t.node_failed(3).unwrap().is_empty());
-        let grants = t.node_failed(1).unwrap();
-        assert_eq!(
-            grants,
-            vec![(0, 2)],
-            "lock 0 goes to node 2, lock 1 is freed"
-        );
-        assert_eq!(t.holder(0), Some(2));
-        assert_eq!(t.inherited(0), 1);
-        assert_eq!(t.holder(1), None);
-        // The next holder of the freed lock is told too; a dead node never gets one.
-        assert!(!t.acquire(1, 3, 0).unwrap());
-        assert!(t.acquire(1, 0, 0).unwrap());
-        assert_eq!(t.inherited(1), 1);
-        // A normal hand-over names nobody.
-        assert!(!t.acquire(0, 0, 0).unwrap());
-        assert_eq!(t.release(0, 2).unwrap(), Some(0));
-        assert_eq!(t.inherited(0), NO_NODE);
-    }
-
-    #[test]
-    fn only_holders_past_the_limit_with_waiters_are_probed() {
-        let t = LockTable::default();
-        assert!(t.acquire(0, 1, 0).unwrap());
-        assert!(t.acquire(1, 2, 0).unwrap());
-        assert!(t.overdue(Duration::ZERO).is_empty(), "nobody waits");
-        assert!(!t.acquire(0, 0, 0).unwrap());
-        assert_eq!(t.overdue(Duration::ZERO), vec![1]);
-        assert!(t.overdue(Duration::from_secs(3600)).is_empty());
-    }
-
-    #[test]
-    fn a_new_coordinator_rebuilds_the_table_and_grants_the_dead_servers_locks() {
-        let t = LockTable::default();
-        // Node 0 (the server) died. Node 1 holds lock 0 with node 3 waiting; node 2 and
-        // node 3 wait for lock 1, which only node 0 can have held; lock 2 was free.
-        let mut reports = BTreeMap::new();
-        reports.insert(
-            1,
-            LockReport {
-                held: vec![(0, 5)],
-                waiting: vec![],
-            },
-        );
-        reports.insert(
-            2,
-            LockReport {
-                held: vec![],
-                waiting: vec![(1, 9)],
-            },
-        );
-        reports.insert(
-            3,
-            LockReport {
-                held: vec![],
-                waiting: vec![(0, 4), (1, 4)],
-            },
-        );
-        let dead: BTreeSet<NodeId> = [0].into_iter().collect();
-        let grants = t.rebuild(&reports, 0, &dead).unwrap();
-        assert_eq!(grants, vec![(1, 2)], "only lock 1 changes hands");
-        assert_eq!(
-            t.holder(0),
-            Some(1),
-            "a lock granted to a survivor stays its"
-        );
-        assert_eq!(t.inherited(0), NO_NODE);
-        assert_eq!(t.holder(1), Some(2));
-        assert_eq!(t.inherited(1), 0, "the grant names the dead server");
-        let seq = |id: u32, n: NodeId| t.entries.lock().unwrap()[&id].seqs[&n];
-        assert_eq!(seq(1, 2), 9, "the grant answers node 2's request");
-        assert_eq!(seq(0, 3), 4);
-        // The queues go on: node 1's release hands lock 0 to node 3.
-        assert_eq!(t.release(0, 1).unwrap(), Some(3));
-        assert_eq!(t.release(1, 2).unwrap(), Some(3));
-        // The dead server is never granted a lock again; a free lock is taken at once.
-        assert!(!t.acquire(2, 0, 1).unwrap());
-        assert!(t.acquire(2, 1, 6).unwrap());
-        // Two survivors claiming one lock is an error, not a silent choice.
-        reports.get_mut(&2).unwrap().held.push((0, 1));
-        assert!(t.rebuild(&reports, 0, &dead).is_err());
-    }
-
-    #[test]
-    fn a_grant_for_an_earlier_request_or_from_a_dead_node_is_ignored() {
-        let ep: Arc<dyn Endpoint> = Arc::from(
-            fabric::open(&fabric::FabricConfig::with_provider(
-                fabric::Provider::Loopback,
-            ))
-            .unwrap(),
-        );
-        let locks = Locks::new(1, ep, Arc::new(|_| None), 4).with_members(LockMembers {
-            coordinator: Arc::new(|| 2),
-            dead_peer: Arc::new(|p| p == PeerId(0)),
-        });
-        let grant = |peer: u32, dead: NodeId, seq: u64| {
-            let mut data = 1u64.to_le_bytes().to_vec();
-            data.extend_from_slice(&dead.to_le_bytes());
-            data.extend_from_slice(&seq.to_le_bytes());
-            fabric::Message {
-                tag: TAG_LOCK_GRANT,
-                peer: Some(PeerId(peer)),
-                data,
-            }
-        };
-        assert_eq!(
-            locks.accept_grant(0, 5, &grant(2, NO_NODE, 5)).unwrap(),
-            Some(NO_NODE)
-        );
-        assert_eq!(locks.accept_grant(0, 5, &grant(2, 0, 5)).unwrap(), Some(0));
-        assert_eq!(
-            locks.accept_grant(0, 5, &grant(2, NO_NODE, 4)).unwrap(),
-            None,
-            "a grant answering request 4 does not answer request 5"
-        );
-        assert_eq!(
-            locks.accept_grant(0, 5, &grant(0, NO_NODE, 5)).unwrap(),
-            None,
-            "a grant the dead server sent is dropped"
-        );
-        let short = fabric::Message {
-            tag: TAG_LOCK_GRANT,
-            peer: Some(PeerId(2)),
-            data: vec![0; 12],
-        };
-        assert!(
-            locks.accept_grant(0, 5, &short).is_err(),
-            "a short grant is an error"
-        );
-    }
-}
+mod tests;

@@ -42,6 +42,11 @@ pub struct DsmConfig {
     /// How long a local access may wait before the nodes it depends on are probed; a node
     /// that does not answer makes the access fail ([`DsmError::PageUnreachable`]).
     pub fault_timeout: std::time::Duration,
+    /// A hinted read fault posts its join and a speculative read of the owner's published
+    /// copy together, and keeps the copy when its generation stamp matches the join's
+    /// (one round trip; `fault::words`); `false`: the read is posted after the join's
+    /// answer (two round trips).
+    pub speculate: bool,
 }
 
 impl Default for DsmConfig {
@@ -53,6 +58,7 @@ impl Default for DsmConfig {
             one_sided: true,
             locks: 64,
             fault_timeout: std::time::Duration::from_secs(30),
+            speculate: true,
         }
     }
 }
@@ -96,6 +102,18 @@ impl DsmConfig {
         }
         if let Ok(v) = std::env::var("KRUN_DSM_ONE_SIDED") {
             self.one_sided = number("KRUN_DSM_ONE_SIDED", &v)? != 0;
+        }
+        if let Ok(v) = std::env::var("KRUN_DSM_SPECULATE") {
+            self.speculate = match v.trim() {
+                "1" => true,
+                "0" => false,
+                _ => {
+                    return Err(DsmError::Config {
+                        what: "KRUN_DSM_SPECULATE".into(),
+                        reason: format!("{v:?}: expected 0 or 1"),
+                    })
+                }
+            };
         }
         Ok(self)
     }
@@ -225,7 +243,8 @@ impl Dsm {
                 Uffd::open()?,
                 config.prefetch,
             )
-            .with_fault_timeout(config.fault_timeout),
+            .with_fault_timeout(config.fault_timeout)
+            .with_speculation(config.speculate),
         );
         engine.members.set_view(crate::fault::members::View::new(
             config.locator,
@@ -343,7 +362,10 @@ impl Dsm {
         let pages = len.div_ceil(PAGE);
         let bytes = pages * PAGE;
         let base = self.agree_address(bytes)?;
-        let export = self.engine.ep.register(Region::new(bytes)?)?;
+        let export = self
+            .engine
+            .ep
+            .register(Region::new(crate::fault::words::export_len(pages))?)?;
         let words = self.engine.ep.register(Region::new(pages * 8)?)?;
         let mut blob = export.remote().to_bytes().to_vec();
         blob.extend_from_slice(&words.remote().to_bytes());
@@ -524,6 +546,18 @@ impl Dsm {
             .load(Ordering::Relaxed)
     }
 
+    /// Counters of one-sided reads: (joins whose speculative read was used: one round trip,
+    /// joins whose speculative read was older or torn and read again after the join, pages
+    /// this node published).
+    pub fn speculation_stats(&self) -> (u64, u64, u64) {
+        let s = &self.engine.stats;
+        (
+            s.speculative_reads.load(Ordering::Relaxed),
+            s.speculation_fallbacks.load(Ordering::Relaxed),
+            s.publications.load(Ordering::Relaxed),
+        )
+    }
+
     /// Counters: (faults, remote one-sided page reads, prefetched pages, messages received).
     pub fn stats(&self) -> (u64, u64, u64, u64) {
         let s = &self.engine.stats;
@@ -580,11 +614,17 @@ pub(crate) fn wire_locks(
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<Arc<Locks>> {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine.clone());
+    let e4 = Arc::downgrade(engine);
     let locks = Arc::new(
         locks
             .with_members(crate::lock::LockMembers {
                 coordinator: Arc::new(move || e1.coordinator()),
                 dead_peer: Arc::new(move |p| e2.peer_is_dead(p)),
+                // The lowest live member other than this node (the coherence witness).
+                deputy: Arc::new(move || {
+                    e4.upgrade()
+                        .and_then(|e| e.node.lock().ok().and_then(|n| n.witness()))
+                }),
             })
             .with_holder_check(Arc::new(move |n| e3.probe_holder(n)), fault_timeout),
     );

@@ -88,6 +88,11 @@ fn server_holding_killed(provider: &str) {
         w["word1"], "3",
         "{what}: rank 2 got lock 1 while rank 1 still held it (granted by node 0)"
     );
+    let free = pairs(&procs[2].line_with("rank=2 inherited2=", deadline, "rank 2"));
+    assert_eq!(
+        free["inherited2"], "0",
+        "{what}: lock 2, held by node 0 with nobody waiting, must be named released by its death"
+    );
     survivors_end(&mut procs, "9", deadline, &what);
     drop(procs);
     let _ = server.join();

@@ -137,7 +137,7 @@ fn three_processes_share_a_region_over_shm() {
 
 /// Rank 1's reads of pages rank 0 published (after rank 2's reads made rank 0 a read owner
 /// and rank 0's writes left rank 1 a hint) go one-sided: a fetch-and-add on the share word
-/// and an RMA read, no message to the owner; a sequential scan prefetches.
+/// and an RMA read posted together, no message to the owner; a sequential scan prefetches.
 #[test]
 fn hinted_readers_fetch_pages_one_sided_and_scans_prefetch() {
     if !is_root() {
@@ -147,6 +147,10 @@ fn hinted_readers_fetch_pages_one_sided_and_scans_prefetch() {
     let results = run("latency", "tcp", 3, &["--pages", "64"], &[]);
     let one_sided: u64 = results[1]["one_sided"].parse().unwrap();
     assert_eq!(one_sided, 64, "every hinted read should be one-sided");
+    // The pages were published before the reads: every join's speculative read is the
+    // current copy (one round trip), none is read again.
+    assert_eq!(results[1]["speculative"], "64", "{:?}", results[1]);
+    assert_eq!(results[1]["fallbacks"], "0", "{:?}", results[1]);
     let prefetched: u64 = results[1]["scan_prefetched"].parse().unwrap();
     let faults: u64 = results[1]["scan_faults"].parse().unwrap();
     assert!(prefetched > 0, "a sequential scan prefetched nothing");

@@ -19,9 +19,10 @@
 //! | `coordinator-killed` | 4 ranks; rank 0 (the coordinator of changes and barriers) writes pages, ranks 1-3 read some of them, then rank 0 prints `victim=ready` and sleeps (the test SIGKILLs it, then creates `--go-file`); ranks 1 and 2 fault in a loop across the kill (`faulting=1`); every survivor then passes barriers coordinated by rank 1 and checks the pages with a surviving copy (promoted, rewritten after), rank 1 checks the pages reported lost against those whose every copy died (`lost=`, `expected_lost=`), rank 3 finally reads a lost page (the driver must end it with code 75 naming the page) and ranks 1 and 2 wait for `--stop-file` |
 //! | `leave-coordinator-killed` | 3 ranks; ranks 0 and 1 write a page each, every rank reads both; rank 2 leaves (`leaving=1`) while rank 0, the coordinator, runs with `KRUN_DSM_CHANGE_PAUSE=<phase>:<file>` (it stops after the leave's setting or logical phase and creates the file; the test SIGKILLs it, then creates `--go-file`); rank 1 (`waiting=1`) then enters a barrier, whose probe finds node 0 dead: rank 1 becomes the coordinator, finishes the leave (every member had switched) or drops it (nobody had; rank 2 asks again), and runs node 0's failure; rank 2 prints `left=1` and ends; rank 1 checks both pages and prints its members, coordinator, dead nodes and lost pages |
 //! | `lock-holder-killed` | 3 ranks; rank 1 takes DSM lock 0 and writes the counter (the first word of a region: rank 1 owns its page), with `--keep-copy 1` rank 0 then reads it (a read copy); rank 1 prints `holding=1` and sleeps (the test SIGKILLs it); rank 2 prints `waiting=1` and waits for lock 0; rank 0 prints `queued=2` once rank 2 is in the lock's queue. Rank 0's lock server probes the overdue holder, its failure's change runs, and lock 0 goes to rank 2 naming rank 1 (`inherited=1`): with the copy, rank 2 reads 7 (the copy was promoted), writes 8, and rank 0 reads 8 under the lock (`survivor=ok`; rank 2 ends only after a second barrier, once rank 0 has read: it holds the page's only copy); without it, rank 2's read ends it with code 75 (the page is lost) and rank 0 prints `lost=` and waits for `--stop-file` |
-//! | `server-holding-killed` | 3 ranks; rank 0 (the DSM locks' server) takes lock 0 and writes the counter 7 (rank 1 then reads it: a read copy), rank 1 takes lock 1 (granted by rank 0) and writes a word; ranks 1 and 2 print `waiting=1` and wait for lock 0; rank 0 prints `queued=1,2` once both are in its queue and sleeps (the test SIGKILLs it). A waiter's probe finds rank 0 dead, rank 1 runs its failure and rebuilds the lock table from the survivors' reports: lock 0 goes to rank 1 naming rank 0 (`inherited=0`, counter 7 from the promoted copy, written 8), then to rank 2 (`inherited=-`, writes 9); rank 2 then takes lock 1, which rank 1 kept across the takeover, and must read the word rank 1 wrote just before releasing it (`word1=3`); both pass two barriers and print `end=9` |
+//! | `server-holding-killed` | 3 ranks; rank 0 (the DSM locks' server) takes lock 0 and writes the counter 7 (rank 1 then reads it: a read copy), rank 0 also takes lock 2 (nobody waits for it), rank 1 takes lock 1 (granted by rank 0) and writes a word; ranks 1 and 2 print `waiting=1` and wait for lock 0; rank 0 prints `queued=1,2` once both are in its queue and sleeps (the test SIGKILLs it). A waiter's probe finds rank 0 dead, rank 1 runs its failure and rebuilds the lock table from the survivors' reports: lock 0 goes to rank 1 naming rank 0 (`inherited=0`, counter 7 from the promoted copy, written 8), then to rank 2 (`inherited=-`, writes 9); rank 2 then takes lock 1, which rank 1 kept across the takeover, and must read the word rank 1 wrote just before releasing it (`word1=3`), then takes lock 2 and must be told rank 0 died holding it (`inherited2=0`); both pass two barriers and print `end=9` |
 //! | `server-killed` | 3 ranks; rank 1 takes lock 0 and writes the counter 7, rank 2 waits for it (`waiting=1`), rank 0 prints `queued=2` once rank 2 is queued behind rank 1 and sleeps (the test SIGKILLs it: it only served the lock); rank 1 keeps the lock until it is the coordinator, writes 8 and releases; rank 2 gets it with no dead holder named (`inherited=-`, `counter=8`), writes 9; both pass two barriers (`end=9`) |
 //! | `stalled` | 3 ranks write their pages and meet at a barrier; rank 2 prints `stall=ready` and waits for `--go-file` (the test SIGSTOPs it, creates the file, and SIGCONTs it once rank 0 printed `stalled=2`: a probe past the fault timeout found rank 2 silent but its process alive); every rank passes the next barrier, reads every page, and prints `stalled_ok=1` with the dead nodes it knows (none) |
+//! | `speculation-race` | 3 ranks; rank 0 owns a page rank 1 has a hint for; rank 1 (run with `KRUN_DSM_JOIN_HOLD=<--go-file>`) reads it: its fault thread reads rank 0's published copy (value 2), creates `<go-file>.held` and waits for `<go-file>` before joining; meanwhile rank 0 writes 3, rank 2 reads it (rank 0 publishes it again) and rank 0 creates `<go-file>`: rank 1's join sees the new generation, rejects the copy it read and reads again (`race_value=3 race_fallbacks=1`); later, with the copy unchanged, rank 1's speculative read is used (`later_value=4 later_speculative=1 later_fallbacks=0`) |
 //! | `joiner` | no bootstrap: joins the DSM of `--contact-file` while it runs, reads the counters of its first region (never decreasing), with `--joiner-locks N` adds 1 to every counter under the DSM lock N times (then raises a flag word that rank 0 of `churn` waits for before its final count), prints its migration counters, and waits until node 0 ends the job |
 //!
 //! Results go to stdout as `krun-result key=value`; the exit code is 0 when every check
@@ -38,6 +39,8 @@ mod killed;
 mod lock_server;
 #[path = "dsm-node/locks.rs"]
 mod locks;
+#[path = "dsm-node/speculation.rs"]
+mod speculation;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -364,11 +367,16 @@ fn latency(d: &Dsm, a: &Args) -> Res<()> {
     d.barrier().map_err(|e| e.to_string())?;
     if a.rank == 1 {
         let before = d.stats().1;
+        let spec_before = d.speculation_stats();
         let t = read_each(2)?;
         let one_sided = d.stats().1 - before;
+        let spec_after = d.speculation_stats();
         println!(
-            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided}",
-            median(t)
+            "krun-result read_fault_one_sided_us={:.1} one_sided={one_sided} speculative={} \
+             fallbacks={}",
+            median(t),
+            spec_after.0 - spec_before.0,
+            spec_after.1 - spec_before.1
         );
         let (reads, atomics) = d.reference_rma(&region, 0, n).map_err(|e| e.to_string())?;
         println!(
@@ -690,6 +698,7 @@ fn run(a: &Args) -> Res<()> {
         "server-holding-killed" => return lock_server::server_holding_killed(&d, a),
         "server-killed" => return lock_server::server_killed(&d, a),
         "threads" => threads(&d, a),
+        "speculation-race" => speculation::speculation_race(&d, a),
         "churn" => {
             if churn::churn(&d, a)? == churn::Outcome::Left {
                 return Ok(());

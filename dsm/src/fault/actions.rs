@@ -2,8 +2,10 @@
 //! page bytes of grants), one-sided operations handed back to the caller, page installs,
 //! protections, publications and drops, and wake-ups of the faulting threads.
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::words::{page_offset, stamp, stamp_offset};
 use super::{
     no_region, now_ns, poisoned, region_of, Data, Engine, RegisteredWords, Remote, TAG_DSM,
     WIRE_VERSION,
@@ -191,12 +193,20 @@ impl Engine {
                     if !self.publish_delay.is_zero() {
                         std::thread::sleep(self.publish_delay);
                     }
-                    let i = region.index(page);
+                    let index = region.index(page);
                     // SAFETY: the page is mapped read-only (write-protected) at this node.
                     let bytes =
                         unsafe { std::slice::from_raw_parts(region.addr(page) as *const u8, PAGE) };
-                    region.export.write_bytes(i * PAGE, bytes)?;
-                    words.publish(page)?;
+                    // The word is closed: the slot is written, stamped with the next
+                    // generation, then opened under it (`words` has the protocol).
+                    let generation = words.next_generation(page);
+                    region.export.write_bytes(page_offset(index), bytes)?;
+                    region.export.write_bytes(
+                        stamp_offset(region.pages as usize, index),
+                        &stamp(bytes, generation),
+                    )?;
+                    words.publish(page, generation)?;
+                    self.stats.publications.fetch_add(1, Ordering::Relaxed);
                 }
                 Action::Unprotect { page } => {
                     let Some(region) = region_of(&self.regions, page) else {

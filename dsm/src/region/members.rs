@@ -139,7 +139,9 @@ impl Dsm {
                 ))
             })?;
             mapped.insert(r.base, bytes);
-            let export = ep.register(Region::new(bytes)?)?;
+            let export = ep.register(Region::new(crate::fault::words::export_len(
+                r.pages as usize,
+            ))?)?;
             let words = ep.register(Region::new(r.pages as usize * 8)?)?;
             let parse = |all: &[Vec<u8>], mine: RemoteRegion| -> Result<Vec<RemoteRegion>> {
                 (0..n)
@@ -207,7 +209,8 @@ impl Dsm {
         });
         let engine = Arc::new(
             Engine::new(id, ep.clone(), peers, node, regions, uffd, config.prefetch)
-                .with_fault_timeout(config.fault_timeout),
+                .with_fault_timeout(config.fault_timeout)
+                .with_speculation(config.speculate),
         );
         engine.members.set_participants(
             (0..welcome.initial)

@@ -36,6 +36,8 @@ pub fn server_holding_killed(d: &Dsm, a: &Args) -> Res<()> {
             d.lock(0).map_err(e)?;
             // SAFETY: the region's first word; rank 0 owns its page.
             unsafe { counter.write_volatile(7) };
+            // Lock 2: held by rank 0 with nobody waiting (only its deputy, rank 1, is told).
+            d.lock(2).map_err(e)?;
         }
         1 => {
             d.lock(1).map_err(e)?;
@@ -106,6 +108,11 @@ pub fn server_holding_killed(d: &Dsm, a: &Args) -> Res<()> {
             let w = unsafe { word1.read_volatile() };
             d.unlock(1).map_err(e)?;
             say(&format!("rank=2 word1={w}"));
+            // Lock 2 was released by rank 0's death: its next holder is told.
+            d.lock(2).map_err(e)?;
+            let inherited = d.lock_inherited(2);
+            d.unlock(2).map_err(e)?;
+            say(&format!("rank=2 inherited2={}", holder(inherited)));
             survivors_end(d, counter, "rank=2")
         }
     }
