@@ -103,15 +103,20 @@ impl LoopbackEndpoint {
             })
     }
 
-    /// Resolves a remote access to a local pointer after checking key and bounds.
-    fn remote_ptr(
+    /// Runs `access` on the target's memory at a remote access's address, after checking key
+    /// and bounds, with the target's key table held for reading: a region cannot be
+    /// deregistered, and so not unmapped (`MemoryRegion` drops its registration first),
+    /// while the access runs. (Before, the lock was let go before the copy: a test that
+    /// dropped a store while another read its memory crashed in the copy, 1 run in 15.)
+    fn with_remote<R>(
         &self,
         peer: PeerId,
         op: &'static str,
         remote: &RemoteRegion,
         offset: u64,
         len: usize,
-    ) -> Result<(Arc<Shared>, *mut u8)> {
+        access: impl FnOnce(*mut u8) -> R,
+    ) -> Result<R> {
         let addr = remote.target(offset, len as u64)?;
         let target = self.target(peer, op)?;
         let keys = target.keys.read().expect("keys lock");
@@ -128,8 +133,9 @@ impl LoopbackEndpoint {
                 key: remote.key,
             });
         }
+        let result = access(addr as *mut u8);
         drop(keys);
-        Ok((target, addr as *mut u8))
+        Ok(result)
     }
 
     fn done(&self, op: &'static str, peer: PeerId, value: u64) -> Completion {
@@ -138,20 +144,24 @@ impl LoopbackEndpoint {
         Completion::new(state, self.driver.clone(), self.timeout)
     }
 
-    fn atomic(
+    /// Runs `access` on the 8-byte word at a remote access's address (see
+    /// [`LoopbackEndpoint::with_remote`]).
+    fn atomic<R>(
         &self,
         peer: PeerId,
         op: &'static str,
         remote: &RemoteRegion,
         offset: u64,
-    ) -> Result<&AtomicU64> {
+        access: impl FnOnce(&AtomicU64) -> R,
+    ) -> Result<R> {
         if !offset.is_multiple_of(8) {
             return Err(FabricError::Misaligned(offset));
         }
-        let (_target, ptr) = self.remote_ptr(peer, op, remote, offset, 8)?;
-        // SAFETY: key and bounds checked, 8-byte aligned; registered memory outlives the
-        // call as long as the target keeps it registered (a torn-down target is a user race).
-        Ok(unsafe { &*(ptr as *const AtomicU64) })
+        self.with_remote(peer, op, remote, offset, 8, |ptr| {
+            // SAFETY: key and bounds checked, 8-byte aligned; the region stays registered,
+            // so mapped, while the key table is held (`with_remote`).
+            access(unsafe { &*(ptr as *const AtomicU64) })
+        })
     }
 }
 
@@ -235,8 +245,9 @@ impl Endpoint for LoopbackEndpoint {
         remote_offset: u64,
     ) -> Result<Completion> {
         let src = local.check_local(local_offset, len)?;
-        let (_target, dst) = self.remote_ptr(peer, "write", remote, remote_offset, len)?;
-        std::ptr::copy(src, dst, len);
+        self.with_remote(peer, "write", remote, remote_offset, len, |dst| {
+            std::ptr::copy(src, dst, len)
+        })?;
         Ok(self.done("write", peer, 0))
     }
 
@@ -250,8 +261,9 @@ impl Endpoint for LoopbackEndpoint {
         remote_offset: u64,
     ) -> Result<Completion> {
         let dst = local.check_local(local_offset, len)?;
-        let (_target, src) = self.remote_ptr(peer, "read", remote, remote_offset, len)?;
-        std::ptr::copy(src, dst, len);
+        self.with_remote(peer, "read", remote, remote_offset, len, |src| {
+            std::ptr::copy(src, dst, len)
+        })?;
         Ok(self.done("read", peer, 0))
     }
 
@@ -262,9 +274,9 @@ impl Endpoint for LoopbackEndpoint {
         remote_offset: u64,
         add: u64,
     ) -> Result<Completion> {
-        let old = self
-            .atomic(peer, "fetch-add", remote, remote_offset)?
-            .fetch_add(add, Ordering::SeqCst);
+        let old = self.atomic(peer, "fetch-add", remote, remote_offset, |w| {
+            w.fetch_add(add, Ordering::SeqCst)
+        })?;
         Ok(self.done("fetch-add", peer, old))
     }
 
@@ -276,10 +288,11 @@ impl Endpoint for LoopbackEndpoint {
         compare: u64,
         swap: u64,
     ) -> Result<Completion> {
-        let word = self.atomic(peer, "compare-swap", remote, remote_offset)?;
-        let old = match word.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(v) | Err(v) => v,
-        };
+        let old = self.atomic(peer, "compare-swap", remote, remote_offset, |w| {
+            match w.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            }
+        })?;
         Ok(self.done("compare-swap", peer, old))
     }
 

@@ -252,3 +252,57 @@ fn a_closed_peer_gives_an_error_not_a_hang() {
     let e = a.fetch_add(peer, &r, 0, 1).unwrap_err();
     assert!(e.to_string().contains("peer #0"), "{e}");
 }
+
+/// A region the target drops while a peer reads it: every read either returns the whole
+/// region or fails naming the key (it was deregistered first), never touches memory already
+/// unmapped. Loopback copies in the caller's thread, so the drop is raced on purpose: a
+/// reader thread reads a 32 MiB region in a loop while the target drops it after a few
+/// reads. Before the fix the copy ran after the key table was let go: the process crashed
+/// (SIGSEGV in the copy; seen in ckpt-store's `to_file` test, 1 run in 15).
+#[test]
+fn loopback_a_region_dropped_while_a_peer_reads_it_fails_the_read_cleanly() {
+    const LEN: usize = 32 << 20;
+    let (a, b) = pair(Provider::Loopback);
+    let peer = a.connect(&b.address()).unwrap();
+    let mut clean_failures = 0;
+    for _round in 0..8 {
+        let target = b.register(Region::new(LEN).unwrap()).unwrap();
+        target.write_bytes(LEN - 4, b"last").unwrap();
+        let remote = target.remote();
+        let local = a.register(Region::new(LEN).unwrap()).unwrap();
+        let (reads, failed) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut reads = 0u32;
+                // Bounded: at most 200 reads; ends at the first failure.
+                for _ in 0..200 {
+                    // SAFETY: `local` is this thread's alone; the target's region may go
+                    // away, which is what the test is about.
+                    match unsafe { a.read(peer, &local, 0, LEN, &remote, 0) } {
+                        Ok(()) => reads += 1,
+                        Err(e) => return (reads, Some(e)),
+                    }
+                }
+                (reads, None)
+            });
+            std::thread::sleep(Duration::from_millis(5));
+            drop(target);
+            reader.join().unwrap()
+        });
+        if let Some(e) = failed {
+            assert!(
+                matches!(e, FabricError::RemoteAccess { .. }),
+                "a read of a dropped region fails naming its key: {e}"
+            );
+            clean_failures += 1;
+        }
+        if reads > 0 {
+            let mut last = [0u8; 4];
+            local.read_bytes(LEN - 4, &mut last).unwrap();
+            assert_eq!(&last, b"last", "a read that succeeded copied the whole region");
+        }
+    }
+    assert!(
+        clean_failures > 0,
+        "no read ever met the dropped region: the race was not provoked"
+    );
+}
