@@ -53,6 +53,9 @@ pub struct NodeShare {
     /// Called before each rank starts: environment and a descriptor it keeps (the node's
     /// PMI server, `runtime/pmi.rs`).
     pub rank_setup: Option<crate::runtime::pmi::RankSetup>,
+    /// Told once the node's own ranks have all been started (krund's checkpoint store
+    /// counts its delay from then, not from the node's start).
+    pub started: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// This node's ranks among all the job's ranks on the same machine (nodes that share a

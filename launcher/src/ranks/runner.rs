@@ -228,6 +228,9 @@ pub fn run_share(share: &NodeShare) -> Result<i32> {
             return Err(e);
         }
     }
+    if let Some(tx) = &share.started {
+        let _ = tx.send(());
+    }
     let mut worst = 0;
     // Failed ranks held back for `exit_grace`: (rank, code, signal, when).
     let mut held_exits: Vec<(usize, i32, Option<i32>, std::time::Instant)> = Vec::new();
