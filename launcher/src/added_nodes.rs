@@ -204,6 +204,7 @@ impl JoinedShare {
             stay: Some(stay),
             exit_grace: self.exit_grace,
             commands: Some(Arc::new(Mutex::new(commands))),
+            started: None,
         };
         crate::ranks::run_share(&share)
     }

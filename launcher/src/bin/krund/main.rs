@@ -307,6 +307,16 @@ fn run() -> Result<i32, LauncherError> {
         let mpi = early_mpi
             .expect("a node with a placement starts its MPI servers early")
             .finish(&runtime, args.node_id, &placement.count)?;
+        // The store's delay counts from when the node's ranks run (see `StoreGate`); a
+        // share that ends before starting them drops the sender, which starts it too.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _ = started_rx.recv();
+                gate.ranks_started();
+            });
+        }
         let share = NodeShare {
             node_id: args.node_id,
             nnodes: args.nnodes,
@@ -339,6 +349,7 @@ fn run() -> Result<i32, LauncherError> {
             exit_grace: exit_grace()?,
             commands: Some(std::sync::Arc::new(std::sync::Mutex::new(commands))),
             rank_setup: mpi.setup.clone(),
+            started: Some(started_tx),
         };
         let node_id = args.node_id;
         let result = (|| {

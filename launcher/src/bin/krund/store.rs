@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 /// When the node's checkpoint store starts. Its fabric endpoint costs libfabric's set-up
 /// (here about 0.1 s of CPU per node, most of it the providers zeroing their buffer pools),
 /// which a job whose ranks all end at once never needs. So the store waits until the node's
-/// ranks ended, [`STORE_DELAY`] passed, or something needs it (a checkpoint or a restart
+/// ranks ended, [`STORE_DELAY`] passed since they were all started, or something needs it (a checkpoint or a restart
 /// waits for the agent: [`Runtime::on_agent_wanted`]); then every node says through the
 /// job's bootstrap whether its ranks all ended with 0, and only when every node's did is
 /// the store left out: the answer is the same on every node, and the store addresses'
@@ -32,11 +32,21 @@ struct GateState {
     ended_well: Option<bool>,
     /// A checkpoint or a restart waits for the store.
     wanted: bool,
+    /// The node's ranks have all been started (the delay counts from then).
+    ranks_started: bool,
 }
 
-/// How long a node's ranks may run before its checkpoint store starts anyway (unless
-/// `KRUN_STORE_DELAY_MS` says otherwise).
+/// How long a node's ranks may run, counted from when they all started, before its
+/// checkpoint store starts anyway (unless `KRUN_STORE_DELAY_MS` says otherwise). Counted
+/// from the node's start instead, a wide job whose ranks take longer than this to come up
+/// on a loaded machine (1,024 ranks of /bin/true over 64 hosts on 2 cores) opened every
+/// node's store: a fabric endpoint and its zeroed buffer pools per node, most of the
+/// launch's time.
 const STORE_DELAY: Duration = Duration::from_secs(1);
+
+/// The longest the store waits for the node's ranks to be started before the delay counts
+/// anyway.
+const STORE_START_WAIT: Duration = Duration::from_secs(30);
 
 /// `KRUN_STORE_DELAY_MS`; else none in a job with a checkpoint policy (`KRUN_RECOVERS`, set
 /// by krun: its first checkpoint comes soon, and a buddy whose store was still starting
@@ -65,6 +75,12 @@ impl StoreGate {
         self.changed.notify_all();
     }
 
+    /// The node's ranks have all been started (`NodeShare::started`).
+    pub(crate) fn ranks_started(&self) {
+        self.state.lock().expect("store gate lock").ranks_started = true;
+        self.changed.notify_all();
+    }
+
     pub(crate) fn want(&self) {
         self.state.lock().expect("store gate lock").wanted = true;
         self.changed.notify_all();
@@ -77,9 +93,21 @@ impl StoreGate {
         boot: &mut BootstrapClient,
         delay: Duration,
     ) -> Result<bool, LauncherError> {
-        let deadline = std::time::Instant::now() + delay;
         let ended_well = {
             let mut s = self.state.lock().expect("store gate lock");
+            let start_by = std::time::Instant::now() + STORE_START_WAIT;
+            while !s.wanted && s.ended_well.is_none() && !s.ranks_started {
+                let left = start_by.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = self
+                    .changed
+                    .wait_timeout(s, left)
+                    .expect("store gate lock")
+                    .0;
+            }
+            let deadline = std::time::Instant::now() + delay;
             while !s.wanted && s.ended_well.is_none() {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
