@@ -262,9 +262,6 @@ pub struct Node {
     /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1);
     /// `None` for the changes a joiner replays from before its own join (which it stamps).
     learned_at: Vec<Option<u64>>,
-    /// A joiner: when the members learned the changes before its join (the latest tick
-    /// any member's [`Msg::Learned`] gives, per epoch), for its loss window.
-    heard_learned: BTreeMap<Epoch, u64>,
     /// Nodes out of the configuration that sent something, and when they were last told.
     told_evicted: BTreeMap<NodeId, u64>,
     /// The epoch whose agreed change says this node failed, once it learned it.
@@ -385,7 +382,6 @@ impl Node {
             closed: BTreeSet::new(),
             lost,
             learned_at: Vec::new(),
-            heard_learned: BTreeMap::new(),
             told_evicted: BTreeMap::new(),
             evicted: None,
             next_nonce: 1,

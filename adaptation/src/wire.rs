@@ -106,13 +106,6 @@ pub enum Msg {
         service: ServiceId,
         buckets: Vec<u32>,
     },
-    /// To a joining node, from each member as the join starts: how many ticks ago the
-    /// sender learned the agreed changes before the join, `(epoch, ticks ago)`. A joiner
-    /// cannot know it otherwise, and its loss window needs it (see the failure repair in
-    /// [`crate::protocol`]).
-    Learned {
-        ages: Vec<(Epoch, u64)>,
-    },
 }
 
 /// Appends little-endian fields.
@@ -209,7 +202,6 @@ impl Msg {
             Msg::Ping { .. } => "ping",
             Msg::Pong { .. } => "pong",
             Msg::Lost { .. } => "lost",
-            Msg::Learned { .. } => "learned",
         }
     }
 
@@ -286,9 +278,6 @@ mod tests {
             Msg::Lost {
                 service: 1,
                 buckets: vec![0, 7, 1023],
-            },
-            Msg::Learned {
-                ages: vec![(3, 0), (4, u64::MAX)],
             },
         ]
     }

@@ -75,9 +75,6 @@ fn msgs() -> Vec<Msg> {
         Msg::Observed { id: id(4) },
         Msg::Ping { nonce: u64::MAX },
         Msg::Pong { nonce: 0 },
-        Msg::Learned {
-            ages: vec![(1, 0), (u64::MAX, 7)],
-        },
     ]
 }
 

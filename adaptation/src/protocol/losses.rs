@@ -18,17 +18,6 @@ impl Node {
         2 * (m.suspect_to_down + m.probe_period + self.cfg.confirm_ticks + self.cfg.retry_ticks)
     }
 
-    /// When the change of `epoch` was learned here or, for a joiner's changes from before
-    /// its join, by the members ([`Msg::Learned`]): `None` if unknown.
-    pub(super) fn learned(&self, epoch: Epoch) -> Option<u64> {
-        let i = usize::try_from(epoch.checked_sub(1)?).ok()?;
-        self.learned_at
-            .get(i)
-            .copied()
-            .flatten()
-            .or_else(|| self.heard_learned.get(&epoch).copied())
-    }
-
     /// Failure repair, at the end of the change that removes a failed node: were its
     /// entries rebuilt from a copy that is surely the newest? Every write it acknowledged
     /// was observed by its witnesses (the `k` members after it) of the view it served in,
@@ -55,15 +44,19 @@ impl Node {
             .unwrap_or_default();
         scanned.insert(me);
         let window = self.loss_window();
-        let failed_at = self.learned(epoch).unwrap_or(self.now);
+        let failed_at = self
+            .learned_at
+            .get((epoch - 1) as usize)
+            .copied()
+            .flatten()
+            .unwrap_or(self.now);
         let mut views: Vec<&CellTreeLocator> = Vec::new();
         for (i, l) in self.locators.iter().enumerate() {
             // `locators[i]` is the view of epoch `epoch - 1 - i`.
             if i > 0 {
-                // The change that ended that view: epoch `epoch - i`.
-                let recent = epoch
-                    .checked_sub(i as Epoch)
-                    .and_then(|e| self.learned(e))
+                let recent = (epoch as usize)
+                    .checked_sub(i + 1)
+                    .and_then(|j| self.learned_at.get(j).copied().flatten())
                     .is_some_and(|t| t + window >= failed_at);
                 if !recent {
                     break;

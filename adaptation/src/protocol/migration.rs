@@ -98,19 +98,6 @@ impl Node {
             self.install(epoch, members, locator);
             return;
         }
-        if let Change::Join { node, .. } = &change {
-            if *node != me {
-                // Before `Prepared` (links are FIFO): the joiner has it when it judges a
-                // failure during or after its join.
-                let first = epoch.saturating_sub(LOCATOR_HISTORY as Epoch).max(1);
-                let ages: Vec<(Epoch, u64)> = (first..epoch)
-                    .filter_map(|e| self.learned(e).map(|t| (e, now.saturating_sub(t))))
-                    .collect();
-                if !ages.is_empty() {
-                    self.send(*node, Msg::Learned { ages });
-                }
-            }
-        }
         // Step 1: before migration.
         for (s, svc) in self.services.iter_mut().enumerate() {
             let scope = &self.scopes[s];

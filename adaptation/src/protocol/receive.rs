@@ -86,13 +86,6 @@ impl Node {
                     )),
                 }
             }
-            Msg::Learned { ages } => {
-                for (epoch, age) in ages {
-                    let at = self.now.saturating_sub(age);
-                    let t = self.heard_learned.entry(epoch).or_insert(at);
-                    *t = (*t).max(at);
-                }
-            }
             Msg::Ping { nonce } => self.send(from, Msg::Pong { nonce }),
             Msg::Pong { nonce } => {
                 if self.confirming.get(&from).is_some_and(|(n, _)| *n == nonce) {
