@@ -206,9 +206,11 @@ pub struct Node {
     /// every node the log says failed (a participant in that set is not waited for), and
     /// the supervisors.
     logged: ViewState,
-    /// Nodes whose planned leave this node saw through (step 4 of the leave's change): their
-    /// copies reached the members that stay, whatever the log says of them later (a leaver
-    /// that stopped can still be declared failed by a detector that saw it go silent).
+    /// Nodes whose planned leave this node saw through (step 4 of the leave's change, with
+    /// the leaver's `Sent` in: it went through its send out): their copies reached the
+    /// members that stay, whatever the log says of them later (a leaver that stopped can
+    /// still be declared failed by a detector that saw it go silent). A leaver that failed
+    /// before its send out, and was not waited for, is not in it.
     handed_over: BTreeSet<NodeId>,
     /// Supervisors: the configuration after the changes this node's Raft member reported
     /// (`raft_epoch` of them), against which each committed change is judged; the known log
@@ -258,7 +260,7 @@ pub struct Node {
     /// by [`Service::lost`], never served as a new, empty entry.
     lost: Vec<BTreeSet<usize>>,
     /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1);
-    /// `None` for the changes a joiner replays from before it joined.
+    /// `None` for the changes a joiner replays from before its own join (which it stamps).
     learned_at: Vec<Option<u64>>,
     /// Nodes out of the configuration that sent something, and when they were last told.
     told_evicted: BTreeMap<NodeId, u64>,

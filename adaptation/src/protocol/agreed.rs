@@ -325,8 +325,11 @@ impl Node {
         }
         self.early_log.insert(epoch, change);
         while let Some(change) = self.early_log.remove(&(self.known_epoch() + 1)) {
-            let replayed = self.cfg.joining.is_some() && !self.logged.ever.contains(&self.cfg.me);
+            // A joiner does not know when the changes before its own join were agreed; its
+            // join it learns now, as the members do (the view that join ends is one a node
+            // failing soon after may still have served in: see `Node::mark_losses`).
             self.logged.apply(&change);
+            let replayed = self.cfg.joining.is_some() && !self.logged.ever.contains(&self.cfg.me);
             self.log.push(change);
             self.learned_at.push((!replayed).then_some(self.now));
             self.out.push(Output::Phase {

@@ -193,7 +193,16 @@ impl Node {
         let leaving = matches!(m.change, Change::Leave { node } if node == self.cfg.me);
         if let Change::Leave { node } = m.change {
             if node != self.cfg.me {
-                self.handed_over.insert(node);
+                // Its copies reached the members that stay only if it went through its send
+                // out (its `Sent` follows its copies on every link): a leaver that failed
+                // before, and was not waited for, took them along.
+                let sent = self
+                    .acks
+                    .get(&epoch)
+                    .is_some_and(|a| a.sent.contains_key(&node));
+                if sent {
+                    self.handed_over.insert(node);
+                }
                 let o = self.membership.remove_member(node, self.now);
                 self.on_membership(o);
             }
