@@ -1,19 +1,8 @@
 //! Starting ranks (clone/exec without copying krund) and forwarding their output (one poll
 //! loop per node), end to end through `krun --local`.
-use std::process::Command;
 
-fn krun(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_krun"))
-        .args(args)
-        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
-        .output()
-        .expect("krun runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod job_common;
+use job_common::run_krun as krun;
 
 #[test]
 fn a_program_missing_from_path_is_named_with_the_exec_error() {

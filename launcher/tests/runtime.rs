@@ -109,18 +109,8 @@ fn rand_suffix() -> u64 {
         .as_nanos() as u64
 }
 
-fn krun(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_krun"))
-        .args(args)
-        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
-        .output()
-        .expect("krun runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod job_common;
+use job_common::run_krun as krun;
 
 fn numbers(v: &Value) -> Vec<u64> {
     v.as_array()

@@ -137,3 +137,17 @@ pub fn decisions(dir: &Path) -> Option<String> {
     }
     None
 }
+
+/// Runs `krun ARGS` (the krun and krund of this build) to its end: exit code, stdout, stderr.
+pub fn run_krun(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_krun"))
+        .args(args)
+        .env("KRUN_KRUND", env!("CARGO_BIN_EXE_krund"))
+        .output()
+        .expect("krun runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

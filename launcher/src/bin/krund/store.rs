@@ -86,6 +86,28 @@ impl StoreGate {
         self.changed.notify_all();
     }
 
+    /// Waits on the gate while `waiting` holds, at most `limit`.
+    fn wait_while<'a>(
+        &self,
+        mut s: std::sync::MutexGuard<'a, GateState>,
+        limit: Duration,
+        waiting: impl Fn(&GateState) -> bool,
+    ) -> std::sync::MutexGuard<'a, GateState> {
+        let until = std::time::Instant::now() + limit;
+        while waiting(&s) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .expect("store gate lock")
+                .0;
+        }
+        s
+    }
+
     /// Waits for the moment to decide (see [`StoreGate`]), then decides with the other
     /// nodes: true when the job needs its store.
     pub(crate) fn decide(
@@ -95,30 +117,12 @@ impl StoreGate {
     ) -> Result<bool, LauncherError> {
         let ended_well = {
             let mut s = self.state.lock().expect("store gate lock");
-            let start_by = std::time::Instant::now() + STORE_START_WAIT;
-            while !s.wanted && s.ended_well.is_none() && !s.ranks_started {
-                let left = start_by.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = self
-                    .changed
-                    .wait_timeout(s, left)
-                    .expect("store gate lock")
-                    .0;
-            }
-            let deadline = std::time::Instant::now() + delay;
-            while !s.wanted && s.ended_well.is_none() {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = self
-                    .changed
-                    .wait_timeout(s, left)
-                    .expect("store gate lock")
-                    .0;
-            }
+            // First until the node's ranks are started (at most STORE_START_WAIT), then for
+            // the delay.
+            s = self.wait_while(s, STORE_START_WAIT, |g| {
+                !g.wanted && g.ended_well.is_none() && !g.ranks_started
+            });
+            s = self.wait_while(s, delay, |g| !g.wanted && g.ended_well.is_none());
             !s.wanted && s.ended_well == Some(true)
         };
         let all = boot.allgather(&[u8::from(ended_well)])?;
