@@ -245,29 +245,43 @@ impl Engine {
         self.rank_of_peer.read().ok()?.get(&peer).copied()
     }
 
-    /// Adds node `id` reached through `peer` (a join): its tables grow.
+    /// Adds node `id` reached through `peer` (a join): its tables grow. A node that asks
+    /// to join again under the same id (its first join was dropped when the coordinator
+    /// running it died) comes with a new endpoint: its message sequences start again
+    /// from 0 both ways, and what the old endpoint sent and was not delivered is dropped.
     pub fn add_peer(&self, id: NodeId, peer: PeerId) -> Result<()> {
         let n = id as usize + 1;
-        {
+        let old = {
             let mut peers = self.peers.write().map_err(|_| poisoned())?;
             if peers.len() < n {
                 peers.resize(n, None);
             }
-            peers[id as usize] = Some(peer);
+            peers[id as usize].replace(peer)
+        };
+        let renewed = old.is_some_and(|o| o != peer);
+        {
+            let mut by_peer = self.rank_of_peer.write().map_err(|_| poisoned())?;
+            if let Some(o) = old.filter(|_| renewed) {
+                by_peer.remove(&o);
+            }
+            by_peer.insert(peer, id);
         }
-        self.rank_of_peer
-            .write()
-            .map_err(|_| poisoned())?
-            .insert(peer, id);
         {
             let mut seqs = self.send_seq.lock().map_err(|_| poisoned())?;
             if seqs.len() < n {
                 seqs.resize(n, 0);
             }
+            if renewed {
+                seqs[id as usize] = 0;
+            }
         }
         let mut r = self.reorder.lock().map_err(|_| poisoned())?;
         if r.0.len() < n {
             r.0.resize(n, 0);
+        }
+        if renewed {
+            r.0[id as usize] = 0;
+            r.1.retain(|&(from, _), _| from != id);
         }
         Ok(())
     }

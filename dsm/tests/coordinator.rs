@@ -172,3 +172,134 @@ fn a_leave_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_sh
     }
     leave_half_done("shm", "setting");
 }
+
+/// Node 0 runs a node's join and is SIGKILLed between two of its steps (after `phase`,
+/// forced by `KRUN_DSM_CHANGE_PAUSE`): rank 1 takes over and finishes the join (after
+/// logical: every member switched) or drops it (after setting: nobody switched; the
+/// joiner asks again and rank 1 runs it); either way the joiner ends a member, reads both
+/// pages (node 0's through rank 1's surviving copy), and both see members 1 and 2 with
+/// rank 1 coordinating.
+fn join_half_done(provider: &str, phase: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "krun-dsm-join-half-done-{}-{provider}-{phase}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (go, paused, stop, contact) = (
+        dir.join("go"),
+        dir.join("paused"),
+        dir.join("stop"),
+        dir.join("contact"),
+    );
+    let server = BootstrapServer::start_with("127.0.0.1:0", 2, LIMIT, None).unwrap();
+    let addr = server.addr().to_string();
+    let pause = format!("{phase}:{}", paused.to_str().unwrap());
+    let env = [
+        ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
+        ("KRUN_DSM_PREFETCH", "0"),
+        ("KRUN_DSM_CHANGE_PAUSE", pause.as_str()),
+    ];
+    let files = [
+        "--go-file",
+        go.to_str().unwrap(),
+        "--stop-file",
+        stop.to_str().unwrap(),
+        "--contact-file",
+        contact.to_str().unwrap(),
+    ];
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|r| {
+            spawn(
+                &rank_args("join-coordinator-killed", provider, &addr, r, 2, &files),
+                &env,
+            )
+        })
+        .collect();
+    let joiner_args: Vec<String> = ["late-joiner", "--provider", provider]
+        .iter()
+        .chain(files.iter())
+        .map(|s| s.to_string())
+        .collect();
+    let mut joiner = spawn(&joiner_args, &env[..2]);
+    let deadline = Instant::now() + LIMIT;
+    procs[0].line_with("victim=ready", deadline, "rank 0");
+    procs[1].line_with("waiting=1", deadline, "rank 1");
+    while !paused.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never paused the join after its {phase} phase:\n{}",
+            procs[0].kill_and_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs[0].child.kill().unwrap();
+    assert!(!procs[0].child.wait().unwrap().success());
+    std::fs::write(&go, b"go").unwrap();
+    let what = format!("over {provider}, node 0 killed after the join's {phase} phase");
+    let end = pairs(&procs[1].line_with("survivor=ok", deadline, "rank 1"));
+    assert_eq!(end["members"], "1,2", "rank 1 {what}");
+    assert_eq!(end["dead"], "0", "rank 1 {what}");
+    assert_eq!(end["coordinator"], "1", "rank 1 {what}");
+    assert_eq!(
+        end["lost"], "-",
+        "rank 1 {what}: page 0 had a copy at rank 1"
+    );
+    let joined = pairs(&joiner.line_with("joiner=ok", deadline, "the joiner"));
+    assert_eq!(joined["members"], "1,2", "the joiner {what}");
+    assert_eq!(joined["coordinator"], "1", "the joiner {what}");
+    std::fs::write(&stop, b"stop").unwrap();
+    let (status, jerr) = joiner.wait_exit(deadline, "the joiner");
+    assert!(status.success(), "the joiner {what}: {status}\n{jerr}");
+    let (status, err) = procs[1].wait_exit(deadline, "rank 1");
+    assert!(status.success(), "rank 1 {what}: {status}\n{err}");
+    let told = if phase == "logical" {
+        "finishing the change Join(2)"
+    } else {
+        "the change Join(2) (epoch 1) the dead coordinator left before any member switched is \
+         dropped"
+    };
+    assert!(
+        err.contains(told),
+        "rank 1 {what} never said {told:?}:\n{err}\n-- the joiner:\n{jerr}"
+    );
+    drop(procs);
+    let _ = server.join();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_join_node_0_left_after_its_logical_phase_is_finished_by_the_next_coordinator_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    join_half_done("tcp", "logical");
+}
+
+#[test]
+fn a_join_node_0_left_after_its_logical_phase_is_finished_by_the_next_coordinator_over_shm() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    join_half_done("shm", "logical");
+}
+
+#[test]
+fn a_join_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    join_half_done("tcp", "setting");
+}
+
+#[test]
+fn a_join_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_shm() {
+    if !is_root() {
+        eprintln!("skipped: userfaultfd needs root");
+        return;
+    }
+    join_half_done("shm", "setting");
+}

@@ -140,6 +140,9 @@ pub struct Members {
     pub auto_admit: AtomicBool,
     pub dismissed: AtomicBool,
     left: AtomicBool,
+    /// At a joining node: the join the dead coordinator left before any member switched
+    /// was dropped; ask again at this address (the new coordinator's, [`Ctl::JoinDropped`]).
+    rejoin: Mutex<Option<Vec<u8>>>,
     changing: Mutex<()>,
     reports: Mutex<Vec<ChangeReport>>,
     /// Test injection (`KRUN_DSM_MIGRATION_HOLD`): node 0 switches first and waits (at
@@ -166,6 +169,12 @@ pub type LockReporter = Arc<dyn Fn() -> crate::lock::LockReport + Send + Sync>;
 pub type FailureHook = Arc<dyn Fn(NodeId) + Send + Sync>;
 
 impl Members {
+    /// At a joining node: the address to ask again at, once a new coordinator dropped the
+    /// join the dead one left half-done (taken: asked once).
+    pub(crate) fn take_rejoin(&self) -> Option<Vec<u8>> {
+        self.rejoin.lock().ok().and_then(|mut r| r.take())
+    }
+
     pub fn new(initial: u32) -> Members {
         Members {
             view: Mutex::new(None),
@@ -179,6 +188,7 @@ impl Members {
             auto_admit: AtomicBool::new(true),
             dismissed: AtomicBool::new(false),
             left: AtomicBool::new(false),
+            rejoin: Mutex::new(None),
             changing: Mutex::new(()),
             reports: Mutex::new(Vec::new()),
             hold: std::env::var_os("KRUN_DSM_MIGRATION_HOLD").is_some(),
@@ -408,6 +418,12 @@ impl Engine {
             }
             Ctl::Left => {
                 self.members.left.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Ctl::JoinDropped { contact } => {
+                if let Ok(mut r) = self.members.rejoin.lock() {
+                    *r = Some(contact);
+                }
                 Ok(())
             }
             Ctl::Dismiss => {

@@ -34,6 +34,12 @@ impl Collective for NoCollective {
     }
 }
 
+/// The end of one attempt to join: a member, or the address to ask again at.
+enum Joined {
+    Member(Dsm),
+    Again(EndpointAddress),
+}
+
 fn join_error(reason: impl std::fmt::Display) -> DsmError {
     DsmError::Collective {
         what: "join".into(),
@@ -71,6 +77,10 @@ impl Dsm {
     /// access the regions, and take the DSM locks. It takes no part in the job's barriers
     /// and allocations.
     /// Returns once the change is committed everywhere.
+    ///
+    /// If node 0 dies during the join, the next coordinator finishes it (some member
+    /// switched to it) or drops it and tells this node, which then asks it again from the
+    /// start (a new endpoint, a new welcome), all within `within`.
     pub fn join(
         contact: &str,
         fabric: &FabricConfig,
@@ -79,9 +89,31 @@ impl Dsm {
     ) -> Result<Dsm> {
         let start = Instant::now();
         let deadline = start + within;
-        let coordinator = EndpointAddress::from_hex(contact.trim())?;
+        let mut coordinator = EndpointAddress::from_hex(contact.trim())?;
+        loop {
+            match Dsm::join_once(&coordinator, fabric, config.clone(), start, deadline)? {
+                Joined::Member(dsm) => return Ok(dsm),
+                Joined::Again(next) => {
+                    eprintln!(
+                        "krun dsm: the coordinator died before the join was set up; asking \
+                         the next coordinator again"
+                    );
+                    coordinator = next;
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`Dsm::join`] through `coordinator`.
+    fn join_once(
+        coordinator: &EndpointAddress,
+        fabric: &FabricConfig,
+        config: DsmConfig,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<Joined> {
         let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(fabric)?);
-        let c_peer = ep.connect(&coordinator)?;
+        let c_peer = ep.connect(coordinator)?;
         let own = ep.address();
         members::send_raw(
             &*ep,
@@ -240,6 +272,12 @@ impl Dsm {
         members::send_raw(&*ep, c_peer, id, &Ctl::Ready { regions: ready })?;
         while engine.members.epoch() < welcome.epoch {
             dsm.check()?;
+            if let Some(next) = engine.members.take_rejoin() {
+                // Dropped by the next coordinator: this attempt's threads, mappings and
+                // endpoint go with `dsm`, then the join starts again there.
+                drop(dsm);
+                return Ok(Joined::Again(EndpointAddress::from_bytes(&next)?));
+            }
             if Instant::now() >= deadline {
                 return Err(DsmError::Timeout {
                     what: format!("join: waiting for the change to epoch {}", welcome.epoch),
@@ -248,7 +286,7 @@ impl Dsm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(dsm)
+        Ok(Joined::Member(dsm))
     }
 
     /// Leaves the DSM (any node but node 0), once this process no longer accesses it: the

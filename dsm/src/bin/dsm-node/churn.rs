@@ -122,11 +122,12 @@ pub fn churn(d: &Dsm, a: &Args) -> Res<Outcome> {
     Ok(Outcome::Stayed)
 }
 
-pub fn joiner(a: &Args) -> Res<()> {
+/// Waits for the contact file and joins the DSM it names (within [`CHANGE_LIMIT`]).
+pub fn join_through(a: &Args) -> Res<Dsm> {
     let path = a
         .contact_file
         .as_ref()
-        .ok_or("joiner needs --contact-file")?;
+        .ok_or("a joiner needs --contact-file")?;
     let deadline = Instant::now() + CHANGE_LIMIT;
     while !path.exists() {
         if Instant::now() > deadline {
@@ -139,7 +140,11 @@ pub fn joiner(a: &Args) -> Res<()> {
         .with_env()
         .map_err(|e| e.to_string())?;
     let config = DsmConfig::default().with_env().map_err(|e| e.to_string())?;
-    let d = Dsm::join(&contact, &fabric, config, CHANGE_LIMIT).map_err(|e| format!("join: {e}"))?;
+    Dsm::join(&contact, &fabric, config, CHANGE_LIMIT).map_err(|e| format!("join: {e}"))
+}
+
+pub fn joiner(a: &Args) -> Res<()> {
+    let d = join_through(a)?;
     println!(
         "krun-result joined={} epoch={} {}",
         d.rank(),

@@ -139,3 +139,78 @@ pub fn leave_coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
         }
     }
 }
+
+/// See `join-coordinator-killed` in the module doc of `dsm-node`: ranks 0 and 1 (the
+/// job), node 0 SIGKILLed in the middle of the join it runs for a `late-joiner`.
+pub fn join_coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
+    if a.size != 2 {
+        return Err("join-coordinator-killed needs --size 2".into());
+    }
+    let contact = a
+        .contact_file
+        .as_ref()
+        .ok_or("join-coordinator-killed needs --contact-file")?;
+    let p = Pages::alloc(d, 2, 2)?;
+    let bar = || d.barrier().map_err(|e| e.to_string());
+    let r = a.rank;
+    bar()?;
+    p.write(&[r], 0xd0 + r as u64);
+    bar()?;
+    // Both ranks read both pages: rank 1's copy of page 0 survives node 0.
+    p.check(&[0], 0xd0, "page 0 before the join")?;
+    p.check(&[1], 0xd1, "page 1 before the join")?;
+    bar()?;
+    if r == 0 {
+        // Written whole, then renamed: the joiner never reads half a contact.
+        let tmp = contact.with_extension("tmp");
+        std::fs::write(&tmp, d.contact().map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, contact).map_err(|e| format!("{}: {e}", contact.display()))?;
+        return victim(r);
+    }
+    say("waiting=1");
+    wait_file(a.go_file.as_ref(), "go-file")?;
+    // Node 0 is dead: this barrier's probe finds it, and rank 1 takes over.
+    bar()?;
+    p.check(&[0], 0xd0, "page 0 after node 0 died")?;
+    p.check(&[1], 0xd1, "page 1 after node 0 died")?;
+    until("node 0's failure never committed", || {
+        !d.members().contains(&0)
+    })?;
+    // The joiner is a member once its join committed (finished by this node, or run
+    // again when it asked again after a dropped one).
+    until("the joiner never became a member", || {
+        d.members().contains(&2)
+    })?;
+    let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
+    say(&format!(
+        "survivor=ok members={} coordinator={} dead={} lost={}",
+        ids(d.members()),
+        d.coordinator(),
+        ids(d.dead_nodes()),
+        list(&d.lost_pages())
+    ));
+    wait_file(a.stop_file.as_ref(), "stop-file")
+}
+
+/// The joiner of `join-coordinator-killed` (no bootstrap): joins through the contact
+/// file, then reads both pages of the job's region and prints its view.
+pub fn late_joiner(a: &Args) -> Res<()> {
+    let d = super::churn::join_through(a)?;
+    say(&format!("joined={} epoch={}", d.rank(), d.epoch()));
+    let region = *d.regions().first().ok_or("the DSM has no region")?;
+    let p = Pages::attach(&d, region, 3)?;
+    p.check(&[0], 0xd0, "page 0 read by the joiner")?;
+    p.check(&[1], 0xd1, "page 1 read by the joiner")?;
+    // The join may commit here before node 0's failure does (the next change).
+    until("node 0's failure never reached the joiner", || {
+        !d.members().contains(&0)
+    })?;
+    let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
+    say(&format!(
+        "joiner=ok members={} coordinator={}",
+        ids(d.members()),
+        d.coordinator()
+    ));
+    wait_file(a.stop_file.as_ref(), "stop-file")
+}

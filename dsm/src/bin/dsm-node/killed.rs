@@ -46,6 +46,13 @@ impl Pages {
     /// Allocates `pages` pages (collective) and sorts them by manager among `nodes`.
     pub fn alloc(d: &Dsm, pages: usize, nodes: usize) -> Res<Pages> {
         let region = d.alloc(pages * WORDS * 8).map_err(|e| e.to_string())?;
+        Pages::attach(d, region, nodes)
+    }
+
+    /// The pages of a region this node already maps (a node that joined: the regions
+    /// allocated before its join), sorted by manager among `nodes`.
+    pub fn attach(d: &Dsm, region: SharedRegion, nodes: usize) -> Res<Pages> {
+        let pages = region.len() / (WORDS * 8);
         let first = region.first_page();
         let mut by_manager: Vec<Vec<usize>> = vec![Vec::new(); nodes];
         for i in 0..pages {

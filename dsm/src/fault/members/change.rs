@@ -109,10 +109,12 @@ impl Engine {
                 dynamic: v.kind == LocatorKind::CellTree,
                 initial: v.initial,
                 history: v.history.clone(),
+                // Nodes below `id` only: a joiner whose join a dead coordinator left and
+                // the next one dropped may have left its old address (the same id).
                 addrs: v
                     .addrs
                     .iter()
-                    .filter(|(n, _)| !gone.contains(n))
+                    .filter(|(n, _)| !gone.contains(n) && **n < id)
                     .map(|(&n, a)| (n, a.clone()))
                     .collect(),
                 gone: gone.iter().copied().collect(),
@@ -588,6 +590,21 @@ impl Engine {
         let Some((epoch, change)) = last else {
             return Ok(());
         };
+        // A join: the joining node prepared the change too (at its welcome) and is not yet
+        // a member of any view here; it is asked as well, and switches and commits with
+        // the others (else it would wait for ever, its entries never switched).
+        let mut states = states;
+        if let ViewChange::Join(n) = change {
+            if !live.contains(&n) && !dead.contains(&n) {
+                self.ctl_to(n, Ctl::StateQuery)?;
+                states.extend(self.wait_replies(
+                    "takeover (the joining node)",
+                    &[n].into_iter().collect(),
+                    |c| matches!(c, Ctl::State { .. }),
+                    deadline,
+                )?);
+            }
+        }
         let mut holding = BTreeSet::new();
         let mut to_migrate = BTreeSet::new();
         let (mut switched, mut committed) = (false, false);
@@ -620,6 +637,16 @@ impl Engine {
                  left before any member switched is dropped",
                 self.me
             );
+            if let ViewChange::Join(n) = change {
+                // The joining node asks again, here: its join runs after node 0's failure.
+                let contact = self.ep.address().to_bytes();
+                if let Err(e) = self.ctl_to(n, Ctl::JoinDropped { contact }) {
+                    eprintln!(
+                        "krun dsm: node {}: cannot tell node {n} its join was dropped: {e}",
+                        self.me
+                    );
+                }
+            }
             return Ok(());
         }
         eprintln!(

@@ -64,6 +64,12 @@ pub enum Ctl {
     Failed {
         node: NodeId,
     },
+    /// From a new coordinator to a joining node: the dead coordinator left its join before
+    /// any member switched, so the join is dropped; the node asks again at `contact` (the
+    /// new coordinator's endpoint address) and joins from the start.
+    JoinDropped {
+        contact: Vec<u8>,
+    },
 }
 
 pub(super) fn encode(from: NodeId, ctl: &Ctl) -> Result<Vec<u8>> {
