@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what krun needs on a Debian bookworm machine (as root), skipping what is present.
 set -euo pipefail
-PKGS="build-essential pkg-config clang libclang-dev libfabric-dev libfabric-bin libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev libzstd-dev protobuf-compiler gfortran iperf3 iproute2 procps util-linux slurmctld slurmd slurm-client munge openssh-server openssh-client fonts-dejavu-core mpich libmpich-dev libpmix-dev openmpi-bin libopenmpi-dev"
+PKGS="build-essential pkg-config clang libclang-dev libfabric-dev libfabric-bin libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev libzstd-dev protobuf-compiler gfortran iperf3 iproute2 procps util-linux slurmctld slurmd slurm-client munge openssh-server openssh-client fonts-dejavu-core mpich libmpich-dev libpmix-dev libpmi2-0-dev openmpi-bin libopenmpi-dev"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"

@@ -127,9 +127,10 @@ pub struct RunArgs {
     /// Pass a variable to the ranks: VAR=VALUE, or VAR to pass krun's own value (repeatable).
     #[arg(short = 'x', long = "export", value_name = "VAR[=VALUE]", value_parser = export)]
     pub export: Vec<(String, String)>,
-    /// PMI for MPI programs: both (the default: each node serves MPICH's simple PMI-1 over
-    /// PMI_FD and PMIx for Open MPI), pmi1, pmix or none.
-    #[arg(long, value_name = "both|pmi1|pmix|none", value_parser = mpi_mode)]
+    /// PMI for MPI programs: both (the default: each node serves PMI over PMI_FD, PMI-1
+    /// or PMI-2 as the client asks, and PMIx for Open MPI), pmi (or pmi1, pmi2), pmix or
+    /// none.
+    #[arg(long, value_name = "both|pmi|pmix|none", value_parser = mpi_mode)]
     pub mpi: Option<crate::runtime::pmi::MpiMode>,
     /// Write the end-of-job summary (exit code, nodes, checkpoints, failures, recoveries,
     /// time lost) to FILE as JSON.

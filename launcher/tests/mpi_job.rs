@@ -1,5 +1,5 @@
-//! MPI programs under `krun` with no mpiexec or mpirun: krund serves PMI-1 to its ranks
-//! (MPICH's simple PMI client over `PMI_FD`) and PMIx (Open MPI's client, through
+//! MPI programs under `krun` with no mpiexec or mpirun: krund serves PMI-1 and PMI-2 to its
+//! ranks (MPICH's simple PMI client and Slurm's libpmi2 over `PMI_FD`) and PMIx (Open MPI's client, through
 //! OpenPMIx's server library); fences go across nodes through krun. Debian's MPICH
 //! (`mpich libmpich-dev`) and Open MPI 4.1 (`openmpi-bin libopenmpi-dev`), installed by
 //! scripts/install-deps.sh, build the programs in rank/examples/mpi; each job runs on 3
@@ -165,6 +165,55 @@ fn mpich_allreduce_is_exact_on_every_rank() {
             "rank {r}:\n{out}\n{err}"
         );
     }
+}
+
+/// A real PMI-2 client (Slurm's libpmi2, `rank/examples/mpi/pmi2_client.c`) on 3 local
+/// nodes: PMI-1's init asking for version 2 switches the link to PMI-2's framing; puts
+/// (a value with a `;` the wire escapes), a fence across nodes, every rank's key read
+/// back, the process mapping, node attributes waited for, a second fence, finalize.
+#[test]
+fn pmi2_clients_exchange_keys_across_nodes_and_node_attributes_on_their_node() {
+    let dir = temp_dir("pmi2");
+    let prog = build("pmi2_client", &dir.0);
+    for mode in ["pmi2", "both"] {
+        let (code, out, err) = krun(&[
+            "--local",
+            "3",
+            "-n",
+            "6",
+            "--mpi",
+            mode,
+            prog.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "--mpi {mode}: stdout:\n{out}\nstderr:\n{err}");
+        for r in 0..6 {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("pmi2: rank {r} of 6 ok ")))
+                .unwrap_or_else(|| panic!("--mpi {mode}: rank {r}:\n{out}\n{err}"));
+            assert!(
+                line.contains("mapping=(vector,(0,3,2)) keys=6 local=2")
+                    && line.contains("jobid=kvs_krun_"),
+                "--mpi {mode}: {line}"
+            );
+        }
+    }
+}
+
+/// PMI-2's abort ends the job (its code is 1: PMI-2's abort carries none) and krund
+/// prints the client's message.
+#[test]
+fn a_pmi2_abort_ends_the_job_naming_the_rank_and_its_message() {
+    let dir = temp_dir("pmi2-abort");
+    let prog = build("pmi2_client", &dir.0);
+    let (code, out, err) = krun(&["--local", "3", "-n", "6", prog.to_str().unwrap(), "4"]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("rank 4 aborts the job: pmi2_client asked to abort")
+            && err.contains("krun: rank 4 on node 2 called MPI_Abort (PMI abort)"),
+        "{err}"
+    );
+    assert!(!out.contains(" ok "), "a rank finished: {out}");
 }
 
 #[test]

@@ -157,7 +157,8 @@ pub enum MpiMode {
     /// Both (the default): PMI-1 over `PMI_FD` for MPICH, PMIx (its `PMIX_*` environment
     /// and the node's PMIx server socket) for Open MPI. Each library reads only its own.
     Both,
-    /// The simple PMI-1 wire protocol over `PMI_FD` (MPICH).
+    /// PMI over `PMI_FD`: the simple PMI-1 wire protocol (MPICH) and PMI-2's (Slurm's
+    /// libpmi2, MPICH built for PMI-2), the client choosing in its first line.
     Pmi1,
     /// PMIx through OpenPMIx's server library (Open MPI).
     Pmix,
@@ -169,17 +170,12 @@ impl std::str::FromStr for MpiMode {
     fn from_str(s: &str) -> Result<MpiMode> {
         match s {
             "both" | "auto" => Ok(MpiMode::Both),
-            "pmi1" | "pmi" => Ok(MpiMode::Pmi1),
+            // One server on PMI_FD speaks both PMI-1 and PMI-2 (the client picks).
+            "pmi1" | "pmi2" | "pmi" => Ok(MpiMode::Pmi1),
             "pmix" => Ok(MpiMode::Pmix),
             "none" => Ok(MpiMode::None),
-            "pmi2" => Err(LauncherError::Usage(
-                "--mpi pmi2: not served; krund serves PMI-1 (--mpi pmi1), which MPICH's \
-                 simple PMI client speaks (Debian bookworm's MPICH 4.0.2), and PMIx (--mpi \
-                 pmix, Open MPI); the default serves both"
-                    .into(),
-            )),
             other => Err(LauncherError::Usage(format!(
-                "--mpi {other:?}: expected both, pmi1, pmix or none"
+                "--mpi {other:?}: expected both, pmi (or pmi1, pmi2), pmix or none"
             ))),
         }
     }
@@ -328,16 +324,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mpi_modes_parse_and_unserved_ones_say_why() {
+    fn mpi_modes_parse_and_unknown_ones_say_why() {
         assert_eq!("pmi1".parse::<MpiMode>().unwrap(), MpiMode::Pmi1);
         assert_eq!("none".parse::<MpiMode>().unwrap(), MpiMode::None);
         assert_eq!("pmix".parse::<MpiMode>().unwrap(), MpiMode::Pmix);
         assert_eq!("both".parse::<MpiMode>().unwrap(), MpiMode::Both);
         assert!(MpiMode::Both.pmi1() && MpiMode::Both.pmix());
         assert!(!MpiMode::Pmix.pmi1() && !MpiMode::Pmi1.pmix());
-        let e = "pmi2".parse::<MpiMode>().unwrap_err().to_string();
-        assert!(e.contains("PMI-1"), "{e}");
-        assert!("carrier".parse::<MpiMode>().is_err());
+        assert_eq!("pmi2".parse::<MpiMode>().unwrap(), MpiMode::Pmi1);
+        let e = "carrier".parse::<MpiMode>().unwrap_err().to_string();
+        assert!(e.contains("pmi2"), "{e}");
     }
 
     struct Fixed(WireState);

@@ -1,15 +1,13 @@
 //! PMI for MPI programs: krund serves the simple PMI-1 wire protocol (the one MPICH's
-//! client speaks over `PMI_FD`; Debian bookworm's MPICH 4.0.2 speaks only this one) to its
-//! local ranks, and fences exchange the key-value space across nodes through `krun`.
+//! client speaks over `PMI_FD`; Debian bookworm's MPICH 4.0.2 speaks only this one) and
+//! PMI-2's (Slurm's `libpmi2`, MPICH built for PMI-2: [`pmi2`]) to its local ranks on the
+//! same link, the client choosing in its first line; fences exchange the key-value space
+//! across nodes through `krun`.
 //!
-//! Why no PMI-2: bookworm's `libmpich.so.12` (4.0.2, `--with-pm=hydra`, no `--with-pmi`)
-//! links no PMI library and carries only the simple PMI-1 client: its wire strings are
-//! `cmd=init pmi_version=%d pmi_subversion=%d`, `cmd=put`, `cmd=get`, `cmd=barrier_in`,
-//! `cmd=get_maxes`, ..., and none of PMI-2's (`fullinit`, `job-getid`, `kvs-put`,
-//! `kvs-fence`, `info-getnodeattr`); started with `PMI_VERSION=2 PMI_SUBVERSION=0` it still
-//! sends `cmd=init pmi_version=1 pmi_subversion=1`. A PMI-2 server could not be tested
-//! against it, so krund serves none (`--mpi pmi2` says so). Slurm's `srun --mpi=pmi2`
-//! serves this client through the PMI-1 half of its plugin.
+//! bookworm's `libmpich.so.12` (4.0.2, `--with-pm=hydra`, no `--with-pmi`) links no PMI
+//! library and carries only the simple PMI-1 client (started with `PMI_VERSION=2` it still
+//! sends `cmd=init pmi_version=1 pmi_subversion=1`); PMI-2 is tested with Slurm's
+//! `libpmi2` (package libpmi2-0-dev), a real PMI-2 client.
 //!
 //! - [`NodeServer`] (krund): one socket pair per rank; the rank keeps its end across exec
 //!   and finds it in `PMI_FD` (with `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALNRANKS`,
@@ -30,6 +28,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{LauncherError, Result};
+
+mod pmi2;
 
 /// Longest key, value and KVS name the server accepts (told to clients in `maxes`; the
 /// same as MPICH's Hydra).
@@ -181,6 +181,8 @@ struct NodeState {
     /// Completed (or failed) fences.
     done: BTreeMap<u64, std::result::Result<(), String>>,
     ranks: BTreeMap<u32, RankPmi>,
+    /// PMI-2's node attributes (`info-putnodeattr`), this node's ranks only.
+    node_attrs: HashMap<String, String>,
 }
 
 /// The node's PMI server (krund).
@@ -360,6 +362,23 @@ impl NodeServer {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             let reply = match parse_line(text) {
+                // PMI-2's client starts with PMI-1's init asking for version 2; the link
+                // then speaks PMI-2's framing.
+                Ok(c) if c.cmd == "init" && c.get("pmi_version") == Some("2") => {
+                    {
+                        let mut st = self.state.lock().expect("pmi lock");
+                        if st.generation != generation {
+                            return;
+                        }
+                        st.used = true;
+                        st.ranks.entry(rank).or_default().initialized = true;
+                    }
+                    let ok = "cmd=response_to_init pmi_version=2 pmi_subversion=0 rc=0\n";
+                    if out.write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                    return self.serve_pmi2(rank, generation, reader, out);
+                }
                 Ok(c) => self.answer(rank, generation, &c),
                 Err(e) => Some(format!("cmd=error rc=-1 msg={}\n", e.replace(' ', "_"))),
             };
@@ -400,7 +419,7 @@ impl NodeServer {
                         "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0\n".into()
                     }
                     Some(v) => format!(
-                        "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=-1 msg=pmi_version_{v}_is_not_served\n"
+                        "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=-1 msg=pmi_version_{v}_is_not_served_(1_or_2)\n"
                     ),
                 }
             }
