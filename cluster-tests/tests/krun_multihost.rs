@@ -269,7 +269,7 @@ fn a_host_whose_link_is_cut_is_named_and_the_job_ends() {
 /// MPICH programs across 3 namespace hosts with no mpiexec: each host's krund serves PMI-1
 /// to its ranks and the fences cross hosts through krun (launcher/src/runtime/pmi.rs).
 #[test]
-fn mpich_ring_and_allreduce_run_across_three_hosts() {
+fn mpich_ring_and_allreduce_and_a_pmi2_client_run_across_three_hosts() {
     let hosts = Hosts::start(3, None);
     let dir = std::env::temp_dir().join(format!(
         "krun-mh-mpi-{}-{:x}",
@@ -319,6 +319,31 @@ fn mpich_ring_and_allreduce_run_across_three_hosts() {
     let (code, out, err) = run(&["-n", "6", abort.to_str().unwrap(), "3", "9"]);
     assert_eq!(code, Some(9), "{out}\n{err}");
     assert!(err.contains("rank 3 on node 1 called MPI_Abort"), "{err}");
+    // A PMI-2 client (Slurm's libpmi2) across the hosts: krund serves PMI-2 too.
+    let pmi2 = dir.join("pmi2_client");
+    let o = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("OUT={}", dir.display()))
+        .arg(&pmi2)
+        .output()
+        .expect("make (build-essential)");
+    assert!(
+        o.status.success(),
+        "building pmi2_client (install-deps: libpmi2-0-dev): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (code, out, err) = run(&["-n", "6", "--mpi", "pmi2", pmi2.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    for r in 0..6 {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("pmi2: rank {r} of 6 ok "))
+                    && l.contains("mapping=(vector,(0,3,2)) keys=6 local=2")),
+            "pmi2 rank {r}:\n{out}\n{err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -51,8 +51,8 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
     let stop = dir.join(format!("krun-{}.stop", std::process::id()));
     let status = dir.join(format!("krun-{}.status", std::process::id()));
     let _ = std::fs::remove_file(&stop);
-    // MPI programs under krun inside the allocation: krund serves PMI-1 (MPICH) and PMIx
-    // (Open MPI) on every Slurm node; built on the host (the filesystem is shared).
+    // MPI programs under krun inside the allocation: krund serves PMI-1 (MPICH), PMI-2 and
+    // PMIx (Open MPI) on every Slurm node; built on the host (the filesystem is shared).
     let hello_src =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rank/examples/mpi/hello.c");
     let mut hellos = Vec::new();
@@ -71,6 +71,25 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
         );
         hellos.push(exe);
     }
+    // A PMI-2 client (Slurm's own libpmi2) under krun, not srun: krund serves PMI-2.
+    let pmi2 = dir.join(format!("pmi2-client-{}", std::process::id()));
+    let o = std::process::Command::new("cc")
+        .arg("-O2")
+        .arg("-o")
+        .arg(&pmi2)
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../rank/examples/mpi/pmi2_client.c"),
+        )
+        .arg("-lpmi2")
+        .output()
+        .expect("cc (build-essential)");
+    assert!(
+        o.status.success(),
+        "building pmi2_client (scripts/install-deps.sh installs libpmi2-0-dev): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    hellos.push(pmi2);
     std::fs::write(
         &script,
         format!(
@@ -84,6 +103,8 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
              echo krun-exit-mpich ${{PIPESTATUS[0]}}\n\
              {krun} --tag-output {hello_ompi} | sed 's/^/ompi /'\n\
              echo krun-exit-ompi ${{PIPESTATUS[0]}}\n\
+             {krun} --mpi pmi2 {pmi2} | sed 's/^/pmi2 /'\n\
+             echo krun-exit-pmi2 ${{PIPESTATUS[0]}}\n\
              {krun} sh -c 'n=0; while [ ! -e {stop} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; echo stopped $KRUN_RANK' &\n\
              job=$!\n\
              for i in $(seq 300); do\n\
@@ -99,6 +120,7 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
             status = status.display(),
             hello_mpich = hellos[0].display(),
             hello_ompi = hellos[1].display(),
+            pmi2 = hellos[2].display(),
         ),
     )
     .unwrap();
@@ -162,6 +184,16 @@ fn srun_and_krun_run_on_three_slurm_nodes() {
                 "{mpi} rank {r}: {text}"
             );
         }
+    }
+    // PMI-2 (Slurm's libpmi2 as the client, krund as the server): 2 ranks per node.
+    assert!(text.contains("krun-exit-pmi2 0"), "{text}");
+    for r in 0..6 {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("pmi2 pmi2: rank {r} of 6 ok "))
+                    && l.contains("mapping=(vector,(0,3,2)) keys=6 local=2")),
+            "pmi2 rank {r}: {text}"
+        );
     }
     // krun status of the running Slurm job: one member per node, every rank's row.
     assert!(text.contains("krun-exit-3 0"), "{text}");
