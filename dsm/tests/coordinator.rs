@@ -60,33 +60,103 @@ fn a_sigkilled_node_0_is_replaced_by_the_next_coordinator_over_shm() {
     coordinator_killed_on("shm");
 }
 
+/// A membership change node 0 runs, left half-done: node 0 stops after `phase` of it
+/// (`KRUN_DSM_CHANGE_PAUSE`), the test SIGKILLs it and creates the go-file for the others.
+struct HalfDone {
+    dir: std::path::PathBuf,
+    go: std::path::PathBuf,
+    paused: std::path::PathBuf,
+    server: BootstrapServer,
+    pause: String,
+    phase: String,
+    what: String,
+}
+
+impl HalfDone {
+    fn new(change: &str, provider: &str, phase: &str, ranks: usize) -> HalfDone {
+        let dir = std::env::temp_dir().join(format!(
+            "krun-dsm-{change}-half-done-{}-{provider}-{phase}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (go, paused) = (dir.join("go"), dir.join("paused"));
+        let pause = format!("{phase}:{}", paused.to_str().unwrap());
+        HalfDone {
+            server: BootstrapServer::start_with("127.0.0.1:0", ranks, LIMIT, None).unwrap(),
+            what: format!("over {provider}, node 0 killed after the {change}'s {phase} phase"),
+            dir,
+            go,
+            paused,
+            pause,
+            phase: phase.to_string(),
+        }
+    }
+
+    /// The environment of the ranks (and, without the pause, of a joining node).
+    fn env(&self) -> [(&str, &str); 3] {
+        [
+            ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
+            ("KRUN_DSM_PREFETCH", "0"),
+            ("KRUN_DSM_CHANGE_PAUSE", self.pause.as_str()),
+        ]
+    }
+
+    /// Waits for node 0 to pause the change, SIGKILLs it, and lets the others go on.
+    fn kill_node_0_when_paused(&self, node0: &mut Proc, deadline: Instant) {
+        while !self.paused.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "node 0 never paused the change after its {} phase:\n{}",
+                self.phase,
+                node0.kill_and_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        node0.child.kill().unwrap();
+        assert!(!node0.child.wait().unwrap().success());
+        std::fs::write(&self.go, b"go").unwrap();
+    }
+
+    /// The end: the bootstrap server's thread joined, the files removed.
+    fn finish(self) {
+        let _ = self.server.join();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// The new coordinator's stderr says it finished `change` (after logical) or dropped
+    /// it (after setting).
+    fn check_told(&self, err: &str, change: &str, also: &str) {
+        let told = if self.phase == "logical" {
+            format!("finishing the change {change}")
+        } else {
+            format!(
+                "the change {change} (epoch 1) the dead coordinator left before any member \
+                 switched is dropped"
+            )
+        };
+        assert!(
+            err.contains(&told),
+            "rank 1 {} never said {told:?}:\n{err}{also}",
+            self.what
+        );
+    }
+}
+
 /// Node 0 runs rank 2's leave and is SIGKILLed between two of its steps (after `phase`,
 /// forced by `KRUN_DSM_CHANGE_PAUSE`): rank 1 takes over and finishes the leave (after
 /// logical: every member switched) or drops it (after setting: nobody switched; rank 2
 /// asks again and rank 1 runs it); either way rank 2 is told it may go, and rank 1 ends
 /// as the only member with both pages intact.
 fn leave_half_done(provider: &str, phase: &str) {
-    let dir = std::env::temp_dir().join(format!(
-        "krun-dsm-leave-half-done-{}-{provider}-{phase}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (go, paused) = (dir.join("go"), dir.join("paused"));
-    let server = BootstrapServer::start_with("127.0.0.1:0", 3, LIMIT, None).unwrap();
-    let addr = server.addr().to_string();
-    let pause = format!("{phase}:{}", paused.to_str().unwrap());
-    let env = [
-        ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
-        ("KRUN_DSM_PREFETCH", "0"),
-        ("KRUN_DSM_CHANGE_PAUSE", pause.as_str()),
-    ];
-    let extra = ["--go-file", go.to_str().unwrap()];
+    let h = HalfDone::new("leave", provider, phase, 3);
+    let addr = h.server.addr().to_string();
+    let extra = ["--go-file", h.go.to_str().unwrap()];
     let mut procs: Vec<Proc> = (0..3)
         .map(|r| {
             spawn(
                 &rank_args("leave-coordinator-killed", provider, &addr, r, 3, &extra),
-                &env,
+                &h.env(),
             )
         })
         .collect();
@@ -94,18 +164,8 @@ fn leave_half_done(provider: &str, phase: &str) {
     procs[0].line_with("victim=ready", deadline, "rank 0");
     procs[1].line_with("waiting=1", deadline, "rank 1");
     procs[2].line_with("leaving=1", deadline, "rank 2");
-    while !paused.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "node 0 never paused the leave after its {phase} phase:\n{}",
-            procs[0].kill_and_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    procs[0].child.kill().unwrap();
-    assert!(!procs[0].child.wait().unwrap().success());
-    std::fs::write(&go, b"go").unwrap();
-    let what = format!("over {provider}, node 0 killed after the leave's {phase} phase");
+    h.kill_node_0_when_paused(&mut procs[0], deadline);
+    let what = &h.what;
     procs[2].line_with("left=1", deadline, "rank 2");
     let (status, err) = procs[2].wait_exit(deadline, "rank 2");
     assert!(status.success(), "rank 2 {what}: {status}\n{err}");
@@ -122,19 +182,9 @@ fn leave_half_done(provider: &str, phase: &str) {
     );
     let (status, err) = procs[1].wait_exit(deadline, "rank 1");
     assert!(status.success(), "rank 1 {what}: {status}\n{err}");
-    let told = if phase == "logical" {
-        "finishing the change Leave(2)"
-    } else {
-        "the change Leave(2) (epoch 1) the dead coordinator left before any member switched is \
-         dropped"
-    };
-    assert!(
-        err.contains(told),
-        "rank 1 {what} never said {told:?}:\n{err}"
-    );
+    h.check_told(&err, "Leave(2)", "");
     drop(procs);
-    let _ = server.join();
-    let _ = std::fs::remove_dir_all(&dir);
+    h.finish();
 }
 
 #[test]
@@ -180,29 +230,12 @@ fn a_leave_node_0_left_after_its_setting_phase_is_dropped_then_run_again_over_sh
 /// pages (node 0's through rank 1's surviving copy), and both see members 1 and 2 with
 /// rank 1 coordinating.
 fn join_half_done(provider: &str, phase: &str) {
-    let dir = std::env::temp_dir().join(format!(
-        "krun-dsm-join-half-done-{}-{provider}-{phase}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (go, paused, stop, contact) = (
-        dir.join("go"),
-        dir.join("paused"),
-        dir.join("stop"),
-        dir.join("contact"),
-    );
-    let server = BootstrapServer::start_with("127.0.0.1:0", 2, LIMIT, None).unwrap();
-    let addr = server.addr().to_string();
-    let pause = format!("{phase}:{}", paused.to_str().unwrap());
-    let env = [
-        ("KRUN_DSM_FAULT_TIMEOUT_MS", "1000"),
-        ("KRUN_DSM_PREFETCH", "0"),
-        ("KRUN_DSM_CHANGE_PAUSE", pause.as_str()),
-    ];
+    let h = HalfDone::new("join", provider, phase, 2);
+    let addr = h.server.addr().to_string();
+    let (stop, contact) = (h.dir.join("stop"), h.dir.join("contact"));
     let files = [
         "--go-file",
-        go.to_str().unwrap(),
+        h.go.to_str().unwrap(),
         "--stop-file",
         stop.to_str().unwrap(),
         "--contact-file",
@@ -212,7 +245,7 @@ fn join_half_done(provider: &str, phase: &str) {
         .map(|r| {
             spawn(
                 &rank_args("join-coordinator-killed", provider, &addr, r, 2, &files),
-                &env,
+                &h.env(),
             )
         })
         .collect();
@@ -221,22 +254,12 @@ fn join_half_done(provider: &str, phase: &str) {
         .chain(files.iter())
         .map(|s| s.to_string())
         .collect();
-    let mut joiner = spawn(&joiner_args, &env[..2]);
+    let mut joiner = spawn(&joiner_args, &h.env()[..2]);
     let deadline = Instant::now() + LIMIT;
     procs[0].line_with("victim=ready", deadline, "rank 0");
     procs[1].line_with("waiting=1", deadline, "rank 1");
-    while !paused.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "node 0 never paused the join after its {phase} phase:\n{}",
-            procs[0].kill_and_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    procs[0].child.kill().unwrap();
-    assert!(!procs[0].child.wait().unwrap().success());
-    std::fs::write(&go, b"go").unwrap();
-    let what = format!("over {provider}, node 0 killed after the join's {phase} phase");
+    h.kill_node_0_when_paused(&mut procs[0], deadline);
+    let what = &h.what;
     let end = pairs(&procs[1].line_with("survivor=ok", deadline, "rank 1"));
     assert_eq!(end["members"], "1,2", "rank 1 {what}");
     assert_eq!(end["dead"], "0", "rank 1 {what}");
@@ -253,19 +276,9 @@ fn join_half_done(provider: &str, phase: &str) {
     assert!(status.success(), "the joiner {what}: {status}\n{jerr}");
     let (status, err) = procs[1].wait_exit(deadline, "rank 1");
     assert!(status.success(), "rank 1 {what}: {status}\n{err}");
-    let told = if phase == "logical" {
-        "finishing the change Join(2)"
-    } else {
-        "the change Join(2) (epoch 1) the dead coordinator left before any member switched is \
-         dropped"
-    };
-    assert!(
-        err.contains(told),
-        "rank 1 {what} never said {told:?}:\n{err}\n-- the joiner:\n{jerr}"
-    );
+    h.check_told(&err, "Join(2)", &format!("\n-- the joiner:\n{jerr}"));
     drop(procs);
-    let _ = server.join();
-    let _ = std::fs::remove_dir_all(&dir);
+    h.finish();
 }
 
 #[test]

@@ -300,9 +300,9 @@ fn ranks_get_the_pmi_environment_unless_mpi_is_none() {
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(out.matches("fd=none").count(), 2, "{out}");
-    let (code, _, err) = krun(&["--mpi", "pmi2", "true"]);
+    let (code, _, err) = krun(&["--mpi", "pmi3", "true"]);
     assert_eq!(code, 2);
-    assert!(err.contains("PMI-1"), "{err}");
+    assert!(err.contains("pmi2") && err.contains("pmix"), "{err}");
 }
 
 /// A node that never runs a rank starts no PMIx server (its library reads the node's

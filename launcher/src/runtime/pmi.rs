@@ -460,13 +460,7 @@ impl NodeServer {
                 },
             },
             "finalize" => {
-                self.state
-                    .lock()
-                    .expect("pmi lock")
-                    .ranks
-                    .entry(rank)
-                    .or_default()
-                    .finalized = true;
+                self.mark(rank, |r| r.finalized = true);
                 "cmd=finalize_ack\n".into()
             }
             "abort" => {
@@ -474,13 +468,7 @@ impl NodeServer {
                     .get("exitcode")
                     .and_then(|v| v.parse::<i32>().ok())
                     .unwrap_or(1);
-                self.state
-                    .lock()
-                    .expect("pmi lock")
-                    .ranks
-                    .entry(rank)
-                    .or_default()
-                    .aborted = true;
+                self.mark(rank, |r| r.aborted = true);
                 (self.tell)(PmiToLauncher::Abort {
                     wire: Wire::Pmi1,
                     rank,
@@ -490,6 +478,17 @@ impl NodeServer {
             }
             other => format!("cmd={other} rc=-1 msg=command_not_served_by_krund\n"),
         })
+    }
+
+    /// Updates `rank`'s PMI life (init, finalize, abort).
+    fn mark(&self, rank: u32, f: impl FnOnce(&mut RankPmi)) {
+        f(self
+            .state
+            .lock()
+            .expect("pmi lock")
+            .ranks
+            .entry(rank)
+            .or_default());
     }
 
     /// `rank` enters the node's next fence; returns once krun says it completed (a failed

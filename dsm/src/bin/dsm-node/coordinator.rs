@@ -127,14 +127,7 @@ pub fn leave_coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
             until("node 0's failure never committed", || {
                 !d.members().contains(&0)
             })?;
-            let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
-            say(&format!(
-                "survivor=ok members={} coordinator={} dead={} lost={}",
-                ids(d.members()),
-                d.coordinator(),
-                ids(d.dead_nodes()),
-                list(&d.lost_pages())
-            ));
+            say_view(d, "survivor=ok");
             Ok(())
         }
     }
@@ -182,14 +175,7 @@ pub fn join_coordinator_killed(d: &Dsm, a: &Args) -> Res<()> {
     until("the joiner never became a member", || {
         d.members().contains(&2)
     })?;
-    let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
-    say(&format!(
-        "survivor=ok members={} coordinator={} dead={} lost={}",
-        ids(d.members()),
-        d.coordinator(),
-        ids(d.dead_nodes()),
-        list(&d.lost_pages())
-    ));
+    say_view(d, "survivor=ok");
     wait_file(a.stop_file.as_ref(), "stop-file")
 }
 
@@ -206,11 +192,18 @@ pub fn late_joiner(a: &Args) -> Res<()> {
     until("node 0's failure never reached the joiner", || {
         !d.members().contains(&0)
     })?;
+    say_view(&d, "joiner=ok");
+    wait_file(a.stop_file.as_ref(), "stop-file")
+}
+
+/// Prints `head` with this node's members, coordinator, dead nodes and lost pages.
+fn say_view(d: &Dsm, head: &str) {
     let ids = |v: Vec<u32>| list(&v.into_iter().map(u64::from).collect::<Vec<_>>());
     say(&format!(
-        "joiner=ok members={} coordinator={}",
+        "{head} members={} coordinator={} dead={} lost={}",
         ids(d.members()),
-        d.coordinator()
+        d.coordinator(),
+        ids(d.dead_nodes()),
+        list(&d.lost_pages())
     ));
-    wait_file(a.stop_file.as_ref(), "stop-file")
 }

@@ -266,23 +266,11 @@ impl NodeServer {
                 None => fail("info-getjobattr needs a key"),
             },
             "finalize" => {
-                self.state
-                    .lock()
-                    .expect("pmi lock")
-                    .ranks
-                    .entry(rank)
-                    .or_default()
-                    .finalized = true;
+                self.mark(rank, |r| r.finalized = true);
                 ok(&[])
             }
             "abort" => {
-                self.state
-                    .lock()
-                    .expect("pmi lock")
-                    .ranks
-                    .entry(rank)
-                    .or_default()
-                    .aborted = true;
+                self.mark(rank, |r| r.aborted = true);
                 if let Some(msg) = c.get("msg").filter(|m| !m.is_empty()) {
                     eprintln!(
                         "krund: node {}: rank {rank} aborts the job: {msg}",
