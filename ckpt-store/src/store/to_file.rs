@@ -138,9 +138,17 @@ impl Inner {
         // meanwhile) and keeps `len` bytes while the mapping, dropped below, lives.
         let region = unsafe { Region::map_file_shared(&file, len) }?;
         let mr = self.ep.register(region)?;
-        self.rma_read_into(node, &remote, offset, len, &mr)?;
-        // SAFETY: every read completed; nothing writes the mapping any more.
-        let got = crc32c::crc32c(unsafe { &mr.region().as_slice()[..len] });
+        // The checksum runs over each chunk as its read lands, beside the reads still in
+        // flight, instead of over the whole file after the last one.
+        let mut got = 0u32;
+        let base = mr.region().as_ptr();
+        self.rma_read_into(node, &remote, offset, len, &mr, |range| {
+            // SAFETY: inside the mapping (the reads cover 0..len of it); this range's read
+            // completed and nothing writes it any more: the reads still in flight write
+            // other ranges, and no slice over them is made.
+            let chunk = unsafe { std::slice::from_raw_parts(base.add(range.start), range.len()) };
+            got = crc32c::crc32c_append(got, chunk);
+        })?;
         if got != crc {
             return Err(StoreError::Checksum {
                 level: format!("{level} on node {node}"),

@@ -118,13 +118,15 @@ impl Inner {
         len: usize,
     ) -> Result<ImageBytes> {
         let mr = self.take_region(len)?;
-        let result = self.rma_read_into(node, remote, offset, len, &mr);
+        let result = self.rma_read_into(node, remote, offset, len, &mr, |_| {});
         let bytes = ImageBytes::Pooled(Some(mr), len, self.pool.clone());
         result.map(|()| bytes)
     }
 
     /// Reads `len` bytes at `offset` of `remote` on `node` into the start of `mr` (pipelined
-    /// RMA reads); every read posted has completed or failed when this returns.
+    /// RMA reads); every read posted has completed or failed when this returns. `landed`
+    /// sees each chunk's range of `mr` once its read completed, in order, while later
+    /// reads are still in flight (the caller checksums it meanwhile).
     pub(super) fn rma_read_into(
         &self,
         node: usize,
@@ -132,6 +134,7 @@ impl Inner {
         offset: u64,
         len: usize,
         mr: &MemoryRegion,
+        mut landed: impl FnMut(std::ops::Range<usize>),
     ) -> Result<()> {
         let peer = self.peers[node].expect("remote node");
         let mut inflight = std::collections::VecDeque::new();
@@ -145,19 +148,20 @@ impl Inner {
                         self.ep
                             .post_read(peer, mr, at, n, remote, offset + at as u64)?
                     };
-                    inflight.push_back(c);
+                    inflight.push_back((c, at..at + n));
                     at += n;
                 }
-                if let Some(c) = inflight.pop_front() {
+                if let Some((c, range)) = inflight.pop_front() {
                     c.wait().map_err(|e| StoreError::Peer {
                         node,
                         what: format!("RMA read: {e}"),
                     })?;
+                    landed(range);
                 }
             }
             Ok(())
         })();
-        for c in inflight {
+        for (c, _) in inflight {
             let _ = c.wait();
         }
         result
