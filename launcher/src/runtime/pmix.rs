@@ -5,7 +5,10 @@
 //! blob, krun hands every node all of them.
 //!
 //! - [`PmixServer::start`] initialises the library (its rendezvous socket in a private
-//!   directory), registers the job's namespace with the job's information (size, node and
+//!   directory) with the machine's topology (`crate::topology`: loaded from the machine's
+//!   cache, or discovered by the first krund on the machine and cached; I/O devices
+//!   included), which the library shares with the ranks (hwloc shared memory and XML:
+//!   Open MPI's ranks adopt it instead of each discovering the machine), registers the job's namespace with the job's information (size, node and
 //!   process maps, local peers, each rank's local and node rank, host name and node id) and
 //!   every local rank as a client.
 //! - [`PmixServer::rank_setup`] gives each rank the environment `PMIx_server_setup_fork`
@@ -109,7 +112,23 @@ pub struct PmixServer {
     trace: bool,
     tell: Teller,
     state: Mutex<State>,
+    /// The machine's topology the library was given (`PMIX_TOPOLOGY2`): it keeps using it
+    /// until the process ends. `None`: the library discovered its own.
+    topology: Option<GivenTopology>,
 }
+
+/// The hwloc topology handed to the library, and the descriptor it was handed in.
+struct GivenTopology {
+    _topology: crate::topology::Topology,
+    _source: std::ffi::CString,
+    descriptor: Box<sys::pmix_topology_t>,
+}
+
+// SAFETY: the descriptor's pointers name the topology and string owned beside it; nothing
+// changes them after the library got them, and a loaded hwloc topology is read-only.
+unsafe impl Send for GivenTopology {}
+// SAFETY: as above.
+unsafe impl Sync for GivenTopology {}
 
 /// The process's server, for the library's callbacks.
 static SERVER: OnceLock<Arc<PmixServer>> = OnceLock::new();
@@ -180,13 +199,16 @@ impl PmixServer {
                     source: e,
                 })?;
         }
+        let trace = std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1");
+        let topology = machine_topology(node, trace);
         let server = Arc::new(PmixServer {
             node,
             job: job.to_string(),
             tmpdir: tmpdir.clone(),
             shm_dir,
-            trace: std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1"),
+            trace,
             tell,
+            topology,
             state: Mutex::new(State {
                 next_fence: 1,
                 ..State::default()
@@ -208,6 +230,18 @@ impl PmixServer {
         // No system-wide or tool rendezvous: only this node's ranks connect.
         init.boolean(sys::PMIX_SERVER_TOOL_SUPPORT, false)?;
         init.boolean(sys::PMIX_SERVER_SYSTEM_SUPPORT, false)?;
+        // The topology goes to the ranks too (hwloc shared memory in the server's directory,
+        // and XML): Open MPI adopts it instead of discovering the machine in every rank.
+        init.boolean(sys::PMIX_SERVER_SHARE_TOPOLOGY, true)?;
+        if let Some(t) = &server.topology {
+            // SAFETY: the descriptor and its topology live in the server, which lives as
+            // long as the process (SERVER).
+            unsafe {
+                init.topology(
+                    &*t.descriptor as *const sys::pmix_topology_t as *mut sys::pmix_topology_t,
+                )
+            };
+        }
         // SAFETY: the module lives forever; the infos outlive the call (the library copies
         // what it keeps).
         let rc = unsafe { sys::PMIx_server_init(module, init.0.as_mut_ptr(), init.0.len()) };
@@ -677,6 +711,42 @@ impl RankWatch for PmixServer {
         self.install(layout);
         Ok(())
     }
+}
+
+/// The machine's topology for the library: from the machine's cache (`crate::topology`),
+/// else discovered here. `None` (the library then discovers it itself) when hwloc cannot
+/// discover it, after a message.
+fn machine_topology(node: usize, trace: bool) -> Option<GivenTopology> {
+    use crate::topology::{self, CacheDir, Origin};
+    let what = format!("krund: node {node}");
+    let dir = CacheDir::from_env(&what);
+    let (t, origin) = match topology::machine_topology(dir.as_ref(), &what) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{what}: {e}; the PMIx library discovers the topology itself");
+            return None;
+        }
+    };
+    if trace {
+        let from = match &origin {
+            Origin::Cache(f) => format!("loaded from the machine's cache {}", f.display()),
+            Origin::Discovered { cached: Some(f) } => {
+                format!("discovered, cached in {}", f.display())
+            }
+            Origin::Discovered { cached: None } => "discovered, not cached".to_string(),
+        };
+        eprintln!("{what}: PMIx topology {from} ({})", t.counts());
+    }
+    let source = std::ffi::CString::new(topology::hwloc_source()).ok()?;
+    let descriptor = Box::new(sys::pmix_topology_t {
+        source: source.as_ptr() as *mut c_char,
+        topology: t.as_raw(),
+    });
+    Some(GivenTopology {
+        _topology: t,
+        _source: source,
+        descriptor,
+    })
 }
 
 /// Removes the `krun-pmix-PID` directories under `bases` that belong to this user and
