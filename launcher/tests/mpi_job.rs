@@ -685,6 +685,47 @@ fn one_krund_discovers_the_topology_the_others_load_it_and_ranks_get_it_whole() 
     );
 }
 
+/// Every rank learns each rank's host, local rank and node rank from its node's PMIx
+/// server, its peers on other nodes included (what krund registers; a registration
+/// without them would leave the remote ones NOT-FOUND), and its own node's id.
+#[test]
+fn ranks_see_every_peers_host_local_rank_and_node_rank() {
+    let dir = temp_dir("pmix-peers");
+    let prog = build_with("mpicc.openmpi", "pmix_client", &dir.0);
+    let (code, out, err) = krun(&[
+        "--mpi",
+        "pmix",
+        "--local",
+        "3",
+        "-n",
+        "5",
+        prog.to_str().unwrap(),
+        "peers",
+    ]);
+    let all = format!("exit code {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, 0, "{all}");
+    // Ranks 0,1 on node 0, 2,3 on node 1, 4 on node 2.
+    let place = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)];
+    for (r, &(my_node, _)) in place.iter().enumerate() {
+        for (q, &(node, local)) in place.iter().enumerate() {
+            let id = if node == my_node {
+                format!("node id {node}")
+            } else {
+                "node id ".to_string()
+            };
+            let want = format!("pmix_client: rank {r} sees rank {q}: host krun-node{node}, {id}");
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&want))
+                .unwrap_or_else(|| panic!("no {want:?}: {all}"));
+            assert!(
+                line.ends_with(&format!(", local rank {local}, node rank {local}")),
+                "{line}\n{all}"
+            );
+        }
+    }
+}
+
 #[test]
 fn open_mpi_comm_spawn_fails_at_once_and_krund_says_why() {
     let dir = temp_dir("ompi-spawn");

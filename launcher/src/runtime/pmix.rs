@@ -43,6 +43,7 @@ use pmix_sys as sys;
 
 mod callbacks;
 mod ffi;
+mod topology;
 
 use super::mpi::{
     FenceData, PmiToLauncher, PmiToNode, RankExtras, RankSetup, RankWatch, Teller, Wire, WireState,
@@ -51,6 +52,7 @@ use crate::error::{LauncherError, Result};
 use adaptation::NodeId;
 use callbacks::Pending;
 use ffi::{pmix_error, proc_of, status, wait_op, Infos, SUCCESS};
+use topology::{machine_topology, GivenTopology};
 
 /// One incarnation of the job as the node serves it.
 #[derive(Default, Clone)]
@@ -116,19 +118,6 @@ pub struct PmixServer {
     /// until the process ends. `None`: the library discovered its own.
     topology: Option<GivenTopology>,
 }
-
-/// The hwloc topology handed to the library, and the descriptor it was handed in.
-struct GivenTopology {
-    _topology: crate::topology::Topology,
-    _source: std::ffi::CString,
-    descriptor: Box<sys::pmix_topology_t>,
-}
-
-// SAFETY: the descriptor's pointers name the topology and string owned beside it; nothing
-// changes them after the library got them, and a loaded hwloc topology is read-only.
-unsafe impl Send for GivenTopology {}
-// SAFETY: as above.
-unsafe impl Sync for GivenTopology {}
 
 /// The process's server, for the library's callbacks.
 static SERVER: OnceLock<Arc<PmixServer>> = OnceLock::new();
@@ -711,42 +700,6 @@ impl RankWatch for PmixServer {
         self.install(layout);
         Ok(())
     }
-}
-
-/// The machine's topology for the library: from the machine's cache (`crate::topology`),
-/// else discovered here. `None` (the library then discovers it itself) when hwloc cannot
-/// discover it, after a message.
-fn machine_topology(node: usize, trace: bool) -> Option<GivenTopology> {
-    use crate::topology::{self, CacheDir, Origin};
-    let what = format!("krund: node {node}");
-    let dir = CacheDir::from_env(&what);
-    let (t, origin) = match topology::machine_topology(dir.as_ref(), &what) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("{what}: {e}; the PMIx library discovers the topology itself");
-            return None;
-        }
-    };
-    if trace {
-        let from = match &origin {
-            Origin::Cache(f) => format!("loaded from the machine's cache {}", f.display()),
-            Origin::Discovered { cached: Some(f) } => {
-                format!("discovered, cached in {}", f.display())
-            }
-            Origin::Discovered { cached: None } => "discovered, not cached".to_string(),
-        };
-        eprintln!("{what}: PMIx topology {from} ({})", t.counts());
-    }
-    let source = std::ffi::CString::new(topology::hwloc_source()).ok()?;
-    let descriptor = Box::new(sys::pmix_topology_t {
-        source: source.as_ptr() as *mut c_char,
-        topology: t.as_raw(),
-    });
-    Some(GivenTopology {
-        _topology: t,
-        _source: source,
-        descriptor,
-    })
 }
 
 /// Removes the `krun-pmix-PID` directories under `bases` that belong to this user and
