@@ -20,5 +20,6 @@ pub mod progress;
 pub mod ranks;
 pub mod runtime;
 pub mod slurm;
+pub mod topology;
 
 pub use error::LauncherError;

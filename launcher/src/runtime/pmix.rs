@@ -5,7 +5,10 @@
 //! blob, krun hands every node all of them.
 //!
 //! - [`PmixServer::start`] initialises the library (its rendezvous socket in a private
-//!   directory), registers the job's namespace with the job's information (size, node and
+//!   directory) with the machine's topology (`crate::topology`: loaded from the machine's
+//!   cache, or discovered by the first krund on the machine and cached; I/O devices
+//!   included), which the library shares with the ranks (hwloc shared memory and XML:
+//!   Open MPI's ranks adopt it instead of each discovering the machine), registers the job's namespace with the job's information (size, node and
 //!   process maps, local peers, each rank's local and node rank, host name and node id) and
 //!   every local rank as a client.
 //! - [`PmixServer::rank_setup`] gives each rank the environment `PMIx_server_setup_fork`
@@ -40,6 +43,7 @@ use pmix_sys as sys;
 
 mod callbacks;
 mod ffi;
+mod topology;
 
 use super::mpi::{
     FenceData, PmiToLauncher, PmiToNode, RankExtras, RankSetup, RankWatch, Teller, Wire, WireState,
@@ -48,6 +52,7 @@ use crate::error::{LauncherError, Result};
 use adaptation::NodeId;
 use callbacks::Pending;
 use ffi::{pmix_error, proc_of, status, wait_op, Infos, SUCCESS};
+use topology::{machine_topology, GivenTopology};
 
 /// One incarnation of the job as the node serves it.
 #[derive(Default, Clone)]
@@ -109,6 +114,9 @@ pub struct PmixServer {
     trace: bool,
     tell: Teller,
     state: Mutex<State>,
+    /// The machine's topology the library was given (`PMIX_TOPOLOGY2`): it keeps using it
+    /// until the process ends. `None`: the library discovered its own.
+    topology: Option<GivenTopology>,
 }
 
 /// The process's server, for the library's callbacks.
@@ -180,13 +188,16 @@ impl PmixServer {
                     source: e,
                 })?;
         }
+        let trace = std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1");
+        let topology = machine_topology(node, trace);
         let server = Arc::new(PmixServer {
             node,
             job: job.to_string(),
             tmpdir: tmpdir.clone(),
             shm_dir,
-            trace: std::env::var("KRUN_PMIX_TRACE").is_ok_and(|v| v == "1"),
+            trace,
             tell,
+            topology,
             state: Mutex::new(State {
                 next_fence: 1,
                 ..State::default()
@@ -208,6 +219,18 @@ impl PmixServer {
         // No system-wide or tool rendezvous: only this node's ranks connect.
         init.boolean(sys::PMIX_SERVER_TOOL_SUPPORT, false)?;
         init.boolean(sys::PMIX_SERVER_SYSTEM_SUPPORT, false)?;
+        // The topology goes to the ranks too (hwloc shared memory in the server's directory,
+        // and XML): Open MPI adopts it instead of discovering the machine in every rank.
+        init.boolean(sys::PMIX_SERVER_SHARE_TOPOLOGY, true)?;
+        if let Some(t) = &server.topology {
+            // SAFETY: the descriptor and its topology live in the server, which lives as
+            // long as the process (SERVER).
+            unsafe {
+                init.topology(
+                    &*t.descriptor as *const sys::pmix_topology_t as *mut sys::pmix_topology_t,
+                )
+            };
+        }
         // SAFETY: the module lives forever; the infos outlive the call (the library copies
         // what it keeps).
         let rc = unsafe { sys::PMIx_server_init(module, init.0.as_mut_ptr(), init.0.len()) };

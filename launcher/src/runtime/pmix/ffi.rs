@@ -33,12 +33,31 @@ pub(super) const SUCCESS: sys::pmix_status_t = sys::PMIX_SUCCESS as sys::pmix_st
 pub(super) const OPERATION_SUCCEEDED: sys::pmix_status_t = sys::PMIX_OPERATION_SUCCEEDED;
 pub(super) const ERROR: sys::pmix_status_t = sys::PMIX_ERROR;
 
-/// An array of `pmix_info_t` built for the library; each value is released on drop.
-pub(super) struct Infos(pub(super) Vec<sys::pmix_info_t>);
+/// An array of `pmix_info_t` built for the library; each value it loaded is released on
+/// drop (the second field: the indices of borrowed values, not released).
+pub(super) struct Infos(pub(super) Vec<sys::pmix_info_t>, Vec<usize>);
 
 impl Infos {
     pub(super) fn new() -> Infos {
-        Infos(Vec::new())
+        Infos(Vec::new(), Vec::new())
+    }
+
+    /// Adds `PMIX_TOPOLOGY2` pointing at `topo` itself, not at a copy: the library's
+    /// loader would duplicate the hwloc topology and its destructor destroy it, while
+    /// `PMIx_server_init` keeps the pointer it is given. Nothing is released on drop.
+    ///
+    /// # Safety
+    /// `topo` and the hwloc topology in it must stay valid for every use of these infos,
+    /// and, given to `PMIx_server_init`, until `PMIx_server_finalize`.
+    pub(super) unsafe fn topology(&mut self, topo: *mut sys::pmix_topology_t) {
+        let mut info = sys::pmix_info_t::default();
+        for (dst, &b) in info.key.iter_mut().zip(sys::PMIX_TOPOLOGY2.iter()) {
+            *dst = b as c_char;
+        }
+        info.value.type_ = sys::PMIX_TOPO as sys::pmix_data_type_t;
+        info.value.data.topo = topo;
+        self.1.push(self.0.len());
+        self.0.push(info);
     }
 
     /// Adds `key` with `data` of `ty`.
@@ -132,7 +151,10 @@ impl Infos {
 
 impl Drop for Infos {
     fn drop(&mut self) {
-        for i in &mut self.0 {
+        for (n, i) in self.0.iter_mut().enumerate() {
+            if self.1.contains(&n) {
+                continue;
+            }
             // SAFETY: each value was loaded by PMIx_Info_load and is released once.
             unsafe { sys::PMIx_Value_destruct(&mut i.value) };
         }
