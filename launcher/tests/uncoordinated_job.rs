@@ -463,3 +463,19 @@ fn with_message_logging_a_drained_nodes_ranks_move_alone_to_the_spare_and_the_ot
     assert_eq!(restarted, vec![6, 7], "{log}");
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// A node killed while the ranks swap their first addresses, with message logging: no rank
+/// has logged or checkpointed anything yet, so the survivors cannot keep running (they never
+/// finished their `krun_init`) and the lost ranks have nobody to rejoin. The policy, which
+/// hears each rank's readiness, restarts every rank from its start in a new wiring epoch
+/// (as the coordinated policy does); the result is the serial one. (Before, the lost ranks
+/// restarted alone to rejoin ranks still stuck in the broken exchange: "krun_init failed".)
+#[test]
+fn with_message_logging_a_node_killed_while_the_ranks_swap_their_first_addresses_restarts_every_rank_from_the_start(
+) {
+    let (_, err, _) = killed_while_the_ranks_swap_their_first_addresses(
+        "firstexchange",
+        "policy = \"uncoordinated\"\ninterval_ms = 1000\n\n[logging]\nmessages = true\n",
+    );
+    assert!(err.contains("(message logging) before"), "{err}");
+}

@@ -332,3 +332,16 @@ fn a_second_node_killed_while_the_recovery_line_is_restored_ends_with_the_serial
     }
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// As with logging (`uncoordinated_job.rs`): a node killed while the ranks swap their first
+/// addresses restarts every rank from its start in a new wiring epoch; the result is the
+/// serial one.
+#[test]
+fn without_logging_a_node_killed_while_the_ranks_swap_their_first_addresses_restarts_every_rank_from_the_start(
+) {
+    let (_, err, _) = killed_while_the_ranks_swap_their_first_addresses(
+        "firstexchange",
+        "policy = \"uncoordinated\"\ninterval_ms = 1000\n\n[logging]\nmessages = false\n",
+    );
+    assert!(err.contains("(no message logging) before"), "{err}");
+}

@@ -118,6 +118,10 @@ pub enum NoticeKind {
         /// its newest checkpoint); a growing depth is the domino effect.
         depth: u32,
         kept: Vec<Rank>,
+        /// Before the job's wiring finished (ranks not past their `krun_init`): every rank
+        /// re-executes from its start in a new wiring epoch.
+        #[serde(default)]
+        rewire: bool,
     },
     /// Message logging: a restarted rank takes the logged messages again.
     Replaying {
@@ -360,6 +364,7 @@ impl fmt::Display for NoticeKind {
                 line,
                 depth,
                 kept,
+                rewire,
             } => {
                 write!(f, "{} failed at epoch {epoch}", nodes_phrase(failed))?;
                 f.write_str(if *logging {
@@ -367,6 +372,12 @@ impl fmt::Display for NoticeKind {
                 } else {
                     " (no message logging)"
                 })?;
+                if *rewire {
+                    f.write_str(
+                        " before the job's wiring finished (not every rank was past its \
+                         krun_init): every rank re-executes from its start in a new wiring epoch",
+                    )?;
+                }
                 for (i, e) in line.iter().enumerate() {
                     let sep = if i == 0 { ":" } else { ";" };
                     let from = match e.version {

@@ -195,6 +195,8 @@ impl Sim {
         };
         for r in 0..n as Rank {
             sim.wake(r, 0);
+            // Past its `krun_init` (the simulated job has no start-up exchange).
+            sim.at(0, Ev::Policy(Event::RankReady { rank: r }));
         }
         let crashes = sim.rng.gen_range(1..=2);
         for _ in 0..crashes {

@@ -49,6 +49,28 @@ pub(super) fn connect_launcher(
         .map_err(io("configuring the krun link".into()))?;
     let mut reader = s.try_clone().map_err(io("cloning the krun link".into()))?;
     shared.set_launcher(s, session.tx);
+    // Ranks that said hello before this link (a node slow to link): krun hears their
+    // readiness now.
+    let linked: Vec<u64> = shared
+        .linked_ranks
+        .lock()
+        .expect("linked lock")
+        .iter()
+        .copied()
+        .collect();
+    for rank in linked {
+        let wiring = shared
+            .rank_wiring
+            .lock()
+            .expect("rank wiring lock")
+            .get(&(rank as u32))
+            .copied()
+            .unwrap_or_else(|| shared.wiring.load(Ordering::SeqCst));
+        shared.tell_launcher(&NodeToLauncher::RankReady {
+            rank: rank as u32,
+            wiring,
+        });
+    }
     let mut rx = session.rx;
     std::thread::spawn(move || {
         let why = loop {

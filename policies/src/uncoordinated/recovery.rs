@@ -102,8 +102,15 @@ impl Uncoordinated {
     ) -> Vec<Action> {
         let mut out = Vec::new();
         let n = self.slots.len() as Rank;
+        // Before the job's wiring finished, the ranks still in their first address exchange
+        // cannot go on without the lost ones (it broke under them), and nothing was logged
+        // or checkpointed: every rank re-executes from its start in a new wiring epoch. A
+        // recovery that re-wires already stays one (its restarted ranks are not ready yet).
+        let rewire = !self.wired || self.recovery.as_ref().is_some_and(|r| r.rewire);
         // Where each rank is restored to.
-        let line: Vec<Restore> = if self.cfg.logging {
+        let line: Vec<Restore> = if rewire {
+            vec![Restore::At(0); n as usize]
+        } else if self.cfg.logging {
             (0..n)
                 .map(|r| {
                     if lost.contains(&r) {
@@ -136,7 +143,7 @@ impl Uncoordinated {
         };
         // With logging, a lost rank whose safe checkpoints are all gone can restart only
         // from the start, and only if the log still holds everything it delivered.
-        if self.cfg.logging {
+        if self.cfg.logging && !rewire {
             for &r in &lost {
                 let c = &self.ranks[r as usize];
                 if line[r as usize] == Restore::At(0) && !c.safe.is_empty() {
@@ -236,8 +243,19 @@ impl Uncoordinated {
             rolled_back: BTreeSet::new(),
             attempts: BTreeMap::new(),
             saved_at: BTreeMap::new(),
+            rewire,
         });
         rec.epoch = epoch;
+        if rewire {
+            rec.rewire = true;
+            // The new epoch's processes report their readiness afresh.
+            self.ready.clear();
+            self.wired = false;
+            if self.cfg.logging {
+                // Nothing delivered before the start is replayed: every rank re-executes.
+                self.log.forget_deliveries();
+            }
+        }
         for f in &failed {
             if !rec.failed.contains(f) {
                 rec.failed.push(*f);
@@ -274,6 +292,7 @@ impl Uncoordinated {
             failure_epoch: epoch,
             line: recorded,
             depth,
+            rewire,
         });
         out.push(Action::Record(d));
         out.push(Self::notice(
@@ -285,6 +304,7 @@ impl Uncoordinated {
                 line: entries.clone(),
                 depth,
                 kept,
+                rewire,
             },
         ));
         for e in entries {
@@ -381,7 +401,7 @@ impl Uncoordinated {
         match result {
             Ok(seconds) => {
                 self.costs.observe_restart(seconds);
-                if self.cfg.logging {
+                if self.cfg.logging && !rec.rewire {
                     let replay = self.log.replay_of(rank, version);
                     let bytes = replay.iter().map(|d| d.bytes).sum();
                     self.log.count_replayed(replay.len() as u64);
@@ -500,7 +520,7 @@ impl Uncoordinated {
             self.reschedule(r, now);
         }
         let mut out = Vec::new();
-        if !self.cfg.logging {
+        if !self.cfg.logging || rec.rewire {
             // Restored ranks were held until every one of them is back.
             out.push(Action::Release {
                 ranks: rec.ranks.keys().copied().collect(),
