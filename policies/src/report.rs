@@ -123,6 +123,12 @@ pub enum NoticeKind {
         #[serde(default)]
         rewire: bool,
     },
+    /// Uncoordinated policies: every one of the job's `ranks` is past its `krun_init` (the
+    /// job's wiring, or a re-wiring's, finished): a failure from now on is recovered from
+    /// what the ranks logged and checkpointed, not by re-executing every rank.
+    Wired {
+        ranks: u32,
+    },
     /// Message logging: a restarted rank takes the logged messages again.
     Replaying {
         rank: Rank,
@@ -402,6 +408,10 @@ impl fmt::Display for NoticeKind {
                 }
                 Ok(())
             }
+            NoticeKind::Wired { ranks } => write!(
+                f,
+                "the job's wiring finished: all {ranks} ranks are past their krun_init"
+            ),
             NoticeKind::Replaying {
                 rank,
                 from,

@@ -40,12 +40,25 @@ fn l2() -> ImageCopy {
 /// A job whose ranks all finished their `krun_init` (each reported `RankReady`).
 fn policy(n: u32, spares: u32, logging: bool, interval: Option<Millis>) -> Uncoordinated {
     let mut p = starting_policy(n, spares, logging, interval);
+    let mut out = Vec::new();
     for r in 0..n {
-        assert!(p
-            .on_event(0, Event::RankReady { rank: r }, &Index::default())
-            .is_empty());
+        out.extend(p.on_event(0, Event::RankReady { rank: r }, &Index::default()));
     }
     assert!(p.wired());
+    // The last rank's readiness finishes the wiring, which the user is told (once).
+    let said: Vec<String> = out
+        .iter()
+        .map(|a| match a {
+            Action::Notify(n) => n.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        said,
+        vec![format!(
+            "the job's wiring finished: all {n} ranks are past their krun_init"
+        )]
+    );
     p
 }
 
@@ -185,6 +198,9 @@ fn ranks_checkpoint_alone_on_their_own_schedules() {
     };
     let mut p = Uncoordinated::new(cfg, 0, &layout, AgreedView::new(1, vec![0, 1, 2]), 0).unwrap();
     let idx = Index::default();
+    for rank in 0..3 {
+        p.on_event(0, Event::RankReady { rank }, &idx);
+    }
     let mut orders: Vec<(Millis, Rank, Version)> = Vec::new();
     let mut now = 0;
     while now < 400 {
@@ -974,10 +990,17 @@ fn a_failure_before_the_jobs_wiring_finished_restarts_every_rank_from_its_start_
         // The new processes swap their addresses: the wiring is not finished before every
         // one of them reported ready again.
         assert!(!p.wired());
+        let mut out = Vec::new();
         for r in 0..4 {
-            p.on_event(40, Event::RankReady { rank: r }, &idx);
+            out.extend(p.on_event(40, Event::RankReady { rank: r }, &idx));
         }
         assert!(p.wired());
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Notify(n) if n.to_string().contains("wiring finished"))
+            ),
+            "{out:?}"
+        );
         if !logging {
             continue;
         }

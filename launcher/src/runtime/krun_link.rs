@@ -127,6 +127,10 @@ pub(super) fn connect_launcher(
                     // work (a second failure during a recovery) drops the ranks this one
                     // names instead of restarting them in its older epoch.
                     shared.restarts.ordered(wiring, &ranks);
+                    // Capture orders of the old processes are not the new ones'.
+                    shared
+                        .uncoordinated
+                        .drop_captures(ranks.iter().map(|&(r, _)| r));
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
                     // An MPI job's servers start the new incarnation before any rank does

@@ -428,6 +428,12 @@ impl Uncoordinated {
         self.wired
     }
 
+    /// Whether `rank` can take a checkpoint: it is past its `krun_init` (before, it has no
+    /// safepoint, and an order would wait for a process the start-up may replace).
+    fn past_init(&self, rank: Rank) -> bool {
+        self.wired || self.ready.contains(&rank)
+    }
+
     /// `rank` is past its `krun_init` (it reported ready, checkpointed or exited).
     fn mark_ready(&mut self, rank: Rank) {
         if (rank as usize) < self.slots.len() && !self.wired {
@@ -525,7 +531,12 @@ impl Uncoordinated {
         for r in 0..self.ranks.len() as Rank {
             let c = &self.ranks[r as usize];
             let due = c.next_at.is_some_and(|t| t <= now);
-            if !due || c.inflight.is_some() || self.exited.contains(&r) || self.in_recovery(r) {
+            if !due
+                || c.inflight.is_some()
+                || self.exited.contains(&r)
+                || self.in_recovery(r)
+                || !self.past_init(r)
+            {
                 continue;
             }
             let op = self.op();
@@ -779,6 +790,7 @@ impl Policy for Uncoordinated {
         if self.end.is_some() {
             return Vec::new();
         }
+        let was_wired = self.wired;
         let mut out = match event {
             Event::Tick => Vec::new(),
             Event::CheckpointRequest { .. } => {
@@ -860,6 +872,14 @@ impl Policy for Uncoordinated {
                 self.retention()
             }
         };
+        if self.wired && !was_wired {
+            out.push(Self::notice(
+                now,
+                NoticeKind::Wired {
+                    ranks: self.slots.len() as u32,
+                },
+            ));
+        }
         out.extend(self.drain_progress(now, reads));
         out.extend(self.start_due(now));
         out
@@ -876,6 +896,7 @@ impl Policy for Uncoordinated {
                 c.inflight.is_none()
                     && !self.exited.contains(&(*r as Rank))
                     && !self.in_recovery(*r as Rank)
+                    && self.past_init(*r as Rank)
             })
             .filter_map(|(_, c)| c.next_at)
             .min()
