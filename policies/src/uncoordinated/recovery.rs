@@ -128,7 +128,13 @@ impl Uncoordinated {
                 .collect()
         } else {
             let taken: Vec<Vec<Version>> = self.ranks.iter().map(|c| c.taken.clone()).collect();
-            let line = if self.channels_seen {
+            // Without any channel counts yet (none of the ranks' checkpoints brought them)
+            // and no reported delivery either, nothing says which ranks depend on which: the
+            // transitless line over no counts, every rank from its start, is the one line
+            // known to be consistent (a runtime that reports counts, as krun, has not sent
+            // any before the first checkpoint; keeping survivors then left them waiting for
+            // halos the lost ranks re-execute in another wiring epoch).
+            let line = if self.channels_seen || self.graph.is_empty() {
                 let counts: Vec<_> = self.ranks.iter().map(|c| c.counts.clone()).collect();
                 super::recovery_line::transitless_line(&counts, &taken, |r, v| {
                     self.source(reads, r, v).is_some()
