@@ -332,3 +332,57 @@ fn a_second_node_killed_while_the_recovery_line_is_restored_ends_with_the_serial
     }
     assert_eq!(heat_left(&heat), Vec::<u32>::new());
 }
+
+/// As with logging (`uncoordinated_job.rs`): a node killed while the ranks swap their first
+/// addresses restarts every rank from its start in a new wiring epoch; the result is the
+/// serial one.
+#[test]
+fn without_logging_a_node_killed_while_the_ranks_swap_their_first_addresses_restarts_every_rank_from_the_start(
+) {
+    let (_, err, _) = killed_while_the_ranks_swap_their_first_addresses(
+        "firstexchange",
+        "policy = \"uncoordinated\"\ninterval_ms = 1000\n\n[logging]\nmessages = false\n",
+    );
+    assert!(err.contains("(no message logging) before"), "{err}");
+}
+
+/// Node 1 killed 1 s after the job's wiring finished, before any rank's first own checkpoint
+/// (the interval is a minute): no channel counts yet (they come with checkpoints), so nothing
+/// says which ranks depend on which; the line restores every rank to its start in one wiring
+/// epoch, and the result is the serial one. (Before, the line kept ranks 0-1 and 4-5 running
+/// and restarted ranks 2-3 alone in a new epoch: the survivors' sends to them timed out and
+/// the job failed.)
+#[test]
+fn without_logging_a_node_killed_before_any_checkpoint_restarts_every_rank_from_the_start() {
+    let dir = temp("nockpt");
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "400"]);
+    let policy = policy_file(
+        &dir.0,
+        "nolog.toml",
+        "policy = \"uncoordinated\"\ninterval_ms = 60000\n\n[logging]\nmessages = false\n",
+    );
+    let run = Running::start(&dir.0, heat_job(&dir.0, &heat, &policy, &[], "400"));
+    run.wait_line("the job's wiring finished", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = kill_node(&dir.0, 1);
+    assert_eq!(killed.len(), 2, "{killed:?}");
+    let line = run.wait_line("(no message logging)", Duration::from_secs(120));
+    let (places, depth) = places(&line);
+    assert_eq!(depth, 0, "{line}");
+    let want_places: Vec<Place> = (0..6u64)
+        .map(|r| (r, None, (r == 2 || r == 3).then_some(3), 0))
+        .collect();
+    assert_eq!(places, want_places, "{line}");
+    assert!(!line.contains("before the job's wiring finished"), "{line}");
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    assert!(
+        !decision_lines(&log)
+            .iter()
+            .any(|l| l.starts_with("RankCheckpointed {")),
+        "a checkpoint was taken before the kill: the test lost its subject\n{log}"
+    );
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+}

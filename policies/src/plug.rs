@@ -212,6 +212,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.name(), "uncoordinated");
+        // A job that starts: no rank checkpoints before it is past its `krun_init`.
+        assert_eq!(p.next_deadline(), None);
+        let mut p = p;
+        struct Nothing;
+        impl crate::primitives::Reads for Nothing {
+            fn copies(
+                &self,
+                _: crate::primitives::Rank,
+                _: crate::primitives::Version,
+            ) -> Vec<crate::primitives::ImageCopy> {
+                Vec::new()
+            }
+        }
+        for rank in 0..layout.ranks.len() as u32 {
+            p.on_event(1000, crate::primitives::Event::RankReady { rank }, &Nothing);
+        }
         assert!(p.next_deadline().is_some());
         // Back from the uncoordinated policy: the coordinated one numbers above the ranks'
         // own checkpoints (their copies are indexed by the same numbers).

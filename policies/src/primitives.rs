@@ -271,6 +271,13 @@ pub enum Event {
     /// node in it that runs no rank is a spare, such as one added by `krun node add`).
     /// Answered by [`crate::report::NoticeKind::Drained`] or `DrainRefused`.
     DrainRequested { node: NodeId, view: AgreedView },
+    /// `rank` is past its `krun_init` in the job's current wiring: it swapped addresses
+    /// with every other rank and linked to its node (the runtime reports it once per
+    /// process and wiring epoch). Until every rank is, the job's wiring is not finished: a
+    /// rank lost then leaves the others stuck in a broken address exchange, with nothing
+    /// logged or checkpointed yet (the uncoordinated policy then restarts every rank from
+    /// its start in a new wiring epoch).
+    RankReady { rank: Rank },
     /// What the ranks reported of their communication since the last report (uncoordinated
     /// policies: the dependencies between the ranks' checkpoint intervals, and what the
     /// message logs hold). Batched; order within the batch is the order of the reports.
@@ -330,11 +337,16 @@ pub enum DecisionKind {
     /// Uncoordinated policies: the recovery after the failure agreed at `failure_epoch`
     /// restores each rank named to its own checkpoint (`None`: the program's start); ranks
     /// not named keep running. `depth`: the most checkpoints one rank rolled back past (the
-    /// domino effect).
+    /// domino effect). `rewire`: the job's wiring had not finished (some rank was not past
+    /// its `krun_init`): every rank named re-executes from its start and they all swap
+    /// their addresses again in one new wiring epoch (no rank keeps running, none rejoins
+    /// alone).
     RecoveryLine {
         failure_epoch: Epoch,
         line: Vec<(Rank, Option<Version>)>,
         depth: u32,
+        #[serde(default)]
+        rewire: bool,
     },
 }
 

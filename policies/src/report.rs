@@ -118,6 +118,16 @@ pub enum NoticeKind {
         /// its newest checkpoint); a growing depth is the domino effect.
         depth: u32,
         kept: Vec<Rank>,
+        /// Before the job's wiring finished (ranks not past their `krun_init`): every rank
+        /// re-executes from its start in a new wiring epoch.
+        #[serde(default)]
+        rewire: bool,
+    },
+    /// Uncoordinated policies: every one of the job's `ranks` is past its `krun_init` (the
+    /// job's wiring, or a re-wiring's, finished): a failure from now on is recovered from
+    /// what the ranks logged and checkpointed, not by re-executing every rank.
+    Wired {
+        ranks: u32,
     },
     /// Message logging: a restarted rank takes the logged messages again.
     Replaying {
@@ -360,6 +370,7 @@ impl fmt::Display for NoticeKind {
                 line,
                 depth,
                 kept,
+                rewire,
             } => {
                 write!(f, "{} failed at epoch {epoch}", nodes_phrase(failed))?;
                 f.write_str(if *logging {
@@ -367,6 +378,12 @@ impl fmt::Display for NoticeKind {
                 } else {
                     " (no message logging)"
                 })?;
+                if *rewire {
+                    f.write_str(
+                        " before the job's wiring finished (not every rank was past its \
+                         krun_init): every rank re-executes from its start in a new wiring epoch",
+                    )?;
+                }
                 for (i, e) in line.iter().enumerate() {
                     let sep = if i == 0 { ":" } else { ";" };
                     let from = match e.version {
@@ -391,6 +408,10 @@ impl fmt::Display for NoticeKind {
                 }
                 Ok(())
             }
+            NoticeKind::Wired { ranks } => write!(
+                f,
+                "the job's wiring finished: all {ranks} ranks are past their krun_init"
+            ),
             NoticeKind::Replaying {
                 rank,
                 from,

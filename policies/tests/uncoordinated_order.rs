@@ -63,6 +63,8 @@ fn a_level_reported_safe_before_the_capture_completes_the_checkpoint_and_the_ran
         spares: vec![1],
     };
     let mut p = Uncoordinated::new(cfg, 0, &layout, AgreedView::new(1, vec![0, 1]), 0).unwrap();
+    // Rank 0 is past its `krun_init`.
+    p.on_event(0, Event::RankReady { rank: 0 }, &NoCopies);
     let mut now: Millis = 0;
     for round in 0..3 {
         let (op, version) = next_capture(&mut p, 0, &mut now);
@@ -112,6 +114,8 @@ fn the_usual_order_capture_then_level_still_completes_once() {
         spares: vec![1],
     };
     let mut p = Uncoordinated::new(cfg, 0, &layout, AgreedView::new(1, vec![0, 1]), 0).unwrap();
+    // Rank 0 is past its `krun_init`.
+    p.on_event(0, Event::RankReady { rank: 0 }, &NoCopies);
     let mut now: Millis = 0;
     let (op, version) = next_capture(&mut p, 0, &mut now);
     let out = p.on_event(

@@ -81,6 +81,12 @@ struct Proc {
     /// (src, seq) -> (payload, sender interval, arrival stamp).
     inbox: BTreeMap<(Rank, u64), (u64, Version, u64)>,
     replay: VecDeque<(Rank, u64)>,
+    /// Past its `krun_init`: it swapped addresses with every rank of its wiring.
+    wired: bool,
+    /// Waiting in the address exchange (it sent its card).
+    joined: bool,
+    /// Its exchange broke (a node crashed during it): it waits for a recovery's order.
+    broken: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +106,8 @@ enum Ev {
     Restart(policies::Decision),
     Crash(NodeId),
     Agree(NodeId),
+    /// A rank (of that incarnation) enters the address exchange.
+    Join(Rank, u32),
 }
 
 #[derive(Default)]
@@ -134,10 +142,27 @@ struct Sim {
     restarts: Vec<Rank>,
     rollbacks: u64,
     ended: Option<Option<String>>,
+    /// The recovery in progress re-wires the job (its line said `rewire`).
+    rewiring: bool,
+    /// A node crashed while some rank was not past its `krun_init`.
+    window_hit: bool,
 }
 
 impl Sim {
+    /// A job whose ranks are past their `krun_init` from the start (no exchange modelled).
     fn new(seed: u64) -> Sim {
+        Sim::build(seed, false)
+    }
+
+    /// A job that starts with its address exchange: each rank enters it after a random
+    /// delay, and none computes before every rank entered it; a node crashing meanwhile
+    /// breaks it for the others, which wait (for ever) for a recovery's order. Crashes are
+    /// drawn early, so many land in that window.
+    fn starting(seed: u64) -> Sim {
+        Sim::build(seed, true)
+    }
+
+    fn build(seed: u64, exchange: bool) -> Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
         let n = rng.gen_range(3..=5usize);
         let spares = rng.gen_range(1..=2u32);
@@ -168,6 +193,9 @@ impl Sim {
                 scheduled: false,
                 inbox: BTreeMap::new(),
                 replay: VecDeque::new(),
+                wired: !exchange,
+                joined: false,
+                broken: false,
             })
             .collect();
         let mut sim = Sim {
@@ -192,13 +220,22 @@ impl Sim {
             restarts: Vec::new(),
             rollbacks: 0,
             ended: None,
+            rewiring: false,
+            window_hit: false,
         };
         for r in 0..n as Rank {
-            sim.wake(r, 0);
+            if exchange {
+                sim.after(0, 80, Ev::Join(r, 0));
+            } else {
+                sim.wake(r, 0);
+                // Past its `krun_init` (no start-up exchange modelled).
+                sim.at(0, Ev::Policy(Event::RankReady { rank: r }));
+            }
         }
         let crashes = sim.rng.gen_range(1..=2);
+        let window = if exchange { 0..150 } else { 40..400 };
         for _ in 0..crashes {
-            let at = sim.rng.gen_range(40..400);
+            let at = sim.rng.gen_range(window.clone());
             let node = sim.rng.gen_range(0..n as u32);
             sim.at(at, Ev::Crash(node));
         }
@@ -257,6 +294,19 @@ impl Sim {
             }
             Action::TrimLog { rank, version } => self.trim(rank, version),
             Action::Rollback { .. } => self.rollbacks += 1,
+            Action::Record(d) => {
+                if let DecisionKind::RecoveryLine { rewire, .. } = d.kind {
+                    self.rewiring = rewire;
+                    if rewire {
+                        // Every rank re-executes from its start, in a new order: the
+                        // original run's states and determinants no longer apply.
+                        self.history.clear();
+                        for d in &mut self.determinants {
+                            d.clear();
+                        }
+                    }
+                }
+            }
             Action::EndJob { error } => self.ended = Some(error.map(|e| e.to_string())),
             Action::Synchronize { .. } => panic!("the uncoordinated policy synchronized"),
             _ => {}
@@ -341,7 +391,7 @@ impl Sim {
         let n = self.n;
         let p = &mut self.procs[r as usize];
         p.scheduled = false;
-        if !p.alive || p.held || p.exited {
+        if !p.alive || p.held || p.exited || !p.wired {
             return;
         }
         if p.st.step == STEPS {
@@ -481,6 +531,12 @@ impl Sim {
                 if !p.alive || p.inc != inc || p.exited {
                     return;
                 }
+                if !p.wired {
+                    // Its library takes the order at its first safepoint, after `krun_init`.
+                    self.after(5, 20, Ev::Capture(r, inc, op, version));
+                    return;
+                }
+                let p = &mut self.procs[r as usize];
                 p.st.interval = version;
                 self.ckpts.insert((r, version), p.st.clone());
                 self.after(
@@ -553,6 +609,10 @@ impl Sim {
                 p.exited = false;
                 p.inbox.clear();
                 p.replay = replay;
+                // A re-wiring: the new process swaps addresses with the others first.
+                p.wired = !self.rewiring;
+                p.joined = false;
+                p.broken = false;
                 // What the restored log holds that a receiver lacks goes out again.
                 let mut again = Vec::new();
                 for (&(dd, q), &(payload, interval)) in &p.st.log {
@@ -562,6 +622,9 @@ impl Sim {
                 }
                 for (dd, q, payload, interval) in again {
                     self.send(rank, dd, q, payload, interval);
+                }
+                if self.rewiring {
+                    self.after(1, 30, Ev::Join(rank, incarnation));
                 }
                 self.after(
                     1,
@@ -585,6 +648,17 @@ impl Sim {
                     return;
                 }
                 self.dead.insert(node);
+                if self.procs.iter().any(|p| !p.wired) {
+                    // The exchange breaks under the ranks waiting in it: they wait for the
+                    // recovery's order.
+                    self.window_hit = true;
+                    for p in &mut self.procs {
+                        if !p.wired {
+                            p.joined = false;
+                            p.broken = true;
+                        }
+                    }
+                }
                 for r in on {
                     let p = &mut self.procs[r as usize];
                     if !p.exited {
@@ -594,6 +668,29 @@ impl Sim {
                     }
                 }
                 self.after(10, 30, Ev::Agree(node));
+            }
+            Ev::Join(r, inc) => {
+                let p = &mut self.procs[r as usize];
+                if !p.alive || p.inc != inc || p.wired || p.broken {
+                    return;
+                }
+                // A peer not running yet (its restart is under way): wait in the exchange.
+                if self.procs.iter().any(|q| !q.alive) {
+                    self.after(5, 20, Ev::Join(r, inc));
+                    return;
+                }
+                self.procs[r as usize].joined = true;
+                if self.procs.iter().all(|q| q.joined || q.wired) {
+                    for r in 0..self.n as Rank {
+                        let p = &mut self.procs[r as usize];
+                        if p.joined {
+                            p.joined = false;
+                            p.wired = true;
+                            self.after(1, 5, Ev::Policy(Event::RankReady { rank: r }));
+                            self.wake(r, 0);
+                        }
+                    }
+                }
             }
             Ev::Agree(node) => {
                 self.epoch += 1;
@@ -703,4 +800,55 @@ fn the_same_seed_gives_the_same_run() {
         )
     };
     assert_eq!(run(7), run(7));
+}
+
+/// The job's start-up window (seeded): nodes crash early, many while the ranks still swap
+/// their first addresses (a crash then breaks the exchange, and the ranks left wait in it
+/// for a recovery's order). A crash in that window must restart every rank from its start
+/// in a new wiring (the line says `rewire`), lost ranks on a spare, others in place; a
+/// crash after every rank reported ready restarts the lost ranks alone, survivors keep
+/// running. Either way the job completes and every message is delivered exactly once (a
+/// policy that restarted only the lost ranks in the window leaves the survivors waiting
+/// for ever: the run never completes).
+#[test]
+fn a_crash_while_the_ranks_swap_their_first_addresses_restarts_every_rank_in_a_new_wiring() {
+    let (mut hit, mut missed) = (0, 0);
+    for seed in 0..schedules() {
+        let mut sim = Sim::starting(seed);
+        sim.run_all();
+        assert_eq!(
+            sim.ended,
+            Some(None),
+            "seed {seed}: the job did not complete (window hit: {})",
+            sim.window_hit
+        );
+        for (r, p) in sim.procs.iter().enumerate() {
+            assert_eq!(p.st.step, STEPS, "seed {seed}: rank {r} stopped early");
+            for (src, &got) in p.st.delivered_from.iter().enumerate() {
+                let want = if src == r { 0 } else { STEPS };
+                assert_eq!(got, want, "seed {seed}: rank {r} from {src}");
+            }
+        }
+        assert_eq!(sim.rollbacks, 0, "seed {seed}: a rank was rolled back");
+        if sim.window_hit {
+            hit += 1;
+            let all: BTreeSet<Rank> = (0..sim.n as Rank).collect();
+            let restarted: BTreeSet<Rank> = sim.restarts.iter().copied().collect();
+            assert_eq!(
+                restarted, all,
+                "seed {seed}: a crash in the start-up window restarts every rank"
+            );
+        } else {
+            missed += 1;
+            for r in &sim.restarts {
+                assert!(
+                    sim.lost_ranks.contains(r),
+                    "seed {seed}: rank {r} restarted but was never lost"
+                );
+            }
+        }
+    }
+    // Both cases ran.
+    eprintln!("{hit} runs crashed in the start-up window, {missed} after it");
+    assert!(hit > 0 && missed > 0, "{hit} {missed}");
 }

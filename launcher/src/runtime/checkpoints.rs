@@ -436,9 +436,14 @@ mod tests {
             leader: 0,
             now: 0,
         };
-        let p = make_policy(&s, &basis).unwrap();
+        let mut p = make_policy(&s, &basis).unwrap();
         assert_eq!(p.name(), "uncoordinated");
-        // Each rank on its own schedule: the first checkpoint is due within the interval.
+        // Each rank on its own schedule, once past its `krun_init`: the first checkpoint is
+        // due within the interval.
+        assert_eq!(p.next_deadline(), None);
+        for rank in 0..2 {
+            p.on_event(0, Event::RankReady { rank }, &Copies::default());
+        }
         assert!(p.next_deadline().is_some_and(|d| d <= 2000));
         let p = make_policy(&PolicySettings::default(), &basis).unwrap();
         assert_eq!(p.name(), "coordinated");

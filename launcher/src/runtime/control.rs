@@ -201,6 +201,11 @@ pub enum NodeToLauncher {
     /// A rank's answer to `Realign` (its watcher's `SafepointIndex`): its safepoint index in
     /// the uncoordinated mode and the version its checkpointer takes next.
     SafepointIndex { rank: u32, index: u64, next: u64 },
+    /// `rank` is past its `krun_init` in wiring epoch `wiring` (its library said hello to
+    /// the node after swapping addresses with every rank): the policy's
+    /// `Event::RankReady`. Sent at each hello, and again for every linked rank when the
+    /// node links to krun (a hello before the link would be lost).
+    RankReady { rank: u32, wiring: u64 },
 }
 
 /// What `krun` tells a krund node.

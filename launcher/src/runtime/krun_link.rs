@@ -49,6 +49,28 @@ pub(super) fn connect_launcher(
         .map_err(io("configuring the krun link".into()))?;
     let mut reader = s.try_clone().map_err(io("cloning the krun link".into()))?;
     shared.set_launcher(s, session.tx);
+    // Ranks that said hello before this link (a node slow to link): krun hears their
+    // readiness now.
+    let linked: Vec<u64> = shared
+        .linked_ranks
+        .lock()
+        .expect("linked lock")
+        .iter()
+        .copied()
+        .collect();
+    for rank in linked {
+        let wiring = shared
+            .rank_wiring
+            .lock()
+            .expect("rank wiring lock")
+            .get(&(rank as u32))
+            .copied()
+            .unwrap_or_else(|| shared.wiring.load(Ordering::SeqCst));
+        shared.tell_launcher(&NodeToLauncher::RankReady {
+            rank: rank as u32,
+            wiring,
+        });
+    }
     let mut rx = session.rx;
     std::thread::spawn(move || {
         let why = loop {
@@ -105,6 +127,10 @@ pub(super) fn connect_launcher(
                     // work (a second failure during a recovery) drops the ranks this one
                     // names instead of restarting them in its older epoch.
                     shared.restarts.ordered(wiring, &ranks);
+                    // Capture orders of the old processes are not the new ones'.
+                    shared
+                        .uncoordinated
+                        .drop_captures(ranks.iter().map(|&(r, _)| r));
                     // Ranks moved away by a drain end before the new epoch's start.
                     drain::release_moved(&shared, &ranks);
                     // An MPI job's servers start the new incarnation before any rank does

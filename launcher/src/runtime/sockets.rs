@@ -153,6 +153,11 @@ pub(super) fn rank_message(
                 .expect("rank wiring lock")
                 .insert(rank, wiring);
             recovery::hello(table, rank, pid);
+            // The policy learns that the job's wiring progresses (the uncoordinated policy
+            // recovers differently before every rank is past its `krun_init`).
+            table
+                .shared
+                .tell_launcher(&NodeToLauncher::RankReady { rank, wiring });
             NodeToRank::Ack
         }
         RankToNode::Watch { rank, pid } => recovery::watch(&table.shared, rank, pid),

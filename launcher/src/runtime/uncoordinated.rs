@@ -191,6 +191,18 @@ impl NodeSide {
         }
     }
 
+    /// A recovery restarts `ranks` (new processes, or the same ones rolled back): capture
+    /// orders still waiting for them were for their old processes, whose checkpointer
+    /// numbering the recovery reset; the new process must not take them (seen: an order
+    /// given while the ranks were stuck in a broken start-up exchange was answered by the
+    /// re-wired process, whose checkpointer then took a version krun did not order).
+    pub fn drop_captures(&self, ranks: impl IntoIterator<Item = u32>) {
+        let mut captures = self.captures.lock().expect("captures lock");
+        for r in ranks {
+            captures.remove(&r);
+        }
+    }
+
     /// A rank at a safepoint: its own checkpoint order, if one waits; `None` lets the node's
     /// gate answer (coordinated policy).
     pub fn at_safepoint(&self, rank: u32) -> Option<NodeToRank> {
@@ -372,6 +384,7 @@ pub fn from_launcher(
             local_size,
         } if node == shared.me => {
             side.rejoin_orders.ordered(restart, &[(rank, node)]);
+            side.drop_captures([rank]);
             let (shared, agent) = (shared.clone(), agent.clone());
             std::thread::spawn(move || {
                 start(&shared, &agent, (restart, rank, version, local_size))

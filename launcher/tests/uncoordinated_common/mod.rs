@@ -275,3 +275,98 @@ pub fn node_processes(dir: &Path, node: u64) -> (u32, Vec<u32>) {
     let krund = krund.unwrap_or_else(|| panic!("no krund above rank pid {}", pids[0]));
     (krund, pids)
 }
+
+/// The heat stencil (48 x 40, 200 steps) under `krun --local 3 --spares 1 -n 6 --policy
+/// FILE` (`policy_text`) with node 2 SIGKILLed while the ranks swap their first addresses
+/// (forced: ranks 4-5, on node 2, wait 8 s inside the exchange with `KRUN_TEST_INIT_PAUSE`;
+/// node 2 dies 2 s after every node is up, so ranks 0-3 wait in it when it breaks). No rank
+/// has delivered a message or checkpointed: the policy must restart every rank from its
+/// start in a new wiring epoch (ranks 4-5 on the spare, node 3), not keep ranks running that
+/// never finished their `krun_init`. Checks what both modes share (the job ends with the
+/// serial checksum, the forced path was taken, the recovery line names every rank from the
+/// start, no rank is left behind) and returns (stdout, stderr, the decisions).
+pub fn killed_while_the_ranks_swap_their_first_addresses(
+    tag: &str,
+    policy_text: &str,
+) -> (String, String, String) {
+    let dir = temp(tag);
+    let heat = build_heat(&dir.0);
+    let want = serial(&dir.0, &["48", "40", "200"]);
+    let policy = policy_file(&dir.0, "policy.toml", policy_text);
+    let mut cmd = krun(&dir.0);
+    cmd.args(["--local", "3", "--spares", "1", "-n", "6", "--policy"])
+        .arg(&policy)
+        .args(["--inject-failure", "node=2@2s"])
+        .env("KRUN_LOG_REGION_BYTES", "262144")
+        .env("KRUN_TEST_INIT_PAUSE", "4,5:8000")
+        .arg(&heat)
+        .args(["48", "40", "200", "0"])
+        .env("HEAT_STEP_DELAY_US", "20000");
+    let run = Running::start(&dir.0, cmd);
+    let (ok, out, err, log) = run.finish(Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(checksum(&out), Some(want), "{out}\n{err}");
+    // The survivors were inside the exchange: it broke under them (each held the error
+    // and took the recovery's order), or the order came first; either way none ended on it.
+    if err.contains("the address exchange broke") {
+        assert!(err.contains("waiting for the recovery's order"), "{err}");
+    }
+    assert!(!err.contains("krun_init failed"), "{err}");
+    // The policy saw the wiring unfinished: every rank from its start, in a new epoch.
+    let notice = err
+        .lines()
+        .find(|l| l.contains("krun: node 2 failed at epoch") && l.contains("logging)"))
+        .unwrap_or_else(|| panic!("no recovery line: {err}"));
+    assert!(
+        notice.contains("before the job's wiring finished")
+            && notice.contains("rank 4 restarts on node 3 from the start")
+            && notice.contains("rank 5 restarts on node 3 from the start")
+            && !notice.contains("keep running"),
+        "{notice}"
+    );
+    for r in 0..4 {
+        assert!(
+            notice.contains(&format!("rank {r} rolls back to the start")),
+            "{notice}"
+        );
+    }
+    assert!(err.contains("recovered from the failure"), "{err}");
+    let lines = decision_lines(&log);
+    let recovery: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("RecoveryLine {"))
+        .collect();
+    assert_eq!(recovery.len(), 1, "{log}");
+    // The forced window: no rank had checkpointed when the line was drawn.
+    let before_line = lines
+        .iter()
+        .take_while(|l| !l.starts_with("RecoveryLine {"))
+        .filter(|l| l.starts_with("RankCheckpointed {"))
+        .count();
+    assert_eq!(before_line, 0, "a rank checkpointed before the kill: {log}");
+    for r in 0..6 {
+        assert!(
+            recovery[0].contains(&format!("({r}, None)")),
+            "{}",
+            recovery[0]
+        );
+    }
+    assert!(recovery[0].contains("rewire: true"), "{}", recovery[0]);
+    // Each rank restarted once, ranks 4-5 on the spare, the others on their own nodes.
+    let mut restarts: Vec<(u64, u64)> = lines
+        .iter()
+        .filter(|l| l.starts_with("Restart {"))
+        .map(|l| (field(l, "rank").unwrap(), field(l, "node").unwrap()))
+        .collect();
+    restarts.sort_unstable();
+    assert_eq!(
+        restarts,
+        vec![(0, 0), (1, 0), (2, 1), (3, 1), (4, 3), (5, 3)],
+        "{log}"
+    );
+    // Nobody restored an image (there was none) and nobody rejoined alone.
+    assert!(!out.contains("restored version"), "{out}");
+    assert!(!err.contains("rejoined the running ranks"), "{err}");
+    assert_eq!(heat_left(&heat), Vec::<u32>::new());
+    (out, err, log)
+}

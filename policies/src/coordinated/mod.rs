@@ -762,7 +762,9 @@ impl Policy for Coordinated {
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
             Event::DrainRequested { node, view } => self.on_drain_request(now, node, view),
             // The coordinated policy needs no dependency information.
-            Event::Logged { .. } => Vec::new(),
+            // Before its first commit every rank restarts from the start in a new wiring
+            // epoch anyway: the wiring's progress changes nothing here.
+            Event::Logged { .. } | Event::RankReady { .. } => Vec::new(),
         });
         out.extend(self.maybe_start(now));
         self.drain_follow(now, &mut out, reads);

@@ -30,7 +30,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// Bumped on any change of the symbols, their signatures or the serde types that cross.
 /// 2: the uncoordinated policy's events and actions (`CaptureRank`, `TrimLog`, `Replay`,
 /// `Logged`, ...) joined the enums that cross. 3: `Action::KeepFrom` (retention by line).
-pub const ABI_VERSION: u32 = 3;
+/// 4: `Event::RankReady` (the job's wiring) and the recovery line's `rewire`.
+pub const ABI_VERSION: u32 = 4;
 
 pub const OK: i32 = 0;
 pub const ERROR: i32 = 1;

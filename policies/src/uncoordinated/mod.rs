@@ -33,6 +33,17 @@
 //! simulations), the orphan-free line of the dependency graph is used and in-transit
 //! messages are assumed resent.
 //!
+//! **Before the job's wiring finished** (not every rank reported [`Event::RankReady`]: some
+//! rank is still inside its first `krun_init`, swapping addresses with the others), a lost
+//! rank breaks the exchange for the ranks waiting in it, and no rank has delivered a
+//! message or checkpointed: nobody can keep running and nobody can be rejoined. The
+//! recovery line then names every rank from its start, marked `rewire`
+//! ([`DecisionKind::RecoveryLine`]): the lost ranks restart on a spare, the others in
+//! place, and all of them swap their addresses again in one new wiring epoch (what the
+//! coordinated policy does before its first commit), with or without logging. The wiring
+//! counts as finished once every rank reported ready (or took an own checkpoint, or
+//! exited); a takeover ([`Uncoordinated::resume`]) starts wired.
+//!
 //! **Drains** ([`drain`], with logging): the node's ranks take fresh own checkpoints, then
 //! restart alone elsewhere from them as after the node's failure; nobody else stops.
 //!
@@ -191,6 +202,9 @@ struct Recovery {
     attempts: BTreeMap<Rank, u32>,
     /// When the work of each rank restored was last saved (for the work lost).
     saved_at: BTreeMap<Rank, Millis>,
+    /// Every rank re-executes from its start in a new wiring epoch (the job's wiring had
+    /// not finished): no replay, and every rank is released together at the end.
+    rewire: bool,
 }
 
 use crate::primitives::Epoch;
@@ -229,6 +243,10 @@ pub struct Uncoordinated {
     floors: Vec<Version>,
     /// A drain in progress ([`drain`]).
     drain: Option<drain::Drain>,
+    /// Ranks past their `krun_init` in the current wiring ([`Event::RankReady`]).
+    ready: BTreeSet<Rank>,
+    /// Every rank was ready once since the job's (or the last re-wiring's) start.
+    wired: bool,
 }
 
 impl Uncoordinated {
@@ -285,6 +303,8 @@ impl Uncoordinated {
             channels_seen: false,
             floors: Vec::new(),
             drain: None,
+            ready: BTreeSet::new(),
+            wired: false,
             cfg,
             leader,
             view,
@@ -355,6 +375,9 @@ impl Uncoordinated {
         )?;
         p.view = snapshot.view.clone();
         p.slots = snapshot.ranks.clone();
+        // A running job: its ranks took a coordinated checkpoint, so each is past its
+        // `krun_init`.
+        p.wired = true;
         p.next_op = snapshot.view.epoch << 32;
         p.next_decision = next_decision;
         for c in &mut p.ranks {
@@ -397,6 +420,28 @@ impl Uncoordinated {
             .iter()
             .map(|c| c.safe.last().map(|s| s.0))
             .collect()
+    }
+
+    /// Whether the job's wiring finished: every rank was past its `krun_init` (see the
+    /// module doc).
+    pub fn wired(&self) -> bool {
+        self.wired
+    }
+
+    /// Whether `rank` can take a checkpoint: it is past its `krun_init` (before, it has no
+    /// safepoint, and an order would wait for a process the start-up may replace).
+    fn past_init(&self, rank: Rank) -> bool {
+        self.wired || self.ready.contains(&rank)
+    }
+
+    /// `rank` is past its `krun_init` (it reported ready, checkpointed or exited).
+    fn mark_ready(&mut self, rank: Rank) {
+        if (rank as usize) < self.slots.len() && !self.wired {
+            self.ready.insert(rank);
+            if self.ready.len() == self.slots.len() {
+                self.wired = true;
+            }
+        }
     }
 
     /// The ranks' current placement.
@@ -486,7 +531,12 @@ impl Uncoordinated {
         for r in 0..self.ranks.len() as Rank {
             let c = &self.ranks[r as usize];
             let due = c.next_at.is_some_and(|t| t <= now);
-            if !due || c.inflight.is_some() || self.exited.contains(&r) || self.in_recovery(r) {
+            if !due
+                || c.inflight.is_some()
+                || self.exited.contains(&r)
+                || self.in_recovery(r)
+                || !self.past_init(r)
+            {
                 continue;
             }
             let op = self.op();
@@ -613,6 +663,8 @@ impl Uncoordinated {
         }
         self.summary.checkpoints += 1;
         self.summary.checkpoint_bytes += cap.bytes;
+        // A rank that checkpointed runs past its `krun_init`.
+        self.mark_ready(rank);
         self.reschedule(rank, now);
         self.drain_checkpoint(now, rank, version, true);
         let d = self.decision(DecisionKind::RankCheckpointed {
@@ -708,6 +760,7 @@ impl Uncoordinated {
             return self.end_with(now, PolicyError::RankFailed { rank, code });
         }
         self.exited.insert(rank);
+        self.mark_ready(rank);
         let c = &mut self.ranks[rank as usize];
         c.inflight = None;
         c.next_at = None;
@@ -737,6 +790,7 @@ impl Policy for Uncoordinated {
         if self.end.is_some() {
             return Vec::new();
         }
+        let was_wired = self.wired;
         let mut out = match event {
             Event::Tick => Vec::new(),
             Event::CheckpointRequest { .. } => {
@@ -808,12 +862,24 @@ impl Policy for Uncoordinated {
             }
             Event::RankExited { rank, code, .. } => self.on_exit(now, rank, code),
             Event::DrainRequested { node, view } => self.on_drain(now, node, view),
+            Event::RankReady { rank } => {
+                self.mark_ready(rank);
+                Vec::new()
+            }
             Event::Logged { events } => {
                 self.on_logged(events);
                 // A checkpoint's counts may come after it became safe.
                 self.retention()
             }
         };
+        if self.wired && !was_wired {
+            out.push(Self::notice(
+                now,
+                NoticeKind::Wired {
+                    ranks: self.slots.len() as u32,
+                },
+            ));
+        }
         out.extend(self.drain_progress(now, reads));
         out.extend(self.start_due(now));
         out
@@ -830,6 +896,7 @@ impl Policy for Uncoordinated {
                 c.inflight.is_none()
                     && !self.exited.contains(&(*r as Rank))
                     && !self.in_recovery(*r as Rank)
+                    && self.past_init(*r as Rank)
             })
             .filter_map(|(_, c)| c.next_at)
             .min()

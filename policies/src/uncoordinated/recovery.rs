@@ -102,8 +102,15 @@ impl Uncoordinated {
     ) -> Vec<Action> {
         let mut out = Vec::new();
         let n = self.slots.len() as Rank;
+        // Before the job's wiring finished, the ranks still in their first address exchange
+        // cannot go on without the lost ones (it broke under them), and nothing was logged
+        // or checkpointed: every rank re-executes from its start in a new wiring epoch. A
+        // recovery that re-wires already stays one (its restarted ranks are not ready yet).
+        let rewire = !self.wired || self.recovery.as_ref().is_some_and(|r| r.rewire);
         // Where each rank is restored to.
-        let line: Vec<Restore> = if self.cfg.logging {
+        let line: Vec<Restore> = if rewire {
+            vec![Restore::At(0); n as usize]
+        } else if self.cfg.logging {
             (0..n)
                 .map(|r| {
                     if lost.contains(&r) {
@@ -121,7 +128,13 @@ impl Uncoordinated {
                 .collect()
         } else {
             let taken: Vec<Vec<Version>> = self.ranks.iter().map(|c| c.taken.clone()).collect();
-            let line = if self.channels_seen {
+            // Without any channel counts yet (none of the ranks' checkpoints brought them)
+            // and no reported delivery either, nothing says which ranks depend on which: the
+            // transitless line over no counts, every rank from its start, is the one line
+            // known to be consistent (a runtime that reports counts, as krun, has not sent
+            // any before the first checkpoint; keeping survivors then left them waiting for
+            // halos the lost ranks re-execute in another wiring epoch).
+            let line = if self.channels_seen || self.graph.is_empty() {
                 let counts: Vec<_> = self.ranks.iter().map(|c| c.counts.clone()).collect();
                 super::recovery_line::transitless_line(&counts, &taken, |r, v| {
                     self.source(reads, r, v).is_some()
@@ -136,7 +149,7 @@ impl Uncoordinated {
         };
         // With logging, a lost rank whose safe checkpoints are all gone can restart only
         // from the start, and only if the log still holds everything it delivered.
-        if self.cfg.logging {
+        if self.cfg.logging && !rewire {
             for &r in &lost {
                 let c = &self.ranks[r as usize];
                 if line[r as usize] == Restore::At(0) && !c.safe.is_empty() {
@@ -236,8 +249,19 @@ impl Uncoordinated {
             rolled_back: BTreeSet::new(),
             attempts: BTreeMap::new(),
             saved_at: BTreeMap::new(),
+            rewire,
         });
         rec.epoch = epoch;
+        if rewire {
+            rec.rewire = true;
+            // The new epoch's processes report their readiness afresh.
+            self.ready.clear();
+            self.wired = false;
+            if self.cfg.logging {
+                // Nothing delivered before the start is replayed: every rank re-executes.
+                self.log.forget_deliveries();
+            }
+        }
         for f in &failed {
             if !rec.failed.contains(f) {
                 rec.failed.push(*f);
@@ -274,6 +298,7 @@ impl Uncoordinated {
             failure_epoch: epoch,
             line: recorded,
             depth,
+            rewire,
         });
         out.push(Action::Record(d));
         out.push(Self::notice(
@@ -285,6 +310,7 @@ impl Uncoordinated {
                 line: entries.clone(),
                 depth,
                 kept,
+                rewire,
             },
         ));
         for e in entries {
@@ -381,7 +407,7 @@ impl Uncoordinated {
         match result {
             Ok(seconds) => {
                 self.costs.observe_restart(seconds);
-                if self.cfg.logging {
+                if self.cfg.logging && !rec.rewire {
                     let replay = self.log.replay_of(rank, version);
                     let bytes = replay.iter().map(|d| d.bytes).sum();
                     self.log.count_replayed(replay.len() as u64);
@@ -500,7 +526,7 @@ impl Uncoordinated {
             self.reschedule(r, now);
         }
         let mut out = Vec::new();
-        if !self.cfg.logging {
+        if !self.cfg.logging || rec.rewire {
             // Restored ranks were held until every one of them is back.
             out.push(Action::Release {
                 ranks: rec.ranks.keys().copied().collect(),

@@ -168,6 +168,7 @@ impl PolicyRuntime for HubCalls {
         if let policies::primitives::DecisionKind::RankCheckpointed { rank, .. } = decision.kind {
             super::uncoordinated::checkpointed(self, rank);
         }
+        super::uncoordinated::recorded(self, &decision.kind);
         if let policies::primitives::DecisionKind::Restart {
             rank,
             incarnation,

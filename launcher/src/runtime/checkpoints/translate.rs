@@ -209,6 +209,11 @@ pub(super) fn translate(calls: &mut HubCalls, copies: &mut Copies, input: Input)
                 version: *calls.versions.get(&version)?,
                 level: level_of(level)?,
             }),
+            // A rank past its `krun_init` in the newest wiring epoch (an older epoch's hello
+            // is a process that recovery replaced).
+            NodeToLauncher::RankReady { rank, wiring } => (wiring == calls.wirings
+                && (rank as usize) < calls.placement.len())
+            .then_some(Event::RankReady { rank }),
             NodeToLauncher::NotSafe { .. }
             | NodeToLauncher::View { .. }
             | NodeToLauncher::Bye

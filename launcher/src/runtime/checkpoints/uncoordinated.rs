@@ -13,6 +13,7 @@
 //! | `capture_rank(op, rank, v)` | `CaptureRank{rank, version: n}` (n: the rank's next native version): the rank's node signals that rank only; its next safepoint is answered `Checkpoint{n}` at once, no barrier; the rank writes its log snapshot into its registered log region and takes its own native checkpoint | `Captured{rank, n}` → `CaptureDone`; `Safe`/`NotSafe{rank, n, level}` → `LevelSafe`/`LevelLost`; no `Captured` in [`CAPTURE_TIMEOUT`] → `CaptureFailed` |
 //! | `trim_log(rank, v)` | `TrimLog{rank, version: n}` → the rank's watcher: `LogSafe{n}` (the library acknowledges to its senders, which drop the payloads) | |
 //! | `keep_from(rank, v)` (no logging) | `KeepFrom{rank, version: n}` to every node → its store, retaining by line, may drop the rank's versions older than n's chain (`Store::keep_from`) | |
+//! | `RecoveryLine{rewire: true}` recorded (the job's wiring had not finished) | its restarts, with logging too, go as the line without logging's below (every rank from its start, one new wiring epoch), until `Recovered` | `RankReady{rank, wiring}` (each rank's hello after its `krun_init`) → `RankReady` (newest wiring epoch only) |
 //! | `restart(d)` (logging) | `Rejoin{restart, rank, node, version: n}`: on `node`, the image chain of n from the store, then a new process with `KRUN_REJOIN=1`, `KRUN_GHOST_RESTORE=n`; no wiring epoch, the survivors keep running | `Restarted{wiring: restart, ..}` → `RestartDone`; `RestartFailed` → `RestartFailed` |
 //! | (each new process) | | `Rejoining{rank, address, ring}` |
 //! | | once every rank restarting for the failure said `Rejoining`: `PeerMoved{rank, address, ring}` per restarted rank to every node → each running rank's watcher replaces the address (and, as the buddy's ward, rewrites its determinants into the new ring) | `PeerReplaced{rank, moved}` per (running rank, restarted rank) |
@@ -114,6 +115,10 @@ pub(in crate::runtime) struct Uncoord {
     /// A switch back to the coordinated policy (`swap.rs`): rank -> (safepoint index, the
     /// version its checkpointer takes next), as the ranks answered `Realign`.
     pub(super) realign: Option<BTreeMap<Rank, (u64, u64)>>,
+    /// The recovery in progress re-wires the job (its `RecoveryLine` says `rewire`: the
+    /// job's wiring had not finished): with logging too, its restarts are carried out as
+    /// the line without logging, in one new wiring epoch, not as lone rejoins.
+    pub(super) rewire: bool,
 }
 
 /// A rank's channel counts: messages sent to each rank, delivered from each rank.
@@ -141,6 +146,7 @@ impl Uncoord {
             counts: BTreeMap::new(),
             base: vec![(vec![0; ranks], vec![0; ranks]); ranks],
             realign: None,
+            rewire: false,
         }
     }
 
@@ -194,6 +200,23 @@ impl Uncoord {
             .iter()
             .find(|(&(r, _), &v)| r == rank && v == version)
             .map(|(&(_, n), _)| n)
+    }
+}
+
+/// A decision the policy recorded: a recovery line that re-wires the job makes its restarts
+/// one wiring epoch until the recovery is over (see [`Uncoord::rewire`]).
+pub(in crate::runtime::checkpoints) fn recorded(
+    calls: &mut HubCalls,
+    kind: &policies::primitives::DecisionKind,
+) {
+    use policies::primitives::DecisionKind;
+    let Some(u) = calls.uncoord.as_mut() else {
+        return;
+    };
+    match kind {
+        DecisionKind::RecoveryLine { rewire, .. } => u.rewire = *rewire,
+        DecisionKind::Recovered { .. } => u.rewire = false,
+        _ => {}
     }
 }
 

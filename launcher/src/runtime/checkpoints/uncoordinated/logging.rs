@@ -48,6 +48,13 @@ pub(in crate::runtime::checkpoints) fn restart(
     else {
         return Err("not a restart decision".into());
     };
+    if state(calls)?.rewire {
+        // Every rank from its start, in one new wiring epoch (`execute_line`).
+        calls
+            .plan
+            .push((rank, node, Planned::Restart(decision.id), version));
+        return Ok(());
+    }
     calls.rejoin_ids += 1;
     let id = calls.rejoin_ids;
     let u = state(calls)?;

@@ -1,6 +1,7 @@
 //! What the uncoordinated policy does only without message logging: the store's retention
 //! by line (`KeepFrom`) and the recovery line's rollbacks and restarts, every rank at its
-//! own version, in one wiring epoch.
+//! own version, in one wiring epoch. A re-wiring (a failure before the job's wiring
+//! finished: every rank from its start) goes the same way with logging too.
 use super::*;
 
 /// `KeepFrom{rank, version: n}` to every node (whichever stored the rank's images).
@@ -112,9 +113,14 @@ pub(in crate::runtime::checkpoints) fn execute_line(calls: &mut HubCalls) -> Vec
         });
     }
     calls.nodes = calls.placement.iter().copied().collect();
+    let what = if u.rewire {
+        "re-wiring (the job's wiring had not finished)"
+    } else {
+        "recovery line without message logging"
+    };
     eprintln!(
-        "krun: recovery line without message logging, wiring epoch {}: {}; every rank of \
-         the line swaps its new address through {}",
+        "krun: {what}, wiring epoch {}: {}; every rank of the line swaps its new address \
+         through {}",
         w.epoch,
         parts.join("; "),
         w.bootstrap

@@ -43,13 +43,14 @@ pub(in crate::runtime::checkpoints) fn translate(
         .collect();
     let epoch = calls.wirings;
     let u = calls.uncoord.as_mut().expect("checked above");
-    if !u.logging
+    if (!u.logging || u.rewire)
         && matches!(
             msg,
             NodeToLauncher::Restarted { .. } | NodeToLauncher::RestartFailed { .. }
         )
     {
-        // The line's wiring epoch, as the coordinated recovery's (`translate.rs`).
+        // The line's wiring epoch (with logging: a re-wiring), as the coordinated
+        // recovery's (`translate.rs`).
         return Err(Input::FromNode(node, msg));
     }
     Ok(match msg {
