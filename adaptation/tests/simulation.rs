@@ -382,6 +382,36 @@ fn a_joiner_counts_the_view_its_join_ended_when_judging_a_failed_nodes_copies() 
     );
 }
 
+/// Found by the 100,000 wide schedules (seed 77642): node 3 leaves, then nodes 2 and 4 (its
+/// witness) crash at once; node 4's failure is agreed, node 6 joins, then node 2's. The
+/// view node 2 served in ended before the join: the members mark its buckets lost, node 6
+/// cannot judge views from before its join and marks nothing. It manages some of node 2's
+/// keys after the repair and received old copies of them: it kept serving them after the
+/// members' marks arrived. A node now drops what it holds in buckets another member marks
+/// lost (and the members announce the marks before their `Sent`): the keys are answered
+/// "lost" (`run` fails on any older value).
+#[test]
+fn a_joiner_drops_the_old_copies_it_holds_in_buckets_the_members_marked_lost() {
+    let o = run(77642, Model::Wide);
+    assert!(o.double_crashes > 0 && o.lost_written > 0, "{o:?}");
+}
+
+/// Found by the 100,000 wide schedules (seed 40335): nodes 6 and 7 join, node 7 keeps a
+/// copy of node 6's key 2003 (value 148, version 3). Nodes 5 and 0 crash at once; the
+/// members mark the key's bucket lost, node 7 (which cannot judge the views from before
+/// its join) does not and keeps its copy. The client writes the key anew (put 0, then 49,
+/// 54: 103 at version 3). When its manager (node 2) is later cut off, the repair rebuilt
+/// the key from node 7's old copy (same version, merged first): an add answered 172
+/// instead of 127. Node 7 now drops its copy when the members' marks arrive.
+#[test]
+fn a_recreated_key_is_not_rebuilt_from_an_old_copy_a_joiner_kept_in_a_lost_bucket() {
+    let o = run(40335, Model::Wide);
+    assert!(
+        o.double_crashes > 0 && o.partitions > 0 && o.lost_written > 0,
+        "{o:?}"
+    );
+}
+
 #[test]
 fn two_neighbours_failing_at_once_lose_no_key_with_three_copies() {
     for seed in 0..4 {
