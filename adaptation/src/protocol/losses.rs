@@ -183,7 +183,7 @@ impl Node {
     /// At the end of a change: forgets again what this node holds in the buckets it
     /// adopted from other members' marks while the change was under way (an old copy of
     /// a failed node's entry may have arrived in the repair after the marks); the record
-    /// is kept until this node has processed every known change.
+    /// ends with the change (keeping it longer forgot entries written anew since).
     pub(super) fn forget_adopted(&mut self) {
         for s in 0..self.services.len() {
             let buckets = &self.adopted[s];
@@ -194,9 +194,7 @@ impl Node {
             self.services[s]
                 .forget_lost(&|e| buckets.contains(&CellTreeLocator::bucket_in(&scope, e)));
         }
-        if self.epoch >= self.known_epoch() {
-            self.adopted.iter_mut().for_each(BTreeSet::clear);
-        }
+        self.adopted.iter_mut().for_each(BTreeSet::clear);
     }
 
     /// Another member's marks ([`Msg::Lost`]) from the repair of a failure: the buckets
