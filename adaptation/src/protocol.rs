@@ -259,6 +259,9 @@ pub struct Node {
     /// it failed together): a request for an entry there that no node holds is answered
     /// by [`Service::lost`], never served as a new, empty entry.
     lost: Vec<BTreeSet<usize>>,
+    /// Per service, the buckets marked here from other members' [`Msg::Lost`] while a
+    /// change was under way: forgotten again at the end of each change (see `losses.rs`).
+    adopted: Vec<BTreeSet<usize>>,
     /// The tick at which each agreed change was learned here (`learned_at[i]`: epoch i+1);
     /// `None` for the changes a joiner replays from before its own join (which it stamps).
     learned_at: Vec<Option<u64>>,
@@ -380,6 +383,7 @@ impl Node {
             confirming: BTreeMap::new(),
             answered_at: BTreeMap::new(),
             closed: BTreeSet::new(),
+            adopted: lost.clone(),
             lost,
             learned_at: Vec::new(),
             told_evicted: BTreeMap::new(),

@@ -21,6 +21,8 @@
 //! `KRUN_SIM_SCHEDULES=100000 cargo test -p adaptation --release --test simulation -- \
 //! --ignored a_hundred_thousand_wide_schedules --nocapture` (split with
 //! `KRUN_SIM_FIRST_SEED` to run them in parallel).
+#[path = "simulation/losses.rs"]
+mod losses;
 mod sim;
 
 use std::collections::BTreeSet;
@@ -29,7 +31,7 @@ use adaptation::kv::{parse_answer, KvOp, KvService};
 use adaptation::protocol::{Node, NodeConfig, Output, REJOIN_STRIDE};
 use adaptation::service::{RequestId, Service};
 use adaptation::view::{Change, NodeId};
-use sim::{config, run, services, Model, Outcome, Sim, INITIAL};
+use sim::{config, run, service_of, services, Model, Outcome, Sim, INITIAL};
 
 fn env(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
@@ -275,139 +277,6 @@ fn read_keys(sim: &mut Sim, keys: u64) -> u64 {
         }
     }
     sim.lost_written - before
-}
-
-/// Writes `keys` keys per client (each client adds to its own keys), then kills two
-/// members that follow each other in the view at the same tick (neither a supervisor),
-/// waits for the repair and reads every key back. Returns (keys written, keys answered
-/// lost); a read answered with any value but the last written one fails the run.
-fn two_neighbours_fail(tolerate: usize, seed: u64, keys: u64) -> (u64, u64) {
-    let mut sim = Sim::new(seed, Model::Classic).with_tolerance(tolerate);
-    settle_view(&mut sim, "at the start");
-    write_keys(&mut sim, keys, 0);
-    // Nodes 3 and 4 follow each other in the view [0..6) and are not supervisors.
-    sim.trace.push("DOUBLE CRASH of neighbours 3 and 4".into());
-    sim.crash(3);
-    sim.crash(4);
-    sim.faults.max_burst = 2;
-    settle_view(&mut sim, "after the double crash");
-    let lost = read_keys(&mut sim, keys);
-    (sim.clients.len() as u64 * keys, lost)
-}
-
-/// Found by the 100,000 wide schedules (seed 68994): node 3 is asked to leave and crashes
-/// with node 2, whose only witness it is, before it went through its send out. The leave
-/// is agreed first and ends without node 3 once its failure is agreed too: node 3 handed
-/// nothing over, so it does not cover node 2's keys. Every client wrote through node 3, so
-/// no survivor holds a copy of them: they must be answered "lost", never served empty.
-#[test]
-fn a_leaver_that_failed_before_its_send_out_did_not_hand_its_copies_over() {
-    let mut forced = 0;
-    for seed in 0..4 {
-        let mut sim = Sim::new(seed, Model::Classic).with_tolerance(1);
-        settle_view(&mut sim, "at the start");
-        for c in sim.clients.iter_mut() {
-            c.node = 3;
-        }
-        write_keys(&mut sim, 20, 0);
-        sim.trace.push("LEAVE node 3 asked via 5".into());
-        sim.nodes.get_mut(&5).unwrap().request_leave(3).unwrap();
-        sim.drain(5);
-        sim.trace.push("DOUBLE CRASH of neighbours 2 and 3".into());
-        sim.crash(2);
-        sim.crash(3);
-        settle(&mut sim, "after the double crash");
-        let log = sim.nodes[&0].log().to_vec();
-        let leave = at(&sim, &log, &Change::Leave { node: 3 });
-        let fail = at(&sim, &log, &Change::Fail { node: 3 });
-        assert!(leave < fail, "seed {seed}: {log:?}");
-        let lost = read_keys(&mut sim, 20);
-        println!(
-            "seed {seed}: {lost} of {} keys answered lost",
-            20 * sim.clients.len()
-        );
-        forced += lost;
-    }
-    assert!(
-        forced > 0,
-        "no key of node 2 was answered lost: the test does not force a loss"
-    );
-}
-
-/// Found by the 100,000 wide schedules (seed 12611): node 6 joins and takes keys over from
-/// their managers (which keep a copy, now old), the keys are written again (node 0, its
-/// witness, observes), then nodes 6 and 0 crash at once and node 7 joins before their
-/// failures are agreed. Node 7 manages some of node 6's keys after the repair and receives
-/// the old copies: it must count the view its own join ended (in which node 6 served, with
-/// node 0 its witness) and answer those keys "lost", not serve the old values.
-#[test]
-fn a_joiner_counts_the_view_its_join_ended_when_judging_a_failed_nodes_copies() {
-    let mut forced = 0;
-    for seed in 0..4 {
-        let mut sim = Sim::new(seed, Model::Classic).with_tolerance(1);
-        settle_view(&mut sim, "at the start");
-        write_keys(&mut sim, 30, 0);
-        sim.join();
-        settle_view(&mut sim, "after node 6 joined");
-        assert!(sim.nodes[&1].members().contains(&6));
-        for c in sim.clients.iter_mut() {
-            c.node = 0;
-        }
-        write_keys(&mut sim, 30, 100);
-        sim.trace.push("DOUBLE CRASH of neighbours 6 and 0".into());
-        sim.crash(6);
-        sim.crash(0);
-        sim.join();
-        settle(&mut sim, "after the double crash");
-        let log = sim.nodes[&1].log().to_vec();
-        let join = at(
-            &sim,
-            &log,
-            &Change::Join {
-                node: 7,
-                addr: "sim:7".into(),
-            },
-        );
-        assert!(join < at(&sim, &log, &Change::Fail { node: 6 }), "{log:?}");
-        let lost = read_keys(&mut sim, 30);
-        println!(
-            "seed {seed}: {lost} of {} keys answered lost",
-            30 * sim.clients.len()
-        );
-        forced += lost;
-    }
-    assert!(
-        forced > 0,
-        "no key was answered lost: the test does not force a loss"
-    );
-}
-
-#[test]
-fn two_neighbours_failing_at_once_lose_no_key_with_three_copies() {
-    for seed in 0..4 {
-        // `answer` fails the run on any key answered lost: f = 2 tolerates the two.
-        let (written, lost) = two_neighbours_fail(2, seed, 60);
-        println!("f = 2, seed {seed}: {lost} of {written} keys lost");
-        assert_eq!(lost, 0);
-    }
-}
-
-#[test]
-fn with_two_copies_keys_lost_to_two_neighbours_failing_are_answered_lost_never_empty() {
-    let mut lost_total = 0;
-    for seed in 0..4 {
-        // Every read that is not answered "lost" must give the last written value (the
-        // run fails otherwise): nothing is served empty or old.
-        let (written, lost) = two_neighbours_fail(1, seed, 60);
-        println!("f = 1, seed {seed}: {lost} of {written} keys answered lost");
-        assert!(lost < written, "seed {seed}: every key lost");
-        lost_total += lost;
-    }
-    assert!(
-        lost_total > 0,
-        "two neighbours failing at once with 2 copies per key lost nothing: the test does \
-         not force a loss"
-    );
 }
 
 /// Runs `sim` until `done` holds, for at most `bound` ticks; returns the ticks taken.

@@ -210,6 +210,7 @@ impl Node {
         self.mark_losses(&m, epoch);
         let old_members = std::mem::replace(&mut self.members, m.members.clone());
         self.install(epoch, m.members, m.locator);
+        self.forget_adopted();
         if !leaving {
             self.refresh_witnesses(&old_members);
         }
@@ -424,6 +425,8 @@ impl Node {
                 self.send(node, Msg::Lost { service, buckets });
             }
         }
+        // After a failure, the marks expected here go before `Sent` (see `losses.rs`).
+        self.announce_losses();
         for p in participants {
             let c = counts.remove(&p).unwrap_or_else(|| vec![0; n]);
             self.send(p, Msg::Sent { epoch, counts: c });

@@ -67,25 +67,7 @@ impl Node {
                     }
                 }
             }
-            Msg::Lost { service, buckets } => {
-                let range = self
-                    .scopes
-                    .get(service as usize)
-                    .map(|sc| sc.first_bucket..sc.first_bucket + sc.buckets);
-                match (self.lost.get_mut(service as usize), range) {
-                    (Some(lost), Some(range)) => {
-                        lost.extend(
-                            buckets
-                                .into_iter()
-                                .map(|b| b as usize)
-                                .filter(|b| range.contains(b)),
-                        );
-                    }
-                    _ => self.note(format!(
-                        "lost buckets from {from} for unknown service #{service}"
-                    )),
-                }
-            }
+            Msg::Lost { service, buckets } => self.adopt_losses(from, service, buckets),
             Msg::Ping { nonce } => self.send(from, Msg::Pong { nonce }),
             Msg::Pong { nonce } => {
                 if self.confirming.get(&from).is_some_and(|(n, _)| *n == nonce) {
