@@ -49,7 +49,7 @@ pub use dsm::{DsmRegion, DsmStats, SharedMemory};
 pub use error::{ErrorCode, RankError, Result};
 pub use logging::{LogStats, Rejoining};
 pub use messages::{Observer, Received, Source, TagMatch, INTERNAL_TAG_BASE, MAX_TAG};
-pub use window::Window;
+pub use window::{Span, Window};
 pub use world::{Config, Rank};
 
 // libghost's C ABI is part of libkrun.so: keep the dependency's exported symbols linked in.

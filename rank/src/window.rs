@@ -35,6 +35,21 @@ impl WindowTable {
     }
 }
 
+/// One operation of a batch ([`Window::put_batch_from`], [`Window::get_batch_into`]):
+/// `len` bytes between `offset` of the target's part and `local_offset` of the local region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub offset: u64,
+    pub local_offset: usize,
+    pub len: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Put,
+    Get,
+}
+
 /// A window: this rank's part (local memory) and every rank's descriptor.
 pub struct Window {
     id: u64,
@@ -178,6 +193,104 @@ impl Window {
                 .read(peer, dst, dst_offset, len, &remote, offset)?
         };
         Ok(())
+    }
+
+    /// Writes each span of `src` (memory registered with this rank) to `target`'s part with
+    /// all of them in flight at once, without a copy (several `MPI_Put`s and one
+    /// `MPI_Win_flush`); returns when every one has completed at the target. A failed post
+    /// or operation does not abandon the others: all posted ones are waited for, then the
+    /// first error is returned.
+    pub fn put_batch_from(&self, target: usize, src: &MemoryRegion, spans: &[Span]) -> Result<()> {
+        self.batch(target, src, spans, Direction::Put)
+    }
+
+    /// Reads each span of `target`'s part into `dst` (memory registered with this rank)
+    /// with all of them in flight at once, without a copy; returns when every one has
+    /// landed. The spans' local ranges must not overlap (two reads landing in the same bytes
+    /// at once would race): such a batch is refused before anything is posted.
+    pub fn get_batch_into(&self, target: usize, dst: &MemoryRegion, spans: &[Span]) -> Result<()> {
+        let mut local: Vec<(usize, usize)> = spans
+            .iter()
+            .filter(|s| s.len > 0)
+            .map(|s| (s.local_offset, s.local_offset.saturating_add(s.len)))
+            .collect();
+        local.sort_unstable();
+        if let Some(w) = local.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(RankError::InvalidArgument(format!(
+                "get batch on window {}: local ranges {}..{} and {}..{} overlap",
+                self.id, w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+        self.batch(target, dst, spans, Direction::Get)
+    }
+
+    fn batch(
+        &self,
+        target: usize,
+        local: &MemoryRegion,
+        spans: &[Span],
+        dir: Direction,
+    ) -> Result<()> {
+        // Every span is checked before the first is posted: a bad one posts nothing.
+        let mut checked = Vec::with_capacity(spans.len());
+        for s in spans {
+            let (peer, remote) = self.check(target, s.offset, s.len)?;
+            if s.local_offset
+                .checked_add(s.len)
+                .is_none_or(|end| end > local.len())
+            {
+                return Err(RankError::InvalidArgument(format!(
+                    "batch on window {}: local range {}+{} outside the {}-byte region",
+                    self.id,
+                    s.local_offset,
+                    s.len,
+                    local.len()
+                )));
+            }
+            if s.len > 0 {
+                checked.push((peer, remote, s));
+            }
+        }
+        let mut posted = Vec::with_capacity(checked.len());
+        let mut first_error = None;
+        for (peer, remote, s) in checked {
+            // SAFETY: this call returns only after every posted operation completed
+            // (`wait_all` below); the caller lends `local` for the call (puts only read it,
+            // gets write disjoint ranges, checked above), and orders the window's remote
+            // ranges by its own synchronisation (barriers), as for the blocking calls.
+            let r = unsafe {
+                match dir {
+                    Direction::Put => self.rank.ep.post_write(
+                        peer,
+                        local,
+                        s.local_offset,
+                        s.len,
+                        &remote,
+                        s.offset,
+                    ),
+                    Direction::Get => self.rank.ep.post_read(
+                        peer,
+                        local,
+                        s.local_offset,
+                        s.len,
+                        &remote,
+                        s.offset,
+                    ),
+                }
+            };
+            match r {
+                Ok(c) => posted.push(c),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let waited = fabric::wait_all(posted);
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(waited?),
+        }
     }
 
     /// Writes `data` to `target`'s part at `offset`. Data inside a window of this rank goes

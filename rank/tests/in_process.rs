@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fabric::bootstrap::BootstrapServer;
 use fabric::{FabricConfig, Provider};
-use krun::{Config, Observer, Rank, RankError, Source, TagMatch, MAX_TAG};
+use krun::{Config, Observer, Rank, RankError, Source, Span, TagMatch, MAX_TAG};
 
 /// Runs `f` on every rank of a job of `n` ranks, each on its own thread.
 fn job<T: Send + 'static>(
@@ -219,6 +219,111 @@ fn windows_put_get_and_atomics_across_ranks() {
     );
     assert_eq!(out[0].1, 10 + 11 + 12);
     assert!((100..103).contains(&out[0].2));
+}
+
+#[test]
+fn batches_keep_many_puts_and_gets_in_flight_and_a_bad_span_posts_nothing() {
+    const SPANS: usize = 64;
+    const PIECE: usize = 64;
+    let out = job(3, 64 << 10, |r| {
+        let me = r.rank();
+        let n = r.size();
+        let (right, left) = ((me + 1) % n, (me + n - 1) % n);
+        let w = r.window(32 << 10).unwrap();
+        let pattern: Vec<u8> = (0..SPANS * PIECE)
+            .map(|i| (i / PIECE) as u8 ^ (me as u8) << 6)
+            .collect();
+        w.local().write_bytes(0, &pattern).unwrap();
+        // 64 puts in flight at once, each piece to its own place at the right neighbour.
+        let puts: Vec<Span> = (0..SPANS)
+            .map(|i| Span {
+                offset: 8192 + (i * PIECE) as u64,
+                local_offset: i * PIECE,
+                len: PIECE,
+            })
+            .collect();
+        w.put_batch_from(right, w.local(), &puts).unwrap();
+        r.barrier().unwrap();
+        let mut got = vec![0u8; SPANS * PIECE];
+        w.local().read_bytes(8192, &mut got).unwrap();
+        let left_pattern: Vec<u8> = (0..SPANS * PIECE)
+            .map(|i| (i / PIECE) as u8 ^ (left as u8) << 6)
+            .collect();
+        assert_eq!(got, left_pattern, "the left neighbour's 64 puts landed");
+        // 64 gets in flight, landing in reverse order in disjoint local ranges.
+        let gets: Vec<Span> = (0..SPANS)
+            .map(|i| Span {
+                offset: (i * PIECE) as u64,
+                local_offset: 16384 + (SPANS - 1 - i) * PIECE,
+                len: PIECE,
+            })
+            .collect();
+        w.get_batch_into(left, w.local(), &gets).unwrap();
+        // Everyone has read before anyone changes its pieces below.
+        r.barrier().unwrap();
+        let mut back = vec![0u8; SPANS * PIECE];
+        w.local().read_bytes(16384, &mut back).unwrap();
+        for i in 0..SPANS {
+            let landed = &back[(SPANS - 1 - i) * PIECE..][..PIECE];
+            assert_eq!(landed, &left_pattern[i * PIECE..][..PIECE], "piece {i}");
+        }
+        // A batch whose last span is out of bounds is refused before its first is posted.
+        w.local().write_bytes(0, &[0xEE; PIECE]).unwrap();
+        let bad = [
+            Span {
+                offset: 24576,
+                local_offset: 0,
+                len: PIECE,
+            },
+            Span {
+                offset: (32 << 10) - 8,
+                local_offset: 0,
+                len: 16,
+            },
+        ];
+        let e = w.put_batch_from(right, w.local(), &bad).unwrap_err();
+        assert!(
+            matches!(e, RankError::WindowOutOfBounds { len: 16, .. }),
+            "{e}"
+        );
+        // Overlapping local ranges of a get batch, and a local range past the region.
+        let overlap = [
+            Span {
+                offset: 0,
+                local_offset: 100,
+                len: 64,
+            },
+            Span {
+                offset: 64,
+                local_offset: 150,
+                len: 64,
+            },
+        ];
+        let e = w.get_batch_into(left, w.local(), &overlap).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+        let past = [Span {
+            offset: 0,
+            local_offset: (32 << 10) - 4,
+            len: 8,
+        }];
+        let e = w.put_batch_from(right, w.local(), &past).unwrap_err();
+        assert!(
+            e.to_string().contains("outside the 32768-byte region"),
+            "{e}"
+        );
+        r.barrier().unwrap();
+        let mut untouched = [0u8; PIECE];
+        w.local().read_bytes(24576, &mut untouched).unwrap();
+        r.barrier().unwrap();
+        w.free().unwrap();
+        untouched
+    });
+    for (rank, untouched) in out.iter().enumerate() {
+        assert_eq!(
+            untouched, &[0u8; PIECE],
+            "rank {rank}: the refused batch's first span was posted"
+        );
+    }
 }
 
 #[test]
