@@ -109,6 +109,66 @@ pub struct DecisionId {
     pub seq: u64,
 }
 
+/// The ids a policy's leader hands out, for every policy: its operations and its recorded
+/// decisions.
+#[derive(Clone, Debug)]
+pub struct Ids {
+    leader: NodeId,
+    next_op: u64,
+    next_decision: u64,
+}
+
+impl Ids {
+    /// A leader starting a job.
+    pub fn new(leader: NodeId) -> Ids {
+        Ids {
+            leader,
+            next_op: 0,
+            next_decision: 0,
+        }
+    }
+
+    /// A leader taking over a running job from `snapshot`. It may have led before: its
+    /// operations are numbered from the snapshot's epoch on (`epoch << 32`), so none
+    /// matches an old one still in flight, and its decisions continue after the last one it
+    /// finds there.
+    pub fn resuming(leader: NodeId, snapshot: &Snapshot) -> Ids {
+        Ids {
+            leader,
+            next_op: snapshot.view.epoch << 32,
+            next_decision: snapshot
+                .decisions
+                .iter()
+                .filter(|d| d.id.leader == leader)
+                .map(|d| d.id.seq)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The next operation's id.
+    pub fn op(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId {
+            leader: self.leader,
+            seq: self.next_op,
+        }
+    }
+
+    /// A decision taken in `epoch`, with the next id.
+    pub fn decision(&mut self, epoch: Epoch, kind: DecisionKind) -> Decision {
+        self.next_decision += 1;
+        Decision {
+            id: DecisionId {
+                epoch,
+                leader: self.leader,
+                seq: self.next_decision,
+            },
+            kind,
+        }
+    }
+}
+
 impl fmt::Display for DecisionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}/{}", self.epoch, self.leader, self.seq)
@@ -414,6 +474,13 @@ pub enum Action {
     /// can lie many checkpoints back (the domino effect), further than a store that keeps
     /// a fixed number of versions would hold.
     KeepFrom { rank: Rank, version: Version },
+}
+
+impl Action {
+    /// A message for the user, dated `now`.
+    pub fn notice(now: Millis, kind: crate::report::NoticeKind) -> Action {
+        Action::Notify(crate::report::Notice { at: now, kind })
+    }
 }
 
 /// An entry of the event log: message sends and receives with sequence numbers and receive

@@ -52,8 +52,12 @@ impl Coordinated {
         node: NodeId,
         view: AgreedView,
     ) -> Vec<Action> {
-        let refuse =
-            |reason: String| vec![Self::notice(now, NoticeKind::DrainRefused { node, reason })];
+        let refuse = |reason: String| {
+            vec![Action::notice(
+                now,
+                NoticeKind::DrainRefused { node, reason },
+            )]
+        };
         if view.epoch >= self.view.epoch {
             self.view = view;
         }
@@ -86,7 +90,7 @@ impl Coordinated {
             .filter(|&r| self.slots[r as usize].node == node)
             .collect();
         if ranks.is_empty() {
-            return vec![Self::notice(
+            return vec![Action::notice(
                 now,
                 NoticeKind::Drained {
                     node,
@@ -122,7 +126,9 @@ impl Coordinated {
         });
         // The next checkpoint to start is the drain's (one in flight is let finish).
         self.pending_request = Some(RequestSource::Command);
-        let d = self.decision(DecisionKind::DrainStarted { node });
+        let d = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::DrainStarted { node });
         vec![Action::Record(d)]
     }
 
@@ -172,7 +178,10 @@ impl Coordinated {
         }
         if let Some(reason) = give_up {
             self.drain = None;
-            out.push(Self::notice(now, NoticeKind::DrainRefused { node, reason }));
+            out.push(Action::notice(
+                now,
+                NoticeKind::DrainRefused { node, reason },
+            ));
             return;
         }
         if commit {
@@ -228,12 +237,15 @@ impl Coordinated {
             }
         }
         let version = d.version.unwrap_or(0);
-        let rec = self.decision(DecisionKind::Drained {
-            node: d.node,
-            version,
-        });
+        let rec = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Drained {
+                node: d.node,
+                version,
+            },
+        );
         out.push(Action::Record(rec));
-        out.push(Self::notice(
+        out.push(Action::notice(
             now,
             NoticeKind::Drained {
                 node: d.node,

@@ -33,10 +33,10 @@
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
-    AgreedView, Costs, Decision, DecisionId, DecisionKind, Epoch, Event, ImageCopy, Layout, Level,
+    AgreedView, Costs, DecisionId, DecisionKind, Epoch, Event, Ids, ImageCopy, Layout, Level,
     Millis, NodeId, OpId, Rank, RankSlot, Reads, RequestSource, Snapshot, Version,
 };
-use crate::report::{Notice, NoticeKind, Summary};
+use crate::report::{NoticeKind, Summary};
 use crate::{Action, PolicyError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -138,8 +138,7 @@ pub struct Coordinated {
     commits: VecDeque<Commit>,
     next_version: Version,
     started: u64,
-    next_op: u64,
-    next_decision: u64,
+    ids: Ids,
     state: State,
     next_checkpoint_at: Option<Millis>,
     pending_request: Option<RequestSource>,
@@ -204,8 +203,7 @@ impl Coordinated {
             commits: VecDeque::new(),
             next_version: 1,
             started: 0,
-            next_op: 0,
-            next_decision: 0,
+            ids: Ids::new(leader),
             state: State::Running,
             next_checkpoint_at: None,
             pending_request: None,
@@ -246,13 +244,8 @@ impl Coordinated {
         )?;
         p.view = snapshot.view.clone();
         p.slots = snapshot.ranks.clone();
-        // This node may have led before: its new operations must not match old ones still
-        // in flight.
-        p.next_op = snapshot.view.epoch << 32;
+        p.ids = Ids::resuming(leader, snapshot);
         for d in &snapshot.decisions {
-            if d.id.leader == leader {
-                p.next_decision = p.next_decision.max(d.id.seq + 1);
-            }
             match &d.kind {
                 DecisionKind::CheckpointStarted { version } => {
                     p.next_version = p.next_version.max(version + 1);
@@ -344,38 +337,17 @@ impl Coordinated {
         (0..self.slots.len() as Rank).collect()
     }
 
-    pub(super) fn op(&mut self) -> OpId {
-        self.next_op += 1;
-        OpId {
-            leader: self.leader,
-            seq: self.next_op,
-        }
-    }
-
-    pub(super) fn decision(&mut self, kind: DecisionKind) -> Decision {
-        self.next_decision += 1;
-        Decision {
-            id: DecisionId {
-                epoch: self.view.epoch,
-                leader: self.leader,
-                seq: self.next_decision,
-            },
-            kind,
-        }
-    }
-
-    pub(super) fn notice(now: Millis, kind: NoticeKind) -> Action {
-        Action::Notify(Notice { at: now, kind })
-    }
-
     pub(super) fn end(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
         self.state = State::Ended;
-        let d = self.decision(DecisionKind::JobEnded {
-            error: Some(error.to_string()),
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::JobEnded {
+                error: Some(error.to_string()),
+            },
+        );
         vec![
             Action::Record(d),
-            Self::notice(
+            Action::notice(
                 now,
                 NoticeKind::JobEnded {
                     error: error.clone(),
@@ -406,8 +378,10 @@ impl Coordinated {
                     .any(|c| c.level == *l && k.is_multiple_of(u64::from(c.every)))
             })
             .collect();
-        let op = self.op();
-        let started = self.decision(DecisionKind::CheckpointStarted { version });
+        let op = self.ids.op();
+        let started = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::CheckpointStarted { version });
         self.state = State::Checkpoint(Ckpt {
             version,
             source,
@@ -446,12 +420,15 @@ impl Coordinated {
             }
         }
         self.summary.aborted += 1;
-        let d = self.decision(DecisionKind::Aborted {
-            version: c.version,
-            reason: reason.clone(),
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Aborted {
+                version: c.version,
+                reason: reason.clone(),
+            },
+        );
         out.push(Action::Record(d));
-        out.push(Self::notice(
+        out.push(Action::notice(
             now,
             NoticeKind::CheckpointAborted {
                 version: c.version,
@@ -530,10 +507,13 @@ impl Coordinated {
         self.progress_mark = self.progress_mark.max(released_at);
         self.summary.checkpoints += 1;
         self.summary.checkpoint_bytes += bytes;
-        let d = self.decision(DecisionKind::Committed {
-            version,
-            level: want,
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Committed {
+                version,
+                level: want,
+            },
+        );
         self.next_checkpoint_at = if self.pending_request.is_some() {
             Some(now)
         } else {
@@ -541,7 +521,7 @@ impl Coordinated {
         };
         vec![
             Action::Record(d),
-            Self::notice(
+            Action::notice(
                 now,
                 NoticeKind::CheckpointCommitted {
                     version,
@@ -586,10 +566,12 @@ impl Coordinated {
         }
         self.state = State::Completed;
         self.next_checkpoint_at = None;
-        let d = self.decision(DecisionKind::JobEnded { error: None });
+        let d = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::JobEnded { error: None });
         vec![
             Action::Record(d),
-            Self::notice(now, NoticeKind::JobCompleted),
+            Action::notice(now, NoticeKind::JobCompleted),
             Action::EndJob { error: None },
         ]
     }
@@ -664,7 +646,7 @@ impl Policy for Coordinated {
                 if self.view.contains(node) && !self.slots.iter().any(|s| s.node == node) {
                     self.spares.insert(node);
                 }
-                vec![Self::notice(now, NoticeKind::NodeJoined { epoch, node })]
+                vec![Action::notice(now, NoticeKind::NodeJoined { epoch, node })]
             }
             Event::Synchronized { op } => match &mut self.state {
                 State::Checkpoint(c) if c.op == op && c.stage == Stage::Syncing => {

@@ -60,7 +60,7 @@ impl Coordinated {
         if failed.is_empty() {
             return out;
         }
-        out.push(Self::notice(
+        out.push(Action::notice(
             now,
             NoticeKind::NodesLost {
                 epoch,
@@ -93,7 +93,7 @@ impl Coordinated {
     ) -> Vec<Action> {
         self.takeover = false;
         let epoch = self.view.epoch;
-        let mut out = vec![Self::notice(
+        let mut out = vec![Action::notice(
             now,
             NoticeKind::Takeover {
                 leader: self.leader,
@@ -112,15 +112,18 @@ impl Coordinated {
         if let Some(version) = self.open_checkpoint.take() {
             let reason = "the policy's leader changed while it was taken".to_string();
             self.summary.aborted += 1;
-            let d = self.decision(DecisionKind::Aborted {
-                version,
-                reason: reason.clone(),
-            });
+            let d = self.ids.decision(
+                self.view.epoch,
+                DecisionKind::Aborted {
+                    version,
+                    reason: reason.clone(),
+                },
+            );
             out.push(Action::Record(d));
             out.push(Action::Release {
                 ranks: self.all_ranks(),
             });
-            out.push(Self::notice(
+            out.push(Action::notice(
                 now,
                 NoticeKind::CheckpointAborted {
                     version,
@@ -218,10 +221,13 @@ impl Coordinated {
             }
         };
         if prev.is_none() {
-            let d = self.decision(DecisionKind::RecoveryStarted {
-                failure_epoch: epoch,
-                version,
-            });
+            let d = self.ids.decision(
+                self.view.epoch,
+                DecisionKind::RecoveryStarted {
+                    failure_epoch: epoch,
+                    version,
+                },
+            );
             out.push(Action::Record(d));
         }
         let prev_retry = prev.as_ref().and_then(|r| r.retry_at);
@@ -386,14 +392,17 @@ impl Coordinated {
                 node,
                 incarnation: inc,
             };
-            let d = self.decision(DecisionKind::Restart {
-                rank: r,
-                incarnation: inc,
-                node,
-                version,
-                source,
-                failure_epoch: epoch,
-            });
+            let d = self.ids.decision(
+                self.view.epoch,
+                DecisionKind::Restart {
+                    rank: r,
+                    incarnation: inc,
+                    node,
+                    version,
+                    source,
+                    failure_epoch: epoch,
+                },
+            );
             rec.ranks.insert(
                 r,
                 RankState::Restart {
@@ -426,7 +435,7 @@ impl Coordinated {
         }
         let mut rolled = Vec::new();
         for (r, v, copy) in rollbacks {
-            let op = self.op();
+            let op = self.ids.op();
             rec.ranks.insert(
                 r,
                 RankState::Rollback {
@@ -446,7 +455,7 @@ impl Coordinated {
             });
         }
         if !groups.is_empty() || !rolled.is_empty() {
-            out.push(Self::notice(
+            out.push(Action::notice(
                 now,
                 NoticeKind::RecoveryPlanned {
                     epoch,
@@ -504,8 +513,10 @@ impl Coordinated {
         let release = Action::Release {
             ranks: self.all_ranks(),
         };
-        let d = self.decision(DecisionKind::Recovered { failure_epoch });
-        vec![release, Action::Record(d), Self::notice(now, notice)]
+        let d = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::Recovered { failure_epoch });
+        vec![release, Action::Record(d), Action::notice(now, notice)]
     }
 
     pub(super) fn on_restart_result(
@@ -546,7 +557,7 @@ impl Coordinated {
                 }
                 rec.ranks.insert(rank, RankState::NeedsRestart);
                 let epoch = rec.epoch;
-                let mut out = vec![Self::notice(
+                let mut out = vec![Action::notice(
                     now,
                     NoticeKind::RestartFailed {
                         rank,
@@ -607,7 +618,7 @@ impl Coordinated {
                 let node = self.slots[rank as usize].node;
                 rec.suspects.insert((rank, source.level, source.node));
                 rec.ranks.insert(rank, RankState::NeedsRestart);
-                let mut out = vec![Self::notice(
+                let mut out = vec![Action::notice(
                     now,
                     NoticeKind::RestartFailed {
                         rank,

@@ -32,7 +32,10 @@ pub(super) struct Drain {
 
 impl Uncoordinated {
     fn refuse_drain(now: Millis, node: NodeId, reason: String) -> Vec<Action> {
-        vec![Self::notice(now, NoticeKind::DrainRefused { node, reason })]
+        vec![Action::notice(
+            now,
+            NoticeKind::DrainRefused { node, reason },
+        )]
     }
 
     /// `Event::DrainRequested`.
@@ -60,7 +63,7 @@ impl Uncoordinated {
             .filter(|r| self.slots[*r as usize].node == node && !self.exited.contains(r))
             .collect();
         if ranks.is_empty() {
-            return vec![Self::notice(
+            return vec![Action::notice(
                 now,
                 NoticeKind::Drained {
                     node,
@@ -82,7 +85,9 @@ impl Uncoordinated {
                 "no spare node is left to take its ranks (add one with `krun node add`)".into(),
             );
         }
-        let d = self.decision(DecisionKind::DrainStarted { node });
+        let d = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::DrainStarted { node });
         let version = ranks
             .iter()
             .map(|&r| self.ranks[r as usize].next_version)
@@ -172,13 +177,16 @@ impl Uncoordinated {
                 }),
             }
         }
-        let rec = self.decision(DecisionKind::Drained {
-            node: d.node,
-            version: d.version,
-        });
+        let rec = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Drained {
+                node: d.node,
+                version: d.version,
+            },
+        );
         vec![
             Action::Record(rec),
-            Self::notice(
+            Action::notice(
                 now,
                 NoticeKind::Drained {
                     node: d.node,

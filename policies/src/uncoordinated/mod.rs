@@ -56,10 +56,10 @@
 use crate::interval;
 use crate::policy::{Phase, Policy};
 use crate::primitives::{
-    AgreedView, Costs, Decision, DecisionId, DecisionKind, Event, Layout, Level, LoggedEvent,
-    Millis, NodeId, OpId, Rank, RankSlot, Reads, Snapshot, Version,
+    AgreedView, Costs, DecisionId, DecisionKind, Event, Ids, Layout, Level, LoggedEvent, Millis,
+    NodeId, OpId, Rank, RankSlot, Reads, Snapshot, Version,
 };
-use crate::report::{Notice, NoticeKind, Summary};
+use crate::report::{NoticeKind, Summary};
 use crate::{Action, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -220,7 +220,6 @@ enum End {
 #[derive(Debug)]
 pub struct Uncoordinated {
     cfg: Config,
-    leader: NodeId,
     view: AgreedView,
     slots: Vec<RankSlot>,
     spares: BTreeSet<NodeId>,
@@ -230,8 +229,7 @@ pub struct Uncoordinated {
     log: MessageLog,
     recovery: Option<Recovery>,
     end: Option<End>,
-    next_op: u64,
-    next_decision: u64,
+    ids: Ids,
     costs: Costs,
     summary: Summary,
     max_depth: u32,
@@ -295,8 +293,7 @@ impl Uncoordinated {
             log: MessageLog::default(),
             recovery: None,
             end: None,
-            next_op: 0,
-            next_decision: 0,
+            ids: Ids::new(leader),
             costs: Costs::default(),
             summary: Summary::default(),
             max_depth: 0,
@@ -307,7 +304,6 @@ impl Uncoordinated {
             ready: BTreeSet::new(),
             wired: false,
             cfg,
-            leader,
             view,
         };
         for r in 0..n as Rank {
@@ -334,11 +330,7 @@ impl Uncoordinated {
     ) -> Result<Uncoordinated, PolicyError> {
         let mut line = None;
         let mut newest: Version = 0;
-        let mut next_decision = 0;
         for d in &snapshot.decisions {
-            if d.id.leader == leader {
-                next_decision = next_decision.max(d.id.seq);
-            }
             match &d.kind {
                 DecisionKind::Committed { version, .. } => {
                     line = Some(*version);
@@ -379,8 +371,7 @@ impl Uncoordinated {
         // A running job: its ranks took a coordinated checkpoint, so each is past its
         // `krun_init`.
         p.wired = true;
-        p.next_op = snapshot.view.epoch << 32;
-        p.next_decision = next_decision;
+        p.ids = Ids::resuming(leader, snapshot);
         for c in &mut p.ranks {
             c.taken.push(line);
             c.safe.push((line, now));
@@ -533,10 +524,12 @@ impl Uncoordinated {
             return Vec::new();
         }
         self.end = Some(End::Completed);
-        let d = self.decision(DecisionKind::JobEnded { error: None });
+        let d = self
+            .ids
+            .decision(self.view.epoch, DecisionKind::JobEnded { error: None });
         vec![
             Action::Record(d),
-            Self::notice(now, NoticeKind::JobCompleted),
+            Action::notice(now, NoticeKind::JobCompleted),
             Action::EndJob { error: None },
         ]
     }
@@ -574,7 +567,7 @@ impl Policy for Uncoordinated {
                 if self.view.contains(node) && !self.slots.iter().any(|s| s.node == node) {
                     self.spares.insert(node);
                 }
-                vec![Self::notice(now, NoticeKind::NodeJoined { epoch, node })]
+                vec![Action::notice(now, NoticeKind::NodeJoined { epoch, node })]
             }
             // This policy never synchronizes.
             Event::Synchronized { .. } | Event::SyncFailed { .. } => Vec::new(),
@@ -634,7 +627,7 @@ impl Policy for Uncoordinated {
             }
         };
         if self.wired && !was_wired {
-            out.push(Self::notice(
+            out.push(Action::notice(
                 now,
                 NoticeKind::Wired {
                     ranks: self.slots.len() as u32,

@@ -86,7 +86,7 @@ impl Uncoordinated {
             if failed.is_empty() {
                 return Vec::new();
             }
-            return vec![Self::notice(now, NoticeKind::NodesLost { epoch, failed })];
+            return vec![Action::notice(now, NoticeKind::NodesLost { epoch, failed })];
         }
         self.plan(now, epoch, failed, lost, reads)
     }
@@ -294,14 +294,17 @@ impl Uncoordinated {
         let kept: Vec<Rank> = (0..n)
             .filter(|r| line[*r as usize] == Restore::Keep && !self.exited.contains(r))
             .collect();
-        let d = self.decision(DecisionKind::RecoveryLine {
-            failure_epoch: epoch,
-            line: recorded,
-            depth,
-            rewire,
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::RecoveryLine {
+                failure_epoch: epoch,
+                line: recorded,
+                depth,
+                rewire,
+            },
+        );
         out.push(Action::Record(d));
-        out.push(Self::notice(
+        out.push(Action::notice(
             now,
             NoticeKind::RecoveryLine {
                 epoch,
@@ -331,7 +334,7 @@ impl Uncoordinated {
                         out.extend(self.decide_restart(&mut rec, r, node, Some(v), None));
                         continue;
                     };
-                    let op = self.op();
+                    let op = self.ids.op();
                     rec.ranks.insert(r, Pending::Rollback { op, version: v });
                     rec.rolled_back.insert(r);
                     self.summary.rollbacks += 1;
@@ -363,14 +366,17 @@ impl Uncoordinated {
             incarnation: inc,
         };
         self.spares.remove(&node);
-        let d = self.decision(DecisionKind::Restart {
-            rank,
-            incarnation: inc,
-            node,
-            version,
-            source,
-            failure_epoch: rec.epoch,
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Restart {
+                rank,
+                incarnation: inc,
+                node,
+                version,
+                source,
+                failure_epoch: rec.epoch,
+            },
+        );
         rec.ranks.insert(
             rank,
             Pending::Restart {
@@ -416,7 +422,7 @@ impl Uncoordinated {
                         rank,
                         version,
                     });
-                    out.push(Self::notice(
+                    out.push(Action::notice(
                         now,
                         NoticeKind::Replaying {
                             rank,
@@ -434,7 +440,7 @@ impl Uncoordinated {
                 let attempts = rec.attempts.entry(rank).or_default();
                 *attempts += 1;
                 let attempts = *attempts;
-                out.push(Self::notice(
+                out.push(Action::notice(
                     now,
                     NoticeKind::RestartFailed {
                         rank,
@@ -491,7 +497,7 @@ impl Uncoordinated {
                 let node = self.slots[rank as usize].node;
                 let mut rec = self.recovery.take().expect("checked above");
                 rec.rolled_back.remove(&rank);
-                let mut out = vec![Self::notice(
+                let mut out = vec![Action::notice(
                     now,
                     NoticeKind::RestartFailed {
                         rank,
@@ -532,11 +538,14 @@ impl Uncoordinated {
                 ranks: rec.ranks.keys().copied().collect(),
             });
         }
-        let d = self.decision(DecisionKind::Recovered {
-            failure_epoch: rec.epoch,
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::Recovered {
+                failure_epoch: rec.epoch,
+            },
+        );
         out.push(Action::Record(d));
-        out.push(Self::notice(
+        out.push(Action::notice(
             now,
             NoticeKind::Recovered {
                 epoch: rec.epoch,

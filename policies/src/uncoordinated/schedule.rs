@@ -24,38 +24,17 @@ impl Uncoordinated {
         }
     }
 
-    pub(super) fn op(&mut self) -> OpId {
-        self.next_op += 1;
-        OpId {
-            leader: self.leader,
-            seq: self.next_op,
-        }
-    }
-
-    pub(super) fn decision(&mut self, kind: DecisionKind) -> Decision {
-        self.next_decision += 1;
-        Decision {
-            id: DecisionId {
-                epoch: self.view.epoch,
-                leader: self.leader,
-                seq: self.next_decision,
-            },
-            kind,
-        }
-    }
-
-    pub(super) fn notice(now: Millis, kind: NoticeKind) -> Action {
-        Action::Notify(Notice { at: now, kind })
-    }
-
     pub(super) fn end_with(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
         self.end = Some(End::Ended);
-        let d = self.decision(DecisionKind::JobEnded {
-            error: Some(error.to_string()),
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::JobEnded {
+                error: Some(error.to_string()),
+            },
+        );
         vec![
             Action::Record(d),
-            Self::notice(
+            Action::notice(
                 now,
                 NoticeKind::JobEnded {
                     error: error.clone(),
@@ -90,7 +69,7 @@ impl Uncoordinated {
             {
                 continue;
             }
-            let op = self.op();
+            let op = self.ids.op();
             let c = &mut self.ranks[r as usize];
             let version = c.next_version;
             c.next_version += 1;
@@ -223,14 +202,17 @@ impl Uncoordinated {
         self.mark_ready(rank);
         self.reschedule(rank, now);
         self.drain_checkpoint(now, rank, version, true);
-        let d = self.decision(DecisionKind::RankCheckpointed {
-            rank,
-            version,
-            level: want,
-        });
+        let d = self.ids.decision(
+            self.view.epoch,
+            DecisionKind::RankCheckpointed {
+                rank,
+                version,
+                level: want,
+            },
+        );
         let mut out = vec![
             Action::Record(d),
-            Self::notice(
+            Action::notice(
                 now,
                 NoticeKind::RankCheckpointSafe {
                     rank,
