@@ -617,6 +617,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_resuming_leader_reuses_no_id_of_the_snapshot() {
+        let mut before = Ids::new(2);
+        let old_op = before.op();
+        let mut decisions: Vec<Decision> = (0..3)
+            .map(|_| before.decision(5, DecisionKind::JobEnded { error: None }))
+            .collect();
+        // Another leader's decision with a higher sequence does not move this leader's.
+        let mut other = Ids::new(3);
+        for _ in 0..9 {
+            other.decision(5, DecisionKind::JobEnded { error: None });
+        }
+        decisions.push(other.decision(5, DecisionKind::JobEnded { error: None }));
+        let snapshot = Snapshot {
+            view: AgreedView::new(7, vec![2, 3]),
+            ranks: Vec::new(),
+            spares: Vec::new(),
+            decisions: decisions.clone(),
+            exits: Vec::new(),
+        };
+        let mut again = Ids::resuming(2, &snapshot);
+        let op = again.op();
+        assert!(op.seq > 7 << 32 && op.seq > old_op.seq, "{op:?}");
+        let d = again.decision(7, DecisionKind::JobEnded { error: None });
+        assert_eq!((d.id.leader, d.id.seq, d.id.epoch), (2, 4, 7));
+        assert!(decisions.iter().all(|old| old.id != d.id));
+    }
+
+    #[test]
     fn rank_ranges_merge_consecutive_ranks() {
         assert_eq!(rank_ranges(&[6, 0, 1, 2, 3, 7]), "0-3,6-7");
         assert_eq!(rank_ranges(&[5]), "5");
