@@ -36,6 +36,16 @@ mod pmi2;
 pub const KVSNAME_MAX: usize = 256;
 pub const KEYLEN_MAX: usize = 64;
 pub const VALLEN_MAX: usize = 1024;
+
+/// Why a put was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum PutRefused {
+    /// The key or the value is longer than [`KEYLEN_MAX`] / [`VALLEN_MAX`].
+    TooLong,
+    /// The command lacks its key or its value.
+    Missing,
+}
+
 /// Longest command line a client may send (a put of the longest key and value fits).
 const LINE_MAX: usize = 4096;
 
@@ -429,15 +439,10 @@ impl NodeServer {
             "get_appnum" => "cmd=appnum appnum=0\n".into(),
             "get_my_kvsname" => format!("cmd=my_kvsname kvsname={}\n", layout.kvsname),
             "get_universe_size" => format!("cmd=universe_size size={}\n", layout.size),
-            "put" => match (c.get("key"), c.get("value")) {
-                (Some(k), Some(v)) if k.len() <= KEYLEN_MAX && v.len() <= VALLEN_MAX => {
-                    let mut st = self.state.lock().expect("pmi lock");
-                    st.kvs.insert(k.to_string(), v.to_string());
-                    st.pending.push((k.to_string(), v.to_string()));
-                    "cmd=put_result rc=0 msg=success\n".into()
-                }
-                (Some(_), Some(_)) => rc_fail("put_result", "key_or_value_too_long"),
-                _ => rc_fail("put_result", "put_needs_key_and_value"),
+            "put" => match self.put(c.get("key"), c.get("value")) {
+                Ok(()) => "cmd=put_result rc=0 msg=success\n".into(),
+                Err(PutRefused::TooLong) => rc_fail("put_result", "key_or_value_too_long"),
+                Err(PutRefused::Missing) => rc_fail("put_result", "put_needs_key_and_value"),
             },
             "get" => match c.get("key") {
                 Some(k) => match self.state.lock().expect("pmi lock").kvs.get(k) {
@@ -478,6 +483,21 @@ impl NodeServer {
             }
             other => format!("cmd={other} rc=-1 msg=command_not_served_by_krund\n"),
         })
+    }
+
+    /// A rank's put (PMI-1 `put`, PMI-2 `kvs-put`): kept for this node's gets and sent to
+    /// krun at the next fence. Each protocol words the refusals its own way.
+    fn put(&self, key: Option<&str>, value: Option<&str>) -> std::result::Result<(), PutRefused> {
+        let (Some(k), Some(v)) = (key, value) else {
+            return Err(PutRefused::Missing);
+        };
+        if k.len() > KEYLEN_MAX || v.len() > VALLEN_MAX {
+            return Err(PutRefused::TooLong);
+        }
+        let mut st = self.state.lock().expect("pmi lock");
+        st.kvs.insert(k.to_string(), v.to_string());
+        st.pending.push((k.to_string(), v.to_string()));
+        Ok(())
     }
 
     /// Updates `rank`'s PMI life (init, finalize, abort).

@@ -18,7 +18,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use super::{NodeServer, PmiToLauncher, Wire, KEYLEN_MAX, VALLEN_MAX};
+use super::{NodeServer, PmiToLauncher, PutRefused, Wire, KEYLEN_MAX, VALLEN_MAX};
 
 /// Digits of the length field.
 const LEN_FIELD: usize = 6;
@@ -198,17 +198,12 @@ impl NodeServer {
                 }
             },
             "job-getid" => ok(&[("jobid", &layout.kvsname)]),
-            "kvs-put" => match (c.get("key"), c.get("value")) {
-                (Some(k), Some(v)) if k.len() <= KEYLEN_MAX && v.len() <= VALLEN_MAX => {
-                    let mut st = self.state.lock().expect("pmi lock");
-                    st.kvs.insert(k.to_string(), v.to_string());
-                    st.pending.push((k.to_string(), v.to_string()));
-                    ok(&[])
-                }
-                (Some(_), Some(_)) => fail(&format!(
+            "kvs-put" => match self.put(c.get("key"), c.get("value")) {
+                Ok(()) => ok(&[]),
+                Err(PutRefused::TooLong) => fail(&format!(
                     "key or value too long (at most {KEYLEN_MAX} and {VALLEN_MAX} bytes)"
                 )),
-                _ => fail("kvs-put needs a key and a value"),
+                Err(PutRefused::Missing) => fail("kvs-put needs a key and a value"),
             },
             "kvs-get" => match c.get("key") {
                 Some(k) => match self.state.lock().expect("pmi lock").kvs.get(k) {
