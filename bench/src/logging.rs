@@ -10,8 +10,11 @@
 //! waits for it. The latency is half a round trip, the median over batches; the figure
 //! reported is the median over `--runs` runs (at least 3).
 //!
-//! Writes `bench/results/logging.json`: `{"provider","runs","batch","batches",
-//! "lat_us":{"off","on"},"runs_us":{"off":[..],"on":[..]},"ratio","target_ratio"}`.
+//! Writes `bench/results/logging.json` and `logging.png`: `{"environment":{"commit","date",
+//! "kernel","cpus"},"plot","runs","batch","batches","target_ratio","rows":[{"provider",
+//! "lat_us":{"off","on"},"off":{"median","min","max","runs"},"on":{..},"runs_us":{"off":[..],
+//! "on":[..]},"ratio","ratio_paired":{..},"met"}]}`; `ratio` divides the two medians,
+//! `ratio_paired` is the spread of each run's own ratio (its two sessions back to back).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +25,11 @@ use fabric::{FabricConfig, Provider};
 use krun::{Config, Rank, Source, TagMatch};
 use serde_json::json;
 
+use crate::plot::{Bar, Figure, Group, Panel};
 use crate::report;
+
+/// The issue's bound: latency with logging at most this many times without.
+const TARGET_RATIO: f64 = 1.2;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TAG: u32 = 21;
@@ -31,9 +38,9 @@ const TAG: u32 = 21;
 /// logging against without, between two processes; writes bench/results/logging.json.
 #[derive(Debug, clap::Args)]
 pub struct LoggingArgs {
-    /// The fabric provider: shm or tcp.
-    #[arg(long, default_value = "shm")]
-    pub provider: String,
+    /// The fabric providers, comma-separated: shm, tcp.
+    #[arg(long, default_value = "shm,tcp")]
+    pub providers: String,
     /// Runs per mode (at least 3: the median is reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -199,59 +206,98 @@ pub fn run(args: LoggingArgs) -> Result<(), String> {
     if runs < 3 {
         return Err("--runs must be at least 3 (the median is reported)".into());
     }
-    let provider = args.provider.clone();
-    let batch = args.batch;
-    let batches = args.batches;
+    let (batch, batches) = (args.batch, args.batches);
     if batch == 0 || batches == 0 {
         return Err("--batch and --batches must be at least 1".into());
+    }
+    let providers: Vec<String> = args
+        .providers
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if let Some(bad) = providers
+        .iter()
+        .find(|p| !matches!(p.as_str(), "shm" | "tcp"))
+    {
+        return Err(format!("--providers: unknown provider {bad:?} (shm, tcp)"));
+    }
+    if providers.is_empty() {
+        return Err("--providers: name at least one provider (shm, tcp)".into());
     }
     let out_path = args
         .out
         .clone()
         .unwrap_or_else(|| report::results_path("logging"));
     let exe = std::env::current_exe().map_err(err)?;
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for i in crate::runs::bar(&format!("logging: {provider}"), 0..runs) {
-        let order = if i % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for logging in order {
-            let us = paired(&exe, &provider, logging, batch, batches)?;
-            println!(
-                "run {}: {provider} 8 B latency {} logging: {us:.2} us",
-                i + 1,
-                if logging { "with" } else { "without" }
-            );
-            if logging {
-                on.push(us)
+    let mut rows = Vec::new();
+    let mut groups = Vec::new();
+    for provider in &providers {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for i in crate::runs::bar(&format!("logging: {provider}"), 0..runs) {
+            let order = if i % 2 == 0 {
+                [false, true]
             } else {
-                off.push(us)
+                [true, false]
+            };
+            for logging in order {
+                let us = paired(&exe, provider, logging, batch, batches)?;
+                println!(
+                    "run {}: {provider} 8 B latency {} logging: {us:.2} us",
+                    i + 1,
+                    if logging { "with" } else { "without" }
+                );
+                if logging {
+                    on.push(us)
+                } else {
+                    off.push(us)
+                }
             }
         }
+        let (m_off, m_on) = (median(&off), median(&on));
+        let ratio = m_on / m_off;
+        let paired_ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+        println!(
+            "{provider} 8 B latency, median of {runs} runs: {m_off:.2} us without logging, \
+             {m_on:.2} us with ({ratio:.2}x; target <= {TARGET_RATIO}x)"
+        );
+        rows.push(json!({
+            "provider": provider,
+            "lat_us": {"off": m_off, "on": m_on},
+            "off": report::spread(&off),
+            "on": report::spread(&on),
+            "runs_us": {"off": off, "on": on},
+            "ratio": ratio,
+            "ratio_paired": report::spread(&paired_ratios),
+            "met": ratio <= TARGET_RATIO,
+        }));
+        groups.push(Group::new(
+            format!("{provider} 8 B"),
+            [
+                Bar::from_values("without logging", &off),
+                Bar::from_values("with logging", &on),
+            ],
+        ));
     }
-    let (m_off, m_on) = (median(&off), median(&on));
-    let ratio = m_on / m_off;
-    println!(
-        "{provider} 8 B latency, median of {runs} runs: {m_off:.2} us without logging, \
-         {m_on:.2} us with ({ratio:.2}x; target <= 1.2x)"
-    );
     let doc = json!({
-        "provider": provider,
         "runs": runs,
         "batch": batch,
         "batches": batches,
-        "lat_us": {"off": m_off, "on": m_on},
-        "runs_us": {"off": off, "on": on},
-        "ratio": ratio,
-        "target_ratio": 1.2,
+        "target_ratio": TARGET_RATIO,
+        "rows": rows,
     });
-    if let Some(dir) = out_path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    std::fs::write(&out_path, serde_json::to_string_pretty(&doc).map_err(err)?)
-        .map_err(|e| format!("{}: {e}", out_path.display()))?;
+    let figure = Figure {
+        title: "bench logging: 8 B ping-pong latency with and without message logging".into(),
+        note: format!(
+            "median of {runs} runs, whiskers min/max; target: with <= {TARGET_RATIO}x without"
+        ),
+        panels: vec![Panel::new(
+            "latency, half a round trip (lower is better)",
+            "us",
+            groups,
+        )],
+    };
+    report::write_results(&out_path, doc, &figure)?;
     println!("wrote {}", out_path.display());
     Ok(())
 }
