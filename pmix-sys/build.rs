@@ -50,7 +50,9 @@ fn main() {
         .allowlist_function(
             "PMIx_server_(init|finalize|register_nspace|deregister_nspace|register_client|deregister_client|setup_fork|dmodex_request)",
         )
-        .allowlist_function("PMIx_(Info_load|Value_load|Value_destruct|Error_string|generate_regex|generate_ppn)")
+        .allowlist_function(
+            "PMIx_(Info_load|Value_load|Value_destruct|Error_string|generate_regex|generate_ppn|Store_internal|Get)",
+        )
         .allowlist_type("pmix_server_module_t")
         .allowlist_var("PMIX_.*")
         .derive_default(true)

@@ -8,9 +8,11 @@
 //!   directory) with the machine's topology (`crate::topology`: loaded from the machine's
 //!   cache, or discovered by the first krund on the machine and cached; I/O devices
 //!   included), which the library shares with the ranks (hwloc shared memory and XML:
-//!   Open MPI's ranks adopt it instead of each discovering the machine), registers the job's namespace with the job's information (size, node and
-//!   process maps, local peers, each rank's local and node rank, host name and node id) and
-//!   every local rank as a client.
+//!   Open MPI's ranks adopt it instead of each discovering the machine), registers the
+//!   job's namespace with the job's information (sizes, node and process maps, local
+//!   peers: the library derives every rank's host name, local and node rank from the maps),
+//!   stores the node's own ranks' data (krun's node id among it) and registers them as
+//!   clients (`pmix/register.rs`).
 //! - [`PmixServer::rank_setup`] gives each rank the environment `PMIx_server_setup_fork`
 //!   makes (`PMIX_NAMESPACE`, `PMIX_RANK`, the server's URI, ...): Open MPI's client finds
 //!   the server there.
@@ -35,7 +37,7 @@
 //!
 //! A process hosts one PMIx server at most (the library's state is global).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -43,7 +45,10 @@ use pmix_sys as sys;
 
 mod callbacks;
 mod ffi;
+mod register;
 mod topology;
+
+pub use register::{node_name, ppn_input};
 
 use super::mpi::{
     FenceData, PmiToLauncher, PmiToNode, RankExtras, RankSetup, RankWatch, Teller, Wire, WireState,
@@ -51,7 +56,7 @@ use super::mpi::{
 use crate::error::{LauncherError, Result};
 use adaptation::NodeId;
 use callbacks::Pending;
-use ffi::{pmix_error, proc_of, status, wait_op, Infos, SUCCESS};
+use ffi::{pmix_error, proc_of, status, Infos, SUCCESS};
 use topology::{machine_topology, GivenTopology};
 
 /// One incarnation of the job as the node serves it.
@@ -121,36 +126,6 @@ pub struct PmixServer {
 
 /// The process's server, for the library's callbacks.
 static SERVER: OnceLock<Arc<PmixServer>> = OnceLock::new();
-
-/// The name the job's information gives node `i` (krun's nodes may share a machine, and a
-/// host name: each needs its own).
-pub fn node_name(i: usize) -> String {
-    format!("krun-node{i}")
-}
-
-/// The nodes that run ranks (node order) and each one's ranks (ascending).
-fn nodes_of(placement: &[NodeId]) -> BTreeMap<NodeId, Vec<u32>> {
-    let mut nodes: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
-    for (r, &n) in placement.iter().enumerate() {
-        nodes.entry(n).or_default().push(r as u32);
-    }
-    nodes
-}
-
-/// The rank lists of `PMIx_generate_ppn`: nodes separated by `;` (node order, nodes without
-/// ranks left out), ranks by `,`.
-pub fn ppn_input(placement: &[NodeId]) -> String {
-    nodes_of(placement)
-        .values()
-        .map(|rs| {
-            rs.iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
 
 impl PmixServer {
     /// Starts the library and registers the job for node `node` of a job placed as
@@ -243,38 +218,6 @@ impl PmixServer {
         Ok(server)
     }
 
-    /// Registers `layout`'s namespace and this node's ranks in it as clients.
-    fn register(&self, layout: &Layout) -> Result<()> {
-        let mut job_info = self.job_info(layout)?;
-        let mut ns = proc_of(&layout.nspace, 0).nspace;
-        wait_op("registering the job's namespace", |cb, data| {
-            // SAFETY: the namespace and infos outlive the operation (wait_op waits for it).
-            unsafe {
-                sys::PMIx_server_register_nspace(
-                    ns.as_mut_ptr(),
-                    layout.local.len() as c_int,
-                    job_info.0.as_mut_ptr(),
-                    job_info.0.len(),
-                    cb,
-                    data,
-                )
-            }
-        })?;
-        drop(job_info);
-        // SAFETY: getuid and getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        for &rank in &layout.local {
-            let p = proc_of(&layout.nspace, rank);
-            wait_op(&format!("registering rank {rank}"), |cb, data| {
-                // SAFETY: `p` outlives the operation (wait_op waits for it).
-                unsafe {
-                    sys::PMIx_server_register_client(&p, uid, gid, std::ptr::null_mut(), cb, data)
-                }
-            })?;
-        }
-        Ok(())
-    }
-
     /// Serves `layout` from now on: fences from 1, its ranks not yet connected; what the
     /// older incarnation waited for is dropped (its ranks are being stopped).
     fn install(&self, layout: Layout) {
@@ -295,57 +238,6 @@ impl PmixServer {
     /// The current incarnation's namespace.
     fn nspace(&self) -> String {
         self.state.lock().expect("pmix lock").layout.nspace.clone()
-    }
-
-    /// The job's information for `PMIx_server_register_nspace`.
-    fn job_info(&self, layout: &Layout) -> Result<Infos> {
-        let size = layout.placement.len();
-        let local = &layout.local;
-        let nodes = nodes_of(&layout.placement);
-        let names: Vec<String> = nodes.keys().map(|&n| node_name(n as usize)).collect();
-        let mut j = Infos::new();
-        j.u32(sys::PMIX_UNIV_SIZE, size as u32)?;
-        j.u32(sys::PMIX_JOB_SIZE, size as u32)?;
-        j.u32(sys::PMIX_MAX_PROCS, size as u32)?;
-        j.u32(sys::PMIX_APP_SIZE, size as u32)?;
-        j.rank(sys::PMIX_APPLDR, 0)?;
-        j.u32(sys::PMIX_APPNUM, 0)?;
-        j.string(sys::PMIX_JOBID, &layout.nspace)?;
-        j.u32(sys::PMIX_NUM_NODES, nodes.len() as u32)?;
-        j.regex(sys::PMIX_NODE_MAP, &names.join(","), false)?;
-        j.regex(sys::PMIX_PROC_MAP, &ppn_input(&layout.placement), true)?;
-        j.string(sys::PMIX_NSDIR, &self.tmpdir.to_string_lossy())?;
-        j.string(sys::PMIX_TMPDIR, &self.tmpdir.to_string_lossy())?;
-        j.string(
-            sys::PMIX_LOCAL_PEERS,
-            &local
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        )?;
-        j.u32(sys::PMIX_LOCAL_SIZE, local.len() as u32)?;
-        j.u32(sys::PMIX_NODE_SIZE, local.len() as u32)?;
-        j.rank(
-            sys::PMIX_LOCALLDR,
-            local.first().copied().unwrap_or(size as u32),
-        )?;
-        // Every rank's own information.
-        for (&node, ranks) in &nodes {
-            for (i, &r) in ranks.iter().enumerate() {
-                let mut p = Infos::new();
-                p.rank(sys::PMIX_RANK, r)?;
-                p.rank(sys::PMIX_GLOBAL_RANK, r)?;
-                p.rank(sys::PMIX_APP_RANK, r)?;
-                p.u32(sys::PMIX_APPNUM, 0)?;
-                p.u16(sys::PMIX_LOCAL_RANK, i as u16)?;
-                p.u16(sys::PMIX_NODE_RANK, i as u16)?;
-                p.string(sys::PMIX_HOSTNAME, &node_name(node as usize))?;
-                p.u32(sys::PMIX_NODEID, node)?;
-                j.array(sys::PMIX_PROC_DATA, p)?;
-            }
-        }
-        Ok(j)
     }
 
     /// The hook for the rank runner: the PMIx environment of each rank.
