@@ -2,7 +2,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::completion::Completion;
@@ -288,14 +289,31 @@ pub(crate) struct Inbox {
     polling: AtomicBool,
     /// Times a receive went to sleep waiting for a message (for tests and diagnostics).
     naps: AtomicU64,
+    /// The backend's progress thread is parked while a receive polls ([`Inbox::step_aside`]).
+    aside: AtomicBool,
+    aside_thread: OnceLock<Thread>,
 }
 
-/// Marks the inbox polled until dropped (on every way out of the polling phase).
-struct Polling<'a>(&'a AtomicBool);
+/// A receive with a timeout this short polls for all of it and never sleeps.
+const NEVER_NAP: Duration = Duration::from_micros(50);
+
+/// Marks the inbox polled until dropped, on every way out of the polling phase. Unless the
+/// receive ended on its own short timeout (a caller polling in a loop comes straight back),
+/// a progress thread parked meanwhile is woken: it serves the endpoint (remote accesses,
+/// other threads' messages) from now on, instead of after its nap.
+struct Polling<'a> {
+    inbox: &'a Inbox,
+    wake: bool,
+}
 
 impl Drop for Polling<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.inbox.polling.store(false, Ordering::SeqCst);
+        if self.wake && self.inbox.aside.load(Ordering::SeqCst) {
+            if let Some(t) = self.inbox.aside_thread.get() {
+                t.unpark();
+            }
+        }
     }
 }
 
@@ -307,6 +325,8 @@ impl Inbox {
             poll_window,
             polling: AtomicBool::new(false),
             naps: AtomicU64::new(0),
+            aside: AtomicBool::new(false),
+            aside_thread: OnceLock::new(),
         }
     }
 
@@ -318,6 +338,20 @@ impl Inbox {
     /// True while a receive polls for its message itself: the progress thread steps aside.
     pub(crate) fn polled(&self) -> bool {
         self.polling.load(Ordering::Relaxed)
+    }
+
+    /// Called by the backend's progress thread while [`Inbox::polled`]: parks until the
+    /// polling receive gets its message or gives up polling, for at most `max` (the receive
+    /// drives progress meanwhile; one thread, not two, spins per endpoint).
+    pub(crate) fn step_aside(&self, max: Duration) {
+        self.aside_thread.get_or_init(std::thread::current);
+        self.aside.store(true, Ordering::SeqCst);
+        // SeqCst on both sides: either the receive sees `aside` and wakes this thread, or this
+        // thread sees that it stopped polling and does not park.
+        if self.polling.load(Ordering::SeqCst) {
+            std::thread::park_timeout(max);
+        }
+        self.aside.store(false, Ordering::SeqCst);
     }
 
     /// How many times a receive went to sleep waiting for a message.
@@ -346,15 +380,21 @@ impl Inbox {
         if let Some(m) = self.pop(matches) {
             return Ok(m);
         }
-        // Poll: drive progress and look again, without sleeping, for the poll window (or
-        // the whole timeout when it is shorter: a caller polling with a 1 us timeout must not
-        // sleep at all; a futex wait rounds a short timeout up by the 50 us timer slack).
-        if self
+        // Poll: drive progress and look again, without sleeping, for the poll window. A
+        // receive of at most NEVER_NAP (a caller polling in its own loop, 1 us at a time)
+        // polls for its whole timeout and never sleeps: a futex wait rounds so short a
+        // timeout up to the 50 us timer slack, which made every such poll cost up to 50 us.
+        let short = timeout <= NEVER_NAP;
+        let limit = if short { timeout } else { self.poll_window };
+        let mut polling = self
             .polling
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
             .is_ok()
-        {
-            let _polling = Polling(&self.polling);
+            .then_some(Polling {
+                inbox: self,
+                wake: true,
+            });
+        if polling.is_some() || short {
             let mut polls = 0u32;
             loop {
                 let handled = drive();
@@ -363,9 +403,13 @@ impl Inbox {
                 }
                 let waited = start.elapsed();
                 if waited >= timeout {
+                    if let Some(p) = polling.as_mut() {
+                        // The caller comes straight back: leave the progress thread parked.
+                        p.wake = !short;
+                    }
                     return Err(FabricError::RecvTimeout { tag, timeout });
                 }
-                if waited >= self.poll_window {
+                if waited >= limit {
                     break;
                 }
                 if handled == 0 {
@@ -380,6 +424,7 @@ impl Inbox {
                 }
             }
         }
+        drop(polling);
         // Sleep until a message is pushed (by the progress thread or by the receive that
         // polls), driving progress at each wake-up.
         loop {
@@ -524,6 +569,34 @@ mod tests {
             });
             assert_eq!(sleeper.join().unwrap().unwrap(), message(2));
             assert_eq!(poller.join().unwrap().unwrap(), message(1));
+        });
+        assert!(!inbox.polled());
+    }
+
+    #[test]
+    fn a_progress_thread_stepping_aside_is_woken_when_the_polling_receive_has_its_message() {
+        let inbox = Inbox::new(Duration::from_secs(3600));
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| {
+                inbox.take(3, 0, Duration::from_secs(3600), || {
+                    // The progress thread is parked (or about to park): deliver now.
+                    if inbox.aside.load(Ordering::SeqCst) {
+                        inbox.push(message(3));
+                        1
+                    } else {
+                        0
+                    }
+                })
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !inbox.polled() {
+                assert!(Instant::now() < deadline, "the receive never polled");
+                std::thread::yield_now();
+            }
+            // Parks for an hour unless the receive wakes it when it has its message.
+            inbox.step_aside(Duration::from_secs(3600));
+            assert!(!inbox.aside.load(Ordering::SeqCst));
+            assert_eq!(receiver.join().unwrap().unwrap(), message(3));
         });
         assert!(!inbox.polled());
     }

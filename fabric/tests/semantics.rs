@@ -174,7 +174,7 @@ fn many_in_flight(provider: Provider) {
 fn polling_config(provider: Provider) -> FabricConfig {
     let mut config = FabricConfig::with_provider(provider);
     config.op_timeout = Duration::from_secs(5);
-    config.recv_poll = Duration::from_secs(3600);
+    config.recv_poll = Some(Duration::from_secs(3600));
     config
 }
 
