@@ -1,7 +1,9 @@
 //! The endpoint trait every backend implements, endpoint addresses, and two-sided messages.
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::completion::Completion;
@@ -268,20 +270,104 @@ pub trait Endpoint: Send + Sync {
 }
 
 /// Received messages waiting for a matching `recv`, shared by the backends.
-#[derive(Default)]
+///
+/// A receive first polls for its message itself, driving the backend's progress, for at most
+/// the endpoint's receive poll window ([`crate::FabricConfig::recv_poll`]): a message then
+/// costs the provider's latency, not a wake-up of the receiver by the progress thread (on
+/// shm, 30 us one-way instead of a few). While a receive polls, the inbox shows it
+/// ([`Inbox::polled`]) and the backend's progress thread steps aside, so one thread, not
+/// two, spins per endpoint. Only one receive polls at a time: others sleep at once and are
+/// woken by whoever pushes their message (on a 2-core node running 4 ranks, spinning threads
+/// took the cores from the work). After the window the receive sleeps and the progress
+/// thread serves, as before.
 pub(crate) struct Inbox {
     queue: Mutex<VecDeque<Message>>,
     arrived: Condvar,
+    /// How long a receive polls before it sleeps.
+    poll_window: Duration,
+    /// A receive is polling (at most one at a time).
+    polling: AtomicBool,
+    /// Times a receive went to sleep waiting for a message (for tests and diagnostics).
+    naps: AtomicU64,
+    /// The backend's progress thread is parked while a receive polls ([`Inbox::step_aside`]).
+    aside: AtomicBool,
+    aside_thread: OnceLock<Thread>,
+}
+
+/// A receive with a timeout this short polls for all of it and never sleeps.
+const NEVER_NAP: Duration = Duration::from_micros(50);
+
+/// Marks the inbox polled until dropped, on every way out of the polling phase. Unless the
+/// receive ended on its own short timeout (a caller polling in a loop comes straight back),
+/// a progress thread parked meanwhile is woken: it serves the endpoint (remote accesses,
+/// other threads' messages) from now on, instead of after its nap.
+struct Polling<'a> {
+    inbox: &'a Inbox,
+    wake: bool,
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        self.inbox.polling.store(false, Ordering::SeqCst);
+        if self.wake && self.inbox.aside.load(Ordering::SeqCst) {
+            if let Some(t) = self.inbox.aside_thread.get() {
+                t.unpark();
+            }
+        }
+    }
 }
 
 impl Inbox {
+    pub(crate) fn new(poll_window: Duration) -> Inbox {
+        Inbox {
+            queue: Mutex::new(VecDeque::new()),
+            arrived: Condvar::new(),
+            poll_window,
+            polling: AtomicBool::new(false),
+            naps: AtomicU64::new(0),
+            aside: AtomicBool::new(false),
+            aside_thread: OnceLock::new(),
+        }
+    }
+
     pub(crate) fn push(&self, msg: Message) {
         self.queue.lock().expect("inbox lock").push_back(msg);
         self.arrived.notify_all();
     }
 
+    /// True while a receive polls for its message itself: the progress thread steps aside.
+    pub(crate) fn polled(&self) -> bool {
+        self.polling.load(Ordering::Relaxed)
+    }
+
+    /// Called by the backend's progress thread while [`Inbox::polled`]: parks until the
+    /// polling receive gets its message or gives up polling, for at most `max` (the receive
+    /// drives progress meanwhile; one thread, not two, spins per endpoint).
+    pub(crate) fn step_aside(&self, max: Duration) {
+        self.aside_thread.get_or_init(std::thread::current);
+        self.aside.store(true, Ordering::SeqCst);
+        // SeqCst on both sides: either the receive sees `aside` and wakes this thread, or this
+        // thread sees that it stopped polling and does not park.
+        if self.polling.load(Ordering::SeqCst) {
+            std::thread::park_timeout(max);
+        }
+        self.aside.store(false, Ordering::SeqCst);
+    }
+
+    /// How many times a receive went to sleep waiting for a message.
+    pub(crate) fn naps(&self) -> u64 {
+        self.naps.load(Ordering::Relaxed)
+    }
+
+    fn pop(&self, matches: impl Fn(&Message) -> bool) -> Option<Message> {
+        let mut q = self.queue.lock().expect("inbox lock");
+        let i = q.iter().position(matches)?;
+        q.remove(i)
+    }
+
     /// Takes the oldest message whose tag matches `tag` outside the `ignore` bits; `drive`
-    /// runs the backend's progress between checks.
+    /// runs the backend's progress between checks (at least once per call, however short
+    /// the timeout) and returns how many completions it handled.
     pub(crate) fn take(
         &self,
         tag: u64,
@@ -291,12 +377,59 @@ impl Inbox {
     ) -> Result<Message> {
         let start = Instant::now();
         let matches = |m: &Message| (m.tag ^ tag) & !ignore == 0;
-        loop {
-            {
-                let mut q = self.queue.lock().expect("inbox lock");
-                if let Some(i) = q.iter().position(matches) {
-                    return Ok(q.remove(i).expect("index from position"));
+        if let Some(m) = self.pop(matches) {
+            return Ok(m);
+        }
+        // Poll: drive progress and look again, without sleeping, for the poll window. A
+        // receive of at most NEVER_NAP (a caller polling in its own loop, 1 us at a time)
+        // polls for its whole timeout and never sleeps: a futex wait rounds so short a
+        // timeout up to the 50 us timer slack, which made every such poll cost up to 50 us.
+        let short = timeout <= NEVER_NAP;
+        let limit = if short { timeout } else { self.poll_window };
+        let mut polling = self
+            .polling
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+            .then_some(Polling {
+                inbox: self,
+                wake: true,
+            });
+        if polling.is_some() || short {
+            let mut polls = 0u32;
+            loop {
+                let handled = drive();
+                if let Some(m) = self.pop(matches) {
+                    return Ok(m);
                 }
+                let waited = start.elapsed();
+                if waited >= timeout {
+                    if let Some(p) = polling.as_mut() {
+                        // The caller comes straight back: leave the progress thread parked.
+                        p.wake = !short;
+                    }
+                    return Err(FabricError::RecvTimeout { tag, timeout });
+                }
+                if waited >= limit {
+                    break;
+                }
+                if handled == 0 {
+                    // Give the core away only every 64th idle poll: yielding on every poll
+                    // hands it to any runnable task for its whole slice.
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(64) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        drop(polling);
+        // Sleep until a message is pushed (by the progress thread or by the receive that
+        // polls), driving progress at each wake-up.
+        loop {
+            if let Some(m) = self.pop(matches) {
+                return Ok(m);
             }
             let waited = start.elapsed();
             if waited >= timeout {
@@ -307,6 +440,7 @@ impl Inbox {
                 let q = self.queue.lock().expect("inbox lock");
                 if !q.iter().any(matches) {
                     let nap = (timeout - waited).min(Duration::from_micros(200));
+                    self.naps.fetch_add(1, Ordering::Relaxed);
                     let _ = self.arrived.wait_timeout(q, nap).expect("inbox wait");
                 }
             }
@@ -331,6 +465,156 @@ mod tests {
         assert_eq!((m.tag, m.data.as_slice()), (0xB2, &b"second"[..]));
         assert!(b.recv_masked(0xB0, 0x0F, short).is_err());
         assert_eq!(b.recv(0xA1, short).unwrap().data, b"first");
+    }
+
+    fn message(tag: u64) -> Message {
+        Message {
+            tag,
+            peer: None,
+            data: tag.to_le_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_polling_receive_gets_what_its_own_progress_delivers_without_sleeping() {
+        // No progress thread: only the receive's own driving delivers (on its 500th call).
+        let inbox = Inbox::new(Duration::from_secs(60));
+        let drives = std::sync::atomic::AtomicUsize::new(0);
+        let m = inbox
+            .take(7, 0, Duration::from_secs(60), || {
+                assert!(inbox.polled(), "driving while not marked as polling");
+                if drives.fetch_add(1, Ordering::Relaxed) + 1 == 500 {
+                    inbox.push(message(9));
+                    inbox.push(message(7));
+                    2
+                } else {
+                    0
+                }
+            })
+            .unwrap();
+        assert_eq!(m, message(7));
+        assert_eq!(drives.load(Ordering::Relaxed), 500);
+        assert_eq!(inbox.naps(), 0, "the receive slept instead of polling");
+        assert!(!inbox.polled(), "still marked as polling after returning");
+        // The other message stays for its own receive.
+        assert_eq!(inbox.pop(|m| m.tag == 9), Some(message(9)));
+    }
+
+    #[test]
+    fn a_receive_shorter_than_the_poll_window_drives_progress_and_never_sleeps() {
+        let inbox = Inbox::new(Duration::from_millis(100));
+        let drives = std::sync::atomic::AtomicUsize::new(0);
+        let e = inbox
+            .take(7, 0, Duration::from_micros(1), || {
+                drives.fetch_add(1, Ordering::Relaxed);
+                0
+            })
+            .unwrap_err();
+        assert!(matches!(e, FabricError::RecvTimeout { tag: 7, .. }), "{e}");
+        assert!(drives.load(Ordering::Relaxed) >= 1);
+        assert_eq!(inbox.naps(), 0);
+        assert!(!inbox.polled());
+        // A zero timeout still drives progress once and takes what that delivered.
+        let m = inbox
+            .take(5, 0, Duration::ZERO, || {
+                inbox.push(message(5));
+                1
+            })
+            .unwrap();
+        assert_eq!(m.tag, 5);
+    }
+
+    #[test]
+    fn after_the_poll_window_a_receive_sleeps_and_times_out_with_its_tag() {
+        let inbox = Inbox::new(Duration::ZERO);
+        let e = inbox
+            .take(0x33, 0, Duration::from_millis(5), || 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, FabricError::RecvTimeout { tag: 0x33, .. }),
+            "{e}"
+        );
+        assert!(
+            inbox.naps() >= 1,
+            "a receive with no poll window never slept"
+        );
+        assert!(!inbox.polled());
+    }
+
+    #[test]
+    fn only_one_receive_polls_and_the_others_are_woken_by_its_progress() {
+        let inbox = std::sync::Arc::new(Inbox::new(Duration::from_secs(60)));
+        let second_started = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let poller = s.spawn(|| {
+                inbox.take(1, 0, Duration::from_secs(60), || {
+                    if second_started.load(Ordering::Acquire) && inbox.naps() > 0 {
+                        // The second receive is asleep: this one's progress delivers both.
+                        inbox.push(message(2));
+                        inbox.push(message(1));
+                        return 2;
+                    }
+                    0
+                })
+            });
+            // Wait until the first receive polls, then start a second one.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !inbox.polled() {
+                assert!(Instant::now() < deadline, "the first receive never polled");
+                std::thread::yield_now();
+            }
+            let sleeper = s.spawn(|| {
+                second_started.store(true, Ordering::Release);
+                inbox.take(2, 0, Duration::from_secs(60), || 0)
+            });
+            assert_eq!(sleeper.join().unwrap().unwrap(), message(2));
+            assert_eq!(poller.join().unwrap().unwrap(), message(1));
+        });
+        assert!(!inbox.polled());
+    }
+
+    #[test]
+    fn a_progress_thread_stepping_aside_is_woken_when_the_polling_receive_has_its_message() {
+        let inbox = Inbox::new(Duration::from_secs(3600));
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| {
+                inbox.take(3, 0, Duration::from_secs(3600), || {
+                    // The progress thread is parked (or about to park): deliver now.
+                    if inbox.aside.load(Ordering::SeqCst) {
+                        inbox.push(message(3));
+                        1
+                    } else {
+                        0
+                    }
+                })
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !inbox.polled() {
+                assert!(Instant::now() < deadline, "the receive never polled");
+                std::thread::yield_now();
+            }
+            // Parks for an hour unless the receive wakes it when it has its message.
+            inbox.step_aside(Duration::from_secs(3600));
+            assert!(!inbox.aside.load(Ordering::SeqCst));
+            assert_eq!(receiver.join().unwrap().unwrap(), message(3));
+        });
+        assert!(!inbox.polled());
+    }
+
+    #[test]
+    fn a_receive_waiting_on_a_closed_peer_ends_with_a_timeout_naming_its_tag() {
+        use crate::{open, FabricConfig};
+        let a = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
+        let b = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
+        let peer = a.connect(&b.address()).unwrap();
+        a.send(peer, 0x44, b"last").unwrap();
+        drop(a);
+        assert_eq!(b.recv(0x44, Duration::from_secs(5)).unwrap().data, b"last");
+        let e = b.recv(0x44, Duration::from_millis(20)).unwrap_err();
+        assert!(
+            matches!(e, FabricError::RecvTimeout { tag: 0x44, .. }),
+            "{e}"
+        );
     }
 
     #[test]

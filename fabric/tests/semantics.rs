@@ -168,6 +168,56 @@ fn many_in_flight(provider: Provider) {
     }
 }
 
+/// Endpoints whose receives poll for their whole timeout (`recv_poll` longer than it): the
+/// progress thread steps aside while they poll, so every message is delivered by the
+/// receiver's own progress, and a receive never sleeps.
+fn polling_config(provider: Provider) -> FabricConfig {
+    let mut config = FabricConfig::with_provider(provider);
+    config.op_timeout = Duration::from_secs(5);
+    config.recv_poll = Some(Duration::from_secs(3600));
+    config
+}
+
+fn polling_receives(provider: Provider) {
+    use fabric::ofi::OfiEndpoint;
+    let config = polling_config(provider);
+    let a = OfiEndpoint::open(provider, &config).unwrap();
+    let b = OfiEndpoint::open(provider, &config).unwrap();
+    let to_b = a.connect(&b.address()).unwrap();
+    let to_a = b.connect(&a.address()).unwrap();
+    const ROUNDS: u32 = 200;
+    std::thread::scope(|s| {
+        let echo = s.spawn(|| {
+            for i in 0..ROUNDS {
+                let m = b.recv_masked(0x100, 0xFF, Duration::from_secs(20)).unwrap();
+                assert_eq!((m.tag, m.peer), (0x100 | u64::from(i % 256), Some(to_a)));
+                b.send(to_a, 0x200, &m.data).unwrap();
+            }
+        });
+        for i in 0..ROUNDS {
+            let data = i.to_le_bytes();
+            a.send(to_b, 0x100 | u64::from(i % 256), &data).unwrap();
+            let m = a.recv(0x200, Duration::from_secs(20)).unwrap();
+            assert_eq!(m.data, data, "{provider}: round {i}");
+        }
+        echo.join().unwrap();
+    });
+    assert_eq!(a.receive_naps(), 0, "{provider}: a polling receive slept");
+    assert_eq!(b.receive_naps(), 0, "{provider}: a polling receive slept");
+    // A receive whose peer is gone ends with a timeout naming its tag, not a hang.
+    a.send(to_b, 0x300, b"last").unwrap();
+    drop(a);
+    assert_eq!(
+        b.recv(0x300, Duration::from_secs(20)).unwrap().data,
+        b"last"
+    );
+    let e = b.recv(0x300, Duration::from_millis(200)).unwrap_err();
+    assert!(
+        matches!(e, FabricError::RecvTimeout { tag: 0x300, .. }),
+        "{provider}: {e}"
+    );
+}
+
 macro_rules! per_provider {
     ($($name:ident: $p:expr;)*) => {$(
         mod $name {
@@ -186,6 +236,16 @@ per_provider! {
     loopback: Provider::Loopback;
     tcp: Provider::Tcp;
     shm: Provider::Shm;
+}
+
+#[test]
+fn tcp_receivers_that_poll_get_every_message_without_sleeping() {
+    polling_receives(Provider::Tcp)
+}
+
+#[test]
+fn shm_receivers_that_poll_get_every_message_without_sleeping() {
+    polling_receives(Provider::Shm)
 }
 
 #[test]
