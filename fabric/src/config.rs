@@ -69,12 +69,13 @@ impl FromStr for ProviderChoice {
     }
 }
 
+/// A receive poll window suited to a node with a core per rank (`KRUN_FABRIC_RECV_POLL_US=100`):
+/// a reply within it costs the provider's latency (shm 8 B one-way 1.2 us instead of
+/// 30-38 us on an idle 2-core machine). Not the default: when ranks share cores with other
+/// work, the polling receivers take turns on the cores and whole runs land at 60-190 us.
+pub const BUSY_RECV_POLL: Duration = Duration::from_micros(100);
+
 /// Settings of one endpoint. Defaults suit a job on a 2-core development node.
-/// The receive poll window of shm when the configuration sets none: a reply within it costs
-/// the provider's latency (8 B one-way 1.2 us instead of 30-38 us). Short enough that a
-/// receiver waiting for longer gives its core back soon (on a 2-core node running 4 ranks,
-/// spinning threads took the cores from the work).
-pub const SHM_RECV_POLL: Duration = Duration::from_micros(100);
 
 #[derive(Debug, Clone)]
 pub struct FabricConfig {
@@ -96,10 +97,12 @@ pub struct FabricConfig {
     pub secret: Option<crate::secret::ClusterSecret>,
     /// How long a receive polls for its message itself (driving the provider's progress,
     /// with the progress thread stepped aside) before it sleeps until the progress thread
-    /// delivers it; 0 sleeps at once (a receive with a timeout of 50 us or less always
-    /// polls). `None`: the provider's default, [`SHM_RECV_POLL`] on shm and 0 elsewhere (a
-    /// poll of tcp;ofi_rxm is a few system calls: MGS on the DSM over tcp, 4 ranks on 2
-    /// cores, took 20-40% longer with a 20 or 100 us window). `KRUN_FABRIC_RECV_POLL_US`.
+    /// delivers it; 0 (the default) sleeps at once. With a window set, a receive with a
+    /// timeout of 50 us or less (a caller polling in its own loop) polls and never sleeps.
+    /// Busy-polling is for nodes with a core per rank ([`BUSY_RECV_POLL`]); on shared cores
+    /// it makes latency bimodal, and on tcp;ofi_rxm a poll is a few system calls (MGS on the
+    /// DSM over tcp, 4 ranks on 2 cores, took 20-40% longer with a 20 or 100 us window).
+    /// `KRUN_FABRIC_RECV_POLL_US`.
     pub recv_poll: Option<Duration>,
 }
 
@@ -120,12 +123,9 @@ impl Default for FabricConfig {
 }
 
 impl FabricConfig {
-    /// The receive poll window in effect on `provider` (see [`FabricConfig::recv_poll`]).
-    pub fn recv_poll_on(&self, provider: Provider) -> Duration {
-        self.recv_poll.unwrap_or(match provider {
-            Provider::Shm => SHM_RECV_POLL,
-            _ => Duration::ZERO,
-        })
+    /// The receive poll window in effect (see [`FabricConfig::recv_poll`]).
+    pub fn recv_poll_window(&self) -> Duration {
+        self.recv_poll.unwrap_or(Duration::ZERO)
     }
 
     pub fn with_provider(provider: Provider) -> Self {

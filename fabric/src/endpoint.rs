@@ -279,7 +279,8 @@ pub trait Endpoint: Send + Sync {
 /// two, spins per endpoint. Only one receive polls at a time: others sleep at once and are
 /// woken by whoever pushes their message (on a 2-core node running 4 ranks, spinning threads
 /// took the cores from the work). After the window the receive sleeps and the progress
-/// thread serves, as before.
+/// thread serves, as before. The window is 0 unless configured (`KRUN_FABRIC_RECV_POLL_US`):
+/// busy-polling pays off with a core per rank, and makes latency bimodal on shared cores.
 pub(crate) struct Inbox {
     queue: Mutex<VecDeque<Message>>,
     arrived: Condvar,
@@ -384,7 +385,7 @@ impl Inbox {
         // receive of at most NEVER_NAP (a caller polling in its own loop, 1 us at a time)
         // polls for its whole timeout and never sleeps: a futex wait rounds so short a
         // timeout up to the 50 us timer slack, which made every such poll cost up to 50 us.
-        let short = timeout <= NEVER_NAP;
+        let short = timeout <= NEVER_NAP && !self.poll_window.is_zero();
         let limit = if short { timeout } else { self.poll_window };
         let mut polling = self
             .polling

@@ -68,7 +68,7 @@ impl LoopbackEndpoint {
             token,
             peers: RwLock::new(Vec::new()),
             keys: RwLock::new(HashMap::new()),
-            inbox: Inbox::new(config.recv_poll_on(Provider::Loopback)),
+            inbox: Inbox::new(config.recv_poll_window()),
             next_key: AtomicU64::new(1),
         });
         registry()

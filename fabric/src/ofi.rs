@@ -457,7 +457,7 @@ impl OfiEndpoint {
 
             cq_lock: Mutex::new(()),
             waiters: AtomicUsize::new(0),
-            inbox: Inbox::new(config.recv_poll_on(provider)),
+            inbox: Inbox::new(config.recv_poll_window()),
             timeout: config.op_timeout,
             max_message: config.max_message,
             atomic_scratch,

@@ -510,7 +510,7 @@ impl VerbsEndpoint {
 
             cq_lock: Mutex::new(()),
             waiters: AtomicUsize::new(0),
-            inbox: Inbox::new(config.recv_poll_on(Provider::Verbs)),
+            inbox: Inbox::new(config.recv_poll_window()),
             timeout: config.op_timeout,
             max_message: config.max_message,
             max_in_flight,
