@@ -3,7 +3,9 @@
 //! bandwidth, all measured in the same run.
 //!
 //! Every row is measured in 3 rounds (the first one on fresh memory, the next ones reusing
-//! it, as a long job does) and reported as median, min and max.
+//! it, as a long job does) and reported as median, min and max. Native captures of the
+//! same program are 1 s apart, as a job's checkpoints are (the runtime readies the next
+//! image file in between).
 //!
 //! Rows (seconds for the whole operation, GB/s = image bytes / seconds):
 //! - `criu-dump-disk`, `criu-restore-disk`: the CRIU command line, images in a disk
@@ -50,6 +52,9 @@ const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
 /// Rounds per measurement, at every size (median, min and max are reported).
 const ROUNDS: usize = 3;
+/// Between two native captures of the same program (a job's checkpoint interval is seconds
+/// or more; the time is not part of any row).
+const GAP: Duration = Duration::from_secs(1);
 
 fn sh(cmd: &mut Command, what: &str) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
@@ -378,6 +383,11 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
     // long job (fresh memory costs ~5x reused memory on these machines; see DESIGN.md).
     let mut version = 0;
     for round in 1..=ROUNDS {
+        if round > 1 {
+            // Checkpoints of a job are apart: the program computes in between while the
+            // runtime readies the next image file (not during the next freeze).
+            std::thread::sleep(GAP);
+        }
         // Capture to L1 (into the mapped image file, copy-on-write) and L2 from the file's
         // own pages as they become final (the capture's progress record): L2 overlaps L1.
         let c = native_capture_streamed(p.id(), &l1, owner, &stores.local)?;

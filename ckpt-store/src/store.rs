@@ -347,6 +347,20 @@ impl Store {
         }
         let arena_len = cfg.arena_bytes.max(ALIGN).div_ceil(ALIGN) * ALIGN;
         let arena_mr = ep.register(Region::new(arena_len)?)?;
+        // The lent memory is committed now, in one call, rather than page by page in the
+        // fabric's receive path while the first copies land (measured in `bench ckpt`: the
+        // first two 1 GiB L2 copies, each into untouched arena, took ~1.3 s after L1 against
+        // 0.28 s for the third, which reused touched memory). Best effort: an older kernel
+        // faults the pages in later.
+        // SAFETY: our own fresh anonymous mapping of `arena_len` bytes; populating changes
+        // no byte.
+        unsafe {
+            libc::madvise(
+                arena_mr.region().as_ptr().cast(),
+                arena_len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
         let disk = match &cfg.disk {
             Some(d) => Some(DiskLevel::open(d)?),
             None => None,
