@@ -3,7 +3,9 @@
 //! bandwidth, all measured in the same run.
 //!
 //! Every row is measured in 3 rounds (the first one on fresh memory, the next ones reusing
-//! it, as a long job does) and reported as median, min and max.
+//! it, as a long job does) and reported as median, min and max. Native captures of the
+//! same program are 1 s apart, as a job's checkpoints are (the runtime readies the next
+//! image file in between).
 //!
 //! Rows (seconds for the whole operation, GB/s = image bytes / seconds):
 //! - `criu-dump-disk`, `criu-restore-disk`: the CRIU command line, images in a disk
@@ -44,12 +46,15 @@ mod native;
 mod references;
 use holder::{start_and_wait, start_holder, Holder};
 use native::{map_file, native_capture, native_capture_streamed, overwrite};
-use references::{dd_direct_gbs, memcpy_gbs, rma_write_gbs};
+use references::{dd_direct_gbs, memcpy_gbs, rma_gbs, RmaShape};
 
 const WORK: &str = "/var/tmp/krun-bench-ckpt";
 const SHM: &str = "/dev/shm/krun-bench-ckpt";
 /// Rounds per measurement, at every size (median, min and max are reported).
 const ROUNDS: usize = 3;
+/// Between two native captures of the same program (a job's checkpoint interval is seconds
+/// or more; the time is not part of any row).
+const GAP: Duration = Duration::from_secs(1);
 
 fn sh(cmd: &mut Command, what: &str) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
@@ -378,6 +383,11 @@ fn measure_size(gib: u64, holder: &Path, native: &Path, rows: &mut Vec<Row>) -> 
     // long job (fresh memory costs ~5x reused memory on these machines; see DESIGN.md).
     let mut version = 0;
     for round in 1..=ROUNDS {
+        if round > 1 {
+            // Checkpoints of a job are apart: the program computes in between while the
+            // runtime readies the next image file (not during the next freeze).
+            std::thread::sleep(GAP);
+        }
         // Capture to L1 (into the mapped image file, copy-on-write) and L2 from the file's
         // own pages as they become final (the capture's progress record): L2 overlaps L1.
         let c = native_capture_streamed(p.id(), &l1, owner, &stores.local)?;
@@ -515,12 +525,34 @@ pub fn run(args: CkptArgs) -> Result<(), String> {
     println!("references (1 GiB):");
     let dd = dd_direct_gbs(1)?;
     let memcpy = memcpy_gbs(1);
-    let rma = rma_write_gbs(1)?;
-    println!(
-        "  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s, RMA write (tcp) {rma:.2} GB/s"
-    );
+    // The fabric to another process, at the streamed put's shape and at the store's
+    // earlier one (8 MiB, 8 in flight); the best write is the L2 reference.
+    let shapes = rma_gbs(
+        1,
+        &[
+            (ckpt_store::PIPE_CHUNK, ckpt_store::PIPE_WINDOW),
+            (8 << 20, 8),
+            (1 << 20, 16),
+        ],
+    )?;
+    println!("  dd oflag=direct {dd:.2} GB/s, memcpy {memcpy:.2} GB/s");
+    for s in &shapes {
+        println!(
+            "  RMA over tcp to another process, {} MiB x {} in flight: write {:.2} GB/s, read {:.2} GB/s",
+            s.chunk >> 20,
+            s.window,
+            s.write_gbs,
+            s.read_gbs
+        );
+    }
+    let rma = shapes.iter().map(|s| s.write_gbs).fold(0.0, f64::max);
     let out = args.out.clone().unwrap_or_else(|| results_path("ckpt"));
-    let refs = References { dd, memcpy, rma };
+    let refs = References {
+        dd,
+        memcpy,
+        rma,
+        shapes,
+    };
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     // Written after every size: a size the machine cannot hold (the kernel's OOM killer ends
@@ -577,7 +609,9 @@ pub fn run(args: CkptArgs) -> Result<(), String> {
 struct References {
     dd: f64,
     memcpy: f64,
+    /// The best RMA write bandwidth of `shapes`.
     rma: f64,
+    shapes: Vec<RmaShape>,
 }
 
 /// Writes `ckpt.json` and `ckpt.png` for the rows measured so far.
@@ -652,7 +686,11 @@ fn save(
         "failed": failed,
         "rows": json_rows,
         "reference": {"dd_direct_gbs": json_num(Some(refs.dd)), "memcpy_gbs": json_num(Some(refs.memcpy)),
-                      "rma_write_gbs": json_num(Some(refs.rma))}
+                      "rma_write_gbs": json_num(Some(refs.rma)),
+                      "rma_tcp_to_another_process": refs.shapes.iter().map(|s| json!({
+                          "chunk_bytes": s.chunk, "in_flight": s.window,
+                          "write_gbs": json_num(Some(s.write_gbs)), "read_gbs": json_num(Some(s.read_gbs))
+                      })).collect::<Vec<_>>()}
     });
     write_results(out, value, &figure)?;
     Ok(())

@@ -775,7 +775,7 @@ fn encode_target_blob(addr: &EndpointAddress, remote: &RemoteRegion) -> Vec<u8> 
     out
 }
 
-fn decode_target_blob(blob: &[u8]) -> Result<(EndpointAddress, RemoteRegion), String> {
+pub(crate) fn decode_target_blob(blob: &[u8]) -> Result<(EndpointAddress, RemoteRegion), String> {
     let bad = || format!("malformed target blob ({} bytes)", blob.len());
     let n = u32::from_le_bytes(
         blob.get(..4)

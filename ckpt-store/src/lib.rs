@@ -11,5 +11,5 @@ pub use buddy::Placement;
 pub use error::{Result, StoreError};
 pub use store::{
     GetReport, ImageBytes, Level, NewestSafe, NodeInfo, ParityState, PutReport, Ready, Store,
-    StoreConfig, Usage,
+    StoreConfig, Usage, PIPE_CHUNK, PIPE_WINDOW,
 };

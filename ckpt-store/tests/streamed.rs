@@ -273,3 +273,65 @@ fn the_previous_version_stays_safe_until_the_next_is_verified_at_the_buddy() {
     assert_eq!(r.level, Level::L2);
     assert!(got == image(2 << 20, 3));
 }
+
+/// A fault in one RMA write while the writes after it are in flight (a window of them, over
+/// several of the writer's ranges): the whole put fails naming the write, every write posted
+/// has ended, nothing is safe at L1 or L2, the buddy's reservation is handed back, and the
+/// same version put again afterwards is whole at the buddy.
+#[test]
+fn a_fault_in_one_write_among_several_in_flight_fails_the_whole_put_and_marks_nothing_safe() {
+    let c = cluster("fault", 2);
+    // 24 MiB: 12 writes of 2 MiB, all in the window at once.
+    let data = Arc::new(image(24 << 20, 5));
+    let file = zero_file(&c, "rank0.kgi", data.len());
+    std::fs::write(&file, &data[..]).unwrap();
+    let buddy = c.s(0).buddy();
+    let free_before = c.s(buddy).usage().arena_free;
+    // The 3rd write fails when its turn comes; writes 4.. are posted behind it.
+    c.s(0).fail_rma_write_for_test(3);
+    let mut reported = false;
+    let mut next = || {
+        Ok(if reported {
+            Ready::Complete
+        } else {
+            reported = true;
+            Ready::Range(HEAD, data.len() as u64)
+        })
+    };
+    // SAFETY: the file is complete and not written again.
+    let e = unsafe { c.s(0).put_file_streamed("rank-0", 1, &file, &mut next, T) }.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("RMA write of bytes") && text.contains("injected fault"),
+        "{text}"
+    );
+    for level in [Level::L1, Level::L2] {
+        assert!(
+            !c.s(0).is_safe("rank-0", 1, level),
+            "{level} after a failed put"
+        );
+    }
+    assert!(
+        c.s(buddy).get("rank-0", 1).is_err(),
+        "the buddy holds no copy"
+    );
+    assert_eq!(
+        c.s(buddy).usage().arena_free,
+        free_before,
+        "the reservation is handed back"
+    );
+    // Without the fault the same version goes through whole.
+    let mut reported = false;
+    let mut next = || {
+        Ok(if reported {
+            Ready::Complete
+        } else {
+            reported = true;
+            Ready::Range(HEAD, data.len() as u64)
+        })
+    };
+    // SAFETY: as above.
+    let report = unsafe { c.s(0).put_file_streamed("rank-0", 1, &file, &mut next, T) }.unwrap();
+    assert_eq!(report.crc, crc32c::crc32c(&data));
+    assert!(c.s(0).is_safe("rank-0", 1, Level::L2));
+}

@@ -438,7 +438,11 @@ impl Checkpointer for NativeCheckpointer {
         signal(pid, libc::SIGUSR2)?;
         let start = Instant::now();
         loop {
-            if let Ok(text) = std::fs::read_to_string(&marker) {
+            // (An empty marker is one a runtime of an older build is still writing.)
+            if let Some(text) = std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+            {
                 let version: u64 = text
                     .split_whitespace()
                     .next()

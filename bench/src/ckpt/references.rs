@@ -1,11 +1,13 @@
 //! The references `bench ckpt` measures in the same run: `dd oflag=direct`, memcpy and the
-//! fabric's RMA write bandwidth.
+//! fabric's RMA write and read bandwidth to another process.
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use fabric::{open, FabricConfig, Provider, Region};
+use fabric::bootstrap::{BootstrapClient, BootstrapServer};
+use fabric::{open, Endpoint, FabricConfig, MemoryRegion, PeerId, Provider, Region, RemoteRegion};
 
+use super::holder::Holder;
 use super::{sh, WORK};
 use crate::report::gbs;
 
@@ -35,32 +37,93 @@ pub(super) fn memcpy_gbs(gib: u64) -> f64 {
     gbs(n as u64, start.elapsed())
 }
 
-/// One-sided RMA writes of `gib` GiB over tcp between two endpoints, 8 MiB per write.
-pub(super) fn rma_write_gbs(gib: u64) -> Result<f64, String> {
-    let a = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
-    let b = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
+/// Bandwidth of one shape of one-sided transfers (see [`rma_gbs`]).
+pub(super) struct RmaShape {
+    pub chunk: usize,
+    pub window: usize,
+    pub write_gbs: f64,
+    pub read_gbs: f64,
+}
+
+/// One-sided RMA writes, then reads, of `gib` GiB over tcp between this process and a
+/// target process (`bench fabric-target`, re-executed from this binary: another process, as
+/// the buddy is), out of and into registered buffers of that size (out of cache, as an
+/// image is), for each (bytes per operation, operations in flight) of `shapes`.
+pub(super) fn rma_gbs(gib: u64, shapes: &[(usize, usize)]) -> Result<Vec<RmaShape>, String> {
     let n = (gib << 30) as usize;
-    let src = a
+    let setup = Duration::from_secs(60);
+    let server = BootstrapServer::start("127.0.0.1:0", 2, setup).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("locating bench: {e}"))?;
+    let child = Command::new(exe)
+        .args(["fabric-target", "--provider", "tcp", "--bootstrap"])
+        .arg(server.addr().to_string())
+        .args(["--region", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawning the fabric-target process: {e}"))?;
+    // Ends the target by PID however this returns.
+    let _target = Holder::of(child);
+    let ep = open(&FabricConfig::with_provider(Provider::Tcp)).map_err(|e| e.to_string())?;
+    let (peer, remote) = {
+        let mut client =
+            BootstrapClient::connect(server.addr(), 0, 2, setup).map_err(|e| e.to_string())?;
+        let all = client
+            .allgather(&ep.address().to_bytes())
+            .map_err(|e| format!("bootstrap all-gather (did the target start?): {e}"))?;
+        let (addr, remote) = crate::fabric::decode_target_blob(&all[1])?;
+        let peer = ep.connect(&addr).map_err(|e| e.to_string())?;
+        client.barrier().map_err(|e| e.to_string())?;
+        (peer, remote)
+    };
+    let local = ep
         .register(Region::new(n).map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
-    let dst = b
-        .register(Region::new(n).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    src.region().fill(0, n, 7).map_err(|e| e.to_string())?;
-    dst.region().fill(0, n, 0).map_err(|e| e.to_string())?;
-    let peer = a.connect(&b.address()).map_err(|e| e.to_string())?;
-    let remote = dst.remote();
-    let chunk = 8 << 20;
+    local.region().fill(0, n, 7).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for &(chunk, window) in shapes {
+        let write_gbs = stream(&*ep, peer, &local, &remote, n, chunk, window, true)?;
+        let read_gbs = stream(&*ep, peer, &local, &remote, n, chunk, window, false)?;
+        out.push(RmaShape {
+            chunk,
+            window,
+            write_gbs,
+            read_gbs,
+        });
+    }
+    let _ = server.join();
+    Ok(out)
+}
+
+/// `n` bytes in `chunk`-byte operations, `window` in flight: GB/s.
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    ep: &dyn Endpoint,
+    peer: PeerId,
+    local: &MemoryRegion,
+    remote: &RemoteRegion,
+    n: usize,
+    chunk: usize,
+    window: usize,
+    write: bool,
+) -> Result<f64, String> {
     let start = Instant::now();
     let mut inflight = std::collections::VecDeque::new();
     let mut at = 0;
     while at < n || !inflight.is_empty() {
-        while at < n && inflight.len() < 8 {
-            // SAFETY: nothing else touches either buffer while the writes are in flight.
-            let c = unsafe { a.post_write(peer, &src, at, chunk.min(n - at), &remote, at as u64) }
-                .map_err(|e| e.to_string())?;
+        while at < n && inflight.len() < window {
+            let len = chunk.min(n - at);
+            // SAFETY: nothing else touches either buffer while the operations are in flight.
+            let c = unsafe {
+                if write {
+                    ep.post_write(peer, local, at, len, remote, at as u64)
+                } else {
+                    ep.post_read(peer, local, at, len, remote, at as u64)
+                }
+            }
+            .map_err(|e| e.to_string())?;
             inflight.push_back(c);
-            at += chunk;
+            at += len;
         }
         if let Some(c) = inflight.pop_front() {
             c.wait().map_err(|e| e.to_string())?;

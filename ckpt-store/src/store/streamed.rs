@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::mapped::PutReport;
+use super::pipeline::WritePipe;
 use super::unexpected;
 
 /// What the writer of a streamed file reports (see [`Store::put_file_streamed`]).
@@ -31,12 +32,8 @@ pub enum Ready {
     Complete,
 }
 
-/// Polls the writer until the file is complete, handing each range it reports final on.
-type WaitComplete<'a> = dyn Fn(&mut dyn FnMut() -> Result<Ready>, &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()>
-    + 'a;
-
 /// The parts of `start..end` not yet in `sent` (disjoint, sorted by start).
-fn unsent(sent: &BTreeMap<u64, u64>, start: u64, end: u64) -> Vec<(u64, u64)> {
+pub(super) fn unsent(sent: &BTreeMap<u64, u64>, start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut at = start;
     // The range that starts before `start` may cover part of it.
@@ -101,28 +98,27 @@ impl Store {
         let mr = inner.ep.register(region)?;
         let key = (owner.to_string(), version);
         let start = Instant::now();
-        let wait_complete = |next: &mut dyn FnMut() -> Result<Ready>,
-                             on_range: &mut dyn FnMut(u64, u64) -> Result<()>|
-         -> Result<()> {
+        let overdue = || {
+            (start.elapsed() > timeout).then(|| {
+                StoreError::Invalid(format!(
+                    "{owner} v{version}: {} not complete within {timeout:?}",
+                    path.display()
+                ))
+            })
+        };
+        if inner.cfg.nodes.len() < 2 {
             loop {
                 match next()? {
-                    Ready::Complete => return Ok(()),
-                    Ready::Range(s, e) => on_range(s.min(len), e.min(len))?,
+                    Ready::Complete => return self.insert_l1(owner, version, mr, ulen),
+                    Ready::Range(..) => {}
                     Ready::Pending => {
-                        if start.elapsed() > timeout {
-                            return Err(StoreError::Invalid(format!(
-                                "{owner} v{version}: {} not complete within {timeout:?}",
-                                path.display()
-                            )));
+                        if let Some(e) = overdue() {
+                            return Err(e);
                         }
                         std::thread::sleep(Duration::from_micros(100));
                     }
                 }
             }
-        };
-        if inner.cfg.nodes.len() < 2 {
-            wait_complete(next, &mut |_, _| Ok(()))?;
-            return self.insert_l1(owner, version, mr, ulen);
         }
         let buddy = inner.buddy_of(inner.cfg.node);
         if inner.is_down(buddy) {
@@ -149,15 +145,7 @@ impl Store {
         };
         let sent = match RemoteRegion::from_bytes(&remote) {
             Ok(remote) => self.stream_to(
-                buddy,
-                &mr,
-                len,
-                &remote,
-                offset,
-                owner,
-                version,
-                next,
-                &wait_complete,
+                buddy, &mr, len, &remote, offset, owner, version, next, &overdue,
             ),
             Err(e) => Err(e.into()),
         };
@@ -185,7 +173,9 @@ impl Store {
     }
 
     /// Sends the file into the buddy's reservation as it becomes final, then commits it;
-    /// returns the file's crc32c.
+    /// returns the file's crc32c. The writes go through one [`WritePipe`]: the window stays
+    /// full across ranges, and while the writer has nothing new the oldest writes are
+    /// retired instead of sleeping. Every write has ended when this returns, error or not.
     #[allow(clippy::too_many_arguments)]
     fn stream_to(
         &self,
@@ -197,28 +187,29 @@ impl Store {
         owner: &str,
         version: u64,
         next: &mut dyn FnMut() -> Result<Ready>,
-        wait_complete: &WaitComplete,
+        overdue: &dyn Fn() -> Option<StoreError>,
     ) -> Result<u32> {
         let inner: &Inner = &self.inner;
-        // start -> (end, crc32c of the bytes)
-        let mut sent: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
-        let send = |s: u64, e: u64, sent: &mut BTreeMap<u64, (u64, u32)>| -> Result<()> {
-            let ends: BTreeMap<u64, u64> = sent.iter().map(|(&s, &(e, _))| (s, e)).collect();
-            for (a, b) in unsent(&ends, s, e) {
-                inner.rma_write_range(buddy, mr, a as usize, (b - a) as usize, remote, a)?;
-                // SAFETY: a..b is final (the caller's contract) and inside the mapping.
-                let crc =
-                    crc32c::crc32c(unsafe { &mr.region().as_slice()[a as usize..b as usize] });
-                sent.insert(a, (b, crc));
+        let mut pipe = WritePipe::new(inner, buddy, mr, remote);
+        loop {
+            match next()? {
+                Ready::Complete => break,
+                Ready::Range(s, e) => pipe.send(s.min(len), e.min(len))?,
+                Ready::Pending => {
+                    if let Some(e) = overdue() {
+                        return Err(e);
+                    }
+                    if pipe.in_flight() > 0 {
+                        pipe.retire_oldest()?;
+                    } else {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
             }
-            Ok(())
-        };
-        wait_complete(next, &mut |s, e| send(s, e, &mut sent))?;
-        send(0, len, &mut sent)?;
-        // The pieces tile the file now: their crcs combine, in file order, into the file's.
-        let crc = sent.iter().fold(0u32, |acc, (&s, &(e, c))| {
-            crc32c::crc32c_combine(acc, c, (e - s) as usize)
-        });
+        }
+        // The rest: the header and checksums written last, and any part not reported.
+        pipe.send(0, len)?;
+        let crc = pipe.finish(len)?;
         let ack = inner.request(
             buddy,
             Body::Commit {

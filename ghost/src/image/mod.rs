@@ -99,6 +99,9 @@ struct PendingSection {
     header_at: usize,
     payload_at: usize,
     payload_len: usize,
+    /// The payload's crc32c, when its writer took it while filling it (see
+    /// [`ImageBuilder::set_payload_crc`]); else [`ImageBuilder::seal`] reads the payload.
+    crc: Option<u32>,
 }
 
 impl ImageBuilder {
@@ -299,8 +302,25 @@ impl ImageBuilder {
             header_at,
             payload_at,
             payload_len: stored_len,
+            crc: None,
         });
         Ok(payload_at)
+    }
+
+    /// Gives the crc32c of the payload of the section whose payload starts at `payload_at`
+    /// (as returned by [`ImageBuilder::reserve_offset`]), taken by whoever filled it, so that
+    /// [`ImageBuilder::seal`] does not read the payload again. A wrong crc makes the image
+    /// fail its checks when it is read, like any corruption.
+    pub fn set_payload_crc(&mut self, payload_at: usize, crc: u32) -> Result<()> {
+        let s = self
+            .sections
+            .iter_mut()
+            .find(|s| s.payload_at == payload_at)
+            .ok_or_else(|| {
+                GhostError::Invalid(format!("no section's payload starts at {payload_at}"))
+            })?;
+        s.crc = Some(crc);
+        Ok(())
     }
 
     /// Computes every checksum and returns the encoded image (empty when built in place:
@@ -316,7 +336,9 @@ impl ImageBuilder {
     /// Computes every checksum and returns the image's length.
     pub fn seal(&mut self) -> usize {
         for s in &self.sections {
-            let crc = crc32c::crc32c(&self.buf[s.payload_at..s.payload_at + s.payload_len]);
+            let crc = s.crc.unwrap_or_else(|| {
+                crc32c::crc32c(&self.buf[s.payload_at..s.payload_at + s.payload_len])
+            });
             self.buf[s.header_at + 24..s.header_at + 28].copy_from_slice(&crc.to_le_bytes());
             let hcrc = crc32c::crc32c_append(
                 crc32c::crc32c(&self.buf[s.header_at..s.header_at + 28]),
@@ -412,6 +434,7 @@ pub(crate) fn chunk_len(total: usize, chunk: usize) -> usize {
     DELTA_CHUNK.min(total - chunk * DELTA_CHUNK)
 }
 
+pub mod crc;
 mod read;
 pub use read::{materialize_region, Header, Image, Section};
 

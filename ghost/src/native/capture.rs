@@ -6,7 +6,7 @@ use super::{
     Inflight, L1File, NativeRuntime, TrackedRegion, CLEAN, COPYING, DIRTY, PENDING,
 };
 use crate::error::{GhostError, Result};
-use crate::image::{ImageBuilder, SectionKind, DELTA_CHUNK, HEADER_LEN, SECTION_HEADER_LEN};
+use crate::image::{crc, ImageBuilder, SectionKind, DELTA_CHUNK, HEADER_LEN, SECTION_HEADER_LEN};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 /// Name of the padding sections (meta sections of newlines, which readers skip).
 const PAD: &str = "pad";
 const PAGE: usize = 4096;
-/// Chunks between two publications of the copy's progress (8 MiB of 64 KiB chunks).
-const PUBLISH_EVERY: usize = 128;
+/// Chunks between two publications of the copy's progress (2 MiB of 64 KiB chunks: one
+/// RMA write of a streamed put).
+const PUBLISH_EVERY: usize = 32;
 
 /// Bytes of padding payload that put the payload of a region section named with `name_len`
 /// bytes at a page boundary, when the padding section starts at `at`.
@@ -97,6 +98,12 @@ impl NativeRuntime {
         // `dest` is this chunk's reserved, disjoint range of the image buffer, which stays
         // allocated until every PENDING/COPYING chunk is copied.
         unsafe { std::ptr::copy_nonoverlapping(start as *const u8, (base + dest) as *mut u8, len) };
+        // The chunk's crc while its bytes are in cache: the image's checksum is combined from
+        // these instead of reading the payload again (see `image::crc`).
+        // SAFETY: the range just written, reserved for this chunk alone.
+        let crc =
+            crc32c::crc32c(unsafe { std::slice::from_raw_parts((base + dest) as *const u8, len) });
+        region.crcs[c].store(crc, Ordering::Relaxed);
     }
 
     /// Waits for the capture in flight, if any, and returns its report.
@@ -312,7 +319,7 @@ impl NativeRuntime {
         &self,
         regions: Vec<Arc<TrackedRegion>>,
         mut builder: ImageBuilder,
-        l1: L1File,
+        mut l1: L1File,
         wholes: Vec<Option<usize>>,
         version: u64,
         parent: u64,
@@ -321,6 +328,9 @@ impl NativeRuntime {
         freeze_start: Instant,
     ) -> Result<CaptureReport> {
         let cow_before = self.cow_chunks.load(Ordering::Relaxed);
+        // A file made in the freeze (no readied one): map its pages in one go, now that the
+        // program runs again, rather than fault on each while copying.
+        l1.populate();
         let ranges: Vec<(u64, u64)> = regions
             .iter()
             .zip(&wholes)
@@ -350,7 +360,7 @@ impl NativeRuntime {
                     self.copy_chunk(r, c);
                     r.states[c].store(CLEAN, Ordering::Release);
                 }
-                // Every 8 MiB, publish how far the region's payload is final.
+                // Every PUBLISH_EVERY chunks, publish how far the region's payload is final.
                 if let (Some(first), Some(p)) = (whole, &progress) {
                     if c % PUBLISH_EVERY == PUBLISH_EVERY - 1 {
                         while low <= c && !busy(&r.states[low]) {
@@ -378,6 +388,15 @@ impl NativeRuntime {
             }
         }
         *self.filling.lock().expect("lock") = None;
+        // Whole regions: their payload's crc from the chunks' (each chunk was copied once).
+        let shift = crc::Shift::new(DELTA_CHUNK);
+        for (r, whole) in regions.iter().zip(&wholes) {
+            if let Some(first) = whole {
+                let pieces = (0..r.states.len())
+                    .map(|c| (r.crcs[c].load(Ordering::Relaxed), r.chunk_range(c).1));
+                builder.set_payload_crc(*first, crc::combine_pieces(&shift, pieces))?;
+            }
+        }
         let image_bytes = builder.seal() as u64;
         drop(builder);
         let path = match l1.commit() {
@@ -415,7 +434,7 @@ impl NativeRuntime {
                 &self.config.owner,
                 report.image_bytes as usize,
             ) {
-                Ok(f) => *self.next_l1.lock().expect("lock") = f,
+                Ok(f) => *self.next_l1.lock().expect("lock") = Some(f),
                 Err(e) => eprintln!("krun-ghost: readying the next image file: {e}"),
             }
         }

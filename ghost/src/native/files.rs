@@ -208,6 +208,8 @@ pub(crate) struct L1File {
     len: usize,
     tmp: PathBuf,
     path: PathBuf,
+    /// Every page is mapped already ([`L1File::populate`]).
+    populated: bool,
 }
 
 // SAFETY: the mapping is owned by this value alone.
@@ -290,21 +292,31 @@ impl L1File {
             len,
             tmp,
             path,
+            populated: false,
         })
     }
 
-    /// A file of `len` bytes readied from the oldest spare of `<dir>/<owner>` under a
-    /// temporary name, its pages mapped for writing, for the next capture to take without
-    /// doing this work during its freeze (see [`L1File::retarget`]); `None` without a spare.
-    pub(crate) fn prepare(dir: &Path, owner: &str, len: usize) -> Result<Option<L1File>> {
+    /// A file of `len` bytes readied under a temporary name, its pages mapped for writing,
+    /// for the next capture to take without doing this work during its freeze or faulting
+    /// on its pages while it copies (see [`L1File::retarget`]): the oldest spare of
+    /// `<dir>/<owner>` when there is one, else a new file (after the first capture, before
+    /// any image was replaced: the one extra file the spare budget allows).
+    pub(crate) fn prepare(dir: &Path, owner: &str, len: usize) -> Result<L1File> {
         let owner_dir = dir.join(owner);
-        let Some(spare) = spare_files(&owner_dir).into_iter().next() else {
-            return Ok(None);
-        };
-        let f = L1File::create_at(&owner_dir.join("next"), len, Some(spare))?;
-        // SAFETY: our own mapping of `len` bytes; populating changes no byte.
-        unsafe { libc::madvise(f.map.cast(), len, libc::MADV_POPULATE_WRITE) };
-        Ok(Some(f))
+        let spare = spare_files(&owner_dir).into_iter().next();
+        let mut f = L1File::create_at(&owner_dir.join("next"), len, spare)?;
+        f.populate();
+        Ok(f)
+    }
+
+    /// Maps every page of the file for writing now (one call instead of a page fault per
+    /// 4 KiB while the capture copies); best effort, no byte changes.
+    pub(crate) fn populate(&mut self) {
+        if !self.populated && !self.map.is_null() {
+            // SAFETY: our own mapping of `len` bytes; populating changes no byte.
+            unsafe { libc::madvise(self.map.cast(), self.len, libc::MADV_POPULATE_WRITE) };
+            self.populated = true;
+        }
     }
 
     /// Names the image the file becomes at commit.

@@ -32,7 +32,7 @@ use crate::error::{GhostError, Result};
 use crate::image::DELTA_CHUNK;
 use crate::uffd::WriteProtectFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -131,6 +131,8 @@ struct TrackedRegion {
     zero: Vec<AtomicBool>,
     /// Where each chunk goes in the image being filled (valid while PENDING or COPYING).
     dest: Mutex<Vec<usize>>,
+    /// The crc32c of each chunk as last copied into an image (valid once it is copied).
+    crcs: Vec<AtomicU32>,
     /// The region is (partly) a private mapping of the image file it was restored from
     /// (see `regions.rs`): giving pages back must map fresh anonymous memory over them
     /// instead of `MADV_DONTNEED`, which would bring the file's bytes back.

@@ -14,7 +14,7 @@ use super::{files, image_path, NativeRuntime, TrackedRegion, CLEAN, COPYING, DIR
 use crate::error::{GhostError, Result};
 use crate::image::{self, Image, DELTA_CHUNK};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 impl NativeRuntime {
@@ -81,7 +81,7 @@ impl NativeRuntime {
         if let Some((version, chain)) = from.as_ref().and_then(|g| g.as_ref()) {
             let images = chain
                 .iter()
-                .map(|b| Image::parse(b))
+                .map(|b| Image::parse_verified(b))
                 .collect::<Result<Vec<_>>>()?;
             // SAFETY: the caller's contract (private memory of ours, page-aligned).
             mapped =
@@ -120,6 +120,7 @@ impl NativeRuntime {
             states: (0..chunks).map(|_| AtomicU8::new(CLEAN)).collect(),
             zero: zeros.into_iter().map(AtomicBool::new).collect(),
             dest: Mutex::new(vec![0; chunks]),
+            crcs: (0..chunks).map(|_| AtomicU32::new(0)).collect(),
             file_backed: AtomicBool::new(mapped),
         };
         self.regions.write().expect("lock").push(Arc::new(region));

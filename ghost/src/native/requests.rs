@@ -59,7 +59,11 @@ impl NativeRuntime {
         if ROLLBACK_REQUESTED.swap(false, Ordering::SeqCst) {
             let version = self.rollback(self.requested_rollback_version())?;
             let marker = self.config.dir.join(&self.config.owner).join(ROLLED_BACK);
-            let _ = std::fs::write(marker, format!("{version} {}\n", std::process::id()));
+            // Atomically: the checkpointer polls for it and must never read it half written.
+            let _ = super::write_atomically(
+                &marker,
+                format!("{version} {}\n", std::process::id()).as_bytes(),
+            );
             return Ok(SafepointAction::RolledBack(version));
         }
         if CHECKPOINT_REQUESTED.swap(false, Ordering::SeqCst) {

@@ -21,7 +21,7 @@ impl NativeRuntime {
         let chain = load_chain(&self.config.dir, &self.config.owner, version)?;
         let images = chain
             .iter()
-            .map(|b| Image::parse(b))
+            .map(|b| Image::parse_verified(b))
             .collect::<Result<Vec<_>>>()?;
         let regions = self.regions.read().expect("lock").clone();
         for r in &regions {
