@@ -94,6 +94,7 @@ fn session(
 ) -> Result<f64, String> {
     let mut fabric = FabricConfig::with_provider(provider);
     fabric.max_message = 1 << 16;
+    fabric.recv_poll = report::recv_poll_from_env()?;
     let r = Rank::init_with(Config {
         rank: me,
         size: 2,
@@ -284,6 +285,7 @@ pub fn run(args: LoggingArgs) -> Result<(), String> {
         "batch": batch,
         "batches": batches,
         "target_ratio": TARGET_RATIO,
+        "recv_poll_us": report::recv_poll_from_env()?.map(|d| d.as_micros() as u64),
         "rows": rows,
     });
     let figure = Figure {

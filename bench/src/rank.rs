@@ -159,10 +159,11 @@ enum Side {
     },
 }
 
-fn fabric_config(provider: Provider) -> FabricConfig {
+fn fabric_config(provider: Provider) -> Result<FabricConfig, String> {
     let mut c = FabricConfig::with_provider(provider);
     c.max_message = BUFFER;
-    c
+    c.recv_poll = report::recv_poll_from_env()?;
+    Ok(c)
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -181,7 +182,7 @@ impl Side {
                 rank: me,
                 size: 2,
                 bootstrap: Some(bootstrap),
-                fabric: fabric_config(provider),
+                fabric: fabric_config(provider)?,
                 bind_explicit: true,
                 recv_timeout: Some(TIMEOUT),
                 checkpoints: None,
@@ -196,7 +197,7 @@ impl Side {
         }
         let mut boot =
             BootstrapClient::connect_with(bootstrap, me, 2, TIMEOUT, None).map_err(err)?;
-        let ep = fabric::open(&fabric_config(provider)).map_err(err)?;
+        let ep = fabric::open(&fabric_config(provider)?).map_err(err)?;
         let buf = ep
             .register(Region::new(RMA_BUFFER).map_err(err)?)
             .map_err(err)?;
@@ -734,6 +735,7 @@ pub fn run(args: RankArgs) -> Result<(), String> {
         "runs": runs,
         "bandwidth_bursts": BURSTS,
         "bandwidth_depth": DEPTH,
+        "recv_poll_us": report::recv_poll_from_env()?.map(|d| d.as_micros() as u64),
         "quick": quick,
         "target": {"lat_overhead_pct_max": 10, "bw_loss_pct_max": 5},
         "rows": rows,

@@ -54,6 +54,21 @@ impl Table {
     }
 }
 
+/// The receive poll window `KRUN_FABRIC_RECV_POLL_US` sets (busy-polling receives), applied
+/// to the benches' own endpoints alike on both sides of a comparison; `None` when unset.
+pub fn recv_poll_from_env() -> Result<Option<std::time::Duration>, String> {
+    match std::env::var("KRUN_FABRIC_RECV_POLL_US") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(|us| Some(std::time::Duration::from_micros(us)))
+            .map_err(|_| {
+                format!("KRUN_FABRIC_RECV_POLL_US: {v:?} is not a number of microseconds")
+            }),
+    }
+}
+
 /// `bench/results/<name>.json` in the source tree (where `cargo run -p bench` expects it).
 pub fn results_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
