@@ -114,6 +114,14 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "fabric",
+        "recv_poll_us",
+        "KRUN_FABRIC_RECV_POLL_US",
+        Kind::Count,
+        Some("0"),
+        "microseconds a receive polls for its message before it sleeps (100 for a core per rank)",
+    ),
+    s(
+        "fabric",
         "bind",
         "KRUN_FABRIC_BIND",
         Kind::Ip,
