@@ -155,6 +155,27 @@ impl Ids {
         }
     }
 
+    /// The actions that end a job on `error`, in `epoch`: the decision recorded, the user
+    /// told, the job ended (every policy ends a job this way).
+    pub fn end_job(&mut self, epoch: Epoch, now: Millis, error: crate::PolicyError) -> Vec<Action> {
+        let d = self.decision(
+            epoch,
+            DecisionKind::JobEnded {
+                error: Some(error.to_string()),
+            },
+        );
+        vec![
+            Action::Record(d),
+            Action::notice(
+                now,
+                crate::report::NoticeKind::JobEnded {
+                    error: error.clone(),
+                },
+            ),
+            Action::EndJob { error: Some(error) },
+        ]
+    }
+
     /// A decision taken in `epoch`, with the next id.
     pub fn decision(&mut self, epoch: Epoch, kind: DecisionKind) -> Decision {
         self.next_decision += 1;

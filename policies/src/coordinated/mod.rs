@@ -339,22 +339,7 @@ impl Coordinated {
 
     pub(super) fn end(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
         self.state = State::Ended;
-        let d = self.ids.decision(
-            self.view.epoch,
-            DecisionKind::JobEnded {
-                error: Some(error.to_string()),
-            },
-        );
-        vec![
-            Action::Record(d),
-            Action::notice(
-                now,
-                NoticeKind::JobEnded {
-                    error: error.clone(),
-                },
-            ),
-            Action::EndJob { error: Some(error) },
-        ]
+        self.ids.end_job(self.view.epoch, now, error)
     }
 
     // ---- checkpoints -------------------------------------------------------------------

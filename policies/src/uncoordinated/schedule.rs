@@ -26,22 +26,7 @@ impl Uncoordinated {
 
     pub(super) fn end_with(&mut self, now: Millis, error: PolicyError) -> Vec<Action> {
         self.end = Some(End::Ended);
-        let d = self.ids.decision(
-            self.view.epoch,
-            DecisionKind::JobEnded {
-                error: Some(error.to_string()),
-            },
-        );
-        vec![
-            Action::Record(d),
-            Action::notice(
-                now,
-                NoticeKind::JobEnded {
-                    error: error.clone(),
-                },
-            ),
-            Action::EndJob { error: Some(error) },
-        ]
+        self.ids.end_job(self.view.epoch, now, error)
     }
 
     /// Ranks a recovery is restoring: they take no checkpoint until it is over.
