@@ -95,14 +95,33 @@ fn versions_become_safe_level_by_level_and_old_ones_are_dropped() {
             }
         }
     }
-    // keep = 2: v1 and v2 are gone from L1 and L4, v3 and v4 remain.
-    assert!(!s(&c, 0).is_safe("job/r0", 1, Level::L1));
-    assert!(!s(&c, 0).is_safe("job/r0", 2, Level::L4));
-    assert!(s(&c, 0).is_safe("job/r0", 3, Level::L4));
-    let (data, report) = s(&c, 0).get("job/r0", 4).unwrap();
+    // keep = 2: v1 and v2 are gone from L1 and L4, v3 and v4 remain. A level drops the old
+    // versions after it marks the new one safe (the same flush thread), so `wait_safe` on
+    // v4 can return just before the drop: wait for it, bounded by T.
+    let st = s(&c, 0);
+    let until = std::time::Instant::now() + T;
+    let settled = |done: &dyn Fn() -> bool| {
+        while !done() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done()
+    };
+    assert!(
+        settled(&|| !st.is_safe("job/r0", 1, Level::L1)),
+        "v1 still safe at L1"
+    );
+    assert!(
+        settled(&|| !st.is_safe("job/r0", 2, Level::L4)),
+        "v2 still safe at L4"
+    );
+    assert!(st.is_safe("job/r0", 3, Level::L4));
+    let (data, report) = st.get("job/r0", 4).unwrap();
     assert_eq!(data, image(300_000, 4));
     assert_eq!(report.level, Level::L1);
-    assert!(s(&c, 0).get("job/r0", 1).is_err());
+    assert!(
+        settled(&|| st.get("job/r0", 1).is_err()),
+        "v1 still readable from some level"
+    );
 }
 
 /// Retention by line (the uncoordinated policy without logging): versions past the newest
