@@ -354,6 +354,28 @@ impl Agreement {
         .unwrap_or_default()
     }
 
+    /// Starts an election at once, as a leader transfer does (no pre-vote; voters grant it
+    /// even while they still count on the old leader's lease). Only for when the leader's
+    /// process is known to be gone (its links closed and it refuses connections): waiting
+    /// out the lease would only add the election timeout to every agreement. A no-op on the
+    /// leader and on a member that is not a voter.
+    pub fn campaign_now(&mut self) -> AgreementOutput {
+        if self.leader() == Some(self.me) || !self.voters().contains(&self.me) {
+            return AgreementOutput::default();
+        }
+        let me = raft_id(self.me);
+        self.guarded(|node| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgTimeoutNow);
+            m.to = me;
+            // raft-rs starts the election itself (`hup(true)`); it declines while
+            // configuration changes are pending, and the normal timeout then applies.
+            let _ = node.step(m);
+            Ok(())
+        })
+        .unwrap_or_default()
+    }
+
     /// The agreed view after the last applied entry (`changes`, all agreed so far): the
     /// snapshot a member that needs compacted entries gets from now on. The log is then
     /// compacted up to [`LOG_KEEP`] entries behind.

@@ -255,6 +255,10 @@ pub struct Node {
     /// Nodes whose process the driver found gone ([`Node::peer_closed`]): their failure is
     /// proposed without waiting for the detector or a direct ping.
     closed: BTreeSet<NodeId>,
+    /// The Raft leader this supervisor knew at its last tick: when it changes, the changes
+    /// still waiting are proposed again at once (a proposal made while the old leader was
+    /// dying was lost with it).
+    leader_seen: Option<NodeId>,
     /// Per service, the buckets whose entries were lost (a manager and every witness of
     /// it failed together): a request for an entry there that no node holds is answered
     /// by [`Service::lost`], never served as a new, empty entry.
@@ -383,6 +387,7 @@ impl Node {
             confirming: BTreeMap::new(),
             answered_at: BTreeMap::new(),
             closed: BTreeSet::new(),
+            leader_seen: None,
             adopted: lost.clone(),
             lost,
             learned_at: Vec::new(),
@@ -582,6 +587,7 @@ impl Node {
             ));
         }
         let change = Change::Fail { node };
+        self.campaign_if_leader_closed(node);
         if self.agreement.is_some() {
             // A supervisor proposes it at once, even when it was already waiting for it.
             self.proposals.insert(change.clone(), self.now);

@@ -317,8 +317,11 @@ impl Rank {
         let len = len
             .checked_next_multiple_of(PAGE)
             .ok_or_else(|| RankError::InvalidArgument(format!("region length {len}")))?;
+        crate::trace::step(self.rank(), "register");
         // SAFETY: forwarded from this function's contract (whole pages).
-        Ok(unsafe { self.ckpt.runtime()?.register(name, addr, len) }?)
+        let restored = unsafe { self.ckpt.runtime()?.register(name, addr, len) }?;
+        crate::trace::step(self.rank(), "registered");
+        Ok(restored)
     }
 
     /// Collective checkpoint (see the module documentation); returns the version, complete

@@ -40,6 +40,7 @@ pub mod messages;
 pub mod node_link;
 mod pacer;
 pub mod rollback;
+pub mod trace;
 pub mod uncoordinated;
 pub mod window;
 pub mod world;

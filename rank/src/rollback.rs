@@ -155,7 +155,8 @@ pub(crate) fn start_watcher(socket: &Path, rank: u32) -> Result<()> {
                 match link.watch_order(rank) {
                     Ok(None) => {}
                     Ok(Some(crate::node_link::WatchOrder::InPlace(order))) => {
-                        let e = reexec(&argv, &env, &order);
+                        crate::trace::step(rank as usize, "rollback order taken");
+                        let e = reexec(&argv, &env, &order, rank);
                         eprintln!(
                             "krun: rank {rank}: rollback in place to {:?} failed: {e}",
                             order.version
@@ -206,7 +207,7 @@ fn flush_output() {
 }
 
 /// Replaces this process's image (see the module documentation); returns only on failure.
-fn reexec(argv: &[Vec<u8>], env: &[Vec<u8>], order: &InPlaceOrder) -> RankError {
+fn reexec(argv: &[Vec<u8>], env: &[Vec<u8>], order: &InPlaceOrder, rank: u32) -> RankError {
     let fail = |reason: String| RankError::Checkpoint(reason);
     let to_c = |v: &[Vec<u8>]| -> std::result::Result<Vec<CString>, RankError> {
         v.iter()
@@ -222,10 +223,12 @@ fn reexec(argv: &[Vec<u8>], env: &[Vec<u8>], order: &InPlaceOrder) -> RankError 
         Err(e) => return e,
     };
     flush_output();
+    crate::trace::step(rank as usize, "output flushed");
     fabric::ofi::remove_shm_segments(std::process::id());
     if let Err(e) = ghost::descriptors::cloexec_above_stdio() {
         return fail(format!("marking descriptors close-on-exec: {e}"));
     }
+    crate::trace::step(rank as usize, "execve");
     let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argp.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();

@@ -220,6 +220,7 @@ impl Rank {
     /// Starts a rank; every rank of the job calls this at about the same time.
     pub fn init_with(mut config: Config) -> Result<Arc<Rank>> {
         let (rank, size) = (config.rank, config.size);
+        crate::trace::step(rank, "init");
         // First of all, so that a recovery's order reaches this process even while it waits
         // in the address all-gather below.
         if let Some(path) = &config.node_socket {
@@ -247,12 +248,15 @@ impl Rank {
             ),
             None => None,
         };
+        crate::trace::step(rank, "bootstrap connected");
         test_pause_before_the_exchange(rank);
         if let (Some(b), false) = (&boot, config.bind_explicit) {
             config.fabric.bind_address = b.local_addr()?.ip().to_string();
         }
         let ep: Arc<dyn Endpoint> = Arc::from(fabric::open(&config.fabric)?);
+        crate::trace::step(rank, "fabric opened");
         let mut ckpt = Checkpoints::prepare(config.checkpoints.as_ref(), rank)?;
+        crate::trace::step(rank, "checkpointer prepared");
         let card = Card {
             address: ep.address().to_bytes(),
             versions: ckpt.local_versions().to_vec(),
@@ -263,6 +267,7 @@ impl Rank {
             Some(b) => b.allgather(&card).map_err(held)?,
             None => vec![card],
         };
+        crate::trace::step(rank, "allgather done");
         if cards.len() != size {
             return Err(RankError::Protocol {
                 rank,
@@ -279,7 +284,9 @@ impl Rank {
             peers.push(ep.connect(&EndpointAddress::from_bytes(&card.address)?)?);
             versions.push(card.versions);
         }
+        crate::trace::step(rank, "peers connected");
         ckpt.start(&versions)?;
+        crate::trace::step(rank, "checkpointer started");
         let msgs = Messages::new(ep.clone(), rank, peers, config.fabric.max_message);
         let this = Rank {
             rank,
@@ -299,13 +306,16 @@ impl Rank {
         if let Some(b) = boot.as_mut() {
             b.barrier().map_err(held)?;
         }
+        crate::trace::step(rank, "barrier 1 done");
         // Wire-up: lower ranks open the connections to higher ones, one direction at a time.
         for dest in rank + 1..size {
             this.msgs.send(dest, TAG_WIREUP, &[])?;
         }
+        crate::trace::step(rank, "wire-up sent");
         if let Some(b) = boot.as_mut() {
             b.barrier().map_err(held)?;
         }
+        crate::trace::step(rank, "barrier 2 done");
         for src in 0..rank {
             this.msgs.recv(
                 Source::Rank(src),
@@ -313,6 +323,7 @@ impl Rank {
                 Some(Duration::from_secs(120)),
             )?;
         }
+        crate::trace::step(rank, "wired up");
         let node = match &config.node_socket {
             Some(path) => {
                 let mut link = NodeLink::connect_env(path)?;
@@ -326,6 +337,7 @@ impl Rank {
         };
         *this.boot.lock().expect("boot lock") = boot;
         *this.node.lock().expect("node lock") = node;
+        crate::trace::step(rank, "init done");
         Ok(Arc::new(this))
     }
 

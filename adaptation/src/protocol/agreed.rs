@@ -265,6 +265,18 @@ impl Node {
             (&self.logged.members, &self.logged.ever, &self.logged.failed);
         self.proposals
             .retain(|c, _| !is_done(c, members, ever, failed));
+        // A new leader: what was proposed to the old one may be lost with it (a follower
+        // forwards proposals to the leader it knows, raft-rs drops them while it knows
+        // none); proposed again now rather than after `retry_ticks / 2`.
+        let leader = self.agreement.as_ref().and_then(|a| a.leader());
+        if leader != self.leader_seen {
+            self.leader_seen = leader;
+            if leader.is_some() {
+                for at in self.proposals.values_mut() {
+                    *at = 0;
+                }
+            }
+        }
         let due: Vec<Change> = self
             .proposals
             .iter_mut()
@@ -280,6 +292,38 @@ impl Node {
         for c in due {
             self.propose_now(c);
         }
+    }
+
+    /// `node` closed its links and refuses connections (`peer_closed`): if it is the Raft
+    /// leader this supervisor follows, the group elects another one at once instead of
+    /// waiting out the dead leader's lease (the election timeout, up to 2 x
+    /// `election_ticks`). One voter campaigns, the lowest-numbered voter that is not known
+    /// to be gone, so that the live voters do not split their votes; the others grant it
+    /// (see [`crate::agreement::Agreement::campaign_now`]). A live leader is never the
+    /// subject: its listener would accept the connection.
+    pub(super) fn campaign_if_leader_closed(&mut self, node: NodeId) {
+        let Some(a) = self.agreement.as_ref() else {
+            return;
+        };
+        if a.leader() != Some(node) {
+            return;
+        }
+        let first_live = a
+            .voters()
+            .into_iter()
+            .find(|v| !self.closed.contains(v) && !self.logged.failed.contains(v));
+        if first_live != Some(self.cfg.me) {
+            return;
+        }
+        self.note(format!(
+            "the Raft leader, node {node}, is gone: campaigning at once"
+        ));
+        let o = self
+            .agreement
+            .as_mut()
+            .expect("checked above")
+            .campaign_now();
+        self.on_agreement(o);
     }
 
     /// A supervisor that is not known to have failed, rotating.

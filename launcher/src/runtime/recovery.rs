@@ -34,8 +34,10 @@
 //!      watcher does not take the order within [`ORDER_TIMEOUT`] (it has no node link, or
 //!      its process is ending) is restarted this way too.
 //!
-//!    The node carries out one rank at a time, whatever order names it; an order for a
-//!    rank that a newer wiring epoch's order names (a failure during the recovery) is
+//!    The node carries out the ranks of an order side by side (one thread per rank: the
+//!    lost ranks' fetches and process starts overlap, and a survivor's rollback does not
+//!    wait for them), and one order at a time per rank, whatever order names it; an order
+//!    for a rank that a newer wiring epoch's order names (a failure during the recovery) is
 //!    dropped, answered `RestartFailed` in its old epoch (which krun ignores): it must not
 //!    replace the rank's process of the newer epoch with one of its own ([`RestartOrders`]).
 //! 4. The node answers `Restarted{wiring, rank, pid, in_place, ..}` or
@@ -82,7 +84,7 @@
 //! the order came) is restarted as a new process with a new pid.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use adaptation::NodeId;
@@ -206,14 +208,18 @@ impl Watchers {
 /// the rank in the new epoch, killed that process (`Adopt` replaces a rank's process) and
 /// started the rank in the old epoch, whose address all-gather never completes: the rank
 /// never linked, its peers timed out on it and the job never ended. So each rank's
-/// restart is carried out under one lock per node, and an order for a rank that a newer
-/// epoch's order names is dropped (checked before it starts and again before anything
-/// irreversible: the rollback order, the new process).
+/// restart is carried out under that rank's lock (different ranks go side by side: a
+/// spare that takes two lost ranks fetches both images at once), and an order for a rank
+/// that a newer epoch's order names is dropped (checked before it starts and again before
+/// anything irreversible: the rollback order, the new process).
 #[derive(Default)]
 pub struct RestartOrders {
     /// rank -> the newest wiring epoch whose `Restart` order names it (on any node).
     newest: Mutex<BTreeMap<u32, u64>>,
-    /// Held while one rank is restarted or rolled back.
+    /// rank -> held while that rank is restarted or rolled back.
+    turns: Mutex<BTreeMap<u32, Arc<Mutex<()>>>>,
+    /// Held for a whole order, one at a time on the node (the uncoordinated policy's
+    /// rejoins: `runtime/uncoordinated.rs`).
     turn: Mutex<()>,
 }
 
@@ -227,9 +233,23 @@ impl RestartOrders {
         }
     }
 
-    /// Held while one rank is restarted: one rank at a time on this node.
+    /// Held for one order at a time on this node (the rejoin orders of the uncoordinated
+    /// policy; the coordinated recovery's restarts hold [`Self::rank_turn`]).
     pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
         self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `rank`'s lock: held while the rank is restarted (one order at a time per rank;
+    /// lock it with [`Turn::hold`]).
+    pub fn rank_turn(&self, rank: u32) -> Turn {
+        Turn(
+            self.turns
+                .lock()
+                .expect("turns lock")
+                .entry(rank)
+                .or_default()
+                .clone(),
+        )
     }
 
     /// The newer wiring epoch whose order names `rank`, if the order of `wiring` is
@@ -241,6 +261,21 @@ impl RestartOrders {
             .get(&rank)
             .copied()
             .filter(|&w| w > wiring)
+    }
+}
+
+/// One rank's restart lock ([`RestartOrders::rank_turn`]).
+pub struct Turn(Arc<Mutex<()>>);
+
+impl Turn {
+    /// Waits for the rank's other orders, then holds the rank until the guard drops.
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock if no other order holds the rank now.
+    pub fn try_hold(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.0.try_lock().ok()
     }
 }
 
@@ -334,28 +369,63 @@ pub fn restart(
     ranks: &[(u32, NodeId)],
 ) {
     let me = shared.me;
-    for &(rank, node) in ranks.iter().filter(|(_, n)| *n == me) {
-        let started = Instant::now();
-        let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
-            Ok((pid, fetched, new_because)) => NodeToLauncher::Restarted {
+    // One thread per rank placed here: the lost ranks' image fetches and process starts
+    // overlap (each rank still waits for its own older orders: `RestartOrders`).
+    std::thread::scope(|scope| {
+        for &(rank, _) in ranks.iter().filter(|(_, n)| *n == me) {
+            scope.spawn(move || {
+                restart_and_answer(shared, agent, (wiring, bootstrap), version, rank)
+            });
+        }
+    });
+}
+
+/// Restarts or rolls back one rank and answers krun.
+fn restart_and_answer(
+    shared: &Shared,
+    agent: &AgentSlot,
+    (wiring, bootstrap): (u64, &str),
+    version: Option<u64>,
+    rank: u32,
+) {
+    let node = shared.me;
+    trace_step(node, rank, "restart order");
+    let started = Instant::now();
+    let msg = match restart_one(shared, agent, wiring, bootstrap, version, rank) {
+        Ok((pid, fetched, new_because)) => NodeToLauncher::Restarted {
+            wiring,
+            rank,
+            pid,
+            fetched,
+            seconds: started.elapsed().as_secs_f64(),
+            in_place: new_because.is_none(),
+            new_because,
+        },
+        Err(reason) => {
+            eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
+            NodeToLauncher::RestartFailed {
                 wiring,
                 rank,
-                pid,
-                fetched,
-                seconds: started.elapsed().as_secs_f64(),
-                in_place: new_because.is_none(),
-                new_because,
-            },
-            Err(reason) => {
-                eprintln!("krund: node {node}: restart of rank {rank}: {reason}");
-                NodeToLauncher::RestartFailed {
-                    wiring,
-                    rank,
-                    reason,
-                }
+                reason,
             }
-        };
-        shared.tell_launcher(&msg);
+        }
+    };
+    trace_step(node, rank, "answered");
+    shared.tell_launcher(&msg);
+}
+
+/// `KRUN_TRACE_STEPS=1`: time stamps of the node's restart steps on stderr
+/// (`krun-trace: node N rank R STEP at UNIX_SECONDS`), beside the rank library's.
+pub(crate) fn trace_step(node: NodeId, rank: u32, step: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::env::var("KRUN_TRACE_STEPS").is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0")
+    });
+    if on {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        eprintln!("krun-trace: node {node} rank {rank} {step} at {at:.6}");
     }
 }
 
@@ -374,8 +444,9 @@ fn restart_one(
     version: Option<u64>,
     rank: u32,
 ) -> Result<(u32, u64, Option<String>), String> {
-    // One rank at a time on this node, whatever epoch ordered it (see `RestartOrders`).
-    let _turn = shared.restarts.turn();
+    // One order at a time for this rank, whatever epoch ordered it (see `RestartOrders`).
+    let turn = shared.restarts.rank_turn(rank);
+    let _held = turn.hold();
     superseded(shared, rank, wiring)?;
     let alive_pid = shared
         .local_ranks
@@ -425,7 +496,9 @@ fn restart_one(
             bootstrap: bootstrap.to_string(),
             version,
         };
+        trace_step(shared.me, rank, "rollback ordered");
         if shared.watchers.order(rank, pid, order, ORDER_TIMEOUT) {
+            trace_step(shared.me, rank, "rollback taken");
             return Ok((pid, 0, None));
         }
         new_because = format!(
@@ -462,6 +535,7 @@ fn restart_one(
             // The rank comes from another node: its images come from the store.
             let (dir, owner) = rank_images(rank);
             let _ = std::fs::remove_dir_all(dir.join(&owner));
+            trace_step(shared.me, rank, "fetch");
             fetched = match agent.wait(Duration::from_secs(30)) {
                 Some(a) => a
                     .write_chain(rank, v, &dir, &owner)
@@ -487,6 +561,7 @@ fn restart_one(
         .lock()
         .expect("linked lock")
         .remove(&u64::from(rank));
+    trace_step(shared.me, rank, "spawn");
     let (reply, rx) = mpsc::channel();
     runner
         .send(RankCommand::Adopt {
@@ -498,13 +573,13 @@ fn restart_one(
     let pid = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| "the rank runner did not answer".to_string())??;
+    trace_step(shared.me, rank, "spawned");
     Ok((pid, fetched, Some(new_because)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn order(wiring: u64) -> NodeToRank {
         NodeToRank::RollbackInPlace {
@@ -564,6 +639,24 @@ mod tests {
         orders.ordered(1, &[(2, 3)]);
         assert_eq!(orders.superseded(2, 1), Some(2));
         assert_eq!(orders.superseded(2, 2), None);
+    }
+
+    /// The ranks of one order go side by side; two orders for the same rank never do.
+    #[test]
+    fn a_ranks_restart_waits_only_for_orders_of_the_same_rank() {
+        let orders = RestartOrders::default();
+        let two = orders.rank_turn(2);
+        let held = two.hold();
+        assert!(
+            orders.rank_turn(3).try_hold().is_some(),
+            "rank 3 waited for rank 2's restart"
+        );
+        assert!(
+            orders.rank_turn(2).try_hold().is_none(),
+            "a second order for rank 2 ran while the first held it"
+        );
+        drop(held);
+        assert!(orders.rank_turn(2).try_hold().is_some());
     }
 
     #[test]
