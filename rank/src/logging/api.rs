@@ -163,6 +163,30 @@ impl Rank {
             .map_or(0, |l| l.inner.lock().expect("log lock").replay.len())
     }
 
+    /// Test hook: while `on`, this rank's determinants are not written to its buddy until
+    /// something needs them durable (a send to a rank on this node, a checkpoint, the end
+    /// of logging): a buddy write that has not landed when the rank is lost.
+    #[doc(hidden)]
+    pub fn log_test_hold_back(&self, on: bool) -> Result<()> {
+        self.logger()?.dets.lock().expect("dets lock").hold_back = on;
+        Ok(())
+    }
+
+    /// Test hook: ranks per node as the log sees them (normally `KRUN_LOCAL_SIZE`), which
+    /// decides which sends wait for durability (same node) and which piggyback.
+    #[doc(hidden)]
+    pub fn log_test_node_size(&self, ranks_per_node: usize) -> Result<()> {
+        if ranks_per_node == 0 {
+            return Err(RankError::InvalidArgument(
+                "log_test_node_size: a node holds at least one rank".into(),
+            ));
+        }
+        self.logger()?
+            .node_size
+            .store(ranks_per_node, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The log's totals (`None` without logging).
     pub fn log_stats(&self) -> Option<LogStats> {
         self.msgs.any_logger().map(|l| l.stats())

@@ -20,19 +20,67 @@ use fabric::{Completion, PeerId, RemoteRegion};
 
 use super::{
     Determinant, Logger, BUDDY_WAIT, DET_BYTES, MAX_BATCH, STAGE_SLOTS, S_FLUSHES, S_FLUSH_BLOCKED,
-    S_WRITES, T_DURABLE_WAIT, T_POST,
+    S_PIGGYBACKS, S_PIGGY_DETS, S_WRITES, T_DURABLE_WAIT, T_POST,
 };
 use crate::error::{RankError, Result};
 use crate::messages::Messages;
 
 /// Determinants between their delivery and their durability at the buddy.
-#[derive(Default)]
 pub(super) struct DetQueue {
     /// Writes posted and not known durable yet, oldest first, with what each carries
     /// (consecutive orders).
     posted: VecDeque<(Vec<Determinant>, Completion)>,
     /// Queued, not posted yet (consecutive orders).
     deferred: Vec<Determinant>,
+    /// The order after the newest determinant queued.
+    next: u64,
+    /// Per destination: the order after the newest determinant piggybacked to it, and the
+    /// `durable_upto` it was last told (it holds nothing of this rank's once told past the
+    /// newest piggybacked).
+    piggy_end: Vec<u64>,
+    told: Vec<u64>,
+    /// Test hook ([`crate::Rank::log_test_hold_back`]): determinants are posted only by a
+    /// flush (a buddy write that has not landed when the rank is lost).
+    pub(super) hold_back: bool,
+}
+
+impl DetQueue {
+    pub(super) fn new(size: usize) -> DetQueue {
+        DetQueue {
+            posted: VecDeque::new(),
+            deferred: Vec::new(),
+            next: 0,
+            piggy_end: vec![0; size],
+            told: vec![0; size],
+            hold_back: false,
+        }
+    }
+
+    /// Every order below this is durable at the buddy (as far as completions say now).
+    fn durable_upto(&self) -> u64 {
+        self.posted
+            .front()
+            .map(|(ds, _)| ds[0].order)
+            .or(self.deferred.first().map(|d| d.order))
+            .unwrap_or(self.next)
+    }
+}
+
+/// Bytes of a piggyback's header: `durable_upto` (u64) and the determinants' count (u32).
+pub(crate) const PIGGY_HEADER: usize = 12;
+
+/// Splits a piggybacked message's payload into (durable_upto, determinants, the message's
+/// own bytes' offset); `None` if it is malformed.
+pub(crate) fn parse_piggyback(data: &[u8]) -> Option<(u64, Vec<Determinant>, usize)> {
+    let upto = u64::from_le_bytes(data.get(0..8)?.try_into().ok()?);
+    let n = u32::from_le_bytes(data.get(8..12)?.try_into().ok()?) as usize;
+    let end = PIGGY_HEADER.checked_add(n.checked_mul(DET_BYTES)?)?;
+    let body = data.get(PIGGY_HEADER..end)?;
+    let dets = body
+        .chunks_exact(DET_BYTES)
+        .map(Determinant::decode)
+        .collect::<Option<Vec<_>>>()?;
+    Some((upto, dets, end))
 }
 
 impl Logger {
@@ -41,7 +89,8 @@ impl Logger {
     pub(super) fn queue_det(&self, msgs: &Messages, det: Determinant, defer: bool) -> Result<()> {
         let mut q = self.dets.lock().expect("dets lock");
         q.deferred.push(det);
-        let out = if defer && q.deferred.len() < MAX_BATCH {
+        q.next = q.next.max(det.order + 1);
+        let out = if q.hold_back || (defer && q.deferred.len() < MAX_BATCH) {
             Ok(())
         } else {
             self.post_deferred(msgs, &mut q)
@@ -56,9 +105,75 @@ impl Logger {
             return Ok(());
         }
         let mut q = self.dets.lock().expect("dets lock");
+        if q.hold_back {
+            return Ok(());
+        }
         let out = self.post_deferred(msgs, &mut q);
         self.deferred.store(q.deferred.len(), Ordering::Relaxed);
         out
+    }
+
+    /// Before a message of `len` bytes leaves for `dest` on another node: the determinants
+    /// not yet durable at the buddy, to go in front of it (with the mark below which all
+    /// are durable), instead of waiting for them. `None`: nothing to carry (every
+    /// determinant is durable and `dest` was told so). `room`: the most bytes a piggyback
+    /// may take (the message must stay one fabric message); when they do not fit, this
+    /// waits for durability as [`Logger::flush`] does.
+    pub(crate) fn piggyback(
+        &self,
+        msgs: &Messages,
+        dest: usize,
+        room: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        if room < PIGGY_HEADER {
+            return self.flush(msgs).map(|()| None);
+        }
+        let mut q = self.dets.lock().expect("dets lock");
+        if !q.hold_back {
+            let posted = self.post_deferred(msgs, &mut q);
+            self.deferred.store(q.deferred.len(), Ordering::Relaxed);
+            posted?;
+        }
+        // Writes that landed are durable; one that failed is written again (blocking: the
+        // buddy's node died, a failure path).
+        while q.posted.front().is_some_and(|(_, c)| c.is_done()) {
+            let (ds, c) = q.posted.pop_front().expect("front checked");
+            self.settle(msgs, &ds, c)?;
+        }
+        let pending = q.posted.iter().map(|(ds, _)| ds.len()).sum::<usize>() + q.deferred.len();
+        if pending > 0 && PIGGY_HEADER + pending * DET_BYTES > room {
+            self.flush_locked(msgs, &mut q)?;
+        }
+        let upto = q.durable_upto();
+        let carried: Vec<Determinant> = q
+            .posted
+            .iter()
+            .flat_map(|(ds, _)| ds.iter().copied())
+            .chain(q.deferred.iter().copied())
+            .collect();
+        if carried.is_empty() && q.piggy_end[dest] <= q.told[dest] {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(PIGGY_HEADER + carried.len() * DET_BYTES);
+        out.extend_from_slice(&upto.to_le_bytes());
+        out.extend_from_slice(&(carried.len() as u32).to_le_bytes());
+        for d in &carried {
+            out.extend_from_slice(&d.encode());
+        }
+        if let Some(last) = carried.last() {
+            q.piggy_end[dest] = q.piggy_end[dest].max(last.order + 1);
+        }
+        q.told[dest] = upto;
+        self.bump(S_PIGGYBACKS, 1);
+        self.bump(S_PIGGY_DETS, carried.len() as u64);
+        Ok(Some(out))
+    }
+
+    /// `dest` restarted: its new process holds nothing of this rank's.
+    pub(super) fn forget_piggybacks_to(&self, dest: usize) {
+        let mut q = self.dets.lock().expect("dets lock");
+        q.piggy_end[dest] = 0;
+        q.told[dest] = 0;
     }
 
     /// Posts `q.deferred` in as few writes as the stage and the ring allow (a write never
@@ -173,7 +288,11 @@ impl Logger {
     /// and when logging stops.
     pub(crate) fn flush(&self, msgs: &Messages) -> Result<()> {
         let mut q = self.dets.lock().expect("dets lock");
-        let posted = self.post_deferred(msgs, &mut q);
+        self.flush_locked(msgs, &mut q)
+    }
+
+    fn flush_locked(&self, msgs: &Messages, q: &mut DetQueue) -> Result<()> {
+        let posted = self.post_deferred(msgs, q);
         self.deferred.store(q.deferred.len(), Ordering::Relaxed);
         posted?;
         if q.posted.is_empty() {
@@ -184,7 +303,7 @@ impl Logger {
         if q.posted.iter().any(|(_, c)| !c.is_done()) {
             self.bump(S_FLUSH_BLOCKED, 1);
         }
-        self.settle_all(msgs, &mut q)?;
+        self.settle_all(msgs, q)?;
         self.time_since(T_DURABLE_WAIT, t0);
         Ok(())
     }
