@@ -307,6 +307,7 @@ impl Messages {
             if let Err(e) = l.flush(self) {
                 eprintln!("krun rank {}: message log at its end: {e}", self.rank);
             }
+            l.report_totals();
             l.report_timing();
         }
         if lg.is_some() {

@@ -577,6 +577,22 @@ impl Logger {
         }
     }
 
+    /// The log's totals when it ends, one line on stderr (krun forwards it; `bench
+    /// policies` sums the ranks' lines into the messages and bytes logged per run).
+    pub(crate) fn report_totals(&self) {
+        let s = self.stats();
+        eprintln!(
+            "krun: rank {}: message log: {} messages logged ({} bytes); {} sends carried {} \
+             determinants to other nodes; {} waited for the buddy",
+            self.rank,
+            s.logged_messages,
+            s.logged_bytes,
+            s.piggybacked_messages,
+            s.piggybacked_determinants,
+            s.durable_waits,
+        );
+    }
+
     /// With `KRUN_LOG_TIMING=1`: where this rank's logging time went, on stderr.
     pub(crate) fn report_timing(&self) {
         if !crate::uncoordinated::env_flag("KRUN_LOG_TIMING").unwrap_or(false) {
