@@ -42,6 +42,12 @@ struct Run {
 
 /// `node_size` ranks per node as the log sees them (1: the two ranks on two nodes).
 fn ping_pong(node_size: usize) -> Run {
+    ping_pong_with(node_size, true, None)
+}
+
+/// `hold_back`: rank 1's determinant writes stay back (the test hook); `lazy`: rank 1's
+/// determinants wait for a batch up to this long.
+fn ping_pong_with(node_size: usize, hold_back: bool, lazy: Option<Duration>) -> Run {
     let server =
         BootstrapServer::start_with(("127.0.0.1", 0), 2, Duration::from_secs(30), None).unwrap();
     let addr = server.addr();
@@ -49,12 +55,16 @@ fn ping_pong(node_size: usize) -> Run {
         let r = Rank::init_with(config(1, Some(addr))).unwrap();
         r.enable_logging(0).unwrap();
         r.log_test_node_size(node_size).unwrap();
-        r.log_test_hold_back(true).unwrap();
+        r.log_test_hold_back(hold_back).unwrap();
+        if let Some(wait) = lazy {
+            r.log_lazy_writes(wait).unwrap();
+        }
+        let before = r.log_stats().unwrap();
         for _ in 0..ROUNDS {
             let v = value(&r, 0, PING);
             r.send(0, PONG, &(v * 3).to_le_bytes()).unwrap();
         }
-        let stats = r.log_stats().unwrap();
+        let stats = since(before, r.log_stats().unwrap());
         // Everything durable now (a checkpoint waits for it); the next message says so.
         r.log_test_hold_back(false).unwrap();
         r.log_mark_checkpoint(1).unwrap();
@@ -91,12 +101,9 @@ fn a_send_to_another_node_carries_undurable_determinants_and_does_not_wait() {
     let p = run.ponger;
     // Every answer followed a delivery whose determinant was not durable: it went along.
     assert_eq!(p.piggybacked_messages, ROUNDS, "{p:?}");
-    // Held back: each answer carried every determinant since the start.
-    assert_eq!(
-        p.piggybacked_determinants,
-        ROUNDS * (ROUNDS + 1) / 2,
-        "{p:?}"
-    );
+    // Held back: none is durable, and each answer carried only the one rank 0 did not
+    // hold yet.
+    assert_eq!(p.piggybacked_determinants, ROUNDS, "{p:?}");
     assert_eq!((p.durable_waits, p.durable_wait_ns), (0, 0), "{p:?}");
     // Rank 0 holds rank 1's determinants until told they are durable at rank 1's buddy.
     assert_eq!(
@@ -128,6 +135,33 @@ fn a_send_to_a_rank_on_the_same_node_waits_for_durability() {
     );
     assert_eq!(p.durable_waits, ROUNDS, "{p:?}");
     assert_eq!(run.pinger_mid.held_determinants, 0, "{:?}", run.pinger_mid);
+}
+
+#[test]
+fn lazy_determinant_writes_go_by_batches_while_sends_to_another_node_carry_them() {
+    // A wait bound far beyond the test: writes go only when a batch is full (16).
+    let run = ping_pong_with(1, false, Some(Duration::from_secs(600)));
+    assert_eq!(answers(), run.answers);
+    let p = run.ponger;
+    assert_eq!(p.determinants, ROUNDS, "{p:?}");
+    assert_eq!(p.det_writes, ROUNDS / 16, "{p:?}");
+    // Every answer carried the determinant it followed, and nothing waited.
+    assert_eq!(p.piggybacked_messages, ROUNDS, "{p:?}");
+    assert_eq!(p.durable_waits, 0, "{p:?}");
+    assert_eq!(run.pinger_end.held_determinants, 0, "{:?}", run.pinger_end);
+}
+
+/// The counters of `now` since `before` (what the ping-pongs did, not the set-up).
+fn since(before: LogStats, now: LogStats) -> LogStats {
+    LogStats {
+        determinants: now.determinants - before.determinants,
+        det_writes: now.det_writes - before.det_writes,
+        durable_waits: now.durable_waits - before.durable_waits,
+        durable_wait_ns: now.durable_wait_ns - before.durable_wait_ns,
+        piggybacked_messages: now.piggybacked_messages - before.piggybacked_messages,
+        piggybacked_determinants: now.piggybacked_determinants - before.piggybacked_determinants,
+        ..now
+    }
 }
 
 fn answers() -> Vec<u64> {

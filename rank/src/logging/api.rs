@@ -187,6 +187,18 @@ impl Rank {
         Ok(())
     }
 
+    /// Lazy determinant writes: a delivery's determinant waits for a batch of them, up to
+    /// `max_wait` (zero: written at each delivery, the default; `KRUN_LOG_LAZY=1` sets
+    /// 500 us). Sends to other nodes carry what is not durable meanwhile; a send to this
+    /// node, a checkpoint or the end of logging writes and waits at once.
+    pub fn log_lazy_writes(&self, max_wait: std::time::Duration) -> Result<()> {
+        self.logger()?.lazy_ns.store(
+            max_wait.as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
     /// The log's totals (`None` without logging).
     pub fn log_stats(&self) -> Option<LogStats> {
         self.msgs.any_logger().map(|l| l.stats())
@@ -223,6 +235,10 @@ impl Rank {
         // instead of waiting out the operation timeout (10 s: a delivery held the
         // determinant stage that long and the rewrite below waited for it, so rejoins took
         // 10-30 s in `bench policies`).
+        if let Some(lg) = &logger {
+            // Its new process holds none of this rank's piggybacked determinants.
+            lg.forget_piggybacks_to(rank);
+        }
         if old != peer {
             self.ep
                 .peer_failed(old, &format!("rank {rank} was restarted in a new process"));

@@ -14,7 +14,7 @@
 //! instead of two.
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fabric::{Completion, PeerId, RemoteRegion};
 
@@ -30,8 +30,9 @@ pub(super) struct DetQueue {
     /// Writes posted and not known durable yet, oldest first, with what each carries
     /// (consecutive orders).
     posted: VecDeque<(Vec<Determinant>, Completion)>,
-    /// Queued, not posted yet (consecutive orders).
+    /// Queued, not posted yet (consecutive orders), and since when.
     deferred: Vec<Determinant>,
+    deferred_since: Option<Instant>,
     /// The order after the newest determinant queued.
     next: u64,
     /// Per destination: the order after the newest determinant piggybacked to it, and the
@@ -49,11 +50,20 @@ impl DetQueue {
         DetQueue {
             posted: VecDeque::new(),
             deferred: Vec::new(),
+            deferred_since: None,
             next: 0,
             piggy_end: vec![0; size],
             told: vec![0; size],
             hold_back: false,
         }
+    }
+
+    /// Whether the queued determinants should go to the buddy now: a full batch, or (lazy
+    /// writes waiting at most `lazy`, not zero) the oldest queued that long.
+    fn due(&self, lazy: Duration) -> bool {
+        !self.hold_back
+            && (self.deferred.len() >= MAX_BATCH
+                || (!lazy.is_zero() && self.deferred_since.is_some_and(|t| t.elapsed() >= lazy)))
     }
 
     /// Every order below this is durable at the buddy (as far as completions say now).
@@ -88,9 +98,15 @@ impl Logger {
     /// is not full).
     pub(super) fn queue_det(&self, msgs: &Messages, det: Determinant, defer: bool) -> Result<()> {
         let mut q = self.dets.lock().expect("dets lock");
+        if q.deferred.is_empty() {
+            q.deferred_since = Some(Instant::now());
+        }
         q.deferred.push(det);
         q.next = q.next.max(det.order + 1);
-        let out = if q.hold_back || (defer && q.deferred.len() < MAX_BATCH) {
+        // Lazily: the next send to another node carries what is not durable, so the write
+        // may wait for a full batch (a same-node send or a checkpoint posts it at once).
+        let lazy = self.lazy();
+        let out = if q.hold_back || ((defer || !lazy.is_zero()) && !q.due(lazy)) {
             Ok(())
         } else {
             self.post_deferred(msgs, &mut q)
@@ -105,7 +121,8 @@ impl Logger {
             return Ok(());
         }
         let mut q = self.dets.lock().expect("dets lock");
-        if q.hold_back {
+        let lazy = self.lazy();
+        if q.hold_back || (!lazy.is_zero() && !q.due(lazy)) {
             return Ok(());
         }
         let out = self.post_deferred(msgs, &mut q);
@@ -129,7 +146,8 @@ impl Logger {
             return self.flush(msgs).map(|()| None);
         }
         let mut q = self.dets.lock().expect("dets lock");
-        if !q.hold_back {
+        let lazy = self.lazy();
+        if !q.hold_back && (lazy.is_zero() || q.due(lazy)) {
             let posted = self.post_deferred(msgs, &mut q);
             self.deferred.store(q.deferred.len(), Ordering::Relaxed);
             posted?;
@@ -145,13 +163,16 @@ impl Logger {
             self.flush_locked(msgs, &mut q)?;
         }
         let upto = q.durable_upto();
+        // Only what `dest` does not hold yet: it keeps what it got at or above `upto`.
+        let from = q.piggy_end[dest].max(upto);
         let carried: Vec<Determinant> = q
             .posted
             .iter()
             .flat_map(|(ds, _)| ds.iter().copied())
             .chain(q.deferred.iter().copied())
+            .filter(|d| d.order >= from)
             .collect();
-        if carried.is_empty() && q.piggy_end[dest] <= q.told[dest] {
+        if carried.is_empty() && (q.piggy_end[dest] <= q.told[dest] || upto <= q.told[dest]) {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(PIGGY_HEADER + carried.len() * DET_BYTES);
@@ -169,6 +190,11 @@ impl Logger {
         Ok(Some(out))
     }
 
+    /// How long a queued determinant may wait for a batch (zero: not lazy).
+    fn lazy(&self) -> Duration {
+        Duration::from_nanos(self.lazy_ns.load(Ordering::Relaxed))
+    }
+
     /// `dest` restarted: its new process holds nothing of this rank's.
     pub(super) fn forget_piggybacks_to(&self, dest: usize) {
         let mut q = self.dets.lock().expect("dets lock");
@@ -181,6 +207,7 @@ impl Logger {
     /// settled and the rest written one by one, waiting for the buddy's replacement.
     fn post_deferred(&self, msgs: &Messages, q: &mut DetQueue) -> Result<()> {
         let batch = std::mem::take(&mut q.deferred);
+        q.deferred_since = None;
         if batch.is_empty() {
             return Ok(());
         }

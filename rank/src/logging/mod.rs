@@ -105,6 +105,9 @@ const DET_BYTES: usize = 40;
 const STAGE_SLOTS: usize = 4096 / DET_BYTES - 1;
 /// Most determinants one write carries (deliveries deferred while more messages were ready).
 const MAX_BATCH: usize = 16;
+/// With lazy determinant writes: the longest a queued determinant waits for a full batch
+/// before a receive that waits (or a send) posts it.
+const LAZY: Duration = Duration::from_micros(500);
 /// How long a restarted rank waits for every survivor's `Info`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a delivery waits for an unreachable buddy to be replaced.
@@ -295,6 +298,10 @@ pub(crate) struct Logger {
     /// Ranks per node (`KRUN_LOCAL_SIZE`, ranks placed in blocks): a send to a rank of this
     /// node waits for durability, one to another node piggybacks.
     node_size: AtomicUsize,
+    /// Lazy determinant writes (`KRUN_LOG_LAZY=1`: [`LAZY`]), in nanoseconds, 0 when off:
+    /// posted by batches of [`MAX_BATCH`] or once the oldest waited this long, not at each
+    /// delivery (see [`dets`]).
+    lazy_ns: AtomicU64,
     stats: [AtomicU64; 17],
 }
 
@@ -370,6 +377,11 @@ impl Logger {
             }),
             info_changed: Condvar::new(),
             node_size: AtomicUsize::new(node_size(size)),
+            lazy_ns: AtomicU64::new(if crate::uncoordinated::env_flag("KRUN_LOG_LAZY")? {
+                LAZY.as_nanos() as u64
+            } else {
+                0
+            }),
             stats: Default::default(),
         })
     }
