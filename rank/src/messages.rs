@@ -428,6 +428,7 @@ impl Messages {
         }
         let logger = self.logger();
         let mut piggy = None;
+        let mut _wire = None;
         if let Some(lg) = &logger {
             if !lg.on_send(dest, tag, seq, data) {
                 return Ok(seq); // a replay's send the receiver already has
@@ -438,6 +439,7 @@ impl Messages {
                 if lg.same_node(dest) {
                     lg.flush(self)?;
                 } else {
+                    _wire = Some(lg.wire.lock().expect("wire lock"));
                     piggy = lg.piggyback(self, dest, self.fragment.saturating_sub(data.len()))?;
                 }
             }

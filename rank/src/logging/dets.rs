@@ -1,14 +1,26 @@
 //! The determinants' way to the buddy: one-sided writes into its ring, several
-//! determinants per write when deliveries come in a burst.
+//! determinants per write when deliveries come in a burst, and piggybacks on messages to
+//! other nodes meanwhile.
 //!
 //! A delivery's determinant is queued; it is posted at once unless another message is
 //! already waiting to be received (`defer`), in which case it waits for the next delivery,
 //! and the determinants queued go together in one write of consecutive ring slots (up to
 //! [`MAX_BATCH`]). Whatever is queued is posted when a receive finds nothing to take (it is
 //! about to wait anyway), and before anything that needs it durable ([`Logger::flush`]:
-//! a send to another rank, a checkpoint, the end of logging). So the pessimistic rule
-//! stands: nothing leaves this rank that may depend on a delivery whose determinant is not
-//! durable at the buddy. Deferring only moves a write later, never past a send.
+//! a send to a rank on this node, a checkpoint, the end of logging). A send to a rank on
+//! another node does not wait ([`Logger::piggyback`]): it posts what is queued, counts the
+//! writes completed so far as durable, and carries the rest (those `dest` does not hold
+//! yet) with `durable_upto`. So the pessimistic rule stands: nothing leaves this rank that
+//! may depend on a delivery whose determinant is neither durable at the buddy nor carried
+//! by that very message to another node. Deferring only moves a write later, never past a
+//! send that needs it.
+//!
+//! Lazy writes ([`crate::Rank::log_lazy_writes`], `KRUN_LOG_LAZY=1`, off by default): a
+//! determinant is posted only with a full batch, or once the oldest queued waited the
+//! bound (checked at sends and at receives that find nothing), since the sends to other
+//! nodes carry it meanwhile; sends to this node, checkpoints and the end still post and
+//! wait at once. Measured in `bench logging` (shm, 6006 deliveries): 1185 writes instead
+//! of 6006.
 //!
 //! Measured on `heat_ha` (two halos received back to back per step): one write per step
 //! instead of two.

@@ -293,6 +293,10 @@ pub(crate) struct Logger {
     deferred: std::sync::atomic::AtomicUsize,
     /// One delivery at a time (each takes the next receive order).
     delivering: Mutex<()>,
+    /// Held from a piggyback's making until its message is on the wire: what a message
+    /// leaves out (the receiver holds it already) went in an earlier message from this
+    /// rank, even with several threads sending.
+    pub(crate) wire: Mutex<()>,
     inner: Mutex<Inner>,
     info_changed: Condvar,
     /// Ranks per node (`KRUN_LOCAL_SIZE`, ranks placed in blocks): a send to a rank of this
@@ -367,6 +371,7 @@ impl Logger {
             dets: Mutex::new(dets::DetQueue::new(size)),
             deferred: Default::default(),
             delivering: Mutex::new(()),
+            wire: Mutex::new(()),
             inner: Mutex::new(Inner {
                 prefix: vec![0; size],
                 extra: vec![BTreeSet::new(); size],
