@@ -235,13 +235,15 @@ impl Rank {
         // instead of waiting out the operation timeout (10 s: a delivery held the
         // determinant stage that long and the rewrite below waited for it, so rejoins took
         // 10-30 s in `bench policies`).
-        if let Some(lg) = &logger {
-            // Its new process holds none of this rank's piggybacked determinants.
-            lg.forget_piggybacks_to(rank);
-        }
         if old != peer {
             self.ep
                 .peer_failed(old, &format!("rank {rank} was restarted in a new process"));
+        }
+        if let Some(lg) = &logger {
+            // Its new process holds none of this rank's piggybacked determinants. After
+            // `peer_failed`: a send of this rank may hold the determinants' lock while it
+            // waits for a write to the old process, which fails only now.
+            lg.forget_piggybacks_to(rank);
         }
         if let (Some(lg), true) = (logger, rewrite) {
             let (recent, start): (Vec<Determinant>, Vec<(u64, u64)>) = {
