@@ -45,8 +45,8 @@
 //!   survivor learns its new address and ring ([`Rank::replace_peer`]: from krund in a job,
 //!   from the test in-process). The new process reads its determinants back from its buddy's
 //!   ring, sends every survivor `Resume{prefix, extra}` (what it had delivered from it at the
-//!   checkpoint); each survivor makes its own determinants durable (the resent messages
-//!   carry no piggyback), resends from its log what the restarted rank has not delivered,
+//!   checkpoint); each survivor resends from its log what the restarted rank has not
+//!   delivered (no piggyback on those),
 //!   and answers `Info{has, held}` (how many of the restarted rank's messages it holds
 //!   without a gap, and the restarted rank's determinants it holds from piggybacks, which
 //!   it then forgets). The restarted rank merges the ring's determinants with the held ones
@@ -77,6 +77,10 @@
 //!   or its write is still in flight (or being written again after the buddy's node died):
 //!   a second failure, of the sender, in that window (microseconds on a healthy buddy)
 //!   loses those determinants; the failure model is one node at a time.
+//! - Messages resent on a `Resume` carry no piggyback: what they depend on was posted to
+//!   the buddy at least a restart earlier, durable unless that buddy was lost too and its
+//!   replacement is still being written (a second failure of this rank then is outside the
+//!   one-node model).
 //! - A sender's determinants held by a receiver it never sends to again stay held (a
 //!   bounded amount: at most what was in flight at its last send) until the sender
 //!   restarts.
@@ -525,14 +529,10 @@ impl Logger {
                 self.bump(S_COLLECTED, (before - g.sent.len()) as u64);
             }
             Ctrl::Resume { prefix, extra } => {
-                // The resent messages carry no piggyback: what they depend on is made
-                // durable at the buddy first.
-                if let Err(e) = self.flush(msgs) {
-                    eprintln!(
-                        "krun rank {}: before resending to rank {src}: {e}",
-                        self.rank
-                    );
-                }
+                // The resent messages carry no piggyback, and this does not wait for the
+                // buddy either: when this rank's buddy was lost with the restarted rank, its
+                // replacement may come only after this restart (waiting here held up both
+                // rejoins). What they depend on was posted at least a restart ago.
                 let resend: Vec<(u64, u32, Vec<u8>)> = {
                     let g = self.inner.lock().expect("log lock");
                     g.sent
