@@ -50,22 +50,21 @@ pub(super) struct DetQueue {
     /// Per destination: the order after the newest determinant piggybacked to it, and the
     /// `durable_upto` it was last told (it holds nothing of this rank's once told past the
     /// newest piggybacked).
-    piggy_end: Vec<u64>,
-    told: Vec<u64>,
+    /// (In [`Logger::piggy_marks`], under their own lock, not the queue's: a restart's
+    /// `replace_peer` resets them while a send may hold the queue's lock waiting for that
+    /// very replacement.)
     /// Test hook ([`crate::Rank::log_test_hold_back`]): determinants are posted only by a
     /// flush (a buddy write that has not landed when the rank is lost).
     pub(super) hold_back: bool,
 }
 
 impl DetQueue {
-    pub(super) fn new(size: usize) -> DetQueue {
+    pub(super) fn new() -> DetQueue {
         DetQueue {
             posted: VecDeque::new(),
             deferred: Vec::new(),
             deferred_since: None,
             next: 0,
-            piggy_end: vec![0; size],
-            told: vec![0; size],
             hold_back: false,
         }
     }
@@ -176,7 +175,9 @@ impl Logger {
         }
         let upto = q.durable_upto();
         // Only what `dest` does not hold yet: it keeps what it got at or above `upto`.
-        let from = q.piggy_end[dest].max(upto);
+        let mut m = self.piggy_marks.lock().expect("piggyback marks lock");
+        let (piggy_end, told) = &mut *m;
+        let from = piggy_end[dest].max(upto);
         let carried: Vec<Determinant> = q
             .posted
             .iter()
@@ -184,7 +185,7 @@ impl Logger {
             .chain(q.deferred.iter().copied())
             .filter(|d| d.order >= from)
             .collect();
-        if carried.is_empty() && (q.piggy_end[dest] <= q.told[dest] || upto <= q.told[dest]) {
+        if carried.is_empty() && (piggy_end[dest] <= told[dest] || upto <= told[dest]) {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(PIGGY_HEADER + carried.len() * DET_BYTES);
@@ -194,9 +195,9 @@ impl Logger {
             out.extend_from_slice(&d.encode());
         }
         if let Some(last) = carried.last() {
-            q.piggy_end[dest] = q.piggy_end[dest].max(last.order + 1);
+            piggy_end[dest] = piggy_end[dest].max(last.order + 1);
         }
-        q.told[dest] = upto;
+        told[dest] = upto;
         self.bump(S_PIGGYBACKS, 1);
         self.bump(S_PIGGY_DETS, carried.len() as u64);
         Ok(Some(out))
@@ -209,9 +210,9 @@ impl Logger {
 
     /// `dest` restarted: its new process holds nothing of this rank's.
     pub(super) fn forget_piggybacks_to(&self, dest: usize) {
-        let mut q = self.dets.lock().expect("dets lock");
-        q.piggy_end[dest] = 0;
-        q.told[dest] = 0;
+        let mut m = self.piggy_marks.lock().expect("piggyback marks lock");
+        m.0[dest] = 0;
+        m.1[dest] = 0;
     }
 
     /// Posts `q.deferred` in as few writes as the stage and the ring allow (a write never

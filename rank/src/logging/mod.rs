@@ -293,6 +293,9 @@ pub(crate) struct Logger {
     stage: Mutex<MemoryRegion>,
     /// Determinants on their way to the buddy ([`dets`]).
     dets: Mutex<dets::DetQueue>,
+    /// Per destination: the order after the newest determinant piggybacked to it, and the
+    /// `durable_upto` it was last told ([`Logger::piggyback`]).
+    piggy_marks: Mutex<(Vec<u64>, Vec<u64>)>,
     /// How many determinants wait unposted (read without the lock by receives).
     deferred: std::sync::atomic::AtomicUsize,
     /// One delivery at a time (each takes the next receive order).
@@ -372,7 +375,8 @@ impl Logger {
                 },
             )),
             stage: Mutex::new(ep.register(Region::new(4096)?)?),
-            dets: Mutex::new(dets::DetQueue::new(size)),
+            dets: Mutex::new(dets::DetQueue::new()),
+            piggy_marks: Mutex::new((vec![0; size], vec![0; size])),
             deferred: Default::default(),
             delivering: Mutex::new(()),
             wire: Mutex::new(()),
