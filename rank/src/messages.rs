@@ -23,7 +23,13 @@
 //! prepend one: bits 60..64 a marker (`0xB`), 33..60 the tag, 12..33 the low 21 bits of the
 //! sequence number, bit 11 "last fragment", 0..11 the fragment index. A message larger than
 //! the fabric's message size is cut into fragments (at most [`MAX_FRAGMENTS`]). The sender
-//! is known from the fabric (the endpoint token). The receiver rebuilds the full sequence
+//! is known from the fabric (the endpoint token). With message logging, a message to
+//! another node may carry the sender's determinants not yet durable at its buddy (see
+//! [`crate::logging`]): its marker is then `0xA` and its payload starts with the
+//! piggyback (`durable_upto` u64 LE, a count u32 LE, that many 40-byte determinants),
+//! always in one fragment; the receiver hands the piggyback to its log and delivers the
+//! rest. Every other message keeps marker `0xB` and its payload as it is (no copy).
+//! The receiver rebuilds the full sequence
 //! number from its per-source counter, which holds while a sender is fewer than 2^20
 //! messages ahead of what its receiver has taken off the fabric.
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -50,7 +56,12 @@ pub const INTERNAL_TAG_BASE: u32 = 1 << 26;
 pub const MAX_FRAGMENTS: usize = 1 << 11;
 
 const MARKER: u64 = 0xB << 60;
+/// The marker of a message whose payload starts with a piggyback of determinants
+/// ([`crate::logging`]); the receive accepts both markers (they differ in bit 60 only).
+const PIGGY_MARKER: u64 = 0xA << 60;
 const MARKER_MASK: u64 = 0xF << 60;
+/// The bits both markers share.
+const MARKERS_MASK: u64 = 0xE << 60;
 const TAG_SHIFT: u32 = 33;
 const TAG_MASK: u64 = (1 << 27) - 1;
 const SEQ_SHIFT: u32 = 12;
@@ -77,6 +88,8 @@ fn wire_tag(tag: u32, seq: u64, fragment: usize, last: bool) -> u64 {
 }
 
 struct WireHeader {
+    /// The payload starts with a piggyback of determinants.
+    piggy: bool,
     tag: u32,
     seq_low: u64,
     fragment: usize,
@@ -84,7 +97,9 @@ struct WireHeader {
 }
 
 fn parse_wire_tag(t: u64) -> Option<WireHeader> {
-    (t & MARKER_MASK == MARKER).then_some(WireHeader {
+    let marker = t & MARKER_MASK;
+    (marker == MARKER || marker == PIGGY_MARKER).then_some(WireHeader {
+        piggy: marker == PIGGY_MARKER,
         tag: ((t >> TAG_SHIFT) & TAG_MASK) as u32,
         seq_low: (t >> SEQ_SHIFT) & SEQ_MASK,
         fragment: (t & FRAGMENT_MASK) as usize,
@@ -292,6 +307,7 @@ impl Messages {
             if let Err(e) = l.flush(self) {
                 eprintln!("krun rank {}: message log at its end: {e}", self.rank);
             }
+            l.report_totals();
             l.report_timing();
         }
         if lg.is_some() {
@@ -411,13 +427,21 @@ impl Messages {
             o.on_send(dest, tag, seq, data.len());
         }
         let logger = self.logger();
+        let mut piggy = None;
+        let mut _wire = None;
         if let Some(lg) = &logger {
             if !lg.on_send(dest, tag, seq, data) {
                 return Ok(seq); // a replay's send the receiver already has
             }
             if dest != self.rank {
-                // Nothing leaves that may depend on a delivery not durable at the buddy.
-                lg.flush(self)?;
+                // Nothing leaves that may depend on a delivery not durable at the buddy,
+                // unless it carries the determinants to another node.
+                if lg.same_node(dest) {
+                    lg.flush(self)?;
+                } else {
+                    _wire = Some(lg.wire.lock().expect("wire lock"));
+                    piggy = lg.piggyback(self, dest, self.fragment.saturating_sub(data.len()))?;
+                }
             }
         }
         if dest == self.rank {
@@ -435,7 +459,20 @@ impl Messages {
             );
             return Ok(seq);
         }
-        match self.put_on_wire(dest, tag, seq, data) {
+        let sent = match piggy {
+            Some(mut prefix) => {
+                prefix.extend_from_slice(data);
+                self.ep
+                    .send(
+                        self.peer(dest),
+                        PIGGY_MARKER | (wire_tag(tag, seq, 0, true) & !MARKER_MASK),
+                        &prefix,
+                    )
+                    .map_err(RankError::from)
+            }
+            None => self.put_on_wire(dest, tag, seq, data),
+        };
+        match sent {
             Ok(()) => Ok(seq),
             // Logged: a dead receiver gets it again when it restarts (`Resume`).
             Err(_) if logger.is_some() => Ok(seq),
@@ -449,7 +486,7 @@ impl Messages {
     fn pull(&self) -> Result<bool> {
         let msg = match self
             .ep
-            .recv_masked(MARKER, !MARKER_MASK, Duration::from_micros(1))
+            .recv_masked(MARKER, !MARKERS_MASK, Duration::from_micros(1))
         {
             Ok(m) => m,
             Err(FabricError::RecvTimeout { .. }) => return Ok(false),
@@ -489,6 +526,22 @@ impl Messages {
         if let Some(kept) = self.unplaced.lock().expect("unplaced lock").as_mut() {
             kept.push(msg);
             return;
+        }
+        let mut msg = msg;
+        if h.piggy {
+            // The sender's determinants first (held for it), then the message itself.
+            let Some((upto, dets, at)) = crate::logging::parse_piggyback(&msg.data) else {
+                eprintln!(
+                    "krun rank {}: dropping a message from rank {src} with a malformed \
+                     determinant piggyback",
+                    self.rank
+                );
+                return;
+            };
+            if let Some(lg) = self.logger() {
+                lg.on_piggyback(src, upto, dets);
+            }
+            msg.data.drain(..at);
         }
         let mut st = self.state.lock().expect("message state");
         let next = st.next[src];

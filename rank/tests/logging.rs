@@ -60,18 +60,30 @@ struct Shared {
     /// Logging starts after this step (0: at init), every rank at once, with a checkpoint
     /// of every rank there (the cut of a switch to the uncoordinated mode).
     log_from: u64,
+    /// `LOST`'s determinant writes to its buddy stay back (the test hook) except when a
+    /// checkpoint needs them durable, and it is lost after the sends of the step after
+    /// `CRASH_AFTER`: its deliveries since the checkpoint are known only to the survivors
+    /// its messages carried them to.
+    hold_back: bool,
 }
 
 /// The cut's version (apart from the own checkpoints' `done / every`).
 const CUT: u64 = 1000;
 
-/// One step of the application.
-fn step(r: &Rank, me: usize, state: u64, s: u64, any: bool) -> u64 {
+/// The sends of one step.
+fn sends(r: &Rank, me: usize, state: u64, s: u64) {
     let right = (me + 1) % N;
     let left = (me + N - 1) % N;
     r.send(right, 1, &mix(state, s * 2).to_le_bytes()).unwrap();
     r.send(left, 2, &mix(state, s * 2 + 1).to_le_bytes())
         .unwrap();
+}
+
+/// One step of the application.
+fn step(r: &Rank, me: usize, state: u64, s: u64, any: bool) -> u64 {
+    let right = (me + 1) % N;
+    let left = (me + N - 1) % N;
+    sends(r, me, state, s);
     let mut st = state;
     for k in 0..2 {
         let m = if any {
@@ -98,6 +110,12 @@ fn run_loop(
     first: bool,
 ) -> Option<u64> {
     for s in from..STEPS {
+        if sh.hold_back && first && me == LOST && s == CRASH_AFTER {
+            // Lost after the next step's sends: they carried every determinant since the
+            // checkpoint (none reached the buddy), and nothing after them was delivered.
+            sends(r, me, state, s);
+            return None;
+        }
         state = step(r, me, state, s, sh.any);
         let done = s + 1;
         if me == LOST {
@@ -125,7 +143,7 @@ fn run_loop(
             sh.ckpts.lock().unwrap().insert(me, (state, done, snap));
             r.log_checkpoint_safe(version).unwrap();
         }
-        if sh.crash && first && me == LOST && done == CRASH_AFTER {
+        if sh.crash && !sh.hold_back && first && me == LOST && done == CRASH_AFTER {
             return None;
         }
     }
@@ -143,6 +161,10 @@ fn job(any: bool, crash: bool) -> Outcome {
 }
 
 fn job_with(any: bool, crash: bool, log_from: u64) -> Outcome {
+    job_full(any, crash, log_from, false)
+}
+
+fn job_full(any: bool, crash: bool, log_from: u64, hold_back: bool) -> Outcome {
     let server =
         BootstrapServer::start_with(("127.0.0.1", 0), N, Duration::from_secs(30), None).unwrap();
     let addr = server.addr();
@@ -154,6 +176,7 @@ fn job_with(any: bool, crash: bool, log_from: u64) -> Outcome {
         ranks: Mutex::new(BTreeMap::new()),
         every: [5, 3, 7],
         log_from,
+        hold_back,
     });
     // The restarted rank's card goes to the coordinator, which answers with every rank's.
     let (card_tx, card_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
@@ -168,6 +191,9 @@ fn job_with(any: bool, crash: bool, log_from: u64) -> Outcome {
                 let r = Rank::init_with(config(me, Some(addr))).unwrap();
                 if log_from == 0 {
                     r.enable_logging(0).unwrap();
+                    if hold_back && me == LOST {
+                        r.log_test_hold_back(true).unwrap();
+                    }
                 }
                 sh.ranks.lock().unwrap().insert(me, r.clone());
                 let init = mix(0x5eed, me as u64);
@@ -275,4 +301,26 @@ fn logging_started_at_a_cut_mid_run_restarts_a_rank_lost_before_its_next_checkpo
     assert_eq!(named.states, reference.states);
     // Logging from the start or from the cut computes the same.
     assert_eq!(reference.states, job(false, false).states);
+}
+
+/// Piggybacked determinants: `LOST`'s writes to its buddy never land after its checkpoint
+/// (step 15); its sends to the other nodes carried them instead, without waiting. Lost after
+/// step 18's sends, it restarts from step 15, takes the determinants of steps 16 and 17
+/// from the survivors (its buddy's ring has none of them), replays them in the recorded
+/// order (with any-source receives: checked step by step against its first run), and the
+/// job ends as a run without a failure does.
+#[test]
+fn a_rank_lost_before_its_buddy_writes_landed_replays_from_the_determinants_its_receivers_hold() {
+    let o = job_full(true, true, 0, true);
+    assert_eq!(o.replayed_steps, 2);
+    let lost = o.stats[LOST];
+    assert!(lost.replayed_deliveries >= 4, "{lost:?}");
+    assert!(lost.determinants_from_peers >= 4, "{lost:?}");
+    let named = job_full(false, true, 0, true);
+    assert!(
+        named.stats[LOST].determinants_from_peers >= 4,
+        "{:?}",
+        named.stats
+    );
+    assert_eq!(named.states, job(false, false).states);
 }

@@ -180,14 +180,31 @@ fn own_rounds(out: &JobOutput, start: f64) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-/// `N messages` and `B bytes` on a krun line that says `logged`, if any.
+/// Messages and bytes logged in the job: the sum of the ranks' `krun: rank R: message log:
+/// N messages logged (B bytes)` lines (one per rank's log when it ends; a rank lost in the
+/// run never printed its first process's), else `N messages` and `B bytes` on the last
+/// krun line that says `logged`, if any.
 fn logged(out: &JobOutput) -> Option<(f64, f64)> {
+    let ranks: Vec<(f64, f64)> = out
+        .lines
+        .iter()
+        .filter(|l| l.text.contains("krun: rank ") && l.text.contains(": message log: "))
+        .filter_map(|l| counts(&l.text))
+        .collect();
+    if !ranks.is_empty() {
+        return Some(ranks.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1)));
+    }
     let l = out
         .lines
         .iter()
         .rev()
         .find(|l| l.text.starts_with("krun") && l.text.contains("logged"))?;
-    let words: Vec<&str> = l.text.split_whitespace().collect();
+    counts(&l.text)
+}
+
+/// `N messages` and `B bytes` (or KiB, MiB) in a line.
+fn counts(text: &str) -> Option<(f64, f64)> {
+    let words: Vec<&str> = text.split_whitespace().collect();
     let before = |unit: &str| {
         words
             .windows(2)
@@ -220,6 +237,20 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn the_messages_and_bytes_logged_are_the_sum_of_the_ranks_log_lines() {
+        let o = out(&[
+            (10.0, "heat_ha: rank 0 computing from step 0 at 10.0"),
+            (11.0, "heat_ha: step 4 at 11.0"),
+            (11.5, "heat_ha: loop 0..8 in 1.5 s"),
+            (12.0, "krun: rank 0: message log: 30 messages logged (2400 bytes); 28 sends carried 40 determinants to other nodes; 2 waited for the buddy"),
+            (12.0, "krun: rank 1: message log: 12 messages logged (960 bytes); 12 sends carried 12 determinants to other nodes; 0 waited for the buddy"),
+            (12.1, "krun: 1 checkpoint; 5 messages logged (7 bytes)"),
+        ]);
+        let r = observe(&o, None).unwrap();
+        assert_eq!(r.logged, Some((42.0, 3360.0)));
     }
 
     #[test]

@@ -163,6 +163,42 @@ impl Rank {
             .map_or(0, |l| l.inner.lock().expect("log lock").replay.len())
     }
 
+    /// Test hook: while `on`, this rank's determinants are not written to its buddy until
+    /// something needs them durable (a send to a rank on this node, a checkpoint, the end
+    /// of logging): a buddy write that has not landed when the rank is lost.
+    #[doc(hidden)]
+    pub fn log_test_hold_back(&self, on: bool) -> Result<()> {
+        self.logger()?.dets.lock().expect("dets lock").hold_back = on;
+        Ok(())
+    }
+
+    /// Test hook: ranks per node as the log sees them (normally `KRUN_LOCAL_SIZE`), which
+    /// decides which sends wait for durability (same node) and which piggyback.
+    #[doc(hidden)]
+    pub fn log_test_node_size(&self, ranks_per_node: usize) -> Result<()> {
+        if ranks_per_node == 0 {
+            return Err(RankError::InvalidArgument(
+                "log_test_node_size: a node holds at least one rank".into(),
+            ));
+        }
+        self.logger()?
+            .node_size
+            .store(ranks_per_node, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Lazy determinant writes: a delivery's determinant waits for a batch of them, up to
+    /// `max_wait` (zero: written at each delivery, the default; `KRUN_LOG_LAZY=1` sets
+    /// 500 us). Sends to other nodes carry what is not durable meanwhile; a send to this
+    /// node, a checkpoint or the end of logging writes and waits at once.
+    pub fn log_lazy_writes(&self, max_wait: std::time::Duration) -> Result<()> {
+        self.logger()?.lazy_ns.store(
+            max_wait.as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
     /// The log's totals (`None` without logging).
     pub fn log_stats(&self) -> Option<LogStats> {
         self.msgs.any_logger().map(|l| l.stats())
@@ -202,6 +238,12 @@ impl Rank {
         if old != peer {
             self.ep
                 .peer_failed(old, &format!("rank {rank} was restarted in a new process"));
+        }
+        if let Some(lg) = &logger {
+            // Its new process holds none of this rank's piggybacked determinants. After
+            // `peer_failed`: a send of this rank may hold the determinants' lock while it
+            // waits for a write to the old process, which fails only now.
+            lg.forget_piggybacks_to(rank);
         }
         if let (Some(lg), true) = (logger, rewrite) {
             let (recent, start): (Vec<Determinant>, Vec<(u64, u64)>) = {

@@ -8,17 +8,35 @@
 //!   ([`Rank::log_checkpoint_safe`] sends an `Ack` out of band); then it is dropped (garbage
 //!   collection). The log is part of the rank's log snapshot ([`Rank::log_mark_checkpoint`]),
 //!   so a sender that restarts keeps the payloads its receivers may still need.
-//! - **Determinants go to the buddy before they matter.** When a receive call hands a
-//!   message over, the receiver posts its determinant (source, tag, sequence number, receive
-//!   order, its checkpoint interval) as a one-sided RMA write into a ring that its *buddy* (a
-//!   rank on another node: `(rank + KRUN_LOCAL_SIZE) mod size`) registered for it, and
-//!   before its next message to another rank leaves, it waits until every determinant
-//!   posted is durable there (pessimistic, as sender-based logging requires: no other
-//!   process can depend on a delivery whose determinant could be lost). A delivery's write
-//!   thus overlaps the computation that follows it, instead of a round trip to the buddy
-//!   per delivery (waiting at each delivery cost +151% of `heat_ha`'s loop in `bench
-//!   policies`). A rank lost with determinants not yet durable sent nothing after those
-//!   deliveries: its re-execution may take them in another order, which nobody observed. The
+//! - **Determinants are durable before they matter.** When a receive call hands a message
+//!   over, the receiver posts its determinant (source, tag, sequence number, receive order,
+//!   its checkpoint interval) as a one-sided RMA write into a ring that its *buddy* (a rank
+//!   on another node: `(rank + KRUN_LOCAL_SIZE) mod size`) registered for it; the write
+//!   overlaps what follows (nobody waits for it at the delivery). The rule (pessimistic, as
+//!   sender-based logging requires): no other process may depend on a delivery whose
+//!   determinant could be lost with this rank's node. So before a message leaves:
+//!   - to a rank on **this node** (ranks are placed in blocks of `KRUN_LOCAL_SIZE`; it dies
+//!     with this rank): it waits until every determinant posted is durable at the buddy
+//!     ([`Logger::flush`]);
+//!   - to a rank on **another node**: no wait. If some determinants are not yet durable
+//!     (their writes not complete), the message **carries them** (a *piggyback*: the
+//!     payload is prefixed with `durable_upto` and those determinants, and the wire tag's
+//!     marker says so, see [`crate::messages`]). The receiver holds them per source
+//!     (`held[src]`): one node lost cannot take both this rank and a receiver on another
+//!     node, so a receiver holding them is as good as the buddy. `durable_upto` (every
+//!     order below it is durable at the buddy, as the writes' completions say at the send)
+//!     lets the receiver drop what it holds; a message after the last piggyback carries
+//!     just the mark (12 bytes) when the receiver may still hold something, so held
+//!     determinants go with the next message. A message that would not fit in one fabric
+//!     message with its piggyback waits as a same-node send does. Messages with nothing to
+//!     carry keep the plain, zero-copy path.
+//!
+//!   A checkpoint ([`Rank::log_mark_checkpoint`]) and the end of logging wait for
+//!   durability too. A rank lost with determinants neither durable nor carried sent
+//!   nothing after those deliveries: its re-execution may take them in another order,
+//!   which nobody observed. Waiting for the buddy's write before each send cost 2.3x of the
+//!   small-message latency (`bench logging`, one more round trip per ping-pong step), and
+//!   waiting at each delivery cost +151% of `heat_ha`'s loop in `bench policies`. The
 //!   receiver also keeps the determinants since its newest safe checkpoint, to write them
 //!   again into a new buddy's ring when its buddy is replaced.
 //! - **Restart.** A lost rank starts as a new process ([`Rank::rejoin_open`], then
@@ -28,8 +46,14 @@
 //!   from the test in-process). The new process reads its determinants back from its buddy's
 //!   ring, sends every survivor `Resume{prefix, extra}` (what it had delivered from it at the
 //!   checkpoint); each survivor resends from its log what the restarted rank has not
-//!   delivered, and answers `Info{has}` (how many of the restarted rank's messages it holds
-//!   without a gap). The restarted rank then re-executes: each receive takes the message the
+//!   delivered (no piggyback on those),
+//!   and answers `Info{has, held}` (how many of the restarted rank's messages it holds
+//!   without a gap, and the restarted rank's determinants it holds from piggybacks, which
+//!   it then forgets). The restarted rank merges the ring's determinants with the held ones
+//!   (one order, one delivery: where they differ, a survivor's copy wins, since the ring
+//!   may still hold an older process's entry where the newest write never landed), takes
+//!   the gap-free run of orders from its checkpoint's, and writes those the ring lacked into
+//!   it. It then re-executes: each receive takes the message the
 //!   next determinant names (the recorded order) until the determinants run out, and each
 //!   send whose sequence number is below the receiver's `has` is logged but not sent
 //!   again (suppressed). Survivors never roll back; a survivor's send to the dead rank is
@@ -47,8 +71,23 @@
 //!   exceptions of the per-source prefix; they are never garbage-collected before the
 //!   prefix passes them.
 //! - A rank and its buddy lost together lose the determinants: not recoverable by logging.
+//! - Piggybacked determinants live in the receivers' memory only: a receiver restarted from
+//!   its checkpoint forgets what it held. The sender stops carrying a determinant only
+//!   once its buddy write completed, so what such a receiver lost is durable at the buddy,
+//!   or its write is still in flight (or being written again after the buddy's node died):
+//!   a second failure, of the sender, in that window (microseconds on a healthy buddy)
+//!   loses those determinants; the failure model is one node at a time.
+//! - Messages resent on a `Resume` carry no piggyback: what they depend on was posted to
+//!   the buddy at least a restart earlier, durable unless that buddy was lost too and its
+//!   replacement is still being written (a second failure of this rank then is outside the
+//!   one-node model).
+//! - A sender's determinants held by a receiver it never sends to again stay held (a
+//!   bounded amount: at most what was in flight at its last send) until the sender
+//!   restarts.
+//! - Node placement comes from `KRUN_LOCAL_SIZE` (blocks of consecutive ranks per node, as
+//!   krund places them); without it every rank counts as a node of its own.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -70,6 +109,9 @@ const DET_BYTES: usize = 40;
 const STAGE_SLOTS: usize = 4096 / DET_BYTES - 1;
 /// Most determinants one write carries (deliveries deferred while more messages were ready).
 const MAX_BATCH: usize = 16;
+/// With lazy determinant writes: the longest a queued determinant waits for a full batch
+/// before a receive that waits (or a send) posts it.
+const LAZY: Duration = Duration::from_micros(500);
 /// How long a restarted rank waits for every survivor's `Info`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a delivery waits for an unreachable buddy to be replaced.
@@ -81,8 +123,9 @@ enum Ctrl {
     Ack { upto: u64 },
     /// I restarted: resend your messages from `prefix` on, except `extra`.
     Resume { prefix: u64, extra: Vec<u64> },
-    /// I hold your messages below `has` (without a gap).
-    Info { has: u64 },
+    /// I hold your messages below `has` (without a gap), and these determinants of yours
+    /// that came piggybacked on your messages (perhaps never durable at your buddy).
+    Info { has: u64, held: Vec<Determinant> },
     /// I am your ward: keep my counters where the logging started (per rank: sent to it,
     /// delivered from it), for a restart of mine from my start.
     KeepStart { marks: Vec<(u64, u64)> },
@@ -94,7 +137,7 @@ enum Ctrl {
 }
 
 /// A delivery's determinant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Determinant {
     pub src: u32,
     pub tag: u32,
@@ -157,6 +200,19 @@ pub struct LogStats {
     pub durable_wait_ns: u64,
     /// Nanoseconds spent encoding log snapshots for checkpoints.
     pub snapshot_ns: u64,
+    /// Sends that waited for determinants to be durable at the buddy (a send to a rank on
+    /// this node, a checkpoint, the end of logging, a piggyback too large for the message).
+    pub durable_waits: u64,
+    /// Messages to ranks on other nodes that carried this rank's determinants not yet
+    /// durable at the buddy (or only the mark up to which they are), instead of waiting.
+    pub piggybacked_messages: u64,
+    /// Determinants those messages carried.
+    pub piggybacked_determinants: u64,
+    /// Other ranks' determinants this rank holds now (piggybacked, not yet said durable).
+    pub held_determinants: u64,
+    /// After a restart: determinants taken from the survivors' held ones that the buddy's
+    /// ring did not have.
+    pub determinants_from_peers: u64,
 }
 
 /// What a checkpoint must keep of the log (see [`Rank::log_mark_checkpoint`]).
@@ -217,6 +273,13 @@ struct Inner {
     ward_start: Option<Vec<(u64, u64)>>,
     /// The buddy's answer to `StartQuery` (a rank rejoining from its start).
     start_marks: Option<Option<Vec<(u64, u64)>>>,
+    /// Per source: its determinants that came piggybacked, by order, until it says they
+    /// are durable at its buddy (`durable_upto` of a later piggyback) or it restarts.
+    held: Vec<BTreeMap<u64, Determinant>>,
+    /// After a restart: the determinants the survivors held for this rank (`Info`).
+    from_peers: BTreeMap<u64, Determinant>,
+    /// How many of them the replay took (the buddy's ring lacked them).
+    from_peers_used: u64,
 }
 
 /// One rank's log (installed in its message layer).
@@ -230,13 +293,27 @@ pub(crate) struct Logger {
     stage: Mutex<MemoryRegion>,
     /// Determinants on their way to the buddy ([`dets`]).
     dets: Mutex<dets::DetQueue>,
+    /// Per destination: the order after the newest determinant piggybacked to it, and the
+    /// `durable_upto` it was last told ([`Logger::piggyback`]).
+    piggy_marks: Mutex<(Vec<u64>, Vec<u64>)>,
     /// How many determinants wait unposted (read without the lock by receives).
     deferred: std::sync::atomic::AtomicUsize,
     /// One delivery at a time (each takes the next receive order).
     delivering: Mutex<()>,
+    /// Held from a piggyback's making until its message is on the wire: what a message
+    /// leaves out (the receiver holds it already) went in an earlier message from this
+    /// rank, even with several threads sending.
+    pub(crate) wire: Mutex<()>,
     inner: Mutex<Inner>,
     info_changed: Condvar,
-    stats: [AtomicU64; 15],
+    /// Ranks per node (`KRUN_LOCAL_SIZE`, ranks placed in blocks): a send to a rank of this
+    /// node waits for durability, one to another node piggybacks.
+    node_size: AtomicUsize,
+    /// Lazy determinant writes (`KRUN_LOG_LAZY=1`: [`LAZY`]), in nanoseconds, 0 when off:
+    /// posted by batches of [`MAX_BATCH`] or once the oldest waited this long, not at each
+    /// delivery (see [`dets`]).
+    lazy_ns: AtomicU64,
+    stats: [AtomicU64; 17],
 }
 
 const S_LOGGED: usize = 0;
@@ -258,14 +335,23 @@ const T_POST: usize = 12;
 const S_FLUSHES: usize = 13;
 /// Determinant writes posted (several determinants each when deliveries came in a burst).
 const S_WRITES: usize = 14;
+/// Messages that carried determinants (or a durability mark) to another node.
+const S_PIGGYBACKS: usize = 15;
+/// Determinants they carried.
+const S_PIGGY_DETS: usize = 16;
 
-fn buddy_of(rank: usize, size: usize) -> usize {
-    let stride = std::env::var("KRUN_LOCAL_SIZE")
+/// Ranks per node: `KRUN_LOCAL_SIZE` (krund places ranks in blocks of it), 1 without it (or
+/// when it covers the whole job: then the buddy is the next rank, as if each were alone).
+fn node_size(size: usize) -> usize {
+    std::env::var("KRUN_LOCAL_SIZE")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&s| s >= 1 && s < size)
-        .unwrap_or(1);
-    (rank + stride) % size
+        .unwrap_or(1)
+}
+
+fn buddy_of(rank: usize, size: usize) -> usize {
+    (rank + node_size(size)) % size
 }
 
 impl Logger {
@@ -289,17 +375,26 @@ impl Logger {
                 },
             )),
             stage: Mutex::new(ep.register(Region::new(4096)?)?),
-            dets: Mutex::new(dets::DetQueue::default()),
+            dets: Mutex::new(dets::DetQueue::new()),
+            piggy_marks: Mutex::new((vec![0; size], vec![0; size])),
             deferred: Default::default(),
             delivering: Mutex::new(()),
+            wire: Mutex::new(()),
             inner: Mutex::new(Inner {
                 prefix: vec![0; size],
                 extra: vec![BTreeSet::new(); size],
                 suppress: vec![0; size],
                 info: vec![None; size],
+                held: vec![BTreeMap::new(); size],
                 ..Inner::default()
             }),
             info_changed: Condvar::new(),
+            node_size: AtomicUsize::new(node_size(size)),
+            lazy_ns: AtomicU64::new(if crate::uncoordinated::env_flag("KRUN_LOG_LAZY")? {
+                LAZY.as_nanos() as u64
+            } else {
+                0
+            }),
             stats: Default::default(),
         })
     }
@@ -404,6 +499,23 @@ impl Logger {
         Ok(())
     }
 
+    /// Whether `dest` runs on this rank's node (ranks in blocks of the node size).
+    pub(crate) fn same_node(&self, dest: usize) -> bool {
+        let n = self.node_size.load(Ordering::Relaxed).max(1);
+        dest / n == self.rank / n
+    }
+
+    /// `src`'s determinants that came piggybacked on one of its messages: held until `src`
+    /// says they are durable at its buddy (every order below `durable_upto` is).
+    pub(crate) fn on_piggyback(&self, src: usize, durable_upto: u64, dets: Vec<Determinant>) {
+        let mut g = self.inner.lock().expect("log lock");
+        let held = &mut g.held[src];
+        *held = held.split_off(&durable_upto);
+        for d in dets.into_iter().filter(|d| d.order >= durable_upto) {
+            held.insert(d.order, d);
+        }
+    }
+
     /// A control message from `src`.
     pub(crate) fn on_control(&self, msgs: &Messages, src: usize, data: &[u8]) {
         let Ok(ctrl) = postcard::from_bytes::<Ctrl>(data) else {
@@ -421,6 +533,10 @@ impl Logger {
                 self.bump(S_COLLECTED, (before - g.sent.len()) as u64);
             }
             Ctrl::Resume { prefix, extra } => {
+                // The resent messages carry no piggyback, and this does not wait for the
+                // buddy either: when this rank's buddy was lost with the restarted rank, its
+                // replacement may come only after this restart (waiting here held up both
+                // rejoins). What they depend on was posted at least a restart ago.
                 let resend: Vec<(u64, u32, Vec<u8>)> = {
                     let g = self.inner.lock().expect("log lock");
                     g.sent
@@ -437,13 +553,23 @@ impl Logger {
                     self.bump(S_RESENT, 1);
                 }
                 let has = msgs.contiguous_from(src);
+                // Its old process's piggybacked determinants go back to it; its new process
+                // starts with nothing piggybacked here either way.
+                let held: Vec<Determinant> = {
+                    let mut g = self.inner.lock().expect("log lock");
+                    std::mem::take(&mut g.held[src]).into_values().collect()
+                };
+                self.forget_piggybacks_to(src);
                 let _ = msgs.control(
                     src,
-                    &postcard::to_stdvec(&Ctrl::Info { has }).unwrap_or_default(),
+                    &postcard::to_stdvec(&Ctrl::Info { has, held }).unwrap_or_default(),
                 );
             }
-            Ctrl::Info { has } => {
+            Ctrl::Info { has, held } => {
                 let mut g = self.inner.lock().expect("log lock");
+                for d in held {
+                    g.from_peers.insert(d.order, d);
+                }
                 g.info[src] = Some(has);
                 g.suppress[src] = has;
                 self.info_changed.notify_all();
@@ -470,6 +596,22 @@ impl Logger {
                 self.info_changed.notify_all();
             }
         }
+    }
+
+    /// The log's totals when it ends, one line on stderr (krun forwards it; `bench
+    /// policies` sums the ranks' lines into the messages and bytes logged per run).
+    pub(crate) fn report_totals(&self) {
+        let s = self.stats();
+        eprintln!(
+            "krun: rank {}: message log: {} messages logged ({} bytes); {} sends carried {} \
+             determinants to other nodes; {} waited for the buddy",
+            self.rank,
+            s.logged_messages,
+            s.logged_bytes,
+            s.piggybacked_messages,
+            s.piggybacked_determinants,
+            s.durable_waits,
+        );
     }
 
     /// With `KRUN_LOG_TIMING=1`: where this rank's logging time went, on stderr.
@@ -517,6 +659,11 @@ impl Logger {
             deliver_ns: s(T_DELIVER),
             durable_wait_ns: s(T_DURABLE_WAIT),
             snapshot_ns: s(T_SNAPSHOT),
+            durable_waits: s(S_FLUSHES),
+            piggybacked_messages: s(S_PIGGYBACKS),
+            piggybacked_determinants: s(S_PIGGY_DETS),
+            held_determinants: g.held.iter().map(|h| h.len() as u64).sum(),
+            determinants_from_peers: g.from_peers_used,
         }
     }
 }
@@ -524,6 +671,7 @@ impl Logger {
 mod api;
 mod dets;
 mod rejoin;
+pub(crate) use dets::parse_piggyback;
 pub use rejoin::Rejoining;
 
 #[cfg(test)]

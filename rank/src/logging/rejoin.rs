@@ -52,6 +52,7 @@ impl Rejoining {
         node: Option<crate::node_link::NodeLink>,
     ) -> Result<Arc<Rank>> {
         let (rank, size) = (self.config.rank, self.config.size);
+        let ring_len = self.ring_len;
         if peers.len() != size {
             return Err(RankError::InvalidArgument(format!(
                 "rejoin: {} peer addresses for a job of {size}",
@@ -115,9 +116,11 @@ impl Rejoining {
                 .map(|(d, s, t, p)| ((*d as usize, *s), (*t, p.clone())))
                 .collect();
         }
-        // The determinants after the checkpoint, from the buddy's ring.
+        // The determinants after the checkpoint, from the buddy's ring (merged below with
+        // those the survivors held for this rank).
+        let mut ring_dets = std::collections::BTreeMap::new();
         if buddy != rank {
-            let len = self.ring_len * DET_BYTES;
+            let len = ring_len * DET_BYTES;
             let buf = self.ep.register(Region::new(len)?)?;
             // SAFETY: `buf` is this call's own registered memory; the ring is written only
             // by this rank, which is not running.
@@ -127,39 +130,21 @@ impl Rejoining {
             };
             let mut bytes = vec![0u8; len];
             buf.read_bytes(0, &mut bytes)?;
-            let mut g = logger.inner.lock().expect("log lock");
-            let mut order = snap.order;
-            loop {
-                let at = (order % self.ring_len as u64) as usize * DET_BYTES;
+            let ring = ring_len as u64;
+            for order in snap.order..snap.order + ring {
+                let at = (order % ring) as usize * DET_BYTES;
                 match Determinant::decode(&bytes[at..at + DET_BYTES]) {
-                    // From the start: the set-up's own deliveries (the barrier that turned
-                    // logging on) come first and are not the application's to take again.
-                    Some(d)
-                        if from_start
-                            && d.order == order
-                            && g.replay.is_empty()
-                            && d.seq < snap.prefix.get(d.src as usize).copied().unwrap_or(0) =>
-                    {
-                        g.recent.push_back(d);
-                        order += 1;
-                        g.order = order;
-                        g.safe_order = order;
-                    }
                     Some(d) if d.order == order => {
-                        g.replay.push_back((d.src as usize, d.seq));
-                        g.recent.push_back(d);
-                        order += 1;
+                        ring_dets.insert(order, d);
                     }
-                    _ => break,
-                }
-                if order - snap.order >= self.ring_len as u64 {
-                    break;
+                    _ => {}
                 }
             }
         }
         msgs.set_logger(Some(logger.clone()));
         let this = Rank::assemble(self.config, self.ep, msgs, ckpt, node)?;
-        // Every survivor resends what this rank had not delivered, and says what it holds.
+        // Every survivor resends what this rank had not delivered, and says what it holds
+        // (with this rank's determinants that came to it piggybacked).
         for r in (0..size).filter(|&r| r != rank) {
             let ctrl = Ctrl::Resume {
                 prefix: snap.prefix[r],
@@ -188,6 +173,50 @@ impl Rejoining {
                 }
             }
             this.msgs.poll()?;
+        }
+        // The recorded order: the gap-free run of orders from the checkpoint's, from the
+        // ring or the survivors (a survivor's copy wins: the ring may hold an older
+        // process's entry where this process's write never landed).
+        let mut rewrite = Vec::new();
+        {
+            let mut g = logger.inner.lock().expect("log lock");
+            let from_peers = std::mem::take(&mut g.from_peers);
+            let mut order = snap.order;
+            loop {
+                let d = match (from_peers.get(&order), ring_dets.get(&order)) {
+                    (Some(p), r) => {
+                        if r != Some(p) {
+                            rewrite.push(*p);
+                            g.from_peers_used += 1;
+                        }
+                        *p
+                    }
+                    (None, Some(r)) => *r,
+                    (None, None) => break,
+                };
+                if from_start
+                    && g.replay.is_empty()
+                    && d.seq < snap.prefix.get(d.src as usize).copied().unwrap_or(0)
+                {
+                    // From the start: the set-up's own deliveries (the barrier that turned
+                    // logging on) come first and are not the application's to take again.
+                    g.recent.push_back(d);
+                    order += 1;
+                    g.order = order;
+                    g.safe_order = order;
+                } else {
+                    g.replay.push_back((d.src as usize, d.seq));
+                    g.recent.push_back(d);
+                    order += 1;
+                }
+                if order - snap.order >= ring_len as u64 {
+                    break;
+                }
+            }
+        }
+        // What only the survivors had goes to the buddy's ring: durable for a next loss.
+        for d in &rewrite {
+            logger.write_det_retrying(&this.msgs, d)?;
         }
         Ok(this)
     }
