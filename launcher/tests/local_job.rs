@@ -169,6 +169,42 @@ fn twelve_ranks_on_four_nodes_exchange_over_the_fabric() {
     assert!(out.contains("counter 12"), "{out}");
 }
 
+/// Ranks get krun's default for libfabric's per-connection receive buffers
+/// (`FI_OFI_RXM_MSG_RX_SIZE`, see `launcher/src/ranks/runner.rs`), and a value the user
+/// sets, in krun's environment or with `-x`, is kept.
+#[test]
+fn ranks_get_the_rxm_receive_default_unless_the_user_sets_it() {
+    let args = [
+        "-n",
+        "2",
+        "--local",
+        "2",
+        "sh",
+        "-c",
+        "echo rx=$FI_OFI_RXM_MSG_RX_SIZE",
+    ];
+    let (code, out, err) = krun(&args, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("rx=32").count(), 2, "{out}");
+    let (code, out, err) = krun(&args, &[("FI_OFI_RXM_MSG_RX_SIZE", "128")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("rx=128").count(), 2, "{out}");
+    let exported = [
+        "-x",
+        "FI_OFI_RXM_MSG_RX_SIZE=64",
+        "-n",
+        "2",
+        "--local",
+        "2",
+        "sh",
+        "-c",
+        "echo rx=$FI_OFI_RXM_MSG_RX_SIZE",
+    ];
+    let (code, out, err) = krun(&exported, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("rx=64").count(), 2, "{out}");
+}
+
 #[test]
 fn ranks_get_their_environment_and_the_exit_code_is_the_highest() {
     let script = "echo $KRUN_RANK $KRUN_SIZE $KRUN_LOCAL_RANK $KRUN_LOCAL_SIZE $KRUN_NODE_ID $KRUN_NNODES; exit $((KRUN_RANK * 2))";
