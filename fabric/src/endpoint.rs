@@ -281,10 +281,6 @@ pub trait Endpoint: Send + Sync {
 /// took the cores from the work). After the window the receive sleeps and the progress
 /// thread serves, as before. The window is 0 unless configured (`KRUN_FABRIC_RECV_POLL_US`):
 /// busy-polling pays off with a core per rank, and makes latency bimodal on shared cores.
-/// A thread that sleeps on the inbox within a millisecond of its last message sent or
-/// received asks for a 1 us timer slack first (see [`timer_slack_for_nap`]): its callers
-/// poll with 1 us receives, and the kernel's default 50 us slack turned each of those into
-/// a 50 us sleep.
 pub(crate) struct Inbox {
     queue: Mutex<VecDeque<Message>>,
     arrived: Condvar,
@@ -380,20 +376,6 @@ impl Inbox {
         timeout: Duration,
         drive: impl Fn() -> usize,
     ) -> Result<Message> {
-        let got = self.take_inner(tag, ignore, timeout, drive);
-        if got.is_ok() {
-            note_message_activity();
-        }
-        got
-    }
-
-    fn take_inner(
-        &self,
-        tag: u64,
-        ignore: u64,
-        timeout: Duration,
-        drive: impl Fn() -> usize,
-    ) -> Result<Message> {
         let start = Instant::now();
         let matches = |m: &Message| (m.tag ^ tag) & !ignore == 0;
         if let Some(m) = self.pop(matches) {
@@ -460,82 +442,11 @@ impl Inbox {
                 if !q.iter().any(matches) {
                     let nap = (timeout - waited).min(Duration::from_micros(200));
                     self.naps.fetch_add(1, Ordering::Relaxed);
-                    timer_slack_for_nap();
                     let _ = self.arrived.wait_timeout(q, nap).expect("inbox wait");
                 }
             }
         }
     }
-}
-
-/// A thread that sent or received a message this recently waits for the next one with a
-/// fine timer slack ([`FINE_TIMER_SLACK_NS`]); after that it naps with its own (by default
-/// the kernel's 50 us).
-pub(crate) const FINE_SLACK_FOR: Duration = Duration::from_millis(1);
-/// The timer slack of a thread exchanging messages, in ns.
-pub(crate) const FINE_TIMER_SLACK_NS: u64 = 1000;
-
-/// Per thread: when it last sent or received a message, and the timer slack it had before
-/// this module made it fine (`None` while its slack is its own).
-#[derive(Clone, Copy)]
-struct SlackState {
-    active: Option<Instant>,
-    own: Option<u64>,
-}
-
-thread_local! {
-    static SLACK: std::cell::Cell<SlackState> =
-        const { std::cell::Cell::new(SlackState { active: None, own: None }) };
-}
-
-/// Records that the calling thread sent or received a message (see [`FINE_SLACK_FOR`]).
-pub(crate) fn note_message_activity() {
-    SLACK.with(|s| {
-        let mut st = s.get();
-        st.active = Some(Instant::now());
-        s.set(st);
-    });
-}
-
-/// The calling thread's timer slack in ns (`prctl(PR_GET_TIMERSLACK)`).
-pub(crate) fn thread_timer_slack() -> u64 {
-    // SAFETY: PR_GET_TIMERSLACK takes no argument, touches no memory and returns the slack.
-    unsafe { libc::prctl(libc::PR_GET_TIMERSLACK) as u64 }
-}
-
-fn set_thread_timer_slack(ns: u64) {
-    // SAFETY: PR_SET_TIMERSLACK takes a value, touches no memory and affects this thread.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong) };
-}
-
-/// Before a receive sleeps on the inbox: a thread that sent or received a message within
-/// [`FINE_SLACK_FOR`] (a ping-pong, a request waiting for its reply, a rank's receive loop
-/// polling 1 us at a time) sleeps with a 1 us timer slack, so that its short naps are not
-/// stretched to the kernel's default 50 us (which was most of a message's 30-40 us latency);
-/// a thread that has waited longer gets its own slack back. Only the calling thread changes,
-/// and only on these transitions (one prctl each).
-///
-/// Why not fine for every sleeping receive: a thread that polls forever in 1 us receives for
-/// a message that does not come (the target of one-sided operations waiting for "done")
-/// then wakes every few us instead of every 50, and on shared cores those wake-ups made the
-/// one-sided operations it serves 15x slower (put 8 B over shm 1.4 -> 22 us).
-fn timer_slack_for_nap() {
-    SLACK.with(|s| {
-        let mut st = s.get();
-        let recent = st.active.is_some_and(|t| t.elapsed() < FINE_SLACK_FOR);
-        match (recent, st.own) {
-            (true, None) => {
-                st.own = Some(thread_timer_slack());
-                set_thread_timer_slack(FINE_TIMER_SLACK_NS);
-            }
-            (false, Some(own)) => {
-                set_thread_timer_slack(own);
-                st.own = None;
-            }
-            _ => {}
-        }
-        s.set(st);
-    });
 }
 
 #[cfg(test)]
@@ -629,62 +540,6 @@ mod tests {
             "a receive with no poll window never slept"
         );
         assert!(!inbox.polled());
-    }
-
-    #[test]
-    fn a_thread_exchanging_messages_naps_with_a_fine_timer_slack_and_gets_its_own_back() {
-        // A fresh thread: the slack and the activity record are per thread.
-        std::thread::spawn(|| {
-            const OWN: u64 = 50_000;
-            set_thread_timer_slack(OWN);
-            let inbox = Inbox::new(Duration::ZERO);
-            // Never sent or received: its naps keep the thread's own slack.
-            assert!(inbox.take(1, 0, Duration::from_millis(2), || 0).is_err());
-            assert!(inbox.naps() >= 1);
-            assert_eq!(thread_timer_slack(), OWN);
-            // It receives a message, then waits for the next: the naps are fine-grained.
-            // (Retried: on a loaded node the thread may be descheduled past FINE_SLACK_FOR
-            // between the two receives.)
-            let fine_after_receiving = (0..20).any(|_| {
-                inbox.push(message(2));
-                assert_eq!(inbox.take(2, 0, Duration::ZERO, || 0).unwrap(), message(2));
-                let naps = inbox.naps();
-                assert!(inbox.take(3, 0, Duration::from_micros(300), || 0).is_err());
-                assert!(inbox.naps() > naps, "the receive did not nap");
-                thread_timer_slack() == FINE_TIMER_SLACK_NS
-            });
-            assert!(
-                fine_after_receiving,
-                "the timer slack stayed {}",
-                thread_timer_slack()
-            );
-            // Waiting past FINE_SLACK_FOR without a message gives the thread its slack back.
-            assert!(inbox
-                .take(3, 0, FINE_SLACK_FOR + Duration::from_millis(2), || 0)
-                .is_err());
-            assert_eq!(thread_timer_slack(), OWN);
-            // A send counts as activity too (a request waiting for its reply).
-            assert!(inbox
-                .take(3, 0, FINE_SLACK_FOR + Duration::from_millis(2), || 0)
-                .is_err());
-            assert_eq!(thread_timer_slack(), OWN);
-            use crate::{open, FabricConfig};
-            let a = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
-            let b = open(&FabricConfig::with_provider(Provider::Loopback)).unwrap();
-            let peer = a.connect(&b.address()).unwrap();
-            let fine_after_sending = (0..20).any(|_| {
-                a.send(peer, 0x5, b"request").unwrap();
-                assert!(a.recv(0x6, Duration::from_micros(300)).is_err());
-                thread_timer_slack() == FINE_TIMER_SLACK_NS
-            });
-            assert!(
-                fine_after_sending,
-                "the timer slack stayed {}",
-                thread_timer_slack()
-            );
-        })
-        .join()
-        .unwrap();
     }
 
     #[test]

@@ -297,7 +297,6 @@ impl Endpoint for LoopbackEndpoint {
     }
 
     fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()> {
-        crate::endpoint::note_message_activity();
         if data.len() > self.max_message {
             return Err(FabricError::MessageTooLarge {
                 len: data.len(),

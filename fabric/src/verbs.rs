@@ -1138,7 +1138,6 @@ impl Endpoint for VerbsEndpoint {
     }
 
     fn send(&self, peer: PeerId, tag: u64, data: &[u8]) -> Result<()> {
-        crate::endpoint::note_message_activity();
         let inner = &self.inner;
         if data.len() > inner.max_message {
             return Err(FabricError::MessageTooLarge {
