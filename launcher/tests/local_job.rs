@@ -189,17 +189,10 @@ fn ranks_get_the_rxm_receive_default_unless_the_user_sets_it() {
     let (code, out, err) = krun(&args, &[("FI_OFI_RXM_MSG_RX_SIZE", "128")]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.matches("rx=128").count(), 2, "{out}");
-    let exported = [
-        "-x",
-        "FI_OFI_RXM_MSG_RX_SIZE=64",
-        "-n",
-        "2",
-        "--local",
-        "2",
-        "sh",
-        "-c",
-        "echo rx=$FI_OFI_RXM_MSG_RX_SIZE",
-    ];
+    let exported: Vec<&str> = ["-x", "FI_OFI_RXM_MSG_RX_SIZE=64"]
+        .into_iter()
+        .chain(args)
+        .collect();
     let (code, out, err) = krun(&exported, &[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.matches("rx=64").count(), 2, "{out}");
